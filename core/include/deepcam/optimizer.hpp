@@ -1,0 +1,39 @@
+// The optimizer interface. An optimizer owns its per-parameter state and
+// updates the tensors it was built with from their .grad().
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+#include "deepcam/export.hpp"
+
+namespace c10 {
+struct IValue;
+}
+
+namespace deepcam {
+
+class MlperfLog;
+
+struct OptimizerContext {
+  std::vector<at::Tensor> parameters;  // in the model's registration order
+};
+
+class DEEPCAM_API Optimizer {
+ public:
+  virtual ~Optimizer();
+  virtual void step() = 0;
+  virtual void zero_grad() = 0;
+  // The learning rate the schedule sets before each step.
+  virtual void set_lr(double lr) = 0;
+  virtual double lr() const = 0;
+  // The opt_* keys of SPEC 5.4.
+  virtual void log_hyperparameters(MlperfLog& log) const = 0;
+  // The state in PyTorch's optimizer.state_dict() layout ({"state": {i: {...}},
+  // "param_groups": [{...}]}), so that checkpoints travel both ways.
+  virtual c10::IValue state_dict() const = 0;
+  virtual void load_state_dict(const c10::IValue& state) = 0;
+};
+
+}  // namespace deepcam

@@ -1,0 +1,77 @@
+// Parameters of a plugin: each plugin declares its schema in code (type,
+// default, range, one-line doc); the host checks the plugin's TOML table
+// against it before anything is built, and hands the plugin typed values.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "deepcam/export.hpp"
+
+namespace deepcam {
+
+enum class ParamType { Int, Float, Bool, String, IntList, FloatList, StringList };
+
+DEEPCAM_API const char* to_string(ParamType type);
+
+// One declared parameter. Plain data so that a plugin can declare its schema
+// as a static array that lives as long as the library.
+struct ParamSpec {
+  const char* key;
+  ParamType type;
+  // The default as a TOML value ("1e-3", "[5, 12]", "\"global\""); nullptr
+  // makes the key required.
+  const char* default_toml;
+  const char* doc;
+  // Inclusive bounds for numbers and for each element of a number list;
+  // min > max means unbounded.
+  double min = 1.0;
+  double max = 0.0;
+  // For strings: the allowed values, separated by '|'; nullptr for any.
+  const char* choices = nullptr;
+};
+
+struct ParamSchema {
+  const ParamSpec* specs;
+  std::size_t size;
+  const ParamSpec* begin() const { return specs; }
+  const ParamSpec* end() const { return specs + size; }
+};
+
+using ParamValue = std::variant<std::int64_t, double, bool, std::string, std::vector<std::int64_t>,
+                                std::vector<double>, std::vector<std::string>>;
+
+// The checked values of one table, defaults filled in. A lookup of a key the
+// schema does not declare, or with the wrong type, is a programming error in
+// the plugin and throws naming the table and the key.
+class DEEPCAM_API Params {
+ public:
+  Params() = default;
+  Params(std::string where, std::map<std::string, ParamValue> values);
+
+  std::int64_t integer(const std::string& key) const;
+  double number(const std::string& key) const;
+  bool boolean(const std::string& key) const;
+  const std::string& string(const std::string& key) const;
+  const std::vector<std::int64_t>& integers(const std::string& key) const;
+  const std::vector<double>& numbers(const std::string& key) const;
+  const std::vector<std::string>& strings(const std::string& key) const;
+
+  bool has(const std::string& key) const { return values_.count(key) != 0; }
+  // Where the values came from, for messages: "run.toml [optimizer]".
+  const std::string& where() const { return where_; }
+  const std::map<std::string, ParamValue>& values() const { return values_; }
+
+ private:
+  const ParamValue& at(const std::string& key) const;
+  std::string where_;
+  std::map<std::string, ParamValue> values_;
+};
+
+// The TOML text of a value, as --describe and the resolved config print it.
+DEEPCAM_API std::string to_toml(const ParamValue& value);
+
+}  // namespace deepcam

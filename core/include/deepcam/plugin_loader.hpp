@@ -1,0 +1,63 @@
+// Finds, loads and checks plugin libraries. A plugin is named by kind and name
+// and lives in libdeepcam_<kind>_<name>.so, looked up in this order:
+//   1. an explicit `library = "path"` in its TOML table;
+//   2. each directory of DEEPCAM_PLUGIN_PATH (colon-separated), where the
+//      file may sit directly or under <kind>s/<name>/ (the build tree's layout);
+//   3. the install directory.
+// The first level that has the file wins; two files within one level are an
+// error naming both. Libraries are loaded RTLD_LOCAL, checked against this
+// host (ABI, LibTorch version, C++ ABI, CUDA version) and never unloaded
+// during a run.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "deepcam/export.hpp"
+#include "deepcam/plugin.hpp"
+
+namespace deepcam {
+
+struct LoadedPlugin {
+  std::string path;
+  const PluginDescriptor* descriptor = nullptr;
+  std::shared_ptr<const void> library;  // keeps the library loaded
+};
+
+// An object made by a plugin, holding its library: members are destroyed in
+// reverse order, so the object goes before the code it runs on.
+template <typename T>
+struct Plugged {
+  std::shared_ptr<const void> library;
+  std::unique_ptr<T> object;
+  T* operator->() const { return object.get(); }
+  T& operator*() const { return *object; }
+};
+
+class DEEPCAM_API PluginLoader {
+ public:
+  // Directories of level 2 and 3; the default reads DEEPCAM_PLUGIN_PATH and
+  // adds the install directory.
+  PluginLoader();
+  PluginLoader(std::vector<std::string> env_dirs, std::string install_dir);
+
+  // Loads (once) the plugin; `library` is the explicit path or empty.
+  const LoadedPlugin& load(PluginKind kind, const std::string& name, const std::string& library = "");
+
+  // Every plugin found on the search path (for --list-plugins), each checked;
+  // libraries that fail the checks are reported in `problems`.
+  std::vector<LoadedPlugin> discover(std::vector<std::string>& problems);
+
+  // Loads and checks one file, whatever its name.
+  static LoadedPlugin open(const std::string& path);
+
+  static std::string file_name(PluginKind kind, const std::string& name);
+
+ private:
+  std::vector<std::string> env_dirs_;
+  std::string install_dir_;
+  std::vector<LoadedPlugin> loaded_;
+};
+
+}  // namespace deepcam

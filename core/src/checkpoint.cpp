@@ -1,0 +1,132 @@
+#include "deepcam/checkpoint.hpp"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+
+#include "deepcam/error.hpp"
+#include "deepcam/optimizer.hpp"
+
+namespace deepcam {
+
+std::vector<std::pair<std::string, at::Tensor>> state_entries(torch::nn::Module& module) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& item : module.named_modules()) {
+    const std::string prefix = item.key().empty() ? "" : item.key() + ".";
+    for (const auto& p : item.value()->named_parameters(/*recurse=*/false)) {
+      out.emplace_back(prefix + p.key(), p.value());
+    }
+    for (const auto& b : item.value()->named_buffers(/*recurse=*/false)) {
+      out.emplace_back(prefix + b.key(), b.value());
+    }
+  }
+  return out;
+}
+
+void save_checkpoint(const std::string& path, const CheckpointInfo& info, torch::nn::Module& model,
+                     const Optimizer* optimizer) {
+  c10::impl::GenericDict model_state(c10::StringType::get(), c10::TensorType::get());
+  for (const auto& [name, tensor] : state_entries(model)) {
+    model_state.insert(name, tensor.detach().to(torch::kCPU));
+  }
+  c10::impl::GenericDict top(c10::StringType::get(), c10::AnyType::get());
+  top.insert("step", info.step);
+  top.insert("epoch", info.epoch);
+  top.insert("model", model_state);
+  if (optimizer) top.insert("optimizer", optimizer->state_dict());
+  const std::vector<char> bytes = torch::pickle_save(top);
+
+  const std::string tmp = fmt::format("{}.tmp-{}", path, ::getpid());
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    out.flush();
+    if (!out) {
+      out.close();
+      std::remove(tmp.c_str());
+      throw Error(fmt::format("{}: cannot write checkpoint (disk full or not writable?)", tmp));
+    }
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) {
+    std::remove(tmp.c_str());
+    throw Error(fmt::format("{}: cannot rename into place: {}", path, ec.message()));
+  }
+}
+
+namespace {
+std::int64_t as_int(const c10::IValue& v, const std::string& path, const char* key) {
+  if (v.isInt()) return v.toInt();
+  if (v.isTensor()) return v.toTensor().item<std::int64_t>();
+  if (v.isDouble()) return static_cast<std::int64_t>(v.toDouble());
+  throw Error(fmt::format("{}: '{}' is not a number", path, key));
+}
+}  // namespace
+
+CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model, Optimizer* optimizer) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(fmt::format("{}: cannot open checkpoint", path));
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  c10::IValue top;
+  try {
+    top = torch::pickle_load(bytes);
+  } catch (const c10::Error& e) {
+    throw Error(fmt::format("{}: not a readable torch.save file: {}", path, e.what_without_backtrace()));
+  }
+  if (!top.isGenericDict()) throw Error(fmt::format("{}: expected a dict at the top level", path));
+  const auto dict = top.toGenericDict();
+  auto find = [&](const char* key) -> c10::optional<c10::IValue> {
+    for (const auto& e : dict) {
+      if (e.key().isString() && e.key().toStringRef() == key) return e.value();
+    }
+    return c10::nullopt;
+  };
+  const auto model_state = find("model");
+  if (!model_state || !model_state->isGenericDict()) {
+    throw Error(fmt::format("{}: no 'model' state dict", path));
+  }
+  std::map<std::string, at::Tensor> stored;
+  for (const auto& e : model_state->toGenericDict()) {
+    if (!e.key().isString() || !e.value().isTensor()) {
+      throw Error(fmt::format("{}: 'model' must map names to tensors", path));
+    }
+    stored[e.key().toStringRef()] = e.value().toTensor();
+  }
+  const auto entries = state_entries(model);
+  for (const auto& [name, tensor] : entries) {
+    auto it = stored.find(name);
+    if (it == stored.end()) throw Error(fmt::format("{}: model entry '{}' is missing", path, name));
+    if (it->second.sizes() != tensor.sizes() || it->second.scalar_type() != tensor.scalar_type()) {
+      throw Error(fmt::format("{}: model entry '{}' has shape {} {}, the model has {} {}", path, name,
+                              fmt::join(it->second.sizes(), "x"), c10::toString(it->second.scalar_type()),
+                              fmt::join(tensor.sizes(), "x"), c10::toString(tensor.scalar_type())));
+    }
+  }
+  if (stored.size() != entries.size()) {
+    for (const auto& [name, t] : stored) {
+      bool known = false;
+      for (const auto& e : entries) known = known || e.first == name;
+      if (!known) throw Error(fmt::format("{}: entry '{}' is not in this model", path, name));
+    }
+  }
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& [name, tensor] : entries) tensor.copy_(stored[name]);
+  }
+  CheckpointInfo info;
+  if (auto s = find("step")) info.step = as_int(*s, path, "step");
+  if (auto e = find("epoch")) info.epoch = as_int(*e, path, "epoch");
+  if (optimizer) {
+    if (auto o = find("optimizer")) optimizer->load_state_dict(*o);
+  }
+  return info;
+}
+
+}  // namespace deepcam

@@ -1,0 +1,371 @@
+#include "deepcam/config.hpp"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <set>
+#include <toml++/toml.h>
+
+#include "deepcam/error.hpp"
+
+namespace deepcam {
+
+namespace {
+
+constexpr double kNoMin = 1.0, kNoMax = 0.0;  // min > max: unbounded
+
+const ParamSpec kRunSpecs[] = {
+    {"seed", ParamType::Int, "1", "random seed of model init and data order (MLPerf needs > 0)", 1, 9.2e18},
+    {"output_dir", ParamType::String, "\"runs/default\"",
+     "where the MLPerf log, the resolved config and checkpoints go"},
+    {"max_epochs", ParamType::Int, "50", "stop after this many epochs if the target is not reached", 1, 1e9},
+    {"target_iou", ParamType::Float, "0.82", "validation IoU that ends the run (SPEC 4.3)", 0, 1},
+    {"logging_frequency", ParamType::Int, "10",
+     "log train loss/accuracy and a progress line every this many steps; 0: only at epoch ends", 0, 1e9},
+    {"train_batch_size", ParamType::Int, "2", "local (per-rank) training batch size", 1, 1e6},
+    {"validation_batch_size", ParamType::Int, "1", "local (per-rank) validation batch size", 1, 1e6},
+    {"gradient_accumulation_frequency", ParamType::Int, "1", "batches per optimizer step", 1, 1e6},
+    {"device", ParamType::String, "\"cpu\"", "where the model runs", kNoMin, kNoMax, "cpu|cuda"},
+    {"threads", ParamType::Int, "0", "intra-op CPU threads of LibTorch; 0 keeps its default", 0, 4096},
+    {"checkpoint_every", ParamType::Int, "0",
+     "save a checkpoint every this many epochs (0: only at the end); always saved at the end", 0, 1e9},
+    {"resume", ParamType::String, "\"\"", "checkpoint to resume from (step, epoch, model, optimizer)"},
+};
+
+const ParamSpec kDataSpecs[] = {
+    {"root", ParamType::String, nullptr, "data set root holding train/, validation/ and stats.h5"},
+    {"channels", ParamType::IntList, "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]",
+     "input channels, in this order", 0, 15},
+};
+
+const ParamSpec kMlperfSpecs[] = {
+    {"org", ParamType::String, "\"deepcam-host\"", "submission_org"},
+    {"platform", ParamType::String, "\"cpu\"", "submission_platform"},
+    {"division", ParamType::String, "\"open\"", "submission_division", kNoMin, kNoMax, "open|closed"},
+    {"status", ParamType::String, "\"research\"", "submission_status", kNoMin, kNoMax,
+     "cloud|onprem|preview|research"},
+    {"log_file", ParamType::String, "\"mlperf.log\"", "the MLPerf log, relative to run.output_dir"},
+};
+
+template <std::size_t N>
+ParamSchema schema_of(const ParamSpec (&specs)[N]) {
+  return ParamSchema{specs, N};
+}
+
+const std::vector<std::string> kPluginSections = {"reader", "model", "optimizer", "scheduler"};
+const std::vector<std::string> kSections = {"run", "data", "mlperf", "reader", "model", "optimizer",
+                                            "scheduler"};
+
+std::size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<std::size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1] ? 1 : 0)});
+    }
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+struct Location {
+  std::string file;
+  std::string section;
+  std::set<std::string> overridden;  // keys set by --set
+
+  std::string at(const std::string& key, const toml::node* node) const {
+    if (overridden.count(key)) return fmt::format("--set {}.{}", section, key);
+    if (node && node->source().begin.line > 0) {
+      return fmt::format("{}:{} [{}] {}", file, node->source().begin.line, section, key);
+    }
+    return fmt::format("{} [{}] {}", file, section, key);
+  }
+};
+
+std::string did_you_mean(const std::string& word, const std::vector<std::string>& known) {
+  const std::string m = closest_match(word, known);
+  return m.empty() ? "" : fmt::format("; did you mean '{}'?", m);
+}
+
+ParamValue parse_default(const ParamSpec& spec);
+
+bool in_range(const ParamSpec& spec, double v) {
+  return spec.min > spec.max || (v >= spec.min && v <= spec.max);
+}
+
+std::string range_text(const ParamSpec& spec) {
+  return fmt::format("[{}, {}]", to_toml(spec.min), to_toml(spec.max));
+}
+
+std::string type_name(const toml::node& node) {
+  switch (node.type()) {
+    case toml::node_type::string: return "string";
+    case toml::node_type::integer: return "int";
+    case toml::node_type::floating_point: return "float";
+    case toml::node_type::boolean: return "bool";
+    case toml::node_type::array: return "array";
+    case toml::node_type::table: return "table";
+    default: return "date/time";
+  }
+}
+
+ParamValue convert(const ParamSpec& spec, const toml::node& node, const std::string& where) {
+  auto wrong = [&]() {
+    return Error(fmt::format("{}: expected {}, got {}", where, to_string(spec.type),
+                             type_name(node)));
+  };
+  auto number = [&](const toml::node& n, bool integer_only) -> double {
+    if (n.is_integer()) return static_cast<double>(*n.value<std::int64_t>());
+    if (!integer_only && n.is_floating_point()) return *n.value<double>();
+    throw wrong();
+  };
+  auto check_range = [&](double v) {
+    if (std::isnan(v) || !in_range(spec, v)) {
+      throw Error(fmt::format("{}: {} is out of range {}", where, to_toml(v), range_text(spec)));
+    }
+  };
+  switch (spec.type) {
+    case ParamType::Int: {
+      if (!node.is_integer()) throw wrong();
+      const auto v = *node.value<std::int64_t>();
+      check_range(static_cast<double>(v));
+      return v;
+    }
+    case ParamType::Float: {
+      const double v = number(node, false);
+      check_range(v);
+      return v;
+    }
+    case ParamType::Bool:
+      if (!node.is_boolean()) throw wrong();
+      return *node.value<bool>();
+    case ParamType::String: {
+      if (!node.is_string()) throw wrong();
+      std::string v = *node.value<std::string>();
+      if (spec.choices) {
+        std::vector<std::string> options;
+        std::string all = spec.choices;
+        for (std::size_t s = 0, e; s <= all.size(); s = e + 1) {
+          e = all.find('|', s);
+          if (e == std::string::npos) e = all.size();
+          options.push_back(all.substr(s, e - s));
+        }
+        if (std::find(options.begin(), options.end(), v) == options.end()) {
+          throw Error(fmt::format("{}: \"{}\" is not one of {}{}", where, v, fmt::join(options, ", "),
+                                  did_you_mean(v, options)));
+        }
+      }
+      return v;
+    }
+    case ParamType::IntList:
+    case ParamType::FloatList:
+    case ParamType::StringList: {
+      const toml::array* arr = node.as_array();
+      if (!arr) throw wrong();
+      if (spec.type == ParamType::StringList) {
+        std::vector<std::string> out;
+        for (const auto& e : *arr) {
+          if (!e.is_string()) throw wrong();
+          out.push_back(*e.value<std::string>());
+        }
+        return out;
+      }
+      if (spec.type == ParamType::IntList) {
+        std::vector<std::int64_t> out;
+        for (const auto& e : *arr) {
+          if (!e.is_integer()) throw wrong();
+          check_range(static_cast<double>(*e.value<std::int64_t>()));
+          out.push_back(*e.value<std::int64_t>());
+        }
+        return out;
+      }
+      std::vector<double> out;
+      for (const auto& e : *arr) {
+        out.push_back(number(e, false));
+        check_range(out.back());
+      }
+      return out;
+    }
+  }
+  throw wrong();
+}
+
+ParamValue parse_default(const ParamSpec& spec) {
+  toml::table t = toml::parse(std::string("v = ") + spec.default_toml);
+  return convert(spec, *t.get("v"), fmt::format("default of '{}'", spec.key));
+}
+
+// Checks a table against a schema; `host_keys` are keys the host consumes
+// (name, library) and the schema does not list.
+Params check(const toml::table* table, const ParamSchema& schema, const Location& loc,
+             const std::set<std::string>& host_keys) {
+  std::map<std::string, ParamValue> values;
+  std::vector<std::string> known;
+  for (const auto& spec : schema) known.emplace_back(spec.key);
+  if (table) {
+    for (const auto& [k, node] : *table) {
+      const std::string key(k.str());
+      if (host_keys.count(key)) continue;
+      auto it = std::find_if(schema.begin(), schema.end(), [&](const ParamSpec& s) { return key == s.key; });
+      if (it == schema.end()) {
+        std::vector<std::string> all = known;
+        all.insert(all.end(), host_keys.begin(), host_keys.end());
+        std::sort(all.begin(), all.end());
+        throw Error(fmt::format("{}: unknown key{} (known: {})", loc.at(key, &node), did_you_mean(key, all),
+                                fmt::join(all, ", ")));
+      }
+      values[key] = convert(*it, node, loc.at(key, &node));
+    }
+  }
+  for (const auto& spec : schema) {
+    if (values.count(spec.key)) continue;
+    if (!spec.default_toml) {
+      throw Error(fmt::format("{} [{}]: missing required key '{}' ({})", loc.file, loc.section, spec.key,
+                              spec.doc));
+    }
+    values[spec.key] = parse_default(spec);
+  }
+  return Params(fmt::format("{} [{}]", loc.file, loc.section), std::move(values));
+}
+
+toml::table parse_file(const std::string& file) {
+  try {
+    return toml::parse_file(file);
+  } catch (const toml::parse_error& e) {
+    const auto& src = e.source();
+    if (src.begin.line == 0) throw Error(fmt::format("{}: cannot read: {}", file, e.description()));
+    throw Error(fmt::format("{}:{}:{}: {}", file, src.begin.line, src.begin.column, e.description()));
+  }
+}
+
+// Applies one `section.key=value`; the value is TOML, or a bare string.
+void apply_override(toml::table& root, const std::string& item, std::map<std::string, std::set<std::string>>& set_keys) {
+  const auto eq = item.find('=');
+  const auto dot = item.find('.');
+  if (eq == std::string::npos || dot == std::string::npos || dot > eq) {
+    throw Error(fmt::format("--set {}: expected section.key=value", item));
+  }
+  const std::string section = item.substr(0, dot);
+  const std::string key = item.substr(dot + 1, eq - dot - 1);
+  const std::string text = item.substr(eq + 1);
+  if (std::find(kSections.begin(), kSections.end(), section) == kSections.end()) {
+    throw Error(fmt::format("--set {}: unknown section [{}]{}", item, section, did_you_mean(section, kSections)));
+  }
+  toml::table parsed;
+  try {
+    parsed = toml::parse("v = " + text);
+  } catch (const toml::parse_error&) {
+    parsed.insert_or_assign("v", text);
+  }
+  if (!root.contains(section)) root.insert(section, toml::table{});
+  toml::table* t = root.get_as<toml::table>(section);
+  if (!t) throw Error(fmt::format("--set {}: [{}] is not a table", item, section));
+  t->insert_or_assign(key, *parsed.get("v"));
+  set_keys[section].insert(key);
+}
+
+}  // namespace
+
+std::string closest_match(const std::string& word, const std::vector<std::string>& candidates) {
+  std::string best;
+  std::size_t best_d = std::max<std::size_t>(2, word.size() / 3) + 1;
+  for (const auto& c : candidates) {
+    const std::size_t d = edit_distance(word, c);
+    if (d < best_d) {
+      best_d = d;
+      best = c;
+    }
+  }
+  return best;
+}
+
+ParamSchema host_schema(const std::string& section) {
+  if (section == "run") return schema_of(kRunSpecs);
+  if (section == "data") return schema_of(kDataSpecs);
+  if (section == "mlperf") return schema_of(kMlperfSpecs);
+  throw Error(fmt::format("no host section [{}]; the host's sections are run, data, mlperf", section));
+}
+
+Params check_table_file(const std::string& file, const std::string& section, const ParamSchema& schema) {
+  toml::table root = parse_file(file);
+  return check(root.get_as<toml::table>(section), schema, Location{file, section, {}}, {"name", "library"});
+}
+
+RunConfig load_config(const std::string& file, const std::vector<std::string>& overrides,
+                      PluginLoader& loader) {
+  toml::table root = parse_file(file);
+  std::map<std::string, std::set<std::string>> set_keys;
+  for (const auto& o : overrides) apply_override(root, o, set_keys);
+
+  for (const auto& [k, node] : root) {
+    const std::string section(k.str());
+    if (std::find(kSections.begin(), kSections.end(), section) == kSections.end()) {
+      throw Error(fmt::format("{}:{}: unknown section [{}]{} (sections: {})", file, node.source().begin.line,
+                              section, did_you_mean(section, kSections), fmt::join(kSections, ", ")));
+    }
+    if (!node.is_table()) {
+      throw Error(fmt::format("{}:{}: '{}' must be a table [{}]", file, node.source().begin.line, section, section));
+    }
+  }
+  auto location = [&](const std::string& section) { return Location{file, section, set_keys[section]}; };
+
+  RunConfig cfg;
+  cfg.file = file;
+  cfg.run = check(root.get_as<toml::table>("run"), schema_of(kRunSpecs), location("run"), {});
+  cfg.data = check(root.get_as<toml::table>("data"), schema_of(kDataSpecs), location("data"), {});
+  cfg.mlperf = check(root.get_as<toml::table>("mlperf"), schema_of(kMlperfSpecs), location("mlperf"), {});
+
+  const PluginKind kinds[] = {PluginKind::Reader, PluginKind::Model, PluginKind::Optimizer,
+                              PluginKind::Scheduler};
+  PluginChoice* choices[] = {&cfg.reader, &cfg.model, &cfg.optimizer, &cfg.scheduler};
+  for (std::size_t i = 0; i < 4; ++i) {
+    const std::string& section = kPluginSections[i];
+    const Location loc = location(section);
+    const toml::table* t = root.get_as<toml::table>(section);
+    const toml::node* name_node = t ? t->get("name") : nullptr;
+    if (!name_node || !name_node->is_string()) {
+      throw Error(fmt::format("{}: [{}] needs name = \"<{} plugin>\" (see deepcam-host --list-plugins)",
+                              file, section, section));
+    }
+    std::string library;
+    if (const toml::node* lib = t->get("library")) {
+      if (!lib->is_string()) throw Error(fmt::format("{}: expected a string path", loc.at("library", lib)));
+      library = *lib->value<std::string>();
+    }
+    PluginChoice& c = *choices[i];
+    c.kind = kinds[i];
+    c.name = *name_node->value<std::string>();
+    try {
+      c.plugin = &loader.load(c.kind, c.name, library);
+    } catch (const Error& e) {
+      throw Error(fmt::format("{}: {}", loc.at("name", name_node), e.what()));
+    }
+    c.params = check(t, c.plugin->descriptor->params, loc, {"name", "library"});
+  }
+
+  // The resolved configuration, every default filled in.
+  std::string out = fmt::format("# resolved from {}\n", file);
+  auto section_text = [&](const std::string& name, const Params& p, const ParamSchema& schema,
+                          const PluginChoice* c) {
+    out += fmt::format("\n[{}]\n", name);
+    if (c) {
+      out += fmt::format("name = {}\n", to_toml(ParamValue(c->name)));
+      out += fmt::format("library = {}  # loaded\n", to_toml(ParamValue(c->plugin->path)));
+    }
+    for (const auto& spec : schema) out += fmt::format("{} = {}\n", spec.key, to_toml(p.values().at(spec.key)));
+  };
+  section_text("run", cfg.run, schema_of(kRunSpecs), nullptr);
+  section_text("data", cfg.data, schema_of(kDataSpecs), nullptr);
+  for (std::size_t i = 0; i < 4; ++i) {
+    section_text(kPluginSections[i], choices[i]->params, choices[i]->plugin->descriptor->params, choices[i]);
+  }
+  section_text("mlperf", cfg.mlperf, schema_of(kMlperfSpecs), nullptr);
+  cfg.resolved = out;
+  return cfg;
+}
+
+}  // namespace deepcam

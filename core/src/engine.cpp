@@ -1,0 +1,348 @@
+#include "deepcam/engine.hpp"
+
+#include <fmt/format.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "deepcam/checkpoint.hpp"
+#include "deepcam/error.hpp"
+#include "deepcam/loss.hpp"
+#include "deepcam/mlperf_log.hpp"
+
+namespace fs = std::filesystem;
+
+namespace deepcam {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// Output files appear under their final name only once complete.
+class AtomicFile {
+ public:
+  explicit AtomicFile(std::string path)
+      : path_(std::move(path)), tmp_(fmt::format("{}.partial-{}", path_, ::getpid())) {
+    file_ = std::fopen(tmp_.c_str(), "w");
+    if (!file_) throw Error(fmt::format("{}: cannot create: {}", tmp_, std::strerror(errno)));
+  }
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+  ~AtomicFile() { commit(); }
+  std::FILE* get() const { return file_; }
+  void commit() {
+    if (!file_) return;
+    std::fclose(file_);
+    file_ = nullptr;
+    std::rename(tmp_.c_str(), path_.c_str());
+  }
+
+ private:
+  std::string path_, tmp_;
+  std::FILE* file_ = nullptr;
+};
+
+void write_text_atomically(const std::string& path, const std::string& text) {
+  AtomicFile f(path);
+  std::fputs(text.c_str(), f.get());
+}
+
+struct Components {
+  Plugged<Reader> reader;
+  Plugged<Model> model;
+  Plugged<Optimizer> optimizer;
+  Plugged<Scheduler> scheduler;
+};
+
+template <typename F>
+auto make(const PluginChoice& choice, F&& factory) {
+  auto object = factory(*choice.plugin->descriptor);
+  if (!object) throw Error(fmt::format("{}: the factory returned nothing", choice.plugin->path));
+  using T = typename decltype(object)::element_type;
+  return Plugged<T>{choice.plugin->library, std::move(object)};
+}
+
+struct Totals {
+  double score_sum = 0.0;
+  double loss_sum = 0.0;
+  std::int64_t samples = 0;
+};
+
+class Engine {
+ public:
+  Engine(const RunConfig& cfg, const EngineOptions& opts, MlperfLog& log)
+      : cfg_(cfg), opts_(opts), log_(log), device_(torch::kCPU) {}
+
+  void build(bool with_optimizer) {
+    const Params& run = cfg_.run;
+    if (run.string("device") == "cuda") {
+      if (!torch::cuda::is_available()) {
+        throw Error(fmt::format("{} [run] device = \"cuda\": no CUDA device is available{}", cfg_.file,
+                                DEEPCAM_WITH_CUDA ? "" : " (this build has CUDA disabled)"));
+      }
+      device_ = torch::Device(torch::kCUDA, opts_.rank % static_cast<int>(torch::cuda::device_count()));
+    }
+    if (run.integer("threads") > 0) at::set_num_threads(static_cast<int>(run.integer("threads")));
+    torch::manual_seed(static_cast<std::uint64_t>(run.integer("seed")));
+
+    ReaderContext rc{cfg_.data.string("root"),
+                     cfg_.data.integers("channels"),
+                     run.integer("train_batch_size"),
+                     run.integer("validation_batch_size"),
+                     opts_.rank,
+                     opts_.world_size,
+                     static_cast<std::uint64_t>(run.integer("seed")),
+                     &log_};
+    c_.reader = make(cfg_.reader, [&](const PluginDescriptor& d) { return d.make_reader(cfg_.reader.params, rc); });
+    ModelContext mc{static_cast<std::int64_t>(rc.channels.size()), 3, opts_.rank, opts_.world_size};
+    c_.model = make(cfg_.model, [&](const PluginDescriptor& d) { return d.make_model(cfg_.model.params, mc); });
+    c_.model->module().to(device_);
+    if (!with_optimizer) return;
+    OptimizerContext oc{c_.model->module().parameters()};
+    c_.optimizer =
+        make(cfg_.optimizer, [&](const PluginDescriptor& d) { return d.make_optimizer(cfg_.optimizer.params, oc); });
+    SchedulerContext sc{c_.optimizer->lr()};
+    c_.scheduler =
+        make(cfg_.scheduler, [&](const PluginDescriptor& d) { return d.make_scheduler(cfg_.scheduler.params, sc); });
+  }
+
+  int train() {
+    const Params& run = cfg_.run;
+    const std::int64_t k = run.integer("gradient_accumulation_frequency");
+    const std::int64_t batch = run.integer("train_batch_size");
+
+    log_.event("global_batch_size", Json(batch * opts_.world_size));
+    log_.event("batchnorm_group_size", Json(1));
+    log_.event("gradient_accumulation_frequency", Json(k));
+    log_.event("num_workers", Json(1));
+    c_.optimizer->log_hyperparameters(log_);
+    c_.scheduler->log_hyperparameters(log_);
+    log_.event("train_samples", Json(c_.reader->global_samples(Split::Train)));
+    log_.event("eval_samples", Json(c_.reader->global_samples(Split::Validation)));
+
+    std::int64_t step = 0;       // batches trained, as the reference counts them
+    std::int64_t first_epoch = 0;
+    if (!run.string("resume").empty()) {
+      const CheckpointInfo info = load_checkpoint(run.string("resume"), c_.model->module(), c_.optimizer.object.get());
+      step = info.step;
+      first_epoch = info.epoch;
+      std::fprintf(stderr, "deepcam-host: resumed from %s at epoch %lld, step %lld\n", run.string("resume").c_str(),
+                   static_cast<long long>(first_epoch), static_cast<long long>(step));
+    }
+    log_.end("init_stop");
+    log_.start("run_start");
+
+    const std::int64_t max_epochs = run.integer("max_epochs");
+    const std::int64_t every = run.integer("checkpoint_every");
+    const double target = run.number("target_iou");
+    bool reached = false;
+    std::int64_t epoch = first_epoch;
+    std::int64_t last_saved = -1;
+    while (epoch < max_epochs && !reached) {
+      const std::int64_t epoch_num = epoch + 1;
+      log_.start("epoch_start", Json(), {{"epoch_num", Json(epoch_num)}});
+      step = train_epoch(epoch, step);
+      // One rank: its BatchNorm statistics are already the average over ranks.
+      const Totals v = validate(epoch_num, step);
+      const double accuracy = v.score_sum / static_cast<double>(v.samples);
+      log_.end("epoch_stop", Json(), {{"epoch_num", Json(epoch_num)}, {"step_num", Json(step)}});
+      ++epoch;
+      if (accuracy >= target) {
+        reached = true;
+        log_.event("target_accuracy_reached", Json(target), {{"epoch_num", Json(epoch_num)}, {"step_num", Json(step)}});
+      }
+      if (every > 0 && epoch % every == 0) {
+        save(epoch, step);
+        last_saved = epoch;
+      }
+    }
+    if (last_saved != epoch) save(epoch, step);
+    log_.end("run_stop", Json(), {{"status", Json(reached ? "success" : "aborted")}, {"epoch_num", Json(epoch)}});
+    std::fprintf(stderr, "deepcam-host: %s after %lld epochs\n", reached ? "target reached" : "target NOT reached",
+                 static_cast<long long>(epoch));
+    return reached ? 0 : 1;
+  }
+
+  int evaluate(const std::string& checkpoint) {
+    const CheckpointInfo info = load_checkpoint(checkpoint, c_.model->module(), nullptr);
+    const Totals v = validate(info.epoch, info.step);
+    std::printf("eval_accuracy %s\neval_loss %s\n", python_float_repr(v.score_sum / static_cast<double>(v.samples)).c_str(),
+                python_float_repr(v.loss_sum / static_cast<double>(v.samples)).c_str());
+    return 0;
+  }
+
+ private:
+  std::int64_t train_epoch(std::int64_t epoch, std::int64_t step) {
+    const Params& run = cfg_.run;
+    const std::int64_t k = run.integer("gradient_accumulation_frequency");
+    const std::int64_t batch_size = run.integer("train_batch_size");
+    const std::int64_t frequency = run.integer("logging_frequency");
+    const std::int64_t epoch_num = epoch + 1;
+    // The reference's DataLoader drops the last incomplete training batch.
+    const std::int64_t batches = c_.reader->local_samples(Split::Train) / batch_size;
+
+    c_.model->module().train();
+    c_.reader->start_epoch(Split::Train, epoch);
+    Batch batch;
+    at::Tensor logits, labels, loss;
+    double current_lr = c_.scheduler->lr_at(step / k);
+    const auto t0 = Clock::now();
+    std::int64_t done = 0;
+    while (done < batches && c_.reader->next(batch)) {
+      if (batch.data.size(0) != batch_size) break;
+      const at::Tensor input = batch.data.to(device_, /*non_blocking=*/true);
+      labels = batch.labels.to(device_, /*non_blocking=*/true);
+      logits = c_.model->forward(input);
+      loss = weighted_cross_entropy(logits, labels) / static_cast<double>(k);
+      loss.backward();
+      if ((step + 1) % k == 0) {
+        current_lr = c_.scheduler->lr_at(step / k);
+        c_.optimizer->set_lr(current_lr);
+        c_.optimizer->step();
+        c_.optimizer->zero_grad();
+      }
+      ++step;
+      ++done;
+      if (frequency > 0 && step % frequency == 0) {
+        log_train(epoch_num, step, current_lr, logits, labels, loss, k);
+        progress(epoch_num, done, batches, batch_size, t0, logits, labels, loss, k);
+      }
+    }
+    if (done == 0) {
+      throw Error(fmt::format("{}: no complete training batch of {} samples on this rank ({} samples)",
+                              cfg_.data.string("root"), batch_size, c_.reader->local_samples(Split::Train)));
+    }
+    log_train(epoch_num, step, current_lr, logits, labels, loss, k);
+    return step;
+  }
+
+  void log_train(std::int64_t epoch_num, std::int64_t step, double lr, const at::Tensor& logits,
+                 const at::Tensor& labels, const at::Tensor& loss, std::int64_t k) {
+    const MlperfLog::Metadata md = {{"epoch_num", Json(epoch_num)}, {"step_num", Json(step)}};
+    torch::NoGradGuard no_grad;
+    log_.event("learning_rate", Json(lr), md);
+    log_.event("train_accuracy", Json(iou_score(logits, labels)), md);
+    // The reference logs the loss as scaled for accumulation.
+    log_.event("train_loss", Json(loss.item<double>()), md);
+    (void)k;
+  }
+
+  void progress(std::int64_t epoch_num, std::int64_t done, std::int64_t batches, std::int64_t batch_size,
+                Clock::time_point t0, const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& loss,
+                std::int64_t k) {
+    if (opts_.rank != 0) return;
+    torch::NoGradGuard no_grad;
+    const double elapsed = seconds_since(t0);
+    const double rate = static_cast<double>(done * batch_size * opts_.world_size) / elapsed;
+    const double left = elapsed / static_cast<double>(done) * static_cast<double>(batches - done);
+    std::fprintf(stderr, "epoch %lld step %lld/%lld  loss %.4f  iou %.4f  %.2f samples/s  %02d:%02d left in epoch\n",
+                 static_cast<long long>(epoch_num), static_cast<long long>(done), static_cast<long long>(batches),
+                 loss.item<double>() * static_cast<double>(k), iou_score(logits, labels), rate,
+                 static_cast<int>(left) / 60, static_cast<int>(left) % 60);
+  }
+
+  Totals validate(std::int64_t epoch_num, std::int64_t step) {
+    const MlperfLog::Metadata md = {{"epoch_num", Json(epoch_num)}, {"step_num", Json(step)}};
+    log_.start("eval_start", Json(), md);
+    c_.model->module().eval();
+    torch::NoGradGuard no_grad;
+    c_.reader->start_epoch(Split::Validation, 0);
+    Totals t;
+    Batch batch;
+    while (c_.reader->next(batch)) {
+      const at::Tensor input = batch.data.to(device_);
+      const at::Tensor labels = batch.labels.to(device_);
+      const at::Tensor logits = c_.model->forward(input);
+      const std::int64_t n = input.size(0);
+      t.loss_sum += weighted_cross_entropy(logits, labels).item<double>() * static_cast<double>(n);
+      t.score_sum += iou_per_sample(logits, labels).sum().item<double>();
+      t.samples += n;
+    }
+    // One rank: the sums are already global (SPEC 4.3 averages over all ranks).
+    if (t.samples == 0) throw Error(fmt::format("{}: no validation samples", cfg_.data.string("root")));
+    const double accuracy = t.score_sum / static_cast<double>(t.samples);
+    const double loss = t.loss_sum / static_cast<double>(t.samples);
+    log_.event("eval_accuracy", Json(accuracy), md);
+    log_.event("eval_loss", Json(loss), md);
+    log_.end("eval_stop", Json(), md);
+    if (opts_.rank == 0) {
+      std::fprintf(stderr, "epoch %lld validation: iou %.4f  loss %.4f  (%lld samples)\n",
+                   static_cast<long long>(epoch_num), accuracy, loss, static_cast<long long>(t.samples));
+    }
+    return t;
+  }
+
+  void save(std::int64_t epoch, std::int64_t step) {
+    if (opts_.rank != 0) return;
+    const std::string path =
+        (fs::path(cfg_.run.string("output_dir")) / fmt::format("checkpoint-epoch{}.pt", epoch)).string();
+    save_checkpoint(path, CheckpointInfo{step, epoch}, c_.model->module(), c_.optimizer.object.get());
+    std::fprintf(stderr, "deepcam-host: saved %s\n", path.c_str());
+  }
+
+  const RunConfig& cfg_;
+  const EngineOptions& opts_;
+  MlperfLog& log_;
+  torch::Device device_;
+  Components c_;
+};
+
+}  // namespace
+
+int run_engine(const RunConfig& cfg, const EngineOptions& opts) {
+  const fs::path out_dir = cfg.run.string("output_dir");
+  std::error_code ec;
+  fs::create_directories(out_dir, ec);
+  if (ec) throw Error(fmt::format("{} [run] output_dir: cannot create {}: {}", cfg.file, out_dir.string(), ec.message()));
+  const bool rank0 = opts.rank == 0;
+  if (rank0) write_text_atomically((out_dir / "config.toml").string(), cfg.resolved);
+
+  const bool evaluating = !opts.evaluate_checkpoint.empty();
+  const std::string log_name =
+      evaluating ? "evaluate-" + cfg.mlperf.string("log_file") : cfg.mlperf.string("log_file");
+  std::unique_ptr<AtomicFile> log_file;
+  if (rank0) log_file = std::make_unique<AtomicFile>((out_dir / log_name).string());
+  MlperfLog log(log_file ? log_file->get() : nullptr, rank0);
+
+  Engine engine(cfg, opts, log);
+  if (evaluating) {
+    engine.build(/*with_optimizer=*/false);
+    return engine.evaluate(opts.evaluate_checkpoint);
+  }
+
+  const auto t0 = Clock::now();
+  log.event("submission_benchmark", Json("deepcam"));
+  log.event("submission_org", Json(cfg.mlperf.string("org")));
+  log.event("submission_division", Json(cfg.mlperf.string("division")));
+  log.event("submission_status", Json(cfg.mlperf.string("status")));
+  log.event("submission_platform", Json(cfg.mlperf.string("platform")));
+  log.start("init_start");
+  log.event("cache_clear", Json(true));
+  log.event("seed", Json(cfg.run.integer("seed")));
+  log.event("number_of_ranks", Json(opts.world_size));
+  log.event("number_of_nodes", Json(1));
+  log.event("accelerators_per_node", Json(cfg.run.string("device") == "cuda" ? opts.world_size : 0));
+  int status = 1;
+  try {
+    engine.build(/*with_optimizer=*/true);
+    status = engine.train();
+  } catch (...) {
+    // The log stays well-formed: the checker sees an aborted run.
+    log.end("run_stop", Json(), {{"status", Json("aborted")}});
+    throw;
+  }
+  std::fprintf(stderr, "deepcam-host: run took %.1f s; log %s\n", seconds_since(t0),
+               (out_dir / log_name).string().c_str());
+  return status;
+}
+
+}  // namespace deepcam

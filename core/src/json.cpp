@@ -1,0 +1,132 @@
+#include "deepcam/json.hpp"
+
+#include <charconv>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+namespace deepcam {
+
+Json Json::object(std::vector<std::pair<std::string, Json>> members) {
+  Json j;
+  j.kind_ = Kind::Object;
+  j.members_ = std::move(members);
+  return j;
+}
+
+std::string python_float_repr(double value) {
+  if (std::isnan(value)) return "NaN";
+  if (std::isinf(value)) return value > 0 ? "Infinity" : "-Infinity";
+  if (value == 0.0) return std::signbit(value) ? "-0.0" : "0.0";
+  // Shortest round-trip digits in scientific form: [-]d[.ddd]e[+-]x.
+  char buf[64];
+  auto res = std::to_chars(buf, buf + sizeof buf, value, std::chars_format::scientific);
+  std::string sci(buf, res.ptr);
+  bool negative = sci[0] == '-';
+  if (negative) sci.erase(0, 1);
+  std::size_t e = sci.find('e');
+  int exponent = std::atoi(sci.c_str() + e + 1);
+  std::string digits;
+  for (std::size_t i = 0; i < e; ++i) {
+    if (sci[i] != '.') digits += sci[i];
+  }
+  std::string out;
+  if (exponent >= -5 + 1 && exponent < 16) {
+    // Python switches to exponent notation below 1e-4 and from 1e16 on.
+    if (exponent < 0) {
+      out = "0." + std::string(static_cast<std::size_t>(-exponent - 1), '0') + digits;
+    } else if (static_cast<int>(digits.size()) <= exponent + 1) {
+      out = digits + std::string(static_cast<std::size_t>(exponent + 1) - digits.size(), '0') + ".0";
+    } else {
+      out = digits.substr(0, static_cast<std::size_t>(exponent + 1)) + "." +
+            digits.substr(static_cast<std::size_t>(exponent + 1));
+    }
+  } else {
+    out = digits.substr(0, 1);
+    if (digits.size() > 1) out += "." + digits.substr(1);
+    char exp[16];
+    std::snprintf(exp, sizeof exp, "e%c%02d", exponent < 0 ? '-' : '+', std::abs(exponent));
+    out += exp;
+  }
+  return negative ? "-" + out : out;
+}
+
+static void dump_string(const std::string& s, std::string& out) {
+  // json.dumps defaults to ensure_ascii=True: non-ASCII becomes \uXXXX.
+  out += '"';
+  std::size_t i = 0;
+  while (i < s.size()) {
+    unsigned char c = static_cast<unsigned char>(s[i]);
+    char buf[16];
+    switch (c) {
+      case '"': out += "\\\""; ++i; continue;
+      case '\\': out += "\\\\"; ++i; continue;
+      case '\n': out += "\\n"; ++i; continue;
+      case '\r': out += "\\r"; ++i; continue;
+      case '\t': out += "\\t"; ++i; continue;
+      case '\b': out += "\\b"; ++i; continue;
+      case '\f': out += "\\f"; ++i; continue;
+      default: break;
+    }
+    if (c < 0x20) {
+      std::snprintf(buf, sizeof buf, "\\u%04x", c);
+      out += buf;
+      ++i;
+      continue;
+    }
+    if (c < 0x80) {
+      out += static_cast<char>(c);
+      ++i;
+      continue;
+    }
+    // Decode one UTF-8 sequence; invalid bytes become U+FFFD.
+    std::uint32_t cp = 0xFFFD;
+    std::size_t len = 1;
+    if ((c & 0xE0) == 0xC0) { len = 2; cp = c & 0x1F; }
+    else if ((c & 0xF0) == 0xE0) { len = 3; cp = c & 0x0F; }
+    else if ((c & 0xF8) == 0xF0) { len = 4; cp = c & 0x07; }
+    bool ok = len > 1 && i + len <= s.size();
+    for (std::size_t k = 1; ok && k < len; ++k) {
+      unsigned char cc = static_cast<unsigned char>(s[i + k]);
+      if ((cc & 0xC0) != 0x80) ok = false;
+      cp = (cp << 6) | (cc & 0x3F);
+    }
+    if (!ok) { cp = 0xFFFD; len = 1; }
+    i += len;
+    if (cp >= 0x10000) {
+      cp -= 0x10000;
+      std::snprintf(buf, sizeof buf, "\\u%04x\\u%04x", 0xD800 + (cp >> 10), 0xDC00 + (cp & 0x3FF));
+    } else {
+      std::snprintf(buf, sizeof buf, "\\u%04x", cp);
+    }
+    out += buf;
+  }
+  out += '"';
+}
+
+std::string Json::dump() const {
+  std::string out;
+  switch (kind_) {
+    case Kind::Null: return "null";
+    case Kind::Bool: return b_ ? "true" : "false";
+    case Kind::Int: return std::to_string(i_);
+    case Kind::Float: return python_float_repr(d_);
+    case Kind::String: dump_string(s_, out); return out;
+    case Kind::List:
+      out += '[';
+      for (std::size_t k = 0; k < list_.size(); ++k) out += (k ? ", " : "") + list_[k].dump();
+      return out + ']';
+    case Kind::Object:
+      out += '{';
+      for (std::size_t k = 0; k < members_.size(); ++k) {
+        if (k) out += ", ";
+        dump_string(members_[k].first, out);
+        out += ": " + members_[k].second.dump();
+      }
+      return out + '}';
+  }
+  return out;
+}
+
+}  // namespace deepcam

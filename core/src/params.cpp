@@ -1,0 +1,103 @@
+#include "deepcam/params.hpp"
+
+#include <fmt/format.h>
+
+#include "deepcam/error.hpp"
+#include "deepcam/json.hpp"
+
+namespace deepcam {
+
+const char* to_string(ParamType type) {
+  switch (type) {
+    case ParamType::Int: return "int";
+    case ParamType::Float: return "float";
+    case ParamType::Bool: return "bool";
+    case ParamType::String: return "string";
+    case ParamType::IntList: return "int list";
+    case ParamType::FloatList: return "float list";
+    case ParamType::StringList: return "string list";
+  }
+  return "unknown";
+}
+
+Params::Params(std::string where, std::map<std::string, ParamValue> values)
+    : where_(std::move(where)), values_(std::move(values)) {}
+
+const ParamValue& Params::at(const std::string& key) const {
+  auto it = values_.find(key);
+  if (it == values_.end()) {
+    throw Error(fmt::format("{}: the plugin asked for undeclared parameter '{}'", where_, key));
+  }
+  return it->second;
+}
+
+template <typename T>
+static const T& get(const ParamValue& v, const std::string& where, const std::string& key,
+                    const char* type) {
+  if (const T* p = std::get_if<T>(&v)) return *p;
+  throw Error(fmt::format("{}: parameter '{}' is not a {}", where, key, type));
+}
+
+std::int64_t Params::integer(const std::string& key) const {
+  return get<std::int64_t>(at(key), where_, key, "int");
+}
+
+double Params::number(const std::string& key) const {
+  const ParamValue& v = at(key);
+  if (const auto* i = std::get_if<std::int64_t>(&v)) return static_cast<double>(*i);
+  return get<double>(v, where_, key, "float");
+}
+
+bool Params::boolean(const std::string& key) const { return get<bool>(at(key), where_, key, "bool"); }
+
+const std::string& Params::string(const std::string& key) const {
+  return get<std::string>(at(key), where_, key, "string");
+}
+
+const std::vector<std::int64_t>& Params::integers(const std::string& key) const {
+  return get<std::vector<std::int64_t>>(at(key), where_, key, "int list");
+}
+
+const std::vector<double>& Params::numbers(const std::string& key) const {
+  return get<std::vector<double>>(at(key), where_, key, "float list");
+}
+
+const std::vector<std::string>& Params::strings(const std::string& key) const {
+  return get<std::vector<std::string>>(at(key), where_, key, "string list");
+}
+
+namespace {
+std::string toml_string(const std::string& s) { return Json(s).dump(); }
+std::string toml_float(double d) {
+  std::string r = python_float_repr(d);
+  if (r == "NaN") return "nan";
+  if (r == "Infinity") return "inf";
+  if (r == "-Infinity") return "-inf";
+  return r;
+}
+template <typename T, typename F>
+std::string toml_list(const std::vector<T>& items, F&& one) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < items.size(); ++i) out += (i ? ", " : "") + one(items[i]);
+  return out + "]";
+}
+}  // namespace
+
+std::string to_toml(const ParamValue& value) {
+  struct Visitor {
+    std::string operator()(std::int64_t v) const { return std::to_string(v); }
+    std::string operator()(double v) const { return toml_float(v); }
+    std::string operator()(bool v) const { return v ? "true" : "false"; }
+    std::string operator()(const std::string& v) const { return toml_string(v); }
+    std::string operator()(const std::vector<std::int64_t>& v) const {
+      return toml_list(v, [](std::int64_t x) { return std::to_string(x); });
+    }
+    std::string operator()(const std::vector<double>& v) const { return toml_list(v, toml_float); }
+    std::string operator()(const std::vector<std::string>& v) const {
+      return toml_list(v, toml_string);
+    }
+  };
+  return std::visit(Visitor{}, value);
+}
+
+}  // namespace deepcam

@@ -1,0 +1,192 @@
+#include "deepcam/plugin_loader.hpp"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <boost/dll/shared_library.hpp>
+#include <cstdlib>
+#include <filesystem>
+#include <system_error>
+
+#include "deepcam/error.hpp"
+
+namespace fs = std::filesystem;
+
+namespace deepcam {
+
+namespace {
+
+const PluginKind kKinds[] = {PluginKind::Reader, PluginKind::Model, PluginKind::Optimizer,
+                             PluginKind::Scheduler};
+
+std::vector<std::string> split_path(const char* value) {
+  std::vector<std::string> dirs;
+  if (!value) return dirs;
+  std::string s(value);
+  std::size_t start = 0;
+  while (start <= s.size()) {
+    std::size_t end = s.find(':', start);
+    if (end == std::string::npos) end = s.size();
+    if (end > start) dirs.push_back(s.substr(start, end - start));
+    start = end + 1;
+  }
+  return dirs;
+}
+
+std::string describe_build(const char* torch, int abi, const char* cuda) {
+  return fmt::format("LibTorch {}, _GLIBCXX_USE_CXX11_ABI={}, CUDA {}", torch, abi,
+                     *cuda ? cuda : "none");
+}
+
+// Files within one directory that may hold the plugin.
+std::vector<fs::path> candidates(const std::string& dir, PluginKind kind, const std::string& name) {
+  const std::string file = PluginLoader::file_name(kind, name);
+  return {fs::path(dir) / file, fs::path(dir) / (std::string(to_string(kind)) + "s") / name / file};
+}
+
+}  // namespace
+
+std::string PluginLoader::file_name(PluginKind kind, const std::string& name) {
+  return fmt::format("libdeepcam_{}_{}.so", to_string(kind), name);
+}
+
+PluginLoader::PluginLoader()
+    : PluginLoader(split_path(std::getenv("DEEPCAM_PLUGIN_PATH")), DEEPCAM_PLUGIN_INSTALL_DIR) {}
+
+PluginLoader::PluginLoader(std::vector<std::string> env_dirs, std::string install_dir)
+    : env_dirs_(std::move(env_dirs)), install_dir_(std::move(install_dir)) {}
+
+LoadedPlugin PluginLoader::open(const std::string& path) {
+  std::error_code exists_ec;
+  if (!fs::is_regular_file(path, exists_ec)) {
+    throw Error(fmt::format("{}: no such plugin library", path));
+  }
+  auto lib = std::make_shared<boost::dll::shared_library>();
+  boost::dll::fs::error_code ec;
+  // RTLD_LOCAL: one plugin's symbols never resolve another's.
+  lib->load(path, ec, boost::dll::load_mode::rtld_local | boost::dll::load_mode::rtld_now);
+  if (ec) {
+    throw Error(fmt::format("{}: cannot load: {}", path, ec.message()));
+  }
+  if (!lib->has(DEEPCAM_PLUGIN_ENTRY_NAME)) {
+    for (int v = 0; v < 100; ++v) {
+      const std::string other = fmt::format("deepcam_plugin_v{}", v);
+      if (v != DEEPCAM_PLUGIN_ABI && lib->has(other)) {
+        throw Error(fmt::format("{}: built for plugin ABI {}, this host has plugin ABI {}; rebuild the "
+                                "plugin against this deepcam-host",
+                                path, v, DEEPCAM_PLUGIN_ABI));
+      }
+    }
+    throw Error(fmt::format("{}: not a deepcam-host plugin (no symbol {})", path,
+                            DEEPCAM_PLUGIN_ENTRY_NAME));
+  }
+  auto entry = lib->get<const PluginDescriptor*()>(DEEPCAM_PLUGIN_ENTRY_NAME);
+  const PluginDescriptor* d = entry();
+  if (!d || d->abi_version != kPluginAbi) {
+    throw Error(fmt::format("{}: descriptor reports plugin ABI {}, this host has plugin ABI {}", path,
+                            d ? d->abi_version : 0u, kPluginAbi));
+  }
+  const bool same_build = std::string(d->torch_version) == DEEPCAM_TORCH_VERSION &&
+                          d->cxx11_abi == DEEPCAM_CXX11_ABI &&
+                          std::string(d->cuda_version) == DEEPCAM_CUDA_VERSION;
+  if (!same_build) {
+    throw Error(fmt::format("{}: plugin built with {}; this host is built with {}; rebuild the plugin",
+                            path, describe_build(d->torch_version, d->cxx11_abi, d->cuda_version),
+                            describe_build(DEEPCAM_TORCH_VERSION, DEEPCAM_CXX11_ABI,
+                                           DEEPCAM_CUDA_VERSION)));
+  }
+  const void* factories[] = {reinterpret_cast<const void*>(d->make_reader),
+                             reinterpret_cast<const void*>(d->make_model),
+                             reinterpret_cast<const void*>(d->make_optimizer),
+                             reinterpret_cast<const void*>(d->make_scheduler)};
+  const auto k = static_cast<std::size_t>(d->kind);
+  if (k >= 4 || !factories[k]) {
+    throw Error(fmt::format("{}: descriptor has no factory for its kind", path));
+  }
+  return LoadedPlugin{path, d, std::shared_ptr<const void>(lib, lib.get())};
+}
+
+const LoadedPlugin& PluginLoader::load(PluginKind kind, const std::string& name,
+                                       const std::string& library) {
+  for (const auto& p : loaded_) {
+    if (p.descriptor->kind == kind && p.descriptor->name == name) return p;
+  }
+  std::string path = library;
+  std::vector<std::string> searched;
+  if (path.empty()) {
+    // Level 2 (DEEPCAM_PLUGIN_PATH) as a whole, then level 3 (install dir).
+    const std::vector<std::vector<std::string>> levels = {env_dirs_, {install_dir_}};
+    for (const auto& level : levels) {
+      std::vector<std::string> found;
+      for (const auto& dir : level) {
+        for (const auto& c : candidates(dir, kind, name)) {
+          searched.push_back(c.string());
+          std::error_code ec;
+          if (fs::is_regular_file(c, ec)) found.push_back(c.string());
+        }
+      }
+      if (found.size() > 1) {
+        throw Error(fmt::format("{} '{}' is provided twice: {} and {}; remove one or set the table's "
+                                "`library` key",
+                                to_string(kind), name, found[0], found[1]));
+      }
+      if (found.size() == 1) {
+        path = found[0];
+        break;
+      }
+    }
+  }
+  if (path.empty()) {
+    std::vector<std::string> problems;
+    std::string known;
+    for (const auto& p : discover(problems)) {
+      if (p.descriptor->kind == kind) known += fmt::format("{}{} ({})", known.empty() ? "" : ", ",
+                                                           p.descriptor->name, p.path);
+    }
+    throw Error(fmt::format("no {} plugin named '{}'; found: {}. Searched {} (set DEEPCAM_PLUGIN_PATH "
+                            "or the table's `library` key)",
+                            to_string(kind), name, known.empty() ? "none" : known,
+                            fmt::join(searched, ", ")));
+  }
+  LoadedPlugin plugin = open(path);
+  if (plugin.descriptor->kind != kind || plugin.descriptor->name != name) {
+    throw Error(fmt::format("{}: is the {} plugin '{}', but the config asks for the {} plugin '{}'",
+                            path, to_string(plugin.descriptor->kind), plugin.descriptor->name,
+                            to_string(kind), name));
+  }
+  loaded_.push_back(std::move(plugin));
+  return loaded_.back();
+}
+
+std::vector<LoadedPlugin> PluginLoader::discover(std::vector<std::string>& problems) {
+  // Listing opens only files named like plugins, in the places load() looks.
+  std::vector<LoadedPlugin> out;
+  std::vector<std::string> dirs = env_dirs_;
+  dirs.push_back(install_dir_);
+  std::vector<fs::path> files;
+  for (const auto& dir : dirs) {
+    std::error_code ec;
+    if (!fs::is_directory(dir, ec)) continue;
+    for (const auto& top : fs::directory_iterator(dir, ec)) files.push_back(top.path());
+    for (PluginKind kind : kKinds) {
+      const fs::path sub = fs::path(dir) / (std::string(to_string(kind)) + "s");
+      if (!fs::is_directory(sub, ec)) continue;
+      for (const auto& plugin_dir : fs::directory_iterator(sub, ec)) {
+        if (!plugin_dir.is_directory(ec)) continue;
+        for (const auto& f : fs::directory_iterator(plugin_dir.path(), ec)) files.push_back(f.path());
+      }
+    }
+  }
+  for (const auto& f : files) {
+    const std::string n = f.filename().string();
+    if (n.rfind("libdeepcam_", 0) != 0 || f.extension() != ".so" || n == "libdeepcam_core.so") continue;
+    try {
+      out.push_back(open(f.string()));
+    } catch (const Error& e) {
+      problems.push_back(e.what());
+    }
+  }
+  return out;
+}
+
+}  // namespace deepcam

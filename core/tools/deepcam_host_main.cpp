@@ -1,0 +1,119 @@
+// deepcam-host: the thin main. Everything it does lives in the core library.
+#include <fmt/format.h>
+
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "deepcam/config.hpp"
+#include "deepcam/engine.hpp"
+#include "deepcam/error.hpp"
+#include "deepcam/plugin_loader.hpp"
+
+namespace {
+
+const char* kUsage =
+    "usage: deepcam-host RUN.toml [--set section.key=value]... [--evaluate CHECKPOINT]\n"
+    "       deepcam-host --list-plugins\n"
+    "       deepcam-host --describe KIND/NAME   (e.g. optimizer/adam; or run, data, mlperf)\n"
+    "       deepcam-host --version\n";
+
+void print_schema(const deepcam::ParamSchema& schema) {
+  for (const auto& s : schema) {
+    std::string range;
+    if (s.min <= s.max) range = fmt::format("  range [{}, {}]", deepcam::to_toml(s.min), deepcam::to_toml(s.max));
+    if (s.choices) range = fmt::format("  one of {}", s.choices);
+    std::printf("  %-32s %-12s default %s%s\n      %s\n", s.key, deepcam::to_string(s.type),
+                s.default_toml ? s.default_toml : "(required)", range.c_str(), s.doc);
+  }
+}
+
+int list_plugins() {
+  deepcam::PluginLoader loader;
+  std::vector<std::string> problems;
+  for (const auto& p : loader.discover(problems)) {
+    const auto& d = *p.descriptor;
+    std::printf("%-10s %-16s %-8s %s\n           %s\n", deepcam::to_string(d.kind), d.name, d.version, d.summary,
+                p.path.c_str());
+  }
+  for (const auto& e : problems) std::fprintf(stderr, "deepcam-host: skipped %s\n", e.c_str());
+  return 0;
+}
+
+int describe(const std::string& what) {
+  const auto slash = what.find('/');
+  if (slash == std::string::npos) {
+    std::printf("[%s] (deepcam-host)\n", what.c_str());
+    print_schema(deepcam::host_schema(what));
+    return 0;
+  }
+  const std::string kind_name = what.substr(0, slash);
+  const std::string name = what.substr(slash + 1);
+  const deepcam::PluginKind kinds[] = {deepcam::PluginKind::Reader, deepcam::PluginKind::Model,
+                                       deepcam::PluginKind::Optimizer, deepcam::PluginKind::Scheduler};
+  for (auto kind : kinds) {
+    if (kind_name != deepcam::to_string(kind)) continue;
+    deepcam::PluginLoader loader;
+    const auto& p = loader.load(kind, name);
+    const auto& d = *p.descriptor;
+    std::printf("%s/%s %s: %s\n  file: %s\n  built with LibTorch %s, C++11 ABI %d, CUDA %s, plugin ABI %u\n"
+                "parameters ([%s] table; also `name` and optional `library`):\n",
+                deepcam::to_string(d.kind), d.name, d.version, d.summary, p.path.c_str(), d.torch_version,
+                d.cxx11_abi, *d.cuda_version ? d.cuda_version : "none", d.abi_version, deepcam::to_string(d.kind));
+    print_schema(d.params);
+    return 0;
+  }
+  throw deepcam::Error(fmt::format("--describe {}: unknown kind '{}'; kinds: reader, model, optimizer, scheduler",
+                                   what, kind_name));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  try {
+    if (args.empty() || args[0] == "--help" || args[0] == "-h") {
+      std::fputs(kUsage, args.empty() ? stderr : stdout);
+      return args.empty() ? 2 : 0;
+    }
+    if (args[0] == "--version") {
+      std::printf("deepcam-host %s (plugin ABI %d, LibTorch %s, CUDA %s)\n", DEEPCAM_VERSION, DEEPCAM_PLUGIN_ABI,
+                  DEEPCAM_TORCH_VERSION, DEEPCAM_WITH_CUDA ? DEEPCAM_CUDA_VERSION : "off");
+      return 0;
+    }
+    if (args[0] == "--list-plugins") return list_plugins();
+    if (args[0] == "--describe") {
+      if (args.size() != 2) throw deepcam::Error("--describe needs KIND/NAME");
+      return describe(args[1]);
+    }
+    std::string file;
+    std::vector<std::string> overrides;
+    deepcam::EngineOptions options;
+    for (std::size_t i = 0; i < args.size(); ++i) {
+      const std::string& a = args[i];
+      auto value = [&]() -> std::string {
+        if (i + 1 >= args.size()) throw deepcam::Error(fmt::format("{} needs a value\n{}", a, kUsage));
+        return args[++i];
+      };
+      if (a == "--set") overrides.push_back(value());
+      else if (a.rfind("--set=", 0) == 0) overrides.push_back(a.substr(6));
+      else if (a == "--evaluate") options.evaluate_checkpoint = value();
+      else if (!a.empty() && a[0] == '-') throw deepcam::Error(fmt::format("unknown option {}\n{}", a, kUsage));
+      else if (file.empty()) file = a;
+      else throw deepcam::Error(fmt::format("one run file only (got {} and {})", file, a));
+    }
+    if (file.empty()) throw deepcam::Error(fmt::format("no run file given\n{}", kUsage));
+    deepcam::PluginLoader loader;
+    const deepcam::RunConfig config = deepcam::load_config(file, overrides, loader);
+    std::fprintf(stderr, "%s\n", config.resolved.c_str());
+    return deepcam::run_engine(config, options);
+  } catch (const deepcam::Error& e) {
+    std::fprintf(stderr, "deepcam-host: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "deepcam-host: internal error: %s\n", e.what());
+    return 3;
+  }
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs every dependency from the package registries and builds deepcam-host.
+# Idempotent: a second run checks what is there and rebuilds only what changed.
+# Options: CUDA=enabled|disabled|auto (default auto: on when nvcc is present).
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+
+debs=(g++ pkg-config libhdf5-dev libboost-dev libtomlplusplus-dev doctest-dev)
+missing=()
+for d in "${debs[@]}"; do
+  dpkg-query -W -f='${Status}' "$d" 2>/dev/null | grep -q "install ok installed" || missing+=("$d")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd=sudo
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+venv="$top/.venv"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+stamp="$venv/.requirements.sha"
+want=$(sha256sum scripts/requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing Python packages (torch is large; first run takes minutes)"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r scripts/requirements.txt
+  echo "$want" > "$stamp"
+fi
+
+cuda=${CUDA:-auto}
+build="$top/build"
+if [ ! -f "$build/build.ninja" ]; then
+  PATH="$venv/bin:$PATH" meson setup "$build" -Dcuda="$cuda" --buildtype=release >/dev/null
+fi
+PATH="$venv/bin:$PATH" ninja -C "$build" | tail -n 1

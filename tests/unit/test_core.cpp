@@ -1,0 +1,147 @@
+// Unit tests of the core library: JSON as Python writes it, the MLPerf line
+// format, TOML checking against a schema, and the loss and IoU of SPEC 4
+// against the reference's vectors.
+#include <doctest/doctest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <unistd.h>
+
+#include "deepcam/config.hpp"
+#include "deepcam/error.hpp"
+#include "deepcam/json.hpp"
+#include "deepcam/loss.hpp"
+#include "deepcam/mlperf_log.hpp"
+#include "mini_json.hpp"
+
+using deepcam::Json;
+using deepcam::python_float_repr;
+
+TEST_CASE("floats are written as Python's repr writes them") {
+  CHECK(python_float_repr(0.001) == "0.001");
+  CHECK(python_float_repr(1e-05) == "1e-05");
+  CHECK(python_float_repr(0.0001) == "0.0001");
+  CHECK(python_float_repr(3.0) == "3.0");
+  CHECK(python_float_repr(-2.5) == "-2.5");
+  CHECK(python_float_repr(1e16) == "1e+16");
+  CHECK(python_float_repr(123456789012345.0) == "123456789012345.0");
+  CHECK(python_float_repr(0.1 + 0.2) == "0.30000000000000004");
+  CHECK(python_float_repr(0.00030000000000000003) == "0.00030000000000000003");
+  CHECK(python_float_repr(3.0000000000000004e-05) == "3.0000000000000004e-05");
+  CHECK(python_float_repr(1.5e300) == "1.5e+300");
+  CHECK(python_float_repr(0.0) == "0.0");
+  CHECK(python_float_repr(std::nan("")) == "NaN");
+  CHECK(python_float_repr(-INFINITY) == "-Infinity");
+}
+
+TEST_CASE("JSON values are written as json.dumps writes them") {
+  CHECK(Json(true).dump() == "true");
+  CHECK(Json(42).dump() == "42");
+  CHECK(Json("a\"b\\c\n\x01").dump() == "\"a\\\"b\\\\c\\n\\u0001\"");
+  CHECK(Json("\xc3\xa9").dump() == "\"\\u00e9\"");
+  CHECK(Json::list({Json(0.9), Json(0.999)}).dump() == "[0.9, 0.999]");
+  CHECK(Json::object({{"a", Json(1)}, {"b", Json()}}).dump() == "{\"a\": 1, \"b\": null}");
+}
+
+TEST_CASE("an MLPerf line holds the keys in order with the call site") {
+  std::FILE* f = std::tmpfile();
+  REQUIRE(f);
+  deepcam::MlperfLog log(f, true);
+  log.event("opt_lr", Json(0.001), {{"epoch_num", Json(1)}});
+  std::rewind(f);
+  char buf[512] = {};
+  REQUIRE(std::fgets(buf, sizeof buf, f));
+  const std::string line(buf);
+  CHECK(line.rfind(":::MLLOG {\"namespace\": \"\", \"time_ms\": ", 0) == 0);
+  CHECK(line.find("\"event_type\": \"POINT_IN_TIME\", \"key\": \"opt_lr\", \"value\": 0.001, \"metadata\": "
+                  "{\"file\": ") != std::string::npos);
+  CHECK(line.find("test_core.cpp\", \"lineno\": ") != std::string::npos);
+  CHECK(line.find("\"epoch_num\": 1}}") != std::string::npos);
+  std::fclose(f);
+
+  deepcam::MlperfLog silent(nullptr, false);
+  silent.event("x", Json(1));  // other ranks: accepted, nothing written
+  CHECK_FALSE(silent.enabled());
+}
+
+namespace {
+std::string write_toml(const std::string& text) {
+  static int n = 0;
+  const std::string path = "/tmp/deepcam_test_core_" + std::to_string(::getpid()) + "_" + std::to_string(n++) + ".toml";
+  std::ofstream(path) << text;
+  return path;
+}
+const deepcam::ParamSpec kSpecs[] = {
+    {"lr", deepcam::ParamType::Float, "0.001", "learning rate", 0.0, 10.0},
+    {"milestones", deepcam::ParamType::IntList, "[]", "steps", 0, 1e9},
+    {"mode", deepcam::ParamType::String, "\"a\"", "mode", 1, 0, "a|b"},
+};
+const deepcam::ParamSchema kSchema{kSpecs, 3};
+std::string error_of(const std::string& toml) {
+  try {
+    deepcam::check_table_file(write_toml(toml), "optimizer", kSchema);
+  } catch (const deepcam::Error& e) {
+    return e.what();
+  }
+  return "";
+}
+}  // namespace
+
+TEST_CASE("a table is checked against its schema, defaults filled in") {
+  const auto p = deepcam::check_table_file(write_toml("[optimizer]\nname = \"x\"\nlr = 2\nmilestones = [3, 4]\n"),
+                                           "optimizer", kSchema);
+  CHECK(p.number("lr") == 2.0);
+  CHECK(p.integers("milestones") == std::vector<std::int64_t>{3, 4});
+  CHECK(p.string("mode") == "a");
+  CHECK_THROWS_AS(p.integer("lr"), deepcam::Error);
+
+  const std::string typo = error_of("[optimizer]\nname = \"x\"\n\nlrr = 0.1\n");
+  CHECK(typo.find(":4 [optimizer] lrr: unknown key; did you mean 'lr'?") != std::string::npos);
+  CHECK(error_of("[optimizer]\nlr = \"fast\"\n").find("lr: expected float, got string") != std::string::npos);
+  CHECK(error_of("[optimizer]\nlr = 11.0\n").find("out of range") != std::string::npos);
+  CHECK(error_of("[optimizer]\nmilestones = [1, 2.5]\n").find("expected int list") != std::string::npos);
+  CHECK(error_of("[optimizer]\nmode = \"c\"\n").find("not one of a, b") != std::string::npos);
+  CHECK(error_of("[optimizer\n").find(".toml:1:") != std::string::npos);
+}
+
+TEST_CASE("closest_match suggests near names only") {
+  CHECK(deepcam::closest_match("deeplab", {"deeplabv3plus", "unet"}) == "");
+  CHECK(deepcam::closest_match("deeplabv3pls", {"deeplabv3plus", "unet"}) == "deeplabv3plus");
+  CHECK(deepcam::closest_match("adma", {"adam", "lamb"}) == "adam");
+}
+
+TEST_CASE("loss and IoU equal the reference's vectors") {
+  const auto vectors = testjson::parse_file(std::string(DEEPCAM_TESTDATA) + "/loss_iou_vectors.json");
+  const auto w = deepcam::class_weights();
+  const auto expected_w = vectors["class_weights"].numbers();
+  for (int c = 0; c < 3; ++c) CHECK(w[c] == doctest::Approx(expected_w[c]).epsilon(1e-12));
+  int cases = 0;
+  for (const auto& c : vectors["cases"].array) {
+    const auto shape = c["shape"].numbers();
+    const std::vector<int64_t> s = {static_cast<int64_t>(shape[0]), static_cast<int64_t>(shape[1]),
+                                    static_cast<int64_t>(shape[2]), static_cast<int64_t>(shape[3])};
+    const auto logits = torch::tensor(c["logits"].numbers(), torch::kFloat32).reshape(s);
+    const auto labels = torch::tensor(c["labels"].numbers(), torch::kFloat64).to(torch::kInt64).reshape({s[0], s[2], s[3]});
+    INFO("case " << cases << " (" << c["mode"].string << ")");
+    CHECK(deepcam::weighted_cross_entropy(logits, labels).item<double>() ==
+          doctest::Approx(c["loss"].number).epsilon(1e-6));
+    CHECK(deepcam::iou_score(logits, labels) == doctest::Approx(c["iou"].number).epsilon(1e-6));
+    ++cases;
+  }
+  CHECK(cases == 5);
+}
+
+TEST_CASE("a class absent from prediction and label scores 1/3") {
+  // Every pixel background and predicted background: three perfect classes.
+  auto logits = torch::zeros({1, 3, 2, 2});
+  logits.select(1, 0).fill_(5.0);
+  const auto labels = torch::zeros({1, 2, 2}, torch::kInt64);
+  CHECK(deepcam::iou_score(logits, labels) == doctest::Approx(1.0));
+  // Predict class 1 everywhere: class 0 has tp 0, class 1 fp 4, class 2 absent.
+  auto wrong = torch::zeros({1, 3, 2, 2});
+  wrong.select(1, 1).fill_(5.0);
+  CHECK(deepcam::iou_score(wrong, labels) == doctest::Approx(1.0 / 3.0));
+}
