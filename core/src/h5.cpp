@@ -1,0 +1,324 @@
+// deepcam::h5 over the HDF5 C API (1.10). Three things shape this file:
+// - HDF5 prints its error stack to stderr by default; we silence it and turn
+//   the innermost message of the stack into the cause of a deepcam::Error.
+//   In a thread-safe build the error stack (and its auto-print setting) is
+//   per thread, so every thread silences its own on first use.
+// - A library built without thread safety must never be entered by two
+//   threads at once: then every call goes through one global mutex.
+// - Datasets and groups are created without modification times, so that the
+//   same content gives the same bytes (deepcam-data synth is reproducible to
+//   the byte).
+#include "deepcam/h5.hpp"
+
+#include <hdf5.h>
+
+#include <filesystem>
+#include <mutex>
+#include <string>
+#include <system_error>
+#include <type_traits>
+#include <utility>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "deepcam/error.hpp"
+
+namespace deepcam::h5 {
+namespace {
+
+static_assert(std::is_same_v<hid_t, std::int64_t>,
+              "File stores the HDF5 id as std::int64_t; hid_t must be 64-bit (HDF5 >= 1.10)");
+
+bool library_is_threadsafe() {
+  static const bool safe = [] {
+    hbool_t threadsafe = false;
+    return H5is_library_threadsafe(&threadsafe) >= 0 && threadsafe;
+  }();
+  return safe;
+}
+
+std::recursive_mutex& library_mutex() {
+  static std::recursive_mutex mutex;
+  return mutex;
+}
+
+// Held for the whole of every public operation; declared first in each
+// function so that every HDF5 handle is closed before it is released.
+class Lock {
+ public:
+  Lock() {
+    if (!library_is_threadsafe()) lock_ = std::unique_lock<std::recursive_mutex>(library_mutex());
+    thread_local bool silenced = false;
+    if (!silenced) {
+      H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+      silenced = true;
+    }
+  }
+
+ private:
+  std::unique_lock<std::recursive_mutex> lock_;
+};
+
+class Handle {
+ public:
+  Handle(hid_t id, herr_t (*close)(hid_t)) : id_(id), close_(close) {}
+  Handle(Handle&& other) noexcept : id_(other.id_), close_(other.close_) { other.id_ = -1; }
+  Handle(const Handle&) = delete;
+  Handle& operator=(const Handle&) = delete;
+  Handle& operator=(Handle&&) = delete;
+  ~Handle() {
+    if (id_ >= 0) close_(id_);
+  }
+  hid_t get() const { return id_; }
+  bool valid() const { return id_ >= 0; }
+
+ private:
+  hid_t id_;
+  herr_t (*close_)(hid_t);
+};
+
+herr_t keep_innermost(unsigned n, const H5E_error2_t* err, void* data) {
+  if (n == 0 && err->desc) *static_cast<std::string*>(data) = err->desc;
+  return 0;
+}
+
+// The innermost message of this thread's error stack (where HDF5 first
+// noticed the problem), on one line; the stack is cleared.
+std::string hdf5_cause() {
+  std::string cause;
+  H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, keep_innermost, &cause);
+  H5Eclear2(H5E_DEFAULT);
+  for (char& c : cause)
+    if (c == '\n' || c == '\r') c = ' ';
+  while (!cause.empty() && cause.back() == ' ') cause.pop_back();
+  return cause;
+}
+
+[[noreturn]] void fail(const std::string& file, const std::string& dataset, const std::string& what,
+                       bool with_cause = true) {
+  std::string message = dataset.empty() ? fmt::format("{}: {}", file, what)
+                                        : fmt::format("{}: dataset {}: {}", file, dataset, what);
+  if (with_cause) {
+    const std::string cause = hdf5_cause();
+    if (!cause.empty()) message += fmt::format(" (HDF5: {})", cause);
+  } else {
+    H5Eclear2(H5E_DEFAULT);
+  }
+  throw Error(message);
+}
+
+std::string shape_text(const Shape& shape) {
+  if (shape.empty()) return "() (a scalar)";
+  return fmt::format("({})", fmt::join(shape, ", "));
+}
+
+// True when every group on the way and the object itself exist. H5Lexists
+// only answers for the last component, and fails when an earlier one is
+// missing, so each prefix is asked in turn.
+bool link_exists(hid_t file, const std::string& name) {
+  std::size_t pos = 0;
+  while (pos <= name.size()) {
+    std::size_t slash = name.find('/', pos);
+    if (slash == std::string::npos) slash = name.size();
+    if (slash > pos) {
+      const std::string prefix = name.substr(0, slash);
+      if (H5Lexists(file, prefix.c_str(), H5P_DEFAULT) <= 0) {
+        H5Eclear2(H5E_DEFAULT);
+        return false;
+      }
+    }
+    pos = slash + 1;
+  }
+  return true;
+}
+
+hid_t checked_id(std::int64_t id, const std::string& file) {
+  if (id < 0) throw Error(fmt::format("{}: the file is closed (used after close() or a move)", file));
+  return static_cast<hid_t>(id);
+}
+
+Handle open_dataset(hid_t file, const std::string& path, const std::string& dataset) {
+  if (!link_exists(file, dataset)) fail(path, dataset, "no such dataset in the file", false);
+  Handle object(H5Oopen(file, dataset.c_str(), H5P_DEFAULT), H5Oclose);
+  if (!object.valid()) fail(path, dataset, "cannot open");
+  if (H5Iget_type(object.get()) != H5I_DATASET) fail(path, dataset, "is a group, not a dataset", false);
+  Handle handle(H5Dopen2(file, dataset.c_str(), H5P_DEFAULT), H5Dclose);
+  if (!handle.valid()) fail(path, dataset, "cannot open");
+  return handle;
+}
+
+Shape dataset_shape(hid_t dataset, const std::string& path, const std::string& name) {
+  Handle space(H5Dget_space(dataset), H5Sclose);
+  if (!space.valid()) fail(path, name, "cannot read its dataspace");
+  const int rank = H5Sget_simple_extent_ndims(space.get());
+  if (rank < 0) fail(path, name, "cannot read its rank");
+  std::vector<hsize_t> dims(static_cast<std::size_t>(rank));
+  if (rank > 0 && H5Sget_simple_extent_dims(space.get(), dims.data(), nullptr) < 0)
+    fail(path, name, "cannot read its dimensions");
+  return Shape(dims.begin(), dims.end());
+}
+
+std::uint64_t element_count(const Shape& shape) {
+  std::uint64_t n = 1;
+  for (auto d : shape) n *= d;
+  return n;
+}
+
+template <typename T>
+void read_as(std::int64_t id, const std::string& path, const std::string& name, T* out,
+             std::size_t count, hid_t memory_type, const char* type_name) {
+  Lock lock;
+  const hid_t file = checked_id(id, path);
+  Handle dataset = open_dataset(file, path, name);
+  const Shape shape = dataset_shape(dataset.get(), path, name);
+  const std::uint64_t found = element_count(shape);
+  if (found != count)
+    fail(path, name,
+         fmt::format("expected {} elements, found shape {} with {} elements", count,
+                     shape_text(shape), found),
+         false);
+  Handle type(H5Dget_type(dataset.get()), H5Tclose);
+  const H5T_class_t type_class = type.valid() ? H5Tget_class(type.get()) : H5T_NO_CLASS;
+  if (type_class != H5T_INTEGER && type_class != H5T_FLOAT)
+    fail(path, name, fmt::format("is not numeric; cannot read it as {}", type_name), false);
+  if (count > 0 && H5Dread(dataset.get(), memory_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0)
+    fail(path, name, fmt::format("cannot read as {} (damaged or truncated file?)", type_name));
+}
+
+// Creates the groups on the way to `name` that do not exist yet, without
+// modification times (see the top of the file).
+void create_groups(hid_t file, const std::string& path, const std::string& name) {
+  std::size_t slash = name.find('/');
+  while (slash != std::string::npos) {
+    const std::string group = name.substr(0, slash);
+    if (!group.empty() && group != "/" && !link_exists(file, group)) {
+      Handle gcpl(H5Pcreate(H5P_GROUP_CREATE), H5Pclose);
+      if (!gcpl.valid() || H5Pset_obj_track_times(gcpl.get(), false) < 0)
+        fail(path, name, "cannot set up group creation");
+      Handle g(H5Gcreate2(file, group.c_str(), H5P_DEFAULT, gcpl.get(), H5P_DEFAULT), H5Gclose);
+      if (!g.valid()) fail(path, name, fmt::format("cannot create group {}", group));
+    }
+    slash = name.find('/', slash + 1);
+  }
+}
+
+template <typename T>
+void write_as(std::int64_t id, const std::string& path, const std::string& name, const T* data,
+              const Shape& shape, hid_t memory_type, hid_t file_type) {
+  Lock lock;
+  const hid_t file = checked_id(id, path);
+  if (link_exists(file, name)) fail(path, name, "already exists; cannot write it again", false);
+  create_groups(file, path, name);
+  std::vector<hsize_t> dims(shape.begin(), shape.end());
+  Handle space(shape.empty() ? H5Screate(H5S_SCALAR)
+                             : H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr),
+               H5Sclose);
+  if (!space.valid()) fail(path, name, fmt::format("cannot make a dataspace of shape {}", shape_text(shape)));
+  Handle dcpl(H5Pcreate(H5P_DATASET_CREATE), H5Pclose);
+  if (!dcpl.valid() || H5Pset_obj_track_times(dcpl.get(), false) < 0)
+    fail(path, name, "cannot set up dataset creation");
+  Handle dataset(H5Dcreate2(file, name.c_str(), file_type, space.get(), H5P_DEFAULT, dcpl.get(), H5P_DEFAULT),
+                 H5Dclose);
+  if (!dataset.valid()) fail(path, name, "cannot create");
+  if (element_count(shape) > 0 &&
+      H5Dwrite(dataset.get(), memory_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0)
+    fail(path, name, "cannot write (disk full?)");
+}
+
+}  // namespace
+
+File File::open(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::file_status status = fs::status(path, ec);
+  if (!fs::exists(status)) throw Error(fmt::format("{}: no such file", path));
+  if (fs::is_directory(status)) throw Error(fmt::format("{}: is a directory, not an HDF5 file", path));
+  const auto size = fs::file_size(path, ec);
+  if (!ec && size == 0) throw Error(fmt::format("{}: the file is empty, not an HDF5 file", path));
+
+  Lock lock;
+  const htri_t is_hdf5 = H5Fis_hdf5(path.c_str());
+  if (is_hdf5 == 0) fail(path, "", "not an HDF5 file (no HDF5 signature found)", false);
+  if (is_hdf5 < 0) fail(path, "", "cannot read the file");
+  const hid_t id = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  if (id < 0) fail(path, "", "cannot open the HDF5 file (truncated or damaged?)");
+  return File(path, id);
+}
+
+File File::create(const std::string& path) {
+  Lock lock;
+  Handle fcpl(H5Pcreate(H5P_FILE_CREATE), H5Pclose);
+  if (!fcpl.valid() || H5Pset_obj_track_times(fcpl.get(), false) < 0)
+    fail(path, "", "cannot set up file creation");
+  const hid_t id = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, fcpl.get(), H5P_DEFAULT);
+  if (id < 0) fail(path, "", "cannot create the HDF5 file");
+  return File(path, id);
+}
+
+File::File(File&& other) noexcept : path_(std::move(other.path_)), id_(other.id_) { other.id_ = -1; }
+
+File& File::operator=(File&& other) noexcept {
+  if (this != &other) {
+    std::swap(path_, other.path_);
+    std::swap(id_, other.id_);
+  }
+  return *this;
+}
+
+File::~File() {
+  if (id_ >= 0) {
+    Lock lock;
+    H5Fclose(static_cast<hid_t>(id_));
+    H5Eclear2(H5E_DEFAULT);
+  }
+}
+
+void File::close() {
+  if (id_ < 0) return;
+  Lock lock;
+  const herr_t status = H5Fclose(static_cast<hid_t>(id_));
+  id_ = -1;
+  if (status < 0) fail(path_, "", "cannot close the file (its data may not be written; disk full?)");
+}
+
+bool File::has(const std::string& dataset) const {
+  Lock lock;
+  const hid_t file = checked_id(id_, path_);
+  if (!link_exists(file, dataset)) return false;
+  Handle object(H5Oopen(file, dataset.c_str(), H5P_DEFAULT), H5Oclose);
+  const bool is_dataset = object.valid() && H5Iget_type(object.get()) == H5I_DATASET;
+  H5Eclear2(H5E_DEFAULT);
+  return is_dataset;
+}
+
+Shape File::shape(const std::string& dataset) const {
+  Lock lock;
+  Handle handle = open_dataset(checked_id(id_, path_), path_, dataset);
+  return dataset_shape(handle.get(), path_, dataset);
+}
+
+void File::read(const std::string& dataset, float* out, std::size_t count) const {
+  read_as(id_, path_, dataset, out, count, H5T_NATIVE_FLOAT, "float32");
+}
+void File::read(const std::string& dataset, double* out, std::size_t count) const {
+  read_as(id_, path_, dataset, out, count, H5T_NATIVE_DOUBLE, "float64");
+}
+void File::read(const std::string& dataset, std::int64_t* out, std::size_t count) const {
+  read_as(id_, path_, dataset, out, count, H5T_NATIVE_INT64, "int64");
+}
+
+void File::write(const std::string& dataset, const float* data, const Shape& shape) {
+  write_as(id_, path_, dataset, data, shape, H5T_NATIVE_FLOAT, H5T_IEEE_F32LE);
+}
+void File::write(const std::string& dataset, const double* data, const Shape& shape) {
+  write_as(id_, path_, dataset, data, shape, H5T_NATIVE_DOUBLE, H5T_IEEE_F64LE);
+}
+void File::write(const std::string& dataset, const std::int32_t* data, const Shape& shape) {
+  write_as(id_, path_, dataset, data, shape, H5T_NATIVE_INT32, H5T_STD_I32LE);
+}
+void File::write(const std::string& dataset, const std::int64_t* data, const Shape& shape) {
+  write_as(id_, path_, dataset, data, shape, H5T_NATIVE_INT64, H5T_STD_I64LE);
+}
+
+}  // namespace deepcam::h5

@@ -1,0 +1,151 @@
+// deepcam-data: makes and inspects DeepCAM data sets (SPEC 1).
+//
+// Usage:
+//   deepcam-data synth --out DIR [--train N] [--validation N] [--test N]
+//                      [--height H] [--width W] [--seed S] [--threads T]
+//   deepcam-data stats DIR
+//
+// Every error is one line `deepcam-data: <message>` on stderr and a non-zero
+// exit status (2 for a bad command line, 1 otherwise); no partial file is
+// left behind.
+#include <charconv>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <filesystem>
+#include <limits>
+#include <new>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "deepcam/error.hpp"
+#include "stats.hpp"
+#include "synth.hpp"
+
+namespace {
+
+constexpr const char* kUsage = R"(usage:
+  deepcam-data synth --out DIR [options]   write a synthetic data set to DIR
+  deepcam-data stats DIR                   (re)compute DIR/stats.h5 from DIR/train
+  deepcam-data --help
+
+synth writes DIR/train, DIR/validation (and DIR/test) with one HDF5 file per
+sample (climate/data: height x width x 16 float32, climate/labels_0: height x
+width int32; classes 0 background, 1 cyclone, 2 atmospheric river), named
+data-YYYY-MM-DD-HH-1.h5, and DIR/stats.h5 over the training files. The same
+seed gives the same files with any number of threads.
+
+synth options:
+  --out DIR          output directory (created if missing)      required
+  --train N          training samples (>= 1)                    default 16
+  --validation N     validation samples                         default 4
+  --test N           test samples                               default 0
+  --height H         sample height in pixels (>= 16)            default 768
+  --width W          sample width in pixels (>= 16)             default 1152
+  --seed S           random seed                                default 1
+  --threads T        worker threads (>= 1)                      default 2
+
+stats computes per channel count, mean, sqmean, minval and maxval over all
+pixels of all DIR/train/*.h5 files and writes DIR/stats.h5 atomically.
+)";
+
+struct UsageError {
+  std::string message;
+};
+
+long long parse_integer(const std::string& option, std::string_view text, long long lo, long long hi) {
+  long long value = 0;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc() || end != text.data() + text.size() || text.empty())
+    throw UsageError{fmt::format("{} expects an integer, got '{}'", option, text)};
+  if (value < lo || value > hi)
+    throw UsageError{fmt::format("{} must be between {} and {}, got {}", option, lo, hi, value)};
+  return value;
+}
+
+deepcam::data::SynthOptions parse_synth(const std::vector<std::string>& args) {
+  deepcam::data::SynthOptions o;
+  bool have_out = false;
+  constexpr long long kMaxCount = 10'000'000, kMaxSide = 16384;
+  for (std::size_t k = 0; k < args.size(); ++k) {
+    std::string option = args[k], value;
+    if (option.rfind("--", 0) != 0)
+      throw UsageError{fmt::format("synth: unexpected argument '{}'", option)};
+    if (const auto eq = option.find('='); eq != std::string::npos) {
+      value = option.substr(eq + 1);
+      option = option.substr(0, eq);
+    } else {
+      if (k + 1 >= args.size()) throw UsageError{fmt::format("{} needs a value", option)};
+      value = args[++k];
+    }
+    if (option == "--out") {
+      if (value.empty()) throw UsageError{"--out needs a directory"};
+      o.out = value;
+      have_out = true;
+    } else if (option == "--train") {
+      o.train = static_cast<int>(parse_integer(option, value, 1, kMaxCount));
+    } else if (option == "--validation") {
+      o.validation = static_cast<int>(parse_integer(option, value, 0, kMaxCount));
+    } else if (option == "--test") {
+      o.test = static_cast<int>(parse_integer(option, value, 0, kMaxCount));
+    } else if (option == "--height") {
+      o.height = static_cast<int>(parse_integer(option, value, 16, kMaxSide));
+    } else if (option == "--width") {
+      o.width = static_cast<int>(parse_integer(option, value, 16, kMaxSide));
+    } else if (option == "--seed") {
+      o.seed = static_cast<std::uint64_t>(
+          parse_integer(option, value, 0, std::numeric_limits<long long>::max()));
+    } else if (option == "--threads") {
+      o.threads = static_cast<int>(parse_integer(option, value, 1, 256));
+    } else {
+      throw UsageError{fmt::format("synth: unknown option {}", option)};
+    }
+  }
+  if (!have_out) throw UsageError{"synth: --out DIR is required"};
+  return o;
+}
+
+int run(const std::vector<std::string>& args) {
+  if (args.empty()) throw UsageError{"no command given"};
+  const std::string& command = args[0];
+  if (command == "--help" || command == "-h" || command == "help") {
+    fmt::print("{}", kUsage);
+    return 0;
+  }
+  const std::vector<std::string> rest(args.begin() + 1, args.end());
+  for (const auto& a : rest)
+    if (a == "--help" || a == "-h") {
+      fmt::print("{}", kUsage);
+      return 0;
+    }
+  if (command == "synth") {
+    deepcam::data::run_synth(parse_synth(rest));
+  } else if (command == "stats") {
+    if (rest.size() != 1) throw UsageError{"stats takes exactly one argument, the data set directory"};
+    deepcam::data::run_stats(rest[0]);
+  } else {
+    throw UsageError{fmt::format("unknown command '{}' (commands: synth, stats)", command)};
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(std::vector<std::string>(argv + 1, argv + argc));
+  } catch (const UsageError& e) {
+    fmt::print(stderr, "deepcam-data: {}; see deepcam-data --help\n", e.message);
+    return 2;
+  } catch (const deepcam::Error& e) {
+    fmt::print(stderr, "deepcam-data: {}\n", e.what());
+  } catch (const std::bad_alloc&) {
+    fmt::print(stderr, "deepcam-data: out of memory\n");
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "deepcam-data: {}\n", e.what());
+  }
+  return 1;
+}

@@ -1,0 +1,179 @@
+#include "stats.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <limits>
+#include <system_error>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "deepcam/error.hpp"
+#include "deepcam/h5.hpp"
+
+namespace deepcam::data {
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr const char* kData = "climate/data";
+
+std::string channel_label(std::size_t c, std::size_t channels) {
+  if (channels == kChannelNames.size()) return fmt::format("channel {} ({})", c, kChannelNames[c]);
+  return fmt::format("channel {}", c);
+}
+
+// The fast loop only sums; a non-finite sum sends us back to find the first
+// bad value, so that the error can say where it is.
+[[noreturn]] void report_non_finite(const fs::path& file, const std::vector<float>& data,
+                                    const h5::Shape& shape) {
+  const std::size_t channels = shape[2], width = shape[1];
+  for (std::size_t k = 0; k < data.size(); ++k) {
+    if (!std::isfinite(data[k])) {
+      const std::size_t c = k % channels, pixel = k / channels;
+      throw Error(fmt::format("{}: dataset {}: {} at (row {}, column {}, {}); statistics need finite data",
+                              file.string(), kData, std::isnan(data[k]) ? "NaN" : "Inf",
+                              pixel / width, pixel % width, channel_label(c, channels)));
+    }
+  }
+  // Only reached if a sum overflowed double, which finite float32 input cannot do.
+  throw Error(fmt::format("{}: dataset {}: the sums overflow", file.string(), kData));
+}
+
+}  // namespace
+
+void write_atomically(const fs::path& target, const std::function<void(h5::File&)>& fill) {
+  const fs::path dir = target.parent_path().empty() ? fs::path(".") : target.parent_path();
+  // Hidden and not ending in .h5, so a directory listing of samples skips it.
+  const fs::path temp = dir / fmt::format(".{}.tmp{}", target.filename().string(), ::getpid());
+  try {
+    h5::File file = h5::File::create(temp.string());
+    fill(file);
+    file.close();
+    std::error_code ec;
+    fs::rename(temp, target, ec);
+    if (ec) throw Error(fmt::format("{}: cannot rename {} into place: {}", target.string(),
+                                    temp.filename().string(), ec.message()));
+  } catch (...) {
+    std::error_code ignored;
+    fs::remove(temp, ignored);
+    throw;
+  }
+}
+
+std::vector<fs::path> training_files(const fs::path& root) {
+  const fs::path dir = root / "train";
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec))
+    throw Error(fmt::format("{}: no such directory; a data set root holds train/, validation/ and stats.h5",
+                            dir.string()));
+  std::vector<fs::path> files;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.empty() || name[0] == '.' || it->path().extension() != ".h5") continue;
+    files.push_back(it->path());
+  }
+  if (ec) throw Error(fmt::format("{}: cannot list the directory: {}", dir.string(), ec.message()));
+  if (files.empty()) throw Error(fmt::format("{}: no training files (*.h5) found", dir.string()));
+  std::sort(files.begin(), files.end());
+  return files;
+}
+
+ChannelStats compute_stats(const std::vector<fs::path>& files) {
+  ChannelStats out;
+  std::vector<double> sum, sqsum;
+  std::vector<float> data;
+  std::size_t channels = 0;
+  for (const fs::path& path : files) {
+    const h5::File file = h5::File::open(path.string());
+    if (!file.has(kData))
+      throw Error(fmt::format("{}: dataset {}: no such dataset; a sample holds climate/data and climate/labels_0",
+                              path.string(), kData));
+    const h5::Shape shape = file.shape(kData);
+    if (shape.size() != 3 || shape[2] == 0)
+      throw Error(fmt::format("{}: dataset {}: expected shape (height, width, channels), found ({})",
+                              path.string(), kData, fmt::join(shape, ", ")));
+    if (channels == 0) {
+      channels = shape[2];
+      sum.assign(channels, 0.0);
+      sqsum.assign(channels, 0.0);
+      out.minval.assign(channels, std::numeric_limits<double>::infinity());
+      out.maxval.assign(channels, -std::numeric_limits<double>::infinity());
+    } else if (shape[2] != channels) {
+      throw Error(fmt::format("{}: dataset {}: has {} channels, but {} has {}", path.string(), kData,
+                              shape[2], files.front().string(), channels));
+    }
+    const std::size_t pixels = shape[0] * shape[1];
+    data.resize(pixels * channels);
+    file.read(kData, data.data(), data.size());
+
+    // Per-file partial sums keep the rounding error of a 56 MB sample small
+    // before it is added to the totals.
+    std::vector<double> fsum(channels, 0.0), fsq(channels, 0.0), fmin(channels, INFINITY), fmax(channels, -INFINITY);
+    for (std::size_t p = 0; p < pixels; ++p) {
+      const float* px = data.data() + p * channels;
+      for (std::size_t c = 0; c < channels; ++c) {
+        const double x = px[c];
+        fsum[c] += x;
+        fsq[c] += x * x;
+        fmin[c] = std::min(fmin[c], x);
+        fmax[c] = std::max(fmax[c], x);
+      }
+    }
+    for (std::size_t c = 0; c < channels; ++c) {
+      if (!std::isfinite(fsum[c]) || !std::isfinite(fsq[c])) report_non_finite(path, data, shape);
+      sum[c] += fsum[c];
+      sqsum[c] += fsq[c];
+      out.minval[c] = std::min(out.minval[c], fmin[c]);
+      out.maxval[c] = std::max(out.maxval[c], fmax[c]);
+    }
+    out.count += static_cast<std::int64_t>(pixels);
+  }
+  if (out.count == 0) throw Error("statistics: the training files hold no pixels");
+  out.mean.resize(channels);
+  out.sqmean.resize(channels);
+  for (std::size_t c = 0; c < channels; ++c) {
+    out.mean[c] = sum[c] / static_cast<double>(out.count);
+    out.sqmean[c] = sqsum[c] / static_cast<double>(out.count);
+  }
+  return out;
+}
+
+void write_stats(const fs::path& target, const ChannelStats& stats) {
+  write_atomically(target, [&](h5::File& file) {
+    const h5::Shape per_channel{stats.mean.size()};
+    file.write("climate/count", &stats.count, {});
+    file.write("climate/mean", stats.mean.data(), per_channel);
+    file.write("climate/sqmean", stats.sqmean.data(), per_channel);
+    file.write("climate/minval", stats.minval.data(), per_channel);
+    file.write("climate/maxval", stats.maxval.data(), per_channel);
+  });
+}
+
+ChannelStats run_stats(const fs::path& root, bool quiet) {
+  const auto start = std::chrono::steady_clock::now();
+  const std::vector<fs::path> files = training_files(root);
+  const ChannelStats stats = compute_stats(files);
+  const fs::path target = root / "stats.h5";
+  write_stats(target, stats);
+  if (!quiet) {
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    fmt::print(stderr, "deepcam-data: statistics over {} training files ({} pixels each channel) in {:.1f} s\n",
+               files.size(), stats.count, seconds);
+    fmt::print(stderr, "  {:<8} {:>13} {:>13} {:>13} {:>13}\n", "channel", "mean", "std", "min", "max");
+    for (std::size_t c = 0; c < stats.mean.size(); ++c) {
+      const double var = std::max(0.0, stats.sqmean[c] - stats.mean[c] * stats.mean[c]);
+      const std::string name =
+          stats.mean.size() == kChannelNames.size() ? kChannelNames[c] : fmt::format("{}", c);
+      fmt::print(stderr, "  {:<8} {:>13.6g} {:>13.6g} {:>13.6g} {:>13.6g}\n", name, stats.mean[c],
+                 std::sqrt(var), stats.minval[c], stats.maxval[c]);
+    }
+    fmt::print(stderr, "deepcam-data: wrote {}\n", target.string());
+  }
+  return stats;
+}
+
+}  // namespace deepcam::data

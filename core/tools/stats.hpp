@@ -1,0 +1,50 @@
+// `deepcam-data stats DIR`: the per-channel statistics of SPEC 1.3 over all
+// pixels of all files in DIR/train, written to DIR/stats.h5 (group climate:
+// count, and mean, sqmean, minval, maxval per channel, float64).
+// Also home of write_atomically, which every output of deepcam-data goes
+// through so that a reader never sees a half-written file.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace deepcam::h5 {
+class File;
+}
+
+namespace deepcam::data {
+
+// The 16 input channels, in the order of the last axis of climate/data.
+inline constexpr std::array<const char*, 16> kChannelNames = {
+    "TMQ", "U850", "V850", "UBOT", "VBOT", "QREFHT", "PS", "PSL",
+    "T200", "T500", "PRECT", "TS", "TREFHT", "Z1000", "Z200", "ZBOT"};
+
+struct ChannelStats {
+  std::int64_t count = 0;  // pixels per channel
+  std::vector<double> mean, sqmean, minval, maxval;
+};
+
+// Fills `target` through `fill` under a hidden temporary name in the same
+// directory and renames it into place when complete; on any error the
+// temporary file is removed and the error propagates.
+void write_atomically(const std::filesystem::path& target,
+                      const std::function<void(h5::File&)>& fill);
+
+// The training files of a data set root: DIR/train/*.h5, sorted by name.
+std::vector<std::filesystem::path> training_files(const std::filesystem::path& root);
+
+// Statistics over climate/data of the files; throws deepcam::Error naming
+// the file on unreadable input, a wrong shape or a NaN/Inf value.
+ChannelStats compute_stats(const std::vector<std::filesystem::path>& files);
+
+void write_stats(const std::filesystem::path& target, const ChannelStats& stats);
+
+// The `stats` command: compute over root/train and write root/stats.h5.
+// Prints a summary to stderr unless quiet.
+ChannelStats run_stats(const std::filesystem::path& root, bool quiet = false);
+
+}  // namespace deepcam::data

@@ -1,0 +1,376 @@
+"""deepcam-data synth and stats, checked from the outside with h5py/numpy:
+the layout and format of SPEC 1, that the labels are visible in the fields,
+reproducibility, stats.h5 against numpy, and clean failures."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+CHANNELS = ["TMQ", "U850", "V850", "UBOT", "VBOT", "QREFHT", "PS", "PSL",
+            "T200", "T500", "PRECT", "TS", "TREFHT", "Z1000", "Z200", "ZBOT"]
+CH = {name: k for k, name in enumerate(CHANNELS)}
+NAME = re.compile(r"^data-\d{4}-\d{2}-\d{2}-\d{2}-1\.h5$")
+H, W = 64, 96
+COUNTS = {"train": 12, "validation": 4, "test": 2}
+
+
+def run(exe, *args, check=None):
+    proc = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=600)
+    if check is True:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def synth(exe, out, seed=7, threads=3, counts=COUNTS, height=H, width=W):
+    return run(exe, "synth", "--out", out, "--train", counts["train"],
+               "--validation", counts["validation"], "--test", counts["test"],
+               "--height", height, "--width", width, "--seed", seed, "--threads", threads, check=True)
+
+
+def sample_files(root, split):
+    return sorted((Path(root) / split).glob("*.h5"))
+
+
+def load(path):
+    with h5py.File(path, "r") as f:
+        return f["climate/data"][...], f["climate/labels_0"][...]
+
+
+def hidden_files(root):
+    return [p for p in Path(root).rglob(".*")]
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert lines, "no error message"
+    last = lines[-1]
+    assert last.startswith("deepcam-data: "), proc.stderr
+    for fragment in fragments:
+        assert str(fragment) in last, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def dataset(deepcam_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth") / "set"
+    synth(deepcam_data, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def samples(dataset):
+    """(split, path, data, labels) of every file of the set."""
+    out = []
+    for split in COUNTS:
+        for path in sample_files(dataset, split):
+            data, labels = load(path)
+            out.append((split, path, data, labels))
+    return out
+
+
+def test_help(deepcam_data):
+    proc = run(deepcam_data, "--help", check=True)
+    assert "synth" in proc.stdout and "stats" in proc.stdout and "--seed" in proc.stdout
+
+
+def test_layout_and_names(dataset):
+    assert sorted(p.name for p in dataset.iterdir()) == ["stats.h5", "test", "train", "validation"]
+    all_names = []
+    for split, n in COUNTS.items():
+        names = [p.name for p in (dataset / split).iterdir()]
+        assert len(names) == n
+        assert all(NAME.match(name) for name in names), names
+        all_names += names
+    assert len(set(all_names)) == len(all_names), "names repeat across splits"
+    assert sorted(all_names) == sorted(p.name for s in COUNTS for p in sample_files(dataset, s))
+    assert hidden_files(dataset) == []
+
+
+def test_datasets_shapes_and_types(samples):
+    assert len(samples) == sum(COUNTS.values())
+    for _, path, _, _ in samples:
+        with h5py.File(path, "r") as f:
+            assert sorted(f.keys()) == ["climate"]
+            assert sorted(f["climate"].keys()) == ["data", "labels_0"]
+            data, labels = f["climate/data"], f["climate/labels_0"]
+            assert data.shape == (H, W, 16) and data.dtype == np.float32
+            assert labels.shape == (H, W)
+            assert labels.dtype.itemsize == 4 and labels.dtype.kind == "i"
+
+
+def test_label_values_and_fractions(samples):
+    labels = np.stack([s[3] for s in samples])
+    assert set(np.unique(labels)) == {0, 1, 2}
+    cyclone, river = (labels == 1).mean(), (labels == 2).mean()
+    assert 0.002 <= cyclone <= 0.03, cyclone
+    assert 0.04 <= river <= 0.15, river
+    assert cyclone < river
+    assert all((l == 2).any() for l in labels), "every image has a river"
+    with_cyclone = np.mean([(l == 1).any() for l in labels])
+    assert 0.2 <= with_cyclone <= 0.8, with_cyclone
+
+
+def test_channel_magnitudes(samples):
+    data = np.stack([s[2] for s in samples]).astype(np.float64)
+    assert np.isfinite(data).all()
+    mean = {name: data[..., k].mean() for name, k in CH.items()}
+    lo = {name: data[..., k].min() for name, k in CH.items()}
+    hi = {name: data[..., k].max() for name, k in CH.items()}
+    assert 9.9e4 < mean["PSL"] < 1.03e5 and 9.0e4 < lo["PSL"] and hi["PSL"] < 1.06e5
+    assert 9.0e4 < mean["PS"] < mean["PSL"]
+    assert 0 <= lo["TMQ"] and hi["TMQ"] <= 80 and 10 < mean["TMQ"] < 45
+    for t in ("T200", "T500", "TS", "TREFHT"):
+        assert 190 < lo[t] and hi[t] < 320, t
+    assert mean["T200"] < mean["T500"] < mean["TS"]
+    assert 1.0e4 < lo["Z200"] and hi["Z200"] < 1.4e4
+    assert -1000 < lo["Z1000"] and hi["Z1000"] < 600
+    assert 20 < mean["ZBOT"] < 150
+    assert 0 <= lo["PRECT"] and 5e-9 < mean["PRECT"] < 2e-7 and hi["PRECT"] < 5e-6
+    assert 0 < lo["QREFHT"] and hi["QREFHT"] < 0.04
+    for wind in ("U850", "V850", "UBOT", "VBOT"):
+        assert np.abs(data[..., CH[wind]]).max() < 90, wind
+        assert data[..., CH[wind]].std() > 1, wind
+
+
+def test_events_are_visible_in_the_fields(samples):
+    n_cyclone_images = 0
+    for _, path, data, labels in samples:
+        tmq, psl, prect = data[..., CH["TMQ"]], data[..., CH["PSL"]], data[..., CH["PRECT"]]
+        background = labels == 0
+        river = labels == 2
+        assert tmq[river].mean() > tmq[background].mean() + 10, path
+        assert prect[river].mean() > 2 * prect[background].mean(), path
+        cyclone = labels == 1
+        if cyclone.any():
+            n_cyclone_images += 1
+            assert psl[cyclone].mean() < psl[~cyclone].mean() - 1500, path
+            assert tmq[cyclone].mean() > tmq[~cyclone].mean() + 15, path
+            # rotation: the winds inside a vortex are strong
+            speed = np.hypot(data[..., CH["U850"]], data[..., CH["V850"]])
+            assert speed[cyclone].max() > 20, path
+    assert n_cyclone_images > 0
+
+
+def test_same_seed_same_bytes_any_threads(deepcam_data, dataset, tmp_path):
+    again = tmp_path / "again"
+    synth(deepcam_data, again, threads=1)
+    for split in COUNTS:
+        a, b = sample_files(dataset, split), sample_files(again, split)
+        assert [p.name for p in a] == [p.name for p in b]
+        for pa, pb in zip(a, b):
+            da, la = load(pa)
+            db, lb = load(pb)
+            assert da.tobytes() == db.tobytes() and la.tobytes() == lb.tobytes(), pa.name
+            assert pa.read_bytes() == pb.read_bytes(), pa.name
+    assert (dataset / "stats.h5").read_bytes() == (again / "stats.h5").read_bytes()
+
+
+def test_different_seed_differs(deepcam_data, dataset, tmp_path):
+    other = tmp_path / "other"
+    synth(deepcam_data, other, seed=8, counts={"train": 2, "validation": 1, "test": 0})
+    for split in ("train", "validation"):
+        for pa, pb in zip(sample_files(dataset, split), sample_files(other, split)):
+            da, la = load(pa)
+            db, lb = load(pb)
+            assert not np.array_equal(da, db)
+            assert not np.array_equal(la, lb)
+
+
+def test_content_depends_on_split_and_index_only(deepcam_data, dataset, tmp_path):
+    # Fewer training files shift the validation names, not their content.
+    fewer = tmp_path / "fewer"
+    synth(deepcam_data, fewer, counts={"train": 2, "validation": 2, "test": 0})
+    for pa, pb in zip(sample_files(dataset, "train")[:2], sample_files(fewer, "train")):
+        assert np.array_equal(load(pa)[0], load(pb)[0])
+    for pa, pb in zip(sample_files(dataset, "validation")[:2], sample_files(fewer, "validation")):
+        assert np.array_equal(load(pa)[0], load(pb)[0])
+
+
+def read_stats(path):
+    with h5py.File(path, "r") as f:
+        g = f["climate"]
+        assert g["count"].shape == ()
+        return {k: g[k][()] for k in ("count", "mean", "sqmean", "minval", "maxval")}
+
+
+def test_stats_match_numpy(dataset):
+    data = np.stack([load(p)[0] for p in sample_files(dataset, "train")]).astype(np.float64)
+    data = data.reshape(-1, 16)
+    stats = read_stats(dataset / "stats.h5")
+    assert int(stats["count"]) == COUNTS["train"] * H * W == data.shape[0]
+    for key in ("mean", "sqmean", "minval", "maxval"):
+        assert stats[key].shape == (16,), key
+    np.testing.assert_allclose(stats["mean"], data.mean(axis=0), rtol=1e-10)
+    np.testing.assert_allclose(stats["sqmean"], (data * data).mean(axis=0), rtol=1e-10)
+    np.testing.assert_array_equal(stats["minval"], data.min(axis=0))
+    np.testing.assert_array_equal(stats["maxval"], data.max(axis=0))
+
+
+def copy_set(dataset, tmp_path, keep_stats=False):
+    root = tmp_path / "copy"
+    shutil.copytree(dataset, root)
+    if not keep_stats:
+        (root / "stats.h5").unlink()
+    return root
+
+
+def test_stats_command_recreates_stats(deepcam_data, dataset, tmp_path):
+    root = copy_set(dataset, tmp_path)
+    run(deepcam_data, "stats", root, check=True)
+    a, b = read_stats(dataset / "stats.h5"), read_stats(root / "stats.h5")
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert hidden_files(root) == []
+
+
+def test_stats_on_truncated_file_fails_cleanly(deepcam_data, dataset, tmp_path):
+    root = copy_set(dataset, tmp_path)
+    victim = sample_files(root, "train")[1]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    proc = run(deepcam_data, "stats", root)
+    assert_one_line_error(proc, victim.name)
+    assert not (root / "stats.h5").exists()
+    assert hidden_files(root) == []
+
+
+def test_stats_keeps_old_stats_on_failure(deepcam_data, dataset, tmp_path):
+    root = copy_set(dataset, tmp_path, keep_stats=True)
+    before = (root / "stats.h5").read_bytes()
+    sample_files(root, "train")[0].write_bytes(b"not hdf5 at all")
+    proc = run(deepcam_data, "stats", root)
+    assert_one_line_error(proc, sample_files(root, "train")[0].name, "not an HDF5 file")
+    assert (root / "stats.h5").read_bytes() == before
+    assert hidden_files(root) == []
+
+
+def write_sample(path, data, labels=None):
+    with h5py.File(path, "w") as f:
+        f["climate/data"] = data
+        if labels is not None:
+            f["climate/labels_0"] = labels
+
+
+@pytest.mark.parametrize("case", ["nan", "inf", "missing", "shape", "empty"])
+def test_stats_bad_input_fails_cleanly(deepcam_data, tmp_path, case):
+    root = tmp_path / "bad"
+    (root / "train").mkdir(parents=True)
+    good = np.ones((8, 12, 16), np.float32)
+    labels = np.zeros((8, 12), np.int32)
+    write_sample(root / "train" / "data-2106-01-01-00-1.h5", good, labels)
+    bad = root / "train" / "data-2106-01-01-03-1.h5"
+    expect = [bad.name]
+    if case == "nan":
+        data = good.copy()
+        data[3, 5, 7] = np.nan
+        write_sample(bad, data, labels)
+        expect += ["climate/data", "NaN"]
+    elif case == "inf":
+        data = good.copy()
+        data[0, 1, 2] = -np.inf
+        write_sample(bad, data, labels)
+        expect += ["climate/data", "Inf"]
+    elif case == "missing":
+        with h5py.File(bad, "w") as f:
+            f["climate/labels_0"] = labels
+        expect += ["climate/data"]
+    elif case == "shape":
+        write_sample(bad, np.ones((8, 12), np.float32), labels)
+        expect += ["climate/data", "(8, 12)"]
+    else:
+        bad.write_bytes(b"")
+    proc = run(deepcam_data, "stats", root)
+    assert_one_line_error(proc, *expect)
+    assert not (root / "stats.h5").exists()
+    assert hidden_files(root) == []
+
+
+def test_stats_reads_other_numeric_types(deepcam_data, tmp_path):
+    # Reads go through HDF5 type conversion: float64 and int16 samples work.
+    root = tmp_path / "types"
+    (root / "train").mkdir(parents=True)
+    a = np.arange(4 * 6 * 16, dtype=np.float64).reshape(4, 6, 16) / 7
+    b = np.arange(4 * 6 * 16, dtype=np.int16).reshape(4, 6, 16) - 100
+    write_sample(root / "train" / "data-a.h5", a)
+    write_sample(root / "train" / "data-b.h5", b)
+    run(deepcam_data, "stats", root, check=True)
+    stats = read_stats(root / "stats.h5")
+    both = np.concatenate([a.astype(np.float32).reshape(-1, 16), b.reshape(-1, 16)]).astype(np.float64)
+    assert int(stats["count"]) == 48
+    np.testing.assert_allclose(stats["mean"], both.mean(axis=0), rtol=1e-12)
+    np.testing.assert_array_equal(stats["maxval"], both.max(axis=0))
+
+
+def test_stats_without_train_dir_fails(deepcam_data, tmp_path):
+    proc = run(deepcam_data, "stats", tmp_path / "nothing")
+    assert_one_line_error(proc, "nothing")
+
+
+def test_synth_to_unwritable_path_fails_cleanly(deepcam_data, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    proc = run(deepcam_data, "synth", "--out", blocker / "set", "--train", 1, "--validation", 0,
+               "--height", 32, "--width", 48)
+    assert_one_line_error(proc, blocker)
+    assert blocker.read_text() == "x"
+
+
+def test_synth_failure_removes_temporary_file(deepcam_data, tmp_path):
+    # A directory where the first sample goes makes the final rename fail.
+    root = tmp_path / "set"
+    target = root / "train" / "data-2106-01-01-00-1.h5"
+    target.mkdir(parents=True)
+    proc = run(deepcam_data, "synth", "--out", root, "--train", 1, "--validation", 0,
+               "--height", 32, "--width", 48, "--threads", 1)
+    assert_one_line_error(proc, target.name)
+    assert target.is_dir() and list(target.iterdir()) == []
+    assert hidden_files(root) == []
+    assert not (root / "stats.h5").exists()
+
+
+def test_synth_refuses_foreign_samples(deepcam_data, tmp_path):
+    root = tmp_path / "set"
+    (root / "train").mkdir(parents=True)
+    (root / "train" / "data-1999-01-01-00-1.h5").write_bytes(b"")
+    proc = run(deepcam_data, "synth", "--out", root, "--train", 1, "--validation", 0,
+               "--height", 32, "--width", 48)
+    assert_one_line_error(proc, "data-1999-01-01-00-1.h5")
+
+
+@pytest.mark.parametrize("args", [
+    ["synth"],
+    ["synth", "--out", "x", "--train", "0"],
+    ["synth", "--out", "x", "--height", "12abc"],
+    ["synth", "--out", "x", "--frobnicate", "1"],
+    ["synth", "--out"],
+    ["stats"],
+    ["stats", "a", "b"],
+    ["transmogrify"],
+    [],
+])
+def test_bad_arguments(deepcam_data, tmp_path, args):
+    proc = subprocess.run([str(deepcam_data), *args], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("deepcam-data: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_resolution_smoke(deepcam_data, tmp_path):
+    root = tmp_path / "full"
+    run(deepcam_data, "synth", "--out", root, "--train", 1, "--validation", 1, "--seed", 3, check=True)
+    for split in ("train", "validation"):
+        (path,) = sample_files(root, split)
+        with h5py.File(path, "r") as f:
+            assert f["climate/data"].shape == (768, 1152, 16)
+            assert f["climate/labels_0"].shape == (768, 1152)
+        assert path.stat().st_size >= 768 * 1152 * 16 * 4
+    data, labels = load(sample_files(root, "train")[0])
+    assert set(np.unique(labels)) <= {0, 1, 2} and (labels == 2).any()
+    stats = read_stats(root / "stats.h5")
+    assert int(stats["count"]) == 768 * 1152
+    np.testing.assert_allclose(stats["mean"], data.reshape(-1, 16).astype(np.float64).mean(axis=0), rtol=1e-10)
