@@ -2,6 +2,9 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <caffe2/serialize/inline_container.h>
+#include <torch/csrc/jit/serialization/export.h>
+#include <torch/csrc/jit/serialization/pickler.h>
 #include <torch/torch.h>
 #include <unistd.h>
 
@@ -29,6 +32,34 @@ std::vector<std::pair<std::string, at::Tensor>> state_entries(torch::nn::Module&
   return out;
 }
 
+namespace {
+
+// torch::pickle_save tags every dict with its element types through
+// torch.jit._pickle.restore_type_tag, which torch.load(weights_only=True), the
+// default since PyTorch 2.6, refuses. The same archive without the tags holds
+// only what torch.save itself writes: dicts, lists, tuples, numbers, strings
+// and tensors rebuilt by torch._utils._rebuild_tensor_v2.
+std::vector<char> pickle_for_python(const c10::IValue& value) {
+  std::vector<char> pickled;
+  torch::jit::Pickler pickler(
+      [&](const char* buf, size_t n) { pickled.insert(pickled.end(), buf, buf + n); }, nullptr, nullptr,
+      nullptr, nullptr, /*tag_aggregates=*/false);
+  pickler.protocol();
+  pickler.pushIValue(value);
+  pickler.stop();
+  std::vector<char> archive;
+  caffe2::serialize::PyTorchStreamWriter writer([&](const void* p, size_t n) {
+    const char* c = static_cast<const char*>(p);
+    archive.insert(archive.end(), c, c + n);
+    return n;
+  });
+  torch::jit::writeArchiveAndTensors("data", pickled.data(), pickled.size(), pickler.tensorData(), writer);
+  writer.writeEndOfFile();
+  return archive;
+}
+
+}  // namespace
+
 void save_checkpoint(const std::string& path, const CheckpointInfo& info, torch::nn::Module& model,
                      const Optimizer* optimizer) {
   c10::impl::GenericDict model_state(c10::StringType::get(), c10::TensorType::get());
@@ -40,7 +71,7 @@ void save_checkpoint(const std::string& path, const CheckpointInfo& info, torch:
   top.insert("epoch", info.epoch);
   top.insert("model", model_state);
   if (optimizer) top.insert("optimizer", optimizer->state_dict());
-  const std::vector<char> bytes = torch::pickle_save(top);
+  const std::vector<char> bytes = pickle_for_python(top);
 
   const std::string tmp = fmt::format("{}.tmp-{}", path, ::getpid());
   {

@@ -27,7 +27,9 @@ double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-// Output files appear under their final name only once complete.
+// Output files appear under their final name only once complete: written to a
+// temporary name, renamed by commit(), removed if never committed (a run that
+// fails on bad input leaves nothing behind).
 class AtomicFile {
  public:
   explicit AtomicFile(std::string path)
@@ -37,24 +39,27 @@ class AtomicFile {
   }
   AtomicFile(const AtomicFile&) = delete;
   AtomicFile& operator=(const AtomicFile&) = delete;
-  ~AtomicFile() { commit(); }
+  ~AtomicFile() {
+    if (!file_) return;
+    std::fclose(file_);
+    std::remove(tmp_.c_str());
+  }
   std::FILE* get() const { return file_; }
   void commit() {
     if (!file_) return;
+    const bool ok = std::fflush(file_) == 0 && std::ferror(file_) == 0;
     std::fclose(file_);
     file_ = nullptr;
-    std::rename(tmp_.c_str(), path_.c_str());
+    if (!ok || std::rename(tmp_.c_str(), path_.c_str()) != 0) {
+      std::remove(tmp_.c_str());
+      throw Error(fmt::format("{}: cannot write (disk full?)", path_));
+    }
   }
 
  private:
   std::string path_, tmp_;
   std::FILE* file_ = nullptr;
 };
-
-void write_text_atomically(const std::string& path, const std::string& text) {
-  AtomicFile f(path);
-  std::fputs(text.c_str(), f.get());
-}
 
 struct Components {
   Plugged<Reader> reader;
@@ -301,10 +306,24 @@ class Engine {
 int run_engine(const RunConfig& cfg, const EngineOptions& opts) {
   const fs::path out_dir = cfg.run.string("output_dir");
   std::error_code ec;
+  const bool created = !fs::exists(out_dir, ec);
   fs::create_directories(out_dir, ec);
   if (ec) throw Error(fmt::format("{} [run] output_dir: cannot create {}: {}", cfg.file, out_dir.string(), ec.message()));
+  // A run that fails leaves no output directory it made and no files in it.
+  struct RemoveIfEmpty {
+    fs::path dir;
+    bool created;
+    ~RemoveIfEmpty() {
+      std::error_code e;
+      if (created && fs::is_empty(dir, e)) fs::remove(dir, e);
+    }
+  } cleanup{out_dir, created};
   const bool rank0 = opts.rank == 0;
-  if (rank0) write_text_atomically((out_dir / "config.toml").string(), cfg.resolved);
+  std::unique_ptr<AtomicFile> config_file;
+  if (rank0) {
+    config_file = std::make_unique<AtomicFile>((out_dir / "config.toml").string());
+    std::fputs(cfg.resolved.c_str(), config_file->get());
+  }
 
   const bool evaluating = !opts.evaluate_checkpoint.empty();
   const std::string log_name =
@@ -316,7 +335,12 @@ int run_engine(const RunConfig& cfg, const EngineOptions& opts) {
   Engine engine(cfg, opts, log);
   if (evaluating) {
     engine.build(/*with_optimizer=*/false);
-    return engine.evaluate(opts.evaluate_checkpoint);
+    const int status = engine.evaluate(opts.evaluate_checkpoint);
+    if (rank0) {
+      log_file->commit();
+      config_file->commit();
+    }
+    return status;
   }
 
   const auto t0 = Clock::now();
@@ -331,14 +355,11 @@ int run_engine(const RunConfig& cfg, const EngineOptions& opts) {
   log.event("number_of_ranks", Json(opts.world_size));
   log.event("number_of_nodes", Json(1));
   log.event("accelerators_per_node", Json(cfg.run.string("device") == "cuda" ? opts.world_size : 0));
-  int status = 1;
-  try {
-    engine.build(/*with_optimizer=*/true);
-    status = engine.train();
-  } catch (...) {
-    // The log stays well-formed: the checker sees an aborted run.
-    log.end("run_stop", Json(), {{"status", Json("aborted")}});
-    throw;
+  engine.build(/*with_optimizer=*/true);
+  const int status = engine.train();
+  if (rank0) {
+    log_file->commit();
+    config_file->commit();
   }
   std::fprintf(stderr, "deepcam-host: run took %.1f s; log %s\n", seconds_since(t0),
                (out_dir / log_name).string().c_str());

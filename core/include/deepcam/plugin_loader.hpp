@@ -10,6 +10,7 @@
 // during a run.
 #pragma once
 
+#include <deque>
 #include <memory>
 #include <string>
 #include <vector>
@@ -57,7 +58,7 @@ class DEEPCAM_API PluginLoader {
  private:
   std::vector<std::string> env_dirs_;
   std::string install_dir_;
-  std::vector<LoadedPlugin> loaded_;
+  std::deque<LoadedPlugin> loaded_;  // a deque: references stay valid as it grows
 };
 
 }  // namespace deepcam

@@ -1,0 +1,80 @@
+"""Helpers shared by the integration tests: run the tools, write run files."""
+
+import os
+import subprocess
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILD_DIR = Path(os.environ.get("DEEPCAM_BUILD_DIR", REPO_ROOT / "build")).resolve()
+HOST = BUILD_DIR / "core" / "deepcam-host"
+DATA_TOOL = BUILD_DIR / "core" / "deepcam-data"
+PLUGINS = BUILD_DIR / "plugins"
+FIXTURES = BUILD_DIR / "tests"
+
+
+def plugin_env(path=None):
+    env = dict(os.environ)
+    env["DEEPCAM_PLUGIN_PATH"] = str(PLUGINS if path is None else path)
+    return env
+
+
+def run_host(*args, env=None, timeout=900):
+    return subprocess.run([str(HOST), *map(str, args)], capture_output=True, text=True,
+                          env=env or plugin_env(), timeout=timeout)
+
+
+def synth(out, train=8, validation=4, height=64, width=96, seed=3):
+    subprocess.run([str(DATA_TOOL), "synth", "--out", str(out), "--train", str(train), "--validation",
+                    str(validation), "--height", str(height), "--width", str(width), "--seed", str(seed)],
+                   check=True, capture_output=True)
+    return Path(out)
+
+
+SECTIONS = {
+    "run": {"seed": 5, "max_epochs": 1, "logging_frequency": 2, "train_batch_size": 2,
+            "validation_batch_size": 2, "threads": 2},
+    "reader": {"name": "hdf5", "threads": 2},
+    "model": {"name": "deeplabv3plus", "width": 0.0625, "middle_blocks": 1},
+    "optimizer": {"name": "adam", "lr": 0.002},
+    "scheduler": {"name": "multistep", "milestones": [100]},
+    "mlperf": {"org": "deepcam-host-tests", "platform": "cpu", "division": "open", "status": "research"},
+}
+
+
+def toml_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def write_run(path, data_root, output_dir, **changes):
+    """A small run file; `changes` maps a section to keys to set (None removes)."""
+    sections = {k: dict(v) for k, v in SECTIONS.items()}
+    sections["run"]["output_dir"] = str(output_dir)
+    sections["data"] = {"root": str(data_root)}
+    for section, keys in changes.items():
+        sections.setdefault(section, {})
+        for k, v in keys.items():
+            if v is None:
+                sections[section].pop(k, None)
+            else:
+                sections[section][k] = v
+    lines = []
+    for section, keys in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in keys.items()]
+        lines.append("")
+    Path(path).write_text("\n".join(lines))
+    return Path(path)
+
+
+def mlperf_check(log):
+    """Runs the official checker; returns (exit status, output)."""
+    import sys
+    r = subprocess.run([sys.executable, "-m", "mlperf_logging.compliance_checker", "--usage", "hpc",
+                        "--ruleset", "3.0.0", str(log)], capture_output=True, text=True, timeout=300)
+    return r.returncode, r.stdout + r.stderr

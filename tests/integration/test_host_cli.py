@@ -1,0 +1,152 @@
+"""deepcam-host's command line: listing and describing plugins, checking run
+files, and refusing libraries that are not plugins for this host."""
+
+import os
+import shutil
+
+import pytest
+
+from helpers import FIXTURES, PLUGINS, plugin_env, run_host, synth, write_run
+
+KINDS = {"reader": "hdf5", "model": "deeplabv3plus", "optimizer": "adam", "scheduler": "multistep"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synth(tmp_path_factory.mktemp("cli") / "data", train=4, validation=2)
+
+
+def test_list_plugins_names_every_built_plugin_and_its_file():
+    r = run_host("--list-plugins")
+    assert r.returncode == 0, r.stderr
+    for kind, name in KINDS.items():
+        line = next((l for l in r.stdout.splitlines() if l.split()[:2] == [kind, name]), None)
+        assert line is not None, r.stdout
+        assert f"libdeepcam_{kind}_{name}.so" in r.stdout
+
+
+def test_describe_prints_each_parameter_with_type_default_and_doc():
+    r = run_host("--describe", "optimizer/adam")
+    assert r.returncode == 0, r.stderr
+    assert "optimizer/adam" in r.stdout
+    for key in ("lr", "betas", "weight_decay"):
+        assert any(l.split()[:1] == [key] for l in r.stdout.splitlines()), r.stdout
+    assert "float list" in r.stdout and "default" in r.stdout
+    r = run_host("--describe", "run")
+    assert "target_iou" in r.stdout and "0.82" in r.stdout
+
+
+def test_describe_unknown_plugin_lists_what_exists():
+    r = run_host("--describe", "optimizer/adma")
+    assert r.returncode == 2
+    assert "no optimizer plugin named 'adma'" in r.stderr and "found: adam" in r.stderr
+
+
+def error_of(tmp_path, data, **changes):
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out, **changes)
+    r = run_host(run)
+    assert r.returncode == 2, r.stderr
+    assert not out.exists(), "a refused run must not leave output"
+    lines = [l for l in r.stderr.splitlines() if l.startswith("deepcam-host:")]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_typo_in_a_plugin_key_names_file_line_and_suggestion(tmp_path, data):
+    msg = error_of(tmp_path, data, optimizer={"lrr": 0.1})
+    assert "run.toml:" in msg and "[optimizer] lrr: unknown key; did you mean 'lr'?" in msg
+
+
+def test_typo_in_a_host_key(tmp_path, data):
+    msg = error_of(tmp_path, data, run={"max_epoch": 3})
+    assert "[run] max_epoch: unknown key; did you mean 'max_epochs'?" in msg
+
+
+def test_typo_in_a_plugin_name_lists_the_plugins_found(tmp_path, data):
+    msg = error_of(tmp_path, data, model={"name": "deeplab"})
+    assert "[model] name: no model plugin named 'deeplab'; found: deeplabv3plus" in msg
+
+
+def test_wrong_type_and_range(tmp_path, data):
+    assert "[run] train_batch_size: expected int, got string" in error_of(
+        tmp_path, data, run={"train_batch_size": "two"})
+    assert "[run] target_iou: 1.5 is out of range" in error_of(tmp_path, data, run={"target_iou": 1.5})
+    assert 'is not one of cpu, cuda' in error_of(tmp_path, data, run={"device": "gpu"})
+
+
+def test_unknown_section_and_missing_required_key(tmp_path, data):
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
+    run.write_text(run.read_text() + "\n[optimiser]\nlr = 1\n")
+    r = run_host(run)
+    assert r.returncode == 2 and "unknown section [optimiser]; did you mean 'optimizer'?" in r.stderr
+    run = write_run(tmp_path / "run2.toml", data, tmp_path / "out", data={"root": None})
+    r = run_host(run)
+    assert r.returncode == 2 and "[data]: missing required key 'root'" in r.stderr
+
+
+def test_set_overrides_are_checked_like_the_file(tmp_path, data):
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
+    r = run_host(run, "--set", "optimizer.lr=fast")
+    assert r.returncode == 2 and "--set optimizer.lr: expected float, got string" in r.stderr
+    r = run_host(run, "--set", "optimizer.betaz=[0.9, 0.99]")
+    assert r.returncode == 2 and "did you mean 'betas'?" in r.stderr
+
+
+def refused(tmp_path, data, library, kind="optimizer"):
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out, **{kind: {"library": str(library)}})
+    r = run_host(run)
+    assert r.returncode == 2, r.stderr
+    assert not out.exists()
+    return r.stderr
+
+
+def test_plugin_for_another_abi_is_refused_with_both_versions(tmp_path, data):
+    lib = FIXTURES / "libdeepcam_optimizer_foreignabi.so"
+    msg = refused(tmp_path, data, lib)
+    assert str(lib) in msg and "built for plugin ABI 2, this host has plugin ABI 1" in msg
+
+
+def test_plugin_built_against_another_libtorch_is_refused(tmp_path, data):
+    msg = refused(tmp_path, data, FIXTURES / "libdeepcam_optimizer_foreigntorch.so")
+    assert "plugin built with LibTorch 1.13.0, _GLIBCXX_USE_CXX11_ABI=0, CUDA 11.7" in msg
+    assert "this host is built with LibTorch 2.11.0" in msg
+
+
+def test_shared_library_that_is_not_a_plugin(tmp_path, data):
+    msg = refused(tmp_path, data, FIXTURES / "libdeepcam_optimizer_notaplugin.so")
+    assert "not a deepcam-host plugin (no symbol deepcam_plugin_v1)" in msg
+
+
+def test_corrupt_and_missing_library(tmp_path, data):
+    bad = tmp_path / "libdeepcam_optimizer_adam.so"
+    bad.write_bytes(b"\x7fELF this is not a library" * 10)
+    assert "cannot load" in refused(tmp_path, data, bad)
+    assert "no such plugin library" in refused(tmp_path, data, tmp_path / "missing.so")
+
+
+def test_library_of_another_kind_is_refused(tmp_path, data):
+    adam = PLUGINS / "optimizers" / "adam" / "libdeepcam_optimizer_adam.so"
+    msg = refused(tmp_path, data, adam, kind="scheduler")
+    assert "is the optimizer plugin 'adam', but the config asks for the scheduler plugin 'multistep'" in msg
+
+
+def test_two_plugins_with_the_same_name_are_an_error_naming_both(tmp_path, data):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        shutil.copy(PLUGINS / "optimizers" / "adam" / "libdeepcam_optimizer_adam.so", d)
+    env = plugin_env(f"{PLUGINS}:{a}:{b}")
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
+    r = run_host(run, env=env)
+    assert r.returncode == 2
+    assert "optimizer 'adam' is provided twice" in r.stderr
+    assert str(PLUGINS) in r.stderr and str(a) in r.stderr
+
+
+def test_plugin_found_through_the_search_path_only(tmp_path, data):
+    env = plugin_env(str(tmp_path / "empty"))
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
+    r = run_host(run, env=env)
+    assert r.returncode == 2 and "no reader plugin named 'hdf5'; found: none" in r.stderr

@@ -1,0 +1,226 @@
+"""End-to-end runs of deepcam-host on small synthetic data: the MLPerf log
+against the official checker, checkpoints against PyTorch's torch.load and
+torch.save, --evaluate, resume, and refused bad data."""
+
+import json
+import re
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from helpers import REPO_ROOT, mlperf_check, run_host, synth, write_run
+
+SPEC_ORDER = ["submission_benchmark", "submission_org", "submission_division", "submission_status",
+              "submission_platform", "init_start", "cache_clear", "seed", "number_of_ranks",
+              "number_of_nodes", "accelerators_per_node", "global_batch_size", "batchnorm_group_size",
+              "gradient_accumulation_frequency", "num_workers"]
+
+
+def log_lines(path):
+    lines = []
+    for raw in Path(path).read_text().splitlines():
+        assert raw.startswith(":::MLLOG "), raw
+        lines.append(json.loads(raw[len(":::MLLOG "):]))
+    return lines
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synth(tmp_path_factory.mktemp("train") / "data", train=8, validation=4)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, data):
+    """Two epochs of a tiny model; the target is unreachable, so it runs both."""
+    tmp = tmp_path_factory.mktemp("short")
+    run = write_run(tmp / "run.toml", data, tmp / "out", run={"max_epochs": 2, "checkpoint_every": 1})
+    r = run_host(run)
+    assert r.returncode == 1, r.stderr  # the run ended without reaching the target
+    return tmp / "out", r
+
+
+def test_log_has_every_key_in_spec_order(short_run):
+    out, _ = short_run
+    lines = log_lines(out / "mlperf.log")
+    keys = [l["key"] for l in lines]
+    assert keys[:len(SPEC_ORDER)] == SPEC_ORDER
+    rest = keys[len(SPEC_ORDER):]
+    assert rest[:5] == ["opt_name", "opt_lr", "opt_betas", "opt_eps", "opt_weight_decay"]
+    i = rest.index("scheduler_type")
+    assert rest[i:i + 5] == ["scheduler_type", "scheduler_milestones", "scheduler_decay_rate",
+                             "scheduler_lr_warmup_steps", "scheduler_lr_warmup_factor"]
+    assert rest[i + 5:i + 9] == ["train_samples", "eval_samples", "init_stop", "run_start"]
+    assert keys[-1] == "run_stop" and lines[-1]["metadata"]["status"] == "aborted"
+    for l in lines:
+        assert list(l) == ["namespace", "time_ms", "event_type", "key", "value", "metadata"]
+        assert {"file", "lineno"} <= set(l["metadata"])
+    by_key = {l["key"]: l for l in lines}
+    assert by_key["train_samples"]["value"] == 8 and by_key["eval_samples"]["value"] == 4
+    assert by_key["global_batch_size"]["value"] == 2
+    assert by_key["opt_betas"]["value"] == [0.9, 0.999]
+    epochs = [l["metadata"]["epoch_num"] for l in lines if l["key"] == "epoch_start"]
+    assert epochs == [1, 2]
+    # Four steps per epoch, logged every 2 steps and at the end of the epoch.
+    steps = [l["metadata"]["step_num"] for l in lines if l["key"] == "train_loss"]
+    assert steps == [2, 4, 4, 6, 8, 8]
+    evals = [l for l in lines if l["key"] == "eval_accuracy"]
+    assert len(evals) == 2 and all(0.0 <= e["value"] <= 1.0 for e in evals)
+
+
+def test_run_writes_resolved_config_and_progress(short_run):
+    out, r = short_run
+    config = (out / "config.toml").read_text()
+    assert "[optimizer]" in config and "weight_decay = 1e-06" in config  # a default filled in
+    assert "libdeepcam_model_deeplabv3plus.so" in config
+    assert re.search(r"epoch 1 step 2/4 +loss [0-9.]+ +iou [0-9.]+ +[0-9.]+ samples/s +\d\d:\d\d left", r.stderr)
+    assert not list(out.glob("*.partial*")) and not list(out.glob("*.tmp-*"))
+
+
+def test_checkpoint_is_read_by_torch_load_under_the_model_names(short_run):
+    out, _ = short_run
+    ckpt = torch.load(out / "checkpoint-epoch2.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 8
+    names = list(ckpt["model"].keys())
+    assert names[0] == "xception_features.conv1.weight"
+    assert names[-1] == "upsample.last_deconv.0.weight"
+    assert ckpt["model"]["xception_features.bn1.bn.num_batches_tracked"].item() == 8
+    assert set(ckpt["optimizer"]) == {"state", "param_groups"}
+    assert (out / "checkpoint-epoch1.pt").is_file()
+
+
+def test_model_names_at_full_depth_are_the_references(tmp_path, data):
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out, model={"middle_blocks": 16, "width": 0.03125},
+                    run={"max_epochs": 1})
+    assert run_host(run).returncode == 1
+    ckpt = torch.load(out / "checkpoint-epoch1.pt", weights_only=True)
+    reference = [l.split()[0] for l in (REPO_ROOT / ".." / "shared" / "testdata" /
+                                        "reference_state_dict.txt").read_text().splitlines()]
+    assert list(ckpt["model"].keys()) == reference
+
+
+def evaluate(run, ckpt):
+    r = run_host(run, "--evaluate", ckpt)
+    assert r.returncode == 0, r.stderr
+    values = dict(l.split() for l in r.stdout.splitlines() if l.startswith("eval_"))
+    return float(values["eval_accuracy"]), float(values["eval_loss"])
+
+
+def test_python_written_checkpoint_is_read_back(tmp_path, short_run, data):
+    out, _ = short_run
+    ours = torch.load(out / "checkpoint-epoch2.pt", weights_only=True)
+    # As the reference writes it: an OrderedDict state dict through torch.save.
+    same = OrderedDict((k, v.clone()) for k, v in ours["model"].items())
+    torch.save({"step": 8, "epoch": 2, "model": same}, tmp_path / "python.pt")
+    changed = OrderedDict((k, v * 0.5 if v.is_floating_point() else v) for k, v in ours["model"].items())
+    torch.save({"step": 8, "epoch": 2, "model": changed}, tmp_path / "changed.pt")
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "eval")
+    a = evaluate(run, out / "checkpoint-epoch2.pt")
+    b = evaluate(run, tmp_path / "python.pt")
+    c = evaluate(run, tmp_path / "changed.pt")
+    assert a == b
+    assert c != a
+    lines = log_lines(tmp_path / "eval" / "evaluate-mlperf.log")
+    assert [l["key"] for l in lines] == ["eval_start", "eval_accuracy", "eval_loss", "eval_stop"]
+    assert lines[1]["value"] == pytest.approx(a[0], rel=1e-12)
+
+
+def test_checkpoint_with_wrong_shapes_is_refused(tmp_path, short_run, data):
+    out, _ = short_run
+    ours = torch.load(out / "checkpoint-epoch2.pt", weights_only=True)
+    ours["model"]["conv2.weight"] = torch.zeros(1, 2, 3, 3)
+    torch.save(ours, tmp_path / "bad.pt")
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "eval")
+    r = run_host(run, "--evaluate", tmp_path / "bad.pt")
+    assert r.returncode == 2 and "bad.pt: model entry 'conv2.weight' has shape 1x2x3x3" in r.stderr
+
+
+def test_resume_continues_at_the_next_epoch(tmp_path, short_run, data):
+    out, _ = short_run
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out",
+                    run={"max_epochs": 2, "resume": str(out / "checkpoint-epoch1.pt")})
+    r = run_host(run)
+    assert r.returncode == 1, r.stderr
+    assert "resumed from" in r.stderr and "at epoch 1, step 4" in r.stderr
+    lines = log_lines(tmp_path / "out" / "mlperf.log")
+    assert [l["metadata"]["epoch_num"] for l in lines if l["key"] == "epoch_start"] == [2]
+    # Same seed, same data order, same state: the resumed epoch equals the original.
+    resumed = [l["value"] for l in lines if l["key"] == "eval_loss"]
+    original = [l["value"] for l in log_lines(out / "mlperf.log") if l["key"] == "eval_loss"]
+    assert resumed[0] == pytest.approx(original[1], rel=1e-4)
+
+
+def test_quickstart_reaches_the_target_and_passes_the_checker(tmp_path):
+    """The default job, as README's first command runs it, on its own data."""
+    data = synth(tmp_path / "data", train=64, validation=16, height=96, width=144, seed=11)
+    logs = {}
+    for division in ("open", "closed"):
+        out = tmp_path / division
+        r = run_host(REPO_ROOT / "configs" / "quickstart.toml", "--set", f"data.root={data}",
+                     "--set", f"run.output_dir={out}", "--set", f"mlperf.division={division}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        logs[division] = out / "mlperf.log"
+    lines = log_lines(logs["open"])
+    assert lines[-1]["key"] == "run_stop" and lines[-1]["metadata"]["status"] == "success"
+    assert any(l["key"] == "target_accuracy_reached" for l in lines)
+    status, output = mlperf_check(logs["open"])
+    assert status == 0 and "SUCCESS" in output, output
+    status, output = mlperf_check(logs["closed"])
+    assert status != 0
+    failed = [l for l in output.splitlines() if "failed" in l.lower() or "FAILED" in l]
+    assert any("train_samples" in l or "121266" in l for l in output.splitlines()), output
+    assert any("eval_samples" in l or "15158" in l for l in output.splitlines()), output
+    # Nothing else failed: every failing check names one of the two sample counts.
+    for l in output.splitlines():
+        if l.startswith("FAILED") or "CHECK for" in l:
+            assert "121266" in l or "15158" in l, output
+
+
+BAD_CASES = {
+    "empty": lambda f: f.write_bytes(b""),
+    "truncated": lambda f: f.write_bytes(f.read_bytes()[:5000]),
+    "missing_dataset": lambda f: _edit(f, lambda h: h.__delitem__("climate/labels_0")),
+    "wrong_shape": lambda f: _edit(f, lambda h: (h.__delitem__("climate/data"),
+                                                 h.create_dataset("climate/data", data=np.zeros((64, 80, 16), np.float32)))),
+    "nan": lambda f: _edit(f, lambda h: h["climate/data"].__setitem__((3, 4, 5), np.nan)),
+    "inf": lambda f: _edit(f, lambda h: h["climate/data"].__setitem__((0, 0, 0), np.inf)),
+}
+
+
+def _edit(path, fn):
+    with h5py.File(path, "r+") as h:
+        fn(h)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_sample_is_refused_naming_the_file(tmp_path, data, case):
+    bad = tmp_path / "data"
+    shutil.copytree(data, bad)
+    victim = sorted((bad / "validation").glob("*.h5"))[1]
+    BAD_CASES[case](victim)
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", bad, out)
+    r = run_host(run)
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [l for l in r.stderr.splitlines() if l.startswith("deepcam-host:")]
+    assert len(errors) == 1 and victim.name in errors[0], r.stderr[-2000:]
+    assert not out.exists(), "no partial output"
+
+
+def test_stats_with_the_wrong_channel_count_is_refused(tmp_path, data):
+    bad = tmp_path / "data"
+    shutil.copytree(data, bad)
+    with h5py.File(bad / "stats.h5", "r+") as h:
+        for k in ("minval", "maxval", "mean", "sqmean"):
+            v = h["climate/" + k][:8]
+            del h["climate/" + k]
+            h["climate/" + k] = v
+    run = write_run(tmp_path / "run.toml", bad, tmp_path / "out")
+    r = run_host(run)
+    assert r.returncode == 2 and "stats.h5" in r.stderr
+    assert not (tmp_path / "out").exists()
