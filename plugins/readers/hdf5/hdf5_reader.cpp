@@ -1,0 +1,463 @@
+#include "hdf5_reader.hpp"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/randperm.h>
+
+#include <algorithm>
+#include <cmath>
+#include <condition_variable>
+#include <exception>
+#include <filesystem>
+#include <functional>
+#include <mutex>
+#include <random>
+#include <sstream>
+#include <thread>
+#include <utility>
+
+#include "deepcam/error.hpp"
+#include "deepcam/h5.hpp"
+
+namespace deepcam::readers {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr const char* kData = "climate/data";
+constexpr const char* kLabels = "climate/labels_0";
+constexpr const char* kMinval = "climate/minval";
+constexpr const char* kMaxval = "climate/maxval";
+
+std::string shape_text(const h5::Shape& shape) {
+  std::ostringstream out;
+  out << '(';
+  for (std::size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << (shape.size() == 1 ? ",)" : ")");
+  return out.str();
+}
+
+// Every message must name the file; the h5 layer's do, anything else (an
+// allocation failure, say) gets the file put in front.
+std::string naming(const std::string& path, const std::string& message) {
+  if (message.find(path) != std::string::npos) return message;
+  return path + ": " + message;
+}
+
+void require_dataset(const h5::File& file, const char* dataset) {
+  if (!file.has(dataset))
+    throw Error(file.path() + ": no dataset " + dataset + " (a DeepCAM sample holds " + kData +
+                " and " + kLabels + ")");
+}
+
+std::vector<std::string> list_split(const std::string& data_root, const char* split) {
+  const fs::path dir = fs::path(data_root) / split;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec))
+    throw Error(dir.string() + ": no such directory; the data root must hold train/, "
+                "validation/ and stats.h5");
+  std::vector<std::string> files;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    if (entry.path().extension() == ".h5" && entry.is_regular_file()) files.push_back(entry.path());
+  }
+  if (files.empty()) throw Error(dir.string() + ": no .h5 files in the " + split + " split");
+  // Byte order of UTF-8 equals code-point order: the reference's sorted().
+  std::sort(files.begin(), files.end());
+  return files;
+}
+
+// numpy's legacy random_interval: the smallest all-ones mask covering `max`,
+// then rejection sampling from the MT19937 stream.
+std::uint64_t random_interval(std::mt19937& gen, std::uint64_t max) {
+  if (max == 0) return 0;
+  std::uint64_t mask = max;
+  for (int shift = 1; shift <= 32; shift *= 2) mask |= mask >> shift;
+  std::uint64_t value;
+  if (max <= 0xffffffffULL) {
+    do value = gen() & mask; while (value > max);
+  } else {
+    do {
+      const std::uint64_t high = gen();
+      value = ((high << 32) | gen()) & mask;
+    } while (value > max);
+  }
+  return value;
+}
+
+// Runs the items of one batch on a fixed set of threads that live as long as
+// the reader, so that no thread is created per batch.
+class WorkerPool {
+ public:
+  using Job = std::function<void(std::size_t item, std::size_t worker)>;
+
+  explicit WorkerPool(int threads) {
+    for (int i = 0; i < threads; ++i) threads_.emplace_back([this, i] { work(i); });
+  }
+
+  ~WorkerPool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& thread : threads_) thread.join();
+  }
+
+  std::size_t size() const { return threads_.size(); }
+
+  // Returns when every item has run; after a failure the items not yet begun
+  // are skipped and the first exception is rethrown here.
+  void run(std::size_t count, const Job& job) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    job_ = &job;
+    count_ = count;
+    next_ = 0;
+    error_ = nullptr;
+    ++generation_;
+    wake_.notify_all();
+    done_.wait(lock, [this] { return (next_ >= count_ || error_) && active_ == 0; });
+    job_ = nullptr;
+    count_ = next_ = 0;
+    if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+  }
+
+ private:
+  void work(std::size_t worker) {
+    std::uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+      if (stop_) return;
+      seen = generation_;
+      ++active_;
+      while (next_ < count_ && !error_) {
+        const std::size_t item = next_++;
+        const Job* job = job_;
+        lock.unlock();
+        std::exception_ptr failure;
+        try {
+          (*job)(item, worker);
+        } catch (...) {
+          failure = std::current_exception();
+        }
+        lock.lock();
+        if (failure && !error_) error_ = failure;
+      }
+      if (--active_ == 0) done_.notify_all();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::condition_variable done_;
+  const Job* job_ = nullptr;
+  std::size_t count_ = 0;
+  std::size_t next_ = 0;
+  std::size_t active_ = 0;
+  std::uint64_t generation_ = 0;
+  bool stop_ = false;
+  std::exception_ptr error_;
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace
+
+Hdf5ReaderOptions Hdf5ReaderOptions::from(const Params& params) {
+  Hdf5ReaderOptions options;
+  options.threads = static_cast<int>(params.integer("threads"));
+  options.check_finite = params.boolean("check_finite");
+  return options;
+}
+
+std::vector<std::int64_t> reference_preshuffle(std::int64_t n) {
+  std::vector<std::int64_t> order(static_cast<std::size_t>(n));
+  for (std::int64_t i = 0; i < n; ++i) order[i] = i;
+  // std::mt19937's integer seeding is MT19937's init_genrand, which is what
+  // numpy's RandomState(int) uses; shuffle walks down from the last item.
+  std::mt19937 gen(12345);
+  for (std::int64_t i = n - 1; i > 0; --i) {
+    const auto j = static_cast<std::int64_t>(random_interval(gen, static_cast<std::uint64_t>(i)));
+    std::swap(order[i], order[j]);
+  }
+  return order;
+}
+
+// The reference's training pipeline, matched step for step:
+//  1. its training dataset sorts the file names and shuffles that list once
+//     with numpy.random.RandomState(12345) (the dataset's default seed, the
+//     same for every run): reference_preshuffle;
+//  2. torch.utils.data.DistributedSampler(shuffle=True, drop_last=True) draws
+//     torch.randperm(N) from a CPU torch.Generator seeded with
+//     sampler_seed + epoch (set_epoch is called every epoch), keeps the
+//     first floor(N/P)*P entries and gives rank r entries r, r+P, r+2P, ...
+// The reference leaves the sampler's seed at its default 0; here it is the
+// run seed (SPEC 2.1: the order is drawn from (seed, epoch)), so a run with
+// seed 0 reads the reference's order exactly and any other seed reads the
+// reference's order under DistributedSampler(seed=seed).
+std::vector<std::int64_t> training_indices(std::int64_t n_files, int rank, int world_size,
+                                           std::uint64_t seed, std::int64_t epoch) {
+  if (world_size < 1 || rank < 0 || rank >= world_size)
+    throw Error("hdf5 reader: rank " + std::to_string(rank) + " outside world size " +
+                std::to_string(world_size));
+  if (epoch < 0) throw Error("hdf5 reader: negative epoch " + std::to_string(epoch));
+  const std::vector<std::int64_t> preshuffle = reference_preshuffle(n_files);
+  at::Generator generator =
+      at::make_generator<at::CPUGeneratorImpl>(seed + static_cast<std::uint64_t>(epoch));
+  const at::Tensor permutation = at::randperm(n_files, generator, at::kLong);
+  const std::int64_t* perm = permutation.data_ptr<std::int64_t>();
+  const std::int64_t per_rank = n_files / world_size;
+  std::vector<std::int64_t> indices;
+  indices.reserve(static_cast<std::size_t>(per_rank));
+  for (std::int64_t k = 0; k < per_rank; ++k)
+    indices.push_back(preshuffle[perm[rank + k * world_size]]);
+  return indices;
+}
+
+std::vector<std::int64_t> validation_indices(std::int64_t n_files, int rank, int world_size) {
+  if (world_size < 1 || rank < 0 || rank >= world_size)
+    throw Error("hdf5 reader: rank " + std::to_string(rank) + " outside world size " +
+                std::to_string(world_size));
+  const std::int64_t block = n_files / world_size;
+  std::vector<std::int64_t> indices;
+  for (std::int64_t i = rank * block; i < (rank + 1) * block; ++i) indices.push_back(i);
+  if (rank < n_files % world_size) indices.push_back(block * world_size + rank);
+  return indices;
+}
+
+struct Hdf5Reader::Impl {
+  ReaderContext context;
+  Hdf5ReaderOptions options;
+  std::vector<std::string> train_files;
+  std::vector<std::string> validation_files;
+  std::string shape_source;  // the file that fixed H, W and the channel count
+  std::uint64_t height = 0;
+  std::uint64_t width = 0;
+  std::uint64_t file_channels = 0;
+  std::vector<float> shift;  // per selected channel
+  std::vector<float> scale;
+
+  bool started = false;
+  Split split = Split::Train;
+  std::vector<std::int64_t> order;
+  std::size_t position = 0;
+
+  std::vector<std::vector<float>> scratch;  // one raw sample buffer per worker
+  std::unique_ptr<WorkerPool> pool;
+
+  const std::vector<std::string>& files_of(Split s) const {
+    return s == Split::Train ? train_files : validation_files;
+  }
+
+  void read_stats();
+  void load(const std::string& path, float* data, std::int64_t* labels,
+            std::vector<float>& raw) const;
+  void normalise(const std::string& path, const float* raw, float* data) const;
+};
+
+void Hdf5Reader::Impl::read_stats() {
+  const std::string path = (fs::path(context.data_root) / "stats.h5").string();
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec))
+    throw Error(path + ": no such file; the data root must hold stats.h5 (deepcam-data stats "
+                "writes it)");
+  std::vector<double> minval(file_channels), maxval(file_channels);
+  {
+    h5::File file = h5::File::open(path);
+    for (const char* dataset : {kMinval, kMaxval}) {
+      if (!file.has(dataset)) throw Error(path + ": no dataset " + dataset);
+      const h5::Shape shape = file.shape(dataset);
+      if (shape != h5::Shape{file_channels})
+        throw Error(path + ": " + dataset + " has shape " + shape_text(shape) + ", but " +
+                    shape_source + " has " + std::to_string(file_channels) +
+                    " channels; stats.h5 must hold one value per channel");
+    }
+    file.read(kMinval, minval.data(), minval.size());
+    file.read(kMaxval, maxval.data(), maxval.size());
+  }
+  for (const std::int64_t c : context.channels) {
+    const double lo = minval[c], hi = maxval[c];
+    // The reference computes 1 / (max - min) in the statistics' precision and
+    // applies scale * (x - min) in float32; doing the same keeps its values
+    // bit for bit where the division form could differ in the last place.
+    const double reciprocal = 1.0 / (hi - lo);
+    if (!(hi > lo) || !std::isfinite(reciprocal))
+      throw Error(path + ": channel " + std::to_string(c) + " has " + kMinval + " " +
+                  std::to_string(lo) + " and " + kMaxval + " " + std::to_string(hi) +
+                  "; max must exceed min to normalise");
+    shift.push_back(static_cast<float>(lo));
+    scale.push_back(static_cast<float>(reciprocal));
+  }
+}
+
+void Hdf5Reader::Impl::load(const std::string& path, float* data, std::int64_t* labels,
+                            std::vector<float>& raw) const {
+  const std::size_t pixels = height * width;
+  raw.resize(pixels * file_channels);
+  // HDF5 runs one call at a time (its thread-safe build holds a global lock;
+  // the h5 layer serialises other builds), so of a sample only the
+  // conversion to the batch layout below runs in parallel.
+  {
+    h5::File file = h5::File::open(path);
+    require_dataset(file, kData);
+    require_dataset(file, kLabels);
+    const h5::Shape data_shape = file.shape(kData);
+    if (data_shape != h5::Shape{height, width, file_channels})
+      throw Error(path + ": " + kData + " has shape " + shape_text(data_shape) + ", expected " +
+                  shape_text({height, width, file_channels}) + " (height, width, channel) as in " +
+                  shape_source);
+    const h5::Shape label_shape = file.shape(kLabels);
+    if (label_shape != h5::Shape{height, width})
+      throw Error(path + ": " + kLabels + " has shape " + shape_text(label_shape) + ", expected " +
+                  shape_text({height, width}) + " as in " + shape_source);
+    file.read(kData, raw.data(), raw.size());
+    file.read(kLabels, labels, pixels);
+  }
+  normalise(path, raw.data(), data);
+}
+
+void Hdf5Reader::Impl::normalise(const std::string& path, const float* raw, float* data) const {
+  const std::size_t pixels = height * width;
+  const std::size_t channels = context.channels.size();
+  for (std::size_t p = 0; p < pixels; ++p) {
+    const float* pixel = raw + p * file_channels;
+    for (std::size_t k = 0; k < channels; ++k)
+      data[k * pixels + p] = (pixel[context.channels[k]] - shift[k]) * scale[k];
+  }
+  if (!options.check_finite) return;
+  for (std::size_t i = 0; i < channels * pixels; ++i) {
+    if (std::isfinite(data[i])) continue;
+    const std::size_t k = i / pixels, p = i % pixels;
+    const float value = raw[p * file_channels + context.channels[k]];
+    std::ostringstream message;
+    message << path << ": " << kData << " at (" << p / width << ", " << p % width << ", "
+            << context.channels[k] << ") holds " << value;
+    if (std::isfinite(value)) message << ", which normalises to " << data[i];
+    message << "; a sample with NaN or infinite values is refused (check_finite = false "
+               "reads it anyway)";
+    throw Error(message.str());
+  }
+}
+
+Hdf5Reader::Hdf5Reader(const ReaderContext& context, const Hdf5ReaderOptions& options)
+    : impl_(std::make_unique<Impl>()) {
+  Impl& s = *impl_;
+  s.context = context;
+  s.options = options;
+  if (options.threads < 1) throw Error("hdf5 reader: threads must be at least 1");
+  if (context.world_size < 1 || context.rank < 0 || context.rank >= context.world_size)
+    throw Error("hdf5 reader: rank " + std::to_string(context.rank) + " outside world size " +
+                std::to_string(context.world_size));
+  if (context.train_batch_size < 1 || context.validation_batch_size < 1)
+    throw Error("hdf5 reader: batch sizes must be at least 1 (train " +
+                std::to_string(context.train_batch_size) + ", validation " +
+                std::to_string(context.validation_batch_size) + ")");
+  if (context.channels.empty()) throw Error("hdf5 reader: no input channels selected");
+
+  s.train_files = list_split(context.data_root, "train");
+  s.validation_files = list_split(context.data_root, "validation");
+  if (static_cast<std::int64_t>(s.train_files.size()) < context.world_size)
+    throw Error((fs::path(context.data_root) / "train").string() + ": " +
+                std::to_string(s.train_files.size()) + " files for " +
+                std::to_string(context.world_size) +
+                " ranks; every rank needs at least one training sample");
+
+  // Like the reference, the first training file fixes the sample shape; every
+  // file read later is checked against it.
+  s.shape_source = s.train_files.front();
+  {
+    h5::File file = h5::File::open(s.shape_source);
+    require_dataset(file, kData);
+    require_dataset(file, kLabels);
+    const h5::Shape shape = file.shape(kData);
+    if (shape.size() != 3 || shape[0] == 0 || shape[1] == 0 || shape[2] == 0)
+      throw Error(s.shape_source + ": " + kData + " has shape " + shape_text(shape) +
+                  ", expected (height, width, channel)");
+    s.height = shape[0];
+    s.width = shape[1];
+    s.file_channels = shape[2];
+  }
+  for (const std::int64_t c : context.channels) {
+    if (c < 0 || static_cast<std::uint64_t>(c) >= s.file_channels)
+      throw Error("hdf5 reader: channel " + std::to_string(c) + " selected, but " +
+                  s.shape_source + " has channels 0.." + std::to_string(s.file_channels - 1));
+  }
+  s.read_stats();
+
+  s.pool = std::make_unique<WorkerPool>(options.threads);
+  s.scratch.resize(s.pool->size());
+}
+
+Hdf5Reader::~Hdf5Reader() = default;
+
+std::int64_t Hdf5Reader::global_samples(Split split) const {
+  const auto n = static_cast<std::int64_t>(impl_->files_of(split).size());
+  if (split == Split::Validation) return n;
+  const std::int64_t p = impl_->context.world_size;
+  return n / p * p;
+}
+
+std::int64_t Hdf5Reader::local_samples(Split split) const {
+  const auto n = static_cast<std::int64_t>(impl_->files_of(split).size());
+  const std::int64_t p = impl_->context.world_size;
+  if (split == Split::Train) return n / p;
+  return n / p + (impl_->context.rank < n % p ? 1 : 0);
+}
+
+void Hdf5Reader::start_epoch(Split split, std::int64_t epoch) {
+  Impl& s = *impl_;
+  const auto n = static_cast<std::int64_t>(s.files_of(split).size());
+  s.order = split == Split::Train
+                ? training_indices(n, s.context.rank, s.context.world_size, s.context.seed, epoch)
+                : validation_indices(n, s.context.rank, s.context.world_size);
+  s.split = split;
+  s.position = 0;
+  s.started = true;
+}
+
+bool Hdf5Reader::next(Batch& batch) {
+  Impl& s = *impl_;
+  if (!s.started) throw Error("hdf5 reader: next() called before start_epoch()");
+  if (s.position >= s.order.size()) return false;
+  const std::int64_t batch_size =
+      s.split == Split::Train ? s.context.train_batch_size : s.context.validation_batch_size;
+  const auto count = std::min<std::size_t>(static_cast<std::size_t>(batch_size),
+                                           s.order.size() - s.position);
+  const auto b = static_cast<std::int64_t>(count);
+  const auto c = static_cast<std::int64_t>(s.context.channels.size());
+  const auto h = static_cast<std::int64_t>(s.height), w = static_cast<std::int64_t>(s.width);
+  at::Tensor data = at::empty({b, c, h, w}, at::kFloat);
+  at::Tensor labels = at::empty({b, h, w}, at::kLong);
+  float* data_out = data.data_ptr<float>();
+  std::int64_t* labels_out = labels.data_ptr<std::int64_t>();
+  const std::vector<std::string>& files = s.files_of(s.split);
+  const std::size_t first = s.position;
+
+  s.pool->run(count, [&](std::size_t item, std::size_t worker) {
+    const std::string& path = files[s.order[first + item]];
+    try {
+      s.load(path, data_out + item * c * h * w, labels_out + item * h * w, s.scratch[worker]);
+    } catch (const std::exception& e) {
+      // Whatever a worker meets reaches the caller as the one error type,
+      // with the file named.
+      throw Error(naming(path, e.what()));
+    }
+  });
+
+  s.position += count;
+  batch.data = std::move(data);
+  batch.labels = std::move(labels);
+  return true;
+}
+
+const std::vector<std::string>& Hdf5Reader::files(Split split) const {
+  return impl_->files_of(split);
+}
+
+std::vector<std::string> Hdf5Reader::epoch_files() const {
+  std::vector<std::string> out;
+  for (const std::int64_t i : impl_->order) out.push_back(impl_->files_of(impl_->split)[i]);
+  return out;
+}
+
+}  // namespace deepcam::readers

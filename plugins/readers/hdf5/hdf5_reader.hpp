@@ -1,0 +1,82 @@
+// Description
+//   Reads the DeepCAM HDF5 data set as the MLCommons reference does (SPEC
+//   sections 1 and 2): one sample per file `<split>/*.h5` (group `climate`,
+//   datasets `data` (H, W, C) and `labels_0` (H, W)), channel selection,
+//   min/max normalisation from `<data_root>/stats.h5`, transposition to
+//   (C, H, W). Training files are shuffled globally every epoch and sharded
+//   over ranks exactly like PyTorch's DistributedSampler(shuffle=True,
+//   drop_last=True); validation files are split into contiguous blocks,
+//   unshuffled, so that every file is read once over all ranks. The files of
+//   one batch are read by a small pool of threads owned by the reader.
+//
+// Usage
+//   [reader]
+//   name = "hdf5"
+//   threads = 8
+//   check_finite = true
+//
+// Parameters
+//   Property     | Description                                            | Required | Default
+//   -------------|--------------------------------------------------------|----------|--------
+//   threads      | files of a batch read in parallel (1..256)             | no       | 4
+//   check_finite | refuse a sample holding NaN or Inf, naming the file    | no       | true
+//
+//   The data root, channels, batch sizes, rank, world size and seed come from
+//   the host (ReaderContext), not from this table.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "deepcam/params.hpp"
+#include "deepcam/reader.hpp"
+
+namespace deepcam::readers {
+
+struct Hdf5ReaderOptions {
+  int threads = 4;
+  bool check_finite = true;
+
+  static Hdf5ReaderOptions from(const Params& params);
+};
+
+// The permutation that numpy.random.RandomState(12345).shuffle applies to a
+// list of n items: element i of the result is the index of the item that ends
+// up at position i. The reference shuffles its sorted training file list
+// once this way before its DistributedSampler indexes into it.
+std::vector<std::int64_t> reference_preshuffle(std::int64_t n);
+
+// Positions in the sorted training file list that `rank` reads in `epoch`,
+// in reading order (SPEC 2.1).
+std::vector<std::int64_t> training_indices(std::int64_t n_files, int rank, int world_size,
+                                           std::uint64_t seed, std::int64_t epoch);
+
+// Positions in the sorted validation file list that `rank` reads (SPEC 2.3).
+std::vector<std::int64_t> validation_indices(std::int64_t n_files, int rank, int world_size);
+
+class Hdf5Reader final : public Reader {
+ public:
+  // Lists both splits, reads stats.h5 and checks the first training file's
+  // shapes; every problem is a deepcam::Error naming the file or directory.
+  Hdf5Reader(const ReaderContext& context, const Hdf5ReaderOptions& options);
+  ~Hdf5Reader() override;
+
+  std::int64_t global_samples(Split split) const override;
+  std::int64_t local_samples(Split split) const override;
+  void start_epoch(Split split, std::int64_t epoch) override;
+  bool next(Batch& batch) override;
+
+  // The split's files, sorted by name (full paths).
+  const std::vector<std::string>& files(Split split) const;
+  // The files the current epoch of the split begun last reads on this rank,
+  // in order.
+  std::vector<std::string> epoch_files() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace deepcam::readers
