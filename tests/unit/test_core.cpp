@@ -1,8 +1,10 @@
 // Unit tests of the core library: JSON as Python writes it, the MLPerf line
 // format, TOML checking against a schema, and the loss and IoU of SPEC 4
 // against the reference's vectors.
-#include <doctest/doctest.h>
+// LibTorch first: its glog-style CHECK macro must be replaced by doctest's.
 #include <torch/torch.h>
+#undef CHECK
+#include <doctest/doctest.h>
 
 #include <cmath>
 #include <cstdio>

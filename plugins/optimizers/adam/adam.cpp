@@ -1,0 +1,274 @@
+#include "adam.hpp"
+
+#include <ATen/ATen.h>
+#include <ATen/core/Dict.h>
+#include <ATen/core/List.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/core/ivalue.h>
+
+#include <cmath>
+#include <map>
+#include <sstream>
+#include <string>
+#include <utility>
+
+#include "deepcam/error.hpp"
+#include "deepcam/mlperf_log.hpp"
+
+namespace deepcam::optimizers {
+namespace {
+
+// Messages name the entry in PyTorch's layout, e.g. state[3]["exp_avg"]; the
+// caller knows the file and adds it.
+[[noreturn]] void fail(const std::string& what) {
+  throw Error("Adam optimizer state: " + what +
+              " (expected PyTorch's Adam.state_dict() layout for the same model)");
+}
+
+std::string shape_str(at::IntArrayRef sizes) {
+  std::ostringstream out;
+  out << '[';
+  for (std::size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
+  out << ']';
+  return out.str();
+}
+
+// The dicts are small, and their key type depends on the reader that made
+// them (Dict[str, Tensor], Dict[str, Any], ...), so a scan over str keys.
+const c10::IValue* find_key(const c10::impl::GenericDict& dict, const std::string& key) {
+  for (const auto& entry : dict) {
+    if (entry.key().isString() && entry.key().toStringRef() == key) return &entry.value();
+  }
+  return nullptr;
+}
+
+const c10::IValue& require_key(const c10::impl::GenericDict& dict, const std::string& key,
+                               const std::string& where) {
+  const c10::IValue* value = find_key(dict, key);
+  if (value == nullptr) fail(where + " has no key \"" + key + "\"");
+  return *value;
+}
+
+// Python writes 0 for a float hyper-parameter as an int.
+double to_number(const c10::IValue& value, const std::string& where) {
+  if (value.isDouble()) return value.toDouble();
+  if (value.isInt()) return static_cast<double>(value.toInt());
+  if (value.isTensor() && value.toTensor().numel() == 1) return value.toTensor().item<double>();
+  fail(where + " is a " + value.tagKind() + ", expected a number");
+}
+
+// Parameter ids are ints in torch.save files; a state that went through a
+// str-keyed format (JSON, some converters) has "0", "1", ...
+std::int64_t to_index(const c10::IValue& key, const std::string& where) {
+  if (key.isInt()) return key.toInt();
+  if (key.isString()) {
+    const std::string& text = key.toStringRef();
+    std::size_t used = 0;
+    try {
+      const long long index = std::stoll(text, &used);
+      if (used == text.size()) return index;
+    } catch (const std::exception&) {
+    }
+  }
+  fail(where + " has key " + (key.isString() ? "\"" + key.toStringRef() + "\"" : key.tagKind()) +
+       ", expected a parameter index");
+}
+
+std::vector<c10::IValue> to_items(const c10::IValue& value, const std::string& where) {
+  if (value.isList()) return value.toListRef().vec();
+  if (value.isTuple()) return value.toTupleRef().elements().vec();
+  fail(where + " is a " + value.tagKind() + ", expected a list");
+}
+
+}  // namespace
+
+AdamOptions AdamOptions::from(const Params& params) {
+  AdamOptions options;
+  options.lr = params.number("lr");
+  if (!(options.lr > 0.0)) {
+    throw Error(params.where() + " lr = " + std::to_string(options.lr) + ": must be > 0");
+  }
+  const std::vector<double>& betas = params.numbers("betas");
+  if (betas.size() != 2) {
+    throw Error(params.where() + " betas has " + std::to_string(betas.size()) +
+                " values: give two, e.g. betas = [0.9, 0.999]");
+  }
+  for (double beta : betas) {
+    if (!(beta >= 0.0 && beta < 1.0)) {
+      throw Error(params.where() + " betas = [" + std::to_string(betas[0]) + ", " +
+                  std::to_string(betas[1]) + "]: each must be in [0, 1)");
+    }
+  }
+  options.beta1 = betas[0];
+  options.beta2 = betas[1];
+  options.weight_decay = params.number("weight_decay");
+  if (!(options.weight_decay >= 0.0)) {
+    throw Error(params.where() + " weight_decay = " + std::to_string(options.weight_decay) +
+                ": must be >= 0");
+  }
+  return options;
+}
+
+Adam::Adam(std::vector<at::Tensor> parameters, const AdamOptions& options)
+    : parameters_(std::move(parameters)), state_(parameters_.size()), options_(options) {}
+
+void Adam::step() {
+  // The update writes into leaves that require grad.
+  at::NoGradGuard no_grad;
+  const double beta1 = options_.beta1;
+  const double beta2 = options_.beta2;
+  const double lr = options_.lr;
+  const double weight_decay = options_.weight_decay;
+  for (std::size_t i = 0; i < parameters_.size(); ++i) {
+    at::Tensor& param = parameters_[i];
+    if (!param.grad().defined()) continue;
+    ParamState& state = state_[i];
+    if (!state.step.defined()) {
+      state.step = at::zeros({}, at::TensorOptions().dtype(at::kFloat));
+      state.exp_avg = at::zeros_like(param, at::MemoryFormat::Preserve);
+      state.exp_avg_sq = at::zeros_like(param, at::MemoryFormat::Preserve);
+    }
+    // Every line below is one line of torch/optim/adam.py _single_tensor_adam,
+    // in its order, with its scalar arithmetic in double as Python does it:
+    // reordering any of them changes the last bits of the result.
+    state.step.add_(1);
+    at::Tensor grad = param.grad();
+    if (weight_decay != 0.0) grad = grad.add(param, weight_decay);
+    state.exp_avg.lerp_(grad, 1.0 - beta1);
+    state.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1.0 - beta2);
+    const double step = state.step.item<double>();
+    const double bias_correction1 = 1.0 - std::pow(beta1, step);
+    const double bias_correction2 = 1.0 - std::pow(beta2, step);
+    const double step_size = lr / bias_correction1;
+    const double bias_correction2_sqrt = std::pow(bias_correction2, 0.5);
+    at::Tensor denom = (state.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(kEps);
+    param.addcdiv_(state.exp_avg, denom, -step_size);
+  }
+}
+
+void Adam::zero_grad() {
+  // PyTorch's default (set_to_none=True): backward then allocates fresh grads.
+  for (at::Tensor& param : parameters_) {
+    if (param.grad().defined()) param.mutable_grad().reset();
+  }
+}
+
+void Adam::log_hyperparameters(MlperfLog& log) const {
+  log.event("opt_name", "Adam");
+  log.event("opt_lr", options_.lr);
+  log.event("opt_betas", Json::list({options_.beta1, options_.beta2}));
+  log.event("opt_eps", kEps);
+  log.event("opt_weight_decay", options_.weight_decay);
+}
+
+c10::IValue Adam::state_dict() const {
+  // Like PyTorch, the tensors are the live state, not copies.
+  c10::impl::GenericDict state(c10::IntType::get(), c10::AnyType::get());
+  for (std::size_t i = 0; i < state_.size(); ++i) {
+    if (!state_[i].step.defined()) continue;
+    c10::impl::GenericDict entry(c10::StringType::get(), c10::AnyType::get());
+    entry.insert("step", state_[i].step);
+    entry.insert("exp_avg", state_[i].exp_avg);
+    entry.insert("exp_avg_sq", state_[i].exp_avg_sq);
+    state.insert(static_cast<std::int64_t>(i), std::move(entry));
+  }
+
+  // A generic list, not c10::List<int64_t>: torch::pickle_save writes the
+  // latter through torch.jit._pickle.build_intlist, one more global that
+  // Python's weights_only torch.load would have to allow.
+  c10::impl::GenericList indices(c10::AnyType::get());
+  for (std::size_t i = 0; i < parameters_.size(); ++i) indices.push_back(static_cast<std::int64_t>(i));
+  // The keys and their order are those of torch 2.11's Adam.state_dict().
+  c10::impl::GenericDict group(c10::StringType::get(), c10::AnyType::get());
+  group.insert("lr", options_.lr);
+  group.insert("betas", c10::ivalue::Tuple::create(options_.beta1, options_.beta2));
+  group.insert("eps", kEps);
+  group.insert("weight_decay", options_.weight_decay);
+  group.insert("amsgrad", false);
+  group.insert("maximize", false);
+  group.insert("foreach", c10::IValue());
+  group.insert("capturable", false);
+  group.insert("differentiable", false);
+  group.insert("fused", c10::IValue());
+  group.insert("decoupled_weight_decay", false);
+  group.insert("params", std::move(indices));
+  c10::impl::GenericList groups(c10::AnyType::get());
+  groups.push_back(std::move(group));
+
+  c10::impl::GenericDict root(c10::StringType::get(), c10::AnyType::get());
+  root.insert("state", std::move(state));
+  root.insert("param_groups", std::move(groups));
+  return root;
+}
+
+void Adam::load_state_dict(const c10::IValue& saved) {
+  if (!saved.isGenericDict()) fail("the top level is a " + saved.tagKind() + ", expected a dict");
+  const c10::impl::GenericDict root = saved.toGenericDict();
+
+  const std::vector<c10::IValue> groups = to_items(require_key(root, "param_groups", "the top level"),
+                                                   "\"param_groups\"");
+  if (groups.size() != 1) {
+    fail("\"param_groups\" has " + std::to_string(groups.size()) +
+         " groups; this optimizer has one group with all the model's parameters");
+  }
+  if (!groups[0].isGenericDict()) fail("param_groups[0] is a " + groups[0].tagKind() + ", expected a dict");
+  const c10::impl::GenericDict group = groups[0].toGenericDict();
+
+  // The state is keyed by the ids listed in the group, in parameter order.
+  const std::vector<c10::IValue> ids = to_items(require_key(group, "params", "param_groups[0]"),
+                                                "param_groups[0][\"params\"]");
+  if (ids.size() != parameters_.size()) {
+    fail("param_groups[0][\"params\"] lists " + std::to_string(ids.size()) +
+         " parameters, but the model has " + std::to_string(parameters_.size()));
+  }
+  std::map<std::int64_t, std::size_t> position;
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    position[to_index(ids[i], "param_groups[0][\"params\"]")] = i;
+  }
+
+  AdamOptions options = options_;
+  options.lr = to_number(require_key(group, "lr", "param_groups[0]"), "param_groups[0][\"lr\"]");
+  const std::vector<c10::IValue> betas = to_items(require_key(group, "betas", "param_groups[0]"),
+                                                  "param_groups[0][\"betas\"]");
+  if (betas.size() != 2) fail("param_groups[0][\"betas\"] has " + std::to_string(betas.size()) + " values");
+  options.beta1 = to_number(betas[0], "param_groups[0][\"betas\"][0]");
+  options.beta2 = to_number(betas[1], "param_groups[0][\"betas\"][1]");
+  options.weight_decay = to_number(require_key(group, "weight_decay", "param_groups[0]"),
+                                   "param_groups[0][\"weight_decay\"]");
+
+  const c10::IValue& state_value = require_key(root, "state", "the top level");
+  if (!state_value.isGenericDict()) fail("\"state\" is a " + state_value.tagKind() + ", expected a dict");
+  std::vector<ParamState> state(parameters_.size());
+  for (const auto& item : state_value.toGenericDict()) {
+    const std::int64_t id = to_index(item.key(), "\"state\"");
+    const std::string where = "state[" + std::to_string(id) + "]";
+    const auto found = position.find(id);
+    if (found == position.end()) fail(where + " belongs to no parameter in param_groups[0][\"params\"]");
+    const at::Tensor& param = parameters_[found->second];
+    if (!item.value().isGenericDict()) fail(where + " is a " + item.value().tagKind() + ", expected a dict");
+    const c10::impl::GenericDict entry = item.value().toGenericDict();
+
+    ParamState& target = state[found->second];
+    target.step = at::scalar_tensor(to_number(require_key(entry, "step", where), where + "[\"step\"]"),
+                                    at::TensorOptions().dtype(at::kFloat));
+    const auto moment = [&](const char* key) {
+      const std::string name = where + "[\"" + key + "\"]";
+      const c10::IValue& value = require_key(entry, key, where);
+      if (!value.isTensor()) fail(name + " is a " + value.tagKind() + ", expected a tensor");
+      const at::Tensor& tensor = value.toTensor();
+      if (tensor.sizes() != param.sizes()) {
+        fail(name + " has shape " + shape_str(tensor.sizes()) + " but parameter " +
+             std::to_string(found->second) + " has shape " + shape_str(param.sizes()));
+      }
+      // As PyTorch does: the state follows the parameter's device and dtype.
+      return tensor.to(param.device(), param.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+    };
+    target.exp_avg = moment("exp_avg");
+    target.exp_avg_sq = moment("exp_avg_sq");
+  }
+  // Nothing changes unless all of it was valid.
+  state_ = std::move(state);
+  options_ = options;
+}
+
+}  // namespace deepcam::optimizers

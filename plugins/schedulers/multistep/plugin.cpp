@@ -1,0 +1,34 @@
+// The entry point of libdeepcam_scheduler_multistep.so: the parameter schema
+// and the factory of deepcam::schedulers::Multistep (see multistep.hpp).
+#include <memory>
+
+#include "deepcam/plugin.hpp"
+#include "multistep.hpp"
+
+namespace {
+
+// decay_rate > 0 is checked by MultistepOptions::from: the schema's bounds
+// are inclusive.
+const deepcam::ParamSpec kParams[] = {
+    {"milestones", deepcam::ParamType::IntList, "[]",
+     "optimizer steps at which the LR is multiplied by decay_rate (after warmup: + W + 1)", 0.0,
+     9.2e18},
+    {"decay_rate", deepcam::ParamType::Float, "0.1", "factor applied at each milestone, in (0, 1]", 0.0,
+     1.0},
+    {"lr_warmup_steps", deepcam::ParamType::Int, "0", "linear warmup length in optimizer steps", 0.0,
+     9.2e18},
+    {"lr_warmup_factor", deepcam::ParamType::Float, "1.0",
+     "warmup goes from L (or 0 when 1) towards L * factor", 1.0, 1e9},
+};
+
+std::unique_ptr<deepcam::Scheduler> make(const deepcam::Params& params,
+                                         const deepcam::SchedulerContext& context) {
+  return std::make_unique<deepcam::schedulers::Multistep>(
+      context.base_lr, deepcam::schedulers::MultistepOptions::from(params));
+}
+
+}  // namespace
+
+DEEPCAM_SCHEDULER_PLUGIN("multistep", "1.0.0",
+                         "step decay at milestones with optional linear warmup (SPEC 6.1, 6.3)",
+                         kParams, make)
