@@ -11,10 +11,10 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <iterator>
 
 #include "deepcam/error.hpp"
 #include "deepcam/optimizer.hpp"
+#include "deepcam/torch_pickle.hpp"
 
 namespace deepcam {
 
@@ -102,15 +102,9 @@ std::int64_t as_int(const c10::IValue& v, const std::string& path, const char* k
 }  // namespace
 
 CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model, Optimizer* optimizer) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(fmt::format("{}: cannot open checkpoint", path));
-  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  c10::IValue top;
-  try {
-    top = torch::pickle_load(bytes);
-  } catch (const c10::Error& e) {
-    throw Error(fmt::format("{}: not a readable torch.save file: {}", path, e.what_without_backtrace()));
-  }
+  // Our own reader: the reference's files hold OrderedDicts, which
+  // torch::pickle_load cannot read.
+  const c10::IValue top = load_torch_save(path);
   if (!top.isGenericDict()) throw Error(fmt::format("{}: expected a dict at the top level", path));
   const auto dict = top.toGenericDict();
   auto find = [&](const char* key) -> c10::optional<c10::IValue> {

@@ -1,0 +1,33 @@
+// Reads files written by Python's torch.save, so that a checkpoint of the
+// MLCommons reference loads here. LibTorch's own torch::pickle_load cannot:
+// it maps collections.OrderedDict, the type of every state_dict(), to None.
+#pragma once
+
+#include <string>
+
+#include "deepcam/export.hpp"
+
+namespace c10 {
+struct IValue;
+}
+
+namespace deepcam {
+
+// Reads a file written by Python's torch.save (zip format, pickle protocol 2
+// as PyTorch >= 1.6 writes by default; protocols up to 5 are read too).
+//   dict, OrderedDict -> c10 generic dict, keys (str or int) in file order; an
+//                        OrderedDict's attributes (state_dict()._metadata) are
+//                        dropped. The key type is str or int when all keys
+//                        are; the value type is Tensor, int, float, bool or
+//                        str when all values are; otherwise Any.
+//   list -> generic list (element type as for dict values); tuple and
+//   torch.Size -> tuple; int, float, bool, str, None -> their IValue; bytes ->
+//   a string holding the bytes.
+//   tensor -> CPU tensor with its dtype, shape, stride, storage offset,
+//   requires_grad and conj/neg bits; tensors that share a storage in the file
+//   share it here, and an object saved twice is one tensor.
+// Throws deepcam::Error naming the file for anything else (the unsupported
+// opcode or global is named), and for a missing, truncated or corrupt file.
+DEEPCAM_API c10::IValue load_torch_save(const std::string& path);
+
+}  // namespace deepcam

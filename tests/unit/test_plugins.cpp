@@ -1,0 +1,145 @@
+// The generic plugin test (STYLE 8): every plugin folder in the source tree is
+// loaded through the real loader from the build tree only, its description is
+// checked, it is built from its folder's test.toml and run once.
+#include <torch/torch.h>
+#undef CHECK
+#include <doctest/doctest.h>
+
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+
+#include "deepcam/config.hpp"
+#include "deepcam/error.hpp"
+#include "deepcam/plugin_loader.hpp"
+
+namespace fs = std::filesystem;
+using namespace deepcam;
+
+namespace {
+
+const fs::path kSource = DEEPCAM_SOURCE_ROOT;
+const fs::path kBuild = DEEPCAM_BUILD_ROOT;
+
+struct Folder {
+  PluginKind kind;
+  std::string name;
+  fs::path dir;
+};
+
+std::vector<Folder> plugin_folders() {
+  std::vector<Folder> out;
+  const PluginKind kinds[] = {PluginKind::Reader, PluginKind::Model, PluginKind::Optimizer, PluginKind::Scheduler};
+  for (PluginKind kind : kinds) {
+    const fs::path dir = kSource / "plugins" / (std::string(to_string(kind)) + "s");
+    for (const auto& e : fs::directory_iterator(dir)) {
+      if (e.is_directory()) out.push_back({kind, e.path().filename().string(), e.path()});
+    }
+  }
+  return out;
+}
+
+// The build tree only: no DEEPCAM_PLUGIN_PATH from the environment, no install dir.
+PluginLoader build_tree_loader() { return PluginLoader({(kBuild / "plugins").string()}, "/nonexistent"); }
+
+// A small synthetic data set for the readers, made by deepcam-data.
+std::string data_root() {
+  static const std::string root = [] {
+    const fs::path dir = fs::temp_directory_path() / ("deepcam_test_plugins_" + std::to_string(::getpid()));
+    const std::string cmd = (kBuild / "core" / "deepcam-data").string() + " synth --out " + dir.string() +
+                            " --train 4 --validation 3 --height 32 --width 48 --seed 2 > /dev/null 2>&1";
+    REQUIRE(std::system(cmd.c_str()) == 0);
+    return dir.string();
+  }();
+  return root;
+}
+
+void run_once(const Folder& f, const LoadedPlugin& p, const Params& params) {
+  const PluginDescriptor& d = *p.descriptor;
+  switch (f.kind) {
+    case PluginKind::Reader: {
+      MlperfLog* no_log = nullptr;
+      ReaderContext ctx{data_root(), {0, 7, 15}, 2, 2, 0, 1, 1, no_log};
+      auto reader = d.make_reader(params, ctx);
+      CHECK(reader->global_samples(Split::Train) == 4);
+      CHECK(reader->global_samples(Split::Validation) == 3);
+      reader->start_epoch(Split::Train, 0);
+      Batch b;
+      REQUIRE(reader->next(b));
+      CHECK((b.data.sizes() == torch::IntArrayRef{2, 3, 32, 48}));
+      CHECK((b.labels.sizes() == torch::IntArrayRef{2, 32, 48}));
+      CHECK((b.labels.scalar_type() == torch::kInt64));
+      CHECK(torch::isfinite(b.data).all().item<bool>());
+      break;
+    }
+    case PluginKind::Model: {
+      auto model = d.make_model(params, ModelContext{4, 3, 0, 1});
+      const auto out = model->forward(torch::randn({2, 4, 32, 48}));
+      CHECK((out.sizes() == torch::IntArrayRef{2, 3, 32, 48}));
+      CHECK(!model->module().parameters().empty());
+      break;
+    }
+    case PluginKind::Optimizer: {
+      auto w = torch::ones({3}, torch::requires_grad());
+      auto opt = d.make_optimizer(params, OptimizerContext{{w}});
+      (w * torch::tensor({1.0f, 2.0f, 3.0f})).sum().backward();
+      const auto before = w.detach().clone();
+      opt->step();
+      CHECK(!torch::equal(before, w.detach()));
+      CHECK(opt->lr() > 0);
+      opt->zero_grad();
+      break;
+    }
+    case PluginKind::Scheduler: {
+      auto s = d.make_scheduler(params, SchedulerContext{0.01});
+      for (int step = 0; step < 5; ++step) {
+        const double lr = s->lr_at(step);
+        CHECK(std::isfinite(lr));
+        CHECK(lr >= 0.0);
+      }
+      break;
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("every plugin folder builds a plugin the loader accepts, described and runnable") {
+  const auto folders = plugin_folders();
+  CHECK(folders.size() >= 4);
+  PluginLoader loader = build_tree_loader();
+  for (const auto& f : folders) {
+    INFO(f.dir.string());
+    const LoadedPlugin& p = loader.load(f.kind, f.name);
+    const PluginDescriptor& d = *p.descriptor;
+    CHECK(p.path.find((kBuild / "plugins").string()) == 0);
+    CHECK((d.kind == f.kind));
+    CHECK(std::string(d.name) == f.name);
+    CHECK(std::string(d.version).size() > 0);
+    CHECK(std::string(d.summary).size() > 0);
+    for (const auto& spec : d.params) {
+      INFO(spec.key);
+      CHECK(std::string(spec.doc).size() > 0);
+      CHECK(std::string(spec.key) != "name");
+      CHECK(std::string(spec.key) != "library");
+    }
+    const fs::path test_toml = f.dir / "test.toml";
+    REQUIRE(fs::exists(test_toml));
+    // Defaults must parse and pass their own ranges: check_table_file fills them in.
+    const Params params = check_table_file(test_toml.string(), to_string(f.kind), d.params);
+    run_once(f, p, params);
+  }
+}
+
+TEST_CASE("the loader sees only the build tree when told so") {
+  PluginLoader loader = build_tree_loader();
+  std::vector<std::string> problems;
+  const auto found = loader.discover(problems);
+  CHECK(problems.empty());
+  CHECK(found.size() == plugin_folders().size());
+  CHECK_THROWS_WITH_AS(loader.load(PluginKind::Optimizer, "nosuch"),
+                       doctest::Contains("no optimizer plugin named 'nosuch'; found: adam"), Error);
+}
