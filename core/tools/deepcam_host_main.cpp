@@ -30,8 +30,7 @@ void print_schema(const deepcam::ParamSchema& schema) {
   }
 }
 
-int list_plugins() {
-  deepcam::PluginLoader loader;
+int list_plugins(deepcam::PluginLoader& loader) {
   std::vector<std::string> problems;
   for (const auto& p : loader.discover(problems)) {
     const auto& d = *p.descriptor;
@@ -42,7 +41,7 @@ int list_plugins() {
   return 0;
 }
 
-int describe(const std::string& what) {
+int describe(deepcam::PluginLoader& loader, const std::string& what) {
   const auto slash = what.find('/');
   if (slash == std::string::npos) {
     std::printf("[%s] (deepcam-host)\n", what.c_str());
@@ -55,7 +54,6 @@ int describe(const std::string& what) {
                                        deepcam::PluginKind::Optimizer, deepcam::PluginKind::Scheduler};
   for (auto kind : kinds) {
     if (kind_name != deepcam::to_string(kind)) continue;
-    deepcam::PluginLoader loader;
     const auto& p = loader.load(kind, name);
     const auto& d = *p.descriptor;
     std::printf("%s/%s %s: %s\n  file: %s\n  built with LibTorch %s, C++11 ABI %d, CUDA %s, plugin ABI %u\n"
@@ -73,6 +71,10 @@ int describe(const std::string& what) {
 
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
+  // Outside the try block: plugin libraries stay loaded until the process
+  // ends, so that an exception thrown by a plugin is handled while its code
+  // is still there.
+  deepcam::PluginLoader loader;
   try {
     if (args.empty() || args[0] == "--help" || args[0] == "-h") {
       std::fputs(kUsage, args.empty() ? stderr : stdout);
@@ -83,10 +85,10 @@ int main(int argc, char** argv) {
                   DEEPCAM_TORCH_VERSION, DEEPCAM_WITH_CUDA ? DEEPCAM_CUDA_VERSION : "off");
       return 0;
     }
-    if (args[0] == "--list-plugins") return list_plugins();
+    if (args[0] == "--list-plugins") return list_plugins(loader);
     if (args[0] == "--describe") {
       if (args.size() != 2) throw deepcam::Error("--describe needs KIND/NAME");
-      return describe(args[1]);
+      return describe(loader, args[1]);
     }
     std::string file;
     std::vector<std::string> overrides;
@@ -105,7 +107,6 @@ int main(int argc, char** argv) {
       else throw deepcam::Error(fmt::format("one run file only (got {} and {})", file, a));
     }
     if (file.empty()) throw deepcam::Error(fmt::format("no run file given\n{}", kUsage));
-    deepcam::PluginLoader loader;
     const deepcam::RunConfig config = deepcam::load_config(file, overrides, loader);
     std::fprintf(stderr, "%s\n", config.resolved.c_str());
     return deepcam::run_engine(config, options);

@@ -76,5 +76,6 @@ def mlperf_check(log):
     """Runs the official checker; returns (exit status, output)."""
     import sys
     r = subprocess.run([sys.executable, "-m", "mlperf_logging.compliance_checker", "--usage", "hpc",
-                        "--ruleset", "3.0.0", str(log)], capture_output=True, text=True, timeout=300)
+                        "--ruleset", "3.0.0", str(log)], capture_output=True, text=True, timeout=300,
+                       cwd=Path(log).parent)  # it writes compliance_checker.log there
     return r.returncode, r.stdout + r.stderr
