@@ -106,7 +106,11 @@ class Engine {
                      opts_.rank,
                      opts_.world_size,
                      static_cast<std::uint64_t>(run.integer("seed")),
-                     &log_};
+                     &log_,
+                     // One rank per node until multi-rank runs know their node.
+                     /*local_rank=*/0,
+                     /*local_size=*/1,
+                     run.string("device")};
     c_.reader = make(cfg_.reader, [&](const PluginDescriptor& d) { return d.make_reader(cfg_.reader.params, rc); });
     ModelContext mc{static_cast<std::int64_t>(rc.channels.size()), 3, opts_.rank, opts_.world_size};
     c_.model = make(cfg_.model, [&](const PluginDescriptor& d) { return d.make_model(cfg_.model.params, mc); });

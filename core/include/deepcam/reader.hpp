@@ -1,6 +1,9 @@
 // The reader interface: delivers normalised batches of one split, sharded
 // over ranks (SPEC 1.4, 2). A reader is built once per run and serves both
 // splits; start_epoch() resets one split's iteration (and its shuffle).
+// Besides batches it offers single samples by index, so that wrapping readers
+// (prefetch, staging) can read the samples they need in parallel, in their
+// own order, from the original files or from copies of them.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -28,10 +31,17 @@ struct ReaderContext {
   int world_size;
   std::uint64_t seed;
   MlperfLog* log;                     // for staging_start / staging_stop
+  // Ranks on this node and this rank's place among them (shuffle_mode
+  // "node": ranks rank - local_rank .. rank - local_rank + local_size - 1
+  // share a node). The defaults describe one rank per node.
+  int local_rank = 0;
+  int local_size = 1;
+  std::string device = "cpu";         // [run] device: "cpu" or "cuda"
 };
 
 struct Batch {
-  at::Tensor data;    // (B, C, H, W) float32, normalised, on the CPU
+  // On the CPU: the engine moves batches to the device itself.
+  at::Tensor data;    // (B, C, H, W) float32, normalised
   at::Tensor labels;  // (B, H, W) int64
 };
 
@@ -48,6 +58,18 @@ class DEEPCAM_API Reader {
   // Fills the next batch of the split begun last; false at the end. The
   // last batch may be smaller.
   virtual bool next(Batch& batch) = 0;
+
+  // Samples of the split over all ranks; sample i is the i-th in name order.
+  virtual std::int64_t sample_count(Split split) const = 0;
+  // The files that hold sample i (one .h5 file; or data-X.npy and label-X.npy).
+  virtual std::vector<std::string> sample_files(Split split, std::int64_t index) const = 0;
+  // The shape of one normalised sample: {C, H, W}.
+  virtual std::vector<std::int64_t> sample_shape() const = 0;
+  // Reads the sample held by `files` (those of sample_files(), or copies of them with
+  // the same file names in another directory), channels selected and normalised,
+  // into data (C*H*W float32, C-order) and labels (H*W int64). Thread-safe.
+  virtual void read_sample(const std::vector<std::string>& files, float* data,
+                           std::int64_t* labels) const = 0;
 };
 
 }  // namespace deepcam

@@ -1,8 +1,6 @@
 #include "hdf5_reader.hpp"
 
-#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/randperm.h>
 
 #include <algorithm>
 #include <cmath>
@@ -11,13 +9,13 @@
 #include <filesystem>
 #include <functional>
 #include <mutex>
-#include <random>
 #include <sstream>
 #include <thread>
 #include <utility>
 
 #include "deepcam/error.hpp"
 #include "deepcam/h5.hpp"
+#include "deepcam/sharding.hpp"
 
 namespace deepcam::readers {
 
@@ -65,24 +63,6 @@ std::vector<std::string> list_split(const std::string& data_root, const char* sp
   // Byte order of UTF-8 equals code-point order: the reference's sorted().
   std::sort(files.begin(), files.end());
   return files;
-}
-
-// numpy's legacy random_interval: the smallest all-ones mask covering `max`,
-// then rejection sampling from the MT19937 stream.
-std::uint64_t random_interval(std::mt19937& gen, std::uint64_t max) {
-  if (max == 0) return 0;
-  std::uint64_t mask = max;
-  for (int shift = 1; shift <= 32; shift *= 2) mask |= mask >> shift;
-  std::uint64_t value;
-  if (max <= 0xffffffffULL) {
-    do value = gen() & mask; while (value > max);
-  } else {
-    do {
-      const std::uint64_t high = gen();
-      value = ((high << 32) | gen()) & mask;
-    } while (value > max);
-  }
-  return value;
 }
 
 // Runs the items of one batch on a fixed set of threads that live as long as
@@ -168,61 +148,6 @@ Hdf5ReaderOptions Hdf5ReaderOptions::from(const Params& params) {
   options.threads = static_cast<int>(params.integer("threads"));
   options.check_finite = params.boolean("check_finite");
   return options;
-}
-
-std::vector<std::int64_t> reference_preshuffle(std::int64_t n) {
-  std::vector<std::int64_t> order(static_cast<std::size_t>(n));
-  for (std::int64_t i = 0; i < n; ++i) order[i] = i;
-  // std::mt19937's integer seeding is MT19937's init_genrand, which is what
-  // numpy's RandomState(int) uses; shuffle walks down from the last item.
-  std::mt19937 gen(12345);
-  for (std::int64_t i = n - 1; i > 0; --i) {
-    const auto j = static_cast<std::int64_t>(random_interval(gen, static_cast<std::uint64_t>(i)));
-    std::swap(order[i], order[j]);
-  }
-  return order;
-}
-
-// The reference's training pipeline, matched step for step:
-//  1. its training dataset sorts the file names and shuffles that list once
-//     with numpy.random.RandomState(12345) (the dataset's default seed, the
-//     same for every run): reference_preshuffle;
-//  2. torch.utils.data.DistributedSampler(shuffle=True, drop_last=True) draws
-//     torch.randperm(N) from a CPU torch.Generator seeded with
-//     sampler_seed + epoch (set_epoch is called every epoch), keeps the
-//     first floor(N/P)*P entries and gives rank r entries r, r+P, r+2P, ...
-// The reference leaves the sampler's seed at its default 0; here it is the
-// run seed (SPEC 2.1: the order is drawn from (seed, epoch)), so a run with
-// seed 0 reads the reference's order exactly and any other seed reads the
-// reference's order under DistributedSampler(seed=seed).
-std::vector<std::int64_t> training_indices(std::int64_t n_files, int rank, int world_size,
-                                           std::uint64_t seed, std::int64_t epoch) {
-  if (world_size < 1 || rank < 0 || rank >= world_size)
-    throw Error("hdf5 reader: rank " + std::to_string(rank) + " outside world size " +
-                std::to_string(world_size));
-  if (epoch < 0) throw Error("hdf5 reader: negative epoch " + std::to_string(epoch));
-  const std::vector<std::int64_t> preshuffle = reference_preshuffle(n_files);
-  at::Generator generator =
-      at::make_generator<at::CPUGeneratorImpl>(seed + static_cast<std::uint64_t>(epoch));
-  const at::Tensor permutation = at::randperm(n_files, generator, at::kLong);
-  const std::int64_t* perm = permutation.data_ptr<std::int64_t>();
-  const std::int64_t per_rank = n_files / world_size;
-  std::vector<std::int64_t> indices;
-  indices.reserve(static_cast<std::size_t>(per_rank));
-  for (std::int64_t k = 0; k < per_rank; ++k)
-    indices.push_back(preshuffle[perm[rank + k * world_size]]);
-  return indices;
-}
-
-std::vector<std::int64_t> validation_indices(std::int64_t n_files, int rank, int world_size) {
-  if (world_size < 1 || rank < 0 || rank >= world_size)
-    throw Error("hdf5 reader: rank " + std::to_string(rank) + " outside world size " +
-                std::to_string(world_size));
-  const std::int64_t block = n_files / world_size;
-  std::vector<std::int64_t> indices;
-  for (std::int64_t i = rank * block; i < (rank + 1) * block; ++i) indices.push_back(i);
-  if (rank < n_files % world_size) indices.push_back(block * world_size + rank);
-  return indices;
 }
 
 struct Hdf5Reader::Impl {
@@ -448,6 +373,38 @@ bool Hdf5Reader::next(Batch& batch) {
   batch.data = std::move(data);
   batch.labels = std::move(labels);
   return true;
+}
+
+std::int64_t Hdf5Reader::sample_count(Split split) const {
+  return static_cast<std::int64_t>(impl_->files_of(split).size());
+}
+
+std::vector<std::string> Hdf5Reader::sample_files(Split split, std::int64_t index) const {
+  const std::vector<std::string>& files = impl_->files_of(split);
+  if (index < 0 || index >= static_cast<std::int64_t>(files.size()))
+    throw Error("hdf5 reader: sample " + std::to_string(index) + " of the " + to_string(split) +
+                " split requested, but it has " + std::to_string(files.size()) + " samples");
+  return {files[static_cast<std::size_t>(index)]};
+}
+
+std::vector<std::int64_t> Hdf5Reader::sample_shape() const {
+  return {static_cast<std::int64_t>(impl_->context.channels.size()),
+          static_cast<std::int64_t>(impl_->height), static_cast<std::int64_t>(impl_->width)};
+}
+
+void Hdf5Reader::read_sample(const std::vector<std::string>& files, float* data,
+                             std::int64_t* labels) const {
+  if (files.size() != 1)
+    throw Error("hdf5 reader: read_sample() got " + std::to_string(files.size()) +
+                " files; an HDF5 sample is one .h5 file");
+  // A buffer per call keeps concurrent callers apart; its cost is small next
+  // to reading the file.
+  std::vector<float> raw;
+  try {
+    impl_->load(files.front(), data, labels, raw);
+  } catch (const std::exception& e) {
+    throw Error(naming(files.front(), e.what()));
+  }
 }
 
 const std::vector<std::string>& Hdf5Reader::files(Split split) const {

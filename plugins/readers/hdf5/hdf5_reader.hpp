@@ -6,7 +6,8 @@
 //   (C, H, W). Training files are shuffled globally every epoch and sharded
 //   over ranks exactly like PyTorch's DistributedSampler(shuffle=True,
 //   drop_last=True); validation files are split into contiguous blocks,
-//   unshuffled, so that every file is read once over all ranks. The files of
+//   unshuffled, so that every file is read once over all ranks (the order
+//   functions are core's, deepcam/sharding.hpp). The files of
 //   one batch are read by a small pool of threads owned by the reader.
 //
 // Usage
@@ -42,20 +43,6 @@ struct Hdf5ReaderOptions {
   static Hdf5ReaderOptions from(const Params& params);
 };
 
-// The permutation that numpy.random.RandomState(12345).shuffle applies to a
-// list of n items: element i of the result is the index of the item that ends
-// up at position i. The reference shuffles its sorted training file list
-// once this way before its DistributedSampler indexes into it.
-std::vector<std::int64_t> reference_preshuffle(std::int64_t n);
-
-// Positions in the sorted training file list that `rank` reads in `epoch`,
-// in reading order (SPEC 2.1).
-std::vector<std::int64_t> training_indices(std::int64_t n_files, int rank, int world_size,
-                                           std::uint64_t seed, std::int64_t epoch);
-
-// Positions in the sorted validation file list that `rank` reads (SPEC 2.3).
-std::vector<std::int64_t> validation_indices(std::int64_t n_files, int rank, int world_size);
-
 class Hdf5Reader final : public Reader {
  public:
   // Lists both splits, reads stats.h5 and checks the first training file's
@@ -67,6 +54,11 @@ class Hdf5Reader final : public Reader {
   std::int64_t local_samples(Split split) const override;
   void start_epoch(Split split, std::int64_t epoch) override;
   bool next(Batch& batch) override;
+  std::int64_t sample_count(Split split) const override;
+  std::vector<std::string> sample_files(Split split, std::int64_t index) const override;
+  std::vector<std::int64_t> sample_shape() const override;
+  void read_sample(const std::vector<std::string>& files, float* data,
+                   std::int64_t* labels) const override;
 
   // The split's files, sorted by name (full paths).
   const std::vector<std::string>& files(Split split) const;

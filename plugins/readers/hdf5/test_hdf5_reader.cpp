@@ -22,6 +22,7 @@
 
 #include "deepcam/error.hpp"
 #include "deepcam/h5.hpp"
+#include "deepcam/sharding.hpp"
 #include "hdf5_reader.hpp"
 
 // Last: c10's logging header defines its own CHECK, which must not win.
@@ -233,7 +234,7 @@ TEST_CASE("float64 data and int64 labels on disk are read through HDF5's convers
 }
 
 TEST_CASE("the reference's file pre-shuffle is numpy RandomState(12345).shuffle") {
-  using deepcam::readers::reference_preshuffle;
+  using deepcam::reference_preshuffle;
   const std::vector<std::vector<std::int64_t>> reference{
       {0},
       {1, 0},
@@ -249,8 +250,8 @@ TEST_CASE("the reference's file pre-shuffle is numpy RandomState(12345).shuffle"
 }
 
 TEST_CASE("the training permutation is torch.randperm(N) seeded with seed + epoch") {
-  using deepcam::readers::reference_preshuffle;
-  using deepcam::readers::training_indices;
+  using deepcam::reference_preshuffle;
+  using deepcam::training_indices;
   using Indices = std::vector<std::int64_t>;
   // The C++ generator is seeded as Python's torch.Generator().manual_seed(7).
   {
@@ -325,8 +326,8 @@ TEST_CASE("the reader reads the reference's training order (seed 0 = the referen
 }
 
 TEST_CASE("training shards are disjoint and equal; validation covers every file once") {
-  using deepcam::readers::training_indices;
-  using deepcam::readers::validation_indices;
+  using deepcam::training_indices;
+  using deepcam::validation_indices;
   for (const std::int64_t n : {1, 2, 7, 10, 64, 101})
     for (const int p : {1, 2, 3, 4, 8, 13}) {
       CAPTURE(n);
