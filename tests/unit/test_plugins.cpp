@@ -36,7 +36,9 @@ std::vector<Folder> plugin_folders() {
   for (PluginKind kind : kinds) {
     const fs::path dir = kSource / "plugins" / (std::string(to_string(kind)) + "s");
     for (const auto& e : fs::directory_iterator(dir)) {
-      if (e.is_directory()) out.push_back({kind, e.path().filename().string(), e.path()});
+      // Code shared by plugins (optimizers/fused) has a folder but no entry point.
+      if (e.is_directory() && fs::exists(e.path() / "plugin.cpp"))
+        out.push_back({kind, e.path().filename().string(), e.path()});
     }
   }
   return out;
