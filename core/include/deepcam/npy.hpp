@@ -19,7 +19,7 @@ enum class DType { Bool, Int8, Int16, Int32, Int64, UInt8, UInt16, UInt32, UInt6
 DEEPCAM_API const char* to_string(DType dtype);     // "float32", ...
 DEEPCAM_API std::size_t item_size(DType dtype);
 
-struct Header {
+struct DEEPCAM_API Header {
   int major = 1;                     // format version
   int minor = 0;
   DType dtype = DType::Float32;
