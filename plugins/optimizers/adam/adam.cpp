@@ -14,6 +14,7 @@
 
 #include "deepcam/error.hpp"
 #include "deepcam/mlperf_log.hpp"
+#include "fused.hpp"
 
 namespace deepcam::optimizers {
 namespace {
@@ -115,6 +116,12 @@ Adam::Adam(std::vector<at::Tensor> parameters, const AdamOptions& options)
 void Adam::step() {
   // The update writes into leaves that require grad.
   at::NoGradGuard no_grad;
+#if DEEPCAM_WITH_CUDA
+  if (fused::applies(parameters_)) {
+    fused_step();
+    return;
+  }
+#endif
   const double beta1 = options_.beta1;
   const double beta2 = options_.beta2;
   const double lr = options_.lr;
@@ -133,7 +140,13 @@ void Adam::step() {
     // reordering any of them changes the last bits of the result.
     state.step.add_(1);
     at::Tensor grad = param.grad();
-    if (weight_decay != 0.0) grad = grad.add(param, weight_decay);
+    if (weight_decay != 0.0) {
+      if (options_.decoupled_weight_decay) {
+        param.mul_(1.0 - lr * weight_decay);
+      } else {
+        grad = grad.add(param, weight_decay);
+      }
+    }
     state.exp_avg.lerp_(grad, 1.0 - beta1);
     state.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1.0 - beta2);
     const double step = state.step.item<double>();
@@ -146,6 +159,55 @@ void Adam::step() {
   }
 }
 
+#if DEEPCAM_WITH_CUDA
+void Adam::fused_step() {
+  std::vector<fused::Entry> entries;
+  const at::Tensor* first = nullptr;
+  for (std::size_t i = 0; i < parameters_.size(); ++i) {
+    at::Tensor& param = parameters_[i];
+    const at::Tensor& grad = param.grad();
+    if (!grad.defined()) continue;
+    ParamState& state = state_[i];
+    if (!state.step.defined()) {
+      state.step = at::zeros({}, param.options().dtype(at::kFloat));
+      state.exp_avg = at::zeros_like(param, at::MemoryFormat::Preserve);
+      state.exp_avg_sq = at::zeros_like(param, at::MemoryFormat::Preserve);
+    }
+    // A state from the CPU path or from a file: the kernel counts the step
+    // on the device and walks the moments in the parameter's layout.
+    if (state.step.device() != param.device()) state.step = state.step.to(param.device());
+    for (at::Tensor* moment : {&state.exp_avg, &state.exp_avg_sq}) {
+      if (!fused::same_layout(param, *moment)) {
+        *moment = at::empty_like(param, at::MemoryFormat::Preserve).copy_(*moment);
+      }
+    }
+    entries.push_back({param.data_ptr<float>(), grad.data_ptr<float>(), state.exp_avg.data_ptr<float>(),
+                       state.exp_avg_sq.data_ptr<float>(), state.step.data_ptr<float>(), param.numel()});
+    if (first == nullptr) first = &param;
+  }
+  if (first == nullptr) return;
+
+  if (!lr_on_device_.defined() || lr_on_device_.device() != first->device()) {
+    lr_on_device_ = at::full({}, options_.lr, first->options().dtype(at::kDouble));
+  } else if (lr_on_device_value_ != options_.lr) {
+    lr_on_device_.fill_(options_.lr);
+  }
+  lr_on_device_value_ = options_.lr;
+
+  const fused::AdamHyper hyper{options_.beta1, options_.beta2, kEps, options_.weight_decay,
+                               options_.decoupled_weight_decay};
+  const double* lr = lr_on_device_.data_ptr<double>();
+  std::int32_t chunks = 0;
+  const std::vector<fused::TensorTable> tables = fused::make_tables(entries, &chunks);
+  const char* name = options_.decoupled_weight_decay ? "AdamW" : "Adam";
+  fused::on_stream_of(*first, [&](void* stream) {
+    for (const fused::TensorTable& table : tables) {
+      fused::check(fused::launch_adam(table, hyper, lr, stream), name, "launch_adam");
+    }
+  });
+}
+#endif
+
 void Adam::zero_grad() {
   // PyTorch's default (set_to_none=True): backward then allocates fresh grads.
   for (at::Tensor& param : parameters_) {
@@ -154,7 +216,7 @@ void Adam::zero_grad() {
 }
 
 void Adam::log_hyperparameters(MlperfLog& log) const {
-  log.event("opt_name", "Adam");
+  log.event("opt_name", options_.decoupled_weight_decay ? "AdamW" : "Adam");
   log.event("opt_lr", options_.lr);
   log.event("opt_betas", Json::list({options_.beta1, options_.beta2}));
   log.event("opt_eps", kEps);
@@ -190,7 +252,7 @@ c10::IValue Adam::state_dict() const {
   group.insert("capturable", false);
   group.insert("differentiable", false);
   group.insert("fused", c10::IValue());
-  group.insert("decoupled_weight_decay", false);
+  group.insert("decoupled_weight_decay", options_.decoupled_weight_decay);
   group.insert("params", std::move(indices));
   c10::impl::GenericList groups(c10::AnyType::get());
   groups.push_back(std::move(group));
@@ -249,6 +311,7 @@ void Adam::load_state_dict(const c10::IValue& saved) {
     const c10::impl::GenericDict entry = item.value().toGenericDict();
 
     ParamState& target = state[found->second];
+    // On the CPU as PyTorch keeps it; the fused path moves it to the GPU.
     target.step = at::scalar_tensor(to_number(require_key(entry, "step", where), where + "[\"step\"]"),
                                     at::TensorOptions().dtype(at::kFloat));
     const auto moment = [&](const char* key) {

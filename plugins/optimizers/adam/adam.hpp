@@ -4,6 +4,12 @@
 //   as plain tensor code in the operation order of PyTorch's single-tensor
 //   Adam, so that its updates equal PyTorch's to the last float32 bit, and
 //   its state_dict() has PyTorch's layout so that checkpoints travel both ways.
+//   With decoupled_weight_decay (the adamw plugin) it is torch.optim.AdamW,
+//   which in torch 2.11 is this same algorithm with p *= 1 - lr * wd.
+//   On CUDA (float32 parameters) a step is two fused multi-tensor kernel
+//   launches (plugins/optimizers/fused) instead of ten tensor operations
+//   per parameter, with lr and the step counts read on the device; the
+//   numbers equal the CPU path's within float32 rounding.
 //
 // Usage
 //   [optimizer]
@@ -26,6 +32,7 @@
 
 #include "deepcam/optimizer.hpp"
 #include "deepcam/params.hpp"
+#include "deepcam_build_config.h"
 
 namespace deepcam::optimizers {
 
@@ -34,13 +41,16 @@ struct AdamOptions {
   double beta1 = 0.9;
   double beta2 = 0.999;
   double weight_decay = 1e-6;
+  bool decoupled_weight_decay = false;  // AdamW
 
   // Checks what the schema cannot express (exclusive bounds, list length);
   // errors name params.where() and the key.
   static AdamOptions from(const Params& params);
 };
 
-class Adam final : public Optimizer {
+// Not final: AdamW (plugins/optimizers/adamw) is this class with decoupled
+// weight decay.
+class Adam : public Optimizer {
  public:
   static constexpr double kEps = 1e-6;
 
@@ -57,11 +67,17 @@ class Adam final : public Optimizer {
   const AdamOptions& options() const { return options_; }
 
  private:
+#if DEEPCAM_WITH_CUDA
+  void fused_step();
+#endif
+
   // PyTorch creates a parameter's state at its first update, so a parameter
   // that never had a gradient has no entry in state_dict(); `step` stays
   // undefined until then.
   struct ParamState {
-    at::Tensor step;  // float32 scalar on the CPU, as PyTorch keeps it
+    // A float32 scalar, on the CPU as PyTorch keeps it, or on the
+    // parameter's GPU, where the fused kernel counts it.
+    at::Tensor step;
     at::Tensor exp_avg;
     at::Tensor exp_avg_sq;
   };
@@ -69,6 +85,10 @@ class Adam final : public Optimizer {
   std::vector<at::Tensor> parameters_;
   std::vector<ParamState> state_;
   AdamOptions options_;
+  // The fused kernels read lr from here (a float64 scalar on the GPU), so a
+  // new lr is an asynchronous fill, not a kernel argument.
+  at::Tensor lr_on_device_;
+  double lr_on_device_value_ = 0.0;
 };
 
 }  // namespace deepcam::optimizers

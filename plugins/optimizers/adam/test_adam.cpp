@@ -457,3 +457,58 @@ TEST_CASE("AdamOptions checks what the schema cannot") {
   CHECK_THROWS_WITH_AS(AdamOptions::from(params(1e-3, {0.9, 0.999}, -1.0)),
                        doctest::Contains("weight_decay"), deepcam::Error);
 }
+
+namespace {
+
+bool no_gpu() { return !torch::cuda::is_available(); }
+
+}  // namespace
+
+// Runs only where a GPU is present; reported as skipped otherwise.
+TEST_CASE("Adam and AdamW: the fused CUDA kernels match the CPU path for 10 steps" * doctest::skip(no_gpu())) {
+  for (const bool decoupled : {false, true}) {
+    INFO("decoupled_weight_decay = " << decoupled);
+    // Several chunks (70000 > 65536), a channels-last parameter (dense but
+    // not contiguous), one with gradients on even steps only, and a scalar.
+    const std::vector<std::vector<std::int64_t>> shapes = {{70000}, {8, 3, 5, 5}, {17}, {}};
+    torch::manual_seed(7);
+    std::vector<at::Tensor> cpu;
+    std::vector<at::Tensor> gpu;
+    for (const auto& shape : shapes) {
+      at::Tensor p = torch::randn(shape);
+      cpu.push_back(p.clone().requires_grad_(true));
+      at::Tensor g = p.to(torch::kCUDA);
+      if (shape.size() == 4) g = g.contiguous(at::MemoryFormat::ChannelsLast);
+      gpu.push_back(g.requires_grad_(true));
+    }
+    const AdamOptions options{0.01, 0.8, 0.99, 0.1, decoupled};
+    Adam on_cpu(cpu, options);
+    Adam on_gpu(gpu, options);
+    for (int step = 1; step <= 10; ++step) {
+      on_cpu.set_lr(0.01 / step);
+      on_gpu.set_lr(0.01 / step);
+      for (std::size_t i = 0; i < shapes.size(); ++i) {
+        const bool has_grad = !(i == 2 && step % 2 == 1);
+        const at::Tensor g = has_grad ? torch::randn(shapes[i]) : at::Tensor();
+        cpu[i].mutable_grad() = g;
+        gpu[i].mutable_grad() = has_grad ? g.to(torch::kCUDA).contiguous(gpu[i].suggest_memory_format()) : g;
+      }
+      on_cpu.step();
+      on_gpu.step();
+    }
+    for (std::size_t i = 0; i < shapes.size(); ++i) {
+      INFO("parameter " << i);
+      CHECK(torch::allclose(gpu[i].detach().cpu(), cpu[i].detach(), 1e-5, 1e-6));
+    }
+    const auto state = [](const Adam& adam, std::int64_t i, const char* name) {
+      return key(key(adam.state_dict().toGenericDict(), "state").toGenericDict().at(i).toGenericDict(), name)
+          .toTensor()
+          .cpu();
+    };
+    for (std::int64_t i = 0; i < static_cast<std::int64_t>(shapes.size()); ++i) {
+      CHECK(state(on_gpu, i, "step").item<double>() == state(on_cpu, i, "step").item<double>());
+      CHECK(torch::allclose(state(on_gpu, i, "exp_avg"), state(on_cpu, i, "exp_avg"), 1e-5, 1e-6));
+      CHECK(torch::allclose(state(on_gpu, i, "exp_avg_sq"), state(on_cpu, i, "exp_avg_sq"), 1e-5, 1e-7));
+    }
+  }
+}
