@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <map>
+#include <memory>
 #include <set>
 #include <toml++/toml.h>
 
@@ -199,10 +201,79 @@ ParamValue parse_default(const ParamSpec& spec) {
   return convert(spec, *t.get("v"), fmt::format("default of '{}'", spec.key));
 }
 
+PluginKind kind_named(const ParamSpec& spec) {
+  const PluginKind kinds[] = {PluginKind::Reader, PluginKind::Model, PluginKind::Optimizer, PluginKind::Scheduler};
+  for (PluginKind kind : kinds) {
+    if (spec.choices && std::string(spec.choices) == to_string(kind)) return kind;
+  }
+  throw Error(fmt::format("parameter '{}' is declared as a plugin table of unknown kind '{}' (a bug in the plugin)",
+                          spec.key, spec.choices ? spec.choices : "(none)"));
+}
+
+// What checking needs besides the table: where keys were overridden (by
+// section path, "reader.source") and the loader for nested plugin tables.
+struct Checker {
+  std::string file;
+  std::map<std::string, std::set<std::string>> set_keys;
+  PluginLoader* loader = nullptr;
+
+  Location location(const std::string& section) const {
+    auto it = set_keys.find(section);
+    return Location{file, section, it == set_keys.end() ? std::set<std::string>{} : it->second};
+  }
+
+  Params check(const toml::table* table, const ParamSchema& schema, const Location& loc,
+               const std::set<std::string>& host_keys) const;
+  std::shared_ptr<const NestedPlugin> nested(const ParamSpec& spec, const toml::node& node, const Location& parent,
+                                             const std::string& where) const;
+};
+
+// A nested plugin table is checked like a top-level plugin section, before
+// anything is built: its plugin is loaded (of the kind the spec names) and
+// its keys are checked against that plugin's own schema.
+std::shared_ptr<const NestedPlugin> Checker::nested(const ParamSpec& spec, const toml::node& node,
+                                                    const Location& parent, const std::string& where) const {
+  const PluginKind kind = kind_named(spec);
+  const std::string section = parent.section + "." + spec.key;
+  const toml::table* t = node.as_table();
+  if (!t) {
+    throw Error(fmt::format("{}: expected a table [{}] naming a {} plugin (name = \"...\" and its keys), got {}",
+                            where, section, to_string(kind), type_name(node)));
+  }
+  const Location loc = location(section);
+  const toml::node* name_node = t->get("name");
+  if (!name_node || !name_node->is_string()) {
+    throw Error(fmt::format("{}: [{}] needs name = \"<{} plugin>\" (see deepcam-host --list-plugins)", where,
+                            section, to_string(kind)));
+  }
+  if (!loader) {
+    throw Error(fmt::format("{}: a nested plugin table needs the plugin loader to be checked", where));
+  }
+  std::string library;
+  if (const toml::node* lib = t->get("library")) {
+    if (!lib->is_string()) throw Error(fmt::format("{}: expected a string path", loc.at("library", lib)));
+    library = *lib->value<std::string>();
+  }
+  auto out = std::make_shared<NestedPlugin>();
+  out->kind = to_string(kind);
+  out->name = *name_node->value<std::string>();
+  const LoadedPlugin* plugin = nullptr;
+  try {
+    plugin = &loader->load(kind, out->name, library);
+  } catch (const Error& e) {
+    throw Error(fmt::format("{}: {}", loc.at("name", name_node), e.what()));
+  }
+  out->path = plugin->path;
+  out->descriptor = plugin->descriptor;
+  out->library = plugin->library;
+  out->params = check(t, plugin->descriptor->params, loc, {"name", "library"});
+  return out;
+}
+
 // Checks a table against a schema; `host_keys` are keys the host consumes
 // (name, library) and the schema does not list.
-Params check(const toml::table* table, const ParamSchema& schema, const Location& loc,
-             const std::set<std::string>& host_keys) {
+Params Checker::check(const toml::table* table, const ParamSchema& schema, const Location& loc,
+                      const std::set<std::string>& host_keys) const {
   std::map<std::string, ParamValue> values;
   std::vector<std::string> known;
   for (const auto& spec : schema) known.emplace_back(spec.key);
@@ -218,16 +289,28 @@ Params check(const toml::table* table, const ParamSchema& schema, const Location
         throw Error(fmt::format("{}: unknown key{} (known: {})", loc.at(key, &node), did_you_mean(key, all),
                                 fmt::join(all, ", ")));
       }
-      values[key] = convert(*it, node, loc.at(key, &node));
+      if (it->type == ParamType::Plugin) {
+        values[key] = nested(*it, node, loc, loc.at(key, &node));
+      } else {
+        values[key] = convert(*it, node, loc.at(key, &node));
+      }
     }
   }
   for (const auto& spec : schema) {
     if (values.count(spec.key)) continue;
     if (!spec.default_toml) {
-      throw Error(fmt::format("{} [{}]: missing required key '{}' ({})", loc.file, loc.section, spec.key,
-                              spec.doc));
+      const std::string what =
+          spec.type == ParamType::Plugin
+              ? fmt::format("a table [{}.{}] with name = \"<{} plugin>\"", loc.section, spec.key, spec.choices)
+              : std::string(spec.doc);
+      throw Error(fmt::format("{} [{}]: missing required key '{}' ({})", loc.file, loc.section, spec.key, what));
     }
-    values[spec.key] = parse_default(spec);
+    if (spec.type == ParamType::Plugin) {
+      const toml::table t = toml::parse(std::string("v = ") + spec.default_toml);
+      values[spec.key] = nested(spec, *t.get("v"), loc, fmt::format("default of '{}'", spec.key));
+    } else {
+      values[spec.key] = parse_default(spec);
+    }
   }
   return Params(fmt::format("{} [{}]", loc.file, loc.section), std::move(values));
 }
@@ -242,18 +325,28 @@ toml::table parse_file(const std::string& file) {
   }
 }
 
-// Applies one `section.key=value`; the value is TOML, or a bare string.
+// Applies one `section.key=value`; the value is TOML, or a bare string. The
+// key may be a path into nested tables: `reader.source.io=mmap`.
 void apply_override(toml::table& root, const std::string& item, std::map<std::string, std::set<std::string>>& set_keys) {
   const auto eq = item.find('=');
   const auto dot = item.find('.');
   if (eq == std::string::npos || dot == std::string::npos || dot > eq) {
     throw Error(fmt::format("--set {}: expected section.key=value", item));
   }
-  const std::string section = item.substr(0, dot);
-  const std::string key = item.substr(dot + 1, eq - dot - 1);
+  std::vector<std::string> path;
+  const std::string dotted = item.substr(0, eq);
+  for (std::size_t s = 0, e; s <= dotted.size(); s = e + 1) {
+    e = dotted.find('.', s);
+    if (e == std::string::npos) e = dotted.size();
+    path.push_back(dotted.substr(s, e - s));
+  }
+  const std::string& section = path.front();
   const std::string text = item.substr(eq + 1);
   if (std::find(kSections.begin(), kSections.end(), section) == kSections.end()) {
     throw Error(fmt::format("--set {}: unknown section [{}]{}", item, section, did_you_mean(section, kSections)));
+  }
+  for (const auto& part : path) {
+    if (part.empty()) throw Error(fmt::format("--set {}: empty key in '{}'", item, dotted));
   }
   toml::table parsed;
   try {
@@ -261,11 +354,16 @@ void apply_override(toml::table& root, const std::string& item, std::map<std::st
   } catch (const toml::parse_error&) {
     parsed.insert_or_assign("v", text);
   }
-  if (!root.contains(section)) root.insert(section, toml::table{});
-  toml::table* t = root.get_as<toml::table>(section);
-  if (!t) throw Error(fmt::format("--set {}: [{}] is not a table", item, section));
-  t->insert_or_assign(key, *parsed.get("v"));
-  set_keys[section].insert(key);
+  toml::table* t = &root;
+  std::string table_path;
+  for (std::size_t i = 0; i + 1 < path.size(); ++i) {
+    table_path += (i ? "." : "") + path[i];
+    if (!t->contains(path[i])) t->insert(path[i], toml::table{});
+    t = t->get_as<toml::table>(path[i]);
+    if (!t) throw Error(fmt::format("--set {}: [{}] is not a table", item, table_path));
+  }
+  t->insert_or_assign(path.back(), *parsed.get("v"));
+  set_keys[table_path].insert(path.back());
 }
 
 }  // namespace
@@ -290,9 +388,11 @@ ParamSchema host_schema(const std::string& section) {
   throw Error(fmt::format("no host section [{}]; the host's sections are run, data, mlperf", section));
 }
 
-Params check_table_file(const std::string& file, const std::string& section, const ParamSchema& schema) {
+Params check_table_file(const std::string& file, const std::string& section, const ParamSchema& schema,
+                        PluginLoader* loader) {
   toml::table root = parse_file(file);
-  return check(root.get_as<toml::table>(section), schema, Location{file, section, {}}, {"name", "library"});
+  const Checker checker{file, {}, loader};
+  return checker.check(root.get_as<toml::table>(section), schema, checker.location(section), {"name", "library"});
 }
 
 RunConfig load_config(const std::string& file, const std::vector<std::string>& overrides,
@@ -311,13 +411,14 @@ RunConfig load_config(const std::string& file, const std::vector<std::string>& o
       throw Error(fmt::format("{}:{}: '{}' must be a table [{}]", file, node.source().begin.line, section, section));
     }
   }
-  auto location = [&](const std::string& section) { return Location{file, section, set_keys[section]}; };
+  const Checker checker{file, set_keys, &loader};
+  auto location = [&](const std::string& section) { return checker.location(section); };
 
   RunConfig cfg;
   cfg.file = file;
-  cfg.run = check(root.get_as<toml::table>("run"), schema_of(kRunSpecs), location("run"), {});
-  cfg.data = check(root.get_as<toml::table>("data"), schema_of(kDataSpecs), location("data"), {});
-  cfg.mlperf = check(root.get_as<toml::table>("mlperf"), schema_of(kMlperfSpecs), location("mlperf"), {});
+  cfg.run = checker.check(root.get_as<toml::table>("run"), schema_of(kRunSpecs), location("run"), {});
+  cfg.data = checker.check(root.get_as<toml::table>("data"), schema_of(kDataSpecs), location("data"), {});
+  cfg.mlperf = checker.check(root.get_as<toml::table>("mlperf"), schema_of(kMlperfSpecs), location("mlperf"), {});
 
   const PluginKind kinds[] = {PluginKind::Reader, PluginKind::Model, PluginKind::Optimizer,
                               PluginKind::Scheduler};
@@ -344,26 +445,38 @@ RunConfig load_config(const std::string& file, const std::vector<std::string>& o
     } catch (const Error& e) {
       throw Error(fmt::format("{}: {}", loc.at("name", name_node), e.what()));
     }
-    c.params = check(t, c.plugin->descriptor->params, loc, {"name", "library"});
+    c.params = checker.check(t, c.plugin->descriptor->params, loc, {"name", "library"});
   }
 
-  // The resolved configuration, every default filled in.
+  // The resolved configuration, every default filled in; a nested plugin
+  // table follows its parent's keys as its own section, [reader.source].
   std::string out = fmt::format("# resolved from {}\n", file);
-  auto section_text = [&](const std::string& name, const Params& p, const ParamSchema& schema,
-                          const PluginChoice* c) {
-    out += fmt::format("\n[{}]\n", name);
-    if (c) {
-      out += fmt::format("name = {}\n", to_toml(ParamValue(c->name)));
-      out += fmt::format("library = {}  # loaded\n", to_toml(ParamValue(c->plugin->path)));
-    }
-    for (const auto& spec : schema) out += fmt::format("{} = {}\n", spec.key, to_toml(p.values().at(spec.key)));
-  };
-  section_text("run", cfg.run, schema_of(kRunSpecs), nullptr);
-  section_text("data", cfg.data, schema_of(kDataSpecs), nullptr);
+  std::function<void(const std::string&, const Params&, const ParamSchema&, const std::string*, const std::string*)>
+      section_text = [&](const std::string& name, const Params& p, const ParamSchema& schema,
+                         const std::string* plugin_name, const std::string* plugin_path) {
+        out += fmt::format("\n[{}]\n", name);
+        if (plugin_name) {
+          out += fmt::format("name = {}\n", to_toml(ParamValue(*plugin_name)));
+          out += fmt::format("library = {}  # loaded\n", to_toml(ParamValue(*plugin_path)));
+        }
+        for (const auto& spec : schema) {
+          if (spec.type != ParamType::Plugin) {
+            out += fmt::format("{} = {}\n", spec.key, to_toml(p.values().at(spec.key)));
+          }
+        }
+        for (const auto& spec : schema) {
+          if (spec.type != ParamType::Plugin) continue;
+          const NestedPlugin& n = p.plugin(spec.key);
+          section_text(name + "." + spec.key, n.params, n.descriptor->params, &n.name, &n.path);
+        }
+      };
+  section_text("run", cfg.run, schema_of(kRunSpecs), nullptr, nullptr);
+  section_text("data", cfg.data, schema_of(kDataSpecs), nullptr, nullptr);
   for (std::size_t i = 0; i < 4; ++i) {
-    section_text(kPluginSections[i], choices[i]->params, choices[i]->plugin->descriptor->params, choices[i]);
+    section_text(kPluginSections[i], choices[i]->params, choices[i]->plugin->descriptor->params, &choices[i]->name,
+                 &choices[i]->plugin->path);
   }
-  section_text("mlperf", cfg.mlperf, schema_of(kMlperfSpecs), nullptr);
+  section_text("mlperf", cfg.mlperf, schema_of(kMlperfSpecs), nullptr, nullptr);
   cfg.resolved = out;
   return cfg;
 }

@@ -16,6 +16,7 @@ const char* to_string(ParamType type) {
     case ParamType::IntList: return "int list";
     case ParamType::FloatList: return "float list";
     case ParamType::StringList: return "string list";
+    case ParamType::Plugin: return "plugin table";
   }
   return "unknown";
 }
@@ -66,6 +67,12 @@ const std::vector<std::string>& Params::strings(const std::string& key) const {
   return get<std::vector<std::string>>(at(key), where_, key, "string list");
 }
 
+const NestedPlugin& Params::plugin(const std::string& key) const { return *plugin_shared(key); }
+
+std::shared_ptr<const NestedPlugin> Params::plugin_shared(const std::string& key) const {
+  return get<std::shared_ptr<const NestedPlugin>>(at(key), where_, key, "plugin table");
+}
+
 namespace {
 std::string toml_string(const std::string& s) { return Json(s).dump(); }
 std::string toml_float(double d) {
@@ -95,6 +102,12 @@ std::string to_toml(const ParamValue& value) {
     std::string operator()(const std::vector<double>& v) const { return toml_list(v, toml_float); }
     std::string operator()(const std::vector<std::string>& v) const {
       return toml_list(v, toml_string);
+    }
+    // An inline table; the resolved config prints nested tables as sections.
+    std::string operator()(const std::shared_ptr<const NestedPlugin>& v) const {
+      std::string out = "{ name = " + toml_string(v->name);
+      for (const auto& [key, value] : v->params.values()) out += ", " + key + " = " + to_toml(value);
+      return out + " }";
     }
   };
   return std::visit(Visitor{}, value);

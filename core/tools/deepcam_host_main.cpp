@@ -20,8 +20,18 @@ const char* kUsage =
     "       deepcam-host --describe KIND/NAME   (e.g. optimizer/adam; or run, data, mlperf)\n"
     "       deepcam-host --version\n";
 
-void print_schema(const deepcam::ParamSchema& schema) {
+// `section` is the table the keys live in ("reader"), for naming nested tables.
+void print_schema(const deepcam::ParamSchema& schema, const std::string& section) {
   for (const auto& s : schema) {
+    if (s.type == deepcam::ParamType::Plugin) {
+      // A nested table names another plugin, whose keys are that plugin's own.
+      const std::string type = fmt::format("{} table", s.choices);
+      std::printf("  %-32s %-12s default %s\n      %s\n      a table [%s.%s] with name = \"<%s plugin>\", optional "
+                  "library, and that plugin's keys (deepcam-host --describe %s/NAME)\n",
+                  s.key, type.c_str(), s.default_toml ? s.default_toml : "(required)", s.doc, section.c_str(), s.key,
+                  s.choices, s.choices);
+      continue;
+    }
     std::string range;
     if (s.min <= s.max) range = fmt::format("  range [{}, {}]", deepcam::to_toml(s.min), deepcam::to_toml(s.max));
     if (s.choices) range = fmt::format("  one of {}", s.choices);
@@ -45,7 +55,7 @@ int describe(deepcam::PluginLoader& loader, const std::string& what) {
   const auto slash = what.find('/');
   if (slash == std::string::npos) {
     std::printf("[%s] (deepcam-host)\n", what.c_str());
-    print_schema(deepcam::host_schema(what));
+    print_schema(deepcam::host_schema(what), what);
     return 0;
   }
   const std::string kind_name = what.substr(0, slash);
@@ -60,7 +70,7 @@ int describe(deepcam::PluginLoader& loader, const std::string& what) {
                 "parameters ([%s] table; also `name` and optional `library`):\n",
                 deepcam::to_string(d.kind), d.name, d.version, d.summary, p.path.c_str(), d.torch_version,
                 d.cxx11_abi, *d.cuda_version ? d.cuda_version : "none", d.abi_version, deepcam::to_string(d.kind));
-    print_schema(d.params);
+    print_schema(d.params, deepcam::to_string(d.kind));
     return 0;
   }
   throw deepcam::Error(fmt::format("--describe {}: unknown kind '{}'; kinds: reader, model, optimizer, scheduler",

@@ -2,7 +2,10 @@
 // in full before anything is built. Sections: [run], [data], [mlperf] (the
 // host's own schemas) and [reader], [model], [optimizer], [scheduler] (each
 // names a plugin, `name = "..."`, optionally `library = "path"`, and holds
-// that plugin's own keys, checked against the plugin's schema).
+// that plugin's own keys, checked against the plugin's schema). A plugin
+// that wraps another declares a ParamType::Plugin key; its value is a nested
+// table ([reader.source]) checked the same way, against the nested plugin's
+// schema, and `--set reader.source.io=mmap` reaches into it.
 #pragma once
 
 #include <string>
@@ -44,9 +47,10 @@ DEEPCAM_API RunConfig load_config(const std::string& file, const std::vector<std
                                   PluginLoader& loader);
 
 // Checks one table's values against a schema; exposed for plugin unit tests
-// and the generic loader test, which build plugins from their test.toml.
+// and the generic loader test, which build plugins from their test.toml. A
+// schema with a nested plugin table ([reader.source]) needs `loader`.
 DEEPCAM_API Params check_table_file(const std::string& file, const std::string& section,
-                                    const ParamSchema& schema);
+                                    const ParamSchema& schema, PluginLoader* loader = nullptr);
 
 // "did you mean" helper: the closest candidate, or "" when none is close.
 DEEPCAM_API std::string closest_match(const std::string& word, const std::vector<std::string>& candidates);

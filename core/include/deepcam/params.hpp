@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <variant>
 #include <vector>
@@ -13,7 +14,10 @@
 
 namespace deepcam {
 
-enum class ParamType { Int, Float, Bool, String, IntList, FloatList, StringList };
+// Plugin: a nested table naming another plugin ([reader.source] name = "npy"),
+// for plugins that wrap another one; the spec's `choices` holds the kind of
+// plugin it names ("reader").
+enum class ParamType { Int, Float, Bool, String, IntList, FloatList, StringList, Plugin };
 
 DEEPCAM_API const char* to_string(ParamType type);
 
@@ -31,6 +35,7 @@ struct ParamSpec {
   double min = 1.0;
   double max = 0.0;
   // For strings: the allowed values, separated by '|'; nullptr for any.
+  // For a Plugin parameter: the kind of plugin the nested table names.
   const char* choices = nullptr;
 };
 
@@ -41,8 +46,12 @@ struct ParamSchema {
   const ParamSpec* end() const { return specs + size; }
 };
 
+struct NestedPlugin;
+struct PluginDescriptor;
+
 using ParamValue = std::variant<std::int64_t, double, bool, std::string, std::vector<std::int64_t>,
-                                std::vector<double>, std::vector<std::string>>;
+                                std::vector<double>, std::vector<std::string>,
+                                std::shared_ptr<const NestedPlugin>>;
 
 // The checked values of one table, defaults filled in. A lookup of a key the
 // schema does not declare, or with the wrong type, is a programming error in
@@ -59,6 +68,10 @@ class DEEPCAM_API Params {
   const std::vector<std::int64_t>& integers(const std::string& key) const;
   const std::vector<double>& numbers(const std::string& key) const;
   const std::vector<std::string>& strings(const std::string& key) const;
+  const NestedPlugin& plugin(const std::string& key) const;
+  // The same, shared: a wrapper keeps it to keep the nested plugin's library
+  // loaded as long as the object it built from it.
+  std::shared_ptr<const NestedPlugin> plugin_shared(const std::string& key) const;
 
   bool has(const std::string& key) const { return values_.count(key) != 0; }
   // Where the values came from, for messages: "run.toml [optimizer]".
@@ -69,6 +82,19 @@ class DEEPCAM_API Params {
   const ParamValue& at(const std::string& key) const;
   std::string where_;
   std::map<std::string, ParamValue> values_;
+};
+
+// The value of a Plugin parameter: the plugin its table names, loaded and
+// checked like a top-level one, and that table's checked values. The wrapper
+// builds the nested object itself through descriptor's factory, so the host
+// needs no hook per kind and knows no concrete plugin.
+struct NestedPlugin {
+  std::string kind;                     // "reader"
+  std::string name;                     // "npy"
+  std::string path;                     // the library file loaded
+  const PluginDescriptor* descriptor = nullptr;
+  std::shared_ptr<const void> library;  // keeps the library loaded
+  Params params;                        // "run.toml [reader.source]"
 };
 
 // The TOML text of a value, as --describe and the resolved config print it.

@@ -1,0 +1,103 @@
+#include "device_copy.hpp"
+
+#include <ATen/ops/empty.h>
+#include <fmt/format.h>
+
+#include <vector>
+
+#include "deepcam/error.hpp"
+#include "deepcam_build_config.h"
+
+#if DEEPCAM_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <optional>
+#endif
+
+namespace deepcam::readers {
+
+#if DEEPCAM_WITH_CUDA
+struct DeviceCopier::Impl {
+  c10::DeviceIndex index;
+  c10::cuda::CUDAStream side;
+  struct Slot {
+    at::cuda::CUDAEvent copied;  // recorded on `side` after the slot's copy
+    at::Tensor data, labels;     // on the GPU
+  };
+  std::vector<Slot> slots;
+  Impl(c10::DeviceIndex i, int n)
+      : index(i), side(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, i)), slots(static_cast<std::size_t>(n)) {}
+};
+#else
+struct DeviceCopier::Impl {};
+#endif
+
+DeviceCopier::DeviceCopier(const std::string& device, int rank, int slots, const std::string& where) {
+  if (device != "cuda") return;
+#if DEEPCAM_WITH_CUDA
+  const int count = at::cuda::device_count();
+  if (count == 0) throw Error(fmt::format("{}: [run] device = \"cuda\" but no CUDA device is available", where));
+  impl_ = std::make_unique<Impl>(static_cast<c10::DeviceIndex>(rank % count), slots);
+#else
+  (void)rank;
+  (void)slots;
+  throw Error(fmt::format("{}: [run] device = \"cuda\" but this plugin was built without CUDA", where));
+#endif
+}
+
+DeviceCopier::~DeviceCopier() = default;
+
+at::Tensor DeviceCopier::host_buffer(at::IntArrayRef sizes, at::ScalarType type) const {
+  return at::empty(sizes, at::TensorOptions().dtype(type).pinned_memory(active()));
+}
+
+void DeviceCopier::wait_reusable(int slot) {
+#if DEEPCAM_WITH_CUDA
+  if (impl_) impl_->slots[static_cast<std::size_t>(slot)].copied.synchronize();
+#else
+  (void)slot;
+#endif
+}
+
+void DeviceCopier::issue(int slot, const at::Tensor& data, const at::Tensor& labels) {
+#if DEEPCAM_WITH_CUDA
+  if (!impl_) return;
+  auto& s = impl_->slots[static_cast<std::size_t>(slot)];
+  const c10::cuda::CUDAGuard device_guard(impl_->index);
+  const c10::cuda::CUDAStreamGuard stream_guard(impl_->side);
+  const at::Device gpu(at::kCUDA, impl_->index);
+  // Pinned source and non_blocking: an asynchronous copy on the side stream.
+  s.data = data.to(gpu, /*non_blocking=*/true);
+  s.labels = labels.to(gpu, /*non_blocking=*/true);
+  s.copied.record(impl_->side);
+#else
+  (void)slot;
+  (void)data;
+  (void)labels;
+#endif
+}
+
+void DeviceCopier::hand_over(int slot, at::Tensor& data, at::Tensor& labels) {
+#if DEEPCAM_WITH_CUDA
+  if (!impl_) return;
+  auto& s = impl_->slots[static_cast<std::size_t>(slot)];
+  const c10::cuda::CUDAGuard device_guard(impl_->index);
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(impl_->index);
+  s.copied.block(current);
+  // The tensors were allocated on the side stream; used on the current one,
+  // their memory must not be reused before that stream is done with them.
+  s.data.record_stream(current);
+  s.labels.record_stream(current);
+  data = std::move(s.data);
+  labels = std::move(s.labels);
+#else
+  (void)slot;
+  (void)data;
+  (void)labels;
+#endif
+}
+
+}  // namespace deepcam::readers

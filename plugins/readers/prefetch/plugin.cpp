@@ -1,0 +1,45 @@
+// Entry point of libdeepcam_reader_prefetch.so: the parameter schema and the
+// factory. The host has already loaded and checked the source reader named
+// in [reader.source]; the factory builds it with the same context and wraps it.
+#include "deepcam/plugin.hpp"
+
+#include <fmt/format.h>
+
+#include <memory>
+
+#include "deepcam/error.hpp"
+#include "prefetch_reader.hpp"
+
+namespace {
+
+const deepcam::ParamSpec kParams[] = {
+    {"source", deepcam::ParamType::Plugin, nullptr, "the reader that supplies the samples", 1.0, 0.0, "reader"},
+    {"depth", deepcam::ParamType::Int, "4", "batches read ahead of the training step", 1.0, 1024.0},
+    {"threads", deepcam::ParamType::Int, "4", "worker threads reading samples (and staging copies)", 1.0, 256.0},
+    {"shuffle_mode", deepcam::ParamType::String, "\"global\"",
+     "training order: global (the reference), node or gpu (shard per node or rank, SPEC 2.2)", 1.0, 0.0,
+     "global|node|gpu"},
+    {"data_oversampling_factor", deepcam::ParamType::Int, "1",
+     "NVIDIA's oversampling (node/gpu modes): a rank cycles through this many random shards, one per epoch", 1.0,
+     1024.0},
+    {"stage_dir", deepcam::ParamType::String, "\"\"",
+     "node-local directory (e.g. /dev/shm) to copy this rank's samples into at start; \"\": read in place"},
+};
+
+std::unique_ptr<deepcam::Reader> make(const deepcam::Params& params, const deepcam::ReaderContext& context) {
+  const auto source = params.plugin_shared("source");
+  if (!source->descriptor || !source->descriptor->make_reader) {
+    throw deepcam::Error(fmt::format("{} source: {} is not a reader plugin", params.where(), source->path));
+  }
+  auto reader = source->descriptor->make_reader(source->params, context);
+  // `source` holds the source's library: released after the source reader.
+  return std::make_unique<deepcam::readers::PrefetchReader>(
+      context, deepcam::readers::PrefetchOptions::from(params), std::move(reader), source);
+}
+
+}  // namespace
+
+DEEPCAM_READER_PLUGIN("prefetch", "1.0.0",
+                      "reads ahead into a ring of batch buffers on worker threads, from any reader named in "
+                      "[reader.source]; shuffle modes, oversampling, staging to node-local storage",
+                      kParams, make)

@@ -1,0 +1,108 @@
+// Description
+//   Wraps another reader (named in a nested table, [reader.source]) and reads
+//   ahead: `threads` worker threads read the samples of the next `depth`
+//   batches into a ring of preallocated batch buffers while the training
+//   step runs, so that the step does not wait on the file system while the
+//   ring is full. The source reader supplies the samples (its sample_files /
+//   read_sample: file format, channel selection, normalisation); this reader
+//   decides the order, with the core's sharding (deepcam/sharding.hpp,
+//   SPEC 2): shuffle_mode global, node or gpu and data_oversampling_factor.
+//   Workers take the samples strictly in order and each batch has its own
+//   slot, so the batches depend on the seed only, never on the number of
+//   threads; in global mode they equal the source reader's own batches.
+//
+//   On CUDA ([run] device = "cuda") the ring is pinned host memory and each
+//   batch is copied to the GPU on a side stream as soon as it is complete
+//   (device_copy.hpp); next() hands out GPU tensors. Normalisation stays on
+//   the CPU (in the source's read_sample).
+//
+//   Staging (stage_dir set): during construction the samples this rank may
+//   ever read (its training shard in gpu mode, its node's in node mode,
+//   everything in global mode; plus its validation samples) are copied into
+//   a fresh directory under stage_dir, each copy checked, between MLPerf
+//   staging_start and staging_stop; all reads then go to the copies, which
+//   are removed when the reader goes (also after an error). Each rank makes
+//   its own copy: sharing one per node would need a node barrier that the
+//   reader interface does not offer.
+//
+// Usage
+//   [reader]
+//   name = "prefetch"
+//   depth = 4
+//   threads = 8
+//   shuffle_mode = "node"
+//   stage_dir = "/dev/shm"
+//   [reader.source]
+//   name = "npy"
+//   io = "direct"
+//
+// Parameters
+//   Property                 | Description                                          | Required | Default
+//   -------------------------|------------------------------------------------------|----------|---------
+//   source                   | table naming the source reader and its keys          | yes      |
+//   depth                    | batches read ahead of the training step (1..1024)    | no       | 4
+//   threads                  | worker threads reading samples (1..256)              | no       | 4
+//   shuffle_mode             | global, node or gpu (SPEC 2.1, 2.2)                  | no       | "global"
+//   data_oversampling_factor | NVIDIA's oversampling, node/gpu modes (1..1024)      | no       | 1
+//   stage_dir                | node-local directory to stage into; "" reads in place| no       | ""
+//
+//   The source's own shuffle settings, if it has any, are not used: this
+//   reader asks it for single samples.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "deepcam/params.hpp"
+#include "deepcam/reader.hpp"
+#include "deepcam/sharding.hpp"
+
+namespace deepcam::readers {
+
+struct PrefetchOptions {
+  int depth = 4;
+  int threads = 4;
+  ShuffleMode shuffle_mode = ShuffleMode::Global;
+  std::int64_t oversampling_factor = 1;
+  std::string stage_dir;  // empty: no staging
+  std::string where;      // "run.toml [reader]", for messages
+
+  static PrefetchOptions from(const Params& params);
+};
+
+class PrefetchReader final : public Reader {
+ public:
+  // Takes the built source reader; `keep` holds whatever the source's code
+  // needs to stay loaded (its plugin library) and is released after it.
+  PrefetchReader(const ReaderContext& context, const PrefetchOptions& options, std::unique_ptr<Reader> source,
+                 std::shared_ptr<const void> keep = nullptr);
+  ~PrefetchReader() override;
+
+  std::int64_t global_samples(Split split) const override;
+  std::int64_t local_samples(Split split) const override;
+  void start_epoch(Split split, std::int64_t epoch) override;
+  // The batch stays valid until two more calls of next() or a start_epoch():
+  // its buffer goes back to the ring then (or, if still referenced, is
+  // replaced by a new one).
+  bool next(Batch& batch) override;
+
+  std::int64_t sample_count(Split split) const override;
+  // The staged copies when staging, else the source's files.
+  std::vector<std::string> sample_files(Split split, std::int64_t index) const override;
+  std::vector<std::int64_t> sample_shape() const override;
+  void read_sample(const std::vector<std::string>& files, float* data, std::int64_t* labels) const override;
+
+  // The staging directory ("" when not staging).
+  std::string staging_dir() const;
+  // Samples that this rank reads in the current epoch, in order.
+  const std::vector<std::int64_t>& epoch_order() const;
+
+ private:
+  void stop_workers();
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace deepcam::readers

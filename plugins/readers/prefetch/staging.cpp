@@ -1,0 +1,216 @@
+#include "staging.hpp"
+
+#include <fcntl.h>
+#include <ftw.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <fmt/format.h>
+
+#include <atomic>
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+#include "deepcam/error.hpp"
+
+namespace deepcam::readers {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr std::size_t kChunk = std::size_t{4} << 20;  // 4 MiB: large sequential reads on a parallel file system
+
+// A file descriptor closed on every path out.
+struct Fd {
+  int fd = -1;
+  explicit Fd(int f) : fd(f) {}
+  ~Fd() {
+    if (fd >= 0) ::close(fd);
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  // Closes now and reports failure: a delayed write error on NFS shows here.
+  int close() {
+    const int r = ::close(fd);
+    fd = -1;
+    return r;
+  }
+};
+
+std::string errno_text(int e) { return std::strerror(e); }
+
+// Reads up to `size` bytes, retrying interrupted and short reads; returns
+// the count (less than size only at the end of the file).
+std::size_t read_full(int fd, char* buf, std::size_t size, const std::string& path) {
+  std::size_t done = 0;
+  while (done < size) {
+    const ssize_t n = ::read(fd, buf + done, size - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) throw Error(fmt::format("{}: read failed while staging: {}", path, errno_text(errno)));
+    if (n == 0) break;
+    done += static_cast<std::size_t>(n);
+  }
+  return done;
+}
+
+}  // namespace
+
+std::uint64_t checksum(const void* data, std::size_t size, std::uint64_t state) {
+  constexpr std::uint64_t kPrime = 0x100000001b3ULL;
+  const auto* p = static_cast<const unsigned char*>(data);
+  std::size_t i = 0;
+  for (; i + 8 <= size; i += 8) {
+    std::uint64_t word;
+    std::memcpy(&word, p + i, 8);
+    state = (state ^ word) * kPrime;
+  }
+  for (; i < size; ++i) state = (state ^ p[i]) * kPrime;
+  return state;
+}
+
+StagingArea::StagingArea(const std::string& parent, const std::string& where) : where_(where) {
+  std::error_code ec;
+  if (!fs::is_directory(parent, ec)) {
+    throw Error(fmt::format("{} = \"{}\": no such directory; give an existing node-local directory such as "
+                            "/dev/shm or /tmp",
+                            where, parent));
+  }
+  std::string templ = (fs::path(parent) / "deepcam-stage-XXXXXX").string();
+  if (!::mkdtemp(templ.data())) {
+    throw Error(fmt::format("{} = \"{}\": cannot create a staging directory there: {}", where, parent,
+                            errno_text(errno)));
+  }
+  dir_ = templ;
+}
+
+StagingArea::~StagingArea() {
+  // Not std::filesystem::remove_all: libtorch.so exports its own broken copy
+  // of it, which may be bound ahead of libstdc++'s. Nothing can be thrown
+  // from here; a leftover directory is reported so that it can be removed by
+  // hand.
+  const int failed = ::nftw(
+      dir_.c_str(), [](const char* file, const struct stat*, int, struct FTW*) { return ::remove(file); }, 16,
+      FTW_DEPTH | FTW_PHYS);
+  if (failed != 0) {
+    std::fprintf(stderr, "deepcam-host: could not remove the staged copies in %s: %s\n", dir_.c_str(),
+                 std::strerror(errno));
+  }
+}
+
+std::uint64_t StagingArea::bytes() const { return bytes_.load(); }
+
+std::string StagingArea::copy(const std::string& source, const std::string& subdir) const {
+  const fs::path target_dir = fs::path(dir_) / subdir;
+  std::error_code ec;
+  fs::create_directories(target_dir, ec);
+  if (ec) throw Error(fmt::format("{}: cannot create the staging directory: {}", target_dir.string(), ec.message()));
+  const std::string target = (target_dir / fs::path(source).filename()).string();
+  // Written under a temporary name: a copy that exists under its own name is
+  // complete and checked.
+  const std::string partial = target + ".partial";
+
+  Fd in(::open(source.c_str(), O_RDONLY | O_CLOEXEC));
+  if (in.fd < 0) throw Error(fmt::format("{}: cannot open for staging: {}", source, errno_text(errno)));
+  struct stat st {};
+  if (::fstat(in.fd, &st) != 0) throw Error(fmt::format("{}: cannot stat: {}", source, errno_text(errno)));
+  const auto size = static_cast<std::uint64_t>(st.st_size);
+
+  struct RemoveUnlessKept {
+    const std::string& path;
+    bool keep = false;
+    ~RemoveUnlessKept() {
+      if (!keep) ::unlink(path.c_str());
+    }
+  } cleanup{partial};
+  Fd out(::open(partial.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  if (out.fd < 0) throw Error(fmt::format("{}: cannot create the staged copy: {}", partial, errno_text(errno)));
+
+  auto write_failed = [&](int e) {
+    const char* hint = (e == ENOSPC || e == EFBIG || e == EDQUOT)
+                           ? "; free space there or point stage_dir at a larger directory"
+                           : "";
+    return Error(fmt::format("{}: cannot write the staged copy of {} ({}){}; {} = \"{}\"", target, source,
+                             errno_text(e), hint, where_, fs::path(dir_).parent_path().string()));
+  };
+
+  std::unique_ptr<char[]> buf(new char[kChunk]);
+  std::uint64_t sum = kChecksumSeed, copied = 0;
+  for (;;) {
+    const std::size_t n = read_full(in.fd, buf.get(), kChunk, source);
+    if (n == 0) break;
+    sum = checksum(buf.get(), n, sum);
+    for (std::size_t done = 0; done < n;) {
+      const ssize_t w = ::write(out.fd, buf.get() + done, n - done);
+      if (w < 0 && errno == EINTR) continue;
+      if (w < 0) throw write_failed(errno);
+      done += static_cast<std::size_t>(w);
+    }
+    copied += n;
+    bytes_ += n;
+  }
+  if (out.close() != 0) throw write_failed(errno);
+  if (copied != size) {
+    throw Error(fmt::format("{}: changed while staging (read {} bytes, its size is {})", source, copied, size));
+  }
+
+  // Check what landed on the staging device, not what we meant to write.
+  Fd back(::open(partial.c_str(), O_RDONLY | O_CLOEXEC));
+  if (back.fd < 0) throw Error(fmt::format("{}: cannot reopen the staged copy: {}", partial, errno_text(errno)));
+  struct stat bst {};
+  if (::fstat(back.fd, &bst) != 0 || static_cast<std::uint64_t>(bst.st_size) != size) {
+    throw Error(fmt::format("{}: the staged copy of {} has {} bytes, the source {}", target, source,
+                            static_cast<long long>(bst.st_size), size));
+  }
+  std::uint64_t back_sum = kChecksumSeed;
+  for (std::size_t n; (n = read_full(back.fd, buf.get(), kChunk, partial)) > 0;) back_sum = checksum(buf.get(), n, back_sum);
+  if (back_sum != sum) {
+    throw Error(fmt::format("{}: the staged copy of {} differs from it (checksum {:016x}, source {:016x}); the "
+                            "staging device may be failing",
+                            target, source, back_sum, sum));
+  }
+  if (::rename(partial.c_str(), target.c_str()) != 0) {
+    throw Error(fmt::format("{}: cannot rename the staged copy into place: {}", target, errno_text(errno)));
+  }
+  cleanup.keep = true;
+  return target;
+}
+
+std::vector<std::vector<std::string>> StagingArea::copy_all(const std::vector<std::vector<std::string>>& groups,
+                                                            const std::string& subdir, int threads) const {
+  std::vector<std::vector<std::string>> out(groups.size());
+  std::atomic<std::size_t> next{0};
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  auto work = [&] {
+    for (std::size_t i; !failed && (i = next++) < groups.size();) {
+      try {
+        std::vector<std::string> copies;
+        for (const auto& f : groups[i]) copies.push_back(copy(f, subdir));
+        out[i] = std::move(copies);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+        failed = true;
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  const int n = std::max(1, std::min<int>(threads, static_cast<int>(groups.size())));
+  for (int t = 1; t < n; ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+  if (error) std::rethrow_exception(error);
+  return out;
+}
+
+}  // namespace deepcam::readers

@@ -1,0 +1,494 @@
+// Unit tests of deepcam::readers::PrefetchReader and StagingArea: the ring
+// (bounded read-ahead, buffers still held are not overwritten), batches that
+// do not depend on the number of threads and equal the source reader's own,
+// errors handed over at the batch they belong to, and staging (copies equal
+// to their sources, reads go to them, removed at exit and after an error).
+#include <ATen/ops/empty.h>
+#include <ATen/ops/equal.h>
+
+#include <fcntl.h>
+#include <ftw.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <random>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "deepcam/error.hpp"
+#include "deepcam/mlperf_log.hpp"
+#include "deepcam/sharding.hpp"
+#include "../hdf5/hdf5_reader.hpp"
+#include "prefetch_reader.hpp"
+#include "staging.hpp"
+
+// Last: c10's logging header defines its own CHECK, which must not win.
+#undef CHECK
+#include <doctest/doctest.h>
+
+namespace fs = std::filesystem;
+using deepcam::Batch;
+using deepcam::Error;
+using deepcam::ReaderContext;
+using deepcam::ShuffleMode;
+using deepcam::Split;
+using deepcam::readers::PrefetchOptions;
+using deepcam::readers::PrefetchReader;
+using deepcam::readers::StagingArea;
+
+namespace {
+
+// Not std::filesystem::remove_all: libtorch.so exports a broken copy of it.
+void remove_tree(const fs::path& path) {
+  nftw(
+      path.c_str(), [](const char* file, const struct stat*, int, struct FTW*) { return ::remove(file); }, 16,
+      FTW_DEPTH | FTW_PHYS);
+}
+
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    std::string pattern = (fs::temp_directory_path() / "deepcam_prefetch_XXXXXX").string();
+    REQUIRE(mkdtemp(pattern.data()) != nullptr);
+    path = pattern;
+  }
+  ~TempDir() { remove_tree(path); }
+};
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+std::vector<std::string> entries(const fs::path& dir) {
+  std::vector<std::string> out;
+  for (const auto& e : fs::directory_iterator(dir)) out.push_back(e.path().filename().string());
+  return out;
+}
+
+constexpr std::int64_t kC = 2, kH = 3, kW = 4;
+
+// A source whose sample i is a real file holding "sample i" (so that staging
+// has something to copy) and whose values encode i and the position, so that
+// any mix-up shows. Reads take a random few hundred microseconds, so that
+// workers finish out of order.
+class FakeSource final : public deepcam::Reader {
+ public:
+  FakeSource(const fs::path& dir, std::int64_t train, std::int64_t validation, const ReaderContext& ctx)
+      : ctx_(ctx) {
+    for (const char* split : {"train", "validation"}) {
+      const std::int64_t n = std::string(split) == "train" ? train : validation;
+      fs::create_directories(dir / split);
+      for (std::int64_t i = 0; i < n; ++i) {
+        const fs::path f = dir / split / ("sample-" + std::to_string(1000 + i) + ".bin");
+        std::ofstream(f) << split << ' ' << i << std::string(static_cast<std::size_t>(100 + 37 * i), 'x');
+        files_[std::string(split) == "train" ? 0 : 1].push_back(f.string());
+      }
+    }
+  }
+  std::int64_t global_samples(Split s) const override { return sample_count(s); }
+  std::int64_t local_samples(Split s) const override { return sample_count(s); }
+  // Its own order, sequentially: the reference's global order for training.
+  void start_epoch(Split s, std::int64_t epoch) override {
+    split_ = s;
+    pos_ = 0;
+    order_ = s == Split::Train ? deepcam::training_indices(sample_count(s), ctx_.rank, ctx_.world_size, ctx_.seed, epoch)
+                               : deepcam::validation_indices(sample_count(s), ctx_.rank, ctx_.world_size);
+  }
+  bool next(Batch& b) override {
+    const std::int64_t bs = split_ == Split::Train ? ctx_.train_batch_size : ctx_.validation_batch_size;
+    const std::int64_t n = std::min<std::int64_t>(bs, static_cast<std::int64_t>(order_.size()) - pos_);
+    if (n <= 0) return false;
+    b.data = at::empty({n, kC, kH, kW}, at::kFloat);
+    b.labels = at::empty({n, kH, kW}, at::kLong);
+    for (std::int64_t j = 0; j < n; ++j) {
+      read_sample(sample_files(split_, order_[static_cast<std::size_t>(pos_ + j)]),
+                  b.data.data_ptr<float>() + j * kC * kH * kW, b.labels.data_ptr<std::int64_t>() + j * kH * kW);
+    }
+    pos_ += n;
+    return true;
+  }
+  std::int64_t sample_count(Split s) const override {
+    return static_cast<std::int64_t>(files_[s == Split::Train ? 0 : 1].size());
+  }
+  std::vector<std::string> sample_files(Split s, std::int64_t i) const override {
+    return {files_[s == Split::Train ? 0 : 1].at(static_cast<std::size_t>(i))};
+  }
+  std::vector<std::int64_t> sample_shape() const override { return {kC, kH, kW}; }
+  void read_sample(const std::vector<std::string>& files, float* data, std::int64_t* labels) const override {
+    thread_local std::mt19937 gen(std::hash<std::thread::id>()(std::this_thread::get_id()));
+    std::this_thread::sleep_for(std::chrono::microseconds(gen() % 400));
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      read_paths_.push_back(files.at(0));
+    }
+    ++reads_;
+    std::istringstream in(read_text(files.at(0)));
+    std::string split;
+    std::int64_t i = -1;
+    in >> split >> i;
+    if (i < 0) throw Error(files[0] + ": not a fake sample");
+    if (i == fail_at_) throw Error(files[0] + ": injected failure");
+    const float base = (split == "train" ? 0.0f : 0.5f) + static_cast<float>(i);
+    for (std::int64_t k = 0; k < kC * kH * kW; ++k) data[k] = base + static_cast<float>(k) / 1000.0f;
+    for (std::int64_t k = 0; k < kH * kW; ++k) labels[k] = i * 100 + k;
+  }
+
+  std::int64_t fail_at_ = -1;
+  mutable std::atomic<std::int64_t> reads_{0};
+  mutable std::mutex mutex_;
+  mutable std::vector<std::string> read_paths_;
+
+ private:
+  ReaderContext ctx_;
+  std::vector<std::string> files_[2];
+  Split split_ = Split::Train;
+  std::vector<std::int64_t> order_;
+  std::int64_t pos_ = 0;
+};
+
+ReaderContext context(std::int64_t train_bs = 3, std::int64_t val_bs = 2, int rank = 0, int world = 1) {
+  ReaderContext c{};
+  c.train_batch_size = train_bs;
+  c.validation_batch_size = val_bs;
+  c.rank = rank;
+  c.world_size = world;
+  c.seed = 7;
+  c.log = nullptr;
+  return c;
+}
+
+PrefetchOptions options(int threads, int depth, ShuffleMode mode = ShuffleMode::Global) {
+  PrefetchOptions o;
+  o.threads = threads;
+  o.depth = depth;
+  o.shuffle_mode = mode;
+  o.where = "test.toml [reader]";
+  return o;
+}
+
+struct Drained {
+  std::vector<at::Tensor> data, labels;
+};
+
+Drained drain(deepcam::Reader& r, Split s, std::int64_t epoch) {
+  Drained d;
+  r.start_epoch(s, epoch);
+  Batch b;
+  while (r.next(b)) {
+    d.data.push_back(b.data.clone());
+    d.labels.push_back(b.labels.clone());
+  }
+  return d;
+}
+
+bool same(const Drained& a, const Drained& b) {
+  if (a.data.size() != b.data.size()) return false;
+  for (std::size_t i = 0; i < a.data.size(); ++i) {
+    if (!at::equal(a.data[i], b.data[i]) || !at::equal(a.labels[i], b.labels[i])) return false;
+  }
+  return true;
+}
+
+template <typename F>
+bool eventually(F&& f) {
+  for (int i = 0; i < 400; ++i) {
+    if (f()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return f();
+}
+
+}  // namespace
+
+TEST_CASE("batches do not depend on the number of threads and equal the source's own order in global mode") {
+  TempDir dir;
+  const auto ctx = context(3, 2);
+  FakeSource reference(dir.path, 17, 5, ctx);
+  const Drained own0 = drain(reference, Split::Train, 0), own1 = drain(reference, Split::Train, 1);
+  const Drained own_val = drain(reference, Split::Validation, 0);
+  REQUIRE(own0.data.size() == 6);  // 17 samples, batches of 3: the last has 2
+  CHECK(own0.data.back().size(0) == 2);
+  CHECK(!same(own0, own1));  // a new permutation each epoch
+  for (int threads : {1, 2, 5}) {
+    for (int depth : {1, 3}) {
+      INFO("threads " << threads << " depth " << depth);
+      PrefetchReader r(ctx, options(threads, depth), std::make_unique<FakeSource>(dir.path, 17, 5, ctx));
+      CHECK(r.global_samples(Split::Train) == 17);
+      CHECK(r.local_samples(Split::Train) == 17);
+      CHECK(r.global_samples(Split::Validation) == 5);
+      CHECK(same(drain(r, Split::Train, 0), own0));
+      CHECK(same(drain(r, Split::Validation, 0), own_val));
+      CHECK(same(drain(r, Split::Train, 1), own1));
+    }
+  }
+}
+
+TEST_CASE("node and gpu modes: the order follows the core sharding, whatever the thread count") {
+  TempDir dir;
+  for (ShuffleMode mode : {ShuffleMode::Node, ShuffleMode::Gpu}) {
+    // Rank 1 of 4, two ranks per node.
+    ReaderContext ctx = context(2, 2, 1, 4);
+    ctx.local_rank = 1;
+    ctx.local_size = 2;
+    deepcam::ShardingSetup setup;
+    setup.files = 23;
+    setup.rank = 1;
+    setup.world_size = 4;
+    setup.local_rank = 1;
+    setup.local_size = 2;
+    setup.seed = 7;
+    setup.mode = mode;
+    setup.oversampling_factor = 2;
+    const deepcam::TrainingSharding sharding(setup);
+    Drained first;
+    for (int threads : {1, 2, 5}) {
+      INFO(deepcam::to_string(mode) << " threads " << threads);
+      auto o = options(threads, 2, mode);
+      o.oversampling_factor = 2;
+      PrefetchReader r(ctx, o, std::make_unique<FakeSource>(dir.path / deepcam::to_string(mode), 23, 6, ctx));
+      CHECK(r.global_samples(Split::Train) == sharding.global_samples());
+      CHECK(r.local_samples(Split::Train) == sharding.local_samples());
+      for (std::int64_t epoch : {0, 1, 2}) {
+        const Drained d = drain(r, Split::Train, epoch);
+        CHECK(r.epoch_order() == sharding.order(epoch));
+        // Sample i's first value is i: the batches hold the order's samples.
+        std::vector<std::int64_t> seen;
+        for (const auto& t : d.data) {
+          for (std::int64_t j = 0; j < t.size(0); ++j) {
+            seen.push_back(static_cast<std::int64_t>(t.data_ptr<float>()[j * kC * kH * kW]));
+          }
+        }
+        CHECK(seen == sharding.order(epoch));
+        if (epoch == 1) {
+          if (threads == 1) first = d;
+          else CHECK(same(d, first));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("the ring reads ahead exactly depth batches beyond those the consumer holds") {
+  TempDir dir;
+  const auto ctx = context(2, 2);
+  auto source = std::make_unique<FakeSource>(dir.path, 40, 2, ctx);
+  FakeSource* fake = source.get();
+  const int depth = 3;
+  PrefetchReader r(ctx, options(4, depth), std::move(source));
+  r.start_epoch(Split::Train, 0);
+  // Nothing consumed: the ring's depth + 2 slots fill, then the workers wait.
+  const std::int64_t full = (depth + 2) * 2;
+  CHECK(eventually([&] { return fake->reads_.load() == full; }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  CHECK(fake->reads_.load() == full);
+  Batch b;
+  REQUIRE(r.next(b));  // batch 0 handed out, held
+  REQUIRE(r.next(b));  // batch 1 handed out; batch 0 still counted as held
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  CHECK(fake->reads_.load() == full);
+  REQUIRE(r.next(b));  // batch 2: batch 0 goes back, one more batch is read
+  CHECK(eventually([&] { return fake->reads_.load() == full + 2; }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  CHECK(fake->reads_.load() == full + 2);
+}
+
+TEST_CASE("a batch the consumer keeps is never overwritten by later batches") {
+  TempDir dir;
+  const auto ctx = context(2, 2);
+  PrefetchReader r(ctx, options(3, 1), std::make_unique<FakeSource>(dir.path, 30, 2, ctx));
+  r.start_epoch(Split::Train, 0);
+  Batch b;
+  REQUIRE(r.next(b));
+  const at::Tensor kept = b.data, kept_labels = b.labels;
+  const at::Tensor copy = kept.clone(), copy_labels = kept_labels.clone();
+  std::int64_t batches = 1;
+  while (r.next(b)) ++batches;
+  CHECK(batches == 15);
+  CHECK(at::equal(kept, copy));
+  CHECK(at::equal(kept_labels, copy_labels));
+}
+
+TEST_CASE("starting another epoch mid-way drops the read-ahead and serves the new split") {
+  TempDir dir;
+  const auto ctx = context(2, 2);
+  FakeSource reference(dir.path, 20, 7, ctx);
+  const Drained val = drain(reference, Split::Validation, 0);
+  PrefetchReader r(ctx, options(3, 4), std::make_unique<FakeSource>(dir.path, 20, 7, ctx));
+  for (int round = 0; round < 3; ++round) {
+    r.start_epoch(Split::Train, round);
+    Batch b;
+    REQUIRE(r.next(b));
+    CHECK(same(drain(r, Split::Validation, 0), val));
+  }
+}
+
+TEST_CASE("a failed sample is reported at its batch, after the batches before it") {
+  TempDir dir;
+  const auto ctx = context(2, 2);
+  auto source = std::make_unique<FakeSource>(dir.path, 10, 2, ctx);
+  const auto order = deepcam::training_indices(10, 0, 1, 7, 0);
+  source->fail_at_ = order[5];  // the second sample of batch 2
+  PrefetchReader r(ctx, options(4, 4), std::move(source));
+  r.start_epoch(Split::Train, 0);
+  Batch b;
+  CHECK(r.next(b));
+  CHECK(r.next(b));
+  CHECK_THROWS_WITH_AS(r.next(b), doctest::Contains("injected failure"), Error);
+  // The reader stays usable: the next epoch starts afresh.
+  r.start_epoch(Split::Validation, 0);
+  CHECK(r.next(b));
+}
+
+TEST_CASE("staging copies the rank's samples, checks them, reads them and removes them at exit") {
+  TempDir data, stage;
+  const auto ctx = context(2, 2);
+  std::string staged_dir;
+  {
+    std::FILE* log_file = std::tmpfile();
+    deepcam::MlperfLog log(log_file, true);
+    ReaderContext c = ctx;
+    c.log = &log;
+    auto o = options(3, 2);
+    o.stage_dir = stage.path.string();
+    auto source = std::make_unique<FakeSource>(data.path, 9, 4, ctx);
+    FakeSource* fake = source.get();
+    PrefetchReader r(c, o, std::move(source));
+    staged_dir = r.staging_dir();
+    REQUIRE(!staged_dir.empty());
+    CHECK(fs::path(staged_dir).parent_path() == stage.path);
+    // Every copy equals its source, byte for byte, under the same name.
+    for (Split s : {Split::Train, Split::Validation}) {
+      for (std::int64_t i = 0; i < r.sample_count(s); ++i) {
+        const auto copy = r.sample_files(s, i).at(0);
+        const auto orig = fake->sample_files(s, i).at(0);
+        CHECK(copy.rfind(staged_dir, 0) == 0);
+        CHECK(fs::path(copy).filename() == fs::path(orig).filename());
+        CHECK(read_text(copy) == read_text(orig));
+      }
+    }
+    fake->read_paths_.clear();
+    FakeSource reference(data.path, 9, 4, ctx);
+    CHECK(same(drain(r, Split::Train, 0), drain(reference, Split::Train, 0)));
+    CHECK(same(drain(r, Split::Validation, 0), drain(reference, Split::Validation, 0)));
+    for (const auto& p : fake->read_paths_) CHECK(p.rfind(staged_dir, 0) == 0);
+    CHECK(fake->read_paths_.size() == 13);
+    // staging_start / staging_stop, in that order, with the count of files.
+    std::fflush(log_file);
+    std::rewind(log_file);
+    std::string text;
+    char buf[4096];
+    for (std::size_t n; (n = std::fread(buf, 1, sizeof buf, log_file)) > 0;) text.append(buf, n);
+    std::fclose(log_file);
+    const auto start = text.find("\"key\": \"staging_start\""), stop = text.find("\"key\": \"staging_stop\"");
+    CHECK(start != std::string::npos);
+    CHECK(stop != std::string::npos);
+    CHECK(start < stop);
+    CHECK(text.find("\"staged_files\": 13") != std::string::npos);
+  }
+  CHECK(!fs::exists(staged_dir));
+  CHECK(entries(stage.path).empty());
+}
+
+TEST_CASE("staging that fails half-way leaves no copies behind") {
+  TempDir data, stage;
+  const auto ctx = context(2, 2);
+  auto source = std::make_unique<FakeSource>(data.path, 12, 3, ctx);
+  // The ninth training file disappears after listing: its copy fails.
+  fs::remove(source->sample_files(Split::Train, 8).at(0));
+  auto o = options(2, 2);
+  o.stage_dir = stage.path.string();
+  CHECK_THROWS_WITH_AS(PrefetchReader(ctx, o, std::move(source)),
+                       doctest::Contains("sample-1008.bin: cannot open for staging"), Error);
+  CHECK(entries(stage.path).empty());
+
+  o.stage_dir = (stage.path / "missing").string();
+  const std::string expected = "test.toml [reader] stage_dir = \"" + o.stage_dir + "\": no such directory";
+  CHECK_THROWS_WITH_AS(PrefetchReader(ctx, o, std::make_unique<FakeSource>(data.path, 3, 3, ctx)),
+                       doctest::Contains(expected.c_str()), Error);
+}
+
+TEST_CASE("a staging copy that cannot be written (file size limit) is an error naming it, and nothing is left") {
+  TempDir data, stage;
+  const std::string big = (data.path / "big.bin").string();
+  std::ofstream(big) << std::string(200000, 'b');
+  // In a child: the file size limit and an ignored SIGXFSZ make write()
+  // fail with EFBIG, as a full disk fails with ENOSPC.
+  int pipe_fds[2];
+  REQUIRE(::pipe(pipe_fds) == 0);
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::close(pipe_fds[0]);
+    std::signal(SIGXFSZ, SIG_IGN);
+    struct rlimit limit{65536, 65536};
+    ::setrlimit(RLIMIT_FSIZE, &limit);
+    std::string message = "no error";
+    try {
+      StagingArea area(stage.path.string(), "test.toml [reader] stage_dir");
+      area.copy(big, "train");
+    } catch (const Error& e) {
+      message = e.what();
+    }
+    (void)!::write(pipe_fds[1], message.data(), message.size());
+    ::_exit(0);
+  }
+  ::close(pipe_fds[1]);
+  std::string message;
+  char buf[1024];
+  for (ssize_t n; (n = ::read(pipe_fds[0], buf, sizeof buf)) > 0;) message.append(buf, static_cast<std::size_t>(n));
+  ::close(pipe_fds[0]);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  CHECK(message.find("big.bin: cannot write the staged copy of " + big) != std::string::npos);
+  CHECK(message.find("File too large") != std::string::npos);
+  CHECK(message.find("point stage_dir at a larger directory") != std::string::npos);
+  CHECK(entries(stage.path).empty());
+}
+
+TEST_CASE("checksum: every byte counts, and chunked equals whole") {
+  std::string a(1003, 'a');
+  const auto whole = deepcam::readers::checksum(a.data(), a.size());
+  CHECK(deepcam::readers::checksum(a.data() + 500, 503, deepcam::readers::checksum(a.data(), 500)) != 0);
+  CHECK(deepcam::readers::checksum(a.data() + 496, 507, deepcam::readers::checksum(a.data(), 496)) == whole);
+  for (std::size_t i : {0u, 7u, 8u, 1002u}) {
+    std::string b = a;
+    b[i] = 'b';
+    CHECK(deepcam::readers::checksum(b.data(), b.size()) != whole);
+  }
+}
+
+TEST_CASE("over the HDF5 reader: the same batches as the HDF5 reader's own, and its validation split") {
+  TempDir dir;
+  const std::string cmd = std::string(DEEPCAM_BUILD_ROOT) + "/core/deepcam-data synth --out " + dir.path.string() +
+                          "/data --train 7 --validation 3 --height 16 --width 24 --seed 4 > /dev/null 2>&1";
+  REQUIRE(std::system(cmd.c_str()) == 0);
+  ReaderContext ctx = context(2, 2);
+  ctx.data_root = (dir.path / "data").string();
+  ctx.channels = {3, 0, 15};
+  deepcam::readers::Hdf5ReaderOptions ho;
+  ho.threads = 1;
+  deepcam::readers::Hdf5Reader own(ctx, ho);
+  for (int threads : {1, 3}) {
+    PrefetchReader r(ctx, options(threads, 2), std::make_unique<deepcam::readers::Hdf5Reader>(ctx, ho));
+    CHECK(r.sample_shape() == std::vector<std::int64_t>{3, 16, 24});
+    for (std::int64_t epoch : {0, 1}) CHECK(same(drain(r, Split::Train, epoch), drain(own, Split::Train, epoch)));
+    CHECK(same(drain(r, Split::Validation, 0), drain(own, Split::Validation, 0)));
+    CHECK(r.global_samples(Split::Train) == own.global_samples(Split::Train));
+  }
+}
