@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 
 #include "deepcam/checkpoint.hpp"
 #include "deepcam/error.hpp"
@@ -82,6 +83,61 @@ struct Totals {
   std::int64_t samples = 0;
 };
 
+// What stopped a diverged run: the first NaN or infinite training loss or
+// gradient norm, or a NaN or infinite validation loss.
+struct Divergence {
+  std::int64_t step_num;  // as the log counts steps: batches trained, this one included
+  std::int64_t epoch_num;
+  const char* what;       // "loss", "gradient norm" or "validation loss"
+  double value;
+};
+
+// Watches every training step for a NaN or infinite loss or gradient norm
+// without reading anything back: on CUDA a read makes the host wait for the
+// device, and the engine only waits once per logging interval. So the first
+// bad step and its value are kept on the device (a few scalar kernels per
+// step), and read where the engine reads the loss anyway. Keeping the first
+// one matters: a NaN step is followed by optimizer updates that spread it to
+// every weight, and the step that started it is the one worth naming.
+class DivergenceWatch {
+ public:
+  void reset(const torch::Device& device) {
+    first_ = at::full({}, -1, at::TensorOptions().dtype(at::kLong).device(device));
+    value_ = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device));
+  }
+
+  // `step` counts batches from 0; the code keeps what went wrong beside it.
+  void loss(const at::Tensor& loss, std::int64_t step) { watch(loss.detach(), 2 * step); }
+
+  void gradients(const std::vector<at::Tensor>& parameters, std::int64_t step) {
+    std::vector<at::Tensor> grads;
+    grads.reserve(parameters.size());
+    for (const at::Tensor& p : parameters) {
+      if (p.grad().defined()) grads.push_back(p.grad());
+    }
+    if (grads.empty()) return;
+    // The global 2-norm, as torch.nn.utils.clip_grad_norm_ computes it.
+    watch(at::stack(at::_foreach_norm(grads, 2)).norm(), 2 * step + 1);
+  }
+
+  // Reads the record: one device-to-host copy.
+  std::optional<Divergence> read(std::int64_t epoch_num) const {
+    const std::int64_t code = first_.item<std::int64_t>();
+    if (code < 0) return std::nullopt;
+    return Divergence{code / 2 + 1, epoch_num, code % 2 == 0 ? "loss" : "gradient norm", value_.item<double>()};
+  }
+
+ private:
+  void watch(const at::Tensor& x, std::int64_t code) {
+    const at::Tensor fresh = first_.lt(0).logical_and_(x.isfinite().logical_not_());
+    value_ = at::where(fresh, x.to(at::kDouble), value_);
+    first_ = at::where(fresh, code, first_);
+  }
+
+  at::Tensor first_;  // -1, or the code of the first bad step
+  at::Tensor value_;  // the bad value of that step
+};
+
 class Engine {
  public:
   Engine(const RunConfig& cfg, const EngineOptions& opts, MlperfLog& log)
@@ -116,7 +172,8 @@ class Engine {
     c_.model = make(cfg_.model, [&](const PluginDescriptor& d) { return d.make_model(cfg_.model.params, mc); });
     c_.model->module().to(device_);
     if (!with_optimizer) return;
-    OptimizerContext oc{c_.model->module().parameters()};
+    parameters_ = c_.model->module().parameters();
+    OptimizerContext oc{parameters_};
     c_.optimizer =
         make(cfg_.optimizer, [&](const PluginDescriptor& d) { return d.make_optimizer(cfg_.optimizer.params, oc); });
     SchedulerContext sc{c_.optimizer->lr()};
@@ -156,13 +213,20 @@ class Engine {
     bool reached = false;
     std::int64_t epoch = first_epoch;
     std::int64_t last_saved = -1;
+    divergence_.reset(device_);
     while (epoch < max_epochs && !reached) {
       const std::int64_t epoch_num = epoch + 1;
       log_.start("epoch_start", Json(), {{"epoch_num", Json(epoch_num)}});
-      step = train_epoch(epoch, step);
+      std::optional<Divergence> diverged;
+      step = train_epoch(epoch, step, diverged);
+      if (diverged) return stop_diverged(*diverged, step);
       // One rank: its BatchNorm statistics are already the average over ranks.
       const Totals v = validate(epoch_num, step);
       const double accuracy = v.score_sum / static_cast<double>(v.samples);
+      // The last update of the epoch comes after the last check of its
+      // losses; NaN weights it made show here first.
+      const double eval_loss = v.loss_sum / static_cast<double>(v.samples);
+      if (!std::isfinite(eval_loss)) return stop_diverged({step, epoch_num, "validation loss", eval_loss}, step);
       log_.end("epoch_stop", Json(), {{"epoch_num", Json(epoch_num)}, {"step_num", Json(step)}});
       ++epoch;
       if (accuracy >= target) {
@@ -190,7 +254,25 @@ class Engine {
   }
 
  private:
-  std::int64_t train_epoch(std::int64_t epoch, std::int64_t step) {
+  // A diverged run stops at once: no validation of NaN weights, no
+  // checkpoint of them. The log closes the epoch's interval at the step
+  // training stopped (`step`, at or after the bad one) and ends with run_stop
+  // "aborted" (SPEC 8.2), so that it stays a well-formed log.
+  int stop_diverged(const Divergence& d, std::int64_t step) {
+    log_.end("epoch_stop", Json(), {{"epoch_num", Json(d.epoch_num)}, {"step_num", Json(step)}});
+    log_.end("run_stop", Json(), {{"status", Json("aborted")}, {"epoch_num", Json(d.epoch_num)}});
+    std::fprintf(stderr,
+                 "deepcam-host: training diverged at step %lld (epoch %lld): the %s is %s. The run stops here "
+                 "(run_stop status \"aborted\"; no checkpoint written); lower [optimizer] lr or the warmup "
+                 "(lr_warmup_factor) and run again\n",
+                 static_cast<long long>(d.step_num), static_cast<long long>(d.epoch_num), d.what,
+                 python_float_repr(d.value).c_str());
+    return kDivergedStatus;
+  }
+
+  // Trains one epoch; stops early, with `diverged` set, at the first check
+  // that finds a NaN or infinite loss or gradient norm.
+  std::int64_t train_epoch(std::int64_t epoch, std::int64_t step, std::optional<Divergence>& diverged) {
     const Params& run = cfg_.run;
     const std::int64_t k = run.integer("gradient_accumulation_frequency");
     const std::int64_t batch_size = run.integer("train_batch_size");
@@ -213,7 +295,10 @@ class Engine {
       logits = c_.model->forward(input);
       loss = weighted_cross_entropy(logits, labels) / static_cast<double>(k);
       loss.backward();
+      divergence_.loss(loss, step);
       if ((step + 1) % k == 0) {
+        // Before the update: the accumulated gradient of these k batches.
+        divergence_.gradients(parameters_, step);
         current_lr = c_.scheduler->lr_at(step / k);
         c_.optimizer->set_lr(current_lr);
         c_.optimizer->step();
@@ -222,6 +307,8 @@ class Engine {
       ++step;
       ++done;
       if (frequency > 0 && step % frequency == 0) {
+        // The loss is read here anyway; reading the watch costs no extra wait.
+        if ((diverged = divergence_.read(epoch_num))) return step;
         log_train(epoch_num, step, current_lr, logits, labels, loss, k);
         progress(epoch_num, done, batches, batch_size, t0, logits, labels, loss, k);
       }
@@ -230,6 +317,8 @@ class Engine {
       throw Error(fmt::format("{}: no complete training batch of {} samples on this rank ({} samples)",
                               cfg_.data.string("root"), batch_size, c_.reader->local_samples(Split::Train)));
     }
+    // Every step of the epoch is checked before its weights are validated.
+    if ((diverged = divergence_.read(epoch_num))) return step;
     log_train(epoch_num, step, current_lr, logits, labels, loss, k);
     return step;
   }
@@ -303,6 +392,8 @@ class Engine {
   MlperfLog& log_;
   torch::Device device_;
   Components c_;
+  std::vector<at::Tensor> parameters_;  // the model's, for the gradient norm
+  DivergenceWatch divergence_;
 };
 
 }  // namespace

@@ -16,8 +16,15 @@ struct EngineOptions {
   int world_size = 1;
 };
 
-// Returns the process exit status: 0 when the run ended as configured
-// (target reached or max_epochs done), 1 otherwise. Throws Error on bad input.
+// The exit status of a run stopped by a NaN or infinite training loss or
+// gradient norm: distinct from 1 (target not reached), 2 (bad input) and
+// 3 (internal error), so that scripts can tell divergence apart.
+constexpr int kDivergedStatus = 4;
+
+// Returns the process exit status: 0 when the target was reached, 1 when
+// max_epochs ended without reaching it, kDivergedStatus when training
+// diverged (the MLPerf log then ends with run_stop status "aborted").
+// Throws Error on bad input.
 DEEPCAM_API int run_engine(const RunConfig& config, const EngineOptions& options);
 
 }  // namespace deepcam

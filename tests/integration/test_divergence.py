@@ -1,0 +1,114 @@
+"""Runs that diverge for real (an absurd learning rate makes the weights, and
+then the loss, NaN): the run stops with a message naming the step and the
+epoch, exits with status 4, writes no checkpoint, and its MLPerf log ends
+with run_stop status "aborted" and still passes the official checker's
+per-line checks."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from helpers import mlperf_check, run_host, synth, write_run
+
+DIVERGED = 4  # deepcam::kDivergedStatus
+
+
+def log_lines(path):
+    lines = []
+    for raw in Path(path).read_text().splitlines():
+        assert raw.startswith(":::MLLOG "), raw
+        lines.append(json.loads(raw[len(":::MLLOG "):]))
+    return lines
+
+
+def checker_complaints(log):
+    """The checker's failed per-line checks, and its missing required keys as
+    sorted tuples of alternatives (it names them in no fixed order)."""
+    status, output = mlperf_check(log)
+    assert "Running compliance on file" in output, output
+    assert "Traceback" not in output and "Could not parse" not in output, output
+    failed = re.findall(r"Failed checks for (\w+)", output) + re.findall(r"CHECK for '(\w+)' failed", output)
+    missing = [tuple(sorted(re.findall(r"'(\w+)'", line))) for line in output.splitlines()
+               if "Required AT_LEAST_ONE" in line]
+    return status, sorted(failed), sorted(missing), output
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    # 8 training samples in batches of 2: 4 steps per epoch.
+    return synth(tmp_path_factory.mktemp("diverge") / "data", train=8, validation=4)
+
+
+def diverge(tmp_path, data, *sets, **changes):
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", **changes)
+    args = [run, "--set", "optimizer.lr=1e9"]
+    for s in sets:
+        args += ["--set", s]
+    r = run_host(*args)
+    return tmp_path / "out", r
+
+
+def test_nan_loss_stops_the_run_at_the_step_it_appears(tmp_path, data):
+    # The first update (step 1) uses LR 1e9; the loss of step 2 is NaN, and
+    # the check at the logging interval (every 2 steps) stops the run there.
+    out, r = diverge(tmp_path, data, run={"max_epochs": 2, "checkpoint_every": 1})
+    assert r.returncode == DIVERGED, r.stderr
+    assert re.search(r"training diverged at step 2 \(epoch 1\): the loss is (NaN|-?Infinity)\. ", r.stderr), r.stderr
+    assert "lower [optimizer] lr" in r.stderr
+    # No step past the interval that found it, no validation, no checkpoint.
+    assert "epoch 1 step 4/4" not in r.stderr and "epoch 1 validation:" not in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.toml", "mlperf.log"]
+
+    lines = log_lines(out / "mlperf.log")
+    keys = [l["key"] for l in lines]
+    assert keys[-3:] == ["epoch_start", "epoch_stop", "run_stop"], keys
+    assert lines[-1]["metadata"]["status"] == "aborted" and lines[-1]["metadata"]["epoch_num"] == 1
+    assert lines[-2]["metadata"]["epoch_num"] == 1 and lines[-2]["metadata"]["step_num"] == 2
+    # The NaN was caught before it was logged as a training loss.
+    assert "train_loss" not in keys
+
+    status, failed, missing, output = checker_complaints(out / "mlperf.log")
+    assert status != 0
+    # Every line passes its checks; what a run stopped before its first
+    # validation cannot have is the evaluation events.
+    assert failed == [], output
+    assert missing == [("block_start", "eval_start"), ("block_stop", "eval_stop"), ("eval_accuracy",)], output
+
+
+def test_first_bad_step_is_named_when_only_the_epoch_end_checks(tmp_path, data):
+    # logging_frequency 0: nothing reads the loss until the end of the epoch,
+    # two NaN steps later; the message still names step 2, where it started.
+    out, r = diverge(tmp_path, data, run={"max_epochs": 2, "logging_frequency": 0})
+    assert r.returncode == DIVERGED, r.stderr
+    assert re.search(r"training diverged at step 2 \(epoch 1\): the loss is (NaN|-?Infinity)\. ", r.stderr), r.stderr
+    lines = log_lines(out / "mlperf.log")
+    assert [l["key"] for l in lines][-2:] == ["epoch_stop", "run_stop"]
+    assert lines[-2]["metadata"]["step_num"] == 4  # the epoch ran to its end before the check
+    assert lines[-1]["metadata"]["status"] == "aborted"
+
+
+def test_nan_weights_from_the_last_update_of_an_epoch_stop_at_validation(tmp_path, data):
+    # With 4 batches per optimizer step the only update of epoch 1 comes after
+    # its last loss; the validation loss is the first NaN, and the run stops
+    # before epoch 2.
+    out, r = diverge(tmp_path, data, run={"max_epochs": 2, "gradient_accumulation_frequency": 4})
+    assert r.returncode == DIVERGED, r.stderr
+    assert re.search(r"training diverged at step 4 \(epoch 1\): the validation loss is (NaN|-?Infinity)\. ",
+                     r.stderr), r.stderr
+    assert not list(out.glob("*.pt"))
+    lines = log_lines(out / "mlperf.log")
+    keys = [l["key"] for l in lines]
+    assert keys[-6:] == ["eval_start", "eval_accuracy", "eval_loss", "eval_stop", "epoch_stop", "run_stop"], keys
+    assert "epoch_start" not in keys[keys.index("eval_start"):]
+    assert lines[-1]["metadata"]["status"] == "aborted"
+    eval_loss = (out / "mlperf.log").read_text().splitlines()[keys.index("eval_loss")]
+    assert re.search(r'"value": (NaN|-?Infinity),', eval_loss), eval_loss  # json.dumps' spelling
+
+    # A log with one validation fails only the accuracy target, as any run
+    # that did not reach it.
+    status, failed, missing, output = checker_complaints(out / "mlperf.log")
+    assert status != 0
+    assert failed == ["eval_accuracy"] and missing == [], output
+    assert "v['value'] >= 0.82" in output
