@@ -1,0 +1,188 @@
+"""Nested reader tables ([reader.source]) and the prefetch reader through the
+host: the nested table is checked against the source plugin's own schema
+before anything is built, reachable with --set, printed in the resolved
+config; prefetching (and staging) changes no number of a run; staging that
+runs out of space fails cleanly."""
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import tomllib
+
+import pytest
+
+from helpers import HOST, mlperf_check, plugin_env, run_host, synth, write_run
+
+PREFETCH = {"reader": {"name": "prefetch", "depth": 2, "threads": 2},
+            "reader.source": {"name": "hdf5", "threads": 1}}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synth(tmp_path_factory.mktemp("nested") / "data", train=8, validation=4)
+
+
+def prefetch_run(tmp_path, data, name="run.toml", out="out", **changes):
+    sections = {k: dict(v) for k, v in PREFETCH.items()}
+    for section, keys in changes.items():
+        sections.setdefault(section, {}).update(keys)
+    # Keys set to None are removed, as write_run does.
+    for keys in sections.values():
+        for k in [k for k, v in keys.items() if v is None]:
+            del keys[k]
+    return write_run(tmp_path / name, data, tmp_path / out, **sections)
+
+
+def refused(tmp_path, data, *args, **changes):
+    out = tmp_path / "out"
+    run = prefetch_run(tmp_path, data, **changes)
+    r = run_host(run, *args)
+    assert r.returncode == 2, r.stderr
+    assert not out.exists(), "a refused run must not leave output"
+    lines = [l for l in r.stderr.splitlines() if l.startswith("deepcam-host:")]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def line_of(path, text):
+    return next(i for i, l in enumerate(path.read_text().splitlines(), 1) if l.startswith(text))
+
+
+def test_describe_shows_the_nested_table():
+    r = run_host("--describe", "reader/prefetch")
+    assert r.returncode == 0, r.stderr
+    source = next(l for l in r.stdout.splitlines() if l.split()[:1] == ["source"])
+    assert "reader table" in source and "(required)" in source
+    assert "[reader.source]" in r.stdout and "deepcam-host --describe reader/NAME" in r.stdout
+    for key in ("depth", "threads", "shuffle_mode", "data_oversampling_factor", "stage_dir"):
+        assert any(l.split()[:1] == [key] for l in r.stdout.splitlines()), r.stdout
+
+
+def test_unknown_key_in_the_nested_table_names_file_line_table_and_suggestion(tmp_path, data):
+    msg = refused(tmp_path, data, **{"reader.source": {"thredas": 2}})
+    line = line_of(tmp_path / "run.toml", "thredas")
+    assert f"run.toml:{line} [reader.source] thredas: unknown key; did you mean 'threads'?" in msg
+    assert "check_finite" in msg  # the known keys are the source plugin's own
+
+
+def test_wrong_type_and_range_in_the_nested_table(tmp_path, data):
+    assert "[reader.source] threads: expected int, got string" in refused(
+        tmp_path, data, **{"reader.source": {"threads": "two"}})
+    msg = refused(tmp_path, data, **{"reader.source": {"threads": 0}})
+    assert "[reader.source] threads: 0" in msg and "is out of range [1" in msg
+
+
+def test_nested_table_missing_misnamed_or_not_a_table(tmp_path, data):
+    run = prefetch_run(tmp_path, data)
+    run.write_text(run.read_text().replace('[reader.source]\nname = "hdf5"\nthreads = 1\n', ""))
+    r = run_host(run)
+    assert r.returncode == 2
+    assert "[reader]: missing required key 'source' (a table [reader.source] with name = \"<reader plugin>\")" \
+        in r.stderr
+
+    msg = refused(tmp_path, data, **{"reader.source": {"name": None}})
+    assert "[reader] source: [reader.source] needs name = \"<reader plugin>\"" in msg
+
+    msg = refused(tmp_path, data, **{"reader.source": {"name": "hdf6"}})
+    assert "[reader.source] name: no reader plugin named 'hdf6'; found: " in msg and "hdf5" in msg
+
+    # A plugin of another kind is not a reader.
+    assert "no reader plugin named 'adam'" in refused(tmp_path, data, **{"reader.source": {"name": "adam"}})
+
+    run = prefetch_run(tmp_path, data)
+    run.write_text(run.read_text().replace('[reader.source]\nname = "hdf5"\nthreads = 1\n', "")
+                   .replace('name = "prefetch"', 'name = "prefetch"\nsource = "hdf5"'))
+    r = run_host(run)
+    assert r.returncode == 2
+    assert "[reader] source: expected a table [reader.source] naming a reader plugin" in r.stderr
+    assert "got string" in r.stderr
+
+
+def test_prefetch_keys_are_checked_too(tmp_path, data):
+    assert "[reader] shuffle_mode: \"nodes\" is not one of global, node, gpu; did you mean 'node'?" in refused(
+        tmp_path, data, reader={"shuffle_mode": "nodes"})
+    msg = refused(tmp_path, data, reader={"data_oversampling_factor": 2})
+    assert "run.toml [reader] data_oversampling_factor = 2 with shuffle_mode = \"global\"" in msg
+
+
+def test_set_reaches_into_the_nested_table(tmp_path, data):
+    assert "--set reader.source.thredas: unknown key; did you mean 'threads'?" in refused(
+        tmp_path, data, "--set", "reader.source.thredas=3")
+    assert "--set reader.source.threads: expected int, got string" in refused(
+        tmp_path, data, "--set", "reader.source.threads=many")
+    assert "--set reader.depth.x=1: [reader.depth] is not a table" in refused(
+        tmp_path, data, "--set", "reader.depth.x=1")
+
+
+def read_log(path):
+    return [json.loads(l.split(":::MLLOG ", 1)[1]) for l in path.read_text().splitlines() if ":::MLLOG" in l]
+
+
+def numbers(events):
+    keys = ("train_loss", "train_accuracy", "eval_accuracy", "eval_loss", "train_samples", "eval_samples")
+    return [(e["key"], e["value"]) for e in events if e["key"] in keys]
+
+
+def test_prefetch_and_staging_change_no_number_of_a_run(tmp_path, data):
+    plain = write_run(tmp_path / "plain.toml", data, tmp_path / "plain")
+    r = run_host(plain)
+    assert r.returncode in (0, 1), r.stderr
+    expected = numbers(read_log(tmp_path / "plain" / "mlperf.log"))
+    assert len(expected) >= 6
+
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    run = prefetch_run(tmp_path, data, out="pre", reader={"stage_dir": str(stage)})
+    r = run_host(run, "--set", "reader.source.threads=2", "--set", "reader.threads=3")
+    assert r.returncode in (0, 1), r.stderr
+    events = read_log(tmp_path / "pre" / "mlperf.log")
+    assert numbers(events) == expected
+
+    # Staging is logged inside init, before init_stop, and removed at the end.
+    keys = [e["key"] for e in events]
+    assert keys.index("init_start") < keys.index("staging_start") < keys.index("staging_stop") \
+        < keys.index("init_stop")
+    stop = events[keys.index("staging_stop")]
+    assert stop["metadata"]["staged_files"] == 12  # 8 training + 4 validation files
+    assert list(stage.iterdir()) == []
+    assert "deepcam-host: staged 12 files" in r.stderr
+    # The official checker accepts the staging events: one epoch on a small
+    # set only misses the target accuracy.
+    status, out = mlperf_check(tmp_path / "pre" / "mlperf.log")
+    failed = [l for l in out.splitlines() if "Failed checks" in l]
+    assert failed and all("eval_accuracy" in l for l in failed), out
+
+    # The resolved config holds the nested table as a section, --set applied,
+    # every default filled in, and it is valid TOML.
+    resolved = tomllib.loads((tmp_path / "pre" / "config.toml").read_text())
+    source = resolved["reader"]["source"]
+    assert source["name"] == "hdf5" and source["threads"] == 2 and source["check_finite"] is True
+    assert source["library"].endswith("libdeepcam_reader_hdf5.so")
+    assert resolved["reader"]["threads"] == 3 and resolved["reader"]["shuffle_mode"] == "global"
+    assert "[reader.source]" in r.stderr
+
+
+def test_staging_that_runs_out_of_space_fails_cleanly(tmp_path, data):
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    out = tmp_path / "out"
+    run = prefetch_run(tmp_path, data, reader={"stage_dir": str(stage)})
+
+    def limit_file_size():
+        # A sample file is ~400 kB: the first staged copy hits the limit. With
+        # SIGXFSZ ignored, write() fails with EFBIG, as a full disk fails
+        # with ENOSPC.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    r = subprocess.run([str(HOST), str(run)], capture_output=True, text=True, env=plugin_env(),
+                       preexec_fn=limit_file_size, timeout=600)
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.startswith("deepcam-host:")]
+    assert len(lines) == 1, r.stderr
+    assert "cannot write the staged copy of" in lines[0] and "File too large" in lines[0]
+    assert str(data) in lines[0] and "stage_dir" in lines[0]
+    assert list(stage.iterdir()) == [], "no partial copies may be left behind"
+    assert not out.exists()
