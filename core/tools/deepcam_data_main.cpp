@@ -4,6 +4,8 @@
 //   deepcam-data synth --out DIR [--train N] [--validation N] [--test N]
 //                      [--height H] [--width W] [--seed S] [--threads T]
 //   deepcam-data stats DIR
+//   deepcam-data convert SRC DST [--threads N] [--verify]
+//   deepcam-data verify ROOT [--threads N]
 //
 // Every error is one line `deepcam-data: <message>` on stderr and a non-zero
 // exit status (2 for a bad command line, 1 otherwise); no partial file is
@@ -22,14 +24,18 @@
 #include <fmt/format.h>
 
 #include "deepcam/error.hpp"
+#include "convert.hpp"
 #include "stats.hpp"
 #include "synth.hpp"
+#include "verify.hpp"
 
 namespace {
 
 constexpr const char* kUsage = R"(usage:
   deepcam-data synth --out DIR [options]   write a synthetic data set to DIR
   deepcam-data stats DIR                   (re)compute DIR/stats.h5 from DIR/train
+  deepcam-data convert SRC DST [options]   write the numpy form of data set SRC to DST
+  deepcam-data verify ROOT [--threads N]   check every file of a data set (h5 or npy)
   deepcam-data --help
 
 synth writes DIR/train, DIR/validation (and DIR/test) with one HDF5 file per
@@ -50,6 +56,25 @@ synth options:
 
 stats computes per channel count, mean, sqmean, minval and maxval over all
 pixels of all DIR/train/*.h5 files and writes DIR/stats.h5 atomically.
+
+convert writes, for each SRC/<split>/data-X.h5, DST/<split>/data-X.npy (the
+float32 height x width x channels array) and DST/<split>/label-X.npy (the
+labels, in the dtype the HDF5 file stores), standard .npy files that
+numpy.load reads; SRC/stats.h5 is copied to DST once all samples are done.
+Pairs already converted (headers and sizes matching the source) are skipped,
+so an interrupted run is finished by running it again. Started by mpirun or
+srun, rank r of P converts every P-th sample (OMPI_COMM_WORLD_RANK/SIZE,
+PMI_RANK/PMI_SIZE or SLURM_PROCID/SLURM_NTASKS).
+  --threads N        samples converted at once (>= 1)           default: cores
+  --verify           also compare every value of existing pairs with the
+                     source and convert those that differ again
+
+verify checks a data set in either form (per split folder: data-X.h5, or
+data-X.npy with label-X.npy): every file opens and is complete, data is
+(H, W, C) and finite, labels (H, W) in {0, 1, 2}, npy files pair up, shapes
+and dtypes agree across files, stats.h5 matches the channel count. It prints
+one line per problem and a summary, and exits non-zero if there is any.
+  --threads N        files checked at once (>= 1)               default: cores
 )";
 
 struct UsageError {
@@ -108,6 +133,38 @@ deepcam::data::SynthOptions parse_synth(const std::vector<std::string>& args) {
   return o;
 }
 
+// The positional arguments and --threads/--verify of convert and verify.
+struct ToolArgs {
+  std::vector<std::string> positional;
+  int threads = 0;
+  bool verify = false;
+};
+
+ToolArgs parse_tool(const std::string& command, const std::vector<std::string>& args, bool allow_verify) {
+  ToolArgs out;
+  for (std::size_t k = 0; k < args.size(); ++k) {
+    std::string option = args[k], value;
+    if (option.rfind("--", 0) != 0) {
+      out.positional.push_back(option);
+      continue;
+    }
+    if (option == "--verify" && allow_verify) {
+      out.verify = true;
+      continue;
+    }
+    if (const auto eq = option.find('='); eq != std::string::npos) {
+      value = option.substr(eq + 1);
+      option = option.substr(0, eq);
+    } else if (option == "--threads") {
+      if (k + 1 >= args.size()) throw UsageError{"--threads needs a value"};
+      value = args[++k];
+    }
+    if (option != "--threads") throw UsageError{fmt::format("{}: unknown option {}", command, option)};
+    out.threads = static_cast<int>(parse_integer(option, value, 1, 1024));
+  }
+  return out;
+}
+
 int run(const std::vector<std::string>& args) {
   if (args.empty()) throw UsageError{"no command given"};
   const std::string& command = args[0];
@@ -126,8 +183,17 @@ int run(const std::vector<std::string>& args) {
   } else if (command == "stats") {
     if (rest.size() != 1) throw UsageError{"stats takes exactly one argument, the data set directory"};
     deepcam::data::run_stats(rest[0]);
+  } else if (command == "convert") {
+    const ToolArgs a = parse_tool(command, rest, true);
+    if (a.positional.size() != 2)
+      throw UsageError{"convert takes two arguments, the source data set and the output directory"};
+    deepcam::data::run_convert({a.positional[0], a.positional[1], a.threads, a.verify});
+  } else if (command == "verify") {
+    const ToolArgs a = parse_tool(command, rest, false);
+    if (a.positional.size() != 1) throw UsageError{"verify takes one argument, the data set directory"};
+    deepcam::data::run_verify({a.positional[0], a.threads});
   } else {
-    throw UsageError{fmt::format("unknown command '{}' (commands: synth, stats)", command)};
+    throw UsageError{fmt::format("unknown command '{}' (commands: synth, stats, convert, verify)", command)};
   }
   return 0;
 }

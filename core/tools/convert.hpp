@@ -1,0 +1,83 @@
+// `deepcam-data convert SRC DST [--threads N] [--verify]`: the numpy variant
+// of a data set (SPEC 1.5). Every `SRC/<split>/data-X.h5` becomes
+// `DST/<split>/data-X.npy` (climate/data as float32, (H, W, C)) and
+// `DST/<split>/label-X.npy` (climate/labels_0 in its stored dtype, (H, W));
+// SRC/stats.h5 is copied to DST/stats.h5 once every sample is converted.
+//
+// - Parallel over threads, and over ranks when started by mpirun or srun:
+//   of all samples sorted by split and name, rank r of P takes every P-th
+//   (the rank from OMPI_COMM_WORLD_RANK/SIZE, PMI_RANK/PMI_SIZE or
+//   SLURM_PROCID/SLURM_NTASKS). Rank 0 copies stats.h5.
+// - Resumable: a pair whose headers match the source's shapes and dtypes and
+//   whose sizes are right is skipped; `--verify` also compares every value
+//   with the source and converts a pair that differs again.
+// - Every output goes through npy::write (a temporary name, then rename): an
+//   interrupted or failed run leaves only complete files. A sample that
+//   cannot be read is reported and the others are still converted; a failed
+//   write (a full disk) stops the run.
+//
+// This file also holds what verify shares with convert: reading a sample's
+// HDF5 file with its stored types, and the thread pool.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "deepcam/npy.hpp"
+
+namespace deepcam::data {
+
+struct ConvertOptions {
+  std::filesystem::path src, dst;
+  int threads = 0;  // 0: one per core
+  bool verify = false;
+};
+
+void run_convert(const ConvertOptions& options);
+
+// One sample file of SPEC 1.1 opened for reading, with the types it stores:
+// the .npy copy keeps the labels' dtype, and verify compares dtypes across
+// files. Thread-safe with any HDF5 build (calls are serialised when the
+// library is not thread-safe).
+class H5Sample {
+ public:
+  explicit H5Sample(const std::filesystem::path& path);  // opens; checks shapes (H, W, C) and (H, W)
+  H5Sample(const H5Sample&) = delete;
+  H5Sample& operator=(const H5Sample&) = delete;
+  ~H5Sample();
+
+  const std::string& path() const { return path_; }
+  const std::vector<std::int64_t>& data_shape() const { return data_shape_; }
+  const std::vector<std::int64_t>& label_shape() const { return label_shape_; }
+  npy::DType data_dtype() const { return data_dtype_; }    // as stored
+  npy::DType label_dtype() const { return label_dtype_; }  // as stored
+
+  // climate/data converted to float32 (HDF5's conversion), count = product of data_shape.
+  void read_data(std::vector<float>& out) const;
+  // climate/labels_0 in its stored dtype, in this machine's byte order.
+  void read_labels(std::vector<unsigned char>& out) const;
+
+ private:
+  std::string path_;
+  std::int64_t file_ = -1;
+  std::vector<std::int64_t> data_shape_, label_shape_;
+  npy::DType data_dtype_ = npy::DType::Float32, label_dtype_ = npy::DType::Int32;
+};
+
+// Sample files of a split folder, sorted by name: data-*.h5 (or another
+// extension), hidden files excluded.
+std::vector<std::filesystem::path> sample_files(const std::filesystem::path& dir, const std::string& prefix,
+                                                const std::string& extension);
+
+// "(768, 1152, 16)"
+std::string shape_text(const std::vector<std::int64_t>& shape);
+
+// Runs body(k) for k in [0, n) on `threads` threads (0: one per core).
+// body reports its own errors; an exception escaping it stops the handing
+// out of further k and is rethrown after every thread has finished.
+void parallel_for(std::size_t n, int threads, const std::function<void(std::size_t)>& body);
+
+}  // namespace deepcam::data

@@ -1,0 +1,280 @@
+#include "verify.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdint>
+#include <fstream>
+#include <map>
+#include <set>
+#include <string>
+#include <system_error>
+#include <vector>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "convert.hpp"
+#include "deepcam/error.hpp"
+#include "deepcam/h5.hpp"
+#include "deepcam/npy.hpp"
+
+namespace deepcam::data {
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr bool kHostBigEndian = __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__;
+
+enum class Format { H5, Npy };
+
+struct Item {
+  std::string split;
+  Format format = Format::H5;
+  fs::path data, label;        // H5: data is the sample file
+  bool has_data = true, has_label = true;
+};
+
+struct Result {
+  std::vector<std::string> problems;
+  std::string signature;       // shapes and dtypes, when both could be read
+  std::int64_t channels = -1;
+};
+
+std::string signature(const std::vector<std::int64_t>& data_shape, npy::DType data_dtype,
+                      const std::vector<std::int64_t>& label_shape, npy::DType label_dtype) {
+  return fmt::format("data {} {}, labels {} {}", shape_text(data_shape), npy::to_string(data_dtype),
+                     shape_text(label_shape), npy::to_string(label_dtype));
+}
+
+// "NaN at (row 3, column 7, channel 2)", or "" when every value is finite.
+std::string non_finite(const std::vector<float>& data, const std::vector<std::int64_t>& shape) {
+  const std::size_t channels = static_cast<std::size_t>(shape[2]), width = static_cast<std::size_t>(shape[1]);
+  std::size_t bad = 0, first = 0;
+  for (std::size_t k = 0; k < data.size(); ++k)
+    if (!std::isfinite(data[k]) && bad++ == 0) first = k;
+  if (!bad) return "";
+  const std::size_t pixel = first / channels;
+  return fmt::format("{} at (row {}, column {}, channel {}){}; data must be finite",
+                     std::isnan(data[first]) ? "NaN" : "Inf", pixel / width, pixel % width, first % channels,
+                     bad > 1 ? fmt::format(" and {} more non-finite values", bad - 1) : "");
+}
+
+// "value 3 at (row 1, column 5)", or "" when every label is a class.
+std::string bad_labels(const std::vector<std::int64_t>& labels, const std::vector<std::int64_t>& shape) {
+  const std::size_t width = static_cast<std::size_t>(shape[1]);
+  std::size_t bad = 0, first = 0;
+  for (std::size_t k = 0; k < labels.size(); ++k)
+    if ((labels[k] < 0 || labels[k] > 2) && bad++ == 0) first = k;
+  if (!bad) return "";
+  return fmt::format("value {} at (row {}, column {}){}; the classes are 0, 1 and 2", labels[first], first / width,
+                     first % width, bad > 1 ? fmt::format(" and {} more labels outside them", bad - 1) : "");
+}
+
+Result check_h5(const Item& item) {
+  Result r;
+  const std::string path = item.data.string();
+  try {
+    const H5Sample sample(item.data);
+    r.signature = signature(sample.data_shape(), sample.data_dtype(), sample.label_shape(), sample.label_dtype());
+    r.channels = sample.data_shape()[2];
+    std::vector<float> data;
+    sample.read_data(data);
+    if (const std::string bad = non_finite(data, sample.data_shape()); !bad.empty())
+      r.problems.push_back(fmt::format("{}: dataset climate/data: {}", path, bad));
+    std::vector<unsigned char> raw;
+    sample.read_labels(raw);
+    npy::Header h;  // the labels as read: stored type, this machine's order
+    h.dtype = sample.label_dtype();
+    h.big_endian = kHostBigEndian;
+    h.shape = sample.label_shape();
+    std::vector<std::int64_t> labels(static_cast<std::size_t>(h.count()));
+    npy::convert(path + ": dataset climate/labels_0", h, raw.data(), labels.data(), h.count());
+    if (const std::string bad = bad_labels(labels, h.shape); !bad.empty())
+      r.problems.push_back(fmt::format("{}: dataset climate/labels_0: {}", path, bad));
+  } catch (const Error& e) {
+    r.problems.push_back(e.what());
+  }
+  return r;
+}
+
+// Reads a whole .npy file after checking its header (read_header refuses a
+// file shorter than its header promises before anything is allocated).
+std::vector<unsigned char> read_npy(const fs::path& path, npy::Header& header) {
+  header = npy::read_header(path.string());
+  std::vector<unsigned char> bytes(header.data_offset + header.data_bytes());
+  std::ifstream in(path, std::ios::binary);
+  in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  if (!in) throw Error(fmt::format("{}: cannot read the file", path.string()));
+  return bytes;
+}
+
+Result check_npy(const Item& item) {
+  Result r;
+  npy::Header dh, lh;
+  bool data_ok = false, label_ok = false;
+  if (!item.has_data) {
+    r.problems.push_back(fmt::format("{}: no data file {} beside it", item.label.string(),
+                                     item.data.filename().string()));
+  } else {
+    try {
+      const std::vector<unsigned char> bytes = read_npy(item.data, dh);
+      if (dh.shape.size() != 3)
+        throw Error(fmt::format("{}: expected shape (height, width, channels), found {}", item.data.string(),
+                                shape_text(dh.shape)));
+      data_ok = true;
+      r.channels = dh.shape[2];
+      std::vector<float> data(static_cast<std::size_t>(dh.count()));
+      npy::convert(item.data.string(), dh, bytes.data() + dh.data_offset, data.data(), dh.count());
+      if (const std::string bad = non_finite(data, dh.shape); !bad.empty())
+        r.problems.push_back(fmt::format("{}: {}", item.data.string(), bad));
+    } catch (const Error& e) {
+      r.problems.push_back(e.what());
+    }
+  }
+  if (!item.has_label) {
+    r.problems.push_back(fmt::format("{}: no label file {} beside it", item.data.string(),
+                                     item.label.filename().string()));
+  } else {
+    try {
+      const std::vector<unsigned char> bytes = read_npy(item.label, lh);
+      if (lh.shape.size() != 2)
+        throw Error(fmt::format("{}: expected shape (height, width), found {}", item.label.string(),
+                                shape_text(lh.shape)));
+      if (data_ok && (lh.shape[0] != dh.shape[0] || lh.shape[1] != dh.shape[1]))
+        throw Error(fmt::format("{}: has shape {}, but {} is {}: the labels must be (height, width) of the data",
+                                item.label.string(), shape_text(lh.shape), item.data.filename().string(),
+                                shape_text(dh.shape)));
+      label_ok = true;
+      std::vector<std::int64_t> labels(static_cast<std::size_t>(lh.count()));
+      npy::convert(item.label.string(), lh, bytes.data() + lh.data_offset, labels.data(), lh.count());
+      if (const std::string bad = bad_labels(labels, lh.shape); !bad.empty())
+        r.problems.push_back(fmt::format("{}: {}", item.label.string(), bad));
+    } catch (const Error& e) {
+      r.problems.push_back(e.what());
+    }
+  }
+  if (data_ok && label_ok) r.signature = signature(dh.shape, dh.dtype, lh.shape, lh.dtype);
+  return r;
+}
+
+// The stats.h5 checks; `channels` is the samples' channel count (-1: unknown).
+std::vector<std::string> check_stats(const fs::path& root, std::int64_t channels) {
+  const fs::path path = root / "stats.h5";
+  std::error_code ec;
+  if (!fs::exists(path, ec))
+    return {fmt::format("{}: no such file; make it with deepcam-data stats {} (or copy the original)",
+                        path.string(), root.string())};
+  std::vector<std::string> problems;
+  try {
+    const h5::File file = h5::File::open(path.string());
+    if (!file.has("climate/count")) problems.push_back(fmt::format("{}: dataset climate/count is missing", path.string()));
+    for (const char* name : {"climate/mean", "climate/sqmean", "climate/minval", "climate/maxval"}) {
+      if (!file.has(name)) {
+        problems.push_back(fmt::format("{}: dataset {} is missing", path.string(), name));
+        continue;
+      }
+      const h5::Shape shape = file.shape(name);
+      if (shape.size() != 1)
+        problems.push_back(fmt::format("{}: dataset {} has shape ({}), expected one value per channel",
+                                       path.string(), name, fmt::join(shape, ", ")));
+      else if (channels >= 0 && shape[0] != static_cast<std::uint64_t>(channels))
+        problems.push_back(fmt::format("{}: dataset {} has {} values, but the samples have {} channels",
+                                       path.string(), name, shape[0], channels));
+    }
+  } catch (const Error& e) {
+    problems.push_back(e.what());
+  }
+  return problems;
+}
+
+}  // namespace
+
+void run_verify(const VerifyOptions& o) {
+  const auto start = std::chrono::steady_clock::now();
+  std::error_code ec;
+  if (!fs::is_directory(o.root, ec))
+    throw Error(fmt::format("{}: no such directory; verify checks a data set root (train/, validation/, stats.h5)",
+                            o.root.string()));
+
+  std::vector<Item> items;
+  std::vector<std::string> split_notes;
+  std::vector<fs::path> dirs;
+  for (fs::directory_iterator it(o.root, ec), end; !ec && it != end; it.increment(ec))
+    if (it->path().filename().string()[0] != '.' && it->is_directory(ec)) dirs.push_back(it->path());
+  if (ec) throw Error(fmt::format("{}: cannot list the directory: {}", o.root.string(), ec.message()));
+  std::sort(dirs.begin(), dirs.end());
+  for (const fs::path& dir : dirs) {
+    const std::string split = dir.filename().string();
+    const auto h5_files = sample_files(dir, "data-", ".h5");
+    for (const fs::path& f : h5_files) items.push_back({split, Format::H5, f, {}, true, true});
+    // The numpy form: pair data-X.npy with label-X.npy by X.
+    std::set<std::string> data_stems, label_stems;
+    for (const fs::path& f : sample_files(dir, "data-", ".npy")) data_stems.insert(f.stem().string().substr(5));
+    for (const fs::path& f : sample_files(dir, "label-", ".npy")) label_stems.insert(f.stem().string().substr(6));
+    std::set<std::string> stems = data_stems;
+    stems.insert(label_stems.begin(), label_stems.end());
+    for (const std::string& x : stems)
+      items.push_back({split, Format::Npy, dir / ("data-" + x + ".npy"), dir / ("label-" + x + ".npy"),
+                       data_stems.count(x) > 0, label_stems.count(x) > 0});
+    std::vector<std::string> parts;
+    if (!h5_files.empty()) parts.push_back(fmt::format("{} h5 samples", h5_files.size()));
+    if (!stems.empty()) parts.push_back(fmt::format("{} npy samples", stems.size()));
+    if (!parts.empty()) split_notes.push_back(fmt::format("{}: {}", split, fmt::join(parts, " and ")));
+  }
+  if (items.empty())
+    throw Error(fmt::format("{}: no folder in it holds samples (data-*.h5, or data-*.npy and label-*.npy)",
+                            o.root.string()));
+
+  std::vector<Result> results(items.size());
+  parallel_for(items.size(), o.threads, [&](std::size_t k) {
+    results[k] = items[k].format == Format::H5 ? check_h5(items[k]) : check_npy(items[k]);
+  });
+
+  // Agreement within each format: the most common signature is the norm.
+  std::int64_t channels = -1;
+  for (const Format format : {Format::H5, Format::Npy}) {
+    std::map<std::string, std::size_t> seen;
+    for (std::size_t k = 0; k < items.size(); ++k)
+      if (items[k].format == format && !results[k].signature.empty()) ++seen[results[k].signature];
+    if (seen.empty()) continue;
+    const auto norm = std::max_element(seen.begin(), seen.end(),
+                                       [](const auto& a, const auto& b) { return a.second < b.second; });
+    for (std::size_t k = 0; k < items.size(); ++k) {
+      if (items[k].format != format || results[k].signature.empty() || results[k].signature == norm->first)
+        continue;
+      results[k].problems.push_back(fmt::format("{}: {} differs from the {} other {} samples' {}",
+                                                items[k].data.string(), results[k].signature, norm->second,
+                                                format == Format::H5 ? "h5" : "npy", norm->first));
+    }
+    for (std::size_t k = 0; k < items.size(); ++k)
+      if (channels < 0 && items[k].format == format && results[k].signature == norm->first)
+        channels = results[k].channels;
+  }
+
+  std::size_t problems = 0, bad_files = 0;
+  for (std::size_t k = 0; k < items.size(); ++k) {
+    if (results[k].problems.empty()) continue;
+    ++bad_files;
+    for (const std::string& p : results[k].problems) {
+      fmt::print("{}\n", p);
+      ++problems;
+    }
+  }
+  const std::vector<std::string> stats_problems = check_stats(o.root, channels);
+  for (const std::string& p : stats_problems) fmt::print("{}\n", p);
+  problems += stats_problems.size();
+  bad_files += stats_problems.empty() ? 0 : 1;
+
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  fmt::print("verify: {}: {}; {} in {:.1f} s: {}\n", o.root.string(), fmt::join(split_notes, ", "),
+             channels >= 0 ? fmt::format("{} channels", channels) : std::string("no readable sample"), seconds,
+             problems ? fmt::format("{} problems in {} files", problems, bad_files) : std::string("no problems"));
+  std::fflush(stdout);
+  if (problems)
+    throw Error(fmt::format("verify: {}: {} problems in {} files (listed above)", o.root.string(), problems,
+                            bad_files));
+}
+
+}  // namespace deepcam::data

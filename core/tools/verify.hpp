@@ -1,0 +1,32 @@
+// `deepcam-data verify ROOT [--threads N]`: checks a data set in either
+// format before a long run finds its bad file hours in. Each folder of ROOT
+// that holds samples is a split, in HDF5 (data-X.h5) or numpy form
+// (data-X.npy with label-X.npy), detected per folder (a folder holding both,
+// as convert in place leaves it, is checked in both). Checked:
+// - every file opens and is complete (HDF5 readable, .npy header valid and
+//   the data all there);
+// - data is (H, W, C), labels (H, W) of the same H and W;
+// - every data value is finite and every label is 0, 1 or 2;
+// - each data-X.npy has its label-X.npy and the other way round;
+// - shapes and dtypes agree across the files of a format (the most common
+//   combination is taken as right, the others are reported);
+// - ROOT/stats.h5 exists and holds count and, per channel, mean, sqmean,
+//   minval and maxval for the samples' channel count.
+// One line per problem (naming the file), then a summary; an exception
+// (non-zero exit) when anything is wrong. Files are checked in parallel.
+#pragma once
+
+#include <filesystem>
+
+namespace deepcam::data {
+
+struct VerifyOptions {
+  std::filesystem::path root;
+  int threads = 0;  // 0: one per core
+};
+
+// Prints the problems and the summary to stdout; throws deepcam::Error
+// (counting the problems) when there is any.
+void run_verify(const VerifyOptions& options);
+
+}  // namespace deepcam::data
