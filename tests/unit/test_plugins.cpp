@@ -14,6 +14,8 @@
 
 #include "deepcam/config.hpp"
 #include "deepcam/error.hpp"
+#include "deepcam/h5.hpp"
+#include "deepcam/npy.hpp"
 #include "deepcam/plugin_loader.hpp"
 
 namespace fs = std::filesystem;
@@ -47,13 +49,40 @@ std::vector<Folder> plugin_folders() {
 // The build tree only: no DEEPCAM_PLUGIN_PATH from the environment, no install dir.
 PluginLoader build_tree_loader() { return PluginLoader({(kBuild / "plugins").string()}, "/nonexistent"); }
 
-// A small synthetic data set for the readers, made by deepcam-data.
+// The numpy layout (SPEC 1.5) beside the HDF5 files: data-X.npy and
+// label-X.npy next to each data-X.h5. Each reader lists only its own files,
+// so one root serves every reader plugin, wrapped or not.
+void add_npy_pairs(const fs::path& root) {
+  for (const char* split : {"train", "validation"}) {
+    std::vector<fs::path> samples;
+    for (const auto& e : fs::directory_iterator(root / split))
+      if (e.path().extension() == ".h5") samples.push_back(e.path());
+    for (const fs::path& sample : samples) {
+      const h5::File file = h5::File::open(sample.string());
+      const h5::Shape d = file.shape("climate/data"), l = file.shape("climate/labels_0");
+      std::vector<float> data(d[0] * d[1] * d[2]);
+      std::vector<std::int64_t> labels(l[0] * l[1]);
+      file.read("climate/data", data.data(), data.size());
+      file.read("climate/labels_0", labels.data(), labels.size());
+      const std::string x = sample.stem().string().substr(5);  // data-X.h5 -> X
+      const auto dim = [](std::uint64_t n) { return static_cast<std::int64_t>(n); };
+      npy::write((root / split / ("data-" + x + ".npy")).string(), npy::DType::Float32,
+                 {dim(d[0]), dim(d[1]), dim(d[2])}, data.data());
+      npy::write((root / split / ("label-" + x + ".npy")).string(), npy::DType::Int64,
+                 {dim(l[0]), dim(l[1])}, labels.data());
+    }
+  }
+}
+
+// A small synthetic data set for the readers, made by deepcam-data, in both
+// layouts.
 std::string data_root() {
   static const std::string root = [] {
     const fs::path dir = fs::temp_directory_path() / ("deepcam_test_plugins_" + std::to_string(::getpid()));
     const std::string cmd = (kBuild / "core" / "deepcam-data").string() + " synth --out " + dir.string() +
                             " --train 4 --validation 3 --height 32 --width 48 --seed 2 > /dev/null 2>&1";
     REQUIRE(std::system(cmd.c_str()) == 0);
+    add_npy_pairs(dir);
     return dir.string();
   }();
   return root;

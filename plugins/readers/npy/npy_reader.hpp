@@ -1,0 +1,95 @@
+// Description
+//   Reads the numpy variant of the DeepCAM data set (SPEC 1.5): per sample
+//   `<split>/data-X.npy` (height, width, channel) and `<split>/label-X.npy`
+//   (height, width), any float16/32/64 data and any integer, bool or float
+//   label dtype, either byte order, C or Fortran order, format 1.0, 2.0 or
+//   3.0, with `<data_root>/stats.h5` beside the splits. Channel selection,
+//   min/max normalisation and transposition to (C, H, W) are those of the
+//   hdf5 reader (SPEC 1.4): the same data gives the same batches bit for bit.
+//   Training samples are distributed by shuffle_mode (SPEC 2.1, 2.2; see
+//   deepcam/sharding.hpp): the reference's global shuffle, or per-node or
+//   per-rank shards permuted within, with NVIDIA's data_oversampling_factor.
+//   Validation is split into contiguous blocks (SPEC 2.3). Files are either
+//   memory-mapped (io = "mmap": the page cache serves repeated reads) or
+//   read with O_DIRECT into 4 KiB-aligned buffers (io = "direct": no page
+//   cache, for parallel file systems where a sample is read once per epoch
+//   and caching it only evicts others). The files of one batch are read by
+//   a pool of threads owned by the reader.
+//
+// Usage
+//   [reader]
+//   name = "npy"
+//   threads = 8
+//   io = "mmap"
+//   shuffle_mode = "global"
+//   data_oversampling_factor = 1
+//   check_finite = true
+//
+// Parameters
+//   Property                 | Description                                         | Required | Default
+//   -------------------------|-----------------------------------------------------|----------|---------
+//   threads                  | files of a batch read in parallel (1..256)          | no       | 4
+//   io                       | "mmap" or "direct" (O_DIRECT, no page cache)        | no       | "mmap"
+//   shuffle_mode             | "global" (reference), "node" or "gpu" (SPEC 2.2)    | no       | "global"
+//   data_oversampling_factor | shards per rank cycled over epochs (node, gpu only) | no       | 1
+//   check_finite             | refuse a sample holding NaN or Inf, naming the file | no       | true
+//
+//   The data root, channels, batch sizes, rank, local rank and size, world
+//   size and seed come from the host (ReaderContext), not from this table.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "deepcam/params.hpp"
+#include "deepcam/reader.hpp"
+#include "deepcam/sharding.hpp"
+
+namespace deepcam::readers {
+
+enum class NpyIo { Mmap, Direct };
+
+struct NpyReaderOptions {
+  int threads = 4;
+  NpyIo io = NpyIo::Mmap;
+  ShuffleMode shuffle_mode = ShuffleMode::Global;
+  std::int64_t data_oversampling_factor = 1;
+  bool check_finite = true;
+
+  static NpyReaderOptions from(const Params& params);
+};
+
+class NpyReader final : public Reader {
+ public:
+  // Lists both splits (every data file needs its label file), reads
+  // stats.h5 and the first training file's header; every problem is a
+  // deepcam::Error naming the file or directory.
+  NpyReader(const ReaderContext& context, const NpyReaderOptions& options);
+  ~NpyReader() override;
+
+  std::int64_t global_samples(Split split) const override;
+  std::int64_t local_samples(Split split) const override;
+  void start_epoch(Split split, std::int64_t epoch) override;
+  bool next(Batch& batch) override;
+  std::int64_t sample_count(Split split) const override;
+  // {data-X.npy, label-X.npy}
+  std::vector<std::string> sample_files(Split split, std::int64_t index) const override;
+  std::vector<std::int64_t> sample_shape() const override;
+  // files = {data file, label file}.
+  void read_sample(const std::vector<std::string>& files, float* data,
+                   std::int64_t* labels) const override;
+
+  // The training distribution this reader follows.
+  const TrainingSharding& sharding() const;
+  // The data files of the current epoch of the split begun last, on this
+  // rank, in reading order.
+  std::vector<std::string> epoch_files() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace deepcam::readers
