@@ -7,13 +7,14 @@ runs out of space fails cleanly."""
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import tomllib
 
 import pytest
 
-from helpers import HOST, mlperf_check, plugin_env, run_host, synth, write_run
+from helpers import HOST, REPO_ROOT, mlperf_check, plugin_env, run_host, synth, write_run
 
 PREFETCH = {"reader": {"name": "prefetch", "depth": 2, "threads": 2},
             "reader.source": {"name": "hdf5", "threads": 1}}
@@ -186,3 +187,65 @@ def test_staging_that_runs_out_of_space_fails_cleanly(tmp_path, data):
     assert str(data) in lines[0] and "stage_dir" in lines[0]
     assert list(stage.iterdir()) == [], "no partial copies may be left behind"
     assert not out.exists()
+
+
+# ---- configs/fs-*.toml: each loads and trains two steps, scaled down to the CPU ----
+
+CONFIGS = sorted((REPO_ROOT / "configs").glob("fs-*.toml"))
+
+
+def npy_copy(h5_root, out):
+    """The SPEC 1.5 .npy layout of an HDF5 data set, written with NumPy."""
+    import h5py
+    import numpy as np
+    for split in ("train", "validation"):
+        (out / split).mkdir(parents=True)
+        for f in sorted((h5_root / split).glob("*.h5")):
+            stem = f.name[len("data-"):-len(".h5")]
+            with h5py.File(f, "r") as h:
+                np.save(out / split / f"data-{stem}.npy", h["climate/data"][...])
+                np.save(out / split / f"label-{stem}.npy", h["climate/labels_0"][...])
+    shutil.copy(h5_root / "stats.h5", out / "stats.h5")
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_sets(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fs")
+    h5 = synth(base / "h5", train=4, validation=2)
+    return {"h5": h5, "npy": npy_copy(h5, base / "npy")}
+
+
+def test_every_fs_config_is_covered():
+    names = {c.stem for c in CONFIGS}
+    assert {"fs-parallel", "fs-nvme", "fs-hdf5-shared", "fs-stage-shm"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
+def test_fs_config_loads_and_trains_two_steps(tmp_path, small_sets, config):
+    text = config.read_text()
+    assert text.startswith("#"), "each config says when to use it"
+    resolved = tomllib.loads(text)
+    reader = resolved["reader"]
+    uses_npy = "npy" in (reader["name"], reader.get("source", {}).get("name"))
+    out = tmp_path / "out"
+    args = [config, "--set", f"data.root={small_sets['npy' if uses_npy else 'h5']}",
+            "--set", f"run.output_dir={out}", "--set", "run.device=cpu", "--set", "run.max_epochs=1",
+            "--set", "run.threads=2", "--set", "run.validation_batch_size=2", "--set", "run.logging_frequency=1",
+            "--set", "model.width=0.0625", "--set", "model.middle_blocks=1",
+            "--set", "scheduler.lr_warmup_steps=0", "--set", "mlperf.division=open"]
+    r = run_host(*args)
+    assert r.returncode in (0, 1), r.stderr  # 1: the target was not reached
+    events = read_log(out / "mlperf.log")
+    keys = [e["key"] for e in events]
+    assert keys.count("train_loss") >= 2 and "eval_accuracy" in keys and keys[-1] == "run_stop"
+    assert next(e["value"] for e in events if e["key"] == "train_samples") == 4
+    written = tomllib.loads((out / "config.toml").read_text())
+    assert written["reader"]["name"] == reader["name"]
+    if "source" in reader:
+        assert written["reader"]["source"]["name"] == reader["source"]["name"]
+    if reader.get("stage_dir"):
+        assert "staging_start" in keys and "staging_stop" in keys
+        staged = next(l for l in r.stderr.splitlines() if l.startswith("deepcam-host: staged"))
+        stage_dir = staged.split(" to ")[1].split(" in ")[0]
+        assert stage_dir.startswith(reader["stage_dir"]) and not os.path.exists(stage_dir)
