@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
-"""PyTorch's own torch.optim.Adam on a fixed problem, for the unit test of the
-adam optimizer plugin (plugins/optimizers/adam/test_adam.cpp).
+"""PyTorch's own torch.optim.Adam on a fixed problem, for the unit tests of the
+adam and adamw optimizer plugins (plugins/optimizers/adam/test_adam.cpp,
+plugins/optimizers/adamw/test_adamw.cpp).
 
-  adam_reference.py run LR BETA1 BETA2 WEIGHT_DECAY STEPS [STATE_FILE]
+  adam_reference.py [--adamw] run LR BETA1 BETA2 WEIGHT_DECAY STEPS [STATE_FILE]
       Builds the parameters, runs STEPS steps with the printed gradients and
       prints everything the C++ test needs; writes optimizer.state_dict() to
       STATE_FILE with torch.save when given.
-  adam_reference.py load STATE_FILE
+  adam_reference.py [--adamw] load STATE_FILE
       Loads a state_dict written by the C++ plugin (torch::pickle_save) after
       STEPS steps of "run" into a torch.optim.Adam over the parameters of that
       step, prints its hyper-parameters and state and the parameters after one
       more step with the gradients of step STEPS + 1.
+
+--adamw uses torch.optim.AdamW (decoupled weight decay) instead of Adam.
 
 Output: one line per tensor, "TAG INDEX v0 v1 ...", values as repr(float) of
 the float32 values (exact); "shape INDEX d0 d1 ..." gives the shapes, and
@@ -23,6 +26,7 @@ import torch
 import torch.jit._pickle
 
 SHAPES = [(16, 20), (5,), (2, 2), ()]
+OPTIMIZER = torch.optim.Adam
 
 
 def make_params():
@@ -55,7 +59,7 @@ def emit_state(opt, params):
 
 def run(lr, beta1, beta2, weight_decay, steps, state_file=None):
     params = make_params()
-    opt = torch.optim.Adam(params, lr=lr, betas=(beta1, beta2), eps=1e-6,
+    opt = OPTIMIZER(params, lr=lr, betas=(beta1, beta2), eps=1e-6,
                            weight_decay=weight_decay, foreach=False)
     for i, p in enumerate(params):
         print(f"shape {i} " + " ".join(str(d) for d in p.shape))
@@ -84,17 +88,18 @@ def load(state_file):
     print("group betas " + " ".join(repr(float(b)) for b in group["betas"]))
     print("group betas_type " + type(group["betas"]).__name__)
     print("group weight_decay " + repr(float(group["weight_decay"])))
+    print("group decoupled_weight_decay " + repr(group["decoupled_weight_decay"]))
     # The parameters where the C++ run left them: replay its steps here.
     step = max(int(s["step"]) for s in saved["state"].values())
     params = make_params()
-    replay = torch.optim.Adam(params, lr=group["lr"], betas=group["betas"], eps=1e-6,
+    replay = OPTIMIZER(params, lr=group["lr"], betas=group["betas"], eps=1e-6,
                               weight_decay=group["weight_decay"], foreach=False)
     for k in range(1, step + 1):
         for i, p in enumerate(params):
             p.grad = grad(k, i)
         replay.step()
     # Everything else comes from the C++ state: other hyper-parameters on purpose.
-    opt = torch.optim.Adam(params, lr=0.5, betas=(0.5, 0.5), eps=1e-6, weight_decay=0.0,
+    opt = OPTIMIZER(params, lr=0.5, betas=(0.5, 0.5), eps=1e-6, weight_decay=0.0,
                            foreach=False)
     opt.load_state_dict(saved)
     emit_state(opt, params)
@@ -107,6 +112,9 @@ def load(state_file):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    if args[:1] == ["--adamw"]:
+        OPTIMIZER = torch.optim.AdamW
+        args = args[1:]
     if len(args) in (6, 7) and args[0] == "run":
         run(float(args[1]), float(args[2]), float(args[3]), float(args[4]), int(args[5]),
             args[6] if len(args) == 7 else None)

@@ -254,7 +254,8 @@ TEST_CASE("Python's torch.optim.Adam continues from a state_dict saved by torch:
   const std::vector<std::string> expected_groups = {
       "groupkeyslrbetasepsweight_decayamsgradmaximizeforeachcapturabledifferentiablefused"
       "decoupled_weight_decayparams",
-      "grouplr0.01", "groupbetas0.80.99", "groupbetas_typetuple", "groupweight_decay0.1"};
+      "grouplr0.01", "groupbetas0.80.99", "groupbetas_typetuple", "groupweight_decay0.1",
+      "groupdecoupled_weight_decayFalse"};
   std::vector<std::string> groups;
   for (std::string line : loaded.words) {
     line.erase(std::remove(line.begin(), line.end(), ' '), line.end());
