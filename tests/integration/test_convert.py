@@ -1,0 +1,271 @@
+"""deepcam-data convert (SPEC 1.5), checked with numpy and h5py: every output
+loads with numpy.load bit for bit equal to h5py's read of the source, labels
+keep their stored dtype; ranks split the work; a second run skips valid pairs
+(mtime unchanged) and redoes broken ones; --verify repairs a file whose bytes
+changed but not its size; bad input (a damaged source, a full disk, an
+unreadable file, missing stats.h5) gives one clear line naming the file, a
+non-zero exit and no partial file."""
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+H, W = 32, 48
+
+
+def run(exe, *args, env=None, preexec_fn=None):
+    full_env = dict(os.environ)
+    for k in ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "SLURM_PROCID",
+              "SLURM_NTASKS"):
+        full_env.pop(k, None)
+    full_env.update(env or {})
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=600,
+                          env=full_env, preexec_fn=preexec_fn)
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def sources(root):
+    return sorted(Path(root).glob("*/data-*.h5"))
+
+
+def targets(src, dst, source):
+    split, name = source.parent.name, source.name
+    stem = name[len("data-"):-len(".h5")]
+    return Path(dst) / split / f"data-{stem}.npy", Path(dst) / split / f"label-{stem}.npy"
+
+
+def assert_converted(src, dst, only=None):
+    """Each converted pair equals its source bit for bit, with the labels' dtype kept."""
+    checked = 0
+    for source in sources(src):
+        if only is not None and source not in only:
+            continue
+        data_path, label_path = targets(src, dst, source)
+        with h5py.File(source, "r") as f:
+            data = f["climate/data"][...].astype(np.float32)
+            labels = f["climate/labels_0"][...]
+        npy_data, npy_labels = np.load(data_path), np.load(label_path)
+        assert npy_data.dtype == np.float32 and npy_data.shape == data.shape
+        assert np.array_equal(npy_data.view(np.uint32), data.view(np.uint32)), data_path
+        assert npy_labels.dtype == labels.dtype.newbyteorder("<"), (label_path, npy_labels.dtype, labels.dtype)
+        assert npy_labels.shape == labels.shape
+        assert np.array_equal(npy_labels, labels), label_path
+        checked += 1
+    return checked
+
+
+def hidden(root):
+    return [p for p in Path(root).rglob(".*")]
+
+
+def one_line_error(proc, *fragments):
+    assert proc.returncode != 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if all(str(f) in line for f in fragments)]
+    assert lines, proc.stderr
+    assert all(line.startswith("deepcam-data: ") for line in lines), proc.stderr
+
+
+@pytest.fixture(scope="module")
+def source(deepcam_data, tmp_path_factory):
+    """A synthetic set, plus samples stored the other ways HDF5 allows:
+    uint8 and big-endian int16 labels, big-endian float32 data."""
+    root = tmp_path_factory.mktemp("convert") / "src"
+    ok(run(deepcam_data, "synth", "--out", root, "--train", 6, "--validation", 3, "--height", H, "--width", W,
+           "--seed", 11))
+    first = sources(root)[0]
+    with h5py.File(first, "r") as f:
+        data, labels = f["climate/data"][...], f["climate/labels_0"][...]
+    for name, data_dtype, label_dtype in [("data-2107-01-01-00-1.h5", ">f4", "u1"),
+                                          ("data-2107-01-01-03-1.h5", "<f4", ">i2")]:
+        with h5py.File(root / "train" / name, "w") as f:
+            f.create_dataset("climate/data", data=data.astype(data_dtype))
+            f.create_dataset("climate/labels_0", data=labels.astype(label_dtype))
+    return root
+
+
+def fresh_copy(source, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(source, src)
+    return src
+
+
+def test_outputs_equal_the_sources_bit_for_bit(deepcam_data, source, tmp_path):
+    dst = tmp_path / "dst"
+    proc = ok(run(deepcam_data, "convert", source, dst, "--threads", 3))
+    assert assert_converted(source, dst) == 11
+    assert "11 converted" in proc.stderr
+    # The labels' stored dtypes: int32 from synth, and the two written above.
+    dtypes = {np.load(p).dtype for p in dst.glob("*/label-*.npy")}
+    assert dtypes == {np.dtype("int32"), np.dtype("uint8"), np.dtype("int16")}
+    assert (dst / "stats.h5").read_bytes() == (source / "stats.h5").read_bytes()
+    assert sorted(p.name for p in dst.iterdir()) == ["stats.h5", "train", "validation"]
+    assert not hidden(dst)
+    # The header is the one numpy.save writes for the same array.
+    sample = next(dst.glob("train/data-*.npy"))
+    again = tmp_path / "numpy.npy"
+    np.save(again, np.load(sample))
+    assert again.read_bytes() == sample.read_bytes()
+
+
+def test_ranks_split_the_samples(deepcam_data, source, tmp_path):
+    dst = tmp_path / "dst"
+    all_sources = sources(source)
+    ok(run(deepcam_data, "convert", source, dst, env={"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "3"}))
+    done = {p.name for p in dst.glob("*/data-*.npy")}
+    mine = all_sources[1::3]
+    assert done == {targets(source, dst, s)[0].name for s in mine}
+    assert not (dst / "stats.h5").exists()  # rank 0 copies it
+    for env in ({"PMI_RANK": "0", "PMI_SIZE": "3"}, {"SLURM_PROCID": "2", "SLURM_NTASKS": "3"}):
+        proc = ok(run(deepcam_data, "convert", source, dst, env=env))
+        assert "rank" in proc.stderr
+    assert assert_converted(source, dst) == len(all_sources)
+    assert (dst / "stats.h5").exists()
+
+    proc = run(deepcam_data, "convert", source, tmp_path / "x", env={"SLURM_PROCID": "3", "SLURM_NTASKS": "3"})
+    one_line_error(proc, "SLURM_PROCID=3", "SLURM_NTASKS=3")
+    proc = run(deepcam_data, "convert", source, tmp_path / "x", env={"PMI_RANK": "1"})
+    one_line_error(proc, "PMI_RANK", "PMI_SIZE")
+
+
+def test_resume_skips_valid_pairs_and_redoes_broken_ones(deepcam_data, source, tmp_path):
+    dst = tmp_path / "dst"
+    ok(run(deepcam_data, "convert", source, dst))
+    all_sources = sources(source)
+    truncated_data, _ = targets(source, dst, all_sources[0])
+    _, deleted_label = targets(source, dst, all_sources[1])
+    wrong_shape, _ = targets(source, dst, all_sources[2])
+    mtimes = {p: p.stat().st_mtime_ns for p in dst.glob("*/*.npy")}
+    os.truncate(truncated_data, truncated_data.stat().st_size // 2)
+    deleted_label.unlink()
+    np.save(wrong_shape, np.zeros((H, W, 15), np.float32))
+    changed = {truncated_data, deleted_label, wrong_shape}
+
+    proc = ok(run(deepcam_data, "convert", source, dst))
+    assert "2 repaired" in proc.stderr and "1 converted" in proc.stderr and "8 already valid" in proc.stderr
+    assert f"repaired {truncated_data.parent.name}/{truncated_data.name}" in proc.stderr
+    assert "truncated" in proc.stderr and "has shape (32, 48, 15), the source (32, 48, 16)" in proc.stderr
+    for p, mtime in mtimes.items():
+        if p not in changed:
+            assert p.stat().st_mtime_ns == mtime, f"{p} was rewritten"
+    assert assert_converted(source, dst) == len(all_sources)
+    assert not hidden(dst)
+
+
+def test_verify_repairs_a_corrupted_file_of_the_same_size(deepcam_data, source, tmp_path):
+    dst = tmp_path / "dst"
+    ok(run(deepcam_data, "convert", source, dst))
+    all_sources = sources(source)
+    corrupted, _ = targets(source, dst, all_sources[3])
+    _, corrupted_label = targets(source, dst, all_sources[4])
+    for path in (corrupted, corrupted_label):
+        raw = bytearray(path.read_bytes())
+        raw[-5] ^= 0x40
+        path.write_bytes(bytes(raw))
+    mtimes = {p: p.stat().st_mtime_ns for p in dst.glob("*/*.npy")}
+
+    # Without --verify only headers and sizes are checked: nothing is redone.
+    proc = ok(run(deepcam_data, "convert", source, dst))
+    assert "11 already valid" in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in dst.glob("*/*.npy")} == mtimes
+
+    proc = ok(run(deepcam_data, "convert", source, dst, "--verify"))
+    assert "2 repaired" in proc.stderr and "9 already valid (checked value by value)" in proc.stderr
+    assert f"{corrupted.name} values differ from the source" in proc.stderr
+    assert assert_converted(source, dst) == len(all_sources)
+    for p, mtime in mtimes.items():
+        if p not in (corrupted, corrupted_label):
+            assert p.stat().st_mtime_ns == mtime
+
+
+def test_a_damaged_source_is_named_and_the_others_converted(deepcam_data, source, tmp_path):
+    src = fresh_copy(source, tmp_path)
+    all_sources = sources(src)
+    damaged = all_sources[2]
+    damaged.write_bytes(damaged.read_bytes()[:3000])
+    with h5py.File(all_sources[5], "r+") as f:  # labels of a type .npy labels cannot keep
+        del f["climate/labels_0"]
+        f.create_dataset("climate/labels_0", data=np.full((H, W), b"x", dtype="S3"))
+    dst = tmp_path / "dst"
+    proc = run(deepcam_data, "convert", src, dst)
+    one_line_error(proc, str(damaged))
+    one_line_error(proc, str(all_sources[5]), "climate/labels_0", "strings")
+    assert "2 of 11 samples failed" in proc.stderr.splitlines()[-1]
+    for bad in (damaged, all_sources[5]):
+        assert not any(p.exists() for p in targets(src, dst, bad))
+    good = [s for s in all_sources if s not in (damaged, all_sources[5])]
+    assert assert_converted(src, dst, only=good) == 9
+    assert not (dst / "stats.h5").exists()  # a partial set does not look complete
+    assert not hidden(dst)
+
+
+def test_a_full_disk_stops_the_run_and_leaves_no_partial_file(deepcam_data, source, tmp_path):
+    # RLIMIT_FSIZE stands in for a full disk: with SIGXFSZ ignored, write()
+    # fails with EFBIG as it fails with ENOSPC. A label file (6 KB) fits, a
+    # data file (98 KB) does not.
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+
+    dst = tmp_path / "dst"
+    proc = run(deepcam_data, "convert", source, dst, "--threads", 2, preexec_fn=limit_file_size)
+    one_line_error(proc, str(dst), "cannot write", "File too large")
+    assert "not attempted after a failed write" in proc.stderr.splitlines()[-1] or "failed" in proc.stderr
+    assert not list(dst.glob("*/data-*.npy"))
+    assert not hidden(dst)
+    for label in dst.glob("*/label-*.npy"):  # whatever was written is complete
+        np.load(label)
+    assert not (dst / "stats.h5").exists()
+
+    # With room, the same command finishes the job.
+    ok(run(deepcam_data, "convert", source, dst))
+    assert assert_converted(source, dst) == 11
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_an_unreadable_source_is_named(deepcam_data, source, tmp_path):
+    src = fresh_copy(source, tmp_path)
+    locked = sources(src)[0]
+    locked.chmod(0)
+    try:
+        proc = run(deepcam_data, "convert", src, tmp_path / "dst")
+    finally:
+        locked.chmod(0o644)
+    one_line_error(proc, str(locked), "Permission denied")
+
+
+def test_an_unreadable_source_is_named_under_root(deepcam_data, source, tmp_path):
+    # Root ignores file modes; a directory in place of a sample file is
+    # unreadable for anyone.
+    src = fresh_copy(source, tmp_path)
+    bad = src / "train" / "data-2200-01-01-00-1.h5"
+    bad.mkdir()
+    proc = run(deepcam_data, "convert", src, tmp_path / "dst")
+    one_line_error(proc, str(bad), "is a directory")
+
+
+def test_bad_command_lines_and_missing_inputs(deepcam_data, source, tmp_path):
+    proc = run(deepcam_data, "convert", source)
+    assert proc.returncode == 2 and "two arguments" in proc.stderr
+    proc = run(deepcam_data, "convert", source, tmp_path / "d", "--threads", 0)
+    assert proc.returncode == 2 and "--threads" in proc.stderr
+    proc = run(deepcam_data, "convert", source, tmp_path / "d", "--fast")
+    assert proc.returncode == 2 and "unknown option --fast" in proc.stderr
+    proc = run(deepcam_data, "convert", tmp_path / "nothing", tmp_path / "d")
+    one_line_error(proc, str(tmp_path / "nothing"), "no such directory")
+
+    src = fresh_copy(source, tmp_path)
+    (src / "stats.h5").unlink()
+    proc = run(deepcam_data, "convert", src, tmp_path / "d")
+    one_line_error(proc, str(src / "stats.h5"), "deepcam-data stats")
+    assert not (tmp_path / "d").exists()

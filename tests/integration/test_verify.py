@@ -1,0 +1,241 @@
+"""deepcam-data verify: a good data set passes in both forms (h5 and npy),
+and each kind of bad file is reported on one line naming the file and the
+problem, with a summary and a non-zero exit."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+H, W = 32, 48
+
+
+def run(exe, *args):
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def good_sets(deepcam_data, tmp_path_factory):
+    base = tmp_path_factory.mktemp("verify")
+    h5_set = base / "h5"
+    ok(run(deepcam_data, "synth", "--out", h5_set, "--train", 5, "--validation", 2, "--height", H, "--width", W,
+           "--seed", 5))
+    npy_set = base / "npy"
+    ok(run(deepcam_data, "convert", h5_set, npy_set))
+    return h5_set, npy_set
+
+
+def copy_of(root, tmp_path):
+    out = tmp_path / root.name
+    shutil.copytree(root, out)
+    return out
+
+
+def bad(deepcam_data, root, *expected_lines):
+    """verify fails; each expected line (a tuple of fragments, the first a
+    path) is one line of its output; the summary counts the problems."""
+    proc = run(deepcam_data, "verify", root, "--threads", 3)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    problems = [line for line in lines if not line.startswith("verify: ")]
+    for fragments in expected_lines:
+        fragments = [str(f) for f in fragments]
+        matching = [line for line in problems if line.startswith(fragments[0] + ":") and
+                    all(f in line for f in fragments)]
+        assert matching, f"no line with {fragments} in:\n{proc.stdout}"
+    assert len(problems) == len(expected_lines), proc.stdout
+    assert f"{len(expected_lines)} problems" in lines[-1], proc.stdout
+    assert proc.stderr.startswith("deepcam-data: verify: ") and "problems" in proc.stderr, proc.stderr
+    return proc
+
+
+def first(root, pattern):
+    return sorted(Path(root).glob(pattern))[0]
+
+
+def test_good_sets_pass(deepcam_data, good_sets):
+    h5_set, npy_set = good_sets
+    proc = ok(run(deepcam_data, "verify", h5_set))
+    assert "train: 5 h5 samples, validation: 2 h5 samples" in proc.stdout
+    assert "16 channels" in proc.stdout and "no problems" in proc.stdout
+    proc = ok(run(deepcam_data, "verify", npy_set, "--threads", 1))
+    assert "train: 5 npy samples, validation: 2 npy samples" in proc.stdout and "no problems" in proc.stdout
+
+
+def test_npy_written_by_numpy_in_other_dtypes_and_orders_passes(deepcam_data, good_sets, tmp_path):
+    # Every file replaced by numpy's own: big-endian float64 data in Fortran
+    # order, uint8 labels; verify reads any standard .npy.
+    root = copy_of(good_sets[1], tmp_path)
+    for p in root.glob("*/data-*.npy"):
+        np.save(p, np.asfortranarray(np.load(p).astype(">f8")))
+    for p in root.glob("*/label-*.npy"):
+        np.save(p, np.load(p).astype(np.uint8))
+    ok(run(deepcam_data, "verify", root))
+
+
+def test_truncated_npy(deepcam_data, good_sets, tmp_path):
+    root = copy_of(good_sets[1], tmp_path)
+    data = first(root, "train/data-*.npy")
+    os.truncate(data, data.stat().st_size - 100)
+    label = first(root, "validation/label-*.npy")
+    os.truncate(label, 20)
+    bad(deepcam_data, root, (data, "truncated", "header promises 98304 bytes"),
+        (label, "truncated .npy file"))
+
+
+def test_header_promising_more_than_the_file_holds(deepcam_data, good_sets, tmp_path):
+    root = copy_of(good_sets[1], tmp_path)
+    data = first(root, "train/data-*.npy")
+    raw = data.read_bytes()
+    # Same header length, a larger first axis.
+    patched = raw.replace(f"'shape': ({H}, {W}, 16)".encode(), f"'shape': ({H + 1}, {W}, 16)".encode(), 1)
+    assert patched != raw
+    data.write_bytes(patched)
+    bad(deepcam_data, root, (data, f"header promises {(H + 1) * W * 16 * 4} bytes"))
+
+
+def test_unsupported_dtypes(deepcam_data, good_sets, tmp_path):
+    root = copy_of(good_sets[1], tmp_path)
+    labels = sorted(root.glob("train/label-*.npy"))
+    np.save(labels[0], np.load(labels[0]).astype(np.complex64))
+    np.save(labels[1], np.load(labels[1]).astype(object), allow_pickle=True)
+    np.save(labels[2], np.load(labels[2]).astype("U2"))
+    bad(deepcam_data, root, (labels[0], "dtype '<c8' is not supported"), (labels[1], "Python objects"),
+        (labels[2], "dtype '<U2' is not supported"))
+
+
+def test_files_without_their_pair(deepcam_data, good_sets, tmp_path):
+    root = copy_of(good_sets[1], tmp_path)
+    data = first(root, "train/data-*.npy")
+    label_of_data = data.with_name("label-" + data.name[len("data-"):])
+    label_of_data.unlink()
+    label = first(root, "validation/label-*.npy")
+    data_of_label = label.with_name("data-" + label.name[len("label-"):])
+    data_of_label.unlink()
+    bad(deepcam_data, root, (data, "no label file", label_of_data.name),
+        (label, "no data file", data_of_label.name))
+
+
+def test_values(deepcam_data, good_sets, tmp_path):
+    root = copy_of(good_sets[1], tmp_path)
+    datas = sorted(root.glob("train/data-*.npy"))
+    labels = sorted(root.glob("train/label-*.npy"))
+    a = np.load(datas[0])
+    a[3, 7, 2] = np.nan
+    a[5, 0, 0] = np.inf
+    np.save(datas[0], a)
+    b = np.load(datas[1])
+    b[0, 1, 15] = -np.inf
+    np.save(datas[1], b)
+    c = np.load(labels[2])
+    c[1, 5] = 3
+    c[2, 0] = -1
+    np.save(labels[2], c)
+    d = np.load(labels[3]).astype(np.float32)
+    d[4, 4] = 0.5
+    np.save(labels[3], d)
+    bad(deepcam_data, root,
+        (datas[0], "NaN at (row 3, column 7, channel 2) and 1 more non-finite values"),
+        (datas[1], "Inf at (row 0, column 1, channel 15)"),
+        (labels[2], "value 3 at (row 1, column 5) and 1 more labels outside them"),
+        (labels[3], "element (4, 4) is 0.5, which is not a whole number"),
+        # float32 labels differ from the others' int32
+        (data_of(labels[3]), "labels (32, 48) float32 differs from the 6 other npy samples'", "int32"))
+
+
+def data_of(label):
+    return label.with_name("data-" + label.name[len("label-"):])
+
+
+def test_shapes_must_agree(deepcam_data, good_sets, tmp_path):
+    root = copy_of(good_sets[1], tmp_path)
+    data = first(root, "validation/data-*.npy")
+    label = data.with_name("label-" + data.name[len("data-"):])
+    np.save(data, np.load(data)[:, :40])
+    np.save(label, np.load(label)[:, :40])
+    other = sorted(root.glob("train/data-*.npy"))[1]
+    other_label = other.with_name("label-" + other.name[len("data-"):])
+    np.save(other_label, np.load(other_label)[:30])
+    bad(deepcam_data, root, (data, "data (32, 40, 16) float32", "differs from the 5 other npy samples'",
+                             "data (32, 48, 16) float32"),
+        (other_label, "has shape (30, 48)", "must be (height, width) of the data"))
+
+
+def test_stats(deepcam_data, good_sets, tmp_path):
+    root = copy_of(good_sets[1], tmp_path)
+    (root / "stats.h5").unlink()
+    bad(deepcam_data, root, (root / "stats.h5", "no such file", "deepcam-data stats"))
+    with h5py.File(root / "stats.h5", "w") as f:
+        f["climate/count"] = 10
+        for name in ("mean", "sqmean", "minval", "maxval"):
+            f[f"climate/{name}"] = np.zeros(12)
+    proc = bad(deepcam_data, root, *[(root / "stats.h5", f"climate/{n} has 12 values", "16 channels")
+                                     for n in ("mean", "sqmean", "minval", "maxval")])
+    assert "4 problems in 1 files" in proc.stdout
+
+
+def test_unreadable_and_empty_files(deepcam_data, good_sets, tmp_path):
+    root = copy_of(good_sets[1], tmp_path)
+    datas = sorted(root.glob("train/data-*.npy"))
+    datas[0].write_bytes(b"")
+    expected = [(datas[0], "not a .npy file")]
+    if os.geteuid() != 0:  # root reads files whatever their mode
+        datas[1].chmod(0)
+        expected.append((datas[1], "cannot open", "Permission denied"))
+    else:  # a directory where a file should be is unreadable for anyone
+        datas[1].unlink()
+        datas[1].mkdir()
+        expected.append((datas[1], "is a directory"))
+    try:
+        bad(deepcam_data, root, *expected)
+    finally:
+        if datas[1].is_file():
+            datas[1].chmod(0o644)
+
+
+def test_h5_problems(deepcam_data, good_sets, tmp_path):
+    root = copy_of(good_sets[0], tmp_path)
+    files = sorted(root.glob("train/data-*.h5"))
+    files[0].write_bytes(files[0].read_bytes()[:2000])
+    with h5py.File(files[1], "r+") as f:
+        f["climate/data"][2, 3, 4] = np.nan
+    with h5py.File(files[2], "r+") as f:
+        f["climate/labels_0"][0, 9] = 7
+    with h5py.File(files[3], "r+") as f:
+        del f["climate/labels_0"]
+    bad(deepcam_data, root, (files[0], "HDF5"), (files[1], "NaN at (row 2, column 3, channel 4)"),
+        (files[2], "climate/labels_0", "value 7 at (row 0, column 9)"),
+        (files[3], "climate/labels_0", "no such dataset"))
+
+
+def test_a_folder_in_both_forms_is_checked_in_both(deepcam_data, good_sets, tmp_path):
+    root = copy_of(good_sets[0], tmp_path)
+    ok(run(deepcam_data, "convert", root, root))  # in place: npy beside h5
+    proc = ok(run(deepcam_data, "verify", root))
+    assert "train: 5 h5 samples and 5 npy samples" in proc.stdout
+    label = first(root, "train/label-*.npy")
+    c = np.load(label)
+    c[0, 0] = 9
+    np.save(label, c)
+    bad(deepcam_data, root, (label, "value 9"))
+
+
+def test_command_line(deepcam_data, tmp_path):
+    proc = run(deepcam_data, "verify")
+    assert proc.returncode == 2 and "one argument" in proc.stderr
+    proc = run(deepcam_data, "verify", tmp_path, "--verify")
+    assert proc.returncode == 2 and "unknown option --verify" in proc.stderr
+    proc = run(deepcam_data, "verify", tmp_path / "none")
+    assert proc.returncode == 1 and "no such directory" in proc.stderr
+    (tmp_path / "train").mkdir()
+    proc = run(deepcam_data, "verify", tmp_path)
+    assert proc.returncode == 1 and "no folder in it holds samples" in proc.stderr
