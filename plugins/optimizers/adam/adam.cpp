@@ -7,82 +7,15 @@
 #include <ATen/core/ivalue.h>
 
 #include <cmath>
-#include <map>
-#include <sstream>
 #include <string>
 #include <utility>
 
 #include "deepcam/error.hpp"
 #include "deepcam/mlperf_log.hpp"
 #include "fused.hpp"
+#include "state_dict.hpp"
 
 namespace deepcam::optimizers {
-namespace {
-
-// Messages name the entry in PyTorch's layout, e.g. state[3]["exp_avg"]; the
-// caller knows the file and adds it.
-[[noreturn]] void fail(const std::string& what) {
-  throw Error("Adam optimizer state: " + what +
-              " (expected PyTorch's Adam.state_dict() layout for the same model)");
-}
-
-std::string shape_str(at::IntArrayRef sizes) {
-  std::ostringstream out;
-  out << '[';
-  for (std::size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
-  out << ']';
-  return out.str();
-}
-
-// The dicts are small, and their key type depends on the reader that made
-// them (Dict[str, Tensor], Dict[str, Any], ...), so a scan over str keys.
-const c10::IValue* find_key(const c10::impl::GenericDict& dict, const std::string& key) {
-  for (const auto& entry : dict) {
-    if (entry.key().isString() && entry.key().toStringRef() == key) return &entry.value();
-  }
-  return nullptr;
-}
-
-const c10::IValue& require_key(const c10::impl::GenericDict& dict, const std::string& key,
-                               const std::string& where) {
-  const c10::IValue* value = find_key(dict, key);
-  if (value == nullptr) fail(where + " has no key \"" + key + "\"");
-  return *value;
-}
-
-// Python writes 0 for a float hyper-parameter as an int.
-double to_number(const c10::IValue& value, const std::string& where) {
-  if (value.isDouble()) return value.toDouble();
-  if (value.isInt()) return static_cast<double>(value.toInt());
-  if (value.isTensor() && value.toTensor().numel() == 1) return value.toTensor().item<double>();
-  fail(where + " is a " + value.tagKind() + ", expected a number");
-}
-
-// Parameter ids are ints in torch.save files; a state that went through a
-// str-keyed format (JSON, some converters) has "0", "1", ...
-std::int64_t to_index(const c10::IValue& key, const std::string& where) {
-  if (key.isInt()) return key.toInt();
-  if (key.isString()) {
-    const std::string& text = key.toStringRef();
-    std::size_t used = 0;
-    try {
-      const long long index = std::stoll(text, &used);
-      if (used == text.size()) return index;
-    } catch (const std::exception&) {
-    }
-  }
-  fail(where + " has key " + (key.isString() ? "\"" + key.toStringRef() + "\"" : key.tagKind()) +
-       ", expected a parameter index");
-}
-
-std::vector<c10::IValue> to_items(const c10::IValue& value, const std::string& where) {
-  if (value.isList()) return value.toListRef().vec();
-  if (value.isTuple()) return value.toTupleRef().elements().vec();
-  fail(where + " is a " + value.tagKind() + ", expected a list");
-}
-
-}  // namespace
-
 AdamOptions AdamOptions::from(const Params& params) {
   AdamOptions options;
   options.lr = params.number("lr");
@@ -264,70 +197,25 @@ c10::IValue Adam::state_dict() const {
 }
 
 void Adam::load_state_dict(const c10::IValue& saved) {
-  if (!saved.isGenericDict()) fail("the top level is a " + saved.tagKind() + ", expected a dict");
-  const c10::impl::GenericDict root = saved.toGenericDict();
-
-  const std::vector<c10::IValue> groups = to_items(require_key(root, "param_groups", "the top level"),
-                                                   "\"param_groups\"");
-  if (groups.size() != 1) {
-    fail("\"param_groups\" has " + std::to_string(groups.size()) +
-         " groups; this optimizer has one group with all the model's parameters");
-  }
-  if (!groups[0].isGenericDict()) fail("param_groups[0] is a " + groups[0].tagKind() + ", expected a dict");
-  const c10::impl::GenericDict group = groups[0].toGenericDict();
-
-  // The state is keyed by the ids listed in the group, in parameter order.
-  const std::vector<c10::IValue> ids = to_items(require_key(group, "params", "param_groups[0]"),
-                                                "param_groups[0][\"params\"]");
-  if (ids.size() != parameters_.size()) {
-    fail("param_groups[0][\"params\"] lists " + std::to_string(ids.size()) +
-         " parameters, but the model has " + std::to_string(parameters_.size()));
-  }
-  std::map<std::int64_t, std::size_t> position;
-  for (std::size_t i = 0; i < ids.size(); ++i) {
-    position[to_index(ids[i], "param_groups[0][\"params\"]")] = i;
-  }
-
+  const std::string name = options_.decoupled_weight_decay ? "AdamW" : "Adam";
+  const fused::StateDictReader read(name, "PyTorch's " + name + ".state_dict()");
+  const fused::StateDictReader::Parsed parsed = read.parse(saved, parameters_.size());
   AdamOptions options = options_;
-  options.lr = to_number(require_key(group, "lr", "param_groups[0]"), "param_groups[0][\"lr\"]");
-  const std::vector<c10::IValue> betas = to_items(require_key(group, "betas", "param_groups[0]"),
-                                                  "param_groups[0][\"betas\"]");
-  if (betas.size() != 2) fail("param_groups[0][\"betas\"] has " + std::to_string(betas.size()) + " values");
-  options.beta1 = to_number(betas[0], "param_groups[0][\"betas\"][0]");
-  options.beta2 = to_number(betas[1], "param_groups[0][\"betas\"][1]");
-  options.weight_decay = to_number(require_key(group, "weight_decay", "param_groups[0]"),
-                                   "param_groups[0][\"weight_decay\"]");
+  options.lr = read.number(parsed.group, "lr", "param_groups[0]");
+  const std::vector<double> betas = read.betas(parsed.group);
+  options.beta1 = betas[0];
+  options.beta2 = betas[1];
+  options.weight_decay = read.number(parsed.group, "weight_decay", "param_groups[0]");
 
-  const c10::IValue& state_value = require_key(root, "state", "the top level");
-  if (!state_value.isGenericDict()) fail("\"state\" is a " + state_value.tagKind() + ", expected a dict");
   std::vector<ParamState> state(parameters_.size());
-  for (const auto& item : state_value.toGenericDict()) {
-    const std::int64_t id = to_index(item.key(), "\"state\"");
-    const std::string where = "state[" + std::to_string(id) + "]";
-    const auto found = position.find(id);
-    if (found == position.end()) fail(where + " belongs to no parameter in param_groups[0][\"params\"]");
-    const at::Tensor& param = parameters_[found->second];
-    if (!item.value().isGenericDict()) fail(where + " is a " + item.value().tagKind() + ", expected a dict");
-    const c10::impl::GenericDict entry = item.value().toGenericDict();
-
-    ParamState& target = state[found->second];
+  for (const fused::StateDictReader::Entry& entry : parsed.entries) {
+    const at::Tensor& param = parameters_[entry.parameter];
+    ParamState& target = state[entry.parameter];
     // On the CPU as PyTorch keeps it; the fused path moves it to the GPU.
-    target.step = at::scalar_tensor(to_number(require_key(entry, "step", where), where + "[\"step\"]"),
+    target.step = at::scalar_tensor(read.number(entry.values, "step", entry.where),
                                     at::TensorOptions().dtype(at::kFloat));
-    const auto moment = [&](const char* key) {
-      const std::string name = where + "[\"" + key + "\"]";
-      const c10::IValue& value = require_key(entry, key, where);
-      if (!value.isTensor()) fail(name + " is a " + value.tagKind() + ", expected a tensor");
-      const at::Tensor& tensor = value.toTensor();
-      if (tensor.sizes() != param.sizes()) {
-        fail(name + " has shape " + shape_str(tensor.sizes()) + " but parameter " +
-             std::to_string(found->second) + " has shape " + shape_str(param.sizes()));
-      }
-      // As PyTorch does: the state follows the parameter's device and dtype.
-      return tensor.to(param.device(), param.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
-    };
-    target.exp_avg = moment("exp_avg");
-    target.exp_avg_sq = moment("exp_avg_sq");
+    target.exp_avg = read.moment(entry, "exp_avg", param);
+    target.exp_avg_sq = read.moment(entry, "exp_avg_sq", param);
   }
   // Nothing changes unless all of it was valid.
   state_ = std::move(state);
