@@ -80,7 +80,7 @@ const fs::path& cases() {
     run(std::string(DEEPCAM_BUILD_ROOT) + "/core/deepcam-data synth --out '" +
         (dir.path / "src").string() + "' --train 6 --validation 5 --height " +
         std::to_string(kHeight) + " --width " + std::to_string(kWidth) +
-        " --seed 3 > /dev/null");
+        " --seed 3 > /dev/null 2>&1");
     run(std::string("'") + DEEPCAM_SOURCE_ROOT + "/.venv/bin/python' '" + DEEPCAM_SOURCE_ROOT +
         "/plugins/readers/npy/make_npy_cases.py' '" + (dir.path / "src").string() + "' '" +
         (dir.path / "out").string() + "'");
