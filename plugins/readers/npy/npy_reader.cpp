@@ -290,6 +290,7 @@ NpyReaderOptions NpyReaderOptions::from(const Params& params) {
       parse_shuffle_mode(params.string("shuffle_mode"), params.where() + " shuffle_mode");
   options.data_oversampling_factor = params.integer("data_oversampling_factor");
   options.check_finite = params.boolean("check_finite");
+  options.where = params.where();
   return options;
 }
 
@@ -485,7 +486,9 @@ NpyReader::NpyReader(const ReaderContext& context, const NpyReaderOptions& optio
   try {
     s.sharding = std::make_unique<TrainingSharding>(setup);
   } catch (const Error& e) {
-    throw Error((fs::path(context.data_root) / "train").string() + ": " + e.what());
+    // The sharding names the setting; the table and the data are ours.
+    throw Error(options.where + ": " + e.what() + " (training data " +
+                (fs::path(context.data_root) / "train").string() + ")");
   }
 
   // Like the reference, the first training file fixes the sample shape; every

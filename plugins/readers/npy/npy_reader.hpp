@@ -57,6 +57,7 @@ struct NpyReaderOptions {
   ShuffleMode shuffle_mode = ShuffleMode::Global;
   std::int64_t data_oversampling_factor = 1;
   bool check_finite = true;
+  std::string where = "[reader]";  // "run.toml [reader]", for messages
 
   static NpyReaderOptions from(const Params& params);
 };

@@ -270,8 +270,9 @@ TEST_CASE("training samples follow core's sharding in every shuffle mode") {
   // Oversampling needs a shard mode; the error names the setting.
   NpyReaderOptions o = npy_options(NpyIo::Mmap);
   o.data_oversampling_factor = 2;
+  o.where = "run.toml [reader]";
   CHECK(contains(error_of([&] { NpyReader(context(root), o); }),
-                 "data_oversampling_factor = 2 with shuffle_mode = \"global\""));
+                 "run.toml [reader]: data_oversampling_factor = 2 with shuffle_mode = \"global\""));
   o.shuffle_mode = ShuffleMode::Gpu;
   NpyReader oversampled(context(root, {0}, 0, 2, 1), o);
   // Epochs alternate between the two rounds; round 0 is the contiguous half,
@@ -400,6 +401,7 @@ TEST_CASE("options come from the plugin's checked table") {
   CHECK((o.shuffle_mode == ShuffleMode::Node));
   CHECK(o.data_oversampling_factor == 2);
   CHECK(!o.check_finite);
+  CHECK(o.where == "run.toml [reader]");
   deepcam::Params bad("run.toml [reader]", {{"threads", std::int64_t{3}},
                                             {"io", std::string("aio")},
                                             {"shuffle_mode", std::string("node")},
