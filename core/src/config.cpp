@@ -192,6 +192,8 @@ ParamValue convert(const ParamSpec& spec, const toml::node& node, const std::str
       }
       return out;
     }
+    case ParamType::Plugin:
+      break;  // nested tables are checked by Checker::nested, which loads their plugin
   }
   throw wrong();
 }
@@ -364,6 +366,16 @@ void apply_override(toml::table& root, const std::string& item, std::map<std::st
   }
   t->insert_or_assign(path.back(), *parsed.get("v"));
   set_keys[table_path].insert(path.back());
+  // A table given whole (`--set 'reader.source={name = "npy"}'`): its keys
+  // come from --set too, not from a line of the file.
+  std::function<void(const toml::table&, const std::string&)> mark = [&](const toml::table& table,
+                                                                         const std::string& where) {
+    for (const auto& [k, node] : table) {
+      set_keys[where].insert(std::string(k.str()));
+      if (const toml::table* sub = node.as_table()) mark(*sub, where + "." + std::string(k.str()));
+    }
+  };
+  if (const toml::table* whole = parsed.get("v")->as_table()) mark(*whole, table_path + "." + path.back());
 }
 
 }  // namespace

@@ -115,6 +115,9 @@ def test_set_reaches_into_the_nested_table(tmp_path, data):
         tmp_path, data, "--set", "reader.source.threads=many")
     assert "--set reader.depth.x=1: [reader.depth] is not a table" in refused(
         tmp_path, data, "--set", "reader.depth.x=1")
+    # A whole table from the command line: its keys are named as --set ones.
+    msg = refused(tmp_path, data, "--set", 'reader.source={name = "hdf5", thread = 2}')
+    assert "--set reader.source.thread: unknown key; did you mean 'threads'?" in msg
 
 
 def read_log(path):
