@@ -189,6 +189,11 @@ std::vector<std::string> check_stats(const fs::path& root, std::int64_t channels
   return problems;
 }
 
+// "1 problem", "2 problems"
+std::string count_of(std::size_t n, const char* word) {
+  return fmt::format("{} {}{}", n, word, n == 1 ? "" : "s");
+}
+
 }  // namespace
 
 void run_verify(const VerifyOptions& o) {
@@ -270,11 +275,12 @@ void run_verify(const VerifyOptions& o) {
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   fmt::print("verify: {}: {}; {} in {:.1f} s: {}\n", o.root.string(), fmt::join(split_notes, ", "),
              channels >= 0 ? fmt::format("{} channels", channels) : std::string("no readable sample"), seconds,
-             problems ? fmt::format("{} problems in {} files", problems, bad_files) : std::string("no problems"));
+             problems ? fmt::format("{} in {}", count_of(problems, "problem"), count_of(bad_files, "file"))
+                      : std::string("no problems"));
   std::fflush(stdout);
   if (problems)
-    throw Error(fmt::format("verify: {}: {} problems in {} files (listed above)", o.root.string(), problems,
-                            bad_files));
+    throw Error(fmt::format("verify: {}: {} in {} (listed above)", o.root.string(), count_of(problems, "problem"),
+                            count_of(bad_files, "file")));
 }
 
 }  // namespace deepcam::data

@@ -53,8 +53,9 @@ def bad(deepcam_data, root, *expected_lines):
                     all(f in line for f in fragments)]
         assert matching, f"no line with {fragments} in:\n{proc.stdout}"
     assert len(problems) == len(expected_lines), proc.stdout
-    assert f"{len(expected_lines)} problems" in lines[-1], proc.stdout
-    assert proc.stderr.startswith("deepcam-data: verify: ") and "problems" in proc.stderr, proc.stderr
+    n = len(expected_lines)
+    assert f"{n} problem{'s' if n > 1 else ''} in " in lines[-1], proc.stdout
+    assert proc.stderr.startswith("deepcam-data: verify: ") and f"{n} problem" in proc.stderr, proc.stderr
     return proc
 
 
@@ -180,7 +181,7 @@ def test_stats(deepcam_data, good_sets, tmp_path):
             f[f"climate/{name}"] = np.zeros(12)
     proc = bad(deepcam_data, root, *[(root / "stats.h5", f"climate/{n} has 12 values", "16 channels")
                                      for n in ("mean", "sqmean", "minval", "maxval")])
-    assert "4 problems in 1 files" in proc.stdout
+    assert "4 problems in 1 file" in proc.stdout
 
 
 def test_unreadable_and_empty_files(deepcam_data, good_sets, tmp_path):

@@ -52,7 +52,8 @@ DEEPCAM_API void write(const std::string& path, DType dtype, const std::vector<s
 
 // Converts `count` elements stored as `header` describes (byte order included)
 // to float32 or int64. Float-to-int64 conversion requires integral values and
-// throws naming `file` otherwise.
+// throws naming `file` otherwise. Fortran-order data comes out in C order (as
+// numpy.load returns it); it can only be converted whole (count == header.count()).
 DEEPCAM_API void convert(const std::string& file, const Header& header, const void* src, float* dst,
                          std::int64_t count);
 DEEPCAM_API void convert(const std::string& file, const Header& header, const void* src,
