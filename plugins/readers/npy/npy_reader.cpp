@@ -24,6 +24,7 @@
 #include "deepcam/error.hpp"
 #include "deepcam/h5.hpp"
 #include "deepcam/npy.hpp"
+#include "deepcam/worker_pool.hpp"
 
 namespace deepcam::readers {
 
@@ -195,83 +196,6 @@ std::size_t read_direct(const std::string& path, AlignedBuffer& buffer) {
   }
   return std::min(done, size);
 }
-
-// Runs the items of one batch on a fixed set of threads that live as long as
-// the reader, so that no thread is created per batch. (The hdf5 reader has
-// the same pool; plugins share no code but core's.)
-class WorkerPool {
- public:
-  using Job = std::function<void(std::size_t item, std::size_t worker)>;
-
-  explicit WorkerPool(int threads) {
-    for (int i = 0; i < threads; ++i) threads_.emplace_back([this, i] { work(i); });
-  }
-
-  ~WorkerPool() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
-    }
-    wake_.notify_all();
-    for (auto& thread : threads_) thread.join();
-  }
-
-  std::size_t size() const { return threads_.size(); }
-
-  // Returns when every item has run; after a failure the items not yet begun
-  // are skipped and the first exception is rethrown here.
-  void run(std::size_t count, const Job& job) {
-    std::unique_lock<std::mutex> lock(mutex_);
-    job_ = &job;
-    count_ = count;
-    next_ = 0;
-    error_ = nullptr;
-    ++generation_;
-    wake_.notify_all();
-    done_.wait(lock, [this] { return (next_ >= count_ || error_) && active_ == 0; });
-    job_ = nullptr;
-    count_ = next_ = 0;
-    if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
-  }
-
- private:
-  void work(std::size_t worker) {
-    std::uint64_t seen = 0;
-    std::unique_lock<std::mutex> lock(mutex_);
-    for (;;) {
-      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
-      ++active_;
-      while (next_ < count_ && !error_) {
-        const std::size_t item = next_++;
-        const Job* job = job_;
-        lock.unlock();
-        std::exception_ptr failure;
-        try {
-          (*job)(item, worker);
-        } catch (...) {
-          failure = std::current_exception();
-        }
-        lock.lock();
-        if (failure && !error_) error_ = failure;
-      }
-      if (--active_ == 0) done_.notify_all();
-    }
-  }
-
-  std::mutex mutex_;
-  std::condition_variable wake_;
-  std::condition_variable done_;
-  const Job* job_ = nullptr;
-  std::size_t count_ = 0;
-  std::size_t next_ = 0;
-  std::size_t active_ = 0;
-  std::uint64_t generation_ = 0;
-  bool stop_ = false;
-  std::exception_ptr error_;
-  std::vector<std::thread> threads_;
-};
 
 }  // namespace
 
