@@ -149,6 +149,16 @@ def test_example_builds_from_the_install_only(sdk, sgd_build):
         assert sdk.includedir.resolve() in includes, c["command"]
 
 
+def test_example_installs_into_the_hosts_plugin_directory(tmp_path, sdk, sgd_build):
+    # Staged with DESTDIR so that the shared install stays as meson installed it.
+    r = subprocess.run([MESON, "install", "-C", str(sgd_build), "--no-rebuild", "--destdir", str(tmp_path)],
+                       capture_output=True, text=True, env=sdk_env(sdk), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    installed = list(tmp_path.rglob("*.so"))
+    assert [p.name for p in installed] == ["libdeepcam_optimizer_sgd.so"]
+    assert installed[0].parent.resolve() == (tmp_path / str(sdk.plugindir.resolve()).lstrip("/")).resolve()
+
+
 def test_describe_prints_the_sgd_parameters(sdk, sgd_build):
     r = subprocess.run([str(sdk.host), "--describe", "optimizer/sgd"], capture_output=True, text=True,
                        env=sdk_env(sdk, str(sgd_build)), timeout=120)
