@@ -4,6 +4,7 @@
 // errors handed over at the batch they belong to, and staging (copies equal
 // to their sources, reads go to them, removed at exit and after an error).
 #include <ATen/ops/empty.h>
+#include <ATen/Context.h>
 #include <ATen/ops/equal.h>
 
 #include <fcntl.h>
@@ -132,7 +133,8 @@ class FakeSource final : public deepcam::Reader {
   std::vector<std::int64_t> sample_shape() const override { return {kC, kH, kW}; }
   void read_sample(const std::vector<std::string>& files, float* data, std::int64_t* labels) const override {
     thread_local std::mt19937 gen(std::hash<std::thread::id>()(std::this_thread::get_id()));
-    std::this_thread::sleep_for(std::chrono::microseconds(gen() % 400));
+    std::this_thread::sleep_for(delay_ > 0 ? std::chrono::microseconds(delay_)
+                                           : std::chrono::microseconds(gen() % 400));
     {
       std::lock_guard<std::mutex> lock(mutex_);
       read_paths_.push_back(files.at(0));
@@ -150,6 +152,7 @@ class FakeSource final : public deepcam::Reader {
   }
 
   std::int64_t fail_at_ = -1;
+  std::int64_t delay_ = 0;  // microseconds per read; 0: random, below 400
   mutable std::atomic<std::int64_t> reads_{0};
   mutable std::mutex mutex_;
   mutable std::vector<std::string> read_paths_;
@@ -306,6 +309,60 @@ TEST_CASE("the ring reads ahead exactly depth batches beyond those the consumer 
   CHECK(eventually([&] { return fake->reads_.load() == full + 2; }));
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
   CHECK(fake->reads_.load() == full + 2);
+}
+
+TEST_CASE("while the ring keeps up, the training step does not wait for reads") {
+  // Reads of 20 ms per sample, 2 samples per batch, 4 workers: a batch takes
+  // ~10 ms of reading with the ring; the "training step" takes 30 ms. After
+  // the first batch, next() should find every batch ready. Sleeps, not CPU
+  // work, so that a busy machine cannot make the reads slower than the step.
+  TempDir dir;
+  const auto ctx = context(2, 2);
+  auto source = std::make_unique<FakeSource>(dir.path, 24, 2, ctx);
+  source->delay_ = 20000;
+  PrefetchReader r(ctx, options(4, 3), std::move(source));
+  r.start_epoch(Split::Train, 0);
+  Batch b;
+  REQUIRE(r.next(b));
+  double waited = 0.0;
+  std::int64_t batches = 1;
+  for (;;) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(30));
+    const auto t0 = std::chrono::steady_clock::now();
+    if (!r.next(b)) break;
+    waited += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    ++batches;
+  }
+  CHECK(batches == 12);
+  // Read in line, the 11 batches would cost 11 x 40 ms of waiting.
+  INFO("waited " << waited << " s");
+  CHECK(waited < 0.05);
+}
+
+TEST_CASE("on CUDA: batches arrive on the GPU, equal to the CPU path (runs where a GPU is present)") {
+  if (!at::hasCUDA()) {
+    MESSAGE("no CUDA device: the pinned-memory and side-stream path is not run here");
+    return;
+  }
+  TempDir dir;
+  ReaderContext cpu = context(3, 2);
+  ReaderContext gpu = cpu;
+  gpu.device = "cuda";
+  PrefetchReader on_cpu(cpu, options(2, 2), std::make_unique<FakeSource>(dir.path, 11, 4, cpu));
+  PrefetchReader on_gpu(gpu, options(2, 2), std::make_unique<FakeSource>(dir.path, 11, 4, gpu));
+  for (Split s : {Split::Train, Split::Validation}) {
+    on_cpu.start_epoch(s, 1);
+    on_gpu.start_epoch(s, 1);
+    Batch a, b;
+    while (on_cpu.next(a)) {
+      REQUIRE(on_gpu.next(b));
+      CHECK(b.data.is_cuda());
+      CHECK(b.labels.is_cuda());
+      CHECK(at::equal(a.data, b.data.cpu()));
+      CHECK(at::equal(a.labels, b.labels.cpu()));
+    }
+    CHECK(!on_gpu.next(b));
+  }
 }
 
 TEST_CASE("a batch the consumer keeps is never overwritten by later batches") {
