@@ -3,6 +3,8 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <dlfcn.h>
+
 #include <boost/dll/shared_library.hpp>
 #include <cstdlib>
 #include <filesystem>
@@ -66,7 +68,16 @@ LoadedPlugin PluginLoader::open(const std::string& path) {
   // RTLD_LOCAL: one plugin's symbols never resolve another's.
   lib->load(path, ec, boost::dll::load_mode::rtld_local | boost::dll::load_mode::rtld_now);
   if (ec) {
-    throw Error(fmt::format("{}: cannot load: {}", path, ec.message()));
+    // Boost.DLL reduces the loader's message to an errno text ("Bad file
+    // descriptor"); dlerror() after a second attempt names the real cause
+    // (an undefined symbol, a missing dependency, not an ELF file).
+    std::string cause = ec.message();
+    if (void* handle = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL)) {
+      ::dlclose(handle);
+    } else if (const char* text = ::dlerror()) {
+      cause = text;
+    }
+    throw Error(fmt::format("{}: cannot load: {}", path, cause));
   }
   if (!lib->has(DEEPCAM_PLUGIN_ENTRY_NAME)) {
     for (int v = 0; v < 100; ++v) {
