@@ -4,10 +4,14 @@
 #include <fmt/ranges.h>
 
 #include <dlfcn.h>
+#include <elf.h>
 
 #include <boost/dll/shared_library.hpp>
+#include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <system_error>
 
 #include "deepcam/error.hpp"
@@ -46,6 +50,38 @@ std::vector<fs::path> candidates(const std::string& dir, PluginKind kind, const 
   return {fs::path(dir) / file, fs::path(dir) / (std::string(to_string(kind)) + "s") / name / file};
 }
 
+// The dynamic loader maps a library's segments as its headers describe them;
+// a truncated file then faults (SIGBUS) on first access instead of failing.
+// Checking that every part the headers name lies within the file turns that
+// crash into an error. Returns "" when the file looks whole.
+std::string elf_problem(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return "cannot be opened for reading";
+  in.seekg(0, std::ios::end);
+  const auto size = static_cast<std::uint64_t>(in.tellg());
+  in.seekg(0);
+  Elf64_Ehdr eh{};
+  if (!in.read(reinterpret_cast<char*>(&eh), sizeof eh) || std::memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0)
+    return "not an ELF shared library";
+  if (eh.e_ident[EI_CLASS] != ELFCLASS64 || eh.e_phentsize != sizeof(Elf64_Phdr))
+    return "not a 64-bit ELF library";
+  const auto ends_within = [size](std::uint64_t offset, std::uint64_t length) {
+    return offset <= size && length <= size - offset;
+  };
+  if (!ends_within(eh.e_phoff, std::uint64_t{eh.e_phnum} * sizeof(Elf64_Phdr)) ||
+      (eh.e_shnum != 0 && !ends_within(eh.e_shoff, std::uint64_t{eh.e_shnum} * eh.e_shentsize)))
+    return fmt::format("truncated: its headers reach past the end of the file ({} bytes)", size);
+  for (unsigned i = 0; i < eh.e_phnum; ++i) {
+    Elf64_Phdr ph{};
+    in.seekg(static_cast<std::streamoff>(eh.e_phoff + i * sizeof(Elf64_Phdr)));
+    if (!in.read(reinterpret_cast<char*>(&ph), sizeof ph)) return "unreadable program header";
+    if (!ends_within(ph.p_offset, ph.p_filesz))
+      return fmt::format("truncated: segment {} ends at byte {}, the file has {} bytes", i,
+                         ph.p_offset + ph.p_filesz, size);
+  }
+  return "";
+}
+
 }  // namespace
 
 std::string PluginLoader::file_name(PluginKind kind, const std::string& name) {
@@ -62,6 +98,9 @@ LoadedPlugin PluginLoader::open(const std::string& path) {
   std::error_code exists_ec;
   if (!fs::is_regular_file(path, exists_ec)) {
     throw Error(fmt::format("{}: no such plugin library", path));
+  }
+  if (const std::string problem = elf_problem(path); !problem.empty()) {
+    throw Error(fmt::format("{}: cannot load: {}", path, problem));
   }
   auto lib = std::make_shared<boost::dll::shared_library>();
   boost::dll::fs::error_code ec;

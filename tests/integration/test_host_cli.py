@@ -128,6 +128,16 @@ def test_corrupt_and_missing_library(tmp_path, data):
     assert "no such plugin library" in refused(tmp_path, data, tmp_path / "missing.so")
 
 
+def test_truncated_library_is_refused_not_crashed(tmp_path, data):
+    # The dynamic loader faults (SIGBUS) on a library cut short; the host must
+    # check the file first.
+    whole = (PLUGINS / "optimizers" / "adam" / "libdeepcam_optimizer_adam.so").read_bytes()
+    for keep in (2000, len(whole) - 5000):
+        cut = tmp_path / "libdeepcam_optimizer_adam.so"
+        cut.write_bytes(whole[:keep])
+        assert "cannot load: truncated" in refused(tmp_path, data, cut)
+
+
 def test_library_of_another_kind_is_refused(tmp_path, data):
     adam = PLUGINS / "optimizers" / "adam" / "libdeepcam_optimizer_adam.so"
     msg = refused(tmp_path, data, adam, kind="scheduler")
