@@ -196,12 +196,14 @@ void Lamb::zero_grad() {
 }
 
 void Lamb::log_hyperparameters(MlperfLog& log) const {
+  // The reference logs opt_<key> for each key of FusedLAMB's param group, in
+  // the group's order (as state_dict() writes it).
   log.event("opt_name", "LAMB");
   log.event("opt_lr", options_.lr);
+  log.event("opt_bias_correction", true);
   log.event("opt_betas", Json::list({options_.beta1, options_.beta2}));
   log.event("opt_eps", kEps);
   log.event("opt_weight_decay", options_.weight_decay);
-  log.event("opt_bias_correction", true);
   log.event("opt_grad_averaging", true);
   log.event("opt_max_grad_norm", options_.max_grad_norm);
 }

@@ -362,10 +362,10 @@ TEST_CASE("LAMB logs the opt_* keys of SPEC 5.4 with the types the MLPerf checke
   }
   std::fclose(file);
   const std::vector<std::string> expected = {
-      R"("key":"opt_name","value":"LAMB")",         R"("key":"opt_lr","value":0.0055)",
-      R"("key":"opt_betas","value":[0.9,0.999])",   R"("key":"opt_eps","value":1e-06)",
-      R"("key":"opt_weight_decay","value":0.01)",   R"("key":"opt_bias_correction","value":true)",
-      R"("key":"opt_grad_averaging","value":true)", R"("key":"opt_max_grad_norm","value":1.0)"};
+      R"("key":"opt_name","value":"LAMB")",          R"("key":"opt_lr","value":0.0055)",
+      R"("key":"opt_bias_correction","value":true)", R"("key":"opt_betas","value":[0.9,0.999])",
+      R"("key":"opt_eps","value":1e-06)",            R"("key":"opt_weight_decay","value":0.01)",
+      R"("key":"opt_grad_averaging","value":true)",  R"("key":"opt_max_grad_norm","value":1.0)"};
   REQUIRE(lines.size() == expected.size());
   for (std::size_t i = 0; i < lines.size(); ++i) {
     INFO(lines[i]);
