@@ -21,9 +21,10 @@
 //   everything in global mode; plus its validation samples) are copied into
 //   a fresh directory under stage_dir, each copy checked, between MLPerf
 //   staging_start and staging_stop; all reads then go to the copies, which
-//   are removed when the reader goes (also after an error). Each rank makes
-//   its own copy: sharing one per node would need a node barrier that the
-//   reader interface does not offer.
+//   are removed when the reader goes (also after an error; a run killed by a
+//   signal cannot, and the next one staging there warns about what it left).
+//   Each rank makes its own copy: sharing one per node would need a node
+//   barrier that the reader interface does not offer.
 //
 // Usage
 //   [reader]

@@ -1,6 +1,7 @@
 #include "staging.hpp"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <ftw.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -64,6 +65,38 @@ std::size_t read_full(int fd, char* buf, std::size_t size, const std::string& pa
 
 }  // namespace
 
+std::vector<std::string> leftover_areas(const std::string& parent) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (fs::directory_iterator it(parent, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    const std::string prefix = "deepcam-stage-";
+    if (name.rfind(prefix, 0) != 0) continue;
+    const std::size_t dash = name.find('-', prefix.size());
+    if (dash == std::string::npos) continue;
+    const std::string digits = name.substr(prefix.size(), dash - prefix.size());
+    if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos) continue;
+    const long pid = std::strtol(digits.c_str(), nullptr, 10);
+    // ESRCH: no such process. EPERM means it exists (another user's).
+    if (pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) out.push_back(it->path().string());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// A run killed by a signal (a job's time limit) cannot remove its copies, and
+// in /dev/shm they hold memory until removed. They are only reported, not
+// removed: a process with the same number in another container sharing the
+// directory would lose its data.
+static void warn_about_leftovers(const std::string& parent) {
+  for (const auto& dir : leftover_areas(parent)) {
+    std::fprintf(stderr,
+                 "deepcam-host: warning: %s was left by a run that is no longer running (killed?); remove it "
+                 "if no other job on this node uses it\n",
+                 dir.c_str());
+  }
+}
+
 std::uint64_t checksum(const void* data, std::size_t size, std::uint64_t state) {
   constexpr std::uint64_t kPrime = 0x100000001b3ULL;
   const auto* p = static_cast<const unsigned char*>(data);
@@ -84,7 +117,9 @@ StagingArea::StagingArea(const std::string& parent, const std::string& where) : 
                             "/dev/shm or /tmp",
                             where, parent));
   }
-  std::string templ = (fs::path(parent) / "deepcam-stage-XXXXXX").string();
+  warn_about_leftovers(parent);
+  // The pid in the name lets a later run tell a leftover from a live copy.
+  std::string templ = (fs::path(parent) / fmt::format("deepcam-stage-{}-XXXXXX", ::getpid())).string();
   if (!::mkdtemp(templ.data())) {
     throw Error(fmt::format("{} = \"{}\": cannot create a staging directory there: {}", where, parent,
                             errno_text(errno)));

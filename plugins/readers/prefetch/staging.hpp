@@ -20,10 +20,15 @@ namespace deepcam::readers {
 constexpr std::uint64_t kChecksumSeed = 0xcbf29ce484222325ULL;
 std::uint64_t checksum(const void* data, std::size_t size, std::uint64_t state = kChecksumSeed);
 
+// Staging directories under `parent` whose run is no longer alive (the pid
+// in their name is not a process): left by a run killed by a signal.
+// Creating a StagingArea prints a warning for each.
+std::vector<std::string> leftover_areas(const std::string& parent);
+
 class StagingArea {
  public:
-  // Creates a fresh directory <parent>/deepcam-stage-<random> (mkdtemp), so
-  // that runs sharing a node do not share copies. `where` names the setting
+  // Creates a fresh directory <parent>/deepcam-stage-<pid>-<random>
+  // (mkdtemp), so that runs sharing a node do not share copies. `where` names the setting
   // for messages ("run.toml [reader] stage_dir").
   StagingArea(const std::string& parent, const std::string& where);
   ~StagingArea();

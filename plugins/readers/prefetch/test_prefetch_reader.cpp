@@ -13,6 +13,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <csignal>
 #include <atomic>
 #include <chrono>
@@ -516,6 +517,26 @@ TEST_CASE("a staging copy that cannot be written (file size limit) is an error n
   CHECK(message.find("File too large") != std::string::npos);
   CHECK(message.find("point stage_dir at a larger directory") != std::string::npos);
   CHECK(entries(stage.path).empty());
+}
+
+TEST_CASE("staging directories left by runs that are gone are found, live ones are not") {
+  TempDir stage;
+  pid_t dead = 4194000;
+  while (::kill(dead, 0) == 0 || errno != ESRCH) --dead;
+  const fs::path gone = stage.path / ("deepcam-stage-" + std::to_string(dead) + "-a1b2c3");
+  const fs::path live = stage.path / ("deepcam-stage-" + std::to_string(::getpid()) + "-d4e5f6");
+  fs::create_directories(gone / "train");
+  fs::create_directories(live);
+  fs::create_directories(stage.path / "deepcam-stage-XYZ");
+  CHECK(deepcam::readers::leftover_areas(stage.path.string()) == std::vector<std::string>{gone.string()});
+  {
+    StagingArea area(stage.path.string(), "test.toml [reader] stage_dir");
+    CHECK(fs::path(area.dir()).filename().string().rfind("deepcam-stage-" + std::to_string(::getpid()) + "-", 0) == 0);
+    CHECK(deepcam::readers::leftover_areas(stage.path.string()).size() == 1);
+  }
+  // Only reported: another job's data is not ours to remove.
+  CHECK(fs::exists(gone / "train"));
+  CHECK(fs::exists(live));
 }
 
 TEST_CASE("checksum: every byte counts, and chunked equals whole") {
