@@ -332,7 +332,9 @@ std::string shape_text(const std::vector<std::int64_t>& shape) {
 }
 
 void parallel_for(std::size_t n, int threads, const std::function<void(std::size_t)>& body) {
-  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  // Each thread holds a sample or two (up to 170 MB at full size): on a
+  // many-core node one per core would cost memory for no faster I/O.
+  if (threads <= 0) threads = static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 16u));
   std::atomic<std::size_t> next{0};
   std::atomic<bool> failed{false};
   std::mutex mutex;

@@ -32,7 +32,7 @@ namespace deepcam::data {
 
 struct ConvertOptions {
   std::filesystem::path src, dst;
-  int threads = 0;  // 0: one per core
+  int threads = 0;  // 0: one per core, at most 16
   bool verify = false;
 };
 
@@ -75,7 +75,7 @@ std::vector<std::filesystem::path> sample_files(const std::filesystem::path& dir
 // "(768, 1152, 16)"
 std::string shape_text(const std::vector<std::int64_t>& shape);
 
-// Runs body(k) for k in [0, n) on `threads` threads (0: one per core).
+// Runs body(k) for k in [0, n) on `threads` threads (0: one per core, at most 16).
 // body reports its own errors; an exception escaping it stops the handing
 // out of further k and is rethrown after every thread has finished.
 void parallel_for(std::size_t n, int threads, const std::function<void(std::size_t)>& body);

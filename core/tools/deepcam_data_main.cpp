@@ -65,7 +65,7 @@ Pairs already converted (headers and sizes matching the source) are skipped,
 so an interrupted run is finished by running it again. Started by mpirun or
 srun, rank r of P converts every P-th sample (OMPI_COMM_WORLD_RANK/SIZE,
 PMI_RANK/PMI_SIZE or SLURM_PROCID/SLURM_NTASKS).
-  --threads N        samples converted at once (>= 1)           default: cores
+  --threads N        samples converted at once (>= 1)  default: cores, at most 16
   --verify           also compare every value of existing pairs with the
                      source and convert those that differ again
 
@@ -74,7 +74,7 @@ data-X.npy with label-X.npy): every file opens and is complete, data is
 (H, W, C) and finite, labels (H, W) in {0, 1, 2}, npy files pair up, shapes
 and dtypes agree across files, stats.h5 matches the channel count. It prints
 one line per problem and a summary, and exits non-zero if there is any.
-  --threads N        files checked at once (>= 1)               default: cores
+  --threads N        files checked at once (>= 1)      default: cores, at most 16
 )";
 
 struct UsageError {

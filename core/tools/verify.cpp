@@ -205,7 +205,7 @@ void run_verify(const VerifyOptions& o) {
 
   std::vector<Item> items;
   std::vector<std::string> split_notes;
-  std::vector<fs::path> dirs;
+  std::vector<fs::path> dirs, leftovers;
   for (fs::directory_iterator it(o.root, ec), end; !ec && it != end; it.increment(ec))
     if (it->path().filename().string()[0] != '.' && it->is_directory(ec)) dirs.push_back(it->path());
   if (ec) throw Error(fmt::format("{}: cannot list the directory: {}", o.root.string(), ec.message()));
@@ -223,6 +223,13 @@ void run_verify(const VerifyOptions& o) {
     for (const std::string& x : stems)
       items.push_back({split, Format::Npy, dir / ("data-" + x + ".npy"), dir / ("label-" + x + ".npy"),
                        data_stems.count(x) > 0, label_stems.count(x) > 0});
+    // Hidden temporaries of write_atomically and npy::write outlive only a
+    // writer killed mid-file; they waste space and nothing else removes them
+    // (convert cannot: another rank may be writing it right now).
+    for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+      const std::string name = it->path().filename().string();
+      if (name[0] == '.' && name.find(".tmp") != std::string::npos) leftovers.push_back(it->path());
+    }
     std::vector<std::string> parts;
     if (!h5_files.empty()) parts.push_back(fmt::format("{} h5 samples", h5_files.size()));
     if (!stems.empty()) parts.push_back(fmt::format("{} npy samples", stems.size()));
@@ -266,6 +273,12 @@ void run_verify(const VerifyOptions& o) {
       fmt::print("{}\n", p);
       ++problems;
     }
+  }
+  std::sort(leftovers.begin(), leftovers.end());
+  for (const fs::path& p : leftovers) {
+    fmt::print("{}: a temporary file left by an interrupted write; delete it once no writer runs\n", p.string());
+    ++problems;
+    ++bad_files;
   }
   const std::vector<std::string> stats_problems = check_stats(o.root, channels);
   for (const std::string& p : stats_problems) fmt::print("{}\n", p);

@@ -11,7 +11,9 @@
 // - shapes and dtypes agree across the files of a format (the most common
 //   combination is taken as right, the others are reported);
 // - ROOT/stats.h5 exists and holds count and, per channel, mean, sqmean,
-//   minval and maxval for the samples' channel count.
+//   minval and maxval for the samples' channel count;
+// - no temporary file of an interrupted write (.NAME.tmp*, left when a
+//   writer was killed) lies in a split folder.
 // One line per problem (naming the file), then a summary; an exception
 // (non-zero exit) when anything is wrong. Files are checked in parallel.
 #pragma once
@@ -22,7 +24,7 @@ namespace deepcam::data {
 
 struct VerifyOptions {
   std::filesystem::path root;
-  int threads = 0;  // 0: one per core
+  int threads = 0;  // 0: one per core, at most 16
 };
 
 // Prints the problems and the summary to stdout; throws deepcam::Error

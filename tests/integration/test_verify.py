@@ -240,3 +240,11 @@ def test_command_line(deepcam_data, tmp_path):
     (tmp_path / "train").mkdir()
     proc = run(deepcam_data, "verify", tmp_path)
     assert proc.returncode == 1 and "no folder in it holds samples" in proc.stderr
+
+
+def test_leftover_temporaries(deepcam_data, good_sets, tmp_path):
+    # What a writer killed mid-file leaves (npy::write and the HDF5 writer).
+    root = copy_of(good_sets[1], tmp_path)
+    leftover = root / "train" / ".data-2106-01-01-00-1.npy.tmp4242-0"
+    leftover.write_bytes(b"\x93NUMPY partial")
+    bad(deepcam_data, root, (leftover, "temporary file left by an interrupted write"))
