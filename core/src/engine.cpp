@@ -11,6 +11,7 @@
 #include <fstream>
 #include <optional>
 
+#include "deepcam/build_reader.hpp"
 #include "deepcam/checkpoint.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/loss.hpp"
@@ -155,19 +156,8 @@ class Engine {
     if (run.integer("threads") > 0) at::set_num_threads(static_cast<int>(run.integer("threads")));
     torch::manual_seed(static_cast<std::uint64_t>(run.integer("seed")));
 
-    ReaderContext rc{cfg_.data.string("root"),
-                     cfg_.data.integers("channels"),
-                     run.integer("train_batch_size"),
-                     run.integer("validation_batch_size"),
-                     opts_.rank,
-                     opts_.world_size,
-                     static_cast<std::uint64_t>(run.integer("seed")),
-                     &log_,
-                     // One rank per node until multi-rank runs know their node.
-                     /*local_rank=*/0,
-                     /*local_size=*/1,
-                     run.string("device")};
-    c_.reader = make(cfg_.reader, [&](const PluginDescriptor& d) { return d.make_reader(cfg_.reader.params, rc); });
+    const ReaderContext rc = reader_context(cfg_, opts_.rank, opts_.world_size, &log_);
+    c_.reader = build_reader(cfg_, rc);
     ModelContext mc{static_cast<std::int64_t>(rc.channels.size()), 3, opts_.rank, opts_.world_size};
     c_.model = make(cfg_.model, [&](const PluginDescriptor& d) { return d.make_model(cfg_.model.params, mc); });
     c_.model->module().to(device_);

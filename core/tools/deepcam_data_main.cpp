@@ -6,6 +6,8 @@
 //   deepcam-data stats DIR
 //   deepcam-data convert SRC DST [--threads N] [--verify]
 //   deepcam-data verify ROOT [--threads N]
+//   deepcam-data read RUN.toml [--set k=v]... [--split S] [--epochs N]
+//                    [--consume-ms X | --consume-matched]
 //
 // Every error is one line `deepcam-data: <message>` on stderr and a non-zero
 // exit status (2 for a bad command line, 1 otherwise); no partial file is
@@ -24,7 +26,9 @@
 #include <fmt/format.h>
 
 #include "deepcam/error.hpp"
+#include "deepcam/plugin_loader.hpp"
 #include "convert.hpp"
+#include "read_bench.hpp"
 #include "stats.hpp"
 #include "synth.hpp"
 #include "verify.hpp"
@@ -36,6 +40,7 @@ constexpr const char* kUsage = R"(usage:
   deepcam-data stats DIR                   (re)compute DIR/stats.h5 from DIR/train
   deepcam-data convert SRC DST [options]   write the numpy form of data set SRC to DST
   deepcam-data verify ROOT [--threads N]   check every file of a data set (h5 or npy)
+  deepcam-data read RUN.toml [options]     time the run's reader alone (no model)
   deepcam-data --help
 
 synth writes DIR/train, DIR/validation (and DIR/test) with one HDF5 file per
@@ -75,6 +80,21 @@ data-X.npy with label-X.npy): every file opens and is complete, data is
 and dtypes agree across files, stats.h5 matches the channel count. It prints
 one line per problem and a summary, and exits non-zero if there is any.
   --threads N        files checked at once (>= 1)      default: cores, at most 16
+
+read loads RUN.toml as deepcam-host does (every plugin it names must be
+found: DEEPCAM_PLUGIN_PATH), builds only its reader (rank 0 of 1), reads the
+split for the epochs and prints one JSON line: reader, source, split, epochs,
+batch_size, batches, samples, samples_per_epoch, bytes (on disk, of the files
+read), seconds, samples_per_s, gb_per_s, wait_seconds (inside start_epoch and
+next), wait_fraction, wait_ms_per_batch, consume_ms, read_ms_per_batch,
+build_seconds, peak_rss_bytes and base_rss_bytes (before the reader was
+built). A consumer emulates the training step by sleeping after each batch.
+  --set section.key=value   override a key of RUN.toml (repeatable)
+  --split S          train or validation                       default train
+  --epochs N         epochs to read (>= 1)                     default 1
+  --consume-ms X     the consumer holds each batch X ms        default 0
+  --consume-matched  first read one epoch without a consumer, then use its
+                     mean read time per batch as --consume-ms
 )";
 
 struct UsageError {
@@ -165,7 +185,54 @@ ToolArgs parse_tool(const std::string& command, const std::vector<std::string>& 
   return out;
 }
 
-int run(const std::vector<std::string>& args) {
+deepcam::data::ReadBenchOptions parse_read(const std::vector<std::string>& args) {
+  deepcam::data::ReadBenchOptions o;
+  bool have_consume_ms = false;
+  for (std::size_t k = 0; k < args.size(); ++k) {
+    std::string option = args[k], value;
+    if (option.rfind("--", 0) != 0) {
+      if (!o.run_file.empty())
+        throw UsageError{fmt::format("read: one run file only (got {} and {})", o.run_file, option)};
+      o.run_file = option;
+      continue;
+    }
+    if (option == "--consume-matched") {
+      o.consume_matched = true;
+      continue;
+    }
+    if (const auto eq = option.find('='); eq != std::string::npos && option != "--set") {
+      // --set=k=v and --epochs=3; the first '=' ends the option's name.
+      value = option.substr(eq + 1);
+      option = option.substr(0, eq);
+    } else {
+      if (k + 1 >= args.size()) throw UsageError{fmt::format("{} needs a value", option)};
+      value = args[++k];
+    }
+    if (option == "--set") {
+      o.overrides.push_back(value);
+    } else if (option == "--split") {
+      if (value == "train") o.split = deepcam::Split::Train;
+      else if (value == "validation") o.split = deepcam::Split::Validation;
+      else throw UsageError{fmt::format("--split expects train or validation, got '{}'", value)};
+    } else if (option == "--epochs") {
+      o.epochs = static_cast<int>(parse_integer(option, value, 1, 1'000'000));
+    } else if (option == "--consume-ms") {
+      char* end = nullptr;
+      o.consume_ms = std::strtod(value.c_str(), &end);
+      if (value.empty() || *end != '\0' || !(o.consume_ms >= 0.0 && o.consume_ms <= 3.6e6))
+        throw UsageError{fmt::format("--consume-ms expects milliseconds between 0 and 3600000, got '{}'", value)};
+      have_consume_ms = true;
+    } else {
+      throw UsageError{fmt::format("read: unknown option {}", option)};
+    }
+  }
+  if (o.run_file.empty()) throw UsageError{"read: the run file (RUN.toml) is required"};
+  if (have_consume_ms && o.consume_matched)
+    throw UsageError{"read: --consume-ms and --consume-matched exclude each other"};
+  return o;
+}
+
+int run(const std::vector<std::string>& args, deepcam::PluginLoader& loader) {
   if (args.empty()) throw UsageError{"no command given"};
   const std::string& command = args[0];
   if (command == "--help" || command == "-h" || command == "help") {
@@ -192,8 +259,10 @@ int run(const std::vector<std::string>& args) {
     const ToolArgs a = parse_tool(command, rest, false);
     if (a.positional.size() != 1) throw UsageError{"verify takes one argument, the data set directory"};
     deepcam::data::run_verify({a.positional[0], a.threads});
+  } else if (command == "read") {
+    deepcam::data::run_read_bench(parse_read(rest), loader);
   } else {
-    throw UsageError{fmt::format("unknown command '{}' (commands: synth, stats, convert, verify)", command)};
+    throw UsageError{fmt::format("unknown command '{}' (commands: synth, stats, convert, verify, read)", command)};
   }
   return 0;
 }
@@ -201,8 +270,12 @@ int run(const std::vector<std::string>& args) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Outside the try block, as in deepcam-host: plugin libraries stay loaded
+  // until the process ends, so that an exception thrown by a plugin is
+  // handled while its code is still there.
+  deepcam::PluginLoader loader;
   try {
-    return run(std::vector<std::string>(argv + 1, argv + argc));
+    return run(std::vector<std::string>(argv + 1, argv + argc), loader);
   } catch (const UsageError& e) {
     fmt::print(stderr, "deepcam-data: {}; see deepcam-data --help\n", e.message);
     return 2;

@@ -1,0 +1,34 @@
+#include "deepcam/build_reader.hpp"
+
+#include <fmt/format.h>
+
+#include <utility>
+
+#include "deepcam/error.hpp"
+
+namespace deepcam {
+
+ReaderContext reader_context(const RunConfig& config, int rank, int world_size, MlperfLog* log) {
+  const Params& run = config.run;
+  return ReaderContext{config.data.string("root"),
+                       config.data.integers("channels"),
+                       run.integer("train_batch_size"),
+                       run.integer("validation_batch_size"),
+                       rank,
+                       world_size,
+                       static_cast<std::uint64_t>(run.integer("seed")),
+                       log,
+                       // One rank per node until multi-rank runs know their node.
+                       /*local_rank=*/0,
+                       /*local_size=*/1,
+                       run.string("device")};
+}
+
+Plugged<Reader> build_reader(const RunConfig& config, const ReaderContext& context) {
+  const PluginChoice& choice = config.reader;
+  auto reader = choice.plugin->descriptor->make_reader(choice.params, context);
+  if (!reader) throw Error(fmt::format("{}: the factory returned nothing", choice.plugin->path));
+  return Plugged<Reader>{choice.plugin->library, std::move(reader)};
+}
+
+}  // namespace deepcam

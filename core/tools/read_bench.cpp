@@ -1,0 +1,163 @@
+#include "read_bench.hpp"
+
+#include <sys/resource.h>
+
+#include <fmt/format.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <system_error>
+#include <thread>
+#include <utility>
+#include <variant>
+
+#include "deepcam/build_reader.hpp"
+#include "deepcam/config.hpp"
+#include "deepcam/error.hpp"
+#include "deepcam/json.hpp"
+#include "deepcam/mlperf_log.hpp"
+
+namespace deepcam::data {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+std::int64_t peak_rss_bytes() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<std::int64_t>(usage.ru_maxrss) * 1024;  // Linux reports KiB
+}
+
+// Bytes on disk of each sample of the split, in index order.
+std::vector<std::int64_t> sample_bytes(const Reader& reader, Split split) {
+  std::vector<std::int64_t> bytes(static_cast<std::size_t>(reader.sample_count(split)), 0);
+  for (std::size_t i = 0; i < bytes.size(); ++i) {
+    for (const std::string& file : reader.sample_files(split, static_cast<std::int64_t>(i))) {
+      std::error_code ec;
+      const auto size = std::filesystem::file_size(file, ec);
+      if (ec) throw Error(fmt::format("{}: cannot read its size: {}", file, ec.message()));
+      bytes[i] += static_cast<std::int64_t>(size);
+    }
+  }
+  return bytes;
+}
+
+struct Pass {
+  std::int64_t batches = 0;
+  std::int64_t samples = 0;
+  double seconds = 0.0;
+  double wait_seconds = 0.0;
+};
+
+// Reads `epochs` epochs of the split, starting at epoch index `first_epoch`;
+// after each batch the consumer holds the batch for `consume_ms`.
+Pass read_epochs(Reader& reader, Split split, std::int64_t first_epoch, int epochs, double consume_ms) {
+  Pass pass;
+  const auto consume = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double, std::milli>(consume_ms));
+  const Clock::time_point start = Clock::now();
+  for (int e = 0; e < epochs; ++e) {
+    Batch batch;
+    Clock::time_point t0 = Clock::now();
+    reader.start_epoch(split, first_epoch + e);
+    for (;;) {
+      const bool more = reader.next(batch);
+      const Clock::time_point t1 = Clock::now();
+      pass.wait_seconds += seconds_between(t0, t1);
+      if (!more) break;
+      ++pass.batches;
+      pass.samples += batch.data.size(0);
+      // Until a deadline rather than for a duration, so that oversleeping
+      // one batch is not added to the next.
+      if (consume_ms > 0) std::this_thread::sleep_until(t1 + consume);
+      t0 = Clock::now();
+    }
+  }
+  pass.seconds = seconds_between(start, Clock::now());
+  return pass;
+}
+
+}  // namespace
+
+void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader) {
+  const RunConfig config = load_config(options.run_file, options.overrides, loader);
+  const std::int64_t base_rss = peak_rss_bytes();
+
+  // A disabled log: the staging events of a wrapping reader go nowhere.
+  MlperfLog log(nullptr, false);
+  const Clock::time_point build_start = Clock::now();
+  const Plugged<Reader> reader = build_reader(config, reader_context(config, 0, 1, &log));
+  const double build_seconds = seconds_between(build_start, Clock::now());
+
+  const Split split = options.split;
+  const std::vector<std::int64_t> bytes_of = sample_bytes(*reader, split);
+  std::int64_t split_bytes = 0;
+  for (std::int64_t b : bytes_of) split_bytes += b;
+  const std::int64_t per_epoch = reader->local_samples(split);
+  if (per_epoch <= 0) {
+    throw Error(fmt::format("{}: the {} split of [data] root = \"{}\" has no samples to read", options.run_file,
+                            to_string(split), config.data.string("root")));
+  }
+
+  double consume_ms = options.consume_ms;
+  double read_ms_per_batch = 0.0;
+  std::int64_t first_epoch = 0;
+  if (options.consume_matched) {
+    const Pass calibration = read_epochs(*reader, split, 0, 1, 0.0);
+    if (calibration.batches > 0) read_ms_per_batch = 1e3 * calibration.wait_seconds / calibration.batches;
+    consume_ms = read_ms_per_batch;
+    first_epoch = 1;
+  }
+  const Pass pass = read_epochs(*reader, split, first_epoch, options.epochs, consume_ms);
+
+  // One rank reads every sample of the split once per epoch (the shuffle
+  // only changes the order), so the bytes read are the split's bytes per
+  // full epoch; a reader that reads fewer samples per epoch (drop_last
+  // leftovers) is counted by the mean bytes per sample.
+  const auto count = static_cast<std::int64_t>(bytes_of.size());
+  const std::int64_t bytes = pass.samples % count == 0
+                                 ? split_bytes * (pass.samples / count)
+                                 : static_cast<std::int64_t>(static_cast<double>(split_bytes) / count * pass.samples);
+
+  const PluginChoice& r = config.reader;
+  std::string source;
+  if (r.params.has("source")) {
+    if (const auto* nested = std::get_if<std::shared_ptr<const NestedPlugin>>(&r.params.values().at("source")))
+      source = (*nested)->name;
+  }
+  const double seconds = pass.seconds > 0 ? pass.seconds : 1e-9;
+  const Json line = Json::object({
+      {"reader", Json(r.name)},
+      {"source", Json(source)},
+      {"split", Json(to_string(split))},
+      {"epochs", Json(options.epochs)},
+      {"batch_size", Json(static_cast<long long>(config.run.integer(
+                         split == Split::Train ? "train_batch_size" : "validation_batch_size")))},
+      {"batches", Json(static_cast<long long>(pass.batches))},
+      {"samples", Json(static_cast<long long>(pass.samples))},
+      {"samples_per_epoch", Json(static_cast<long long>(per_epoch))},
+      {"bytes", Json(static_cast<long long>(bytes))},
+      {"seconds", Json(pass.seconds)},
+      {"samples_per_s", Json(pass.samples / seconds)},
+      {"gb_per_s", Json(bytes / seconds / 1e9)},
+      {"wait_seconds", Json(pass.wait_seconds)},
+      {"wait_fraction", Json(pass.wait_seconds / seconds)},
+      {"consume_ms", Json(consume_ms)},
+      {"wait_ms_per_batch", Json(pass.batches > 0 ? 1e3 * pass.wait_seconds / pass.batches : 0.0)},
+      {"read_ms_per_batch", Json(read_ms_per_batch)},
+      {"build_seconds", Json(build_seconds)},
+      {"peak_rss_bytes", Json(static_cast<long long>(peak_rss_bytes()))},
+      {"base_rss_bytes", Json(static_cast<long long>(base_rss))},
+  });
+  std::printf("%s\n", line.dump().c_str());
+  std::fflush(stdout);
+}
+
+}  // namespace deepcam::data

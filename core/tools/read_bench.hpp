@@ -1,0 +1,56 @@
+// `deepcam-data read RUN.toml`: the reader of a run alone, without a model,
+// so that a reader's speed is measured and not the training step's.
+//
+// The run file is loaded and checked in full as deepcam-host does (the
+// model, optimizer and scheduler plugins must therefore be found too), but
+// only the reader is built (deepcam/build_reader.hpp, as the engine builds
+// it, rank 0 of 1). The split is read for the given epochs; one JSON line
+// on stdout gives what was read and how fast:
+//
+//   reader, source      the [reader] plugin, and [reader.source] if it wraps one
+//   split, epochs, batches, samples, samples_per_epoch
+//   bytes               bytes on disk of the files read (sample_files() of
+//                       each sample, once per read)
+//   seconds             wall time of the epochs (start_epoch to the end),
+//                       without building the reader (build_seconds)
+//   samples_per_s, gb_per_s   samples and bytes (1e9) over seconds
+//   wait_seconds        time spent inside start_epoch() and next(): what a
+//                       training step would have waited for the reader
+//   wait_fraction       wait_seconds / seconds
+//   wait_ms_per_batch   wait_seconds per batch
+//   consume_ms          the emulated step per batch (0: none)
+//   read_ms_per_batch   --consume-matched: the reader's own time per batch,
+//                       measured in a first epoch without a consumer
+//   peak_rss_bytes      getrusage maximum resident set of the process
+//   base_rss_bytes      the same before the reader was built (LibTorch and
+//                       the plugins loaded), so the reader's share is the
+//                       difference. Pages of memory-mapped files that a
+//                       reader touched count as resident.
+//
+// The consumer sleeps: a GPU training step leaves the host's cores to the
+// reader's threads, and so does a sleep.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "deepcam/plugin_loader.hpp"
+#include "deepcam/reader.hpp"
+
+namespace deepcam::data {
+
+struct ReadBenchOptions {
+  std::string run_file;
+  std::vector<std::string> overrides;  // --set section.key=value
+  Split split = Split::Train;
+  int epochs = 1;
+  double consume_ms = 0.0;       // emulated training step per batch
+  bool consume_matched = false;  // consume_ms := the measured read time per batch
+};
+
+// Prints the JSON line; throws deepcam::Error on a bad run file or a failed
+// read. `loader` outlives the call so that an exception from a plugin is
+// handled while the plugin's code is still loaded.
+void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader);
+
+}  // namespace deepcam::data

@@ -1,0 +1,147 @@
+"""deepcam-data read: the reader of a run file alone. Its JSON line must hold
+every field, consistent with each other and with the data set on disk
+(samples = the split's size per epoch, bytes = the sizes of the files read);
+the consumer's time must show in the wall time and not in the wait; a bad
+run file or command line gives one error line and no JSON."""
+
+import json
+import math
+import subprocess
+
+import pytest
+
+from helpers import DATA_TOOL, plugin_env, synth, write_run
+
+FIELDS = {"reader", "source", "split", "epochs", "batch_size", "batches", "samples", "samples_per_epoch",
+          "bytes", "seconds", "samples_per_s", "gb_per_s", "wait_seconds", "wait_fraction", "wait_ms_per_batch",
+          "consume_ms", "read_ms_per_batch", "build_seconds", "peak_rss_bytes", "base_rss_bytes"}
+TRAIN, VALIDATION = 8, 3
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("read_bench")
+    h5 = synth(root / "h5", train=TRAIN, validation=VALIDATION)
+    subprocess.run([str(DATA_TOOL), "convert", str(h5), str(root / "npy")], check=True, capture_output=True)
+    return root
+
+
+def read(*args):
+    return subprocess.run([str(DATA_TOOL), "read", *map(str, args)], capture_output=True, text=True,
+                          env=plugin_env(), timeout=300)
+
+
+def measure(*args):
+    r = read(*args)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1, r.stdout
+    result = json.loads(lines[0])
+    assert set(result) == FIELDS
+    return result
+
+
+def split_bytes(root, split, pattern):
+    files = sorted((root / split).glob(pattern))
+    assert files
+    return sum(f.stat().st_size for f in files)
+
+
+def check_consistent(r, epochs, per_epoch, batch_size, file_bytes):
+    assert r["epochs"] == epochs
+    assert r["samples_per_epoch"] == per_epoch
+    assert r["samples"] == epochs * per_epoch
+    assert r["batches"] == epochs * math.ceil(per_epoch / batch_size)
+    assert r["bytes"] == epochs * file_bytes
+    assert r["seconds"] > 0
+    assert r["samples_per_s"] == pytest.approx(r["samples"] / r["seconds"], rel=1e-9)
+    assert r["gb_per_s"] == pytest.approx(r["bytes"] / r["seconds"] / 1e9, rel=1e-9)
+    assert 0 < r["wait_seconds"] <= r["seconds"]
+    assert r["wait_fraction"] == pytest.approx(r["wait_seconds"] / r["seconds"], rel=1e-9)
+    assert r["wait_ms_per_batch"] == pytest.approx(1e3 * r["wait_seconds"] / r["batches"], rel=1e-9)
+    assert r["peak_rss_bytes"] >= r["base_rss_bytes"] > 0
+
+
+def test_hdf5_train_two_epochs(tmp_path, data):
+    run = write_run(tmp_path / "run.toml", data / "h5", tmp_path / "out")
+    r = measure(run, "--epochs", 2)
+    assert (r["reader"], r["source"], r["split"], r["batch_size"]) == ("hdf5", "", "train", 2)
+    check_consistent(r, 2, TRAIN, 2, split_bytes(data / "h5", "train", "*.h5"))
+    # Without a consumer the reader is all there is.
+    assert r["consume_ms"] == 0 and r["read_ms_per_batch"] == 0
+    assert r["wait_fraction"] > 0.9
+    assert not (tmp_path / "out").exists(), "reading alone writes no run output"
+
+
+def test_npy_validation_counts_data_and_label_files(tmp_path, data):
+    run = write_run(tmp_path / "run.toml", data / "npy", tmp_path / "out",
+                    reader={"name": "npy", "io": "direct", "threads": 2})
+    r = measure(run, "--split", "validation", "--set", "run.validation_batch_size=2")
+    assert (r["reader"], r["split"], r["batch_size"]) == ("npy", "validation", 2)
+    # The last batch holds the one sample left.
+    check_consistent(r, 1, VALIDATION, 2, split_bytes(data / "npy", "validation", "*.npy"))
+
+
+def test_consumer_time_is_not_waiting(tmp_path, data):
+    run = write_run(tmp_path / "run.toml", data / "npy", tmp_path / "out",
+                    reader={"name": "prefetch", "depth": 2, "threads": 2},
+                    **{"reader.source": {"name": "npy", "io": "mmap", "threads": 1}})
+    r = measure(run, "--consume-ms", 30)
+    assert (r["reader"], r["source"]) == ("prefetch", "npy")
+    check_consistent(r, 1, TRAIN, 2, split_bytes(data / "npy", "train", "*.npy"))
+    assert r["consume_ms"] == 30
+    assert r["seconds"] >= r["batches"] * 0.030
+    assert r["wait_seconds"] <= r["seconds"] - r["batches"] * 0.030 + 1e-3
+
+
+def test_consume_matched_uses_the_measured_read_time(tmp_path, data):
+    run = write_run(tmp_path / "run.toml", data / "h5", tmp_path / "out")
+    r = measure(run, "--consume-matched", "--epochs", 2)
+    # The calibration epoch comes first and is not counted.
+    check_consistent(r, 2, TRAIN, 2, split_bytes(data / "h5", "train", "*.h5"))
+    assert r["read_ms_per_batch"] > 0
+    assert r["consume_ms"] == r["read_ms_per_batch"]
+    assert r["seconds"] >= r["batches"] * r["consume_ms"] / 1e3
+
+
+def one_error(r, status):
+    assert r.returncode == status, r.stderr
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("deepcam-data: ")
+    return lines[0]
+
+
+def test_bad_run_file_is_one_line_naming_file_and_key(tmp_path, data):
+    run = write_run(tmp_path / "run.toml", data / "h5", tmp_path / "out", reader={"thread": 2})
+    line = one_error(read(run), 1)
+    assert str(run) in line and "thread" in line and "threads" in line  # the "did you mean"
+
+    line = one_error(read(write_run(tmp_path / "ok.toml", data / "h5", tmp_path / "out"),
+                          "--set", "reader.threads=0"), 1)
+    assert "threads" in line
+
+    line = one_error(read(tmp_path / "missing.toml"), 1)
+    assert "missing.toml" in line
+
+
+def test_missing_data_root_names_it(tmp_path):
+    run = write_run(tmp_path / "run.toml", tmp_path / "nowhere", tmp_path / "out")
+    line = one_error(read(run), 1)
+    assert "nowhere" in line
+
+
+@pytest.mark.parametrize("args, text", [
+    ([], "run file"),
+    (["--split", "test"], "--split"),
+    (["--epochs", "0"], "--epochs"),
+    (["--consume-ms", "-1"], "--consume-ms"),
+    (["--consume-ms", "5", "--consume-matched"], "exclude"),
+    (["--bogus"], "--bogus"),
+])
+def test_bad_command_line(tmp_path, data, args, text):
+    if args:
+        args = [write_run(tmp_path / "run.toml", data / "h5", tmp_path / "out")] + args
+    line = one_error(read(*args), 2)
+    assert text in line
