@@ -88,11 +88,34 @@ std::string PluginLoader::file_name(PluginKind kind, const std::string& name) {
   return fmt::format("libdeepcam_{}_{}.so", to_string(kind), name);
 }
 
+namespace {
+
+// The install directory is found from where libdeepcam_core was loaded
+// (<libdir>/deepcam-host/plugins beside it), not from the configured prefix,
+// so that an install that was moved or staged with DESTDIR finds its own
+// plugins. The configured path is the fallback when dladdr cannot tell.
+std::string install_dir() {
+  Dl_info info{};
+  if (::dladdr(reinterpret_cast<const void*>(&install_dir), &info) == 0 || info.dli_fname == nullptr)
+    return DEEPCAM_PLUGIN_INSTALL_DIR;
+  const fs::path configured(DEEPCAM_PLUGIN_INSTALL_DIR);
+  const fs::path below_libdir = configured.parent_path().filename() / configured.filename();
+  return (fs::path(info.dli_fname).parent_path() / below_libdir).string();
+}
+
+}  // namespace
+
 PluginLoader::PluginLoader()
-    : PluginLoader(split_path(std::getenv("DEEPCAM_PLUGIN_PATH")), DEEPCAM_PLUGIN_INSTALL_DIR) {}
+    : PluginLoader(split_path(std::getenv("DEEPCAM_PLUGIN_PATH")), install_dir()) {}
 
 PluginLoader::PluginLoader(std::vector<std::string> env_dirs, std::string install_dir)
     : env_dirs_(std::move(env_dirs)), install_dir_(std::move(install_dir)) {}
+
+std::vector<std::string> PluginLoader::search_dirs() const {
+  std::vector<std::string> dirs = env_dirs_;
+  dirs.push_back(install_dir_);
+  return dirs;
+}
 
 LoadedPlugin PluginLoader::open(const std::string& path) {
   std::error_code exists_ec;
@@ -211,10 +234,8 @@ const LoadedPlugin& PluginLoader::load(PluginKind kind, const std::string& name,
 std::vector<LoadedPlugin> PluginLoader::discover(std::vector<std::string>& problems) {
   // Listing opens only files named like plugins, in the places load() looks.
   std::vector<LoadedPlugin> out;
-  std::vector<std::string> dirs = env_dirs_;
-  dirs.push_back(install_dir_);
   std::vector<fs::path> files;
-  for (const auto& dir : dirs) {
+  for (const auto& dir : search_dirs()) {
     std::error_code ec;
     if (!fs::is_directory(dir, ec)) continue;
     for (const auto& top : fs::directory_iterator(dir, ec)) files.push_back(top.path());

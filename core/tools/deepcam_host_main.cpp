@@ -1,5 +1,6 @@
 // deepcam-host: the thin main. Everything it does lives in the core library.
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <cstdio>
 #include <cstring>
@@ -42,12 +43,17 @@ void print_schema(const deepcam::ParamSchema& schema, const std::string& section
 
 int list_plugins(deepcam::PluginLoader& loader) {
   std::vector<std::string> problems;
-  for (const auto& p : loader.discover(problems)) {
+  const auto found = loader.discover(problems);
+  for (const auto& p : found) {
     const auto& d = *p.descriptor;
     std::printf("%-10s %-16s %-8s %s\n           %s\n", deepcam::to_string(d.kind), d.name, d.version, d.summary,
                 p.path.c_str());
   }
   for (const auto& e : problems) std::fprintf(stderr, "deepcam-host: skipped %s\n", e.c_str());
+  if (found.empty() && problems.empty()) {
+    std::fprintf(stderr, "deepcam-host: no plugins found in %s (set DEEPCAM_PLUGIN_PATH)\n",
+                 fmt::format("{}", fmt::join(loader.search_dirs(), ", ")).c_str());
+  }
   return 0;
 }
 

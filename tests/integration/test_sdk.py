@@ -115,6 +115,17 @@ def test_installed_programs_run_on_the_installed_core_and_plugins(sdk):
     assert listed == built_plugins(), r.stdout
 
 
+def test_installed_host_finds_its_plugins_without_a_plugin_path(sdk):
+    # The install was staged under DESTDIR: the host must look beside the core
+    # library it loaded, not at the configured prefix.
+    r = subprocess.run([str(sdk.host), "--list-plugins"], capture_output=True, text=True,
+                       env=sdk_env(sdk, plugin_path=""), timeout=120)
+    assert r.returncode == 0, r.stderr
+    listed = [Path(p) for p in re.findall(r"^\s+(/\S+\.so)$", r.stdout, re.M)]
+    assert {p.name for p in listed} == built_plugins(), r.stdout
+    assert all(p.is_relative_to(sdk.plugindir) for p in listed), r.stdout
+
+
 def test_pkg_config_gives_the_install_and_libtorch_flags(sdk):
     env = sdk_env(sdk)
     flags = subprocess.run(["pkg-config", "--cflags", "--libs", "deepcam-plugin"], capture_output=True,

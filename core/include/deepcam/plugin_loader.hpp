@@ -50,6 +50,9 @@ class DEEPCAM_API PluginLoader {
   // libraries that fail the checks are reported in `problems`.
   std::vector<LoadedPlugin> discover(std::vector<std::string>& problems);
 
+  // DEEPCAM_PLUGIN_PATH's directories, then the install directory.
+  std::vector<std::string> search_dirs() const;
+
   // Loads and checks one file, whatever its name.
   static LoadedPlugin open(const std::string& path);
 
