@@ -23,11 +23,11 @@
 //   max_grad_norm = 1.0
 //
 // Parameters
-//   Property      | Description                                  | Required | Default
-//   lr            | learning rate, > 0                           | no       | 1e-3
-//   betas         | [beta1, beta2], each in [0, 1)               | no       | [0.9, 0.999]
+//   Property      | Description                                   | Required | Default
+//   lr            | learning rate, > 0                            | no       | 1e-3
+//   betas         | [beta1, beta2], each in [0, 1)                | no       | [0.9, 0.999]
 //   weight_decay  | decoupled decay, inside the trust ratio, >= 0 | no       | 1e-2
-//   max_grad_norm | clip the global gradient norm to this, > 0   | no       | 1.0
+//   max_grad_norm | clip the global gradient norm to this, > 0    | no       | 1.0
 //   eps is not a parameter: SPEC 5 fixes it at 1e-6 for every optimizer.
 //   bias_correction and grad_averaging are always on (the MLPerf closed
 //   division requires them, and logs them as true).
