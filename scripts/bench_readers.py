@@ -1,38 +1,56 @@
 #!/usr/bin/env python3
-"""Compares the readers on one data set: trains with each reader set-up for
-the same epochs and model and prints the training throughput of each.
+"""The reader benchmark of issue 3 section 7: our readers side by side with
+h5py, numpy.load and the raw limit of the machine, on one synthetic data set
+at full resolution (at least 2 GB), in one run.
 
-The host has no read-only mode, so what is measured is the rate the whole
-training step reaches with each reader: a reader that keeps up gives the
-model's own rate, a slower one lowers it. Differences therefore show when
-the model step is fast (a GPU, --device cuda) or the file system is slow;
-on a CPU with a small model they mostly measure the model. Run it on an
-otherwise idle machine: with other jobs on the cores the numbers are noise.
+Every measurement runs in its own process and reads the training split once
+(the same files for all: the HDF5 files, or their .npy conversion):
 
-Set-ups (--readers picks some; all by default):
-  hdf5                  the HDF5 files, the hdf5 reader's threads
-  npy-mmap              the .npy form, memory-mapped (page cache)
-  npy-direct            the .npy form, O_DIRECT (no page cache)
-  prefetch-hdf5         the prefetch ring over the hdf5 reader
-  prefetch-npy-mmap     the prefetch ring over npy mmap
-  prefetch-npy-direct   the prefetch ring over npy O_DIRECT
+  hdf5, npy-mmap, npy-direct,       `deepcam-data read` of a run file with that
+  prefetch-hdf5, prefetch-npy-mmap, reader (no model); its JSON line gives
+  prefetch-npy-direct               samples/s, GB/s and peak RSS
+  h5py, h5py-threads                h5py reading climate/data and climate/labels_0
+                                    of each file into numpy arrays, in one
+                                    thread / in a pool of --threads threads
+  numpy.load, numpy.load-threads    numpy.load of each data-X.npy and label-X.npy
+  cat                               `cat FILES > /dev/null`: the raw limit for
+                                    the same bytes
+
+each with a warm page cache (the files read once before, untimed) and a
+cold one (`echo 3 > /proc/sys/vm/drop_caches` before; root only: where that
+file cannot be written the cold rows are left out and the output says so).
+Each cell is the median of --repeat runs. GB/s counts the bytes of the files
+on disk (1 GB = 1e9 bytes); peak RSS is the process's maximum resident set
+(wait4), which for memory-mapped reads includes the mapped file pages the
+process touched, and for deepcam-data includes LibTorch (about 125 MB).
+
+Then the prefetch test: `deepcam-data read --consume-matched` over the
+prefetch reader, whose consumer spends as long per batch as a read takes
+(the mean time per batch of a first epoch without consumer), warm cache:
+the fraction of time the consumer waits in next().
+
+Goals (issue 3): the npy reader at >= 90 % of the raw limit, the hdf5 reader
+at least as fast as h5py, the prefetch reader's consumer waiting < 5 % of the
+time. Printed with PASS/FAIL, with the table, the machine and the command,
+and written to the section "Readers (issue 3 section 7)" of
+docs/benchmarks.md (the rest of that file is kept; --no-docs leaves it).
+
+Run it when the machine is otherwise idle: it records the load average and
+whether compilers are running, and numbers taken beside other jobs are noise.
 
 Usage:
-  scripts/bench_readers.py --data /data/h5 [--npy /data/npy] [--device cuda]
-  scripts/bench_readers.py                      # a small synthetic set in a temporary folder
-
---data is a data set in HDF5 form; its .npy form is --npy, or made with
-`deepcam-data convert` into a temporary folder beside the runs. With
---drop-caches (root only) the page cache is emptied before each run, so
-every set-up starts cold. The table goes to stdout; --json also writes the
-numbers to a file. The exit status is non-zero if any run failed (its
-error is shown in the table).
+  scripts/bench_readers.py                          # makes runs/bench-readers/{h5,npy} (2.4 GB each), measures
+  scripts/bench_readers.py --data DIR               # uses DIR/h5 (made if missing) and DIR/npy
+  scripts/bench_readers.py --data /tmp/small --train 4 --height 96 --width 144 --repeat 1 --no-docs   # a dry run
 """
 
 import argparse
+import concurrent.futures
+import datetime
 import json
 import os
-import re
+import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -42,8 +60,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SECTION = "## Readers (issue 3 section 7)"
+MIN_BYTES = 2e9
 
-SETUPS = {
+# name: (files, [reader] table, [reader.source] table or None); threads/depth filled in later.
+READERS = {
     "hdf5": ("h5", {"name": "hdf5"}, None),
     "npy-mmap": ("npy", {"name": "npy", "io": "mmap"}, None),
     "npy-direct": ("npy", {"name": "npy", "io": "direct"}, None),
@@ -51,48 +72,56 @@ SETUPS = {
     "prefetch-npy-mmap": ("npy", {"name": "prefetch"}, {"name": "npy", "io": "mmap", "threads": 1}),
     "prefetch-npy-direct": ("npy", {"name": "prefetch"}, {"name": "npy", "io": "direct", "threads": 1}),
 }
-
-PROGRESS = re.compile(r"^epoch (\d+) step (\d+)/(\d+) .* ([0-9.]+) samples/s")
-RUN_TOOK = re.compile(r"run took ([0-9.]+) s")
-
-
-def toml_value(v):
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(v)
+BASELINES = {
+    "h5py": ("h5", 1),
+    "h5py-threads": ("h5", None),  # None: --threads
+    "numpy.load": ("npy", 1),
+    "numpy.load-threads": ("npy", None),
+    "cat": (None, 1),  # both formats, see measure_cat
+}
 
 
-def run_file(args, setup, data_root, output_dir):
-    _, reader, source = SETUPS[setup]
-    reader = dict(reader)
-    if reader["name"] == "prefetch":
-        reader.update({"threads": args.threads, "depth": args.depth})
+# ---- the worker: one baseline measurement in this process ------------------------------------------
+
+def worker(kind, threads, files_json):
+    """Reads the files as h5py or numpy would, prints {"seconds": ...}."""
+    samples = json.loads(Path(files_json).read_text())
+    if kind == "h5py":
+        import h5py
+
+        def read_one(sample):
+            with h5py.File(sample[0], "r") as f:
+                return f["climate/data"][...], f["climate/labels_0"][...]
     else:
-        reader["threads"] = args.threads
-    tables = {
-        "run": {"seed": 1, "output_dir": str(output_dir), "max_epochs": args.epochs, "target_iou": 1.0,
-                "logging_frequency": args.logging_frequency, "train_batch_size": args.batch_size,
-                "validation_batch_size": args.batch_size, "device": args.device, "threads": 0,
-                "checkpoint_every": 0},
-        "data": {"root": str(data_root)},
-        "reader": reader,
-        "model": {"name": "deeplabv3plus", "width": args.model_width, "middle_blocks": args.middle_blocks},
-        "optimizer": {"name": "adam", "lr": 0.001},
-        "scheduler": {"name": "multistep", "milestones": [1000000]},
-        "mlperf": {"org": "bench", "platform": args.device, "division": "open", "status": "research"},
-    }
-    lines = []
-    for name, keys in tables.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {'[' + ', '.join(map(str, v)) + ']' if isinstance(v, list) else toml_value(v)}"
-                  for k, v in keys.items()]
-        if name == "reader" and source:
-            lines.append("[reader.source]")
-            lines += [f"{k} = {toml_value(v)}" for k, v in source.items()]
-        lines.append("")
-    return "\n".join(lines)
+        import numpy as np
+
+        def read_one(sample):
+            return np.load(sample[0]), np.load(sample[1])
+
+    start = time.perf_counter()
+    if threads == 1:
+        for sample in samples:
+            read_one(sample)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            for _ in pool.map(read_one, samples):
+                pass
+    print(json.dumps({"seconds": time.perf_counter() - start}))
+
+
+# ---- measuring -------------------------------------------------------------------------------------
+
+def run_measured(cmd, env=None, stdout=subprocess.PIPE):
+    """Runs cmd; returns (wall seconds, stdout text, stderr text, exit status, peak RSS bytes)."""
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=err, env=env)
+        out = proc.stdout.read().decode() if stdout == subprocess.PIPE else ""
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        return wall, out, err.read().decode(errors="replace"), proc.returncode, usage.ru_maxrss * 1024
 
 
 def drop_caches():
@@ -101,129 +130,433 @@ def drop_caches():
         f.write("3\n")
 
 
-def bench(args, setup, data_root, work):
-    output_dir = work / f"run-{setup}"
-    shutil.rmtree(output_dir, ignore_errors=True)
-    output_dir.mkdir(parents=True)
-    toml = output_dir / "run.toml"
-    toml.write_text(run_file(args, setup, data_root, output_dir))
-    if args.drop_caches:
+def can_drop_caches():
+    try:
         drop_caches()
-    env = dict(os.environ, DEEPCAM_PLUGIN_PATH=str(args.build_dir / "plugins"))
-    start = time.monotonic()
-    proc = subprocess.run([str(args.build_dir / "core" / "deepcam-host"), str(toml)], capture_output=True,
-                          text=True, env=env)
-    wall = time.monotonic() - start
-    result = {"setup": setup, "wall_s": round(wall, 2)}
-    # Exit status 1 is "target not reached", which target_iou = 1.0 makes sure of.
-    if proc.returncode not in (0, 1) or not RUN_TOOK.search(proc.stderr):
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        result["error"] = last
-        return result
-    # Each progress line gives the mean rate since the start of its epoch;
-    # the last line of each epoch is that epoch's rate, the first epoch's
-    # includes the warm-up (first reads, allocator, CUDA kernels).
-    per_epoch = {}
-    for line in proc.stderr.splitlines():
-        m = PROGRESS.match(line)
-        if m:
-            per_epoch[int(m.group(1))] = float(m.group(4))
-        m = RUN_TOOK.search(line)
-        if m:
-            result["run_s"] = float(m.group(1))
-    rates = [per_epoch[e] for e in sorted(per_epoch)]
-    result["samples_per_s_by_epoch"] = rates
-    steady = rates[1:] or rates
-    result["samples_per_s"] = round(statistics.median(steady), 2) if steady else None
+        return True, ""
+    except OSError as e:
+        return False, f"/proc/sys/vm/drop_caches cannot be written here ({e.strerror}): cold page cache not measured"
+
+
+def warm_up(files):
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+
+
+class Failed(Exception):
+    pass
+
+
+def measure(cmd, files, cache, env=None, parse=None, stdout=subprocess.PIPE):
+    """One run in the given cache state; returns {seconds, peak_rss_bytes, ...}."""
+    if cache == "cold":
+        drop_caches()
+    else:
+        warm_up(files)
+    wall, out, err, status, rss = run_measured(cmd, env=env, stdout=stdout)
+    if status != 0:
+        last = (err.strip().splitlines() or [f"exit status {status}"])[-1]
+        raise Failed(f"{shlex.join(map(str, cmd))[:200]}: {last}")
+    result = {"seconds": wall, "peak_rss_bytes": rss}
+    if parse:
+        result.update(parse(out))
     return result
 
 
+def median_of(runs, key):
+    return statistics.median(r[key] for r in runs)
+
+
+# ---- the data set ----------------------------------------------------------------------------------
+
+def split_samples(root, fmt, split="train"):
+    """[(data file, label file or None)] of a split, in name order."""
+    folder = root / split
+    if fmt == "h5":
+        return [(p, None) for p in sorted(folder.glob("*.h5"))]
+    return [(p, p.with_name("label-" + p.name[len("data-"):])) for p in sorted(folder.glob("data-*.npy"))]
+
+
+def files_of(samples):
+    return [f for s in samples for f in s if f is not None]
+
+
+def make_data(args, tool):
+    h5, npy = args.data / "h5", args.data / "npy"
+    if not (h5 / "train").is_dir() or not any((h5 / "train").glob("*.h5")):
+        say(f"writing a synthetic set ({args.train} training samples, {args.height} x {args.width}) to {h5}")
+        subprocess.run([str(tool), "synth", "--out", str(h5), "--train", str(args.train), "--validation",
+                        str(args.validation), "--height", str(args.height), "--width", str(args.width)],
+                       check=True, capture_output=True)
+    else:
+        say(f"reusing {h5}")
+    # Resumable: pairs already converted are only checked (headers and sizes).
+    say(f"converting {h5} to {npy} (or checking an earlier conversion)")
+    subprocess.run([str(tool), "convert", str(h5), str(npy)], check=True, capture_output=True)
+    return h5, npy
+
+
+# ---- run files for deepcam-data read ---------------------------------------------------------------
+
+def toml_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def run_file(args, name, root, work):
+    _, reader, source = READERS[name]
+    reader = dict(reader, threads=args.threads)
+    if reader["name"] == "prefetch":
+        reader["depth"] = args.depth
+    tables = [
+        ("run", {"seed": 1, "output_dir": str(work / "out"), "train_batch_size": args.batch_size,
+                 "validation_batch_size": args.batch_size, "device": "cpu"}),
+        ("data", {"root": str(root)}),
+        ("reader", reader),
+        ("reader.source", source),
+        # Checked by the run file's loader, never built by deepcam-data read.
+        ("model", {"name": "deeplabv3plus"}),
+        ("optimizer", {"name": "adam", "lr": 0.001}),
+        ("scheduler", {"name": "multistep", "milestones": [1000]}),
+        ("mlperf", {"org": "bench", "platform": "cpu", "division": "open", "status": "research"}),
+    ]
+    lines = []
+    for table, keys in tables:
+        if keys is None:
+            continue
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in keys.items()]
+        lines.append("")
+    path = work / f"{name}.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+# ---- the report ------------------------------------------------------------------------------------
+
+def say(text):
+    print(f"bench_readers: {text}", file=sys.stderr, flush=True)
+
+
+def machine():
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+               platform.processor() or "unknown")
+    mem_kib = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal"))
+    return cpu, os.cpu_count(), mem_kib * 1024
+
+
+def disk_of(path):
+    path = Path(path).resolve()
+    best = ("?", "", "?")  # the longest mount point holding path
+    for line in open("/proc/mounts"):
+        dev, mnt, fstype = line.split()[:3]
+        if (path == Path(mnt) or Path(mnt) in path.parents) and len(mnt) > len(best[1]):
+            best = (dev, mnt, fstype)
+    dev = Path(best[0]).name
+    rotational = Path(f"/sys/block/{dev}/queue/rotational")
+    kind = ""
+    if rotational.exists():
+        kind = ", rotational" if rotational.read_text().strip() == "1" else ", non-rotational"
+    total, _, free = shutil.disk_usage(path)
+    return f"{best[0]} ({best[2]} on {best[1]}{kind}), {total / 1e9:.0f} GB, {free / 1e9:.0f} GB free"
+
+
+def quietness():
+    load = os.getloadavg()
+    compilers = 0
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() in ("cc1plus", "cc1", "nvcc", "cicc", "ptxas"):
+                    compilers += 1
+            except OSError:
+                pass
+    return load, compilers
+
+
+def fmt_rate(x, digits=2):
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def verdict(ok):
+    return "PASS" if ok else "FAIL"
+
+
+def build_report(args, rows, prefetch, goals, notes, context):
+    out = [SECTION, ""]
+    out.append(f"Measured {context['when']} with `{context['command']}` "
+               f"(commit {context['commit']}).")
+    out.append("")
+    out.append(f"Data: {context['samples']} training samples of {context['shape']} (SPEC 1, `deepcam-data synth`), "
+               f"{context['h5_bytes'] / 1e9:.2f} GB as HDF5 and {context['npy_bytes'] / 1e9:.2f} GB as .npy "
+               f"(`deepcam-data convert`), in `{args.data}`. Our readers: batch {args.batch_size}, "
+               f"{args.threads} threads, prefetch depth {args.depth}, all 16 channels normalised into "
+               f"(B, C, H, W) float32 and int64 labels. Each row reads the training split once in its own "
+               f"process; each number is the median of {args.repeat} runs. Warm: the files read just before "
+               f"(page cache); cold: `echo 3 > /proc/sys/vm/drop_caches` just before. GB/s counts the bytes "
+               f"of the files on disk (1e9). \"% of raw\" compares with `cat` of the same files in the same "
+               f"cache state. Peak RSS is the process's maximum resident set; for `deepcam-data read` it "
+               f"includes about {context['base_rss_mb']:.0f} MB of LibTorch and plugins before any read, and "
+               f"memory-mapped file pages count as resident.")
+    out.append("")
+    out.append("| set-up | files | cache | samples/s | GB/s | % of raw | peak RSS MB |")
+    out.append("|---|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['name']} | {r['files']} | {r['cache']} | failed: {r['error']} | | | |")
+            continue
+        pct = "–" if r.get("pct_raw") is None else f"{r['pct_raw']:.0f} %"
+        out.append(f"| {r['name']} | {r['files']} | {r['cache']} | {r['samples_per_s']:.1f} | "
+                   f"{r['gb_per_s']:.2f} | {pct} | {r['peak_rss_bytes'] / 2**20:.0f} |")
+    out.append("")
+    if prefetch:
+        out.append("Prefetch test (warm cache): `deepcam-data read --consume-matched`, the consumer holding each "
+                   "batch as long as the reader took per batch in a first epoch without consumer; "
+                   f"{args.prefetch_epochs} epochs measured after that one.")
+        out.append("")
+        out.append("| set-up | consumer ms/batch | reader waits ms/batch | waiting | samples/s |")
+        out.append("|---|---:|---:|---:|---:|")
+        for p in prefetch:
+            if "error" in p:
+                out.append(f"| {p['name']} | failed: {p['error']} | | | |")
+                continue
+            out.append(f"| {p['name']} | {p['consume_ms']:.1f} | {p['wait_ms_per_batch']:.1f} | "
+                       f"{100 * p['wait_fraction']:.1f} % | {p['samples_per_s']:.1f} |")
+        out.append("")
+    out.append("Goals:")
+    out.append("")
+    for g in goals:
+        out.append(f"- {verdict(g['ok']) if g['ok'] is not None else 'n/a'}: {g['text']}")
+    out.append("")
+    if notes:
+        for n in notes:
+            out.append(f"- {n}")
+        out.append("")
+    cpu, ncpu, mem = context["machine"]
+    out.append(f"Machine: {ncpu} CPUs ({cpu}), {mem / 2**30:.1f} GiB memory, disk {context['disk']}; "
+               f"{platform.system()} {platform.release()}. Load average at start "
+               f"{context['load'][0]:.2f} (1 min), {context['compilers']} compiler processes running.")
+    out.append("")
+    return "\n".join(out)
+
+
+def write_docs(path, section_text):
+    """Replaces the section (up to the next '## ' heading) or appends it; keeps the rest."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines = text.splitlines()
+    start = next((i for i, l in enumerate(lines) if l.strip() == SECTION), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n" + section_text.rstrip("\n") + "\n"
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        new = "\n".join(lines[:start] + section_text.rstrip("\n").splitlines() + ([""] if end < len(lines) else [])
+                        + lines[end:]).rstrip("\n") + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+
+
+# ---- main ------------------------------------------------------------------------------------------
+
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] in ("--worker-h5py", "--worker-numpy"):
+        worker("h5py" if sys.argv[1] == "--worker-h5py" else "numpy", int(sys.argv[2]), sys.argv[3])
+        return 0
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--data", type=Path, help="data set in HDF5 form (default: a synthetic one)")
-    p.add_argument("--npy", type=Path, help="the same set in .npy form (default: converted from --data)")
-    p.add_argument("--readers", default=",".join(SETUPS), help="comma-separated set-ups (default: all)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--epochs", type=int, default=2, help="epochs per run (default 2; the first is warm-up)")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--threads", type=int, default=4, help="reader threads (default 4)")
+    p.add_argument("--data", type=Path, default=REPO / "runs" / "bench-readers",
+                   help="holds h5/ (made if missing) and npy/ (converted from h5/); default runs/bench-readers")
+    p.add_argument("--train", type=int, default=40, help="training samples when making the set (default 40: 2.4 GB)")
+    p.add_argument("--validation", type=int, default=2, help="validation samples when making the set (default 2)")
+    p.add_argument("--height", type=int, default=768, help="when making the set (default 768)")
+    p.add_argument("--width", type=int, default=1152, help="when making the set (default 1152)")
+    p.add_argument("--batch-size", type=int, default=2, help="our readers' batch (default 2)")
+    p.add_argument("--threads", type=int, default=4, help="our readers' threads, and the pools' (default 4)")
     p.add_argument("--depth", type=int, default=4, help="prefetch ring depth (default 4)")
-    p.add_argument("--model-width", type=float, default=None,
-                   help="model width (default 1.0 on cuda, 0.0625 on cpu)")
-    p.add_argument("--middle-blocks", type=int, default=None, help="default 16 on cuda, 1 on cpu")
-    p.add_argument("--logging-frequency", type=int, default=4)
-    p.add_argument("--samples", type=int, default=16, help="synthetic set: training samples (default 16)")
-    p.add_argument("--height", type=int, default=192, help="synthetic set: height (default 192)")
-    p.add_argument("--width", type=int, default=288, help="synthetic set: width (default 288)")
-    p.add_argument("--drop-caches", action="store_true", help="empty the page cache before each run (root)")
-    p.add_argument("--work", type=Path, help="folder for runs and made data (default: a temporary one)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per cell, the median is shown (default 3)")
+    p.add_argument("--prefetch-epochs", type=int, default=3,
+                   help="epochs of the prefetch test after the calibrating one (default 3)")
+    p.add_argument("--only", help="comma-separated subset of the set-ups (default: all)")
+    p.add_argument("--no-cold", action="store_true", help="warm page cache only")
+    p.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md")
+    p.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md as it is")
+    p.add_argument("--json", type=Path, help="also write every measurement to this file")
     p.add_argument("--build-dir", type=Path, default=Path(os.environ.get("DEEPCAM_BUILD_DIR", REPO / "build")))
-    p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
 
-    setups = [s.strip() for s in args.readers.split(",") if s.strip()]
-    unknown = [s for s in setups if s not in SETUPS]
+    names = list(READERS) + list(BASELINES)
+    only = names if not args.only else [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in only if s not in names]
     if unknown:
-        p.error(f"--readers: unknown set-up(s) {', '.join(unknown)}; choose from {', '.join(SETUPS)}")
-    if args.model_width is None:
-        args.model_width = 1.0 if args.device == "cuda" else 0.0625
-    if args.middle_blocks is None:
-        args.middle_blocks = 16 if args.device == "cuda" else 1
-    if args.drop_caches and os.geteuid() != 0:
-        p.error("--drop-caches needs root (it writes /proc/sys/vm/drop_caches)")
+        p.error(f"--only: unknown set-up(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+    for opt in ("train", "batch_size", "threads", "depth", "repeat", "prefetch_epochs"):
+        if getattr(args, opt) < 1:
+            p.error(f"--{opt.replace('_', '-')} must be at least 1")
     tool = args.build_dir / "core" / "deepcam-data"
     if not tool.is_file():
-        p.error(f"{tool} is not built; run scripts/setup.sh or ninja -C {args.build_dir}")
+        p.error(f"{tool} is not built; run scripts/setup.sh or ninja -C {args.build_dir} core/deepcam-data")
+    env = dict(os.environ, DEEPCAM_PLUGIN_PATH=str(args.build_dir / "plugins"))
 
-    temp = None
-    if args.work is None:
-        temp = tempfile.TemporaryDirectory(prefix="bench_readers.")
-        args.work = Path(temp.name)
-    args.work.mkdir(parents=True, exist_ok=True)
-    try:
-        h5_root = args.data
-        if h5_root is None:
-            h5_root = args.work / "h5"
-            if not h5_root.exists():
-                print(f"bench_readers: writing a synthetic set ({args.samples} samples, "
-                      f"{args.height}x{args.width}) to {h5_root}", file=sys.stderr)
-                subprocess.run([str(tool), "synth", "--out", str(h5_root), "--train", str(args.samples),
-                                "--validation", str(max(2, args.samples // 4)), "--height", str(args.height),
-                                "--width", str(args.width)], check=True, capture_output=True)
-        npy_root = args.npy
-        if npy_root is None and any(SETUPS[s][0] == "npy" for s in setups):
-            npy_root = args.work / "npy"
-            print(f"bench_readers: converting {h5_root} to {npy_root}", file=sys.stderr)
-            # Resumable: a second run over the same --work reuses the files.
-            subprocess.run([str(tool), "convert", str(h5_root), str(npy_root)], check=True,
-                           capture_output=True)
+    load, compilers = quietness()
+    if load[0] > 1.5 or compilers:
+        say(f"warning: the machine is busy (load {load[0]:.2f}, {compilers} compiler processes): "
+            "the numbers will be noise")
+    command = "scripts/bench_readers.py" + ("" if len(sys.argv) == 1 else " " + shlex.join(sys.argv[1:]))
 
-        results = []
-        for setup in setups:
-            root = h5_root if SETUPS[setup][0] == "h5" else npy_root
-            print(f"bench_readers: {setup} ...", file=sys.stderr)
-            results.append(bench(args, setup, root, args.work))
+    args.data.mkdir(parents=True, exist_ok=True)
+    h5_root, npy_root = make_data(args, tool)
+    roots = {"h5": h5_root, "npy": npy_root}
+    samples = {f: split_samples(roots[f], f) for f in roots}
+    files = {f: files_of(samples[f]) for f in roots}
+    nbytes = {f: sum(x.stat().st_size for x in files[f]) for f in roots}
+    count = len(samples["h5"])
+    if count == 0 or len(samples["npy"]) != count:
+        p.error(f"{h5_root}/train and {npy_root}/train must hold the same samples "
+                f"({count} and {len(samples['npy'])})")
+    notes = []
+    if nbytes["h5"] < MIN_BYTES:
+        notes.append(f"The data set ({nbytes['h5'] / 1e9:.2f} GB) is smaller than the 2 GB section 7 asks for: "
+                     "a trial run, not the benchmark.")
+    import h5py
+    with h5py.File(samples["h5"][0][0], "r") as f:
+        shape = " x ".join(map(str, f["climate/data"].shape))
 
-        print(f"\n{args.device}, model width {args.model_width}, middle blocks {args.middle_blocks}, "
-              f"batch {args.batch_size}, reader threads {args.threads}, {args.epochs} epochs"
-              f"{', cold page cache' if args.drop_caches else ''}\n")
-        print(f"| {'set-up':<20} | {'samples/s':>10} | {'per epoch':<24} | {'run s':>7} |")
-        print(f"|{'-' * 22}|{'-' * 12}|{'-' * 26}|{'-' * 9}|")
-        for r in results:
-            if "error" in r:
-                print(f"| {r['setup']:<20} | {'failed':>10} | {r['error']}")
-                continue
-            by_epoch = ", ".join(f"{x:g}" for x in r["samples_per_s_by_epoch"])
-            print(f"| {r['setup']:<20} | {r['samples_per_s'] or 0:>10.2f} | {by_epoch:<24} | "
-                  f"{r.get('run_s', r['wall_s']):>7.1f} |")
-        if args.json:
-            args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
-                                             "results": results}, indent=2))
-        return 1 if any("error" in r for r in results) else 0
-    finally:
-        if temp is not None:
-            temp.cleanup()
+    caches = ["warm"]
+    if not args.no_cold:
+        ok, why = can_drop_caches()
+        if ok:
+            caches.append("cold")
+        else:
+            notes.append(why)
+            say(why)
+    else:
+        notes.append("Cold page cache not measured (--no-cold).")
+
+    work_tmp = tempfile.TemporaryDirectory(prefix="bench_readers.")
+    work = Path(work_tmp.name)
+    rows, runs_log = [], []
+    base_rss = []
+
+    def cell(name, fmt, cache, cmd, parse, run_env=None, stdout=subprocess.PIPE):
+        say(f"{name} ({fmt}, {cache}) ...")
+        runs = []
+        try:
+            for _ in range(args.repeat):
+                runs.append(measure(cmd, files[fmt], cache, env=run_env, parse=parse, stdout=stdout))
+        except Failed as e:
+            say(f"  failed: {e}")
+            return {"name": name, "files": fmt, "cache": cache, "error": str(e)}
+        runs_log.append({"name": name, "files": fmt, "cache": cache, "runs": runs})
+        seconds = median_of(runs, "seconds")
+        row = {"name": name, "files": fmt, "cache": cache, "seconds": seconds,
+               "samples_per_s": count / seconds, "gb_per_s": nbytes[fmt] / seconds / 1e9,
+               "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs)}
+        say(f"  {row['samples_per_s']:.1f} samples/s, {row['gb_per_s']:.2f} GB/s")
+        return row
+
+    def parse_read(fmt):
+        def parse(out):
+            r = json.loads(out.strip().splitlines()[-1])
+            if r["bytes"] != nbytes[fmt] or r["samples"] != count:
+                raise Failed(f"deepcam-data read counted {r['samples']} samples, {r['bytes']} bytes; "
+                             f"the split holds {count}, {nbytes[fmt]}")
+            base_rss.append(r["base_rss_bytes"])
+            # The reader's own time, without process start and plugin loading.
+            return {"seconds": r["seconds"], "peak_rss_bytes": r["peak_rss_bytes"], "read": r}
+        return parse
+
+    def parse_worker(out):
+        return {"seconds": json.loads(out.strip().splitlines()[-1])["seconds"]}
+
+    for cache in caches:
+        for name in only:
+            if name in READERS:
+                fmt = READERS[name][0]
+                toml = run_file(args, name, roots[fmt], work)
+                rows.append(cell(name, fmt, cache, [str(tool), "read", str(toml)], parse_read(fmt), env))
+            elif name == "cat":
+                for fmt in ("h5", "npy"):
+                    rows.append(cell("cat", fmt, cache, ["cat", *map(str, files[fmt])], None,
+                                     stdout=subprocess.DEVNULL))
+            else:
+                fmt, threads = BASELINES[name]
+                threads = threads or args.threads
+                listing = work / f"{fmt}-files.json"
+                listing.write_text(json.dumps([[str(a), str(b) if b else None] for a, b in samples[fmt]]))
+                flag = "--worker-h5py" if fmt == "h5" else "--worker-numpy"
+                rows.append(cell(name, fmt, cache, [sys.executable, str(Path(__file__).resolve()), flag,
+                                                    str(threads), str(listing)], parse_worker))
+
+    # "% of raw": against cat of the same files in the same cache state.
+    raw = {(r["files"], r["cache"]): r["gb_per_s"] for r in rows if r["name"] == "cat" and "error" not in r}
+    for r in rows:
+        if "error" not in r and r["name"] != "cat" and (r["files"], r["cache"]) in raw:
+            r["pct_raw"] = 100 * r["gb_per_s"] / raw[(r["files"], r["cache"])]
+
+    prefetch = []
+    for name in [n for n in only if n.startswith("prefetch-")]:
+        fmt = READERS[name][0]
+        toml = run_file(args, name, roots[fmt], work)
+        say(f"prefetch test: {name} with a matched consumer ...")
+        try:
+            r = measure([str(tool), "read", str(toml), "--consume-matched", "--epochs", str(args.prefetch_epochs)],
+                        files[fmt], "warm", env=env, parse=lambda out: json.loads(out.strip().splitlines()[-1]))
+            r["name"] = name
+            say(f"  waiting {100 * r['wait_fraction']:.1f} % of the time")
+        except Failed as e:
+            r = {"name": name, "error": str(e)}
+        prefetch.append(r)
+
+    def find(name, cache, fmt=None):
+        return next((r for r in rows if r["name"] == name and r["cache"] == cache and "error" not in r
+                     and fmt in (None, r["files"])), None)
+
+    goals = []
+    for cache in caches:
+        best = max((r for r in (find("npy-mmap", cache), find("npy-direct", cache)) if r),
+                   key=lambda r: r["gb_per_s"], default=None)
+        cat = find("cat", cache, "npy")
+        if best and cat:
+            goals.append({"ok": best["gb_per_s"] >= 0.9 * cat["gb_per_s"],
+                          "text": f"npy reader >= 90 % of the raw limit, {cache}: {best['name']} "
+                                  f"{best['gb_per_s']:.2f} GB/s = {best['pct_raw']:.0f} % of cat's "
+                                  f"{cat['gb_per_s']:.2f} GB/s"})
+        ours = find("hdf5", cache)
+        theirs = max((r for r in (find("h5py", cache), find("h5py-threads", cache)) if r),
+                     key=lambda r: r["gb_per_s"], default=None)
+        if ours and theirs:
+            goals.append({"ok": ours["gb_per_s"] >= theirs["gb_per_s"],
+                          "text": f"hdf5 reader at least as fast as h5py, {cache}: {ours['gb_per_s']:.2f} GB/s "
+                                  f"against {theirs['name']} {theirs['gb_per_s']:.2f} GB/s"})
+    for r in prefetch:
+        if "error" not in r:
+            goals.append({"ok": r["wait_fraction"] < 0.05,
+                          "text": f"{r['name']} with a consumer as slow as a read waits < 5 % of the time: "
+                                  f"{100 * r['wait_fraction']:.1f} %"})
+
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    context = {"when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               "command": command, "commit": commit, "samples": count, "shape": shape,
+               "h5_bytes": nbytes["h5"], "npy_bytes": nbytes["npy"],
+               "base_rss_mb": (statistics.median(base_rss) if base_rss else 0) / 2**20,
+               "machine": machine(), "disk": disk_of(args.data), "load": load, "compilers": compilers}
+    report = build_report(args, rows, prefetch, goals, notes, context)
+    print(report)
+    if not args.no_docs:
+        write_docs(args.docs, report)
+        say(f"wrote the section to {args.docs}")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "prefetch": prefetch, "goals": goals, "runs": runs_log,
+                                         "context": {k: v for k, v in context.items()}}, indent=2, default=str))
+    work_tmp.cleanup()
+    return 1 if any("error" in r for r in rows + prefetch) else 0
 
 
 if __name__ == "__main__":
