@@ -11,7 +11,10 @@
 #include "deepcam/h5.hpp"
 
 #include <hdf5.h>
+#include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <mutex>
 #include <string>
@@ -165,25 +168,56 @@ std::uint64_t element_count(const Shape& shape) {
   return n;
 }
 
-template <typename T>
-void read_as(std::int64_t id, const std::string& path, const std::string& name, T* out,
-             std::size_t count, hid_t memory_type, const char* type_name) {
-  Lock lock;
-  const hid_t file = checked_id(id, path);
+// Opens `name` for a read of `count` elements: it must be an integer or float
+// dataset of that many elements. `as` names the type read into, for the messages.
+Handle open_for_read(hid_t file, const std::string& path, const std::string& name, std::uint64_t count,
+                     const std::string& as) {
   Handle dataset = open_dataset(file, path, name);
   const Shape shape = dataset_shape(dataset.get(), path, name);
   const std::uint64_t found = element_count(shape);
   if (found != count)
     fail(path, name,
-         fmt::format("expected {} elements, found shape {} with {} elements", count,
-                     shape_text(shape), found),
+         fmt::format("expected {} elements, found shape {} with {} elements", count, shape_text(shape), found),
          false);
   Handle type(H5Dget_type(dataset.get()), H5Tclose);
   const H5T_class_t type_class = type.valid() ? H5Tget_class(type.get()) : H5T_NO_CLASS;
   if (type_class != H5T_INTEGER && type_class != H5T_FLOAT)
-    fail(path, name, fmt::format("is not numeric; cannot read it as {}", type_name), false);
+    fail(path, name, fmt::format("is not numeric; cannot read it as {}", as), false);
+  return dataset;
+}
+
+template <typename T>
+void read_as(std::int64_t id, const std::string& path, const std::string& name, T* out,
+             std::size_t count, hid_t memory_type, const char* type_name) {
+  Lock lock;
+  Handle dataset = open_for_read(checked_id(id, path), path, name, count, type_name);
   if (count > 0 && H5Dread(dataset.get(), memory_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0)
     fail(path, name, fmt::format("cannot read as {} (damaged or truncated file?)", type_name));
+}
+
+StoredType stored_type_of(hid_t dataset, const std::string& path, const std::string& name) {
+  Handle type(H5Dget_type(dataset), H5Tclose);
+  if (!type.valid()) fail(path, name, "cannot read its type");
+  StoredType stored;
+  stored.size = H5Tget_size(type.get());
+  switch (H5Tget_class(type.get())) {
+    case H5T_INTEGER:
+      stored.kind = StoredType::Kind::Integer;
+      stored.is_signed = H5Tget_sign(type.get()) == H5T_SGN_2;
+      break;
+    case H5T_FLOAT:
+      stored.kind = StoredType::Kind::Float;
+      stored.is_signed = true;
+      break;
+    case H5T_ENUM: stored.kind = StoredType::Kind::Enum; break;
+    case H5T_STRING: stored.kind = StoredType::Kind::String; break;
+    case H5T_COMPOUND: stored.kind = StoredType::Kind::Compound; break;
+    default: break;
+  }
+  if (stored.kind == StoredType::Kind::Integer || stored.kind == StoredType::Kind::Float)
+    stored.big_endian = H5Tget_order(type.get()) == H5T_ORDER_BE;
+  H5Eclear2(H5E_DEFAULT);
+  return stored;
 }
 
 // Creates the groups on the way to `name` that do not exist yet, without
@@ -236,6 +270,8 @@ File File::open(const std::string& path) {
   if (fs::is_directory(status)) throw Error(fmt::format("{}: is a directory, not an HDF5 file", path));
   const auto size = fs::file_size(path, ec);
   if (!ec && size == 0) throw Error(fmt::format("{}: the file is empty, not an HDF5 file", path));
+  // HDF5 says only that it cannot open the file; the system says why.
+  if (::access(path.c_str(), R_OK) != 0) throw Error(fmt::format("{}: cannot open: {}", path, std::strerror(errno)));
 
   Lock lock;
   const htri_t is_hdf5 = H5Fis_hdf5(path.c_str());
@@ -296,6 +332,32 @@ Shape File::shape(const std::string& dataset) const {
   Lock lock;
   Handle handle = open_dataset(checked_id(id_, path_), path_, dataset);
   return dataset_shape(handle.get(), path_, dataset);
+}
+
+StoredType File::stored_type(const std::string& dataset) const {
+  Lock lock;
+  Handle handle = open_dataset(checked_id(id_, path_), path_, dataset);
+  return stored_type_of(handle.get(), path_, dataset);
+}
+
+void File::read_stored(const std::string& dataset, void* out, std::size_t bytes) const {
+  Lock lock;
+  const hid_t file = checked_id(id_, path_);
+  const StoredType stored = stored_type_of(open_dataset(file, path_, dataset).get(), path_, dataset);
+  const std::string as = "its stored type";
+  if (stored.size == 0 || bytes % stored.size != 0)
+    fail(path_, dataset, fmt::format("{} bytes are not a whole number of its {}-byte elements", bytes, stored.size),
+         false);
+  Handle handle = open_for_read(file, path_, dataset, bytes / stored.size, as);
+  // The memory type is the stored type in this machine's byte order, so the
+  // values arrive unchanged; float16 has no native HDF5 type, hence the copy.
+  Handle on_disk(H5Dget_type(handle.get()), H5Tclose);
+  Handle memory(on_disk.valid() ? H5Tcopy(on_disk.get()) : -1, H5Tclose);
+  if (!memory.valid() ||
+      H5Tset_order(memory.get(), __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__ ? H5T_ORDER_BE : H5T_ORDER_LE) < 0)
+    fail(path_, dataset, "cannot set up its memory type");
+  if (bytes > 0 && H5Dread(handle.get(), memory.get(), H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0)
+    fail(path_, dataset, fmt::format("cannot read in {} (damaged or truncated file?)", as));
 }
 
 void File::read(const std::string& dataset, float* out, std::size_t count) const {

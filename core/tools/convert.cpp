@@ -1,25 +1,22 @@
 #include "convert.hpp"
 
-#include <hdf5.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
-#include <cerrno>
 #include <charconv>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
-#include <exception>
 #include <fstream>
 #include <mutex>
 #include <system_error>
-#include <thread>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
 #include "deepcam/error.hpp"
+#include "parallel.hpp"
 
 namespace deepcam::data {
 namespace fs = std::filesystem;
@@ -30,120 +27,49 @@ constexpr const char* kData = "climate/data";
 constexpr const char* kLabels = "climate/labels_0";
 
 // ---------------------------------------------------------------------------
-// HDF5. deepcam::h5 reads every dataset converted to the type the caller
-// asks for; the converter needs the labels' stored type, so it reads the
-// files through the C API itself, with the same conventions as core/src/h5.cpp:
-// a silenced error stack turned into the cause of the message, and one
-// global mutex when the library is not thread-safe.
+// HDF5, through deepcam::h5: the npy dtype a dataset keeps in the copy.
 
-class Hdf5Guard {
- public:
-  Hdf5Guard() {
-    static const bool threadsafe = [] {
-      hbool_t safe = false;
-      return H5is_library_threadsafe(&safe) >= 0 && safe;
-    }();
-    static std::mutex mutex;
-    if (!threadsafe) lock_ = std::unique_lock<std::mutex>(mutex);
-    thread_local bool silenced = false;
-    if (!silenced) {
-      H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
-      silenced = true;
-    }
-  }
-
- private:
-  std::unique_lock<std::mutex> lock_;
-};
-
-herr_t keep_innermost(unsigned n, const H5E_error2_t* err, void* data) {
-  if (n == 0 && err->desc) *static_cast<std::string*>(data) = err->desc;
-  return 0;
-}
-
-[[noreturn]] void fail(const std::string& path, const std::string& dataset, const std::string& what) {
-  std::string cause;
-  H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, keep_innermost, &cause);
-  H5Eclear2(H5E_DEFAULT);
-  for (char& c : cause)
-    if (c == '\n' || c == '\r') c = ' ';
-  std::string message = dataset.empty() ? fmt::format("{}: {}", path, what)
-                                        : fmt::format("{}: dataset {}: {}", path, dataset, what);
-  if (!cause.empty()) message += fmt::format(" (HDF5: {})", cause);
-  throw Error(message);
-}
-
-class Id {
- public:
-  Id(hid_t id, herr_t (*close)(hid_t)) : id_(id), close_(close) {}
-  Id(Id&& other) noexcept : id_(other.id_), close_(other.close_) { other.id_ = -1; }
-  Id(const Id&) = delete;
-  Id& operator=(const Id&) = delete;
-  Id& operator=(Id&&) = delete;
-  ~Id() {
-    if (id_ >= 0) close_(id_);
-  }
-  hid_t get() const { return id_; }
-  bool valid() const { return id_ >= 0; }
-
- private:
-  hid_t id_;
-  herr_t (*close_)(hid_t);
-};
-
-Id open_dataset(hid_t file, const std::string& path, const char* name) {
-  // H5Lexists answers only for the last component, so ask for the group first.
-  if (H5Lexists(file, "climate", H5P_DEFAULT) <= 0 || H5Lexists(file, name, H5P_DEFAULT) <= 0) {
-    H5Eclear2(H5E_DEFAULT);
-    throw Error(fmt::format("{}: dataset {}: no such dataset; a sample holds {} and {}", path, name, kData,
-                            kLabels));
-  }
-  Id dataset(H5Dopen2(file, name, H5P_DEFAULT), H5Dclose);
-  if (!dataset.valid()) fail(path, name, "cannot open");
-  return dataset;
-}
-
-std::vector<std::int64_t> dataset_shape(hid_t dataset, const std::string& path, const char* name) {
-  Id space(H5Dget_space(dataset), H5Sclose);
-  const int rank = space.valid() ? H5Sget_simple_extent_ndims(space.get()) : -1;
-  if (rank < 0) fail(path, name, "cannot read its dataspace");
-  std::vector<hsize_t> dims(static_cast<std::size_t>(rank));
-  if (rank > 0 && H5Sget_simple_extent_dims(space.get(), dims.data(), nullptr) < 0)
-    fail(path, name, "cannot read its dimensions");
-  return std::vector<std::int64_t>(dims.begin(), dims.end());
-}
-
-npy::DType stored_dtype(hid_t dataset, const std::string& path, const char* name) {
-  Id type(H5Dget_type(dataset), H5Tclose);
-  if (!type.valid()) fail(path, name, "cannot read its type");
-  const H5T_class_t type_class = H5Tget_class(type.get());
-  const std::size_t size = H5Tget_size(type.get());
-  if (type_class == H5T_INTEGER) {
-    const bool is_signed = H5Tget_sign(type.get()) == H5T_SGN_2;
-    switch (size) {
-      case 1: return is_signed ? npy::DType::Int8 : npy::DType::UInt8;
-      case 2: return is_signed ? npy::DType::Int16 : npy::DType::UInt16;
-      case 4: return is_signed ? npy::DType::Int32 : npy::DType::UInt32;
-      case 8: return is_signed ? npy::DType::Int64 : npy::DType::UInt64;
+npy::DType stored_dtype(const h5::File& file, const char* name) {
+  using Kind = h5::StoredType::Kind;
+  const h5::StoredType t = file.stored_type(name);
+  if (t.kind == Kind::Integer) {
+    switch (t.size) {
+      case 1: return t.is_signed ? npy::DType::Int8 : npy::DType::UInt8;
+      case 2: return t.is_signed ? npy::DType::Int16 : npy::DType::UInt16;
+      case 4: return t.is_signed ? npy::DType::Int32 : npy::DType::UInt32;
+      case 8: return t.is_signed ? npy::DType::Int64 : npy::DType::UInt64;
       default: break;
     }
-  } else if (type_class == H5T_FLOAT) {
-    switch (size) {
+  } else if (t.kind == Kind::Float) {
+    switch (t.size) {
       case 2: return npy::DType::Float16;
       case 4: return npy::DType::Float32;
       case 8: return npy::DType::Float64;
       default: break;
     }
   }
-  const char* what = type_class == H5T_ENUM     ? "an enum (h5py stores bool arrays so)"
-                     : type_class == H5T_STRING ? "strings"
-                     : type_class == H5T_COMPOUND ? "a compound type"
-                     : type_class == H5T_INTEGER  ? "an integer of unusual size"
-                     : type_class == H5T_FLOAT    ? "a float of unusual size"
-                                                  : "a non-numeric type";
+  const char* what = t.kind == Kind::Enum       ? "an enum (h5py stores bool arrays so)"
+                     : t.kind == Kind::String   ? "strings"
+                     : t.kind == Kind::Compound ? "a compound type"
+                     : t.kind == Kind::Integer  ? "an integer of unusual size"
+                     : t.kind == Kind::Float    ? "a float of unusual size"
+                                                : "a non-numeric type";
   throw Error(fmt::format("{}: dataset {}: stored as {} ({} bytes); samples hold 1-, 2-, 4- or 8-byte "
                           "integers or 2-, 4- or 8-byte floats",
-                          path, name, what, size));
+                          file.path(), name, what, t.size));
+}
+
+// The shape of one of the sample's two datasets; when it is missing, the
+// message says what a sample holds.
+std::vector<std::int64_t> sample_shape(const h5::File& file, const char* name) {
+  h5::Shape shape;
+  try {
+    shape = file.shape(name);
+  } catch (const Error& e) {
+    if (file.has(name)) throw;
+    throw Error(fmt::format("{}; a sample holds {} and {}", e.what(), kData, kLabels));
+  }
+  return std::vector<std::int64_t>(shape.begin(), shape.end());
 }
 
 std::int64_t product(const std::vector<std::int64_t>& shape) {
@@ -249,69 +175,28 @@ void copy_atomically(const fs::path& from, const fs::path& to) {
 
 // ---------------------------------------------------------------------------
 
-H5Sample::H5Sample(const fs::path& path) : path_(path.string()) {
-  std::error_code ec;
-  const fs::file_status status = fs::status(path, ec);
-  if (!fs::exists(status)) throw Error(fmt::format("{}: no such file", path_));
-  if (fs::is_directory(status)) throw Error(fmt::format("{}: is a directory, not an HDF5 file", path_));
-  if (::access(path_.c_str(), R_OK) != 0)
-    throw Error(fmt::format("{}: cannot open: {}", path_, std::strerror(errno)));
-  Hdf5Guard guard;
-  const htri_t is_hdf5 = H5Fis_hdf5(path_.c_str());
-  if (is_hdf5 == 0) {
-    H5Eclear2(H5E_DEFAULT);
-    throw Error(fmt::format("{}: not an HDF5 file (no HDF5 signature found)", path_));
-  }
-  if (is_hdf5 < 0) fail(path_, "", "cannot read the file");
-  file_ = H5Fopen(path_.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
-  if (file_ < 0) fail(path_, "", "cannot open the HDF5 file (truncated or damaged?)");
-  try {
-    Id data = open_dataset(file_, path_, kData);
-    Id labels = open_dataset(file_, path_, kLabels);
-    data_shape_ = dataset_shape(data.get(), path_, kData);
-    label_shape_ = dataset_shape(labels.get(), path_, kLabels);
-    data_dtype_ = stored_dtype(data.get(), path_, kData);
-    label_dtype_ = stored_dtype(labels.get(), path_, kLabels);
-    if (data_shape_.size() != 3)
-      throw Error(fmt::format("{}: dataset {}: expected shape (height, width, channels), found {}", path_, kData,
-                              shape_text(data_shape_)));
-    if (label_shape_ != std::vector<std::int64_t>{data_shape_[0], data_shape_[1]})
-      throw Error(fmt::format("{}: dataset {} has shape {}, but {} is {}: the labels must be (height, width) "
-                              "of the data",
-                              path_, kLabels, shape_text(label_shape_), kData, shape_text(data_shape_)));
-  } catch (...) {
-    H5Fclose(file_);
-    throw;
-  }
-}
-
-H5Sample::~H5Sample() {
-  Hdf5Guard guard;
-  H5Fclose(file_);
-  H5Eclear2(H5E_DEFAULT);
+H5Sample::H5Sample(const fs::path& path) : file_(h5::File::open(path.string())) {
+  data_shape_ = sample_shape(file_, kData);
+  label_shape_ = sample_shape(file_, kLabels);
+  data_dtype_ = stored_dtype(file_, kData);
+  label_dtype_ = stored_dtype(file_, kLabels);
+  if (data_shape_.size() != 3)
+    throw Error(fmt::format("{}: dataset {}: expected shape (height, width, channels), found {}", path.string(),
+                            kData, shape_text(data_shape_)));
+  if (label_shape_ != std::vector<std::int64_t>{data_shape_[0], data_shape_[1]})
+    throw Error(fmt::format("{}: dataset {} has shape {}, but {} is {}: the labels must be (height, width) "
+                            "of the data",
+                            path.string(), kLabels, shape_text(label_shape_), kData, shape_text(data_shape_)));
 }
 
 void H5Sample::read_data(std::vector<float>& out) const {
   out.resize(static_cast<std::size_t>(product(data_shape_)));
-  Hdf5Guard guard;
-  Id data = open_dataset(file_, path_, kData);
-  if (!out.empty() && H5Dread(data.get(), H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data()) < 0)
-    fail(path_, kData, "cannot read as float32 (damaged or truncated file?)");
+  file_.read(kData, out.data(), out.size());
 }
 
 void H5Sample::read_labels(std::vector<unsigned char>& out) const {
   out.resize(static_cast<std::size_t>(product(label_shape_)) * npy::item_size(label_dtype_));
-  Hdf5Guard guard;
-  Id labels = open_dataset(file_, path_, kLabels);
-  // The memory type is the stored type in this machine's byte order, so the
-  // values arrive unchanged; float16 has no native HDF5 type, hence the copy.
-  Id stored(H5Dget_type(labels.get()), H5Tclose);
-  Id memory(H5Tcopy(stored.get()), H5Tclose);
-  if (!memory.valid() ||
-      H5Tset_order(memory.get(), __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__ ? H5T_ORDER_BE : H5T_ORDER_LE) < 0)
-    fail(path_, kLabels, "cannot set up its memory type");
-  if (!out.empty() && H5Dread(labels.get(), memory.get(), H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data()) < 0)
-    fail(path_, kLabels, "cannot read (damaged or truncated file?)");
+  file_.read_stored(kLabels, out.data(), out.size());
 }
 
 std::vector<fs::path> sample_files(const fs::path& dir, const std::string& prefix, const std::string& extension) {
@@ -329,34 +214,6 @@ std::vector<fs::path> sample_files(const fs::path& dir, const std::string& prefi
 std::string shape_text(const std::vector<std::int64_t>& shape) {
   if (shape.size() == 1) return fmt::format("({},)", shape[0]);
   return fmt::format("({})", fmt::join(shape, ", "));
-}
-
-void parallel_for(std::size_t n, int threads, const std::function<void(std::size_t)>& body) {
-  // Each thread holds a sample or two (up to 170 MB at full size): on a
-  // many-core node one per core would cost memory for no faster I/O.
-  if (threads <= 0) threads = static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 16u));
-  std::atomic<std::size_t> next{0};
-  std::atomic<bool> failed{false};
-  std::mutex mutex;
-  std::exception_ptr first_error;
-  auto worker = [&] {
-    try {
-      for (std::size_t k = next++; k < n && !failed; k = next++) body(k);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(mutex);
-      if (!first_error) first_error = std::current_exception();
-      failed = true;
-    }
-  };
-  std::vector<std::thread> pool;
-  try {
-    for (int t = 1; t < threads && static_cast<std::size_t>(t) < n; ++t) pool.emplace_back(worker);
-  } catch (const std::system_error&) {
-    // Fewer threads than asked for do the same work.
-  }
-  worker();
-  for (auto& t : pool) t.join();
-  if (first_error) std::rethrow_exception(first_error);
 }
 
 void run_convert(const ConvertOptions& o) {

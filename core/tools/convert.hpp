@@ -17,15 +17,15 @@
 //   write (a full disk) stops the run.
 //
 // This file also holds what verify shares with convert: reading a sample's
-// HDF5 file with its stored types, and the thread pool.
+// HDF5 file with its stored types (parallel.hpp holds the thread loop).
 #pragma once
 
 #include <cstdint>
 #include <filesystem>
-#include <functional>
 #include <string>
 #include <vector>
 
+#include "deepcam/h5.hpp"
 #include "deepcam/npy.hpp"
 
 namespace deepcam::data {
@@ -40,16 +40,13 @@ void run_convert(const ConvertOptions& options);
 
 // One sample file of SPEC 1.1 opened for reading, with the types it stores:
 // the .npy copy keeps the labels' dtype, and verify compares dtypes across
-// files. Thread-safe with any HDF5 build (calls are serialised when the
+// files. Thread-safe with any HDF5 build (h5::File serialises calls when the
 // library is not thread-safe).
 class H5Sample {
  public:
   explicit H5Sample(const std::filesystem::path& path);  // opens; checks shapes (H, W, C) and (H, W)
-  H5Sample(const H5Sample&) = delete;
-  H5Sample& operator=(const H5Sample&) = delete;
-  ~H5Sample();
 
-  const std::string& path() const { return path_; }
+  const std::string& path() const { return file_.path(); }
   const std::vector<std::int64_t>& data_shape() const { return data_shape_; }
   const std::vector<std::int64_t>& label_shape() const { return label_shape_; }
   npy::DType data_dtype() const { return data_dtype_; }    // as stored
@@ -61,8 +58,7 @@ class H5Sample {
   void read_labels(std::vector<unsigned char>& out) const;
 
  private:
-  std::string path_;
-  std::int64_t file_ = -1;
+  h5::File file_;
   std::vector<std::int64_t> data_shape_, label_shape_;
   npy::DType data_dtype_ = npy::DType::Float32, label_dtype_ = npy::DType::Int32;
 };
@@ -74,10 +70,5 @@ std::vector<std::filesystem::path> sample_files(const std::filesystem::path& dir
 
 // "(768, 1152, 16)"
 std::string shape_text(const std::vector<std::int64_t>& shape);
-
-// Runs body(k) for k in [0, n) on `threads` threads (0: one per core, at most 16).
-// body reports its own errors; an exception escaping it stops the handing
-// out of further k and is rethrown after every thread has finished.
-void parallel_for(std::size_t n, int threads, const std::function<void(std::size_t)>& body);
 
 }  // namespace deepcam::data

@@ -19,6 +19,7 @@
 #include "deepcam/error.hpp"
 #include "deepcam/h5.hpp"
 #include "deepcam/npy.hpp"
+#include "parallel.hpp"
 
 namespace deepcam::data {
 namespace fs = std::filesystem;

@@ -1,0 +1,54 @@
+// parallel_for, shared by deepcam-data convert and verify.
+//
+// Not deepcam::WorkerPool: the tools run one loop per process, so threads
+// that outlive it buy nothing, and a thread that cannot be started (a
+// process limit) must leave fewer threads doing the work, not end the
+// process (a WorkerPool whose constructor fails to start a thread calls
+// std::terminate through its joinable threads).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <system_error>
+#include <thread>
+#include <vector>
+
+namespace deepcam::data {
+
+// Runs body(k) for k in [0, n) on `threads` threads, the calling one among
+// them (0: one per core, at most 16). body reports its own errors; an
+// exception escaping it stops the handing out of further k and is rethrown
+// after every thread has finished.
+inline void parallel_for(std::size_t n, int threads, const std::function<void(std::size_t)>& body) {
+  // Each thread holds a sample or two (up to 170 MB at full size): on a
+  // many-core node one per core would cost memory for no faster I/O.
+  if (threads <= 0) threads = static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 16u));
+  std::atomic<std::size_t> next{0};
+  std::atomic<bool> failed{false};
+  std::mutex mutex;
+  std::exception_ptr first_error;
+  auto worker = [&] {
+    try {
+      for (std::size_t k = next++; k < n && !failed; k = next++) body(k);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex);
+      if (!first_error) first_error = std::current_exception();
+      failed = true;
+    }
+  };
+  std::vector<std::thread> pool;
+  try {
+    for (int t = 1; t < threads && static_cast<std::size_t>(t) < n; ++t) pool.emplace_back(worker);
+  } catch (const std::system_error&) {
+    // Fewer threads than asked for do the same work.
+  }
+  worker();
+  for (auto& t : pool) t.join();
+  if (first_error) std::rethrow_exception(first_error);
+}
+
+}  // namespace deepcam::data
