@@ -202,6 +202,79 @@ TEST_CASE("samples are normalised per SPEC 1.4, channels selected in order, then
   CHECK(x[(0 * 2 + 1) * 3 + 2] == 5000127.0f / 1024.0f);
 }
 
+TEST_CASE("normalisation is exact across pixel blocks, 16 channels or any other count") {
+  // 23 x 50 = 1150 pixels: two whole blocks of the normalising loop and a
+  // partial one; 16 file channels take its compile-time stride, 5 the other.
+  for (const std::uint64_t file_channels : {16u, 5u}) {
+    INFO("file channels " << file_channels);
+    TempDir dir;
+    const Layout l{23, 50, file_channels};
+    write_dataset(dir.path, 2, 1, l);
+    const std::vector<std::int64_t> channels{4, 0, 3, 1};
+    Hdf5Reader reader(context(dir.path, channels, 0, 1, 0, 1), options(2));
+    const auto batches = read_all(reader, Split::Validation, 0);
+    REQUIRE(batches.size() == 1);
+    const float* x = batches[0].data.data_ptr<float>();
+    std::size_t wrong = 0;
+    for (std::size_t k = 0; k < channels.size(); ++k)
+      for (std::uint64_t h = 0; h < l.height; ++h)
+        for (std::uint64_t w = 0; w < l.width; ++w) {
+          const auto c = static_cast<std::uint64_t>(channels[k]);
+          const double expected = (value(5000, h, w, c) - minval(c)) / (maxval(c) - minval(c));
+          wrong += x[(k * l.height + h) * l.width + w] != expected;
+        }
+    CHECK(wrong == 0);
+
+    // A NaN in the last, partial block is found and named.
+    std::vector<float> data(l.height * l.width * l.channels, 5.0f);
+    std::vector<std::int32_t> labels(l.height * l.width, 1);
+    data[(22 * l.width + 40) * l.channels + 3] = std::numeric_limits<float>::quiet_NaN();
+    const fs::path bad = dir.path / "validation" / sample_name(5000);
+    auto f = deepcam::h5::File::create(bad.string());
+    f.write("climate/data", data.data(), {l.height, l.width, l.channels});
+    f.write("climate/labels_0", labels.data(), {l.height, l.width});
+    f.close();
+    const std::string message = error_of([&] { read_all(reader, Split::Validation, 0); });
+    CHECK(contains(message, bad.string()));
+    CHECK(contains(message, "(22, 40, 3) holds nan"));
+  }
+}
+
+TEST_CASE("next() refills the last batch's buffers only when nobody else holds them") {
+  TempDir dir;
+  write_dataset(dir.path, 6, 1);
+  Hdf5Reader reader(context(dir.path, {0, 1, 2, 3}, 0, 1, 0, 2), options(2));
+  const auto kept = read_all(reader, Split::Train, 0);  // each batch kept: three buffers
+  REQUIRE(kept.size() == 3);
+  CHECK(kept[0].data.data_ptr() != kept[1].data.data_ptr());
+  CHECK(kept[1].labels.data_ptr() != kept[2].labels.data_ptr());
+
+  // Only `batch` holds the last one: its buffers are filled again, with the
+  // same values as fresh ones.
+  reader.start_epoch(Split::Train, 0);
+  Batch batch;
+  std::set<const void*> buffers;
+  for (std::size_t i = 0; reader.next(batch); ++i) {
+    REQUIRE(i < kept.size());
+    CHECK(at::equal(batch.data, kept[i].data));
+    CHECK(at::equal(batch.labels, kept[i].labels));
+    buffers.insert(batch.data.data_ptr());
+  }
+  CHECK(buffers.size() == 1);
+
+  // A copy or a view of the last batch keeps it as it was.
+  reader.start_epoch(Split::Train, 0);
+  REQUIRE(reader.next(batch));
+  const at::Tensor copy = batch.data;
+  const at::Tensor view = batch.labels.view({-1});
+  REQUIRE(reader.next(batch));
+  CHECK(copy.data_ptr() != batch.data.data_ptr());
+  CHECK(view.data_ptr() != batch.labels.data_ptr());
+  CHECK(at::equal(copy, kept[0].data));
+  CHECK(at::equal(view, kept[0].labels.view({-1})));
+  CHECK(at::equal(batch.data, kept[1].data));
+}
+
 TEST_CASE("float64 data and int64 labels on disk are read through HDF5's conversion") {
   TempDir dir;
   const std::vector<double> data{0.1, -2.7, 1e-3, 3.25, 7.0, 0.3};  // (1, 2, 3)

@@ -206,6 +206,32 @@ TEST_CASE("the io modes and thread counts give identical batches") {
   CHECK(same(read_all(mmap, Split::Validation, 0), read_all(direct, Split::Validation, 0)));
 }
 
+TEST_CASE("next() refills the last batch's buffers only when nobody else holds them") {
+  const fs::path root = cases() / "f32" / "npy";
+  for (const NpyIo io : {NpyIo::Mmap, NpyIo::Direct}) {
+    NpyReader reader(context(root), npy_options(io, 2));
+    const auto kept = read_all(reader, Split::Train, 1);  // each batch kept: fresh buffers
+    REQUIRE(kept.size() == 3);
+    CHECK(kept[0].data.data_ptr() != kept[1].data.data_ptr());
+    reader.start_epoch(Split::Train, 1);
+    Batch batch;
+    std::set<const void*> buffers;
+    for (std::size_t i = 0; reader.next(batch); ++i) {
+      REQUIRE(i < kept.size());
+      CHECK(at::equal(batch.data, kept[i].data));
+      CHECK(at::equal(batch.labels, kept[i].labels));
+      buffers.insert(batch.labels.data_ptr());
+    }
+    CHECK(buffers.size() == 1);  // only `batch` held them
+    reader.start_epoch(Split::Train, 1);
+    REQUIRE(reader.next(batch));
+    const at::Tensor copy = batch.data;
+    REQUIRE(reader.next(batch));
+    CHECK(at::equal(copy, kept[0].data));
+    CHECK(at::equal(batch.data, kept[1].data));
+  }
+}
+
 TEST_CASE("single samples by index, also from copies of the files elsewhere") {
   TempDir copy;
   const fs::path root = cases() / "f64be_i8be" / "npy";
