@@ -5,10 +5,19 @@
 namespace deepcam {
 
 WorkerPool::WorkerPool(int threads) {
-  for (int i = 0; i < threads; ++i) threads_.emplace_back([this, i] { work(static_cast<std::size_t>(i)); });
+  try {
+    for (int i = 0; i < threads; ++i) threads_.emplace_back([this, i] { work(static_cast<std::size_t>(i)); });
+  } catch (...) {
+    // The threads already started must be joined before the members go,
+    // or their destructors terminate the process.
+    stop_all();
+    throw;
+  }
 }
 
-WorkerPool::~WorkerPool() {
+WorkerPool::~WorkerPool() { stop_all(); }
+
+void WorkerPool::stop_all() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stop_ = true;

@@ -34,6 +34,7 @@ class DEEPCAM_API WorkerPool {
 
  private:
   void work(std::size_t worker);
+  void stop_all();
 
   std::mutex mutex_;
   std::condition_variable wake_;
