@@ -86,8 +86,9 @@ found: DEEPCAM_PLUGIN_PATH), builds only its reader (rank 0 of 1), reads the
 split for the epochs and prints one JSON line: reader, source, split, epochs,
 batch_size, batches, samples, samples_per_epoch, bytes (on disk, of the files
 read), seconds, samples_per_s, gb_per_s, wait_seconds (inside start_epoch and
-next), wait_fraction, wait_ms_per_batch, consume_ms, read_ms_per_batch,
-build_seconds, peak_rss_bytes and base_rss_bytes (before the reader was
+next), wait_fraction, wait_ms_per_batch, first_wait_seconds (of each
+epoch's first batch), steady_wait_fraction (without those), consume_ms,
+read_ms_per_batch, build_seconds, peak_rss_bytes and base_rss_bytes (before the reader was
 built). A consumer emulates the training step by sleeping after each batch.
   --set section.key=value   override a key of RUN.toml (repeatable)
   --split S          train or validation                       default train

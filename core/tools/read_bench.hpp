@@ -18,6 +18,11 @@
 //                       training step would have waited for the reader
 //   wait_fraction       wait_seconds / seconds
 //   wait_ms_per_batch   wait_seconds per batch
+//   first_wait_seconds  the part of wait_seconds spent on each epoch's first
+//                       batch (start_epoch and the first next()): the time a
+//                       read-ahead pipeline takes to fill, which it cannot hide
+//   steady_wait_fraction  the wait without those, over the time without them:
+//                       how well a read-ahead keeps up once it runs
 //   consume_ms          the emulated step per batch (0: none)
 //   read_ms_per_batch   --consume-matched: the reader's own time per batch,
 //                       measured in a first epoch without a consumer

@@ -14,6 +14,7 @@ from helpers import DATA_TOOL, plugin_env, synth, write_run
 
 FIELDS = {"reader", "source", "split", "epochs", "batch_size", "batches", "samples", "samples_per_epoch",
           "bytes", "seconds", "samples_per_s", "gb_per_s", "wait_seconds", "wait_fraction", "wait_ms_per_batch",
+          "first_wait_seconds", "steady_wait_fraction",
           "consume_ms", "read_ms_per_batch", "build_seconds", "peak_rss_bytes", "base_rss_bytes"}
 TRAIN, VALIDATION = 8, 3
 
@@ -59,6 +60,10 @@ def check_consistent(r, epochs, per_epoch, batch_size, file_bytes):
     assert 0 < r["wait_seconds"] <= r["seconds"]
     assert r["wait_fraction"] == pytest.approx(r["wait_seconds"] / r["seconds"], rel=1e-9)
     assert r["wait_ms_per_batch"] == pytest.approx(1e3 * r["wait_seconds"] / r["batches"], rel=1e-9)
+    assert 0 < r["first_wait_seconds"] <= r["wait_seconds"]
+    steady = r["seconds"] - r["first_wait_seconds"]
+    assert r["steady_wait_fraction"] == pytest.approx((r["wait_seconds"] - r["first_wait_seconds"]) / steady,
+                                                      rel=1e-9, abs=1e-12)
     assert r["peak_rss_bytes"] >= r["base_rss_bytes"] > 0
 
 
