@@ -20,6 +20,7 @@
 #include "deepcam/h5.hpp"
 #include "deepcam/sharding.hpp"
 #include "deepcam/worker_pool.hpp"
+#include "normalise.hpp"
 
 namespace deepcam::readers {
 
@@ -31,57 +32,6 @@ constexpr const char* kData = "climate/data";
 constexpr const char* kLabels = "climate/labels_0";
 constexpr const char* kMinval = "climate/minval";
 constexpr const char* kMaxval = "climate/maxval";
-
-// Channel selection, min/max normalisation and (H*W, C_file) -> (C, H*W)
-// transposition of one sample, a block of pixels at a time. A pixel at a
-// time writes each value to another of the C planes, a store per plane and
-// value that the compiler cannot vectorise; per block, the block's pixels
-// stay in the L1 cache while each channel's run is written contiguously, so
-// the loop vectorises and runs about 3x faster. The expression is the hdf5
-// reader's (x - min) * scale, so both give the same float32 values bit for
-// bit. Returns false if any result is NaN or infinite, found on the way (the
-// caller then looks for the first one to name it) rather than in a second
-// pass over the whole output.
-template <std::int64_t kFileChannels>
-bool normalise_block(const float* raw, std::int64_t pixels, std::int64_t file_channels,
-                     const std::int64_t* channels, std::int64_t count, const float* shift,
-                     const float* scale, float* data) {
-  // A compile-time stride for the usual 16 channels lets the compiler
-  // vectorise the strided loads.
-  const std::int64_t stride = kFileChannels > 0 ? kFileChannels : file_channels;
-  constexpr std::int64_t kBlock = 512;  // 32 KiB of 16-channel pixels
-  // The exponent bits of every result, plus one: bit 31 is set only for an
-  // all-ones exponent (NaN or infinity); an OR that vectorises, where
-  // std::isfinite in the loop would not.
-  std::uint32_t exponents = 0;
-  for (std::int64_t p0 = 0; p0 < pixels; p0 += kBlock) {
-    const std::int64_t n = std::min(kBlock, pixels - p0);
-    for (std::int64_t k = 0; k < count; ++k) {
-      const float* __restrict src = raw + p0 * stride + channels[k];
-      float* __restrict dst = data + k * pixels + p0;
-      const float min = shift[k], factor = scale[k];
-      for (std::int64_t i = 0; i < n; ++i) {
-        const float v = (src[i * stride] - min) * factor;
-        dst[i] = v;
-        std::uint32_t bits;
-        std::memcpy(&bits, &v, sizeof bits);
-        exponents |= (bits & 0x7f800000u) + 0x00800000u;
-      }
-    }
-  }
-  return (exponents & 0x80000000u) == 0;
-}
-
-bool normalise_sample(const float* raw, std::int64_t pixels, std::int64_t file_channels,
-                      const std::vector<std::int64_t>& channels, const std::vector<float>& shift,
-                      const std::vector<float>& scale, float* data) {
-  const auto count = static_cast<std::int64_t>(channels.size());
-  if (file_channels == 16)
-    return normalise_block<16>(raw, pixels, file_channels, channels.data(), count, shift.data(),
-                               scale.data(), data);
-  return normalise_block<0>(raw, pixels, file_channels, channels.data(), count, shift.data(),
-                            scale.data(), data);
-}
 
 // Whether `mine`, the tensor of the batch handed out last, may be filled
 // again: its only holders are this reader and `held` (the caller's Batch,
@@ -160,12 +110,17 @@ struct Hdf5Reader::Impl {
   std::vector<std::int64_t> order;
   std::size_t position = 0;
 
-  std::vector<std::vector<float>> scratch;  // one raw sample buffer per worker
+  // What one worker reuses from sample to sample.
+  struct Scratch {
+    std::vector<float> raw;            // the data as stored, (H, W, C)
+    std::vector<std::int32_t> labels;  // int32 labels as stored
+  };
+  std::vector<Scratch> scratch;
   // Buffers of finished read_sample() calls, for the next ones: a fresh
   // buffer per call costs its page faults and zero fill (56 MB for a
   // full-size sample), about as much as decoding the sample.
   std::mutex spare_mutex;
-  std::vector<std::vector<float>> spare;
+  std::vector<Scratch> spare;
   std::unique_ptr<WorkerPool> pool;
 
   const std::vector<std::string>& files_of(Split s) const {
@@ -174,7 +129,7 @@ struct Hdf5Reader::Impl {
 
   void read_stats();
   void load(const std::string& path, float* data, std::int64_t* labels,
-            std::vector<float>& raw) const;
+            Scratch& scratch) const;
   void normalise(const std::string& path, const float* raw, float* data) const;
 };
 
@@ -214,9 +169,11 @@ void Hdf5Reader::Impl::read_stats() {
 }
 
 void Hdf5Reader::Impl::load(const std::string& path, float* data, std::int64_t* labels,
-                            std::vector<float>& raw) const {
+                            Scratch& scratch) const {
   const std::size_t pixels = height * width;
+  std::vector<float>& raw = scratch.raw;
   raw.resize(pixels * file_channels);
+  bool widen = false;
   // HDF5 runs one call at a time (its thread-safe build holds a global lock;
   // the h5 layer serialises other builds), so of a sample only the
   // conversion to the batch layout below runs in parallel.
@@ -234,15 +191,26 @@ void Hdf5Reader::Impl::load(const std::string& path, float* data, std::int64_t* 
       throw Error(path + ": " + kLabels + " has shape " + shape_text(label_shape) + ", expected " +
                   shape_text({height, width}) + " as in " + shape_source);
     file.read(kData, raw.data(), raw.size());
-    file.read(kLabels, labels, pixels);
+    // int32 labels (the reference's) are read as they are and widened to
+    // int64 below, outside HDF5's one-call-at-a-time lock, rather than by
+    // HDF5's type conversion inside it; other types go through HDF5.
+    const h5::StoredType stored = file.stored_type(kLabels);
+    widen = stored.kind == h5::StoredType::Kind::Integer && stored.is_signed && stored.size == 4;
+    if (widen) {
+      scratch.labels.resize(pixels);
+      file.read_stored(kLabels, scratch.labels.data(), pixels * sizeof(std::int32_t));
+    } else {
+      file.read(kLabels, labels, pixels);
+    }
   }
+  if (widen) std::copy(scratch.labels.begin(), scratch.labels.end(), labels);
   normalise(path, raw.data(), data);
 }
 
 void Hdf5Reader::Impl::normalise(const std::string& path, const float* raw, float* data) const {
   const std::size_t pixels = height * width;
   const std::size_t channels = context.channels.size();
-  const bool finite = normalise_sample(raw, static_cast<std::int64_t>(pixels), static_cast<std::int64_t>(file_channels),
+  const bool finite = detail::normalise_sample(raw, static_cast<std::int64_t>(pixels), static_cast<std::int64_t>(file_channels),
                                        context.channels, shift, scale, data);
   if (finite || !options.check_finite) return;
   for (std::size_t i = 0; i < channels * pixels; ++i) {
@@ -396,21 +364,21 @@ void Hdf5Reader::read_sample(const std::vector<std::string>& files, float* data,
                 " files; an HDF5 sample is one .h5 file");
   // A buffer per call keeps concurrent callers apart; it is taken from and
   // given back to the spares.
-  std::vector<float> raw;
+  Impl::Scratch scratch;
   {
     std::lock_guard<std::mutex> lock(impl_->spare_mutex);
     if (!impl_->spare.empty()) {
-      raw = std::move(impl_->spare.back());
+      scratch = std::move(impl_->spare.back());
       impl_->spare.pop_back();
     }
   }
   try {
-    impl_->load(files.front(), data, labels, raw);
+    impl_->load(files.front(), data, labels, scratch);
   } catch (const std::exception& e) {
     throw Error(naming(files.front(), e.what()));
   }
   std::lock_guard<std::mutex> lock(impl_->spare_mutex);
-  impl_->spare.push_back(std::move(raw));
+  impl_->spare.push_back(std::move(scratch));
 }
 
 const std::vector<std::string>& Hdf5Reader::files(Split split) const {

@@ -202,15 +202,28 @@ TEST_CASE("samples are normalised per SPEC 1.4, channels selected in order, then
   CHECK(x[(0 * 2 + 1) * 3 + 2] == 5000127.0f / 1024.0f);
 }
 
-TEST_CASE("normalisation is exact across pixel blocks, 16 channels or any other count") {
-  // 23 x 50 = 1150 pixels: two whole blocks of the normalising loop and a
-  // partial one; 16 file channels take its compile-time stride, 5 the other.
-  for (const std::uint64_t file_channels : {16u, 5u}) {
-    INFO("file channels " << file_channels);
+TEST_CASE("normalisation is exact across pixel blocks, channel groups and layouts") {
+  // normalise.hpp: blocks of 512 pixels; runs of 4 consecutive channels go
+  // through the vector path when a plane is a multiple of 4 pixels (23 x 52),
+  // everything else through the plain loop (23 x 50, or channels that do not
+  // follow each other); 16 file channels have a compile-time stride.
+  struct Case {
+    std::uint64_t width, file_channels;
+    std::vector<std::int64_t> channels;
+  };
+  const Case cases[] = {{50, 16, {4, 0, 3, 1}},
+                        {52, 16, {4, 0, 3, 1}},
+                        {52, 16, {0, 1, 2, 3, 7, 8, 9, 10, 5}},
+                        {50, 16, {0, 1, 2, 3, 7, 8, 9, 10, 5}},
+                        {52, 5, {1, 2, 3, 4, 0}},
+                        {50, 5, {1, 2, 3, 4, 0}}};
+  for (const Case& t : cases) {
+    const std::uint64_t file_channels = t.file_channels;
+    const std::vector<std::int64_t>& channels = t.channels;
+    INFO("width " << t.width << ", file channels " << file_channels << ", " << channels.size() << " selected");
     TempDir dir;
-    const Layout l{23, 50, file_channels};
+    const Layout l{23, t.width, file_channels};
     write_dataset(dir.path, 2, 1, l);
-    const std::vector<std::int64_t> channels{4, 0, 3, 1};
     Hdf5Reader reader(context(dir.path, channels, 0, 1, 0, 1), options(2));
     const auto batches = read_all(reader, Split::Validation, 0);
     REQUIRE(batches.size() == 1);

@@ -27,6 +27,7 @@
 #include "deepcam/h5.hpp"
 #include "deepcam/npy.hpp"
 #include "deepcam/worker_pool.hpp"
+#include "../hdf5/normalise.hpp"
 
 namespace deepcam::readers {
 
@@ -37,57 +38,6 @@ namespace {
 constexpr const char* kMinval = "climate/minval";
 constexpr const char* kMaxval = "climate/maxval";
 constexpr std::size_t kDirectAlignment = 4096;
-
-// Channel selection, min/max normalisation and (H*W, C_file) -> (C, H*W)
-// transposition of one sample, a block of pixels at a time. A pixel at a
-// time writes each value to another of the C planes, a store per plane and
-// value that the compiler cannot vectorise; per block, the block's pixels
-// stay in the L1 cache while each channel's run is written contiguously, so
-// the loop vectorises and runs about 3x faster. The expression is the hdf5
-// reader's (x - min) * scale, so both give the same float32 values bit for
-// bit. Returns false if any result is NaN or infinite, found on the way (the
-// caller then looks for the first one to name it) rather than in a second
-// pass over the whole output.
-template <std::int64_t kFileChannels>
-bool normalise_block(const float* raw, std::int64_t pixels, std::int64_t file_channels,
-                     const std::int64_t* channels, std::int64_t count, const float* shift,
-                     const float* scale, float* data) {
-  // A compile-time stride for the usual 16 channels lets the compiler
-  // vectorise the strided loads.
-  const std::int64_t stride = kFileChannels > 0 ? kFileChannels : file_channels;
-  constexpr std::int64_t kBlock = 512;  // 32 KiB of 16-channel pixels
-  // The exponent bits of every result, plus one: bit 31 is set only for an
-  // all-ones exponent (NaN or infinity); an OR that vectorises, where
-  // std::isfinite in the loop would not.
-  std::uint32_t exponents = 0;
-  for (std::int64_t p0 = 0; p0 < pixels; p0 += kBlock) {
-    const std::int64_t n = std::min(kBlock, pixels - p0);
-    for (std::int64_t k = 0; k < count; ++k) {
-      const float* __restrict src = raw + p0 * stride + channels[k];
-      float* __restrict dst = data + k * pixels + p0;
-      const float min = shift[k], factor = scale[k];
-      for (std::int64_t i = 0; i < n; ++i) {
-        const float v = (src[i * stride] - min) * factor;
-        dst[i] = v;
-        std::uint32_t bits;
-        std::memcpy(&bits, &v, sizeof bits);
-        exponents |= (bits & 0x7f800000u) + 0x00800000u;
-      }
-    }
-  }
-  return (exponents & 0x80000000u) == 0;
-}
-
-bool normalise_sample(const float* raw, std::int64_t pixels, std::int64_t file_channels,
-                      const std::vector<std::int64_t>& channels, const std::vector<float>& shift,
-                      const std::vector<float>& scale, float* data) {
-  const auto count = static_cast<std::int64_t>(channels.size());
-  if (file_channels == 16)
-    return normalise_block<16>(raw, pixels, file_channels, channels.data(), count, shift.data(),
-                               scale.data(), data);
-  return normalise_block<0>(raw, pixels, file_channels, channels.data(), count, shift.data(),
-                            scale.data(), data);
-}
 
 // Whether `mine`, the tensor of the batch handed out last, may be filled
 // again: its only holders are this reader and `held` (the caller's Batch,
@@ -420,7 +370,7 @@ void NpyReader::Impl::decode_data(const std::string& path, const unsigned char* 
   }
   const std::int64_t pixels = height * width;
   const auto channels = static_cast<std::int64_t>(context.channels.size());
-  const bool finite = normalise_sample(raw, pixels, file_channels, context.channels, shift, scale, data);
+  const bool finite = detail::normalise_sample(raw, pixels, file_channels, context.channels, shift, scale, data);
   if (finite || !options.check_finite) return;
   for (std::int64_t i = 0; i < channels * pixels; ++i) {
     if (std::isfinite(data[i])) continue;
