@@ -367,8 +367,9 @@ def build_report(args, rows, prefetch, goals, notes, context):
         out.append("")
     cpu, ncpu, mem = context["machine"]
     out.append(f"Machine: {ncpu} CPUs ({cpu}), {mem / 2**30:.1f} GiB memory, disk {context['disk']}; "
-               f"{platform.system()} {platform.release()}. Load average at start "
-               f"{context['load'][0]:.2f} (1 min), {context['compilers']} compiler processes running.")
+               f"{platform.system()} {platform.release()}. Load average (1 min) {context['load'][0]:.2f} at the "
+               f"start, {context['load_end'][0]:.2f} at the end (the benchmark's own); compiler processes "
+               f"running: {context['compilers']} at the start, {context['compilers_end']} at the end.")
     out.append("")
     return "\n".join(out)
 
@@ -583,13 +584,15 @@ def main():
                                   f"{100 * r['wait_fraction']:.1f} % ({100 * r['steady_wait_fraction']:.1f} % "
                                   "after each epoch's first batch)"})
 
+    load_end, compilers_end = quietness()
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"
     context = {"when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "command": command, "commit": commit, "samples": count, "shape": shape,
                "h5_bytes": nbytes["h5"], "npy_bytes": nbytes["npy"],
                "base_rss_mb": (statistics.median(base_rss) if base_rss else 0) / 2**20,
-               "machine": machine(), "disk": disk_of(args.data), "load": load, "compilers": compilers}
+               "machine": machine(), "disk": disk_of(args.data), "load": load, "compilers": compilers,
+               "load_end": load_end, "compilers_end": compilers_end}
     report = build_report(args, rows, prefetch, goals, notes, context)
     print(report)
     if not args.no_docs:
