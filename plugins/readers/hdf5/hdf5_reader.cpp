@@ -222,8 +222,11 @@ void Hdf5Reader::Impl::load(const std::string& path, float* data, std::int64_t* 
 void Hdf5Reader::Impl::normalise(const std::string& path, const float* raw, float* data) const {
   const std::size_t pixels = height * width;
   const std::size_t channels = context.channels.size();
-  const bool finite = detail::normalise_sample(raw, static_cast<std::int64_t>(pixels), static_cast<std::int64_t>(file_channels),
-                                       context.channels, shift, scale, data);
+  // normalise.hpp only says whether a NaN or infinity came out; the loop
+  // below finds the first one to name it.
+  const bool finite = detail::normalise_sample(raw, static_cast<std::int64_t>(pixels),
+                                               static_cast<std::int64_t>(file_channels), context.channels, shift,
+                                               scale, data);
   if (finite || !options.check_finite) return;
   for (std::size_t i = 0; i < channels * pixels; ++i) {
     if (std::isfinite(data[i])) continue;

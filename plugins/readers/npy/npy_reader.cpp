@@ -370,6 +370,9 @@ void NpyReader::Impl::decode_data(const std::string& path, const unsigned char* 
   }
   const std::int64_t pixels = height * width;
   const auto channels = static_cast<std::int64_t>(context.channels.size());
+  // The hdf5 reader's kernel, so that both readers give the same values bit
+  // for bit; it only says whether a NaN or infinity came out, the loop below
+  // finds the first one to name it.
   const bool finite = detail::normalise_sample(raw, pixels, file_channels, context.channels, shift, scale, data);
   if (finite || !options.check_finite) return;
   for (std::int64_t i = 0; i < channels * pixels; ++i) {
