@@ -23,7 +23,7 @@ namespace deepcam::readers {
 class DeviceCopier {
  public:
   // `device` is [run] device ("cpu" or "cuda"); the GPU is rank mod the
-  // number of GPUs, as the engine picks it. `slots` is the ring's size.
+  // number of GPUs, as the engine picks it. `slots` is the pool's size.
   DeviceCopier(const std::string& device, int rank, int slots, const std::string& where);
   ~DeviceCopier();
   DeviceCopier(const DeviceCopier&) = delete;

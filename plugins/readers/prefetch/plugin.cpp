@@ -14,7 +14,8 @@ namespace {
 
 const deepcam::ParamSpec kParams[] = {
     {"source", deepcam::ParamType::Plugin, nullptr, "the reader that supplies the samples", 1.0, 0.0, "reader"},
-    {"depth", deepcam::ParamType::Int, "4", "batches read ahead of the training step", 1.0, 1024.0},
+    {"depth", deepcam::ParamType::Int, "4",
+     "batches read ahead of the training step, and of each epoch expected next", 1.0, 1024.0},
     {"threads", deepcam::ParamType::Int, "4", "worker threads reading samples (and staging copies)", 1.0, 256.0},
     {"shuffle_mode", deepcam::ParamType::String, "\"global\"",
      "training order: global (the reference), node or gpu (shard per node or rank, SPEC 2.2)", 1.0, 0.0,

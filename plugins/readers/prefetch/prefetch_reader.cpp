@@ -35,13 +35,45 @@ namespace {
 
 int split_id(Split split) { return split == Split::Train ? 0 : 1; }
 
-// One batch buffer of the ring. `batch` is the batch it holds or is being
-// filled with; it is complete when `filled` reaches the batch's length.
+// The reads of one split's epoch: the current one, whose batches next()
+// hands out, or one expected to be begun next, read ahead speculatively.
+// Its batches are exactly those a plain reader returns for (split, epoch):
+// the order is fixed by the sharding when the stream is made.
+struct Stream {
+  Split split = Split::Train;
+  std::int64_t epoch = 0;
+  std::vector<std::int64_t> order;  // sample indices, in reading order
+  std::int64_t batch_size = 1;
+  std::int64_t batches = 0;
+  std::int64_t next_item = 0;       // next position in `order` to read
+  std::int64_t consumed = 0;        // batches handed out
+  std::int64_t released = 0;        // batches whose slot the consumer gave back
+  std::vector<int> slot_of;         // batch -> pool slot holding it; -1: none
+  int held = 0;                     // pool slots it owns
+  bool discarded = false;           // not wanted: its slots go back as their reads land
+
+  std::int64_t length(std::int64_t k) const {
+    return std::min<std::int64_t>(batch_size, static_cast<std::int64_t>(order.size()) - k * batch_size);
+  }
+  bool exhausted() const { return next_item >= static_cast<std::int64_t>(order.size()); }
+  // Batches that have a slot (or had one, before the consumer released it).
+  std::int64_t started() const { return (next_item + batch_size - 1) / batch_size; }
+  bool is(Split s, std::int64_t e) const {
+    // Validation reads the same samples whatever the epoch (SPEC 2.3).
+    return split == s && (s == Split::Validation || epoch == e);
+  }
+};
+
+// One batch buffer of the pool. `batch` of `owner` is the batch it holds or
+// is being filled with; it is complete when `filled` reaches the batch's
+// length.
 struct Slot {
   at::Tensor data;    // (capacity, C, H, W) float32, host (pinned on CUDA)
   at::Tensor labels;  // (capacity, H, W) int64
+  Stream* owner = nullptr;  // null: free
   std::int64_t batch = -1;
   std::int64_t filled = 0;
+  int pending = 0;          // reads into it taken and not yet landed
   bool ready = false;
   // The first sample of the batch that failed: handed to the consumer when
   // it reaches this batch, not earlier, so that batches before it are used.
@@ -66,24 +98,22 @@ struct PrefetchReader::Impl {
   std::unique_ptr<StagingArea> staging;
   std::vector<std::vector<std::string>> staged[2];  // per split, by sample index; empty: not staged
   std::vector<std::int64_t> validation_order;
+  // The current epoch's window: the batch handed out, the one before it
+  // (which the training step may still hold) and `depth` read ahead. The
+  // pool has `depth` slots more, for the epochs read ahead speculatively.
+  const int window;
+  const int extra;
   DeviceCopier copier;
 
   std::mutex mutex;
   std::condition_variable work_cv;   // workers: an item may be taken, or stop
   std::condition_variable ready_cv;  // consumer: a batch is complete
-  std::condition_variable idle_cv;   // start_epoch: no read in flight
   std::vector<Slot> slots;
   bool stop = false;
-  bool active = false;               // an epoch is begun
-  std::uint64_t generation = 0;      // bumped by start_epoch: reads of an older epoch are dropped
-  Split split = Split::Train;
-  std::vector<std::int64_t> order;   // the epoch's sample indices, in reading order
-  std::int64_t batch_size = 1;
-  std::int64_t batches = 0;
-  std::int64_t next_item = 0;        // next position in `order` to read
-  std::int64_t consumed = 0;         // batches handed out
-  std::int64_t released = 0;         // batches whose slot the consumer gave back
-  int in_flight = 0;
+  std::unique_ptr<Stream> current;               // begun by start_epoch; null before
+  std::vector<std::unique_ptr<Stream>> ahead;    // expected next, most likely first
+  std::vector<std::unique_ptr<Stream>> dropped;  // discarded, with reads still landing
+  std::int64_t last_train_epoch = -1;
   std::vector<std::thread> workers;
 
   Impl(const ReaderContext& c, const PrefetchOptions& o, std::unique_ptr<Reader> s, std::shared_ptr<const void> k)
@@ -91,12 +121,11 @@ struct PrefetchReader::Impl {
         source(std::move(s)),
         context(c),
         options(o),
-        copier(c.device, c.rank, o.depth + 2, o.where) {}
+        window(o.depth + 2),
+        extra(o.depth),
+        copier(c.device, c.rank, o.depth + 2 + o.depth, o.where) {}
 
   std::int64_t sample_elements() const { return channels * height * width; }
-  std::int64_t batch_length(std::int64_t k) const {
-    return std::min<std::int64_t>(batch_size, static_cast<std::int64_t>(order.size()) - k * batch_size);
-  }
 
   std::vector<std::string> files_of(Split s, std::int64_t index) const {
     const auto& copies = staged[split_id(s)];
@@ -140,67 +169,147 @@ struct PrefetchReader::Impl {
     }
   }
 
-  bool can_take() const {
-    return active && next_item < static_cast<std::int64_t>(order.size()) &&
-           next_item / batch_size < released + static_cast<std::int64_t>(slots.size());
+  std::unique_ptr<Stream> make_stream(Split s, std::int64_t epoch) const {
+    auto st = std::make_unique<Stream>();
+    st->split = s;
+    st->epoch = epoch;
+    st->order = s == Split::Train ? sharding->order(epoch) : validation_order;
+    st->batch_size = s == Split::Train ? context.train_batch_size : context.validation_batch_size;
+    st->batches = (static_cast<std::int64_t>(st->order.size()) + st->batch_size - 1) / st->batch_size;
+    st->slot_of.assign(static_cast<std::size_t>(st->batches), -1);
+    return st;
   }
 
-  // Makes slot `s` ready to receive batch k; under the lock.
-  void prepare(int s, std::int64_t k) {
+  // Under the lock, as everything below.
+  int free_slots() const {
+    int n = 0;
+    for (const Slot& slot : slots) n += slot.owner == nullptr;
+    return n;
+  }
+
+  // Slots the current stream may still claim: its window is never taken
+  // from it by the streams read ahead.
+  std::int64_t current_need() const {
+    if (!current) return 0;
+    const Stream& c = *current;
+    return std::max<std::int64_t>(0, std::min<std::int64_t>(c.released + window, c.batches) - c.started());
+  }
+
+  void release_slot(int s) {
     Slot& slot = slots[static_cast<std::size_t>(s)];
-    // Claimed first: if allocating fails, the batch still completes, failed.
-    slot.batch = k;
-    slot.filled = 0;
+    Stream* owner = slot.owner;
+    slot.owner = nullptr;
+    slot.batch = -1;
     slot.ready = false;
     slot.failure = nullptr;
-    if (!slot.data.defined() || slot.data.size(0) < batch_size || shared(slot.data) || shared(slot.labels)) {
-      const std::int64_t capacity = std::max<std::int64_t>(batch_size, slot.data.defined() ? slot.data.size(0) : 0);
-      slot.data = copier.host_buffer({capacity, channels, height, width}, at::kFloat);
-      slot.labels = copier.host_buffer({capacity, height, width}, at::kLong);
-    } else {
-      copier.wait_reusable(s);
+    if (owner && --owner->held == 0 && owner->discarded) {
+      dropped.erase(std::remove_if(dropped.begin(), dropped.end(), [owner](const auto& d) { return d.get() == owner; }),
+                    dropped.end());
     }
+    work_cv.notify_all();
+  }
+
+  // The stream is not wanted: slots without a read in flight go back now,
+  // the others when their reads land.
+  void discard(std::unique_ptr<Stream> st) {
+    st->discarded = true;
+    for (int& s : st->slot_of) {
+      if (s >= 0 && slots[static_cast<std::size_t>(s)].pending == 0) release_slot(s);
+      if (s >= 0 && slots[static_cast<std::size_t>(s)].owner != st.get()) s = -1;
+    }
+    if (st->held > 0) dropped.push_back(std::move(st));
+  }
+
+  bool can_take(const Stream& st, bool speculative) const {
+    if (st.exhausted()) return false;
+    const std::int64_t k = st.next_item / st.batch_size;
+    if (k >= st.released + (speculative ? extra : window)) return false;
+    if (st.next_item % st.batch_size != 0) return true;  // its batch has a slot already
+    const std::int64_t free = free_slots();
+    return speculative ? free - current_need() >= 1 : free >= 1;
+  }
+
+  // The stream a worker reads next: the current epoch first; the expected
+  // ones only once all of the current epoch's reads are taken, so that they
+  // never compete with it for the file system.
+  Stream* pick() {
+    if (current && can_take(*current, false)) return current.get();
+    if (current && !current->exhausted()) return nullptr;
+    for (auto& a : ahead) {
+      if (can_take(*a, true)) return a.get();
+    }
+    return nullptr;
+  }
+
+  // Claims a free slot for batch k of `st` and makes its buffers ready to
+  // receive it. Claimed first: if allocating fails, the batch still
+  // completes, failed.
+  int claim(Stream& st, std::int64_t k) {
+    int s = 0;
+    while (slots[static_cast<std::size_t>(s)].owner != nullptr) ++s;
+    Slot& slot = slots[static_cast<std::size_t>(s)];
+    slot.owner = &st;
+    ++st.held;
+    st.slot_of[static_cast<std::size_t>(k)] = s;
+    slot.batch = k;
+    slot.filled = 0;
+    slot.pending = 0;
+    slot.ready = false;
+    slot.failure = nullptr;
+    try {
+      if (!slot.data.defined() || slot.data.size(0) < st.batch_size || shared(slot.data) || shared(slot.labels)) {
+        const std::int64_t capacity =
+            std::max<std::int64_t>(st.batch_size, slot.data.defined() ? slot.data.size(0) : 0);
+        slot.data = copier.host_buffer({capacity, channels, height, width}, at::kFloat);
+        slot.labels = copier.host_buffer({capacity, height, width}, at::kLong);
+      } else {
+        copier.wait_reusable(s);
+      }
+    } catch (...) {
+      slot.failure = std::current_exception();
+    }
+    return s;
   }
 
   void work() {
     std::unique_lock<std::mutex> lock(mutex);
     for (;;) {
-      work_cv.wait(lock, [this] { return stop || can_take(); });
+      Stream* st = nullptr;
+      work_cv.wait(lock, [&] { return stop || (st = pick()) != nullptr; });
       if (stop) return;
-      const std::int64_t item = next_item++;
-      const std::int64_t k = item / batch_size, j = item % batch_size;
-      const int s = static_cast<int>(k % static_cast<std::int64_t>(slots.size()));
+      const std::int64_t item = st->next_item++;
+      const std::int64_t k = item / st->batch_size, j = item % st->batch_size;
+      const int s = j == 0 ? claim(*st, k) : st->slot_of[static_cast<std::size_t>(k)];
       Slot& slot = slots[static_cast<std::size_t>(s)];
       std::exception_ptr failure;
       float* data = nullptr;
       std::int64_t* labels = nullptr;
-      try {
-        if (j == 0) prepare(s, k);
+      if (!slot.failure) {
         data = slot.data.data_ptr<float>() + j * sample_elements();
         labels = slot.labels.data_ptr<std::int64_t>() + j * height * width;
-      } catch (...) {
-        failure = std::current_exception();
       }
-      const std::uint64_t epoch = generation;
-      const Split s_split = split;
-      const std::int64_t index = order[static_cast<std::size_t>(item)];
-      ++in_flight;
+      const Split split = st->split;
+      const std::int64_t index = st->order[static_cast<std::size_t>(item)];
+      ++slot.pending;
       lock.unlock();
-      if (!failure) {
+      if (data) {
         try {
-          source->read_sample(files_of(s_split, index), data, labels);
+          source->read_sample(files_of(split, index), data, labels);
         } catch (...) {
           failure = std::current_exception();
         }
       }
       lock.lock();
-      if (--in_flight == 0) idle_cv.notify_all();
-      if (epoch != generation) continue;  // start_epoch dropped this epoch
+      --slot.pending;
+      if (st->discarded) {
+        if (slot.pending == 0 && slot.owner == st) release_slot(s);
+        continue;
+      }
       if (failure && !slot.failure) slot.failure = failure;
-      if (++slot.filled == batch_length(k)) {
+      if (++slot.filled == st->length(k)) {
         if (!slot.failure) {
           try {
-            const std::int64_t n = batch_length(k);
+            const std::int64_t n = st->length(k);
             copier.issue(s, slot.data.narrow(0, 0, n), slot.labels.narrow(0, 0, n));
           } catch (...) {
             slot.failure = std::current_exception();
@@ -243,9 +352,7 @@ PrefetchReader::PrefetchReader(const ReaderContext& context, const PrefetchOptio
   }
   m.validation_order = validation_indices(m.source->sample_count(Split::Validation), context.rank, context.world_size);
   if (!options.stage_dir.empty()) m.stage();
-  // Two slots besides the read-ahead: the batch being handed out and the one
-  // before it, which the training step may still hold.
-  m.slots.resize(static_cast<std::size_t>(options.depth) + 2);
+  m.slots.resize(static_cast<std::size_t>(m.window + m.extra));
   try {
     for (int t = 0; t < options.threads; ++t) m.workers.emplace_back([&m] { m.work(); });
   } catch (const std::system_error& e) {
@@ -260,7 +367,6 @@ void PrefetchReader::stop_workers() {
   {
     std::lock_guard<std::mutex> lock(m.mutex);
     m.stop = true;
-    m.active = false;
   }
   m.work_cv.notify_all();
   for (auto& t : m.workers) t.join();
@@ -281,22 +387,43 @@ std::int64_t PrefetchReader::local_samples(Split split) const {
 void PrefetchReader::start_epoch(Split split, std::int64_t epoch) {
   Impl& m = *impl_;
   std::unique_lock<std::mutex> lock(m.mutex);
-  ++m.generation;
-  m.active = false;
-  // Reads of the old epoch still write into slots: let them land first.
-  m.idle_cv.wait(lock, [&m] { return m.in_flight == 0; });
-  m.split = split;
-  m.order = split == Split::Train ? m.sharding->order(epoch) : m.validation_order;
-  m.batch_size = split == Split::Train ? m.context.train_batch_size : m.context.validation_batch_size;
-  m.batches = (static_cast<std::int64_t>(m.order.size()) + m.batch_size - 1) / m.batch_size;
-  m.next_item = m.consumed = m.released = 0;
-  for (auto& slot : m.slots) {
-    slot.batch = -1;
-    slot.filled = 0;
-    slot.ready = false;
-    slot.failure = nullptr;
+  // The epoch read ahead, if it is this one: its batches are kept.
+  std::unique_ptr<Stream> next;
+  for (auto it = m.ahead.begin(); it != m.ahead.end(); ++it) {
+    if ((*it)->is(split, epoch)) {
+      next = std::move(*it);
+      m.ahead.erase(it);
+      break;
+    }
   }
-  m.active = true;
+  // The old epoch's reads still in flight land in slots that are given back
+  // as they land: nothing to wait for here.
+  if (m.current) m.discard(std::move(m.current));
+  m.current = next ? std::move(next) : m.make_stream(split, epoch);
+  if (split == Split::Train) m.last_train_epoch = epoch;
+  // What the engine does next: after training epoch e, validation, then
+  // training epoch e + 1 (or that at once, when a run does not validate);
+  // after validation, the training epoch after the last one begun. Streams
+  // already read ahead for one of these are kept, as long as they leave the
+  // current epoch its window; the others are discarded.
+  std::vector<std::pair<Split, std::int64_t>> expected;
+  if (split == Split::Train) expected = {{Split::Validation, 0}, {Split::Train, epoch + 1}};
+  else expected = {{Split::Train, m.last_train_epoch + 1}};
+  std::vector<std::unique_ptr<Stream>> kept;
+  int held = 0;
+  for (const auto& [s, e] : expected) {
+    auto it = std::find_if(m.ahead.begin(), m.ahead.end(), [&](const auto& a) { return a && a->is(s, e); });
+    if (it != m.ahead.end() && held + (*it)->held <= m.extra) {
+      held += (*it)->held;
+      kept.push_back(std::move(*it));
+    } else {
+      kept.push_back(m.make_stream(s, e));
+    }
+  }
+  for (auto& a : m.ahead) {
+    if (a) m.discard(std::move(a));
+  }
+  m.ahead = std::move(kept);
   lock.unlock();
   m.work_cv.notify_all();
 }
@@ -304,26 +431,33 @@ void PrefetchReader::start_epoch(Split split, std::int64_t epoch) {
 bool PrefetchReader::next(Batch& batch) {
   Impl& m = *impl_;
   std::unique_lock<std::mutex> lock(m.mutex);
-  if (!m.active) throw Error(fmt::format("{}: next() before start_epoch() (a bug in the caller)", m.options.where));
+  if (!m.current) throw Error(fmt::format("{}: next() before start_epoch() (a bug in the caller)", m.options.where));
+  Stream& st = *m.current;
   // The consumer keeps the batch handed out last; older ones go back.
-  if (m.consumed - 1 > m.released) {
-    m.released = m.consumed - 1;
-    m.work_cv.notify_all();
+  if (st.consumed - 1 > st.released) {
+    for (std::int64_t k = st.released; k < st.consumed - 1; ++k) {
+      m.release_slot(st.slot_of[static_cast<std::size_t>(k)]);
+      st.slot_of[static_cast<std::size_t>(k)] = -1;
+    }
+    st.released = st.consumed - 1;
   }
-  if (m.consumed >= m.batches) return false;
-  const std::int64_t k = m.consumed;
-  const int s = static_cast<int>(k % static_cast<std::int64_t>(m.slots.size()));
+  if (st.consumed >= st.batches) return false;
+  const std::int64_t k = st.consumed;
+  m.ready_cv.wait(lock, [&] {
+    const int s = st.slot_of[static_cast<std::size_t>(k)];
+    return s >= 0 && m.slots[static_cast<std::size_t>(s)].ready;
+  });
+  const int s = st.slot_of[static_cast<std::size_t>(k)];
   Slot& slot = m.slots[static_cast<std::size_t>(s)];
-  m.ready_cv.wait(lock, [&] { return slot.batch == k && slot.ready; });
   if (slot.failure) std::rethrow_exception(slot.failure);
-  const std::int64_t n = m.batch_length(k);
+  const std::int64_t n = st.length(k);
   if (m.copier.active()) {
     m.copier.hand_over(s, batch.data, batch.labels);
   } else {
     batch.data = slot.data.narrow(0, 0, n);
     batch.labels = slot.labels.narrow(0, 0, n);
   }
-  ++m.consumed;
+  ++st.consumed;
   return true;
 }
 
@@ -341,6 +475,9 @@ void PrefetchReader::read_sample(const std::vector<std::string>& files, float* d
 
 std::string PrefetchReader::staging_dir() const { return impl_->staging ? impl_->staging->dir() : std::string(); }
 
-const std::vector<std::int64_t>& PrefetchReader::epoch_order() const { return impl_->order; }
+const std::vector<std::int64_t>& PrefetchReader::epoch_order() const {
+  static const std::vector<std::int64_t> none;
+  return impl_->current ? impl_->current->order : none;
+}
 
 }  // namespace deepcam::readers

@@ -11,6 +11,29 @@
 //   slot, so the batches depend on the seed only, never on the number of
 //   threads; in global mode they equal the source reader's own batches.
 //
+//   Across epochs: once every sample of the current epoch has been taken,
+//   the workers go on to the epochs the engine begins next, whose order is
+//   known in advance (the training order depends on (seed, epoch) only,
+//   validation's on nothing): after training epoch e, the first `depth`
+//   batches of validation and of training epoch e + 1; after validation,
+//   those of the next training epoch. start_epoch() of one of them keeps
+//   what was read, so the epoch's first batch does not wait; start_epoch()
+//   of any other (a resume, an evaluation, a repeated or skipped epoch)
+//   discards them, and reads still in flight for them are dropped as they
+//   land. Either way next() returns exactly the batches of the plain reader
+//   (the tests check every kind of call sequence), and a failed read ahead
+//   is reported only if its epoch is begun, at its batch.
+//
+//   Memory: a pool of 2 * depth + 2 batch buffers, of the larger of the
+//   training and validation batch sizes: the current epoch's depth + 2
+//   (the batch handed out, the one before it, depth read ahead) and depth
+//   more for the epochs read ahead, which never take the current epoch's.
+//   That is depth buffers more than a ring without read-ahead across
+//   epochs: a peak rise of depth x batch x (C*H*W*4 + H*W*8) bytes of host
+//   memory (pinned on CUDA), and on CUDA as much GPU memory for their
+//   copies. For the full-size DeepCAM sample (16 x 768 x 1152), batch 2 and
+//   depth 4 that is 4 x 2 x 63.7 MB = 510 MB.
+//
 //   On CUDA ([run] device = "cuda") the ring is pinned host memory and each
 //   batch is copied to the GPU on a side stream as soon as it is complete
 //   (device_copy.hpp); next() hands out GPU tensors. Normalisation stays on
@@ -41,7 +64,7 @@
 //   Property                 | Description                                          | Required | Default
 //   -------------------------|------------------------------------------------------|----------|---------
 //   source                   | table naming the source reader and its keys          | yes      |
-//   depth                    | batches read ahead of the training step (1..1024)    | no       | 4
+//   depth                    | batches read ahead, also of the next epochs (1..1024)| no       | 4
 //   threads                  | worker threads reading samples (1..256)              | no       | 4
 //   shuffle_mode             | global, node or gpu (SPEC 2.1, 2.2)                  | no       | "global"
 //   data_oversampling_factor | NVIDIA's oversampling, node/gpu modes (1..1024)      | no       | 1
@@ -85,7 +108,7 @@ class PrefetchReader final : public Reader {
   std::int64_t local_samples(Split split) const override;
   void start_epoch(Split split, std::int64_t epoch) override;
   // The batch stays valid until two more calls of next() or a start_epoch():
-  // its buffer goes back to the ring then (or, if still referenced, is
+  // its buffer goes back to the pool then (or, if still referenced, is
   // replaced by a new one).
   bool next(Batch& batch) override;
 
@@ -97,7 +120,8 @@ class PrefetchReader final : public Reader {
 
   // The staging directory ("" when not staging).
   std::string staging_dir() const;
-  // Samples that this rank reads in the current epoch, in order.
+  // Samples that this rank reads in the current epoch, in order (empty
+  // before the first start_epoch()).
   const std::vector<std::int64_t>& epoch_order() const;
 
  private:

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <mutex>
 #include <random>
 #include <set>
@@ -146,13 +147,14 @@ class FakeSource final : public deepcam::Reader {
     std::int64_t i = -1;
     in >> split >> i;
     if (i < 0) throw Error(files[0] + ": not a fake sample");
-    if (i == fail_at_) throw Error(files[0] + ": injected failure");
+    if (i == fail_at_ && (fail_split_.empty() || split == fail_split_)) throw Error(files[0] + ": injected failure");
     const float base = (split == "train" ? 0.0f : 0.5f) + static_cast<float>(i);
     for (std::int64_t k = 0; k < kC * kH * kW; ++k) data[k] = base + static_cast<float>(k) / 1000.0f;
     for (std::int64_t k = 0; k < kH * kW; ++k) labels[k] = i * 100 + k;
   }
 
   std::int64_t fail_at_ = -1;
+  std::string fail_split_;  // "train" or "validation": fail_at_ there only; "": in both
   std::int64_t delay_ = 0;  // microseconds per read; 0: random, below 400
   mutable std::atomic<std::int64_t> reads_{0};
   mutable std::mutex mutex_;
@@ -396,6 +398,159 @@ TEST_CASE("starting another epoch mid-way drops the read-ahead and serves the ne
   }
 }
 
+// One call of a sequence: begin (split, epoch), take `take` batches (-1:
+// all, and the end), then, if `settle`, let the workers read ahead as far
+// as they will before the next call.
+struct Call {
+  Split split;
+  std::int64_t epoch;
+  int take;
+  bool settle;
+};
+
+// Waits until the source's read count stops changing: the workers have
+// read ahead as far as they may.
+void settle(const FakeSource& fake) {
+  std::int64_t before = -1;
+  while (fake.reads_.load() != before) {
+    before = fake.reads_.load();
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+}
+
+TEST_CASE("every sequence of calls returns exactly the plain reader's batches, read ahead or not") {
+  TempDir dir;
+  // 21 training samples in batches of 2 (the last has 1), 7 validation
+  // samples in batches of 3.
+  const auto ctx = context(2, 3);
+  FakeSource reference(dir.path, 21, 7, ctx);
+  const std::vector<std::pair<const char*, std::vector<Call>>> sequences = {
+      {"train e, val, train e+1 (the engine)",
+       {{Split::Train, 0, -1, true}, {Split::Validation, 0, -1, true}, {Split::Train, 1, -1, true},
+        {Split::Validation, 1, -1, false}, {Split::Train, 2, -1, false}}},
+      {"the engine, dropping the last incomplete training batch",
+       {{Split::Train, 0, 10, true}, {Split::Validation, 0, -1, true}, {Split::Train, 1, 10, false},
+        {Split::Validation, 0, -1, false}, {Split::Train, 2, 10, true}}},
+      {"train e, train e+1 (no validation)",
+       {{Split::Train, 0, -1, true}, {Split::Train, 1, -1, true}, {Split::Train, 2, -1, false}}},
+      {"train e, train e+2 (a skip)", {{Split::Train, 0, -1, true}, {Split::Train, 2, -1, true}}},
+      {"validation first (evaluate), then training from epoch 0 and from epoch 4 (a resume)",
+       {{Split::Validation, 0, -1, true}, {Split::Train, 0, -1, false}, {Split::Validation, 0, -1, true},
+        {Split::Train, 4, -1, true}, {Split::Validation, 0, -1, true}}},
+      {"partial epochs abandoned mid-way",
+       {{Split::Train, 0, 3, true}, {Split::Validation, 0, 1, true}, {Split::Train, 1, 0, true},
+        {Split::Train, 1, 2, false}, {Split::Validation, 0, 2, false}, {Split::Train, 2, -1, true},
+        {Split::Train, 2, 5, true}, {Split::Train, 3, -1, true}}},
+      {"the same epoch again after its end", {{Split::Train, 5, -1, true}, {Split::Train, 5, -1, true},
+                                               {Split::Validation, 0, -1, true}, {Split::Validation, 0, -1, true}}},
+  };
+  std::map<std::pair<int, std::int64_t>, Drained> plain;
+  auto expected = [&](Split s, std::int64_t e) -> const Drained& {
+    const auto key = std::make_pair(s == Split::Train ? 0 : 1, e);
+    if (!plain.count(key)) plain[key] = drain(reference, s, e);
+    return plain[key];
+  };
+  for (const auto& [name, calls] : sequences) {
+    for (int threads : {1, 3}) {
+      for (int depth : {1, 2, 5}) {
+        INFO(name << ", threads " << threads << " depth " << depth);
+        auto source = std::make_unique<FakeSource>(dir.path, 21, 7, ctx);
+        const FakeSource* fake = source.get();
+        PrefetchReader r(ctx, options(threads, depth), std::move(source));
+        for (const Call& call : calls) {
+          INFO(deepcam::to_string(call.split) << " epoch " << call.epoch << " take " << call.take);
+          const Drained& want = expected(call.split, call.epoch);
+          r.start_epoch(call.split, call.epoch);
+          Batch b;
+          const std::size_t n = call.take < 0 ? want.data.size() : static_cast<std::size_t>(call.take);
+          for (std::size_t k = 0; k < n; ++k) {
+            REQUIRE(r.next(b));
+            CHECK(at::equal(b.data, want.data[k]));
+            CHECK(at::equal(b.labels, want.labels[k]));
+          }
+          if (call.take < 0) CHECK(!r.next(b));
+          if (call.settle) settle(*fake);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("the next epochs are read ahead within depth more buffers, and found ready") {
+  TempDir dir;
+  // 20 training samples in batches of 2, 7 validation samples in batches of
+  // 2 (the last has 1); 20 ms per read.
+  const auto ctx = context(2, 2);
+  auto source = std::make_unique<FakeSource>(dir.path, 20, 7, ctx);
+  FakeSource* fake = source.get();
+  fake->delay_ = 20000;
+  const int depth = 2;
+  PrefetchReader r(ctx, options(4, depth), std::move(source));
+  auto first_wait = [&](Split s, std::int64_t e, Batch& b) {
+    const auto t0 = std::chrono::steady_clock::now();
+    r.start_epoch(s, e);
+    REQUIRE(r.next(b));
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  std::set<const void*> buffers;
+  {
+    Batch b;
+    r.start_epoch(Split::Train, 0);
+    while (r.next(b)) buffers.insert(b.data.data_ptr());
+  }
+  settle(*fake);
+  // Training epoch 0, then `depth` batches of validation and `depth` of
+  // training epoch 1, read ahead.
+  CHECK(fake->reads_.load() == 20 + 2 * depth + 2 * depth);
+  {
+    Batch b;
+    const double waited = first_wait(Split::Validation, 0, b);
+    INFO("validation's first batch waited " << waited << " s");
+    CHECK(waited < 0.015);  // one read takes 20 ms
+    buffers.insert(b.data.data_ptr());
+    while (r.next(b)) buffers.insert(b.data.data_ptr());
+  }
+  settle(*fake);
+  // All of validation; training epoch 1 still has its `depth` batches.
+  CHECK(fake->reads_.load() == 20 + 7 + 2 * depth);
+  {
+    Batch b;
+    const double waited = first_wait(Split::Train, 1, b);
+    INFO("training epoch 1's first batch waited " << waited << " s");
+    CHECK(waited < 0.015);
+    buffers.insert(b.data.data_ptr());
+    while (r.next(b)) buffers.insert(b.data.data_ptr());
+  }
+  settle(*fake);
+  CHECK(fake->reads_.load() == 20 + 7 + 20 + 2 * depth + 2 * depth);
+  // Neither batch was kept by the consumer: the pool's buffers were reused,
+  // never more than 2 * depth + 2 of them.
+  CHECK(buffers.size() <= static_cast<std::size_t>(2 * depth + 2));
+  CHECK(buffers.size() > static_cast<std::size_t>(depth + 2));
+}
+
+TEST_CASE("a failure read ahead is reported only if its epoch is begun, at its batch") {
+  TempDir dir;
+  const auto ctx = context(2, 2);
+  auto source = std::make_unique<FakeSource>(dir.path, 10, 7, ctx);
+  FakeSource* fake = source.get();
+  fake->fail_at_ = 3;  // validation batch 1
+  fake->fail_split_ = "validation";
+  PrefetchReader r(ctx, options(3, 3), std::move(source));
+  FakeSource reference(dir.path, 10, 7, ctx);
+  const Drained own1 = drain(reference, Split::Train, 1);
+  drain(r, Split::Train, 0);
+  settle(*fake);
+  // Validation's failed batch was read ahead; a run that does not validate
+  // never sees it.
+  CHECK(same(drain(r, Split::Train, 1), own1));
+  settle(*fake);
+  r.start_epoch(Split::Validation, 0);
+  Batch b;
+  CHECK(r.next(b));
+  CHECK_THROWS_WITH_AS(r.next(b), doctest::Contains("sample-1003.bin: injected failure"), Error);
+}
+
 TEST_CASE("a failed sample is reported at its batch, after the batches before it") {
   TempDir dir;
   const auto ctx = context(2, 2);
@@ -444,8 +599,10 @@ TEST_CASE("staging copies the rank's samples, checks them, reads them and remove
     FakeSource reference(data.path, 9, 4, ctx);
     CHECK(same(drain(r, Split::Train, 0), drain(reference, Split::Train, 0)));
     CHECK(same(drain(r, Split::Validation, 0), drain(reference, Split::Validation, 0)));
+    // Every sample read (the next training epoch, read ahead, reads the
+    // same training files again), and only from the copies.
     for (const auto& p : fake->read_paths_) CHECK(p.rfind(staged_dir, 0) == 0);
-    CHECK(fake->read_paths_.size() == 13);
+    CHECK(std::set<std::string>(fake->read_paths_.begin(), fake->read_paths_.end()).size() == 13);
     // staging_start / staging_stop, in that order, with the count of files.
     std::fflush(log_file);
     std::rewind(log_file);
