@@ -8,12 +8,27 @@
 // - Datasets and groups are created without modification times, so that the
 //   same content gives the same bytes (deepcam-data synth is reproducible to
 //   the byte).
+// - HDF5 runs one call at a time even in its thread-safe build, so readers
+//   on several threads would wait for each other's H5Dread. A dataset whose
+//   bytes lie in one run in the file (contiguous layout, no filters, no
+//   external storage, allocated, a standard integer or IEEE type) is read
+//   instead with pread() on a duplicate of HDF5's own descriptor, after
+//   HDF5 said where the run lies, and outside the lock. Only conversions
+//   whose result HDF5's own equals bit for bit are done here: the same type
+//   (byte order swapped if need be; HDF5 swaps bytes too), integer widening,
+//   and float32 to float64 from this machine's byte order (from the other
+//   order HDF5 converts with its own soft routine, whose NaNs need not be a
+//   C cast's). Anything else reads through H5Dread as before.
 #include "deepcam/h5.hpp"
 
+#include <fcntl.h>
 #include <hdf5.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstddef>
 #include <cstring>
 #include <filesystem>
 #include <mutex>
@@ -186,15 +201,6 @@ Handle open_for_read(hid_t file, const std::string& path, const std::string& nam
   return dataset;
 }
 
-template <typename T>
-void read_as(std::int64_t id, const std::string& path, const std::string& name, T* out,
-             std::size_t count, hid_t memory_type, const char* type_name) {
-  Lock lock;
-  Handle dataset = open_for_read(checked_id(id, path), path, name, count, type_name);
-  if (count > 0 && H5Dread(dataset.get(), memory_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0)
-    fail(path, name, fmt::format("cannot read as {} (damaged or truncated file?)", type_name));
-}
-
 StoredType stored_type_of(hid_t dataset, const std::string& path, const std::string& name) {
   Handle type(H5Dget_type(dataset), H5Tclose);
   if (!type.valid()) fail(path, name, "cannot read its type");
@@ -218,6 +224,210 @@ StoredType stored_type_of(hid_t dataset, const std::string& path, const std::str
     stored.big_endian = H5Tget_order(type.get()) == H5T_ORDER_BE;
   H5Eclear2(H5E_DEFAULT);
   return stored;
+}
+
+constexpr bool kBigEndianHost = __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__;
+
+// Types whose bytes are the value with no padding or unusual bit layout, so
+// that a byte swap and a C cast give what HDF5's conversion gives.
+bool is_standard_type(hid_t type) {
+  const hid_t standard[] = {H5T_STD_I8LE,  H5T_STD_I8BE,  H5T_STD_U8LE,  H5T_STD_U8BE,  H5T_STD_I16LE,
+                            H5T_STD_I16BE, H5T_STD_U16LE, H5T_STD_U16BE, H5T_STD_I32LE, H5T_STD_I32BE,
+                            H5T_STD_U32LE, H5T_STD_U32BE, H5T_STD_I64LE, H5T_STD_I64BE, H5T_STD_U64LE,
+                            H5T_STD_U64BE, H5T_IEEE_F32LE, H5T_IEEE_F32BE, H5T_IEEE_F64LE, H5T_IEEE_F64BE};
+  for (const hid_t t : standard)
+    if (H5Tequal(type, t) > 0) return true;
+  return false;
+}
+
+// Where a dataset's bytes lie when they can be read outside HDF5.
+struct Direct {
+  bool usable = false;
+  std::uint64_t offset = 0;  // from the start of the file (HDF5 adds any user block)
+  std::uint64_t bytes = 0;
+  StoredType type;
+};
+
+// Under the lock. `count` is the dataset's element count; `fd` the file's
+// duplicate descriptor (-1: none). Anything unusual answers "not usable".
+Direct direct_plan(hid_t dataset, int fd, std::uint64_t count, const std::string& path, const std::string& name) {
+  Direct direct;
+  if (fd < 0 || count == 0) return direct;
+  direct.type = stored_type_of(dataset, path, name);
+  Handle type(H5Dget_type(dataset), H5Tclose);
+  Handle dcpl(H5Dget_create_plist(dataset), H5Pclose);
+  Handle space(H5Dget_space(dataset), H5Sclose);
+  H5D_space_status_t status = H5D_SPACE_STATUS_ERROR;
+  const bool plain = type.valid() && dcpl.valid() && space.valid() && is_standard_type(type.get()) &&
+                     H5Sget_simple_extent_type(space.get()) == H5S_SIMPLE &&
+                     H5Pget_layout(dcpl.get()) == H5D_CONTIGUOUS && H5Pget_nfilters(dcpl.get()) == 0 &&
+                     H5Pget_external_count(dcpl.get()) == 0 && H5Dget_space_status(dataset, &status) >= 0 &&
+                     status == H5D_SPACE_STATUS_ALLOCATED;
+  if (plain) {
+    const haddr_t offset = H5Dget_offset(dataset);
+    const hsize_t storage = H5Dget_storage_size(dataset);
+    if (offset != HADDR_UNDEF && storage == count * direct.type.size) {
+      direct.usable = true;
+      direct.offset = offset;
+      direct.bytes = storage;
+    }
+  }
+  H5Eclear2(H5E_DEFAULT);
+  return direct;
+}
+
+[[noreturn]] void fail_truncated(const std::string& path, const std::string& name, std::uint64_t end,
+                                 std::uint64_t size) {
+  throw Error(fmt::format("{}: dataset {}: truncated file: its data runs to byte {}, but the file has {} bytes "
+                          "(copy the file again or recreate it)",
+                          path, name, end, size));
+}
+
+// Reads `bytes` bytes of the dataset from `offset` on (relative to its data)
+// into `out`; outside the lock. A file shorter than the dataset is an error.
+void read_bytes(int fd, const Direct& direct, std::uint64_t offset, void* out, std::size_t bytes,
+                const std::string& path, const std::string& name) {
+  auto* to = static_cast<char*>(out);
+  std::uint64_t at = direct.offset + offset;
+  while (bytes > 0) {
+    const ssize_t got = ::pread(fd, to, bytes, static_cast<off_t>(at));
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      throw Error(fmt::format("{}: dataset {}: cannot read: {}", path, name, std::strerror(errno)));
+    }
+    if (got == 0) {
+      struct stat st {};
+      const std::uint64_t size = ::fstat(fd, &st) == 0 ? static_cast<std::uint64_t>(st.st_size) : at;
+      fail_truncated(path, name, direct.offset + direct.bytes, size);
+    }
+    to += got;
+    at += static_cast<std::uint64_t>(got);
+    bytes -= static_cast<std::size_t>(got);
+  }
+}
+
+void check_file_size(int fd, const Direct& direct, const std::string& path, const std::string& name) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0)
+    throw Error(fmt::format("{}: dataset {}: cannot read: {}", path, name, std::strerror(errno)));
+  const auto size = static_cast<std::uint64_t>(st.st_size);
+  if (direct.offset > size || direct.bytes > size - direct.offset)
+    fail_truncated(path, name, direct.offset + direct.bytes, size);
+}
+
+template <std::size_t N>
+struct Unsigned;
+template <> struct Unsigned<1> { using type = std::uint8_t; };
+template <> struct Unsigned<2> { using type = std::uint16_t; };
+template <> struct Unsigned<4> { using type = std::uint32_t; };
+template <> struct Unsigned<8> { using type = std::uint64_t; };
+
+template <typename U>
+U swap_bytes(U v) {
+  if constexpr (sizeof(U) == 1) return v;
+  else if constexpr (sizeof(U) == 2) return __builtin_bswap16(v);
+  else if constexpr (sizeof(U) == 4) return __builtin_bswap32(v);
+  else return __builtin_bswap64(v);
+}
+
+// Reverses the bytes of each of `count` elements of `size` bytes, in place.
+void swap_in_place(void* data, std::size_t size, std::size_t count) {
+  auto each = [&](auto tag) {
+    using U = decltype(tag);
+    auto* p = static_cast<unsigned char*>(data);
+    for (std::size_t i = 0; i < count; ++i, p += sizeof(U)) {
+      U v;
+      std::memcpy(&v, p, sizeof(U));
+      v = swap_bytes(v);
+      std::memcpy(p, &v, sizeof(U));
+    }
+  };
+  switch (size) {
+    case 2: each(std::uint16_t{}); break;
+    case 4: each(std::uint32_t{}); break;
+    case 8: each(std::uint64_t{}); break;
+    default: break;
+  }
+}
+
+template <typename S, bool Swap, typename T>
+void convert_run(const unsigned char* in, T* out, std::size_t count) {
+  using U = typename Unsigned<sizeof(S)>::type;
+  for (std::size_t i = 0; i < count; ++i) {
+    U bits;
+    std::memcpy(&bits, in + i * sizeof(S), sizeof(S));
+    if constexpr (Swap) bits = swap_bytes(bits);
+    S value;
+    std::memcpy(&value, &bits, sizeof(S));
+    out[i] = static_cast<T>(value);
+  }
+}
+
+template <typename S, typename T>
+void convert_from(const unsigned char* in, bool swap, T* out, std::size_t count) {
+  if (swap) convert_run<S, true>(in, out, count);
+  else convert_run<S, false>(in, out, count);
+}
+
+// The stored type's C type, for the widening conversions exact_into allows.
+template <typename T>
+void convert(const StoredType& t, const unsigned char* in, T* out, std::size_t count) {
+  const bool swap = t.big_endian != kBigEndianHost;
+  if (t.kind == StoredType::Kind::Float) {
+    if (t.size == 4) return convert_from<float>(in, swap, out, count);
+    return convert_from<double>(in, swap, out, count);
+  }
+  switch (t.size * 2 + (t.is_signed ? 1 : 0)) {
+    case 2: return convert_from<std::uint8_t>(in, swap, out, count);
+    case 3: return convert_from<std::int8_t>(in, swap, out, count);
+    case 4: return convert_from<std::uint16_t>(in, swap, out, count);
+    case 5: return convert_from<std::int16_t>(in, swap, out, count);
+    case 8: return convert_from<std::uint32_t>(in, swap, out, count);
+    case 9: return convert_from<std::int32_t>(in, swap, out, count);
+    case 16: return convert_from<std::uint64_t>(in, swap, out, count);
+    default: return convert_from<std::int64_t>(in, swap, out, count);
+  }
+}
+
+// Whether converting the stored type to T here gives HDF5's result bit for
+// bit (see the top of the file).
+template <typename T>
+bool exact_into(const StoredType& t) {
+  const bool is_float = t.kind == StoredType::Kind::Float;
+  const bool is_integer = t.kind == StoredType::Kind::Integer;
+  const bool native_order = t.big_endian == kBigEndianHost;
+  if constexpr (std::is_same_v<T, float>) {
+    return is_float && t.size == 4;
+  } else if constexpr (std::is_same_v<T, double>) {
+    return (is_float && (t.size == 8 || native_order)) || (is_integer && t.size <= 4);
+  } else {
+    static_assert(std::is_same_v<T, std::int64_t>);
+    return is_integer && (t.is_signed || t.size <= 4);
+  }
+}
+
+// Reads the whole dataset into `out` as T, outside the lock.
+template <typename T>
+void read_direct(int fd, const Direct& direct, T* out, std::size_t count, const std::string& path,
+                 const std::string& name) {
+  check_file_size(fd, direct, path, name);
+  const StoredType& t = direct.type;
+  if (t.size == sizeof(T) && (t.kind == StoredType::Kind::Float) == std::is_floating_point_v<T>) {
+    read_bytes(fd, direct, 0, out, direct.bytes, path, name);
+    if (t.big_endian != kBigEndianHost) swap_in_place(out, t.size, count);
+    return;
+  }
+  // Widening: a run at a time through a small buffer that stays in the CPU
+  // cache, rather than all of it through memory twice.
+  constexpr std::size_t kRun = 256 * 1024;
+  thread_local std::vector<unsigned char> buffer(kRun);
+  const std::size_t per_run = kRun / t.size;
+  for (std::size_t done = 0; done < count;) {
+    const std::size_t n = std::min(per_run, count - done);
+    read_bytes(fd, direct, done * t.size, buffer.data(), n * t.size, path, name);
+    convert(t, buffer.data(), out + done, n);
+    done += n;
+  }
 }
 
 // Creates the groups on the way to `name` that do not exist yet, without
@@ -260,6 +470,37 @@ void write_as(std::int64_t id, const std::string& path, const std::string& name,
     fail(path, name, "cannot write (disk full?)");
 }
 
+template <typename T>
+void read_as(std::int64_t id, int fd, const std::string& path, const std::string& name, T* out,
+             std::size_t count, hid_t memory_type, const char* type_name) {
+  Direct direct;
+  {
+    Lock lock;
+    Handle dataset = open_for_read(checked_id(id, path), path, name, count, type_name);
+    if (count == 0) return;
+    direct = direct_plan(dataset.get(), fd, count, path, name);
+    if (!direct.usable || !exact_into<T>(direct.type)) {
+      if (H5Dread(dataset.get(), memory_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0)
+        fail(path, name, fmt::format("cannot read as {} (damaged or truncated file?)", type_name));
+      return;
+    }
+  }
+  read_direct(fd, direct, out, count, path, name);
+}
+
+// A duplicate of the descriptor HDF5 reads the file with, or -1 when the
+// file is not read through the plain POSIX driver.
+int duplicate_descriptor(hid_t file) {
+  int fd = -1;
+  Handle fapl(H5Fget_access_plist(file), H5Pclose);
+  void* handle = nullptr;
+  if (fapl.valid() && H5Pget_driver(fapl.get()) == H5FD_SEC2 &&
+      H5Fget_vfd_handle(file, fapl.get(), &handle) >= 0 && handle != nullptr)
+    fd = ::fcntl(*static_cast<int*>(handle), F_DUPFD_CLOEXEC, 0);
+  H5Eclear2(H5E_DEFAULT);
+  return fd;
+}
+
 }  // namespace
 
 File File::open(const std::string& path) {
@@ -279,7 +520,7 @@ File File::open(const std::string& path) {
   if (is_hdf5 < 0) fail(path, "", "cannot read the file");
   const hid_t id = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
   if (id < 0) fail(path, "", "cannot open the HDF5 file (truncated or damaged?)");
-  return File(path, id);
+  return File(path, id, duplicate_descriptor(id));
 }
 
 File File::create(const std::string& path) {
@@ -289,20 +530,25 @@ File File::create(const std::string& path) {
     fail(path, "", "cannot set up file creation");
   const hid_t id = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, fcpl.get(), H5P_DEFAULT);
   if (id < 0) fail(path, "", "cannot create the HDF5 file");
-  return File(path, id);
+  return File(path, id, -1);
 }
 
-File::File(File&& other) noexcept : path_(std::move(other.path_)), id_(other.id_) { other.id_ = -1; }
+File::File(File&& other) noexcept : path_(std::move(other.path_)), id_(other.id_), fd_(other.fd_) {
+  other.id_ = -1;
+  other.fd_ = -1;
+}
 
 File& File::operator=(File&& other) noexcept {
   if (this != &other) {
     std::swap(path_, other.path_);
     std::swap(id_, other.id_);
+    std::swap(fd_, other.fd_);
   }
   return *this;
 }
 
 File::~File() {
+  if (fd_ >= 0) ::close(fd_);
   if (id_ >= 0) {
     Lock lock;
     H5Fclose(static_cast<hid_t>(id_));
@@ -311,6 +557,8 @@ File::~File() {
 }
 
 void File::close() {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
   if (id_ < 0) return;
   Lock lock;
   const herr_t status = H5Fclose(static_cast<hid_t>(id_));
@@ -341,33 +589,51 @@ StoredType File::stored_type(const std::string& dataset) const {
 }
 
 void File::read_stored(const std::string& dataset, void* out, std::size_t bytes) const {
+  Direct direct;
+  {
+    Lock lock;
+    const hid_t file = checked_id(id_, path_);
+    const StoredType stored = stored_type_of(open_dataset(file, path_, dataset).get(), path_, dataset);
+    const std::string as = "its stored type";
+    if (stored.size == 0 || bytes % stored.size != 0)
+      fail(path_, dataset,
+           fmt::format("{} bytes are not a whole number of its {}-byte elements", bytes, stored.size), false);
+    Handle handle = open_for_read(file, path_, dataset, bytes / stored.size, as);
+    if (bytes == 0) return;
+    direct = direct_plan(handle.get(), fd_, bytes / stored.size, path_, dataset);
+    if (!direct.usable) {
+      // The memory type is the stored type in this machine's byte order, so
+      // the values arrive unchanged; float16 has no native HDF5 type, hence
+      // the copy.
+      Handle on_disk(H5Dget_type(handle.get()), H5Tclose);
+      Handle memory(on_disk.valid() ? H5Tcopy(on_disk.get()) : -1, H5Tclose);
+      if (!memory.valid() || H5Tset_order(memory.get(), kBigEndianHost ? H5T_ORDER_BE : H5T_ORDER_LE) < 0)
+        fail(path_, dataset, "cannot set up its memory type");
+      if (H5Dread(handle.get(), memory.get(), H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0)
+        fail(path_, dataset, fmt::format("cannot read in {} (damaged or truncated file?)", as));
+      return;
+    }
+  }
+  check_file_size(fd_, direct, path_, dataset);
+  read_bytes(fd_, direct, 0, out, bytes, path_, dataset);
+  if (direct.type.big_endian != kBigEndianHost) swap_in_place(out, direct.type.size, bytes / direct.type.size);
+}
+
+bool File::reads_directly(const std::string& dataset) const {
   Lock lock;
-  const hid_t file = checked_id(id_, path_);
-  const StoredType stored = stored_type_of(open_dataset(file, path_, dataset).get(), path_, dataset);
-  const std::string as = "its stored type";
-  if (stored.size == 0 || bytes % stored.size != 0)
-    fail(path_, dataset, fmt::format("{} bytes are not a whole number of its {}-byte elements", bytes, stored.size),
-         false);
-  Handle handle = open_for_read(file, path_, dataset, bytes / stored.size, as);
-  // The memory type is the stored type in this machine's byte order, so the
-  // values arrive unchanged; float16 has no native HDF5 type, hence the copy.
-  Handle on_disk(H5Dget_type(handle.get()), H5Tclose);
-  Handle memory(on_disk.valid() ? H5Tcopy(on_disk.get()) : -1, H5Tclose);
-  if (!memory.valid() ||
-      H5Tset_order(memory.get(), __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__ ? H5T_ORDER_BE : H5T_ORDER_LE) < 0)
-    fail(path_, dataset, "cannot set up its memory type");
-  if (bytes > 0 && H5Dread(handle.get(), memory.get(), H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0)
-    fail(path_, dataset, fmt::format("cannot read in {} (damaged or truncated file?)", as));
+  Handle handle = open_dataset(checked_id(id_, path_), path_, dataset);
+  const std::uint64_t count = element_count(dataset_shape(handle.get(), path_, dataset));
+  return direct_plan(handle.get(), fd_, count, path_, dataset).usable;
 }
 
 void File::read(const std::string& dataset, float* out, std::size_t count) const {
-  read_as(id_, path_, dataset, out, count, H5T_NATIVE_FLOAT, "float32");
+  read_as(id_, fd_, path_, dataset, out, count, H5T_NATIVE_FLOAT, "float32");
 }
 void File::read(const std::string& dataset, double* out, std::size_t count) const {
-  read_as(id_, path_, dataset, out, count, H5T_NATIVE_DOUBLE, "float64");
+  read_as(id_, fd_, path_, dataset, out, count, H5T_NATIVE_DOUBLE, "float64");
 }
 void File::read(const std::string& dataset, std::int64_t* out, std::size_t count) const {
-  read_as(id_, path_, dataset, out, count, H5T_NATIVE_INT64, "int64");
+  read_as(id_, fd_, path_, dataset, out, count, H5T_NATIVE_INT64, "int64");
 }
 
 void File::write(const std::string& dataset, const float* data, const Shape& shape) {

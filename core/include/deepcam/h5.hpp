@@ -3,6 +3,14 @@
 // dataset. Reads go through HDF5's type conversion, so any numeric type on
 // disk is read into the type the caller asks for; read_stored keeps the type
 // on disk instead, for copies that must not change it (deepcam-data convert).
+//
+// HDF5 runs one call at a time, process-wide. So that threads reading
+// different files read in parallel, a dataset stored as one plain run of
+// bytes (contiguous, unfiltered, allocated, a standard integer or IEEE
+// float type) is read with pread() outside HDF5, HDF5 only saying where the
+// bytes lie; the values are those HDF5 would give, bit for bit. Every other
+// dataset, and every conversion that is not exact (float64 to float32, say),
+// goes through H5Dread as before.
 #pragma once
 
 #include <cstddef>
@@ -51,6 +59,11 @@ class DEEPCAM_API File {
   // this machine's byte order; bytes must equal its element count times
   // stored_type(dataset).size.
   void read_stored(const std::string& dataset, void* out, std::size_t bytes) const;
+  // Whether the dataset's bytes qualify for the read outside HDF5 (see the
+  // top of this file): then read_stored always takes it, and read() does
+  // when the conversion is exact (the same type, or a widening one). For
+  // tests and diagnostics; reads decide this by themselves.
+  bool reads_directly(const std::string& dataset) const;
   // Creates the dataset (and its groups); a scalar when shape is empty.
   void write(const std::string& dataset, const float* data, const Shape& shape);
   void write(const std::string& dataset, const double* data, const Shape& shape);
@@ -59,9 +72,13 @@ class DEEPCAM_API File {
   void close();
 
  private:
-  File(std::string path, std::int64_t id) : path_(std::move(path)), id_(id) {}
+  File(std::string path, std::int64_t id, int fd) : path_(std::move(path)), id_(id), fd_(fd) {}
   std::string path_;
   std::int64_t id_ = -1;
+  // A duplicate of HDF5's own descriptor of a file opened for reading (so
+  // the very file HDF5 has open), for the reads outside HDF5; -1 when HDF5
+  // does not use a plain file (another driver) or the file was created.
+  int fd_ = -1;
 };
 
 }  // namespace deepcam::h5
