@@ -7,7 +7,7 @@
 //   deepcam-data convert SRC DST [--threads N] [--verify]
 //   deepcam-data verify ROOT [--threads N]
 //   deepcam-data read RUN.toml [--set k=v]... [--split S] [--epochs N]
-//                    [--consume-ms X | --consume-matched]
+//                    [--consume-ms X | --consume-matched] [--with-validation]
 //
 // Every error is one line `deepcam-data: <message>` on stderr and a non-zero
 // exit status (2 for a bad command line, 1 otherwise); no partial file is
@@ -89,13 +89,16 @@ read), seconds, samples_per_s, gb_per_s, wait_seconds (inside start_epoch and
 next), wait_fraction, wait_ms_per_batch, first_wait_seconds (of each
 epoch's first batch), steady_wait_fraction (without those), consume_ms,
 read_ms_per_batch, build_seconds, peak_rss_bytes and base_rss_bytes (before the reader was
-built). A consumer emulates the training step by sleeping after each batch.
+built), with_validation, validation_batches and validation_samples. A consumer
+emulates the training step by sleeping after each batch.
   --set section.key=value   override a key of RUN.toml (repeatable)
   --split S          train or validation                       default train
   --epochs N         epochs to read (>= 1)                     default 1
   --consume-ms X     the consumer holds each batch X ms        default 0
   --consume-matched  first read one epoch without a consumer, then use its
                      mean read time per batch as --consume-ms
+  --with-validation  after each training epoch, read the validation split
+                     (as validation epoch 0), as the engine does
 )";
 
 struct UsageError {
@@ -201,6 +204,10 @@ deepcam::data::ReadBenchOptions parse_read(const std::vector<std::string>& args)
       o.consume_matched = true;
       continue;
     }
+    if (option == "--with-validation") {
+      o.with_validation = true;
+      continue;
+    }
     if (const auto eq = option.find('='); eq != std::string::npos && option != "--set") {
       // --set=k=v and --epochs=3; the first '=' ends the option's name.
       value = option.substr(eq + 1);
@@ -230,6 +237,8 @@ deepcam::data::ReadBenchOptions parse_read(const std::vector<std::string>& args)
   if (o.run_file.empty()) throw UsageError{"read: the run file (RUN.toml) is required"};
   if (have_consume_ms && o.consume_matched)
     throw UsageError{"read: --consume-ms and --consume-matched exclude each other"};
+  if (o.with_validation && o.split != deepcam::Split::Train)
+    throw UsageError{"read: --with-validation follows each training epoch with validation; use it with --split train"};
   return o;
 }
 

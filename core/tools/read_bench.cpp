@@ -51,8 +51,11 @@ std::vector<std::int64_t> sample_bytes(const Reader& reader, Split split) {
 }
 
 struct Pass {
-  std::int64_t batches = 0;
+  std::int64_t batches = 0;  // the validation passes' included
   std::int64_t samples = 0;
+  // Those of the validation passes after training epochs (--with-validation).
+  std::int64_t validation_batches = 0;
+  std::int64_t validation_samples = 0;
   double seconds = 0.0;
   double wait_seconds = 0.0;
   // The wait for each epoch's first batch (start_epoch and the first next()),
@@ -60,32 +63,60 @@ struct Pass {
   double first_wait_seconds = 0.0;
 };
 
-// Reads `epochs` epochs of the split, starting at epoch index `first_epoch`;
-// after each batch the consumer holds the batch for `consume_ms`.
-Pass read_epochs(Reader& reader, Split split, std::int64_t first_epoch, int epochs, double consume_ms) {
+// Reads one epoch of the split (begun as `epoch`) into `pass`; after each
+// batch the consumer holds the batch for `consume`.
+void read_epoch(Reader& reader, Split split, std::int64_t epoch, Clock::duration consume, Pass& pass) {
+  Batch batch;
+  Clock::time_point t0 = Clock::now();
+  reader.start_epoch(split, epoch);
+  for (bool first = true;; first = false) {
+    const bool more = reader.next(batch);
+    const Clock::time_point t1 = Clock::now();
+    pass.wait_seconds += seconds_between(t0, t1);
+    if (first) pass.first_wait_seconds += seconds_between(t0, t1);
+    if (!more) break;
+    ++pass.batches;
+    pass.samples += batch.data.size(0);
+    // Until a deadline rather than for a duration, so that oversleeping
+    // one batch is not added to the next.
+    if (consume > Clock::duration::zero()) std::this_thread::sleep_until(t1 + consume);
+    t0 = Clock::now();
+  }
+}
+
+// Reads `epochs` epochs of the split, starting at epoch index `first_epoch`,
+// each followed by a validation pass if `with_validation` (as the engine
+// validates after each training epoch, always as validation epoch 0); after
+// each batch the consumer holds the batch for `consume_ms`.
+Pass read_epochs(Reader& reader, Split split, std::int64_t first_epoch, int epochs, double consume_ms,
+                 bool with_validation) {
   Pass pass;
   const auto consume = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double, std::milli>(consume_ms));
   const Clock::time_point start = Clock::now();
   for (int e = 0; e < epochs; ++e) {
-    Batch batch;
-    Clock::time_point t0 = Clock::now();
-    reader.start_epoch(split, first_epoch + e);
-    for (bool first = true;; first = false) {
-      const bool more = reader.next(batch);
-      const Clock::time_point t1 = Clock::now();
-      pass.wait_seconds += seconds_between(t0, t1);
-      if (first) pass.first_wait_seconds += seconds_between(t0, t1);
-      if (!more) break;
-      ++pass.batches;
-      pass.samples += batch.data.size(0);
-      // Until a deadline rather than for a duration, so that oversleeping
-      // one batch is not added to the next.
-      if (consume_ms > 0) std::this_thread::sleep_until(t1 + consume);
-      t0 = Clock::now();
-    }
+    read_epoch(reader, split, first_epoch + e, consume, pass);
+    if (!with_validation) continue;
+    const std::int64_t batches = pass.batches, samples = pass.samples;
+    read_epoch(reader, Split::Validation, 0, consume, pass);
+    pass.validation_batches += pass.batches - batches;
+    pass.validation_samples += pass.samples - samples;
   }
   pass.seconds = seconds_between(start, Clock::now());
   return pass;
+}
+
+// Bytes read for `samples` reads of a split whose samples hold `bytes_of`:
+// one rank reads every sample of the split once per epoch (the shuffle only
+// changes the order), so the split's bytes per full epoch; a reader that
+// reads fewer samples per epoch (drop_last leftovers) is counted by the mean
+// bytes per sample.
+std::int64_t bytes_read(const std::vector<std::int64_t>& bytes_of, std::int64_t samples) {
+  std::int64_t split_bytes = 0;
+  for (std::int64_t b : bytes_of) split_bytes += b;
+  const auto count = static_cast<std::int64_t>(bytes_of.size());
+  if (count == 0) return 0;
+  return samples % count == 0 ? split_bytes * (samples / count)
+                              : static_cast<std::int64_t>(static_cast<double>(split_bytes) / count * samples);
 }
 
 }  // namespace
@@ -102,33 +133,37 @@ void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader) {
 
   const Split split = options.split;
   const std::vector<std::int64_t> bytes_of = sample_bytes(*reader, split);
-  std::int64_t split_bytes = 0;
-  for (std::int64_t b : bytes_of) split_bytes += b;
+  const std::vector<std::int64_t> validation_bytes_of =
+      options.with_validation ? sample_bytes(*reader, Split::Validation) : std::vector<std::int64_t>();
   const std::int64_t per_epoch = reader->local_samples(split);
-  if (per_epoch <= 0) {
-    throw Error(fmt::format("{}: the {} split of [data] root = \"{}\" has no samples to read", options.run_file,
-                            to_string(split), config.data.string("root")));
+  for (const Split s : {split, Split::Validation}) {
+    if (s == split || options.with_validation) {
+      if (reader->local_samples(s) <= 0) {
+        throw Error(fmt::format("{}: the {} split of [data] root = \"{}\" has no samples to read", options.run_file,
+                                to_string(s), config.data.string("root")));
+      }
+    }
   }
 
   double consume_ms = options.consume_ms;
   double read_ms_per_batch = 0.0;
   std::int64_t first_epoch = 0;
   if (options.consume_matched) {
-    const Pass calibration = read_epochs(*reader, split, 0, 1, 0.0);
+    // The split's batches only: the consumer's step is that of a training
+    // batch. The validation pass after it is not measured; it keeps the
+    // calls in the engine's order.
+    const Pass calibration = read_epochs(*reader, split, 0, 1, 0.0, false);
     if (calibration.batches > 0) read_ms_per_batch = 1e3 * calibration.wait_seconds / calibration.batches;
+    if (options.with_validation) {
+      Pass unmeasured;
+      read_epoch(*reader, Split::Validation, 0, Clock::duration::zero(), unmeasured);
+    }
     consume_ms = read_ms_per_batch;
     first_epoch = 1;
   }
-  const Pass pass = read_epochs(*reader, split, first_epoch, options.epochs, consume_ms);
-
-  // One rank reads every sample of the split once per epoch (the shuffle
-  // only changes the order), so the bytes read are the split's bytes per
-  // full epoch; a reader that reads fewer samples per epoch (drop_last
-  // leftovers) is counted by the mean bytes per sample.
-  const auto count = static_cast<std::int64_t>(bytes_of.size());
-  const std::int64_t bytes = pass.samples % count == 0
-                                 ? split_bytes * (pass.samples / count)
-                                 : static_cast<std::int64_t>(static_cast<double>(split_bytes) / count * pass.samples);
+  const Pass pass = read_epochs(*reader, split, first_epoch, options.epochs, consume_ms, options.with_validation);
+  const std::int64_t bytes = bytes_read(bytes_of, pass.samples - pass.validation_samples) +
+                             bytes_read(validation_bytes_of, pass.validation_samples);
 
   const PluginChoice& r = config.reader;
   std::string source;
@@ -148,6 +183,9 @@ void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader) {
       {"batches", Json(static_cast<long long>(pass.batches))},
       {"samples", Json(static_cast<long long>(pass.samples))},
       {"samples_per_epoch", Json(static_cast<long long>(per_epoch))},
+      {"with_validation", Json(options.with_validation)},
+      {"validation_batches", Json(static_cast<long long>(pass.validation_batches))},
+      {"validation_samples", Json(static_cast<long long>(pass.validation_samples))},
       {"bytes", Json(static_cast<long long>(bytes))},
       {"seconds", Json(pass.seconds)},
       {"samples_per_s", Json(pass.samples / seconds)},

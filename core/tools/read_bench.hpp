@@ -4,11 +4,21 @@
 // The run file is loaded and checked in full as deepcam-host does (the
 // model, optimizer and scheduler plugins must therefore be found too), but
 // only the reader is built (deepcam/build_reader.hpp, as the engine builds
-// it, rank 0 of 1). The split is read for the given epochs; one JSON line
-// on stdout gives what was read and how fast:
+// it, rank 0 of 1). The split is read for the given epochs; with
+// --with-validation each training epoch is followed by a validation pass,
+// as the engine calls the reader (start_epoch(Train, e), its batches,
+// start_epoch(Validation, 0), its batches, start_epoch(Train, e + 1), ...),
+// so that a reader that reads the next epoch ahead is measured as it is
+// used. One JSON line on stdout gives what was read and how fast:
 //
 //   reader, source      the [reader] plugin, and [reader.source] if it wraps one
 //   split, epochs, batches, samples, samples_per_epoch
+//                       batches and samples count the validation passes too
+//                       (they are read and waited for); samples_per_epoch is
+//                       the split's
+//   with_validation     whether validation passes were read
+//   validation_batches, validation_samples   the part of batches and samples
+//                       that were validation (0 without --with-validation)
 //   bytes               bytes on disk of the files read (sample_files() of
 //                       each sample, once per read)
 //   seconds             wall time of the epochs (start_epoch to the end),
@@ -19,13 +29,16 @@
 //   wait_fraction       wait_seconds / seconds
 //   wait_ms_per_batch   wait_seconds per batch
 //   first_wait_seconds  the part of wait_seconds spent on each epoch's first
-//                       batch (start_epoch and the first next()): the time a
-//                       read-ahead pipeline takes to fill, which it cannot hide
+//                       batch (start_epoch and the first next(); validation
+//                       passes included): the time a read-ahead pipeline
+//                       takes to fill, unless it read the epoch ahead
 //   steady_wait_fraction  the wait without those, over the time without them:
 //                       how well a read-ahead keeps up once it runs
 //   consume_ms          the emulated step per batch (0: none)
 //   read_ms_per_batch   --consume-matched: the reader's own time per batch,
-//                       measured in a first epoch without a consumer
+//                       measured in a first epoch without a consumer (with
+//                       --with-validation, a validation pass follows it,
+//                       not measured)
 //   peak_rss_bytes      getrusage maximum resident set of the process
 //   base_rss_bytes      the same before the reader was built (LibTorch and
 //                       the plugins loaded), so the reader's share is the
@@ -51,6 +64,7 @@ struct ReadBenchOptions {
   int epochs = 1;
   double consume_ms = 0.0;       // emulated training step per batch
   bool consume_matched = false;  // consume_ms := the measured read time per batch
+  bool with_validation = false;  // a validation pass after each training epoch (split Train only: checked by the caller)
 };
 
 // Prints the JSON line; throws deepcam::Error on a bad run file or a failed

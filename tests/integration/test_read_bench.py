@@ -14,7 +14,7 @@ from helpers import DATA_TOOL, plugin_env, synth, write_run
 
 FIELDS = {"reader", "source", "split", "epochs", "batch_size", "batches", "samples", "samples_per_epoch",
           "bytes", "seconds", "samples_per_s", "gb_per_s", "wait_seconds", "wait_fraction", "wait_ms_per_batch",
-          "first_wait_seconds", "steady_wait_fraction",
+          "first_wait_seconds", "steady_wait_fraction", "with_validation", "validation_batches", "validation_samples",
           "consume_ms", "read_ms_per_batch", "build_seconds", "peak_rss_bytes", "base_rss_bytes"}
 TRAIN, VALIDATION = 8, 3
 
@@ -48,12 +48,18 @@ def split_bytes(root, split, pattern):
     return sum(f.stat().st_size for f in files)
 
 
-def check_consistent(r, epochs, per_epoch, batch_size, file_bytes):
+def check_consistent(r, epochs, per_epoch, batch_size, file_bytes, validation=None):
+    """validation: (samples, batch size, file bytes) of the validation pass
+    after each epoch (--with-validation), counted in batches, samples and bytes."""
+    v_samples, v_batch_size, v_bytes = validation or (0, 1, 0)
     assert r["epochs"] == epochs
     assert r["samples_per_epoch"] == per_epoch
-    assert r["samples"] == epochs * per_epoch
-    assert r["batches"] == epochs * math.ceil(per_epoch / batch_size)
-    assert r["bytes"] == epochs * file_bytes
+    assert r["with_validation"] == (validation is not None)
+    assert r["validation_samples"] == epochs * v_samples
+    assert r["validation_batches"] == epochs * math.ceil(v_samples / v_batch_size)
+    assert r["samples"] == epochs * (per_epoch + v_samples)
+    assert r["batches"] == epochs * math.ceil(per_epoch / batch_size) + r["validation_batches"]
+    assert r["bytes"] == epochs * (file_bytes + v_bytes)
     assert r["seconds"] > 0
     assert r["samples_per_s"] == pytest.approx(r["samples"] / r["seconds"], rel=1e-9)
     assert r["gb_per_s"] == pytest.approx(r["bytes"] / r["seconds"] / 1e9, rel=1e-9)
@@ -109,6 +115,27 @@ def test_consume_matched_uses_the_measured_read_time(tmp_path, data):
     assert r["seconds"] >= r["batches"] * r["consume_ms"] / 1e3
 
 
+def test_with_validation_reads_validation_after_each_training_epoch(tmp_path, data):
+    # As the engine calls the reader: the prefetch reader reads the next
+    # epoch ahead across these calls, and must still deliver every batch.
+    run = write_run(tmp_path / "run.toml", data / "npy", tmp_path / "out",
+                    reader={"name": "prefetch", "depth": 2, "threads": 2},
+                    **{"reader.source": {"name": "npy", "io": "mmap", "threads": 1}})
+    r = measure(run, "--with-validation", "--epochs", 3, "--consume-ms", 20, "--set", "run.validation_batch_size=2")
+    check_consistent(r, 3, TRAIN, 2, split_bytes(data / "npy", "train", "*.npy"),
+                     (VALIDATION, 2, split_bytes(data / "npy", "validation", "*.npy")))
+    assert r["validation_batches"] == 3 * 2  # 3 samples in batches of 2
+    assert r["seconds"] >= r["batches"] * 0.020
+    assert r["wait_seconds"] <= r["seconds"] - r["batches"] * 0.020 + 1e-3
+
+    # A plain reader, and the calibration epoch (training only) not counted.
+    run = write_run(tmp_path / "h5.toml", data / "h5", tmp_path / "out")
+    r = measure(run, "--with-validation", "--consume-matched", "--set", "run.validation_batch_size=3")
+    check_consistent(r, 1, TRAIN, 2, split_bytes(data / "h5", "train", "*.h5"),
+                     (VALIDATION, 3, split_bytes(data / "h5", "validation", "*.h5")))
+    assert r["consume_ms"] == r["read_ms_per_batch"] > 0
+
+
 def one_error(r, status):
     assert r.returncode == status, r.stderr
     assert r.stdout == ""
@@ -144,6 +171,7 @@ def test_missing_data_root_names_it(tmp_path):
     (["--consume-ms", "-1"], "--consume-ms"),
     (["--consume-ms", "5", "--consume-matched"], "exclude"),
     (["--bogus"], "--bogus"),
+    (["--split", "validation", "--with-validation"], "--with-validation"),
 ])
 def test_bad_command_line(tmp_path, data, args, text):
     if args:
