@@ -100,7 +100,8 @@ std::string install_dir() {
     return DEEPCAM_PLUGIN_INSTALL_DIR;
   const fs::path configured(DEEPCAM_PLUGIN_INSTALL_DIR);
   const fs::path below_libdir = configured.parent_path().filename() / configured.filename();
-  return (fs::path(info.dli_fname).parent_path() / below_libdir).string();
+  // The path the dynamic linker used may hold "bin/../lib": name it plainly.
+  return (fs::path(info.dli_fname).parent_path() / below_libdir).lexically_normal().string();
 }
 
 }  // namespace
