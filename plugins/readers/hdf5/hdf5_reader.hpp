@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "deepcam/file_reader.hpp"
 #include "deepcam/params.hpp"
 #include "deepcam/reader.hpp"
 
@@ -43,32 +44,13 @@ struct Hdf5ReaderOptions {
   static Hdf5ReaderOptions from(const Params& params);
 };
 
-class Hdf5Reader final : public Reader {
+// A FileReader (deepcam/file_reader.hpp: iteration, sharding, stats.h5,
+// batch buffers) over the .h5 format of hdf5_reader.cpp.
+class Hdf5Reader final : public FileReader {
  public:
   // Lists both splits, reads stats.h5 and checks the first training file's
   // shapes; every problem is a deepcam::Error naming the file or directory.
   Hdf5Reader(const ReaderContext& context, const Hdf5ReaderOptions& options);
-  ~Hdf5Reader() override;
-
-  std::int64_t global_samples(Split split) const override;
-  std::int64_t local_samples(Split split) const override;
-  void start_epoch(Split split, std::int64_t epoch) override;
-  bool next(Batch& batch) override;
-  std::int64_t sample_count(Split split) const override;
-  std::vector<std::string> sample_files(Split split, std::int64_t index) const override;
-  std::vector<std::int64_t> sample_shape() const override;
-  void read_sample(const std::vector<std::string>& files, float* data,
-                   std::int64_t* labels) const override;
-
-  // The split's files, sorted by name (full paths).
-  const std::vector<std::string>& files(Split split) const;
-  // The files the current epoch of the split begun last reads on this rank,
-  // in order.
-  std::vector<std::string> epoch_files() const;
-
- private:
-  struct Impl;
-  std::unique_ptr<Impl> impl_;
 };
 
 }  // namespace deepcam::readers

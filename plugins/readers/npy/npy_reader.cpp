@@ -1,7 +1,5 @@
 #include "npy_reader.hpp"
 
-#include <ATen/ops/empty.h>
-
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -9,25 +7,16 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <cmath>
 #include <cstdint>
-#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
-#include <exception>
 #include <filesystem>
-#include <functional>
-#include <mutex>
-#include <sstream>
-#include <thread>
+#include <new>
 #include <utility>
 #include <vector>
 
 #include "deepcam/error.hpp"
-#include "deepcam/h5.hpp"
 #include "deepcam/npy.hpp"
-#include "deepcam/worker_pool.hpp"
-#include "../hdf5/normalise.hpp"
 
 namespace deepcam::readers {
 
@@ -35,87 +24,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr const char* kMinval = "climate/minval";
-constexpr const char* kMaxval = "climate/maxval";
 constexpr std::size_t kDirectAlignment = 4096;
 
-// Whether `mine`, the tensor of the batch handed out last, may be filled
-// again: its only holders are this reader and `held` (the caller's Batch,
-// which next() overwrites anyway), no view shares its storage, and it has
-// the shape wanted. A fresh batch costs more than reading it: the kernel
-// maps and zeroes each of its pages on first touch (85 MB per full-size
-// sample), so reusing the buffers saves that whenever the caller has let go
-// of the previous batch. After a failed next() the batch holds partial data.
-bool reusable(const at::Tensor& mine, const at::Tensor& held, at::IntArrayRef sizes) {
-  if (!mine.defined() || mine.sizes() != sizes) return false;
-  const bool in_batch = held.defined() && held.unsafeGetTensorImpl() == mine.unsafeGetTensorImpl();
-  return mine.use_count() == (in_batch ? 2 : 1) && mine.storage().use_count() == 1;
-}
-
-std::string shape_text(const std::vector<std::int64_t>& shape) {
-  std::ostringstream out;
-  out << '(';
-  for (std::size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
-  out << (shape.size() == 1 ? ",)" : ")");
-  return out.str();
-}
-
-// Every message must name a file of the sample; the npy layer's do, anything
-// else (an allocation failure, say) gets the data file put in front.
-std::string naming(const std::string& data, const std::string& label, const std::string& message) {
-  if (message.find(data) != std::string::npos || message.find(label) != std::string::npos)
-    return message;
-  return data + ": " + message;
-}
-
 std::string errno_text(int err) { return std::strerror(err); }
-
-struct SplitFiles {
-  std::vector<std::string> data;
-  std::vector<std::string> labels;
-};
-
-// Asks the kernel to start reading a file into the page cache and returns at
-// once; a failure is ignored here (the read itself reports it).
-void read_ahead(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return;
-  ::posix_fadvise(fd, 0, 0, POSIX_FADV_WILLNEED);
-  ::close(fd);
-}
-
-// data-X.npy files of the split in name order, each with its label-X.npy.
-SplitFiles list_split(const std::string& data_root, const char* split) {
-  const fs::path dir = fs::path(data_root) / split;
-  std::error_code ec;
-  if (!fs::is_directory(dir, ec))
-    throw Error(dir.string() + ": no such directory; the data root must hold train/, "
-                "validation/ and stats.h5");
-  SplitFiles out;
-  bool saw_h5 = false;
-  for (const auto& entry : fs::directory_iterator(dir)) {
-    const std::string name = entry.path().filename().string();
-    if (entry.path().extension() == ".h5") saw_h5 = true;
-    if (name.rfind("data-", 0) == 0 && entry.path().extension() == ".npy" && entry.is_regular_file())
-      out.data.push_back(entry.path().string());
-  }
-  if (out.data.empty())
-    throw Error(dir.string() + ": no data-*.npy files in the " + split + " split" +
-                (saw_h5 ? " (it holds .h5 files: read them with reader \"hdf5\", or convert "
-                          "them to .npy first)"
-                        : ""));
-  // Byte order of UTF-8 equals code-point order: the reference's sorted().
-  std::sort(out.data.begin(), out.data.end());
-  for (const std::string& data : out.data) {
-    const fs::path path(data);
-    const fs::path label = path.parent_path() / ("label-" + path.filename().string().substr(5));
-    if (!fs::is_regular_file(label, ec))
-      throw Error(label.string() + ": no such file; " + data + " needs its labels beside it "
-                  "(SPEC 1.5: every data-X.npy comes with label-X.npy)");
-    out.labels.push_back(label.string());
-  }
-  return out;
-}
 
 // A whole file, memory-mapped read-only.
 class MappedFile {
@@ -251,82 +162,88 @@ NpyReaderOptions NpyReaderOptions::from(const Params& params) {
   return options;
 }
 
-struct NpyReader::Impl {
-  ReaderContext context;
-  NpyReaderOptions options;
-  SplitFiles train;
-  SplitFiles validation;
-  std::unique_ptr<TrainingSharding> sharding;
-  std::string shape_source;  // the file that fixed H, W and the channel count
-  std::int64_t height = 0;
-  std::int64_t width = 0;
-  std::int64_t file_channels = 0;
-  std::vector<float> shift;  // per selected channel
-  std::vector<float> scale;
+namespace {
 
-  bool started = false;
-  at::Tensor last_data, last_labels;  // the batch handed out last, see reusable()
-  Split split = Split::Train;
-  std::vector<std::int64_t> order;
-  std::size_t position = 0;
+// The .npy pairs: data-X.npy (H, W, C) and label-X.npy (H, W) per sample.
+class NpyFormat final : public FileFormat {
+ public:
+  explicit NpyFormat(const NpyReaderOptions& options) : options_(options) {}
 
+  std::vector<std::vector<std::string>> list_split(const std::string& dir,
+                                                   const char* split) const override;
+  std::unique_ptr<TrainingSharding> make_sharding(const std::string& train_dir,
+                                                  const ShardingSetup& setup) const override {
+    ShardingSetup with_mode = setup;
+    with_mode.mode = options_.shuffle_mode;
+    with_mode.oversampling_factor = options_.data_oversampling_factor;
+    try {
+      return std::make_unique<TrainingSharding>(with_mode);
+    } catch (const Error& e) {
+      // The sharding names the setting; the table and the data are ours.
+      throw Error(options_.where + ": " + e.what() + " (training data " + train_dir + ")");
+    }
+  }
+  SampleShape read_shape(const std::string& path) const override {
+    const npy::Header header = npy::read_header(path);
+    if (header.shape.size() != 3 || header.shape[0] < 1 || header.shape[1] < 1 ||
+        header.shape[2] < 1)
+      throw Error(path + ": holds an array of shape " + shape_text(header.shape) +
+                  ", expected (height, width, channel)");
+    return {header.shape[0], header.shape[1], header.shape[2]};
+  }
+  std::unique_ptr<FileFormat::Scratch> make_scratch() const override {
+    return std::make_unique<Scratch>();
+  }
+  void load(const FileReader& reader, const std::vector<std::string>& files, float* data,
+            std::int64_t* labels, FileFormat::Scratch& scratch) const override;
+  // Memory-mapped reads go through the page cache, which the kernel can
+  // fill ahead; O_DIRECT reads bypass it.
+  bool reads_ahead() const override { return options_.io == NpyIo::Mmap; }
+
+ private:
   // What one worker reuses from sample to sample.
-  struct Scratch {
+  struct Scratch : FileFormat::Scratch {
     std::vector<float> raw;  // converted data, (H, W, C) in C order
     AlignedBuffer direct;    // io = "direct"
   };
-  std::vector<Scratch> scratch;
-  std::unique_ptr<WorkerPool> pool;
-  // Scratch of finished read_sample() calls, for the next ones: fresh
-  // buffers per call cost their page faults (56 MB for a full-size sample
-  // with io = "direct"), about as much as decoding the sample.
-  std::mutex spare_mutex;
-  std::vector<Scratch> spare;
 
-  const SplitFiles& files_of(Split s) const { return s == Split::Train ? train : validation; }
+  void decode_data(const FileReader& reader, const std::string& path, const unsigned char* bytes,
+                   std::size_t size, float* data, Scratch& scratch) const;
+  void decode_labels(const FileReader& reader, const std::string& path,
+                     const unsigned char* bytes, std::size_t size, std::int64_t* labels) const;
 
-  void read_stats();
-  void read(const std::string& data_path, const std::string& label_path, float* data,
-            std::int64_t* labels, Scratch& scratch) const;
-  void decode_data(const std::string& path, const unsigned char* bytes, std::size_t size,
-                   float* data, Scratch& scratch) const;
-  void decode_labels(const std::string& path, const unsigned char* bytes, std::size_t size,
-                     std::int64_t* labels) const;
+  NpyReaderOptions options_;
 };
 
-void NpyReader::Impl::read_stats() {
-  const std::string path = (fs::path(context.data_root) / "stats.h5").string();
+}  // namespace
+
+std::vector<std::vector<std::string>> NpyFormat::list_split(const std::string& dir,
+                                                            const char* split) const {
+  std::vector<std::string> data, labels;
   std::error_code ec;
-  if (!fs::is_regular_file(path, ec))
-    throw Error(path + ": no such file; the data root must hold stats.h5 beside train/ and "
-                "validation/ (SPEC 1.5: it is copied from the HDF5 data set)");
-  const auto channels = static_cast<std::uint64_t>(file_channels);
-  std::vector<double> minval(channels), maxval(channels);
-  {
-    h5::File file = h5::File::open(path);
-    for (const char* dataset : {kMinval, kMaxval}) {
-      if (!file.has(dataset)) throw Error(path + ": no dataset " + dataset);
-      const h5::Shape shape = file.shape(dataset);
-      if (shape != h5::Shape{channels})
-        throw Error(path + ": " + dataset + " has " + std::to_string(shape.empty() ? 1 : shape[0]) +
-                    " values, but " + shape_source + " has " + std::to_string(channels) +
-                    " channels; stats.h5 must hold one value per channel");
-    }
-    file.read(kMinval, minval.data(), minval.size());
-    file.read(kMaxval, maxval.data(), maxval.size());
+  bool saw_h5 = false;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    const std::string name = entry.path().filename().string();
+    if (entry.path().extension() == ".h5") saw_h5 = true;
+    if (name.rfind("data-", 0) == 0 && entry.path().extension() == ".npy" && entry.is_regular_file())
+      data.push_back(entry.path().string());
   }
-  for (const std::int64_t c : context.channels) {
-    const double lo = minval[c], hi = maxval[c];
-    // As in the hdf5 reader and the reference: 1 / (max - min) in the
-    // statistics' precision, then scale * (x - min) in float32.
-    const double reciprocal = 1.0 / (hi - lo);
-    if (!(hi > lo) || !std::isfinite(reciprocal))
-      throw Error(path + ": channel " + std::to_string(c) + " has " + kMinval + " " +
-                  std::to_string(lo) + " and " + kMaxval + " " + std::to_string(hi) +
-                  "; max must exceed min to normalise");
-    shift.push_back(static_cast<float>(lo));
-    scale.push_back(static_cast<float>(reciprocal));
+  if (data.empty())
+    throw Error(dir + ": no data-*.npy files in the " + split + " split" +
+                (saw_h5 ? " (it holds .h5 files: read them with reader \"hdf5\", or convert "
+                          "them to .npy first)"
+                        : ""));
+  // Byte order of UTF-8 equals code-point order: the reference's sorted().
+  std::sort(data.begin(), data.end());
+  for (const std::string& file : data) {
+    const fs::path path(file);
+    const fs::path label = path.parent_path() / ("label-" + path.filename().string().substr(5));
+    if (!fs::is_regular_file(label, ec))
+      throw Error(label.string() + ": no such file; " + file + " needs its labels beside it "
+                  "(SPEC 1.5: every data-X.npy comes with label-X.npy)");
+    labels.push_back(label.string());
   }
+  return {std::move(data), std::move(labels)};
 }
 
 namespace {
@@ -343,13 +260,16 @@ npy::Header parse_checked(const std::string& path, const unsigned char* bytes, s
 
 }  // namespace
 
-void NpyReader::Impl::decode_data(const std::string& path, const unsigned char* bytes,
-                                  std::size_t size, float* data, Scratch& s) const {
+void NpyFormat::decode_data(const FileReader& reader, const std::string& path,
+                            const unsigned char* bytes, std::size_t size, float* data,
+                            Scratch& s) const {
+  const std::int64_t height = reader.shape().height, width = reader.shape().width,
+                     file_channels = reader.shape().channels;
   const npy::Header header = parse_checked(path, bytes, size);
   const std::vector<std::int64_t> expected{height, width, file_channels};
   if (header.shape != expected)
     throw Error(path + ": holds an array of shape " + shape_text(header.shape) + ", expected " +
-                shape_text(expected) + " (height, width, channel) as in " + shape_source);
+                shape_text(expected) + " (height, width, channel) as in " + reader.shape_source());
   if (header.dtype != npy::DType::Float16 && header.dtype != npy::DType::Float32 &&
       header.dtype != npy::DType::Float64)
     throw Error(path + ": data of dtype " + npy::to_string(header.dtype) +
@@ -368,234 +288,49 @@ void NpyReader::Impl::decode_data(const std::string& path, const unsigned char* 
     npy::convert(path, header, payload, s.raw.data(), count);
     raw = s.raw.data();
   }
-  const std::int64_t pixels = height * width;
-  const auto channels = static_cast<std::int64_t>(context.channels.size());
-  // The hdf5 reader's kernel, so that both readers give the same values bit
-  // for bit; it only says whether a NaN or infinity came out, the loop below
-  // finds the first one to name it.
-  const bool finite = detail::normalise_sample(raw, pixels, file_channels, context.channels, shift, scale, data);
-  if (finite || !options.check_finite) return;
-  for (std::int64_t i = 0; i < channels * pixels; ++i) {
-    if (std::isfinite(data[i])) continue;
-    const std::int64_t k = i / pixels, p = i % pixels, h = p / width, w = p % width;
-    const float value = raw[p * file_channels + context.channels[k]];
-    std::ostringstream message;
-    message << path << ": data at (" << h << ", " << w << ", " << context.channels[k]
-            << ") holds " << value;
-    if (std::isfinite(value)) message << ", which normalises to " << data[i];
-    message << "; a sample with NaN or infinite values is refused (check_finite = false "
-               "reads it anyway)";
-    throw Error(message.str());
-  }
+  // The one normalisation of every file reader, so that the same values
+  // give the same batches as the hdf5 reader's bit for bit.
+  reader.normalise(path, "data", raw, data);
 }
 
-void NpyReader::Impl::decode_labels(const std::string& path, const unsigned char* bytes,
-                                    std::size_t size, std::int64_t* labels) const {
+void NpyFormat::decode_labels(const FileReader& reader, const std::string& path,
+                              const unsigned char* bytes, std::size_t size,
+                              std::int64_t* labels) const {
+  const std::int64_t height = reader.shape().height, width = reader.shape().width;
   const npy::Header header = parse_checked(path, bytes, size);
   const std::vector<std::int64_t> expected{height, width};
   if (header.shape != expected)
     throw Error(path + ": holds an array of shape " + shape_text(header.shape) + ", expected " +
-                shape_text(expected) + " (height, width) as the data of " + shape_source);
+                shape_text(expected) + " (height, width) as the data of " + reader.shape_source());
   // npy::convert reorders Fortran-order labels into C order.
   npy::convert(path, header, bytes + header.data_offset, labels, height * width);
 }
 
-void NpyReader::Impl::read(const std::string& data_path, const std::string& label_path,
-                           float* data, std::int64_t* labels, Scratch& s) const {
-  if (options.io == NpyIo::Mmap) {
+void NpyFormat::load(const FileReader& reader, const std::vector<std::string>& files,
+                     float* data, std::int64_t* labels, FileFormat::Scratch& base) const {
+  Scratch& s = static_cast<Scratch&>(base);
+  const std::string& data_path = files[0];
+  const std::string& label_path = files[1];
+  if (options_.io == NpyIo::Mmap) {
     {
       const MappedFile file(data_path);
-      decode_data(data_path, file.data(), file.size(), data, s);
+      decode_data(reader, data_path, file.data(), file.size(), data, s);
     }
     const MappedFile file(label_path);
-    decode_labels(label_path, file.data(), file.size(), labels);
+    decode_labels(reader, label_path, file.data(), file.size(), labels);
     return;
   }
   std::size_t size = read_direct(data_path, s.direct);
-  decode_data(data_path, s.direct.data(), size, data, s);
+  decode_data(reader, data_path, s.direct.data(), size, data, s);
   size = read_direct(label_path, s.direct);
-  decode_labels(label_path, s.direct.data(), size, labels);
+  decode_labels(reader, label_path, s.direct.data(), size, labels);
 }
 
 NpyReader::NpyReader(const ReaderContext& context, const NpyReaderOptions& options)
-    : impl_(std::make_unique<Impl>()) {
-  Impl& s = *impl_;
-  s.context = context;
-  s.options = options;
-  if (options.threads < 1) throw Error("npy reader: threads must be at least 1");
-  if (context.world_size < 1 || context.rank < 0 || context.rank >= context.world_size)
-    throw Error("npy reader: rank " + std::to_string(context.rank) + " outside world size " +
-                std::to_string(context.world_size));
-  if (context.train_batch_size < 1 || context.validation_batch_size < 1)
-    throw Error("npy reader: batch sizes must be at least 1 (train " +
-                std::to_string(context.train_batch_size) + ", validation " +
-                std::to_string(context.validation_batch_size) + ")");
-  if (context.channels.empty()) throw Error("npy reader: no input channels selected");
-
-  s.train = list_split(context.data_root, "train");
-  s.validation = list_split(context.data_root, "validation");
-  ShardingSetup setup;
-  setup.files = static_cast<std::int64_t>(s.train.data.size());
-  setup.rank = context.rank;
-  setup.world_size = context.world_size;
-  setup.local_rank = context.local_rank;
-  setup.local_size = context.local_size;
-  setup.seed = context.seed;
-  setup.mode = options.shuffle_mode;
-  setup.oversampling_factor = options.data_oversampling_factor;
-  try {
-    s.sharding = std::make_unique<TrainingSharding>(setup);
-  } catch (const Error& e) {
-    // The sharding names the setting; the table and the data are ours.
-    throw Error(options.where + ": " + e.what() + " (training data " +
-                (fs::path(context.data_root) / "train").string() + ")");
-  }
-
-  // Like the reference, the first training file fixes the sample shape; every
-  // file read later is checked against it.
-  s.shape_source = s.train.data.front();
-  const npy::Header header = npy::read_header(s.shape_source);
-  if (header.shape.size() != 3 || header.shape[0] < 1 || header.shape[1] < 1 ||
-      header.shape[2] < 1)
-    throw Error(s.shape_source + ": holds an array of shape " + shape_text(header.shape) +
-                ", expected (height, width, channel)");
-  s.height = header.shape[0];
-  s.width = header.shape[1];
-  s.file_channels = header.shape[2];
-  for (const std::int64_t c : context.channels) {
-    if (c < 0 || c >= s.file_channels)
-      throw Error("npy reader: channel " + std::to_string(c) + " selected, but " +
-                  s.shape_source + " has channels 0.." + std::to_string(s.file_channels - 1));
-  }
-  s.read_stats();
-
-  s.pool = std::make_unique<WorkerPool>(options.threads);
-  s.scratch.resize(s.pool->size());
-}
-
-NpyReader::~NpyReader() = default;
-
-std::int64_t NpyReader::global_samples(Split split) const {
-  if (split == Split::Train) return impl_->sharding->global_samples();
-  return static_cast<std::int64_t>(impl_->validation.data.size());
-}
-
-std::int64_t NpyReader::local_samples(Split split) const {
-  if (split == Split::Train) return impl_->sharding->local_samples();
-  const auto n = static_cast<std::int64_t>(impl_->validation.data.size());
-  const std::int64_t p = impl_->context.world_size;
-  return n / p + (impl_->context.rank < n % p ? 1 : 0);
-}
-
-void NpyReader::start_epoch(Split split, std::int64_t epoch) {
-  Impl& s = *impl_;
-  s.order = split == Split::Train
-                ? s.sharding->order(epoch)
-                : validation_indices(static_cast<std::int64_t>(s.validation.data.size()),
-                                     s.context.rank, s.context.world_size);
-  s.split = split;
-  s.position = 0;
-  s.started = true;
-}
-
-bool NpyReader::next(Batch& batch) {
-  Impl& s = *impl_;
-  if (!s.started) throw Error("npy reader: next() called before start_epoch()");
-  if (s.position >= s.order.size()) return false;
-  const std::int64_t batch_size =
-      s.split == Split::Train ? s.context.train_batch_size : s.context.validation_batch_size;
-  const auto count = std::min<std::size_t>(static_cast<std::size_t>(batch_size),
-                                           s.order.size() - s.position);
-  const auto b = static_cast<std::int64_t>(count);
-  const auto c = static_cast<std::int64_t>(s.context.channels.size());
-  const std::int64_t h = s.height, w = s.width;
-  at::Tensor data = reusable(s.last_data, batch.data, {b, c, h, w}) ? s.last_data : at::empty({b, c, h, w}, at::kFloat);
-  at::Tensor labels = reusable(s.last_labels, batch.labels, {b, h, w}) ? s.last_labels : at::empty({b, h, w}, at::kLong);
-  float* data_out = data.data_ptr<float>();
-  std::int64_t* labels_out = labels.data_ptr<std::int64_t>();
-  const SplitFiles& files = s.files_of(s.split);
-  const std::size_t first = s.position;
-
-  // Memory-mapped reads go through the page cache: have the kernel read the
-  // next batch's files while this one is decoded, so that a cold cache
-  // keeps the disk busy rather than idle between batches.
-  if (s.options.io == NpyIo::Mmap) {
-    const std::size_t ahead_end = std::min(s.order.size(), first + count + static_cast<std::size_t>(batch_size));
-    for (std::size_t i = first + count; i < ahead_end; ++i) {
-      const auto index = static_cast<std::size_t>(s.order[i]);
-      read_ahead(files.data[index]);
-      read_ahead(files.labels[index]);
-    }
-  }
-
-  s.pool->run(count, [&](std::size_t item, std::size_t worker) {
-    const auto index = static_cast<std::size_t>(s.order[first + item]);
-    try {
-      s.read(files.data[index], files.labels[index], data_out + item * c * h * w,
-             labels_out + item * h * w, s.scratch[worker]);
-    } catch (const std::exception& e) {
-      // Whatever a worker meets reaches the caller as the one error type,
-      // with a file named.
-      throw Error(naming(files.data[index], files.labels[index], e.what()));
-    }
-  });
-
-  s.position += count;
-  s.last_data = data;
-  s.last_labels = labels;
-  batch.data = std::move(data);
-  batch.labels = std::move(labels);
-  return true;
-}
-
-std::int64_t NpyReader::sample_count(Split split) const {
-  return static_cast<std::int64_t>(impl_->files_of(split).data.size());
-}
-
-std::vector<std::string> NpyReader::sample_files(Split split, std::int64_t index) const {
-  const SplitFiles& files = impl_->files_of(split);
-  if (index < 0 || index >= static_cast<std::int64_t>(files.data.size()))
-    throw Error("npy reader: sample " + std::to_string(index) + " of the " + to_string(split) +
-                " split requested, but it has " + std::to_string(files.data.size()) + " samples");
-  const auto i = static_cast<std::size_t>(index);
-  return {files.data[i], files.labels[i]};
-}
-
-std::vector<std::int64_t> NpyReader::sample_shape() const {
-  return {static_cast<std::int64_t>(impl_->context.channels.size()), impl_->height, impl_->width};
-}
-
-void NpyReader::read_sample(const std::vector<std::string>& files, float* data,
-                            std::int64_t* labels) const {
-  if (files.size() != 2)
-    throw Error("npy reader: read_sample() got " + std::to_string(files.size()) +
-                " files; an npy sample is data-X.npy and label-X.npy");
-  // Scratch per call keeps concurrent callers apart; it is taken from and
-  // given back to the spares.
-  Impl::Scratch scratch;
-  {
-    std::lock_guard<std::mutex> lock(impl_->spare_mutex);
-    if (!impl_->spare.empty()) {
-      scratch = std::move(impl_->spare.back());
-      impl_->spare.pop_back();
-    }
-  }
-  try {
-    impl_->read(files[0], files[1], data, labels, scratch);
-  } catch (const std::exception& e) {
-    throw Error(naming(files[0], files[1], e.what()));
-  }
-  std::lock_guard<std::mutex> lock(impl_->spare_mutex);
-  impl_->spare.push_back(std::move(scratch));
-}
-
-const TrainingSharding& NpyReader::sharding() const { return *impl_->sharding; }
-
-std::vector<std::string> NpyReader::epoch_files() const {
-  std::vector<std::string> out;
-  for (const std::int64_t i : impl_->order)
-    out.push_back(impl_->files_of(impl_->split).data[static_cast<std::size_t>(i)]);
-  return out;
-}
+    : FileReader(context,
+                 {"npy reader", 2, "an npy sample is data-X.npy and label-X.npy",
+                  " beside train/ and validation/ (SPEC 1.5: it is copied from the HDF5 data set)",
+                  true, options.threads, options.check_finite},
+                 std::make_unique<NpyFormat>(options)) {}
 
 }  // namespace deepcam::readers

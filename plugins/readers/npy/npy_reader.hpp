@@ -39,10 +39,10 @@
 #pragma once
 
 #include <cstdint>
-#include <memory>
 #include <string>
 #include <vector>
 
+#include "deepcam/file_reader.hpp"
 #include "deepcam/params.hpp"
 #include "deepcam/reader.hpp"
 #include "deepcam/sharding.hpp"
@@ -62,35 +62,15 @@ struct NpyReaderOptions {
   static NpyReaderOptions from(const Params& params);
 };
 
-class NpyReader final : public Reader {
+// A FileReader (deepcam/file_reader.hpp: iteration, sharding, stats.h5,
+// batch buffers) over the .npy pairs of npy_reader.cpp: its sample_files()
+// are {data-X.npy, label-X.npy}, and so are the files read_sample() takes.
+class NpyReader final : public FileReader {
  public:
   // Lists both splits (every data file needs its label file), reads
   // stats.h5 and the first training file's header; every problem is a
-  // deepcam::Error naming the file or directory.
+  // deepcam::Error naming the file, directory or setting.
   NpyReader(const ReaderContext& context, const NpyReaderOptions& options);
-  ~NpyReader() override;
-
-  std::int64_t global_samples(Split split) const override;
-  std::int64_t local_samples(Split split) const override;
-  void start_epoch(Split split, std::int64_t epoch) override;
-  bool next(Batch& batch) override;
-  std::int64_t sample_count(Split split) const override;
-  // {data-X.npy, label-X.npy}
-  std::vector<std::string> sample_files(Split split, std::int64_t index) const override;
-  std::vector<std::int64_t> sample_shape() const override;
-  // files = {data file, label file}.
-  void read_sample(const std::vector<std::string>& files, float* data,
-                   std::int64_t* labels) const override;
-
-  // The training distribution this reader follows.
-  const TrainingSharding& sharding() const;
-  // The data files of the current epoch of the split begun last, on this
-  // rank, in reading order.
-  std::vector<std::string> epoch_files() const;
-
- private:
-  struct Impl;
-  std::unique_ptr<Impl> impl_;
 };
 
 }  // namespace deepcam::readers

@@ -1,9 +1,4 @@
-// The hdf5 reader's channel selection, min/max normalisation and transposition
-// of one sample (SPEC 1.4), (H*W, C_file) float32 -> (C, H*W): out[k][p] =
-// (in[p][channels[k]] - shift[k]) * scale[k], in float32. The npy reader
-// includes it too, so that both give the same values bit for bit: the
-// vector path below computes each value with the same two IEEE operations
-// (subtract, multiply) as the scalar one, so any mix of the two is exact.
+// The normalisation kernel of deepcam/normalise.hpp.
 //
 // Why it is written this way: decoding is most of a reader's work once the
 // file is in the page cache (a 56 MB sample). A pixel at a time, each value
@@ -19,7 +14,8 @@
 // NaN and infinity are detected on the way (an OR of exponent bits) rather
 // than in a second pass over the output; the caller looks for the first one
 // only when there is one, to name it.
-#pragma once
+// Without SSE2 (a non-x86 build) only the plain loop is compiled.
+#include "deepcam/normalise.hpp"
 
 #include <algorithm>
 #include <cstdint>
@@ -30,11 +26,13 @@
 #include <emmintrin.h>
 #endif
 
-namespace deepcam::readers::detail {
+namespace deepcam {
+
+namespace {
 
 // The exponent bits of a float plus one: bit 31 is set only for an all-ones
 // exponent (NaN or infinity). ORed over all results.
-inline std::uint32_t exponent_mark(float v) {
+std::uint32_t exponent_mark(float v) {
   std::uint32_t bits;
   std::memcpy(&bits, &v, sizeof bits);
   return (bits & 0x7f800000u) + 0x00800000u;
@@ -58,10 +56,11 @@ std::uint32_t normalise_run(const float* raw, std::int64_t stride_at_run_time, s
   return marks;
 }
 
-// Returns false if any result is NaN or infinite.
-inline bool normalise_sample(const float* raw, std::int64_t pixels, std::int64_t file_channels,
-                             const std::vector<std::int64_t>& channels, const std::vector<float>& shift,
-                             const std::vector<float>& scale, float* data) {
+}  // namespace
+
+bool normalise_sample(const float* raw, std::int64_t pixels, std::int64_t file_channels,
+                      const std::vector<std::int64_t>& channels, const std::vector<float>& shift,
+                      const std::vector<float>& scale, float* data) {
   constexpr std::int64_t kBlock = 512;  // 32 KiB of 16-channel pixels
   static_assert(kBlock % 4 == 0, "the vector path takes whole groups of 4 pixels");
   const auto count = static_cast<std::int64_t>(channels.size());
@@ -128,4 +127,4 @@ inline bool normalise_sample(const float* raw, std::int64_t pixels, std::int64_t
   return (marks & 0x80000000u) == 0;
 }
 
-}  // namespace deepcam::readers::detail
+}  // namespace deepcam

@@ -1,0 +1,131 @@
+// What every reader of one-sample-per-file data sets (the hdf5 and npy
+// plugins) does the same way, so that a format plugin only says how its
+// files are listed and decoded. FileReader implements the whole Reader
+// interface; a FileFormat, given to it by the plugin, answers its questions:
+//   - list_split():    the split's samples, in name order, as columns of
+//                      files (column 0 the data files, others beside them);
+//   - make_sharding(): the training distribution (shuffle mode, checks);
+//   - read_shape():    height, width and channels of the first training
+//                      file, which every later file must match (as the
+//                      reference does);
+//   - make_scratch() and load(): one sample's files decoded and normalised
+//                      into the batch, with buffers a worker thread reuses;
+//   - reads_ahead():   whether the next batch's files are handed to the
+//                      kernel's read-ahead (useless with O_DIRECT).
+// FileReader checks the context, reads stats.h5 (per-channel min and max),
+// runs the files of a batch on a WorkerPool, reuses the batch tensors when
+// the caller has let go of them, and names a file in every error.
+//
+// An implementation helper in core, not part of the plugin interface
+// (deepcam/reader.hpp): a plugin may build on it or implement Reader itself.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "deepcam/export.hpp"
+#include "deepcam/reader.hpp"
+#include "deepcam/sharding.hpp"
+
+namespace deepcam {
+
+// "(2, 3)", "(16,)": a shape as NumPy and h5py print it, for messages.
+DEEPCAM_API std::string shape_text(const std::vector<std::int64_t>& shape);
+
+struct SampleShape {
+  std::int64_t height;
+  std::int64_t width;
+  std::int64_t channels;  // in the file, before selection
+};
+
+class FileReader;
+
+class DEEPCAM_API FileFormat {
+ public:
+  // Buffers one worker (or one read_sample() call) reuses from sample to
+  // sample; each format derives its own.
+  struct Scratch {
+    virtual ~Scratch();
+  };
+
+  virtual ~FileFormat();
+
+  // The samples in `dir` (<data_root>/<split>, a directory; split is
+  // "train" or "validation"): column k holds file k of every sample, sorted
+  // by the data file's name, every column as long as column 0.
+  virtual std::vector<std::vector<std::string>> list_split(const std::string& dir,
+                                                           const char* split) const = 0;
+  // The training distribution over `setup.files` samples of `train_dir`
+  // (setup filled in from the context); throws naming what to change.
+  virtual std::unique_ptr<TrainingSharding> make_sharding(const std::string& train_dir,
+                                                          const ShardingSetup& setup) const = 0;
+  virtual SampleShape read_shape(const std::string& path) const = 0;
+  virtual std::unique_ptr<Scratch> make_scratch() const = 0;
+  // Reads the sample held by `files` into data (C*H*W, normalised with
+  // reader.normalise()) and labels (H*W), checking it against reader.shape().
+  // Thread-safe; errors should name a file (FileReader puts files[0] in
+  // front of a message that names none).
+  virtual void load(const FileReader& reader, const std::vector<std::string>& files, float* data,
+                    std::int64_t* labels, Scratch& scratch) const = 0;
+  // Whether next() asks the kernel to read the next batch's files ahead.
+  virtual bool reads_ahead() const { return true; }
+};
+
+class DEEPCAM_API FileReader : public Reader {
+ public:
+  // What differs between formats in FileReader's checks and messages.
+  struct Format {
+    std::string name;              // "hdf5 reader": begins messages naming no file
+    std::size_t files_per_sample;  // columns of list_split()
+    std::string sample_is;         // read_sample()'s hint: "an HDF5 sample is one .h5 file"
+    std::string stats_hint;        // after "the data root must hold stats.h5"
+    bool stats_count_values;       // stats shape named as "N values" (else "shape (N,)")
+    int threads;                   // worker threads
+    bool check_finite;             // refuse NaN and infinity
+  };
+
+  // Checks the context, lists both splits, builds the sharding, reads the
+  // first file's shape and stats.h5, and starts the workers; every problem
+  // is a deepcam::Error naming the file, directory or setting.
+  FileReader(const ReaderContext& context, Format format, std::unique_ptr<FileFormat> file_format);
+  ~FileReader() override;
+  FileReader(const FileReader&) = delete;
+  FileReader& operator=(const FileReader&) = delete;
+
+  std::int64_t global_samples(Split split) const final;
+  std::int64_t local_samples(Split split) const final;
+  void start_epoch(Split split, std::int64_t epoch) final;
+  bool next(Batch& batch) final;
+  std::int64_t sample_count(Split split) const final;
+  std::vector<std::string> sample_files(Split split, std::int64_t index) const final;
+  std::vector<std::int64_t> sample_shape() const final;
+  void read_sample(const std::vector<std::string>& files, float* data,
+                   std::int64_t* labels) const final;
+
+  // The split's data files (the first file of every sample), sorted by name.
+  const std::vector<std::string>& files(Split split) const;
+  // The data files the current epoch of the split begun last reads on this
+  // rank, in reading order.
+  std::vector<std::string> epoch_files() const;
+  // The training distribution this reader follows.
+  const TrainingSharding& sharding() const;
+
+  // For FileFormat::load():
+  const ReaderContext& context() const;
+  const std::string& shape_source() const;  // the file that fixed the shape
+  const SampleShape& shape() const;         // of shape_source()
+  // normalise_sample() of raw ((H*W, C_file)) into data; with check_finite,
+  // a NaN or infinity is refused naming `path`, `dataset` and the first
+  // position holding one.
+  void normalise(const std::string& path, const char* dataset, const float* raw,
+                 float* data) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace deepcam

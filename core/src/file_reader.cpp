@@ -1,0 +1,362 @@
+#include "deepcam/file_reader.hpp"
+
+#include <ATen/ops/empty.h>
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <exception>
+#include <filesystem>
+#include <mutex>
+#include <sstream>
+#include <utility>
+
+#include "deepcam/error.hpp"
+#include "deepcam/h5.hpp"
+#include "deepcam/normalise.hpp"
+#include "deepcam/worker_pool.hpp"
+
+namespace deepcam {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr const char* kMinval = "climate/minval";
+constexpr const char* kMaxval = "climate/maxval";
+
+// Asks the kernel to start reading a file into the page cache and returns at
+// once; a failure is ignored here (the read itself reports it).
+void read_ahead(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return;
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_WILLNEED);
+  ::close(fd);
+}
+
+// Whether `mine`, the tensor of the batch handed out last, may be filled
+// again: its only holders are this reader and `held` (the caller's Batch,
+// which next() overwrites anyway), no view shares its storage, and it has
+// the shape wanted. A fresh batch costs more than reading it: the kernel
+// maps and zeroes each of its pages on first touch (85 MB per full-size
+// sample), so reusing the buffers saves that whenever the caller has let go
+// of the previous batch. After a failed next() the batch holds partial data.
+bool reusable(const at::Tensor& mine, const at::Tensor& held, at::IntArrayRef sizes) {
+  if (!mine.defined() || mine.sizes() != sizes) return false;
+  const bool in_batch = held.defined() && held.unsafeGetTensorImpl() == mine.unsafeGetTensorImpl();
+  return mine.use_count() == (in_batch ? 2 : 1) && mine.storage().use_count() == 1;
+}
+
+// Every message must name a file of the sample; the format layers' do,
+// anything else (an allocation failure, say) gets the data file put in front.
+std::string naming(const std::vector<std::string>& files, const std::string& message) {
+  for (const std::string& file : files)
+    if (message.find(file) != std::string::npos) return message;
+  return files.front() + ": " + message;
+}
+
+}  // namespace
+
+FileFormat::Scratch::~Scratch() = default;
+
+FileFormat::~FileFormat() = default;
+
+struct FileReader::Impl {
+  ReaderContext context;
+  Format format;
+  std::unique_ptr<FileFormat> file_format;  // lists and decodes the files
+  std::vector<std::vector<std::string>> train;       // columns, see list_split()
+  std::vector<std::vector<std::string>> validation;
+  std::unique_ptr<TrainingSharding> sharding;
+  std::string shape_source;
+  SampleShape shape{};
+  std::vector<float> shift;  // per selected channel
+  std::vector<float> scale;
+
+  bool started = false;
+  at::Tensor last_data, last_labels;  // the batch handed out last, see reusable()
+  Split split = Split::Train;
+  std::vector<std::int64_t> order;
+  std::size_t position = 0;
+
+  std::unique_ptr<WorkerPool> pool;
+  std::vector<std::unique_ptr<FileFormat::Scratch>> scratch;  // one per worker
+  // Scratch of finished read_sample() calls, for the next ones: fresh
+  // buffers per call cost their page faults and zero fill (56 MB for a
+  // full-size sample), about as much as decoding the sample.
+  std::mutex spare_mutex;
+  std::vector<std::unique_ptr<FileFormat::Scratch>> spare;
+
+  const std::vector<std::vector<std::string>>& files_of(Split s) const {
+    return s == Split::Train ? train : validation;
+  }
+  std::vector<std::string> sample(Split s, std::size_t index) const {
+    std::vector<std::string> out;
+    for (const auto& column : files_of(s)) out.push_back(column[index]);
+    return out;
+  }
+
+  std::vector<std::vector<std::string>> list_split(const char* split) const {
+    const fs::path dir = fs::path(context.data_root) / split;
+    std::error_code ec;
+    if (!fs::is_directory(dir, ec))
+      throw Error(dir.string() + ": no such directory; the data root must hold train/, "
+                  "validation/ and stats.h5");
+    return file_format->list_split(dir.string(), split);
+  }
+  void read_stats();
+};
+
+void FileReader::Impl::read_stats() {
+  const std::string path = (fs::path(context.data_root) / "stats.h5").string();
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec))
+    throw Error(path + ": no such file; the data root must hold stats.h5" + format.stats_hint);
+  const auto channels = static_cast<std::uint64_t>(shape.channels);
+  std::vector<double> minval(channels), maxval(channels);
+  {
+    h5::File file = h5::File::open(path);
+    for (const char* dataset : {kMinval, kMaxval}) {
+      if (!file.has(dataset)) throw Error(path + ": no dataset " + dataset);
+      const h5::Shape stored = file.shape(dataset);
+      if (stored != h5::Shape{channels}) {
+        const std::string found =
+            format.stats_count_values
+                ? std::to_string(stored.empty() ? 1 : stored[0]) + " values"
+                : "shape " + shape_text(std::vector<std::int64_t>(stored.begin(), stored.end()));
+        throw Error(path + ": " + dataset + " has " + found + ", but " + shape_source + " has " +
+                    std::to_string(channels) + " channels; stats.h5 must hold one value per channel");
+      }
+    }
+    file.read(kMinval, minval.data(), minval.size());
+    file.read(kMaxval, maxval.data(), maxval.size());
+  }
+  for (const std::int64_t c : context.channels) {
+    const double lo = minval[c], hi = maxval[c];
+    // The reference computes 1 / (max - min) in the statistics' precision and
+    // applies scale * (x - min) in float32; doing the same keeps its values
+    // bit for bit where the division form could differ in the last place.
+    const double reciprocal = 1.0 / (hi - lo);
+    if (!(hi > lo) || !std::isfinite(reciprocal))
+      throw Error(path + ": channel " + std::to_string(c) + " has " + kMinval + " " +
+                  std::to_string(lo) + " and " + kMaxval + " " + std::to_string(hi) +
+                  "; max must exceed min to normalise");
+    shift.push_back(static_cast<float>(lo));
+    scale.push_back(static_cast<float>(reciprocal));
+  }
+}
+
+FileReader::FileReader(const ReaderContext& context, Format format,
+                       std::unique_ptr<FileFormat> file_format)
+    : impl_(std::make_unique<Impl>()) {
+  Impl& s = *impl_;
+  s.context = context;
+  s.format = std::move(format);
+  s.file_format = std::move(file_format);
+  const std::string& name = s.format.name;
+  if (s.format.threads < 1) throw Error(name + ": threads must be at least 1");
+  if (context.world_size < 1 || context.rank < 0 || context.rank >= context.world_size)
+    throw Error(name + ": rank " + std::to_string(context.rank) + " outside world size " +
+                std::to_string(context.world_size));
+  if (context.train_batch_size < 1 || context.validation_batch_size < 1)
+    throw Error(name + ": batch sizes must be at least 1 (train " +
+                std::to_string(context.train_batch_size) + ", validation " +
+                std::to_string(context.validation_batch_size) + ")");
+  if (context.channels.empty()) throw Error(name + ": no input channels selected");
+
+  s.train = s.list_split("train");
+  s.validation = s.list_split("validation");
+  ShardingSetup setup;
+  setup.files = static_cast<std::int64_t>(s.train.front().size());
+  setup.rank = context.rank;
+  setup.world_size = context.world_size;
+  setup.local_rank = context.local_rank;
+  setup.local_size = context.local_size;
+  setup.seed = context.seed;
+  s.sharding = s.file_format->make_sharding((fs::path(context.data_root) / "train").string(), setup);
+
+  // Like the reference, the first training file fixes the sample shape; every
+  // file read later is checked against it.
+  s.shape_source = s.train.front().front();
+  s.shape = s.file_format->read_shape(s.shape_source);
+  for (const std::int64_t c : context.channels) {
+    if (c < 0 || c >= s.shape.channels)
+      throw Error(name + ": channel " + std::to_string(c) + " selected, but " + s.shape_source +
+                  " has channels 0.." + std::to_string(s.shape.channels - 1));
+  }
+  s.read_stats();
+
+  s.pool = std::make_unique<WorkerPool>(s.format.threads);
+  for (std::size_t i = 0; i < s.pool->size(); ++i) s.scratch.push_back(s.file_format->make_scratch());
+}
+
+FileReader::~FileReader() = default;
+
+std::int64_t FileReader::global_samples(Split split) const {
+  if (split == Split::Train) return impl_->sharding->global_samples();
+  return sample_count(split);
+}
+
+std::int64_t FileReader::local_samples(Split split) const {
+  if (split == Split::Train) return impl_->sharding->local_samples();
+  const std::int64_t n = sample_count(split);
+  const std::int64_t p = impl_->context.world_size;
+  return n / p + (impl_->context.rank < n % p ? 1 : 0);
+}
+
+void FileReader::start_epoch(Split split, std::int64_t epoch) {
+  Impl& s = *impl_;
+  s.order = split == Split::Train
+                ? s.sharding->order(epoch)
+                : validation_indices(sample_count(split), s.context.rank, s.context.world_size);
+  s.split = split;
+  s.position = 0;
+  s.started = true;
+}
+
+bool FileReader::next(Batch& batch) {
+  Impl& s = *impl_;
+  if (!s.started) throw Error(s.format.name + ": next() called before start_epoch()");
+  if (s.position >= s.order.size()) return false;
+  const std::int64_t batch_size =
+      s.split == Split::Train ? s.context.train_batch_size : s.context.validation_batch_size;
+  const auto count = std::min<std::size_t>(static_cast<std::size_t>(batch_size),
+                                           s.order.size() - s.position);
+  const auto b = static_cast<std::int64_t>(count);
+  const auto c = static_cast<std::int64_t>(s.context.channels.size());
+  const std::int64_t h = s.shape.height, w = s.shape.width;
+  at::Tensor data = reusable(s.last_data, batch.data, {b, c, h, w}) ? s.last_data : at::empty({b, c, h, w}, at::kFloat);
+  at::Tensor labels = reusable(s.last_labels, batch.labels, {b, h, w}) ? s.last_labels : at::empty({b, h, w}, at::kLong);
+  float* data_out = data.data_ptr<float>();
+  std::int64_t* labels_out = labels.data_ptr<std::int64_t>();
+  const std::size_t first = s.position;
+
+  // Reads through the page cache wait for the disk when it is cold: have
+  // the kernel read the next batch's files in the background while this one
+  // is read and decoded. (Reading ahead further, or this batch's files too,
+  // measured no faster: the disk is busy then.)
+  if (s.file_format->reads_ahead()) {
+    const std::size_t ahead_end = std::min(s.order.size(), first + count + static_cast<std::size_t>(batch_size));
+    for (std::size_t i = first + count; i < ahead_end; ++i)
+      for (const auto& column : s.files_of(s.split))
+        read_ahead(column[static_cast<std::size_t>(s.order[i])]);
+  }
+
+  s.pool->run(count, [&](std::size_t item, std::size_t worker) {
+    const std::vector<std::string> files = s.sample(s.split, static_cast<std::size_t>(s.order[first + item]));
+    try {
+      s.file_format->load(*this, files, data_out + item * c * h * w, labels_out + item * h * w,
+                          *s.scratch[worker]);
+    } catch (const std::exception& e) {
+      // Whatever a worker meets reaches the caller as the one error type,
+      // with a file named.
+      throw Error(naming(files, e.what()));
+    }
+  });
+
+  s.position += count;
+  s.last_data = data;
+  s.last_labels = labels;
+  batch.data = std::move(data);
+  batch.labels = std::move(labels);
+  return true;
+}
+
+std::int64_t FileReader::sample_count(Split split) const {
+  return static_cast<std::int64_t>(impl_->files_of(split).front().size());
+}
+
+std::vector<std::string> FileReader::sample_files(Split split, std::int64_t index) const {
+  const std::int64_t n = sample_count(split);
+  if (index < 0 || index >= n)
+    throw Error(impl_->format.name + ": sample " + std::to_string(index) + " of the " +
+                to_string(split) + " split requested, but it has " + std::to_string(n) + " samples");
+  return impl_->sample(split, static_cast<std::size_t>(index));
+}
+
+std::vector<std::int64_t> FileReader::sample_shape() const {
+  return {static_cast<std::int64_t>(impl_->context.channels.size()), impl_->shape.height,
+          impl_->shape.width};
+}
+
+void FileReader::read_sample(const std::vector<std::string>& files, float* data,
+                             std::int64_t* labels) const {
+  Impl& s = *impl_;
+  if (files.size() != s.format.files_per_sample)
+    throw Error(s.format.name + ": read_sample() got " + std::to_string(files.size()) +
+                " files; " + s.format.sample_is);
+  // Scratch per call keeps concurrent callers apart; it is taken from and
+  // given back to the spares.
+  std::unique_ptr<FileFormat::Scratch> scratch;
+  {
+    std::lock_guard<std::mutex> lock(s.spare_mutex);
+    if (!s.spare.empty()) {
+      scratch = std::move(s.spare.back());
+      s.spare.pop_back();
+    }
+  }
+  try {
+    if (!scratch) scratch = s.file_format->make_scratch();
+    s.file_format->load(*this, files, data, labels, *scratch);
+  } catch (const std::exception& e) {
+    throw Error(naming(files, e.what()));
+  }
+  std::lock_guard<std::mutex> lock(s.spare_mutex);
+  s.spare.push_back(std::move(scratch));
+}
+
+const std::vector<std::string>& FileReader::files(Split split) const {
+  return impl_->files_of(split).front();
+}
+
+std::vector<std::string> FileReader::epoch_files() const {
+  std::vector<std::string> out;
+  for (const std::int64_t i : impl_->order)
+    out.push_back(files(impl_->split)[static_cast<std::size_t>(i)]);
+  return out;
+}
+
+const TrainingSharding& FileReader::sharding() const { return *impl_->sharding; }
+
+const ReaderContext& FileReader::context() const { return impl_->context; }
+
+const std::string& FileReader::shape_source() const { return impl_->shape_source; }
+
+const SampleShape& FileReader::shape() const { return impl_->shape; }
+
+void FileReader::normalise(const std::string& path, const char* dataset, const float* raw,
+                           float* data) const {
+  const Impl& s = *impl_;
+  const std::int64_t pixels = s.shape.height * s.shape.width;
+  const std::int64_t file_channels = s.shape.channels;
+  const std::vector<std::int64_t>& channels = s.context.channels;
+  // normalise_sample() only says whether a NaN or infinity came out; the
+  // loop below finds the first one to name it.
+  const bool finite = normalise_sample(raw, pixels, file_channels, channels, s.shift, s.scale, data);
+  if (finite || !s.format.check_finite) return;
+  const auto count = static_cast<std::int64_t>(channels.size());
+  for (std::int64_t i = 0; i < count * pixels; ++i) {
+    if (std::isfinite(data[i])) continue;
+    const std::int64_t k = i / pixels, p = i % pixels;
+    const float value = raw[p * file_channels + channels[k]];
+    std::ostringstream message;
+    message << path << ": " << dataset << " at (" << p / s.shape.width << ", "
+            << p % s.shape.width << ", " << channels[k] << ") holds " << value;
+    if (std::isfinite(value)) message << ", which normalises to " << data[i];
+    message << "; a sample with NaN or infinite values is refused (check_finite = false "
+               "reads it anyway)";
+    throw Error(message.str());
+  }
+}
+
+std::string shape_text(const std::vector<std::int64_t>& shape) {
+  std::ostringstream out;
+  out << '(';
+  for (std::size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << (shape.size() == 1 ? ",)" : ")");
+  return out.str();
+}
+
+}  // namespace deepcam
