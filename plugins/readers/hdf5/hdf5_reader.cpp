@@ -74,8 +74,7 @@ class Hdf5Format final : public FileFormat {
  private:
   // What one worker reuses from sample to sample.
   struct Scratch : FileFormat::Scratch {
-    std::vector<float> raw;            // the data as stored, (H, W, C)
-    std::vector<std::int32_t> labels;  // int32 labels as stored
+    std::vector<float> raw;  // the data as stored, (H, W, C)
   };
 };
 
@@ -101,10 +100,13 @@ void Hdf5Format::load(const FileReader& reader, const std::vector<std::string>& 
   const std::size_t pixels = height * width;
   std::vector<float>& raw = scratch.raw;
   raw.resize(pixels * file_channels);
-  bool widen = false;
   // HDF5 runs one call at a time (its thread-safe build holds a global lock;
-  // the h5 layer serialises other builds), so of a sample only the
-  // conversion to the batch layout below runs in parallel.
+  // the h5 layer serialises other builds). The h5 layer reads a contiguous,
+  // unfiltered dataset (what deepcam-data synth and h5py's defaults write)
+  // with pread outside that lock, HDF5 only saying where its bytes lie, so
+  // the pool's threads read their samples in parallel; int32 labels are
+  // widened to int64 on the way, a cache-sized run at a time. Chunked or
+  // compressed files still go through HDF5, one call at a time.
   {
     h5::File file = h5::File::open(path);
     require_dataset(file, kData);
@@ -119,19 +121,8 @@ void Hdf5Format::load(const FileReader& reader, const std::vector<std::string>& 
       throw Error(path + ": " + kLabels + " has shape " + h5_shape_text(label_shape) + ", expected " +
                   h5_shape_text({height, width}) + " as in " + reader.shape_source());
     file.read(kData, raw.data(), raw.size());
-    // int32 labels (the reference's) are read as they are and widened to
-    // int64 below, outside HDF5's one-call-at-a-time lock, rather than by
-    // HDF5's type conversion inside it; other types go through HDF5.
-    const h5::StoredType stored = file.stored_type(kLabels);
-    widen = stored.kind == h5::StoredType::Kind::Integer && stored.is_signed && stored.size == 4;
-    if (widen) {
-      scratch.labels.resize(pixels);
-      file.read_stored(kLabels, scratch.labels.data(), pixels * sizeof(std::int32_t));
-    } else {
-      file.read(kLabels, labels, pixels);
-    }
+    file.read(kLabels, labels, pixels);
   }
-  if (widen) std::copy(scratch.labels.begin(), scratch.labels.end(), labels);
   reader.normalise(path, kData, raw.data(), data);
 }
 
