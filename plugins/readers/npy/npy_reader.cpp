@@ -141,6 +141,38 @@ std::size_t read_direct(const std::string& path, AlignedBuffer& buffer) {
   return std::min(done, size);
 }
 
+// Reads a whole file with buffered pread() calls into `buffer`, as large as
+// the file (the kernel splits them into its read-ahead windows; one large
+// call, as numpy.load makes, keeps the disk streaming where page faults on
+// a mapping come a window at a time). Returns the bytes read: the file's
+// size, or less if it shrank since fstat (the header check reports that).
+std::size_t read_buffered(const std::string& path, AlignedBuffer& buffer) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw Error(path + ": cannot open: " + errno_text(errno));
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) throw Error(path + ": cannot stat: " + errno_text(errno));
+  const auto size = static_cast<std::size_t>(st.st_size);
+  // The file is read once front to back: the largest read-ahead window.
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+  unsigned char* out = buffer.reserve(std::max<std::size_t>(size, 1));
+  std::size_t done = 0;
+  while (done < size) {
+    const ssize_t got = ::pread(fd, out + done, size - done, static_cast<off_t>(done));
+    if (got < 0) {
+      const int err = errno;
+      if (err == EINTR) continue;
+      throw Error(path + ": read failed: " + errno_text(err));
+    }
+    if (got == 0) break;
+    done += static_cast<std::size_t>(got);
+  }
+  return done;
+}
+
 }  // namespace
 
 NpyReaderOptions NpyReaderOptions::from(const Params& params) {
@@ -151,8 +183,10 @@ NpyReaderOptions NpyReaderOptions::from(const Params& params) {
     options.io = NpyIo::Mmap;
   } else if (io == "direct") {
     options.io = NpyIo::Direct;
+  } else if (io == "pread") {
+    options.io = NpyIo::Pread;
   } else {
-    throw Error(params.where() + " io = \"" + io + "\": use \"mmap\" or \"direct\"");
+    throw Error(params.where() + " io = \"" + io + "\": use \"mmap\", \"pread\" or \"direct\"");
   }
   options.shuffle_mode =
       parse_shuffle_mode(params.string("shuffle_mode"), params.where() + " shuffle_mode");
@@ -196,15 +230,15 @@ class NpyFormat final : public FileFormat {
   }
   void load(const FileReader& reader, const std::vector<std::string>& files, float* data,
             std::int64_t* labels, FileFormat::Scratch& scratch) const override;
-  // Memory-mapped reads go through the page cache, which the kernel can
-  // fill ahead; O_DIRECT reads bypass it.
-  bool reads_ahead() const override { return options_.io == NpyIo::Mmap; }
+  // Memory-mapped and buffered reads go through the page cache, which the
+  // kernel can fill ahead; O_DIRECT reads bypass it.
+  bool reads_ahead() const override { return options_.io != NpyIo::Direct; }
 
  private:
   // What one worker reuses from sample to sample.
   struct Scratch : FileFormat::Scratch {
     std::vector<float> raw;  // converted data, (H, W, C) in C order
-    AlignedBuffer direct;    // io = "direct"
+    AlignedBuffer file;      // io = "direct" or "pread": the file read last
   };
 
   void decode_data(const FileReader& reader, const std::string& path, const unsigned char* bytes,
@@ -320,10 +354,11 @@ void NpyFormat::load(const FileReader& reader, const std::vector<std::string>& f
     decode_labels(reader, label_path, file.data(), file.size(), labels);
     return;
   }
-  std::size_t size = read_direct(data_path, s.direct);
-  decode_data(reader, data_path, s.direct.data(), size, data, s);
-  size = read_direct(label_path, s.direct);
-  decode_labels(reader, label_path, s.direct.data(), size, labels);
+  const auto read = options_.io == NpyIo::Direct ? read_direct : read_buffered;
+  std::size_t size = read(data_path, s.file);
+  decode_data(reader, data_path, s.file.data(), size, data, s);
+  size = read(label_path, s.file);
+  decode_labels(reader, label_path, s.file.data(), size, labels);
 }
 
 NpyReader::NpyReader(const ReaderContext& context, const NpyReaderOptions& options)

@@ -9,12 +9,23 @@
 //   Training samples are distributed by shuffle_mode (SPEC 2.1, 2.2; see
 //   deepcam/sharding.hpp): the reference's global shuffle, or per-node or
 //   per-rank shards permuted within, with NVIDIA's data_oversampling_factor.
-//   Validation is split into contiguous blocks (SPEC 2.3). Files are either
-//   memory-mapped (io = "mmap": the page cache serves repeated reads) or
-//   read with O_DIRECT into 4 KiB-aligned buffers (io = "direct": no page
-//   cache, for parallel file systems where a sample is read once per epoch
-//   and caching it only evicts others). The files of one batch are read by
-//   a pool of threads owned by the reader.
+//   Validation is split into contiguous blocks (SPEC 2.3). The files of one
+//   batch are read by a pool of threads owned by the reader, in one of three
+//   io modes:
+//     - "mmap" (default): each file is memory-mapped and decoded in place.
+//       Best when the data set fits in the page cache (warm: nothing is
+//       copied); cold, the page faults reach only about 70 % of the disk's
+//       speed (docs/benchmarks.md).
+//     - "pread": each file is read whole with buffered pread() into a buffer
+//       the worker reuses, then decoded. For a cold page cache on a local
+//       disk: large read() calls, as numpy.load makes, reach the disk's
+//       speed; warm, it costs one extra copy of each file.
+//     - "direct": O_DIRECT reads into 4 KiB-aligned buffers, no page cache.
+//       For parallel file systems where a sample is read once per epoch and
+//       caching it only evicts others; on a local disk O_DIRECT is usually
+//       slower than the page cache.
+//   With mmap and pread the kernel is asked to read the next batch's files
+//   ahead while this batch is decoded (posix_fadvise WILLNEED).
 //
 // Usage
 //   [reader]
@@ -29,7 +40,7 @@
 //   Property                 | Description                                         | Required | Default
 //   -------------------------|-----------------------------------------------------|----------|---------
 //   threads                  | files of a batch read in parallel (1..256)          | no       | 4
-//   io                       | "mmap" or "direct" (O_DIRECT, no page cache)        | no       | "mmap"
+//   io                       | "mmap", "pread" (cold cache) or "direct" (O_DIRECT) | no       | "mmap"
 //   shuffle_mode             | "global" (reference), "node" or "gpu" (SPEC 2.2)    | no       | "global"
 //   data_oversampling_factor | shards per rank cycled over epochs (node, gpu only) | no       | 1
 //   check_finite             | refuse a sample holding NaN or Inf, naming the file | no       | true
@@ -49,7 +60,7 @@
 
 namespace deepcam::readers {
 
-enum class NpyIo { Mmap, Direct };
+enum class NpyIo { Mmap, Direct, Pread };
 
 struct NpyReaderOptions {
   int threads = 4;

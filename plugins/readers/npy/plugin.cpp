@@ -11,8 +11,9 @@ namespace {
 const deepcam::ParamSpec kParams[] = {
     {"threads", deepcam::ParamType::Int, "4", "files of a batch read in parallel", 1.0, 256.0},
     {"io", deepcam::ParamType::String, "\"mmap\"",
-     "mmap (page cache) or direct (O_DIRECT into aligned buffers, no page cache)", 1.0, 0.0,
-     "mmap|direct"},
+     "mmap (page cache, best warm), pread (whole-file buffered reads, best cold) or direct "
+     "(O_DIRECT into aligned buffers, no page cache)",
+     1.0, 0.0, "mmap|pread|direct"},
     {"shuffle_mode", deepcam::ParamType::String, "\"global\"",
      "global (the reference's), node or gpu: shards permuted within (SPEC 2.2)", 1.0, 0.0,
      "global|node|gpu"},
@@ -32,6 +33,6 @@ std::unique_ptr<deepcam::Reader> make(const deepcam::Params& params,
 }  // namespace
 
 DEEPCAM_READER_PLUGIN("npy", "1.0.0",
-                      "DeepCAM .npy sample pairs (mmap or O_DIRECT), normalised, sharded with "
+                      "DeepCAM .npy sample pairs (mmap, pread or O_DIRECT), normalised, sharded with "
                       "shuffle modes global, node and gpu",
                       kParams, make)

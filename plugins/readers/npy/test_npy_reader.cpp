@@ -111,6 +111,12 @@ ReaderContext context(const fs::path& root, std::vector<std::int64_t> channels =
   return c;
 }
 
+constexpr NpyIo kIos[] = {NpyIo::Mmap, NpyIo::Direct, NpyIo::Pread};
+
+std::string io_name(NpyIo io) {
+  return io == NpyIo::Mmap ? "mmap" : io == NpyIo::Direct ? "direct" : "pread";
+}
+
 NpyReaderOptions npy_options(NpyIo io, int threads = 2) {
   NpyReaderOptions o;
   o.threads = threads;
@@ -169,8 +175,8 @@ TEST_CASE("every dtype, byte order, memory order and version NumPy writes reads 
   for (const char* name : kCases) {
     const fs::path npy_root = cases() / name / "npy";
     Hdf5Reader expected(context(cases() / name / "h5"), hdf5_options());
-    for (const NpyIo io : {NpyIo::Mmap, NpyIo::Direct}) {
-      INFO("case " << std::string(name) << ", io " << (io == NpyIo::Mmap ? "mmap" : "direct"));
+    for (const NpyIo io : kIos) {
+      INFO("case " << std::string(name) << ", io " << io_name(io));
       NpyReader reader(context(npy_root), npy_options(io, 3));
       CHECK(reader.global_samples(Split::Train) == 6);
       CHECK(reader.global_samples(Split::Validation) == 5);
@@ -198,17 +204,21 @@ TEST_CASE("the io modes and thread counts give identical batches") {
   const fs::path root = cases() / "f32" / "npy";
   NpyReader mmap(context(root), npy_options(NpyIo::Mmap, 1));
   NpyReader direct(context(root), npy_options(NpyIo::Direct, 4));
+  NpyReader pread(context(root), npy_options(NpyIo::Pread, 3));
   for (const std::int64_t epoch : {0, 3}) {
     const auto a = read_all(mmap, Split::Train, epoch);
     CHECK(!a.empty());
     CHECK(same(a, read_all(direct, Split::Train, epoch)));
+    CHECK(same(a, read_all(pread, Split::Train, epoch)));
   }
-  CHECK(same(read_all(mmap, Split::Validation, 0), read_all(direct, Split::Validation, 0)));
+  const auto validation = read_all(mmap, Split::Validation, 0);
+  CHECK(same(validation, read_all(direct, Split::Validation, 0)));
+  CHECK(same(validation, read_all(pread, Split::Validation, 0)));
 }
 
 TEST_CASE("next() refills the last batch's buffers only when nobody else holds them") {
   const fs::path root = cases() / "f32" / "npy";
-  for (const NpyIo io : {NpyIo::Mmap, NpyIo::Direct}) {
+  for (const NpyIo io : kIos) {
     NpyReader reader(context(root), npy_options(io, 2));
     const auto kept = read_all(reader, Split::Train, 1);  // each batch kept: fresh buffers
     REQUIRE(kept.size() == 3);
@@ -235,7 +245,7 @@ TEST_CASE("next() refills the last batch's buffers only when nobody else holds t
 TEST_CASE("single samples by index, also from copies of the files elsewhere") {
   TempDir copy;
   const fs::path root = cases() / "f64be_i8be" / "npy";
-  for (const NpyIo io : {NpyIo::Mmap, NpyIo::Direct}) {
+  for (const NpyIo io : kIos) {
     NpyReader reader(context(root, {0, 7, 15, 3}, 0, 1, 1), npy_options(io));
     CHECK(reader.sample_count(Split::Train) == 6);
     CHECK(reader.sample_count(Split::Validation) == 5);
@@ -344,12 +354,13 @@ TEST_CASE("bad data sets are refused when the reader is built, naming the file o
   CHECK(contains(error_of([&] { build(root); }), first));
 }
 
-TEST_CASE("bad samples are refused by next() with the file named, in both io modes") {
+TEST_CASE("bad samples are refused by next() with the file named, in every io mode") {
   TempDir dir;
   const fs::path bad = cases() / "bad";
-  for (const NpyIo io : {NpyIo::Mmap, NpyIo::Direct}) {
-    INFO("io " << std::string(io == NpyIo::Mmap ? "mmap" : "direct"));
-    const fs::path root = copy_case(dir, io == NpyIo::Mmap ? "f32" : "f16_u8");
+  for (const NpyIo io : kIos) {
+    INFO("io " << io_name(io));
+    const fs::path root =
+        copy_case(dir, io == NpyIo::Mmap ? "f32" : io == NpyIo::Direct ? "f16_u8" : "v2_i2");
     const std::string data = validation_file(root, "data-", 1);
     const std::string label = validation_file(root, "label-", 1);
     const auto original = [&](const std::string& file) { return file + ".orig"; };
@@ -434,5 +445,11 @@ TEST_CASE("options come from the plugin's checked table") {
                                             {"data_oversampling_factor", std::int64_t{1}},
                                             {"check_finite", true}});
   CHECK(contains(error_of([&] { NpyReaderOptions::from(bad); }),
-                 "run.toml [reader] io = \"aio\": use \"mmap\" or \"direct\""));
+                 "run.toml [reader] io = \"aio\": use \"mmap\", \"pread\" or \"direct\""));
+  deepcam::Params pread("run.toml [reader]", {{"threads", std::int64_t{1}},
+                                              {"io", std::string("pread")},
+                                              {"shuffle_mode", std::string("global")},
+                                              {"data_oversampling_factor", std::int64_t{1}},
+                                              {"check_finite", true}});
+  CHECK((NpyReaderOptions::from(pread).io == NpyIo::Pread));
 }
