@@ -73,9 +73,11 @@ READERS = {
     "hdf5": ("h5", {"name": "hdf5"}, None),
     "npy-mmap": ("npy", {"name": "npy", "io": "mmap"}, None),
     "npy-direct": ("npy", {"name": "npy", "io": "direct"}, None),
+    "npy-pread": ("npy", {"name": "npy", "io": "pread"}, None),
     "prefetch-hdf5": ("h5", {"name": "prefetch"}, {"name": "hdf5", "threads": 1}),
     "prefetch-npy-mmap": ("npy", {"name": "prefetch"}, {"name": "npy", "io": "mmap", "threads": 1}),
     "prefetch-npy-direct": ("npy", {"name": "prefetch"}, {"name": "npy", "io": "direct", "threads": 1}),
+    "prefetch-npy-pread": ("npy", {"name": "prefetch"}, {"name": "npy", "io": "pread", "threads": 1}),
 }
 BASELINES = {
     "h5py": ("h5", 1),
