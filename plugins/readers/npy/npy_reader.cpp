@@ -28,38 +28,65 @@ constexpr std::size_t kDirectAlignment = 4096;
 
 std::string errno_text(int err) { return std::strerror(err); }
 
+std::string direct_refused(const std::string& path, int err) {
+  return path + ": the file system refuses O_DIRECT reads (" + errno_text(err) +
+         "); set io = \"mmap\" in the [reader] table";
+}
+
+// A file opened read-only (with `flags` added, O_DIRECT say) and its size;
+// closed when it goes.
+class OpenFile {
+ public:
+  OpenFile(const std::string& path, int flags) {
+    fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | flags);
+    if (fd_ < 0) {
+      const int err = errno;
+      if (err == EINVAL && (flags & O_DIRECT) != 0) throw Error(direct_refused(path, err));
+      throw Error(path + ": cannot open: " + errno_text(err));
+    }
+    struct stat st {};
+    if (::fstat(fd_, &st) != 0) {
+      const int err = errno;
+      ::close(fd_);
+      throw Error(path + ": cannot stat: " + errno_text(err));
+    }
+    size_ = static_cast<std::size_t>(st.st_size);
+  }
+  OpenFile(const OpenFile&) = delete;
+  OpenFile& operator=(const OpenFile&) = delete;
+  ~OpenFile() { ::close(fd_); }
+  int fd() const { return fd_; }
+  std::size_t size() const { return size_; }
+
+ private:
+  int fd_ = -1;
+  std::size_t size_ = 0;
+};
+
 // A whole file, memory-mapped read-only.
 class MappedFile {
  public:
-  explicit MappedFile(const std::string& path) : path_(path) {
-    fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd_ < 0) throw Error(path + ": cannot open: " + errno_text(errno));
-    struct stat st {};
-    if (::fstat(fd_, &st) != 0) throw Error(path + ": cannot stat: " + errno_text(errno));
-    size_ = static_cast<std::size_t>(st.st_size);
-    if (size_ == 0) return;
-    void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd_, 0);
+  explicit MappedFile(const std::string& path) : file_(path, 0) {
+    if (file_.size() == 0) return;
+    void* p = ::mmap(nullptr, file_.size(), PROT_READ, MAP_PRIVATE, file_.fd(), 0);
     if (p == MAP_FAILED) throw Error(path + ": cannot map: " + errno_text(errno));
     data_ = static_cast<const unsigned char*>(p);
     // A sample is read once front to back: read ahead aggressively, and
     // start now rather than on the first fault.
-    ::madvise(p, size_, MADV_SEQUENTIAL);
-    ::madvise(p, size_, MADV_WILLNEED);
+    ::madvise(p, file_.size(), MADV_SEQUENTIAL);
+    ::madvise(p, file_.size(), MADV_WILLNEED);
   }
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
   ~MappedFile() {
-    if (data_) ::munmap(const_cast<unsigned char*>(data_), size_);
-    if (fd_ >= 0) ::close(fd_);
+    if (data_) ::munmap(const_cast<unsigned char*>(data_), file_.size());
   }
   const unsigned char* data() const { return data_; }
-  std::size_t size() const { return size_; }
+  std::size_t size() const { return file_.size(); }
 
  private:
-  std::string path_;
-  int fd_ = -1;
+  OpenFile file_;
   const unsigned char* data_ = nullptr;
-  std::size_t size_ = 0;
 };
 
 // A 4 KiB-aligned buffer that grows and is reused, as O_DIRECT requires of
@@ -98,28 +125,13 @@ class AlignedBuffer {
   std::size_t capacity_ = 0;
 };
 
-std::string direct_refused(const std::string& path, int err) {
-  return path + ": the file system refuses O_DIRECT reads (" + errno_text(err) +
-         "); set io = \"mmap\" in the [reader] table";
-}
-
 // Reads a whole file with O_DIRECT: the length rounded up to 4096, from
 // offset 0 (the data then sits at the header's offset in the buffer).
 // Returns the file's size.
 std::size_t read_direct(const std::string& path, AlignedBuffer& buffer) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
-  if (fd < 0) {
-    const int err = errno;
-    if (err == EINVAL) throw Error(direct_refused(path, err));
-    throw Error(path + ": cannot open: " + errno_text(err));
-  }
-  struct Closer {
-    int fd;
-    ~Closer() { ::close(fd); }
-  } closer{fd};
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) throw Error(path + ": cannot stat: " + errno_text(errno));
-  const auto size = static_cast<std::size_t>(st.st_size);
+  const OpenFile file(path, O_DIRECT);
+  const int fd = file.fd();
+  const std::size_t size = file.size();
   const std::size_t rounded = (size + kDirectAlignment - 1) / kDirectAlignment * kDirectAlignment;
   unsigned char* out = buffer.reserve(std::max(rounded, kDirectAlignment));
   std::size_t done = 0;
@@ -147,15 +159,9 @@ std::size_t read_direct(const std::string& path, AlignedBuffer& buffer) {
 // a mapping come a window at a time). Returns the bytes read: the file's
 // size, or less if it shrank since fstat (the header check reports that).
 std::size_t read_buffered(const std::string& path, AlignedBuffer& buffer) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw Error(path + ": cannot open: " + errno_text(errno));
-  struct Closer {
-    int fd;
-    ~Closer() { ::close(fd); }
-  } closer{fd};
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) throw Error(path + ": cannot stat: " + errno_text(errno));
-  const auto size = static_cast<std::size_t>(st.st_size);
+  const OpenFile file(path, 0);
+  const int fd = file.fd();
+  const std::size_t size = file.size();
   // The file is read once front to back: the largest read-ahead window.
   ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
   unsigned char* out = buffer.reserve(std::max<std::size_t>(size, 1));
