@@ -57,6 +57,25 @@ std::string naming(const std::vector<std::string>& files, const std::string& mes
   return files.front() + ": " + message;
 }
 
+// Set while this thread runs FileFormat::load() for read_sample_selected():
+// normalise() then only selects channels. A per-call mode rather than a
+// second load() in every format (FileFormat stays as it is); thread_local
+// because read_sample() and read_sample_selected() may run at the same time
+// on other threads, and load() calls normalise() on the thread that called
+// it (the FileFormat::load() contract).
+thread_local bool t_select_only = false;
+
+class SelectOnly {
+ public:
+  SelectOnly() : before_(t_select_only) { t_select_only = true; }
+  ~SelectOnly() { t_select_only = before_; }
+  SelectOnly(const SelectOnly&) = delete;
+  SelectOnly& operator=(const SelectOnly&) = delete;
+
+ private:
+  bool before_;
+};
+
 }  // namespace
 
 FileFormat::Scratch::~Scratch() = default;
@@ -283,6 +302,21 @@ std::vector<std::int64_t> FileReader::sample_shape() const {
 
 void FileReader::read_sample(const std::vector<std::string>& files, float* data,
                              std::int64_t* labels) const {
+  read_one(files, data, labels);
+}
+
+void FileReader::read_sample_selected(const std::vector<std::string>& files, float* data_hwc,
+                                      std::int64_t* labels) const {
+  const SelectOnly mode;
+  read_one(files, data_hwc, labels);
+}
+
+const std::vector<float>& FileReader::shift() const { return impl_->shift; }
+
+const std::vector<float>& FileReader::scale() const { return impl_->scale; }
+
+void FileReader::read_one(const std::vector<std::string>& files, float* data,
+                          std::int64_t* labels) const {
   Impl& s = *impl_;
   if (files.size() != s.format.files_per_sample)
     throw Error(s.format.name + ": read_sample() got " + std::to_string(files.size()) +
@@ -332,19 +366,24 @@ void FileReader::normalise(const std::string& path, const char* dataset, const f
   const std::int64_t pixels = s.shape.height * s.shape.width;
   const std::int64_t file_channels = s.shape.channels;
   const std::vector<std::int64_t>& channels = s.context.channels;
-  // normalise_sample() only says whether a NaN or infinity came out; the
-  // loop below finds the first one to name it.
-  const bool finite = normalise_sample(raw, pixels, file_channels, channels, s.shift, s.scale, data);
+  // Both only say whether a NaN or infinity came out (or would, once
+  // normalised); the loop below finds the first one, in (C, H, W) order
+  // either way, to name it.
+  const bool finite =
+      t_select_only
+          ? select_channels(raw, pixels, file_channels, channels, s.shift, s.scale, data)
+          : normalise_sample(raw, pixels, file_channels, channels, s.shift, s.scale, data);
   if (finite || !s.format.check_finite) return;
   const auto count = static_cast<std::int64_t>(channels.size());
   for (std::int64_t i = 0; i < count * pixels; ++i) {
-    if (std::isfinite(data[i])) continue;
     const std::int64_t k = i / pixels, p = i % pixels;
     const float value = raw[p * file_channels + channels[k]];
+    const float normalised = (value - s.shift[k]) * s.scale[k];
+    if (std::isfinite(normalised)) continue;
     std::ostringstream message;
     message << path << ": " << dataset << " at (" << p / s.shape.width << ", "
             << p % s.shape.width << ", " << channels[k] << ") holds " << value;
-    if (std::isfinite(value)) message << ", which normalises to " << data[i];
+    if (std::isfinite(value)) message << ", which normalises to " << normalised;
     message << "; a sample with NaN or infinite values is refused (check_finite = false "
                "reads it anyway)";
     throw Error(message.str());

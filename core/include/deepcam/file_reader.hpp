@@ -9,7 +9,9 @@
 //                      file, which every later file must match (as the
 //                      reference does);
 //   - make_scratch() and load(): one sample's files decoded and normalised
-//                      into the batch, with buffers a worker thread reuses;
+//                      into the batch, with buffers a worker thread reuses
+//                      (or, in read_sample_selected(), only decoded and
+//                      channel-selected: see normalise());
 //   - reads_ahead():   whether the next batch's files are handed to the
 //                      kernel's read-ahead (useless with O_DIRECT).
 // FileReader checks the context, reads stats.h5 (per-channel min and max),
@@ -66,6 +68,9 @@ class DEEPCAM_API FileFormat {
   virtual std::unique_ptr<Scratch> make_scratch() const = 0;
   // Reads the sample held by `files` into data (C*H*W, normalised with
   // reader.normalise()) and labels (H*W), checking it against reader.shape().
+  // `data` must be written by reader.normalise() only, as its last step:
+  // under read_sample_selected() that call writes the selected channels in
+  // (H, W, C) order instead, so the format needs no second code path.
   // Thread-safe; errors should name a file (FileReader puts files[0] in
   // front of a message that names none).
   virtual void load(const FileReader& reader, const std::vector<std::string>& files, float* data,
@@ -105,6 +110,23 @@ class DEEPCAM_API FileReader : public Reader {
   void read_sample(const std::vector<std::string>& files, float* data,
                    std::int64_t* labels) const final;
 
+  // The same sample as read_sample() (same decoding, checks and messages,
+  // NaN and infinity refused by the same rule), but with normalisation left
+  // to the caller: data_hwc gets the selected channels, not normalised, in
+  // the file's (H, W, C) order (H*W*C floats, C = context().channels.size()).
+  // Then, in float32, read_sample()'s data equals bit for bit
+  //   ((x - shift()) * scale()).permute({2, 0, 1})
+  // computed as two separate IEEE operations, subtract then multiply (two
+  // at:: ops do that on CPU and CUDA alike; a fused multiply-add would not).
+  // For a reader that normalises elsewhere (the prefetch reader, on the GPU).
+  // Thread-safe, like read_sample().
+  void read_sample_selected(const std::vector<std::string>& files, float* data_hwc,
+                            std::int64_t* labels) const;
+  // Per selected channel, the min of stats.h5 and 1 / (max - min), both
+  // rounded to float32: what normalisation subtracts and multiplies by.
+  const std::vector<float>& shift() const;
+  const std::vector<float>& scale() const;
+
   // The split's data files (the first file of every sample), sorted by name.
   const std::vector<std::string>& files(Split split) const;
   // The data files the current epoch of the split begun last reads on this
@@ -119,11 +141,14 @@ class DEEPCAM_API FileReader : public Reader {
   const SampleShape& shape() const;         // of shape_source()
   // normalise_sample() of raw ((H*W, C_file)) into data; with check_finite,
   // a NaN or infinity is refused naming `path`, `dataset` and the first
-  // position holding one.
+  // position holding one. Within read_sample_selected() (on its thread) it
+  // writes select_channels() of raw instead, (H*W, C), refusing the same
+  // samples with the same message.
   void normalise(const std::string& path, const char* dataset, const float* raw,
                  float* data) const;
 
  private:
+  void read_one(const std::vector<std::string>& files, float* data, std::int64_t* labels) const;
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

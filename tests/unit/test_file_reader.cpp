@@ -1,0 +1,281 @@
+// FileReader's selected-but-unnormalised sample read (read_sample_selected,
+// shift, scale) over the real file readers, the hdf5 and npy plugins, loaded
+// from the build tree as the host loads them: the selected sample is the
+// file's values, and normalising it with at:: ops (what the prefetch reader
+// runs on the GPU) gives read_sample()'s data bit for bit. Also core's
+// select_channels() against a plain loop.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/equal.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sub.h>
+#undef CHECK
+#include <doctest/doctest.h>
+
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "deepcam/config.hpp"
+#include "deepcam/error.hpp"
+#include "deepcam/file_reader.hpp"
+#include "deepcam/h5.hpp"
+#include "deepcam/normalise.hpp"
+#include "deepcam/npy.hpp"
+#include "deepcam/plugin_loader.hpp"
+
+namespace fs = std::filesystem;
+using namespace deepcam;
+
+namespace {
+
+const fs::path kBuild = DEEPCAM_BUILD_ROOT;
+constexpr std::int64_t kHeight = 32, kWidth = 48, kChannels = 16;
+
+// The values of an .h5 sample's climate/data, (H, W, C).
+std::vector<float> h5_data(const std::string& path) {
+  const h5::File file = h5::File::open(path);
+  std::vector<float> data(kHeight * kWidth * kChannels);
+  file.read("climate/data", data.data(), data.size());
+  return data;
+}
+
+// deepcam-data synth's HDF5 samples with the numpy layout beside them
+// (data-X.npy, label-X.npy next to data-X.h5, SPEC 1.5): one root for both
+// readers, each listing only its own files.
+std::string data_root() {
+  static const std::string root = [] {
+    const fs::path dir = fs::temp_directory_path() / ("deepcam_test_file_reader_" + std::to_string(::getpid()));
+    const std::string cmd = (kBuild / "core" / "deepcam-data").string() + " synth --out " + dir.string() +
+                            " --train 4 --validation 3 --height 32 --width 48 --seed 5 > /dev/null 2>&1";
+    REQUIRE(std::system(cmd.c_str()) == 0);
+    for (const char* split : {"train", "validation"}) {
+      std::vector<fs::path> samples;
+      for (const auto& e : fs::directory_iterator(dir / split))
+        if (e.path().extension() == ".h5") samples.push_back(e.path());
+      for (const fs::path& sample : samples) {
+        const std::vector<float> data = h5_data(sample.string());
+        std::vector<std::int64_t> labels(kHeight * kWidth);
+        h5::File::open(sample.string()).read("climate/labels_0", labels.data(), labels.size());
+        const std::string x = sample.stem().string().substr(5);  // data-X.h5 -> X
+        npy::write((dir / split / ("data-" + x + ".npy")).string(), npy::DType::Float32,
+                   {kHeight, kWidth, kChannels}, data.data());
+        npy::write((dir / split / ("label-" + x + ".npy")).string(), npy::DType::Int64,
+                   {kHeight, kWidth}, labels.data());
+      }
+    }
+    return dir.string();
+  }();
+  return root;
+}
+
+PluginLoader& loader() {
+  static PluginLoader instance({(kBuild / "plugins").string()}, "/nonexistent");
+  return instance;
+}
+
+// A reader plugin built from a TOML table, as the host builds it.
+struct Built {
+  Plugged<Reader> reader;
+  const FileReader* file_reader = nullptr;
+};
+
+Built build(const std::string& name, const std::string& toml, const std::string& root,
+            const std::vector<std::int64_t>& channels) {
+  const fs::path file = fs::temp_directory_path() /
+                        ("deepcam_test_file_reader_" + std::to_string(::getpid()) + ".toml");
+  std::ofstream(file) << toml;
+  const LoadedPlugin& plugin = loader().load(PluginKind::Reader, name);
+  const Params params = check_table_file(file.string(), "reader", plugin.descriptor->params, &loader());
+  fs::remove(file);
+  ReaderContext context{root, channels, 2, 2, 0, 1, 1, nullptr};
+  Built out;
+  out.reader.object = plugin.descriptor->make_reader(params, context);
+  out.reader.library = plugin.library;
+  // Across the plugin's library (loaded RTLD_LOCAL) and core: FileReader's
+  // type information lives in core only, so the cast works, as the prefetch
+  // reader needs it to.
+  out.file_reader = dynamic_cast<const FileReader*>(out.reader.object.get());
+  return out;
+}
+
+at::Tensor floats(std::vector<float>& v, at::IntArrayRef sizes) {
+  return at::from_blob(v.data(), sizes, at::kFloat);
+}
+
+// Bit for bit, also for -0.0 and NaN: the float tensors compared as int32.
+bool same_bits(const at::Tensor& a, const at::Tensor& b) {
+  return a.sizes() == b.sizes() && at::equal(a.contiguous().view(at::kInt), b.contiguous().view(at::kInt));
+}
+
+// read_sample() against read_sample_selected() + at:: normalisation, and the
+// selected values against the .h5 file's own, for every sample of both
+// splits.
+void check_reader(const Built& built, const std::vector<std::int64_t>& channels) {
+  REQUIRE(built.file_reader != nullptr);
+  const FileReader& reader = *built.file_reader;
+  const auto c = static_cast<std::int64_t>(channels.size());
+  REQUIRE(reader.shift().size() == channels.size());
+  REQUIRE(reader.scale().size() == channels.size());
+  std::vector<float> shift = reader.shift(), scale = reader.scale();
+  const at::Tensor shift_t = floats(shift, {c}), scale_t = floats(scale, {c});
+  for (const Split split : {Split::Train, Split::Validation}) {
+    for (std::int64_t i = 0; i < reader.sample_count(split); ++i) {
+      const std::vector<std::string> files = reader.sample_files(split, i);
+      INFO(files.front());
+      std::vector<float> normalised(c * kHeight * kWidth), selected(c * kHeight * kWidth, -1.0f);
+      std::vector<std::int64_t> labels(kHeight * kWidth), selected_labels(kHeight * kWidth, -1);
+      reader.read_sample(files, normalised.data(), labels.data());
+      reader.read_sample_selected(files, selected.data(), selected_labels.data());
+      CHECK(labels == selected_labels);
+
+      // Not normalised: the file's values of the selected channels, (H, W, C).
+      const fs::path h5 = fs::path(files.front()).replace_extension(".h5");
+      const std::vector<float> raw = h5_data(h5.string());
+      bool as_stored = true;
+      for (std::int64_t p = 0; p < kHeight * kWidth; ++p)
+        for (std::int64_t k = 0; k < c; ++k)
+          as_stored = as_stored && selected[p * c + k] == raw[p * kChannels + channels[k]];
+      CHECK(as_stored);
+
+      // What the prefetch reader computes on the GPU: two separate ops.
+      const at::Tensor x = floats(selected, {kHeight, kWidth, c});
+      const at::Tensor gpu_way = at::mul(at::sub(x, shift_t), scale_t).permute({2, 0, 1}).contiguous();
+      CHECK(same_bits(gpu_way, floats(normalised, {c, kHeight, kWidth})));
+    }
+  }
+}
+
+const std::vector<std::vector<std::int64_t>> kSelections = {
+    {0, 7, 15},                                                  // the generic test's
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},      // all, in order (vector path)
+    {12, 4, 5, 6, 7, 1},                                         // a run of 4 and others
+};
+
+}  // namespace
+
+TEST_CASE("hdf5 reader: the selected sample, normalised with at:: ops, is read_sample() bit for bit") {
+  for (const auto& channels : kSelections) {
+    INFO(channels.size());
+    check_reader(build("hdf5", "[reader]\nname = \"hdf5\"\nthreads = 2\n", data_root(), channels), channels);
+  }
+}
+
+TEST_CASE("npy reader: the selected sample, normalised with at:: ops, is read_sample() bit for bit") {
+  for (const char* io : {"mmap", "direct", "pread"}) {
+    INFO(io);
+    for (const auto& channels : kSelections) {
+      INFO(channels.size());
+      const std::string toml = std::string("[reader]\nname = \"npy\"\nio = \"") + io + "\"\n";
+      check_reader(build("npy", toml, data_root(), channels), channels);
+    }
+  }
+}
+
+TEST_CASE("the selected read refuses NaN and overflow with read_sample()'s message") {
+  // A copy of the data set whose first training sample (npy) holds `value`
+  // at (1, 2, 7), channel 7 being the second selected.
+  const fs::path root = fs::path(data_root() + "_bad");
+  fs::remove_all(root);
+  fs::copy(data_root(), root, fs::copy_options::recursive);
+  // Channel 7's range narrowed to 1e-3 in stats.h5 (scale about 1000), so
+  // that the largest finite floats overflow once normalised.
+  {
+    std::vector<double> minval(kChannels), maxval(kChannels);
+    {
+      const h5::File stats = h5::File::open((root / "stats.h5").string());
+      stats.read("climate/minval", minval.data(), minval.size());
+      stats.read("climate/maxval", maxval.data(), maxval.size());
+    }
+    maxval[7] = minval[7] + 1e-3;
+    fs::remove(root / "stats.h5");
+    h5::File stats = h5::File::create((root / "stats.h5").string());
+    stats.write("climate/minval", minval.data(), {kChannels});
+    stats.write("climate/maxval", maxval.data(), {kChannels});
+  }
+  const std::vector<std::int64_t> channels{0, 7, 15};
+  const std::string first =
+      build("npy", "[reader]\nname = \"npy\"\n", root.string(), channels).file_reader->sample_files(Split::Train, 0).front();
+  const std::string first_h5 = fs::path(first).replace_extension(".h5").string();
+  const float huge = std::numeric_limits<float>::max();
+  for (const float value : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity(),
+                            huge, -huge}) {
+    INFO(value);
+    std::vector<float> data = h5_data(first_h5);
+    data[(1 * kWidth + 2) * kChannels + 7] = value;
+    npy::write(first, npy::DType::Float32, {kHeight, kWidth, kChannels},
+               data.data());
+    const Built built = build("npy", "[reader]\nname = \"npy\"\n", root.string(), channels);
+    REQUIRE(built.file_reader != nullptr);
+    const FileReader& reader = *built.file_reader;
+    const std::vector<std::string> files = reader.sample_files(Split::Train, 0);
+    REQUIRE(files.front() == first);
+    std::vector<float> out(3 * kHeight * kWidth);
+    std::vector<std::int64_t> labels(kHeight * kWidth);
+    std::string plain, selected;
+    try {
+      reader.read_sample(files, out.data(), labels.data());
+    } catch (const Error& e) {
+      plain = e.what();
+    }
+    try {
+      reader.read_sample_selected(files, out.data(), labels.data());
+    } catch (const Error& e) {
+      selected = e.what();
+    }
+    REQUIRE(reader.scale()[1] > 100.0f);
+    CHECK(plain.find(files.front() + ": data at (1, 2, 7) holds ") == 0);
+    // A finite value is named with what it normalises to.
+    CHECK((plain.find("which normalises to") != std::string::npos) == std::isfinite(value));
+    CHECK(selected == plain);
+    // The mode ends with the call, also after an error: read_sample()
+    // normalises again.
+    std::vector<float> again(3 * kHeight * kWidth);
+    const std::vector<std::string> good = reader.sample_files(Split::Train, 1);
+    reader.read_sample(good, again.data(), labels.data());
+    std::vector<float> sel(3 * kHeight * kWidth);
+    reader.read_sample_selected(good, sel.data(), labels.data());
+    CHECK(again[0] == (sel[0] - reader.shift()[0]) * reader.scale()[0]);
+  }
+  // check_finite = false reads the NaN through, selected as stored.
+  std::vector<float> data = h5_data(first_h5);
+  data[(1 * kWidth + 2) * kChannels + 7] = std::numeric_limits<float>::quiet_NaN();
+  npy::write(first, npy::DType::Float32, {kHeight, kWidth, kChannels},
+             data.data());
+  const Built lax = build("npy", "[reader]\nname = \"npy\"\ncheck_finite = false\n", root.string(), channels);
+  std::vector<float> out(3 * kHeight * kWidth);
+  std::vector<std::int64_t> labels(kHeight * kWidth);
+  lax.file_reader->read_sample_selected(lax.file_reader->sample_files(Split::Train, 0), out.data(), labels.data());
+  CHECK(std::isnan(out[(1 * kWidth + 2) * 3 + 1]));
+  fs::remove_all(root);
+}
+
+TEST_CASE("select_channels copies the selection in pixel order and flags what would not normalise") {
+  const std::int64_t pixels = 5, file_channels = 6;
+  std::vector<float> raw(pixels * file_channels);
+  for (std::size_t i = 0; i < raw.size(); ++i) raw[i] = static_cast<float>(i) * 0.5f - 3.0f;
+  for (const std::vector<std::int64_t>& channels :
+       {std::vector<std::int64_t>{5, 0, 2}, std::vector<std::int64_t>{1}, std::vector<std::int64_t>{0, 1, 2, 3, 4, 5}}) {
+    const auto c = static_cast<std::int64_t>(channels.size());
+    const std::vector<float> shift(channels.size(), -1.0f), scale(channels.size(), 0.25f);
+    std::vector<float> out(pixels * c);
+    CHECK(select_channels(raw.data(), pixels, file_channels, channels, shift, scale, out.data()));
+    for (std::int64_t p = 0; p < pixels; ++p)
+      for (std::int64_t k = 0; k < c; ++k) CHECK(out[p * c + k] == raw[p * file_channels + channels[k]]);
+    // Finite input that overflows once normalised is flagged.
+    const std::vector<float> big(channels.size(), 1e38f);
+    CHECK_FALSE(select_channels(raw.data(), pixels, file_channels, channels, shift, big, out.data()));
+  }
+  raw[7] = std::numeric_limits<float>::infinity();  // pixel 1, channel 1
+  const std::vector<float> shift(2, 0.0f), scale(2, 1.0f);
+  std::vector<float> out(pixels * 2);
+  CHECK_FALSE(select_channels(raw.data(), pixels, file_channels, {1, 3}, shift, scale, out.data()));
+  CHECK(select_channels(raw.data(), pixels, file_channels, {0, 3}, shift, scale, out.data()));
+}
