@@ -59,8 +59,10 @@ std::uint32_t normalise_run(const float* raw, std::int64_t stride_at_run_time, s
 // select_channels() for C selected channels known at compile time (the
 // usual 16 and 3 of the benchmark and the tests) or not (kCount 0): the
 // inner loop over channels then has a constant trip count, which the
-// compiler unrolls and vectorises.
-template <std::int64_t kCount>
+// compiler unrolls and vectorises. kAll: every file channel, in order (the
+// usual case), read as one contiguous run per pixel rather than gathered,
+// about twice as fast.
+template <std::int64_t kCount, bool kAll>
 std::uint32_t select_run(const float* raw, std::int64_t pixels, std::int64_t file_channels,
                          const std::int64_t* channels, std::int64_t count_at_run_time,
                          const float* shift, const float* scale, float* out) {
@@ -70,7 +72,7 @@ std::uint32_t select_run(const float* raw, std::int64_t pixels, std::int64_t fil
     const float* __restrict src = raw + p * file_channels;
     float* __restrict dst = out + p * count;
     for (std::int64_t k = 0; k < count; ++k) {
-      const float x = src[channels[k]];
+      const float x = src[kAll ? k : channels[k]];
       dst[k] = x;
       marks |= exponent_mark((x - shift[k]) * scale[k]);
     }
@@ -84,20 +86,18 @@ bool select_channels(const float* raw, std::int64_t pixels, std::int64_t file_ch
                      const std::vector<std::int64_t>& channels, const std::vector<float>& shift,
                      const std::vector<float>& scale, float* out) {
   const auto count = static_cast<std::int64_t>(channels.size());
+  bool all = count == file_channels;
+  for (std::int64_t k = 0; all && k < count; ++k) all = channels[static_cast<std::size_t>(k)] == k;
+  const std::int64_t* c = channels.data();
   std::uint32_t marks;
-  switch (count) {
-    case 16:
-      marks = select_run<16>(raw, pixels, file_channels, channels.data(), count, shift.data(),
-                             scale.data(), out);
-      break;
-    case 3:
-      marks = select_run<3>(raw, pixels, file_channels, channels.data(), count, shift.data(),
-                            scale.data(), out);
-      break;
-    default:
-      marks = select_run<0>(raw, pixels, file_channels, channels.data(), count, shift.data(),
-                            scale.data(), out);
-  }
+  if (all && count == 16)
+    marks = select_run<16, true>(raw, pixels, file_channels, c, count, shift.data(), scale.data(), out);
+  else if (all)
+    marks = select_run<0, true>(raw, pixels, file_channels, c, count, shift.data(), scale.data(), out);
+  else if (count == 3)
+    marks = select_run<3, false>(raw, pixels, file_channels, c, count, shift.data(), scale.data(), out);
+  else
+    marks = select_run<0, false>(raw, pixels, file_channels, c, count, shift.data(), scale.data(), out);
   return (marks & 0x80000000u) == 0;
 }
 
