@@ -7,6 +7,7 @@
 
 #include "deepcam/error.hpp"
 #include "deepcam/mlperf_log.hpp"
+#include "deepcam/warmup.hpp"
 
 namespace deepcam::schedulers {
 
@@ -25,16 +26,9 @@ CosineAnnealingOptions CosineAnnealingOptions::from(const Params& params) {
   if (!(options.eta_min >= 0.0)) {
     throw Error(params.where() + " eta_min = " + std::to_string(options.eta_min) + ": must be >= 0");
   }
-  options.lr_warmup_steps = params.integer("lr_warmup_steps");
-  if (options.lr_warmup_steps < 0) {
-    throw Error(params.where() + " lr_warmup_steps = " + std::to_string(options.lr_warmup_steps) +
-                ": must be >= 0");
-  }
-  options.lr_warmup_factor = params.number("lr_warmup_factor");
-  if (!(options.lr_warmup_factor >= 1.0)) {
-    throw Error(params.where() + " lr_warmup_factor = " + std::to_string(options.lr_warmup_factor) +
-                ": must be >= 1");
-  }
+  const Warmup warmup = read_warmup(params);
+  options.lr_warmup_steps = warmup.steps;
+  options.lr_warmup_factor = warmup.factor;
   return options;
 }
 
@@ -44,17 +38,8 @@ CosineAnnealing::CosineAnnealing(double base_lr, CosineAnnealingOptions options)
     throw Error("cosine_annealing scheduler: t_max = " + std::to_string(options_.t_max) + ": must be >= 1");
   }
   // The recursion starts from the LR the warmup ends with, or from L.
-  lr_ = options_.lr_warmup_steps > 0 ? warmup_lr(options_.lr_warmup_steps - 1) : base_lr_;
+  lr_ = options_.lr_warmup_steps > 0 ? warmup_lr(base_lr_, warmup_setting(), options_.lr_warmup_steps - 1) : base_lr_;
   saved_.push_back(lr_);
-}
-
-// The expressions of the reference's GradualWarmupScheduler, operand order
-// included.
-double CosineAnnealing::warmup_lr(std::int64_t step) const {
-  const double s = static_cast<double>(step);
-  const double w = static_cast<double>(options_.lr_warmup_steps);
-  if (options_.lr_warmup_factor == 1.0) return base_lr_ * (s / w);
-  return base_lr_ * ((options_.lr_warmup_factor - 1.0) * s / w + 1.0);
 }
 
 // CosineAnnealingLR.get_lr of PyTorch 2.x, operand order included. At
@@ -76,7 +61,7 @@ double CosineAnnealing::lr_at(std::int64_t step) {
     throw Error("cosine_annealing scheduler: lr_at(" + std::to_string(step) + "): steps count from 0");
   }
   const std::int64_t warmup = options_.lr_warmup_steps;
-  if (warmup > 0 && step < warmup) return warmup_lr(step);
+  if (warmup > 0 && step < warmup) return warmup_lr(base_lr_, warmup_setting(), step);
   const std::int64_t e = step - warmup;
   // Restart from the nearest saved point at or below e when that is closer
   // than where the recursion stands (always, for an earlier step).
@@ -97,8 +82,7 @@ void CosineAnnealing::log_hyperparameters(MlperfLog& log) const {
   log.event("scheduler_type", "cosine_annealing");
   log.event("scheduler_t_max", options_.t_max);
   log.event("scheduler_eta_min", options_.eta_min);
-  log.event("scheduler_lr_warmup_steps", options_.lr_warmup_steps);
-  log.event("scheduler_lr_warmup_factor", options_.lr_warmup_factor);
+  log_warmup(log, warmup_setting());
 }
 
 }  // namespace deepcam::schedulers

@@ -38,6 +38,7 @@
 
 #include "deepcam/params.hpp"
 #include "deepcam/scheduler.hpp"
+#include "deepcam/warmup.hpp"
 
 namespace deepcam::schedulers {
 
@@ -60,7 +61,7 @@ class CosineAnnealing final : public Scheduler {
   void log_hyperparameters(MlperfLog& log) const override;
 
  private:
-  double warmup_lr(std::int64_t step) const;
+  Warmup warmup_setting() const { return {options_.lr_warmup_steps, options_.lr_warmup_factor}; }
   // One step of PyTorch's recursion: the LR of cosine step e from that of e - 1.
   double next(std::int64_t e, double lr) const;
 

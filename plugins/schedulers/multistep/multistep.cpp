@@ -7,6 +7,7 @@
 
 #include "deepcam/error.hpp"
 #include "deepcam/mlperf_log.hpp"
+#include "deepcam/warmup.hpp"
 
 namespace deepcam::schedulers {
 
@@ -24,16 +25,9 @@ MultistepOptions MultistepOptions::from(const Params& params) {
     throw Error(params.where() + " decay_rate = " + std::to_string(options.decay_rate) +
                 ": must be in (0, 1]");
   }
-  options.lr_warmup_steps = params.integer("lr_warmup_steps");
-  if (options.lr_warmup_steps < 0) {
-    throw Error(params.where() + " lr_warmup_steps = " + std::to_string(options.lr_warmup_steps) +
-                ": must be >= 0");
-  }
-  options.lr_warmup_factor = params.number("lr_warmup_factor");
-  if (!(options.lr_warmup_factor >= 1.0)) {
-    throw Error(params.where() + " lr_warmup_factor = " + std::to_string(options.lr_warmup_factor) +
-                ": must be >= 1");
-  }
+  const Warmup warmup = read_warmup(params);
+  options.lr_warmup_steps = warmup.steps;
+  options.lr_warmup_factor = warmup.factor;
   return options;
 }
 
@@ -44,22 +38,13 @@ Multistep::Multistep(double base_lr, MultistepOptions options)
   decays_.assign(counts.begin(), counts.end());
 }
 
-// The expressions of the reference's GradualWarmupScheduler, operand order
-// included.
-double Multistep::warmup_lr(std::int64_t step) const {
-  const double s = static_cast<double>(step);
-  const double w = static_cast<double>(options_.lr_warmup_steps);
-  if (options_.lr_warmup_factor == 1.0) return base_lr_ * (s / w);
-  return base_lr_ * ((options_.lr_warmup_factor - 1.0) * s / w + 1.0);
-}
-
 double Multistep::lr_at(std::int64_t step) {
   if (step < 0) throw Error("multistep scheduler: lr_at(" + std::to_string(step) + "): steps count from 0");
   const std::int64_t warmup = options_.lr_warmup_steps;
-  if (warmup > 0 && step < warmup) return warmup_lr(step);
+  if (warmup > 0 && step < warmup) return warmup_lr(base_lr_, warmup_setting(), step);
   // After warmup, MultiStepLR starts from the last warmup LR and counts its
   // own steps from W + 1 (the reference steps it once on the handover).
-  double lr = warmup > 0 ? warmup_lr(warmup - 1) : base_lr_;
+  double lr = warmup > 0 ? warmup_lr(base_lr_, warmup_setting(), warmup - 1) : base_lr_;
   const std::int64_t decay_step = warmup > 0 ? step - warmup - 1 : step;
   for (const auto& [milestone, count] : decays_) {
     if (milestone > decay_step) break;
@@ -73,8 +58,7 @@ void Multistep::log_hyperparameters(MlperfLog& log) const {
   log.event("scheduler_type", "multistep");
   log.event("scheduler_milestones", Json::list(std::move(milestones)));
   log.event("scheduler_decay_rate", options_.decay_rate);
-  log.event("scheduler_lr_warmup_steps", options_.lr_warmup_steps);
-  log.event("scheduler_lr_warmup_factor", options_.lr_warmup_factor);
+  log_warmup(log, warmup_setting());
 }
 
 }  // namespace deepcam::schedulers

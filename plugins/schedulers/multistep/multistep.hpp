@@ -32,6 +32,7 @@
 
 #include "deepcam/params.hpp"
 #include "deepcam/scheduler.hpp"
+#include "deepcam/warmup.hpp"
 
 namespace deepcam::schedulers {
 
@@ -54,7 +55,7 @@ class Multistep final : public Scheduler {
   void log_hyperparameters(MlperfLog& log) const override;
 
  private:
-  double warmup_lr(std::int64_t step) const;
+  Warmup warmup_setting() const { return {options_.lr_warmup_steps, options_.lr_warmup_factor}; }
 
   double base_lr_;
   MultistepOptions options_;

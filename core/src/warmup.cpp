@@ -1,0 +1,36 @@
+#include "deepcam/warmup.hpp"
+
+#include <string>
+
+#include "deepcam/error.hpp"
+#include "deepcam/mlperf_log.hpp"
+#include "deepcam/params.hpp"
+
+namespace deepcam {
+
+Warmup read_warmup(const Params& params) {
+  Warmup warmup;
+  warmup.steps = params.integer("lr_warmup_steps");
+  if (warmup.steps < 0) {
+    throw Error(params.where() + " lr_warmup_steps = " + std::to_string(warmup.steps) + ": must be >= 0");
+  }
+  warmup.factor = params.number("lr_warmup_factor");
+  if (!(warmup.factor >= 1.0)) {
+    throw Error(params.where() + " lr_warmup_factor = " + std::to_string(warmup.factor) + ": must be >= 1");
+  }
+  return warmup;
+}
+
+double warmup_lr(double base_lr, const Warmup& warmup, std::int64_t step) {
+  const double s = static_cast<double>(step);
+  const double w = static_cast<double>(warmup.steps);
+  if (warmup.factor == 1.0) return base_lr * (s / w);
+  return base_lr * ((warmup.factor - 1.0) * s / w + 1.0);
+}
+
+void log_warmup(MlperfLog& log, const Warmup& warmup) {
+  log.event("scheduler_lr_warmup_steps", warmup.steps);
+  log.event("scheduler_lr_warmup_factor", warmup.factor);
+}
+
+}  // namespace deepcam
