@@ -168,11 +168,6 @@ c10::IValue Adam::state_dict() const {
     state.insert(static_cast<std::int64_t>(i), std::move(entry));
   }
 
-  // A generic list, not c10::List<int64_t>: torch::pickle_save writes the
-  // latter through torch.jit._pickle.build_intlist, one more global that
-  // Python's weights_only torch.load would have to allow.
-  c10::impl::GenericList indices(c10::AnyType::get());
-  for (std::size_t i = 0; i < parameters_.size(); ++i) indices.push_back(static_cast<std::int64_t>(i));
   // The keys and their order are those of torch 2.11's Adam.state_dict().
   c10::impl::GenericDict group(c10::StringType::get(), c10::AnyType::get());
   group.insert("lr", options_.lr);
@@ -186,14 +181,7 @@ c10::IValue Adam::state_dict() const {
   group.insert("differentiable", false);
   group.insert("fused", c10::IValue());
   group.insert("decoupled_weight_decay", options_.decoupled_weight_decay);
-  group.insert("params", std::move(indices));
-  c10::impl::GenericList groups(c10::AnyType::get());
-  groups.push_back(std::move(group));
-
-  c10::impl::GenericDict root(c10::StringType::get(), c10::AnyType::get());
-  root.insert("state", std::move(state));
-  root.insert("param_groups", std::move(groups));
-  return root;
+  return fused::write_state_dict(std::move(state), std::move(group), parameters_.size());
 }
 
 void Adam::load_state_dict(const c10::IValue& saved) {

@@ -10,6 +10,23 @@
 #include "deepcam/error.hpp"
 
 namespace deepcam::fused {
+
+c10::IValue write_state_dict(c10::impl::GenericDict state, c10::impl::GenericDict group,
+                             std::size_t parameters) {
+  // A generic list, not c10::List<int64_t>: torch::pickle_save writes the
+  // latter through torch.jit._pickle.build_intlist, one more global that
+  // Python's weights_only torch.load would have to allow.
+  c10::impl::GenericList indices(c10::AnyType::get());
+  for (std::size_t i = 0; i < parameters; ++i) indices.push_back(static_cast<std::int64_t>(i));
+  group.insert("params", std::move(indices));
+  c10::impl::GenericList groups(c10::AnyType::get());
+  groups.push_back(std::move(group));
+
+  c10::impl::GenericDict root(c10::StringType::get(), c10::AnyType::get());
+  root.insert("state", std::move(state));
+  root.insert("param_groups", std::move(groups));
+  return root;
+}
 namespace {
 
 std::string shape_str(at::IntArrayRef sizes) {

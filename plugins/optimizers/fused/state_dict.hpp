@@ -1,4 +1,4 @@
-// Reading a state_dict in PyTorch's optimizer layout ({"state": {id: {...}},
+// Writing and reading a state_dict in PyTorch's optimizer layout ({"state": {id: {...}},
 // "param_groups": [{..., "params": [ids]}]}), shared by the adam, adamw and
 // lamb plugins. Files come from Python's torch.save as often as from us, so
 // every check names the entry in PyTorch's terms, e.g. state[3]["exp_avg"];
@@ -14,6 +14,12 @@
 #include <vector>
 
 namespace deepcam::fused {
+
+// The dict PyTorch's optimizer.state_dict() returns: {"state": state,
+// "param_groups": [group with "params": [0 .. parameters - 1] added last]}.
+// `group` holds the optimizer's own keys in its own order.
+c10::IValue write_state_dict(c10::impl::GenericDict state, c10::impl::GenericDict group,
+                             std::size_t parameters);
 
 class StateDictReader {
  public:

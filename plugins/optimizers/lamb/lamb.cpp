@@ -219,9 +219,6 @@ c10::IValue Lamb::state_dict() const {
     state.insert(static_cast<std::int64_t>(i), std::move(entry));
   }
 
-  // A generic list: see Adam::state_dict (weights_only torch.load).
-  c10::impl::GenericList indices(c10::AnyType::get());
-  for (std::size_t i = 0; i < parameters_.size(); ++i) indices.push_back(static_cast<std::int64_t>(i));
   // The keys and their order are those of APEX FusedLAMB's defaults, then
   // "step", which FusedLAMB adds to the group at its first step.
   c10::impl::GenericDict group(c10::StringType::get(), c10::AnyType::get());
@@ -233,14 +230,7 @@ c10::IValue Lamb::state_dict() const {
   group.insert("grad_averaging", true);
   group.insert("max_grad_norm", options_.max_grad_norm);
   group.insert("step", step_);
-  group.insert("params", std::move(indices));
-  c10::impl::GenericList groups(c10::AnyType::get());
-  groups.push_back(std::move(group));
-
-  c10::impl::GenericDict root(c10::StringType::get(), c10::AnyType::get());
-  root.insert("state", std::move(state));
-  root.insert("param_groups", std::move(groups));
-  return root;
+  return fused::write_state_dict(std::move(state), std::move(group), parameters_.size());
 }
 
 void Lamb::load_state_dict(const c10::IValue& saved) {
