@@ -99,10 +99,6 @@ bool in_range(const ParamSpec& spec, double v) {
   return spec.min > spec.max || (v >= spec.min && v <= spec.max);
 }
 
-std::string range_text(const ParamSpec& spec) {
-  return fmt::format("[{}, {}]", to_toml(spec.min), to_toml(spec.max));
-}
-
 std::string type_name(const toml::node& node) {
   switch (node.type()) {
     case toml::node_type::string: return "string";
@@ -127,7 +123,10 @@ ParamValue convert(const ParamSpec& spec, const toml::node& node, const std::str
   };
   auto check_range = [&](double v) {
     if (std::isnan(v) || !in_range(spec, v)) {
-      throw Error(fmt::format("{}: {} is out of range {}", where, to_toml(v), range_text(spec)));
+      const bool integral = spec.type == ParamType::Int || spec.type == ParamType::IntList;
+      throw Error(fmt::format("{}: {} is out of range {}", where,
+                              integral ? std::to_string(static_cast<std::int64_t>(v)) : to_toml(v),
+                              range_text(spec)));
     }
   };
   switch (spec.type) {

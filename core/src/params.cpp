@@ -113,4 +113,12 @@ std::string to_toml(const ParamValue& value) {
   return std::visit(Visitor{}, value);
 }
 
+std::string range_text(const ParamSpec& spec) {
+  if (spec.type == ParamType::Int || spec.type == ParamType::IntList) {
+    return "[" + std::to_string(static_cast<std::int64_t>(spec.min)) + ", " +
+           std::to_string(static_cast<std::int64_t>(spec.max)) + "]";
+  }
+  return "[" + to_toml(spec.min) + ", " + to_toml(spec.max) + "]";
+}
+
 }  // namespace deepcam

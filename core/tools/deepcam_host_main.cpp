@@ -34,7 +34,7 @@ void print_schema(const deepcam::ParamSchema& schema, const std::string& section
       continue;
     }
     std::string range;
-    if (s.min <= s.max) range = fmt::format("  range [{}, {}]", deepcam::to_toml(s.min), deepcam::to_toml(s.max));
+    if (s.min <= s.max) range = "  range " + deepcam::range_text(s);
     if (s.choices) range = fmt::format("  one of {}", s.choices);
     std::printf("  %-32s %-12s default %s%s\n      %s\n", s.key, deepcam::to_string(s.type),
                 s.default_toml ? s.default_toml : "(required)", range.c_str(), s.doc);

@@ -97,6 +97,9 @@ struct NestedPlugin {
   Params params;                        // "run.toml [reader.source]"
 };
 
+// "[1, 256]" or "[0.0, 1.0]": a spec's bounds, integers for integer keys.
+DEEPCAM_API std::string range_text(const ParamSpec& spec);
+
 // The TOML text of a value, as --describe and the resolved config print it.
 DEEPCAM_API std::string to_toml(const ParamValue& value);
 
