@@ -1,6 +1,9 @@
 #include "device_copy.hpp"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sub.h>
 #include <fmt/format.h>
 
 #include <vector>
@@ -28,12 +31,20 @@ struct DeviceCopier::Impl {
     at::Tensor data, labels;     // on the GPU
   };
   std::vector<Slot> slots;
+  at::Tensor shift, scale;  // (C) on the GPU; undefined: batches come normalised
   Impl(c10::DeviceIndex i, int n)
       : index(i), side(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, i)), slots(static_cast<std::size_t>(n)) {}
 };
 #else
 struct DeviceCopier::Impl {};
 #endif
+
+at::Tensor normalise_batch(const at::Tensor& raw_bhwc, const at::Tensor& shift, const at::Tensor& scale) {
+  // Broadcast over the last dimension, the channels; subtract, then
+  // multiply, as two kernels (see the header).
+  const at::Tensor normalised = at::mul(at::sub(raw_bhwc, shift), scale);
+  return normalised.permute({0, 3, 1, 2}).contiguous();
+}
 
 DeviceCopier::DeviceCopier(const std::string& device, int rank, int slots, const std::string& where) {
   if (device != "cuda") return;
@@ -49,6 +60,33 @@ DeviceCopier::DeviceCopier(const std::string& device, int rank, int slots, const
 }
 
 DeviceCopier::~DeviceCopier() = default;
+
+void DeviceCopier::normalise_on_device(const std::vector<float>& shift, const std::vector<float>& scale) {
+#if DEEPCAM_WITH_CUDA
+  if (!impl_) return;
+  const c10::cuda::CUDAGuard device_guard(impl_->index);
+  const at::Device gpu(at::kCUDA, impl_->index);
+  const auto count = static_cast<std::int64_t>(shift.size());
+  // A blocking copy from the vectors (from_blob only borrows them): done
+  // when to() returns, before any batch is issued on the side stream.
+  impl_->shift = at::from_blob(const_cast<float*>(shift.data()), {count}, at::kFloat).to(gpu);
+  impl_->scale = at::from_blob(const_cast<float*>(scale.data()), {count}, at::kFloat).to(gpu);
+  // Read on the side stream: their memory is not reused before it is done.
+  impl_->shift.record_stream(impl_->side);
+  impl_->scale.record_stream(impl_->side);
+#else
+  (void)shift;
+  (void)scale;
+#endif
+}
+
+bool DeviceCopier::normalises() const {
+#if DEEPCAM_WITH_CUDA
+  return impl_ && impl_->shift.defined();
+#else
+  return false;
+#endif
+}
 
 at::Tensor DeviceCopier::host_buffer(at::IntArrayRef sizes, at::ScalarType type) const {
   return at::empty(sizes, at::TensorOptions().dtype(type).pinned_memory(active()));
@@ -69,9 +107,13 @@ void DeviceCopier::issue(int slot, const at::Tensor& data, const at::Tensor& lab
   const c10::cuda::CUDAGuard device_guard(impl_->index);
   const c10::cuda::CUDAStreamGuard stream_guard(impl_->side);
   const at::Device gpu(at::kCUDA, impl_->index);
-  // Pinned source and non_blocking: an asynchronous copy on the side stream.
-  s.data = data.to(gpu, /*non_blocking=*/true);
+  // Pinned source and non_blocking: an asynchronous copy on the side stream;
+  // a raw batch is then normalised on the same stream, in order after it.
+  s.data = impl_->shift.defined() ? normalise_batch(data.to(gpu, /*non_blocking=*/true), impl_->shift, impl_->scale)
+                                  : data.to(gpu, /*non_blocking=*/true);
   s.labels = labels.to(gpu, /*non_blocking=*/true);
+  // After the normalisation too: hand_over() orders the training stream
+  // after it, and the host buffer is refilled only once the copy is done.
   s.copied.record(impl_->side);
 #else
   (void)slot;

@@ -4,9 +4,13 @@
 // The training stream waits for the copy (an event) only when it takes the
 // batch, and a host buffer is refilled only after its copy has finished.
 //
-// Normalisation stays on the CPU, in the source reader's read_sample: doing
-// it on the GPU would need a raw (unnormalised) sample path in the Reader
-// interface, which it does not have.
+// What runs where, over a file reader (hdf5, npy: a deepcam::FileReader)
+// once normalise_on_device() is called: the CPU workers only decode and
+// select channels (FileReader::read_sample_selected, (H, W, C) per sample,
+// as stored), and the side stream, after the copy, normalises and
+// transposes the batch on the GPU (normalise_batch). Over any other source
+// the source's read_sample() normalises on the CPU and the side stream only
+// copies.
 //
 // Built without CUDA (DEEPCAM_WITH_CUDA 0), or with device "cpu", it is
 // inactive: plain host buffers, batches handed over on the CPU.
@@ -17,8 +21,18 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace deepcam::readers {
+
+// A batch of selected samples, raw (B, H, W, C) float32, normalised and
+// transposed to (B, C, H, W), contiguous, on the tensors' device: out =
+// (x - shift[c]) * scale[c] with shift and scale of shape (C). Two separate
+// at:: ops, each rounding once in IEEE float32 on CPU and CUDA alike, so the
+// result equals the file reader's CPU normalisation (normalise_sample) bit
+// for bit; a fused multiply-add would round once for both and could differ
+// in the last place. The GPU runs it; the tests run it on the CPU.
+at::Tensor normalise_batch(const at::Tensor& raw_bhwc, const at::Tensor& shift, const at::Tensor& scale);
 
 class DeviceCopier {
  public:
@@ -31,6 +45,13 @@ class DeviceCopier {
 
   bool active() const { return impl_ != nullptr; }
 
+  // From now on issue() takes raw (B, H, W, C) batches and normalises them
+  // on the GPU with these per-channel values (FileReader::shift, scale).
+  // Only when active, before the first issue().
+  void normalise_on_device(const std::vector<float>& shift, const std::vector<float>& scale);
+  // Whether it does (normalise_on_device() was called).
+  bool normalises() const;
+
   // A host buffer for a slot: pinned when active.
   at::Tensor host_buffer(at::IntArrayRef sizes, at::ScalarType type) const;
 
@@ -38,7 +59,9 @@ class DeviceCopier {
   void wait_reusable(int slot);
 
   // Issues the copy of a finished batch's host buffers on the side stream
-  // (called by the worker that finished it).
+  // (called by the worker that finished it): `data` is (B, C, H, W)
+  // normalised, or, when normalises(), (B, H, W, C) raw, normalised after
+  // the copy on the same stream.
   void issue(int slot, const at::Tensor& data, const at::Tensor& labels);
 
   // The slot's device tensors, ordered after their copy on the caller's

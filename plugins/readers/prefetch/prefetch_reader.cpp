@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "deepcam/error.hpp"
+#include "deepcam/file_reader.hpp"
 #include "deepcam/mlperf_log.hpp"
 #include "device_copy.hpp"
 #include "staging.hpp"
@@ -91,6 +92,9 @@ struct PrefetchReader::Impl {
   // library last.
   std::shared_ptr<const void> keep;
   std::unique_ptr<Reader> source;
+  // The source as a file reader when the GPU normalises: the workers then
+  // read samples selected but not normalised, (H, W, C). Null otherwise.
+  const FileReader* raw_source = nullptr;
   ReaderContext context;
   PrefetchOptions options;
   std::unique_ptr<TrainingSharding> sharding;
@@ -294,7 +298,8 @@ struct PrefetchReader::Impl {
       lock.unlock();
       if (data) {
         try {
-          source->read_sample(files_of(split, index), data, labels);
+          if (raw_source) raw_source->read_sample_selected(files_of(split, index), data, labels);
+          else source->read_sample(files_of(split, index), data, labels);
         } catch (...) {
           failure = std::current_exception();
         }
@@ -310,7 +315,11 @@ struct PrefetchReader::Impl {
         if (!slot.failure) {
           try {
             const std::int64_t n = st->length(k);
-            copier.issue(s, slot.data.narrow(0, 0, n), slot.labels.narrow(0, 0, n));
+            // Raw samples fill the same buffer, each (H, W, C) in its
+            // sample's place.
+            const at::Tensor data_in = slot.data.narrow(0, 0, n);
+            copier.issue(s, raw_source ? data_in.view({n, height, width, channels}) : data_in,
+                         slot.labels.narrow(0, 0, n));
           } catch (...) {
             slot.failure = std::current_exception();
           }
@@ -349,6 +358,16 @@ PrefetchReader::PrefetchReader(const ReaderContext& context, const PrefetchOptio
   } catch (const Error& e) {
     // The sharding names the setting; the file and table are ours.
     throw Error(fmt::format("{} {}", options.where, e.what()));
+  }
+  // On CUDA over a file reader (hdf5, npy), the GPU normalises: the
+  // workers' CPU time goes to decoding only. FileReader is exported by core,
+  // so the cast works across the plugins' libraries. Any other source keeps
+  // its own read_sample(), normalised on the CPU.
+  if (m.copier.active()) {
+    if (const auto* files = dynamic_cast<const FileReader*>(m.source.get())) {
+      m.copier.normalise_on_device(files->shift(), files->scale());
+      m.raw_source = files;
+    }
   }
   m.validation_order = validation_indices(m.source->sample_count(Split::Validation), context.rank, context.world_size);
   if (!options.stage_dir.empty()) m.stage();
@@ -472,6 +491,8 @@ std::vector<std::int64_t> PrefetchReader::sample_shape() const { return impl_->s
 void PrefetchReader::read_sample(const std::vector<std::string>& files, float* data, std::int64_t* labels) const {
   impl_->source->read_sample(files, data, labels);
 }
+
+bool PrefetchReader::normalises_on_device() const { return impl_->raw_source != nullptr; }
 
 std::string PrefetchReader::staging_dir() const { return impl_->staging ? impl_->staging->dir() : std::string(); }
 

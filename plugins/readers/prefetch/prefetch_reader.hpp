@@ -36,8 +36,13 @@
 //
 //   On CUDA ([run] device = "cuda") the ring is pinned host memory and each
 //   batch is copied to the GPU on a side stream as soon as it is complete
-//   (device_copy.hpp); next() hands out GPU tensors. Normalisation stays on
-//   the CPU (in the source's read_sample).
+//   (device_copy.hpp); next() hands out GPU tensors. What runs where: over a
+//   file reader (hdf5, npy) the workers only decode and select channels
+//   (FileReader::read_sample_selected) and the side stream normalises and
+//   transposes each batch on the GPU after its copy, with the same float32
+//   operations, so the batches equal the CPU path's bit for bit; over any
+//   other source, and on the CPU, the source's read_sample() normalises on
+//   the CPU.
 //
 //   Staging (stage_dir set): during construction the samples this rank may
 //   ever read (its training shard in gpu mode, its node's in node mode,
@@ -118,6 +123,9 @@ class PrefetchReader final : public Reader {
   std::vector<std::int64_t> sample_shape() const override;
   void read_sample(const std::vector<std::string>& files, float* data, std::int64_t* labels) const override;
 
+  // Whether batches are normalised on the GPU: device "cuda" and a source
+  // that is a deepcam::FileReader.
+  bool normalises_on_device() const;
   // The staging directory ("" when not staging).
   std::string staging_dir() const;
   // Samples that this rank reads in the current epoch, in order (empty

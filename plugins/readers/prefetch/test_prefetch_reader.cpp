@@ -2,10 +2,13 @@
 // (bounded read-ahead, buffers still held are not overwritten), batches that
 // do not depend on the number of threads and equal the source reader's own,
 // errors handed over at the batch they belong to, and staging (copies equal
-// to their sources, reads go to them, removed at exit and after an error).
+// to their sources, reads go to them, removed at exit and after an error),
+// and the GPU's normalisation over a file reader (its at:: ops run on the CPU
+// here, on the GPU where one is present).
 #include <ATen/ops/empty.h>
 #include <ATen/Context.h>
 #include <ATen/ops/equal.h>
+#include <ATen/ops/from_blob.h>
 
 #include <fcntl.h>
 #include <ftw.h>
@@ -35,6 +38,7 @@
 #include "deepcam/mlperf_log.hpp"
 #include "deepcam/sharding.hpp"
 #include "../hdf5/hdf5_reader.hpp"
+#include "device_copy.hpp"
 #include "prefetch_reader.hpp"
 #include "staging.hpp"
 
@@ -211,6 +215,33 @@ bool same(const Drained& a, const Drained& b) {
   return true;
 }
 
+// Bit for bit: the float tensors compared as int32 (at::equal on floats
+// would take -0.0 for 0.0).
+bool same_bits(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes() || a.scalar_type() != b.scalar_type()) return false;
+  if (a.scalar_type() != at::kFloat) return at::equal(a.contiguous(), b.contiguous());
+  return at::equal(a.contiguous().view(at::kInt), b.contiguous().view(at::kInt));
+}
+
+bool same_bits(const Drained& a, const Drained& b) {
+  if (a.data.size() != b.data.size()) return false;
+  for (std::size_t i = 0; i < a.data.size(); ++i) {
+    if (!same_bits(a.data[i], b.data[i]) || !same_bits(a.labels[i], b.labels[i])) return false;
+  }
+  return true;
+}
+
+// deepcam-data synth's HDF5 data set in dir/data, for the readers over it.
+ReaderContext synth_context(const fs::path& dir, std::vector<std::int64_t> channels) {
+  const std::string cmd = std::string(DEEPCAM_BUILD_ROOT) + "/core/deepcam-data synth --out " + dir.string() +
+                          "/data --train 7 --validation 3 --height 16 --width 24 --seed 4 > /dev/null 2>&1";
+  REQUIRE(std::system(cmd.c_str()) == 0);
+  ReaderContext ctx = context(2, 2);
+  ctx.data_root = (dir / "data").string();
+  ctx.channels = std::move(channels);
+  return ctx;
+}
+
 template <typename F>
 bool eventually(F&& f) {
   for (int i = 0; i < 400; ++i) {
@@ -365,6 +396,95 @@ TEST_CASE("on CUDA: batches arrive on the GPU, equal to the CPU path (runs where
       CHECK(at::equal(a.labels, b.labels.cpu()));
     }
     CHECK(!on_gpu.next(b));
+  }
+}
+
+TEST_CASE("on CUDA over the HDF5 reader: normalised on the GPU, the batches of the CPU path bit for bit") {
+  if (!at::hasCUDA()) {
+    MESSAGE("no CUDA device: the GPU normalisation is not run here");
+    return;
+  }
+  TempDir dir;
+  // All 16 channels (the CPU's vector path) and a mixed selection.
+  for (const std::vector<std::int64_t>& channels :
+       {std::vector<std::int64_t>{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+        std::vector<std::int64_t>{3, 0, 15}}) {
+    INFO(channels.size());
+    const TempDir data;
+    const ReaderContext cpu = synth_context(data.path, channels);
+    ReaderContext gpu = cpu;
+    gpu.device = "cuda";
+    deepcam::readers::Hdf5ReaderOptions ho;
+    ho.threads = 1;
+    PrefetchReader on_cpu(cpu, options(2, 2), std::make_unique<deepcam::readers::Hdf5Reader>(cpu, ho));
+    PrefetchReader on_gpu(gpu, options(2, 2), std::make_unique<deepcam::readers::Hdf5Reader>(gpu, ho));
+    CHECK(!on_cpu.normalises_on_device());
+    CHECK(on_gpu.normalises_on_device());
+    for (std::int64_t epoch : {0, 1}) {
+      const Drained a = drain(on_cpu, Split::Train, epoch);
+      const Drained b = drain(on_gpu, Split::Train, epoch);
+      REQUIRE(!b.data.empty());
+      CHECK(b.data.front().is_cuda());
+      CHECK(b.data.front().is_contiguous());
+      Drained b_host;
+      for (std::size_t i = 0; i < b.data.size(); ++i) {
+        b_host.data.push_back(b.data[i].cpu());
+        b_host.labels.push_back(b.labels[i].cpu());
+      }
+      CHECK(same_bits(a, b_host));
+    }
+    const Drained a = drain(on_cpu, Split::Validation, 0);
+    Drained b = drain(on_gpu, Split::Validation, 0);
+    for (auto& t : b.data) t = t.cpu();
+    for (auto& t : b.labels) t = t.cpu();
+    CHECK(same_bits(a, b));
+  }
+  // A source that is not a file reader: normalised by itself, on the CPU.
+  ReaderContext gpu = context(3, 2);
+  gpu.device = "cuda";
+  PrefetchReader fake_gpu(gpu, options(1, 1), std::make_unique<FakeSource>(dir.path, 5, 2, gpu));
+  CHECK(!fake_gpu.normalises_on_device());
+}
+
+TEST_CASE("the GPU's normalisation run on the CPU: raw samples through normalise_batch are the HDF5 reader's batches") {
+  // What the side stream runs on CUDA, with the same at:: ops on CPU
+  // tensors, against the HDF5 reader's own batches, bit for bit.
+  for (const std::vector<std::int64_t>& channels :
+       {std::vector<std::int64_t>{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+        std::vector<std::int64_t>{3, 0, 15}, std::vector<std::int64_t>{9, 10, 11, 12, 2}}) {
+    INFO(channels.size());
+    TempDir dir;
+    const ReaderContext ctx = synth_context(dir.path, channels);
+    deepcam::readers::Hdf5ReaderOptions ho;
+    ho.threads = 2;
+    deepcam::readers::Hdf5Reader own(ctx, ho);
+    const auto c = static_cast<std::int64_t>(channels.size());
+    std::vector<float> shift = own.shift(), scale = own.scale();
+    const at::Tensor shift_t = at::from_blob(shift.data(), {c}, at::kFloat);
+    const at::Tensor scale_t = at::from_blob(scale.data(), {c}, at::kFloat);
+    for (const Split split : {Split::Train, Split::Validation}) {
+      own.start_epoch(split, 1);
+      const std::vector<std::string> files = own.epoch_files();
+      std::size_t position = 0;
+      Batch batch;
+      while (own.next(batch)) {
+        const std::int64_t n = batch.data.size(0);
+        at::Tensor raw = at::empty({n, 16, 24, c}, at::kFloat);
+        at::Tensor labels = at::empty({n, 16, 24}, at::kLong);
+        for (std::int64_t j = 0; j < n; ++j) {
+          own.read_sample_selected({files.at(position++)}, raw.data_ptr<float>() + j * 16 * 24 * c,
+                                   labels.data_ptr<std::int64_t>() + j * 16 * 24);
+        }
+        const at::Tensor normalised = deepcam::readers::normalise_batch(raw, shift_t, scale_t);
+        CHECK(normalised.is_contiguous());
+        CHECK(same_bits(normalised, batch.data));
+        CHECK(same_bits(labels, batch.labels));
+      }
+      CHECK(position == files.size());
+    }
+    // On the CPU the prefetch reader keeps the source's own normalisation.
+    PrefetchReader r(ctx, options(2, 2), std::make_unique<deepcam::readers::Hdf5Reader>(ctx, ho));
+    CHECK(!r.normalises_on_device());
   }
 }
 
