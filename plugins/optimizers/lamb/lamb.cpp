@@ -14,6 +14,7 @@
 #include "deepcam/error.hpp"
 #include "deepcam/mlperf_log.hpp"
 #include "fused.hpp"
+#include "hyperparameters.hpp"
 #include "state_dict.hpp"
 
 namespace deepcam::optimizers {
@@ -28,27 +29,11 @@ const fused::StateDictReader& reader() {
 
 LambOptions LambOptions::from(const Params& params) {
   LambOptions options;
-  options.lr = params.number("lr");
-  if (!(options.lr > 0.0)) {
-    throw Error(params.where() + " lr = " + std::to_string(options.lr) + ": must be > 0");
-  }
-  const std::vector<double>& betas = params.numbers("betas");
-  if (betas.size() != 2) {
-    throw Error(params.where() + " betas has " + std::to_string(betas.size()) +
-                " values: give two, e.g. betas = [0.9, 0.999]");
-  }
-  for (double beta : betas) {
-    if (!(beta >= 0.0 && beta < 1.0)) {
-      throw Error(params.where() + " betas = [" + std::to_string(betas[0]) + ", " + std::to_string(betas[1]) +
-                  "]: each must be in [0, 1)");
-    }
-  }
-  options.beta1 = betas[0];
-  options.beta2 = betas[1];
-  options.weight_decay = params.number("weight_decay");
-  if (!(options.weight_decay >= 0.0)) {
-    throw Error(params.where() + " weight_decay = " + std::to_string(options.weight_decay) + ": must be >= 0");
-  }
+  const fused::Hyperparameters h = fused::read_hyperparameters(params);
+  options.lr = h.lr;
+  options.beta1 = h.beta1;
+  options.beta2 = h.beta2;
+  options.weight_decay = h.weight_decay;
   options.max_grad_norm = params.number("max_grad_norm");
   if (!(options.max_grad_norm > 0.0)) {
     throw Error(params.where() + " max_grad_norm = " + std::to_string(options.max_grad_norm) +
