@@ -33,61 +33,13 @@
 #undef CHECK_GT
 #include <doctest/doctest.h>
 
+#include "adam_reference_test.hpp"
+
 using deepcam::optimizers::Adam;
 using deepcam::optimizers::AdamOptions;
+using namespace deepcam::optimizers::testing;
 
 namespace {
-
-constexpr int kParams = 4;  // adam_reference.py SHAPES
-
-std::string python() {
-  if (const char* env = std::getenv("DEEPCAM_PYTHON")) return env;
-  return DEEPCAM_SOURCE_ROOT "/.venv/bin/python";
-}
-
-// The script's output: "TAG INDEX v0 v1 ..." lines.
-struct Reference {
-  std::map<std::string, std::vector<double>> lines;
-
-  bool has(const std::string& tag, int index) const {
-    return lines.count(tag + " " + std::to_string(index)) != 0;
-  }
-  const std::vector<double>& at(const std::string& tag, int index) const {
-    const auto found = lines.find(tag + " " + std::to_string(index));
-    REQUIRE_MESSAGE(found != lines.end(), "adam_reference.py printed no line " << tag << " " << index);
-    return found->second;
-  }
-  std::vector<std::string> words;  // the "group ..." lines, whole
-};
-
-Reference run_reference(const std::string& args) {
-  const std::string command =
-      "'" + python() + "' " DEEPCAM_SOURCE_ROOT "/tests/integration/adam_reference.py " + args;
-  std::FILE* pipe = popen(command.c_str(), "r");
-  REQUIRE_MESSAGE(pipe != nullptr, "cannot run " << command);
-  std::string text;
-  char buffer[4096];
-  while (std::size_t n = std::fread(buffer, 1, sizeof buffer, pipe)) text.append(buffer, n);
-  const int status = pclose(pipe);
-  REQUIRE_MESSAGE(status == 0, command << " failed (status " << status
-                                       << "); is the project venv with torch installed?");
-  Reference ref;
-  std::istringstream lines(text);
-  std::string line;
-  while (std::getline(lines, line)) {
-    std::istringstream words(line);
-    std::string tag, index;
-    words >> tag >> index;
-    if (tag == "group") {
-      ref.words.push_back(line);
-      continue;
-    }
-    std::vector<double> values;
-    for (std::string word; words >> word;) values.push_back(std::strtod(word.c_str(), nullptr));
-    ref.lines[tag + " " + index] = values;
-  }
-  return ref;
-}
 
 // The main configuration's 11 steps, which most cases share: each run of
 // the script costs seconds of torch import.
@@ -98,42 +50,6 @@ const Reference& main_reference() {
   return ref;
 }
 
-std::vector<std::int64_t> shape_of(const Reference& ref, int index) {
-  std::vector<std::int64_t> shape;
-  for (double d : ref.at("shape", index)) shape.push_back(static_cast<std::int64_t>(d));
-  return shape;
-}
-
-at::Tensor make_tensor(const Reference& ref, const std::string& tag, int index) {
-  const std::vector<double>& values = ref.at(tag, index);
-  std::vector<float> floats(values.begin(), values.end());
-  return torch::tensor(floats, torch::kFloat).reshape(shape_of(ref, index));
-}
-
-std::vector<at::Tensor> make_params(const Reference& ref, const std::string& tag) {
-  std::vector<at::Tensor> params;
-  for (int i = 0; i < kParams; ++i) params.push_back(make_tensor(ref, tag, i).requires_grad_(true));
-  return params;
-}
-
-void set_grads(std::vector<at::Tensor>& params, const Reference& ref, int step) {
-  for (int i = 0; i < kParams; ++i) {
-    const std::string tag = "grad" + std::to_string(step);
-    params[i].mutable_grad() = ref.has(tag, i) ? make_tensor(ref, tag, i) : at::Tensor();
-  }
-}
-
-// Bit-equal: the plugin runs PyTorch's kernels in PyTorch's order, so any
-// difference at all means an operation or its order differs.
-void check_equal(const at::Tensor& actual, const std::vector<double>& expected, const std::string& what) {
-  const at::Tensor flat = actual.detach().reshape({-1}).to(torch::kFloat).contiguous();
-  REQUIRE_MESSAGE(flat.numel() == static_cast<std::int64_t>(expected.size()), what);
-  const float* data = flat.data_ptr<float>();
-  for (std::size_t k = 0; k < expected.size(); ++k) {
-    INFO(what << " element " << k);
-    CHECK(data[k] == static_cast<float>(expected[k]));
-  }
-}
 
 const c10::IValue& key(const c10::impl::GenericDict& dict, const std::string& name) {
   for (const auto& entry : dict) {
@@ -256,12 +172,7 @@ TEST_CASE("Python's torch.optim.Adam continues from a state_dict saved by torch:
       "decoupled_weight_decayparams",
       "grouplr0.01", "groupbetas0.80.99", "groupbetas_typetuple", "groupweight_decay0.1",
       "groupdecoupled_weight_decayFalse"};
-  std::vector<std::string> groups;
-  for (std::string line : loaded.words) {
-    line.erase(std::remove(line.begin(), line.end(), ' '), line.end());
-    groups.push_back(line);
-  }
-  CHECK(groups == expected_groups);
+  CHECK(loaded.groups == expected_groups);
   const c10::impl::GenericDict state = key(adam.state_dict().toGenericDict(), "state").toGenericDict();
   for (int i = 0; i < kParams; ++i) {
     CHECK(loaded.has("step", i) == (i != 2));

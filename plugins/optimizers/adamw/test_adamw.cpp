@@ -32,99 +32,13 @@
 #undef CHECK_GT
 #include <doctest/doctest.h>
 
+#include "adam_reference_test.hpp"
+
 using deepcam::optimizers::AdamOptions;
 using deepcam::optimizers::AdamW;
+using namespace deepcam::optimizers::testing;
 
 namespace {
-
-constexpr int kParams = 4;  // adam_reference.py SHAPES
-
-std::string python() {
-  if (const char* env = std::getenv("DEEPCAM_PYTHON")) return env;
-  return DEEPCAM_SOURCE_ROOT "/.venv/bin/python";
-}
-
-// The script's output: "TAG INDEX v0 v1 ..." lines, and "group ..." lines whole.
-struct Reference {
-  std::map<std::string, std::vector<double>> lines;
-  std::vector<std::string> groups;
-
-  bool has(const std::string& tag, int index) const {
-    return lines.count(tag + " " + std::to_string(index)) != 0;
-  }
-  const std::vector<double>& at(const std::string& tag, int index) const {
-    const auto found = lines.find(tag + " " + std::to_string(index));
-    REQUIRE_MESSAGE(found != lines.end(), "adam_reference.py printed no line " << tag << " " << index);
-    return found->second;
-  }
-};
-
-Reference run_reference(const std::string& args) {
-  const std::string command =
-      "'" + python() + "' " DEEPCAM_SOURCE_ROOT "/tests/integration/adam_reference.py --adamw " + args;
-  std::FILE* pipe = popen(command.c_str(), "r");
-  REQUIRE_MESSAGE(pipe != nullptr, "cannot run " << command);
-  std::string text;
-  char buffer[4096];
-  while (std::size_t n = std::fread(buffer, 1, sizeof buffer, pipe)) text.append(buffer, n);
-  const int status = pclose(pipe);
-  REQUIRE_MESSAGE(status == 0, command << " failed (status " << status
-                                       << "); is the project venv with torch installed?");
-  Reference ref;
-  std::istringstream lines(text);
-  std::string line;
-  while (std::getline(lines, line)) {
-    std::istringstream words(line);
-    std::string tag, index;
-    words >> tag >> index;
-    if (tag == "group") {
-      line.erase(std::remove(line.begin(), line.end(), ' '), line.end());
-      ref.groups.push_back(line);
-      continue;
-    }
-    std::vector<double> values;
-    for (std::string word; words >> word;) values.push_back(std::strtod(word.c_str(), nullptr));
-    ref.lines[tag + " " + index] = values;
-  }
-  return ref;
-}
-
-std::vector<std::int64_t> shape_of(const Reference& ref, int index) {
-  std::vector<std::int64_t> shape;
-  for (double d : ref.at("shape", index)) shape.push_back(static_cast<std::int64_t>(d));
-  return shape;
-}
-
-at::Tensor make_tensor(const Reference& ref, const std::string& tag, int index) {
-  const std::vector<double>& values = ref.at(tag, index);
-  std::vector<float> floats(values.begin(), values.end());
-  return torch::tensor(floats, torch::kFloat).reshape(shape_of(ref, index));
-}
-
-std::vector<at::Tensor> make_params(const Reference& ref, const std::string& tag) {
-  std::vector<at::Tensor> params;
-  for (int i = 0; i < kParams; ++i) params.push_back(make_tensor(ref, tag, i).requires_grad_(true));
-  return params;
-}
-
-// Parameter 1 has gradients on even steps only, parameter 2 never.
-void set_grads(std::vector<at::Tensor>& params, const Reference& ref, int step) {
-  for (int i = 0; i < kParams; ++i) {
-    const std::string tag = "grad" + std::to_string(step);
-    params[i].mutable_grad() = ref.has(tag, i) ? make_tensor(ref, tag, i) : at::Tensor();
-  }
-}
-
-// Bit-equal: the CPU path runs PyTorch's kernels in PyTorch's order.
-void check_equal(const at::Tensor& actual, const std::vector<double>& expected, const std::string& what) {
-  const at::Tensor flat = actual.detach().reshape({-1}).to(torch::kFloat).contiguous();
-  REQUIRE_MESSAGE(flat.numel() == static_cast<std::int64_t>(expected.size()), what);
-  const float* data = flat.data_ptr<float>();
-  for (std::size_t k = 0; k < expected.size(); ++k) {
-    INFO(what << " element " << k);
-    CHECK(data[k] == static_cast<float>(expected[k]));
-  }
-}
 
 std::string temp_path(const std::string& name) {
   return (std::filesystem::temp_directory_path() / (name + "." + std::to_string(getpid()))).string();
@@ -133,7 +47,7 @@ std::string temp_path(const std::string& name) {
 const AdamOptions kOptions{0.01, 0.8, 0.99, 0.1};
 
 const Reference& main_reference() {
-  static const Reference ref = run_reference("run 0.01 0.8 0.99 0.1 11");
+  static const Reference ref = run_reference("--adamw run 0.01 0.8 0.99 0.1 11");
   return ref;
 }
 
@@ -173,7 +87,7 @@ TEST_CASE("AdamW differs from Adam with the same options: the decay is decoupled
 
 TEST_CASE("AdamW continues from a state_dict written by Python's torch.optim.AdamW") {
   const std::string path = temp_path("adamw_python_state");
-  const Reference first = run_reference("run 0.01 0.8 0.99 0.1 5 " + path);
+  const Reference first = run_reference("--adamw run 0.01 0.8 0.99 0.1 5 " + path);
   const c10::IValue saved = [&] {
     std::ifstream in(path, std::ios::binary);
     const std::vector<char> bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
@@ -210,7 +124,7 @@ TEST_CASE("Python's torch.optim.AdamW continues from a state_dict saved by torch
     const std::vector<char> bytes = torch::pickle_save(adamw.state_dict());
     std::ofstream(path, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
   }
-  const Reference loaded = run_reference("load " + path);
+  const Reference loaded = run_reference("--adamw load " + path);
   std::remove(path.c_str());
   const std::vector<std::string> expected_groups = {
       "groupkeyslrbetasepsweight_decayamsgradmaximizeforeachcapturabledifferentiablefused"
