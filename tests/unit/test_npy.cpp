@@ -33,60 +33,24 @@
 
 #include "deepcam/error.hpp"
 #include "deepcam/npy.hpp"
+#include "test_support.hpp"
 
 namespace fs = std::filesystem;
 namespace npy = deepcam::npy;
 
+using test_support::contains;
+using test_support::error_of;
+using test_support::read_file;
+using test_support::TempDir;
+
 namespace {
 
-std::string python() {
-  if (const char* p = std::getenv("DEEPCAM_PYTHON")) return p;
-  const fs::path venv = fs::path(DEEPCAM_SOURCE_ROOT) / ".venv" / "bin" / "python";
-  if (fs::exists(venv)) return venv.string();
-  return "python3";
-}
+// The Python every script here starts with.
+const char* const kImports = "import numpy as np\nfrom numpy.lib import format as npf\n";
 
-fs::path make_temp_dir() {
-  std::string templ = (fs::temp_directory_path() / "test_npy.XXXXXX").string();
-  REQUIRE(::mkdtemp(templ.data()) != nullptr);
-  return templ;
-}
-
-struct TempDir {
-  fs::path path = make_temp_dir();
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-
-// Runs a Python script (numpy imported as np, DIR the working folder).
 void run_python(const fs::path& dir, const std::string& body) {
-  const fs::path script = dir / "script.py";
-  std::ofstream(script) << "import sys, numpy as np\nfrom numpy.lib import format as npf\nDIR = sys.argv[1]\n"
-                        << body;
-  const std::string command = python() + " " + script.string() + " " + dir.string();
-  const int rc = std::system(command.c_str());
-  INFO("command: " << command);
-  REQUIRE(rc == 0);
+  test_support::run_python(dir, kImports, body);
 }
-
-std::vector<unsigned char> read_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  REQUIRE(in.good());
-  return std::vector<unsigned char>(std::istreambuf_iterator<char>(in), {});
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const deepcam::Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
-bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
 // Files in `dir` whose names start with '.' (write()'s temporaries).
 std::vector<std::string> hidden(const fs::path& dir) {
