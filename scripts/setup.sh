@@ -6,7 +6,7 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 
-debs=(g++ pkg-config libhdf5-dev libboost-dev libtomlplusplus-dev doctest-dev)
+debs=(g++ pkg-config libhdf5-dev libboost-dev libtomlplusplus-dev doctest-dev libgloo-dev openmpi-bin)
 missing=()
 for d in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$d" 2>/dev/null | grep -q "install ok installed" || missing+=("$d")

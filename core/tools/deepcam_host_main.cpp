@@ -3,6 +3,7 @@
 #include <fmt/ranges.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <string>
@@ -12,11 +13,13 @@
 #include "deepcam/engine.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/plugin_loader.hpp"
+#include "launcher.hpp"
+#include "ranks.hpp"
 
 namespace {
 
 const char* kUsage =
-    "usage: deepcam-host RUN.toml [--set section.key=value]... [--evaluate CHECKPOINT]\n"
+    "usage: deepcam-host [--nproc N] RUN.toml [--set section.key=value]... [--evaluate CHECKPOINT]\n"
     "       deepcam-host --list-plugins\n"
     "       deepcam-host --describe KIND/NAME   (e.g. optimizer/adam; or run, data, mlperf)\n"
     "       deepcam-host --version\n";
@@ -106,6 +109,18 @@ int main(int argc, char** argv) {
       if (args.size() != 2) throw deepcam::Error("--describe needs KIND/NAME");
       return describe(loader, args[1]);
     }
+    if (args[0] == "--nproc" || args[0].rfind("--nproc=", 0) == 0) {
+      const bool joined = args[0] != "--nproc";
+      if (!joined && args.size() < 2) throw deepcam::Error(fmt::format("--nproc needs a number\n{}", kUsage));
+      const std::string n = joined ? args[0].substr(8) : args[1];
+      char* end = nullptr;
+      const long nproc = std::strtol(n.c_str(), &end, 10);
+      if (n.empty() || *end != '\0' || nproc < 1 || nproc > 4096) {
+        throw deepcam::Error(fmt::format("--nproc {}: expected a number of ranks in 1..4096", n));
+      }
+      return deepcam::launch_local_ranks(static_cast<int>(nproc),
+                                         std::vector<std::string>(args.begin() + (joined ? 1 : 2), args.end()));
+    }
     std::string file;
     std::vector<std::string> overrides;
     deepcam::EngineOptions options;
@@ -124,8 +139,11 @@ int main(int argc, char** argv) {
     }
     if (file.empty()) throw deepcam::Error(fmt::format("no run file given\n{}", kUsage));
     const deepcam::RunConfig config = deepcam::load_config(file, overrides, loader);
-    std::fprintf(stderr, "%s\n", config.resolved.c_str());
+    if (deepcam::detect_ranks().rank == 0) std::fprintf(stderr, "%s\n", config.resolved.c_str());
     return deepcam::run_engine(config, options);
+  } catch (const deepcam::RankLost& e) {
+    std::fprintf(stderr, "deepcam-host: %s\n", e.what());
+    return deepcam::kRankLostStatus;
   } catch (const deepcam::Error& e) {
     std::fprintf(stderr, "deepcam-host: %s\n", e.what());
     return 2;

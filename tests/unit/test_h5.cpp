@@ -1,4 +1,4 @@
-// Unit tests of deepcam::h5's reads (core/src/h5.cpp) against h5py: the test
+// Unit tests of deepcam::h5's reads (core/data/h5.cpp) against h5py: the test
 // runs Python to write HDF5 files with h5py (contiguous float32 and float64
 // in both byte orders, integer types of every size, chunked and gzip
 // datasets, float16, a dataset never written, a file with a user block) and

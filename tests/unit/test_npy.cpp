@@ -1,4 +1,4 @@
-// Unit tests of deepcam::npy (core/src/npy.cpp) against NumPy itself: the
+// Unit tests of deepcam::npy (core/data/npy.cpp) against NumPy itself: the
 // test runs Python to write .npy files with numpy.lib.format.write_array in
 // every format version, every supported dtype, both byte orders, C and
 // Fortran order, 0-d and empty shapes, and checks that parse_header/convert

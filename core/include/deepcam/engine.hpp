@@ -6,14 +6,15 @@
 #include <string>
 
 #include "deepcam/config.hpp"
+#include "deepcam/error.hpp"
 #include "deepcam/export.hpp"
 
 namespace deepcam {
 
+// The ranks come from the launcher's environment (train/ranks.hpp): one
+// process runs one rank.
 struct EngineOptions {
   std::string evaluate_checkpoint;  // non-empty: only validate this checkpoint
-  int rank = 0;
-  int world_size = 1;
 };
 
 // The exit status of a run stopped by a NaN or infinite training loss or
@@ -21,10 +22,20 @@ struct EngineOptions {
 // 3 (internal error), so that scripts can tell divergence apart.
 constexpr int kDivergedStatus = 4;
 
+// Thrown on every rank still running when another rank died or stopped
+// answering ([run] comm_timeout_s); the message names it. Exit status 5.
+class DEEPCAM_API RankLost : public Error {
+ public:
+  using Error::Error;
+  ~RankLost() override;
+};
+
+constexpr int kRankLostStatus = 5;
+
 // Returns the process exit status: 0 when the target was reached, 1 when
 // max_epochs ended without reaching it, kDivergedStatus when training
 // diverged (the MLPerf log then ends with run_stop status "aborted").
-// Throws Error on bad input.
+// Throws Error on bad input, RankLost when another rank was lost.
 DEEPCAM_API int run_engine(const RunConfig& config, const EngineOptions& options);
 
 }  // namespace deepcam

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "deepcam/export.hpp"
+#include "deepcam/group.hpp"
 
 namespace torch::nn {
 class Module;
@@ -19,6 +20,9 @@ struct ModelContext {
   std::int64_t n_classes;
   int rank;
   int world_size;
+  // [run] batchnorm_group_size > 1: the ranks whose BatchNorm statistics are
+  // shared (deepcam/sync_batch_norm.hpp); nullptr when each rank keeps its own.
+  Group* batchnorm_group = nullptr;
 };
 
 class DEEPCAM_API Model {

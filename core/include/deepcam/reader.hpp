@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "deepcam/export.hpp"
+#include "deepcam/group.hpp"
 
 namespace deepcam {
 
@@ -37,6 +38,9 @@ struct ReaderContext {
   int local_rank = 0;
   int local_size = 1;
   std::string device = "cpu";         // [run] device: "cpu" or "cuda"
+  // The ranks on this node (local_size of them, in local_rank order), for
+  // work done once per node such as staging; nullptr on one rank.
+  Group* node_group = nullptr;
 };
 
 struct Batch {

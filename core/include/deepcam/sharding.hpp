@@ -102,9 +102,10 @@ class DEEPCAM_API TrainingSharding {
   // Samples this rank reads per epoch; the same on every rank.
   std::int64_t local_samples() const;
 
-  // Samples all ranks read per epoch: the logged train_samples. Global mode:
-  // floor(N / P) * P (SPEC 2.1); gpu mode the same; node mode
-  // floor(floor(N / nodes) / local_size) * P.
+  // The logged train_samples: N, the size of the training set, in every
+  // mode and for any number of ranks (SPEC 2.1; the closed-division checker
+  // wants 121266 whatever P is). The ranks read local_samples() * P of them
+  // per epoch.
   std::int64_t global_samples() const;
 
   // Shards (nodes, ranks, or 1 in global mode) and this rank's shard.

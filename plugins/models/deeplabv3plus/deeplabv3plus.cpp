@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "deepcam/error.hpp"
+#include "deepcam/sync_batch_norm.hpp"
 
 namespace deepcam::models {
 
@@ -23,12 +24,21 @@ namespace {
 namespace nn = torch::nn;
 
 // The reference wraps every BatchNorm2d in a module (to swap in SyncBatchNorm),
-// which puts `.bn` into every checkpoint name.
+// which puts `.bn` into every checkpoint name. Here too the wrapper is where
+// the synchronous form comes in: with a group, training-mode batches are
+// normalised with the group's statistics.
 struct WrappedBatchNormImpl : nn::Module {
   explicit WrappedBatchNormImpl(std::int64_t channels)
       : bn(register_module("bn", nn::BatchNorm2d(channels))) {}
-  torch::Tensor forward(const torch::Tensor& x) { return bn->forward(x); }
+  torch::Tensor forward(const torch::Tensor& x) {
+    if (!group || !is_training()) return bn->forward(x);
+    const auto& o = bn->options;
+    bn->num_batches_tracked.add_(1);
+    return sync_batch_norm(x, bn->weight, bn->bias, bn->running_mean, bn->running_var, o.momentum().value(),
+                           o.eps(), *group);
+  }
   nn::BatchNorm2d bn;
+  Group* group = nullptr;  // set on the whole tree by DeepLabV3Plus
 };
 TORCH_MODULE(WrappedBatchNorm);
 
@@ -348,6 +358,7 @@ DeepLabV3PlusOptions DeepLabV3PlusOptions::from(const Params& params, const Mode
   o.width = params.number("width");
   o.middle_blocks = params.integer("middle_blocks");
   o.output_stride = params.integer("output_stride");
+  o.batchnorm_group = context.batchnorm_group;
   const std::string& where = params.where();
   if (!(o.width > 0.0 && o.width <= 1.0)) {
     throw Error(where + " width = " + to_toml(ParamValue(o.width)) +
@@ -368,7 +379,11 @@ DeepLabV3PlusOptions DeepLabV3PlusOptions::from(const Params& params, const Mode
 }
 
 DeepLabV3Plus::DeepLabV3Plus(const DeepLabV3PlusOptions& options)
-    : options_(options), net_(std::make_shared<Net>(options)) {}
+    : options_(options), net_(std::make_shared<Net>(options)) {
+  for (const auto& m : net_->modules(/*include_self=*/false)) {
+    if (auto* bn = m->as<WrappedBatchNormImpl>()) bn->group = options.batchnorm_group;
+  }
+}
 
 DeepLabV3Plus::~DeepLabV3Plus() = default;
 

@@ -22,8 +22,9 @@
 //                 | exit block is block(4+n)                             |          |
 //   output_stride | encoder output stride, 16 or 8 (8: dilated variant)  | no       | 16
 //
-//   Input channels and the number of classes come from the host
-//   (ModelContext), not from this table.
+//   Input channels, the number of classes and the BatchNorm group come from
+//   the host (ModelContext), not from this table. With a BatchNorm group every
+//   BatchNorm layer is synchronous over it in training (SyncBatchNorm).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -42,6 +43,9 @@ struct DeepLabV3PlusOptions {
   double width = 1.0;
   std::int64_t middle_blocks = 16;
   std::int64_t output_stride = 16;
+  // Shared BatchNorm statistics in training ([run] batchnorm_group_size);
+  // nullptr: each rank its own.
+  Group* batchnorm_group = nullptr;
 
   // Checks the plugin's table (ranges the schema cannot express, such as
   // width > 0 and output_stride in {8, 16}); errors name params.where().

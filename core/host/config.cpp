@@ -35,6 +35,17 @@ const ParamSpec kRunSpecs[] = {
     {"checkpoint_every", ParamType::Int, "0",
      "save a checkpoint every this many epochs (0: only at the end); always saved at the end", 0, 1e9},
     {"resume", ParamType::String, "\"\"", "checkpoint to resume from (step, epoch, model, optimizer)"},
+    {"rendezvous", ParamType::String, "\"env\"",
+     "how the ranks meet: \"env\" (MASTER_ADDR, MASTER_PORT), \"tcp://HOST:PORT\" (rank 0 hosts the store) or "
+     "\"file:///PATH\" (a file on a file system all ranks share, left by no earlier run)"},
+    {"comm_timeout_s", ParamType::Float, "1800",
+     "seconds a collective or the rendezvous may wait before the run stops naming the rank that was lost", 1, 1e6},
+    {"bucket_cap_mb", ParamType::Float, "25", "size of a gradient all-reduce bucket in MiB (DDP's bucket_cap_mb)",
+     0.001, 1e5},
+    {"batchnorm_group_size", ParamType::Int, "1",
+     "ranks (consecutive) whose BatchNorm statistics are shared in training, as torch.nn.SyncBatchNorm; "
+     "1: each rank its own; must divide the number of ranks (or exceed it: all ranks)",
+     1, 1e6},
 };
 
 const ParamSpec kDataSpecs[] = {

@@ -1,6 +1,7 @@
 // Out-of-line destructors anchor each interface's vtable and type information
 // in the core library, so that host and plugins share one copy of each.
 #include "deepcam/error.hpp"
+#include "deepcam/group.hpp"
 #include "deepcam/model.hpp"
 #include "deepcam/optimizer.hpp"
 #include "deepcam/plugin.hpp"
@@ -10,6 +11,7 @@
 namespace deepcam {
 
 Error::~Error() = default;
+Group::~Group() = default;
 Reader::~Reader() = default;
 Model::~Model() = default;
 Optimizer::~Optimizer() = default;

@@ -242,8 +242,6 @@ std::vector<std::int64_t> TrainingSharding::reach() const {
 
 std::int64_t TrainingSharding::local_samples() const { return per_rank_; }
 
-std::int64_t TrainingSharding::global_samples() const {
-  return per_rank_ * setup_.world_size;
-}
+std::int64_t TrainingSharding::global_samples() const { return setup_.files; }
 
 }  // namespace deepcam

@@ -11,11 +11,14 @@
 #include <fstream>
 #include <optional>
 
+#include "comm.hpp"
+#include "data_parallel.hpp"
 #include "deepcam/build_reader.hpp"
 #include "deepcam/checkpoint.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/loss.hpp"
 #include "deepcam/mlperf_log.hpp"
+#include "ranks.hpp"
 
 namespace fs = std::filesystem;
 
@@ -121,11 +124,15 @@ class DivergenceWatch {
     watch(at::stack(at::_foreach_norm(grads, 2)).norm(), 2 * step + 1);
   }
 
-  // Reads the record: one device-to-host copy.
-  std::optional<Divergence> read(std::int64_t epoch_num) const {
-    const std::int64_t code = first_.item<std::int64_t>();
+  // The record as (code, value), -1 for none: two device-to-host copies.
+  std::pair<double, double> record() const {
+    return {static_cast<double>(first_.item<std::int64_t>()), value_.item<double>()};
+  }
+
+  static std::optional<Divergence> decode(double code, double value, std::int64_t epoch_num) {
     if (code < 0) return std::nullopt;
-    return Divergence{code / 2 + 1, epoch_num, code % 2 == 0 ? "loss" : "gradient norm", value_.item<double>()};
+    const auto c = static_cast<std::int64_t>(code);
+    return Divergence{c / 2 + 1, epoch_num, c % 2 == 0 ? "loss" : "gradient norm", value};
   }
 
  private:
@@ -139,10 +146,19 @@ class DivergenceWatch {
   at::Tensor value_;  // the bad value of that step
 };
 
+// What every rank knows after a logging point: the training loss and IoU of
+// the last batch averaged over ranks (SPEC 4.3), and the first divergence
+// any rank saw.
+struct IntervalFigures {
+  double loss;
+  double iou;
+  std::optional<Divergence> diverged;
+};
+
 class Engine {
  public:
-  Engine(const RunConfig& cfg, const EngineOptions& opts, MlperfLog& log)
-      : cfg_(cfg), opts_(opts), log_(log), device_(torch::kCPU) {}
+  Engine(const RunConfig& cfg, MlperfLog& log, Communicator& comm)
+      : cfg_(cfg), log_(log), comm_(comm), device_(torch::kCPU) {}
 
   void build(bool with_optimizer) {
     const Params& run = cfg_.run;
@@ -151,16 +167,29 @@ class Engine {
         throw Error(fmt::format("{} [run] device = \"cuda\": no CUDA device is available{}", cfg_.file,
                                 DEEPCAM_WITH_CUDA ? "" : " (this build has CUDA disabled)"));
       }
-      device_ = torch::Device(torch::kCUDA, opts_.rank % static_cast<int>(torch::cuda::device_count()));
+      device_ = torch::Device(torch::kCUDA, comm_.local_rank() % static_cast<int>(torch::cuda::device_count()));
     }
     if (run.integer("threads") > 0) at::set_num_threads(static_cast<int>(run.integer("threads")));
     torch::manual_seed(static_cast<std::uint64_t>(run.integer("seed")));
 
-    const ReaderContext rc = reader_context(cfg_, opts_.rank, opts_.world_size, &log_);
+    ReaderContext rc = reader_context(cfg_, comm_.rank(), comm_.size(), &log_);
+    rc.local_rank = comm_.local_rank();
+    rc.local_size = comm_.local_size();
+    rc.node_group = comm_.size() > 1 ? &comm_.node() : nullptr;
     c_.reader = build_reader(cfg_, rc);
-    ModelContext mc{static_cast<std::int64_t>(rc.channels.size()), 3, opts_.rank, opts_.world_size};
+
+    bn_group_size_ = std::min<std::int64_t>(run.integer("batchnorm_group_size"), comm_.size());
+    if (comm_.size() % bn_group_size_ != 0) {
+      throw Error(fmt::format("{} [run] batchnorm_group_size = {}: does not divide the {} ranks; use a divisor of "
+                              "{}",
+                              cfg_.file, run.integer("batchnorm_group_size"), comm_.size(), comm_.size()));
+    }
+    ModelContext mc{static_cast<std::int64_t>(rc.channels.size()), 3, comm_.rank(), comm_.size()};
+    if (bn_group_size_ > 1) mc.batchnorm_group = &comm_.consecutive(static_cast<int>(bn_group_size_));
     c_.model = make(cfg_.model, [&](const PluginDescriptor& d) { return d.make_model(cfg_.model.params, mc); });
     c_.model->module().to(device_);
+    // Every rank starts from rank 0's weights (as DDP's constructor does).
+    broadcast_model();
     if (!with_optimizer) return;
     parameters_ = c_.model->module().parameters();
     OptimizerContext oc{parameters_};
@@ -169,6 +198,10 @@ class Engine {
     SchedulerContext sc{c_.optimizer->lr()};
     c_.scheduler =
         make(cfg_.scheduler, [&](const PluginDescriptor& d) { return d.make_scheduler(cfg_.scheduler.params, sc); });
+    if (comm_.size() > 1) {
+      const auto cap = static_cast<std::int64_t>(run.number("bucket_cap_mb") * 1024 * 1024);
+      gradients_ = std::make_unique<GradientAllReduce>(comm_, parameters_, cap);
+    }
   }
 
   int train() {
@@ -176,8 +209,8 @@ class Engine {
     const std::int64_t k = run.integer("gradient_accumulation_frequency");
     const std::int64_t batch = run.integer("train_batch_size");
 
-    log_.event("global_batch_size", Json(batch * opts_.world_size));
-    log_.event("batchnorm_group_size", Json(1));
+    log_.event("global_batch_size", Json(batch * comm_.size()));
+    log_.event("batchnorm_group_size", Json(bn_group_size_));
     log_.event("gradient_accumulation_frequency", Json(k));
     log_.event("num_workers", Json(1));
     c_.optimizer->log_hyperparameters(log_);
@@ -189,12 +222,18 @@ class Engine {
     std::int64_t first_epoch = 0;
     if (!run.string("resume").empty()) {
       const CheckpointInfo info = load_checkpoint(run.string("resume"), c_.model->module(), c_.optimizer.object.get());
+      agree_on_resume(info);
+      broadcast_model();
       step = info.step;
       first_epoch = info.epoch;
-      std::fprintf(stderr, "deepcam-host: resumed from %s at epoch %lld, step %lld\n", run.string("resume").c_str(),
-                   static_cast<long long>(first_epoch), static_cast<long long>(step));
+      if (comm_.rank() == 0) {
+        std::fprintf(stderr, "deepcam-host: resumed from %s at epoch %lld, step %lld\n", run.string("resume").c_str(),
+                     static_cast<long long>(first_epoch), static_cast<long long>(step));
+      }
     }
+    comm_.world().barrier();
     log_.end("init_stop");
+    comm_.world().barrier();
     log_.start("run_start");
 
     const std::int64_t max_epochs = run.integer("max_epochs");
@@ -206,17 +245,19 @@ class Engine {
     divergence_.reset(device_);
     while (epoch < max_epochs && !reached) {
       const std::int64_t epoch_num = epoch + 1;
+      comm_.world().barrier();
       log_.start("epoch_start", Json(), {{"epoch_num", Json(epoch_num)}});
       std::optional<Divergence> diverged;
       step = train_epoch(epoch, step, diverged);
       if (diverged) return stop_diverged(*diverged, step);
-      // One rank: its BatchNorm statistics are already the average over ranks.
+      average_batchnorm_statistics();
       const Totals v = validate(epoch_num, step);
       const double accuracy = v.score_sum / static_cast<double>(v.samples);
       // The last update of the epoch comes after the last check of its
       // losses; NaN weights it made show here first.
       const double eval_loss = v.loss_sum / static_cast<double>(v.samples);
       if (!std::isfinite(eval_loss)) return stop_diverged({step, epoch_num, "validation loss", eval_loss}, step);
+      comm_.world().barrier();
       log_.end("epoch_stop", Json(), {{"epoch_num", Json(epoch_num)}, {"step_num", Json(step)}});
       ++epoch;
       if (accuracy >= target) {
@@ -229,35 +270,128 @@ class Engine {
       }
     }
     if (last_saved != epoch) save(epoch, step);
+    comm_.world().barrier();
     log_.end("run_stop", Json(), {{"status", Json(reached ? "success" : "aborted")}, {"epoch_num", Json(epoch)}});
-    std::fprintf(stderr, "deepcam-host: %s after %lld epochs\n", reached ? "target reached" : "target NOT reached",
-                 static_cast<long long>(epoch));
+    if (comm_.rank() == 0) {
+      std::fprintf(stderr, "deepcam-host: %s after %lld epochs\n", reached ? "target reached" : "target NOT reached",
+                   static_cast<long long>(epoch));
+      if (synced_steps_ > 0) {
+        std::fprintf(stderr,
+                     "deepcam-host: gradient all-reduce over %d ranks: %.3f ms waited per optimizer step "
+                     "(%lld steps, %zu buckets)\n",
+                     comm_.size(), 1e3 * allreduce_wait_s_ / static_cast<double>(synced_steps_),
+                     static_cast<long long>(synced_steps_), gradients_->bucket_count());
+      }
+    }
     return reached ? 0 : 1;
   }
 
   int evaluate(const std::string& checkpoint) {
     const CheckpointInfo info = load_checkpoint(checkpoint, c_.model->module(), nullptr);
+    agree_on_resume(info);
+    broadcast_model();
     const Totals v = validate(info.epoch, info.step);
-    std::printf("eval_accuracy %s\neval_loss %s\n", python_float_repr(v.score_sum / static_cast<double>(v.samples)).c_str(),
-                python_float_repr(v.loss_sum / static_cast<double>(v.samples)).c_str());
+    if (comm_.rank() == 0) {
+      std::printf("eval_accuracy %s\neval_loss %s\n",
+                  python_float_repr(v.score_sum / static_cast<double>(v.samples)).c_str(),
+                  python_float_repr(v.loss_sum / static_cast<double>(v.samples)).c_str());
+    }
     return 0;
   }
 
  private:
+  // Rank 0's parameters and buffers on every rank.
+  void broadcast_model() {
+    if (comm_.size() == 1) return;
+    std::vector<at::Tensor> state;
+    for (const auto& [name, tensor] : state_entries(c_.model->module())) state.push_back(tensor);
+    comm_.broadcast_from_rank0(state);
+  }
+
+  // Every rank read the same checkpoint (a shared file system) and must
+  // resume at the same step and epoch.
+  void agree_on_resume(const CheckpointInfo& info) {
+    if (comm_.size() == 1) return;
+    const at::Tensor mine = at::tensor({info.step, info.epoch}, at::kLong);
+    const at::Tensor all = comm_.world().all_gather(mine);
+    for (int r = 0; r < comm_.size(); ++r) {
+      if (!all[r].equal(all[0])) {
+        throw Error(fmt::format("{} [run] resume: rank {} read step {} epoch {}, rank 0 step {} epoch {}; every rank "
+                                "must see the same checkpoint file",
+                                cfg_.file, r, all[r][0].item<std::int64_t>(), all[r][1].item<std::int64_t>(),
+                                all[0][0].item<std::int64_t>(), all[0][1].item<std::int64_t>()));
+      }
+    }
+  }
+
+  // SPEC 7: after each training epoch every rank holds the mean over ranks of
+  // the BatchNorm running mean and variance.
+  void average_batchnorm_statistics() {
+    if (comm_.size() == 1) return;
+    std::vector<at::Tensor> stats;
+    for (const auto& item : c_.model->module().named_buffers(/*recurse=*/true)) {
+      const std::string& name = item.key();
+      const auto ends_with = [&](const std::string& tail) {
+        return name.size() >= tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
+      };
+      if (ends_with("running_mean") || ends_with("running_var")) stats.push_back(item.value());
+    }
+    if (stats.empty()) return;
+    std::vector<at::Tensor> flat_parts;
+    for (const at::Tensor& t : stats) flat_parts.push_back(t.reshape({-1}));
+    at::Tensor flat = at::cat(flat_parts);
+    comm_.world().all_reduce_sum(flat);
+    flat.div_(static_cast<double>(comm_.size()));
+    std::int64_t offset = 0;
+    torch::NoGradGuard no_grad;
+    for (at::Tensor& t : stats) {
+      t.copy_(flat.narrow(0, offset, t.numel()).view(t.sizes()));
+      offset += t.numel();
+    }
+  }
+
   // A diverged run stops at once: no validation of NaN weights, no
   // checkpoint of them. The log closes the epoch's interval at the step
   // training stopped (`step`, at or after the bad one) and ends with run_stop
-  // "aborted" (SPEC 8.2), so that it stays a well-formed log.
+  // "aborted" (SPEC 8.2), so that it stays a well-formed log. Every rank
+  // gets here at the same step: the decision was reduced over ranks.
   int stop_diverged(const Divergence& d, std::int64_t step) {
+    comm_.world().barrier();
     log_.end("epoch_stop", Json(), {{"epoch_num", Json(d.epoch_num)}, {"step_num", Json(step)}});
+    comm_.world().barrier();
     log_.end("run_stop", Json(), {{"status", Json("aborted")}, {"epoch_num", Json(d.epoch_num)}});
-    std::fprintf(stderr,
-                 "deepcam-host: training diverged at step %lld (epoch %lld): the %s is %s. The run stops here "
-                 "(run_stop status \"aborted\"; no checkpoint written); lower [optimizer] lr or the warmup "
-                 "(lr_warmup_factor) and run again\n",
-                 static_cast<long long>(d.step_num), static_cast<long long>(d.epoch_num), d.what,
-                 python_float_repr(d.value).c_str());
+    if (comm_.rank() == 0) {
+      std::fprintf(stderr,
+                   "deepcam-host: training diverged at step %lld (epoch %lld): the %s is %s. The run stops here "
+                   "(run_stop status \"aborted\"; no checkpoint written); lower [optimizer] lr or the warmup "
+                   "(lr_warmup_factor) and run again\n",
+                   static_cast<long long>(d.step_num), static_cast<long long>(d.epoch_num), d.what,
+                   python_float_repr(d.value).c_str());
+    }
     return kDivergedStatus;
+  }
+
+  // The figures of a logging point, over all ranks: one all-gather of four
+  // numbers per rank, where the loss is read from the device anyway.
+  IntervalFigures interval_figures(std::int64_t epoch_num, const at::Tensor& logits, const at::Tensor& labels,
+                                   const at::Tensor& loss) {
+    torch::NoGradGuard no_grad;
+    const auto [code, value] = divergence_.record();
+    const at::Tensor mine = at::tensor({loss.item<double>(), iou_score(logits, labels), code, value}, at::kDouble);
+    const at::Tensor all = comm_.world().all_gather(mine);  // (P, 4)
+    IntervalFigures f{all.select(1, 0).mean().item<double>(), all.select(1, 1).mean().item<double>(), std::nullopt};
+    // The first bad step on any rank (codes order steps), so that every rank
+    // stops at the same place with the same message.
+    double first = -1, first_value = 0;
+    for (int r = 0; r < comm_.size(); ++r) {
+      const double c = all[r][2].item<double>();
+      if (c >= 0 && (first < 0 || c < first)) {
+        first = c;
+        first_value = all[r][3].item<double>();
+      }
+    }
+    f.diverged = DivergenceWatch::decode(first, first_value, epoch_num);
+    return f;
   }
 
   // Trains one epoch; stops early, with `diverged` set, at the first check
@@ -280,13 +414,21 @@ class Engine {
     std::int64_t done = 0;
     while (done < batches && c_.reader->next(batch)) {
       if (batch.data.size(0) != batch_size) break;
+      const bool update = (step + 1) % k == 0;
       const at::Tensor input = batch.data.to(device_, /*non_blocking=*/true);
       labels = batch.labels.to(device_, /*non_blocking=*/true);
+      // Only the backward pass of the batch that updates the weights is
+      // all-reduced; the others accumulate on this rank.
+      if (gradients_ && update) gradients_->arm();
       logits = c_.model->forward(input);
       loss = weighted_cross_entropy(logits, labels) / static_cast<double>(k);
       loss.backward();
       divergence_.loss(loss, step);
-      if ((step + 1) % k == 0) {
+      if (update) {
+        if (gradients_) {
+          allreduce_wait_s_ += gradients_->finish();
+          ++synced_steps_;
+        }
         // Before the update: the accumulated gradient of these k batches.
         divergence_.gradients(parameters_, step);
         current_lr = c_.scheduler->lr_at(step / k);
@@ -298,9 +440,10 @@ class Engine {
       ++done;
       if (frequency > 0 && step % frequency == 0) {
         // The loss is read here anyway; reading the watch costs no extra wait.
-        if ((diverged = divergence_.read(epoch_num))) return step;
-        log_train(epoch_num, step, current_lr, logits, labels, loss, k);
-        progress(epoch_num, done, batches, batch_size, t0, logits, labels, loss, k);
+        const IntervalFigures f = interval_figures(epoch_num, logits, labels, loss);
+        if ((diverged = f.diverged)) return step;
+        log_train(epoch_num, step, current_lr, f);
+        progress(epoch_num, done, batches, batch_size, t0, f, k);
       }
     }
     if (done == 0) {
@@ -308,69 +451,89 @@ class Engine {
                               cfg_.data.string("root"), batch_size, c_.reader->local_samples(Split::Train)));
     }
     // Every step of the epoch is checked before its weights are validated.
-    if ((diverged = divergence_.read(epoch_num))) return step;
-    log_train(epoch_num, step, current_lr, logits, labels, loss, k);
+    const IntervalFigures f = interval_figures(epoch_num, logits, labels, loss);
+    if ((diverged = f.diverged)) return step;
+    log_train(epoch_num, step, current_lr, f);
     return step;
   }
 
-  void log_train(std::int64_t epoch_num, std::int64_t step, double lr, const at::Tensor& logits,
-                 const at::Tensor& labels, const at::Tensor& loss, std::int64_t k) {
+  void log_train(std::int64_t epoch_num, std::int64_t step, double lr, const IntervalFigures& f) {
     const MlperfLog::Metadata md = {{"epoch_num", Json(epoch_num)}, {"step_num", Json(step)}};
-    torch::NoGradGuard no_grad;
     log_.event("learning_rate", Json(lr), md);
-    log_.event("train_accuracy", Json(iou_score(logits, labels)), md);
+    log_.event("train_accuracy", Json(f.iou), md);
     // The reference logs the loss as scaled for accumulation.
-    log_.event("train_loss", Json(loss.item<double>()), md);
-    (void)k;
+    log_.event("train_loss", Json(f.loss), md);
   }
 
   void progress(std::int64_t epoch_num, std::int64_t done, std::int64_t batches, std::int64_t batch_size,
-                Clock::time_point t0, const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& loss,
-                std::int64_t k) {
-    if (opts_.rank != 0) return;
-    torch::NoGradGuard no_grad;
+                Clock::time_point t0, const IntervalFigures& f, std::int64_t k) {
+    if (comm_.rank() != 0) return;
     const double elapsed = seconds_since(t0);
-    const double rate = static_cast<double>(done * batch_size * opts_.world_size) / elapsed;
+    const double rate = static_cast<double>(done * batch_size * comm_.size()) / elapsed;
     const double left = elapsed / static_cast<double>(done) * static_cast<double>(batches - done);
     std::fprintf(stderr, "epoch %lld step %lld/%lld  loss %.4f  iou %.4f  %.2f samples/s  %02d:%02d left in epoch\n",
                  static_cast<long long>(epoch_num), static_cast<long long>(done), static_cast<long long>(batches),
-                 loss.item<double>() * static_cast<double>(k), iou_score(logits, labels), rate,
-                 static_cast<int>(left) / 60, static_cast<int>(left) % 60);
+                 f.loss * static_cast<double>(k), f.iou, rate, static_cast<int>(left) / 60,
+                 static_cast<int>(left) % 60);
   }
 
+  // SPEC 4.3 over all ranks. Each sample's score and loss are gathered from
+  // every rank and summed in ascending order, so that the figures depend
+  // only on the set of samples, not on how the ranks divided it: P ranks
+  // give exactly one rank's figures.
   Totals validate(std::int64_t epoch_num, std::int64_t step) {
     const MlperfLog::Metadata md = {{"epoch_num", Json(epoch_num)}, {"step_num", Json(step)}};
     log_.start("eval_start", Json(), md);
     c_.model->module().eval();
     torch::NoGradGuard no_grad;
     c_.reader->start_epoch(Split::Validation, 0);
-    Totals t;
+    std::vector<at::Tensor> scores, losses;
     Batch batch;
     while (c_.reader->next(batch)) {
       const at::Tensor input = batch.data.to(device_);
       const at::Tensor labels = batch.labels.to(device_);
       const at::Tensor logits = c_.model->forward(input);
-      const std::int64_t n = input.size(0);
-      t.loss_sum += weighted_cross_entropy(logits, labels).item<double>() * static_cast<double>(n);
-      t.score_sum += iou_per_sample(logits, labels).sum().item<double>();
-      t.samples += n;
+      scores.push_back(iou_per_sample(logits, labels).to(at::kCPU, at::kDouble));
+      for (std::int64_t i = 0; i < input.size(0); ++i) {
+        losses.push_back(
+            weighted_cross_entropy(logits.narrow(0, i, 1), labels.narrow(0, i, 1)).to(at::kCPU, at::kDouble).view({1}));
+      }
     }
-    // One rank: the sums are already global (SPEC 4.3 averages over all ranks).
+    const at::Tensor mine = scores.empty() ? at::empty({0, 2}, at::kDouble)
+                                           : at::stack({at::cat(scores), at::cat(losses)}, 1);  // (n, 2)
+    const at::Tensor all = gather_rows(mine);
+    Totals t;
+    t.samples = all.size(0);
     if (t.samples == 0) throw Error(fmt::format("{}: no validation samples", cfg_.data.string("root")));
+    t.score_sum = std::get<0>(all.select(1, 0).sort()).sum().item<double>();
+    t.loss_sum = std::get<0>(all.select(1, 1).sort()).sum().item<double>();
     const double accuracy = t.score_sum / static_cast<double>(t.samples);
     const double loss = t.loss_sum / static_cast<double>(t.samples);
     log_.event("eval_accuracy", Json(accuracy), md);
     log_.event("eval_loss", Json(loss), md);
     log_.end("eval_stop", Json(), md);
-    if (opts_.rank == 0) {
+    if (comm_.rank() == 0) {
       std::fprintf(stderr, "epoch %lld validation: iou %.4f  loss %.4f  (%lld samples)\n",
                    static_cast<long long>(epoch_num), accuracy, loss, static_cast<long long>(t.samples));
     }
     return t;
   }
 
+  // Every rank's rows (n_r, w) of float64 together, in rank order.
+  at::Tensor gather_rows(const at::Tensor& mine) {
+    if (comm_.size() == 1) return mine;
+    const at::Tensor counts = comm_.world().all_gather(at::tensor({mine.size(0)}, at::kLong));
+    const std::int64_t most = counts.max().item<std::int64_t>();
+    at::Tensor padded = at::zeros({most, mine.size(1)}, at::kDouble);
+    padded.narrow(0, 0, mine.size(0)).copy_(mine);
+    const at::Tensor all = comm_.world().all_gather(padded);  // (P, most, w)
+    std::vector<at::Tensor> rows;
+    for (int r = 0; r < comm_.size(); ++r) rows.push_back(all[r].narrow(0, 0, counts[r][0].item<std::int64_t>()));
+    return at::cat(rows);
+  }
+
   void save(std::int64_t epoch, std::int64_t step) {
-    if (opts_.rank != 0) return;
+    if (comm_.rank() != 0) return;
     const std::string path =
         (fs::path(cfg_.run.string("output_dir")) / fmt::format("checkpoint-epoch{}.pt", epoch)).string();
     save_checkpoint(path, CheckpointInfo{step, epoch}, c_.model->module(), c_.optimizer.object.get());
@@ -378,21 +541,38 @@ class Engine {
   }
 
   const RunConfig& cfg_;
-  const EngineOptions& opts_;
   MlperfLog& log_;
+  Communicator& comm_;
   torch::Device device_;
   Components c_;
   std::vector<at::Tensor> parameters_;  // the model's, for the gradient norm
   DivergenceWatch divergence_;
+  std::int64_t bn_group_size_ = 1;
+  std::unique_ptr<GradientAllReduce> gradients_;  // more than one rank
+  double allreduce_wait_s_ = 0;
+  std::int64_t synced_steps_ = 0;
 };
 
 }  // namespace
 
+RankLost::~RankLost() = default;
+
 int run_engine(const RunConfig& cfg, const EngineOptions& opts) {
+  const RankLayout layout = detect_ranks();
+  CommOptions co;
+  co.rendezvous = cfg.run.string("rendezvous");
+  co.rendezvous_where = cfg.file + " [run] rendezvous";
+  co.timeout = std::chrono::milliseconds(static_cast<std::int64_t>(cfg.run.number("comm_timeout_s") * 1000));
+  co.timeout_where = "[run] comm_timeout_s";
+  co.cuda = cfg.run.string("device") == "cuda";
+  Communicator comm(layout, co);
+  const bool rank0 = comm.rank() == 0;
+
+  // Only rank 0 writes files (SPEC 8.1).
   const fs::path out_dir = cfg.run.string("output_dir");
   std::error_code ec;
-  const bool created = !fs::exists(out_dir, ec);
-  fs::create_directories(out_dir, ec);
+  const bool created = rank0 && !fs::exists(out_dir, ec);
+  if (rank0) fs::create_directories(out_dir, ec);
   if (ec) throw Error(fmt::format("{} [run] output_dir: cannot create {}: {}", cfg.file, out_dir.string(), ec.message()));
   // A run that fails leaves no output directory it made and no files in it.
   struct RemoveIfEmpty {
@@ -403,7 +583,6 @@ int run_engine(const RunConfig& cfg, const EngineOptions& opts) {
       if (created && fs::is_empty(dir, e)) fs::remove(dir, e);
     }
   } cleanup{out_dir, created};
-  const bool rank0 = opts.rank == 0;
   std::unique_ptr<AtomicFile> config_file;
   if (rank0) {
     config_file = std::make_unique<AtomicFile>((out_dir / "config.toml").string());
@@ -417,10 +596,11 @@ int run_engine(const RunConfig& cfg, const EngineOptions& opts) {
   if (rank0) log_file = std::make_unique<AtomicFile>((out_dir / log_name).string());
   MlperfLog log(log_file ? log_file->get() : nullptr, rank0);
 
-  Engine engine(cfg, opts, log);
+  Engine engine(cfg, log, comm);
   if (evaluating) {
     engine.build(/*with_optimizer=*/false);
     const int status = engine.evaluate(opts.evaluate_checkpoint);
+    comm.finish();
     if (rank0) {
       log_file->commit();
       config_file->commit();
@@ -434,20 +614,23 @@ int run_engine(const RunConfig& cfg, const EngineOptions& opts) {
   log.event("submission_division", Json(cfg.mlperf.string("division")));
   log.event("submission_status", Json(cfg.mlperf.string("status")));
   log.event("submission_platform", Json(cfg.mlperf.string("platform")));
+  comm.world().barrier();
   log.start("init_start");
   log.event("cache_clear", Json(true));
   log.event("seed", Json(cfg.run.integer("seed")));
-  log.event("number_of_ranks", Json(opts.world_size));
-  log.event("number_of_nodes", Json(1));
-  log.event("accelerators_per_node", Json(cfg.run.string("device") == "cuda" ? opts.world_size : 0));
+  log.event("number_of_ranks", Json(comm.size()));
+  log.event("number_of_nodes", Json(comm.nodes()));
+  // One GPU per rank: the most ranks on one node.
+  log.event("accelerators_per_node", Json(cfg.run.string("device") == "cuda" ? comm.max_local_size() : 0));
   engine.build(/*with_optimizer=*/true);
   const int status = engine.train();
+  comm.finish();
   if (rank0) {
     log_file->commit();
     config_file->commit();
+    std::fprintf(stderr, "deepcam-host: run took %.1f s; log %s\n", seconds_since(t0),
+                 (out_dir / log_name).string().c_str());
   }
-  std::fprintf(stderr, "deepcam-host: run took %.1f s; log %s\n", seconds_since(t0),
-               (out_dir / log_name).string().c_str());
   return status;
 }
 

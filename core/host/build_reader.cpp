@@ -18,7 +18,7 @@ ReaderContext reader_context(const RunConfig& config, int rank, int world_size, 
                        world_size,
                        static_cast<std::uint64_t>(run.integer("seed")),
                        log,
-                       // One rank per node until multi-rank runs know their node.
+                       // The engine fills in the node's ranks once the ranks have met.
                        /*local_rank=*/0,
                        /*local_size=*/1,
                        run.string("device")};

@@ -1,0 +1,467 @@
+#include "comm.hpp"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+#include <torch/csrc/distributed/c10d/FileStore.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <unistd.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "deepcam_build_config.h"
+#if DEEPCAM_WITH_CUDA
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+namespace deepcam {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using BackendType = c10d::ProcessGroup::BackendType;
+
+std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
+
+double seconds(std::chrono::milliseconds ms) { return static_cast<double>(ms.count()) / 1000.0; }
+
+std::string heartbeat_key(int rank) { return fmt::format("deepcam/alive/{}", rank); }
+const char* const kLostKey = "deepcam/lost";
+const std::string kDone = "done";      // ended normally
+const std::string kFailed = "failed";  // ended by an error of its own
+
+std::string text_of(const std::vector<std::uint8_t>& bytes) { return std::string(bytes.begin(), bytes.end()); }
+std::vector<std::uint8_t> bytes_of(const std::string& text) { return {text.begin(), text.end()}; }
+
+std::string hostname() {
+  char name[256] = {};
+  if (::gethostname(name, sizeof(name) - 1) != 0) return "unknown-host";
+  return name;
+}
+
+}  // namespace
+
+class ProcessGroupGroup;
+
+struct Communicator::Impl {
+  RankLayout layout;
+  CommOptions options;
+  c10::intrusive_ptr<c10d::Store> store;
+  std::vector<std::string> hosts;
+  int nodes = 1;
+  int max_local_size = 1;
+  std::unique_ptr<ProcessGroupGroup> world, node;
+  std::map<int, std::unique_ptr<ProcessGroupGroup>> consecutive;
+
+  // The watchdog.
+  std::chrono::milliseconds interval{1000};
+  std::thread thread;
+  std::mutex mutex;
+  std::condition_variable wake;
+  bool stopping = false;
+  bool finishing = false;
+  std::string verdict;  // who was lost, once known
+
+  c10::intrusive_ptr<c10d::ProcessGroup> make_group(const std::string& name, int rank, int size);
+  std::unique_ptr<ProcessGroupGroup> group(const std::string& name, const std::vector<int>& members);
+  void meet();
+  void watch();
+  void stop_watch();
+  std::string describe(int rank) const {
+    return rank < static_cast<int>(hosts.size()) ? fmt::format("rank {} (host {})", rank, hosts[rank])
+                                                  : fmt::format("rank {}", rank);
+  }
+  // A collective failed on this rank: waits for the watchdog to tell which
+  // rank was lost, then throws RankLost.
+  [[noreturn]] void lost(const std::string& what);
+};
+
+// A c10d process group behind the plugin-facing Group interface. Without a
+// process group (one member) every operation is local.
+class ProcessGroupGroup final : public Group {
+ public:
+  ProcessGroupGroup(Communicator::Impl& owner, c10::intrusive_ptr<c10d::ProcessGroup> pg, int rank, int size)
+      : owner_(owner), pg_(std::move(pg)), rank_(rank), size_(size) {}
+
+  int size() const override { return size_; }
+  int rank() const override { return rank_; }
+
+  void barrier() override {
+    if (pg_) run([&] { pg_->barrier()->wait(); });
+  }
+
+  void all_reduce_sum(at::Tensor& tensor) override {
+    if (!pg_) return;
+    std::vector<at::Tensor> tensors{tensor.is_contiguous() ? tensor : tensor.contiguous()};
+    run([&] { pg_->allreduce(tensors)->wait(); });
+    if (!tensors[0].is_same(tensor)) tensor.copy_(tensors[0]);
+  }
+
+  at::Tensor all_gather(const at::Tensor& tensor) override {
+    if (!pg_) return tensor.unsqueeze(0).clone();
+    std::vector<at::Tensor> inputs{tensor.contiguous()};
+    std::vector<std::vector<at::Tensor>> outputs(1);
+    for (int i = 0; i < size_; ++i) outputs[0].push_back(at::empty_like(inputs[0]));
+    run([&] { pg_->allgather(outputs, inputs)->wait(); });
+    return at::stack(outputs[0]);
+  }
+
+  c10d::ProcessGroup* process_group() const { return pg_.get(); }
+
+  template <typename F>
+  void run(F&& f) {
+    try {
+      f();
+    } catch (const RankLost&) {
+      throw;
+    } catch (const std::exception& e) {
+      owner_.lost(e.what());
+    }
+  }
+
+ private:
+  Communicator::Impl& owner_;
+  c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+  int rank_, size_;
+};
+
+c10::intrusive_ptr<c10d::ProcessGroup> Communicator::Impl::make_group(const std::string& name, int rank, int size) {
+  auto prefixed = c10::make_intrusive<c10d::PrefixStore>(name + "/", store);
+  auto pg = c10::make_intrusive<c10d::ProcessGroup>(prefixed, rank, size);
+  auto gloo_options = c10d::ProcessGroupGloo::Options::create();
+  gloo_options->timeout = options.timeout;
+  // GLOO_SOCKET_IFNAME picks the network interface, as in PyTorch.
+  const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
+  gloo_options->devices.push_back(ifname && *ifname ? c10d::ProcessGroupGloo::createDeviceForInterface(ifname)
+                                                    : c10d::ProcessGroupGloo::createDefaultDevice());
+  auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(c10::make_intrusive<c10d::PrefixStore>("gloo/", prefixed),
+                                                          rank, size, gloo_options);
+  // Barriers and CPU tensors go through Gloo also on CUDA runs.
+  pg->setDefaultBackend(BackendType::GLOO);
+  pg->setBackend(c10::DeviceType::CPU, BackendType::GLOO, gloo);
+#if DEEPCAM_WITH_CUDA
+  if (options.cuda) {
+    auto nccl_options = c10d::ProcessGroupNCCL::Options::create();
+    nccl_options->timeout = options.timeout;
+    auto nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(
+        c10::make_intrusive<c10d::PrefixStore>("nccl/", prefixed), rank, size, nccl_options);
+    pg->setBackend(c10::DeviceType::CUDA, BackendType::NCCL, nccl);
+  }
+#endif
+  return pg;
+}
+
+std::unique_ptr<ProcessGroupGroup> Communicator::Impl::group(const std::string& name, const std::vector<int>& members) {
+  const auto me = std::find(members.begin(), members.end(), layout.rank);
+  const int rank = static_cast<int>(me - members.begin());
+  const int size = static_cast<int>(members.size());
+  if (size == 1) return std::make_unique<ProcessGroupGroup>(*this, nullptr, 0, 1);
+  return std::make_unique<ProcessGroupGroup>(*this, make_group(name, rank, size), rank, size);
+}
+
+// Rendezvous, the world group, and who runs where.
+void Communicator::Impl::meet() {
+  const int rank = layout.rank, size = layout.world_size;
+  const std::string& rv = options.rendezvous;
+  const std::string where = options.rendezvous_where;
+  try {
+    if (rv == "env" || rv.rfind("tcp://", 0) == 0) {
+      std::string host, port_text;
+      if (rv == "env") {
+        const char* addr = std::getenv("MASTER_ADDR");
+        const char* port = std::getenv("MASTER_PORT");
+        if (!addr || !*addr || !port || !*port) {
+          throw Error(fmt::format("{} = \"env\": {} ranks ({}) need MASTER_ADDR and MASTER_PORT (rank 0's host and "
+                                  "a free port) in the environment; or set rendezvous = \"tcp://HOST:PORT\" or "
+                                  "\"file:///shared/path\"",
+                                  where, size, layout.source));
+        }
+        host = addr;
+        port_text = port;
+      } else {
+        const std::string rest = rv.substr(6);
+        const auto colon = rest.rfind(':');
+        if (colon == std::string::npos || colon == 0) {
+          throw Error(fmt::format("{} = \"{}\": expected tcp://HOST:PORT", where, rv));
+        }
+        host = rest.substr(0, colon);
+        port_text = rest.substr(colon + 1);
+      }
+      char* end = nullptr;
+      const long port = std::strtol(port_text.c_str(), &end, 10);
+      if (port_text.empty() || *end != '\0' || port < 1 || port > 65535) {
+        throw Error(fmt::format("{}: port \"{}\" is not a number in 1..65535", where, port_text));
+      }
+      c10d::TCPStoreOptions o;
+      o.port = static_cast<std::uint16_t>(port);
+      o.isServer = rank == 0;
+      o.numWorkers = static_cast<std::size_t>(size);
+      o.waitWorkers = true;
+      o.timeout = options.timeout;
+      store = c10::make_intrusive<c10d::TCPStore>(host, o);
+    } else if (rv.rfind("file://", 0) == 0) {
+      const std::string path = rv.substr(7);
+      if (path.empty() || path[0] != '/') {
+        throw Error(fmt::format("{} = \"{}\": expected file:///ABSOLUTE/PATH on a file system all ranks share",
+                                where, rv));
+      }
+      store = c10::make_intrusive<c10d::FileStore>(path, size);
+      store->setTimeout(options.timeout);
+    } else {
+      throw Error(fmt::format("{} = \"{}\": expected \"env\", \"tcp://HOST:PORT\" or \"file:///PATH\"", where, rv));
+    }
+    store->set(heartbeat_key(rank), bytes_of("0"));
+    world = group("world", [&] {
+      std::vector<int> all(static_cast<std::size_t>(size));
+      for (int r = 0; r < size; ++r) all[static_cast<std::size_t>(r)] = r;
+      return all;
+    }());
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw Error(fmt::format("rank {} of {}: could not meet the other ranks through {} = \"{}\" within {} s ({}): {}",
+                            rank, size, where, rv, seconds(options.timeout), options.timeout_where,
+                            first_line(e.what())));
+  }
+
+  // Host names, through one all-gather of fixed-size buffers.
+  constexpr std::int64_t kNameBytes = 256;
+  at::Tensor mine = at::zeros({kNameBytes}, at::kByte);
+  const std::string me = hostname().substr(0, kNameBytes - 1);
+  std::copy(me.begin(), me.end(), mine.data_ptr<std::uint8_t>());
+  const at::Tensor all = world->all_gather(mine);
+  std::map<std::string, int> per_host;
+  for (int r = 0; r < size; ++r) {
+    hosts.emplace_back(reinterpret_cast<const char*>(all[r].data_ptr<std::uint8_t>()));
+    ++per_host[hosts.back()];
+  }
+  nodes = static_cast<int>(per_host.size());
+  for (const auto& [h, n] : per_host) max_local_size = std::max(max_local_size, n);
+  std::vector<int> node_members;
+  for (int r = 0; r < size; ++r) {
+    if (hosts[static_cast<std::size_t>(r)] == hosts[static_cast<std::size_t>(rank)]) node_members.push_back(r);
+  }
+  if (layout.local_rank < 0) {
+    layout.local_rank = static_cast<int>(std::find(node_members.begin(), node_members.end(), rank) - node_members.begin());
+    layout.local_size = static_cast<int>(node_members.size());
+  }
+  node = group(fmt::format("node{}", node_members.front()), node_members);
+}
+
+void Communicator::Impl::watch() {
+  // A connection of its own: the store's client is not shared with the
+  // process groups' set-up.
+  c10::intrusive_ptr<c10d::Store> s = store->clone();
+  const int size = layout.world_size;
+  std::vector<std::string> keys;
+  for (int r = 0; r < size; ++r) keys.push_back(heartbeat_key(r));
+  std::vector<std::string> last(static_cast<std::size_t>(size));
+  std::vector<Clock::time_point> changed(static_cast<std::size_t>(size), Clock::now());
+  std::int64_t beat = 0;
+  std::unique_lock<std::mutex> lock(mutex);
+  while (!stopping && verdict.empty()) {
+    lock.unlock();
+    std::string found;
+    try {
+      s->set(heartbeat_key(layout.rank), bytes_of(std::to_string(++beat)));
+      // Rank 0 watches every rank; the others watch rank 0 and read its word.
+      std::vector<int> watched;
+      if (layout.rank == 0) {
+        for (int r = 1; r < size; ++r) watched.push_back(r);
+      } else {
+        watched.push_back(0);
+        if (s->check({kLostKey})) found = text_of(s->get(kLostKey));
+      }
+      std::vector<std::string> watched_keys;
+      for (int r : watched) watched_keys.push_back(keys[static_cast<std::size_t>(r)]);
+      const auto values = s->multiGet(watched_keys);
+      const auto now = Clock::now();
+      for (std::size_t i = 0; i < watched.size() && found.empty(); ++i) {
+        const auto r = static_cast<std::size_t>(watched[i]);
+        const std::string v = text_of(values[i]);
+        if (v == kDone) continue;
+        if (v == kFailed) {
+          found = fmt::format("lost {}: it stopped with an error of its own (see its output)",
+                              describe(static_cast<int>(r)));
+        } else if (v != last[r]) {
+          last[r] = v;
+          changed[r] = now;
+        } else if (now - changed[r] > options.timeout) {
+          found = fmt::format("lost {}: no sign of life for {} s ({} = {})", describe(static_cast<int>(r)),
+                              seconds(options.timeout), options.timeout_where, seconds(options.timeout));
+        }
+      }
+      if (!found.empty() && layout.rank == 0) s->set(kLostKey, bytes_of(found));
+    } catch (const std::exception& e) {
+      lock.lock();
+      if (finishing || stopping) return;
+      lock.unlock();
+      found = options.rendezvous == "env" || options.rendezvous.rfind("tcp://", 0) == 0
+                  ? fmt::format("lost {}, which holds the rendezvous store: {}", describe(0), first_line(e.what()))
+                  : fmt::format("lost the rendezvous store {}: {}", options.rendezvous, first_line(e.what()));
+    }
+    lock.lock();
+    if (!found.empty()) verdict = found;
+    if (verdict.empty()) wake.wait_for(lock, interval, [&] { return stopping; });
+  }
+  if (stopping) return;
+  // Someone was lost. The main thread normally learns it from a failed
+  // collective and unwinds (removing what it had half-written); if it is
+  // still busy after another timeout, nothing it waits for can come.
+  wake.notify_all();
+  if (wake.wait_for(lock, options.timeout, [&] { return stopping; })) return;
+  std::fprintf(stderr, "deepcam-host: rank %d: %s; stopping\n", layout.rank, verdict.c_str());
+  std::fflush(stderr);
+  std::_Exit(kRankLostStatus);
+}
+
+void Communicator::Impl::stop_watch() {
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    stopping = true;
+  }
+  wake.notify_all();
+  if (thread.joinable()) thread.join();
+}
+
+void Communicator::Impl::lost(const std::string& what) {
+  std::unique_lock<std::mutex> lock(mutex);
+  // The lost rank's heartbeat goes stale within the timeout; a few beats more
+  // for the watchdog to see it.
+  wake.wait_for(lock, options.timeout + 4 * interval, [&] { return !verdict.empty() || stopping; });
+  const std::string who =
+      verdict.empty() ? fmt::format("a collective failed and no rank stopped its heartbeat within {} s",
+                                    seconds(options.timeout))
+                      : verdict;
+  throw RankLost(fmt::format("rank {}: {}; this rank stops too (the collective failed with: {})", layout.rank, who,
+                             first_line(what)));
+}
+
+Communicator::Communicator(const RankLayout& layout, const CommOptions& options)
+    : impl_(std::make_unique<Impl>()) {
+  impl_->layout = layout;
+  impl_->options = options;
+  if (layout.world_size == 1) {
+    impl_->layout.local_rank = 0;
+    impl_->layout.local_size = 1;
+    impl_->hosts = {hostname()};
+    impl_->world = std::make_unique<ProcessGroupGroup>(*impl_, nullptr, 0, 1);
+    impl_->node = std::make_unique<ProcessGroupGroup>(*impl_, nullptr, 0, 1);
+    return;
+  }
+  impl_->interval = std::clamp(options.timeout / 10, std::chrono::milliseconds(100), std::chrono::milliseconds(5000));
+  impl_->meet();
+  impl_->thread = std::thread([impl = impl_.get()] { impl->watch(); });
+}
+
+Communicator::~Communicator() {
+  impl_->stop_watch();
+  // Unwinding from an error: tell the others at once rather than after the
+  // timeout.
+  if (impl_->store && !impl_->finishing) {
+    try {
+      impl_->store->set(heartbeat_key(rank()), bytes_of(kFailed));
+    } catch (const std::exception&) {
+      // The store's host is gone too; the others find out by themselves.
+    }
+  }
+}
+
+int Communicator::rank() const { return impl_->layout.rank; }
+int Communicator::size() const { return impl_->layout.world_size; }
+int Communicator::local_rank() const { return impl_->layout.local_rank; }
+int Communicator::local_size() const { return impl_->layout.local_size; }
+int Communicator::nodes() const { return impl_->nodes; }
+int Communicator::max_local_size() const { return impl_->max_local_size; }
+Group& Communicator::world() { return *impl_->world; }
+Group& Communicator::node() { return *impl_->node; }
+
+Group& Communicator::consecutive(int n) {
+  auto& slot = impl_->consecutive[n];
+  if (!slot) {
+    if (n < 1 || size() % n != 0) {
+      throw Error(fmt::format("a group of {} consecutive ranks does not divide the {} ranks", n, size()));
+    }
+    const int first = rank() - rank() % n;
+    std::vector<int> members;
+    for (int r = first; r < first + n; ++r) members.push_back(r);
+    slot = impl_->group(fmt::format("consecutive{}-{}", n, first), members);
+  }
+  return *slot;
+}
+
+namespace {
+
+class WorkPending final : public Communicator::Pending {
+ public:
+  WorkPending(ProcessGroupGroup& group, c10::intrusive_ptr<c10d::Work> work) : group_(group), work_(std::move(work)) {}
+  void wait() override {
+    if (work_) group_.run([&] { work_->wait(); });
+    work_.reset();
+  }
+
+ private:
+  ProcessGroupGroup& group_;
+  c10::intrusive_ptr<c10d::Work> work_;
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator::Pending> Communicator::all_reduce_sum_async(at::Tensor& flat) {
+  ProcessGroupGroup& w = *impl_->world;
+  c10::intrusive_ptr<c10d::Work> work;
+  if (w.process_group()) {
+    std::vector<at::Tensor> tensors{flat};
+    w.run([&] { work = w.process_group()->allreduce(tensors); });
+  }
+  return std::make_unique<WorkPending>(w, std::move(work));
+}
+
+void Communicator::broadcast_from_rank0(const std::vector<at::Tensor>& tensors) {
+  ProcessGroupGroup& w = *impl_->world;
+  if (!w.process_group()) return;
+  // One flat buffer per dtype and device.
+  std::map<std::pair<at::ScalarType, std::string>, std::vector<at::Tensor>> kinds;
+  for (const at::Tensor& t : tensors) kinds[{t.scalar_type(), t.device().str()}].push_back(t);
+  for (auto& [kind, list] : kinds) {
+    std::vector<at::Tensor> flat_parts;
+    for (const at::Tensor& t : list) flat_parts.push_back(t.detach().reshape({-1}));
+    std::vector<at::Tensor> flat{at::cat(flat_parts)};
+    c10d::BroadcastOptions o;
+    o.rootRank = 0;
+    w.run([&] { w.process_group()->broadcast(flat, o)->wait(); });
+    std::int64_t offset = 0;
+    for (const at::Tensor& t : list) {
+      at::NoGradGuard no_grad;
+      const std::int64_t n = t.numel();
+      t.detach().copy_(flat[0].narrow(0, offset, n).view(t.sizes()));
+      offset += n;
+    }
+  }
+}
+
+void Communicator::finish() {
+  if (size() == 1) return;
+  impl_->world->barrier();
+  {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    impl_->finishing = true;
+  }
+  try {
+    impl_->store->set(heartbeat_key(rank()), bytes_of(kDone));
+  } catch (const std::exception&) {
+    // Rank 0 may have gone already: every rank passed the barrier.
+  }
+  impl_->stop_watch();
+}
+
+}  // namespace deepcam

@@ -1,0 +1,210 @@
+#include "launcher.hpp"
+
+#include <arpa/inet.h>
+#include <fmt/format.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include "deepcam/error.hpp"
+
+namespace deepcam {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+volatile std::sig_atomic_t g_signal = 0;
+
+void remember_signal(int sig) { g_signal = sig; }
+
+// A port the kernel calls free now (as torchrun picks one).
+int free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) throw Error(fmt::format("--nproc: cannot open a socket: {}", std::strerror(errno)));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  socklen_t len = sizeof(addr);
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    ::close(fd);
+    throw Error(fmt::format("--nproc: cannot find a free port: {}", std::strerror(errno)));
+  }
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
+std::string status_text(int status) {
+  if (WIFSIGNALED(status)) return fmt::format("was killed by signal {} ({})", WTERMSIG(status), strsignal(WTERMSIG(status)));
+  return fmt::format("exited with status {}", WEXITSTATUS(status));
+}
+
+int exit_code(int status) { return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status); }
+
+// One child's output stream, forwarded line by line with the rank prefix.
+struct Stream {
+  int fd = -1;
+  std::FILE* to = nullptr;
+  std::string pending;
+  int rank = 0;
+
+  void forward(const char* data, std::size_t n) {
+    pending.append(data, n);
+    std::size_t start = 0;
+    for (std::size_t nl; (nl = pending.find('\n', start)) != std::string::npos; start = nl + 1) {
+      std::fprintf(to, "[rank %d] %.*s\n", rank, static_cast<int>(nl - start), pending.data() + start);
+    }
+    pending.erase(0, start);
+    std::fflush(to);
+  }
+  void flush_rest() {
+    if (!pending.empty()) std::fprintf(to, "[rank %d] %s\n", rank, pending.c_str());
+    pending.clear();
+    std::fflush(to);
+  }
+};
+
+}  // namespace
+
+int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
+  if (nproc < 1) throw Error(fmt::format("--nproc {}: needs at least 1", nproc));
+  const char* addr = std::getenv("MASTER_ADDR");
+  const char* port = std::getenv("MASTER_PORT");
+  const std::string master_addr = addr && *addr ? addr : "127.0.0.1";
+  const std::string master_port = port && *port ? port : std::to_string(free_port());
+
+  std::vector<char*> argv;
+  std::vector<std::string> storage;
+  storage.push_back("/proc/self/exe");
+  for (const auto& a : args) storage.push_back(a);
+  for (auto& s : storage) argv.push_back(s.data());
+  argv.push_back(nullptr);
+  char self[4096];
+  const ssize_t n = ::readlink("/proc/self/exe", self, sizeof(self) - 1);
+  if (n <= 0) throw Error(fmt::format("--nproc: cannot find this program: {}", std::strerror(errno)));
+  self[n] = '\0';
+
+  struct sigaction sa{};
+  sa.sa_handler = remember_signal;
+  sigemptyset(&sa.sa_mask);
+  ::sigaction(SIGINT, &sa, nullptr);
+  ::sigaction(SIGTERM, &sa, nullptr);
+
+  std::vector<pid_t> pids(static_cast<std::size_t>(nproc), -1);
+  std::vector<Stream> streams;
+  const pid_t parent = ::getpid();
+  for (int r = 0; r < nproc; ++r) {
+    int out[2], err[2];
+    if (::pipe(out) != 0 || ::pipe(err) != 0) throw Error(fmt::format("--nproc: pipe: {}", std::strerror(errno)));
+    const pid_t pid = ::fork();
+    if (pid < 0) throw Error(fmt::format("--nproc: fork: {}", std::strerror(errno)));
+    if (pid == 0) {
+      // A child must not outlive a launcher that was killed.
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (::getppid() != parent) std::_Exit(1);
+      ::dup2(out[1], STDOUT_FILENO);
+      ::dup2(err[1], STDERR_FILENO);
+      ::close(out[0]);
+      ::close(out[1]);
+      ::close(err[0]);
+      ::close(err[1]);
+      ::setenv("RANK", std::to_string(r).c_str(), 1);
+      ::setenv("WORLD_SIZE", std::to_string(nproc).c_str(), 1);
+      ::setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
+      ::setenv("LOCAL_WORLD_SIZE", std::to_string(nproc).c_str(), 1);
+      ::setenv("MASTER_ADDR", master_addr.c_str(), 1);
+      ::setenv("MASTER_PORT", master_port.c_str(), 1);
+      ::execv(self, argv.data());
+      std::fprintf(stderr, "deepcam-host --nproc: cannot run %s: %s\n", self, std::strerror(errno));
+      std::_Exit(127);
+    }
+    ::close(out[1]);
+    ::close(err[1]);
+    pids[static_cast<std::size_t>(r)] = pid;
+    streams.push_back(Stream{out[0], stdout, "", r});
+    streams.push_back(Stream{err[0], stderr, "", r});
+  }
+
+  int result = 0;
+  int failed_rank = -1;
+  int running = nproc;
+  Clock::time_point grace_end{};
+  bool terminated = false, killed = false;
+  const auto grace = std::chrono::seconds(10);
+  char buffer[65536];
+  while (running > 0 || std::any_of(streams.begin(), streams.end(), [](const Stream& s) { return s.fd >= 0; })) {
+    std::vector<pollfd> fds;
+    std::vector<Stream*> owners;
+    for (Stream& s : streams) {
+      if (s.fd < 0) continue;
+      fds.push_back(pollfd{s.fd, POLLIN, 0});
+      owners.push_back(&s);
+    }
+    if (!fds.empty()) ::poll(fds.data(), fds.size(), 200);
+    else ::usleep(100 * 1000);
+    for (std::size_t i = 0; i < fds.size(); ++i) {
+      if (!(fds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+      const ssize_t got = ::read(fds[i].fd, buffer, sizeof(buffer));
+      if (got > 0) {
+        owners[i]->forward(buffer, static_cast<std::size_t>(got));
+      } else if (got == 0 || errno != EINTR) {
+        owners[i]->flush_rest();
+        ::close(owners[i]->fd);
+        owners[i]->fd = -1;
+      }
+    }
+    for (int r = 0; r < nproc; ++r) {
+      pid_t& pid = pids[static_cast<std::size_t>(r)];
+      if (pid < 0) continue;
+      int status = 0;
+      if (::waitpid(pid, &status, WNOHANG) != pid) continue;
+      pid = -1;
+      --running;
+      if (exit_code(status) != 0) {
+        std::fprintf(stderr, "deepcam-host --nproc: rank %d %s\n", r, status_text(status).c_str());
+        if (failed_rank < 0) {
+          failed_rank = r;
+          result = exit_code(status);
+          grace_end = Clock::now() + grace;
+        }
+      }
+    }
+    if (g_signal && !terminated) {
+      std::fprintf(stderr, "deepcam-host --nproc: %s; ending every rank\n", strsignal(g_signal));
+      if (result == 0) result = 128 + g_signal;
+      grace_end = Clock::now();
+    }
+    const bool past_grace = grace_end != Clock::time_point{} && Clock::now() >= grace_end;
+    if (running > 0 && past_grace && !terminated) {
+      if (failed_rank >= 0) {
+        std::fprintf(stderr, "deepcam-host --nproc: rank %d failed; ending the %d ranks still running\n",
+                     failed_rank, running);
+      }
+      for (pid_t pid : pids) if (pid > 0) ::kill(pid, SIGTERM);
+      terminated = true;
+      grace_end = Clock::now() + std::chrono::seconds(5);
+    } else if (running > 0 && terminated && !killed && Clock::now() >= grace_end) {
+      for (pid_t pid : pids) if (pid > 0) ::kill(pid, SIGKILL);
+      killed = true;
+    }
+  }
+  if (failed_rank >= 0) {
+    std::fprintf(stderr, "deepcam-host --nproc: failed: rank %d (exit status %d)\n", failed_rank, result);
+  }
+  return result;
+}
+
+}  // namespace deepcam

@@ -1,0 +1,118 @@
+#include "ranks.hpp"
+
+#include <fmt/format.h>
+
+#include <cstdlib>
+#include <optional>
+#include <vector>
+
+#include "deepcam/error.hpp"
+
+namespace deepcam {
+
+namespace {
+
+struct Source {
+  const char* name;
+  const char* rank;
+  const char* size;
+  const char* local_rank;
+  const char* local_size;
+};
+
+const Source kSources[] = {
+    {"torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"},
+    {"Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+     "OMPI_COMM_WORLD_LOCAL_SIZE"},
+    {"Slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"},
+    {"PMI", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"},
+};
+
+std::optional<int> integer(const Environment& env, const char* name, int min) {
+  const char* text = env(name);
+  if (!text || !*text) return std::nullopt;
+  char* end = nullptr;
+  errno = 0;
+  const long v = std::strtol(text, &end, 10);
+  if (errno != 0 || *end != '\0' || v < min || v > 1 << 30) {
+    throw Error(fmt::format("environment variable {}=\"{}\": expected an integer >= {}", name, text, min));
+  }
+  return static_cast<int>(v);
+}
+
+// SLURM_TASKS_PER_NODE lists tasks per node in node order, runs compressed:
+// "4(x2),3" is nodes 0 and 1 with 4 tasks each, node 2 with 3.
+std::optional<int> slurm_tasks_on_node(const Environment& env) {
+  const char* text = env("SLURM_TASKS_PER_NODE");
+  const std::optional<int> node = integer(env, "SLURM_NODEID", 0);
+  if (!text || !node) return std::nullopt;
+  const std::string all = text;
+  int index = 0;
+  for (std::size_t s = 0; s < all.size();) {
+    std::size_t e = all.find(',', s);
+    if (e == std::string::npos) e = all.size();
+    const std::string item = all.substr(s, e - s);
+    int tasks = 0, repeat = 1;
+    if (std::sscanf(item.c_str(), "%d(x%d)", &tasks, &repeat) < 1 || tasks < 1 || repeat < 1) {
+      throw Error(fmt::format("environment variable SLURM_TASKS_PER_NODE=\"{}\": cannot read \"{}\"", all, item));
+    }
+    if (*node < index + repeat) return tasks;
+    index += repeat;
+    s = e + 1;
+  }
+  throw Error(fmt::format("environment variables SLURM_TASKS_PER_NODE=\"{}\" and SLURM_NODEID={}: no entry for node {}",
+                          all, *node, *node));
+}
+
+std::string setting(const Environment& env, const char* name) { return fmt::format("{}={}", name, env(name)); }
+
+}  // namespace
+
+RankLayout detect_ranks(const Environment& env) {
+  std::optional<RankLayout> chosen;
+  for (const Source& s : kSources) {
+    const std::optional<int> rank = integer(env, s.rank, 0);
+    const std::optional<int> size = integer(env, s.size, 1);
+    if (!rank && !size) continue;
+    if (!rank || !size) {
+      throw Error(fmt::format("environment variable {} is set but {} is not: {} sets both",
+                              rank ? setting(env, s.rank) : setting(env, s.size), rank ? s.size : s.rank, s.name));
+    }
+    if (*rank >= *size) {
+      throw Error(fmt::format("environment variables {} and {}: the rank must be below the world size",
+                              setting(env, s.rank), setting(env, s.size)));
+    }
+    if (chosen) {
+      if (*size == chosen->world_size && *rank != chosen->rank) {
+        throw Error(fmt::format("environment variables {} ({}) and {} ({}) give this process different ranks in a "
+                                "world of {}; unset the stale one",
+                                chosen->rank_variable, chosen->source, setting(env, s.rank), s.name, *size));
+      }
+      continue;
+    }
+    RankLayout r;
+    r.rank = *rank;
+    r.world_size = *size;
+    r.source = s.name;
+    r.rank_variable = setting(env, s.rank);
+    const std::optional<int> local_rank = integer(env, s.local_rank, 0);
+    std::optional<int> local_size = integer(env, s.local_size, 1);
+    if (!local_size && std::string(s.name) == "Slurm") local_size = slurm_tasks_on_node(env);
+    if (local_rank && local_size) {
+      if (*local_rank >= *local_size) {
+        throw Error(fmt::format("environment variables {} and local size {}: the local rank must be below it",
+                                setting(env, s.local_rank), *local_size));
+      }
+      r.local_rank = *local_rank;
+      r.local_size = *local_size;
+    }
+    chosen = r;
+  }
+  return chosen ? *chosen : RankLayout{0, 1, 0, 1, "none", ""};
+}
+
+RankLayout detect_ranks() {
+  return detect_ranks([](const char* name) { return static_cast<const char*>(std::getenv(name)); });
+}
+
+}  // namespace deepcam
