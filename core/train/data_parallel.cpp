@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
+#include <torch/nn/module.h>
 
 #include <chrono>
 
@@ -127,6 +128,30 @@ double GradientAllReduce::finish() {
     }
   }
   return waited;
+}
+
+void average_batchnorm_statistics(torch::nn::Module& module, Group& group) {
+  if (group.size() == 1) return;
+  std::vector<at::Tensor> stats;
+  for (const auto& item : module.named_buffers(/*recurse=*/true)) {
+    const std::string& name = item.key();
+    const auto ends_with = [&](const std::string& tail) {
+      return name.size() >= tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
+    };
+    if (ends_with("running_mean") || ends_with("running_var")) stats.push_back(item.value());
+  }
+  if (stats.empty()) return;
+  std::vector<at::Tensor> parts;
+  for (const at::Tensor& t : stats) parts.push_back(t.reshape({-1}));
+  at::Tensor flat = at::cat(parts);
+  group.all_reduce_sum(flat);
+  flat.div_(static_cast<double>(group.size()));
+  at::NoGradGuard no_grad;
+  std::int64_t offset = 0;
+  for (at::Tensor& t : stats) {
+    t.copy_(flat.narrow(0, offset, t.numel()).view(t.sizes()));
+    offset += t.numel();
+  }
 }
 
 }  // namespace deepcam

@@ -26,6 +26,10 @@
 #include "comm.hpp"
 #include "deepcam/export.hpp"
 
+namespace torch::nn {
+class Module;
+}
+
 namespace deepcam {
 
 class DEEPCAM_API GradientAllReduce {
@@ -64,5 +68,10 @@ class DEEPCAM_API GradientAllReduce {
   bool armed_ = false;
   std::mutex mutex_;
 };
+
+// SPEC 7: replaces every BatchNorm running mean and variance of `module`
+// (buffers named *running_mean, *running_var) by its mean over the group's
+// ranks. The engine calls it after each training epoch.
+DEEPCAM_API void average_batchnorm_statistics(torch::nn::Module& module, Group& group);
 
 }  // namespace deepcam

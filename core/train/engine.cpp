@@ -250,7 +250,7 @@ class Engine {
       std::optional<Divergence> diverged;
       step = train_epoch(epoch, step, diverged);
       if (diverged) return stop_diverged(*diverged, step);
-      average_batchnorm_statistics();
+      average_batchnorm_statistics(c_.model->module(), comm_.world());
       const Totals v = validate(epoch_num, step);
       const double accuracy = v.score_sum / static_cast<double>(v.samples);
       // The last update of the epoch comes after the last check of its
@@ -321,32 +321,6 @@ class Engine {
                                 cfg_.file, r, all[r][0].item<std::int64_t>(), all[r][1].item<std::int64_t>(),
                                 all[0][0].item<std::int64_t>(), all[0][1].item<std::int64_t>()));
       }
-    }
-  }
-
-  // SPEC 7: after each training epoch every rank holds the mean over ranks of
-  // the BatchNorm running mean and variance.
-  void average_batchnorm_statistics() {
-    if (comm_.size() == 1) return;
-    std::vector<at::Tensor> stats;
-    for (const auto& item : c_.model->module().named_buffers(/*recurse=*/true)) {
-      const std::string& name = item.key();
-      const auto ends_with = [&](const std::string& tail) {
-        return name.size() >= tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
-      };
-      if (ends_with("running_mean") || ends_with("running_var")) stats.push_back(item.value());
-    }
-    if (stats.empty()) return;
-    std::vector<at::Tensor> flat_parts;
-    for (const at::Tensor& t : stats) flat_parts.push_back(t.reshape({-1}));
-    at::Tensor flat = at::cat(flat_parts);
-    comm_.world().all_reduce_sum(flat);
-    flat.div_(static_cast<double>(comm_.size()));
-    std::int64_t offset = 0;
-    torch::NoGradGuard no_grad;
-    for (at::Tensor& t : stats) {
-      t.copy_(flat.narrow(0, offset, t.numel()).view(t.sizes()));
-      offset += t.numel();
     }
   }
 

@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
@@ -140,6 +141,7 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
 
   int result = 0;
   int failed_rank = -1;
+  std::vector<int> codes(static_cast<std::size_t>(nproc), 0);
   int running = nproc;
   Clock::time_point grace_end{};
   bool terminated = false, killed = false;
@@ -173,7 +175,9 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
       if (::waitpid(pid, &status, WNOHANG) != pid) continue;
       pid = -1;
       --running;
-      if (exit_code(status) != 0) {
+      codes[static_cast<std::size_t>(r)] = exit_code(status);
+      // 1 is a normal end too: the target was not reached (every rank says so).
+      if (exit_code(status) != 0 && exit_code(status) != 1) {
         std::fprintf(stderr, "deepcam-host --nproc: rank %d %s\n", r, status_text(status).c_str());
         if (failed_rank < 0) {
           failed_rank = r;
@@ -203,8 +207,9 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
   }
   if (failed_rank >= 0) {
     std::fprintf(stderr, "deepcam-host --nproc: failed: rank %d (exit status %d)\n", failed_rank, result);
+    return result;
   }
-  return result;
+  return result != 0 ? result : codes[0];
 }
 
 }  // namespace deepcam
