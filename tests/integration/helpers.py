@@ -79,3 +79,9 @@ def mlperf_check(log):
                         "--ruleset", "3.0.0", str(log)], capture_output=True, text=True, timeout=300,
                        cwd=Path(log).parent)  # it writes compliance_checker.log there
     return r.returncode, r.stdout + r.stderr
+
+
+def read_events(log):
+    """The MLPerf log's events, each line's JSON object."""
+    import json
+    return [json.loads(l.split(":::MLLOG ", 1)[1]) for l in Path(log).read_text().splitlines() if ":::MLLOG" in l]

@@ -1,0 +1,276 @@
+// A rank of a multi-process check of the data-parallel pieces, started by
+// tests/integration/test_data_parallel.py with torchrun-style variables. Each
+// rank computes its distributed result and, in the same process, what one
+// process computes without communication from every rank's inputs (all
+// inputs are drawn from fixed seeds, so each rank can make the others'),
+// compares the two and exits 1 with the differences when they disagree.
+//
+//   data_parallel_probe syncbn
+//       deepcam::sync_batch_norm over the world (2 ranks) against
+//       at::batch_norm on the ranks' inputs concatenated: outputs, input
+//       gradients, the summed weight/bias gradients, running statistics.
+//   data_parallel_probe gradients K
+//       GradientAllReduce over 3 steps of the deeplabv3plus plugin (BatchNorm
+//       per rank), K batches accumulated per step: each step's all-reduced
+//       gradient against the mean of the gradients one process computes on
+//       each rank's batches separately.
+//   data_parallel_probe synced-gradients K
+//       The same with BatchNorm synchronous over the 2 ranks: against the
+//       gradient of one process on both ranks' batches concatenated, and
+//       the running statistics after the 3 steps.
+//   data_parallel_probe bnstats
+//       average_batchnorm_statistics: every rank ends with the mean of the
+//       ranks' running statistics.
+#include <ATen/ATen.h>
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "comm.hpp"
+#include "data_parallel.hpp"
+#include "deepcam/loss.hpp"
+#include "deepcam/plugin.hpp"
+#include "deepcam/plugin_loader.hpp"
+#include "deepcam/sync_batch_norm.hpp"
+#include "ranks.hpp"
+
+namespace {
+
+constexpr double kTolerance = 1e-5;
+int failures = 0;
+
+// max |a - b| / max |b|, the "max relative difference" of the tests.
+double rel_diff(const at::Tensor& a, const at::Tensor& b) {
+  const double scale = b.abs().max().item<double>();
+  return (a - b).abs().max().item<double>() / (scale > 0 ? scale : 1.0);
+}
+
+void expect_close(const std::string& what, const at::Tensor& got, const at::Tensor& want, int rank) {
+  const double d = rel_diff(got.to(at::kDouble), want.to(at::kDouble));
+  if (!(d <= kTolerance)) {
+    std::printf("rank %d: %s differs: max relative difference %g > %g\n", rank, what.c_str(), d, kTolerance);
+    ++failures;
+  }
+}
+
+at::Tensor seeded_randn(std::uint64_t seed, at::IntArrayRef shape) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return at::randn(shape, gen);
+}
+
+int syncbn(deepcam::Communicator& comm) {
+  const int P = comm.size(), rank = comm.rank();
+  const std::int64_t C = 4;
+  const at::Tensor weight = seeded_randn(7, {C}).requires_grad_();
+  const at::Tensor bias = seeded_randn(8, {C}).requires_grad_();
+  auto input_of = [](int r) { return seeded_randn(100 + r, {3, 4, 5, 6}) * (1.0 + r) + r; };
+  auto grad_of = [](int r) { return seeded_randn(200 + r, {3, 4, 5, 6}); };
+
+  at::Tensor x = input_of(rank).requires_grad_();
+  at::Tensor running_mean = at::zeros({C}), running_var = at::ones({C});
+  const at::Tensor y = deepcam::sync_batch_norm(x, weight, bias, running_mean, running_var, 0.1, 1e-5, comm.world());
+  (y * grad_of(rank)).sum().backward();
+  at::Tensor summed_dw = weight.grad().clone(), summed_db = bias.grad().clone();
+  comm.world().all_reduce_sum(summed_dw);
+  comm.world().all_reduce_sum(summed_db);
+
+  std::vector<at::Tensor> xs, gs;
+  for (int r = 0; r < P; ++r) {
+    xs.push_back(input_of(r));
+    gs.push_back(grad_of(r));
+  }
+  const at::Tensor x_all = at::cat(xs).requires_grad_();
+  const at::Tensor w_ref = weight.detach().clone().requires_grad_(), b_ref = bias.detach().clone().requires_grad_();
+  at::Tensor rm_ref = at::zeros({C}), rv_ref = at::ones({C});
+  const at::Tensor y_all = at::batch_norm(x_all, w_ref, b_ref, rm_ref, rv_ref, /*training=*/true, 0.1, 1e-5, false);
+  (y_all * at::cat(gs)).sum().backward();
+  expect_close("output", y, y_all.narrow(0, 3 * rank, 3), rank);
+  expect_close("input gradient", x.grad(), x_all.grad().narrow(0, 3 * rank, 3), rank);
+  expect_close("weight gradient summed over ranks", summed_dw, w_ref.grad(), rank);
+  expect_close("bias gradient summed over ranks", summed_db, b_ref.grad(), rank);
+  expect_close("running mean", running_mean, rm_ref, rank);
+  expect_close("running variance", running_var, rv_ref, rank);
+  return 0;
+}
+
+std::unique_ptr<deepcam::Model> make_model(deepcam::PluginLoader& loader, deepcam::Group* bn_group = nullptr) {
+  const deepcam::LoadedPlugin& p = loader.load(deepcam::PluginKind::Model, "deeplabv3plus");
+  const deepcam::Params params("probe [model]", {{"width", 0.0625},
+                                                 {"middle_blocks", std::int64_t{1}},
+                                                 {"output_stride", std::int64_t{16}}});
+  torch::manual_seed(5);
+  deepcam::ModelContext context{16, 3, 0, 1};
+  context.batchnorm_group = bn_group;
+  return p.descriptor->make_model(params, context);
+}
+
+struct Sample {
+  at::Tensor data, labels;
+};
+
+Sample batch_of(int step, int micro, int rank) {
+  const std::uint64_t seed = 1000 + 100 * static_cast<std::uint64_t>(step) + 10 * static_cast<std::uint64_t>(micro) +
+                             static_cast<std::uint64_t>(rank);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return {at::randn({2, 16, 32, 48}, gen), at::randint(0, 3, {2, 32, 48}, gen)};
+}
+
+int gradients(deepcam::Communicator& comm, int k) {
+  const int P = comm.size(), rank = comm.rank();
+  deepcam::PluginLoader loader;
+  auto model = make_model(loader);
+  auto reference = make_model(loader);
+  std::vector<at::Tensor> params = model->module().parameters();
+  std::vector<at::Tensor> ref_params = reference->module().parameters();
+  // Small buckets, so that several all-reduces overlap the backward pass.
+  deepcam::GradientAllReduce sync(comm, params, 64 * 1024);
+  if (sync.bucket_count() < 3) {
+    std::printf("rank %d: expected several buckets, got %zu\n", rank, sync.bucket_count());
+    ++failures;
+  }
+  model->module().train();
+  reference->module().train();
+  for (int step = 0; step < 3; ++step) {
+    for (auto& p : params) p.mutable_grad() = at::Tensor();
+    for (int j = 0; j < k; ++j) {
+      if (j == k - 1) sync.arm();
+      const Sample s = batch_of(step, j, rank);
+      (deepcam::weighted_cross_entropy(model->forward(s.data), s.labels) / static_cast<double>(k)).backward();
+    }
+    sync.finish();
+
+    // One process, no communication: each rank's batches separately.
+    std::vector<at::Tensor> mean(params.size());
+    for (int r = 0; r < P; ++r) {
+      for (auto& p : ref_params) p.mutable_grad() = at::Tensor();
+      for (int j = 0; j < k; ++j) {
+        const Sample s = batch_of(step, j, r);
+        (deepcam::weighted_cross_entropy(reference->forward(s.data), s.labels) / static_cast<double>(k)).backward();
+      }
+      for (std::size_t i = 0; i < params.size(); ++i) {
+        const at::Tensor g = ref_params[i].grad().to(at::kDouble) / P;
+        mean[i] = r == 0 ? g : mean[i] + g;
+      }
+    }
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      expect_close("step " + std::to_string(step) + " gradient of parameter " + std::to_string(i), params[i].grad(),
+                   mean[i], rank);
+    }
+    // The same update on both, from the all-reduced gradient.
+    torch::NoGradGuard no_grad;
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      params[i].sub_(params[i].grad(), 0.05);
+      ref_params[i].copy_(params[i]);
+    }
+  }
+  return 0;
+}
+
+// BatchNorm synchronous over all ranks: the all-reduced gradient is the
+// gradient one process computes on the ranks' batches concatenated.
+int synced_gradients(deepcam::Communicator& comm, int k) {
+  const int P = comm.size(), rank = comm.rank();
+  deepcam::PluginLoader loader;
+  auto model = make_model(loader, &comm.consecutive(2));
+  auto reference = make_model(loader);
+  std::vector<at::Tensor> params = model->module().parameters();
+  std::vector<at::Tensor> ref_params = reference->module().parameters();
+  deepcam::GradientAllReduce sync(comm, params, 64 * 1024);
+  model->module().train();
+  reference->module().train();
+  for (int step = 0; step < 3; ++step) {
+    for (auto& p : params) p.mutable_grad() = at::Tensor();
+    for (auto& p : ref_params) p.mutable_grad() = at::Tensor();
+    for (int j = 0; j < k; ++j) {
+      if (j == k - 1) sync.arm();
+      const Sample s = batch_of(step, j, rank);
+      (deepcam::weighted_cross_entropy(model->forward(s.data), s.labels) / static_cast<double>(k)).backward();
+      std::vector<at::Tensor> data, labels;
+      for (int r = 0; r < P; ++r) {
+        const Sample o = batch_of(step, j, r);
+        data.push_back(o.data);
+        labels.push_back(o.labels);
+      }
+      (deepcam::weighted_cross_entropy(reference->forward(at::cat(data)), at::cat(labels)) / static_cast<double>(k))
+          .backward();
+    }
+    sync.finish();
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      expect_close("step " + std::to_string(step) + " gradient of parameter " + std::to_string(i), params[i].grad(),
+                   ref_params[i].grad(), rank);
+    }
+    torch::NoGradGuard no_grad;
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      params[i].sub_(params[i].grad(), 0.05);
+      ref_params[i].copy_(params[i]);
+    }
+  }
+  const auto buffers = model->module().named_buffers();
+  const auto ref_buffers = reference->module().named_buffers();
+  for (std::size_t i = 0; i < buffers.size(); ++i) {
+    expect_close("buffer " + buffers[i].key(), buffers[i].value(), ref_buffers[i].value(), rank);
+  }
+  return 0;
+}
+
+int bnstats(deepcam::Communicator& comm) {
+  const int rank = comm.rank();
+  deepcam::PluginLoader loader;
+  auto model = make_model(loader);
+  model->module().train();
+  {
+    torch::NoGradGuard no_grad;
+    model->forward(batch_of(0, 0, rank).data);  // rank-specific running statistics
+  }
+  std::vector<at::Tensor> before;
+  for (const auto& b : model->module().named_buffers()) {
+    if (b.key().find("running_") != std::string::npos) before.push_back(b.value().clone());
+  }
+  deepcam::average_batchnorm_statistics(model->module(), comm.world());
+  std::size_t i = 0;
+  for (const auto& b : model->module().named_buffers()) {
+    if (b.key().find("running_") == std::string::npos) continue;
+    const at::Tensor mean = comm.world().all_gather(before[i]).mean(0);
+    const at::Tensor everyone = comm.world().all_gather(b.value());
+    expect_close(b.key() + " (the mean of the ranks')", b.value(), mean, rank);
+    for (int r = 0; r < comm.size(); ++r) {
+      if (!everyone[r].equal(b.value())) {
+        std::printf("rank %d: %s differs from rank %d's\n", rank, b.key().c_str(), r);
+        ++failures;
+      }
+    }
+    if (before[i].equal(mean)) {
+      std::printf("rank %d: %s was already the mean before averaging; the check proves nothing\n", rank,
+                  b.key().c_str());
+      ++failures;
+    }
+    ++i;
+  }
+  return i == 0 ? 1 : 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    at::set_num_threads(1);
+    const std::string mode = argc > 1 ? argv[1] : "";
+    deepcam::CommOptions options;
+    options.timeout = std::chrono::milliseconds(60000);
+    deepcam::Communicator comm(deepcam::detect_ranks(), options);
+    int status = 2;
+    if (mode == "syncbn") status = syncbn(comm);
+    else if (mode == "gradients" && argc > 2) status = gradients(comm, std::atoi(argv[2]));
+    else if (mode == "synced-gradients" && argc > 2) status = synced_gradients(comm, std::atoi(argv[2]));
+    else if (mode == "bnstats") status = bnstats(comm);
+    else std::fprintf(stderr, "usage: data_parallel_probe syncbn | gradients K | synced-gradients K | bnstats\n");
+    comm.finish();
+    if (status == 0 && failures == 0) std::printf("rank %d: %s: all checks hold\n", comm.rank(), mode.c_str());
+    return status != 0 ? status : failures != 0 ? 1 : 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "data_parallel_probe: %s\n", e.what());
+    return 3;
+  }
+}

@@ -1,0 +1,95 @@
+// Unit tests of the rank detection (core/train/ranks.cpp): each launcher's
+// variables, their order, and the errors for malformed or stale ones.
+#include <doctest/doctest.h>
+
+#include <map>
+#include <string>
+
+#include "deepcam/error.hpp"
+#include "ranks.hpp"
+
+namespace {
+
+using Vars = std::map<std::string, std::string>;
+
+deepcam::RankLayout detect(const Vars& vars) {
+  return deepcam::detect_ranks([&](const char* name) -> const char* {
+    const auto it = vars.find(name);
+    return it == vars.end() ? nullptr : it->second.c_str();
+  });
+}
+
+std::string error_of(const Vars& vars) {
+  try {
+    detect(vars);
+  } catch (const deepcam::Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+void check(const deepcam::RankLayout& r, int rank, int size, int local_rank, int local_size, const char* source) {
+  CHECK(r.rank == rank);
+  CHECK(r.world_size == size);
+  CHECK(r.local_rank == local_rank);
+  CHECK(r.local_size == local_size);
+  CHECK(r.source == source);
+}
+
+}  // namespace
+
+TEST_CASE("no launcher: one rank") { check(detect({}), 0, 1, 0, 1, "none"); }
+
+TEST_CASE("each launcher's variables") {
+  check(detect({{"RANK", "3"}, {"WORLD_SIZE", "8"}, {"LOCAL_RANK", "1"}, {"LOCAL_WORLD_SIZE", "2"}}), 3, 8, 1, 2,
+        "torchrun");
+  check(detect({{"OMPI_COMM_WORLD_RANK", "5"}, {"OMPI_COMM_WORLD_SIZE", "6"}, {"OMPI_COMM_WORLD_LOCAL_RANK", "2"},
+                {"OMPI_COMM_WORLD_LOCAL_SIZE", "3"}}),
+        5, 6, 2, 3, "Open MPI");
+  check(detect({{"SLURM_PROCID", "4"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "0"}, {"SLURM_NTASKS_PER_NODE", "4"}}),
+        4, 8, 0, 4, "Slurm");
+  // SLURM_TASKS_PER_NODE lists every node; SLURM_NODEID picks this one.
+  check(detect({{"SLURM_PROCID", "8"}, {"SLURM_NTASKS", "11"}, {"SLURM_LOCALID", "0"},
+                {"SLURM_TASKS_PER_NODE", "4(x2),3"}, {"SLURM_NODEID", "2"}}),
+        8, 11, 0, 3, "Slurm");
+  check(detect({{"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "11"}, {"SLURM_LOCALID", "1"},
+                {"SLURM_TASKS_PER_NODE", "4(x2),3"}, {"SLURM_NODEID", "0"}}),
+        1, 11, 1, 4, "Slurm");
+  check(detect({{"PMI_RANK", "2"}, {"PMI_SIZE", "4"}, {"MPI_LOCALRANKID", "0"}, {"MPI_LOCALNRANKS", "2"}}), 2, 4, 0,
+        2, "PMI");
+  // Without node-local values the Communicator derives them from host names.
+  check(detect({{"PMI_RANK", "2"}, {"PMI_SIZE", "4"}}), 2, 4, -1, -1, "PMI");
+}
+
+TEST_CASE("nested launchers: the first source in the order decides") {
+  // torchrun inside a Slurm allocation of 2 tasks: another world size, no conflict.
+  check(detect({{"RANK", "5"}, {"WORLD_SIZE", "16"}, {"LOCAL_RANK", "5"}, {"LOCAL_WORLD_SIZE", "8"},
+                {"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}}),
+        5, 16, 5, 8, "torchrun");
+  // mpirun inside an sbatch script: the batch step's Slurm variables stay behind.
+  check(detect({{"OMPI_COMM_WORLD_RANK", "1"}, {"OMPI_COMM_WORLD_SIZE", "4"}, {"OMPI_COMM_WORLD_LOCAL_RANK", "1"},
+                {"OMPI_COMM_WORLD_LOCAL_SIZE", "4"}, {"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "1"}}),
+        1, 4, 1, 4, "Open MPI");
+  // srun with PMI: both say the same.
+  check(detect({{"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "2"}, {"PMI_RANK", "1"}, {"PMI_SIZE", "2"}}), 1, 2, -1, -1,
+        "Slurm");
+}
+
+TEST_CASE("stale or malformed variables are errors naming them") {
+  const std::string stale = error_of({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "2"}});
+  CHECK(stale.find("RANK=0") != std::string::npos);
+  CHECK(stale.find("SLURM_PROCID=1") != std::string::npos);
+  const std::string half = error_of({{"RANK", "1"}});
+  CHECK(half.find("RANK=1") != std::string::npos);
+  CHECK(half.find("WORLD_SIZE") != std::string::npos);
+  const std::string beyond = error_of({{"RANK", "2"}, {"WORLD_SIZE", "2"}});
+  CHECK(beyond.find("RANK=2") != std::string::npos);
+  CHECK(beyond.find("WORLD_SIZE=2") != std::string::npos);
+  CHECK(error_of({{"OMPI_COMM_WORLD_RANK", "x"}, {"OMPI_COMM_WORLD_SIZE", "2"}}).find("OMPI_COMM_WORLD_RANK=\"x\"") !=
+        std::string::npos);
+  const std::string local = error_of({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"LOCAL_RANK", "2"}, {"LOCAL_WORLD_SIZE", "2"}});
+  CHECK(local.find("LOCAL_RANK=2") != std::string::npos);
+  CHECK(error_of({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}, {"SLURM_LOCALID", "0"},
+                  {"SLURM_TASKS_PER_NODE", "2"}, {"SLURM_NODEID", "3"}})
+            .find("SLURM_TASKS_PER_NODE") != std::string::npos);
+}
