@@ -1,12 +1,14 @@
 #include "prefetch_reader.hpp"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <mutex>
 #include <system_error>
@@ -85,6 +87,58 @@ struct Slot {
 // kept): it must not be overwritten.
 bool shared(const at::Tensor& t) { return t.defined() && t.storage().use_count() > 1; }
 
+// One rank's word in an exchange among the node's ranks (node-shared
+// staging): whether it succeeded, two numbers, and a text (a directory name
+// or an error message). Sent as a fixed-size byte tensor through
+// Group::all_gather, which hands every rank every word, so that every rank
+// takes the same decision from them.
+struct Word {
+  bool ok = true;
+  std::uint64_t a = 0, b = 0;
+  std::string text;
+};
+
+constexpr std::int64_t kWordBytes = 8192;  // room for a path (PATH_MAX 4096) or an error message
+constexpr std::int64_t kWordHeader = 24;   // status byte, padding, a, b
+
+std::vector<Word> exchange(Group& group, const Word& mine, const std::string& where) {
+  at::Tensor t = at::zeros({kWordBytes}, at::kByte);
+  auto* p = t.data_ptr<std::uint8_t>();
+  p[0] = mine.ok ? 1 : 2;
+  std::memcpy(p + 8, &mine.a, sizeof mine.a);
+  std::memcpy(p + 16, &mine.b, sizeof mine.b);
+  // Zero-terminated: longer messages are cut (paths never are).
+  std::memcpy(p + kWordHeader, mine.text.data(),
+              std::min<std::size_t>(mine.text.size(), static_cast<std::size_t>(kWordBytes - kWordHeader - 1)));
+  const at::Tensor all = group.all_gather(t).cpu().contiguous();
+  if (all.dim() != 2 || all.size(0) != group.size() || all.size(1) != kWordBytes || all.scalar_type() != at::kByte) {
+    throw Error(fmt::format("{}: the node group's all_gather of {} bytes from {} ranks returned {} elements in {} "
+                            "dimensions (a bug in the engine)",
+                            where, kWordBytes, group.size(), all.numel(), all.dim()));
+  }
+  std::vector<Word> words(static_cast<std::size_t>(group.size()));
+  for (std::size_t r = 0; r < words.size(); ++r) {
+    const auto* q = all.data_ptr<std::uint8_t>() + static_cast<std::int64_t>(r) * kWordBytes;
+    Word& w = words[r];
+    w.ok = q[0] == 1;
+    std::memcpy(&w.a, q + 8, sizeof w.a);
+    std::memcpy(&w.b, q + 16, sizeof w.b);
+    const auto* text = reinterpret_cast<const char*>(q + kWordHeader);
+    w.text.assign(text, ::strnlen(text, static_cast<std::size_t>(kWordBytes - kWordHeader)));
+  }
+  return words;
+}
+
+std::string message_of(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& x) {
+    return x.what();
+  } catch (...) {
+    return "an unknown error";
+  }
+}
+
 }  // namespace
 
 struct PrefetchReader::Impl {
@@ -101,6 +155,7 @@ struct PrefetchReader::Impl {
   std::int64_t channels = 0, height = 0, width = 0;
   std::unique_ptr<StagingArea> staging;
   std::vector<std::vector<std::string>> staged[2];  // per split, by sample index; empty: not staged
+  std::int64_t files_copied = 0;                    // by this rank, while staging
   std::vector<std::int64_t> validation_order;
   // The current epoch's window: the batch handed out, the one before it
   // (which the training step may still hold) and `depth` read ahead. The
@@ -141,11 +196,44 @@ struct PrefetchReader::Impl {
     return copies[static_cast<std::size_t>(index)];
   }
 
+  // Whether the node's ranks share one staging directory: shuffle_mode
+  // "node" (every rank of a node may read the whole node's shard) with more
+  // than one rank on the node. Otherwise each rank stages for itself.
+  bool shares_staging() const {
+    return options.shuffle_mode == ShuffleMode::Node && context.node_group != nullptr &&
+           context.node_group->size() > 1;
+  }
+
   void stage() {
     const auto t0 = std::chrono::steady_clock::now();
     if (context.log) context.log->start("staging_start");
+    std::uint64_t files = 0, bytes = 0;
+    if (shares_staging()) {
+      stage_shared(files, bytes);
+    } else {
+      stage_private();
+      files = files_copied;
+      bytes = staging->bytes();
+    }
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (context.log) {
+      context.log->end("staging_stop", Json(),
+                       {{"staged_files", Json(static_cast<long long>(files))},
+                        {"staged_bytes", Json(static_cast<long long>(bytes))},
+                        {"staging_rate", Json(seconds > 0 ? static_cast<double>(bytes) / seconds : 0.0)}});
+    }
+    if (context.rank == 0) {
+      const std::string shared =
+          shares_staging() ? fmt::format(", one copy for the node's {} ranks", context.node_group->size()) : "";
+      std::fprintf(stderr, "deepcam-host: staged %llu files (%.1f MB) to %s in %.1f s%s\n",
+                   static_cast<unsigned long long>(files), static_cast<double>(bytes) / 1e6, staging->dir().c_str(),
+                   seconds, shared.c_str());
+    }
+  }
+
+  // This rank's own directory, with everything it may read.
+  void stage_private() {
     staging = std::make_unique<StagingArea>(options.stage_dir, options.where + " stage_dir");
-    std::size_t files = 0;
     const std::pair<Split, std::vector<std::int64_t>> plan[] = {{Split::Train, sharding->reach()},
                                                                 {Split::Validation, validation_order}};
     for (const auto& [s, indices] : plan) {
@@ -155,21 +243,130 @@ struct PrefetchReader::Impl {
       auto& table = staged[split_id(s)];
       table.assign(static_cast<std::size_t>(source->sample_count(s)), {});
       for (std::size_t n = 0; n < indices.size(); ++n) {
-        files += copies[n].size();
+        files_copied += static_cast<std::int64_t>(copies[n].size());
         table[static_cast<std::size_t>(indices[n])] = std::move(copies[n]);
       }
     }
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    const auto bytes = staging->bytes();
-    if (context.log) {
-      context.log->end("staging_stop", Json(),
-                       {{"staged_files", Json(static_cast<long long>(files))},
-                        {"staged_bytes", Json(static_cast<long long>(bytes))},
-                        {"staging_rate", Json(seconds > 0 ? static_cast<double>(bytes) / seconds : 0.0)}});
+  }
+
+  // One directory per node, shared by its ranks (shares_staging()); `files`
+  // and `bytes` receive the node's totals.
+  //
+  // 1. Node-rank 0 creates the directory (StagingArea::create_shared); an
+  //    all_gather hands its name to the others, with every rank's checksum
+  //    of the training files it would stage (the node's shard: the same on
+  //    all of them, or the split below would miss files).
+  // 2. The node's ranks split the copying: node-rank i copies the shard's
+  //    files i, i + n, i + 2n, ... (n ranks; sorted by name), each on its
+  //    own `threads` threads, plus its own validation samples (distinct on
+  //    every rank). Not node-rank 0 alone: copying is bound by reads from
+  //    the shared file system, and this spreads them over the node's ranks
+  //    as when each rank copied everything, at 1/n of the work per rank
+  //    (and memory bandwidth, for /dev/shm, over their cores).
+  // 3. A second all_gather of the outcomes is the barrier before anyone
+  //    reads: no rank has every rank's outcome before every rank has
+  //    finished copying, and each copy is renamed into place, checked,
+  //    before its rank reports. It also makes every rank fail together when
+  //    one could not copy, this rank with its own error, the others naming
+  //    the rank and its error.
+  // Every rank then reads from all of the node's copies. Both exchanges run
+  // on every rank whatever happened before them (errors are caught and sent
+  // along), so that no rank waits in a collective that another has left.
+  // Who removes the directory and when: staging.hpp.
+  void stage_shared(std::uint64_t& files, std::uint64_t& bytes) {
+    Group& group = *context.node_group;
+    const int me = group.rank(), members = group.size();
+    const std::string where = options.where + " stage_dir";
+    auto node_rank = [&](std::size_t r) {
+      return fmt::format("node rank {} (rank {})", r, context.rank - context.local_rank + static_cast<int>(r));
+    };
+    const std::vector<std::int64_t> train = sharding->reach();
+    std::vector<std::vector<std::string>> train_files, validation_files;
+    std::exception_ptr error;
+    // After an exchange: the same decision on every rank.
+    auto agree = [&](const std::vector<Word>& words, const char* doing) {
+      if (error) std::rethrow_exception(error);
+      for (std::size_t r = 0; r < words.size(); ++r) {
+        if (!words[r].ok) {
+          throw Error(fmt::format("{}: {} failed {} the node's shared staging directory: {}", where, node_rank(r),
+                                  doing, words[r].text));
+        }
+      }
+    };
+
+    Word plan;
+    try {
+      if (me != context.local_rank || members != context.local_size) {
+        throw Error(fmt::format("{}: the node group has {} ranks, this one its rank {}, but the reader was told "
+                                "local_size {} and local_rank {} (a bug in the engine)",
+                                where, members, me, context.local_size, context.local_rank));
+      }
+      std::uint64_t sum = checksum(options.stage_dir.data(), options.stage_dir.size() + 1);
+      for (std::int64_t i : train) {
+        train_files.push_back(source->sample_files(Split::Train, i));
+        for (const auto& f : train_files.back()) sum = checksum(f.c_str(), f.size() + 1, sum);
+      }
+      for (std::int64_t i : validation_order) validation_files.push_back(source->sample_files(Split::Validation, i));
+      plan.a = sum;
+      if (me == 0) {
+        staging = StagingArea::create_shared(options.stage_dir, where, options.stage_release_wait);
+        plan.text = staging->dir();
+      }
+    } catch (...) {
+      error = std::current_exception();
+      plan.ok = false;
+      plan.text = message_of(error);
     }
-    if (context.rank == 0) {
-      std::fprintf(stderr, "deepcam-host: staged %zu files (%.1f MB) to %s in %.1f s\n", files,
-                   static_cast<double>(bytes) / 1e6, staging->dir().c_str(), seconds);
+    const std::vector<Word> plans = exchange(group, plan, where);
+    agree(plans, "preparing");
+    for (std::size_t r = 1; r < plans.size(); ++r) {
+      if (plans[r].a != plans[0].a) {
+        throw Error(fmt::format("{}: {} would stage other training files (or into another directory) than node "
+                                "rank 0; shuffle_mode \"node\" shares one copy of the node's shard, so every rank "
+                                "of a node needs the same data, stage_dir and [reader] settings",
+                                where, node_rank(r)));
+      }
+    }
+
+    Word outcome;
+    try {
+      if (me != 0) staging = StagingArea::join_shared(plans[0].text, where);
+      std::vector<std::vector<std::string>> part;
+      for (std::size_t n = static_cast<std::size_t>(me); n < train_files.size(); n += static_cast<std::size_t>(members)) {
+        part.push_back(train_files[n]);
+      }
+      for (const auto& c : staging->copy_all(part, to_string(Split::Train), options.threads)) {
+        files_copied += static_cast<std::int64_t>(c.size());
+      }
+      for (const auto& c : staging->copy_all(validation_files, to_string(Split::Validation), options.threads)) {
+        files_copied += static_cast<std::int64_t>(c.size());
+      }
+      outcome.a = static_cast<std::uint64_t>(files_copied);
+      outcome.b = staging->bytes();
+    } catch (...) {
+      error = std::current_exception();
+      outcome.ok = false;
+      outcome.text = message_of(error);
+    }
+    const std::vector<Word> outcomes = exchange(group, outcome, where);
+    agree(outcomes, "copying into");
+
+    // The node's copies, whichever rank made them: where copy() put them.
+    auto& train_table = staged[split_id(Split::Train)];
+    train_table.assign(static_cast<std::size_t>(source->sample_count(Split::Train)), {});
+    for (std::size_t n = 0; n < train.size(); ++n) {
+      auto& copies = train_table[static_cast<std::size_t>(train[n])];
+      for (const auto& f : train_files[n]) copies.push_back(staging->target(f, to_string(Split::Train)));
+    }
+    auto& validation_table = staged[split_id(Split::Validation)];
+    validation_table.assign(static_cast<std::size_t>(source->sample_count(Split::Validation)), {});
+    for (std::size_t n = 0; n < validation_order.size(); ++n) {
+      auto& copies = validation_table[static_cast<std::size_t>(validation_order[n])];
+      for (const auto& f : validation_files[n]) copies.push_back(staging->target(f, to_string(Split::Validation)));
+    }
+    for (const Word& w : outcomes) {
+      files += w.a;
+      bytes += w.b;
     }
   }
 
@@ -495,6 +692,8 @@ void PrefetchReader::read_sample(const std::vector<std::string>& files, float* d
 bool PrefetchReader::normalises_on_device() const { return impl_->raw_source != nullptr; }
 
 std::string PrefetchReader::staging_dir() const { return impl_->staging ? impl_->staging->dir() : std::string(); }
+
+std::int64_t PrefetchReader::files_copied() const { return impl_->files_copied; }
 
 const std::vector<std::int64_t>& PrefetchReader::epoch_order() const {
   static const std::vector<std::int64_t> none;

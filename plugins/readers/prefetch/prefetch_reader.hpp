@@ -51,8 +51,14 @@
 //   staging_start and staging_stop; all reads then go to the copies, which
 //   are removed when the reader goes (also after an error; a run killed by a
 //   signal cannot, and the next one staging there warns about what it left).
-//   Each rank makes its own copy: sharing one per node would need a node
-//   barrier that the reader interface does not offer.
+//   In node mode with several ranks on the node (ReaderContext::node_group)
+//   the node's shard is copied once per node: node-rank 0 creates the
+//   directory and shares its name over the node group, the node's ranks
+//   split the copying, wait for each other, and each reads from all of the
+//   node's copies; node-rank 0 removes the directory once no rank of the
+//   node uses it (the rule: staging.hpp). staging_stop then counts the
+//   node's files and bytes. Otherwise (global and gpu mode, one rank on the
+//   node) each rank makes its own copy.
 //
 // Usage
 //   [reader]
@@ -79,6 +85,7 @@
 //   reader asks it for single samples.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -97,6 +104,10 @@ struct PrefetchOptions {
   std::int64_t oversampling_factor = 1;
   std::string stage_dir;  // empty: no staging
   std::string where;      // "run.toml [reader]", for messages
+  // Node-shared staging: how long node-rank 0's reader, when it goes, waits
+  // for the node's other ranks to let go of the directory before leaving its
+  // removal to the last of them (staging.hpp). Not a run-file key.
+  std::chrono::milliseconds stage_release_wait{10000};
 
   static PrefetchOptions from(const Params& params);
 };
@@ -126,8 +137,12 @@ class PrefetchReader final : public Reader {
   // Whether batches are normalised on the GPU: device "cuda" and a source
   // that is a deepcam::FileReader.
   bool normalises_on_device() const;
-  // The staging directory ("" when not staging).
+  // The staging directory ("" when not staging): with node-shared staging,
+  // the same on all of the node's ranks.
   std::string staging_dir() const;
+  // Files this rank copied while staging (with node-shared staging, its part
+  // of the node's).
+  std::int64_t files_copied() const;
   // Samples that this rank reads in the current epoch, in order (empty
   // before the first start_epoch()).
   const std::vector<std::int64_t>& epoch_order() const;

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <ftw.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -11,6 +12,7 @@
 #include <atomic>
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -110,7 +112,8 @@ std::uint64_t checksum(const void* data, std::size_t size, std::uint64_t state) 
   return state;
 }
 
-StagingArea::StagingArea(const std::string& parent, const std::string& where) : where_(where) {
+// A fresh directory <parent>/deepcam-stage-<pid>-<random>.
+static std::string make_fresh_dir(const std::string& parent, const std::string& where) {
   std::error_code ec;
   if (!fs::is_directory(parent, ec)) {
     throw Error(fmt::format("{} = \"{}\": no such directory; give an existing node-local directory such as "
@@ -124,31 +127,165 @@ StagingArea::StagingArea(const std::string& parent, const std::string& where) : 
     throw Error(fmt::format("{} = \"{}\": cannot create a staging directory there: {}", where, parent,
                             errno_text(errno)));
   }
-  dir_ = templ;
+  return templ;
 }
 
-StagingArea::~StagingArea() {
-  // Not std::filesystem::remove_all: libtorch.so exports its own broken copy
-  // of it, which may be bound ahead of libstdc++'s. Nothing can be thrown
-  // from here; a leftover directory is reported so that it can be removed by
-  // hand.
+// Not std::filesystem::remove_all: libtorch.so exports its own broken copy
+// of it, which may be bound ahead of libstdc++'s. Nothing can be thrown
+// from here (destructors); a leftover directory is reported so that it can
+// be removed by hand.
+static void remove_tree(const std::string& dir) {
   const int failed = ::nftw(
-      dir_.c_str(), [](const char* file, const struct stat*, int, struct FTW*) { return ::remove(file); }, 16,
+      dir.c_str(), [](const char* file, const struct stat*, int, struct FTW*) { return ::remove(file); }, 16,
       FTW_DEPTH | FTW_PHYS);
   if (failed != 0) {
-    std::fprintf(stderr, "deepcam-host: could not remove the staged copies in %s: %s\n", dir_.c_str(),
+    std::fprintf(stderr, "deepcam-host: could not remove the staged copies in %s: %s\n", dir.c_str(),
                  std::strerror(errno));
   }
 }
 
+static int flock_retrying(int fd, int operation) {
+  int r;
+  while ((r = ::flock(fd, operation)) != 0 && errno == EINTR) {
+  }
+  return r;
+}
+
+static std::string lock_path(const std::string& dir) { return (fs::path(dir) / ".users").string(); }
+static std::string orphan_path(const std::string& dir) { return (fs::path(dir) / ".orphaned").string(); }
+
+static Error lock_failed(const std::string& lock, int e, const std::string& where) {
+  return Error(fmt::format("{}: cannot lock the node's shared staging directory: {}; {} must be on a local file "
+                           "system that supports flock(2), such as /dev/shm or /tmp",
+                           lock, errno_text(e), where));
+}
+
+StagingArea::StagingArea(const std::string& parent, const std::string& where)
+    : role_(Role::Private), dir_(make_fresh_dir(parent, where)), where_(where) {}
+
+StagingArea::StagingArea(Role role, std::string dir, std::string where, int lock_fd,
+                         std::chrono::milliseconds grace)
+    : role_(role), dir_(std::move(dir)), where_(std::move(where)), lock_fd_(lock_fd), grace_(grace) {}
+
+std::unique_ptr<StagingArea> StagingArea::create_shared(const std::string& parent, const std::string& where,
+                                                        std::chrono::milliseconds grace) {
+  const std::string dir = make_fresh_dir(parent, where);
+  const std::string lock = lock_path(dir);
+  const int fd = ::open(lock.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0 || flock_retrying(fd, LOCK_SH) != 0) {
+    const int e = errno;
+    if (fd >= 0) ::close(fd);
+    remove_tree(dir);
+    throw lock_failed(lock, e, where);
+  }
+  try {
+    return std::unique_ptr<StagingArea>(new StagingArea(Role::SharedOwner, dir, where, fd, grace));
+  } catch (...) {
+    ::close(fd);
+    remove_tree(dir);
+    throw;
+  }
+}
+
+std::unique_ptr<StagingArea> StagingArea::join_shared(const std::string& dir, const std::string& where) {
+  const std::string lock = lock_path(dir);
+  const int fd = ::open(lock.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) {
+    throw Error(fmt::format("{}: cannot join the node's shared staging directory: {} (has node-rank 0 stopped?)",
+                            lock, errno_text(errno)));
+  }
+  if (flock_retrying(fd, LOCK_SH) != 0) {
+    const int e = errno;
+    ::close(fd);
+    throw lock_failed(lock, e, where);
+  }
+  // Removed between the open and the lock: whoever removed it held the
+  // exclusive lock, so holding the shared one now, it stays as it is.
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || st.st_nlink == 0) {
+    ::close(fd);
+    throw Error(fmt::format("{}: the node's shared staging directory was removed before this rank could join it "
+                            "(has node-rank 0 stopped?)",
+                            dir));
+  }
+  try {
+    return std::unique_ptr<StagingArea>(new StagingArea(Role::SharedMember, dir, where, fd, {}));
+  } catch (...) {
+    ::close(fd);
+    throw;
+  }
+}
+
+void StagingArea::remove_locked() const {
+  struct stat st {};
+  if (::fstat(lock_fd_, &st) == 0 && st.st_nlink == 0) return;  // another user removed it
+  remove_tree(dir_);
+}
+
+StagingArea::~StagingArea() {
+  switch (role_) {
+    case Role::Private:
+      remove_tree(dir_);
+      return;
+    case Role::SharedOwner: {
+      // The rule is in staging.hpp. Let go, then wait for the exclusive
+      // lock: granted once no other rank of the node holds the area.
+      ::flock(lock_fd_, LOCK_UN);
+      const auto deadline = std::chrono::steady_clock::now() + grace_;
+      bool held = false;
+      for (;;) {
+        held = ::flock(lock_fd_, LOCK_EX | LOCK_NB) == 0;
+        if (held || std::chrono::steady_clock::now() >= deadline) break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+      bool marked = false;
+      int mark_error = 0;
+      if (!held) {
+        // Left to the last user. The marker comes first and the lock is
+        // tried once more after it: a rank that let go before the marker
+        // existed let go before this try too.
+        const int m = ::open(orphan_path(dir_).c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+        marked = m >= 0;
+        if (m >= 0) ::close(m);
+        else mark_error = errno;
+        held = ::flock(lock_fd_, LOCK_EX | LOCK_NB) == 0;
+      }
+      if (held) {
+        remove_locked();
+      } else if (marked) {
+        std::fprintf(stderr,
+                     "deepcam-host: other ranks of this node still use the staged copies in %s after %.1f s; the "
+                     "last of them removes them\n",
+                     dir_.c_str(), static_cast<double>(grace_.count()) / 1000.0);
+      } else {
+        std::fprintf(stderr,
+                     "deepcam-host: other ranks of this node still use the staged copies in %s, and they cannot be "
+                     "told to remove them (%s); remove it by hand once they have stopped\n",
+                     dir_.c_str(), std::strerror(mark_error));
+      }
+      ::close(lock_fd_);
+      return;
+    }
+    case Role::SharedMember:
+      ::flock(lock_fd_, LOCK_UN);
+      if (::access(orphan_path(dir_).c_str(), F_OK) == 0 && ::flock(lock_fd_, LOCK_EX | LOCK_NB) == 0) remove_locked();
+      ::close(lock_fd_);
+      return;
+  }
+}
+
 std::uint64_t StagingArea::bytes() const { return bytes_.load(); }
+
+std::string StagingArea::target(const std::string& source, const std::string& subdir) const {
+  return (fs::path(dir_) / subdir / fs::path(source).filename()).string();
+}
 
 std::string StagingArea::copy(const std::string& source, const std::string& subdir) const {
   const fs::path target_dir = fs::path(dir_) / subdir;
   std::error_code ec;
   fs::create_directories(target_dir, ec);
   if (ec) throw Error(fmt::format("{}: cannot create the staging directory: {}", target_dir.string(), ec.message()));
-  const std::string target = (target_dir / fs::path(source).filename()).string();
+  const std::string target = this->target(source, subdir);
   // Written under a temporary name: a copy that exists under its own name is
   // complete and checked.
   const std::string partial = target + ".partial";

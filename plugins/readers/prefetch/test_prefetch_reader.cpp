@@ -4,11 +4,14 @@
 // errors handed over at the batch they belong to, and staging (copies equal
 // to their sources, reads go to them, removed at exit and after an error),
 // and the GPU's normalisation over a file reader (its at:: ops run on the CPU
-// here, on the GPU where one is present).
+// here, on the GPU where one is present). Node-shared staging runs the ranks
+// of one node as threads of this process, joined by an in-process Group.
 #include <ATen/ops/empty.h>
 #include <ATen/Context.h>
 #include <ATen/ops/equal.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/zeros.h>
 
 #include <fcntl.h>
 #include <ftw.h>
@@ -22,9 +25,11 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <condition_variable>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <random>
@@ -35,6 +40,7 @@
 #include <vector>
 
 #include "deepcam/error.hpp"
+#include "deepcam/group.hpp"
 #include "deepcam/mlperf_log.hpp"
 #include "deepcam/sharding.hpp"
 #include "../hdf5/hdf5_reader.hpp"
@@ -240,6 +246,136 @@ ReaderContext synth_context(const fs::path& dir, std::vector<std::int64_t> chann
   ctx.data_root = (dir / "data").string();
   ctx.channels = std::move(channels);
   return ctx;
+}
+
+// The ranks of one node as threads of this process: member(r) is node rank
+// r's deepcam::Group. The k-th collective of every member meets in one shared
+// slot: each puts its tensor there, waits for the others, and reads the
+// result from all of them. Members that call different collectives, or one
+// that waits a minute for the others, get an exception instead of a hang.
+class ThreadNode {
+ public:
+  explicit ThreadNode(int size) : size_(size), next_(static_cast<std::size_t>(size), 0) {
+    for (int r = 0; r < size; ++r) members_.push_back(std::make_unique<Member>(*this, r));
+  }
+  deepcam::Group& member(int r) { return *members_.at(static_cast<std::size_t>(r)); }
+  // Collectives node rank r has made.
+  std::int64_t calls(int r) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return next_.at(static_cast<std::size_t>(r));
+  }
+
+ private:
+  class Member final : public deepcam::Group {
+   public:
+    Member(ThreadNode& node, int rank) : node_(node), rank_(rank) {}
+    int size() const override { return node_.size_; }
+    int rank() const override { return rank_; }
+    void barrier() override {
+      node_.collective(rank_, "barrier", at::zeros({1}), [](const auto&) { return at::Tensor(); });
+    }
+    void all_reduce_sum(at::Tensor& tensor) override {
+      tensor.copy_(node_.collective(rank_, "all_reduce_sum", tensor, [](const std::vector<at::Tensor>& in) {
+        at::Tensor sum = in[0].clone();
+        for (std::size_t i = 1; i < in.size(); ++i) sum += in[i];
+        return sum;
+      }));
+    }
+    at::Tensor all_gather(const at::Tensor& tensor) override {
+      return node_.collective(rank_, "all_gather", tensor,
+                              [](const std::vector<at::Tensor>& in) { return at::stack(in); });
+    }
+
+   private:
+    ThreadNode& node_;
+    int rank_;
+  };
+
+  struct Call {
+    std::string op;
+    std::vector<at::Tensor> in;
+    int arrived = 0, left = 0;
+  };
+
+  at::Tensor collective(int rank, const std::string& op, const at::Tensor& tensor,
+                        const std::function<at::Tensor(const std::vector<at::Tensor>&)>& combine) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const std::int64_t k = next_[static_cast<std::size_t>(rank)]++;
+    Call& call = calls_[k];
+    if (call.in.empty()) call.in.resize(static_cast<std::size_t>(size_));
+    if (!call.op.empty() && call.op != op) {
+      throw std::runtime_error("fake node group: collective " + std::to_string(k) + " is " + call.op +
+                               " on one rank and " + op + " on another");
+    }
+    for (const at::Tensor& other : call.in) {
+      if (other.defined() && (other.sizes() != tensor.sizes() || other.scalar_type() != tensor.scalar_type())) {
+        throw std::runtime_error("fake node group: " + op + " of tensors of different shapes or types");
+      }
+    }
+    call.op = op;
+    call.in[static_cast<std::size_t>(rank)] = tensor.detach().clone();
+    ++call.arrived;
+    cv_.notify_all();
+    if (!cv_.wait_for(lock, std::chrono::seconds(60), [&] { return call.arrived == size_; })) {
+      throw std::runtime_error("fake node group: node rank " + std::to_string(rank) + " waited a minute in " + op +
+                               " for the other ranks");
+    }
+    at::Tensor out = combine(call.in);
+    if (++call.left == size_) calls_.erase(k);
+    return out;
+  }
+
+  const int size_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::vector<std::int64_t> next_;
+  std::map<std::int64_t, Call> calls_;
+  std::vector<std::unique_ptr<Member>> members_;
+};
+
+// Runs f(r) for r = 0 .. n - 1 at once, each on its own thread (the ranks
+// of a node); the message of each one's exception, "" where none.
+std::vector<std::string> on_ranks(int n, const std::function<void(int)>& f) {
+  std::vector<std::string> errors(static_cast<std::size_t>(n));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < n; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        f(r);
+      } catch (const std::exception& e) {
+        errors[static_cast<std::size_t>(r)] = e.what();
+        if (errors[static_cast<std::size_t>(r)].empty()) errors[static_cast<std::size_t>(r)] = "(empty message)";
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  return errors;
+}
+
+// Regular files under `dir`, by path relative to it.
+std::set<std::string> files_under(const fs::path& dir) {
+  std::set<std::string> out;
+  for (const auto& e : fs::recursive_directory_iterator(dir)) {
+    if (e.is_regular_file()) out.insert(fs::relative(e.path(), dir).string());
+  }
+  return out;
+}
+
+std::string read_file(std::FILE* f) {
+  std::fflush(f);
+  std::rewind(f);
+  std::string text;
+  char buf[4096];
+  for (std::size_t n; (n = std::fread(buf, 1, sizeof buf, f)) > 0;) text.append(buf, n);
+  return text;
+}
+
+// Node rank r of world 2, both ranks on one node.
+ReaderContext node_rank_context(int r) {
+  ReaderContext c = context(2, 2, r, 2);
+  c.local_rank = r;
+  c.local_size = 2;
+  return c;
 }
 
 template <typename F>
@@ -846,4 +982,284 @@ TEST_CASE("over the HDF5 reader: the same batches as the HDF5 reader's own, and 
     CHECK(same(drain(r, Split::Validation, 0), drain(own, Split::Validation, 0)));
     CHECK(r.global_samples(Split::Train) == own.global_samples(Split::Train));
   }
+}
+
+TEST_CASE("node mode, two ranks on a node: the node's shard is staged once, both read it all, removed after both") {
+  TempDir data, stage;
+  constexpr std::int64_t kTrain = 23, kValidation = 6;
+  // Every source first: FakeSource writes the sample files, which must not
+  // change once staging has begun.
+  std::vector<std::unique_ptr<FakeSource>> sources, plain_sources;
+  std::vector<FakeSource*> fakes;
+  for (int r = 0; r < 2; ++r) {
+    sources.push_back(std::make_unique<FakeSource>(data.path, kTrain, kValidation, node_rank_context(r)));
+    fakes.push_back(sources.back().get());
+    plain_sources.push_back(std::make_unique<FakeSource>(data.path, kTrain, kValidation, node_rank_context(r)));
+  }
+  // What each rank reads without staging.
+  std::vector<std::map<std::string, Drained>> want(2);
+  for (int r = 0; r < 2; ++r) {
+    PrefetchReader plain(node_rank_context(r), options(2, 2, ShuffleMode::Node), std::move(plain_sources[r]));
+    want[r]["train 0"] = drain(plain, Split::Train, 0);
+    want[r]["validation"] = drain(plain, Split::Validation, 0);
+    want[r]["train 1"] = drain(plain, Split::Train, 1);
+    REQUIRE(!want[r]["train 0"].data.empty());
+  }
+  REQUIRE(!same(want[0]["train 0"], want[1]["train 0"]));
+
+  ThreadNode node(2);
+  std::vector<std::unique_ptr<PrefetchReader>> readers(2);
+  std::vector<std::FILE*> logs{std::tmpfile(), std::tmpfile()};
+  {
+    std::vector<std::unique_ptr<deepcam::MlperfLog>> mlperf;
+    for (int r = 0; r < 2; ++r) mlperf.push_back(std::make_unique<deepcam::MlperfLog>(logs[r], true));
+    const auto errors = on_ranks(2, [&](int r) {
+      ReaderContext c = node_rank_context(r);
+      c.node_group = &node.member(r);
+      c.log = mlperf[static_cast<std::size_t>(r)].get();
+      auto o = options(2, 2, ShuffleMode::Node);
+      o.stage_dir = stage.path.string();
+      readers[r] = std::make_unique<PrefetchReader>(c, o, std::move(sources[r]));
+    });
+    for (int r = 0; r < 2; ++r) {
+      INFO("node rank " << r);
+      REQUIRE(errors[r] == "");
+    }
+  }
+  // The collectives ran on both ranks (two exchanges each).
+  CHECK(node.calls(0) == 2);
+  CHECK(node.calls(1) == 2);
+
+  // One directory, shared.
+  const std::string dir = readers[0]->staging_dir();
+  REQUIRE(!dir.empty());
+  CHECK(readers[1]->staging_dir() == dir);
+  CHECK(entries(stage.path) == std::vector<std::string>{fs::path(dir).filename().string()});
+  // Each file copied once: the ranks split the node's shard (here the whole
+  // training list) and each copies its own validation samples.
+  CHECK(readers[0]->files_copied() > 0);
+  CHECK(readers[1]->files_copied() > 0);
+  CHECK(readers[0]->files_copied() + readers[1]->files_copied() == kTrain + kValidation);
+  std::set<std::string> expected{".users"};
+  for (std::int64_t i = 0; i < kTrain; ++i) expected.insert("train/sample-" + std::to_string(1000 + i) + ".bin");
+  for (std::int64_t i = 0; i < kValidation; ++i) {
+    expected.insert("validation/sample-" + std::to_string(1000 + i) + ".bin");
+  }
+  CHECK(files_under(dir) == expected);
+  // staging_stop counts the node's files, on both ranks.
+  for (int r = 0; r < 2; ++r) {
+    INFO("node rank " << r);
+    const std::string text = read_file(logs[r]);
+    CHECK(text.find("\"key\": \"staging_start\"") != std::string::npos);
+    CHECK(text.find("\"staged_files\": " + std::to_string(kTrain + kValidation)) != std::string::npos);
+  }
+
+  // Every training sample of the node is there for both ranks, equal to its
+  // source; each rank's validation samples too.
+  for (int r = 0; r < 2; ++r) {
+    INFO("node rank " << r);
+    for (std::int64_t i = 0; i < kTrain; ++i) {
+      const auto copy = readers[r]->sample_files(Split::Train, i).at(0);
+      CHECK(copy.rfind(dir + "/train/", 0) == 0);
+      CHECK(read_text(copy) == read_text(fakes[r]->sample_files(Split::Train, i).at(0)));
+    }
+    for (std::int64_t i : deepcam::validation_indices(kValidation, r, 2)) {
+      const auto copy = readers[r]->sample_files(Split::Validation, i).at(0);
+      CHECK(copy.rfind(dir + "/validation/", 0) == 0);
+      CHECK(read_text(copy) == read_text(fakes[r]->sample_files(Split::Validation, i).at(0)));
+    }
+  }
+
+  // The batches of the plain reader, read from the shared copies only, on
+  // both ranks at once; each rank also reads copies the other one made.
+  const auto errors = on_ranks(2, [&](int r) {
+    fakes[r]->read_paths_.clear();
+    PrefetchReader& reader = *readers[r];
+    if (!same(drain(reader, Split::Train, 0), want[r]["train 0"])) throw std::runtime_error("train epoch 0 differs");
+    if (!same(drain(reader, Split::Validation, 0), want[r]["validation"])) throw std::runtime_error("validation differs");
+    if (!same(drain(reader, Split::Train, 1), want[r]["train 1"])) throw std::runtime_error("train epoch 1 differs");
+  });
+  for (int r = 0; r < 2; ++r) {
+    INFO("node rank " << r);
+    CHECK(errors[r] == "");
+    std::set<std::int64_t> parity;
+    for (const auto& p : fakes[r]->read_paths_) {
+      CHECK(p.rfind(dir + "/", 0) == 0);
+      const std::string name = fs::path(p).filename().string();
+      if (p.find("/train/") != std::string::npos) parity.insert(std::stoll(name.substr(7, 4)) % 2);
+    }
+    // Node rank i copied the training files i, i + 2, ...: both kinds read.
+    CHECK(parity == std::set<std::int64_t>{0, 1});
+  }
+
+  // Gone once both readers are, however their ends interleave.
+  on_ranks(2, [&](int r) { readers[r].reset(); });
+  CHECK(!fs::exists(dir));
+  CHECK(entries(stage.path).empty());
+  for (std::FILE* f : logs) std::fclose(f);
+}
+
+TEST_CASE("node-shared staging: no rank removes copies that another rank's reader may still read") {
+  TempDir data, stage;
+  std::vector<std::unique_ptr<FakeSource>> plain_sources;
+  for (int r = 0; r < 2; ++r) {
+    plain_sources.push_back(std::make_unique<FakeSource>(data.path, 12, 4, node_rank_context(r)));
+  }
+  std::vector<Drained> want;
+  for (int r = 0; r < 2; ++r) {
+    PrefetchReader plain(node_rank_context(r), options(2, 2, ShuffleMode::Node), std::move(plain_sources[r]));
+    want.push_back(drain(plain, Split::Train, 3));
+  }
+  auto build = [&](ThreadNode& node, std::chrono::milliseconds release_wait) {
+    std::vector<std::unique_ptr<FakeSource>> sources;
+    for (int r = 0; r < 2; ++r) sources.push_back(std::make_unique<FakeSource>(data.path, 12, 4, node_rank_context(r)));
+    std::vector<std::unique_ptr<PrefetchReader>> readers(2);
+    const auto errors = on_ranks(2, [&](int r) {
+      ReaderContext c = node_rank_context(r);
+      c.node_group = &node.member(r);
+      auto o = options(2, 2, ShuffleMode::Node);
+      o.stage_dir = stage.path.string();
+      o.stage_release_wait = release_wait;
+      readers[r] = std::make_unique<PrefetchReader>(c, o, std::move(sources[r]));
+    });
+    REQUIRE(errors == std::vector<std::string>{"", ""});
+    REQUIRE(readers[0]->staging_dir() == readers[1]->staging_dir());
+    return readers;
+  };
+
+  SUBCASE("node rank 1 goes first: node rank 0 still reads, then removes the directory") {
+    ThreadNode node(2);
+    auto readers = build(node, std::chrono::milliseconds(10000));
+    const std::string dir = readers[0]->staging_dir();
+    readers[1].reset();
+    CHECK(fs::exists(dir));
+    CHECK(same(drain(*readers[0], Split::Train, 3), want[0]));
+    readers[0].reset();
+    CHECK(!fs::exists(dir));
+  }
+  SUBCASE("node rank 0 goes first: it waits while node rank 1 still reads, then removes the directory") {
+    ThreadNode node(2);
+    auto readers = build(node, std::chrono::milliseconds(20000));
+    const std::string dir = readers[0]->staging_dir();
+    std::atomic<bool> gone{false};
+    std::thread rank0([&] {
+      readers[0].reset();
+      gone = true;
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    CHECK(!gone);
+    CHECK(fs::exists(dir));
+    CHECK(same(drain(*readers[1], Split::Train, 3), want[1]));
+    readers[1].reset();
+    rank0.join();
+    CHECK(!fs::exists(dir));
+  }
+  SUBCASE("node rank 0 cannot wait longer: the last rank to let go removes the directory") {
+    ThreadNode node(2);
+    auto readers = build(node, std::chrono::milliseconds(100));
+    const std::string dir = readers[0]->staging_dir();
+    readers[0].reset();  // waits 100 ms, then leaves it
+    CHECK(fs::exists(dir));
+    CHECK(fs::exists(fs::path(dir) / ".orphaned"));
+    CHECK(same(drain(*readers[1], Split::Train, 3), want[1]));
+    readers[1].reset();
+    CHECK(!fs::exists(dir));
+  }
+  CHECK(entries(stage.path).empty());
+}
+
+TEST_CASE("node-shared staging that fails on one rank fails on every rank of the node, and leaves nothing") {
+  TempDir data, stage;
+  SUBCASE("a copy that fails on node rank 1 names its file on both ranks") {
+    std::vector<std::unique_ptr<FakeSource>> sources;
+    for (int r = 0; r < 2; ++r) sources.push_back(std::make_unique<FakeSource>(data.path, 12, 4, node_rank_context(r)));
+    // Node rank 1 copies the odd training files: the sixth goes missing.
+    fs::remove(sources[1]->sample_files(Split::Train, 5).at(0));
+    ThreadNode node(2);
+    const auto errors = on_ranks(2, [&](int r) {
+      ReaderContext c = node_rank_context(r);
+      c.node_group = &node.member(r);
+      auto o = options(2, 2, ShuffleMode::Node);
+      o.stage_dir = stage.path.string();
+      PrefetchReader reader(c, o, std::move(sources[r]));
+    });
+    CHECK(errors[1].find("sample-1005.bin: cannot open for staging") != std::string::npos);
+    CHECK(errors[0].find("test.toml [reader] stage_dir: node rank 1 (rank 1) failed copying into the node's shared "
+                         "staging directory") != std::string::npos);
+    CHECK(errors[0].find("sample-1005.bin: cannot open for staging") != std::string::npos);
+  }
+  SUBCASE("ranks that would stage different files refuse, naming the setting") {
+    std::vector<std::unique_ptr<FakeSource>> sources;
+    for (int r = 0; r < 2; ++r) {
+      sources.push_back(std::make_unique<FakeSource>(data.path / std::to_string(r), 12, 4, node_rank_context(r)));
+    }
+    ThreadNode node(2);
+    const auto errors = on_ranks(2, [&](int r) {
+      ReaderContext c = node_rank_context(r);
+      c.node_group = &node.member(r);
+      auto o = options(2, 2, ShuffleMode::Node);
+      o.stage_dir = stage.path.string();
+      PrefetchReader reader(c, o, std::move(sources[r]));
+    });
+    for (int r = 0; r < 2; ++r) {
+      INFO("node rank " << r);
+      CHECK(errors[r].find("test.toml [reader] stage_dir: node rank 1 (rank 1) would stage other training files") !=
+            std::string::npos);
+    }
+  }
+  SUBCASE("a staging directory that node rank 0 cannot create: both ranks say why") {
+    std::vector<std::unique_ptr<FakeSource>> sources;
+    for (int r = 0; r < 2; ++r) sources.push_back(std::make_unique<FakeSource>(data.path, 12, 4, node_rank_context(r)));
+    ThreadNode node(2);
+    const std::string missing = (stage.path / "missing").string();
+    const auto errors = on_ranks(2, [&](int r) {
+      ReaderContext c = node_rank_context(r);
+      c.node_group = &node.member(r);
+      auto o = options(2, 2, ShuffleMode::Node);
+      o.stage_dir = missing;
+      PrefetchReader reader(c, o, std::move(sources[r]));
+    });
+    const std::string why = "test.toml [reader] stage_dir = \"" + missing + "\": no such directory";
+    CHECK(errors[0].find(why) == 0);
+    CHECK(errors[1].find("node rank 0 (rank 0) failed preparing") != std::string::npos);
+    CHECK(errors[1].find(why) != std::string::npos);
+  }
+  CHECK(entries(stage.path).empty());
+}
+
+TEST_CASE("gpu and global mode, or a node of one rank: each rank stages for itself, without the node group") {
+  TempDir data, stage;
+  for (ShuffleMode mode : {ShuffleMode::Gpu, ShuffleMode::Global}) {
+    INFO(deepcam::to_string(mode));
+    ThreadNode node(2);
+    std::vector<std::unique_ptr<PrefetchReader>> readers;
+    for (int r = 0; r < 2; ++r) {
+      ReaderContext c = node_rank_context(r);
+      c.node_group = &node.member(r);
+      auto o = options(2, 2, mode);
+      o.stage_dir = stage.path.string();
+      // One after the other: a collective would wait for the other rank.
+      readers.push_back(std::make_unique<PrefetchReader>(c, o, std::make_unique<FakeSource>(data.path, 12, 4, c)));
+    }
+    CHECK(node.calls(0) == 0);
+    CHECK(node.calls(1) == 0);
+    CHECK(readers[0]->staging_dir() != readers[1]->staging_dir());
+    CHECK(entries(stage.path).size() == 2);
+    // gpu: each rank's shard of 6; global: all 12. Plus 2 validation each.
+    CHECK(readers[0]->files_copied() == (mode == ShuffleMode::Gpu ? 8 : 14));
+    readers.clear();
+    CHECK(entries(stage.path).empty());
+  }
+  ThreadNode alone(1);
+  ReaderContext c = context(2, 2);
+  c.node_group = &alone.member(0);
+  auto o = options(2, 2, ShuffleMode::Node);
+  o.stage_dir = stage.path.string();
+  {
+    PrefetchReader r(c, o, std::make_unique<FakeSource>(data.path, 12, 4, c));
+    CHECK(alone.calls(0) == 0);
+    CHECK(r.files_copied() == 16);
+    CHECK(files_under(r.staging_dir()).count(".users") == 0);
+  }
+  CHECK(entries(stage.path).empty());
 }
