@@ -66,6 +66,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import write_docs
+
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Readers (issue 3 section 7)"
 MIN_BYTES = 2e9
@@ -382,23 +384,6 @@ def build_report(args, rows, prefetch, goals, notes, context):
     return "\n".join(out)
 
 
-def write_docs(path, section_text):
-    """Replaces the section (up to the next '## ' heading) or appends it; keeps the rest."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, l in enumerate(lines) if l.strip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section_text.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "\n".join(lines[:start] + section_text.rstrip("\n").splitlines() + ([""] if end < len(lines) else [])
-                        + lines[end:]).rstrip("\n") + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(new)
-    os.replace(tmp, path)
-
-
 # ---- main ------------------------------------------------------------------------------------------
 
 def main():
@@ -607,7 +592,7 @@ def main():
     report = build_report(args, rows, prefetch, goals, notes, context)
     print(report)
     if not args.no_docs:
-        write_docs(args.docs, report)
+        write_docs(args.docs, SECTION, report)
         say(f"wrote the section to {args.docs}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "prefetch": prefetch, "goals": goals, "runs": runs_log,

@@ -27,13 +27,17 @@ GradientAllReduce::GradientAllReduce(Communicator& comm, std::vector<at::Tensor>
     : comm_(comm), parameters_(std::move(parameters)) {
   bucket_of_.resize(parameters_.size());
   filled_.assign(parameters_.size(), false);
-  // Reverse registration order: the last layers' gradients come first.
+  // Reverse registration order: the last layers' gradients come first. As
+  // in DDP, the first bucket holds at most 1 MiB, so that an exchange starts
+  // early in the backward pass however large bucket_cap_mb is.
+  constexpr std::int64_t kFirstBucketBytes = 1024 * 1024;
   std::int64_t bytes = 0;
   for (std::size_t k = parameters_.size(); k-- > 0;) {
     const at::Tensor& p = parameters_[k];
     if (!p.requires_grad()) continue;
     const std::int64_t size = p.numel() * static_cast<std::int64_t>(p.element_size());
-    const bool fits = !buckets_.empty() && bytes + size <= bucket_cap_bytes &&
+    const std::int64_t cap = buckets_.size() == 1 ? std::min(kFirstBucketBytes, bucket_cap_bytes) : bucket_cap_bytes;
+    const bool fits = !buckets_.empty() && bytes + size <= cap &&
                       buckets_.back().flat.scalar_type() == p.scalar_type() &&
                       buckets_.back().flat.device() == p.device();
     if (!fits) {

@@ -7,7 +7,8 @@
 // search, static graphs, comm hooks) follow Python's DistributedDataParallel
 // and change between releases, while what is needed here is small:
 // post-accumulate-grad hooks fill fixed buckets (parameters in reverse
-// registration order, as DDP assigns them, up to [run] bucket_cap_mb each),
+// registration order, as DDP assigns them, the first up to 1 MiB and the
+// others up to [run] bucket_cap_mb each),
 // each bucket's all-reduce starts as soon as its last gradient is in, and
 // buckets start in the same order on every rank (collectives must match).
 // It also makes the time spent waiting for the all-reduce measurable.
