@@ -116,7 +116,7 @@ def test_plugin_built_against_another_libtorch_is_refused(tmp_path, data):
 
 def test_shared_library_that_is_not_a_plugin(tmp_path, data):
     msg = refused(tmp_path, data, FIXTURES / "libdeepcam_optimizer_notaplugin.so")
-    assert "not a deepcam-host plugin (no symbol deepcam_plugin_v1)" in msg
+    assert "not a deepcam-host plugin (no symbol deepcam_plugin_v2)" in msg
 
 
 def test_corrupt_and_missing_library(tmp_path, data):
