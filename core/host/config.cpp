@@ -42,6 +42,15 @@ const ParamSpec kRunSpecs[] = {
      "seconds a collective or the rendezvous may wait before the run stops naming the rank that was lost", 1, 1e6},
     {"bucket_cap_mb", ParamType::Float, "25", "size of a gradient all-reduce bucket in MiB (DDP's bucket_cap_mb)",
      0.001, 1e5},
+    {"precision", ParamType::String, "\"fp32\"",
+     "fp32, or autocast around forward and loss as torch.autocast: amp_bf16, or amp_fp16 with "
+     "torch.amp.GradScaler's dynamic loss scaling",
+     kNoMin, kNoMax, "fp32|amp_fp16|amp_bf16"},
+    {"memory_format", ParamType::String, "\"contiguous\"",
+     "layout of the model's 4-d weights, its inputs and their gradients: contiguous (NCHW) or channels_last (NHWC)",
+     kNoMin, kNoMax, "contiguous|channels_last"},
+    {"cudnn_benchmark", ParamType::Bool, "true",
+     "let cuDNN time its algorithms for each convolution shape on the first steps (CUDA only)"},
     {"batchnorm_group_size", ParamType::Int, "1",
      "ranks (consecutive) whose BatchNorm statistics are shared in training, as torch.nn.SyncBatchNorm; "
      "1: each rank its own; must divide the number of ranks (or exceed it: all ranks)",

@@ -71,6 +71,16 @@ void save_checkpoint(const std::string& path, const CheckpointInfo& info, torch:
   top.insert("epoch", info.epoch);
   top.insert("model", model_state);
   if (optimizer) top.insert("optimizer", optimizer->state_dict());
+  if (info.scaler) {
+    // The keys and types of GradScaler.state_dict().
+    c10::impl::GenericDict scaler(c10::StringType::get(), c10::AnyType::get());
+    scaler.insert("scale", info.scaler->scale);
+    scaler.insert("growth_factor", info.scaler->growth_factor);
+    scaler.insert("backoff_factor", info.scaler->backoff_factor);
+    scaler.insert("growth_interval", info.scaler->growth_interval);
+    scaler.insert("_growth_tracker", info.scaler->growth_tracker);
+    top.insert("scaler", scaler);
+  }
   const std::vector<char> bytes = pickle_for_python(top);
 
   const std::string tmp = fmt::format("{}.tmp-{}", path, ::getpid());
@@ -150,6 +160,29 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
   if (auto e = find("epoch")) info.epoch = as_int(*e, path, "epoch");
   if (optimizer) {
     if (auto o = find("optimizer")) optimizer->load_state_dict(*o);
+  }
+  if (auto sc = find("scaler")) {
+    if (!sc->isGenericDict()) throw Error(fmt::format("{}: 'scaler' is not a dict", path));
+    const auto d = sc->toGenericDict();
+    auto field = [&](const char* key) -> c10::IValue {
+      for (const auto& e : d) {
+        if (e.key().isString() && e.key().toStringRef() == key) return e.value();
+      }
+      throw Error(fmt::format("{}: 'scaler' has no '{}'", path, key));
+    };
+    auto number = [&](const char* key) {
+      const c10::IValue v = field(key);
+      if (v.isDouble()) return v.toDouble();
+      if (v.isInt()) return static_cast<double>(v.toInt());
+      throw Error(fmt::format("{}: scaler '{}' is not a number", path, key));
+    };
+    ScalerState s;
+    s.scale = number("scale");
+    s.growth_factor = number("growth_factor");
+    s.backoff_factor = number("backoff_factor");
+    s.growth_interval = as_int(field("growth_interval"), path, "scaler growth_interval");
+    s.growth_tracker = as_int(field("_growth_tracker"), path, "scaler _growth_tracker");
+    info.scaler = s;
   }
   return info;
 }

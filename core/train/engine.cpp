@@ -11,6 +11,7 @@
 #include <fstream>
 #include <optional>
 
+#include "amp.hpp"
 #include "comm.hpp"
 #include "data_parallel.hpp"
 #include "deepcam/build_reader.hpp"
@@ -113,7 +114,10 @@ class DivergenceWatch {
   // `step` counts batches from 0; the code keeps what went wrong beside it.
   void loss(const at::Tensor& loss, std::int64_t step) { watch(loss.detach(), 2 * step); }
 
-  void gradients(const std::vector<at::Tensor>& parameters, std::int64_t step) {
+  // `found_inf` (float16 runs): the loss scaler's verdict; a step it skips
+  // is not divergence.
+  void gradients(const std::vector<at::Tensor>& parameters, std::int64_t step,
+                 const at::Tensor& found_inf = at::Tensor()) {
     std::vector<at::Tensor> grads;
     grads.reserve(parameters.size());
     for (const at::Tensor& p : parameters) {
@@ -121,7 +125,9 @@ class DivergenceWatch {
     }
     if (grads.empty()) return;
     // The global 2-norm, as torch.nn.utils.clip_grad_norm_ computes it.
-    watch(at::stack(at::_foreach_norm(grads, 2)).norm(), 2 * step + 1);
+    at::Tensor norm = at::stack(at::_foreach_norm(grads, 2)).norm();
+    if (found_inf.defined()) norm = at::where(found_inf.squeeze().gt(0), at::zeros_like(norm), norm);
+    watch(norm, 2 * step + 1);
   }
 
   // The record as (code, value), -1 for none: two device-to-host copies.
@@ -171,6 +177,17 @@ class Engine {
     }
     if (run.integer("threads") > 0) at::set_num_threads(static_cast<int>(run.integer("threads")));
     torch::manual_seed(static_cast<std::uint64_t>(run.integer("seed")));
+    if (device_.is_cuda()) at::globalContext().setBenchmarkCuDNN(run.boolean("cudnn_benchmark"));
+    precision_ = parse_precision(run.string("precision"));
+    memory_format_ = run.string("memory_format") == "channels_last" ? at::MemoryFormat::ChannelsLast
+                                                                     : at::MemoryFormat::Contiguous;
+    if (memory_format_ == at::MemoryFormat::ChannelsLast && !device_.is_cuda()) {
+      // LibTorch 2.11's oneDNN crashes (SIGSEGV in its AVX-512 1x1
+      // convolution backward-weights kernel) on a channels_last 1x1 stride-2
+      // convolution, the Xception blocks' skip path; PyTorch itself does the
+      // same. ATen's own CPU convolutions handle NHWC correctly, more slowly.
+      at::globalContext().setUserEnabledMkldnn(false);
+    }
 
     ReaderContext rc = reader_context(cfg_, comm_.rank(), comm_.size(), &log_);
     rc.local_rank = comm_.local_rank();
@@ -188,6 +205,13 @@ class Engine {
     if (bn_group_size_ > 1) mc.batchnorm_group = &comm_.consecutive(static_cast<int>(bn_group_size_));
     c_.model = make(cfg_.model, [&](const PluginDescriptor& d) { return d.make_model(cfg_.model.params, mc); });
     c_.model->module().to(device_);
+    if (memory_format_ == at::MemoryFormat::ChannelsLast) {
+      // As module.to(memory_format=torch.channels_last): 4-d weights NHWC.
+      torch::NoGradGuard no_grad;
+      for (at::Tensor& p : c_.model->module().parameters()) {
+        if (p.dim() == 4) p.set_data(p.data().contiguous(at::MemoryFormat::ChannelsLast));
+      }
+    }
     // Every rank starts from rank 0's weights (as DDP's constructor does).
     broadcast_model();
     if (!with_optimizer) return;
@@ -202,6 +226,7 @@ class Engine {
       const auto cap = static_cast<std::int64_t>(run.number("bucket_cap_mb") * 1024 * 1024);
       gradients_ = std::make_unique<GradientAllReduce>(comm_, parameters_, cap);
     }
+    if (precision_ == Precision::AmpFp16) scaler_ = std::make_unique<GradScaler>(ScalerState{}, device_);
   }
 
   int train() {
@@ -224,6 +249,7 @@ class Engine {
       const CheckpointInfo info = load_checkpoint(run.string("resume"), c_.model->module(), c_.optimizer.object.get());
       agree_on_resume(info);
       broadcast_model();
+      if (scaler_ && info.scaler) scaler_ = std::make_unique<GradScaler>(*info.scaler, device_);
       step = info.step;
       first_epoch = info.epoch;
       if (comm_.rank() == 0) {
@@ -300,6 +326,17 @@ class Engine {
   }
 
  private:
+  // The model under autocast ([run] precision); the logits in float32 for
+  // the loss and the metric, as autocast runs cross entropy in float32.
+  at::Tensor forward(const at::Tensor& input) {
+    at::Tensor logits;
+    {
+      AutocastGuard autocast(device_.type(), precision_);
+      logits = c_.model->forward(input);
+    }
+    return logits.to(at::kFloat);
+  }
+
   // Rank 0's parameters and buffers on every rank.
   void broadcast_model() {
     if (comm_.size() == 1) return;
@@ -389,25 +426,31 @@ class Engine {
     while (done < batches && c_.reader->next(batch)) {
       if (batch.data.size(0) != batch_size) break;
       const bool update = (step + 1) % k == 0;
-      const at::Tensor input = batch.data.to(device_, /*non_blocking=*/true);
+      const at::Tensor input = batch.data.to(device_, /*non_blocking=*/true).contiguous(memory_format_);
       labels = batch.labels.to(device_, /*non_blocking=*/true);
       // Only the backward pass of the batch that updates the weights is
       // all-reduced; the others accumulate on this rank.
       if (gradients_ && update) gradients_->arm();
-      logits = c_.model->forward(input);
+      logits = forward(input);
       loss = weighted_cross_entropy(logits, labels) / static_cast<double>(k);
-      loss.backward();
+      (scaler_ ? scaler_->scale(loss) : loss).backward();
       divergence_.loss(loss, step);
       if (update) {
         if (gradients_) {
           allreduce_wait_s_ += gradients_->finish();
           ++synced_steps_;
         }
+        // Unscaled before anything reads the gradients (LAMB's clipping, the
+        // watch). The same on every rank: the gradients are all-reduced.
+        const at::Tensor found_inf = scaler_ ? scaler_->unscale(parameters_) : at::Tensor();
         // Before the update: the accumulated gradient of these k batches.
-        divergence_.gradients(parameters_, step);
+        divergence_.gradients(parameters_, step, found_inf);
         current_lr = c_.scheduler->lr_at(step / k);
         c_.optimizer->set_lr(current_lr);
-        c_.optimizer->step();
+        // As GradScaler.step: a step with non-finite gradients is skipped
+        // (its decision reads the device, as PyTorch's does).
+        if (!scaler_ || found_inf.item<float>() == 0.0f) c_.optimizer->step();
+        if (scaler_) scaler_->update(found_inf);
         c_.optimizer->zero_grad();
       }
       ++step;
@@ -464,9 +507,9 @@ class Engine {
     std::vector<at::Tensor> scores, losses;
     Batch batch;
     while (c_.reader->next(batch)) {
-      const at::Tensor input = batch.data.to(device_);
+      const at::Tensor input = batch.data.to(device_).contiguous(memory_format_);
       const at::Tensor labels = batch.labels.to(device_);
-      const at::Tensor logits = c_.model->forward(input);
+      const at::Tensor logits = forward(input);
       scores.push_back(iou_per_sample(logits, labels).to(at::kCPU, at::kDouble));
       for (std::int64_t i = 0; i < input.size(0); ++i) {
         losses.push_back(
@@ -510,7 +553,9 @@ class Engine {
     if (comm_.rank() != 0) return;
     const std::string path =
         (fs::path(cfg_.run.string("output_dir")) / fmt::format("checkpoint-epoch{}.pt", epoch)).string();
-    save_checkpoint(path, CheckpointInfo{step, epoch}, c_.model->module(), c_.optimizer.object.get());
+    CheckpointInfo info{step, epoch, std::nullopt};
+    if (scaler_) info.scaler = scaler_->state();
+    save_checkpoint(path, info, c_.model->module(), c_.optimizer.object.get());
     std::fprintf(stderr, "deepcam-host: saved %s\n", path.c_str());
   }
 
@@ -522,6 +567,9 @@ class Engine {
   std::vector<at::Tensor> parameters_;  // the model's, for the gradient norm
   DivergenceWatch divergence_;
   std::int64_t bn_group_size_ = 1;
+  Precision precision_ = Precision::Fp32;
+  at::MemoryFormat memory_format_ = at::MemoryFormat::Contiguous;
+  std::unique_ptr<GradScaler> scaler_;  // amp_fp16
   std::unique_ptr<GradientAllReduce> gradients_;  // more than one rank
   double allreduce_wait_s_ = 0;
   std::int64_t synced_steps_ = 0;

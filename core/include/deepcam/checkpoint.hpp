@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -24,9 +25,21 @@ class Optimizer;
 // pre-order, its own parameters, then its own buffers.
 DEEPCAM_API std::vector<std::pair<std::string, at::Tensor>> state_entries(torch::nn::Module& module);
 
+// torch.amp.GradScaler's state_dict(), kept as "scaler" in the checkpoints
+// of float16 runs ([run] precision = "amp_fp16") so that a resume continues
+// the same scale sequence.
+struct ScalerState {
+  double scale = 65536.0;
+  double growth_factor = 2.0;
+  double backoff_factor = 0.5;
+  std::int64_t growth_interval = 2000;
+  std::int64_t growth_tracker = 0;
+};
+
 struct CheckpointInfo {
   std::int64_t step = 0;   // optimizer steps taken
   std::int64_t epoch = 0;  // epochs completed
+  std::optional<ScalerState> scaler;
 };
 
 // Writes to PATH.tmp-<pid> and renames, so that a reader never sees half a file.

@@ -1,0 +1,113 @@
+"""Mixed precision and memory format ([run] precision, memory_format) on CPU:
+the loss scale against Python's torch.amp.GradScaler step for step, training
+to the target with bfloat16 autocast, losses of amp and channels_last runs
+against fp32 contiguous ones, and the scaler's state across a resume."""
+
+import subprocess
+
+import pytest
+import torch
+
+from helpers import BUILD_DIR, FIXTURES, read_events, run_host, synth, write_run
+
+SCALER_PROBE = BUILD_DIR / "tests" / "grad_scaler_probe"
+SGD = {"name": "sgd", "library": str(FIXTURES / "libdeepcam_optimizer_sgd.so"), "lr": 0.001}
+
+
+def python_scaler_lines(init_scale, interval, kinds):
+    """The probe's lines, computed by torch.amp.GradScaler."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=interval)
+    param = torch.zeros(3, requires_grad=True)
+    opt = torch.optim.SGD([param], lr=0.0)
+    lines = []
+    for step, kind in enumerate(kinds):
+        weights = torch.tensor([1.0, -2.0, 0.5]) * float(step + 1)
+        param.grad = None
+        scaler.scale((param * weights).sum()).backward()
+        with torch.no_grad():
+            if kind == "inf":
+                param.grad[1] = float("inf")
+            if kind == "nan":
+                param.grad[1] = float("nan")
+        scaler.unscale_(opt)
+        found = sum(v.item() for v in scaler._found_inf_per_device(opt).values())
+        scaler.step(opt)
+        scaler.update()
+        g = param.grad
+        lines.append(f"step {step} scale {scaler.get_scale():.9g} tracker {scaler._get_growth_tracker():d} "
+                     f"found_inf {found:.9g} grad {g[0].item():.9g} {g[1].item():.9g} {g[2].item():.9g}")
+    return lines
+
+
+@pytest.mark.parametrize("init_scale,interval,kinds", [
+    (8.0, 2, "finite finite inf finite nan finite finite finite finite".split()),
+    (65536.0, 3, "inf inf finite finite finite finite nan finite finite finite finite".split()),
+])
+def test_loss_scale_sequence_equals_torch_amp_grad_scaler(init_scale, interval, kinds):
+    ours = subprocess.run([str(SCALER_PROBE), repr(init_scale), str(interval), *kinds], capture_output=True,
+                          text=True, check=True).stdout.splitlines()
+    assert ours == python_scaler_lines(init_scale, interval, kinds)
+    # The sequence is not trivial: it grew and backed off.
+    scales = [init_scale] + [float(l.split()[3]) for l in ours]
+    assert any(b > a for a, b in zip(scales, scales[1:])) and any(b < a for a, b in zip(scales, scales[1:]))
+
+
+@pytest.fixture(scope="module")
+def quick_data(tmp_path_factory):
+    return synth(tmp_path_factory.mktemp("q") / "data", train=64, validation=16, height=96, width=144, seed=11)
+
+
+def test_quickstart_reaches_the_target_with_amp_bf16(tmp_path, quick_data, repo_root):
+    out = tmp_path / "out"
+    r = run_host(repo_root / "configs" / "quickstart.toml", "--set", f"data.root={quick_data}",
+                 "--set", f"run.output_dir={out}", "--set", "run.precision=amp_bf16")
+    assert r.returncode == 0, r.stderr
+    accuracies = [e["value"] for e in read_events(out / "mlperf.log") if e["key"] == "eval_accuracy"]
+    assert accuracies[-1] >= 0.82
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synth(tmp_path_factory.mktemp("p") / "data", train=8, validation=4, seed=23)
+
+
+def losses(tmp_path, data, name, **run):
+    out = tmp_path / name
+    path = write_run(tmp_path / f"{name}.toml", data, out,
+                     run={"max_epochs": 1, "target_iou": 1.0, "logging_frequency": 1, **run}, optimizer=SGD)
+    r = run_host(path)
+    assert r.returncode == 1, r.stderr
+    return [e["value"] for e in read_events(out / "mlperf.log") if e["key"] == "train_loss"]
+
+
+@pytest.mark.parametrize("precision,tolerance", [("amp_bf16", 2e-2), ("amp_fp16", 2e-3)])
+def test_amp_losses_agree_with_fp32_within_the_precision(tmp_path, data, precision, tolerance):
+    fp32 = losses(tmp_path, data, "fp32")
+    amp = losses(tmp_path, data, precision, precision=precision)
+    assert len(amp) == len(fp32) == 5  # 4 steps and the epoch's end
+    assert amp == pytest.approx(fp32, rel=tolerance)
+    assert amp != fp32  # autocast did run in the lower precision
+
+
+def test_channels_last_losses_equal_contiguous(tmp_path, data):
+    nchw = losses(tmp_path, data, "nchw")
+    nhwc = losses(tmp_path, data, "nhwc", memory_format="channels_last")
+    assert len(nhwc) == len(nchw) == 5
+    assert nhwc == pytest.approx(nchw, rel=1e-5)
+
+
+def test_fp16_checkpoints_carry_the_scaler_and_resume_continues_it(tmp_path, data):
+    run = {"max_epochs": 2, "target_iou": 1.0, "precision": "amp_fp16", "checkpoint_every": 1}
+    whole = write_run(tmp_path / "whole.toml", data, tmp_path / "whole", run=run)
+    assert run_host(whole).returncode == 1
+    first = torch.load(tmp_path / "whole" / "checkpoint-epoch1.pt")
+    assert set(first["scaler"]) == {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
+    assert first["scaler"]["_growth_tracker"] == 4  # 4 finite steps in epoch 1
+    resumed = write_run(tmp_path / "resumed.toml", data, tmp_path / "resumed",
+                        run={**run, "resume": str(tmp_path / "whole" / "checkpoint-epoch1.pt")})
+    assert run_host(resumed).returncode == 1
+    a = torch.load(tmp_path / "whole" / "checkpoint-epoch2.pt")
+    b = torch.load(tmp_path / "resumed" / "checkpoint-epoch2.pt")
+    assert a["scaler"] == b["scaler"] and a["scaler"]["_growth_tracker"] == 8
+    for name, t in a["model"].items():
+        assert torch.equal(t, b["model"][name]), name
