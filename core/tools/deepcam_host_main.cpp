@@ -19,7 +19,7 @@
 namespace {
 
 const char* kUsage =
-    "usage: deepcam-host [--nproc N] RUN.toml [--set section.key=value]... [--evaluate CHECKPOINT]\n"
+    "usage: deepcam-host [--nproc N] RUN.toml [--set section.key=value]... [--evaluate CHECKPOINT | --benchmark STEPS]\n"
     "       deepcam-host --list-plugins\n"
     "       deepcam-host --describe KIND/NAME   (e.g. optimizer/adam; or run, data, mlperf)\n"
     "       deepcam-host --version\n";
@@ -133,11 +133,23 @@ int main(int argc, char** argv) {
       if (a == "--set") overrides.push_back(value());
       else if (a.rfind("--set=", 0) == 0) overrides.push_back(a.substr(6));
       else if (a == "--evaluate") options.evaluate_checkpoint = value();
+      else if (a == "--benchmark") {
+        const std::string n = value();
+        char* end = nullptr;
+        const long long steps = std::strtoll(n.c_str(), &end, 10);
+        if (n.empty() || *end != '\0' || steps < 1) {
+          throw deepcam::Error(fmt::format("--benchmark {}: expected a number of steps >= 1", n));
+        }
+        options.benchmark_steps = steps;
+      }
       else if (!a.empty() && a[0] == '-') throw deepcam::Error(fmt::format("unknown option {}\n{}", a, kUsage));
       else if (file.empty()) file = a;
       else throw deepcam::Error(fmt::format("one run file only (got {} and {})", file, a));
     }
     if (file.empty()) throw deepcam::Error(fmt::format("no run file given\n{}", kUsage));
+    if (!options.evaluate_checkpoint.empty() && options.benchmark_steps > 0) {
+      throw deepcam::Error("--evaluate and --benchmark: give one of them");
+    }
     const deepcam::RunConfig config = deepcam::load_config(file, overrides, loader);
     if (deepcam::detect_ranks().rank == 0) std::fprintf(stderr, "%s\n", config.resolved.c_str());
     return deepcam::run_engine(config, options);

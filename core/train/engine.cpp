@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 #include <torch/torch.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -9,6 +10,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <numeric>
 #include <optional>
 
 #include "amp.hpp"
@@ -21,6 +23,11 @@
 #include "deepcam/mlperf_log.hpp"
 #include "ranks.hpp"
 
+#if DEEPCAM_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
 namespace fs = std::filesystem;
 
 namespace deepcam {
@@ -31,6 +38,37 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+void synchronize_device() {
+#if DEEPCAM_WITH_CUDA
+  c10::cuda::getCurrentCUDAStream().synchronize();
+#endif
+}
+
+// The measure of memory --benchmark reports: on CUDA the caching allocator's
+// peak since reset_peak_memory() (the device's own figure), on the CPU the
+// process's peak resident set (which the allocator cannot reset).
+void reset_peak_memory() {
+#if DEEPCAM_WITH_CUDA
+  if (torch::cuda::is_available()) {
+    c10::cuda::CUDACachingAllocator::resetPeakStats(c10::cuda::current_device());
+  }
+#endif
+}
+
+double peak_memory_mb() {
+#if DEEPCAM_WITH_CUDA
+  if (torch::cuda::is_available()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(c10::cuda::current_device());
+    return static_cast<double>(
+               stats.allocated_bytes[static_cast<std::size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak) /
+           (1024.0 * 1024.0);
+  }
+#endif
+  rusage usage{};
+  ::getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_maxrss) / 1024.0;
 }
 
 // Output files appear under their final name only once complete: written to a
@@ -312,6 +350,67 @@ class Engine {
     return reached ? 0 : 1;
   }
 
+  // --benchmark: `steps` training steps on one synthetic batch that stays on
+  // the device (the reader only gives the sample shape), after warm-up; one
+  // JSON line on rank 0. The step time includes waiting for the device.
+  int benchmark(std::int64_t steps) {
+    const Params& run = cfg_.run;
+    const std::int64_t k = run.integer("gradient_accumulation_frequency");
+    const std::int64_t batch = run.integer("train_batch_size");
+    const std::vector<std::int64_t> shape = c_.reader->sample_shape();
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<std::uint64_t>(run.integer("seed")));
+    const at::Tensor input =
+        at::randn({batch, shape[0], shape[1], shape[2]}, gen).to(device_).contiguous(memory_format_);
+    const at::Tensor labels = at::randint(0, 3, {batch, shape[1], shape[2]}, gen).to(device_);
+    c_.model->module().train();
+    divergence_.reset(device_);
+    at::Tensor logits, loss;
+    double lr = 0;
+    constexpr std::int64_t kWarmup = 5;
+    std::vector<double> times;
+    for (std::int64_t s = 0; s < kWarmup + steps; ++s) {
+      if (s == kWarmup) reset_peak_memory();
+      const auto t0 = Clock::now();
+      train_step(input, labels, s, k, logits, loss, lr);
+      if (device_.is_cuda()) synchronize_device();
+      if (s >= kWarmup) times.push_back(seconds_since(t0));
+    }
+    // A benchmark of NaNs measures nothing.
+    const auto [code, value] = divergence_.record();
+    if (code >= 0) {
+      throw Error(fmt::format("--benchmark: training diverged on the synthetic batch at step {} ({}); lower "
+                              "[optimizer] lr",
+                              static_cast<std::int64_t>(code) / 2 + 1, python_float_repr(value)));
+    }
+    const double total = std::accumulate(times.begin(), times.end(), 0.0);
+    std::vector<double> sorted = times;
+    std::sort(sorted.begin(), sorted.end());
+    auto percentile = [&](double q) {
+      return sorted[std::min(sorted.size() - 1, static_cast<std::size_t>(q * static_cast<double>(sorted.size())))];
+    };
+    comm_.world().barrier();
+    if (comm_.rank() == 0) {
+      const Json line = Json::object({
+          {"samples_per_s", Json(static_cast<double>(steps * batch * comm_.size()) / total)},
+          {"step_ms_p50", Json(1e3 * percentile(0.5))},
+          {"step_ms_p90", Json(1e3 * percentile(0.9))},
+          {"peak_memory_mb", Json(peak_memory_mb())},
+          {"memory_measured", Json(device_.is_cuda() ? "device (CUDA caching allocator peak)" : "host (peak RSS)")},
+          {"device", Json(device_.str())},
+          {"precision", Json(run.string("precision"))},
+          {"memory_format", Json(run.string("memory_format"))},
+          {"cuda_graphs", Json(false)},
+          {"local_batch", Json(batch)},
+          {"ranks", Json(comm_.size())},
+          {"steps", Json(steps)},
+          {"sample_shape", Json::list({Json(shape[0]), Json(shape[1]), Json(shape[2])})},
+      });
+      std::printf("%s\n", line.dump().c_str());
+      std::fflush(stdout);
+    }
+    return 0;
+  }
+
   int evaluate(const std::string& checkpoint) {
     const CheckpointInfo info = load_checkpoint(checkpoint, c_.model->module(), nullptr);
     agree_on_resume(info);
@@ -405,6 +504,39 @@ class Engine {
     return f;
   }
 
+  // One batch: forward, loss, backward, and every k-th batch the gradient
+  // all-reduce, unscaling, the watch and the optimizer step. `step` counts
+  // batches from 0. Reads nothing back from the device but for a float16
+  // skip decision.
+  void train_step(const at::Tensor& input, const at::Tensor& labels, std::int64_t step, std::int64_t k,
+                  at::Tensor& logits, at::Tensor& loss, double& current_lr) {
+    const bool update = (step + 1) % k == 0;
+    // Only the backward pass of the batch that updates the weights is
+    // all-reduced; the others accumulate on this rank.
+    if (gradients_ && update) gradients_->arm();
+    logits = forward(input);
+    loss = weighted_cross_entropy(logits, labels) / static_cast<double>(k);
+    (scaler_ ? scaler_->scale(loss) : loss).backward();
+    divergence_.loss(loss, step);
+    if (!update) return;
+    if (gradients_) {
+      allreduce_wait_s_ += gradients_->finish();
+      ++synced_steps_;
+    }
+    // Unscaled before anything reads the gradients (LAMB's clipping, the
+    // watch). The same on every rank: the gradients are all-reduced.
+    const at::Tensor found_inf = scaler_ ? scaler_->unscale(parameters_) : at::Tensor();
+    // Before the update: the accumulated gradient of these k batches.
+    divergence_.gradients(parameters_, step, found_inf);
+    current_lr = c_.scheduler->lr_at(step / k);
+    c_.optimizer->set_lr(current_lr);
+    // As GradScaler.step: a step with non-finite gradients is skipped (its
+    // decision reads the device, as PyTorch's does).
+    if (!scaler_ || found_inf.item<float>() == 0.0f) c_.optimizer->step();
+    if (scaler_) scaler_->update(found_inf);
+    c_.optimizer->zero_grad();
+  }
+
   // Trains one epoch; stops early, with `diverged` set, at the first check
   // that finds a NaN or infinite loss or gradient norm.
   std::int64_t train_epoch(std::int64_t epoch, std::int64_t step, std::optional<Divergence>& diverged) {
@@ -425,34 +557,9 @@ class Engine {
     std::int64_t done = 0;
     while (done < batches && c_.reader->next(batch)) {
       if (batch.data.size(0) != batch_size) break;
-      const bool update = (step + 1) % k == 0;
       const at::Tensor input = batch.data.to(device_, /*non_blocking=*/true).contiguous(memory_format_);
       labels = batch.labels.to(device_, /*non_blocking=*/true);
-      // Only the backward pass of the batch that updates the weights is
-      // all-reduced; the others accumulate on this rank.
-      if (gradients_ && update) gradients_->arm();
-      logits = forward(input);
-      loss = weighted_cross_entropy(logits, labels) / static_cast<double>(k);
-      (scaler_ ? scaler_->scale(loss) : loss).backward();
-      divergence_.loss(loss, step);
-      if (update) {
-        if (gradients_) {
-          allreduce_wait_s_ += gradients_->finish();
-          ++synced_steps_;
-        }
-        // Unscaled before anything reads the gradients (LAMB's clipping, the
-        // watch). The same on every rank: the gradients are all-reduced.
-        const at::Tensor found_inf = scaler_ ? scaler_->unscale(parameters_) : at::Tensor();
-        // Before the update: the accumulated gradient of these k batches.
-        divergence_.gradients(parameters_, step, found_inf);
-        current_lr = c_.scheduler->lr_at(step / k);
-        c_.optimizer->set_lr(current_lr);
-        // As GradScaler.step: a step with non-finite gradients is skipped
-        // (its decision reads the device, as PyTorch's does).
-        if (!scaler_ || found_inf.item<float>() == 0.0f) c_.optimizer->step();
-        if (scaler_) scaler_->update(found_inf);
-        c_.optimizer->zero_grad();
-      }
+      train_step(input, labels, step, k, logits, loss, current_lr);
       ++step;
       ++done;
       if (frequency > 0 && step % frequency == 0) {
@@ -589,6 +696,16 @@ int run_engine(const RunConfig& cfg, const EngineOptions& opts) {
   co.cuda = cfg.run.string("device") == "cuda";
   Communicator comm(layout, co);
   const bool rank0 = comm.rank() == 0;
+
+  if (opts.benchmark_steps > 0) {
+    // No log, no config, no checkpoint: the JSON line is the result.
+    MlperfLog no_log(nullptr, false);
+    Engine engine(cfg, no_log, comm);
+    engine.build(/*with_optimizer=*/true);
+    const int status = engine.benchmark(opts.benchmark_steps);
+    comm.finish();
+    return status;
+  }
 
   // Only rank 0 writes files (SPEC 8.1).
   const fs::path out_dir = cfg.run.string("output_dir");

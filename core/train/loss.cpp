@@ -3,6 +3,10 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <map>
+#include <mutex>
+#include <string>
+#include <utility>
 
 namespace deepcam {
 
@@ -11,10 +15,26 @@ std::array<double, 3> class_weights() {
   return {std::pow(f[0], -0.125), std::pow(f[1], -0.125), std::pow(f[2], -0.125)};
 }
 
+namespace {
+
+// The class weights on the logits' device and in their dtype, made once:
+// copying them from the host every step would make a CUDA step wait for it.
+const at::Tensor& weights_like(const at::Tensor& logits) {
+  static std::mutex mutex;
+  static std::map<std::pair<std::string, at::ScalarType>, at::Tensor> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& w = cache[{logits.device().str(), logits.scalar_type()}];
+  if (!w.defined()) {
+    const auto f = class_weights();
+    w = torch::tensor({f[0], f[1], f[2]}, torch::TensorOptions().dtype(logits.scalar_type())).to(logits.device());
+  }
+  return w;
+}
+
+}  // namespace
+
 at::Tensor weighted_cross_entropy(const at::Tensor& logits, const at::Tensor& labels) {
-  const auto w = class_weights();
-  const at::Tensor weight =
-      torch::tensor({w[0], w[1], w[2]}, torch::TensorOptions().dtype(logits.scalar_type())).to(logits.device());
+  const at::Tensor& weight = weights_like(logits);
   namespace F = torch::nn::functional;
   return F::cross_entropy(logits, labels, F::CrossEntropyFuncOptions().weight(weight).reduction(torch::kNone))
       .mean();

@@ -3,6 +3,7 @@
 // writes the log, the resolved config and checkpoints under run.output_dir.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 #include "deepcam/config.hpp"
@@ -15,6 +16,9 @@ namespace deepcam {
 // process runs one rank.
 struct EngineOptions {
   std::string evaluate_checkpoint;  // non-empty: only validate this checkpoint
+  // > 0: time this many training steps on a synthetic batch kept on the
+  // device and print one JSON line; no MLPerf log, config or checkpoint.
+  std::int64_t benchmark_steps = 0;
 };
 
 // The exit status of a run stopped by a NaN or infinite training loss or

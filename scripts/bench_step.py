@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""The training-step benchmark of issue 8 section 5: deepcam-host's
+`--benchmark` beside the MLCommons reference's own model and loss in a
+PyTorch loop, in one run, on the same device, threads, batch and synthetic
+input, for each precision and memory format asked for.
+
+Both sides time whole training steps (forward under autocast where asked,
+the weighted cross entropy, backward, an Adam step, zeroing the gradients)
+on one batch that stays on the device, after --warmup steps; the reference
+is the MLCommons DeepLabv3+ (deepcam/src/deepCam/architecture) and its
+CELoss, imported from a checkout named by --ref (it is not part of this
+repository: clone github.com/mlcommons/hpc into peers/hpc, which git
+ignores). Its model only runs at the full 768 x 1152 resolution (its
+bottleneck tiles to 48 x 72), so the comparison is at full size; on a CPU
+that takes seconds per step. Adam on both sides: the reference trains with
+APEX's LAMB, which is CUDA-only.
+
+Prints one row per set-up with samples/s and step time p50 for both and
+the ratio ours / reference, and writes the table to the section "Training
+step (issue 8 section 5)" of docs/benchmarks.md (--no-docs leaves it).
+
+Usage:
+  scripts/bench_step.py --ref peers/hpc                       # CPU: fp32 and amp_bf16, batch 1
+  scripts/bench_step.py --ref peers/hpc --device cuda --batch 8 \\
+      --setups fp32:contiguous,amp_fp16:channels_last,amp_bf16:channels_last
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_common import write_docs
+
+REPO = Path(__file__).resolve().parents[1]
+BUILD = Path(os.environ.get("DEEPCAM_BUILD_DIR", REPO / "build"))
+SECTION = "## Training step (issue 8 section 5)"
+
+
+def run_file(path, data, device, threads, batch):
+    path.write_text(f"""[run]
+device = "{device}"
+threads = {threads}
+train_batch_size = {batch}
+[data]
+root = "{data}"
+[reader]
+name = "hdf5"
+[model]
+name = "deeplabv3plus"
+[optimizer]
+name = "adam"
+lr = 0.0001
+[scheduler]
+name = "multistep"
+milestones = [100000]
+""")
+    return path
+
+
+def ours(args, run, precision, memory_format):
+    cmd = [str(BUILD / "core" / "deepcam-host"), str(run), "--benchmark", str(args.steps),
+           "--set", f"run.precision={precision}", "--set", f"run.memory_format={memory_format}"]
+    env = dict(os.environ, DEEPCAM_PLUGIN_PATH=str(BUILD / "plugins"))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        sys.exit(f"bench_step: {shlex.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    return line["samples_per_s"], line["step_ms_p50"]
+
+
+REFERENCE_LOOP = r"""
+import json, sys, time, torch
+ref, device, threads, batch, steps, warmup, precision, memory_format = sys.argv[1:9]
+torch.set_num_threads(int(threads))
+sys.path.insert(0, ref + "/deepcam/src/deepCam")
+from architecture import deeplab_xception
+from utils import losses
+torch.manual_seed(7)
+dev = torch.device(device)
+net = deeplab_xception.DeepLabv3_plus(n_input=16, n_classes=3, os=16, pretrained=False, _print=False).to(dev)
+fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+net = net.to(memory_format=fmt)
+weights = [0.986267818390377 ** -0.125, 0.0004578708870701058 ** -0.125, 0.01327431072255291 ** -0.125]
+criterion = losses.CELoss(weights).to(dev)
+opt = torch.optim.Adam(net.parameters(), lr=1e-4, eps=1e-6, weight_decay=1e-6)
+x = torch.randn(int(batch), 16, 768, 1152, device=dev).contiguous(memory_format=fmt)
+y = torch.randint(0, 3, (int(batch), 768, 1152), device=dev)
+dtype = {"amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}.get(precision)
+scaler = torch.amp.GradScaler(device, enabled=precision == "amp_fp16")
+net.train()
+times = []
+for s in range(int(warmup) + int(steps)):
+    t0 = time.perf_counter()
+    with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss = criterion(net(x), y)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    if s >= int(warmup):
+        times.append(time.perf_counter() - t0)
+times.sort()
+print(json.dumps({"samples_per_s": int(batch) * len(times) / sum(times), "step_ms_p50": 1e3 * times[len(times) // 2]}))
+"""
+
+
+def reference(args, precision, memory_format):
+    cmd = [sys.executable, "-c", REFERENCE_LOOP, str(args.ref.resolve()), args.device, str(args.threads),
+           str(args.batch), str(args.steps), str(args.warmup), precision, memory_format]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"bench_step: the reference loop failed:\n{r.stderr[-3000:]}")
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    return line["samples_per_s"], line["step_ms_p50"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--ref", type=Path, default=REPO / "peers" / "hpc", help="a checkout of mlcommons/hpc")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2, help="reference warm-up steps (ours warms up 5)")
+    p.add_argument("--setups", default="fp32:contiguous,amp_bf16:contiguous",
+                   help="comma-separated PRECISION:MEMORY_FORMAT")
+    p.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md")
+    p.add_argument("--no-docs", action="store_true")
+    args = p.parse_args()
+    if not (args.ref / "deepcam" / "src" / "deepCam" / "architecture" / "deeplab_xception.py").exists():
+        p.error(f"--ref {args.ref}: not a checkout of mlcommons/hpc (git clone https://github.com/mlcommons/hpc "
+                f"{REPO / 'peers' / 'hpc'})")
+    data = REPO / "runs" / "bench-step" / "data"
+    if not (data / "stats.h5").exists():
+        subprocess.run([str(BUILD / "core" / "deepcam-data"), "synth", "--out", str(data), "--train", "2",
+                        "--validation", "1", "--seed", "5"], check=True, capture_output=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
+        run = run_file(Path(tmp) / "run.toml", data, args.device, args.threads, args.batch)
+        for setup in args.setups.split(","):
+            precision, memory_format = setup.split(":")
+            o = ours(args, run, precision, memory_format)
+            r = reference(args, precision, memory_format)
+            rows.append((precision, memory_format, o, r))
+            print(f"{precision} {memory_format}: ours {o[0]:.3f} samples/s, reference {r[0]:.3f} samples/s, "
+                  f"ratio {o[0] / r[0]:.2f}", flush=True)
+    device_name = platform.processor() or platform.machine()
+    if args.device == "cuda":
+        import torch
+        device_name = torch.cuda.get_device_name(0)
+    ref_commit = subprocess.run(["git", "-C", str(args.ref), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or "unknown"
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    lines = [SECTION, "",
+             f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC with "
+             f"`scripts/bench_step.py {shlex.join(sys.argv[1:])}` (commit {commit}; reference mlcommons/hpc "
+             f"{ref_commit}) on {device_name}, {args.threads} threads.", "",
+             f"Full-size DeepLabv3+ (768 x 1152, 16 channels), local batch {args.batch}, Adam, one synthetic batch "
+             f"kept on the device; {args.steps} timed steps each after warm-up. samples/s is the mean over the "
+             "timed steps.", "",
+             "| precision | memory format | ours samples/s | ours step ms (p50) | reference samples/s | "
+             "reference step ms (p50) | ours / reference |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for precision, memory_format, o, r in rows:
+        lines.append(f"| {precision} | {memory_format} | {o[0]:.3f} | {o[1]:.0f} | {r[0]:.3f} | {r[1]:.0f} | "
+                     f"{o[0] / r[0]:.2f} |")
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if not args.no_docs:
+        write_docs(args.docs, SECTION, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
