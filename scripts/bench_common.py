@@ -1,6 +1,7 @@
 """What the benchmark scripts share: writing their section of docs/benchmarks.md."""
 
 import os
+import subprocess
 
 
 def write_docs(path, heading, section_text):
@@ -20,3 +21,9 @@ def write_docs(path, heading, section_text):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(new)
     os.replace(tmp, path)
+
+
+def commit(repo):
+    """The short hash of the checkout's HEAD, for the record of a measurement."""
+    return subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() or "unknown"

@@ -38,7 +38,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_common import write_docs
+from bench_common import commit, write_docs
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = Path(os.environ.get("DEEPCAM_BUILD_DIR", REPO / "build"))
@@ -105,12 +105,10 @@ def main():
     ratio = med[2][0] / med[1][0]
     verdict = "PASS" if ratio <= 1.15 else "FAIL"
     command = "scripts/bench_ranks.py " + shlex.join(sys.argv[1:])
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
     load = os.getloadavg()[0]
     lines = [SECTION, "",
              f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC with `{command.strip()}` "
-             f"(commit {commit}) on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+             f"(commit {commit(REPO)}) on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"load average {load:.2f} at the end.", "",
              f"The quickstart model (configs/quickstart.toml) at 96 x 144 pixels, {args.train} training samples, "
              f"local batch {args.batch}, one LibTorch thread and one reader thread per rank, Gloo over loopback. "

@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import write_docs
+from bench_common import commit, write_docs
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = Path(os.environ.get("DEEPCAM_BUILD_DIR", REPO / "build"))
@@ -115,8 +115,14 @@ print(json.dumps({"samples_per_s": int(batch) * len(times) / sum(times), "step_m
 """
 
 
+def python_with_torch():
+    """The project's venv (scripts/setup.sh), where torch is; else this Python."""
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
 def reference(args, precision, memory_format):
-    cmd = [sys.executable, "-c", REFERENCE_LOOP, str(args.ref.resolve()), args.device, str(args.threads),
+    cmd = [python_with_torch(), "-c", REFERENCE_LOOP, str(args.ref.resolve()), args.device, str(args.threads),
            str(args.batch), str(args.steps), str(args.warmup), precision, memory_format]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -137,6 +143,7 @@ def main():
     p.add_argument("--setups", default="fp32:contiguous,amp_bf16:contiguous",
                    help="comma-separated PRECISION:MEMORY_FORMAT")
     p.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md")
+    p.add_argument("--section", default=SECTION, help="the heading of the docs section to write")
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args()
     if not (args.ref / "deepcam" / "src" / "deepCam" / "architecture" / "deeplab_xception.py").exists():
@@ -158,15 +165,12 @@ def main():
                   f"ratio {o[0] / r[0]:.2f}", flush=True)
     device_name = platform.processor() or platform.machine()
     if args.device == "cuda":
-        import torch
-        device_name = torch.cuda.get_device_name(0)
-    ref_commit = subprocess.run(["git", "-C", str(args.ref), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip() or "unknown"
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    lines = [SECTION, "",
+        device_name = subprocess.run([python_with_torch(), "-c", "import torch; print(torch.cuda.get_device_name(0))"],
+                                     capture_output=True, text=True).stdout.strip()
+    ref_commit = commit(args.ref)
+    lines = [args.section, "",
              f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC with "
-             f"`scripts/bench_step.py {shlex.join(sys.argv[1:])}` (commit {commit}; reference mlcommons/hpc "
+             f"`scripts/bench_step.py {shlex.join(sys.argv[1:])}` (commit {commit(REPO)}; reference mlcommons/hpc "
              f"{ref_commit}) on {device_name}, {args.threads} threads.", "",
              f"Full-size DeepLabv3+ (768 x 1152, 16 channels), local batch {args.batch}, Adam, one synthetic batch "
              f"kept on the device; {args.steps} timed steps each after warm-up. samples/s is the mean over the "
@@ -180,7 +184,7 @@ def main():
     report = "\n".join(lines) + "\n"
     print(report)
     if not args.no_docs:
-        write_docs(args.docs, SECTION, report)
+        write_docs(args.docs, args.section, report)
     return 0
 
 

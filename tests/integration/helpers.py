@@ -82,6 +82,38 @@ def mlperf_check(log):
 
 
 def read_events(log):
-    """The MLPerf log's events, each line's JSON object."""
+    """The MLPerf log's events, each line's JSON object; every line must be one."""
     import json
-    return [json.loads(l.split(":::MLLOG ", 1)[1]) for l in Path(log).read_text().splitlines() if ":::MLLOG" in l]
+    events = []
+    for raw in Path(log).read_text().splitlines():
+        assert raw.startswith(":::MLLOG "), raw
+        events.append(json.loads(raw[len(":::MLLOG "):]))
+    return events
+
+
+# Every variable a launcher sets to tell a process its rank. Processes the
+# tests start as ranks get an environment without any of them, so that
+# running pytest under Slurm or mpirun does not change what the ranks see.
+RANK_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                  "GROUP_RANK", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"}
+RANK_PREFIXES = ("OMPI_", "SLURM_", "PMI_", "PMIX_")
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in plugin_env().items()
+           if k not in RANK_VARIABLES and not k.startswith(RANK_PREFIXES)}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def free_port():
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_env(rank, world, port, **extra):
+    """The environment torchrun gives rank `rank` of `world` on this machine."""
+    return clean_env(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank, LOCAL_WORLD_SIZE=world,
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra)

@@ -3,14 +3,12 @@ CPU): the numbers a run on P ranks gives against one rank (issue: many ranks,
 SPEC 2, 4.3, 7). Launching, failures, resume and the checker are in
 test_ranks.py."""
 
-import os
-import socket
 import subprocess
 
 import pytest
 import torch
 
-from helpers import BUILD_DIR, FIXTURES, plugin_env, read_events, run_host, synth, write_run
+from helpers import BUILD_DIR, FIXTURES, free_port, read_events, run_host, synth, torchrun_env, write_run
 
 PROBE = BUILD_DIR / "tests" / "data_parallel_probe"
 # examples/plugins/sgd, built as a test fixture. Plain SGD, because Adam and
@@ -23,21 +21,12 @@ PROBE = BUILD_DIR / "tests" / "data_parallel_probe"
 SGD = {"name": "sgd", "library": str(FIXTURES / "libdeepcam_optimizer_sgd.so"), "lr": 0.001}
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(argv, world, timeout=300):
     """Starts `world` processes with torchrun-style variables; returns their results."""
     port = str(free_port())
     procs = []
     for rank in range(world):
-        env = plugin_env()
-        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([str(a) for a in argv], env=env, stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen([str(a) for a in argv], env=torchrun_env(rank, world, port), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
 

@@ -5,12 +5,10 @@ the two-rank MLPerf log against the official checker.
 
 Everything runs on CPU, two ranks of one thread each, on tiny data."""
 
-import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -19,51 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import HOST, mlperf_check, plugin_env, run_host, synth, write_run
+from helpers import HOST, clean_env, free_port, mlperf_check, plugin_env, read_events, run_host, synth, torchrun_env, write_run
 
 TIMEOUT = 120  # seconds any one launch may take before the test gives up on it
-
-# Every variable a launcher sets to tell a process its rank. The tests start
-# from an environment without any of them, so that running pytest under
-# Slurm or mpirun does not change what the ranks see.
-RANK_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                  "GROUP_RANK", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"}
-RANK_PREFIXES = ("OMPI_", "SLURM_", "PMI_", "PMIX_")
 
 # Two ranks of one thread each on a 2-core machine.
 RUN = {"threads": 1, "logging_frequency": 1, "comm_timeout_s": 60.0}
 READER = {"threads": 1}
 
 
-def clean_env(**extra):
-    env = {k: v for k, v in plugin_env().items()
-           if k not in RANK_VARIABLES and not k.startswith(RANK_PREFIXES)}
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun_env(rank, world, port, **extra):
-    return clean_env(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank, LOCAL_WORLD_SIZE=world,
-                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra)
-
-
 def small_run(path, data, out, run=None, **changes):
     return write_run(path, data, out, run={**RUN, **(run or {})}, reader={**READER, **changes.pop("reader", {})},
                      **changes)
-
-
-def log_lines(path):
-    lines = []
-    for raw in Path(path).read_text().splitlines():
-        assert raw.startswith(":::MLLOG "), raw
-        lines.append(json.loads(raw[len(":::MLLOG "):]))
-    return lines
 
 
 def log_value(lines, key):
@@ -73,7 +38,7 @@ def log_value(lines, key):
 
 
 def assert_two_rank_log(out, train_batch_size=2):
-    lines = log_lines(out / "mlperf.log")
+    lines = read_events(out / "mlperf.log")
     assert log_value(lines, "number_of_ranks") == 2
     assert log_value(lines, "number_of_nodes") == 1
     assert log_value(lines, "global_batch_size") == 2 * train_batch_size
@@ -284,7 +249,10 @@ def assert_nothing_half_written(out):
         assert set(state) >= {"step", "epoch", "model", "optimizer"}, ckpt
 
 
-def test_killed_rank_stops_the_other_naming_it(tmp_path, data, ranks):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_lost_rank_stops_the_other_naming_it(tmp_path, data, ranks, sig):
+    """SIGKILL: a rank that dies; SIGSTOP: one that hangs (its collectives and
+    its heartbeat stop)."""
     out = tmp_path / "out"
     run = long_run(tmp_path, data, out)
     port = free_port()
@@ -296,7 +264,7 @@ def test_killed_rank_stops_the_other_naming_it(tmp_path, data, ranks):
     err0 = LineReader(rank0.stderr)
     err0.wait_for(r"^epoch \d+ step", timeout=60)
     assert rank0.poll() is None and rank1.poll() is None
-    os.kill(rank1.pid, signal.SIGKILL)
+    os.kill(rank1.pid, sig)
     killed_at = time.monotonic()
     try:
         status = rank0.wait(timeout=KILL_TIMEOUT + 30)
@@ -384,7 +352,7 @@ def test_resume_on_two_ranks_is_bit_exact(tmp_path, data):
             assert torch.equal(v, b["optimizer"]["state"][p][k]), (p, k)
 
     def epoch2(out, key):
-        return [(l["metadata"]["step_num"], l["value"]) for l in log_lines(out / "mlperf.log")
+        return [(l["metadata"]["step_num"], l["value"]) for l in read_events(out / "mlperf.log")
                 if l["key"] == key and l["metadata"].get("epoch_num") == 2]
 
     assert epoch2(first, "train_loss") and epoch2(first, "train_loss") == epoch2(resumed, "train_loss")
@@ -438,7 +406,7 @@ def test_two_rank_closed_log_fails_only_the_data_set_and_accuracy_checks(closed_
 
 
 def test_train_samples_is_every_file_not_a_multiple_of_the_ranks(closed_run):
-    lines = log_lines(closed_run / "mlperf.log")
+    lines = read_events(closed_run / "mlperf.log")
     assert log_value(lines, "train_samples") == 9  # not floor(9 / 2) * 2
     assert log_value(lines, "eval_samples") == 4
     # Each rank trains on 4 samples: 2 steps of 2.

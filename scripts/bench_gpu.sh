@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU benchmark of issue 8 section 5, in one go on a GPU machine:
+# deepcam-host --benchmark at local batch 1 and 8 for every precision and
+# memory format, beside the MLCommons reference's training step (PyTorch
+# eager, the same precision, memory format, batch and device), written to
+# docs/benchmarks.md with the GPU's name and this command
+# (scripts/bench_step.py does the measuring; see its header).
+#
+#   REF=peers/hpc scripts/bench_gpu.sh          # REF: a checkout of mlcommons/hpc
+#
+# CUDA graphs are not in deepcam-host yet, so every row is eager on both
+# sides. This script has not yet run on a GPU: no GPU machine was lent to the
+# sessions that wrote it; its CPU counterpart is `scripts/bench_step.py`.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+ref=${REF:-$top/peers/hpc}
+python=${PYTHON:-$top/.venv/bin/python}
+[ -x "$python" ] || python=python3
+setups=fp32:contiguous,fp32:channels_last,amp_fp16:contiguous,amp_fp16:channels_last,amp_bf16:contiguous,amp_bf16:channels_last
+for batch in 1 8; do
+  "$python" "$top/scripts/bench_step.py" --ref "$ref" --device cuda --threads 8 --batch "$batch" \
+    --steps "${STEPS:-20}" --warmup 5 --setups "$setups" \
+    --section "## Training step on a GPU, local batch $batch (issue 8 section 5)"
+done

@@ -1,0 +1,42 @@
+"""deepcam-host --benchmark STEPS: timed steps on a synthetic batch, one JSON
+line, no files written."""
+
+import json
+
+from helpers import run_host, synth, write_run
+
+
+def test_benchmark_prints_one_json_line_and_writes_nothing(tmp_path):
+    data = synth(tmp_path / "data", train=2, validation=1)
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out, run={"train_batch_size": 3, "threads": 1})
+    r = run_host(run, "--benchmark", 4, "--set", "run.precision=amp_bf16", "--set", "run.memory_format=channels_last")
+    assert r.returncode == 0, r.stderr
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert line["steps"] == 4 and line["local_batch"] == 3 and line["ranks"] == 1
+    assert line["precision"] == "amp_bf16" and line["memory_format"] == "channels_last"
+    assert line["sample_shape"] == [16, 64, 96]
+    assert 0 < line["step_ms_p50"] <= line["step_ms_p90"]
+    assert abs(line["samples_per_s"] - 3 * 1000 / line["step_ms_p50"]) < 0.5 * line["samples_per_s"]
+    assert line["peak_memory_mb"] > 50
+    assert not out.exists()
+
+
+def test_benchmark_on_two_ranks(tmp_path):
+    data = synth(tmp_path / "data", train=2, validation=1)
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run={"train_batch_size": 2, "threads": 1})
+    r = run_host("--nproc", 2, run, "--benchmark", 3)
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stdout.splitlines() if l.startswith("[rank 0] {")]
+    assert len(lines) == 1 and not any(l.startswith("[rank 1] {") for l in r.stdout.splitlines())
+    line = json.loads(lines[0][len("[rank 0] "):])
+    assert line["ranks"] == 2 and line["local_batch"] == 2
+
+
+def test_benchmark_needs_a_positive_number_and_not_evaluate(tmp_path):
+    data = synth(tmp_path / "data", train=2, validation=1)
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
+    r = run_host(run, "--benchmark", 0)
+    assert r.returncode == 2 and "--benchmark 0: expected a number of steps >= 1" in r.stderr
+    r = run_host(run, "--benchmark", 3, "--evaluate", tmp_path / "x.pt")
+    assert r.returncode == 2 and "give one of them" in r.stderr
