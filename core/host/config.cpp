@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
@@ -337,6 +338,11 @@ Params Checker::check(const toml::table* table, const ParamSchema& schema, const
 }
 
 toml::table parse_file(const std::string& file) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(file, ec)) {
+    throw Error(fmt::format("{}: is a directory; give the run file (a .toml file, e.g. configs/quickstart.toml)",
+                            file));
+  }
   try {
     return toml::parse_file(file);
   } catch (const toml::parse_error& e) {
@@ -416,7 +422,9 @@ ParamSchema host_schema(const std::string& section) {
   if (section == "run") return schema_of(kRunSpecs);
   if (section == "data") return schema_of(kDataSpecs);
   if (section == "mlperf") return schema_of(kMlperfSpecs);
-  throw Error(fmt::format("no host section [{}]; the host's sections are run, data, mlperf", section));
+  throw Error(fmt::format("--describe {}: no host section [{}] and no plugin kind '{}'; the host's sections are "
+                          "run, data, mlperf; the plugin kinds reader, model, optimizer, scheduler",
+                          section, section, section));
 }
 
 Params check_table_file(const std::string& file, const std::string& section, const ParamSchema& schema,

@@ -94,10 +94,20 @@ namespace {
 // (<libdir>/deepcam-host/plugins beside it), not from the configured prefix,
 // so that an install that was moved or staged with DESTDIR finds its own
 // plugins. The configured path is the fallback when dladdr cannot tell.
+//
+// Uninstalled (GStreamer's word): the core library of a build tree, with no
+// DEEPCAM_PLUGIN_PATH set, takes that build tree's plugins folder as its
+// install directory, so that build/core/deepcam-host runs as it is.
 std::string install_dir() {
   Dl_info info{};
   if (::dladdr(reinterpret_cast<const void*>(&install_dir), &info) == 0 || info.dli_fname == nullptr)
     return DEEPCAM_PLUGIN_INSTALL_DIR;
+  std::error_code ec;
+  const char* env = std::getenv("DEEPCAM_PLUGIN_PATH");
+  if ((env == nullptr || *env == '\0') &&
+      fs::equivalent(fs::path(info.dli_fname).parent_path(), DEEPCAM_BUILD_CORE_DIR, ec)) {
+    return DEEPCAM_BUILD_PLUGIN_DIR;
+  }
   const fs::path configured(DEEPCAM_PLUGIN_INSTALL_DIR);
   const fs::path below_libdir = configured.parent_path().filename() / configured.filename();
   // The path the dynamic linker used may hold "bin/../lib": name it plainly.

@@ -22,6 +22,7 @@ const char* kUsage =
     "usage: deepcam-host [--nproc N] RUN.toml [--set section.key=value]... [--evaluate CHECKPOINT | --benchmark STEPS]\n"
     "       deepcam-host --list-plugins\n"
     "       deepcam-host --describe KIND/NAME   (e.g. optimizer/adam; or run, data, mlperf)\n"
+    "       deepcam-host --describe KIND        (reader, model, optimizer, scheduler: the plugins of that kind)\n"
     "       deepcam-host --version\n";
 
 // `section` is the table the keys live in ("reader"), for naming nested tables.
@@ -53,24 +54,48 @@ int list_plugins(deepcam::PluginLoader& loader) {
                 p.path.c_str());
   }
   for (const auto& e : problems) std::fprintf(stderr, "deepcam-host: skipped %s\n", e.c_str());
-  if (found.empty() && problems.empty()) {
+  if (found.empty()) {
     std::fprintf(stderr, "deepcam-host: no plugins found in %s (set DEEPCAM_PLUGIN_PATH)\n",
                  fmt::format("{}", fmt::join(loader.search_dirs(), ", ")).c_str());
+    return 1;
+  }
+  return 0;
+}
+
+// --describe KIND: the plugins of one kind with their summaries.
+int list_kind(deepcam::PluginLoader& loader, deepcam::PluginKind kind) {
+  std::vector<std::string> problems;
+  int n = 0;
+  std::printf("%s plugins (deepcam-host --describe %s/NAME for one):\n", deepcam::to_string(kind),
+              deepcam::to_string(kind));
+  for (const auto& p : loader.discover(problems)) {
+    if (p.descriptor->kind != kind) continue;
+    std::printf("  %-16s %s\n", p.descriptor->name, p.descriptor->summary);
+    ++n;
+  }
+  for (const auto& e : problems) std::fprintf(stderr, "deepcam-host: skipped %s\n", e.c_str());
+  if (n == 0) {
+    std::fprintf(stderr, "deepcam-host: no %s plugins found in %s (set DEEPCAM_PLUGIN_PATH)\n",
+                 deepcam::to_string(kind), fmt::format("{}", fmt::join(loader.search_dirs(), ", ")).c_str());
+    return 1;
   }
   return 0;
 }
 
 int describe(deepcam::PluginLoader& loader, const std::string& what) {
+  const deepcam::PluginKind kinds[] = {deepcam::PluginKind::Reader, deepcam::PluginKind::Model,
+                                       deepcam::PluginKind::Optimizer, deepcam::PluginKind::Scheduler};
   const auto slash = what.find('/');
   if (slash == std::string::npos) {
+    for (auto kind : kinds) {
+      if (what == deepcam::to_string(kind)) return list_kind(loader, kind);
+    }
     std::printf("[%s] (deepcam-host)\n", what.c_str());
     print_schema(deepcam::host_schema(what), what);
     return 0;
   }
   const std::string kind_name = what.substr(0, slash);
   const std::string name = what.substr(slash + 1);
-  const deepcam::PluginKind kinds[] = {deepcam::PluginKind::Reader, deepcam::PluginKind::Model,
-                                       deepcam::PluginKind::Optimizer, deepcam::PluginKind::Scheduler};
   for (auto kind : kinds) {
     if (kind_name != deepcam::to_string(kind)) continue;
     const auto& p = loader.load(kind, name);

@@ -1,0 +1,65 @@
+"""Finding plugins and describing them as a new user meets them: the host of
+the build tree without any variable, `meson devenv`, --list-plugins and
+--describe KIND, and a folder given as the run file."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import BUILD_DIR, HOST, PLUGINS, plugin_env, run_host, synth, write_run
+
+
+def env_without_plugin_path():
+    env = dict(os.environ)
+    env.pop("DEEPCAM_PLUGIN_PATH", None)
+    return env
+
+
+def test_the_build_tree_host_finds_the_build_tree_plugins_without_a_variable(tmp_path):
+    r = run_host("--list-plugins", env=env_without_plugin_path())
+    assert r.returncode == 0, r.stderr
+    for name in ("hdf5", "npy", "prefetch", "deeplabv3plus", "adam", "adamw", "lamb", "multistep",
+                 "cosine_annealing"):
+        assert f" {name} " in r.stdout
+    assert str(PLUGINS) in r.stdout
+    data = synth(tmp_path / "data", train=2, validation=1)
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run={"train_batch_size": 2})
+    r = run_host(run, env=env_without_plugin_path())
+    assert r.returncode in (0, 1), r.stderr
+    assert f'library = "{PLUGINS}/readers/hdf5/libdeepcam_reader_hdf5.so"  # loaded' in r.stderr
+
+
+def test_meson_devenv_sets_the_plugin_path():
+    meson = Path(sys.executable).parent / "meson"
+    r = subprocess.run([str(meson), "devenv", "-C", str(BUILD_DIR), "env"], capture_output=True, text=True,
+                       env=env_without_plugin_path())
+    assert r.returncode == 0, r.stderr
+    assert f"DEEPCAM_PLUGIN_PATH={PLUGINS}" in r.stdout.splitlines()
+
+
+def test_list_plugins_fails_when_it_finds_none(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = run_host("--list-plugins", env=plugin_env(tmp_path / "empty"))
+    assert r.returncode == 1
+    assert "no plugins found" in r.stderr and str(tmp_path / "empty") in r.stderr
+
+
+def test_describe_a_kind_lists_its_plugins_with_their_summaries():
+    r = run_host("--describe", "optimizer")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("optimizer plugins")
+    names = sorted(l.split()[0] for l in lines[1:])
+    assert names == ["adam", "adamw", "lamb"]
+    assert any("LAMB" in l for l in lines if l.split()[0] == "lamb")
+    r = run_host("--describe", "scheduler")
+    assert sorted(l.split()[0] for l in r.stdout.splitlines()[1:]) == ["cosine_annealing", "multistep"]
+    r = run_host("--describe", "sampler")
+    assert r.returncode == 2 and "no plugin kind 'sampler'" in r.stderr
+
+
+def test_a_folder_as_the_run_file_is_named_as_one(tmp_path):
+    r = run_host(tmp_path)
+    assert r.returncode == 2
+    assert f"{tmp_path}: is a directory; give the run file" in r.stderr
