@@ -34,7 +34,8 @@ const ParamSpec kRunSpecs[] = {
     {"device", ParamType::String, "\"cpu\"", "where the model runs", kNoMin, kNoMax, "cpu|cuda"},
     {"threads", ParamType::Int, "0", "intra-op CPU threads of LibTorch; 0 keeps its default", 0, 4096},
     {"checkpoint_every", ParamType::Int, "0",
-     "save a checkpoint every this many epochs (0: only at the end); always saved at the end", 0, 1e9},
+     "save a checkpoint every this many epochs; 0: only at the end (after run_stop); -1: none at all (a benchmark run)",
+     -1, 1e9},
     {"resume", ParamType::String, "\"\"", "checkpoint to resume from (step, epoch, model, optimizer)"},
     {"rendezvous", ParamType::String, "\"env\"",
      "how the ranks meet: \"env\" (MASTER_ADDR, MASTER_PORT), \"tcp://HOST:PORT\" (rank 0 hosts the store) or "

@@ -20,6 +20,7 @@ namespace {
 
 const char* kUsage =
     "usage: deepcam-host [--nproc N] RUN.toml [--set section.key=value]... [--evaluate CHECKPOINT | --benchmark STEPS]\n"
+    "                    [--quiet]   (the MLPerf log's lines are echoed to stdout unless --quiet)\n"
     "       deepcam-host --list-plugins\n"
     "       deepcam-host --describe KIND/NAME   (e.g. optimizer/adam; or run, data, mlperf)\n"
     "       deepcam-host --describe KIND        (reader, model, optimizer, scheduler: the plugins of that kind)\n"
@@ -158,6 +159,7 @@ int main(int argc, char** argv) {
       if (a == "--set") overrides.push_back(value());
       else if (a.rfind("--set=", 0) == 0) overrides.push_back(a.substr(6));
       else if (a == "--evaluate") options.evaluate_checkpoint = value();
+      else if (a == "--quiet") options.quiet = true;
       else if (a == "--benchmark") {
         const std::string n = value();
         char* end = nullptr;

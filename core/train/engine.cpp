@@ -2,13 +2,18 @@
 
 #include <fmt/format.h>
 #include <torch/torch.h>
+#include <signal.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
+#include <csignal>
+#include <cstring>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <numeric>
 #include <optional>
@@ -71,38 +76,69 @@ double peak_memory_mb() {
   return static_cast<double>(usage.ru_maxrss) / 1024.0;
 }
 
-// Output files appear under their final name only once complete: written to a
-// temporary name, renamed by commit(), removed if never committed (a run that
-// fails on bad input leaves nothing behind).
-class AtomicFile {
+// The run's record, config.toml and the MLPerf log, under their final names
+// from the start: the log is flushed line by line, so that `tail -f` follows
+// a run and a run cut short (a time limit, kill -9) keeps a valid prefix.
+// Only rank 0 has one. A run that fails on bad input before it began
+// training removes them again (nothing ran); from run_start on they stay.
+class RunRecord {
  public:
-  explicit AtomicFile(std::string path)
-      : path_(std::move(path)), tmp_(fmt::format("{}.partial-{}", path_, ::getpid())) {
-    file_ = std::fopen(tmp_.c_str(), "w");
-    if (!file_) throw Error(fmt::format("{}: cannot create: {}", tmp_, std::strerror(errno)));
-  }
-  AtomicFile(const AtomicFile&) = delete;
-  AtomicFile& operator=(const AtomicFile&) = delete;
-  ~AtomicFile() {
-    if (!file_) return;
-    std::fclose(file_);
-    std::remove(tmp_.c_str());
-  }
-  std::FILE* get() const { return file_; }
-  void commit() {
-    if (!file_) return;
-    const bool ok = std::fflush(file_) == 0 && std::ferror(file_) == 0;
-    std::fclose(file_);
-    file_ = nullptr;
-    if (!ok || std::rename(tmp_.c_str(), path_.c_str()) != 0) {
-      std::remove(tmp_.c_str());
-      throw Error(fmt::format("{}: cannot write (disk full?)", path_));
+  RunRecord(const fs::path& dir, const std::string& log_name, const std::string& resolved, const std::string& where)
+      : config_path_(dir / "config.toml"), log_path_(dir / log_name) {
+    std::FILE* config = std::fopen(config_path_.c_str(), "w");
+    if (!config) throw Error(fmt::format("{}: cannot create: {}", config_path_.string(), std::strerror(errno)));
+    const bool written = std::fputs(resolved.c_str(), config) >= 0;
+    if (std::fclose(config) != 0 || !written) {
+      std::remove(config_path_.c_str());
+      throw Error(fmt::format("{}: cannot write (disk full?)", config_path_.string()));
     }
+    log_ = std::fopen(log_path_.c_str(), "w");
+    if (!log_) {
+      const int e = errno;
+      std::remove(config_path_.c_str());
+      throw Error(fmt::format("{} [mlperf] log_file: cannot create {}: {}", where, log_path_.string(),
+                              std::strerror(e)));
+    }
+  }
+  RunRecord(const RunRecord&) = delete;
+  RunRecord& operator=(const RunRecord&) = delete;
+  ~RunRecord() {
+    std::fclose(log_);
+    if (keep_) return;
+    std::remove(log_path_.c_str());
+    std::remove(config_path_.c_str());
+  }
+  std::FILE* log() const { return log_; }
+  void keep() { keep_ = true; }
+
+ private:
+  fs::path config_path_, log_path_;
+  std::FILE* log_ = nullptr;
+  bool keep_ = false;
+};
+
+// SIGTERM (a Slurm time limit) and SIGINT end a run cleanly: the handler
+// only records the signal; training looks at it between steps.
+std::atomic<int> g_stop_signal{0};
+
+extern "C" void record_stop_signal(int sig) { g_stop_signal.store(sig); }
+
+class StopSignals {
+ public:
+  StopSignals() {
+    struct sigaction sa {};
+    sa.sa_handler = record_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    ::sigaction(SIGTERM, &sa, &old_term_);
+    ::sigaction(SIGINT, &sa, &old_int_);
+  }
+  ~StopSignals() {
+    ::sigaction(SIGTERM, &old_term_, nullptr);
+    ::sigaction(SIGINT, &old_int_, nullptr);
   }
 
  private:
-  std::string path_, tmp_;
-  std::FILE* file_ = nullptr;
+  struct sigaction old_term_ {}, old_int_ {};
 };
 
 struct Components {
@@ -197,6 +233,7 @@ struct IntervalFigures {
   double loss;
   double iou;
   std::optional<Divergence> diverged;
+  int stop_signal;  // SIGTERM or SIGINT on any rank, else 0
 };
 
 class Engine {
@@ -299,6 +336,8 @@ class Engine {
     log_.end("init_stop");
     comm_.world().barrier();
     log_.start("run_start");
+    run_started_ = Clock::now();
+    if (on_run_start_) on_run_start_();
 
     const std::int64_t max_epochs = run.integer("max_epochs");
     const std::int64_t every = run.integer("checkpoint_every");
@@ -312,8 +351,10 @@ class Engine {
       comm_.world().barrier();
       log_.start("epoch_start", Json(), {{"epoch_num", Json(epoch_num)}});
       std::optional<Divergence> diverged;
-      step = train_epoch(epoch, step, diverged);
+      int stop_signal = 0;
+      step = train_epoch(epoch, step, diverged, stop_signal);
       if (diverged) return stop_diverged(*diverged, step);
+      if (stop_signal) return stop_signalled(stop_signal, epoch_num, step);
       average_batchnorm_statistics(c_.model->module(), comm_.world());
       const Totals v = validate(epoch_num, step);
       const double accuracy = v.score_sum / static_cast<double>(v.samples);
@@ -328,17 +369,20 @@ class Engine {
         reached = true;
         log_.event("target_accuracy_reached", Json(target), {{"epoch_num", Json(epoch_num)}, {"step_num", Json(step)}});
       }
-      if (every > 0 && epoch % every == 0) {
+      if (every > 0 && epoch % every == 0 && !reached) {
         save(epoch, step);
         last_saved = epoch;
       }
     }
-    if (last_saved != epoch) save(epoch, step);
     comm_.world().barrier();
     log_.end("run_stop", Json(), {{"status", Json(reached ? "success" : "aborted")}, {"epoch_num", Json(epoch)}});
+    const double time_to_train = seconds_since(run_started_);
+    // After run_stop, outside the timed region, as the reference saves.
+    if (every >= 0 && last_saved != epoch) save(epoch, step);
     if (comm_.rank() == 0) {
-      std::fprintf(stderr, "deepcam-host: %s after %lld epochs\n", reached ? "target reached" : "target NOT reached",
-                   static_cast<long long>(epoch));
+      std::fprintf(stderr, "deepcam-host: %s after %lld epochs; time to train (run_start to run_stop) %.1f s\n",
+                   reached ? "target reached" : "target NOT reached", static_cast<long long>(epoch),
+                   time_to_train);
       if (synced_steps_ > 0) {
         std::fprintf(stderr,
                      "deepcam-host: gradient all-reduce over %d ranks: %.3f ms waited per optimizer step "
@@ -481,15 +525,36 @@ class Engine {
     return kDivergedStatus;
   }
 
-  // The figures of a logging point, over all ranks: one all-gather of four
-  // numbers per rank, where the loss is read from the device anyway.
+  // SIGTERM or SIGINT: every rank stops at the same step (the decision
+  // travels with the logging figures), closes the log as a diverged run
+  // does, and writes no checkpoint (the last one saved stays).
+  int stop_signalled(int sig, std::int64_t epoch_num, std::int64_t step) {
+    comm_.world().barrier();
+    log_.end("epoch_stop", Json(), {{"epoch_num", Json(epoch_num)}, {"step_num", Json(step)}});
+    comm_.world().barrier();
+    log_.end("run_stop", Json(), {{"status", Json("aborted")}, {"epoch_num", Json(epoch_num)}});
+    if (comm_.rank() == 0) {
+      std::fprintf(stderr,
+                   "deepcam-host: stopped by %s at step %lld (epoch %lld): run_stop status \"aborted\"; no "
+                   "checkpoint written for this epoch (resume from the last one saved)\n",
+                   strsignal(sig), static_cast<long long>(step), static_cast<long long>(epoch_num));
+    }
+    return 128 + sig;
+  }
+
+  // The figures of a logging point, over all ranks: one all-gather of five
+  // numbers per rank, where the loss is read from the device anyway. A stop
+  // signal travels with them, so that every rank stops at the same step.
   IntervalFigures interval_figures(std::int64_t epoch_num, const at::Tensor& logits, const at::Tensor& labels,
                                    const at::Tensor& loss) {
     torch::NoGradGuard no_grad;
     const auto [code, value] = divergence_.record();
-    const at::Tensor mine = at::tensor({loss.item<double>(), iou_score(logits, labels), code, value}, at::kDouble);
-    const at::Tensor all = comm_.world().all_gather(mine);  // (P, 4)
-    IntervalFigures f{all.select(1, 0).mean().item<double>(), all.select(1, 1).mean().item<double>(), std::nullopt};
+    const at::Tensor mine = at::tensor({loss.item<double>(), iou_score(logits, labels), code, value,
+                                        static_cast<double>(g_stop_signal.load())},
+                                       at::kDouble);
+    const at::Tensor all = comm_.world().all_gather(mine);  // (P, 5)
+    IntervalFigures f{all.select(1, 0).mean().item<double>(), all.select(1, 1).mean().item<double>(), std::nullopt,
+                      static_cast<int>(all.select(1, 4).max().item<double>())};
     // The first bad step on any rank (codes order steps), so that every rank
     // stops at the same place with the same message.
     double first = -1, first_value = 0;
@@ -539,7 +604,8 @@ class Engine {
 
   // Trains one epoch; stops early, with `diverged` set, at the first check
   // that finds a NaN or infinite loss or gradient norm.
-  std::int64_t train_epoch(std::int64_t epoch, std::int64_t step, std::optional<Divergence>& diverged) {
+  std::int64_t train_epoch(std::int64_t epoch, std::int64_t step, std::optional<Divergence>& diverged,
+                           int& stop_signal) {
     const Params& run = cfg_.run;
     const std::int64_t k = run.integer("gradient_accumulation_frequency");
     const std::int64_t batch_size = run.integer("train_batch_size");
@@ -568,6 +634,10 @@ class Engine {
         if ((diverged = f.diverged)) return step;
         log_train(epoch_num, step, current_lr, f);
         progress(epoch_num, done, batches, batch_size, t0, f, k);
+        if ((stop_signal = f.stop_signal)) return step;
+      } else if (comm_.size() == 1 && (stop_signal = g_stop_signal.load())) {
+        // One rank stops at the next step; many ranks agree at logging points.
+        return step;
       }
     }
     if (done == 0) {
@@ -578,6 +648,7 @@ class Engine {
     const IntervalFigures f = interval_figures(epoch_num, logits, labels, loss);
     if ((diverged = f.diverged)) return step;
     log_train(epoch_num, step, current_lr, f);
+    stop_signal = f.stop_signal;
     return step;
   }
 
@@ -677,6 +748,11 @@ class Engine {
   Precision precision_ = Precision::Fp32;
   at::MemoryFormat memory_format_ = at::MemoryFormat::Contiguous;
   std::unique_ptr<GradScaler> scaler_;  // amp_fp16
+  Clock::time_point run_started_{};
+
+ public:
+  // Called once run_start is logged (the run's record is kept from then on).
+  std::function<void()> on_run_start_;
   std::unique_ptr<GradientAllReduce> gradients_;  // more than one rank
   double allreduce_wait_s_ = 0;
   std::int64_t synced_steps_ = 0;
@@ -722,32 +798,29 @@ int run_engine(const RunConfig& cfg, const EngineOptions& opts) {
       if (created && fs::is_empty(dir, e)) fs::remove(dir, e);
     }
   } cleanup{out_dir, created};
-  std::unique_ptr<AtomicFile> config_file;
-  if (rank0) {
-    config_file = std::make_unique<AtomicFile>((out_dir / "config.toml").string());
-    std::fputs(cfg.resolved.c_str(), config_file->get());
-  }
-
   const bool evaluating = !opts.evaluate_checkpoint.empty();
   const std::string log_name =
       evaluating ? "evaluate-" + cfg.mlperf.string("log_file") : cfg.mlperf.string("log_file");
-  std::unique_ptr<AtomicFile> log_file;
-  if (rank0) log_file = std::make_unique<AtomicFile>((out_dir / log_name).string());
-  MlperfLog log(log_file ? log_file->get() : nullptr, rank0);
+  std::unique_ptr<RunRecord> record;
+  if (rank0) record = std::make_unique<RunRecord>(out_dir, log_name, cfg.resolved, cfg.file);
+  MlperfLog log(record ? record->log() : nullptr, rank0);
+  // Every line also on stdout, as the reference's logger prints it.
+  if (rank0 && !opts.quiet) log.echo_to(stdout);
 
   Engine engine(cfg, log, comm);
   if (evaluating) {
     engine.build(/*with_optimizer=*/false);
     const int status = engine.evaluate(opts.evaluate_checkpoint);
     comm.finish();
-    if (rank0) {
-      log_file->commit();
-      config_file->commit();
-    }
+    if (record) record->keep();
     return status;
   }
 
   const auto t0 = Clock::now();
+  const StopSignals signals;
+  engine.on_run_start_ = [&] {
+    if (record) record->keep();
+  };
   log.event("submission_benchmark", Json("deepcam"));
   log.event("submission_org", Json(cfg.mlperf.string("org")));
   log.event("submission_division", Json(cfg.mlperf.string("division")));
@@ -762,12 +835,18 @@ int run_engine(const RunConfig& cfg, const EngineOptions& opts) {
   // One GPU per rank: the most ranks on one node.
   log.event("accelerators_per_node", Json(cfg.run.string("device") == "cuda" ? comm.max_local_size() : 0));
   engine.build(/*with_optimizer=*/true);
-  const int status = engine.train();
+  int status = 0;
+  try {
+    status = engine.train();
+  } catch (const std::exception&) {
+    // Training began and failed (a lost rank, a file gone bad): the record
+    // stays, closed as an aborted run, with no barrier (the others may be gone).
+    log.end("run_stop", Json(), {{"status", Json("aborted")}});
+    throw;
+  }
   comm.finish();
   if (rank0) {
-    log_file->commit();
-    config_file->commit();
-    std::fprintf(stderr, "deepcam-host: run took %.1f s; log %s\n", seconds_since(t0),
+    std::fprintf(stderr, "deepcam-host: wall time %.1f s; log %s\n", seconds_since(t0),
                  (out_dir / log_name).string().c_str());
   }
   return status;

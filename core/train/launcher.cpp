@@ -199,7 +199,8 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
       }
       for (pid_t pid : pids) if (pid > 0) ::kill(pid, SIGTERM);
       terminated = true;
-      grace_end = Clock::now() + std::chrono::seconds(5);
+      // Time to reach the next logging point and close the log (Slurm waits 30 s).
+      grace_end = Clock::now() + std::chrono::seconds(30);
     } else if (running > 0 && terminated && !killed && Clock::now() >= grace_end) {
       for (pid_t pid : pids) if (pid > 0) ::kill(pid, SIGKILL);
       killed = true;

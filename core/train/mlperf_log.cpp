@@ -41,6 +41,10 @@ void MlperfLog::write(const char* event_type, const std::string& key, const Json
   const std::string text = ":::MLLOG " + line.dump() + "\n";
   std::fwrite(text.data(), 1, text.size(), out_);
   std::fflush(out_);
+  if (echo_) {
+    std::fwrite(text.data(), 1, text.size(), echo_);
+    std::fflush(echo_);
+  }
 }
 
 }  // namespace deepcam

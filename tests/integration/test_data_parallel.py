@@ -104,7 +104,8 @@ def test_validation_over_three_ranks_with_a_remainder_equals_one_rank(tmp_path, 
     assert three.returncode == 0, three.stderr
     figures = [l for l in one.stdout.splitlines() if l.startswith("eval_")]
     assert len(figures) == 2
-    assert [f"[rank 0] {l}" for l in figures] == [l for l in three.stdout.splitlines() if "eval_" in l]
+    assert [f"[rank 0] {l}" for l in figures] == [l for l in three.stdout.splitlines()
+                                                  if l.startswith("[rank 0] eval_")]
     # The same figures in both evaluation logs, and 7 samples.
     for name in ("e1", "e3"):
         events = read_events(tmp_path / name / "evaluate-mlperf.log")

@@ -19,6 +19,7 @@ struct EngineOptions {
   // > 0: time this many training steps on a synthetic batch kept on the
   // device and print one JSON line; no MLPerf log, config or checkpoint.
   std::int64_t benchmark_steps = 0;
+  bool quiet = false;  // the MLPerf log's lines not echoed to stdout
 };
 
 // The exit status of a run stopped by a NaN or infinite training loss or

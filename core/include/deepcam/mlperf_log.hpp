@@ -38,12 +38,16 @@ class DEEPCAM_API MlperfLog {
            CallSite site = {__builtin_FILE(), __builtin_LINE()});
 
   bool enabled() const { return enabled_; }
+  // Also prints every line to `out` (stdout on rank 0, as the reference's
+  // logger does); nullptr stops it.
+  void echo_to(std::FILE* out) { echo_ = out; }
 
  private:
   void write(const char* event_type, const std::string& key, const Json& value,
              Metadata metadata, CallSite site);
   std::FILE* out_;
   bool enabled_;
+  std::FILE* echo_ = nullptr;
 };
 
 }  // namespace deepcam

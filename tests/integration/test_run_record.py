@@ -1,0 +1,110 @@
+"""The run's record as a long MLPerf run needs it: config.toml and the log
+under their final names from the start and streamed line by line, every log
+line echoed to stdout (not with --quiet), SIGTERM and SIGINT ending the run
+with run_stop "aborted", checkpoint_every = -1, and the time to train."""
+
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from helpers import HOST, mlperf_check, plugin_env, read_events, run_host, synth, write_run
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synth(tmp_path_factory.mktemp("rec") / "data", train=8, validation=2, seed=29)
+
+
+def test_log_lines_are_echoed_to_stdout_unless_quiet(tmp_path, data):
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out, run={"checkpoint_every": -1})
+    r = run_host(run)
+    assert r.returncode in (0, 1), r.stderr
+    echoed = [l for l in r.stdout.splitlines() if l.startswith(":::MLLOG ")]
+    assert echoed == (out / "mlperf.log").read_text().splitlines()
+    assert not list(out.glob("checkpoint-*"))  # checkpoint_every = -1: none at all
+    assert "time to train (run_start to run_stop)" in r.stderr and "wall time" in r.stderr
+    quiet = run_host(run, "--quiet", "--set", f"run.output_dir={tmp_path / 'quiet'}")
+    assert quiet.returncode in (0, 1) and ":::MLLOG" not in quiet.stdout
+
+
+def test_the_last_checkpoint_is_written_after_run_stop(tmp_path, data):
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out, run={"max_epochs": 1})
+    r = run_host(run)
+    assert r.returncode in (0, 1), r.stderr
+    stop_ms = next(e["time_ms"] for e in read_events(out / "mlperf.log") if e["key"] == "run_stop")
+    assert (out / "checkpoint-epoch1.pt").stat().st_mtime * 1000 >= stop_ms - 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_ends_the_run_with_an_aborted_record(tmp_path, data, sig):
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out,
+                    run={"max_epochs": 100000, "target_iou": 1.0, "checkpoint_every": 1, "logging_frequency": 1})
+    p = subprocess.Popen([str(HOST), str(run), "--quiet"], env=plugin_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    log = out / "mlperf.log"
+    deadline = time.monotonic() + 120
+    # The log is there under its final name, growing, while the run goes on.
+    while time.monotonic() < deadline:
+        if log.exists() and sum(e["key"] == "epoch_stop" for e in read_events(log)) >= 2:
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, p.stderr.read()
+    assert (out / "config.toml").exists()
+    p.send_signal(sig)
+    status = p.wait(timeout=60)
+    stderr = p.stderr.read()
+    assert status == 128 + sig, stderr
+    assert f"stopped by {signal.strsignal(sig)}" in stderr
+    events = read_events(log)
+    assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "aborted"
+    assert events[-2]["key"] == "epoch_stop"
+    names = [f.name for f in out.iterdir()]
+    assert not [n for n in names if ".tmp-" in n or ".partial-" in n], names
+    for ckpt in out.glob("checkpoint-epoch*.pt"):
+        assert set(torch.load(ckpt)) >= {"step", "epoch", "model", "optimizer"}
+    # The record is a well-formed MLPerf log of an aborted run: the checker
+    # finds only that the accuracy target was not reached.
+    status, output = mlperf_check(log)
+    problems = [l for l in output.splitlines() if l.startswith(("WARNING", "ERROR"))]
+    assert status != 0 and problems == ["WARNING -  Failed checks for eval_accuracy : v['value'] >= 0.82 and "
+                                        "v['value'] <= 1.", "ERROR - FAILED"], output
+
+
+def test_bad_input_before_training_leaves_no_record(tmp_path, data):
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out, run={"resume": str(tmp_path / "missing.pt")})
+    r = run_host(run)
+    assert r.returncode == 2, r.stderr
+    assert not out.exists()
+
+
+def test_sigterm_stops_every_rank_at_the_same_step(tmp_path, data):
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out,
+                    run={"max_epochs": 100000, "target_iou": 1.0, "logging_frequency": 1, "threads": 1,
+                         "checkpoint_every": -1})
+    p = subprocess.Popen([str(HOST), "--nproc", "2", str(run), "--quiet"], env=plugin_env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = out / "mlperf.log"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if log.exists() and sum(e["key"] == "epoch_stop" for e in read_events(log)) >= 1:
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, p.stderr.read()
+    p.send_signal(signal.SIGTERM)
+    status = p.wait(timeout=60)
+    stderr = p.stderr.read()
+    assert status == 128 + signal.SIGTERM, stderr
+    # Both ranks stopped cleanly, at the same step: neither lost the other.
+    assert stderr.count("exited with status 143") == 2, stderr
+    assert "lost rank" not in stderr, stderr
+    events = read_events(log)
+    assert [e["key"] for e in events[-2:]] == ["epoch_stop", "run_stop"]
+    assert events[-1]["metadata"]["status"] == "aborted"
