@@ -22,7 +22,7 @@ constexpr double kNoMin = 1.0, kNoMax = 0.0;  // min > max: unbounded
 
 const ParamSpec kRunSpecs[] = {
     {"seed", ParamType::Int, "1", "random seed of model init and data order (MLPerf needs > 0)", 1, 9.2e18},
-    {"output_dir", ParamType::String, "\"runs/default\"",
+    {"output_dir", ParamType::Path, "\"runs/default\"",
      "where the MLPerf log, the resolved config and checkpoints go"},
     {"max_epochs", ParamType::Int, "50", "stop after this many epochs if the target is not reached", 1, 1e9},
     {"target_iou", ParamType::Float, "0.82", "validation IoU that ends the run (SPEC 4.3)", 0, 1},
@@ -36,7 +36,7 @@ const ParamSpec kRunSpecs[] = {
     {"checkpoint_every", ParamType::Int, "0",
      "save a checkpoint every this many epochs; 0: only at the end (after run_stop); -1: none at all (a benchmark run)",
      -1, 1e9},
-    {"resume", ParamType::String, "\"\"", "checkpoint to resume from (step, epoch, model, optimizer)"},
+    {"resume", ParamType::Path, "\"\"", "checkpoint to resume from (step, epoch, model, optimizer)"},
     {"rendezvous", ParamType::String, "\"env\"",
      "how the ranks meet: \"env\" (MASTER_ADDR, MASTER_PORT), \"tcp://HOST:PORT\" (rank 0 hosts the store) or "
      "\"file:///PATH\" (a file on a file system all ranks share, left by no earlier run)"},
@@ -60,7 +60,7 @@ const ParamSpec kRunSpecs[] = {
 };
 
 const ParamSpec kDataSpecs[] = {
-    {"root", ParamType::String, nullptr, "data set root holding train/, validation/ and stats.h5"},
+    {"root", ParamType::Path, nullptr, "data set root holding train/, validation/ and stats.h5"},
     {"channels", ParamType::IntList, "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]",
      "input channels, in this order", 0, 15},
 };
@@ -100,6 +100,18 @@ struct Location {
   std::string file;
   std::string section;
   std::set<std::string> overridden;  // keys set by --set
+
+  // A relative path set in the file is taken from the file's folder; one
+  // set with --set or left at its default, from the current directory.
+  std::string resolve(const std::string& key, const std::string& value, bool from_file) const {
+    if (value.empty()) return value;
+    std::filesystem::path p(value);
+    if (p.is_relative()) {
+      const bool in_file = from_file && !overridden.count(key);
+      p = (in_file ? std::filesystem::absolute(file).parent_path() : std::filesystem::current_path()) / p;
+    }
+    return p.lexically_normal().string();
+  }
 
   std::string at(const std::string& key, const toml::node* node) const {
     if (overridden.count(key)) return fmt::format("--set {}.{}", section, key);
@@ -166,6 +178,9 @@ ParamValue convert(const ParamSpec& spec, const toml::node& node, const std::str
     case ParamType::Bool:
       if (!node.is_boolean()) throw wrong();
       return *node.value<bool>();
+    case ParamType::Path:
+      if (!node.is_string()) throw wrong();
+      return *node.value<std::string>();
     case ParamType::String: {
       if (!node.is_string()) throw wrong();
       std::string v = *node.value<std::string>();
@@ -273,9 +288,10 @@ std::shared_ptr<const NestedPlugin> Checker::nested(const ParamSpec& spec, const
     throw Error(fmt::format("{}: a nested plugin table needs the plugin loader to be checked", where));
   }
   std::string library;
-  if (const toml::node* lib = t->get("library")) {
+  const toml::node* lib = t->get("library");
+  if (lib) {
     if (!lib->is_string()) throw Error(fmt::format("{}: expected a string path", loc.at("library", lib)));
-    library = *lib->value<std::string>();
+    library = loc.resolve("library", *lib->value<std::string>(), /*from_file=*/true);
   }
   auto out = std::make_shared<NestedPlugin>();
   out->kind = to_string(kind);
@@ -284,7 +300,8 @@ std::shared_ptr<const NestedPlugin> Checker::nested(const ParamSpec& spec, const
   try {
     plugin = &loader->load(kind, out->name, library);
   } catch (const Error& e) {
-    throw Error(fmt::format("{}: {}", loc.at("name", name_node), e.what()));
+    // A library named explicitly is where the problem is.
+    throw Error(fmt::format("{}: {}", lib ? loc.at("library", lib) : loc.at("name", name_node), e.what()));
   }
   out->path = plugin->path;
   out->descriptor = plugin->descriptor;
@@ -316,6 +333,9 @@ Params Checker::check(const toml::table* table, const ParamSchema& schema, const
         values[key] = nested(*it, node, loc, loc.at(key, &node));
       } else {
         values[key] = convert(*it, node, loc.at(key, &node));
+        if (it->type == ParamType::Path) {
+          values[key] = loc.resolve(key, std::get<std::string>(values[key]), /*from_file=*/true);
+        }
       }
     }
   }
@@ -333,6 +353,9 @@ Params Checker::check(const toml::table* table, const ParamSchema& schema, const
       values[spec.key] = nested(spec, *t.get("v"), loc, fmt::format("default of '{}'", spec.key));
     } else {
       values[spec.key] = parse_default(spec);
+      if (spec.type == ParamType::Path) {
+        values[spec.key] = loc.resolve(spec.key, std::get<std::string>(values[spec.key]), /*from_file=*/false);
+      }
     }
   }
   return Params(fmt::format("{} [{}]", loc.file, loc.section), std::move(values));
@@ -458,6 +481,17 @@ RunConfig load_config(const std::string& file, const std::vector<std::string>& o
   cfg.file = file;
   cfg.run = checker.check(root.get_as<toml::table>("run"), schema_of(kRunSpecs), location("run"), {});
   cfg.data = checker.check(root.get_as<toml::table>("data"), schema_of(kDataSpecs), location("data"), {});
+  {
+    // Checked here, where it is known who set it: a reader can only say the
+    // folder it was given.
+    const std::string& data_root = cfg.data.string("root");
+    std::error_code ec;
+    if (!std::filesystem::is_directory(data_root, ec)) {
+      const toml::table* t = root.get_as<toml::table>("data");
+      throw Error(fmt::format("{}: {}: {}", location("data").at("root", t ? t->get("root") : nullptr), data_root,
+                              std::filesystem::exists(data_root, ec) ? "not a directory" : "no such directory"));
+    }
+  }
   cfg.mlperf = checker.check(root.get_as<toml::table>("mlperf"), schema_of(kMlperfSpecs), location("mlperf"), {});
 
   const PluginKind kinds[] = {PluginKind::Reader, PluginKind::Model, PluginKind::Optimizer,
@@ -473,9 +507,10 @@ RunConfig load_config(const std::string& file, const std::vector<std::string>& o
                               file, section, section));
     }
     std::string library;
-    if (const toml::node* lib = t->get("library")) {
+    const toml::node* lib = t->get("library");
+    if (lib) {
       if (!lib->is_string()) throw Error(fmt::format("{}: expected a string path", loc.at("library", lib)));
-      library = *lib->value<std::string>();
+      library = loc.resolve("library", *lib->value<std::string>(), /*from_file=*/true);
     }
     PluginChoice& c = *choices[i];
     c.kind = kinds[i];
@@ -483,7 +518,8 @@ RunConfig load_config(const std::string& file, const std::vector<std::string>& o
     try {
       c.plugin = &loader.load(c.kind, c.name, library);
     } catch (const Error& e) {
-      throw Error(fmt::format("{}: {}", loc.at("name", name_node), e.what()));
+      // A library named explicitly is where the problem is.
+      throw Error(fmt::format("{}: {}", lib ? loc.at("library", lib) : loc.at("name", name_node), e.what()));
     }
     c.params = checker.check(t, c.plugin->descriptor->params, loc, {"name", "library"});
   }

@@ -17,6 +17,7 @@ const char* to_string(ParamType type) {
     case ParamType::FloatList: return "float list";
     case ParamType::StringList: return "string list";
     case ParamType::Plugin: return "plugin table";
+    case ParamType::Path: return "path";
   }
   return "unknown";
 }

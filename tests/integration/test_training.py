@@ -208,7 +208,12 @@ def test_bad_sample_is_refused_naming_the_file(tmp_path, data, case):
     assert r.returncode == 2, r.stderr[-2000:]
     errors = [l for l in r.stderr.splitlines() if l.startswith("deepcam-host:")]
     assert len(errors) == 1 and victim.name in errors[0], r.stderr[-2000:]
-    assert not out.exists(), "no partial output"
+    # The bad file is met in validation, after run_start: the run's record
+    # stays (the log streamed under its final name, closed as aborted), and
+    # nothing else is written, half or whole.
+    assert sorted(p.name for p in out.iterdir()) == ["config.toml", "mlperf.log"], "no partial output"
+    events = log_lines(out / "mlperf.log")
+    assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "aborted"
 
 
 def test_stats_with_the_wrong_channel_count_is_refused(tmp_path, data):

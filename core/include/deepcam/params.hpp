@@ -17,7 +17,10 @@ namespace deepcam {
 // Plugin: a nested table naming another plugin ([reader.source] name = "npy"),
 // for plugins that wrap another one; the spec's `choices` holds the kind of
 // plugin it names ("reader").
-enum class ParamType { Int, Float, Bool, String, IntList, FloatList, StringList, Plugin };
+// Path: a string naming a file or folder; a relative one is taken from the
+// folder of the TOML file that sets it (from the current directory when set
+// with --set or left at its default), so plugins always get it absolute.
+enum class ParamType { Int, Float, Bool, String, IntList, FloatList, StringList, Plugin, Path };
 
 DEEPCAM_API const char* to_string(ParamType type);
 

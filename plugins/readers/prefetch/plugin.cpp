@@ -23,7 +23,7 @@ const deepcam::ParamSpec kParams[] = {
     {"data_oversampling_factor", deepcam::ParamType::Int, "1",
      "NVIDIA's oversampling (node/gpu modes): a rank cycles through this many random shards, one per epoch", 1.0,
      1024.0},
-    {"stage_dir", deepcam::ParamType::String, "\"\"",
+    {"stage_dir", deepcam::ParamType::Path, "\"\"",
      "node-local directory (e.g. /dev/shm) to copy this rank's samples into at start; \"\": read in place"},
 };
 

@@ -1,0 +1,82 @@
+"""Relative paths in a run file are taken from the file's folder, those of
+--set from the current directory; the resolved config shows them absolute,
+and errors about them name the key, the resolved path and where it was set."""
+
+import shutil
+import subprocess
+import tomllib
+
+from helpers import HOST, PLUGINS, plugin_env, synth
+
+
+def run_in(cwd, *args):
+    return subprocess.run([str(HOST), *map(str, args)], capture_output=True, text=True, env=plugin_env(), cwd=cwd,
+                          timeout=600)
+
+
+RUN = """[run]
+max_epochs = 1
+train_batch_size = 2
+output_dir = "{output_dir}"
+threads = 2
+[data]
+root = "{root}"
+[reader]
+name = "hdf5"
+[model]
+name = "deeplabv3plus"
+width = 0.0625
+middle_blocks = 1
+[optimizer]
+name = "adam"
+library = "{library}"
+[scheduler]
+name = "multistep"
+milestones = [100]
+"""
+
+
+def project(tmp_path, root="data", output_dir="out", library="libs/libdeepcam_optimizer_adam.so"):
+    """A folder holding a run file, its data and a copy of a plugin, all named relatively."""
+    proj = tmp_path / "project"
+    synth(proj / "data", train=2, validation=1)
+    (proj / "libs").mkdir()
+    shutil.copy(PLUGINS / "optimizers" / "adam" / "libdeepcam_optimizer_adam.so", proj / "libs")
+    (proj / "run.toml").write_text(RUN.format(root=root, output_dir=output_dir, library=library))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    return proj, elsewhere
+
+
+def test_relative_paths_are_taken_from_the_run_file_s_folder(tmp_path):
+    proj, elsewhere = project(tmp_path)
+    r = run_in(elsewhere, proj / "run.toml")
+    assert r.returncode in (0, 1), r.stderr
+    assert (proj / "out" / "mlperf.log").exists() and not (elsewhere / "out").exists()
+    resolved = tomllib.loads((proj / "out" / "config.toml").read_text())
+    assert resolved["data"]["root"] == str(proj / "data")
+    assert resolved["run"]["output_dir"] == str(proj / "out")
+    assert resolved["optimizer"]["library"] == str(proj / "libs" / "libdeepcam_optimizer_adam.so")
+
+
+def test_relative_paths_given_with_set_are_taken_from_the_current_directory(tmp_path):
+    proj, elsewhere = project(tmp_path)
+    r = run_in(elsewhere, proj / "run.toml", "--set", "run.output_dir=mine")
+    assert r.returncode in (0, 1), r.stderr
+    assert (elsewhere / "mine" / "mlperf.log").exists() and not (proj / "mine").exists()
+
+
+def test_a_missing_data_root_is_named_with_its_resolved_path_and_leaves_nothing(tmp_path):
+    proj, elsewhere = project(tmp_path, root="no-such-data")
+    r = run_in(elsewhere, proj / "run.toml")
+    assert r.returncode == 2
+    assert str(proj / "no-such-data") in r.stderr, r.stderr
+    assert not (proj / "out").exists() and not (elsewhere / "out").exists()
+
+
+def test_library_errors_point_at_the_library_line(tmp_path):
+    proj, elsewhere = project(tmp_path, library="libs/missing.so")
+    r = run_in(elsewhere, proj / "run.toml")
+    assert r.returncode == 2
+    assert f"{proj / 'run.toml'}:16 [optimizer] library: {proj / 'libs' / 'missing.so'}: no such plugin library" \
+        in r.stderr, r.stderr
