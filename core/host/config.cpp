@@ -11,6 +11,7 @@
 #include <memory>
 #include <set>
 #include <toml++/toml.h>
+#include <torch/cuda.h>
 
 #include "deepcam/error.hpp"
 
@@ -31,7 +32,8 @@ const ParamSpec kRunSpecs[] = {
     {"train_batch_size", ParamType::Int, "2", "local (per-rank) training batch size", 1, 1e6},
     {"validation_batch_size", ParamType::Int, "1", "local (per-rank) validation batch size", 1, 1e6},
     {"gradient_accumulation_frequency", ParamType::Int, "1", "batches per optimizer step", 1, 1e6},
-    {"device", ParamType::String, "\"cpu\"", "where the model runs", kNoMin, kNoMax, "cpu|cuda"},
+    {"device", ParamType::String, "\"cpu\"", "where the model runs; auto: cuda when a GPU is present, else cpu",
+     kNoMin, kNoMax, "cpu|cuda|auto"},
     {"threads", ParamType::Int, "0", "intra-op CPU threads of LibTorch; 0 keeps its default", 0, 4096},
     {"checkpoint_every", ParamType::Int, "0",
      "save a checkpoint every this many epochs; 0: only at the end (after run_stop); -1: none at all (a benchmark run)",
@@ -480,6 +482,13 @@ RunConfig load_config(const std::string& file, const std::vector<std::string>& o
   RunConfig cfg;
   cfg.file = file;
   cfg.run = checker.check(root.get_as<toml::table>("run"), schema_of(kRunSpecs), location("run"), {});
+  if (cfg.run.string("device") == "auto") {
+    // Decided here, so that everything after (and the resolved config) sees
+    // the device the run uses.
+    auto values = cfg.run.values();
+    values["device"] = std::string(torch::cuda::is_available() ? "cuda" : "cpu");
+    cfg.run = Params(cfg.run.where(), std::move(values));
+  }
   cfg.data = checker.check(root.get_as<toml::table>("data"), schema_of(kDataSpecs), location("data"), {});
   {
     // Checked here, where it is known who set it: a reader can only say the

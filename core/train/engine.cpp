@@ -241,6 +241,9 @@ class Engine {
   Engine(const RunConfig& cfg, MlperfLog& log, Communicator& comm)
       : cfg_(cfg), log_(log), comm_(comm), device_(torch::kCPU) {}
 
+  // Called once run_start is logged (the run's record is kept from then on).
+  void on_run_start(std::function<void()> f) { on_run_start_ = std::move(f); }
+
   void build(bool with_optimizer) {
     const Params& run = cfg_.run;
     if (run.string("device") == "cuda") {
@@ -749,9 +752,6 @@ class Engine {
   at::MemoryFormat memory_format_ = at::MemoryFormat::Contiguous;
   std::unique_ptr<GradScaler> scaler_;  // amp_fp16
   Clock::time_point run_started_{};
-
- public:
-  // Called once run_start is logged (the run's record is kept from then on).
   std::function<void()> on_run_start_;
   std::unique_ptr<GradientAllReduce> gradients_;  // more than one rank
   double allreduce_wait_s_ = 0;
@@ -818,9 +818,9 @@ int run_engine(const RunConfig& cfg, const EngineOptions& opts) {
 
   const auto t0 = Clock::now();
   const StopSignals signals;
-  engine.on_run_start_ = [&] {
+  engine.on_run_start([&] {
     if (record) record->keep();
-  };
+  });
   log.event("submission_benchmark", Json("deepcam"));
   log.event("submission_org", Json(cfg.mlperf.string("org")));
   log.event("submission_division", Json(cfg.mlperf.string("division")));

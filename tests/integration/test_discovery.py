@@ -63,3 +63,17 @@ def test_a_folder_as_the_run_file_is_named_as_one(tmp_path):
     r = run_host(tmp_path)
     assert r.returncode == 2
     assert f"{tmp_path}: is a directory; give the run file" in r.stderr
+
+
+def test_a_reader_pointed_at_the_other_format_names_the_reader_that_reads_it(tmp_path):
+    h5 = synth(tmp_path / "h5", train=2, validation=1)
+    npy = tmp_path / "npy"
+    subprocess.run([str(BUILD_DIR / "core" / "deepcam-data"), "convert", str(h5), str(npy)], check=True,
+                   capture_output=True)
+    run = write_run(tmp_path / "run.toml", npy, tmp_path / "out")
+    r = run_host(run)
+    assert r.returncode == 2
+    assert 'no .h5 files in the train split (it holds .npy files: read them with reader "npy")' in r.stderr
+    r = run_host(run, "--set", f"data.root={h5}", "--set", "reader.name=npy")
+    assert r.returncode == 2
+    assert "no data-*.npy files in the train split (it holds .h5 files" in r.stderr
