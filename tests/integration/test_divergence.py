@@ -4,23 +4,13 @@ epoch, exits with status 4, writes no checkpoint, and its MLPerf log ends
 with run_stop status "aborted" and still passes the official checker's
 per-line checks."""
 
-import json
 import re
-from pathlib import Path
 
 import pytest
 
-from helpers import mlperf_check, run_host, synth, write_run
+from helpers import mlperf_check, read_events, run_host, synth, write_run
 
 DIVERGED = 4  # deepcam::kDivergedStatus
-
-
-def log_lines(path):
-    lines = []
-    for raw in Path(path).read_text().splitlines():
-        assert raw.startswith(":::MLLOG "), raw
-        lines.append(json.loads(raw[len(":::MLLOG "):]))
-    return lines
 
 
 def checker_complaints(log):
@@ -61,7 +51,7 @@ def test_nan_loss_stops_the_run_at_the_step_it_appears(tmp_path, data):
     assert "epoch 1 step 4/4" not in r.stderr and "epoch 1 validation:" not in r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["config.toml", "mlperf.log"]
 
-    lines = log_lines(out / "mlperf.log")
+    lines = read_events(out / "mlperf.log")
     keys = [l["key"] for l in lines]
     assert keys[-3:] == ["epoch_start", "epoch_stop", "run_stop"], keys
     assert lines[-1]["metadata"]["status"] == "aborted" and lines[-1]["metadata"]["epoch_num"] == 1
@@ -83,7 +73,7 @@ def test_first_bad_step_is_named_when_only_the_epoch_end_checks(tmp_path, data):
     out, r = diverge(tmp_path, data, run={"max_epochs": 2, "logging_frequency": 0})
     assert r.returncode == DIVERGED, r.stderr
     assert re.search(r"training diverged at step 2 \(epoch 1\): the loss is (NaN|-?Infinity)\. ", r.stderr), r.stderr
-    lines = log_lines(out / "mlperf.log")
+    lines = read_events(out / "mlperf.log")
     assert [l["key"] for l in lines][-2:] == ["epoch_stop", "run_stop"]
     assert lines[-2]["metadata"]["step_num"] == 4  # the epoch ran to its end before the check
     assert lines[-1]["metadata"]["status"] == "aborted"
@@ -98,7 +88,7 @@ def test_nan_weights_from_the_last_update_of_an_epoch_stop_at_validation(tmp_pat
     assert re.search(r"training diverged at step 4 \(epoch 1\): the validation loss is (NaN|-?Infinity)\. ",
                      r.stderr), r.stderr
     assert not list(out.glob("*.pt"))
-    lines = log_lines(out / "mlperf.log")
+    lines = read_events(out / "mlperf.log")
     keys = [l["key"] for l in lines]
     assert keys[-6:] == ["eval_start", "eval_accuracy", "eval_loss", "eval_stop", "epoch_stop", "run_stop"], keys
     assert "epoch_start" not in keys[keys.index("eval_start"):]

@@ -2,31 +2,21 @@
 against the official checker, checkpoints against PyTorch's torch.load and
 torch.save, --evaluate, resume, and refused bad data."""
 
-import json
 import re
 import shutil
 from collections import OrderedDict
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from helpers import REPO_ROOT, mlperf_check, run_host, synth, write_run
+from helpers import REPO_ROOT, mlperf_check, read_events, run_host, synth, write_run
 
 SPEC_ORDER = ["submission_benchmark", "submission_org", "submission_division", "submission_status",
               "submission_platform", "init_start", "cache_clear", "seed", "number_of_ranks",
               "number_of_nodes", "accelerators_per_node", "global_batch_size", "batchnorm_group_size",
               "gradient_accumulation_frequency", "num_workers"]
-
-
-def log_lines(path):
-    lines = []
-    for raw in Path(path).read_text().splitlines():
-        assert raw.startswith(":::MLLOG "), raw
-        lines.append(json.loads(raw[len(":::MLLOG "):]))
-    return lines
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +36,7 @@ def short_run(tmp_path_factory, data):
 
 def test_log_has_every_key_in_spec_order(short_run):
     out, _ = short_run
-    lines = log_lines(out / "mlperf.log")
+    lines = read_events(out / "mlperf.log")
     keys = [l["key"] for l in lines]
     assert keys[:len(SPEC_ORDER)] == SPEC_ORDER
     rest = keys[len(SPEC_ORDER):]
@@ -125,7 +115,7 @@ def test_python_written_checkpoint_is_read_back(tmp_path, short_run, data):
     c = evaluate(run, tmp_path / "changed.pt")
     assert a == b
     assert c != a
-    lines = log_lines(tmp_path / "eval" / "evaluate-mlperf.log")
+    lines = read_events(tmp_path / "eval" / "evaluate-mlperf.log")
     assert [l["key"] for l in lines] == ["eval_start", "eval_accuracy", "eval_loss", "eval_stop"]
     # The log is the last evaluation's (the changed weights).
     assert lines[1]["value"] == pytest.approx(c[0], rel=1e-12)
@@ -149,11 +139,11 @@ def test_resume_continues_at_the_next_epoch(tmp_path, short_run, data):
     r = run_host(run)
     assert r.returncode == 1, r.stderr
     assert "resumed from" in r.stderr and "at epoch 1, step 4" in r.stderr
-    lines = log_lines(tmp_path / "out" / "mlperf.log")
+    lines = read_events(tmp_path / "out" / "mlperf.log")
     assert [l["metadata"]["epoch_num"] for l in lines if l["key"] == "epoch_start"] == [2]
     # Same seed, same data order, same state: the resumed epoch equals the original.
     resumed = [l["value"] for l in lines if l["key"] == "eval_loss"]
-    original = [l["value"] for l in log_lines(out / "mlperf.log") if l["key"] == "eval_loss"]
+    original = [l["value"] for l in read_events(out / "mlperf.log") if l["key"] == "eval_loss"]
     assert resumed[0] == pytest.approx(original[1], rel=1e-4)
 
 
@@ -167,7 +157,7 @@ def test_quickstart_reaches_the_target_and_passes_the_checker(tmp_path):
                      "--set", f"run.output_dir={out}", "--set", f"mlperf.division={division}")
         assert r.returncode == 0, r.stderr[-3000:]
         logs[division] = out / "mlperf.log"
-    lines = log_lines(logs["open"])
+    lines = read_events(logs["open"])
     assert lines[-1]["key"] == "run_stop" and lines[-1]["metadata"]["status"] == "success"
     assert any(l["key"] == "target_accuracy_reached" for l in lines)
     status, output = mlperf_check(logs["open"])
@@ -212,7 +202,7 @@ def test_bad_sample_is_refused_naming_the_file(tmp_path, data, case):
     # stays (the log streamed under its final name, closed as aborted), and
     # nothing else is written, half or whole.
     assert sorted(p.name for p in out.iterdir()) == ["config.toml", "mlperf.log"], "no partial output"
-    events = log_lines(out / "mlperf.log")
+    events = read_events(out / "mlperf.log")
     assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "aborted"
 
 
