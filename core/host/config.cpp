@@ -29,6 +29,10 @@ const ParamSpec kRunSpecs[] = {
     {"target_iou", ParamType::Float, "0.82", "validation IoU that ends the run (SPEC 4.3)", 0, 1},
     {"logging_frequency", ParamType::Int, "10",
      "log train loss/accuracy and a progress line every this many steps; 0: only at epoch ends", 0, 1e9},
+    {"progress_seconds", ParamType::Float, "30",
+     "a progress line on stderr at least this often in training and validation, whatever logging_frequency is; "
+     "0: only at logging steps",
+     0, 1e9},
     {"train_batch_size", ParamType::Int, "2", "local (per-rank) training batch size", 1, 1e6},
     {"validation_batch_size", ParamType::Int, "1", "local (per-rank) validation batch size", 1, 1e6},
     {"gradient_accumulation_frequency", ParamType::Int, "1", "batches per optimizer step", 1, 1e6},

@@ -637,10 +637,17 @@ class Engine {
         if ((diverged = f.diverged)) return step;
         log_train(epoch_num, step, current_lr, f);
         progress(epoch_num, done, batches, batch_size, t0, f, k);
+        last_progress_ = Clock::now();
         if ((stop_signal = f.stop_signal)) return step;
       } else if (comm_.size() == 1 && (stop_signal = g_stop_signal.load())) {
         // One rank stops at the next step; many ranks agree at logging points.
         return step;
+      } else if (progress_due()) {
+        // A long interval still shows signs of life: rank 0's own last batch
+        // (read from the device at most once per progress_seconds).
+        torch::NoGradGuard no_grad;
+        progress(epoch_num, done, batches, batch_size, t0,
+                 IntervalFigures{loss.item<double>(), iou_score(logits, labels), std::nullopt, 0}, k);
       }
     }
     if (done == 0) {
@@ -661,6 +668,15 @@ class Engine {
     log_.event("train_accuracy", Json(f.iou), md);
     // The reference logs the loss as scaled for accumulation.
     log_.event("train_loss", Json(f.loss), md);
+  }
+
+  // On rank 0, when [run] progress_seconds have passed since the last
+  // progress line (0: never by time); counts the line as printed.
+  bool progress_due() {
+    const double every = cfg_.run.number("progress_seconds");
+    if (comm_.rank() != 0 || every <= 0 || seconds_since(last_progress_) < every) return false;
+    last_progress_ = Clock::now();
+    return true;
   }
 
   void progress(std::int64_t epoch_num, std::int64_t done, std::int64_t batches, std::int64_t batch_size,
@@ -687,7 +703,15 @@ class Engine {
     c_.reader->start_epoch(Split::Validation, 0);
     std::vector<at::Tensor> scores, losses;
     Batch batch;
+    const std::int64_t vbatch = cfg_.run.integer("validation_batch_size");
+    const std::int64_t vbatches = (c_.reader->local_samples(Split::Validation) + vbatch - 1) / vbatch;
+    std::int64_t vdone = 0;
     while (c_.reader->next(batch)) {
+      if (progress_due()) {
+        std::fprintf(stderr, "epoch %lld validation: batch %lld/%lld on rank 0\n", static_cast<long long>(epoch_num),
+                     static_cast<long long>(vdone), static_cast<long long>(vbatches));
+      }
+      ++vdone;
       const at::Tensor input = batch.data.to(device_).contiguous(memory_format_);
       const at::Tensor labels = batch.labels.to(device_);
       const at::Tensor logits = forward(input);
@@ -752,6 +776,7 @@ class Engine {
   at::MemoryFormat memory_format_ = at::MemoryFormat::Contiguous;
   std::unique_ptr<GradScaler> scaler_;  // amp_fp16
   Clock::time_point run_started_{};
+  Clock::time_point last_progress_ = Clock::now();
   std::function<void()> on_run_start_;
   std::unique_ptr<GradientAllReduce> gradients_;  // more than one rank
   double allreduce_wait_s_ = 0;

@@ -108,3 +108,20 @@ def test_sigterm_stops_every_rank_at_the_same_step(tmp_path, data):
     events = read_events(log)
     assert [e["key"] for e in events[-2:]] == ["epoch_stop", "run_stop"]
     assert events[-1]["metadata"]["status"] == "aborted"
+
+
+def test_progress_lines_come_every_progress_seconds_whatever_the_logging_frequency(tmp_path, data):
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out,
+                    run={"max_epochs": 1, "logging_frequency": 0, "progress_seconds": 0.001,
+                         "validation_batch_size": 1})
+    r = run_host(run, "--quiet")
+    assert r.returncode in (0, 1), r.stderr
+    # 4 training steps and 2 validation batches, each far longer than 1 ms:
+    # lines come by time alone (logging_frequency = 0 prints none).
+    train = [l for l in r.stderr.splitlines() if l.startswith("epoch 1 step ")]
+    assert len(train) >= 2 and all("loss" in l and "samples/s" in l for l in train), r.stderr
+    validation = [l for l in r.stderr.splitlines() if l.startswith("epoch 1 validation: batch ")]
+    assert len(validation) >= 1, r.stderr
+    quiet = run_host(run, "--quiet", "--set", "run.progress_seconds=0", "--set", f"run.output_dir={tmp_path / 'q'}")
+    assert not [l for l in quiet.stderr.splitlines() if l.startswith(("epoch 1 step ", "epoch 1 validation: b"))]
