@@ -208,6 +208,35 @@ def test_slurm_variables_with_file_rendezvous(tmp_path, data, ranks):
     assert not store.exists()
 
 
+def test_open_mpi_variables_with_tcp_rendezvous(tmp_path, data, ranks):
+    out = tmp_path / "out"
+    port = free_port()
+    run = small_run(tmp_path / "run.toml", data, out, run={"rendezvous": f"tcp://127.0.0.1:{port}"})
+    for rank in (0, 1):
+        # No MASTER_ADDR/MASTER_PORT: rank 0 hosts the store on the named port.
+        env = clean_env(OMPI_COMM_WORLD_RANK=rank, OMPI_COMM_WORLD_SIZE=2, OMPI_COMM_WORLD_LOCAL_RANK=rank,
+                        OMPI_COMM_WORLD_LOCAL_SIZE=2)
+        ranks.start([HOST, run], env, f"rank{rank}")
+    codes = ranks.wait_all()
+    assert codes[0] in (0, 1) and codes[1] == codes[0], (codes, ranks.stderr("rank0")[-3000:])
+    assert_two_rank_log(out)
+
+
+def test_rendezvous_settings_that_cannot_work_are_named(tmp_path, data):
+    out = tmp_path / "out"
+    env = clean_env(RANK=0, WORLD_SIZE=2)  # no MASTER_ADDR / MASTER_PORT
+    r = run_host(small_run(tmp_path / "env.toml", data, out), env=env, timeout=60)
+    assert r.returncode == 2
+    assert '[run] rendezvous = "env": 2 ranks (torchrun) need MASTER_ADDR and MASTER_PORT' in r.stderr, r.stderr
+    for value, message in [("udp://x:1", 'expected "env", "tcp://HOST:PORT" or "file:///PATH"'),
+                           ("tcp://127.0.0.1:notaport", 'port "notaport" is not a number in 1..65535'),
+                           ("file://relative/path", "expected file:///ABSOLUTE/PATH")]:
+        run = small_run(tmp_path / "bad.toml", data, out, run={"rendezvous": value})
+        r = run_host(run, env=env, timeout=60)
+        assert r.returncode == 2 and message in r.stderr and "[run] rendezvous" in r.stderr, r.stderr
+    assert not out.exists()
+
+
 # 5. Conflicting variables
 
 def test_conflicting_rank_variables_are_refused(tmp_path, data):
