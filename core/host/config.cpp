@@ -22,7 +22,10 @@ namespace {
 constexpr double kNoMin = 1.0, kNoMax = 0.0;  // min > max: unbounded
 
 const ParamSpec kRunSpecs[] = {
-    {"seed", ParamType::Int, "1", "random seed of model init and data order (MLPerf needs > 0)", 1, 9.2e18},
+    {"seed", ParamType::Int, "1",
+     "random seed of model init and data order (MLPerf needs > 0); \"auto\": drawn from the clock by rank 0 at "
+     "start, logged and written into config.toml",
+     1, 9.2e18},
     {"output_dir", ParamType::Path, "\"runs/default\"",
      "where the MLPerf log, the resolved config and checkpoints go"},
     {"max_epochs", ParamType::Int, "50", "stop after this many epochs if the target is not reached", 1, 1e9},
@@ -337,6 +340,8 @@ Params Checker::check(const toml::table* table, const ParamSchema& schema, const
       }
       if (it->type == ParamType::Plugin) {
         values[key] = nested(*it, node, loc, loc.at(key, &node));
+      } else if (loc.section == "run" && key == "seed" && node.is_string() && *node.value<std::string>() == "auto") {
+        values[key] = kAutoSeed;  // the engine draws it once the ranks have met
       } else {
         values[key] = convert(*it, node, loc.at(key, &node));
         if (it->type == ParamType::Path) {
@@ -549,9 +554,12 @@ RunConfig load_config(const std::string& file, const std::vector<std::string>& o
           out += fmt::format("library = {}  # loaded\n", to_toml(ParamValue(*plugin_path)));
         }
         for (const auto& spec : schema) {
-          if (spec.type != ParamType::Plugin) {
-            out += fmt::format("{} = {}\n", spec.key, to_toml(p.values().at(spec.key)));
+          if (spec.type == ParamType::Plugin) continue;
+          if (name == "run" && std::string(spec.key) == "seed" && p.integer("seed") == kAutoSeed) {
+            out += "seed = \"auto\"\n";
+            continue;
           }
+          out += fmt::format("{} = {}\n", spec.key, to_toml(p.values().at(spec.key)));
         }
         for (const auto& spec : schema) {
           if (spec.type != ParamType::Plugin) continue;

@@ -787,16 +787,41 @@ class Engine {
 
 RankLost::~RankLost() = default;
 
-int run_engine(const RunConfig& cfg, const EngineOptions& opts) {
+namespace {
+
+// seed = "auto": rank 0 draws a seed from the clock, as the reference's run
+// scripts do, and every rank takes it; the resolved text then records the
+// seed that was used, so that the run can be repeated.
+RunConfig with_drawn_seed(const RunConfig& cfg, Communicator& comm) {
+  const std::int64_t drawn =
+      std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch())
+          .count() % 2147483647 + 1;
+  const std::int64_t seed = comm.world().all_gather(at::tensor({drawn}, at::kLong))[0][0].item<std::int64_t>();
+  RunConfig out = cfg;
+  auto values = cfg.run.values();
+  values["seed"] = seed;
+  out.run = Params(cfg.run.where(), std::move(values));
+  const std::string line = "seed = \"auto\"\n";
+  const auto at = out.resolved.find(line);
+  if (at != std::string::npos) {
+    out.resolved.replace(at, line.size(), fmt::format("seed = {}  # \"auto\": drawn from the clock\n", seed));
+  }
+  return out;
+}
+
+}  // namespace
+
+int run_engine(const RunConfig& given, const EngineOptions& opts) {
   const RankLayout layout = detect_ranks();
   CommOptions co;
-  co.rendezvous = cfg.run.string("rendezvous");
-  co.rendezvous_where = cfg.file + " [run] rendezvous";
-  co.timeout = std::chrono::milliseconds(static_cast<std::int64_t>(cfg.run.number("comm_timeout_s") * 1000));
+  co.rendezvous = given.run.string("rendezvous");
+  co.rendezvous_where = given.file + " [run] rendezvous";
+  co.timeout = std::chrono::milliseconds(static_cast<std::int64_t>(given.run.number("comm_timeout_s") * 1000));
   co.timeout_where = "[run] comm_timeout_s";
-  co.cuda = cfg.run.string("device") == "cuda";
+  co.cuda = given.run.string("device") == "cuda";
   Communicator comm(layout, co);
   const bool rank0 = comm.rank() == 0;
+  const RunConfig cfg = given.run.integer("seed") == kAutoSeed ? with_drawn_seed(given, comm) : given;
 
   if (opts.benchmark_steps > 0) {
     // No log, no config, no checkpoint: the JSON line is the result.

@@ -6,6 +6,7 @@ with run_stop "aborted", checkpoint_every = -1, and the time to train."""
 import signal
 import subprocess
 import time
+import tomllib
 
 import pytest
 import torch
@@ -125,3 +126,23 @@ def test_progress_lines_come_every_progress_seconds_whatever_the_logging_frequen
     assert len(validation) >= 1, r.stderr
     quiet = run_host(run, "--quiet", "--set", "run.progress_seconds=0", "--set", f"run.output_dir={tmp_path / 'q'}")
     assert not [l for l in quiet.stderr.splitlines() if l.startswith(("epoch 1 step ", "epoch 1 validation: b"))]
+
+
+def test_seed_auto_is_drawn_logged_recorded_and_repeatable(tmp_path, data):
+    def losses(out):
+        return [e["value"] for e in read_events(out / "mlperf.log") if e["key"] == "train_loss"]
+
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "auto", run={"seed": "auto", "max_epochs": 1,
+                                                                          "logging_frequency": 1})
+    r = run_host("--nproc", 2, run, "--quiet", "--set", "run.threads=1")
+    assert r.returncode in (0, 1), r.stderr
+    assert 'seed = "auto"' in r.stderr  # the resolved config printed at start
+    seed = next(e["value"] for e in read_events(tmp_path / "auto" / "mlperf.log") if e["key"] == "seed")
+    assert isinstance(seed, int) and seed > 0
+    written = tomllib.loads((tmp_path / "auto" / "config.toml").read_text())
+    assert written["run"]["seed"] == seed
+    # The recorded config repeats the run bit for bit.
+    again = run_host("--nproc", 2, tmp_path / "auto" / "config.toml", "--quiet",
+                     "--set", f"run.output_dir={tmp_path / 'again'}")
+    assert again.returncode == r.returncode, again.stderr
+    assert losses(tmp_path / "again") == losses(tmp_path / "auto")

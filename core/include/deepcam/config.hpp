@@ -8,6 +8,7 @@
 // schema, and `--set reader.source.io=mmap` reaches into it.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,10 @@ struct PluginChoice {
   const LoadedPlugin* plugin = nullptr;
   Params params;
 };
+
+// [run] seed = "auto": this value until the engine draws the seed (rank 0,
+// from the clock) and puts it into the config and the resolved text.
+constexpr std::int64_t kAutoSeed = 0;
 
 struct RunConfig {
   std::string file;
