@@ -32,7 +32,6 @@ struct CommOptions {
   std::chrono::milliseconds timeout{1800 * 1000};
   std::string timeout_where;
   bool cuda = false;               // also an NCCL group for this rank's GPU
-  int cuda_device = 0;
 };
 
 class DEEPCAM_API Communicator {

@@ -26,6 +26,7 @@ GradientAllReduce::GradientAllReduce(Communicator& comm, std::vector<at::Tensor>
                                      std::int64_t bucket_cap_bytes)
     : comm_(comm), parameters_(std::move(parameters)) {
   bucket_of_.resize(parameters_.size());
+  slot_of_.resize(parameters_.size());
   filled_.assign(parameters_.size(), false);
   // Reverse registration order: the last layers' gradients come first. As
   // in DDP, the first bucket holds at most 1 MiB, so that an exchange starts
@@ -51,6 +52,7 @@ GradientAllReduce::GradientAllReduce(Communicator& comm, std::vector<at::Tensor>
     b.flat = at::empty({b.flat.numel() + p.numel()}, p.options().requires_grad(false));
     bytes += size;
     bucket_of_[k] = buckets_.size() - 1;
+    slot_of_[k] = b.parameters.size() - 1;
   }
   for (std::size_t k = 0; k < parameters_.size(); ++k) {
     if (!parameters_[k].requires_grad()) continue;
@@ -80,14 +82,18 @@ void GradientAllReduce::arm() {
 void GradientAllReduce::ready(std::size_t k) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (!armed_ || filled_[k]) return;
+  fill(k);
+  launch_ready_buckets();
+}
+
+void GradientAllReduce::fill(std::size_t k) {
   filled_[k] = true;
   Bucket& b = buckets_[bucket_of_[k]];
-  const auto slot = static_cast<std::size_t>(
-      std::find(b.parameters.begin(), b.parameters.end(), k) - b.parameters.begin());
   const at::Tensor& p = parameters_[k];
-  b.flat.narrow(0, b.offsets[slot], p.numel()).copy_(p.grad().reshape({-1}));
+  at::Tensor dst = b.flat.narrow(0, b.offsets[slot_of_[k]], p.numel());
+  if (p.grad().defined()) dst.copy_(p.grad().reshape({-1}));
+  else dst.zero_();
   --b.pending;
-  launch_ready_buckets();
 }
 
 // Buckets start strictly in index order, so every rank issues the same
@@ -106,16 +112,7 @@ double GradientAllReduce::finish() {
   std::unique_lock<std::mutex> lock(mutex_);
   // Parameters the pass did not reach contribute zeros.
   for (std::size_t k = 0; k < parameters_.size(); ++k) {
-    if (!parameters_[k].requires_grad() || filled_[k]) continue;
-    filled_[k] = true;
-    Bucket& b = buckets_[bucket_of_[k]];
-    const auto slot = static_cast<std::size_t>(
-        std::find(b.parameters.begin(), b.parameters.end(), k) - b.parameters.begin());
-    const at::Tensor& p = parameters_[k];
-    at::Tensor dst = b.flat.narrow(0, b.offsets[slot], p.numel());
-    if (p.grad().defined()) dst.copy_(p.grad().reshape({-1}));
-    else dst.zero_();
-    --b.pending;
+    if (parameters_[k].requires_grad() && !filled_[k]) fill(k);
   }
   launch_ready_buckets();
   armed_ = false;

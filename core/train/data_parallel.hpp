@@ -58,12 +58,15 @@ class DEEPCAM_API GradientAllReduce {
     std::unique_ptr<Communicator::Pending> work;
   };
   void ready(std::size_t parameter);
+  // Copies parameter k's gradient (zeros when it has none) into its bucket.
+  void fill(std::size_t parameter);
   void launch_ready_buckets();
 
   Communicator& comm_;
   std::vector<at::Tensor> parameters_;
   std::vector<Bucket> buckets_;
   std::vector<std::size_t> bucket_of_;  // per parameter
+  std::vector<std::size_t> slot_of_;    // per parameter: its place in the bucket
   std::vector<bool> filled_;            // per parameter, this pass
   std::size_t next_launch_ = 0;
   bool armed_ = false;
