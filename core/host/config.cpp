@@ -46,6 +46,12 @@ const ParamSpec kRunSpecs[] = {
      "save a checkpoint every this many epochs; 0: only at the end (after run_stop); -1: none at all (a benchmark run)",
      -1, 1e9},
     {"resume", ParamType::Path, "\"\"", "checkpoint to resume from (step, epoch, model, optimizer)"},
+    {"resume_weights_only", ParamType::Bool, "false",
+     "resume from a checkpoint that has no optimizer state (the model's weights only; the optimizer starts "
+     "afresh); without it such a checkpoint is an error"},
+    {"overwrite", ParamType::Bool, "false",
+     "replace the checkpoints and MLPerf log of an earlier run in output_dir; without it such a run is refused "
+     "(unless it resumes from one of them)"},
     {"rendezvous", ParamType::String, "\"env\"",
      "how the ranks meet: \"env\" (MASTER_ADDR, MASTER_PORT), \"tcp://HOST:PORT\" (rank 0 hosts the store) or "
      "\"file:///PATH\" (a file on a file system all ranks share, left by no earlier run)"},
