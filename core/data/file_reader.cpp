@@ -13,6 +13,7 @@
 #include <sstream>
 #include <utility>
 
+#include "deepcam/data_set.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/h5.hpp"
 #include "deepcam/normalise.hpp"
@@ -118,21 +119,18 @@ struct FileReader::Impl {
   }
 
   std::vector<std::vector<std::string>> list_split(const char* split) const {
-    const fs::path dir = fs::path(context.data_root) / split;
-    std::error_code ec;
-    if (!fs::is_directory(dir, ec))
-      throw Error(dir.string() + ": no such directory; the data root must hold train/, "
-                  "validation/ and stats.h5");
-    return file_format->list_split(dir.string(), split);
+    // The rule deepcam-data verify applies too (deepcam/data_set.hpp).
+    if (const std::string problem = split_folder_problem(context.data_root, split); !problem.empty())
+      throw Error(problem);
+    return file_format->list_split((fs::path(context.data_root) / split).string(), split);
   }
   void read_stats();
 };
 
 void FileReader::Impl::read_stats() {
   const std::string path = (fs::path(context.data_root) / "stats.h5").string();
-  std::error_code ec;
-  if (!fs::is_regular_file(path, ec))
-    throw Error(path + ": no such file; the data root must hold stats.h5" + format.stats_hint);
+  if (const std::string problem = stats_file_problem(context.data_root); !problem.empty())
+    throw Error(problem + format.stats_hint);
   const auto channels = static_cast<std::uint64_t>(shape.channels);
   std::vector<double> minval(channels), maxval(channels);
   {
@@ -158,10 +156,8 @@ void FileReader::Impl::read_stats() {
     // applies scale * (x - min) in float32; doing the same keeps its values
     // bit for bit where the division form could differ in the last place.
     const double reciprocal = 1.0 / (hi - lo);
-    if (!(hi > lo) || !std::isfinite(reciprocal))
-      throw Error(path + ": channel " + std::to_string(c) + " has " + kMinval + " " +
-                  std::to_string(lo) + " and " + kMaxval + " " + std::to_string(hi) +
-                  "; max must exceed min to normalise");
+    if (const std::string problem = stats_range_problem(path, c, lo, hi); !problem.empty())
+      throw Error(problem);
     shift.push_back(static_cast<float>(lo));
     scale.push_back(static_cast<float>(reciprocal));
   }

@@ -5,6 +5,7 @@
 #include <utility>
 #include <vector>
 
+#include "deepcam/data_set.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/h5.hpp"
 #include "deepcam/sharding.hpp"
@@ -80,18 +81,14 @@ class Hdf5Format final : public FileFormat {
 
 std::vector<std::vector<std::string>> Hdf5Format::list_split(const std::string& dir,
                                                              const char* split) const {
-  std::vector<std::string> files;
-  bool saw_npy = false;
-  for (const auto& entry : fs::directory_iterator(dir)) {
-    if (entry.path().extension() == ".npy") saw_npy = true;
-    if (entry.path().extension() == ".h5" && entry.is_regular_file()) files.push_back(entry.path());
-  }
+  // The core's listing (deepcam/data_set.hpp), sorted, refuses entries that
+  // are not files, as deepcam-data does.
+  std::vector<std::string> files = list_sample_files(dir, "", ".h5");
   if (files.empty()) {
+    const bool saw_npy = !list_sample_files(dir, "", ".npy").empty();
     throw Error(dir + ": no .h5 files in the " + split + " split" +
                 (saw_npy ? " (it holds .npy files: read them with reader \"npy\")" : ""));
   }
-  // Byte order of UTF-8 equals code-point order: the reference's sorted().
-  std::sort(files.begin(), files.end());
   return {std::move(files)};
 }
 

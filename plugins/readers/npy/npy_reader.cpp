@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "deepcam/data_set.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/npy.hpp"
 
@@ -259,31 +260,18 @@ class NpyFormat final : public FileFormat {
 
 std::vector<std::vector<std::string>> NpyFormat::list_split(const std::string& dir,
                                                             const char* split) const {
-  std::vector<std::string> data, labels;
-  std::error_code ec;
-  bool saw_h5 = false;
-  for (const auto& entry : fs::directory_iterator(dir)) {
-    const std::string name = entry.path().filename().string();
-    if (entry.path().extension() == ".h5") saw_h5 = true;
-    if (name.rfind("data-", 0) == 0 && entry.path().extension() == ".npy" && entry.is_regular_file())
-      data.push_back(entry.path().string());
-  }
-  if (data.empty())
+  // The core's listing and pairing (deepcam/data_set.hpp), as deepcam-data
+  // verify uses them: entries that are not files and unpaired files are
+  // errors naming them.
+  NpySplit listed = list_npy_split(dir);
+  if (listed.data.empty()) {
+    const bool saw_h5 = !list_sample_files(dir, "", ".h5").empty();
     throw Error(dir + ": no data-*.npy files in the " + split + " split" +
                 (saw_h5 ? " (it holds .h5 files: read them with reader \"hdf5\", or convert "
                           "them to .npy first)"
                         : ""));
-  // Byte order of UTF-8 equals code-point order: the reference's sorted().
-  std::sort(data.begin(), data.end());
-  for (const std::string& file : data) {
-    const fs::path path(file);
-    const fs::path label = path.parent_path() / ("label-" + path.filename().string().substr(5));
-    if (!fs::is_regular_file(label, ec))
-      throw Error(label.string() + ": no such file; " + file + " needs its labels beside it "
-                  "(SPEC 1.5: every data-X.npy comes with label-X.npy)");
-    labels.push_back(label.string());
   }
-  return {std::move(data), std::move(labels)};
+  return {std::move(listed.data), std::move(listed.labels)};
 }
 
 namespace {

@@ -1,0 +1,174 @@
+#include "deepcam/data_set.hpp"
+
+#include <dirent.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <memory>
+
+#include <fmt/format.h>
+
+#include "deepcam/error.hpp"
+
+namespace deepcam {
+
+namespace {
+
+std::string join(const std::string& dir, const std::string& name) {
+  return !dir.empty() && dir.back() == '/' ? dir + name : dir + "/" + name;
+}
+
+// What a non-regular entry is, for the message.
+const char* kind_of(mode_t mode) {
+  if (S_ISDIR(mode)) return "a directory";
+  if (S_ISFIFO(mode)) return "a FIFO (named pipe)";
+  if (S_ISSOCK(mode)) return "a socket";
+  if (S_ISCHR(mode)) return "a character device";
+  if (S_ISBLK(mode)) return "a block device";
+  return "not a regular file";
+}
+
+// "" when `path` is a regular file or a link to one, else why it is not a
+// sample file. stat() follows links and opens nothing.
+std::string entry_problem(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    const int err = errno;
+    if (err == ELOOP)
+      return fmt::format("{}: a symbolic link loop, not a sample file; remove it or point it at the file", path);
+    struct stat link {};
+    if (err == ENOENT && ::lstat(path.c_str(), &link) == 0 && S_ISLNK(link.st_mode))
+      return fmt::format("{}: a symbolic link to nothing (its target does not exist); remove it or point it at "
+                         "the file",
+                         path);
+    return fmt::format("{}: cannot stat: {}", path, std::strerror(err));
+  }
+  if (S_ISREG(st.st_mode)) return "";
+  return fmt::format("{}: is {}, named like a sample file; a sample is a regular file: move it out of the "
+                     "split folder",
+                     path, kind_of(st.st_mode));
+}
+
+void report(std::vector<std::string>* problems, std::string message) {
+  if (!problems) throw Error(message);
+  problems->push_back(std::move(message));
+}
+
+bool named_like(const std::string& name, const std::string& prefix, const std::string& extension) {
+  return name.size() >= prefix.size() + extension.size() && name[0] != '.' &&
+         name.compare(0, prefix.size(), prefix) == 0 &&
+         name.compare(name.size() - extension.size(), extension.size(), extension) == 0;
+}
+
+}  // namespace
+
+namespace {
+
+// list_sample_files(), also giving the paths it refused.
+std::vector<std::string> scan(const std::string& dir, const std::string& prefix, const std::string& extension,
+                              std::vector<std::string>* problems, std::vector<std::string>* refused) {
+  // readdir rather than std::filesystem: its directory_entry caches a type
+  // that a symlink loop makes throw, and it is asked for nothing but names.
+  std::unique_ptr<DIR, int (*)(DIR*)> handle(::opendir(dir.c_str()), ::closedir);
+  if (!handle) throw Error(fmt::format("{}: cannot list the directory: {}", dir, std::strerror(errno)));
+  std::vector<std::string> names;
+  errno = 0;
+  while (const dirent* entry = ::readdir(handle.get())) {
+    const std::string name = entry->d_name;
+    if (named_like(name, prefix, extension)) names.push_back(name);
+    errno = 0;
+  }
+  if (errno != 0) throw Error(fmt::format("{}: cannot list the directory: {}", dir, std::strerror(errno)));
+  // Byte order of UTF-8 equals code-point order: the reference's sorted().
+  std::sort(names.begin(), names.end());
+  std::vector<std::string> files;
+  for (const std::string& name : names) {
+    const std::string path = join(dir, name);
+    if (std::string problem = entry_problem(path); !problem.empty()) {
+      report(problems, std::move(problem));
+      if (refused) refused->push_back(path);
+      continue;
+    }
+    files.push_back(path);
+  }
+  return files;
+}
+
+}  // namespace
+
+std::vector<std::string> list_sample_files(const std::string& dir, const std::string& prefix,
+                                           const std::string& extension, std::vector<std::string>* problems) {
+  return scan(dir, prefix, extension, problems, nullptr);
+}
+
+NpySplit list_npy_split(const std::string& dir, std::vector<std::string>* problems) {
+  // X -> (data path, label path); "" where that file is missing.
+  // A file refused by the listing is reported there; its partner is not
+  // reported a second time as unpaired.
+  std::map<std::string, std::pair<std::string, std::string>> pairs;
+  std::vector<std::string> refused;
+  for (const std::string& path : scan(dir, "data-", ".npy", problems, &refused))
+    pairs[path.substr(path.rfind("/data-") + 6)].first = path;
+  for (const std::string& path : scan(dir, "label-", ".npy", problems, &refused))
+    pairs[path.substr(path.rfind("/label-") + 7)].second = path;
+  std::vector<std::string> refused_x;
+  for (const std::string& path : refused) {
+    const std::string name = path.substr(path.rfind('/') + 1);
+    refused_x.push_back(name.substr(name.rfind("data-", 0) == 0 ? 5 : 6));
+  }
+  NpySplit out;
+  for (const auto& [x, files] : pairs) {
+    if (std::find(refused_x.begin(), refused_x.end(), x) != refused_x.end()) continue;
+    const std::string data = join(dir, "data-" + x), label = join(dir, "label-" + x);
+    if (files.second.empty()) {
+      report(problems, fmt::format("{}: no label file label-{} beside it ({}: no such file; SPEC 1.5: every "
+                                   "data-X.npy comes with label-X.npy)",
+                                   data, x, label));
+      continue;
+    }
+    if (files.first.empty()) {
+      report(problems, fmt::format("{}: no data file data-{} beside it ({}: no such file; SPEC 1.5: every "
+                                   "label-X.npy comes with data-X.npy)",
+                                   label, x, data));
+      continue;
+    }
+    out.data.push_back(files.first);
+    out.labels.push_back(files.second);
+  }
+  return out;
+}
+
+const char* const kDataSplits[2] = {"train", "validation"};
+
+std::string split_folder_problem(const std::string& root, const std::string& split) {
+  const std::string dir = join(root, split);
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) return "";
+  return fmt::format("{}: no such directory; the data root must hold train/, validation/ and stats.h5", dir);
+}
+
+std::string empty_split_problem(const std::string& dir, const std::string& split, const std::string& what) {
+  return fmt::format("{}: no {} in the {} split; training needs at least one sample in train/ and in "
+                     "validation/",
+                     dir, what, split);
+}
+
+std::string stats_file_problem(const std::string& root) {
+  const std::string path = join(root, "stats.h5");
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode)) return "";
+  return fmt::format("{}: no such file; the data root must hold stats.h5", path);
+}
+
+std::string stats_range_problem(const std::string& stats_path, std::int64_t channel, double min, double max) {
+  if (std::isfinite(min) && std::isfinite(max) && max > min && std::isfinite(1.0 / (max - min))) return "";
+  return fmt::format("{}: channel {} has climate/minval {} and climate/maxval {}; max must exceed min (both "
+                     "finite) to normalise",
+                     stats_path, channel, min, max);
+}
+
+}  // namespace deepcam

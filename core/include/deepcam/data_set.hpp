@@ -1,0 +1,59 @@
+// The layout of a data set root (SPEC 1) as the training readers and
+// deepcam-data (convert, verify, stats) all see it: one listing of a split
+// folder's sample files, one pairing of the numpy form's files, and one rule
+// for what a root must hold before training reads a sample. Every reader and
+// tool goes through these, so that what one refuses the others refuse too.
+//
+// Each function either throws deepcam::Error at the first problem (problems
+// == nullptr: the readers' set-up) or appends one line per problem, naming
+// the path, and carries on (verify and convert, which report every bad file).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "deepcam/export.hpp"
+
+namespace deepcam {
+
+// The entries of `dir` named PREFIX*EXTENSION (hidden entries, whose names
+// begin with '.', left out), sorted by name (byte order: the reference's
+// sorted()). Every such entry must be a regular file or a symbolic link to
+// one; anything else (a directory, a FIFO, a socket, a device, a dangling
+// link, a link loop) is a problem naming it, and is left out of the list.
+// Only stat() is used, never open(), so a FIFO cannot block the caller.
+// A directory that cannot be listed is always thrown.
+DEEPCAM_API std::vector<std::string> list_sample_files(const std::string& dir, const std::string& prefix,
+                                                       const std::string& extension,
+                                                       std::vector<std::string>* problems = nullptr);
+
+// The numpy form of a split folder (SPEC 1.5): data-X.npy beside label-X.npy,
+// paired by X, sorted by the data file's name. A data file without its label
+// file, or a label file without its data file, is a problem naming it (and
+// the pair is left out); so is any entry list_sample_files() refuses.
+struct NpySplit {
+  std::vector<std::string> data;
+  std::vector<std::string> labels;  // labels[k] belongs to data[k]
+};
+DEEPCAM_API NpySplit list_npy_split(const std::string& dir, std::vector<std::string>* problems = nullptr);
+
+// The rule training applies to a data set root before it reads a sample,
+// which deepcam-data verify applies too:
+//  - ROOT/train and ROOT/validation are directories (split_folder_problem);
+//  - each holds at least one sample (empty_split_problem);
+//  - ROOT/stats.h5 is a regular file whose climate/minval and
+//    climate/maxval are finite and max > min on every channel used
+//    (stats_range_problem; training checks the selected channels, verify,
+//    which has no run file, every channel).
+// Each returns "" when the rule holds, else the complete message.
+DEEPCAM_API extern const char* const kDataSplits[2];  // "train", "validation"
+DEEPCAM_API std::string split_folder_problem(const std::string& root, const std::string& split);
+// `what` says what a sample is here ("data-*.h5 files", ...).
+DEEPCAM_API std::string empty_split_problem(const std::string& dir, const std::string& split,
+                                            const std::string& what);
+DEEPCAM_API std::string stats_file_problem(const std::string& root);
+DEEPCAM_API std::string stats_range_problem(const std::string& stats_path, std::int64_t channel, double min,
+                                            double max);
+
+}  // namespace deepcam
