@@ -8,6 +8,7 @@
 //   deepcam-data verify ROOT [--threads N]
 //   deepcam-data read RUN.toml [--set k=v]... [--split S] [--epochs N]
 //                    [--consume-ms X | --consume-matched] [--with-validation]
+//   deepcam-data package RUN_DIR... --system NAME --out DIR [--system-desc FILE]
 //
 // Every error is one line `deepcam-data: <message>` on stderr and a non-zero
 // exit status (2 for a bad command line, 1 otherwise); no partial file is
@@ -28,6 +29,7 @@
 #include "deepcam/error.hpp"
 #include "deepcam/plugin_loader.hpp"
 #include "convert.hpp"
+#include "package.hpp"
 #include "read_bench.hpp"
 #include "stats.hpp"
 #include "synth.hpp"
@@ -41,6 +43,8 @@ constexpr const char* kUsage = R"(usage:
   deepcam-data convert SRC DST [options]   write the numpy form of data set SRC to DST
   deepcam-data verify ROOT [--threads N]   check every file of a data set (h5 or npy)
   deepcam-data read RUN.toml [options]     time the run's reader alone (no model)
+  deepcam-data package RUN_DIR... --system NAME --out DIR
+                                           an MLPerf HPC results package and its score
   deepcam-data --help
 
 synth writes DIR/train, DIR/validation (and DIR/test) with one HDF5 file per
@@ -99,6 +103,21 @@ emulates the training step by sleeping after each batch.
                      mean read time per batch as --consume-ms
   --with-validation  after each training epoch, read the validation split
                      (as validation epoch 0), as the engine does
+
+package lays out a submission tree from the output folders of finished runs
+(each holds mlperf.log and config.toml): DIR/results/NAME/strong/deepcam/
+result_N.txt (the logs), DIR/systems/NAME.json (every field the checker
+requires: from the logs, this machine and --system-desc), DIR/benchmarks/
+deepcam/implementations/deepcam-host/run_files/NAME/result_N.toml (the run
+files) and DIR/score.json; it prints each run's time to train (run_start to
+run_stop) and the score as the MLPerf result summarizer computes it (olympic
+mean in minutes; runs not ending in success dropped, at most one). Exit 1
+when there is no score. Check it with
+  python -m mlperf_logging.package_checker DIR hpc 3.0.0
+  --system NAME        the system's name (letters, digits, _ - . +)   required
+  --out DIR            the package folder; must not exist             required
+  --system-desc FILE   a JSON object of system description fields (strings
+                       or numbers) that replace or add to the generated ones
 )";
 
 struct UsageError {
@@ -271,8 +290,13 @@ int run(const std::vector<std::string>& args, deepcam::PluginLoader& loader) {
     deepcam::data::run_verify({a.positional[0], a.threads});
   } else if (command == "read") {
     deepcam::data::run_read_bench(parse_read(rest), loader);
+  } else if (command == "package") {
+    std::string bad;
+    const deepcam::data::PackageOptions o = deepcam::data::parse_package_args(rest, bad);
+    if (!bad.empty()) throw UsageError{bad};
+    return deepcam::data::run_package(o);
   } else {
-    throw UsageError{fmt::format("unknown command '{}' (commands: synth, stats, convert, verify, read)", command)};
+    throw UsageError{fmt::format("unknown command '{}' (commands: synth, stats, convert, verify, read, package)", command)};
   }
   return 0;
 }

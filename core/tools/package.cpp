@@ -1,0 +1,592 @@
+#include "package.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <optional>
+#include <set>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <utility>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "deepcam/error.hpp"
+#include "deepcam_build_config.h"
+
+namespace deepcam::data {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr const char* kBenchmark = "deepcam";
+constexpr const char* kMarker = ":::MLLOG ";
+
+// ---- a JSON value: what the MLPerf log lines and a system description hold
+
+struct Value {
+  enum class Kind { Null, Bool, Number, String, Array, Object };
+  Kind kind = Kind::Null;
+  bool boolean = false;
+  double number = 0.0;
+  std::string text;  // a string's value, or a number as written
+  std::vector<Value> items;
+  std::vector<std::pair<std::string, Value>> members;
+
+  const Value* find(std::string_view key) const {
+    for (const auto& [k, v] : members)
+      if (k == key) return &v;
+    return nullptr;
+  }
+  static Value string(std::string s) {
+    Value v;
+    v.kind = Kind::String;
+    v.text = std::move(s);
+    return v;
+  }
+};
+
+class Parser {
+ public:
+  explicit Parser(std::string_view text) : s_(text) {}
+
+  Value document() {
+    Value v = value();
+    space();
+    if (pos_ != s_.size()) fail("unexpected text after the value");
+    return v;
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& what) const {
+    throw Error(fmt::format("{} at character {}", what, pos_ + 1));
+  }
+  void space() {
+    while (pos_ < s_.size() && std::isspace(static_cast<unsigned char>(s_[pos_]))) ++pos_;
+  }
+  bool eat(char c) {
+    space();
+    if (pos_ < s_.size() && s_[pos_] == c) {
+      ++pos_;
+      return true;
+    }
+    return false;
+  }
+  void expect(char c) {
+    if (!eat(c)) fail(fmt::format("expected '{}'", c));
+  }
+  bool word(std::string_view w) {
+    if (s_.substr(pos_, w.size()) != w) return false;
+    pos_ += w.size();
+    return true;
+  }
+
+  Value value() {
+    space();
+    if (pos_ >= s_.size()) fail("unexpected end");
+    Value v;
+    const char c = s_[pos_];
+    if (c == '{') {
+      ++pos_;
+      v.kind = Value::Kind::Object;
+      if (eat('}')) return v;
+      do {
+        space();
+        std::string key = string_text();
+        expect(':');
+        v.members.emplace_back(std::move(key), value());
+      } while (eat(','));
+      expect('}');
+    } else if (c == '[') {
+      ++pos_;
+      v.kind = Value::Kind::Array;
+      if (eat(']')) return v;
+      do v.items.push_back(value());
+      while (eat(','));
+      expect(']');
+    } else if (c == '"') {
+      v = Value::string(string_text());
+    } else if (word("null")) {
+      v.kind = Value::Kind::Null;
+    } else if (word("true")) {
+      v.kind = Value::Kind::Bool;
+      v.boolean = true;
+    } else if (word("false")) {
+      v.kind = Value::Kind::Bool;
+    } else if (const std::size_t from = pos_; word("NaN") || word("Infinity") || word("-Infinity")) {
+      v.kind = Value::Kind::Number;  // Python's json.dumps writes these
+      v.text = std::string(s_.substr(from, pos_ - from));
+      v.number = v.text == "NaN" ? std::nan("") : (v.text[0] == '-' ? -HUGE_VAL : HUGE_VAL);
+    } else {
+      const std::size_t start = pos_;
+      while (pos_ < s_.size() && (std::isdigit(static_cast<unsigned char>(s_[pos_])) || s_[pos_] == '-' ||
+                                  s_[pos_] == '+' || s_[pos_] == '.' || s_[pos_] == 'e' || s_[pos_] == 'E'))
+        ++pos_;
+      if (pos_ == start) fail(fmt::format("unexpected '{}'", c));
+      v.kind = Value::Kind::Number;
+      v.text = std::string(s_.substr(start, pos_ - start));
+      char* end = nullptr;
+      v.number = std::strtod(v.text.c_str(), &end);
+      if (end != v.text.c_str() + v.text.size()) fail(fmt::format("malformed number '{}'", v.text));
+    }
+    return v;
+  }
+
+  std::string string_text() {
+    if (pos_ >= s_.size() || s_[pos_] != '"') fail("expected a string");
+    ++pos_;
+    std::string out;
+    while (pos_ < s_.size() && s_[pos_] != '"') {
+      char c = s_[pos_++];
+      if (c != '\\') {
+        out += c;
+        continue;
+      }
+      if (pos_ >= s_.size()) break;
+      c = s_[pos_++];
+      switch (c) {
+        case 'n': out += '\n'; break;
+        case 't': out += '\t'; break;
+        case 'r': out += '\r'; break;
+        case 'b': out += '\b'; break;
+        case 'f': out += '\f'; break;
+        case 'u': {
+          if (pos_ + 4 > s_.size()) fail("short \\u escape");
+          const unsigned code = static_cast<unsigned>(std::stoul(std::string(s_.substr(pos_, 4)), nullptr, 16));
+          pos_ += 4;
+          if (code < 0x80) {
+            out += static_cast<char>(code);
+          } else if (code < 0x800) {
+            out += static_cast<char>(0xC0 | (code >> 6));
+            out += static_cast<char>(0x80 | (code & 0x3F));
+          } else {
+            out += static_cast<char>(0xE0 | (code >> 12));
+            out += static_cast<char>(0x80 | ((code >> 6) & 0x3F));
+            out += static_cast<char>(0x80 | (code & 0x3F));
+          }
+          break;
+        }
+        default: out += c;
+      }
+    }
+    if (pos_ >= s_.size()) fail("unterminated string");
+    ++pos_;
+    return out;
+  }
+
+  std::string_view s_;
+  std::size_t pos_ = 0;
+};
+
+std::string quoted(const std::string& s) {
+  std::string out = "\"";
+  for (const char c : s) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\t': out += "\\t"; break;
+      case '\r': out += "\\r"; break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) out += fmt::format("\\u{:04x}", static_cast<unsigned>(c));
+        else out += c;
+    }
+  }
+  return out + "\"";
+}
+
+std::string dump(const Value& v, int indent) {
+  const std::string pad(static_cast<std::size_t>(indent + 4), ' '), end_pad(static_cast<std::size_t>(indent), ' ');
+  switch (v.kind) {
+    case Value::Kind::Null: return "null";
+    case Value::Kind::Bool: return v.boolean ? "true" : "false";
+    case Value::Kind::Number: return v.text;
+    case Value::Kind::String: return quoted(v.text);
+    case Value::Kind::Array: {
+      std::string out = "[";
+      for (std::size_t k = 0; k < v.items.size(); ++k) out += (k ? ", " : "") + dump(v.items[k], indent);
+      return out + "]";
+    }
+    case Value::Kind::Object: {
+      std::string out = "{\n";
+      for (std::size_t k = 0; k < v.members.size(); ++k)
+        out += pad + quoted(v.members[k].first) + ": " + dump(v.members[k].second, indent + 4) +
+               (k + 1 < v.members.size() ? ",\n" : "\n");
+      return out + end_pad + "}";
+    }
+  }
+  return "null";
+}
+
+std::string read_text(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(fmt::format("{}: cannot be read", path.string()));
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// ---- one run's MLPerf log
+
+struct Run {
+  fs::path dir, log, run_file;
+  std::map<std::string, Value> first;  // each key's first value
+  double run_start_ms = 0, run_stop_ms = 0;
+  std::string stop_status;
+  double minutes() const { return (run_stop_ms - run_start_ms) / 60000.0; }
+  bool converged() const { return stop_status == "success"; }
+  std::string text(const char* key) const {
+    const auto it = first.find(key);
+    return it == first.end() ? "" : it->second.text;  // a string's value or a number as written
+  }
+};
+
+Run read_run(const fs::path& dir) {
+  Run run;
+  run.dir = dir;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec))
+    throw Error(fmt::format("{}: not a directory (give the output folders of the runs: each holds mlperf.log)",
+                            dir.string()));
+  run.log = dir / "mlperf.log";
+  if (!fs::is_regular_file(run.log, ec))
+    throw Error(fmt::format("{}: no MLPerf log there (mlperf.log, as deepcam-host writes it)", dir.string()));
+  run.run_file = dir / "config.toml";
+  if (!fs::is_regular_file(run.run_file, ec))
+    throw Error(fmt::format("{}: no config.toml there (the resolved run file deepcam-host writes beside the log)",
+                            dir.string()));
+  std::istringstream lines(read_text(run.log));
+  std::string line;
+  bool started = false, stopped = false;
+  for (int number = 1; std::getline(lines, line); ++number) {
+    const std::size_t at = line.find(kMarker);
+    if (at == std::string::npos) continue;
+    Value event;
+    try {
+      event = Parser(std::string_view(line).substr(at + std::string_view(kMarker).size())).document();
+    } catch (const Error& e) {
+      throw Error(fmt::format("{}:{}: not a JSON log line: {}", run.log.string(), number, e.what()));
+    }
+    const Value* key = event.find("key");
+    const Value* time = event.find("time_ms");
+    if (event.kind != Value::Kind::Object || !key || key->kind != Value::Kind::String || !time ||
+        time->kind != Value::Kind::Number)
+      throw Error(fmt::format("{}:{}: a log line needs \"key\" and \"time_ms\"", run.log.string(), number));
+    const Value* value = event.find("value");
+    run.first.emplace(key->text, value ? *value : Value{});
+    if (key->text == "run_start" && !started) {
+      started = true;
+      run.run_start_ms = time->number;
+    } else if (key->text == "run_stop" && !stopped) {
+      stopped = true;
+      run.run_stop_ms = time->number;
+      const Value* meta = event.find("metadata");
+      const Value* status = meta ? meta->find("status") : nullptr;
+      run.stop_status = status && status->kind == Value::Kind::String ? status->text : "";
+    }
+  }
+  if (!started) throw Error(fmt::format("{}: no run_start: the run did not begin training", run.log.string()));
+  if (!stopped)
+    throw Error(fmt::format("{}: no run_stop: the run did not end (still running, or killed)", run.log.string()));
+  const std::string benchmark = run.text("submission_benchmark");
+  if (benchmark != kBenchmark)
+    throw Error(fmt::format("{}: submission_benchmark is '{}', not '{}'", run.log.string(), benchmark, kBenchmark));
+  for (const char* key : {"submission_division", "submission_org", "submission_status", "number_of_nodes",
+                          "accelerators_per_node"})
+    if (!run.first.count(key)) throw Error(fmt::format("{}: no {} line", run.log.string(), key));
+  return run;
+}
+
+// ---- this machine, for the host fields of the system description
+
+struct HostFacts {
+  std::string cpu_model, os;
+  int sockets = 0, cores_per_socket = 0, vcpus = 0;
+  double memory_gb = 0;
+};
+
+HostFacts this_host() {
+  HostFacts h;
+  std::set<std::string> physical_ids;
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string line;
+  auto field = [](const std::string& l) {
+    const auto colon = l.find(':');
+    std::string v = colon == std::string::npos ? "" : l.substr(colon + 1);
+    const auto first = v.find_first_not_of(" \t");
+    return first == std::string::npos ? std::string() : v.substr(first);
+  };
+  while (std::getline(cpuinfo, line)) {
+    if (line.rfind("processor", 0) == 0) ++h.vcpus;
+    else if (line.rfind("model name", 0) == 0 && h.cpu_model.empty()) h.cpu_model = field(line);
+    else if (line.rfind("physical id", 0) == 0) physical_ids.insert(field(line));
+    else if (line.rfind("cpu cores", 0) == 0 && h.cores_per_socket == 0) h.cores_per_socket = std::atoi(field(line).c_str());
+  }
+  h.sockets = std::max<int>(1, static_cast<int>(physical_ids.size()));
+  if (h.cores_per_socket == 0) h.cores_per_socket = std::max(1, h.vcpus / h.sockets);
+  std::ifstream meminfo("/proc/meminfo");
+  while (std::getline(meminfo, line))
+    if (line.rfind("MemTotal:", 0) == 0) h.memory_gb = std::atof(field(line).c_str()) / (1024.0 * 1024.0);
+  std::ifstream release("/etc/os-release");
+  while (std::getline(release, line))
+    if (line.rfind("PRETTY_NAME=", 0) == 0) {
+      h.os = line.substr(12);
+      if (h.os.size() >= 2 && h.os.front() == '"') h.os = h.os.substr(1, h.os.size() - 2);
+    }
+  return h;
+}
+
+Value number(long long n) {
+  Value v;
+  v.kind = Value::Kind::Number;
+  v.number = static_cast<double>(n);
+  v.text = std::to_string(n);
+  return v;
+}
+
+Value number(double x) {
+  Value v;
+  v.kind = Value::Kind::Number;
+  v.number = x;
+  v.text = fmt::format("{:.6f}", x);
+  return v;
+}
+
+Value system_description(const PackageOptions& o, const Run& first, std::vector<std::string>& empty_fields) {
+  const HostFacts host = this_host();
+  const std::string accelerators = first.text("accelerators_per_node");
+  std::vector<std::pair<std::string, std::string>> fields = {
+      {"submitter", first.text("submission_org")},
+      {"division", first.text("submission_division")},
+      {"status", first.text("submission_status")},
+      {"system_name", o.system},
+      {"number_of_nodes", first.text("number_of_nodes")},
+      {"host_processors_per_node", std::to_string(host.sockets)},
+      {"host_processor_model_name", host.cpu_model},
+      {"host_processor_core_count", std::to_string(host.cores_per_socket)},
+      {"host_processor_vcpu_count", std::to_string(host.vcpus)},
+      {"host_processor_frequency", ""},
+      {"host_processor_caches", ""},
+      {"host_processor_interconnect", ""},
+      {"host_memory_capacity", host.memory_gb > 0 ? fmt::format("{:.0f} GB", host.memory_gb) : ""},
+      {"host_storage_type", ""},
+      {"host_storage_capacity", ""},
+      {"host_networking", ""},
+      {"host_networking_topology", ""},
+      {"host_memory_configuration", ""},
+      {"accelerators_per_node", accelerators},
+      {"accelerator_model_name", accelerators == "0" ? "none" : ""},
+      {"accelerator_host_interconnect", ""},
+      {"accelerator_frequency", ""},
+      {"accelerator_on-chip_memories", ""},
+      {"accelerator_memory_configuration", ""},
+      {"accelerator_memory_capacity", ""},
+      {"accelerator_interconnect", ""},
+      {"accelerator_interconnect_topology", ""},
+      {"cooling", ""},
+      {"hw_notes", ""},
+      {"framework", fmt::format("deepcam-host {}, LibTorch {}", DEEPCAM_VERSION, DEEPCAM_TORCH_VERSION)},
+      {"other_software_stack", ""},
+      {"operating_system", host.os},
+      {"sw_notes", "packaged by deepcam-data package"},
+  };
+  Value desc;
+  desc.kind = Value::Kind::Object;
+  for (auto& [k, v] : fields) desc.members.emplace_back(k, Value::string(v));
+  if (!o.system_desc.empty()) {
+    Value given;
+    try {
+      given = Parser(read_text(o.system_desc)).document();
+    } catch (const Error& e) {
+      throw Error(fmt::format("--system-desc {}: {}", o.system_desc.string(), e.what()));
+    }
+    if (given.kind != Value::Kind::Object)
+      throw Error(fmt::format("--system-desc {}: a JSON object of system description fields is expected",
+                              o.system_desc.string()));
+    for (auto& [k, v] : given.members) {
+      if (v.kind != Value::Kind::String && v.kind != Value::Kind::Number)
+        throw Error(fmt::format("--system-desc {}: field \"{}\" must be a string or a number",
+                                o.system_desc.string(), k));
+      if (k == "system_name" && v.text != o.system)
+        throw Error(fmt::format("--system-desc {}: system_name is \"{}\" but --system is \"{}\"",
+                                o.system_desc.string(), v.text, o.system));
+      if ((k == "division" || k == "submitter") && v.text != desc.find(k)->text)
+        throw Error(fmt::format("--system-desc {}: {} is \"{}\" but the logs say \"{}\"", o.system_desc.string(),
+                                k, v.text, desc.find(k)->text));
+      auto it = std::find_if(desc.members.begin(), desc.members.end(), [&](const auto& m) { return m.first == k; });
+      if (it != desc.members.end()) it->second = v;
+      else desc.members.emplace_back(k, v);
+    }
+  }
+  for (const auto& [k, v] : desc.members)
+    if (v.kind == Value::Kind::String && v.text.empty()) empty_fields.push_back(k);
+  return desc;
+}
+
+void write_file(const fs::path& path, const std::string& text) {
+  fs::create_directories(path.parent_path());
+  std::ofstream out(path, std::ios::binary);
+  out << text;
+  out.close();
+  if (!out) throw Error(fmt::format("{}: cannot be written", path.string()));
+}
+
+bool valid_system_name(const std::string& s) {
+  return !s.empty() && s != "." && s != ".." && std::all_of(s.begin(), s.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.' || c == '+';
+  });
+}
+
+}  // namespace
+
+PackageOptions parse_package_args(const std::vector<std::string>& args, std::string& error) {
+  PackageOptions o;
+  for (std::size_t k = 0; k < args.size(); ++k) {
+    std::string option = args[k], value;
+    if (option.rfind("--", 0) != 0) {
+      o.runs.emplace_back(option);
+      continue;
+    }
+    if (const auto eq = option.find('='); eq != std::string::npos) {
+      value = option.substr(eq + 1);
+      option = option.substr(0, eq);
+    } else if (k + 1 < args.size()) {
+      value = args[++k];
+    } else {
+      error = fmt::format("{} needs a value", option);
+      return o;
+    }
+    if (option == "--system") o.system = value;
+    else if (option == "--out") o.out = value;
+    else if (option == "--system-desc") o.system_desc = value;
+    else {
+      error = fmt::format("package: unknown option {}", option);
+      return o;
+    }
+  }
+  if (o.runs.empty()) error = "package: give the output folders of the runs (RUN_DIR...)";
+  else if (o.system.empty()) error = "package: --system NAME is required";
+  else if (!valid_system_name(o.system))
+    error = fmt::format("package: --system '{}': use letters, digits and _ - . + only (it names a file)", o.system);
+  else if (o.out.empty()) error = "package: --out DIR is required";
+  return o;
+}
+
+int run_package(const PackageOptions& o) {
+  std::error_code ec;
+  if (fs::exists(o.out, ec))
+    throw Error(fmt::format("--out {}: exists already; give a new folder (the package is written whole)",
+                            o.out.string()));
+  std::vector<Run> runs;
+  for (const auto& dir : o.runs) runs.push_back(read_run(dir));
+  const Run& first = runs.front();
+  for (const Run& r : runs)
+    for (const char* key : {"submission_division", "submission_org", "number_of_nodes", "accelerators_per_node"})
+      if (r.text(key) != first.text(key))
+        throw Error(fmt::format("{}: {} is '{}' but {} has '{}': one package holds runs of one system", r.log.string(),
+                                key, r.text(key), first.log.string(), first.text(key)));
+
+  std::vector<std::string> empty_fields;
+  const Value desc = system_description(o, first, empty_fields);
+
+  // Everything goes into a temporary folder beside --out, renamed at the end.
+  const fs::path out = fs::absolute(o.out).lexically_normal();
+  const fs::path parent = out.parent_path();
+  fs::create_directories(parent);
+  const fs::path temp = parent / fmt::format(".{}.tmp{}", out.filename().string(), ::getpid());
+  fs::remove_all(temp, ec);
+  struct Cleanup {
+    fs::path path;
+    bool keep = false;
+    ~Cleanup() {
+      std::error_code ignored;
+      if (!keep) fs::remove_all(path, ignored);
+    }
+  } cleanup{temp};
+
+  const fs::path results = temp / "results" / o.system / "strong" / kBenchmark;
+  const fs::path run_files = temp / "benchmarks" / kBenchmark / "implementations" / "deepcam-host" / "run_files" / o.system;
+  fs::create_directories(results);
+  fs::create_directories(run_files);
+  std::vector<double> scores;
+  int dropped = 0;
+  Value per_run;
+  per_run.kind = Value::Kind::Array;
+  for (std::size_t n = 0; n < runs.size(); ++n) {
+    const Run& r = runs[n];
+    fs::copy_file(r.log, results / fmt::format("result_{}.txt", n));
+    fs::copy_file(r.run_file, run_files / fmt::format("result_{}.toml", n));
+    if (r.converged()) scores.push_back(r.minutes());
+    else ++dropped;
+    fmt::print("result_{}.txt: {}: time to train {:.4f} min, run_stop status {}\n", n, r.dir.string(), r.minutes(),
+               r.stop_status.empty() ? "(none)" : r.stop_status);
+    Value entry;
+    entry.kind = Value::Kind::Object;
+    entry.members.emplace_back("result", Value::string(fmt::format("result_{}.txt", n)));
+    entry.members.emplace_back("run_dir", Value::string(fs::absolute(r.dir).lexically_normal().string()));
+    entry.members.emplace_back("status", Value::string(r.stop_status));
+    entry.members.emplace_back("time_to_train_minutes", number(r.minutes()));
+    per_run.items.push_back(std::move(entry));
+  }
+  write_file(temp / "systems" / (o.system + ".json"), dump(desc, 0) + "\n");
+
+  // The result summarizer's olympic mean: at most one run may be dropped; of
+  // the scores left, the fastest is dropped and, unless a run was already
+  // dropped, the slowest too.
+  constexpr int kMaxDropped = 1;
+  std::optional<double> score;
+  std::sort(scores.begin(), scores.end());
+  if (dropped <= kMaxDropped && scores.size() > static_cast<std::size_t>(2 * kMaxDropped - dropped)) {
+    const auto begin = scores.begin() + kMaxDropped;
+    const auto end = scores.end() - (kMaxDropped - dropped);
+    double sum = 0;
+    for (auto it = begin; it != end; ++it) sum += *it;
+    score = sum / static_cast<double>(end - begin);
+  }
+  Value summary;
+  summary.kind = Value::Kind::Object;
+  summary.members.emplace_back("system", Value::string(o.system));
+  summary.members.emplace_back("benchmark", Value::string(kBenchmark));
+  summary.members.emplace_back("division", Value::string(first.text("submission_division")));
+  summary.members.emplace_back("runs", per_run);
+  summary.members.emplace_back("dropped_runs", number(static_cast<long long>(dropped)));
+  summary.members.emplace_back("score_minutes", score ? number(*score) : Value{});
+  write_file(temp / "score.json", dump(summary, 0) + "\n");
+
+  fs::rename(temp, out, ec);
+  if (ec) throw Error(fmt::format("--out {}: cannot rename {} to it: {}", out.string(), temp.string(), ec.message()));
+  cleanup.keep = true;
+
+  fmt::print("package: {} runs of {} ({} division) in {}\n", runs.size(), o.system,
+             first.text("submission_division"), out.string());
+  constexpr std::size_t kRequired = 5;  // mlperf_logging's result count for deepcam, strong scaling
+  if (runs.size() != kRequired)
+    fmt::print("package: note: the package checker wants exactly {} results for deepcam (strong scaling), "
+               "this package has {}\n", kRequired, runs.size());
+  if (!empty_fields.empty()) {
+    std::string list;
+    for (const auto& f : empty_fields) list += (list.empty() ? "" : ", ") + f;
+    fmt::print("package: systems/{}.json: the host fields describe this machine; left empty (fill them in, or give "
+               "--system-desc FILE): {}\n", o.system, list);
+  }
+  if (!score) {
+    fmt::print(stderr, "package: no score: {} of {} runs did not converge (run_stop status other than success); "
+                       "the olympic mean allows {} and needs at least {} converged runs\n",
+               dropped, runs.size(), kMaxDropped, 2 * kMaxDropped - dropped + 1);
+    return 1;
+  }
+  fmt::print("score: {:.4f} minutes (olympic mean of {} runs: time to train from run_start to run_stop)\n", *score,
+             scores.size());
+  return 0;
+}
+
+}  // namespace deepcam::data

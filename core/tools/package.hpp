@@ -1,0 +1,48 @@
+// `deepcam-data package RUN_DIR... --system NAME --out DIR [--system-desc FILE]`:
+// an MLPerf HPC submission tree from finished runs, in the layout that
+// mlperf_logging.package_checker and result_summarizer read (usage hpc,
+// ruleset 3.0.0):
+//
+//   DIR/results/NAME/strong/deepcam/result_N.txt   run N's MLPerf log, N = 0, 1, ...
+//   DIR/systems/NAME.json                          the system description
+//   DIR/benchmarks/deepcam/implementations/deepcam-host/run_files/NAME/result_N.toml
+//                                                  the resolved run file of run N
+//   DIR/score.json                                 the time to train of each run, the score
+//
+// The HPC checker wants the strong/ (or weak/) level between the system and
+// the benchmark. The score is the result summarizer's: each run's time to
+// train is run_stop minus run_start in minutes; runs whose run_stop status is
+// not "success" are dropped (at most one may be); the olympic mean drops the
+// fastest and the slowest of the rest (only the fastest when one was dropped).
+//
+// systems/NAME.json holds every field the system description checker
+// requires: submitter, division, status and the node and accelerator counts
+// from the logs (every run must agree), the host fields from this machine
+// (/proc/cpuinfo, /proc/meminfo, /etc/os-release), and what --system-desc
+// FILE (a JSON object of strings and numbers) gives, which wins. The tree is
+// written under a temporary name beside DIR and renamed; DIR must not exist.
+#pragma once
+
+#include <filesystem>
+#include <string>
+#include <vector>
+
+namespace deepcam::data {
+
+struct PackageOptions {
+  std::vector<std::filesystem::path> runs;
+  std::string system;
+  std::filesystem::path out;
+  std::filesystem::path system_desc;  // empty: none
+};
+
+// Parses the arguments after `package`; a usage problem is returned in `error`.
+PackageOptions parse_package_args(const std::vector<std::string>& args, std::string& error);
+
+// Writes the tree and prints each run's time to train and the score. Throws
+// deepcam::Error on a missing or malformed log, runs that disagree, or a
+// package that could not be written; returns 1 (after writing the package)
+// when more than one run did not converge, so that there is no score.
+int run_package(const PackageOptions& options);
+
+}  // namespace deepcam::data
