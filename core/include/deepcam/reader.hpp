@@ -41,11 +41,20 @@ struct ReaderContext {
   // The ranks on this node (local_size of them, in local_rank order), for
   // work done once per node such as staging; nullptr on one rank.
   Group* node_group = nullptr;
+  // [run] memory_format: "contiguous" or "channels_last" (plugin ABI 3).
+  // With "channels_last" a reader should hand out batches whose data has
+  // channels_last strides (memory laid out (B, H, W, C), as
+  // data.contiguous(at::MemoryFormat::ChannelsLast) would give), so that
+  // the engine's conversion to the model's format copies nothing; the
+  // samples of a CAM5 file are (H, W, C) already, so the reader then
+  // transposes nothing either. Any layout stays correct: the engine
+  // converts what it gets.
+  std::string memory_format = "contiguous";
 };
 
 struct Batch {
   // On the CPU: the engine moves batches to the device itself.
-  at::Tensor data;    // (B, C, H, W) float32, normalised
+  at::Tensor data;    // (B, C, H, W) float32, normalised; strides: see ReaderContext::memory_format
   at::Tensor labels;  // (B, H, W) int64
 };
 
