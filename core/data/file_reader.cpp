@@ -37,18 +37,45 @@ void read_ahead(const std::string& path) {
   ::close(fd);
 }
 
-// Whether `mine`, the tensor of the batch handed out last, may be filled
-// again: its only holders are this reader and `held` (the caller's Batch,
-// which next() overwrites anyway), no view shares its storage, and it has
-// the shape wanted. A fresh batch costs more than reading it: the kernel
-// maps and zeroes each of its pages on first touch (85 MB per full-size
-// sample), so reusing the buffers saves that whenever the caller has let go
-// of the previous batch. After a failed next() the batch holds partial data.
-bool reusable(const at::Tensor& mine, const at::Tensor& held, at::IntArrayRef sizes) {
-  if (!mine.defined() || mine.sizes() != sizes) return false;
-  const bool in_batch = held.defined() && held.unsafeGetTensorImpl() == mine.unsafeGetTensorImpl();
-  return mine.use_count() == (in_batch ? 2 : 1) && mine.storage().use_count() == 1;
-}
+// A few batch buffers of one kind (data or labels), handed out again once
+// nobody else holds them, so that a warm step allocates nothing: a fresh
+// buffer costs more than reading into it, the kernel mapping and zeroing
+// each of its pages on first touch (63.7 MB per full-size sample).
+//
+// Each buffer is a tensor of `capacity` samples that only the pool holds;
+// a batch is a view of it (narrowed to the batch's samples, and permuted
+// for channels_last), which shares its storage. A buffer is free when its
+// storage has no holder but the pool's tensor: every tensor that can reach
+// its memory (the batch handed out, a view or alias of it the caller made,
+// a tensor autograd saved from it) holds a reference to the storage, so a
+// count of one means no such tensor is left, and the buffer may be filled
+// again. Nothing is ever reused while the caller holds any of it: if every
+// buffer is taken, a fresh one is made (and kept only while the pool has
+// room).
+class BufferPool {
+ public:
+  // A free buffer of at least `capacity` samples of `sample` shape, or a
+  // fresh one.
+  at::Tensor take(std::int64_t capacity, const std::vector<std::int64_t>& sample, at::ScalarType type) {
+    std::vector<std::int64_t> sizes{capacity};
+    sizes.insert(sizes.end(), sample.begin(), sample.end());
+    for (at::Tensor& buffer : buffers_) {
+      if (buffer.storage().use_count() != 1 || buffer.use_count() != 1) continue;
+      if (buffer.size(0) >= capacity) return buffer;
+      buffer = at::empty(sizes, type);  // free but too small: replaced
+      return buffer;
+    }
+    at::Tensor fresh = at::empty(sizes, type);
+    if (buffers_.size() < kBuffers) buffers_.push_back(fresh);
+    return fresh;
+  }
+
+ private:
+  // The engine holds at most the batch before the one it asks for (its
+  // labels, for the metric); two more leave room for a caller keeping one.
+  static constexpr std::size_t kBuffers = 4;
+  std::vector<at::Tensor> buffers_;
+};
 
 // Every message must name a file of the sample; the format layers' do,
 // anything else (an allocation failure, say) gets the data file put in front.
@@ -58,24 +85,43 @@ std::string naming(const std::vector<std::string>& files, const std::string& mes
   return files.front() + ": " + message;
 }
 
-// Set while this thread runs FileFormat::load() for read_sample_selected():
-// normalise() then only selects channels. A per-call mode rather than a
-// second load() in every format (FileFormat stays as it is); thread_local
-// because read_sample() and read_sample_selected() may run at the same time
-// on other threads, and load() calls normalise() on the thread that called
-// it (the FileFormat::load() contract).
-thread_local bool t_select_only = false;
+// What normalise() writes on this thread: read_sample()'s (C, H, W)
+// normalised (the default), read_sample_hwc()'s (H, W, C) normalised (also
+// next()'s samples when the run is channels_last), or
+// read_sample_selected()'s (H, W, C) selected only. A per-call mode rather
+// than a second load() in every format (FileFormat stays as it is);
+// thread_local because these calls may run at the same time on other
+// threads, and load() calls normalise() on the thread that called it (the
+// FileFormat::load() contract).
+enum class Output { ChannelsFirst, ChannelsLast, SelectOnly };
+thread_local Output t_output = Output::ChannelsFirst;
 
-class SelectOnly {
+class OutputMode {
  public:
-  SelectOnly() : before_(t_select_only) { t_select_only = true; }
-  ~SelectOnly() { t_select_only = before_; }
-  SelectOnly(const SelectOnly&) = delete;
-  SelectOnly& operator=(const SelectOnly&) = delete;
+  explicit OutputMode(Output mode) : before_(t_output) { t_output = mode; }
+  ~OutputMode() { t_output = before_; }
+  OutputMode(const OutputMode&) = delete;
+  OutputMode& operator=(const OutputMode&) = delete;
 
  private:
-  bool before_;
+  Output before_;
 };
+
+// Rounds a double to the nearest float16 value (ties to even), returned as
+// a double: float16 arithmetic done in double and rounded once more gives
+// the correctly rounded float16 result of one operation on float16
+// operands (53 >= 2 * 11 + 2 bits), as NumPy's float16 arithmetic does.
+double round_to_half(double x) {
+  if (!std::isfinite(x) || x == 0.0) return x;
+  const double a = std::fabs(x);
+  if (a >= 65520.0) return std::copysign(INFINITY, x);  // beyond the largest half, after rounding
+  int exponent;
+  std::frexp(a, &exponent);  // a = m * 2^exponent, m in [0.5, 1)
+  // Halves have 11 significant bits; subnormals below 2^-14 a fixed step of 2^-24.
+  const int e = std::max(exponent, -13);
+  const double step = std::ldexp(1.0, e - 11);
+  return std::copysign(std::nearbyint(a / step) * step, x);
+}
 
 }  // namespace
 
@@ -96,7 +142,8 @@ struct FileReader::Impl {
   std::vector<float> scale;
 
   bool started = false;
-  at::Tensor last_data, last_labels;  // the batch handed out last, see reusable()
+  bool channels_last = false;  // context.memory_format
+  BufferPool data_pool, labels_pool;
   Split split = Split::Train;
   std::vector<std::int64_t> order;
   std::size_t position = 0;
@@ -129,12 +176,15 @@ struct FileReader::Impl {
 
 void FileReader::Impl::read_stats() {
   const std::string path = (fs::path(context.data_root) / "stats.h5").string();
-  if (const std::string problem = stats_file_problem(context.data_root); !problem.empty())
-    throw Error(problem + format.stats_hint);
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec))
+    throw Error(path + ": no such file; the data root must hold stats.h5" + format.stats_hint);
   const auto channels = static_cast<std::uint64_t>(shape.channels);
   std::vector<double> minval(channels), maxval(channels);
+  h5::StoredType types[2];
   {
     h5::File file = h5::File::open(path);
+    int i = 0;
     for (const char* dataset : {kMinval, kMaxval}) {
       if (!file.has(dataset)) throw Error(path + ": no dataset " + dataset);
       const h5::Shape stored = file.shape(dataset);
@@ -146,18 +196,40 @@ void FileReader::Impl::read_stats() {
         throw Error(path + ": " + dataset + " has " + found + ", but " + shape_source + " has " +
                     std::to_string(channels) + " channels; stats.h5 must hold one value per channel");
       }
+      const h5::StoredType type = file.stored_type(dataset);
+      if (type.kind != h5::StoredType::Kind::Float && type.kind != h5::StoredType::Kind::Integer)
+        throw Error(path + ": " + dataset + " is not stored as numbers (integers or floats)");
+      types[i++] = type;
     }
+    // Every integer and float16/32/64 value is exact as a double.
     file.read(kMinval, minval.data(), minval.size());
     file.read(kMaxval, maxval.data(), maxval.size());
   }
+  // SPEC 1.4: the reference computes 1 / (max - min) in the dtype stats.h5
+  // stores (NumPy's arithmetic on its arrays), rounds it to float32, and
+  // applies scale * (x - min) in float32. The arithmetic dtype is NumPy's
+  // promotion of the two datasets' types: float32 stays float32 (both
+  // operations rounded to float32), float16 float16, float64 and integer
+  // data go through float64.
+  using Kind = h5::StoredType::Kind;
+  auto float_size = [](const h5::StoredType& t) { return t.kind == Kind::Float ? t.size : std::size_t{8}; };
+  const bool integers = types[0].kind == Kind::Integer && types[1].kind == Kind::Integer;
+  const std::size_t width = integers ? 8 : std::max(float_size(types[0]), float_size(types[1]));
   for (const std::int64_t c : context.channels) {
     const double lo = minval[c], hi = maxval[c];
-    // The reference computes 1 / (max - min) in the statistics' precision and
-    // applies scale * (x - min) in float32; doing the same keeps its values
-    // bit for bit where the division form could differ in the last place.
-    const double reciprocal = 1.0 / (hi - lo);
-    if (const std::string problem = stats_range_problem(path, c, lo, hi); !problem.empty())
-      throw Error(problem);
+    double reciprocal;
+    if (width == 4) {
+      const float difference = static_cast<float>(hi) - static_cast<float>(lo);
+      reciprocal = static_cast<double>(1.0f / difference);
+    } else if (width == 2) {
+      reciprocal = round_to_half(1.0 / round_to_half(hi - lo));
+    } else {
+      reciprocal = 1.0 / (hi - lo);
+    }
+    if (!(hi > lo) || !std::isfinite(reciprocal) || !std::isfinite(static_cast<float>(reciprocal)))
+      throw Error(path + ": channel " + std::to_string(c) + " has " + kMinval + " " +
+                  std::to_string(lo) + " and " + kMaxval + " " + std::to_string(hi) +
+                  "; max must exceed min to normalise");
     shift.push_back(static_cast<float>(lo));
     scale.push_back(static_cast<float>(reciprocal));
   }
@@ -180,6 +252,10 @@ FileReader::FileReader(const ReaderContext& context, Format format,
                 std::to_string(context.train_batch_size) + ", validation " +
                 std::to_string(context.validation_batch_size) + ")");
   if (context.channels.empty()) throw Error(name + ": no input channels selected");
+  if (context.memory_format != "contiguous" && context.memory_format != "channels_last")
+    throw Error(name + ": memory format \"" + context.memory_format +
+                "\" asked for; [run] memory_format is \"contiguous\" or \"channels_last\"");
+  s.channels_last = context.memory_format == "channels_last";
 
   s.train = s.list_split("train");
   s.validation = s.list_split("validation");
@@ -242,10 +318,18 @@ bool FileReader::next(Batch& batch) {
   const auto b = static_cast<std::int64_t>(count);
   const auto c = static_cast<std::int64_t>(s.context.channels.size());
   const std::int64_t h = s.shape.height, w = s.shape.width;
-  at::Tensor data = reusable(s.last_data, batch.data, {b, c, h, w}) ? s.last_data : at::empty({b, c, h, w}, at::kFloat);
-  at::Tensor labels = reusable(s.last_labels, batch.labels, {b, h, w}) ? s.last_labels : at::empty({b, h, w}, at::kLong);
-  float* data_out = data.data_ptr<float>();
-  std::int64_t* labels_out = labels.data_ptr<std::int64_t>();
+  // The caller's previous batch is overwritten anyway: let go of it first,
+  // so that its buffers count as free if the caller keeps no other
+  // reference to them.
+  batch = Batch{};
+  // channels_last: each sample (H, W, C) in its place, the batch a
+  // (B, C, H, W) view with channels_last strides.
+  const at::Tensor data_buffer = s.data_pool.take(
+      batch_size, s.channels_last ? std::vector<std::int64_t>{h, w, c} : std::vector<std::int64_t>{c, h, w},
+      at::kFloat);
+  const at::Tensor labels_buffer = s.labels_pool.take(batch_size, {h, w}, at::kLong);
+  float* data_out = data_buffer.data_ptr<float>();
+  std::int64_t* labels_out = labels_buffer.data_ptr<std::int64_t>();
   const std::size_t first = s.position;
 
   // Reads through the page cache wait for the disk when it is cold: have
@@ -259,9 +343,11 @@ bool FileReader::next(Batch& batch) {
         read_ahead(column[static_cast<std::size_t>(s.order[i])]);
   }
 
+  const Output layout = s.channels_last ? Output::ChannelsLast : Output::ChannelsFirst;
   s.pool->run(count, [&](std::size_t item, std::size_t worker) {
     const std::vector<std::string> files = s.sample(s.split, static_cast<std::size_t>(s.order[first + item]));
     try {
+      const OutputMode mode(layout);
       s.file_format->load(*this, files, data_out + item * c * h * w, labels_out + item * h * w,
                           *s.scratch[worker]);
     } catch (const std::exception& e) {
@@ -272,10 +358,8 @@ bool FileReader::next(Batch& batch) {
   });
 
   s.position += count;
-  s.last_data = data;
-  s.last_labels = labels;
-  batch.data = std::move(data);
-  batch.labels = std::move(labels);
+  batch.data = s.channels_last ? data_buffer.narrow(0, 0, b).permute({0, 3, 1, 2}) : data_buffer.narrow(0, 0, b);
+  batch.labels = labels_buffer.narrow(0, 0, b);
   return true;
 }
 
@@ -301,11 +385,19 @@ void FileReader::read_sample(const std::vector<std::string>& files, float* data,
   read_one(files, data, labels);
 }
 
-void FileReader::read_sample_selected(const std::vector<std::string>& files, float* data_hwc,
-                                      std::int64_t* labels) const {
-  const SelectOnly mode;
+void FileReader::read_sample_hwc(const std::vector<std::string>& files, float* data_hwc,
+                                 std::int64_t* labels) const {
+  const OutputMode mode(Output::ChannelsLast);
   read_one(files, data_hwc, labels);
 }
+
+void FileReader::read_sample_selected(const std::vector<std::string>& files, float* data_hwc,
+                                      std::int64_t* labels) const {
+  const OutputMode mode(Output::SelectOnly);
+  read_one(files, data_hwc, labels);
+}
+
+bool FileReader::channels_last() const { return impl_->channels_last; }
 
 const std::vector<float>& FileReader::shift() const { return impl_->shift; }
 
@@ -362,19 +454,27 @@ void FileReader::normalise(const std::string& path, const char* dataset, const f
   const std::int64_t pixels = s.shape.height * s.shape.width;
   const std::int64_t file_channels = s.shape.channels;
   const std::vector<std::int64_t>& channels = s.context.channels;
-  // Both only say whether a NaN or infinity came out (or would, once
+  // Each only says whether a NaN or infinity came out (or would, once
   // normalised); the loop below finds the first one, in (C, H, W) order
-  // either way, to name it.
-  const bool finite =
-      t_select_only
-          ? select_channels(raw, pixels, file_channels, channels, s.shift, s.scale, data)
-          : normalise_sample(raw, pixels, file_channels, channels, s.shift, s.scale, data);
+  // whatever the layout, to name it.
+  bool finite = true;
+  switch (t_output) {
+    case Output::ChannelsFirst:
+      finite = normalise_sample(raw, pixels, file_channels, channels, s.shift, s.scale, data);
+      break;
+    case Output::ChannelsLast:
+      finite = normalise_sample_hwc(raw, pixels, file_channels, channels, s.shift, s.scale, data);
+      break;
+    case Output::SelectOnly:
+      finite = select_channels(raw, pixels, file_channels, channels, s.shift, s.scale, data);
+      break;
+  }
   if (finite || !s.format.check_finite) return;
   const auto count = static_cast<std::int64_t>(channels.size());
   for (std::int64_t i = 0; i < count * pixels; ++i) {
     const std::int64_t k = i / pixels, p = i % pixels;
     const float value = raw[p * file_channels + channels[k]];
-    const float normalised = (value - s.shift[k]) * s.scale[k];
+    const float normalised = s.scale[k] * (value - s.shift[k]);
     if (std::isfinite(normalised)) continue;
     std::ostringstream message;
     message << path << ": " << dataset << " at (" << p / s.shape.width << ", "
@@ -384,6 +484,20 @@ void FileReader::normalise(const std::string& path, const char* dataset, const f
                "reads it anyway)";
     throw Error(message.str());
   }
+}
+
+void FileReader::decode_labels(const std::string& path, const char* dataset, const void* stored,
+                               LabelType type, std::int64_t* labels) const {
+  const Impl& s = *impl_;
+  const LabelCheck check = deepcam::decode_labels(stored, type, s.shape.height * s.shape.width, labels);
+  if (check.bad < 0) return;
+  std::ostringstream message;
+  message << path << ": " << dataset << " at (" << check.bad / s.shape.width << ", " << check.bad % s.shape.width
+          << ") holds " << check.value;
+  if (check.value != std::floor(check.value)) message << ", not a whole number";
+  message << "; a label is a class id: 0 (background), 1 (tropical cyclone) or 2 (atmospheric river), "
+          << "stored as " << to_string(type);
+  throw Error(message.str());
 }
 
 std::string shape_text(const std::vector<std::int64_t>& shape) {

@@ -15,8 +15,11 @@
 //   - reads_ahead():   whether the next batch's files are handed to the
 //                      kernel's read-ahead (useless with O_DIRECT).
 // FileReader checks the context, reads stats.h5 (per-channel min and max),
-// runs the files of a batch on a WorkerPool, reuses the batch tensors when
-// the caller has let go of them, and names a file in every error.
+// runs the files of a batch on a WorkerPool, hands out batches from a small
+// pool of buffers that are filled again once the caller has let go of them
+// (a warm step allocates no batch memory), lays the batch out as the run's
+// memory format asks (channels_last: no transposition at all), decodes and
+// checks labels, and names a file in every error.
 //
 // An implementation helper in core, not part of the plugin interface
 // (deepcam/reader.hpp): a plugin may build on it or implement Reader itself.
@@ -29,6 +32,7 @@
 #include <vector>
 
 #include "deepcam/export.hpp"
+#include "deepcam/normalise.hpp"
 #include "deepcam/reader.hpp"
 #include "deepcam/sharding.hpp"
 
@@ -67,9 +71,10 @@ class DEEPCAM_API FileFormat {
   virtual SampleShape read_shape(const std::string& path) const = 0;
   virtual std::unique_ptr<Scratch> make_scratch() const = 0;
   // Reads the sample held by `files` into data (C*H*W, normalised with
-  // reader.normalise()) and labels (H*W), checking it against reader.shape().
-  // `data` must be written by reader.normalise() only, as its last step:
-  // under read_sample_selected() that call writes the selected channels in
+  // reader.normalise()) and labels (H*W, with reader.decode_labels()),
+  // checking it against reader.shape(). `data` must be written by
+  // reader.normalise() only, as its last step: under read_sample_hwc(),
+  // read_sample_selected() and a channels_last next() that call writes
   // (H, W, C) order instead, so the format needs no second code path.
   // Thread-safe; errors should name a file (FileReader puts files[0] in
   // front of a message that names none).
@@ -115,15 +120,24 @@ class DEEPCAM_API FileReader : public Reader {
   // to the caller: data_hwc gets the selected channels, not normalised, in
   // the file's (H, W, C) order (H*W*C floats, C = context().channels.size()).
   // Then, in float32, read_sample()'s data equals bit for bit
-  //   ((x - shift()) * scale()).permute({2, 0, 1})
+  //   (scale() * (x - shift())).permute({2, 0, 1})
   // computed as two separate IEEE operations, subtract then multiply (two
   // at:: ops do that on CPU and CUDA alike; a fused multiply-add would not).
   // For a reader that normalises elsewhere (the prefetch reader, on the GPU).
   // Thread-safe, like read_sample().
   void read_sample_selected(const std::vector<std::string>& files, float* data_hwc,
                             std::int64_t* labels) const;
-  // Per selected channel, the min of stats.h5 and 1 / (max - min), both
-  // rounded to float32: what normalisation subtracts and multiplies by.
+  // read_sample() in the file's (H, W, C) order: the same normalised values
+  // bit for bit, not transposed (a channels_last batch's samples).
+  // Thread-safe.
+  void read_sample_hwc(const std::vector<std::string>& files, float* data_hwc, std::int64_t* labels) const;
+  // Whether the context asked for channels_last batches (next() delivers
+  // them so).
+  bool channels_last() const;
+  // Per selected channel, the min of stats.h5 and 1 / (max - min) computed
+  // in the dtype stats.h5 stores (SPEC 1.4: float32 stats in float32
+  // arithmetic, float64 in float64), both rounded to float32: what
+  // normalisation subtracts and multiplies by, scale * (x - shift).
   const std::vector<float>& shift() const;
   const std::vector<float>& scale() const;
 
@@ -146,6 +160,12 @@ class DEEPCAM_API FileReader : public Reader {
   // samples with the same message.
   void normalise(const std::string& path, const char* dataset, const float* raw,
                  float* data) const;
+  // deepcam::decode_labels() of H*W labels stored as `type` into `labels`
+  // (`stored` may be `labels` for LabelType::Int64); a value that is not a
+  // class id (0, 1, 2) is refused naming `path`, `dataset`, the position
+  // and the value.
+  void decode_labels(const std::string& path, const char* dataset, const void* stored, LabelType type,
+                     std::int64_t* labels) const;
 
  private:
   void read_one(const std::vector<std::string>& files, float* data, std::int64_t* labels) const;

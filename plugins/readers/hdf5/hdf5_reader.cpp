@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -27,6 +28,44 @@ void require_dataset(const h5::File& file, const char* dataset) {
   if (!file.has(dataset))
     throw Error(file.path() + ": no dataset " + dataset + " (a DeepCAM sample holds " + kData +
                 " and " + kLabels + ")");
+}
+
+// The label type the core decodes for a stored integer or float type; none
+// for anything else.
+std::optional<LabelType> label_type(const h5::StoredType& stored) {
+  using Kind = h5::StoredType::Kind;
+  if (stored.kind == Kind::Integer) {
+    switch (stored.size) {
+      case 1: return stored.is_signed ? LabelType::Int8 : LabelType::UInt8;
+      case 2: return stored.is_signed ? LabelType::Int16 : LabelType::UInt16;
+      case 4: return stored.is_signed ? LabelType::Int32 : LabelType::UInt32;
+      case 8: return stored.is_signed ? LabelType::Int64 : LabelType::UInt64;
+      default: return std::nullopt;
+    }
+  }
+  if (stored.kind == Kind::Float) {
+    switch (stored.size) {
+      case 2: return LabelType::Float16;
+      case 4: return LabelType::Float32;
+      case 8: return LabelType::Float64;
+      default: return std::nullopt;
+    }
+  }
+  return std::nullopt;
+}
+
+std::size_t label_bytes(LabelType type) {
+  switch (type) {
+    case LabelType::Int8:
+    case LabelType::UInt8: return 1;
+    case LabelType::Int16:
+    case LabelType::UInt16:
+    case LabelType::Float16: return 2;
+    case LabelType::Int32:
+    case LabelType::UInt32:
+    case LabelType::Float32: return 4;
+    default: return 8;
+  }
 }
 
 }  // namespace
@@ -75,7 +114,8 @@ class Hdf5Format final : public FileFormat {
  private:
   // What one worker reuses from sample to sample.
   struct Scratch : FileFormat::Scratch {
-    std::vector<float> raw;  // the data as stored, (H, W, C)
+    std::vector<float> raw;              // the data as stored, (H, W, C)
+    std::vector<std::uint64_t> labels;   // the labels as stored (8-byte aligned)
   };
 };
 
@@ -106,8 +146,7 @@ void Hdf5Format::load(const FileReader& reader, const std::vector<std::string>& 
   // the h5 layer serialises other builds). The h5 layer reads a contiguous,
   // unfiltered dataset (what deepcam-data synth and h5py's defaults write)
   // with pread outside that lock, HDF5 only saying where its bytes lie, so
-  // the pool's threads read their samples in parallel; int32 labels are
-  // widened to int64 on the way, a cache-sized run at a time. Chunked or
+  // the pool's threads read their samples in parallel. Chunked or
   // compressed files still go through HDF5, one call at a time.
   {
     h5::File file = h5::File::open(path);
@@ -123,7 +162,18 @@ void Hdf5Format::load(const FileReader& reader, const std::vector<std::string>& 
       throw Error(path + ": " + kLabels + " has shape " + h5_shape_text(label_shape) + ", expected " +
                   h5_shape_text({height, width}) + " as in " + reader.shape_source());
     file.read(kData, raw.data(), raw.size());
-    file.read(kLabels, labels, pixels);
+    // Labels are read as stored and converted to int64 by the reader, which
+    // checks on the way that each is a class id: HDF5's own conversion would
+    // truncate 0.5 to 0 and let 7 through. An integer or float type the
+    // core decodes; anything else (an enum, say) is converted by HDF5 first.
+    if (const auto type = label_type(file.stored_type(kLabels))) {
+      scratch.labels.resize((pixels * label_bytes(*type) + 7) / 8);
+      file.read_stored(kLabels, scratch.labels.data(), pixels * label_bytes(*type));
+      reader.decode_labels(path, kLabels, scratch.labels.data(), *type, labels);
+    } else {
+      file.read(kLabels, labels, pixels);
+      reader.decode_labels(path, kLabels, labels, LabelType::Int64, labels);
+    }
   }
   reader.normalise(path, kData, raw.data(), data);
 }

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <filesystem>
 #include <new>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -276,6 +277,26 @@ std::vector<std::vector<std::string>> NpyFormat::list_split(const std::string& d
 
 namespace {
 
+// The label type the core decodes straight from the file's bytes; none for
+// bool (any non-zero byte is True: npy::convert knows that).
+std::optional<LabelType> label_type(npy::DType dtype) {
+  switch (dtype) {
+    case npy::DType::Int8: return LabelType::Int8;
+    case npy::DType::Int16: return LabelType::Int16;
+    case npy::DType::Int32: return LabelType::Int32;
+    case npy::DType::Int64: return LabelType::Int64;
+    case npy::DType::UInt8: return LabelType::UInt8;
+    case npy::DType::UInt16: return LabelType::UInt16;
+    case npy::DType::UInt32: return LabelType::UInt32;
+    case npy::DType::UInt64: return LabelType::UInt64;
+    case npy::DType::Float16: return LabelType::Float16;
+    case npy::DType::Float32: return LabelType::Float32;
+    case npy::DType::Float64: return LabelType::Float64;
+    case npy::DType::Bool: return std::nullopt;
+  }
+  return std::nullopt;
+}
+
 npy::Header parse_checked(const std::string& path, const unsigned char* bytes, std::size_t size) {
   if (size == 0) throw Error(path + ": empty file; a .npy file starts with \\x93NUMPY");
   const npy::Header header = npy::parse_header(path, bytes, size);
@@ -330,8 +351,21 @@ void NpyFormat::decode_labels(const FileReader& reader, const std::string& path,
   if (header.shape != expected)
     throw Error(path + ": holds an array of shape " + shape_text(header.shape) + ", expected " +
                 shape_text(expected) + " (height, width) as the data of " + reader.shape_source());
-  // npy::convert reorders Fortran-order labels into C order.
-  npy::convert(path, header, bytes + header.data_offset, labels, height * width);
+  const unsigned char* payload = bytes + header.data_offset;
+  const std::int64_t count = height * width;
+  // C order in this machine's byte order, aligned for its type (what numpy
+  // writes): converted and checked in one pass from the file's bytes.
+  // Anything else (Fortran order, the other byte order, bool, a misaligned
+  // payload) is converted by npy::convert first (which also refuses
+  // non-integral floats), then checked in place.
+  const auto type = label_type(header.dtype);
+  if (type && !header.fortran_order && (!header.big_endian || npy::item_size(header.dtype) == 1) &&
+      reinterpret_cast<std::uintptr_t>(payload) % npy::item_size(header.dtype) == 0) {
+    reader.decode_labels(path, "labels", payload, *type, labels);
+    return;
+  }
+  npy::convert(path, header, payload, labels, count);
+  reader.decode_labels(path, "labels", labels, LabelType::Int64, labels);
 }
 
 void NpyFormat::load(const FileReader& reader, const std::vector<std::string>& files,

@@ -32,6 +32,7 @@ struct DeviceCopier::Impl {
   };
   std::vector<Slot> slots;
   at::Tensor shift, scale;  // (C) on the GPU; undefined: batches come normalised
+  bool channels_last = false;  // normalised batches stay (B, H, W, C) in memory
   Impl(c10::DeviceIndex i, int n)
       : index(i), side(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, i)), slots(static_cast<std::size_t>(n)) {}
 };
@@ -39,11 +40,13 @@ struct DeviceCopier::Impl {
 struct DeviceCopier::Impl {};
 #endif
 
-at::Tensor normalise_batch(const at::Tensor& raw_bhwc, const at::Tensor& shift, const at::Tensor& scale) {
+at::Tensor normalise_batch(const at::Tensor& raw_bhwc, const at::Tensor& shift, const at::Tensor& scale,
+                           bool channels_last) {
   // Broadcast over the last dimension, the channels; subtract, then
-  // multiply, as two kernels (see the header).
-  const at::Tensor normalised = at::mul(at::sub(raw_bhwc, shift), scale);
-  return normalised.permute({0, 3, 1, 2}).contiguous();
+  // multiply, as two kernels (see the header): scale * (x - shift).
+  const at::Tensor normalised = at::mul(scale, at::sub(raw_bhwc, shift));
+  const at::Tensor bchw = normalised.permute({0, 3, 1, 2});
+  return channels_last ? bchw : bchw.contiguous();
 }
 
 DeviceCopier::DeviceCopier(const std::string& device, int rank, int slots, const std::string& where) {
@@ -61,9 +64,11 @@ DeviceCopier::DeviceCopier(const std::string& device, int rank, int slots, const
 
 DeviceCopier::~DeviceCopier() = default;
 
-void DeviceCopier::normalise_on_device(const std::vector<float>& shift, const std::vector<float>& scale) {
+void DeviceCopier::normalise_on_device(const std::vector<float>& shift, const std::vector<float>& scale,
+                                       bool channels_last) {
 #if DEEPCAM_WITH_CUDA
   if (!impl_) return;
+  impl_->channels_last = channels_last;
   const c10::cuda::CUDAGuard device_guard(impl_->index);
   const at::Device gpu(at::kCUDA, impl_->index);
   const auto count = static_cast<std::int64_t>(shift.size());
@@ -77,6 +82,7 @@ void DeviceCopier::normalise_on_device(const std::vector<float>& shift, const st
 #else
   (void)shift;
   (void)scale;
+  (void)channels_last;
 #endif
 }
 
@@ -109,7 +115,8 @@ void DeviceCopier::issue(int slot, const at::Tensor& data, const at::Tensor& lab
   const at::Device gpu(at::kCUDA, impl_->index);
   // Pinned source and non_blocking: an asynchronous copy on the side stream;
   // a raw batch is then normalised on the same stream, in order after it.
-  s.data = impl_->shift.defined() ? normalise_batch(data.to(gpu, /*non_blocking=*/true), impl_->shift, impl_->scale)
+  s.data = impl_->shift.defined() ? normalise_batch(data.to(gpu, /*non_blocking=*/true), impl_->shift, impl_->scale,
+                                                   impl_->channels_last)
                                   : data.to(gpu, /*non_blocking=*/true);
   s.labels = labels.to(gpu, /*non_blocking=*/true);
   // After the normalisation too: hand_over() orders the training stream

@@ -25,14 +25,17 @@
 
 namespace deepcam::readers {
 
-// A batch of selected samples, raw (B, H, W, C) float32, normalised and
-// transposed to (B, C, H, W), contiguous, on the tensors' device: out =
-// (x - shift[c]) * scale[c] with shift and scale of shape (C). Two separate
-// at:: ops, each rounding once in IEEE float32 on CPU and CUDA alike, so the
-// result equals the file reader's CPU normalisation (normalise_sample) bit
-// for bit; a fused multiply-add would round once for both and could differ
-// in the last place. The GPU runs it; the tests run it on the CPU.
-at::Tensor normalise_batch(const at::Tensor& raw_bhwc, const at::Tensor& shift, const at::Tensor& scale);
+// A batch of selected samples, raw (B, H, W, C) float32, normalised, as a
+// (B, C, H, W) tensor on the tensors' device: out = scale[c] * (x -
+// shift[c]) with shift and scale of shape (C). Two separate at:: ops, each
+// rounding once in IEEE float32 on CPU and CUDA alike, so the result equals
+// the file reader's CPU normalisation (normalise_sample) bit for bit; a
+// fused multiply-add would round once for both and could differ in the
+// last place. Contiguous, transposed on the device; with channels_last not
+// transposed at all: a channels_last view of the (B, H, W, C) result. The
+// GPU runs it; the tests run it on the CPU.
+at::Tensor normalise_batch(const at::Tensor& raw_bhwc, const at::Tensor& shift, const at::Tensor& scale,
+                           bool channels_last = false);
 
 class DeviceCopier {
  public:
@@ -46,9 +49,11 @@ class DeviceCopier {
   bool active() const { return impl_ != nullptr; }
 
   // From now on issue() takes raw (B, H, W, C) batches and normalises them
-  // on the GPU with these per-channel values (FileReader::shift, scale).
-  // Only when active, before the first issue().
-  void normalise_on_device(const std::vector<float>& shift, const std::vector<float>& scale);
+  // on the GPU with these per-channel values (FileReader::shift, scale),
+  // into channels_last batches when channels_last is set. Only when active,
+  // before the first issue().
+  void normalise_on_device(const std::vector<float>& shift, const std::vector<float>& scale,
+                           bool channels_last);
   // Whether it does (normalise_on_device() was called).
   bool normalises() const;
 

@@ -149,6 +149,10 @@ struct PrefetchReader::Impl {
   // The source as a file reader when the GPU normalises: the workers then
   // read samples selected but not normalised, (H, W, C). Null otherwise.
   const FileReader* raw_source = nullptr;
+  // The source as a file reader when the CPU normalises a channels_last
+  // run: the workers then read samples normalised in (H, W, C) order and
+  // the batch is a channels_last view. Null otherwise.
+  const FileReader* hwc_source = nullptr;
   ReaderContext context;
   PrefetchOptions options;
   std::unique_ptr<TrainingSharding> sharding;
@@ -496,6 +500,7 @@ struct PrefetchReader::Impl {
       if (data) {
         try {
           if (raw_source) raw_source->read_sample_selected(files_of(split, index), data, labels);
+          else if (hwc_source) hwc_source->read_sample_hwc(files_of(split, index), data, labels);
           else source->read_sample(files_of(split, index), data, labels);
         } catch (...) {
           failure = std::current_exception();
@@ -560,11 +565,18 @@ PrefetchReader::PrefetchReader(const ReaderContext& context, const PrefetchOptio
   // workers' CPU time goes to decoding only. FileReader is exported by core,
   // so the cast works across the plugins' libraries. Any other source keeps
   // its own read_sample(), normalised on the CPU.
-  if (m.copier.active()) {
-    if (const auto* files = dynamic_cast<const FileReader*>(m.source.get())) {
-      m.copier.normalise_on_device(files->shift(), files->scale());
-      m.raw_source = files;
-    }
+  // With [run] memory_format = "channels_last" the batches are
+  // channels_last views of (B, H, W, C) samples, transposed nowhere: on
+  // CUDA the GPU normalises them in that order; on the CPU a file reader's
+  // read_sample_hwc() does. Over any other source the batches are (B, C, H,
+  // W) contiguous, as its read_sample() writes them, and the engine converts.
+  const auto* files = dynamic_cast<const FileReader*>(m.source.get());
+  const bool channels_last = context.memory_format == "channels_last";
+  if (m.copier.active() && files) {
+    m.copier.normalise_on_device(files->shift(), files->scale(), channels_last);
+    m.raw_source = files;
+  } else if (files && channels_last) {
+    m.hwc_source = files;
   }
   m.validation_order = validation_indices(m.source->sample_count(Split::Validation), context.rank, context.world_size);
   if (!options.stage_dir.empty()) m.stage();
@@ -670,7 +682,8 @@ bool PrefetchReader::next(Batch& batch) {
   if (m.copier.active()) {
     m.copier.hand_over(s, batch.data, batch.labels);
   } else {
-    batch.data = slot.data.narrow(0, 0, n);
+    batch.data = m.hwc_source ? slot.data.narrow(0, 0, n).view({n, m.height, m.width, m.channels}).permute({0, 3, 1, 2})
+                              : slot.data.narrow(0, 0, n);
     batch.labels = slot.labels.narrow(0, 0, n);
   }
   ++st.consumed;

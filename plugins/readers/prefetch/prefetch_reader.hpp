@@ -44,6 +44,13 @@
 //   other source, and on the CPU, the source's read_sample() normalises on
 //   the CPU.
 //
+//   With [run] memory_format = "channels_last" over a file reader, nothing
+//   is transposed anywhere: the samples stay (H, W, C) in the ring
+//   (normalised by FileReader::read_sample_hwc on the CPU, or after the
+//   copy on the GPU) and next() hands out (B, C, H, W) channels_last views
+//   of them. Over any other source the batches stay (B, C, H, W)
+//   contiguous and the engine converts them.
+//
 //   Staging (stage_dir set): during construction the samples this rank may
 //   ever read (its training shard in gpu mode, its node's in node mode,
 //   everything in global mode; plus its validation samples) are copied into
