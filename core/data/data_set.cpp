@@ -160,7 +160,11 @@ std::string empty_split_problem(const std::string& dir, const std::string& split
 std::string stats_file_problem(const std::string& root) {
   const std::string path = join(root, "stats.h5");
   struct stat st {};
-  if (::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode)) return "";
+  if (::stat(path.c_str(), &st) == 0) {
+    if (S_ISREG(st.st_mode)) return "";
+    return fmt::format("{}: is {}, not a file; the data root must hold stats.h5", path, kind_of(st.st_mode));
+  }
+  if (errno == ELOOP) return fmt::format("{}: a symbolic link loop; the data root must hold stats.h5", path);
   return fmt::format("{}: no such file; the data root must hold stats.h5", path);
 }
 

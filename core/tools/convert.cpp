@@ -9,12 +9,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <mutex>
 #include <system_error>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "deepcam/data_set.hpp"
 #include "deepcam/error.hpp"
 #include "parallel.hpp"
 
@@ -199,18 +201,6 @@ void H5Sample::read_labels(std::vector<unsigned char>& out) const {
   file_.read_stored(kLabels, out.data(), out.size());
 }
 
-std::vector<fs::path> sample_files(const fs::path& dir, const std::string& prefix, const std::string& extension) {
-  std::vector<fs::path> out;
-  std::error_code ec;
-  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
-    const std::string name = it->path().filename().string();
-    if (name.rfind(prefix, 0) == 0 && it->path().extension() == extension) out.push_back(it->path());
-  }
-  if (ec) throw Error(fmt::format("{}: cannot list the directory: {}", dir.string(), ec.message()));
-  std::sort(out.begin(), out.end());
-  return out;
-}
-
 std::string shape_text(const std::vector<std::int64_t>& shape) {
   if (shape.size() == 1) return fmt::format("({},)", shape[0]);
   return fmt::format("({})", fmt::join(shape, ", "));
@@ -229,24 +219,33 @@ void run_convert(const ConvertOptions& o) {
                             src_stats.string(), o.src.string()));
 
   // Splits are the folders of SRC that hold samples, whatever their names.
-  std::vector<std::string> splits;
+  // Entries named like samples that are not files are problems of the run
+  // (reported below, counted as failed samples), not reasons to stop it.
+  std::vector<std::string> splits, listing_problems;
+  std::map<std::string, std::vector<std::string>> sources;
   for (fs::directory_iterator it(o.src, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
-    if (name[0] != '.' && it->is_directory(ec) && !sample_files(it->path(), "data-", ".h5").empty())
-      splits.push_back(name);
+    if (name[0] == '.' || !it->is_directory(ec)) continue;
+    std::vector<std::string> problems;
+    std::vector<std::string> files = list_sample_files(it->path().string(), "data-", ".h5", &problems);
+    if (files.empty() && problems.empty()) continue;
+    splits.push_back(name);
+    sources[name] = std::move(files);
+    listing_problems.insert(listing_problems.end(), problems.begin(), problems.end());
   }
   if (ec) throw Error(fmt::format("{}: cannot list the directory: {}", o.src.string(), ec.message()));
   if (splits.empty())
     throw Error(fmt::format("{}: no folder in it holds samples (data-*.h5); expected train/ and validation/",
                             o.src.string()));
   std::sort(splits.begin(), splits.end());
+  std::sort(listing_problems.begin(), listing_problems.end());
 
   std::vector<Job> all;
   for (const std::string& split : splits) {
     const fs::path out = o.dst / split;
     fs::create_directories(out, ec);
     if (ec) throw Error(fmt::format("{}: cannot create the directory: {}", out.string(), ec.message()));
-    for (const fs::path& source : sample_files(o.src / split, "data-", ".h5")) {
+    for (const fs::path source : sources[split]) {
       const std::string stem = source.stem().string().substr(5);  // after "data-"
       all.push_back({split, source, out / ("data-" + stem + ".npy"), out / ("label-" + stem + ".npy")});
     }
@@ -256,8 +255,11 @@ void run_convert(const ConvertOptions& o) {
   for (std::size_t k = static_cast<std::size_t>(rank.rank); k < all.size(); k += static_cast<std::size_t>(rank.size))
     jobs.push_back(all[k]);
   const std::string who = rank.size > 1 ? fmt::format("rank {} of {} ({})", rank.rank, rank.size, rank.source) : "";
-  if (rank.size > 1)
+  if (rank.size > 1 && !o.progress.quiet)
     fmt::print(stderr, "deepcam-data: convert: {}: {} of the {} samples\n", who, jobs.size(), all.size());
+  // Every rank names what it cannot convert; rank 0 counts it, once.
+  for (const std::string& problem : listing_problems) fmt::print(stderr, "deepcam-data: {}\n", problem);
+  const std::size_t unlisted = rank.rank == 0 ? listing_problems.size() : 0;
 
   std::vector<Outcome> outcomes(jobs.size(), Outcome::NotAttempted);
   std::atomic<bool> stop{false};
@@ -266,8 +268,13 @@ void run_convert(const ConvertOptions& o) {
     std::lock_guard<std::mutex> lock(output);
     fmt::print(stderr, "deepcam-data: {}\n", line);
   };
+  Progress progress(who.empty() ? "convert" : "convert: " + who, jobs.size(), "samples", o.progress);
   parallel_for(jobs.size(), o.threads, [&](std::size_t k) {
     if (stop) return;
+    struct Advance {
+      Progress& p;
+      ~Advance() { p.advance(); }
+    } advance{progress};
     const Job& job = jobs[k];
     std::vector<float> data;
     std::vector<unsigned char> labels;
@@ -317,22 +324,28 @@ void run_convert(const ConvertOptions& o) {
     const bool repaired = (data_problem != "missing" && !data_problem.empty()) ||
                           (label_problem != "missing" && !label_problem.empty());
     outcomes[k] = repaired ? Outcome::Repaired : Outcome::Converted;
+    // A repaired pair says what was wrong with it; converted ones only
+    // count (the progress lines and the summary).
+    if (!repaired || o.progress.quiet) return;
     std::string why;
     for (const auto& [path, problem] : {std::pair{&job.data, &data_problem}, {&job.label, &label_problem}})
       if (!problem->empty() && *problem != "missing")
         why += fmt::format("; {} {}", path->filename().string(), *problem);
     std::lock_guard<std::mutex> lock(output);
-    fmt::print(stderr, "deepcam-data: {} {}/{}, {}{}\n", repaired ? "repaired" : "converted", job.split,
-               job.data.filename().string(), job.label.filename().string(), why);
+    fmt::print(stderr, "deepcam-data: repaired {}/{}, {}{}\n", job.split, job.data.filename().string(),
+               job.label.filename().string(), why);
   });
 
   std::size_t count[5] = {};
   for (const Outcome out : outcomes) ++count[static_cast<int>(out)];
-  const std::size_t kept = count[0], converted = count[1], repaired = count[2], failed = count[3],
-                    skipped = count[4];
-  if (failed == 0 && rank.rank == 0) copy_atomically(src_stats, o.dst / "stats.h5");
+  const std::size_t kept = count[0], converted = count[1], repaired = count[2],
+                    failed = count[3] + unlisted, skipped = count[4];
+  // Another rank's entry that is not a file is this rank's too: stats.h5
+  // waits until every rank could convert everything.
+  if (failed == 0 && listing_problems.empty() && rank.rank == 0) copy_atomically(src_stats, o.dst / "stats.h5");
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  fmt::print(stderr,
+  if (!o.progress.quiet)
+    fmt::print(stderr,
              "deepcam-data: convert: {}{} samples in {} ({}) in {:.1f} s: {} converted, {} repaired, {} already "
              "valid{}{}\n",
              who.empty() ? "" : who + ": ", jobs.size(), o.dst.string(), fmt::join(splits, ", "), seconds,
@@ -341,7 +354,7 @@ void run_convert(const ConvertOptions& o) {
   if (failed)
     throw Error(fmt::format("convert: {} of {} samples failed{} (see above); fix the cause and run the same "
                             "command again: complete pairs are kept{}",
-                            failed, jobs.size(),
+                            failed, jobs.size() + unlisted,
                             skipped ? fmt::format(" and {} were not attempted after a failed write", skipped) : "",
                             rank.rank == 0 ? ", and stats.h5 is copied once all succeed" : ""));
 }

@@ -13,8 +13,12 @@
 //   with the source and converts a pair that differs again.
 // - Every output goes through npy::write (a temporary name, then rename): an
 //   interrupted or failed run leaves only complete files. A sample that
-//   cannot be read is reported and the others are still converted; a failed
-//   write (a full disk) stops the run.
+//   cannot be read, or an entry named like a sample that is not a file (a
+//   FIFO, a directory, a link loop: deepcam/data_set.hpp's listing), is
+//   reported and the others are still converted; a failed write (a full
+//   disk) stops the run.
+// - Progress lines on stderr (progress.hpp), a line per repaired pair, and
+//   a summary; only errors with progress.quiet.
 //
 // This file also holds what verify shares with convert: reading a sample's
 // HDF5 file with its stored types (parallel.hpp holds the thread loop).
@@ -27,6 +31,7 @@
 
 #include "deepcam/h5.hpp"
 #include "deepcam/npy.hpp"
+#include "progress.hpp"
 
 namespace deepcam::data {
 
@@ -34,6 +39,7 @@ struct ConvertOptions {
   std::filesystem::path src, dst;
   int threads = 0;  // 0: one per core, at most 16
   bool verify = false;
+  ProgressOptions progress;  // quiet also drops the repaired lines and the summary
 };
 
 void run_convert(const ConvertOptions& options);
@@ -62,11 +68,6 @@ class H5Sample {
   std::vector<std::int64_t> data_shape_, label_shape_;
   npy::DType data_dtype_ = npy::DType::Float32, label_dtype_ = npy::DType::Int32;
 };
-
-// Sample files of a split folder, sorted by name: data-*.h5 (or another
-// extension), hidden files excluded.
-std::vector<std::filesystem::path> sample_files(const std::filesystem::path& dir, const std::string& prefix,
-                                                const std::string& extension);
 
 // "(768, 1152, 16)"
 std::string shape_text(const std::vector<std::int64_t>& shape);

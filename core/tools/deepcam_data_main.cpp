@@ -6,6 +6,7 @@
 //   deepcam-data stats DIR
 //   deepcam-data convert SRC DST [--threads N] [--verify]
 //   deepcam-data verify ROOT [--threads N]
+//   (synth, stats, convert, verify also take --quiet and --progress-seconds S)
 //   deepcam-data read RUN.toml [--set k=v]... [--split S] [--epochs N]
 //                    [--consume-ms X | --consume-matched] [--with-validation]
 //   deepcam-data package RUN_DIR... --system NAME --out DIR [--system-desc FILE]
@@ -39,9 +40,9 @@ namespace {
 
 constexpr const char* kUsage = R"(usage:
   deepcam-data synth --out DIR [options]   write a synthetic data set to DIR
-  deepcam-data stats DIR                   (re)compute DIR/stats.h5 from DIR/train
+  deepcam-data stats DIR [options]         (re)compute DIR/stats.h5 from DIR/train
   deepcam-data convert SRC DST [options]   write the numpy form of data set SRC to DST
-  deepcam-data verify ROOT [--threads N]   check every file of a data set (h5 or npy)
+  deepcam-data verify ROOT [options]       check every file of a data set (h5 or npy)
   deepcam-data read RUN.toml [options]     time the run's reader alone (no model)
   deepcam-data package RUN_DIR... --system NAME --out DIR
                                            an MLPerf HPC results package and its score
@@ -66,6 +67,14 @@ synth options:
 stats computes per channel count, mean, sqmean, minval and maxval over all
 pixels of all DIR/train/*.h5 files and writes DIR/stats.h5 atomically.
 
+synth, stats, convert and verify print progress on stderr while they work:
+"done/total unit (N%), rate unit/s, time left", every 5 s when stderr is a
+terminal and every 30 s when it is not (a log file), nothing for work done
+within that time.
+  --quiet            no progress and no summary: only problems and errors
+                     (verify's report on stdout stays)
+  --progress-seconds S   a progress line every S seconds (> 0) instead
+
 convert writes, for each SRC/<split>/data-X.h5, DST/<split>/data-X.npy (the
 float32 height x width x channels array) and DST/<split>/label-X.npy (the
 labels, in the dtype the HDF5 file stores), standard .npy files that
@@ -81,9 +90,15 @@ PMI_RANK/PMI_SIZE or SLURM_PROCID/SLURM_NTASKS).
 verify checks a data set in either form (per split folder: data-X.h5, or
 data-X.npy with label-X.npy): every file opens and is complete, data is
 (H, W, C) and finite, labels (H, W) in {0, 1, 2}, npy files pair up, shapes
-and dtypes agree across files, stats.h5 matches the channel count. It prints
-one line per problem and a summary, and exits non-zero if there is any.
+and dtypes agree across files, stats.h5 matches the channel count; and it
+refuses what training refuses: a missing or empty train/ or validation/, a
+stats.h5 whose maxval does not exceed minval on a channel. It prints one
+line per problem and a summary, and exits non-zero if there is any.
   --threads N        files checked at once (>= 1)      default: cores, at most 16
+
+Entries named like samples that are not files (a directory, a FIFO, a
+socket, a dangling link or a link loop) are errors naming them, in every
+command and in the training readers; none is ever opened.
 
 read loads RUN.toml as deepcam-host does (every plugin it names must be
 found: DEEPCAM_PLUGIN_PATH), builds only its reader (rank 0 of 1), reads the
@@ -134,6 +149,15 @@ long long parse_integer(const std::string& option, std::string_view text, long l
   return value;
 }
 
+// --progress-seconds: the interval between progress lines.
+double parse_seconds(const std::string& option, const std::string& value) {
+  char* end = nullptr;
+  const double seconds = std::strtod(value.c_str(), &end);
+  if (value.empty() || *end != '\0' || !(seconds > 0.0 && seconds <= 86400.0))
+    throw UsageError{fmt::format("{} expects seconds above 0 and at most 86400, got '{}'", option, value)};
+  return seconds;
+}
+
 deepcam::data::SynthOptions parse_synth(const std::vector<std::string>& args) {
   deepcam::data::SynthOptions o;
   bool have_out = false;
@@ -142,6 +166,10 @@ deepcam::data::SynthOptions parse_synth(const std::vector<std::string>& args) {
     std::string option = args[k], value;
     if (option.rfind("--", 0) != 0)
       throw UsageError{fmt::format("synth: unexpected argument '{}'", option)};
+    if (option == "--quiet") {
+      o.progress.quiet = true;
+      continue;
+    }
     if (const auto eq = option.find('='); eq != std::string::npos) {
       value = option.substr(eq + 1);
       option = option.substr(0, eq);
@@ -168,6 +196,8 @@ deepcam::data::SynthOptions parse_synth(const std::vector<std::string>& args) {
           parse_integer(option, value, 0, std::numeric_limits<long long>::max()));
     } else if (option == "--threads") {
       o.threads = static_cast<int>(parse_integer(option, value, 1, 256));
+    } else if (option == "--progress-seconds") {
+      o.progress.seconds = parse_seconds(option, value);
     } else {
       throw UsageError{fmt::format("synth: unknown option {}", option)};
     }
@@ -176,14 +206,16 @@ deepcam::data::SynthOptions parse_synth(const std::vector<std::string>& args) {
   return o;
 }
 
-// The positional arguments and --threads/--verify of convert and verify.
+// The positional arguments and the options of stats, convert and verify.
 struct ToolArgs {
   std::vector<std::string> positional;
   int threads = 0;
   bool verify = false;
+  deepcam::data::ProgressOptions progress;
 };
 
-ToolArgs parse_tool(const std::string& command, const std::vector<std::string>& args, bool allow_verify) {
+ToolArgs parse_tool(const std::string& command, const std::vector<std::string>& args, bool allow_threads,
+                    bool allow_verify) {
   ToolArgs out;
   for (std::size_t k = 0; k < args.size(); ++k) {
     std::string option = args[k], value;
@@ -195,15 +227,24 @@ ToolArgs parse_tool(const std::string& command, const std::vector<std::string>& 
       out.verify = true;
       continue;
     }
+    if (option == "--quiet") {
+      out.progress.quiet = true;
+      continue;
+    }
+    const bool takes_value = (option == "--threads" && allow_threads) || option == "--progress-seconds";
     if (const auto eq = option.find('='); eq != std::string::npos) {
       value = option.substr(eq + 1);
       option = option.substr(0, eq);
-    } else if (option == "--threads") {
-      if (k + 1 >= args.size()) throw UsageError{"--threads needs a value"};
+    } else if (takes_value) {
+      if (k + 1 >= args.size()) throw UsageError{fmt::format("{} needs a value", option)};
       value = args[++k];
     }
-    if (option != "--threads") throw UsageError{fmt::format("{}: unknown option {}", command, option)};
-    out.threads = static_cast<int>(parse_integer(option, value, 1, 1024));
+    if (option == "--threads" && allow_threads)
+      out.threads = static_cast<int>(parse_integer(option, value, 1, 1024));
+    else if (option == "--progress-seconds")
+      out.progress.seconds = parse_seconds(option, value);
+    else
+      throw UsageError{fmt::format("{}: unknown option {}", command, option)};
   }
   return out;
 }
@@ -277,17 +318,18 @@ int run(const std::vector<std::string>& args, deepcam::PluginLoader& loader) {
   if (command == "synth") {
     deepcam::data::run_synth(parse_synth(rest));
   } else if (command == "stats") {
-    if (rest.size() != 1) throw UsageError{"stats takes exactly one argument, the data set directory"};
-    deepcam::data::run_stats(rest[0]);
+    const ToolArgs a = parse_tool(command, rest, false, false);
+    if (a.positional.size() != 1) throw UsageError{"stats takes exactly one argument, the data set directory"};
+    deepcam::data::run_stats(a.positional[0], a.progress);
   } else if (command == "convert") {
-    const ToolArgs a = parse_tool(command, rest, true);
+    const ToolArgs a = parse_tool(command, rest, true, true);
     if (a.positional.size() != 2)
       throw UsageError{"convert takes two arguments, the source data set and the output directory"};
-    deepcam::data::run_convert({a.positional[0], a.positional[1], a.threads, a.verify});
+    deepcam::data::run_convert({a.positional[0], a.positional[1], a.threads, a.verify, a.progress});
   } else if (command == "verify") {
-    const ToolArgs a = parse_tool(command, rest, false);
+    const ToolArgs a = parse_tool(command, rest, true, false);
     if (a.positional.size() != 1) throw UsageError{"verify takes one argument, the data set directory"};
-    deepcam::data::run_verify({a.positional[0], a.threads});
+    deepcam::data::run_verify({a.positional[0], a.threads, a.progress});
   } else if (command == "read") {
     deepcam::data::run_read_bench(parse_read(rest), loader);
   } else if (command == "package") {

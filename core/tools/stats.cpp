@@ -11,6 +11,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "deepcam/data_set.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/h5.hpp"
 
@@ -70,19 +71,14 @@ std::vector<fs::path> training_files(const fs::path& root) {
   if (!fs::is_directory(dir, ec))
     throw Error(fmt::format("{}: no such directory; a data set root holds train/, validation/ and stats.h5",
                             dir.string()));
+  // The readers' listing: an entry that is not a file is an error naming it.
   std::vector<fs::path> files;
-  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
-    const std::string name = it->path().filename().string();
-    if (name.empty() || name[0] == '.' || it->path().extension() != ".h5") continue;
-    files.push_back(it->path());
-  }
-  if (ec) throw Error(fmt::format("{}: cannot list the directory: {}", dir.string(), ec.message()));
+  for (const std::string& file : list_sample_files(dir.string(), "", ".h5")) files.emplace_back(file);
   if (files.empty()) throw Error(fmt::format("{}: no training files (*.h5) found", dir.string()));
-  std::sort(files.begin(), files.end());
   return files;
 }
 
-ChannelStats compute_stats(const std::vector<fs::path>& files) {
+ChannelStats compute_stats(const std::vector<fs::path>& files, Progress* progress) {
   ChannelStats out;
   std::vector<double> sum, sqsum;
   std::vector<float> data;
@@ -131,6 +127,7 @@ ChannelStats compute_stats(const std::vector<fs::path>& files) {
       out.maxval[c] = std::max(out.maxval[c], fmax[c]);
     }
     out.count += static_cast<std::int64_t>(pixels);
+    if (progress) progress->advance();
   }
   if (out.count == 0) throw Error("statistics: the training files hold no pixels");
   out.mean.resize(channels);
@@ -153,13 +150,14 @@ void write_stats(const fs::path& target, const ChannelStats& stats) {
   });
 }
 
-ChannelStats run_stats(const fs::path& root, bool quiet) {
+ChannelStats run_stats(const fs::path& root, const ProgressOptions& progress_options, bool summary) {
   const auto start = std::chrono::steady_clock::now();
   const std::vector<fs::path> files = training_files(root);
-  const ChannelStats stats = compute_stats(files);
+  Progress progress("stats", files.size(), "files", progress_options);
+  const ChannelStats stats = compute_stats(files, &progress);
   const fs::path target = root / "stats.h5";
   write_stats(target, stats);
-  if (!quiet) {
+  if (summary && !progress_options.quiet) {
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     fmt::print(stderr, "deepcam-data: statistics over {} training files ({} pixels each channel) in {:.1f} s\n",
                files.size(), stats.count, seconds);

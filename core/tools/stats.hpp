@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "progress.hpp"
+
 namespace deepcam::h5 {
 class File;
 }
@@ -38,13 +40,16 @@ void write_atomically(const std::filesystem::path& target,
 std::vector<std::filesystem::path> training_files(const std::filesystem::path& root);
 
 // Statistics over climate/data of the files; throws deepcam::Error naming
-// the file on unreadable input, a wrong shape or a NaN/Inf value.
-ChannelStats compute_stats(const std::vector<std::filesystem::path>& files);
+// the file on unreadable input, a wrong shape or a NaN/Inf value. Each file
+// done advances `progress` when one is given.
+ChannelStats compute_stats(const std::vector<std::filesystem::path>& files, Progress* progress = nullptr);
 
 void write_stats(const std::filesystem::path& target, const ChannelStats& stats);
 
-// The `stats` command: compute over root/train and write root/stats.h5.
-// Prints a summary to stderr unless quiet.
-ChannelStats run_stats(const std::filesystem::path& root, bool quiet = false);
+// The `stats` command: compute over root/train and write root/stats.h5,
+// with progress lines on stderr (progress.hpp); then, with `summary` and
+// not progress.quiet, the per-channel table.
+ChannelStats run_stats(const std::filesystem::path& root, const ProgressOptions& progress = {},
+                       bool summary = true);
 
 }  // namespace deepcam::data

@@ -376,9 +376,9 @@ void run_synth(const SynthOptions& o) {
 
   std::atomic<std::size_t> next{0};
   std::atomic<bool> failed{false};
-  std::mutex mutex;  // guards first_error, done and the progress output
+  std::mutex mutex;  // guards first_error
   std::exception_ptr first_error;
-  std::size_t done = 0;
+  Progress progress("synth", jobs.size(), "samples", o.progress);
   auto worker = [&] {
     Sample sample;  // one sample per thread, reused
     try {
@@ -390,10 +390,7 @@ void run_synth(const SynthOptions& o) {
           file.write("climate/data", sample.data.data(), {h, w, static_cast<std::uint64_t>(kChannels)});
           file.write("climate/labels_0", sample.labels.data(), {h, w});
         });
-        std::lock_guard<std::mutex> lock(mutex);
-        ++done;
-        fmt::print(stderr, "deepcam-data: [{}/{}] {}/{}\n", done, jobs.size(), split_name(job.split),
-                   job.path.filename().string());
+        progress.advance();
       }
     } catch (...) {
       std::lock_guard<std::mutex> lock(mutex);
@@ -412,7 +409,9 @@ void run_synth(const SynthOptions& o) {
   for (auto& t : threads) t.join();
   if (first_error) std::rethrow_exception(first_error);
 
-  const ChannelStats stats = run_stats(o.out, /*quiet=*/true);
+  // The statistics re-read every training file: progress of their own, no table.
+  const ChannelStats stats = run_stats(o.out, o.progress, /*summary=*/false);
+  if (o.progress.quiet) return;
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   fmt::print(stderr,
              "deepcam-data: wrote {} train, {} validation, {} test samples ({}x{}, seed {}) and stats.h5 "

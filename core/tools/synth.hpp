@@ -18,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include "progress.hpp"
+
 namespace deepcam::data {
 
 struct SynthOptions {
@@ -29,6 +31,7 @@ struct SynthOptions {
   int width = 1152;
   std::uint64_t seed = 1;
   int threads = 2;
+  ProgressOptions progress;
 };
 
 enum class Split : std::uint64_t { train = 0, validation = 1, test = 2 };
@@ -48,7 +51,8 @@ void generate_sample(std::uint64_t seed, Split split, std::uint64_t index, int h
 // 2106-01-01 00:00 (365-day calendar, as CAM5 uses).
 std::string sample_file_name(std::uint64_t step);
 
-// The `synth` command.
+// The `synth` command: progress lines on stderr (progress.hpp), then one
+// summary line (none with progress.quiet).
 void run_synth(const SynthOptions& options);
 
 }  // namespace deepcam::data

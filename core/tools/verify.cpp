@@ -16,6 +16,7 @@
 #include <fmt/ranges.h>
 
 #include "convert.hpp"
+#include "deepcam/data_set.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/h5.hpp"
 #include "deepcam/npy.hpp"
@@ -34,7 +35,6 @@ struct Item {
   std::string split;
   Format format = Format::H5;
   fs::path data, label;        // H5: data is the sample file
-  bool has_data = true, has_label = true;
 };
 
 struct Result {
@@ -115,10 +115,7 @@ Result check_npy(const Item& item) {
   Result r;
   npy::Header dh, lh;
   bool data_ok = false, label_ok = false;
-  if (!item.has_data) {
-    r.problems.push_back(fmt::format("{}: no data file {} beside it", item.label.string(),
-                                     item.data.filename().string()));
-  } else {
+  {
     try {
       const std::vector<unsigned char> bytes = read_npy(item.data, dh);
       if (dh.shape.size() != 3)
@@ -134,10 +131,7 @@ Result check_npy(const Item& item) {
       r.problems.push_back(e.what());
     }
   }
-  if (!item.has_label) {
-    r.problems.push_back(fmt::format("{}: no label file {} beside it", item.data.string(),
-                                     item.label.filename().string()));
-  } else {
+  {
     try {
       const std::vector<unsigned char> bytes = read_npy(item.label, lh);
       if (lh.shape.size() != 2)
@@ -163,13 +157,12 @@ Result check_npy(const Item& item) {
 // The stats.h5 checks; `channels` is the samples' channel count (-1: unknown).
 std::vector<std::string> check_stats(const fs::path& root, std::int64_t channels) {
   const fs::path path = root / "stats.h5";
-  std::error_code ec;
-  if (!fs::exists(path, ec))
-    return {fmt::format("{}: no such file; make it with deepcam-data stats {} (or copy the original)",
-                        path.string(), root.string())};
+  if (const std::string problem = stats_file_problem(root.string()); !problem.empty())
+    return {fmt::format("{}; make it with deepcam-data stats {} (or copy the original)", problem, root.string())};
   std::vector<std::string> problems;
   try {
     const h5::File file = h5::File::open(path.string());
+    std::vector<double> range[2];  // minval, maxval, when their shapes are right
     if (!file.has("climate/count")) problems.push_back(fmt::format("{}: dataset climate/count is missing", path.string()));
     for (const char* name : {"climate/mean", "climate/sqmean", "climate/minval", "climate/maxval"}) {
       if (!file.has(name)) {
@@ -183,7 +176,20 @@ std::vector<std::string> check_stats(const fs::path& root, std::int64_t channels
       else if (channels >= 0 && shape[0] != static_cast<std::uint64_t>(channels))
         problems.push_back(fmt::format("{}: dataset {} has {} values, but the samples have {} channels",
                                        path.string(), name, shape[0], channels));
+      else if (std::string(name) == "climate/minval" || std::string(name) == "climate/maxval") {
+        std::vector<double>& values = range[std::string(name) == "climate/maxval"];
+        values.resize(shape[0]);
+        file.read(name, values.data(), values.size());
+      }
     }
+    // Training's rule (deepcam/data_set.hpp) on every channel: verify has no
+    // run file to say which are selected.
+    if (!range[0].empty() && range[0].size() == range[1].size())
+      for (std::size_t c = 0; c < range[0].size(); ++c)
+        if (std::string p = stats_range_problem(path.string(), static_cast<std::int64_t>(c), range[0][c],
+                                                range[1][c]);
+            !p.empty())
+          problems.push_back(p + " (training refuses it when the channel is selected)");
   } catch (const Error& e) {
     problems.push_back(e.what());
   }
@@ -206,24 +212,34 @@ void run_verify(const VerifyOptions& o) {
 
   std::vector<Item> items;
   std::vector<std::string> split_notes;
+  // Problems of the layout, each naming one path: training's rule on the
+  // root (deepcam/data_set.hpp) and the entries the listing refuses.
+  std::vector<std::string> layout;
   std::vector<fs::path> dirs, leftovers;
+  for (const char* split : kDataSplits)
+    if (std::string problem = split_folder_problem(o.root.string(), split); !problem.empty())
+      layout.push_back(std::move(problem));
   for (fs::directory_iterator it(o.root, ec), end; !ec && it != end; it.increment(ec))
     if (it->path().filename().string()[0] != '.' && it->is_directory(ec)) dirs.push_back(it->path());
   if (ec) throw Error(fmt::format("{}: cannot list the directory: {}", o.root.string(), ec.message()));
   std::sort(dirs.begin(), dirs.end());
+  bool any_listed = false;  // an entry named like a sample, refused or not
   for (const fs::path& dir : dirs) {
     const std::string split = dir.filename().string();
-    const auto h5_files = sample_files(dir, "data-", ".h5");
-    for (const fs::path& f : h5_files) items.push_back({split, Format::H5, f, {}, true, true});
-    // The numpy form: pair data-X.npy with label-X.npy by X.
-    std::set<std::string> data_stems, label_stems;
-    for (const fs::path& f : sample_files(dir, "data-", ".npy")) data_stems.insert(f.stem().string().substr(5));
-    for (const fs::path& f : sample_files(dir, "label-", ".npy")) label_stems.insert(f.stem().string().substr(6));
-    std::set<std::string> stems = data_stems;
-    stems.insert(label_stems.begin(), label_stems.end());
-    for (const std::string& x : stems)
-      items.push_back({split, Format::Npy, dir / ("data-" + x + ".npy"), dir / ("label-" + x + ".npy"),
-                       data_stems.count(x) > 0, label_stems.count(x) > 0});
+    std::vector<std::string> listed;
+    const auto h5_files = list_sample_files(dir.string(), "data-", ".h5", &listed);
+    for (const std::string& f : h5_files) items.push_back({split, Format::H5, f, {}});
+    // The numpy form: data-X.npy with label-X.npy, paired by X; an unpaired
+    // file is a problem, as in training.
+    const NpySplit npy = list_npy_split(dir.string(), &listed);
+    for (std::size_t k = 0; k < npy.data.size(); ++k)
+      items.push_back({split, Format::Npy, npy.data[k], npy.labels[k]});
+    any_listed = any_listed || !listed.empty();
+    const bool training_split = split == kDataSplits[0] || split == kDataSplits[1];
+    if (training_split && h5_files.empty() && npy.data.empty())
+      listed.push_back(empty_split_problem(dir.string(), split, "samples (data-*.h5, or data-*.npy with "
+                                                                 "label-*.npy)"));
+    layout.insert(layout.end(), listed.begin(), listed.end());
     // Hidden temporaries of write_atomically and npy::write outlive only a
     // writer killed mid-file; they waste space and nothing else removes them
     // (convert cannot: another rank may be writing it right now).
@@ -233,16 +249,18 @@ void run_verify(const VerifyOptions& o) {
     }
     std::vector<std::string> parts;
     if (!h5_files.empty()) parts.push_back(fmt::format("{} h5 samples", h5_files.size()));
-    if (!stems.empty()) parts.push_back(fmt::format("{} npy samples", stems.size()));
+    if (!npy.data.empty()) parts.push_back(fmt::format("{} npy samples", npy.data.size()));
     if (!parts.empty()) split_notes.push_back(fmt::format("{}: {}", split, fmt::join(parts, " and ")));
   }
-  if (items.empty())
+  if (items.empty() && !any_listed)
     throw Error(fmt::format("{}: no folder in it holds samples (data-*.h5, or data-*.npy and label-*.npy)",
                             o.root.string()));
 
   std::vector<Result> results(items.size());
+  Progress progress("verify", items.size(), "samples", o.progress);
   parallel_for(items.size(), o.threads, [&](std::size_t k) {
     results[k] = items[k].format == Format::H5 ? check_h5(items[k]) : check_npy(items[k]);
+    progress.advance();
   });
 
   // Agreement within each format: the most common signature is the norm.
@@ -274,6 +292,11 @@ void run_verify(const VerifyOptions& o) {
       fmt::print("{}\n", p);
       ++problems;
     }
+  }
+  for (const std::string& p : layout) {
+    fmt::print("{}\n", p);
+    ++problems;
+    ++bad_files;
   }
   std::sort(leftovers.begin(), leftovers.end());
   for (const fs::path& p : leftovers) {

@@ -7,7 +7,12 @@
 //   the data all there);
 // - data is (H, W, C), labels (H, W) of the same H and W;
 // - every data value is finite and every label is 0, 1 or 2;
-// - each data-X.npy has its label-X.npy and the other way round;
+// - training's rule on the root (deepcam/data_set.hpp): train/ and
+//   validation/ exist and hold samples, stats.h5 has max > min on every
+//   channel;
+// - every entry named like a sample is a file (not a FIFO, a directory, a
+//   link loop: the readers' listing), each data-X.npy has its label-X.npy
+//   and the other way round;
 // - shapes and dtypes agree across the files of a format (the most common
 //   combination is taken as right, the others are reported);
 // - ROOT/stats.h5 exists and holds count and, per channel, mean, sqmean,
@@ -20,11 +25,14 @@
 
 #include <filesystem>
 
+#include "progress.hpp"
+
 namespace deepcam::data {
 
 struct VerifyOptions {
   std::filesystem::path root;
   int threads = 0;  // 0: one per core, at most 16
+  ProgressOptions progress;  // progress lines on stderr; the report on stdout stays
 };
 
 // Prints the problems and the summary to stdout; throws deepcam::Error
