@@ -28,14 +28,14 @@ const ParamSpec kRunSpecs[] = {
      1, 9.2e18},
     {"output_dir", ParamType::Path, "\"runs/default\"",
      "where the MLPerf log, the resolved config and checkpoints go"},
-    {"max_epochs", ParamType::Int, "50", "stop after this many epochs if the target is not reached", 1, 1e9},
+    {"max_epochs", ParamType::Int, "50", "stop after this many epochs if the target is not reached", 1, kUnbounded},
     {"target_iou", ParamType::Float, "0.82", "validation IoU that ends the run (SPEC 4.3)", 0, 1},
     {"logging_frequency", ParamType::Int, "10",
-     "log train loss/accuracy and a progress line every this many steps; 0: only at epoch ends", 0, 1e9},
+     "log train loss/accuracy and a progress line every this many steps; 0: only at epoch ends", 0, kUnbounded},
     {"progress_seconds", ParamType::Float, "30",
      "a progress line on stderr at least this often in training and validation, whatever logging_frequency is; "
      "0: only at logging steps",
-     0, 1e9},
+     0, kUnbounded},
     {"train_batch_size", ParamType::Int, "2", "local (per-rank) training batch size", 1, 1e6},
     {"validation_batch_size", ParamType::Int, "1", "local (per-rank) validation batch size", 1, 1e6},
     {"gradient_accumulation_frequency", ParamType::Int, "1", "batches per optimizer step", 1, 1e6},
@@ -44,7 +44,7 @@ const ParamSpec kRunSpecs[] = {
     {"threads", ParamType::Int, "0", "intra-op CPU threads of LibTorch; 0 keeps its default", 0, 4096},
     {"checkpoint_every", ParamType::Int, "0",
      "save a checkpoint every this many epochs; 0: only at the end (after run_stop); -1: none at all (a benchmark run)",
-     -1, 1e9},
+     -1, kUnbounded},
     {"resume", ParamType::Path, "\"\"", "checkpoint to resume from (step, epoch, model, optimizer)"},
     {"resume_weights_only", ParamType::Bool, "false",
      "resume from a checkpoint that has no optimizer state (the model's weights only; the optimizer starts "
@@ -114,7 +114,7 @@ std::size_t edit_distance(const std::string& a, const std::string& b) {
 struct Location {
   std::string file;
   std::string section;
-  std::set<std::string> overridden;  // keys set by --set
+  std::map<std::string, std::string> overridden;  // key -> the --set item that set it
 
   // A relative path set in the file is taken from the file's folder; one
   // set with --set or left at its default, from the current directory.
@@ -129,7 +129,7 @@ struct Location {
   }
 
   std::string at(const std::string& key, const toml::node* node) const {
-    if (overridden.count(key)) return fmt::format("--set {}.{}", section, key);
+    if (auto it = overridden.find(key); it != overridden.end()) return "--set " + it->second;
     if (node && node->source().begin.line > 0) {
       return fmt::format("{}:{} [{}] {}", file, node->source().begin.line, section, key);
     }
@@ -143,10 +143,6 @@ std::string did_you_mean(const std::string& word, const std::vector<std::string>
 }
 
 ParamValue parse_default(const ParamSpec& spec);
-
-bool in_range(const ParamSpec& spec, double v) {
-  return spec.min > spec.max || (v >= spec.min && v <= spec.max);
-}
 
 std::string type_name(const toml::node& node) {
   switch (node.type()) {
@@ -267,12 +263,12 @@ PluginKind kind_named(const ParamSpec& spec) {
 // section path, "reader.source") and the loader for nested plugin tables.
 struct Checker {
   std::string file;
-  std::map<std::string, std::set<std::string>> set_keys;
+  std::map<std::string, std::map<std::string, std::string>> set_keys;
   PluginLoader* loader = nullptr;
 
   Location location(const std::string& section) const {
     auto it = set_keys.find(section);
-    return Location{file, section, it == set_keys.end() ? std::set<std::string>{} : it->second};
+    return Location{file, section, it == set_keys.end() ? std::map<std::string, std::string>{} : it->second};
   }
 
   Params check(const toml::table* table, const ParamSchema& schema, const Location& loc,
@@ -330,6 +326,7 @@ std::shared_ptr<const NestedPlugin> Checker::nested(const ParamSpec& spec, const
 Params Checker::check(const toml::table* table, const ParamSchema& schema, const Location& loc,
                       const std::set<std::string>& host_keys) const {
   std::map<std::string, ParamValue> values;
+  std::map<std::string, std::string> sources;
   std::vector<std::string> known;
   for (const auto& spec : schema) known.emplace_back(spec.key);
   if (table) {
@@ -344,6 +341,7 @@ Params Checker::check(const toml::table* table, const ParamSchema& schema, const
         throw Error(fmt::format("{}: unknown key{} (known: {})", loc.at(key, &node), did_you_mean(key, all),
                                 fmt::join(all, ", ")));
       }
+      sources[key] = loc.at(key, &node);
       if (it->type == ParamType::Plugin) {
         values[key] = nested(*it, node, loc, loc.at(key, &node));
       } else if (loc.section == "run" && key == "seed" && node.is_string() && *node.value<std::string>() == "auto") {
@@ -358,6 +356,7 @@ Params Checker::check(const toml::table* table, const ParamSchema& schema, const
   }
   for (const auto& spec : schema) {
     if (values.count(spec.key)) continue;
+    sources[spec.key] = fmt::format("{} [{}] {} (default)", loc.file, loc.section, spec.key);
     if (!spec.default_toml) {
       const std::string what =
           spec.type == ParamType::Plugin
@@ -375,7 +374,7 @@ Params Checker::check(const toml::table* table, const ParamSchema& schema, const
       }
     }
   }
-  return Params(fmt::format("{} [{}]", loc.file, loc.section), std::move(values));
+  return Params(fmt::format("{} [{}]", loc.file, loc.section), std::move(values), std::move(sources));
 }
 
 toml::table parse_file(const std::string& file) {
@@ -395,7 +394,8 @@ toml::table parse_file(const std::string& file) {
 
 // Applies one `section.key=value`; the value is TOML, or a bare string. The
 // key may be a path into nested tables: `reader.source.io=mmap`.
-void apply_override(toml::table& root, const std::string& item, std::map<std::string, std::set<std::string>>& set_keys) {
+void apply_override(toml::table& root, const std::string& item,
+                    std::map<std::string, std::map<std::string, std::string>>& set_keys) {
   const auto eq = item.find('=');
   const auto dot = item.find('.');
   if (eq == std::string::npos || dot == std::string::npos || dot > eq) {
@@ -431,13 +431,13 @@ void apply_override(toml::table& root, const std::string& item, std::map<std::st
     if (!t) throw Error(fmt::format("--set {}: [{}] is not a table", item, table_path));
   }
   t->insert_or_assign(path.back(), *parsed.get("v"));
-  set_keys[table_path].insert(path.back());
+  set_keys[table_path][path.back()] = item;
   // A table given whole (`--set 'reader.source={name = "npy"}'`): its keys
   // come from --set too, not from a line of the file.
   std::function<void(const toml::table&, const std::string&)> mark = [&](const toml::table& table,
                                                                          const std::string& where) {
     for (const auto& [k, node] : table) {
-      set_keys[where].insert(std::string(k.str()));
+      set_keys[where][std::string(k.str())] = fmt::format("{}: [{}] {}", item, where, k.str());
       if (const toml::table* sub = node.as_table()) mark(*sub, where + "." + std::string(k.str()));
     }
   };
@@ -478,7 +478,7 @@ Params check_table_file(const std::string& file, const std::string& section, con
 RunConfig load_config(const std::string& file, const std::vector<std::string>& overrides,
                       PluginLoader& loader) {
   toml::table root = parse_file(file);
-  std::map<std::string, std::set<std::string>> set_keys;
+  std::map<std::string, std::map<std::string, std::string>> set_keys;
   for (const auto& o : overrides) apply_override(root, o, set_keys);
 
   for (const auto& [k, node] : root) {
@@ -502,7 +502,7 @@ RunConfig load_config(const std::string& file, const std::vector<std::string>& o
     // the device the run uses.
     auto values = cfg.run.values();
     values["device"] = std::string(torch::cuda::is_available() ? "cuda" : "cpu");
-    cfg.run = Params(cfg.run.where(), std::move(values));
+    cfg.run = Params(cfg.run.where(), std::move(values), cfg.run.sources());
   }
   cfg.data = checker.check(root.get_as<toml::table>("data"), schema_of(kDataSpecs), location("data"), {});
   {

@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
+
 #include "deepcam/error.hpp"
 #include "deepcam/json.hpp"
 
@@ -22,8 +24,15 @@ const char* to_string(ParamType type) {
   return "unknown";
 }
 
-Params::Params(std::string where, std::map<std::string, ParamValue> values)
-    : where_(std::move(where)), values_(std::move(values)) {}
+Params::Params(std::string where, std::map<std::string, ParamValue> values,
+               std::map<std::string, std::string> sources)
+    : where_(std::move(where)), values_(std::move(values)), sources_(std::move(sources)) {}
+
+std::string Params::where(const std::string& key) const {
+  auto it = sources_.find(key);
+  if (it != sources_.end()) return it->second;
+  return fmt::format("{} {}", where_, key);
+}
 
 const ParamValue& Params::at(const std::string& key) const {
   auto it = values_.find(key);
@@ -115,11 +124,22 @@ std::string to_toml(const ParamValue& value) {
 }
 
 std::string range_text(const ParamSpec& spec) {
-  if (spec.type == ParamType::Int || spec.type == ParamType::IntList) {
-    return "[" + std::to_string(static_cast<std::int64_t>(spec.min)) + ", " +
-           std::to_string(static_cast<std::int64_t>(spec.max)) + "]";
-  }
-  return "[" + to_toml(spec.min) + ", " + to_toml(spec.max) + "]";
+  const bool integral = spec.type == ParamType::Int || spec.type == ParamType::IntList;
+  auto bound = [&](double v) -> std::string {
+    if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+    return integral ? std::to_string(static_cast<std::int64_t>(v)) : to_toml(v);
+  };
+  // An infinite end is never reached, so it is always shown open.
+  const bool min_open = spec.min_open || std::isinf(spec.min);
+  const bool max_open = spec.max_open || std::isinf(spec.max);
+  return (min_open ? "(" : "[") + bound(spec.min) + ", " + bound(spec.max) + (max_open ? ")" : "]");
+}
+
+bool in_range(const ParamSpec& spec, double v) {
+  if (spec.min > spec.max) return true;
+  const bool above_min = spec.min_open ? v > spec.min : v >= spec.min;
+  const bool below_max = spec.max_open ? v < spec.max : v <= spec.max;
+  return above_min && below_max;
 }
 
 }  // namespace deepcam

@@ -12,11 +12,11 @@ Warmup read_warmup(const Params& params) {
   Warmup warmup;
   warmup.steps = params.integer("lr_warmup_steps");
   if (warmup.steps < 0) {
-    throw Error(params.where() + " lr_warmup_steps = " + std::to_string(warmup.steps) + ": must be >= 0");
+    throw Error(params.where("lr_warmup_steps") + " = " + std::to_string(warmup.steps) + ": must be >= 0");
   }
   warmup.factor = params.number("lr_warmup_factor");
   if (!(warmup.factor >= 1.0)) {
-    throw Error(params.where() + " lr_warmup_factor = " + std::to_string(warmup.factor) + ": must be >= 1");
+    throw Error(params.where("lr_warmup_factor") + " = " + std::to_string(warmup.factor) + ": must be >= 1");
   }
   return warmup;
 }

@@ -88,7 +88,7 @@ def test_unknown_section_and_missing_required_key(tmp_path, data):
 def test_set_overrides_are_checked_like_the_file(tmp_path, data):
     run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
     r = run_host(run, "--set", "optimizer.lr=fast")
-    assert r.returncode == 2 and "--set optimizer.lr: expected float, got string" in r.stderr
+    assert r.returncode == 2 and "--set optimizer.lr=fast: expected float, got string" in r.stderr
     r = run_host(run, "--set", "optimizer.betaz=[0.9, 0.99]")
     assert r.returncode == 2 and "did you mean 'betas'?" in r.stderr
 
@@ -105,7 +105,7 @@ def refused(tmp_path, data, library, kind="optimizer"):
 def test_plugin_for_another_abi_is_refused_with_both_versions(tmp_path, data):
     lib = FIXTURES / "libdeepcam_optimizer_foreignabi.so"
     msg = refused(tmp_path, data, lib)
-    assert str(lib) in msg and "built for plugin ABI 3, this host has plugin ABI 2" in msg
+    assert str(lib) in msg and "built for plugin ABI 1, this host has plugin ABI 3" in msg
 
 
 def test_plugin_built_against_another_libtorch_is_refused(tmp_path, data):
@@ -116,7 +116,7 @@ def test_plugin_built_against_another_libtorch_is_refused(tmp_path, data):
 
 def test_shared_library_that_is_not_a_plugin(tmp_path, data):
     msg = refused(tmp_path, data, FIXTURES / "libdeepcam_optimizer_notaplugin.so")
-    assert "not a deepcam-host plugin (no symbol deepcam_plugin_v2)" in msg
+    assert "not a deepcam-host plugin (no symbol deepcam_plugin_v3)" in msg
 
 
 def test_corrupt_and_missing_library(tmp_path, data):

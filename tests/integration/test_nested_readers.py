@@ -109,15 +109,16 @@ def test_prefetch_keys_are_checked_too(tmp_path, data):
 
 
 def test_set_reaches_into_the_nested_table(tmp_path, data):
-    assert "--set reader.source.thredas: unknown key; did you mean 'threads'?" in refused(
+    assert "--set reader.source.thredas=3: unknown key; did you mean 'threads'?" in refused(
         tmp_path, data, "--set", "reader.source.thredas=3")
-    assert "--set reader.source.threads: expected int, got string" in refused(
+    assert "--set reader.source.threads=many: expected int, got string" in refused(
         tmp_path, data, "--set", "reader.source.threads=many")
     assert "--set reader.depth.x=1: [reader.depth] is not a table" in refused(
         tmp_path, data, "--set", "reader.depth.x=1")
-    # A whole table from the command line: its keys are named as --set ones.
+    # A whole table from the command line: the item, then the key in it.
     msg = refused(tmp_path, data, "--set", 'reader.source={name = "hdf5", thread = 2}')
-    assert "--set reader.source.thread: unknown key; did you mean 'threads'?" in msg
+    assert ('--set reader.source={name = "hdf5", thread = 2}: [reader.source] thread: unknown key; '
+            "did you mean 'threads'?") in msg
 
 
 def read_log(path):

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
@@ -33,14 +34,20 @@ struct ParamSpec {
   // makes the key required.
   const char* default_toml;
   const char* doc;
-  // Inclusive bounds for numbers and for each element of a number list;
-  // min > max means unbounded.
+  // Bounds for numbers and for each element of a number list, inclusive
+  // unless min_open / max_open say otherwise; kUnbounded for no upper bound,
+  // -kUnbounded for no lower one; min > max means no range at all.
   double min = 1.0;
   double max = 0.0;
   // For strings: the allowed values, separated by '|'; nullptr for any.
   // For a Plugin parameter: the kind of plugin the nested table names.
   const char* choices = nullptr;
+  // An open bound excludes itself: lr > 0 is min 0.0 with min_open.
+  bool min_open = false;
+  bool max_open = false;
 };
+
+inline constexpr double kUnbounded = std::numeric_limits<double>::infinity();
 
 struct ParamSchema {
   const ParamSpec* specs;
@@ -62,7 +69,8 @@ using ParamValue = std::variant<std::int64_t, double, bool, std::string, std::ve
 class DEEPCAM_API Params {
  public:
   Params() = default;
-  Params(std::string where, std::map<std::string, ParamValue> values);
+  Params(std::string where, std::map<std::string, ParamValue> values,
+         std::map<std::string, std::string> sources = {});
 
   std::int64_t integer(const std::string& key) const;
   double number(const std::string& key) const;
@@ -79,12 +87,20 @@ class DEEPCAM_API Params {
   bool has(const std::string& key) const { return values_.count(key) != 0; }
   // Where the values came from, for messages: "run.toml [optimizer]".
   const std::string& where() const { return where_; }
+  // Where one value came from, for a check the schema cannot express:
+  // "run.toml:14 [optimizer] lr", "--set optimizer.lr=0", or
+  // "run.toml [optimizer] lr (default)"; "run.toml [optimizer] lr" for
+  // Params built without sources.
+  std::string where(const std::string& key) const;
+  // key -> where(key) for the keys set in a file or by --set.
+  const std::map<std::string, std::string>& sources() const { return sources_; }
   const std::map<std::string, ParamValue>& values() const { return values_; }
 
  private:
   const ParamValue& at(const std::string& key) const;
   std::string where_;
   std::map<std::string, ParamValue> values_;
+  std::map<std::string, std::string> sources_;  // key -> where(key), for keys set in a file or by --set
 };
 
 // The value of a Plugin parameter: the plugin its table names, loaded and
@@ -100,8 +116,12 @@ struct NestedPlugin {
   Params params;                        // "run.toml [reader.source]"
 };
 
-// "[1, 256]" or "[0.0, 1.0]": a spec's bounds, integers for integer keys.
+// "[1, 256]", "(0.0, inf)" or "[0.0, 1.0)": a spec's bounds as the check
+// applies them, integers for integer keys; a parenthesis is an open bound.
 DEEPCAM_API std::string range_text(const ParamSpec& spec);
+
+// Whether v lies within the spec's bounds (always, for a spec without any).
+DEEPCAM_API bool in_range(const ParamSpec& spec, double v);
 
 // The TOML text of a value, as --describe and the resolved config print it.
 DEEPCAM_API std::string to_toml(const ParamValue& value);

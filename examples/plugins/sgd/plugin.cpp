@@ -10,11 +10,11 @@ namespace {
 // The Nesterov condition (momentum > 0, dampening = 0) spans two keys and is
 // checked by SgdOptions::from. dampening is unbounded, as in PyTorch.
 const deepcam::ParamSpec kParams[] = {
-    {"lr", deepcam::ParamType::Float, "1e-3", "learning rate (>= 0)", 0.0, 1e9},
-    {"momentum", deepcam::ParamType::Float, "0.0", "momentum factor (0: plain SGD)", 0.0, 1e9},
+    {"lr", deepcam::ParamType::Float, "1e-3", "learning rate (>= 0)", 0.0, deepcam::kUnbounded},
+    {"momentum", deepcam::ParamType::Float, "0.0", "momentum factor (0: plain SGD)", 0.0, deepcam::kUnbounded},
     {"dampening", deepcam::ParamType::Float, "0.0",
      "dampening of the momentum, from the second step on: buf = momentum * buf + (1 - dampening) * grad"},
-    {"weight_decay", deepcam::ParamType::Float, "0.0", "L2 penalty added to the gradient", 0.0, 1e9},
+    {"weight_decay", deepcam::ParamType::Float, "0.0", "L2 penalty added to the gradient", 0.0, deepcam::kUnbounded},
     {"nesterov", deepcam::ParamType::Bool, "false",
      "Nesterov momentum (needs momentum > 0 and dampening = 0)"},
 };

@@ -8,12 +8,14 @@
 
 namespace {
 
-// The schema's bounds are inclusive, so width's open lower end and
-// output_stride's two allowed values are checked again in
-// DeepLabV3PlusOptions::from.
+// The schema states every bound as the host checks it; output_stride's two
+// allowed values, which a range cannot say, are checked in
+// DeepLabV3PlusOptions::from (with the bounds again, for code that builds the
+// options itself).
 const deepcam::ParamSpec kParams[] = {
     {"width", deepcam::ParamType::Float, "1.0",
-     "factor on every internal channel count, in (0, 1]; names and layers unchanged", 0.0, 1.0},
+     "factor on every internal channel count; names and layers unchanged", 0.0, 1.0, nullptr,
+     /*min_open=*/true},
     {"middle_blocks", deepcam::ParamType::Int, "16",
      "middle-flow blocks block4..block(3+n); the exit block is block(4+n)", 1.0, 16.0},
     {"output_stride", deepcam::ParamType::Int, "16",

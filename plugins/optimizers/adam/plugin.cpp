@@ -7,15 +7,18 @@
 
 namespace {
 
-// Exclusive bounds (lr > 0, betas < 1) and the length of betas are checked by
-// AdamOptions::from: the schema's bounds are inclusive.
+// The schema states every bound as the host checks it (with the file and
+// line, or the --set, that gave the value); AdamOptions::from checks them
+// again for code that builds the options itself, and checks what a schema
+// cannot say: that betas has two values.
 const deepcam::ParamSpec kParams[] = {
-    {"lr", deepcam::ParamType::Float, "1e-3", "learning rate (> 0)", 0.0, 1e9},
+    {"lr", deepcam::ParamType::Float, "1e-3", "learning rate", 0.0, deepcam::kUnbounded, nullptr,
+     /*min_open=*/true},
     {"betas", deepcam::ParamType::FloatList, "[0.9, 0.999]",
-     "[beta1, beta2]: decay rates of the gradient's running mean and mean square, each in [0, 1)",
-     0.0, 1.0},
+     "[beta1, beta2]: decay rates of the gradient's running mean and mean square, each in [0, 1)", 0.0, 1.0,
+     nullptr, /*min_open=*/false, /*max_open=*/true},
     {"weight_decay", deepcam::ParamType::Float, "1e-6",
-     "L2 penalty added to the gradient (not decoupled)", 0.0, 1e9},
+     "L2 penalty added to the gradient (not decoupled)", 0.0, deepcam::kUnbounded},
 };
 
 std::unique_ptr<deepcam::Optimizer> make(const deepcam::Params& params,

@@ -11,16 +11,16 @@ Hyperparameters read_hyperparameters(const Params& params) {
   Hyperparameters h{};
   h.lr = params.number("lr");
   if (!(h.lr > 0.0)) {
-    throw Error(params.where() + " lr = " + std::to_string(h.lr) + ": must be > 0");
+    throw Error(params.where("lr") + " = " + std::to_string(h.lr) + ": must be > 0");
   }
   const std::vector<double>& betas = params.numbers("betas");
   if (betas.size() != 2) {
-    throw Error(params.where() + " betas has " + std::to_string(betas.size()) +
+    throw Error(params.where("betas") + " has " + std::to_string(betas.size()) +
                 " values: give two, e.g. betas = [0.9, 0.999]");
   }
   for (double beta : betas) {
     if (!(beta >= 0.0 && beta < 1.0)) {
-      throw Error(params.where() + " betas = [" + std::to_string(betas[0]) + ", " + std::to_string(betas[1]) +
+      throw Error(params.where("betas") + " = [" + std::to_string(betas[0]) + ", " + std::to_string(betas[1]) +
                   "]: each must be in [0, 1)");
     }
   }
@@ -28,7 +28,7 @@ Hyperparameters read_hyperparameters(const Params& params) {
   h.beta2 = betas[1];
   h.weight_decay = params.number("weight_decay");
   if (!(h.weight_decay >= 0.0)) {
-    throw Error(params.where() + " weight_decay = " + std::to_string(h.weight_decay) + ": must be >= 0");
+    throw Error(params.where("weight_decay") + " = " + std::to_string(h.weight_decay) + ": must be >= 0");
   }
   return h;
 }

@@ -13,12 +13,12 @@ namespace {
 const deepcam::ParamSpec kParams[] = {
     {"t_max", deepcam::ParamType::Int, nullptr,
      "optimizer steps (after warmup) from the start LR down to eta_min; the LR climbs back after", 1.0,
-     9.2e18},
-    {"eta_min", deepcam::ParamType::Float, "0.0", "the lowest LR of the cosine", 0.0, 1e9},
+     deepcam::kUnbounded},
+    {"eta_min", deepcam::ParamType::Float, "0.0", "the lowest LR of the cosine", 0.0, deepcam::kUnbounded},
     {"lr_warmup_steps", deepcam::ParamType::Int, "0", "linear warmup length in optimizer steps", 0.0,
-     9.2e18},
+     deepcam::kUnbounded},
     {"lr_warmup_factor", deepcam::ParamType::Float, "1.0",
-     "warmup goes from L (or 0 when 1) towards L * factor", 1.0, 1e9},
+     "warmup goes from L (or 0 when 1) towards L * factor", 1.0, deepcam::kUnbounded},
 };
 
 std::unique_ptr<deepcam::Scheduler> make(const deepcam::Params& params,

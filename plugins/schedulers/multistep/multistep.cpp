@@ -16,13 +16,13 @@ MultistepOptions MultistepOptions::from(const Params& params) {
   options.milestones = params.integers("milestones");
   for (std::int64_t milestone : options.milestones) {
     if (milestone < 0) {
-      throw Error(params.where() + " milestones contains " + std::to_string(milestone) +
+      throw Error(params.where("milestones") + " contains " + std::to_string(milestone) +
                   ": milestones are optimizer steps, each >= 0");
     }
   }
   options.decay_rate = params.number("decay_rate");
   if (!(options.decay_rate > 0.0 && options.decay_rate <= 1.0)) {
-    throw Error(params.where() + " decay_rate = " + std::to_string(options.decay_rate) +
+    throw Error(params.where("decay_rate") + " = " + std::to_string(options.decay_rate) +
                 ": must be in (0, 1]");
   }
   const Warmup warmup = read_warmup(params);

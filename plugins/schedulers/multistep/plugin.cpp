@@ -7,18 +7,18 @@
 
 namespace {
 
-// decay_rate > 0 is checked by MultistepOptions::from: the schema's bounds
-// are inclusive.
+// The schema states every bound as the host checks it; MultistepOptions::from
+// checks them again for code that builds the options itself.
 const deepcam::ParamSpec kParams[] = {
     {"milestones", deepcam::ParamType::IntList, "[]",
      "optimizer steps at which the LR is multiplied by decay_rate (after warmup: + W + 1)", 0.0,
-     9.2e18},
-    {"decay_rate", deepcam::ParamType::Float, "0.1", "factor applied at each milestone, in (0, 1]", 0.0,
-     1.0},
+     deepcam::kUnbounded},
+    {"decay_rate", deepcam::ParamType::Float, "0.1", "factor applied at each milestone", 0.0, 1.0,
+     nullptr, /*min_open=*/true},
     {"lr_warmup_steps", deepcam::ParamType::Int, "0", "linear warmup length in optimizer steps", 0.0,
-     9.2e18},
+     deepcam::kUnbounded},
     {"lr_warmup_factor", deepcam::ParamType::Float, "1.0",
-     "warmup goes from L (or 0 when 1) towards L * factor", 1.0, 1e9},
+     "warmup goes from L (or 0 when 1) towards L * factor", 1.0, deepcam::kUnbounded},
 };
 
 std::unique_ptr<deepcam::Scheduler> make(const deepcam::Params& params,
