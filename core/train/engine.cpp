@@ -19,6 +19,7 @@
 #include <optional>
 
 #include "amp.hpp"
+#include "closed_division.hpp"
 #include "comm.hpp"
 #include "data_parallel.hpp"
 #include "deepcam/build_reader.hpp"
@@ -307,6 +308,17 @@ class Engine {
     if (precision_ == Precision::AmpFp16) scaler_ = std::make_unique<GradScaler>(ScalerState{}, device_);
   }
 
+  // The checker would refuse a closed submission from this run: say so now,
+  // naming each key, rather than after hours of training.
+  void warn_if_not_closed() const {
+    const std::vector<std::string> gaps = closed_division_gaps(
+        cfg_, c_.reader->global_samples(Split::Train), c_.reader->global_samples(Split::Validation));
+    if (gaps.empty()) return;
+    std::fprintf(stderr, "deepcam-host: warning: %s sets division = \"closed\", but this run cannot be a closed "
+                 "submission:\n", cfg_.mlperf.where("division").c_str());
+    for (const std::string& gap : gaps) std::fprintf(stderr, "  %s\n", gap.c_str());
+  }
+
   int train() {
     const Params& run = cfg_.run;
     const std::int64_t k = run.integer("gradient_accumulation_frequency");
@@ -320,6 +332,7 @@ class Engine {
     c_.scheduler->log_hyperparameters(log_);
     log_.event("train_samples", Json(c_.reader->global_samples(Split::Train)));
     log_.event("eval_samples", Json(c_.reader->global_samples(Split::Validation)));
+    if (comm_.rank() == 0 && cfg_.mlperf.string("division") == "closed") warn_if_not_closed();
 
     std::int64_t step = 0;       // batches trained, as the reference counts them
     std::int64_t first_epoch = 0;
@@ -800,7 +813,7 @@ RunConfig with_drawn_seed(const RunConfig& cfg, Communicator& comm) {
   RunConfig out = cfg;
   auto values = cfg.run.values();
   values["seed"] = seed;
-  out.run = Params(cfg.run.where(), std::move(values));
+  out.run = Params(cfg.run.where(), std::move(values), cfg.run.sources());
   const std::string line = "seed = \"auto\"\n";
   const auto at = out.resolved.find(line);
   if (at != std::string::npos) {

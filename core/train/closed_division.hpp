@@ -1,0 +1,22 @@
+// What keeps a run from being a closed-division DeepCAM submission (MLPerf
+// HPC rules, as the official checker's closed_deepcam*.yaml enforce them and
+// as the reference model is defined): checked at the start of a run whose
+// [mlperf] division is "closed", so that a user learns it before hours of
+// training rather than from the checker afterwards.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "deepcam/config.hpp"
+
+namespace deepcam {
+
+// One line per departure, each naming the key and its closed value, e.g.
+// "run.toml:12 [model] width = 0.25 (closed: 1.0, the reference network)".
+// Empty for a run that may be closed.
+std::vector<std::string> closed_division_gaps(const RunConfig& cfg, std::int64_t train_samples,
+                                              std::int64_t eval_samples);
+
+}  // namespace deepcam

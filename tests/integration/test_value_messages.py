@@ -1,0 +1,120 @@
+"""Where a refused value came from: every range check, the schema's and the
+plugins' own, names the file and line of a TOML value or the --set item of an
+override; --describe prints bounds as the checks apply them (open ones
+open); and a closed-division run that cannot be closed is told so at start."""
+
+import re
+
+import pytest
+
+from helpers import run_host, synth, write_run
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synth(tmp_path_factory.mktemp("messages") / "data", train=4, validation=2)
+
+
+def line_of(run, section, key):
+    """The 1-based line of `key = ` inside [section] of a run file."""
+    current = None
+    for number, line in enumerate(run.read_text().splitlines(), start=1):
+        if line.startswith("["):
+            current = line.strip("[]")
+        elif current == section and line.startswith(f"{key} ="):
+            return number
+    raise AssertionError(f"no {section}.{key} in {run}")
+
+
+def refusal(tmp_path, data, *extra, **changes):
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out, **changes)
+    r = run_host(run, *extra)
+    assert r.returncode == 2, r.stderr
+    assert not out.exists()
+    lines = [l for l in r.stderr.splitlines() if l.startswith("deepcam-host:")]
+    assert len(lines) == 1, r.stderr
+    return run, lines[0]
+
+
+@pytest.mark.parametrize("section,key,value,bounds", [
+    ("optimizer", "lr", 0.0, "(0.0, inf)"),
+    ("optimizer", "betas", [0.9, 1.0], "[0.0, 1.0)"),
+    ("optimizer", "weight_decay", -1.0, "[0.0, inf)"),
+    ("model", "width", 0.0, "(0.0, 1.0]"),
+    ("scheduler", "decay_rate", 0.0, "(0.0, 1.0]"),
+])
+def test_a_value_out_of_its_bounds_names_file_line_and_the_open_bounds(tmp_path, data, section, key, value, bounds):
+    run, msg = refusal(tmp_path, data, **{section: {key: value}})
+    assert f"run.toml:{line_of(run, section, key)} [{section}] {key}:" in msg, msg
+    assert f"out of range {bounds}" in msg, msg
+
+
+def test_lamb_max_grad_norm_zero_is_refused_at_its_line(tmp_path, data):
+    run, msg = refusal(tmp_path, data, optimizer={"name": "lamb", "lr": 0.002, "max_grad_norm": 0.0})
+    assert f"run.toml:{line_of(run, 'optimizer', 'max_grad_norm')} [optimizer] max_grad_norm:" in msg, msg
+    assert "(0.0, inf)" in msg
+
+
+def test_an_override_out_of_bounds_names_the_set_item(tmp_path, data):
+    _, msg = refusal(tmp_path, data, "--set", "optimizer.lr=0")
+    assert "--set optimizer.lr=0:" in msg and "(0.0, inf)" in msg, msg
+
+
+def test_a_plugin_check_beyond_the_schema_names_file_and_line(tmp_path, data):
+    # Two betas and output_stride in {8, 16} are the plugins' own checks.
+    run, msg = refusal(tmp_path, data, optimizer={"betas": [0.9]})
+    assert f"run.toml:{line_of(run, 'optimizer', 'betas')} [optimizer] betas has 1 values" in msg, msg
+    run, msg = refusal(tmp_path, data, model={"output_stride": 12})
+    assert f"run.toml:{line_of(run, 'model', 'output_stride')} [model] output_stride = 12" in msg, msg
+    _, msg = refusal(tmp_path, data, "--set", "model.output_stride=12")
+    assert "--set model.output_stride=12 = 12: must be 8 or 16" in msg, msg
+
+
+def describe_line(what, key):
+    r = run_host("--describe", what)
+    assert r.returncode == 0, r.stderr
+    line = next((l for l in r.stdout.splitlines() if l.split()[:1] == [key]), None)
+    assert line is not None, r.stdout
+    return line
+
+
+@pytest.mark.parametrize("what,key,bounds", [
+    ("optimizer/lamb", "lr", "range (0.0, inf)"),
+    ("optimizer/lamb", "betas", "range [0.0, 1.0)"),
+    ("optimizer/lamb", "max_grad_norm", "range (0.0, inf)"),
+    ("model/deeplabv3plus", "width", "range (0.0, 1.0]"),
+    ("scheduler/multistep", "decay_rate", "range (0.0, 1.0]"),
+    ("scheduler/cosine_annealing", "t_max", "range [1, inf)"),
+    ("run", "max_epochs", "range [1, inf)"),
+])
+def test_describe_prints_bounds_as_the_check_applies_them(what, key, bounds):
+    assert bounds in describe_line(what, key)
+
+
+def test_a_closed_division_run_that_cannot_be_closed_is_warned_at_start(tmp_path, data):
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out,
+                    mlperf={"division": "closed"}, data={"channels": [0, 1, 2]},
+                    optimizer={"name": "lamb", "lr": 0.002, "max_grad_norm": 2.0})
+    r = run_host(run, "--quiet")
+    assert r.returncode in (0, 1), r.stderr
+    warning = r.stderr[r.stderr.index("warning:"):]
+    assert f"run.toml:{line_of(run, 'mlperf', 'division')} [mlperf] division" in warning
+    for expected in (f"run.toml:{line_of(run, 'model', 'width')} [model] width = 0.0625 (closed: 1.0",
+                     f"run.toml:{line_of(run, 'model', 'middle_blocks')} [model] middle_blocks = 1 (closed: 16",
+                     "[data] channels selects 3 channels (closed: all 16",
+                     "[optimizer] max_grad_norm = 2 (closed: 1.0)",
+                     "4 training and 2 validation samples (closed: the full data set, 121266 and 15158)"):
+        assert expected in warning, warning
+    # Warned before training, not after it: the warning precedes the first epoch's lines.
+    first_epoch_line = next(i for i, l in enumerate(r.stderr.splitlines()) if l.startswith("epoch "))
+    warning_line = next(i for i, l in enumerate(r.stderr.splitlines()) if "warning:" in l)
+    assert warning_line < first_epoch_line, r.stderr
+
+
+def test_an_open_division_run_gets_no_closed_warning(tmp_path, data):
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
+    r = run_host(run, "--quiet")
+    assert r.returncode in (0, 1), r.stderr
+    assert "closed" not in r.stderr
