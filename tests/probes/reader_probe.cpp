@@ -11,10 +11,12 @@
 // ((B, C, H, W) float32, in that logical order whatever the batch's
 // strides) and OUT_DIR/e{e}-b{i}-labels.npy ((B, H, W) int64). One JSON line
 // per batch on stdout: epoch, batch, shape, strides, data_ptr, labels_ptr
-// (where its memory lies, to see buffers being reused) and held_intact
-// (whether the previous batch's labels still held their values after this
-// batch was read). A reader error is printed on stderr with exit status 2.
+// (where its memory lies, to see buffers being reused), minor_faults (the
+// process's minor page faults during next(): first touches of fresh memory)
+// and held_intact (whether the previous batch's labels still held their
+// values after this batch was read). A reader error is printed on stderr with exit status 2.
 #include <ATen/ATen.h>
+#include <sys/resource.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -29,6 +31,12 @@
 #include "deepcam/plugin_loader.hpp"
 
 namespace {
+
+long minor_faults() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_minflt;
+}
 
 std::string list(at::IntArrayRef values) {
   std::string out = "[";
@@ -66,7 +74,10 @@ int main(int argc, char** argv) {
     for (int e = 0; e < epochs; ++e) {
       reader->start_epoch(split, e);
       at::Tensor held, held_copy;
-      for (int i = 0; reader->next(batch); ++i) {
+      for (int i = 0;; ++i) {
+        const long faults_before = minor_faults();
+        if (!reader->next(batch)) break;
+        const long faults = minor_faults() - faults_before;
         const bool intact = !held.defined() || at::equal(held, held_copy);
         held = batch.labels;  // as the engine keeps the last batch's labels
         held_copy = held.clone();
@@ -76,10 +87,10 @@ int main(int argc, char** argv) {
         deepcam::npy::write(stem + "-labels.npy", deepcam::npy::DType::Int64, batch.labels.sizes().vec(),
                             batch.labels.data_ptr());
         std::printf("{\"epoch\": %d, \"batch\": %d, \"shape\": %s, \"strides\": %s, \"data_ptr\": %llu, "
-                    "\"labels_ptr\": %llu, \"held_intact\": %s}\n",
+                    "\"labels_ptr\": %llu, \"minor_faults\": %ld, \"held_intact\": %s}\n",
                     e, i, list(batch.data.sizes()).c_str(), list(batch.data.strides()).c_str(),
                     static_cast<unsigned long long>(reinterpret_cast<std::uintptr_t>(batch.data.data_ptr())),
-                    static_cast<unsigned long long>(reinterpret_cast<std::uintptr_t>(batch.labels.data_ptr())),
+                    static_cast<unsigned long long>(reinterpret_cast<std::uintptr_t>(batch.labels.data_ptr())), faults,
                     intact ? "true" : "false");
       }
     }

@@ -1,0 +1,268 @@
+"""What the readers hand the model (SPEC 1.4, issue 9 sections 1 and 4, issue
+13 sections 1 and 3): the normalised input equals NumPy's float32
+`scale * (x - shift)` bit for bit, with the scale computed in the dtype
+stats.h5 stores (float32 and float64 stats), for the hdf5 and npy readers and
+the prefetch reader over each, channels first and channels_last (then with
+channels_last strides: nothing transposed); labels outside {0, 1, 2} or not
+whole numbers are an error naming the file, in every reader and stored dtype;
+a warm reader hands out batches from reused buffers (no new pages touched)
+while the batch the caller holds stays intact.
+
+The batches come from tests/probes/reader_probe, which builds the reader of a
+run file as the engine does and writes each batch to .npy files."""
+
+import json
+import shutil
+import subprocess
+
+import h5py
+import numpy as np
+import pytest
+
+from helpers import BUILD_DIR, DATA_TOOL, plugin_env, synth, write_run
+
+PROBE = BUILD_DIR / "tests" / "reader_probe"
+CHANNELS = 16
+
+
+def probe(run, out, *args):
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([str(PROBE), str(run), str(out), *map(str, args)], capture_output=True, text=True,
+                          env=plugin_env(), timeout=300)
+
+
+def batches(run, out, *args):
+    r = probe(run, out, *args)
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def write_stats(root, dtype, minval, maxval):
+    with h5py.File(root / "stats.h5", "w") as f:
+        f["climate/minval"] = np.asarray(minval, dtype=dtype)
+        f["climate/maxval"] = np.asarray(maxval, dtype=dtype)
+
+
+def numpy_scale(stats):
+    """SPEC 1.4 as the reference computes it: 1 / (max - min) in the stored dtype, then float32."""
+    with h5py.File(stats, "r") as f:
+        lo, hi = f["climate/minval"][...], f["climate/maxval"][...]
+    return lo.astype(np.float32), (1.0 / (hi - lo)).astype(np.float32)
+
+
+def expected_batch(files, stats, channels, fmt):
+    shift, scale = numpy_scale(stats)
+    xs, ys = [], []
+    for f in files:
+        if fmt == "h5":
+            with h5py.File(f, "r") as h:
+                x, y = h["climate/data"][...], h["climate/labels_0"][...]
+        else:
+            x, y = np.load(f), np.load(f.parent / ("label-" + f.name[len("data-"):]))
+        x = x[..., channels].astype(np.float32)
+        xs.append((scale[channels] * (x - shift[channels])).transpose(2, 0, 1))
+        ys.append(y.astype(np.int64))
+    return np.stack(xs), np.stack(ys)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """One synthetic set as HDF5 and as .npy, each with a float32 and a float64 stats.h5 whose
+    min/max make float32 arithmetic differ from float64-then-rounded on some channels."""
+    root = tmp_path_factory.mktemp("reader_inputs")
+    h5 = synth(root / "synth", train=8, validation=4)
+    subprocess.run([str(DATA_TOOL), "convert", str(h5), str(root / "synth-npy")], check=True, capture_output=True)
+    rng = np.random.default_rng(11)
+    with h5py.File(h5 / "stats.h5", "r") as f:
+        lo0, hi0 = f["climate/minval"][...], f["climate/maxval"][...]
+    # Awkward values around the true range: many channels where the two ways differ.
+    lo = (lo0 - rng.uniform(0.1, 3.0, CHANNELS)).astype(np.float32)
+    hi = (hi0 + rng.uniform(0.1, 3.0, CHANNELS)).astype(np.float32)
+    f32 = (np.float32(1.0) / (hi - lo)).astype(np.float32)
+    via64 = (1.0 / (hi.astype(np.float64) - lo.astype(np.float64))).astype(np.float32)
+    assert (f32 != via64).any(), "the stats must tell float32 arithmetic from float64 arithmetic"
+    sets = {}
+    for fmt, src in (("h5", h5), ("npy", root / "synth-npy")):
+        for dtype in ("float32", "float64"):
+            dst = root / f"{fmt}-{dtype}"
+            shutil.copytree(src, dst)
+            write_stats(dst, dtype, lo, hi)
+            sets[fmt, dtype] = dst
+    return sets
+
+
+# name: (files, [reader], [reader.source] or None)
+READERS = {
+    "hdf5": ("h5", {"name": "hdf5", "threads": 2}, None),
+    "npy": ("npy", {"name": "npy", "threads": 2}, None),
+    "prefetch-hdf5": ("h5", {"name": "prefetch", "threads": 2, "depth": 2}, {"name": "hdf5", "threads": 1}),
+    "prefetch-npy": ("npy", {"name": "prefetch", "threads": 2, "depth": 2}, {"name": "npy", "threads": 1}),
+}
+
+
+def run_file(tmp_path, root, reader, name="run.toml", reader_keys=None, **sections):
+    _, table, source = READERS[reader]
+    changes = dict(sections)
+    changes["reader"] = dict(table, **(reader_keys or {}))
+    if source:
+        changes["reader.source"] = source
+    return write_run(tmp_path / name, root, tmp_path / "out", **changes)
+
+
+def validation_files(root, fmt):
+    return sorted((root / "validation").glob("data-*.h5" if fmt == "h5" else "data-*.npy"))
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("stats_dtype", ["float32", "float64"])
+@pytest.mark.parametrize("reader", list(READERS))
+def test_inputs_equal_numpy_float32_arithmetic(tmp_path, data, reader, stats_dtype, memory_format):
+    fmt = READERS[reader][0]
+    root = data[fmt, stats_dtype]
+    run = run_file(tmp_path, root, reader, run={"memory_format": memory_format, "validation_batch_size": 3})
+    got = batches(run, tmp_path / "batches", "--split", "validation")
+    files = validation_files(root, fmt)
+    assert [b["shape"][0] for b in got] == [3, 1]
+    c, h, w = CHANNELS, 64, 96
+    for b in got:
+        n = b["shape"][0]
+        # channels_last: the batch is a view of (B, H, W, C) memory, nothing transposed.
+        assert b["strides"] == ([c * h * w, 1, w * c, c] if memory_format == "channels_last" else [c * h * w, h * w, w, 1])
+        x = np.load(tmp_path / "batches" / f"e0-b{b['batch']}-data.npy")
+        y = np.load(tmp_path / "batches" / f"e0-b{b['batch']}-labels.npy")
+        want_x, want_y = expected_batch(files[3 * b["batch"]:3 * b["batch"] + n], root / "stats.h5",
+                                        list(range(CHANNELS)), fmt)
+        assert x.dtype == np.float32 and x.shape == want_x.shape
+        # Bit for bit: as integers, so that -0.0 and 0.0 differ too.
+        assert np.array_equal(x.view(np.uint32), want_x.view(np.uint32))
+        assert np.array_equal(y, want_y)
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("reader", ["hdf5", "npy"])
+def test_selected_channels_equal_numpy(tmp_path, data, reader, memory_format):
+    fmt = READERS[reader][0]
+    root = data[fmt, "float32"]
+    channels = [3, 4, 5, 6, 7, 8, 9, 10, 0, 15, 11]
+    run = run_file(tmp_path, root, reader, data={"root": str(root), "channels": channels},
+                   run={"memory_format": memory_format, "validation_batch_size": 4})
+    got = batches(run, tmp_path / "batches", "--split", "validation")
+    assert len(got) == 1
+    x = np.load(tmp_path / "batches" / "e0-b0-data.npy")
+    want_x, _ = expected_batch(validation_files(root, fmt), root / "stats.h5", channels, fmt)
+    assert np.array_equal(x.view(np.uint32), want_x.view(np.uint32))
+
+
+def test_float32_stats_are_not_computed_in_float64(tmp_path, data):
+    """The float32 and float64 stats hold the same values; only the arithmetic differs, so the
+    inputs must differ on the channels where the two scales do."""
+    out = {}
+    for dtype in ("float32", "float64"):
+        run = run_file(tmp_path, data["h5", dtype], "hdf5", name=f"{dtype}.toml", run={"validation_batch_size": 4})
+        batches(run, tmp_path / dtype, "--split", "validation")
+        out[dtype] = np.load(tmp_path / dtype / "e0-b0-data.npy")
+    s32 = numpy_scale(data["h5", "float32"] / "stats.h5")[1]
+    s64 = numpy_scale(data["h5", "float64"] / "stats.h5")[1]
+    differ = s32 != s64
+    assert differ.any()
+    assert not np.array_equal(out["float32"][:, differ], out["float64"][:, differ])
+    assert np.array_equal(out["float32"][:, ~differ], out["float64"][:, ~differ])
+
+
+# ---- labels ------------------------------------------------------------------------------------
+
+def bad_label_set(tmp_path, data, fmt, dtype, value, where=(1, 2)):
+    """The float32 set with validation sample 1's labels stored as `dtype`, one pixel `value`."""
+    root = tmp_path / "bad"
+    shutil.copytree(data[fmt, "float32"], root)
+    target = validation_files(root, fmt)[1]
+    if fmt == "h5":
+        with h5py.File(target, "r") as f:
+            x, y = f["climate/data"][...], f["climate/labels_0"][...]
+        y = y.astype(dtype)
+        y[where] = value
+        target.unlink()
+        with h5py.File(target, "w") as f:
+            f["climate/data"] = x
+            f["climate/labels_0"] = y
+        return root, target
+    label = target.parent / ("label-" + target.name[len("data-"):])
+    y = np.load(label).astype(dtype)
+    y[where] = value
+    np.save(label, y)
+    return root, label
+
+
+LABEL_CASES = [
+    ("int32", 7, "holds 7;"),
+    ("int64", -1, "holds -1;"),
+    ("uint8", 255, "holds 255;"),
+    ("int16", 3, "holds 3;"),
+    ("float32", 0.5, "holds 0.5, not a whole number"),
+    ("float64", 2.5, "holds 2.5, not a whole number"),
+    ("float32", 3.0, "holds 3;"),
+    ("float16", -2.0, "holds -2;"),
+]
+
+
+@pytest.mark.parametrize("dtype,value,says", LABEL_CASES)
+@pytest.mark.parametrize("reader", list(READERS))
+def test_labels_outside_the_classes_are_refused_naming_the_file(tmp_path, data, reader, dtype, value, says):
+    fmt = READERS[reader][0]
+    root, bad = bad_label_set(tmp_path, data, fmt, dtype, value)
+    run = run_file(tmp_path, root, reader)
+    r = probe(run, tmp_path / "batches", "--split", "validation")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert str(bad) in r.stderr and "at (1, 2) " + says in r.stderr, r.stderr
+    assert "class id" in r.stderr and "Target" not in r.stderr
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "uint8", "int8", "float16"])
+@pytest.mark.parametrize("reader", ["hdf5", "npy"])
+def test_whole_number_labels_of_any_dtype_are_read(tmp_path, data, reader, dtype):
+    fmt = READERS[reader][0]
+    root, _ = bad_label_set(tmp_path, data, fmt, dtype, 2)
+    run = run_file(tmp_path, root, reader, run={"validation_batch_size": 4})
+    batches(run, tmp_path / "batches", "--split", "validation")
+    y = np.load(tmp_path / "batches" / "e0-b0-labels.npy")
+    _, want_y = expected_batch(validation_files(root, fmt), root / "stats.h5", list(range(CHANNELS)), fmt)
+    assert y[1, 1, 2] == 2 and np.array_equal(y, want_y)
+
+
+def test_training_with_a_bad_label_stops_with_the_file_named(tmp_path, data):
+    from helpers import run_host
+    root, bad = bad_label_set(tmp_path, data, "h5", "int32", 7)
+    # The bad sample is a validation sample: training reaches it after the first epoch.
+    run = write_run(tmp_path / "run.toml", root, tmp_path / "out")
+    r = run_host(run)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert str(bad) in r.stderr and "holds 7" in r.stderr and "out of bounds" not in r.stderr
+
+
+# ---- batch buffers -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("reader", ["hdf5", "npy"])
+def test_warm_batches_reuse_their_buffers_and_stay_correct(tmp_path, data, reader, memory_format):
+    fmt = READERS[reader][0]
+    root = data[fmt, "float32"]
+    run = run_file(tmp_path, root, reader, reader_keys={"io": "pread"} if fmt == "npy" else None,
+                   run={"memory_format": memory_format})
+    got = batches(run, tmp_path / "batches", "--split", "validation", "--epochs", "4")
+    assert len(got) == 8
+    warm = got[2:]
+    # The previous batch's labels are held while the next is read (as the engine holds them):
+    # two labels buffers take turns, one data buffer serves every batch.
+    assert len({b["data_ptr"] for b in warm}) == 1
+    assert len({b["labels_ptr"] for b in warm}) == 2
+    assert all(b["held_intact"] for b in got)
+    # A warm next() touches no new memory: a fresh batch would fault in each of its pages
+    # (2 x (393 KB + 98 KB) here, about 240 pages).
+    assert max(b["minor_faults"] for b in warm) < 40, [b["minor_faults"] for b in warm]
+    files = validation_files(root, fmt)
+    for b in got:
+        x = np.load(tmp_path / "batches" / f"e{b['epoch']}-b{b['batch']}-data.npy")
+        y = np.load(tmp_path / "batches" / f"e{b['epoch']}-b{b['batch']}-labels.npy")
+        want_x, want_y = expected_batch(files[2 * b["batch"]:2 * b["batch"] + 2], root / "stats.h5",
+                                        list(range(CHANNELS)), fmt)
+        assert np.array_equal(x.view(np.uint32), want_x.view(np.uint32)) and np.array_equal(y, want_y)
