@@ -15,6 +15,8 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -278,4 +280,94 @@ TEST_CASE("select_channels copies the selection in pixel order and flags what wo
   std::vector<float> out(pixels * 2);
   CHECK_FALSE(select_channels(raw.data(), pixels, file_channels, {1, 3}, shift, scale, out.data()));
   CHECK(select_channels(raw.data(), pixels, file_channels, {0, 3}, shift, scale, out.data()));
+}
+
+// Every path of the kernels (AVX-512 16 x 16, AVX2 8 x 8, SSE2 4 x 4 and the
+// scalar runs; streaming stores on aligned output, plain stores otherwise)
+// against the plain formula, bit for bit, in both layouts, for selections
+// that mix runs of consecutive channels with single ones, on aligned and
+// misaligned output and pixel counts that are and are not multiples of 16.
+TEST_CASE("normalise_sample and normalise_sample_hwc equal scale * (x - shift) bit for bit on every path") {
+  const std::int64_t file_channels = 20;
+  for (const std::int64_t pixels : {std::int64_t{16 * 37}, std::int64_t{8 * 3}, std::int64_t{4 * 5}, std::int64_t{13}}) {
+    std::vector<float> raw(static_cast<std::size_t>(pixels * file_channels));
+    std::uint32_t state = 12345;
+    for (float& x : raw) {
+      state = state * 1664525u + 1013904223u;
+      x = static_cast<float>(static_cast<std::int32_t>(state >> 8) % 100000) * 1.37e-3f - 40.0f;
+    }
+    for (const std::vector<std::int64_t>& channels :
+         {std::vector<std::int64_t>{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+          std::vector<std::int64_t>{4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 0, 1, 2, 3, 19},
+          std::vector<std::int64_t>{3, 4, 5, 6, 7, 8, 9, 10, 2, 11, 12, 13, 14, 1},
+          std::vector<std::int64_t>{7, 0, 19}}) {
+      const auto c = static_cast<std::int64_t>(channels.size());
+      std::vector<float> shift, scale;
+      for (std::int64_t k = 0; k < c; ++k) {
+        shift.push_back(-33.3f + 0.71f * static_cast<float>(k));
+        scale.push_back(1.0f / (97.0f + 3.3f * static_cast<float>(k)));
+      }
+      // 64 floats of slack: the output at offset 0 (64-byte aligned) and 1 (4).
+      std::vector<float> storage(static_cast<std::size_t>(pixels * c + 64 + 16));
+      float* base = storage.data() + (16 - reinterpret_cast<std::uintptr_t>(storage.data()) / 4 % 16) % 16;
+      for (const std::int64_t offset : {std::int64_t{0}, std::int64_t{1}}) {
+        float* out = base + offset;
+        INFO("pixels " << pixels << ", " << c << " channels, offset " << offset);
+        CHECK(normalise_sample(raw.data(), pixels, file_channels, channels, shift, scale, out));
+        bool same = true;
+        for (std::int64_t k = 0; k < c; ++k)
+          for (std::int64_t p = 0; p < pixels; ++p) {
+            const float want = scale[k] * (raw[p * file_channels + channels[k]] - shift[k]);
+            same = same && std::memcmp(&want, out + k * pixels + p, sizeof want) == 0;
+          }
+        CHECK(same);
+        CHECK(normalise_sample_hwc(raw.data(), pixels, file_channels, channels, shift, scale, out));
+        same = true;
+        for (std::int64_t p = 0; p < pixels; ++p)
+          for (std::int64_t k = 0; k < c; ++k) {
+            const float want = scale[k] * (raw[p * file_channels + channels[k]] - shift[k]);
+            same = same && std::memcmp(&want, out + p * c + k, sizeof want) == 0;
+          }
+        CHECK(same);
+      }
+      // A NaN anywhere is flagged by both, on every path.
+      std::vector<float> bad = raw;
+      bad[static_cast<std::size_t>((pixels - 1) * file_channels + channels.back())] = std::nanf("");
+      CHECK_FALSE(normalise_sample(bad.data(), pixels, file_channels, channels, shift, scale, base));
+      CHECK_FALSE(normalise_sample_hwc(bad.data(), pixels, file_channels, channels, shift, scale, base));
+    }
+  }
+}
+
+TEST_CASE("decode_labels converts every stored type and finds the first value that is not a class id") {
+  const std::vector<std::int32_t> ints{0, 1, 2, 2, 1, 0};
+  std::vector<std::int64_t> out(ints.size(), -9);
+  CHECK(decode_labels(ints.data(), LabelType::Int32, 6, out.data()).bad == -1);
+  CHECK(out == std::vector<std::int64_t>{0, 1, 2, 2, 1, 0});
+  const std::vector<std::int8_t> negative{0, 1, -1, 5};
+  LabelCheck check = decode_labels(negative.data(), LabelType::Int8, 4, out.data());
+  CHECK(check.bad == 2);
+  CHECK(check.value == -1.0);
+  const std::vector<std::uint64_t> huge{2, 0, 1, 18446744073709551615ull};
+  check = decode_labels(huge.data(), LabelType::UInt64, 4, out.data());
+  CHECK(check.bad == 3);
+  const std::vector<float> floats{0.0f, -0.0f, 2.0f, 1.0f, 0.5f, 3.0f};
+  check = decode_labels(floats.data(), LabelType::Float32, 6, out.data());
+  CHECK(check.bad == 4);
+  CHECK(check.value == 0.5);
+  CHECK(out[2] == 2);
+  CHECK(out[3] == 1);
+  const std::vector<double> nan{1.0, std::nan("")};
+  CHECK(decode_labels(nan.data(), LabelType::Float64, 2, out.data()).bad == 1);
+  // float16: 0, -0, 1, 2 and 2.5 (0x4100).
+  const std::vector<std::uint16_t> halves{0x0000, 0x8000, 0x3c00, 0x4000, 0x4100};
+  check = decode_labels(halves.data(), LabelType::Float16, 5, out.data());
+  CHECK(check.bad == 4);
+  CHECK(check.value == 2.5);
+  CHECK(std::vector<std::int64_t>(out.begin(), out.begin() + 4) == std::vector<std::int64_t>{0, 0, 1, 2});
+  // In place, as the readers check labels another conversion produced.
+  std::vector<std::int64_t> in_place{0, 2, 7, 1};
+  check = decode_labels(in_place.data(), LabelType::Int64, 4, in_place.data());
+  CHECK(check.bad == 2);
+  CHECK(check.value == 7.0);
 }

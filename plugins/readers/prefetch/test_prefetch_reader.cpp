@@ -615,6 +615,11 @@ TEST_CASE("the GPU's normalisation run on the CPU: raw samples through normalise
         CHECK(normalised.is_contiguous());
         CHECK(same_bits(normalised, batch.data));
         CHECK(same_bits(labels, batch.labels));
+        // channels_last: the same values, nothing transposed (the raw
+        // samples' (B, H, W, C) memory order kept).
+        const at::Tensor nhwc = deepcam::readers::normalise_batch(raw, shift_t, scale_t, /*channels_last=*/true);
+        CHECK(nhwc.is_contiguous(at::MemoryFormat::ChannelsLast));
+        CHECK(same_bits(nhwc.contiguous(), batch.data));
       }
       CHECK(position == files.size());
     }
