@@ -116,14 +116,21 @@ struct Location {
   std::string section;
   std::map<std::string, std::string> overridden;  // key -> the --set item that set it
 
-  // A relative path set in the file is taken from the file's folder; one
+  // The file a key's node was read from: with several run files, the one
+  // that set it (merging moves nodes, which keeps their source).
+  std::string file_of(const toml::node* node) const {
+    return node && node->source().path ? *node->source().path : file;
+  }
+
+  // A relative path set in a file is taken from that file's folder; one
   // set with --set or left at its default, from the current directory.
-  std::string resolve(const std::string& key, const std::string& value, bool from_file) const {
+  std::string resolve(const std::string& key, const std::string& value, bool from_file,
+                      const toml::node* node = nullptr) const {
     if (value.empty()) return value;
     std::filesystem::path p(value);
     if (p.is_relative()) {
       const bool in_file = from_file && !overridden.count(key);
-      p = (in_file ? std::filesystem::absolute(file).parent_path() : std::filesystem::current_path()) / p;
+      p = (in_file ? std::filesystem::absolute(file_of(node)).parent_path() : std::filesystem::current_path()) / p;
     }
     return p.lexically_normal().string();
   }
@@ -131,9 +138,9 @@ struct Location {
   std::string at(const std::string& key, const toml::node* node) const {
     if (auto it = overridden.find(key); it != overridden.end()) return "--set " + it->second;
     if (node && node->source().begin.line > 0) {
-      return fmt::format("{}:{} [{}] {}", file, node->source().begin.line, section, key);
+      return fmt::format("{}:{} [{}] {}", file_of(node), node->source().begin.line, section, key);
     }
-    return fmt::format("{} [{}] {}", file, section, key);
+    return fmt::format("{} [{}] {}", file_of(node), section, key);
   }
 };
 
@@ -302,7 +309,7 @@ std::shared_ptr<const NestedPlugin> Checker::nested(const ParamSpec& spec, const
   const toml::node* lib = t->get("library");
   if (lib) {
     if (!lib->is_string()) throw Error(fmt::format("{}: expected a string path", loc.at("library", lib)));
-    library = loc.resolve("library", *lib->value<std::string>(), /*from_file=*/true);
+    library = loc.resolve("library", *lib->value<std::string>(), /*from_file=*/true, lib);
   }
   auto out = std::make_shared<NestedPlugin>();
   out->kind = to_string(kind);
@@ -349,7 +356,7 @@ Params Checker::check(const toml::table* table, const ParamSchema& schema, const
       } else {
         values[key] = convert(*it, node, loc.at(key, &node));
         if (it->type == ParamType::Path) {
-          values[key] = loc.resolve(key, std::get<std::string>(values[key]), /*from_file=*/true);
+          values[key] = loc.resolve(key, std::get<std::string>(values[key]), /*from_file=*/true, &node);
         }
       }
     }
@@ -390,6 +397,31 @@ toml::table parse_file(const std::string& file) {
     if (src.begin.line == 0) throw Error(fmt::format("{}: cannot read: {}", file, e.description()));
     throw Error(fmt::format("{}:{}:{}: {}", file, src.begin.line, src.begin.column, e.description()));
   }
+}
+
+// Lays `top` (a later run file) over `base`: each key of `top` replaces the
+// same key of `base`, and a table is merged key by key, except a plugin
+// table whose `name` differs from base's: another plugin, whose keys are not
+// the first one's, so `top`'s table replaces it whole. Nodes are moved, which
+// keeps the file and line they were read from.
+void merge_into(toml::table& base, toml::table&& top) {
+  for (auto&& [k, node] : top) {
+    toml::table* base_table = base.get_as<toml::table>(k.str());
+    if (toml::table* top_table = node.as_table(); top_table && base_table) {
+      const auto* top_name = top_table->get_as<std::string>("name");
+      const auto* base_name = base_table->get_as<std::string>("name");
+      if (!(top_name && base_name && top_name->get() != base_name->get())) {
+        merge_into(*base_table, std::move(*top_table));
+        continue;
+      }
+    }
+    base.insert_or_assign(k, std::move(node));
+  }
+}
+
+// The file a node was read from (`fallback` for one made by --set).
+std::string origin(const toml::node& node, const std::string& fallback) {
+  return node.source().path ? *node.source().path : fallback;
 }
 
 // Applies one `section.key=value`; the value is TOML, or a bare string. The
@@ -477,18 +509,29 @@ Params check_table_file(const std::string& file, const std::string& section, con
 
 RunConfig load_config(const std::string& file, const std::vector<std::string>& overrides,
                       PluginLoader& loader) {
-  toml::table root = parse_file(file);
+  return load_config(std::vector<std::string>{file}, overrides, loader);
+}
+
+RunConfig load_config(const std::vector<std::string>& files, const std::vector<std::string>& overrides,
+                      PluginLoader& loader) {
+  if (files.empty()) throw Error("no run file given");
+  toml::table root = parse_file(files.front());
+  for (std::size_t i = 1; i < files.size(); ++i) merge_into(root, parse_file(files[i]));
+  // Messages about what no file set (a missing key, a default) name them all.
+  const std::string file = fmt::format("{}", fmt::join(files, " + "));
   std::map<std::string, std::map<std::string, std::string>> set_keys;
   for (const auto& o : overrides) apply_override(root, o, set_keys);
 
   for (const auto& [k, node] : root) {
     const std::string section(k.str());
     if (std::find(kSections.begin(), kSections.end(), section) == kSections.end()) {
-      throw Error(fmt::format("{}:{}: unknown section [{}]{} (sections: {})", file, node.source().begin.line,
-                              section, did_you_mean(section, kSections), fmt::join(kSections, ", ")));
+      throw Error(fmt::format("{}:{}: unknown section [{}]{} (sections: {})", origin(node, file),
+                              node.source().begin.line, section, did_you_mean(section, kSections),
+                              fmt::join(kSections, ", ")));
     }
     if (!node.is_table()) {
-      throw Error(fmt::format("{}:{}: '{}' must be a table [{}]", file, node.source().begin.line, section, section));
+      throw Error(fmt::format("{}:{}: '{}' must be a table [{}]", origin(node, file), node.source().begin.line,
+                              section, section));
     }
   }
   const Checker checker{file, set_keys, &loader};
@@ -520,6 +563,7 @@ RunConfig load_config(const std::string& file, const std::vector<std::string>& o
 
   const PluginKind kinds[] = {PluginKind::Reader, PluginKind::Model, PluginKind::Optimizer,
                               PluginKind::Scheduler};
+  std::map<std::string, std::string> name_origin;  // plugin section -> where its name was set
   PluginChoice* choices[] = {&cfg.reader, &cfg.model, &cfg.optimizer, &cfg.scheduler};
   for (std::size_t i = 0; i < 4; ++i) {
     const std::string& section = kPluginSections[i];
@@ -528,14 +572,15 @@ RunConfig load_config(const std::string& file, const std::vector<std::string>& o
     const toml::node* name_node = t ? t->get("name") : nullptr;
     if (!name_node || !name_node->is_string()) {
       throw Error(fmt::format("{}: [{}] needs name = \"<{} plugin>\" (see deepcam-host --list-plugins)",
-                              file, section, section));
+                              t ? origin(*t, file) : file, section, section));
     }
     std::string library;
     const toml::node* lib = t->get("library");
     if (lib) {
       if (!lib->is_string()) throw Error(fmt::format("{}: expected a string path", loc.at("library", lib)));
-      library = loc.resolve("library", *lib->value<std::string>(), /*from_file=*/true);
+      library = loc.resolve("library", *lib->value<std::string>(), /*from_file=*/true, lib);
     }
+    name_origin[section] = loc.at("name", name_node);
     PluginChoice& c = *choices[i];
     c.kind = kinds[i];
     c.name = *name_node->value<std::string>();
@@ -550,13 +595,26 @@ RunConfig load_config(const std::string& file, const std::vector<std::string>& o
 
   // The resolved configuration, every default filled in; a nested plugin
   // table follows its parent's keys as its own section, [reader.source].
-  std::string out = fmt::format("# resolved from {}\n", file);
+  // Each value says where it was set: the file and line, the --set item, or
+  // "default"; with several run files the later ones and --set win.
+  auto comment = [](const std::string& where) -> std::string {
+    static const std::string kDefault = "(default)";
+    if (where.empty()) return "";
+    if (where.size() >= kDefault.size() && where.compare(where.size() - kDefault.size(), kDefault.size(), kDefault) == 0)
+      return "  # default";
+    if (where.rfind("--set ", 0) == 0) return "  # " + where;
+    return "  # " + where.substr(0, where.find(" ["));
+  };
+  std::string out = fmt::format("# resolved from {}{}\n", file,
+                                files.size() > 1 ? " (merged left to right, then --set)" : "");
   std::function<void(const std::string&, const Params&, const ParamSchema&, const std::string*, const std::string*)>
       section_text = [&](const std::string& name, const Params& p, const ParamSchema& schema,
                          const std::string* plugin_name, const std::string* plugin_path) {
         out += fmt::format("\n[{}]\n", name);
         if (plugin_name) {
-          out += fmt::format("name = {}\n", to_toml(ParamValue(*plugin_name)));
+          const auto from = name_origin.find(name);
+          out += fmt::format("name = {}{}\n", to_toml(ParamValue(*plugin_name)),
+                             from == name_origin.end() ? "" : comment(from->second));
           out += fmt::format("library = {}  # loaded\n", to_toml(ParamValue(*plugin_path)));
         }
         for (const auto& spec : schema) {
@@ -565,7 +623,9 @@ RunConfig load_config(const std::string& file, const std::vector<std::string>& o
             out += "seed = \"auto\"\n";
             continue;
           }
-          out += fmt::format("{} = {}\n", spec.key, to_toml(p.values().at(spec.key)));
+          const auto from = p.sources().find(spec.key);
+          out += fmt::format("{} = {}{}\n", spec.key, to_toml(p.values().at(spec.key)),
+                             from == p.sources().end() ? "" : comment(from->second));
         }
         for (const auto& spec : schema) {
           if (spec.type != ParamType::Plugin) continue;

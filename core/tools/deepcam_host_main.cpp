@@ -19,7 +19,8 @@
 namespace {
 
 const char* kUsage =
-    "usage: deepcam-host [--nproc N] RUN.toml [--set section.key=value]... [--evaluate CHECKPOINT | --benchmark STEPS]\n"
+    "usage: deepcam-host [--nproc N] RUN.toml [MORE.toml]... [--set section.key=value]... [--evaluate CHECKPOINT | --benchmark STEPS]\n"
+    "                    (several run files are merged left to right, then --set: configs/systems/*.toml)\n"
     "                    [--quiet]   (the MLPerf log's lines are echoed to stdout unless --quiet)\n"
     "       deepcam-host --list-plugins\n"
     "       deepcam-host --describe KIND/NAME   (e.g. optimizer/adam; or run, data, mlperf)\n"
@@ -147,7 +148,7 @@ int main(int argc, char** argv) {
       return deepcam::launch_local_ranks(static_cast<int>(nproc),
                                          std::vector<std::string>(args.begin() + (joined ? 1 : 2), args.end()));
     }
-    std::string file;
+    std::vector<std::string> files;
     std::vector<std::string> overrides;
     deepcam::EngineOptions options;
     for (std::size_t i = 0; i < args.size(); ++i) {
@@ -170,14 +171,13 @@ int main(int argc, char** argv) {
         options.benchmark_steps = steps;
       }
       else if (!a.empty() && a[0] == '-') throw deepcam::Error(fmt::format("unknown option {}\n{}", a, kUsage));
-      else if (file.empty()) file = a;
-      else throw deepcam::Error(fmt::format("one run file only (got {} and {})", file, a));
+      else files.push_back(a);
     }
-    if (file.empty()) throw deepcam::Error(fmt::format("no run file given\n{}", kUsage));
+    if (files.empty()) throw deepcam::Error(fmt::format("no run file given\n{}", kUsage));
     if (!options.evaluate_checkpoint.empty() && options.benchmark_steps > 0) {
       throw deepcam::Error("--evaluate and --benchmark: give one of them");
     }
-    const deepcam::RunConfig config = deepcam::load_config(file, overrides, loader);
+    const deepcam::RunConfig config = deepcam::load_config(files, overrides, loader);
     if (deepcam::detect_ranks().rank == 0) std::fprintf(stderr, "%s\n", config.resolved.c_str());
     return deepcam::run_engine(config, options);
   } catch (const deepcam::RankLost& e) {

@@ -51,6 +51,13 @@ DEEPCAM_API ParamSchema host_schema(const std::string& section);
 DEEPCAM_API RunConfig load_config(const std::string& file, const std::vector<std::string>& overrides,
                                   PluginLoader& loader);
 
+// Several run files merged left to right (a later file's key replaces an
+// earlier one's; a plugin table naming another plugin replaces the earlier
+// table whole), then `overrides`. Every message about a key names the file
+// and line that set it; the resolved text says, per value, which file set it.
+DEEPCAM_API RunConfig load_config(const std::vector<std::string>& files, const std::vector<std::string>& overrides,
+                                  PluginLoader& loader);
+
 // Checks one table's values against a schema; exposed for plugin unit tests
 // and the generic loader test, which build plugins from their test.toml. A
 // schema with a nested plugin table ([reader.source]) needs `loader`.
