@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: set-up and build first (scripts/setup.sh), then each doctest
-# unit-test executable in build/, then the integration tests (pytest), which
+# unit-test executable in build/, then the parsers' unit tests and fuzz run
+# built with ASan and UBSan (tests/sanitize/, in build-asan/), then the
+# integration tests (pytest), which
 # run deepcam-host and deepcam-data and check their files with h5py, torch and
 # the official mlperf-logging checker. The last line is "N passed, N failed"
 # (test cases); the exit status is non-zero when anything failed.
@@ -36,6 +38,43 @@ while IFS= read -r t; do
   passed=$((passed + p))
   failed=$((failed + f))
 done < <(find "$top/build" -type f -executable -name 'test_*' ! -name '*.so' ! -path '*.p/*' | sort)
+
+# The parsers (npy, HDF5 layer, torch.save reader, run-file checking) and
+# their unit tests once more with AddressSanitizer and UBSan, plus a fuzz run
+# over mutated inputs (tests/sanitize/). A separate meson project in
+# build-asan/: only those sources are compiled, a few minutes. Any sanitizer
+# report ends the executable with a non-zero status: a failure.
+asan="$top/build-asan"
+asan_build=0
+if [ ! -f "$asan/build.ninja" ]; then
+  meson setup "$asan" tests/sanitize >"$top/build/asan-setup.log" 2>&1 || asan_build=1
+fi
+if [ "$asan_build" -eq 0 ]; then
+  ninja -C "$asan" >"$top/build/asan-build.log" 2>&1 || asan_build=1
+fi
+if [ "$asan_build" -ne 0 ]; then
+  tail -n 40 "$top/build/asan-setup.log" "$top/build/asan-build.log" 2>/dev/null
+  echo "sanitize: the build of tests/sanitize failed: 0 passed, 1 failed"
+  failed=$((failed + 1))
+else
+  while IFS= read -r t; do
+    out=$(ASAN_OPTIONS=halt_on_error=1:abort_on_error=0:detect_stack_use_after_return=1 \
+          UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 "$t" 2>&1)
+    rc=$?
+    summary=$(printf '%s\n' "$out" | grep '\[doctest\] test cases:' | tail -n 1)
+    p=$(printf '%s' "$summary" | sed -n 's/.*| *\([0-9]*\) passed.*/\1/p')
+    f=$(printf '%s' "$summary" | sed -n 's/.*| *\([0-9]*\) failed.*/\1/p')
+    p=${p:-0}
+    f=${f:-0}
+    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
+    if [ "$f" -ne 0 ]; then
+      printf '%s\n' "$out" | tail -n 60
+    fi
+    echo "sanitize: ${t#"$top"/}: $p passed, $f failed"
+    passed=$((passed + p))
+    failed=$((failed + f))
+  done < <(find "$asan" -maxdepth 1 -type f -executable -name 'asan_*' | sort)
+fi
 
 report="$top/build/pytest-report.txt"
 python -m pytest -q -p no:cacheprovider -o console_output_style=classic tests/integration "$@" | tee "$report"

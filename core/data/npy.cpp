@@ -386,7 +386,9 @@ void convert_as(const std::string& file, const Header& h, const unsigned char* s
   if (!fortran) {
     if constexpr (std::is_same_v<Src, Dst>) {
       if (!swap) {
-        std::memcpy(dst, src, static_cast<std::size_t>(count) * sizeof(Dst));
+        // memcpy's pointers must be valid even for 0 bytes, and a
+        // zero-element array's buffers may be null.
+        if (count > 0) std::memcpy(dst, src, static_cast<std::size_t>(count) * sizeof(Dst));
         return;
       }
     }

@@ -165,14 +165,15 @@ TEST_CASE("files numpy writes are read as numpy.load reads them") {
     std::vector<float> as_float(static_cast<std::size_t>(h.count()));
     npy::convert(path.string(), h, bytes.data() + h.data_offset, as_float.data(), h.count());
     REQUIRE(f32.size() == as_float.size() * sizeof(float));
-    CHECK(std::memcmp(f32.data(), as_float.data(), f32.size()) == 0);
+    // memcmp wants valid pointers even for 0 bytes (an empty vector's may be null).
+    CHECK((f32.empty() || std::memcmp(f32.data(), as_float.data(), f32.size()) == 0));
 
     std::vector<std::int64_t> as_int(static_cast<std::size_t>(h.count()));
     if (c.ints) {
       const auto i64 = read_file(dir.path / (c.name + ".i64"));
       npy::convert(path.string(), h, bytes.data() + h.data_offset, as_int.data(), h.count());
       REQUIRE(i64.size() == as_int.size() * sizeof(std::int64_t));
-      CHECK(std::memcmp(i64.data(), as_int.data(), i64.size()) == 0);
+      CHECK((i64.empty() || std::memcmp(i64.data(), as_int.data(), i64.size()) == 0));
     } else {
       const std::string e = error_of(
           [&] { npy::convert(path.string(), h, bytes.data() + h.data_offset, as_int.data(), h.count()); });
