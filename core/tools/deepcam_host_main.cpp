@@ -2,6 +2,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -116,6 +117,10 @@ int describe(deepcam::PluginLoader& loader, const std::string& what) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // A file that outgrows the file-size limit (ulimit -f) makes write() fail
+  // with EFBIG, which the writers report as a clear error, instead of the
+  // signal ending the process with half a file.
+  std::signal(SIGXFSZ, SIG_IGN);
   std::vector<std::string> args(argv + 1, argv + argc);
   // Outside the try block: plugin libraries stay loaded until the process
   // ends, so that an exception thrown by a plugin is handled while its code

@@ -2,15 +2,15 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <caffe2/serialize/inline_container.h>
-#include <torch/csrc/jit/serialization/export.h>
-#include <torch/csrc/jit/serialization/pickler.h>
-#include <torch/torch.h>
-#include <unistd.h>
+#include <torch/nn/module.h>
 
-#include <cstdio>
-#include <filesystem>
-#include <fstream>
+#include <ATen/ATen.h>
+#include <ATen/core/Dict.h>
+#include <ATen/core/ivalue.h>
+
+#include <cmath>
+#include <map>
+#include <set>
 
 #include "deepcam/error.hpp"
 #include "deepcam/optimizer.hpp"
@@ -34,46 +34,30 @@ std::vector<std::pair<std::string, at::Tensor>> state_entries(torch::nn::Module&
 
 namespace {
 
-// torch::pickle_save tags every dict with its element types through
-// torch.jit._pickle.restore_type_tag, which torch.load(weights_only=True), the
-// default since PyTorch 2.6, refuses. The same archive without the tags holds
-// only what torch.save itself writes: dicts, lists, tuples, numbers, strings
-// and tensors rebuilt by torch._utils._rebuild_tensor_v2.
-std::vector<char> pickle_for_python(const c10::IValue& value) {
-  std::vector<char> pickled;
-  torch::jit::Pickler pickler(
-      [&](const char* buf, size_t n) { pickled.insert(pickled.end(), buf, buf + n); }, nullptr, nullptr,
-      nullptr, nullptr, /*tag_aggregates=*/false);
-  pickler.protocol();
-  pickler.pushIValue(value);
-  pickler.stop();
-  std::vector<char> archive;
-  caffe2::serialize::PyTorchStreamWriter writer([&](const void* p, size_t n) {
-    const char* c = static_cast<const char*>(p);
-    archive.insert(archive.end(), c, c + n);
-    return n;
-  });
-  torch::jit::writeArchiveAndTensors("data", pickled.data(), pickled.size(), pickler.tensorData(), writer);
-  writer.writeEndOfFile();
-  return archive;
+constexpr const char* kDdpPrefix = "module.";
+
+c10::impl::GenericDict str_dict() { return c10::impl::GenericDict(c10::StringType::get(), c10::AnyType::get()); }
+
+std::string shape_text(const at::Tensor& t) {
+  return fmt::format("{} {}", fmt::join(t.sizes(), "x"), c10::toString(t.scalar_type()));
 }
 
 }  // namespace
 
 void save_checkpoint(const std::string& path, const CheckpointInfo& info, torch::nn::Module& model,
-                     const Optimizer* optimizer) {
+                     const Optimizer* optimizer, const ModelConfig& config) {
+  // The live tensors, detached (views, not copies): save_torch streams each
+  // storage into the file from where it lies.
   c10::impl::GenericDict model_state(c10::StringType::get(), c10::TensorType::get());
-  for (const auto& [name, tensor] : state_entries(model)) {
-    model_state.insert(name, tensor.detach().to(torch::kCPU));
-  }
-  c10::impl::GenericDict top(c10::StringType::get(), c10::AnyType::get());
+  for (const auto& [name, tensor] : state_entries(model)) model_state.insert(name, tensor.detach());
+  c10::impl::GenericDict top = str_dict();
   top.insert("step", info.step);
   top.insert("epoch", info.epoch);
   top.insert("model", model_state);
   if (optimizer) top.insert("optimizer", optimizer->state_dict());
   if (info.scaler) {
     // The keys and types of GradScaler.state_dict().
-    c10::impl::GenericDict scaler(c10::StringType::get(), c10::AnyType::get());
+    c10::impl::GenericDict scaler = str_dict();
     scaler.insert("scale", info.scaler->scale);
     scaler.insert("growth_factor", info.scaler->growth_factor);
     scaler.insert("backoff_factor", info.scaler->backoff_factor);
@@ -81,108 +65,270 @@ void save_checkpoint(const std::string& path, const CheckpointInfo& info, torch:
     scaler.insert("_growth_tracker", info.scaler->growth_tracker);
     top.insert("scaler", scaler);
   }
-  const std::vector<char> bytes = pickle_for_python(top);
-
-  const std::string tmp = fmt::format("{}.tmp-{}", path, ::getpid());
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    out.flush();
-    if (!out) {
-      out.close();
-      std::remove(tmp.c_str());
-      throw Error(fmt::format("{}: cannot write checkpoint (disk full or not writable?)", tmp));
-    }
+  if (config.params) {
+    c10::impl::GenericDict model_config = str_dict();
+    model_config.insert("name", config.plugin);
+    for (const auto& [key, value] : config.params->values()) model_config.insert(key, to_toml(value));
+    top.insert("model_config", model_config);
   }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::remove(tmp.c_str());
-    throw Error(fmt::format("{}: cannot rename into place: {}", path, ec.message()));
+  if (!info.accumulated_gradients.empty()) {
+    c10::impl::GenericDict grads(c10::StringType::get(), c10::TensorType::get());
+    for (const auto& [name, grad] : info.accumulated_gradients) grads.insert(name, grad.detach());
+    top.insert("accumulated_gradients", grads);
   }
+  if (info.partial_accumulation_ranks > 0) top.insert("partial_accumulation_ranks", info.partial_accumulation_ranks);
+  save_torch(path, top);
 }
 
 namespace {
-std::int64_t as_int(const c10::IValue& v, const std::string& path, const char* key) {
-  if (v.isInt()) return v.toInt();
-  if (v.isTensor()) return v.toTensor().item<std::int64_t>();
-  if (v.isDouble()) return static_cast<std::int64_t>(v.toDouble());
-  throw Error(fmt::format("{}: '{}' is not a number", path, key));
-}
-}  // namespace
 
-CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model, Optimizer* optimizer) {
-  // Our own reader: the reference's files hold OrderedDicts, which
-  // torch::pickle_load cannot read.
-  const c10::IValue top = load_torch_save(path);
-  if (!top.isGenericDict()) throw Error(fmt::format("{}: expected a dict at the top level", path));
-  const auto dict = top.toGenericDict();
-  auto find = [&](const char* key) -> c10::optional<c10::IValue> {
+// The checks of one file; every message starts with the file's path.
+class Fields {
+ public:
+  Fields(const std::string& path, const c10::impl::GenericDict& top) : path_(path), top_(top) {}
+
+  [[noreturn]] void fail(const std::string& what) const { throw Error(fmt::format("{}: {}", path_, what)); }
+
+  std::optional<c10::IValue> find(const c10::impl::GenericDict& dict, const std::string& key) const {
     for (const auto& e : dict) {
       if (e.key().isString() && e.key().toStringRef() == key) return e.value();
     }
-    return c10::nullopt;
-  };
-  const auto model_state = find("model");
-  if (!model_state || !model_state->isGenericDict()) {
-    throw Error(fmt::format("{}: no 'model' state dict", path));
+    return std::nullopt;
   }
-  std::map<std::string, at::Tensor> stored;
-  for (const auto& e : model_state->toGenericDict()) {
-    if (!e.key().isString() || !e.value().isTensor()) {
-      throw Error(fmt::format("{}: 'model' must map names to tensors", path));
-    }
-    stored[e.key().toStringRef()] = e.value().toTensor();
+  std::optional<c10::IValue> find(const std::string& key) const {
+    auto v = find(top_, key);
+    // Python writes None for a state it does not have.
+    if (v && v->isNone()) return std::nullopt;
+    return v;
   }
-  const auto entries = state_entries(model);
-  for (const auto& [name, tensor] : entries) {
-    auto it = stored.find(name);
-    if (it == stored.end()) throw Error(fmt::format("{}: model entry '{}' is missing", path, name));
-    if (it->second.sizes() != tensor.sizes() || it->second.scalar_type() != tensor.scalar_type()) {
-      throw Error(fmt::format("{}: model entry '{}' has shape {} {}, the model has {} {}", path, name,
-                              fmt::join(it->second.sizes(), "x"), c10::toString(it->second.scalar_type()),
-                              fmt::join(tensor.sizes(), "x"), c10::toString(tensor.scalar_type())));
-    }
-  }
-  if (stored.size() != entries.size()) {
-    for (const auto& [name, t] : stored) {
-      bool known = false;
-      for (const auto& e : entries) known = known || e.first == name;
-      if (!known) throw Error(fmt::format("{}: entry '{}' is not in this model", path, name));
-    }
-  }
-  {
-    torch::NoGradGuard no_grad;
-    for (auto& [name, tensor] : entries) tensor.copy_(stored[name]);
-  }
-  CheckpointInfo info;
-  if (auto s = find("step")) info.step = as_int(*s, path, "step");
-  if (auto e = find("epoch")) info.epoch = as_int(*e, path, "epoch");
-  if (optimizer) {
-    if (auto o = find("optimizer")) optimizer->load_state_dict(*o);
-  }
-  if (auto sc = find("scaler")) {
-    if (!sc->isGenericDict()) throw Error(fmt::format("{}: 'scaler' is not a dict", path));
-    const auto d = sc->toGenericDict();
-    auto field = [&](const char* key) -> c10::IValue {
-      for (const auto& e : d) {
-        if (e.key().isString() && e.key().toStringRef() == key) return e.value();
+
+  // A non-negative integer, or a 0-d integer tensor holding one.
+  std::int64_t count(const c10::IValue& v, const std::string& field, std::int64_t most) const {
+    std::int64_t n = 0;
+    if (v.isInt()) {
+      n = v.toInt();
+    } else if (v.isTensor()) {
+      const at::Tensor& t = v.toTensor();
+      if (t.dim() != 0 || !at::isIntegralType(t.scalar_type(), /*includeBool=*/false)) {
+        fail(fmt::format("'{}' is a tensor of shape [{}] and dtype {}, expected an integer or a 0-d integer tensor",
+                         field, fmt::join(t.sizes(), ", "), c10::toString(t.scalar_type())));
       }
-      throw Error(fmt::format("{}: 'scaler' has no '{}'", path, key));
-    };
-    auto number = [&](const char* key) {
-      const c10::IValue v = field(key);
-      if (v.isDouble()) return v.toDouble();
-      if (v.isInt()) return static_cast<double>(v.toInt());
-      throw Error(fmt::format("{}: scaler '{}' is not a number", path, key));
-    };
+      n = t.item<std::int64_t>();
+    } else {
+      fail(fmt::format("'{}' is a {}, expected a non-negative integer", field, v.tagKind()));
+    }
+    if (n < 0 || n > most) fail(fmt::format("'{}' is {}, expected an integer in 0..{}", field, n, most));
+    return n;
+  }
+
+  c10::impl::GenericDict dict(const c10::IValue& v, const std::string& field) const {
+    if (!v.isGenericDict()) fail(fmt::format("'{}' is a {}, expected a dict", field, v.tagKind()));
+    return v.toGenericDict();
+  }
+
+  // A dict of str -> tensor; `prefix` is dropped from every key when every
+  // key has it (DistributedDataParallel's "module.").
+  std::map<std::string, at::Tensor> tensors(const c10::IValue& v, const std::string& field,
+                                            const char* prefix = nullptr) const {
+    std::vector<std::pair<std::string, at::Tensor>> items;
+    for (const auto& e : dict(v, field)) {
+      if (!e.key().isString()) fail(fmt::format("'{}' has a key of type {}, expected names", field, e.key().tagKind()));
+      if (!e.value().isTensor()) {
+        fail(fmt::format("'{}' entry '{}' is a {}, expected a tensor", field, e.key().toStringRef(),
+                         e.value().tagKind()));
+      }
+      items.emplace_back(e.key().toStringRef(), e.value().toTensor());
+    }
+    const std::string p = prefix ? prefix : "";
+    const bool strip = !p.empty() && !items.empty() &&
+                       std::all_of(items.begin(), items.end(), [&](const auto& i) { return i.first.rfind(p, 0) == 0; });
+    std::map<std::string, at::Tensor> out;
+    for (auto& [name, t] : items) out[strip ? name.substr(p.size()) : name] = t;
+    return out;
+  }
+
+  double number(const c10::impl::GenericDict& d, const std::string& field, const char* key) const {
+    const auto v = find(d, key);
+    if (!v) fail(fmt::format("'{}' has no '{}'", field, key));
+    double x = 0;
+    if (v->isDouble()) x = v->toDouble();
+    else if (v->isInt()) x = static_cast<double>(v->toInt());
+    else fail(fmt::format("'{}' '{}' is a {}, expected a number", field, key, v->tagKind()));
+    if (!std::isfinite(x)) fail(fmt::format("'{}' '{}' is {}, expected a finite number", field, key, x));
+    return x;
+  }
+
+  const std::string& path() const { return path_; }
+
+ private:
+  const std::string& path_;
+  c10::impl::GenericDict top_;
+};
+
+// The optimizer state's per-parameter "step" entries, which PyTorch keeps as
+// numbers or 0-d tensors: a negative or non-finite one is refused here, the
+// rest (one entry per parameter, moments of the parameter's shape) by the
+// optimizer's own load_state_dict.
+void check_optimizer_steps(const Fields& f, const c10::IValue& optimizer) {
+  const c10::impl::GenericDict root = f.dict(optimizer, "optimizer");
+  const auto state = f.find(root, "state");
+  if (!state) f.fail("'optimizer' has no 'state'");
+  for (const auto& entry : f.dict(*state, "optimizer']['state")) {
+    if (!entry.value().isGenericDict()) continue;  // the optimizer names it
+    const auto step = f.find(entry.value().toGenericDict(), "step");
+    if (!step) continue;
+    const std::string field =
+        fmt::format("optimizer']['state'][{}]['step", entry.key().isInt() ? std::to_string(entry.key().toInt())
+                                                                          : "'" + entry.key().toStringRef() + "'");
+    double s = 0;
+    if (step->isInt()) s = static_cast<double>(step->toInt());
+    else if (step->isDouble()) s = step->toDouble();
+    else if (step->isTensor() && step->toTensor().numel() == 1) s = step->toTensor().item<double>();
+    else f.fail(fmt::format("'{}' is a {}, expected a number", field, step->tagKind()));
+    if (!std::isfinite(s) || s < 0 || s != std::floor(s)) {
+      f.fail(fmt::format("'{}' is {}, expected a non-negative whole number", field, s));
+    }
+  }
+}
+
+// When the model's entries do not fit: the model key that differs, from the
+// checkpoint's "model_config" (ours), if it has one.
+void fail_on_other_model(const Fields& f, const ModelConfig& mine) {
+  const auto saved = f.find("model_config");
+  if (!saved || !saved->isGenericDict() || !mine.params) return;
+  const c10::impl::GenericDict cfg = saved->toGenericDict();
+  auto text = [&](const std::string& key) -> std::optional<std::string> {
+    const auto v = f.find(cfg, key);
+    if (v && v->isString()) return v->toStringRef();
+    return std::nullopt;
+  };
+  std::vector<std::string> differ;
+  if (const auto name = text("name"); name && *name != mine.plugin) {
+    differ.push_back(fmt::format("[model] name = \"{}\" in the checkpoint, \"{}\" in this run", *name, mine.plugin));
+  } else {
+    for (const auto& [key, value] : mine.params->values()) {
+      const std::string here = to_toml(value);
+      const auto there = text(key);
+      if (there && *there != here) {
+        differ.push_back(fmt::format("[model] {} = {} in the checkpoint, {} in this run ({})", key, *there, here,
+                                     mine.params->where(key)));
+      }
+    }
+  }
+  if (!differ.empty()) {
+    f.fail(fmt::format("written for another model: {}; use the same [model] settings as the run that wrote it",
+                       fmt::join(differ, "; ")));
+  }
+}
+
+}  // namespace
+
+CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model, Optimizer* optimizer,
+                               const LoadOptions& options) {
+  // Our own reader: the reference's files hold OrderedDicts, which
+  // torch::pickle_load cannot read.
+  const c10::IValue top = load_torch_save(path);
+  if (!top.isGenericDict()) throw Error(fmt::format("{}: the top level is a {}, expected a dict", path, top.tagKind()));
+  const Fields f(path, top.toGenericDict());
+
+  CheckpointInfo info;
+  constexpr std::int64_t kMost = std::numeric_limits<std::int64_t>::max() / 4;
+  if (const auto s = f.find("step")) info.step = f.count(*s, "step", kMost);
+  if (const auto e = f.find("epoch")) info.epoch = f.count(*e, "epoch", kMost);
+  if (info.step < info.epoch) {
+    f.fail(fmt::format("'step' is {} but 'epoch' is {}: every epoch takes at least one step", info.step, info.epoch));
+  }
+
+  // The model: every entry by name, shape and dtype, finite.
+  const auto model_state = f.find("model");
+  if (!model_state) f.fail("no 'model' state dict");
+  const std::map<std::string, at::Tensor> stored = f.tensors(*model_state, "model", kDdpPrefix);
+  const auto entries = state_entries(model);
+  std::set<std::string> known;
+  for (const auto& [name, tensor] : entries) {
+    known.insert(name);
+    auto it = stored.find(name);
+    if (it == stored.end()) {
+      fail_on_other_model(f, options.model);
+      f.fail(fmt::format("model entry '{}' is missing", name));
+    }
+    if (it->second.sizes() != tensor.sizes() || it->second.scalar_type() != tensor.scalar_type()) {
+      fail_on_other_model(f, options.model);
+      f.fail(fmt::format("model entry '{}' has shape {}, the model has {}", name, shape_text(it->second),
+                         shape_text(tensor)));
+    }
+  }
+  for (const auto& [name, t] : stored) {
+    if (!known.count(name)) {
+      fail_on_other_model(f, options.model);
+      f.fail(fmt::format("entry '{}' is not in this model", name));
+    }
+  }
+  for (const auto& [name, t] : stored) {
+    if (t.is_floating_point() && !at::isfinite(t).all().item<bool>()) {
+      f.fail(fmt::format("model entry '{}' holds NaN or infinite values", name));
+    }
+  }
+
+  // The optimizer: checked and loaded by itself, all or nothing.
+  const bool read_optimizer = optimizer && !options.weights_only;
+  const auto optimizer_state = read_optimizer ? f.find("optimizer") : std::nullopt;
+  if (read_optimizer && options.require_optimizer && !optimizer_state) {
+    f.fail("no 'optimizer' state to resume from (a checkpoint of the model alone); set [run] resume_weights_only = "
+           "true to resume from its weights with a fresh optimizer");
+  }
+  if (optimizer_state) check_optimizer_steps(f, *optimizer_state);
+
+  if (const auto sc = f.find("scaler")) {
+    const c10::impl::GenericDict d = f.dict(*sc, "scaler");
     ScalerState s;
-    s.scale = number("scale");
-    s.growth_factor = number("growth_factor");
-    s.backoff_factor = number("backoff_factor");
-    s.growth_interval = as_int(field("growth_interval"), path, "scaler growth_interval");
-    s.growth_tracker = as_int(field("_growth_tracker"), path, "scaler _growth_tracker");
+    s.scale = f.number(d, "scaler", "scale");
+    s.growth_factor = f.number(d, "scaler", "growth_factor");
+    s.backoff_factor = f.number(d, "scaler", "backoff_factor");
+    const auto interval = f.find(d, "growth_interval");
+    const auto tracker = f.find(d, "_growth_tracker");
+    if (!interval) f.fail("'scaler' has no 'growth_interval'");
+    if (!tracker) f.fail("'scaler' has no '_growth_tracker'");
+    s.growth_interval = f.count(*interval, "scaler']['growth_interval", kMost);
+    s.growth_tracker = f.count(*tracker, "scaler']['_growth_tracker", kMost);
+    if (s.scale <= 0) f.fail(fmt::format("'scaler' 'scale' is {}, expected > 0", s.scale));
+    if (s.growth_factor <= 1) f.fail(fmt::format("'scaler' 'growth_factor' is {}, expected > 1", s.growth_factor));
+    if (s.backoff_factor <= 0 || s.backoff_factor >= 1) {
+      f.fail(fmt::format("'scaler' 'backoff_factor' is {}, expected in (0, 1)", s.backoff_factor));
+    }
+    if (s.growth_interval < 1) f.fail("'scaler' 'growth_interval' is 0, expected >= 1");
     info.scaler = s;
+  }
+
+  if (const auto ranks = f.find("partial_accumulation_ranks")) {
+    info.partial_accumulation_ranks = f.count(*ranks, "partial_accumulation_ranks", kMost);
+  }
+  if (const auto grads = f.find("accumulated_gradients"); grads && !options.weights_only) {
+    std::map<std::string, at::Tensor> params;
+    for (const auto& p : model.named_parameters()) params[p.key()] = p.value();
+    for (const auto& [name, g] : f.tensors(*grads, "accumulated_gradients")) {
+      const auto it = params.find(name);
+      if (it == params.end()) f.fail(fmt::format("'accumulated_gradients' entry '{}' is no parameter of the model", name));
+      if (g.sizes() != it->second.sizes() || g.scalar_type() != it->second.scalar_type()) {
+        f.fail(fmt::format("'accumulated_gradients' entry '{}' has shape {}, the parameter has {}", name,
+                           shape_text(g), shape_text(it->second)));
+      }
+      info.accumulated_gradients.emplace_back(name, g);
+    }
+  }
+
+  // Everything checked: now the model, then the optimizer (which checks
+  // its own entries before it changes anything).
+  {
+    at::NoGradGuard no_grad;
+    for (auto& [name, tensor] : entries) tensor.copy_(stored.at(name));
+  }
+  if (optimizer_state) {
+    try {
+      optimizer->load_state_dict(*optimizer_state);
+    } catch (const Error& e) {
+      f.fail(fmt::format("'optimizer': {}", e.what()));
+    }
   }
   return info;
 }

@@ -1,11 +1,14 @@
 #include "deepcam/engine.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <torch/torch.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
@@ -17,6 +20,7 @@
 #include <fstream>
 #include <numeric>
 #include <optional>
+#include <regex>
 
 #include "amp.hpp"
 #include "closed_division.hpp"
@@ -84,21 +88,21 @@ double peak_memory_mb() {
 // training removes them again (nothing ran); from run_start on they stay.
 class RunRecord {
  public:
-  RunRecord(const fs::path& dir, const std::string& log_name, const std::string& resolved, const std::string& where)
-      : config_path_(dir / "config.toml"), log_path_(dir / log_name) {
+  RunRecord(const fs::path& dir, const fs::path& log_path, const std::string& resolved, const std::string& where)
+      : config_path_(dir / "config.toml"), log_path_(log_path) {
     std::FILE* config = std::fopen(config_path_.c_str(), "w");
     if (!config) throw Error(fmt::format("{}: cannot create: {}", config_path_.string(), std::strerror(errno)));
-    const bool written = std::fputs(resolved.c_str(), config) >= 0;
+    const bool written = std::fputs(resolved.c_str(), config) >= 0 && std::fflush(config) == 0;
+    const int e = errno;
     if (std::fclose(config) != 0 || !written) {
       std::remove(config_path_.c_str());
-      throw Error(fmt::format("{}: cannot write (disk full?)", config_path_.string()));
+      throw Error(write_error_text(config_path_.string(), written ? errno : e));
     }
     log_ = std::fopen(log_path_.c_str(), "w");
     if (!log_) {
-      const int e = errno;
+      const int e2 = errno;
       std::remove(config_path_.c_str());
-      throw Error(fmt::format("{} [mlperf] log_file: cannot create {}: {}", where, log_path_.string(),
-                              std::strerror(e)));
+      throw Error(fmt::format("{}: cannot create {}: {}", where, log_path_.string(), std::strerror(e2)));
     }
   }
   RunRecord(const RunRecord&) = delete;
@@ -244,6 +248,8 @@ class Engine {
 
   // Called once run_start is logged (the run's record is kept from then on).
   void on_run_start(std::function<void()> f) { on_run_start_ = std::move(f); }
+  // Whether run_stop is in the log (a failure after it adds no second one).
+  bool run_stopped() const { return run_stopped_; }
 
   void build(bool with_optimizer) {
     const Params& run = cfg_.run;
@@ -337,12 +343,18 @@ class Engine {
     std::int64_t step = 0;       // batches trained, as the reference counts them
     std::int64_t first_epoch = 0;
     if (!run.string("resume").empty()) {
-      const CheckpointInfo info = load_checkpoint(run.string("resume"), c_.model->module(), c_.optimizer.object.get());
+      const std::string& resume = run.string("resume");
+      LoadOptions lo;
+      lo.require_optimizer = true;
+      lo.weights_only = run.boolean("resume_weights_only");
+      lo.model = model_config();
+      const CheckpointInfo info = load_checkpoint(resume, c_.model->module(), c_.optimizer.object.get(), lo);
       agree_on_resume(info);
       broadcast_model();
       if (scaler_ && info.scaler) scaler_ = std::make_unique<GradScaler>(*info.scaler, device_);
       step = info.step;
       first_epoch = info.epoch;
+      restore_accumulation(resume, info, k, lo.weights_only);
       if (comm_.rank() == 0) {
         std::fprintf(stderr, "deepcam-host: resumed from %s at epoch %lld, step %lld\n", run.string("resume").c_str(),
                      static_cast<long long>(first_epoch), static_cast<long long>(step));
@@ -392,6 +404,7 @@ class Engine {
     }
     comm_.world().barrier();
     log_.end("run_stop", Json(), {{"status", Json(reached ? "success" : "aborted")}, {"epoch_num", Json(epoch)}});
+    run_stopped_ = true;
     const double time_to_train = seconds_since(run_started_);
     // After run_stop, outside the timed region, as the reference saves.
     if (every >= 0 && last_saved != epoch) save(epoch, step);
@@ -472,7 +485,9 @@ class Engine {
   }
 
   int evaluate(const std::string& checkpoint) {
-    const CheckpointInfo info = load_checkpoint(checkpoint, c_.model->module(), nullptr);
+    LoadOptions lo;
+    lo.model = model_config();
+    const CheckpointInfo info = load_checkpoint(checkpoint, c_.model->module(), nullptr, lo);
     agree_on_resume(info);
     broadcast_model();
     const Totals v = validate(info.epoch, info.step);
@@ -530,6 +545,7 @@ class Engine {
     log_.end("epoch_stop", Json(), {{"epoch_num", Json(d.epoch_num)}, {"step_num", Json(step)}});
     comm_.world().barrier();
     log_.end("run_stop", Json(), {{"status", Json("aborted")}, {"epoch_num", Json(d.epoch_num)}});
+    run_stopped_ = true;
     if (comm_.rank() == 0) {
       std::fprintf(stderr,
                    "deepcam-host: training diverged at step %lld (epoch %lld): the %s is %s. The run stops here "
@@ -549,6 +565,7 @@ class Engine {
     log_.end("epoch_stop", Json(), {{"epoch_num", Json(epoch_num)}, {"step_num", Json(step)}});
     comm_.world().barrier();
     log_.end("run_stop", Json(), {{"status", Json("aborted")}, {"epoch_num", Json(epoch_num)}});
+    run_stopped_ = true;
     if (comm_.rank() == 0) {
       std::fprintf(stderr,
                    "deepcam-host: stopped by %s at step %lld (epoch %lld): run_stop status \"aborted\"; no "
@@ -768,13 +785,72 @@ class Engine {
   }
 
   void save(std::int64_t epoch, std::int64_t step) {
+    const std::int64_t k = cfg_.run.integer("gradient_accumulation_frequency");
+    const bool partial = step % k != 0;
     if (comm_.rank() != 0) return;
     const std::string path =
         (fs::path(cfg_.run.string("output_dir")) / fmt::format("checkpoint-epoch{}.pt", epoch)).string();
-    CheckpointInfo info{step, epoch, std::nullopt};
+    CheckpointInfo info;
+    info.step = step;
+    info.epoch = epoch;
     if (scaler_) info.scaler = scaler_->state();
-    save_checkpoint(path, info, c_.model->module(), c_.optimizer.object.get());
+    if (partial && comm_.size() == 1) {
+      // The gradient of the batches since the last optimizer step, which an
+      // uninterrupted run carries into the next epoch.
+      for (const auto& p : c_.model->module().named_parameters()) {
+        if (p.value().grad().defined()) info.accumulated_gradients.emplace_back(p.key(), p.value().grad());
+      }
+    } else if (partial) {
+      info.partial_accumulation_ranks = comm_.size();
+    }
+    save_checkpoint(path, info, c_.model->module(), c_.optimizer.object.get(), model_config());
     std::fprintf(stderr, "deepcam-host: saved %s\n", path.c_str());
+    if (info.partial_accumulation_ranks > 0) {
+      std::fprintf(stderr,
+                   "deepcam-host: note: %s was saved at step %lld, in the middle of a gradient accumulation "
+                   "(gradient_accumulation_frequency = %lld) on %d ranks; their partial gradients are not in it, so "
+                   "it cannot be resumed exactly (resume refuses it)\n",
+                   path.c_str(), static_cast<long long>(step), static_cast<long long>(k), comm_.size());
+    }
+  }
+
+  ModelConfig model_config() const { return ModelConfig{cfg_.model.name, &cfg_.model.params}; }
+
+  // A checkpoint taken where gradient_accumulation_frequency does not divide
+  // the step holds the gradient accumulated since the last optimizer step;
+  // it becomes the parameters' .grad, so that the next update sums the same
+  // batches as an uninterrupted run.
+  void restore_accumulation(const std::string& path, const CheckpointInfo& info, std::int64_t k, bool weights_only) {
+    const std::string key = fmt::format("{} [run] gradient_accumulation_frequency = {}", cfg_.file, k);
+    if (info.partial_accumulation_ranks > 0 && !weights_only) {
+      throw Error(fmt::format("{}: saved at step {} in the middle of a gradient accumulation by a run of {} ranks, whose "
+                              "partial gradients are not in it; resuming would not continue that run exactly. Resume "
+                              "from a checkpoint saved at a step the accumulation divides, or set [run] "
+                              "resume_weights_only = true to start from its weights with a fresh optimizer",
+                              path, info.step, info.partial_accumulation_ranks));
+    }
+    if (info.accumulated_gradients.empty()) {
+      if (info.step % k != 0 && !weights_only && comm_.rank() == 0) {
+        std::fprintf(stderr,
+                     "deepcam-host: note: %s was saved at step %lld, which %s does not divide, and holds no "
+                     "accumulated gradient (not written by deepcam-host); the first optimizer step after the resume "
+                     "sums fewer batches than an uninterrupted run would\n",
+                     path.c_str(), static_cast<long long>(info.step), key.c_str());
+      }
+      return;
+    }
+    if (info.step % k == 0) {
+      throw Error(fmt::format("{}: holds a partial gradient ('accumulated_gradients') at step {}, but {} divides that "
+                              "step; resume with the gradient_accumulation_frequency of the run that wrote it",
+                              path, info.step, key));
+    }
+    std::map<std::string, at::Tensor> params;
+    for (const auto& p : c_.model->module().named_parameters()) params[p.key()] = p.value();
+    torch::NoGradGuard no_grad;
+    for (const auto& [name, grad] : info.accumulated_gradients) {
+      at::Tensor& param = params.at(name);
+      param.mutable_grad() = at::empty_like(param, at::MemoryFormat::Preserve).copy_(grad);
+    }
   }
 
   const RunConfig& cfg_;
@@ -788,6 +864,7 @@ class Engine {
   Precision precision_ = Precision::Fp32;
   at::MemoryFormat memory_format_ = at::MemoryFormat::Contiguous;
   std::unique_ptr<GradScaler> scaler_;  // amp_fp16
+  bool run_stopped_ = false;             // run_stop is in the log
   Clock::time_point run_started_{};
   Clock::time_point last_progress_ = Clock::now();
   std::function<void()> on_run_start_;
@@ -822,6 +899,94 @@ RunConfig with_drawn_seed(const RunConfig& cfg, Communicator& comm) {
   return out;
 }
 
+// The MLPerf log's name: [mlperf] log_file, relative to the output folder;
+// --evaluate writes "evaluate-<name>" beside it.
+fs::path log_path(const RunConfig& cfg, const fs::path& out_dir, bool evaluating) {
+  const std::string& given = cfg.mlperf.string("log_file");
+  const fs::path name(given);
+  if (given.empty() || !name.has_filename()) {
+    throw Error(fmt::format("{}: \"{}\" names no file", cfg.mlperf.where("log_file"), given));
+  }
+  const fs::path file = evaluating ? name.parent_path() / ("evaluate-" + name.filename().string()) : name;
+  return (out_dir / file).lexically_normal();
+}
+
+bool process_alive(long pid) { return ::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM; }
+
+// What a run killed while writing leaves: "<name>.tmp-<pid>" (a checkpoint
+// being written) or "<name>.partial-<pid>". Those of processes that are gone
+// are removed; a live one may still be writing.
+void remove_stale_temporaries(const fs::path& dir) {
+  static const std::regex temporary(R"(.+\.(tmp|partial)-([0-9]{1,9}))");
+  std::error_code ec;
+  std::vector<fs::path> stale;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    std::smatch m;
+    if (!std::regex_match(name, m, temporary)) continue;
+    const long pid = std::stol(m[2].str());
+    if (pid != ::getpid() && !process_alive(pid)) stale.push_back(it->path());
+  }
+  for (const fs::path& p : stale) {
+    std::error_code rm;
+    fs::remove(p, rm);
+    if (rm) throw Error(fmt::format("{}: left by a run that is gone, and cannot be removed: {}", p.string(), rm.message()));
+    std::fprintf(stderr, "deepcam-host: removed %s, left by an earlier run that was stopped while writing it\n",
+                 p.string().c_str());
+  }
+}
+
+// Every name the run will write, checked before anything is trained: the
+// output folder can be written, the log's folder exists, no checkpoint name
+// is taken by a folder, and the record of an earlier run (its log,
+// checkpoints) is not overwritten unless [run] overwrite = true or this run
+// resumes from one of its checkpoints.
+void check_outputs(const RunConfig& cfg, const fs::path& out_dir, const fs::path& log, bool evaluating) {
+  std::error_code ec;
+  const std::string dir_key = cfg.run.where("output_dir");
+  {
+    // A file that only this process can have made, removed at once.
+    const fs::path probe = out_dir / fmt::format(".deepcam-write-test.tmp-{}", ::getpid());
+    const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0) {
+      throw Error(fmt::format("{}: cannot write in {}: {}", dir_key, out_dir.string(), std::strerror(errno)));
+    }
+    ::close(fd);
+    ::unlink(probe.c_str());
+  }
+  const fs::path log_dir = log.parent_path();
+  if (!fs::is_directory(log_dir, ec)) {
+    throw Error(fmt::format("{}: the folder {} of {} does not exist{}", cfg.mlperf.where("log_file"),
+                            log_dir.string(), log.string(), fs::exists(log_dir, ec) ? " (it is a file)" : ""));
+  }
+  if (fs::is_directory(log, ec)) {
+    throw Error(fmt::format("{}: {} is a folder", cfg.mlperf.where("log_file"), log.string()));
+  }
+  if (evaluating) return;  // writes only its own log, which names what it evaluated
+
+  static const std::regex checkpoint(R"(checkpoint-epoch[0-9]+\.pt)");
+  std::vector<std::string> earlier;
+  const std::string& resume = cfg.run.string("resume");
+  bool continues = false;
+  for (fs::directory_iterator it(out_dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (!std::regex_match(name, checkpoint)) continue;
+    if (!it->is_regular_file(ec)) {
+      throw Error(fmt::format("{}: {} is not a file, and this run writes its checkpoints under that name", dir_key,
+                              it->path().string()));
+    }
+    earlier.push_back(name);
+    if (!resume.empty() && fs::equivalent(it->path(), resume, ec)) continues = true;
+  }
+  std::sort(earlier.begin(), earlier.end());
+  if (fs::exists(log, ec)) earlier.insert(earlier.begin(), log.lexically_relative(out_dir).string());
+  if (earlier.empty() || continues || cfg.run.boolean("overwrite")) return;
+  throw Error(fmt::format("{}: {} holds the record of an earlier run ({}) that this run would overwrite; set [run] "
+                          "overwrite = true to replace it, choose another output_dir, or resume from one of its "
+                          "checkpoints",
+                          dir_key, out_dir.string(), fmt::join(earlier, ", ")));
+}
+
 }  // namespace
 
 int run_engine(const RunConfig& given, const EngineOptions& opts) {
@@ -850,8 +1015,11 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   const fs::path out_dir = cfg.run.string("output_dir");
   std::error_code ec;
   const bool created = rank0 && !fs::exists(out_dir, ec);
+  if (rank0 && !created && !fs::is_directory(out_dir, ec)) {
+    throw Error(fmt::format("{}: {} exists and is not a folder", cfg.run.where("output_dir"), out_dir.string()));
+  }
   if (rank0) fs::create_directories(out_dir, ec);
-  if (ec) throw Error(fmt::format("{} [run] output_dir: cannot create {}: {}", cfg.file, out_dir.string(), ec.message()));
+  if (ec) throw Error(fmt::format("{}: cannot create {}: {}", cfg.run.where("output_dir"), out_dir.string(), ec.message()));
   // A run that fails leaves no output directory it made and no files in it.
   struct RemoveIfEmpty {
     fs::path dir;
@@ -862,11 +1030,14 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
     }
   } cleanup{out_dir, created};
   const bool evaluating = !opts.evaluate_checkpoint.empty();
-  const std::string log_name =
-      evaluating ? "evaluate-" + cfg.mlperf.string("log_file") : cfg.mlperf.string("log_file");
+  const fs::path log_file = log_path(cfg, out_dir, evaluating);
   std::unique_ptr<RunRecord> record;
-  if (rank0) record = std::make_unique<RunRecord>(out_dir, log_name, cfg.resolved, cfg.file);
-  MlperfLog log(record ? record->log() : nullptr, rank0);
+  if (rank0) {
+    remove_stale_temporaries(out_dir);
+    check_outputs(cfg, out_dir, log_file, evaluating);
+    record = std::make_unique<RunRecord>(out_dir, log_file, cfg.resolved, cfg.mlperf.where("log_file"));
+  }
+  MlperfLog log(record ? record->log() : nullptr, rank0, log_file.string());
   // Every line also on stdout, as the reference's logger prints it.
   if (rank0 && !opts.quiet) log.echo_to(stdout);
 
@@ -904,13 +1075,13 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   } catch (const std::exception&) {
     // Training began and failed (a lost rank, a file gone bad): the record
     // stays, closed as an aborted run, with no barrier (the others may be gone).
-    log.end("run_stop", Json(), {{"status", Json("aborted")}});
+    if (!engine.run_stopped()) log.end("run_stop", Json(), {{"status", Json("aborted")}});
     throw;
   }
   comm.finish();
   if (rank0) {
     std::fprintf(stderr, "deepcam-host: wall time %.1f s; log %s\n", seconds_since(t0),
-                 (out_dir / log_name).string().c_str());
+                 log_file.string().c_str());
   }
   return status;
 }

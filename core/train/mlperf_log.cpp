@@ -1,11 +1,29 @@
 #include "deepcam/mlperf_log.hpp"
 
+#include <fmt/format.h>
+#include <stdio_ext.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <chrono>
 #include <cstring>
 
+#include "deepcam/error.hpp"
+
 namespace deepcam {
 
-MlperfLog::MlperfLog(std::FILE* out, bool enabled) : out_(out), enabled_(enabled && out) {}
+std::string write_error_text(const std::string& path, int err) {
+  std::string hint;
+  if (err == ENOSPC || err == EDQUOT) hint = " (the file system is full or over quota: free space or write elsewhere)";
+  if (err == EFBIG) {
+    hint = " (the file would exceed the file-size limit, ulimit -f, or the largest file the file system holds)";
+  }
+  return fmt::format("{}: cannot write: {}{}", path, std::strerror(err), hint);
+}
+
+MlperfLog::MlperfLog(std::FILE* out, bool enabled, std::string name)
+    : out_(out), enabled_(enabled && out), name_(std::move(name)) {}
 
 void MlperfLog::event(const std::string& key, const Json& value, Metadata metadata, CallSite site) {
   write("POINT_IN_TIME", key, value, std::move(metadata), site);
@@ -21,7 +39,7 @@ void MlperfLog::end(const std::string& key, const Json& value, Metadata metadata
 
 void MlperfLog::write(const char* event_type, const std::string& key, const Json& value,
                       Metadata metadata, CallSite site) {
-  if (!enabled_) return;
+  if (!enabled_ || failed_) return;
   const auto now = std::chrono::system_clock::now().time_since_epoch();
   const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now).count();
   // The file name relative to the source tree, as mllog records it.
@@ -39,8 +57,18 @@ void MlperfLog::write(const char* event_type, const std::string& key, const Json
                                   {"value", value},
                                   {"metadata", Json::object(std::move(md))}});
   const std::string text = ":::MLLOG " + line.dump() + "\n";
-  std::fwrite(text.data(), 1, text.size(), out_);
-  std::fflush(out_);
+  // Every line before this one is on disk (flushed), so the file ends here.
+  const off_t end = ::ftello(out_);
+  const bool written = std::fwrite(text.data(), 1, text.size(), out_) == text.size() && std::fflush(out_) == 0;
+  if (!written) {
+    const int err = errno;
+    failed_ = true;
+    // Drop what stdio still holds and cut the part of the line that made it.
+    __fpurge(out_);
+    if (end >= 0 && ::ftruncate(::fileno(out_), end) == 0) ::fseeko(out_, end, SEEK_SET);
+    throw Error(write_error_text(name_.empty() ? "the MLPerf log" : name_, err) +
+                "; the log ends with the last line written whole");
+  }
   if (echo_) {
     std::fwrite(text.data(), 1, text.size(), echo_);
     std::fflush(echo_);

@@ -9,9 +9,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/ivalue.h>
+#include <fcntl.h>
+#include <unistd.h>
 #include <caffe2/serialize/inline_container.h>
 #include <fmt/format.h>
 
+#include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -25,6 +28,7 @@
 #include <vector>
 
 #include "deepcam/error.hpp"
+#include "deepcam/mlperf_log.hpp"
 
 namespace deepcam {
 namespace {
@@ -977,6 +981,293 @@ c10::IValue load_torch_save(const std::string& path) {
   } catch (const std::bad_alloc&) {
     throw Error(fmt::format("{}: out of memory while reading (corrupt sizes?)", path));
   }
+}
+
+}  // namespace deepcam
+
+// ---------------------------------------------------------------------------
+// The writer: the same format from the other side. The pickle holds only the
+// structure (a few kilobytes for a state dict); each tensor's storage is
+// written from the tensor's own memory straight into the archive, so that
+// saving needs no second copy of the weights and optimizer state.
+
+namespace deepcam {
+namespace {
+
+const char* legacy_storage_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "FloatStorage";
+    case at::kDouble: return "DoubleStorage";
+    case at::kHalf: return "HalfStorage";
+    case at::kBFloat16: return "BFloat16Storage";
+    case at::kLong: return "LongStorage";
+    case at::kInt: return "IntStorage";
+    case at::kShort: return "ShortStorage";
+    case at::kChar: return "CharStorage";
+    case at::kByte: return "ByteStorage";
+    case at::kBool: return "BoolStorage";
+    case at::kComplexFloat: return "ComplexFloatStorage";
+    case at::kComplexDouble: return "ComplexDoubleStorage";
+    default: return nullptr;
+  }
+}
+
+// Protocol 2, as torch.save's default: the opcodes Python's pickler uses for
+// these types, without the memo (nothing is shared but storages, and those
+// are shared through their persistent ids, as torch.load resolves them).
+class PickleWriter {
+ public:
+  explicit PickleWriter(std::string path) : path_(std::move(path)) { op(0x80), byte(2); }
+
+  void write(const c10::IValue& v, const std::string& where, int depth = 0) {
+    if (depth > kMaxDepth) fail(where, "nests deeper than " + std::to_string(kMaxDepth) + " levels");
+    if (v.isNone()) return op('N');
+    if (v.isBool()) return op(v.toBool() ? 0x88 : 0x89);
+    if (v.isInt()) return integer(v.toInt());
+    if (v.isDouble()) return floating(v.toDouble());
+    if (v.isString()) return string(v.toStringRef());
+    if (v.isTensor()) return tensor(v.toTensor(), where);
+    if (v.isTuple()) {
+      const auto& items = v.toTupleRef().elements();
+      if (items.empty()) return op(')');
+      if (items.size() > 3) op('(');
+      for (std::size_t i = 0; i < items.size(); ++i) write(items[i], fmt::format("{}[{}]", where, i), depth + 1);
+      if (items.size() > 3) return op('t');
+      return op(static_cast<unsigned char>(0x84 + items.size()));  // TUPLE1..3
+    }
+    if (v.isList()) {
+      op(']');
+      const auto items = v.toListRef();
+      if (items.empty()) return;
+      op('(');
+      for (std::size_t i = 0; i < items.size(); ++i) write(items[i], fmt::format("{}[{}]", where, i), depth + 1);
+      return op('e');
+    }
+    if (v.isGenericDict()) {
+      op('}');
+      const auto dict = v.toGenericDict();
+      if (dict.empty()) return;
+      op('(');
+      for (const auto& e : dict) {
+        const std::string key = e.key().isString() ? "'" + e.key().toStringRef() + "'"
+                                : e.key().isInt()  ? std::to_string(e.key().toInt())
+                                                   : std::string(e.key().tagKind());
+        write(e.key(), where, depth + 1);
+        write(e.value(), fmt::format("{}[{}]", where, key), depth + 1);
+      }
+      return op('u');
+    }
+    fail(where, fmt::format("is a {}, which a checkpoint cannot hold", v.tagKind()));
+  }
+
+  // The pickle, ended by STOP.
+  const std::string& finish() {
+    op('.');
+    return out_;
+  }
+  // The storages in the order of their keys "0", "1", ...
+  const std::vector<c10::Storage>& storages() const { return storages_; }
+
+ private:
+  [[noreturn]] void fail(const std::string& where, const std::string& what) const {
+    throw Error(fmt::format("{}: cannot save {}: it {}", path_, where.empty() ? "the value" : where, what));
+  }
+  void op(unsigned char c) { out_.push_back(static_cast<char>(c)); }
+  void byte(unsigned char c) { out_.push_back(static_cast<char>(c)); }
+  void le(std::uint64_t v, int n) {
+    for (int i = 0; i < n; ++i) byte(static_cast<unsigned char>(v >> (8 * i)));
+  }
+
+  void integer(std::int64_t v) {
+    if (v >= 0 && v < 256) return op('K'), byte(static_cast<unsigned char>(v));
+    if (v >= 0 && v < 65536) return op('M'), le(static_cast<std::uint64_t>(v), 2);
+    if (v >= std::numeric_limits<std::int32_t>::min() && v <= std::numeric_limits<std::int32_t>::max()) {
+      return op('J'), le(static_cast<std::uint32_t>(static_cast<std::int32_t>(v)), 4);
+    }
+    // LONG1: the shortest little-endian two's complement.
+    int n = 8;
+    while (n > 1) {
+      const std::int64_t shifted = v >> (8 * (n - 1) - 1);
+      if (shifted != 0 && shifted != -1) break;
+      --n;
+    }
+    op(0x8a), byte(static_cast<unsigned char>(n)), le(static_cast<std::uint64_t>(v), n);
+  }
+
+  void floating(double d) {
+    std::uint64_t bits;
+    std::memcpy(&bits, &d, sizeof bits);
+    op('G');
+    for (int i = 7; i >= 0; --i) byte(static_cast<unsigned char>(bits >> (8 * i)));
+  }
+
+  void string(const std::string& s) {
+    if (s.size() > std::numeric_limits<std::uint32_t>::max()) fail("", "holds a string longer than 4 GiB");
+    op('X'), le(s.size(), 4);
+    out_ += s;
+  }
+
+  void global(const char* module, const char* name) {
+    op('c');
+    out_ += module;
+    out_ += '\n';
+    out_ += name;
+    out_ += '\n';
+  }
+
+  void size_tuple(at::IntArrayRef values) {
+    if (values.size() > 3) op('(');
+    for (const std::int64_t v : values) integer(v);
+    if (values.empty()) return op(')');
+    if (values.size() > 3) return op('t');
+    op(static_cast<unsigned char>(0x84 + values.size()));
+  }
+
+  // torch._utils._rebuild_tensor_v2(storage, offset, size, stride,
+  // requires_grad, OrderedDict()), the storage a persistent id
+  // ('storage', torch.<Type>Storage, key, 'cpu', numel).
+  void tensor(const at::Tensor& t, const std::string& where) {
+    if (t.layout() != at::kStrided) fail(where, fmt::format("is a {} tensor; only dense ones are saved", c10::str(t.layout())));
+    if (t.is_quantized()) fail(where, "is a quantized tensor");
+    if (t.is_conj() || t.is_neg()) fail(where, "has the conj or neg bit set (resolve it first)");
+    const char* storage_type = legacy_storage_name(t.scalar_type());
+    if (!storage_type) fail(where, fmt::format("has dtype {}, which has no storage type here", c10::toString(t.scalar_type())));
+    const c10::Storage& storage = t.storage();
+    if (!storage) fail(where, "has no storage");
+    auto [it, fresh] = keys_.try_emplace(storage.unsafeGetStorageImpl(), storages_.size());
+    if (fresh) storages_.push_back(storage);
+
+    global("torch._utils", "_rebuild_tensor_v2");
+    op('(');
+    op('(');
+    string("storage");
+    global("torch", storage_type);
+    string(std::to_string(it->second));
+    string("cpu");
+    integer(static_cast<std::int64_t>(storage.nbytes() / t.element_size()));
+    op('t');
+    op('Q');  // BINPERSID
+    integer(t.storage_offset());
+    size_tuple(t.sizes());
+    size_tuple(t.strides());
+    op(t.requires_grad() ? 0x88 : 0x89);
+    global("collections", "OrderedDict");
+    op(')');
+    op('R');
+    op('t');
+    op('R');
+  }
+
+  std::string path_;
+  std::string out_;
+  std::vector<c10::Storage> storages_;
+  std::unordered_map<const c10::StorageImpl*, std::size_t> keys_;
+};
+
+// Where the archive goes: a file descriptor. The first failure is kept and
+// every later write is dropped unreported, so that PyTorchStreamWriter never
+// throws from its destructor (it finishes the archive there when an error
+// cut the writing short); the caller checks `error` after each record.
+struct FileSink {
+  int fd = -1;
+  int error = 0;
+  bool discard = false;
+
+  std::size_t operator()(const void* data, std::size_t n) {
+    if (error || discard) return n;
+    const char* p = static_cast<const char*>(data);
+    std::size_t left = n;
+    while (left > 0) {
+      const ssize_t w = ::write(fd, p, left);
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        error = errno;
+        return n;
+      }
+      if (w == 0) {
+        error = EIO;
+        return n;
+      }
+      p += w;
+      left -= static_cast<std::size_t>(w);
+    }
+    return n;
+  }
+};
+
+}  // namespace
+
+void save_torch(const std::string& path, const c10::IValue& value) {
+  PickleWriter pickle(path);
+  pickle.write(value, "");
+  const std::string& data = pickle.finish();
+
+  const std::string tmp = fmt::format("{}.tmp-{}", path, ::getpid());
+  FileSink sink;
+  sink.fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (sink.fd < 0) throw Error(fmt::format("{}: cannot create: {}", tmp, std::strerror(errno)));
+  // Declared before the writer, so destroyed after it: the file is closed
+  // and, unless the rename happened, removed.
+  struct Cleanup {
+    FileSink& sink;
+    const std::string& tmp;
+    bool renamed = false;
+    ~Cleanup() {
+      if (sink.fd >= 0) ::close(sink.fd);
+      if (!renamed) ::unlink(tmp.c_str());
+    }
+  } cleanup{sink, tmp};
+  auto check = [&] {
+    if (sink.error) throw Error(write_error_text(path, sink.error));
+  };
+  try {
+    caffe2::serialize::PyTorchStreamWriter writer([&](const void* p, std::size_t n) { return sink(p, n); });
+    // Declared after the writer, so destroyed before it: on an exception the
+    // writer's destructor finishes the archive into nothing.
+    struct Discard {
+      FileSink& sink;
+      bool armed = true;
+      ~Discard() {
+        if (armed) sink.discard = true;
+      }
+    } discard{sink};
+    writer.writeRecord("data.pkl", data.data(), data.size());
+    check();
+    writer.writeRecord(".format_version", "1", 1);
+    writer.writeRecord(".storage_alignment", "64", 2);
+    writer.writeRecord("byteorder", "little", 6);
+    check();
+    const auto& storages = pickle.storages();
+    for (std::size_t i = 0; i < storages.size(); ++i) {
+      const c10::Storage& s = storages[i];
+      const std::string name = fmt::format("data/{}", i);
+      if (s.device().is_cpu() || s.nbytes() == 0) {
+        writer.writeRecord(name, s.nbytes() ? s.data() : "", s.nbytes());
+      } else {
+        // One storage at a time through host memory.
+        const at::Tensor whole = at::empty({0}, at::TensorOptions().dtype(at::kByte).device(s.device()))
+                                     .set_(s, 0, {static_cast<std::int64_t>(s.nbytes())}, {1});
+        const at::Tensor host = whole.cpu();
+        writer.writeRecord(name, host.data_ptr(), s.nbytes());
+      }
+      check();
+    }
+    writer.writeEndOfFile();
+    check();
+    discard.armed = false;
+  } catch (const c10::Error& e) {
+    if (sink.error) throw Error(write_error_text(path, sink.error));
+    throw Error(fmt::format("{}: cannot write: {}", path, e.what_without_backtrace()));
+  }
+  // A file system may report a full disk only when the data reaches it.
+  if (::fsync(sink.fd) != 0) throw Error(write_error_text(path, errno));
+  const int fd = sink.fd;
+  sink.fd = -1;
+  if (::close(fd) != 0) throw Error(write_error_text(path, errno));
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    throw Error(fmt::format("{}: cannot rename {} into place: {}", path, tmp, std::strerror(errno)));
+  }
+  cleanup.renamed = true;
 }
 
 }  // namespace deepcam

@@ -32,6 +32,8 @@
 #include <vector>
 
 #include <dirent.h>
+#include <signal.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "deepcam/error.hpp"
@@ -579,4 +581,121 @@ TEST_CASE("a damaged pickle gives an Error or a value, never a crash") {
   }
   CHECK(other == 0);
   CHECK(errors > static_cast<int>(pickle.size()));
+}
+
+// ---------------------------------------------------------------------------
+// save_torch: what it writes, Python's torch.load(weights_only=True) reads as
+// the same values; what it cannot write is named; a write that fails leaves
+// no file behind.
+
+namespace {
+
+// The keys of mixed.pt that save_torch cannot write as they are: tensors
+// with the conj or neg bit, dtypes without a legacy storage class, and
+// bytes (which load as a string of raw bytes).
+const std::vector<std::string> kNotWritten = {"conj", "neg", "uint16", "float8", "bytes", "no_bytes"};
+
+c10::IValue without_unwritable(const c10::IValue& top) {
+  c10::impl::GenericDict out(c10::StringType::get(), c10::AnyType::get());
+  for (const auto& e : top.toGenericDict()) {
+    const std::string key = e.key().toStringRef();
+    if (std::find(kNotWritten.begin(), kNotWritten.end(), key) == kNotWritten.end()) out.insert(key, e.value());
+  }
+  return out;
+}
+
+// Python describes ORIGINAL less kNotWritten and what it reads from RESAVED,
+// as kWriter's describe() does; exits 0 when they are the same.
+const char* kCompare = R"PY(
+import sys, torch
+src = open(sys.argv[3]).read().split("def save(")[0]
+ns = {}
+exec(src.replace("out = sys.argv[1]", "out = None"), ns)
+original = torch.load(sys.argv[1], weights_only=False)  # ours, with bytes, which weights_only refuses
+for k in sys.argv[4].split(","):
+    original.pop(k, None)
+resaved = torch.load(sys.argv[2], weights_only=True)
+want, got = [], []
+ns["describe"](original, "", want, {})
+ns["describe"](resaved, "", got, {})
+if want != got:
+    for w, g in zip(want, got):
+        if w != g:
+            print("want", w[:200], "\ngot ", g[:200])
+            break
+    print(len(want), len(got))
+    sys.exit(1)
+print("same", len(want))
+)PY";
+
+}  // namespace
+
+TEST_CASE("save_torch writes what Python's torch.load reads back as the same values") {
+  const c10::IValue mixed = without_unwritable(load_torch_save(files().path("mixed.pt")));
+  const std::string resaved = files().path("resaved.pt");
+  deepcam::save_torch(resaved, mixed);
+  // Our reader sees the same structure, storages shared as before.
+  const c10::IValue back = load_torch_save(resaved);
+  const auto views = at_key(back, "views").toTensorVector();
+  REQUIRE(views.size() == 4);
+  for (const auto& v : views) CHECK(v.is_alias_of(views[0]));
+  CHECK((views[2].strides() == at::IntArrayRef{1, 4}));
+  CHECK(at_key(back, "ints").toIntVector() == at_key(mixed, "ints").toIntVector());
+  // Python: every value, dtype, view, stride and shared storage as it saved them.
+  write_file(files().path("compare.py"), kCompare);
+  std::string dropped;
+  for (const auto& k : kNotWritten) dropped += (dropped.empty() ? "" : ",") + k;
+  const std::string cmd =
+      fmt::format("'{}/.venv/bin/python' '{}' '{}' '{}' '{}' '{}'", DEEPCAM_SOURCE_ROOT, files().path("compare.py"),
+                  files().path("mixed.pt"), resaved, files().path("writer.py"), dropped);
+  CHECK_MESSAGE(std::system(cmd.c_str()) == 0, "Python read another value back: " << cmd);
+  CHECK(!fs::exists(resaved + ".tmp-" + std::to_string(::getpid())));
+}
+
+TEST_CASE("save_torch names a value it cannot write and leaves no file") {
+  const c10::IValue top = load_torch_save(files().path("mixed.pt"));
+  const std::string path = files().path("refused.pt");
+  auto error_saving = [&](const std::string& key) -> std::string {
+    c10::impl::GenericDict d(c10::StringType::get(), c10::AnyType::get());
+    d.insert("entry", at_key(top, key));
+    try {
+      deepcam::save_torch(path, d);
+    } catch (const deepcam::Error& e) {
+      return e.what();
+    }
+    return "(no error)";
+  };
+  CHECK(error_saving("conj").find(path + ": cannot save ['entry']: it has the conj or neg bit set") == 0);
+  CHECK(error_saving("uint16").find("['entry']: it has dtype UInt16") != std::string::npos);
+  CHECK(!fs::exists(path));
+}
+
+TEST_CASE("save_torch over the file-size limit: an Error naming the limit, no file, the old one kept") {
+  const std::string path = files().path("limited.pt");
+  write_file(path, "the previous checkpoint");
+  c10::impl::GenericDict d(c10::StringType::get(), c10::AnyType::get());
+  d.insert("big", torch::ones({1 << 20}));  // 4 MiB
+  struct sigaction ignore {}, old {};
+  ignore.sa_handler = SIG_IGN;
+  ::sigaction(SIGXFSZ, &ignore, &old);
+  rlimit before{};
+  ::getrlimit(RLIMIT_FSIZE, &before);
+  rlimit limited = before;
+  limited.rlim_cur = 1 << 20;  // 1 MiB
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &limited) == 0);
+  std::string message = "(no error)";
+  try {
+    deepcam::save_torch(path, d);
+  } catch (const deepcam::Error& e) {
+    message = e.what();
+  }
+  ::setrlimit(RLIMIT_FSIZE, &before);
+  ::sigaction(SIGXFSZ, &old, nullptr);
+  CHECK(message.find(path + ": cannot write: File too large") == 0);
+  CHECK(message.find("file-size limit, ulimit -f") != std::string::npos);
+  CHECK(read_file(path) == "the previous checkpoint");
+  CHECK(!fs::exists(path + ".tmp-" + std::to_string(::getpid())));
+  // Within the limit the same call succeeds.
+  deepcam::save_torch(path, d);
+  CHECK(load_torch_save(path).toGenericDict().at("big").toTensor().equal(torch::ones({1 << 20})));
 }

@@ -1,5 +1,7 @@
 // Checkpoints in the reference's torch.save layout:
-// {"step": int, "epoch": int, "model": {name: tensor}, "optimizer": {...}}.
+// {"step": int, "epoch": int, "model": {name: tensor}, "optimizer": {...}},
+// with our extra keys ("scaler", "model_config", "accumulated_gradients")
+// beside them, which the reference's loader ignores.
 // Python's torch.load reads ours, and we read one written by Python.
 #pragma once
 
@@ -12,6 +14,7 @@
 #include <vector>
 
 #include "deepcam/export.hpp"
+#include "deepcam/params.hpp"
 
 namespace torch::nn {
 class Module;
@@ -37,18 +40,58 @@ struct ScalerState {
 };
 
 struct CheckpointInfo {
-  std::int64_t step = 0;   // optimizer steps taken
+  std::int64_t step = 0;   // batches trained (as the reference counts steps)
   std::int64_t epoch = 0;  // epochs completed
   std::optional<ScalerState> scaler;
+  // The gradients accumulated since the last optimizer step, by parameter
+  // name, when the checkpoint was taken at a step that
+  // gradient_accumulation_frequency does not divide (an epoch whose batch
+  // count k does not divide carries its partial gradient into the next, as
+  // the reference does). Kept as "accumulated_gradients", a key the
+  // reference ignores; empty when there is none.
+  std::vector<std::pair<std::string, at::Tensor>> accumulated_gradients;
+  // A run of more than one rank saved in the middle of an accumulation: the
+  // ranks' partial gradients are not in the file (only rank 0 writes it), so
+  // resuming from it is refused. Kept as "partial_accumulation_ranks"; 0 when none.
+  std::int64_t partial_accumulation_ranks = 0;
 };
 
-// Writes to PATH.tmp-<pid> and renames, so that a reader never sees half a file.
-DEEPCAM_API void save_checkpoint(const std::string& path, const CheckpointInfo& info,
-                                 torch::nn::Module& model, const Optimizer* optimizer);
+// What built the model: the plugin's name and its checked [model] values,
+// kept in our checkpoints as "model_config" ({"name": ..., key: TOML text}),
+// so that a checkpoint of another model (other middle_blocks or width) is
+// named by the key that differs rather than by the first tensor that does
+// not fit. Python's torch.load reads it as a dict of strings.
+struct ModelConfig {
+  std::string plugin;
+  const Params* params = nullptr;
+};
 
-// Loads the model (every entry must match by name, shape and dtype) and, when
-// `optimizer` is given and the file has one, the optimizer state.
+// Writes the checkpoint with save_torch (torch_pickle.hpp): streamed, with
+// no second copy of the state in memory, to PATH.tmp-<pid>, then renamed.
+DEEPCAM_API void save_checkpoint(const std::string& path, const CheckpointInfo& info,
+                                 torch::nn::Module& model, const Optimizer* optimizer,
+                                 const ModelConfig& config = {});
+
+struct LoadOptions {
+  // Resuming training: the file must hold an optimizer state (an error
+  // naming [run] resume_weights_only otherwise).
+  bool require_optimizer = false;
+  // [run] resume_weights_only: the model's weights, step and epoch only;
+  // any optimizer state or partial gradient in the file is left unread.
+  bool weights_only = false;
+  ModelConfig model;  // this run's, for naming a model key that differs
+};
+
+// Reads a checkpoint written here or by Python's torch.save (the MLCommons
+// reference's, whose model keys all start with "module.", the prefix
+// DistributedDataParallel adds: it is dropped). Every field is checked
+// before anything is changed: `step` and `epoch` non-negative integers (or
+// 0-d integer tensors), every model entry present with the model's name,
+// shape and dtype and finite values, the optimizer state through the
+// optimizer's own checks (an entry per parameter with its shape), the
+// scaler's numbers in their ranges. Every message names the file and the
+// field. `optimizer` null: only the model is read (--evaluate).
 DEEPCAM_API CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model,
-                                           Optimizer* optimizer);
+                                           Optimizer* optimizer, const LoadOptions& options = {});
 
 }  // namespace deepcam

@@ -28,7 +28,11 @@ class DEEPCAM_API MlperfLog {
 
   // Writes to `out` (not owned) when `enabled`; a disabled log (ranks other
   // than 0) still takes every call so that callers need no rank checks.
-  MlperfLog(std::FILE* out, bool enabled);
+  // `name` (the file's path) is for messages. A line that cannot be written
+  // (a full disk, the file-size limit) is cut off again, so that the file
+  // stays a log of whole lines, and throws an Error naming the file; the
+  // log takes no more lines after that.
+  MlperfLog(std::FILE* out, bool enabled, std::string name = "");
 
   void event(const std::string& key, const Json& value, Metadata metadata = {},
              CallSite site = {__builtin_FILE(), __builtin_LINE()});
@@ -48,6 +52,13 @@ class DEEPCAM_API MlperfLog {
   std::FILE* out_;
   bool enabled_;
   std::FILE* echo_ = nullptr;
+  std::string name_;
+  bool failed_ = false;
 };
+
+// "<path>: cannot write: <reason>", with what to do about a full disk or
+// the file-size limit (ulimit -f): the message of every writer of the run's
+// output (the log, config.toml, checkpoints).
+DEEPCAM_API std::string write_error_text(const std::string& path, int err);
 
 }  // namespace deepcam

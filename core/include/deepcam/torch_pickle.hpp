@@ -1,6 +1,7 @@
 // Reads files written by Python's torch.save, so that a checkpoint of the
-// MLCommons reference loads here. LibTorch's own torch::pickle_load cannot:
-// it maps collections.OrderedDict, the type of every state_dict(), to None.
+// MLCommons reference loads here (LibTorch's own torch::pickle_load cannot:
+// it maps collections.OrderedDict, the type of every state_dict(), to None),
+// and writes files in the same format for Python's torch.load.
 #pragma once
 
 #include <string>
@@ -29,5 +30,21 @@ namespace deepcam {
 // Throws deepcam::Error naming the file for anything else (the unsupported
 // opcode or global is named), and for a missing, truncated or corrupt file.
 DEEPCAM_API c10::IValue load_torch_save(const std::string& path);
+
+// Writes `value` as Python's torch.save does (a zip archive holding a
+// protocol 2 pickle and one record per tensor storage), which Python's
+// torch.load reads with weights_only=True:
+//   dict (str or int keys) -> dict; list -> list; tuple -> tuple; int, float,
+//   bool, str, None -> their Python value; tensor -> a tensor on the CPU with
+//   its dtype, shape, stride, offset and requires_grad (tensors sharing a
+//   storage share it in the file).
+// Each storage is streamed from the tensor's memory into the file, so saving
+// holds no second copy of the data (a tensor on a GPU is copied to the host
+// one storage at a time). Written to PATH.tmp-<pid>, flushed to disk and
+// renamed over PATH. Throws deepcam::Error naming PATH, and the entry for a
+// value it cannot hold; a full disk or the file-size limit (ulimit -f; the
+// caller ignores SIGXFSZ) is named as such. On any error the temporary file
+// is removed and PATH is untouched.
+DEEPCAM_API void save_torch(const std::string& path, const c10::IValue& value);
 
 }  // namespace deepcam

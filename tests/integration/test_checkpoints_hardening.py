@@ -1,0 +1,290 @@
+"""Checkpoints as input (issue 9 section 2, issue 10 section 2): every field
+checked and named with the file, the reference's DistributedDataParallel
+keys ("module."), bit-exact resume with a gradient accumulation that spans
+epochs, temporary files of killed runs, and runs that would overwrite the
+record of another."""
+
+import os
+import subprocess
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from helpers import DATA_TOOL, read_events, run_host, synth, write_run
+
+# 6 training samples, batches of 2: 3 batches per epoch, so that an
+# accumulation over 2 batches spans every epoch boundary.
+ODD = {"max_epochs": 1, "target_iou": 1.0, "logging_frequency": 1, "train_batch_size": 2,
+       "gradient_accumulation_frequency": 2}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synth(tmp_path_factory.mktemp("ckh") / "data", train=6, validation=2, seed=8)
+
+
+@pytest.fixture(scope="module")
+def npy_data(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp("ckh-npy") / "data"
+    subprocess.run([str(DATA_TOOL), "convert", str(data), str(out)], check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data):
+    """One epoch of the small model: its checkpoint (at step 3, mid-accumulation)."""
+    tmp = tmp_path_factory.mktemp("ckh-run")
+    run = write_run(tmp / "run.toml", data, tmp / "out", run=ODD)
+    r = run_host(run)
+    assert r.returncode == 1, r.stderr
+    return tmp / "out" / "checkpoint-epoch1.pt"
+
+
+def edited(tmp_path, trained, edit, name="edited.pt"):
+    ckpt = torch.load(trained, weights_only=True)
+    edit(ckpt)
+    path = tmp_path / name
+    torch.save(ckpt, path)
+    return path
+
+
+def resume(tmp_path, data, ckpt, **run):
+    cfg = write_run(tmp_path / "resume.toml", data, tmp_path / "resumed",
+                    run={**ODD, "max_epochs": 2, "resume": str(ckpt), **run})
+    return run_host(cfg)
+
+
+def evaluate(tmp_path, data, ckpt, **model):
+    cfg = write_run(tmp_path / "eval.toml", data, tmp_path / "eval", model=model)
+    return run_host(cfg, "--evaluate", ckpt)
+
+
+def figures(r):
+    assert r.returncode == 0, r.stderr
+    return [l for l in r.stdout.splitlines() if l.startswith("eval_")]
+
+
+# --- the reference's DistributedDataParallel keys ---------------------------
+
+def test_module_prefixed_state_dict_from_python_evaluates_and_resumes_as_ours(tmp_path, data, trained):
+    ours = torch.load(trained, weights_only=True)
+    # As the MLCommons training script saves it: the model under DDP.
+    ddp = OrderedDict(("module." + k, v.clone()) for k, v in ours["model"].items())
+    python = tmp_path / "ddp.pt"
+    torch.save({"step": ours["step"], "epoch": ours["epoch"], "model": ddp, "optimizer": ours["optimizer"]}, python)
+    assert figures(evaluate(tmp_path, data, python)) == figures(evaluate(tmp_path, data, trained))
+    r = resume(tmp_path, data, python)
+    assert r.returncode == 1, r.stderr
+    assert "resumed from" in r.stderr and "at epoch 1, step 3" in r.stderr
+
+
+def test_some_keys_with_the_prefix_are_not_stripped(tmp_path, data, trained):
+    def half_prefixed(c):
+        c["model"] = OrderedDict((("module." + k) if i % 2 else k, v) for i, (k, v) in enumerate(c["model"].items()))
+    r = evaluate(tmp_path, data, edited(tmp_path, trained, half_prefixed))
+    assert r.returncode == 2 and "edited.pt: model entry" in r.stderr and "is missing" in r.stderr
+
+
+# --- every field checked, named with the file -------------------------------
+
+def drop(key):
+    return lambda c: c.pop(key)
+
+
+def set_to(key, value):
+    return lambda c: c.__setitem__(key, value)
+
+
+def first_state(c):
+    return next(iter(c["optimizer"]["state"].values()))
+
+
+BAD_FIELDS = {
+    "negative_step": (set_to("step", -1), "'step' is -1, expected an integer in 0.."),
+    "float_step": (set_to("step", 3.5), "'step' is a Double, expected a non-negative integer"),
+    "text_epoch": (set_to("epoch", "one"), "'epoch' is a String, expected a non-negative integer"),
+    "vector_step": (set_to("step", torch.tensor([3, 4])), "'step' is a tensor of shape [2] and dtype Long"),
+    "float_tensor_step": (set_to("step", torch.tensor(3.0)), "'step' is a tensor of shape [] and dtype Float"),
+    "step_below_epoch": (set_to("epoch", 7), "'step' is 3 but 'epoch' is 7"),
+    "model_not_dict": (set_to("model", [1, 2]), "'model' is a GenericList, expected a dict"),
+    "model_entry_not_tensor": (lambda c: c["model"].__setitem__("conv2.weight", 3),
+                               "'model' entry 'conv2.weight' is a Int, expected a tensor"),
+    "nan_weight": (lambda c: c["model"]["conv2.weight"].view(-1).__setitem__(0, float("nan")),
+                   "model entry 'conv2.weight' holds NaN or infinite values"),
+    "no_model": (drop("model"), "no 'model' state dict"),
+    "no_optimizer": (drop("optimizer"), "no 'optimizer' state to resume from"),
+    "moment_shape": (lambda c: first_state(c).__setitem__("exp_avg", torch.zeros(2, 2)),
+                     "'optimizer': Adam optimizer state: state[0][\"exp_avg\"] has shape [2, 2]"),
+    "negative_optimizer_step": (lambda c: first_state(c).__setitem__("step", torch.tensor(-2.0)),
+                                "'optimizer']['state'][0]['step' is -2, expected a non-negative whole number"),
+    "optimizer_not_dict": (set_to("optimizer", 5), "'optimizer' is a Int, expected a dict"),
+    "gradient_shape": (lambda c: c["accumulated_gradients"].__setitem__("conv2.weight", torch.zeros(1)),
+                       "'accumulated_gradients' entry 'conv2.weight' has shape 1 Float"),
+    "gradient_unknown": (lambda c: c["accumulated_gradients"].__setitem__("nope", torch.zeros(1)),
+                         "'accumulated_gradients' entry 'nope' is no parameter of the model"),
+    "scaler_scale": (set_to("scaler", {"scale": -1.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                       "growth_interval": 2000, "_growth_tracker": 0}),
+                     "'scaler' 'scale' is -1, expected > 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FIELDS))
+def test_a_bad_field_is_refused_naming_the_file_and_the_field(tmp_path, data, trained, case):
+    edit, message = BAD_FIELDS[case]
+    r = resume(tmp_path, data, edited(tmp_path, trained, edit))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"{tmp_path / 'edited.pt'}: {message}" in r.stderr, r.stderr[-2000:]
+    assert "internal error" not in r.stderr
+
+
+def test_a_zero_dim_integer_tensor_step_is_accepted(tmp_path, data, trained):
+    def tensors(c):
+        c["step"], c["epoch"] = torch.tensor(3), torch.tensor(1, dtype=torch.int32)
+    r = resume(tmp_path, data, edited(tmp_path, trained, tensors))
+    assert r.returncode == 1, r.stderr
+    assert "at epoch 1, step 3" in r.stderr
+
+
+def test_weights_only_resume_needs_the_key_and_then_works(tmp_path, data, trained):
+    weights = edited(tmp_path, trained, lambda c: (c.pop("optimizer"), c.pop("accumulated_gradients")))
+    r = resume(tmp_path, data, weights)
+    assert r.returncode == 2 and "set [run] resume_weights_only = true" in r.stderr, r.stderr
+    r = resume(tmp_path, data, weights, resume_weights_only=True)
+    assert r.returncode == 1, r.stderr
+    assert "resumed from" in r.stderr
+
+
+# --- another model: the key that differs ------------------------------------
+
+@pytest.mark.parametrize("key,value,saved", [("middle_blocks", 2, "1"), ("width", 0.125, "0.0625")])
+def test_a_checkpoint_of_another_model_names_the_model_key(tmp_path, data, trained, key, value, saved):
+    r = evaluate(tmp_path, data, trained, **{key: value})
+    assert r.returncode == 2, r.stderr
+    assert (f"{trained}: written for another model: [model] {key} = {saved} in the checkpoint, "
+            f"{value} in this run ({tmp_path / 'eval.toml'}:") in r.stderr, r.stderr
+
+
+# --- bit-exact resume with an accumulation that spans epochs ----------------
+
+READERS = {
+    "hdf5": {},
+    "npy": {"reader": {"name": "npy", "threads": 2}},
+    "prefetch": {"reader": {"name": "prefetch", "depth": 2, "threads": 2},
+                 "reader.source": {"name": "hdf5", "threads": 1}},
+}
+
+
+def tensors_of(value, path=""):
+    """Every tensor in a checkpoint, by its path."""
+    if isinstance(value, torch.Tensor):
+        return {path: value}
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(tensors_of(v, f"{path}[{k!r}]"))
+        return out
+    if isinstance(value, (list, tuple)):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(tensors_of(v, f"{path}[{i}]"))
+        return out
+    return {}
+
+
+def assert_same_checkpoint(a, b):
+    ca, cb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert (ca["step"], ca["epoch"]) == (cb["step"], cb["epoch"])
+    ta, tb = tensors_of(ca), tensors_of(cb)
+    assert sorted(ta) == sorted(tb)
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_resume_mid_accumulation_equals_the_uninterrupted_run(tmp_path, data, npy_data, reader):
+    root = npy_data if reader == "npy" else data
+    changes = {k: dict(v) for k, v in READERS[reader].items()}
+    common = {**ODD, "checkpoint_every": 1}
+    whole = write_run(tmp_path / "whole.toml", root, tmp_path / "whole", run={**common, "max_epochs": 3}, **changes)
+    r = run_host(whole)
+    assert r.returncode == 1, r.stderr
+    # Stopped by the epoch limit after epoch 1 (step 3: one batch of the
+    # accumulation done), then resumed to epoch 3 in another folder.
+    first = write_run(tmp_path / "first.toml", root, tmp_path / "first", run={**common, "max_epochs": 1}, **changes)
+    r = run_host(first)
+    assert r.returncode == 1, r.stderr
+    saved = torch.load(tmp_path / "first" / "checkpoint-epoch1.pt", weights_only=True)
+    assert saved["step"] == 3 and set(saved["accumulated_gradients"]) == {
+        k for k in saved["model"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    rest = write_run(tmp_path / "rest.toml", root, tmp_path / "rest",
+                     run={**common, "max_epochs": 3, "resume": str(tmp_path / "first" / "checkpoint-epoch1.pt")},
+                     **changes)
+    r = run_host(rest)
+    assert r.returncode == 1, r.stderr
+    assert_same_checkpoint(tmp_path / "whole" / "checkpoint-epoch1.pt", tmp_path / "first" / "checkpoint-epoch1.pt")
+    for epoch in (2, 3):  # step 6 (no partial gradient), step 9 (one)
+        assert_same_checkpoint(tmp_path / "whole" / f"checkpoint-epoch{epoch}.pt",
+                               tmp_path / "rest" / f"checkpoint-epoch{epoch}.pt")
+    losses = lambda out: [e["value"] for e in read_events(out / "mlperf.log") if e["key"] == "train_loss"]
+    assert losses(tmp_path / "rest") == losses(tmp_path / "whole")[-len(losses(tmp_path / "rest")):]
+
+
+def test_a_partial_gradient_with_another_accumulation_is_refused(tmp_path, data, trained):
+    r = resume(tmp_path, data, trained, gradient_accumulation_frequency=3)
+    assert r.returncode == 2
+    assert f"{trained}: holds a partial gradient ('accumulated_gradients') at step 3" in r.stderr, r.stderr
+
+
+def test_a_mid_accumulation_checkpoint_of_many_ranks_is_refused_on_resume(tmp_path, data):
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "two", run={**ODD, "train_batch_size": 1})
+    r = run_host("--nproc", 2, run)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "cannot be resumed exactly" in r.stderr
+    ckpt = tmp_path / "two" / "checkpoint-epoch1.pt"
+    assert torch.load(ckpt, weights_only=True)["partial_accumulation_ranks"] == 2
+    r = resume(tmp_path, data, ckpt, train_batch_size=1)
+    assert r.returncode == 2
+    assert f"{ckpt}: saved at step 3 in the middle of a gradient accumulation by a run of 2 ranks" in r.stderr
+
+
+# --- temporary files and the record of an earlier run -----------------------
+
+def dead_pid():
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_temporary_files_of_dead_runs_are_removed_and_live_ones_kept(tmp_path, data):
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = dead_pid()
+    stale = [out / f"checkpoint-epoch1.pt.tmp-{dead}", out / f"stage.partial-{dead}"]
+    live = out / f"checkpoint-epoch1.pt.tmp-{os.getpid()}"
+    for f in stale + [live]:
+        f.write_bytes(b"half a file")
+    run = write_run(tmp_path / "run.toml", data, out, run={**ODD, "checkpoint_every": -1})
+    r = run_host(run)
+    assert r.returncode == 1, r.stderr
+    assert not any(f.exists() for f in stale)
+    assert live.exists()  # its writer (this test) is alive
+    assert f"removed {stale[0]}" in r.stderr
+
+
+def test_a_run_that_would_overwrite_another_runs_record_is_refused(tmp_path, data):
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out, run=ODD)
+    assert run_host(run).returncode == 1
+    before = (out / "mlperf.log").read_bytes(), (out / "checkpoint-epoch1.pt").read_bytes()
+    r = run_host(run)
+    assert r.returncode == 2
+    assert (f"{tmp_path / 'run.toml'}:" in r.stderr and "[run] output_dir: " in r.stderr and
+            "holds the record of an earlier run (mlperf.log, checkpoint-epoch1.pt)" in r.stderr and
+            "set [run] overwrite = true" in r.stderr), r.stderr
+    assert ((out / "mlperf.log").read_bytes(), (out / "checkpoint-epoch1.pt").read_bytes()) == before
+    # Resuming from its checkpoint continues that run; overwrite = true replaces it.
+    r = run_host(run, "--set", "run.max_epochs=2", "--set", f"run.resume={out / 'checkpoint-epoch1.pt'}")
+    assert r.returncode == 1, r.stderr
+    r = run_host(run, "--set", "run.overwrite=true")
+    assert r.returncode == 1, r.stderr
