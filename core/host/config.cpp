@@ -630,6 +630,9 @@ RunConfig load_config(const std::vector<std::string>& files, const std::vector<s
         for (const auto& spec : schema) {
           if (spec.type != ParamType::Plugin) continue;
           const NestedPlugin& n = p.plugin(spec.key);
+          // A nested table's name: where the table was set.
+          if (const auto from = p.sources().find(spec.key); from != p.sources().end())
+            name_origin[name + "." + spec.key] = from->second;
           section_text(name + "." + spec.key, n.params, n.descriptor->params, &n.name, &n.path);
         }
       };
