@@ -376,7 +376,7 @@ def build_report(args, rows, prefetch, goals, notes, context):
                f"{context['python']}. Each row reads the training split once in its own "
                f"process; each number is the median of {args.repeat} runs. Warm: the files read just before "
                f"(page cache); cold: `echo 3 > /proc/sys/vm/drop_caches` just before. GB/s counts the bytes "
-               f"of the files on disk (1e9). \"% of raw\" compares with `cat` of the same files in the same "
+               f"of the files on disk (1e9). \"% of cat\" compares with `cat` of the same files in the same "
                f"cache state. Peak RSS is the process's maximum resident set; for `deepcam-data read` it "
                f"includes about {context['base_rss_mb']:.0f} MB of LibTorch and plugins before any read, and "
                f"memory-mapped file pages count as resident.")
