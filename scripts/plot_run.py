@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Curves of one or more deepcam-host runs from their MLPerf logs.
+
+    scripts/plot_run.py RUN_DIR... [--out curves.png] [--dpi 100]
+
+Each RUN_DIR is a run's output folder (its mlperf.log), or the log itself.
+One PNG: train loss, train IoU, eval IoU and learning rate (rows), against
+the optimizer step (left) and against wall time since run_start (right);
+every run is one colour on every panel, named in the legend by its folder,
+with its target IoU (from config.toml beside the log) dotted on the eval IoU
+panels. It also prints one line per
+run: steps, epochs, final train loss, best eval IoU, time to train.
+
+Exit status 2 with a message naming the file (and line) for a missing or
+malformed log, 0 otherwise. The PNG is written to a temporary name and renamed.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+MARKER = ":::MLLOG "
+METRICS = [  # (log key, panel title)
+    ("train_loss", "train loss"),
+    ("train_accuracy", "train IoU"),
+    ("eval_accuracy", "eval IoU"),
+    ("learning_rate", "learning rate"),
+]
+
+
+class BadInput(Exception):
+    pass
+
+
+def read_log(path):
+    """The log's events as dicts; a line that is not an MLPerf JSON line is an error."""
+    events = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            at = line.find(MARKER)
+            if at < 0:
+                continue
+            try:
+                event = json.loads(line[at + len(MARKER):])
+            except json.JSONDecodeError as e:
+                raise BadInput(f"{path}:{number}: not a JSON log line: {e}") from None
+            if not isinstance(event, dict) or "key" not in event or "time_ms" not in event:
+                raise BadInput(f"{path}:{number}: a log line needs \"key\" and \"time_ms\"")
+            events.append(event)
+    return events
+
+
+class Run:
+    def __init__(self, arg):
+        p = Path(arg)
+        self.log = p / "mlperf.log" if p.is_dir() else p
+        if not self.log.is_file():
+            raise BadInput(f"{arg}: no MLPerf log (give a run's output folder, which holds mlperf.log, or the log)")
+        self.name = (self.log.parent.name if self.log.name == "mlperf.log" else self.log.stem) or str(self.log)
+        events = read_log(self.log)
+        starts = [e["time_ms"] for e in events if e["key"] == "run_start"]
+        if not starts:
+            raise BadInput(f"{self.log}: no run_start line: the run did not begin training")
+        self.run_start = starts[0]
+        stops = [e for e in events if e["key"] == "run_stop"]
+        self.status = stops[0].get("metadata", {}).get("status") if stops else "running"
+        self.time_to_train = (stops[0]["time_ms"] - self.run_start) / 1000 if stops else None
+        # The target IoU is in the resolved run file deepcam-host writes beside the log.
+        self.target = None
+        config = self.log.parent / "config.toml"
+        if config.is_file():
+            import tomllib
+            try:
+                self.target = tomllib.loads(config.read_text()).get("run", {}).get("target_iou")
+            except tomllib.TOMLDecodeError as e:
+                raise BadInput(f"{config}: {e}") from None
+        self.series = {}
+        self.epochs = 0
+        for key, _ in METRICS:
+            seen = {}
+            for e in events:
+                if e["key"] != key or not isinstance(e.get("value"), (int, float)):
+                    continue
+                meta = e.get("metadata", {})
+                step = meta.get("step_num")
+                if step is None:
+                    continue
+                self.epochs = max(self.epochs, meta.get("epoch_num", 0))
+                # The engine logs a step's figures again at the end of an epoch: one point per step.
+                seen.setdefault(step, ((e["time_ms"] - self.run_start) / 1000, e["value"]))
+            steps = sorted(seen)
+            self.series[key] = (steps, [seen[s][0] for s in steps], [seen[s][1] for s in steps])
+        if not any(self.series[k][0] for k, _ in METRICS):
+            raise BadInput(f"{self.log}: no train_loss, train_accuracy, eval_accuracy or learning_rate lines")
+
+    def summary(self):
+        steps = max((s[-1] for s, _, _ in self.series.values() if s), default=0)
+        loss = self.series["train_loss"][2]
+        iou = self.series["eval_accuracy"][2]
+        ttt = f"{self.time_to_train:.1f} s" if self.time_to_train is not None else "not finished"
+        return (f"{self.name}: {steps} steps, {self.epochs} epochs, final train loss "
+                f"{loss[-1]:.4f}" if loss else f"{self.name}: {steps} steps, {self.epochs} epochs, no train loss") + (
+                f", best eval IoU {max(iou):.4f}" if iou else ", no eval IoU") + f", time to train {ttt} ({self.status})"
+
+
+def plot(runs, out, dpi):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(METRICS), 2, figsize=(12, 3 * len(METRICS)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for row, (key, title) in enumerate(METRICS):
+        for col, xlabel in enumerate(("optimizer step", "wall time since run_start (s)")):
+            ax = axes[row][col]
+            for k, run in enumerate(runs):
+                steps, seconds, values = run.series[key]
+                if not steps:
+                    continue
+                x = steps if col == 0 else seconds
+                ax.plot(x, values, color=colors[k % len(colors)], marker="o" if len(x) < 30 else None,
+                        markersize=3, linewidth=1.5, label=run.name)
+                if key == "eval_accuracy" and run.target is not None:
+                    ax.axhline(run.target, color=colors[k % len(colors)], linestyle=":", linewidth=1)
+            ax.set_title(f"{title} vs {'step' if col == 0 else 'wall time'}")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(title)
+            if key == "learning_rate":
+                ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+            ax.grid(True, alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(runs), 4), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
+    os.close(fd)
+    try:
+        fig.savefig(temp, dpi=dpi, format="png")
+        os.replace(temp, out)
+    except BaseException:
+        os.unlink(temp)
+        raise
+    finally:
+        plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run's output folder (or its mlperf.log)")
+    parser.add_argument("--out", default="curves.png", help="the PNG file to write (default: curves.png)")
+    parser.add_argument("--dpi", type=int, default=100, help="pixels per inch; the figure is 12 x 12 inches")
+    args = parser.parse_args(argv)
+    if args.dpi < 20 or args.dpi > 600:
+        parser.error(f"--dpi must be between 20 and 600, got {args.dpi}")
+    try:
+        runs = [Run(r) for r in args.runs]
+    except (BadInput, OSError) as e:
+        print(f"plot_run.py: {e}", file=sys.stderr)
+        return 2
+    for run in runs:
+        print(run.summary())
+    plot(runs, args.out, args.dpi)
+    print(f"plot_run.py: wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""scripts/plot_run.py: the curves of two quickstart runs in one PNG that
+opens, has the size asked for, is not blank, and draws both runs."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import REPO_ROOT, read_events, run_host, synth
+
+SCRIPT = REPO_ROOT / "scripts" / "plot_run.py"
+# matplotlib's first two cycle colours, one per run
+RUN_COLOURS = [(0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plot-runs")
+    data = synth(root / "data", train=16, validation=4, height=64, width=96, seed=5)
+    dirs = []
+    for seed in (3, 4):
+        out = root / f"run-{seed}"
+        r = run_host(REPO_ROOT / "configs/quickstart.toml", "--quiet", "--set", f"data.root={data}", "--set",
+                     f"run.output_dir={out}", "--set", f"run.seed={seed}", "--set", "run.max_epochs=3",
+                     "--set", "run.logging_frequency=1")
+        assert r.returncode in (0, 1), r.stdout + r.stderr
+        dirs.append(out)
+    return dirs
+
+
+def plot(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def colour_pixels(image, rgb, tolerance=12):
+    return int((np.abs(image[:, :, :3].astype(int) - np.array(rgb)).max(axis=2) <= tolerance).sum())
+
+
+def test_curves_of_two_runs(two_runs, tmp_path):
+    out = tmp_path / "curves.png"
+    r = plot(*two_runs, "--out", out, "--dpi", 80)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+        assert im.size == (12 * 80, 12 * 80)
+        pixels = np.asarray(im.convert("RGB"))
+    assert pixels.std() > 10, "the image is blank"
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
+    # Every run is drawn on each of the 8 panels: many pixels of its colour.
+    for rgb in RUN_COLOURS:
+        assert colour_pixels(pixels, rgb) > 8 * 50, rgb
+    # Each of the 8 panels (4 rows, 2 columns) has lines in a run's colour
+    # (where both runs have the same values, as their learning rates, the
+    # second run's line covers the first).
+    h, w = pixels.shape[:2]
+    for row in range(4):
+        for col in range(2):
+            panel = pixels[int(h * (0.04 + 0.24 * row)):int(h * (0.04 + 0.24 * (row + 1))),
+                           col * w // 2:(col + 1) * w // 2]
+            assert sum(colour_pixels(panel, rgb) for rgb in RUN_COLOURS) > 20, (row, col)
+    assert not list(tmp_path.glob(".curves.png.*")), "a temporary file was left"
+
+    # The printed summary: one line per run, figures from its log.
+    lines = [l for l in r.stdout.splitlines() if l.startswith("run-")]
+    assert len(lines) == 2, r.stdout
+    for d, line in zip(two_runs, lines):
+        events = read_events(d / "mlperf.log")
+        best = max(e["value"] for e in events if e["key"] == "eval_accuracy")
+        steps = max(e["metadata"]["step_num"] for e in events if e["key"] == "train_loss")
+        assert line.startswith(f"{d.name}: {steps} steps, 3 epochs"), line
+        assert f"best eval IoU {best:.4f}" in line, line
+
+
+def test_bad_input_is_named(two_runs, tmp_path):
+    r = plot(tmp_path / "nowhere", "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and "nowhere: no MLPerf log" in r.stderr, r.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "mlperf.log").write_text((two_runs[0] / "mlperf.log").read_text() + ':::MLLOG {"key": broken\n')
+    r = plot(bad, "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and "mlperf.log:" in r.stderr and "not a JSON log line" in r.stderr, r.stderr
+    assert not (tmp_path / "x.png").exists()
