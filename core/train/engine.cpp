@@ -209,6 +209,9 @@ class DivergenceWatch {
     watch(norm, 2 * step + 1);
   }
 
+  // The same check on a norm the optimizer computed itself (LAMB's).
+  void gradient_norm(const at::Tensor& norm, std::int64_t step) { watch(norm, 2 * step + 1); }
+
   // The record as (code, value), -1 for none: two device-to-host copies.
   std::pair<double, double> record() const {
     return {static_cast<double>(first_.item<std::int64_t>()), value_.item<double>()};
@@ -624,13 +627,20 @@ class Engine {
     // Unscaled before anything reads the gradients (LAMB's clipping, the
     // watch). The same on every rank: the gradients are all-reduced.
     const at::Tensor found_inf = scaler_ ? scaler_->unscale(parameters_) : at::Tensor();
-    // Before the update: the accumulated gradient of these k batches.
-    divergence_.gradients(parameters_, step, found_inf);
+    // Before the update: the accumulated gradient of these k batches. An
+    // optimizer that computes the norm itself (LAMB) is asked for it instead,
+    // once its first step has shown that it does.
+    if (!optimizer_reports_norm_) divergence_.gradients(parameters_, step, found_inf);
     current_lr = c_.scheduler->lr_at(step / k);
     c_.optimizer->set_lr(current_lr);
     // As GradScaler.step: a step with non-finite gradients is skipped (its
-    // decision reads the device, as PyTorch's does).
-    if (!scaler_ || found_inf.item<float>() == 0.0f) c_.optimizer->step();
+    // decision reads the device, as PyTorch's does), and is not divergence.
+    if (!scaler_ || found_inf.item<float>() == 0.0f) {
+      c_.optimizer->step();
+      const at::Tensor norm = c_.optimizer->gradient_norm();
+      if (norm.defined() && optimizer_reports_norm_) divergence_.gradient_norm(norm, step);
+      optimizer_reports_norm_ = optimizer_reports_norm_ || norm.defined();
+    }
     if (scaler_) scaler_->update(found_inf);
     c_.optimizer->zero_grad();
   }
@@ -863,6 +873,7 @@ class Engine {
   std::int64_t bn_group_size_ = 1;
   Precision precision_ = Precision::Fp32;
   at::MemoryFormat memory_format_ = at::MemoryFormat::Contiguous;
+  bool optimizer_reports_norm_ = false;  // Optimizer::gradient_norm() gave one
   std::unique_ptr<GradScaler> scaler_;  // amp_fp16
   bool run_stopped_ = false;             // run_stop is in the log
   Clock::time_point run_started_{};

@@ -40,21 +40,42 @@ at::Tensor weighted_cross_entropy(const at::Tensor& logits, const at::Tensor& la
       .mean();
 }
 
-at::Tensor iou_per_sample(const at::Tensor& logits, const at::Tensor& labels) {
-  const int64_t classes = logits.size(1);
-  const at::Tensor pred = logits.argmax(1).flatten(1);
-  const at::Tensor truth = labels.flatten(1);
-  at::Tensor score = torch::zeros({pred.size(0)}, torch::TensorOptions().dtype(torch::kFloat64).device(pred.device()));
-  for (int64_t j = 0; j < classes; ++j) {
-    const at::Tensor p = pred == j;
-    const at::Tensor t = truth == j;
-    const at::Tensor tp = (p & t).sum(1).to(torch::kFloat64);
-    const at::Tensor fp = (p & ~t).sum(1).to(torch::kFloat64);
-    const at::Tensor fn = (~p & t).sum(1).to(torch::kFloat64);
-    const at::Tensor uni = tp + fp + fn;
-    score += torch::where(uni > 0, tp / (static_cast<double>(classes) * uni.clamp_min(1)),
-                          torch::full_like(uni, 1.0 / static_cast<double>(classes)));
+at::Tensor predict(const at::Tensor& logits) {
+  // The reference's argmax(softmax(logits)): the probabilities as softmax
+  // computes them on this device (near-equal logits may round to one
+  // probability), then the first class of the largest one. One comparison
+  // per class after the first instead of ATen's argmax over the class
+  // dimension, which is slow on CPU for a short, strided dimension.
+  const at::Tensor p = at::softmax(logits, 1);
+  at::Tensor best = p.select(1, 0);
+  at::Tensor pred = at::zeros(best.sizes(), best.options().dtype(at::kByte));
+  for (std::int64_t j = 1; j < p.size(1); ++j) {
+    const at::Tensor pj = p.select(1, j);
+    pred.masked_fill_(pj > best, j);  // strictly larger: a tie keeps the first class
+    best = at::maximum(best, pj);
   }
+  return pred;
+}
+
+at::Tensor iou_per_sample(const at::Tensor& logits, const at::Tensor& labels) {
+  const std::int64_t batch = logits.size(0);
+  const std::int64_t classes = logits.size(1);
+  // Each sample's confusion matrix in one count: cell (sample, truth, pred).
+  const at::Tensor pred = predict(logits).flatten(1).to(at::kLong);
+  const at::Tensor offset = at::arange(batch, labels.options().dtype(at::kLong)).mul_(classes * classes).unsqueeze(1);
+  const at::Tensor cell = labels.flatten(1).mul(classes).add_(pred).add_(offset);
+  const at::Tensor confusion =
+      at::bincount(cell.flatten(), {}, batch * classes * classes).view({batch, classes, classes}).to(at::kDouble);
+  const at::Tensor tp = confusion.diagonal(0, 1, 2);
+  const at::Tensor predicted = confusion.sum(1);  // per predicted class
+  const at::Tensor actual = confusion.sum(2);     // per true class
+  // tp + fp + fn, summed in that order as the reference does.
+  const at::Tensor uni = tp + (predicted - tp) + (actual - tp);
+  const at::Tensor per_class = at::where(uni > 0, tp / (static_cast<double>(classes) * uni.clamp_min(1)),
+                                         at::full_like(uni, 1.0 / static_cast<double>(classes)));
+  // Summed over classes one after another, as the reference accumulates them.
+  at::Tensor score = per_class.select(1, 0).clone();
+  for (std::int64_t j = 1; j < classes; ++j) score += per_class.select(1, j);
   return score;
 }
 

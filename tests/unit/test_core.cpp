@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <limits>
 #include <string>
 #include <unistd.h>
 
@@ -134,6 +135,42 @@ TEST_CASE("loss and IoU equal the reference's vectors") {
     ++cases;
   }
   CHECK(cases == 5);
+}
+
+TEST_CASE("the prediction is argmax(softmax) exactly, also at near-ties of the logits") {
+  // Class 1 within a few ulps of class 0: softmax rounds some of those pairs
+  // to one probability, where the reference's argmax keeps class 0 and an
+  // argmax of the logits would say 1.
+  torch::manual_seed(0);
+  at::Tensor x = torch::randn({2, 3, 64, 64}) * 5;
+  const at::Tensor ulps = torch::randint(0, 3, {2, 64, 64}).to(torch::kFloat32);
+  x.select(1, 1).copy_(x.select(1, 0) + ulps * std::numeric_limits<float>::epsilon() * x.select(1, 0).abs());
+  const at::Tensor reference = torch::softmax(x, 1).argmax(1);
+  REQUIRE(reference.ne(x.argmax(1)).sum().item<int64_t>() > 0);  // the case is exercised
+  CHECK(deepcam::predict(x).to(torch::kLong).equal(reference));
+  // Every layout and the other classes' ties too.
+  const at::Tensor last = x.contiguous(at::MemoryFormat::ChannelsLast);
+  CHECK(deepcam::predict(last).to(torch::kLong).equal(torch::softmax(last, 1).argmax(1)));
+  const at::Tensor even = torch::zeros({1, 3, 2, 2});
+  CHECK(deepcam::predict(even).to(torch::kLong).equal(torch::zeros({1, 2, 2}, torch::kLong)));
+}
+
+TEST_CASE("the IoU of each sample equals the per-class counting of SPEC 4.2") {
+  torch::manual_seed(1);
+  const at::Tensor logits = torch::randn({5, 3, 17, 23});
+  at::Tensor labels = torch::randint(0, 3, {5, 17, 23});
+  labels[4].fill_(0);  // a sample with two classes absent from its labels
+  const at::Tensor pred = torch::softmax(logits, 1).argmax(1).flatten(1);
+  const at::Tensor truth = labels.flatten(1);
+  at::Tensor expected = torch::zeros({5}, torch::kFloat64);
+  for (int64_t j = 0; j < 3; ++j) {
+    const at::Tensor p = pred == j;
+    const at::Tensor t = truth == j;
+    const at::Tensor tp = (p & t).sum(1).to(torch::kFloat64);
+    const at::Tensor uni = tp + (p & ~t).sum(1).to(torch::kFloat64) + (~p & t).sum(1).to(torch::kFloat64);
+    expected += torch::where(uni > 0, tp / (3.0 * uni.clamp_min(1)), torch::full_like(uni, 1.0 / 3.0));
+  }
+  CHECK(deepcam::iou_per_sample(logits, labels).equal(expected));
 }
 
 TEST_CASE("a class absent from prediction and label scores 1/3") {

@@ -34,6 +34,12 @@ class DEEPCAM_API Optimizer {
   // "param_groups": [{...}]}), so that checkpoints travel both ways.
   virtual c10::IValue state_dict() const = 0;
   virtual void load_state_dict(const c10::IValue& state) = 0;
+  // Plugin ABI 3. The global 2-norm of the gradients the last step() used,
+  // before any clipping, as a 0-d tensor on their device, when the optimizer
+  // computes it anyway (LAMB's clipping): the engine's divergence watch reads
+  // it instead of computing it again. An undefined tensor when the optimizer
+  // does not compute it, or the last step() had no gradients.
+  virtual at::Tensor gradient_norm() const = 0;
 };
 
 }  // namespace deepcam

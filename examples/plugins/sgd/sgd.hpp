@@ -63,6 +63,8 @@ class Sgd final : public Optimizer {
   void log_hyperparameters(MlperfLog& log) const override;
   c10::IValue state_dict() const override;
   void load_state_dict(const c10::IValue& state) override;
+  // SGD never needs the global norm: the engine computes it for its watch.
+  at::Tensor gradient_norm() const override { return at::Tensor(); }
 
   const SgdOptions& options() const { return options_; }
 

@@ -63,6 +63,8 @@ class Adam : public Optimizer {
   void log_hyperparameters(MlperfLog& log) const override;
   c10::IValue state_dict() const override;
   void load_state_dict(const c10::IValue& state) override;
+  // Adam never needs the global norm.
+  at::Tensor gradient_norm() const override { return at::Tensor(); }
 
   const AdamOptions& options() const { return options_; }
 

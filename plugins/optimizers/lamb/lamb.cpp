@@ -48,6 +48,7 @@ Lamb::Lamb(std::vector<at::Tensor> parameters, const LambOptions& options)
 void Lamb::step() {
   // The update writes into leaves that require grad.
   at::NoGradGuard no_grad;
+  gradient_norm_ = at::Tensor();
   std::vector<std::size_t> with_grad;
   for (std::size_t i = 0; i < parameters_.size(); ++i) {
     if (!parameters_[i].grad().defined()) continue;
@@ -85,7 +86,8 @@ void Lamb::tensor_step(const std::vector<std::size_t>& with_grad) {
     const at::Tensor& grad = parameters_[i].grad();
     norm_sq.add_(at::sum(grad.square(), at::kDouble));
   }
-  const at::Tensor clip = norm_sq.sqrt_().div_(options_.max_grad_norm).clamp_min_(1.0);
+  gradient_norm_ = norm_sq.sqrt_();
+  const at::Tensor clip = (gradient_norm_ / options_.max_grad_norm).clamp_min_(1.0);
 
   for (std::size_t i : with_grad) {
     at::Tensor& param = parameters_[i];
@@ -167,7 +169,9 @@ void Lamb::fused_step(const std::vector<std::size_t>& with_grad) {
                    "LAMB", "launch_lamb_apply");
     }
   });
-  // The finalize kernel counted the step on the device.
+  // The finalize kernel counted the step on the device and left the norm
+  // there; a view, read before the next step overwrites it.
+  gradient_norm_ = scalars_.select(0, 2);
   ++step_;
   scalars_step_ = step_;
 }

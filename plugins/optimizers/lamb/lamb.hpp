@@ -69,6 +69,7 @@ class Lamb final : public Optimizer {
   void log_hyperparameters(MlperfLog& log) const override;
   c10::IValue state_dict() const override;
   void load_state_dict(const c10::IValue& state) override;
+  at::Tensor gradient_norm() const override { return gradient_norm_; }
 
   const LambOptions& options() const { return options_; }
   // Steps taken, as APEX counts them: every step() counts, with or without
@@ -92,6 +93,7 @@ class Lamb final : public Optimizer {
   std::vector<ParamState> state_;
   LambOptions options_;
   std::int64_t step_ = 0;
+  at::Tensor gradient_norm_;  // of the last step, before clipping
 
   // The fused path's device state: LambScalars (lr, step, grad_norm) as three
   // float64, and what the host last wrote there, so that a change of lr or a

@@ -235,6 +235,32 @@ TEST_CASE("LAMB counts every step, as APEX does, even one without gradients") {
   CHECK_FALSE(params[0].grad().defined());
 }
 
+TEST_CASE("LAMB reports the global gradient norm of its last step, before clipping") {
+  torch::manual_seed(3);
+  std::vector<at::Tensor> params = {torch::randn({5, 3}).requires_grad_(true), torch::randn({7}).requires_grad_(true),
+                                    torch::randn({2}).requires_grad_(true)};
+  Lamb lamb(params, LambOptions{});
+  lamb.step();
+  CHECK_FALSE(lamb.gradient_norm().defined());  // no gradients: no norm
+  std::vector<at::Tensor> grads;
+  for (std::size_t i = 0; i < 2; ++i) {  // the third parameter has none
+    params[i].mutable_grad() = torch::randn(params[i].sizes()) * 10;  // G > max_grad_norm: clipped
+    grads.push_back(params[i].grad().clone());
+  }
+  lamb.step();
+  const at::Tensor norm = lamb.gradient_norm();
+  REQUIRE(norm.defined());
+  CHECK(norm.dim() == 0);
+  const double expected = std::sqrt(grads[0].to(torch::kDouble).square().sum().item<double>() +
+                                    grads[1].to(torch::kDouble).square().sum().item<double>());
+  // Squares in float32 (as APEX), summed in float64.
+  CHECK(norm.item<double>() == doctest::Approx(expected).epsilon(1e-6));
+  CHECK(norm.item<double>() > LambOptions{}.max_grad_norm);
+  lamb.zero_grad();
+  lamb.step();
+  CHECK_FALSE(lamb.gradient_norm().defined());  // not the previous step's
+}
+
 TEST_CASE("LAMB state_dict has the FusedLAMB layout and survives pickle_save / pickle_load") {
   const LambOptions options{0.01, 0.8, 0.99, 0.1, 1.0};
   std::vector<at::Tensor> params = make_params();
