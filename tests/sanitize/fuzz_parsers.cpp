@@ -12,8 +12,11 @@
 // Each input must give a value or a deepcam::Error naming the file; any other
 // exception fails the case, and the sanitizers stop the run on any memory
 // error or undefined behaviour.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/ivalue.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <caffe2/serialize/inline_container.h>
 
 #include <doctest/doctest.h>
