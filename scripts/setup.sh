@@ -6,7 +6,10 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 
-debs=(g++ pkg-config libhdf5-dev libboost-dev libtomlplusplus-dev doctest-dev libgloo-dev openmpi-bin)
+# slurmctld, slurmd, slurm-client and munge: tests/integration/test_slurm.py
+# starts its own one-node Slurm from them (no system service is used).
+debs=(g++ pkg-config libhdf5-dev libboost-dev libtomlplusplus-dev doctest-dev libgloo-dev openmpi-bin
+      slurmctld slurmd slurm-client munge)
 missing=()
 for d in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$d" 2>/dev/null | grep -q "install ok installed" || missing+=("$d")

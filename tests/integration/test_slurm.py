@@ -1,0 +1,249 @@
+"""scripts/slurm/run.sub and init_datasets.sub under a real Slurm: the test
+starts munged, slurmctld and slurmd (Debian's slurm-wlm 22.05) on this
+machine with a generated slurm.conf (this host as the one node, 2 CPUs, every
+state file in a temporary folder), submits the scripts with sbatch on 2 tasks,
+waits for the jobs and checks what they wrote with the official MLPerf
+checker. The daemons are always stopped when the module's tests end; their
+logs are printed then (pytest shows them when a test failed) and are part of
+every failure message about a job."""
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import DATA_TOOL, REPO_ROOT, clean_env, free_port, mlperf_check, read_events, synth
+
+DAEMONS = ("munged", "slurmctld", "slurmd")
+CLIENTS = ("sbatch", "scontrol", "sinfo", "srun", "scancel")
+SEARCH_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+
+
+def _which(name):
+    return shutil.which(name, path=SEARCH_PATH)
+
+
+_missing = [b for b in DAEMONS + CLIENTS if _which(b) is None]
+pytestmark = [
+    pytest.mark.skipif(bool(_missing), reason=(
+        f"Slurm is not installed here (missing: {', '.join(_missing)}); scripts/setup.sh installs the Debian "
+        "packages slurmctld, slurmd, slurm-client and munge")),
+    pytest.mark.skipif(os.geteuid() != 0, reason="slurmd starts job steps as their user: the test runs it as root"),
+]
+
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+            "BOOT_FAIL", "DEADLINE"}
+
+
+class LocalSlurm:
+    """A one-node Slurm cluster in `root`, its daemons children of this process."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.node = socket.gethostname().split(".")[0]
+        self.procs = {}
+        self.conf = root / "slurm.conf"
+        self.logs = root / "log"
+        for d in ("state", "spool", "munge", "log"):
+            (root / d).mkdir(parents=True, exist_ok=True)
+        (root / "munge").chmod(0o755)  # munged wants the socket's folder searchable by all
+        self.socket = root / "munge" / "munge.socket"
+
+    def env(self, **extra):
+        """The environment of a client command: no launcher variables of the caller, this cluster's conf."""
+        return clean_env(SLURM_CONF=self.conf, PATH=SEARCH_PATH, **extra)
+
+    def start(self):
+        key = self.root / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o600)
+        self._spawn("munged", [_which("munged"), "--foreground", "--force", f"--socket={self.socket}",
+                               f"--key-file={key}", f"--pid-file={self.root / 'munge' / 'munged.pid'}",
+                               f"--log-file={self.logs / 'munged.log'}",
+                               f"--seed-file={self.root / 'munge' / 'munged.seed'}"])
+        self._until(lambda: self.socket.exists(), 20, "munged to open its socket")
+        ctld_port, d_port = free_port(), free_port()
+        (self.root / "plugstack.conf").write_text("")
+        self.conf.write_text("\n".join([
+            "ClusterName=deepcamtest",
+            f"SlurmctldHost={self.node}(127.0.0.1)",
+            f"SlurmctldPort={ctld_port}",
+            f"SlurmdPort={d_port}",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            "AuthType=auth/munge",
+            f"AuthInfo=socket={self.socket}",
+            "CredType=cred/munge",
+            f"StateSaveLocation={self.root / 'state'}",
+            f"SlurmdSpoolDir={self.root / 'spool'}",
+            f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",
+            f"SlurmdPidFile={self.root / 'slurmd.pid'}",
+            f"SlurmctldLogFile={self.logs / 'slurmctld.log'}",
+            f"SlurmdLogFile={self.logs / 'slurmd.log'}",
+            f"PlugStackConfig={self.root / 'plugstack.conf'}",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_CPU",
+            "SchedulerType=sched/builtin",
+            "MpiDefault=none",
+            "ReturnToService=2",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            "JobCompType=jobcomp/none",
+            "MailProg=/bin/true",
+            "MinJobAge=3600",
+            "SlurmdParameters=config_overrides",
+            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs=2 State=UNKNOWN",
+            f"PartitionName=test Nodes={self.node} Default=YES MaxTime=30 State=UP",
+            "",
+        ]))
+        env = self.env()
+        self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)], env)
+        self._spawn("slurmd", [_which("slurmd"), "-D", "-f", str(self.conf), "-N", self.node], env)
+
+        def idle():
+            r = subprocess.run([_which("sinfo"), "-h", "-N", "-o", "%T"], capture_output=True, text=True,
+                               env=env, timeout=20)
+            return r.returncode == 0 and r.stdout.strip() == "idle"
+        self._until(idle, 90, "the node to be idle in sinfo")
+
+    def _spawn(self, name, argv, env=None):
+        out = open(self.logs / f"{name}.out", "w")
+        self.procs[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env or self.env(),
+                                            start_new_session=True)
+        out.close()
+
+    def _until(self, ready, timeout, what):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            if dead:
+                pytest.fail(f"{', '.join(dead)} exited while waiting for {what}\n{self.log_text()}")
+            if ready():
+                return
+            time.sleep(0.5)
+        pytest.fail(f"timed out after {timeout} s waiting for {what}\n{self.log_text()}")
+
+    def stop(self):
+        for name in ("slurmd", "slurmctld", "munged"):
+            p = self.procs.get(name)
+            if p is None or p.poll() is not None:
+                continue
+            p.terminate()
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=15)
+
+    def log_text(self, lines=40):
+        parts = []
+        for f in sorted(self.logs.glob("*")):
+            text = f.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {f.name} (last {lines} lines) ---\n" + "\n".join(text))
+        return "\n".join(parts)
+
+    def sbatch(self, script, *args, env):
+        r = subprocess.run([_which("sbatch"), "--parsable", *map(str, args), str(script)], capture_output=True,
+                           text=True, env=env, cwd=REPO_ROOT, timeout=60)
+        assert r.returncode == 0, f"sbatch failed: {r.stderr}\n{self.log_text()}"
+        return r.stdout.strip().split(";")[0]
+
+    def job(self, job_id):
+        r = subprocess.run([_which("scontrol"), "show", "job", "-o", job_id], capture_output=True, text=True,
+                           env=self.env(), timeout=30)
+        assert r.returncode == 0, f"scontrol show job {job_id}: {r.stderr}\n{self.log_text()}"
+        return dict(item.split("=", 1) for item in r.stdout.split() if "=" in item)
+
+    def wait(self, job_id, timeout):
+        """Waits until the job has finished; returns its scontrol record."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.job(job_id)
+            if info.get("JobState") in FINISHED:
+                return info
+            if time.monotonic() > deadline:
+                subprocess.run([_which("scancel"), job_id], env=self.env(), timeout=30)
+                pytest.fail(f"job {job_id} still {info.get('JobState')} after {timeout} s\n{self.log_text()}")
+            time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        print(cluster.log_text())
+
+
+def job_output(path):
+    return Path(path).read_text(errors="replace") if Path(path).exists() else f"({path} was not written)"
+
+
+def test_convert_then_train_with_srun_on_two_tasks(slurm, tmp_path):
+    """init_datasets.sub converts with 2 ranks and verifies; run.sub then trains the quickstart
+    configuration on the converted set, 2 ranks by srun, twice, each run with its own log."""
+    src = synth(tmp_path / "h5", train=64, validation=16, height=96, width=144, seed=11)
+    dst, logdir = tmp_path / "npy", tmp_path / "logs"
+    env = slurm.env(SRCDIR=src, DSTDIR=dst, THREADS=1)
+    init = slurm.sbatch(REPO_ROOT / "scripts/slurm/init_datasets.sub", "-n", 2, "-o", tmp_path / "init-%j.out",
+                        env=env)
+    info = slurm.wait(init, 300)
+    out = job_output(tmp_path / f"init-{init}.out")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{out}\n{slurm.log_text()}"
+    assert "rank 0 of 2 (SLURM_PROCID/SLURM_NTASKS)" in out and "rank 1 of 2 (SLURM_PROCID/SLURM_NTASKS)" in out, out
+    assert "validation: 16 npy samples" in out and "no problems" in out, out
+    assert len(list((dst / "train").glob("data-*.npy"))) == 64 and (dst / "stats.h5").is_file()
+
+    env = slurm.env(RUN_FILES="configs/quickstart.toml", DATADIR=dst, LOGDIR=logdir, NEXP=2, SEED=7,
+                    OVERRIDES="reader.name=npy reader.threads=1 run.threads=1 run.train_batch_size=2")
+    run = slurm.sbatch(REPO_ROOT / "scripts/slurm/run.sub", "-n", 2, "-o", tmp_path / "run-%j.out", env=env)
+    info = slurm.wait(run, 1500)
+    out = job_output(tmp_path / f"run-{run}.out")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{out}\n{slurm.log_text()}"
+    for n, seed in ((1, 7), (2, 8)):
+        run_dir = logdir / f"{run}_{n}"
+        log = run_dir / "mlperf.log"
+        printed = job_output(logdir / f"{run}_{n}.out")
+        assert log.is_file(), f"{out}\n{printed}"
+        status, text = mlperf_check(log)
+        assert status == 0 and "SUCCESS" in text, text
+        events = {e["key"]: e for e in read_events(log)}
+        assert events["number_of_ranks"]["value"] == 2
+        assert events["seed"]["value"] == seed
+        assert events["global_batch_size"]["value"] == 4
+        assert events["run_stop"]["metadata"]["status"] == "success"
+        assert f"seed = {seed}" in (run_dir / "config.toml").read_text()
+        assert str(dst) in (run_dir / "config.toml").read_text()
+        assert f"run {n} exited with status 0" in out
+
+
+def test_run_sub_refuses_a_missing_run_file(slurm, tmp_path):
+    env = slurm.env(RUN_FILES="configs/no-such.toml", LOGDIR=tmp_path / "logs")
+    job = slurm.sbatch(REPO_ROOT / "scripts/slurm/run.sub", "-n", 1, "-o", tmp_path / "run-%j.out", env=env)
+    info = slurm.wait(job, 120)
+    out = job_output(tmp_path / f"run-{job}.out")
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", f"{info}\n{out}"
+    assert "RUN_FILES: no such file: configs/no-such.toml" in out, out
+
+
+def test_container_flags_only_with_cont(slurm, tmp_path):
+    """With CONT set, srun gets pyxis's --container-image: this Slurm has no pyxis, so srun refuses
+    the option, which shows that it was given; the same job without CONT trains (test above)."""
+    data = synth(tmp_path / "h5")
+    env = slurm.env(RUN_FILES="configs/quickstart.toml", DATADIR=data, LOGDIR=tmp_path / "logs",
+                    CONT="/images/deepcam.sqsh", OVERRIDES="run.max_epochs=1")
+    job = slurm.sbatch(REPO_ROOT / "scripts/slurm/run.sub", "-n", 1, "-o", tmp_path / "run-%j.out", env=env)
+    info = slurm.wait(job, 120)
+    out = job_output(tmp_path / f"run-{job}.out")
+    stdout = job_output(tmp_path / "logs" / f"{job}_1.out")
+    assert info["JobState"] == "FAILED", f"{info}\n{out}\n{stdout}"
+    assert "container-image" in stdout, stdout
