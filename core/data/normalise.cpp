@@ -31,6 +31,7 @@
 // only when there is one, to name it.
 // Labels are converted to int64 and checked to be class ids in the same
 // loop, vectorised by the compiler.
+// Without SSE2 (a non-x86 build) only the plain loops are compiled.
 #include "deepcam/normalise.hpp"
 
 #include <algorithm>
@@ -40,7 +41,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__SSE2__)
 #include <immintrin.h>
 #define DEEPCAM_X86 1
 #else
@@ -121,14 +122,14 @@ std::uint32_t pixel_order(const float* raw, std::int64_t p0, std::int64_t p1, st
 }
 
 // Whether channels[k .. k + n) are n consecutive file channels.
-bool consecutive(const std::vector<std::int64_t>& channels, std::size_t k, std::size_t n) {
+[[maybe_unused]] bool consecutive(const std::vector<std::int64_t>& channels, std::size_t k, std::size_t n) {
   if (k + n > channels.size()) return false;
   for (std::size_t j = 1; j < n; ++j)
     if (channels[k + j] != channels[k] + static_cast<std::int64_t>(j)) return false;
   return true;
 }
 
-bool aligned(const void* p, std::uintptr_t bytes) { return reinterpret_cast<std::uintptr_t>(p) % bytes == 0; }
+[[maybe_unused]] bool aligned(const void* p, std::uintptr_t bytes) { return reinterpret_cast<std::uintptr_t>(p) % bytes == 0; }
 
 #if DEEPCAM_X86
 bool cpu_has_avx512() {
