@@ -21,6 +21,7 @@
 #include <fmt/format.h>
 
 #include "deepcam/error.hpp"
+#include "deepcam/json.hpp"
 #include "deepcam_build_config.h"
 
 namespace deepcam::data {
@@ -357,7 +358,7 @@ Value number(double x) {
   Value v;
   v.kind = Value::Kind::Number;
   v.number = x;
-  v.text = fmt::format("{:.6f}", x);
+  v.text = python_float_repr(x);  // every digit: the summarizer's score compares exactly
   return v;
 }
 
