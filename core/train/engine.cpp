@@ -88,8 +88,9 @@ double peak_memory_mb() {
 // training removes them again (nothing ran); from run_start on they stay.
 class RunRecord {
  public:
-  RunRecord(const fs::path& dir, const fs::path& log_path, const std::string& resolved, const std::string& where)
-      : config_path_(dir / "config.toml"), log_path_(log_path) {
+  RunRecord(const fs::path& config_path, const fs::path& log_path, const std::string& resolved,
+            const std::string& where)
+      : config_path_(config_path), log_path_(log_path) {
     std::FILE* config = std::fopen(config_path_.c_str(), "w");
     if (!config) throw Error(fmt::format("{}: cannot create: {}", config_path_.string(), std::strerror(errno)));
     const bool written = std::fputs(resolved.c_str(), config) >= 0 && std::fflush(config) == 0;
@@ -1046,7 +1047,9 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   if (rank0) {
     remove_stale_temporaries(out_dir);
     check_outputs(cfg, out_dir, log_file, evaluating);
-    record = std::make_unique<RunRecord>(out_dir, log_file, cfg.resolved, cfg.mlperf.where("log_file"));
+    // --evaluate in a training run's folder keeps that run's config.toml.
+    const fs::path config_file = out_dir / (evaluating ? "evaluate-config.toml" : "config.toml");
+    record = std::make_unique<RunRecord>(config_file, log_file, cfg.resolved, cfg.mlperf.where("log_file"));
   }
   MlperfLog log(record ? record->log() : nullptr, rank0, log_file.string());
   // Every line also on stdout, as the reference's logger prints it.

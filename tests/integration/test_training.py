@@ -120,6 +120,20 @@ def test_python_written_checkpoint_is_read_back(tmp_path, short_run, data):
     # The log is the last evaluation's (the changed weights).
     assert lines[1]["value"] == pytest.approx(c[0], rel=1e-12)
     assert lines[2]["value"] == pytest.approx(c[1], rel=1e-12)
+    assert (tmp_path / "eval" / "evaluate-config.toml").is_file()
+
+
+def test_evaluate_in_a_training_runs_folder_keeps_its_record(tmp_path, short_run, data):
+    out = tmp_path / "out"
+    shutil.copytree(short_run[0], out)
+    config = (out / "config.toml").read_bytes()
+    log = (out / "mlperf.log").read_bytes()
+    run = write_run(tmp_path / "run.toml", data, out)
+    evaluate(run, out / "checkpoint-epoch2.pt")
+    assert (out / "config.toml").read_bytes() == config
+    assert (out / "mlperf.log").read_bytes() == log
+    assert f'output_dir = "{out}"' in (out / "evaluate-config.toml").read_text()
+    assert [l["key"] for l in read_events(out / "evaluate-mlperf.log")][0] == "eval_start"
 
 
 def test_checkpoint_with_wrong_shapes_is_refused(tmp_path, short_run, data):
