@@ -1,0 +1,194 @@
+"""deepcam-data package: a results package made from quickstart runs is
+accepted by the official package checker and result summarizer (open
+division, hpc usage, ruleset 3.0.0), its score is the summarizer's, and a
+closed-division package (runs of 2 epochs) fails only on the data-set-size
+and accuracy rules."""
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import DATA_TOOL, REPO_ROOT, read_events, run_host, synth
+
+RULESET = "3.0.0"
+RUNS = 5  # what the checker wants for deepcam, strong scaling
+
+
+def quickstart(data, out, seed, *sets):
+    r = run_host(REPO_ROOT / "configs/quickstart.toml", "--quiet", "--set", f"data.root={data}", "--set",
+                 f"run.output_dir={out}", "--set", f"run.seed={seed}", *[a for s in sets for a in ("--set", s)])
+    assert r.returncode in (0, 1), r.stdout + r.stderr
+    return out
+
+
+def converged(run_dir):
+    stop = [e for e in read_events(run_dir / "mlperf.log") if e["key"] == "run_stop"]
+    return bool(stop) and stop[0]["metadata"]["status"] == "success"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("package-runs")
+    data = synth(root / "data", train=64, validation=16, height=96, width=144, seed=11)
+    # Five quickstart runs that reach the target (most seeds do in 5 to 8
+    # epochs; one that has not in 10 is replaced by the next seed).
+    open_runs, seed = [], 1
+    while len(open_runs) < RUNS and seed <= 3 * RUNS:
+        d = quickstart(data, root / f"open-{seed}", seed, "run.max_epochs=10")
+        if converged(d):
+            open_runs.append(d)
+        seed += 1
+    assert len(open_runs) == RUNS, "the quickstart did not reach its target with most seeds"
+    return {
+        "open": open_runs,
+        # closed division, 2 epochs each: short of the data set and of the target
+        "closed": [quickstart(data, root / f"closed-{s}", s, "mlperf.division=closed", "run.max_epochs=2")
+                   for s in range(31, 31 + RUNS)],
+        # one run that stops before the target: run_stop status "aborted"
+        "short": quickstart(data, root / "short", 41, "run.max_epochs=1"),
+    }
+
+
+def package(run_dirs, out, system="cpu2-quickstart", *extra):
+    return subprocess.run([str(DATA_TOOL), "package", *map(str, run_dirs), "--system", system, "--out", str(out),
+                           *map(str, extra)], capture_output=True, text=True, timeout=120)
+
+
+def package_checker(folder):
+    r = subprocess.run([sys.executable, "-m", "mlperf_logging.package_checker", str(folder), "hpc", RULESET,
+                        "--log_output", str(folder.parent / f"{folder.name}-checker.log")],
+                       capture_output=True, text=True, timeout=600, cwd=folder.parent)
+    return r.stdout + r.stderr
+
+
+def summarize(folder):
+    csv_path = folder.parent / f"{folder.name}-summary.csv"
+    r = subprocess.run([sys.executable, "-m", "mlperf_logging.result_summarizer", str(folder), "hpc", RULESET,
+                        "--csv", str(csv_path)], capture_output=True, text=True, timeout=600, cwd=folder.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    return rows, r.stdout + r.stderr
+
+
+def olympic(log_dirs):
+    """The time to train of each run in minutes and their olympic mean, from the logs."""
+    minutes, dropped = [], 0
+    for d in log_dirs:
+        events = read_events(Path(d) / "mlperf.log")
+        start = next(e["time_ms"] for e in events if e["key"] == "run_start")
+        stop = next(e for e in events if e["key"] == "run_stop")
+        if stop["metadata"]["status"] != "success":
+            dropped += 1
+            continue
+        minutes.append((stop["time_ms"] - start) / 60000)
+    minutes.sort()
+    kept = minutes[1:len(minutes) - (1 - dropped)]
+    return sum(kept) / len(kept)
+
+
+def test_open_package_is_accepted_and_scored_as_the_summarizer_does(runs, tmp_path):
+    out = tmp_path / "pkg"
+    r = package(runs["open"], out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    results = out / "results" / "cpu2-quickstart" / "strong" / "deepcam"
+    assert sorted(p.name for p in results.iterdir()) == [f"result_{n}.txt" for n in range(RUNS)]
+    for n, d in enumerate(runs["open"]):
+        assert (results / f"result_{n}.txt").read_bytes() == (d / "mlperf.log").read_bytes()
+        run_file = out / "benchmarks/deepcam/implementations/deepcam-host/run_files/cpu2-quickstart" / f"result_{n}.toml"
+        assert run_file.read_bytes() == (d / "config.toml").read_bytes()
+    desc = json.loads((out / "systems" / "cpu2-quickstart.json").read_text())
+    assert desc["division"] == "open" and desc["submitter"] == "deepcam-host" and desc["number_of_nodes"] == "1"
+    assert desc["system_name"] == "cpu2-quickstart"
+
+    text = package_checker(out)
+    assert "PACKAGE CHECKER FOUND NO ERRORS" in text, text
+    assert not [line for line in text.splitlines() if line.startswith(("ERROR", "WARNING"))], text
+
+    rows, text = summarize(out)
+    assert len(rows) == 1 and rows[0]["system"] == "cpu2-quickstart", text
+    summarizer_score = float(rows[0]["deepcam"])
+    ours = json.loads((out / "score.json").read_text())["score_minutes"]
+    assert ours == pytest.approx(summarizer_score, rel=1e-12)
+    assert ours == pytest.approx(olympic(runs["open"]), rel=1e-12)
+    printed = re.search(r"score: ([0-9.]+) minutes", r.stdout)
+    assert printed and float(printed.group(1)) == pytest.approx(ours, abs=1e-4), r.stdout
+
+
+def test_a_run_that_did_not_converge_is_dropped_as_the_summarizer_drops_it(runs, tmp_path):
+    dirs = runs["open"][:4] + [runs["short"]]
+    out = tmp_path / "pkg"
+    r = package(dirs, out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "run_stop status aborted" in r.stdout
+    rows, text = summarize(out)
+    ours = json.loads((out / "score.json").read_text())
+    assert ours["dropped_runs"] == 1
+    assert ours["score_minutes"] == pytest.approx(float(rows[0]["deepcam"]), rel=1e-12), text
+    assert ours["score_minutes"] == pytest.approx(olympic(dirs), rel=1e-12)
+
+
+def test_two_runs_that_did_not_converge_leave_no_score(runs, tmp_path):
+    r = package(runs["open"][:3] + [runs["short"], runs["short"]], tmp_path / "pkg")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "no score: 2 of 5 runs did not converge" in r.stderr
+    assert json.loads((tmp_path / "pkg" / "score.json").read_text())["score_minutes"] is None
+
+
+def test_closed_package_fails_only_on_data_set_size_and_accuracy(runs, tmp_path):
+    out = tmp_path / "pkg"
+    r = package(runs["closed"], out)
+    assert r.returncode == 1, r.stdout + r.stderr  # no run converged: no score
+    assert (out / "results" / "cpu2-quickstart" / "strong" / "deepcam" / "result_4.txt").is_file()
+    text = package_checker(out)
+    assert "PACKAGE CHECKER FOUND ERRORS" in text, text
+    # Each of the 5 results fails the closed division's data set size (121266
+    # training and 15158 validation samples) and its accuracy rule (IoU 0.82
+    # reached), nothing else.
+    checks = re.findall(r"CHECK for '(\w+)' failed", text) + re.findall(r"Failed checks for (\w+)", text)
+    assert sorted(set(checks)) == ["eval_accuracy", "eval_samples", "train_samples"], text
+    assert checks.count("train_samples") == RUNS and checks.count("eval_accuracy") == RUNS, text
+    # What the package checker then says: the results do not comply, and the
+    # convergence (RCP) check of the closed division, an accuracy rule too.
+    errors = [line for line in text.splitlines() if line.startswith("ERROR")]
+    other = [line for line in errors if line.strip() not in ("ERROR - FAILED",)
+             and "files do not comply" not in line and "RCP" not in line]
+    assert other == [], text
+    assert "System description checker passed" in text or "System description checker failed" not in text, text
+
+
+def test_bad_input_is_named(runs, tmp_path):
+    r = package([tmp_path / "nowhere"], tmp_path / "pkg")
+    assert r.returncode == 1 and "nowhere: not a directory" in r.stderr, r.stderr
+    r = package([runs["open"][0], runs["closed"][0]], tmp_path / "pkg")
+    assert r.returncode == 1 and "submission_division is 'closed'" in r.stderr, r.stderr
+    assert not (tmp_path / "pkg").exists()
+    (tmp_path / "taken").mkdir()
+    r = package(runs["open"], tmp_path / "taken")
+    assert r.returncode == 1 and "exists already" in r.stderr, r.stderr
+    r = package(runs["open"], tmp_path / "pkg", "bad/name")
+    assert r.returncode == 2 and "--system 'bad/name'" in r.stderr, r.stderr
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    r = package([empty], tmp_path / "pkg")
+    assert r.returncode == 1 and "no MLPerf log there" in r.stderr, r.stderr
+    desc = tmp_path / "desc.json"
+    desc.write_text('{"accelerator_model_name": ["a"]}')
+    r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", "--system-desc", desc)
+    assert r.returncode == 1 and "\"accelerator_model_name\" must be a string or a number" in r.stderr, r.stderr
+    assert not (tmp_path / "pkg").exists() and not list(tmp_path.glob(".pkg.tmp*"))
+
+
+def test_system_desc_fields_replace_the_generated_ones(runs, tmp_path):
+    desc = tmp_path / "desc.json"
+    desc.write_text(json.dumps({"host_storage_type": "NVMe", "accelerator_model_name": "none", "cooling": "air"}))
+    out = tmp_path / "pkg"
+    r = package(runs["open"], out, "cpu2-quickstart", "--system-desc", desc)
+    assert r.returncode == 0, r.stderr
+    got = json.loads((out / "systems" / "cpu2-quickstart.json").read_text())
+    assert got["host_storage_type"] == "NVMe" and got["cooling"] == "air"
