@@ -8,7 +8,7 @@ cd "$top"
 
 # slurmctld, slurmd, slurm-client and munge: tests/integration/test_slurm.py
 # starts its own one-node Slurm from them (no system service is used).
-debs=(g++ pkg-config libhdf5-dev libboost-dev libtomlplusplus-dev doctest-dev libgloo-dev openmpi-bin
+debs=(g++ pkg-config libhdf5-dev zlib1g-dev libboost-dev libtomlplusplus-dev doctest-dev libgloo-dev openmpi-bin
       slurmctld slurmd slurm-client munge)
 missing=()
 for d in "${debs[@]}"; do

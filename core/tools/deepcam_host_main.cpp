@@ -21,6 +21,9 @@ namespace {
 
 const char* kUsage =
     "usage: deepcam-host [--nproc N] RUN.toml [MORE.toml]... [--set section.key=value]... [--evaluate CHECKPOINT | --benchmark STEPS]\n"
+    "       deepcam-host RUN.toml... --predict CHECKPOINT --out DIR [--samples N]\n"
+    "                    (each validation sample's predicted classes as DIR/sample-NNNNNN.npy, and a picture of\n"
+    "                    predicted and true cyclones and rivers over TMQ as DIR/sample-NNNNNN.png)\n"
     "                    (several run files are merged left to right, then --set: configs/systems/*.toml)\n"
     "                    [--quiet]   (the MLPerf log's lines are echoed to stdout unless --quiet)\n"
     "       deepcam-host --list-plugins\n"
@@ -165,6 +168,17 @@ int main(int argc, char** argv) {
       if (a == "--set") overrides.push_back(value());
       else if (a.rfind("--set=", 0) == 0) overrides.push_back(a.substr(6));
       else if (a == "--evaluate") options.evaluate_checkpoint = value();
+      else if (a == "--predict") options.predict_checkpoint = value();
+      else if (a == "--out") options.predict_out = value();
+      else if (a == "--samples") {
+        const std::string n = value();
+        char* end = nullptr;
+        const long long samples = std::strtoll(n.c_str(), &end, 10);
+        if (n.empty() || *end != '\0' || samples < 1) {
+          throw deepcam::Error(fmt::format("--samples {}: expected a number of samples >= 1", n));
+        }
+        options.predict_samples = samples;
+      }
       else if (a == "--quiet") options.quiet = true;
       else if (a == "--benchmark") {
         const std::string n = value();
@@ -179,8 +193,14 @@ int main(int argc, char** argv) {
       else files.push_back(a);
     }
     if (files.empty()) throw deepcam::Error(fmt::format("no run file given\n{}", kUsage));
-    if (!options.evaluate_checkpoint.empty() && options.benchmark_steps > 0) {
-      throw deepcam::Error("--evaluate and --benchmark: give one of them");
+    const int modes = !options.evaluate_checkpoint.empty() + (options.benchmark_steps > 0) +
+                      !options.predict_checkpoint.empty();
+    if (modes > 1) throw deepcam::Error("--evaluate, --benchmark and --predict: give one of them");
+    if (!options.predict_checkpoint.empty() && options.predict_out.empty()) {
+      throw deepcam::Error(fmt::format("--predict needs --out DIR, the folder for its files\n{}", kUsage));
+    }
+    if (options.predict_checkpoint.empty() && (!options.predict_out.empty() || options.predict_samples > 0)) {
+      throw deepcam::Error(fmt::format("--out and --samples go with --predict CHECKPOINT\n{}", kUsage));
     }
     const deepcam::RunConfig config = deepcam::load_config(files, overrides, loader);
     if (deepcam::detect_ranks().rank == 0) std::fprintf(stderr, "%s\n", config.resolved.c_str());

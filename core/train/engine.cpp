@@ -31,6 +31,8 @@
 #include "deepcam/error.hpp"
 #include "deepcam/loss.hpp"
 #include "deepcam/mlperf_log.hpp"
+#include "deepcam/npy.hpp"
+#include "picture.hpp"
 #include "ranks.hpp"
 
 #if DEEPCAM_WITH_CUDA
@@ -485,6 +487,51 @@ class Engine {
       std::printf("%s\n", line.dump().c_str());
       std::fflush(stdout);
     }
+    return 0;
+  }
+
+  // --predict: the validation samples' predictions as .npy and pictures.
+  int write_predictions(const std::string& checkpoint, const fs::path& out, std::int64_t max_samples) {
+    // TMQ (integrated water vapour) is channel 0 of the CAM5 files, as in
+    // the reference data set's variable list; the picture is drawn over it.
+    const std::vector<std::int64_t>& channels = cfg_.data.integers("channels");
+    const auto tmq = std::find(channels.begin(), channels.end(), 0);
+    if (tmq == channels.end()) {
+      throw Error(fmt::format("{}: --predict draws the predictions over TMQ, channel 0, which this run does not "
+                              "select; add 0 to the channels",
+                              cfg_.data.where("channels")));
+    }
+    const std::int64_t tmq_at = tmq - channels.begin();
+    LoadOptions lo;
+    lo.model = model_config();
+    load_checkpoint(checkpoint, c_.model->module(), nullptr, lo);
+    std::error_code ec;
+    fs::create_directories(out, ec);
+    if (ec || !fs::is_directory(out, ec)) {
+      throw Error(fmt::format("--out {}: cannot create the folder{}", out.string(), ec ? ": " + ec.message() : ""));
+    }
+    c_.model->module().eval();
+    torch::NoGradGuard no_grad;
+    c_.reader->start_epoch(Split::Validation, 0);
+    Batch batch;
+    std::int64_t written = 0;
+    while ((max_samples == 0 || written < max_samples) && c_.reader->next(batch)) {
+      const at::Tensor logits = forward(batch.data.to(device_).contiguous(memory_format_));
+      const at::Tensor predicted = predict(logits).to(at::kCPU).contiguous();
+      const at::Tensor labels = batch.labels.contiguous();
+      for (std::int64_t i = 0; i < predicted.size(0) && (max_samples == 0 || written < max_samples); ++i) {
+        const std::int64_t height = predicted.size(1), width = predicted.size(2);
+        const fs::path stem = out / fmt::format("sample-{:06d}", written);
+        npy::write(stem.string() + ".npy", npy::DType::UInt8, {height, width}, predicted[i].data_ptr<std::uint8_t>());
+        const at::Tensor background = batch.data[i][tmq_at].contiguous();
+        write_png(stem.string() + ".png",
+                  prediction_picture(background.data_ptr<float>(), predicted[i].data_ptr<std::uint8_t>(),
+                                     labels[i].data_ptr<std::int64_t>(), height, width));
+        ++written;
+      }
+    }
+    std::fprintf(stderr, "deepcam-host: wrote the predictions of %lld validation samples to %s\n",
+                 static_cast<long long>(written), out.string().c_str());
     return 0;
   }
 
@@ -1019,6 +1066,19 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
     Engine engine(cfg, no_log, comm);
     engine.build(/*with_optimizer=*/true);
     const int status = engine.benchmark(opts.benchmark_steps);
+    comm.finish();
+    return status;
+  }
+
+  if (!opts.predict_checkpoint.empty()) {
+    // No log and no run record: the pictures and .npy files are the result.
+    if (comm.size() > 1) {
+      throw Error("--predict runs on one rank: start it without --nproc or a launcher's ranks");
+    }
+    MlperfLog no_log(nullptr, false);
+    Engine engine(cfg, no_log, comm);
+    engine.build(/*with_optimizer=*/false);
+    const int status = engine.write_predictions(opts.predict_checkpoint, opts.predict_out, opts.predict_samples);
     comm.finish();
     return status;
   }

@@ -19,6 +19,13 @@ struct EngineOptions {
   // > 0: time this many training steps on a synthetic batch kept on the
   // device and print one JSON line; no MLPerf log, config or checkpoint.
   std::int64_t benchmark_steps = 0;
+  // Non-empty: write this checkpoint's predictions of the validation samples
+  // into predict_out (one rank): sample-NNNNNN.npy, the predicted class of
+  // each pixel (uint8, H x W), and sample-NNNNNN.png, the predicted and true
+  // classes over TMQ with a legend. At most predict_samples (0: all).
+  std::string predict_checkpoint;
+  std::string predict_out;
+  std::int64_t predict_samples = 0;
   bool quiet = false;  // the MLPerf log's lines not echoed to stdout
 };
 

@@ -1,0 +1,99 @@
+"""deepcam-host --predict: each validation sample's predicted classes as .npy
+(what --evaluate scores) and a picture of predicted and true cyclones and
+rivers over TMQ, with a legend, as PNG."""
+
+import numpy as np
+import h5py
+import pytest
+from PIL import Image
+
+from helpers import run_host, synth, write_run
+
+# The legend's swatches (core/train/picture.cpp).
+SWATCHES = {"TC predicted": (230, 30, 30), "AR predicted": (30, 100, 255), "TC true": (255, 230, 0),
+            "AR true": (0, 240, 240)}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("predict")
+    data = synth(tmp / "data", train=4, validation=3)
+    run = write_run(tmp / "run.toml", data, tmp / "out", run={"max_epochs": 2, "validation_batch_size": 2})
+    r = run_host(run, "--quiet")
+    assert r.returncode in (0, 1), r.stderr
+    return tmp, data, run, tmp / "out" / "checkpoint-epoch2.pt"
+
+
+def sample_iou(pred, truth):
+    """SPEC 4.2 for one sample."""
+    score = 0.0
+    for j in range(3):
+        tp = np.sum((pred == j) & (truth == j))
+        union = tp + np.sum((pred == j) & (truth != j)) + np.sum((pred != j) & (truth == j))
+        score += tp / (3 * union) if union > 0 else 1 / 3
+    return score
+
+
+def test_predictions_are_what_evaluate_scores_and_pictures_show_them(trained):
+    tmp, data, run, ckpt = trained
+    out = tmp / "pred"
+    r = run_host(run, "--predict", ckpt, "--out", out)
+    assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"sample-{i:06d}.{ext}" for i in range(3) for ext in ("npy", "png")]
+
+    # The validation samples in the reader's order (sorted names).
+    files = sorted((data / "validation").glob("*.h5"))
+    scores = []
+    for i, f in enumerate(files):
+        pred = np.load(out / f"sample-{i:06d}.npy")
+        assert pred.dtype == np.uint8 and pred.shape == (64, 96)
+        assert set(np.unique(pred)) <= {0, 1, 2}
+        with h5py.File(f, "r") as h:
+            truth = h["climate/labels_0"][()]
+        scores.append(sample_iou(pred, truth))
+    r = run_host(run, "--evaluate", ckpt)
+    assert r.returncode == 0, r.stderr
+    evaluated = dict(l.split() for l in r.stdout.splitlines() if l.startswith("eval_"))
+    assert np.mean(scores) == pytest.approx(float(evaluated["eval_accuracy"]), rel=1e-12, abs=1e-12)
+
+    for i in range(3):
+        with Image.open(out / f"sample-{i:06d}.png") as im:
+            im.load()
+            assert im.mode == "RGB" and im.size[0] == 96 and im.size[1] > 64  # the picture, then its legend
+            pixels = np.asarray(im)
+        picture, legend = pixels[:64], pixels[64:]
+        assert picture.std() > 10, "blank picture"
+        colours = {tuple(c) for c in legend.reshape(-1, 3)}
+        for name, rgb in SWATCHES.items():
+            assert rgb in colours, f"no {name} swatch in the legend"
+        assert (255, 255, 255) in colours  # the legend's text
+        # Every true edge pixel is drawn in its class's colour.
+        with h5py.File(files[i], "r") as h:
+            truth = h["climate/labels_0"][()]
+        for cls, rgb in ((1, SWATCHES["TC true"]), (2, SWATCHES["AR true"])):
+            drawn = np.all(picture == rgb, axis=-1)
+            assert drawn.sum() > 0 or not (truth == cls).any()
+            assert (truth[drawn] == cls).all()
+
+
+def test_samples_limits_the_count(trained, tmp_path):
+    _, _, run, ckpt = trained
+    r = run_host(run, "--predict", ckpt, "--out", tmp_path / "two", "--samples", 2)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "sample-000000.npy", "sample-000000.png", "sample-000001.npy", "sample-000001.png"]
+
+
+def test_predict_refusals_name_what_is_missing(trained, tmp_path):
+    tmp, data, run, ckpt = trained
+    r = run_host(run, "--predict", ckpt)
+    assert r.returncode == 2 and "--predict needs --out DIR" in r.stderr
+    r = run_host(run, "--out", tmp_path / "x")
+    assert r.returncode == 2 and "--out and --samples go with --predict" in r.stderr
+    r = run_host(run, "--predict", ckpt, "--out", tmp_path / "x", "--evaluate", ckpt)
+    assert r.returncode == 2 and "give one of them" in r.stderr
+    no_tmq = write_run(tmp_path / "no_tmq.toml", data, tmp_path / "o", data={"channels": [1, 2, 3]})
+    r = run_host(no_tmq, "--predict", ckpt, "--out", tmp_path / "y")
+    assert r.returncode == 2
+    assert "[data] channels" in r.stderr and "TMQ, channel 0" in r.stderr
