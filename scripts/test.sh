@@ -21,22 +21,31 @@ export DEEPCAM_PLUGIN_PATH="$top/build/plugins"
 
 passed=0
 failed=0
-while IFS= read -r t; do
-  out=$("$t" 2>&1)
+# Runs one doctest executable (the command after LABEL) and adds its test
+# cases to the totals; a crash or a non-zero exit without failed cases still
+# counts as a failure.
+run_doctest() {
+  local label=$1
+  shift
+  local out rc summary p f
+  out=$("$@" 2>&1)
   rc=$?
   summary=$(printf '%s\n' "$out" | grep '\[doctest\] test cases:' | tail -n 1)
   p=$(printf '%s' "$summary" | sed -n 's/.*| *\([0-9]*\) passed.*/\1/p')
   f=$(printf '%s' "$summary" | sed -n 's/.*| *\([0-9]*\) failed.*/\1/p')
   p=${p:-0}
   f=${f:-0}
-  # A crash or a non-zero exit without failed cases still counts as a failure.
   if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
   if [ "$f" -ne 0 ]; then
     printf '%s\n' "$out" | tail -n 60
   fi
-  echo "unit: ${t#"$top"/}: $p passed, $f failed"
+  echo "$label: $p passed, $f failed"
   passed=$((passed + p))
   failed=$((failed + f))
+}
+
+while IFS= read -r t; do
+  run_doctest "unit: ${t#"$top"/}" "$t"
 done < <(find "$top/build" -type f -executable -name 'test_*' ! -name '*.so' ! -path '*.p/*' | sort)
 
 # The parsers (npy, HDF5 layer, torch.save reader, run-file checking) and
@@ -58,21 +67,8 @@ if [ "$asan_build" -ne 0 ]; then
   failed=$((failed + 1))
 else
   while IFS= read -r t; do
-    out=$(ASAN_OPTIONS=halt_on_error=1:abort_on_error=0:detect_stack_use_after_return=1 \
-          UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 "$t" 2>&1)
-    rc=$?
-    summary=$(printf '%s\n' "$out" | grep '\[doctest\] test cases:' | tail -n 1)
-    p=$(printf '%s' "$summary" | sed -n 's/.*| *\([0-9]*\) passed.*/\1/p')
-    f=$(printf '%s' "$summary" | sed -n 's/.*| *\([0-9]*\) failed.*/\1/p')
-    p=${p:-0}
-    f=${f:-0}
-    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
-    if [ "$f" -ne 0 ]; then
-      printf '%s\n' "$out" | tail -n 60
-    fi
-    echo "sanitize: ${t#"$top"/}: $p passed, $f failed"
-    passed=$((passed + p))
-    failed=$((failed + f))
+    run_doctest "sanitize: ${t#"$top"/}" env ASAN_OPTIONS=halt_on_error=1:abort_on_error=0:detect_stack_use_after_return=1 \
+      UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 "$t"
   done < <(find "$asan" -maxdepth 1 -type f -executable -name 'asan_*' | sort)
 fi
 
