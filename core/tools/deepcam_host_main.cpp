@@ -31,6 +31,17 @@ const char* kUsage =
     "       deepcam-host --describe KIND        (reader, model, optimizer, scheduler: the plugins of that kind)\n"
     "       deepcam-host --version\n";
 
+// The value of an option that counts something (--benchmark STEPS): a whole
+// number >= 1.
+long long count_of(const std::string& option, const std::string& text, const char* what) {
+  char* end = nullptr;
+  const long long n = std::strtoll(text.c_str(), &end, 10);
+  if (text.empty() || *end != '\0' || n < 1) {
+    throw deepcam::Error(fmt::format("{} {}: expected a number of {} >= 1", option, text, what));
+  }
+  return n;
+}
+
 // `section` is the table the keys live in ("reader"), for naming nested tables.
 void print_schema(const deepcam::ParamSchema& schema, const std::string& section) {
   for (const auto& s : schema) {
@@ -170,25 +181,9 @@ int main(int argc, char** argv) {
       else if (a == "--evaluate") options.evaluate_checkpoint = value();
       else if (a == "--predict") options.predict_checkpoint = value();
       else if (a == "--out") options.predict_out = value();
-      else if (a == "--samples") {
-        const std::string n = value();
-        char* end = nullptr;
-        const long long samples = std::strtoll(n.c_str(), &end, 10);
-        if (n.empty() || *end != '\0' || samples < 1) {
-          throw deepcam::Error(fmt::format("--samples {}: expected a number of samples >= 1", n));
-        }
-        options.predict_samples = samples;
-      }
+      else if (a == "--samples") options.predict_samples = count_of(a, value(), "samples");
       else if (a == "--quiet") options.quiet = true;
-      else if (a == "--benchmark") {
-        const std::string n = value();
-        char* end = nullptr;
-        const long long steps = std::strtoll(n.c_str(), &end, 10);
-        if (n.empty() || *end != '\0' || steps < 1) {
-          throw deepcam::Error(fmt::format("--benchmark {}: expected a number of steps >= 1", n));
-        }
-        options.benchmark_steps = steps;
-      }
+      else if (a == "--benchmark") options.benchmark_steps = count_of(a, value(), "steps");
       else if (!a.empty() && a[0] == '-') throw deepcam::Error(fmt::format("unknown option {}\n{}", a, kUsage));
       else files.push_back(a);
     }

@@ -188,22 +188,8 @@ class Parser {
   std::size_t pos_ = 0;
 };
 
-std::string quoted(const std::string& s) {
-  std::string out = "\"";
-  for (const char c : s) {
-    switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\t': out += "\\t"; break;
-      case '\r': out += "\\r"; break;
-      default:
-        if (static_cast<unsigned char>(c) < 0x20) out += fmt::format("\\u{:04x}", static_cast<unsigned>(c));
-        else out += c;
-    }
-  }
-  return out + "\"";
-}
+// A JSON string as the MLPerf log writes its strings (Python's json.dumps).
+std::string quoted(const std::string& s) { return Json(s).dump(); }
 
 std::string dump(const Value& v, int indent) {
   const std::string pad(static_cast<std::size_t>(indent + 4), ' '), end_pad(static_cast<std::size_t>(indent), ' ');
