@@ -23,6 +23,7 @@
 
 #include <fcntl.h>
 #include <hdf5.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -617,6 +618,52 @@ void File::read_stored(const std::string& dataset, void* out, std::size_t bytes)
   check_file_size(fd_, direct, path_, dataset);
   read_bytes(fd_, direct, 0, out, bytes, path_, dataset);
   if (direct.type.big_endian != kBigEndianHost) swap_in_place(out, direct.type.size, bytes / direct.type.size);
+}
+
+MappedBytes::MappedBytes(MappedBytes&& other) noexcept
+    : base_(std::exchange(other.base_, nullptr)),
+      length_(std::exchange(other.length_, 0)),
+      data_(std::exchange(other.data_, nullptr)) {}
+
+MappedBytes& MappedBytes::operator=(MappedBytes&& other) noexcept {
+  std::swap(base_, other.base_);
+  std::swap(length_, other.length_);
+  std::swap(data_, other.data_);
+  return *this;
+}
+
+MappedBytes::~MappedBytes() {
+  if (base_) ::munmap(base_, length_);
+}
+
+MappedBytes File::map_stored(const std::string& dataset, std::size_t bytes) const {
+  Direct direct;
+  {
+    Lock lock;
+    Handle handle = open_dataset(checked_id(id_, path_), path_, dataset);
+    const std::uint64_t count = element_count(dataset_shape(handle.get(), path_, dataset));
+    direct = direct_plan(handle.get(), fd_, count, path_, dataset);
+  }
+  if (!direct.usable || (direct.type.size > 1 && direct.type.big_endian != kBigEndianHost)) return {};
+  if (bytes != direct.bytes) {
+    fail(path_, dataset, fmt::format("{} bytes asked for, but it holds {}", bytes, direct.bytes), false);
+  }
+  // Checked before mapping: a page beyond the end of the file would be a
+  // SIGBUS when touched, not an error.
+  check_file_size(fd_, direct, path_, dataset);
+  static const auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+  const std::uint64_t start = direct.offset / page * page;
+  MappedBytes mapped;
+  mapped.length_ = static_cast<std::size_t>(direct.offset + direct.bytes - start);
+  // Populated: the caller reads every byte once, so the page tables are
+  // filled in one call rather than one page fault per page.
+  void* p = ::mmap(nullptr, mapped.length_, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd_, static_cast<off_t>(start));
+  if (p == MAP_FAILED) {
+    throw Error(fmt::format("{}: dataset {}: cannot map: {}", path_, dataset, std::strerror(errno)));
+  }
+  mapped.base_ = p;
+  mapped.data_ = static_cast<const char*>(p) + (direct.offset - start);
+  return mapped;
 }
 
 bool File::reads_directly(const std::string& dataset) const {

@@ -177,6 +177,16 @@ TEST_CASE("reads equal h5py's bit for bit, read outside HDF5 or through it") {
       CHECK(read_as<double>(file, name) == read_file(expect.string() + ".f8.bin"));
     }
     if (!is_float) CHECK(read_as<std::int64_t>(file, name) == read_file(expect.string() + ".i8.bin"));
+    // Mapped: the stored bytes without a copy, where they are one plain run
+    // in this machine's byte order; otherwise nothing (read them instead).
+    const std::vector<unsigned char> stored = read_stored(file, name);
+    const h5::MappedBytes mapped = file.map_stored(name, stored.size());
+    const bool host_order = file.stored_type(name).size == 1 || !file.stored_type(name).big_endian;
+    CHECK(static_cast<bool>(mapped) == (expect_direct && host_order));
+    if (mapped) {
+      const auto* bytes = static_cast<const unsigned char*>(mapped.data());
+      CHECK(std::vector<unsigned char>(bytes, bytes + stored.size()) == stored);
+    }
   }
 
   SUBCASE("a file with a user block: the offset counts it") {
@@ -267,6 +277,11 @@ TEST_CASE("truncated files are refused naming the file and the dataset, without 
     CHECK(contains(message, "climate/data"));
     CHECK(contains(message, "truncated"));
     message = error_of([&] { file.read_stored("climate/data", values.data(), values.size() * 4); });
+    CHECK(contains(message, "climate/data"));
+    CHECK(contains(message, "truncated"));
+    // Refused before mapping: touching a page past the end would be SIGBUS.
+    message = error_of([&] { file.map_stored("climate/data", values.size() * 4); });
+    CHECK(contains(message, big.string()));
     CHECK(contains(message, "climate/data"));
     CHECK(contains(message, "truncated"));
   }

@@ -33,6 +33,28 @@ struct StoredType {
   bool big_endian = false;  // integers and floats
 };
 
+// A dataset's bytes mapped read-only from its file (File::map_stored):
+// page-cache pages, no copy. Unmapped when destroyed; stays valid after the
+// File is closed.
+class DEEPCAM_API MappedBytes {
+ public:
+  MappedBytes() = default;
+  MappedBytes(MappedBytes&& other) noexcept;
+  MappedBytes& operator=(MappedBytes&& other) noexcept;
+  MappedBytes(const MappedBytes&) = delete;
+  MappedBytes& operator=(const MappedBytes&) = delete;
+  ~MappedBytes();
+
+  const void* data() const { return data_; }
+  explicit operator bool() const { return data_ != nullptr; }
+
+ private:
+  friend class File;
+  void* base_ = nullptr;  // the page-aligned start of the mapping
+  std::size_t length_ = 0;
+  const void* data_ = nullptr;
+};
+
 class DEEPCAM_API File {
  public:
   // Opens an existing file read-only.
@@ -64,6 +86,13 @@ class DEEPCAM_API File {
   // when the conversion is exact (the same type, or a widening one). For
   // tests and diagnostics; reads decide this by themselves.
   bool reads_directly(const std::string& dataset) const;
+  // The dataset's bytes mapped from the file, when it qualifies for the read
+  // outside HDF5 and is stored in this machine's byte order: a reader can
+  // then decode straight from the page cache instead of copying the bytes
+  // first. An empty MappedBytes otherwise (then read it). bytes must equal
+  // its element count times stored_type(dataset).size; a file shorter than
+  // the dataset is an error.
+  MappedBytes map_stored(const std::string& dataset, std::size_t bytes) const;
   // Creates the dataset (and its groups); a scalar when shape is empty.
   void write(const std::string& dataset, const float* data, const Shape& shape);
   void write(const std::string& dataset, const double* data, const Shape& shape);

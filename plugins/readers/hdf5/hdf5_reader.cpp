@@ -1,6 +1,7 @@
 #include "hdf5_reader.hpp"
 
 #include <algorithm>
+#include <cstdint>
 #include <filesystem>
 #include <optional>
 #include <utility>
@@ -141,7 +142,11 @@ void Hdf5Format::load(const FileReader& reader, const std::vector<std::string>& 
   const auto file_channels = static_cast<std::uint64_t>(reader.shape().channels);
   const std::size_t pixels = height * width;
   std::vector<float>& raw = scratch.raw;
-  raw.resize(pixels * file_channels);
+  // float32 data in this machine's byte order, stored as one plain run of
+  // bytes, is normalised straight from the page cache (a mapping of the
+  // file); anything else is read into `raw` first.
+  h5::MappedBytes mapped;
+  const float* stored = nullptr;
   // HDF5 runs one call at a time (its thread-safe build holds a global lock;
   // the h5 layer serialises other builds). The h5 layer reads a contiguous,
   // unfiltered dataset (what deepcam-data synth and h5py's defaults write)
@@ -161,7 +166,17 @@ void Hdf5Format::load(const FileReader& reader, const std::vector<std::string>& 
     if (label_shape != h5::Shape{height, width})
       throw Error(path + ": " + kLabels + " has shape " + h5_shape_text(label_shape) + ", expected " +
                   h5_shape_text({height, width}) + " as in " + reader.shape_source());
-    file.read(kData, raw.data(), raw.size());
+    const h5::StoredType data_type = file.stored_type(kData);
+    if (data_type.kind == h5::StoredType::Kind::Float && data_type.size == sizeof(float)) {
+      mapped = file.map_stored(kData, pixels * file_channels * sizeof(float));
+    }
+    if (mapped && reinterpret_cast<std::uintptr_t>(mapped.data()) % alignof(float) == 0) {
+      stored = static_cast<const float*>(mapped.data());
+    } else {
+      raw.resize(pixels * file_channels);
+      file.read(kData, raw.data(), raw.size());
+      stored = raw.data();
+    }
     // Labels are read as stored and converted to int64 by the reader, which
     // checks on the way that each is a class id: HDF5's own conversion would
     // truncate 0.5 to 0 and let 7 through. An integer or float type the
@@ -175,7 +190,7 @@ void Hdf5Format::load(const FileReader& reader, const std::vector<std::string>& 
       reader.decode_labels(path, kLabels, labels, LabelType::Int64, labels);
     }
   }
-  reader.normalise(path, kData, raw.data(), data);
+  reader.normalise(path, kData, stored, data);
 }
 
 }  // namespace
