@@ -55,6 +55,13 @@ class DEEPCAM_API MappedBytes {
   const void* data_ = nullptr;
 };
 
+// Makes HDF5 keep, once they are closed, what `files` files open at the same
+// time need (their metadata caches, about 512 KiB each), so that opening
+// that many files later takes no fresh memory from the system. A reader
+// that opens one file per sample on `files` threads calls it before it
+// starts; it opens and closes in-memory files, nothing on disk.
+DEEPCAM_API void keep_room_for_open_files(int files);
+
 class DEEPCAM_API File {
  public:
   // Opens an existing file read-only.

@@ -1,6 +1,7 @@
 #include "hdf5_reader.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <filesystem>
 #include <optional>
@@ -106,13 +107,18 @@ class Hdf5Format final : public FileFormat {
     return {static_cast<std::int64_t>(shape[0]), static_cast<std::int64_t>(shape[1]),
             static_cast<std::int64_t>(shape[2])};
   }
+  // One per worker: each worker has one file open at a time, so HDF5 keeps
+  // room for as many open files as scratches were made (h5.hpp).
   std::unique_ptr<FileFormat::Scratch> make_scratch() const override {
+    h5::keep_room_for_open_files(++scratches_);
     return std::make_unique<Scratch>();
   }
   void load(const FileReader& reader, const std::vector<std::string>& files, float* data,
             std::int64_t* labels, FileFormat::Scratch& scratch) const override;
 
  private:
+  mutable std::atomic<int> scratches_{0};
+
   // What one worker reuses from sample to sample.
   struct Scratch : FileFormat::Scratch {
     std::vector<float> raw;              // the data as stored, (H, W, C)
