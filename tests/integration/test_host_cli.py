@@ -105,7 +105,7 @@ def refused(tmp_path, data, library, kind="optimizer"):
 def test_plugin_for_another_abi_is_refused_with_both_versions(tmp_path, data):
     lib = FIXTURES / "libdeepcam_optimizer_foreignabi.so"
     msg = refused(tmp_path, data, lib)
-    assert str(lib) in msg and "built for plugin ABI 1, this host has plugin ABI 3" in msg
+    assert str(lib) in msg and "built for plugin ABI 1, this host has plugin ABI 4" in msg
 
 
 def test_plugin_built_against_another_libtorch_is_refused(tmp_path, data):
@@ -116,7 +116,7 @@ def test_plugin_built_against_another_libtorch_is_refused(tmp_path, data):
 
 def test_shared_library_that_is_not_a_plugin(tmp_path, data):
     msg = refused(tmp_path, data, FIXTURES / "libdeepcam_optimizer_notaplugin.so")
-    assert "not a deepcam-host plugin (no symbol deepcam_plugin_v3)" in msg
+    assert "not a deepcam-host plugin (no symbol deepcam_plugin_v4)" in msg
 
 
 def test_corrupt_and_missing_library(tmp_path, data):

@@ -40,6 +40,18 @@ class DEEPCAM_API Optimizer {
   // it instead of computing it again. An undefined tensor when the optimizer
   // does not compute it, or the last step() had no gradients.
   virtual at::Tensor gradient_norm() const = 0;
+  // Plugin ABI 4, for CUDA graphs ([run] cuda_graphs). Whether the step()
+  // just run can be captured in a CUDA graph and replayed: it queues the
+  // same kernels on the current stream every time, reads the learning rate
+  // and its step counts from device memory, and neither waits for the
+  // device nor allocates. If so, set_lr() writes the learning rate's device
+  // copy at once (queued on the current stream), because the engine calls
+  // it outside the graph before each replay. False if any of that does not
+  // hold (the plain tensor code, a CPU tensor).
+  virtual bool capturable() const = 0;
+  // A graph holding one step() was replayed: advance what the optimizer
+  // counts on the host (what state_dict() writes) as that step() would have.
+  virtual void replayed() = 0;
 };
 
 }  // namespace deepcam

@@ -65,6 +65,9 @@ class Sgd final : public Optimizer {
   void load_state_dict(const c10::IValue& state) override;
   // SGD never needs the global norm: the engine computes it for its watch.
   at::Tensor gradient_norm() const override { return at::Tensor(); }
+  // Plain tensor code with host scalars: not for CUDA graphs.
+  bool capturable() const override { return false; }
+  void replayed() override {}
 
   const SgdOptions& options() const { return options_; }
 

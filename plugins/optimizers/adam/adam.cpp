@@ -30,15 +30,27 @@ AdamOptions AdamOptions::from(const Params& params) {
 Adam::Adam(std::vector<at::Tensor> parameters, const AdamOptions& options)
     : parameters_(std::move(parameters)), state_(parameters_.size()), options_(options) {}
 
+void Adam::set_lr(double lr) {
+  options_.lr = lr;
+  // An asynchronous fill on the current stream, before the step that reads
+  // it (also when that step is a replayed graph).
+  if (lr_on_device_.defined() && lr_on_device_value_ != lr) {
+    lr_on_device_.fill_(lr);
+    lr_on_device_value_ = lr;
+  }
+}
+
 void Adam::step() {
   // The update writes into leaves that require grad.
   at::NoGradGuard no_grad;
 #if DEEPCAM_WITH_CUDA
   if (fused::applies(parameters_)) {
+    fused_last_ = true;
     fused_step();
     return;
   }
 #endif
+  fused_last_ = false;
   const double beta1 = options_.beta1;
   const double beta2 = options_.beta2;
   const double lr = options_.lr;

@@ -58,13 +58,19 @@ class Adam : public Optimizer {
 
   void step() override;
   void zero_grad() override;
-  void set_lr(double lr) override { options_.lr = lr; }
+  // On the fused path the new lr is written to the device at once.
+  void set_lr(double lr) override;
   double lr() const override { return options_.lr; }
   void log_hyperparameters(MlperfLog& log) const override;
   c10::IValue state_dict() const override;
   void load_state_dict(const c10::IValue& state) override;
   // Adam never needs the global norm.
   at::Tensor gradient_norm() const override { return at::Tensor(); }
+  // The fused kernel reads lr from the device and counts each parameter's
+  // step there; the plain tensor code reads the step back to the host.
+  bool capturable() const override { return fused_last_; }
+  // The steps are counted on the device only: nothing to advance here.
+  void replayed() override {}
 
   const AdamOptions& options() const { return options_; }
 
@@ -91,6 +97,7 @@ class Adam : public Optimizer {
   // new lr is an asynchronous fill, not a kernel argument.
   at::Tensor lr_on_device_;
   double lr_on_device_value_ = 0.0;
+  bool fused_last_ = false;  // whether the last step() took the fused path
 };
 
 }  // namespace deepcam::optimizers

@@ -68,7 +68,24 @@ void Lamb::step() {
   tensor_step(with_grad);
 }
 
+void Lamb::set_lr(double lr) {
+  options_.lr = lr;
+  // An asynchronous fill on the current stream, before the step that reads
+  // it (also when that step is a replayed graph).
+  if (scalars_.defined() && scalars_lr_ != lr) {
+    scalars_.select(0, 0).fill_(lr);
+    scalars_lr_ = lr;
+  }
+}
+
+void Lamb::replayed() {
+  // The finalize kernel counted the step on the device.
+  ++step_;
+  scalars_step_ = step_;
+}
+
 void Lamb::tensor_step(const std::vector<std::size_t>& with_grad) {
+  fused_last_ = false;
   // APEX counts the step whether or not any parameter has a gradient.
   ++step_;
   if (with_grad.empty()) return;
@@ -131,6 +148,7 @@ void Lamb::fused_step(const std::vector<std::size_t>& with_grad) {
   std::int32_t chunks = 0;
   const std::vector<fused::TensorTable> tables = fused::make_tables(entries, &chunks);
 
+  fused_last_ = true;
   const at::TensorOptions on_device = first.options();
   if (!scalars_.defined() || scalars_.device() != first.device()) {
     scalars_ = at::zeros({3}, on_device.dtype(at::kDouble));

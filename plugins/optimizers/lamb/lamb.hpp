@@ -64,12 +64,17 @@ class Lamb final : public Optimizer {
 
   void step() override;
   void zero_grad() override;
-  void set_lr(double lr) override { options_.lr = lr; }
+  // On the fused path the new lr is written to the device at once.
+  void set_lr(double lr) override;
   double lr() const override { return options_.lr; }
   void log_hyperparameters(MlperfLog& log) const override;
   c10::IValue state_dict() const override;
   void load_state_dict(const c10::IValue& state) override;
   at::Tensor gradient_norm() const override { return gradient_norm_; }
+  // The fused path reads lr and step from scalars_ and counts the step
+  // there; the plain tensor code computes with host numbers.
+  bool capturable() const override { return fused_last_; }
+  void replayed() override;
 
   const LambOptions& options() const { return options_; }
   // Steps taken, as APEX counts them: every step() counts, with or without
@@ -101,6 +106,7 @@ class Lamb final : public Optimizer {
   at::Tensor scalars_;
   double scalars_lr_ = 0.0;
   std::int64_t scalars_step_ = -1;
+  bool fused_last_ = false;  // whether the last step() took the fused path
   at::Tensor grad_partials_;
   at::Tensor update_partials_;
   at::Tensor param_partials_;
