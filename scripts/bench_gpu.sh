@@ -8,15 +8,18 @@
 #
 #   REF=peers/hpc scripts/bench_gpu.sh          # REF: a checkout of mlcommons/hpc
 #
-# CUDA graphs are not in deepcam-host yet, so every row is eager on both
-# sides. This script has not yet run on a GPU: no GPU machine was lent to the
+# deepcam-host runs each with CUDA graphs off and on (amp_fp16 only off: its
+# loss scaler's skip decision cannot be captured); the reference is eager.
+# This script has not yet run on a GPU: no GPU machine was lent to the
 # sessions that wrote it; its CPU counterpart is `scripts/bench_step.py`.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 ref=${REF:-$top/peers/hpc}
 python=${PYTHON:-$top/.venv/bin/python}
 [ -x "$python" ] || python=python3
-setups=fp32:contiguous,fp32:channels_last,amp_fp16:contiguous,amp_fp16:channels_last,amp_bf16:contiguous,amp_bf16:channels_last
+setups=fp32:contiguous,fp32:contiguous:graphs,fp32:channels_last,fp32:channels_last:graphs
+setups+=,amp_fp16:contiguous,amp_fp16:channels_last
+setups+=,amp_bf16:contiguous,amp_bf16:contiguous:graphs,amp_bf16:channels_last,amp_bf16:channels_last:graphs
 for batch in 1 8; do
   "$python" "$top/scripts/bench_step.py" --ref "$ref" --device cuda --threads 8 --batch "$batch" \
     --steps "${STEPS:-20}" --warmup 5 --setups "$setups" \

@@ -15,8 +15,11 @@ bottleneck tiles to 48 x 72), so the comparison is at full size; on a CPU
 that takes seconds per step. Adam on both sides: the reference trains with
 APEX's LAMB, which is CUDA-only.
 
-Prints one row per set-up with samples/s and step time p50 for both and
-the ratio ours / reference, and writes the table to the section "Training
+A set-up is PRECISION:MEMORY_FORMAT, or PRECISION:MEMORY_FORMAT:graphs for
+deepcam-host with [run] cuda_graphs (CUDA only; the reference loop stays
+eager, measured once per precision and memory format). Prints one row per
+set-up with samples/s and step time p50 for both and the ratio ours /
+reference, and writes the table to the section "Training
 step (issue 8 section 5)" of docs/benchmarks.md (--no-docs leaves it).
 
 Usage:
@@ -66,9 +69,10 @@ milestones = [100000]
     return path
 
 
-def ours(args, run, precision, memory_format):
+def ours(args, run, precision, memory_format, graphs):
     cmd = [str(BUILD / "core" / "deepcam-host"), str(run), "--benchmark", str(args.steps),
-           "--set", f"run.precision={precision}", "--set", f"run.memory_format={memory_format}"]
+           "--set", f"run.precision={precision}", "--set", f"run.memory_format={memory_format}",
+           "--set", f"run.cuda_graphs={'true' if graphs else 'false'}"]
     env = dict(os.environ, DEEPCAM_PLUGIN_PATH=str(BUILD / "plugins"))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -141,7 +145,7 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2, help="reference warm-up steps (ours warms up 5)")
     p.add_argument("--setups", default="fp32:contiguous,amp_bf16:contiguous",
-                   help="comma-separated PRECISION:MEMORY_FORMAT")
+                   help="comma-separated PRECISION:MEMORY_FORMAT[:graphs]")
     p.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md")
     p.add_argument("--section", default=SECTION, help="the heading of the docs section to write")
     p.add_argument("--no-docs", action="store_true")
@@ -153,16 +157,24 @@ def main():
     if not (data / "stats.h5").exists():
         subprocess.run([str(BUILD / "core" / "deepcam-data"), "synth", "--out", str(data), "--train", "2",
                         "--validation", "1", "--seed", "5"], check=True, capture_output=True)
+    setups = []
+    for setup in args.setups.split(","):
+        parts = setup.split(":")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "graphs"):
+            p.error(f"--setups: {setup!r} is not PRECISION:MEMORY_FORMAT or PRECISION:MEMORY_FORMAT:graphs")
+        setups.append((parts[0], parts[1], len(parts) == 3))
     rows = []
+    references = {}  # (precision, memory format) -> the reference's figures: it has no graphs
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
         run = run_file(Path(tmp) / "run.toml", data, args.device, args.threads, args.batch)
-        for setup in args.setups.split(","):
-            precision, memory_format = setup.split(":")
-            o = ours(args, run, precision, memory_format)
-            r = reference(args, precision, memory_format)
-            rows.append((precision, memory_format, o, r))
-            print(f"{precision} {memory_format}: ours {o[0]:.3f} samples/s, reference {r[0]:.3f} samples/s, "
-                  f"ratio {o[0] / r[0]:.2f}", flush=True)
+        for precision, memory_format, graphs in setups:
+            o = ours(args, run, precision, memory_format, graphs)
+            if (precision, memory_format) not in references:
+                references[precision, memory_format] = reference(args, precision, memory_format)
+            r = references[precision, memory_format]
+            rows.append((precision, memory_format, graphs, o, r))
+            print(f"{precision} {memory_format}{' graphs' if graphs else ''}: ours {o[0]:.3f} samples/s, "
+                  f"reference {r[0]:.3f} samples/s, ratio {o[0] / r[0]:.2f}", flush=True)
     device_name = platform.processor() or platform.machine()
     if args.device == "cuda":
         device_name = subprocess.run([python_with_torch(), "-c", "import torch; print(torch.cuda.get_device_name(0))"],
@@ -175,12 +187,12 @@ def main():
              f"Full-size DeepLabv3+ (768 x 1152, 16 channels), local batch {args.batch}, Adam, one synthetic batch "
              f"kept on the device; {args.steps} timed steps each after warm-up. samples/s is the mean over the "
              "timed steps.", "",
-             "| precision | memory format | ours samples/s | ours step ms (p50) | reference samples/s | "
-             "reference step ms (p50) | ours / reference |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for precision, memory_format, o, r in rows:
-        lines.append(f"| {precision} | {memory_format} | {o[0]:.3f} | {o[1]:.0f} | {r[0]:.3f} | {r[1]:.0f} | "
-                     f"{o[0] / r[0]:.2f} |")
+             "| precision | memory format | ours: CUDA graphs | ours samples/s | ours step ms (p50) | "
+             "reference samples/s (eager) | reference step ms (p50) | ours / reference |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for precision, memory_format, graphs, o, r in rows:
+        lines.append(f"| {precision} | {memory_format} | {'on' if graphs else 'off'} | {o[0]:.3f} | {o[1]:.0f} | "
+                     f"{r[0]:.3f} | {r[1]:.0f} | {o[0] / r[0]:.2f} |")
     report = "\n".join(lines) + "\n"
     print(report)
     if not args.no_docs:

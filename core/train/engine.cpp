@@ -36,8 +36,11 @@
 #include "ranks.hpp"
 
 #if DEEPCAM_WITH_CUDA
+#include <ATen/autocast_mode.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include "step_graph.hpp"
 #endif
 
 namespace fs = std::filesystem;
@@ -186,20 +189,23 @@ struct Divergence {
 // step), and read where the engine reads the loss anyway. Keeping the first
 // one matters: a NaN step is followed by optimizer updates that spread it to
 // every weight, and the step that started it is the one worth naming.
+// The batch count lives on the device too and every update is in place, so
+// that a captured step (CUDA graphs) replays the watch as it ran.
 class DivergenceWatch {
  public:
-  void reset(const torch::Device& device) {
+  // `batch`: the batches trained before the next one, counted from 0.
+  void reset(const torch::Device& device, std::int64_t batch) {
     first_ = at::full({}, -1, at::TensorOptions().dtype(at::kLong).device(device));
     value_ = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device));
+    batch_ = at::full({}, batch, at::TensorOptions().dtype(at::kLong).device(device));
   }
 
-  // `step` counts batches from 0; the code keeps what went wrong beside it.
-  void loss(const at::Tensor& loss, std::int64_t step) { watch(loss.detach(), 2 * step); }
+  // The code of a bad value keeps what went wrong beside the batch.
+  void loss(const at::Tensor& loss) { watch(loss.detach(), batch_ * 2); }
 
   // `found_inf` (float16 runs): the loss scaler's verdict; a step it skips
   // is not divergence.
-  void gradients(const std::vector<at::Tensor>& parameters, std::int64_t step,
-                 const at::Tensor& found_inf = at::Tensor()) {
+  void gradients(const std::vector<at::Tensor>& parameters, const at::Tensor& found_inf = at::Tensor()) {
     std::vector<at::Tensor> grads;
     grads.reserve(parameters.size());
     for (const at::Tensor& p : parameters) {
@@ -209,11 +215,14 @@ class DivergenceWatch {
     // The global 2-norm, as torch.nn.utils.clip_grad_norm_ computes it.
     at::Tensor norm = at::stack(at::_foreach_norm(grads, 2)).norm();
     if (found_inf.defined()) norm = at::where(found_inf.squeeze().gt(0), at::zeros_like(norm), norm);
-    watch(norm, 2 * step + 1);
+    watch(norm, batch_ * 2 + 1);
   }
 
   // The same check on a norm the optimizer computed itself (LAMB's).
-  void gradient_norm(const at::Tensor& norm, std::int64_t step) { watch(norm, 2 * step + 1); }
+  void gradient_norm(const at::Tensor& norm) { watch(norm, batch_ * 2 + 1); }
+
+  // The batch is done: the next one is watched.
+  void next_batch() { batch_.add_(1); }
 
   // The record as (code, value), -1 for none: two device-to-host copies.
   std::pair<double, double> record() const {
@@ -227,14 +236,15 @@ class DivergenceWatch {
   }
 
  private:
-  void watch(const at::Tensor& x, std::int64_t code) {
+  void watch(const at::Tensor& x, const at::Tensor& code) {
     const at::Tensor fresh = first_.lt(0).logical_and_(x.isfinite().logical_not_());
-    value_ = at::where(fresh, x.to(at::kDouble), value_);
-    first_ = at::where(fresh, code, first_);
+    value_.copy_(at::where(fresh, x.to(at::kDouble), value_));
+    first_.copy_(at::where(fresh, code, first_));
   }
 
   at::Tensor first_;  // -1, or the code of the first bad step
   at::Tensor value_;  // the bad value of that step
+  at::Tensor batch_;  // int64: the batch being trained, from 0
 };
 
 // What every rank knows after a logging point: the training loss and IoU of
@@ -259,6 +269,9 @@ class Engine {
 
   void build(bool with_optimizer) {
     const Params& run = cfg_.run;
+    // Only training captures its step (--evaluate and --predict do not).
+    cuda_graphs_ = with_optimizer && run.boolean("cuda_graphs");
+    if (cuda_graphs_) refuse_what_graphs_cannot_capture();
     if (run.string("device") == "cuda") {
       if (!torch::cuda::is_available()) {
         throw Error(fmt::format("{} [run] device = \"cuda\": no CUDA device is available{}", cfg_.file,
@@ -270,6 +283,11 @@ class Engine {
     torch::manual_seed(static_cast<std::uint64_t>(run.integer("seed")));
     if (device_.is_cuda()) at::globalContext().setBenchmarkCuDNN(run.boolean("cudnn_benchmark"));
     precision_ = parse_precision(run.string("precision"));
+#if DEEPCAM_WITH_CUDA
+    // As torch.cuda.graph asks of autocast (cache_enabled=False): a weight's
+    // cast is made again at each use in the graph; the values are the same.
+    if (cuda_graphs_) at::autocast::set_autocast_cache_enabled(false);
+#endif
     memory_format_ = run.string("memory_format") == "channels_last" ? at::MemoryFormat::ChannelsLast
                                                                      : at::MemoryFormat::Contiguous;
     if (memory_format_ == at::MemoryFormat::ChannelsLast && !device_.is_cuda()) {
@@ -318,6 +336,38 @@ class Engine {
       gradients_ = std::make_unique<GradientAllReduce>(comm_, parameters_, cap);
     }
     if (precision_ == Precision::AmpFp16) scaler_ = std::make_unique<GradScaler>(ScalerState{}, device_);
+  }
+
+  // [run] cuda_graphs: every setting a captured step cannot follow, one line
+  // each, before anything is built. A captured step is one whole optimizer
+  // step on one GPU whose every changing value lives on the device.
+  void refuse_what_graphs_cannot_capture() const {
+    const Params& run = cfg_.run;
+    std::vector<std::string> reasons;
+    if (run.string("device") != "cuda") {
+      reasons.push_back(fmt::format("{} is \"{}\": CUDA graphs need device = \"cuda\"", run.where("device"),
+                                    run.string("device")));
+    }
+    if (comm_.size() > 1) {
+      reasons.push_back(fmt::format("this run has {} ranks: the gradient all-reduce is not captured, so a captured "
+                                    "step runs on one rank only",
+                                    comm_.size()));
+    }
+    if (run.integer("gradient_accumulation_frequency") != 1) {
+      reasons.push_back(fmt::format("{} is {}: a captured step is one whole optimizer step; use 1",
+                                    run.where("gradient_accumulation_frequency"),
+                                    run.integer("gradient_accumulation_frequency")));
+    }
+    if (run.string("precision") == "amp_fp16") {
+      reasons.push_back(fmt::format("{} is \"amp_fp16\": its loss scaler reads the device to decide whether to skip "
+                                    "a step; use \"amp_bf16\" or \"fp32\"",
+                                    run.where("precision")));
+    }
+    if (reasons.empty()) return;
+    std::string message = fmt::format("{} = true, but the training step of this run cannot be captured:",
+                                      run.where("cuda_graphs"));
+    for (const std::string& reason : reasons) message += "\n  " + reason;
+    throw Error(message + "\nchange those, or set cuda_graphs = false");
   }
 
   // The checker would refuse a closed submission from this run: say so now,
@@ -379,7 +429,7 @@ class Engine {
     bool reached = false;
     std::int64_t epoch = first_epoch;
     std::int64_t last_saved = -1;
-    divergence_.reset(device_);
+    divergence_.reset(device_, step);
     while (epoch < max_epochs && !reached) {
       const std::int64_t epoch_num = epoch + 1;
       comm_.world().barrier();
@@ -442,7 +492,7 @@ class Engine {
         at::randn({batch, shape[0], shape[1], shape[2]}, gen).to(device_).contiguous(memory_format_);
     const at::Tensor labels = at::randint(0, 3, {batch, shape[1], shape[2]}, gen).to(device_);
     c_.model->module().train();
-    divergence_.reset(device_);
+    divergence_.reset(device_, 0);
     at::Tensor logits, loss;
     double lr = 0;
     constexpr std::int64_t kWarmup = 5;
@@ -478,7 +528,7 @@ class Engine {
           {"device", Json(device_.str())},
           {"precision", Json(run.string("precision"))},
           {"memory_format", Json(run.string("memory_format"))},
-          {"cuda_graphs", Json(false)},
+          {"cuda_graphs", Json(cuda_graphs_)},
           {"local_batch", Json(batch)},
           {"ranks", Json(comm_.size())},
           {"steps", Json(steps)},
@@ -654,44 +704,112 @@ class Engine {
   }
 
   // One batch: forward, loss, backward, and every k-th batch the gradient
-  // all-reduce, unscaling, the watch and the optimizer step. `step` counts
-  // batches from 0. Reads nothing back from the device but for a float16
-  // skip decision.
+  // all-reduce, unscaling, the watch and the optimizer step with the
+  // schedule's learning rate. `step` counts batches from 0. Reads nothing
+  // back from the device but for a float16 skip decision.
   void train_step(const at::Tensor& input, const at::Tensor& labels, std::int64_t step, std::int64_t k,
                   at::Tensor& logits, at::Tensor& loss, double& current_lr) {
     const bool update = (step + 1) % k == 0;
+    if (update) {
+      // Written to the device here, outside any captured step, for the
+      // optimizers that read it there.
+      current_lr = c_.scheduler->lr_at(step / k);
+      c_.optimizer->set_lr(current_lr);
+    }
+#if DEEPCAM_WITH_CUDA
+    if (cuda_graphs_) {
+      graphed_step(input, labels, logits, loss);
+      return;
+    }
+#endif
+    run_batch(input, labels, update, k, logits, loss);
+    if (update) c_.optimizer->zero_grad();
+  }
+
+  // The device work of one batch (what a CUDA graph captures): forward, loss,
+  // backward, the watch, and when `update`, the gradient all-reduce,
+  // unscaling and the optimizer step.
+  void run_batch(const at::Tensor& input, const at::Tensor& labels, bool update, std::int64_t k, at::Tensor& logits,
+                 at::Tensor& loss) {
     // Only the backward pass of the batch that updates the weights is
     // all-reduced; the others accumulate on this rank.
     if (gradients_ && update) gradients_->arm();
     logits = forward(input);
     loss = weighted_cross_entropy(logits, labels) / static_cast<double>(k);
     (scaler_ ? scaler_->scale(loss) : loss).backward();
-    divergence_.loss(loss, step);
-    if (!update) return;
-    if (gradients_) {
-      allreduce_wait_s_ += gradients_->finish();
-      ++synced_steps_;
+    divergence_.loss(loss);
+    if (update) {
+      if (gradients_) {
+        allreduce_wait_s_ += gradients_->finish();
+        ++synced_steps_;
+      }
+      // Unscaled before anything reads the gradients (LAMB's clipping, the
+      // watch). The same on every rank: the gradients are all-reduced.
+      const at::Tensor found_inf = scaler_ ? scaler_->unscale(parameters_) : at::Tensor();
+      // Before the update: the accumulated gradient of these k batches. An
+      // optimizer that computes the norm itself (LAMB) is asked for it
+      // instead, once its first step has shown that it does.
+      if (!optimizer_reports_norm_) divergence_.gradients(parameters_, found_inf);
+      // As GradScaler.step: a step with non-finite gradients is skipped (its
+      // decision reads the device, as PyTorch's does), and is not divergence.
+      if (!scaler_ || found_inf.item<float>() == 0.0f) {
+        c_.optimizer->step();
+        const at::Tensor norm = c_.optimizer->gradient_norm();
+        if (norm.defined() && optimizer_reports_norm_) divergence_.gradient_norm(norm);
+        optimizer_reports_norm_ = optimizer_reports_norm_ || norm.defined();
+      }
+      if (scaler_) scaler_->update(found_inf);
     }
-    // Unscaled before anything reads the gradients (LAMB's clipping, the
-    // watch). The same on every rank: the gradients are all-reduced.
-    const at::Tensor found_inf = scaler_ ? scaler_->unscale(parameters_) : at::Tensor();
-    // Before the update: the accumulated gradient of these k batches. An
-    // optimizer that computes the norm itself (LAMB) is asked for it instead,
-    // once its first step has shown that it does.
-    if (!optimizer_reports_norm_) divergence_.gradients(parameters_, step, found_inf);
-    current_lr = c_.scheduler->lr_at(step / k);
-    c_.optimizer->set_lr(current_lr);
-    // As GradScaler.step: a step with non-finite gradients is skipped (its
-    // decision reads the device, as PyTorch's does), and is not divergence.
-    if (!scaler_ || found_inf.item<float>() == 0.0f) {
-      c_.optimizer->step();
-      const at::Tensor norm = c_.optimizer->gradient_norm();
-      if (norm.defined() && optimizer_reports_norm_) divergence_.gradient_norm(norm, step);
-      optimizer_reports_norm_ = optimizer_reports_norm_ || norm.defined();
-    }
-    if (scaler_) scaler_->update(found_inf);
-    c_.optimizer->zero_grad();
+    divergence_.next_batch();
   }
+
+#if DEEPCAM_WITH_CUDA
+  // [run] cuda_graphs (one rank, k = 1, no loss scaler: see
+  // refuse_what_graphs_cannot_capture): kEagerSteps eager steps on the
+  // graph's side stream (cuDNN's autotuning, the optimizer's state and
+  // device scalars, the LAMB norm decision all happen there), then the
+  // next step is captured with the gradients unset, so that backward
+  // allocates them in the graph's memory and every replay overwrites them
+  // (zero_grad is never called again). The schedule's learning rate went to
+  // the device in train_step, before the step.
+  void graphed_step(const at::Tensor& input, const at::Tensor& labels, at::Tensor& logits, at::Tensor& loss) {
+    constexpr int kEagerSteps = 3;  // as PyTorch's whole-network capture example warms up
+    if (!graph_) graph_ = std::make_unique<StepGraph>(device_);
+    StepGraph& graph = *graph_;
+    graph.load(input, labels);
+    if (graph.captured()) {
+      graph.replay();
+      c_.optimizer->replayed();
+      logits = graph_logits_;
+      loss = graph_loss_;
+      return;
+    }
+    if (graph_eager_steps_ < kEagerSteps) {
+      graph.run_eager([&] {
+        run_batch(graph.input(), graph.labels(), true, 1, logits, loss);
+        c_.optimizer->zero_grad();
+      });
+      ++graph_eager_steps_;
+      return;
+    }
+    if (!c_.optimizer->capturable()) {
+      throw Error(fmt::format("{} = true: the {} optimizer's step cannot be captured in a CUDA graph (it computes with "
+                              "host numbers, or its parameters are not float32 CUDA tensors); set cuda_graphs = false",
+                              cfg_.run.where("cuda_graphs"), cfg_.optimizer.name));
+    }
+    try {
+      // The captured step() counts itself on the host as it is captured, and
+      // capture() replays it once: no replayed() for this step.
+      graph.capture([&] { run_batch(graph.input(), graph.labels(), true, 1, logits, loss); });
+    } catch (const c10::Error& e) {
+      throw Error(fmt::format("{} = true: capturing the training step in a CUDA graph failed ({}); a model, loss or "
+                              "optimizer that waits for the device cannot be captured: set cuda_graphs = false",
+                              cfg_.run.where("cuda_graphs"), e.what_without_backtrace()));
+    }
+    graph_logits_ = logits;
+    graph_loss_ = loss;
+  }
+#endif
 
   // Trains one epoch; stops early, with `diverged` set, at the first check
   // that finds a NaN or infinite loss or gradient norm.
@@ -922,7 +1040,13 @@ class Engine {
   Precision precision_ = Precision::Fp32;
   at::MemoryFormat memory_format_ = at::MemoryFormat::Contiguous;
   bool optimizer_reports_norm_ = false;  // Optimizer::gradient_norm() gave one
-  std::unique_ptr<GradScaler> scaler_;  // amp_fp16
+  std::unique_ptr<GradScaler> scaler_;
+  bool cuda_graphs_ = false;  // [run] cuda_graphs, for training
+#if DEEPCAM_WITH_CUDA
+  std::unique_ptr<StepGraph> graph_;
+  int graph_eager_steps_ = 0;
+  at::Tensor graph_logits_, graph_loss_;  // the captured step's outputs
+#endif  // amp_fp16
   bool run_stopped_ = false;             // run_stop is in the log
   Clock::time_point run_started_{};
   Clock::time_point last_progress_ = Clock::now();

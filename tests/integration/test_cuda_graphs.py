@@ -1,0 +1,111 @@
+"""[run] cuda_graphs: the training step captured in a CUDA graph and replayed.
+
+What a captured step cannot follow is refused before anything is built, one
+line per setting (this runs anywhere). The graphed run itself needs a GPU:
+its test is skipped without one."""
+
+import json
+
+import pytest
+import torch
+
+from helpers import mlperf_check, read_events, run_host, synth, write_run
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def refusal(tmp_path, *args, **run):
+    data = synth(tmp_path / "data", train=4, validation=2)
+    out = tmp_path / "out"
+    path = write_run(tmp_path / "run.toml", data, out, run=dict({"cuda_graphs": True}, **run))
+    r = run_host(*args, path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert not (out / "mlperf.log").exists() and not (out / "config.toml").exists()
+    # The message, after the resolved config and the log lines the host echoes.
+    at = r.stderr.find("[run] cuda_graphs = true")
+    assert at >= 0, r.stderr
+    return path, r.stderr[r.stderr.rfind("\n", 0, at) + 1:]
+
+
+def test_graphs_on_the_cpu_are_refused_naming_the_keys(tmp_path):
+    path, err = refusal(tmp_path)
+    assert f"{path}:" in err and "[run] cuda_graphs = true, but the training step of this run cannot be captured" in err
+    assert '[run] device (default) is "cpu": CUDA graphs need device = "cuda"' in err
+    assert "set cuda_graphs = false" in err
+    # Only what this run sets wrong is listed.
+    assert "gradient_accumulation_frequency" not in err and "amp_fp16" not in err and "ranks" not in err
+
+
+def test_every_setting_a_captured_step_cannot_follow_is_listed(tmp_path):
+    path, err = refusal(tmp_path, gradient_accumulation_frequency=2, precision="amp_fp16")
+    assert "[run] gradient_accumulation_frequency is 2: a captured step is one whole optimizer step; use 1" in err
+    assert f'{path}:' in err and '[run] precision is "amp_fp16": its loss scaler reads the device' in err
+    assert '[run] device (default) is "cpu"' in err
+
+
+def test_graphs_on_many_ranks_are_refused(tmp_path):
+    _, err = refusal(tmp_path, "--nproc", 2)
+    assert "this run has 2 ranks: the gradient all-reduce is not captured" in err
+
+
+def test_benchmark_line_says_whether_the_step_was_graphed(tmp_path):
+    data = synth(tmp_path / "data", train=2, validation=1)
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run={"train_batch_size": 2, "threads": 1})
+    r = run_host(run, "--benchmark", 2)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["cuda_graphs"] is False
+
+
+# ---- on a GPU ----------------------------------------------------------------------------------
+
+def gpu_run(tmp_path, data, name, graphs, optimizer):
+    out = tmp_path / name
+    # Ten batches of one in one epoch: 3 eager steps, the captured one, 6 replays.
+    run = write_run(tmp_path / f"{name}.toml", data, out,
+                    run={"device": "cuda", "cuda_graphs": graphs, "cudnn_benchmark": False,
+                         "train_batch_size": 1, "logging_frequency": 1, "target_iou": 1.0},
+                    optimizer=optimizer)
+    r = run_host(run)
+    assert r.returncode == 1, r.stderr[-3000:]  # target not reached: run_stop "aborted"
+    status, output = mlperf_check(out / "mlperf.log")
+    assert status == 0 and "SUCCESS" in output, output[-3000:]
+    losses = [e["value"] for e in read_events(out / "mlperf.log") if e["key"] == "train_loss"]
+    assert len(losses) == 10
+    ckpt = torch.load(out / "checkpoint-epoch1.pt", weights_only=True, map_location="cpu")
+    assert ckpt["step"] == 10
+    return losses, ckpt
+
+
+def flat(ckpt):
+    """Every tensor of the checkpoint (weights, BatchNorm buffers, optimizer state) by name."""
+    tensors = {f"model.{k}": v for k, v in ckpt["model"].items()}
+    for i, state in ckpt["optimizer"]["state"].items():
+        tensors.update({f"optimizer.{i}.{k}": v for k, v in state.items() if torch.is_tensor(v)})
+    return tensors
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("optimizer", [{"name": "lamb", "lr": 0.002}, {"name": "adamw", "lr": 0.002}],
+                         ids=["lamb", "adamw"])
+def test_graphed_steps_give_the_eager_weights(tmp_path, optimizer):
+    data = synth(tmp_path / "data", train=10, validation=2)
+    eager_losses, eager = gpu_run(tmp_path, data, "eager", False, optimizer)
+    again_losses, again = gpu_run(tmp_path, data, "eager-again", False, optimizer)
+    graphed_losses, graphed = gpu_run(tmp_path, data, "graphed", True, optimizer)
+    e, a, g = flat(eager), flat(again), flat(graphed)
+    assert e.keys() == g.keys()
+    assert graphed["optimizer"]["param_groups"] == eager["optimizer"]["param_groups"]
+    # Bit for bit where eager CUDA itself is (cuDNN's autotuning is off); some backward kernels add
+    # with atomics, and then the graphed run may differ from the eager one only as much as two
+    # eager runs differ from each other.
+    spread = max((e[k].double() - a[k].double()).abs().max().item() for k in e)
+    for k in e:
+        diff = (e[k].double() - g[k].double()).abs().max().item()
+        if spread == 0:
+            assert torch.equal(e[k], g[k]), (k, diff)
+        else:
+            assert diff <= 10 * spread, (k, diff, spread)
+    if eager_losses == again_losses:
+        assert graphed_losses == eager_losses
+    else:
+        assert graphed_losses == pytest.approx(eager_losses, rel=1e-5)
