@@ -68,7 +68,11 @@ void StepGraph::run_eager(const std::function<void()>& step) { impl_->on_side_st
 void StepGraph::capture(const std::function<void()>& step) {
   Impl& s = *impl_;
   s.on_side_stream([&] {
-    s.graph.capture_begin();
+    // Thread-local: only this thread may not make unsafe CUDA calls while it
+    // captures. The prefetch reader's threads go on copying batches (and
+    // waiting for their copies) meanwhile; under the global mode those calls
+    // would fail and spoil the capture.
+    s.graph.capture_begin(/*pool=*/{0, 0}, cudaStreamCaptureModeThreadLocal);
     try {
       step();
     } catch (...) {
