@@ -1040,13 +1040,13 @@ class Engine {
   Precision precision_ = Precision::Fp32;
   at::MemoryFormat memory_format_ = at::MemoryFormat::Contiguous;
   bool optimizer_reports_norm_ = false;  // Optimizer::gradient_norm() gave one
-  std::unique_ptr<GradScaler> scaler_;
-  bool cuda_graphs_ = false;  // [run] cuda_graphs, for training
+  std::unique_ptr<GradScaler> scaler_;  // amp_fp16
+  bool cuda_graphs_ = false;             // [run] cuda_graphs, for training
 #if DEEPCAM_WITH_CUDA
   std::unique_ptr<StepGraph> graph_;
   int graph_eager_steps_ = 0;
   at::Tensor graph_logits_, graph_loss_;  // the captured step's outputs
-#endif  // amp_fp16
+#endif
   bool run_stopped_ = false;             // run_stop is in the log
   Clock::time_point run_started_{};
   Clock::time_point last_progress_ = Clock::now();
