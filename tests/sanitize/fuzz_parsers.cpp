@@ -36,6 +36,7 @@
 #include "deepcam/plugin_loader.hpp"
 #include "deepcam/torch_pickle.hpp"
 #include "test_support.hpp"
+#include "torch_archive.hpp"
 
 namespace fs = std::filesystem;
 using deepcam::Error;
@@ -164,19 +165,6 @@ TEST_CASE("mutated npy headers give a header or an Error, and parsed ones conver
   }
 }
 
-namespace {
-
-void write_archive(const std::string& path, const std::string& pickle,
-                   const std::vector<std::pair<std::string, std::string>>& records) {
-  caffe2::serialize::PyTorchStreamWriter writer(path);
-  writer.writeRecord("data.pkl", pickle.data(), pickle.size());
-  writer.writeRecord("byteorder", "little", 6);
-  for (const auto& [name, bytes] : records) writer.writeRecord(name, bytes.data(), bytes.size());
-  writer.writeEndOfFile();
-}
-
-}  // namespace
-
 TEST_CASE("mutated torch.save checkpoints give a value or an Error naming the file") {
   test_support::TempDir dir;
   const std::string base = (dir.path / "base.pt").string();
@@ -225,7 +213,7 @@ TEST_CASE("mutated torch.save checkpoints give a value or an Error naming the fi
     } else {
       bad = mutate(rng, pickle, 1 + static_cast<int>(below(rng, 3)));
     }
-    write_archive(path, bad, stored);
+    test_support::write_torch_archive(path, bad, stored);
     try {
       deepcam::load_torch_save(path);
       ++loaded;

@@ -38,6 +38,7 @@
 
 #include "deepcam/error.hpp"
 #include "deepcam/torch_pickle.hpp"
+#include "torch_archive.hpp"
 
 namespace fs = std::filesystem;
 using deepcam::load_torch_save;
@@ -338,15 +339,6 @@ std::string tensor_pickle(int numel, int offset, int size) {
          "\x85" + int1(1) + "\x85" + "\x89" + "ccollections\nOrderedDict\n)R" + "tR.";
 }
 
-// A torch.save archive with `pickle` as data.pkl and the given records.
-void write_archive(const std::string& path, const std::string& pickle,
-                   const std::vector<std::pair<std::string, std::string>>& records) {
-  caffe2::serialize::PyTorchStreamWriter writer(path);
-  writer.writeRecord("data.pkl", pickle.data(), pickle.size());
-  writer.writeRecord("byteorder", "little", 6);
-  for (const auto& [name, bytes] : records) writer.writeRecord(name, bytes.data(), bytes.size());
-  writer.writeEndOfFile();
-}
 
 }  // namespace
 
@@ -461,11 +453,11 @@ TEST_CASE("hand-made pickles: what torch.save never writes is refused with the r
   const std::string path = files().path("crafted.pt");
   const std::string eight_bytes(8, '\0');
   auto error_for = [&](const std::string& pickle, const std::string& storage = std::string(8, '\0')) {
-    write_archive(path, pickle, {{"data/0", storage}});
+    test_support::write_torch_archive(path, pickle, {{"data/0", storage}});
     return error_of(path);
   };
 
-  write_archive(path, tensor_pickle(2, 0, 2), {{"data/0", eight_bytes}});
+  test_support::write_torch_archive(path, tensor_pickle(2, 0, 2), {{"data/0", eight_bytes}});
   CHECK((load_torch_save(path).toTensor().sizes() == at::IntArrayRef{2}));
 
   CHECK(error_for(tensor_pickle(2, 1, 2)).find("does not fit its storage '0' of 8 bytes") != std::string::npos);
@@ -487,7 +479,7 @@ TEST_CASE("hand-made pickles: what torch.save never writes is refused with the r
   CHECK(error_for(deep).find("nest deeper than") != std::string::npos);
 
   // The storage record the pickle names must exist.
-  write_archive(path, tensor_pickle(2, 0, 2), {{"data/1", eight_bytes}});
+  test_support::write_torch_archive(path, tensor_pickle(2, 0, 2), {{"data/1", eight_bytes}});
   CHECK(error_of(path).find("no record 'data/0'") != std::string::npos);
 }
 
@@ -516,7 +508,7 @@ TEST_CASE("the opcodes torch.save's default protocol leaves out are read too") {
       "d.";                                                                           // DICT
   const std::string path = files().path("rare.pt");
   float values[2] = {0.25f, -4.0f};
-  write_archive(path, pickle, {{"data/0", std::string(reinterpret_cast<const char*>(values), sizeof values)}});
+  test_support::write_torch_archive(path, pickle, {{"data/0", std::string(reinterpret_cast<const char*>(values), sizeof values)}});
   const c10::IValue top = load_torch_save(path);
   std::vector<std::string> keys;
   for (const auto& e : top.toGenericDict()) keys.push_back(e.key().toStringRef());
@@ -554,12 +546,12 @@ TEST_CASE("a damaged pickle gives an Error or a value, never a crash") {
   REQUIRE(pickle.size() > 200);
 
   const std::string path = files().path("damaged.pt");
-  write_archive(path, pickle, records);
+  test_support::write_torch_archive(path, pickle, records);
   REQUIRE(load_torch_save(path).isGenericDict());
 
   int errors = 0, loaded = 0, other = 0;
   auto attempt = [&](const std::string& bad) {
-    write_archive(path, bad, records);
+    test_support::write_torch_archive(path, bad, records);
     try {
       load_torch_save(path);
       ++loaded;
