@@ -110,3 +110,15 @@ def test_graphed_steps_give_the_eager_weights(tmp_path, optimizer):
         assert graphed_losses == eager_losses
     else:
         assert graphed_losses == pytest.approx(eager_losses, rel=1e-5)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_benchmark_with_graphs_replays_and_says_so(tmp_path):
+    data = synth(tmp_path / "data", train=2, validation=1)
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out",
+                    run={"device": "cuda", "cuda_graphs": True, "train_batch_size": 2},
+                    optimizer={"name": "lamb", "lr": 0.002})
+    r = run_host(run, "--benchmark", 6)  # 5 warm-up steps (3 eager, the captured one, a replay), 6 replays
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert line["cuda_graphs"] is True and line["device"].startswith("cuda") and line["steps"] == 6
