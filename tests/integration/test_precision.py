@@ -1,7 +1,9 @@
-"""Mixed precision and memory format ([run] precision, memory_format) on CPU:
-the loss scale against Python's torch.amp.GradScaler step for step, training
-to the target with bfloat16 autocast, losses of amp and channels_last runs
-against fp32 contiguous ones, and the scaler's state across a resume."""
+"""Mixed precision and memory format ([run] precision, memory_format): the
+loss scale against Python's torch.amp.GradScaler step for step, training to
+the target with bfloat16 autocast, losses of amp and channels_last runs
+against fp32 contiguous ones, and the scaler's state across a resume. On
+CPU; the scaler, amp and channels_last cases run once more on a GPU where
+there is one (skipped without)."""
 
 import subprocess
 
@@ -12,16 +14,18 @@ from helpers import BUILD_DIR, FIXTURES, read_events, run_host, synth, write_run
 
 SCALER_PROBE = BUILD_DIR / "tests" / "grad_scaler_probe"
 SGD = {"name": "sgd", "library": str(FIXTURES / "libdeepcam_optimizer_sgd.so"), "lr": 0.001}
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+DEVICES = ["cpu", CUDA]
 
 
-def python_scaler_lines(init_scale, interval, kinds):
+def python_scaler_lines(init_scale, interval, kinds, device):
     """The probe's lines, computed by torch.amp.GradScaler."""
-    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=interval)
-    param = torch.zeros(3, requires_grad=True)
+    scaler = torch.amp.GradScaler(device, init_scale=init_scale, growth_interval=interval)
+    param = torch.zeros(3, requires_grad=True, device=device)
     opt = torch.optim.SGD([param], lr=0.0)
     lines = []
     for step, kind in enumerate(kinds):
-        weights = torch.tensor([1.0, -2.0, 0.5]) * float(step + 1)
+        weights = (torch.tensor([1.0, -2.0, 0.5]) * float(step + 1)).to(device)
         param.grad = None
         scaler.scale((param * weights).sum()).backward()
         with torch.no_grad():
@@ -39,14 +43,15 @@ def python_scaler_lines(init_scale, interval, kinds):
     return lines
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("init_scale,interval,kinds", [
     (8.0, 2, "finite finite inf finite nan finite finite finite finite".split()),
     (65536.0, 3, "inf inf finite finite finite finite nan finite finite finite finite".split()),
 ])
-def test_loss_scale_sequence_equals_torch_amp_grad_scaler(init_scale, interval, kinds):
-    ours = subprocess.run([str(SCALER_PROBE), repr(init_scale), str(interval), *kinds], capture_output=True,
-                          text=True, check=True).stdout.splitlines()
-    assert ours == python_scaler_lines(init_scale, interval, kinds)
+def test_loss_scale_sequence_equals_torch_amp_grad_scaler(init_scale, interval, kinds, device):
+    ours = subprocess.run([str(SCALER_PROBE), "--device", device, repr(init_scale), str(interval), *kinds],
+                          capture_output=True, text=True, check=True).stdout.splitlines()
+    assert ours == python_scaler_lines(init_scale, interval, kinds, device)
     # The sequence is not trivial: it grew and backed off.
     scales = [init_scale] + [float(l.split()[3]) for l in ours]
     assert any(b > a for a, b in zip(scales, scales[1:])) and any(b < a for a, b in zip(scales, scales[1:]))
@@ -71,29 +76,40 @@ def data(tmp_path_factory):
     return synth(tmp_path_factory.mktemp("p") / "data", train=8, validation=4, seed=23)
 
 
-def losses(tmp_path, data, name, **run):
+def losses(tmp_path, data, name, device="cpu", **run):
     out = tmp_path / name
     path = write_run(tmp_path / f"{name}.toml", data, out,
-                     run={"max_epochs": 1, "target_iou": 1.0, "logging_frequency": 1, **run}, optimizer=SGD)
+                     run={"max_epochs": 1, "target_iou": 1.0, "logging_frequency": 1, "device": device,
+                          "cudnn_benchmark": False, **run}, optimizer=SGD)
     r = run_host(path)
     assert r.returncode == 1, r.stderr
     return [e["value"] for e in read_events(out / "mlperf.log") if e["key"] == "train_loss"]
 
 
-@pytest.mark.parametrize("precision,tolerance", [("amp_bf16", 2e-2), ("amp_fp16", 2e-3)])
-def test_amp_losses_agree_with_fp32_within_the_precision(tmp_path, data, precision, tolerance):
-    fp32 = losses(tmp_path, data, "fp32")
-    amp = losses(tmp_path, data, precision, precision=precision)
+# Relative tolerances against fp32 contiguous, by device. On CUDA, fp32 convolutions use TF32 (as in
+# PyTorch, whose cudnn.allow_tf32 is true by default), itself within about 1e-3.
+AMP_TOLERANCE = {"cpu": {"amp_bf16": 2e-2, "amp_fp16": 2e-3}, "cuda": {"amp_bf16": 2e-2, "amp_fp16": 1e-2}}
+CHANNELS_LAST_TOLERANCE = {"cpu": 1e-5, "cuda": 5e-3}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ["amp_bf16", "amp_fp16"])
+def test_amp_losses_agree_with_fp32_within_the_precision(tmp_path, data, precision, device):
+    fp32 = losses(tmp_path, data, "fp32", device)
+    amp = losses(tmp_path, data, precision, device, precision=precision)
     assert len(amp) == len(fp32) == 5  # 4 steps and the epoch's end
-    assert amp == pytest.approx(fp32, rel=tolerance)
+    assert amp == pytest.approx(fp32, rel=AMP_TOLERANCE[device][precision])
     assert amp != fp32  # autocast did run in the lower precision
 
 
-def test_channels_last_losses_equal_contiguous(tmp_path, data):
-    nchw = losses(tmp_path, data, "nchw")
-    nhwc = losses(tmp_path, data, "nhwc", memory_format="channels_last")
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_losses_equal_contiguous(tmp_path, data, device):
+    nchw = losses(tmp_path, data, "nchw", device)
+    nhwc = losses(tmp_path, data, "nhwc", device, memory_format="channels_last")
     assert len(nhwc) == len(nchw) == 5
-    assert nhwc == pytest.approx(nchw, rel=1e-5)
+    assert nhwc == pytest.approx(nchw, rel=CHANNELS_LAST_TOLERANCE[device])
+    # The losses moved (4 % here) well beyond the tolerance, so that it tells a wrong step apart.
+    assert abs(nchw[3] - nchw[0]) > 5 * CHANNELS_LAST_TOLERANCE["cuda"] * abs(nchw[0])
 
 
 def test_fp16_checkpoints_carry_the_scaler_and_resume_continues_it(tmp_path, data):
