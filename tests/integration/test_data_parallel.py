@@ -41,6 +41,17 @@ def test_probe(mode):
         assert "all checks hold" in out, out
 
 
+# On a GPU: the same checks through ProcessGroupNCCL, at world size 1 (NCCL refuses two ranks on one
+# GPU): SyncBN's collectives and the bucketed gradient all-reduce on CUDA tensors.
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", [["syncbn"], ["gradients", "1"], ["gradients", "2"]],
+                         ids=["syncbn-nccl-1-rank", "allreduced-gradient-nccl-k1", "allreduced-gradient-nccl-k2"])
+def test_probe_on_cuda_with_nccl(mode):
+    [(status, out)] = run_ranks([PROBE, "--device", "cuda", *mode], 1)
+    assert status == 0, out
+    assert "all checks hold" in out, out
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return synth(tmp_path_factory.mktemp("dp") / "data", train=8, validation=7, seed=21)

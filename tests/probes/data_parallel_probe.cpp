@@ -21,6 +21,11 @@
 //   data_parallel_probe bnstats
 //       average_batchnorm_statistics: every rank ends with the mean of the
 //       ranks' running statistics.
+//
+// With --device cuda first, tensors and models live on each rank's GPU
+// (LOCAL_RANK) and the collectives go through NCCL; a machine with one GPU
+// runs it at world size 1 (NCCL refuses two ranks on one GPU), where syncbn
+// and gradients still go through the NCCL group and its buckets.
 #include <ATen/ATen.h>
 #include <torch/torch.h>
 
@@ -40,6 +45,7 @@ namespace {
 
 constexpr double kTolerance = 1e-5;
 int failures = 0;
+at::Device device(at::kCPU);  // --device
 
 // max |a - b| / max |b|, the "max relative difference" of the tests.
 double rel_diff(const at::Tensor& a, const at::Tensor& b) {
@@ -57,7 +63,7 @@ void expect_close(const std::string& what, const at::Tensor& got, const at::Tens
 
 at::Tensor seeded_randn(std::uint64_t seed, at::IntArrayRef shape) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
-  return at::randn(shape, gen);
+  return at::randn(shape, gen).to(device);
 }
 
 int syncbn(deepcam::Communicator& comm) {
@@ -69,7 +75,8 @@ int syncbn(deepcam::Communicator& comm) {
   auto grad_of = [](int r) { return seeded_randn(200 + r, {3, 4, 5, 6}); };
 
   at::Tensor x = input_of(rank).requires_grad_();
-  at::Tensor running_mean = at::zeros({C}), running_var = at::ones({C});
+  const auto on_device = at::TensorOptions(device);
+  at::Tensor running_mean = at::zeros({C}, on_device), running_var = at::ones({C}, on_device);
   const at::Tensor y = deepcam::sync_batch_norm(x, weight, bias, running_mean, running_var, 0.1, 1e-5, comm.world());
   (y * grad_of(rank)).sum().backward();
   at::Tensor summed_dw = weight.grad().clone(), summed_db = bias.grad().clone();
@@ -83,7 +90,7 @@ int syncbn(deepcam::Communicator& comm) {
   }
   const at::Tensor x_all = at::cat(xs).requires_grad_();
   const at::Tensor w_ref = weight.detach().clone().requires_grad_(), b_ref = bias.detach().clone().requires_grad_();
-  at::Tensor rm_ref = at::zeros({C}), rv_ref = at::ones({C});
+  at::Tensor rm_ref = at::zeros({C}, on_device), rv_ref = at::ones({C}, on_device);
   const at::Tensor y_all = at::batch_norm(x_all, w_ref, b_ref, rm_ref, rv_ref, /*training=*/true, 0.1, 1e-5, false);
   (y_all * at::cat(gs)).sum().backward();
   expect_close("output", y, y_all.narrow(0, 3 * rank, 3), rank);
@@ -103,7 +110,9 @@ std::unique_ptr<deepcam::Model> make_model(deepcam::PluginLoader& loader, deepca
   torch::manual_seed(5);
   deepcam::ModelContext context{16, 3, 0, 1};
   context.batchnorm_group = bn_group;
-  return p.descriptor->make_model(params, context);
+  auto model = p.descriptor->make_model(params, context);
+  model->module().to(device);
+  return model;
 }
 
 struct Sample {
@@ -114,7 +123,7 @@ Sample batch_of(int step, int micro, int rank) {
   const std::uint64_t seed = 1000 + 100 * static_cast<std::uint64_t>(step) + 10 * static_cast<std::uint64_t>(micro) +
                              static_cast<std::uint64_t>(rank);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
-  return {at::randn({2, 16, 32, 48}, gen), at::randint(0, 3, {2, 32, 48}, gen)};
+  return {at::randn({2, 16, 32, 48}, gen).to(device), at::randint(0, 3, {2, 32, 48}, gen).to(device)};
 }
 
 int gradients(deepcam::Communicator& comm, int k) {
@@ -256,16 +265,23 @@ int bnstats(deepcam::Communicator& comm) {
 int main(int argc, char** argv) {
   try {
     at::set_num_threads(1);
+    if (argc > 2 && std::string(argv[1]) == "--device") {
+      device = at::Device(argv[2]);
+      argv += 2;
+      argc -= 2;
+    }
     const std::string mode = argc > 1 ? argv[1] : "";
     deepcam::CommOptions options;
     options.timeout = std::chrono::milliseconds(60000);
+    options.cuda = device.is_cuda();
     deepcam::Communicator comm(deepcam::detect_ranks(), options);
+    if (device.is_cuda()) device = at::Device(at::kCUDA, static_cast<at::DeviceIndex>(comm.local_rank()));
     int status = 2;
     if (mode == "syncbn") status = syncbn(comm);
     else if (mode == "gradients" && argc > 2) status = gradients(comm, std::atoi(argv[2]));
     else if (mode == "synced-gradients" && argc > 2) status = synced_gradients(comm, std::atoi(argv[2]));
     else if (mode == "bnstats") status = bnstats(comm);
-    else std::fprintf(stderr, "usage: data_parallel_probe syncbn | gradients K | synced-gradients K | bnstats\n");
+    else std::fprintf(stderr, "usage: data_parallel_probe [--device cuda] syncbn | gradients K | synced-gradients K | bnstats\n");
     comm.finish();
     if (status == 0 && failures == 0) std::printf("rank %d: %s: all checks hold\n", comm.rank(), mode.c_str());
     return status != 0 ? status : failures != 0 ? 1 : 0;
