@@ -1,0 +1,80 @@
+"""Training with device = "cuda" from start to end: the losses of the CPU run,
+checkpoints Python reads on the CPU, the quickstart to its target with a
+log that passes the checker,
+resume on the GPU, and the prefetch reader's ring with normalisation on the
+GPU feeding LAMB's fused kernels. Each test needs a CUDA GPU and is skipped
+without one (scripts/gpu_check.sh runs them on a GPU machine)."""
+
+import pytest
+import torch
+
+from helpers import FIXTURES, REPO_ROOT, mlperf_check, read_events, run_host, synth, write_run
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# Plain SGD (examples/plugins/sgd, a test fixture) for comparisons across devices: Adam and LAMB
+# divide each gradient by its running magnitude, which turns rounding noise in near-zero gradients
+# into whole steps (see test_data_parallel.py).
+SGD = {"name": "sgd", "library": str(FIXTURES / "libdeepcam_optimizer_sgd.so"), "lr": 0.005}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synth(tmp_path_factory.mktemp("cuda") / "data", train=8, validation=4, seed=29)
+
+
+def run(tmp_path, data, name, run=None, **sections):
+    out = tmp_path / name
+    path = write_run(tmp_path / f"{name}.toml", data, out,
+                     run={"max_epochs": 2, "target_iou": 1.0, "logging_frequency": 1, "checkpoint_every": 1,
+                          "cudnn_benchmark": False, **(run or {})}, **sections)
+    r = run_host(path)
+    assert r.returncode == 1, r.stderr[-3000:]  # target 1.0 not reached: run_stop "aborted"
+    return out, read_events(out / "mlperf.log")
+
+
+def losses(events):
+    return [e["value"] for e in events if e["key"] == "train_loss"]
+
+
+def test_a_cuda_run_follows_the_cpu_run(tmp_path, data):
+    _, cpu = run(tmp_path, data, "cpu", {"device": "cpu"}, optimizer=SGD)
+    gpu_out, gpu = run(tmp_path, data, "gpu", {"device": "cuda"}, optimizer=SGD)
+    assert len(losses(gpu)) == len(losses(cpu)) == 10  # 2 epochs of 4 steps, and each epoch's end
+    # fp32 on CUDA convolves in TF32 (PyTorch's default, cudnn.allow_tf32), about 1e-3 apart.
+    assert losses(gpu) == pytest.approx(losses(cpu), rel=1e-2)
+    assert abs(losses(cpu)[-1] - losses(cpu)[0]) > 0.03 * losses(cpu)[0]  # the losses moved beyond that
+    accuracies = [e["value"] for e in gpu if e["key"] == "eval_accuracy"]
+    assert accuracies == pytest.approx([e["value"] for e in cpu if e["key"] == "eval_accuracy"], abs=2e-2)
+    # The checkpoint is Python's to read on a machine without a GPU.
+    ckpt = torch.load(gpu_out / "checkpoint-epoch2.pt", weights_only=True, map_location="cpu")
+    assert ckpt["step"] == 8 and all(t.device.type == "cpu" for t in ckpt["model"].values())
+
+
+def test_prefetch_ring_and_fused_lamb_on_cuda_resume_where_they_left_off(tmp_path, data):
+    sections = {"reader": {"name": "prefetch", "depth": 4, "threads": 2, "shuffle_mode": "global"},
+                "reader.source": {"name": "hdf5", "threads": 1}, "optimizer": {"name": "lamb", "lr": 0.002}}
+    whole_out, whole = run(tmp_path, data, "whole", {"device": "cuda"}, **sections)
+    _, hdf5 = run(tmp_path, data, "hdf5", {"device": "cuda"}, optimizer=sections["optimizer"])
+    # The ring normalises on the GPU; the HDF5 reader on the CPU: the same batches, the same run.
+    assert losses(whole) == pytest.approx(losses(hdf5), rel=1e-3)
+    resumed_out, resumed = run(tmp_path, data, "resumed",
+                               {"device": "cuda", "resume": str(whole_out / "checkpoint-epoch1.pt")}, **sections)
+    assert losses(resumed) == pytest.approx(losses(whole)[5:], rel=1e-3)
+    a = torch.load(whole_out / "checkpoint-epoch2.pt", weights_only=True, map_location="cpu")
+    b = torch.load(resumed_out / "checkpoint-epoch2.pt", weights_only=True, map_location="cpu")
+    assert a["step"] == b["step"] == 8
+    for name, t in a["model"].items():
+        assert torch.allclose(t.double(), b["model"][name].double(), rtol=1e-3, atol=1e-5), name
+
+
+def test_the_quickstart_on_cuda_reaches_the_target_and_passes_the_checker(tmp_path):
+    data = synth(tmp_path / "data", train=64, validation=16, height=96, width=144, seed=11)
+    out = tmp_path / "out"
+    r = run_host(REPO_ROOT / "configs" / "quickstart.toml", "--set", f"data.root={data}",
+                 "--set", f"run.output_dir={out}", "--set", "run.device=cuda", "--set", "mlperf.platform=1xGPU")
+    assert r.returncode == 0, r.stderr[-3000:]
+    events = read_events(out / "mlperf.log")
+    assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "success"
+    status, output = mlperf_check(out / "mlperf.log")
+    assert status == 0 and "SUCCESS" in output, output
