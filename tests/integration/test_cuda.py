@@ -1,8 +1,7 @@
 """Training with device = "cuda" from start to end: the losses of the CPU run,
-checkpoints Python reads on the CPU, the quickstart to its target with a
-log that passes the checker,
-resume on the GPU, and the prefetch reader's ring with normalisation on the
-GPU feeding LAMB's fused kernels. Each test needs a CUDA GPU and is skipped
+checkpoints Python reads on the CPU, resume on the GPU, the prefetch
+reader's ring with normalisation on the GPU feeding LAMB's fused kernels,
+and the quickstart to its target with a log that passes the checker. Each test needs a CUDA GPU and is skipped
 without one (scripts/gpu_check.sh runs them on a GPU machine)."""
 
 import pytest
