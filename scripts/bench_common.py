@@ -2,6 +2,9 @@
 
 import os
 import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write_docs(path, heading, section_text):
@@ -24,6 +27,15 @@ def write_docs(path, heading, section_text):
 
 
 def commit(repo):
-    """The short hash of the checkout's HEAD, for the record of a measurement."""
-    return subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip() or "unknown"
+    """The short hash of the checkout's HEAD, for the record of a measurement.
+    A copy made outside git names its commit in a file COMMIT (the reference in
+    scripts/device_bundle.sh's bundle); a checkout copied without .git (to a
+    GPU machine) in DEEPCAM_COMMIT, which scripts/gpu_check.sh sets."""
+    recorded = Path(repo) / "COMMIT"
+    if recorded.is_file():
+        return recorded.read_text().strip()
+    r = subprocess.run(["git", "-C", str(repo), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True)
+    lines = r.stdout.split()
+    if r.returncode == 0 and len(lines) == 2 and Path(lines[0]).resolve() == Path(repo).resolve():
+        return lines[1][:7]
+    return os.environ.get("DEEPCAM_COMMIT", "unknown") if Path(repo).resolve() == REPO else "unknown"

@@ -8,6 +8,9 @@
 #
 #   REF=peers/hpc scripts/bench_gpu.sh          # REF: a checkout of mlcommons/hpc
 #
+# DOCS names another file to write the tables to (scripts/gpu_check.sh
+# writes them under its $OUT); STEPS the timed steps (default 20).
+#
 # deepcam-host runs each with CUDA graphs off and on (amp_fp16 only off: its
 # loss scaler's skip decision cannot be captured); the reference is eager.
 # This script has not yet run on a GPU: no GPU machine was lent to the
@@ -23,5 +26,5 @@ setups+=,amp_bf16:contiguous,amp_bf16:contiguous:graphs,amp_bf16:channels_last,a
 for batch in 1 8; do
   "$python" "$top/scripts/bench_step.py" --ref "$ref" --device cuda --threads 8 --batch "$batch" \
     --steps "${STEPS:-20}" --warmup 5 --setups "$setups" \
-    --section "## Training step on a GPU, local batch $batch (issue 8 section 5)"
+    --docs "${DOCS:-$top/docs/benchmarks.md}" --section "## Training step on a GPU, local batch $batch (issue 8 section 5)"
 done

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Packs what a GPU machine without this project's packages needs to run
+# deepcam-host's CUDA paths and benchmarks (scripts/gpu_check.sh) into one
+# folder that git ignores: the programs, plugins, probes and unit-test
+# executables of a CUDA build, the shared libraries they load that are not
+# LibTorch's, CUDA's or the C library's (HDF5 and what it pulls in, toml++,
+# ...), the mlperf-logging wheel, the test vectors of ../shared/testdata and,
+# when peers/hpc holds a checkout of mlcommons/hpc, the reference's model and
+# loss (for the benchmark; never committed). LibTorch itself is not packed:
+# the GPU machine's own torch of the same version is used at run time.
+#
+#   scripts/device_bundle.sh [DIR]        # DIR: default device-bundle/ (git-ignored)
+#
+# The bundle must stay small enough to travel (the device tool's limit is
+# 64 MiB with the working tree): the script fails when it is over 56 MiB.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+bundle=${1:-$top/device-bundle}
+limit_mib=56
+
+scripts/setup.sh
+build="$top/build"
+if ! grep -q '^#define DEEPCAM_WITH_CUDA 1' "$build/deepcam_build_config.h"; then
+  echo "device_bundle: $build was configured without CUDA (nvcc or a CUDA torch missing); rebuild with CUDA=enabled scripts/setup.sh" >&2
+  exit 1
+fi
+
+rm -rf "$bundle"
+mkdir -p "$bundle/build" "$bundle/lib" "$bundle/wheels"
+
+# The build tree's programs and libraries at the same relative places, so
+# that their $ORIGIN run paths still find libdeepcam_core.so and the plugins.
+(cd "$build" && find . \( -name '*.p' -o -name meson-private -o -name meson-info -o -name meson-logs \) -prune -o \
+  -type f \( -name '*.so' -o -perm -u+x \) -print) | while IFS= read -r f; do
+  file -b "$top/build/$f" | grep -q '^ELF' || continue
+  mkdir -p "$bundle/build/$(dirname "$f")"
+  cp -p "$build/$f" "$bundle/build/$f"
+done
+cp -p "$build/deepcam_build_config.h" "$bundle/build/"
+
+# The libraries they load, but those that every CUDA machine with this torch
+# has: LibTorch's (torch/lib), CUDA's and NCCL's, and glibc's and the
+# compiler's run-time. gpu_check.sh puts on the loader's path only those the
+# machine lacks.
+torch_lib=$("$top/.venv/bin/python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+system='^(linux-vdso|ld-linux-x86-64|libc|libm|libdl|libpthread|librt|libresolv|libutil|libgcc_s|libstdc\+\+|libcuda|libcudart|libnccl|libcudnn|libcublas|libcublasLt|libnvrtc|libnvJitLink|libcufft|libcurand|libcusparse|libcusolver)\.so'
+find "$bundle/build" -type f -exec sh -c 'file -b "$1" | grep -q "^ELF"' _ {} \; -print | while IFS= read -r elf; do
+  ldd "$elf" | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}'
+done | sort -u | while read -r name path; do
+  [[ "$name" =~ $system ]] && continue
+  [[ "$path" == "$torch_lib"/* || "$path" == "$build"/* || "$path" == "$bundle"/* ]] && continue
+  [ -e "$bundle/lib/$name" ] || cp -L "$path" "$bundle/lib/$name"
+done
+
+# The official checker for the logs (pure Python; its numpy, pandas, pyyaml
+# and scipy are on the GPU image).
+"$top/.venv/bin/python" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+  -d "$bundle/wheels" "$(grep '^mlperf-logging==' scripts/requirements.txt)"
+
+# The test vectors the unit tests read (their path is compiled in; gpu_check.sh
+# puts them there).
+cp -r "$top/../shared/testdata" "$bundle/testdata"
+sed -n 's/.*-DDEEPCAM_TESTDATA="\([^"]*\)".*/\1/p' "$build/build.ninja" | head -n 1 >"$bundle/testdata.path"
+
+# The MLCommons reference's model and loss, for the benchmark's peer.
+ref="$top/peers/hpc/deepcam/src/deepCam"
+if [ -f "$ref/architecture/deeplab_xception.py" ]; then
+  for d in architecture utils; do
+    mkdir -p "$bundle/ref/deepcam/src/deepCam/$d"
+    cp "$ref/$d"/*.py "$bundle/ref/deepcam/src/deepCam/$d/"
+  done
+  git -C "$top/peers/hpc" rev-parse --short HEAD >"$bundle/ref/COMMIT" 2>/dev/null || echo unknown >"$bundle/ref/COMMIT"
+else
+  echo "device_bundle: no reference at peers/hpc (git clone https://github.com/mlcommons/hpc peers/hpc): the bundle's benchmark part will have no peer" >&2
+fi
+
+{
+  echo "commit $(git -C "$top" rev-parse --short HEAD)$(git -C "$top" diff --quiet HEAD -- core plugins tests || echo ' (with uncommitted changes)')"
+  echo "made $(date -u +%Y-%m-%dT%H:%MZ) on $(uname -n)"
+  echo "torch $("$top/.venv/bin/python" -c 'import torch; print(torch.__version__)')"
+  echo "libraries: $(cd "$bundle/lib" && echo *)"
+} >"$bundle/MANIFEST"
+
+size_kib=$(du -sk "$bundle" | cut -f1)
+echo "device_bundle: $bundle, $((size_kib / 1024)) MiB"
+cat "$bundle/MANIFEST"
+if [ "$size_kib" -gt $((limit_mib * 1024)) ]; then
+  echo "device_bundle: $bundle is over $limit_mib MiB: it would not travel with the working tree" >&2
+  exit 1
+fi

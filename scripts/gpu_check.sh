@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# Runs every CUDA path of deepcam-host on a GPU machine that lacks this
+# project's packages, from the folder scripts/device_bundle.sh made, in one
+# go, and records what happened. Each part reports pass or FAIL and its time;
+# a failing part does not stop the next. Parts, in order:
+#
+#   env          nvidia-smi, the torch version and GPU; the bundle's programs
+#                load (deepcam-host --version, --list-plugins)
+#   unit         every doctest executable (the fused optimizers against the
+#                CPU path, the prefetch ring on the GPU, ...: the CUDA cases
+#                run where a GPU is seen)
+#   integration  the pytest cases that need CUDA (tests/integration -k cuda:
+#                training on the GPU, CUDA graphs, amp, NCCL at world size 1)
+#   train        configs/reference.toml on a full-size synthetic set written
+#                on local disk, 2 epochs at local batch 8; its MLPerf log
+#                through the checker (open division; on synthetic data only
+#                the accuracy check may fail); warm samples/s from the log
+#   bench        scripts/bench_gpu.sh beside the MLCommons reference (the
+#                bundle's copy), its tables written to $OUT/benchmarks.md
+#
+#   scripts/gpu_check.sh                 # on the GPU machine, in the repository root
+#   PARTS=env,unit DEVICE=cpu scripts/gpu_check.sh   # rehearsal on a machine without a GPU
+#
+# Settings (environment): BUNDLE (default device-bundle/), OUT (where logs and
+# summary.json go; the device tool sets it, else runs/gpu-check/), PARTS
+# (comma-separated, default all five), DEVICE (cuda, or cpu for a rehearsal:
+# small data, no GPU tests, one benchmark set-up), PYTHON (default: the GPU
+# image's /opt/torch/.venv, else this checkout's .venv), WORK (local scratch,
+# default /tmp/gpu-check), STEPS (timed benchmark steps, default 20).
+set -uo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+bundle=$(cd "${BUNDLE:-$top/device-bundle}" 2>/dev/null && pwd) || {
+  echo "gpu_check: no bundle at ${BUNDLE:-$top/device-bundle}: make it with scripts/device_bundle.sh" >&2
+  exit 2
+}
+out=${OUT:-$top/runs/gpu-check}
+work=${WORK:-/tmp/gpu-check}
+device=${DEVICE:-cuda}
+parts=${PARTS:-env,unit,integration,train,bench}
+python=${PYTHON:-}
+if [ -z "$python" ]; then
+  for p in /opt/torch/.venv/bin/python3 "$top/.venv/bin/python"; do
+    if [ -x "$p" ]; then python=$p; break; fi
+  done
+fi
+python=${python:-python3}
+case "$device" in cuda | cpu) ;; *) echo "gpu_check: DEVICE=$device is not cuda or cpu" >&2; exit 2 ;; esac
+mkdir -p "$out" "$work"
+started=$(date +%s)
+
+# ---- the loader and Python paths --------------------------------------------------------------
+# LibTorch from this machine's torch; of the bundle's libraries only those
+# this machine cannot find (a library the image has stays the image's).
+torch_lib=$("$python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))') || {
+  echo "gpu_check: $python has no torch" >&2
+  exit 2
+}
+rm -rf "$work/lib" && mkdir -p "$work/lib"
+export LD_LIBRARY_PATH="$torch_lib:$work/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+elves=$(find "$bundle/build" -type f \( -name '*.so' -o -perm -u+x \) ! -name '*.h')
+unresolved=""
+for _ in 1 2 3 4 5 6; do
+  wanted=$(for f in $elves "$work"/lib/*; do [ -e "$f" ] && ldd "$f" 2>/dev/null; done |
+           awk '$2 == "=>" && $3 == "not" {print $1}' | sort -u)
+  [ -z "$wanted" ] && break
+  linked=0
+  unresolved=""
+  for name in $wanted; do
+    if [ -e "$bundle/lib/$name" ] && [ ! -e "$work/lib/$name" ]; then
+      ln -s "$bundle/lib/$name" "$work/lib/$name"
+      linked=1
+    elif [ ! -e "$bundle/lib/$name" ]; then
+      unresolved+=" $name"
+    fi
+  done
+  [ "$linked" -eq 0 ] && break
+done
+if [ -d "$bundle/wheels" ] && ls "$bundle"/wheels/*.whl >/dev/null 2>&1; then
+  "$python" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --target "$work/site" \
+    --upgrade "$bundle"/wheels/*.whl >"$out/pip.log" 2>&1 || echo "gpu_check: the bundle's wheels did not install (see pip.log)"
+  export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# The unit tests read the test vectors at the path compiled into them; the
+# integration tests at ../shared/testdata beside the checkout.
+for path in "$(cat "$bundle/testdata.path" 2>/dev/null)" "$top/../shared/testdata"; do
+  [ -n "$path" ] && [ ! -e "$path" ] && mkdir -p "$(dirname "$path")" && ln -s "$bundle/testdata" "$path"
+done
+export DEEPCAM_BUILD_DIR="$bundle/build" DEEPCAM_PLUGIN_PATH="$bundle/build/plugins" PYTHONUNBUFFERED=1
+# The commit the bundle was built from, for the benchmark's record (a copy of
+# the checkout on a GPU machine may come without .git).
+DEEPCAM_COMMIT=$(sed -n 's/^commit \([0-9a-f]*\).*/\1/p' "$bundle/MANIFEST")
+export DEEPCAM_COMMIT
+host="$bundle/build/core/deepcam-host"
+
+# ---- running the parts --------------------------------------------------------------------------
+summary_parts=()
+run_part() {
+  local name=$1 t0 rc ms verdict
+  case ",$parts," in *",$name,"*) ;; *) return ;; esac
+  t0=$(date +%s%N)
+  "part_$name" >"$out/$name.log" 2>&1
+  rc=$?
+  ms=$((($(date +%s%N) - t0) / 1000000))
+  verdict=pass
+  [ "$rc" -ne 0 ] && verdict=fail
+  printf 'gpu_check: %-12s %s in %d s (log: %s)\n' "$name" "$([ $verdict = pass ] && echo pass || echo "FAIL, status $rc")" \
+    $((ms / 1000)) "$out/$name.log"
+  [ "$rc" -ne 0 ] && tail -n 25 "$out/$name.log" | sed 's/^/    /'
+  summary_parts+=("$(printf '"%s": {"status": "%s", "exit": %d, "seconds": %d.%03d}' "$name" "$verdict" "$rc" \
+    $((ms / 1000)) $((ms % 1000)))")
+}
+
+part_env() {
+  echo "bundle: $bundle"; cat "$bundle/MANIFEST"
+  echo "libraries taken from the bundle: $(cd "$work/lib" && ls | tr "\n" " ")"
+  [ -n "$unresolved" ] && echo "not found anywhere:$unresolved"
+  command -v nvidia-smi >/dev/null && nvidia-smi
+  "$python" - "$device" <<'EOF' || return 1
+import sys, torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "CUDA", torch.version.cuda)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("GPU", p.name, f"{p.total_memory / 2**30:.0f} GiB", "cuDNN", torch.backends.cudnn.version(),
+          "NCCL", ".".join(map(str, torch.cuda.nccl.version())))
+elif sys.argv[1] == "cuda":
+    sys.exit("torch sees no CUDA GPU")
+EOF
+  "$host" --version && "$host" --list-plugins && [ -z "$unresolved" ]
+}
+
+part_unit() {
+  local failed=0 t
+  while IFS= read -r t; do
+    echo "== ${t#"$bundle"/}"
+    "$t" 2>&1 || failed=$((failed + 1))
+  done < <(find "$bundle/build" -type f -perm -u+x -name 'test_*' ! -name '*.so' | sort)
+  echo "unit: $failed executables failed"
+  [ "$failed" -eq 0 ]
+}
+
+part_integration() {
+  local files=(tests/integration/test_cuda.py tests/integration/test_cuda_graphs.py
+               tests/integration/test_precision.py tests/integration/test_data_parallel.py)
+  "$python" -m pytest -q -rs -p no:cacheprovider -o console_output_style=classic -k cuda "${files[@]}" |
+    tee "$work/pytest.txt"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || return "$rc"
+  # On the GPU machine a skipped GPU case is a failure: the GPU was not seen.
+  if [ "$device" = cuda ] && grep -qE '[0-9]+ skipped' "$work/pytest.txt"; then
+    echo "integration: GPU cases were skipped on the GPU machine"
+    return 1
+  fi
+}
+
+part_train() {
+  local data="$work/train-data" run="$work/train-run" size=() batch=8 threads=8
+  if [ "$device" = cpu ]; then size=(--height 96 --width 144); batch=2; threads=2; fi
+  rm -rf "$data" "$run"
+  "$bundle/build/core/deepcam-data" synth --out "$data" --train $((2 * batch)) --validation "$batch" --seed 7 \
+    "${size[@]}" || return 1
+  "$host" configs/reference.toml --quiet --set "data.root=$data" --set "run.output_dir=$run" \
+    --set "run.device=$device" --set run.max_epochs=2 --set "run.train_batch_size=$batch" \
+    --set "run.validation_batch_size=$batch" --set run.seed=7 --set "run.threads=$threads" --set run.logging_frequency=1 \
+    --set mlperf.division=open
+  local rc=$?
+  # 1: the target was not reached in 2 epochs (run_stop "aborted"), as expected on this data.
+  [ "$rc" -eq 0 ] || [ "$rc" -eq 1 ] || return "$rc"
+  cp "$run/mlperf.log" "$out/train-mlperf.log"
+  "$python" - "$run/mlperf.log" "$((2 * batch))" <<'EOF' || return 1
+import json, sys
+events = [json.loads(l[len(":::MLLOG "):]) for l in open(sys.argv[1]) if l.startswith(":::MLLOG ")]
+assert events[-1]["key"] == "run_stop", events[-1]
+starts = {e["metadata"]["epoch_num"]: e["time_ms"] for e in events if e["key"] == "epoch_start"}
+stops = {e["metadata"]["epoch_num"]: e["time_ms"] for e in events if e["key"] == "epoch_stop"}
+for epoch in sorted(stops):
+    seconds = (stops[epoch] - starts[epoch]) / 1e3
+    print(f"epoch {epoch}: {seconds:.2f} s, {int(sys.argv[2]) / seconds:.1f} training samples/s (with validation)")
+EOF
+  "$python" -m mlperf_logging.compliance_checker --usage hpc --ruleset 3.0.0 "$run/mlperf.log" >"$work/checker.txt" 2>&1
+  local checker=$?
+  cat "$work/checker.txt"
+  [ "$checker" -eq 0 ] && return 0
+  # Synthetic data: only the accuracy check may fail (the target is not reached in 2 epochs).
+  local failed
+  failed=$( (grep -oE "Failed checks for [a-z_]+" "$work/checker.txt" | awk '{print $4}'
+            grep -oE "CHECK for '[a-z_]+' failed" "$work/checker.txt" | cut -d"'" -f2) | sort -u | tr '\n' ' ')
+  echo "checks that failed: $failed"
+  [ "$failed" = "eval_accuracy " ]
+}
+
+part_bench() {
+  cp docs/benchmarks.md "$out/benchmarks.md"
+  if [ ! -f "$bundle/ref/deepcam/src/deepCam/architecture/deeplab_xception.py" ]; then
+    echo "bench: the bundle has no reference (peers/hpc was missing when it was made)"
+    return 1
+  fi
+  if [ "$device" = cpu ]; then
+    "$python" scripts/bench_step.py --ref "$bundle/ref" --steps 1 --warmup 1 --setups fp32:contiguous \
+      --docs "$out/benchmarks.md"
+  else
+    REF="$bundle/ref" PYTHON="$python" DOCS="$out/benchmarks.md" STEPS="${STEPS:-20}" scripts/bench_gpu.sh
+  fi
+}
+
+for part in env unit integration train bench; do run_part "$part"; done
+
+{
+  echo "{\"device\": \"$device\", \"bundle\": \"$(head -n 1 "$bundle/MANIFEST")\", \"seconds\": $(($(date +%s) - started)), \"parts\": {"
+  (IFS=,; echo "${summary_parts[*]}")
+  echo "}}"
+} >"$out/summary.json"
+echo "gpu_check: $(($(date +%s) - started)) s; summary in $out/summary.json"
+! grep -q '"status": "fail"' "$out/summary.json"
