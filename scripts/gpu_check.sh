@@ -177,7 +177,9 @@ for epoch in sorted(stops):
     seconds = (stops[epoch] - starts[epoch]) / 1e3
     print(f"epoch {epoch}: {seconds:.2f} s, {int(sys.argv[2]) / seconds:.1f} training samples/s (with validation)")
 EOF
-  "$python" -m mlperf_logging.compliance_checker --usage hpc --ruleset 3.0.0 "$run/mlperf.log" >"$work/checker.txt" 2>&1
+  # (It writes compliance_checker.log into the folder it runs in.)
+  (cd "$work" && "$python" -m mlperf_logging.compliance_checker --usage hpc --ruleset 3.0.0 "$run/mlperf.log") \
+    >"$work/checker.txt" 2>&1
   local checker=$?
   cat "$work/checker.txt"
   [ "$checker" -eq 0 ] && return 0
