@@ -21,12 +21,22 @@
 #   scripts/gpu_check.sh                 # on the GPU machine, in the repository root
 #   PARTS=env,unit DEVICE=cpu scripts/gpu_check.sh   # rehearsal on a machine without a GPU
 #
+# With the device tool (15 device-minutes, 10 a call), in calls back to back
+# while the machine is warm, each with carry ["device-bundle"]: first
+# PARTS=env,unit,integration,train, then PARTS=bench (about 30 processes,
+# each with cuDNN's autotuning; BATCHES=8 then BATCHES=1 splits it further).
+# Nothing has measured these times yet: each part prints its own.
+#
+# What it writes under OUT, eight files (the most the device tool brings
+# back): a log per part, train-mlperf.log, benchmarks.md and summary.json.
+#
 # Settings (environment): BUNDLE (default device-bundle/), OUT (where logs and
 # summary.json go; the device tool sets it, else runs/gpu-check/), PARTS
 # (comma-separated, default all five), DEVICE (cuda, or cpu for a rehearsal:
 # small data, no GPU tests, one benchmark set-up), PYTHON (default: the GPU
 # image's /opt/torch/.venv, else this checkout's .venv), WORK (local scratch,
-# default /tmp/gpu-check), STEPS (timed benchmark steps, default 20).
+# default /tmp/gpu-check), STEPS (timed benchmark steps, default 20), BATCHES
+# (the benchmark's local batches, default "1 8").
 set -uo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -78,7 +88,8 @@ for _ in 1 2 3 4 5 6; do
 done
 if [ -d "$bundle/wheels" ] && ls "$bundle"/wheels/*.whl >/dev/null 2>&1; then
   "$python" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --target "$work/site" \
-    --upgrade "$bundle"/wheels/*.whl >"$out/pip.log" 2>&1 || echo "gpu_check: the bundle's wheels did not install (see pip.log)"
+    --upgrade "$bundle"/wheels/*.whl >"$work/pip.log" 2>&1 ||
+    { echo "gpu_check: the bundle's wheels did not install:"; tail -n 20 "$work/pip.log"; }
   export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # The unit tests read the test vectors at the path compiled into them; the
@@ -201,7 +212,8 @@ part_bench() {
     "$python" scripts/bench_step.py --ref "$bundle/ref" --steps 1 --warmup 1 --setups fp32:contiguous \
       --docs "$out/benchmarks.md"
   else
-    REF="$bundle/ref" PYTHON="$python" DOCS="$out/benchmarks.md" STEPS="${STEPS:-20}" scripts/bench_gpu.sh
+    REF="$bundle/ref" PYTHON="$python" DOCS="$out/benchmarks.md" STEPS="${STEPS:-20}" BATCHES="${BATCHES:-1 8}" \
+      scripts/bench_gpu.sh
   fi
 }
 
