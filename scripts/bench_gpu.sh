@@ -10,7 +10,8 @@
 #
 # DOCS names another file to write the tables to (scripts/gpu_check.sh
 # writes them under its $OUT); STEPS the timed steps (default 20); BATCHES
-# the local batches (default "1 8"; one at a time splits the run).
+# the local batches (default "8 1": the goal's batch first; one at a time
+# splits the run).
 #
 # deepcam-host runs each with CUDA graphs off and on (amp_fp16 only off: its
 # loss scaler's skip decision cannot be captured); the reference is eager.
@@ -24,7 +25,7 @@ python=${PYTHON:-$top/.venv/bin/python}
 setups=fp32:contiguous,fp32:contiguous:graphs,fp32:channels_last,fp32:channels_last:graphs
 setups+=,amp_fp16:contiguous,amp_fp16:channels_last
 setups+=,amp_bf16:contiguous,amp_bf16:contiguous:graphs,amp_bf16:channels_last,amp_bf16:channels_last:graphs
-for batch in ${BATCHES:-1 8}; do
+for batch in ${BATCHES:-8 1}; do
   "$python" "$top/scripts/bench_step.py" --ref "$ref" --device cuda --threads 8 --batch "$batch" \
     --steps "${STEPS:-20}" --warmup 5 --setups "$setups" \
     --docs "${DOCS:-$top/docs/benchmarks.md}" --section "## Training step on a GPU, local batch $batch (issue 8 section 5)"

@@ -24,7 +24,8 @@
 # With the device tool (15 device-minutes, 10 a call), in calls back to back
 # while the machine is warm, each with carry ["device-bundle"]: first
 # PARTS=env,unit,integration,train, then PARTS=bench (about 30 processes,
-# each with cuDNN's autotuning; BATCHES=8 then BATCHES=1 splits it further).
+# each with cuDNN's autotuning; BATCHES=8 then BATCHES=1 splits it further),
+# each with DEADLINE some 30 s below the call's timeout_s.
 # Nothing has measured these times yet: each part prints its own.
 #
 # What it writes under OUT, eight files (the most the device tool brings
@@ -36,7 +37,8 @@
 # small data, no GPU tests, one benchmark set-up), PYTHON (default: the GPU
 # image's /opt/torch/.venv, else this checkout's .venv), WORK (local scratch,
 # default /tmp/gpu-check), STEPS (timed benchmark steps, default 20), BATCHES
-# (the benchmark's local batches, default "1 8").
+# (the benchmark's local batches, default "8 1": the goal's first), DEADLINE
+# (seconds: stop there, see run_part; set it below the call's timeout_s).
 set -uo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -106,17 +108,32 @@ host="$bundle/build/core/deepcam-host"
 
 # ---- running the parts --------------------------------------------------------------------------
 summary_parts=()
+# With DEADLINE, a part is stopped (with everything it started) when the
+# script has run that many seconds, and a part that would start later is not
+# run: the summary is written either way, inside the device tool's limit.
 run_part() {
-  local name=$1 t0 rc ms verdict
+  local name=$1 t0 rc ms verdict left
   case ",$parts," in *",$name,"*) ;; *) return ;; esac
   t0=$(date +%s%N)
-  "part_$name" >"$out/$name.log" 2>&1
+  if [ -n "${DEADLINE:-}" ]; then
+    left=$((started + DEADLINE - $(date +%s)))
+    if [ "$left" -lt 15 ]; then
+      echo "gpu_check: $name not run: DEADLINE=$DEADLINE s is (nearly) reached"
+      summary_parts+=("$(printf '"%s": {"status": "not run"}' "$name")")
+      return
+    fi
+    # timeout signals the whole process group it starts: the part's programs too.
+    timeout -k 10 "$left" bash -c "part_$name" >"$out/$name.log" 2>&1
+  else
+    "part_$name" >"$out/$name.log" 2>&1
+  fi
   rc=$?
   ms=$((($(date +%s%N) - t0) / 1000000))
   verdict=pass
   [ "$rc" -ne 0 ] && verdict=fail
-  printf 'gpu_check: %-12s %s in %d s (log: %s)\n' "$name" "$([ $verdict = pass ] && echo pass || echo "FAIL, status $rc")" \
-    $((ms / 1000)) "$out/$name.log"
+  [ -n "${DEADLINE:-}" ] && { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && verdict="timed out"
+  printf 'gpu_check: %-12s %s in %d s (log: %s)\n' "$name" \
+    "$([ "$verdict" = pass ] && echo pass || echo "${verdict^^}, status $rc")" $((ms / 1000)) "$out/$name.log"
   [ "$rc" -ne 0 ] && tail -n 25 "$out/$name.log" | sed 's/^/    /'
   summary_parts+=("$(printf '"%s": {"status": "%s", "exit": %d, "seconds": %d.%03d}' "$name" "$verdict" "$rc" \
     $((ms / 1000)) $((ms % 1000)))")
@@ -212,11 +229,14 @@ part_bench() {
     "$python" scripts/bench_step.py --ref "$bundle/ref" --steps 1 --warmup 1 --setups fp32:contiguous \
       --docs "$out/benchmarks.md"
   else
-    REF="$bundle/ref" PYTHON="$python" DOCS="$out/benchmarks.md" STEPS="${STEPS:-20}" BATCHES="${BATCHES:-1 8}" \
+    REF="$bundle/ref" PYTHON="$python" DOCS="$out/benchmarks.md" STEPS="${STEPS:-20}" BATCHES="${BATCHES:-8 1}" \
       scripts/bench_gpu.sh
   fi
 }
 
+# What the parts read, for the bash that timeout starts.
+export bundle work device python host out unresolved
+export -f part_env part_unit part_integration part_train part_bench
 for part in env unit integration train bench; do run_part "$part"; done
 
 {
@@ -225,4 +245,5 @@ for part in env unit integration train bench; do run_part "$part"; done
   echo "}}"
 } >"$out/summary.json"
 echo "gpu_check: $(($(date +%s) - started)) s; summary in $out/summary.json"
-! grep -q '"status": "fail"' "$out/summary.json"
+# Any part that failed, timed out or was not run fails the check.
+! grep -qE '"status": "(fail|timed out|not run)"' "$out/summary.json"

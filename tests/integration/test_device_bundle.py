@@ -65,3 +65,15 @@ def test_a_failing_part_is_reported_and_fails_the_check(tmp_path, bundle):
     assert r.returncode != 0
     assert summary["parts"]["env"]["status"] == "fail"
     assert "gpu_check: env          FAIL" in r.stdout and "torch sees no CUDA GPU" in r.stdout
+
+
+def test_a_deadline_stops_the_part_it_falls_in_and_skips_the_rest(tmp_path, bundle):
+    # The unit executables take over a minute on this machine; 20 s stop them.
+    r, summary, out = gpu_check(tmp_path, bundle, DEVICE="cpu", PARTS="env,unit,train", DEADLINE="20")
+    assert r.returncode != 0
+    parts = summary["parts"]
+    assert parts["env"]["status"] == "pass"
+    assert parts["unit"]["status"] == "timed out" and parts["unit"]["seconds"] < 25
+    assert parts["train"] == {"status": "not run"}
+    assert "gpu_check: train not run: DEADLINE=20 s" in r.stdout
+    assert "SIGTERM" in (out / "unit.log").read_text()  # the executable was stopped, not waited for
