@@ -83,39 +83,48 @@ def ours(args, run, precision, memory_format, graphs):
 
 REFERENCE_LOOP = r"""
 import json, sys, time, torch
-ref, device, threads, batch, steps, warmup, precision, memory_format = sys.argv[1:9]
+ref, device, threads, batch, steps, warmup, setups = sys.argv[1:8]
 torch.set_num_threads(int(threads))
 sys.path.insert(0, ref + "/deepcam/src/deepCam")
 from architecture import deeplab_xception
 from utils import losses
-torch.manual_seed(7)
 dev = torch.device(device)
-net = deeplab_xception.DeepLabv3_plus(n_input=16, n_classes=3, os=16, pretrained=False, _print=False).to(dev)
-fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
-net = net.to(memory_format=fmt)
+torch.backends.cudnn.benchmark = dev.type == "cuda"  # as the reference's train.py sets it on a GPU
 weights = [0.986267818390377 ** -0.125, 0.0004578708870701058 ** -0.125, 0.01327431072255291 ** -0.125]
-criterion = losses.CELoss(weights).to(dev)
-opt = torch.optim.Adam(net.parameters(), lr=1e-4, eps=1e-6, weight_decay=1e-6)
-x = torch.randn(int(batch), 16, 768, 1152, device=dev).contiguous(memory_format=fmt)
-y = torch.randint(0, 3, (int(batch), 768, 1152), device=dev)
-dtype = {"amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}.get(precision)
-scaler = torch.amp.GradScaler(device, enabled=precision == "amp_fp16")
-net.train()
-times = []
-for s in range(int(warmup) + int(steps)):
-    t0 = time.perf_counter()
-    with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        loss = criterion(net(x), y)
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
-    opt.zero_grad(set_to_none=True)
+# Every set-up in this one process (one interpreter and CUDA start-up for all): a fresh model,
+# optimizer and batch for each, the previous ones freed first.
+for setup in setups.split(","):
+    precision, memory_format = setup.split(":")
+    torch.manual_seed(7)
+    net = deeplab_xception.DeepLabv3_plus(n_input=16, n_classes=3, os=16, pretrained=False, _print=False).to(dev)
+    fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    criterion = losses.CELoss(weights).to(dev)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, eps=1e-6, weight_decay=1e-6)
+    x = torch.randn(int(batch), 16, 768, 1152, device=dev).contiguous(memory_format=fmt)
+    y = torch.randint(0, 3, (int(batch), 768, 1152), device=dev)
+    dtype = {"amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}.get(precision)
+    scaler = torch.amp.GradScaler(device, enabled=precision == "amp_fp16")
+    net.train()
+    times = []
+    for s in range(int(warmup) + int(steps)):
+        t0 = time.perf_counter()
+        with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = criterion(net(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if s >= int(warmup):
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    print(json.dumps({"setup": setup, "samples_per_s": int(batch) * len(times) / sum(times),
+                      "step_ms_p50": 1e3 * times[len(times) // 2]}), flush=True)
+    del net, criterion, opt, x, y, scaler, loss
     if dev.type == "cuda":
-        torch.cuda.synchronize()
-    if s >= int(warmup):
-        times.append(time.perf_counter() - t0)
-times.sort()
-print(json.dumps({"samples_per_s": int(batch) * len(times) / sum(times), "step_ms_p50": 1e3 * times[len(times) // 2]}))
+        torch.cuda.empty_cache()
 """
 
 
@@ -125,14 +134,19 @@ def python_with_torch():
     return str(venv) if venv.exists() else sys.executable
 
 
-def reference(args, precision, memory_format):
+def reference(args, setups):
+    """The reference loop's figures for each (precision, memory format), all in one process."""
     cmd = [python_with_torch(), "-c", REFERENCE_LOOP, str(args.ref.resolve()), args.device, str(args.threads),
-           str(args.batch), str(args.steps), str(args.warmup), precision, memory_format]
+           str(args.batch), str(args.steps), str(args.warmup), ",".join(f"{p}:{m}" for p, m in setups)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"bench_step: the reference loop failed:\n{r.stderr[-3000:]}")
-    line = json.loads(r.stdout.strip().splitlines()[-1])
-    return line["samples_per_s"], line["step_ms_p50"]
+    figures = {}
+    for line in r.stdout.splitlines():
+        if line.startswith("{"):
+            d = json.loads(line)
+            figures[tuple(d["setup"].split(":"))] = (d["samples_per_s"], d["step_ms_p50"])
+    return figures
 
 
 def main():
@@ -164,13 +178,14 @@ def main():
             p.error(f"--setups: {setup!r} is not PRECISION:MEMORY_FORMAT or PRECISION:MEMORY_FORMAT:graphs")
         setups.append((parts[0], parts[1], len(parts) == 3))
     rows = []
-    references = {}  # (precision, memory format) -> the reference's figures: it has no graphs
+    # The reference has no graphs: it is measured once per (precision, memory format), first.
+    references = reference(args, list(dict.fromkeys((p, m) for p, m, _ in setups)))
+    for (precision, memory_format), r in references.items():
+        print(f"reference {precision} {memory_format}: {r[0]:.3f} samples/s", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
         run = run_file(Path(tmp) / "run.toml", data, args.device, args.threads, args.batch)
         for precision, memory_format, graphs in setups:
             o = ours(args, run, precision, memory_format, graphs)
-            if (precision, memory_format) not in references:
-                references[precision, memory_format] = reference(args, precision, memory_format)
             r = references[precision, memory_format]
             rows.append((precision, memory_format, graphs, o, r))
             print(f"{precision} {memory_format}{' graphs' if graphs else ''}: ours {o[0]:.3f} samples/s, "
