@@ -40,11 +40,16 @@ done
 cp -p "$build/deepcam_build_config.h" "$bundle/build/"
 
 # The libraries they load, but those that every CUDA machine with this torch
-# has: LibTorch's (torch/lib), CUDA's and NCCL's, and glibc's and the
-# compiler's run-time. gpu_check.sh puts on the loader's path only those the
-# machine lacks.
+# has: LibTorch's (torch/lib), the driver's, the CUDA libraries torch brings,
+# and glibc's and the compiler's run-time. The CUDA run-time (libcudart,
+# small) is packed: our programs link it from the toolkit, which a machine
+# may lack. gpu_check.sh puts on the loader's path only those the machine
+# lacks.
 torch_lib=$("$top/.venv/bin/python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
-system='^(linux-vdso|ld-linux-x86-64|libc|libm|libdl|libpthread|librt|libresolv|libutil|libgcc_s|libstdc\+\+|libcuda|libcudart|libnccl|libcudnn|libcublas|libcublasLt|libnvrtc|libnvJitLink|libcufft|libcurand|libcusparse|libcusolver)\.so'
+system_libs=(linux-vdso ld-linux-x86-64 libc libm libdl libpthread librt libresolv libutil libgcc_s 'libstdc\+\+'
+             libcuda libnccl libcudnn libcublas libcublasLt libnvrtc libnvJitLink libcufft libcurand libcusparse
+             libcusolver)
+system="^($(IFS='|'; echo "${system_libs[*]}"))\.so"
 find "$bundle/build" -type f -exec sh -c 'file -b "$1" | grep -q "^ELF"' _ {} \; -print | while IFS= read -r elf; do
   ldd "$elf" | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}'
 done | sort -u | while read -r name path; do

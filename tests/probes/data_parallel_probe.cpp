@@ -281,7 +281,8 @@ int main(int argc, char** argv) {
     else if (mode == "gradients" && argc > 2) status = gradients(comm, std::atoi(argv[2]));
     else if (mode == "synced-gradients" && argc > 2) status = synced_gradients(comm, std::atoi(argv[2]));
     else if (mode == "bnstats") status = bnstats(comm);
-    else std::fprintf(stderr, "usage: data_parallel_probe [--device cuda] syncbn | gradients K | synced-gradients K | bnstats\n");
+    else std::fprintf(stderr, "usage: data_parallel_probe [--device cuda] syncbn | gradients K | "
+                              "synced-gradients K | bnstats\n");
     comm.finish();
     if (status == 0 && failures == 0) std::printf("rank %d: %s: all checks hold\n", comm.rank(), mode.c_str());
     return status != 0 ? status : failures != 0 ? 1 : 0;

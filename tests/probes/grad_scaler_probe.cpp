@@ -6,9 +6,10 @@
 //
 // KIND is finite, inf or nan: step i's gradient of a 3-element parameter is
 // scale * (1, -2, 0.5) * (i + 1), with its second element replaced by +inf or
-// NaN. With --device cuda the parameter, its gradients and the scaler live
-// on the GPU (the CUDA versions of the two kernels). Each step prints "step i scale S tracker T found_inf F grad G0 G1 G2"
+// NaN. Each step prints "step i scale S tracker T found_inf F grad G0 G1 G2"
 // after unscale and update (the unscaled gradient as 9 significant digits).
+// With --device cuda the parameter, its gradients and the scaler live on the
+// GPU (the CUDA versions of the two kernels).
 #include <ATen/ATen.h>
 
 #include <cstdio>
