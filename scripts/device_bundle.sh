@@ -29,11 +29,14 @@ fi
 rm -rf "$bundle"
 mkdir -p "$bundle/build" "$bundle/lib" "$bundle/wheels"
 
+# An ELF file begins with 7f 'E' 'L' 'F'.
+is_elf() { [ "$(od -An -tx1 -N4 "$1" | tr -d ' \n')" = 7f454c46 ]; }
+
 # The build tree's programs and libraries at the same relative places, so
 # that their $ORIGIN run paths still find libdeepcam_core.so and the plugins.
 (cd "$build" && find . \( -name '*.p' -o -name meson-private -o -name meson-info -o -name meson-logs \) -prune -o \
   -type f \( -name '*.so' -o -perm -u+x \) -print) | while IFS= read -r f; do
-  file -b "$top/build/$f" | grep -q '^ELF' || continue
+  is_elf "$build/$f" || continue
   mkdir -p "$bundle/build/$(dirname "$f")"
   cp -p "$build/$f" "$bundle/build/$f"
 done
@@ -50,8 +53,8 @@ system_libs=(linux-vdso ld-linux-x86-64 libc libm libdl libpthread librt libreso
              libcuda libnccl libcudnn libcublas libcublasLt libnvrtc libnvJitLink libcufft libcurand libcusparse
              libcusolver)
 system="^($(IFS='|'; echo "${system_libs[*]}"))\.so"
-find "$bundle/build" -type f -exec sh -c 'file -b "$1" | grep -q "^ELF"' _ {} \; -print | while IFS= read -r elf; do
-  ldd "$elf" | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}'
+find "$bundle/build" -type f | while IFS= read -r elf; do
+  if is_elf "$elf"; then ldd "$elf" | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}'; fi
 done | sort -u | while read -r name path; do
   [[ "$name" =~ $system ]] && continue
   [[ "$path" == "$torch_lib"/* || "$path" == "$build"/* || "$path" == "$bundle"/* ]] && continue
