@@ -1,10 +1,14 @@
 """scripts/device_bundle.sh and scripts/gpu_check.sh: the bundle holds what
 a bare CUDA image lacks and nothing of LibTorch's, CUDA's or glibc's, and
 the check script runs from it, reporting each part and failing when a part
-fails. Rehearsed here with DEVICE=cpu (the GPU parts run on a GPU machine)."""
+fails; with the bundle's run paths cut to what a GPU machine would find, it
+links what is missing from the bundle. Rehearsed here with DEVICE=cpu (the
+GPU parts run on a GPU machine)."""
 
 import json
 import os
+import re
+import shutil
 import subprocess
 
 import pytest
@@ -79,3 +83,56 @@ def test_a_deadline_stops_the_part_it_falls_in_and_skips_the_rest(tmp_path, bund
     assert summary["seconds"] < 45
     assert "gpu_check: train not run: DEADLINE=40 s" in r.stdout
     assert "SIGTERM" in (out / "unit.log").read_text()  # the executable was stopped, not waited for
+
+
+def keep_only_origin_run_paths(elf):
+    """Cuts the run path of an ELF file to its $ORIGIN entries, in place (the string ends early; the
+    bytes after it become NUL), as if the directories it names on this machine (LibTorch in .venv,
+    /usr/local/cuda, HDF5's) did not exist: the GPU machine's view of the bundle."""
+    dynamic = subprocess.run(["readelf", "-d", str(elf)], capture_output=True, text=True).stdout
+    found = re.search(r"\((?:RUNPATH|RPATH)\)\s+Library r(?:un)?path: \[(.*)\]", dynamic)
+    if not found:
+        return
+    old = found.group(1).encode()
+    new = b":".join(p for p in old.split(b":") if p.startswith(b"$ORIGIN"))
+    data = elf.read_bytes()
+    assert data.count(old + b"\0") == 1, elf
+    elf.write_bytes(data.replace(old + b"\0", new + b"\0" * (len(old) - len(new) + 1)))
+
+
+def shared_library(path, source, *needed):
+    """Compiles a one-function shared library, linked against `needed` (paths; each needed by its
+    name, as it has one), with no run path."""
+    c = path.with_suffix(".c")
+    c.write_text(source)
+    subprocess.run(["gcc", "-shared", "-fPIC", f"-Wl,-soname,{path.name}", "-o", str(path), str(c),
+                    *map(str, needed)], check=True, capture_output=True)
+    c.unlink()
+    return path
+
+
+def test_what_a_machine_lacks_is_linked_from_the_bundle_and_libtorch_from_its_torch(tmp_path, bundle):
+    bare = tmp_path / "bare"
+    shutil.copytree(bundle, bare, symlinks=True)
+    for f in (bare / "build").rglob("*"):
+        if f.is_file() and f.read_bytes()[:4] == b"\x7fELF":
+            keep_only_origin_run_paths(f)
+    missing = subprocess.run(["ldd", str(bare / "build/core/deepcam-host")], capture_output=True, text=True,
+                             env={"PATH": os.environ["PATH"]}).stdout
+    assert "libtorch_cpu.so => not found" in missing
+    # HDF5 and the CUDA run-time are found on this machine's own paths whatever the run paths say, so a
+    # library found nowhere but in the bundle is made for the check: the build needs one that needs
+    # another (found only once the first is linked).
+    inner = shared_library(bare / "lib" / "libdeepcam_inner_test.so", "int inner(void) { return 7; }\n")
+    outer = shared_library(bare / "lib" / "libdeepcam_outer_test.so",
+                           "int inner(void);\nint outer(void) { return inner(); }\n", inner)
+    shared_library(bare / "build" / "tests" / "libdeepcam_needs_outer.so",
+                   "int outer(void);\nint twice(void) { return 2 * outer(); }\n", outer)
+    r, summary, out = gpu_check(tmp_path, bare, DEVICE="cpu", PARTS="env,train")
+    assert r.returncode == 0, r.stdout + r.stderr
+    env_log = (out / "env.log").read_text()
+    taken = env_log.split("libraries taken from the bundle:")[1].splitlines()[0].split()
+    assert sorted(taken) == ["libdeepcam_inner_test.so", "libdeepcam_outer_test.so"]
+    assert "not found anywhere" not in env_log
+    # The training ran on the bundle's programs with LibTorch from the Python's torch.
+    assert summary["parts"]["train"]["status"] == "pass"
