@@ -50,21 +50,34 @@ def test_a_cuda_run_follows_the_cpu_run(tmp_path, data):
     assert ckpt["step"] == 8 and all(t.device.type == "cpu" for t in ckpt["model"].values())
 
 
+def assert_within_spread(got, want, again, what):
+    """`got` equals `want` bit for bit where two identical runs (`want`, `again`) are equal; else
+    within 10 times their difference: some CUDA backward kernels add with atomics, and LAMB turns
+    rounding noise in near-zero gradients into whole steps."""
+    spread = max(abs(a - b) for a, b in zip(want, again))
+    if spread == 0:
+        assert got == want, what
+    else:
+        assert max(abs(a - b) for a, b in zip(got, want)) <= 10 * spread, (what, spread)
+
+
 def test_prefetch_ring_and_fused_lamb_on_cuda_resume_where_they_left_off(tmp_path, data):
     sections = {"reader": {"name": "prefetch", "depth": 4, "threads": 2, "shuffle_mode": "global"},
                 "reader.source": {"name": "hdf5", "threads": 1}, "optimizer": {"name": "lamb", "lr": 0.002}}
     whole_out, whole = run(tmp_path, data, "whole", {"device": "cuda"}, **sections)
+    _, again = run(tmp_path, data, "again", {"device": "cuda"}, **sections)
     _, hdf5 = run(tmp_path, data, "hdf5", {"device": "cuda"}, optimizer=sections["optimizer"])
-    # The ring normalises on the GPU; the HDF5 reader on the CPU: the same batches, the same run.
-    assert losses(whole) == pytest.approx(losses(hdf5), rel=1e-3)
+    # The ring normalises on the GPU, the HDF5 reader on the CPU, bit for bit alike: the same run.
+    assert_within_spread(losses(hdf5), losses(whole), losses(again), "losses, prefetch ring against HDF5 reader")
     resumed_out, resumed = run(tmp_path, data, "resumed",
                                {"device": "cuda", "resume": str(whole_out / "checkpoint-epoch1.pt")}, **sections)
-    assert losses(resumed) == pytest.approx(losses(whole)[5:], rel=1e-3)
-    a = torch.load(whole_out / "checkpoint-epoch2.pt", weights_only=True, map_location="cpu")
-    b = torch.load(resumed_out / "checkpoint-epoch2.pt", weights_only=True, map_location="cpu")
+    assert_within_spread(losses(resumed), losses(whole)[5:], losses(again)[5:], "losses of the resumed epoch")
+    a, b, c = (torch.load(out / "checkpoint-epoch2.pt", weights_only=True, map_location="cpu")
+               for out in (whole_out, resumed_out, tmp_path / "again"))
     assert a["step"] == b["step"] == 8
     for name, t in a["model"].items():
-        assert torch.allclose(t.double(), b["model"][name].double(), rtol=1e-3, atol=1e-5), name
+        assert_within_spread(b["model"][name].double().flatten().tolist(), t.double().flatten().tolist(),
+                             c["model"][name].double().flatten().tolist(), name)
 
 
 def test_the_quickstart_on_cuda_reaches_the_target_and_passes_the_checker(tmp_path):
