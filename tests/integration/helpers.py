@@ -10,6 +10,9 @@ HOST = BUILD_DIR / "core" / "deepcam-host"
 DATA_TOOL = BUILD_DIR / "core" / "deepcam-data"
 PLUGINS = BUILD_DIR / "plugins"
 FIXTURES = BUILD_DIR / "tests"
+# examples/plugins/sgd, built as a test fixture: plain SGD, for comparisons where Adam and LAMB would
+# turn rounding noise into whole steps (they divide each gradient by its own running magnitude).
+SGD = {"name": "sgd", "library": str(FIXTURES / "libdeepcam_optimizer_sgd.so"), "lr": 0.001}
 
 
 def plugin_env(path=None):
@@ -117,3 +120,19 @@ def torchrun_env(rank, world, port, **extra):
     """The environment torchrun gives rank `rank` of `world` on this machine."""
     return clean_env(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank, LOCAL_WORLD_SIZE=world,
                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra)
+
+
+def assert_within_spread(got, want, again):
+    """`got` against `want`, where `again` is a second run identical to `want`'s: bit for bit where
+    the two runs are, else within 10 times their largest difference (some CUDA kernels add with
+    atomics). Each argument maps names to tensors or to lists of numbers."""
+    import torch
+    got, want, again = ({k: torch.as_tensor(v).double() for k, v in d.items()} for d in (got, want, again))
+    assert got.keys() == want.keys() == again.keys()
+    spread = max((want[k] - again[k]).abs().max().item() for k in want)
+    for k in want:
+        diff = (got[k] - want[k]).abs().max().item()
+        if spread == 0:
+            assert torch.equal(got[k], want[k]), (k, diff)
+        else:
+            assert diff <= 10 * spread, (k, diff, spread)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from helpers import read_events, run_host, synth, write_run
+from helpers import assert_within_spread, read_events, run_host, synth, write_run
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -99,13 +99,7 @@ def test_graphed_steps_give_the_eager_weights(tmp_path, optimizer):
     # Bit for bit where eager CUDA itself is (cuDNN's autotuning is off); some backward kernels add
     # with atomics, and then the graphed run may differ from the eager one only as much as two
     # eager runs differ from each other.
-    spread = max((e[k].double() - a[k].double()).abs().max().item() for k in e)
-    for k in e:
-        diff = (e[k].double() - g[k].double()).abs().max().item()
-        if spread == 0:
-            assert torch.equal(e[k], g[k]), (k, diff)
-        else:
-            assert diff <= 10 * spread, (k, diff, spread)
+    assert_within_spread(g, e, a)
     if eager_losses == again_losses:
         assert graphed_losses == eager_losses
     else:

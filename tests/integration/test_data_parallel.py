@@ -8,17 +8,15 @@ import subprocess
 import pytest
 import torch
 
-from helpers import BUILD_DIR, FIXTURES, free_port, read_events, run_host, synth, torchrun_env, write_run
+from helpers import BUILD_DIR, SGD, free_port, read_events, run_host, synth, torchrun_env, write_run
 
 PROBE = BUILD_DIR / "tests" / "data_parallel_probe"
-# examples/plugins/sgd, built as a test fixture. Plain SGD, because Adam and
-# LAMB divide each gradient by its own running magnitude: for the many
+# Plain SGD (helpers.SGD), because Adam and LAMB divide each gradient by its own running magnitude: for the many
 # gradients that are nearly zero (a BatchNorm bias ahead of another
 # BatchNorm: a sum of terms that cancel), fp32 rounding noise, which depends
 # on the order of the sums and so on the number of ranks, becomes a step of
 # the full learning rate. Measured here with Adam: 0.3 % apart after 4 steps
 # while every logged loss agreed to 1e-7.
-SGD = {"name": "sgd", "library": str(FIXTURES / "libdeepcam_optimizer_sgd.so"), "lr": 0.001}
 
 
 def run_ranks(argv, world, timeout=300):

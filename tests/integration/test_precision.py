@@ -10,10 +10,9 @@ import subprocess
 import pytest
 import torch
 
-from helpers import BUILD_DIR, FIXTURES, read_events, run_host, synth, write_run
+from helpers import BUILD_DIR, SGD, read_events, run_host, synth, write_run
 
 SCALER_PROBE = BUILD_DIR / "tests" / "grad_scaler_probe"
-SGD = {"name": "sgd", "library": str(FIXTURES / "libdeepcam_optimizer_sgd.so"), "lr": 0.001}
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
 DEVICES = ["cpu", CUDA]
 
