@@ -20,6 +20,7 @@
 
 #include "deepcam_build_config.h"
 #if DEEPCAM_WITH_CUDA
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
@@ -124,6 +125,15 @@ class ProcessGroupGroup final : public Group {
     } catch (const RankLost&) {
       throw;
     } catch (const std::exception& e) {
+#if DEEPCAM_WITH_CUDA
+      // Refused while this thread's stream is captured in a CUDA graph (an
+      // NCCL that cannot be captured): the capture failed, no rank was lost,
+      // and the engine names [run] cuda_graphs.
+      if (owner_.options.cuda &&
+          c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+        throw;
+      }
+#endif
       owner_.lost(e.what());
     }
   }
@@ -164,7 +174,7 @@ std::unique_ptr<ProcessGroupGroup> Communicator::Impl::group(const std::string& 
   const auto me = std::find(members.begin(), members.end(), layout.rank);
   const int rank = static_cast<int>(me - members.begin());
   const int size = static_cast<int>(members.size());
-  if (size == 1) return std::make_unique<ProcessGroupGroup>(*this, nullptr, 0, 1);
+  if (size == 1 && !options.group_of_one) return std::make_unique<ProcessGroupGroup>(*this, nullptr, 0, 1);
   return std::make_unique<ProcessGroupGroup>(*this, make_group(name, rank, size), rank, size);
 }
 
@@ -350,7 +360,7 @@ Communicator::Communicator(const RankLayout& layout, const CommOptions& options)
     : impl_(std::make_unique<Impl>()) {
   impl_->layout = layout;
   impl_->options = options;
-  if (layout.world_size == 1) {
+  if (layout.world_size == 1 && !options.group_of_one) {
     impl_->layout.local_rank = 0;
     impl_->layout.local_size = 1;
     impl_->hosts = {hostname()};
@@ -384,6 +394,11 @@ int Communicator::nodes() const { return impl_->nodes; }
 int Communicator::max_local_size() const { return impl_->max_local_size; }
 Group& Communicator::world() { return *impl_->world; }
 Group& Communicator::node() { return *impl_->node; }
+
+std::string Communicator::backend(c10::DeviceType device) const {
+  c10d::ProcessGroup* pg = impl_->world->process_group();
+  return pg ? pg->getBackend(device)->getBackendName() : "";
+}
 
 Group& Communicator::consecutive(int n) {
   auto& slot = impl_->consecutive[n];
@@ -450,7 +465,7 @@ void Communicator::broadcast_from_rank0(const std::vector<at::Tensor>& tensors) 
 }
 
 void Communicator::finish() {
-  if (size() == 1) return;
+  if (!impl_->world->process_group()) return;
   impl_->world->barrier();
   {
     std::lock_guard<std::mutex> lock(impl_->mutex);

@@ -8,7 +8,7 @@
 // failure can name the rank that was lost (RankLost, deepcam/engine.hpp).
 //
 // One rank (world size 1) needs no store and no process group: every
-// operation is then local.
+// operation is then local, unless CommOptions::group_of_one asks for one.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -32,6 +32,10 @@ struct CommOptions {
   std::chrono::milliseconds timeout{1800 * 1000};
   std::string timeout_where;
   bool cuda = false;               // also an NCCL group for this rank's GPU
+  // A store and process groups also at world size 1, so that collectives go
+  // through Gloo and NCCL as on many ranks (the data-parallel probe's way to
+  // check NCCL on a machine with one GPU, where NCCL refuses two ranks).
+  bool group_of_one = false;
 };
 
 class DEEPCAM_API Communicator {
@@ -57,6 +61,9 @@ class DEEPCAM_API Communicator {
   // Consecutive ranks r - r % n .. r - r % n + n - 1; n must divide size().
   // Made by the first call, which every rank must make.
   Group& consecutive(int n);
+  // The c10d backend the world's collectives on `device` tensors go
+  // through ("gloo", "nccl"), or "" where they are local (one rank).
+  std::string backend(c10::DeviceType device) const;
 
   // Starts a sum of `flat` (contiguous) over all ranks, in place.
   class Pending {

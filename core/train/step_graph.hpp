@@ -10,7 +10,7 @@
 // learning rate and step counts (the optimizer's, see
 // Optimizer::capturable) and the divergence watch's batch count. The
 // engine decides which runs may be captured; this class only captures.
-// Built with CUDA only.
+// Built with CUDA only (exported for tests/probes/data_parallel_probe.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -18,9 +18,11 @@
 #include <functional>
 #include <memory>
 
+#include "deepcam/export.hpp"
+
 namespace deepcam {
 
-class StepGraph {
+class DEEPCAM_API StepGraph {
  public:
   // `device`: the CUDA device the model trains on.
   explicit StepGraph(const at::Device& device);

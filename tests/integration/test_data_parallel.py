@@ -36,18 +36,32 @@ def test_probe(mode):
     results = run_ranks([PROBE, *mode], 2)
     for rank, (status, out) in enumerate(results):
         assert status == 0, f"rank {rank}:\n{out}"
+        assert f"rank {rank} of 2: collectives through gloo" in out, out
         assert "all checks hold" in out, out
 
 
-# On a GPU: the same checks through ProcessGroupNCCL, at world size 1 (NCCL refuses two ranks on one
-# GPU): SyncBN's collectives and the bucketed gradient all-reduce on CUDA tensors.
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("mode", [["syncbn"], ["gradients", "1"], ["gradients", "2"]],
-                         ids=["syncbn-nccl-1-rank", "allreduced-gradient-nccl-k1", "allreduced-gradient-nccl-k2"])
-def test_probe_on_cuda_with_nccl(mode):
-    [(status, out)] = run_ranks([PROBE, "--device", "cuda", *mode], 1)
+def test_probe_of_one_rank_still_goes_through_a_process_group():
+    # What lets a machine with one GPU check NCCL below: the probe's collectives at world size 1 are
+    # not the local shortcut a run of one rank takes.
+    [(status, out)] = run_ranks([PROBE, "gradients", "1"], 1)
     assert status == 0, out
-    assert "all checks hold" in out, out
+    assert "rank 0 of 1: collectives through gloo" in out and "all checks hold" in out, out
+
+
+# On a GPU: the same checks through ProcessGroupNCCL, on two ranks where there are two GPUs, else at
+# world size 1 (NCCL refuses two ranks on one GPU): SyncBN's collectives and the bucketed gradient
+# all-reduce on CUDA tensors, and that all-reduce captured in a CUDA graph and replayed.
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", [["syncbn"], ["gradients", "1"], ["gradients", "2"], ["graphed-gradients"]],
+                         ids=["syncbn-nccl", "allreduced-gradient-nccl-k1", "allreduced-gradient-nccl-k2",
+                              "allreduced-gradient-nccl-in-a-cuda-graph"])
+def test_probe_on_cuda_with_nccl(mode):
+    world = min(2, torch.cuda.device_count())
+    results = run_ranks([PROBE, "--device", "cuda", *mode], world)
+    for rank, (status, out) in enumerate(results):
+        assert status == 0, f"rank {rank}:\n{out}"
+        assert f"rank {rank} of {world}: collectives through nccl" in out, out
+        assert "all checks hold" in out, out
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,19 @@
 //   data_parallel_probe bnstats
 //       average_batchnorm_statistics: every rank ends with the mean of the
 //       ranks' running statistics.
+//   data_parallel_probe --device cuda graphed-gradients
+//       The gradients check (K = 1) with the step (forward, loss, backward,
+//       the bucketed all-reduce) captured in a CUDA graph as the engine's
+//       [run] cuda_graphs captures it: three eager steps on the graph's side
+//       stream, the captured one, two replays on new batches, each step's
+//       gradient against one process's.
 //
 // With --device cuda first, tensors and models live on each rank's GPU
-// (LOCAL_RANK) and the collectives go through NCCL; a machine with one GPU
-// runs it at world size 1 (NCCL refuses two ranks on one GPU), where syncbn
-// and gradients still go through the NCCL group and its buckets.
+// (LOCAL_RANK) and the collectives go through NCCL. The probe asks for
+// process groups also at world size 1 (CommOptions::group_of_one), so that
+// a machine with one GPU, where NCCL refuses two ranks, still sends syncbn's
+// and the gradients' collectives through ProcessGroupNCCL. Each rank prints
+// the backend its collectives went through.
 #include <ATen/ATen.h>
 #include <torch/torch.h>
 
@@ -39,7 +47,11 @@
 #include "deepcam/plugin.hpp"
 #include "deepcam/plugin_loader.hpp"
 #include "deepcam/sync_batch_norm.hpp"
+#include "deepcam_build_config.h"
 #include "ranks.hpp"
+#if DEEPCAM_WITH_CUDA
+#include "step_graph.hpp"
+#endif
 
 namespace {
 
@@ -224,6 +236,71 @@ int synced_gradients(deepcam::Communicator& comm, int k) {
   return 0;
 }
 
+#if DEEPCAM_WITH_CUDA
+int graphed_gradients(deepcam::Communicator& comm) {
+  if (!device.is_cuda()) {
+    std::fprintf(stderr, "data_parallel_probe: graphed-gradients needs --device cuda\n");
+    return 2;
+  }
+  const int P = comm.size(), rank = comm.rank();
+  deepcam::PluginLoader loader;
+  auto model = make_model(loader);
+  auto reference = make_model(loader);
+  std::vector<at::Tensor> params = model->module().parameters();
+  std::vector<at::Tensor> ref_params = reference->module().parameters();
+  deepcam::GradientAllReduce sync(comm, params, 64 * 1024);
+  deepcam::StepGraph graph(device);
+  model->module().train();
+  reference->module().train();
+  const auto step = [&] {
+    sync.arm();
+    deepcam::weighted_cross_entropy(model->forward(graph.input()), graph.labels()).backward();
+    sync.finish();
+  };
+  constexpr int kEagerSteps = 3, kSteps = 6;
+  for (int s = 0; s < kSteps; ++s) {
+    const Sample batch = batch_of(s, 0, rank);
+    graph.load(batch.data, batch.labels);
+    // Unset before every step up to the captured one, so that the captured
+    // backward allocates the gradients that every replay overwrites.
+    if (s <= kEagerSteps) {
+      for (auto& p : params) p.mutable_grad() = at::Tensor();
+    }
+    std::string how = "replayed";
+    if (s < kEagerSteps) {
+      graph.run_eager(step);
+      how = "eager";
+    } else if (s == kEagerSteps) {
+      graph.capture(step);
+      how = "captured";
+    } else {
+      graph.replay();
+    }
+    std::vector<at::Tensor> mean(params.size());
+    for (int r = 0; r < P; ++r) {
+      for (auto& p : ref_params) p.mutable_grad() = at::Tensor();
+      const Sample o = batch_of(s, 0, r);
+      deepcam::weighted_cross_entropy(reference->forward(o.data), o.labels).backward();
+      for (std::size_t i = 0; i < params.size(); ++i) {
+        const at::Tensor g = ref_params[i].grad().to(at::kDouble) / P;
+        mean[i] = r == 0 ? g : mean[i] + g;
+      }
+    }
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      expect_close("step " + std::to_string(s) + " (" + how + ") gradient of parameter " + std::to_string(i),
+                   params[i].grad(), mean[i], rank);
+    }
+    // In place, outside the graph: the replays read the weights' memory.
+    torch::NoGradGuard no_grad;
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      params[i].sub_(params[i].grad(), 0.05);
+      ref_params[i].copy_(params[i]);
+    }
+  }
+  return graph.captured() ? 0 : 1;
+}
+#endif
+
 int bnstats(deepcam::Communicator& comm) {
   const int rank = comm.rank();
   deepcam::PluginLoader loader;
@@ -274,15 +351,21 @@ int main(int argc, char** argv) {
     deepcam::CommOptions options;
     options.timeout = std::chrono::milliseconds(60000);
     options.cuda = device.is_cuda();
+    options.group_of_one = true;
     deepcam::Communicator comm(deepcam::detect_ranks(), options);
     if (device.is_cuda()) device = at::Device(at::kCUDA, static_cast<at::DeviceIndex>(comm.local_rank()));
+    std::printf("rank %d of %d: collectives through %s\n", comm.rank(), comm.size(),
+                comm.backend(device.type()).c_str());
     int status = 2;
     if (mode == "syncbn") status = syncbn(comm);
     else if (mode == "gradients" && argc > 2) status = gradients(comm, std::atoi(argv[2]));
     else if (mode == "synced-gradients" && argc > 2) status = synced_gradients(comm, std::atoi(argv[2]));
     else if (mode == "bnstats") status = bnstats(comm);
+#if DEEPCAM_WITH_CUDA
+    else if (mode == "graphed-gradients") status = graphed_gradients(comm);
+#endif
     else std::fprintf(stderr, "usage: data_parallel_probe [--device cuda] syncbn | gradients K | "
-                              "synced-gradients K | bnstats\n");
+                              "synced-gradients K | bnstats | graphed-gradients (CUDA)\n");
     comm.finish();
     if (status == 0 && failures == 0) std::printf("rank %d: %s: all checks hold\n", comm.rank(), mode.c_str());
     return status != 0 ? status : failures != 0 ? 1 : 0;
