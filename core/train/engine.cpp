@@ -340,18 +340,15 @@ class Engine {
 
   // [run] cuda_graphs: every setting a captured step cannot follow, one line
   // each, before anything is built. A captured step is one whole optimizer
-  // step on one GPU whose every changing value lives on the device.
+  // step on this rank's GPU whose every changing value lives on the device;
+  // on many ranks it includes the gradient all-reduce (NCCL kernels are
+  // captured as any other).
   void refuse_what_graphs_cannot_capture() const {
     const Params& run = cfg_.run;
     std::vector<std::string> reasons;
     if (run.string("device") != "cuda") {
       reasons.push_back(fmt::format("{} is \"{}\": CUDA graphs need device = \"cuda\"", run.where("device"),
                                     run.string("device")));
-    }
-    if (comm_.size() > 1) {
-      reasons.push_back(fmt::format("this run has {} ranks: the gradient all-reduce is not captured, so a captured "
-                                    "step runs on one rank only",
-                                    comm_.size()));
     }
     if (run.integer("gradient_accumulation_frequency") != 1) {
       reasons.push_back(fmt::format("{} is {}: a captured step is one whole optimizer step; use 1",
@@ -469,11 +466,15 @@ class Engine {
                    reached ? "target reached" : "target NOT reached", static_cast<long long>(epoch),
                    time_to_train);
       if (synced_steps_ > 0) {
+        // A replayed step's all-reduce is waited for on the device, not here.
+        const std::string replayed =
+            graph_replays_ > 0 ? fmt::format("; the {} steps replayed from the CUDA graph are not timed", graph_replays_)
+                               : "";
         std::fprintf(stderr,
                      "deepcam-host: gradient all-reduce over %d ranks: %.3f ms waited per optimizer step "
-                     "(%lld steps, %zu buckets)\n",
+                     "(%lld steps, %zu buckets%s)\n",
                      comm_.size(), 1e3 * allreduce_wait_s_ / static_cast<double>(synced_steps_),
-                     static_cast<long long>(synced_steps_), gradients_->bucket_count());
+                     static_cast<long long>(synced_steps_), gradients_->bucket_count(), replayed.c_str());
       }
     }
     return reached ? 0 : 1;
@@ -764,14 +765,17 @@ class Engine {
   }
 
 #if DEEPCAM_WITH_CUDA
-  // [run] cuda_graphs (one rank, k = 1, no loss scaler: see
+  // [run] cuda_graphs (k = 1, no loss scaler: see
   // refuse_what_graphs_cannot_capture): kEagerSteps eager steps on the
   // graph's side stream (cuDNN's autotuning, the optimizer's state and
   // device scalars, the LAMB norm decision all happen there), then the
   // next step is captured with the gradients unset, so that backward
   // allocates them in the graph's memory and every replay overwrites them
   // (zero_grad is never called again). The schedule's learning rate went to
-  // the device in train_step, before the step.
+  // the device in train_step, before the step. On many ranks the eager
+  // steps also create NCCL's communicator, and the capture takes in the
+  // bucketed all-reduce (and SyncBN's collectives): every rank captures the
+  // same sequence, and every replay runs it.
   void graphed_step(const at::Tensor& input, const at::Tensor& labels, at::Tensor& logits, at::Tensor& loss) {
     constexpr int kEagerSteps = 3;  // as PyTorch's whole-network capture example warms up
     if (!graph_) graph_ = std::make_unique<StepGraph>(device_);
@@ -779,6 +783,7 @@ class Engine {
     graph.load(input, labels);
     if (graph.captured()) {
       graph.replay();
+      ++graph_replays_;
       c_.optimizer->replayed();
       logits = graph_logits_;
       loss = graph_loss_;
@@ -1054,6 +1059,7 @@ class Engine {
   std::unique_ptr<GradientAllReduce> gradients_;  // more than one rank
   double allreduce_wait_s_ = 0;
   std::int64_t synced_steps_ = 0;
+  std::int64_t graph_replays_ = 0;       // training steps replayed from the CUDA graph
 };
 
 }  // namespace
