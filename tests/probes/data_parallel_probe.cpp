@@ -127,6 +127,32 @@ std::unique_ptr<deepcam::Model> make_model(deepcam::PluginLoader& loader, deepca
   return model;
 }
 
+// The model under test and a twin with the same initial weights that one
+// process trains without communication, both in training mode.
+struct Twins {
+  explicit Twins(deepcam::Group* bn_group = nullptr)
+      : model(make_model(loader, bn_group)),
+        reference(make_model(loader)),
+        params(model->module().parameters()),
+        ref_params(reference->module().parameters()) {
+    model->module().train();
+    reference->module().train();
+  }
+  // The same update on both, from the model's (all-reduced) gradient; in
+  // place, as a CUDA graph's replays read the weights' memory.
+  void descend() {
+    torch::NoGradGuard no_grad;
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      params[i].sub_(params[i].grad(), 0.05);
+      ref_params[i].copy_(params[i]);
+    }
+  }
+
+  deepcam::PluginLoader loader;  // first: it outlives the models
+  std::unique_ptr<deepcam::Model> model, reference;
+  std::vector<at::Tensor> params, ref_params;
+};
+
 struct Sample {
   at::Tensor data, labels;
 };
@@ -138,53 +164,49 @@ Sample batch_of(int step, int micro, int rank) {
   return {at::randn({2, 16, 32, 48}, gen).to(device), at::randint(0, 3, {2, 32, 48}, gen).to(device)};
 }
 
+// One process, no communication: the mean over the P ranks of each rank's
+// gradient on its own k batches of `step`.
+std::vector<at::Tensor> mean_gradient(deepcam::Model& reference, std::vector<at::Tensor>& ref_params, int step, int k,
+                                      int P) {
+  std::vector<at::Tensor> mean(ref_params.size());
+  for (int r = 0; r < P; ++r) {
+    for (auto& p : ref_params) p.mutable_grad() = at::Tensor();
+    for (int j = 0; j < k; ++j) {
+      const Sample s = batch_of(step, j, r);
+      (deepcam::weighted_cross_entropy(reference.forward(s.data), s.labels) / static_cast<double>(k)).backward();
+    }
+    for (std::size_t i = 0; i < ref_params.size(); ++i) {
+      const at::Tensor g = ref_params[i].grad().to(at::kDouble) / P;
+      mean[i] = r == 0 ? g : mean[i] + g;
+    }
+  }
+  return mean;
+}
+
 int gradients(deepcam::Communicator& comm, int k) {
   const int P = comm.size(), rank = comm.rank();
-  deepcam::PluginLoader loader;
-  auto model = make_model(loader);
-  auto reference = make_model(loader);
-  std::vector<at::Tensor> params = model->module().parameters();
-  std::vector<at::Tensor> ref_params = reference->module().parameters();
+  Twins t;
   // Small buckets, so that several all-reduces overlap the backward pass.
-  deepcam::GradientAllReduce sync(comm, params, 64 * 1024);
+  deepcam::GradientAllReduce sync(comm, t.params, 64 * 1024);
   if (sync.bucket_count() < 3) {
     std::printf("rank %d: expected several buckets, got %zu\n", rank, sync.bucket_count());
     ++failures;
   }
-  model->module().train();
-  reference->module().train();
   for (int step = 0; step < 3; ++step) {
-    for (auto& p : params) p.mutable_grad() = at::Tensor();
+    for (auto& p : t.params) p.mutable_grad() = at::Tensor();
     for (int j = 0; j < k; ++j) {
       if (j == k - 1) sync.arm();
       const Sample s = batch_of(step, j, rank);
-      (deepcam::weighted_cross_entropy(model->forward(s.data), s.labels) / static_cast<double>(k)).backward();
+      (deepcam::weighted_cross_entropy(t.model->forward(s.data), s.labels) / static_cast<double>(k)).backward();
     }
     sync.finish();
 
-    // One process, no communication: each rank's batches separately.
-    std::vector<at::Tensor> mean(params.size());
-    for (int r = 0; r < P; ++r) {
-      for (auto& p : ref_params) p.mutable_grad() = at::Tensor();
-      for (int j = 0; j < k; ++j) {
-        const Sample s = batch_of(step, j, r);
-        (deepcam::weighted_cross_entropy(reference->forward(s.data), s.labels) / static_cast<double>(k)).backward();
-      }
-      for (std::size_t i = 0; i < params.size(); ++i) {
-        const at::Tensor g = ref_params[i].grad().to(at::kDouble) / P;
-        mean[i] = r == 0 ? g : mean[i] + g;
-      }
-    }
-    for (std::size_t i = 0; i < params.size(); ++i) {
-      expect_close("step " + std::to_string(step) + " gradient of parameter " + std::to_string(i), params[i].grad(),
+    const std::vector<at::Tensor> mean = mean_gradient(*t.reference, t.ref_params, step, k, P);
+    for (std::size_t i = 0; i < t.params.size(); ++i) {
+      expect_close("step " + std::to_string(step) + " gradient of parameter " + std::to_string(i), t.params[i].grad(),
                    mean[i], rank);
     }
-    // The same update on both, from the all-reduced gradient.
-    torch::NoGradGuard no_grad;
-    for (std::size_t i = 0; i < params.size(); ++i) {
-      params[i].sub_(params[i].grad(), 0.05);
-      ref_params[i].copy_(params[i]);
-    }
+    t.descend();
   }
   return 0;
 }
@@ -193,43 +215,33 @@ int gradients(deepcam::Communicator& comm, int k) {
 // gradient one process computes on the ranks' batches concatenated.
 int synced_gradients(deepcam::Communicator& comm, int k) {
   const int P = comm.size(), rank = comm.rank();
-  deepcam::PluginLoader loader;
-  auto model = make_model(loader, &comm.consecutive(2));
-  auto reference = make_model(loader);
-  std::vector<at::Tensor> params = model->module().parameters();
-  std::vector<at::Tensor> ref_params = reference->module().parameters();
-  deepcam::GradientAllReduce sync(comm, params, 64 * 1024);
-  model->module().train();
-  reference->module().train();
+  Twins t(&comm.consecutive(2));
+  deepcam::GradientAllReduce sync(comm, t.params, 64 * 1024);
   for (int step = 0; step < 3; ++step) {
-    for (auto& p : params) p.mutable_grad() = at::Tensor();
-    for (auto& p : ref_params) p.mutable_grad() = at::Tensor();
+    for (auto& p : t.params) p.mutable_grad() = at::Tensor();
+    for (auto& p : t.ref_params) p.mutable_grad() = at::Tensor();
     for (int j = 0; j < k; ++j) {
       if (j == k - 1) sync.arm();
       const Sample s = batch_of(step, j, rank);
-      (deepcam::weighted_cross_entropy(model->forward(s.data), s.labels) / static_cast<double>(k)).backward();
+      (deepcam::weighted_cross_entropy(t.model->forward(s.data), s.labels) / static_cast<double>(k)).backward();
       std::vector<at::Tensor> data, labels;
       for (int r = 0; r < P; ++r) {
         const Sample o = batch_of(step, j, r);
         data.push_back(o.data);
         labels.push_back(o.labels);
       }
-      (deepcam::weighted_cross_entropy(reference->forward(at::cat(data)), at::cat(labels)) / static_cast<double>(k))
+      (deepcam::weighted_cross_entropy(t.reference->forward(at::cat(data)), at::cat(labels)) / static_cast<double>(k))
           .backward();
     }
     sync.finish();
-    for (std::size_t i = 0; i < params.size(); ++i) {
-      expect_close("step " + std::to_string(step) + " gradient of parameter " + std::to_string(i), params[i].grad(),
-                   ref_params[i].grad(), rank);
+    for (std::size_t i = 0; i < t.params.size(); ++i) {
+      expect_close("step " + std::to_string(step) + " gradient of parameter " + std::to_string(i), t.params[i].grad(),
+                   t.ref_params[i].grad(), rank);
     }
-    torch::NoGradGuard no_grad;
-    for (std::size_t i = 0; i < params.size(); ++i) {
-      params[i].sub_(params[i].grad(), 0.05);
-      ref_params[i].copy_(params[i]);
-    }
+    t.descend();
   }
-  const auto buffers = model->module().named_buffers();
-  const auto ref_buffers = reference->module().named_buffers();
+  const auto buffers = t.model->module().named_buffers();
+  const auto ref_buffers = t.reference->module().named_buffers();
   for (std::size_t i = 0; i < buffers.size(); ++i) {
     expect_close("buffer " + buffers[i].key(), buffers[i].value(), ref_buffers[i].value(), rank);
   }
@@ -243,18 +255,12 @@ int graphed_gradients(deepcam::Communicator& comm) {
     return 2;
   }
   const int P = comm.size(), rank = comm.rank();
-  deepcam::PluginLoader loader;
-  auto model = make_model(loader);
-  auto reference = make_model(loader);
-  std::vector<at::Tensor> params = model->module().parameters();
-  std::vector<at::Tensor> ref_params = reference->module().parameters();
-  deepcam::GradientAllReduce sync(comm, params, 64 * 1024);
+  Twins t;
+  deepcam::GradientAllReduce sync(comm, t.params, 64 * 1024);
   deepcam::StepGraph graph(device);
-  model->module().train();
-  reference->module().train();
   const auto step = [&] {
     sync.arm();
-    deepcam::weighted_cross_entropy(model->forward(graph.input()), graph.labels()).backward();
+    deepcam::weighted_cross_entropy(t.model->forward(graph.input()), graph.labels()).backward();
     sync.finish();
   };
   constexpr int kEagerSteps = 3, kSteps = 6;
@@ -264,7 +270,7 @@ int graphed_gradients(deepcam::Communicator& comm) {
     // Unset before every step up to the captured one, so that the captured
     // backward allocates the gradients that every replay overwrites.
     if (s <= kEagerSteps) {
-      for (auto& p : params) p.mutable_grad() = at::Tensor();
+      for (auto& p : t.params) p.mutable_grad() = at::Tensor();
     }
     std::string how = "replayed";
     if (s < kEagerSteps) {
@@ -276,26 +282,12 @@ int graphed_gradients(deepcam::Communicator& comm) {
     } else {
       graph.replay();
     }
-    std::vector<at::Tensor> mean(params.size());
-    for (int r = 0; r < P; ++r) {
-      for (auto& p : ref_params) p.mutable_grad() = at::Tensor();
-      const Sample o = batch_of(s, 0, r);
-      deepcam::weighted_cross_entropy(reference->forward(o.data), o.labels).backward();
-      for (std::size_t i = 0; i < params.size(); ++i) {
-        const at::Tensor g = ref_params[i].grad().to(at::kDouble) / P;
-        mean[i] = r == 0 ? g : mean[i] + g;
-      }
-    }
-    for (std::size_t i = 0; i < params.size(); ++i) {
+    const std::vector<at::Tensor> mean = mean_gradient(*t.reference, t.ref_params, s, 1, P);
+    for (std::size_t i = 0; i < t.params.size(); ++i) {
       expect_close("step " + std::to_string(s) + " (" + how + ") gradient of parameter " + std::to_string(i),
-                   params[i].grad(), mean[i], rank);
+                   t.params[i].grad(), mean[i], rank);
     }
-    // In place, outside the graph: the replays read the weights' memory.
-    torch::NoGradGuard no_grad;
-    for (std::size_t i = 0; i < params.size(); ++i) {
-      params[i].sub_(params[i].grad(), 0.05);
-      ref_params[i].copy_(params[i]);
-    }
+    t.descend();
   }
   return graph.captured() ? 0 : 1;
 }
