@@ -374,6 +374,13 @@ namespace {
 
 bool no_gpu() { return !torch::cuda::is_available(); }
 
+// A 4-d gradient as a convolution's backward pass allocates it under
+// channels_last (at::empty with that format: for a [O, I, 1, 1] weight,
+// strides that differ from the weight's along the dimensions of size 1).
+at::MemoryFormat layout(const std::vector<std::int64_t>& shape) {
+  return shape.size() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
 }  // namespace
 
 // Runs only where a GPU is present; reported as skipped otherwise.
@@ -381,8 +388,11 @@ TEST_CASE("Adam and AdamW: the fused CUDA kernels match the CPU path for 10 step
   for (const bool decoupled : {false, true}) {
     INFO("decoupled_weight_decay = " << decoupled);
     // Several chunks (70000 > 65536), a channels-last parameter (dense but
-    // not contiguous), one with gradients on even steps only, and a scalar.
-    const std::vector<std::vector<std::int64_t>> shapes = {{70000}, {8, 3, 5, 5}, {17}, {}};
+    // not contiguous), one with gradients on even steps only, a scalar, and
+    // a channels-last 1x1 weight whose gradient has the strides a
+    // convolution's backward pass gives it (other strides along the
+    // dimensions of size 1: still the fused path).
+    const std::vector<std::vector<std::int64_t>> shapes = {{70000}, {8, 3, 5, 5}, {17}, {}, {4, 3, 1, 1}};
     torch::manual_seed(7);
     std::vector<at::Tensor> cpu;
     std::vector<at::Tensor> gpu;
@@ -403,10 +413,12 @@ TEST_CASE("Adam and AdamW: the fused CUDA kernels match the CPU path for 10 step
         const bool has_grad = !(i == 2 && step % 2 == 1);
         const at::Tensor g = has_grad ? torch::randn(shapes[i]) : at::Tensor();
         cpu[i].mutable_grad() = g;
-        gpu[i].mutable_grad() = has_grad ? g.to(torch::kCUDA).contiguous(gpu[i].suggest_memory_format()) : g;
+        gpu[i].mutable_grad() =
+            has_grad ? at::empty(shapes[i], at::TensorOptions(torch::kCUDA).memory_format(layout(shapes[i]))).copy_(g) : g;
       }
       on_cpu.step();
       on_gpu.step();
+      CHECK(on_gpu.capturable());  // the fused kernels took the step
     }
     for (std::size_t i = 0; i < shapes.size(); ++i) {
       INFO("parameter " << i);

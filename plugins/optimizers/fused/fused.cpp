@@ -12,8 +12,18 @@
 namespace deepcam::fused {
 
 bool same_layout(const at::Tensor& param, const at::Tensor& other) {
-  return other.defined() && other.device() == param.device() && other.scalar_type() == param.scalar_type() &&
-         other.sizes() == param.sizes() && other.strides() == param.strides();
+  if (!other.defined() || other.device() != param.device() || other.scalar_type() != param.scalar_type() ||
+      other.sizes() != param.sizes() || !other.is_non_overlapping_and_dense()) {
+    return false;
+  }
+  // A dimension of size 1 is never stepped along, so its stride may differ
+  // (autograd keeps such a gradient: a channels_last [O, I, 1, 1] weight's
+  // gradient from a convolution's backward pass has strides of its own
+  // there); every element still sits at the same offset in both.
+  for (std::int64_t d = 0; d < param.dim(); ++d) {
+    if (param.size(d) > 1 && other.stride(d) != param.stride(d)) return false;
+  }
+  return true;
 }
 
 bool applies(const std::vector<at::Tensor>& parameters) {

@@ -20,8 +20,10 @@ namespace deepcam::fused {
 // their plain tensor code, which works on any device and dtype.
 bool applies(const std::vector<at::Tensor>& parameters);
 
-// The moment state the kernels update element by element: same layout as
-// the parameter (PyTorch's zeros_like with the preserved memory format).
+// Whether `other` (a gradient, a moment) has the parameter's device, dtype,
+// sizes and layout: dense, and every element at the same offset from its
+// start, so that the kernels can walk both in step (strides along
+// dimensions of size 1 do not count).
 bool same_layout(const at::Tensor& param, const at::Tensor& other);
 
 #if DEEPCAM_WITH_CUDA

@@ -1,11 +1,15 @@
 // Unit test of the launch tables (multi_tensor.hpp): how tensors are cut
-// into chunks and tables. The kernels that read them are tested by each
-// optimizer's CUDA-vs-CPU test when a GPU is present.
+// into chunks and tables; and of same_layout (fused.hpp), which decides
+// whether the kernels may walk a parameter and its gradient or moments in
+// step. The kernels themselves are tested by each optimizer's CUDA-vs-CPU
+// test when a GPU is present.
+#include <ATen/ATen.h>
 #include <doctest/doctest.h>
 
 #include <cstdint>
 #include <vector>
 
+#include "fused.hpp"
 #include "multi_tensor.hpp"
 
 using namespace deepcam::fused;
@@ -97,4 +101,44 @@ TEST_CASE("make_tables of no tensors is no table") {
 
 TEST_CASE("a table fits in the kernel arguments CUDA 12.1+ allows") {
   CHECK(sizeof(TensorTable) + 256 <= 32764);
+}
+
+namespace {
+
+// A channels_last convolution weight and its gradient from the
+// convolution's backward pass, as the model's parameters get them.
+std::pair<at::Tensor, at::Tensor> conv_weight_and_gradient(at::IntArrayRef shape, std::int64_t groups) {
+  at::Tensor w = at::randn(shape).contiguous(at::MemoryFormat::ChannelsLast).requires_grad_();
+  const at::Tensor x = at::randn({2, shape[1] * groups, 6, 6}).contiguous(at::MemoryFormat::ChannelsLast);
+  const std::vector<std::int64_t> one{1, 1}, none{0, 0};
+  at::conv2d(x, w, at::Tensor(), one, at::IntArrayRef(none), one, groups).sum().backward();
+  return {w, w.grad()};
+}
+
+}  // namespace
+
+TEST_CASE("same_layout: a channels_last weight and its convolution gradient walk in step") {
+  // 1x1 and depthwise weights: the gradient's strides differ from the weight's only along dimensions of size 1,
+  // where PyTorch calls both channels_last; a 5x5 weight's gradient has the weight's strides.
+  for (const auto& [shape, groups] : std::vector<std::pair<std::vector<std::int64_t>, std::int64_t>>{
+           {{4, 3, 1, 1}, 1}, {{4, 1, 3, 3}, 4}, {{8, 3, 5, 5}, 1}}) {
+    CAPTURE(at::IntArrayRef(shape));
+    const auto [w, g] = conv_weight_and_gradient(shape, groups);
+    CHECK(same_layout(w, g));
+    CHECK(same_layout(w, at::zeros_like(w, at::MemoryFormat::Preserve)));
+  }
+  // What the check exists for: the strides of a size-1 dimension really differ in the first case.
+  const auto [w, g] = conv_weight_and_gradient({4, 3, 1, 1}, 1);
+  CHECK(w.strides() != g.strides());
+}
+
+TEST_CASE("same_layout refuses what the kernels cannot walk in step") {
+  const at::Tensor w = at::randn({8, 3, 5, 5}).contiguous(at::MemoryFormat::ChannelsLast);
+  CHECK_FALSE(same_layout(w, at::Tensor()));
+  CHECK_FALSE(same_layout(w, at::zeros({8, 3, 5, 5})));                        // another order
+  CHECK_FALSE(same_layout(w, at::zeros({8, 3, 5, 4}).contiguous(at::MemoryFormat::ChannelsLast)));  // another size
+  CHECK_FALSE(same_layout(w, at::zeros_like(w).to(at::kDouble)));             // another dtype
+  const at::Tensor v = at::randn({6, 4});
+  CHECK_FALSE(same_layout(v, at::zeros({6, 8}).narrow(1, 0, 4)));            // not dense
+  CHECK(same_layout(v, at::zeros({6, 4})));
 }

@@ -428,6 +428,13 @@ namespace {
 
 bool no_gpu() { return !torch::cuda::is_available(); }
 
+// A 4-d gradient as a convolution's backward pass allocates it under
+// channels_last (at::empty with that format: for a [O, I, 1, 1] weight,
+// strides that differ from the weight's along the dimensions of size 1).
+at::MemoryFormat layout(const std::vector<std::int64_t>& shape) {
+  return shape.size() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
 }  // namespace
 
 // Runs only where a GPU is present; reported as skipped otherwise.
@@ -436,8 +443,10 @@ TEST_CASE("LAMB: the fused CUDA kernels match the CPU path for 10 steps" * docte
     INFO("gradient scale " << scale << (scale > 1 ? " (clipped)" : " (not clipped)"));
     // Several chunks (70000 > 65536), a channels-last tensor (dense, not
     // contiguous), a zero-norm one, one with gradients on even steps only,
-    // and one that never gets a gradient.
-    const std::vector<std::vector<std::int64_t>> shapes = {{70000}, {8, 3, 5, 5}, {4}, {17}, {6}};
+    // one that never gets a gradient, and a channels-last 1x1 weight whose
+    // gradient has the strides a convolution's backward pass gives it
+    // (other strides along the dimensions of size 1: still the fused path).
+    const std::vector<std::vector<std::int64_t>> shapes = {{70000}, {8, 3, 5, 5}, {4}, {17}, {6}, {4, 3, 1, 1}};
     torch::manual_seed(5);
     std::vector<at::Tensor> cpu;
     std::vector<at::Tensor> gpu;
@@ -458,10 +467,12 @@ TEST_CASE("LAMB: the fused CUDA kernels match the CPU path for 10 steps" * docte
         const bool has_grad = t != 4 && !(t == 3 && step % 2 == 1);
         const at::Tensor g = has_grad ? torch::randn(shapes[t]) * scale : at::Tensor();
         cpu[t].mutable_grad() = g;
-        gpu[t].mutable_grad() = has_grad ? g.to(torch::kCUDA).contiguous(gpu[t].suggest_memory_format()) : g;
+        gpu[t].mutable_grad() =
+            has_grad ? at::empty(shapes[t], at::TensorOptions(torch::kCUDA).memory_format(layout(shapes[t]))).copy_(g) : g;
       }
       on_cpu.step();
       on_gpu.step();
+      CHECK(on_gpu.capturable());  // the fused kernels took the step
     }
     CHECK(on_gpu.steps() == 10);
     for (std::size_t t = 0; t < shapes.size(); ++t) {
