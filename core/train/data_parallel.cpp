@@ -125,7 +125,7 @@ double GradientAllReduce::finish() {
       at::Tensor p = parameters_[b.parameters[slot]];
       const at::Tensor avg = b.flat.narrow(0, b.offsets[slot], p.numel()).view(p.sizes());
       if (p.grad().defined()) p.mutable_grad().copy_(avg);
-      else p.mutable_grad() = avg.clone();
+      else p.mutable_grad() = at::empty_like(p, at::MemoryFormat::Preserve).copy_(avg);  // in the parameter's layout, as autograd's
     }
   }
   return waited;
