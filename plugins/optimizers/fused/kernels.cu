@@ -88,16 +88,21 @@ __global__ void adam_update(const __grid_constant__ TensorTable table, AdamHyper
   }
 }
 
-__global__ void lamb_grad_squares(const __grid_constant__ TensorTable table, float* partials) {
+__global__ void lamb_grad_squares(const __grid_constant__ TensorTable table, double* partials) {
   const Span span = block_span(table);
   const float* grad = table.grad[span.tensor];
-  float sum = 0.0f;
-  for (std::int64_t i = span.begin + threadIdx.x; i < span.end; i += blockDim.x) sum += grad[i] * grad[i];
+  // In float64, as the CPU path's norm: float32 partial sums of squares
+  // overflow for gradients that the CPU path still clips finitely.
+  double sum = 0.0;
+  for (std::int64_t i = span.begin + threadIdx.x; i < span.end; i += blockDim.x) {
+    const double g = grad[i];
+    sum += g * g;
+  }
   sum = block_sum(sum);
   if (threadIdx.x == 0) partials[table.chunk_base[span.tensor] + table.block_chunk[blockIdx.x]] = sum;
 }
 
-__global__ void lamb_finalize(const float* partials, std::int32_t chunks, LambScalars* scalars) {
+__global__ void lamb_finalize(const double* partials, std::int32_t chunks, LambScalars* scalars) {
   double sum = 0.0;
   for (std::int32_t i = threadIdx.x; i < chunks; i += blockDim.x) sum += partials[i];
   sum = block_sum(sum);
@@ -118,7 +123,9 @@ struct LambFactors {
 __device__ LambFactors lamb_factors(const LambHyper& hyper, const LambScalars& scalars) {
   LambFactors f;
   const double norm = scalars.grad_norm;
-  f.clip = norm > hyper.max_grad_norm ? static_cast<float>(norm / hyper.max_grad_norm) : 1.0f;
+  // As the CPU path's clamp_min: a NaN norm gives a NaN factor (every
+  // parameter NaN, as on the CPU), not 1.
+  f.clip = !(norm <= hyper.max_grad_norm) ? static_cast<float>(norm / hyper.max_grad_norm) : 1.0f;
   f.beta1 = static_cast<float>(hyper.beta1);
   f.beta3 = static_cast<float>(1.0 - hyper.beta1);  // grad_averaging
   f.beta2 = static_cast<float>(hyper.beta2);
@@ -212,14 +219,14 @@ const char* launch_adam(const TensorTable& table, const AdamHyper& hyper, const 
   return status();
 }
 
-const char* launch_lamb_grad_norm(const TensorTable& table, float* grad_partials, void* stream) {
+const char* launch_lamb_grad_norm(const TensorTable& table, double* grad_partials, void* stream) {
   if (table.blocks > 0) {
     lamb_grad_squares<<<table.blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(table, grad_partials);
   }
   return status();
 }
 
-const char* launch_lamb_finalize(const float* grad_partials, std::int32_t chunks, LambScalars* scalars,
+const char* launch_lamb_finalize(const double* grad_partials, std::int32_t chunks, LambScalars* scalars,
                                  void* stream) {
   lamb_finalize<<<1, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(grad_partials, chunks, scalars);
   return status();

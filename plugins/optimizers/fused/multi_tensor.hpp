@@ -93,10 +93,10 @@ const char* launch_adam(const TensorTable& table, const AdamHyper& hyper, const 
                         void* stream);
 
 // LAMB in four passes, each over every table before the next pass starts:
-// 1. per-chunk sums of g^2 into grad_partials;
-const char* launch_lamb_grad_norm(const TensorTable& table, float* grad_partials, void* stream);
+// 1. per-chunk sums of g^2 into grad_partials (float64);
+const char* launch_lamb_grad_norm(const TensorTable& table, double* grad_partials, void* stream);
 // 2. once: G from all `chunks` partials into scalars->grad_norm, step += 1;
-const char* launch_lamb_finalize(const float* grad_partials, std::int32_t chunks, LambScalars* scalars,
+const char* launch_lamb_finalize(const double* grad_partials, std::int32_t chunks, LambScalars* scalars,
                                  void* stream);
 // 3. the moments from the clipped gradient, and per-chunk sums of ||u||^2
 //    and ||p||^2;

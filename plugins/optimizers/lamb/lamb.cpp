@@ -161,7 +161,7 @@ void Lamb::fused_step(const std::vector<std::size_t>& with_grad) {
   scalars_lr_ = options_.lr;
   const std::int64_t slots = std::max<std::int32_t>(chunks, 1);
   if (!grad_partials_.defined() || grad_partials_.numel() < slots || grad_partials_.device() != first.device()) {
-    grad_partials_ = at::empty({slots}, on_device);
+    grad_partials_ = at::empty({slots}, on_device.dtype(at::kDouble));
     update_partials_ = at::empty({slots}, on_device);
     param_partials_ = at::empty({slots}, on_device);
   }
@@ -169,7 +169,7 @@ void Lamb::fused_step(const std::vector<std::size_t>& with_grad) {
   static_assert(sizeof(fused::LambScalars) == 3 * sizeof(double), "scalars_ holds LambScalars");
   auto* scalars = reinterpret_cast<fused::LambScalars*>(scalars_.data_ptr<double>());
   const fused::LambHyper hyper{options_.beta1, options_.beta2, kEps, options_.weight_decay, options_.max_grad_norm};
-  float* grad_partials = grad_partials_.data_ptr<float>();
+  double* grad_partials = grad_partials_.data_ptr<double>();
   float* update_partials = update_partials_.data_ptr<float>();
   float* param_partials = param_partials_.data_ptr<float>();
   fused::on_stream_of(first, [&](void* stream) {

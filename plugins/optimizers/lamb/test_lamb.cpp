@@ -12,6 +12,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <limits>
 #include <vector>
 
 #include "deepcam/checkpoint.hpp"
@@ -439,7 +440,8 @@ at::MemoryFormat layout(const std::vector<std::int64_t>& shape) {
 
 // Runs only where a GPU is present; reported as skipped otherwise.
 TEST_CASE("LAMB: the fused CUDA kernels match the CPU path for 10 steps" * doctest::skip(no_gpu())) {
-  for (const double scale : {3.0, 0.001}) {
+  // 1e20: squares beyond float32's range, which the global norm sums in float64 on both paths.
+  for (const double scale : {3.0, 0.001, 1e20}) {
     INFO("gradient scale " << scale << (scale > 1 ? " (clipped)" : " (not clipped)"));
     // Several chunks (70000 > 65536), a channels-last tensor (dense, not
     // contiguous), a zero-norm one, one with gradients on even steps only,
@@ -479,5 +481,34 @@ TEST_CASE("LAMB: the fused CUDA kernels match the CPU path for 10 steps" * docte
       INFO("parameter " << t);
       CHECK(torch::allclose(gpu[t].detach().cpu(), cpu[t].detach(), 1e-5, 1e-6));
     }
+  }
+}
+
+TEST_CASE("LAMB: a NaN gradient makes every parameter NaN on the GPU as on the CPU" * doctest::skip(no_gpu())) {
+  // The global norm is NaN; the clip factor follows it (clamp_min on the CPU), so no parameter is
+  // updated with an unclipped finite gradient.
+  torch::manual_seed(6);
+  const std::vector<std::vector<std::int64_t>> shapes = {{70000}, {33}};
+  std::vector<at::Tensor> cpu, gpu;
+  for (const auto& shape : shapes) {
+    const at::Tensor p = torch::randn(shape);
+    cpu.push_back(p.clone().requires_grad_(true));
+    gpu.push_back(p.to(torch::kCUDA).requires_grad_(true));
+  }
+  const LambOptions options{0.01, 0.9, 0.999, 0.01, 1.0};
+  Lamb on_cpu(cpu, options), on_gpu(gpu, options);
+  for (std::size_t t = 0; t < shapes.size(); ++t) {
+    at::Tensor g = torch::randn(shapes[t]);
+    if (t == 1) g[5] = std::numeric_limits<float>::quiet_NaN();
+    cpu[t].mutable_grad() = g;
+    gpu[t].mutable_grad() = g.to(torch::kCUDA);
+  }
+  on_cpu.step();
+  on_gpu.step();
+  CHECK(on_gpu.capturable());
+  for (std::size_t t = 0; t < shapes.size(); ++t) {
+    INFO("parameter " << t);
+    CHECK(cpu[t].detach().isnan().all().item<bool>());
+    CHECK(gpu[t].detach().isnan().all().item<bool>());
   }
 }
