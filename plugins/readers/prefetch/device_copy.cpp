@@ -49,14 +49,14 @@ at::Tensor normalise_batch(const at::Tensor& raw_bhwc, const at::Tensor& shift, 
   return channels_last ? bchw : bchw.contiguous();
 }
 
-DeviceCopier::DeviceCopier(const std::string& device, int rank, int slots, const std::string& where) {
+DeviceCopier::DeviceCopier(const std::string& device, int local_rank, int slots, const std::string& where) {
   if (device != "cuda") return;
 #if DEEPCAM_WITH_CUDA
   const int count = at::cuda::device_count();
   if (count == 0) throw Error(fmt::format("{}: [run] device = \"cuda\" but no CUDA device is available", where));
-  impl_ = std::make_unique<Impl>(static_cast<c10::DeviceIndex>(rank % count), slots);
+  impl_ = std::make_unique<Impl>(static_cast<c10::DeviceIndex>(local_rank % count), slots);
 #else
-  (void)rank;
+  (void)local_rank;
   (void)slots;
   throw Error(fmt::format("{}: [run] device = \"cuda\" but this plugin was built without CUDA", where));
 #endif

@@ -39,9 +39,10 @@ at::Tensor normalise_batch(const at::Tensor& raw_bhwc, const at::Tensor& shift, 
 
 class DeviceCopier {
  public:
-  // `device` is [run] device ("cpu" or "cuda"); the GPU is rank mod the
-  // number of GPUs, as the engine picks it. `slots` is the pool's size.
-  DeviceCopier(const std::string& device, int rank, int slots, const std::string& where);
+  // `device` is [run] device ("cpu" or "cuda"); the GPU is the rank's
+  // place on its node mod the number of GPUs, as the engine picks it.
+  // `slots` is the pool's size.
+  DeviceCopier(const std::string& device, int local_rank, int slots, const std::string& where);
   ~DeviceCopier();
   DeviceCopier(const DeviceCopier&) = delete;
   DeviceCopier& operator=(const DeviceCopier&) = delete;

@@ -186,7 +186,7 @@ struct PrefetchReader::Impl {
         options(o),
         window(o.depth + 2),
         extra(o.depth),
-        copier(c.device, c.rank, o.depth + 2 + o.depth, o.where) {}
+        copier(c.device, c.local_rank, o.depth + 2 + o.depth, o.where) {}
 
   std::int64_t sample_elements() const { return channels * height * width; }
 
