@@ -11,7 +11,8 @@
 // others up to [run] bucket_cap_mb each),
 // each bucket's all-reduce starts as soon as its last gradient is in, and
 // buckets start in the same order on every rank (collectives must match).
-// It also makes the time spent waiting for the all-reduce measurable.
+// It also makes the time spent waiting for the all-reduce measurable on
+// Gloo; on NCCL the wait is the GPU stream's, and the host returns at once.
 //
 // With gradient accumulation only the backward pass of the batch that
 // updates the weights is armed: the earlier ones just accumulate locally.
@@ -44,7 +45,8 @@ class DEEPCAM_API GradientAllReduce {
   void arm();
   // After that backward pass: starts what has not started (parameters that
   // got no gradient count as zero), waits for every bucket and writes the
-  // averages into the gradients. Returns the seconds spent waiting.
+  // averages into the gradients. Returns the seconds the host spent waiting
+  // (on NCCL only the time to queue the GPU's wait).
   double finish();
 
   std::size_t bucket_count() const { return buckets_.size(); }

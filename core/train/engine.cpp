@@ -15,6 +15,7 @@
 #include <cstring>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <functional>
 #include <fstream>
@@ -38,6 +39,7 @@
 #if DEEPCAM_WITH_CUDA
 #include <ATen/autocast_mode.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "step_graph.hpp"
@@ -278,6 +280,12 @@ class Engine {
                                 DEEPCAM_WITH_CUDA ? "" : " (this build has CUDA disabled)"));
       }
       device_ = torch::Device(torch::kCUDA, comm_.local_rank() % static_cast<int>(torch::cuda::device_count()));
+#if DEEPCAM_WITH_CUDA
+      // The rank's GPU current for everything that names none (streams,
+      // the allocator's statistics, NCCL's set-up), as torch.cuda.set_device
+      // in a PyTorch training script: no context on GPU 0 for the others.
+      c10::cuda::set_device(device_.index());
+#endif
     }
     if (run.integer("threads") > 0) at::set_num_threads(static_cast<int>(run.integer("threads")));
     torch::manual_seed(static_cast<std::uint64_t>(run.integer("seed")));
@@ -349,6 +357,17 @@ class Engine {
     if (run.string("device") != "cuda") {
       reasons.push_back(fmt::format("{} is \"{}\": CUDA graphs need device = \"cuda\"", run.where("device"),
                                     run.string("device")));
+    }
+    // ProcessGroupNCCL's blocking wait polls each all-reduce from the host,
+    // which a capture cannot hold (c10d reads any value but "0" as on).
+    for (const char* name : {"TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT"}) {
+      const char* value = std::getenv(name);
+      if (comm_.size() > 1 && value != nullptr && *value != '\0' && std::string(value) != "0") {
+        reasons.push_back(fmt::format("the environment sets {}={}: the NCCL all-reduce is then waited for on the "
+                                      "host, which a captured step cannot do; unset it (comm_timeout_s and the "
+                                      "heartbeat still catch a lost rank)",
+                                      name, value));
+      }
     }
     if (run.integer("gradient_accumulation_frequency") != 1) {
       reasons.push_back(fmt::format("{} is {}: a captured step is one whole optimizer step; use 1",
@@ -465,16 +484,19 @@ class Engine {
       std::fprintf(stderr, "deepcam-host: %s after %lld epochs; time to train (run_start to run_stop) %.1f s\n",
                    reached ? "target reached" : "target NOT reached", static_cast<long long>(epoch),
                    time_to_train);
-      if (synced_steps_ > 0) {
-        // A replayed step's all-reduce is waited for on the device, not here.
-        const std::string replayed =
-            graph_replays_ > 0 ? fmt::format("; the {} steps replayed from the CUDA graph are not timed", graph_replays_)
-                               : "";
+      if (synced_steps_ > 0 && device_.is_cuda()) {
+        // ProcessGroupNCCL's wait only makes the GPU's stream wait: the host
+        // time around it says nothing of the all-reduce.
+        std::fprintf(stderr,
+                     "deepcam-host: gradient all-reduce over %d ranks through NCCL (%zu buckets): the GPU waits for "
+                     "it on its own stream, not timed on the host\n",
+                     comm_.size(), gradients_->bucket_count());
+      } else if (synced_steps_ > 0) {
         std::fprintf(stderr,
                      "deepcam-host: gradient all-reduce over %d ranks: %.3f ms waited per optimizer step "
-                     "(%lld steps, %zu buckets%s)\n",
+                     "(%lld steps, %zu buckets)\n",
                      comm_.size(), 1e3 * allreduce_wait_s_ / static_cast<double>(synced_steps_),
-                     static_cast<long long>(synced_steps_), gradients_->bucket_count(), replayed.c_str());
+                     static_cast<long long>(synced_steps_), gradients_->bucket_count());
       }
     }
     return reached ? 0 : 1;
@@ -783,7 +805,6 @@ class Engine {
     graph.load(input, labels);
     if (graph.captured()) {
       graph.replay();
-      ++graph_replays_;
       c_.optimizer->replayed();
       logits = graph_logits_;
       loss = graph_loss_;
@@ -1059,7 +1080,6 @@ class Engine {
   std::unique_ptr<GradientAllReduce> gradients_;  // more than one rank
   double allreduce_wait_s_ = 0;
   std::int64_t synced_steps_ = 0;
-  std::int64_t graph_replays_ = 0;       // training steps replayed from the CUDA graph
 };
 
 }  // namespace

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from helpers import assert_within_spread, read_events, run_host, synth, write_run
+from helpers import assert_within_spread, plugin_env, read_events, run_host, synth, write_run
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -49,6 +49,17 @@ def test_graphs_on_many_ranks_are_refused_only_for_what_each_rank_sets(tmp_path)
     _, err = refusal(tmp_path, "--nproc", 2)
     assert '[run] device (default) is "cpu": CUDA graphs need device = "cuda"' in err
     assert "this run has" not in err and "all-reduce" not in err
+
+
+def test_a_blocking_nccl_wait_is_refused_with_graphs_on_many_ranks(tmp_path):
+    data = synth(tmp_path / "data", train=4, validation=2)
+    path = write_run(tmp_path / "run.toml", data, tmp_path / "out", run={"cuda_graphs": True})
+    r = run_host("--nproc", 2, path, env=dict(plugin_env(), TORCH_NCCL_BLOCKING_WAIT="1"))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "the environment sets TORCH_NCCL_BLOCKING_WAIT=1: the NCCL all-reduce is then waited for on the host" in r.stderr
+    # One rank has no NCCL group to wait on.
+    r = run_host(path, env=dict(plugin_env(), TORCH_NCCL_BLOCKING_WAIT="1"))
+    assert r.returncode == 2 and "TORCH_NCCL_BLOCKING_WAIT" not in r.stderr, r.stderr
 
 
 def test_benchmark_line_says_whether_the_step_was_graphed(tmp_path):
