@@ -4,7 +4,8 @@
 # folder that git ignores: the programs, plugins, probes and unit-test
 # executables of a CUDA build, the shared libraries they load that are not
 # LibTorch's, the CUDA libraries torch brings or the C library's (HDF5 and
-# what it pulls in, toml++, the CUDA run-time, ...), the mlperf-logging wheel, the test vectors of ../shared/testdata and,
+# what it pulls in, toml++, the CUDA run-time, ...), the mlperf-logging
+# wheel, the test vectors of ../shared/testdata and,
 # when peers/hpc holds a checkout of mlcommons/hpc, the reference's model and
 # loss (for the benchmark; never committed). LibTorch itself is not packed:
 # the GPU machine's own torch of the same version is used at run time.
