@@ -10,6 +10,8 @@ import os
 import re
 import shutil
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,10 +73,24 @@ def test_a_failing_part_is_reported_and_fails_the_check(tmp_path, bundle):
     assert "gpu_check: env          FAIL" in r.stdout and "torch sees no CUDA GPU" in r.stdout
 
 
+SLEEPER = """#!/bin/bash
+trap 'echo "test_sleeper: stopped by SIGTERM"; exit 143' TERM
+echo "test_sleeper: started"
+sleep 600 &
+wait $!
+"""
+
+
 def test_a_deadline_stops_the_part_it_falls_in_and_skips_the_rest(tmp_path, bundle):
-    # The unit executables take over a minute on this machine; 40 s (the set-up and env part take
-    # some 10) stop them.
-    r, summary, out = gpu_check(tmp_path, bundle, DEVICE="cpu", PARTS="env,unit,train", DEADLINE="40")
+    # A copy of the bundle whose first unit executable would run for ten minutes: the deadline falls
+    # in it, whatever this machine's speed (the set-up and env part take some 10 s).
+    slow = tmp_path / "bundle"
+    shutil.copytree(bundle, slow, symlinks=True)
+    sleeper = slow / "build" / "aaa" / "test_sleeper"
+    sleeper.parent.mkdir()
+    sleeper.write_text(SLEEPER)
+    sleeper.chmod(0o755)
+    r, summary, out = gpu_check(tmp_path, slow, DEVICE="cpu", PARTS="env,unit,train", DEADLINE="40")
     assert r.returncode != 0
     parts = summary["parts"]
     assert parts["env"]["status"] == "pass"
@@ -82,7 +98,29 @@ def test_a_deadline_stops_the_part_it_falls_in_and_skips_the_rest(tmp_path, bund
     assert parts["train"] == {"status": "not run"}
     assert summary["seconds"] < 45
     assert "gpu_check: train not run: DEADLINE=40 s" in r.stdout
-    assert "SIGTERM" in (out / "unit.log").read_text()  # the executable was stopped, not waited for
+    # The executable was stopped with its part, not left running.
+    assert "test_sleeper: stopped by SIGTERM" in (out / "unit.log").read_text()
+    assert processes_running(slow / "build") == []
+
+
+def processes_running(folder, wait_s=2.0):
+    """The command lines of the processes that run a program in `folder`, once those that are
+    ending (signalled, not yet reaped) have had `wait_s` to go."""
+    prefix = f"{folder}/".encode()
+    deadline = time.monotonic() + wait_s
+    while True:
+        running = []
+        for proc in Path("/proc").iterdir():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state != "Z" and any(a.startswith(prefix) for a in argv):
+                running.append(b" ".join(argv).decode(errors="replace"))
+        if not running or time.monotonic() > deadline:
+            return running
+        time.sleep(0.2)
 
 
 def keep_only_origin_run_paths(elf):
