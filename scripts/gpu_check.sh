@@ -22,11 +22,12 @@
 #   scripts/gpu_check.sh                 # on the GPU machine, in the repository root
 #   PARTS=env,unit DEVICE=cpu scripts/gpu_check.sh   # rehearsal on a machine without a GPU
 #
-# With the device tool (15 device-minutes, 10 a call), in calls back to back
-# while the machine is warm, each with carry ["device-bundle"]: first
-# PARTS=env,unit,integration,train, then PARTS=bench (about 30 processes,
-# each with cuDNN's autotuning; BATCHES=8 then BATCHES=1 splits it further),
-# each with DEADLINE some 30 s below the call's timeout_s.
+# With the device tool (15 device-minutes in all, the machine's start of a
+# minute or more included; 10 a call), in two calls back to back while the
+# machine is warm, each with carry ["device-bundle"] and timeout_s 360:
+# DEADLINE=330 PARTS=env,unit,integration,train, then DEADLINE=330
+# PARTS=bench BATCHES=8 (some 15 processes, each with cuDNN's autotuning;
+# BATCHES=1 in a third call only if device time is left).
 # Nothing has measured these times yet: each part prints its own.
 #
 # What it writes under OUT, eight files (the most the device tool brings
