@@ -21,6 +21,7 @@
 #include "deepcam/error.hpp"
 #include "deepcam/mlperf_log.hpp"
 #include "deepcam/torch_pickle.hpp"
+#include "fused_test_support.hpp"
 
 // c10's logging defines CHECK and CHECK_EQ... as aborting macros; doctest's
 // must win, so it comes last and the c10 ones go.
@@ -370,18 +371,8 @@ TEST_CASE("AdamOptions checks what the schema cannot") {
                        doctest::Contains("weight_decay"), deepcam::Error);
 }
 
-namespace {
-
-bool no_gpu() { return !torch::cuda::is_available(); }
-
-// A 4-d gradient as a convolution's backward pass allocates it under
-// channels_last (at::empty with that format: for a [O, I, 1, 1] weight,
-// strides that differ from the weight's along the dimensions of size 1).
-at::MemoryFormat layout(const std::vector<std::int64_t>& shape) {
-  return shape.size() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
-}  // namespace
+using fused_test::backward_format;
+using fused_test::no_gpu;
 
 // Runs only where a GPU is present; reported as skipped otherwise.
 TEST_CASE("Adam and AdamW: the fused CUDA kernels match the CPU path for 10 steps" * doctest::skip(no_gpu())) {
@@ -414,7 +405,7 @@ TEST_CASE("Adam and AdamW: the fused CUDA kernels match the CPU path for 10 step
         const at::Tensor g = has_grad ? torch::randn(shapes[i]) : at::Tensor();
         cpu[i].mutable_grad() = g;
         gpu[i].mutable_grad() =
-            has_grad ? at::empty(shapes[i], at::TensorOptions(torch::kCUDA).memory_format(layout(shapes[i]))).copy_(g) : g;
+            has_grad ? at::empty(shapes[i], at::TensorOptions(torch::kCUDA).memory_format(backward_format(shapes[i]))).copy_(g) : g;
       }
       on_cpu.step();
       on_gpu.step();

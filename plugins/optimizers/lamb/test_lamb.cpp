@@ -18,6 +18,7 @@
 #include "deepcam/checkpoint.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/mlperf_log.hpp"
+#include "fused_test_support.hpp"
 #include "lamb.hpp"
 
 // c10's logging defines CHECK and CHECK_EQ... as aborting macros; doctest's
@@ -312,7 +313,10 @@ TEST_CASE("LAMB saves and resumes through a checkpoint file that Python's torch.
   };
   for (int step = 1; step <= 3; ++step) train(model, lamb, step);
   const std::string path = temp_path("lamb_checkpoint") + ".pt";
-  deepcam::save_checkpoint(path, {3, 1}, *model, &lamb);
+  deepcam::CheckpointInfo saved;
+  saved.step = 3;
+  saved.epoch = 1;
+  deepcam::save_checkpoint(path, saved, *model, &lamb);
 
   torch::nn::Linear resumed(4, 3);
   Lamb resumed_lamb(resumed->parameters(), LambOptions{});
@@ -425,18 +429,8 @@ TEST_CASE("LambOptions checks what the schema cannot") {
                        doctest::Contains("run.toml [optimizer] max_grad_norm = 0"), deepcam::Error);
 }
 
-namespace {
-
-bool no_gpu() { return !torch::cuda::is_available(); }
-
-// A 4-d gradient as a convolution's backward pass allocates it under
-// channels_last (at::empty with that format: for a [O, I, 1, 1] weight,
-// strides that differ from the weight's along the dimensions of size 1).
-at::MemoryFormat layout(const std::vector<std::int64_t>& shape) {
-  return shape.size() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
-}  // namespace
+using fused_test::backward_format;
+using fused_test::no_gpu;
 
 // Runs only where a GPU is present; reported as skipped otherwise.
 TEST_CASE("LAMB: the fused CUDA kernels match the CPU path for 10 steps" * doctest::skip(no_gpu())) {
@@ -470,7 +464,7 @@ TEST_CASE("LAMB: the fused CUDA kernels match the CPU path for 10 steps" * docte
         const at::Tensor g = has_grad ? torch::randn(shapes[t]) * scale : at::Tensor();
         cpu[t].mutable_grad() = g;
         gpu[t].mutable_grad() =
-            has_grad ? at::empty(shapes[t], at::TensorOptions(torch::kCUDA).memory_format(layout(shapes[t]))).copy_(g) : g;
+            has_grad ? at::empty(shapes[t], at::TensorOptions(torch::kCUDA).memory_format(backward_format(shapes[t]))).copy_(g) : g;
       }
       on_cpu.step();
       on_gpu.step();
