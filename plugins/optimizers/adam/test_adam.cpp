@@ -35,10 +35,12 @@
 #include <doctest/doctest.h>
 
 #include "adam_reference_test.hpp"
+#include "mlperf_log_lines.hpp"
 
 using deepcam::optimizers::Adam;
 using deepcam::optimizers::AdamOptions;
 using namespace deepcam::optimizers::testing;
+using test_support::log_lines;
 
 namespace {
 
@@ -95,26 +97,6 @@ void compare_with_pytorch(double lr, double beta1, double beta2, double weight_d
     check_equal(key(entry, "exp_avg_sq").toTensor(), ref.at("exp_avg_sq", i),
                 "exp_avg_sq of " + std::to_string(i));
   }
-}
-
-std::vector<std::string> log_lines(const std::function<void(deepcam::MlperfLog&)>& write) {
-  std::FILE* file = std::tmpfile();
-  REQUIRE(file != nullptr);
-  deepcam::MlperfLog log(file, true);
-  write(log);
-  std::fflush(file);
-  std::rewind(file);
-  std::vector<std::string> lines;
-  char buffer[4096];
-  while (std::fgets(buffer, sizeof buffer, file)) {
-    std::string line;
-    for (const char* c = buffer; *c && *c != '\n'; ++c) {
-      if (*c != ' ') line += *c;  // the checks ignore json.dumps' spacing
-    }
-    lines.push_back(line);
-  }
-  std::fclose(file);
-  return lines;
 }
 
 }  // namespace

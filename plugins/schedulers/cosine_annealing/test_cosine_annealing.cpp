@@ -16,9 +16,11 @@
 #include "deepcam/error.hpp"
 #include "deepcam/mlperf_log.hpp"
 #include "mini_json.hpp"
+#include "mlperf_log_lines.hpp"
 
 using deepcam::schedulers::CosineAnnealing;
 using deepcam::schedulers::CosineAnnealingOptions;
+using test_support::log_lines;
 
 namespace {
 
@@ -72,26 +74,6 @@ std::vector<double> pytorch_cosine(double base, double start, std::int64_t t_max
                                        << "); is the project venv with torch installed?");
   REQUIRE(static_cast<int>(lrs.size()) == steps);
   return lrs;
-}
-
-std::vector<std::string> log_lines(const std::function<void(deepcam::MlperfLog&)>& write) {
-  std::FILE* file = std::tmpfile();
-  REQUIRE(file != nullptr);
-  deepcam::MlperfLog log(file, true);
-  write(log);
-  std::fflush(file);
-  std::rewind(file);
-  std::vector<std::string> lines;
-  char buffer[4096];
-  while (std::fgets(buffer, sizeof buffer, file)) {
-    std::string line;
-    for (const char* c = buffer; *c && *c != '\n'; ++c) {
-      if (*c != ' ') line += *c;  // the checks ignore json.dumps' spacing
-    }
-    lines.push_back(line);
-  }
-  std::fclose(file);
-  return lines;
 }
 
 }  // namespace

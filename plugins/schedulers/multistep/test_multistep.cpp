@@ -16,10 +16,12 @@
 
 #include "deepcam/error.hpp"
 #include "deepcam/mlperf_log.hpp"
+#include "mlperf_log_lines.hpp"
 #include "multistep.hpp"
 
 using deepcam::schedulers::Multistep;
 using deepcam::schedulers::MultistepOptions;
+using test_support::log_lines;
 
 namespace {
 
@@ -123,26 +125,6 @@ void check_relative(double actual, double expected, const std::string& what) {
   } else {
     CHECK(std::abs(actual - expected) <= 1e-9 * std::abs(expected));
   }
-}
-
-std::vector<std::string> log_lines(const std::function<void(deepcam::MlperfLog&)>& write) {
-  std::FILE* file = std::tmpfile();
-  REQUIRE(file != nullptr);
-  deepcam::MlperfLog log(file, true);
-  write(log);
-  std::fflush(file);
-  std::rewind(file);
-  std::vector<std::string> lines;
-  char buffer[4096];
-  while (std::fgets(buffer, sizeof buffer, file)) {
-    std::string line;
-    for (const char* c = buffer; *c && *c != '\n'; ++c) {
-      if (*c != ' ') line += *c;  // the checks ignore json.dumps' spacing
-    }
-    lines.push_back(line);
-  }
-  std::fclose(file);
-  return lines;
 }
 
 }  // namespace
