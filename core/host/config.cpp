@@ -69,8 +69,9 @@ const ParamSpec kRunSpecs[] = {
     {"cudnn_benchmark", ParamType::Bool, "true",
      "let cuDNN time its algorithms for each convolution shape on the first steps (CUDA only)"},
     {"cuda_graphs", ParamType::Bool, "false",
-     "capture the training step (forward, loss, backward, optimizer step) in a CUDA graph after 3 eager steps and "
-     "replay it (CUDA, one rank, no gradient accumulation, fp32 or amp_bf16, a fused optimizer)"},
+     "capture the training step (forward, loss, backward, on many ranks the NCCL all-reduce, optimizer step) in a "
+     "CUDA graph after 3 eager steps and replay it (CUDA, no gradient accumulation, fp32 or amp_bf16, a fused "
+     "optimizer)"},
     {"batchnorm_group_size", ParamType::Int, "1",
      "ranks (consecutive) whose BatchNorm statistics are shared in training, as torch.nn.SyncBatchNorm; "
      "1: each rank its own; must divide the number of ranks (or exceed it: all ranks)",

@@ -15,7 +15,6 @@
 #include "deepcam/error.hpp"
 #include "deepcam/plugin_loader.hpp"
 #include "launcher.hpp"
-#include "ranks.hpp"
 
 namespace {
 
@@ -197,9 +196,7 @@ int main(int argc, char** argv) {
     if (options.predict_checkpoint.empty() && (!options.predict_out.empty() || options.predict_samples > 0)) {
       throw deepcam::Error(fmt::format("--out and --samples go with --predict CHECKPOINT\n{}", kUsage));
     }
-    const deepcam::RunConfig config = deepcam::load_config(files, overrides, loader);
-    if (deepcam::detect_ranks().rank == 0) std::fprintf(stderr, "%s\n", config.resolved.c_str());
-    return deepcam::run_engine(config, options);
+    return deepcam::run_engine(deepcam::load_config(files, overrides, loader), options);
   } catch (const deepcam::RankLost& e) {
     std::fprintf(stderr, "deepcam-host: %s\n", e.what());
     return deepcam::kRankLostStatus;

@@ -1209,6 +1209,8 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   Communicator comm(layout, co);
   const bool rank0 = comm.rank() == 0;
   const RunConfig cfg = given.run.integer("seed") == kAutoSeed ? with_drawn_seed(given, comm) : given;
+  // The resolved configuration as it runs (a drawn seed in it), as config.toml holds it.
+  if (rank0) std::fprintf(stderr, "%s\n", cfg.resolved.c_str());
 
   if (opts.benchmark_steps > 0) {
     // No log, no config, no checkpoint: the JSON line is the result.

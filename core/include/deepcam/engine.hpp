@@ -44,7 +44,8 @@ class DEEPCAM_API RankLost : public Error {
 
 constexpr int kRankLostStatus = 5;
 
-// Returns the process exit status: 0 when the target was reached, 1 when
+// Prints the resolved configuration (rank 0, to stderr) once the seed is
+// set. Returns the process exit status: 0 when the target was reached, 1 when
 // max_epochs ended without reaching it, kDivergedStatus when training
 // diverged (the MLPerf log then ends with run_stop status "aborted").
 // Throws Error on bad input, RankLost when another rank was lost.
