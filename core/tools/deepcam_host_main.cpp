@@ -2,6 +2,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -33,10 +34,12 @@ const char* kUsage =
 // The value of an option that counts something (--benchmark STEPS): a whole
 // number >= 1.
 long long count_of(const std::string& option, const std::string& text, const char* what) {
+  constexpr long long kMost = 1000000000;
   char* end = nullptr;
+  errno = 0;
   const long long n = std::strtoll(text.c_str(), &end, 10);
-  if (text.empty() || *end != '\0' || n < 1) {
-    throw deepcam::Error(fmt::format("{} {}: expected a number of {} >= 1", option, text, what));
+  if (text.empty() || *end != '\0' || errno == ERANGE || n < 1 || n > kMost) {
+    throw deepcam::Error(fmt::format("{} {}: expected a number of {} in 1..{}", option, text, what, kMost));
   }
   return n;
 }
@@ -172,7 +175,9 @@ int main(int argc, char** argv) {
     for (std::size_t i = 0; i < args.size(); ++i) {
       const std::string& a = args[i];
       auto value = [&]() -> std::string {
-        if (i + 1 >= args.size()) throw deepcam::Error(fmt::format("{} needs a value\n{}", a, kUsage));
+        if (i + 1 >= args.size() || args[i + 1].empty()) {
+          throw deepcam::Error(fmt::format("{} needs a value\n{}", a, kUsage));
+        }
         return args[++i];
       };
       if (a == "--set") overrides.push_back(value());

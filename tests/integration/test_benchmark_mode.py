@@ -37,6 +37,10 @@ def test_benchmark_needs_a_positive_number_and_not_evaluate(tmp_path):
     data = synth(tmp_path / "data", train=2, validation=1)
     run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
     r = run_host(run, "--benchmark", 0)
-    assert r.returncode == 2 and "--benchmark 0: expected a number of steps >= 1" in r.stderr
+    assert r.returncode == 2 and "--benchmark 0: expected a number of steps in 1..1000000000" in r.stderr
+    # Past the bound, and past what a 64-bit count holds: refused, not trained for ever or crashed.
+    for n in ("1000000001", "99999999999999999999"):
+        r = run_host(run, "--benchmark", n)
+        assert r.returncode == 2 and f"--benchmark {n}: expected a number of steps in 1..1000000000" in r.stderr
     r = run_host(run, "--benchmark", 3, "--evaluate", tmp_path / "x.pt")
     assert r.returncode == 2 and "give one of them" in r.stderr

@@ -93,6 +93,12 @@ def test_predict_refusals_name_what_is_missing(trained, tmp_path):
     assert r.returncode == 2 and "--out and --samples go with --predict" in r.stderr
     r = run_host(run, "--predict", ckpt, "--out", tmp_path / "x", "--evaluate", ckpt)
     assert r.returncode == 2 and "give one of them" in r.stderr
+    # An empty value is no value: "--evaluate ''" would otherwise train.
+    for option, args in (("--evaluate", ["--evaluate", ""]), ("--predict", ["--predict", "", "--out", tmp_path / "z"]),
+                         ("--out", ["--predict", ckpt, "--out", ""])):
+        r = run_host(run, *args, "--set", f"run.output_dir={tmp_path / 'empty'}")
+        assert r.returncode == 2 and f"{option} needs a value" in r.stderr, (args, r.stderr)
+        assert not (tmp_path / "empty").exists()
     no_tmq = write_run(tmp_path / "no_tmq.toml", data, tmp_path / "o", data={"channels": [1, 2, 3]})
     r = run_host(no_tmq, "--predict", ckpt, "--out", tmp_path / "y")
     assert r.returncode == 2
