@@ -1,6 +1,7 @@
 #include "deepcam/file_reader.hpp"
 
 #include <ATen/ops/empty.h>
+#include <fmt/format.h>
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -226,10 +227,15 @@ void FileReader::Impl::read_stats() {
     } else {
       reciprocal = 1.0 / (hi - lo);
     }
-    if (!(hi > lo) || !std::isfinite(reciprocal) || !std::isfinite(static_cast<float>(reciprocal)))
-      throw Error(path + ": channel " + std::to_string(c) + " has " + kMinval + " " +
-                  std::to_string(lo) + " and " + kMaxval + " " + std::to_string(hi) +
-                  "; max must exceed min to normalise");
+    // Both bounds finite as float32 (the shift), max above min, and a scale
+    // that float32 holds as a positive finite number: else the channel would
+    // normalise to zeros, infinities or NaNs.
+    const auto scale_f = static_cast<float>(reciprocal);
+    if (!std::isfinite(static_cast<float>(lo)) || !std::isfinite(hi) || !(hi > lo) || !std::isfinite(scale_f) ||
+        !(scale_f > 0.0f))
+      throw Error(path + ": channel " + std::to_string(c) + " has " + kMinval + " " + fmt::format("{}", lo) +
+                  " and " + kMaxval + " " + fmt::format("{}", hi) +
+                  "; both must be finite and max must exceed min to normalise");
     shift.push_back(static_cast<float>(lo));
     scale.push_back(static_cast<float>(reciprocal));
   }

@@ -58,6 +58,7 @@ struct Value {
 
 class Parser {
  public:
+  static constexpr int kMostDepth = 256;
   explicit Parser(std::string_view text) : s_(text) {}
 
   Value document() {
@@ -96,6 +97,14 @@ class Parser {
     if (pos_ >= s_.size()) fail("unexpected end");
     Value v;
     const char c = s_[pos_];
+    // Each level of nesting is a level of recursion: bounded, so that a
+    // hostile file is an error, not a stack overflow.
+    struct Level {
+      int& depth;
+      explicit Level(int& d) : depth(++d) {}
+      ~Level() { --depth; }
+    } level(depth_);
+    if (depth_ > kMostDepth) fail(fmt::format("arrays and objects nest deeper than {} levels", kMostDepth));
     if (c == '{') {
       ++pos_;
       v.kind = Value::Kind::Object;
@@ -186,6 +195,7 @@ class Parser {
 
   std::string_view s_;
   std::size_t pos_ = 0;
+  int depth_ = 0;
 };
 
 // A JSON string as the MLPerf log writes its strings (Python's json.dumps).

@@ -1108,6 +1108,12 @@ RunConfig with_drawn_seed(const RunConfig& cfg, Communicator& comm) {
   return out;
 }
 
+// An epoch's checkpoint in the output folder (checkpoint-epoch<N>.pt).
+bool is_checkpoint_name(const std::string& name) {
+  static const std::regex checkpoint(R"(checkpoint-epoch[0-9]+\.pt)");
+  return std::regex_match(name, checkpoint);
+}
+
 // The MLPerf log's name: [mlperf] log_file, relative to the output folder;
 // --evaluate writes "evaluate-<name>" beside it.
 fs::path log_path(const RunConfig& cfg, const fs::path& out_dir, bool evaluating) {
@@ -1117,6 +1123,15 @@ fs::path log_path(const RunConfig& cfg, const fs::path& out_dir, bool evaluating
     throw Error(fmt::format("{}: \"{}\" names no file", cfg.mlperf.where("log_file"), given));
   }
   const fs::path file = evaluating ? name.parent_path() / ("evaluate-" + name.filename().string()) : name;
+  // Not a name the run writes beside it: the log would be lost under it.
+  const fs::path normal = file.lexically_normal();
+  const std::string leaf = normal.filename().string();
+  if (normal.parent_path().empty() &&
+      (leaf == "config.toml" || leaf == "evaluate-config.toml" || is_checkpoint_name(leaf))) {
+    throw Error(fmt::format("{}: \"{}\" is a name the run gives {} in its output folder; choose another",
+                            cfg.mlperf.where("log_file"), given,
+                            is_checkpoint_name(leaf) ? "a checkpoint" : "its resolved configuration"));
+  }
   return (out_dir / file).lexically_normal();
 }
 
@@ -1173,13 +1188,12 @@ void check_outputs(const RunConfig& cfg, const fs::path& out_dir, const fs::path
   }
   if (evaluating) return;  // writes only its own log, which names what it evaluated
 
-  static const std::regex checkpoint(R"(checkpoint-epoch[0-9]+\.pt)");
   std::vector<std::string> earlier;
   const std::string& resume = cfg.run.string("resume");
   bool continues = false;
   for (fs::directory_iterator it(out_dir, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
-    if (!std::regex_match(name, checkpoint)) continue;
+    if (!is_checkpoint_name(name)) continue;
     if (!it->is_regular_file(ec)) {
       throw Error(fmt::format("{}: {} is not a file, and this run writes its checkpoints under that name", dir_key,
                               it->path().string()));
@@ -1188,6 +1202,19 @@ void check_outputs(const RunConfig& cfg, const fs::path& out_dir, const fs::path
     if (!resume.empty() && fs::equivalent(it->path(), resume, ec)) continues = true;
   }
   std::sort(earlier.begin(), earlier.end());
+  if (!earlier.empty() && !continues && cfg.run.boolean("overwrite")) {
+    // Replaced as a whole: no checkpoint of the earlier run stays beside
+    // this run's log (the log and config.toml are replaced as it starts).
+    for (const std::string& name : earlier) {
+      const fs::path p = out_dir / name;
+      std::error_code rm;
+      fs::remove(p, rm);
+      if (rm) throw Error(fmt::format("{} = true: cannot remove {}: {}", cfg.run.where("overwrite"), p.string(), rm.message()));
+      std::fprintf(stderr, "deepcam-host: [run] overwrite = true: removed %s, a checkpoint of the earlier run\n",
+                   p.string().c_str());
+    }
+    return;
+  }
   if (fs::exists(log, ec)) earlier.insert(earlier.begin(), log.lexically_relative(out_dir).string());
   if (earlier.empty() || continues || cfg.run.boolean("overwrite")) return;
   throw Error(fmt::format("{}: {} holds the record of an earlier run ({}) that this run would overwrite; set [run] "

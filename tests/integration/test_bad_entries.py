@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 
 from helpers import DATA_TOOL, run_host, write_run
@@ -164,6 +165,20 @@ def test_a_missing_validation_folder_is_refused_by_training_and_verify(sets, tmp
     shutil.rmtree(root / "validation")
     host_refuses(tmp_path, root, form, f"{root / 'validation'}: no such directory")
     verify_reports(root, root / "validation", "no such directory")
+
+
+@pytest.mark.parametrize("bound,value", [("maxval", np.inf), ("minval", -np.inf), ("maxval", np.nan)])
+def test_stats_with_a_bound_not_finite_is_refused_by_training_before_it_starts(sets, tmp_path, bound, value):
+    """1 / (inf - min) is a finite 0: the channel would normalise to zeros, and -inf to NaNs."""
+    root = copy_of(sets["hdf5"], tmp_path)
+    stats = root / "stats.h5"
+    with h5py.File(stats, "r+") as f:
+        values = f[f"climate/{bound}"][...]
+        values[3] = value
+        f[f"climate/{bound}"][...] = values
+    host_refuses(tmp_path, root, "hdf5", f"{stats}: channel 3 has climate/minval", "both must be finite")
+    assert not (tmp_path / "out").exists()  # refused before the run's record was written
+    verify_reports(root, stats, "channel 3", "both finite")
 
 
 @pytest.mark.parametrize("form", ["hdf5", "npy"])

@@ -288,3 +288,17 @@ def test_a_run_that_would_overwrite_another_runs_record_is_refused(tmp_path, dat
     assert r.returncode == 1, r.stderr
     r = run_host(run, "--set", "run.overwrite=true")
     assert r.returncode == 1, r.stderr
+    # Replaced as a whole: the resumed run's second epoch is gone, not left beside the new record.
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-epoch1.pt"]
+    assert f"overwrite = true: removed {out / 'checkpoint-epoch2.pt'}, a checkpoint of the earlier run" in r.stderr
+    assert torch.load(out / "checkpoint-epoch1.pt", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize("name,what", [("config.toml", "its resolved configuration"),
+                                       ("./checkpoint-epoch1.pt", "a checkpoint")])
+def test_a_log_file_named_as_the_runs_own_files_is_refused(tmp_path, data, name, what):
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run=ODD)
+    r = run_host(run, "--set", f'mlperf.log_file="{name}"')
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f'--set mlperf.log_file="{name}"' in r.stderr and f"is a name the run gives {what}" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()

@@ -7,6 +7,7 @@ and accuracy rules."""
 import csv
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -182,6 +183,19 @@ def test_bad_input_is_named(runs, tmp_path):
     r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", "--system-desc", desc)
     assert r.returncode == 1 and "\"accelerator_model_name\" must be a string or a number" in r.stderr, r.stderr
     assert not (tmp_path / "pkg").exists() and not list(tmp_path.glob(".pkg.tmp*"))
+    # JSON nested a hundred thousand deep: an error naming the file, not a stack overflow.
+    deep = "[" * 100000 + "]" * 100000
+    desc.write_text(deep)
+    r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", "--system-desc", desc)
+    assert r.returncode == 1 and f"--system-desc {desc}: arrays and objects nest deeper than 256 levels" in r.stderr, \
+        r.stderr
+    run = tmp_path / "deep-run"
+    shutil.copytree(runs["open"][0], run)
+    with open(run / "mlperf.log", "a") as log:
+        log.write(":::MLLOG " + deep + "\n")
+    r = package([run], tmp_path / "pkg")
+    assert r.returncode == 1 and f"{run / 'mlperf.log'}:" in r.stderr and "nest deeper than 256" in r.stderr, r.stderr
+    assert not (tmp_path / "pkg").exists()
 
 
 def test_system_desc_fields_replace_the_generated_ones(runs, tmp_path):
