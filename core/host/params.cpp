@@ -137,8 +137,11 @@ std::string range_text(const ParamSpec& spec) {
 
 bool in_range(const ParamSpec& spec, double v) {
   if (spec.min > spec.max) return true;
-  const bool above_min = spec.min_open ? v > spec.min : v >= spec.min;
-  const bool below_max = spec.max_open ? v < spec.max : v <= spec.max;
+  // As range_text shows it: an infinite end is open, so inf is out of (0, inf).
+  const bool min_open = spec.min_open || std::isinf(spec.min);
+  const bool max_open = spec.max_open || std::isinf(spec.max);
+  const bool above_min = min_open ? v > spec.min : v >= spec.min;
+  const bool below_max = max_open ? v < spec.max : v <= spec.max;
   return above_min && below_max;
 }
 

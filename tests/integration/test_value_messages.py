@@ -61,6 +61,14 @@ def test_an_override_out_of_bounds_names_the_set_item(tmp_path, data):
     assert "--set optimizer.lr=0:" in msg and "(0.0, inf)" in msg, msg
 
 
+@pytest.mark.parametrize("item,bounds", [("optimizer.lr=inf", "(0.0, inf)"),
+                                         ("optimizer.weight_decay=inf", "[0.0, inf)"),
+                                         ("optimizer.weight_decay=-inf", "[0.0, inf)")])
+def test_an_infinite_value_is_outside_the_open_end_it_is_shown_with(tmp_path, data, item, bounds):
+    _, msg = refusal(tmp_path, data, "--set", item)
+    assert f"--set {item}:" in msg and f"out of range {bounds}" in msg, msg
+
+
 def test_a_plugin_check_beyond_the_schema_names_file_and_line(tmp_path, data):
     # Two betas and output_stride in {8, 16} are the plugins' own checks.
     run, msg = refusal(tmp_path, data, optimizer={"betas": [0.9]})
