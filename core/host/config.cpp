@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <filesystem>
 #include <functional>
 #include <map>
@@ -14,6 +15,7 @@
 #include <torch/cuda.h>
 
 #include "deepcam/error.hpp"
+#include "deepcam/json.hpp"
 
 namespace deepcam {
 
@@ -428,10 +430,46 @@ std::string origin(const toml::node& node, const std::string& fallback) {
   return node.source().path ? *node.source().path : fallback;
 }
 
+// What is wrong with an --set item's bytes for a TOML document, or "": a
+// control character (a newline would break config.toml's comment that names
+// the item; TOML's escapes, "a\nb", stay possible) or a byte sequence that
+// is not UTF-8 (TOML is UTF-8, as a run file must be).
+std::string text_problem(const std::string& item) {
+  for (std::size_t i = 0; i < item.size();) {
+    const auto c = static_cast<unsigned char>(item[i]);
+    if ((c < 0x20 && c != '\t') || c == 0x7f) {
+      return fmt::format("holds the control character 0x{:02x} at byte {}", c, i + 1);
+    }
+    std::size_t length = 1;
+    std::uint32_t code = c;
+    if (c >= 0xf0 && c <= 0xf4) length = 4, code = c & 0x07;
+    else if (c >= 0xe0 && c < 0xf0) length = 3, code = c & 0x0f;
+    else if (c >= 0xc2 && c < 0xe0) length = 2, code = c & 0x1f;
+    else if (c >= 0x80) return fmt::format("is not UTF-8 (byte {} is 0x{:02x})", i + 1, c);
+    if (i + length > item.size()) return fmt::format("is not UTF-8 (byte {} begins a sequence cut short)", i + 1);
+    for (std::size_t k = 1; k < length; ++k) {
+      const auto next = static_cast<unsigned char>(item[i + k]);
+      if ((next & 0xc0) != 0x80) return fmt::format("is not UTF-8 (byte {} is 0x{:02x})", i + k + 1, next);
+      code = (code << 6) | (next & 0x3f);
+    }
+    // Overlong forms, UTF-16 surrogates and code points past U+10FFFF.
+    if ((length == 3 && code < 0x800) || (length == 4 && (code < 0x10000 || code > 0x10ffff)) ||
+        (code >= 0xd800 && code <= 0xdfff)) {
+      return fmt::format("is not UTF-8 (bytes {}..{})", i + 1, i + length);
+    }
+    i += length;
+  }
+  return "";
+}
+
 // Applies one `section.key=value`; the value is TOML, or a bare string. The
 // key may be a path into nested tables: `reader.source.io=mmap`.
 void apply_override(toml::table& root, const std::string& item,
                     std::map<std::string, std::map<std::string, std::string>>& set_keys) {
+  if (const std::string problem = text_problem(item); !problem.empty()) {
+    // Not echoed raw: the item's bytes are what is wrong.
+    throw Error(fmt::format("--set {}: the item {}", Json(item).dump(), problem));
+  }
   const auto eq = item.find('=');
   const auto dot = item.find('.');
   if (eq == std::string::npos || dot == std::string::npos || dot > eq) {

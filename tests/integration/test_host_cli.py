@@ -93,6 +93,28 @@ def test_set_overrides_are_checked_like_the_file(tmp_path, data):
     assert r.returncode == 2 and "did you mean 'betas'?" in r.stderr
 
 
+@pytest.mark.parametrize("item,says", [
+    ("mlperf.org=a\nb", '--set "mlperf.org=a\\nb": the item holds the control character 0x0a at byte 13'),
+    (os.fsdecode(b"mlperf.org=\xff"), "the item is not UTF-8 (byte 12 is 0xff)"),
+    (os.fsdecode(b"mlperf.org=\xc3"), "the item is not UTF-8 (byte 12 begins a sequence cut short)"),
+    (os.fsdecode(b"mlperf.org=\xed\xa0\x80"), "the item is not UTF-8 (bytes 12..14)"),  # a UTF-16 surrogate
+])
+def test_set_items_that_toml_cannot_hold_are_refused_not_mangled(tmp_path, data, item, says):
+    # A raw newline broke config.toml's comment naming the item; a byte that is not UTF-8 was replaced.
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out)
+    r = run_host(run, "--set", item)
+    assert r.returncode == 2 and says in r.stderr, r.stderr
+    assert not out.exists()
+
+
+def test_set_items_in_utf8_and_with_tabs_are_taken(tmp_path, data):
+    # Taken: the error that stops the run is the later item's, not theirs.
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
+    r = run_host(run, "--set", "mlperf.org=Zürich 🌀", "--set", "mlperf.platform=a\tb", "--set", "optimizer.lr=0")
+    assert r.returncode == 2 and "--set optimizer.lr=0:" in r.stderr and "UTF-8" not in r.stderr, r.stderr
+
+
 def refused(tmp_path, data, library, kind="optimizer"):
     out = tmp_path / "out"
     run = write_run(tmp_path / "run.toml", data, out, **{kind: {"library": str(library)}})
