@@ -191,11 +191,11 @@ void check_optimizer_steps(const Fields& f, const c10::IValue& optimizer) {
   }
 }
 
-// When the model's entries do not fit: the model key that differs, from the
-// checkpoint's "model_config" (ours), if it has one.
-void fail_on_other_model(const Fields& f, const ModelConfig& mine) {
+// The model keys that differ from the checkpoint's "model_config" (ours),
+// if it has one.
+std::vector<std::string> model_differences(const Fields& f, const ModelConfig& mine) {
   const auto saved = f.find("model_config");
-  if (!saved || !saved->isGenericDict() || !mine.params) return;
+  if (!saved || !saved->isGenericDict() || !mine.params) return {};
   const c10::impl::GenericDict cfg = saved->toGenericDict();
   auto text = [&](const std::string& key) -> std::optional<std::string> {
     const auto v = f.find(cfg, key);
@@ -215,6 +215,13 @@ void fail_on_other_model(const Fields& f, const ModelConfig& mine) {
       }
     }
   }
+  return differ;
+}
+
+// When the model's entries do not fit: the model keys that differ, if the
+// checkpoint says.
+void fail_on_other_model(const Fields& f, const ModelConfig& mine) {
+  const std::vector<std::string> differ = model_differences(f, mine);
   if (!differ.empty()) {
     f.fail(fmt::format("written for another model: {}; use the same [model] settings as the run that wrote it",
                        fmt::join(differ, "; ")));
@@ -264,11 +271,20 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
       f.fail(fmt::format("entry '{}' is not in this model", name));
     }
   }
+  const std::string variance = ".running_var";  // BatchNorm's running variance
+  auto is_variance = [&](const std::string& name) {
+    return name.size() >= variance.size() && name.compare(name.size() - variance.size(), variance.size(), variance) == 0;
+  };
   for (const auto& [name, t] : stored) {
     if (t.is_floating_point() && !at::isfinite(t).all().item<bool>()) {
       f.fail(fmt::format("model entry '{}' holds NaN or infinite values", name));
     }
+    if (is_variance(name) && t.is_floating_point() && at::lt(t, 0).any().item<bool>()) {
+      f.fail(fmt::format("model entry '{}' holds negative values; it is a variance", name));
+    }
   }
+
+  info.other_model_settings = model_differences(f, options.model);
 
   // The optimizer: checked and loaded by itself, all or nothing.
   const bool read_optimizer = optimizer && !options.weights_only;

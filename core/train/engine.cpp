@@ -421,6 +421,7 @@ class Engine {
       lo.weights_only = run.boolean("resume_weights_only");
       lo.model = model_config();
       const CheckpointInfo info = load_checkpoint(resume, c_.model->module(), c_.optimizer.object.get(), lo);
+      note_other_model_settings(resume, info);
       agree_on_resume(info);
       broadcast_model();
       if (scaler_ && info.scaler) scaler_ = std::make_unique<GradScaler>(*info.scaler, device_);
@@ -577,7 +578,7 @@ class Engine {
     const std::int64_t tmq_at = tmq - channels.begin();
     LoadOptions lo;
     lo.model = model_config();
-    load_checkpoint(checkpoint, c_.model->module(), nullptr, lo);
+    note_other_model_settings(checkpoint, load_checkpoint(checkpoint, c_.model->module(), nullptr, lo));
     std::error_code ec;
     fs::create_directories(out, ec);
     if (ec || !fs::is_directory(out, ec)) {
@@ -612,6 +613,7 @@ class Engine {
     LoadOptions lo;
     lo.model = model_config();
     const CheckpointInfo info = load_checkpoint(checkpoint, c_.model->module(), nullptr, lo);
+    note_other_model_settings(checkpoint, info);
     agree_on_resume(info);
     broadcast_model();
     const Totals v = validate(info.epoch, info.step);
@@ -633,6 +635,16 @@ class Engine {
       logits = c_.model->forward(input);
     }
     return logits.to(at::kFloat);
+  }
+
+  // A checkpoint whose weights fit this model although the run that wrote it
+  // had other [model] settings (output_stride): said, not refused.
+  void note_other_model_settings(const std::string& path, const CheckpointInfo& info) const {
+    if (comm_.rank() != 0 || info.other_model_settings.empty()) return;
+    std::fprintf(stderr,
+                 "deepcam-host: note: %s was written by a run with other [model] settings: %s; its weights fit this "
+                 "model, which runs as configured\n",
+                 path.c_str(), fmt::format("{}", fmt::join(info.other_model_settings, "; ")).c_str());
   }
 
   // Rank 0's parameters and buffers on every rank.

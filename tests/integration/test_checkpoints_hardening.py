@@ -100,6 +100,14 @@ def first_state(c):
     return next(iter(c["optimizer"]["state"].values()))
 
 
+def first_group(c):
+    return c["optimizer"]["param_groups"][0]
+
+
+ADAM = "'optimizer': Adam optimizer state: "
+RUNNING_VAR = "xception_features.bn1.bn.running_var"
+
+
 BAD_FIELDS = {
     "negative_step": (set_to("step", -1), "'step' is -1, expected an integer in 0.."),
     "float_step": (set_to("step", 3.5), "'step' is a Double, expected a non-negative integer"),
@@ -115,10 +123,22 @@ BAD_FIELDS = {
     "no_model": (drop("model"), "no 'model' state dict"),
     "no_optimizer": (drop("optimizer"), "no 'optimizer' state to resume from"),
     "moment_shape": (lambda c: first_state(c).__setitem__("exp_avg", torch.zeros(2, 2)),
-                     "'optimizer': Adam optimizer state: state[0][\"exp_avg\"] has shape [2, 2]"),
+                     ADAM + 'state[0]["exp_avg"] has shape [2, 2]'),
     "negative_optimizer_step": (lambda c: first_state(c).__setitem__("step", torch.tensor(-2.0)),
                                 "'optimizer']['state'][0]['step' is -2, expected a non-negative whole number"),
     "optimizer_not_dict": (set_to("optimizer", 5), "'optimizer' is a Int, expected a dict"),
+    "nan_moment": (lambda c: first_state(c)["exp_avg"].view(-1).__setitem__(0, float("nan")),
+                   ADAM + 'state[0]["exp_avg"] holds NaN or infinite values'),
+    "negative_second_moment": (lambda c: first_state(c)["exp_avg_sq"].view(-1).__setitem__(0, -1.0),
+                               ADAM + 'state[0]["exp_avg_sq"] holds negative values'),
+    "betas_out_of_range": (lambda c: first_group(c).__setitem__("betas", (1.5, 0.999)),
+                           ADAM + 'param_groups[0]["betas"][0] is 1.5, expected in [0, 1)'),
+    "infinite_lr": (lambda c: first_group(c).__setitem__("lr", float("inf")),
+                    ADAM + 'param_groups[0]["lr"] is inf, expected > 0'),
+    "written_by_adamw": (lambda c: first_group(c).__setitem__("decoupled_weight_decay", True),
+                         ADAM + 'param_groups[0]["decoupled_weight_decay"] is True: written by AdamW'),
+    "negative_running_var": (lambda c: c["model"][RUNNING_VAR].view(-1).__setitem__(0, -1.0),
+                             f"model entry '{RUNNING_VAR}' holds negative values; it is a variance"),
     "gradient_shape": (lambda c: c["accumulated_gradients"].__setitem__("conv2.weight", torch.zeros(1)),
                        "'accumulated_gradients' entry 'conv2.weight' has shape 1 Float"),
     "gradient_unknown": (lambda c: c["accumulated_gradients"].__setitem__("nope", torch.zeros(1)),
@@ -163,6 +183,18 @@ def test_a_checkpoint_of_another_model_names_the_model_key(tmp_path, data, train
     assert r.returncode == 2, r.stderr
     assert (f"{trained}: written for another model: [model] {key} = {saved} in the checkpoint, "
             f"{value} in this run ({tmp_path / 'eval.toml'}:") in r.stderr, r.stderr
+
+
+def test_a_checkpoint_whose_weights_fit_another_output_stride_is_taken_and_the_difference_said(
+        tmp_path, data, trained):
+    # DeepLab evaluates at output stride 8 what it trained at 16: the same weights, another dilation.
+    r = evaluate(tmp_path, data, trained, output_stride=8)
+    assert r.returncode == 0, r.stderr
+    assert (f"deepcam-host: note: {trained} was written by a run with other [model] settings: [model] output_stride "
+            f"= 16 in the checkpoint, 8 in this run ({tmp_path / 'eval.toml'}:") in r.stderr, r.stderr
+    assert "its weights fit this model, which runs as configured" in r.stderr
+    # The same settings: nothing said.
+    assert "note:" not in evaluate(tmp_path, data, trained).stderr
 
 
 # --- bit-exact resume with an accumulation that spans epochs ----------------

@@ -54,6 +54,11 @@ struct CheckpointInfo {
   // ranks' partial gradients are not in the file (only rank 0 writes it), so
   // resuming from it is refused. Kept as "partial_accumulation_ranks"; 0 when none.
   std::int64_t partial_accumulation_ranks = 0;
+  // Read, not written: the [model] settings of the run that wrote the file
+  // ("model_config") that differ from this run's although every weight fits
+  // (output_stride: the same weights at another dilation, as DeepLab
+  // evaluates at 8 what it trained at 16), one "key = there, here" each.
+  std::vector<std::string> other_model_settings;
 };
 
 // What built the model: the plugin's name and its checked [model] values,

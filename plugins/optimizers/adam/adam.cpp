@@ -5,6 +5,7 @@
 #include <ATen/core/List.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/ivalue.h>
+#include <fmt/format.h>
 
 #include <cmath>
 #include <string>
@@ -184,12 +185,21 @@ void Adam::load_state_dict(const c10::IValue& saved) {
   const std::string name = options_.decoupled_weight_decay ? "AdamW" : "Adam";
   const fused::StateDictReader read(name, "PyTorch's " + name + ".state_dict()");
   const fused::StateDictReader::Parsed parsed = read.parse(saved, parameters_.size());
+  // torch 2.11's Adam and AdamW both record which they are; older files do not.
+  if (read.find(parsed.group, "decoupled_weight_decay") &&
+      read.boolean(parsed.group, "decoupled_weight_decay", "param_groups[0]") != options_.decoupled_weight_decay) {
+    read.fail(fmt::format("param_groups[0][\"decoupled_weight_decay\"] is {}: written by {}, whose weight decay "
+                          "differs; resume with [optimizer] name = \"{}\"",
+                          options_.decoupled_weight_decay ? "False" : "True",
+                          options_.decoupled_weight_decay ? "Adam" : "AdamW",
+                          options_.decoupled_weight_decay ? "adam" : "adamw"));
+  }
   AdamOptions options = options_;
-  options.lr = read.number(parsed.group, "lr", "param_groups[0]");
-  const std::vector<double> betas = read.betas(parsed.group);
-  options.beta1 = betas[0];
-  options.beta2 = betas[1];
-  options.weight_decay = read.number(parsed.group, "weight_decay", "param_groups[0]");
+  const fused::StateDictReader::Hyperparameters h = read.hyperparameters(parsed.group);
+  options.lr = h.lr;
+  options.beta1 = h.beta1;
+  options.beta2 = h.beta2;
+  options.weight_decay = h.weight_decay;
 
   std::vector<ParamState> state(parameters_.size());
   for (const fused::StateDictReader::Entry& entry : parsed.entries) {

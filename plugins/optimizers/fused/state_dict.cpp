@@ -1,8 +1,14 @@
 #include "state_dict.hpp"
 
 #include <ATen/core/List.h>
+#include <ATen/ops/all.h>
+#include <ATen/ops/any.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/lt.h>
+#include <fmt/format.h>
 
+#include <cmath>
 #include <map>
 #include <sstream>
 #include <utility>
@@ -112,6 +118,26 @@ std::vector<double> StateDictReader::betas(const c10::impl::GenericDict& group) 
   return {to_number(items[0], "param_groups[0][\"betas\"][0]"), to_number(items[1], "param_groups[0][\"betas\"][1]")};
 }
 
+StateDictReader::Hyperparameters StateDictReader::hyperparameters(const c10::impl::GenericDict& group) const {
+  Hyperparameters h{};
+  h.lr = number(group, "lr", "param_groups[0]");
+  const std::vector<double> b = betas(group);
+  h.beta1 = b[0];
+  h.beta2 = b[1];
+  h.weight_decay = number(group, "weight_decay", "param_groups[0]");
+  auto text = [](double v) { return fmt::format("{}", v); };
+  if (!(h.lr > 0.0) || !std::isfinite(h.lr)) fail("param_groups[0][\"lr\"] is " + text(h.lr) + ", expected > 0");
+  for (std::size_t i = 0; i < 2; ++i) {
+    if (!(b[i] >= 0.0 && b[i] < 1.0)) {
+      fail("param_groups[0][\"betas\"][" + std::to_string(i) + "] is " + text(b[i]) + ", expected in [0, 1)");
+    }
+  }
+  if (!(h.weight_decay >= 0.0) || !std::isfinite(h.weight_decay)) {
+    fail("param_groups[0][\"weight_decay\"] is " + text(h.weight_decay) + ", expected >= 0");
+  }
+  return h;
+}
+
 StateDictReader::Parsed StateDictReader::parse(const c10::IValue& saved, std::size_t parameters) const {
   if (!saved.isGenericDict()) fail("the top level is a " + saved.tagKind() + ", expected a dict");
   const c10::impl::GenericDict root = saved.toGenericDict();
@@ -155,6 +181,12 @@ at::Tensor StateDictReader::moment(const Entry& entry, const std::string& key, c
   if (tensor.sizes() != param.sizes()) {
     fail(name + " has shape " + shape_str(tensor.sizes()) + " but parameter " + std::to_string(entry.parameter) +
          " has shape " + shape_str(param.sizes()));
+  }
+  if (tensor.is_floating_point() && !at::isfinite(tensor).all().item<bool>()) {
+    fail(name + " holds NaN or infinite values");
+  }
+  if (key == "exp_avg_sq" && at::lt(tensor, 0).any().item<bool>()) {
+    fail(name + " holds negative values; it is a running mean of squared gradients");
   }
   // The parameter's device, dtype and memory layout, so that the fused
   // kernels can walk state and parameter in step.

@@ -51,9 +51,18 @@ class StateDictReader {
   bool boolean(const c10::impl::GenericDict& dict, const std::string& key, const std::string& where) const;
   // param_groups[0]["betas"], a tuple or list of two numbers.
   std::vector<double> betas(const c10::impl::GenericDict& group) const;
+  // The hyper-parameters every optimizer here reads back from its group,
+  // in the ranges their run-file keys have: lr > 0, betas in [0, 1),
+  // weight_decay >= 0, all finite (a resumed run takes them from the file,
+  // as PyTorch's load_state_dict does).
+  struct Hyperparameters {
+    double lr, beta1, beta2, weight_decay;
+  };
+  Hyperparameters hyperparameters(const c10::impl::GenericDict& group) const;
   // A moment tensor of `param` (parameter number `index`): its shape is
-  // checked, and it is copied onto the parameter's device, dtype and layout,
-  // as PyTorch does.
+  // checked, its values finite ("exp_avg_sq", a running mean of squares,
+  // also not negative), and it is copied onto the parameter's device, dtype
+  // and layout, as PyTorch does.
   at::Tensor moment(const Entry& entry, const std::string& key, const at::Tensor& param) const;
 
  private:

@@ -5,6 +5,7 @@
 #include <ATen/core/List.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/ivalue.h>
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <cmath>
@@ -244,12 +245,15 @@ void Lamb::load_state_dict(const c10::IValue& saved) {
   const fused::StateDictReader& read = reader();
   const fused::StateDictReader::Parsed parsed = read.parse(saved, parameters_.size());
   LambOptions options = options_;
-  options.lr = read.number(parsed.group, "lr", "param_groups[0]");
-  const std::vector<double> betas = read.betas(parsed.group);
-  options.beta1 = betas[0];
-  options.beta2 = betas[1];
-  options.weight_decay = read.number(parsed.group, "weight_decay", "param_groups[0]");
+  const fused::StateDictReader::Hyperparameters h = read.hyperparameters(parsed.group);
+  options.lr = h.lr;
+  options.beta1 = h.beta1;
+  options.beta2 = h.beta2;
+  options.weight_decay = h.weight_decay;
   options.max_grad_norm = read.number(parsed.group, "max_grad_norm", "param_groups[0]");
+  if (!(options.max_grad_norm > 0.0) || !std::isfinite(options.max_grad_norm)) {
+    read.fail(fmt::format("param_groups[0][\"max_grad_norm\"] is {}, expected > 0", options.max_grad_norm));
+  }
   for (const char* key : {"bias_correction", "grad_averaging"}) {
     if (!read.boolean(parsed.group, key, "param_groups[0]")) {
       read.fail(std::string("param_groups[0][\"") + key + "\"] is False; this LAMB has it always on");

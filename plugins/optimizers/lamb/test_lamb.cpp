@@ -369,6 +369,15 @@ TEST_CASE("LAMB load_state_dict refuses other optimizers' states and keeps its o
   group.insert("grad_averaging", true);
   CHECK_THROWS_WITH_AS(lamb.load_state_dict(root), doctest::Contains("[\"bias_correction\"] is False"),
                        deepcam::Error);
+  // Values out of their run-file ranges, as a hand-edited file may hold.
+  group.insert_or_assign("bias_correction", true);
+  group.insert_or_assign("max_grad_norm", 0.0);
+  CHECK_THROWS_WITH_AS(lamb.load_state_dict(root),
+                       doctest::Contains("param_groups[0][\"max_grad_norm\"] is 0, expected > 0"), deepcam::Error);
+  group.insert_or_assign("max_grad_norm", 1.0);
+  group.insert_or_assign("weight_decay", -0.5);
+  CHECK_THROWS_WITH_AS(lamb.load_state_dict(root),
+                       doctest::Contains("param_groups[0][\"weight_decay\"] is -0.5, expected >= 0"), deepcam::Error);
   CHECK(lamb.lr() == 1e-3);
   CHECK(lamb.steps() == 1);
   CHECK(state_of(lamb).size() == 1);
