@@ -150,6 +150,20 @@ struct Location {
   }
 };
 
+// A plugin table's `library` key: a path, resolved from the run file's
+// folder; "" when the key is absent (the plugin is searched for by name).
+std::string library_path(const toml::node* lib, const Location& loc) {
+  if (!lib) return "";
+  if (!lib->is_string()) throw Error(fmt::format("{}: expected a string path", loc.at("library", lib)));
+  const std::string given = *lib->value<std::string>();
+  if (given.empty()) {
+    throw Error(fmt::format("{}: an empty path; name the plugin's library, or leave the key out to find the plugin "
+                            "by its name",
+                            loc.at("library", lib)));
+  }
+  return loc.resolve("library", given, /*from_file=*/true, lib);
+}
+
 std::string did_you_mean(const std::string& word, const std::vector<std::string>& known) {
   const std::string m = closest_match(word, known);
   return m.empty() ? "" : fmt::format("; did you mean '{}'?", m);
@@ -311,12 +325,8 @@ std::shared_ptr<const NestedPlugin> Checker::nested(const ParamSpec& spec, const
   if (!loader) {
     throw Error(fmt::format("{}: a nested plugin table needs the plugin loader to be checked", where));
   }
-  std::string library;
   const toml::node* lib = t->get("library");
-  if (lib) {
-    if (!lib->is_string()) throw Error(fmt::format("{}: expected a string path", loc.at("library", lib)));
-    library = loc.resolve("library", *lib->value<std::string>(), /*from_file=*/true, lib);
-  }
+  const std::string library = library_path(lib, loc);
   auto out = std::make_shared<NestedPlugin>();
   out->kind = to_string(kind);
   out->name = *name_node->value<std::string>();
@@ -616,12 +626,8 @@ RunConfig load_config(const std::vector<std::string>& files, const std::vector<s
       throw Error(fmt::format("{}: [{}] needs name = \"<{} plugin>\" (see deepcam-host --list-plugins)",
                               t ? origin(*t, file) : file, section, section));
     }
-    std::string library;
     const toml::node* lib = t->get("library");
-    if (lib) {
-      if (!lib->is_string()) throw Error(fmt::format("{}: expected a string path", loc.at("library", lib)));
-      library = loc.resolve("library", *lib->value<std::string>(), /*from_file=*/true, lib);
-    }
+    const std::string library = library_path(lib, loc);
     name_origin[section] = loc.at("name", name_node);
     PluginChoice& c = *choices[i];
     c.kind = kinds[i];

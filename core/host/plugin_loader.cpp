@@ -206,7 +206,15 @@ const LoadedPlugin& PluginLoader::load(PluginKind kind, const std::string& name,
         for (const auto& c : candidates(dir, kind, name)) {
           searched.push_back(c.string());
           std::error_code ec;
-          if (fs::is_regular_file(c, ec)) found.push_back(c.string());
+          if (fs::is_regular_file(c, ec)) {
+            found.push_back(c.string());
+          } else if (fs::exists(fs::symlink_status(c, ec))) {
+            // Named as the plugin but not a file: a mistake to say, not to pass over.
+            throw Error(fmt::format("{}: named as the {} plugin '{}' but {}", c.string(), to_string(kind), name,
+                                    fs::is_symlink(fs::symlink_status(c, ec)) && !fs::exists(c, ec)
+                                        ? "a link to nothing"
+                                        : "not a file"));
+          }
         }
       }
       if (found.size() > 1) {

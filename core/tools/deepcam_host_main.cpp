@@ -109,8 +109,9 @@ int describe(deepcam::PluginLoader& loader, const std::string& what) {
     for (auto kind : kinds) {
       if (what == deepcam::to_string(kind)) return list_kind(loader, kind);
     }
+    const deepcam::ParamSchema schema = deepcam::host_schema(what);  // throws for an unknown section
     std::printf("[%s] (deepcam-host)\n", what.c_str());
-    print_schema(deepcam::host_schema(what), what);
+    print_schema(schema, what);
     return 0;
   }
   const std::string kind_name = what.substr(0, slash);

@@ -179,6 +179,32 @@ def test_two_plugins_with_the_same_name_are_an_error_naming_both(tmp_path, data)
     assert str(PLUGINS) in r.stderr and str(a) in r.stderr
 
 
+@pytest.mark.parametrize("entry,says", [("dangling", "a link to nothing"), ("folder", "not a file")])
+def test_an_entry_named_as_a_plugin_that_is_not_a_file_is_named_not_passed_over(tmp_path, data, entry, says):
+    first = tmp_path / "first"
+    first.mkdir()
+    named = first / "libdeepcam_optimizer_adam.so"
+    if entry == "dangling":
+        named.symlink_to(tmp_path / "gone.so")
+    else:
+        named.mkdir()
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
+    r = run_host(run, env=plugin_env(f"{first}:{PLUGINS}"))
+    assert r.returncode == 2 and f"{named}: named as the optimizer plugin 'adam' but {says}" in r.stderr, r.stderr
+
+
+def test_an_empty_library_path_is_refused_not_taken_as_absent(tmp_path, data):
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", optimizer={"library": ""})
+    r = run_host(run)
+    assert r.returncode == 2 and "[optimizer] library: an empty path" in r.stderr, r.stderr
+
+
+def test_describe_of_an_unknown_section_prints_nothing_but_the_error():
+    r = run_host("--describe", "optimizers")
+    assert r.returncode == 2 and r.stdout == "", r.stdout
+    assert "optimizers" in r.stderr
+
+
 def test_plugin_found_through_the_search_path_only(tmp_path, data):
     env = plugin_env(str(tmp_path / "empty"))
     run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
