@@ -19,6 +19,7 @@
 #include <cstring>
 
 #include "deepcam/error.hpp"
+#include "ranks.hpp"
 
 namespace deepcam {
 
@@ -107,6 +108,7 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
   std::vector<pid_t> pids(static_cast<std::size_t>(nproc), -1);
   std::vector<Stream> streams;
   const pid_t parent = ::getpid();
+  const std::vector<std::string> outer = outer_launcher_variables();  // before fork: allocates
   for (int r = 0; r < nproc; ++r) {
     int out[2], err[2];
     if (::pipe(out) != 0 || ::pipe(err) != 0) throw Error(fmt::format("--nproc: pipe: {}", std::strerror(errno)));
@@ -122,6 +124,9 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
       ::close(out[1]);
       ::close(err[0]);
       ::close(err[1]);
+      // Inside an outer launch (an sbatch script of the same task count):
+      // these ranks are this launcher's, not the outer one's.
+      for (const std::string& name : outer) ::unsetenv(name.c_str());
       ::setenv("RANK", std::to_string(r).c_str(), 1);
       ::setenv("WORLD_SIZE", std::to_string(nproc).c_str(), 1);
       ::setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);

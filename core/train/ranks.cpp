@@ -69,6 +69,7 @@ std::string setting(const Environment& env, const char* name) { return fmt::form
 }  // namespace
 
 RankLayout detect_ranks(const Environment& env) {
+  const bool inside_torchrun = env("TORCHELASTIC_RUN_ID") != nullptr;
   std::optional<RankLayout> chosen;
   for (const Source& s : kSources) {
     const std::optional<int> rank = integer(env, s.rank, 0);
@@ -83,7 +84,8 @@ RankLayout detect_ranks(const Environment& env) {
                               setting(env, s.rank), setting(env, s.size)));
     }
     if (chosen) {
-      if (*size == chosen->world_size && *rank != chosen->rank) {
+      const bool nested = inside_torchrun && chosen->source == kSources[0].name;
+      if (!nested && *size == chosen->world_size && *rank != chosen->rank) {
         throw Error(fmt::format("environment variables {} ({}) and {} ({}) give this process different ranks in a "
                                 "world of {}; unset the stale one",
                                 chosen->rank_variable, chosen->source, setting(env, s.rank), s.name, *size));
@@ -109,6 +111,15 @@ RankLayout detect_ranks(const Environment& env) {
     chosen = r;
   }
   return chosen ? *chosen : RankLayout{0, 1, 0, 1, "none", ""};
+}
+
+std::vector<std::string> outer_launcher_variables() {
+  std::vector<std::string> names{"SLURM_TASKS_PER_NODE"};
+  for (const Source& s : kSources) {
+    if (&s == &kSources[0]) continue;  // torchrun's, which the nested launch sets
+    for (const char* name : {s.rank, s.size, s.local_rank, s.local_size}) names.emplace_back(name);
+  }
+  return names;
 }
 
 RankLayout detect_ranks() {

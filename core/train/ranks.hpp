@@ -12,7 +12,10 @@
 // None of them: one rank. Launchers nest (torchrun or mpirun inside a Slurm
 // allocation), so a later source may describe an outer launch with another
 // world size; that is not a conflict. A later source with the same world
-// size but another rank is: one of them is stale, and the error names both.
+// size but another rank is: one of them is stale, and the error names both,
+// unless torchrun set its own (TORCHELASTIC_RUN_ID: it is running inside
+// the outer launch, so its variables are current). deepcam-host --nproc
+// clears the outer launcher's variables in its ranks.
 // Where the node-local values are missing they are derived from host names
 // once the ranks have met (Communicator).
 #pragma once
@@ -21,6 +24,7 @@
 
 #include <functional>
 #include <string>
+#include <vector>
 
 namespace deepcam {
 
@@ -38,5 +42,10 @@ using Environment = std::function<const char*(const char*)>;
 // Throws Error naming the variables on a malformed or conflicting value.
 DEEPCAM_API RankLayout detect_ranks(const Environment& env);
 DEEPCAM_API RankLayout detect_ranks();  // from the process environment
+
+// The variables of the launchers other than torchrun's (Open MPI, Slurm,
+// PMI) that place a process among ranks: what a nested launch that sets
+// torchrun's own clears in its processes.
+DEEPCAM_API std::vector<std::string> outer_launcher_variables();
 
 }  // namespace deepcam

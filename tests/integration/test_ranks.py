@@ -142,6 +142,18 @@ def test_nproc_2_runs_two_ranks_with_prefixed_output(tmp_path, data):
     assert re.search(r"^deepcam-host --nproc: failed: rank [01] \(exit status 2\)$", bad.stderr, re.M), bad.stderr
 
 
+def test_nproc_inside_a_slurm_step_of_the_same_size_runs_its_own_ranks(tmp_path, data):
+    # An sbatch script of 2 tasks running --nproc 2: the ranks are the launcher's, not Slurm's task 0.
+    out = tmp_path / "out"
+    run = small_run(tmp_path / "run.toml", data, out)
+    r = run_host("--nproc", 2, run, timeout=TIMEOUT,
+                 env=clean_env(SLURM_PROCID=0, SLURM_NTASKS=2, SLURM_LOCALID=0, SLURM_TASKS_PER_NODE="2",
+                               SLURM_NODEID=0, OMPI_COMM_WORLD_RANK=0, OMPI_COMM_WORLD_SIZE=2))
+    assert r.returncode in (0, 1), r.stderr[-3000:]
+    assert "stale" not in r.stderr
+    assert_two_rank_log(out)
+
+
 # 2. mpirun
 
 def test_mpirun_np_2(tmp_path, data):

@@ -2,8 +2,10 @@
 // variables, their order, and the errors for malformed or stale ones.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "deepcam/error.hpp"
 #include "ranks.hpp"
@@ -73,6 +75,27 @@ TEST_CASE("nested launchers: the first source in the order decides") {
   // srun with PMI: both say the same.
   check(detect({{"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "2"}, {"PMI_RANK", "1"}, {"PMI_SIZE", "2"}}), 1, 2, -1, -1,
         "Slurm");
+}
+
+TEST_CASE("torchrun inside a launch of the same size: torchrun's variables are current, not stale") {
+  // An sbatch script of 2 tasks running torchrun --nproc_per_node 2: the batch step is Slurm's task 0.
+  const Vars vars{{"RANK", "1"},         {"WORLD_SIZE", "2"},   {"LOCAL_RANK", "1"}, {"LOCAL_WORLD_SIZE", "2"},
+                  {"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}, {"TORCHELASTIC_RUN_ID", "none"}};
+  check(detect(vars), 1, 2, 1, 2, "torchrun");
+  Vars without = vars;
+  without.erase("TORCHELASTIC_RUN_ID");  // RANK set by hand: one of the two is stale
+  CHECK(error_of(without).find("unset the stale one") != std::string::npos);
+}
+
+TEST_CASE("the outer launchers' variables are every source's but torchrun's") {
+  const std::vector<std::string> names = deepcam::outer_launcher_variables();
+  for (const char* name : {"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
+                           "SLURM_LOCALID", "SLURM_TASKS_PER_NODE", "PMI_RANK", "MPI_LOCALNRANKS"}) {
+    CHECK_MESSAGE(std::count(names.begin(), names.end(), name) == 1, name);
+  }
+  for (const char* name : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}) {
+    CHECK_MESSAGE(std::count(names.begin(), names.end(), name) == 0, name);
+  }
 }
 
 TEST_CASE("stale or malformed variables are errors naming them") {
