@@ -450,12 +450,14 @@ std::string text_problem(const std::string& item) {
     if ((c < 0x20 && c != '\t') || c == 0x7f) {
       return fmt::format("holds the control character 0x{:02x} at byte {}", c, i + 1);
     }
-    std::size_t length = 1;
-    std::uint32_t code = c;
-    if (c >= 0xf0 && c <= 0xf4) length = 4, code = c & 0x07;
-    else if (c >= 0xe0 && c < 0xf0) length = 3, code = c & 0x0f;
-    else if (c >= 0xc2 && c < 0xe0) length = 2, code = c & 0x1f;
-    else if (c >= 0x80) return fmt::format("is not UTF-8 (byte {} is 0x{:02x})", i + 1, c);
+    // The sequence's length from its lead byte (0xc0, 0xc1 and 0xf5.. lead none).
+    std::size_t length = 0;
+    if (c < 0x80) length = 1;
+    else if (c >= 0xc2 && c < 0xe0) length = 2;
+    else if (c >= 0xe0 && c < 0xf0) length = 3;
+    else if (c >= 0xf0 && c <= 0xf4) length = 4;
+    if (length == 0) return fmt::format("is not UTF-8 (byte {} is 0x{:02x})", i + 1, c);
+    std::uint32_t code = length == 1 ? c : c & (0x7fu >> length);
     if (i + length > item.size()) return fmt::format("is not UTF-8 (byte {} begins a sequence cut short)", i + 1);
     for (std::size_t k = 1; k < length; ++k) {
       const auto next = static_cast<unsigned char>(item[i + k]);

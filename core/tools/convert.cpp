@@ -11,6 +11,7 @@
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <set>
 #include <system_error>
 
 #include <fmt/format.h>
@@ -19,6 +20,7 @@
 #include "deepcam/data_set.hpp"
 #include "deepcam/error.hpp"
 #include "parallel.hpp"
+#include "temporaries.hpp"
 
 namespace deepcam::data {
 namespace fs = std::filesystem;
@@ -226,8 +228,19 @@ void run_convert(const ConvertOptions& o) {
   for (fs::directory_iterator it(o.src, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
     if (name[0] == '.' || !it->is_directory(ec)) continue;
-    std::vector<std::string> problems;
-    std::vector<std::string> files = list_sample_files(it->path().string(), "data-", ".h5", &problems);
+    std::vector<std::string> problems, files;
+    // Every *.h5, as the hdf5 reader (and the reference) reads them: one
+    // that SPEC 1.5's names cannot carry over is a problem, not left out,
+    // or the two forms of the set would train on different samples.
+    for (std::string& file : list_sample_files(it->path().string(), "", ".h5", &problems)) {
+      if (fs::path(file).filename().string().rfind("data-", 0) == 0) {
+        files.push_back(std::move(file));
+      } else {
+        problems.push_back(fmt::format("{}: a sample to the hdf5 reader (it reads every *.h5), but not named "
+                                       "data-X.h5, after which its numpy pair is named (SPEC 1.5); rename it",
+                                       file));
+      }
+    }
     if (files.empty() && problems.empty()) continue;
     splits.push_back(name);
     sources[name] = std::move(files);
@@ -235,7 +248,7 @@ void run_convert(const ConvertOptions& o) {
   }
   if (ec) throw Error(fmt::format("{}: cannot list the directory: {}", o.src.string(), ec.message()));
   if (splits.empty())
-    throw Error(fmt::format("{}: no folder in it holds samples (data-*.h5); expected train/ and validation/",
+    throw Error(fmt::format("{}: no folder in it holds samples (*.h5); expected train/ and validation/",
                             o.src.string()));
   std::sort(splits.begin(), splits.end());
   std::sort(listing_problems.begin(), listing_problems.end());
@@ -250,7 +263,25 @@ void run_convert(const ConvertOptions& o) {
       all.push_back({split, source, out / ("data-" + stem + ".npy"), out / ("label-" + stem + ".npy")});
     }
   }
+  // Pairs in DST that SRC has no sample for would join the set unseen (its
+  // readers take every pair), as synth refuses foreign samples.
+  std::set<fs::path> ours;
+  for (const Job& job : all) ours.insert(job.data);
+  for (const std::string& split : splits) {
+    std::vector<std::string> ignored;  // verify's to report, not convert's
+    for (const std::string& data : list_npy_split((o.dst / split).string(), &ignored).data) {
+      if (ours.count(data)) continue;
+      const std::string x = fs::path(data).stem().string().substr(5);  // after "data-"
+      throw Error(fmt::format("{}: no {} for it, so the numpy set would hold a sample the source does not; "
+                              "convert into an empty folder, or remove the pair",
+                              data, (o.src / split / ("data-" + x + ".h5")).string()));
+    }
+  }
   const Rank rank = rank_from_environment();
+  if (rank.size == 1) {
+    remove_stale_temporaries(o.dst);
+    for (const std::string& split : splits) remove_stale_temporaries(o.dst / split);
+  }
   std::vector<Job> jobs;
   for (std::size_t k = static_cast<std::size_t>(rank.rank); k < all.size(); k += static_cast<std::size_t>(rank.size))
     jobs.push_back(all[k]);
@@ -340,23 +371,35 @@ void run_convert(const ConvertOptions& o) {
   for (const Outcome out : outcomes) ++count[static_cast<int>(out)];
   const std::size_t kept = count[0], converted = count[1], repaired = count[2],
                     failed = count[3] + unlisted, skipped = count[4];
-  // Another rank's entry that is not a file is this rank's too: stats.h5
-  // waits until every rank could convert everything.
-  if (failed == 0 && listing_problems.empty() && rank.rank == 0) copy_atomically(src_stats, o.dst / "stats.h5");
+  // stats.h5 marks a whole set: copied once every pair of every rank is
+  // there. Pairs appear under their final names only when whole, so the
+  // last rank to finish sees them all; a rank that failed or was killed
+  // leaves its pairs missing, and then no rank copies it. (Another rank's
+  // entry that is not a file is this rank's listing problem too.)
+  std::size_t missing = 0;
+  if (failed == 0 && listing_problems.empty()) {
+    for (const Job& job : all) {
+      if (!fs::is_regular_file(job.data, ec) || !fs::is_regular_file(job.label, ec)) ++missing;
+    }
+    if (missing == 0) copy_atomically(src_stats, o.dst / "stats.h5");
+  }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (!o.progress.quiet)
     fmt::print(stderr,
              "deepcam-data: convert: {}{} samples in {} ({}) in {:.1f} s: {} converted, {} repaired, {} already "
-             "valid{}{}\n",
+             "valid{}{}{}\n",
              who.empty() ? "" : who + ": ", jobs.size(), o.dst.string(), fmt::join(splits, ", "), seconds,
              converted, repaired, kept, o.verify ? " (checked value by value)" : " (headers and sizes checked)",
-             failed ? fmt::format(", {} failed", failed) : "");
+             failed ? fmt::format(", {} failed", failed) : "",
+             missing ? fmt::format("; {} samples of other ranks are not there yet: the rank that finishes last "
+                                   "copies stats.h5", missing)
+                     : "");
   if (failed)
     throw Error(fmt::format("convert: {} of {} samples failed{} (see above); fix the cause and run the same "
-                            "command again: complete pairs are kept{}",
+                            "command again: complete pairs are kept, and stats.h5 is copied once every sample is "
+                            "converted",
                             failed, jobs.size() + unlisted,
-                            skipped ? fmt::format(" and {} were not attempted after a failed write", skipped) : "",
-                            rank.rank == 0 ? ", and stats.h5 is copied once all succeed" : ""));
+                            skipped ? fmt::format(" and {} were not attempted after a failed write", skipped) : ""));
 }
 
 }  // namespace deepcam::data

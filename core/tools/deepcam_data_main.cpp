@@ -323,7 +323,7 @@ int run(const std::vector<std::string>& args, deepcam::PluginLoader& loader) {
     deepcam::data::run_stats(a.positional[0], a.progress);
   } else if (command == "convert") {
     const ToolArgs a = parse_tool(command, rest, true, true);
-    if (a.positional.size() != 2)
+    if (a.positional.size() != 2 || a.positional[0].empty() || a.positional[1].empty())
       throw UsageError{"convert takes two arguments, the source data set and the output directory"};
     deepcam::data::run_convert({a.positional[0], a.positional[1], a.threads, a.verify, a.progress});
   } else if (command == "verify") {

@@ -225,6 +225,8 @@ std::string dump(const Value& v, int indent) {
 }
 
 std::string read_text(const fs::path& path) {
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) throw Error(fmt::format("{}: a folder, not a file", path.string()));
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(fmt::format("{}: cannot be read", path.string()));
   std::ostringstream s;
@@ -447,6 +449,7 @@ bool valid_system_name(const std::string& s) {
 
 PackageOptions parse_package_args(const std::vector<std::string>& args, std::string& error) {
   PackageOptions o;
+  std::set<std::string> given;
   for (std::size_t k = 0; k < args.size(); ++k) {
     std::string option = args[k], value;
     if (option.rfind("--", 0) != 0) {
@@ -462,13 +465,17 @@ PackageOptions parse_package_args(const std::vector<std::string>& args, std::str
       error = fmt::format("{} needs a value", option);
       return o;
     }
-    if (option == "--system") o.system = value;
-    else if (option == "--out") o.out = value;
-    else if (option == "--system-desc") o.system_desc = value;
-    else {
+    if (option != "--system" && option != "--out" && option != "--system-desc") {
       error = fmt::format("package: unknown option {}", option);
       return o;
     }
+    if (!given.insert(option).second) {
+      error = fmt::format("package: {} is given twice", option);
+      return o;
+    }
+    if (option == "--system") o.system = value;
+    else if (option == "--out") o.out = value;
+    else o.system_desc = value;
   }
   if (o.runs.empty()) error = "package: give the output folders of the runs (RUN_DIR...)";
   else if (o.system.empty()) error = "package: --system NAME is required";
@@ -484,7 +491,15 @@ int run_package(const PackageOptions& o) {
     throw Error(fmt::format("--out {}: exists already; give a new folder (the package is written whole)",
                             o.out.string()));
   std::vector<Run> runs;
-  for (const auto& dir : o.runs) runs.push_back(read_run(dir));
+  for (const auto& dir : o.runs) {
+    // The same run twice (a link, a trailing slash) would be scored as two.
+    for (const Run& earlier : runs) {
+      if (fs::equivalent(earlier.dir, dir, ec)) {
+        throw Error(fmt::format("{}: the same run as {}; give each run once", dir.string(), earlier.dir.string()));
+      }
+    }
+    runs.push_back(read_run(dir));
+  }
   const Run& first = runs.front();
   for (const Run& r : runs)
     for (const char* key : {"submission_division", "submission_org", "number_of_nodes", "accelerators_per_node"})

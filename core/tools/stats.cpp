@@ -14,6 +14,7 @@
 #include "deepcam/data_set.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/h5.hpp"
+#include "temporaries.hpp"
 
 namespace deepcam::data {
 namespace fs = std::filesystem;
@@ -152,6 +153,7 @@ void write_stats(const fs::path& target, const ChannelStats& stats) {
 
 ChannelStats run_stats(const fs::path& root, const ProgressOptions& progress_options, bool summary) {
   const auto start = std::chrono::steady_clock::now();
+  remove_stale_temporaries(root);  // a stats.h5 of a stats or synth run that was killed
   const std::vector<fs::path> files = training_files(root);
   Progress progress("stats", files.size(), "files", progress_options);
   const ChannelStats stats = compute_stats(files, &progress);

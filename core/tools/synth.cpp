@@ -16,6 +16,7 @@
 #include "deepcam/error.hpp"
 #include "deepcam/h5.hpp"
 #include "stats.hpp"
+#include "temporaries.hpp"
 
 namespace deepcam::data {
 namespace fs = std::filesystem;
@@ -365,6 +366,7 @@ void run_synth(const SynthOptions& o) {
     if (count <= 0) continue;
     const fs::path dir = o.out / split_name(split);
     make_directory(dir);
+    remove_stale_temporaries(dir);
     std::set<std::string> names;
     for (int k = 0; k < count; ++k) {
       const std::string name = sample_file_name(step++);

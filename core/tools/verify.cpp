@@ -227,7 +227,9 @@ void run_verify(const VerifyOptions& o) {
   for (const fs::path& dir : dirs) {
     const std::string split = dir.filename().string();
     std::vector<std::string> listed;
-    const auto h5_files = list_sample_files(dir.string(), "data-", ".h5", &listed);
+    // Every *.h5, as the hdf5 reader reads them (data-X.h5 is SPEC 1.2's
+    // name; the reader, as the reference, takes any).
+    const auto h5_files = list_sample_files(dir.string(), "", ".h5", &listed);
     for (const std::string& f : h5_files) items.push_back({split, Format::H5, f, {}});
     // The numpy form: data-X.npy with label-X.npy, paired by X; an unpaired
     // file is a problem, as in training.
@@ -237,7 +239,7 @@ void run_verify(const VerifyOptions& o) {
     any_listed = any_listed || !listed.empty();
     const bool training_split = split == kDataSplits[0] || split == kDataSplits[1];
     if (training_split && h5_files.empty() && npy.data.empty())
-      listed.push_back(empty_split_problem(dir.string(), split, "samples (data-*.h5, or data-*.npy with "
+      listed.push_back(empty_split_problem(dir.string(), split, "samples (*.h5, or data-*.npy with "
                                                                  "label-*.npy)"));
     layout.insert(layout.end(), listed.begin(), listed.end());
     // Hidden temporaries of write_atomically and npy::write outlive only a
@@ -253,7 +255,7 @@ void run_verify(const VerifyOptions& o) {
     if (!parts.empty()) split_notes.push_back(fmt::format("{}: {}", split, fmt::join(parts, " and ")));
   }
   if (items.empty() && !any_listed)
-    throw Error(fmt::format("{}: no folder in it holds samples (data-*.h5, or data-*.npy and label-*.npy)",
+    throw Error(fmt::format("{}: no folder in it holds samples (*.h5, or data-*.npy and label-*.npy)",
                             o.root.string()));
 
   std::vector<Result> results(items.size());

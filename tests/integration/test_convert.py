@@ -118,6 +118,69 @@ def test_outputs_equal_the_sources_bit_for_bit(deepcam_data, source, tmp_path):
     assert again.read_bytes() == sample.read_bytes()
 
 
+def test_pairs_in_the_destination_without_a_source_are_refused(deepcam_data, source, tmp_path):
+    dst = tmp_path / "dst"
+    (dst / "train").mkdir(parents=True)
+    np.save(dst / "train" / "data-1999-01-01-00-1.npy", np.zeros((H, W, 16), np.float32))
+    np.save(dst / "train" / "label-1999-01-01-00-1.npy", np.zeros((H, W), np.int32))
+    proc = run(deepcam_data, "convert", source, dst)
+    assert proc.returncode == 1, proc.stderr
+    assert (f"{dst / 'train' / 'data-1999-01-01-00-1.npy'}: no {source / 'train' / 'data-1999-01-01-00-1.h5'} "
+            "for it") in proc.stderr, proc.stderr
+    assert not list(dst.glob("*/data-2*.npy"))  # refused before converting anything
+
+
+def test_an_empty_destination_is_refused_not_taken_as_the_current_folder(deepcam_data, source, tmp_path):
+    proc = subprocess.run([str(deepcam_data), "convert", str(source), ""], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert proc.returncode == 2 and "convert takes two arguments" in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rerun_removes_the_temporaries_of_a_killed_writer_and_keeps_a_live_ones(deepcam_data, source, tmp_path):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dst = tmp_path / "dst"
+    (dst / "train").mkdir(parents=True)
+    stale = [dst / "train" / f".data-x.npy.tmp{gone.pid}-3", dst / f".stats.h5.tmp{gone.pid}"]
+    live = dst / "train" / f".label-y.npy.tmp{os.getpid()}-0"  # its writer (this test) runs
+    for f in stale + [live]:
+        f.write_bytes(b"half a sample")
+    proc = ok(run(deepcam_data, "convert", source, dst))
+    assert not any(f.exists() for f in stale) and live.exists()
+    for f in stale:
+        assert f"removed {f}, left by an interrupted earlier run (process {gone.pid} is gone)" in proc.stderr
+
+
+def test_an_h5_sample_not_named_data_x_is_a_problem_not_left_out(deepcam_data, source, tmp_path):
+    # The hdf5 reader reads it; leaving it out would make the numpy form another set.
+    src = tmp_path / "src"
+    shutil.copytree(source, src)
+    extra = src / "train" / "extra.h5"
+    shutil.copy(sources(src)[0], extra)
+    dst = tmp_path / "dst"
+    proc = run(deepcam_data, "convert", src, dst)
+    assert proc.returncode == 1 and f"{extra}: a sample to the hdf5 reader" in proc.stderr, proc.stderr
+    assert "rename it" in proc.stderr
+    assert assert_converted(src, dst) == len(sources(src))  # the others are converted
+    assert not (dst / "stats.h5").exists()
+
+
+def test_no_rank_copies_stats_while_another_ranks_sample_failed(deepcam_data, source, tmp_path):
+    broken = tmp_path / "src"
+    shutil.copytree(source, broken)
+    victim = sources(broken)[1]  # rank 1's of 2
+    victim.write_bytes(victim.read_bytes()[:5000])
+    dst = tmp_path / "dst"
+    proc = run(deepcam_data, "convert", broken, dst, env={"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"})
+    assert proc.returncode == 1 and str(victim) in proc.stderr, proc.stderr
+    # Rank 0 finishes its share after that: the set is still not whole.
+    ok(run(deepcam_data, "convert", broken, dst, env={"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}))
+    assert not (dst / "stats.h5").exists()
+    verify = run(deepcam_data, "verify", dst)
+    assert verify.returncode == 1 and "stats.h5" in verify.stdout, verify.stdout + verify.stderr
+
+
 def test_ranks_split_the_samples(deepcam_data, source, tmp_path):
     dst = tmp_path / "dst"
     all_sources = sources(source)
@@ -125,12 +188,14 @@ def test_ranks_split_the_samples(deepcam_data, source, tmp_path):
     done = {p.name for p in dst.glob("*/data-*.npy")}
     mine = all_sources[1::3]
     assert done == {targets(source, dst, s)[0].name for s in mine}
-    assert not (dst / "stats.h5").exists()  # rank 0 copies it
-    for env in ({"PMI_RANK": "0", "PMI_SIZE": "3"}, {"SLURM_PROCID": "2", "SLURM_NTASKS": "3"}):
-        proc = ok(run(deepcam_data, "convert", source, dst, env=env))
-        assert "rank" in proc.stderr
+    assert not (dst / "stats.h5").exists()  # the set is not whole yet
+    proc = ok(run(deepcam_data, "convert", source, dst, env={"PMI_RANK": "0", "PMI_SIZE": "3"}))
+    assert "rank 0 of 3" in proc.stderr and "the rank that finishes last copies stats.h5" in proc.stderr
+    assert not (dst / "stats.h5").exists()  # rank 2's samples are missing
+    proc = ok(run(deepcam_data, "convert", source, dst, env={"SLURM_PROCID": "2", "SLURM_NTASKS": "3"}))
+    assert "rank 2 of 3" in proc.stderr and "not there yet" not in proc.stderr
     assert assert_converted(source, dst) == len(all_sources)
-    assert (dst / "stats.h5").exists()
+    assert (dst / "stats.h5").exists()  # the last rank to finish copied it
 
     proc = run(deepcam_data, "convert", source, tmp_path / "x", env={"SLURM_PROCID": "3", "SLURM_NTASKS": "3"})
     one_line_error(proc, "SLURM_PROCID=3", "SLURM_NTASKS=3")

@@ -3,7 +3,9 @@ the layout and format of SPEC 1, that the labels are visible in the fields,
 reproducibility, stats.h5 against numpy, and clean failures."""
 
 import re
+import resource
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -330,6 +332,32 @@ def test_synth_failure_removes_temporary_file(deepcam_data, tmp_path):
     assert target.is_dir() and list(target.iterdir()) == []
     assert hidden_files(root) == []
     assert not (root / "stats.h5").exists()
+
+
+def limit_file_size(limit):
+    """RLIMIT_FSIZE stands in for a full disk: with SIGXFSZ ignored, write() fails with EFBIG."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.parametrize("command", ["synth", "stats"])
+def test_a_full_disk_is_an_error_not_a_crash_at_exit(deepcam_data, dataset, tmp_path, command):
+    # HDF5 kept a file whose close failed half-open and crashed closing it at exit (SIGSEGV).
+    if command == "synth":
+        root, limit = tmp_path / "set", 50_000  # a sample at 32 x 48 is about 100 KB
+        args = ["synth", "--out", root, "--train", 2, "--validation", 1, "--height", 32, "--width", 48]
+    else:
+        root, limit = tmp_path / "copy", 2_000  # stats.h5 is a few KB
+        shutil.copytree(dataset, root)
+        (root / "stats.h5").unlink()
+        args = ["stats", root]
+    proc = subprocess.run([str(deepcam_data), *map(str, args)], capture_output=True, text=True, timeout=600,
+                          preexec_fn=limit_file_size(limit))
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert_one_line_error(proc, root)
+    assert hidden_files(root) == [] and not (root / "stats.h5").exists()
 
 
 def test_synth_refuses_foreign_samples(deepcam_data, tmp_path):

@@ -183,6 +183,16 @@ def test_bad_input_is_named(runs, tmp_path):
     r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", "--system-desc", desc)
     assert r.returncode == 1 and "\"accelerator_model_name\" must be a string or a number" in r.stderr, r.stderr
     assert not (tmp_path / "pkg").exists() and not list(tmp_path.glob(".pkg.tmp*"))
+    # The same run twice, through a link: refused, not scored as two runs.
+    link = tmp_path / "same-run"
+    link.symlink_to(runs["open"][0])
+    r = package([runs["open"][0], link, *runs["open"][1:]], tmp_path / "pkg")
+    assert r.returncode == 1 and f"{link}: the same run as {runs['open'][0]}" in r.stderr, r.stderr
+    r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", "--out", tmp_path / "other")
+    assert r.returncode == 2 and "--out is given twice" in r.stderr, r.stderr
+    r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", "--system-desc", tmp_path)
+    assert r.returncode == 1 and f"--system-desc {tmp_path}: {tmp_path}: a folder, not a file" in r.stderr, r.stderr
+    assert not (tmp_path / "pkg").exists() and not (tmp_path / "other").exists()
     # JSON nested a hundred thousand deep: an error naming the file, not a stack overflow.
     deep = "[" * 100000 + "]" * 100000
     desc.write_text(deep)

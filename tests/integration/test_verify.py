@@ -218,6 +218,18 @@ def test_h5_problems(deepcam_data, good_sets, tmp_path):
         (files[3], "climate/labels_0", "no such dataset"))
 
 
+def test_every_h5_file_the_reader_reads_is_checked_whatever_its_name(deepcam_data, good_sets, tmp_path):
+    # The hdf5 reader, as the reference, reads every *.h5 of a split, not only data-*.h5.
+    root = copy_of(good_sets[0], tmp_path)
+    broken = root / "train" / "broken.h5"
+    broken.write_bytes(first(root, "train/data-*.h5").read_bytes()[:2000])
+    bad(deepcam_data, root, (broken, "HDF5"))
+    broken.unlink()
+    shutil.copy(first(root, "train/data-*.h5"), root / "train" / "extra.h5")
+    proc = ok(run(deepcam_data, "verify", root))
+    assert "train: 6 h5 samples" in proc.stdout, proc.stdout
+
+
 def test_a_folder_in_both_forms_is_checked_in_both(deepcam_data, good_sets, tmp_path):
     root = copy_of(good_sets[0], tmp_path)
     ok(run(deepcam_data, "convert", root, root))  # in place: npy beside h5

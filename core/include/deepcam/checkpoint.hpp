@@ -56,8 +56,8 @@ struct CheckpointInfo {
   std::int64_t partial_accumulation_ranks = 0;
   // Read, not written: the [model] settings of the run that wrote the file
   // ("model_config") that differ from this run's although every weight fits
-  // (output_stride: the same weights at another dilation, as DeepLab
-  // evaluates at 8 what it trained at 16), one "key = there, here" each.
+  // (a setting that shapes no weight, e.g. a DeepLab model's output stride:
+  // DeepLab evaluates at 8 what it trained at 16), one "key = there, here" each.
   std::vector<std::string> other_model_settings;
 };
 
