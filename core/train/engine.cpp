@@ -19,9 +19,12 @@
 #include <filesystem>
 #include <functional>
 #include <fstream>
+#include <map>
 #include <numeric>
 #include <optional>
 #include <regex>
+#include <set>
+#include <sstream>
 
 #include "amp.hpp"
 #include "closed_division.hpp"
@@ -1120,6 +1123,95 @@ RunConfig with_drawn_seed(const RunConfig& cfg, Communicator& comm) {
   return out;
 }
 
+// The resolved configuration as "[section] key = value" lines, comments
+// dropped, without the keys that may differ from rank to rank: output_dir
+// (only rank 0 writes) and a plugin's library path (a node's own install).
+std::map<std::string, std::string> run_defining_values(const std::string& resolved) {
+  std::map<std::string, std::string> values;
+  std::istringstream lines(resolved);
+  std::string line, section;
+  while (std::getline(lines, line)) {
+    // Up to a '#' outside a string (the writer's strings are JSON's).
+    bool quoted = false;
+    std::size_t end = line.size();
+    for (std::size_t i = 0; i < line.size(); ++i) {
+      if (quoted && line[i] == '\\') ++i;
+      else if (line[i] == '"') quoted = !quoted;
+      else if (!quoted && line[i] == '#') {
+        end = i;
+        break;
+      }
+    }
+    line.erase(end);
+    line.erase(line.find_last_not_of(' ') + 1);  // all of it when it is only spaces
+    if (line.empty()) continue;
+    if (line.front() == '[') {
+      section = line;
+      continue;
+    }
+    const std::size_t eq = line.find(" = ");
+    if (eq == std::string::npos) continue;
+    const std::string key = line.substr(0, eq);
+    if ((section == "[run]" && key == "output_dir") || key == "library") continue;
+    values[section + " " + key] = line.substr(eq + 3);
+  }
+  return values;
+}
+
+// Every rank must run the configuration rank 0 runs: ranks started with
+// other run files or --set items would train replicas that drift apart, or
+// fail later in a collective with no word on why. Refused on every rank,
+// naming the first keys that differ.
+void require_same_configuration(const RunConfig& cfg, Communicator& comm) {
+  if (comm.size() == 1) return;
+  std::string mine;
+  const auto values = run_defining_values(cfg.resolved);
+  for (const auto& [key, value] : values) mine += key + " = " + value + "\n";
+  const at::Tensor lengths =
+      comm.world().all_gather(at::tensor({static_cast<std::int64_t>(mine.size())}, at::kLong)).reshape({-1});
+  const std::int64_t longest = lengths.max().item<std::int64_t>();
+  at::Tensor bytes = at::zeros({longest}, at::kByte);
+  std::memcpy(bytes.data_ptr<std::uint8_t>(), mine.data(), mine.size());
+  const at::Tensor all = comm.world().all_gather(bytes);
+  auto text_of = [&](int r) {
+    return std::string(reinterpret_cast<const char*>(all[r].data_ptr<std::uint8_t>()),
+                       static_cast<std::size_t>(lengths[r].item<std::int64_t>()));
+  };
+  const std::string first = text_of(0);
+  std::vector<std::string> differences;
+  auto parse = [](const std::string& text) {
+    std::map<std::string, std::string> out;
+    std::istringstream in(text);
+    for (std::string l; std::getline(in, l);) {
+      const std::size_t eq = l.find(" = ");
+      out[l.substr(0, eq)] = l.substr(eq + 3);
+    }
+    return out;
+  };
+  const auto rank0 = parse(first);
+  for (int r = 1; r < comm.size() && differences.size() < 4; ++r) {
+    const std::string text = text_of(r);
+    if (text == first) continue;
+    const auto other = parse(text);
+    std::set<std::string> keys;
+    for (const auto& kv : rank0) keys.insert(kv.first);
+    for (const auto& kv : other) keys.insert(kv.first);
+    for (const std::string& key : keys) {
+      const auto a = rank0.find(key), b = other.find(key);
+      const std::string there = b == other.end() ? "(none)" : b->second;
+      const std::string here = a == rank0.end() ? "(none)" : a->second;
+      if (there == here) continue;
+      differences.push_back(fmt::format("rank {} has {} = {}, rank 0 {}", r, key, there, here));
+      if (differences.size() >= 4) break;
+    }
+  }
+  if (!differences.empty()) {
+    throw Error(fmt::format("the ranks were started with different configurations: {}; start every rank with the "
+                            "same run files and --set items",
+                            fmt::join(differences, "; ")));
+  }
+}
+
 // An epoch's checkpoint in the output folder (checkpoint-epoch<N>.pt).
 bool is_checkpoint_name(const std::string& name) {
   static const std::regex checkpoint(R"(checkpoint-epoch[0-9]+\.pt)");
@@ -1248,6 +1340,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   Communicator comm(layout, co);
   const bool rank0 = comm.rank() == 0;
   const RunConfig cfg = given.run.integer("seed") == kAutoSeed ? with_drawn_seed(given, comm) : given;
+  require_same_configuration(cfg, comm);
   // The resolved configuration as it runs (a drawn seed in it), as config.toml holds it.
   if (rank0) std::fprintf(stderr, "%s\n", cfg.resolved.c_str());
 

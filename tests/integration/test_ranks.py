@@ -251,6 +251,21 @@ def test_rendezvous_settings_that_cannot_work_are_named(tmp_path, data):
 
 # 5. Conflicting variables
 
+def test_ranks_started_with_different_settings_are_refused_naming_them(tmp_path, data, ranks):
+    # Rank 1's model differs; its output_dir too, which only rank 0 uses and may differ.
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out")
+    port = free_port()
+    ranks.start([HOST, run], torchrun_env(0, 2, port), "rank0")
+    ranks.start([HOST, run, "--set", "model.middle_blocks=2", "--set", f"run.output_dir={tmp_path / 'other'}"],
+                torchrun_env(1, 2, port), "rank1")
+    assert ranks.wait_all() == [2, 2], (ranks.stderr("rank0")[-3000:], ranks.stderr("rank1")[-3000:])
+    for name in ("rank0", "rank1"):
+        assert ("the ranks were started with different configurations: rank 1 has [model] middle_blocks = 2, "
+                "rank 0 1;") in ranks.stderr(name), ranks.stderr(name)[-3000:]
+        assert "output_dir" not in ranks.stderr(name).split("different configurations")[1]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "other").exists()
+
+
 def test_conflicting_rank_variables_are_refused(tmp_path, data):
     out = tmp_path / "out"
     run = small_run(tmp_path / "run.toml", data, out, run={"comm_timeout_s": 5.0})
