@@ -70,13 +70,17 @@ struct Communicator::Impl {
   std::condition_variable wake;
   bool stopping = false;
   bool finishing = false;
+  bool watch_ended = false;
+  bool abandoned = false;   // the watchdog was left stuck in a store call
+  Clock::time_point answered = Clock::now();  // the store's last answer to the watchdog
   std::string verdict;  // who was lost, once known
 
   c10::intrusive_ptr<c10d::ProcessGroup> make_group(const std::string& name, int rank, int size);
   std::unique_ptr<ProcessGroupGroup> group(const std::string& name, const std::vector<int>& members);
   void meet();
   void watch();
-  void stop_watch();
+  bool stop_watch();
+  std::string unanswered_store() const;
   std::string describe(int rank) const {
     return rank < static_cast<int>(hosts.size()) ? fmt::format("rank {} (host {})", rank, hosts[rank])
                                                   : fmt::format("rank {}", rank);
@@ -277,6 +281,14 @@ void Communicator::Impl::watch() {
   std::vector<std::string> last(static_cast<std::size_t>(size));
   std::vector<Clock::time_point> changed(static_cast<std::size_t>(size), Clock::now());
   std::int64_t beat = 0;
+  struct Ended {
+    Impl& impl;
+    ~Ended() {
+      std::lock_guard<std::mutex> ended_lock(impl.mutex);
+      impl.watch_ended = true;
+      impl.wake.notify_all();
+    }
+  } ended{*this};  // declared before `lock`, so it runs after lock is released
   std::unique_lock<std::mutex> lock(mutex);
   while (!stopping && verdict.empty()) {
     lock.unlock();
@@ -295,6 +307,10 @@ void Communicator::Impl::watch() {
       for (int r : watched) watched_keys.push_back(keys[static_cast<std::size_t>(r)]);
       const auto values = s->multiGet(watched_keys);
       const auto now = Clock::now();
+      {
+        std::lock_guard<std::mutex> answered_lock(mutex);
+        answered = now;
+      }
       for (std::size_t i = 0; i < watched.size() && found.empty(); ++i) {
         const auto r = static_cast<std::size_t>(watched[i]);
         const std::string v = text_of(values[i]);
@@ -334,13 +350,34 @@ void Communicator::Impl::watch() {
   std::_Exit(kRankLostStatus);
 }
 
-void Communicator::Impl::stop_watch() {
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    stopping = true;
-  }
+// Ends the watchdog. False when it does not end: a store call that never
+// returns (the store's host is stopped, not dead, and c10d's TCPStore waits
+// on it without a timeout). The thread is then left to itself, and the Impl
+// it uses with it (~Communicator).
+bool Communicator::Impl::stop_watch() {
+  std::unique_lock<std::mutex> lock(mutex);
+  stopping = true;
   wake.notify_all();
-  if (thread.joinable()) thread.join();
+  if (!thread.joinable()) return !abandoned;
+  if (!wake.wait_for(lock, options.timeout + 2 * interval, [&] { return watch_ended; })) {
+    abandoned = true;
+    thread.detach();
+    return false;
+  }
+  lock.unlock();
+  thread.join();
+  return true;
+}
+
+// With `mutex` held: who is lost when the store has not answered the
+// watchdog for the timeout, else "".
+std::string Communicator::Impl::unanswered_store() const {
+  if (Clock::now() - answered <= options.timeout) return "";
+  const std::string held = options.rendezvous == "env" || options.rendezvous.rfind("tcp://", 0) == 0
+                               ? fmt::format("lost {}, which holds the rendezvous store", describe(0))
+                               : fmt::format("lost the rendezvous store {}", options.rendezvous);
+  return fmt::format("{}: it has not answered for {} s ({} = {})", held, seconds(options.timeout),
+                     options.timeout_where, seconds(options.timeout));
 }
 
 void Communicator::Impl::lost(const std::string& what) {
@@ -348,6 +385,7 @@ void Communicator::Impl::lost(const std::string& what) {
   // The lost rank's heartbeat goes stale within the timeout; a few beats more
   // for the watchdog to see it.
   wake.wait_for(lock, options.timeout + 4 * interval, [&] { return !verdict.empty() || stopping; });
+  if (verdict.empty()) verdict = unanswered_store();
   const std::string who =
       verdict.empty() ? fmt::format("a collective failed and no rank stopped its heartbeat within {} s",
                                     seconds(options.timeout))
@@ -374,7 +412,12 @@ Communicator::Communicator(const RankLayout& layout, const CommOptions& options)
 }
 
 Communicator::~Communicator() {
-  impl_->stop_watch();
+  if (!impl_->stop_watch()) {
+    // The watchdog is stuck in a call to a store that stopped answering:
+    // the Impl stays with it, and this rank does not call the store either.
+    (void)impl_.release();
+    return;
+  }
   // Unwinding from an error: tell the others at once rather than after the
   // timeout.
   if (impl_->store && !impl_->finishing) {

@@ -334,6 +334,31 @@ def test_lost_rank_stops_the_other_naming_it(tmp_path, data, ranks, sig):
     assert_nothing_half_written(out)
 
 
+def test_a_hung_store_host_stops_the_other_naming_it(tmp_path, data, ranks):
+    """Rank 0 holds the rendezvous store: stopped (not dead), the store takes calls and never answers them,
+    and c10d's TCPStore waits on it without a timeout. Rank 1 hung there, silent, for ever."""
+    run = long_run(tmp_path, data, tmp_path / "out")
+    port = free_port()
+    rank0 = subprocess.Popen([str(HOST), str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env=torchrun_env(0, 2, port))
+    rank0.name = "rank0"
+    ranks.procs.append(rank0)
+    rank1 = ranks.start([HOST, run], torchrun_env(1, 2, port), "rank1")
+    LineReader(rank0.stderr).wait_for(r"^epoch \d+ step", timeout=60)
+    os.kill(rank0.pid, signal.SIGSTOP)
+    try:
+        # The collective's timeout, the wait for a verdict, the wait for the watchdog: three timeouts.
+        status = rank1.wait(timeout=4 * KILL_TIMEOUT + 60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"rank 1 still running after rank 0 stopped:\n{ranks.stderr('rank1')[-3000:]}")
+    finally:
+        os.kill(rank0.pid, signal.SIGKILL)
+    stderr = ranks.stderr("rank1")
+    assert status == 5, stderr[-3000:]
+    assert re.search(r"^deepcam-host: rank 1: lost rank 0 .*, which holds the rendezvous store", stderr, re.M), \
+        stderr[-3000:]
+
+
 def children(pid):
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
