@@ -182,7 +182,9 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
       --running;
       codes[static_cast<std::size_t>(r)] = exit_code(status);
       // 1 is a normal end too: the target was not reached (every rank says so).
-      if (exit_code(status) != 0 && exit_code(status) != 1) {
+      // After a signal to the launcher the ranks end as it asked: no rank is
+      // to blame, and the status is the launcher's own, 128 + the signal.
+      if (exit_code(status) != 0 && exit_code(status) != 1 && !g_signal) {
         std::fprintf(stderr, "deepcam-host --nproc: rank %d %s\n", r, status_text(status).c_str());
         if (failed_rank < 0) {
           failed_rank = r;

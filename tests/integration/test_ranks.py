@@ -408,6 +408,26 @@ def test_killed_rank_under_nproc_fails_the_launcher_naming_it(tmp_path, data, ra
     assert_nothing_half_written(out)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["interrupt", "terminate"])
+def test_a_signal_to_the_launcher_ends_the_run_with_its_status_blaming_no_rank(tmp_path, data, ranks, sig):
+    out = tmp_path / "out"
+    run = long_run(tmp_path, data, out)
+    launcher = subprocess.Popen([str(HOST), "--nproc", "2", str(run)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env=clean_env())
+    launcher.name = "launcher"
+    ranks.procs.append(launcher)
+    err = LineReader(launcher.stderr)
+    err.wait_for(r"^\[rank 0\] epoch \d+ step", timeout=60)
+    launcher.send_signal(sig)
+    status = launcher.wait(timeout=60)
+    stderr = err.text()
+    assert status == 128 + sig, stderr[-3000:]
+    assert "failed: rank" not in stderr and "exited with status" not in stderr, stderr[-3000:]
+    events = read_events(out / "mlperf.log")
+    assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "aborted"
+    assert_nothing_half_written(out)
+
+
 # 7. Resume on two ranks
 
 def test_resume_on_two_ranks_is_bit_exact(tmp_path, data):
