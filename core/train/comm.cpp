@@ -233,6 +233,27 @@ void Communicator::Impl::meet() {
     } else {
       throw Error(fmt::format("{} = \"{}\": expected \"env\", \"tcp://HOST:PORT\" or \"file:///PATH\"", where, rv));
     }
+    // Each rank joins once, all with one world size: two processes started
+    // as the same rank, ranks told different sizes, or a file store that a
+    // killed run left behind would otherwise wait on each other until the
+    // timeout and say nothing of why.
+    if (store->add(fmt::format("deepcam/rank/{}", rank), 1) != 1) {
+      throw Error(rv.rfind("file://", 0) == 0
+                      ? fmt::format("{} = \"{}\": rank {} has joined this store before: a run that did not end left "
+                                    "the file behind, or another process was started as rank {} too; delete the "
+                                    "file or give each run a new path",
+                                    where, rv, rank, rank)
+                      : fmt::format("rank {} of {}: another process joined the rendezvous as rank {} too ({}); "
+                                    "give each process its own rank",
+                                    rank, size, rank, layout.rank_variable));
+    }
+    if (rank == 0) store->set("deepcam/world_size", bytes_of(std::to_string(size)));
+    const std::string rank0_size = text_of(store->get("deepcam/world_size"));
+    if (rank0_size != std::to_string(size)) {
+      throw Error(fmt::format("rank {}: this process was started for a world of {} ranks ({}), rank 0 for {}; start "
+                              "every rank with the same world size",
+                              rank, size, layout.source, rank0_size));
+    }
     store->set(heartbeat_key(rank), bytes_of("0"));
     world = group("world", [&] {
       std::vector<int> all(static_cast<std::size_t>(size));

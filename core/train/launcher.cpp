@@ -182,11 +182,11 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
       --running;
       codes[static_cast<std::size_t>(r)] = exit_code(status);
       // 1 is a normal end too: the target was not reached (every rank says so).
-      // After a signal to the launcher the ranks end as it asked: no rank is
-      // to blame, and the status is the launcher's own, 128 + the signal.
-      if (exit_code(status) != 0 && exit_code(status) != 1 && !g_signal) {
+      if (exit_code(status) != 0 && exit_code(status) != 1) {
         std::fprintf(stderr, "deepcam-host --nproc: rank %d %s\n", r, status_text(status).c_str());
-        if (failed_rank < 0) {
+        // After a signal to the launcher the ranks end as it asked: no rank
+        // is to blame, and the status is the launcher's own, 128 + the signal.
+        if (failed_rank < 0 && !g_signal) {
           failed_rank = r;
           result = exit_code(status);
           grace_end = Clock::now() + grace;
@@ -204,7 +204,8 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
         std::fprintf(stderr, "deepcam-host --nproc: rank %d failed; ending the %d ranks still running\n",
                      failed_rank, running);
       }
-      for (pid_t pid : pids) if (pid > 0) ::kill(pid, SIGTERM);
+      // The launcher's own signal passed on, as torchrun does; SIGTERM after a rank failed.
+      for (pid_t pid : pids) if (pid > 0) ::kill(pid, g_signal ? static_cast<int>(g_signal) : SIGTERM);
       terminated = true;
       // Time to reach the next logging point and close the log (Slurm waits 30 s).
       grace_end = Clock::now() + std::chrono::seconds(30);

@@ -251,6 +251,43 @@ def test_rendezvous_settings_that_cannot_work_are_named(tmp_path, data):
 
 # 5. Conflicting variables
 
+def test_ranks_told_different_world_sizes_are_refused_naming_both(tmp_path, data, ranks):
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out", run={"comm_timeout_s": 5.0})
+    port = free_port()
+    ranks.start([HOST, run], torchrun_env(0, 2, port), "rank0")
+    ranks.start([HOST, run], torchrun_env(1, 3, port), "rank1")
+    codes = ranks.wait_all()
+    assert codes[1] == 2, ranks.stderr("rank1")[-3000:]
+    assert ("rank 1: this process was started for a world of 3 ranks (torchrun), rank 0 for 2"
+            in ranks.stderr("rank1")), ranks.stderr("rank1")[-3000:]
+    assert codes[0] != 0  # it waits for a rank 1 that left, until comm_timeout_s
+
+
+def test_a_file_store_left_by_a_killed_run_is_named_at_once(tmp_path, data, ranks):
+    store = tmp_path / "rendezvous"
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out",
+                    run={"rendezvous": f"file://{store}", "comm_timeout_s": 30.0, "max_epochs": 100000,
+                         "target_iou": 1.0})
+    first = [subprocess.Popen([str(HOST), str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=torchrun_env(r, 2, 1)) for r in (0, 1)]
+    for p, r in zip(first, (0, 1)):
+        p.name = f"first{r}"
+        ranks.procs.append(p)
+    LineReader(first[0].stderr).wait_for(r"^epoch \d+ step", timeout=60)
+    for p in first:
+        p.kill()
+        p.wait()
+    assert store.exists()
+    started = time.monotonic()
+    for r in (0, 1):
+        ranks.start([HOST, run, "--set", f"run.output_dir={tmp_path / 'again'}"], torchrun_env(r, 2, 1), f"rank{r}")
+    assert ranks.wait_all(timeout=60)[-2:] == [2, 2]
+    assert time.monotonic() - started < 30  # well within comm_timeout_s
+    for name in ("rank0", "rank1"):
+        assert "has joined this store before: a run that did not end left the file behind" in ranks.stderr(name), \
+            ranks.stderr(name)[-3000:]
+
+
 def test_ranks_started_with_different_settings_are_refused_naming_them(tmp_path, data, ranks):
     # Rank 1's model differs; its output_dir too, which only rank 0 uses and may differ.
     run = small_run(tmp_path / "run.toml", data, tmp_path / "out")
@@ -422,7 +459,7 @@ def test_a_signal_to_the_launcher_ends_the_run_with_its_status_blaming_no_rank(t
     status = launcher.wait(timeout=60)
     stderr = err.text()
     assert status == 128 + sig, stderr[-3000:]
-    assert "failed: rank" not in stderr and "exited with status" not in stderr, stderr[-3000:]
+    assert "failed: rank" not in stderr and stderr.count(f"exited with status {128 + sig}") == 2, stderr[-3000:]
     events = read_events(out / "mlperf.log")
     assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "aborted"
     assert_nothing_half_written(out)
