@@ -342,12 +342,8 @@ def assert_nothing_half_written(out):
         assert set(state) >= {"step", "epoch", "model", "optimizer"}, ckpt
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
-def test_lost_rank_stops_the_other_naming_it(tmp_path, data, ranks, sig):
-    """SIGKILL: a rank that dies; SIGSTOP: one that hangs (its collectives and
-    its heartbeat stop)."""
-    out = tmp_path / "out"
-    run = long_run(tmp_path, data, out)
+def start_two_ranks(ranks, run):
+    """Ranks 0 and 1 of `run` with torchrun's variables, once rank 0 trains: rank 0, its stderr, and rank 1."""
     port = free_port()
     rank0 = subprocess.Popen([str(HOST), str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              env=torchrun_env(0, 2, port))
@@ -356,6 +352,16 @@ def test_lost_rank_stops_the_other_naming_it(tmp_path, data, ranks, sig):
     rank1 = ranks.start([HOST, run], torchrun_env(1, 2, port), "rank1")
     err0 = LineReader(rank0.stderr)
     err0.wait_for(r"^epoch \d+ step", timeout=60)
+    return rank0, err0, rank1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_lost_rank_stops_the_other_naming_it(tmp_path, data, ranks, sig):
+    """SIGKILL: a rank that dies; SIGSTOP: one that hangs (its collectives and
+    its heartbeat stop)."""
+    out = tmp_path / "out"
+    run = long_run(tmp_path, data, out)
+    rank0, err0, rank1 = start_two_ranks(ranks, run)
     assert rank0.poll() is None and rank1.poll() is None
     os.kill(rank1.pid, sig)
     killed_at = time.monotonic()
@@ -375,13 +381,7 @@ def test_a_hung_store_host_stops_the_other_naming_it(tmp_path, data, ranks):
     """Rank 0 holds the rendezvous store: stopped (not dead), the store takes calls and never answers them,
     and c10d's TCPStore waits on it without a timeout. Rank 1 hung there, silent, for ever."""
     run = long_run(tmp_path, data, tmp_path / "out")
-    port = free_port()
-    rank0 = subprocess.Popen([str(HOST), str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             env=torchrun_env(0, 2, port))
-    rank0.name = "rank0"
-    ranks.procs.append(rank0)
-    rank1 = ranks.start([HOST, run], torchrun_env(1, 2, port), "rank1")
-    LineReader(rank0.stderr).wait_for(r"^epoch \d+ step", timeout=60)
+    rank0, _, rank1 = start_two_ranks(ranks, run)
     os.kill(rank0.pid, signal.SIGSTOP)
     try:
         # The collective's timeout, the wait for a verdict, the wait for the watchdog: three timeouts.
@@ -413,14 +413,19 @@ def rank_of(pid):
     return int(next(e for e in env if e.startswith(b"RANK=")).split(b"=", 1)[1])
 
 
-def test_killed_rank_under_nproc_fails_the_launcher_naming_it(tmp_path, data, ranks):
-    out = tmp_path / "out"
-    run = long_run(tmp_path, data, out)
+def start_launcher(ranks, run):
+    """deepcam-host --nproc 2 on `run`, killed at the end of the test if still running; and its stderr."""
     launcher = subprocess.Popen([str(HOST), "--nproc", "2", str(run)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, env=clean_env())
     launcher.name = "launcher"
     ranks.procs.append(launcher)
-    err = LineReader(launcher.stderr)
+    return launcher, LineReader(launcher.stderr)
+
+
+def test_killed_rank_under_nproc_fails_the_launcher_naming_it(tmp_path, data, ranks):
+    out = tmp_path / "out"
+    run = long_run(tmp_path, data, out)
+    launcher, err = start_launcher(ranks, run)
     try:
         err.wait_for(r"^\[rank 0\] epoch \d+ step", timeout=60)
         by_rank = {rank_of(pid): pid for pid in children(launcher.pid)}
@@ -449,11 +454,7 @@ def test_killed_rank_under_nproc_fails_the_launcher_naming_it(tmp_path, data, ra
 def test_a_signal_to_the_launcher_ends_the_run_with_its_status_blaming_no_rank(tmp_path, data, ranks, sig):
     out = tmp_path / "out"
     run = long_run(tmp_path, data, out)
-    launcher = subprocess.Popen([str(HOST), "--nproc", "2", str(run)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, env=clean_env())
-    launcher.name = "launcher"
-    ranks.procs.append(launcher)
-    err = LineReader(launcher.stderr)
+    launcher, err = start_launcher(ranks, run)
     err.wait_for(r"^\[rank 0\] epoch \d+ step", timeout=60)
     launcher.send_signal(sig)
     status = launcher.wait(timeout=60)

@@ -32,6 +32,8 @@
 #undef CHECK_GT
 #include <doctest/doctest.h>
 
+#include "mlperf_log_lines.hpp"
+
 using deepcam::optimizers::Lamb;
 using deepcam::optimizers::LambOptions;
 
@@ -385,22 +387,8 @@ TEST_CASE("LAMB load_state_dict refuses other optimizers' states and keeps its o
 
 TEST_CASE("LAMB logs the opt_* keys of SPEC 5.4 with the types the MLPerf checker expects") {
   Lamb lamb({}, LambOptions{0.0055, 0.9, 0.999, 0.01, 1.0});
-  std::FILE* file = std::tmpfile();
-  REQUIRE(file != nullptr);
-  deepcam::MlperfLog log(file, true);
-  lamb.log_hyperparameters(log);
-  std::fflush(file);
-  std::rewind(file);
-  std::vector<std::string> lines;
-  char buffer[4096];
-  while (std::fgets(buffer, sizeof buffer, file)) {
-    std::string line;
-    for (const char* c = buffer; *c && *c != '\n'; ++c) {
-      if (*c != ' ') line += *c;
-    }
-    lines.push_back(line);
-  }
-  std::fclose(file);
+  const std::vector<std::string> lines =
+      test_support::log_lines([&](deepcam::MlperfLog& log) { lamb.log_hyperparameters(log); });
   const std::vector<std::string> expected = {
       R"("key":"opt_name","value":"LAMB")",          R"("key":"opt_lr","value":0.0055)",
       R"("key":"opt_bias_correction","value":true)", R"("key":"opt_betas","value":[0.9,0.999])",
