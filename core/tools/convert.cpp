@@ -375,13 +375,15 @@ void run_convert(const ConvertOptions& o) {
   // there. Pairs appear under their final names only when whole, so the
   // last rank to finish sees them all; a rank that failed or was killed
   // leaves its pairs missing, and then no rank copies it. (Another rank's
-  // entry that is not a file is this rank's listing problem too.)
-  std::size_t missing = 0;
+  // entry that is not a file is this rank's listing problem too.) The look
+  // stops at the first pair missing: a rank that ends early asks the file
+  // system little.
+  bool missing = false;
   if (failed == 0 && listing_problems.empty()) {
-    for (const Job& job : all) {
-      if (!fs::is_regular_file(job.data, ec) || !fs::is_regular_file(job.label, ec)) ++missing;
-    }
-    if (missing == 0) copy_atomically(src_stats, o.dst / "stats.h5");
+    missing = std::any_of(all.begin(), all.end(), [&](const Job& job) {
+      return !fs::is_regular_file(job.data, ec) || !fs::is_regular_file(job.label, ec);
+    });
+    if (!missing) copy_atomically(src_stats, o.dst / "stats.h5");
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (!o.progress.quiet)
@@ -391,8 +393,7 @@ void run_convert(const ConvertOptions& o) {
              who.empty() ? "" : who + ": ", jobs.size(), o.dst.string(), fmt::join(splits, ", "), seconds,
              converted, repaired, kept, o.verify ? " (checked value by value)" : " (headers and sizes checked)",
              failed ? fmt::format(", {} failed", failed) : "",
-             missing ? fmt::format("; {} samples of other ranks are not there yet: the rank that finishes last "
-                                   "copies stats.h5", missing)
+             missing ? "; other ranks' samples are not all there yet: the rank that finishes last copies stats.h5"
                      : "");
   if (failed)
     throw Error(fmt::format("convert: {} of {} samples failed{} (see above); fix the cause and run the same "

@@ -193,7 +193,7 @@ def test_ranks_split_the_samples(deepcam_data, source, tmp_path):
     assert "rank 0 of 3" in proc.stderr and "the rank that finishes last copies stats.h5" in proc.stderr
     assert not (dst / "stats.h5").exists()  # rank 2's samples are missing
     proc = ok(run(deepcam_data, "convert", source, dst, env={"SLURM_PROCID": "2", "SLURM_NTASKS": "3"}))
-    assert "rank 2 of 3" in proc.stderr and "not there yet" not in proc.stderr
+    assert "rank 2 of 3" in proc.stderr and "not all there yet" not in proc.stderr
     assert assert_converted(source, dst) == len(all_sources)
     assert (dst / "stats.h5").exists()  # the last rank to finish copied it
 
