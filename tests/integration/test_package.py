@@ -135,7 +135,10 @@ def test_a_run_that_did_not_converge_is_dropped_as_the_summarizer_drops_it(runs,
 
 
 def test_two_runs_that_did_not_converge_leave_no_score(runs, tmp_path):
-    r = package(runs["open"][:3] + [runs["short"], runs["short"]], tmp_path / "pkg")
+    # A second folder with the same record: the same folder twice is refused (test_bad_input_is_named).
+    again = tmp_path / "short-again"
+    shutil.copytree(runs["short"], again)
+    r = package(runs["open"][:3] + [runs["short"], again], tmp_path / "pkg")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "no score: 2 of 5 runs did not converge" in r.stderr
     assert json.loads((tmp_path / "pkg" / "score.json").read_text())["score_minutes"] is None
