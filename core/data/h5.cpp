@@ -50,23 +50,15 @@ namespace {
 static_assert(std::is_same_v<hid_t, std::int64_t>,
               "File stores the HDF5 id as std::int64_t; hid_t must be 64-bit (HDF5 >= 1.10)");
 
-// HDF5 closes what is still open at exit (its atexit handler). A file
-// whose H5Fclose failed (a full disk) stays in its tables half-closed, and
-// that handler then crashes (SIGSEGV in H5F__close_cb) after the error was
-// reported. Every file here is closed explicitly and written under a
-// temporary name, so nothing is lost by leaving that handler out; it must
-// be asked for before HDF5's first call, which every public operation's
-// Lock makes.
-void skip_hdf5_exit_handler() {
-  static const bool asked = [] {
-    H5dont_atexit();
-    return true;
-  }();
-  (void)asked;
-}
-
+// Asked once, before HDF5's first call (every public operation's Lock asks
+// it first). It also leaves out HDF5's atexit handler, which closes what is
+// still open at exit: a file whose H5Fclose failed (a full disk) stays in
+// its tables half-closed, and that handler then crashed (SIGSEGV in
+// H5F__close_cb) after the error was reported. Every file here is closed
+// explicitly and written under a temporary name, so nothing is lost.
 bool library_is_threadsafe() {
   static const bool safe = [] {
+    H5dont_atexit();
     hbool_t threadsafe = false;
     return H5is_library_threadsafe(&threadsafe) >= 0 && threadsafe;
   }();
@@ -83,7 +75,6 @@ std::recursive_mutex& library_mutex() {
 class Lock {
  public:
   Lock() {
-    skip_hdf5_exit_handler();
     if (!library_is_threadsafe()) lock_ = std::unique_lock<std::recursive_mutex>(library_mutex());
     thread_local bool silenced = false;
     if (!silenced) {

@@ -195,7 +195,7 @@ void Adam::load_state_dict(const c10::IValue& saved) {
                           options_.decoupled_weight_decay ? "adam" : "adamw"));
   }
   AdamOptions options = options_;
-  const fused::StateDictReader::Hyperparameters h = read.hyperparameters(parsed.group);
+  const fused::Hyperparameters h = read.hyperparameters(parsed.group);
   options.lr = h.lr;
   options.beta1 = h.beta1;
   options.beta2 = h.beta2;

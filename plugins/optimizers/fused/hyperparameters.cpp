@@ -10,7 +10,7 @@ namespace deepcam::fused {
 Hyperparameters read_hyperparameters(const Params& params) {
   Hyperparameters h{};
   h.lr = params.number("lr");
-  if (!(h.lr > 0.0)) {
+  if (!positive(h.lr)) {
     throw Error(params.where("lr") + " = " + std::to_string(h.lr) + ": must be > 0");
   }
   const std::vector<double>& betas = params.numbers("betas");
@@ -19,7 +19,7 @@ Hyperparameters read_hyperparameters(const Params& params) {
                 " values: give two, e.g. betas = [0.9, 0.999]");
   }
   for (double beta : betas) {
-    if (!(beta >= 0.0 && beta < 1.0)) {
+    if (!beta_in_range(beta)) {
       throw Error(params.where("betas") + " = [" + std::to_string(betas[0]) + ", " + std::to_string(betas[1]) +
                   "]: each must be in [0, 1)");
     }
@@ -27,7 +27,7 @@ Hyperparameters read_hyperparameters(const Params& params) {
   h.beta1 = betas[0];
   h.beta2 = betas[1];
   h.weight_decay = params.number("weight_decay");
-  if (!(h.weight_decay >= 0.0)) {
+  if (!non_negative(h.weight_decay)) {
     throw Error(params.where("weight_decay") + " = " + std::to_string(h.weight_decay) + ": must be >= 0");
   }
   return h;

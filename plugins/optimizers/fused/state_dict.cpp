@@ -8,7 +8,6 @@
 #include <ATen/ops/lt.h>
 #include <fmt/format.h>
 
-#include <cmath>
 #include <map>
 #include <sstream>
 #include <utility>
@@ -118,7 +117,7 @@ std::vector<double> StateDictReader::betas(const c10::impl::GenericDict& group) 
   return {to_number(items[0], "param_groups[0][\"betas\"][0]"), to_number(items[1], "param_groups[0][\"betas\"][1]")};
 }
 
-StateDictReader::Hyperparameters StateDictReader::hyperparameters(const c10::impl::GenericDict& group) const {
+Hyperparameters StateDictReader::hyperparameters(const c10::impl::GenericDict& group) const {
   Hyperparameters h{};
   h.lr = number(group, "lr", "param_groups[0]");
   const std::vector<double> b = betas(group);
@@ -126,13 +125,13 @@ StateDictReader::Hyperparameters StateDictReader::hyperparameters(const c10::imp
   h.beta2 = b[1];
   h.weight_decay = number(group, "weight_decay", "param_groups[0]");
   auto text = [](double v) { return fmt::format("{}", v); };
-  if (!(h.lr > 0.0) || !std::isfinite(h.lr)) fail("param_groups[0][\"lr\"] is " + text(h.lr) + ", expected > 0");
+  if (!positive(h.lr)) fail("param_groups[0][\"lr\"] is " + text(h.lr) + ", expected > 0");
   for (std::size_t i = 0; i < 2; ++i) {
-    if (!(b[i] >= 0.0 && b[i] < 1.0)) {
+    if (!beta_in_range(b[i])) {
       fail("param_groups[0][\"betas\"][" + std::to_string(i) + "] is " + text(b[i]) + ", expected in [0, 1)");
     }
   }
-  if (!(h.weight_decay >= 0.0) || !std::isfinite(h.weight_decay)) {
+  if (!non_negative(h.weight_decay)) {
     fail("param_groups[0][\"weight_decay\"] is " + text(h.weight_decay) + ", expected >= 0");
   }
   return h;

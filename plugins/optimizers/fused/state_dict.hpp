@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "hyperparameters.hpp"
+
 namespace deepcam::fused {
 
 // The dict PyTorch's optimizer.state_dict() returns: {"state": state,
@@ -55,9 +57,6 @@ class StateDictReader {
   // in the ranges their run-file keys have: lr > 0, betas in [0, 1),
   // weight_decay >= 0, all finite (a resumed run takes them from the file,
   // as PyTorch's load_state_dict does).
-  struct Hyperparameters {
-    double lr, beta1, beta2, weight_decay;
-  };
   Hyperparameters hyperparameters(const c10::impl::GenericDict& group) const;
   // A moment tensor of `param` (parameter number `index`): its shape is
   // checked, its values finite ("exp_avg_sq", a running mean of squares,

@@ -36,7 +36,7 @@ LambOptions LambOptions::from(const Params& params) {
   options.beta2 = h.beta2;
   options.weight_decay = h.weight_decay;
   options.max_grad_norm = params.number("max_grad_norm");
-  if (!(options.max_grad_norm > 0.0)) {
+  if (!fused::positive(options.max_grad_norm)) {
     throw Error(params.where("max_grad_norm") + " = " + std::to_string(options.max_grad_norm) +
                 ": must be > 0 (the MLPerf closed division requires 1.0)");
   }
@@ -245,13 +245,13 @@ void Lamb::load_state_dict(const c10::IValue& saved) {
   const fused::StateDictReader& read = reader();
   const fused::StateDictReader::Parsed parsed = read.parse(saved, parameters_.size());
   LambOptions options = options_;
-  const fused::StateDictReader::Hyperparameters h = read.hyperparameters(parsed.group);
+  const fused::Hyperparameters h = read.hyperparameters(parsed.group);
   options.lr = h.lr;
   options.beta1 = h.beta1;
   options.beta2 = h.beta2;
   options.weight_decay = h.weight_decay;
   options.max_grad_norm = read.number(parsed.group, "max_grad_norm", "param_groups[0]");
-  if (!(options.max_grad_norm > 0.0) || !std::isfinite(options.max_grad_norm)) {
+  if (!fused::positive(options.max_grad_norm)) {
     read.fail(fmt::format("param_groups[0][\"max_grad_norm\"] is {}, expected > 0", options.max_grad_norm));
   }
   for (const char* key : {"bias_correction", "grad_averaging"}) {
