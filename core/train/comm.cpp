@@ -71,12 +71,19 @@ struct Communicator::Impl {
   bool stopping = false;
   bool finishing = false;
   bool watch_ended = false;
-  bool abandoned = false;   // the watchdog was left stuck in a store call
+  bool abandoned = false;   // a thread (the watchdog, the join) was left stuck in a store call
   Clock::time_point answered = Clock::now();  // the store's last answer to the watchdog
   std::string verdict;  // who was lost, once known
 
   c10::intrusive_ptr<c10d::ProcessGroup> make_group(const std::string& name, int rank, int size);
   std::unique_ptr<ProcessGroupGroup> group(const std::string& name, const std::vector<int>& members);
+  // Where the store is: a file, or a host and port; and where that was set.
+  std::string store_path, store_host, store_where;
+  std::uint16_t store_port = 0;
+
+  void find_store();
+  void join_store();
+  void join_store_within(std::chrono::milliseconds limit);
   void meet();
   void watch();
   bool stop_watch();
@@ -182,79 +189,152 @@ std::unique_ptr<ProcessGroupGroup> Communicator::Impl::group(const std::string& 
   return std::make_unique<ProcessGroupGroup>(*this, make_group(name, rank, size), rank, size);
 }
 
+// Where the store is, from [run] rendezvous (and MASTER_ADDR / MASTER_PORT
+// for "env"); a setting that cannot work is an Error naming it.
+void Communicator::Impl::find_store() {
+  const std::string& rv = options.rendezvous;
+  const std::string& where = options.rendezvous_where;
+  const int size = layout.world_size;
+  if (rv.rfind("file://", 0) == 0) {
+    store_path = rv.substr(7);
+    if (store_path.empty() || store_path[0] != '/') {
+      throw Error(fmt::format("{} = \"{}\": expected file:///ABSOLUTE/PATH on a file system all ranks share",
+                              where, rv));
+    }
+    return;
+  }
+  std::string port_text, port_where;
+  if (rv == "env") {
+    const char* addr = std::getenv("MASTER_ADDR");
+    const char* port = std::getenv("MASTER_PORT");
+    if (!addr || !*addr || !port || !*port) {
+      throw Error(fmt::format("{} = \"env\": {} ranks ({}) need MASTER_ADDR and MASTER_PORT (rank 0's host and "
+                              "a free port) in the environment; or set rendezvous = \"tcp://HOST:PORT\" or "
+                              "\"file:///shared/path\"",
+                              where, size, layout.source));
+    }
+    store_host = addr;
+    port_text = port;
+    store_where = fmt::format("MASTER_ADDR and MASTER_PORT, read for {} = \"env\"", where);
+    port_where = fmt::format("MASTER_PORT (read for {} = \"env\")", where);
+  } else if (rv.rfind("tcp://", 0) == 0) {
+    const std::string rest = rv.substr(6);
+    const auto colon = rest.rfind(':');
+    if (colon == std::string::npos || colon == 0) {
+      throw Error(fmt::format("{} = \"{}\": expected tcp://HOST:PORT", where, rv));
+    }
+    store_host = rest.substr(0, colon);
+    port_text = rest.substr(colon + 1);
+    store_where = fmt::format("{} = \"{}\"", where, rv);
+    port_where = where;
+  } else {
+    throw Error(fmt::format("{} = \"{}\": expected \"env\", \"tcp://HOST:PORT\" or \"file:///PATH\"", where, rv));
+  }
+  char* end = nullptr;
+  const long port = std::strtol(port_text.c_str(), &end, 10);
+  if (port_text.empty() || *end != '\0' || port < 1 || port > 65535) {
+    throw Error(fmt::format("{}: port \"{}\" is not a number in 1..65535", port_where, port_text));
+  }
+  store_port = static_cast<std::uint16_t>(port);
+}
+
+// Connects to the store (rank 0 hosts a TCP one) and joins it.
+void Communicator::Impl::join_store() {
+  const int rank = layout.rank, size = layout.world_size;
+  const std::string& rv = options.rendezvous;
+  const std::string& where = options.rendezvous_where;
+  if (store_path.empty()) {
+    c10d::TCPStoreOptions o;
+    o.port = store_port;
+    o.isServer = rank == 0;
+    o.numWorkers = static_cast<std::size_t>(size);
+    o.waitWorkers = true;
+    o.timeout = options.timeout;
+    store = c10::make_intrusive<c10d::TCPStore>(store_host, o);
+  } else {
+    store = c10::make_intrusive<c10d::FileStore>(store_path, size);
+    store->setTimeout(options.timeout);
+  }
+  // Each rank joins once, all with one world size: two processes started
+  // as the same rank, ranks told different sizes, or a file store that a
+  // killed run left behind would otherwise wait on each other until the
+  // timeout and say nothing of why.
+  if (store->add(fmt::format("deepcam/rank/{}", rank), 1) != 1) {
+    throw Error(!store_path.empty()
+                    ? fmt::format("{} = \"{}\": rank {} has joined this store before: a run that did not end left "
+                                  "the file behind, or another process was started as rank {} too; delete the "
+                                  "file or give each run a new path",
+                                  where, rv, rank, rank)
+                    : fmt::format("rank {} of {}: another process joined the rendezvous as rank {} too ({}); "
+                                  "give each process its own rank",
+                                  rank, size, rank, layout.rank_variable));
+  }
+  if (rank == 0) store->set("deepcam/world_size", bytes_of(std::to_string(size)));
+  const std::string rank0_size = text_of(store->get("deepcam/world_size"));
+  if (rank0_size != std::to_string(size)) {
+    throw Error(fmt::format("rank {}: this process was started for a world of {} ranks ({}), rank 0 for {}; start "
+                            "every rank with the same world size",
+                            rank, size, layout.source, rank0_size));
+  }
+  store->set(heartbeat_key(rank), bytes_of("0"));
+}
+
+// join_store on a thread of its own, waited for at most `limit`. c10d reads
+// the store's answers without a timeout, so a port held by a process that
+// takes the connection and never answers (a stopped run's rank 0, another
+// program) would hold this rank for ever, as would a file store whose lock a
+// stopped process holds. That thread is then left to itself, with this Impl
+// (the Communicator's constructor leaks it).
+void Communicator::Impl::join_store_within(std::chrono::milliseconds limit) {
+  struct Outcome {
+    std::mutex mutex;
+    std::condition_variable done_cv;
+    bool done = false;
+    std::exception_ptr error;
+  };
+  auto outcome = std::make_shared<Outcome>();
+  std::thread joining([this, outcome] {
+    std::exception_ptr error;
+    try {
+      join_store();
+    } catch (...) {
+      error = std::current_exception();
+    }
+    std::lock_guard<std::mutex> lock(outcome->mutex);
+    outcome->done = true;
+    outcome->error = error;
+    outcome->done_cv.notify_all();
+  });
+  std::unique_lock<std::mutex> lock(outcome->mutex);
+  if (!outcome->done_cv.wait_for(lock, limit, [&] { return outcome->done; })) {
+    lock.unlock();
+    joining.detach();
+    abandoned = true;
+    const std::string store_text =
+        store_path.empty() ? fmt::format("the store at {}:{} ({}) took the connection but", store_host, store_port,
+                                         store_where)
+                           : fmt::format("the store file {} ({})", store_path, options.rendezvous_where);
+    const std::string held = store_path.empty() ? "the port is held by a process that is stopped or is not this "
+                                                  "run's rank 0 (an earlier run, another program); give the run "
+                                                  "a free port"
+                                                : "a stopped process holds its lock (an earlier run's rank); give "
+                                                  "the run a new path";
+    throw Error(fmt::format("rank {} of {}: {} has not answered for {} s: {}", layout.rank, layout.world_size,
+                            store_text, seconds(std::chrono::duration_cast<std::chrono::milliseconds>(limit)), held));
+  }
+  lock.unlock();
+  joining.join();
+  if (outcome->error) std::rethrow_exception(outcome->error);
+}
+
 // Rendezvous, the world group, and who runs where.
 void Communicator::Impl::meet() {
   const int rank = layout.rank, size = layout.world_size;
-  const std::string& rv = options.rendezvous;
-  const std::string where = options.rendezvous_where;
+  find_store();
   try {
-    if (rv == "env" || rv.rfind("tcp://", 0) == 0) {
-      std::string host, port_text;
-      if (rv == "env") {
-        const char* addr = std::getenv("MASTER_ADDR");
-        const char* port = std::getenv("MASTER_PORT");
-        if (!addr || !*addr || !port || !*port) {
-          throw Error(fmt::format("{} = \"env\": {} ranks ({}) need MASTER_ADDR and MASTER_PORT (rank 0's host and "
-                                  "a free port) in the environment; or set rendezvous = \"tcp://HOST:PORT\" or "
-                                  "\"file:///shared/path\"",
-                                  where, size, layout.source));
-        }
-        host = addr;
-        port_text = port;
-      } else {
-        const std::string rest = rv.substr(6);
-        const auto colon = rest.rfind(':');
-        if (colon == std::string::npos || colon == 0) {
-          throw Error(fmt::format("{} = \"{}\": expected tcp://HOST:PORT", where, rv));
-        }
-        host = rest.substr(0, colon);
-        port_text = rest.substr(colon + 1);
-      }
-      char* end = nullptr;
-      const long port = std::strtol(port_text.c_str(), &end, 10);
-      if (port_text.empty() || *end != '\0' || port < 1 || port > 65535) {
-        throw Error(fmt::format("{}: port \"{}\" is not a number in 1..65535", where, port_text));
-      }
-      c10d::TCPStoreOptions o;
-      o.port = static_cast<std::uint16_t>(port);
-      o.isServer = rank == 0;
-      o.numWorkers = static_cast<std::size_t>(size);
-      o.waitWorkers = true;
-      o.timeout = options.timeout;
-      store = c10::make_intrusive<c10d::TCPStore>(host, o);
-    } else if (rv.rfind("file://", 0) == 0) {
-      const std::string path = rv.substr(7);
-      if (path.empty() || path[0] != '/') {
-        throw Error(fmt::format("{} = \"{}\": expected file:///ABSOLUTE/PATH on a file system all ranks share",
-                                where, rv));
-      }
-      store = c10::make_intrusive<c10d::FileStore>(path, size);
-      store->setTimeout(options.timeout);
-    } else {
-      throw Error(fmt::format("{} = \"{}\": expected \"env\", \"tcp://HOST:PORT\" or \"file:///PATH\"", where, rv));
-    }
-    // Each rank joins once, all with one world size: two processes started
-    // as the same rank, ranks told different sizes, or a file store that a
-    // killed run left behind would otherwise wait on each other until the
-    // timeout and say nothing of why.
-    if (store->add(fmt::format("deepcam/rank/{}", rank), 1) != 1) {
-      throw Error(rv.rfind("file://", 0) == 0
-                      ? fmt::format("{} = \"{}\": rank {} has joined this store before: a run that did not end left "
-                                    "the file behind, or another process was started as rank {} too; delete the "
-                                    "file or give each run a new path",
-                                    where, rv, rank, rank)
-                      : fmt::format("rank {} of {}: another process joined the rendezvous as rank {} too ({}); "
-                                    "give each process its own rank",
-                                    rank, size, rank, layout.rank_variable));
-    }
-    if (rank == 0) store->set("deepcam/world_size", bytes_of(std::to_string(size)));
-    const std::string rank0_size = text_of(store->get("deepcam/world_size"));
-    if (rank0_size != std::to_string(size)) {
-      throw Error(fmt::format("rank {}: this process was started for a world of {} ranks ({}), rank 0 for {}; start "
-                              "every rank with the same world size",
-                              rank, size, layout.source, rank0_size));
-    }
-    store->set(heartbeat_key(rank), bytes_of("0"));
+    // Connecting waits up to the timeout for rank 0, and the world size up
+    // to another for every rank to have connected.
+    join_store_within(2 * options.timeout + 2 * interval);
     world = group("world", [&] {
       std::vector<int> all(static_cast<std::size_t>(size));
       for (int r = 0; r < size; ++r) all[static_cast<std::size_t>(r)] = r;
@@ -264,8 +344,8 @@ void Communicator::Impl::meet() {
     throw;
   } catch (const std::exception& e) {
     throw Error(fmt::format("rank {} of {}: could not meet the other ranks through {} = \"{}\" within {} s ({}): {}",
-                            rank, size, where, rv, seconds(options.timeout), options.timeout_where,
-                            first_line(e.what())));
+                            rank, size, options.rendezvous_where, options.rendezvous, seconds(options.timeout),
+                            options.timeout_where, first_line(e.what())));
   }
 
   // Host names, through one all-gather of fixed-size buffers.
@@ -428,7 +508,13 @@ Communicator::Communicator(const RankLayout& layout, const CommOptions& options)
     return;
   }
   impl_->interval = std::clamp(options.timeout / 10, std::chrono::milliseconds(100), std::chrono::milliseconds(5000));
-  impl_->meet();
+  try {
+    impl_->meet();
+  } catch (const std::exception&) {
+    // A thread left stuck in a store call keeps the Impl.
+    if (impl_->abandoned) (void)impl_.release();
+    throw;
+  }
   impl_->thread = std::thread([impl = impl_.get()] { impl->watch(); });
 }
 

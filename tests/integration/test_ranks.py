@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -246,7 +247,33 @@ def test_rendezvous_settings_that_cannot_work_are_named(tmp_path, data):
         run = small_run(tmp_path / "bad.toml", data, out, run={"rendezvous": value})
         r = run_host(run, env=env, timeout=60)
         assert r.returncode == 2 and message in r.stderr and "[run] rendezvous" in r.stderr, r.stderr
+    r = run_host(small_run(tmp_path / "env.toml", data, out), env=torchrun_env(1, 2, 0), timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert re.search(r'MASTER_PORT \(read for \S*env.toml \[run\] rendezvous = "env"\): port "0" is not a number '
+                     r"in 1\.\.65535", r.stderr), r.stderr
     assert not out.exists()
+
+
+def test_a_port_that_takes_the_connection_and_never_answers_is_named(tmp_path, data):
+    """MASTER_PORT held by a process that is not this run's rank 0 and never answers (another program, a
+    stopped earlier run): c10d reads the store's handshake without a timeout, and the rank waited for ever."""
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out", run={"comm_timeout_s": 2.0})
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        started = time.monotonic()
+        try:
+            r = run_host(run, env=torchrun_env(1, 2, port), timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the rank still waits on the port 60 s later")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert re.search(rf"rank 1 of 2: the store at 127\.0\.0\.1:{port} \(MASTER_ADDR and MASTER_PORT, read for "
+                     rf'\S*run.toml \[run\] rendezvous = "env"\) took the connection but has not answered for',
+                     r.stderr), r.stderr[-3000:]
+    assert "give the run a free port" in r.stderr
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "out").exists()
 
 
 # 5. Conflicting variables
