@@ -15,6 +15,7 @@
 // exit status (2 for a bad command line, 1 otherwise); no partial file is
 // left behind.
 #include <charconv>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -346,6 +347,10 @@ int run(const std::vector<std::string>& args, deepcam::PluginLoader& loader) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // As in deepcam-host: a file that outgrows the file-size limit (ulimit -f)
+  // makes write() fail with EFBIG, which the writers report, removing their
+  // temporaries, instead of the signal ending the process with half a file.
+  std::signal(SIGXFSZ, SIG_IGN);
   // Outside the try block, as in deepcam-host: plugin libraries stay loaded
   // until the process ends, so that an exception thrown by a plugin is
   // handled while its code is still there.

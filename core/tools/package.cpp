@@ -4,9 +4,11 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <optional>
@@ -433,10 +435,14 @@ Value system_description(const PackageOptions& o, const Run& first, std::vector<
 
 void write_file(const fs::path& path, const std::string& text) {
   fs::create_directories(path.parent_path());
+  errno = 0;
   std::ofstream out(path, std::ios::binary);
   out << text;
   out.close();
-  if (!out) throw Error(fmt::format("{}: cannot be written", path.string()));
+  if (!out) {
+    throw Error(fmt::format("{}: cannot be written{}", path.string(),
+                            errno != 0 ? fmt::format(": {}", std::strerror(errno)) : std::string()));
+  }
 }
 
 bool valid_system_name(const std::string& s) {
@@ -535,8 +541,10 @@ int run_package(const PackageOptions& o) {
   per_run.kind = Value::Kind::Array;
   for (std::size_t n = 0; n < runs.size(); ++n) {
     const Run& r = runs[n];
-    fs::copy_file(r.log, results / fmt::format("result_{}.txt", n));
-    fs::copy_file(r.run_file, run_files / fmt::format("result_{}.toml", n));
+    // Copied through write_file, which names the file and the reason (a
+    // full disk) where std::filesystem::copy_file says "Input/output error".
+    write_file(results / fmt::format("result_{}.txt", n), read_text(r.log));
+    write_file(run_files / fmt::format("result_{}.toml", n), read_text(r.run_file));
     if (r.converged()) scores.push_back(r.minutes());
     else ++dropped;
     fmt::print("result_{}.txt: {}: time to train {:.4f} min, run_stop status {}\n", n, r.dir.string(), r.minutes(),

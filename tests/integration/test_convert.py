@@ -9,7 +9,6 @@ non-zero exit and no partial file."""
 import os
 import resource
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
@@ -275,11 +274,10 @@ def test_a_damaged_source_is_named_and_the_others_converted(deepcam_data, source
 
 
 def test_a_full_disk_stops_the_run_and_leaves_no_partial_file(deepcam_data, source, tmp_path):
-    # RLIMIT_FSIZE stands in for a full disk: with SIGXFSZ ignored, write()
-    # fails with EFBIG as it fails with ENOSPC. A label file (6 KB) fits, a
-    # data file (98 KB) does not.
+    # RLIMIT_FSIZE stands in for a full disk: the tool ignores SIGXFSZ, and
+    # write() fails with EFBIG as it fails with ENOSPC. A label file (6 KB)
+    # fits, a data file (98 KB) does not.
     def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
 
     dst = tmp_path / "dst"

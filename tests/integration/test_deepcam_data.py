@@ -5,7 +5,6 @@ reproducibility, stats.h5 against numpy, and clean failures."""
 import re
 import resource
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
@@ -335,9 +334,9 @@ def test_synth_failure_removes_temporary_file(deepcam_data, tmp_path):
 
 
 def limit_file_size(limit):
-    """RLIMIT_FSIZE stands in for a full disk: with SIGXFSZ ignored, write() fails with EFBIG."""
+    """RLIMIT_FSIZE stands in for a full disk: the tool ignores SIGXFSZ (it used to die of it, leaving its
+    temporaries), and write() fails with EFBIG."""
     def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     return apply
 

@@ -7,6 +7,7 @@ and accuracy rules."""
 import csv
 import json
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -55,9 +56,9 @@ def runs(tmp_path_factory):
     }
 
 
-def package(run_dirs, out, system="cpu2-quickstart", *extra):
+def package(run_dirs, out, system="cpu2-quickstart", *extra, preexec_fn=None):
     return subprocess.run([str(DATA_TOOL), "package", *map(str, run_dirs), "--system", system, "--out", str(out),
-                           *map(str, extra)], capture_output=True, text=True, timeout=120)
+                           *map(str, extra)], capture_output=True, text=True, timeout=120, preexec_fn=preexec_fn)
 
 
 def package_checker(folder):
@@ -209,6 +210,18 @@ def test_bad_input_is_named(runs, tmp_path):
     r = package([run], tmp_path / "pkg")
     assert r.returncode == 1 and f"{run / 'mlperf.log'}:" in r.stderr and "nest deeper than 256" in r.stderr, r.stderr
     assert not (tmp_path / "pkg").exists()
+
+
+def test_a_full_disk_is_named_and_leaves_no_package(runs, tmp_path):
+    """RLIMIT_FSIZE (ulimit -f) stands in for a full disk. The tool used to die of SIGXFSZ, leaving its
+    temporary folder, and a real full disk was reported as std::filesystem's "Input/output error"."""
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))  # an MLPerf log here is over 20 KB
+
+    r = package(runs["open"], tmp_path / "pkg", preexec_fn=limit_file_size)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert re.fullmatch(r"deepcam-data: \S*/result_0\.txt: cannot be written: File too large\n", r.stderr), r.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_system_desc_fields_replace_the_generated_ones(runs, tmp_path):
