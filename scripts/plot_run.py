@@ -11,15 +11,17 @@ with its target IoU (from config.toml beside the log) dotted on the eval IoU
 panels. It also prints one line per
 run: steps, epochs, final train loss, best eval IoU, time to train.
 
-Exit status 2 with a message naming the file (and line) for a missing or
-malformed log, 0 otherwise. The PNG is written to a temporary name and renamed.
+Exit status 2 with one line naming the file (and line) for a missing,
+unreadable or malformed log or config.toml, or a --out that cannot be
+written; 0 otherwise. The PNG is written to a temporary name (removed on any
+failure) and renamed; it gets the mode any new file gets under the umask.
 """
 
 import argparse
 import json
 import os
+import secrets
 import sys
-import tempfile
 from pathlib import Path
 
 MARKER = ":::MLLOG "
@@ -33,6 +35,10 @@ METRICS = [  # (log key, panel title)
 
 class BadInput(Exception):
     pass
+
+
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def read_log(path):
@@ -49,6 +55,8 @@ def read_log(path):
                 raise BadInput(f"{path}:{number}: not a JSON log line: {e}") from None
             if not isinstance(event, dict) or "key" not in event or "time_ms" not in event:
                 raise BadInput(f"{path}:{number}: a log line needs \"key\" and \"time_ms\"")
+            if not is_number(event["time_ms"]) or not isinstance(event.get("metadata", {}), dict):
+                raise BadInput(f"{path}:{number}: \"time_ms\" must be a number and \"metadata\" an object")
             events.append(event)
     return events
 
@@ -74,9 +82,12 @@ class Run:
         if config.is_file():
             import tomllib
             try:
-                self.target = tomllib.loads(config.read_text()).get("run", {}).get("target_iou")
-            except tomllib.TOMLDecodeError as e:
+                run = tomllib.loads(config.read_text(encoding="utf-8")).get("run", {})
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise BadInput(f"{config}: {e}") from None
+            self.target = run.get("target_iou") if isinstance(run, dict) else None
+            if not isinstance(run, dict) or not (self.target is None or is_number(self.target)):
+                raise BadInput(f"{config}: [run] target_iou must be a number")
         self.series = {}
         self.epochs = 0
         for key, _ in METRICS:
@@ -86,9 +97,10 @@ class Run:
                     continue
                 meta = e.get("metadata", {})
                 step = meta.get("step_num")
-                if step is None:
+                if not is_number(step):
                     continue
-                self.epochs = max(self.epochs, meta.get("epoch_num", 0))
+                epoch = meta.get("epoch_num", 0)
+                self.epochs = max(self.epochs, epoch if is_number(epoch) else 0)
                 # The engine logs a step's figures again at the end of an epoch: one point per step.
                 seen.setdefault(step, ((e["time_ms"] - self.run_start) / 1000, e["value"]))
             steps = sorted(seen)
@@ -134,18 +146,37 @@ def plot(runs, out, dpi):
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=min(len(runs), 4), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
     try:
-        fig.savefig(temp, dpi=dpi, format="png")
-        os.replace(temp, out)
-    except BaseException:
-        os.unlink(temp)
-        raise
+        write_png(fig, out, dpi)
     finally:
         plt.close(fig)
+
+
+def check_out(out):
+    """Refuses, before any plotting, an --out that is a folder or lies under a file."""
+    if out.is_dir():
+        raise BadInput(f"{out}: is a folder; --out names the PNG file to write")
+    for folder in out.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise BadInput(f"{out}: cannot write: {folder} is not a folder")
+            return
+
+
+def write_png(fig, out, dpi):
+    """The figure to a temporary beside `out`, renamed over it: `out` is never half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Opened as a plain open() would (0666 less the umask), not with mkstemp's fixed 0600;
+    # O_EXCL keeps mkstemp's guarantee that the name is ours.
+    temp = out.parent / f".{out.name}.{secrets.token_hex(6)}.png"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, dpi=dpi, format="png")
+        os.replace(temp, out)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def main(argv=None):
@@ -157,15 +188,26 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.dpi < 20 or args.dpi > 600:
         parser.error(f"--dpi must be between 20 and 600, got {args.dpi}")
+    out = Path(args.out)
+    runs = []
     try:
-        runs = [Run(r) for r in args.runs]
-    except (BadInput, OSError) as e:
+        check_out(out)
+        for arg in args.runs:
+            try:
+                runs.append(Run(arg))
+            except OSError as e:
+                # A read that fails part-way carries no file name.
+                raise BadInput(f"{e.filename or arg}: cannot read: {e.strerror or e}") from None
+        for run in runs:
+            print(run.summary())
+        plot(runs, out, args.dpi)
+    except BadInput as e:
         print(f"plot_run.py: {e}", file=sys.stderr)
         return 2
-    for run in runs:
-        print(run.summary())
-    plot(runs, args.out, args.dpi)
-    print(f"plot_run.py: wrote {args.out}")
+    except OSError as e:
+        print(f"plot_run.py: {out}: cannot write: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(f"plot_run.py: wrote {out}")
     return 0
 
 

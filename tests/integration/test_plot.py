@@ -1,6 +1,10 @@
 """scripts/plot_run.py: the curves of two quickstart runs in one PNG that
-opens, has the size asked for, is not blank, and draws both runs."""
+opens, has the size asked for, is not blank, and draws both runs; a log or
+--out it cannot use is named in one line with exit status 2, no traceback."""
 
+import os
+import resource
+import stat
 import subprocess
 import sys
 
@@ -30,8 +34,17 @@ def two_runs(tmp_path_factory):
     return dirs
 
 
-def plot(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=300)
+def plot(*args, preexec_fn=None):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          timeout=300, preexec_fn=preexec_fn)
+
+
+def refused(r, *names):
+    """Exit status 2, one line of stderr naming each of `names`, no traceback."""
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for name in names:
+        assert str(name) in r.stderr, r.stderr
 
 
 def colour_pixels(image, rgb, tolerance=12):
@@ -82,3 +95,53 @@ def test_bad_input_is_named(two_runs, tmp_path):
     r = plot(bad, "--out", tmp_path / "x.png")
     assert r.returncode == 2 and "mlperf.log:" in r.stderr and "not a JSON log line" in r.stderr, r.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_bad_out_is_named(two_runs, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    refused(plot(two_runs[0], "--out", tmp_path / "afile" / "x.png"), tmp_path / "afile")
+    (tmp_path / "adir.png").mkdir()
+    refused(plot(two_runs[0], "--out", tmp_path / "adir.png"), tmp_path / "adir.png")
+    assert not list((tmp_path / "adir.png").iterdir())
+
+    # RLIMIT_FSIZE stands in for a full disk; Python ignores SIGXFSZ, so the write fails with EFBIG.
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    out = tmp_path / "small.png"
+    r = plot(two_runs[0], "--out", out, "--dpi", 40, preexec_fn=limit_file_size)
+    refused(r, out)
+    assert "File too large" in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir.png", "afile"], "a temporary file was left"
+
+
+def test_png_mode_follows_umask(two_runs, tmp_path):
+    out = tmp_path / "curves.png"
+    r = plot(two_runs[0], "--out", out, "--dpi", 40, preexec_fn=lambda: os.umask(0o027))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640, oct(out.stat().st_mode)
+
+
+def test_bad_config_or_log_values_are_named(two_runs, tmp_path):
+    log = (two_runs[0] / "mlperf.log").read_text()
+    for name, config in (("binary", b"\xff\xfe[run]\n"), ("not-a-table", b"run = 5\n"),
+                         ("text-target", b'[run]\ntarget_iou = "high"\n')):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "mlperf.log").write_text(log)
+        (run / "config.toml").write_bytes(config)
+        refused(plot(run, "--out", tmp_path / "x.png"), run / "config.toml")
+    run = tmp_path / "text-time"
+    run.mkdir()
+    (run / "mlperf.log").write_text(log.replace('"time_ms": ', '"time_ms": "', 1)
+                                    .replace(', "event_type"', '", "event_type"', 1))
+    refused(plot(run, "--out", tmp_path / "x.png"), run / "mlperf.log")
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+def test_unreadable_log_is_named(two_runs, tmp_path):
+    log = tmp_path / "mlperf.log"
+    log.write_text((two_runs[0] / "mlperf.log").read_text())
+    log.chmod(0)
+    refused(plot(log, "--out", tmp_path / "x.png"), log)
