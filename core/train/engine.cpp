@@ -91,28 +91,39 @@ double peak_memory_mb() {
   return static_cast<double>(usage.ru_maxrss) / 1024.0;
 }
 
-// The run's record, config.toml and the MLPerf log, under their final names
-// from the start: the log is flushed line by line, so that `tail -f` follows
-// a run and a run cut short (a time limit, kill -9) keeps a valid prefix.
-// Only rank 0 has one. A run that fails on bad input before it began
-// training removes them again (nothing ran); from run_start on they stay.
+// "<path>.<n>": the name under which the record of a run that a resume in
+// its folder continues is kept.
+fs::path numbered(const fs::path& path, int n) { return path.string() + fmt::format(".{}", n); }
+
+// The run's record, config.toml and the MLPerf log. Until the run starts
+// they are written under temporary names ("<name>.partial-<pid>"), so that a
+// run that fails before it starts (bad input, a refused resume) leaves an
+// earlier record in its folder as it was; keep() gives them their names. From
+// then on the log is flushed line by line, so that `tail -F` follows a run
+// and a run cut short (a time limit, kill -9) keeps a valid prefix. A run
+// that continues an earlier one in its folder (a resume from one of its
+// checkpoints) keeps that run's record under the next free number
+// ("mlperf.log.1", "config.toml.1"); otherwise an earlier record (overwrite =
+// true) is replaced. Only rank 0 has one.
 class RunRecord {
  public:
   RunRecord(const fs::path& config_path, const fs::path& log_path, const std::string& resolved,
-            const std::string& where)
-      : config_path_(config_path), log_path_(log_path) {
-    std::FILE* config = std::fopen(config_path_.c_str(), "w");
-    if (!config) throw Error(fmt::format("{}: cannot create: {}", config_path_.string(), std::strerror(errno)));
-    const bool written = std::fputs(resolved.c_str(), config) >= 0 && std::fflush(config) == 0;
+            const std::string& where, bool keeps_earlier)
+      : config_path_(config_path), log_path_(log_path), keeps_earlier_(keeps_earlier) {
+    // Messages name the files by their own names.
+    const fs::path config = partial(config_path_);
+    std::FILE* file = std::fopen(config.c_str(), "w");
+    if (!file) throw Error(fmt::format("{}: cannot create: {}", config_path_.string(), std::strerror(errno)));
+    const bool written = std::fputs(resolved.c_str(), file) >= 0 && std::fflush(file) == 0;
     const int e = errno;
-    if (std::fclose(config) != 0 || !written) {
-      std::remove(config_path_.c_str());
+    if (std::fclose(file) != 0 || !written) {
+      std::remove(config.c_str());
       throw Error(write_error_text(config_path_.string(), written ? errno : e));
     }
-    log_ = std::fopen(log_path_.c_str(), "w");
+    log_ = std::fopen(partial(log_path_).c_str(), "w");
     if (!log_) {
       const int e2 = errno;
-      std::remove(config_path_.c_str());
+      std::remove(config.c_str());
       throw Error(fmt::format("{}: cannot create {}: {}", where, log_path_.string(), std::strerror(e2)));
     }
   }
@@ -120,17 +131,52 @@ class RunRecord {
   RunRecord& operator=(const RunRecord&) = delete;
   ~RunRecord() {
     std::fclose(log_);
-    if (keep_) return;
-    std::remove(log_path_.c_str());
-    std::remove(config_path_.c_str());
+    if (kept_) return;
+    std::remove(partial(log_path_).c_str());
+    std::remove(partial(config_path_).c_str());
   }
   std::FILE* log() const { return log_; }
-  void keep() { keep_ = true; }
+
+  void keep() {
+    if (kept_) return;
+    if (keeps_earlier_) keep_earlier();
+    // The log's stream stays open across its rename.
+    for (const fs::path& path : {config_path_, log_path_}) {
+      std::error_code ec;
+      fs::rename(partial(path), path, ec);
+      if (ec) throw Error(fmt::format("{}: cannot rename {} to it: {}", path.string(), partial(path).string(),
+                                      ec.message()));
+    }
+    kept_ = true;
+  }
 
  private:
+  static fs::path partial(const fs::path& path) {
+    return path.string() + fmt::format(".partial-{}", ::getpid());
+  }
+  void keep_earlier() const {
+    std::error_code ec;
+    std::vector<fs::path> earlier;
+    for (const fs::path& path : {config_path_, log_path_}) {
+      if (fs::exists(path, ec)) earlier.push_back(path);
+    }
+    if (earlier.empty()) return;
+    int n = 1;
+    while (fs::exists(numbered(config_path_, n), ec) || fs::exists(numbered(log_path_, n), ec)) ++n;
+    std::string kept;
+    for (const fs::path& path : earlier) {
+      fs::rename(path, numbered(path, n), ec);
+      if (ec) throw Error(fmt::format("{}: cannot rename it to {}: {}", path.string(), numbered(path, n).string(),
+                                      ec.message()));
+      kept += (kept.empty() ? "" : " and ") + numbered(path, n).string();
+    }
+    std::fprintf(stderr, "deepcam-host: the record of the run this one continues is kept as %s\n", kept.c_str());
+  }
+
   fs::path config_path_, log_path_;
   std::FILE* log_ = nullptr;
-  bool keep_ = false;
+  bool keeps_earlier_ = false;
+  bool kept_ = false;
 };
 
 // SIGTERM (a Slurm time limit) and SIGINT end a run cleanly: the handler
@@ -426,6 +472,12 @@ class Engine {
       const CheckpointInfo info = load_checkpoint(resume, c_.model->module(), c_.optimizer.object.get(), lo);
       note_other_model_settings(resume, info);
       agree_on_resume(info);
+      if (info.epoch >= run.integer("max_epochs")) {
+        throw Error(fmt::format("{}: {} is at epoch {}, and max_epochs is {} ({}): nothing is left to train; raise "
+                                "max_epochs to continue its run",
+                                run.where("resume"), resume, info.epoch, run.integer("max_epochs"),
+                                run.where("max_epochs")));
+      }
       broadcast_model();
       if (scaler_ && info.scaler) scaler_ = std::make_unique<GradScaler>(*info.scaler, device_);
       step = info.step;
@@ -1239,6 +1291,24 @@ fs::path log_path(const RunConfig& cfg, const fs::path& out_dir, bool evaluating
   return (out_dir / file).lexically_normal();
 }
 
+// N of "checkpoint-epochN.pt".
+std::int64_t checkpoint_epoch(const std::string& name) {
+  constexpr std::size_t kPrefix = std::char_traits<char>::length("checkpoint-epoch");
+  return std::stoll(name.substr(kPrefix));
+}
+
+// A checkpoint or kept record of an earlier run, under [run] overwrite = true.
+void remove_earlier_file(const RunConfig& cfg, const fs::path& path) {
+  std::error_code rm;
+  fs::remove(path, rm);
+  if (rm) {
+    throw Error(fmt::format("{} = true: cannot remove {}: {}", cfg.run.where("overwrite"), path.string(),
+                            rm.message()));
+  }
+  std::fprintf(stderr, "deepcam-host: [run] overwrite = true: removed %s, %s of the earlier run\n",
+               path.string().c_str(), is_checkpoint_name(path.filename().string()) ? "a checkpoint" : "the record");
+}
+
 bool process_alive(long pid) { return ::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM; }
 
 // What a run killed while writing leaves: "<name>.tmp-<pid>" (a checkpoint
@@ -1268,8 +1338,9 @@ void remove_stale_temporaries(const fs::path& dir) {
 // output folder can be written, the log's folder exists, no checkpoint name
 // is taken by a folder, and the record of an earlier run (its log,
 // checkpoints) is not overwritten unless [run] overwrite = true or this run
-// resumes from one of its checkpoints.
-void check_outputs(const RunConfig& cfg, const fs::path& out_dir, const fs::path& log, bool evaluating) {
+// resumes from one of its checkpoints. True when it does: this run continues
+// the one whose record is there.
+bool check_outputs(const RunConfig& cfg, const fs::path& out_dir, const fs::path& log, bool evaluating) {
   std::error_code ec;
   const std::string dir_key = cfg.run.where("output_dir");
   {
@@ -1290,11 +1361,12 @@ void check_outputs(const RunConfig& cfg, const fs::path& out_dir, const fs::path
   if (fs::is_directory(log, ec)) {
     throw Error(fmt::format("{}: {} is a folder", cfg.mlperf.where("log_file"), log.string()));
   }
-  if (evaluating) return;  // writes only its own log, which names what it evaluated
+  if (evaluating) return false;  // writes only its own log, which names what it evaluated
 
   std::vector<std::string> earlier;
   const std::string& resume = cfg.run.string("resume");
   bool continues = false;
+  std::string resumed;  // the name of the checkpoint resumed from, when it is in this folder
   for (fs::directory_iterator it(out_dir, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
     if (!is_checkpoint_name(name)) continue;
@@ -1303,24 +1375,48 @@ void check_outputs(const RunConfig& cfg, const fs::path& out_dir, const fs::path
                               it->path().string()));
     }
     earlier.push_back(name);
-    if (!resume.empty() && fs::equivalent(it->path(), resume, ec)) continues = true;
+    if (!resume.empty() && fs::equivalent(it->path(), resume, ec)) {
+      continues = true;
+      resumed = name;
+    }
   }
   std::sort(earlier.begin(), earlier.end());
-  if (!earlier.empty() && !continues && cfg.run.boolean("overwrite")) {
-    // Replaced as a whole: no checkpoint of the earlier run stays beside
-    // this run's log (the log and config.toml are replaced as it starts).
+  const bool overwrite = cfg.run.boolean("overwrite");
+  if (continues) {
+    // Checkpoints after the one resumed from are of the run being continued
+    // past that point: this run would write its own over some of them and
+    // leave the rest, two histories in one folder.
+    std::vector<std::string> later;
     for (const std::string& name : earlier) {
-      const fs::path p = out_dir / name;
-      std::error_code rm;
-      fs::remove(p, rm);
-      if (rm) throw Error(fmt::format("{} = true: cannot remove {}: {}", cfg.run.where("overwrite"), p.string(), rm.message()));
-      std::fprintf(stderr, "deepcam-host: [run] overwrite = true: removed %s, a checkpoint of the earlier run\n",
-                   p.string().c_str());
+      if (checkpoint_epoch(name) > checkpoint_epoch(resumed)) later.push_back(name);
     }
-    return;
+    std::sort(later.begin(), later.end(),
+              [](const std::string& a, const std::string& b) { return checkpoint_epoch(a) < checkpoint_epoch(b); });
+    if (!later.empty() && !overwrite) {
+      throw Error(fmt::format("{}: {} holds checkpoints after {}, which this run resumes from ({}): they are of the "
+                              "run it continues, and this run would write its own over them; resume from the last "
+                              "one, choose another output_dir, or set [run] overwrite = true to remove them",
+                              cfg.run.where("resume"), out_dir.string(), resumed, fmt::join(later, ", ")));
+    }
+    for (const std::string& name : later) remove_earlier_file(cfg, out_dir / name);
+    return true;
+  }
+  if (overwrite) {
+    // Replaced as a whole: no checkpoint or kept record of the earlier run
+    // stays beside this run's log (the log and config.toml are replaced as
+    // it starts).
+    for (const std::string& name : earlier) remove_earlier_file(cfg, out_dir / name);
+    for (int n = 1;; ++n) {
+      const fs::path kept[] = {numbered(out_dir / "config.toml", n), numbered(log, n)};
+      if (!fs::exists(kept[0], ec) && !fs::exists(kept[1], ec)) break;
+      for (const fs::path& path : kept) {
+        if (fs::exists(path, ec)) remove_earlier_file(cfg, path);
+      }
+    }
+    return false;
   }
   if (fs::exists(log, ec)) earlier.insert(earlier.begin(), log.lexically_relative(out_dir).string());
-  if (earlier.empty() || continues || cfg.run.boolean("overwrite")) return;
+  if (earlier.empty()) return false;
   throw Error(fmt::format("{}: {} holds the record of an earlier run ({}) that this run would overwrite; set [run] "
                           "overwrite = true to replace it, choose another output_dir, or resume from one of its "
                           "checkpoints",
@@ -1390,10 +1486,11 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   std::unique_ptr<RunRecord> record;
   if (rank0) {
     remove_stale_temporaries(out_dir);
-    check_outputs(cfg, out_dir, log_file, evaluating);
+    const bool continues = check_outputs(cfg, out_dir, log_file, evaluating);
     // --evaluate in a training run's folder keeps that run's config.toml.
     const fs::path config_file = out_dir / (evaluating ? "evaluate-config.toml" : "config.toml");
-    record = std::make_unique<RunRecord>(config_file, log_file, cfg.resolved, cfg.mlperf.where("log_file"));
+    record = std::make_unique<RunRecord>(config_file, log_file, cfg.resolved, cfg.mlperf.where("log_file"),
+                                         continues);
   }
   MlperfLog log(record ? record->log() : nullptr, rank0, log_file.string());
   // Every line also on stdout, as the reference's logger prints it.

@@ -334,3 +334,75 @@ def test_a_log_file_named_as_the_runs_own_files_is_refused(tmp_path, data, name,
     assert r.returncode == 2, r.stdout + r.stderr
     assert f'--set mlperf.log_file="{name}"' in r.stderr and f"is a name the run gives {what}" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def record_of(out):
+    return {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith("checkpoint-")}
+
+
+def test_a_refused_resume_in_the_runs_folder_leaves_its_record_as_it_was(tmp_path, data):
+    """A resume refused before it starts (another model, a broken checkpoint) used to remove the mlperf.log and
+    config.toml of the run whose folder it was started in."""
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out, run={**ODD, "max_epochs": 2, "checkpoint_every": 1})
+    assert run_host(run).returncode == 1
+    before = record_of(out)
+    assert sorted(before) == ["config.toml", "mlperf.log"]
+    (out / "checkpoint-epoch1.pt").write_bytes((out / "checkpoint-epoch1.pt").read_bytes()[:1000])
+    for resume, change, message in [
+            ("checkpoint-epoch2.pt", "model.width=0.125", "width"),
+            ("checkpoint-epoch1.pt", "run.max_epochs=3", "checkpoint-epoch1.pt"),
+            ("checkpoint-epoch2.pt", "run.max_epochs=2", "checkpoint-epoch2.pt is at epoch 2, and max_epochs is 2"),
+    ]:
+        r = run_host(run, "--set", f"run.resume={out / resume}", "--set", change)
+        assert r.returncode == 2, r.stderr
+        assert message in r.stderr, r.stderr
+        assert record_of(out) == before, sorted(record_of(out))
+    assert ("(--set run.max_epochs=2): nothing is left to train; raise max_epochs to continue its run"
+            in r.stderr), r.stderr
+
+
+def test_a_resume_in_the_runs_folder_keeps_the_earlier_record_numbered(tmp_path, data):
+    """The resumed run's log starts anew at run_start; the record of the run it continues used to be replaced."""
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out, run=ODD)
+    assert run_host(run).returncode == 1
+    first = record_of(out)
+    r = run_host(run, "--set", "run.max_epochs=2", "--set", f"run.resume={out / 'checkpoint-epoch1.pt'}")
+    assert r.returncode == 1, r.stderr
+    assert (f"the record of the run this one continues is kept as {out / 'config.toml.1'} and "
+            f"{out / 'mlperf.log.1'}") in r.stderr, r.stderr
+    second = record_of(out)
+    assert second["mlperf.log.1"] == first["mlperf.log"] and second["config.toml.1"] == first["config.toml"]
+    assert [e["metadata"]["epoch_num"] for e in read_events(out / "mlperf.log") if e["key"] == "epoch_start"] == [2]
+    r = run_host(run, "--set", "run.max_epochs=3", "--set", f"run.resume={out / 'checkpoint-epoch2.pt'}")
+    assert r.returncode == 1, r.stderr
+    third = record_of(out)
+    assert third["mlperf.log.2"] == second["mlperf.log"] and third["mlperf.log.1"] == first["mlperf.log"]
+    assert sorted(third) == ["config.toml", "config.toml.1", "config.toml.2", "mlperf.log", "mlperf.log.1",
+                             "mlperf.log.2"]
+    # overwrite = true replaces the whole record, the kept ones too.
+    r = run_host(run, "--set", "run.overwrite=true")
+    assert r.returncode == 1, r.stderr
+    assert sorted(record_of(out)) == ["config.toml", "mlperf.log"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-epoch1.pt"]
+
+
+def test_resuming_in_the_runs_folder_before_its_later_checkpoints_is_refused_unless_overwrite(tmp_path, data):
+    """The resumed run would write its checkpoints over some of the later ones and leave the others: two
+    histories in one folder."""
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out, run={**ODD, "max_epochs": 3, "checkpoint_every": 1})
+    assert run_host(run).returncode == 1
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    resume = ["--set", f"run.resume={out / 'checkpoint-epoch1.pt'}", "--set", "run.max_epochs=2"]
+    r = run_host(run, *resume)
+    assert r.returncode == 2, r.stderr
+    assert (f"holds checkpoints after checkpoint-epoch1.pt, which this run resumes from (checkpoint-epoch2.pt, "
+            f"checkpoint-epoch3.pt)") in r.stderr and "set [run] overwrite = true to remove them" in r.stderr, r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    r = run_host(run, *resume, "--set", "run.overwrite=true")
+    assert r.returncode == 1, r.stderr
+    assert f"removed {out / 'checkpoint-epoch3.pt'}, a checkpoint of the earlier run" in r.stderr, r.stderr
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-epoch1.pt", "checkpoint-epoch2.pt"]
+    assert (out / "mlperf.log.1").read_bytes() == before["mlperf.log"]
