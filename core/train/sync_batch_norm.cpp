@@ -19,6 +19,13 @@ std::vector<std::int64_t> reduced_dims(const at::Tensor& x) {
   return dims;
 }
 
+// What the statistics are computed in: float32 for float16 and bfloat16
+// inputs (autocast), as torch.nn.SyncBatchNorm keeps them; a group's count
+// per channel (ranks x batch x H x W) is past float16's largest number.
+at::ScalarType statistics_type(const at::Tensor& x) {
+  return at::isReducedFloatingType(x.scalar_type()) ? at::kFloat : x.scalar_type();
+}
+
 // (C) -> (1, C, 1, ...) to broadcast over x.
 at::Tensor per_channel(const at::Tensor& v, const at::Tensor& x) {
   std::vector<std::int64_t> shape(static_cast<std::size_t>(x.dim()), 1);
@@ -34,7 +41,10 @@ struct SyncBatchNormFunction : torch::autograd::Function<SyncBatchNormFunction> 
     const auto dims = reduced_dims(input);
     // This rank's count, mean and biased variance per channel; combined over
     // the group in float64 (Chan et al.: M2 = sum_r n_r (var_r + (mean_r - mean)^2)).
-    const auto [var_local, mean_local] = at::var_mean(input, dims, /*correction=*/0, /*keepdim=*/false);
+    // (A float32 copy of a float16 input: its own mean and variance would
+    // keep three digits.)
+    const auto [var_local, mean_local] =
+        at::var_mean(input.to(statistics_type(input)), dims, /*correction=*/0, /*keepdim=*/false);
     const double count_local = static_cast<double>(input.numel() / channels);
     const at::Tensor stats =
         at::cat({mean_local.to(at::kDouble), var_local.to(at::kDouble),
@@ -52,12 +62,14 @@ struct SyncBatchNormFunction : torch::autograd::Function<SyncBatchNormFunction> 
       running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.scalar_type()), momentum);
       running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.scalar_type()), momentum);
     }
-    const at::Tensor mean_x = mean.to(input.scalar_type());
-    const at::Tensor invstd = (var + eps).rsqrt().to(input.scalar_type());
+    const at::ScalarType stats_type = statistics_type(input);
+    const at::Tensor mean_x = mean.to(stats_type);
+    const at::Tensor invstd = (var + eps).rsqrt().to(stats_type);
     const at::Tensor xhat = (input - per_channel(mean_x, input)) * per_channel(invstd, input);
-    ctx->save_for_backward({input, weight, mean_x, invstd, total.to(input.scalar_type())});
+    ctx->save_for_backward({input, weight, mean_x, invstd, total.to(stats_type)});
     ctx->saved_data["group"] = reinterpret_cast<std::int64_t>(group);
-    return xhat * per_channel(weight, input) + per_channel(bias, input);
+    // In the input's type, as at::batch_norm gives it.
+    return (xhat * per_channel(weight, input) + per_channel(bias, input)).to(input.scalar_type());
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -68,7 +80,8 @@ struct SyncBatchNormFunction : torch::autograd::Function<SyncBatchNormFunction> 
     const at::Tensor& invstd = saved[3];
     const at::Tensor& total = saved[4];
     auto* group = reinterpret_cast<Group*>(ctx->saved_data["group"].toInt());
-    const at::Tensor dy = grad_outputs[0].contiguous();
+    const at::ScalarType stats_type = mean.scalar_type();
+    const at::Tensor dy = grad_outputs[0].contiguous().to(stats_type);
     const auto dims = reduced_dims(input);
     const at::Tensor xmu = input - per_channel(mean, input);
     const at::Tensor sum_dy = dy.sum(dims);
@@ -85,7 +98,7 @@ struct SyncBatchNormFunction : torch::autograd::Function<SyncBatchNormFunction> 
     const at::Tensor grad_input =
         (dy - per_channel(mean_dy, input) - xmu * per_channel(invstd * invstd * mean_dy_xmu, input)) *
         per_channel(invstd * weight, input);
-    return {grad_input, grad_weight, grad_bias, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+    return {grad_input.to(input.scalar_type()), grad_weight, grad_bias, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor()};
   }
 };

@@ -9,6 +9,9 @@
 //       deepcam::sync_batch_norm over the world (2 ranks) against
 //       at::batch_norm on the ranks' inputs concatenated: outputs, input
 //       gradients, the summed weight/bias gradients, running statistics.
+//   data_parallel_probe syncbn-half
+//       The same on float16 inputs of more elements per channel over the
+//       group than float16 holds (65504), as under autocast at full size.
 //   data_parallel_probe gradients K
 //       GradientAllReduce over 3 steps of the deeplabv3plus plugin (BatchNorm
 //       per rank), K batches accumulated per step: each step's all-reduced
@@ -50,6 +53,8 @@
 #include "deepcam_build_config.h"
 #include "ranks.hpp"
 #if DEEPCAM_WITH_CUDA
+#include <c10/cuda/CUDAFunctions.h>
+
 #include "step_graph.hpp"
 #endif
 
@@ -65,10 +70,11 @@ double rel_diff(const at::Tensor& a, const at::Tensor& b) {
   return (a - b).abs().max().item<double>() / (scale > 0 ? scale : 1.0);
 }
 
-void expect_close(const std::string& what, const at::Tensor& got, const at::Tensor& want, int rank) {
+void expect_close(const std::string& what, const at::Tensor& got, const at::Tensor& want, int rank,
+                  double tolerance = kTolerance) {
   const double d = rel_diff(got.to(at::kDouble), want.to(at::kDouble));
-  if (!(d <= kTolerance)) {
-    std::printf("rank %d: %s differs: max relative difference %g > %g\n", rank, what.c_str(), d, kTolerance);
+  if (!(d <= tolerance)) {
+    std::printf("rank %d: %s differs: max relative difference %g > %g\n", rank, what.c_str(), d, tolerance);
     ++failures;
   }
 }
@@ -78,19 +84,28 @@ at::Tensor seeded_randn(std::uint64_t seed, at::IntArrayRef shape) {
   return at::randn(shape, gen).to(device);
 }
 
-int syncbn(deepcam::Communicator& comm) {
+// The reference, at::batch_norm over every rank's input, runs in float32
+// on the float32 values of the inputs; `tolerance` allows for `dtype`.
+int syncbn(deepcam::Communicator& comm, at::ScalarType dtype, std::vector<std::int64_t> shape, double tolerance) {
   const int P = comm.size(), rank = comm.rank();
-  const std::int64_t C = 4;
+  const std::int64_t C = shape[1], N = shape[0];
   const at::Tensor weight = seeded_randn(7, {C}).requires_grad_();
   const at::Tensor bias = seeded_randn(8, {C}).requires_grad_();
-  auto input_of = [](int r) { return seeded_randn(100 + r, {3, 4, 5, 6}) * (1.0 + r) + r; };
-  auto grad_of = [](int r) { return seeded_randn(200 + r, {3, 4, 5, 6}); };
+  auto input_of = [&](int r) { return (seeded_randn(100 + r, shape) * (1.0 + r) + r).to(dtype).to(at::kFloat); };
+  // Off zero, so that the input gradient's terms in the group's mean
+  // gradient count.
+  auto grad_of = [&](int r) { return (seeded_randn(200 + r, shape) + 2.0).to(dtype).to(at::kFloat); };
 
-  at::Tensor x = input_of(rank).requires_grad_();
+  at::Tensor x = input_of(rank).to(dtype).requires_grad_();
   const auto on_device = at::TensorOptions(device);
   at::Tensor running_mean = at::zeros({C}, on_device), running_var = at::ones({C}, on_device);
   const at::Tensor y = deepcam::sync_batch_norm(x, weight, bias, running_mean, running_var, 0.1, 1e-5, comm.world());
-  (y * grad_of(rank)).sum().backward();
+  if (y.scalar_type() != dtype) {
+    std::printf("rank %d: the output is %s, the input %s\n", rank, c10::toString(y.scalar_type()),
+                c10::toString(dtype));
+    ++failures;
+  }
+  (y * grad_of(rank).to(dtype)).sum().backward();
   at::Tensor summed_dw = weight.grad().clone(), summed_db = bias.grad().clone();
   comm.world().all_reduce_sum(summed_dw);
   comm.world().all_reduce_sum(summed_db);
@@ -105,12 +120,12 @@ int syncbn(deepcam::Communicator& comm) {
   at::Tensor rm_ref = at::zeros({C}, on_device), rv_ref = at::ones({C}, on_device);
   const at::Tensor y_all = at::batch_norm(x_all, w_ref, b_ref, rm_ref, rv_ref, /*training=*/true, 0.1, 1e-5, false);
   (y_all * at::cat(gs)).sum().backward();
-  expect_close("output", y, y_all.narrow(0, 3 * rank, 3), rank);
-  expect_close("input gradient", x.grad(), x_all.grad().narrow(0, 3 * rank, 3), rank);
-  expect_close("weight gradient summed over ranks", summed_dw, w_ref.grad(), rank);
-  expect_close("bias gradient summed over ranks", summed_db, b_ref.grad(), rank);
-  expect_close("running mean", running_mean, rm_ref, rank);
-  expect_close("running variance", running_var, rv_ref, rank);
+  expect_close("output", y, y_all.narrow(0, N * rank, N), rank, tolerance);
+  expect_close("input gradient", x.grad(), x_all.grad().narrow(0, N * rank, N), rank, tolerance);
+  expect_close("weight gradient summed over ranks", summed_dw, w_ref.grad(), rank, tolerance);
+  expect_close("bias gradient summed over ranks", summed_db, b_ref.grad(), rank, tolerance);
+  expect_close("running mean", running_mean, rm_ref, rank, tolerance);
+  expect_close("running variance", running_var, rv_ref, rank, tolerance);
   return 0;
 }
 
@@ -345,18 +360,26 @@ int main(int argc, char** argv) {
     options.cuda = device.is_cuda();
     options.group_of_one = true;
     deepcam::Communicator comm(deepcam::detect_ranks(), options);
-    if (device.is_cuda()) device = at::Device(at::kCUDA, static_cast<at::DeviceIndex>(comm.local_rank()));
+#if DEEPCAM_WITH_CUDA
+    if (device.is_cuda()) {
+      // This rank's GPU, also for what allocates on the current device (a
+      // CUDA graph's streams), as the engine sets it.
+      device = at::Device(at::kCUDA, static_cast<at::DeviceIndex>(comm.local_rank()));
+      c10::cuda::set_device(device.index());
+    }
+#endif
     std::printf("rank %d of %d: collectives through %s\n", comm.rank(), comm.size(),
                 comm.backend(device.type()).c_str());
     int status = 2;
-    if (mode == "syncbn") status = syncbn(comm);
+    if (mode == "syncbn") status = syncbn(comm, at::kFloat, {3, 4, 5, 6}, kTolerance);
+    else if (mode == "syncbn-half") status = syncbn(comm, at::kHalf, {1, 2, 256, 260}, 1e-2);
     else if (mode == "gradients" && argc > 2) status = gradients(comm, std::atoi(argv[2]));
     else if (mode == "synced-gradients" && argc > 2) status = synced_gradients(comm, std::atoi(argv[2]));
     else if (mode == "bnstats") status = bnstats(comm);
 #if DEEPCAM_WITH_CUDA
     else if (mode == "graphed-gradients") status = graphed_gradients(comm);
 #endif
-    else std::fprintf(stderr, "usage: data_parallel_probe [--device cuda] syncbn | gradients K | "
+    else std::fprintf(stderr, "usage: data_parallel_probe [--device cuda] syncbn | syncbn-half | gradients K | "
                               "synced-gradients K | bnstats | graphed-gradients (CUDA)\n");
     comm.finish();
     if (status == 0 && failures == 0) std::printf("rank %d: %s: all checks hold\n", comm.rank(), mode.c_str());
