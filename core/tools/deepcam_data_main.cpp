@@ -366,6 +366,9 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "deepcam-data: out of memory\n");
   } catch (const std::exception& e) {
     fmt::print(stderr, "deepcam-data: {}\n", e.what());
+  } catch (...) {
+    // A reader plugin's code may throw anything.
+    fmt::print(stderr, "deepcam-data: internal error: an exception that is not a std::exception\n");
   }
   return 1;
 }

@@ -212,5 +212,9 @@ int main(int argc, char** argv) {
   } catch (const std::exception& e) {
     std::fprintf(stderr, "deepcam-host: internal error: %s\n", e.what());
     return 3;
+  } catch (...) {
+    // Plugin code may throw anything.
+    std::fprintf(stderr, "deepcam-host: internal error: an exception that is not a std::exception\n");
+    return 3;
   }
 }
