@@ -91,6 +91,30 @@ double peak_memory_mb() {
   return static_cast<double>(usage.ru_maxrss) / 1024.0;
 }
 
+// What an optimizer logs of itself (its opt_* lines): each key and the
+// value's JSON text, read back from the lines it writes.
+std::map<std::string, std::string> logged_hyperparameters(const Optimizer& optimizer) {
+  char* text = nullptr;
+  std::size_t size = 0;
+  std::FILE* memory = ::open_memstream(&text, &size);
+  if (!memory) throw Error(fmt::format("cannot hold the optimizer's log lines: {}", std::strerror(errno)));
+  {
+    MlperfLog capture(memory, true);
+    optimizer.log_hyperparameters(capture);
+  }
+  std::fclose(memory);
+  std::istringstream lines(std::string(text, size));
+  std::free(text);
+  // MlperfLog's own layout: ..."key": "K", "value": V, "metadata": {...}}
+  static const std::regex entry(R"re("key": "([^"]*)", "value": (.*), "metadata": \{)re");
+  std::map<std::string, std::string> values;
+  for (std::string line; std::getline(lines, line);) {
+    std::smatch m;
+    if (std::regex_search(line, m, entry)) values[m[1].str()] = m[2].str();
+  }
+  return values;
+}
+
 // "<path>.<n>": the name under which the record of a run that a resume in
 // its folder continues is kept.
 fs::path numbered(const fs::path& path, int n) { return path.string() + fmt::format(".{}", n); }
@@ -456,6 +480,7 @@ class Engine {
     log_.event("gradient_accumulation_frequency", Json(k));
     log_.event("num_workers", Json(1));
     c_.optimizer->log_hyperparameters(log_);
+    const auto logged = logged_hyperparameters(*c_.optimizer);
     c_.scheduler->log_hyperparameters(log_);
     log_.event("train_samples", Json(c_.reader->global_samples(Split::Train)));
     log_.event("eval_samples", Json(c_.reader->global_samples(Split::Validation)));
@@ -469,7 +494,12 @@ class Engine {
       lo.require_optimizer = true;
       lo.weights_only = run.boolean("resume_weights_only");
       lo.model = model_config();
+      const double base_lr = c_.optimizer->lr();
       const CheckpointInfo info = load_checkpoint(resume, c_.model->module(), c_.optimizer.object.get(), lo);
+      // The schedule sets the rate from the run file's at every step; the
+      // checkpoint's (its last step's) is not used.
+      c_.optimizer->set_lr(base_lr);
+      require_logged_hyperparameters(resume, logged);
       note_other_model_settings(resume, info);
       agree_on_resume(info);
       if (info.epoch >= run.integer("max_epochs")) {
@@ -690,6 +720,27 @@ class Engine {
       logits = c_.model->forward(input);
     }
     return logits.to(at::kFloat);
+  }
+
+  // A resume takes the optimizer's hyper-parameters from the checkpoint, as
+  // PyTorch's load_state_dict does; the log (written before) has the run
+  // file's. Where they differ the record would be false, so the resume is
+  // refused, naming each value.
+  void require_logged_hyperparameters(const std::string& path,
+                                      const std::map<std::string, std::string>& logged) const {
+    std::vector<std::string> differ;
+    for (const auto& [key, value] : logged_hyperparameters(*c_.optimizer)) {
+      const auto it = logged.find(key);
+      if (it != logged.end() && it->second != value) {
+        differ.push_back(fmt::format("{} is {} in the checkpoint, {} in the run", key, value, it->second));
+      }
+    }
+    if (differ.empty()) return;
+    throw Error(fmt::format("{}: {}: a resume continues with the checkpoint's optimizer settings (as PyTorch's "
+                            "load_state_dict), while the run's log and config.toml record the run file's; set "
+                            "those [optimizer] keys to the checkpoint's values, or resume_weights_only = true to "
+                            "start the optimizer afresh with the run file's",
+                            path, fmt::join(differ, "; ")));
   }
 
   // A checkpoint whose weights fit this model although the run that wrote it

@@ -406,3 +406,26 @@ def test_resuming_in_the_runs_folder_before_its_later_checkpoints_is_refused_unl
     assert f"removed {out / 'checkpoint-epoch3.pt'}, a checkpoint of the earlier run" in r.stderr, r.stderr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-epoch1.pt", "checkpoint-epoch2.pt"]
     assert (out / "mlperf.log.1").read_bytes() == before["mlperf.log"]
+
+
+def test_a_resume_whose_optimizer_settings_differ_from_the_checkpoints_is_refused(tmp_path, data, trained):
+    """The resume takes them from the checkpoint (as PyTorch's load_state_dict); the log and config.toml used to
+    record the run file's, silently not the ones in effect."""
+    checkpoint = trained
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run={**ODD, "max_epochs": 2},
+                    optimizer={"weight_decay": 0.5, "betas": [0.8, 0.999]})
+    r = run_host(run, "--set", f"run.resume={checkpoint}")
+    assert r.returncode == 2, r.stderr
+    assert (f"{checkpoint}: opt_betas is [0.9, 0.999] in the checkpoint, [0.8, 0.999] in the run; opt_weight_decay "
+            f"is 1e-06 in the checkpoint, 0.5 in the run: a resume continues with the checkpoint's optimizer "
+            f"settings") in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+    # The learning rate is the schedule's at every step: a checkpoint's last one is no difference.
+    r = run_host(run, "--set", f"run.resume={checkpoint}", "--set", "optimizer.weight_decay=1e-6", "--set",
+                 "optimizer.betas=[0.9, 0.999]", "--set", "optimizer.lr=0.004")
+    assert r.returncode == 1, r.stderr
+    logged = {e["key"]: e["value"] for e in read_events(tmp_path / "out" / "mlperf.log")}
+    assert logged["opt_weight_decay"] == 1e-6 and logged["opt_lr"] == 0.004
+    r = run_host(run, "--set", f"run.resume={checkpoint}", "--set", "run.resume_weights_only=true", "--set",
+                 f"run.output_dir={tmp_path / 'fresh'}")
+    assert r.returncode == 1, r.stderr
