@@ -19,6 +19,7 @@
 #include "deepcam/loss.hpp"
 #include "deepcam/mlperf_log.hpp"
 #include "mini_json.hpp"
+#include "test_paths.hpp"
 
 using deepcam::Json;
 using deepcam::python_float_repr;
@@ -117,7 +118,7 @@ TEST_CASE("closest_match suggests near names only") {
 }
 
 TEST_CASE("loss and IoU equal the reference's vectors") {
-  const auto vectors = testjson::parse_file(std::string(DEEPCAM_TESTDATA) + "/loss_iou_vectors.json");
+  const auto vectors = testjson::parse_file((test_support::testdata_dir() / "loss_iou_vectors.json").string());
   const auto w = deepcam::class_weights();
   const auto expected_w = vectors["class_weights"].numbers();
   for (int c = 0; c < 3; ++c) CHECK(w[c] == doctest::Approx(expected_w[c]).epsilon(1e-12));

@@ -32,13 +32,14 @@
 #include "deepcam/normalise.hpp"
 #include "deepcam/npy.hpp"
 #include "deepcam/plugin_loader.hpp"
+#include "test_paths.hpp"
 
 namespace fs = std::filesystem;
 using namespace deepcam;
 
 namespace {
 
-const fs::path kBuild = DEEPCAM_BUILD_ROOT;
+const fs::path kBuild = test_support::build_dir();
 constexpr std::int64_t kHeight = 32, kWidth = 48, kChannels = 16;
 
 // The values of an .h5 sample's climate/data, (H, W, C).

@@ -17,14 +17,15 @@
 #include "deepcam/h5.hpp"
 #include "deepcam/npy.hpp"
 #include "deepcam/plugin_loader.hpp"
+#include "test_paths.hpp"
 
 namespace fs = std::filesystem;
 using namespace deepcam;
 
 namespace {
 
-const fs::path kSource = DEEPCAM_SOURCE_ROOT;
-const fs::path kBuild = DEEPCAM_BUILD_ROOT;
+const fs::path kSource = test_support::source_dir();
+const fs::path kBuild = test_support::build_dir();
 
 struct Folder {
   PluginKind kind;

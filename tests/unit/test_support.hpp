@@ -1,6 +1,7 @@
 // Helpers of the core unit tests that check files against what NumPy and
-// h5py write and read: the project's Python, a temporary folder, a Python
-// script run in it, and small checks. Include after <doctest/doctest.h>.
+// h5py write and read: a temporary folder, a Python script run in it (with
+// test_paths.hpp's Python), and small checks. Include after
+// <doctest/doctest.h>.
 #pragma once
 
 #include <stdlib.h>
@@ -14,18 +15,11 @@
 #include <vector>
 
 #include "deepcam/error.hpp"
+#include "test_paths.hpp"
 
 namespace test_support {
 
 namespace fs = std::filesystem;
-
-// DEEPCAM_PYTHON, else the project's venv, else python3.
-inline std::string python() {
-  if (const char* p = std::getenv("DEEPCAM_PYTHON")) return p;
-  const fs::path venv = fs::path(DEEPCAM_SOURCE_ROOT) / ".venv" / "bin" / "python";
-  if (fs::exists(venv)) return venv.string();
-  return "python3";
-}
 
 // A fresh folder under the system's temporary directory, removed with it.
 struct TempDir {

@@ -38,6 +38,7 @@
 
 #include "deepcam/error.hpp"
 #include "deepcam/torch_pickle.hpp"
+#include "test_paths.hpp"
 #include "torch_archive.hpp"
 
 namespace fs = std::filesystem;
@@ -191,9 +192,9 @@ struct Fixture {
     REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
     dir = tmpl;
     write_file(dir / "writer.py", kWriter);
-    const std::string cmd = fmt::format("'{}/.venv/bin/python' '{}' '{}'", DEEPCAM_SOURCE_ROOT,
-                                        (dir / "writer.py").string(), dir.string());
-    REQUIRE_MESSAGE(std::system(cmd.c_str()) == 0, "the venv's Python failed: " << cmd);
+    const std::string cmd = fmt::format("'{}' '{}' '{}'", test_support::python(), (dir / "writer.py").string(),
+                                        dir.string());
+    REQUIRE_MESSAGE(std::system(cmd.c_str()) == 0, "the Python failed: " << cmd);
   }
   // POSIX calls rather than fs::remove_all: at exit that resolves to
   // libtorch's exported copy, which crashes there under AddressSanitizer.
@@ -638,7 +639,7 @@ TEST_CASE("save_torch writes what Python's torch.load reads back as the same val
   std::string dropped;
   for (const auto& k : kNotWritten) dropped += (dropped.empty() ? "" : ",") + k;
   const std::string cmd =
-      fmt::format("'{}/.venv/bin/python' '{}' '{}' '{}' '{}' '{}'", DEEPCAM_SOURCE_ROOT, files().path("compare.py"),
+      fmt::format("'{}' '{}' '{}' '{}' '{}' '{}'", test_support::python(), files().path("compare.py"),
                   files().path("mixed.pt"), resaved, files().path("writer.py"), dropped);
   CHECK_MESSAGE(std::system(cmd.c_str()) == 0, "Python read another value back: " << cmd);
   CHECK(!fs::exists(resaved + ".tmp-" + std::to_string(::getpid())));

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "deepcam/error.hpp"
+#include "test_paths.hpp"
 
 namespace {
 
@@ -95,7 +96,7 @@ TEST_CASE("the state dict at default options is the reference's, line by line") 
   torch::manual_seed(0);
   const Entries entries = state_entries(full_model().module());
 
-  std::ifstream file(std::string(DEEPCAM_TESTDATA) + "/reference_state_dict.txt");
+  std::ifstream file(test_support::testdata_dir() / "reference_state_dict.txt");
   REQUIRE(file.good());
   std::vector<std::string> expected;
   for (std::string line; std::getline(file, line);) {

@@ -1,6 +1,6 @@
 // Test support shared by the adam and adamw unit tests: runs PyTorch's own
-// optimizer (tests/integration/adam_reference.py, in the project's venv;
-// DEEPCAM_PYTHON overrides the interpreter) and turns its printed values into
+// optimizer (tests/integration/adam_reference.py, with the Python and the
+// source tree of tests/unit/test_paths.hpp) and turns its printed values into
 // tensors and checks. Include after <torch/torch.h> and <doctest/doctest.h>.
 #pragma once
 
@@ -12,14 +12,11 @@
 #include <string>
 #include <vector>
 
+#include "test_paths.hpp"
+
 namespace deepcam::optimizers::testing {
 
 inline constexpr int kParams = 4;  // adam_reference.py SHAPES
-
-inline std::string python() {
-  if (const char* env = std::getenv("DEEPCAM_PYTHON")) return env;
-  return DEEPCAM_SOURCE_ROOT "/.venv/bin/python";
-}
 
 // The script's output: "TAG INDEX v0 v1 ..." lines, and "group ..." lines whole.
 struct Reference {
@@ -37,8 +34,8 @@ struct Reference {
 };
 
 inline Reference run_reference(const std::string& args) {
-  const std::string command =
-      "'" + python() + "' " DEEPCAM_SOURCE_ROOT "/tests/integration/adam_reference.py " + args;
+  const std::string command = "'" + test_support::python() + "' '" +
+                              (test_support::source_dir() / "tests/integration/adam_reference.py").string() + "' " + args;
   std::FILE* pipe = popen(command.c_str(), "r");
   REQUIRE_MESSAGE(pipe != nullptr, "cannot run " << command);
   std::string text;

@@ -33,6 +33,7 @@
 #include <doctest/doctest.h>
 
 #include "mlperf_log_lines.hpp"
+#include "test_paths.hpp"
 
 using deepcam::optimizers::Lamb;
 using deepcam::optimizers::LambOptions;
@@ -333,9 +334,8 @@ TEST_CASE("LAMB saves and resumes through a checkpoint file that Python's torch.
   CHECK(torch::equal(model->bias, resumed->bias));
 
   // Python's default weights_only torch.load reads the LAMB state.
-  const std::string python = std::getenv("DEEPCAM_PYTHON") ? std::getenv("DEEPCAM_PYTHON")
-                                                           : DEEPCAM_SOURCE_ROOT "/.venv/bin/python";
-  const std::string command = "'" + python + "' -c \"import sys, torch; o = torch.load(sys.argv[1])['optimizer']; " +
+  const std::string command = "'" + test_support::python() + "' -c \"import sys, torch; " +
+                              "o = torch.load(sys.argv[1])['optimizer']; " +
                               "g = o['param_groups'][0]; print(g['step'], g['max_grad_norm'], sorted(o['state'][0]))\" " +
                               path;
   std::FILE* pipe = popen(command.c_str(), "r");

@@ -23,6 +23,7 @@
 #include "deepcam/error.hpp"
 #include "deepcam/sharding.hpp"
 #include "npy_reader.hpp"
+#include "test_paths.hpp"
 
 #undef CHECK
 #undef CHECK_EQ
@@ -77,12 +78,13 @@ struct TempDir {
 const fs::path& cases() {
   static TempDir dir;
   static const bool made = [] {
-    run(std::string(DEEPCAM_BUILD_ROOT) + "/core/deepcam-data synth --out '" +
+    run("'" + (test_support::build_dir() / "core/deepcam-data").string() + "' synth --out '" +
         (dir.path / "src").string() + "' --train 6 --validation 5 --height " +
         std::to_string(kHeight) + " --width " + std::to_string(kWidth) +
         " --seed 3 > /dev/null 2>&1");
-    run(std::string("'") + DEEPCAM_SOURCE_ROOT + "/.venv/bin/python' '" + DEEPCAM_SOURCE_ROOT +
-        "/plugins/readers/npy/make_npy_cases.py' '" + (dir.path / "src").string() + "' '" +
+    run("'" + test_support::python() + "' '" +
+        (test_support::source_dir() / "plugins/readers/npy/make_npy_cases.py").string() + "' '" +
+        (dir.path / "src").string() + "' '" +
         (dir.path / "out").string() + "'");
     return true;
   }();

@@ -47,6 +47,7 @@
 #include "device_copy.hpp"
 #include "prefetch_reader.hpp"
 #include "staging.hpp"
+#include "test_paths.hpp"
 
 // Last: c10's logging header defines its own CHECK, which must not win.
 #undef CHECK
@@ -239,7 +240,8 @@ bool same_bits(const Drained& a, const Drained& b) {
 
 // deepcam-data synth's HDF5 data set in dir/data, for the readers over it.
 ReaderContext synth_context(const fs::path& dir, std::vector<std::int64_t> channels) {
-  const std::string cmd = std::string(DEEPCAM_BUILD_ROOT) + "/core/deepcam-data synth --out " + dir.string() +
+  const std::string cmd = (test_support::build_dir() / "core/deepcam-data").string() + " synth --out " +
+                          dir.string() +
                           "/data --train 7 --validation 3 --height 16 --width 24 --seed 4 > /dev/null 2>&1";
   REQUIRE(std::system(cmd.c_str()) == 0);
   ReaderContext ctx = context(2, 2);
@@ -971,7 +973,8 @@ TEST_CASE("checksum: every byte counts, and chunked equals whole") {
 
 TEST_CASE("over the HDF5 reader: the same batches as the HDF5 reader's own, and its validation split") {
   TempDir dir;
-  const std::string cmd = std::string(DEEPCAM_BUILD_ROOT) + "/core/deepcam-data synth --out " + dir.path.string() +
+  const std::string cmd = (test_support::build_dir() / "core/deepcam-data").string() + " synth --out " +
+                          dir.path.string() +
                           "/data --train 7 --validation 3 --height 16 --width 24 --seed 4 > /dev/null 2>&1";
   REQUIRE(std::system(cmd.c_str()) == 0);
   ReaderContext ctx = context(2, 2);

@@ -1,6 +1,6 @@
 // Unit test of deepcam::schedulers::CosineAnnealing: against the reference's
 // LR sequences in testdata/lr_schedules.json (SPEC 6.4), against PyTorch's
-// own CosineAnnealingLR over many periods (run from the project's venv), and
+// own CosineAnnealingLR over many periods (run by test_paths.hpp's Python), and
 // lr_at as a function of the step alone, whatever order it is asked in.
 #include <doctest/doctest.h>
 
@@ -17,6 +17,7 @@
 #include "deepcam/mlperf_log.hpp"
 #include "mini_json.hpp"
 #include "mlperf_log_lines.hpp"
+#include "test_paths.hpp"
 
 using deepcam::schedulers::CosineAnnealing;
 using deepcam::schedulers::CosineAnnealingOptions;
@@ -42,11 +43,6 @@ CosineAnnealingOptions options_of(const testjson::Value& config) {
   return options;
 }
 
-std::string python() {
-  if (const char* env = std::getenv("DEEPCAM_PYTHON")) return env;
-  return DEEPCAM_SOURCE_ROOT "/.venv/bin/python";
-}
-
 // PyTorch's CosineAnnealingLR with base LR `base`, started from `start` (the
 // LR a warmup hands over, set on the group as the reference's warmup does),
 // stepped `steps` - 1 times; one LR per line, repr'd.
@@ -63,7 +59,7 @@ std::vector<double> pytorch_cosine(double base, double start, std::int64_t t_max
             "    print(repr(o.param_groups[0]['lr']))\n"
             "    o.step()\n"
             "    s.step()\n";
-  const std::string command = "'" + python() + "' -c \"" + script.str() + "\"";
+  const std::string command = "'" + test_support::python() + "' -c \"" + script.str() + "\"";
   std::FILE* pipe = popen(command.c_str(), "r");
   REQUIRE_MESSAGE(pipe != nullptr, "cannot run " << command);
   std::vector<double> lrs;
@@ -79,7 +75,7 @@ std::vector<double> pytorch_cosine(double base, double start, std::int64_t t_max
 }  // namespace
 
 TEST_CASE("CosineAnnealing reproduces every cosine sequence of lr_schedules.json") {
-  const testjson::Value cases = testjson::parse_file(DEEPCAM_TESTDATA "/lr_schedules.json");
+  const testjson::Value cases = testjson::parse_file((test_support::testdata_dir() / "lr_schedules.json").string());
   int checked = 0;
   for (const testjson::Value& c : cases.array) {
     const testjson::Value& config = c["config"];

@@ -18,6 +18,7 @@
 #include "deepcam/mlperf_log.hpp"
 #include "mlperf_log_lines.hpp"
 #include "multistep.hpp"
+#include "test_paths.hpp"
 
 using deepcam::schedulers::Multistep;
 using deepcam::schedulers::MultistepOptions;
@@ -101,7 +102,7 @@ class Reader {
 };
 
 Value load_schedules() {
-  const std::string path = DEEPCAM_TESTDATA "/lr_schedules.json";
+  const std::string path = (test_support::testdata_dir() / "lr_schedules.json").string();
   std::ifstream in(path);
   REQUIRE_MESSAGE(in.good(), "cannot read " << path);
   std::stringstream text;
