@@ -475,7 +475,7 @@ TEST_CASE("LAMB: the fused CUDA kernels match the CPU path for 10 steps" * docte
   }
 }
 
-TEST_CASE("LAMB: a NaN gradient makes every parameter NaN on the GPU as on the CPU" * doctest::skip(no_gpu())) {
+TEST_CASE("LAMB: a NaN gradient makes every parameter NaN on CUDA as on the CPU" * doctest::skip(no_gpu())) {
   // The global norm is NaN; the clip factor follows it (clamp_min on the CPU), so no parameter is
   // updated with an unclipped finite gradient.
   torch::manual_seed(6);
