@@ -67,10 +67,9 @@ done
 "$top/.venv/bin/python" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
   -d "$bundle/wheels" "$(grep '^mlperf-logging==' scripts/requirements.txt)"
 
-# The test vectors the unit tests read (their path is compiled in; gpu_check.sh
-# puts them there).
+# The test vectors (gpu_check.sh names them in DEEPCAM_TESTDATA for the unit
+# tests and links them at ../shared/testdata for the integration tests).
 cp -r "$top/../shared/testdata" "$bundle/testdata"
-sed -n 's/.*-DDEEPCAM_TESTDATA="\([^"]*\)".*/\1/p' "$build/build.ninja" | head -n 1 >"$bundle/testdata.path"
 
 # The MLCommons reference's model and loss, for the benchmark's peer.
 ref="$top/peers/hpc/deepcam/src/deepCam"

@@ -6,9 +6,15 @@
 #
 #   env          nvidia-smi, the torch version and GPU; the bundle's programs
 #                load (deepcam-host --version, --list-plugins)
-#   unit         every doctest executable (the fused optimizers against the
-#                CPU path, the prefetch ring on the GPU, ...: the CUDA cases
-#                run where a GPU is seen)
+#   unit         the CUDA test cases of every doctest executable (the fused
+#                optimizers against the CPU path, the prefetch reader on the
+#                GPU): those named *CUDA*, as every case that uses the GPU is
+#                (tests/integration/test_device_bundle.py checks it); the CPU
+#                cases run in CI, and UNIT_CASES=* runs them here too. With
+#                DEVICE=cuda a CUDA case that sees no GPU fails rather than
+#                being skipped. The tests find the checkout, the bundle's
+#                build/ and testdata/ and the Python through the environment
+#                (tests/unit/test_paths.hpp), not at the paths compiled in
 #   integration  the pytest cases that need CUDA (tests/integration -k cuda:
 #                training on the GPU, CUDA graphs, amp, NCCL at world size 1,
 #                or on two ranks where there are two GPUs)
@@ -40,7 +46,9 @@
 # image's /opt/torch/.venv, else this checkout's .venv), WORK (local scratch,
 # default /tmp/gpu-check), STEPS (timed benchmark steps, default 20), BATCHES
 # (the benchmark's local batches, default "8 1": the goal's first), DEADLINE
-# (seconds: stop there, see run_part; set it below the call's timeout_s).
+# (seconds: stop there, see run_part; set it below the call's timeout_s),
+# UNIT_CASES (doctest's -tc filter of the unit part, default *CUDA*; * for
+# every case).
 set -uo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -52,6 +60,7 @@ out=${OUT:-$top/runs/gpu-check}
 work=${WORK:-/tmp/gpu-check}
 device=${DEVICE:-cuda}
 parts=${PARTS:-env,unit,integration,train,bench}
+unit_cases=${UNIT_CASES:-*CUDA*}
 python=${PYTHON:-}
 if [ -z "$python" ]; then
   for p in /opt/torch/.venv/bin/python3 "$top/.venv/bin/python"; do
@@ -96,12 +105,15 @@ if [ -d "$bundle/wheels" ] && ls "$bundle"/wheels/*.whl >/dev/null 2>&1; then
     { echo "gpu_check: the bundle's wheels did not install:"; tail -n 20 "$work/pip.log"; }
   export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# The unit tests read the test vectors at the path compiled into them; the
-# integration tests at ../shared/testdata beside the checkout.
-for path in "$(cat "$bundle/testdata.path" 2>/dev/null)" "$top/../shared/testdata"; do
-  [ -n "$path" ] && [ ! -e "$path" ] && mkdir -p "$(dirname "$path")" && ln -s "$bundle/testdata" "$path"
-done
-export DEEPCAM_BUILD_DIR="$bundle/build" DEEPCAM_PLUGIN_PATH="$bundle/build/plugins" PYTHONUNBUFFERED=1
+# The integration tests read the test vectors at ../shared/testdata beside the
+# checkout.
+testdata="$top/../shared/testdata"
+[ -e "$testdata" ] || { mkdir -p "$(dirname "$testdata")" && ln -s "$bundle/testdata" "$testdata"; }
+# The unit tests find these through the environment (tests/unit/test_paths.hpp);
+# the paths compiled into them are those of the machine that built the bundle.
+export DEEPCAM_SOURCE_DIR="$top" DEEPCAM_BUILD_DIR="$bundle/build" DEEPCAM_TESTDATA="$bundle/testdata" \
+  DEEPCAM_PYTHON="$python"
+export DEEPCAM_PLUGIN_PATH="$bundle/build/plugins" PYTHONUNBUFFERED=1
 # The commit the bundle was built from, for the benchmark's record (a copy of
 # the checkout on a GPU machine may come without .git).
 DEEPCAM_COMMIT=$(sed -n 's/^commit \([0-9a-f]*\).*/\1/p' "$bundle/MANIFEST")
@@ -160,10 +172,12 @@ EOF
 }
 
 part_unit() {
-  local failed=0 t
+  local failed=0 t flags=(-tc="$unit_cases")
+  # A CUDA case is skipped where no GPU is seen: on the GPU machine that is a failure.
+  [ "$device" = cuda ] && flags+=(--no-skip)
   while IFS= read -r t; do
     echo "== ${t#"$bundle"/}"
-    "$t" 2>&1 || failed=$((failed + 1))
+    "$t" "${flags[@]}" 2>&1 || failed=$((failed + 1))
   done < <(find "$bundle/build" -type f -perm -u+x -name 'test_*' ! -name '*.so' | sort)
   echo "unit: $failed executables failed"
   [ "$failed" -eq 0 ]
@@ -238,7 +252,7 @@ part_bench() {
 }
 
 # What the parts read, for the bash that timeout starts.
-export bundle work device python host out unresolved
+export bundle work device python host out unresolved unit_cases
 export -f part_env part_unit part_integration part_train part_bench
 for part in env unit integration train bench; do run_part "$part"; done
 

@@ -2,7 +2,9 @@
 a bare CUDA image lacks and nothing of LibTorch's, CUDA's or glibc's, and
 the check script runs from it, reporting each part and failing when a part
 fails; with the bundle's run paths cut to what a GPU machine would find, it
-links what is missing from the bundle. Rehearsed here with DEVICE=cpu (the
+links what is missing from the bundle; its unit tests run from a checkout at
+another path with this one's build/, .venv/ and ../shared hidden, and the
+unit part's filter keeps every CUDA case. Rehearsed here with DEVICE=cpu (the
 GPU parts run on a GPU machine)."""
 
 import json
@@ -174,3 +176,57 @@ def test_what_a_machine_lacks_is_linked_from_the_bundle_and_libtorch_from_its_to
     assert "not found anywhere" not in env_log
     # The training ran on the bundle's programs with LibTorch from the Python's torch.
     assert summary["parts"]["train"]["status"] == "pass"
+
+
+# One case of each kind that reads a place outside the test (tests/unit/test_paths.hpp): the Python
+# and a script of the source tree (adam_reference.py; make_npy_cases.py with deepcam-data), the
+# build tree's deepcam-data (the prefetch reader's, as its CUDA case uses it) and plugins with the
+# source tree's test.toml, and the test vectors.
+PATH_CASES = ["AdamW matches torch.optim.AdamW*", "every dtype*", "the GPU's normalisation run on the CPU*",
+              "every plugin folder builds*", "Multistep reproduces*"]
+
+# Run in a mount namespace of its own: the checkout is seen at COPY, the Python's venv at VENV, and
+# this checkout's path, its build/ and .venv/ there, and ../shared, are empty: the GPU machine's view.
+HIDDEN = """set -e
+mount --bind "$REPO" "$COPY"
+mount --bind "$REPO/.venv" "$VENV"
+for d in "$REPO" "$SHARED" "$COPY/build" "$COPY/.venv"; do [ ! -d "$d" ] || mount -t tmpfs none "$d"; done
+[ ! -e "$REPO/build" ] && [ -x "$VENV/bin/python" ]
+exec "$COPY/scripts/gpu_check.sh"
+"""
+
+
+def test_the_unit_tests_run_from_a_checkout_elsewhere_with_this_ones_paths_hidden(tmp_path, bundle):
+    if subprocess.run(["unshare", "--mount", "--map-root-user", "true"], capture_output=True).returncode != 0:
+        pytest.fail("unshare --mount --map-root-user is refused here: the check needs a mount namespace")
+    copy, venv, out = tmp_path / "checkout", tmp_path / "torch-venv", tmp_path / "out"
+    copy.mkdir()
+    venv.mkdir()
+    env = dict(os.environ, REPO=str(REPO_ROOT), COPY=str(copy), VENV=str(venv),
+               SHARED=str((REPO_ROOT / ".." / "shared").resolve()), BUNDLE=str(bundle), OUT=str(out),
+               WORK=str(tmp_path / "work"), PYTHON=str(venv / "bin" / "python"), DEVICE="cpu", PARTS="unit",
+               UNIT_CASES=",".join(PATH_CASES))
+    r = subprocess.run(["unshare", "--mount", "--map-root-user", "bash", "-c", HIDDEN], capture_output=True,
+                       text=True, timeout=600, env=env)
+    unit_log = (out / "unit.log").read_text() if (out / "unit.log").exists() else ""
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:] + unit_log[-6000:]
+    # Each case ran (one per executable), none failed.
+    ran = [int(n) for n in re.findall(r"test cases: *(\d+) \| *\d+ passed \| *0 failed", unit_log)]
+    assert sum(ran) == len(PATH_CASES), unit_log
+
+
+# The marks of a test case that uses the GPU.
+CUDA_MARKS = re.compile(r'kCUDA|hasCUDA|no_gpu\(\)|is_cuda\(\)|device = "cuda"')
+
+
+def test_the_unit_parts_filter_keeps_every_case_that_uses_the_gpu():
+    # gpu_check.sh's unit part runs the cases named *CUDA* (doctest's -tc ignores case) by default.
+    sources = [*(REPO_ROOT / "plugins").rglob("test_*.cpp"), *(REPO_ROOT / "tests" / "unit").glob("test_*.cpp")]
+    cuda_cases = []
+    for source in sources:
+        parts = re.split(r'^TEST_CASE\("((?:[^"\\]|\\.)*)"', source.read_text(), flags=re.M)
+        for name, body in zip(parts[1::2], parts[2::2]):
+            if CUDA_MARKS.search(body):
+                assert "cuda" in name.lower(), f"{source.relative_to(REPO_ROOT)}: {name!r} uses the GPU"
+                cuda_cases.append(name)
+    assert len(cuda_cases) >= 5, cuda_cases  # Adam's, LAMB's two, the prefetch reader's two
