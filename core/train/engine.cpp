@@ -540,7 +540,7 @@ class Engine {
       int stop_signal = 0;
       step = train_epoch(epoch, step, diverged, stop_signal);
       if (diverged) return stop_diverged(*diverged, step);
-      if (stop_signal) return stop_signalled(stop_signal, epoch_num, step);
+      if (stop_signal) return stop_signalled(stop_signal, epoch_num, step, /*in_epoch=*/true);
       average_batchnorm_statistics(c_.model->module(), comm_.world());
       const Totals v = validate(epoch_num, step);
       const double accuracy = v.score_sum / static_cast<double>(v.samples);
@@ -559,6 +559,11 @@ class Engine {
         save(epoch, step);
         last_saved = epoch;
       }
+      // A signal during the validation or the checkpoint: the epoch is whole
+      // (and saved where due); the next does not start.
+      if (!reached && epoch < max_epochs) {
+        if (const int sig = agreed_stop_signal()) return stop_signalled(sig, epoch, step, /*in_epoch=*/false);
+      }
     }
     comm_.world().barrier();
     log_.end("run_stop", Json(), {{"status", Json(reached ? "success" : "aborted")}, {"epoch_num", Json(epoch)}});
@@ -567,6 +572,10 @@ class Engine {
     // After run_stop, outside the timed region, as the reference saves.
     if (every >= 0 && last_saved != epoch) save(epoch, step);
     if (comm_.rank() == 0) {
+      if (const int sig = g_stop_signal.load()) {
+        std::fprintf(stderr, "deepcam-host: %s came during the last epoch's validation or checkpoint: the run had "
+                     "ended, and its outcome stands\n", strsignal(sig));
+      }
       std::fprintf(stderr, "deepcam-host: %s after %lld epochs; time to train (run_start to run_stop) %.1f s\n",
                    reached ? "target reached" : "target NOT reached", static_cast<long long>(epoch),
                    time_to_train);
@@ -801,20 +810,35 @@ class Engine {
 
   // SIGTERM or SIGINT: every rank stops at the same step (the decision
   // travels with the logging figures), closes the log as a diverged run
-  // does, and writes no checkpoint (the last one saved stays).
-  int stop_signalled(int sig, std::int64_t epoch_num, std::int64_t step) {
-    comm_.world().barrier();
-    log_.end("epoch_stop", Json(), {{"epoch_num", Json(epoch_num)}, {"step_num", Json(step)}});
+  // does, and writes no checkpoint for an epoch it stops in (the last one
+  // saved stays). Between epochs (`in_epoch` false), `epoch_num` is the
+  // epoch just ended.
+  int stop_signalled(int sig, std::int64_t epoch_num, std::int64_t step, bool in_epoch) {
+    if (in_epoch) {
+      comm_.world().barrier();
+      log_.end("epoch_stop", Json(), {{"epoch_num", Json(epoch_num)}, {"step_num", Json(step)}});
+    }
     comm_.world().barrier();
     log_.end("run_stop", Json(), {{"status", Json("aborted")}, {"epoch_num", Json(epoch_num)}});
     run_stopped_ = true;
-    if (comm_.rank() == 0) {
+    if (comm_.rank() == 0 && in_epoch) {
       std::fprintf(stderr,
                    "deepcam-host: stopped by %s at step %lld (epoch %lld): run_stop status \"aborted\"; no "
                    "checkpoint written for this epoch (resume from the last one saved)\n",
                    strsignal(sig), static_cast<long long>(step), static_cast<long long>(epoch_num));
+    } else if (comm_.rank() == 0) {
+      std::fprintf(stderr,
+                   "deepcam-host: stopped by %s after epoch %lld (step %lld), before the next: run_stop status "
+                   "\"aborted\"\n",
+                   strsignal(sig), static_cast<long long>(epoch_num), static_cast<long long>(step));
     }
     return 128 + sig;
+  }
+
+  // SIGTERM or SIGINT on any rank (one small all-gather), else 0.
+  int agreed_stop_signal() {
+    const at::Tensor mine = at::full({1}, static_cast<double>(g_stop_signal.load()), at::kDouble);
+    return static_cast<int>(comm_.world().all_gather(mine).max().item<double>());
   }
 
   // The figures of a logging point, over all ranks: one all-gather of five

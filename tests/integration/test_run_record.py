@@ -1,8 +1,9 @@
 """The run's record as a long MLPerf run needs it: config.toml and the log
-under their final names from the start and streamed line by line, every log
+under their final names from run_start and streamed line by line, every log
 line echoed to stdout (not with --quiet), SIGTERM and SIGINT ending the run
 with run_stop "aborted", checkpoint_every = -1, and the time to train."""
 
+import os
 import signal
 import subprocess
 import time
@@ -82,6 +83,60 @@ def test_a_stop_signal_ends_the_run_with_an_aborted_record(tmp_path, data, sig):
     problems = [l for l in output.splitlines() if l.startswith(("WARNING", "ERROR"))]
     assert status != 0 and problems == ["WARNING -  Failed checks for eval_accuracy : v['value'] >= 0.82 and "
                                         "v['value'] <= 1.", "ERROR - FAILED"], output
+
+
+@pytest.fixture(scope="module")
+def long_validation(tmp_path_factory):
+    # A validation long enough (dozens of batches) for the test to stop the run inside it.
+    return synth(tmp_path_factory.mktemp("rec-val") / "data", train=4, validation=64, seed=31)
+
+
+def signal_in_validation(run, epoch_num):
+    """Runs `run`, stops it (SIGSTOP) as its echo shows epoch `epoch_num`'s eval_start, sends SIGTERM, lets it
+    go on; its status and its output."""
+    p = subprocess.Popen([str(HOST), str(run)], env=plugin_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in p.stdout:
+            lines.append(line)
+            if '"key": "eval_start"' in line and f'"epoch_num": {epoch_num}' in line:
+                os.kill(p.pid, signal.SIGSTOP)
+                os.kill(p.pid, signal.SIGTERM)
+                os.kill(p.pid, signal.SIGCONT)
+                break
+        lines.extend(p.stdout)
+        return p.wait(timeout=120), "".join(lines)
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
+def test_a_stop_signal_during_validation_ends_the_run_before_the_next_epoch(tmp_path, long_validation):
+    """It used to be seen only at the next epoch's first step, which then trained."""
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", long_validation, out,
+                    run={"max_epochs": 3, "target_iou": 1.0, "checkpoint_every": 1})
+    status, output = signal_in_validation(run, 1)
+    assert status == 128 + signal.SIGTERM, output
+    assert "deepcam-host: stopped by Terminated after epoch 1 (step 2), before the next" in output, output
+    events = read_events(out / "mlperf.log")
+    assert [e["key"] for e in events[-3:]] == ["eval_stop", "epoch_stop", "run_stop"], events[-3:]
+    assert [e["metadata"]["epoch_num"] for e in events if e["key"] == "eval_accuracy"] == [1]
+    assert events[-1]["metadata"] == {**events[-1]["metadata"], "status": "aborted", "epoch_num": 1}
+    assert not any(e["key"] == "epoch_start" and e["metadata"]["epoch_num"] == 2 for e in events)
+    assert torch.load(out / "checkpoint-epoch1.pt", weights_only=True)["epoch"] == 1  # the whole epoch, saved
+
+
+def test_a_stop_signal_during_the_last_validation_leaves_the_outcome_and_says_so(tmp_path, long_validation):
+    """It used to be dropped without a word."""
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", long_validation, out, run={"max_epochs": 1, "target_iou": 1.0})
+    status, output = signal_in_validation(run, 1)
+    assert status == 1, output  # the target was not reached: the run's own outcome
+    assert ("deepcam-host: Terminated came during the last epoch's validation or checkpoint: the run had ended, "
+            "and its outcome stands") in output, output
+    assert read_events(out / "mlperf.log")[-1]["key"] == "run_stop"
 
 
 def test_bad_input_before_training_leaves_no_record(tmp_path, data):
