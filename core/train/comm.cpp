@@ -482,6 +482,10 @@ std::string Communicator::Impl::unanswered_store() const {
 }
 
 void Communicator::Impl::lost(const std::string& what) {
+  if (layout.world_size == 1) {
+    // A group of one (CommOptions::group_of_one): no other rank to wait for.
+    throw RankLost(fmt::format("rank 0 of 1: a collective failed: {}", first_line(what)));
+  }
   std::unique_lock<std::mutex> lock(mutex);
   // The lost rank's heartbeat goes stale within the timeout; a few beats more
   // for the watchdog to see it.
