@@ -1165,7 +1165,8 @@ class Engine {
   // it becomes the parameters' .grad, so that the next update sums the same
   // batches as an uninterrupted run.
   void restore_accumulation(const std::string& path, const CheckpointInfo& info, std::int64_t k, bool weights_only) {
-    const std::string key = fmt::format("{} [run] gradient_accumulation_frequency = {}", cfg_.file, k);
+    const std::string key = fmt::format("gradient_accumulation_frequency = {} ({})", k,
+                                        cfg_.run.where("gradient_accumulation_frequency"));
     if (info.partial_accumulation_ranks > 0 && !weights_only) {
       throw Error(fmt::format("{}: saved at step {} in the middle of a gradient accumulation by a run of {} ranks, whose "
                               "partial gradients are not in it; resuming would not continue that run exactly. Resume "
@@ -1177,7 +1178,8 @@ class Engine {
       if (info.step % k != 0 && !weights_only && comm_.rank() == 0) {
         std::fprintf(stderr,
                      "deepcam-host: note: %s was saved at step %lld, which %s does not divide, and holds no "
-                     "accumulated gradient (not written by deepcam-host); the first optimizer step after the resume "
+                     "accumulated gradient (the run that wrote it accumulated over other batches, or it was not "
+                     "written by deepcam-host); the first optimizer step after the resume "
                      "sums fewer batches than an uninterrupted run would\n",
                      path.c_str(), static_cast<long long>(info.step), key.c_str());
       }

@@ -67,7 +67,8 @@ void MlperfLog::write(const char* event_type, const std::string& key, const Json
     __fpurge(out_);
     if (end >= 0 && ::ftruncate(::fileno(out_), end) == 0) ::fseeko(out_, end, SEEK_SET);
     throw Error(write_error_text(name_.empty() ? "the MLPerf log" : name_, err) +
-                "; the log ends with the last line written whole");
+                "; the log keeps the lines written whole before it (a run stopped before run_start keeps no "
+                "log)");
   }
   if (echo_) {
     std::fwrite(text.data(), 1, text.size(), echo_);

@@ -429,3 +429,18 @@ def test_a_resume_whose_optimizer_settings_differ_from_the_checkpoints_is_refuse
     r = run_host(run, "--set", f"run.resume={checkpoint}", "--set", "run.resume_weights_only=true", "--set",
                  f"run.output_dir={tmp_path / 'fresh'}")
     assert r.returncode == 1, r.stderr
+
+
+def test_resuming_with_another_accumulation_names_where_it_was_set(tmp_path, data):
+    """The note used to say the checkpoint was not written by deepcam-host, and to credit the run file with a
+    value given by --set."""
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out, run={**ODD, "gradient_accumulation_frequency": 1})
+    assert run_host(run).returncode == 1
+    r = run_host(run, "--set", f"run.resume={out / 'checkpoint-epoch1.pt'}", "--set", "run.max_epochs=2", "--set",
+                 "run.gradient_accumulation_frequency=2", "--set", f"run.output_dir={tmp_path / 'again'}")
+    assert r.returncode == 1, r.stderr
+    assert ("was saved at step 3, which gradient_accumulation_frequency = 2 (--set "
+            "run.gradient_accumulation_frequency=2) does not divide, and holds no accumulated gradient (the run "
+            "that wrote it accumulated over other batches, or it was not written by deepcam-host)") in r.stderr, \
+        r.stderr
