@@ -1388,18 +1388,20 @@ void remove_earlier_file(const RunConfig& cfg, const fs::path& path) {
 
 bool process_alive(long pid) { return ::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM; }
 
-// What a run killed while writing leaves: "<name>.tmp-<pid>" (a checkpoint
-// being written) or "<name>.partial-<pid>". Those of processes that are gone
-// are removed; a live one may still be writing.
+// What a run killed while writing leaves: "<name>.tmp-<pid>" (a checkpoint,
+// a --predict picture), "<name>.partial-<pid>" (the run's record before
+// run_start) or ".<name>.tmp<pid>-<n>" (a --predict .npy file, npy::write's
+// name). Those of processes that are gone are removed; a live one may still
+// be writing.
 void remove_stale_temporaries(const fs::path& dir) {
-  static const std::regex temporary(R"(.+\.(tmp|partial)-([0-9]{1,9}))");
+  static const std::regex temporary(R"(.+\.(?:tmp|partial)-([0-9]{1,9})|\..+\.tmp([0-9]{1,9})-[0-9]+)");
   std::error_code ec;
   std::vector<fs::path> stale;
   for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
     std::smatch m;
     if (!std::regex_match(name, m, temporary)) continue;
-    const long pid = std::stol(m[2].str());
+    const long pid = std::stol(m[1].matched ? m[1].str() : m[2].str());
     if (pid != ::getpid() && !process_alive(pid)) stale.push_back(it->path());
   }
   for (const fs::path& p : stale) {
@@ -1532,6 +1534,8 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
     if (comm.size() > 1) {
       throw Error("--predict runs on one rank: start it without --nproc or a launcher's ranks");
     }
+    std::error_code ec;
+    if (fs::is_directory(opts.predict_out, ec)) remove_stale_temporaries(opts.predict_out);
     MlperfLog no_log(nullptr, false);
     Engine engine(cfg, no_log, comm);
     engine.build(/*with_optimizer=*/false);

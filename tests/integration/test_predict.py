@@ -85,6 +85,22 @@ def test_samples_limits_the_count(trained, tmp_path):
         "sample-000000.npy", "sample-000000.png", "sample-000001.npy", "sample-000001.png"]
 
 
+def test_temporaries_of_a_killed_predict_are_removed_by_the_next(trained, tmp_path):
+    """They used to stay: a picture's "<name>.tmp-<pid>" and an .npy file's ".<name>.tmp<pid>-<n>"."""
+    _, _, run, ckpt = trained
+    out = tmp_path / "pred"
+    out.mkdir()
+    gone = 2 ** 22 + 12345  # above the largest pid this kernel hands out by default
+    left = [out / f"sample-000000.png.tmp-{gone}", out / f".sample-000000.npy.tmp{gone}-0"]
+    for f in left:
+        f.write_bytes(b"half")
+    r = run_host(run, "--predict", ckpt, "--out", out, "--samples", 1)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["sample-000000.npy", "sample-000000.png"]
+    for f in left:
+        assert f"removed {f}, left by an earlier run" in r.stderr, r.stderr
+
+
 def test_predict_refusals_name_what_is_missing(trained, tmp_path):
     tmp, data, run, ckpt = trained
     r = run_host(run, "--predict", ckpt)
