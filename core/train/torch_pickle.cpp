@@ -935,6 +935,8 @@ class CycleBreaker {
 
 // Says what the file is when it is not a zip archive, the commonest mistake.
 void check_container(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) throw Error(fmt::format("{}: a folder, not a checkpoint file", path));
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(fmt::format("{}: cannot open (no such file, or not readable)", path));
   unsigned char head[4] = {};

@@ -432,6 +432,11 @@ TEST_CASE("a missing, foreign, legacy or damaged file gives an Error naming it")
   const std::string legacy = files().path("legacy.pt");
   CHECK(error_of(legacy).find(legacy + ": a bare pickle") == 0);
 
+  // (It was "not a torch.save file (not a zip archive)".)
+  const std::string folder = files().path("folder.pt");
+  std::filesystem::create_directories(folder);
+  CHECK(error_of(folder) == folder + ": a folder, not a checkpoint file");
+
   // Cut short anywhere, the archive is refused: its directory is at the end.
   const std::string whole = read_file(files().path("ckpt.pt"));
   const std::string cut = files().path("cut.pt");
