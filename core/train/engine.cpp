@@ -1368,10 +1368,10 @@ fs::path log_path(const RunConfig& cfg, const fs::path& out_dir, bool evaluating
   return (out_dir / file).lexically_normal();
 }
 
-// N of "checkpoint-epochN.pt".
+// N of "checkpoint-epochN.pt" (saturated: the name's digits are not bounded).
 std::int64_t checkpoint_epoch(const std::string& name) {
   constexpr std::size_t kPrefix = std::char_traits<char>::length("checkpoint-epoch");
-  return std::stoll(name.substr(kPrefix));
+  return std::strtoll(name.c_str() + kPrefix, nullptr, 10);
 }
 
 // A checkpoint or kept record of an earlier run, under [run] overwrite = true.
