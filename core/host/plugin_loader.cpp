@@ -40,8 +40,8 @@ std::vector<std::string> split_path(const char* value) {
 }
 
 std::string describe_build(const char* torch, int abi, const char* cuda) {
-  return fmt::format("LibTorch {}, _GLIBCXX_USE_CXX11_ABI={}, CUDA {}", torch, abi,
-                     *cuda ? cuda : "none");
+  return fmt::format("LibTorch {}, _GLIBCXX_USE_CXX11_ABI={}, CUDA {}", torch,
+                     abi < 0 ? "unset (not libstdc++)" : std::to_string(abi), *cuda ? cuda : "none");
 }
 
 // Files within one directory that may hold the plugin.
@@ -170,13 +170,15 @@ LoadedPlugin PluginLoader::open(const std::string& path) {
     throw Error(fmt::format("{}: descriptor reports plugin ABI {}, this host has plugin ABI {}", path,
                             d ? d->abi_version : 0u, kPluginAbi));
   }
-  const bool same_build = std::string(d->torch_version) == DEEPCAM_TORCH_VERSION &&
-                          d->cxx11_abi == DEEPCAM_CXX11_ABI &&
+  // The host's side is what its own core was compiled with, taken from the
+  // same macros as a plugin's side (deepcam/plugin_descriptor.hpp).
+  const bool same_build = std::string(d->torch_version) == DEEPCAM_COMPILED_TORCH_VERSION &&
+                          d->cxx11_abi == DEEPCAM_COMPILED_CXX11_ABI &&
                           std::string(d->cuda_version) == DEEPCAM_CUDA_VERSION;
   if (!same_build) {
     throw Error(fmt::format("{}: plugin built with {}; this host is built with {}; rebuild the plugin",
                             path, describe_build(d->torch_version, d->cxx11_abi, d->cuda_version),
-                            describe_build(DEEPCAM_TORCH_VERSION, DEEPCAM_CXX11_ABI,
+                            describe_build(DEEPCAM_COMPILED_TORCH_VERSION, DEEPCAM_COMPILED_CXX11_ABI,
                                            DEEPCAM_CUDA_VERSION)));
   }
   const void* factories[] = {reinterpret_cast<const void*>(d->make_reader),

@@ -141,6 +141,17 @@ def test_shared_library_that_is_not_a_plugin(tmp_path, data):
     assert "not a deepcam-host plugin (no symbol deepcam_plugin_v4)" in msg
 
 
+def test_plugin_compiled_with_another_cxx_abi_is_refused_with_both_abis(tmp_path, data):
+    # The descriptor takes the flag of the plugin's own compile, not the SDK's build config; accepted, such a
+    # plugin read the host's std::string with the other layout and crashed.
+    lib = FIXTURES / "libdeepcam_scheduler_cxxabi0.so"
+    msg = refused(tmp_path, data, lib, kind="scheduler")
+    assert "this host is built with" in msg, msg
+    plugin_side, host_side = msg.split("this host is built with")
+    assert f"{lib}: plugin built with LibTorch " in plugin_side and "_GLIBCXX_USE_CXX11_ABI=0" in plugin_side
+    assert "_GLIBCXX_USE_CXX11_ABI=1" in host_side
+
+
 def test_corrupt_and_missing_library(tmp_path, data):
     bad = tmp_path / "libdeepcam_optimizer_adam.so"
     bad.write_bytes(b"\x7fELF this is not a library" * 10)
