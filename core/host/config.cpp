@@ -272,9 +272,23 @@ ParamValue convert(const ParamSpec& spec, const toml::node& node, const std::str
   throw wrong();
 }
 
+// A spec's default as the table `v = <default>`; `where` starts the message
+// when the text is not one TOML value.
+toml::table default_table(const ParamSpec& spec, const std::string& where) {
+  toml::table t;
+  try {
+    t = toml::parse(std::string("v = ") + spec.default_toml);
+  } catch (const toml::parse_error& e) {
+    throw Error(fmt::format("{}: not a TOML value ({})", where, e.description()));
+  }
+  if (t.size() != 1) throw Error(fmt::format("{}: more than one TOML value", where));
+  return t;
+}
+
 ParamValue parse_default(const ParamSpec& spec) {
-  toml::table t = toml::parse(std::string("v = ") + spec.default_toml);
-  return convert(spec, *t.get("v"), fmt::format("default of '{}'", spec.key));
+  const std::string where = fmt::format("default of '{}'", spec.key);
+  const toml::table t = default_table(spec, where);
+  return convert(spec, *t.get("v"), where);
 }
 
 PluginKind kind_named(const ParamSpec& spec) {
@@ -388,7 +402,7 @@ Params Checker::check(const toml::table* table, const ParamSchema& schema, const
       throw Error(fmt::format("{} [{}]: missing required key '{}' ({})", loc.file, loc.section, spec.key, what));
     }
     if (spec.type == ParamType::Plugin) {
-      const toml::table t = toml::parse(std::string("v = ") + spec.default_toml);
+      const toml::table t = default_table(spec, fmt::format("default of '{}'", spec.key));
       values[spec.key] = nested(spec, *t.get("v"), loc, fmt::format("default of '{}'", spec.key));
     } else {
       values[spec.key] = parse_default(spec);
@@ -543,6 +557,65 @@ std::string closest_match(const std::string& word, const std::vector<std::string
     }
   }
   return best;
+}
+
+std::string schema_problem(const ParamSchema& schema) {
+  if (schema.size > 0 && !schema.specs) {
+    return fmt::format("the schema counts {} parameters but has no array", schema.size);
+  }
+  // What a run file's bare key and --set section.key=value can name.
+  static const char kBare[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-";
+  std::set<std::string> keys;
+  const char* previous = nullptr;
+  for (const ParamSpec& spec : schema) {
+    if (!spec.key) {
+      return previous ? fmt::format("the parameter after '{}' has no key (nullptr)", previous)
+                      : std::string("the first parameter has no key (nullptr)");
+    }
+    previous = spec.key;
+    const std::string key = spec.key;
+    const std::string at = fmt::format("parameter '{}'", key);
+    if (key.empty() || key.find_first_not_of(kBare) != std::string::npos) {
+      return at + ": not a bare TOML key (letters, digits, '_' and '-')";
+    }
+    if (key == "name" || key == "library") return at + ": the host's own key of every plugin table; do not declare it";
+    if (!keys.insert(key).second) return at + ": declared twice";
+    if (!spec.doc || !*spec.doc) return at + ": no doc (the one line that --describe prints)";
+    if (static_cast<unsigned>(spec.type) > static_cast<unsigned>(ParamType::Path)) {
+      return fmt::format("{}: type {} is not a ParamType", at, static_cast<unsigned>(spec.type));
+    }
+    if (std::isnan(spec.min) || std::isnan(spec.max)) return at + ": a bound is NaN";
+    if (spec.type == ParamType::Plugin) {
+      const PluginKind kinds[] = {PluginKind::Reader, PluginKind::Model, PluginKind::Optimizer, PluginKind::Scheduler};
+      if (std::none_of(std::begin(kinds), std::end(kinds),
+                       [&](PluginKind k) { return spec.choices && std::string(spec.choices) == to_string(k); })) {
+        return fmt::format("{}: a plugin table needs the kind of plugin it names in `choices` (reader, model, "
+                           "optimizer or scheduler), not {}",
+                           at, spec.choices ? fmt::format("\"{}\"", spec.choices) : std::string("nullptr"));
+      }
+    } else if (spec.choices && spec.type != ParamType::String) {
+      return fmt::format("{}: choices \"{}\" on a {} key, which takes none (choices are for string keys)", at,
+                         spec.choices, to_string(spec.type));
+    }
+    if (!spec.default_toml) continue;
+    const std::string where = fmt::format("{}: default {}", at, spec.default_toml);
+    try {
+      const toml::table t = default_table(spec, where);
+      const toml::node& v = *t.get("v");
+      if (spec.type == ParamType::Plugin) {
+        // The nested plugin is loaded when a run uses the default, not here.
+        const toml::table* table = v.as_table();
+        if (!table || !table->get_as<std::string>("name")) {
+          return where + ": not a table with name = \"<plugin>\"";
+        }
+      } else {
+        convert(spec, v, where);
+      }
+    } catch (const Error& e) {
+      return e.what();
+    }
+  }
+  return "";
 }
 
 ParamSchema host_schema(const std::string& section) {

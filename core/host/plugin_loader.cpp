@@ -44,6 +44,23 @@ std::string describe_build(const char* torch, int abi, const char* cuda) {
                      abi < 0 ? "unset (not libstdc++)" : std::to_string(abi), *cuda ? cuda : "none");
 }
 
+// What is wrong with the descriptor's own fields, or "": the strings the
+// host prints or compares must be there.
+std::string descriptor_problem(const PluginDescriptor& d) {
+  const std::pair<const char*, const char*> strings[] = {
+      {"name", d.name}, {"version", d.version}, {"summary", d.summary},
+      {"torch_version", d.torch_version}, {"cuda_version", d.cuda_version}};
+  for (const auto& [field, value] : strings) {
+    if (!value) return fmt::format("descriptor's {} is null", field);
+  }
+  if (!*d.name) return "descriptor's name is empty";
+  if (static_cast<std::uint32_t>(d.kind) >= std::size(kKinds)) {
+    return fmt::format("descriptor's kind {} is none of reader, model, optimizer, scheduler",
+                       static_cast<std::uint32_t>(d.kind));
+  }
+  return "";
+}
+
 // Files within one directory that may hold the plugin.
 std::vector<fs::path> candidates(const std::string& dir, PluginKind kind, const std::string& name) {
   const std::string file = PluginLoader::file_name(kind, name);
@@ -170,6 +187,10 @@ LoadedPlugin PluginLoader::open(const std::string& path) {
     throw Error(fmt::format("{}: descriptor reports plugin ABI {}, this host has plugin ABI {}", path,
                             d ? d->abi_version : 0u, kPluginAbi));
   }
+  if (const std::string problem = descriptor_problem(*d); !problem.empty()) {
+    throw Error(fmt::format("{}: {}; a plugin defines its descriptor with DEEPCAM_<KIND>_PLUGIN(...)", path,
+                            problem));
+  }
   // The host's side is what its own core was compiled with, taken from the
   // same macros as a plugin's side (deepcam/plugin_descriptor.hpp).
   const bool same_build = std::string(d->torch_version) == DEEPCAM_COMPILED_TORCH_VERSION &&
@@ -181,12 +202,16 @@ LoadedPlugin PluginLoader::open(const std::string& path) {
                             describe_build(DEEPCAM_COMPILED_TORCH_VERSION, DEEPCAM_COMPILED_CXX11_ABI,
                                            DEEPCAM_CUDA_VERSION)));
   }
+  if (const std::string problem = schema_problem(d->params); !problem.empty()) {
+    throw Error(fmt::format("{}: the parameter schema of the {} plugin '{}' has a mistake: {}; fix the plugin's "
+                            "ParamSpec array and rebuild it",
+                            path, to_string(d->kind), d->name, problem));
+  }
   const void* factories[] = {reinterpret_cast<const void*>(d->make_reader),
                              reinterpret_cast<const void*>(d->make_model),
                              reinterpret_cast<const void*>(d->make_optimizer),
                              reinterpret_cast<const void*>(d->make_scheduler)};
-  const auto k = static_cast<std::size_t>(d->kind);
-  if (k >= 4 || !factories[k]) {
+  if (!factories[static_cast<std::size_t>(d->kind)]) {
     throw Error(fmt::format("{}: descriptor has no factory for its kind", path));
   }
   return LoadedPlugin{path, d, std::shared_ptr<const void>(lib, lib.get())};

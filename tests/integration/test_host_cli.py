@@ -152,6 +152,40 @@ def test_plugin_compiled_with_another_cxx_abi_is_refused_with_both_abis(tmp_path
     assert "_GLIBCXX_USE_CXX11_ABI=1" in host_side
 
 
+# Fixtures with one mistake each in their own parameter schema, and what the loader says of it.
+SCHEMA_MISTAKES = [
+    ("nodoc", "parameter 'nodoc': no doc"),
+    ("nullkey", "the parameter after 'scale' has no key (nullptr)"),
+    ("duplicatekey", "parameter 'scale': declared twice"),
+    ("hostkey", "parameter 'library': the host's own key of every plugin table"),
+    ("defaulttype", "parameter 'factor': default \"abc\": expected float, got string"),
+    ("defaultnottoml", "parameter 'factor': default 1.2.3.x: not a TOML value"),
+    ("defaultrange", "parameter 'steps': default 500: 500 is out of range [1, 10]"),
+    ("pluginkind", "parameter 'inner': a plugin table needs the kind of plugin it names in `choices`"),
+]
+
+
+@pytest.mark.parametrize("name,says", SCHEMA_MISTAKES)
+def test_a_mistake_in_a_plugins_own_schema_is_refused_naming_the_file_and_the_key(name, says):
+    # They reached users as "(null)", an internal error, or a message naming neither the file nor the key.
+    lib = FIXTURES / f"libdeepcam_scheduler_{name}.so"
+    r = run_host("--describe", f"scheduler/{name}", env=plugin_env(FIXTURES))
+    assert r.returncode == 2 and r.stdout == "", r.stdout
+    assert f"{lib}: the parameter schema of the scheduler plugin '{name}' has a mistake: {says}" in r.stderr, \
+        r.stderr
+
+
+def test_a_plugin_with_a_mistake_in_its_schema_is_refused_by_a_run_and_skipped_by_listing(tmp_path, data):
+    lib = FIXTURES / "libdeepcam_scheduler_defaulttype.so"
+    assert "parameter 'factor': default" in refused(tmp_path, data, lib, kind="scheduler")
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    shutil.copy(lib, folder)
+    r = run_host("--list-plugins", env=plugin_env(f"{PLUGINS}:{folder}"))
+    assert r.returncode == 0, r.stderr
+    assert f"skipped {folder / lib.name}: the parameter schema" in r.stderr and "defaulttype" not in r.stdout
+
+
 def test_corrupt_and_missing_library(tmp_path, data):
     bad = tmp_path / "libdeepcam_optimizer_adam.so"
     bad.write_bytes(b"\x7fELF this is not a library" * 10)

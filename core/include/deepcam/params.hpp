@@ -123,6 +123,15 @@ DEEPCAM_API std::string range_text(const ParamSpec& spec);
 // Whether v lies within the spec's bounds (always, for a spec without any).
 DEEPCAM_API bool in_range(const ParamSpec& spec, double v);
 
+// What is wrong with a plugin's own schema, naming the key, or "" when
+// nothing is: a null or repeated key, a key that is not a bare TOML key or
+// is the host's (name, library), a missing doc, an unknown type, a default
+// that is not TOML, not of its type, out of its range or not among its
+// choices, choices on a key that takes none, a plugin table without a known
+// kind. The loader refuses such a plugin. Defined beside the run-file checks
+// (config.cpp): a default is checked exactly as a value in a run file.
+DEEPCAM_API std::string schema_problem(const ParamSchema& schema);
+
 // The TOML text of a value, as --describe and the resolved config print it.
 DEEPCAM_API std::string to_toml(const ParamValue& value);
 
