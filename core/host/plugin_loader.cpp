@@ -6,6 +6,7 @@
 #include <dlfcn.h>
 #include <elf.h>
 
+#include <algorithm>
 #include <boost/dll/shared_library.hpp>
 #include <cstdint>
 #include <cstdlib>
@@ -233,8 +234,11 @@ const LoadedPlugin& PluginLoader::load(PluginKind kind, const std::string& name,
         for (const auto& c : candidates(dir, kind, name)) {
           searched.push_back(c.string());
           std::error_code ec;
+          // The same file reached twice (a folder named twice in
+          // DEEPCAM_PLUGIN_PATH, or through a link) is one plugin.
+          const auto same_file = [&](const std::string& f) { return fs::equivalent(f, c, ec); };
           if (fs::is_regular_file(c, ec)) {
-            found.push_back(c.string());
+            if (std::none_of(found.begin(), found.end(), same_file)) found.push_back(c.string());
           } else if (fs::exists(fs::symlink_status(c, ec))) {
             // Named as the plugin but not a file: a mistake to say, not to pass over.
             throw Error(fmt::format("{}: named as the {} plugin '{}' but {}", c.string(), to_string(kind), name,
@@ -277,6 +281,20 @@ const LoadedPlugin& PluginLoader::load(PluginKind kind, const std::string& name,
   return loaded_.back();
 }
 
+namespace {
+
+// A file found by its name on the search path must be the plugin its name
+// says, as load() requires of the file it looks up by that name.
+std::string name_problem(const fs::path& file, const PluginDescriptor& d) {
+  const std::string expected = PluginLoader::file_name(d.kind, d.name);
+  if (file.filename() == expected) return "";
+  return fmt::format("{}: is the {} plugin '{}', whose file must be named {}: a run finds a plugin by its file "
+                     "name and refuses a file that holds another; rename the file or the plugin",
+                     file.string(), to_string(d.kind), d.name, expected);
+}
+
+}  // namespace
+
 std::vector<LoadedPlugin> PluginLoader::discover(std::vector<std::string>& problems) {
   // Listing opens only files named like plugins, in the places load() looks.
   std::vector<LoadedPlugin> out;
@@ -294,11 +312,19 @@ std::vector<LoadedPlugin> PluginLoader::discover(std::vector<std::string>& probl
       }
     }
   }
+  std::vector<fs::path> opened;
   for (const auto& f : files) {
     const std::string n = f.filename().string();
     if (n.rfind("libdeepcam_", 0) != 0 || f.extension() != ".so" || n == "libdeepcam_core.so") continue;
+    // The same file reached twice (a folder named twice on the path) is listed once.
+    std::error_code ec;
+    if (std::any_of(opened.begin(), opened.end(), [&](const fs::path& o) { return fs::equivalent(o, f, ec); }))
+      continue;
+    opened.push_back(f);
     try {
-      out.push_back(open(f.string()));
+      LoadedPlugin plugin = open(f.string());
+      if (const std::string problem = name_problem(f, *plugin.descriptor); !problem.empty()) throw Error(problem);
+      out.push_back(std::move(plugin));
     } catch (const Error& e) {
       problems.push_back(e.what());
     }

@@ -1,13 +1,15 @@
 """Finding plugins and describing them as a new user meets them: the host of
 the build tree without any variable, `meson devenv`, --list-plugins and
---describe KIND, and a folder given as the run file."""
+--describe KIND (which check a file's name as a run does, and see a file
+reached twice once), and a folder given as the run file."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from helpers import BUILD_DIR, HOST, PLUGINS, plugin_env, run_host, synth, write_run
+from helpers import BUILD_DIR, FIXTURES, HOST, PLUGINS, plugin_env, run_host, synth, write_run
 
 
 def env_without_plugin_path():
@@ -57,6 +59,30 @@ def test_describe_a_kind_lists_its_plugins_with_their_summaries():
     assert sorted(l.split()[0] for l in r.stdout.splitlines()[1:]) == ["cosine_annealing", "multistep"]
     r = run_host("--describe", "sampler")
     assert r.returncode == 2 and "no plugin kind 'sampler'" in r.stderr
+
+
+def test_listing_skips_a_file_whose_plugin_has_another_name_as_a_run_refuses_it(tmp_path):
+    # libdeepcam_scheduler_alias.so holds the scheduler 'fixture': it was listed as 'fixture' without a word,
+    # while a run naming either name could not use it.
+    folder = tmp_path / "alias"
+    folder.mkdir()
+    shutil.copy(FIXTURES / "libdeepcam_scheduler_alias.so", folder)
+    says = (f"skipped {folder / 'libdeepcam_scheduler_alias.so'}: is the scheduler plugin 'fixture', whose file "
+            "must be named libdeepcam_scheduler_fixture.so")
+    for args in (["--list-plugins"], ["--describe", "scheduler"]):
+        r = run_host(*args, env=plugin_env(f"{PLUGINS}:{folder}"))
+        assert r.returncode == 0, r.stderr
+        assert says in r.stderr and "fixture" not in r.stdout, r.stdout + r.stderr
+
+
+def test_a_folder_on_the_path_twice_is_one_place(tmp_path):
+    # P:P said "provided twice: P/x.so and P/x.so"; a link to P is the same place too.
+    (tmp_path / "link").symlink_to(PLUGINS)
+    for path in (f"{PLUGINS}:{PLUGINS}", f"{PLUGINS}:{tmp_path / 'link'}"):
+        r = run_host("--describe", "optimizer/adam", env=plugin_env(path))
+        assert r.returncode == 0, r.stderr
+        r = run_host("--list-plugins", env=plugin_env(path))
+        assert r.returncode == 0 and r.stdout.count("libdeepcam_optimizer_adam.so") == 1, r.stdout
 
 
 def test_a_folder_as_the_run_file_is_named_as_one(tmp_path):

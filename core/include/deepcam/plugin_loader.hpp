@@ -5,7 +5,7 @@
 //      file may sit directly or under <kind>s/<name>/ (the build tree's layout);
 //   3. the install directory.
 // The first level that has the file wins; two files within one level are an
-// error naming both. Libraries are loaded RTLD_LOCAL, checked against this
+// error naming both (the same file reached twice is one). Libraries are loaded RTLD_LOCAL, checked against this
 // host (ABI, LibTorch version, C++ ABI, CUDA version) and never unloaded
 // during a run.
 #pragma once
