@@ -1,11 +1,5 @@
 #include "deepcam/build_reader.hpp"
 
-#include <fmt/format.h>
-
-#include <utility>
-
-#include "deepcam/error.hpp"
-
 namespace deepcam {
 
 ReaderContext reader_context(const RunConfig& config, int rank, int world_size, MlperfLog* log) {
@@ -28,9 +22,8 @@ ReaderContext reader_context(const RunConfig& config, int rank, int world_size, 
 
 Plugged<Reader> build_reader(const RunConfig& config, const ReaderContext& context) {
   const PluginChoice& choice = config.reader;
-  auto reader = choice.plugin->descriptor->make_reader(choice.params, context);
-  if (!reader) throw Error(fmt::format("{}: the factory returned nothing", choice.plugin->path));
-  return Plugged<Reader>{choice.plugin->library, std::move(reader)};
+  return build_plugged(*choice.plugin,
+                       [&](const PluginDescriptor& d) { return d.make_reader(choice.params, context); });
 }
 
 }  // namespace deepcam

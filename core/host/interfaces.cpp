@@ -11,6 +11,7 @@
 namespace deepcam {
 
 Error::~Error() = default;
+PluginBug::~PluginBug() = default;
 Group::~Group() = default;
 Reader::~Reader() = default;
 Model::~Model() = default;

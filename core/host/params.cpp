@@ -37,7 +37,8 @@ std::string Params::where(const std::string& key) const {
 const ParamValue& Params::at(const std::string& key) const {
   auto it = values_.find(key);
   if (it == values_.end()) {
-    throw Error(fmt::format("{}: the plugin asked for undeclared parameter '{}'", where_, key));
+    throw PluginBug(fmt::format("the plugin asked for parameter '{}', which its schema does not declare (table {})",
+                                key, where_));
   }
   return it->second;
 }
@@ -46,7 +47,9 @@ template <typename T>
 static const T& get(const ParamValue& v, const std::string& where, const std::string& key,
                     const char* type) {
   if (const T* p = std::get_if<T>(&v)) return *p;
-  throw Error(fmt::format("{}: parameter '{}' is not a {}", where, key, type));
+  throw PluginBug(fmt::format("the plugin asked for parameter '{}' as {}, which is not the type its schema "
+                              "declares (table {})",
+                              key, type, where));
 }
 
 std::int64_t Params::integer(const std::string& key) const {

@@ -184,9 +184,14 @@ LoadedPlugin PluginLoader::open(const std::string& path) {
   }
   auto entry = lib->get<const PluginDescriptor*()>(DEEPCAM_PLUGIN_ENTRY_NAME);
   const PluginDescriptor* d = entry();
-  if (!d || d->abi_version != kPluginAbi) {
+  if (!d) {
+    throw Error(fmt::format("{}: its entry point {} returned no descriptor (nullptr); a plugin defines it with "
+                            "DEEPCAM_<KIND>_PLUGIN(...)",
+                            path, DEEPCAM_PLUGIN_ENTRY_NAME));
+  }
+  if (d->abi_version != kPluginAbi) {
     throw Error(fmt::format("{}: descriptor reports plugin ABI {}, this host has plugin ABI {}", path,
-                            d ? d->abi_version : 0u, kPluginAbi));
+                            d->abi_version, kPluginAbi));
   }
   if (const std::string problem = descriptor_problem(*d); !problem.empty()) {
     throw Error(fmt::format("{}: {}; a plugin defines its descriptor with DEEPCAM_<KIND>_PLUGIN(...)", path,
@@ -330,6 +335,21 @@ std::vector<LoadedPlugin> PluginLoader::discover(std::vector<std::string>& probl
     }
   }
   return out;
+}
+
+void rethrow_factory_failure(const std::string& path) {
+  try {
+    throw;
+  } catch (const PluginBug& e) {
+    throw std::logic_error(fmt::format("{}: a bug in the plugin: {}", path, e.what()));
+  } catch (const Error&) {
+    throw;  // the plugin's own message about the run
+  } catch (const std::exception& e) {
+    throw std::logic_error(fmt::format("{}: the plugin's factory failed: {}", path, e.what()));
+  } catch (...) {
+    throw std::logic_error(
+        fmt::format("{}: the plugin's factory threw an exception that is not a std::exception", path));
+  }
 }
 
 }  // namespace deepcam

@@ -152,6 +152,13 @@ def test_plugin_compiled_with_another_cxx_abi_is_refused_with_both_abis(tmp_path
     assert "_GLIBCXX_USE_CXX11_ABI=1" in host_side
 
 
+def test_an_entry_point_that_returns_no_descriptor_is_named_so(tmp_path, data):
+    lib = FIXTURES / "libdeepcam_scheduler_nodescriptor.so"
+    msg = refused(tmp_path, data, lib, kind="scheduler")
+    assert f"{lib}: its entry point deepcam_plugin_v4 returned no descriptor (nullptr)" in msg
+    assert "ABI 0" not in msg
+
+
 # Fixtures with one mistake each in their own parameter schema, and what the loader says of it.
 SCHEMA_MISTAKES = [
     ("nodoc", "parameter 'nodoc': no doc"),
@@ -184,6 +191,34 @@ def test_a_plugin_with_a_mistake_in_its_schema_is_refused_by_a_run_and_skipped_b
     r = run_host("--list-plugins", env=plugin_env(f"{PLUGINS}:{folder}"))
     assert r.returncode == 0, r.stderr
     assert f"skipped {folder / lib.name}: the parameter schema" in r.stderr and "defaulttype" not in r.stdout
+
+
+def factory_run(tmp_path, data, fault):
+    """A run whose reader is the fixture whose factory fails as `fault` says."""
+    lib = FIXTURES / "libdeepcam_reader_faulty.so"
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out",
+                    reader={"name": "faulty", "library": str(lib), "fault": fault, "threads": None})
+    return lib, run_host(run)
+
+
+def test_a_factory_that_throws_is_an_internal_error_naming_the_plugin_file(tmp_path, data):
+    lib, r = factory_run(tmp_path, data, "throw")
+    assert r.returncode == 3, r.stderr
+    assert f"internal error: {lib}: the plugin's factory failed: deliberate failure of the fixture" in r.stderr
+
+
+def test_a_factory_asking_for_an_undeclared_key_is_a_bug_of_the_plugin_not_of_the_run_file(tmp_path, data):
+    lib, r = factory_run(tmp_path, data, "undeclared")
+    assert r.returncode == 3, r.stderr
+    assert f"internal error: {lib}: a bug in the plugin: the plugin asked for parameter 'undeclared', which " \
+           "its schema does not declare" in r.stderr
+
+
+def test_a_factorys_error_about_the_run_file_passes_as_it_is(tmp_path, data):
+    _, r = factory_run(tmp_path, data, "error")
+    assert r.returncode == 2, r.stderr
+    line = next(l for l in r.stderr.splitlines() if "deliberate" in l)
+    assert line.startswith(f"deepcam-host: {tmp_path / 'run.toml'}:") and "[reader] fault: deliberate error" in line
 
 
 def test_corrupt_and_missing_library(tmp_path, data):

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <stdexcept>
 #include <string>
 
 #include "deepcam/config.hpp"
@@ -178,4 +179,31 @@ TEST_CASE("the host's own sections pass the check the loader makes of a plugin's
     INFO(section);
     CHECK(schema_problem(host_schema(section)) == "");
   }
+}
+
+TEST_CASE("build_plugged names the plugin's library for its factory's faults, not for its errors") {
+  const PluginDescriptor descriptor{};
+  const LoadedPlugin described{"/plugins/libdeepcam_scheduler_x.so", &descriptor, nullptr};
+  // A factory that does `fault` (and returns nothing if it comes back).
+  const auto fails = [](auto fault) {
+    return [fault](const PluginDescriptor&) -> std::unique_ptr<Scheduler> {
+      fault();
+      return nullptr;
+    };
+  };
+  const Params params("run.toml [scheduler]", {});
+  CHECK_THROWS_WITH_AS(build_plugged(described, fails([&] { params.integer("steps"); })),
+                       "/plugins/libdeepcam_scheduler_x.so: a bug in the plugin: the plugin asked for parameter "
+                       "'steps', which its schema does not declare (table run.toml [scheduler])",
+                       std::logic_error);
+  CHECK_THROWS_WITH_AS(build_plugged(described, fails([] { throw std::runtime_error("no memory"); })),
+                       "/plugins/libdeepcam_scheduler_x.so: the plugin's factory failed: no memory", std::logic_error);
+  CHECK_THROWS_WITH_AS(build_plugged(described, fails([] { throw 42; })),
+                       "/plugins/libdeepcam_scheduler_x.so: the plugin's factory threw an exception that is not a "
+                       "std::exception",
+                       std::logic_error);
+  CHECK_THROWS_WITH_AS(build_plugged(described, fails([] { throw Error("run.toml:3 [scheduler] steps: too many"); })),
+                       "run.toml:3 [scheduler] steps: too many", Error);
+  CHECK_THROWS_WITH_AS(build_plugged(described, fails([] {})),
+                       "/plugins/libdeepcam_scheduler_x.so: the factory returned nothing", Error);
 }

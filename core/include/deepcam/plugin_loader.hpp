@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "deepcam/error.hpp"
 #include "deepcam/export.hpp"
 #include "deepcam/plugin.hpp"
 
@@ -35,6 +36,28 @@ struct Plugged {
   T* operator->() const { return object.get(); }
   T& operator*() const { return *object; }
 };
+
+// Called in a catch block around a plugin's factory: rethrows what it threw.
+// An Error (the plugin's message about the run) passes as it is; a
+// PluginBug, any other exception, or one that is not a std::exception is a
+// fault of the plugin's code, rethrown as a std::logic_error (the host's
+// "internal error") whose message starts with the plugin's library `path`.
+[[noreturn]] DEEPCAM_API void rethrow_factory_failure(const std::string& path);
+
+// Calls a plugin's factory, `make(descriptor)`, and holds what it made with
+// the plugin's library; what it throws goes through rethrow_factory_failure.
+template <typename Make>
+auto build_plugged(const LoadedPlugin& plugin, Make&& make) {
+  decltype(make(*plugin.descriptor)) object;
+  try {
+    object = make(*plugin.descriptor);
+  } catch (...) {
+    rethrow_factory_failure(plugin.path);
+  }
+  if (!object) throw Error(plugin.path + ": the factory returned nothing");
+  using T = typename decltype(object)::element_type;
+  return Plugged<T>{plugin.library, std::move(object)};
+}
 
 class DEEPCAM_API PluginLoader {
  public:
