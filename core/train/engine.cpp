@@ -234,12 +234,10 @@ struct Components {
   Plugged<Scheduler> scheduler;
 };
 
+// A plugin's factory call: what fails in the plugin's code names its file.
 template <typename F>
 auto make(const PluginChoice& choice, F&& factory) {
-  auto object = factory(*choice.plugin->descriptor);
-  if (!object) throw Error(fmt::format("{}: the factory returned nothing", choice.plugin->path));
-  using T = typename decltype(object)::element_type;
-  return Plugged<T>{choice.plugin->library, std::move(object)};
+  return build_plugged(*choice.plugin, std::forward<F>(factory));
 }
 
 struct Totals {

@@ -207,6 +207,15 @@ def test_a_factory_that_throws_is_an_internal_error_naming_the_plugin_file(tmp_p
     assert f"internal error: {lib}: the plugin's factory failed: deliberate failure of the fixture" in r.stderr
 
 
+def test_a_factory_that_throws_what_is_no_std_exception_is_an_internal_error_too(tmp_path, data):
+    # (It ended the host in std::terminate, status 134.)
+    lib, r = factory_run(tmp_path, data, "throw-int")
+    assert r.returncode == 3, r.stderr
+    assert (f"internal error: {lib}: the plugin's factory threw an exception that is not a std::exception"
+            in r.stderr), r.stderr
+    assert "terminate called" not in r.stderr
+
+
 def test_a_factory_asking_for_an_undeclared_key_is_a_bug_of_the_plugin_not_of_the_run_file(tmp_path, data):
     lib, r = factory_run(tmp_path, data, "undeclared")
     assert r.returncode == 3, r.stderr
