@@ -25,6 +25,7 @@
 #include <regex>
 #include <set>
 #include <sstream>
+#include <stdexcept>
 
 #include "amp.hpp"
 #include "closed_division.hpp"
@@ -867,6 +868,19 @@ class Engine {
   }
 
   // One batch: forward, loss, backward, and every k-th batch the gradient
+  // The schedule's rate for optimizer step `update`: a finite number >= 0,
+  // else the scheduler plugin is at fault (an internal error naming its file,
+  // not a run that trains backwards or ends as "diverged").
+  double scheduled_lr(std::int64_t update) {
+    const double lr = c_.scheduler->lr_at(update);
+    if (!(std::isfinite(lr) && lr >= 0.0)) {
+      throw std::logic_error(fmt::format("{}: a bug in the plugin: the scheduler gave the learning rate {} for "
+                                         "optimizer step {}",
+                                         cfg_.scheduler.plugin->path, lr, update));
+    }
+    return lr;
+  }
+
   // all-reduce, unscaling, the watch and the optimizer step with the
   // schedule's learning rate. `step` counts batches from 0. Reads nothing
   // back from the device but for a float16 skip decision.
@@ -876,7 +890,7 @@ class Engine {
     if (update) {
       // Written to the device here, outside any captured step, for the
       // optimizers that read it there.
-      current_lr = c_.scheduler->lr_at(step / k);
+      current_lr = scheduled_lr(step / k);
       c_.optimizer->set_lr(current_lr);
     }
 #if DEEPCAM_WITH_CUDA
@@ -993,7 +1007,7 @@ class Engine {
     c_.reader->start_epoch(Split::Train, epoch);
     Batch batch;
     at::Tensor logits, labels, loss;
-    double current_lr = c_.scheduler->lr_at(step / k);
+    double current_lr = scheduled_lr(step / k);
     const auto t0 = Clock::now();
     std::int64_t done = 0;
     while (done < batches && c_.reader->next(batch)) {

@@ -299,3 +299,16 @@ def test_plugin_found_through_the_search_path_only(tmp_path, data):
     run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
     r = run_host(run, env=env)
     assert r.returncode == 2 and "no reader plugin named 'hdf5'; found: none" in r.stderr
+
+
+@pytest.mark.parametrize("name,lr", [("negativelr", "-1"), ("nanlr", "nan")])
+def test_a_scheduler_giving_a_rate_no_schedule_gives_is_a_bug_of_the_plugin(tmp_path, data, name, lr):
+    # A negative rate was taken (the run trained backwards); NaN ended as "diverged", with a hint to lower
+    # [optimizer] lr or a warm-up key the scheduler may not have.
+    lib = FIXTURES / f"libdeepcam_scheduler_{name}.so"
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out",
+                    scheduler={"name": name, "library": str(lib), "milestones": None})
+    r = run_host(run)
+    assert r.returncode == 3, r.stderr
+    assert (f"internal error: {lib}: a bug in the plugin: the scheduler gave the learning rate {lr} for optimizer "
+            f"step 0") in r.stderr, r.stderr
