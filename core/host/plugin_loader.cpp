@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <boost/dll/shared_library.hpp>
 #include <cstdint>
+#include <stdexcept>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -337,17 +338,30 @@ std::vector<LoadedPlugin> PluginLoader::discover(std::vector<std::string>& probl
   return out;
 }
 
+namespace {
+
+// A factory's failure, already named with its plugin's file: a wrapping
+// plugin (prefetch) that called a nested factory passes it on as it is.
+class FactoryFailure final : public std::logic_error {
+ public:
+  using std::logic_error::logic_error;
+};
+
+}  // namespace
+
 void rethrow_factory_failure(const std::string& path) {
   try {
     throw;
+  } catch (const FactoryFailure&) {
+    throw;  // a nested plugin's, named with its own file
   } catch (const PluginBug& e) {
-    throw std::logic_error(fmt::format("{}: a bug in the plugin: {}", path, e.what()));
+    throw FactoryFailure(fmt::format("{}: a bug in the plugin: {}", path, e.what()));
   } catch (const Error&) {
     throw;  // the plugin's own message about the run
   } catch (const std::exception& e) {
-    throw std::logic_error(fmt::format("{}: the plugin's factory failed: {}", path, e.what()));
+    throw FactoryFailure(fmt::format("{}: the plugin's factory failed: {}", path, e.what()));
   } catch (...) {
-    throw std::logic_error(
+    throw FactoryFailure(
         fmt::format("{}: the plugin's factory threw an exception that is not a std::exception", path));
   }
 }

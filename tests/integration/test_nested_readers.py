@@ -14,7 +14,7 @@ import tomllib
 
 import pytest
 
-from helpers import HOST, REPO_ROOT, mlperf_check, plugin_env, run_host, synth, write_run
+from helpers import FIXTURES, HOST, REPO_ROOT, mlperf_check, plugin_env, run_host, synth, write_run
 
 PREFETCH = {"reader": {"name": "prefetch", "depth": 2, "threads": 2},
             "reader.source": {"name": "hdf5", "threads": 1}}
@@ -99,6 +99,17 @@ def test_nested_table_missing_misnamed_or_not_a_table(tmp_path, data):
     assert r.returncode == 2
     assert "[reader] source: expected a table [reader.source] naming a reader plugin" in r.stderr
     assert "got string" in r.stderr
+
+
+def test_a_nested_factory_that_throws_names_the_nested_plugins_file(tmp_path, data):
+    # (It was reported under prefetch's file, the reader that called the factory.)
+    lib = FIXTURES / "libdeepcam_reader_faulty.so"
+    run = prefetch_run(tmp_path, data, **{"reader.source": {"name": "faulty", "library": str(lib),
+                                                            "fault": "throw", "threads": None}})
+    r = run_host(run)
+    assert r.returncode == 3, r.stderr
+    assert f"internal error: {lib}: the plugin's factory failed: deliberate failure of the fixture" in r.stderr, \
+        r.stderr
 
 
 def test_prefetch_keys_are_checked_too(tmp_path, data):

@@ -8,6 +8,7 @@
 #include <memory>
 
 #include "deepcam/error.hpp"
+#include "deepcam/plugin_loader.hpp"
 #include "prefetch_reader.hpp"
 
 namespace {
@@ -32,7 +33,15 @@ std::unique_ptr<deepcam::Reader> make(const deepcam::Params& params, const deepc
   if (!source->descriptor || !source->descriptor->make_reader) {
     throw deepcam::Error(fmt::format("{} source: {} is not a reader plugin", params.where(), source->path));
   }
-  auto reader = source->descriptor->make_reader(source->params, context);
+  // What the nested factory throws names the nested plugin's file, as the
+  // host's own factory calls do (build_plugged).
+  std::unique_ptr<deepcam::Reader> reader;
+  try {
+    reader = source->descriptor->make_reader(source->params, context);
+  } catch (...) {
+    deepcam::rethrow_factory_failure(source->path);
+  }
+  if (!reader) throw deepcam::Error(source->path + ": the factory returned nothing");
   // `source` holds the source's library: released after the source reader.
   return std::make_unique<deepcam::readers::PrefetchReader>(
       context, deepcam::readers::PrefetchOptions::from(params), std::move(reader), source);
