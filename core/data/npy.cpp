@@ -21,7 +21,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -33,6 +32,7 @@
 #include <fmt/ranges.h>
 
 #include "deepcam/error.hpp"
+#include "temporary_files.hpp"
 
 namespace deepcam::npy {
 namespace {
@@ -677,7 +677,6 @@ std::string make_header(DType dtype, const std::vector<std::int64_t>& shape) {
 
 void write(const std::string& path, DType dtype, const std::vector<std::int64_t>& shape, const void* data) {
   namespace fs = std::filesystem;
-  static std::atomic<unsigned> serial{0};
   const std::string header = make_header(dtype, shape);
   Header h;
   h.dtype = dtype;
@@ -686,9 +685,7 @@ void write(const std::string& path, DType dtype, const std::vector<std::int64_t>
 
   const fs::path target(path);
   const fs::path dir = target.parent_path().empty() ? fs::path(".") : target.parent_path();
-  // Hidden and not ending in .npy, so a listing of samples never sees it.
-  const std::string temp =
-      (dir / fmt::format(".{}.tmp{}-{}", target.filename().string(), ::getpid(), serial++)).string();
+  const std::string temp = temporary_files::hidden_name(target).string();
   Fd fd(::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666));
   if (fd.get() < 0)
     throw Error(fmt::format("{}: cannot create {} in {}: {}", path, fs::path(temp).filename().string(),

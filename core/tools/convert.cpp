@@ -20,7 +20,8 @@
 #include "deepcam/data_set.hpp"
 #include "deepcam/error.hpp"
 #include "parallel.hpp"
-#include "temporaries.hpp"
+#include "stats.hpp"
+#include "temporary_files.hpp"
 
 namespace deepcam::data {
 namespace fs = std::filesystem;
@@ -165,7 +166,7 @@ bool same_values(const fs::path& path, const npy::Header& header, const void* ex
 void copy_atomically(const fs::path& from, const fs::path& to) {
   std::error_code ec;
   if (fs::exists(to, ec) && fs::equivalent(from, to, ec)) return;  // converting in place
-  const fs::path temp = to.parent_path() / fmt::format(".{}.tmp{}", to.filename().string(), ::getpid());
+  const fs::path temp = temporary_files::hidden_name(to);
   fs::copy_file(from, temp, fs::copy_options::overwrite_existing, ec);
   if (!ec) fs::rename(temp, to, ec);
   if (ec) {

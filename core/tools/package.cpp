@@ -25,6 +25,7 @@
 #include "deepcam/error.hpp"
 #include "deepcam/json.hpp"
 #include "deepcam_build_config.h"
+#include "temporary_files.hpp"
 
 namespace deepcam::data {
 namespace {
@@ -520,7 +521,7 @@ int run_package(const PackageOptions& o) {
   const fs::path out = fs::absolute(o.out).lexically_normal();
   const fs::path parent = out.parent_path();
   fs::create_directories(parent);
-  const fs::path temp = parent / fmt::format(".{}.tmp{}", out.filename().string(), ::getpid());
+  const fs::path temp = temporary_files::hidden_name(out);
   fs::remove_all(temp, ec);
   struct Cleanup {
     fs::path path;

@@ -14,7 +14,7 @@
 #include "deepcam/data_set.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/h5.hpp"
-#include "temporaries.hpp"
+#include "temporary_files.hpp"
 
 namespace deepcam::data {
 namespace fs = std::filesystem;
@@ -48,9 +48,7 @@ std::string channel_label(std::size_t c, std::size_t channels) {
 }  // namespace
 
 void write_atomically(const fs::path& target, const std::function<void(h5::File&)>& fill) {
-  const fs::path dir = target.parent_path().empty() ? fs::path(".") : target.parent_path();
-  // Hidden and not ending in .h5, so a directory listing of samples skips it.
-  const fs::path temp = dir / fmt::format(".{}.tmp{}", target.filename().string(), ::getpid());
+  const fs::path temp = temporary_files::hidden_name(target);
   try {
     h5::File file = h5::File::create(temp.string());
     fill(file);
@@ -63,6 +61,17 @@ void write_atomically(const fs::path& target, const std::function<void(h5::File&
     std::error_code ignored;
     fs::remove(temp, ignored);
     throw;
+  }
+}
+
+void remove_stale_temporaries(const fs::path& dir) {
+  for (const temporary_files::Stale& left : temporary_files::stale(dir)) {
+    std::error_code rm;
+    fs::remove(left.path, rm);
+    if (!rm) {
+      fmt::print(stderr, "deepcam-data: removed {}, left by an interrupted earlier run (process {} is gone)\n",
+                 left.path.string(), left.writer);
+    }
   }
 }
 

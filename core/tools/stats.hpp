@@ -36,6 +36,13 @@ struct ChannelStats {
 void write_atomically(const std::filesystem::path& target,
                       const std::function<void(h5::File&)>& fill);
 
+// Removes from `dir` (not below it) the temporaries that writers killed
+// mid-write left (temporary_files.hpp) and whose process is gone, saying so
+// on stderr for each: each can be as large as a sample. Only for a writer
+// that runs alone; a run of many ranks leaves them to `deepcam-data verify`,
+// which lists them.
+void remove_stale_temporaries(const std::filesystem::path& dir);
+
 // The training files of a data set root: DIR/train/*.h5, sorted by name.
 std::vector<std::filesystem::path> training_files(const std::filesystem::path& root);
 

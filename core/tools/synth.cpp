@@ -16,7 +16,6 @@
 #include "deepcam/error.hpp"
 #include "deepcam/h5.hpp"
 #include "stats.hpp"
-#include "temporaries.hpp"
 
 namespace deepcam::data {
 namespace fs = std::filesystem;

@@ -21,6 +21,7 @@
 #include "deepcam/h5.hpp"
 #include "deepcam/npy.hpp"
 #include "parallel.hpp"
+#include "temporary_files.hpp"
 
 namespace deepcam::data {
 namespace fs = std::filesystem;
@@ -242,12 +243,11 @@ void run_verify(const VerifyOptions& o) {
       listed.push_back(empty_split_problem(dir.string(), split, "samples (*.h5, or data-*.npy with "
                                                                  "label-*.npy)"));
     layout.insert(layout.end(), listed.begin(), listed.end());
-    // Hidden temporaries of write_atomically and npy::write outlive only a
-    // writer killed mid-file; they waste space and nothing else removes them
-    // (convert cannot: another rank may be writing it right now).
+    // Temporaries outlive only a writer killed mid-file; they waste space
+    // and nothing else removes them (convert cannot: another rank may be
+    // writing it right now).
     for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
-      const std::string name = it->path().filename().string();
-      if (name[0] == '.' && name.find(".tmp") != std::string::npos) leftovers.push_back(it->path());
+      if (temporary_files::writer(it->path().filename().string())) leftovers.push_back(it->path());
     }
     std::vector<std::string> parts;
     if (!h5_files.empty()) parts.push_back(fmt::format("{} h5 samples", h5_files.size()));

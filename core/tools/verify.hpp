@@ -17,8 +17,8 @@
 //   combination is taken as right, the others are reported);
 // - ROOT/stats.h5 exists and holds count and, per channel, mean, sqmean,
 //   minval and maxval for the samples' channel count;
-// - no temporary file of an interrupted write (.NAME.tmp*, left when a
-//   writer was killed) lies in a split folder.
+// - no temporary file of an interrupted write (core/data/temporary_files.hpp,
+//   left when a writer was killed) lies in a split folder.
 // One line per problem (naming the file), then a summary; an exception
 // (non-zero exit) when anything is wrong. Files are checked in parallel.
 #pragma once

@@ -39,6 +39,7 @@
 #include "deepcam/npy.hpp"
 #include "picture.hpp"
 #include "ranks.hpp"
+#include "temporary_files.hpp"
 
 #if DEEPCAM_WITH_CUDA
 #include <ATen/autocast_mode.h>
@@ -1398,25 +1399,12 @@ void remove_earlier_file(const RunConfig& cfg, const fs::path& path) {
                path.string().c_str(), is_checkpoint_name(path.filename().string()) ? "a checkpoint" : "the record");
 }
 
-bool process_alive(long pid) { return ::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM; }
-
-// What a run killed while writing leaves: "<name>.tmp-<pid>" (a checkpoint,
-// a --predict picture), "<name>.partial-<pid>" (the run's record before
-// run_start) or ".<name>.tmp<pid>-<n>" (a --predict .npy file, npy::write's
-// name). Those of processes that are gone are removed; a live one may still
-// be writing.
+// What a run killed while writing leaves (temporary_files.hpp: a checkpoint,
+// a --predict picture or .npy file, the run's record before run_start) is
+// removed when its writer is gone; a live one may still be writing.
 void remove_stale_temporaries(const fs::path& dir) {
-  static const std::regex temporary(R"(.+\.(?:tmp|partial)-([0-9]{1,9})|\..+\.tmp([0-9]{1,9})-[0-9]+)");
-  std::error_code ec;
-  std::vector<fs::path> stale;
-  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
-    const std::string name = it->path().filename().string();
-    std::smatch m;
-    if (!std::regex_match(name, m, temporary)) continue;
-    const long pid = std::stol(m[1].matched ? m[1].str() : m[2].str());
-    if (pid != ::getpid() && !process_alive(pid)) stale.push_back(it->path());
-  }
-  for (const fs::path& p : stale) {
+  for (const temporary_files::Stale& left : temporary_files::stale(dir)) {
+    const fs::path& p = left.path;
     std::error_code rm;
     fs::remove(p, rm);
     if (rm) throw Error(fmt::format("{}: left by a run that is gone, and cannot be removed: {}", p.string(), rm.message()));

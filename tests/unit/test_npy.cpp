@@ -5,7 +5,8 @@
 // read them as numpy.load does; then it checks that make_header is byte for
 // byte numpy's header and that numpy.load reads what write() writes. The
 // error cases (bad magic, truncation, unsupported dtypes, a full disk) are
-// checked for a message naming the file and for nothing left behind.
+// checked for a message naming the file and for nothing left behind, and the
+// names of temporaries (temporary_files.hpp) are told from other files.
 //
 // Python is $DEEPCAM_PYTHON, else the project's .venv, else python3 on PATH;
 // it must have numpy (scripts/setup.sh installs it). Without it the test
@@ -15,6 +16,7 @@
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -31,8 +33,11 @@
 #include <string>
 #include <vector>
 
+#include <fmt/format.h>
+
 #include "deepcam/error.hpp"
 #include "deepcam/npy.hpp"
+#include "temporary_files.hpp"
 #include "test_support.hpp"
 
 namespace fs = std::filesystem;
@@ -425,4 +430,46 @@ TEST_CASE("write: a failed write leaves neither the file nor a temporary") {
   const npy::Header h = npy::read_header(target.string());
   CHECK(fs::file_size(target) == h.data_offset + 400000);
   CHECK(hidden(dir.path).empty());
+}
+
+TEST_CASE("temporary names: each writer's form is known with its pid, other names are not") {
+  namespace tf = deepcam::temporary_files;
+  CHECK(tf::writer("checkpoint-epoch3.pt.tmp-4242") == 4242L);
+  CHECK(tf::writer("mlperf.log.partial-17") == 17L);
+  CHECK(tf::writer(".data-x.npy.tmp99-3") == 99L);
+  CHECK(tf::writer(".stats.h5.tmp123") == 123L);  // the form of earlier versions
+  for (const char* other : {"data-x.npy", "stats.h5", ".hidden", "x.tmp-", "x.tmp-12a", ".x.tmp", ".x.tmpfoo",
+                            "x.tmp12", ".x.tmp1-", "x.partial", "checkpoint.pt.tmp-1234567890"}) {
+    CHECK_MESSAGE(!tf::writer(other), other);
+  }
+
+  // hidden_name: beside the target, hidden, not a sample's name, new at each call, and this process's.
+  TempDir dir;
+  const fs::path target = dir.path / "data-x.npy";
+  const fs::path a = tf::hidden_name(target), b = tf::hidden_name(target);
+  CHECK(a != b);
+  CHECK(a.parent_path() == dir.path);
+  CHECK(a.filename().string().rfind(".data-x.npy.tmp", 0) == 0);
+  CHECK(a.extension() != ".npy");
+  CHECK(tf::writer(a.filename().string()) == long(::getpid()));
+  CHECK(tf::hidden_name("stats.h5").parent_path() == ".");
+
+  // stale: only those whose process is gone, never this process's, nothing below the folder.
+  pid_t gone = ::fork();
+  if (gone == 0) ::_exit(0);
+  REQUIRE(gone > 0);
+  ::waitpid(gone, nullptr, 0);
+  const fs::path dead = dir.path / fmt::format(".data-y.npy.tmp{}-0", gone);
+  const fs::path mine = dir.path / fmt::format("checkpoint.pt.tmp-{}", ::getpid());
+  fs::create_directory(dir.path / "sub");
+  fs::create_directory(dir.path / fmt::format(".pkg.tmp{}-0", gone));  // a package's folder stays
+  for (const fs::path& p : {dead, mine, dir.path / "sub" / dead.filename(), dir.path / "data-z.npy"}) {
+    std::ofstream(p) << "x";
+  }
+  const std::vector<tf::Stale> found = tf::stale(dir.path);
+  REQUIRE(found.size() == 1);
+  CHECK(found[0].path == dead);
+  CHECK(found[0].writer == long(gone));
+  CHECK(tf::alive(::getpid()));
+  CHECK(!tf::alive(gone));
 }
