@@ -967,13 +967,7 @@ TEST_CASE("checksum: every byte counts, and chunked equals whole") {
 
 TEST_CASE("over the HDF5 reader: the same batches as the HDF5 reader's own, and its validation split") {
   TempDir dir;
-  const std::string cmd = (test_support::build_dir() / "core/deepcam-data").string() + " synth --out " +
-                          dir.path.string() +
-                          "/data --train 7 --validation 3 --height 16 --width 24 --seed 4 > /dev/null 2>&1";
-  REQUIRE(std::system(cmd.c_str()) == 0);
-  ReaderContext ctx = context(2, 2);
-  ctx.data_root = (dir.path / "data").string();
-  ctx.channels = {3, 0, 15};
+  const ReaderContext ctx = synth_context(dir.path, {3, 0, 15});
   deepcam::readers::Hdf5ReaderOptions ho;
   ho.threads = 1;
   deepcam::readers::Hdf5Reader own(ctx, ho);
