@@ -69,7 +69,7 @@ static void dump_string(const std::string& s, std::string& out) {
       case '\f': out += "\\f"; ++i; continue;
       default: break;
     }
-    if (c < 0x20) {
+    if (c < 0x20 || c == 0x7f) {  // json.dumps writes only ' ' .. '~' as they are
       std::snprintf(buf, sizeof buf, "\\u%04x", c);
       out += buf;
       ++i;

@@ -2,6 +2,7 @@
 against the official checker, checkpoints against PyTorch's torch.load and
 torch.save, --evaluate, resume, and refused bad data."""
 
+import json
 import re
 import shutil
 from collections import OrderedDict
@@ -24,11 +25,17 @@ def data(tmp_path_factory):
     return synth(tmp_path_factory.mktemp("train") / "data", train=8, validation=4)
 
 
+# A submission_org that json.dumps escapes in every way it can: quote, backslash, control
+# characters, DEL, Latin-1 and a character beyond the BMP (a surrogate pair).
+ODD_ORG = "tests \"q\" \\ \t\x01\x7f \u00e9 \U0001F600"
+
+
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory, data):
     """Two epochs of a tiny model; the target is unreachable, so it runs both."""
     tmp = tmp_path_factory.mktemp("short")
-    run = write_run(tmp / "run.toml", data, tmp / "out", run={"max_epochs": 2, "checkpoint_every": 1})
+    run = write_run(tmp / "run.toml", data, tmp / "out", run={"max_epochs": 2, "checkpoint_every": 1},
+                    mlperf={"org": ODD_ORG})
     r = run_host(run)
     assert r.returncode == 1, r.stderr  # the run ended without reaching the target
     return tmp / "out", r
@@ -60,6 +67,22 @@ def test_log_has_every_key_in_spec_order(short_run):
     assert steps == [2, 4, 4, 6, 8, 8]
     evals = [l for l in lines if l["key"] == "eval_accuracy"]
     assert len(evals) == 2 and all(0.0 <= e["value"] <= 1.0 for e in evals)
+    # Each epoch: its three logging points (learning_rate, train_accuracy, train_loss each), then
+    # its validation (SPEC 8.2).
+    for epoch in (1, 2):
+        block = [l["key"] for l in lines if l["metadata"].get("epoch_num") == epoch and l["key"] != "run_stop"]
+        assert block == (["epoch_start"] + ["learning_rate", "train_accuracy", "train_loss"] * 3
+                         + ["eval_start", "eval_accuracy", "eval_loss", "eval_stop", "epoch_stop"]), block
+
+
+def test_every_log_line_is_what_json_dumps_writes(short_run):
+    # SPEC 8.3: numbers in their shortest round-trip form, strings escaped as json.dumps escapes them.
+    out, _ = short_run
+    raw = (out / "mlperf.log").read_text().splitlines()
+    for line in raw:
+        assert line == ":::MLLOG " + json.dumps(json.loads(line[len(":::MLLOG "):])), line
+    org = [e for e in read_events(out / "mlperf.log") if e["key"] == "submission_org"]
+    assert [e["value"] for e in org] == [ODD_ORG]
 
 
 def test_run_writes_resolved_config_and_progress(short_run):
@@ -173,7 +196,10 @@ def test_quickstart_reaches_the_target_and_passes_the_checker(tmp_path):
         logs[division] = out / "mlperf.log"
     lines = read_events(logs["open"])
     assert lines[-1]["key"] == "run_stop" and lines[-1]["metadata"]["status"] == "success"
-    assert any(l["key"] == "target_accuracy_reached" for l in lines)
+    # The target is reached at the end of the epoch whose validation reached it (SPEC 8.2).
+    assert [l["key"] for l in lines[-5:]] == ["eval_loss", "eval_stop", "epoch_stop", "target_accuracy_reached",
+                                              "run_stop"]
+    assert lines[-2]["metadata"]["epoch_num"] == lines[-3]["metadata"]["epoch_num"]
     status, output = mlperf_check(logs["open"])
     assert status == 0 and "SUCCESS" in output, output
     status, output = mlperf_check(logs["closed"])

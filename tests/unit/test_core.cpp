@@ -46,6 +46,7 @@ TEST_CASE("JSON values are written as json.dumps writes them") {
   CHECK(Json(42).dump() == "42");
   CHECK(Json("a\"b\\c\n\x01").dump() == "\"a\\\"b\\\\c\\n\\u0001\"");
   CHECK(Json("\xc3\xa9").dump() == "\"\\u00e9\"");
+  CHECK(Json("a\x7f").dump() == "\"a\\u007f\"");  // DEL too: json.dumps writes only ' ' .. '~' as they are
   CHECK(Json::list({Json(0.9), Json(0.999)}).dump() == "[0.9, 0.999]");
   CHECK(Json::object({{"a", Json(1)}, {"b", Json()}}).dump() == "{\"a\": 1, \"b\": null}");
 }
