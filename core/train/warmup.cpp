@@ -23,9 +23,9 @@ Warmup read_warmup(const Params& params) {
 
 double warmup_lr(double base_lr, const Warmup& warmup, std::int64_t step) {
   const double s = static_cast<double>(step);
-  const double w = static_cast<double>(warmup.steps);
-  if (warmup.factor == 1.0) return base_lr * (s / w);
-  return base_lr * ((warmup.factor - 1.0) * s / w + 1.0);
+  const double slope = 1.0 / static_cast<double>(warmup.steps);
+  if (warmup.factor == 1.0) return base_lr * (s * slope);
+  return base_lr * ((warmup.factor - 1.0) * s * slope + 1.0);
 }
 
 void log_warmup(MlperfLog& log, const Warmup& warmup) {

@@ -18,6 +18,7 @@
 #include "deepcam/json.hpp"
 #include "deepcam/loss.hpp"
 #include "deepcam/mlperf_log.hpp"
+#include "deepcam/warmup.hpp"
 #include "mini_json.hpp"
 #include "test_paths.hpp"
 
@@ -49,6 +50,17 @@ TEST_CASE("JSON values are written as json.dumps writes them") {
   CHECK(Json("a\x7f").dump() == "\"a\\u007f\"");  // DEL too: json.dumps writes only ' ' .. '~' as they are
   CHECK(Json::list({Json(0.9), Json(0.999)}).dump() == "[0.9, 0.999]");
   CHECK(Json::object({{"a", Json(1)}, {"b", Json()}}).dump() == "{\"a\": 1, \"b\": null}");
+}
+
+TEST_CASE("the warmup's learning rates are the reference's to the bit") {
+  // The reference multiplies the step by the slope 1 / W; dividing by W differs in the last place
+  // for some steps (these values are Python's for L * (s * (1 / W)) with L = 0.001, W = 10).
+  const deepcam::Warmup warmup{10, 1.0};
+  CHECK(deepcam::warmup_lr(0.001, warmup, 3) == 0.00030000000000000003);
+  CHECK(deepcam::warmup_lr(0.001, warmup, 6) == 0.0006000000000000001);
+  CHECK(deepcam::warmup_lr(0.001, warmup, 7) == 0.0007000000000000001);
+  // With a factor: L * ((F - 1) * s * (1 / W) + 1), L = 0.004, F = 3.
+  CHECK(deepcam::warmup_lr(0.004, deepcam::Warmup{10, 3.0}, 7) == 0.009600000000000001);
 }
 
 TEST_CASE("an MLPerf line holds the keys in order with the call site") {

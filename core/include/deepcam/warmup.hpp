@@ -22,8 +22,9 @@ struct Warmup {
 DEEPCAM_API Warmup read_warmup(const Params& params);
 
 // The LR of optimizer step `step` < W from the start LR L: L * s / W when
-// F = 1 (the first step uses LR 0), else L * ((F - 1) s / W + 1); operand
-// order as the reference's, so that the values are its values to the bit.
+// F = 1 (the first step uses LR 0), else L * ((F - 1) s / W + 1), computed
+// as the reference computes it (s times the slope 1 / W, in its operand
+// order), so that the values are its values to the bit.
 // A schedule goes on from warmup_lr(L, w, W - 1), never reaching L * F.
 DEEPCAM_API double warmup_lr(double base_lr, const Warmup& warmup, std::int64_t step);
 
