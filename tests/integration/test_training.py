@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO_ROOT, mlperf_check, read_events, run_host, synth, write_run
+from helpers import REPO_ROOT, SGD, mlperf_check, read_events, run_host, synth, write_run
 
 SPEC_ORDER = ["submission_benchmark", "submission_org", "submission_division", "submission_status",
               "submission_platform", "init_start", "cache_clear", "seed", "number_of_ranks",
@@ -182,6 +182,38 @@ def test_resume_continues_at_the_next_epoch(tmp_path, short_run, data):
     resumed = [l["value"] for l in lines if l["key"] == "eval_loss"]
     original = [l["value"] for l in read_events(out / "mlperf.log") if l["key"] == "eval_loss"]
     assert resumed[0] == pytest.approx(original[1], rel=1e-4)
+
+
+def test_gradient_accumulation_divides_each_loss_by_k(tmp_path):
+    """SPEC 4.1 and 7: over k batches each loss is divided by k. Over two equal batches, k = 2 then
+    steps as k = 1 over one of them (with plain SGD, a gradient twice as large would step twice as
+    far), and logs half its loss; global_batch_size is not multiplied by k."""
+    synth(tmp_path / "one", train=1, validation=2)
+    sample = next((tmp_path / "one" / "train").glob("*.h5"))
+    runs = {}
+    for k in (1, 2):
+        root = tmp_path / f"data-{k}"
+        shutil.copytree(tmp_path / "one", root, ignore=shutil.ignore_patterns("train"))
+        (root / "train").mkdir()
+        for n in range(2 * k):  # 2 k copies of one sample: every batch of 2 is the same
+            shutil.copy(sample, root / "train" / f"data-2106-01-01-0{n}-1.h5")
+        out = tmp_path / f"k{k}"
+        r = run_host(write_run(tmp_path / f"k{k}.toml", root, out, optimizer=SGD, run={
+            "gradient_accumulation_frequency": k, "logging_frequency": 1, "checkpoint_every": 1}))
+        assert r.returncode in (0, 1), r.stderr
+        runs[k] = (read_events(out / "mlperf.log"), torch.load(out / "checkpoint-epoch1.pt", weights_only=True))
+    (log1, ckpt1), (log2, ckpt2) = runs[1], runs[2]
+    assert (ckpt1["step"], ckpt2["step"]) == (1, 2)
+    compared = 0
+    for name, value in ckpt1["model"].items():
+        if name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            continue  # BatchNorm's statistics are updated by each batch
+        assert torch.equal(value, ckpt2["model"][name]), name
+        compared += 1
+    assert compared > 100
+    first_loss = [next(e["value"] for e in log if e["key"] == "train_loss") for log in (log1, log2)]
+    assert first_loss[1] == first_loss[0] / 2
+    assert [next(e["value"] for e in log if e["key"] == "global_batch_size") for log in (log1, log2)] == [2, 2]
 
 
 def test_quickstart_reaches_the_target_and_passes_the_checker(tmp_path):
