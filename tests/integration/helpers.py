@@ -87,6 +87,16 @@ def mlperf_check(log):
     return r.returncode, r.stdout + r.stderr
 
 
+def numpy_scale(stats):
+    """SPEC 1.4 as the reference computes it from a stats.h5: the shift (float32 minval) and
+    scale (1 / (max - min) in the stored dtype, then float32) of each channel."""
+    import h5py
+    import numpy as np
+    with h5py.File(stats, "r") as f:
+        lo, hi = f["climate/minval"][...], f["climate/maxval"][...]
+    return lo.astype(np.float32), (1.0 / (hi - lo)).astype(np.float32)
+
+
 def read_events(log):
     """The MLPerf log's events, each line's JSON object; every line must be one."""
     import json

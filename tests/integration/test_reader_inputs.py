@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import BUILD_DIR, DATA_TOOL, plugin_env, synth, write_run
+from helpers import BUILD_DIR, DATA_TOOL, numpy_scale, plugin_env, synth, write_run
 
 PROBE = BUILD_DIR / "tests" / "reader_probe"
 CHANNELS = 16
@@ -41,13 +41,6 @@ def write_stats(root, dtype, minval, maxval):
     with h5py.File(root / "stats.h5", "w") as f:
         f["climate/minval"] = np.asarray(minval, dtype=dtype)
         f["climate/maxval"] = np.asarray(maxval, dtype=dtype)
-
-
-def numpy_scale(stats):
-    """SPEC 1.4 as the reference computes it: 1 / (max - min) in the stored dtype, then float32."""
-    with h5py.File(stats, "r") as f:
-        lo, hi = f["climate/minval"][...], f["climate/maxval"][...]
-    return lo.astype(np.float32), (1.0 / (hi - lo)).astype(np.float32)
 
 
 def expected_batch(files, stats, channels, fmt):
