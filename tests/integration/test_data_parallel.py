@@ -41,6 +41,14 @@ def test_probe(mode):
         assert "all checks hold" in out, out
 
 
+def test_synced_batchnorm_over_four_ranks_in_pairs_groups_consecutive_ranks():
+    # batchnorm_group_size = 2 of 4 ranks: ranks 0 and 1 are one group, 2 and 3 the other (SPEC 7).
+    results = run_ranks([PROBE, "syncbn-pairs"], 4)
+    for rank, (status, out) in enumerate(results):
+        assert status == 0, f"rank {rank}:\n{out}"
+        assert "syncbn-pairs: all checks hold" in out, out
+
+
 def test_probe_of_one_rank_still_goes_through_a_process_group():
     # What lets a machine with one GPU check NCCL below: the probe's collectives at world size 1 are
     # not the local shortcut a run of one rank takes.

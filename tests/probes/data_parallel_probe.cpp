@@ -12,6 +12,9 @@
 //   data_parallel_probe syncbn-half
 //       The same on float16 inputs of more elements per channel over the
 //       group than float16 holds (65504), as under autocast at full size.
+//   data_parallel_probe syncbn-pairs
+//       The same over groups of 2 consecutive ranks (4 ranks: {0, 1} and
+//       {2, 3}), batchnorm_group_size = 2, against each group's inputs.
 //   data_parallel_probe gradients K
 //       GradientAllReduce over 3 steps of the deeplabv3plus plugin (BatchNorm
 //       per rank), K batches accumulated per step: each step's all-reduced
@@ -84,10 +87,15 @@ at::Tensor seeded_randn(std::uint64_t seed, at::IntArrayRef shape) {
   return at::randn(shape, gen).to(device);
 }
 
-// The reference, at::batch_norm over every rank's input, runs in float32
-// on the float32 values of the inputs; `tolerance` allows for `dtype`.
-int syncbn(deepcam::Communicator& comm, at::ScalarType dtype, std::vector<std::int64_t> shape, double tolerance) {
+// The reference, at::batch_norm over the input of every rank of the group,
+// runs in float32 on the float32 values of the inputs; `tolerance` allows
+// for `dtype`. `group_size` 0: all ranks; else groups of that many
+// consecutive ranks (SPEC 7), the group of rank r starting at r - r % size.
+int syncbn(deepcam::Communicator& comm, at::ScalarType dtype, std::vector<std::int64_t> shape, double tolerance,
+           int group_size = 0) {
   const int P = comm.size(), rank = comm.rank();
+  const int G = group_size > 0 ? group_size : P, first = rank - rank % G;
+  deepcam::Group& group = group_size > 0 ? comm.consecutive(group_size) : comm.world();
   const std::int64_t C = shape[1], N = shape[0];
   const at::Tensor weight = seeded_randn(7, {C}).requires_grad_();
   const at::Tensor bias = seeded_randn(8, {C}).requires_grad_();
@@ -99,7 +107,7 @@ int syncbn(deepcam::Communicator& comm, at::ScalarType dtype, std::vector<std::i
   at::Tensor x = input_of(rank).to(dtype).requires_grad_();
   const auto on_device = at::TensorOptions(device);
   at::Tensor running_mean = at::zeros({C}, on_device), running_var = at::ones({C}, on_device);
-  const at::Tensor y = deepcam::sync_batch_norm(x, weight, bias, running_mean, running_var, 0.1, 1e-5, comm.world());
+  const at::Tensor y = deepcam::sync_batch_norm(x, weight, bias, running_mean, running_var, 0.1, 1e-5, group);
   if (y.scalar_type() != dtype) {
     std::printf("rank %d: the output is %s, the input %s\n", rank, c10::toString(y.scalar_type()),
                 c10::toString(dtype));
@@ -107,11 +115,11 @@ int syncbn(deepcam::Communicator& comm, at::ScalarType dtype, std::vector<std::i
   }
   (y * grad_of(rank).to(dtype)).sum().backward();
   at::Tensor summed_dw = weight.grad().clone(), summed_db = bias.grad().clone();
-  comm.world().all_reduce_sum(summed_dw);
-  comm.world().all_reduce_sum(summed_db);
+  group.all_reduce_sum(summed_dw);
+  group.all_reduce_sum(summed_db);
 
   std::vector<at::Tensor> xs, gs;
-  for (int r = 0; r < P; ++r) {
+  for (int r = first; r < first + G; ++r) {
     xs.push_back(input_of(r));
     gs.push_back(grad_of(r));
   }
@@ -120,10 +128,10 @@ int syncbn(deepcam::Communicator& comm, at::ScalarType dtype, std::vector<std::i
   at::Tensor rm_ref = at::zeros({C}, on_device), rv_ref = at::ones({C}, on_device);
   const at::Tensor y_all = at::batch_norm(x_all, w_ref, b_ref, rm_ref, rv_ref, /*training=*/true, 0.1, 1e-5, false);
   (y_all * at::cat(gs)).sum().backward();
-  expect_close("output", y, y_all.narrow(0, N * rank, N), rank, tolerance);
-  expect_close("input gradient", x.grad(), x_all.grad().narrow(0, N * rank, N), rank, tolerance);
-  expect_close("weight gradient summed over ranks", summed_dw, w_ref.grad(), rank, tolerance);
-  expect_close("bias gradient summed over ranks", summed_db, b_ref.grad(), rank, tolerance);
+  expect_close("output", y, y_all.narrow(0, N * (rank - first), N), rank, tolerance);
+  expect_close("input gradient", x.grad(), x_all.grad().narrow(0, N * (rank - first), N), rank, tolerance);
+  expect_close("weight gradient summed over the group", summed_dw, w_ref.grad(), rank, tolerance);
+  expect_close("bias gradient summed over the group", summed_db, b_ref.grad(), rank, tolerance);
   expect_close("running mean", running_mean, rm_ref, rank, tolerance);
   expect_close("running variance", running_var, rv_ref, rank, tolerance);
   return 0;
@@ -373,13 +381,14 @@ int main(int argc, char** argv) {
     int status = 2;
     if (mode == "syncbn") status = syncbn(comm, at::kFloat, {3, 4, 5, 6}, kTolerance);
     else if (mode == "syncbn-half") status = syncbn(comm, at::kHalf, {1, 2, 256, 260}, 1e-2);
+    else if (mode == "syncbn-pairs") status = syncbn(comm, at::kFloat, {3, 4, 5, 6}, kTolerance, 2);
     else if (mode == "gradients" && argc > 2) status = gradients(comm, std::atoi(argv[2]));
     else if (mode == "synced-gradients" && argc > 2) status = synced_gradients(comm, std::atoi(argv[2]));
     else if (mode == "bnstats") status = bnstats(comm);
 #if DEEPCAM_WITH_CUDA
     else if (mode == "graphed-gradients") status = graphed_gradients(comm);
 #endif
-    else std::fprintf(stderr, "usage: data_parallel_probe [--device cuda] syncbn | syncbn-half | gradients K | "
+    else std::fprintf(stderr, "usage: data_parallel_probe [--device cuda] syncbn | syncbn-half | syncbn-pairs | gradients K | "
                               "synced-gradients K | bnstats | graphed-gradients (CUDA)\n");
     comm.finish();
     if (status == 0 && failures == 0) std::printf("rank %d: %s: all checks hold\n", comm.rank(), mode.c_str());
