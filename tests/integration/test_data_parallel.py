@@ -29,10 +29,12 @@ def run_ranks(argv, world, timeout=300):
     return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
 
 
-@pytest.mark.parametrize("mode", [["syncbn"], ["syncbn-half"], ["gradients", "1"], ["gradients", "2"], ["bnstats"]],
+@pytest.mark.parametrize("mode", [["syncbn"], ["syncbn-half"], ["gradients", "1"], ["gradients", "2"],
+                                  ["synced-gradients", "1"], ["synced-gradients", "2"], ["bnstats"]],
                          ids=["syncbn-2-ranks-equal-1-rank", "syncbn-float16-over-65504-per-channel",
-                              "allreduced-gradient-is-mean-k1",
-                              "allreduced-gradient-is-mean-k2", "bn-statistics-averaged"])
+                              "allreduced-gradient-is-mean-k1", "allreduced-gradient-is-mean-k2",
+                              "allreduced-gradient-with-syncbn-k1", "allreduced-gradient-with-syncbn-k2",
+                              "bn-statistics-averaged"])
 def test_probe(mode):
     results = run_ranks([PROBE, *mode], 2)
     for rank, (status, out) in enumerate(results):
