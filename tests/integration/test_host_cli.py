@@ -32,6 +32,9 @@ def test_describe_prints_each_parameter_with_type_default_and_doc():
     for key in ("lr", "betas", "weight_decay"):
         assert any(l.split()[:1] == [key] for l in r.stdout.splitlines()), r.stdout
     assert "float list" in r.stdout and "default" in r.stdout
+    lines = r.stdout.splitlines()
+    at = next(i for i, l in enumerate(lines) if l.split()[:1] == ["lr"])
+    assert lines[at + 1].strip() == "learning rate", r.stdout  # its doc, on the line below
     r = run_host("--describe", "run")
     assert "target_iou" in r.stdout and "0.82" in r.stdout
 

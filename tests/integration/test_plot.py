@@ -145,3 +145,11 @@ def test_unreadable_log_is_named(two_runs, tmp_path):
     log.write_text((two_runs[0] / "mlperf.log").read_text())
     log.chmod(0)
     refused(plot(log, "--out", tmp_path / "x.png"), log)
+
+
+def test_a_log_that_cannot_be_read_is_named_under_root(tmp_path):
+    # Root ignores file modes; a folder in the log's place is unreadable for anyone.
+    run = tmp_path / "run"
+    (run / "mlperf.log").mkdir(parents=True)
+    refused(plot(run / "mlperf.log", "--out", tmp_path / "x.png"), run / "mlperf.log")
+    assert not (tmp_path / "x.png").exists()

@@ -72,7 +72,9 @@ TEST_CASE("validation covers every file exactly once over all ranks, in blocks, 
   }
 }
 
-TEST_CASE("global mode is the reference's sampler order, in equal disjoint shares") {
+// The order itself is pinned against torch.randperm and the reference's pre-shuffle in
+// test_hdf5_reader.cpp; here: global mode is that order, in equal disjoint shares.
+TEST_CASE("global mode is training_indices' order, in equal disjoint shares") {
   for (std::int64_t n : {1, 2, 5, 16, 17, 63, 100}) {
     for (int p = 1; p <= 8 && p <= n; ++p) {
       for (std::int64_t epoch : {0, 1, 5}) {
