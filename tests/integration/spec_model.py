@@ -4,8 +4,13 @@ function of a state dict under the reference's names
 deepcam-host's model, for the tests to hold that model against. Inference
 only: BatchNorm uses its running statistics. Channel counts come from the
 tensors' shapes and the middle blocks from the names, so it serves the small
-models of the tests (`width`, `middle_blocks`) as it serves the full one;
-output stride 16 only."""
+models of the tests (`width`, `middle_blocks`) as it serves the full one.
+
+At output stride 8 the SPEC gives the encoder's and ASPP's changes; it says
+nothing of the decoder, whose x4 path would then reach twice the low-level
+map's size. There deepcam-host's choice is followed (deeplabv3plus.cpp): the
+second transposed convolution of deconv1 keeps the size (stride 1, output
+padding 0)."""
 
 import re
 
@@ -13,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 BN_EPS = 1e-5  # SPEC 3: BatchNorm2d's eps
-ASPP_RATES = (1, 6, 12, 18)  # SPEC 3.4, output stride 16
+ASPP_RATES = (1, 6, 12, 18)  # SPEC 3.4 at output stride 16; doubled at 8 (SPEC 3.3)
 
 
 class StateDict:
@@ -77,8 +82,11 @@ def block(sd, prefix, x, reps, stride, end_relu, is_last=False, dilation=1):
     return F.relu(y) if end_relu else y
 
 
-def encoder(sd, x):
-    """SPEC 3.1 and 3.3: the 2048-channel map at 1/16 and the low-level features at 1/4."""
+def encoder(sd, x, output_stride):
+    """SPEC 3.1 and 3.3: the 2048-channel map at 1/output_stride and the low-level features at
+    1/4. At output stride 8: block3 of stride 1, the middle blocks at dilation 2, the exit block
+    at 2 and its three separable convolutions at 4 (at 16: 1 and 2)."""
+    os8 = output_stride == 8
     p = "xception_features"
     x = F.relu(batch_norm(sd, p + ".bn1.bn", F.conv2d(x, sd[p + ".conv1.weight"], stride=2, padding=1)))
     x = F.relu(batch_norm(sd, p + ".bn2.bn", F.conv2d(x, sd[p + ".conv2.weight"], stride=1, padding=1)))
@@ -87,20 +95,23 @@ def encoder(sd, x):
     x = block(sd, f"{p}.block1", x, reps=2, stride=2, end_relu=False)
     low_level = F.relu(x)
     x = block(sd, f"{p}.block2", low_level, reps=2, stride=2, end_relu=True)
-    x = block(sd, f"{p}.block3", x, reps=2, stride=2, end_relu=True, is_last=True)
+    x = block(sd, f"{p}.block3", x, reps=2, stride=1 if os8 else 2, end_relu=True, is_last=True)
     for n in numbers[3:-1]:  # the middle blocks
-        x = block(sd, f"{p}.block{n}", x, reps=3, stride=1, end_relu=True)
-    x = block(sd, f"{p}.block{numbers[-1]}", x, reps=2, stride=1, end_relu=False, is_last=True)
+        x = block(sd, f"{p}.block{n}", x, reps=3, stride=1, end_relu=True, dilation=2 if os8 else 1)
+    x = block(sd, f"{p}.block{numbers[-1]}", x, reps=2, stride=1, end_relu=False, is_last=True,
+              dilation=2 if os8 else 1)
     for k in (3, 4, 5):
-        x = F.relu(batch_norm(sd, f"{p}.bn{k}.bn", separable(sd, f"{p}.conv{k}", x, stride=1, dilation=2)))
+        x = separable(sd, f"{p}.conv{k}", x, stride=1, dilation=4 if os8 else 2)
+        x = F.relu(batch_norm(sd, f"{p}.bn{k}.bn", x))
     return x, low_level
 
 
-def aspp(sd, x):
+def aspp(sd, x, output_stride):
     """SPEC 3.4: four atrous branches and the image pooling branch, concatenated in that order."""
     p = "bottleneck"
     branches = []
     for k, rate in enumerate(ASPP_RATES, start=1):
+        rate = rate if output_stride == 16 or rate == 1 else 2 * rate
         w = sd[f"{p}.aspp{k}.atrous_convolution.weight"]
         padding = 0 if rate == 1 else rate
         y = F.conv2d(x, w, padding=padding, dilation=rate)
@@ -113,16 +124,17 @@ def aspp(sd, x):
     return F.relu(batch_norm(sd, p + ".bn.bn", y))
 
 
-def up(sd, prefix, x):
-    """A transposed 3x3 convolution, stride 2, padding 1, output padding 1: twice the size."""
-    return F.conv_transpose2d(x, sd[prefix + ".weight"], stride=2, padding=1, output_padding=1)
+def up(sd, prefix, x, stride=2):
+    """A transposed 3x3 convolution, padding 1, output padding stride - 1: twice the size at
+    stride 2."""
+    return F.conv_transpose2d(x, sd[prefix + ".weight"], stride=stride, padding=1, output_padding=stride - 1)
 
 
-def decoder(sd, x, low_level):
+def decoder(sd, x, low_level, output_stride):
     """SPEC 3.5."""
     low = F.relu(batch_norm(sd, "bn2.bn", F.conv2d(low_level, sd["conv2.weight"])))
-    for k in (0, 3):
-        x = F.relu(batch_norm(sd, f"upsample.deconv1.{k + 1}.bn", up(sd, f"upsample.deconv1.{k}", x)))
+    for k, stride in ((0, 2), (3, 1 if output_stride == 8 else 2)):
+        x = F.relu(batch_norm(sd, f"upsample.deconv1.{k + 1}.bn", up(sd, f"upsample.deconv1.{k}", x, stride)))
     x = torch.cat([x, low], dim=1)
     for k in (0, 3):
         x = F.conv2d(x, sd[f"upsample.conv1.{k}.weight"], padding=1)
@@ -132,7 +144,8 @@ def decoder(sd, x, low_level):
     return up(sd, "upsample.last_deconv.0", x)
 
 
-def forward(sd, x):
+def forward(sd, x, output_stride=16):
     """The logits (B, classes, H, W) of inputs (B, channels, H, W)."""
-    features, low_level = encoder(sd, x)
-    return decoder(sd, aspp(sd, features), low_level)
+    assert output_stride in (8, 16), output_stride
+    features, low_level = encoder(sd, x, output_stride)
+    return decoder(sd, aspp(sd, features, output_stride), low_level, output_stride)

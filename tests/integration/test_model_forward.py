@@ -50,18 +50,29 @@ def iou_score(pred, labels):
     return score
 
 
-def test_evaluate_and_predict_equal_the_spec_model(tmp_path):
-    # 3 x 32 at output stride 16: wide enough for every ASPP rate (18) to reach other features
-    data = synth(tmp_path / "data", train=2, validation=3, height=48, width=512, seed=8)
-    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", model={"middle_blocks": 2},
-                    run={"max_epochs": 1, "checkpoint_every": 1, "validation_batch_size": 2})
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+    """A data set of 3 validation samples, 3 x 32 at output stride 16 (wide enough for every ASPP
+    rate, 18 there and 36 at output stride 8, to reach other features), and a checkpoint of the
+    small model with random weights and statistics."""
+    tmp = tmp_path_factory.mktemp("forward")
+    data = synth(tmp / "data", train=2, validation=3, height=48, width=512, seed=8)
+    run = write_run(tmp / "run.toml", data, tmp / "out", model={"middle_blocks": 2},
+                    run={"max_epochs": 1, "checkpoint_every": 1})
     r = run_host(run)
     assert r.returncode in (0, 1), r.stderr
-    trained = torch.load(tmp_path / "out" / "checkpoint-epoch1.pt", weights_only=True)
+    trained = torch.load(tmp / "out" / "checkpoint-epoch1.pt", weights_only=True)
     state = randomised(trained["model"], seed=3)
-    checkpoint = tmp_path / "random.pt"
+    checkpoint = tmp / "random.pt"
     torch.save({"step": trained["step"], "epoch": trained["epoch"], "model": state}, checkpoint)
+    return data, state, checkpoint
 
+
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_evaluate_and_predict_equal_the_spec_model(tmp_path, random_model, output_stride):
+    data, state, checkpoint = random_model
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run={"validation_batch_size": 2},
+                    model={"middle_blocks": 2, "output_stride": output_stride})
     r = run_host(run, "--evaluate", checkpoint)
     assert r.returncode in (0, 1), r.stderr
     ours = {k: float(v) for k, v in re.findall(r"^(eval_accuracy|eval_loss) (\S+)$", r.stdout, flags=re.M)}
@@ -77,7 +88,7 @@ def test_evaluate_and_predict_equal_the_spec_model(tmp_path):
         x = torch.from_numpy((scale * (x - shift)).transpose(2, 0, 1).copy())[None]
         labels = torch.from_numpy(labels)[None]
         with torch.no_grad():
-            logits = spec_model.forward(sd, x)
+            logits = spec_model.forward(sd, x, output_stride)
         assert logits.shape == (1, 3, 48, 512)
         losses.append(F.cross_entropy(logits, labels, weight=CLASS_WEIGHTS, reduction="none").mean().item())
         pred = logits.softmax(dim=1).argmax(dim=1)
