@@ -277,7 +277,7 @@ TEST_CASE("single samples by index, also from copies of the files elsewhere") {
   }
 }
 
-TEST_CASE("training samples follow core's sharding in every shuffle mode") {
+TEST_CASE("training batches are the files of core's sharding, in its order, in every shuffle mode") {
   const fs::path root = cases() / "f32" / "npy";
   for (const ShuffleMode mode : {ShuffleMode::Global, ShuffleMode::Node, ShuffleMode::Gpu}) {
     std::set<std::string> seen;
@@ -296,6 +296,16 @@ TEST_CASE("training samples follow core's sharding in every shuffle mode") {
         std::vector<std::string> want;
         for (const auto i : order) want.push_back(reader.sample_files(Split::Train, i)[0]);
         CHECK(reader.epoch_files() == want);
+        // And the batches are those files' samples, in that order.
+        const auto batches = read_all(reader, Split::Train, epoch);
+        REQUIRE(batches.size() == order.size());
+        for (std::size_t k = 0; k < order.size(); ++k) {
+          std::vector<float> data(2 * kHeight * kWidth);
+          std::vector<std::int64_t> labels(kHeight * kWidth);
+          reader.read_sample(reader.sample_files(Split::Train, order[k]), data.data(), labels.data());
+          CHECK(at::equal(at::from_blob(data.data(), {1, 2, kHeight, kWidth}), batches[k].data));
+          CHECK(at::equal(at::from_blob(labels.data(), {1, kHeight, kWidth}, at::kLong), batches[k].labels));
+        }
         if (mode != ShuffleMode::Global) {
           // The shard is the contiguous half of the sorted list.
           for (const auto i : order) CHECK(i / 3 == rank);
