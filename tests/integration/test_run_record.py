@@ -209,4 +209,4 @@ def test_seed_auto_is_drawn_logged_recorded_and_repeatable(tmp_path, data):
     again = run_host("--nproc", 2, tmp_path / "auto" / "config.toml", "--quiet",
                      "--set", f"run.output_dir={tmp_path / 'again'}")
     assert again.returncode == r.returncode, again.stderr
-    assert losses(tmp_path / "again") == losses(tmp_path / "auto")
+    assert losses(tmp_path / "auto") and losses(tmp_path / "again") == losses(tmp_path / "auto")

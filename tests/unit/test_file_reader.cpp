@@ -130,6 +130,7 @@ void check_reader(const Built& built, const std::vector<std::int64_t>& channels)
   std::vector<float> shift = reader.shift(), scale = reader.scale();
   const at::Tensor shift_t = floats(shift, {c}), scale_t = floats(scale, {c});
   for (const Split split : {Split::Train, Split::Validation}) {
+    REQUIRE(reader.sample_count(split) > 0);
     for (std::int64_t i = 0; i < reader.sample_count(split); ++i) {
       const std::vector<std::string> files = reader.sample_files(split, i);
       INFO(files.front());
