@@ -72,8 +72,17 @@ else
   done < <(find "$asan" -maxdepth 1 -type f -executable -name 'asan_*' | sort)
 fi
 
+# The integration tests run in two pytest-xdist workers (DEEPCAM_TEST_WORKERS;
+# 1 runs them in this process), a test file to a worker, so that a module's
+# fixtures are made once. With two processes on two cores, OpenMP threads
+# that spin while they wait starve the other worker's run (one quickstart
+# took eight times as long), so they sleep instead.
+export OMP_WAIT_POLICY=PASSIVE
+workers=${DEEPCAM_TEST_WORKERS:-2}
+parallel=()
+if [ "$workers" != 1 ]; then parallel=(-n "$workers" --dist loadfile); fi
 report="$top/build/pytest-report.txt"
-python -m pytest -q -p no:cacheprovider -o console_output_style=classic tests/integration "$@" | tee "$report"
+python -m pytest -q -p no:cacheprovider -o console_output_style=classic "${parallel[@]}" tests/integration "$@" | tee "$report"
 rc=${PIPESTATUS[0]}
 last=$(grep -E '(passed|failed|error)' "$report" | tail -n 1)
 p=$(printf '%s' "$last" | grep -oE '[0-9]+ passed' | grep -oE '[0-9]+' || true)
