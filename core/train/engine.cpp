@@ -2,7 +2,10 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/cuda.h>
+#include <torch/nn/module.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/resource.h>
@@ -269,7 +272,7 @@ struct Divergence {
 class DivergenceWatch {
  public:
   // `batch`: the batches trained before the next one, counted from 0.
-  void reset(const torch::Device& device, std::int64_t batch) {
+  void reset(const at::Device& device, std::int64_t batch) {
     first_ = at::full({}, -1, at::TensorOptions().dtype(at::kLong).device(device));
     value_ = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device));
     batch_ = at::full({}, batch, at::TensorOptions().dtype(at::kLong).device(device));
@@ -335,7 +338,7 @@ struct IntervalFigures {
 class Engine {
  public:
   Engine(const RunConfig& cfg, MlperfLog& log, Communicator& comm)
-      : cfg_(cfg), log_(log), comm_(comm), device_(torch::kCPU) {}
+      : cfg_(cfg), log_(log), comm_(comm), device_(at::kCPU) {}
 
   // Called once run_start is logged (the run's record is kept from then on).
   void on_run_start(std::function<void()> f) { on_run_start_ = std::move(f); }
@@ -352,7 +355,7 @@ class Engine {
         throw Error(fmt::format("{} [run] device = \"cuda\": no CUDA device is available{}", cfg_.file,
                                 DEEPCAM_WITH_CUDA ? "" : " (this build has CUDA disabled)"));
       }
-      device_ = torch::Device(torch::kCUDA, comm_.local_rank() % static_cast<int>(torch::cuda::device_count()));
+      device_ = at::Device(at::kCUDA, comm_.local_rank() % static_cast<int>(torch::cuda::device_count()));
 #if DEEPCAM_WITH_CUDA
       // The rank's GPU current for everything that names none (streams,
       // the allocator's statistics, NCCL's set-up), as torch.cuda.set_device
@@ -361,7 +364,7 @@ class Engine {
 #endif
     }
     if (run.integer("threads") > 0) at::set_num_threads(static_cast<int>(run.integer("threads")));
-    torch::manual_seed(static_cast<std::uint64_t>(run.integer("seed")));
+    at::manual_seed(static_cast<std::uint64_t>(run.integer("seed")));
     if (device_.is_cuda()) at::globalContext().setBenchmarkCuDNN(run.boolean("cudnn_benchmark"));
     precision_ = parse_precision(run.string("precision"));
 #if DEEPCAM_WITH_CUDA
@@ -397,7 +400,7 @@ class Engine {
     c_.model->module().to(device_);
     if (memory_format_ == at::MemoryFormat::ChannelsLast) {
       // As module.to(memory_format=torch.channels_last): 4-d weights NHWC.
-      torch::NoGradGuard no_grad;
+      at::NoGradGuard no_grad;
       for (at::Tensor& p : c_.model->module().parameters()) {
         if (p.dim() == 4) p.set_data(p.data().contiguous(at::MemoryFormat::ChannelsLast));
       }
@@ -679,7 +682,7 @@ class Engine {
       throw Error(fmt::format("--out {}: cannot create the folder{}", out.string(), ec ? ": " + ec.message() : ""));
     }
     c_.model->module().eval();
-    torch::NoGradGuard no_grad;
+    at::NoGradGuard no_grad;
     c_.reader->start_epoch(Split::Validation, 0);
     Batch batch;
     std::int64_t written = 0;
@@ -846,7 +849,7 @@ class Engine {
   // signal travels with them, so that every rank stops at the same step.
   IntervalFigures interval_figures(std::int64_t epoch_num, const at::Tensor& logits, const at::Tensor& labels,
                                    const at::Tensor& loss) {
-    torch::NoGradGuard no_grad;
+    at::NoGradGuard no_grad;
     const auto [code, value] = divergence_.record();
     const at::Tensor mine = at::tensor({loss.item<double>(), iou_score(logits, labels), code, value,
                                         static_cast<double>(g_stop_signal.load())},
@@ -1032,7 +1035,7 @@ class Engine {
       } else if (progress_due()) {
         // A long interval still shows signs of life: rank 0's own last batch
         // (read from the device at most once per progress_seconds).
-        torch::NoGradGuard no_grad;
+        at::NoGradGuard no_grad;
         progress(epoch_num, done, batches, batch_size, t0,
                  IntervalFigures{loss.item<double>(), iou_score(logits, labels), std::nullopt, 0}, k);
       }
@@ -1086,7 +1089,7 @@ class Engine {
     const MlperfLog::Metadata md = {{"epoch_num", Json(epoch_num)}, {"step_num", Json(step)}};
     log_.start("eval_start", Json(), md);
     c_.model->module().eval();
-    torch::NoGradGuard no_grad;
+    at::NoGradGuard no_grad;
     c_.reader->start_epoch(Split::Validation, 0);
     std::vector<at::Tensor> scores, losses;
     Batch batch;
@@ -1205,7 +1208,7 @@ class Engine {
     }
     std::map<std::string, at::Tensor> params;
     for (const auto& p : c_.model->module().named_parameters()) params[p.key()] = p.value();
-    torch::NoGradGuard no_grad;
+    at::NoGradGuard no_grad;
     for (const auto& [name, grad] : info.accumulated_gradients) {
       at::Tensor& param = params.at(name);
       param.mutable_grad() = at::empty_like(param, at::MemoryFormat::Preserve).copy_(grad);
@@ -1215,7 +1218,7 @@ class Engine {
   const RunConfig& cfg_;
   MlperfLog& log_;
   Communicator& comm_;
-  torch::Device device_;
+  at::Device device_;
   Components c_;
   std::vector<at::Tensor> parameters_;  // the model's, for the gradient norm
   DivergenceWatch divergence_;

@@ -1,6 +1,6 @@
 #include "deepcam/loss.hpp"
 
-#include <torch/torch.h>
+#include <ATen/ATen.h>
 
 #include <cmath>
 #include <map>
@@ -26,7 +26,7 @@ const at::Tensor& weights_like(const at::Tensor& logits) {
   at::Tensor& w = cache[{logits.device().str(), logits.scalar_type()}];
   if (!w.defined()) {
     const auto f = class_weights();
-    w = torch::tensor({f[0], f[1], f[2]}, torch::TensorOptions().dtype(logits.scalar_type())).to(logits.device());
+    w = at::tensor({f[0], f[1], f[2]}, at::TensorOptions().dtype(logits.scalar_type())).to(logits.device());
   }
   return w;
 }
@@ -35,8 +35,9 @@ const at::Tensor& weights_like(const at::Tensor& logits) {
 
 at::Tensor weighted_cross_entropy(const at::Tensor& logits, const at::Tensor& labels) {
   const at::Tensor& weight = weights_like(logits);
-  namespace F = torch::nn::functional;
-  return F::cross_entropy(logits, labels, F::CrossEntropyFuncOptions().weight(weight).reduction(torch::kNone))
+  // torch.nn.functional.cross_entropy's kernel: no ignored class, no smoothing.
+  return at::cross_entropy_loss(logits, labels, weight, at::Reduction::None, /*ignore_index=*/-100,
+                                /*label_smoothing=*/0.0)
       .mean();
 }
 

@@ -46,7 +46,8 @@
 // and the gradients' collectives through ProcessGroupNCCL. Each rank prints
 // the backend its collectives went through.
 #include <ATen/ATen.h>
-#include <torch/torch.h>
+#include <ATen/Parallel.h>
+#include <torch/nn/module.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -147,7 +148,7 @@ std::unique_ptr<deepcam::Model> make_model(deepcam::PluginLoader& loader, deepca
   const deepcam::Params params("probe [model]", {{"width", 0.0625},
                                                  {"middle_blocks", std::int64_t{1}},
                                                  {"output_stride", std::int64_t{16}}});
-  torch::manual_seed(5);
+  at::manual_seed(5);
   deepcam::ModelContext context{16, 3, 0, 1};
   context.batchnorm_group = bn_group;
   auto model = p.descriptor->make_model(params, context);
@@ -169,7 +170,7 @@ struct Twins {
   // The same update on both, from the model's (all-reduced) gradient; in
   // place, as a CUDA graph's replays read the weights' memory.
   void descend(double lr = 0.05) {
-    torch::NoGradGuard no_grad;
+    at::NoGradGuard no_grad;
     for (std::size_t i = 0; i < params.size(); ++i) {
       params[i].sub_(params[i].grad(), lr);
       ref_params[i].copy_(params[i]);
@@ -329,7 +330,7 @@ int bnstats(deepcam::Communicator& comm) {
   auto model = make_model(loader);
   model->module().train();
   {
-    torch::NoGradGuard no_grad;
+    at::NoGradGuard no_grad;
     model->forward(batch_of(0, 0, rank).data);  // rank-specific running statistics
   }
   std::vector<at::Tensor> before;

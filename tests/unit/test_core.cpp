@@ -2,7 +2,7 @@
 // format, TOML checking against a schema, and the loss and IoU of SPEC 4
 // against the reference's vectors.
 // LibTorch first: its glog-style CHECK macro must be replaced by doctest's.
-#include <torch/torch.h>
+#include <torch/types.h>
 #undef CHECK
 #include <doctest/doctest.h>
 

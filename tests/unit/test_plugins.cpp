@@ -1,7 +1,8 @@
 // The generic plugin test (STYLE 8): every plugin folder in the source tree is
 // loaded through the real loader from the build tree only, its description is
 // checked, it is built from its folder's test.toml and run once.
-#include <torch/torch.h>
+#include <torch/nn/module.h>
+#include <torch/types.h>
 #undef CHECK
 #include <doctest/doctest.h>
 

@@ -4,7 +4,7 @@
 // describes what it saved, one line per value, and the loaded IValue must
 // describe itself identically. Crafted and damaged files must give an Error.
 // LibTorch first: its glog-style CHECK macro must be replaced by doctest's.
-#include <torch/torch.h>
+#include <torch/types.h>
 #undef CHECK
 #ifdef CHECK_EQ
 #undef CHECK_EQ

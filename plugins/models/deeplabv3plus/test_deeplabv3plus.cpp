@@ -5,7 +5,9 @@
 
 // LibTorch first: c10's logging defines CHECK, CHECK_EQ, ... as aborting
 // asserts, and doctest's definitions must be the ones left standing.
-#include <torch/torch.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/batchnorm.h>
+#include <torch/types.h>
 #undef CHECK
 #undef CHECK_EQ
 #undef CHECK_NE

@@ -1,7 +1,7 @@
 // Test support shared by the adam and adamw unit tests: runs PyTorch's own
 // optimizer (tests/integration/adam_reference.py, with the Python and the
 // source tree of tests/unit/test_paths.hpp) and turns its printed values into
-// tensors and checks. Include after <torch/torch.h> and <doctest/doctest.h>.
+// tensors and checks. Include after <torch/types.h> and <doctest/doctest.h>.
 #pragma once
 
 #include <algorithm>

@@ -2,7 +2,7 @@
 // torch.optim.Adam, which tests/integration/adam_reference.py runs in the
 // project's venv (DEEPCAM_PYTHON overrides the interpreter).
 #include <torch/serialize.h>
-#include <torch/torch.h>
+#include <torch/types.h>
 #include <unistd.h>
 
 #include <algorithm>

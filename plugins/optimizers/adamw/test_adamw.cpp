@@ -3,7 +3,7 @@
 // the project's venv (DEEPCAM_PYTHON overrides the interpreter). The fused
 // CUDA path of AdamW is tested with Adam's (test_adam.cpp).
 #include <torch/serialize.h>
-#include <torch/torch.h>
+#include <torch/types.h>
 #include <unistd.h>
 
 #include <algorithm>

@@ -2,7 +2,8 @@
 // double-precision implementation of SPEC 5.3 written here, element by
 // element from the formulas (no tensor code shared with the plugin).
 #include <torch/serialize.h>
-#include <torch/torch.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/types.h>
 #include <unistd.h>
 
 #include <cmath>
