@@ -665,13 +665,15 @@ struct Call {
   bool settle;
 };
 
-// Waits until the source's read count stops changing: the workers have
-// read ahead as far as they may.
+// Waits until the source's read count stops changing for 20 ms: the workers
+// have read ahead as far as they may. (A worker held up longer only sends the
+// next call down the path that waits for its batch, which must return the
+// same batches.)
 void settle(const FakeSource& fake) {
   std::int64_t before = -1;
   while (fake.reads_.load() != before) {
     before = fake.reads_.load();
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
 }
 
