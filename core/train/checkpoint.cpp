@@ -45,7 +45,7 @@ std::string shape_text(const at::Tensor& t) {
 }  // namespace
 
 void save_checkpoint(const std::string& path, const CheckpointInfo& info, torch::nn::Module& model,
-                     const Optimizer* optimizer, const ModelConfig& config) {
+                     const Optimizer* optimizer, const ModelConfig& config, const std::string& optimizer_plugin) {
   // The live tensors, detached (views, not copies): save_torch streams each
   // storage into the file from where it lies.
   c10::impl::GenericDict model_state(c10::StringType::get(), c10::TensorType::get());
@@ -55,6 +55,7 @@ void save_checkpoint(const std::string& path, const CheckpointInfo& info, torch:
   top.insert("epoch", info.epoch);
   top.insert("model", model_state);
   if (optimizer) top.insert("optimizer", optimizer->state_dict());
+  if (optimizer && !optimizer_plugin.empty()) top.insert("optimizer_name", optimizer_plugin);
   if (info.scaler) {
     // The keys and types of GradScaler.state_dict().
     c10::impl::GenericDict scaler = str_dict();
@@ -292,6 +293,18 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
   if (read_optimizer && options.require_optimizer && !optimizer_state) {
     f.fail("no 'optimizer' state to resume from (a checkpoint of the model alone); set [run] resume_weights_only = "
            "true to resume from its weights with a fresh optimizer");
+  }
+  if (optimizer_state && !options.optimizer_plugin.empty()) {
+    if (const auto written_by = f.find("optimizer_name")) {
+      if (!written_by->isString()) f.fail(fmt::format("'optimizer_name' is a {}, expected a string", written_by->tagKind()));
+      const std::string& theirs = written_by->toStringRef();
+      if (theirs != options.optimizer_plugin) {
+        f.fail(fmt::format("'optimizer' is the state of the optimizer plugin \"{0}\", and this run's [optimizer] name "
+                           "is \"{1}\": resume with [optimizer] name = \"{0}\", or set [run] resume_weights_only = "
+                           "true to start \"{1}\" afresh from the checkpoint's weights",
+                           theirs, options.optimizer_plugin));
+      }
+    }
   }
   if (optimizer_state) check_optimizer_steps(f, *optimizer_state);
 

@@ -497,6 +497,7 @@ class Engine {
       lo.require_optimizer = true;
       lo.weights_only = run.boolean("resume_weights_only");
       lo.model = model_config();
+      lo.optimizer_plugin = cfg_.optimizer.name;
       const double base_lr = c_.optimizer->lr();
       const CheckpointInfo info = load_checkpoint(resume, c_.model->module(), c_.optimizer.object.get(), lo);
       // The schedule sets the rate from the run file's at every step; the
@@ -1163,7 +1164,7 @@ class Engine {
     } else if (partial) {
       info.partial_accumulation_ranks = comm_.size();
     }
-    save_checkpoint(path, info, c_.model->module(), c_.optimizer.object.get(), model_config());
+    save_checkpoint(path, info, c_.model->module(), c_.optimizer.object.get(), model_config(), cfg_.optimizer.name);
     std::fprintf(stderr, "deepcam-host: saved %s\n", path.c_str());
     if (info.partial_accumulation_ranks > 0) {
       std::fprintf(stderr,

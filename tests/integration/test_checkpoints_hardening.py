@@ -137,6 +137,10 @@ BAD_FIELDS = {
                     ADAM + 'param_groups[0]["lr"] is inf, expected > 0'),
     "written_by_adamw": (lambda c: first_group(c).__setitem__("decoupled_weight_decay", True),
                          ADAM + 'param_groups[0]["decoupled_weight_decay"] is True: written by AdamW'),
+    "optimizer_name_not_text": (set_to("optimizer_name", 3), "'optimizer_name' is a Int, expected a string"),
+    "written_by_another_optimizer": (set_to("optimizer_name", "sgd"),
+                                     "'optimizer' is the state of the optimizer plugin \"sgd\", and this run's "
+                                     "[optimizer] name is \"adam\": resume with [optimizer] name = \"sgd\""),
     "negative_running_var": (lambda c: c["model"][RUNNING_VAR].view(-1).__setitem__(0, -1.0),
                              f"model entry '{RUNNING_VAR}' holds negative values; it is a variance"),
     "gradient_shape": (lambda c: c["accumulated_gradients"].__setitem__("conv2.weight", torch.zeros(1)),
@@ -173,6 +177,24 @@ def test_weights_only_resume_needs_the_key_and_then_works(tmp_path, data, traine
     r = resume(tmp_path, data, weights, resume_weights_only=True)
     assert r.returncode == 1, r.stderr
     assert "resumed from" in r.stderr
+
+
+def test_a_resume_with_another_optimizer_plugin_is_refused_naming_both(tmp_path, data, trained):
+    """The checkpoint says which [optimizer] plugin's state it holds. LAMB used to be refused only for the key
+    its state needs and Adam's lacks; an outside plugin whose state parses as another's would have taken it."""
+    assert torch.load(trained, weights_only=True)["optimizer_name"] == "adam"
+    cfg = write_run(tmp_path / "lamb.toml", data, tmp_path / "lamb", optimizer={"name": "lamb"},
+                    run={**ODD, "max_epochs": 2, "resume": str(trained)})
+    r = run_host(cfg)
+    assert r.returncode == 2, r.stderr
+    assert (f"{trained}: 'optimizer' is the state of the optimizer plugin \"adam\", and this run's [optimizer] "
+            f"name is \"lamb\": resume with [optimizer] name = \"adam\", or set [run] resume_weights_only = true to "
+            f"start \"lamb\" afresh from the checkpoint's weights") in r.stderr, r.stderr
+    assert not (tmp_path / "lamb").exists()
+    r = run_host(cfg, "--set", "run.resume_weights_only=true")
+    assert r.returncode == 1, r.stderr
+    assert "resumed from" in r.stderr
+    assert torch.load(tmp_path / "lamb" / "checkpoint-epoch2.pt", weights_only=True)["optimizer_name"] == "lamb"
 
 
 # --- another model: the key that differs ------------------------------------

@@ -1,6 +1,7 @@
 // Checkpoints in the reference's torch.save layout:
 // {"step": int, "epoch": int, "model": {name: tensor}, "optimizer": {...}},
-// with our extra keys ("scaler", "model_config", "accumulated_gradients")
+// with our extra keys ("scaler", "model_config", "optimizer_name",
+// "accumulated_gradients")
 // beside them, which the reference's loader ignores.
 // Python's torch.load reads ours, and we read one written by Python.
 #pragma once
@@ -73,9 +74,11 @@ struct ModelConfig {
 
 // Writes the checkpoint with save_torch (torch_pickle.hpp): streamed, with
 // no second copy of the state in memory, to PATH.tmp-<pid>, then renamed.
+// `optimizer_plugin`, the [optimizer] name, is kept as "optimizer_name"
+// beside the optimizer's state (none when empty).
 DEEPCAM_API void save_checkpoint(const std::string& path, const CheckpointInfo& info,
                                  torch::nn::Module& model, const Optimizer* optimizer,
-                                 const ModelConfig& config = {});
+                                 const ModelConfig& config = {}, const std::string& optimizer_plugin = {});
 
 struct LoadOptions {
   // Resuming training: the file must hold an optimizer state (an error
@@ -85,6 +88,10 @@ struct LoadOptions {
   // any optimizer state or partial gradient in the file is left unread.
   bool weights_only = false;
   ModelConfig model;  // this run's, for naming a model key that differs
+  // This run's [optimizer] name: an optimizer state that the file says
+  // another optimizer plugin wrote ("optimizer_name") is refused, naming
+  // both, before that plugin's own checks would name a key its state lacks.
+  std::string optimizer_plugin;
 };
 
 // Reads a checkpoint written here or by Python's torch.save (the MLCommons
