@@ -72,27 +72,42 @@ else
   done < <(find "$asan" -maxdepth 1 -type f -executable -name 'asan_*' | sort)
 fi
 
+# Runs pytest on the integration tests with the arguments given (LABEL
+# first) and adds its test cases to the totals; no test selected (status 5)
+# adds none, any other non-zero status without failed cases is a failure.
+run_pytest() {
+  local label=$1
+  shift
+  local report="$top/build/pytest-report-$label.txt" rc last p f e
+  python -m pytest -q -p no:cacheprovider -o console_output_style=classic "$@" | tee "$report"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 5 ] && return
+  last=$(grep -E '(passed|failed|error)' "$report" | tail -n 1)
+  p=$(printf '%s' "$last" | grep -oE '[0-9]+ passed' | grep -oE '[0-9]+' || true)
+  f=$(printf '%s' "$last" | grep -oE '[0-9]+ failed' | grep -oE '[0-9]+' || true)
+  e=$(printf '%s' "$last" | grep -oE '[0-9]+ error' | grep -oE '[0-9]+' || true)
+  p=${p:-0}
+  f=$(( ${f:-0} + ${e:-0} ))
+  if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
+  passed=$((passed + p))
+  failed=$((failed + f))
+}
+
 # The integration tests run in two pytest-xdist workers (DEEPCAM_TEST_WORKERS;
-# 1 runs them in this process), a test file to a worker, so that a module's
-# fixtures are made once. With two processes on two cores, OpenMP threads
+# 1 runs them all in one process), a test file to a worker, so that a
+# module's fixtures are made once. Those marked `alone` bound how long
+# something takes (a lost rank noticed within comm_timeout_s): they run
+# afterwards, one by one. With two processes on two cores, OpenMP threads
 # that spin while they wait starve the other worker's run (one quickstart
 # took eight times as long), so they sleep instead.
 export OMP_WAIT_POLICY=PASSIVE
 workers=${DEEPCAM_TEST_WORKERS:-2}
-parallel=()
-if [ "$workers" != 1 ]; then parallel=(-n "$workers" --dist loadfile); fi
-report="$top/build/pytest-report.txt"
-python -m pytest -q -p no:cacheprovider -o console_output_style=classic "${parallel[@]}" tests/integration "$@" | tee "$report"
-rc=${PIPESTATUS[0]}
-last=$(grep -E '(passed|failed|error)' "$report" | tail -n 1)
-p=$(printf '%s' "$last" | grep -oE '[0-9]+ passed' | grep -oE '[0-9]+' || true)
-f=$(printf '%s' "$last" | grep -oE '[0-9]+ failed' | grep -oE '[0-9]+' || true)
-e=$(printf '%s' "$last" | grep -oE '[0-9]+ error' | grep -oE '[0-9]+' || true)
-p=${p:-0}
-f=$(( ${f:-0} + ${e:-0} ))
-if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
-passed=$((passed + p))
-failed=$((failed + f))
+if [ "$workers" = 1 ]; then
+  run_pytest all tests/integration "$@"
+else
+  run_pytest parallel -n "$workers" --dist loadfile -m "not alone" tests/integration "$@"
+  run_pytest alone -m alone tests/integration "$@"
+fi
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -9,6 +9,12 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def pytest_configure(config):
+    # scripts/test.sh runs the other tests two at a time, then these one by one.
+    config.addinivalue_line("markers", "alone: bounds how many seconds something takes, so it runs with no other "
+                                       "test beside it")
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -71,6 +71,7 @@ wait $!
 """
 
 
+@pytest.mark.alone
 def test_a_deadline_stops_the_part_it_falls_in_and_skips_the_rest(tmp_path, bundle):
     # A copy of the bundle whose first unit executable would run for ten minutes: the deadline falls
     # in it, whatever this machine's speed. The set-up and env part take some 5 s, 10 under load, and

@@ -382,6 +382,7 @@ def start_two_ranks(ranks, run):
     return rank0, err0, rank1
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
 def test_lost_rank_stops_the_other_naming_it(tmp_path, data, ranks, sig):
     """SIGKILL: a rank that dies; SIGSTOP: one that hangs (its collectives and
@@ -449,6 +450,7 @@ def start_launcher(ranks, run):
     return launcher, LineReader(launcher.stderr)
 
 
+@pytest.mark.alone
 def test_killed_rank_under_nproc_fails_the_launcher_naming_it(tmp_path, data, ranks):
     out = tmp_path / "out"
     run = long_run(tmp_path, data, out)
