@@ -7,14 +7,20 @@
 #include <elf.h>
 
 #include <algorithm>
+#include <atomic>
 #include <boost/dll/shared_library.hpp>
+#include <cerrno>
 #include <cstdint>
+#include <cstdio>
+#include <exception>
 #include <stdexcept>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <system_error>
+#include <thread>
 
 #include "deepcam/error.hpp"
 
@@ -101,6 +107,61 @@ std::string elf_problem(const std::string& path) {
   return "";
 }
 
+// A library's static initialisers run inside dlopen. An exception that
+// leaves one cannot be caught by dlopen's caller: the C++ runtime calls
+// std::terminate, and the dynamic loader's lock is still held, so the
+// process could load nothing after it anyway. While a library loads, a
+// terminate handler on the loading thread names the library and what it
+// threw, and ends the process with the status of an internal error (3),
+// where the default handler would abort with "terminate called".
+std::mutex g_loading_mutex;  // one load at a time: the handler is process-wide
+std::atomic<const char*> g_loading_path{nullptr};
+std::thread::id g_loading_thread;
+std::terminate_handler g_previous_terminate = nullptr;
+
+[[noreturn]] void terminate_while_loading() {
+  const char* path = g_loading_path.load();
+  if (path == nullptr || std::this_thread::get_id() != g_loading_thread) {
+    if (g_previous_terminate != nullptr) g_previous_terminate();
+    std::abort();
+  }
+  std::string what = "std::terminate was called";
+  if (const std::exception_ptr thrown = std::current_exception()) {
+    try {
+      std::rethrow_exception(thrown);
+    } catch (const std::exception& e) {
+      what = fmt::format("it threw: {}", e.what());
+    } catch (...) {
+      what = "it threw an exception that is not a std::exception";
+    }
+  }
+  std::fprintf(stderr,
+               "%s: internal error: %s: cannot load: %s while the library's static initialisers ran; a plugin's "
+               "code must not throw while its library is loaded\n",
+               program_invocation_short_name, path, what.c_str());
+  std::fflush(stderr);
+  std::_Exit(3);
+}
+
+// Holds terminate_while_loading in place for one library's load.
+class NameLibraryOnTerminate {
+ public:
+  explicit NameLibraryOnTerminate(const std::string& path) : lock_(g_loading_mutex) {
+    g_loading_thread = std::this_thread::get_id();
+    g_previous_terminate = std::set_terminate(terminate_while_loading);
+    g_loading_path.store(path.c_str());
+  }
+  ~NameLibraryOnTerminate() {
+    g_loading_path.store(nullptr);
+    std::set_terminate(g_previous_terminate);
+  }
+  NameLibraryOnTerminate(const NameLibraryOnTerminate&) = delete;
+  NameLibraryOnTerminate& operator=(const NameLibraryOnTerminate&) = delete;
+
+ private:
+  std::lock_guard<std::mutex> lock_;
+};
+
 }  // namespace
 
 std::string PluginLoader::file_name(PluginKind kind, const std::string& name) {
@@ -157,8 +218,11 @@ LoadedPlugin PluginLoader::open(const std::string& path) {
   }
   auto lib = std::make_shared<boost::dll::shared_library>();
   boost::dll::fs::error_code ec;
-  // RTLD_LOCAL: one plugin's symbols never resolve another's.
-  lib->load(path, ec, boost::dll::load_mode::rtld_local | boost::dll::load_mode::rtld_now);
+  {
+    const NameLibraryOnTerminate naming(path);
+    // RTLD_LOCAL: one plugin's symbols never resolve another's.
+    lib->load(path, ec, boost::dll::load_mode::rtld_local | boost::dll::load_mode::rtld_now);
+  }
   if (ec) {
     // Boost.DLL reduces the loader's message to an errno text ("Bad file
     // descriptor"); dlerror() after a second attempt names the real cause

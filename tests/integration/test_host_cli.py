@@ -315,3 +315,19 @@ def test_a_scheduler_giving_a_rate_no_schedule_gives_is_a_bug_of_the_plugin(tmp_
     assert r.returncode == 3, r.stderr
     assert (f"internal error: {lib}: a bug in the plugin: the scheduler gave the learning rate {lr} for optimizer "
             f"step 0") in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("name,threw", [("initthrows", "it threw: deliberate failure of a static initialiser"),
+                                        ("initthrowsint", "it threw an exception that is not a std::exception")])
+def test_a_library_whose_static_initialiser_throws_is_an_internal_error_naming_it(tmp_path, data, name, threw):
+    # dlopen's caller cannot catch it: the host ended in std::terminate ("terminate called", status 134).
+    lib = FIXTURES / f"libdeepcam_scheduler_{name}.so"
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out",
+                    scheduler={"name": name, "library": str(lib), "milestones": None})
+    for args, env in (([run], None), (["--describe", f"scheduler/{name}"], plugin_env(FIXTURES))):
+        r = run_host(*args, env=env)
+        assert r.returncode == 3, r.stderr
+        assert (f"deepcam-host: internal error: {lib}: cannot load: {threw} while the library's static "
+                "initialisers ran") in r.stderr, r.stderr
+        assert "terminate called" not in r.stderr
+    assert not (tmp_path / "out").exists()
