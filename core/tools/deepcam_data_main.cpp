@@ -34,6 +34,7 @@
 #include "package.hpp"
 #include "read_bench.hpp"
 #include "stats.hpp"
+#include "stop_signals.hpp"
 #include "synth.hpp"
 #include "verify.hpp"
 
@@ -316,6 +317,10 @@ int run(const std::vector<std::string>& args, deepcam::PluginLoader& loader) {
       fmt::print("{}", kUsage);
       return 0;
     }
+  // The commands that write files stop between files; verify and read
+  // write nothing, and end at once as any program does.
+  if (command == "synth" || command == "stats" || command == "convert" || command == "package")
+    deepcam::data::stop_on_signals();
   if (command == "synth") {
     deepcam::data::run_synth(parse_synth(rest));
   } else if (command == "stats") {
@@ -357,6 +362,14 @@ int main(int argc, char** argv) {
   deepcam::PluginLoader loader;
   try {
     return run(std::vector<std::string>(argv + 1, argv + argc), loader);
+  } catch (const deepcam::data::Stopped& stopped) {
+    fmt::print(stderr, "deepcam-data: stopped by {}: the files finished before it are in place, no temporary "
+                       "is left; run the same command again to finish\n",
+               stopped.signal == SIGINT ? "SIGINT" : "SIGTERM");
+    std::fflush(stderr);
+    std::signal(stopped.signal, SIG_DFL);
+    std::raise(stopped.signal);
+    return 128 + stopped.signal;
   } catch (const UsageError& e) {
     fmt::print(stderr, "deepcam-data: {}; see deepcam-data --help\n", e.message);
     return 2;

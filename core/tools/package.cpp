@@ -25,6 +25,7 @@
 #include "deepcam/error.hpp"
 #include "deepcam/json.hpp"
 #include "deepcam_build_config.h"
+#include "stop_signals.hpp"
 #include "temporary_files.hpp"
 
 namespace deepcam::data {
@@ -541,6 +542,7 @@ int run_package(const PackageOptions& o) {
   Value per_run;
   per_run.kind = Value::Kind::Array;
   for (std::size_t n = 0; n < runs.size(); ++n) {
+    throw_if_stopped();
     const Run& r = runs[n];
     // Copied through write_file, which names the file and the reason (a
     // full disk) where std::filesystem::copy_file says "Input/output error".

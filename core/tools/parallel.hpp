@@ -17,12 +17,15 @@
 #include <thread>
 #include <vector>
 
+#include "stop_signals.hpp"
+
 namespace deepcam::data {
 
 // Runs body(k) for k in [0, n) on `threads` threads, the calling one among
 // them (0: one per core, at most 16). body reports its own errors; an
 // exception escaping it stops the handing out of further k and is rethrown
-// after every thread has finished.
+// after every thread has finished. So does a stop signal (stop_signals.hpp),
+// checked before each k.
 inline void parallel_for(std::size_t n, int threads, const std::function<void(std::size_t)>& body) {
   // Each thread holds a sample or two (up to 170 MB at full size): on a
   // many-core node one per core would cost memory for no faster I/O.
@@ -33,7 +36,10 @@ inline void parallel_for(std::size_t n, int threads, const std::function<void(st
   std::exception_ptr first_error;
   auto worker = [&] {
     try {
-      for (std::size_t k = next++; k < n && !failed; k = next++) body(k);
+      for (std::size_t k = next++; k < n && !failed; k = next++) {
+        throw_if_stopped();
+        body(k);
+      }
     } catch (...) {
       std::lock_guard<std::mutex> lock(mutex);
       if (!first_error) first_error = std::current_exception();

@@ -14,6 +14,7 @@
 #include "deepcam/data_set.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/h5.hpp"
+#include "stop_signals.hpp"
 #include "temporary_files.hpp"
 
 namespace deepcam::data {
@@ -94,6 +95,7 @@ ChannelStats compute_stats(const std::vector<fs::path>& files, Progress* progres
   std::vector<float> data;
   std::size_t channels = 0;
   for (const fs::path& path : files) {
+    throw_if_stopped();
     const h5::File file = h5::File::open(path.string());
     if (!file.has(kData))
       throw Error(fmt::format("{}: dataset {}: no such dataset; a sample holds climate/data and climate/labels_0",

@@ -16,6 +16,7 @@
 #include "deepcam/error.hpp"
 #include "deepcam/h5.hpp"
 #include "stats.hpp"
+#include "stop_signals.hpp"
 
 namespace deepcam::data {
 namespace fs = std::filesystem;
@@ -384,6 +385,7 @@ void run_synth(const SynthOptions& o) {
     Sample sample;  // one sample per thread, reused
     try {
       for (std::size_t k = next++; k < jobs.size() && !failed; k = next++) {
+        throw_if_stopped();
         const Job& job = jobs[k];
         generate_sample(o.seed, job.split, job.index, o.height, o.width, sample);
         write_atomically(job.path, [&](h5::File& file) {

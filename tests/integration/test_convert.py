@@ -10,7 +10,9 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import h5py
@@ -334,3 +336,29 @@ def test_bad_command_lines_and_missing_inputs(deepcam_data, source, tmp_path):
     proc = run(deepcam_data, "convert", src, tmp_path / "d")
     one_line_error(proc, str(src / "stats.h5"), "deepcam-data stats")
     assert not (tmp_path / "d").exists()
+
+
+def test_convert_stopped_by_sigterm_leaves_whole_pairs_and_no_temporary(deepcam_data, tmp_path):
+    # It used to die at once, leaving the temporaries of the files it was writing.
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    ok(run(deepcam_data, "synth", "--out", src, "--train", 1500, "--validation", 0, "--height", 16, "--width", 16))
+    proc = subprocess.Popen([str(deepcam_data), "convert", str(src), str(dst), "--threads", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list((dst / "train").glob("label-*.npy"))) < 2:
+        assert proc.poll() is None, "convert finished before the signal: give it more samples"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, err)
+    assert "deepcam-data: stopped by SIGTERM: the files finished before it are in place, no temporary is left" \
+        in err, err
+    assert hidden(dst) == []
+    done = sorted(dst.glob("train/data-*.npy"))
+    assert len(done) < 1500 and len(list(dst.glob("train/label-*.npy"))) == len(done)
+    converted = {src / "train" / f"data-{p.name[len('data-'):-len('.npy')]}.h5" for p in done}
+    assert assert_converted(src, dst, only=converted) == len(done)
+    # Run again, it finishes the set.
+    ok(run(deepcam_data, "convert", src, dst))
+    assert assert_converted(src, dst) == 1500

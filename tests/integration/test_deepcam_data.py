@@ -5,7 +5,9 @@ reproducibility, stats.h5 against numpy, and clean failures."""
 import re
 import resource
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import h5py
@@ -357,6 +359,40 @@ def test_a_full_disk_is_an_error_not_a_crash_at_exit(deepcam_data, dataset, tmp_
     assert proc.returncode == 1, (proc.returncode, proc.stderr)
     assert_one_line_error(proc, root)
     assert hidden_files(root) == [] and not (root / "stats.h5").exists()
+
+
+def stop_when_written(args, folder, pattern, sig, files=2):
+    """Runs a deepcam-data command, sends it `sig` once `files` files matching `pattern` are in `folder`, and
+    returns the ended process and its stderr."""
+    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(Path(folder).glob(pattern))) < files:
+        assert proc.poll() is None, "it finished before the signal: give it more files"
+        assert time.monotonic() < deadline, "no files written in 120 s"
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_synth_stopped_by_a_signal_leaves_whole_files_and_no_temporary(deepcam_data, tmp_path, sig):
+    # It used to die at once, leaving the temporaries of the samples it was writing.
+    root = tmp_path / "set"
+    train = 3000
+    proc, err = stop_when_written([deepcam_data, "synth", "--out", root, "--train", train, "--validation", 0,
+                                   "--height", 16, "--width", 16, "--threads", 2], root / "train", "*.h5", sig)
+    # Ended by the signal itself, as a shell or Slurm expects of a stopped program.
+    assert proc.returncode == -sig, (proc.returncode, err)
+    assert f"deepcam-data: stopped by {sig.name}: the files finished before it are in place, no temporary is " \
+           "left" in err, err
+    assert hidden_files(root) == []
+    written = sample_files(root, "train")
+    assert 2 <= len(written) < train
+    for path in written:  # each one whole
+        data, labels = load(path)
+        assert data.shape == (16, 16, 16) and labels.shape == (16, 16)
+    assert not (root / "stats.h5").exists()
 
 
 def test_synth_refuses_foreign_samples(deepcam_data, tmp_path):

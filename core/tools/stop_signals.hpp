@@ -1,0 +1,44 @@
+// SIGINT and SIGTERM for deepcam-data's writers (synth, stats, convert,
+// package): a signal stops the work between files, so that every file being
+// written is finished and renamed into place, or removed, before the process
+// ends; a killed writer left its temporary (the next run removed it).
+//
+// stop_on_signals() installs the handler, which only records the signal.
+// The loops call throw_if_stopped() before each file: it throws Stopped,
+// which unwinds through the writers' clean-up like any failure. main()
+// reports it and ends the process by the same signal, with its default
+// action, so that a shell or a batch system sees the process as killed by
+// it. A second signal, while the first is being handled, ends the process at
+// once (SA_RESETHAND).
+#pragma once
+
+#include <signal.h>
+
+#include <csignal>
+
+namespace deepcam::data {
+
+// Thrown by throw_if_stopped(). Not a std::exception: no handler meant for
+// a failure (one that prints what() and carries on) takes it for one.
+struct Stopped {
+  int signal;
+};
+
+inline volatile std::sig_atomic_t g_stop_signal = 0;
+
+extern "C" inline void record_stop_signal(int signal) { g_stop_signal = signal; }
+
+inline void stop_on_signals() {
+  struct sigaction action {};
+  action.sa_handler = record_stop_signal;
+  action.sa_flags = SA_RESETHAND;
+  sigemptyset(&action.sa_mask);
+  ::sigaction(SIGINT, &action, nullptr);
+  ::sigaction(SIGTERM, &action, nullptr);
+}
+
+inline void throw_if_stopped() {
+  if (const int signal = g_stop_signal) throw Stopped{signal};
+}
+
+}  // namespace deepcam::data
