@@ -665,15 +665,19 @@ struct Call {
   bool settle;
 };
 
-// Waits until the source's read count stops changing for 20 ms: the workers
-// have read ahead as far as they may. (A worker held up longer only sends the
-// next call down the path that waits for its batch, which must return the
-// same batches.)
+// Waits until the source's read count stops changing for 20 ms plus three
+// reads' time: the workers have read ahead as far as they may. A read counts
+// when it ends, so a quiet time shorter than one read (20 ms at delay_ =
+// 20000) returned while reads were still under way. (A worker held up longer
+// only sends the next call down the path that waits for its batch, which
+// must return the same batches; the read-ahead counts, though, need every
+// read done.)
 void settle(const FakeSource& fake) {
+  const auto quiet = std::chrono::milliseconds(20) + 3 * std::chrono::microseconds(fake.delay_);
   std::int64_t before = -1;
   while (fake.reads_.load() != before) {
     before = fake.reads_.load();
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    std::this_thread::sleep_for(quiet);
   }
 }
 
