@@ -1,7 +1,7 @@
 """Training with device = "cuda" from start to end: the losses of the CPU run,
 checkpoints Python reads on the CPU, resume on the GPU, the prefetch
-reader's ring with normalisation on the GPU feeding LAMB's fused kernels,
-and the quickstart to its target with a log that passes the checker. Each
+reader's ring with normalisation on the GPU feeding LAMB's fused kernels
+(and --predict), and the quickstart to its target with a log that passes the checker. Each
 test needs a CUDA GPU and is skipped without one (scripts/gpu_check.sh runs
 them on a GPU machine)."""
 
@@ -67,6 +67,25 @@ def test_prefetch_ring_and_fused_lamb_on_cuda_resume_where_they_left_off(tmp_pat
                for out in (whole_out, resumed_out, tmp_path / "again"))
     assert a["step"] == b["step"] == 8
     assert_within_spread(b["model"], a["model"], c["model"])
+
+
+def test_predict_on_cuda_from_the_prefetch_ring_writes_what_it_writes_from_hdf5(tmp_path, data):
+    # The ring hands its batches over on the GPU; --predict read their labels and TMQ through host pointers.
+    trained, _ = run(tmp_path, data, "trained", {"device": "cuda"}, optimizer=SGD)
+    readers = {"prefetch": {"reader": {"name": "prefetch", "depth": 2, "threads": 1},
+                            "reader.source": {"name": "hdf5", "threads": 1}},
+               "hdf5": {}}
+    written = {}
+    for name, sections in readers.items():
+        path = write_run(tmp_path / f"predict-{name}.toml", data, tmp_path / f"unused-{name}",
+                         run={"device": "cuda", "cudnn_benchmark": False}, **sections)
+        out = tmp_path / f"predicted-{name}"
+        r = run_host(path, "--predict", trained / "checkpoint-epoch2.pt", "--out", out)
+        assert r.returncode == 0, r.stderr[-3000:]
+        written[name] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert len(written["hdf5"]) == 8  # 4 validation samples, .npy and .png each
+    # The ring normalises on the GPU, the HDF5 reader on the CPU, bit for bit alike (the test above).
+    assert written["prefetch"] == written["hdf5"]
 
 
 def test_the_quickstart_on_cuda_reaches_the_target_and_passes_the_checker(tmp_path):

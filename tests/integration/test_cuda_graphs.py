@@ -139,7 +139,17 @@ def test_benchmark_with_graphs_replays_and_says_so(tmp_path):
     run = write_run(tmp_path / "run.toml", data, tmp_path / "out",
                     run={"device": "cuda", "cuda_graphs": True, "train_batch_size": 2},
                     optimizer={"name": "lamb", "lr": 0.002})
-    r = run_host(run, "--benchmark", 6)  # 5 warm-up steps (3 eager, the captured one, a replay), 6 replays
-    assert r.returncode == 0, r.stderr[-3000:]
-    line = json.loads(r.stdout.strip().splitlines()[-1])
+    lines = {}
+    for name, changes in (("graphed", []), ("eager", ["--set", "run.cuda_graphs=false"]),
+                          ("cpu", ["--set", "run.cuda_graphs=false", "--set", "run.device=cpu"])):
+        # 5 warm-up steps (3 eager, the captured one, a replay), then 6 timed ones
+        r = run_host(run, "--benchmark", 6, *changes)
+        assert r.returncode == 0, r.stderr[-3000:]
+        lines[name] = json.loads(r.stdout.strip().splitlines()[-1])
+    line = lines["graphed"]
     assert line["cuda_graphs"] is True and line["device"].startswith("cuda") and line["steps"] == 6
+    # The peak counts the graph's capture: replays never allocate, so a peak taken after the warm-up held
+    # only the weights and the optimizer's state, a small part of the eager step's.
+    assert line["peak_memory_mb"] >= 0.9 * lines["eager"]["peak_memory_mb"], lines
+    # On the CPU beside a GPU it is the process's peak RSS, not the idle CUDA allocator's 0.
+    assert lines["cpu"]["device"] == "cpu" and lines["cpu"]["peak_memory_mb"] > 50, lines
