@@ -381,6 +381,13 @@ class Engine {
       // convolution, the Xception blocks' skip path; PyTorch itself does the
       // same. ATen's own CPU convolutions handle NHWC correctly, more slowly.
       at::globalContext().setUserEnabledMkldnn(false);
+      if (comm_.rank() == 0) {
+        std::fprintf(stderr,
+                     "deepcam-host: note: channels_last on the CPU (%s) runs ATen's own NHWC convolutions "
+                     "(oneDNN's corrupt memory on narrow NHWC layers), many times slower than \"contiguous\"; "
+                     "channels_last is for CUDA\n",
+                     run.where("memory_format").c_str());
+      }
     }
 
     ReaderContext rc = reader_context(cfg_, comm_.rank(), comm_.size(), &log_);
