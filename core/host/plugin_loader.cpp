@@ -7,7 +7,6 @@
 #include <elf.h>
 
 #include <algorithm>
-#include <atomic>
 #include <boost/dll/shared_library.hpp>
 #include <cerrno>
 #include <cstdint>
@@ -20,7 +19,6 @@
 #include <fstream>
 #include <mutex>
 #include <system_error>
-#include <thread>
 
 #include "deepcam/error.hpp"
 
@@ -114,14 +112,14 @@ std::string elf_problem(const std::string& path) {
 // terminate handler on the loading thread names the library and what it
 // threw, and ends the process with the status of an internal error (3),
 // where the default handler would abort with "terminate called".
+// (Initialisers run on the thread that calls dlopen.)
 std::mutex g_loading_mutex;  // one load at a time: the handler is process-wide
-std::atomic<const char*> g_loading_path{nullptr};
-std::thread::id g_loading_thread;
 std::terminate_handler g_previous_terminate = nullptr;
+thread_local const char* t_loading_path = nullptr;  // the library this thread is loading
 
 [[noreturn]] void terminate_while_loading() {
-  const char* path = g_loading_path.load();
-  if (path == nullptr || std::this_thread::get_id() != g_loading_thread) {
+  const char* path = t_loading_path;
+  if (path == nullptr) {  // another thread's std::terminate, while a library loads
     if (g_previous_terminate != nullptr) g_previous_terminate();
     std::abort();
   }
@@ -147,13 +145,12 @@ std::terminate_handler g_previous_terminate = nullptr;
 class NameLibraryOnTerminate {
  public:
   explicit NameLibraryOnTerminate(const std::string& path) : lock_(g_loading_mutex) {
-    g_loading_thread = std::this_thread::get_id();
+    t_loading_path = path.c_str();
     g_previous_terminate = std::set_terminate(terminate_while_loading);
-    g_loading_path.store(path.c_str());
   }
   ~NameLibraryOnTerminate() {
-    g_loading_path.store(nullptr);
     std::set_terminate(g_previous_terminate);
+    t_loading_path = nullptr;
   }
   NameLibraryOnTerminate(const NameLibraryOnTerminate&) = delete;
   NameLibraryOnTerminate& operator=(const NameLibraryOnTerminate&) = delete;
