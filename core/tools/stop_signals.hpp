@@ -9,7 +9,8 @@
 // reports it and ends the process by the same signal, with its default
 // action, so that a shell or a batch system sees the process as killed by
 // it. A second signal, while the first is being handled, ends the process at
-// once (SA_RESETHAND).
+// once (SA_RESETHAND). A signal the process was started ignoring (SIGINT in
+// a shell's background job, nohup) stays ignored.
 #pragma once
 
 #include <signal.h>
@@ -33,8 +34,11 @@ inline void stop_on_signals() {
   action.sa_handler = record_stop_signal;
   action.sa_flags = SA_RESETHAND;
   sigemptyset(&action.sa_mask);
-  ::sigaction(SIGINT, &action, nullptr);
-  ::sigaction(SIGTERM, &action, nullptr);
+  for (const int signal : {SIGINT, SIGTERM}) {
+    struct sigaction current {};
+    ::sigaction(signal, nullptr, &current);
+    if (current.sa_handler != SIG_IGN) ::sigaction(signal, &action, nullptr);
+  }
 }
 
 inline void throw_if_stopped() {

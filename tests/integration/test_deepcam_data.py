@@ -361,10 +361,11 @@ def test_a_full_disk_is_an_error_not_a_crash_at_exit(deepcam_data, dataset, tmp_
     assert hidden_files(root) == [] and not (root / "stats.h5").exists()
 
 
-def stop_when_written(args, folder, pattern, sig, files=2):
+def stop_when_written(args, folder, pattern, sig, files=2, preexec_fn=None):
     """Runs a deepcam-data command, sends it `sig` once `files` files matching `pattern` are in `folder`, and
     returns the ended process and its stderr."""
-    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=preexec_fn)
     deadline = time.monotonic() + 120
     while len(list(Path(folder).glob(pattern))) < files:
         assert proc.poll() is None, "it finished before the signal: give it more files"
@@ -393,6 +394,17 @@ def test_synth_stopped_by_a_signal_leaves_whole_files_and_no_temporary(deepcam_d
         data, labels = load(path)
         assert data.shape == (16, 16, 16) and labels.shape == (16, 16)
     assert not (root / "stats.h5").exists()
+
+
+def test_synth_started_ignoring_sigint_keeps_ignoring_it(deepcam_data, tmp_path):
+    # As a shell's background job (cmd &) or nohup starts it: the stop handler must not take SIGINT back.
+    root = tmp_path / "set"
+    proc, err = stop_when_written([deepcam_data, "synth", "--out", root, "--train", 300, "--validation", 0,
+                                   "--height", 16, "--width", 16, "--threads", 2], root / "train", "*.h5",
+                                  signal.SIGINT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert proc.returncode == 0, err
+    assert "stopped" not in err
+    assert len(sample_files(root, "train")) == 300 and (root / "stats.h5").exists()
 
 
 def test_synth_refuses_foreign_samples(deepcam_data, tmp_path):
