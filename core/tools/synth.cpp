@@ -1,22 +1,18 @@
 #include "synth.hpp"
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cmath>
-#include <exception>
-#include <mutex>
 #include <random>
 #include <set>
 #include <system_error>
-#include <thread>
 
 #include <fmt/format.h>
 
 #include "deepcam/error.hpp"
 #include "deepcam/h5.hpp"
+#include "parallel.hpp"
 #include "stats.hpp"
-#include "stop_signals.hpp"
 
 namespace deepcam::data {
 namespace fs = std::filesystem;
@@ -376,41 +372,19 @@ void run_synth(const SynthOptions& o) {
     check_no_foreign_samples(dir, names);
   }
 
-  std::atomic<std::size_t> next{0};
-  std::atomic<bool> failed{false};
-  std::mutex mutex;  // guards first_error
-  std::exception_ptr first_error;
   Progress progress("synth", jobs.size(), "samples", o.progress);
-  auto worker = [&] {
-    Sample sample;  // one sample per thread, reused
-    try {
-      for (std::size_t k = next++; k < jobs.size() && !failed; k = next++) {
-        throw_if_stopped();
-        const Job& job = jobs[k];
-        generate_sample(o.seed, job.split, job.index, o.height, o.width, sample);
-        write_atomically(job.path, [&](h5::File& file) {
-          const auto h = static_cast<std::uint64_t>(o.height), w = static_cast<std::uint64_t>(o.width);
-          file.write("climate/data", sample.data.data(), {h, w, static_cast<std::uint64_t>(kChannels)});
-          file.write("climate/labels_0", sample.labels.data(), {h, w});
-        });
-        progress.advance();
-      }
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(mutex);
-      if (!first_error) first_error = std::current_exception();
-      failed = true;
-    }
-  };
-  const int n_threads = std::max(1, std::min<int>(o.threads, static_cast<int>(jobs.size())));
-  std::vector<std::thread> threads;
-  try {
-    for (int t = 1; t < n_threads; ++t) threads.emplace_back(worker);
-  } catch (const std::system_error&) {
-    // Fewer threads than asked for still produce the same files.
-  }
-  worker();
-  for (auto& t : threads) t.join();
-  if (first_error) std::rethrow_exception(first_error);
+  // One sample buffer per thread, reused; the same files with any number of
+  // threads (each sample's random numbers depend on the seed and its index).
+  parallel_for_each<Sample>(jobs.size(), o.threads, [&](Sample& sample, std::size_t k) {
+    const Job& job = jobs[k];
+    generate_sample(o.seed, job.split, job.index, o.height, o.width, sample);
+    write_atomically(job.path, [&](h5::File& file) {
+      const auto h = static_cast<std::uint64_t>(o.height), w = static_cast<std::uint64_t>(o.width);
+      file.write("climate/data", sample.data.data(), {h, w, static_cast<std::uint64_t>(kChannels)});
+      file.write("climate/labels_0", sample.labels.data(), {h, w});
+    });
+    progress.advance();
+  });
 
   // The statistics re-read every training file: progress of their own, no table.
   const ChannelStats stats = run_stats(o.out, o.progress, /*summary=*/false);
