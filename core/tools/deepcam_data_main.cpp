@@ -9,7 +9,7 @@
 //   (synth, stats, convert, verify also take --quiet and --progress-seconds S)
 //   deepcam-data read RUN.toml [--set k=v]... [--split S] [--epochs N]
 //                    [--consume-ms X | --consume-matched] [--with-validation]
-//   deepcam-data package RUN_DIR... --system NAME --out DIR [--system-desc FILE]
+//   deepcam-data package RUN_DIR... [--throughput INSTANCE_DIR...] --system NAME --out DIR [--system-desc FILE]
 //
 // Every error is one line `deepcam-data: <message>` on stderr and a non-zero
 // exit status (2 for a bad command line, 1 otherwise); no partial file is
@@ -46,7 +46,7 @@ constexpr const char* kUsage = R"(usage:
   deepcam-data convert SRC DST [options]   write the numpy form of data set SRC to DST
   deepcam-data verify ROOT [options]       check every file of a data set (h5 or npy)
   deepcam-data read RUN.toml [options]     time the run's reader alone (no model)
-  deepcam-data package RUN_DIR... --system NAME --out DIR
+  deepcam-data package RUN_DIR... [--throughput INSTANCE_DIR...] --system NAME --out DIR
                                            an MLPerf HPC results package and its score
   deepcam-data --help
 
@@ -131,6 +131,14 @@ run_stop) and the score as the MLPerf result summarizer computes it (olympic
 mean in minutes; runs not ending in success dropped, at most one). Exit 1
 when there is no score. Check it with
   python -m mlperf_logging.package_checker DIR hpc 3.0.0
+  --throughput INSTANCE_DIR...
+                       the run folders after it are the instances of a
+                       throughput (weak scaling) measurement, beside the
+                       time-to-solution runs before it: results/NAME/weak/
+                       deepcam/result_N.txt; each must have reached the
+                       target, with its own seed, all at one scale; the score
+                       is the time from the first run_start to the last
+                       run_stop (at least 5 instances)
   --system NAME        the system's name (letters, digits, _ - . +)   required
   --out DIR            the package folder; must not exist             required
   --system-desc FILE   a JSON object of system description fields (strings

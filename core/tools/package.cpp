@@ -447,6 +447,75 @@ void write_file(const fs::path& path, const std::string& text) {
   }
 }
 
+// mlperf_logging's result count for deepcam: exactly this many time-to-solution
+// runs, and at least this many throughput instances.
+constexpr std::size_t kRequiredRuns = 5;
+
+long long count_in(const Run& r, const char* key) {
+  const std::string text = r.text(key);
+  char* end = nullptr;
+  const long long n = std::strtoll(text.c_str(), &end, 10);
+  if (text.empty() || *end != '\0' || n < 0)
+    throw Error(fmt::format("{}: {} is '{}', not a count", r.log.string(), key, text));
+  return n;
+}
+
+// The throughput measurement (MLPerf HPC's weak scaling): M instances trained
+// to the target, each on S accelerators (nodes where there are none, as the
+// result summarizer counts), scored by the time from the first run_start to
+// the last run_stop.
+struct Throughput {
+  long long instance_scale = 0;
+  long long most_at_once = 0;  // instances training at the same time, at most
+  double first_start_ms = 0, last_stop_ms = 0;
+  double minutes() const { return (last_stop_ms - first_start_ms) / 60000.0; }
+};
+
+Throughput throughput_of(const std::vector<Run>& instances, const Run& tts) {
+  Throughput t;
+  const Run& first = instances.front();
+  std::map<std::string, const Run*> seeds;
+  std::vector<std::pair<double, int>> edges;  // (time, +1 at run_start or -1 at run_stop)
+  for (const Run& r : instances) {
+    for (const char* key : {"submission_division", "submission_org"})
+      if (r.text(key) != tts.text(key))
+        throw Error(fmt::format("{}: {} is '{}' but the time-to-solution run {} has '{}': one package holds runs of "
+                                "one system",
+                                r.log.string(), key, r.text(key), tts.log.string(), tts.text(key)));
+    // The rules count only instances that reached the target, and leave the
+    // others out of the package (with their run_start and run_stop the
+    // summarizer would count them).
+    if (!r.converged())
+      throw Error(fmt::format("{}: run_stop status '{}': every throughput instance must reach the target; leave this "
+                              "one out (the rules allow leaving instances out)",
+                              r.log.string(), r.stop_status.empty() ? "(none)" : r.stop_status));
+    const long long scale = count_in(r, "number_of_nodes") * std::max(count_in(r, "accelerators_per_node"), 1LL);
+    if (&r == &first) t.instance_scale = scale;
+    else if (scale != t.instance_scale)
+      throw Error(fmt::format("{}: instance scale {} (number_of_nodes x accelerators_per_node) but {} has {}: every "
+                              "throughput instance trains at one scale",
+                              r.log.string(), scale, first.log.string(), t.instance_scale));
+    const std::string seed = r.text("seed");
+    if (seed.empty()) throw Error(fmt::format("{}: no seed line", r.log.string()));
+    if (const auto [it, fresh] = seeds.emplace(seed, &r); !fresh)
+      throw Error(fmt::format("{}: seed {}, as {}: instances with the same seed must be left out (the rules); give "
+                              "each instance its own seed",
+                              r.log.string(), seed, it->second->log.string()));
+    edges.emplace_back(r.run_start_ms, +1);
+    edges.emplace_back(r.run_stop_ms, -1);
+  }
+  // At equal times a stop comes before a start: one instance ending as the
+  // next begins is not two at once.
+  std::sort(edges.begin(), edges.end());
+  long long running = 0;
+  for (const auto& [time, step] : edges) t.most_at_once = std::max(t.most_at_once, running += step);
+  t.first_start_ms = edges.front().first;
+  t.last_stop_ms = std::max_element(instances.begin(), instances.end(), [](const Run& a, const Run& b) {
+                     return a.run_stop_ms < b.run_stop_ms;
+                   })->run_stop_ms;
+  return t;
+}
+
 bool valid_system_name(const std::string& s) {
   return !s.empty() && s != "." && s != ".." && std::all_of(s.begin(), s.end(), [](char c) {
     return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.' || c == '+';
@@ -458,10 +527,19 @@ bool valid_system_name(const std::string& s) {
 PackageOptions parse_package_args(const std::vector<std::string>& args, std::string& error) {
   PackageOptions o;
   std::set<std::string> given;
+  bool throughput = false;  // the run folders after --throughput are its instances
   for (std::size_t k = 0; k < args.size(); ++k) {
     std::string option = args[k], value;
     if (option.rfind("--", 0) != 0) {
-      o.runs.emplace_back(option);
+      (throughput ? o.throughput_runs : o.runs).emplace_back(option);
+      continue;
+    }
+    if (option == "--throughput") {
+      if (throughput) {
+        error = "package: --throughput is given twice";
+        return o;
+      }
+      throughput = true;
       continue;
     }
     if (const auto eq = option.find('='); eq != std::string::npos) {
@@ -471,6 +549,10 @@ PackageOptions parse_package_args(const std::vector<std::string>& args, std::str
       value = args[++k];
     } else {
       error = fmt::format("{} needs a value", option);
+      return o;
+    }
+    if (option == "--throughput") {
+      error = "package: --throughput takes no value: the run folders after it are the instances";
       return o;
     }
     if (option != "--system" && option != "--out" && option != "--system-desc") {
@@ -485,7 +567,12 @@ PackageOptions parse_package_args(const std::vector<std::string>& args, std::str
     else if (option == "--out") o.out = value;
     else o.system_desc = value;
   }
-  if (o.runs.empty()) error = "package: give the output folders of the runs (RUN_DIR...)";
+  if (o.runs.empty())
+    error = throughput ? "package: give the time-to-solution runs (RUN_DIR...) before --throughput: the rules allow "
+                         "a throughput score only beside a time-to-solution score of the same benchmark"
+                       : "package: give the output folders of the runs (RUN_DIR...)";
+  else if (throughput && o.throughput_runs.empty())
+    error = "package: --throughput: give the output folders of the instances after it";
   else if (o.system.empty()) error = "package: --system NAME is required";
   else if (!valid_system_name(o.system))
     error = fmt::format("package: --system '{}': use letters, digits and _ - . + only (it names a file)", o.system);
@@ -498,23 +585,29 @@ int run_package(const PackageOptions& o) {
   if (fs::exists(o.out, ec))
     throw Error(fmt::format("--out {}: exists already; give a new folder (the package is written whole)",
                             o.out.string()));
-  std::vector<Run> runs;
-  for (const auto& dir : o.runs) {
-    // The same run twice (a link, a trailing slash) would be scored as two.
-    for (const Run& earlier : runs) {
-      if (fs::equivalent(earlier.dir, dir, ec)) {
-        throw Error(fmt::format("{}: the same run as {}; give each run once", dir.string(), earlier.dir.string()));
+  std::vector<Run> runs, instances;
+  std::vector<fs::path> seen;
+  auto read_runs = [&](const std::vector<fs::path>& dirs, std::vector<Run>& into) {
+    for (const auto& dir : dirs) {
+      // The same run twice (a link, a trailing slash) would be scored as two.
+      for (const fs::path& earlier : seen) {
+        if (fs::equivalent(earlier, dir, ec)) {
+          throw Error(fmt::format("{}: the same run as {}; give each run once", dir.string(), earlier.string()));
+        }
       }
+      into.push_back(read_run(dir));
+      seen.push_back(dir);
     }
-    runs.push_back(read_run(dir));
-  }
+  };
+  read_runs(o.runs, runs);
+  read_runs(o.throughput_runs, instances);
   const Run& first = runs.front();
   for (const Run& r : runs)
     for (const char* key : {"submission_division", "submission_org", "number_of_nodes", "accelerators_per_node"})
       if (r.text(key) != first.text(key))
         throw Error(fmt::format("{}: {} is '{}' but {} has '{}': one package holds runs of one system", r.log.string(),
                                 key, r.text(key), first.log.string(), first.text(key)));
-
+  const Throughput throughput = instances.empty() ? Throughput{} : throughput_of(instances, first);
   std::vector<std::string> empty_fields;
   const Value desc = system_description(o, first, empty_fields);
 
@@ -561,6 +654,38 @@ int run_package(const PackageOptions& o) {
     per_run.items.push_back(std::move(entry));
   }
   write_file(temp / "systems" / (o.system + ".json"), dump(desc, 0) + "\n");
+  Value throughput_summary;
+  if (!instances.empty()) {
+    const fs::path weak_results = temp / "results" / o.system / "weak" / kBenchmark;
+    fs::create_directories(weak_results);
+    throughput_summary.kind = Value::Kind::Object;
+    Value per_instance;
+    per_instance.kind = Value::Kind::Array;
+    for (std::size_t n = 0; n < instances.size(); ++n) {
+      throw_if_stopped();
+      const Run& r = instances[n];
+      write_file(weak_results / fmt::format("result_{}.txt", n), read_text(r.log));
+      write_file(run_files / "weak" / fmt::format("result_{}.toml", n), read_text(r.run_file));
+      fmt::print("weak/result_{}.txt: {}: seed {}, run_start {:.3f} min and run_stop {:.3f} min after the first "
+                 "run_start\n",
+                 n, r.dir.string(), r.text("seed"), (r.run_start_ms - throughput.first_start_ms) / 60000.0,
+                 (r.run_stop_ms - throughput.first_start_ms) / 60000.0);
+      Value entry;
+      entry.kind = Value::Kind::Object;
+      entry.members.emplace_back("result", Value::string(fmt::format("weak/result_{}.txt", n)));
+      entry.members.emplace_back("run_dir", Value::string(fs::absolute(r.dir).lexically_normal().string()));
+      entry.members.emplace_back("seed", Value::string(r.text("seed")));
+      entry.members.emplace_back("time_to_train_minutes", number(r.minutes()));
+      per_instance.items.push_back(std::move(entry));
+    }
+    const bool enough = instances.size() >= kRequiredRuns;
+    throughput_summary.members.emplace_back("instances", per_instance);
+    throughput_summary.members.emplace_back("number_of_models", number(static_cast<long long>(instances.size())));
+    throughput_summary.members.emplace_back("instance_scale", number(throughput.instance_scale));
+    throughput_summary.members.emplace_back("most_instances_at_once", number(throughput.most_at_once));
+    throughput_summary.members.emplace_back("time_to_train_all_minutes",
+                                            enough ? number(throughput.minutes()) : Value{});
+  }
 
   // The result summarizer's olympic mean: at most one run may be dropped; of
   // the scores left, the fastest is dropped and, unless a run was already
@@ -583,6 +708,7 @@ int run_package(const PackageOptions& o) {
   summary.members.emplace_back("runs", per_run);
   summary.members.emplace_back("dropped_runs", number(static_cast<long long>(dropped)));
   summary.members.emplace_back("score_minutes", score ? number(*score) : Value{});
+  if (!instances.empty()) summary.members.emplace_back("throughput", throughput_summary);
   write_file(temp / "score.json", dump(summary, 0) + "\n");
 
   fs::rename(temp, out, ec);
@@ -591,25 +717,37 @@ int run_package(const PackageOptions& o) {
 
   fmt::print("package: {} runs of {} ({} division) in {}\n", runs.size(), o.system,
              first.text("submission_division"), out.string());
-  constexpr std::size_t kRequired = 5;  // mlperf_logging's result count for deepcam, strong scaling
-  if (runs.size() != kRequired)
+  if (runs.size() != kRequiredRuns)
     fmt::print("package: note: the package checker wants exactly {} results for deepcam (strong scaling), "
-               "this package has {}\n", kRequired, runs.size());
+               "this package has {}\n", kRequiredRuns, runs.size());
   if (!empty_fields.empty()) {
     std::string list;
     for (const auto& f : empty_fields) list += (list.empty() ? "" : ", ") + f;
     fmt::print("package: systems/{}.json: the host fields describe this machine; left empty (fill them in, or give "
                "--system-desc FILE): {}\n", o.system, list);
   }
+  int status = 0;
   if (!score) {
     fmt::print(stderr, "package: no score: {} of {} runs did not converge (run_stop status other than success); "
                        "the olympic mean allows {} and needs at least {} converged runs\n",
                dropped, runs.size(), kMaxDropped, 2 * kMaxDropped - dropped + 1);
-    return 1;
+    status = 1;
+  } else {
+    fmt::print("score: {:.4f} minutes (olympic mean of {} runs: time to train from run_start to run_stop)\n", *score,
+               scores.size());
   }
-  fmt::print("score: {:.4f} minutes (olympic mean of {} runs: time to train from run_start to run_stop)\n", *score,
-             scores.size());
-  return 0;
+  if (!instances.empty()) {
+    if (instances.size() < kRequiredRuns) {
+      fmt::print(stderr, "package: no throughput score: {} instances; the rules want at least {} for deepcam\n",
+                 instances.size(), kRequiredRuns);
+      status = 1;
+    } else {
+      fmt::print("throughput: {} models of instance scale {} (at most {} at once) in {:.4f} minutes (time to train "
+                 "all: the first run_start to the last run_stop)\n",
+                 instances.size(), throughput.instance_scale, throughput.most_at_once, throughput.minutes());
+    }
+  }
+  return status;
 }
 
 }  // namespace deepcam::data

@@ -1,4 +1,4 @@
-// `deepcam-data package RUN_DIR... --system NAME --out DIR [--system-desc FILE]`:
+// `deepcam-data package RUN_DIR... [--throughput INSTANCE_DIR...] --system NAME --out DIR [--system-desc FILE]`:
 // an MLPerf HPC submission tree from finished runs, in the layout that
 // mlperf_logging.package_checker and result_summarizer read (usage hpc,
 // ruleset 3.0.0):
@@ -8,6 +8,19 @@
 //   DIR/benchmarks/deepcam/implementations/deepcam-host/run_files/NAME/result_N.toml
 //                                                  the resolved run file of run N
 //   DIR/score.json                                 the time to train of each run, the score
+//
+// and with --throughput, the instances of the throughput measurement (MLPerf
+// HPC's weak scaling), which the rules allow only beside the time-to-solution
+// runs:
+//
+//   DIR/results/NAME/weak/deepcam/result_N.txt     instance N's MLPerf log
+//   DIR/benchmarks/.../run_files/NAME/weak/result_N.toml
+//
+// Every instance must have reached the target, with a seed of its own, and
+// all at one scale (number_of_nodes x accelerators_per_node, nodes where
+// there are no accelerators); the throughput score (the result summarizer's)
+// is the number of instances, that scale and the time to train all: the
+// first run_start to the last run_stop. It needs at least 5 instances.
 //
 // The HPC checker wants the strong/ (or weak/) level between the system and
 // the benchmark. The score is the result summarizer's: each run's time to
@@ -30,7 +43,8 @@
 namespace deepcam::data {
 
 struct PackageOptions {
-  std::vector<std::filesystem::path> runs;
+  std::vector<std::filesystem::path> runs;             // the time-to-solution runs
+  std::vector<std::filesystem::path> throughput_runs;  // the instances after --throughput
   std::string system;
   std::filesystem::path out;
   std::filesystem::path system_desc;  // empty: none
@@ -40,9 +54,11 @@ struct PackageOptions {
 PackageOptions parse_package_args(const std::vector<std::string>& args, std::string& error);
 
 // Writes the tree and prints each run's time to train and the score. Throws
-// deepcam::Error on a missing or malformed log, runs that disagree, or a
-// package that could not be written; returns 1 (after writing the package)
-// when more than one run did not converge, so that there is no score.
+// deepcam::Error on a missing or malformed log, runs that disagree, an
+// instance that did not converge or repeats a seed, or a package that could
+// not be written; returns 1 (after writing the package) when more than one
+// run did not converge, so that there is no score, or when there are fewer
+// than 5 throughput instances.
 int run_package(const PackageOptions& options);
 
 }  // namespace deepcam::data

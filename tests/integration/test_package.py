@@ -239,3 +239,112 @@ def test_system_desc_fields_replace_the_generated_ones(runs, tmp_path):
     assert r.returncode == 0, r.stderr
     got = json.loads((out / "systems" / "cpu2-quickstart.json").read_text())
     assert got["host_storage_type"] == "NVMe" and got["cooling"] == "air"
+
+
+def summarized_throughput(folder):
+    """The result summarizer's weak-scaling (throughput) row: the summarizer appends its table to the CSV
+    after the strong-scaling one, under a header of its own."""
+    csv_path = folder.parent / f"{folder.name}-summary.csv"
+    r = subprocess.run([sys.executable, "-m", "mlperf_logging.result_summarizer", str(folder), "hpc", RULESET,
+                        "--csv", str(csv_path)], capture_output=True, text=True, timeout=600, cwd=folder.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = csv_path.read_text().splitlines()
+    header = next((k for k, line in enumerate(lines) if "time_to_train_all" in line), None)
+    assert header is not None, r.stdout + r.stderr + "\n".join(lines)
+    return list(csv.DictReader(lines[header:])), r.stdout + r.stderr
+
+
+def test_throughput_package_is_accepted_and_scored_as_the_summarizer_does(runs, tmp_path):
+    """The instances of a throughput (weak scaling) measurement go under weak/ beside the time-to-solution
+    runs; the score is the summarizer's: the instances, their scale and the first run_start to the last
+    run_stop. The five converged quickstart runs trained two at a time, as instances do."""
+    tts = []
+    for n, d in enumerate(runs["open"]):
+        tts.append(tmp_path / f"tts-{n}")
+        shutil.copytree(d, tts[-1])
+    out = tmp_path / "pkg"
+    r = package(tts, out, "cpu2-quickstart", "--throughput", *runs["open"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    weak = out / "results" / "cpu2-quickstart" / "weak" / "deepcam"
+    assert sorted(p.name for p in weak.iterdir()) == [f"result_{n}.txt" for n in range(RUNS)]
+    for n, d in enumerate(runs["open"]):
+        assert (weak / f"result_{n}.txt").read_bytes() == (d / "mlperf.log").read_bytes()
+        run_file = (out / "benchmarks/deepcam/implementations/deepcam-host/run_files/cpu2-quickstart/weak" /
+                    f"result_{n}.toml")
+        assert run_file.read_bytes() == (d / "config.toml").read_bytes()
+
+    text = package_checker(out)
+    assert "PACKAGE CHECKER FOUND NO ERRORS" in text, text
+    assert not [line for line in text.splitlines() if line.startswith(("ERROR", "WARNING"))], text
+
+    rows, text = summarized_throughput(out)
+    assert len(rows) == 1 and rows[0]["system"] == "cpu2-quickstart", text
+    starts, stops = [], []
+    for d in runs["open"]:
+        events = read_events(d / "mlperf.log")
+        starts.append(next(e["time_ms"] for e in events if e["key"] == "run_start"))
+        stops.append(next(e["time_ms"] for e in events if e["key"] == "run_stop"))
+    expected = (max(stops) - min(starts)) / 60000
+    ours = json.loads((out / "score.json").read_text())["throughput"]
+    assert ours["time_to_train_all_minutes"] == pytest.approx(float(rows[0]["deepcam:time_to_train_all"]),
+                                                               rel=1e-12), text
+    assert ours["time_to_train_all_minutes"] == pytest.approx(expected, rel=1e-12)
+    assert ours["number_of_models"] == RUNS == float(rows[0]["deepcam:number_of_models"])
+    assert ours["instance_scale"] == 1 == float(rows[0]["deepcam:instance_scale"])
+    # Two at a time on the fixture's pool; one at a time would be 1.
+    assert ours["most_instances_at_once"] == 2
+    printed = re.search(r"throughput: 5 models of instance scale 1 \(at most 2 at once\) in ([0-9.]+) minutes",
+                        r.stdout)
+    assert printed and float(printed.group(1)) == pytest.approx(expected, abs=1e-4), r.stdout
+
+
+def test_throughput_instances_are_refused_when_the_rules_leave_them_out(runs, tmp_path):
+    def refused(instances, needle, code=1):
+        r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", "--throughput", *instances)
+        assert r.returncode == code and needle in r.stderr, r.stderr
+        assert not (tmp_path / "pkg").exists() and not list(tmp_path.glob(".pkg.tmp*"))
+
+    copies = []
+    for n, d in enumerate(runs["open"]):
+        copies.append(tmp_path / f"instance-{n}")
+        shutil.copytree(d, copies[-1])
+    # An instance that did not reach the target.
+    refused(copies[:4] + [runs["short"]], f"{runs['short'] / 'mlperf.log'}: run_stop status 'aborted': every "
+                                           "throughput instance must reach the target")
+    # Two instances with one seed (a copy of a run).
+    again = tmp_path / "again"
+    shutil.copytree(copies[0], again)
+    refused(copies + [again], f"{again / 'mlperf.log'}: seed ")
+    # One instance at another scale.
+    log = copies[4] / "mlperf.log"
+    log.write_text(log.read_text().replace('"key": "number_of_nodes", "value": 1,',
+                                           '"key": "number_of_nodes", "value": 2,'))
+    refused(copies, f"{log}: instance scale 2 (number_of_nodes x accelerators_per_node) but "
+                    f"{copies[0] / 'mlperf.log'} has 1")
+    # The same run as a time-to-solution run and as an instance.
+    refused([runs["open"][0]], f"{runs['open'][0]}: the same run as {runs['open'][0]}")
+    # Instances of another division.
+    refused(runs["closed"][:1], "submission_division is 'closed' but the time-to-solution run")
+    # Usage: instances alone, none after --throughput, --throughput twice or with a value.
+    r = package([], tmp_path / "pkg", "cpu2-quickstart", "--throughput", *copies[:4])
+    assert r.returncode == 2 and "only beside a time-to-solution score" in r.stderr, r.stderr
+    r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", "--throughput")
+    assert r.returncode == 2 and "give the output folders of the instances after it" in r.stderr, r.stderr
+    r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", "--throughput", copies[0], "--throughput",
+                copies[1])
+    assert r.returncode == 2 and "--throughput is given twice" in r.stderr, r.stderr
+    r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", f"--throughput={copies[0]}")
+    assert r.returncode == 2 and "--throughput takes no value" in r.stderr, r.stderr
+
+
+def test_fewer_than_five_throughput_instances_leave_no_throughput_score(runs, tmp_path):
+    copies = []
+    for n, d in enumerate(runs["open"][:4]):
+        copies.append(tmp_path / f"instance-{n}")
+        shutil.copytree(d, copies[-1])
+    r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", "--throughput", *copies)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "no throughput score: 4 instances; the rules want at least 5 for deepcam" in r.stderr
+    score = json.loads((tmp_path / "pkg" / "score.json").read_text())
+    assert score["score_minutes"] is not None and score["throughput"]["time_to_train_all_minutes"] is None
+    assert score["throughput"]["number_of_models"] == 4
