@@ -746,6 +746,15 @@ int run_package(const PackageOptions& o) {
                  "all: the first run_start to the last run_stop)\n",
                  instances.size(), throughput.instance_scale, throughput.most_at_once, throughput.minutes());
     }
+    // The system description's counts are the time-to-solution runs'; the
+    // instances at once may have used more of the system.
+    const long long tts_scale =
+        count_in(first, "number_of_nodes") * std::max(count_in(first, "accelerators_per_node"), 1LL);
+    if (throughput.most_at_once * throughput.instance_scale > tts_scale)
+      fmt::print("package: note: systems/{}.json counts the nodes of the time-to-solution runs (scale {}); the "
+                 "throughput instances used up to {} x {} at once: if the system is larger, give its "
+                 "number_of_nodes with --system-desc FILE\n",
+                 o.system, tts_scale, throughput.most_at_once, throughput.instance_scale);
   }
   return status;
 }

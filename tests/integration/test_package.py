@@ -296,6 +296,8 @@ def test_throughput_package_is_accepted_and_scored_as_the_summarizer_does(runs, 
     printed = re.search(r"throughput: 5 models of instance scale 1 \(at most 2 at once\) in ([0-9.]+) minutes",
                         r.stdout)
     assert printed and float(printed.group(1)) == pytest.approx(expected, abs=1e-4), r.stdout
+    # The system description counts the time-to-solution runs' one node; two instances at once used two.
+    assert "the throughput instances used up to 2 x 1 at once" in r.stdout, r.stdout
 
 
 def test_throughput_instances_are_refused_when_the_rules_leave_them_out(runs, tmp_path):

@@ -247,3 +247,44 @@ def test_container_flags_only_with_cont(slurm, tmp_path):
     stdout = job_output(tmp_path / "logs" / f"{job}_1.out")
     assert info["JobState"] == "FAILED", f"{info}\n{out}\n{stdout}"
     assert "container-image" in stdout, stdout
+
+
+def test_instances_train_at_the_same_time_each_with_its_own_rank_0_seed_and_folder(slurm, tmp_path):
+    """INSTANCES=2 on 2 tasks of one node: two runs of one rank each, as the instances of a throughput
+    measurement: at the same time (their run_start to run_stop intervals overlap), each its own seed,
+    rendezvous port and folder. One epoch each: short of the target, so each exits 1 and so does the job."""
+    data = synth(tmp_path / "h5", train=16, validation=4, height=96, width=144, seed=11)
+    logdir = tmp_path / "logs"
+    port = free_port()
+    env = slurm.env(RUN_FILES="configs/quickstart.toml", DATADIR=data, LOGDIR=logdir, INSTANCES=2, SEED=21,
+                    MASTER_PORT=port, OVERRIDES="reader.threads=1 run.threads=1 run.max_epochs=1")
+    job = slurm.sbatch(REPO_ROOT / "scripts/slurm/run.sub", "-n", 2, "-o", tmp_path / "run-%j.out", env=env)
+    info = slurm.wait(job, 600)
+    out = job_output(tmp_path / f"run-{job}.out")
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "1:0", f"{info}\n{out}\n{slurm.log_text()}"
+    assert "2 instances at the same time, each 1 task(s) on 1 node(s)" in out, out
+    intervals = []
+    for k, seed in ((1, 21), (2, 22)):
+        run_dir = logdir / f"{job}_1_{k}"
+        printed = job_output(logdir / f"{job}_1_{k}.out")
+        assert (run_dir / "mlperf.log").is_file(), f"{out}\n{printed}"
+        events = read_events(run_dir / "mlperf.log")
+        first = {}
+        for e in events:
+            first.setdefault(e["key"], e)
+        assert first["number_of_ranks"]["value"] == 1 and first["seed"]["value"] == seed, printed
+        assert first["run_stop"]["metadata"]["status"] == "aborted", printed
+        intervals.append((first["run_start"]["time_ms"], first["run_stop"]["time_ms"]))
+        assert f"instance {k} of 2 on {slurm.node} (rank 0 at {slurm.node}:{port + k - 1})" in out, out
+        assert f"run 1, instance {k} exited with status 1" in out, out
+    (start_1, stop_1), (start_2, stop_2) = intervals
+    assert start_1 < stop_2 and start_2 < stop_1, f"the instances ran one after the other: {intervals}\n{out}"
+
+
+def test_instances_that_do_not_divide_the_tasks_are_refused(slurm, tmp_path):
+    env = slurm.env(RUN_FILES="configs/quickstart.toml", LOGDIR=tmp_path / "logs", INSTANCES=3)
+    job = slurm.sbatch(REPO_ROOT / "scripts/slurm/run.sub", "-n", 2, "-o", tmp_path / "run-%j.out", env=env)
+    info = slurm.wait(job, 120)
+    out = job_output(tmp_path / f"run-{job}.out")
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", f"{info}\n{out}"
+    assert "INSTANCES=3 on 2 tasks and 1 node(s): it must divide the tasks" in out, out
