@@ -52,6 +52,12 @@ struct Value {
       if (k == key) return &v;
     return nullptr;
   }
+  static Value boolean_of(bool b) {
+    Value v;
+    v.kind = Kind::Bool;
+    v.boolean = b;
+    return v;
+  }
   static Value string(std::string s) {
     Value v;
     v.kind = Kind::String;
@@ -240,13 +246,32 @@ std::string read_text(const fs::path& path) {
 
 // ---- one run's MLPerf log
 
+// The benchmark's quality target: the checker wants at least one
+// eval_accuracy of this, whatever target the run itself stopped at.
+constexpr double kTargetIou = 0.82;
+
 struct Run {
   fs::path dir, log, run_file;
   std::map<std::string, Value> first;  // each key's first value
   double run_start_ms = 0, run_stop_ms = 0;
   std::string stop_status;
+  std::optional<double> best_eval;  // the highest eval_accuracy logged
   double minutes() const { return (run_stop_ms - run_start_ms) / 60000.0; }
-  bool converged() const { return stop_status == "success"; }
+  bool reached_target() const { return best_eval && *best_eval >= kTargetIou && *best_eval <= 1.0; }
+  // What the result summarizer counts: a run that ended in success at the
+  // benchmark's target (one stopped at a lower target of its own fails the
+  // checker, and the summarizer drops it).
+  bool converged() const { return stop_status == "success" && reached_target(); }
+  // Why a run does not count, for messages.
+  std::string outcome() const {
+    if (stop_status != "success")
+      return fmt::format("run_stop status {}", stop_status.empty() ? "(none)" : stop_status);
+    if (!reached_target())
+      return fmt::format("run_stop status success, but its best eval_accuracy ({}) is below the benchmark's target "
+                         "{}",
+                         best_eval ? fmt::format("{:.4f}", *best_eval) : "none logged", kTargetIou);
+    return "run_stop status success";
+  }
   std::string text(const char* key) const {
     const auto it = first.find(key);
     return it == first.end() ? "" : it->second.text;  // a string's value or a number as written
@@ -286,6 +311,8 @@ Run read_run(const fs::path& dir) {
       throw Error(fmt::format("{}:{}: a log line needs \"key\" and \"time_ms\"", run.log.string(), number));
     const Value* value = event.find("value");
     run.first.emplace(key->text, value ? *value : Value{});
+    if (key->text == "eval_accuracy" && value && value->kind == Value::Kind::Number && !std::isnan(value->number))
+      run.best_eval = std::max(run.best_eval.value_or(value->number), value->number);
     if (key->text == "run_start" && !started) {
       started = true;
       run.run_start_ms = time->number;
@@ -467,17 +494,19 @@ long long count_in(const Run& r, const char* key) {
 struct Throughput {
   long long instance_scale = 0;
   long long most_at_once = 0;  // instances training at the same time, at most
+  long long tts_scale = 0;     // the time-to-solution runs' scale, which the system description counts
   double first_start_ms = 0, last_stop_ms = 0;
   double minutes() const { return (last_stop_ms - first_start_ms) / 60000.0; }
 };
 
 Throughput throughput_of(const std::vector<Run>& instances, const Run& tts) {
   Throughput t;
+  t.tts_scale = count_in(tts, "number_of_nodes") * std::max(count_in(tts, "accelerators_per_node"), 1LL);
   const Run& first = instances.front();
   std::map<std::string, const Run*> seeds;
   std::vector<std::pair<double, int>> edges;  // (time, +1 at run_start or -1 at run_stop)
   for (const Run& r : instances) {
-    for (const char* key : {"submission_division", "submission_org"})
+    for (const char* key : {"submission_division", "submission_org", "submission_status"})
       if (r.text(key) != tts.text(key))
         throw Error(fmt::format("{}: {} is '{}' but the time-to-solution run {} has '{}': one package holds runs of "
                                 "one system",
@@ -486,9 +515,9 @@ Throughput throughput_of(const std::vector<Run>& instances, const Run& tts) {
     // others out of the package (with their run_start and run_stop the
     // summarizer would count them).
     if (!r.converged())
-      throw Error(fmt::format("{}: run_stop status '{}': every throughput instance must reach the target; leave this "
-                              "one out (the rules allow leaving instances out)",
-                              r.log.string(), r.stop_status.empty() ? "(none)" : r.stop_status));
+      throw Error(fmt::format("{}: {}: every throughput instance must reach the target; leave this one out (the rules "
+                              "allow leaving instances out)",
+                              r.log.string(), r.outcome()));
     const long long scale = count_in(r, "number_of_nodes") * std::max(count_in(r, "accelerators_per_node"), 1LL);
     if (&r == &first) t.instance_scale = scale;
     else if (scale != t.instance_scale)
@@ -603,7 +632,8 @@ int run_package(const PackageOptions& o) {
   read_runs(o.throughput_runs, instances);
   const Run& first = runs.front();
   for (const Run& r : runs)
-    for (const char* key : {"submission_division", "submission_org", "number_of_nodes", "accelerators_per_node"})
+    for (const char* key :
+         {"submission_division", "submission_org", "submission_status", "number_of_nodes", "accelerators_per_node"})
       if (r.text(key) != first.text(key))
         throw Error(fmt::format("{}: {} is '{}' but {} has '{}': one package holds runs of one system", r.log.string(),
                                 key, r.text(key), first.log.string(), first.text(key)));
@@ -643,13 +673,14 @@ int run_package(const PackageOptions& o) {
     write_file(run_files / fmt::format("result_{}.toml", n), read_text(r.run_file));
     if (r.converged()) scores.push_back(r.minutes());
     else ++dropped;
-    fmt::print("result_{}.txt: {}: time to train {:.4f} min, run_stop status {}\n", n, r.dir.string(), r.minutes(),
-               r.stop_status.empty() ? "(none)" : r.stop_status);
+    fmt::print("result_{}.txt: {}: time to train {:.4f} min, {}{}\n", n, r.dir.string(), r.minutes(), r.outcome(),
+               r.converged() ? "" : ": not counted");
     Value entry;
     entry.kind = Value::Kind::Object;
     entry.members.emplace_back("result", Value::string(fmt::format("result_{}.txt", n)));
     entry.members.emplace_back("run_dir", Value::string(fs::absolute(r.dir).lexically_normal().string()));
     entry.members.emplace_back("status", Value::string(r.stop_status));
+    entry.members.emplace_back("counted", Value::boolean_of(r.converged()));
     entry.members.emplace_back("time_to_train_minutes", number(r.minutes()));
     per_run.items.push_back(std::move(entry));
   }
@@ -728,9 +759,10 @@ int run_package(const PackageOptions& o) {
   }
   int status = 0;
   if (!score) {
-    fmt::print(stderr, "package: no score: {} of {} runs did not converge (run_stop status other than success); "
-                       "the olympic mean allows {} and needs at least {} converged runs\n",
-               dropped, runs.size(), kMaxDropped, 2 * kMaxDropped - dropped + 1);
+    fmt::print(stderr, "package: no score: {} of {} runs did not converge (run_stop status other than success, or "
+                       "the benchmark's target IoU {} not reached); the olympic mean allows {} and needs at least {} "
+                       "converged runs\n",
+               dropped, runs.size(), kTargetIou, kMaxDropped, 2 * kMaxDropped - dropped + 1);
     status = 1;
   } else {
     fmt::print("score: {:.4f} minutes (olympic mean of {} runs: time to train from run_start to run_stop)\n", *score,
@@ -748,13 +780,11 @@ int run_package(const PackageOptions& o) {
     }
     // The system description's counts are the time-to-solution runs'; the
     // instances at once may have used more of the system.
-    const long long tts_scale =
-        count_in(first, "number_of_nodes") * std::max(count_in(first, "accelerators_per_node"), 1LL);
-    if (throughput.most_at_once * throughput.instance_scale > tts_scale)
+    if (throughput.most_at_once * throughput.instance_scale > throughput.tts_scale)
       fmt::print("package: note: systems/{}.json counts the nodes of the time-to-solution runs (scale {}); the "
                  "throughput instances used up to {} x {} at once: if the system is larger, give its "
                  "number_of_nodes with --system-desc FILE\n",
-                 o.system, tts_scale, throughput.most_at_once, throughput.instance_scale);
+                 o.system, throughput.tts_scale, throughput.most_at_once, throughput.instance_scale);
   }
   return status;
 }

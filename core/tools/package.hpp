@@ -24,13 +24,16 @@
 //
 // The HPC checker wants the strong/ (or weak/) level between the system and
 // the benchmark. The score is the result summarizer's: each run's time to
-// train is run_stop minus run_start in minutes; runs whose run_stop status is
-// not "success" are dropped (at most one may be); the olympic mean drops the
+// train is run_stop minus run_start in minutes; runs that did not converge
+// (run_stop status other than "success", or no eval_accuracy of at least the
+// benchmark's 0.82: a run stopped at a lower target of its own fails the
+// checker) are dropped (at most one may be); the olympic mean drops the
 // fastest and the slowest of the rest (only the fastest when one was dropped).
 //
 // systems/NAME.json holds every field the system description checker
 // requires: submitter, division, status and the node and accelerator counts
-// from the logs (every run must agree), the host fields from this machine
+// from the logs (every run must agree; the instances on submitter, division
+// and status), the host fields from this machine
 // (/proc/cpuinfo, /proc/meminfo, /etc/os-release), and what --system-desc
 // FILE (a JSON object of strings and numbers) gives, which wins. The tree is
 // written under a temporary name beside DIR and renamed; DIR must not exist.

@@ -142,6 +142,44 @@ def test_a_run_that_did_not_converge_is_dropped_as_the_summarizer_drops_it(runs,
     assert ours["score_minutes"] == pytest.approx(olympic(dirs), rel=1e-12)
 
 
+def edited_copy(run_dir, to, pattern, replacement):
+    """A copy of a run whose MLPerf log has `pattern` replaced (at least once)."""
+    shutil.copytree(run_dir, to)
+    log = to / "mlperf.log"
+    text, n = re.subn(pattern, replacement, log.read_text())
+    assert n > 0, pattern
+    log.write_text(text)
+    return to
+
+
+def test_a_run_stopped_at_a_lower_target_of_its_own_is_not_counted(runs, tmp_path):
+    """run_stop says success, but no eval_accuracy reached the benchmark's 0.82 (a run with target_iou
+    below it): the checker fails it and the summarizer drops it, and so does the package."""
+    low = edited_copy(runs["open"][4], tmp_path / "low-target", r'("key": "eval_accuracy", "value": )[0-9.e-]+',
+                      r"\g<1>0.5")
+    dirs = runs["open"][:4] + [low]
+    out = tmp_path / "pkg"
+    r = package(dirs, out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ("run_stop status success, but its best eval_accuracy (0.5000) is below the benchmark's target 0.82: "
+            "not counted") in r.stdout, r.stdout
+    rows, text = summarize(out)
+    ours = json.loads((out / "score.json").read_text())
+    assert ours["dropped_runs"] == 1 and [run["counted"] for run in ours["runs"]] == [True] * 4 + [False]
+    assert ours["score_minutes"] == pytest.approx(float(rows[0]["deepcam"]), rel=1e-12), text
+
+
+def test_runs_of_another_submission_status_are_refused(runs, tmp_path):
+    other = edited_copy(runs["open"][4], tmp_path / "onprem", r'("key": "submission_status", "value": )"research"',
+                        r'\g<1>"onprem"')
+    r = package(runs["open"][:4] + [other], tmp_path / "pkg")
+    assert r.returncode == 1 and f"{other / 'mlperf.log'}: submission_status is 'onprem' but" in r.stderr, r.stderr
+    r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", "--throughput", other)
+    assert r.returncode == 1, r.stderr
+    assert f"{other / 'mlperf.log'}: submission_status is 'onprem' but the time-to-solution run" in r.stderr, r.stderr
+    assert not (tmp_path / "pkg").exists()
+
+
 def test_two_runs_that_did_not_converge_leave_no_score(runs, tmp_path):
     # A second folder with the same record: the same folder twice is refused (test_bad_input_is_named).
     again = tmp_path / "short-again"
@@ -311,8 +349,13 @@ def test_throughput_instances_are_refused_when_the_rules_leave_them_out(runs, tm
         copies.append(tmp_path / f"instance-{n}")
         shutil.copytree(d, copies[-1])
     # An instance that did not reach the target.
-    refused(copies[:4] + [runs["short"]], f"{runs['short'] / 'mlperf.log'}: run_stop status 'aborted': every "
+    refused(copies[:4] + [runs["short"]], f"{runs['short'] / 'mlperf.log'}: run_stop status aborted: every "
                                            "throughput instance must reach the target")
+    # An instance that ended in success at a lower target of its own.
+    low = edited_copy(runs["open"][3], tmp_path / "low-target", r'("key": "eval_accuracy", "value": )[0-9.e-]+',
+                      r"\g<1>0.5")
+    refused(copies[:3] + [low], f"{low / 'mlperf.log'}: run_stop status success, but its best eval_accuracy "
+                                "(0.5000) is below the benchmark's target 0.82: every throughput instance")
     # Two instances with one seed (a copy of a run).
     again = tmp_path / "again"
     shutil.copytree(copies[0], again)
