@@ -6,6 +6,7 @@
 #include <atomic>
 #include <charconv>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -30,6 +31,7 @@ namespace {
 
 constexpr const char* kData = "climate/data";
 constexpr const char* kLabels = "climate/labels_0";
+constexpr bool kHostBigEndian = __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__;
 
 // ---------------------------------------------------------------------------
 // HDF5, through deepcam::h5: the npy dtype a dataset keeps in the copy.
@@ -209,6 +211,40 @@ std::string shape_text(const std::vector<std::int64_t>& shape) {
   return fmt::format("({})", fmt::join(shape, ", "));
 }
 
+// "NaN at (row 3, column 7, channel 2)", or "" when every value is finite.
+std::string non_finite(const std::vector<float>& data, const std::vector<std::int64_t>& shape) {
+  const std::size_t channels = static_cast<std::size_t>(shape[2]), width = static_cast<std::size_t>(shape[1]);
+  std::size_t bad = 0, first = 0;
+  for (std::size_t k = 0; k < data.size(); ++k)
+    if (!std::isfinite(data[k]) && bad++ == 0) first = k;
+  if (!bad) return "";
+  const std::size_t pixel = first / channels;
+  return fmt::format("{} at (row {}, column {}, channel {}){}; data must be finite",
+                     std::isnan(data[first]) ? "NaN" : "Inf", pixel / width, pixel % width, first % channels,
+                     bad > 1 ? fmt::format(" and {} more non-finite values", bad - 1) : "");
+}
+
+// "value 3 at (row 1, column 5)", or "" when every label is a class.
+std::string bad_labels(const std::vector<std::int64_t>& labels, const std::vector<std::int64_t>& shape) {
+  const std::size_t width = static_cast<std::size_t>(shape[1]);
+  std::size_t bad = 0, first = 0;
+  for (std::size_t k = 0; k < labels.size(); ++k)
+    if ((labels[k] < 0 || labels[k] > 2) && bad++ == 0) first = k;
+  if (!bad) return "";
+  return fmt::format("value {} at (row {}, column {}){}; the classes are 0, 1 and 2", labels[first], first / width,
+                     first % width, bad > 1 ? fmt::format(" and {} more labels outside them", bad - 1) : "");
+}
+
+std::string bad_labels(const H5Sample& sample, const std::vector<unsigned char>& stored) {
+  npy::Header h;  // the labels as read: stored type, this machine's order
+  h.dtype = sample.label_dtype();
+  h.big_endian = kHostBigEndian;
+  h.shape = sample.label_shape();
+  std::vector<std::int64_t> labels(static_cast<std::size_t>(h.count()));
+  npy::convert(sample.path() + ": dataset climate/labels_0", h, stored.data(), labels.data(), h.count());
+  return bad_labels(labels, h.shape);
+}
+
 void run_convert(const ConvertOptions& o) {
   const auto start = std::chrono::steady_clock::now();
   std::error_code ec;
@@ -338,6 +374,11 @@ void run_convert(const ConvertOptions& o) {
           return;
         }
       }
+      // Values training would refuse are not carried into the numpy form.
+      if (const std::string bad = non_finite(data, data_shape); !bad.empty())
+        throw Error(fmt::format("{}: dataset {}: {}; not converted", job.source.string(), kData, bad));
+      if (const std::string bad = bad_labels(source, labels); !bad.empty())
+        throw Error(fmt::format("{}: dataset {}: {}; not converted", job.source.string(), kLabels, bad));
     } catch (const Error& e) {
       outcomes[k] = Outcome::Failed;
       report(e.what());

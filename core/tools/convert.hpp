@@ -72,4 +72,14 @@ class H5Sample {
 // "(768, 1152, 16)"
 std::string shape_text(const std::vector<std::int64_t>& shape);
 
+// What training refuses in a sample's values (convert and verify say it):
+// "NaN at (row 3, column 7, channel 2)" for data of shape (H, W, C), or ""
+// when every value is finite;
+std::string non_finite(const std::vector<float>& data, const std::vector<std::int64_t>& shape);
+// "value 3 at (row 1, column 5)" for labels of shape (H, W), or "" when every
+// label is a class (0, 1 or 2).
+std::string bad_labels(const std::vector<std::int64_t>& labels, const std::vector<std::int64_t>& shape);
+// The same for labels as sample.read_labels gives them (its stored dtype).
+std::string bad_labels(const H5Sample& sample, const std::vector<unsigned char>& stored);
+
 }  // namespace deepcam::data

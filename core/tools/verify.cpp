@@ -28,8 +28,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr bool kHostBigEndian = __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__;
-
 enum class Format { H5, Npy };
 
 struct Item {
@@ -50,30 +48,6 @@ std::string signature(const std::vector<std::int64_t>& data_shape, npy::DType da
                      shape_text(label_shape), npy::to_string(label_dtype));
 }
 
-// "NaN at (row 3, column 7, channel 2)", or "" when every value is finite.
-std::string non_finite(const std::vector<float>& data, const std::vector<std::int64_t>& shape) {
-  const std::size_t channels = static_cast<std::size_t>(shape[2]), width = static_cast<std::size_t>(shape[1]);
-  std::size_t bad = 0, first = 0;
-  for (std::size_t k = 0; k < data.size(); ++k)
-    if (!std::isfinite(data[k]) && bad++ == 0) first = k;
-  if (!bad) return "";
-  const std::size_t pixel = first / channels;
-  return fmt::format("{} at (row {}, column {}, channel {}){}; data must be finite",
-                     std::isnan(data[first]) ? "NaN" : "Inf", pixel / width, pixel % width, first % channels,
-                     bad > 1 ? fmt::format(" and {} more non-finite values", bad - 1) : "");
-}
-
-// "value 3 at (row 1, column 5)", or "" when every label is a class.
-std::string bad_labels(const std::vector<std::int64_t>& labels, const std::vector<std::int64_t>& shape) {
-  const std::size_t width = static_cast<std::size_t>(shape[1]);
-  std::size_t bad = 0, first = 0;
-  for (std::size_t k = 0; k < labels.size(); ++k)
-    if ((labels[k] < 0 || labels[k] > 2) && bad++ == 0) first = k;
-  if (!bad) return "";
-  return fmt::format("value {} at (row {}, column {}){}; the classes are 0, 1 and 2", labels[first], first / width,
-                     first % width, bad > 1 ? fmt::format(" and {} more labels outside them", bad - 1) : "");
-}
-
 Result check_h5(const Item& item) {
   Result r;
   const std::string path = item.data.string();
@@ -87,13 +61,7 @@ Result check_h5(const Item& item) {
       r.problems.push_back(fmt::format("{}: dataset climate/data: {}", path, bad));
     std::vector<unsigned char> raw;
     sample.read_labels(raw);
-    npy::Header h;  // the labels as read: stored type, this machine's order
-    h.dtype = sample.label_dtype();
-    h.big_endian = kHostBigEndian;
-    h.shape = sample.label_shape();
-    std::vector<std::int64_t> labels(static_cast<std::size_t>(h.count()));
-    npy::convert(path + ": dataset climate/labels_0", h, raw.data(), labels.data(), h.count());
-    if (const std::string bad = bad_labels(labels, h.shape); !bad.empty())
+    if (const std::string bad = bad_labels(sample, raw); !bad.empty())
       r.problems.push_back(fmt::format("{}: dataset climate/labels_0: {}", path, bad));
   } catch (const Error& e) {
     r.problems.push_back(e.what());

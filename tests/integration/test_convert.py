@@ -276,6 +276,47 @@ def test_a_damaged_source_is_named_and_the_others_converted(deepcam_data, source
     assert not hidden(dst)
 
 
+def test_values_training_refuses_are_named_and_not_converted(deepcam_data, source, tmp_path):
+    """A label outside the classes (here a big-endian int16 file's) and a NaN in the data: each sample is
+    named with the place of the first bad value, as verify names it, and left out of the numpy form."""
+    src = fresh_copy(source, tmp_path)
+    all_sources = sources(src)
+    bad_label = src / "train" / "data-2107-01-01-03-1.h5"
+    with h5py.File(bad_label, "r+") as f:
+        labels = f["climate/labels_0"][...]
+        labels[3, 5] = 7
+        labels[4, 0] = -1
+        f["climate/labels_0"][...] = labels
+    nan_data = all_sources[1]
+    with h5py.File(nan_data, "r+") as f:
+        data = f["climate/data"][...]
+        data[2, 9, 4] = np.nan
+        f["climate/data"][...] = data
+    dst = tmp_path / "dst"
+    proc = run(deepcam_data, "convert", src, dst)
+    one_line_error(proc, f"{bad_label}: dataset climate/labels_0: value 7 at (row 3, column 5) and 1 more labels "
+                         "outside them; the classes are 0, 1 and 2; not converted")
+    one_line_error(proc, f"{nan_data}: dataset climate/data: NaN at (row 2, column 9, channel 4); data must be "
+                         "finite; not converted")
+    assert "2 of 11 samples failed" in proc.stderr.splitlines()[-1]
+    for bad in (bad_label, nan_data):
+        assert not any(p.exists() for p in targets(src, dst, bad))
+    assert assert_converted(src, dst, only=[s for s in all_sources if s not in (bad_label, nan_data)]) == 9
+    assert not (dst / "stats.h5").exists()
+
+
+def test_converting_in_place_writes_the_pairs_beside_the_hdf5_files(deepcam_data, source, tmp_path):
+    """DST may be SRC: each reader reads its own form of a split folder, and verify checks both."""
+    src = tmp_path / "src"  # synth's samples alone: the fixture's odd dtypes are verify's problems
+    ok(run(deepcam_data, "synth", "--out", src, "--train", 4, "--validation", 2, "--height", H, "--width", W))
+    ok(run(deepcam_data, "convert", src, src))
+    assert assert_converted(src, src) == 6
+    assert len(sources(src)) == 6
+    proc = ok(run(deepcam_data, "verify", src))
+    assert ("train: 4 h5 samples and 4 npy samples, validation: 2 h5 samples and 2 npy samples" in proc.stdout
+            and "no problems" in proc.stdout), proc.stdout + proc.stderr
+
+
 def test_a_full_disk_stops_the_run_and_leaves_no_partial_file(deepcam_data, source, tmp_path):
     # RLIMIT_FSIZE stands in for a full disk: the tool ignores SIGXFSZ, and
     # write() fails with EFBIG as it fails with ENOSPC. A label file (6 KB)
