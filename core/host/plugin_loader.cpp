@@ -174,16 +174,16 @@ namespace {
 //
 // Uninstalled (GStreamer's word): the core library of a build tree, with no
 // DEEPCAM_PLUGIN_PATH set, takes that build tree's plugins folder as its
-// install directory, so that build/core/deepcam-host runs as it is.
+// install directory, so that build/core/deepcam-host runs as it is; with the
+// variable set it has none ("": its folders alone are searched), as a build
+// tree holds no <libdir>/deepcam-host/plugins.
 std::string install_dir() {
   Dl_info info{};
   if (::dladdr(reinterpret_cast<const void*>(&install_dir), &info) == 0 || info.dli_fname == nullptr)
     return DEEPCAM_PLUGIN_INSTALL_DIR;
   std::error_code ec;
-  const char* env = std::getenv("DEEPCAM_PLUGIN_PATH");
-  if ((env == nullptr || *env == '\0') &&
-      fs::equivalent(fs::path(info.dli_fname).parent_path(), DEEPCAM_BUILD_CORE_DIR, ec)) {
-    return DEEPCAM_BUILD_PLUGIN_DIR;
+  if (fs::equivalent(fs::path(info.dli_fname).parent_path(), DEEPCAM_BUILD_CORE_DIR, ec)) {
+    return split_path(std::getenv("DEEPCAM_PLUGIN_PATH")).empty() ? DEEPCAM_BUILD_PLUGIN_DIR : "";
   }
   const fs::path configured(DEEPCAM_PLUGIN_INSTALL_DIR);
   const fs::path below_libdir = configured.parent_path().filename() / configured.filename();
@@ -201,7 +201,7 @@ PluginLoader::PluginLoader(std::vector<std::string> env_dirs, std::string instal
 
 std::vector<std::string> PluginLoader::search_dirs() const {
   std::vector<std::string> dirs = env_dirs_;
-  dirs.push_back(install_dir_);
+  if (!install_dir_.empty()) dirs.push_back(install_dir_);
   return dirs;
 }
 
@@ -294,7 +294,8 @@ const LoadedPlugin& PluginLoader::load(PluginKind kind, const std::string& name,
   std::vector<std::string> searched;
   if (path.empty()) {
     // Level 2 (DEEPCAM_PLUGIN_PATH) as a whole, then level 3 (install dir).
-    const std::vector<std::vector<std::string>> levels = {env_dirs_, {install_dir_}};
+    std::vector<std::vector<std::string>> levels = {env_dirs_};
+    if (!install_dir_.empty()) levels.push_back({install_dir_});
     for (const auto& level : levels) {
       std::vector<std::string> found;
       for (const auto& dir : level) {

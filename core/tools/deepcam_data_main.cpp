@@ -81,6 +81,9 @@ convert writes, for each SRC/<split>/data-X.h5, DST/<split>/data-X.npy (the
 float32 height x width x channels array) and DST/<split>/label-X.npy (the
 labels, in the dtype the HDF5 file stores), standard .npy files that
 numpy.load reads; SRC/stats.h5 is copied to DST once all samples are done.
+A sample whose data is not finite or whose labels are not 0, 1 or 2 is
+named and not converted (training would refuse it). DST may be SRC: the
+pairs are then written beside the HDF5 files (each reader reads its own form).
 Pairs already converted (headers and sizes matching the source) are skipped,
 so an interrupted run is finished by running it again. Started by mpirun or
 srun, rank r of P converts every P-th sample (OMPI_COMM_WORLD_RANK/SIZE,
@@ -128,7 +131,8 @@ requires: from the logs, this machine and --system-desc), DIR/benchmarks/
 deepcam/implementations/deepcam-host/run_files/NAME/result_N.toml (the run
 files) and DIR/score.json; it prints each run's time to train (run_start to
 run_stop) and the score as the MLPerf result summarizer computes it (olympic
-mean in minutes; runs not ending in success dropped, at most one). Exit 1
+mean in minutes; runs not ending in success at IoU 0.82 dropped, at most
+one). Exit 1
 when there is no score. Check it with
   python -m mlperf_logging.package_checker DIR hpc 3.0.0
   --throughput INSTANCE_DIR...

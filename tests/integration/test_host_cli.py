@@ -43,6 +43,22 @@ def test_describe_unknown_plugin_lists_what_exists():
     r = run_host("--describe", "optimizer/adma")
     assert r.returncode == 2
     assert "no optimizer plugin named 'adma'" in r.stderr and "found: adam" in r.stderr
+    # The host of a build tree with DEEPCAM_PLUGIN_PATH set searches the variable's folders alone: it
+    # named <build>/core/deepcam-host/plugins too, below the program file, a folder that cannot exist.
+    searched = r.stderr.split("Searched ", 1)[1].split(" (set DEEPCAM_PLUGIN_PATH", 1)[0].split(", ")
+    assert searched == [str(PLUGINS / "libdeepcam_optimizer_adma.so"),
+                        str(PLUGINS / "optimizers" / "adma" / "libdeepcam_optimizer_adma.so")], r.stderr
+
+
+def test_a_target_below_the_benchmarks_is_said_at_start(tmp_path, data):
+    """A run stopping at target_iou 0.5 ends in "success", but its log fails the MLPerf checker."""
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run={"target_iou": 0.5, "max_epochs": 1})
+    r = run_host(run, "--quiet")
+    assert r.returncode in (0, 1), r.stderr
+    assert (f"deepcam-host: note: {run}:") in r.stderr and ("[run] target_iou = 0.5 is below the benchmark's "
+                                                             "target IoU 0.82") in r.stderr, r.stderr
+    r = run_host(run, "--quiet", "--set", "run.target_iou=0.82", "--set", f"run.output_dir={tmp_path / 'out2'}")
+    assert r.returncode in (0, 1) and "target IoU" not in r.stderr, r.stderr
 
 
 def error_of(tmp_path, data, **changes):

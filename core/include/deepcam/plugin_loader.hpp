@@ -62,7 +62,7 @@ auto build_plugged(const LoadedPlugin& plugin, Make&& make) {
 class DEEPCAM_API PluginLoader {
  public:
   // Directories of level 2 and 3; the default reads DEEPCAM_PLUGIN_PATH and
-  // adds the install directory.
+  // adds the install directory ("": none, a build tree with the variable set).
   PluginLoader();
   PluginLoader(std::vector<std::string> env_dirs, std::string install_dir);
 
