@@ -22,6 +22,7 @@
 
 #include <fmt/format.h>
 
+#include "closed_division.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/json.hpp"
 #include "deepcam_build_config.h"
@@ -246,10 +247,6 @@ std::string read_text(const fs::path& path) {
 
 // ---- one run's MLPerf log
 
-// The benchmark's quality target: the checker wants at least one
-// eval_accuracy of this, whatever target the run itself stopped at.
-constexpr double kTargetIou = 0.82;
-
 struct Run {
   fs::path dir, log, run_file;
   std::map<std::string, Value> first;  // each key's first value
@@ -257,7 +254,7 @@ struct Run {
   std::string stop_status;
   std::optional<double> best_eval;  // the highest eval_accuracy logged
   double minutes() const { return (run_stop_ms - run_start_ms) / 60000.0; }
-  bool reached_target() const { return best_eval && *best_eval >= kTargetIou && *best_eval <= 1.0; }
+  bool reached_target() const { return best_eval && *best_eval >= kBenchmarkTargetIou && *best_eval <= 1.0; }
   // What the result summarizer counts: a run that ended in success at the
   // benchmark's target (one stopped at a lower target of its own fails the
   // checker, and the summarizer drops it).
@@ -269,7 +266,7 @@ struct Run {
     if (!reached_target())
       return fmt::format("run_stop status success, but its best eval_accuracy ({}) is below the benchmark's target "
                          "{}",
-                         best_eval ? fmt::format("{:.4f}", *best_eval) : "none logged", kTargetIou);
+                         best_eval ? fmt::format("{:.4f}", *best_eval) : "none logged", kBenchmarkTargetIou);
     return "run_stop status success";
   }
   std::string text(const char* key) const {
@@ -762,7 +759,7 @@ int run_package(const PackageOptions& o) {
     fmt::print(stderr, "package: no score: {} of {} runs did not converge (run_stop status other than success, or "
                        "the benchmark's target IoU {} not reached); the olympic mean allows {} and needs at least {} "
                        "converged runs\n",
-               dropped, runs.size(), kTargetIou, kMaxDropped, 2 * kMaxDropped - dropped + 1);
+               dropped, runs.size(), kBenchmarkTargetIou, kMaxDropped, 2 * kMaxDropped - dropped + 1);
     status = 1;
   } else {
     fmt::print("score: {:.4f} minutes (olympic mean of {} runs: time to train from run_start to run_stop)\n", *score,

@@ -15,7 +15,6 @@ namespace {
 // checker accepts.
 constexpr std::int64_t kClosedTrainSamples = 121266;
 constexpr std::int64_t kClosedEvalSamples = 15158;
-constexpr double kClosedTargetIou = 0.82;
 constexpr std::int64_t kInputChannels = 16;
 
 }  // namespace
@@ -63,9 +62,9 @@ std::vector<std::string> closed_division_gaps(const RunConfig& cfg, std::int64_t
     gaps.push_back(fmt::format("{}: scheduler \"{}\" (closed: multistep or cosine_annealing)", sched.params.where(),
                                sched.name));
   }
-  if (cfg.run.number("target_iou") != kClosedTargetIou) {
+  if (cfg.run.number("target_iou") != kBenchmarkTargetIou) {
     gaps.push_back(fmt::format("{} = {} (closed: {})", cfg.run.where("target_iou"), cfg.run.number("target_iou"),
-                               kClosedTargetIou));
+                               kBenchmarkTargetIou));
   }
   if (train_samples != kClosedTrainSamples || eval_samples != kClosedEvalSamples) {
     gaps.push_back(fmt::format("{}: {} training and {} validation samples (closed: the full data set, {} and {})",

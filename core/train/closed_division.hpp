@@ -13,6 +13,10 @@
 
 namespace deepcam {
 
+// The benchmark's quality target, in both divisions: the checker wants an
+// eval_accuracy of at least this (open_deepcam.yaml and closed_deepcam.yaml).
+inline constexpr double kBenchmarkTargetIou = 0.82;
+
 // One line per departure, each naming the key and its closed value, e.g.
 // "run.toml:12 [model] width = 0.25 (closed: 1.0, the reference network)".
 // Empty for a run that may be closed.
