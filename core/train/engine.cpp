@@ -375,20 +375,6 @@ class Engine {
 #endif
     memory_format_ = run.string("memory_format") == "channels_last" ? at::MemoryFormat::ChannelsLast
                                                                      : at::MemoryFormat::Contiguous;
-    if (memory_format_ == at::MemoryFormat::ChannelsLast && !device_.is_cuda()) {
-      // LibTorch 2.11's oneDNN crashes (SIGSEGV in its AVX-512 1x1
-      // convolution backward-weights kernel) on a channels_last 1x1 stride-2
-      // convolution, the Xception blocks' skip path; PyTorch itself does the
-      // same. ATen's own CPU convolutions handle NHWC correctly, more slowly.
-      at::globalContext().setUserEnabledMkldnn(false);
-      if (comm_.rank() == 0) {
-        std::fprintf(stderr,
-                     "deepcam-host: note: channels_last on the CPU (%s) runs ATen's own NHWC convolutions "
-                     "(oneDNN's corrupt memory on narrow NHWC layers), many times slower than \"contiguous\"; "
-                     "channels_last is for CUDA\n",
-                     run.where("memory_format").c_str());
-      }
-    }
     // A run that stops below the benchmark's target ends in "success" by its
     // own target, yet its log fails the checker.
     if (with_optimizer && comm_.rank() == 0 && run.number("target_iou") < kBenchmarkTargetIou) {

@@ -106,12 +106,30 @@ struct BlockImpl : nn::Module {
     // In place, as the reference: neither the last conv nor the BN of `rep`
     // needs its own output for the backward pass.
     if (skip) {
-      x.add_(skipbn->forward(skip->forward(input)));
+      x.add_(skipbn->forward(skip_conv(input)));
     } else {
       x.add_(input);
     }
     if (end_relu) x.relu_();
     return x;
+  }
+
+  // The 1x1 skip convolution. On the CPU in channels_last, a strided one is
+  // taken as the same 1x1 convolution of every stride-th pixel (each output
+  // pixel is the same sum): LibTorch 2.11's oneDNN strides such a
+  // convolution itself, and its AVX-512 backward pass then writes past its
+  // buffers for some inputs of fewer than 16 channels, as block1's 8 at
+  // width 0.125 (a SIGSEGV or a corrupt heap; PyTorch crashes there too).
+  torch::Tensor skip_conv(const torch::Tensor& input) {
+    const std::int64_t stride = skip->options.stride()->at(0);
+    if (stride == 1 || !input.is_cpu() || input.suggest_memory_format() != torch::MemoryFormat::ChannelsLast) {
+      return skip->forward(input);
+    }
+    using torch::indexing::None;
+    using torch::indexing::Slice;
+    const torch::Tensor pixels = input.index({Slice(), Slice(), Slice(None, None, stride), Slice(None, None, stride)})
+                                     .contiguous(torch::MemoryFormat::ChannelsLast);
+    return torch::conv2d(pixels, skip->weight);
   }
 
   bool end_relu;
