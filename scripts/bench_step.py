@@ -23,7 +23,7 @@ reference, and writes the table to the section "Training
 step (issue 8 section 5)" of docs/benchmarks.md (--no-docs leaves it).
 
 Usage:
-  scripts/bench_step.py --ref peers/hpc                       # CPU: fp32 and amp_bf16, batch 1
+  scripts/bench_step.py --ref peers/hpc                       # CPU: fp32 and amp_bf16, both formats, batch 1
   scripts/bench_step.py --ref peers/hpc --device cuda --batch 8 \\
       --setups fp32:contiguous,amp_fp16:channels_last,amp_bf16:channels_last
 """
@@ -158,7 +158,7 @@ def main():
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2, help="reference warm-up steps (ours warms up 5)")
-    p.add_argument("--setups", default="fp32:contiguous,amp_bf16:contiguous",
+    p.add_argument("--setups", default="fp32:contiguous,fp32:channels_last,amp_bf16:contiguous,amp_bf16:channels_last",
                    help="comma-separated PRECISION:MEMORY_FORMAT[:graphs]")
     p.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md")
     p.add_argument("--section", default=SECTION, help="the heading of the docs section to write")
