@@ -288,7 +288,18 @@ LoadedPlugin PluginLoader::open(const std::string& path) {
 const LoadedPlugin& PluginLoader::load(PluginKind kind, const std::string& name,
                                        const std::string& library) {
   for (const auto& p : loaded_) {
-    if (p.descriptor->kind == kind && p.descriptor->name == name) return p;
+    if (p.descriptor->kind != kind || p.descriptor->name != name) continue;
+    // Loaded already (another table names it): a `library` must be that
+    // same file, or one of the two would be used in silence.
+    std::error_code ec;
+    if (library.empty() || fs::equivalent(library, p.path, ec)) return p;
+    if (fs::exists(library, ec)) {
+      throw Error(fmt::format("{}: another file than {}, from which the {} plugin '{}' is loaded already for "
+                              "another table; a run holds one plugin of a name: give both tables the same "
+                              "`library`, or none",
+                              library, p.path, to_string(kind), name));
+    }
+    break;  // no such file: said below as for any missing library
   }
   std::string path = library;
   std::vector<std::string> searched;

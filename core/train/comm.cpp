@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
@@ -365,9 +366,20 @@ void Communicator::Impl::meet() {
   for (int r = 0; r < size; ++r) {
     if (hosts[static_cast<std::size_t>(r)] == hosts[static_cast<std::size_t>(rank)]) node_members.push_back(r);
   }
+  const int local_rank =
+      static_cast<int>(std::find(node_members.begin(), node_members.end(), rank) - node_members.begin());
+  const int local_size = static_cast<int>(node_members.size());
   if (layout.local_rank < 0) {
-    layout.local_rank = static_cast<int>(std::find(node_members.begin(), node_members.end(), rank) - node_members.begin());
-    layout.local_size = static_cast<int>(node_members.size());
+    layout.local_rank = local_rank;
+    layout.local_size = local_size;
+  } else if (layout.local_rank != local_rank || layout.local_size != local_size) {
+    // The launcher's count and the host names disagree: the node's ranks
+    // would pick the same GPU, or share a staging folder wrongly.
+    throw Error(fmt::format("rank {}: environment variables {} ({}) say local rank {} of {}, but {} of the ranks run "
+                            "on host {} (ranks {}), which makes this one local rank {}; start the ranks with the "
+                            "launcher's own local variables, or unset them",
+                            rank, layout.local_variables, layout.source, layout.local_rank, layout.local_size,
+                            local_size, me, fmt::join(node_members, ", "), local_rank));
   }
   node = group(fmt::format("node{}", node_members.front()), node_members);
 }

@@ -83,6 +83,17 @@ struct Stream {
 
 int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
   if (nproc < 1) throw Error(fmt::format("--nproc {}: needs at least 1", nproc));
+  // Started as one rank of many by torchrun or by --nproc itself, the ranks
+  // it would start would meet those of the other copies under the same
+  // address. (The variables of Slurm and MPI launchers are not asked: a
+  // batch script may hold them, stale, and start --nproc legitimately; they
+  // are cleared below.)
+  if (const char* size = std::getenv("WORLD_SIZE"); size && *size && std::strcmp(size, "1") != 0) {
+    throw Error(fmt::format("--nproc {}: this process is already one of the ranks of a launcher (WORLD_SIZE={}: "
+                            "torchrun or deepcam-host --nproc); start the ranks with that launcher or with --nproc, "
+                            "not both",
+                            nproc, size));
+  }
   const char* addr = std::getenv("MASTER_ADDR");
   const char* port = std::getenv("MASTER_PORT");
   const std::string master_addr = addr && *addr ? addr : "127.0.0.1";

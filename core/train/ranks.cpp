@@ -107,6 +107,9 @@ RankLayout detect_ranks(const Environment& env) {
       }
       r.local_rank = *local_rank;
       r.local_size = *local_size;
+      r.local_variables = fmt::format("{} and {}", setting(env, s.local_rank),
+                                      env(s.local_size) ? setting(env, s.local_size)
+                                                        : setting(env, "SLURM_TASKS_PER_NODE"));
     }
     chosen = r;
   }

@@ -35,6 +35,7 @@ struct RankLayout {
   int local_size = -1;
   std::string source = "none";  // "torchrun", "Open MPI", "Slurm", "PMI" or "none"
   std::string rank_variable;    // e.g. "RANK=1", for messages
+  std::string local_variables;  // e.g. "LOCAL_RANK=1 and LOCAL_WORLD_SIZE=2", where given
 };
 
 using Environment = std::function<const char*(const char*)>;

@@ -101,6 +101,19 @@ def test_nested_table_missing_misnamed_or_not_a_table(tmp_path, data):
     assert "got string" in r.stderr
 
 
+def test_a_library_other_than_the_loaded_plugin_of_its_name_is_refused(tmp_path, data, build_dir):
+    # prefetch over prefetch over hdf5: the inner table's library was passed over in silence, the
+    # outer table's prefetch being loaded already.
+    hdf5 = build_dir / "plugins" / "readers" / "hdf5" / "libdeepcam_reader_hdf5.so"
+    nested = {"reader.source": {"name": "prefetch"}, "reader.source.source": {"name": "hdf5", "threads": 1}}
+    msg = refused(tmp_path, data, "--set", f"reader.source.library={hdf5}", **nested)
+    assert (f"--set reader.source.library={hdf5}: {hdf5}: another file than "
+            f"{build_dir / 'plugins' / 'readers' / 'prefetch' / 'libdeepcam_reader_prefetch.so'}, from which the "
+            "reader plugin 'prefetch' is loaded already for another table") in msg, msg
+    msg = refused(tmp_path, data, "--set", "reader.source.library=/nonexistent.so", **nested)
+    assert "/nonexistent.so: no such plugin library" in msg, msg
+
+
 def test_a_nested_factory_that_throws_names_the_nested_plugins_file(tmp_path, data):
     # (It was reported under prefetch's file, the reader that called the factory.)
     lib = FIXTURES / "libdeepcam_reader_faulty.so"
