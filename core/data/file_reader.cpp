@@ -328,12 +328,16 @@ bool FileReader::next(Batch& batch) {
   // so that its buffers count as free if the caller keeps no other
   // reference to them.
   batch = Batch{};
+  // Buffers for a whole batch, reused by the next (the last, shorter one
+  // too); no larger than this rank's part of the split, however large the
+  // batch size that the run file allows.
+  const auto capacity = std::min<std::int64_t>(batch_size, static_cast<std::int64_t>(s.order.size()));
   // channels_last: each sample (H, W, C) in its place, the batch a
   // (B, C, H, W) view with channels_last strides.
   const at::Tensor data_buffer = s.data_pool.take(
-      batch_size, s.channels_last ? std::vector<std::int64_t>{h, w, c} : std::vector<std::int64_t>{c, h, w},
+      capacity, s.channels_last ? std::vector<std::int64_t>{h, w, c} : std::vector<std::int64_t>{c, h, w},
       at::kFloat);
-  const at::Tensor labels_buffer = s.labels_pool.take(batch_size, {h, w}, at::kLong);
+  const at::Tensor labels_buffer = s.labels_pool.take(capacity, {h, w}, at::kLong);
   float* data_out = data_buffer.data_ptr<float>();
   std::int64_t* labels_out = labels_buffer.data_ptr<std::int64_t>();
   const std::size_t first = s.position;

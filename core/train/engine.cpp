@@ -490,6 +490,18 @@ class Engine {
     c_.scheduler->log_hyperparameters(log_);
     log_.event("train_samples", Json(c_.reader->global_samples(Split::Train)));
     log_.event("eval_samples", Json(c_.reader->global_samples(Split::Validation)));
+    // The reference's DataLoader drops the last incomplete batch: with fewer
+    // samples than one batch, an epoch would train nothing.
+    if (const std::int64_t samples = c_.reader->local_samples(Split::Train); samples < batch) {
+      throw Error(fmt::format("{}: train_batch_size = {} is more than the {} training samples {}; lower it to at "
+                              "most {}",
+                              run.where("train_batch_size"), batch, samples,
+                              comm_.size() == 1 ? fmt::format("in {}", cfg_.data.string("root"))
+                                                : fmt::format("of rank {} (of {} in {}, shared among {} ranks)",
+                                                              comm_.rank(), c_.reader->global_samples(Split::Train),
+                                                              cfg_.data.string("root"), comm_.size()),
+                              samples));
+    }
     if (comm_.rank() == 0 && cfg_.mlperf.string("division") == "closed") warn_if_not_closed();
 
     std::int64_t step = 0;       // batches trained, as the reference counts them
@@ -517,6 +529,7 @@ class Engine {
       }
       broadcast_model();
       if (scaler_ && info.scaler) scaler_ = std::make_unique<GradScaler>(*info.scaler, device_);
+      note_other_precision(resume, info);
       step = info.step;
       first_epoch = info.epoch;
       restore_accumulation(resume, info, k, lo.weights_only);
@@ -1184,6 +1197,25 @@ class Engine {
 
   ModelConfig model_config() const { return ModelConfig{cfg_.model.name, &cfg_.model.params}; }
 
+  // A resume in another precision than the checkpoint's run trains on, as
+  // a change of model settings does, and says what of the loss scaler goes.
+  void note_other_precision(const std::string& path, const CheckpointInfo& info) const {
+    if (comm_.rank() != 0 || info.scaler.has_value() == (scaler_ != nullptr)) return;
+    const std::string key = fmt::format("precision = \"{}\" ({})", cfg_.run.string("precision"),
+                                        cfg_.run.where("precision"));
+    if (info.scaler) {
+      std::fprintf(stderr,
+                   "deepcam-host: note: %s was written by an amp_fp16 run; its loss scaler (scale %g) is not used, "
+                   "as this run's %s scales no loss\n",
+                   path.c_str(), info.scaler->scale, key.c_str());
+    } else {
+      std::fprintf(stderr,
+                   "deepcam-host: note: %s holds no loss scaler (its run was not amp_fp16); this run's %s starts "
+                   "one afresh at scale %g\n",
+                   path.c_str(), key.c_str(), ScalerState{}.scale);
+    }
+  }
+
   // A checkpoint taken where gradient_accumulation_frequency does not divide
   // the step holds the gradient accumulated since the last optimizer step;
   // it becomes the parameters' .grad, so that the next update sums the same
@@ -1213,6 +1245,22 @@ class Engine {
       throw Error(fmt::format("{}: holds a partial gradient ('accumulated_gradients') at step {}, but {} divides that "
                               "step; resume with the gradient_accumulation_frequency of the run that wrote it",
                               path, info.step, key));
+    }
+    // Under amp_fp16 the partial gradient is the scaled one, and may hold
+    // an overflow that the next step skips; in another precision it is the
+    // gradient itself, and must be finite.
+    if (info.scaler.has_value() != (scaler_ != nullptr)) {
+      throw Error(fmt::format("{}: holds a partial gradient ('accumulated_gradients') at step {} written {} loss "
+                              "scaling, and this run's precision = \"{}\" ({}) {} it; resume with the precision of "
+                              "the run that wrote it",
+                              path, info.step, info.scaler ? "with amp_fp16's" : "without",
+                              cfg_.run.string("precision"), cfg_.run.where("precision"),
+                              scaler_ ? "scales" : "does not scale"));
+    }
+    for (const auto& [name, grad] : info.accumulated_gradients) {
+      if (!scaler_ && !at::isfinite(grad).all().item<bool>()) {
+        throw Error(fmt::format("{}: 'accumulated_gradients' entry '{}' holds NaN or infinite values", path, name));
+      }
     }
     std::map<std::string, at::Tensor> params;
     for (const auto& p : c_.model->module().named_parameters()) params[p.key()] = p.value();
@@ -1311,14 +1359,26 @@ std::map<std::string, std::string> run_defining_values(const std::string& resolv
   return values;
 }
 
+// What the command line asks of the engine: ranks started with different
+// ones would wait in collectives that the others never reach.
+std::string command_mode(const EngineOptions& opts) {
+  if (opts.benchmark_steps > 0) return fmt::format("--benchmark {}", opts.benchmark_steps);
+  if (!opts.evaluate_checkpoint.empty()) return "--evaluate";
+  if (!opts.predict_checkpoint.empty()) return "--predict";
+  return "training";
+}
+
 // Every rank must run the configuration rank 0 runs: ranks started with
-// other run files or --set items would train replicas that drift apart, or
-// fail later in a collective with no word on why. Refused on every rank,
-// naming the first keys that differ.
-void require_same_configuration(const RunConfig& cfg, Communicator& comm) {
+// other run files, --set items or modes would train replicas that drift
+// apart, or fail later in a collective with no word on why. Refused on
+// every rank, naming the first keys that differ. Compared before anything
+// else is exchanged (as seed = "auto"'s draw), so that no other collective
+// can meet a rank that is not in it.
+void require_same_configuration(const RunConfig& cfg, const EngineOptions& opts, Communicator& comm) {
   if (comm.size() == 1) return;
+  auto values = run_defining_values(cfg.resolved);
+  values["[command line] mode"] = command_mode(opts);
   std::string mine;
-  const auto values = run_defining_values(cfg.resolved);
   for (const auto& [key, value] : values) mine += key + " = " + value + "\n";
   const at::Tensor lengths =
       comm.world().all_gather(at::tensor({static_cast<std::int64_t>(mine.size())}, at::kLong)).reshape({-1});
@@ -1360,7 +1420,7 @@ void require_same_configuration(const RunConfig& cfg, Communicator& comm) {
   }
   if (!differences.empty()) {
     throw Error(fmt::format("the ranks were started with different configurations: {}; start every rank with the "
-                            "same run files and --set items",
+                            "same run files, --set items and mode",
                             fmt::join(differences, "; ")));
   }
 }
@@ -1525,8 +1585,8 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   co.cuda = given.run.string("device") == "cuda";
   Communicator comm(layout, co);
   const bool rank0 = comm.rank() == 0;
+  require_same_configuration(given, opts, comm);
   const RunConfig cfg = given.run.integer("seed") == kAutoSeed ? with_drawn_seed(given, comm) : given;
-  require_same_configuration(cfg, comm);
   // The resolved configuration as it runs (a drawn seed in it), as config.toml holds it.
   if (rank0) std::fprintf(stderr, "%s\n", cfg.resolved.c_str());
 

@@ -937,6 +937,11 @@ class CycleBreaker {
 void check_container(const std::string& path) {
   std::error_code ec;
   if (std::filesystem::is_directory(path, ec)) throw Error(fmt::format("{}: a folder, not a checkpoint file", path));
+  // A pipe would block the open until a writer comes, a device never ends.
+  const auto status = std::filesystem::status(path, ec);
+  if (std::filesystem::exists(status) && !std::filesystem::is_regular_file(status)) {
+    throw Error(fmt::format("{}: not a regular file (a pipe, socket or device), not a checkpoint file", path));
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(fmt::format("{}: cannot open (no such file, or not readable)", path));
   unsigned char head[4] = {};

@@ -147,6 +147,12 @@ BAD_FIELDS = {
                        "'accumulated_gradients' entry 'conv2.weight' has shape 1 Float"),
     "gradient_unknown": (lambda c: c["accumulated_gradients"].__setitem__("nope", torch.zeros(1)),
                          "'accumulated_gradients' entry 'nope' is no parameter of the model"),
+    "nan_gradient": (lambda c: c["accumulated_gradients"]["conv2.weight"].view(-1).__setitem__(0, float("nan")),
+                     "'accumulated_gradients' entry 'conv2.weight' holds NaN or infinite values"),
+    "scaled_gradient": (set_to("scaler", {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                          "growth_interval": 2000, "_growth_tracker": 0}),
+                        "holds a partial gradient ('accumulated_gradients') at step 3 written with amp_fp16's loss "
+                        "scaling, and this run's precision = \"fp32\""),
     "scaler_scale": (set_to("scaler", {"scale": -1.0, "growth_factor": 2.0, "backoff_factor": 0.5,
                                        "growth_interval": 2000, "_growth_tracker": 0}),
                      "'scaler' 'scale' is -1, expected > 0"),
@@ -288,6 +294,41 @@ def test_a_partial_gradient_with_another_accumulation_is_refused(tmp_path, data,
     r = resume(tmp_path, data, trained, gradient_accumulation_frequency=3)
     assert r.returncode == 2
     assert f"{trained}: holds a partial gradient ('accumulated_gradients') at step 3" in r.stderr, r.stderr
+
+
+def test_an_unscaled_partial_gradient_is_refused_under_amp_fp16(tmp_path, data, trained):
+    r = resume(tmp_path, data, trained, precision="amp_fp16")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert (f"{trained}: holds a partial gradient ('accumulated_gradients') at step 3 written without loss scaling, "
+            "and this run's precision = \"amp_fp16\"") in r.stderr, r.stderr[-2000:]
+
+
+SCALER = {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+          "_growth_tracker": 3}
+
+
+@pytest.mark.parametrize("case", ["scaler_dropped", "scaler_started"])
+def test_a_resume_in_another_precision_says_what_becomes_of_the_loss_scaler(tmp_path, data, trained, case):
+    def edit(c):
+        c.pop("accumulated_gradients")
+        if case == "scaler_dropped":
+            c["scaler"] = SCALER
+    ckpt = edited(tmp_path, trained, edit)
+    r = resume(tmp_path, data, ckpt, **({"precision": "amp_fp16"} if case == "scaler_started" else {}))
+    assert r.returncode == 1, r.stderr[-2000:]
+    expected = {"scaler_dropped": f"note: {ckpt} was written by an amp_fp16 run; its loss scaler (scale 1024) is not "
+                                  "used, as this run's precision = \"fp32\"",
+                "scaler_started": f"note: {ckpt} holds no loss scaler (its run was not amp_fp16); this run's "
+                                  "precision = \"amp_fp16\""}[case]
+    assert expected in r.stderr, r.stderr[-2000:]
+
+
+def test_a_resume_from_a_pipe_is_refused_at_once(tmp_path, data):
+    pipe = tmp_path / "checkpoint.pt"
+    os.mkfifo(pipe)
+    r = resume(tmp_path, data, pipe)  # it waited in open() for a writer, for ever
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"{pipe}: not a regular file (a pipe, socket or device)" in r.stderr, r.stderr[-2000:]
 
 
 def test_a_mid_accumulation_checkpoint_of_many_ranks_is_refused_on_resume(tmp_path, data):

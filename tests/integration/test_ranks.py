@@ -155,6 +155,33 @@ def test_nproc_inside_a_slurm_step_of_the_same_size_runs_its_own_ranks(tmp_path,
     assert_two_rank_log(out)
 
 
+def test_nproc_in_a_rank_of_another_launch_is_refused(tmp_path, data):
+    # Its ranks met those of the other copies at the outer launch's MASTER_PORT.
+    out = tmp_path / "out"
+    run = small_run(tmp_path / "run.toml", data, out)
+    r = run_host("--nproc", 2, "--nproc", 2, run, env=clean_env(), timeout=TIMEOUT)
+    assert r.returncode == 2, r.stderr[-3000:]
+    for rank in (0, 1):
+        assert (f"[rank {rank}] deepcam-host: --nproc 2: this process is already one of the ranks of a launcher "
+                "(WORLD_SIZE=2: torchrun or deepcam-host --nproc)") in r.stderr, r.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_local_rank_variables_that_contradict_the_host_are_refused(tmp_path, data, ranks):
+    # Both ranks on this host, each told it is alone there: the prefetch reader's node group blamed
+    # the engine; on CUDA both would take the same GPU.
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out")
+    port = free_port()
+    for r in (0, 1):
+        env = {**torchrun_env(r, 2, port), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+        ranks.start([HOST, run], env, f"rank{r}")
+    assert ranks.wait_all(timeout=120) == [2, 2], (ranks.stderr("rank0")[-3000:], ranks.stderr("rank1")[-3000:])
+    for r in (0, 1):
+        assert (f"rank {r}: environment variables LOCAL_RANK=0 and LOCAL_WORLD_SIZE=1 (torchrun) say local rank 0 "
+                f"of 1, but 2 of the ranks run on host") in ranks.stderr(f"rank{r}"), ranks.stderr(f"rank{r}")[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
 # 2. mpirun
 
 def test_mpirun_np_2(tmp_path, data):
@@ -328,6 +355,28 @@ def test_ranks_started_with_different_settings_are_refused_naming_them(tmp_path,
                 "rank 0 1;") in ranks.stderr(name), ranks.stderr(name)[-3000:]
         assert "output_dir" not in ranks.stderr(name).split("different configurations")[1]
     assert not (tmp_path / "out").exists() and not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("case", ["seed", "mode"])
+def test_ranks_with_another_seed_or_mode_are_refused_before_any_other_exchange(tmp_path, data, ranks, case):
+    # seed = "auto" on one rank drew a seed in a collective that the other rank met with its
+    # configuration check (gloo's size mismatch: std::terminate); a rank in --benchmark waited
+    # for the training ranks until the timeout.
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out", run={"comm_timeout_s": 60.0})
+    port = free_port()
+    extra = {"seed": (["--set", "run.seed=auto"], ["--set", "run.seed=5"]),
+             "mode": (["--benchmark", "2"], [])}[case]
+    started = time.monotonic()
+    for r in (0, 1):
+        ranks.start([HOST, run, *extra[r]], torchrun_env(r, 2, port), f"rank{r}")
+    assert ranks.wait_all(timeout=120) == [2, 2], (ranks.stderr("rank0")[-3000:], ranks.stderr("rank1")[-3000:])
+    assert time.monotonic() - started < 30  # well within comm_timeout_s
+    expected = {"seed": 'rank 1 has [run] seed = 5, rank 0 "auto"',
+                "mode": "rank 1 has [command line] mode = training, rank 0 --benchmark 2"}[case]
+    for name in ("rank0", "rank1"):
+        assert "the ranks were started with different configurations: " + expected in ranks.stderr(name), \
+            ranks.stderr(name)[-3000:]
+    assert not (tmp_path / "out").exists()
 
 
 def test_conflicting_rank_variables_are_refused(tmp_path, data):

@@ -61,6 +61,32 @@ def test_an_override_out_of_bounds_names_the_set_item(tmp_path, data):
     assert "--set optimizer.lr=0:" in msg and "(0.0, inf)" in msg, msg
 
 
+@pytest.mark.parametrize("item", ["reader.x.y=1", "run.x.y=1"])
+def test_an_unknown_key_below_a_section_names_the_set_item_not_the_file(tmp_path, data, item):
+    # The table the item made was blamed on the run file, which has no such key.
+    _, msg = refusal(tmp_path, data, "--set", item)
+    assert msg.startswith(f"deepcam-host: --set {item}: unknown key"), msg
+
+
+def test_a_training_batch_larger_than_the_training_set_is_refused_before_the_run(tmp_path, data):
+    # It was found at the end of the first epoch, with the run's log kept, naming the data folder.
+    _, msg = refusal(tmp_path, data, "--set", "run.train_batch_size=5")
+    assert (f"--set run.train_batch_size=5: train_batch_size = 5 is more than the 4 training samples in {data}; "
+            "lower it to at most 4") in msg, msg
+
+
+@pytest.mark.parametrize("reader", ["hdf5", "prefetch"])
+def test_a_validation_batch_larger_than_the_validation_set_takes_the_set(tmp_path, data, reader):
+    # The readers' buffers took the batch size the range allows (up to 1e6 samples, 88 GB here), not
+    # the samples.
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out, run={"validation_batch_size": 100000, "target_iou": 1.0})
+    nested = ["--set", "reader.name=prefetch", "--set", "reader.source.name=hdf5"] if reader == "prefetch" else []
+    r = run_host(run, *nested)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "eval_accuracy" in (out / "mlperf.log").read_text()
+
+
 @pytest.mark.parametrize("item,bounds", [("optimizer.lr=inf", "(0.0, inf)"),
                                          ("optimizer.weight_decay=inf", "[0.0, inf)"),
                                          ("optimizer.weight_decay=-inf", "[0.0, inf)")])

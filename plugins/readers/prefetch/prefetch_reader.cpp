@@ -462,9 +462,11 @@ struct PrefetchReader::Impl {
     slot.ready = false;
     slot.failure = nullptr;
     try {
-      if (!slot.data.defined() || slot.data.size(0) < st.batch_size || shared(slot.data) || shared(slot.labels)) {
-        const std::int64_t capacity =
-            std::max<std::int64_t>(st.batch_size, slot.data.defined() ? slot.data.size(0) : 0);
+      // A whole batch, though no more than the stream's samples, however
+      // large the batch size that the run file allows.
+      const std::int64_t need = std::min<std::int64_t>(st.batch_size, static_cast<std::int64_t>(st.order.size()));
+      if (!slot.data.defined() || slot.data.size(0) < need || shared(slot.data) || shared(slot.labels)) {
+        const std::int64_t capacity = std::max<std::int64_t>(need, slot.data.defined() ? slot.data.size(0) : 0);
         slot.data = copier.host_buffer({capacity, channels, height, width}, at::kFloat);
         slot.labels = copier.host_buffer({capacity, height, width}, at::kLong);
       } else {
