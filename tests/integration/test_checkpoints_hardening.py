@@ -108,6 +108,11 @@ ADAM = "'optimizer': Adam optimizer state: "
 RUNNING_VAR = "xception_features.bn1.bn.running_var"
 
 
+# A valid amp_fp16 scaler's state, as torch.amp.GradScaler.state_dict() gives it.
+SCALER = {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+          "_growth_tracker": 3}
+
+
 BAD_FIELDS = {
     "negative_step": (set_to("step", -1), "'step' is -1, expected an integer in 0.."),
     "float_step": (set_to("step", 3.5), "'step' is a Double, expected a non-negative integer"),
@@ -149,8 +154,7 @@ BAD_FIELDS = {
                          "'accumulated_gradients' entry 'nope' is no parameter of the model"),
     "nan_gradient": (lambda c: c["accumulated_gradients"]["conv2.weight"].view(-1).__setitem__(0, float("nan")),
                      "'accumulated_gradients' entry 'conv2.weight' holds NaN or infinite values"),
-    "scaled_gradient": (set_to("scaler", {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5,
-                                          "growth_interval": 2000, "_growth_tracker": 0}),
+    "scaled_gradient": (set_to("scaler", SCALER),
                         "holds a partial gradient ('accumulated_gradients') at step 3 written with amp_fp16's loss "
                         "scaling, and this run's precision = \"fp32\""),
     "scaler_scale": (set_to("scaler", {"scale": -1.0, "growth_factor": 2.0, "backoff_factor": 0.5,
@@ -303,10 +307,6 @@ def test_an_unscaled_partial_gradient_is_refused_under_amp_fp16(tmp_path, data, 
             "and this run's precision = \"amp_fp16\"") in r.stderr, r.stderr[-2000:]
 
 
-SCALER = {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
-          "_growth_tracker": 3}
-
-
 @pytest.mark.parametrize("case", ["scaler_dropped", "scaler_started"])
 def test_a_resume_in_another_precision_says_what_becomes_of_the_loss_scaler(tmp_path, data, trained, case):
     def edit(c):
@@ -326,7 +326,9 @@ def test_a_resume_in_another_precision_says_what_becomes_of_the_loss_scaler(tmp_
 def test_a_resume_from_a_pipe_is_refused_at_once(tmp_path, data):
     pipe = tmp_path / "checkpoint.pt"
     os.mkfifo(pipe)
-    r = resume(tmp_path, data, pipe)  # it waited in open() for a writer, for ever
+    cfg = write_run(tmp_path / "resume.toml", data, tmp_path / "resumed",
+                    run={**ODD, "max_epochs": 2, "resume": str(pipe)})
+    r = run_host(cfg, timeout=120)  # it waited in open() for a writer, for ever
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"{pipe}: not a regular file (a pipe, socket or device)" in r.stderr, r.stderr[-2000:]
 
