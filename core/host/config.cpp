@@ -525,11 +525,13 @@ void apply_override(toml::table& root, const std::string& item,
   toml::table* t = &root;
   std::string table_path;
   for (std::size_t i = 0; i + 1 < path.size(); ++i) {
-    // A table this item makes comes from it, not from the file: an unknown
-    // key there names the item.
-    if (i > 0 && !t->contains(path[i])) set_keys[table_path][path[i]] = item;
+    if (!t->contains(path[i])) {
+      // A table this item makes comes from it, not from the file: an
+      // unknown key there names the item.
+      if (i > 0) set_keys[table_path][path[i]] = item;
+      t->insert(path[i], toml::table{});
+    }
     table_path += (i ? "." : "") + path[i];
-    if (!t->contains(path[i])) t->insert(path[i], toml::table{});
     t = t->get_as<toml::table>(path[i]);
     if (!t) throw Error(fmt::format("--set {}: [{}] is not a table", item, table_path));
   }

@@ -529,10 +529,10 @@ class Engine {
       }
       broadcast_model();
       if (scaler_ && info.scaler) scaler_ = std::make_unique<GradScaler>(*info.scaler, device_);
-      note_other_precision(resume, info);
       step = info.step;
       first_epoch = info.epoch;
       restore_accumulation(resume, info, k, lo.weights_only);
+      note_other_precision(resume, info);  // after restore_accumulation, which refuses some of these
       if (comm_.rank() == 0) {
         std::fprintf(stderr, "deepcam-host: resumed from %s at epoch %lld, step %lld\n", run.string("resume").c_str(),
                      static_cast<long long>(first_epoch), static_cast<long long>(step));
