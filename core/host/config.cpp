@@ -691,6 +691,20 @@ RunConfig load_config(const std::vector<std::string>& files, const std::vector<s
                               std::filesystem::exists(data_root, ec) ? "not a directory" : "no such directory"));
     }
   }
+  {
+    // A channel named twice feeds the model one field as two inputs: a typo
+    // in the list, never a choice.
+    const std::vector<std::int64_t>& channels = cfg.data.integers("channels");
+    for (std::size_t i = 0; i < channels.size(); ++i) {
+      const auto first = std::find(channels.begin(), channels.end(), channels[i]);
+      if (first != channels.begin() + static_cast<std::ptrdiff_t>(i)) {
+        const toml::table* t = root.get_as<toml::table>("data");
+        throw Error(fmt::format("{}: channel {} is selected twice (items {} and {}); each channel at most once",
+                                location("data").at("channels", t ? t->get("channels") : nullptr), channels[i],
+                                first - channels.begin(), i));
+      }
+    }
+  }
   cfg.mlperf = checker.check(root.get_as<toml::table>("mlperf"), schema_of(kMlperfSpecs), location("mlperf"), {});
 
   const PluginKind kinds[] = {PluginKind::Reader, PluginKind::Model, PluginKind::Optimizer,

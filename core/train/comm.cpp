@@ -251,7 +251,20 @@ void Communicator::Impl::join_store() {
     o.numWorkers = static_cast<std::size_t>(size);
     o.waitWorkers = true;
     o.timeout = options.timeout;
-    store = c10::make_intrusive<c10d::TCPStore>(store_host, o);
+    try {
+      store = c10::make_intrusive<c10d::TCPStore>(store_host, o);
+    } catch (const c10::Error& e) {
+      // Rank 0 fails at once when it cannot listen on the port; the others
+      // wait for it up to the timeout, which meet() names.
+      const std::string what = first_line(e.what());
+      if (rank != 0 || what.find("failed to listen") == std::string::npos) throw;
+      throw Error(fmt::format("rank 0 of {}: could not host the rendezvous store on port {} ({}): {}{}", size,
+                              store_port, store_where, what,
+                              what.find("EADDRINUSE") != std::string::npos
+                                  ? "; another process (an earlier run, another program) holds the port: give the "
+                                    "run a free port"
+                                  : ""));
+    }
   } else {
     store = c10::make_intrusive<c10d::FileStore>(store_path, size);
     store->setTimeout(options.timeout);

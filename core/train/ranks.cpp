@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <cerrno>
 #include <cstdlib>
 #include <optional>
 #include <vector>
@@ -40,26 +41,49 @@ std::optional<int> integer(const Environment& env, const char* name, int min) {
   return static_cast<int>(v);
 }
 
+// Reads a positive decimal count at text[at...], moving `at` past it; nothing
+// else (no sign, no space) is a count.
+std::optional<int> count_at(const std::string& text, std::size_t& at) {
+  const std::size_t start = at;
+  long v = 0;
+  while (at < text.size() && text[at] >= '0' && text[at] <= '9' && at - start < 9) v = v * 10 + (text[at++] - '0');
+  if (at == start || v < 1 || (at < text.size() && text[at] >= '0' && text[at] <= '9')) return std::nullopt;
+  return static_cast<int>(v);
+}
+
 // SLURM_TASKS_PER_NODE lists tasks per node in node order, runs compressed:
-// "4(x2),3" is nodes 0 and 1 with 4 tasks each, node 2 with 3.
+// "4(x2),3" is nodes 0 and 1 with 4 tasks each, node 2 with 3. The whole list
+// is read: "2abc", "2(x3" or "2," is an error, not 2.
 std::optional<int> slurm_tasks_on_node(const Environment& env) {
   const char* text = env("SLURM_TASKS_PER_NODE");
   const std::optional<int> node = integer(env, "SLURM_NODEID", 0);
   if (!text || !node) return std::nullopt;
   const std::string all = text;
-  int index = 0;
-  for (std::size_t s = 0; s < all.size();) {
+  long long first_node = 0;  // of the current item
+  std::optional<int> found;
+  for (std::size_t s = 0; s <= all.size();) {
     std::size_t e = all.find(',', s);
     if (e == std::string::npos) e = all.size();
     const std::string item = all.substr(s, e - s);
-    int tasks = 0, repeat = 1;
-    if (std::sscanf(item.c_str(), "%d(x%d)", &tasks, &repeat) < 1 || tasks < 1 || repeat < 1) {
-      throw Error(fmt::format("environment variable SLURM_TASKS_PER_NODE=\"{}\": cannot read \"{}\"", all, item));
+    std::size_t at = 0;
+    const std::optional<int> tasks = count_at(item, at);
+    std::optional<int> repeat = 1;
+    if (tasks && item.compare(at, 2, "(x") == 0) {
+      at += 2;
+      repeat = count_at(item, at);
+      if (repeat && at < item.size() && item[at] == ')') ++at;
+      else repeat = std::nullopt;
     }
-    if (*node < index + repeat) return tasks;
-    index += repeat;
+    if (!tasks || !repeat || at != item.size()) {
+      throw Error(fmt::format("environment variable SLURM_TASKS_PER_NODE=\"{}\": cannot read \"{}\" as a task count "
+                              "with an optional repeat such as 4(x2)",
+                              all, item));
+    }
+    if (!found && *node < first_node + *repeat) found = tasks;
+    first_node += *repeat;
     s = e + 1;
   }
+  if (found) return found;
   throw Error(fmt::format("environment variables SLURM_TASKS_PER_NODE=\"{}\" and SLURM_NODEID={}: no entry for node {}",
                           all, *node, *node));
 }

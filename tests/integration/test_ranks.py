@@ -303,6 +303,23 @@ def test_a_port_that_takes_the_connection_and_never_answers_is_named(tmp_path, d
     assert not (tmp_path / "out").exists()
 
 
+def test_rank_0_on_a_port_in_use_is_named_at_once(tmp_path, data):
+    """Rank 0 cannot listen on a port another process holds: c10d fails at once, and the message said it could
+    not meet the other ranks "within" the whole timeout."""
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out", run={"comm_timeout_s": 600.0})
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(8)
+        port = holder.getsockname()[1]
+        r = run_host(run, env=torchrun_env(0, 2, port), timeout=60)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert re.search(rf"rank 0 of 2: could not host the rendezvous store on port {port} \(MASTER_ADDR and "
+                     rf'MASTER_PORT, read for \S*run.toml \[run\] rendezvous = "env"\): .*EADDRINUSE.*'
+                     r"give the run a free port", r.stderr), r.stderr[-3000:]
+    assert "within" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 # 5. Conflicting variables
 
 def test_ranks_told_different_world_sizes_are_refused_naming_both(tmp_path, data, ranks):

@@ -26,9 +26,9 @@ def line_of(run, section, key):
     raise AssertionError(f"no {section}.{key} in {run}")
 
 
-def refusal(tmp_path, data, *extra, **changes):
+def refusal(tmp_path, data_root, *extra, **changes):
     out = tmp_path / "out"
-    run = write_run(tmp_path / "run.toml", data, out, **changes)
+    run = write_run(tmp_path / "run.toml", data_root, out, **changes)
     r = run_host(run, *extra)
     assert r.returncode == 2, r.stderr
     assert not out.exists()
@@ -73,6 +73,15 @@ def test_a_training_batch_larger_than_the_training_set_is_refused_before_the_run
     _, msg = refusal(tmp_path, data, "--set", "run.train_batch_size=5")
     assert (f"--set run.train_batch_size=5: train_batch_size = 5 is more than the 4 training samples in {data}; "
             "lower it to at most 4") in msg, msg
+
+
+def test_a_channel_selected_twice_is_refused_at_its_line(tmp_path, data):
+    # [0, 1, 5, 1] trained a model with 4 inputs, two of them one field.
+    run, msg = refusal(tmp_path, data, data={"channels": [0, 1, 5, 1]})
+    assert (f"run.toml:{line_of(run, 'data', 'channels')} [data] channels: channel 1 is selected twice "
+            "(items 1 and 3)") in msg, msg
+    _, msg = refusal(tmp_path, data, "--set", "data.channels=[2, 2]")
+    assert "--set data.channels=[2, 2]: channel 2 is selected twice (items 0 and 1)" in msg, msg
 
 
 @pytest.mark.parametrize("reader", ["hdf5", "prefetch"])

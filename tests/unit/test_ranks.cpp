@@ -116,3 +116,18 @@ TEST_CASE("stale or malformed variables are errors naming them") {
                   {"SLURM_TASKS_PER_NODE", "2"}, {"SLURM_NODEID", "3"}})
             .find("SLURM_TASKS_PER_NODE") != std::string::npos);
 }
+
+TEST_CASE("SLURM_TASKS_PER_NODE is read item by item, whole") {
+  const auto on_node = [](const char* list, const char* node) {
+    return Vars{{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}, {"SLURM_LOCALID", "0"},
+                {"SLURM_TASKS_PER_NODE", list}, {"SLURM_NODEID", node}};
+  };
+  check(detect(on_node("2(x3),5,1(x2)", "3")), 0, 2, 0, 5, "Slurm");
+  check(detect(on_node("2(x3),5,1(x2)", "5")), 0, 2, 0, 1, "Slurm");
+  for (const char* bad : {"2abc", "2(x3", "2(x3)z", "(x3)", "2(x0)", "0", "-2", "+2", " 2", "2,", ",2", "", "2(3)",
+                          "2(x)", "99999999999"}) {
+    const std::string error = error_of(on_node(bad, "0"));
+    CHECK_MESSAGE(error.find(std::string("SLURM_TASKS_PER_NODE=\"") + bad + "\"") != std::string::npos, std::string(bad));
+    CHECK_MESSAGE(error.find("cannot read") != std::string::npos, error);
+  }
+}
