@@ -83,7 +83,7 @@ const ParamSpec kRunSpecs[] = {
 const ParamSpec kDataSpecs[] = {
     {"root", ParamType::Path, nullptr, "data set root holding train/, validation/ and stats.h5"},
     {"channels", ParamType::IntList, "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]",
-     "input channels, in this order", 0, 15},
+     "input channels, in this order, each at most once", 0, 15},
 };
 
 const ParamSpec kMlperfSpecs[] = {
