@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -144,9 +145,20 @@ int main(int argc, char** argv) {
   // is still there.
   deepcam::PluginLoader loader;
   try {
-    if (args.empty() || args[0] == "--help" || args[0] == "-h") {
-      std::fputs(kUsage, args.empty() ? stderr : stdout);
-      return args.empty() ? 2 : 0;
+    if (args.empty()) {
+      std::fputs(kUsage, stderr);
+      return 2;
+    }
+    // These print and end: anything after them would be ignored.
+    for (const char* alone : {"--help", "-h", "--version", "--list-plugins"}) {
+      if (args[0] == alone && args.size() > 1) {
+        throw deepcam::Error(
+            fmt::format("{} takes nothing after it (given: {})", alone, fmt::join(args.begin() + 1, args.end(), " ")));
+      }
+    }
+    if (args[0] == "--help" || args[0] == "-h") {
+      std::fputs(kUsage, stdout);
+      return 0;
     }
     if (args[0] == "--version") {
       std::printf("deepcam-host %s (plugin ABI %d, LibTorch %s, CUDA %s)\n", DEEPCAM_VERSION, DEEPCAM_PLUGIN_ABI,
@@ -173,24 +185,40 @@ int main(int argc, char** argv) {
     std::vector<std::string> files;
     std::vector<std::string> overrides;
     deepcam::EngineOptions options;
+    std::set<std::string> given;  // the options that take one value, each at most once
     for (std::size_t i = 0; i < args.size(); ++i) {
-      const std::string& a = args[i];
+      // --name value, or --name=value as with argparse.
+      const std::size_t equals = args[i].rfind("--", 0) == 0 ? args[i].find('=') : std::string::npos;
+      const std::string a = args[i].substr(0, equals);
       auto value = [&]() -> std::string {
+        if (equals != std::string::npos) {
+          if (equals + 1 == args[i].size()) throw deepcam::Error(fmt::format("{} needs a value\n{}", a, kUsage));
+          return args[i].substr(equals + 1);
+        }
         if (i + 1 >= args.size() || args[i + 1].empty()) {
           throw deepcam::Error(fmt::format("{} needs a value\n{}", a, kUsage));
         }
         return args[++i];
       };
+      auto once = [&]() -> std::string {
+        if (!given.insert(a).second) {
+          throw deepcam::Error(fmt::format("{} is given twice; give it once", a));
+        }
+        return value();
+      };
       if (a == "--set") overrides.push_back(value());
-      else if (a.rfind("--set=", 0) == 0) overrides.push_back(a.substr(6));
-      else if (a == "--evaluate") options.evaluate_checkpoint = value();
-      else if (a == "--predict") options.predict_checkpoint = value();
-      else if (a == "--out") options.predict_out = value();
-      else if (a == "--samples") options.predict_samples = count_of(a, value(), "samples");
-      else if (a == "--quiet") options.quiet = true;
-      else if (a == "--benchmark") options.benchmark_steps = count_of(a, value(), "steps");
-      else if (!a.empty() && a[0] == '-') throw deepcam::Error(fmt::format("unknown option {}\n{}", a, kUsage));
-      else files.push_back(a);
+      else if (a == "--evaluate") options.evaluate_checkpoint = once();
+      else if (a == "--predict") options.predict_checkpoint = once();
+      else if (a == "--out") options.predict_out = once();
+      else if (a == "--samples") options.predict_samples = count_of(a, once(), "samples");
+      else if (a == "--quiet" && equals == std::string::npos) options.quiet = true;
+      else if (a == "--benchmark") options.benchmark_steps = count_of(a, once(), "steps");
+      else if (a == "--nproc") throw deepcam::Error("--nproc comes first: deepcam-host --nproc N RUN.toml...");
+      else if (a == "--help" || a == "-h" || a == "--version" || a == "--list-plugins" || a == "--describe") {
+        throw deepcam::Error(fmt::format("{} comes alone, first: deepcam-host {}", a,
+                                         a == "--describe" ? "--describe KIND/NAME" : a));
+      } else if (!a.empty() && a[0] == '-') throw deepcam::Error(fmt::format("unknown option {}\n{}", args[i], kUsage));
+      else files.push_back(args[i]);
     }
     if (files.empty()) throw deepcam::Error(fmt::format("no run file given\n{}", kUsage));
     const int modes = !options.evaluate_checkpoint.empty() + (options.benchmark_steps > 0) +

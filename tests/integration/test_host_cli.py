@@ -347,3 +347,33 @@ def test_a_library_whose_static_initialiser_throws_is_an_internal_error_naming_i
                 "initialisers ran") in r.stderr, r.stderr
         assert "terminate called" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args,says", [
+    # The second value was taken and the first dropped without a word.
+    (["--benchmark", "2", "--benchmark", "3"], "--benchmark is given twice; give it once"),
+    (["--evaluate", "a.pt", "--evaluate=b.pt"], "--evaluate is given twice; give it once"),
+    (["--predict", "a.pt", "--out", "d1", "--out", "d2"], "--out is given twice; give it once"),
+    # Taken for an unknown option, or for a run file.
+    (["--nproc", "2"], "--nproc comes first: deepcam-host --nproc N RUN.toml"),
+    (["--list-plugins"], "--list-plugins comes alone, first"),
+    (["--quiet=yes"], "unknown option --quiet=yes"),
+    (["--benchmark="], "--benchmark needs a value"),
+])
+def test_options_given_twice_or_out_of_place_are_refused(tmp_path, data, args, says):
+    out = tmp_path / "out"
+    r = run_host(write_run(tmp_path / "run.toml", data, out), *args)
+    assert r.returncode == 2 and says in r.stderr, r.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_option_equals_value_is_taken_as_argparse_takes_it(tmp_path, data):
+    r = run_host(write_run(tmp_path / "run.toml", data, tmp_path / "out"), "--benchmark=1", "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert '"samples_per_s"' in r.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize("first", ["--help", "--version", "--list-plugins"])
+def test_what_follows_an_option_that_ends_the_command_is_refused_not_ignored(first):
+    r = run_host(first, "run.toml")
+    assert r.returncode == 2 and f"{first} takes nothing after it (given: run.toml)" in r.stderr, r.stderr
