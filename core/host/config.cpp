@@ -672,6 +672,9 @@ RunConfig load_config(const std::vector<std::string>& files, const std::vector<s
   RunConfig cfg;
   cfg.file = file;
   cfg.run = checker.check(root.get_as<toml::table>("run"), schema_of(kRunSpecs), location("run"), {});
+  if (cfg.run.string("output_dir").empty()) {
+    throw Error(fmt::format("{}: empty; name the folder for the run's log and checkpoints", cfg.run.where("output_dir")));
+  }
   if (cfg.run.string("device") == "auto") {
     // Decided here, so that everything after (and the resolved config) sees
     // the device the run uses.
@@ -695,6 +698,11 @@ RunConfig load_config(const std::vector<std::string>& files, const std::vector<s
     // A channel named twice feeds the model one field as two inputs: a typo
     // in the list, never a choice.
     const std::vector<std::int64_t>& channels = cfg.data.integers("channels");
+    if (channels.empty()) {
+      const toml::table* t = root.get_as<toml::table>("data");
+      throw Error(fmt::format("{}: no channel selected; name at least one of 0..15",
+                              location("data").at("channels", t ? t->get("channels") : nullptr)));
+    }
     for (std::size_t i = 0; i < channels.size(); ++i) {
       const auto first = std::find(channels.begin(), channels.end(), channels[i]);
       if (first != channels.begin() + static_cast<std::ptrdiff_t>(i)) {

@@ -241,8 +241,11 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
 
   CheckpointInfo info;
   constexpr std::int64_t kMost = std::numeric_limits<std::int64_t>::max() / 4;
-  if (const auto s = f.find("step")) info.step = f.count(*s, "step", kMost);
-  if (const auto e = f.find("epoch")) info.epoch = f.count(*e, "epoch", kMost);
+  const auto step = f.find("step");
+  const auto epoch = f.find("epoch");
+  if (step) info.step = f.count(*step, "step", kMost);
+  if (epoch) info.epoch = f.count(*epoch, "epoch", kMost);
+  if (epoch && !step) f.fail(fmt::format("'epoch' is {} but there is no 'step'", info.epoch));
   if (info.step < info.epoch) {
     f.fail(fmt::format("'step' is {} but 'epoch' is {}: every epoch takes at least one step", info.step, info.epoch));
   }
@@ -293,6 +296,14 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
   if (read_optimizer && options.require_optimizer && !optimizer_state) {
     f.fail("no 'optimizer' state to resume from (a checkpoint of the model alone); set [run] resume_weights_only = "
            "true to resume from its weights with a fresh optimizer");
+  }
+  if (optimizer_state && (!step || !epoch)) {
+    // The optimizer would continue at its own step while the schedule and
+    // the epochs started again at 0.
+    f.fail(fmt::format("the 'optimizer' state is there but no '{}', so a resume cannot know where training "
+                       "stopped; set [run] resume_weights_only = true to resume from its weights with a fresh "
+                       "optimizer",
+                       step ? "epoch" : "step"));
   }
   if (optimizer_state && !options.optimizer_plugin.empty()) {
     if (const auto written_by = f.find("optimizer_name")) {

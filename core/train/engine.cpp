@@ -353,7 +353,7 @@ class Engine {
     if (cuda_graphs_) refuse_what_graphs_cannot_capture();
     if (run.string("device") == "cuda") {
       if (!torch::cuda::is_available()) {
-        throw Error(fmt::format("{} [run] device = \"cuda\": no CUDA device is available{}", cfg_.file,
+        throw Error(fmt::format("{}: \"cuda\", and no CUDA device is available{}", run.where("device"),
                                 DEEPCAM_WITH_CUDA ? "" : " (this build has CUDA disabled)"));
       }
       device_ = at::Device(at::kCUDA, comm_.local_rank() % static_cast<int>(torch::cuda::device_count()));
@@ -393,9 +393,9 @@ class Engine {
 
     bn_group_size_ = std::min<std::int64_t>(run.integer("batchnorm_group_size"), comm_.size());
     if (comm_.size() % bn_group_size_ != 0) {
-      throw Error(fmt::format("{} [run] batchnorm_group_size = {}: does not divide the {} ranks; use a divisor of "
-                              "{}",
-                              cfg_.file, run.integer("batchnorm_group_size"), comm_.size(), comm_.size()));
+      throw Error(fmt::format("{}: {} does not divide the {} ranks; use a divisor of {}",
+                              run.where("batchnorm_group_size"), run.integer("batchnorm_group_size"), comm_.size(),
+                              comm_.size()));
     }
     ModelContext mc{static_cast<std::int64_t>(rc.channels.size()), 3, comm_.rank(), comm_.size()};
     if (bn_group_size_ > 1) mc.batchnorm_group = &comm_.consecutive(static_cast<int>(bn_group_size_));
@@ -734,11 +734,23 @@ class Engine {
     note_other_model_settings(checkpoint, info);
     agree_on_resume(info);
     broadcast_model();
-    const Totals v = validate(info.epoch, info.step);
+    const Totals v = validate(info.epoch, info.step, fs::absolute(checkpoint).lexically_normal().string());
+    const double loss = v.loss_sum / static_cast<double>(v.samples);
+    if (!std::isfinite(loss)) {
+      // Finite weights can still overflow the logits (a corrupt or diverged
+      // checkpoint): the IoU of such logits is no score, so none is printed.
+      if (comm_.rank() == 0) {
+        std::fprintf(stderr,
+                     "deepcam-host: --evaluate %s: the validation loss is %s: this checkpoint's weights give "
+                     "non-finite logits (a diverged or damaged checkpoint), so it has no score\n",
+                     checkpoint.c_str(), python_float_repr(loss).c_str());
+      }
+      return 4;
+    }
     if (comm_.rank() == 0) {
       std::printf("eval_accuracy %s\neval_loss %s\n",
                   python_float_repr(v.score_sum / static_cast<double>(v.samples)).c_str(),
-                  python_float_repr(v.loss_sum / static_cast<double>(v.samples)).c_str());
+                  python_float_repr(loss).c_str());
     }
     return 0;
   }
@@ -1106,9 +1118,12 @@ class Engine {
   // every rank and summed in ascending order, so that the figures depend
   // only on the set of samples, not on how the ranks divided it: P ranks
   // give exactly one rank's figures.
-  Totals validate(std::int64_t epoch_num, std::int64_t step) {
+  // `checkpoint`: the file --evaluate scores, named in eval_start's metadata.
+  Totals validate(std::int64_t epoch_num, std::int64_t step, const std::string& checkpoint = "") {
     const MlperfLog::Metadata md = {{"epoch_num", Json(epoch_num)}, {"step_num", Json(step)}};
-    log_.start("eval_start", Json(), md);
+    MlperfLog::Metadata start_md = md;
+    if (!checkpoint.empty()) start_md.emplace_back("checkpoint", Json(checkpoint));
+    log_.start("eval_start", Json(), start_md);
     c_.model->module().eval();
     at::NoGradGuard no_grad;
     c_.reader->start_epoch(Split::Validation, 0);
@@ -1470,6 +1485,45 @@ void remove_earlier_file(const RunConfig& cfg, const fs::path& path) {
                path.string().c_str(), is_checkpoint_name(path.filename().string()) ? "a checkpoint" : "the record");
 }
 
+// A --predict file: sample-<digits>.npy or .png.
+bool is_prediction_name(const std::string& name) {
+  const std::string stem = "sample-";
+  if (name.size() <= stem.size() + 4 || name.compare(0, stem.size(), stem) != 0) return false;
+  const std::string ext = name.substr(name.size() - 4);
+  if (ext != ".npy" && ext != ".png") return false;
+  const std::string digits = name.substr(stem.size(), name.size() - stem.size() - 4);
+  return std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
+// An earlier --predict's files in `out` would mix with this one's (another
+// checkpoint, fewer samples) with nothing to tell them apart: refused, or
+// removed with [run] overwrite = true.
+void clear_earlier_predictions(const RunConfig& cfg, const fs::path& out) {
+  std::vector<std::string> earlier;
+  std::error_code ec;
+  for (fs::directory_iterator it(out, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (is_prediction_name(name)) earlier.push_back(name);
+  }
+  if (earlier.empty()) return;
+  std::sort(earlier.begin(), earlier.end());
+  if (!cfg.run.boolean("overwrite")) {
+    const std::string more = earlier.size() > 1 ? fmt::format(" and {} more", earlier.size() - 1) : "";
+    throw Error(fmt::format("--out {}: holds the files of an earlier --predict ({}{}), which this one's would mix "
+                            "with; choose another --out, or set [run] overwrite = true to remove them",
+                            out.string(), earlier.front(), more));
+  }
+  for (const std::string& name : earlier) {
+    fs::remove(out / name, ec);
+    if (ec) {
+      throw Error(fmt::format("{} = true: cannot remove {}: {}", cfg.run.where("overwrite"), (out / name).string(),
+                              ec.message()));
+    }
+  }
+  std::fprintf(stderr, "deepcam-host: [run] overwrite = true: removed the %zu files of an earlier --predict in %s\n",
+               earlier.size(), out.string().c_str());
+}
+
 // What a run killed while writing leaves (temporary_files.hpp: a checkpoint,
 // a --predict picture or .npy file, the run's record before run_start) is
 // removed when its writer is gone; a live one may still be writing.
@@ -1511,7 +1565,9 @@ bool check_outputs(const RunConfig& cfg, const fs::path& out_dir, const fs::path
   if (fs::is_directory(log, ec)) {
     throw Error(fmt::format("{}: {} is a folder", cfg.mlperf.where("log_file"), log.string()));
   }
-  if (evaluating) return false;  // writes only its own log, which names what it evaluated
+  // An evaluation writes only its own record, which names the checkpoint it
+  // scored; the next evaluation here replaces it.
+  if (evaluating) return false;
 
   std::vector<std::string> earlier;
   const std::string& resume = cfg.run.string("resume");
@@ -1606,7 +1662,10 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
       throw Error("--predict runs on one rank: start it without --nproc or a launcher's ranks");
     }
     std::error_code ec;
-    if (fs::is_directory(opts.predict_out, ec)) remove_stale_temporaries(opts.predict_out);
+    if (fs::is_directory(opts.predict_out, ec)) {
+      remove_stale_temporaries(opts.predict_out);
+      clear_earlier_predictions(cfg, opts.predict_out);
+    }
     MlperfLog no_log(nullptr, false);
     Engine engine(cfg, no_log, comm);
     engine.build(/*with_optimizer=*/false);
@@ -1641,8 +1700,13 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
     const bool continues = check_outputs(cfg, out_dir, log_file, evaluating);
     // --evaluate in a training run's folder keeps that run's config.toml.
     const fs::path config_file = out_dir / (evaluating ? "evaluate-config.toml" : "config.toml");
-    record = std::make_unique<RunRecord>(config_file, log_file, cfg.resolved, cfg.mlperf.where("log_file"),
-                                         continues);
+    // The evaluation's record names the checkpoint it scored: its config's
+    // [run] resume is the run file's, not that file.
+    const std::string resolved =
+        evaluating ? fmt::format("# deepcam-host --evaluate {}\n{}",
+                                 fs::absolute(opts.evaluate_checkpoint).lexically_normal().string(), cfg.resolved)
+                   : cfg.resolved;
+    record = std::make_unique<RunRecord>(config_file, log_file, resolved, cfg.mlperf.where("log_file"), continues);
   }
   MlperfLog log(record ? record->log() : nullptr, rank0, log_file.string());
   // Every line also on stdout, as the reference's logger prints it.

@@ -120,6 +120,13 @@ BAD_FIELDS = {
     "vector_step": (set_to("step", torch.tensor([3, 4])), "'step' is a tensor of shape [2] and dtype Long"),
     "float_tensor_step": (set_to("step", torch.tensor(3.0)), "'step' is a tensor of shape [] and dtype Float"),
     "step_below_epoch": (set_to("epoch", 7), "'step' is 3 but 'epoch' is 7"),
+    # Resumed at epoch 0, step 0 (or the epoch at 0) with the optimizer's state continuing.
+    "no_step_nor_epoch": (lambda c: (c.pop("step"), c.pop("epoch")),
+                          "the 'optimizer' state is there but no 'step', so a resume cannot know where training "
+                          "stopped"),
+    "no_epoch": (drop("epoch"), "the 'optimizer' state is there but no 'epoch'"),
+    "epoch_none": (set_to("epoch", None), "the 'optimizer' state is there but no 'epoch'"),
+    "no_step": (drop("step"), "'epoch' is 1 but there is no 'step'"),
     "model_not_dict": (set_to("model", [1, 2]), "'model' is a GenericList, expected a dict"),
     "model_entry_not_tensor": (lambda c: c["model"].__setitem__("conv2.weight", 3),
                                "'model' entry 'conv2.weight' is a Int, expected a tensor"),

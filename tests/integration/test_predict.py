@@ -106,6 +106,25 @@ def test_samples_limits_the_count(trained, tmp_path):
         "sample-000000.npy", "sample-000000.png", "sample-000001.npy", "sample-000001.png"]
 
 
+def test_an_earlier_predicts_files_are_refused_or_removed_not_mixed(trained, tmp_path):
+    """A second --predict into the same folder with fewer samples left the first's files beside its own, two
+    checkpoints' predictions with nothing to tell them apart."""
+    _, _, run, ckpt = trained
+    out = tmp_path / "pred"
+    assert run_host(run, "--predict", ckpt, "--out", out, "--samples", 2).returncode == 0
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = run_host(run, "--predict", ckpt, "--out", out, "--samples", 1)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert (f"--out {out}: holds the files of an earlier --predict (sample-000000.npy and 3 more), which this "
+            "one's would mix with") in r.stderr, r.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    r = run_host(run, "--predict", ckpt, "--out", out, "--samples", 1, "--set", "run.overwrite=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"removed the 4 files of an earlier --predict in {out}" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "sample-000000.npy", "sample-000000.png"]
+
+
 def test_temporaries_of_a_killed_predict_are_removed_by_the_next(trained, tmp_path):
     """They used to stay: a picture's "<name>.tmp-<pid>" and an .npy file's ".<name>.tmp<pid>-<n>"."""
     _, _, run, ckpt = trained

@@ -5,6 +5,7 @@ torch.save, --evaluate, resume, and refused bad data."""
 import json
 import re
 import shutil
+import tomllib
 from collections import OrderedDict
 
 import h5py
@@ -140,10 +141,26 @@ def test_python_written_checkpoint_is_read_back(tmp_path, short_run, data):
     assert c != a
     lines = read_events(tmp_path / "eval" / "evaluate-mlperf.log")
     assert [l["key"] for l in lines] == ["eval_start", "eval_accuracy", "eval_loss", "eval_stop"]
-    # The log is the last evaluation's (the changed weights).
+    # The log is the last evaluation's (the changed weights), and both files name its checkpoint.
     assert lines[1]["value"] == pytest.approx(c[0], rel=1e-12)
     assert lines[2]["value"] == pytest.approx(c[1], rel=1e-12)
-    assert (tmp_path / "eval" / "evaluate-config.toml").is_file()
+    assert lines[0]["metadata"]["checkpoint"] == str(tmp_path / "changed.pt")
+    config = (tmp_path / "eval" / "evaluate-config.toml").read_text()
+    assert config.splitlines()[0] == f"# deepcam-host --evaluate {tmp_path / 'changed.pt'}"
+    assert tomllib.loads(config)["run"]["resume"] == ""
+
+
+def test_evaluate_of_weights_that_give_a_nan_loss_is_no_score(tmp_path, short_run, data):
+    """Finite weights near float32's top pass the checkpoint's checks but overflow the logits: the evaluation
+    printed an IoU of NaN logits and a NaN loss, and exited 0."""
+    ckpt = torch.load(short_run[0] / "checkpoint-epoch2.pt", weights_only=True)
+    ckpt["model"]["xception_features.conv1.weight"].fill_(3e38)
+    torch.save(ckpt, tmp_path / "huge.pt")
+    r = run_host(write_run(tmp_path / "run.toml", data, tmp_path / "eval"), "--evaluate", tmp_path / "huge.pt")
+    assert r.returncode == 4, r.stderr[-3000:]
+    assert (f"--evaluate {tmp_path / 'huge.pt'}: the validation loss is NaN: this checkpoint's weights give "
+            "non-finite logits") in r.stderr, r.stderr[-3000:]
+    assert not [l for l in r.stdout.splitlines() if l.startswith("eval_")], r.stdout[-2000:]  # the score lines
 
 
 def test_evaluate_in_a_training_runs_folder_keeps_its_record(tmp_path, short_run, data):

@@ -6,6 +6,7 @@ open); and a closed-division run that cannot be closed is told so at start."""
 import re
 
 import pytest
+import torch
 
 from helpers import run_host, synth, write_run
 
@@ -82,6 +83,19 @@ def test_a_channel_selected_twice_is_refused_at_its_line(tmp_path, data):
             "(items 1 and 3)") in msg, msg
     _, msg = refusal(tmp_path, data, "--set", "data.channels=[2, 2]")
     assert "--set data.channels=[2, 2]: channel 2 is selected twice (items 0 and 1)" in msg, msg
+
+
+@pytest.mark.parametrize("item,says", [
+    # The reader's "no input channels selected", after the resolved configuration was printed.
+    ("data.channels=[]", "--set data.channels=[]: no channel selected"),
+    ("run.output_dir=", "--set run.output_dir=: empty; name the folder"),
+    # Blamed on the run file, which says nothing of the device.
+    pytest.param("run.device=cuda", '--set run.device=cuda: "cuda", and no CUDA device is available',
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
+])
+def test_a_value_that_cannot_work_names_the_set_item(tmp_path, data, item, says):
+    _, msg = refusal(tmp_path, data, "--set", item)
+    assert says in msg, msg
 
 
 @pytest.mark.parametrize("reader", ["hdf5", "prefetch"])
