@@ -13,13 +13,16 @@
 #include <unistd.h>
 #include <caffe2/serialize/inline_container.h>
 #include <fmt/format.h>
+#include <zlib.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <memory>
 #include <new>
 #include <unordered_map>
@@ -247,11 +250,97 @@ const char* opcode_name(unsigned char op) {
   }
 }
 
+std::uint64_t little_endian(const unsigned char* p, int bytes) {
+  std::uint64_t v = 0;
+  for (int i = bytes - 1; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
+// The CRC-32 of each record as the archive's central directory holds it, by
+// the record's name below the archive's folder ("data.pkl", "data/0").
+// LibTorch's reader never compares them (its miniz is built without the
+// check), so a flipped bit in a weight would load as a different weight.
+class RecordChecksums {
+ public:
+  RecordChecksums(const std::string& path, std::uint64_t file_size) : path_(path) {
+    std::ifstream in(path, std::ios::binary);
+    auto read_at = [&](std::uint64_t offset, std::uint64_t n) {
+      std::vector<unsigned char> bytes(n);
+      in.seekg(static_cast<std::streamoff>(offset));
+      in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(n));
+      if (!in || static_cast<std::uint64_t>(in.gcount()) != n) fail("cannot read its central directory");
+      return bytes;
+    };
+    // The end record: 22 bytes and a comment of up to 65535, at the end.
+    constexpr std::uint64_t kEnd = 22;
+    if (file_size < kEnd) fail("no end of central directory record");
+    const std::uint64_t tail_size = std::min<std::uint64_t>(file_size, kEnd + 65535);
+    const std::vector<unsigned char> tail = read_at(file_size - tail_size, tail_size);
+    std::uint64_t end = tail_size - kEnd + 1;
+    do {
+      --end;
+    } while (end > 0 && std::memcmp(&tail[end], "PK\x05\x06", 4) != 0);
+    if (std::memcmp(&tail[end], "PK\x05\x06", 4) != 0) fail("no end of central directory record");
+    std::uint64_t entries = little_endian(&tail[end + 10], 2);
+    std::uint64_t size = little_endian(&tail[end + 12], 4);
+    std::uint64_t offset = little_endian(&tail[end + 16], 4);
+    if (entries == 0xffff || size == 0xffffffff || offset == 0xffffffff) {
+      // Zip64: a locator just before the end record points at the 64-bit one.
+      const std::uint64_t locator = file_size - tail_size + end;
+      if (locator < 20) fail("a zip64 archive without its locator");
+      const std::vector<unsigned char> l = read_at(locator - 20, 20);
+      if (std::memcmp(l.data(), "PK\x06\x07", 4) != 0) fail("a zip64 archive without its locator");
+      const std::uint64_t at = little_endian(&l[8], 8);
+      if (at > file_size - 56) fail("its zip64 end record lies outside the file");
+      const std::vector<unsigned char> e = read_at(at, 56);
+      if (std::memcmp(e.data(), "PK\x06\x06", 4) != 0) fail("no zip64 end of central directory record");
+      entries = little_endian(&e[32], 8);
+      size = little_endian(&e[40], 8);
+      offset = little_endian(&e[48], 8);
+    }
+    if (offset > file_size || size > file_size - offset) fail("its central directory lies outside the file");
+    const std::vector<unsigned char> cd = read_at(offset, size);
+    std::uint64_t pos = 0;
+    for (std::uint64_t i = 0; i < entries; ++i) {
+      if (pos + 46 > cd.size() || std::memcmp(&cd[pos], "PK\x01\x02", 4) != 0) {
+        fail(fmt::format("central directory entry {} is damaged", i));
+      }
+      const auto crc = static_cast<std::uint32_t>(little_endian(&cd[pos + 16], 4));
+      const std::uint64_t name_size = little_endian(&cd[pos + 28], 2);
+      const std::uint64_t next =
+          pos + 46 + name_size + little_endian(&cd[pos + 30], 2) + little_endian(&cd[pos + 32], 2);
+      if (next > cd.size()) fail(fmt::format("central directory entry {} is damaged", i));
+      const std::string name(reinterpret_cast<const char*>(&cd[pos + 46]), name_size);
+      const std::size_t slash = name.find('/');
+      crcs_[slash == std::string::npos ? name : name.substr(slash + 1)] = crc;
+      pos = next;
+    }
+  }
+
+  void check(const std::string& record, const void* data, std::size_t n) const {
+    const auto it = crcs_.find(record);
+    if (it == crcs_.end()) fail(fmt::format("record '{}' is not in its central directory", record));
+    const auto actual = static_cast<std::uint32_t>(crc32_z(0L, static_cast<const Bytef*>(data), n));
+    if (actual != it->second) {
+      fail(fmt::format("record '{}' fails its CRC-32 check (the archive says {:08x}, its bytes give {:08x}): the "
+                       "file is damaged",
+                       record, it->second, actual));
+    }
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& what) const { throw Error(fmt::format("{}: {}", path_, what)); }
+
+  std::string path_;
+  std::map<std::string, std::uint32_t> crcs_;
+};
+
 // Loads "data/<key>" once; tensors that name the same key share the storage.
 class StorageSource {
  public:
-  StorageSource(caffe2::serialize::PyTorchStreamReader& reader, std::uint64_t file_size)
-      : reader_(reader), file_size_(file_size) {}
+  StorageSource(caffe2::serialize::PyTorchStreamReader& reader, std::uint64_t file_size,
+                const RecordChecksums& checksums)
+      : reader_(reader), file_size_(file_size), checksums_(checksums) {}
 
   // Throws std::string on failure; the caller adds where in the pickle.
   at::Storage get(const std::string& key, std::uint64_t declared_bytes) {
@@ -275,6 +364,7 @@ class StorageSource {
       throw fmt::format("record '{}' claims {} bytes, more than the file's {}", name, size, file_size_);
     }
     auto [data, n] = reader_.getRecord(name);
+    checksums_.check(name, data.get(), n);
     at::Storage storage(at::Storage::use_byte_size_t(), n, std::move(data), nullptr, false);
     loaded_.emplace(key, storage);
     return storage;
@@ -283,6 +373,7 @@ class StorageSource {
  private:
   caffe2::serialize::PyTorchStreamReader& reader_;
   std::uint64_t file_size_;
+  const RecordChecksums& checksums_;
   std::unordered_map<std::string, at::Storage> loaded_;
 };
 
@@ -965,8 +1056,10 @@ c10::IValue load_torch_save(const std::string& path) {
   if (ec) throw Error(fmt::format("{}: cannot read its size: {}", path, ec.message()));
   try {
     caffe2::serialize::PyTorchStreamReader reader(path);
+    const RecordChecksums checksums(path, file_size);
     if (reader.hasRecord("byteorder")) {
       auto [data, n] = reader.getRecord("byteorder");
+      checksums.check("byteorder", data.get(), n);
       const std::string order = n ? std::string(static_cast<const char*>(data.get()), n) : std::string();
       if (order != "little") {
         throw Error(fmt::format("{}: tensors are stored {}-endian; only little-endian is supported", path, order));
@@ -977,10 +1070,13 @@ c10::IValue load_torch_save(const std::string& path) {
       throw Error(fmt::format("{}: data.pkl claims more bytes than the file has (corrupt?)", path));
     }
     auto [pickle, size] = reader.getRecord("data.pkl");
-    StorageSource storages(reader, file_size);
+    StorageSource storages(reader, file_size, checksums);
     CycleBreaker breaker;
     Ref root =
         Unpickler(path, static_cast<const unsigned char*>(pickle.get()), size, storages, breaker.containers).run();
+    // After the pickle is read, so that a fuzz run's mutations reach the
+    // unpickler; either way a damaged pickle is an error.
+    checksums.check("data.pkl", pickle.get(), size);
     return Converter(path).convert(root, 0);
   } catch (const c10::Error& e) {
     throw Error(fmt::format("{}: not a readable torch.save archive (truncated or corrupt?): {}", path,

@@ -168,6 +168,9 @@ small = torch.arange(6, dtype=torch.float32)
 save({'m': net.head.state_dict(), 't': [small, small[2:4]], 'l': [1, 2.5, None, True, 'x', (3,)],
       'k': {0: b'ab'}}, 'small')
 
+# More than 65535 records: the archive's directory is in zip64 form.
+torch.save({'t': [torch.tensor([float(i)]) for i in range(66000)]}, os.path.join(out, 'many.pt'))
+
 torch.save(datetime.date(2020, 1, 2), os.path.join(out, 'date.pt'))
 torch.save({'a': 1}, os.path.join(out, 'legacy.pt'), _use_new_zipfile_serialization=False)
 )PY";
@@ -446,6 +449,39 @@ TEST_CASE("a missing, foreign, legacy or damaged file gives an Error naming it")
     const std::string e = error_of(cut);
     CHECK_MESSAGE(e.find(cut + ": ") == 0, "cut at " << n << ": " << e);
   }
+}
+
+TEST_CASE("a record whose bytes differ from the archive's CRC-32 is refused naming it") {
+  // One flipped bit in a weight loaded as another weight: LibTorch's reader
+  // does not compare the checksums.
+  auto flipped = [](const std::string& from, const std::string& record, std::size_t at, char bits) {
+    caffe2::serialize::PyTorchStreamReader reader(from);
+    const std::size_t offset = reader.getRecordOffset(record) + at;
+    std::string bytes = read_file(from);
+    bytes[offset] = static_cast<char>(bytes[offset] ^ bits);
+    const std::string path = files().path("flipped.pt");
+    write_file(path, bytes);
+    return path;
+  };
+  const std::string ckpt = files().path("ckpt.pt");
+  REQUIRE(load_torch_save(ckpt).isGenericDict());
+  std::string path = flipped(ckpt, "data/0", 5, 0x40);
+  CHECK(error_of(path).find(path + ": record 'data/0' fails its CRC-32 check") == 0);
+  // In the pickle: "epoch" read as "epocH" is still a pickle.
+  caffe2::serialize::PyTorchStreamReader reader(ckpt);
+  auto [data, n] = reader.getRecord("data.pkl");
+  const std::string text(static_cast<const char*>(data.get()), n);
+  REQUIRE(text.find("epoch") != std::string::npos);
+  path = flipped(ckpt, "data.pkl", text.find("epoch") + 4, 0x20);
+  CHECK(error_of(path).find(path + ": record 'data.pkl' fails its CRC-32 check") == 0);
+
+  // Zip64's directory is read too.
+  const std::string many = files().path("many.pt");
+  const auto tensors = at_key(load_torch_save(many), "t").toTensorVector();
+  REQUIRE(tensors.size() == 66000);
+  CHECK(tensors[65999].item<float>() == 65999.0f);
+  path = flipped(many, "data/65999", 0, 0x01);
+  CHECK(error_of(path).find(path + ": record 'data/65999' fails its CRC-32 check") == 0);
 }
 
 TEST_CASE("an unsupported global is named") {
