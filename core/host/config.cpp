@@ -519,7 +519,13 @@ void apply_override(toml::table& root, const std::string& item,
   toml::table parsed;
   try {
     parsed = toml::parse("v = " + text);
-  } catch (const toml::parse_error&) {
+  } catch (const toml::parse_error& e) {
+    // Digits alone are meant as a number (one past 64 bits, a leading zero),
+    // not as the string a type check would then refuse as "got string".
+    const std::size_t sign = !text.empty() && (text[0] == '+' || text[0] == '-') ? 1 : 0;
+    if (text.size() > sign && text.find_first_not_of("0123456789", sign) == std::string::npos) {
+      throw Error(fmt::format("--set {}: {} is not a TOML integer ({})", item, text, e.description()));
+    }
     parsed.insert_or_assign("v", text);
   }
   toml::table* t = &root;

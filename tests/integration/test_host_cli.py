@@ -110,6 +110,13 @@ def test_set_overrides_are_checked_like_the_file(tmp_path, data):
     assert r.returncode == 2 and "--set optimizer.lr=fast: expected float, got string" in r.stderr
     r = run_host(run, "--set", "optimizer.betaz=[0.9, 0.99]")
     assert r.returncode == 2 and "did you mean 'betas'?" in r.stderr
+    # Digits TOML cannot read were taken as a string: "expected int, got string".
+    r = run_host(run, "--set", "run.seed=99999999999999999999")
+    assert r.returncode == 2 and ("--set run.seed=99999999999999999999: 99999999999999999999 is not a TOML integer "
+                                  "(Error while parsing decimal integer: '99999999999999999999' is not "
+                                  "representable in 64 bits)") in r.stderr, r.stderr
+    r = run_host(run, "--set", "mlperf.platform=8xH100", "--set", "run.seed=007")
+    assert r.returncode == 2 and "--set run.seed=007: 007 is not a TOML integer" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("item,says", [
