@@ -72,6 +72,7 @@ void save_checkpoint(const std::string& path, const CheckpointInfo& info, torch:
     for (const auto& [key, value] : config.params->values()) model_config.insert(key, to_toml(value));
     top.insert("model_config", model_config);
   }
+  if (!config.channels.empty()) top.insert("data_channels", c10::List<std::int64_t>(config.channels));
   if (!info.accumulated_gradients.empty()) {
     c10::impl::GenericDict grads(c10::StringType::get(), c10::TensorType::get());
     for (const auto& [name, grad] : info.accumulated_gradients) grads.insert(name, grad.detach());
@@ -192,8 +193,20 @@ void check_optimizer_steps(const Fields& f, const c10::IValue& optimizer) {
   }
 }
 
+// "[data] channels = [...] in the checkpoint, [...] in this run", when the
+// checkpoint's "data_channels" (ours) differ from this run's; "" otherwise.
+std::string channel_difference(const Fields& f, const ModelConfig& mine) {
+  const auto saved = f.find("data_channels");
+  if (!saved || mine.channels.empty()) return "";
+  if (!saved->isIntList()) f.fail(fmt::format("'data_channels' is a {}, expected a list of integers", saved->tagKind()));
+  const std::vector<std::int64_t> there = saved->toIntVector();
+  if (there == mine.channels) return "";
+  return fmt::format("[data] channels = [{}] in the checkpoint, [{}] in this run ({})", fmt::join(there, ", "),
+                     fmt::join(mine.channels, ", "), mine.channels_where);
+}
+
 // The model keys that differ from the checkpoint's "model_config" (ours),
-// if it has one.
+// if it has one, and the input channels.
 std::vector<std::string> model_differences(const Fields& f, const ModelConfig& mine) {
   const auto saved = f.find("model_config");
   if (!saved || !saved->isGenericDict() || !mine.params) return {};
@@ -204,6 +217,7 @@ std::vector<std::string> model_differences(const Fields& f, const ModelConfig& m
     return std::nullopt;
   };
   std::vector<std::string> differ;
+  if (const std::string channels = channel_difference(f, mine); !channels.empty()) differ.push_back(channels);
   if (const auto name = text("name"); name && *name != mine.plugin) {
     differ.push_back(fmt::format("[model] name = \"{}\" in the checkpoint, \"{}\" in this run", *name, mine.plugin));
   } else {
@@ -224,7 +238,7 @@ std::vector<std::string> model_differences(const Fields& f, const ModelConfig& m
 void fail_on_other_model(const Fields& f, const ModelConfig& mine) {
   const std::vector<std::string> differ = model_differences(f, mine);
   if (!differ.empty()) {
-    f.fail(fmt::format("written for another model: {}; use the same [model] settings as the run that wrote it",
+    f.fail(fmt::format("written for another model: {}; use the settings of the run that wrote it",
                        fmt::join(differ, "; ")));
   }
 }
@@ -288,6 +302,11 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
     }
   }
 
+  // Every weight fits, but the first convolution's would meet other fields
+  // than it learnt.
+  if (const std::string channels = channel_difference(f, options.model); !channels.empty()) {
+    f.fail(fmt::format("written for other input channels: {}; use the channels it was trained on", channels));
+  }
   info.other_model_settings = model_differences(f, options.model);
 
   // The optimizer: checked and loaded by itself, all or nothing.

@@ -1210,7 +1210,9 @@ class Engine {
     }
   }
 
-  ModelConfig model_config() const { return ModelConfig{cfg_.model.name, &cfg_.model.params}; }
+  ModelConfig model_config() const {
+    return ModelConfig{cfg_.model.name, &cfg_.model.params, cfg_.data.integers("channels"), cfg_.data.where("channels")};
+  }
 
   // A resume in another precision than the checkpoint's run trains on, as
   // a change of model settings does, and says what of the loss scaler goes.

@@ -236,6 +236,29 @@ def test_a_checkpoint_whose_weights_fit_another_output_stride_is_taken_and_the_d
     assert "note:" not in evaluate(tmp_path, data, trained).stderr
 
 
+def test_a_checkpoint_of_other_input_channels_is_refused_naming_both(tmp_path, data, trained):
+    # Reordered, every weight fit and the first convolution met other fields than it learnt: a silent score.
+    channels = list(range(16))
+    reordered = write_run(tmp_path / "eval.toml", data, tmp_path / "eval", data={"channels": channels[::-1]})
+    r = run_host(reordered, "--evaluate", trained)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert (f"{trained}: written for other input channels: [data] channels = [{', '.join(map(str, channels))}] in "
+            f"the checkpoint, [{', '.join(map(str, channels[::-1]))}] in this run ({tmp_path / 'eval.toml'}:"
+            ) in r.stderr, r.stderr[-3000:]
+    assert torch.load(trained, weights_only=True)["data_channels"] == channels
+    # Fewer: named by the channels, not by the first convolution's shape.
+    fewer = write_run(tmp_path / "fewer.toml", data, tmp_path / "eval", data={"channels": [0, 1, 2]})
+    r = run_host(fewer, "--evaluate", trained)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert (f"{trained}: written for another model: [data] channels = [{', '.join(map(str, channels))}] in the "
+            "checkpoint, [0, 1, 2] in this run") in r.stderr, r.stderr[-3000:]
+    # A checkpoint without the key (Python's, the reference's) is taken as it was.
+    ckpt = torch.load(trained, weights_only=True)
+    del ckpt["data_channels"]
+    torch.save(ckpt, tmp_path / "python.pt")
+    assert run_host(reordered, "--evaluate", tmp_path / "python.pt").returncode == 0
+
+
 # --- bit-exact resume with an accumulation that spans epochs ----------------
 
 READERS = {

@@ -153,7 +153,7 @@ def refused(tmp_path, data, library, kind="optimizer"):
 def test_plugin_for_another_abi_is_refused_with_both_versions(tmp_path, data):
     lib = FIXTURES / "libdeepcam_optimizer_foreignabi.so"
     msg = refused(tmp_path, data, lib)
-    assert str(lib) in msg and "built for plugin ABI 1, this host has plugin ABI 4" in msg
+    assert str(lib) in msg and "built for plugin ABI 1, this host has plugin ABI 5" in msg
 
 
 def test_plugin_built_against_another_libtorch_is_refused(tmp_path, data):
@@ -164,7 +164,7 @@ def test_plugin_built_against_another_libtorch_is_refused(tmp_path, data):
 
 def test_shared_library_that_is_not_a_plugin(tmp_path, data):
     msg = refused(tmp_path, data, FIXTURES / "libdeepcam_optimizer_notaplugin.so")
-    assert "not a deepcam-host plugin (no symbol deepcam_plugin_v4)" in msg
+    assert "not a deepcam-host plugin (no symbol deepcam_plugin_v5)" in msg
 
 
 def test_plugin_compiled_with_another_cxx_abi_is_refused_with_both_abis(tmp_path, data):
@@ -181,7 +181,7 @@ def test_plugin_compiled_with_another_cxx_abi_is_refused_with_both_abis(tmp_path
 def test_an_entry_point_that_returns_no_descriptor_is_named_so(tmp_path, data):
     lib = FIXTURES / "libdeepcam_scheduler_nodescriptor.so"
     msg = refused(tmp_path, data, lib, kind="scheduler")
-    assert f"{lib}: its entry point deepcam_plugin_v4 returned no descriptor (nullptr)" in msg
+    assert f"{lib}: its entry point deepcam_plugin_v5 returned no descriptor (nullptr)" in msg
     assert "ABI 0" not in msg
 
 

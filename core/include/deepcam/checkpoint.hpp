@@ -67,9 +67,13 @@ struct CheckpointInfo {
 // so that a checkpoint of another model (other middle_blocks or width) is
 // named by the key that differs rather than by the first tensor that does
 // not fit. Python's torch.load reads it as a dict of strings.
+// The input channels ([data] channels) travel beside it as "data_channels":
+// weights trained on one order of the fields fit any other order of as many.
 struct ModelConfig {
   std::string plugin;
   const Params* params = nullptr;
+  std::vector<std::int64_t> channels;  // empty: not known
+  std::string channels_where;          // where this run's channels were set
 };
 
 // Writes the checkpoint with save_torch (torch_pickle.hpp): streamed, with
