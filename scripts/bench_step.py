@@ -17,7 +17,10 @@ APEX's LAMB, which is CUDA-only.
 
 A set-up is PRECISION:MEMORY_FORMAT, or PRECISION:MEMORY_FORMAT:graphs for
 deepcam-host with [run] cuda_graphs (CUDA only; the reference loop stays
-eager, measured once per precision and memory format). Prints one row per
+eager, measured once per precision and memory format). Each precision and
+memory format is measured on both sides before the next, the side that goes
+first alternating, so that a drift in the machine's speed during the run
+(a shared or warming machine) falls on both sides alike. Prints one row per
 set-up with samples/s and step time p50 for both and the ratio ours /
 reference, and writes the table to the section "Training
 step (issue 8 section 5)" of docs/benchmarks.md (--no-docs leaves it).
@@ -83,7 +86,7 @@ def ours(args, run, precision, memory_format, graphs):
 
 REFERENCE_LOOP = r"""
 import json, sys, time, torch
-ref, device, threads, batch, steps, warmup, setups = sys.argv[1:8]
+ref, device, threads, batch, steps, warmup = sys.argv[1:7]
 torch.set_num_threads(int(threads))
 sys.path.insert(0, ref + "/deepcam/src/deepCam")
 from architecture import deeplab_xception
@@ -91,9 +94,10 @@ from utils import losses
 dev = torch.device(device)
 torch.backends.cudnn.benchmark = dev.type == "cuda"  # as the reference's train.py sets it on a GPU
 weights = [0.986267818390377 ** -0.125, 0.0004578708870701058 ** -0.125, 0.01327431072255291 ** -0.125]
-# Every set-up in this one process (one interpreter and CUDA start-up for all): a fresh model,
-# optimizer and batch for each, the previous ones freed first.
-for setup in setups.split(","):
+# One process for every set-up (one interpreter and CUDA start-up), each read from stdin when the
+# script asks for it: a fresh model, optimizer and batch for each, the previous ones freed first.
+for line in sys.stdin:
+    setup = line.strip()
     precision, memory_format = setup.split(":")
     torch.manual_seed(7)
     net = deeplab_xception.DeepLabv3_plus(n_input=16, n_classes=3, os=16, pretrained=False, _print=False).to(dev)
@@ -134,19 +138,31 @@ def python_with_torch():
     return str(venv) if venv.exists() else sys.executable
 
 
-def reference(args, setups):
-    """The reference loop's figures for each (precision, memory format), all in one process."""
-    cmd = [python_with_torch(), "-c", REFERENCE_LOOP, str(args.ref.resolve()), args.device, str(args.threads),
-           str(args.batch), str(args.steps), str(args.warmup), ",".join(f"{p}:{m}" for p, m in setups)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"bench_step: the reference loop failed:\n{r.stderr[-3000:]}")
-    figures = {}
-    for line in r.stdout.splitlines():
-        if line.startswith("{"):
-            d = json.loads(line)
-            figures[tuple(d["setup"].split(":"))] = (d["samples_per_s"], d["step_ms_p50"])
-    return figures
+class Reference:
+    """The reference loop in one process, kept while ours run: measure() hands it one set-up and reads
+    its figures back."""
+
+    def __init__(self, args):
+        self.errors = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe nobody reads while ours run
+        self.proc = subprocess.Popen(
+            [python_with_torch(), "-c", REFERENCE_LOOP, str(args.ref.resolve()), args.device, str(args.threads),
+             str(args.batch), str(args.steps), str(args.warmup)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True)
+
+    def measure(self, precision, memory_format):
+        self.proc.stdin.write(f"{precision}:{memory_format}\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                d = json.loads(line)
+                return d["samples_per_s"], d["step_ms_p50"]
+        self.proc.wait()
+        self.errors.seek(0)
+        sys.exit(f"bench_step: the reference loop failed:\n{self.errors.read()[-3000:]}")
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 def main():
@@ -178,18 +194,28 @@ def main():
             p.error(f"--setups: {setup!r} is not PRECISION:MEMORY_FORMAT or PRECISION:MEMORY_FORMAT:graphs")
         setups.append((parts[0], parts[1], len(parts) == 3))
     rows = []
-    # The reference has no graphs: it is measured once per (precision, memory format), first.
-    references = reference(args, list(dict.fromkeys((p, m) for p, m, _ in setups)))
-    for (precision, memory_format), r in references.items():
-        print(f"reference {precision} {memory_format}: {r[0]:.3f} samples/s", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
         run = run_file(Path(tmp) / "run.toml", data, args.device, args.threads, args.batch)
+        # One group per (precision, memory format): the reference once (it has no graphs) and each of our
+        # set-ups, the reference first in every other group.
+        ref = Reference(args)
+        groups = {}
         for precision, memory_format, graphs in setups:
-            o = ours(args, run, precision, memory_format, graphs)
-            r = references[precision, memory_format]
-            rows.append((precision, memory_format, graphs, o, r))
-            print(f"{precision} {memory_format}{' graphs' if graphs else ''}: ours {o[0]:.3f} samples/s, "
-                  f"reference {r[0]:.3f} samples/s, ratio {o[0] / r[0]:.2f}", flush=True)
+            groups.setdefault((precision, memory_format), []).append(graphs)
+        for index, ((precision, memory_format), graph_choices) in enumerate(groups.items()):
+            ours_first = index % 2 == 1
+            measured = {}
+            if ours_first:
+                measured.update({g: ours(args, run, precision, memory_format, g) for g in graph_choices})
+            r = ref.measure(precision, memory_format)
+            if not ours_first:
+                measured.update({g: ours(args, run, precision, memory_format, g) for g in graph_choices})
+            for graphs in graph_choices:
+                o = measured[graphs]
+                rows.append((precision, memory_format, graphs, o, r))
+                print(f"{precision} {memory_format}{' graphs' if graphs else ''}: ours {o[0]:.3f} samples/s, "
+                      f"reference {r[0]:.3f} samples/s, ratio {o[0] / r[0]:.2f}", flush=True)
+        ref.close()
     device_name = platform.processor() or platform.machine()
     if args.device == "cuda":
         device_name = subprocess.run([python_with_torch(), "-c", "import torch; print(torch.cuda.get_device_name(0))"],
@@ -201,7 +227,8 @@ def main():
              f"{ref_commit}) on {device_name}, {args.threads} threads.", "",
              f"Full-size DeepLabv3+ (768 x 1152, 16 channels), local batch {args.batch}, Adam, one synthetic batch "
              f"kept on the device; {args.steps} timed steps each after warm-up. samples/s is the mean over the "
-             "timed steps.", "",
+             "timed steps. Each precision and memory format is measured on both sides in turn, the side that goes "
+             "first alternating.", "",
              "| precision | memory format | ours: CUDA graphs | ours samples/s | ours step ms (p50) | "
              "reference samples/s (eager) | reference step ms (p50) | ours / reference |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
