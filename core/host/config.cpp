@@ -679,7 +679,8 @@ RunConfig load_config(const std::vector<std::string>& files, const std::vector<s
   cfg.file = file;
   cfg.run = checker.check(root.get_as<toml::table>("run"), schema_of(kRunSpecs), location("run"), {});
   if (cfg.run.string("output_dir").empty()) {
-    throw Error(fmt::format("{}: empty; name the folder for the run's log and checkpoints", cfg.run.where("output_dir")));
+    throw Error(
+        fmt::format("{}: empty; name the folder for the run's log and checkpoints", cfg.run.where("output_dir")));
   }
   if (cfg.run.string("device") == "auto") {
     // Decided here, so that everything after (and the resolved config) sees

@@ -198,7 +198,9 @@ void check_optimizer_steps(const Fields& f, const c10::IValue& optimizer) {
 std::string channel_difference(const Fields& f, const ModelConfig& mine) {
   const auto saved = f.find("data_channels");
   if (!saved || mine.channels.empty()) return "";
-  if (!saved->isIntList()) f.fail(fmt::format("'data_channels' is a {}, expected a list of integers", saved->tagKind()));
+  if (!saved->isIntList()) {
+    f.fail(fmt::format("'data_channels' is a {}, expected a list of integers", saved->tagKind()));
+  }
   const std::vector<std::int64_t> there = saved->toIntVector();
   if (there == mine.channels) return "";
   return fmt::format("[data] channels = [{}] in the checkpoint, [{}] in this run ({})", fmt::join(there, ", "),

@@ -1211,7 +1211,8 @@ class Engine {
   }
 
   ModelConfig model_config() const {
-    return ModelConfig{cfg_.model.name, &cfg_.model.params, cfg_.data.integers("channels"), cfg_.data.where("channels")};
+    return ModelConfig{cfg_.model.name, &cfg_.model.params, cfg_.data.integers("channels"),
+                       cfg_.data.where("channels")};
   }
 
   // A resume in another precision than the checkpoint's run trains on, as
