@@ -19,6 +19,7 @@
 #include "deepcam/data_set.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/npy.hpp"
+#include "mapping_guard.hpp"
 
 namespace deepcam::readers {
 
@@ -65,7 +66,9 @@ class OpenFile {
   std::size_t size_ = 0;
 };
 
-// A whole file, memory-mapped read-only.
+// A whole file, memory-mapped read-only. Its pages past the end of a file
+// that shrinks after the size check raise SIGBUS: read it under
+// read_mapping().
 class MappedFile {
  public:
   explicit MappedFile(const std::string& path) : file_(path, 0) {
@@ -374,12 +377,16 @@ void NpyFormat::load(const FileReader& reader, const std::vector<std::string>& f
   const std::string& data_path = files[0];
   const std::string& label_path = files[1];
   if (options_.io == NpyIo::Mmap) {
+    // Decoded in place, under the guard: a file that shrinks meanwhile is
+    // an error naming it, not a SIGBUS (mapping_guard.hpp).
     {
       const MappedFile file(data_path);
-      decode_data(reader, data_path, file.data(), file.size(), data, s);
+      read_mapping(data_path, file.data(), file.size(),
+                   [&] { decode_data(reader, data_path, file.data(), file.size(), data, s); });
     }
     const MappedFile file(label_path);
-    decode_labels(reader, label_path, file.data(), file.size(), labels);
+    read_mapping(label_path, file.data(), file.size(),
+                 [&] { decode_labels(reader, label_path, file.data(), file.size(), labels); });
     return;
   }
   const auto read = options_.io == NpyIo::Direct ? read_direct : read_buffered;

@@ -15,7 +15,9 @@
 //     - "mmap" (default): each file is memory-mapped and decoded in place.
 //       Best when the data set fits in the page cache (warm: nothing is
 //       copied); cold, the page faults reach only about 70 % of the disk's
-//       speed (docs/benchmarks.md).
+//       speed (docs/benchmarks.md). A file that shrinks while it is read
+//       (rewritten in place) is an error naming it, not a SIGBUS
+//       (mapping_guard.hpp).
 //     - "pread": each file is read whole with buffered pread() into a buffer
 //       the worker reuses, then decoded. For a cold page cache on a local
 //       disk: large read() calls, as numpy.load makes, reach the disk's

@@ -1,7 +1,8 @@
 // Unit tests of the npy reader on files NumPy writes (make_npy_cases.py, run
 // with the project's venv Python): every case must give the batches the
 // hdf5 reader gives on the same values, in both io modes; bad files are
-// refused naming the file.
+// refused naming the file, as is a file that shrinks under its mapping
+// (mapping_guard.hpp), which must not end the process with a SIGBUS.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/equal.h>
 #include <ATen/ops/from_blob.h>
@@ -14,14 +15,20 @@
 #include <map>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include <fcntl.h>
 #include <ftw.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "../hdf5/hdf5_reader.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/sharding.hpp"
+#include "mapping_guard.hpp"
 #include "npy_reader.hpp"
 #include "test_paths.hpp"
 
@@ -464,4 +471,105 @@ TEST_CASE("options come from the plugin's checked table") {
                                               {"data_oversampling_factor", std::int64_t{1}},
                                               {"check_finite", true}});
   CHECK((NpyReaderOptions::from(pread).io == NpyIo::Pread));
+}
+
+namespace {
+
+// A file of `pages` pages of 1s, mapped whole, as the reader maps a sample.
+struct MappedTemp {
+  std::string path;
+  std::size_t size = 0;
+  const unsigned char* data = nullptr;
+  MappedTemp(const TempDir& dir, const std::string& name, std::size_t pages) {
+    path = (dir.path / name).string();
+    size = pages * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+    const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    REQUIRE(fd >= 0);
+    const std::vector<unsigned char> ones(size, 1);
+    REQUIRE(::write(fd, ones.data(), size) == static_cast<ssize_t>(size));
+    void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    ::close(fd);
+    REQUIRE(p != MAP_FAILED);
+    data = static_cast<const unsigned char*>(p);
+  }
+  ~MappedTemp() { ::munmap(const_cast<unsigned char*>(data), size); }
+  // Every byte, as a decoder touches them.
+  std::size_t sum() const {
+    std::size_t total = 0;
+    for (std::size_t i = 0; i < size; ++i) total += static_cast<const volatile unsigned char*>(data)[i];
+    return total;
+  }
+};
+
+}  // namespace
+
+// The race of a file rewritten in place while it is read, made certain: the
+// file shrinks after it is mapped and before its pages are touched.
+TEST_CASE("a mapped file that shrinks while it is read is an error naming it, not a SIGBUS") {
+  using deepcam::readers::read_mapping;
+  TempDir dir;
+  {
+    const MappedTemp intact(dir, "intact.npy", 8);
+    std::size_t total = 0;
+    read_mapping(intact.path, intact.data, intact.size, [&] { total = intact.sum(); });
+    CHECK(total == intact.size);
+  }
+  const MappedTemp file(dir, "shrunk.npy", 8);
+  fs::resize_file(file.path, 100);
+  const std::string e =
+      error_of([&] { read_mapping(file.path, file.data, file.size, [&] { (void)file.sum(); }); });
+  CHECK(contains(e, file.path + ": changed size while it was read (" +
+                        std::to_string(file.size) + " bytes when opened, 100 bytes now)"));
+  // What the decoder threw on the zeros it saw is replaced by the cause.
+  const MappedTemp other(dir, "other.npy", 8);
+  fs::resize_file(other.path, 0);
+  CHECK(contains(error_of([&] {
+                   read_mapping(other.path, other.data, other.size, [&] {
+                     if (other.sum() < other.size) throw Error("a decoder's complaint");
+                   });
+                 }),
+                 other.path + ": changed size while it was read"));
+  // Faults on many threads at once, each in its own mapping, beside
+  // threads whose files stay whole.
+  std::vector<std::string> errors(8);
+  std::vector<std::thread> threads;
+  for (std::size_t t = 0; t < errors.size(); ++t) {
+    threads.emplace_back([&, t] {
+      for (int round = 0; round < 20; ++round) {
+        const MappedTemp m(dir, "t" + std::to_string(t) + "-" + std::to_string(round), 4);
+        const bool shrink = t % 2 == 0;
+        if (shrink) fs::resize_file(m.path, 0);
+        std::size_t total = 0;
+        const std::string e =
+            error_of([&] { read_mapping(m.path, m.data, m.size, [&] { total = m.sum(); }); });
+        if (shrink ? !contains(e, m.path + ": changed size while it was read")
+                   : (e != "(no deepcam::Error thrown)" || total != m.size))
+          errors[t] = e + " (read " + std::to_string(total) + " of " + std::to_string(m.size) + ")";
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (const auto& text : errors) CHECK(text.empty());
+}
+
+// The guard takes only its own faults: a SIGBUS anywhere else still ends the
+// process as before (in a child, after the guard was installed).
+TEST_CASE("a SIGBUS outside a guarded read still kills the process") {
+  using deepcam::readers::read_mapping;
+  TempDir dir;
+  const MappedTemp installs(dir, "installs.npy", 1);
+  read_mapping(installs.path, installs.data, installs.size, [&] { (void)installs.sum(); });
+  const MappedTemp file(dir, "unguarded.npy", 4);
+  fs::resize_file(file.path, 0);
+  std::fflush(nullptr);
+  const pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    (void)file.sum();
+    ::_exit(0);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(child, &status, 0) == child);
+  CHECK(WIFSIGNALED(status));
+  CHECK(WTERMSIG(status) == SIGBUS);
 }

@@ -13,6 +13,8 @@
 #include <mutex>
 #include <system_error>
 #include <thread>
+#include <typeinfo>
+#include <unordered_map>
 #include <utility>
 
 #include "deepcam/error.hpp"
@@ -159,6 +161,7 @@ struct PrefetchReader::Impl {
   std::int64_t channels = 0, height = 0, width = 0;
   std::unique_ptr<StagingArea> staging;
   std::vector<std::vector<std::string>> staged[2];  // per split, by sample index; empty: not staged
+  std::unordered_map<std::string, std::string> origin;  // staged copy -> the file it copies
   std::int64_t files_copied = 0;                    // by this rank, while staging
   std::vector<std::int64_t> validation_order;
   // The current epoch's window: the batch handed out, the one before it
@@ -198,6 +201,48 @@ struct PrefetchReader::Impl {
                               index));
     }
     return copies[static_cast<std::size_t>(index)];
+  }
+
+  // The exception being handled, from the source reading `files`. A source
+  // names the files it was given, and when staging those are copies that
+  // are gone once the run ends: an Error naming one names the user's file
+  // instead, the copy beside it (where it was read) at its first mention.
+  // Errors of other types are passed on as they are.
+  std::exception_ptr naming_sources(const std::vector<std::string>& files) const {
+    try {
+      throw;
+    } catch (const Error& e) {
+      if (typeid(e) != typeid(Error)) return std::current_exception();
+      std::string message = e.what();
+      bool renamed = false;
+      for (const auto& copy : files) {
+        const auto it = origin.find(copy);
+        if (it == origin.end()) continue;
+        bool first = true;
+        for (std::size_t at = 0; (at = message.find(copy, at)) != std::string::npos;) {
+          const std::string name = first ? fmt::format("{} (staged copy {})", it->second, copy) : it->second;
+          message.replace(at, copy.size(), name);
+          at += name.size();
+          first = false;
+          renamed = true;
+        }
+      }
+      if (!renamed) return std::current_exception();
+      return std::make_exception_ptr(Error(message));
+    } catch (...) {
+      return std::current_exception();
+    }
+  }
+
+  // read_sample() of the source on the files of one sample.
+  void read(const std::vector<std::string>& files, float* data, std::int64_t* labels) const {
+    try {
+      if (raw_source) raw_source->read_sample_selected(files, data, labels);
+      else if (hwc_source) hwc_source->read_sample_hwc(files, data, labels);
+      else source->read_sample(files, data, labels);
+    } catch (...) {
+      std::rethrow_exception(naming_sources(files));
+    }
   }
 
   // Whether the node's ranks share one staging directory: shuffle_mode
@@ -248,6 +293,7 @@ struct PrefetchReader::Impl {
       table.assign(static_cast<std::size_t>(source->sample_count(s)), {});
       for (std::size_t n = 0; n < indices.size(); ++n) {
         files_copied += static_cast<std::int64_t>(copies[n].size());
+        for (std::size_t f = 0; f < copies[n].size(); ++f) origin.emplace(copies[n][f], groups[n][f]);
         table[static_cast<std::size_t>(indices[n])] = std::move(copies[n]);
       }
     }
@@ -360,13 +406,19 @@ struct PrefetchReader::Impl {
     train_table.assign(static_cast<std::size_t>(source->sample_count(Split::Train)), {});
     for (std::size_t n = 0; n < train.size(); ++n) {
       auto& copies = train_table[static_cast<std::size_t>(train[n])];
-      for (const auto& f : train_files[n]) copies.push_back(staging->target(f, to_string(Split::Train)));
+      for (const auto& f : train_files[n]) {
+        copies.push_back(staging->target(f, to_string(Split::Train)));
+        origin.emplace(copies.back(), f);
+      }
     }
     auto& validation_table = staged[split_id(Split::Validation)];
     validation_table.assign(static_cast<std::size_t>(source->sample_count(Split::Validation)), {});
     for (std::size_t n = 0; n < validation_order.size(); ++n) {
       auto& copies = validation_table[static_cast<std::size_t>(validation_order[n])];
-      for (const auto& f : validation_files[n]) copies.push_back(staging->target(f, to_string(Split::Validation)));
+      for (const auto& f : validation_files[n]) {
+        copies.push_back(staging->target(f, to_string(Split::Validation)));
+        origin.emplace(copies.back(), f);
+      }
     }
     for (const Word& w : outcomes) {
       files += w.a;
@@ -501,9 +553,7 @@ struct PrefetchReader::Impl {
       lock.unlock();
       if (data) {
         try {
-          if (raw_source) raw_source->read_sample_selected(files_of(split, index), data, labels);
-          else if (hwc_source) hwc_source->read_sample_hwc(files_of(split, index), data, labels);
-          else source->read_sample(files_of(split, index), data, labels);
+          read(files_of(split, index), data, labels);
         } catch (...) {
           failure = std::current_exception();
         }
@@ -701,7 +751,11 @@ std::vector<std::string> PrefetchReader::sample_files(Split split, std::int64_t 
 std::vector<std::int64_t> PrefetchReader::sample_shape() const { return impl_->source->sample_shape(); }
 
 void PrefetchReader::read_sample(const std::vector<std::string>& files, float* data, std::int64_t* labels) const {
-  impl_->source->read_sample(files, data, labels);
+  try {
+    impl_->source->read_sample(files, data, labels);
+  } catch (...) {
+    std::rethrow_exception(impl_->naming_sources(files));
+  }
 }
 
 bool PrefetchReader::normalises_on_device() const { return impl_->raw_source != nullptr; }

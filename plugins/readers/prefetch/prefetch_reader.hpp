@@ -58,6 +58,8 @@
 //   staging_start and staging_stop; all reads then go to the copies, which
 //   are removed when the reader goes (also after an error; a run killed by a
 //   signal cannot, and the next one staging there warns about what it left).
+//   A sample the source refuses is named by its original file, the copy
+//   beside it: the copy is gone by the time the user reads the message.
 //   In node mode with several ranks on the node (ReaderContext::node_group)
 //   the node's shard is copied once per node: node-rank 0 creates the
 //   directory and shares its name over the node group, the node's ranks
@@ -139,6 +141,8 @@ class PrefetchReader final : public Reader {
   // The staged copies when staging, else the source's files.
   std::vector<std::string> sample_files(Split split, std::int64_t index) const override;
   std::vector<std::int64_t> sample_shape() const override;
+  // The source's read_sample(); its errors name staged copies by their
+  // original files, as next()'s do.
   void read_sample(const std::vector<std::string>& files, float* data, std::int64_t* labels) const override;
 
   // Whether batches are normalised on the GPU: device "cuda" and a source
