@@ -11,6 +11,7 @@
 #include "deepcam/data_set.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/h5.hpp"
+#include "deepcam/mapping_guard.hpp"
 #include "deepcam/sharding.hpp"
 
 namespace deepcam::readers {
@@ -152,6 +153,7 @@ void Hdf5Format::load(const FileReader& reader, const std::vector<std::string>& 
   // bytes, is normalised straight from the page cache (a mapping of the
   // file); anything else is read into `raw` first.
   h5::MappedBytes mapped;
+  std::size_t mapped_bytes = 0;
   const float* stored = nullptr;
   // HDF5 runs one call at a time (its thread-safe build holds a global lock;
   // the h5 layer serialises other builds). The h5 layer reads a contiguous,
@@ -174,7 +176,8 @@ void Hdf5Format::load(const FileReader& reader, const std::vector<std::string>& 
                   h5_shape_text({height, width}) + " as in " + reader.shape_source());
     const h5::StoredType data_type = file.stored_type(kData);
     if (data_type.kind == h5::StoredType::Kind::Float && data_type.size == sizeof(float)) {
-      mapped = file.map_stored(kData, pixels * file_channels * sizeof(float));
+      mapped_bytes = pixels * file_channels * sizeof(float);
+      mapped = file.map_stored(kData, mapped_bytes);
     }
     if (mapped && reinterpret_cast<std::uintptr_t>(mapped.data()) % alignof(float) == 0) {
       stored = static_cast<const float*>(mapped.data());
@@ -196,7 +199,14 @@ void Hdf5Format::load(const FileReader& reader, const std::vector<std::string>& 
       reader.decode_labels(path, kLabels, labels, LabelType::Int64, labels);
     }
   }
-  reader.normalise(path, kData, stored, data);
+  // Read in place from the mapping, under the guard: a file that shrinks
+  // meanwhile is an error naming it, not a SIGBUS (deepcam/mapping_guard.hpp).
+  if (stored == mapped.data()) {
+    read_mapping(path, static_cast<const unsigned char*>(mapped.data()), mapped_bytes,
+                 [&] { reader.normalise(path, kData, stored, data); });
+  } else {
+    reader.normalise(path, kData, stored, data);
+  }
 }
 
 }  // namespace

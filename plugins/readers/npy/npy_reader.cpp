@@ -18,8 +18,8 @@
 
 #include "deepcam/data_set.hpp"
 #include "deepcam/error.hpp"
+#include "deepcam/mapping_guard.hpp"
 #include "deepcam/npy.hpp"
-#include "mapping_guard.hpp"
 
 namespace deepcam::readers {
 

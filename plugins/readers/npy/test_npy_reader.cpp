@@ -28,7 +28,7 @@
 #include "../hdf5/hdf5_reader.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/sharding.hpp"
-#include "mapping_guard.hpp"
+#include "deepcam/mapping_guard.hpp"
 #include "npy_reader.hpp"
 #include "test_paths.hpp"
 
@@ -506,7 +506,7 @@ struct MappedTemp {
 // The race of a file rewritten in place while it is read, made certain: the
 // file shrinks after it is mapped and before its pages are touched.
 TEST_CASE("a mapped file that shrinks while it is read is an error naming it, not a SIGBUS") {
-  using deepcam::readers::read_mapping;
+  using deepcam::read_mapping;
   TempDir dir;
   {
     const MappedTemp intact(dir, "intact.npy", 8);
@@ -518,8 +518,7 @@ TEST_CASE("a mapped file that shrinks while it is read is an error naming it, no
   fs::resize_file(file.path, 100);
   const std::string e =
       error_of([&] { read_mapping(file.path, file.data, file.size, [&] { (void)file.sum(); }); });
-  CHECK(contains(e, file.path + ": changed size while it was read (" +
-                        std::to_string(file.size) + " bytes when opened, 100 bytes now)"));
+  CHECK(contains(e, file.path + ": shrank while it was read (it is 100 bytes now)"));
   // What the decoder threw on the zeros it saw is replaced by the cause.
   const MappedTemp other(dir, "other.npy", 8);
   fs::resize_file(other.path, 0);
@@ -528,7 +527,7 @@ TEST_CASE("a mapped file that shrinks while it is read is an error naming it, no
                      if (other.sum() < other.size) throw Error("a decoder's complaint");
                    });
                  }),
-                 other.path + ": changed size while it was read"));
+                 other.path + ": shrank while it was read"));
   // Faults on many threads at once, each in its own mapping, beside
   // threads whose files stay whole.
   std::vector<std::string> errors(8);
@@ -542,7 +541,7 @@ TEST_CASE("a mapped file that shrinks while it is read is an error naming it, no
         std::size_t total = 0;
         const std::string e =
             error_of([&] { read_mapping(m.path, m.data, m.size, [&] { total = m.sum(); }); });
-        if (shrink ? !contains(e, m.path + ": changed size while it was read")
+        if (shrink ? !contains(e, m.path + ": shrank while it was read")
                    : (e != "(no deepcam::Error thrown)" || total != m.size))
           errors[t] = e + " (read " + std::to_string(total) + " of " + std::to_string(m.size) + ")";
       }
@@ -555,7 +554,7 @@ TEST_CASE("a mapped file that shrinks while it is read is an error naming it, no
 // The guard takes only its own faults: a SIGBUS anywhere else still ends the
 // process as before (in a child, after the guard was installed).
 TEST_CASE("a SIGBUS outside a guarded read still kills the process") {
-  using deepcam::readers::read_mapping;
+  using deepcam::read_mapping;
   TempDir dir;
   const MappedTemp installs(dir, "installs.npy", 1);
   read_mapping(installs.path, installs.data, installs.size, [&] { (void)installs.sum(); });

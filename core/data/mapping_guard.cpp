@@ -1,4 +1,4 @@
-#include "mapping_guard.hpp"
+#include "deepcam/mapping_guard.hpp"
 
 #include <signal.h>
 #include <sys/mman.h>
@@ -13,7 +13,7 @@
 
 #include "deepcam/error.hpp"
 
-namespace deepcam::readers {
+namespace deepcam {
 
 namespace {
 
@@ -95,7 +95,7 @@ struct Installation {
     sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
     ::sigemptyset(&sa.sa_mask);
     if (::sigaction(SIGBUS, &sa, &g_previous) != 0) {
-      throw Error(std::string("the npy reader cannot install its SIGBUS handler: ") + std::strerror(errno));
+      throw Error(std::string("cannot install the SIGBUS handler of mapped reads: ") + std::strerror(errno));
     }
   }
   ~Installation() {
@@ -138,13 +138,12 @@ MappingGuard::~MappingGuard() {
 
 bool MappingGuard::faulted() const { return g_ranges[slot_].faulted.load(); }
 
-void throw_changed_size(const std::string& path, std::size_t size) {
+void throw_changed_size(const std::string& path) {
   struct stat st {};
   const std::string now =
-      ::stat(path.c_str(), &st) == 0 ? std::to_string(st.st_size) + " bytes now" : "gone now";
-  throw Error(path + ": changed size while it was read (" + std::to_string(size) +
-              " bytes when opened, " + now +
+      ::stat(path.c_str(), &st) == 0 ? "it is " + std::to_string(st.st_size) + " bytes now" : "it is gone now";
+  throw Error(path + ": shrank while it was read (" + now +
               "); was it rewritten during the run? Rewrite the data set only between runs");
 }
 
-}  // namespace deepcam::readers
+}  // namespace deepcam

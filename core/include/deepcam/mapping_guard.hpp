@@ -19,12 +19,14 @@
 #include <cstddef>
 #include <string>
 
-namespace deepcam::readers {
+#include "deepcam/export.hpp"
 
-// Registers [data, data + size) (a mapping made by mmap, so page-aligned) as
+namespace deepcam {
+
+// Registers [data, data + size) (within one mapping made by mmap) as
 // guarded until it goes. Thread-safe: one per mapping being read, from any
 // thread; at most kSlots at once (more wait for one to go).
-class MappingGuard {
+class DEEPCAM_API MappingGuard {
  public:
   static constexpr int kSlots = 1024;
   MappingGuard(const void* data, std::size_t size);
@@ -38,10 +40,11 @@ class MappingGuard {
   int slot_ = -1;
 };
 
-[[noreturn]] void throw_changed_size(const std::string& path, std::size_t size);
+// "<path>: shrank while it was read (it is N bytes now); ...".
+[[noreturn]] DEEPCAM_API void throw_changed_size(const std::string& path);
 
-// Runs read() over the mapping [data, data + size) of the file `path`, which
-// had `size` bytes when mapped. If the file shrank meanwhile and read()
+// Runs read() over [data, data + size), mapped from the file `path`. If the
+// file shrank meanwhile and read()
 // touched a page past its new end, throws a deepcam::Error naming the file,
 // whatever read() returned or threw (it saw zeros there).
 template <class Read>
@@ -54,10 +57,10 @@ void read_mapping(const std::string& path, const unsigned char* data, std::size_
   try {
     read();
   } catch (...) {
-    if (guard.faulted()) throw_changed_size(path, size);
+    if (guard.faulted()) throw_changed_size(path);
     throw;
   }
-  if (guard.faulted()) throw_changed_size(path, size);
+  if (guard.faulted()) throw_changed_size(path);
 }
 
-}  // namespace deepcam::readers
+}  // namespace deepcam
