@@ -58,6 +58,22 @@ void report(std::vector<std::string>* problems, std::string message) {
   problems->push_back(std::move(message));
 }
 
+// Rounds a double to the nearest float16 value (ties to even), returned as
+// a double: float16 arithmetic done in double and rounded once more gives
+// the correctly rounded float16 result of one operation on float16
+// operands (53 >= 2 * 11 + 2 bits), as NumPy's float16 arithmetic does.
+double round_to_half(double x) {
+  if (!std::isfinite(x) || x == 0.0) return x;
+  const double a = std::fabs(x);
+  if (a >= 65520.0) return std::copysign(INFINITY, x);  // beyond the largest half, after rounding
+  int exponent;
+  std::frexp(a, &exponent);  // a = m * 2^exponent, m in [0.5, 1)
+  // Halves have 11 significant bits; subnormals below 2^-14 a fixed step of 2^-24.
+  const int e = std::max(exponent, -13);
+  const double step = std::ldexp(1.0, e - 11);
+  return std::copysign(std::nearbyint(a / step) * step, x);
+}
+
 bool named_like(const std::string& name, const std::string& prefix, const std::string& extension) {
   return name.size() >= prefix.size() + extension.size() && name[0] != '.' &&
          name.compare(0, prefix.size(), prefix) == 0 &&
@@ -168,11 +184,54 @@ std::string stats_file_problem(const std::string& root) {
   return fmt::format("{}: no such file; the data root must hold stats.h5", path);
 }
 
-std::string stats_range_problem(const std::string& stats_path, std::int64_t channel, double min, double max) {
-  if (std::isfinite(min) && std::isfinite(max) && max > min && std::isfinite(1.0 / (max - min))) return "";
-  return fmt::format("{}: channel {} has climate/minval {} and climate/maxval {}; max must exceed min (both "
-                     "finite) to normalise",
-                     stats_path, channel, min, max);
+std::size_t stats_arithmetic_bytes(std::size_t minval_float_bytes, std::size_t maxval_float_bytes) {
+  if (minval_float_bytes == 0 || maxval_float_bytes == 0) return 8;
+  return std::max(minval_float_bytes, maxval_float_bytes);
+}
+
+std::string stats_range_problem(const std::string& stats_path, std::int64_t channel, double min, double max,
+                                std::size_t arithmetic_bytes, ChannelScale* scale) {
+  // The reference: NumPy's 1 / (hi - lo) on the stored arrays, rounded to
+  // float32 once it is a tensor.
+  const char* dtype = arithmetic_bytes == 4 ? "float32" : arithmetic_bytes == 2 ? "float16" : "float64";
+  double difference, reciprocal;
+  if (arithmetic_bytes == 4) {
+    const float d = static_cast<float>(max) - static_cast<float>(min);
+    difference = d;
+    reciprocal = static_cast<double>(1.0f / d);
+  } else if (arithmetic_bytes == 2) {
+    difference = round_to_half(max - min);
+    reciprocal = round_to_half(1.0 / difference);
+  } else {
+    difference = max - min;
+    reciprocal = 1.0 / difference;
+  }
+  const auto shift_f = static_cast<float>(min);
+  const auto scale_f = static_cast<float>(reciprocal);
+  std::string cause;
+  if (!std::isfinite(min) || !std::isfinite(max) || !(max > min))
+    cause = "both must be finite and max must exceed min";
+  else if (!std::isfinite(shift_f))
+    cause = fmt::format("climate/minval {} is beyond float32's range, and the shift float32(minval) must be "
+                        "finite",
+                        min);
+  else if (!std::isfinite(difference))
+    cause = fmt::format("maxval - minval overflows {} (the dtype stats.h5 stores), so the scale 1/(maxval - "
+                        "minval) is 0",
+                        dtype);
+  else if (!std::isfinite(scale_f))
+    cause = fmt::format("the scale 1/(maxval - minval) overflows {} (maxval - minval is {} in {}); the range "
+                        "must be wider",
+                        arithmetic_bytes == 2 && !std::isfinite(reciprocal) ? "float16" : "float32", difference,
+                        dtype);
+  else if (!(scale_f > 0.0f))
+    cause = fmt::format("the scale 1/(maxval - minval) = {} underflows float32 to 0; the range must be narrower",
+                        reciprocal);
+  if (!cause.empty())
+    return fmt::format("{}: channel {} has climate/minval {} and climate/maxval {}; {} to normalise", stats_path,
+                       channel, min, max, cause);
+  if (scale) *scale = {shift_f, scale_f};
+  return "";
 }
 
 }  // namespace deepcam

@@ -108,22 +108,6 @@ class OutputMode {
   Output before_;
 };
 
-// Rounds a double to the nearest float16 value (ties to even), returned as
-// a double: float16 arithmetic done in double and rounded once more gives
-// the correctly rounded float16 result of one operation on float16
-// operands (53 >= 2 * 11 + 2 bits), as NumPy's float16 arithmetic does.
-double round_to_half(double x) {
-  if (!std::isfinite(x) || x == 0.0) return x;
-  const double a = std::fabs(x);
-  if (a >= 65520.0) return std::copysign(INFINITY, x);  // beyond the largest half, after rounding
-  int exponent;
-  std::frexp(a, &exponent);  // a = m * 2^exponent, m in [0.5, 1)
-  // Halves have 11 significant bits; subnormals below 2^-14 a fixed step of 2^-24.
-  const int e = std::max(exponent, -13);
-  const double step = std::ldexp(1.0, e - 11);
-  return std::copysign(std::nearbyint(a / step) * step, x);
-}
-
 }  // namespace
 
 FileFormat::Scratch::~Scratch() = default;
@@ -206,38 +190,18 @@ void FileReader::Impl::read_stats() {
     file.read(kMinval, minval.data(), minval.size());
     file.read(kMaxval, maxval.data(), maxval.size());
   }
-  // SPEC 1.4: the reference computes 1 / (max - min) in the dtype stats.h5
-  // stores (NumPy's arithmetic on its arrays), rounds it to float32, and
-  // applies scale * (x - min) in float32. The arithmetic dtype is NumPy's
-  // promotion of the two datasets' types: float32 stays float32 (both
-  // operations rounded to float32), float16 float16, float64 and integer
-  // data go through float64.
+  // SPEC 1.4, with verify's and convert's rule (deepcam/data_set.hpp): the
+  // arithmetic dtype is NumPy's promotion of the two datasets' types.
   using Kind = h5::StoredType::Kind;
-  auto float_size = [](const h5::StoredType& t) { return t.kind == Kind::Float ? t.size : std::size_t{8}; };
-  const bool integers = types[0].kind == Kind::Integer && types[1].kind == Kind::Integer;
-  const std::size_t width = integers ? 8 : std::max(float_size(types[0]), float_size(types[1]));
+  auto float_bytes = [](const h5::StoredType& t) { return t.kind == Kind::Float ? t.size : std::size_t{0}; };
+  const std::size_t arithmetic = stats_arithmetic_bytes(float_bytes(types[0]), float_bytes(types[1]));
   for (const std::int64_t c : context.channels) {
-    const double lo = minval[c], hi = maxval[c];
-    double reciprocal;
-    if (width == 4) {
-      const float difference = static_cast<float>(hi) - static_cast<float>(lo);
-      reciprocal = static_cast<double>(1.0f / difference);
-    } else if (width == 2) {
-      reciprocal = round_to_half(1.0 / round_to_half(hi - lo));
-    } else {
-      reciprocal = 1.0 / (hi - lo);
-    }
-    // Both bounds finite as float32 (the shift), max above min, and a scale
-    // that float32 holds as a positive finite number: else the channel would
-    // normalise to zeros, infinities or NaNs.
-    const auto scale_f = static_cast<float>(reciprocal);
-    if (!std::isfinite(static_cast<float>(lo)) || !std::isfinite(hi) || !(hi > lo) || !std::isfinite(scale_f) ||
-        !(scale_f > 0.0f))
-      throw Error(path + ": channel " + std::to_string(c) + " has " + kMinval + " " + fmt::format("{}", lo) +
-                  " and " + kMaxval + " " + fmt::format("{}", hi) +
-                  "; both must be finite and max must exceed min to normalise");
-    shift.push_back(static_cast<float>(lo));
-    scale.push_back(static_cast<float>(reciprocal));
+    ChannelScale channel;
+    if (std::string problem = stats_range_problem(path, c, minval[c], maxval[c], arithmetic, &channel);
+        !problem.empty())
+      throw Error(problem);
+    shift.push_back(channel.shift);
+    scale.push_back(channel.scale);
   }
 }
 
@@ -501,9 +465,18 @@ void FileReader::decode_labels(const std::string& path, const char* dataset, con
   const Impl& s = *impl_;
   const LabelCheck check = deepcam::decode_labels(stored, type, s.shape.height * s.shape.width, labels);
   if (check.bad < 0) return;
+  // Integers exactly (a double prints 4294967297 as 4.29497e+09): decoding
+  // stored each as int64, which a uint64 above its range wraps.
+  std::string value;
+  if (type == LabelType::UInt64)
+    value = std::to_string(static_cast<std::uint64_t>(labels[check.bad]));
+  else if (type != LabelType::Float16 && type != LabelType::Float32 && type != LabelType::Float64)
+    value = std::to_string(labels[check.bad]);
+  else
+    value = fmt::format("{}", check.value);
   std::ostringstream message;
   message << path << ": " << dataset << " at (" << check.bad / s.shape.width << ", " << check.bad % s.shape.width
-          << ") holds " << check.value;
+          << ") holds " << value;
   if (check.value != std::floor(check.value)) message << ", not a whole number";
   message << "; a label is a class id: 0 (background), 1 (tropical cyclone) or 2 (atmospheric river), "
           << "stored as " << to_string(type);

@@ -48,6 +48,20 @@ constexpr const char* kSupported =
 
 std::string errno_text(int err) { return std::strerror(err); }
 
+// Header text as a message may echo it: a byte outside printable ASCII
+// (an escape sequence could clear or rewrite the terminal) as \xNN, and
+// the backslash doubled so that the two cannot be confused.
+std::string printable(std::string_view text) {
+  std::string out;
+  for (const char c : text) {
+    const auto byte = static_cast<unsigned char>(c);
+    if (c == '\\') out += "\\\\";
+    else if (byte >= 0x20 && byte < 0x7f) out += c;
+    else out += fmt::format("\\x{:02x}", byte);
+  }
+  return out;
+}
+
 // ---------------------------------------------------------------------------
 // A parser for the header dict. numpy reads it with ast.literal_eval; the
 // values it can hold in a valid file are a string or a list (descr), a bool
@@ -77,7 +91,7 @@ class Parser {
       expect(':', "expected ':' after a key");
       Value v = value();
       for (const auto& kv : out)
-        if (kv.first == key.text) fail(fmt::format("the key '{}' twice", key.text));
+        if (kv.first == key.text) fail(fmt::format("the key '{}' twice", printable(key.text)));
       out.emplace_back(key.text, std::move(v));
       skip_space();
       if (peek() == ',') {
@@ -100,7 +114,7 @@ class Parser {
       if (c == '\n' || c == '\r') c = ' ';
     while (!shown.empty() && shown.back() == ' ') shown.pop_back();
     throw Error(fmt::format("{}: not a valid .npy header: {} at character {} of \"{}\"", file_, what, pos_,
-                            shown));
+                            printable(shown)));
   }
 
   char peek() const {
@@ -226,7 +240,7 @@ void parse_descr(const std::string& file, const Value& v, Header& h) {
   if (v.kind == Value::Other)
     throw Error(fmt::format("{}: the .npy file holds a structured array (descr {}), which is not supported; "
                             "save a plain numeric array ({})",
-                            file, v.text, kSupported));
+                            file, printable(v.text), kSupported));
   if (v.kind != Value::String)
     throw Error(fmt::format("{}: not a valid .npy header: 'descr' is not a string", file));
   const std::string& d = v.text;
@@ -237,7 +251,7 @@ void parse_descr(const std::string& file, const Value& v, Header& h) {
   if (code == "O" || code.rfind("O", 0) == 0)
     throw Error(fmt::format("{}: the .npy file holds Python objects (dtype '{}'), which cannot be read "
                             "without unpickling; save a numeric array ({})",
-                            file, d, kSupported));
+                            file, printable(d), kSupported));
   for (const TypeCode& t : kTypes) {
     if (code.size() == 2 && code[0] == t.kind && static_cast<std::size_t>(code[1] - '0') == t.size) {
       h.dtype = t.dtype;
@@ -248,7 +262,8 @@ void parse_descr(const std::string& file, const Value& v, Header& h) {
       return;
     }
   }
-  throw Error(fmt::format("{}: the .npy dtype '{}' is not supported (supported: {})", file, d, kSupported));
+  throw Error(fmt::format("{}: the .npy dtype '{}' is not supported (supported: {})", file, printable(d),
+                          kSupported));
 }
 
 std::size_t checked_data_bytes(const std::string& file, const std::vector<std::int64_t>& shape, DType dtype) {
@@ -599,7 +614,7 @@ Header parse_header(const std::string& file, const void* bytes, std::size_t size
     else
       throw Error(fmt::format("{}: not a valid .npy header: unexpected key '{}' (the keys are 'descr', "
                               "'fortran_order' and 'shape')",
-                              file, key));
+                              file, printable(key)));
   }
   for (const auto& [name, value] :
        {std::pair{"descr", descr_value}, {"fortran_order", fortran_value}, {"shape", shape_value}})

@@ -12,6 +12,7 @@
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <new>
 #include <set>
 #include <system_error>
 
@@ -23,6 +24,7 @@
 #include "parallel.hpp"
 #include "stats.hpp"
 #include "temporary_files.hpp"
+#include "verify.hpp"
 
 namespace deepcam::data {
 namespace fs = std::filesystem;
@@ -178,18 +180,55 @@ void copy_atomically(const fs::path& from, const fs::path& to) {
   }
 }
 
+// `path` as the file system resolves it (links, "..", a tail not made yet).
+fs::path resolved(const fs::path& path) {
+  std::error_code ec;
+  fs::path out = fs::weakly_canonical(fs::absolute(path), ec);
+  if (ec) out = fs::absolute(path).lexically_normal();
+  if (!out.has_filename() && out.has_parent_path()) out = out.parent_path();  // a trailing '/'
+  return out;
+}
+
+// Whether `inner` lies strictly below `outer` (both resolved).
+bool is_below(const fs::path& inner, const fs::path& outer) {
+  auto i = inner.begin();
+  for (auto o = outer.begin(); o != outer.end(); ++o, ++i)
+    if (i == inner.end() || *i != *o) return false;
+  return i != inner.end();
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
+
+std::string convert_paths_problem(const fs::path& src, const fs::path& dst) {
+  const fs::path s = resolved(src), d = resolved(dst);
+  if (is_below(d, s))
+    return fmt::format("convert: the output {} is inside the source {}: the splits and stats.h5 written there "
+                       "would join the source set (a stats.h5 in {}/train is one more sample to the hdf5 reader); "
+                       "give an output outside the source, or the source itself to write the pairs beside its "
+                       "HDF5 files",
+                       dst.string(), src.string(), src.string());
+  // DST/<split> receives the pairs of SRC/<split>: a source at or below
+  // such a folder would gain them.
+  if (is_below(s, d)) {
+    const fs::path split = *s.lexically_relative(d).begin();
+    std::error_code ec;
+    if (fs::is_directory(s / split, ec))
+      return fmt::format("convert: the source {} is inside {}, where the output {} receives the pairs of the "
+                         "source's {}/ split; give an output that does not hold the source",
+                         src.string(), (dst / split).string(), dst.string(), split.string());
+  }
+  return "";
+}
 
 H5Sample::H5Sample(const fs::path& path) : file_(h5::File::open(path.string())) {
   data_shape_ = sample_shape(file_, kData);
   label_shape_ = sample_shape(file_, kLabels);
   data_dtype_ = stored_dtype(file_, kData);
   label_dtype_ = stored_dtype(file_, kLabels);
-  if (data_shape_.size() != 3)
-    throw Error(fmt::format("{}: dataset {}: expected shape (height, width, channels), found {}", path.string(),
-                            kData, shape_text(data_shape_)));
+  if (const std::string problem = data_shape_problem(data_shape_); !problem.empty())
+    throw Error(fmt::format("{}: dataset {}: {}", path.string(), kData, problem));
   if (label_shape_ != std::vector<std::int64_t>{data_shape_[0], data_shape_[1]})
     throw Error(fmt::format("{}: dataset {} has shape {}, but {} is {}: the labels must be (height, width) "
                             "of the data",
@@ -204,6 +243,24 @@ void H5Sample::read_data(std::vector<float>& out) const {
 void H5Sample::read_labels(std::vector<unsigned char>& out) const {
   out.resize(static_cast<std::size_t>(product(label_shape_)) * npy::item_size(label_dtype_));
   file_.read_stored(kLabels, out.data(), out.size());
+}
+
+std::string data_shape_problem(const std::vector<std::int64_t>& shape) {
+  if (shape.size() != 3) return fmt::format("expected shape (height, width, channels), found {}", shape_text(shape));
+  if (*std::min_element(shape.begin(), shape.end()) < 1)
+    return fmt::format("has shape {}; height, width and channels must each be at least 1, as the readers require",
+                       shape_text(shape));
+  // A header may declare any size, and a chunked dataset holds it in a few
+  // bytes of file: checked before the buffer is allocated.
+  const double bytes = 4.0 * static_cast<double>(shape[0]) * static_cast<double>(shape[1]) *
+                       static_cast<double>(shape[2]);
+  const double memory =
+      static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE));
+  if (memory > 0 && bytes > memory)
+    return fmt::format("has shape {}, {:.3g} GB as float32, more than this machine's memory ({:.3g} GB); a sample "
+                       "is (height, width, channels), (768, 1152, 16) in SPEC 1.1",
+                       shape_text(shape), bytes / 1e9, memory / 1e9);
+  return "";
 }
 
 std::string shape_text(const std::vector<std::int64_t>& shape) {
@@ -244,6 +301,43 @@ std::string bad_labels(const H5Sample& sample, const std::vector<unsigned char>&
   npy::convert(sample.path() + ": dataset climate/labels_0", h, stored.data(), labels.data(), h.count());
   return bad_labels(labels, h.shape);
 }
+
+namespace {
+
+// A set training refuses is not carried into the numpy form: its rule on
+// the root (deepcam/data_set.hpp) and verify's stats.h5 checks, before
+// anything is written. Listing problems are the run's (reported per file).
+void refuse_what_training_refuses(const fs::path& src, const std::vector<std::string>& splits,
+                                  const std::map<std::string, std::vector<std::string>>& sources) {
+  std::vector<std::string> problems;
+  for (const char* split : kDataSplits) {
+    if (std::string problem = split_folder_problem(src.string(), split); !problem.empty())
+      problems.push_back(std::move(problem));
+    else if (std::find(splits.begin(), splits.end(), split) == splits.end())
+      problems.push_back(empty_split_problem((src / split).string(), split, "samples (*.h5)"));
+  }
+  // The channel count of the first sample that opens, for stats.h5's shapes.
+  std::int64_t channels = -1;
+  for (const auto& [split, files] : sources) {
+    for (const std::string& file : files) {
+      try {
+        channels = H5Sample(file).data_shape()[2];
+        break;
+      } catch (const Error&) {
+        // Reported when its turn comes.
+      }
+    }
+    if (channels >= 0) break;
+  }
+  for (std::string& problem : stats_problems(src, channels)) problems.push_back(std::move(problem));
+  if (problems.empty()) return;
+  if (problems.size() == 1) throw Error(problems[0] + "; nothing converted");
+  for (const std::string& problem : problems) fmt::print(stderr, "deepcam-data: {}\n", problem);
+  throw Error(fmt::format("convert: {}: {} problems (above) that training would refuse; nothing converted",
+                          src.string(), problems.size()));
+}
+
+}  // namespace
 
 void run_convert(const ConvertOptions& o) {
   const auto start = std::chrono::steady_clock::now();
@@ -289,6 +383,7 @@ void run_convert(const ConvertOptions& o) {
                             o.src.string()));
   std::sort(splits.begin(), splits.end());
   std::sort(listing_problems.begin(), listing_problems.end());
+  refuse_what_training_refuses(o.src, splits, sources);
 
   std::vector<Job> all;
   for (const std::string& split : splits) {
@@ -382,6 +477,12 @@ void run_convert(const ConvertOptions& o) {
     } catch (const Error& e) {
       outcomes[k] = Outcome::Failed;
       report(e.what());
+      return;
+    } catch (const std::bad_alloc&) {
+      // Shapes within the machine's memory may still not fit beside the
+      // other threads' samples: this sample failed, not the run.
+      outcomes[k] = Outcome::Failed;
+      report(fmt::format("{}: out of memory reading it; run with fewer --threads", job.source.string()));
       return;
     }
     // A write that fails is the disk's problem, not the sample's: stop.

@@ -17,6 +17,9 @@
 //   FIFO, a directory, a link loop: deepcam/data_set.hpp's listing), is
 //   reported and the others are still converted; a failed write (a full
 //   disk) stops the run.
+// - A set training refuses (train/ or validation/ missing or empty, a
+//   stats.h5 verify refuses: deepcam/data_set.hpp's rule) is refused before
+//   anything is written.
 // - Progress lines on stderr (progress.hpp), a line per repaired pair, and
 //   a summary; only errors with progress.quiet.
 //
@@ -44,13 +47,19 @@ struct ConvertOptions {
 
 void run_convert(const ConvertOptions& options);
 
+// Why SRC and DST cannot be converted one into the other, or "": DST inside
+// SRC (its splits and stats.h5 would join the source set), or SRC inside a
+// split folder DST writes. DST == SRC is allowed (pairs beside the HDF5
+// files). A bad command line: deepcam-data exits 2.
+std::string convert_paths_problem(const std::filesystem::path& src, const std::filesystem::path& dst);
+
 // One sample file of SPEC 1.1 opened for reading, with the types it stores:
 // the .npy copy keeps the labels' dtype, and verify compares dtypes across
 // files. Thread-safe with any HDF5 build (h5::File serialises calls when the
 // library is not thread-safe).
 class H5Sample {
  public:
-  explicit H5Sample(const std::filesystem::path& path);  // opens; checks shapes (H, W, C) and (H, W)
+  explicit H5Sample(const std::filesystem::path& path);  // opens; checks shapes (data_shape_problem) and (H, W)
 
   const std::string& path() const { return file_.path(); }
   const std::vector<std::int64_t>& data_shape() const { return data_shape_; }
@@ -71,6 +80,12 @@ class H5Sample {
 
 // "(768, 1152, 16)"
 std::string shape_text(const std::vector<std::int64_t>& shape);
+
+// Why climate/data of `shape` cannot be a sample, or "": not (height,
+// width, channels), a dimension below 1 (the readers refuse it), or more
+// float32 values than this machine's memory holds. H5Sample and stats
+// check it before allocating anything.
+std::string data_shape_problem(const std::vector<std::int64_t>& shape);
 
 // What training refuses in a sample's values (convert and verify say it):
 // "NaN at (row 3, column 7, channel 2)" for data of shape (H, W, C), or ""

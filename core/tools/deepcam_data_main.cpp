@@ -12,8 +12,8 @@
 //   deepcam-data package RUN_DIR... [--throughput INSTANCE_DIR...] --system NAME --out DIR [--system-desc FILE]
 //
 // Every error is one line `deepcam-data: <message>` on stderr and a non-zero
-// exit status (2 for a bad command line, 1 otherwise); no partial file is
-// left behind.
+// exit status (2 for a bad command line or run file, 1 otherwise); no
+// partial file is left behind.
 #include <charconv>
 #include <csignal>
 #include <cstdio>
@@ -81,9 +81,12 @@ convert writes, for each SRC/<split>/data-X.h5, DST/<split>/data-X.npy (the
 float32 height x width x channels array) and DST/<split>/label-X.npy (the
 labels, in the dtype the HDF5 file stores), standard .npy files that
 numpy.load reads; SRC/stats.h5 is copied to DST once all samples are done.
-A sample whose data is not finite or whose labels are not 0, 1 or 2 is
-named and not converted (training would refuse it). DST may be SRC: the
-pairs are then written beside the HDF5 files (each reader reads its own form).
+A sample whose data is not finite or whose labels are not 0, 1 or 2, or
+whose shape has a 0 or does not fit in memory, is named and not converted
+(training would refuse it); a set training refuses (train/ or validation/
+missing or empty, a stats.h5 verify refuses) is refused before anything is
+written. DST may be SRC: the pairs are then written beside the HDF5 files
+(each reader reads its own form); DST inside SRC is refused.
 Pairs already converted (headers and sizes matching the source) are skipped,
 so an interrupted run is finished by running it again. Started by mpirun or
 srun, rank r of P converts every P-th sample (OMPI_COMM_WORLD_RANK/SIZE,
@@ -97,7 +100,8 @@ data-X.npy with label-X.npy): every file opens and is complete, data is
 (H, W, C) and finite, labels (H, W) in {0, 1, 2}, npy files pair up, shapes
 and dtypes agree across files, stats.h5 matches the channel count; and it
 refuses what training refuses: a missing or empty train/ or validation/, a
-stats.h5 whose maxval does not exceed minval on a channel. It prints one
+stats.h5 that cannot normalise a channel (maxval not above minval, or a
+float32 shift or scale 1/(maxval - minval) that overflows). It prints one
 line per problem and a summary, and exits non-zero if there is any.
   --threads N        files checked at once (>= 1)      default: cores, at most 16
 
@@ -343,6 +347,9 @@ int run(const std::vector<std::string>& args, deepcam::PluginLoader& loader) {
     const ToolArgs a = parse_tool(command, rest, true, true);
     if (a.positional.size() != 2 || a.positional[0].empty() || a.positional[1].empty())
       throw UsageError{"convert takes two arguments, the source data set and the output directory"};
+    if (std::string problem = deepcam::data::convert_paths_problem(a.positional[0], a.positional[1]);
+        !problem.empty())
+      throw UsageError{problem};
     deepcam::data::run_convert({a.positional[0], a.positional[1], a.threads, a.verify, a.progress});
   } else if (command == "verify") {
     const ToolArgs a = parse_tool(command, rest, true, false);
@@ -384,6 +391,9 @@ int main(int argc, char** argv) {
     return 128 + stopped.signal;
   } catch (const UsageError& e) {
     fmt::print(stderr, "deepcam-data: {}; see deepcam-data --help\n", e.message);
+    return 2;
+  } catch (const deepcam::data::BadRunFile& e) {
+    fmt::print(stderr, "deepcam-data: {}\n", e.what());
     return 2;
   } catch (const deepcam::Error& e) {
     fmt::print(stderr, "deepcam-data: {}\n", e.what());

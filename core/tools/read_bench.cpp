@@ -122,7 +122,15 @@ std::int64_t bytes_read(const std::vector<std::int64_t>& bytes_of, std::int64_t 
 }  // namespace
 
 void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader) {
-  const RunConfig config = load_config(options.run_file, options.overrides, loader);
+  const RunConfig config = [&] {
+    try {
+      return load_config(options.run_file, options.overrides, loader);
+    } catch (const PluginBug&) {
+      throw;  // the plugin's mistake, not the run file's
+    } catch (const Error& e) {
+      throw BadRunFile(e.what());
+    }
+  }();
   const std::int64_t base_rss = peak_rss_bytes();
 
   // A disabled log: the staging events of a wrapping reader go nowhere.

@@ -52,6 +52,7 @@
 #include <string>
 #include <vector>
 
+#include "deepcam/error.hpp"
 #include "deepcam/plugin_loader.hpp"
 #include "deepcam/reader.hpp"
 
@@ -67,9 +68,16 @@ struct ReadBenchOptions {
   bool with_validation = false;  // a validation pass after each training epoch (split Train only: checked by the caller)
 };
 
-// Prints the JSON line; throws deepcam::Error on a bad run file or a failed
-// read. `loader` outlives the call so that an exception from a plugin is
-// handled while the plugin's code is still loaded.
+// The run file or a --set refused (load_config's message): a bad
+// configuration, for which deepcam-data exits 2, as deepcam-host does.
+class BadRunFile : public Error {
+ public:
+  using Error::Error;
+};
+
+// Prints the JSON line; throws BadRunFile on a bad run file, deepcam::Error
+// on a failed read. `loader` outlives the call so that an exception from a
+// plugin is handled while the plugin's code is still loaded.
 void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader);
 
 }  // namespace deepcam::data

@@ -11,6 +11,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "convert.hpp"
 #include "deepcam/data_set.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/h5.hpp"
@@ -101,9 +102,11 @@ ChannelStats compute_stats(const std::vector<fs::path>& files, Progress* progres
       throw Error(fmt::format("{}: dataset {}: no such dataset; a sample holds climate/data and climate/labels_0",
                               path.string(), kData));
     const h5::Shape shape = file.shape(kData);
-    if (shape.size() != 3 || shape[2] == 0)
-      throw Error(fmt::format("{}: dataset {}: expected shape (height, width, channels), found ({})",
-                              path.string(), kData, fmt::join(shape, ", ")));
+    // The rule of convert and verify: a zero height or width would add no
+    // pixel here, yet the readers refuse the file.
+    if (const std::string problem = data_shape_problem(std::vector<std::int64_t>(shape.begin(), shape.end()));
+        !problem.empty())
+      throw Error(fmt::format("{}: dataset {}: {}", path.string(), kData, problem));
     if (channels == 0) {
       channels = shape[2];
       sum.assign(channels, 0.0);

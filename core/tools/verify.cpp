@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <fstream>
 #include <map>
+#include <new>
 #include <set>
 #include <string>
 #include <system_error>
@@ -65,6 +66,9 @@ Result check_h5(const Item& item) {
       r.problems.push_back(fmt::format("{}: dataset climate/labels_0: {}", path, bad));
   } catch (const Error& e) {
     r.problems.push_back(e.what());
+  } catch (const std::bad_alloc&) {
+    // The file's problem, in its line: the report of the others goes on.
+    r.problems.push_back(fmt::format("{}: out of memory reading it; run with fewer --threads", path));
   }
   return r;
 }
@@ -98,6 +102,8 @@ Result check_npy(const Item& item) {
         r.problems.push_back(fmt::format("{}: {}", item.data.string(), bad));
     } catch (const Error& e) {
       r.problems.push_back(e.what());
+    } catch (const std::bad_alloc&) {
+      r.problems.push_back(fmt::format("{}: out of memory reading it; run with fewer --threads", item.data.string()));
     }
   }
   {
@@ -117,14 +123,22 @@ Result check_npy(const Item& item) {
         r.problems.push_back(fmt::format("{}: {}", item.label.string(), bad));
     } catch (const Error& e) {
       r.problems.push_back(e.what());
+    } catch (const std::bad_alloc&) {
+      r.problems.push_back(fmt::format("{}: out of memory reading it; run with fewer --threads", item.label.string()));
     }
   }
   if (data_ok && label_ok) r.signature = signature(dh.shape, dh.dtype, lh.shape, lh.dtype);
   return r;
 }
 
-// The stats.h5 checks; `channels` is the samples' channel count (-1: unknown).
-std::vector<std::string> check_stats(const fs::path& root, std::int64_t channels) {
+// "1 problem", "2 problems"
+std::string count_of(std::size_t n, const char* word) {
+  return fmt::format("{} {}{}", n, word, n == 1 ? "" : "s");
+}
+
+}  // namespace
+
+std::vector<std::string> stats_problems(const fs::path& root, std::int64_t channels) {
   const fs::path path = root / "stats.h5";
   if (const std::string problem = stats_file_problem(root.string()); !problem.empty())
     return {fmt::format("{}; make it with deepcam-data stats {} (or copy the original)", problem, root.string())};
@@ -132,6 +146,7 @@ std::vector<std::string> check_stats(const fs::path& root, std::int64_t channels
   try {
     const h5::File file = h5::File::open(path.string());
     std::vector<double> range[2];  // minval, maxval, when their shapes are right
+    std::size_t float_bytes[2] = {};  // their stored types, as the readers see them (0: integers)
     if (!file.has("climate/count")) problems.push_back(fmt::format("{}: dataset climate/count is missing", path.string()));
     for (const char* name : {"climate/mean", "climate/sqmean", "climate/minval", "climate/maxval"}) {
       if (!file.has(name)) {
@@ -146,17 +161,25 @@ std::vector<std::string> check_stats(const fs::path& root, std::int64_t channels
         problems.push_back(fmt::format("{}: dataset {} has {} values, but the samples have {} channels",
                                        path.string(), name, shape[0], channels));
       else if (std::string(name) == "climate/minval" || std::string(name) == "climate/maxval") {
-        std::vector<double>& values = range[std::string(name) == "climate/maxval"];
-        values.resize(shape[0]);
-        file.read(name, values.data(), values.size());
+        const bool max = std::string(name) == "climate/maxval";
+        const h5::StoredType type = file.stored_type(name);
+        if (type.kind != h5::StoredType::Kind::Float && type.kind != h5::StoredType::Kind::Integer) {
+          problems.push_back(fmt::format("{}: dataset {} is not stored as numbers (integers or floats)",
+                                         path.string(), name));
+          continue;
+        }
+        float_bytes[max] = type.kind == h5::StoredType::Kind::Float ? type.size : 0;
+        range[max].resize(shape[0]);
+        file.read(name, range[max].data(), range[max].size());
       }
     }
     // Training's rule (deepcam/data_set.hpp) on every channel: verify has no
     // run file to say which are selected.
+    const std::size_t arithmetic = stats_arithmetic_bytes(float_bytes[0], float_bytes[1]);
     if (!range[0].empty() && range[0].size() == range[1].size())
       for (std::size_t c = 0; c < range[0].size(); ++c)
         if (std::string p = stats_range_problem(path.string(), static_cast<std::int64_t>(c), range[0][c],
-                                                range[1][c]);
+                                                range[1][c], arithmetic);
             !p.empty())
           problems.push_back(p + " (training refuses it when the channel is selected)");
   } catch (const Error& e) {
@@ -164,13 +187,6 @@ std::vector<std::string> check_stats(const fs::path& root, std::int64_t channels
   }
   return problems;
 }
-
-// "1 problem", "2 problems"
-std::string count_of(std::size_t n, const char* word) {
-  return fmt::format("{} {}{}", n, word, n == 1 ? "" : "s");
-}
-
-}  // namespace
 
 void run_verify(const VerifyOptions& o) {
   const auto start = std::chrono::steady_clock::now();
@@ -274,10 +290,10 @@ void run_verify(const VerifyOptions& o) {
     ++problems;
     ++bad_files;
   }
-  const std::vector<std::string> stats_problems = check_stats(o.root, channels);
-  for (const std::string& p : stats_problems) fmt::print("{}\n", p);
-  problems += stats_problems.size();
-  bad_files += stats_problems.empty() ? 0 : 1;
+  const std::vector<std::string> stats = stats_problems(o.root, channels);
+  for (const std::string& p : stats) fmt::print("{}\n", p);
+  problems += stats.size();
+  bad_files += stats.empty() ? 0 : 1;
 
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   fmt::print("verify: {}: {}; {} in {:.1f} s: {}\n", o.root.string(), fmt::join(split_notes, ", "),

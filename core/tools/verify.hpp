@@ -8,8 +8,8 @@
 // - data is (H, W, C), labels (H, W) of the same H and W;
 // - every data value is finite and every label is 0, 1 or 2;
 // - training's rule on the root (deepcam/data_set.hpp): train/ and
-//   validation/ exist and hold samples, stats.h5 has max > min on every
-//   channel;
+//   validation/ exist and hold samples, stats.h5 normalises every channel
+//   (max > min, and a shift and scale float32 holds);
 // - every entry named like a sample is a file (not a FIFO, a directory, a
 //   link loop: the readers' listing), each data-X.npy has its label-X.npy
 //   and the other way round;
@@ -23,7 +23,10 @@
 // (non-zero exit) when anything is wrong. Files are checked in parallel.
 #pragma once
 
+#include <cstdint>
 #include <filesystem>
+#include <string>
+#include <vector>
 
 #include "progress.hpp"
 
@@ -38,5 +41,11 @@ struct VerifyOptions {
 // Prints the problems and the summary to stdout; throws deepcam::Error
 // (counting the problems) when there is any.
 void run_verify(const VerifyOptions& options);
+
+// The stats.h5 checks of verify, one line per problem naming the file (none:
+// training can normalise with it), on every channel; `channels` is the
+// samples' channel count (-1: unknown). convert applies them too before it
+// copies the file.
+std::vector<std::string> stats_problems(const std::filesystem::path& root, std::int64_t channels);
 
 }  // namespace deepcam::data

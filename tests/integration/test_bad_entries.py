@@ -178,7 +178,7 @@ def test_stats_with_a_bound_not_finite_is_refused_by_training_before_it_starts(s
         f[f"climate/{bound}"][...] = values
     host_refuses(tmp_path, root, "hdf5", f"{stats}: channel 3 has climate/minval", "both must be finite")
     assert not (tmp_path / "out").exists()  # refused before the run's record was written
-    verify_reports(root, stats, "channel 3", "both finite")
+    verify_reports(root, stats, "channel 3", "both must be finite")
 
 
 @pytest.mark.parametrize("form", ["hdf5", "npy"])

@@ -382,7 +382,8 @@ def test_bad_command_lines_and_missing_inputs(deepcam_data, source, tmp_path):
 def test_convert_stopped_by_sigterm_leaves_whole_pairs_and_no_temporary(deepcam_data, tmp_path):
     # It used to die at once, leaving the temporaries of the files it was writing.
     src, dst = tmp_path / "src", tmp_path / "dst"
-    ok(run(deepcam_data, "synth", "--out", src, "--train", 1500, "--validation", 0, "--height", 16, "--width", 16))
+    # One validation sample: convert refuses a set with an empty split, as training does.
+    ok(run(deepcam_data, "synth", "--out", src, "--train", 1500, "--validation", 1, "--height", 16, "--width", 16))
     proc = subprocess.Popen([str(deepcam_data), "convert", str(src), str(dst), "--threads", "2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -402,4 +403,4 @@ def test_convert_stopped_by_sigterm_leaves_whole_pairs_and_no_temporary(deepcam_
     assert assert_converted(src, dst, only=converted) == len(done)
     # Run again, it finishes the set.
     ok(run(deepcam_data, "convert", src, dst))
-    assert assert_converted(src, dst) == 1500
+    assert assert_converted(src, dst) == 1501

@@ -146,21 +146,22 @@ def one_error(r, status):
 
 
 def test_bad_run_file_is_one_line_naming_file_and_key(tmp_path, data):
+    # A bad configuration: exit 2, as deepcam-host; 1 is for bad data.
     run = write_run(tmp_path / "run.toml", data / "h5", tmp_path / "out", reader={"thread": 2})
-    line = one_error(read(run), 1)
+    line = one_error(read(run), 2)
     assert str(run) in line and "thread" in line and "threads" in line  # the "did you mean"
 
     line = one_error(read(write_run(tmp_path / "ok.toml", data / "h5", tmp_path / "out"),
-                          "--set", "reader.threads=0"), 1)
+                          "--set", "reader.threads=0"), 2)
     assert "threads" in line
 
-    line = one_error(read(tmp_path / "missing.toml"), 1)
+    line = one_error(read(tmp_path / "missing.toml"), 2)
     assert "missing.toml" in line
 
 
 def test_missing_data_root_names_it(tmp_path):
     run = write_run(tmp_path / "run.toml", tmp_path / "nowhere", tmp_path / "out")
-    line = one_error(read(run), 1)
+    line = one_error(read(run), 2)  # the run file's [data] root key, as deepcam-host says
     assert "nowhere" in line
 
 

@@ -9,6 +9,7 @@
 // the path, and carries on (verify and convert, which report every bad file).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -43,9 +44,9 @@ DEEPCAM_API NpySplit list_npy_split(const std::string& dir, std::vector<std::str
 //  - ROOT/train and ROOT/validation are directories (split_folder_problem);
 //  - each holds at least one sample (empty_split_problem);
 //  - ROOT/stats.h5 is a regular file whose climate/minval and
-//    climate/maxval are finite and max > min on every channel used
-//    (stats_range_problem; training checks the selected channels, verify,
-//    which has no run file, every channel).
+//    climate/maxval normalise every channel used (stats_range_problem;
+//    training checks the selected channels, verify and convert, which have
+//    no run file, every channel).
 // Each returns "" when the rule holds, else the complete message.
 DEEPCAM_API extern const char* const kDataSplits[2];  // "train", "validation"
 DEEPCAM_API std::string split_folder_problem(const std::string& root, const std::string& split);
@@ -53,7 +54,24 @@ DEEPCAM_API std::string split_folder_problem(const std::string& root, const std:
 DEEPCAM_API std::string empty_split_problem(const std::string& dir, const std::string& split,
                                             const std::string& what);
 DEEPCAM_API std::string stats_file_problem(const std::string& root);
+
+// SPEC 1.4's normalisation of one channel: shift = float32(min), scale =
+// float32(1 / (max - min)) with the subtraction and division done in the
+// dtype stats.h5 stores. `arithmetic_bytes` names that dtype (stats_arithmetic_bytes):
+// 2 float16, 4 float32, 8 float64. stats_range_problem() is "" when both
+// bounds are finite, max > min, the shift is finite and the scale a
+// positive finite float32 (then `*scale`, if given, holds the channel's),
+// else the message naming the cause: the channel would normalise to
+// zeros, infinities or NaNs.
+struct ChannelScale {
+  float shift = 0.0f;
+  float scale = 0.0f;
+};
 DEEPCAM_API std::string stats_range_problem(const std::string& stats_path, std::int64_t channel, double min,
-                                            double max);
+                                            double max, std::size_t arithmetic_bytes, ChannelScale* scale = nullptr);
+// The dtype NumPy computes 1 / (maxval - minval) in, from the two datasets'
+// stored types (`float_bytes` 0 for an integer type, else the float's size):
+// their promotion, integers going through float64.
+DEEPCAM_API std::size_t stats_arithmetic_bytes(std::size_t minval_float_bytes, std::size_t maxval_float_bytes);
 
 }  // namespace deepcam
