@@ -192,6 +192,48 @@ std::uint64_t element_count(const Shape& shape) {
   return n;
 }
 
+// HDF5 gives a dataset's fill value (zeros unless set) for storage that was
+// never written, so a sample whose writer stopped between creating and
+// writing a dataset would train as an all-zero field. A contiguous dataset
+// never written has no storage; a chunked one lacks the chunks never written
+// (counted, not told by H5Dget_space_status, which compares bytes and so
+// calls every compressed dataset partly allocated). A dataset allocated when
+// it was created cannot be told from a written one.
+void require_written(hid_t dataset, const std::string& path, const std::string& name, std::uint64_t count) {
+  if (count == 0) return;
+  Handle dcpl(H5Dget_create_plist(dataset), H5Pclose);
+  const H5D_layout_t layout = dcpl.valid() ? H5Pget_layout(dcpl.get()) : H5D_LAYOUT_ERROR;
+  std::uint64_t chunks = 1, written = 1;
+  if (layout == H5D_CONTIGUOUS) {
+    H5D_space_status_t status = H5D_SPACE_STATUS_ERROR;
+    if (H5Dget_space_status(dataset, &status) >= 0 && status == H5D_SPACE_STATUS_NOT_ALLOCATED) written = 0;
+  } else if (layout == H5D_CHUNKED) {
+    const Shape shape = dataset_shape(dataset, path, name);
+    std::vector<hsize_t> chunk(shape.size());
+    hsize_t allocated = 0;
+    // HDF5 1.10 refuses H5S_ALL here: the dataset's own dataspace selects all.
+    Handle space(H5Dget_space(dataset), H5Sclose);
+    if (space.valid() &&
+        H5Pget_chunk(dcpl.get(), static_cast<int>(chunk.size()), chunk.data()) == static_cast<int>(chunk.size()) &&
+        H5Dget_num_chunks(dataset, space.get(), &allocated) >= 0) {
+      for (std::size_t i = 0; i < shape.size(); ++i) chunks *= (shape[i] + chunk[i] - 1) / chunk[i];
+      written = allocated;
+    }
+  }
+  H5Eclear2(H5E_DEFAULT);
+  if (written == 0)
+    fail(path, name,
+         "holds no data: it was created but never written (its writer stopped before writing it?); write the "
+         "file again",
+         false);
+  if (written < chunks)
+    fail(path, name,
+         fmt::format("is only partly written: {} of its {} chunks were never written (its writer stopped part "
+                     "way?); write the file again",
+                     chunks - written, chunks),
+         false);
+}
+
 // Opens `name` for a read of `count` elements: it must be an integer or float
 // dataset of that many elements. `as` names the type read into, for the messages.
 Handle open_for_read(hid_t file, const std::string& path, const std::string& name, std::uint64_t count,
@@ -207,6 +249,7 @@ Handle open_for_read(hid_t file, const std::string& path, const std::string& nam
   const H5T_class_t type_class = type.valid() ? H5Tget_class(type.get()) : H5T_NO_CLASS;
   if (type_class != H5T_INTEGER && type_class != H5T_FLOAT)
     fail(path, name, fmt::format("is not numeric; cannot read it as {}", as), false);
+  require_written(dataset.get(), path, name, count);
   return dataset;
 }
 

@@ -5,7 +5,8 @@ stats.h5 stores (float32 and float64 stats), for the hdf5 and npy readers and
 the prefetch reader over each, channels first and channels_last (then with
 channels_last strides: nothing transposed); labels outside {0, 1, 2} or not
 whole numbers are an error naming the file, in every reader and stored dtype;
-a warm reader hands out batches from reused buffers (no new pages touched)
+so is an HDF5 dataset created but never written, wholly or in part (HDF5
+would read it as zeros); a warm reader hands out batches from reused buffers (no new pages touched)
 while the batch the caller holds stays intact.
 
 The batches come from tests/probes/reader_probe, which builds the reader of a
@@ -230,6 +231,44 @@ def test_training_with_a_bad_label_stops_with_the_file_named(tmp_path, data):
     r = run_host(run)
     assert r.returncode == 2, r.stderr[-2000:]
     assert str(bad) in r.stderr and "holds 7" in r.stderr and "out of bounds" not in r.stderr
+
+
+# ---- datasets never written -------------------------------------------------------------------
+
+def unwritten_set(tmp_path, data, dataset, chunked):
+    """The float32 HDF5 set with validation sample 1's `dataset` created but never written, or
+    (chunked) written in its first half only: HDF5 reads the rest as its fill value, zeros."""
+    root = tmp_path / "unwritten"
+    shutil.copytree(data["h5", "float32"], root)
+    target = validation_files(root, "h5")[1]
+    with h5py.File(target, "r") as f:
+        stored = {name: f[name][...] for name in ("climate/data", "climate/labels_0")}
+    target.unlink()
+    with h5py.File(target, "w") as f:
+        for name, value in stored.items():
+            if name != dataset:
+                f[name] = value
+                continue
+            d = f.create_dataset(name, shape=value.shape, dtype=value.dtype,
+                                 chunks=(1,) + value.shape[1:] if chunked else None)
+            if chunked:
+                d[: value.shape[0] // 2] = value[: value.shape[0] // 2]
+    return root, target
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["never-written", "half-written"])
+@pytest.mark.parametrize("dataset", ["climate/data", "climate/labels_0"])
+@pytest.mark.parametrize("reader", ["hdf5", "prefetch-hdf5"])
+def test_a_dataset_never_written_is_refused_naming_the_file(tmp_path, data, reader, dataset, chunked):
+    root, bad = unwritten_set(tmp_path, data, dataset, chunked)
+    with h5py.File(bad, "r") as f:
+        stored = f[dataset][...]
+        assert not stored[stored.shape[0] // 2:].any(), "h5py reads what was never written as zeros"
+    run = run_file(tmp_path, root, reader)
+    r = probe(run, tmp_path / "batches", "--split", "validation")
+    assert r.returncode == 2, r.stdout + r.stderr
+    says = "is only partly written" if chunked else "holds no data: it was created but never written"
+    assert f"{bad}: dataset {dataset}: {says}" in r.stderr, r.stderr
 
 
 # ---- batch buffers -----------------------------------------------------------------------------

@@ -84,7 +84,6 @@ datasets = {
     "chunked": dict(data=labels.astype("<i4"), chunks=(10, 10)),
     "shuffled": dict(data=a.astype(">f4"), chunks=(37, 53, 1), shuffle=True, compression="gzip"),
     "half": dict(data=a.astype("<f2")),
-    "unwritten": dict(shape=(6, 7), dtype="<f4"),
     "group/nested": dict(data=a[:3].astype("<f4")),
 }
 direct = ["le32", "be32", "le64", "be64", "labels_i32", "labels_i32be", "i8", "u8", "i16be", "u16", "u32",
@@ -92,6 +91,9 @@ direct = ["le32", "be32", "le64", "be64", "labels_i32", "labels_i32be", "i8", "u
 with h5py.File(os.path.join(DIR, "samples.h5"), "w") as f:
     for name, kwargs in datasets.items():
         f.create_dataset(name, **kwargs)
+    # h5py reads storage never written as the fill value (zeros).
+    f.create_dataset("unwritten", shape=(6, 7), dtype="<f4")
+    f.create_dataset("part", shape=(6, 7), dtype="<f4", chunks=(2, 7))[:2] = 1
 os.makedirs(os.path.join(DIR, "expect"))
 with h5py.File(os.path.join(DIR, "samples.h5"), "r") as f:
     for name in datasets:
@@ -162,7 +164,7 @@ TEST_CASE("reads equal h5py's bit for bit, read outside HDF5 or through it") {
   run_python(dir.path, kWriteSamples);
   const std::vector<std::string> names = lines(dir.path / "names.txt");
   const std::vector<std::string> direct = lines(dir.path / "direct.txt");
-  REQUIRE(names.size() == 20);
+  REQUIRE(names.size() == 19);
   h5::File file = h5::File::open((dir.path / "samples.h5").string());
 
   for (const std::string& name : names) {
@@ -187,6 +189,19 @@ TEST_CASE("reads equal h5py's bit for bit, read outside HDF5 or through it") {
       const auto* bytes = static_cast<const unsigned char*>(mapped.data());
       CHECK(std::vector<unsigned char>(bytes, bytes + stored.size()) == stored);
     }
+  }
+
+  SUBCASE("a dataset never written, wholly or in part, is refused: HDF5 would give zeros") {
+    std::vector<unsigned char> bytes(6 * 7 * 4);
+    const std::string where = (dir.path / "samples.h5").string() + ": dataset ";
+    CHECK(error_of([&] { file.read_stored("unwritten", bytes.data(), bytes.size()); }) ==
+          where + "unwritten: holds no data: it was created but never written (its writer stopped before writing "
+                  "it?); write the file again");
+    CHECK(error_of([&] { read_as<float>(file, "unwritten"); }).rfind(where + "unwritten: holds no data:", 0) == 0);
+    CHECK(error_of([&] { read_as<float>(file, "part"); }) ==
+          where + "part: is only partly written: 2 of its 3 chunks were never written (its writer stopped part "
+                  "way?); write the file again");
+    CHECK_FALSE(file.map_stored("unwritten", bytes.size()));
   }
 
   SUBCASE("a file with a user block: the offset counts it") {
