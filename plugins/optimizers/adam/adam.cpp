@@ -194,6 +194,13 @@ void Adam::load_state_dict(const c10::IValue& saved) {
                           options_.decoupled_weight_decay ? "Adam" : "AdamW",
                           options_.decoupled_weight_decay ? "adam" : "adamw"));
   }
+  // Options of PyTorch's Adam that this one does not have: PyTorch would
+  // continue the state with them.
+  read.require_off(parsed.group, "amsgrad",
+                   "written with AMSGrad (its max_exp_avg_sq), which this " + name + " does not offer");
+  read.require_off(parsed.group, "maximize",
+                   "written maximizing the objective, which this " + name + " does not offer");
+  read.require_eps(parsed.group, kEps);
   AdamOptions options = options_;
   const fused::Hyperparameters h = read.hyperparameters(parsed.group);
   options.lr = h.lr;
@@ -206,7 +213,7 @@ void Adam::load_state_dict(const c10::IValue& saved) {
     const at::Tensor& param = parameters_[entry.parameter];
     ParamState& target = state[entry.parameter];
     // On the CPU as PyTorch keeps it; the fused path moves it to the GPU.
-    target.step = at::scalar_tensor(read.number(entry.values, "step", entry.where),
+    target.step = at::scalar_tensor(static_cast<double>(read.count(entry.values, "step", entry.where)),
                                     at::TensorOptions().dtype(at::kFloat));
     target.exp_avg = read.moment(entry, "exp_avg", param);
     target.exp_avg_sq = read.moment(entry, "exp_avg_sq", param);

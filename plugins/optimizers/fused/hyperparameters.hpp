@@ -19,7 +19,8 @@ struct Hyperparameters {
 
 // The ranges these values must be in, whether a run file or a saved
 // state_dict gives them, each finite: lr (and LAMB's max_grad_norm) > 0,
-// each beta in [0, 1), weight_decay >= 0.
+// each beta in [0, 1), weight_decay >= 0; a saved lr may also be 0 (see
+// StateDictReader::hyperparameters).
 inline bool positive(double v) { return v > 0.0 && std::isfinite(v); }
 inline bool beta_in_range(double beta) { return beta >= 0.0 && beta < 1.0; }
 inline bool non_negative(double v) { return v >= 0.0 && std::isfinite(v); }

@@ -8,6 +8,7 @@
 #include <ATen/ops/lt.h>
 #include <fmt/format.h>
 
+#include <cmath>
 #include <map>
 #include <sstream>
 #include <utility>
@@ -125,7 +126,9 @@ Hyperparameters StateDictReader::hyperparameters(const c10::impl::GenericDict& g
   h.beta2 = b[1];
   h.weight_decay = number(group, "weight_decay", "param_groups[0]");
   auto text = [](double v) { return fmt::format("{}", v); };
-  if (!positive(h.lr)) fail("param_groups[0][\"lr\"] is " + text(h.lr) + ", expected > 0");
+  if (!non_negative(h.lr)) {
+    fail("param_groups[0][\"lr\"] is " + text(h.lr) + ", expected > 0 (or 0, the rate of a warmup's first step)");
+  }
   for (std::size_t i = 0; i < 2; ++i) {
     if (!beta_in_range(b[i])) {
       fail("param_groups[0][\"betas\"][" + std::to_string(i) + "] is " + text(b[i]) + ", expected in [0, 1)");
@@ -135,6 +138,34 @@ Hyperparameters StateDictReader::hyperparameters(const c10::impl::GenericDict& g
     fail("param_groups[0][\"weight_decay\"] is " + text(h.weight_decay) + ", expected >= 0");
   }
   return h;
+}
+
+void StateDictReader::require_eps(const c10::impl::GenericDict& group, double eps) const {
+  if (!find(group, "eps")) return;
+  const double saved = number(group, "eps", "param_groups[0]");
+  if (saved != eps) {
+    fail(fmt::format("param_groups[0][\"eps\"] is {}, and SPEC 5 fixes eps at {}: this state cannot continue as "
+                     "it would in PyTorch; [run] resume_weights_only = true starts the optimizer afresh",
+                     saved, eps));
+  }
+}
+
+void StateDictReader::require_off(const c10::impl::GenericDict& group, const std::string& key,
+                                  const std::string& why) const {
+  if (find(group, key) && boolean(group, key, "param_groups[0]")) {
+    fail("param_groups[0][\"" + key + "\"] is True: " + why +
+         "; [run] resume_weights_only = true starts the optimizer afresh");
+  }
+}
+
+std::int64_t StateDictReader::count(const c10::impl::GenericDict& dict, const std::string& key,
+                                    const std::string& where) const {
+  const double value = number(dict, key, where);
+  // 2^63 is the first double past the int64 range.
+  if (!(value >= 0.0 && value < 9223372036854775808.0 && value == std::floor(value))) {
+    fail(fmt::format("{}[\"{}\"] is {}, expected a non-negative whole number", where, key, value));
+  }
+  return static_cast<std::int64_t>(value);
 }
 
 StateDictReader::Parsed StateDictReader::parse(const c10::IValue& saved, std::size_t parameters) const {

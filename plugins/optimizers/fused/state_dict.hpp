@@ -10,6 +10,7 @@
 #include <ATen/core/ivalue.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -54,10 +55,22 @@ class StateDictReader {
   // param_groups[0]["betas"], a tuple or list of two numbers.
   std::vector<double> betas(const c10::impl::GenericDict& group) const;
   // The hyper-parameters every optimizer here reads back from its group,
-  // in the ranges their run-file keys have: lr > 0, betas in [0, 1),
-  // weight_decay >= 0, all finite (a resumed run takes them from the file,
-  // as PyTorch's load_state_dict does).
+  // all finite, in the ranges their run-file keys have (a resumed run takes
+  // them from the file, as PyTorch's load_state_dict does): betas in [0, 1),
+  // weight_decay >= 0; but lr >= 0, as PyTorch allows, since a state holds
+  // the rate of its last step, which a warmup's first step runs at 0.
   Hyperparameters hyperparameters(const c10::impl::GenericDict& group) const;
+  // A group's "eps", when it has one, must be `eps`: SPEC 5 fixes it, and
+  // continuing another one's state with ours would give other numbers than
+  // PyTorch's load_state_dict (which takes the file's eps).
+  void require_eps(const c10::impl::GenericDict& group, double eps) const;
+  // A boolean option of PyTorch's optimizer that this one does not offer
+  // (Adam's amsgrad, maximize): absent or False, else refused, since
+  // PyTorch would continue with it on.
+  void require_off(const c10::impl::GenericDict& group, const std::string& key, const std::string& why) const;
+  // A step count at dict[key]: a non-negative whole number that fits in an
+  // int64 (a number or a one-element tensor).
+  std::int64_t count(const c10::impl::GenericDict& dict, const std::string& key, const std::string& where) const;
   // A moment tensor of `param` (parameter number `index`): its shape is
   // checked, its values finite ("exp_avg_sq", a running mean of squares,
   // also not negative), and it is copied onto the parameter's device, dtype

@@ -244,6 +244,7 @@ c10::IValue Lamb::state_dict() const {
 void Lamb::load_state_dict(const c10::IValue& saved) {
   const fused::StateDictReader& read = reader();
   const fused::StateDictReader::Parsed parsed = read.parse(saved, parameters_.size());
+  read.require_eps(parsed.group, kEps);
   LambOptions options = options_;
   const fused::Hyperparameters h = read.hyperparameters(parsed.group);
   options.lr = h.lr;
@@ -260,8 +261,7 @@ void Lamb::load_state_dict(const c10::IValue& saved) {
     }
   }
   // FusedLAMB adds "step" at its first step: a state saved before has none.
-  const std::int64_t step =
-      read.find(parsed.group, "step") ? static_cast<std::int64_t>(read.number(parsed.group, "step", "param_groups[0]")) : 0;
+  const std::int64_t step = read.find(parsed.group, "step") ? read.count(parsed.group, "step", "param_groups[0]") : 0;
 
   std::vector<ParamState> state(parameters_.size());
   for (const fused::StateDictReader::Entry& entry : parsed.entries) {
