@@ -250,6 +250,10 @@ struct Totals {
   double score_sum = 0.0;
   double loss_sum = 0.0;
   std::int64_t samples = 0;
+  // --evaluate only: SIGTERM or SIGINT on any rank ended the scoring after
+  // `batches_done` of rank 0's `batches`; the sums are then empty.
+  int stop_signal = 0;
+  std::int64_t batches_done = 0, batches = 0;
 };
 
 // What stopped a diverged run: the first NaN or infinite training loss or
@@ -706,7 +710,9 @@ class Engine {
     c_.reader->start_epoch(Split::Validation, 0);
     Batch batch;
     std::int64_t written = 0;
-    while ((max_samples == 0 || written < max_samples) && c_.reader->next(batch)) {
+    int stop_signal = 0;
+    while ((max_samples == 0 || written < max_samples) && (stop_signal = g_stop_signal.load()) == 0 &&
+           c_.reader->next(batch)) {
       const at::Tensor logits = forward(batch.data.to(device_).contiguous(memory_format_));
       const at::Tensor predicted = predict(logits).to(at::kCPU).contiguous();
       // A reader may hand its batches over on the device (prefetch on CUDA).
@@ -722,6 +728,11 @@ class Engine {
         ++written;
       }
     }
+    if (stop_signal != 0) {
+      std::fprintf(stderr, "deepcam-host: --predict stopped by %s: wrote the predictions of the first %lld validation "
+                   "samples to %s\n", strsignal(stop_signal), static_cast<long long>(written), out.string().c_str());
+      return 128 + stop_signal;
+    }
     std::fprintf(stderr, "deepcam-host: wrote the predictions of %lld validation samples to %s\n",
                  static_cast<long long>(written), out.string().c_str());
     return 0;
@@ -735,6 +746,19 @@ class Engine {
     agree_on_resume(info);
     broadcast_model();
     const Totals v = validate(info.epoch, info.step, fs::absolute(checkpoint).lexically_normal().string());
+    if (v.stop_signal != 0) {
+      if (comm_.rank() == 0) {
+        std::fprintf(stderr,
+                     "deepcam-host: --evaluate %s: stopped by %s after %lld of %lld validation batches on rank 0, "
+                     "so it has no score\n",
+                     checkpoint.c_str(), strsignal(v.stop_signal), static_cast<long long>(v.batches_done),
+                     static_cast<long long>(v.batches));
+      }
+      return 128 + v.stop_signal;
+    }
+    if (const int sig = g_stop_signal.load(); sig != 0 && comm_.rank() == 0) {
+      std::fprintf(stderr, "deepcam-host: %s came after the validation had ended: its score stands\n", strsignal(sig));
+    }
     const double loss = v.loss_sum / static_cast<double>(v.samples);
     if (!std::isfinite(loss)) {
       // Finite weights can still overflow the logits (a corrupt or diverged
@@ -1119,7 +1143,10 @@ class Engine {
   // only on the set of samples, not on how the ranks divided it: P ranks
   // give exactly one rank's figures.
   // `checkpoint`: the file --evaluate scores, named in eval_start's metadata.
+  // With a `checkpoint` (--evaluate), SIGTERM or SIGINT ends the scoring
+  // between batches; in training a signal waits for the epoch's end.
   Totals validate(std::int64_t epoch_num, std::int64_t step, const std::string& checkpoint = "") {
+    const bool stoppable = !checkpoint.empty();
     const MlperfLog::Metadata md = {{"epoch_num", Json(epoch_num)}, {"step_num", Json(step)}};
     MlperfLog::Metadata start_md = md;
     if (!checkpoint.empty()) start_md.emplace_back("checkpoint", Json(checkpoint));
@@ -1132,7 +1159,7 @@ class Engine {
     const std::int64_t vbatch = cfg_.run.integer("validation_batch_size");
     const std::int64_t vbatches = (c_.reader->local_samples(Split::Validation) + vbatch - 1) / vbatch;
     std::int64_t vdone = 0;
-    while (c_.reader->next(batch)) {
+    while (!(stoppable && g_stop_signal.load() != 0) && c_.reader->next(batch)) {
       if (progress_due()) {
         std::fprintf(stderr, "epoch %lld validation: batch %lld/%lld on rank 0\n", static_cast<long long>(epoch_num),
                      static_cast<long long>(vdone), static_cast<long long>(vbatches));
@@ -1145,6 +1172,16 @@ class Engine {
       for (std::int64_t i = 0; i < input.size(0); ++i) {
         losses.push_back(
             weighted_cross_entropy(logits.narrow(0, i, 1), labels.narrow(0, i, 1)).to(at::kCPU, at::kDouble).view({1}));
+      }
+    }
+    if (stoppable) {
+      // Every rank takes part, whether it stopped or ran out of batches.
+      if (const int sig = agreed_stop_signal()) {
+        Totals stopped;
+        stopped.stop_signal = sig;
+        stopped.batches_done = vdone;
+        stopped.batches = vbatches;
+        return stopped;
       }
     }
     const at::Tensor mine = scores.empty() ? at::empty({0, 2}, at::kDouble)
@@ -1670,6 +1707,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
       clear_earlier_predictions(cfg, opts.predict_out);
     }
     MlperfLog no_log(nullptr, false);
+    const StopSignals signals;
     Engine engine(cfg, no_log, comm);
     engine.build(/*with_optimizer=*/false);
     const int status = engine.write_predictions(opts.predict_checkpoint, opts.predict_out, opts.predict_samples);
@@ -1717,6 +1755,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
 
   Engine engine(cfg, log, comm);
   if (evaluating) {
+    const StopSignals signals;
     engine.build(/*with_optimizer=*/false);
     const int status = engine.evaluate(opts.evaluate_checkpoint);
     comm.finish();
