@@ -165,6 +165,44 @@ hid_t checked_id(std::int64_t id, const std::string& file) {
   return static_cast<hid_t>(id);
 }
 
+// The number HDF5 gives the open file that holds `object` (0: unknown).
+unsigned long file_number(hid_t object) {
+#if H5_VERSION_GE(1, 12, 0)
+  H5O_info2_t info{};
+  const herr_t status = H5Oget_info3(object, &info, H5O_INFO_BASIC);
+#else
+  H5O_info_t info{};
+  const herr_t status = H5Oget_info2(object, &info, H5O_INFO_BASIC);
+#endif
+  H5Eclear2(H5E_DEFAULT);
+  return status < 0 ? 0 : info.fileno;
+}
+
+// A dataset's values must be in the file itself. Through an external link
+// the direct read took the other file's offsets in this one; a virtual
+// dataset or external raw storage reads as the fill value (zeros), without
+// an error, where a source file is missing or short.
+void require_stored_here(hid_t file, hid_t dataset, const std::string& path, const std::string& name) {
+  constexpr const char* kStoreHere = "; store the values in the file itself (h5py: write the array read back)";
+  if (file_number(file) != file_number(dataset))
+    fail(path, name, fmt::format("is in another file, reached through an external link{}", kStoreHere), false);
+  Handle dcpl(H5Dget_create_plist(dataset), H5Pclose);
+  if (!dcpl.valid()) fail(path, name, "cannot read how its values are stored");
+  if (H5Pget_layout(dcpl.get()) == H5D_VIRTUAL)
+    fail(path, name,
+         fmt::format("is a virtual dataset: its values are in other files, and HDF5 reads a missing one as zeros "
+                     "without an error{}",
+                     kStoreHere),
+         false);
+  const int external = H5Pget_external_count(dcpl.get());
+  if (external != 0)
+    fail(path, name,
+         fmt::format("keeps its values in external raw files, which HDF5 reads as zeros without an error where "
+                     "one is missing or short{}",
+                     kStoreHere),
+         false);
+}
+
 Handle open_dataset(hid_t file, const std::string& path, const std::string& dataset) {
   if (!link_exists(file, dataset)) fail(path, dataset, "no such dataset in the file", false);
   Handle object(H5Oopen(file, dataset.c_str(), H5P_DEFAULT), H5Oclose);
@@ -172,6 +210,7 @@ Handle open_dataset(hid_t file, const std::string& path, const std::string& data
   if (H5Iget_type(object.get()) != H5I_DATASET) fail(path, dataset, "is a group, not a dataset", false);
   Handle handle(H5Dopen2(file, dataset.c_str(), H5P_DEFAULT), H5Dclose);
   if (!handle.valid()) fail(path, dataset, "cannot open");
+  require_stored_here(file, handle.get(), path, dataset);
   return handle;
 }
 

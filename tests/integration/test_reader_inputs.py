@@ -6,7 +6,8 @@ the prefetch reader over each, channels first and channels_last (then with
 channels_last strides: nothing transposed); labels outside {0, 1, 2} or not
 whole numbers are an error naming the file, in every reader and stored dtype;
 so is an HDF5 dataset created but never written, wholly or in part (HDF5
-would read it as zeros); a warm reader hands out batches from reused buffers (no new pages touched)
+would read it as zeros), and so is one whose values are not in the file itself
+(an external link, a virtual dataset, external raw storage); a warm reader hands out batches from reused buffers (no new pages touched)
 while the batch the caller holds stays intact.
 
 The batches come from tests/probes/reader_probe, which builds the reader of a
@@ -269,6 +270,89 @@ def test_a_dataset_never_written_is_refused_naming_the_file(tmp_path, data, read
     assert r.returncode == 2, r.stdout + r.stderr
     says = "is only partly written" if chunked else "holds no data: it was created but never written"
     assert f"{bad}: dataset {dataset}: {says}" in r.stderr, r.stderr
+
+
+# ---- datasets stored outside their file --------------------------------------------------------
+
+def store_elsewhere(target, name, value, storage, side):
+    """Writes `value` as dataset `name` of the open h5py file `target`, its values outside it in
+    the folder `side`, as `storage` says; each form reads back right through h5py while its other
+    file is whole."""
+    if storage == "external-link":
+        with h5py.File(side / "linked.h5", "w") as other:
+            other["values"] = value
+        target[name] = h5py.ExternalLink(str(side / "linked.h5"), "/values")
+    elif storage == "virtual":
+        with h5py.File(side / "source.h5", "w") as other:
+            other["values"] = value
+        layout = h5py.VirtualLayout(shape=value.shape, dtype=value.dtype)
+        layout[...] = h5py.VirtualSource(str(side / "source.h5"), "values", shape=value.shape)
+        target.create_virtual_dataset(name, layout, fillvalue=0)
+    else:  # external raw storage
+        value.tofile(side / "raw.bin")
+        target.create_dataset(name, shape=value.shape, dtype=value.dtype,
+                              external=[(str(side / "raw.bin"), 0, h5py.h5f.UNLIMITED)])
+
+
+STORED_ELSEWHERE = {"external-link": "is in another file, reached through an external link",
+                    "virtual": "is a virtual dataset: its values are in other files",
+                    "external-raw": "keeps its values in external raw files"}
+
+
+@pytest.mark.parametrize("storage", list(STORED_ELSEWHERE))
+@pytest.mark.parametrize("dataset", ["climate/data", "climate/labels_0"])
+@pytest.mark.parametrize("reader", ["hdf5", "prefetch-hdf5"])
+def test_a_dataset_stored_outside_its_file_is_refused_naming_the_file(tmp_path, data, reader, dataset, storage):
+    """Through an external link the readers read the other file's offsets in the sample's own file
+    (training on whatever lay there); a virtual dataset whose source is gone, or external raw storage
+    cut short, read as zeros without an error. Refused in every form, even while whole."""
+    root = tmp_path / "elsewhere"
+    shutil.copytree(data["h5", "float32"], root)
+    side = tmp_path / "side"
+    side.mkdir()
+    bad = validation_files(root, "h5")[1]
+    with h5py.File(bad, "r") as f:
+        stored = {name: f[name][...] for name in ("climate/data", "climate/labels_0")}
+    bad.unlink()
+    with h5py.File(bad, "w") as f:
+        f["padding"] = np.full(1 << 18, 7.0, np.float32)  # other bytes where the linked file's data lies
+        for name, value in stored.items():
+            if name == dataset:
+                store_elsewhere(f, name, value, storage, side)
+            else:
+                f[name] = value
+    with h5py.File(bad, "r") as f:
+        assert np.array_equal(f[dataset][...], stored[dataset])  # h5py reads it right while it is whole
+    run = run_file(tmp_path, root, reader)
+    r = probe(run, tmp_path / "batches", "--split", "validation")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"{bad}: dataset {dataset}: {STORED_ELSEWHERE[storage]}" in r.stderr, r.stderr
+    # deepcam-data verify refuses what training refuses.
+    v = subprocess.run([str(DATA_TOOL), "verify", str(root)], capture_output=True, text=True, timeout=300)
+    assert v.returncode != 0 and f"{bad}: dataset {dataset}: {STORED_ELSEWHERE[storage]}" in v.stdout + v.stderr, \
+        v.stdout + v.stderr
+
+
+@pytest.mark.parametrize("storage", list(STORED_ELSEWHERE))
+def test_stats_stored_outside_their_file_are_refused(tmp_path, data, storage):
+    root = tmp_path / "elsewhere"
+    shutil.copytree(data["h5", "float32"], root)
+    side = tmp_path / "side"
+    side.mkdir()
+    stats = root / "stats.h5"
+    with h5py.File(stats, "r") as f:
+        stored = {name: f["climate"][name][...] for name in f["climate"]}
+    stats.unlink()
+    with h5py.File(stats, "w") as f:
+        f["padding"] = np.full(1 << 12, -1.0, np.float32)
+        for name, value in stored.items():
+            if name == "minval":
+                store_elsewhere(f, "climate/minval", value, storage, side)
+            else:
+                f["climate/" + name] = value
+    r = probe(run_file(tmp_path, root, "hdf5"), tmp_path / "batches", "--split", "validation")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"{stats}: dataset climate/minval: {STORED_ELSEWHERE[storage]}" in r.stderr, r.stderr
 
 
 # ---- batch buffers -----------------------------------------------------------------------------
