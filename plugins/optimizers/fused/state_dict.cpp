@@ -127,7 +127,7 @@ Hyperparameters StateDictReader::hyperparameters(const c10::impl::GenericDict& g
   h.weight_decay = number(group, "weight_decay", "param_groups[0]");
   auto text = [](double v) { return fmt::format("{}", v); };
   if (!non_negative(h.lr)) {
-    fail("param_groups[0][\"lr\"] is " + text(h.lr) + ", expected > 0 (or 0, the rate of a warmup's first step)");
+    fail("param_groups[0][\"lr\"] is " + text(h.lr) + ", expected a finite number >= 0 (0 is the rate of a warmup's first step)");
   }
   for (std::size_t i = 0; i < 2; ++i) {
     if (!beta_in_range(b[i])) {
