@@ -269,16 +269,36 @@ std::string shape_text(const std::vector<std::int64_t>& shape) {
 }
 
 // "NaN at (row 3, column 7, channel 2)", or "" when every value is finite.
-std::string non_finite(const std::vector<float>& data, const std::vector<std::int64_t>& shape) {
+std::string non_finite(const std::vector<float>& data, const std::vector<std::int64_t>& shape,
+                       const std::vector<ChannelScale>& scales) {
   const std::size_t channels = static_cast<std::size_t>(shape[2]), width = static_cast<std::size_t>(shape[1]);
   std::size_t bad = 0, first = 0;
   for (std::size_t k = 0; k < data.size(); ++k)
     if (!std::isfinite(data[k]) && bad++ == 0) first = k;
+  if (bad) {
+    const std::size_t pixel = first / channels;
+    return fmt::format("{} at (row {}, column {}, channel {}){}; data must be finite",
+                       std::isnan(data[first]) ? "NaN" : "Inf", pixel / width, pixel % width, first % channels,
+                       bad > 1 ? fmt::format(" and {} more non-finite values", bad - 1) : "");
+  }
+  if (scales.size() != channels) return "";
+  // Training's float32 arithmetic (deepcam/normalise.hpp): a finite value
+  // far outside stats.h5's range can still overflow.
+  float normalised = 0.0f;
+  for (std::size_t k = 0; k < data.size(); ++k) {
+    const ChannelScale& s = scales[k % channels];
+    const float n = s.scale * (data[k] - s.shift);
+    if (!std::isfinite(n) && bad++ == 0) {
+      first = k;
+      normalised = n;
+    }
+  }
   if (!bad) return "";
   const std::size_t pixel = first / channels;
-  return fmt::format("{} at (row {}, column {}, channel {}){}; data must be finite",
-                     std::isnan(data[first]) ? "NaN" : "Inf", pixel / width, pixel % width, first % channels,
-                     bad > 1 ? fmt::format(" and {} more non-finite values", bad - 1) : "");
+  return fmt::format("{} at (row {}, column {}, channel {}) normalises to {} with stats.h5's range{}; data must be "
+                     "finite once normalised",
+                     data[first], pixel / width, pixel % width, first % channels, normalised,
+                     bad > 1 ? fmt::format(" (and {} more such values)", bad - 1) : "");
 }
 
 // "value 3 at (row 1, column 5)", or "" when every label is a class.
@@ -307,8 +327,9 @@ namespace {
 // A set training refuses is not carried into the numpy form: its rule on
 // the root (deepcam/data_set.hpp) and verify's stats.h5 checks, before
 // anything is written. Listing problems are the run's (reported per file).
-void refuse_what_training_refuses(const fs::path& src, const std::vector<std::string>& splits,
-                                  const std::map<std::string, std::vector<std::string>>& sources) {
+// Returns stats.h5's normalisation of each channel.
+std::vector<ChannelScale> refuse_what_training_refuses(const fs::path& src, const std::vector<std::string>& splits,
+                                                       const std::map<std::string, std::vector<std::string>>& sources) {
   std::vector<std::string> problems;
   for (const char* split : kDataSplits) {
     if (std::string problem = split_folder_problem(src.string(), split); !problem.empty())
@@ -329,8 +350,9 @@ void refuse_what_training_refuses(const fs::path& src, const std::vector<std::st
     }
     if (channels >= 0) break;
   }
-  for (std::string& problem : stats_problems(src, channels)) problems.push_back(std::move(problem));
-  if (problems.empty()) return;
+  std::vector<ChannelScale> scales;
+  for (std::string& problem : stats_problems(src, channels, &scales)) problems.push_back(std::move(problem));
+  if (problems.empty()) return scales;
   if (problems.size() == 1) throw Error(problems[0] + "; nothing converted");
   for (const std::string& problem : problems) fmt::print(stderr, "deepcam-data: {}\n", problem);
   throw Error(fmt::format("convert: {}: {} problems (above) that training would refuse; nothing converted",
@@ -383,7 +405,7 @@ void run_convert(const ConvertOptions& o) {
                             o.src.string()));
   std::sort(splits.begin(), splits.end());
   std::sort(listing_problems.begin(), listing_problems.end());
-  refuse_what_training_refuses(o.src, splits, sources);
+  const std::vector<ChannelScale> scales = refuse_what_training_refuses(o.src, splits, sources);
 
   std::vector<Job> all;
   for (const std::string& split : splits) {
@@ -470,7 +492,7 @@ void run_convert(const ConvertOptions& o) {
         }
       }
       // Values training would refuse are not carried into the numpy form.
-      if (const std::string bad = non_finite(data, data_shape); !bad.empty())
+      if (const std::string bad = non_finite(data, data_shape, scales); !bad.empty())
         throw Error(fmt::format("{}: dataset {}: {}; not converted", job.source.string(), kData, bad));
       if (const std::string bad = bad_labels(source, labels); !bad.empty())
         throw Error(fmt::format("{}: dataset {}: {}; not converted", job.source.string(), kLabels, bad));

@@ -32,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "deepcam/data_set.hpp"
 #include "deepcam/h5.hpp"
 #include "deepcam/npy.hpp"
 #include "progress.hpp"
@@ -89,8 +90,10 @@ std::string data_shape_problem(const std::vector<std::int64_t>& shape);
 
 // What training refuses in a sample's values (convert and verify say it):
 // "NaN at (row 3, column 7, channel 2)" for data of shape (H, W, C), or ""
-// when every value is finite;
-std::string non_finite(const std::vector<float>& data, const std::vector<std::int64_t>& shape);
+// when every value is finite and, where `scales` holds one per channel
+// (stats.h5's, as training normalises), normalises to a finite float32;
+std::string non_finite(const std::vector<float>& data, const std::vector<std::int64_t>& shape,
+                       const std::vector<ChannelScale>& scales = {});
 // "value 3 at (row 1, column 5)" for labels of shape (H, W), or "" when every
 // label is a class (0, 1 or 2).
 std::string bad_labels(const std::vector<std::int64_t>& labels, const std::vector<std::int64_t>& shape);

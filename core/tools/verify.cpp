@@ -49,7 +49,7 @@ std::string signature(const std::vector<std::int64_t>& data_shape, npy::DType da
                      shape_text(label_shape), npy::to_string(label_dtype));
 }
 
-Result check_h5(const Item& item) {
+Result check_h5(const Item& item, const std::vector<ChannelScale>& scales) {
   Result r;
   const std::string path = item.data.string();
   try {
@@ -58,7 +58,7 @@ Result check_h5(const Item& item) {
     r.channels = sample.data_shape()[2];
     std::vector<float> data;
     sample.read_data(data);
-    if (const std::string bad = non_finite(data, sample.data_shape()); !bad.empty())
+    if (const std::string bad = non_finite(data, sample.data_shape(), scales); !bad.empty())
       r.problems.push_back(fmt::format("{}: dataset climate/data: {}", path, bad));
     std::vector<unsigned char> raw;
     sample.read_labels(raw);
@@ -84,7 +84,7 @@ std::vector<unsigned char> read_npy(const fs::path& path, npy::Header& header) {
   return bytes;
 }
 
-Result check_npy(const Item& item) {
+Result check_npy(const Item& item, const std::vector<ChannelScale>& scales) {
   Result r;
   npy::Header dh, lh;
   bool data_ok = false, label_ok = false;
@@ -98,7 +98,7 @@ Result check_npy(const Item& item) {
       r.channels = dh.shape[2];
       std::vector<float> data(static_cast<std::size_t>(dh.count()));
       npy::convert(item.data.string(), dh, bytes.data() + dh.data_offset, data.data(), dh.count());
-      if (const std::string bad = non_finite(data, dh.shape); !bad.empty())
+      if (const std::string bad = non_finite(data, dh.shape, scales); !bad.empty())
         r.problems.push_back(fmt::format("{}: {}", item.data.string(), bad));
     } catch (const Error& e) {
       r.problems.push_back(e.what());
@@ -138,7 +138,8 @@ std::string count_of(std::size_t n, const char* word) {
 
 }  // namespace
 
-std::vector<std::string> stats_problems(const fs::path& root, std::int64_t channels) {
+std::vector<std::string> stats_problems(const fs::path& root, std::int64_t channels,
+                                        std::vector<ChannelScale>* scales) {
   const fs::path path = root / "stats.h5";
   if (const std::string problem = stats_file_problem(root.string()); !problem.empty())
     return {fmt::format("{}; make it with deepcam-data stats {} (or copy the original)", problem, root.string())};
@@ -176,12 +177,14 @@ std::vector<std::string> stats_problems(const fs::path& root, std::int64_t chann
     // Training's rule (deepcam/data_set.hpp) on every channel: verify has no
     // run file to say which are selected.
     const std::size_t arithmetic = stats_arithmetic_bytes(float_bytes[0], float_bytes[1]);
+    std::vector<ChannelScale> found;
     if (!range[0].empty() && range[0].size() == range[1].size())
       for (std::size_t c = 0; c < range[0].size(); ++c)
         if (std::string p = stats_range_problem(path.string(), static_cast<std::int64_t>(c), range[0][c],
-                                                range[1][c], arithmetic);
+                                                range[1][c], arithmetic, &found.emplace_back());
             !p.empty())
           problems.push_back(p + " (training refuses it when the channel is selected)");
+    if (scales && problems.empty()) *scales = std::move(found);
   } catch (const Error& e) {
     problems.push_back(e.what());
   }
@@ -242,10 +245,14 @@ void run_verify(const VerifyOptions& o) {
     throw Error(fmt::format("{}: no folder in it holds samples (*.h5, or data-*.npy and label-*.npy)",
                             o.root.string()));
 
+  // stats.h5's normalisation, to find the finite values training refuses
+  // (they overflow once normalised); its problems are reported below.
+  std::vector<ChannelScale> scales;
+  stats_problems(o.root, -1, &scales);
   std::vector<Result> results(items.size());
   Progress progress("verify", items.size(), "samples", o.progress);
   parallel_for(items.size(), o.threads, [&](std::size_t k) {
-    results[k] = items[k].format == Format::H5 ? check_h5(items[k]) : check_npy(items[k]);
+    results[k] = items[k].format == Format::H5 ? check_h5(items[k], scales) : check_npy(items[k], scales);
     progress.advance();
   });
 

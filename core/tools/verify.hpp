@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "deepcam/data_set.hpp"
 #include "progress.hpp"
 
 namespace deepcam::data {
@@ -45,7 +46,9 @@ void run_verify(const VerifyOptions& options);
 // The stats.h5 checks of verify, one line per problem naming the file (none:
 // training can normalise with it), on every channel; `channels` is the
 // samples' channel count (-1: unknown). convert applies them too before it
-// copies the file.
-std::vector<std::string> stats_problems(const std::filesystem::path& root, std::int64_t channels);
+// copies the file. With none, `scales` (if given) receives each channel's
+// normalisation, as training computes it.
+std::vector<std::string> stats_problems(const std::filesystem::path& root, std::int64_t channels,
+                                        std::vector<ChannelScale>* scales = nullptr);
 
 }  // namespace deepcam::data

@@ -404,3 +404,24 @@ def test_convert_stopped_by_sigterm_leaves_whole_pairs_and_no_temporary(deepcam_
     # Run again, it finishes the set.
     ok(run(deepcam_data, "convert", src, dst))
     assert assert_converted(src, dst) == 1501
+
+
+def test_a_finite_value_that_overflows_once_normalised_is_not_converted(deepcam_data, source, tmp_path):
+    """As verify: training refuses the sample (its value normalises to infinity with stats.h5's range),
+    so convert leaves it out and says why; convert wrote it."""
+    src = fresh_copy(source, tmp_path)
+    target = sources(src)[0]
+    with h5py.File(src / "stats.h5", "r") as s:
+        lo, hi = s["climate/minval"][...], s["climate/maxval"][...]
+    channel = int(np.argmin(hi - lo))  # the largest scale
+    with np.errstate(over="ignore"):
+        assert np.isinf(np.float32(1 / (hi[channel] - lo[channel])) * (np.float32(3e38) - np.float32(lo[channel])))
+    with h5py.File(target, "r+") as f:
+        data = f["climate/data"][...]
+        data[0, 1, channel] = 3e38
+        f["climate/data"][...] = data
+    dst = tmp_path / "dst"
+    proc = run(deepcam_data, "convert", src, dst)
+    one_line_error(proc, f"{target}: dataset climate/data: 3e+38 at (row 0, column 1, channel {channel}) normalises "
+                         "to inf with stats.h5's range; data must be finite once normalised; not converted")
+    assert not any(p.exists() for p in targets(src, dst, target))

@@ -260,3 +260,31 @@ def test_leftover_temporaries(deepcam_data, good_sets, tmp_path):
     leftover = root / "train" / ".data-2106-01-01-00-1.npy.tmp4242-0"
     leftover.write_bytes(b"\x93NUMPY partial")
     bad(deepcam_data, root, (leftover, "temporary file left by an interrupted write"))
+
+
+def normalised(root, channel, value):
+    """SPEC 1.4's normalisation of `value` on `channel`, in float32 as training computes it."""
+    with h5py.File(root / "stats.h5", "r") as s:
+        lo, hi = s["climate/minval"][channel], s["climate/maxval"][channel]
+    with np.errstate(over="ignore"):
+        return np.float32(1 / (hi - lo)) * (np.float32(value) - np.float32(lo))
+
+
+@pytest.mark.parametrize("form", ["h5", "npy"])
+def test_a_finite_value_that_overflows_once_normalised_is_reported(deepcam_data, good_sets, tmp_path, form):
+    """Training refuses a sample whose value, finite as stored, normalises to infinity with stats.h5's
+    range (a float32 overflow); verify passed it. A value as large that stays finite passes."""
+    root = copy_of(good_sets[0 if form == "h5" else 1], tmp_path)
+    channel = 10  # synth's narrowest range: the largest scale
+    assert np.isinf(normalised(root, channel, 1e35)) and np.isfinite(normalised(root, channel, 1e30))
+    files = sorted(root.glob(f"train/data-*.{form}"))
+    for path, value in ((files[0], 1e35), (files[1], 1e30)):
+        if form == "h5":
+            with h5py.File(path, "r+") as f:
+                f["climate/data"][1, 2, channel] = value
+        else:
+            data = np.load(path)
+            data[1, 2, channel] = value
+            np.save(path, data)
+    bad(deepcam_data, root, (files[0], "1e+35 at (row 1, column 2, channel 10) normalises to inf with stats.h5's "
+                                       "range; data must be finite once normalised"))
