@@ -9,6 +9,7 @@
 #include <ATen/core/ivalue.h>
 
 #include <cmath>
+#include <limits>
 #include <map>
 #include <set>
 
@@ -185,6 +186,8 @@ void check_optimizer_steps(const Fields& f, const c10::IValue& optimizer) {
     double s = 0;
     if (step->isInt()) s = static_cast<double>(step->toInt());
     else if (step->isDouble()) s = step->toDouble();
+    else if (step->isTensor() && step->toTensor().is_complex())
+      f.fail(fmt::format("'{}' is a complex tensor, expected a number", field));
     else if (step->isTensor() && step->toTensor().numel() == 1) s = step->toTensor().item<double>();
     else f.fail(fmt::format("'{}' is a {}, expected a number", field, step->tagKind()));
     if (!std::isfinite(s) || s < 0 || s != std::floor(s)) {
@@ -353,6 +356,10 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
     s.growth_interval = f.count(*interval, "scaler']['growth_interval", kMost);
     s.growth_tracker = f.count(*tracker, "scaler']['_growth_tracker", kMost);
     if (s.scale <= 0) f.fail(fmt::format("'scaler' 'scale' is {}, expected > 0", s.scale));
+    // GradScaler keeps it as a float32 tensor.
+    if (s.scale > std::numeric_limits<float>::max() || static_cast<float>(s.scale) == 0.0f) {
+      f.fail(fmt::format("'scaler' 'scale' is {}, beyond float32's range, where the scale is kept", s.scale));
+    }
     if (s.growth_factor <= 1) f.fail(fmt::format("'scaler' 'growth_factor' is {}, expected > 1", s.growth_factor));
     if (s.backoff_factor <= 0 || s.backoff_factor >= 1) {
       f.fail(fmt::format("'scaler' 'backoff_factor' is {}, expected in (0, 1)", s.backoff_factor));

@@ -169,6 +169,27 @@ BAD_FIELDS = {
     "scaler_scale": (set_to("scaler", {"scale": -1.0, "growth_factor": 2.0, "backoff_factor": 0.5,
                                        "growth_interval": 2000, "_growth_tracker": 0}),
                      "'scaler' 'scale' is -1, expected > 0"),
+    # Complex values: the moments' checks crashed ("lt_cpu" not implemented, exit 3), a cast dropped the
+    # imaginary part with only LibTorch's warning, and a 0-d number crashed converting to double.
+    "complex_second_moment": (lambda c: first_state(c).__setitem__(
+        "exp_avg_sq", torch.complex(first_state(c)["exp_avg_sq"], first_state(c)["exp_avg_sq"])),
+        ADAM + 'state[0]["exp_avg_sq"] is a complex tensor, expected real values'),
+    "complex_first_moment": (lambda c: first_state(c).__setitem__(
+        "exp_avg", torch.complex(first_state(c)["exp_avg"], torch.full_like(first_state(c)["exp_avg"], 5.0))),
+        ADAM + 'state[0]["exp_avg"] is a complex tensor, expected real values'),
+    "complex_optimizer_step": (lambda c: first_state(c).__setitem__("step", torch.tensor(2 + 1j)),
+                               "'optimizer']['state'][0]['step' is a complex tensor, expected a number"),
+    "complex_lr": (lambda c: first_group(c).__setitem__("lr", torch.tensor(0.002 + 1j)),
+                   ADAM + 'param_groups[0]["lr"] is a complex tensor, expected a real number'),
+    # Finite in float64, infinite as the parameter's float32: it trained on to "diverged", blaming the lr.
+    "moment_beyond_float32": (lambda c: first_state(c).__setitem__(
+        "exp_avg", torch.full(first_state(c)["exp_avg"].shape, 1e300, dtype=torch.float64)),
+        ADAM + 'state[0]["exp_avg"] holds values beyond the range of the parameter\'s Float, which become infinite'),
+    # GradScaler keeps the scale as float32: 1e300 crashed (exit 3), 1e-300 became 0 and the run "diverged".
+    "scaler_scale_overflows": (set_to("scaler", dict(SCALER, scale=1e300)),
+                               "'scaler' 'scale' is 1e+300, beyond float32's range, where the scale is kept"),
+    "scaler_scale_underflows": (set_to("scaler", dict(SCALER, scale=1e-300)),
+                                "'scaler' 'scale' is 1e-300, beyond float32's range, where the scale is kept"),
 }
 
 

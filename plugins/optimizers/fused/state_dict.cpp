@@ -71,6 +71,7 @@ const c10::IValue& StateDictReader::require(const c10::impl::GenericDict& dict, 
 double StateDictReader::to_number(const c10::IValue& value, const std::string& where) const {
   if (value.isDouble()) return value.toDouble();
   if (value.isInt()) return static_cast<double>(value.toInt());
+  if (value.isTensor() && value.toTensor().is_complex()) fail(where + " is a complex tensor, expected a real number");
   if (value.isTensor() && value.toTensor().numel() == 1) return value.toTensor().item<double>();
   fail(where + " is a " + value.tagKind() + ", expected a number");
 }
@@ -212,15 +213,23 @@ at::Tensor StateDictReader::moment(const Entry& entry, const std::string& key, c
     fail(name + " has shape " + shape_str(tensor.sizes()) + " but parameter " + std::to_string(entry.parameter) +
          " has shape " + shape_str(param.sizes()));
   }
+  // Casting would drop the imaginary part (PyTorch only warns).
+  if (tensor.is_complex()) fail(name + " is a complex tensor, expected real values");
   if (tensor.is_floating_point() && !at::isfinite(tensor).all().item<bool>()) {
     fail(name + " holds NaN or infinite values");
   }
-  if (key == "exp_avg_sq" && at::lt(tensor, 0).any().item<bool>()) {
+  // The parameter's device, dtype and memory layout, so that the fused
+  // kernels can walk state and parameter in step; checked again there, as
+  // float64 values beyond float32's range become infinities.
+  at::Tensor converted = at::empty_like(param, at::MemoryFormat::Preserve).copy_(tensor);
+  if (!at::isfinite(converted).all().item<bool>()) {
+    fail(name + " holds values beyond the range of the parameter's " + std::string(c10::toString(param.scalar_type())) +
+         ", which become infinite");
+  }
+  if (key == "exp_avg_sq" && at::lt(converted, 0).any().item<bool>()) {
     fail(name + " holds negative values; it is a running mean of squared gradients");
   }
-  // The parameter's device, dtype and memory layout, so that the fused
-  // kernels can walk state and parameter in step.
-  return at::empty_like(param, at::MemoryFormat::Preserve).copy_(tensor);
+  return converted;
 }
 
 }  // namespace deepcam::fused
