@@ -144,3 +144,18 @@ def test_a_lamb_state_without_a_step_count_starts_it_at_zero(tmp_path, data, tra
     assert r.returncode == 1, r.stderr[-2000:]
     saved = torch.load(tmp_path / "resumed" / "checkpoint-epoch2.pt", weights_only=True)
     assert group(saved)["step"] == 2  # the two optimizer steps of epoch 2 (3 batches, one carried over)
+
+
+@pytest.mark.parametrize("key", ["lr", "weight_decay"])
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "lamb"])
+def test_a_rate_beyond_float32_is_refused_before_the_run(tmp_path, data, optimizer, key):
+    """The fused kernels take both as float32: 1e39 failed as an "internal error" (exit 3) once training had
+    begun, leaving a record of an aborted run."""
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out, optimizer={"name": optimizer})
+    r = run_host(run, "--set", f"optimizer.{key}=1e39")
+    assert r.returncode == 2, r.stderr
+    low = "(0.0" if key == "lr" else "[0.0"
+    assert f"deepcam-host: --set optimizer.{key}=1e39: 1e+39 is out of range {low}, 3.4028234663852886e+38]" \
+        in r.stderr, r.stderr
+    assert not out.exists()
