@@ -194,8 +194,7 @@ void require_stored_here(hid_t file, hid_t dataset, const std::string& path, con
                      "without an error{}",
                      kStoreHere),
          false);
-  const int external = H5Pget_external_count(dcpl.get());
-  if (external != 0)
+  if (H5Pget_external_count(dcpl.get()) != 0)
     fail(path, name,
          fmt::format("keeps its values in external raw files, which HDF5 reads as zeros without an error where "
                      "one is missing or short{}",

@@ -128,7 +128,8 @@ Hyperparameters StateDictReader::hyperparameters(const c10::impl::GenericDict& g
   h.weight_decay = number(group, "weight_decay", "param_groups[0]");
   auto text = [](double v) { return fmt::format("{}", v); };
   if (!non_negative(h.lr)) {
-    fail("param_groups[0][\"lr\"] is " + text(h.lr) + ", expected a finite number >= 0 (0 is the rate of a warmup's first step)");
+    fail("param_groups[0][\"lr\"] is " + text(h.lr) +
+         ", expected a finite number >= 0 (0 is the rate of a warmup's first step)");
   }
   for (std::size_t i = 0; i < 2; ++i) {
     if (!beta_in_range(b[i])) {
@@ -215,14 +216,14 @@ at::Tensor StateDictReader::moment(const Entry& entry, const std::string& key, c
   }
   // Casting would drop the imaginary part (PyTorch only warns).
   if (tensor.is_complex()) fail(name + " is a complex tensor, expected real values");
-  if (tensor.is_floating_point() && !at::isfinite(tensor).all().item<bool>()) {
-    fail(name + " holds NaN or infinite values");
-  }
   // The parameter's device, dtype and memory layout, so that the fused
-  // kernels can walk state and parameter in step; checked again there, as
-  // float64 values beyond float32's range become infinities.
+  // kernels can walk state and parameter in step. Checked once converted:
+  // float64 values beyond float32's range become infinities there.
   at::Tensor converted = at::empty_like(param, at::MemoryFormat::Preserve).copy_(tensor);
   if (!at::isfinite(converted).all().item<bool>()) {
+    if (tensor.is_floating_point() && !at::isfinite(tensor).all().item<bool>()) {
+      fail(name + " holds NaN or infinite values");
+    }
     fail(name + " holds values beyond the range of the parameter's " + std::string(c10::toString(param.scalar_type())) +
          ", which become infinite");
   }
