@@ -195,17 +195,17 @@ ParamValue convert(const ParamSpec& spec, const toml::node& node, const std::str
   };
   auto check_range = [&](double v) {
     if (std::isnan(v) || !in_range(spec, v)) {
-      const bool integral = spec.type == ParamType::Int || spec.type == ParamType::IntList;
-      throw Error(fmt::format("{}: {} is out of range {}", where,
-                              integral ? std::to_string(static_cast<std::int64_t>(v)) : to_toml(v),
-                              range_text(spec)));
+      throw Error(fmt::format("{}: {} is out of range {}", where, to_toml(v), range_text(spec)));
     }
+  };
+  auto check_integer = [&](std::int64_t v) {
+    if (!in_range(spec, v)) throw Error(fmt::format("{}: {} is out of range {}", where, v, range_text(spec)));
   };
   switch (spec.type) {
     case ParamType::Int: {
       if (!node.is_integer()) throw wrong();
       const auto v = *node.value<std::int64_t>();
-      check_range(static_cast<double>(v));
+      check_integer(v);
       return v;
     }
     case ParamType::Float: {
@@ -254,7 +254,7 @@ ParamValue convert(const ParamSpec& spec, const toml::node& node, const std::str
         std::vector<std::int64_t> out;
         for (const auto& e : *arr) {
           if (!e.is_integer()) throw wrong();
-          check_range(static_cast<double>(*e.value<std::int64_t>()));
+          check_integer(*e.value<std::int64_t>());
           out.push_back(*e.value<std::int64_t>());
         }
         return out;

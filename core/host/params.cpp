@@ -101,6 +101,19 @@ std::string toml_list(const std::vector<T>& items, F&& one) {
   for (std::size_t i = 0; i < items.size(); ++i) out += (i ? ", " : "") + one(items[i]);
   return out + "]";
 }
+// 2^63: the first double past std::int64_t's range.
+constexpr double kTwoTo63 = 9223372036854775808.0;
+
+// -1, 0 or 1 as v is below, equal to or above b, exactly: converting v to
+// double would round it (9200000000000000500 to 9.2e18).
+int compare(std::int64_t v, double b) {
+  if (b >= kTwoTo63) return -1;
+  if (b < -kTwoTo63) return 1;
+  const double whole = std::floor(b);
+  const auto w = static_cast<std::int64_t>(whole);  // exact: whole is in [-2^63, 2^63)
+  if (v != w) return v < w ? -1 : 1;
+  return whole == b ? 0 : -1;
+}
 }  // namespace
 
 std::string to_toml(const ParamValue& value) {
@@ -130,7 +143,8 @@ std::string range_text(const ParamSpec& spec) {
   const bool integral = spec.type == ParamType::Int || spec.type == ParamType::IntList;
   auto bound = [&](double v) -> std::string {
     if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
-    return integral ? std::to_string(static_cast<std::int64_t>(v)) : to_toml(v);
+    const bool int64 = v >= -kTwoTo63 && v < kTwoTo63;
+    return integral && int64 ? std::to_string(static_cast<std::int64_t>(v)) : to_toml(v);
   };
   // An infinite end is never reached, so it is always shown open.
   const bool min_open = spec.min_open || std::isinf(spec.min);
@@ -145,6 +159,17 @@ bool in_range(const ParamSpec& spec, double v) {
   const bool max_open = spec.max_open || std::isinf(spec.max);
   const bool above_min = min_open ? v > spec.min : v >= spec.min;
   const bool below_max = max_open ? v < spec.max : v <= spec.max;
+  return above_min && below_max;
+}
+
+bool in_range(const ParamSpec& spec, std::int64_t v) {
+  if (spec.min > spec.max) return true;
+  const bool min_open = spec.min_open || std::isinf(spec.min);
+  const bool max_open = spec.max_open || std::isinf(spec.max);
+  const int to_min = compare(v, spec.min);
+  const int to_max = compare(v, spec.max);
+  const bool above_min = min_open ? to_min > 0 : to_min >= 0;
+  const bool below_max = max_open ? to_max < 0 : to_max <= 0;
   return above_min && below_max;
 }
 

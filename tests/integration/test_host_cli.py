@@ -384,3 +384,18 @@ def test_option_equals_value_is_taken_as_argparse_takes_it(tmp_path, data):
 def test_what_follows_an_option_that_ends_the_command_is_refused_not_ignored(first):
     r = run_host(first, "run.toml")
     assert r.returncode == 2 and f"{first} takes nothing after it (given: run.toml)" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("seed, shown", [
+    (9200000000000000001, "9200000000000000001"),  # rounds to the bound, 9.2e18, as a double
+    (9223372036854775807, "9223372036854775807"),  # rounds to 2^63, and was printed as -2^63
+])
+def test_integer_bounds_are_checked_on_the_integer_not_its_nearest_double(tmp_path, data, seed, shown):
+    assert f"[run] seed: {shown} is out of range [1, 9200000000000000000]" in error_of(tmp_path, data,
+                                                                                     run={"seed": seed})
+    r = run_host(write_run(tmp_path / "run.toml", data, tmp_path / "out"), "--set", f"run.seed={seed}")
+    assert f"--set run.seed={seed}: {shown} is out of range [1, 9200000000000000000]" in r.stderr, r.stderr
+    # The bound itself is taken: the error that stops this run is a later one.
+    r = run_host(write_run(tmp_path / "run.toml", data, tmp_path / "out"), "--set", "run.seed=9200000000000000000",
+                 "--set", "optimizer.lr=0")
+    assert r.returncode == 2 and "seed" not in r.stderr and "--set optimizer.lr=0:" in r.stderr, r.stderr

@@ -124,6 +124,33 @@ TEST_CASE("a table is checked against its schema, defaults filled in") {
   CHECK(error_of("[optimizer\n").find(".toml:1:") != std::string::npos);
 }
 
+TEST_CASE("an integer is checked against its bounds exactly, not as its nearest double") {
+  using deepcam::in_range;
+  constexpr std::int64_t kMost = std::numeric_limits<std::int64_t>::max();
+  constexpr std::int64_t kLeast = std::numeric_limits<std::int64_t>::min();
+  const deepcam::ParamSpec closed{"k", deepcam::ParamType::Int, "1", "d", 1, 9.2e18};
+  CHECK(in_range(closed, std::int64_t{9200000000000000000}));
+  CHECK_FALSE(in_range(closed, std::int64_t{9200000000000000001}));  // 9.2e18 as a double
+  CHECK_FALSE(in_range(closed, kMost));                              // 2^63 as a double
+  CHECK_FALSE(in_range(closed, std::int64_t{0}));
+  // A bound that is no integer lies between two: 2.5 admits 2 and refuses 3.
+  const deepcam::ParamSpec open{"k", deepcam::ParamType::Int, "1", "d", -2.5, 2.5, nullptr, true, true};
+  CHECK(in_range(open, std::int64_t{-2}));
+  CHECK(in_range(open, std::int64_t{2}));
+  CHECK_FALSE(in_range(open, std::int64_t{3}));
+  CHECK_FALSE(in_range(open, std::int64_t{-3}));
+  // An open integral bound refuses itself; one past 2^63 or infinite admits every int64.
+  const deepcam::ParamSpec exclusive{"k", deepcam::ParamType::Int, "1", "d", 0, 9.2e18, nullptr, true, true};
+  CHECK_FALSE(in_range(exclusive, std::int64_t{0}));
+  CHECK_FALSE(in_range(exclusive, std::int64_t{9200000000000000000}));
+  const deepcam::ParamSpec wide{"k", deepcam::ParamType::Int, "1", "d", -1e19, deepcam::kUnbounded};
+  CHECK(in_range(wide, kMost));
+  CHECK(in_range(wide, kLeast));
+  const deepcam::ParamSpec past{"k", deepcam::ParamType::Int, "1", "d", -9223372036854775808.0, 1e19};
+  CHECK(in_range(past, kLeast));
+  CHECK(deepcam::range_text(past) == "[-9223372036854775808, 1e+19]");
+}
+
 TEST_CASE("closest_match suggests near names only") {
   CHECK(deepcam::closest_match("deeplab", {"deeplabv3plus", "unet"}) == "");
   CHECK(deepcam::closest_match("deeplabv3pls", {"deeplabv3plus", "unet"}) == "deeplabv3plus");

@@ -120,8 +120,10 @@ struct NestedPlugin {
 // applies them, integers for integer keys; a parenthesis is an open bound.
 DEEPCAM_API std::string range_text(const ParamSpec& spec);
 
-// Whether v lies within the spec's bounds (always, for a spec without any).
+// Whether v lies within the spec's bounds (always, for a spec without any);
+// an integer is compared exactly, not as the nearest double.
 DEEPCAM_API bool in_range(const ParamSpec& spec, double v);
+DEEPCAM_API bool in_range(const ParamSpec& spec, std::int64_t v);
 
 // What is wrong with a plugin's own schema, naming the key, or "" when
 // nothing is: a null or repeated key, a key that is not a bare TOML key or
