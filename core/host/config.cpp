@@ -4,13 +4,17 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <memory>
 #include <set>
+#include <sstream>
 #include <toml++/toml.h>
 #include <torch/cuda.h>
 
@@ -416,17 +420,78 @@ Params Checker::check(const toml::table* table, const ParamSchema& schema, const
 
 toml::table parse_file(const std::string& file) {
   std::error_code ec;
-  if (std::filesystem::is_directory(file, ec)) {
+  const std::filesystem::file_status status = std::filesystem::status(file, ec);
+  if (std::filesystem::is_directory(status)) {
     throw Error(fmt::format("{}: is a directory; give the run file (a .toml file, e.g. configs/quickstart.toml)",
                             file));
   }
+  // A device would be read as if it were text (/dev/zero never ends); a pipe
+  // (`deepcam-host <(...)`) is read to its end, as a shell reads a script.
+  if (std::filesystem::exists(status) && !std::filesystem::is_regular_file(status) &&
+      !std::filesystem::is_fifo(status)) {
+    throw Error(fmt::format("{}: is not a regular file (a device or socket); give the run file (a .toml file, "
+                            "e.g. configs/quickstart.toml)",
+                            file));
+  }
+  std::ifstream in(file, std::ios::binary);
+  std::ostringstream text;
+  if (!in || !(text << in.rdbuf())) {
+    // rdbuf of an empty file sets failbit with nothing wrong.
+    if (!in.is_open() || in.bad()) throw Error(fmt::format("{}: cannot read: {}", file, std::strerror(errno)));
+  }
   try {
-    return toml::parse_file(file);
+    return toml::parse(text.str(), file);
   } catch (const toml::parse_error& e) {
     const auto& src = e.source();
     if (src.begin.line == 0) throw Error(fmt::format("{}: cannot read: {}", file, e.description()));
     throw Error(fmt::format("{}:{}:{}: {}", file, src.begin.line, src.begin.column, e.description()));
   }
+}
+
+// The first key or string under `node` that holds U+0000, and `text`, it
+// as JSON writes it; nullptr for none. A C string ends there, so a path or a
+// message would lose what follows.
+const toml::node* holding_nul(const toml::node& node, std::string* text) {
+  if (const toml::table* table = node.as_table()) {
+    for (const auto& [k, value] : *table) {
+      if (k.str().find('\0') != std::string_view::npos) {
+        *text = "the key " + Json(std::string(k.str())).dump();
+        return &value;
+      }
+      if (const toml::node* found = holding_nul(value, text)) return found;
+    }
+  } else if (const toml::array* array = node.as_array()) {
+    for (const toml::node& item : *array) {
+      if (const toml::node* found = holding_nul(item, text)) return found;
+    }
+  } else if (const auto* string = node.as_string(); string && string->get().find('\0') != std::string::npos) {
+    *text = "the string " + Json(string->get()).dump();
+    return &node;
+  }
+  return nullptr;
+}
+
+constexpr const char* kNulText = "holds the character U+0000, which no path, name or value may hold";
+
+// A run file whose top level holds only known sections, each a table, and
+// no U+0000.
+toml::table parse_sections(const std::string& file) {
+  toml::table root = parse_file(file);
+  std::string text;
+  if (const toml::node* at = holding_nul(root, &text)) {
+    throw Error(fmt::format("{}:{}: {} {}", file, at->source().begin.line, text, kNulText));
+  }
+  for (const auto& [k, node] : root) {
+    const std::string section(k.str());
+    if (std::find(kSections.begin(), kSections.end(), section) == kSections.end()) {
+      throw Error(fmt::format("{}:{}: unknown section [{}]{} (sections: {})", file, node.source().begin.line,
+                              section, did_you_mean(section, kSections), fmt::join(kSections, ", ")));
+    }
+    if (!node.is_table()) {
+      throw Error(fmt::format("{}:{}: '{}' must be a table [{}]", file, node.source().begin.line, section, section));
+    }
+  }
+  return root;
 }
 
 // Lays `top` (a later run file) over `base`: each key of `top` replaces the
@@ -528,6 +593,7 @@ void apply_override(toml::table& root, const std::string& item,
     }
     parsed.insert_or_assign("v", text);
   }
+  if (std::string nul; holding_nul(parsed, &nul)) throw Error(fmt::format("--set {}: {} {}", item, nul, kNulText));
   toml::table* t = &root;
   std::string table_path;
   for (std::size_t i = 0; i + 1 < path.size(); ++i) {
@@ -653,25 +719,14 @@ RunConfig load_config(const std::string& file, const std::vector<std::string>& o
 RunConfig load_config(const std::vector<std::string>& files, const std::vector<std::string>& overrides,
                       PluginLoader& loader) {
   if (files.empty()) throw Error("no run file given");
-  toml::table root = parse_file(files.front());
-  for (std::size_t i = 1; i < files.size(); ++i) merge_into(root, parse_file(files[i]));
+  // Each file's sections are checked before the next file or an --set item
+  // is laid over them, which would hide or be blamed for a wrong one.
+  toml::table root = parse_sections(files.front());
+  for (std::size_t i = 1; i < files.size(); ++i) merge_into(root, parse_sections(files[i]));
   // Messages about what no file set (a missing key, a default) name them all.
   const std::string file = fmt::format("{}", fmt::join(files, " + "));
   std::map<std::string, std::map<std::string, std::string>> set_keys;
   for (const auto& o : overrides) apply_override(root, o, set_keys);
-
-  for (const auto& [k, node] : root) {
-    const std::string section(k.str());
-    if (std::find(kSections.begin(), kSections.end(), section) == kSections.end()) {
-      throw Error(fmt::format("{}:{}: unknown section [{}]{} (sections: {})", origin(node, file),
-                              node.source().begin.line, section, did_you_mean(section, kSections),
-                              fmt::join(kSections, ", ")));
-    }
-    if (!node.is_table()) {
-      throw Error(fmt::format("{}:{}: '{}' must be a table [{}]", origin(node, file), node.source().begin.line,
-                              section, section));
-    }
-  }
   const Checker checker{file, set_keys, &loader};
   auto location = [&](const std::string& section) { return checker.location(section); };
 

@@ -141,3 +141,21 @@ def test_each_system_config_loads_over_the_reference_run_file(system, npy_data, 
     ranks_said = re.search(r"\((\d+) ranks", text.splitlines()[0])  # "(128 ranks, one per GPU)"; one GPU: none
     ranks = int(ranks_said.group(1)) if ranks_said else 1
     assert local * accumulation * ranks in (128, 2048), (local, accumulation, ranks)
+
+
+def test_a_section_that_is_not_a_table_is_named_in_its_own_file_whatever_follows(data, tmp_path):
+    """`run = 5` in the first file was dropped without a word when a later file had a [run] table, and
+    blamed on an --set item that set a key of [run]."""
+    base = write_run(tmp_path / "base.toml", data, tmp_path / "out")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("# a key where a table belongs\nrun = 5\n")
+    later = tmp_path / "later.toml"
+    later.write_text("[run]\nmax_epochs = 1\n")
+    for args in ([base, bad, later], [base, bad, "--set", "run.max_epochs=1"]):
+        r = benchmark(*args)
+        assert r.returncode == 2, r.stderr
+        assert f"{bad}:2: 'run' must be a table [run]" in r.stderr, r.stderr
+        assert "--set" not in r.stderr.splitlines()[-1]
+    bad.write_text("[runn]\nmax_epochs = 1\n")
+    r = benchmark(base, bad, later)
+    assert r.returncode == 2 and f"{bad}:1: unknown section [runn]; did you mean 'run'?" in r.stderr, r.stderr

@@ -103,3 +103,20 @@ def test_a_reader_pointed_at_the_other_format_names_the_reader_that_reads_it(tmp
     r = run_host(run, "--set", f"data.root={h5}", "--set", "reader.name=npy")
     assert r.returncode == 2
     assert "no data-*.npy files in the train split (it holds .h5 files" in r.stderr
+
+
+def test_a_device_as_the_run_file_is_refused_not_read(tmp_path):
+    # /dev/zero was read as an empty file and then blamed for missing keys.
+    r = run_host("/dev/zero", timeout=60)
+    assert r.returncode == 2
+    assert "/dev/zero: is not a regular file (a device or socket); give the run file" in r.stderr, r.stderr
+
+
+def test_a_run_file_through_a_pipe_is_read_to_its_end(tmp_path):
+    """`deepcam-host <(generate-run-file)`: the shell gives a pipe, read as a shell reads a script."""
+    data = synth(tmp_path / "data", train=2, validation=1)
+    write_run(tmp_path / "run.toml", data, tmp_path / "out")
+    r = subprocess.run(["bash", "-c", f'exec "{HOST}" <(cat "$0") --benchmark 1 --set run.device=cpu',
+                        tmp_path / "run.toml"], capture_output=True, text=True, env=plugin_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert '"steps": 1' in r.stdout and f'root = "{data}"' in r.stderr

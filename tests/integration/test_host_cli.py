@@ -399,3 +399,38 @@ def test_integer_bounds_are_checked_on_the_integer_not_its_nearest_double(tmp_pa
     r = run_host(write_run(tmp_path / "run.toml", data, tmp_path / "out"), "--set", "run.seed=9200000000000000000",
                  "--set", "optimizer.lr=0")
     assert r.returncode == 2 and "seed" not in r.stderr and "--set optimizer.lr=0:" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("where, value, says", [
+    ("run", {"output_dir": "out\0side"}, 'the string "out\\u0000side"'),
+    ("model", {"name": "deeplab\0v3plus"}, 'the string "deeplab\\u0000v3plus"'),
+    ("mlperf", {"org": ["a", "b\0"]}, 'the string "b\\u0000"'),
+])
+def test_a_nul_character_in_the_run_file_is_refused_naming_the_line(tmp_path, data, where, value, says):
+    """A C string ends at U+0000: a path with one named another file, and the message that quoted it was
+    cut short there."""
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out, **{where: value})
+    r = run_host(run)
+    assert r.returncode == 2, r.stderr
+    line = next(n for n, text in enumerate(run.read_text().splitlines(), 1) if "\\u0000" in text)
+    assert f"{run}:{line}: {says} holds the character U+0000, which no path, name or value may hold" in r.stderr, \
+        r.stderr
+    assert not out.exists()
+
+
+def test_a_nul_character_in_a_key_is_refused_naming_the_line(tmp_path, data):
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
+    run.write_text(run.read_text() + '"root\\u0000x" = 1\n')  # the last table, [data]
+    r = run_host(run)
+    assert r.returncode == 2
+    assert f'{run}:{len(run.read_text().splitlines())}: the key "root\\u0000x" holds the character U+0000' \
+        in r.stderr, r.stderr
+
+
+def test_a_nul_character_given_with_set_is_refused_naming_the_item(tmp_path, data):
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
+    item = 'run.output_dir="a\\u0000b"'
+    r = run_host(run, "--set", item)
+    assert r.returncode == 2
+    assert f'--set {item}: the string "a\\u0000b" holds the character U+0000' in r.stderr, r.stderr
