@@ -82,7 +82,7 @@ struct Communicator::Impl {
   std::string store_path, store_host, store_where;
   std::uint16_t store_port = 0;
 
-  void find_store();
+  void find_store(bool read_environment);
   void join_store();
   void join_store_within(std::chrono::milliseconds limit);
   void meet();
@@ -191,8 +191,9 @@ std::unique_ptr<ProcessGroupGroup> Communicator::Impl::group(const std::string& 
 }
 
 // Where the store is, from [run] rendezvous (and MASTER_ADDR / MASTER_PORT
-// for "env"); a setting that cannot work is an Error naming it.
-void Communicator::Impl::find_store() {
+// for "env", when `read_environment`); a setting that cannot work is an
+// Error naming it.
+void Communicator::Impl::find_store(bool read_environment) {
   const std::string& rv = options.rendezvous;
   const std::string& where = options.rendezvous_where;
   const int size = layout.world_size;
@@ -206,6 +207,7 @@ void Communicator::Impl::find_store() {
   }
   std::string port_text, port_where;
   if (rv == "env") {
+    if (!read_environment) return;
     const char* addr = std::getenv("MASTER_ADDR");
     const char* port = std::getenv("MASTER_PORT");
     if (!addr || !*addr || !port || !*port) {
@@ -227,7 +229,7 @@ void Communicator::Impl::find_store() {
     store_host = rest.substr(0, colon);
     port_text = rest.substr(colon + 1);
     store_where = fmt::format("{} = \"{}\"", where, rv);
-    port_where = where;
+    port_where = store_where;
   } else {
     throw Error(fmt::format("{} = \"{}\": expected \"env\", \"tcp://HOST:PORT\" or \"file:///PATH\"", where, rv));
   }
@@ -344,7 +346,7 @@ void Communicator::Impl::join_store_within(std::chrono::milliseconds limit) {
 // Rendezvous, the world group, and who runs where.
 void Communicator::Impl::meet() {
   const int rank = layout.rank, size = layout.world_size;
-  find_store();
+  find_store(/*read_environment=*/true);
   try {
     // Connecting waits up to the timeout for rank 0, and the world size up
     // to another for every rank to have connected.
@@ -529,6 +531,9 @@ Communicator::Communicator(const RankLayout& layout, const CommOptions& options)
   impl_->layout = layout;
   impl_->options = options;
   if (layout.world_size == 1 && !options.group_of_one) {
+    // Unused on one rank, but a setting that would fail on many is refused
+    // here too: the run file is tried on one rank before it goes to a cluster.
+    impl_->find_store(/*read_environment=*/false);
     impl_->layout.local_rank = 0;
     impl_->layout.local_size = 1;
     impl_->hosts = {hostname()};

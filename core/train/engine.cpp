@@ -1675,7 +1675,9 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   const RankLayout layout = detect_ranks();
   CommOptions co;
   co.rendezvous = given.run.string("rendezvous");
-  co.rendezvous_where = given.file + " [run] rendezvous";
+  // Messages add ` = "<value>"`: an --set item is named without its own.
+  co.rendezvous_where = given.run.where("rendezvous");
+  if (co.rendezvous_where.rfind("--set ", 0) == 0) co.rendezvous_where.erase(co.rendezvous_where.find('='));
   co.timeout = std::chrono::milliseconds(static_cast<std::int64_t>(given.run.number("comm_timeout_s") * 1000));
   co.timeout_where = "[run] comm_timeout_s";
   co.cuda = given.run.string("device") == "cuda";

@@ -267,7 +267,7 @@ def test_rendezvous_settings_that_cannot_work_are_named(tmp_path, data):
     env = clean_env(RANK=0, WORLD_SIZE=2)  # no MASTER_ADDR / MASTER_PORT
     r = run_host(small_run(tmp_path / "env.toml", data, out), env=env, timeout=60)
     assert r.returncode == 2
-    assert '[run] rendezvous = "env": 2 ranks (torchrun) need MASTER_ADDR and MASTER_PORT' in r.stderr, r.stderr
+    assert '[run] rendezvous (default) = "env": 2 ranks (torchrun) need MASTER_ADDR and MASTER_PORT' in r.stderr, r.stderr
     for value, message in [("udp://x:1", 'expected "env", "tcp://HOST:PORT" or "file:///PATH"'),
                            ("tcp://127.0.0.1:notaport", 'port "notaport" is not a number in 1..65535'),
                            ("file://relative/path", "expected file:///ABSOLUTE/PATH")]:
@@ -276,8 +276,28 @@ def test_rendezvous_settings_that_cannot_work_are_named(tmp_path, data):
         assert r.returncode == 2 and message in r.stderr and "[run] rendezvous" in r.stderr, r.stderr
     r = run_host(small_run(tmp_path / "env.toml", data, out), env=torchrun_env(1, 2, 0), timeout=60)
     assert r.returncode == 2, r.stderr
-    assert re.search(r'MASTER_PORT \(read for \S*env.toml \[run\] rendezvous = "env"\): port "0" is not a number '
+    assert re.search(r'MASTER_PORT \(read for \S*env.toml \[run\] rendezvous \(default\) = "env"\): port "0" is not a number '
                      r"in 1\.\.65535", r.stderr), r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value, message", [("udp://x:1", 'expected "env", "tcp://HOST:PORT" or "file:///PATH"'),
+                                            ("tcp://127.0.0.1:0", 'port "0" is not a number in 1..65535'),
+                                            ("file://relative/path", "expected file:///ABSOLUTE/PATH")])
+def test_a_rendezvous_that_cannot_work_is_refused_on_one_rank_too_naming_where_it_was_set(tmp_path, data, value,
+                                                                                           message):
+    """A run file is tried on one rank before it goes to a cluster: the setting was taken there, and on many
+    ranks an --set item's value was blamed on the run file."""
+    out = tmp_path / "out"
+    run = small_run(tmp_path / "run.toml", data, out, run={"rendezvous": value})
+    line = next(n for n, text in enumerate(run.read_text().splitlines(), 1) if text.startswith("rendezvous"))
+    r = run_host(run, env=clean_env(), timeout=60)
+    assert r.returncode == 2 and f'{run}:{line} [run] rendezvous = "{value}": {message}' in r.stderr, r.stderr
+    run = small_run(tmp_path / "run.toml", data, out)
+    for env in (clean_env(), clean_env(RANK=0, WORLD_SIZE=2)):
+        r = run_host(run, "--set", f"run.rendezvous={value}", env=env, timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert f'--set run.rendezvous = "{value}": {message}' in r.stderr, r.stderr
     assert not out.exists()
 
 
@@ -296,7 +316,7 @@ def test_a_port_that_takes_the_connection_and_never_answers_is_named(tmp_path, d
             pytest.fail("the rank still waits on the port 60 s later")
     assert r.returncode == 2, r.stderr[-3000:]
     assert re.search(rf"rank 1 of 2: the store at 127\.0\.0\.1:{port} \(MASTER_ADDR and MASTER_PORT, read for "
-                     rf'\S*run.toml \[run\] rendezvous = "env"\) took the connection but has not answered for',
+                     rf'\S*run.toml \[run\] rendezvous \(default\) = "env"\) took the connection but has not answered for',
                      r.stderr), r.stderr[-3000:]
     assert "give the run a free port" in r.stderr
     assert time.monotonic() - started < 30
@@ -314,7 +334,7 @@ def test_rank_0_on_a_port_in_use_is_named_at_once(tmp_path, data):
         r = run_host(run, env=torchrun_env(0, 2, port), timeout=60)
     assert r.returncode == 2, r.stderr[-3000:]
     assert re.search(rf"rank 0 of 2: could not host the rendezvous store on port {port} \(MASTER_ADDR and "
-                     rf'MASTER_PORT, read for \S*run.toml \[run\] rendezvous = "env"\): .*EADDRINUSE.*'
+                     rf'MASTER_PORT, read for \S*run.toml \[run\] rendezvous \(default\) = "env"\): .*EADDRINUSE.*'
                      r"give the run a free port", r.stderr), r.stderr[-3000:]
     assert "within" not in r.stderr
     assert not (tmp_path / "out").exists()
