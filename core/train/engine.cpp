@@ -1605,6 +1605,23 @@ bool check_outputs(const RunConfig& cfg, const fs::path& out_dir, const fs::path
   if (fs::is_directory(log, ec)) {
     throw Error(fmt::format("{}: {} is a folder", cfg.mlperf.where("log_file"), log.string()));
   }
+  // The record is renamed over its files once run_start is logged: a device
+  // or pipe there would be replaced by a regular file.
+  const fs::path config_file = out_dir / (evaluating ? "evaluate-config.toml" : "config.toml");
+  struct Output {
+    fs::path path;
+    std::string key, what, instead;
+  };
+  const Output outputs[] = {{log, cfg.mlperf.where("log_file"), "MLPerf log", "name another file"},
+                            {config_file, dir_key, "resolved configuration", "choose another output_dir"}};
+  for (const Output& output : outputs) {
+    const fs::file_status status = fs::status(output.path, ec);
+    if (fs::exists(status) && !fs::is_regular_file(status)) {
+      throw Error(fmt::format("{}: {} is not a regular file (a device, pipe or socket), and the run would replace it "
+                              "with its {}; {}",
+                              output.key, output.path.string(), output.what, output.instead));
+    }
+  }
   // An evaluation writes only its own record, which names the checkpoint it
   // scored; the next evaluation here replaces it.
   if (evaluating) return false;
@@ -1724,17 +1741,27 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   if (rank0 && !created && !fs::is_directory(out_dir, ec)) {
     throw Error(fmt::format("{}: {} exists and is not a folder", cfg.run.where("output_dir"), out_dir.string()));
   }
+  // A run that fails leaves no folder it made (out_dir and those above it
+  // that did not exist) and no files in them.
+  struct RemoveIfEmpty {
+    std::vector<fs::path> made;  // out_dir first, then each missing folder above it
+    ~RemoveIfEmpty() {
+      for (const fs::path& dir : made) {
+        std::error_code e;
+        if (!fs::exists(dir, e)) continue;  // not made: creating it failed
+        if (!fs::is_empty(dir, e) || e || !fs::remove(dir, e)) return;
+      }
+    }
+  } cleanup;
+  if (created) {
+    for (fs::path dir = fs::absolute(out_dir, ec).lexically_normal(); dir.has_relative_path() && !fs::exists(dir, ec);
+         dir = dir.parent_path()) {
+      if (!dir.has_filename()) dir = dir.parent_path();  // "a/b/" names b
+      cleanup.made.push_back(dir);
+    }
+  }
   if (rank0) fs::create_directories(out_dir, ec);
   if (ec) throw Error(fmt::format("{}: cannot create {}: {}", cfg.run.where("output_dir"), out_dir.string(), ec.message()));
-  // A run that fails leaves no output directory it made and no files in it.
-  struct RemoveIfEmpty {
-    fs::path dir;
-    bool created;
-    ~RemoveIfEmpty() {
-      std::error_code e;
-      if (created && fs::is_empty(dir, e)) fs::remove(dir, e);
-    }
-  } cleanup{out_dir, created};
   const bool evaluating = !opts.evaluate_checkpoint.empty();
   const fs::path log_file = log_path(cfg, out_dir, evaluating);
   std::unique_ptr<RunRecord> record;

@@ -4,7 +4,9 @@ clear error (exit 2) that leaves no half-written file and no temporary
 file; every output name is checked before training starts."""
 
 import json
+import os
 import resource
+import stat
 import subprocess
 
 import pytest
@@ -144,3 +146,60 @@ def test_a_checkpoint_name_taken_by_a_folder_is_refused_before_training(tmp_path
     refused_before_training(r, out)
     assert f"{out / 'checkpoint-epoch1.pt'} is not a file, and this run writes its checkpoints under that name" \
         in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_log_file_that_is_a_device_or_a_pipe_is_refused_and_left_as_it_is(tmp_path, data, kind, overwrite):
+    """The record is renamed over the log's name: with overwrite = true a device or FIFO there was replaced
+    by a regular file; without it, /dev/full was named as the record of an earlier run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    log = out / "mlperf.log"
+    if kind == "device":
+        # Through a link of its own: a run that replaced the name replaces the link, never the device.
+        log.symlink_to("/dev/full")
+    else:
+        os.mkfifo(log)
+    run = write_run(tmp_path / "run.toml", data, out, run=dict(RUN, overwrite=overwrite))
+    r = run_host(run)
+    assert r.returncode == 2 and "epoch_start" not in r.stdout, r.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["mlperf.log"]
+    assert f"[mlperf] log_file (default): {log} is not a regular file (a device, pipe or socket), and the run " \
+           "would replace it with its MLPerf log; name another file" in r.stderr, r.stderr
+    assert "earlier run" not in r.stderr
+    assert log.is_symlink() and stat.S_ISCHR(os.stat(log).st_mode) if kind == "device" else \
+        stat.S_ISFIFO(os.stat(log).st_mode)
+
+
+def test_a_config_toml_that_is_a_pipe_is_refused_and_left_as_it_is(tmp_path, data):
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "config.toml")
+    r = run_host(write_run(tmp_path / "run.toml", data, out, run=dict(RUN, overwrite=True)))
+    refused_before_training(r, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.toml"]
+    assert f"[run] output_dir: {out / 'config.toml'} is not a regular file" in r.stderr, r.stderr
+    assert stat.S_ISFIFO(os.stat(out / "config.toml").st_mode)
+
+
+def test_an_output_dir_that_cannot_be_made_leaves_no_folder_above_it_that_the_run_made(tmp_path, data):
+    """A name too long for the file system: create_directories made a/b, then failed on the last folder;
+    a/b stayed behind."""
+    out = tmp_path / "a" / "b" / ("x" * 300)
+    r = run_host(write_run(tmp_path / "run.toml", data, out, run=RUN))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"[run] output_dir: cannot create {out}: File name too long" in r.stderr, r.stderr
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_run_that_fails_leaves_no_folder_it_made_above_its_output_dir(tmp_path, data):
+    out = tmp_path / "a" / "b" / "out"
+    run = write_run(tmp_path / "run.toml", data, out, run=RUN, mlperf={"log_file": "mlperf.log/"})
+    r = run_host(run)
+    assert r.returncode == 2 and '[mlperf] log_file: "mlperf.log/" names no file' in r.stderr, r.stderr
+    assert not (tmp_path / "a").exists()
+    # A folder that was there stays, empty or not.
+    (tmp_path / "a").mkdir()
+    r = run_host(run)
+    assert r.returncode == 2 and (tmp_path / "a").is_dir() and not (tmp_path / "a" / "b").exists()
