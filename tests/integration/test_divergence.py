@@ -102,3 +102,29 @@ def test_nan_weights_from_the_last_update_of_an_epoch_stop_at_validation(tmp_pat
     assert status != 0
     assert failed == ["eval_accuracy"] and missing == [], output
     assert "v['value'] >= 0.82" in output
+
+
+@pytest.mark.parametrize("optimizer, sets", [
+    # Adam's first step size is lr / (1 - 0.9): 3.4e39, past float32's largest value (3.4028e38).
+    ("adam", ["optimizer.lr=3.4e38"]),
+    ("adamw", ["optimizer.lr=3.4e38"]),
+    # LAMB's rate itself, lr x the warmup factor, is 6.8e38 after the first step.
+    ("lamb", ["optimizer.lr=3.4e37", "scheduler.lr_warmup_factor=20.0", "scheduler.lr_warmup_steps=2"]),
+])
+def test_a_rate_whose_update_overflows_float32_diverges_as_the_float32_update_does(tmp_path, data, optimizer,
+                                                                                     sets):
+    """A rate within float32's range whose derived scalar is not: the update is infinite, as the CUDA
+    kernels compute it, and the run stops as diverged. LibTorch refused the scalar, which ended the run as
+    an internal error (exit 3)."""
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run={"max_epochs": 2},
+                    optimizer={"name": optimizer})
+    args = [run]
+    for s in sets:
+        args += ["--set", s]
+    r = run_host(*args)
+    assert r.returncode == DIVERGED, r.stderr[-3000:]
+    assert re.search(r"training diverged at step 2 \(epoch 1\): the (loss|gradient norm) is (NaN|-?Infinity)\. ",
+                     r.stderr), r.stderr[-3000:]
+    assert "internal error" not in r.stderr
+    lines = read_events(tmp_path / "out" / "mlperf.log")
+    assert lines[-1]["key"] == "run_stop" and lines[-1]["metadata"]["status"] == "aborted"

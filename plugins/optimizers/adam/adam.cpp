@@ -72,7 +72,7 @@ void Adam::step() {
     at::Tensor grad = param.grad();
     if (weight_decay != 0.0) {
       if (options_.decoupled_weight_decay) {
-        param.mul_(1.0 - lr * weight_decay);
+        param.mul_(fused::float32_scalar(1.0 - lr * weight_decay));
       } else {
         grad = grad.add(param, weight_decay);
       }
@@ -85,7 +85,7 @@ void Adam::step() {
     const double step_size = lr / bias_correction1;
     const double bias_correction2_sqrt = std::pow(bias_correction2, 0.5);
     at::Tensor denom = (state.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(kEps);
-    param.addcdiv_(state.exp_avg, denom, -step_size);
+    param.addcdiv_(state.exp_avg, denom, fused::float32_scalar(-step_size));
   }
 }
 

@@ -93,6 +93,7 @@ void Lamb::tensor_step(const std::vector<std::size_t>& with_grad) {
   const double beta1 = options_.beta1;
   const double beta2 = options_.beta2;
   const double weight_decay = options_.weight_decay;
+  const double lr = fused::float32_scalar(options_.lr);
   const double bias_correction1 = 1.0 - std::pow(beta1, static_cast<double>(step_));
   const double bias_correction2 = 1.0 - std::pow(beta2, static_cast<double>(step_));
 
@@ -116,15 +117,15 @@ void Lamb::tensor_step(const std::vector<std::size_t>& with_grad) {
     state.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1.0 - beta2);
     at::Tensor update = (state.exp_avg / bias_correction1) / ((state.exp_avg_sq / bias_correction2).sqrt_().add_(kEps));
     if (weight_decay == 0.0) {
-      param.add_(update, -options_.lr);
+      param.add_(update, -lr);
       continue;
     }
     update.add_(param, weight_decay);
     const at::Tensor param_norm = param.norm();
     const at::Tensor update_norm = update.norm();
     const at::Tensor trusted = param_norm.gt(0).logical_and_(update_norm.gt(0));
-    const at::Tensor ratio = at::where(trusted, param_norm / update_norm * options_.lr,
-                                       at::full({}, options_.lr, param_norm.options()));
+    const at::Tensor ratio =
+        at::where(trusted, param_norm / update_norm * lr, at::full({}, lr, param_norm.options()));
     param.sub_(update.mul_(ratio));
   }
 }
