@@ -1761,7 +1761,9 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
     }
   }
   if (rank0) fs::create_directories(out_dir, ec);
-  if (ec) throw Error(fmt::format("{}: cannot create {}: {}", cfg.run.where("output_dir"), out_dir.string(), ec.message()));
+  if (ec) {
+    throw Error(fmt::format("{}: cannot create {}: {}", cfg.run.where("output_dir"), out_dir.string(), ec.message()));
+  }
   const bool evaluating = !opts.evaluate_checkpoint.empty();
   const fs::path log_file = log_path(cfg, out_dir, evaluating);
   std::unique_ptr<RunRecord> record;
