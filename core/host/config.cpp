@@ -524,32 +524,13 @@ std::string origin(const toml::node& node, const std::string& fallback) {
 // the item; TOML's escapes, "a\nb", stay possible) or a byte sequence that
 // is not UTF-8 (TOML is UTF-8, as a run file must be).
 std::string text_problem(const std::string& item) {
-  for (std::size_t i = 0; i < item.size();) {
+  for (std::size_t i = 0; i < item.size(); ++i) {
     const auto c = static_cast<unsigned char>(item[i]);
     if ((c < 0x20 && c != '\t') || c == 0x7f) {
       return fmt::format("holds the control character 0x{:02x} at byte {}", c, i + 1);
     }
-    // The sequence's length from its lead byte (0xc0, 0xc1 and 0xf5.. lead none).
-    std::size_t length = 0;
-    if (c < 0x80) length = 1;
-    else if (c >= 0xc2 && c < 0xe0) length = 2;
-    else if (c >= 0xe0 && c < 0xf0) length = 3;
-    else if (c >= 0xf0 && c <= 0xf4) length = 4;
-    if (length == 0) return fmt::format("is not UTF-8 (byte {} is 0x{:02x})", i + 1, c);
-    std::uint32_t code = length == 1 ? c : c & (0x7fu >> length);
-    if (i + length > item.size()) return fmt::format("is not UTF-8 (byte {} begins a sequence cut short)", i + 1);
-    for (std::size_t k = 1; k < length; ++k) {
-      const auto next = static_cast<unsigned char>(item[i + k]);
-      if ((next & 0xc0) != 0x80) return fmt::format("is not UTF-8 (byte {} is 0x{:02x})", i + k + 1, next);
-      code = (code << 6) | (next & 0x3f);
-    }
-    // Overlong forms, UTF-16 surrogates and code points past U+10FFFF.
-    if ((length == 3 && code < 0x800) || (length == 4 && (code < 0x10000 || code > 0x10ffff)) ||
-        (code >= 0xd800 && code <= 0xdfff)) {
-      return fmt::format("is not UTF-8 (bytes {}..{})", i + 1, i + length);
-    }
-    i += length;
   }
+  if (const std::string problem = utf8_problem(item); !problem.empty()) return "is not UTF-8 (" + problem + ")";
   return "";
 }
 

@@ -1,7 +1,10 @@
 #include "deepcam/json.hpp"
 
+#include <fmt/format.h>
+
 #include <charconv>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -13,6 +16,33 @@ Json Json::object(std::vector<std::pair<std::string, Json>> members) {
   j.kind_ = Kind::Object;
   j.members_ = std::move(members);
   return j;
+}
+
+std::string utf8_problem(std::string_view text) {
+  for (std::size_t i = 0; i < text.size();) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    // The sequence's length from its lead byte (0xc0, 0xc1 and 0xf5.. lead none).
+    std::size_t length = 0;
+    if (c < 0x80) length = 1;
+    else if (c >= 0xc2 && c < 0xe0) length = 2;
+    else if (c >= 0xe0 && c < 0xf0) length = 3;
+    else if (c >= 0xf0 && c <= 0xf4) length = 4;
+    if (length == 0) return fmt::format("byte {} is 0x{:02x}", i + 1, c);
+    std::uint32_t code = length == 1 ? c : c & (0x7fu >> length);
+    if (i + length > text.size()) return fmt::format("byte {} begins a sequence cut short", i + 1);
+    for (std::size_t k = 1; k < length; ++k) {
+      const auto next = static_cast<unsigned char>(text[i + k]);
+      if ((next & 0xc0) != 0x80) return fmt::format("byte {} is 0x{:02x}", i + k + 1, next);
+      code = (code << 6) | (next & 0x3f);
+    }
+    // Overlong forms, UTF-16 surrogates and code points past U+10FFFF.
+    if ((length == 3 && code < 0x800) || (length == 4 && (code < 0x10000 || code > 0x10ffff)) ||
+        (code >= 0xd800 && code <= 0xdfff)) {
+      return fmt::format("bytes {}..{}", i + 1, i + length);
+    }
+    i += length;
+  }
+  return "";
 }
 
 std::string python_float_repr(double value) {

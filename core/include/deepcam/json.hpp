@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -45,5 +46,11 @@ class DEEPCAM_API Json {
 // Python's repr(float): shortest digits that round-trip, fixed notation for
 // decimal exponents in [-4, 16), else d.ddde+XX; always a '.' or an 'e'.
 DEEPCAM_API std::string python_float_repr(double value);
+
+// Where `text` stops being UTF-8 ("byte 12 is 0xff", "byte 12 begins a
+// sequence cut short", "bytes 12..14" for an overlong form, a UTF-16
+// surrogate or a code point past U+10FFFF; bytes count from 1), or "" when
+// it is UTF-8 throughout.
+DEEPCAM_API std::string utf8_problem(std::string_view text);
 
 }  // namespace deepcam
