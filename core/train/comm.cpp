@@ -11,9 +11,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <condition_variable>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <set>
@@ -75,6 +78,9 @@ struct Communicator::Impl {
   bool abandoned = false;   // a thread (the watchdog, the join) was left stuck in a store call
   Clock::time_point answered = Clock::now();  // the store's last answer to the watchdog
   std::string verdict;  // who was lost, once known
+  // A group is being set up: Gloo's connect waits the whole timeout for a
+  // member that is gone, and nothing can be unwound meanwhile.
+  bool setting_up = false;
 
   c10::intrusive_ptr<c10d::ProcessGroup> make_group(const std::string& name, int rank, int size);
   std::unique_ptr<ProcessGroupGroup> group(const std::string& name, const std::vector<int>& members);
@@ -86,6 +92,7 @@ struct Communicator::Impl {
   void join_store();
   void join_store_within(std::chrono::milliseconds limit);
   void meet();
+  void place();
   void watch();
   bool stop_watch();
   std::string unanswered_store() const;
@@ -187,7 +194,25 @@ std::unique_ptr<ProcessGroupGroup> Communicator::Impl::group(const std::string& 
   const int rank = static_cast<int>(me - members.begin());
   const int size = static_cast<int>(members.size());
   if (size == 1 && !options.group_of_one) return std::make_unique<ProcessGroupGroup>(*this, nullptr, 0, 1);
-  return std::make_unique<ProcessGroupGroup>(*this, make_group(name, rank, size), rank, size);
+  struct SettingUp {
+    Impl& impl;
+    explicit SettingUp(Impl& i) : impl(i) { flag(true); }
+    ~SettingUp() { flag(false); }
+    void flag(bool on) {
+      std::lock_guard<std::mutex> lock(impl.mutex);
+      impl.setting_up = on;
+    }
+  } setting_up_now(*this);
+  c10::intrusive_ptr<c10d::ProcessGroup> pg;
+  try {
+    pg = make_group(name, rank, size);
+  } catch (const std::exception& e) {
+    // Meeting (no watchdog yet): meet() names it. Later, a member that
+    // stopped never connects, and Gloo gives up after the timeout.
+    if (!thread.joinable()) throw;
+    lost(e.what());
+  }
+  return std::make_unique<ProcessGroupGroup>(*this, std::move(pg), rank, size);
 }
 
 // Where the store is, from [run] rendezvous (and MASTER_ADDR / MASTER_PORT
@@ -364,39 +389,70 @@ void Communicator::Impl::meet() {
                             options.timeout_where, first_line(e.what())));
   }
 
-  // Host names, through one all-gather of fixed-size buffers.
+}
+
+// Host names and the launcher's local ranks, through one all-gather of
+// fixed-size buffers, and the node's group. Every rank checks every rank's
+// local variables, so that all refuse the run at once instead of waiting
+// for the one that refused it.
+void Communicator::Impl::place() {
+  const int rank = layout.rank, size = layout.world_size;
   constexpr std::int64_t kNameBytes = 256;
-  at::Tensor mine = at::zeros({kNameBytes}, at::kByte);
+  constexpr std::int64_t kBytes = kNameBytes + 2 * sizeof(std::int64_t);
+  at::Tensor mine = at::zeros({kBytes}, at::kByte);
   const std::string me = hostname().substr(0, kNameBytes - 1);
   std::copy(me.begin(), me.end(), mine.data_ptr<std::uint8_t>());
+  const std::int64_t given[2] = {layout.local_rank, layout.local_size};
+  std::memcpy(mine.data_ptr<std::uint8_t>() + kNameBytes, given, sizeof given);
   const at::Tensor all = world->all_gather(mine);
   std::map<std::string, int> per_host;
+  std::vector<std::array<std::int64_t, 2>> launched(static_cast<std::size_t>(size));
   for (int r = 0; r < size; ++r) {
-    hosts.emplace_back(reinterpret_cast<const char*>(all[r].data_ptr<std::uint8_t>()));
+    const std::uint8_t* bytes = all[r].data_ptr<std::uint8_t>();
+    hosts.emplace_back(reinterpret_cast<const char*>(bytes));
+    std::memcpy(launched[static_cast<std::size_t>(r)].data(), bytes + kNameBytes, 2 * sizeof(std::int64_t));
     ++per_host[hosts.back()];
   }
   nodes = static_cast<int>(per_host.size());
   for (const auto& [h, n] : per_host) max_local_size = std::max(max_local_size, n);
-  std::vector<int> node_members;
+  auto node_of = [&](int r) {
+    std::vector<int> members;
+    for (int other = 0; other < size; ++other) {
+      if (hosts[static_cast<std::size_t>(other)] == hosts[static_cast<std::size_t>(r)]) members.push_back(other);
+    }
+    return members;
+  };
+  // This rank's own mismatch first: its message names its variables.
+  std::vector<int> order{rank};
   for (int r = 0; r < size; ++r) {
-    if (hosts[static_cast<std::size_t>(r)] == hosts[static_cast<std::size_t>(rank)]) node_members.push_back(r);
+    if (r != rank) order.push_back(r);
   }
-  const int local_rank =
-      static_cast<int>(std::find(node_members.begin(), node_members.end(), rank) - node_members.begin());
-  const int local_size = static_cast<int>(node_members.size());
-  if (layout.local_rank < 0) {
-    layout.local_rank = local_rank;
-    layout.local_size = local_size;
-  } else if (layout.local_rank != local_rank || layout.local_size != local_size) {
+  for (int r : order) {
+    const std::vector<int> members = node_of(r);
+    const auto local_rank = static_cast<std::int64_t>(std::find(members.begin(), members.end(), r) - members.begin());
+    const auto local_size = static_cast<std::int64_t>(members.size());
+    const auto [said_rank, said_size] = launched[static_cast<std::size_t>(r)];
+    if (said_rank < 0 || (said_rank == local_rank && said_size == local_size)) continue;
     // The launcher's count and the host names disagree: the node's ranks
     // would pick the same GPU, or share a staging folder wrongly.
-    throw Error(fmt::format("rank {}: environment variables {} ({}) say local rank {} of {}, but {} of the ranks run "
-                            "on host {} (ranks {}), which makes this one local rank {}; start the ranks with the "
-                            "launcher's own local variables, or unset them",
-                            rank, layout.local_variables, layout.source, layout.local_rank, layout.local_size,
-                            local_size, me, fmt::join(node_members, ", "), local_rank));
+    if (r == rank) {
+      throw Error(fmt::format("rank {}: environment variables {} ({}) say local rank {} of {}, but {} of the ranks "
+                              "run on host {} (ranks {}), which makes this one local rank {}; start the ranks with "
+                              "the launcher's own local variables, or unset them",
+                              rank, layout.local_variables, layout.source, said_rank, said_size, local_size, me,
+                              fmt::join(members, ", "), local_rank));
+    }
+    throw Error(fmt::format("rank {} of {} refuses the run (see its message): its launcher's variables say local rank "
+                            "{} of {}, but {} of the ranks run on host {} (ranks {}), which makes it local rank {}",
+                            r, size, said_rank, said_size, local_size, hosts[static_cast<std::size_t>(r)],
+                            fmt::join(members, ", "), local_rank));
   }
-  node = group(fmt::format("node{}", node_members.front()), node_members);
+  const std::vector<int> members = node_of(rank);
+  if (layout.local_rank < 0) {
+    layout.local_rank = static_cast<int>(std::find(members.begin(), members.end(), rank) - members.begin());
+    layout.local_size = static_cast<int>(members.size());
+  }
+  node = group(fmt::format("node{}", members.front()), members);
 }
 
 void Communicator::Impl::watch() {
@@ -472,7 +528,9 @@ void Communicator::Impl::watch() {
   // collective and unwinds (removing what it had half-written); if it is
   // still busy after another timeout, nothing it waits for can come.
   wake.notify_all();
-  if (wake.wait_for(lock, options.timeout, [&] { return stopping; })) return;
+  // In a group's set-up the main thread cannot learn it before Gloo's
+  // timeout: this rank stops at once.
+  if (!setting_up && wake.wait_for(lock, options.timeout, [&] { return stopping; })) return;
   std::fprintf(stderr, "deepcam-host: rank %d: %s; stopping\n", layout.rank, verdict.c_str());
   std::fflush(stderr);
   std::_Exit(kRankLostStatus);
@@ -550,9 +608,18 @@ Communicator::Communicator(const RankLayout& layout, const CommOptions& options)
     throw;
   }
   impl_->thread = std::thread([impl = impl_.get()] { impl->watch(); });
+  try {
+    impl_->place();
+  } catch (const std::exception&) {
+    leave();
+    throw;
+  }
 }
 
-Communicator::~Communicator() {
+Communicator::~Communicator() { leave(); }
+
+void Communicator::leave() noexcept {
+  if (!impl_) return;
   if (!impl_->stop_watch()) {
     // The watchdog is stuck in a call to a store that stopped answering:
     // the Impl stays with it, and this rank does not call the store either.
@@ -568,6 +635,7 @@ Communicator::~Communicator() {
       // The store's host is gone too; the others find out by themselves.
     }
   }
+  impl_.reset();
 }
 
 int Communicator::rank() const { return impl_->layout.rank; }

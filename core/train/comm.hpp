@@ -83,6 +83,10 @@ class DEEPCAM_API Communicator {
   struct Impl;
 
  private:
+  // Stops the watchdog and, unless finish() was called, tells the other
+  // ranks this one failed.
+  void leave() noexcept;
+
   std::unique_ptr<Impl> impl_;
 };
 

@@ -182,6 +182,46 @@ def test_local_rank_variables_that_contradict_the_host_are_refused(tmp_path, dat
     assert not (tmp_path / "out").exists()
 
 
+def test_one_rank_whose_local_variables_contradict_the_host_is_named_by_every_rank_at_once(tmp_path, data, ranks):
+    """Only rank 1 told it is alone on the host: rank 0 waited the whole comm_timeout_s in the node
+    group's set-up for the rank that had refused, then ended as an internal error (exit 3)."""
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out")  # comm_timeout_s 60
+    port = free_port()
+    ranks.start([HOST, run], torchrun_env(0, 2, port), "rank0")
+    ranks.start([HOST, run], {**torchrun_env(1, 2, port), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}, "rank1")
+    started = time.monotonic()
+    codes = ranks.wait_all(timeout=120)
+    assert codes == [2, 2], (ranks.stderr("rank0")[-3000:], ranks.stderr("rank1")[-3000:])
+    assert time.monotonic() - started < 30
+    assert ("rank 1 of 2 refuses the run (see its message): its launcher's variables say local rank 0 of 1, but 2 "
+            "of the ranks run on host") in ranks.stderr("rank0"), ranks.stderr("rank0")[-3000:]
+    assert "rank 1: environment variables LOCAL_RANK=0 and LOCAL_WORLD_SIZE=1 (torchrun)" in ranks.stderr("rank1")
+    assert "internal error" not in ranks.stderr("rank0") + ranks.stderr("rank1")
+
+
+def test_a_rank_that_fails_before_a_batchnorm_group_is_set_up_is_named_at_once(tmp_path, data, ranks):
+    """Rank 1's node has no copy of the data (a mount namespace hides it): it stops building its reader,
+    while rank 0 sets up the group of batchnorm_group_size ranks, where Gloo waits for every member
+    for comm_timeout_s. Rank 0 ended there as an internal error (exit 3)."""
+    if subprocess.run(["unshare", "--mount", "--map-root-user", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --mount --map-root-user is refused here: the test needs a mount namespace")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out", run={"batchnorm_group_size": 2})
+    port = free_port()
+    ranks.start([HOST, run], torchrun_env(0, 2, port), "rank0")
+    hide = f'mount --bind "{empty}" "{data}" && exec "{HOST}" "{run}"'
+    ranks.start(["unshare", "--mount", "--map-root-user", "sh", "-c", hide], torchrun_env(1, 2, port), "rank1")
+    started = time.monotonic()
+    codes = ranks.wait_all(timeout=120)
+    assert codes == [5, 2], (ranks.stderr("rank0")[-3000:], ranks.stderr("rank1")[-3000:])
+    assert time.monotonic() - started < 30
+    assert f"{data}/train: no such directory" in ranks.stderr("rank1"), ranks.stderr("rank1")[-3000:]
+    assert re.search(r"rank 0: lost rank 1 \(host [^)]*\): it stopped with an error of its own",
+                     ranks.stderr("rank0")), ranks.stderr("rank0")[-3000:]
+    assert "internal error" not in ranks.stderr("rank0")
+
+
 # 2. mpirun
 
 def test_mpirun_np_2(tmp_path, data):
