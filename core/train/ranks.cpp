@@ -25,7 +25,9 @@ const Source kSources[] = {
     {"torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"},
     {"Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
      "OMPI_COMM_WORLD_LOCAL_SIZE"},
-    {"Slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"},
+    // Slurm's local size is read from its per-node lists (slurm_tasks_on_node):
+    // SLURM_NTASKS_PER_NODE is what was asked for, a most per node, not a count.
+    {"Slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", nullptr},
     {"PMI", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"},
 };
 
@@ -51,11 +53,19 @@ std::optional<int> count_at(const std::string& text, std::size_t& at) {
   return static_cast<int>(v);
 }
 
-// SLURM_TASKS_PER_NODE lists tasks per node in node order, runs compressed:
-// "4(x2),3" is nodes 0 and 1 with 4 tasks each, node 2 with 3. The whole list
-// is read: "2abc", "2(x3" or "2," is an error, not 2.
+// The list of tasks per node that holds this task's node: srun's
+// SLURM_STEP_TASKS_PER_NODE (this step's), else the job's SLURM_TASKS_PER_NODE.
+const char* slurm_tasks_list(const Environment& env) {
+  const char* step = env("SLURM_STEP_TASKS_PER_NODE");
+  return step && *step ? "SLURM_STEP_TASKS_PER_NODE" : "SLURM_TASKS_PER_NODE";
+}
+
+// The list lists tasks per node in node order, runs compressed: "4(x2),3" is
+// nodes 0 and 1 with 4 tasks each, node 2 with 3. The whole list is read:
+// "2abc", "2(x3" or "2," is an error, not 2.
 std::optional<int> slurm_tasks_on_node(const Environment& env) {
-  const char* text = env("SLURM_TASKS_PER_NODE");
+  const char* name = slurm_tasks_list(env);
+  const char* text = env(name);
   const std::optional<int> node = integer(env, "SLURM_NODEID", 0);
   if (!text || !node) return std::nullopt;
   const std::string all = text;
@@ -75,17 +85,17 @@ std::optional<int> slurm_tasks_on_node(const Environment& env) {
       else repeat = std::nullopt;
     }
     if (!tasks || !repeat || at != item.size()) {
-      throw Error(fmt::format("environment variable SLURM_TASKS_PER_NODE=\"{}\": cannot read \"{}\" as a task count "
-                              "with an optional repeat such as 4(x2)",
-                              all, item));
+      throw Error(fmt::format("environment variable {}=\"{}\": cannot read \"{}\" as a task count with an "
+                              "optional repeat such as 4(x2)",
+                              name, all, item));
     }
     if (!found && *node < first_node + *repeat) found = tasks;
     first_node += *repeat;
     s = e + 1;
   }
   if (found) return found;
-  throw Error(fmt::format("environment variables SLURM_TASKS_PER_NODE=\"{}\" and SLURM_NODEID={}: no entry for node {}",
-                          all, *node, *node));
+  throw Error(fmt::format("environment variables {}=\"{}\" and SLURM_NODEID={}: no entry for node {}", name, all,
+                          *node, *node));
 }
 
 std::string setting(const Environment& env, const char* name) { return fmt::format("{}={}", name, env(name)); }
@@ -122,8 +132,8 @@ RankLayout detect_ranks(const Environment& env) {
     r.source = s.name;
     r.rank_variable = setting(env, s.rank);
     const std::optional<int> local_rank = integer(env, s.local_rank, 0);
-    std::optional<int> local_size = integer(env, s.local_size, 1);
-    if (!local_size && std::string(s.name) == "Slurm") local_size = slurm_tasks_on_node(env);
+    const bool slurm = s.local_size == nullptr;
+    const std::optional<int> local_size = slurm ? slurm_tasks_on_node(env) : integer(env, s.local_size, 1);
     if (local_rank && local_size) {
       if (*local_rank >= *local_size) {
         throw Error(fmt::format("environment variables {} and local size {}: the local rank must be below it",
@@ -132,8 +142,9 @@ RankLayout detect_ranks(const Environment& env) {
       r.local_rank = *local_rank;
       r.local_size = *local_size;
       r.local_variables = fmt::format("{} and {}", setting(env, s.local_rank),
-                                      env(s.local_size) ? setting(env, s.local_size)
-                                                        : setting(env, "SLURM_TASKS_PER_NODE"));
+                                      slurm ? fmt::format("{} (with SLURM_NODEID={})",
+                                                          setting(env, slurm_tasks_list(env)), env("SLURM_NODEID"))
+                                            : setting(env, s.local_size));
     }
     chosen = r;
   }
@@ -141,10 +152,12 @@ RankLayout detect_ranks(const Environment& env) {
 }
 
 std::vector<std::string> outer_launcher_variables() {
-  std::vector<std::string> names{"SLURM_TASKS_PER_NODE"};
+  std::vector<std::string> names{"SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NODEID"};
   for (const Source& s : kSources) {
     if (&s == &kSources[0]) continue;  // torchrun's, which the nested launch sets
-    for (const char* name : {s.rank, s.size, s.local_rank, s.local_size}) names.emplace_back(name);
+    for (const char* name : {s.rank, s.size, s.local_rank, s.local_size}) {
+      if (name) names.emplace_back(name);
+    }
   }
   return names;
 }

@@ -48,8 +48,6 @@ TEST_CASE("each launcher's variables") {
   check(detect({{"OMPI_COMM_WORLD_RANK", "5"}, {"OMPI_COMM_WORLD_SIZE", "6"}, {"OMPI_COMM_WORLD_LOCAL_RANK", "2"},
                 {"OMPI_COMM_WORLD_LOCAL_SIZE", "3"}}),
         5, 6, 2, 3, "Open MPI");
-  check(detect({{"SLURM_PROCID", "4"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "0"}, {"SLURM_NTASKS_PER_NODE", "4"}}),
-        4, 8, 0, 4, "Slurm");
   // SLURM_TASKS_PER_NODE lists every node; SLURM_NODEID picks this one.
   check(detect({{"SLURM_PROCID", "8"}, {"SLURM_NTASKS", "11"}, {"SLURM_LOCALID", "0"},
                 {"SLURM_TASKS_PER_NODE", "4(x2),3"}, {"SLURM_NODEID", "2"}}),
@@ -90,7 +88,8 @@ TEST_CASE("torchrun inside a launch of the same size: torchrun's variables are c
 TEST_CASE("the outer launchers' variables are every source's but torchrun's") {
   const std::vector<std::string> names = deepcam::outer_launcher_variables();
   for (const char* name : {"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
-                           "SLURM_LOCALID", "SLURM_TASKS_PER_NODE", "PMI_RANK", "MPI_LOCALNRANKS"}) {
+                           "SLURM_LOCALID", "SLURM_TASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_NODEID",
+                           "PMI_RANK", "MPI_LOCALNRANKS"}) {
     CHECK_MESSAGE(std::count(names.begin(), names.end(), name) == 1, name);
   }
   for (const char* name : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}) {
@@ -115,6 +114,26 @@ TEST_CASE("stale or malformed variables are errors naming them") {
   CHECK(error_of({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}, {"SLURM_LOCALID", "0"},
                   {"SLURM_TASKS_PER_NODE", "2"}, {"SLURM_NODEID", "3"}})
             .find("SLURM_TASKS_PER_NODE") != std::string::npos);
+}
+
+TEST_CASE("Slurm's local size is the step's count on this node, not the count asked for") {
+  // srun -n 3 --ntasks-per-node=2 on two nodes: 2 tasks on node 0, 1 on node 1, and
+  // SLURM_NTASKS_PER_NODE=2 (the most per node that was asked for) on both.
+  const Vars second_node{{"SLURM_PROCID", "2"},          {"SLURM_NTASKS", "3"},
+                         {"SLURM_LOCALID", "0"},         {"SLURM_NODEID", "1"},
+                         {"SLURM_NTASKS_PER_NODE", "2"}, {"SLURM_STEP_TASKS_PER_NODE", "2,1"},
+                         {"SLURM_TASKS_PER_NODE", "2(x2)"}};
+  check(detect(second_node), 2, 3, 0, 1, "Slurm");
+  // Without the step's list (a batch script's own process), the job's.
+  Vars job = second_node;
+  job.erase("SLURM_STEP_TASKS_PER_NODE");
+  check(detect(job), 2, 3, 0, 2, "Slurm");
+  // SLURM_NTASKS_PER_NODE alone says nothing of this node: the host names will.
+  check(detect({{"SLURM_PROCID", "4"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "0"}, {"SLURM_NTASKS_PER_NODE", "4"}}),
+        4, 8, -1, -1, "Slurm");
+  Vars bad = second_node;
+  bad["SLURM_STEP_TASKS_PER_NODE"] = "2,x";
+  CHECK(error_of(bad).find("SLURM_STEP_TASKS_PER_NODE=\"2,x\"") != std::string::npos);
 }
 
 TEST_CASE("SLURM_TASKS_PER_NODE is read item by item, whole") {
