@@ -524,7 +524,7 @@ class Engine {
       c_.optimizer->set_lr(base_lr);
       require_logged_hyperparameters(resume, logged);
       note_other_model_settings(resume, info);
-      agree_on_resume(info);
+      agree_on_resume(info, run.where("resume"));
       if (info.epoch >= run.integer("max_epochs")) {
         throw Error(fmt::format("{}: {} is at epoch {}, and max_epochs is {} ({}): nothing is left to train; raise "
                                 "max_epochs to continue its run",
@@ -743,7 +743,7 @@ class Engine {
     lo.model = model_config();
     const CheckpointInfo info = load_checkpoint(checkpoint, c_.model->module(), nullptr, lo);
     note_other_model_settings(checkpoint, info);
-    agree_on_resume(info);
+    agree_on_resume(info, "--evaluate " + checkpoint);
     broadcast_model();
     const Totals v = validate(info.epoch, info.step, fs::absolute(checkpoint).lexically_normal().string());
     if (v.stop_signal != 0) {
@@ -832,15 +832,16 @@ class Engine {
 
   // Every rank read the same checkpoint (a shared file system) and must
   // resume at the same step and epoch.
-  void agree_on_resume(const CheckpointInfo& info) {
+  // `where`: what named the file on this rank.
+  void agree_on_resume(const CheckpointInfo& info, const std::string& where) {
     if (comm_.size() == 1) return;
     const at::Tensor mine = at::tensor({info.step, info.epoch}, at::kLong);
     const at::Tensor all = comm_.world().all_gather(mine);
     for (int r = 0; r < comm_.size(); ++r) {
       if (!all[r].equal(all[0])) {
-        throw Error(fmt::format("{} [run] resume: rank {} read step {} epoch {}, rank 0 step {} epoch {}; every rank "
-                                "must see the same checkpoint file",
-                                cfg_.file, r, all[r][0].item<std::int64_t>(), all[r][1].item<std::int64_t>(),
+        throw Error(fmt::format("{}: rank {} read step {} epoch {}, rank 0 step {} epoch {}; every rank must see the "
+                                "same checkpoint file",
+                                where, r, all[r][0].item<std::int64_t>(), all[r][1].item<std::int64_t>(),
                                 all[0][0].item<std::int64_t>(), all[0][1].item<std::int64_t>()));
       }
     }

@@ -458,6 +458,24 @@ def test_ranks_with_another_seed_or_mode_are_refused_before_any_other_exchange(t
     assert not (tmp_path / "out").exists()
 
 
+def test_ranks_evaluating_different_checkpoints_are_refused_naming_the_option(tmp_path, data, ranks):
+    """The refusal blamed the run file's [run] resume, which no one had set."""
+    one = tmp_path / "one"  # 4 steps an epoch on one rank, 2 on two
+    assert run_host(small_run(tmp_path / "one.toml", data, one, run={"max_epochs": 1})).returncode == 1
+    two = tmp_path / "two"
+    assert run_host("--nproc", 2, small_run(tmp_path / "two.toml", data, two, run={"max_epochs": 1}),
+                    env=clean_env(), timeout=TIMEOUT).returncode == 1
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out")
+    port = free_port()
+    for r, checkpoint in enumerate([one / "checkpoint-epoch1.pt", two / "checkpoint-epoch1.pt"]):
+        ranks.start([HOST, run, "--evaluate", checkpoint], torchrun_env(r, 2, port), f"rank{r}")
+    assert ranks.wait_all() == [2, 2], (ranks.stderr("rank0")[-3000:], ranks.stderr("rank1")[-3000:])
+    for r, checkpoint in enumerate([one / "checkpoint-epoch1.pt", two / "checkpoint-epoch1.pt"]):
+        assert (f"--evaluate {checkpoint}: rank 1 read step 2 epoch 1, rank 0 step 4 epoch 1; every rank must see "
+                "the same checkpoint file") in ranks.stderr(f"rank{r}"), ranks.stderr(f"rank{r}")[-3000:]
+        assert "[run] resume" not in ranks.stderr(f"rank{r}")
+
+
 def test_conflicting_rank_variables_are_refused(tmp_path, data):
     out = tmp_path / "out"
     run = small_run(tmp_path / "run.toml", data, out, run={"comm_timeout_s": 5.0})
