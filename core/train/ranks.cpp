@@ -124,6 +124,16 @@ RankLayout detect_ranks(const Environment& env) {
                                 "world of {}; unset the stale one",
                                 chosen->rank_variable, chosen->source, setting(env, s.rank), s.name, *size));
       }
+      // An MPI launcher's variables are its processes' own: another world
+      // beside them is stale (each process would train alone, all in one
+      // output_dir). Slurm's may be the batch script's, under an mpirun or
+      // a launcher of the user's inside the allocation.
+      if (!nested && *size != chosen->world_size && s.local_size != nullptr) {
+        throw Error(fmt::format("environment variables {} and {} ({}) and {} and {} ({}) give this process worlds of "
+                                "{} and {} ranks; unset the stale one",
+                                chosen->rank_variable, chosen->size_variable, chosen->source, setting(env, s.rank),
+                                setting(env, s.size), s.name, chosen->world_size, *size));
+      }
       continue;
     }
     RankLayout r;
@@ -131,6 +141,7 @@ RankLayout detect_ranks(const Environment& env) {
     r.world_size = *size;
     r.source = s.name;
     r.rank_variable = setting(env, s.rank);
+    r.size_variable = setting(env, s.size);
     const std::optional<int> local_rank = integer(env, s.local_rank, 0);
     const bool slurm = s.local_size == nullptr;
     const std::optional<int> local_size = slurm ? slurm_tasks_on_node(env) : integer(env, s.local_size, 1);

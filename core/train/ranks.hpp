@@ -36,6 +36,7 @@ struct RankLayout {
   std::string source = "none";  // "torchrun", "Open MPI", "Slurm", "PMI" or "none"
   std::string rank_variable;    // e.g. "RANK=1", for messages
   std::string local_variables;  // e.g. "LOCAL_RANK=1 and LOCAL_WORLD_SIZE=2", where given
+  std::string size_variable;    // e.g. "WORLD_SIZE=2", for messages
 };
 
 using Environment = std::function<const char*(const char*)>;

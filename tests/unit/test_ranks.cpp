@@ -97,6 +97,26 @@ TEST_CASE("the outer launchers' variables are every source's but torchrun's") {
   }
 }
 
+TEST_CASE("an MPI launcher's world beside another is refused, Slurm's batch variables are not") {
+  // An exported RANK=0 WORLD_SIZE=1 under mpirun -np 2: each process trained alone.
+  const std::string stale = error_of({{"RANK", "0"}, {"WORLD_SIZE", "1"}, {"OMPI_COMM_WORLD_RANK", "1"},
+                                      {"OMPI_COMM_WORLD_SIZE", "2"}});
+  CHECK_MESSAGE(stale.find("RANK=0 and WORLD_SIZE=1 (torchrun) and OMPI_COMM_WORLD_RANK=1 and OMPI_COMM_WORLD_SIZE=2 "
+                           "(Open MPI) give this process worlds of 1 and 2 ranks; unset the stale one") !=
+                    std::string::npos,
+                stale);
+  CHECK(error_of({{"OMPI_COMM_WORLD_RANK", "0"}, {"OMPI_COMM_WORLD_SIZE", "2"}, {"PMI_RANK", "0"}, {"PMI_SIZE", "4"}})
+            .find("unset the stale one") != std::string::npos);
+  // mpirun -np 2 inside an sbatch script of 4 tasks: the batch step's Slurm variables stay behind.
+  check(detect({{"OMPI_COMM_WORLD_RANK", "1"}, {"OMPI_COMM_WORLD_SIZE", "2"}, {"SLURM_PROCID", "0"},
+                {"SLURM_NTASKS", "4"}}),
+        1, 2, -1, -1, "Open MPI");
+  // torchrun inside an MPI process: its own world wins.
+  check(detect({{"RANK", "3"}, {"WORLD_SIZE", "4"}, {"TORCHELASTIC_RUN_ID", "x"}, {"OMPI_COMM_WORLD_RANK", "0"},
+                {"OMPI_COMM_WORLD_SIZE", "1"}}),
+        3, 4, -1, -1, "torchrun");
+}
+
 TEST_CASE("stale or malformed variables are errors naming them") {
   const std::string stale = error_of({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "2"}});
   CHECK(stale.find("RANK=0") != std::string::npos);
