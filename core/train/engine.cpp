@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <filesystem>
 #include <functional>
 #include <fstream>
@@ -1687,6 +1688,33 @@ bool check_outputs(const RunConfig& cfg, const fs::path& out_dir, const fs::path
                           dir_key, out_dir.string(), fmt::join(earlier, ", ")));
 }
 
+// Runs `checks` on rank 0 and shares its refusal (an Error) with every
+// rank, so that all stop at once with its message.
+void agree_on_rank0_refusal(Communicator& comm, const std::function<void()>& checks) {
+  std::string refusal;
+  std::exception_ptr error;
+  if (comm.rank() == 0) {
+    try {
+      checks();
+    } catch (const Error& e) {
+      if (comm.size() == 1) throw;
+      refusal = e.what();
+      error = std::current_exception();
+    }
+  }
+  if (comm.size() == 1) return;
+  const at::Tensor length = comm.world().all_gather(at::tensor({static_cast<std::int64_t>(refusal.size())}, at::kLong));
+  const std::int64_t bytes = length.reshape({-1})[0].item<std::int64_t>();
+  if (bytes == 0) return;
+  at::Tensor text = at::zeros({bytes}, at::kByte);
+  std::memcpy(text.data_ptr<std::uint8_t>(), refusal.data(), refusal.size());
+  const at::Tensor all = comm.world().all_gather(text);
+  if (error) std::rethrow_exception(error);
+  throw Error(fmt::format("rank 0 refused the run: {}",
+                          std::string(reinterpret_cast<const char*>(all[0].data_ptr<std::uint8_t>()),
+                                      static_cast<std::size_t>(bytes))));
+}
+
 }  // namespace
 
 int run_engine(const RunConfig& given, const EngineOptions& opts) {
@@ -1737,11 +1765,8 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
 
   // Only rank 0 writes files (SPEC 8.1).
   const fs::path out_dir = cfg.run.string("output_dir");
-  std::error_code ec;
-  const bool created = rank0 && !fs::exists(out_dir, ec);
-  if (rank0 && !created && !fs::is_directory(out_dir, ec)) {
-    throw Error(fmt::format("{}: {} exists and is not a folder", cfg.run.where("output_dir"), out_dir.string()));
-  }
+  const bool evaluating = !opts.evaluate_checkpoint.empty();
+  const fs::path log_file = log_path(cfg, out_dir, evaluating);
   // A run that fails leaves no folder it made (out_dir and those above it
   // that did not exist) and no files in them.
   struct RemoveIfEmpty {
@@ -1754,21 +1779,27 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
       }
     }
   } cleanup;
-  if (created) {
-    for (fs::path dir = fs::absolute(out_dir, ec).lexically_normal(); dir.has_relative_path() && !fs::exists(dir, ec);
-         dir = dir.parent_path()) {
-      if (!dir.has_filename()) dir = dir.parent_path();  // "a/b/" names b
-      cleanup.made.push_back(dir);
-    }
-  }
-  if (rank0) fs::create_directories(out_dir, ec);
-  if (ec) {
-    throw Error(fmt::format("{}: cannot create {}: {}", cfg.run.where("output_dir"), out_dir.string(), ec.message()));
-  }
-  const bool evaluating = !opts.evaluate_checkpoint.empty();
-  const fs::path log_file = log_path(cfg, out_dir, evaluating);
   std::unique_ptr<RunRecord> record;
-  if (rank0) {
+  // Rank 0's checks and its record: a refusal is every rank's at once (the
+  // others would learn it as a lost store, after a backtrace of c10d's).
+  agree_on_rank0_refusal(comm, [&] {
+    std::error_code ec;
+    const bool created = !fs::exists(out_dir, ec);
+    if (!created && !fs::is_directory(out_dir, ec)) {
+      throw Error(fmt::format("{}: {} exists and is not a folder", cfg.run.where("output_dir"), out_dir.string()));
+    }
+    if (created) {
+      for (fs::path dir = fs::absolute(out_dir, ec).lexically_normal();
+           dir.has_relative_path() && !fs::exists(dir, ec); dir = dir.parent_path()) {
+        if (!dir.has_filename()) dir = dir.parent_path();  // "a/b/" names b
+        cleanup.made.push_back(dir);
+      }
+    }
+    fs::create_directories(out_dir, ec);
+    if (ec) {
+      throw Error(
+          fmt::format("{}: cannot create {}: {}", cfg.run.where("output_dir"), out_dir.string(), ec.message()));
+    }
     remove_stale_temporaries(out_dir);
     const bool continues = check_outputs(cfg, out_dir, log_file, evaluating);
     // --evaluate in a training run's folder keeps that run's config.toml.
@@ -1780,7 +1811,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
                                  fs::absolute(opts.evaluate_checkpoint).lexically_normal().string(), cfg.resolved)
                    : cfg.resolved;
     record = std::make_unique<RunRecord>(config_file, log_file, resolved, cfg.mlperf.where("log_file"), continues);
-  }
+  });
   MlperfLog log(record ? record->log() : nullptr, rank0, log_file.string());
   // Every line also on stdout, as the reference's logger prints it.
   if (rank0 && !opts.quiet) log.echo_to(stdout);

@@ -476,6 +476,25 @@ def test_ranks_evaluating_different_checkpoints_are_refused_naming_the_option(tm
         assert "[run] resume" not in ranks.stderr(f"rank{r}")
 
 
+def test_a_refusal_of_rank_0_s_outputs_is_every_rank_s_at_once(tmp_path, data, ranks):
+    """Only rank 0 writes, so only it checked output_dir: the others learnt of its refusal as a lost
+    rendezvous store ("Broken pipe"), after a backtrace of c10d's."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mlperf.log").write_text("an earlier run's record\n")
+    run = small_run(tmp_path / "run.toml", data, out)
+    port = free_port()
+    for r in (0, 1):
+        ranks.start([HOST, run], torchrun_env(r, 2, port), f"rank{r}")
+    assert ranks.wait_all() == [2, 2], (ranks.stderr("rank0")[-3000:], ranks.stderr("rank1")[-3000:])
+    said = f"{out} holds the record of an earlier run (mlperf.log) that this run would overwrite"
+    assert said in ranks.stderr("rank0"), ranks.stderr("rank0")[-3000:]
+    assert f"deepcam-host: rank 0 refused the run: {run}" in ranks.stderr("rank1"), ranks.stderr("rank1")[-3000:]
+    assert said in ranks.stderr("rank1")
+    assert "frame #" not in ranks.stderr("rank1") and "lost rank 0" not in ranks.stderr("rank1")
+    assert (out / "mlperf.log").read_text() == "an earlier run's record\n"
+
+
 def test_conflicting_rank_variables_are_refused(tmp_path, data):
     out = tmp_path / "out"
     run = small_run(tmp_path / "run.toml", data, out, run={"comm_timeout_s": 5.0})
