@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
@@ -20,6 +21,7 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <stdexcept>
 #include <thread>
 
 #include "deepcam_build_config.h"
@@ -41,6 +43,9 @@ double seconds(std::chrono::milliseconds ms) { return static_cast<double>(ms.cou
 
 std::string heartbeat_key(int rank) { return fmt::format("deepcam/alive/{}", rank); }
 const char* const kLostKey = "deepcam/lost";
+// Why a rank refused to join this world (started for another world size).
+const char* const kRefusedKey = "deepcam/refused";
+std::string joined_key(int rank) { return fmt::format("deepcam/joined/{}", rank); }
 const std::string kDone = "done";      // ended normally
 const std::string kFailed = "failed";  // ended by an error of its own
 
@@ -276,7 +281,9 @@ void Communicator::Impl::join_store() {
     o.port = store_port;
     o.isServer = rank == 0;
     o.numWorkers = static_cast<std::size_t>(size);
-    o.waitWorkers = true;
+    // Every rank's arrival is waited for below, where a rank that refuses
+    // this world is seen at once.
+    o.waitWorkers = false;
     o.timeout = options.timeout;
     try {
       store = c10::make_intrusive<c10d::TCPStore>(store_host, o);
@@ -313,11 +320,37 @@ void Communicator::Impl::join_store() {
   if (rank == 0) store->set("deepcam/world_size", bytes_of(std::to_string(size)));
   const std::string rank0_size = text_of(store->get("deepcam/world_size"));
   if (rank0_size != std::to_string(size)) {
+    const std::string why = fmt::format("rank {} was started for a world of {} ranks ({}), rank 0 for {}", rank,
+                                        size, layout.source, rank0_size);
+    store->set(kRefusedKey, bytes_of(why));
     throw Error(fmt::format("rank {}: this process was started for a world of {} ranks ({}), rank 0 for {}; start "
                             "every rank with the same world size",
                             rank, size, layout.source, rank0_size));
   }
   store->set(heartbeat_key(rank), bytes_of("0"));
+  // Every rank's arrival, polled: a rank that refused this world is named
+  // at once, where the process groups' set-up would wait for it until the
+  // timeout. Up to 2 s between looks on large worlds, to spare the store.
+  store->set(joined_key(rank), bytes_of("1"));
+  std::vector<std::string> joined;
+  for (int r = 0; r < size; ++r) joined.push_back(joined_key(r));
+  const auto pause = std::chrono::milliseconds(std::clamp(size * 10, 100, 2000));
+  const auto deadline = Clock::now() + options.timeout;
+  for (;;) {
+    if (store->check({kRefusedKey})) {
+      throw Error(fmt::format("rank {} of {}: {}; start every rank with the same world size", rank, size,
+                              text_of(store->get(kRefusedKey))));
+    }
+    if (store->check(joined)) return;
+    if (Clock::now() > deadline) {
+      std::vector<int> missing;
+      for (int r = 0; r < size; ++r) {
+        if (!store->check({joined_key(r)})) missing.push_back(r);
+      }
+      throw std::runtime_error(fmt::format("rank(s) {} did not arrive", fmt::join(missing, ", ")));
+    }
+    std::this_thread::sleep_for(pause);
+  }
 }
 
 // join_store on a thread of its own, waited for at most `limit`. c10d reads

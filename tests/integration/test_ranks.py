@@ -384,16 +384,22 @@ def test_rank_0_on_a_port_in_use_is_named_at_once(tmp_path, data):
 
 # 5. Conflicting variables
 
-def test_ranks_told_different_world_sizes_are_refused_naming_both(tmp_path, data, ranks):
-    run = small_run(tmp_path / "run.toml", data, tmp_path / "out", run={"comm_timeout_s": 5.0})
+@pytest.mark.parametrize("sizes", [(2, 3), (3, 2)])
+def test_ranks_told_different_world_sizes_are_refused_naming_both_at_once(tmp_path, data, ranks, sizes):
+    """Rank 0 waited comm_timeout_s (60 s here) for a rank 1 that had left, or both waited for each
+    other, rank 0's store for a third rank; neither named the sizes."""
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out")
     port = free_port()
-    ranks.start([HOST, run], torchrun_env(0, 2, port), "rank0")
-    ranks.start([HOST, run], torchrun_env(1, 3, port), "rank1")
-    codes = ranks.wait_all()
-    assert codes[1] == 2, ranks.stderr("rank1")[-3000:]
-    assert ("rank 1: this process was started for a world of 3 ranks (torchrun), rank 0 for 2"
+    ranks.start([HOST, run], torchrun_env(0, sizes[0], port), "rank0")
+    ranks.start([HOST, run], torchrun_env(1, sizes[1], port), "rank1")
+    started = time.monotonic()
+    assert ranks.wait_all() == [2, 2], (ranks.stderr("rank0")[-3000:], ranks.stderr("rank1")[-3000:])
+    assert time.monotonic() - started < 30
+    assert (f"rank 1: this process was started for a world of {sizes[1]} ranks (torchrun), rank 0 for {sizes[0]}"
             in ranks.stderr("rank1")), ranks.stderr("rank1")[-3000:]
-    assert codes[0] != 0  # it waits for a rank 1 that left, until comm_timeout_s
+    assert (f"rank 0 of {sizes[0]}: rank 1 was started for a world of {sizes[1]} ranks (torchrun), rank 0 for "
+            f"{sizes[0]}; start every rank with the same world size") in ranks.stderr("rank0"), \
+        ranks.stderr("rank0")[-3000:]
 
 
 def test_a_file_store_left_by_a_killed_run_is_named_at_once(tmp_path, data, ranks):
