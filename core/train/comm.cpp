@@ -417,8 +417,12 @@ void Communicator::Impl::meet() {
   } catch (const Error&) {
     throw;
   } catch (const std::exception& e) {
-    throw Error(fmt::format("rank {} of {}: could not meet the other ranks through {} = \"{}\" within {} s ({}): {}",
-                            rank, size, options.rendezvous_where, options.rendezvous, seconds(options.timeout),
+    // The variables that made this process one of many: stale ones (a batch
+    // script's own process under Slurm's) are a common cause.
+    throw Error(fmt::format("rank {} of {} ({} and {}, {}): could not meet the other ranks through {} = \"{}\" within "
+                            "{} s ({}): {}",
+                            rank, size, layout.rank_variable, layout.size_variable, layout.source,
+                            options.rendezvous_where, options.rendezvous, seconds(options.timeout),
                             options.timeout_where, first_line(e.what())));
   }
 

@@ -342,6 +342,19 @@ def test_a_rendezvous_that_cannot_work_is_refused_on_one_rank_too_naming_where_i
     assert not out.exists()
 
 
+def test_a_rank_whose_others_never_come_names_its_variables_and_the_missing_ranks(tmp_path, data):
+    """A batch script's own process under Slurm (SLURM_PROCID=0, SLURM_NTASKS=4) takes itself for rank 0
+    of 4: the message names the variables that said so and the ranks that did not arrive."""
+    store = tmp_path / "store"
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out",
+                    run={"comm_timeout_s": 2.0, "rendezvous": f"file://{store}"})
+    r = run_host(run, env=clean_env(SLURM_PROCID=0, SLURM_NTASKS=4), timeout=TIMEOUT)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert ("rank 0 of 4 (SLURM_PROCID=0 and SLURM_NTASKS=4, Slurm): could not meet the other ranks through "
+            in r.stderr), r.stderr[-3000:]
+    assert "within 2 s ([run] comm_timeout_s): rank(s) 1, 2, 3 did not arrive" in r.stderr, r.stderr[-3000:]
+
+
 def test_a_port_that_takes_the_connection_and_never_answers_is_named(tmp_path, data):
     """MASTER_PORT held by a process that is not this run's rank 0 and never answers (another program, a
     stopped earlier run): c10d reads the store's handshake without a timeout, and the rank waited for ever."""
