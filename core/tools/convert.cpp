@@ -219,7 +219,29 @@ std::string convert_paths_problem(const fs::path& src, const fs::path& dst) {
                          "source's {}/ split; give an output that does not hold the source",
                          src.string(), (dst / split).string(), dst.string(), split.string());
   }
+  // DST/<split>, where the pairs of SRC/<split> go, resolved as DST is: a
+  // link into the source would write them among its files.
+  std::error_code ec;
+  if (s == d || !fs::is_directory(s, ec)) return "";
+  for (fs::directory_iterator it(s, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    std::error_code kind;
+    if (name[0] == '.' || !it->is_directory(kind)) continue;
+    const fs::path split = resolved(dst / name);
+    if (split == s || is_below(split, s))
+      return fmt::format("convert: the output {} is {}, inside the source {}: the pairs written there would join "
+                         "the source set; give an output whose split folders lie outside the source",
+                         (dst / name).string(), split.string(), src.string());
+  }
   return "";
+}
+
+std::string not_a_directory(const fs::path& path) {
+  std::error_code ec;
+  const fs::file_status status = fs::status(path, ec);
+  if (!fs::exists(status)) return "no such directory";
+  if (fs::is_regular_file(status)) return "a file, not a directory";
+  return fs::is_directory(status) ? "" : "not a directory";
 }
 
 H5Sample::H5Sample(const fs::path& path) : file_(h5::File::open(path.string())) {
@@ -364,14 +386,12 @@ std::vector<ChannelScale> refuse_what_training_refuses(const fs::path& src, cons
 void run_convert(const ConvertOptions& o) {
   const auto start = std::chrono::steady_clock::now();
   std::error_code ec;
-  if (!fs::is_directory(o.src, ec))
-    throw Error(fmt::format("{}: no such directory; convert reads a data set root holding train/, validation/ "
-                            "and stats.h5",
-                            o.src.string()));
+  if (const std::string problem = not_a_directory(o.src); !problem.empty())
+    throw Error(fmt::format("{}: {}; convert reads a data set root holding train/, validation/ and stats.h5",
+                            o.src.string(), problem));
   const fs::path src_stats = o.src / "stats.h5";
-  if (!fs::is_regular_file(src_stats, ec))
-    throw Error(fmt::format("{}: no such file; a data set root holds stats.h5 (deepcam-data stats {} makes it)",
-                            src_stats.string(), o.src.string()));
+  if (const std::string problem = stats_file_problem(o.src.string()); !problem.empty())
+    throw Error(fmt::format("{} (deepcam-data stats {} makes it)", problem, o.src.string()));
 
   // Splits are the folders of SRC that hold samples, whatever their names.
   // Entries named like samples that are not files are problems of the run

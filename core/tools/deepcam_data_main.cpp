@@ -13,7 +13,8 @@
 //
 // Every error is one line `deepcam-data: <message>` on stderr and a non-zero
 // exit status (2 for a bad command line or run file, 1 otherwise); no
-// partial file is left behind.
+// partial file is left behind. An option given twice is a bad command line
+// (options.hpp), but read's --set, which adds.
 #include <charconv>
 #include <csignal>
 #include <cstdio>
@@ -31,6 +32,7 @@
 #include "deepcam/error.hpp"
 #include "deepcam/plugin_loader.hpp"
 #include "convert.hpp"
+#include "options.hpp"
 #include "package.hpp"
 #include "read_bench.hpp"
 #include "stats.hpp"
@@ -58,6 +60,8 @@ seed gives the same files with any number of threads.
 
 synth options:
   --out DIR          output directory (created if missing)      required
+                     empty, or holding what a stopped synth of the same
+                     command left (no stats.h5 yet), which it finishes
   --train N          training samples (>= 1)                    default 16
   --validation N     validation samples                         default 4
   --test N           test samples                               default 0
@@ -98,7 +102,8 @@ PMI_RANK/PMI_SIZE or SLURM_PROCID/SLURM_NTASKS).
 verify checks a data set in either form (per split folder: data-X.h5, or
 data-X.npy with label-X.npy): every file opens and is complete, data is
 (H, W, C) and finite, labels (H, W) in {0, 1, 2}, npy files pair up, shapes
-and dtypes agree across files, stats.h5 matches the channel count; and it
+agree across files (each file's dtypes are converted, as the readers do),
+stats.h5 matches the channel count; and it
 refuses what training refuses: a missing or empty train/ or validation/, a
 stats.h5 that cannot normalise a channel (maxval not above minval, or a
 float32 shift or scale 1/(maxval - minval) that overflows). It prints one
@@ -150,12 +155,28 @@ when there is no score. Check it with
   --system NAME        the system's name (letters, digits, _ - . +)   required
   --out DIR            the package folder; must not exist             required
   --system-desc FILE   a JSON object of system description fields (strings
-                       or numbers) that replace or add to the generated ones
+                       or numbers) that replace or add to the generated ones;
+                       strict JSON in UTF-8 (no key twice, no NaN or Infinity)
 )";
 
 struct UsageError {
   std::string message;
 };
+
+// An option of `command` given twice is a bad command line; `name` is the
+// option without "=value".
+void once(deepcam::data::OptionsSeen& seen, const std::string& name) {
+  if (std::string problem = seen.again(name); !problem.empty()) throw UsageError{std::move(problem)};
+}
+
+// A flag (an option without a value) given as --flag=value.
+void no_value(const std::string& command, const std::string& option) {
+  if (const auto eq = option.find('='); eq != std::string::npos)
+    throw UsageError{fmt::format("{}: {} takes no value", command, option.substr(0, eq))};
+}
+
+// The name of an option as given: "--out" of "--out=DIR".
+std::string name_of(const std::string& option) { return option.substr(0, option.find('=')); }
 
 long long parse_integer(const std::string& option, std::string_view text, long long lo, long long hi) {
   long long value = 0;
@@ -178,13 +199,16 @@ double parse_seconds(const std::string& option, const std::string& value) {
 
 deepcam::data::SynthOptions parse_synth(const std::vector<std::string>& args) {
   deepcam::data::SynthOptions o;
+  deepcam::data::OptionsSeen seen("synth");
   bool have_out = false;
   constexpr long long kMaxCount = 10'000'000, kMaxSide = 16384;
   for (std::size_t k = 0; k < args.size(); ++k) {
     std::string option = args[k], value;
     if (option.rfind("--", 0) != 0)
       throw UsageError{fmt::format("synth: unexpected argument '{}'", option)};
-    if (option == "--quiet") {
+    if (name_of(option) == "--quiet") {
+      no_value("synth", option);
+      once(seen, "--quiet");
       o.progress.quiet = true;
       continue;
     }
@@ -195,6 +219,7 @@ deepcam::data::SynthOptions parse_synth(const std::vector<std::string>& args) {
       if (k + 1 >= args.size()) throw UsageError{fmt::format("{} needs a value", option)};
       value = args[++k];
     }
+    once(seen, option);
     if (option == "--out") {
       if (value.empty()) throw UsageError{"--out needs a directory"};
       o.out = value;
@@ -235,18 +260,17 @@ struct ToolArgs {
 ToolArgs parse_tool(const std::string& command, const std::vector<std::string>& args, bool allow_threads,
                     bool allow_verify) {
   ToolArgs out;
+  deepcam::data::OptionsSeen seen(command);
   for (std::size_t k = 0; k < args.size(); ++k) {
     std::string option = args[k], value;
     if (option.rfind("--", 0) != 0) {
       out.positional.push_back(option);
       continue;
     }
-    if (option == "--verify" && allow_verify) {
-      out.verify = true;
-      continue;
-    }
-    if (option == "--quiet") {
-      out.progress.quiet = true;
+    if ((name_of(option) == "--verify" && allow_verify) || name_of(option) == "--quiet") {
+      no_value(command, option);
+      once(seen, option);
+      (option == "--verify" ? out.verify : out.progress.quiet) = true;
       continue;
     }
     const bool takes_value = (option == "--threads" && allow_threads) || option == "--progress-seconds";
@@ -257,6 +281,7 @@ ToolArgs parse_tool(const std::string& command, const std::vector<std::string>& 
       if (k + 1 >= args.size()) throw UsageError{fmt::format("{} needs a value", option)};
       value = args[++k];
     }
+    if (option == "--threads" || option == "--progress-seconds") once(seen, option);
     if (option == "--threads" && allow_threads)
       out.threads = static_cast<int>(parse_integer(option, value, 1, 1024));
     else if (option == "--progress-seconds")
@@ -269,6 +294,7 @@ ToolArgs parse_tool(const std::string& command, const std::vector<std::string>& 
 
 deepcam::data::ReadBenchOptions parse_read(const std::vector<std::string>& args) {
   deepcam::data::ReadBenchOptions o;
+  deepcam::data::OptionsSeen seen("read");
   bool have_consume_ms = false;
   for (std::size_t k = 0; k < args.size(); ++k) {
     std::string option = args[k], value;
@@ -278,12 +304,10 @@ deepcam::data::ReadBenchOptions parse_read(const std::vector<std::string>& args)
       o.run_file = option;
       continue;
     }
-    if (option == "--consume-matched") {
-      o.consume_matched = true;
-      continue;
-    }
-    if (option == "--with-validation") {
-      o.with_validation = true;
+    if (name_of(option) == "--consume-matched" || name_of(option) == "--with-validation") {
+      no_value("read", option);
+      once(seen, option);
+      (option == "--consume-matched" ? o.consume_matched : o.with_validation) = true;
       continue;
     }
     if (const auto eq = option.find('='); eq != std::string::npos && option != "--set") {
@@ -294,6 +318,7 @@ deepcam::data::ReadBenchOptions parse_read(const std::vector<std::string>& args)
       if (k + 1 >= args.size()) throw UsageError{fmt::format("{} needs a value", option)};
       value = args[++k];
     }
+    if (option != "--set") once(seen, option);  // --set is repeatable
     if (option == "--set") {
       o.overrides.push_back(value);
     } else if (option == "--split") {
@@ -328,8 +353,10 @@ int run(const std::vector<std::string>& args, deepcam::PluginLoader& loader) {
     return 0;
   }
   const std::vector<std::string> rest(args.begin() + 1, args.end());
+  const bool known = command == "synth" || command == "stats" || command == "convert" || command == "verify" ||
+                     command == "read" || command == "package";
   for (const auto& a : rest)
-    if (a == "--help" || a == "-h") {
+    if ((a == "--help" || a == "-h") && known) {
       fmt::print("{}", kUsage);
       return 0;
     }

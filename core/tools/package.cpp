@@ -26,6 +26,7 @@
 #include "deepcam/error.hpp"
 #include "deepcam/json.hpp"
 #include "deepcam_build_config.h"
+#include "options.hpp"
 #include "stop_signals.hpp"
 #include "temporary_files.hpp"
 
@@ -67,10 +68,19 @@ struct Value {
   }
 };
 
+// A JSON string as the MLPerf log writes its strings (Python's json.dumps).
+std::string quoted(const std::string& s) { return Json(s).dump(); }
+
+// The MLPerf log is Python's json.dumps output, which writes NaN and
+// Infinity as bare words: read as numbers there. A system description is
+// JSON proper (Strict): those words, a number beyond a double, a key given
+// twice (which the checker's json.load would silently take the last of), a
+// lone UTF-16 surrogate and anything else outside the JSON grammar are errors.
 class Parser {
  public:
   static constexpr int kMostDepth = 256;
-  explicit Parser(std::string_view text) : s_(text) {}
+  enum class Mode { PythonLog, Strict };
+  explicit Parser(std::string_view text, Mode mode = Mode::PythonLog) : s_(text), strict_(mode == Mode::Strict) {}
 
   Value document() {
     Value v = value();
@@ -80,8 +90,9 @@ class Parser {
   }
 
  private:
-  [[noreturn]] void fail(const std::string& what) const {
-    throw Error(fmt::format("{} at character {}", what, pos_ + 1));
+  [[noreturn]] void fail(const std::string& what) const { fail_at(what, pos_); }
+  [[noreturn]] void fail_at(const std::string& what, std::size_t at) const {
+    throw Error(fmt::format("{} at character {}", what, at + 1));
   }
   void space() {
     while (pos_ < s_.size() && std::isspace(static_cast<unsigned char>(s_[pos_]))) ++pos_;
@@ -120,9 +131,12 @@ class Parser {
       ++pos_;
       v.kind = Value::Kind::Object;
       if (eat('}')) return v;
+      std::set<std::string> keys;
       do {
         space();
+        const std::size_t at = pos_;
         std::string key = string_text();
+        if (strict_ && !keys.insert(key).second) fail_at(fmt::format("key {} is given twice", Json(key).dump()), at);
         expect(':');
         v.members.emplace_back(std::move(key), value());
       } while (eat(','));
@@ -146,6 +160,7 @@ class Parser {
     } else if (const std::size_t from = pos_; word("NaN") || word("Infinity") || word("-Infinity")) {
       v.kind = Value::Kind::Number;  // Python's json.dumps writes these
       v.text = std::string(s_.substr(from, pos_ - from));
+      if (strict_) fail_at(fmt::format("{} is not JSON (Python writes it; JSON numbers are finite)", v.text), from);
       v.number = v.text == "NaN" ? std::nan("") : (v.text[0] == '-' ? -HUGE_VAL : HUGE_VAL);
     } else {
       const std::size_t start = pos_;
@@ -156,10 +171,69 @@ class Parser {
       v.kind = Value::Kind::Number;
       v.text = std::string(s_.substr(start, pos_ - start));
       char* end = nullptr;
+      errno = 0;
       v.number = std::strtod(v.text.c_str(), &end);
-      if (end != v.text.c_str() + v.text.size()) fail(fmt::format("malformed number '{}'", v.text));
+      if (end != v.text.c_str() + v.text.size() || (strict_ && !json_number(v.text)))
+        fail_at(fmt::format("malformed number '{}'", v.text), start);
+      if (strict_ && errno == ERANGE && std::isinf(v.number))
+        fail_at(fmt::format("number {} is beyond a double's range", v.text), start);
     }
     return v;
+  }
+
+  // JSON's grammar of a number: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?
+  static bool json_number(std::string_view t) {
+    std::size_t k = 0;
+    auto digits = [&] {
+      const std::size_t from = k;
+      while (k < t.size() && std::isdigit(static_cast<unsigned char>(t[k]))) ++k;
+      return k > from;
+    };
+    if (k < t.size() && t[k] == '-') ++k;
+    if (k < t.size() && t[k] == '0') ++k;
+    else if (!digits()) return false;
+    if (k < t.size() && t[k] == '.' && (++k, !digits())) return false;
+    if (k < t.size() && (t[k] == 'e' || t[k] == 'E')) {
+      ++k;
+      if (k < t.size() && (t[k] == '+' || t[k] == '-')) ++k;
+      if (!digits()) return false;
+    }
+    return k == t.size();
+  }
+
+  // The four hex digits of a \u escape at pos_ (after the "\u").
+  unsigned hex4() {
+    if (pos_ + 4 > s_.size()) fail_at("short \\u escape", pos_ - 2);
+    unsigned code = 0;
+    for (std::size_t k = pos_; k < pos_ + 4; ++k) {
+      const char h = s_[k];
+      const int digit = h >= '0' && h <= '9' ? h - '0'
+                        : h >= 'a' && h <= 'f' ? h - 'a' + 10
+                        : h >= 'A' && h <= 'F' ? h - 'A' + 10
+                                               : -1;
+      if (digit < 0) fail_at(fmt::format("bad \\u escape '\\u{}'", s_.substr(pos_, 4)), pos_ - 2);
+      code = code * 16 + static_cast<unsigned>(digit);
+    }
+    pos_ += 4;
+    return code;
+  }
+
+  static void append_utf8(std::string& out, unsigned code) {
+    if (code < 0x80) {
+      out += static_cast<char>(code);
+    } else if (code < 0x800) {
+      out += static_cast<char>(0xC0 | (code >> 6));
+      out += static_cast<char>(0x80 | (code & 0x3F));
+    } else if (code < 0x10000) {
+      out += static_cast<char>(0xE0 | (code >> 12));
+      out += static_cast<char>(0x80 | ((code >> 6) & 0x3F));
+      out += static_cast<char>(0x80 | (code & 0x3F));
+    } else {
+      out += static_cast<char>(0xF0 | (code >> 18));
+      out += static_cast<char>(0x80 | ((code >> 12) & 0x3F));
+      out += static_cast<char>(0x80 | ((code >> 6) & 0x3F));
+      out += static_cast<char>(0x80 | (code & 0x3F));
+    }
   }
 
   std::string string_text() {
@@ -169,34 +243,48 @@ class Parser {
     while (pos_ < s_.size() && s_[pos_] != '"') {
       char c = s_[pos_++];
       if (c != '\\') {
+        if (strict_ && static_cast<unsigned char>(c) < 0x20)
+          fail_at(fmt::format("control character {:#04x} in a string (JSON writes it escaped)",
+                              static_cast<unsigned char>(c)),
+                  pos_ - 1);
         out += c;
         continue;
       }
       if (pos_ >= s_.size()) break;
       c = s_[pos_++];
       switch (c) {
+        case '"': case '\\': case '/': out += c; break;
         case 'n': out += '\n'; break;
         case 't': out += '\t'; break;
         case 'r': out += '\r'; break;
         case 'b': out += '\b'; break;
         case 'f': out += '\f'; break;
         case 'u': {
-          if (pos_ + 4 > s_.size()) fail("short \\u escape");
-          const unsigned code = static_cast<unsigned>(std::stoul(std::string(s_.substr(pos_, 4)), nullptr, 16));
-          pos_ += 4;
-          if (code < 0x80) {
-            out += static_cast<char>(code);
-          } else if (code < 0x800) {
-            out += static_cast<char>(0xC0 | (code >> 6));
-            out += static_cast<char>(0x80 | (code & 0x3F));
-          } else {
-            out += static_cast<char>(0xE0 | (code >> 12));
-            out += static_cast<char>(0x80 | ((code >> 6) & 0x3F));
-            out += static_cast<char>(0x80 | (code & 0x3F));
+          // json.dumps writes a character beyond U+FFFF as a UTF-16 pair.
+          const std::size_t at = pos_ - 2;
+          unsigned code = hex4();
+          const bool high = code >= 0xD800 && code <= 0xDBFF, low = code >= 0xDC00 && code <= 0xDFFF;
+          if (high && s_.substr(pos_, 2) == "\\u") {
+            const std::size_t before = pos_;
+            pos_ += 2;
+            const unsigned next = hex4();
+            if (next >= 0xDC00 && next <= 0xDFFF) {
+              append_utf8(out, 0x10000 + ((code - 0xD800) << 10) + (next - 0xDC00));
+              break;
+            }
+            pos_ = before;
           }
+          if (high || low) {
+            // No character: an error in a system description; in a log
+            // (copied into the package byte for byte, its strings only
+            // compared) U+FFFD, as Python decodes it with errors="replace".
+            if (strict_) fail_at(fmt::format("a lone UTF-16 surrogate \\u{:04x} (no character)", code), at);
+            code = 0xFFFD;
+          }
+          append_utf8(out, code);
           break;
         }
-        default: out += c;
+        default: fail_at(fmt::format("bad escape '\\{}'", c), pos_ - 2);
       }
     }
     if (pos_ >= s_.size()) fail("unterminated string");
@@ -207,10 +295,8 @@ class Parser {
   std::string_view s_;
   std::size_t pos_ = 0;
   int depth_ = 0;
+  bool strict_ = false;
 };
-
-// A JSON string as the MLPerf log writes its strings (Python's json.dumps).
-std::string quoted(const std::string& s) { return Json(s).dump(); }
 
 std::string dump(const Value& v, int indent) {
   const std::string pad(static_cast<std::size_t>(indent + 4), ' '), end_pad(static_cast<std::size_t>(indent), ' ');
@@ -306,6 +392,10 @@ Run read_run(const fs::path& dir) {
     if (event.kind != Value::Kind::Object || !key || key->kind != Value::Kind::String || !time ||
         time->kind != Value::Kind::Number)
       throw Error(fmt::format("{}:{}: a log line needs \"key\" and \"time_ms\"", run.log.string(), number));
+    // A time that is no number would score as one (NaN, or an infinite time to train).
+    if (!std::isfinite(time->number))
+      throw Error(fmt::format("{}:{}: \"time_ms\" is {}, not a finite number of milliseconds", run.log.string(),
+                              number, python_float_repr(time->number)));
     const Value* value = event.find("value");
     run.first.emplace(key->text, value ? *value : Value{});
     if (key->text == "eval_accuracy" && value && value->kind == Value::Kind::Number && !std::isnan(value->number))
@@ -316,6 +406,10 @@ Run read_run(const fs::path& dir) {
     } else if (key->text == "run_stop" && !stopped) {
       stopped = true;
       run.run_stop_ms = time->number;
+      if (started && run.run_stop_ms < run.run_start_ms)
+        throw Error(fmt::format("{}:{}: run_stop's time_ms ({}) is before run_start's ({}): a time to train below zero",
+                                run.log.string(), number, python_float_repr(run.run_stop_ms),
+                                python_float_repr(run.run_start_ms)));
       const Value* meta = event.find("metadata");
       const Value* status = meta ? meta->find("status") : nullptr;
       run.stop_status = status && status->kind == Value::Kind::String ? status->text : "";
@@ -432,7 +526,11 @@ Value system_description(const PackageOptions& o, const Run& first, std::vector<
   if (!o.system_desc.empty()) {
     Value given;
     try {
-      given = Parser(read_text(o.system_desc)).document();
+      const std::string text = read_text(o.system_desc);
+      // Copied into systems/NAME.json, which the checker reads as UTF-8.
+      if (const std::string problem = utf8_problem(text); !problem.empty())
+        throw Error(fmt::format("not UTF-8 ({})", problem));
+      given = Parser(text, Parser::Mode::Strict).document();
     } catch (const Error& e) {
       throw Error(fmt::format("--system-desc {}: {}", o.system_desc.string(), e.what()));
     }
@@ -542,6 +640,13 @@ Throughput throughput_of(const std::vector<Run>& instances, const Run& tts) {
   return t;
 }
 
+// The last name of `path`, past any trailing '/': "pkg" of "pkg/", ".." of "new/..".
+std::string last_name(const fs::path& path) {
+  std::string text = path.string();
+  while (text.size() > 1 && text.back() == '/') text.pop_back();
+  return fs::path(text).filename().string();
+}
+
 bool valid_system_name(const std::string& s) {
   return !s.empty() && s != "." && s != ".." && std::all_of(s.begin(), s.end(), [](char c) {
     return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.' || c == '+';
@@ -552,7 +657,7 @@ bool valid_system_name(const std::string& s) {
 
 PackageOptions parse_package_args(const std::vector<std::string>& args, std::string& error) {
   PackageOptions o;
-  std::set<std::string> given;
+  OptionsSeen seen("package");
   bool throughput = false;  // the run folders after --throughput are its instances
   for (std::size_t k = 0; k < args.size(); ++k) {
     std::string option = args[k], value;
@@ -561,10 +666,7 @@ PackageOptions parse_package_args(const std::vector<std::string>& args, std::str
       continue;
     }
     if (option == "--throughput") {
-      if (throughput) {
-        error = "package: --throughput is given twice";
-        return o;
-      }
+      if (error = seen.again(option); !error.empty()) return o;
       throughput = true;
       continue;
     }
@@ -585,10 +687,7 @@ PackageOptions parse_package_args(const std::vector<std::string>& args, std::str
       error = fmt::format("package: unknown option {}", option);
       return o;
     }
-    if (!given.insert(option).second) {
-      error = fmt::format("package: {} is given twice", option);
-      return o;
-    }
+    if (error = seen.again(option); !error.empty()) return o;
     if (option == "--system") o.system = value;
     else if (option == "--out") o.out = value;
     else o.system_desc = value;
@@ -603,12 +702,19 @@ PackageOptions parse_package_args(const std::vector<std::string>& args, std::str
   else if (!valid_system_name(o.system))
     error = fmt::format("package: --system '{}': use letters, digits and _ - . + only (it names a file)", o.system);
   else if (o.out.empty()) error = "package: --out DIR is required";
+  else if (const std::string name = last_name(o.out); name == "." || name == "..")
+    // It names a folder that exists, by another name: the package would be
+    // written beside it and fail to be renamed into it.
+    error = fmt::format("package: --out {}: ends in '.' or '..'; name the package folder itself", o.out.string());
   return o;
 }
 
 int run_package(const PackageOptions& o) {
   std::error_code ec;
-  if (fs::exists(o.out, ec))
+  // The folder itself, as the rename at the end names it: "pkg/" is pkg.
+  fs::path out = fs::absolute(o.out).lexically_normal();
+  if (!out.has_filename()) out = out.parent_path();
+  if (fs::exists(fs::symlink_status(out, ec)))
     throw Error(fmt::format("--out {}: exists already; give a new folder (the package is written whole)",
                             o.out.string()));
   std::vector<Run> runs, instances;
@@ -639,7 +745,6 @@ int run_package(const PackageOptions& o) {
   const Value desc = system_description(o, first, empty_fields);
 
   // Everything goes into a temporary folder beside --out, renamed at the end.
-  const fs::path out = fs::absolute(o.out).lexically_normal();
   const fs::path parent = out.parent_path();
   fs::create_directories(parent);
   const fs::path temp = temporary_files::hidden_name(out);

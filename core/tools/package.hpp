@@ -36,7 +36,8 @@
 // and status), the host fields from this machine
 // (/proc/cpuinfo, /proc/meminfo, /etc/os-release), and what --system-desc
 // FILE (a JSON object of strings and numbers) gives, which wins. The tree is
-// written under a temporary name beside DIR and renamed; DIR must not exist.
+// written under a temporary name beside DIR and renamed; DIR must not exist
+// ("pkg/" is pkg; a DIR ending in "." or ".." is a bad command line).
 #pragma once
 
 #include <filesystem>

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <map>
 #include <random>
 #include <set>
 #include <system_error>
@@ -13,6 +14,7 @@
 #include "deepcam/h5.hpp"
 #include "parallel.hpp"
 #include "stats.hpp"
+#include "temporary_files.hpp"
 
 namespace deepcam::data {
 namespace fs = std::filesystem;
@@ -339,15 +341,43 @@ void make_directory(const fs::path& dir) {
   if (!fs::is_directory(dir, ec)) throw Error(fmt::format("{}: exists and is not a directory", dir.string()));
 }
 
-// A split directory holding samples this run does not write would mix two
-// data sets (and stats.h5 covers all of train/), so it is refused.
-void check_no_foreign_samples(const fs::path& dir, const std::set<std::string>& ours) {
+// The names in `dir`, sorted (a message names the same one each time);
+// the temporaries of writers, which synth removes or leaves to their live
+// writer, left out.
+std::vector<std::string> entries(const fs::path& dir) {
+  std::vector<std::string> names;
   std::error_code ec;
   for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
-    const std::string name = it->path().filename().string();
-    if (it->path().extension() == ".h5" && name[0] != '.' && !ours.count(name))
+    std::string name = it->path().filename().string();
+    if (!temporary_files::writer(name)) names.push_back(std::move(name));
+  }
+  if (ec) throw Error(fmt::format("{}: cannot list the directory: {}", dir.string(), ec.message()));
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+// --out is empty or holds what a stopped run of this same command left:
+// split folders of this run holding samples of this run, no stats.h5 (it is
+// written last). Anything else would mix into, or be mixed into, another
+// data set (stats.h5 covers all of train/; an in-place numpy form would
+// hold pairs of other samples), so it is refused before anything is written.
+void check_out(const fs::path& out, const std::map<std::string, std::set<std::string>>& ours) {
+  std::error_code ec;
+  if (!fs::is_directory(out, ec)) return;  // made below, or named by make_directory
+  const std::vector<std::string> names = entries(out);
+  if (std::find(names.begin(), names.end(), "stats.h5") != names.end())
+    throw Error(fmt::format("{}: holds stats.h5: a finished data set; use an empty --out directory (running synth "
+                            "again finishes only a run that was stopped, which leaves no stats.h5)",
+                            out.string()));
+  for (const std::string& name : names) {
+    const auto split = ours.find(name);
+    if (split == ours.end() || !fs::is_directory(out / name, ec))
       throw Error(fmt::format("{}: holds {}, which this run would not write; use an empty --out directory",
-                              dir.string(), name));
+                              out.string(), name));
+    for (const std::string& file : entries(out / name))
+      if (!split->second.count(file))
+        throw Error(fmt::format("{}: holds {}, which this run would not write; use an empty --out directory",
+                                (out / name).string(), file));
   }
 }
 
@@ -356,20 +386,22 @@ void check_no_foreign_samples(const fs::path& dir, const std::set<std::string>& 
 void run_synth(const SynthOptions& o) {
   const auto start = std::chrono::steady_clock::now();
   std::vector<Job> jobs;
+  std::map<std::string, std::set<std::string>> ours;  // per split folder, its samples
   std::uint64_t step = 0;
   for (auto [split, count] : {std::pair{Split::train, o.train}, std::pair{Split::validation, o.validation},
                               std::pair{Split::test, o.test}}) {
     if (count <= 0) continue;
-    const fs::path dir = o.out / split_name(split);
-    make_directory(dir);
-    remove_stale_temporaries(dir);
-    std::set<std::string> names;
+    std::set<std::string>& names = ours[split_name(split)];
     for (int k = 0; k < count; ++k) {
       const std::string name = sample_file_name(step++);
       names.insert(name);
-      jobs.push_back({split, static_cast<std::uint64_t>(k), dir / name});
+      jobs.push_back({split, static_cast<std::uint64_t>(k), o.out / split_name(split) / name});
     }
-    check_no_foreign_samples(dir, names);
+  }
+  check_out(o.out, ours);
+  for (const auto& [split, names] : ours) {
+    make_directory(o.out / split);
+    remove_stale_temporaries(o.out / split);
   }
 
   Progress progress("synth", jobs.size(), "samples", o.progress);

@@ -39,14 +39,19 @@ struct Item {
 
 struct Result {
   std::vector<std::string> problems;
-  std::string signature;       // shapes and dtypes, when both could be read
+  std::string shapes;          // what must agree across files, when both could be read
+  std::string signature;       // the shapes with the dtypes, for messages
   std::int64_t channels = -1;
 };
 
-std::string signature(const std::vector<std::int64_t>& data_shape, npy::DType data_dtype,
-                      const std::vector<std::int64_t>& label_shape, npy::DType label_dtype) {
-  return fmt::format("data {} {}, labels {} {}", shape_text(data_shape), npy::to_string(data_dtype),
-                     shape_text(label_shape), npy::to_string(label_dtype));
+// Only the shapes must agree (a batch stacks the samples): the readers
+// convert each file's stored types, and convert keeps each sample's label
+// dtype, so samples that differ only in dtype are a set training reads.
+void describe(Result& r, const std::vector<std::int64_t>& data_shape, npy::DType data_dtype,
+              const std::vector<std::int64_t>& label_shape, npy::DType label_dtype) {
+  r.shapes = fmt::format("data {}, labels {}", shape_text(data_shape), shape_text(label_shape));
+  r.signature = fmt::format("data {} {}, labels {} {}", shape_text(data_shape), npy::to_string(data_dtype),
+                            shape_text(label_shape), npy::to_string(label_dtype));
 }
 
 Result check_h5(const Item& item, const std::vector<ChannelScale>& scales) {
@@ -54,7 +59,7 @@ Result check_h5(const Item& item, const std::vector<ChannelScale>& scales) {
   const std::string path = item.data.string();
   try {
     const H5Sample sample(item.data);
-    r.signature = signature(sample.data_shape(), sample.data_dtype(), sample.label_shape(), sample.label_dtype());
+    describe(r, sample.data_shape(), sample.data_dtype(), sample.label_shape(), sample.label_dtype());
     r.channels = sample.data_shape()[2];
     std::vector<float> data;
     sample.read_data(data);
@@ -127,7 +132,7 @@ Result check_npy(const Item& item, const std::vector<ChannelScale>& scales) {
       r.problems.push_back(fmt::format("{}: out of memory reading it; run with fewer --threads", item.label.string()));
     }
   }
-  if (data_ok && label_ok) r.signature = signature(dh.shape, dh.dtype, lh.shape, lh.dtype);
+  if (data_ok && label_ok) describe(r, dh.shape, dh.dtype, lh.shape, lh.dtype);
   return r;
 }
 
@@ -194,9 +199,9 @@ std::vector<std::string> stats_problems(const fs::path& root, std::int64_t chann
 void run_verify(const VerifyOptions& o) {
   const auto start = std::chrono::steady_clock::now();
   std::error_code ec;
-  if (!fs::is_directory(o.root, ec))
-    throw Error(fmt::format("{}: no such directory; verify checks a data set root (train/, validation/, stats.h5)",
-                            o.root.string()));
+  if (const std::string problem = not_a_directory(o.root); !problem.empty())
+    throw Error(fmt::format("{}: {}; verify checks a data set root (train/, validation/, stats.h5)",
+                            o.root.string(), problem));
 
   std::vector<Item> items;
   std::vector<std::string> split_notes;
@@ -241,6 +246,9 @@ void run_verify(const VerifyOptions& o) {
     if (!npy.data.empty()) parts.push_back(fmt::format("{} npy samples", npy.data.size()));
     if (!parts.empty()) split_notes.push_back(fmt::format("{}: {}", split, fmt::join(parts, " and ")));
   }
+  // stats.h5's temporaries lie in the root (stats writes it there).
+  for (fs::directory_iterator it(o.root, ec), end; !ec && it != end; it.increment(ec))
+    if (temporary_files::writer(it->path().filename().string())) leftovers.push_back(it->path());
   if (items.empty() && !any_listed)
     throw Error(fmt::format("{}: no folder in it holds samples (*.h5, or data-*.npy and label-*.npy)",
                             o.root.string()));
@@ -256,24 +264,27 @@ void run_verify(const VerifyOptions& o) {
     progress.advance();
   });
 
-  // Agreement within each format: the most common signature is the norm.
+  // Agreement within each format: the most common shapes are the norm.
   std::int64_t channels = -1;
   for (const Format format : {Format::H5, Format::Npy}) {
     std::map<std::string, std::size_t> seen;
+    std::map<std::string, std::string> example;  // the first signature of each shapes
     for (std::size_t k = 0; k < items.size(); ++k)
-      if (items[k].format == format && !results[k].signature.empty()) ++seen[results[k].signature];
+      if (items[k].format == format && !results[k].shapes.empty()) {
+        ++seen[results[k].shapes];
+        example.emplace(results[k].shapes, results[k].signature);
+      }
     if (seen.empty()) continue;
     const auto norm = std::max_element(seen.begin(), seen.end(),
                                        [](const auto& a, const auto& b) { return a.second < b.second; });
     for (std::size_t k = 0; k < items.size(); ++k) {
-      if (items[k].format != format || results[k].signature.empty() || results[k].signature == norm->first)
-        continue;
+      if (items[k].format != format || results[k].shapes.empty() || results[k].shapes == norm->first) continue;
       results[k].problems.push_back(fmt::format("{}: {} differs from the {} other {} samples' {}",
                                                 items[k].data.string(), results[k].signature, norm->second,
-                                                format == Format::H5 ? "h5" : "npy", norm->first));
+                                                format == Format::H5 ? "h5" : "npy", example[norm->first]));
     }
     for (std::size_t k = 0; k < items.size(); ++k)
-      if (channels < 0 && items[k].format == format && results[k].signature == norm->first)
+      if (channels < 0 && items[k].format == format && results[k].shapes == norm->first)
         channels = results[k].channels;
   }
 

@@ -13,8 +13,9 @@
 // - every entry named like a sample is a file (not a FIFO, a directory, a
 //   link loop: the readers' listing), each data-X.npy has its label-X.npy
 //   and the other way round;
-// - shapes and dtypes agree across the files of a format (the most common
-//   combination is taken as right, the others are reported);
+// - shapes agree across the files of a format (the most common are taken
+//   as right, the others are reported); dtypes may differ from file to
+//   file, as the readers convert each file's own;
 // - ROOT/stats.h5 exists and holds count and, per channel, mean, sqmean,
 //   minval and maxval for the samples' channel count;
 // - no temporary file of an interrupted write (core/data/temporary_files.hpp,

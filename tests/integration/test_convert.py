@@ -379,6 +379,20 @@ def test_bad_command_lines_and_missing_inputs(deepcam_data, source, tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_a_source_or_stats_of_another_kind_is_called_what_it_is(deepcam_data, source, tmp_path):
+    # A file given as SRC was "no such directory", a folder named stats.h5 "no such file".
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    proc = run(deepcam_data, "convert", afile, tmp_path / "d")
+    one_line_error(proc, f"{afile}: a file, not a directory; convert reads a data set root")
+    src = fresh_copy(source, tmp_path)
+    (src / "stats.h5").unlink()
+    (src / "stats.h5").mkdir()
+    proc = run(deepcam_data, "convert", src, tmp_path / "d")
+    one_line_error(proc, f"{src / 'stats.h5'}: is a directory, not a file", "deepcam-data stats")
+    assert not (tmp_path / "d").exists()
+
+
 def test_convert_stopped_by_sigterm_leaves_whole_pairs_and_no_temporary(deepcam_data, tmp_path):
     # It used to die at once, leaving the temporaries of the files it was writing.
     src, dst = tmp_path / "src", tmp_path / "dst"

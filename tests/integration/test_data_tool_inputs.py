@@ -147,6 +147,28 @@ def test_convert_with_its_source_inside_an_output_split_is_refused(sets, tmp_pat
     assert sorted(dst.rglob("*.npy")) == [] and not (dst / "stats.h5").exists()
 
 
+def test_convert_with_an_output_split_linked_into_the_source_is_refused(sets, tmp_path):
+    # DST/train, a link to SRC/validation: the train pairs were written among the source's validation samples.
+    src = copy_of(sets["hdf5"], tmp_path)
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "train").symlink_to(src / "validation")
+    proc = data_tool("convert", src, dst)
+    line = error_line(proc, 2, f"the output {dst / 'train'} is {src / 'validation'}, inside the source {src}")
+    assert "see deepcam-data --help" in line
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
+    assert list(dst.iterdir()) == [dst / "train"]
+    # A split folder linked outside the source receives the pairs, as before.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (dst / "train").unlink()
+    (dst / "train").symlink_to(elsewhere)
+    ok(data_tool("convert", src, dst, "--quiet"))
+    assert len(list(elsewhere.glob("data-*.npy"))) == 3
+    ok(data_tool("verify", src))
+
+
 def test_convert_in_place_is_still_allowed(sets, tmp_path):
     src = copy_of(sets["hdf5"], tmp_path)
     ok(data_tool("convert", src, src, "--quiet"))
@@ -295,3 +317,50 @@ def test_training_names_a_huge_label_exactly(sets, tmp_path):
     np.save(label, labels)
     line = error_line(read_reader(tmp_path, npy_root, "npy"), 1, label, "holds 18446744073709551615;")
     assert "e+19" not in line
+
+
+# ---------------------------------------------------------------------------
+# 7. The command line: an option given twice, a flag given a value (exit 2).
+
+@pytest.mark.parametrize("args, option", [
+    (["synth", "--out", "a", "--out", "b"], "synth: --out"),
+    (["synth", "--out", "a", "--train", "1", "--train=3"], "synth: --train"),
+    (["synth", "--out", "a", "--quiet", "--quiet"], "synth: --quiet"),
+    (["stats", "s", "--progress-seconds", "5", "--progress-seconds", "1"], "stats: --progress-seconds"),
+    (["convert", "s", "d", "--threads", "2", "--threads", "3"], "convert: --threads"),
+    (["convert", "s", "d", "--verify", "--verify"], "convert: --verify"),
+    (["verify", "s", "--progress-seconds", "5", "--progress-seconds=1"], "verify: --progress-seconds"),
+    (["read", "run.toml", "--split", "train", "--split", "validation"], "read: --split"),
+    (["read", "run.toml", "--epochs", "3", "--epochs", "1"], "read: --epochs"),
+    (["read", "run.toml", "--consume-ms", "1", "--consume-ms", "2"], "read: --consume-ms"),
+    (["read", "run.toml", "--with-validation", "--with-validation"], "read: --with-validation"),
+    (["package", "r", "--system", "s", "--system", "t", "--out", "p"], "package: --system"),
+])
+def test_an_option_given_twice_is_a_bad_command_line(tmp_path, args, option):
+    # Each but package took the last one silently (synth --out a --out b wrote b).
+    proc = subprocess.run([str(DATA_TOOL), *args], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env=plugin_env())
+    line = error_line(proc, 2, f"{option} is given twice")
+    assert "see deepcam-data --help" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["verify", "s", "--quiet=1"], "verify: --quiet"),
+    (["synth", "--out", "a", "--quiet=yes"], "synth: --quiet"),
+    (["convert", "s", "d", "--verify=1"], "convert: --verify"),
+    (["read", "run.toml", "--with-validation=1"], "read: --with-validation"),
+    (["read", "run.toml", "--consume-matched=true"], "read: --consume-matched"),
+])
+def test_a_flag_given_a_value_is_refused_as_such(tmp_path, args, flag):
+    # verify --quiet=1 said "unknown option --quiet".
+    proc = subprocess.run([str(DATA_TOOL), *args], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env=plugin_env())
+    error_line(proc, 2, f"{flag} takes no value")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_set_of_read_is_still_repeatable(sets, tmp_path):
+    run = write_run(tmp_path / "run.toml", sets["hdf5"], tmp_path / "out")
+    proc = ok(data_tool("read", run, "--set", "run.train_batch_size=1", "--set", "reader.threads=1"))
+    assert '"batch_size": 1' in proc.stdout, proc.stdout

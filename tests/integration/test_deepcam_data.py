@@ -416,6 +416,51 @@ def test_synth_refuses_foreign_samples(deepcam_data, tmp_path):
     assert_one_line_error(proc, "data-1999-01-01-00-1.h5")
 
 
+def test_synth_refuses_an_out_that_holds_what_it_would_not_write(deepcam_data, dataset, tmp_path):
+    """synth into a split folder of a set (its samples beside train/ and stats.h5 there), or over a finished
+    set with another seed (the set's npy pairs then stale), wrote and exited 0."""
+    root = tmp_path / "set"
+    shutil.copytree(dataset, root)
+    (root / "notes.txt").write_text("x")
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    args = ["--train", 1, "--validation", 1, "--height", 16, "--width", 16]
+    proc = run(deepcam_data, "synth", "--out", root / "train", *args)
+    assert proc.returncode == 1
+    assert_one_line_error(proc, f"{root / 'train'}: holds data-2106-01-01-00-1.h5, which this run would not write; "
+                                "use an empty --out directory")
+    proc = run(deepcam_data, "synth", "--out", root, "--seed", 9, *args)
+    assert proc.returncode == 1
+    assert_one_line_error(proc, f"{root}: holds stats.h5: a finished data set;")
+    (root / "stats.h5").unlink()
+    proc = run(deepcam_data, "synth", "--out", root, *args)
+    assert_one_line_error(proc, f"{root}: holds notes.txt, which this run would not write")
+    del before[root / "stats.h5"]
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in (root / "train").iterdir()) == [p.name for p in sample_files(dataset, "train")]
+
+
+def test_synth_run_again_finishes_a_stopped_one(deepcam_data, tmp_path):
+    # What a stopped synth leaves (the samples finished before it, no stats.h5, which is written last) is
+    # finished by the same command, as the README says.
+    root = tmp_path / "set"
+    args = ["synth", "--out", root, "--train", 4, "--validation", 2, "--height", 16, "--width", 16, "--seed", 4]
+    run(deepcam_data, *args, check=True)
+    whole = {p.relative_to(root): p.read_bytes() for p in root.rglob("*.h5") if p.name != "stats.h5"}
+    (root / "stats.h5").unlink()
+    sample_files(root, "train")[3].unlink()
+    shutil.rmtree(root / "validation")
+    run(deepcam_data, *args, check=True)
+    assert {p.relative_to(root): p.read_bytes() for p in root.rglob("*.h5") if p.name != "stats.h5"} == whole
+    assert (root / "stats.h5").is_file()
+
+
+def test_an_unknown_command_is_refused_with_help_too(deepcam_data):
+    # It printed the help and exited 0, as if the command existed.
+    proc = run(deepcam_data, "read-bench", "--help")
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert_one_line_error(proc, "unknown command 'read-bench'")
+
+
 @pytest.mark.parametrize("args", [
     ["synth"],
     ["synth", "--out", "x", "--train", "0"],

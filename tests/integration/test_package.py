@@ -395,3 +395,128 @@ def test_fewer_than_five_throughput_instances_leave_no_throughput_score(runs, tm
     score = json.loads((tmp_path / "pkg" / "score.json").read_text())
     assert score["score_minutes"] is not None and score["throughput"]["time_to_train_all_minutes"] is None
     assert score["throughput"]["number_of_models"] == 4
+
+
+# ---------------------------------------------------------------------------
+# Inputs package must refuse, on run folders made without training: the lines
+# of an MLPerf log package reads, as deepcam-host writes them (json.dumps).
+
+def fake_run(folder, start_ms, minutes, seed):
+    """A finished run's folder: its mlperf.log (run_start at `start_ms`, run_stop `minutes` later, success at
+    IoU 0.85) and its config.toml. Returns the folder."""
+    folder.mkdir(parents=True)
+    stop_ms = start_ms + round(minutes * 60000)
+    events = [(start_ms, "submission_benchmark", "deepcam", {}), (start_ms, "submission_division", "open", {}),
+              (start_ms, "submission_org", "x", {}), (start_ms, "submission_status", "research", {}),
+              (start_ms, "submission_platform", "p", {}), (start_ms, "number_of_nodes", 1, {}),
+              (start_ms, "accelerators_per_node", 0, {}), (start_ms, "seed", seed, {}),
+              (start_ms, "run_start", None, {}), (stop_ms - 1, "eval_accuracy", 0.85, {"epoch_num": 1}),
+              (stop_ms, "run_stop", None, {"status": "success"})]
+    (folder / "mlperf.log").write_text("".join(
+        ":::MLLOG " + json.dumps({"namespace": "", "time_ms": t, "event_type": "POINT", "key": key, "value": value,
+                                  "metadata": meta}) + "\n" for t, key, value, meta in events))
+    (folder / "config.toml").write_text("[run]\n")
+    return folder
+
+
+@pytest.fixture
+def fake_runs(tmp_path):
+    return [fake_run(tmp_path / f"run-{n}", 1_000_000 + n, n, seed=n) for n in range(1, RUNS + 1)]
+
+
+def replace_in_log(run_dir, pattern, replacement):
+    """Edits the run's mlperf.log; returns the number of the (first) line changed."""
+    log = run_dir / "mlperf.log"
+    lines = log.read_text().splitlines(keepends=True)
+    changed = [n for n, line in enumerate(lines) if re.search(pattern, line)]
+    assert changed, pattern
+    lines[changed[0]] = re.sub(pattern, replacement, lines[changed[0]])
+    log.write_text("".join(lines))
+    return changed[0] + 1
+
+
+@pytest.mark.parametrize("key, pattern, replacement, cause", [
+    # run_stop 10 minutes before run_start: a time to train below zero, scored as -10 minutes
+    ("run_stop", r'"time_ms": \d+', '"time_ms": 400000', "run_stop's time_ms (400000.0) is before run_start's"),
+    # NaN and an overflowing number: a score of NaN or inf, written into score.json as no JSON holds it
+    ("run_start", r'"time_ms": \d+', '"time_ms": NaN', '"time_ms" is NaN, not a finite number of milliseconds'),
+    ("run_stop", r'"time_ms": \d+', '"time_ms": 1e999', '"time_ms" is Infinity, not a finite number of milliseconds'),
+])
+def test_a_time_that_is_no_time_to_train_is_refused_naming_the_line(fake_runs, tmp_path, key, pattern, replacement,
+                                                                   cause):
+    line = replace_in_log(fake_runs[1], pattern + rf'(?=, "event_type": "POINT", "key": "{key}")', replacement)
+    r = package(fake_runs, tmp_path / "pkg")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"deepcam-data: {fake_runs[1] / 'mlperf.log'}:{line}: {cause}" in r.stderr, r.stderr
+    assert not (tmp_path / "pkg").exists() and not list(tmp_path.glob(".pkg.tmp*"))
+
+
+def test_nan_and_infinity_values_in_a_log_are_still_read(fake_runs, tmp_path):
+    # json.dumps writes them, and the MLPerf checker reads them: values, not times.
+    replace_in_log(fake_runs[0], r'("key": "accelerators_per_node", "value": 0, "metadata": \{)\}',
+                   r'\g<1>"note": NaN, "other": -Infinity}')
+    with open(fake_runs[0] / "mlperf.log", "a") as log:
+        log.write(':::MLLOG {"namespace": "", "time_ms": 1, "event_type": "POINT", "key": "train_loss", '
+                  '"value": Infinity, "metadata": {}}\n')
+    r = package(fake_runs, tmp_path / "pkg")
+    assert r.returncode == 0, r.stdout + r.stderr
+    score = json.loads((tmp_path / "pkg" / "score.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert score["score_minutes"] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("text, cause", [
+    (b'{"host_memory_capacity": "1 TB", "host_memory_capacity": "2 TB"}',
+     'key "host_memory_capacity" is given twice at character 34'),
+    (b'{"host_processor_frequency": NaN}', "NaN is not JSON"),
+    (b'{"host_storage_capacity": Infinity}', "Infinity is not JSON"),
+    (b'{"host_storage_capacity": -Infinity}', "-Infinity is not JSON"),
+    (b'{"host_storage_capacity": 1e999}', "number 1e999 is beyond a double's range"),
+    (b'{"host_networking": "a\xffb"}', "not UTF-8 (byte 23 is 0xff)"),
+    (b'{"host_networking": "\\uZZZZ"}', "bad \\u escape '\\uZZZZ'"),
+    (b'{"host_networking": "\\u12"}', "bad \\u escape '\\u12\"}'"),
+    (b'{"host_networking": "\\ud83d and no pair"}', "a lone UTF-16 surrogate \\ud83d"),
+    (b'{"host_networking": "\\ude00"}', "a lone UTF-16 surrogate \\ude00"),
+    (b'{"host_networking": "\\q"}', "bad escape '\\q'"),
+    (b'{"host_networking": 012}', "malformed number '012'"),
+])
+def test_a_system_desc_that_is_not_strict_json_is_refused(fake_runs, tmp_path, text, cause):
+    """A duplicate key silently took the last value, NaN and Infinity were written into systems/NAME.json
+    (which no JSON parser then reads), invalid UTF-8 became U+FFFD, and '\\uZZZZ' was an internal error."""
+    desc = tmp_path / "desc.json"
+    desc.write_bytes(text)
+    r = package(fake_runs, tmp_path / "pkg", "s", "--system-desc", desc)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"deepcam-data: --system-desc {desc}: {cause}" in r.stderr, r.stderr
+    assert not (tmp_path / "pkg").exists() and not list(tmp_path.glob(".pkg.tmp*"))
+
+
+def test_system_desc_characters_beyond_the_bmp_are_decoded(fake_runs, tmp_path):
+    # json.dumps writes a character beyond U+FFFF as a surrogate pair.
+    fields = {"host_networking": "fabric \U0001F680 ü", "cooling": "a\u00e9\u20ac"}
+    desc = tmp_path / "desc.json"
+    desc.write_text(json.dumps(fields))
+    assert "\\ud83d\\ude80" in desc.read_text()
+    r = package(fake_runs, tmp_path / "pkg", "s", "--system-desc", desc)
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = json.loads((tmp_path / "pkg" / "systems" / "s.json").read_bytes().decode("utf-8"))
+    assert {k: got[k] for k in fields} == fields
+
+
+def test_out_is_normalised_before_anything_is_done(fake_runs, tmp_path):
+    """`--out pkg/` did all the work and failed renaming its temporary into pkg/ (inside it), leaving an empty
+    pkg; `--out new/..` (the current folder) the same, leaving nothing but the work lost."""
+    r = subprocess.run([str(DATA_TOOL), "package", *map(str, fake_runs), "--system", "s", "--out", "pkg/"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads((tmp_path / "pkg" / "score.json").read_text())["score_minutes"] == pytest.approx(3.0)
+    assert not list(tmp_path.glob(".*")) and not list((tmp_path / "pkg").glob(".*"))
+    r = package(fake_runs, f"{tmp_path / 'pkg'}/")
+    assert r.returncode == 1 and f"--out {tmp_path / 'pkg'}/: exists already" in r.stderr, r.stderr
+    before = sorted(tmp_path.rglob("*"))
+    # (strings: pathlib drops a '.')
+    for out in (f"{tmp_path}/new/..", f"{tmp_path}/new/.", f"{tmp_path}/.", "."):
+        r = package(fake_runs, out)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert f"deepcam-data: package: --out {out}: ends in '.' or '..'; name the package folder itself" in \
+            r.stderr, r.stderr
+        assert r.stdout == "" and sorted(tmp_path.rglob("*")) == before

@@ -148,9 +148,8 @@ def test_values(deepcam_data, good_sets, tmp_path):
         (datas[0], "NaN at (row 3, column 7, channel 2) and 1 more non-finite values"),
         (datas[1], "Inf at (row 0, column 1, channel 15)"),
         (labels[2], "value 3 at (row 1, column 5) and 1 more labels outside them"),
-        (labels[3], "element (4, 4) is 0.5, which is not a whole number"),
-        # float32 labels differ from the others' int32
-        (data_of(labels[3]), "labels (32, 48) float32 differs from the 6 other npy samples'", "int32"))
+        # float32 labels are read as the readers read them (whole numbers): their dtype is no problem
+        (labels[3], "element (4, 4) is 0.5, which is not a whole number"))
 
 
 def data_of(label):
@@ -169,6 +168,30 @@ def test_shapes_must_agree(deepcam_data, good_sets, tmp_path):
     bad(deepcam_data, root, (data, "data (32, 40, 16) float32", "differs from the 5 other npy samples'",
                              "data (32, 48, 16) float32"),
         (other_label, "has shape (30, 48)", "must be (height, width) of the data"))
+
+
+def test_samples_storing_other_dtypes_pass_as_the_readers_read_them(deepcam_data, good_sets, tmp_path):
+    """The readers convert each file's stored types; verify refused a set whose samples differ only in them,
+    and with it the numpy form convert writes of such a set (each pair keeps its sample's label dtype)."""
+    root = copy_of(good_sets[0], tmp_path)
+    files = sorted(root.glob("train/data-*.h5"))
+    for path, data_dtype, label_dtype in ((files[0], "<f4", "u1"), (files[1], ">f8", ">i2")):
+        with h5py.File(path, "r") as f:
+            data, labels = f["climate/data"][...], f["climate/labels_0"][...]
+        with h5py.File(path, "w") as f:
+            f["climate/data"] = data.astype(data_dtype)
+            f["climate/labels_0"] = labels.astype(label_dtype)
+    ok(run(deepcam_data, "verify", root))
+    npy_set = tmp_path / "npy"
+    ok(run(deepcam_data, "convert", root, npy_set))
+    assert np.load(npy_set / "train" / ("label-" + files[0].name[len("data-"):-3] + ".npy")).dtype == np.uint8
+    ok(run(deepcam_data, "verify", npy_set))
+    # Shapes still must agree: a batch stacks the samples.
+    label = sorted(npy_set.glob("train/label-*.npy"))[2]
+    np.save(label, np.load(label)[:, :40])
+    np.save(data_of(label), np.load(data_of(label))[:, :40])
+    bad(deepcam_data, npy_set, (data_of(label), "data (32, 40, 16) float32, labels (32, 40) int32 differs from the 6 "
+                                                "other npy samples'", "data (32, 48, 16) float32"))
 
 
 def test_stats(deepcam_data, good_sets, tmp_path):
@@ -254,11 +277,28 @@ def test_command_line(deepcam_data, tmp_path):
     assert proc.returncode == 1 and "no folder in it holds samples" in proc.stderr
 
 
+def test_a_root_that_is_a_file_is_not_called_missing(deepcam_data, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    proc = run(deepcam_data, "verify", afile)
+    assert proc.returncode == 1
+    assert f"deepcam-data: {afile}: a file, not a directory; verify checks a data set root" in proc.stderr, \
+        proc.stderr
+
+
 def test_leftover_temporaries(deepcam_data, good_sets, tmp_path):
     # What a writer killed mid-file leaves (npy::write and the HDF5 writer).
     root = copy_of(good_sets[1], tmp_path)
     leftover = root / "train" / ".data-2106-01-01-00-1.npy.tmp4242-0"
     leftover.write_bytes(b"\x93NUMPY partial")
+    bad(deepcam_data, root, (leftover, "temporary file left by an interrupted write"))
+
+
+def test_a_leftover_temporary_of_stats_is_listed_too(deepcam_data, good_sets, tmp_path):
+    # verify listed those of the split folders only; stats writes stats.h5's beside it, in the root.
+    root = copy_of(good_sets[0], tmp_path)
+    leftover = root / ".stats.h5.tmp4242-0"
+    leftover.write_bytes(b"partial")
     bad(deepcam_data, root, (leftover, "temporary file left by an interrupted write"))
 
 
