@@ -1431,23 +1431,32 @@ std::string command_mode(const EngineOptions& opts) {
 // every rank, naming the first keys that differ. Compared before anything
 // else is exchanged (as seed = "auto"'s draw), so that no other collective
 // can meet a rank that is not in it.
+// Every rank's `text`, in rank order: two all-gathers (the lengths, then
+// the bytes padded to the longest).
+std::vector<std::string> all_gather_text(Communicator& comm, const std::string& text) {
+  const at::Tensor lengths =
+      comm.world().all_gather(at::tensor({static_cast<std::int64_t>(text.size())}, at::kLong)).reshape({-1});
+  const std::int64_t longest = lengths.max().item<std::int64_t>();
+  if (longest == 0) return std::vector<std::string>(static_cast<std::size_t>(comm.size()));
+  at::Tensor bytes = at::zeros({longest}, at::kByte);
+  std::memcpy(bytes.data_ptr<std::uint8_t>(), text.data(), text.size());
+  const at::Tensor all = comm.world().all_gather(bytes);
+  std::vector<std::string> texts;
+  for (int r = 0; r < comm.size(); ++r) {
+    texts.emplace_back(reinterpret_cast<const char*>(all[r].data_ptr<std::uint8_t>()),
+                       static_cast<std::size_t>(lengths[r].item<std::int64_t>()));
+  }
+  return texts;
+}
+
 void require_same_configuration(const RunConfig& cfg, const EngineOptions& opts, Communicator& comm) {
   if (comm.size() == 1) return;
   auto values = run_defining_values(cfg.resolved);
   values["[command line] mode"] = command_mode(opts);
   std::string mine;
   for (const auto& [key, value] : values) mine += key + " = " + value + "\n";
-  const at::Tensor lengths =
-      comm.world().all_gather(at::tensor({static_cast<std::int64_t>(mine.size())}, at::kLong)).reshape({-1});
-  const std::int64_t longest = lengths.max().item<std::int64_t>();
-  at::Tensor bytes = at::zeros({longest}, at::kByte);
-  std::memcpy(bytes.data_ptr<std::uint8_t>(), mine.data(), mine.size());
-  const at::Tensor all = comm.world().all_gather(bytes);
-  auto text_of = [&](int r) {
-    return std::string(reinterpret_cast<const char*>(all[r].data_ptr<std::uint8_t>()),
-                       static_cast<std::size_t>(lengths[r].item<std::int64_t>()));
-  };
-  const std::string first = text_of(0);
+  const std::vector<std::string> texts = all_gather_text(comm, mine);
+  const std::string& first = texts.front();
   std::vector<std::string> differences;
   auto parse = [](const std::string& text) {
     std::map<std::string, std::string> out;
@@ -1460,7 +1469,7 @@ void require_same_configuration(const RunConfig& cfg, const EngineOptions& opts,
   };
   const auto rank0 = parse(first);
   for (int r = 1; r < comm.size() && differences.size() < 4; ++r) {
-    const std::string text = text_of(r);
+    const std::string& text = texts[static_cast<std::size_t>(r)];
     if (text == first) continue;
     const auto other = parse(text);
     std::set<std::string> keys;
@@ -1703,16 +1712,10 @@ void agree_on_rank0_refusal(Communicator& comm, const std::function<void()>& che
     }
   }
   if (comm.size() == 1) return;
-  const at::Tensor length = comm.world().all_gather(at::tensor({static_cast<std::int64_t>(refusal.size())}, at::kLong));
-  const std::int64_t bytes = length.reshape({-1})[0].item<std::int64_t>();
-  if (bytes == 0) return;
-  at::Tensor text = at::zeros({bytes}, at::kByte);
-  std::memcpy(text.data_ptr<std::uint8_t>(), refusal.data(), refusal.size());
-  const at::Tensor all = comm.world().all_gather(text);
+  const std::string rank0 = all_gather_text(comm, refusal).front();
+  if (rank0.empty()) return;
   if (error) std::rethrow_exception(error);
-  throw Error(fmt::format("rank 0 refused the run: {}",
-                          std::string(reinterpret_cast<const char*>(all[0].data_ptr<std::uint8_t>()),
-                                      static_cast<std::size_t>(bytes))));
+  throw Error(fmt::format("rank 0 refused the run: {}", rank0));
 }
 
 }  // namespace
