@@ -79,10 +79,8 @@ void remove_stale_temporaries(const fs::path& dir) {
 
 std::vector<fs::path> training_files(const fs::path& root) {
   const fs::path dir = root / "train";
-  std::error_code ec;
-  if (!fs::is_directory(dir, ec))
-    throw Error(fmt::format("{}: no such directory; a data set root holds train/, validation/ and stats.h5",
-                            dir.string()));
+  if (const std::string problem = not_a_directory(dir); !problem.empty())
+    throw Error(fmt::format("{}: {}; a data set root holds train/, validation/ and stats.h5", dir.string(), problem));
   // The readers' listing: an entry that is not a file is an error naming it.
   std::vector<fs::path> files;
   for (const std::string& file : list_sample_files(dir.string(), "", ".h5")) files.emplace_back(file);

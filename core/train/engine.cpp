@@ -1497,6 +1497,12 @@ bool is_checkpoint_name(const std::string& name) {
   return std::regex_match(name, checkpoint);
 }
 
+// The resolved configuration beside the log: --evaluate in a training
+// run's folder keeps that run's config.toml.
+fs::path config_path(const fs::path& out_dir, bool evaluating) {
+  return out_dir / (evaluating ? "evaluate-config.toml" : "config.toml");
+}
+
 // The MLPerf log's name: [mlperf] log_file, relative to the output folder;
 // --evaluate writes "evaluate-<name>" beside it.
 fs::path log_path(const RunConfig& cfg, const fs::path& out_dir, bool evaluating) {
@@ -1618,7 +1624,7 @@ bool check_outputs(const RunConfig& cfg, const fs::path& out_dir, const fs::path
   }
   // The record is renamed over its files once run_start is logged: a device
   // or pipe there would be replaced by a regular file.
-  const fs::path config_file = out_dir / (evaluating ? "evaluate-config.toml" : "config.toml");
+  const fs::path config_file = config_path(out_dir, evaluating);
   struct Output {
     fs::path path;
     std::string key, what, instead;
@@ -1805,8 +1811,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
     }
     remove_stale_temporaries(out_dir);
     const bool continues = check_outputs(cfg, out_dir, log_file, evaluating);
-    // --evaluate in a training run's folder keeps that run's config.toml.
-    const fs::path config_file = out_dir / (evaluating ? "evaluate-config.toml" : "config.toml");
+    const fs::path config_file = config_path(out_dir, evaluating);
     // The evaluation's record names the checkpoint it scored: its config's
     // [run] resume is the run file's, not that file.
     const std::string resolved =

@@ -313,6 +313,14 @@ def test_stats_without_train_dir_fails(deepcam_data, tmp_path):
     assert_one_line_error(proc, "nothing")
 
 
+def test_stats_calls_a_train_that_is_a_file_one(deepcam_data, tmp_path):
+    # As verify and convert call a root that is a file: "no such directory" sent the user looking for it.
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "train").write_text("not a folder")
+    proc = run(deepcam_data, "stats", tmp_path / "set")
+    assert_one_line_error(proc, f"{tmp_path / 'set' / 'train'}: a file, not a directory")
+
+
 def test_synth_to_unwritable_path_fails_cleanly(deepcam_data, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
