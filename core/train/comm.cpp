@@ -1,6 +1,7 @@
 #include "comm.hpp"
 
 #include <ATen/ATen.h>
+#include <c10/util/Logging.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
@@ -621,6 +622,21 @@ void Communicator::Impl::lost(const std::string& what) {
                              first_line(what)));
 }
 
+namespace {
+
+// c10d logs a warning with a C++ backtrace whenever a call to a store or a
+// peer fails; on many ranks that is how a lost rank shows itself, and this
+// engine names the rank and stops in a message of its own. So c10's log
+// shows errors only, unless the user chose a level (TORCH_CPP_LOG_LEVEL).
+void quiet_c10_warnings() {
+  if (std::getenv("TORCH_CPP_LOG_LEVEL") != nullptr) return;
+  constexpr int kErrorsOnly = 2;  // c10's levels: INFO 0, WARNING 1, ERROR 2
+  FLAGS_caffe2_log_level = std::max(FLAGS_caffe2_log_level, kErrorsOnly);
+  c10::UpdateLoggingLevelsFromFlags();
+}
+
+}  // namespace
+
 Communicator::Communicator(const RankLayout& layout, const CommOptions& options)
     : impl_(std::make_unique<Impl>()) {
   impl_->layout = layout;
@@ -636,6 +652,7 @@ Communicator::Communicator(const RankLayout& layout, const CommOptions& options)
     impl_->node = std::make_unique<ProcessGroupGroup>(*impl_, nullptr, 0, 1);
     return;
   }
+  quiet_c10_warnings();
   impl_->interval = std::clamp(options.timeout / 10, std::chrono::milliseconds(100), std::chrono::milliseconds(5000));
   try {
     impl_->meet();

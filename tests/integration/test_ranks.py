@@ -763,3 +763,29 @@ def test_train_samples_is_every_file_not_a_multiple_of_the_ranks(closed_run):
     assert log_value(lines, "eval_samples") == 4
     # Each rank trains on 4 samples: 2 steps of 2.
     assert [l["metadata"]["step_num"] for l in lines if l["key"] == "epoch_stop"] == [2]
+
+
+@pytest.mark.parametrize("level", [None, "WARNING"], ids=["default", "asked"])
+def test_a_killed_store_host_stops_the_other_naming_it_without_a_backtrace(tmp_path, data, ranks, level):
+    """Rank 0 holds the rendezvous store: killed, rank 1's next call to the store fails. c10d printed its
+    own warning with a C++ backtrace before deepcam-host's message; a user who asks for c10's warnings
+    (TORCH_CPP_LOG_LEVEL) still gets them."""
+    run = long_run(tmp_path, data, tmp_path / "out")
+    extra = {} if level is None else {"TORCH_CPP_LOG_LEVEL": level}
+    port = free_port()
+    rank0 = ranks.start([HOST, run], torchrun_env(0, 2, port, **extra), "rank0")
+    rank1 = ranks.start([HOST, run], torchrun_env(1, 2, port, **extra), "rank1")
+    deadline = time.monotonic() + 60
+    while not re.search(r"^epoch \d+ step", ranks.stderr("rank0"), re.M):
+        assert time.monotonic() < deadline and rank0.poll() is None, ranks.stderr("rank0")[-3000:]
+        time.sleep(0.2)
+    os.kill(rank0.pid, signal.SIGKILL)
+    try:
+        status = rank1.wait(timeout=4 * KILL_TIMEOUT + 60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"rank 1 still running after rank 0 died:\n{ranks.stderr('rank1')[-3000:]}")
+    stderr = ranks.stderr("rank1")
+    assert status == 5, stderr[-3000:]
+    assert re.search(r"^deepcam-host: rank 1: lost rank 0\b", stderr, re.M), stderr[-3000:]
+    backtrace = "Exception raised from" in stderr or "frame #" in stderr
+    assert backtrace == (level is not None), stderr[-3000:]
