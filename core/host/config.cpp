@@ -757,6 +757,14 @@ RunConfig load_config(const std::vector<std::string>& files, const std::vector<s
     }
   }
   cfg.mlperf = checker.check(root.get_as<toml::table>("mlperf"), schema_of(kMlperfSpecs), location("mlperf"), {});
+  // The MLPerf checker fails a log whose submission_org or
+  // submission_platform is empty: refused before a run that would be for nothing.
+  for (const char* key : {"org", "platform"}) {
+    if (cfg.mlperf.string(key).empty()) {
+      throw Error(fmt::format("{}: empty; the MLPerf checker fails a log whose submission_{} is empty", cfg.mlperf.where(key),
+                              key));
+    }
+  }
 
   const PluginKind kinds[] = {PluginKind::Reader, PluginKind::Model, PluginKind::Optimizer,
                               PluginKind::Scheduler};

@@ -22,6 +22,7 @@
 #include <exception>
 #include <filesystem>
 #include <functional>
+#include <limits>
 #include <fstream>
 #include <map>
 #include <numeric>
@@ -1194,8 +1195,11 @@ class Engine {
     if (t.samples == 0) throw Error(fmt::format("{}: no validation samples", cfg_.data.string("root")));
     t.score_sum = std::get<0>(all.select(1, 0).sort()).sum().item<double>();
     t.loss_sum = std::get<0>(all.select(1, 1).sort()).sum().item<double>();
-    const double accuracy = t.score_sum / static_cast<double>(t.samples);
     const double loss = t.loss_sum / static_cast<double>(t.samples);
+    // The IoU of non-finite logits (their argmax) is no score: NaN in the
+    // log, which no checker counts as reaching the target.
+    const double accuracy = std::isfinite(loss) ? t.score_sum / static_cast<double>(t.samples)
+                                                : std::numeric_limits<double>::quiet_NaN();
     log_.event("eval_accuracy", Json(accuracy), md);
     log_.event("eval_loss", Json(loss), md);
     log_.end("eval_stop", Json(), md);

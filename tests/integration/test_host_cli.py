@@ -141,6 +141,19 @@ def test_set_items_in_utf8_and_with_tabs_are_taken(tmp_path, data):
     assert r.returncode == 2 and "--set optimizer.lr=0:" in r.stderr and "UTF-8" not in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("key", ["org", "platform"])
+def test_an_empty_org_or_platform_is_refused_before_training(tmp_path, data, key):
+    """The run trained to its target and exited 0, and its log then failed the MLPerf checker
+    (submission_org and submission_platform must not be empty)."""
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out)
+    r = run_host(run, "--set", f'mlperf.{key}=""')
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f'--set mlperf.{key}="": empty; the MLPerf checker fails a log whose submission_{key} is empty' in r.stderr, \
+        r.stderr[-3000:]
+    assert not out.exists()
+
+
 def refused(tmp_path, data, library, kind="optimizer"):
     out = tmp_path / "out"
     run = write_run(tmp_path / "run.toml", data, out, **{kind: {"library": str(library)}})

@@ -3,6 +3,7 @@ against the official checker, checkpoints against PyTorch's torch.load and
 torch.save, --evaluate, resume, and refused bad data."""
 
 import json
+import math
 import re
 import shutil
 import tomllib
@@ -161,6 +162,9 @@ def test_evaluate_of_weights_that_give_a_nan_loss_is_no_score(tmp_path, short_ru
     assert (f"--evaluate {tmp_path / 'huge.pt'}: the validation loss is NaN: this checkpoint's weights give "
             "non-finite logits") in r.stderr, r.stderr[-3000:]
     assert not [l for l in r.stdout.splitlines() if l.startswith("eval_")], r.stdout[-2000:]  # the score lines
+    # The log's eval_accuracy was the IoU of the NaN logits' argmax, beside eval_loss NaN.
+    logged = {l["key"]: l["value"] for l in read_events(tmp_path / "eval" / "evaluate-mlperf.log")}
+    assert math.isnan(logged["eval_accuracy"]) and math.isnan(logged["eval_loss"]), logged
 
 
 def test_evaluate_in_a_training_runs_folder_keeps_its_record(tmp_path, short_run, data):
