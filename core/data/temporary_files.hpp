@@ -34,9 +34,12 @@ DEEPCAM_API bool alive(long pid);
 // The temporary files in `dir` (not below it, and not a folder such as a
 // package's) whose writer is gone. Only for a writer that runs alone:
 // another rank's process on another node has a pid this one cannot see.
+// The caller removes those whose target it writes: a folder may hold files
+// of other programs that look like temporaries.
 struct Stale {
   std::filesystem::path path;
-  long writer;  // its pid
+  long writer;         // its pid
+  std::string target;  // the file name it would have been renamed to
 };
 DEEPCAM_API std::vector<Stale> stale(const std::filesystem::path& dir);
 

@@ -352,7 +352,8 @@ class Engine {
   // Whether run_stop is in the log (a failure after it adds no second one).
   bool run_stopped() const { return run_stopped_; }
 
-  void build(bool with_optimizer) {
+  // `splits`: what the run reads (ReaderContext::splits).
+  void build(bool with_optimizer, const std::vector<Split>& splits) {
     const Params& run = cfg_.run;
     // Only training captures its step (--evaluate and --predict do not).
     cuda_graphs_ = with_optimizer && run.boolean("cuda_graphs");
@@ -395,6 +396,7 @@ class Engine {
     rc.local_rank = comm_.local_rank();
     rc.local_size = comm_.local_size();
     rc.node_group = comm_.size() > 1 ? &comm_.node() : nullptr;
+    rc.splits = splits;
     c_.reader = build_reader(cfg_, rc);
 
     bn_group_size_ = std::min<std::int64_t>(run.integer("batchnorm_group_size"), comm_.size());
@@ -651,18 +653,26 @@ class Engine {
       if (device_.is_cuda()) synchronize_device();
       if (s >= kWarmup) times.push_back(seconds_since(t0));
     }
-    // A benchmark of NaNs measures nothing.
+    // A benchmark of NaNs measures nothing: a diverged run, as in training.
     const auto [code, value] = divergence_.record();
     if (code >= 0) {
-      throw Error(fmt::format("--benchmark: training diverged on the synthetic batch at step {} ({}); lower "
-                              "[optimizer] lr",
-                              static_cast<std::int64_t>(code) / 2 + 1, python_float_repr(value)));
+      if (comm_.rank() == 0) {
+        std::fprintf(stderr,
+                     "deepcam-host: --benchmark: training diverged on the synthetic batch at step %lld (%s), so "
+                     "nothing was measured; lower [optimizer] lr\n",
+                     static_cast<long long>(code) / 2 + 1, python_float_repr(value).c_str());
+      }
+      return kDivergedStatus;
     }
     const double total = std::accumulate(times.begin(), times.end(), 0.0);
     std::vector<double> sorted = times;
     std::sort(sorted.begin(), sorted.end());
+    // Interpolated between the two nearest steps, as numpy.percentile's default.
     auto percentile = [&](double q) {
-      return sorted[std::min(sorted.size() - 1, static_cast<std::size_t>(q * static_cast<double>(sorted.size())))];
+      const double at = q * static_cast<double>(sorted.size() - 1);
+      const std::size_t below = static_cast<std::size_t>(at);
+      const std::size_t above = std::min(below + 1, sorted.size() - 1);
+      return sorted[below] + (at - static_cast<double>(below)) * (sorted[above] - sorted[below]);
     };
     comm_.world().barrier();
     if (comm_.rank() == 0) {
@@ -688,7 +698,9 @@ class Engine {
   }
 
   // --predict: the validation samples' predictions as .npy and pictures.
-  int write_predictions(const std::string& checkpoint, const fs::path& out, std::int64_t max_samples) {
+  // `before_writing` runs once, before the first file is written.
+  int write_predictions(const std::string& checkpoint, const fs::path& out, std::int64_t max_samples,
+                        const std::function<void()>& before_writing) {
     // TMQ (integrated water vapour) is channel 0 of the CAM5 files, as in
     // the reference data set's variable list; the picture is drawn over it.
     const std::vector<std::int64_t>& channels = cfg_.data.integers("channels");
@@ -720,6 +732,18 @@ class Engine {
       // A reader may hand its batches over on the device (prefetch on CUDA).
       const at::Tensor labels = batch.labels.to(at::kCPU).contiguous();
       for (std::int64_t i = 0; i < predicted.size(0) && (max_samples == 0 || written < max_samples); ++i) {
+        // As --evaluate: non-finite logits (a diverged or damaged
+        // checkpoint) predict nothing; their argmax would be class 0.
+        if (!at::isfinite(logits[i]).all().item<bool>()) {
+          std::fprintf(stderr,
+                       "deepcam-host: --predict %s: the logits of validation sample %lld are not finite: this "
+                       "checkpoint's weights give non-finite logits (a diverged or damaged checkpoint), so it "
+                       "predicts nothing; wrote the predictions of the %lld samples before it to %s\n",
+                       checkpoint.c_str(), static_cast<long long>(written), static_cast<long long>(written),
+                       out.string().c_str());
+          return kDivergedStatus;
+        }
+        if (written == 0) before_writing();
         const std::int64_t height = predicted.size(1), width = predicted.size(2);
         const fs::path stem = out / fmt::format("sample-{:06d}", written);
         npy::write(stem.string() + ".npy", npy::DType::UInt8, {height, width}, predicted[i].data_ptr<std::uint8_t>());
@@ -1558,15 +1582,16 @@ bool is_prediction_name(const std::string& name) {
 
 // An earlier --predict's files in `out` would mix with this one's (another
 // checkpoint, fewer samples) with nothing to tell them apart: refused, or
-// removed with [run] overwrite = true.
-void clear_earlier_predictions(const RunConfig& cfg, const fs::path& out) {
+// with [run] overwrite = true their names, to be removed before this run
+// writes its first (remove_earlier_predictions).
+std::vector<std::string> earlier_predictions(const RunConfig& cfg, const fs::path& out) {
   std::vector<std::string> earlier;
   std::error_code ec;
   for (fs::directory_iterator it(out, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
     if (is_prediction_name(name)) earlier.push_back(name);
   }
-  if (earlier.empty()) return;
+  if (earlier.empty()) return earlier;
   std::sort(earlier.begin(), earlier.end());
   if (!cfg.run.boolean("overwrite")) {
     const std::string more = earlier.size() > 1 ? fmt::format(" and {} more", earlier.size() - 1) : "";
@@ -1574,6 +1599,12 @@ void clear_earlier_predictions(const RunConfig& cfg, const fs::path& out) {
                             "with; choose another --out, or set [run] overwrite = true to remove them",
                             out.string(), earlier.front(), more));
   }
+  return earlier;
+}
+
+void remove_earlier_predictions(const RunConfig& cfg, const fs::path& out, const std::vector<std::string>& earlier) {
+  if (earlier.empty()) return;
+  std::error_code ec;
   for (const std::string& name : earlier) {
     fs::remove(out / name, ec);
     if (ec) {
@@ -1587,9 +1618,11 @@ void clear_earlier_predictions(const RunConfig& cfg, const fs::path& out) {
 
 // What a run killed while writing leaves (temporary_files.hpp: a checkpoint,
 // a --predict picture or .npy file, the run's record before run_start) is
-// removed when its writer is gone; a live one may still be writing.
-void remove_stale_temporaries(const fs::path& dir) {
+// removed when its writer is gone; a live one may still be writing. Only the
+// temporaries of names that `ours` accepts: the folder may be the user's.
+void remove_stale_temporaries(const fs::path& dir, const std::function<bool(const std::string&)>& ours) {
   for (const temporary_files::Stale& left : temporary_files::stale(dir)) {
+    if (!ours(left.target)) continue;
     const fs::path& p = left.path;
     std::error_code rm;
     fs::remove(p, rm);
@@ -1604,8 +1637,11 @@ void remove_stale_temporaries(const fs::path& dir) {
 // is taken by a folder, and the record of an earlier run (its log,
 // checkpoints) is not overwritten unless [run] overwrite = true or this run
 // resumes from one of its checkpoints. True when it does: this run continues
-// the one whose record is there.
-bool check_outputs(const RunConfig& cfg, const fs::path& out_dir, const fs::path& log, bool evaluating) {
+// the one whose record is there. The earlier files that [run] overwrite =
+// true replaces are added to `to_remove`, for the run to remove as it starts:
+// one that fails before (a resume file, a plugin refused) leaves them.
+bool check_outputs(const RunConfig& cfg, const fs::path& out_dir, const fs::path& log, bool evaluating,
+                   std::vector<fs::path>& to_remove) {
   std::error_code ec;
   const std::string dir_key = cfg.run.where("output_dir");
   {
@@ -1682,19 +1718,19 @@ bool check_outputs(const RunConfig& cfg, const fs::path& out_dir, const fs::path
                               "one, choose another output_dir, or set [run] overwrite = true to remove them",
                               cfg.run.where("resume"), out_dir.string(), resumed, fmt::join(later, ", ")));
     }
-    for (const std::string& name : later) remove_earlier_file(cfg, out_dir / name);
+    for (const std::string& name : later) to_remove.push_back(out_dir / name);
     return true;
   }
   if (overwrite) {
     // Replaced as a whole: no checkpoint or kept record of the earlier run
     // stays beside this run's log (the log and config.toml are replaced as
     // it starts).
-    for (const std::string& name : earlier) remove_earlier_file(cfg, out_dir / name);
+    for (const std::string& name : earlier) to_remove.push_back(out_dir / name);
     for (int n = 1;; ++n) {
       const fs::path kept[] = {numbered(out_dir / "config.toml", n), numbered(log, n)};
       if (!fs::exists(kept[0], ec) && !fs::exists(kept[1], ec)) break;
       for (const fs::path& path : kept) {
-        if (fs::exists(path, ec)) remove_earlier_file(cfg, path);
+        if (fs::exists(path, ec)) to_remove.push_back(path);
       }
     }
     return false;
@@ -1751,7 +1787,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
     // No log, no config, no checkpoint: the JSON line is the result.
     MlperfLog no_log(nullptr, false);
     Engine engine(cfg, no_log, comm);
-    engine.build(/*with_optimizer=*/true);
+    engine.build(/*with_optimizer=*/true, /*splits=*/{});
     const int status = engine.benchmark(opts.benchmark_steps);
     comm.finish();
     return status;
@@ -1763,15 +1799,19 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
       throw Error("--predict runs on one rank: start it without --nproc or a launcher's ranks");
     }
     std::error_code ec;
+    std::vector<std::string> earlier;
     if (fs::is_directory(opts.predict_out, ec)) {
-      remove_stale_temporaries(opts.predict_out);
-      clear_earlier_predictions(cfg, opts.predict_out);
+      remove_stale_temporaries(opts.predict_out, is_prediction_name);
+      earlier = earlier_predictions(cfg, opts.predict_out);
     }
     MlperfLog no_log(nullptr, false);
     const StopSignals signals;
     Engine engine(cfg, no_log, comm);
-    engine.build(/*with_optimizer=*/false);
-    const int status = engine.write_predictions(opts.predict_checkpoint, opts.predict_out, opts.predict_samples);
+    engine.build(/*with_optimizer=*/false, {Split::Validation});
+    // The earlier files go only once this run has a prediction to write:
+    // a checkpoint or setting refused leaves them as they were.
+    const int status = engine.write_predictions(opts.predict_checkpoint, opts.predict_out, opts.predict_samples,
+                                                [&] { remove_earlier_predictions(cfg, opts.predict_out, earlier); });
     comm.finish();
     return status;
   }
@@ -1793,6 +1833,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
     }
   } cleanup;
   std::unique_ptr<RunRecord> record;
+  std::vector<fs::path> earlier_files;  // removed as the run starts ([run] overwrite)
   // Rank 0's checks and its record: a refusal is every rank's at once (the
   // others would learn it as a lost store, after a backtrace of c10d's).
   agree_on_rank0_refusal(comm, [&] {
@@ -1813,8 +1854,18 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
       throw Error(
           fmt::format("{}: cannot create {}: {}", cfg.run.where("output_dir"), out_dir.string(), ec.message()));
     }
-    remove_stale_temporaries(out_dir);
-    const bool continues = check_outputs(cfg, out_dir, log_file, evaluating);
+    // The temporaries of this folder's run records and checkpoints, of a
+    // training run or an evaluation.
+    remove_stale_temporaries(out_dir, [&](const std::string& name) {
+      for (const bool evaluation : {false, true}) {
+        if (name == config_path(out_dir, evaluation).filename().string() ||
+            name == log_path(cfg, out_dir, evaluation).filename().string()) {
+          return true;
+        }
+      }
+      return is_checkpoint_name(name);
+    });
+    const bool continues = check_outputs(cfg, out_dir, log_file, evaluating, earlier_files);
     const fs::path config_file = config_path(out_dir, evaluating);
     // The evaluation's record names the checkpoint it scored: its config's
     // [run] resume is the run file's, not that file.
@@ -1831,7 +1882,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   Engine engine(cfg, log, comm);
   if (evaluating) {
     const StopSignals signals;
-    engine.build(/*with_optimizer=*/false);
+    engine.build(/*with_optimizer=*/false, {Split::Validation});
     const int status = engine.evaluate(opts.evaluate_checkpoint);
     comm.finish();
     if (record) record->keep();
@@ -1841,6 +1892,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   const auto t0 = Clock::now();
   const StopSignals signals;
   engine.on_run_start([&] {
+    for (const fs::path& path : earlier_files) remove_earlier_file(cfg, path);
     if (record) record->keep();
   });
   log.event("submission_benchmark", Json("deepcam"));
@@ -1856,7 +1908,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   log.event("number_of_nodes", Json(comm.nodes()));
   // One GPU per rank: the most ranks on one node.
   log.event("accelerators_per_node", Json(cfg.run.string("device") == "cuda" ? comm.max_local_size() : 0));
-  engine.build(/*with_optimizer=*/true);
+  engine.build(/*with_optimizer=*/true, {Split::Train, Split::Validation});
   int status = 0;
   try {
     status = engine.train();

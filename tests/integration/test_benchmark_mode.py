@@ -3,6 +3,8 @@ line, no files written."""
 
 import json
 
+import pytest
+
 from helpers import run_host, synth, write_run
 
 
@@ -44,3 +46,26 @@ def test_benchmark_needs_a_positive_number_and_not_evaluate(tmp_path):
         assert r.returncode == 2 and f"--benchmark {n}: expected a number of steps in 1..1000000000" in r.stderr
     r = run_host(run, "--benchmark", 3, "--evaluate", tmp_path / "x.pt")
     assert r.returncode == 2 and "give one of them" in r.stderr
+
+
+def test_benchmark_percentiles_interpolate_as_numpy(tmp_path):
+    """p50 and p90 were the step times at index floor(q n): with 2 steps both were the slower one. As
+    numpy.percentile, the median of two steps is their mean, which samples_per_s also gives."""
+    data = synth(tmp_path / "data", train=2, validation=1)
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run={"train_batch_size": 2, "threads": 1})
+    r = run_host(run, "--benchmark", 2)
+    assert r.returncode == 0, r.stderr
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    mean_ms = 1000 * 2 / line["samples_per_s"]
+    assert line["step_ms_p50"] == pytest.approx(mean_ms, rel=1e-9), line
+    assert line["step_ms_p50"] <= line["step_ms_p90"]
+
+
+def test_a_diverged_benchmark_exits_as_a_diverged_run(tmp_path):
+    """Status 4, as training's divergence; it was 2, bad input."""
+    data = synth(tmp_path / "data", train=2, validation=1)
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run={"train_batch_size": 2, "threads": 1})
+    r = run_host(run, "--benchmark", 2, "--set", "optimizer.lr=1e30")
+    assert r.returncode == 4, r.stderr[-3000:]
+    assert "--benchmark: training diverged on the synthetic batch at step" in r.stderr, r.stderr[-3000:]
+    assert r.stdout.strip() == "" or not r.stdout.strip().splitlines()[-1].startswith("{"), r.stdout

@@ -526,6 +526,29 @@ def test_resuming_in_the_runs_folder_before_its_later_checkpoints_is_refused_unl
     assert (out / "mlperf.log.1").read_bytes() == before["mlperf.log"]
 
 
+@pytest.mark.parametrize("resume_from", ["elsewhere", "epoch1"])
+def test_overwrite_removes_the_earlier_files_only_once_the_run_starts(tmp_path, data, resume_from):
+    """[run] overwrite = true removed the earlier run's checkpoints and kept records before the resume file
+    and the plugins were read: a run refused there left the folder without them."""
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out, run={**ODD, "max_epochs": 2, "checkpoint_every": 1})
+    assert run_host(run).returncode == 1
+    r = run_host(run, "--set", "run.max_epochs=3", "--set", f"run.resume={out / 'checkpoint-epoch2.pt'}")
+    assert r.returncode == 1, r.stderr
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"checkpoint-epoch1.pt", "checkpoint-epoch3.pt", "mlperf.log.1"} <= set(before), sorted(before)
+    if resume_from == "elsewhere":
+        junk = tmp_path / "junk.pt"
+        junk.write_bytes(b"not a checkpoint")
+        refused = ["--set", f"run.resume={junk}"]
+    else:  # in the folder, with later checkpoints, and a model the checkpoint does not fit
+        refused = ["--set", f"run.resume={out / 'checkpoint-epoch1.pt'}", "--set", "model.width=0.125"]
+    r = run_host(run, "--set", "run.overwrite=true", "--set", "run.max_epochs=4", *refused)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "removed" not in r.stderr, r.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_a_resume_whose_optimizer_settings_differ_from_the_checkpoints_is_refused(tmp_path, data, trained):
     """The resume takes them from the checkpoint (as PyTorch's load_state_dict); the log and config.toml used to
     record the run file's, silently not the ones in effect."""

@@ -166,7 +166,7 @@ def refused(tmp_path, data, library, kind="optimizer"):
 def test_plugin_for_another_abi_is_refused_with_both_versions(tmp_path, data):
     lib = FIXTURES / "libdeepcam_optimizer_foreignabi.so"
     msg = refused(tmp_path, data, lib)
-    assert str(lib) in msg and "built for plugin ABI 1, this host has plugin ABI 5" in msg
+    assert str(lib) in msg and "built for plugin ABI 1, this host has plugin ABI 6" in msg
 
 
 def test_plugin_built_against_another_libtorch_is_refused(tmp_path, data):

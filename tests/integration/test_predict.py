@@ -3,6 +3,7 @@
 rivers over TMQ, with a legend, as PNG."""
 
 import numpy as np
+import torch
 import h5py
 import pytest
 from PIL import Image
@@ -159,3 +160,54 @@ def test_predict_refusals_name_what_is_missing(trained, tmp_path):
     r = run_host(no_tmq, "--predict", ckpt, "--out", tmp_path / "y")
     assert r.returncode == 2
     assert "[data] channels" in r.stderr and "TMQ, channel 0" in r.stderr
+
+
+def test_a_checkpoint_with_non_finite_logits_predicts_nothing(trained, tmp_path):
+    """As --evaluate, which gives such a checkpoint no score (status 4): its argmax was written as class 0
+    everywhere, with status 0, and an earlier --predict's files were removed for it."""
+    _, _, run, ckpt = trained
+    state = torch.load(ckpt, weights_only=True)
+    for name in [k for k, v in state["model"].items() if v.dim() == 4][:3]:
+        state["model"][name] *= 1e30
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    out = tmp_path / "pred"
+    assert run_host(run, "--predict", ckpt, "--out", out, "--samples", 1).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = run_host(run, "--predict", bad, "--out", out, "--set", "run.overwrite=true")
+    assert r.returncode == 4, r.stderr[-3000:]
+    assert (f"--predict {bad}: the logits of validation sample 0 are not finite" in r.stderr and
+            "wrote the predictions of the 0 samples before it" in r.stderr), r.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_overwrite_removes_earlier_predictions_only_once_the_checkpoint_is_read(trained, tmp_path):
+    """With [run] overwrite = true the earlier files were removed first, and a checkpoint then refused left
+    the folder empty."""
+    _, _, run, ckpt = trained
+    out = tmp_path / "pred"
+    assert run_host(run, "--predict", ckpt, "--out", out, "--samples", 1).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    r = run_host(run, "--predict", junk, "--out", out, "--set", "run.overwrite=true")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "removed" not in r.stderr and str(junk) in r.stderr, r.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_files_of_other_programs_that_look_like_temporaries_are_left(trained, tmp_path):
+    """--out may be any folder of the user's: only the temporaries of prediction names are this tool's."""
+    _, _, run, ckpt = trained
+    out = tmp_path / "mine"
+    out.mkdir()
+    gone = 2 ** 22 + 12345
+    theirs = [out / f"thesis.tmp-{gone}", out / f".profile.tmp{gone}", out / f"checkpoint-epoch1.pt.tmp-{gone}"]
+    for f in theirs:
+        f.write_text("keep me")
+    ours = out / f".sample-000000.npy.tmp{gone}-3"
+    ours.write_bytes(b"half")
+    r = run_host(run, "--predict", ckpt, "--out", out, "--samples", 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all(f.read_text() == "keep me" for f in theirs)
+    assert not ours.exists() and f"removed {ours}" in r.stderr

@@ -53,3 +53,27 @@ def test_a_refused_staged_sample_names_the_users_file(tmp_path, h5_set, source, 
     assert lines[0].startswith(f"deepcam-host: {bad} (staged copy {stage}/deepcam-stage-"), lines[0]
     assert f"/train/{bad.name}): {dataset} at (10, 20, 3) holds nan" in lines[0], lines[0]
     assert list(stage.iterdir()) == [], "the staged copies are removed after the error"
+
+
+def test_benchmark_stages_nothing_and_evaluate_and_predict_only_validation(tmp_path, h5_set):
+    """--benchmark only asks for the sample shape, --evaluate and --predict read validation only: all three
+    copied the rank's whole training shard first (terabytes for a full set in /dev/shm)."""
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    run = write_run(tmp_path / "run.toml", h5_set, tmp_path / "out", run={"max_epochs": 1, "target_iou": 1.0},
+                    reader={"name": "prefetch", "depth": 2, "threads": 2, "stage_dir": str(stage)},
+                    **{"reader.source": {"name": "hdf5", "threads": 1}})
+    r = run_host(run, "--quiet")
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "deepcam-host: staged 6 files" in r.stderr, r.stderr[-3000:]  # 4 training and 2 validation samples
+    ckpt = tmp_path / "out" / "checkpoint-epoch1.pt"
+    r = run_host(run, "--benchmark", 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "staged" not in r.stderr, r.stderr[-3000:]
+    r = run_host(run, "--evaluate", ckpt, "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "deepcam-host: staged 2 files" in r.stderr, r.stderr[-3000:]
+    r = run_host(run, "--predict", ckpt, "--out", tmp_path / "pred")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "deepcam-host: staged 2 files" in r.stderr, r.stderr[-3000:]
+    assert list(stage.iterdir()) == []

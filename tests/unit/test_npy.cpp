@@ -470,6 +470,13 @@ TEST_CASE("temporary names: each writer's form is known with its pid, other name
   REQUIRE(found.size() == 1);
   CHECK(found[0].path == dead);
   CHECK(found[0].writer == long(gone));
+  CHECK(found[0].target == "data-y.npy");
+  const fs::path visible = dir.path / fmt::format("mlperf.log.partial-{}", gone);
+  std::ofstream(visible) << "x";
+  fs::remove(dead);
+  const std::vector<tf::Stale> partial = tf::stale(dir.path);
+  REQUIRE(partial.size() == 1);
+  CHECK(partial[0].target == "mlperf.log");
   CHECK(tf::alive(::getpid()));
   CHECK(!tf::alive(gone));
 }

@@ -50,6 +50,11 @@ struct ReaderContext {
   // transposes nothing either. Any layout stays correct: the engine
   // converts what it gets.
   std::string memory_format = "contiguous";
+  // The splits this run reads (plugin ABI 6): training reads both;
+  // --evaluate and --predict read validation only; --benchmark reads none
+  // (it asks only for sample_shape()). A reader that prepares samples ahead
+  // (staging, reading ahead) prepares only these.
+  std::vector<Split> splits = {Split::Train, Split::Validation};
 };
 
 struct Batch {

@@ -248,6 +248,10 @@ struct PrefetchReader::Impl {
   // Whether the node's ranks share one staging directory: shuffle_mode
   // "node" (every rank of a node may read the whole node's shard) with more
   // than one rank on the node. Otherwise each rank stages for itself.
+  bool reads(Split s) const {
+    return std::find(context.splits.begin(), context.splits.end(), s) != context.splits.end();
+  }
+
   bool shares_staging() const {
     return options.shuffle_mode == ShuffleMode::Node && context.node_group != nullptr &&
            context.node_group->size() > 1;
@@ -286,6 +290,7 @@ struct PrefetchReader::Impl {
     const std::pair<Split, std::vector<std::int64_t>> plan[] = {{Split::Train, sharding->reach()},
                                                                 {Split::Validation, validation_order}};
     for (const auto& [s, indices] : plan) {
+      if (!reads(s)) continue;
       std::vector<std::vector<std::string>> groups;
       for (std::int64_t i : indices) groups.push_back(source->sample_files(s, i));
       auto copies = staging->copy_all(groups, to_string(s), options.threads);
@@ -330,7 +335,7 @@ struct PrefetchReader::Impl {
     auto node_rank = [&](std::size_t r) {
       return fmt::format("node rank {} (rank {})", r, context.rank - context.local_rank + static_cast<int>(r));
     };
-    const std::vector<std::int64_t> train = sharding->reach();
+    const std::vector<std::int64_t> train = reads(Split::Train) ? sharding->reach() : std::vector<std::int64_t>{};
     std::vector<std::vector<std::string>> train_files, validation_files;
     std::exception_ptr error;
     // After an exchange: the same decision on every rank.
@@ -356,7 +361,9 @@ struct PrefetchReader::Impl {
         train_files.push_back(source->sample_files(Split::Train, i));
         for (const auto& f : train_files.back()) sum = checksum(f.c_str(), f.size() + 1, sum);
       }
-      for (std::int64_t i : validation_order) validation_files.push_back(source->sample_files(Split::Validation, i));
+      if (reads(Split::Validation)) {
+        for (std::int64_t i : validation_order) validation_files.push_back(source->sample_files(Split::Validation, i));
+      }
       plan.a = sum;
       if (me == 0) {
         staging = StagingArea::create_shared(options.stage_dir, where, options.stage_release_wait);
@@ -631,7 +638,7 @@ PrefetchReader::PrefetchReader(const ReaderContext& context, const PrefetchOptio
     m.hwc_source = files;
   }
   m.validation_order = validation_indices(m.source->sample_count(Split::Validation), context.rank, context.world_size);
-  if (!options.stage_dir.empty()) m.stage();
+  if (!options.stage_dir.empty() && !m.context.splits.empty()) m.stage();
   m.slots.resize(static_cast<std::size_t>(m.window + m.extra));
   try {
     for (int t = 0; t < options.threads; ++t) m.workers.emplace_back([&m] { m.work(); });
@@ -689,6 +696,9 @@ void PrefetchReader::start_epoch(Split split, std::int64_t epoch) {
   std::vector<std::pair<Split, std::int64_t>> expected;
   if (split == Split::Train) expected = {{Split::Validation, 0}, {Split::Train, epoch + 1}};
   else expected = {{Split::Train, m.last_train_epoch + 1}};
+  // A run that reads one split (--evaluate, --predict) reads no other ahead.
+  expected.erase(std::remove_if(expected.begin(), expected.end(), [&](const auto& e) { return !m.reads(e.first); }),
+                 expected.end());
   std::vector<std::unique_ptr<Stream>> kept;
   int held = 0;
   for (const auto& [s, e] : expected) {

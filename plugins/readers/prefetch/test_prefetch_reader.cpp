@@ -792,6 +792,38 @@ TEST_CASE("the next epochs are read ahead within depth more buffers, and found r
   CHECK(buffers.size() > static_cast<std::size_t>(depth + 2));
 }
 
+TEST_CASE("a run that reads validation only stages and reads ahead nothing of training; one that reads none stages "
+          "nothing") {
+  TempDir data, stage;
+  ReaderContext ctx = context(2, 2);
+  ctx.splits = {Split::Validation};  // --evaluate, --predict
+  auto o = options(3, 2);
+  o.stage_dir = stage.path.string();
+  {
+    auto source = std::make_unique<FakeSource>(data.path, 9, 4, ctx);
+    FakeSource* fake = source.get();
+    PrefetchReader r(ctx, o, std::move(source));
+    const std::string staged_dir = r.staging_dir();
+    std::set<std::string> copies;
+    for (const auto& entry : fs::recursive_directory_iterator(staged_dir)) {
+      if (entry.is_regular_file()) copies.insert(entry.path().filename().string());
+    }
+    std::set<std::string> validation;
+    for (std::int64_t i = 0; i < fake->sample_count(Split::Validation); ++i) {
+      validation.insert(fs::path(fake->sample_files(Split::Validation, i).at(0)).filename().string());
+    }
+    CHECK(copies == validation);
+    FakeSource reference(data.path, 9, 4, ctx);
+    CHECK(same(drain(r, Split::Validation, 0), drain(reference, Split::Validation, 0)));
+    settle(*fake);
+    CHECK(fake->reads_.load() == 4);  // no training epoch read ahead
+  }
+  ctx.splits = {};  // --benchmark
+  PrefetchReader none(ctx, o, std::make_unique<FakeSource>(data.path, 9, 4, ctx));
+  CHECK(none.staging_dir().empty());
+  CHECK(none.sample_shape() == std::vector<std::int64_t>{kC, kH, kW});
+}
+
 TEST_CASE("a failure read ahead is reported only if its epoch is begun, at its batch") {
   TempDir dir;
   const auto ctx = context(2, 2);
