@@ -378,6 +378,7 @@ Run read_run(const fs::path& dir) {
   std::istringstream lines(read_text(run.log));
   std::string line;
   bool started = false, stopped = false;
+  std::optional<double> first_epoch;
   for (int number = 1; std::getline(lines, line); ++number) {
     const std::size_t at = line.find(kMarker);
     if (at == std::string::npos) continue;
@@ -400,6 +401,18 @@ Run read_run(const fs::path& dir) {
     run.first.emplace(key->text, value ? *value : Value{});
     if (key->text == "eval_accuracy" && value && value->kind == Value::Kind::Number && !std::isnan(value->number))
       run.best_eval = std::max(run.best_eval.value_or(value->number), value->number);
+    if (key->text == "epoch_start" && !first_epoch) {
+      const Value* meta = event.find("metadata");
+      const Value* num = meta ? meta->find("epoch_num") : nullptr;
+      first_epoch = num && num->kind == Value::Kind::Number ? num->number : 0.0;
+      // deepcam-host's log of a resumed run begins at the epoch it resumes:
+      // its run_start to run_stop leaves out the epochs before.
+      if (*first_epoch != 1.0) {
+        throw Error(fmt::format("{}:{}: the first epoch_start has epoch_num {}: a resumed run, whose time to train "
+                                "leaves out the epochs before its resume; package runs trained from the start",
+                                run.log.string(), number, python_float_repr(*first_epoch)));
+      }
+    }
     if (key->text == "run_start" && !started) {
       started = true;
       run.run_start_ms = time->number;

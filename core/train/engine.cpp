@@ -563,7 +563,7 @@ class Engine {
     while (epoch < max_epochs && !reached) {
       const std::int64_t epoch_num = epoch + 1;
       comm_.world().barrier();
-      log_.start("epoch_start", Json(), {{"epoch_num", Json(epoch_num)}});
+      log_.start("epoch_start", Json(), {{"epoch_num", Json(epoch_num)}, {"step_num", Json(step)}});
       std::optional<Divergence> diverged;
       int stop_signal = 0;
       step = train_epoch(epoch, step, diverged, stop_signal);

@@ -410,7 +410,8 @@ def fake_run(folder, start_ms, minutes, seed):
               (start_ms, "submission_org", "x", {}), (start_ms, "submission_status", "research", {}),
               (start_ms, "submission_platform", "p", {}), (start_ms, "number_of_nodes", 1, {}),
               (start_ms, "accelerators_per_node", 0, {}), (start_ms, "seed", seed, {}),
-              (start_ms, "run_start", None, {}), (stop_ms - 1, "eval_accuracy", 0.85, {"epoch_num": 1}),
+              (start_ms, "run_start", None, {}), (start_ms, "epoch_start", None, {"epoch_num": 1, "step_num": 0}),
+              (stop_ms - 1, "eval_accuracy", 0.85, {"epoch_num": 1}),
               (stop_ms, "run_stop", None, {"status": "success"})]
     (folder / "mlperf.log").write_text("".join(
         ":::MLLOG " + json.dumps({"namespace": "", "time_ms": t, "event_type": "POINT", "key": key, "value": value,
@@ -449,6 +450,17 @@ def test_a_time_that_is_no_time_to_train_is_refused_naming_the_line(fake_runs, t
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"deepcam-data: {fake_runs[1] / 'mlperf.log'}:{line}: {cause}" in r.stderr, r.stderr
     assert not (tmp_path / "pkg").exists() and not list(tmp_path.glob(".pkg.tmp*"))
+
+
+def test_a_resumed_runs_log_is_refused_naming_its_first_epoch(fake_runs, tmp_path):
+    """A resumed run's log begins at the epoch it resumes (README, Checkpoints): its run_start to run_stop
+    left out the epochs before, and it was scored as a whole run."""
+    line = replace_in_log(fake_runs[2], r'"epoch_num": 1, "step_num": 0', '"epoch_num": 4, "step_num": 96')
+    r = package(fake_runs, tmp_path / "pkg")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert (f"deepcam-data: {fake_runs[2] / 'mlperf.log'}:{line}: the first epoch_start has epoch_num 4.0: a resumed "
+            "run, whose time to train leaves out the epochs before its resume") in r.stderr, r.stderr
+    assert not (tmp_path / "pkg").exists()
 
 
 def test_nan_and_infinity_values_in_a_log_are_still_read(fake_runs, tmp_path):

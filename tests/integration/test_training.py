@@ -64,6 +64,8 @@ def test_log_has_every_key_in_spec_order(short_run):
     assert by_key["opt_betas"]["value"] == [0.9, 0.999]
     epochs = [l["metadata"]["epoch_num"] for l in lines if l["key"] == "epoch_start"]
     assert epochs == [1, 2]
+    # The step each epoch starts at, as the reference's epoch_start says.
+    assert [l["metadata"]["step_num"] for l in lines if l["key"] == "epoch_start"] == [0, 4]
     # Four steps per epoch, logged every 2 steps and at the end of the epoch.
     steps = [l["metadata"]["step_num"] for l in lines if l["key"] == "train_loss"]
     assert steps == [2, 4, 4, 6, 8, 8]
