@@ -8,6 +8,7 @@
 #include <ATen/core/Dict.h>
 #include <ATen/core/ivalue.h>
 
+#include <cstdint>
 #include <cmath>
 #include <limits>
 #include <map>
@@ -116,7 +117,16 @@ class Fields {
         fail(fmt::format("'{}' is a tensor of shape [{}] and dtype {}, expected an integer or a 0-d integer tensor",
                          field, fmt::join(t.sizes(), ", "), c10::toString(t.scalar_type())));
       }
-      n = t.item<std::int64_t>();
+      if (t.scalar_type() == at::kUInt64) {
+        // Above int64's range it is out of every field's range too.
+        const std::uint64_t u = t.item().toUInt64();
+        if (u > static_cast<std::uint64_t>(most)) {
+          fail(fmt::format("'{}' is {}, expected an integer in 0..{}", field, u, most));
+        }
+        n = static_cast<std::int64_t>(u);
+      } else {
+        n = t.item<std::int64_t>();
+      }
     } else {
       fail(fmt::format("'{}' is a {}, expected a non-negative integer", field, v.tagKind()));
     }

@@ -119,6 +119,9 @@ BAD_FIELDS = {
     "text_epoch": (set_to("epoch", "one"), "'epoch' is a String, expected a non-negative integer"),
     "vector_step": (set_to("step", torch.tensor([3, 4])), "'step' is a tensor of shape [2] and dtype Long"),
     "float_tensor_step": (set_to("step", torch.tensor(3.0)), "'step' is a tensor of shape [] and dtype Float"),
+    # Above int64's range: LibTorch's conversion failed as an internal error (exit 3), naming no field.
+    "uint64_step": (set_to("step", torch.tensor(2 ** 63 + 5, dtype=torch.uint64)),
+                    f"'step' is {2 ** 63 + 5}, expected an integer in 0.."),
     "step_below_epoch": (set_to("epoch", 7), "'step' is 3 but 'epoch' is 7"),
     # Resumed at epoch 0, step 0 (or the epoch at 0) with the optimizer's state continuing.
     "no_step_nor_epoch": (lambda c: (c.pop("step"), c.pop("epoch")),
