@@ -12,13 +12,19 @@ panels. It also prints one line per
 run: steps, epochs, final train loss, best eval IoU, time to train.
 
 Exit status 2 with one line naming the file (and line) for a missing,
-unreadable or malformed log or config.toml, or a --out that cannot be
-written; 0 otherwise. The PNG is written to a temporary name (removed on any
-failure) and renamed; it gets the mode any new file gets under the umask.
+unreadable or malformed log or config.toml (a number no float holds, NaN or
+Infinity where the plot needs a number: time_ms, a plotted value, step_num,
+epoch_num, target_iou), or a --out that cannot be written or is one of the
+files it reads (a log or config.toml, also through a link); 0 otherwise.
+The PNG is written to a temporary name (removed on any failure) and renamed;
+it gets the mode any new file gets under the umask. An --out that is a
+symbolic link is written through, as matplotlib's savefig and PIL's save
+do: the link stays and the file it names gets the PNG.
 """
 
 import argparse
 import json
+import math
 import os
 import secrets
 import sys
@@ -31,6 +37,7 @@ METRICS = [  # (log key, panel title)
     ("eval_accuracy", "eval IoU"),
     ("learning_rate", "learning rate"),
 ]
+PLOTTED = tuple(key for key, _ in METRICS)  # a tuple: "in" compares, and a key may be a list
 
 
 class BadInput(Exception):
@@ -41,8 +48,17 @@ def is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def finite(value):
+    """Whether a number is one a float holds: json gives ints of any size, NaN and Infinity."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def read_log(path):
-    """The log's events as dicts; a line that is not an MLPerf JSON line is an error."""
+    """The log's events as dicts; a line that is not an MLPerf JSON line is an error, and so is a
+    number the plot uses that is not a finite float (matplotlib and the time arithmetic would raise)."""
     events = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
@@ -51,12 +67,20 @@ def read_log(path):
                 continue
             try:
                 event = json.loads(line[at + len(MARKER):])
-            except json.JSONDecodeError as e:
+            except ValueError as e:  # JSONDecodeError, or an integer of more than 4300 digits
                 raise BadInput(f"{path}:{number}: not a JSON log line: {e}") from None
             if not isinstance(event, dict) or "key" not in event or "time_ms" not in event:
                 raise BadInput(f"{path}:{number}: a log line needs \"key\" and \"time_ms\"")
             if not is_number(event["time_ms"]) or not isinstance(event.get("metadata", {}), dict):
                 raise BadInput(f"{path}:{number}: \"time_ms\" must be a number and \"metadata\" an object")
+            meta = event.get("metadata", {})
+            for what, value in (("time_ms", event["time_ms"]),
+                                (f"{event['key']} value", event.get("value") if event["key"] in PLOTTED else None),
+                                ("metadata step_num", meta.get("step_num")),
+                                ("metadata epoch_num", meta.get("epoch_num"))):
+                if is_number(value) and not finite(value):
+                    kind = "NaN or Infinity" if isinstance(value, float) else "an integer no float holds"
+                    raise BadInput(f"{path}:{number}: {what} is {kind}; it must be a finite number")
             events.append(event)
     return events
 
@@ -79,15 +103,17 @@ class Run:
         # The target IoU is in the resolved run file deepcam-host writes beside the log.
         self.target = None
         config = self.log.parent / "config.toml"
+        self.inputs = [self.log]  # the files read, which --out must not replace
         if config.is_file():
+            self.inputs.append(config)
             import tomllib
             try:
                 run = tomllib.loads(config.read_text(encoding="utf-8")).get("run", {})
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise BadInput(f"{config}: {e}") from None
             self.target = run.get("target_iou") if isinstance(run, dict) else None
-            if not isinstance(run, dict) or not (self.target is None or is_number(self.target)):
-                raise BadInput(f"{config}: [run] target_iou must be a number")
+            if not isinstance(run, dict) or not (self.target is None or is_number(self.target) and finite(self.target)):
+                raise BadInput(f"{config}: [run] target_iou must be a finite number")
         self.series = {}
         self.epochs = 0
         for key, _ in METRICS:
@@ -118,7 +144,7 @@ class Run:
                 f", best eval IoU {max(iou):.4f}" if iou else ", no eval IoU") + f", time to train {ttt} ({self.status})"
 
 
-def plot(runs, out, dpi):
+def plot(runs, out, target, dpi):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -147,7 +173,7 @@ def plot(runs, out, dpi):
     fig.legend(handles, labels, loc="upper center", ncol=min(len(runs), 4), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     try:
-        write_png(fig, out, dpi)
+        write_png(fig, out, target, dpi)
     finally:
         plt.close(fig)
 
@@ -163,17 +189,28 @@ def check_out(out):
             return
 
 
-def write_png(fig, out, dpi):
-    """The figure to a temporary beside `out`, renamed over it: `out` is never half-written."""
+def refuse_inputs(out, target, runs):
+    """Refuses an --out whose file (`target`) is one the plot read: by its path, through a link or a hard
+    link. Renamed over, the log would be gone; a link to it would be replaced, not written through."""
+    for run in runs:
+        for path in run.inputs:
+            if target.exists() and os.path.samefile(target, path):
+                named = "" if os.path.abspath(out) == os.path.abspath(path) else f" ({path})"
+                raise BadInput(f"{out}: is a file the plot reads{named}; name another --out")
+
+
+def write_png(fig, out, target, dpi):
+    """The figure to a temporary beside `target`, the file `out` names (through a link, if it is one),
+    renamed over it: it is never half-written, and a link stays a link."""
     out.parent.mkdir(parents=True, exist_ok=True)
     # Opened as a plain open() would (0666 less the umask), not with mkstemp's fixed 0600;
     # O_EXCL keeps mkstemp's guarantee that the name is ours.
-    temp = out.parent / f".{out.name}.{secrets.token_hex(6)}.png"
+    temp = target.parent / f".{target.name}.{secrets.token_hex(6)}.png"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, dpi=dpi, format="png")
-        os.replace(temp, out)
+        os.replace(temp, target)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -198,9 +235,12 @@ def main(argv=None):
             except OSError as e:
                 # A read that fails part-way carries no file name.
                 raise BadInput(f"{e.filename or arg}: cannot read: {e.strerror or e}") from None
+        # Written through a link, as savefig(out) would write.
+        target = Path(os.path.realpath(out))
+        refuse_inputs(out, target, runs)
         for run in runs:
             print(run.summary())
-        plot(runs, out, args.dpi)
+        plot(runs, out, target, args.dpi)
     except BadInput as e:
         print(f"plot_run.py: {e}", file=sys.stderr)
         return 2

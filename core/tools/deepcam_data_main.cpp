@@ -7,7 +7,7 @@
 //   deepcam-data convert SRC DST [--threads N] [--verify]
 //   deepcam-data verify ROOT [--threads N]
 //   (synth, stats, convert, verify also take --quiet and --progress-seconds S)
-//   deepcam-data read RUN.toml [--set k=v]... [--split S] [--epochs N]
+//   deepcam-data read RUN.toml [MORE.toml]... [--set k=v]... [--split S] [--epochs N]
 //                    [--consume-ms X | --consume-matched] [--with-validation]
 //   deepcam-data package RUN_DIR... [--throughput INSTANCE_DIR...] --system NAME --out DIR [--system-desc FILE]
 //
@@ -47,7 +47,7 @@ constexpr const char* kUsage = R"(usage:
   deepcam-data stats DIR [options]         (re)compute DIR/stats.h5 from DIR/train
   deepcam-data convert SRC DST [options]   write the numpy form of data set SRC to DST
   deepcam-data verify ROOT [options]       check every file of a data set (h5 or npy)
-  deepcam-data read RUN.toml [options]     time the run's reader alone (no model)
+  deepcam-data read RUN.toml... [options]  time the run's reader alone (no model)
   deepcam-data package RUN_DIR... [--throughput INSTANCE_DIR...] --system NAME --out DIR
                                            an MLPerf HPC results package and its score
   deepcam-data --help
@@ -71,7 +71,12 @@ synth options:
   --threads T        worker threads (>= 1)                      default 2
 
 stats computes per channel count, mean, sqmean, minval and maxval over all
-pixels of all DIR/train/*.h5 files and writes DIR/stats.h5 atomically.
+pixels of all DIR/train/*.h5 files and writes DIR/stats.h5 atomically. A
+stats.h5 it cannot write (a folder in its place, a DIR it cannot create
+files in) is an error before any file is read. A channel training cannot
+normalise with the result (constant, or a range float32 cannot hold) is a
+warning naming it; the file is still written, for runs that leave that
+channel out of [data] channels.
 
 synth, stats, convert and verify print progress on stderr while they work:
 "done/total unit (N%), rate unit/s, time left", every 5 s when stderr is a
@@ -114,17 +119,18 @@ Entries named like samples that are not files (a directory, a FIFO, a
 socket, a dangling link or a link loop) are errors naming them, in every
 command and in the training readers; none is ever opened.
 
-read loads RUN.toml as deepcam-host does (every plugin it names must be
-found: DEEPCAM_PLUGIN_PATH), builds only its reader (rank 0 of 1), reads the
-split for the epochs and prints one JSON line: reader, source, split, epochs,
-batch_size, batches, samples, samples_per_epoch, bytes (on disk, of the files
+read loads RUN.toml as deepcam-host does (several run files are merged left
+to right, then --set; every plugin they name must be found:
+DEEPCAM_PLUGIN_PATH; device = "cuda" needs a GPU), builds only its reader
+(rank 0 of 1), reads the split for the epochs and prints one JSON line:
+reader, source, split, epochs, batch_size, batches, samples, samples_per_epoch, bytes (on disk, of the files
 read), seconds, samples_per_s, gb_per_s, wait_seconds (inside start_epoch and
 next), wait_fraction, wait_ms_per_batch, first_wait_seconds (of each
 epoch's first batch), steady_wait_fraction (without those), consume_ms,
 read_ms_per_batch, build_seconds, peak_rss_bytes and base_rss_bytes (before the reader was
 built), with_validation, validation_batches and validation_samples. A consumer
 emulates the training step by sleeping after each batch.
-  --set section.key=value   override a key of RUN.toml (repeatable)
+  --set section.key=value   override a key of the run files (repeatable)
   --split S          train or validation                       default train
   --epochs N         epochs to read (>= 1)                     default 1
   --consume-ms X     the consumer holds each batch X ms        default 0
@@ -299,9 +305,7 @@ deepcam::data::ReadBenchOptions parse_read(const std::vector<std::string>& args)
   for (std::size_t k = 0; k < args.size(); ++k) {
     std::string option = args[k], value;
     if (option.rfind("--", 0) != 0) {
-      if (!o.run_file.empty())
-        throw UsageError{fmt::format("read: one run file only (got {} and {})", o.run_file, option)};
-      o.run_file = option;
+      o.run_files.push_back(option);
       continue;
     }
     if (name_of(option) == "--consume-matched" || name_of(option) == "--with-validation") {
@@ -337,7 +341,7 @@ deepcam::data::ReadBenchOptions parse_read(const std::vector<std::string>& args)
       throw UsageError{fmt::format("read: unknown option {}", option)};
     }
   }
-  if (o.run_file.empty()) throw UsageError{"read: the run file (RUN.toml) is required"};
+  if (o.run_files.empty()) throw UsageError{"read: a run file (RUN.toml) is required"};
   if (have_consume_ms && o.consume_matched)
     throw UsageError{"read: --consume-ms and --consume-matched exclude each other"};
   if (o.with_validation && o.split != deepcam::Split::Train)

@@ -3,6 +3,7 @@
 #include <sys/resource.h>
 
 #include <fmt/format.h>
+#include <torch/cuda.h>
 
 #include <chrono>
 #include <cstdint>
@@ -19,6 +20,7 @@
 #include "deepcam/error.hpp"
 #include "deepcam/json.hpp"
 #include "deepcam/mlperf_log.hpp"
+#include "deepcam_build_config.h"
 
 namespace deepcam::data {
 
@@ -124,13 +126,21 @@ std::int64_t bytes_read(const std::vector<std::int64_t>& bytes_of, std::int64_t 
 void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader) {
   const RunConfig config = [&] {
     try {
-      return load_config(options.run_file, options.overrides, loader);
+      return load_config(options.run_files, options.overrides, loader);
     } catch (const PluginBug&) {
       throw;  // the plugin's mistake, not the run file's
     } catch (const Error& e) {
       throw BadRunFile(e.what());
     }
   }();
+  // The engine's refusal, in its words, before any reader is built: a
+  // reader would fail in its own way (the prefetch reader blaming [reader],
+  // as bad data) or read on as if for a GPU, where deepcam-host refuses the
+  // run file.
+  if (config.run.string("device") == "cuda" && !torch::cuda::is_available()) {
+    throw BadRunFile(fmt::format("{}: \"cuda\", and no CUDA device is available{}", config.run.where("device"),
+                                 DEEPCAM_WITH_CUDA ? "" : " (this build has CUDA disabled)"));
+  }
   const std::int64_t base_rss = peak_rss_bytes();
 
   // A disabled log: the staging events of a wrapping reader go nowhere.
@@ -147,8 +157,8 @@ void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader) {
   for (const Split s : {split, Split::Validation}) {
     if (s == split || options.with_validation) {
       if (reader->local_samples(s) <= 0) {
-        throw Error(fmt::format("{}: the {} split of [data] root = \"{}\" has no samples to read", options.run_file,
-                                to_string(s), config.data.string("root")));
+        throw Error(fmt::format("{} = \"{}\": its {} split has no samples to read", config.data.where("root"),
+                                config.data.string("root"), to_string(s)));
       }
     }
   }

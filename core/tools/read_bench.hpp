@@ -1,8 +1,10 @@
-// `deepcam-data read RUN.toml`: the reader of a run alone, without a model,
-// so that a reader's speed is measured and not the training step's.
+// `deepcam-data read RUN.toml [MORE.toml]...`: the reader of a run alone,
+// without a model, so that a reader's speed is measured and not the training
+// step's.
 //
-// The run file is loaded and checked in full as deepcam-host does (the
-// model, optimizer and scheduler plugins must therefore be found too), but
+// The run files are merged left to right, then --set, and loaded and checked
+// in full as deepcam-host does (the model, optimizer and scheduler plugins
+// must therefore be found too; [run] device = "cuda" needs a GPU), but
 // only the reader is built (deepcam/build_reader.hpp, as the engine builds
 // it, rank 0 of 1). The split is read for the given epochs; with
 // --with-validation each training epoch is followed by a validation pass,
@@ -59,8 +61,8 @@
 namespace deepcam::data {
 
 struct ReadBenchOptions {
-  std::string run_file;
-  std::vector<std::string> overrides;  // --set section.key=value
+  std::vector<std::string> run_files;  // merged left to right, as deepcam-host merges them
+  std::vector<std::string> overrides;  // --set section.key=value, after every file
   Split split = Split::Train;
   int epochs = 1;
   double consume_ms = 0.0;       // emulated training step per batch
@@ -68,8 +70,9 @@ struct ReadBenchOptions {
   bool with_validation = false;  // a validation pass after each training epoch (split Train only: checked by the caller)
 };
 
-// The run file or a --set refused (load_config's message): a bad
-// configuration, for which deepcam-data exits 2, as deepcam-host does.
+// A run file or a --set refused (load_config's message, or the device it
+// names missing): a bad configuration, for which deepcam-data exits 2, as
+// deepcam-host does.
 class BadRunFile : public Error {
  public:
   using Error::Error;

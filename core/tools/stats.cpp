@@ -1,10 +1,13 @@
 #include "stats.hpp"
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <system_error>
 
@@ -15,6 +18,7 @@
 #include "deepcam/data_set.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/h5.hpp"
+#include "deepcam/normalise.hpp"
 #include "stop_signals.hpp"
 #include "temporary_files.hpp"
 
@@ -32,19 +36,94 @@ std::string channel_label(std::size_t c, std::size_t channels) {
 
 // The fast loop only sums; a non-finite sum sends us back to find the first
 // bad value, so that the error can say where it is.
-[[noreturn]] void report_non_finite(const fs::path& file, const std::vector<float>& data,
+[[noreturn]] void report_non_finite(const h5::File& file, const std::vector<float>& data,
                                     const h5::Shape& shape) {
   const std::size_t channels = shape[2], width = shape[1];
   for (std::size_t k = 0; k < data.size(); ++k) {
-    if (!std::isfinite(data[k])) {
-      const std::size_t c = k % channels, pixel = k / channels;
-      throw Error(fmt::format("{}: dataset {}: {} at (row {}, column {}, {}); statistics need finite data",
-                              file.string(), kData, std::isnan(data[k]) ? "NaN" : "Inf",
-                              pixel / width, pixel % width, channel_label(c, channels)));
+    if (std::isfinite(data[k])) continue;
+    const std::size_t c = k % channels, pixel = k / channels;
+    const std::string at = fmt::format("at (row {}, column {}, {})", pixel / width, pixel % width,
+                                       channel_label(c, channels));
+    // HDF5's conversion to float32 turns a stored float64 beyond float32's
+    // range into Inf: the message names the value the file holds.
+    const h5::StoredType type = file.stored_type(kData);
+    if (std::isinf(data[k]) && type.kind == h5::StoredType::Kind::Float && type.size > sizeof(float)) {
+      std::vector<double> stored(data.size());
+      file.read(kData, stored.data(), stored.size());
+      if (std::isfinite(stored[k]))
+        throw Error(fmt::format("{}: dataset {}: {} {} is beyond float32's range (largest {}), the type "
+                                "statistics and training read it in; statistics need values float32 holds",
+                                file.path(), kData, stored[k], at, std::numeric_limits<float>::max()));
+      // A wider float than double may hold a finite value that double cannot.
+      if (type.size > sizeof(double))
+        throw Error(fmt::format("{}: dataset {}: Inf, or a value beyond float64's range, {}; statistics need "
+                                "values float32 holds",
+                                file.path(), kData, at));
     }
+    throw Error(fmt::format("{}: dataset {}: {} {}; statistics need finite data", file.path(), kData,
+                            std::isnan(data[k]) ? "NaN" : "Inf", at));
   }
   // Only reached if a sum overflowed double, which finite float32 input cannot do.
-  throw Error(fmt::format("{}: dataset {}: the sums overflow", file.string(), kData));
+  throw Error(fmt::format("{}: dataset {}: the sums overflow", file.path(), kData));
+}
+
+// What an entry in the way of stats.h5 is, for the message.
+const char* kind_of(fs::file_type type) {
+  switch (type) {
+    case fs::file_type::directory: return "a directory";
+    case fs::file_type::fifo: return "a FIFO";
+    case fs::file_type::socket: return "a socket";
+    case fs::file_type::block:
+    case fs::file_type::character: return "a device";
+    default: return "an entry of another kind";
+  }
+}
+
+// Fails, before the pass over every training file (hours on a full set),
+// where write_stats would fail only after it: stats.h5 is a folder or
+// another entry a file cannot be renamed over, or the root is one this user
+// cannot create files in. The probe is the hidden temporary write_atomically
+// creates there, removed at once.
+void check_writable(const fs::path& target) {
+  std::error_code ec;
+  const fs::file_status status = fs::status(target, ec);  // through a link, as the reader of stats.h5 opens it
+  if (fs::exists(status) && !fs::is_regular_file(status))
+    throw Error(fmt::format("{}: is {}, not a file; stats writes its statistics there: move it away",
+                            target.string(), kind_of(status.type())));
+  const fs::path probe = temporary_files::hidden_name(target);
+  const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+  if (fd < 0)
+    throw Error(fmt::format("{}: cannot write it here: cannot create {}: {}", target.string(),
+                            probe.filename().string(), std::strerror(errno)));
+  ::close(fd);
+  fs::remove(probe, ec);
+}
+
+// One warning per channel training refuses to normalise with `stats`,
+// which stays written: a run may leave such a channel out ([data]
+// channels). Training's own checks decide: stats_range_problem on the range,
+// as the readers and verify apply it to stats.h5 (computed in float64, the
+// dtype write_stats stores), then the readers' kernel on maxval, which a
+// range wider than float32 holds makes infinite, so that the samples holding
+// it are refused.
+void warn_of_refused_channels(const fs::path& target, const ChannelStats& stats) {
+  const std::size_t channels = stats.minval.size();
+  const std::size_t arithmetic = stats_arithmetic_bytes(sizeof(double), sizeof(double));
+  for (std::size_t c = 0; c < channels; ++c) {
+    ChannelScale scale;
+    std::string problem = stats_range_problem(target.string(), static_cast<std::int64_t>(c), stats.minval[c],
+                                              stats.maxval[c], arithmetic, &scale);
+    const float top = static_cast<float>(stats.maxval[c]);
+    float normalised = 0.0f;
+    if (problem.empty() && !normalise_sample(&top, 1, 1, {0}, {scale.shift}, {scale.scale}, &normalised))
+      problem = fmt::format("{}: channel {} has climate/minval {} and climate/maxval {}; maxval - minval "
+                            "overflows float32, so maxval normalises to {} and the samples holding it cannot be "
+                            "read",
+                            target.string(), c, stats.minval[c], stats.maxval[c], normalised);
+    if (!problem.empty())
+      fmt::print(stderr, "deepcam-data: warning: {}; training refuses it unless {} is left out of [data] channels\n",
+                 problem, channel_label(c, channels));
+  }
 }
 
 }  // namespace
@@ -133,7 +212,7 @@ ChannelStats compute_stats(const std::vector<fs::path>& files, Progress* progres
       }
     }
     for (std::size_t c = 0; c < channels; ++c) {
-      if (!std::isfinite(fsum[c]) || !std::isfinite(fsq[c])) report_non_finite(path, data, shape);
+      if (!std::isfinite(fsum[c]) || !std::isfinite(fsq[c])) report_non_finite(file, data, shape);
       sum[c] += fsum[c];
       sqsum[c] += fsq[c];
       out.minval[c] = std::min(out.minval[c], fmin[c]);
@@ -167,9 +246,10 @@ ChannelStats run_stats(const fs::path& root, const ProgressOptions& progress_opt
   const auto start = std::chrono::steady_clock::now();
   remove_stale_temporaries(root);  // a stats.h5 of a stats or synth run that was killed
   const std::vector<fs::path> files = training_files(root);
+  const fs::path target = root / "stats.h5";
+  check_writable(target);
   Progress progress("stats", files.size(), "files", progress_options);
   const ChannelStats stats = compute_stats(files, &progress);
-  const fs::path target = root / "stats.h5";
   write_stats(target, stats);
   if (summary && !progress_options.quiet) {
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -185,6 +265,7 @@ ChannelStats run_stats(const fs::path& root, const ProgressOptions& progress_opt
     }
     fmt::print(stderr, "deepcam-data: wrote {}\n", target.string());
   }
+  warn_of_refused_channels(target, stats);  // problems: printed under --quiet too
   return stats;
 }
 

@@ -47,7 +47,8 @@ void remove_stale_temporaries(const std::filesystem::path& dir);
 std::vector<std::filesystem::path> training_files(const std::filesystem::path& root);
 
 // Statistics over climate/data of the files; throws deepcam::Error naming
-// the file on unreadable input, a wrong shape or a NaN/Inf value. Each file
+// the file on unreadable input, a wrong shape, a NaN/Inf value or one beyond
+// float32's range (named as the file stores it). Each file
 // done advances `progress` when one is given.
 ChannelStats compute_stats(const std::vector<std::filesystem::path>& files, Progress* progress = nullptr);
 
@@ -55,7 +56,12 @@ void write_stats(const std::filesystem::path& target, const ChannelStats& stats)
 
 // The `stats` command: compute over root/train and write root/stats.h5,
 // with progress lines on stderr (progress.hpp); then, with `summary` and
-// not progress.quiet, the per-channel table.
+// not progress.quiet, the per-channel table. A stats.h5 that cannot be
+// written (a folder or FIFO in its place, a root this user cannot write) is
+// an error before any training file is read. The file is written even when
+// training cannot normalise a channel with it (constant, or a range float32
+// cannot hold), with a warning on stderr naming each such channel, quiet or
+// not: a run may leave it out ([data] channels).
 ChannelStats run_stats(const std::filesystem::path& root, const ProgressOptions& progress = {},
                        bool summary = true);
 

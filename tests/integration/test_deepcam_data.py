@@ -2,11 +2,14 @@
 the layout and format of SPEC 1, that the labels are visible in the fields,
 reproducibility, stats.h5 against numpy, and clean failures."""
 
+import os
 import re
 import resource
 import shutil
 import signal
+import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -502,3 +505,109 @@ def test_default_resolution_smoke(deepcam_data, tmp_path):
     stats = read_stats(root / "stats.h5")
     assert int(stats["count"]) == 768 * 1152
     np.testing.assert_allclose(stats["mean"], data.reshape(-1, 16).astype(np.float64).mean(axis=0), rtol=1e-10)
+
+
+def set_with_a_bad_sample(root):
+    """A set whose second training file stats cannot read: an error that names it means stats read the
+    training files before it found what it says."""
+    (root / "train").mkdir(parents=True)
+    write_sample(root / "train" / "data-2106-01-01-00-1.h5", np.ones((8, 12, 16), np.float32))
+    (root / "train" / "data-2106-01-01-03-1.h5").write_bytes(b"not hdf5 at all")
+    return root
+
+
+@pytest.mark.parametrize("kind", ["a directory", "a FIFO"])
+def test_stats_refuses_a_stats_h5_it_cannot_replace_before_reading(deepcam_data, tmp_path, kind):
+    # It read every training file (hours on a full set) and then failed to rename over it.
+    root = set_with_a_bad_sample(tmp_path / "set")
+    target = root / "stats.h5"
+    if kind == "a directory":
+        (target / "x").mkdir(parents=True)
+    else:
+        os.mkfifo(target)
+    proc = run(deepcam_data, "stats", root)
+    assert proc.returncode == 1
+    assert_one_line_error(proc, f"{target}: is {kind}, not a file;")
+    assert "data-2106-01-01-03-1.h5" not in proc.stderr
+    assert hidden_files(root) == []
+    assert target.is_dir() if kind == "a directory" else stat.S_ISFIFO(target.stat().st_mode)
+
+
+def test_stats_refuses_a_root_it_cannot_write_before_reading(deepcam_data):
+    # As a user who cannot write the root (root writes anywhere: then as nobody, in a folder of /tmp,
+    # since pytest's tmp_path is private to root).
+    base = Path(tempfile.mkdtemp(prefix="stats-read-only-"))
+    root = set_with_a_bad_sample(base / "set")
+    try:
+        base.chmod(0o755)
+        root.chmod(0o555)
+        user = {"user": 65534, "group": 65534, "extra_groups": []} if os.geteuid() == 0 else {}
+        proc = subprocess.run([str(deepcam_data), "stats", str(root)], capture_output=True, text=True,
+                              timeout=600, **user)
+        assert proc.returncode == 1
+        assert_one_line_error(proc, f"{root / 'stats.h5'}: cannot write it here:", "Permission denied")
+        assert "data-2106-01-01-03-1.h5" not in proc.stderr
+        assert sorted(p.name for p in root.iterdir()) == ["train"]
+    finally:
+        root.chmod(0o755)
+        shutil.rmtree(base)
+
+
+def warnings_of(proc):
+    return [line for line in proc.stderr.splitlines() if line.startswith("deepcam-data: warning: ")]
+
+
+def test_stats_warns_of_each_channel_training_refuses(deepcam_data, tmp_path):
+    # It wrote, silently and with exit 0, a stats.h5 that training and verify refuse.
+    rng = np.random.default_rng(0)
+    good = rng.normal(size=(16, 16, 16)).astype(np.float32)
+    narrow, wide = good.copy(), good.copy()
+    narrow[..., CH["PSL"]] = 42  # constant: maxval not above minval
+    narrow[..., CH["PS"]] = 0  # the scale 1 / (maxval - minval) overflows float32
+    narrow[0, 0, CH["PS"]] = 1e-40
+    wide[..., CH["V850"]] = -3e38  # maxval - minval overflows float32: maxval normalises to inf
+    wide[0, 0, CH["V850"]] = 3e38
+    for name, data, bad, refusal in (("narrow", narrow, ["PS", "PSL"], "channel {} has climate/minval"),
+                                     ("wide", wide, ["V850"], "channel {}) normalises to inf")):
+        root = tmp_path / name
+        for split in ("train", "validation"):
+            (root / split).mkdir(parents=True)
+            write_sample(root / split / "data-2106-01-01-00-1.h5", data, np.zeros((16, 16), np.int32))
+        for quiet in ([], ["--quiet"]):
+            proc = run(deepcam_data, "stats", root, *quiet)
+            assert proc.returncode == 0, proc.stderr
+            warnings = warnings_of(proc)
+            assert len(warnings) == len(bad), proc.stderr
+            for line, channel in zip(warnings, bad):
+                assert f"{root / 'stats.h5'}: channel {CH[channel]} " in line, line
+                assert (f"training refuses it unless channel {CH[channel]} ({channel}) is left out of [data] "
+                        "channels") in line, line
+        np.testing.assert_array_equal(read_stats(root / "stats.h5")["maxval"], data.reshape(-1, 16).max(axis=0))
+        # The channels verify refuses, and only those.
+        proc = run(deepcam_data, "verify", root)
+        assert proc.returncode == 1
+        for c in range(16):
+            assert (refusal.format(c) in proc.stdout) == (CHANNELS[c] in bad), (c, proc.stdout)
+    assert warnings_of(run(deepcam_data, "stats", copy_set_of(tmp_path, good), check=True)) == []
+
+
+def copy_set_of(tmp_path, data):
+    root = tmp_path / "good"
+    (root / "train").mkdir(parents=True)
+    write_sample(root / "train" / "data-2106-01-01-00-1.h5", data)
+    return root
+
+
+def test_stats_names_a_float64_value_beyond_float32s_range(deepcam_data, tmp_path):
+    # It said "Inf at ...", a value the file does not hold: HDF5 converts it to float32 for the sums.
+    root = tmp_path / "f64"
+    (root / "train").mkdir(parents=True)
+    data = np.ones((16, 16, 16))
+    data[2, 3, 4] = -1e300
+    write_sample(root / "train" / "data-2106-01-01-00-1.h5", data)
+    proc = run(deepcam_data, "stats", root)
+    assert proc.returncode == 1
+    assert_one_line_error(proc, "data-2106-01-01-00-1.h5: dataset climate/data: -1e+300 at (row 2, column 3, "
+                                "channel 4 (VBOT)) is beyond float32's range")
+    assert "Inf" not in proc.stderr
+    assert not (root / "stats.h5").exists() and hidden_files(root) == []

@@ -3,6 +3,7 @@ opens, has the size asked for, is not blank, and draws both runs; a log or
 --out it cannot use is named in one line with exit status 2, no traceback."""
 
 import os
+import re
 import resource
 import stat
 import subprocess
@@ -152,4 +153,64 @@ def test_a_log_that_cannot_be_read_is_named_under_root(tmp_path):
     run = tmp_path / "run"
     (run / "mlperf.log").mkdir(parents=True)
     refused(plot(run / "mlperf.log", "--out", tmp_path / "x.png"), run / "mlperf.log")
+    assert not (tmp_path / "x.png").exists()
+
+
+def copy_run(run, to):
+    to.mkdir()
+    for name in ("mlperf.log", "config.toml"):
+        (to / name).write_bytes((run / name).read_bytes())
+    return to
+
+
+def test_an_out_that_is_an_input_is_refused(two_runs, tmp_path):
+    # It wrote the PNG over the run's log (exit 0), which the next plot then refused.
+    run = copy_run(two_runs[0], tmp_path / "run")
+    before = {name: (run / name).read_bytes() for name in ("mlperf.log", "config.toml")}
+    (tmp_path / "log-link.png").symlink_to(run / "mlperf.log")
+    os.link(run / "config.toml", tmp_path / "config-hardlink.png")
+    for args, out in (([run], run / "mlperf.log"), ([run], run / "config.toml"),
+                      ([run / "mlperf.log"], run / "mlperf.log"), ([two_runs[1], run], run / "config.toml"),
+                      ([run], tmp_path / "log-link.png"), ([run], tmp_path / "config-hardlink.png")):
+        r = plot(*args, "--out", out)
+        refused(r, out)
+        assert "reads" in r.stderr, r.stderr
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert (tmp_path / "log-link.png").is_symlink()
+    assert not [p for p in tmp_path.rglob(".*")], "a temporary file was left"
+
+
+def test_an_out_that_is_a_link_is_written_through(two_runs, tmp_path):
+    # As matplotlib's savefig(path) and PIL's save(path) do: the link stays, its target gets the PNG.
+    for target in (tmp_path / "old.png", tmp_path / "new.png"):  # an existing target, a dangling link
+        if target.name == "old.png":
+            target.write_bytes(b"an older picture")
+        link = tmp_path / f"link-to-{target.name}"
+        link.symlink_to(target.name)
+        r = plot(two_runs[0], "--out", link, "--dpi", 30)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert link.is_symlink() and os.readlink(link) == target.name
+        with Image.open(target) as im:
+            assert im.format == "PNG" and im.size == (12 * 30, 12 * 30)
+    assert not list(tmp_path.glob(".*")), "a temporary file was left"
+
+
+def test_a_number_no_float_holds_is_named_with_its_line(two_runs, tmp_path):
+    # A 400-digit value or step_num ended in an OverflowError traceback (exit 1).
+    lines = (two_runs[0] / "mlperf.log").read_text().splitlines(keepends=True)
+    at = next(k for k, l in enumerate(lines) if '"key": "train_loss"' in l)
+    huge = "1" + "0" * 400
+    for name, change in (
+            ("value", lambda l: re.sub(r'"value": [^,]*', f'"value": {huge}', l)),
+            ("step", lambda l: re.sub(r'"step_num": \d+', f'"step_num": {huge}', l)),
+            ("time", lambda l: re.sub(r'"time_ms": [^,]*', f'"time_ms": {huge}', l)),
+            ("nan", lambda l: re.sub(r'"value": [^,]*', '"value": NaN', l)),
+            ("infinity", lambda l: re.sub(r'"step_num": \d+', '"step_num": -Infinity', l)),
+            # Beyond Python's 4300 digits: json.loads raised ValueError, not JSONDecodeError.
+            ("digits", lambda l: re.sub(r'"value": [^,]*', '"value": ' + "9" * 5000, l))):
+        log = tmp_path / f"{name}.log"
+        changed = change(lines[at])
+        assert changed != lines[at], name
+        log.write_text("".join(lines[:at] + [changed] + lines[at + 1:]))
+        refused(plot(log, "--out", tmp_path / "x.png"), f"{log}:{at + 1}:")
     assert not (tmp_path / "x.png").exists()

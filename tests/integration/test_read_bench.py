@@ -9,6 +9,7 @@ import math
 import subprocess
 
 import pytest
+import torch
 
 from helpers import DATA_TOOL, plugin_env, synth, write_run
 
@@ -179,3 +180,42 @@ def test_bad_command_line(tmp_path, data, args, text):
         args = [write_run(tmp_path / "run.toml", data / "h5", tmp_path / "out")] + args
     line = one_error(read(*args), 2)
     assert text in line
+
+
+def test_several_run_files_are_merged_left_to_right(tmp_path, data):
+    # As deepcam-host RUN.toml MORE.toml... merges them; it took one run file only ("one run file only", exit 2).
+    run = write_run(tmp_path / "run.toml", data / "h5", tmp_path / "out")  # hdf5, batches of 2
+    four, one, npy = tmp_path / "four.toml", tmp_path / "one.toml", tmp_path / "npy.toml"
+    four.write_text("[run]\ntrain_batch_size = 4\n")
+    one.write_text("[run]\ntrain_batch_size = 1\n")
+    # A table naming another plugin replaces the earlier one whole (hdf5's keys go with it).
+    npy.write_text(f'[data]\nroot = "{data / "npy"}"\n[reader]\nname = "npy"\n')
+    r = measure(run, four, npy)
+    assert (r["reader"], r["batch_size"]) == ("npy", 4)
+    check_consistent(r, 1, TRAIN, 4, split_bytes(data / "npy", "train", "*.npy"))
+    r = measure(run, four, one)  # the later file's value
+    assert (r["reader"], r["batch_size"], r["batches"]) == ("hdf5", 1, TRAIN)
+    r = measure(run, one, "--set", "run.train_batch_size=8", four)  # --set after every file, wherever it is given
+    assert (r["batch_size"], r["batches"]) == (8, 1)
+    # A bad key in a later file is named by that file and line, exit 2.
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run]\nseed = 1\n\n[reader]\nthread = 2\n")
+    line = one_error(read(run, bad), 2)
+    assert f"{bad}:5" in line and "thread" in line, line
+    help_text = subprocess.run([str(DATA_TOOL), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "deepcam-data read RUN.toml... [options]" in help_text and "merged left" in help_text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+@pytest.mark.parametrize("reader", ["hdf5", "prefetch"])
+def test_cuda_without_a_gpu_is_a_bad_run_file(tmp_path, data, reader):
+    # The prefetch reader's refusal exited 1, the status of bad data, blaming the run file's [reader]; the
+    # hdf5 reader read on. deepcam-host refuses such a run file with status 2, naming who set the device.
+    keys = {"reader": {"name": "prefetch"}, "reader.source": {"name": "npy"}} if reader == "prefetch" else {}
+    root = data / ("npy" if reader == "prefetch" else "h5")
+    run = write_run(tmp_path / "run.toml", root, tmp_path / "out", **keys)
+    line = one_error(read(run, "--set", "run.device=cuda"), 2)
+    assert line == 'deepcam-data: --set run.device=cuda: "cuda", and no CUDA device is available', line
+    run = write_run(tmp_path / "gpu.toml", root, tmp_path / "out", run={"device": "cuda"}, **keys)
+    line = one_error(read(run), 2)
+    assert f'{run}:' in line and '[run] device: "cuda", and no CUDA device is available' in line, line
