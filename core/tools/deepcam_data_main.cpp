@@ -364,9 +364,11 @@ int run(const std::vector<std::string>& args, deepcam::PluginLoader& loader) {
       fmt::print("{}", kUsage);
       return 0;
     }
-  // The commands that write files stop between files; verify and read
-  // write nothing, and end at once as any program does.
-  if (command == "synth" || command == "stats" || command == "convert" || command == "package")
+  // The commands that write files stop between files, and read between
+  // batches (its reader removes what it staged); verify writes nothing, and
+  // ends at once as any program does.
+  if (command == "synth" || command == "stats" || command == "convert" || command == "package" ||
+      command == "read")
     deepcam::data::stop_on_signals();
   if (command == "synth") {
     deepcam::data::run_synth(parse_synth(rest));
@@ -413,9 +415,16 @@ int main(int argc, char** argv) {
   try {
     return run(std::vector<std::string>(argv + 1, argv + argc), loader);
   } catch (const deepcam::data::Stopped& stopped) {
-    fmt::print(stderr, "deepcam-data: stopped by {}: the files finished before it are in place, no temporary "
-                       "is left; run the same command again to finish\n",
-               stopped.signal == SIGINT ? "SIGINT" : "SIGTERM");
+    const char* signal = stopped.signal == SIGINT ? "SIGINT" : "SIGTERM";
+    if (argc > 1 && std::string(argv[1]) == "read") {
+      fmt::print(stderr, "deepcam-data: read stopped by {}: nothing measured; the reader's staged copies are "
+                         "removed\n",
+                 signal);
+    } else {
+      fmt::print(stderr, "deepcam-data: stopped by {}: the files finished before it are in place, no temporary "
+                         "is left; run the same command again to finish\n",
+                 signal);
+    }
     std::fflush(stderr);
     std::signal(stopped.signal, SIG_DFL);
     std::raise(stopped.signal);

@@ -21,6 +21,7 @@
 #include "deepcam/json.hpp"
 #include "deepcam/mlperf_log.hpp"
 #include "deepcam_build_config.h"
+#include "stop_signals.hpp"
 
 namespace deepcam::data {
 
@@ -72,6 +73,9 @@ void read_epoch(Reader& reader, Split split, std::int64_t epoch, Clock::duration
   Clock::time_point t0 = Clock::now();
   reader.start_epoch(split, epoch);
   for (bool first = true;; first = false) {
+    // SIGINT or SIGTERM: the reader's destructor, on the way out, removes
+    // what it staged.
+    throw_if_stopped();
     const bool more = reader.next(batch);
     const Clock::time_point t1 = Clock::now();
     pass.wait_seconds += seconds_between(t0, t1);

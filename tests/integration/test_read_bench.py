@@ -6,7 +6,9 @@ run file or command line gives one error line and no JSON."""
 
 import json
 import math
+import signal
 import subprocess
+import time
 
 import pytest
 import torch
@@ -219,3 +221,31 @@ def test_cuda_without_a_gpu_is_a_bad_run_file(tmp_path, data, reader):
     run = write_run(tmp_path / "gpu.toml", root, tmp_path / "out", run={"device": "cuda"}, **keys)
     line = one_error(read(run), 2)
     assert f'{run}:' in line and '[run] device: "cuda", and no CUDA device is available' in line, line
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_removes_what_the_reader_staged(tmp_path, data, sig):
+    """read ended at once on SIGTERM or SIGINT, leaving the prefetch reader's staged copies (a shard in
+    /dev/shm); it now stops between batches and its reader removes them, as deepcam-host's does."""
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    run = write_run(tmp_path / "run.toml", data / "h5", tmp_path / "out",
+                    reader={"name": "prefetch", "depth": 2, "threads": 1, "stage_dir": str(stage)},
+                    **{"reader.source": {"name": "hdf5", "threads": 1}})
+    p = subprocess.Popen([str(DATA_TOOL), "read", str(run), "--epochs", "1000", "--consume-ms", "50"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=plugin_env(),
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(stage.glob("deepcam-stage-*/train/*")):
+            assert time.monotonic() < deadline and p.poll() is None, p.stderr.read() if p.poll() is not None else ""
+            time.sleep(0.1)
+        time.sleep(1.0)  # reading
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == -sig, err  # ended by the signal, as a shell expects
+    assert f"read stopped by {sig.name}: nothing measured; the reader's staged copies are removed" in err, err
+    assert list(stage.iterdir()) == []
