@@ -1914,8 +1914,15 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
     status = engine.train();
   } catch (const std::exception&) {
     // Training began and failed (a lost rank, a file gone bad): the record
-    // stays, closed as an aborted run, with no barrier (the others may be gone).
-    if (!engine.run_stopped()) log.end("run_stop", Json(), {{"status", Json("aborted")}});
+    // stays, closed as an aborted run, with no barrier (the others may be
+    // gone): the epoch or evaluation it was in ends first, as when a signal
+    // stops a run.
+    if (!engine.run_stopped()) {
+      const Json epoch_num = log.close_open_intervals();
+      MlperfLog::Metadata md = {{"status", Json("aborted")}};
+      if (epoch_num.kind() != Json::Kind::Null) md.emplace_back("epoch_num", epoch_num);
+      log.end("run_stop", Json(), md);
+    }
     throw;
   }
   comm.finish();

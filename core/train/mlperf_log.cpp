@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <iterator>
 
 #include "deepcam/error.hpp"
 
@@ -29,12 +30,46 @@ void MlperfLog::event(const std::string& key, const Json& value, Metadata metada
   write("POINT_IN_TIME", key, value, std::move(metadata), site);
 }
 
+namespace {
+
+// "epoch" of "epoch_start" or "epoch_stop"; "" for other keys.
+std::string stem_of(const std::string& key, const std::string& suffix) {
+  if (key.size() <= suffix.size() || key.compare(key.size() - suffix.size(), suffix.size(), suffix) != 0) return "";
+  return key.substr(0, key.size() - suffix.size());
+}
+
+}  // namespace
+
 void MlperfLog::start(const std::string& key, const Json& value, Metadata metadata, CallSite site) {
+  if (const std::string stem = stem_of(key, "_start"); !stem.empty()) {
+    Metadata kept;
+    for (const auto& [name, v] : metadata) {
+      if (name == "epoch_num" || name == "step_num") kept.emplace_back(name, v);
+      if (stem == "epoch" && name == "epoch_num") last_epoch_num_ = v;
+    }
+    open_.emplace_back(stem, std::move(kept));
+  }
   write("INTERVAL_START", key, value, std::move(metadata), site);
 }
 
 void MlperfLog::end(const std::string& key, const Json& value, Metadata metadata, CallSite site) {
+  if (const std::string stem = stem_of(key, "_stop"); !stem.empty()) {
+    for (auto it = open_.rbegin(); it != open_.rend(); ++it) {
+      if (it->first == stem) {
+        open_.erase(std::next(it).base());
+        break;
+      }
+    }
+  }
   write("INTERVAL_END", key, value, std::move(metadata), site);
+}
+
+Json MlperfLog::close_open_intervals(CallSite site) {
+  while (!open_.empty() && open_.back().first != "run") {
+    auto [stem, metadata] = open_.back();
+    end(stem + "_stop", Json(), std::move(metadata), site);
+  }
+  return last_epoch_num_;
 }
 
 void MlperfLog::write(const char* event_type, const std::string& key, const Json& value,

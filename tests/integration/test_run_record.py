@@ -210,3 +210,32 @@ def test_seed_auto_is_drawn_logged_recorded_and_repeatable(tmp_path, data):
                      "--set", f"run.output_dir={tmp_path / 'again'}")
     assert again.returncode == r.returncode, again.stderr
     assert losses(tmp_path / "auto") and losses(tmp_path / "again") == losses(tmp_path / "auto")
+
+
+@pytest.mark.parametrize("split,open_intervals", [("train", ["epoch"]), ("validation", ["eval", "epoch"])])
+def test_a_run_that_fails_mid_epoch_closes_what_it_had_begun(tmp_path, data, split, open_intervals):
+    """A sample file gone bad mid-run (exit 2): the log ended with run_stop alone, leaving the epoch (and the
+    evaluation) it was in begun and never ended, and run_stop without its epoch_num, where a stop signal or a
+    divergence closes them."""
+    broken = tmp_path / "data"
+    subprocess.run(["cp", "-r", str(data), str(broken)], check=True)
+    last = sorted((broken / split).glob("*.h5"))[-1]  # not the first, which the reader opens to learn the shape
+    last.write_bytes(b"not an HDF5 file" * 64)
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", broken, out, run={"max_epochs": 2, "target_iou": 1.0})
+    r = run_host(run, "--quiet")
+    assert r.returncode == 2 and str(last) in r.stderr, r.stderr[-3000:]
+    events = read_events(out / "mlperf.log")
+    stops = [e for e in events[-len(open_intervals) - 1:]]
+    assert [e["key"] for e in stops] == [f"{i}_stop" for i in open_intervals] + ["run_stop"], \
+        [e["key"] for e in events[-6:]]
+    assert all(e["metadata"]["epoch_num"] == 1 for e in stops)
+    assert stops[-1]["metadata"]["status"] == "aborted"
+    starts = [e["key"] for e in events if e["event_type"] == "INTERVAL_START"]
+    ends = [e["key"] for e in events if e["event_type"] == "INTERVAL_END"]
+    assert sorted(k[:-len("_start")] for k in starts) == sorted(k[:-len("_stop")] for k in ends)
+    # A well-formed log of an aborted run: the checker finds only the accuracy target not reached.
+    status, output = mlperf_check(out / "mlperf.log")
+    problems = [l for l in output.splitlines() if l.startswith(("WARNING", "ERROR"))]
+    assert status != 0 and problems[-1] == "ERROR - FAILED" and all("eval_accuracy" in p for p in problems[:-1]), \
+        output

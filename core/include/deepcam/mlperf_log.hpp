@@ -41,6 +41,12 @@ class DEEPCAM_API MlperfLog {
   void end(const std::string& key, const Json& value = Json(), Metadata metadata = {},
            CallSite site = {__builtin_FILE(), __builtin_LINE()});
 
+  // A run that fails mid-way closes what it had begun: each interval still
+  // open (an epoch, an evaluation, ...) but run_start ends here, innermost
+  // first, with its start's epoch_num and step_num. Returns the epoch_num
+  // of the last epoch_start, or a null Json before the first.
+  Json close_open_intervals(CallSite site = {__builtin_FILE(), __builtin_LINE()});
+
   bool enabled() const { return enabled_; }
   // Also prints every line to `out` (stdout on rank 0, as the reference's
   // logger does); nullptr stops it.
@@ -54,6 +60,8 @@ class DEEPCAM_API MlperfLog {
   std::FILE* echo_ = nullptr;
   std::string name_;
   bool failed_ = false;
+  std::vector<std::pair<std::string, Metadata>> open_;  // "<stem>_start" begun and not ended: stem, metadata
+  Json last_epoch_num_;
 };
 
 // "<path>: cannot write: <reason>", with what to do about a full disk or
