@@ -79,6 +79,7 @@ void save_checkpoint(const std::string& path, const CheckpointInfo& info, torch:
     c10::impl::GenericDict grads(c10::StringType::get(), c10::TensorType::get());
     for (const auto& [name, grad] : info.accumulated_gradients) grads.insert(name, grad.detach());
     top.insert("accumulated_gradients", grads);
+    if (info.accumulated_batches > 0) top.insert("accumulated_batches", info.accumulated_batches);
   }
   if (info.partial_accumulation_ranks > 0) top.insert("partial_accumulation_ranks", info.partial_accumulation_ranks);
   save_torch(path, top);
@@ -380,6 +381,9 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
 
   if (const auto ranks = f.find("partial_accumulation_ranks")) {
     info.partial_accumulation_ranks = f.count(*ranks, "partial_accumulation_ranks", kMost);
+  }
+  if (const auto batches = f.find("accumulated_batches")) {
+    info.accumulated_batches = f.count(*batches, "accumulated_batches", kMost);
   }
   if (const auto grads = f.find("accumulated_gradients"); grads && !options.weights_only) {
     std::map<std::string, at::Tensor> params;

@@ -1263,6 +1263,7 @@ class Engine {
       for (const auto& p : c_.model->module().named_parameters()) {
         if (p.value().grad().defined()) info.accumulated_gradients.emplace_back(p.key(), p.value().grad());
       }
+      info.accumulated_batches = step % k;
     } else if (partial) {
       info.partial_accumulation_ranks = comm_.size();
     }
@@ -1330,6 +1331,15 @@ class Engine {
       throw Error(fmt::format("{}: holds a partial gradient ('accumulated_gradients') at step {}, but {} divides that "
                               "step; resume with the gradient_accumulation_frequency of the run that wrote it",
                               path, info.step, key));
+    }
+    // The next update would add k - step % k batches to it: the sum of an
+    // uninterrupted run only if it holds step % k.
+    if (info.accumulated_batches > 0 && info.accumulated_batches != info.step % k) {
+      throw Error(fmt::format("{}: holds a partial gradient ('accumulated_gradients') summing {} batch{} at step {}, "
+                              "but with {} this run's next update would take it for the sum of {}; resume with the "
+                              "gradient_accumulation_frequency of the run that wrote it",
+                              path, info.accumulated_batches, info.accumulated_batches == 1 ? "" : "es", info.step,
+                              key, info.step % k));
     }
     // Under amp_fp16 the partial gradient is the scaled one, and may hold
     // an overflow that the next step skips; in another precision it is the

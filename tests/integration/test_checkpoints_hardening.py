@@ -356,6 +356,17 @@ def test_a_partial_gradient_with_another_accumulation_is_refused(tmp_path, data,
     assert f"{trained}: holds a partial gradient ('accumulated_gradients') at step 3" in r.stderr, r.stderr
 
 
+def test_a_partial_gradient_of_another_number_of_batches_is_refused(tmp_path, data, trained):
+    """Written at step 3 with k = 2, it sums 1 batch; with k = 4 the next update would take it for the sum of
+    3 and add 1 more. It was taken silently (an update of 2 batches where the run's others sum 4)."""
+    assert torch.load(trained, weights_only=True)["accumulated_batches"] == 1
+    r = resume(tmp_path, data, trained, gradient_accumulation_frequency=4)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert (f"{trained}: holds a partial gradient ('accumulated_gradients') summing 1 batch at step 3, but with "
+            "gradient_accumulation_frequency = 4") in r.stderr and "would take it for the sum of 3" in r.stderr, \
+        r.stderr[-2000:]
+
+
 def test_an_unscaled_partial_gradient_is_refused_under_amp_fp16(tmp_path, data, trained):
     r = resume(tmp_path, data, trained, precision="amp_fp16")
     assert r.returncode == 2, r.stderr[-2000:]

@@ -51,6 +51,12 @@ struct CheckpointInfo {
   // the reference does). Kept as "accumulated_gradients", a key the
   // reference ignores; empty when there is none.
   std::vector<std::pair<std::string, at::Tensor>> accumulated_gradients;
+  // How many batches that gradient sums (step modulo the writer's
+  // gradient_accumulation_frequency), kept as "accumulated_batches" (plugin
+  // ABI 6): a resume with another frequency would add to it as if it summed
+  // another number. 0 when not known (no partial gradient, or a file of an
+  // earlier version).
+  std::int64_t accumulated_batches = 0;
   // A run of more than one rank saved in the middle of an accumulation: the
   // ranks' partial gradients are not in the file (only rank 0 writes it), so
   // resuming from it is refused. Kept as "partial_accumulation_ranks"; 0 when none.
