@@ -514,6 +514,10 @@ class Engine {
 
     std::int64_t step = 0;       // batches trained, as the reference counts them
     std::int64_t first_epoch = 0;
+    if (run.string("resume").empty() && run.boolean("resume_weights_only") && comm_.rank() == 0) {
+      std::fprintf(stderr, "deepcam-host: note: %s = true does nothing without [run] resume: training starts from "
+                   "fresh weights\n", run.where("resume_weights_only").c_str());
+    }
     if (!run.string("resume").empty()) {
       const std::string& resume = run.string("resume");
       LoadOptions lo;
@@ -765,6 +769,10 @@ class Engine {
   }
 
   int evaluate(const std::string& checkpoint) {
+    if (const std::string& resume = cfg_.run.string("resume"); !resume.empty() && comm_.rank() == 0) {
+      std::fprintf(stderr, "deepcam-host: note: %s = \"%s\" is not used: --evaluate scores %s\n",
+                   cfg_.run.where("resume").c_str(), resume.c_str(), checkpoint.c_str());
+    }
     LoadOptions lo;
     lo.model = model_config();
     const CheckpointInfo info = load_checkpoint(checkpoint, c_.model->module(), nullptr, lo);

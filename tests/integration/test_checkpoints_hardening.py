@@ -599,3 +599,18 @@ def test_resuming_with_another_accumulation_names_where_it_was_set(tmp_path, dat
             "run.gradient_accumulation_frequency=2) does not divide, and holds no accumulated gradient (the run "
             "that wrote it accumulated over other batches, or it was not written by deepcam-host)") in r.stderr, \
         r.stderr
+
+
+def test_resume_keys_that_do_nothing_are_named(tmp_path, data, trained):
+    """resume_weights_only without a resume trained from fresh weights, and --evaluate with a [run] resume
+    scored its own checkpoint, neither with a word about the key."""
+    cfg = write_run(tmp_path / "fresh.toml", data, tmp_path / "fresh", run={**ODD, "resume_weights_only": True})
+    r = run_host(cfg, "--quiet")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert (f"note: {cfg}:" in r.stderr and "[run] resume_weights_only = true does nothing without [run] resume"
+            in r.stderr), r.stderr[-2000:]
+    cfg = write_run(tmp_path / "eval.toml", data, tmp_path / "eval", run={"resume": str(tmp_path / "other.pt")})
+    r = run_host(cfg, "--evaluate", trained, "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f'[run] resume = "{tmp_path / "other.pt"}" is not used: --evaluate scores {trained}' in r.stderr, \
+        r.stderr[-2000:]
