@@ -271,10 +271,14 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
 
   CheckpointInfo info;
   constexpr std::int64_t kMost = std::numeric_limits<std::int64_t>::max() / 4;
+  // 2^32 batches is years of training at any speed: a larger step is a
+  // damaged file, and a schedule resumed at it (cosine_annealing walks its
+  // recursion up to the step) would not start in any time.
+  constexpr std::int64_t kMostSteps = std::int64_t{1} << 32;
   const auto step = f.find("step");
   const auto epoch = f.find("epoch");
-  if (step) info.step = f.count(*step, "step", kMost);
-  if (epoch) info.epoch = f.count(*epoch, "epoch", kMost);
+  if (step) info.step = f.count(*step, "step", kMostSteps);
+  if (epoch) info.epoch = f.count(*epoch, "epoch", kMostSteps);
   if (epoch && !step) f.fail(fmt::format("'epoch' is {} but there is no 'step'", info.epoch));
   if (info.step < info.epoch) {
     f.fail(fmt::format("'step' is {} but 'epoch' is {}: every epoch takes at least one step", info.step, info.epoch));

@@ -122,6 +122,8 @@ BAD_FIELDS = {
     # Above int64's range: LibTorch's conversion failed as an internal error (exit 3), naming no field.
     "uint64_step": (set_to("step", torch.tensor(2 ** 63 + 5, dtype=torch.uint64)),
                     f"'step' is {2 ** 63 + 5}, expected an integer in 0.."),
+    # A cosine_annealing resume walked its recursion up to such a step, for ever, deaf to SIGTERM.
+    "step_beyond_any_run": (set_to("step", 10 ** 12), "'step' is 1000000000000, expected an integer in 0..4294967296"),
     "step_below_epoch": (set_to("epoch", 7), "'step' is 3 but 'epoch' is 7"),
     # Resumed at epoch 0, step 0 (or the epoch at 0) with the optimizer's state continuing.
     "no_step_nor_epoch": (lambda c: (c.pop("step"), c.pop("epoch")),
