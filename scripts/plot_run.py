@@ -114,6 +114,10 @@ class Run:
             self.target = run.get("target_iou") if isinstance(run, dict) else None
             if not isinstance(run, dict) or not (self.target is None or is_number(self.target) and finite(self.target)):
                 raise BadInput(f"{config}: [run] target_iou must be a finite number")
+        # train_loss is logged divided by gradient_accumulation_frequency, as the reference logs it; the
+        # loss of a batch (what the progress lines print) compares runs of every frequency.
+        frequency = [e.get("value") for e in events if e["key"] == "gradient_accumulation_frequency"]
+        k = frequency[0] if frequency and is_number(frequency[0]) and finite(frequency[0]) and frequency[0] > 0 else 1
         self.series = {}
         self.epochs = 0
         for key, _ in METRICS:
@@ -128,7 +132,8 @@ class Run:
                 epoch = meta.get("epoch_num", 0)
                 self.epochs = max(self.epochs, epoch if is_number(epoch) else 0)
                 # The engine logs a step's figures again at the end of an epoch: one point per step.
-                seen.setdefault(step, ((e["time_ms"] - self.run_start) / 1000, e["value"]))
+                value = e["value"] * k if key == "train_loss" else e["value"]
+                seen.setdefault(step, ((e["time_ms"] - self.run_start) / 1000, value))
             steps = sorted(seen)
             self.series[key] = (steps, [seen[s][0] for s in steps], [seen[s][1] for s in steps])
         if not any(self.series[k][0] for k, _ in METRICS):

@@ -214,3 +214,21 @@ def test_a_number_no_float_holds_is_named_with_its_line(two_runs, tmp_path):
         log.write_text("".join(lines[:at] + [changed] + lines[at + 1:]))
         refused(plot(log, "--out", tmp_path / "x.png"), f"{log}:{at + 1}:")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_train_loss_is_a_batchs_loss_whatever_the_accumulation(two_runs, tmp_path):
+    """The log's train_loss is divided by gradient_accumulation_frequency (as the reference logs it): runs
+    of different frequencies drew curves k times apart, and the progress lines print k times the log's."""
+    run = tmp_path / "k2"
+    run.mkdir()
+    text = (two_runs[0] / "mlperf.log").read_text()
+    edited = re.sub(r'("key": "gradient_accumulation_frequency", "value": )1\b', r"\g<1>2", text)
+    assert edited != text
+    (run / "mlperf.log").write_text(edited)
+    losses = [e["value"] for e in read_events(two_runs[0] / "mlperf.log") if e["key"] == "train_loss"]
+    r = plot(two_runs[0], run, "--out", tmp_path / "curves.png", "--dpi", 40)
+    assert r.returncode == 0, r.stdout + r.stderr
+    final = {l.split(":")[0]: float(re.search(r"final train loss ([0-9.]+)", l).group(1))
+             for l in r.stdout.splitlines() if "final train loss" in l}
+    assert final == {two_runs[0].name: pytest.approx(losses[-1], abs=1e-4),
+                     "k2": pytest.approx(2 * losses[-1], abs=1e-4)}, r.stdout
