@@ -159,11 +159,25 @@ RankLayout detect_ranks(const Environment& env) {
     }
     chosen = r;
   }
+  // srun gives each task of a step SLURM_STEP_NUM_TASKS; sbatch runs the
+  // script itself once, with SLURM_PROCID=0 and the job's SLURM_NTASKS, but
+  // without it. Taken for rank 0 of the job, that process would wait
+  // comm_timeout_s for ranks that nobody starts.
+  if (chosen && chosen->source == kSources[2].name && chosen->world_size > 1) {
+    const char* step = env("SLURM_STEP_NUM_TASKS");
+    if (!step || !*step) {
+      throw Error(fmt::format("environment variables {} and {} (Slurm), but no SLURM_STEP_NUM_TASKS: this process is "
+                              "the batch script's own, which sbatch runs once, not a task of an srun step; start "
+                              "the ranks with srun (one task per rank), or with deepcam-host --nproc N on one node",
+                              chosen->rank_variable, chosen->size_variable));
+    }
+  }
   return chosen ? *chosen : RankLayout{0, 1, 0, 1, "none", ""};
 }
 
 std::vector<std::string> outer_launcher_variables() {
-  std::vector<std::string> names{"SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NODEID"};
+  std::vector<std::string> names{"SLURM_STEP_NUM_TASKS", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE",
+                                 "SLURM_NODEID"};
   for (const Source& s : kSources) {
     if (&s == &kSources[0]) continue;  // torchrun's, which the nested launch sets
     for (const char* name : {s.rank, s.size, s.local_rank, s.local_size}) {

@@ -277,7 +277,7 @@ def test_slurm_variables_with_file_rendezvous(tmp_path, data, ranks):
     for rank in (0, 1):
         # No MASTER_ADDR/MASTER_PORT: the ranks can only meet through the file.
         env = clean_env(SLURM_PROCID=rank, SLURM_NTASKS=2, SLURM_LOCALID=rank, SLURM_TASKS_PER_NODE="2",
-                        SLURM_NODEID=0)
+                        SLURM_NODEID=0, SLURM_STEP_NUM_TASKS=2)
         ranks.start([HOST, run], env, f"rank{rank}")
     codes = ranks.wait_all()
     assert codes[0] in (0, 1) and codes[1] == codes[0], (codes, ranks.stderr("rank0")[-3000:],
@@ -342,13 +342,27 @@ def test_a_rendezvous_that_cannot_work_is_refused_on_one_rank_too_naming_where_i
     assert not out.exists()
 
 
+def test_a_batch_scripts_own_process_is_refused_at_once(tmp_path, data):
+    """sbatch --ntasks=4 running deepcam-host without srun: the script's process (SLURM_PROCID=0,
+    SLURM_NTASKS=4, no step) took itself for rank 0 of 4 and waited comm_timeout_s for the others."""
+    out = tmp_path / "out"
+    run = small_run(tmp_path / "run.toml", data, out, run={"comm_timeout_s": 600.0})
+    started = time.monotonic()
+    r = run_host(run, env=clean_env(SLURM_PROCID=0, SLURM_NTASKS=4, SLURM_JOB_ID=7), timeout=TIMEOUT)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert time.monotonic() - started < 60
+    assert ("SLURM_PROCID=0 and SLURM_NTASKS=4 (Slurm), but no SLURM_STEP_NUM_TASKS: this process is the batch "
+            "script's own") in r.stderr and "start the ranks with srun" in r.stderr, r.stderr[-3000:]
+    assert not out.exists()
+
+
 def test_a_rank_whose_others_never_come_names_its_variables_and_the_missing_ranks(tmp_path, data):
-    """A batch script's own process under Slurm (SLURM_PROCID=0, SLURM_NTASKS=4) takes itself for rank 0
-    of 4: the message names the variables that said so and the ranks that did not arrive."""
+    """A task of an srun step of 4 whose others never start takes itself for rank 0 of 4: the message names
+    the variables that said so and the ranks that did not arrive."""
     store = tmp_path / "store"
     run = small_run(tmp_path / "run.toml", data, tmp_path / "out",
                     run={"comm_timeout_s": 2.0, "rendezvous": f"file://{store}"})
-    r = run_host(run, env=clean_env(SLURM_PROCID=0, SLURM_NTASKS=4), timeout=TIMEOUT)
+    r = run_host(run, env=clean_env(SLURM_PROCID=0, SLURM_NTASKS=4, SLURM_STEP_NUM_TASKS=4), timeout=TIMEOUT)
     assert r.returncode == 2, r.stderr[-3000:]
     assert ("rank 0 of 4 (SLURM_PROCID=0 and SLURM_NTASKS=4, Slurm): could not meet the other ranks through "
             in r.stderr), r.stderr[-3000:]

@@ -49,10 +49,10 @@ TEST_CASE("each launcher's variables") {
                 {"OMPI_COMM_WORLD_LOCAL_SIZE", "3"}}),
         5, 6, 2, 3, "Open MPI");
   // SLURM_TASKS_PER_NODE lists every node; SLURM_NODEID picks this one.
-  check(detect({{"SLURM_PROCID", "8"}, {"SLURM_NTASKS", "11"}, {"SLURM_LOCALID", "0"},
+  check(detect({{"SLURM_PROCID", "8"}, {"SLURM_NTASKS", "11"}, {"SLURM_LOCALID", "0"}, {"SLURM_STEP_NUM_TASKS", "11"},
                 {"SLURM_TASKS_PER_NODE", "4(x2),3"}, {"SLURM_NODEID", "2"}}),
         8, 11, 0, 3, "Slurm");
-  check(detect({{"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "11"}, {"SLURM_LOCALID", "1"},
+  check(detect({{"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "11"}, {"SLURM_LOCALID", "1"}, {"SLURM_STEP_NUM_TASKS", "11"},
                 {"SLURM_TASKS_PER_NODE", "4(x2),3"}, {"SLURM_NODEID", "0"}}),
         1, 11, 1, 4, "Slurm");
   check(detect({{"PMI_RANK", "2"}, {"PMI_SIZE", "4"}, {"MPI_LOCALRANKID", "0"}, {"MPI_LOCALNRANKS", "2"}}), 2, 4, 0,
@@ -71,8 +71,21 @@ TEST_CASE("nested launchers: the first source in the order decides") {
                 {"OMPI_COMM_WORLD_LOCAL_SIZE", "4"}, {"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "1"}}),
         1, 4, 1, 4, "Open MPI");
   // srun with PMI: both say the same.
-  check(detect({{"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "2"}, {"PMI_RANK", "1"}, {"PMI_SIZE", "2"}}), 1, 2, -1, -1,
-        "Slurm");
+  check(detect({{"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "2"}, {"SLURM_STEP_NUM_TASKS", "2"}, {"PMI_RANK", "1"},
+                {"PMI_SIZE", "2"}}),
+        1, 2, -1, -1, "Slurm");
+}
+
+TEST_CASE("a batch script's own process is no rank of the job") {
+  // sbatch --ntasks=4 running deepcam-host without srun: SLURM_PROCID=0 and the
+  // job's SLURM_NTASKS, no step. It waited comm_timeout_s for ranks nobody starts.
+  const std::string batch = error_of({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "4"}, {"SLURM_NODEID", "0"},
+                                      {"SLURM_TASKS_PER_NODE", "4"}, {"SLURM_LOCALID", "0"}});
+  CHECK_MESSAGE(batch.find("SLURM_PROCID=0 and SLURM_NTASKS=4 (Slurm), but no SLURM_STEP_NUM_TASKS: this process is "
+                           "the batch script's own") != std::string::npos,
+                batch);
+  // A job of one task is one rank, step or not.
+  check(detect({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "1"}}), 0, 1, -1, -1, "Slurm");
 }
 
 TEST_CASE("torchrun inside a launch of the same size: torchrun's variables are current, not stale") {
@@ -142,14 +155,15 @@ TEST_CASE("Slurm's local size is the step's count on this node, not the count as
   const Vars second_node{{"SLURM_PROCID", "2"},          {"SLURM_NTASKS", "3"},
                          {"SLURM_LOCALID", "0"},         {"SLURM_NODEID", "1"},
                          {"SLURM_NTASKS_PER_NODE", "2"}, {"SLURM_STEP_TASKS_PER_NODE", "2,1"},
-                         {"SLURM_TASKS_PER_NODE", "2(x2)"}};
+                         {"SLURM_TASKS_PER_NODE", "2(x2)"}, {"SLURM_STEP_NUM_TASKS", "3"}};
   check(detect(second_node), 2, 3, 0, 1, "Slurm");
-  // Without the step's list (a batch script's own process), the job's.
+  // Without the step's list, the job's.
   Vars job = second_node;
   job.erase("SLURM_STEP_TASKS_PER_NODE");
   check(detect(job), 2, 3, 0, 2, "Slurm");
   // SLURM_NTASKS_PER_NODE alone says nothing of this node: the host names will.
-  check(detect({{"SLURM_PROCID", "4"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "0"}, {"SLURM_NTASKS_PER_NODE", "4"}}),
+  check(detect({{"SLURM_PROCID", "4"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "0"}, {"SLURM_NTASKS_PER_NODE", "4"},
+                {"SLURM_STEP_NUM_TASKS", "8"}}),
         4, 8, -1, -1, "Slurm");
   Vars bad = second_node;
   bad["SLURM_STEP_TASKS_PER_NODE"] = "2,x";
@@ -158,7 +172,7 @@ TEST_CASE("Slurm's local size is the step's count on this node, not the count as
 
 TEST_CASE("SLURM_TASKS_PER_NODE is read item by item, whole") {
   const auto on_node = [](const char* list, const char* node) {
-    return Vars{{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}, {"SLURM_LOCALID", "0"},
+    return Vars{{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}, {"SLURM_LOCALID", "0"}, {"SLURM_STEP_NUM_TASKS", "2"},
                 {"SLURM_TASKS_PER_NODE", list}, {"SLURM_NODEID", node}};
   };
   check(detect(on_node("2(x3),5,1(x2)", "3")), 0, 2, 0, 5, "Slurm");
