@@ -119,6 +119,15 @@ Rank rank_from_environment() {
     if (r.size < 1 || r.rank < 0 || r.rank >= r.size)
       throw Error(fmt::format("environment: {}={} and {}={}: the rank must be at least 0 and below the size",
                               rank_name, rank, size_name, size));
+    // As deepcam-host: srun gives each task of a step SLURM_STEP_NUM_TASKS,
+    // and a batch script's own process, which sbatch runs once, has none. It
+    // would convert a share of the samples and leave the set without stats.h5.
+    const char* step = std::getenv("SLURM_STEP_NUM_TASKS");
+    if (std::strcmp(rank_name, "SLURM_PROCID") == 0 && r.size > 1 && (!step || !*step))
+      throw Error(fmt::format("environment: {}={} and {}={} (Slurm), but no SLURM_STEP_NUM_TASKS: this process is the "
+                              "batch script's own, which sbatch runs once, not a task of an srun step; start the "
+                              "ranks with srun, or unset SLURM_NTASKS to convert with one process",
+                              rank_name, rank, size_name, size));
     return r;
   }
   return Rank{};
@@ -385,6 +394,7 @@ std::vector<ChannelScale> refuse_what_training_refuses(const fs::path& src, cons
 
 void run_convert(const ConvertOptions& o) {
   const auto start = std::chrono::steady_clock::now();
+  const Rank rank = rank_from_environment();  // before anything is made
   std::error_code ec;
   if (const std::string problem = not_a_directory(o.src); !problem.empty())
     throw Error(fmt::format("{}: {}; convert reads a data set root holding train/, validation/ and stats.h5",
@@ -451,7 +461,6 @@ void run_convert(const ConvertOptions& o) {
                               data, (o.src / split / ("data-" + x + ".h5")).string()));
     }
   }
-  const Rank rank = rank_from_environment();
   if (rank.size == 1) {
     remove_stale_temporaries(o.dst);
     for (const std::string& split : splits) remove_stale_temporaries(o.dst / split);

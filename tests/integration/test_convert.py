@@ -194,7 +194,8 @@ def test_ranks_split_the_samples(deepcam_data, source, tmp_path):
     proc = ok(run(deepcam_data, "convert", source, dst, env={"PMI_RANK": "0", "PMI_SIZE": "3"}))
     assert "rank 0 of 3" in proc.stderr and "the rank that finishes last copies stats.h5" in proc.stderr
     assert not (dst / "stats.h5").exists()  # rank 2's samples are missing
-    proc = ok(run(deepcam_data, "convert", source, dst, env={"SLURM_PROCID": "2", "SLURM_NTASKS": "3"}))
+    proc = ok(run(deepcam_data, "convert", source, dst,
+                  env={"SLURM_PROCID": "2", "SLURM_NTASKS": "3", "SLURM_STEP_NUM_TASKS": "3"}))
     assert "rank 2 of 3" in proc.stderr and "not all there yet" not in proc.stderr
     assert assert_converted(source, dst) == len(all_sources)
     assert (dst / "stats.h5").exists()  # the last rank to finish copied it
@@ -203,6 +204,10 @@ def test_ranks_split_the_samples(deepcam_data, source, tmp_path):
     one_line_error(proc, "SLURM_PROCID=3", "SLURM_NTASKS=3")
     proc = run(deepcam_data, "convert", source, tmp_path / "x", env={"PMI_RANK": "1"})
     one_line_error(proc, "PMI_RANK", "PMI_SIZE")
+    # sbatch running convert without srun: the script's own process converted a third and stopped.
+    proc = run(deepcam_data, "convert", source, tmp_path / "y", env={"SLURM_PROCID": "0", "SLURM_NTASKS": "3"})
+    one_line_error(proc, "SLURM_PROCID=0", "no SLURM_STEP_NUM_TASKS", "batch script's own")
+    assert not (tmp_path / "y").exists()
 
 
 def test_resume_skips_valid_pairs_and_redoes_broken_ones(deepcam_data, source, tmp_path):
