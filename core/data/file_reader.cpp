@@ -1,15 +1,18 @@
 #include "deepcam/file_reader.hpp"
 
 #include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
 #include <fmt/format.h>
 
 #include <fcntl.h>
+#include <sys/sysinfo.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <exception>
 #include <filesystem>
+#include <new>
 #include <mutex>
 #include <sstream>
 #include <utility>
@@ -157,13 +160,58 @@ struct FileReader::Impl {
     return file_format->list_split((fs::path(context.data_root) / split).string(), split);
   }
   void read_stats();
+
+  // What a batch of `samples` needs in the pools' buffers: selected
+  // channels as float32, labels as int64. A long double, because a
+  // header may declare a shape whose byte count no integer holds.
+  long double batch_bytes(std::int64_t samples) const {
+    const long double pixels = static_cast<long double>(shape.height) * static_cast<long double>(shape.width);
+    const auto channels = static_cast<long double>(context.channels.size());
+    return static_cast<long double>(samples) * pixels * (channels * sizeof(float) + sizeof(std::int64_t));
+  }
+  // The batch the buffers hold for a split: its batch size, though no
+  // more than this rank's part of the split (as next() allocates).
+  std::int64_t capacity(Split s) const {
+    const std::int64_t batch_size = s == Split::Train ? context.train_batch_size : context.validation_batch_size;
+    const std::int64_t n = static_cast<std::int64_t>(files_of(s).front().size());
+    const std::int64_t local = s == Split::Train ? sharding->local_samples()
+                                                 : n / context.world_size + (context.rank < n % context.world_size);
+    return std::min<std::int64_t>(batch_size, local);
+  }
+  std::string batch_memory_message(Split s, std::int64_t samples, const std::string& cause) const {
+    return fmt::format("{}: {} declares samples of shape {}, and a batch of {} samples of it needs {:.0f} bytes "
+                       "({:.1f} GB); {}; check that file (the first training file fixes every sample's shape) "
+                       "or lower [run] {}_batch_size",
+                       format.name, shape_source, shape_text({shape.height, shape.width, shape.channels}), samples,
+                       batch_bytes(samples), batch_bytes(samples) / 1e9L, cause, to_string(s));
+  }
+  void check_batch_memory() const;
 };
+
+// A batch no machine of this size can hold is refused here, before the run
+// starts, rather than as an allocation failure at the first step. Memory is
+// physical memory and swap: a batch is written whole, so overcommitting
+// cannot help. (A smaller limit, a cgroup's say, shows as an allocation
+// failure in next(), with the same message.)
+void FileReader::Impl::check_batch_memory() const {
+  struct sysinfo info {};
+  if (::sysinfo(&info) != 0) return;
+  const long double memory = (static_cast<long double>(info.totalram) + static_cast<long double>(info.totalswap)) *
+                             static_cast<long double>(info.mem_unit);
+  for (const Split split : {Split::Train, Split::Validation}) {
+    const std::int64_t samples = capacity(split);
+    if (batch_bytes(samples) > memory)
+      throw Error(batch_memory_message(
+          split, samples, fmt::format("this machine has {:.0f} bytes of memory and swap ({:.1f} GB)", memory, memory / 1e9L)));
+  }
+}
 
 void FileReader::Impl::read_stats() {
   const std::string path = (fs::path(context.data_root) / "stats.h5").string();
-  std::error_code ec;
-  if (!fs::is_regular_file(path, ec))
-    throw Error(path + ": no such file; the data root must hold stats.h5" + format.stats_hint);
+  // The rule deepcam-data verify applies too (deepcam/data_set.hpp): a
+  // directory or FIFO is called what it is, not missing.
+  if (const std::string problem = stats_file_problem(context.data_root); !problem.empty())
+    throw Error(problem + format.stats_hint);
   const auto channels = static_cast<std::uint64_t>(shape.channels);
   std::vector<double> minval(channels), maxval(channels);
   h5::StoredType types[2];
@@ -244,9 +292,12 @@ FileReader::FileReader(const ReaderContext& context, Format format,
   s.shape = s.file_format->read_shape(s.shape_source);
   for (const std::int64_t c : context.channels) {
     if (c < 0 || c >= s.shape.channels)
-      throw Error(name + ": channel " + std::to_string(c) + " selected, but " + s.shape_source +
-                  " has channels 0.." + std::to_string(s.shape.channels - 1));
+      throw Error(name + ": [data] channels selects channel " + std::to_string(c) + ", but " + s.shape_source +
+                  " has channels 0.." + std::to_string(s.shape.channels - 1) +
+                  " (the first training file fixes every sample's shape); [data] channels (all 16 unless "
+                  "set) must name channels the data has");
   }
+  s.check_batch_memory();
   s.read_stats();
 
   s.pool = std::make_unique<WorkerPool>(s.format.threads);
@@ -298,10 +349,17 @@ bool FileReader::next(Batch& batch) {
   const auto capacity = std::min<std::int64_t>(batch_size, static_cast<std::int64_t>(s.order.size()));
   // channels_last: each sample (H, W, C) in its place, the batch a
   // (B, C, H, W) view with channels_last strides.
-  const at::Tensor data_buffer = s.data_pool.take(
-      capacity, s.channels_last ? std::vector<std::int64_t>{h, w, c} : std::vector<std::int64_t>{c, h, w},
-      at::kFloat);
-  const at::Tensor labels_buffer = s.labels_pool.take(capacity, {h, w}, at::kLong);
+  at::Tensor data_buffer, labels_buffer;
+  try {
+    data_buffer = s.data_pool.take(
+        capacity, s.channels_last ? std::vector<std::int64_t>{h, w, c} : std::vector<std::int64_t>{c, h, w},
+        at::kFloat);
+    labels_buffer = s.labels_pool.take(capacity, {h, w}, at::kLong);
+  } catch (const c10::Error& e) {
+    throw Error(s.batch_memory_message(s.split, capacity, fmt::format("allocating it failed: {}", e.what_without_backtrace())));
+  } catch (const std::bad_alloc&) {
+    throw Error(s.batch_memory_message(s.split, capacity, "allocating it failed (out of memory)"));
+  }
   float* data_out = data_buffer.data_ptr<float>();
   std::int64_t* labels_out = labels_buffer.data_ptr<std::int64_t>();
   const std::size_t first = s.position;

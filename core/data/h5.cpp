@@ -110,11 +110,18 @@ herr_t keep_innermost(unsigned n, const H5E_error2_t* err, void* data) {
   return 0;
 }
 
+herr_t keep_all(unsigned, const H5E_error2_t* err, void* data) {
+  if (err->desc) *static_cast<std::string*>(data) += std::string(err->desc) + "\n";
+  return 0;
+}
+
 // The innermost message of this thread's error stack (where HDF5 first
-// noticed the problem), on one line; the stack is cleared.
-std::string hdf5_cause() {
+// noticed the problem), on one line; the stack is cleared. `whole`, if
+// given, gets every message of the stack, for a cause that shows anywhere.
+std::string hdf5_cause(std::string* whole = nullptr) {
   std::string cause;
   H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, keep_innermost, &cause);
+  if (whole) H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, keep_all, whole);
   H5Eclear2(H5E_DEFAULT);
   for (char& c : cause)
     if (c == '\n' || c == '\r') c = ' ';
@@ -133,6 +140,42 @@ std::string hdf5_cause() {
     H5Eclear2(H5E_DEFAULT);
   }
   throw Error(message);
+}
+
+// A filter (compression) in the dataset's pipeline that this HDF5 library
+// lacks, as the cause of a failed read: "" when every filter is there. Such
+// a file is intact, only not readable here (h5py's LZF, for one, is a
+// filter h5py brings, not HDF5).
+std::string missing_filter(hid_t dataset) {
+  std::string missing;
+  Handle dcpl(H5Dget_create_plist(dataset), H5Pclose);
+  const int filters = dcpl.valid() ? H5Pget_nfilters(dcpl.get()) : 0;
+  for (int i = 0; i < filters && missing.empty(); ++i) {
+    unsigned flags = 0, config = 0;
+    std::size_t values = 0;
+    char name[256] = {};
+    const H5Z_filter_t id = H5Pget_filter2(dcpl.get(), static_cast<unsigned>(i), &flags, &values, nullptr,
+                                           sizeof name, name, &config);
+    if (id < 0 || H5Zfilter_avail(id) > 0) continue;
+    const std::string named = name[0] ? fmt::format("'{}' (HDF5 filter {})", name, id) : fmt::format("{}", id);
+    missing = fmt::format("compressed with filter {}, which this program's HDF5 library lacks, so it cannot "
+                          "decompress it (the file is not damaged); rewrite the file uncompressed with "
+                          "h5repack -f NONE src.h5 dst.h5, or make the filter's plugin available through "
+                          "HDF5_PLUGIN_PATH",
+                          named);
+  }
+  H5Eclear2(H5E_DEFAULT);
+  return missing;
+}
+
+// H5Dread of a dataset failed: a missing filter is named as the cause, and
+// anything else is taken for damage.
+[[noreturn]] void fail_read(hid_t dataset, const std::string& path, const std::string& name,
+                            const std::string& what) {
+  const std::string cause = hdf5_cause();  // before the filter queries clear the stack
+  if (const std::string filter = missing_filter(dataset); !filter.empty()) fail(path, name, filter, false);
+  throw Error(fmt::format("{}: dataset {}: {} (damaged or truncated file?){}", path, name, what,
+                          cause.empty() ? "" : fmt::format(" (HDF5: {})", cause)));
 }
 
 std::string shape_text(const Shape& shape) {
@@ -571,7 +614,7 @@ void read_as(std::int64_t id, int fd, const std::string& path, const std::string
     direct = direct_plan(dataset.get(), fd, count, path, name);
     if (!direct.usable || !exact_into<T>(direct.type)) {
       if (H5Dread(dataset.get(), memory_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0)
-        fail(path, name, fmt::format("cannot read as {} (damaged or truncated file?)", type_name));
+        fail_read(dataset.get(), path, name, fmt::format("cannot read as {}", type_name));
       return;
     }
   }
@@ -609,7 +652,25 @@ File File::open(const std::string& path) {
   if (is_hdf5 == 0) fail(path, "", "not an HDF5 file (no HDF5 signature found)", false);
   if (is_hdf5 < 0) fail(path, "", "cannot read the file");
   const hid_t id = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
-  if (id < 0) fail(path, "", "cannot open the HDF5 file (truncated or damaged?)");
+  if (id < 0) {
+    // HDF5 locks a file it opens (flock, shared to read, exclusive to
+    // write): a lock it cannot take is no damage. Its message names the
+    // errno, EWOULDBLOCK when another process holds the file for writing.
+    std::string stack;
+    const std::string cause = hdf5_cause(&stack);
+    const std::string with_cause = cause.empty() ? "" : fmt::format(" (HDF5: {})", cause);
+    if (stack.find("unable to lock file") != std::string::npos) {
+      if (stack.find(fmt::format("errno = {},", EWOULDBLOCK)) != std::string::npos)
+        throw Error(fmt::format("{}: locked by another process, which has it open for writing (HDF5 file "
+                                "locking); wait until it closes the file, or, if nothing changes the file, set "
+                                "HDF5_USE_FILE_LOCKING=FALSE to read it without the lock, as HDF5 documents{}",
+                                path, with_cause));
+      throw Error(fmt::format("{}: HDF5 cannot lock the file (the file system may not support locking); set "
+                              "HDF5_USE_FILE_LOCKING=FALSE to read it without the lock, as HDF5 documents{}",
+                              path, with_cause));
+    }
+    throw Error(fmt::format("{}: cannot open the HDF5 file (truncated or damaged?){}", path, with_cause));
+  }
   return File(path, id, duplicate_descriptor(id));
 }
 
@@ -733,7 +794,7 @@ void File::read_stored(const std::string& dataset, void* out, std::size_t bytes)
       if (!memory.valid() || H5Tset_order(memory.get(), kBigEndianHost ? H5T_ORDER_BE : H5T_ORDER_LE) < 0)
         fail(path_, dataset, "cannot set up its memory type");
       if (H5Dread(handle.get(), memory.get(), H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0)
-        fail(path_, dataset, fmt::format("cannot read in {} (damaged or truncated file?)", as));
+        fail_read(handle.get(), path_, dataset, fmt::format("cannot read in {}", as));
       return;
     }
   }

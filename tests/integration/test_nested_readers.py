@@ -145,6 +145,33 @@ def test_set_reaches_into_the_nested_table(tmp_path, data):
             "did you mean 'threads'?") in msg
 
 
+
+@pytest.mark.parametrize("key,value", [("shuffle_mode", "gpu"), ("shuffle_mode", "global"),
+                                       ("data_oversampling_factor", 2)])
+def test_the_training_order_keys_of_the_source_table_are_refused(tmp_path, data, key, value):
+    """Under prefetch, the prefetch reader orders the samples: a source's own shuffle_mode or
+    data_oversampling_factor would be ignored, so a value set there is refused, naming where."""
+    source = {"name": "npy", "threads": 1}
+    msg = refused(tmp_path, data, **{"reader.source": dict(source, **{key: value})})
+    line = line_of(tmp_path / "run.toml", f"{key} =")
+    assert f"run.toml:{line} [reader.source] {key}: " in msg, msg
+    assert f"set {key} in [reader]" in msg, msg
+    setting = f"reader.source.{key}=" + (f'"{value}"' if isinstance(value, str) else str(value))
+    msg = refused(tmp_path, data, "--set", setting, **{"reader.source": source})
+    assert f"--set {setting}: " in msg and f"set {key} in [reader]" in msg, msg
+
+
+def test_deepcam_data_read_speaks_as_itself_when_staging(tmp_path, data):
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    run = prefetch_run(tmp_path, data, reader={"stage_dir": str(stage)})
+    r = subprocess.run([str(HOST.parent / "deepcam-data"), "read", str(run)], capture_output=True, text=True,
+                       env=plugin_env(), timeout=600)
+    assert r.returncode == 0, r.stderr
+    staged = [l for l in r.stderr.splitlines() if " staged " in l]
+    assert len(staged) == 1 and staged[0].startswith(f"deepcam-data: staged 12 files"), r.stderr
+    assert "deepcam-host" not in r.stderr, r.stderr
+
 def read_log(path):
     return [json.loads(l.split(":::MLLOG ", 1)[1]) for l in path.read_text().splitlines() if ":::MLLOG" in l]
 

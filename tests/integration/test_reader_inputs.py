@@ -389,3 +389,165 @@ def test_warm_batches_reuse_their_buffers_and_stay_correct(tmp_path, data, reade
     # 14-15 a batch here and at most 35 seen; npy reads with pread and sees none.
     faults = [b["minor_faults"] for b in warm]
     assert max(faults) < (60 if reader == "hdf5" else 20), faults
+
+
+# ---- what a reader cannot read, named ------------------------------------------------------------
+
+def write_huge_npy(path, shape):
+    """An npy file whose valid header declares `shape` (float32): sparse, so that its apparent size
+    costs no disk."""
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': %s, }" % (tuple(shape),)
+    header += " " * ((64 - (10 + len(header) + 1) % 64) % 64) + "\n"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode())
+    with open(path, "r+b") as f:
+        f.truncate(10 + len(header) + int(np.prod(shape)) * 4)
+
+
+@pytest.mark.parametrize("reader", ["npy", "prefetch-npy"])
+def test_a_sample_too_large_for_memory_is_refused_naming_file_bytes_and_batch(tmp_path, data, reader):
+    from helpers import run_host
+    root = tmp_path / "huge"
+    shutil.copytree(data["npy", "float32"], root)
+    first = sorted((root / "train").glob("data-*.npy"))[0]
+    shape = (200000, 200000, 16)
+    write_huge_npy(first, shape)
+    assert first.stat().st_blocks * 512 < 1 << 20, "the test must take no disk"
+    run = run_file(tmp_path, root, reader, run={"train_batch_size": 2})
+    r = run_host(run)
+    # Bad input, not an internal error with a C++ backtrace.
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "frame #" not in r.stderr and "internal error" not in r.stderr, r.stderr[-3000:]
+    batch_bytes = 2 * (16 * 200000 * 200000 * 4 + 200000 * 200000 * 8)
+    line = next(l for l in r.stderr.splitlines() if l.startswith("deepcam-host:"))
+    assert str(first) in line and f"{batch_bytes} bytes" in line and "a batch of 2 samples" in line, line
+    assert "(200000, 200000, 16)" in line, line
+
+
+def as_integers(x, dtype):
+    info = np.iinfo(dtype)
+    return np.clip(np.rint(x), info.min, info.max).astype(dtype)
+
+
+@pytest.mark.parametrize("reader", ["npy", "prefetch-npy"])
+def test_a_batch_the_allocator_refuses_is_named_not_a_backtrace(tmp_path, data, reader):
+    """A batch the machine could hold, but this process may not (a data limit, as ulimit or a batch system
+    sets one): the allocation fails in next() or in the prefetch reader's ring, and says so as the check at
+    construction does."""
+    import os
+    import resource
+    root = tmp_path / "large"
+    shutil.copytree(data["npy", "float32"], root)
+    first = sorted((root / "train").glob("data-*.npy"))[0]
+    write_huge_npy(first, (4000, 4000, 16))
+    run = run_file(tmp_path, root, reader, run={"train_batch_size": 2})
+    batch_bytes = 2 * 4000 * 4000 * (16 * 4 + 8)
+
+    def limit_data():
+        # Private writable memory (malloc'd buffers), not the libraries' mapped code.
+        resource.setrlimit(resource.RLIMIT_DATA, (1 << 30, 1 << 30))
+
+    r = subprocess.run([str(DATA_TOOL), "read", str(run)], capture_output=True, text=True, env=plugin_env(),
+                       preexec_fn=limit_data, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "frame #" not in r.stderr, r.stderr[-3000:]
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("deepcam-data: "), r.stderr[-3000:]
+    assert str(first) in lines[0] and f"{batch_bytes} bytes" in lines[0], lines[0]
+    assert "a batch of 2 samples" in lines[0] and "train_batch_size" in lines[0], lines[0]
+    if os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") > batch_bytes:
+        assert "allocating it failed" in lines[0], lines[0]
+
+@pytest.mark.parametrize("dtype", ["int32", "int16", "uint8", "int64"])
+@pytest.mark.parametrize("reader", ["hdf5", "npy", "prefetch-npy"])
+def test_integer_data_is_read_converted(tmp_path, data, reader, dtype):
+    """The readers convert each file's own dtype: integer data too, in the npy reader as in the hdf5
+    reader (test_verify.py: verify passes it, and training reads it)."""
+    fmt = READERS[reader][0]
+    root = tmp_path / "int"
+    shutil.copytree(data[fmt, "float32"], root)
+    target = validation_files(root, fmt)[1]
+    if fmt == "h5":
+        with h5py.File(target, "r") as f:
+            x, y = f["climate/data"][...], f["climate/labels_0"][...]
+        target.unlink()
+        with h5py.File(target, "w") as f:
+            f["climate/data"] = as_integers(x, dtype)
+            f["climate/labels_0"] = y
+    else:
+        np.save(target, as_integers(np.load(target), dtype))
+    run = run_file(tmp_path, root, reader, run={"validation_batch_size": 4})
+    got = batches(run, tmp_path / "batches", "--split", "validation")
+    assert [b["shape"][0] for b in got] == [4]
+    x = np.load(tmp_path / "batches" / "e0-b0-data.npy")
+    want_x, _ = expected_batch(validation_files(root, fmt), root / "stats.h5", list(range(CHANNELS)), fmt)
+    assert np.array_equal(x.view(np.uint32), want_x.view(np.uint32))
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+@pytest.mark.parametrize("reader", ["hdf5", "npy"])
+def test_stats_that_is_not_a_file_is_named_for_what_it_is(tmp_path, data, reader, kind):
+    import os
+    fmt = READERS[reader][0]
+    root = tmp_path / "stats"
+    shutil.copytree(data[fmt, "float32"], root)
+    (root / "stats.h5").unlink()
+    if kind == "directory":
+        (root / "stats.h5").mkdir()
+    else:
+        os.mkfifo(root / "stats.h5")
+    r = probe(run_file(tmp_path, root, reader), tmp_path / "batches")
+    assert r.returncode == 2, r.stderr
+    what = "a directory" if kind == "directory" else "a FIFO (named pipe)"
+    assert f"{root / 'stats.h5'}: is {what}, not a file; the data root must hold stats.h5" in r.stderr, r.stderr
+    assert "no such file" not in r.stderr
+
+
+def test_a_channel_beyond_the_data_names_the_key(tmp_path, data):
+    root = tmp_path / "chan8"
+    shutil.copytree(data["h5", "float32"], root)
+    first = sorted((root / "train").glob("data-*.h5"))[0]
+    with h5py.File(first, "r") as f:
+        x, y = f["climate/data"][...], f["climate/labels_0"][...]
+    first.unlink()
+    with h5py.File(first, "w") as f:
+        f["climate/data"] = x[:, :, :8]
+        f["climate/labels_0"] = y
+    r = probe(run_file(tmp_path, root, "hdf5"), tmp_path / "batches")
+    assert r.returncode == 2, r.stderr
+    assert f"[data] channels selects channel 8, but {first} has channels 0..7" in r.stderr, r.stderr
+
+
+def test_a_compression_filter_hdf5_lacks_is_named_not_called_damage(tmp_path, data):
+    root = tmp_path / "lzf"
+    shutil.copytree(data["h5", "float32"], root)
+    target = validation_files(root, "h5")[1]
+    with h5py.File(target, "r") as f:
+        x, y = f["climate/data"][...], f["climate/labels_0"][...]
+    target.unlink()
+    with h5py.File(target, "w") as f:
+        f.create_dataset("climate/data", data=x, compression="lzf")
+        f["climate/labels_0"] = y
+    r = probe(run_file(tmp_path, root, "hdf5"), tmp_path / "batches", "--split", "validation")
+    assert r.returncode == 2, r.stderr
+    assert f"{target}: dataset climate/data: compressed with filter 'lzf' (HDF5 filter 32000)" in r.stderr, r.stderr
+    assert "h5repack -f NONE" in r.stderr and "damaged or truncated" not in r.stderr, r.stderr
+
+
+def test_a_file_another_process_holds_locked_is_named_not_called_damage(tmp_path, data):
+    import sys
+    root = tmp_path / "lock"
+    shutil.copytree(data["h5", "float32"], root)
+    target = sorted((root / "train").glob("data-*.h5"))[0]
+    # h5py opening a file for writing takes HDF5's exclusive lock on it until it closes the file.
+    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys; h = h5py.File(sys.argv[1], 'r+'); "
+                               "print('open', flush=True); sys.stdin.read()", str(target)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        r = probe(run_file(tmp_path, root, "hdf5"), tmp_path / "batches")
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert f"{target}: locked by another process" in r.stderr, r.stderr
+    assert "HDF5_USE_FILE_LOCKING=FALSE" in r.stderr and "damaged" not in r.stderr, r.stderr

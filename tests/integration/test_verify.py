@@ -194,6 +194,22 @@ def test_samples_storing_other_dtypes_pass_as_the_readers_read_them(deepcam_data
                                                 "other npy samples'", "data (32, 48, 16) float32"))
 
 
+
+@pytest.mark.parametrize("dtype", ["int32", "uint8"])
+def test_integer_npy_data_that_verify_passes_the_npy_reader_reads(deepcam_data, good_sets, tmp_path, dtype):
+    """verify passes integer data (the readers convert each file's own dtype); the npy reader refused it."""
+    from helpers import plugin_env, write_run
+    root = copy_of(good_sets[1], tmp_path)
+    data = first(root, "train/data-*.npy")
+    info = np.iinfo(dtype)
+    np.save(data, np.clip(np.rint(np.load(data)), info.min, info.max).astype(dtype))
+    ok(run(deepcam_data, "verify", root))
+    config = write_run(tmp_path / "run.toml", root, tmp_path / "out", reader={"name": "npy", "threads": 1})
+    r = subprocess.run([str(deepcam_data), "read", str(config)], capture_output=True, text=True, env=plugin_env(),
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "dtype" not in r.stderr, r.stderr
+
 def test_stats(deepcam_data, good_sets, tmp_path):
     root = copy_of(good_sets[1], tmp_path)
     (root / "stats.h5").unlink()

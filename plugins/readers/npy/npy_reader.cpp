@@ -322,16 +322,15 @@ void NpyFormat::decode_data(const FileReader& reader, const std::string& path,
   if (header.shape != expected)
     throw Error(path + ": holds an array of shape " + shape_text(header.shape) + ", expected " +
                 shape_text(expected) + " (height, width, channel) as in " + reader.shape_source());
-  if (header.dtype != npy::DType::Float16 && header.dtype != npy::DType::Float32 &&
-      header.dtype != npy::DType::Float64)
-    throw Error(path + ": data of dtype " + npy::to_string(header.dtype) +
-                "; DeepCAM input fields are float16, float32 or float64");
   const unsigned char* payload = bytes + header.data_offset;
   const std::int64_t count = height * width * file_channels;
   const float* raw;
   // Native C-order float32, as numpy writes it, is used in place (no copy).
   // Anything else goes through npy::convert, which also puts Fortran-order
-  // arrays into C order, so `raw` is (H, W, C) in C order either way.
+  // arrays into C order, so `raw` is (H, W, C) in C order either way. Any
+  // dtype npy::convert reads is taken, integers included: the hdf5 reader
+  // converts integer data too, and deepcam-data verify passes what
+  // npy::convert reads, so verify and training agree on a data set.
   if (header.dtype == npy::DType::Float32 && !header.big_endian && !header.fortran_order &&
       reinterpret_cast<std::uintptr_t>(payload) % alignof(float) == 0) {
     raw = reinterpret_cast<const float*>(payload);

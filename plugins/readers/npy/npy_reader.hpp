@@ -1,8 +1,8 @@
 // Description
 //   Reads the numpy variant of the DeepCAM data set (SPEC 1.5): per sample
 //   `<split>/data-X.npy` (height, width, channel) and `<split>/label-X.npy`
-//   (height, width), any float16/32/64 data and any integer, bool or float
-//   label dtype, either byte order, C or Fortran order, format 1.0, 2.0 or
+//   (height, width), data and labels of any integer, bool or float dtype
+//   (data converted to float32, as the hdf5 reader converts it), either byte order, C or Fortran order, format 1.0, 2.0 or
 //   3.0, with `<data_root>/stats.h5` beside the splits. Channel selection,
 //   min/max normalisation and transposition to (C, H, W) are those of the
 //   hdf5 reader (SPEC 1.4): the same data gives the same batches bit for bit.

@@ -418,10 +418,10 @@ TEST_CASE("bad samples are refused by next() with the file named, in every io mo
     CHECK(contains(e, "'<c8' is not supported"));  // the npy layer names what it refuses
     restore();
 
+    // Integer data is no bad sample: converted, as the hdf5 reader converts
+    // it and as deepcam-data verify passes it.
     fs::copy_file(bad / "int32.npy", data, fs::copy_options::overwrite_existing);
-    CHECK(contains(error_of([&] { read_validation(); }),
-                   data + ": data of dtype int32; DeepCAM input fields are float16, float32 or "
-                          "float64"));
+    CHECK(error_of([&] { read_validation(); }) == "(no deepcam::Error thrown)");
     restore();
 
     fs::copy_file(bad / "nan.npy", data, fs::copy_options::overwrite_existing);

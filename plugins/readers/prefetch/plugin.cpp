@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include <memory>
+#include <string>
 
 #include "deepcam/error.hpp"
 #include "deepcam/plugin_loader.hpp"
@@ -32,6 +33,23 @@ std::unique_ptr<deepcam::Reader> make(const deepcam::Params& params, const deepc
   const auto source = params.plugin_shared("source");
   if (!source->descriptor || !source->descriptor->make_reader) {
     throw deepcam::Error(fmt::format("{} source: {} is not a reader plugin", params.where(), source->path));
+  }
+  // The prefetch reader orders the samples itself (its own shuffle_mode and
+  // data_oversampling_factor) and asks its source for samples by index: a
+  // source's own order keys would be ignored, so a value set for them is
+  // refused. A default filled in is no one's choice; its where() says so.
+  const std::string table = params.where().substr(params.where().rfind(" [") + 1);  // "[reader]"
+  const std::string kDefault = " (default)";
+  for (const char* key : {"shuffle_mode", "data_oversampling_factor"}) {
+    const auto& set = source->params.sources();
+    const auto it = set.find(key);
+    if (it == set.end()) continue;
+    const std::string& where = it->second;
+    if (where.size() >= kDefault.size() && where.compare(where.size() - kDefault.size(), kDefault.size(), kDefault) == 0)
+      continue;
+    throw deepcam::Error(fmt::format("{}: the prefetch reader decides the training order, and its source's {} "
+                                     "would be ignored; set {} in {} (the prefetch reader's table) instead",
+                                     where, key, key, table));
   }
   // What the nested factory throws names the nested plugin's file, as the
   // host's own factory calls do (build_plugged).

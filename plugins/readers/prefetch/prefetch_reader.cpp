@@ -2,7 +2,10 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
 #include <fmt/format.h>
+
+#include <errno.h>  // program_invocation_short_name
 
 #include <algorithm>
 #include <chrono>
@@ -11,6 +14,7 @@
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <new>
 #include <system_error>
 #include <thread>
 #include <typeinfo>
@@ -159,6 +163,7 @@ struct PrefetchReader::Impl {
   PrefetchOptions options;
   std::unique_ptr<TrainingSharding> sharding;
   std::int64_t channels = 0, height = 0, width = 0;
+  std::string shape_source;  // the file that fixed the sample shape, when the source is a file reader
   std::unique_ptr<StagingArea> staging;
   std::vector<std::vector<std::string>> staged[2];  // per split, by sample index; empty: not staged
   std::unordered_map<std::string, std::string> origin;  // staged copy -> the file it copies
@@ -278,7 +283,8 @@ struct PrefetchReader::Impl {
     if (context.rank == 0) {
       const std::string shared =
           shares_staging() ? fmt::format(", one copy for the node's {} ranks", context.node_group->size()) : "";
-      std::fprintf(stderr, "deepcam-host: staged %llu files (%.1f MB) to %s in %.1f s%s\n",
+      // Named as the running tool (deepcam-host, deepcam-data read), as its own lines are.
+      std::fprintf(stderr, "%s: staged %llu files (%.1f MB) to %s in %.1f s%s\n", program_invocation_short_name,
                    static_cast<unsigned long long>(files), static_cast<double>(bytes) / 1e6, staging->dir().c_str(),
                    seconds, shared.c_str());
     }
@@ -520,21 +526,38 @@ struct PrefetchReader::Impl {
     slot.pending = 0;
     slot.ready = false;
     slot.failure = nullptr;
+    // A whole batch, though no more than the stream's samples, however
+    // large the batch size that the run file allows.
+    const std::int64_t need = std::min<std::int64_t>(st.batch_size, static_cast<std::int64_t>(st.order.size()));
+    const std::int64_t capacity = std::max<std::int64_t>(need, slot.data.defined() ? slot.data.size(0) : 0);
     try {
-      // A whole batch, though no more than the stream's samples, however
-      // large the batch size that the run file allows.
-      const std::int64_t need = std::min<std::int64_t>(st.batch_size, static_cast<std::int64_t>(st.order.size()));
       if (!slot.data.defined() || slot.data.size(0) < need || shared(slot.data) || shared(slot.labels)) {
-        const std::int64_t capacity = std::max<std::int64_t>(need, slot.data.defined() ? slot.data.size(0) : 0);
         slot.data = copier.host_buffer({capacity, channels, height, width}, at::kFloat);
         slot.labels = copier.host_buffer({capacity, height, width}, at::kLong);
       } else {
         copier.wait_reusable(s);
       }
+    } catch (const c10::Error& e) {
+      slot.failure = std::make_exception_ptr(allocation_failure(st.split, capacity, e.what_without_backtrace()));
+    } catch (const std::bad_alloc&) {
+      slot.failure = std::make_exception_ptr(allocation_failure(st.split, capacity, "out of memory"));
     } catch (...) {
       slot.failure = std::current_exception();
     }
     return s;
+  }
+
+  // A batch buffer that could not be allocated, as an error that says what
+  // it needed and why (the allocator's own message carries a C++ backtrace).
+  Error allocation_failure(Split split, std::int64_t samples, const std::string& cause) const {
+    const long double bytes = static_cast<long double>(samples) * static_cast<long double>(height) *
+                              static_cast<long double>(width) *
+                              (static_cast<long double>(channels) * sizeof(float) + sizeof(std::int64_t));
+    const std::string declared = shape_source.empty() ? "" : fmt::format(" (as {} declares)", shape_source);
+    return Error(fmt::format("{}: a batch of {} samples of shape ({}, {}, {}){} needs {:.0f} bytes ({:.1f} GB), and "
+                             "allocating it failed: {}; lower [run] {}_batch_size{}",
+                             options.where, samples, channels, height, width, declared, bytes, bytes / 1e9L, cause,
+                             to_string(split), shape_source.empty() ? "" : ", or check that file"));
   }
 
   void work() {
@@ -630,6 +653,7 @@ PrefetchReader::PrefetchReader(const ReaderContext& context, const PrefetchOptio
   // read_sample_hwc() does. Over any other source the batches are (B, C, H,
   // W) contiguous, as its read_sample() writes them, and the engine converts.
   const auto* files = dynamic_cast<const FileReader*>(m.source.get());
+  if (files) m.shape_source = files->shape_source();
   const bool channels_last = context.memory_format == "channels_last";
   if (m.copier.active() && files) {
     m.copier.normalise_on_device(files->shift(), files->scale(), channels_last);

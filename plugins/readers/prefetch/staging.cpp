@@ -1,5 +1,6 @@
 #include "staging.hpp"
 
+#include <errno.h>  // program_invocation_short_name: these lines speak for the running tool
 #include <fcntl.h>
 #include <signal.h>
 #include <ftw.h>
@@ -93,9 +94,9 @@ std::vector<std::string> leftover_areas(const std::string& parent) {
 static void warn_about_leftovers(const std::string& parent) {
   for (const auto& dir : leftover_areas(parent)) {
     std::fprintf(stderr,
-                 "deepcam-host: warning: %s was left by a run that is no longer running (killed?); remove it "
+                 "%s: warning: %s was left by a run that is no longer running (killed?); remove it "
                  "if no other job on this node uses it\n",
-                 dir.c_str());
+                 program_invocation_short_name, dir.c_str());
   }
 }
 
@@ -139,8 +140,8 @@ static void remove_tree(const std::string& dir) {
       dir.c_str(), [](const char* file, const struct stat*, int, struct FTW*) { return ::remove(file); }, 16,
       FTW_DEPTH | FTW_PHYS);
   if (failed != 0) {
-    std::fprintf(stderr, "deepcam-host: could not remove the staged copies in %s: %s\n", dir.c_str(),
-                 std::strerror(errno));
+    std::fprintf(stderr, "%s: could not remove the staged copies in %s: %s\n", program_invocation_short_name,
+                 dir.c_str(), std::strerror(errno));
   }
 }
 
@@ -254,14 +255,14 @@ StagingArea::~StagingArea() {
         remove_locked();
       } else if (marked) {
         std::fprintf(stderr,
-                     "deepcam-host: other ranks of this node still use the staged copies in %s after %.1f s; the "
+                     "%s: other ranks of this node still use the staged copies in %s after %.1f s; the "
                      "last of them removes them\n",
-                     dir_.c_str(), static_cast<double>(grace_.count()) / 1000.0);
+                     program_invocation_short_name, dir_.c_str(), static_cast<double>(grace_.count()) / 1000.0);
       } else {
         std::fprintf(stderr,
-                     "deepcam-host: other ranks of this node still use the staged copies in %s, and they cannot be "
+                     "%s: other ranks of this node still use the staged copies in %s, and they cannot be "
                      "told to remove them (%s); remove it by hand once they have stopped\n",
-                     dir_.c_str(), std::strerror(mark_error));
+                     program_invocation_short_name, dir_.c_str(), std::strerror(mark_error));
       }
       ::close(lock_fd_);
       return;
