@@ -639,10 +639,20 @@ std::string schema_problem(const ParamSchema& schema) {
     if (key == "name" || key == "library") return at + ": the host's own key of every plugin table; do not declare it";
     if (!keys.insert(key).second) return at + ": declared twice";
     if (!spec.doc || !*spec.doc) return at + ": no doc (the one line that --describe prints)";
+    if (std::string(spec.doc).find_first_of("\r\n") != std::string::npos) {
+      return at + ": its doc holds a line break; a doc is one line";
+    }
     if (static_cast<unsigned>(spec.type) > static_cast<unsigned>(ParamType::Path)) {
       return fmt::format("{}: type {} is not a ParamType", at, static_cast<unsigned>(spec.type));
     }
     if (std::isnan(spec.min) || std::isnan(spec.max)) return at + ": a bound is NaN";
+    // An integer is checked against the bounds as they are, but its range is
+    // printed as integers: fractional bounds would print "[0, 1]" and refuse 0.
+    const bool integral = spec.type == ParamType::Int || spec.type == ParamType::IntList;
+    if (integral && spec.min <= spec.max && (std::floor(spec.min) != spec.min || std::floor(spec.max) != spec.max)) {
+      return fmt::format("{}: range [{}, {}] of an integer key: its bounds must be whole numbers", at, spec.min,
+                         spec.max);
+    }
     if (spec.type == ParamType::Plugin) {
       const PluginKind kinds[] = {PluginKind::Reader, PluginKind::Model, PluginKind::Optimizer, PluginKind::Scheduler};
       if (std::none_of(std::begin(kinds), std::end(kinds),
@@ -654,6 +664,13 @@ std::string schema_problem(const ParamSchema& schema) {
     } else if (spec.choices && spec.type != ParamType::String) {
       return fmt::format("{}: choices \"{}\" on a {} key, which takes none (choices are for string keys)", at,
                          spec.choices, to_string(spec.type));
+    }
+    if (spec.choices && spec.type == ParamType::String) {
+      // "a||b", "|a" or "": an empty string would be a choice, printed as nothing.
+      const std::string choices = std::string("|") + spec.choices + "|";
+      if (choices.find("||") != std::string::npos) {
+        return fmt::format("{}: choices \"{}\" hold an empty choice", at, spec.choices);
+      }
     }
     if (!spec.default_toml) continue;
     const std::string where = fmt::format("{}: default {}", at, spec.default_toml);

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <c10/util/Exception.h>
 #include <dlfcn.h>
 #include <elf.h>
 
@@ -31,6 +32,9 @@ namespace {
 const PluginKind kKinds[] = {PluginKind::Reader, PluginKind::Model, PluginKind::Optimizer,
                              PluginKind::Scheduler};
 
+// Each directory made absolute here, once: the paths found in them are
+// recorded in config.toml, which must find the same files when rerun from
+// another working directory.
 std::vector<std::string> split_path(const char* value) {
   std::vector<std::string> dirs;
   if (!value) return dirs;
@@ -39,7 +43,7 @@ std::vector<std::string> split_path(const char* value) {
   while (start <= s.size()) {
     std::size_t end = s.find(':', start);
     if (end == std::string::npos) end = s.size();
-    if (end > start) dirs.push_back(s.substr(start, end - start));
+    if (end > start) dirs.push_back(fs::absolute(s.substr(start, end - start)).string());
     start = end + 1;
   }
   return dirs;
@@ -86,8 +90,14 @@ std::string elf_problem(const std::string& path) {
   Elf64_Ehdr eh{};
   if (!in.read(reinterpret_cast<char*>(&eh), sizeof eh) || std::memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0)
     return "not an ELF shared library";
-  if (eh.e_ident[EI_CLASS] != ELFCLASS64 || eh.e_phentsize != sizeof(Elf64_Phdr))
-    return "not a 64-bit ELF library";
+  if (eh.e_ident[EI_CLASS] != ELFCLASS64) return "not a 64-bit ELF library";
+  if (eh.e_type != ET_DYN) {
+    return fmt::format("not a shared library ({})", eh.e_type == ET_REL    ? "an object file"
+                                                    : eh.e_type == ET_EXEC ? "an executable"
+                                                    : eh.e_type == ET_CORE ? "a core dump"
+                                                                           : fmt::format("ELF type {}", eh.e_type));
+  }
+  if (eh.e_phentsize != sizeof(Elf64_Phdr)) return "not a 64-bit ELF library";
   const auto ends_within = [size](std::uint64_t offset, std::uint64_t length) {
     return offset <= size && length <= size - offset;
   };
@@ -172,6 +182,15 @@ namespace {
 // so that an install that was moved or staged with DESTDIR finds its own
 // plugins. The configured path is the fallback when dladdr cannot tell.
 //
+// Whether this is the core library of a build tree (uninstalled).
+bool in_build_tree() {
+  Dl_info info{};
+  if (::dladdr(reinterpret_cast<const void*>(&in_build_tree), &info) == 0 || info.dli_fname == nullptr)
+    return false;
+  std::error_code ec;
+  return fs::equivalent(fs::path(info.dli_fname).parent_path(), DEEPCAM_BUILD_CORE_DIR, ec);
+}
+
 // Uninstalled (GStreamer's word): the core library of a build tree, with no
 // DEEPCAM_PLUGIN_PATH set, takes that build tree's plugins folder as its
 // install directory, so that build/core/deepcam-host runs as it is; with the
@@ -181,8 +200,7 @@ std::string install_dir() {
   Dl_info info{};
   if (::dladdr(reinterpret_cast<const void*>(&install_dir), &info) == 0 || info.dli_fname == nullptr)
     return DEEPCAM_PLUGIN_INSTALL_DIR;
-  std::error_code ec;
-  if (fs::equivalent(fs::path(info.dli_fname).parent_path(), DEEPCAM_BUILD_CORE_DIR, ec)) {
+  if (in_build_tree()) {
     return split_path(std::getenv("DEEPCAM_PLUGIN_PATH")).empty() ? DEEPCAM_BUILD_PLUGIN_DIR : "";
   }
   const fs::path configured(DEEPCAM_PLUGIN_INSTALL_DIR);
@@ -207,6 +225,9 @@ std::vector<std::string> PluginLoader::search_dirs() const {
 
 LoadedPlugin PluginLoader::open(const std::string& path) {
   std::error_code exists_ec;
+  if (fs::is_directory(path, exists_ec)) {
+    throw Error(fmt::format("{}: a directory, not a plugin library file", path));
+  }
   if (!fs::is_regular_file(path, exists_ec)) {
     throw Error(fmt::format("{}: no such plugin library", path));
   }
@@ -345,10 +366,21 @@ const LoadedPlugin& PluginLoader::load(PluginKind kind, const std::string& name,
       if (p.descriptor->kind == kind) known += fmt::format("{}{} ({})", known.empty() ? "" : ", ",
                                                            p.descriptor->name, p.path);
     }
+    // The build tree's host drops its own plugins folder while the variable
+    // is set (install_dir()): say so, unless the variable names that folder.
+    std::string build_tree;
+    std::error_code ec;
+    if (install_dir_.empty() && in_build_tree() &&
+        std::none_of(env_dirs_.begin(), env_dirs_.end(),
+                     [&](const std::string& d) { return fs::equivalent(d, DEEPCAM_BUILD_PLUGIN_DIR, ec); })) {
+      build_tree = fmt::format("; the host of a build tree searches DEEPCAM_PLUGIN_PATH alone while it is set, not "
+                               "its own {}: DEEPCAM_PLUGIN_PATH={}:{} searches both",
+                               DEEPCAM_BUILD_PLUGIN_DIR, fmt::join(env_dirs_, ":"), DEEPCAM_BUILD_PLUGIN_DIR);
+    }
     throw Error(fmt::format("no {} plugin named '{}'; found: {}. Searched {} (set DEEPCAM_PLUGIN_PATH "
-                            "or the table's `library` key)",
+                            "or the table's `library` key){}",
                             to_string(kind), name, known.empty() ? "none" : known,
-                            fmt::join(searched, ", ")));
+                            fmt::join(searched, ", "), build_tree));
   }
   LoadedPlugin plugin = open(path);
   if (plugin.descriptor->kind != kind || plugin.descriptor->name != name) {
@@ -378,7 +410,11 @@ std::vector<LoadedPlugin> PluginLoader::discover(std::vector<std::string>& probl
   // Listing opens only files named like plugins, in the places load() looks.
   std::vector<LoadedPlugin> out;
   std::vector<fs::path> files;
-  for (const auto& dir : search_dirs()) {
+  // The level of each file (as load() searches them): DEEPCAM_PLUGIN_PATH 0, the install directory 1.
+  std::vector<int> levels;
+  const std::vector<std::string> dirs = search_dirs();
+  for (std::size_t d = 0; d < dirs.size(); ++d) {
+    const std::string& dir = dirs[d];
     std::error_code ec;
     if (!fs::is_directory(dir, ec)) continue;
     for (const auto& top : fs::directory_iterator(dir, ec)) files.push_back(top.path());
@@ -390,9 +426,12 @@ std::vector<LoadedPlugin> PluginLoader::discover(std::vector<std::string>& probl
         for (const auto& f : fs::directory_iterator(plugin_dir.path(), ec)) files.push_back(f.path());
       }
     }
+    levels.resize(files.size(), d < env_dirs_.size() ? 0 : 1);
   }
   std::vector<fs::path> opened;
-  for (const auto& f : files) {
+  std::vector<int> out_levels;
+  for (std::size_t i = 0; i < files.size(); ++i) {
+    const fs::path& f = files[i];
     const std::string n = f.filename().string();
     if (n.rfind("libdeepcam_", 0) != 0 || f.extension() != ".so" || n == "libdeepcam_core.so") continue;
     // The same file reached twice (a folder named twice on the path) is listed once.
@@ -403,7 +442,22 @@ std::vector<LoadedPlugin> PluginLoader::discover(std::vector<std::string>& probl
     try {
       LoadedPlugin plugin = open(f.string());
       if (const std::string problem = name_problem(f, *plugin.descriptor); !problem.empty()) throw Error(problem);
+      // A run takes the first file of a kind and name, from the first level
+      // that has one, and refuses two of one level: a listing says which.
+      const auto first = std::find_if(out.begin(), out.end(), [&](const LoadedPlugin& o) {
+        return o.descriptor->kind == plugin.descriptor->kind &&
+               std::string(o.descriptor->name) == plugin.descriptor->name;
+      });
+      if (first != out.end()) {
+        plugin.not_used_because =
+            out_levels[static_cast<std::size_t>(first - out.begin())] == levels[i]
+                ? fmt::format("provided twice, with {}: a run refuses both; remove one or set the table's "
+                              "`library`",
+                              first->path)
+                : fmt::format("shadowed by {}", first->path);
+      }
       out.push_back(std::move(plugin));
+      out_levels.push_back(levels[i]);
     } catch (const Error& e) {
       problems.push_back(e.what());
     }
@@ -431,6 +485,9 @@ void rethrow_factory_failure(const std::string& path) {
     throw FactoryFailure(fmt::format("{}: a bug in the plugin: {}", path, e.what()));
   } catch (const Error&) {
     throw;  // the plugin's own message about the run
+  } catch (const c10::Error& e) {
+    // what() carries LibTorch's C++ backtrace, of no use to the user.
+    throw FactoryFailure(fmt::format("{}: the plugin's factory failed: {}", path, e.what_without_backtrace()));
   } catch (const std::exception& e) {
     throw FactoryFailure(fmt::format("{}: the plugin's factory failed: {}", path, e.what()));
   } catch (...) {

@@ -27,6 +27,7 @@
 #include <string_view>
 #include <vector>
 
+#include <c10/util/Exception.h>
 #include <fmt/format.h>
 
 #include "deepcam/error.hpp"
@@ -439,6 +440,9 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "deepcam-data: {}\n", e.what());
   } catch (const std::bad_alloc&) {
     fmt::print(stderr, "deepcam-data: out of memory\n");
+  } catch (const c10::Error& e) {
+    // A failing ATen op or TORCH_CHECK: what() appends LibTorch's C++ backtrace.
+    fmt::print(stderr, "deepcam-data: {}\n", e.what_without_backtrace());
   } catch (const std::exception& e) {
     fmt::print(stderr, "deepcam-data: {}\n", e.what());
   } catch (...) {

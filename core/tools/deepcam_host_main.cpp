@@ -1,4 +1,5 @@
 // deepcam-host: the thin main. Everything it does lives in the core library.
+#include <c10/util/Exception.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -70,8 +71,10 @@ int list_plugins(deepcam::PluginLoader& loader) {
   const auto found = loader.discover(problems);
   for (const auto& p : found) {
     const auto& d = *p.descriptor;
-    std::printf("%-10s %-16s %-8s %s\n           %s\n", deepcam::to_string(d.kind), d.name, d.version, d.summary,
-                p.path.c_str());
+    // A file a run would not load (deepcam::PluginLoader::discover) is marked.
+    const std::string mark = p.not_used_because.empty() ? "" : "  (" + p.not_used_because + ")";
+    std::printf("%-10s %-16s %-8s %s\n           %s%s\n", deepcam::to_string(d.kind), d.name, d.version, d.summary,
+                p.path.c_str(), mark.c_str());
   }
   for (const auto& e : problems) std::fprintf(stderr, "deepcam-host: skipped %s\n", e.c_str());
   if (found.empty()) {
@@ -90,7 +93,8 @@ int list_kind(deepcam::PluginLoader& loader, deepcam::PluginKind kind) {
               deepcam::to_string(kind));
   for (const auto& p : loader.discover(problems)) {
     if (p.descriptor->kind != kind) continue;
-    std::printf("  %-16s %s\n", p.descriptor->name, p.descriptor->summary);
+    const std::string mark = p.not_used_because.empty() ? "" : "  (" + p.not_used_because + ")";
+    std::printf("  %-16s %s%s\n", p.descriptor->name, p.descriptor->summary, mark.c_str());
     ++n;
   }
   for (const auto& e : problems) std::fprintf(stderr, "deepcam-host: skipped %s\n", e.c_str());
@@ -237,6 +241,10 @@ int main(int argc, char** argv) {
   } catch (const deepcam::Error& e) {
     std::fprintf(stderr, "deepcam-host: %s\n", e.what());
     return 2;
+  } catch (const c10::Error& e) {
+    // A failing ATen op or TORCH_CHECK: what() appends LibTorch's C++ backtrace.
+    std::fprintf(stderr, "deepcam-host: internal error: %s\n", e.what_without_backtrace());
+    return 3;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "deepcam-host: internal error: %s\n", e.what());
     return 3;

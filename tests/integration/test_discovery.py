@@ -120,3 +120,44 @@ def test_a_run_file_through_a_pipe_is_read_to_its_end(tmp_path):
                         tmp_path / "run.toml"], capture_output=True, text=True, env=plugin_env(), timeout=300)
     assert r.returncode == 0, r.stderr
     assert '"steps": 1' in r.stdout and f'root = "{data}"' in r.stderr
+
+
+def test_a_relative_plugin_path_is_recorded_absolute_so_the_config_reruns_from_anywhere(tmp_path):
+    # DEEPCAM_PLUGIN_PATH=relp gave `library = "relp/..."  # loaded`, which config.toml kept; rerun from its
+    # own folder, that path named a file that was not there.
+    (tmp_path / "relp").mkdir()
+    shutil.copy(FIXTURES / "libdeepcam_optimizer_sgd.so", tmp_path / "relp")
+    data = synth(tmp_path / "data", train=2, validation=1)
+    write_run(tmp_path / "run.toml", data, tmp_path / "out", optimizer={"name": "sgd", "lr": 0.001})
+    r = subprocess.run([str(HOST), "run.toml", "--benchmark", "1", "--set", "run.device=cpu"], capture_output=True,
+                       text=True, env=plugin_env(f"relp:{PLUGINS}"), cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f'library = "{tmp_path}/relp/libdeepcam_optimizer_sgd.so"  # loaded' in r.stderr, r.stderr
+
+
+def test_the_build_tree_host_says_its_own_plugins_are_not_searched_while_the_variable_is_set(tmp_path):
+    (tmp_path / "mine").mkdir()
+    r = run_host("--describe", "optimizer/adam", env=plugin_env(tmp_path / "mine"))
+    assert r.returncode == 2
+    assert (f"the host of a build tree searches DEEPCAM_PLUGIN_PATH alone while it is set, not its own {PLUGINS}: "
+            f"DEEPCAM_PLUGIN_PATH={tmp_path / 'mine'}:{PLUGINS}") in r.stderr, r.stderr
+    r = run_host("--describe", "optimizer/adma")  # the folder is on the variable: nothing to add
+    assert r.returncode == 2 and "searches DEEPCAM_PLUGIN_PATH alone" not in r.stderr, r.stderr
+
+
+def test_listings_mark_a_plugin_that_a_run_would_not_take(tmp_path):
+    # Two files of one plugin on DEEPCAM_PLUGIN_PATH were listed alike, while a run refuses both.
+    (tmp_path / "dup").mkdir()
+    copy = tmp_path / "dup" / "libdeepcam_optimizer_adam.so"
+    shutil.copy(PLUGINS / "optimizers" / "adam" / "libdeepcam_optimizer_adam.so", copy)
+    env = plugin_env(f"{tmp_path / 'dup'}:{PLUGINS}")
+    mark = f"(provided twice, with {copy}: a run refuses both; remove one or set the table's `library`)"
+    r = run_host("--list-plugins", env=env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    at = [i for i, l in enumerate(lines) if l.split()[:2] == ["optimizer", "adam"]]
+    assert [lines[i + 1].strip() for i in at] == [
+        str(copy), f"{PLUGINS / 'optimizers' / 'adam' / 'libdeepcam_optimizer_adam.so'}  {mark}"], r.stdout
+    r = run_host("--describe", "optimizer", env=env)
+    adams = [l for l in r.stdout.splitlines() if l.split()[:1] == ["adam"]]
+    assert len(adams) == 2 and mark not in adams[0] and adams[1].endswith(mark), r.stdout

@@ -4,10 +4,12 @@ files, and refusing libraries that are not plugins for this host."""
 import os
 import re
 import shutil
+import subprocess
+import textwrap
 
 import pytest
 
-from helpers import FIXTURES, PLUGINS, plugin_env, run_host, synth, write_run
+from helpers import BUILD_DIR, DATA_TOOL, FIXTURES, PLUGINS, REPO_ROOT, plugin_env, run_host, synth, write_run
 
 KINDS = {"reader": "hdf5", "model": "deeplabv3plus", "optimizer": "adam", "scheduler": "multistep"}
 
@@ -215,6 +217,11 @@ SCHEMA_MISTAKES = [
     ("defaultnottoml", "parameter 'factor': default 1.2.3.x: not a TOML value"),
     ("defaultrange", "parameter 'steps': default 500: 500 is out of range [1, 10]"),
     ("pluginkind", "parameter 'inner': a plugin table needs the kind of plugin it names in `choices`"),
+    # Accepted, they printed contradictions: "range [0, 1]" and then "0 is out of range [0, 1]"; "one of
+    # a||b" with "" taken as a choice; a doc whose second line started at the left margin.
+    ("intfracbounds", "parameter 'n': range [0.5, 1.5] of an integer key: its bounds must be whole numbers"),
+    ("emptychoice", "parameter 'mode': choices \"a||b\" hold an empty choice"),
+    ("doclinebreak", "parameter 'k': its doc holds a line break; a doc is one line"),
 ]
 
 
@@ -269,6 +276,56 @@ def test_a_factory_asking_for_an_undeclared_key_is_a_bug_of_the_plugin_not_of_th
            "its schema does not declare" in r.stderr
 
 
+def test_a_factory_that_returns_nothing_is_a_bug_of_the_plugin_as_its_other_faults_are(tmp_path, data):
+    # It exited 2, "bad input", where the factory's other faults are internal errors (3).
+    lib, r = factory_run(tmp_path, data, "nothing")
+    assert r.returncode == 3, r.stderr
+    assert f"internal error: {lib}: a bug in the plugin: the factory returned nothing (nullptr)" in r.stderr, \
+        r.stderr
+
+
+def assert_no_backtrace(stderr):
+    assert "Exception raised from" not in stderr and "frame #" not in stderr, stderr
+
+
+def test_a_libtorch_error_of_a_factory_is_said_without_libtorchs_backtrace(tmp_path, data):
+    lib, r = factory_run(tmp_path, data, "c10")
+    assert r.returncode == 3, r.stderr
+    assert f"internal error: {lib}: the plugin's factory failed: deliberate c10 failure of the fixture's factory" \
+        in r.stderr, r.stderr
+    assert_no_backtrace(r.stderr)
+
+
+def test_a_libtorch_error_mid_run_is_said_without_libtorchs_backtrace(tmp_path, data):
+    # The reader's every method fails a TORCH_CHECK: deepcam-host's and deepcam-data's own catches.
+    _, r = factory_run(tmp_path, data, "c10-reader")
+    assert r.returncode == 3, r.stderr
+    assert "deepcam-host: internal error: deliberate c10 failure of the fixture's reader" in r.stderr, r.stderr
+    assert_no_backtrace(r.stderr)
+    r = subprocess.run([str(DATA_TOOL), "read", str(tmp_path / "run.toml")], capture_output=True, text=True,
+                       env=plugin_env(), timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert "deepcam-data: deliberate c10 failure of the fixture's reader" in r.stderr, r.stderr
+    assert_no_backtrace(r.stderr)
+
+
+def test_the_guides_recipe_for_a_nested_plugin_says_a_nested_factorys_nullptr(tmp_path, data):
+    # Written as docs/writing-plugins.md said, a wrapping reader crashed (SIGSEGV) on the nullptr.
+    fixture = (REPO_ROOT / "tests" / "fixtures" / "nested_reader.cpp").read_text()
+    recipe = fixture.split("// writing-plugins.md: begin\n", 1)[1].split("  // writing-plugins.md: end", 1)[0]
+    guide = (REPO_ROOT / "docs" / "writing-plugins.md").read_text()
+    assert f"```cpp\n{textwrap.dedent(recipe)}```" in guide, "the guide's recipe is not the fixture's"
+    faulty = FIXTURES / "libdeepcam_reader_faulty.so"
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out",
+                    reader={"name": "nested", "library": str(FIXTURES / "libdeepcam_reader_nested.so"),
+                            "threads": None},
+                    **{"reader.source": {"name": "faulty", "library": str(faulty), "fault": "nothing"}})
+    r = run_host(run)
+    assert r.returncode == 3, r.stderr
+    assert f"internal error: {faulty}: a bug in the plugin: the factory returned nothing (nullptr)" in r.stderr, \
+        r.stderr
+
+
 def test_a_factorys_error_about_the_run_file_passes_as_it_is(tmp_path, data):
     _, r = factory_run(tmp_path, data, "error")
     assert r.returncode == 2, r.stderr
@@ -283,6 +340,20 @@ def test_corrupt_and_missing_library(tmp_path, data):
     # The dynamic loader's own reason, not an errno text.
     assert "cannot load" in msg and "Bad file descriptor" not in msg
     assert "no such plugin library" in refused(tmp_path, data, tmp_path / "missing.so")
+
+
+def test_a_folder_or_an_elf_file_that_is_no_shared_library_is_named_for_what_it_is(tmp_path, data):
+    # A folder was "no such plugin library"; a 64-bit object file "not a 64-bit ELF library".
+    folder = tmp_path / "libdeepcam_optimizer_adam.so"
+    folder.mkdir()
+    assert f"{folder}: a directory, not a plugin library file" in refused(tmp_path, data, folder)
+    obj = next((BUILD_DIR / "core").rglob("*.o"))
+    assert f"{obj}: cannot load: not a shared library (an object file)" in refused(tmp_path, data, obj)
+    executable = tmp_path / "executable.so"
+    elf = bytearray((PLUGINS / "optimizers" / "adam" / "libdeepcam_optimizer_adam.so").read_bytes())
+    elf[16:18] = (2).to_bytes(2, "little")  # e_type ET_EXEC
+    executable.write_bytes(elf)
+    assert f"{executable}: cannot load: not a shared library (an executable)" in refused(tmp_path, data, executable)
 
 
 def test_truncated_library_is_refused_not_crashed(tmp_path, data):

@@ -125,6 +125,17 @@ def test_a_nested_factory_that_throws_names_the_nested_plugins_file(tmp_path, da
         r.stderr
 
 
+def test_a_nested_factory_that_returns_nothing_is_a_bug_of_that_plugin(tmp_path, data):
+    # As the host says it of its own factory calls (status 3); prefetch said it as bad input (status 2).
+    lib = FIXTURES / "libdeepcam_reader_faulty.so"
+    run = prefetch_run(tmp_path, data, **{"reader.source": {"name": "faulty", "library": str(lib),
+                                                            "fault": "nothing", "threads": None}})
+    r = run_host(run)
+    assert r.returncode == 3, r.stderr
+    assert f"internal error: {lib}: a bug in the plugin: the factory returned nothing (nullptr)" in r.stderr, \
+        r.stderr
+
+
 def test_prefetch_keys_are_checked_too(tmp_path, data):
     assert "[reader] shuffle_mode: \"nodes\" is not one of global, node, gpu; did you mean 'node'?" in refused(
         tmp_path, data, reader={"shuffle_mode": "nodes"})

@@ -20,6 +20,7 @@
 #include "deepcam/npy.hpp"
 #include "deepcam/plugin_loader.hpp"
 #include "test_paths.hpp"
+#include "test_support.hpp"
 
 namespace fs = std::filesystem;
 using namespace deepcam;
@@ -205,6 +206,40 @@ TEST_CASE("build_plugged names the plugin's library for its factory's faults, no
                        std::logic_error);
   CHECK_THROWS_WITH_AS(build_plugged(described, fails([] { throw Error("run.toml:3 [scheduler] steps: too many"); })),
                        "run.toml:3 [scheduler] steps: too many", Error);
+  // A nullptr is a fault of the plugin's code as the others are, not a mistake in the run file.
   CHECK_THROWS_WITH_AS(build_plugged(described, fails([] {})),
-                       "/plugins/libdeepcam_scheduler_x.so: the factory returned nothing", Error);
+                       "/plugins/libdeepcam_scheduler_x.so: a bug in the plugin: the factory returned nothing (nullptr)",
+                       std::logic_error);
+  // LibTorch's own message, without the C++ backtrace its what() carries.
+  CHECK_THROWS_WITH_AS(build_plugged(described, fails([] { TORCH_CHECK(false, "shapes differ"); })),
+                       "/plugins/libdeepcam_scheduler_x.so: the plugin's factory failed: shapes differ",
+                       std::logic_error);
+}
+
+TEST_CASE("listing marks a plugin that one found earlier on the search path shadows") {
+  const test_support::TempDir dup;
+  const fs::path installed = kBuild / "plugins" / "optimizers" / "adam" / "libdeepcam_optimizer_adam.so";
+  fs::copy_file(installed, dup.path / installed.filename());
+  PluginLoader loader({dup.path.string()}, (kBuild / "plugins").string());
+  std::vector<std::string> problems;
+  std::vector<std::string> adams;
+  for (const auto& p : loader.discover(problems)) {
+    if (p.descriptor->kind == PluginKind::Optimizer && std::string(p.descriptor->name) == "adam")
+      adams.push_back(p.path + " " + p.not_used_because);
+  }
+  CHECK(adams == std::vector<std::string>{(dup.path / installed.filename()).string() + " ",
+                                          installed.string() + " shadowed by " +
+                                              (dup.path / installed.filename()).string()});
+}
+
+TEST_CASE("a relative folder of DEEPCAM_PLUGIN_PATH is taken from the working directory once, when read") {
+  // Kept relative, it was recorded relative in config.toml, which then found nothing when rerun elsewhere.
+  REQUIRE(::setenv("DEEPCAM_PLUGIN_PATH", "relp:/abs/p::./dot", 1) == 0);
+  const PluginLoader loader;
+  ::unsetenv("DEEPCAM_PLUGIN_PATH");
+  const std::vector<std::string> dirs = loader.search_dirs();
+  REQUIRE(dirs.size() >= 3);
+  CHECK(std::vector<std::string>(dirs.begin(), dirs.begin() + 3) ==
+        std::vector<std::string>{(fs::current_path() / "relp").string(), "/abs/p",
+                                 (fs::current_path() / "./dot").string()});
 }

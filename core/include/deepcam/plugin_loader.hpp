@@ -25,6 +25,11 @@ struct LoadedPlugin {
   std::string path;
   const PluginDescriptor* descriptor = nullptr;
   std::shared_ptr<const void> library;  // keeps the library loaded
+  // Set by discover() alone, "" for the file a run would load: why a run
+  // naming this plugin does not load this file ("shadowed by FILE", found at
+  // an earlier level of the search; or, for two files of one level, the
+  // error a run gives).
+  std::string not_used_because = "";
 };
 
 // An object made by a plugin, holding its library: members are destroyed in
@@ -39,22 +44,25 @@ struct Plugged {
 
 // Called in a catch block around a plugin's factory: rethrows what it threw.
 // An Error (the plugin's message about the run) passes as it is; a
-// PluginBug, any other exception, or one that is not a std::exception is a
+// PluginBug, a c10::Error (said without LibTorch's C++ backtrace), any other
+// exception, or one that is not a std::exception is a
 // fault of the plugin's code, rethrown as a std::logic_error (the host's
 // "internal error") whose message starts with the plugin's library `path`.
 [[noreturn]] DEEPCAM_API void rethrow_factory_failure(const std::string& path);
 
 // Calls a plugin's factory, `make(descriptor)`, and holds what it made with
-// the plugin's library; what it throws goes through rethrow_factory_failure.
+// the plugin's library; what it throws, and a nullptr it returns, go through
+// rethrow_factory_failure.
 template <typename Make>
 auto build_plugged(const LoadedPlugin& plugin, Make&& make) {
   decltype(make(*plugin.descriptor)) object;
   try {
     object = make(*plugin.descriptor);
+    // A fault of the plugin's code like any other (status 3), not a mistake in the run file.
+    if (!object) throw PluginBug("the factory returned nothing (nullptr)");
   } catch (...) {
     rethrow_factory_failure(plugin.path);
   }
-  if (!object) throw Error(plugin.path + ": the factory returned nothing");
   using T = typename decltype(object)::element_type;
   return Plugged<T>{plugin.library, std::move(object)};
 }

@@ -56,10 +56,11 @@ std::unique_ptr<deepcam::Reader> make(const deepcam::Params& params, const deepc
   std::unique_ptr<deepcam::Reader> reader;
   try {
     reader = source->descriptor->make_reader(source->params, context);
+    // A fault of the plugin's code (status 3), as the host's build_plugged says it.
+    if (!reader) throw deepcam::PluginBug("the factory returned nothing (nullptr)");
   } catch (...) {
     deepcam::rethrow_factory_failure(source->path);
   }
-  if (!reader) throw deepcam::Error(source->path + ": the factory returned nothing");
   // `source` holds the source's library: released after the source reader.
   return std::make_unique<deepcam::readers::PrefetchReader>(
       context, deepcam::readers::PrefetchOptions::from(params), std::move(reader), source);
