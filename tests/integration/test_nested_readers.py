@@ -157,11 +157,11 @@ def test_set_reaches_into_the_nested_table(tmp_path, data):
 
 
 
-@pytest.mark.parametrize("key,value", [("shuffle_mode", "gpu"), ("shuffle_mode", "global"),
+@pytest.mark.parametrize("key,value", [("shuffle_mode", "gpu"), ("shuffle_mode", "node"),
                                        ("data_oversampling_factor", 2)])
 def test_the_training_order_keys_of_the_source_table_are_refused(tmp_path, data, key, value):
     """Under prefetch, the prefetch reader orders the samples: a source's own shuffle_mode or
-    data_oversampling_factor would be ignored, so a value set there is refused, naming where."""
+    data_oversampling_factor other than its default would be ignored, so it is refused, naming where."""
     source = {"name": "npy", "threads": 1}
     msg = refused(tmp_path, data, **{"reader.source": dict(source, **{key: value})})
     line = line_of(tmp_path / "run.toml", f"{key} =")
@@ -315,3 +315,20 @@ def test_fs_config_loads_and_trains_two_steps(tmp_path, small_sets, config):
         staged = next(l for l in r.stderr.splitlines() if l.startswith("deepcam-host: staged"))
         stage_dir = staged.split(" to ")[1].split(" in ")[0]
         assert stage_dir.startswith(reader["stage_dir"]) and not os.path.exists(stage_dir)
+
+
+def test_a_runs_config_toml_under_prefetch_over_npy_runs_again(tmp_path, data):
+    """config.toml writes every default of [reader.source] on a line of its own, the npy reader's
+    shuffle_mode = "global" among them; reloading it was refused as an order key set in the source table,
+    so README's `deepcam-host <output_dir>/config.toml` failed for fs-parallel.toml and every system file."""
+    npy = tmp_path / "npy"
+    subprocess.run([str(HOST.parent / "deepcam-data"), "convert", str(data), str(npy), "--quiet"], check=True,
+                   capture_output=True)
+    run = prefetch_run(tmp_path, npy, **{"reader.source": {"name": "npy", "threads": 1}},
+                       run={"max_epochs": 1, "target_iou": 1.0})
+    r = run_host(run, "--quiet")
+    assert r.returncode == 1, r.stderr[-3000:]
+    config = tmp_path / "out" / "config.toml"
+    assert 'shuffle_mode = "global"  # default' in config.read_text()
+    r = run_host(config, "--quiet", "--set", f"run.output_dir={tmp_path / 'again'}")
+    assert r.returncode == 1, r.stderr[-3000:]

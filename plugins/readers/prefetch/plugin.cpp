@@ -5,6 +5,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 
@@ -36,20 +37,20 @@ std::unique_ptr<deepcam::Reader> make(const deepcam::Params& params, const deepc
   }
   // The prefetch reader orders the samples itself (its own shuffle_mode and
   // data_oversampling_factor) and asks its source for samples by index: a
-  // source's own order keys would be ignored, so a value set for them is
-  // refused. A default filled in is no one's choice; its where() says so.
+  // source's own order keys would be ignored, so a value other than the
+  // key's default is refused. The default, set or filled in, changes
+  // nothing (a run's config.toml writes every default, on a line of its own).
   const std::string table = params.where().substr(params.where().rfind(" [") + 1);  // "[reader]"
-  const std::string kDefault = " (default)";
   for (const char* key : {"shuffle_mode", "data_oversampling_factor"}) {
-    const auto& set = source->params.sources();
-    const auto it = set.find(key);
-    if (it == set.end()) continue;
-    const std::string& where = it->second;
-    if (where.size() >= kDefault.size() && where.compare(where.size() - kDefault.size(), kDefault.size(), kDefault) == 0)
-      continue;
+    const auto value = source->params.values().find(key);
+    if (value == source->params.values().end()) continue;
+    const deepcam::ParamSchema& schema = source->descriptor->params;
+    const auto spec = std::find_if(schema.begin(), schema.end(),
+                                   [&](const deepcam::ParamSpec& s) { return std::string(s.key) == key; });
+    if (spec != schema.end() && spec->default_toml && deepcam::to_toml(value->second) == spec->default_toml) continue;
     throw deepcam::Error(fmt::format("{}: the prefetch reader decides the training order, and its source's {} "
                                      "would be ignored; set {} in {} (the prefetch reader's table) instead",
-                                     where, key, key, table));
+                                     source->params.where(key), key, key, table));
   }
   // What the nested factory throws names the nested plugin's file, as the
   // host's own factory calls do (build_plugged).
