@@ -67,6 +67,25 @@ double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
+// "[4, 16, 96, 144] float32", as a message shows what a plugin handed over.
+std::string tensor_text(const at::Tensor& t) {
+  if (!t.defined()) return "(no tensor)";
+  const char* name = nullptr;
+  switch (t.scalar_type()) {
+    case at::kFloat: name = "float32"; break;
+    case at::kDouble: name = "float64"; break;
+    case at::kHalf: name = "float16"; break;
+    case at::kBFloat16: name = "bfloat16"; break;
+    case at::kLong: name = "int64"; break;
+    case at::kInt: name = "int32"; break;
+    case at::kShort: name = "int16"; break;
+    case at::kByte: name = "uint8"; break;
+    case at::kBool: name = "bool"; break;
+    default: name = c10::toString(t.scalar_type());
+  }
+  return fmt::format("[{}] {}", fmt::join(t.sizes(), ", "), name);
+}
+
 void synchronize_device() {
 #if DEEPCAM_WITH_CUDA
   c10::cuda::getCurrentCUDAStream().synchronize();
@@ -398,6 +417,7 @@ class Engine {
     rc.node_group = comm_.size() > 1 ? &comm_.node() : nullptr;
     rc.splits = splits;
     c_.reader = build_reader(cfg_, rc);
+    sample_shape_ = c_.reader->sample_shape();
 
     bn_group_size_ = std::min<std::int64_t>(run.integer("batchnorm_group_size"), comm_.size());
     if (comm_.size() % bn_group_size_ != 0) {
@@ -727,10 +747,11 @@ class Engine {
     at::NoGradGuard no_grad;
     c_.reader->start_epoch(Split::Validation, 0);
     Batch batch;
-    std::int64_t written = 0;
+    std::int64_t written = 0, batches = 0;
     int stop_signal = 0;
     while ((max_samples == 0 || written < max_samples) && (stop_signal = g_stop_signal.load()) == 0 &&
            c_.reader->next(batch)) {
+      check_batch(batch, Split::Validation, batches++, cfg_.run.integer("validation_batch_size"), /*full=*/false);
       const at::Tensor logits = forward(batch.data.to(device_).contiguous(memory_format_));
       const at::Tensor predicted = predict(logits).to(at::kCPU).contiguous();
       // A reader may hand its batches over on the device (prefetch on CUDA).
@@ -822,7 +843,46 @@ class Engine {
       AutocastGuard autocast(device_.type(), precision_);
       logits = c_.model->forward(input);
     }
+    // The model interface: one logit per class and pixel (checked on the
+    // sizes alone, which costs no wait on the device).
+    constexpr std::int64_t kClasses = 3;
+    if (!logits.defined() || logits.dim() != 4 || logits.size(0) != input.size(0) || logits.size(1) != kClasses ||
+        logits.size(2) != input.size(2) || logits.size(3) != input.size(3) || !at::isFloatingType(logits.scalar_type())) {
+      throw std::logic_error(fmt::format(
+          "{}: the model plugin '{}' returned logits {} for an input of shape [{}]; the model interface wants "
+          "floating-point logits (B, {}, H, W) of the input's B, H and W (a bug in the plugin)",
+          cfg_.model.plugin->path, cfg_.model.name, tensor_text(logits), fmt::join(input.sizes(), ", "), kClasses));
+    }
     return logits.to(at::kFloat);
+  }
+
+  // What a batch the reader handed out must be (the reader interface, on
+  // its sizes and dtypes alone): data (B, C, H, W) float32 of the run's
+  // channels and the sample shape, labels (B, H, W) int64, B the batch size
+  // (`full`: a training batch) or at most it. Anything else is a bug in the
+  // reader, named with its file: a short training batch ended the epoch
+  // early, without a word.
+  void check_batch(const Batch& batch, Split split, std::int64_t index, std::int64_t batch_size, bool full) const {
+    const std::vector<std::int64_t>& shape = sample_shape_;  // (C, H, W)
+    const std::int64_t channels = static_cast<std::int64_t>(cfg_.data.integers("channels").size());
+    const at::Tensor& data = batch.data;
+    const at::Tensor& labels = batch.labels;
+    const bool fits = data.defined() && labels.defined() && data.dim() == 4 && labels.dim() == 3 &&
+                      data.scalar_type() == at::kFloat && labels.scalar_type() == at::kLong &&
+                      data.size(1) == channels && shape.size() == 3 && data.size(2) == shape[1] &&
+                      data.size(3) == shape[2] && labels.size(0) == data.size(0) && labels.size(1) == shape[1] &&
+                      labels.size(2) == shape[2] && data.size(0) >= 1 &&
+                      (full ? data.size(0) == batch_size : data.size(0) <= batch_size);
+    if (fits) return;
+    throw std::logic_error(fmt::format(
+        "{}: the reader plugin '{}' handed out {} batch {} with data {} and labels {}; the reader interface wants "
+        "data (B, {}, {}, {}) float32 and labels (B, {}, {}) int64 with B {} (a bug in the plugin)",
+        cfg_.reader.plugin->path, cfg_.reader.name, to_string(split), index, tensor_text(data), tensor_text(labels),
+        channels, shape.size() == 3 ? shape[1] : -1, shape.size() == 3 ? shape[2] : -1,
+        shape.size() == 3 ? shape[1] : -1, shape.size() == 3 ? shape[2] : -1,
+        full ? fmt::format("= {} (a training batch: only an epoch's last may be smaller, and it is not read)",
+                           batch_size)
+             : fmt::format("in 1..{}", batch_size)));
   }
 
   // A resume takes the optimizer's hyper-parameters from the checkpoint, as
@@ -1107,7 +1167,7 @@ class Engine {
     const auto t0 = Clock::now();
     std::int64_t done = 0;
     while (done < batches && c_.reader->next(batch)) {
-      if (batch.data.size(0) != batch_size) break;
+      check_batch(batch, Split::Train, done, batch_size, /*full=*/true);
       const at::Tensor input = batch.data.to(device_, /*non_blocking=*/true).contiguous(memory_format_);
       labels = batch.labels.to(device_, /*non_blocking=*/true);
       train_step(input, labels, step, k, logits, loss, current_lr);
@@ -1132,9 +1192,15 @@ class Engine {
                  IntervalFigures{loss.item<double>(), iou_score(logits, labels), std::nullopt, 0}, k);
       }
     }
-    if (done == 0) {
+    if (batches == 0) {
       throw Error(fmt::format("{}: no complete training batch of {} samples on this rank ({} samples)",
                               cfg_.data.string("root"), batch_size, c_.reader->local_samples(Split::Train)));
+    }
+    if (done < batches) {
+      throw std::logic_error(fmt::format("{}: the reader plugin '{}' ended training epoch {} after {} of the {} "
+                                         "batches its local_samples ({}) make (a bug in the plugin)",
+                                         cfg_.reader.plugin->path, cfg_.reader.name, epoch_num, done, batches,
+                                         c_.reader->local_samples(Split::Train)));
     }
     // Every step of the epoch is checked before its weights are validated.
     const IntervalFigures f = interval_figures(epoch_num, logits, labels, loss);
@@ -1193,8 +1259,10 @@ class Engine {
     Batch batch;
     const std::int64_t vbatch = cfg_.run.integer("validation_batch_size");
     const std::int64_t vbatches = (c_.reader->local_samples(Split::Validation) + vbatch - 1) / vbatch;
-    std::int64_t vdone = 0;
+    std::int64_t vdone = 0, vsamples = 0;
     while (!(stoppable && g_stop_signal.load() != 0) && c_.reader->next(batch)) {
+      check_batch(batch, Split::Validation, vdone, vbatch, /*full=*/false);
+      vsamples += batch.data.size(0);
       if (progress_due()) {
         std::fprintf(stderr, "epoch %lld validation: batch %lld/%lld on rank 0\n", static_cast<long long>(epoch_num),
                      static_cast<long long>(vdone), static_cast<long long>(vbatches));
@@ -1218,6 +1286,12 @@ class Engine {
         stopped.batches = vbatches;
         return stopped;
       }
+    }
+    if (vsamples != c_.reader->local_samples(Split::Validation)) {
+      throw std::logic_error(fmt::format("{}: the reader plugin '{}' handed out {} validation samples, and its "
+                                         "local_samples says {} (a bug in the plugin)",
+                                         cfg_.reader.plugin->path, cfg_.reader.name, vsamples,
+                                         c_.reader->local_samples(Split::Validation)));
     }
     const at::Tensor mine = scores.empty() ? at::empty({0, 2}, at::kDouble)
                                            : at::stack({at::cat(scores), at::cat(losses)}, 1);  // (n, 2)
@@ -1379,6 +1453,7 @@ class Engine {
   Communicator& comm_;
   at::Device device_;
   Components c_;
+  std::vector<std::int64_t> sample_shape_;  // the reader's, (C, H, W)
   std::vector<at::Tensor> parameters_;  // the model's, for the gradient norm
   DivergenceWatch divergence_;
   std::int64_t bn_group_size_ = 1;
