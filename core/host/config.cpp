@@ -133,14 +133,18 @@ struct Location {
   }
 
   // A relative path set in a file is taken from that file's folder; one
-  // set with --set or left at its default, from the current directory.
+  // set with --set or left at its default, or set in a run file given as a
+  // file descriptor (`<(generate)`, /dev/stdin: no folder of the user's),
+  // from the current directory.
   std::string resolve(const std::string& key, const std::string& value, bool from_file,
                       const toml::node* node = nullptr) const {
     if (value.empty()) return value;
     std::filesystem::path p(value);
     if (p.is_relative()) {
-      const bool in_file = from_file && !overridden.count(key);
-      p = (in_file ? std::filesystem::absolute(file_of(node)).parent_path() : std::filesystem::current_path()) / p;
+      const std::filesystem::path folder = std::filesystem::absolute(file_of(node)).lexically_normal().parent_path();
+      const bool descriptor = folder == "/dev" || folder == "/dev/fd" || folder == "/proc/self/fd";
+      const bool in_file = from_file && !overridden.count(key) && !descriptor;
+      p = (in_file ? folder : std::filesystem::current_path()) / p;
     }
     return p.lexically_normal().string();
   }

@@ -122,6 +122,22 @@ def test_a_run_file_through_a_pipe_is_read_to_its_end(tmp_path):
     assert '"steps": 1' in r.stdout and f'root = "{data}"' in r.stderr
 
 
+def test_relative_paths_of_a_piped_run_file_are_taken_from_the_current_directory(tmp_path):
+    """A pipe has no folder of the user's: data.root = "data" was read as /dev/fd/data ("no such
+    directory"), and a relative output_dir as a folder under /dev/fd (or /dev, for /dev/stdin)."""
+    synth(tmp_path / "data", train=2, validation=1)
+    text = write_run(tmp_path / "run.toml", tmp_path / "data", tmp_path / "out").read_text()
+    text = text.replace(f'"{tmp_path / "data"}"', '"data"').replace(f'"{tmp_path / "out"}"', '"out"')
+    assert 'root = "data"' in text and 'output_dir = "out"' in text
+    (tmp_path / "relative.toml").write_text(text)
+    for source in ('<(cat relative.toml)', '/dev/stdin < relative.toml'):
+        r = subprocess.run(["bash", "-c", f'exec "{HOST}" {source} --benchmark 1 --set run.device=cpu'],
+                           capture_output=True, text=True, env=plugin_env(), cwd=tmp_path, timeout=300)
+        assert r.returncode == 0, (source, r.stderr[-3000:])
+        assert f'root = "{tmp_path / "data"}"' in r.stderr and f'output_dir = "{tmp_path / "out"}"' in r.stderr, \
+            (source, r.stderr[-3000:])
+
+
 def test_a_relative_plugin_path_is_recorded_absolute_so_the_config_reruns_from_anywhere(tmp_path):
     # DEEPCAM_PLUGIN_PATH=relp gave `library = "relp/..."  # loaded`, which config.toml kept; rerun from its
     # own folder, that path named a file that was not there.
