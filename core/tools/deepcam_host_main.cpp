@@ -170,9 +170,18 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (args[0] == "--list-plugins") return list_plugins(loader);
-    if (args[0] == "--describe") {
-      if (args.size() != 2) throw deepcam::Error("--describe needs KIND/NAME");
-      return describe(loader, args[1]);
+    if (args[0] == "--describe" || args[0].rfind("--describe=", 0) == 0) {
+      // --describe WHAT, or --describe=WHAT as every option's value.
+      const bool joined = args[0] != "--describe";
+      const std::size_t count = joined ? 1 : 2;
+      if (args.size() < count || (joined ? args[0].size() == 11 : args[1].empty())) {
+        throw deepcam::Error("--describe needs what to describe: KIND, KIND/NAME, run, data or mlperf");
+      }
+      if (args.size() > count) {
+        throw deepcam::Error(fmt::format("--describe takes one thing to describe (given also: {})",
+                                         fmt::join(args.begin() + static_cast<std::ptrdiff_t>(count), args.end(), " ")));
+      }
+      return describe(loader, joined ? args[0].substr(11) : args[1]);
     }
     if (args[0] == "--nproc" || args[0].rfind("--nproc=", 0) == 0) {
       const bool joined = args[0] != "--nproc";
@@ -215,7 +224,10 @@ int main(int argc, char** argv) {
       else if (a == "--predict") options.predict_checkpoint = once();
       else if (a == "--out") options.predict_out = once();
       else if (a == "--samples") options.predict_samples = count_of(a, once(), "samples");
-      else if (a == "--quiet" && equals == std::string::npos) options.quiet = true;
+      else if (a == "--quiet" && equals == std::string::npos) {
+        if (!given.insert(a).second) throw deepcam::Error("--quiet is given twice; give it once");
+        options.quiet = true;
+      }
       else if (a == "--benchmark") options.benchmark_steps = count_of(a, once(), "steps");
       else if (a == "--nproc") throw deepcam::Error("--nproc comes first: deepcam-host --nproc N RUN.toml...");
       else if (a == "--help" || a == "-h" || a == "--version" || a == "--list-plugins" || a == "--describe") {

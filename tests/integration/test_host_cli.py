@@ -525,3 +525,24 @@ def test_a_nul_character_given_with_set_is_refused_naming_the_item(tmp_path, dat
     r = run_host(run, "--set", item)
     assert r.returncode == 2
     assert f'--set {item}: the string "a\\u0000b" holds the character U+0000' in r.stderr, r.stderr
+
+
+def test_describe_takes_its_value_after_an_equals_sign_as_every_option_does():
+    """--describe=optimizer/lamb was refused ("--describe comes alone, first") although it came first."""
+    joined, apart = run_host("--describe=optimizer/lamb"), run_host("--describe", "optimizer/lamb")
+    assert joined.returncode == 0 and joined.stdout == apart.stdout and "optimizer/lamb" in apart.stdout, \
+        joined.stderr
+    for args in (["--describe"], ["--describe="], ["--describe", ""]):
+        r = run_host(*args)
+        assert r.returncode == 2 and "--describe needs what to describe" in r.stderr, (args, r.stderr)
+    # A kind was given: the trouble is what follows it ("--describe needs KIND/NAME", it said).
+    r = run_host("--describe", "run", "extra")
+    assert r.returncode == 2 and "--describe takes one thing to describe (given also: extra)" in r.stderr, r.stderr
+
+
+def test_quiet_is_given_at_most_once(tmp_path, data):
+    """README: each option but --set is given at most once; --quiet --quiet was taken."""
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
+    r = run_host(run, "--quiet", "--quiet")
+    assert r.returncode == 2 and "--quiet is given twice; give it once" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
