@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs every dependency from the package registries and builds deepcam-host.
 # Idempotent: a second run checks what is there and rebuilds only what changed.
-# Options: CUDA=enabled|disabled|auto (default auto: on when nvcc is present).
+# Options: CUDA=enabled|disabled|auto (default auto: on when nvcc is present);
+# given, it also reconfigures a build/ set up before (meson configure).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -35,5 +36,9 @@ cuda=${CUDA:-auto}
 build="$top/build"
 if [ ! -f "$build/build.ninja" ]; then
   PATH="$venv/bin:$PATH" meson setup "$build" -Dcuda="$cuda" --buildtype=release >/dev/null
+elif [ -n "${CUDA:-}" ]; then
+  # Asked for by name (device_bundle.sh's advice for a build without CUDA):
+  # the option set up before would otherwise stay.
+  PATH="$venv/bin:$PATH" meson configure "$build" -Dcuda="$CUDA" >/dev/null
 fi
 PATH="$venv/bin:$PATH" ninja -C "$build" | tail -n 1

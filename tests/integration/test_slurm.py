@@ -288,3 +288,22 @@ def test_instances_that_do_not_divide_the_tasks_are_refused(slurm, tmp_path):
     out = job_output(tmp_path / f"run-{job}.out")
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", f"{info}\n{out}"
     assert "INSTANCES=3 on 2 tasks and 1 node(s): it must divide the tasks" in out, out
+
+
+@pytest.mark.parametrize("variable, value", [("NEXP", "09"), ("SEED", "08"), ("SEED", "010"), ("SEED", "0"),
+                                             ("INSTANCES", "02"), ("SEED", "12345678901234567890"),
+                                             ("MASTER_PORT", "029500")])
+def test_run_sub_refuses_a_count_or_seed_that_is_not_a_plain_positive_number(slurm, tmp_path, variable, value):
+    """Bash reads 09 and 08 as bad octal numbers (the job ran nothing and exited 0), 010 as 8, and a
+    number past 18 digits wraps around; deepcam-host refuses seed 0, and each instance's port is
+    MASTER_PORT + k - 1. run.sub must refuse each before
+    anything runs, name the variable, and exit 2."""
+    logdir = tmp_path / "logs"
+    env = slurm.env(RUN_FILES="configs/quickstart.toml", LOGDIR=logdir, **{variable: value})
+    job = slurm.sbatch(REPO_ROOT / "scripts/slurm/run.sub", "-n", 1, "-o", tmp_path / "run-%j.out", env=env)
+    info = slurm.wait(job, 120)
+    out = job_output(tmp_path / f"run-{job}.out")
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", f"{info}\n{out}"
+    assert f"run.sub: {variable} must be" in out and f"got '{value}'" in out, out
+    assert "value too great" not in out and "run.sub: run 1" not in out, out
+    assert not logdir.exists(), out
