@@ -426,15 +426,19 @@ def test_temporary_files_of_dead_runs_are_removed_and_live_ones_kept(tmp_path, d
     out = tmp_path / "out"
     out.mkdir()
     dead = dead_pid()
-    stale = [out / f"checkpoint-epoch1.pt.tmp-{dead}", out / f"stage.partial-{dead}"]
+    stale = [out / f"checkpoint-epoch1.pt.tmp-{dead}", out / f"mlperf.log.partial-{dead}",
+             out / f".config.toml.tmp{dead}-0"]
     live = out / f"checkpoint-epoch1.pt.tmp-{os.getpid()}"
-    for f in stale + [live]:
+    # Named like a temporary, but of no name the run writes: another program's, left alone.
+    other = out / f"notes.txt.partial-{dead}"
+    for f in stale + [live, other]:
         f.write_bytes(b"half a file")
     run = write_run(tmp_path / "run.toml", data, out, run={**ODD, "checkpoint_every": -1})
     r = run_host(run)
     assert r.returncode == 1, r.stderr
     assert not any(f.exists() for f in stale)
     assert live.exists()  # its writer (this test) is alive
+    assert other.exists()
     assert f"removed {stale[0]}" in r.stderr
 
 
