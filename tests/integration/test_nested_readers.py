@@ -114,26 +114,19 @@ def test_a_library_other_than_the_loaded_plugin_of_its_name_is_refused(tmp_path,
     assert "/nonexistent.so: no such plugin library" in msg, msg
 
 
-def test_a_nested_factory_that_throws_names_the_nested_plugins_file(tmp_path, data):
-    # (It was reported under prefetch's file, the reader that called the factory.)
-    lib = FIXTURES / "libdeepcam_reader_faulty.so"
-    run = prefetch_run(tmp_path, data, **{"reader.source": {"name": "faulty", "library": str(lib),
-                                                            "fault": "throw", "threads": None}})
-    r = run_host(run)
-    assert r.returncode == 3, r.stderr
-    assert f"internal error: {lib}: the plugin's factory failed: deliberate failure of the fixture" in r.stderr, \
-        r.stderr
-
-
-def test_a_nested_factory_that_returns_nothing_is_a_bug_of_that_plugin(tmp_path, data):
+@pytest.mark.parametrize("fault, says", [
+    # It was reported under prefetch's file, the reader that called the factory.
+    ("throw", "the plugin's factory failed: deliberate failure of the fixture"),
     # As the host says it of its own factory calls (status 3); prefetch said it as bad input (status 2).
+    ("nothing", "a bug in the plugin: the factory returned nothing (nullptr)"),
+])
+def test_a_nested_factory_that_fails_names_the_nested_plugins_file(tmp_path, data, fault, says):
     lib = FIXTURES / "libdeepcam_reader_faulty.so"
     run = prefetch_run(tmp_path, data, **{"reader.source": {"name": "faulty", "library": str(lib),
-                                                            "fault": "nothing", "threads": None}})
+                                                            "fault": fault, "threads": None}})
     r = run_host(run)
     assert r.returncode == 3, r.stderr
-    assert f"internal error: {lib}: a bug in the plugin: the factory returned nothing (nullptr)" in r.stderr, \
-        r.stderr
+    assert f"internal error: {lib}: {says}" in r.stderr, r.stderr
 
 
 def test_prefetch_keys_are_checked_too(tmp_path, data):

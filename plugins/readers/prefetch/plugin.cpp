@@ -52,19 +52,14 @@ std::unique_ptr<deepcam::Reader> make(const deepcam::Params& params, const deepc
                                      "would be ignored; set {} in {} (the prefetch reader's table) instead",
                                      source->params.where(key), key, key, table));
   }
-  // What the nested factory throws names the nested plugin's file, as the
-  // host's own factory calls do (build_plugged).
-  std::unique_ptr<deepcam::Reader> reader;
-  try {
-    reader = source->descriptor->make_reader(source->params, context);
-    // A fault of the plugin's code (status 3), as the host's build_plugged says it.
-    if (!reader) throw deepcam::PluginBug("the factory returned nothing (nullptr)");
-  } catch (...) {
-    deepcam::rethrow_factory_failure(source->path);
-  }
+  // As the host's own factory calls: what the nested factory throws, or a
+  // nullptr it returns, names the nested plugin's file.
+  deepcam::Plugged<deepcam::Reader> reader =
+      deepcam::build_plugged(deepcam::LoadedPlugin{source->path, source->descriptor, source->library},
+                             [&](const deepcam::PluginDescriptor& d) { return d.make_reader(source->params, context); });
   // `source` holds the source's library: released after the source reader.
   return std::make_unique<deepcam::readers::PrefetchReader>(
-      context, deepcam::readers::PrefetchOptions::from(params), std::move(reader), source);
+      context, deepcam::readers::PrefetchOptions::from(params), std::move(reader.object), source);
 }
 
 }  // namespace
