@@ -370,6 +370,8 @@ class Engine {
   void on_run_start(std::function<void()> f) { on_run_start_ = std::move(f); }
   // Whether run_stop is in the log (a failure after it adds no second one).
   bool run_stopped() const { return run_stopped_; }
+  // Batches trained so far (the log's step_num), the resumed ones included.
+  std::int64_t steps_trained() const { return steps_trained_; }
 
   // `splits`: what the run reads (ReaderContext::splits).
   void build(bool with_optimizer, const std::vector<Split>& splits) {
@@ -584,6 +586,7 @@ class Engine {
     std::int64_t epoch = first_epoch;
     std::int64_t last_saved = -1;
     divergence_.reset(device_, step);
+    steps_trained_ = step;
     while (epoch < max_epochs && !reached) {
       const std::int64_t epoch_num = epoch + 1;
       comm_.world().barrier();
@@ -1171,7 +1174,7 @@ class Engine {
       const at::Tensor input = batch.data.to(device_, /*non_blocking=*/true).contiguous(memory_format_);
       labels = batch.labels.to(device_, /*non_blocking=*/true);
       train_step(input, labels, step, k, logits, loss, current_lr);
-      ++step;
+      steps_trained_ = ++step;
       ++done;
       if (frequency > 0 && step % frequency == 0) {
         // The loss is read here anyway; reading the watch costs no extra wait.
@@ -1202,7 +1205,9 @@ class Engine {
                                          cfg_.reader.plugin->path, cfg_.reader.name, epoch_num, done, batches,
                                          c_.reader->local_samples(Split::Train)));
     }
-    // Every step of the epoch is checked before its weights are validated.
+    // Every step of the epoch is checked before its weights are validated:
+    // a last step at a logging point was checked, and logged, there.
+    if (frequency > 0 && step % frequency == 0) return step;
     const IntervalFigures f = interval_figures(epoch_num, logits, labels, loss);
     if ((diverged = f.diverged)) return step;
     log_train(epoch_num, step, current_lr, f);
@@ -1468,6 +1473,7 @@ class Engine {
   at::Tensor graph_logits_, graph_loss_;  // the captured step's outputs
 #endif
   bool run_stopped_ = false;             // run_stop is in the log
+  std::int64_t steps_trained_ = 0;       // batches trained, as the log counts steps
   Clock::time_point run_started_{};
   Clock::time_point last_progress_ = Clock::now();
   std::function<void()> on_run_start_;
@@ -2011,7 +2017,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
     // gone): the epoch or evaluation it was in ends first, as when a signal
     // stops a run.
     if (!engine.run_stopped()) {
-      const Json epoch_num = log.close_open_intervals();
+      const Json epoch_num = log.close_open_intervals(Json(engine.steps_trained()));
       MlperfLog::Metadata md = {{"status", Json("aborted")}};
       if (epoch_num.kind() != Json::Kind::Null) md.emplace_back("epoch_num", epoch_num);
       log.end("run_stop", Json(), md);

@@ -64,9 +64,14 @@ void MlperfLog::end(const std::string& key, const Json& value, Metadata metadata
   write("INTERVAL_END", key, value, std::move(metadata), site);
 }
 
-Json MlperfLog::close_open_intervals(CallSite site) {
+Json MlperfLog::close_open_intervals(const Json& step_num, CallSite site) {
   while (!open_.empty() && open_.back().first != "run") {
     auto [stem, metadata] = open_.back();
+    if (step_num.kind() != Json::Kind::Null) {
+      for (auto& [name, v] : metadata) {
+        if (name == "step_num") v = step_num;
+      }
+    }
     end(stem + "_stop", Json(), std::move(metadata), site);
   }
   return last_epoch_num_;

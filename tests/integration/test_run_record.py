@@ -222,7 +222,8 @@ def test_a_run_that_fails_mid_epoch_closes_what_it_had_begun(tmp_path, data, spl
     last = sorted((broken / split).glob("*.h5"))[-1]  # not the first, which the reader opens to learn the shape
     last.write_bytes(b"not an HDF5 file" * 64)
     out = tmp_path / "out"
-    run = write_run(tmp_path / "run.toml", broken, out, run={"max_epochs": 2, "target_iou": 1.0})
+    run = write_run(tmp_path / "run.toml", broken, out,
+                    run={"max_epochs": 2, "target_iou": 1.0, "logging_frequency": 1})
     r = run_host(run, "--quiet")
     assert r.returncode == 2 and str(last) in r.stderr, r.stderr[-3000:]
     events = read_events(out / "mlperf.log")
@@ -230,6 +231,11 @@ def test_a_run_that_fails_mid_epoch_closes_what_it_had_begun(tmp_path, data, spl
     assert [e["key"] for e in stops] == [f"{i}_stop" for i in open_intervals] + ["run_stop"], \
         [e["key"] for e in events[-6:]]
     assert all(e["metadata"]["epoch_num"] == 1 for e in stops)
+    # The intervals end at the step training stopped at, the last one logged (every step is): they had
+    # their start's step_num, 0, after train_loss events of later steps.
+    trained = [e["metadata"]["step_num"] for e in events if e["key"] == "train_loss"]
+    assert trained == list(range(1, len(trained) + 1)) and trained, trained
+    assert [e["metadata"]["step_num"] for e in stops[:-1]] == [len(trained)] * len(open_intervals)
     assert stops[-1]["metadata"]["status"] == "aborted"
     starts = [e["key"] for e in events if e["event_type"] == "INTERVAL_START"]
     ends = [e["key"] for e in events if e["event_type"] == "INTERVAL_END"]

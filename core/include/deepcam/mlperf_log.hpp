@@ -43,9 +43,11 @@ class DEEPCAM_API MlperfLog {
 
   // A run that fails mid-way closes what it had begun: each interval still
   // open (an epoch, an evaluation, ...) but run_start ends here, innermost
-  // first, with its start's epoch_num and step_num. Returns the epoch_num
-  // of the last epoch_start, or a null Json before the first.
-  Json close_open_intervals(CallSite site = {__builtin_FILE(), __builtin_LINE()});
+  // first, with its start's epoch_num, and `step_num` (the step the run
+  // stopped at) where its start had one; the start's own when `step_num`
+  // is null. Returns the epoch_num of the last epoch_start, or a null Json
+  // before the first.
+  Json close_open_intervals(const Json& step_num = Json(), CallSite site = {__builtin_FILE(), __builtin_LINE()});
 
   bool enabled() const { return enabled_; }
   // Also prints every line to `out` (stdout on rank 0, as the reference's
