@@ -82,6 +82,10 @@ void save_checkpoint(const std::string& path, const CheckpointInfo& info, torch:
     if (info.accumulated_batches > 0) top.insert("accumulated_batches", info.accumulated_batches);
   }
   if (info.partial_accumulation_ranks > 0) top.insert("partial_accumulation_ranks", info.partial_accumulation_ranks);
+  if (info.gradient_accumulation_frequency > 0) {
+    top.insert("gradient_accumulation_frequency", info.gradient_accumulation_frequency);
+  }
+  if (info.world_size > 0) top.insert("world_size", info.world_size);
   save_torch(path, top);
 }
 
@@ -388,6 +392,14 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
   }
   if (const auto batches = f.find("accumulated_batches")) {
     info.accumulated_batches = f.count(*batches, "accumulated_batches", kMost);
+  }
+  if (const auto k = f.find("gradient_accumulation_frequency")) {
+    info.gradient_accumulation_frequency = f.count(*k, "gradient_accumulation_frequency", kMost);
+    if (info.gradient_accumulation_frequency == 0) f.fail("'gradient_accumulation_frequency' is 0, expected >= 1");
+  }
+  if (const auto ranks = f.find("world_size")) {
+    info.world_size = f.count(*ranks, "world_size", kMost);
+    if (info.world_size == 0) f.fail("'world_size' is 0, expected >= 1");
   }
   if (const auto grads = f.find("accumulated_gradients"); grads && !options.weights_only) {
     std::map<std::string, at::Tensor> params;

@@ -566,6 +566,8 @@ class Engine {
       step = info.step;
       first_epoch = info.epoch;
       restore_accumulation(resume, info, k, lo.weights_only);
+      check_accumulation_frequency(resume, info, k, lo.weights_only);
+      note_other_world_size(resume, info);
       note_other_precision(resume, info);  // after restore_accumulation, which refuses some of these
       if (comm_.rank() == 0) {
         std::fprintf(stderr, "deepcam-host: resumed from %s at epoch %lld, step %lld\n", run.string("resume").c_str(),
@@ -1343,6 +1345,8 @@ class Engine {
     CheckpointInfo info;
     info.step = step;
     info.epoch = epoch;
+    info.gradient_accumulation_frequency = k;
+    info.world_size = comm_.size();
     if (scaler_) info.scaler = scaler_->state();
     if (partial && comm_.size() == 1) {
       // The gradient of the batches since the last optimizer step, which an
@@ -1389,6 +1393,45 @@ class Engine {
     }
   }
 
+  // The schedule takes optimizer step `step / k`: a resume with another k
+  // than the writer's would go on from another point of it (back into the
+  // warm-up, or past milestones) while the optimizer's own step count goes
+  // on from the steps it took. Refused, but for a weights-only resume, which
+  // starts the optimizer afresh and is told where its schedule stands.
+  void check_accumulation_frequency(const std::string& path, const CheckpointInfo& info, std::int64_t k,
+                                    bool weights_only) {
+    const std::int64_t theirs = info.gradient_accumulation_frequency;
+    if (theirs == 0 || theirs == k || info.step == 0) return;
+    const std::string key = fmt::format("gradient_accumulation_frequency = {} ({})", k,
+                                        cfg_.run.where("gradient_accumulation_frequency"));
+    if (!weights_only) {
+      throw Error(fmt::format("{}: written by a run with gradient_accumulation_frequency = {}, after {} optimizer "
+                              "steps ({} batches); with {} the learning-rate schedule would go on from optimizer "
+                              "step {}. Resume with gradient_accumulation_frequency = {}, or set [run] "
+                              "resume_weights_only = true to start from its weights with a fresh optimizer",
+                              path, theirs, info.step / theirs, info.step, key, info.step / k, theirs));
+    }
+    if (comm_.rank() == 0) {
+      std::fprintf(stderr,
+                   "deepcam-host: note: %s was written by a run with gradient_accumulation_frequency = %lld, after "
+                   "%lld optimizer steps; with %s the schedule goes on from optimizer step %lld\n",
+                   path.c_str(), static_cast<long long>(theirs), static_cast<long long>(info.step / theirs),
+                   key.c_str(), static_cast<long long>(info.step / k));
+    }
+  }
+
+  // Another number of ranks trains on: the global batch (and so each
+  // update) changes from the resumed run's, as with PyTorch's
+  // DistributedDataParallel; said, not refused.
+  void note_other_world_size(const std::string& path, const CheckpointInfo& info) {
+    if (info.world_size == 0 || info.world_size == comm_.size() || comm_.rank() != 0) return;
+    std::fprintf(stderr,
+                 "deepcam-host: note: %s was written by a run of %lld rank%s; this run has %d and trains on at a "
+                 "global batch of %lld samples\n",
+                 path.c_str(), static_cast<long long>(info.world_size), info.world_size == 1 ? "" : "s", comm_.size(),
+                 static_cast<long long>(cfg_.run.integer("train_batch_size") * comm_.size()));
+  }
+
   // A checkpoint taken where gradient_accumulation_frequency does not divide
   // the step holds the gradient accumulated since the last optimizer step;
   // it becomes the parameters' .grad, so that the next update sums the same
@@ -1413,6 +1456,14 @@ class Engine {
                      path.c_str(), static_cast<long long>(info.step), key.c_str());
       }
       return;
+    }
+    if (info.world_size > 0 && info.world_size != comm_.size()) {
+      throw Error(fmt::format("{}: holds a partial gradient ('accumulated_gradients') at step {}, the mean over {} "
+                              "rank{}; this run's {} ranks would each add their batches to it, an update no "
+                              "uninterrupted run makes. Resume on {} rank{}, or set [run] resume_weights_only = true "
+                              "to start from its weights with a fresh optimizer",
+                              path, info.step, info.world_size, info.world_size == 1 ? "" : "s", comm_.size(),
+                              info.world_size, info.world_size == 1 ? "" : "s"));
     }
     if (info.step % k == 0) {
       throw Error(fmt::format("{}: holds a partial gradient ('accumulated_gradients') at step {}, but {} divides that "

@@ -369,6 +369,76 @@ def test_a_partial_gradient_of_another_number_of_batches_is_refused(tmp_path, da
         r.stderr[-2000:]
 
 
+@pytest.fixture(scope="module")
+def trained_k1(tmp_path_factory, data):
+    """One epoch without accumulation: 3 batches, 3 optimizer steps, no partial gradient."""
+    tmp = tmp_path_factory.mktemp("ckh-k1")
+    run = write_run(tmp / "run.toml", data, tmp / "out", run={**ODD, "gradient_accumulation_frequency": 1})
+    r = run_host(run)
+    assert r.returncode == 1, r.stderr
+    return tmp / "out" / "checkpoint-epoch1.pt"
+
+
+def test_a_checkpoint_records_its_accumulation_frequency_and_ranks(trained, trained_k1):
+    for path, k in ((trained, 2), (trained_k1, 1)):
+        saved = torch.load(path, weights_only=True)
+        assert (saved["gradient_accumulation_frequency"], saved["world_size"]) == (k, 1), path
+
+
+def test_a_resume_with_another_accumulation_frequency_is_refused(tmp_path, data, trained_k1):
+    """3 optimizer steps at k = 1; with k = 3 (which divides step 3, so no partial gradient is in the way) the
+    schedule would have gone on from optimizer step 3 // 3 = 1, back into the warm-up, while Adam's own step
+    count went on from 3. It was taken silently."""
+    r = resume(tmp_path, data, trained_k1, gradient_accumulation_frequency=3)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert (f"{trained_k1}: written by a run with gradient_accumulation_frequency = 1, after 3 optimizer steps "
+            "(3 batches); with gradient_accumulation_frequency = 3 (") in r.stderr, r.stderr[-2000:]
+    assert "the learning-rate schedule would go on from optimizer step 1. Resume with " \
+           "gradient_accumulation_frequency = 1, or set [run] resume_weights_only = true" in r.stderr
+    assert not (tmp_path / "resumed" / "mlperf.log").exists()
+
+
+def test_a_weights_only_resume_with_another_accumulation_frequency_says_where_its_schedule_stands(
+        tmp_path, data, trained_k1):
+    r = resume(tmp_path, data, trained_k1, gradient_accumulation_frequency=3, resume_weights_only=True)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert (f"note: {trained_k1} was written by a run with gradient_accumulation_frequency = 1, after 3 optimizer "
+            "steps; with gradient_accumulation_frequency = 3 (") in r.stderr, r.stderr[-2000:]
+    assert "the schedule goes on from optimizer step 1" in r.stderr
+
+
+@pytest.mark.parametrize("key", ["gradient_accumulation_frequency", "world_size"])
+@pytest.mark.parametrize("value", [0, -1, 2.5])
+def test_a_damaged_accumulation_frequency_or_world_size_is_refused(tmp_path, data, trained_k1, key, value):
+    ckpt = edited(tmp_path, trained_k1, lambda c: c.__setitem__(key, value))
+    r = resume(tmp_path, data, ckpt, gradient_accumulation_frequency=1)
+    assert r.returncode == 2, r.stderr[-2000:]
+    expected = {0: f"'{key}' is 0, expected >= 1", -1: f"'{key}' is -1, expected an integer in 0..",
+                2.5: f"'{key}' is a Double, expected a non-negative integer"}[value]
+    assert f"{ckpt}: {expected}" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_partial_gradient_of_one_rank_is_refused_on_two(tmp_path, data, trained):
+    """The partial gradient of 1 rank's batch became each of 2 ranks' .grad, and the next update averaged it
+    with their batches: an update no run makes. It was taken silently."""
+    cfg = write_run(tmp_path / "resume.toml", data, tmp_path / "resumed",
+                    run={**ODD, "max_epochs": 2, "resume": str(trained), "train_batch_size": 1})
+    r = run_host("--nproc", 2, cfg)
+    assert r.returncode == 2, r.stdout + r.stderr[-2000:]
+    assert (f"{trained}: holds a partial gradient ('accumulated_gradients') at step 3, the mean over 1 rank; this "
+            "run's 2 ranks would each add their batches to it") in r.stderr, r.stderr[-2000:]
+
+
+def test_a_resume_on_another_number_of_ranks_is_noted(tmp_path, data, trained_k1):
+    cfg = write_run(tmp_path / "resume.toml", data, tmp_path / "resumed",
+                    run={**ODD, "max_epochs": 2, "resume": str(trained_k1), "train_batch_size": 1,
+                         "gradient_accumulation_frequency": 1})
+    r = run_host("--nproc", 2, cfg)
+    assert r.returncode == 1, r.stdout + r.stderr[-2000:]
+    assert (f"note: {trained_k1} was written by a run of 1 rank; this run has 2 and trains on at a global batch "
+            "of 2 samples") in r.stderr, r.stderr[-2000:]
+
+
 def test_an_unscaled_partial_gradient_is_refused_under_amp_fp16(tmp_path, data, trained):
     r = resume(tmp_path, data, trained, precision="amp_fp16")
     assert r.returncode == 2, r.stderr[-2000:]

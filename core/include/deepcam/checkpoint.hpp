@@ -1,7 +1,7 @@
 // Checkpoints in the reference's torch.save layout:
 // {"step": int, "epoch": int, "model": {name: tensor}, "optimizer": {...}},
 // with our extra keys ("scaler", "model_config", "optimizer_name",
-// "accumulated_gradients")
+// "accumulated_gradients", "gradient_accumulation_frequency", "world_size")
 // beside them, which the reference's loader ignores.
 // Python's torch.load reads ours, and we read one written by Python.
 #pragma once
@@ -57,6 +57,15 @@ struct CheckpointInfo {
   // another number. 0 when not known (no partial gradient, or a file of an
   // earlier version).
   std::int64_t accumulated_batches = 0;
+  // The writer's gradient_accumulation_frequency, kept as
+  // "gradient_accumulation_frequency" (plugin ABI 7): the schedule counts
+  // optimizer steps as step / k, so a resume with another k would go on
+  // from another point of it. 0 when not known (a file of an earlier
+  // version, or Python's).
+  std::int64_t gradient_accumulation_frequency = 0;
+  // The writer's number of ranks, kept as "world_size" (plugin ABI 7): a
+  // partial gradient sums that many ranks' batches. 0 when not known.
+  std::int64_t world_size = 0;
   // A run of more than one rank saved in the middle of an accumulation: the
   // ranks' partial gradients are not in the file (only rank 0 writes it), so
   // resuming from it is refused. Kept as "partial_accumulation_ranks"; 0 when none.
