@@ -958,12 +958,21 @@ class Engine {
     log_.end("run_stop", Json(), {{"status", Json("aborted")}, {"epoch_num", Json(d.epoch_num)}});
     run_stopped_ = true;
     if (comm_.rank() == 0) {
+      // The schedule's keys that can raise the rate above lr (the warm-up's
+      // factor, a cosine's floor), as the scheduler plugin has them.
+      std::vector<std::string> raising;
+      for (const char* key : {"lr_warmup_factor", "eta_min"}) {
+        if (cfg_.scheduler.params.has(key)) raising.push_back(fmt::format("[scheduler] {}", key));
+      }
       std::fprintf(stderr,
                    "deepcam-host: training diverged at step %lld (epoch %lld): the %s is %s. The run stops here "
-                   "(run_stop status \"aborted\"; no checkpoint written); lower [optimizer] lr or the warmup "
-                   "(lr_warmup_factor) and run again\n",
+                   "(run_stop status \"aborted\"; no checkpoint written); lower [optimizer] lr%s and run again\n",
                    static_cast<long long>(d.step_num), static_cast<long long>(d.epoch_num), d.what,
-                   python_float_repr(d.value).c_str());
+                   python_float_repr(d.value).c_str(),
+                   raising.empty() ? ""
+                                   : fmt::format(", or the schedule's {} if it raises the rate above lr",
+                                                 fmt::join(raising, " or "))
+                                         .c_str());
     }
     return kDivergedStatus;
   }

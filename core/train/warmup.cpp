@@ -1,6 +1,9 @@
 #include "deepcam/warmup.hpp"
 
+#include <limits>
 #include <string>
+
+#include <fmt/format.h>
 
 #include "deepcam/error.hpp"
 #include "deepcam/mlperf_log.hpp"
@@ -19,6 +22,17 @@ Warmup read_warmup(const Params& params) {
     throw Error(params.where("lr_warmup_factor") + " = " + std::to_string(warmup.factor) + ": must be >= 1");
   }
   return warmup;
+}
+
+void check_warmup_peak(const Params& params, double base_lr) {
+  const double factor = params.number("lr_warmup_factor");
+  if (!(base_lr * factor <= std::numeric_limits<float>::max())) {
+    throw Error(fmt::format("{} = {}: the warm-up would climb towards [optimizer] lr x lr_warmup_factor = {} x {}, "
+                            "beyond float32's largest number {} (the optimizers take the rate as float32); lower "
+                            "lr_warmup_factor or lr",
+                            params.where("lr_warmup_factor"), factor, base_lr, factor,
+                            static_cast<double>(std::numeric_limits<float>::max())));
+  }
 }
 
 double warmup_lr(double base_lr, const Warmup& warmup, std::int64_t step) {

@@ -46,7 +46,8 @@ def test_nan_loss_stops_the_run_at_the_step_it_appears(tmp_path, data):
     out, r = diverge(tmp_path, data, run={"max_epochs": 2, "checkpoint_every": 1})
     assert r.returncode == DIVERGED, r.stderr
     assert re.search(r"training diverged at step 2 \(epoch 1\): the loss is (NaN|-?Infinity)\. ", r.stderr), r.stderr
-    assert "lower [optimizer] lr" in r.stderr
+    assert ("lower [optimizer] lr, or the schedule's [scheduler] lr_warmup_factor if it raises the rate above lr "
+            "and run again") in r.stderr, r.stderr[-2000:]
     # No step past the interval that found it, no validation, no checkpoint.
     assert "epoch 1 step 4/4" not in r.stderr and "epoch 1 validation:" not in r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["config.toml", "mlperf.log"]
@@ -108,8 +109,8 @@ def test_nan_weights_from_the_last_update_of_an_epoch_stop_at_validation(tmp_pat
     # Adam's first step size is lr / (1 - 0.9): 3.4e39, past float32's largest value (3.4028e38).
     ("adam", ["optimizer.lr=3.4e38"]),
     ("adamw", ["optimizer.lr=3.4e38"]),
-    # LAMB's rate itself, lr x the warmup factor, is 6.8e38 after the first step.
-    ("lamb", ["optimizer.lr=3.4e37", "scheduler.lr_warmup_factor=20.0", "scheduler.lr_warmup_steps=2"]),
+    # LAMB's step is lr x the trust ratio (a layer's weight norm over its update's norm), above 1 for some.
+    ("lamb", ["optimizer.lr=3.4e38"]),
 ])
 def test_a_rate_whose_update_overflows_float32_diverges_as_the_float32_update_does(tmp_path, data, optimizer,
                                                                                      sets):
@@ -128,3 +129,12 @@ def test_a_rate_whose_update_overflows_float32_diverges_as_the_float32_update_do
     assert "internal error" not in r.stderr
     lines = read_events(tmp_path / "out" / "mlperf.log")
     assert lines[-1]["key"] == "run_stop" and lines[-1]["metadata"]["status"] == "aborted"
+
+
+def test_a_cosine_schedule_s_divergence_hint_names_its_floor(tmp_path, data):
+    """A cosine's eta_min far above lr makes the rate climb to it: the hint named only lr and the warm-up."""
+    out, r = diverge(tmp_path, data, "scheduler.eta_min=1e9",
+                     scheduler={"name": "cosine_annealing", "t_max": 1, "milestones": None})
+    assert r.returncode == DIVERGED, r.stderr[-2000:]
+    assert ("lower [optimizer] lr, or the schedule's [scheduler] lr_warmup_factor or [scheduler] eta_min if it "
+            "raises the rate above lr and run again") in r.stderr, r.stderr[-2000:]

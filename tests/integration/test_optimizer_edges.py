@@ -159,3 +159,31 @@ def test_a_rate_beyond_float32_is_refused_before_the_run(tmp_path, data, optimiz
     assert f"deepcam-host: --set optimizer.{key}=1e39: 1e+39 is out of range {low}, 3.4028234663852886e+38]" \
         in r.stderr, r.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("scheduler", ["multistep", "cosine_annealing"])
+def test_a_warmup_whose_top_overflows_float32_is_refused_before_the_run(tmp_path, data, scheduler):
+    """lr and lr_warmup_factor each within bounds, their product beyond float32: the run trained two steps and
+    stopped as an "internal error" blaming the scheduler plugin (exit 3)."""
+    out = tmp_path / "out"
+    extra = {"t_max": 5, "milestones": None} if scheduler == "cosine_annealing" else {}
+    run = write_run(tmp_path / "run.toml", data, out,
+                    scheduler={"name": scheduler, "lr_warmup_steps": 4, "lr_warmup_factor": 1e308, **extra})
+    r = run_host(run)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert (f"deepcam-host: {run}:" in r.stderr
+            and "[scheduler] lr_warmup_factor = 1e+308: the warm-up would climb towards [optimizer] lr x "
+                "lr_warmup_factor = 0.002 x 1e+308, beyond float32's largest number 3.4028234663852886e+38"
+            in r.stderr), r.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_a_cosine_floor_beyond_float32_is_refused_before_the_run(tmp_path, data):
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out,
+                    scheduler={"name": "cosine_annealing", "t_max": 5, "milestones": None})
+    r = run_host(run, "--set", "scheduler.eta_min=1e39")
+    assert r.returncode == 2, r.stderr
+    assert ("deepcam-host: --set scheduler.eta_min=1e39: 1e+39 is out of range [0.0, 3.4028234663852886e+38]"
+            in r.stderr), r.stderr
+    assert not out.exists()

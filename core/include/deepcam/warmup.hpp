@@ -21,6 +21,12 @@ struct Warmup {
 // scheduler's table; errors name params.where() and the key.
 DEEPCAM_API Warmup read_warmup(const Params& params);
 
+// Refuses a warm-up whose top, the optimizer's rate times lr_warmup_factor,
+// is beyond float32's range, where the optimizers take the rate: each key
+// within its own bounds, their product could still overflow once training
+// has begun. The error names params.where("lr_warmup_factor") and the rate.
+DEEPCAM_API void check_warmup_peak(const Params& params, double base_lr);
+
 // The LR of optimizer step `step` < W from the start LR L: L * s / W when
 // F = 1 (the first step uses LR 0), else L * ((F - 1) s / W + 1), computed
 // as the reference computes it (s times the slope 1 / W, in its operand

@@ -1,12 +1,17 @@
 // The entry point of libdeepcam_scheduler_cosine_annealing.so: the parameter
 // schema and the factory of deepcam::schedulers::CosineAnnealing (see
 // cosine_annealing.hpp).
+#include <limits>
 #include <memory>
+#include <utility>
 
 #include "cosine_annealing.hpp"
 #include "deepcam/plugin.hpp"
 
 namespace {
+
+// The optimizers take the learning rate as float32 (as [optimizer] lr's bound).
+constexpr double kFloat32Max = std::numeric_limits<float>::max();
 
 // t_max has no default: the reference has none either, and any value is a
 // choice tied to the run's length in steps.
@@ -14,7 +19,7 @@ const deepcam::ParamSpec kParams[] = {
     {"t_max", deepcam::ParamType::Int, nullptr,
      "optimizer steps (after warmup) from the start LR down to eta_min; the LR climbs back after", 1.0,
      deepcam::kUnbounded},
-    {"eta_min", deepcam::ParamType::Float, "0.0", "the lowest LR of the cosine", 0.0, deepcam::kUnbounded},
+    {"eta_min", deepcam::ParamType::Float, "0.0", "the lowest LR of the cosine", 0.0, kFloat32Max},
     {"lr_warmup_steps", deepcam::ParamType::Int, "0", "linear warmup length in optimizer steps", 0.0,
      deepcam::kUnbounded},
     {"lr_warmup_factor", deepcam::ParamType::Float, "1.0",
@@ -23,8 +28,9 @@ const deepcam::ParamSpec kParams[] = {
 
 std::unique_ptr<deepcam::Scheduler> make(const deepcam::Params& params,
                                          const deepcam::SchedulerContext& context) {
-  return std::make_unique<deepcam::schedulers::CosineAnnealing>(
-      context.base_lr, deepcam::schedulers::CosineAnnealingOptions::from(params));
+  deepcam::schedulers::CosineAnnealingOptions options = deepcam::schedulers::CosineAnnealingOptions::from(params);
+  deepcam::check_warmup_peak(params, context.base_lr);
+  return std::make_unique<deepcam::schedulers::CosineAnnealing>(context.base_lr, std::move(options));
 }
 
 }  // namespace

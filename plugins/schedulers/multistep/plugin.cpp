@@ -1,6 +1,7 @@
 // The entry point of libdeepcam_scheduler_multistep.so: the parameter schema
 // and the factory of deepcam::schedulers::Multistep (see multistep.hpp).
 #include <memory>
+#include <utility>
 
 #include "deepcam/plugin.hpp"
 #include "multistep.hpp"
@@ -23,8 +24,9 @@ const deepcam::ParamSpec kParams[] = {
 
 std::unique_ptr<deepcam::Scheduler> make(const deepcam::Params& params,
                                          const deepcam::SchedulerContext& context) {
-  return std::make_unique<deepcam::schedulers::Multistep>(
-      context.base_lr, deepcam::schedulers::MultistepOptions::from(params));
+  deepcam::schedulers::MultistepOptions options = deepcam::schedulers::MultistepOptions::from(params);
+  deepcam::check_warmup_peak(params, context.base_lr);
+  return std::make_unique<deepcam::schedulers::Multistep>(context.base_lr, std::move(options));
 }
 
 }  // namespace
