@@ -11,7 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
+#include <cerrno>  // program_invocation_name (glibc)
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -101,7 +101,10 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
 
   std::vector<char*> argv;
   std::vector<std::string> storage;
-  storage.push_back("/proc/self/exe");
+  // The ranks run this program's file (found below) under the name it was
+  // started by, so that they show in ps and name themselves in messages
+  // (program_invocation_short_name) as the launcher does.
+  storage.push_back(program_invocation_name);
   for (const auto& a : args) storage.push_back(a);
   for (auto& s : storage) argv.push_back(s.data());
   argv.push_back(nullptr);

@@ -77,3 +77,18 @@ def test_benchmark_stages_nothing_and_evaluate_and_predict_only_validation(tmp_p
     assert r.returncode == 0, r.stderr[-3000:]
     assert "deepcam-host: staged 2 files" in r.stderr, r.stderr[-3000:]
     assert list(stage.iterdir()) == []
+
+
+def test_ranks_started_by_nproc_name_themselves_as_the_program(tmp_path, h5_set):
+    """--nproc started its ranks as /proc/self/exe, so lines that name the running program said "exe:" (the
+    staging lines, a plugin's internal error) and ps showed /proc/self/exe."""
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    run = write_run(tmp_path / "run.toml", h5_set, tmp_path / "out",
+                    run={"max_epochs": 1, "target_iou": 1.0, "train_batch_size": 1},
+                    reader={"name": "prefetch", "depth": 2, "threads": 1, "stage_dir": str(stage)},
+                    **{"reader.source": {"name": "hdf5", "threads": 1}})
+    r = run_host("--nproc", 2, run, "--quiet")
+    assert r.returncode == 1, r.stdout + r.stderr[-3000:]
+    assert "[rank 0] deepcam-host: staged " in r.stderr, r.stderr[-3000:]  # the node's staging, by its rank 0
+    assert "exe:" not in r.stderr, r.stderr[-3000:]
