@@ -202,9 +202,12 @@ ParamValue convert(const ParamSpec& spec, const toml::node& node, const std::str
     throw wrong();
   };
   auto check_range = [&](double v) {
-    if (std::isnan(v) || !in_range(spec, v)) {
-      throw Error(fmt::format("{}: {} is out of range {}", where, to_toml(v), range_text(spec)));
+    if (std::isnan(v)) {
+      // A schema without a range (min > max) has no range to show.
+      throw Error(fmt::format("{}: nan is not a number this key takes{}", where,
+                              spec.min <= spec.max ? fmt::format(" (its range: {})", range_text(spec)) : ""));
     }
+    if (!in_range(spec, v)) throw Error(fmt::format("{}: {} is out of range {}", where, to_toml(v), range_text(spec)));
   };
   auto check_integer = [&](std::int64_t v) {
     if (!in_range(spec, v)) throw Error(fmt::format("{}: {} is out of range {}", where, v, range_text(spec)));

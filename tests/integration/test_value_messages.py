@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from helpers import run_host, synth, write_run
+from helpers import SGD, run_host, synth, write_run
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +175,13 @@ def test_an_open_division_run_gets_no_closed_warning(tmp_path, data):
     r = run_host(run, "--quiet")
     assert r.returncode in (0, 1), r.stderr
     assert "closed" not in r.stderr
+
+
+@pytest.mark.parametrize("item,expected", [
+    ("optimizer.lr=nan", "nan is not a number this key takes (its range: [0.0, inf))"),  # the SGD example's lr
+    # dampening has no range (as in PyTorch): the message showed the schema's no-range marker as one.
+    ("optimizer.dampening=nan", "nan is not a number this key takes"),
+])
+def test_nan_is_refused_as_no_number_with_the_range_only_where_there_is_one(tmp_path, data, item, expected):
+    run, msg = refusal(tmp_path, data, "--set", item, optimizer=SGD)
+    assert msg == f"deepcam-host: --set {item}: {expected}", msg
