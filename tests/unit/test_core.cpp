@@ -52,6 +52,19 @@ TEST_CASE("JSON values are written as json.dumps writes them") {
   CHECK(Json::object({{"a", Json(1)}, {"b", Json()}}).dump() == "{\"a\": 1, \"b\": null}");
 }
 
+TEST_CASE("JSON integers come from every integer type, and one beyond int64 is refused") {
+  // unsigned and unsigned long long did not compile (an ambiguous conversion); a uint64 above int64's
+  // range was written as a negative number.
+  CHECK(Json(7u).dump() == "7");
+  CHECK(Json(std::uint32_t{4000000000u}).dump() == "4000000000");
+  CHECK(Json(std::uint64_t{9223372036854775807u}).dump() == "9223372036854775807");
+  CHECK(Json(9223372036854775807ull).dump() == "9223372036854775807");
+  CHECK(Json(std::size_t{12}).dump() == "12");
+  CHECK(Json(std::int64_t{-3}).dump() == "-3");
+  CHECK_THROWS_AS(Json(std::uint64_t{9223372036854775808u}), std::out_of_range);
+  CHECK_THROWS_AS(Json(18446744073709551615ull), std::out_of_range);
+}
+
 TEST_CASE("the warmup's learning rates are the reference's to the bit") {
   // The reference multiplies the step by the slope 1 / W; dividing by W differs in the last place
   // for some steps (these values are Python's for L * (s * (1 / W)) with L = 0.001, W = 10).

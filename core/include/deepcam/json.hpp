@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -22,7 +23,10 @@ class DEEPCAM_API Json {
   Json(int v) : kind_(Kind::Int), i_(v) {}
   Json(long v) : kind_(Kind::Int), i_(v) {}
   Json(long long v) : kind_(Kind::Int), i_(v) {}
-  Json(unsigned long v) : kind_(Kind::Int), i_(static_cast<std::int64_t>(v)) {}
+  Json(unsigned v) : kind_(Kind::Int), i_(v) {}
+  Json(unsigned long v) : Json(static_cast<unsigned long long>(v)) {}
+  // Above int64's range it is refused: it would be written as a negative number.
+  Json(unsigned long long v) : kind_(Kind::Int), i_(checked_int64(v)) {}
   Json(double v) : kind_(Kind::Float), d_(v) {}
   Json(const char* v) : kind_(Kind::String), s_(v) {}
   Json(std::string v) : kind_(Kind::String), s_(std::move(v)) {}
@@ -34,6 +38,13 @@ class DEEPCAM_API Json {
   std::string dump() const;
 
  private:
+  static std::int64_t checked_int64(unsigned long long v) {
+    if (v > static_cast<unsigned long long>(INT64_MAX)) {
+      throw std::out_of_range("deepcam::Json: " + std::to_string(v) + " is beyond int64, which a Json integer holds");
+    }
+    return static_cast<std::int64_t>(v);
+  }
+
   Kind kind_ = Kind::Null;
   bool b_ = false;
   std::int64_t i_ = 0;
