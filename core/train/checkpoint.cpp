@@ -372,12 +372,22 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
     const auto tracker = f.find(d, "_growth_tracker");
     if (!interval) f.fail("'scaler' has no 'growth_interval'");
     if (!tracker) f.fail("'scaler' has no '_growth_tracker'");
-    s.growth_interval = f.count(*interval, "scaler']['growth_interval", kMost);
-    s.growth_tracker = f.count(*tracker, "scaler']['_growth_tracker", kMost);
+    // GradScaler keeps the tracker as an int32 tensor, and ATen's CUDA
+    // kernel takes the interval as an int: a larger one would be cut short.
+    constexpr std::int64_t kInt32Max = std::numeric_limits<std::int32_t>::max();
+    s.growth_interval = f.count(*interval, "scaler']['growth_interval", kInt32Max);
+    s.growth_tracker = f.count(*tracker, "scaler']['_growth_tracker", kInt32Max);
     if (s.scale <= 0) f.fail(fmt::format("'scaler' 'scale' is {}, expected > 0", s.scale));
-    // GradScaler keeps it as a float32 tensor.
-    if (s.scale > std::numeric_limits<float>::max() || static_cast<float>(s.scale) == 0.0f) {
+    // GradScaler keeps it as a float32 tensor, and unscales by its
+    // reciprocal, also float32.
+    constexpr double kFloat32Max = std::numeric_limits<float>::max();
+    if (s.scale > kFloat32Max || static_cast<float>(s.scale) == 0.0f) {
       f.fail(fmt::format("'scaler' 'scale' is {}, beyond float32's range, where the scale is kept", s.scale));
+    }
+    if (1.0 / static_cast<double>(static_cast<float>(s.scale)) > kFloat32Max) {
+      f.fail(fmt::format("'scaler' 'scale' is {}, so small that its reciprocal, by which the gradients are unscaled, "
+                         "is beyond float32's range",
+                         s.scale));
     }
     if (s.growth_factor <= 1) f.fail(fmt::format("'scaler' 'growth_factor' is {}, expected > 1", s.growth_factor));
     if (s.backoff_factor <= 0 || s.backoff_factor >= 1) {

@@ -195,6 +195,18 @@ BAD_FIELDS = {
                                "'scaler' 'scale' is 1e+300, beyond float32's range, where the scale is kept"),
     "scaler_scale_underflows": (set_to("scaler", dict(SCALER, scale=1e-300)),
                                 "'scaler' 'scale' is 1e-300, beyond float32's range, where the scale is kept"),
+    # A subnormal float32 scale: its reciprocal overflows, the unscaled gradients were NaN, and the run
+    # stopped as diverged ("lower lr").
+    "scaler_scale_subnormal": (set_to("scaler", dict(SCALER, scale=1e-45)),
+                               "'scaler' 'scale' is 1e-45, so small that its reciprocal, by which the gradients are "
+                               "unscaled, is beyond float32's range"),
+    # GradScaler's tracker is an int32 tensor: 2^31 ended the resume as an internal error (exit 3), naming no
+    # field; an interval beyond int32 never let the scale grow (and ATen's CUDA kernel takes it as an int).
+    "scaler_tracker_beyond_int32": (set_to("scaler", dict(SCALER, _growth_tracker=2**31)),
+                                    "'scaler']['_growth_tracker' is 2147483648, expected an integer in 0..2147483647"),
+    "scaler_interval_beyond_int32": (set_to("scaler", dict(SCALER, growth_interval=2**32 + 1)),
+                                     "'scaler']['growth_interval' is 4294967297, expected an integer in "
+                                     "0..2147483647"),
 }
 
 
