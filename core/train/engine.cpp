@@ -964,15 +964,24 @@ class Engine {
       for (const char* key : {"lr_warmup_factor", "eta_min"}) {
         if (cfg_.scheduler.params.has(key)) raising.push_back(fmt::format("[scheduler] {}", key));
       }
+      // Under amp_fp16 a forward pass beyond float16's range ends the same
+      // way (BatchNorm's statistics go NaN), whatever the rate.
+      const std::string fp16 =
+          cfg_.run.string("precision") == "amp_fp16"
+              ? fmt::format(". Under amp_fp16 ({}) activations beyond float16's largest value (65504) end a run so "
+                            "too: amp_bf16 has float32's range",
+                            cfg_.run.where("precision"))
+              : "";
       std::fprintf(stderr,
                    "deepcam-host: training diverged at step %lld (epoch %lld): the %s is %s. The run stops here "
-                   "(run_stop status \"aborted\"; no checkpoint written); lower [optimizer] lr%s and run again\n",
+                   "(run_stop status \"aborted\"; no checkpoint written); lower [optimizer] lr%s and run again%s\n",
                    static_cast<long long>(d.step_num), static_cast<long long>(d.epoch_num), d.what,
                    python_float_repr(d.value).c_str(),
                    raising.empty() ? ""
                                    : fmt::format(", or the schedule's {} if it raises the rate above lr",
                                                  fmt::join(raising, " or "))
-                                         .c_str());
+                                         .c_str(),
+                   fp16.c_str());
     }
     return kDivergedStatus;
   }

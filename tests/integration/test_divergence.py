@@ -138,3 +138,12 @@ def test_a_cosine_schedule_s_divergence_hint_names_its_floor(tmp_path, data):
     assert r.returncode == DIVERGED, r.stderr[-2000:]
     assert ("lower [optimizer] lr, or the schedule's [scheduler] lr_warmup_factor or [scheduler] eta_min if it "
             "raises the rate above lr and run again") in r.stderr, r.stderr[-2000:]
+
+
+def test_an_amp_fp16_divergence_hint_names_float16_s_range(tmp_path, data):
+    """A float16 overflow in the forward pass ends an amp_fp16 run as diverged whatever the rate; the hint
+    only said to lower lr."""
+    out, r = diverge(tmp_path, data, "run.precision=amp_fp16")
+    assert r.returncode == DIVERGED, r.stderr[-2000:]
+    assert ("and run again. Under amp_fp16 (--set run.precision=amp_fp16) activations beyond float16's largest "
+            "value (65504) end a run so too: amp_bf16 has float32's range") in r.stderr, r.stderr[-2000:]
