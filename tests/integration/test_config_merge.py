@@ -4,6 +4,7 @@ each value; errors name the file and line where a key stands; the per-system
 configs in configs/systems/ load over configs/reference.toml."""
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,22 @@ def test_a_section_that_is_not_a_table_is_named_in_its_own_file_whatever_follows
     bad.write_text("[runn]\nmax_epochs = 1\n")
     r = benchmark(base, bad, later)
     assert r.returncode == 2 and f"{bad}:1: unknown section [runn]; did you mean 'run'?" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("system", SYSTEMS, ids=[p.stem for p in SYSTEMS])
+def test_each_system_configs_batchnorm_covers_as_many_samples_as_nvidias_recipe(system):
+    """dgxh100_16x8 and dgxa100_16x8 said they carried NVIDIA's instance recipe unchanged, "BatchNorm per
+    rank", at local batch 1: statistics of 1 sample where the recipe's (local batch 8, per rank) cover 8."""
+    text = system.read_text()
+    run = tomllib.loads(text)["run"]
+    ranks_said = re.search(r"\((\d+) ranks", text.splitlines()[0])
+    ranks = int(ranks_said.group(1)) if ranks_said else 1
+    group = min(run.get("batchnorm_group_size", 1), ranks)  # larger than the ranks: all of them
+    # NVIDIA's v3.0 recipes: the strong-scaling run at local batch 1 in groups of 2, the instances at local
+    # batch 8 on each rank alone.
+    recipe = 2 if "config_DGXA100_256x8x1.sh" in text else 8
+    assert "config_DGXA100_256x2x8x8_weak.sh" in text or recipe == 2
+    assert run["train_batch_size"] * group == recipe, (run["train_batch_size"], group)
+    comment = " ".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
+    if group > 1:
+        assert f"groups of {group} GPUs" in comment, comment

@@ -325,3 +325,19 @@ def test_a_runs_config_toml_under_prefetch_over_npy_runs_again(tmp_path, data):
     assert 'shuffle_mode = "global"  # default' in config.read_text()
     r = run_host(config, "--quiet", "--set", f"run.output_dir={tmp_path / 'again'}")
     assert r.returncode == 1, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
+def test_fs_config_repeats_the_reference_run_file_outside_data_and_reader(config):
+    """Each said "The other sections repeat configs/reference.toml's values" with seed = 1 where the
+    reference has seed = "auto"."""
+    text = config.read_text()
+    assert "The other sections repeat configs/reference.toml's values" in text
+    ours, reference = tomllib.loads(text), tomllib.loads((REPO_ROOT / "configs/reference.toml").read_text())
+    assert set(ours) == set(reference)
+    for section in set(reference) - {"data", "reader"}:
+        differ = {key for key in set(ours[section]) | set(reference[section])
+                  if ours[section].get(key) != reference[section].get(key)}
+        assert differ == ({"output_dir"} if section == "run" else set()), (section, differ)
+    assert ours["run"]["output_dir"] == f"../runs/{config.stem}"
+    assert ours["data"]["channels"] == reference["data"]["channels"]
