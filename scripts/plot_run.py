@@ -11,11 +11,19 @@ with its target IoU (from config.toml beside the log) dotted on the eval IoU
 panels. It also prints one line per
 run: steps, epochs, final train loss, best eval IoU, time to train.
 
+A run is named by the folder of its mlperf.log (a log of another name: by
+that name without its suffix). Two inputs of one name are refused, naming both: the
+legend could not tell them apart. The usual cause is a glob that matches
+both a run's folder JOB_n/ and the JOB_n.out that scripts/slurm/run.sub
+writes beside it (what the run's ranks printed, the log's lines again):
+give the folders alone, runs/slurm/JOB_*/.
+
 Exit status 2 with one line naming the file (and line) for a missing,
 unreadable or malformed log or config.toml (a number no float holds, NaN or
 Infinity where the plot needs a number: time_ms, a plotted value, step_num,
-epoch_num, target_iou), or a --out that cannot be written or is one of the
-files it reads (a log or config.toml, also through a link); 0 otherwise.
+epoch_num, target_iou), two inputs of one name, or a --out that cannot be
+written or is one of the files it reads (a log or config.toml, also through
+a link); 0 otherwise.
 The PNG is written to a temporary name (removed on any failure) and renamed;
 it gets the mode any new file gets under the umask. An --out that is a
 symbolic link is written through, as matplotlib's savefig and PIL's save
@@ -88,6 +96,7 @@ def read_log(path):
 class Run:
     def __init__(self, arg):
         p = Path(arg)
+        self.arg = arg
         self.log = p / "mlperf.log" if p.is_dir() else p
         if not self.log.is_file():
             raise BadInput(f"{arg}: no MLPerf log (give a run's output folder, which holds mlperf.log, or the log)")
@@ -183,6 +192,25 @@ def plot(runs, out, target, dpi):
         plt.close(fig)
 
 
+def refuse_same_names(runs):
+    """Refuses two runs of one name, naming both: the legend and the summary lines name runs by their
+    folders. A glob such as runs/slurm/JOB_* gives a run's folder JOB_n/ and, beside it, the JOB_n.out of
+    scripts/slurm/run.sub, which holds the same log lines: that case is named as such."""
+    seen = {}
+    for run in runs:
+        earlier = seen.setdefault(run.name, run)
+        if earlier is run:
+            continue
+        for printed, folder in ((earlier, run), (run, earlier)):
+            beside = Path(os.path.abspath(printed.log)).with_suffix("") == Path(os.path.abspath(folder.log)).parent
+            if printed.log.suffix == ".out" and folder.log.name == "mlperf.log" and beside:
+                raise BadInput(f"{printed.arg}: is what the ranks of run {folder.arg} printed, its log lines "
+                               f"again; give the run's folder alone (a glob of run folders ends in a slash: "
+                               f"{run.name.rstrip('0123456789')}*/)")
+        raise BadInput(f"{earlier.arg} and {run.arg}: both are named {run.name} in the legend; give each run "
+                       "once (of two runs whose folders share a name, give one through a link of another name)")
+
+
 def check_out(out):
     """Refuses, before any plotting, an --out that is a folder or lies under a file."""
     if out.is_dir():
@@ -240,6 +268,7 @@ def main(argv=None):
             except OSError as e:
                 # A read that fails part-way carries no file name.
                 raise BadInput(f"{e.filename or arg}: cannot read: {e.strerror or e}") from None
+        refuse_same_names(runs)
         # Written through a link, as savefig(out) would write.
         target = Path(os.path.realpath(out))
         refuse_inputs(out, target, runs)

@@ -232,3 +232,31 @@ def test_train_loss_is_a_batchs_loss_whatever_the_accumulation(two_runs, tmp_pat
              for l in r.stdout.splitlines() if "final train loss" in l}
     assert final == {two_runs[0].name: pytest.approx(losses[-1], abs=1e-4),
                      "k2": pytest.approx(2 * losses[-1], abs=1e-4)}, r.stdout
+
+
+def test_two_inputs_of_one_name_are_refused_naming_both(two_runs, tmp_path):
+    """README's `scripts/plot_run.py runs/slurm/JOB_*` also matched the JOB_n.out that run.sub writes beside
+    each run's folder JOB_n/ (what its ranks printed, the log's lines again): every run was plotted twice
+    under one name, exit 0."""
+    slurm = tmp_path / "slurm"
+    slurm.mkdir()
+    for n, run in enumerate(two_runs, 1):
+        copy_run(run, slurm / f"777_{n}")
+        (slurm / f"777_{n}.out").write_text("deepcam-host: rank 0 of 1\n" + (run / "mlperf.log").read_text())
+    out = tmp_path / "curves.png"
+    inputs = sorted(slurm.glob("777_*"))  # what the shell's 777_* gives: 777_1, 777_1.out, 777_2, 777_2.out
+    r = plot(*inputs, "--out", out)
+    refused(r, f"{slurm / '777_1.out'}: is what the ranks of run {slurm / '777_1'} printed", "folder alone",
+            "777_*/")
+    # The same run twice, and two runs in folders of one name, cannot be told apart in the legend either.
+    other = copy_run(two_runs[1], tmp_path / "elsewhere")
+    (tmp_path / "b").mkdir()
+    renamed = copy_run(two_runs[1], tmp_path / "b" / "777_1")
+    for args in ([slurm / "777_1", slurm / "777_1" / "mlperf.log"], [slurm / "777_1", renamed]):
+        refused(plot(*args, "--out", out), f"{args[0]} and {args[1]}: both are named 777_1 in the legend")
+    assert not out.exists()
+    # The folders alone, as README's `runs/slurm/JOB_*/` gives them: each run once.
+    assert "scripts/plot_run.py runs/slurm/JOB_*/ --out" in (REPO_ROOT / "README.md").read_text()
+    r = plot(*sorted(slurm.glob("777_*/")), other, "--out", out, "--dpi", 30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [l.split(":")[0] for l in r.stdout.splitlines()[:3]] == ["777_1", "777_2", "elsewhere"], r.stdout

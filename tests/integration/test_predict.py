@@ -2,13 +2,16 @@
 (what --evaluate scores) and a picture of predicted and true cyclones and
 rivers over TMQ, with a legend, as PNG."""
 
+import re
+import subprocess
+
 import numpy as np
 import torch
 import h5py
 import pytest
 from PIL import Image
 
-from helpers import numpy_scale, run_host, synth, write_run
+from helpers import DATA_TOOL, REPO_ROOT, numpy_scale, run_host, synth, write_run
 
 # The legend's swatches (core/train/picture.cpp).
 SWATCHES = {"TC predicted": (230, 30, 30), "AR predicted": (30, 100, 255), "TC true": (255, 230, 0),
@@ -211,3 +214,29 @@ def test_files_of_other_programs_that_look_like_temporaries_are_left(trained, tm
     assert r.returncode == 0, r.stderr[-3000:]
     assert all(f.read_text() == "keep me" for f in theirs)
     assert not ours.exists() and f"removed {ours}" in r.stderr
+
+
+def test_a_cluster_runs_config_toml_predicts_over_its_numpy_data(tmp_path):
+    """README's cluster step 4 predicted with configs/reference.toml (the hdf5 reader) over the numpy form of
+    step 1, which that reader refuses; it now predicts with the run's own config.toml: step 2's run files
+    (the prefetch reader over npy), scaled down to the CPU."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert re.search(r"^build/core/deepcam-host runs/slurm/JOB_1/config\.toml \\\n +--predict runs/slurm/JOB_1/",
+                     readme, re.M), "README's step 4 predicts with the run's config.toml"
+    h5 = synth(tmp_path / "h5", train=4, validation=3)
+    npy = tmp_path / "npy"
+    subprocess.run([str(DATA_TOOL), "convert", str(h5), str(npy), "--threads", "1", "--quiet"], check=True,
+                   capture_output=True, timeout=300)
+    run = tmp_path / "slurm" / "7_1"
+    r = run_host(REPO_ROOT / "configs/reference.toml", REPO_ROOT / "configs/systems/dgxh100_16x8.toml", "--quiet",
+                 *(x for item in (f"run.output_dir={run}", f"data.root={npy}", "run.seed=auto", "run.max_epochs=1",
+                                  "run.device=cpu", "run.precision=fp32", "run.memory_format=contiguous",
+                                  "run.threads=1", "reader.threads=1", "reader.source.io=pread",
+                                  "model.width=0.0625", "model.middle_blocks=1") for x in ("--set", item)))
+    assert r.returncode in (0, 1), r.stderr[-3000:]
+    out = tmp_path / "predictions"
+    r = run_host(run / "config.toml", "--predict", run / "checkpoint-epoch1.pt", "--out", out, "--samples", 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'name = "npy"' in r.stderr and f"wrote the predictions of 2 validation samples to {out}" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "sample-000000.npy", "sample-000000.png", "sample-000001.npy", "sample-000001.png"]
