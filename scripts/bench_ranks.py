@@ -79,17 +79,26 @@ def one_run(ranks, data, out, args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=3, help="runs of each rank count, the median is shown")
     p.add_argument("--epochs", type=int, default=4, help="epochs per run; the first is not measured")
     p.add_argument("--batch", type=int, default=4, help="local (per-rank) batch size")
-    p.add_argument("--train", type=int, default=64, help="training samples in the data set")
+    p.add_argument("--train", type=int, default=64, help="training samples when making the data set")
     p.add_argument("--data", type=Path, default=REPO / "runs" / "bench-ranks" / "data")
     p.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md")
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args()
+    for opt in ("repeat", "batch", "train"):
+        if getattr(args, opt) < 1:
+            p.error(f"--{opt} must be at least 1")
     if args.epochs < 2:
         p.error("--epochs must be at least 2 (the first is not measured)")
-    if not (args.data / "stats.h5").exists():
+    make_data = not (args.data / "stats.h5").exists()
+    # Two ranks share the set: each needs a batch of its own, or deepcam-host refuses the run after the
+    # one-rank runs have been made.
+    if make_data and args.train < 2 * args.batch:
+        p.error(f"--train must be at least twice --batch (each of two ranks reads a batch): {args.train} < "
+                f"2 x {args.batch}")
+    if make_data:
         subprocess.run([str(BUILD / "core" / "deepcam-data"), "synth", "--out", str(args.data), "--train",
                         str(args.train), "--validation", "8", "--height", "96", "--width", "144", "--seed", "11"],
                        check=True, capture_output=True)

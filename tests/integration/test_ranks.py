@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import HOST, clean_env, free_port, mlperf_check, plugin_env, read_events, run_host, synth, torchrun_env, write_run
+from helpers import (HOST, REPO_ROOT, clean_env, free_port, mlperf_check, plugin_env, read_events, run_host,
+                     synth, torchrun_env, write_run)
 
 TIMEOUT = 120  # seconds any one launch may take before the test gives up on it
 
@@ -803,3 +805,25 @@ def test_a_killed_store_host_stops_the_other_naming_it_without_a_backtrace(tmp_p
     assert re.search(r"^deepcam-host: rank 1: lost rank 0\b", stderr, re.M), stderr[-3000:]
     backtrace = "Exception raised from" in stderr or "frame #" in stderr
     assert backtrace == (level is not None), stderr[-3000:]
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--repeat", "0"], "--repeat must be at least 1"),
+    (["--batch", "0"], "--batch must be at least 1"),
+    (["--train", "0"], "--train must be at least 1"),
+    (["--train", "4", "--batch", "4"], "--train must be at least twice --batch"),
+    (["--epochs", "1"], "--epochs must be at least 2"),
+])
+def test_bench_ranks_refuses_counts_it_cannot_measure_with(tmp_path, args, text):
+    """scripts/bench_ranks.py --repeat 0 ended in a traceback (statistics.StatisticsError), --train 0 in
+    deepcam-data synth's CalledProcessError, --batch 0 after a run of deepcam-host; a usage error (exit 2,
+    as scripts/bench_readers.py gives) before anything runs."""
+    data = tmp_path / "data"
+    if "--train" not in args:  # a set already made: no synth
+        data.mkdir()
+        (data / "stats.h5").write_bytes(b"")
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "bench_ranks.py"), *args, "--no-docs",
+                        "--data", str(data)], capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and text in r.stderr.strip().splitlines()[-1], r.stderr
+    assert r.stdout == "" and not (data / "train").exists()
