@@ -611,8 +611,19 @@ void Communicator::Impl::lost(const std::string& what) {
   }
   std::unique_lock<std::mutex> lock(mutex);
   // The lost rank's heartbeat goes stale within the timeout; a few beats more
-  // for the watchdog to see it.
-  wake.wait_for(lock, options.timeout + 4 * interval, [&] { return !verdict.empty() || stopping; });
+  // for the watchdog to see it. A stop signal ends the wait: the collective
+  // failed already, and the launcher that sent it kills what does not stop.
+  const auto deadline = Clock::now() + options.timeout + 4 * interval;
+  const auto signalled = [&] { return options.stop_signal != nullptr && options.stop_signal->load() != 0; };
+  while (verdict.empty() && !stopping && !signalled() && Clock::now() < deadline) {
+    wake.wait_until(lock, std::min(deadline, Clock::now() + interval),
+                    [&] { return !verdict.empty() || stopping; });
+  }
+  if (verdict.empty() && signalled()) {
+    throw RankLost(fmt::format("rank {}: a collective failed ({}), and {} came before the rank at fault was known; "
+                               "this rank stops",
+                               layout.rank, first_line(what), strsignal(options.stop_signal->load())));
+  }
   if (verdict.empty()) verdict = unanswered_store();
   const std::string who =
       verdict.empty() ? fmt::format("a collective failed and no rank stopped its heartbeat within {} s",

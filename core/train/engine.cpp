@@ -1944,6 +1944,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   co.timeout = std::chrono::milliseconds(static_cast<std::int64_t>(given.run.number("comm_timeout_s") * 1000));
   co.timeout_where = "[run] comm_timeout_s";
   co.cuda = given.run.string("device") == "cuda";
+  co.stop_signal = &g_stop_signal;
   Communicator comm(layout, co);
   const bool rank0 = comm.rank() == 0;
   require_same_configuration(given, opts, comm);

@@ -807,6 +807,35 @@ def test_a_killed_store_host_stops_the_other_naming_it_without_a_backtrace(tmp_p
     assert backtrace == (level is not None), stderr[-3000:]
 
 
+def test_a_stop_signal_ends_the_wait_for_a_lost_rank_s_verdict(tmp_path, data, ranks):
+    """Rank 1 killed outright (as the OOM killer does): rank 0's collective fails at once, and it waited for
+    the lost rank's heartbeat to go stale, comm_timeout_s, deaf to the SIGTERM a launcher sends, until the
+    launcher's SIGKILL left its log without run_stop (and its staged copies behind)."""
+    out = tmp_path / "out"
+    run = small_run(tmp_path / "run.toml", data, out,
+                    run={"comm_timeout_s": 600, "max_epochs": 100000, "target_iou": 1.0, "logging_frequency": 1})
+    port = free_port()
+    rank0 = ranks.start([HOST, run], torchrun_env(0, 2, port), "rank0")
+    rank1 = ranks.start([HOST, run], torchrun_env(1, 2, port), "rank1")
+    deadline = time.monotonic() + 60
+    while not re.search(r"^epoch \d+ step", ranks.stderr("rank0"), re.M):
+        assert time.monotonic() < deadline and rank0.poll() is None, ranks.stderr("rank0")[-3000:]
+        time.sleep(0.2)
+    os.kill(rank1.pid, signal.SIGKILL)
+    time.sleep(3)  # rank 0's next collective fails, and it waits for the verdict
+    assert rank0.poll() is None, ranks.stderr("rank0")[-3000:]
+    os.kill(rank0.pid, signal.SIGTERM)
+    try:
+        status = rank0.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"rank 0 still waiting 30 s after SIGTERM:\n{ranks.stderr('rank0')[-3000:]}")
+    stderr = ranks.stderr("rank0")
+    assert status == 5, stderr[-3000:]
+    assert "and Terminated came before the rank at fault was known; this rank stops" in stderr, stderr[-3000:]
+    events = read_events(out / "mlperf.log")
+    assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "aborted", events[-3:]
+
+
 @pytest.mark.parametrize("args, text", [
     (["--repeat", "0"], "--repeat must be at least 1"),
     (["--batch", "0"], "--batch must be at least 1"),
