@@ -436,6 +436,10 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
       optimizer->load_state_dict(*optimizer_state);
     } catch (const Error& e) {
       f.fail(fmt::format("'optimizer': {}", e.what()));
+    } catch (const c10::Error& e) {
+      // An operation the optimizer's checks apply to a stored tensor that
+      // ATen lacks for its dtype.
+      f.fail(fmt::format("'optimizer': {}", e.what_without_backtrace()));
     }
   }
   return info;

@@ -24,6 +24,7 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <stdexcept>
 #include <new>
 #include <unordered_map>
 #include <unordered_set>
@@ -250,6 +251,14 @@ const char* opcode_name(unsigned char op) {
   }
 }
 
+// A name from the file as a message can show it: bytes outside printable
+// ASCII become '?', and a long one is cut after 64.
+std::string printable(const std::string& name) {
+  std::string out;
+  for (const char c : name.substr(0, 64)) out += c >= ' ' && c <= '~' ? c : '?';
+  return name.size() > 64 ? out + "..." : out;
+}
+
 std::uint64_t little_endian(const unsigned char* p, int bytes) {
   std::uint64_t v = 0;
   for (int i = bytes - 1; i >= 0; --i) v = (v << 8) | p[i];
@@ -301,6 +310,7 @@ class RecordChecksums {
     if (offset > file_size || size > file_size - offset) fail("its central directory lies outside the file");
     const std::vector<unsigned char> cd = read_at(offset, size);
     std::uint64_t pos = 0;
+    std::uint64_t total = 0;
     for (std::uint64_t i = 0; i < entries; ++i) {
       if (pos + 46 > cd.size() || std::memcmp(&cd[pos], "PK\x01\x02", 4) != 0) {
         fail(fmt::format("central directory entry {} is damaged", i));
@@ -312,8 +322,26 @@ class RecordChecksums {
       if (next > cd.size()) fail(fmt::format("central directory entry {} is damaged", i));
       const std::string name(reinterpret_cast<const char*>(&cd[pos + 46]), name_size);
       const std::size_t slash = name.find('/');
-      crcs_[slash == std::string::npos ? name : name.substr(slash + 1)] = crc;
+      const std::string record = slash == std::string::npos ? name : name.substr(slash + 1);
+      // torch.save stores every record as it is: a compressed one (a few
+      // bytes that expand to gigabytes) or one named twice (which copy is
+      // read is the zip library's choice) is no file it wrote.
+      if (const std::uint64_t method = little_endian(&cd[pos + 10], 2); method != 0) {
+        fail(fmt::format("record '{}' is compressed (zip method {}); torch.save stores its records as they are",
+                         printable(record), method));
+      }
+      if (!crcs_.emplace(record, crc).second) {
+        fail(fmt::format("record '{}' stands twice in its central directory", printable(record)));
+      }
+      // Zip64 keeps a size beyond 32 bits in an extra field; such a record
+      // is not counted here.
+      if (const std::uint64_t stored = little_endian(&cd[pos + 20], 4); stored != 0xffffffff) total += stored;
       pos = next;
+    }
+    // Entries that share their bytes would each be read in full.
+    if (total > file_size) {
+      fail(fmt::format("its records add up to {} bytes, more than the file's {} (entries sharing their bytes?)",
+                       total, file_size));
     }
   }
 
@@ -351,6 +379,13 @@ class StorageSource {
                           declared_bytes, it->second.nbytes());
       }
       return it->second;
+    }
+    // torch.save names storages by counting; a key LibTorch's reader would
+    // take up to a NUL, or as a path, is no storage of its.
+    if (key.empty() || !std::all_of(key.begin(), key.end(), [](char c) {
+          return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
+        })) {
+      throw fmt::format("storage key '{}' is no record name (letters, digits and '_')", printable(key));
     }
     const std::string name = "data/" + key;
     if (!reader_.hasRecord(name)) throw fmt::format("the archive has no record '{}'", name);
@@ -829,6 +864,14 @@ class Unpickler {
         if (on && !at::isComplexType(t.scalar_type())) fail("conj bit on a tensor that is not complex");
         t._set_conj(on);
       } else if (name == "neg") {
+        // ATen has no negation for these dtypes: reading such a tensor
+        // would fail later, outside the reader (torch.save writes the bit
+        // as a view had it, even there).
+        const at::ScalarType type = t.scalar_type();
+        if (on && (type == at::kBool || type == at::kUInt16 || type == at::kUInt32 || type == at::kUInt64 ||
+                   c10::isFloat8Type(type))) {
+          fail(fmt::format("neg bit on a tensor of dtype {}, which has no negation", c10::toString(type)));
+        }
         t._set_neg(on);
       } else {
         fail(fmt::format("unsupported tensor metadata '{}'", name));
@@ -1055,14 +1098,28 @@ c10::IValue load_torch_save(const std::string& path) {
   const std::uint64_t file_size = std::filesystem::file_size(path, ec);
   if (ec) throw Error(fmt::format("{}: cannot read its size: {}", path, ec.message()));
   try {
-    caffe2::serialize::PyTorchStreamReader reader(path);
+    // The central directory first: what it refuses is never read.
     const RecordChecksums checksums(path, file_size);
+    std::unique_ptr<caffe2::serialize::PyTorchStreamReader> opened;
+    try {
+      opened = std::make_unique<caffe2::serialize::PyTorchStreamReader>(path);
+    } catch (const std::out_of_range&) {
+      // LibTorch reads the 'version' record with std::stoull.
+      throw Error(fmt::format("{}: its 'version' record holds a number beyond 64 bits", path));
+    }
+    caffe2::serialize::PyTorchStreamReader& reader = *opened;
     if (reader.hasRecord("byteorder")) {
+      if (const std::size_t n = reader.getRecordSize("byteorder"); n > 16) {
+        throw Error(fmt::format("{}: its 'byteorder' record holds {} bytes, where torch.save writes \"little\" or "
+                                "\"big\"",
+                                path, n));
+      }
       auto [data, n] = reader.getRecord("byteorder");
       checksums.check("byteorder", data.get(), n);
       const std::string order = n ? std::string(static_cast<const char*>(data.get()), n) : std::string();
       if (order != "little") {
-        throw Error(fmt::format("{}: tensors are stored {}-endian; only little-endian is supported", path, order));
+        throw Error(fmt::format("{}: tensors are stored {}-endian; only little-endian is supported", path,
+                                printable(order)));
       }
     }
     if (!reader.hasRecord("data.pkl")) throw Error(fmt::format("{}: the archive has no data.pkl", path));

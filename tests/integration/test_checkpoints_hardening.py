@@ -680,6 +680,10 @@ def test_resuming_with_another_accumulation_names_where_it_was_set(tmp_path, dat
     out = tmp_path / "out"
     run = write_run(tmp_path / "run.toml", data, out, run={**ODD, "gradient_accumulation_frequency": 1})
     assert run_host(run).returncode == 1
+    # A file of an earlier version, which does not record its frequency (one that does is refused: below).
+    ckpt = torch.load(out / "checkpoint-epoch1.pt", weights_only=True)
+    del ckpt["gradient_accumulation_frequency"]
+    torch.save(ckpt, out / "checkpoint-epoch1.pt")
     r = run_host(run, "--set", f"run.resume={out / 'checkpoint-epoch1.pt'}", "--set", "run.max_epochs=2", "--set",
                  "run.gradient_accumulation_frequency=2", "--set", f"run.output_dir={tmp_path / 'again'}")
     assert r.returncode == 1, r.stderr

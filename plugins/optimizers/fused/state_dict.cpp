@@ -221,7 +221,9 @@ at::Tensor StateDictReader::moment(const Entry& entry, const std::string& key, c
   // float64 values beyond float32's range become infinities there.
   at::Tensor converted = at::empty_like(param, at::MemoryFormat::Preserve).copy_(tensor);
   if (!at::isfinite(converted).all().item<bool>()) {
-    if (tensor.is_floating_point() && !at::isfinite(tensor).all().item<bool>()) {
+    // In float64, which holds every floating dtype's values (ATen has no
+    // isfinite for some, as float8).
+    if (tensor.is_floating_point() && !at::isfinite(tensor.to(at::kDouble)).all().item<bool>()) {
       fail(name + " holds NaN or infinite values");
     }
     fail(name + " holds values beyond the range of the parameter's " + std::string(c10::toString(param.scalar_type())) +
