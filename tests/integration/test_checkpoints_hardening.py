@@ -148,6 +148,14 @@ BAD_FIELDS = {
                    ADAM + 'state[0]["exp_avg"] holds NaN or infinite values'),
     "negative_second_moment": (lambda c: first_state(c)["exp_avg_sq"].view(-1).__setitem__(0, -1.0),
                                ADAM + 'state[0]["exp_avg_sq"] holds negative values'),
+    # ATen has no isfinite for float8: a NaN moment stored so ended the resume as an internal error (exit 3).
+    "nan_float8_moment": (lambda c: first_state(c).__setitem__(
+        "exp_avg", torch.full_like(first_state(c)["exp_avg"], float("nan")).to(torch.float8_e4m3fn)),
+        ADAM + 'state[0]["exp_avg"] holds NaN or infinite values'),
+    # torch.save writes a neg view's bit on any dtype; ATen cannot negate a uint32 (reading the step ended as
+    # an internal error, exit 3).
+    "neg_bit_on_uint32": (set_to("step", torch.tensor(3, dtype=torch.uint32)._neg_view()),
+                          "data.pkl byte 194: neg bit on a tensor of dtype UInt32, which has no negation"),
     "betas_out_of_range": (lambda c: first_group(c).__setitem__("betas", (1.5, 0.999)),
                            ADAM + 'param_groups[0]["betas"][0] is 1.5, expected in [0, 1)'),
     "infinite_lr": (lambda c: first_group(c).__setitem__("lr", float("inf")),
@@ -706,3 +714,64 @@ def test_resume_keys_that_do_nothing_are_named(tmp_path, data, trained):
     assert r.returncode == 0, r.stderr[-2000:]
     assert f'[run] resume = "{tmp_path / "other.pt"}" is not used: --evaluate scores {trained}' in r.stderr, \
         r.stderr[-2000:]
+
+
+def rewritten(tmp_path, checkpoint, change, name="rewritten.pt"):
+    """The checkpoint's zip archive written again member by member through `change(members)`, a list of
+    (ZipInfo, bytes) it may edit."""
+    import zipfile
+    with zipfile.ZipFile(checkpoint) as z:
+        members = [(info, z.read(info.filename)) for info in z.infolist()]
+    change(members)
+    path = tmp_path / name
+    with zipfile.ZipFile(path, "w") as z:
+        for info, data in members:
+            z.writestr(info, data)
+    return path
+
+
+def set_member(suffix, data):
+    def change(members):
+        for i, (info, _) in enumerate(members):
+            if info.filename.endswith(suffix):
+                members[i] = (info, data)
+    return change
+
+
+def deflated(suffix):
+    def change(members):
+        import zipfile
+        for info, _ in members:
+            if info.filename.endswith(suffix):
+                info.compress_type = zipfile.ZIP_DEFLATED
+    return change
+
+
+def doubled(suffix):
+    def change(members):
+        import copy
+        info, data = next(m for m in members if m[0].filename.endswith(suffix))
+        members.append((copy.copy(info), bytes(len(data))))
+    return change
+
+
+@pytest.mark.parametrize("case, change, message", [
+    # LibTorch reads the version with std::stoull: beyond 64 bits it threw std::out_of_range, an internal
+    # error (exit 3).
+    ("version_beyond_64_bits", set_member("/version", b"99999999999999999999999\n"),
+     "its 'version' record holds a number beyond 64 bits"),
+    # A few kilobytes that expand to gigabytes were read whole (torch.save stores every record as it is).
+    ("compressed_pickle", deflated("/data.pkl"), "record 'data.pkl' is compressed (zip method 8)"),
+    # Which of two records of one name was read was the zip library's choice (another model loaded).
+    ("record_twice", doubled("/data/0"), "record 'data/0' stands twice in its central directory"),
+    # A byteorder record was read whole and echoed whole in the message.
+    ("long_byteorder", set_member("/byteorder", b"l" * 100000),
+     "its 'byteorder' record holds 100000 bytes, where torch.save writes \"little\" or \"big\""),
+])
+def test_an_archive_torch_save_cannot_have_written_is_refused_before_it_is_read(tmp_path, data, trained, case,
+                                                                                   change, message):
+    path = rewritten(tmp_path, trained, change)
+    r = evaluate(tmp_path, data, path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"{path}: {message}" in r.stderr, r.stderr[-2000:]
+    assert "internal error" not in r.stderr
