@@ -5,6 +5,7 @@ epochs, temporary files of killed runs, and runs that would overwrite the
 record of another."""
 
 import os
+import re
 import subprocess
 from collections import OrderedDict
 
@@ -753,6 +754,42 @@ def doubled(suffix):
         info, data = next(m for m in members if m[0].filename.endswith(suffix))
         members.append((copy.copy(info), bytes(len(data))))
     return change
+
+
+def shared_entries(tmp_path, checkpoint):
+    """The archive with its largest record listed again under other names, each entry pointing at the same
+    bytes, until the entries add up to more than the file (a few hundred bytes of directory each, which a
+    reader that reads every entry whole pays for in full)."""
+    import struct
+    raw = checkpoint.read_bytes()
+    end = raw.rindex(b"PK\x05\x06")
+    count, size, offset = struct.unpack("<HII", raw[end + 10:end + 20])
+    cd, entries, pos = raw[offset:offset + size], [], 0
+    while pos < len(cd):
+        name_size, extra_size, comment_size = struct.unpack("<HHH", cd[pos + 28:pos + 34])
+        stop = pos + 46 + name_size + extra_size + comment_size
+        entries.append(cd[pos:stop])
+        pos = stop
+    largest = max(entries, key=lambda e: struct.unpack("<I", e[20:24])[0])
+    copies = len(raw) // struct.unpack("<I", largest[20:24])[0] + 1
+    name_size = struct.unpack("<H", largest[28:30])[0]
+    name = largest[46:46 + name_size]
+    added = b"".join(largest[:28] + struct.pack("<H", name_size + 4) + largest[30:46] + name + b"%04d" % i
+                     + largest[46 + name_size:] for i in range(copies))
+    tail = raw[end:end + 8] + struct.pack("<HHII", count + copies, count + copies, size + len(added), offset) \
+        + raw[end + 20:]
+    path = tmp_path / "shared.pt"
+    path.write_bytes(raw[:offset + size] + added + tail)
+    return path
+
+
+def test_entries_that_share_their_bytes_are_refused_before_they_are_read(tmp_path, data, trained):
+    """Each entry was read whole: a file of 13 MB made the reader hold 1.3 GB."""
+    path = shared_entries(tmp_path, trained)
+    r = evaluate(tmp_path, data, path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert re.search(rf"{re.escape(str(path))}: its records add up to \d+ bytes, more than the file's "
+                     rf"{path.stat().st_size} \(entries sharing their bytes\?\)", r.stderr), r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("case, change, message", [
