@@ -32,6 +32,7 @@
 
 #include "deepcam/error.hpp"
 #include "deepcam/plugin_loader.hpp"
+#include "deepcam/stop_request.hpp"
 #include "convert.hpp"
 #include "options.hpp"
 #include "package.hpp"
@@ -402,6 +403,15 @@ int run(const std::vector<std::string>& args, deepcam::PluginLoader& loader) {
   return 0;
 }
 
+// Ends the process by `signal`, with its default action, so that a shell or
+// a batch system sees it as killed by it.
+int end_by_signal(int signal) {
+  std::fflush(stderr);
+  std::signal(signal, SIG_DFL);
+  std::raise(signal);
+  return 128 + signal;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -426,10 +436,12 @@ int main(int argc, char** argv) {
                          "is left; run the same command again to finish\n",
                  signal);
     }
-    std::fflush(stderr);
-    std::signal(stopped.signal, SIG_DFL);
-    std::raise(stopped.signal);
-    return 128 + stopped.signal;
+    return end_by_signal(stopped.signal);
+  } catch (const deepcam::StopRequested& stopped) {
+    // read's reader, staging before the first batch.
+    fmt::print(stderr, "deepcam-data: read: {}; nothing measured; the reader's staged copies are removed\n",
+               stopped.what());
+    return end_by_signal(stopped.signal());
   } catch (const UsageError& e) {
     fmt::print(stderr, "deepcam-data: {}; see deepcam-data --help\n", e.message);
     return 2;

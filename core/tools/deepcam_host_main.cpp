@@ -17,6 +17,7 @@
 #include "deepcam/engine.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/plugin_loader.hpp"
+#include "deepcam/stop_request.hpp"
 #include "launcher.hpp"
 
 namespace {
@@ -247,6 +248,13 @@ int main(int argc, char** argv) {
       throw deepcam::Error(fmt::format("--out and --samples go with --predict CHECKPOINT\n{}", kUsage));
     }
     return deepcam::run_engine(deepcam::load_config(files, overrides, loader), options);
+  } catch (const deepcam::StopRequested& e) {
+    // A reader staging its files before training (the engine itself stops
+    // between steps, and returns the status).
+    std::fprintf(stderr, "deepcam-host: %s; the run had not started: what it staged is removed, and it keeps no "
+                 "log or config.toml\n",
+                 e.what());
+    return 128 + e.signal();
   } catch (const deepcam::RankLost& e) {
     std::fprintf(stderr, "deepcam-host: %s\n", e.what());
     return deepcam::kRankLostStatus;

@@ -3,7 +3,8 @@
 // written is finished and renamed into place, or removed, before the process
 // ends; a killed writer left its temporary (the next run removed it).
 //
-// stop_on_signals() installs the handler, which only records the signal.
+// stop_on_signals() installs the handler, which only records the signal
+// (deepcam/stop_request.hpp, where a reader staging for `read` sees it too).
 // The loops call throw_if_stopped() before each file: it throws Stopped,
 // which unwinds through the writers' clean-up like any failure. main()
 // reports it and ends the process by the same signal, with its default
@@ -17,6 +18,8 @@
 
 #include <csignal>
 
+#include "deepcam/stop_request.hpp"
+
 namespace deepcam::data {
 
 // Thrown by throw_if_stopped(). Not a std::exception: no handler meant for
@@ -25,9 +28,7 @@ struct Stopped {
   int signal;
 };
 
-inline volatile std::sig_atomic_t g_stop_signal = 0;
-
-extern "C" inline void record_stop_signal(int signal) { g_stop_signal = signal; }
+extern "C" inline void record_stop_signal(int signal) { record_stop_request(signal); }
 
 inline void stop_on_signals() {
   struct sigaction action {};
@@ -42,7 +43,7 @@ inline void stop_on_signals() {
 }
 
 inline void throw_if_stopped() {
-  if (const int signal = g_stop_signal) throw Stopped{signal};
+  if (const int signal = stop_requested()) throw Stopped{signal};
 }
 
 }  // namespace deepcam::data

@@ -25,6 +25,7 @@
 #include <stdexcept>
 #include <thread>
 
+#include "deepcam/stop_request.hpp"
 #include "deepcam_build_config.h"
 #if DEEPCAM_WITH_CUDA
 #include <c10/cuda/CUDAGraphsC10Utils.h>
@@ -614,15 +615,14 @@ void Communicator::Impl::lost(const std::string& what) {
   // for the watchdog to see it. A stop signal ends the wait: the collective
   // failed already, and the launcher that sent it kills what does not stop.
   const auto deadline = Clock::now() + options.timeout + 4 * interval;
-  const auto signalled = [&] { return options.stop_signal != nullptr && options.stop_signal->load() != 0; };
-  while (verdict.empty() && !stopping && !signalled() && Clock::now() < deadline) {
+  while (verdict.empty() && !stopping && stop_requested() == 0 && Clock::now() < deadline) {
     wake.wait_until(lock, std::min(deadline, Clock::now() + interval),
                     [&] { return !verdict.empty() || stopping; });
   }
-  if (verdict.empty() && signalled()) {
+  if (const int signal = stop_requested(); verdict.empty() && signal != 0) {
     throw RankLost(fmt::format("rank {}: a collective failed ({}), and {} came before the rank at fault was known; "
                                "this rank stops",
-                               layout.rank, first_line(what), strsignal(options.stop_signal->load())));
+                               layout.rank, first_line(what), strsignal(signal)));
   }
   if (verdict.empty()) verdict = unanswered_store();
   const std::string who =

@@ -13,7 +13,6 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <atomic>
 #include <chrono>
 #include <memory>
 #include <string>
@@ -37,11 +36,6 @@ struct CommOptions {
   // through Gloo and NCCL as on many ranks (the data-parallel probe's way to
   // check NCCL on a machine with one GPU, where NCCL refuses two ranks).
   bool group_of_one = false;
-  // The number of a stop signal once one came (SIGTERM, SIGINT), or 0: a
-  // rank waiting to learn which rank was lost stops waiting on it, so that
-  // it unwinds (its staged copies removed, its log closed) before a
-  // launcher's SIGKILL.
-  const std::atomic<int>* stop_signal = nullptr;
 };
 
 class DEEPCAM_API Communicator {

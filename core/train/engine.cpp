@@ -42,6 +42,7 @@
 #include "deepcam/loss.hpp"
 #include "deepcam/mlperf_log.hpp"
 #include "deepcam/npy.hpp"
+#include "deepcam/stop_request.hpp"
 #include "picture.hpp"
 #include "ranks.hpp"
 #include "temporary_files.hpp"
@@ -231,10 +232,9 @@ class RunRecord {
 };
 
 // SIGTERM (a Slurm time limit) and SIGINT end a run cleanly: the handler
-// only records the signal; training looks at it between steps.
-std::atomic<int> g_stop_signal{0};
-
-extern "C" void record_stop_signal(int sig) { g_stop_signal.store(sig); }
+// only records the signal (deepcam/stop_request.hpp); training looks at it
+// between steps, a reader staging its files between chunks of a copy.
+extern "C" void record_stop_signal(int sig) { record_stop_request(sig); }
 
 class StopSignals {
  public:
@@ -629,7 +629,7 @@ class Engine {
     // After run_stop, outside the timed region, as the reference saves.
     if (every >= 0 && last_saved != epoch) save(epoch, step);
     if (comm_.rank() == 0) {
-      if (const int sig = g_stop_signal.load()) {
+      if (const int sig = stop_requested()) {
         std::fprintf(stderr, "deepcam-host: %s came during the last epoch's validation or checkpoint: the run had "
                      "ended, and its outcome stands\n", strsignal(sig));
       }
@@ -754,7 +754,7 @@ class Engine {
     Batch batch;
     std::int64_t written = 0, batches = 0;
     int stop_signal = 0;
-    while ((max_samples == 0 || written < max_samples) && (stop_signal = g_stop_signal.load()) == 0 &&
+    while ((max_samples == 0 || written < max_samples) && (stop_signal = stop_requested()) == 0 &&
            c_.reader->next(batch)) {
       check_batch(batch, Split::Validation, batches++, cfg_.run.integer("validation_batch_size"), /*full=*/false);
       const at::Tensor logits = forward(batch.data.to(device_).contiguous(memory_format_));
@@ -816,7 +816,7 @@ class Engine {
       }
       return 128 + v.stop_signal;
     }
-    if (const int sig = g_stop_signal.load(); sig != 0 && comm_.rank() == 0) {
+    if (const int sig = stop_requested(); sig != 0 && comm_.rank() == 0) {
       std::fprintf(stderr, "deepcam-host: %s came after the validation had ended: its score stands\n", strsignal(sig));
     }
     const double loss = v.loss_sum / static_cast<double>(v.samples);
@@ -1015,7 +1015,7 @@ class Engine {
 
   // SIGTERM or SIGINT on any rank (one small all-gather), else 0.
   int agreed_stop_signal() {
-    const at::Tensor mine = at::full({1}, static_cast<double>(g_stop_signal.load()), at::kDouble);
+    const at::Tensor mine = at::full({1}, static_cast<double>(stop_requested()), at::kDouble);
     return static_cast<int>(comm_.world().all_gather(mine).max().item<double>());
   }
 
@@ -1027,7 +1027,7 @@ class Engine {
     at::NoGradGuard no_grad;
     const auto [code, value] = divergence_.record();
     const at::Tensor mine = at::tensor({loss.item<double>(), iou_score(logits, labels), code, value,
-                                        static_cast<double>(g_stop_signal.load())},
+                                        static_cast<double>(stop_requested())},
                                        at::kDouble);
     const at::Tensor all = comm_.world().all_gather(mine);  // (P, 5)
     IntervalFigures f{all.select(1, 0).mean().item<double>(), all.select(1, 1).mean().item<double>(), std::nullopt,
@@ -1204,7 +1204,7 @@ class Engine {
         progress(epoch_num, done, batches, batch_size, t0, f, k);
         last_progress_ = Clock::now();
         if ((stop_signal = f.stop_signal)) return step;
-      } else if (comm_.size() == 1 && (stop_signal = g_stop_signal.load())) {
+      } else if (comm_.size() == 1 && (stop_signal = stop_requested())) {
         // One rank stops at the next step; many ranks agree at logging points.
         return step;
       } else if (progress_due()) {
@@ -1285,7 +1285,7 @@ class Engine {
     const std::int64_t vbatch = cfg_.run.integer("validation_batch_size");
     const std::int64_t vbatches = (c_.reader->local_samples(Split::Validation) + vbatch - 1) / vbatch;
     std::int64_t vdone = 0, vsamples = 0;
-    while (!(stoppable && g_stop_signal.load() != 0) && c_.reader->next(batch)) {
+    while (!(stoppable && stop_requested() != 0) && c_.reader->next(batch)) {
       check_batch(batch, Split::Validation, vdone, vbatch, /*full=*/false);
       vsamples += batch.data.size(0);
       if (progress_due()) {
@@ -1944,7 +1944,6 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   co.timeout = std::chrono::milliseconds(static_cast<std::int64_t>(given.run.number("comm_timeout_s") * 1000));
   co.timeout_where = "[run] comm_timeout_s";
   co.cuda = given.run.string("device") == "cuda";
-  co.stop_signal = &g_stop_signal;
   Communicator comm(layout, co);
   const bool rank0 = comm.rank() == 0;
   require_same_configuration(given, opts, comm);

@@ -2,13 +2,17 @@
 source reader refuses is named by the user's file, not only by its staged
 copy, which is removed when the run ends."""
 
+import os
+import re
+import signal
 import subprocess
+import time
 
 import h5py
 import numpy as np
 import pytest
 
-from helpers import DATA_TOOL, run_host, synth, write_run
+from helpers import DATA_TOOL, HOST, clean_env, plugin_env, run_host, synth, write_run
 
 SAMPLE = "2106-01-01-03-1"  # a training sample of synth's set
 
@@ -92,3 +96,85 @@ def test_ranks_started_by_nproc_name_themselves_as_the_program(tmp_path, h5_set)
     assert r.returncode == 1, r.stdout + r.stderr[-3000:]
     assert "[rank 0] deepcam-host: staged " in r.stderr, r.stderr[-3000:]  # the node's staging, by its rank 0
     assert "exe:" not in r.stderr, r.stderr[-3000:]
+
+
+# Staging stopped by a signal. A full-size sample (56 MB) linked under many names: staging copies each
+# link byte by byte, while the links take no room. Before, a signal waited for the whole shard to be
+# copied and for one training step: minutes for a real shard, past a batch system's kill.
+LINKS = 60
+
+
+@pytest.fixture(scope="module")
+def linked_set(tmp_path_factory):
+    root = synth(tmp_path_factory.mktemp("linked") / "h5", train=1, validation=1, height=768, width=1152)
+    (one,) = (root / "train").iterdir()
+    for n in range(LINKS - 1):
+        os.link(one, root / "train" / f"data-2107-{1 + n // 28:02d}-{1 + n % 28:02d}-00-1.h5")
+    return root
+
+
+def staging_run(tmp_path, root, **run):
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    path = write_run(tmp_path / "run.toml", root, tmp_path / "out",
+                     run={"max_epochs": 1, "target_iou": 1.0, "train_batch_size": 1, **run},
+                     reader={"name": "prefetch", "depth": 2, "threads": 1, "stage_dir": str(stage),
+                             "shuffle_mode": "node"},
+                     **{"reader.source": {"name": "hdf5", "threads": 1}})
+    return path, stage
+
+
+def signal_once_staging(command, stage, sig, env):
+    """Starts `command`, sends `sig` once the first training copy appears in `stage` (whole or partial),
+    and returns the exit status and stderr."""
+    p = subprocess.Popen([str(c) for c in command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(stage.glob("deepcam-stage-*/train/*")):
+            assert time.monotonic() < deadline and p.poll() is None, p.stderr.read() if p.poll() is not None else ""
+            time.sleep(0.005)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    return p.returncode, err
+
+
+STOPPED = r"staging the train files into {}/deepcam-stage-[^ ]+ stopped by {} after (\d+) of {} samples"
+
+
+def test_a_stop_signal_ends_staging_and_the_run_before_it_starts(tmp_path, linked_set):
+    run, stage = staging_run(tmp_path, linked_set)
+    status, err = signal_once_staging([HOST, run, "--quiet"], stage, signal.SIGTERM, plugin_env())
+    assert status == 128 + signal.SIGTERM, err[-3000:]
+    m = re.search("^deepcam-host: " + STOPPED.format(re.escape(str(stage)), "SIGTERM", LINKS) +
+                  "; the run had not started: what it staged is removed, and it keeps no log or config.toml$", err, re.M)
+    assert m and int(m[1]) < LINKS, err[-3000:]
+    assert list(stage.iterdir()) == []
+    assert not (tmp_path / "out").exists(), list((tmp_path / "out").iterdir())
+
+
+def test_a_stop_signal_ends_shared_staging_on_every_rank(tmp_path, linked_set):
+    """Two ranks of a node share one staging directory (shuffle_mode "node"); the launcher passes the
+    signal on to both, and each stops at once with the staging's own message."""
+    run, stage = staging_run(tmp_path, linked_set)
+    status, err = signal_once_staging([HOST, "--nproc", 2, run, "--quiet"], stage, signal.SIGINT, clean_env())
+    assert status == 128 + signal.SIGINT, err[-3000:]
+    for rank in (0, 1):
+        m = re.search(rf"^\[rank {rank}\] deepcam-host: " + STOPPED.format(re.escape(str(stage)), "SIGINT", LINKS // 2),
+                      err, re.M)
+        assert m and int(m[1]) < LINKS // 2, err[-3000:]
+    assert list(stage.iterdir()) == []
+    assert not (tmp_path / "out").exists(), list((tmp_path / "out").iterdir())
+
+
+def test_a_stop_signal_ends_read_while_it_stages(tmp_path, linked_set):
+    run, stage = staging_run(tmp_path, linked_set)
+    status, err = signal_once_staging([DATA_TOOL, "read", run], stage, signal.SIGTERM, plugin_env())
+    assert status == -signal.SIGTERM, err[-3000:]  # ended by the signal, as a shell expects
+    m = re.search("^deepcam-data: read: " + STOPPED.format(re.escape(str(stage)), "SIGTERM", LINKS) +
+                  "; nothing measured; the reader's staged copies are removed$", err, re.M)
+    assert m and int(m[1]) < LINKS, err[-3000:]
+    assert list(stage.iterdir()) == []

@@ -24,6 +24,7 @@
 #include "deepcam/error.hpp"
 #include "deepcam/file_reader.hpp"
 #include "deepcam/mlperf_log.hpp"
+#include "deepcam/stop_request.hpp"
 #include "device_copy.hpp"
 #include "staging.hpp"
 
@@ -349,8 +350,11 @@ struct PrefetchReader::Impl {
       if (error) std::rethrow_exception(error);
       for (std::size_t r = 0; r < words.size(); ++r) {
         if (!words[r].ok) {
-          throw Error(fmt::format("{}: {} failed {} the node's shared staging directory: {}", where, node_rank(r),
-                                  doing, words[r].text));
+          const std::string message = fmt::format("{}: {} failed {} the node's shared staging directory: {}", where,
+                                                  node_rank(r), doing, words[r].text);
+          // A batch system signals every rank: this one stops too, whichever rank's copy it was waiting for.
+          if (const int signal = stop_requested()) throw StopRequested(signal, message);
+          throw Error(message);
         }
       }
     };

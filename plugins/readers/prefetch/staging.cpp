@@ -24,6 +24,7 @@
 #include <thread>
 
 #include "deepcam/error.hpp"
+#include "deepcam/stop_request.hpp"
 
 namespace deepcam::readers {
 
@@ -51,6 +52,21 @@ struct Fd {
 };
 
 std::string errno_text(int e) { return std::strerror(e); }
+
+// "SIGTERM", as users send it.
+std::string signal_name(int signal) {
+  const char* abbreviation = ::sigabbrev_np(signal);
+  return abbreviation ? fmt::format("SIG{}", abbreviation) : fmt::format("signal {}", signal);
+}
+
+// A stop request (SIGTERM, SIGINT) ends staging between chunks: a shard on
+// a slow file system takes minutes, more than a batch system waits between
+// its signal and its kill. The partial copy goes as after a failed write.
+void throw_if_stop_requested(const std::string& source) {
+  if (const int signal = stop_requested()) {
+    throw StopRequested(signal, fmt::format("{}: staging stopped by {}", source, signal_name(signal)));
+  }
+}
 
 // Reads up to `size` bytes, retrying interrupted and short reads; returns
 // the count (less than size only at the end of the file).
@@ -318,6 +334,7 @@ std::string StagingArea::copy(const std::string& source, const std::string& subd
   std::unique_ptr<char[]> buf(new char[kChunk]);
   std::uint64_t sum = kChecksumSeed, copied = 0;
   for (;;) {
+    throw_if_stop_requested(source);
     const std::size_t n = read_full(in.fd, buf.get(), kChunk, source);
     if (n == 0) break;
     sum = checksum(buf.get(), n, sum);
@@ -344,7 +361,10 @@ std::string StagingArea::copy(const std::string& source, const std::string& subd
                             static_cast<long long>(bst.st_size), size));
   }
   std::uint64_t back_sum = kChecksumSeed;
-  for (std::size_t n; (n = read_full(back.fd, buf.get(), kChunk, partial)) > 0;) back_sum = checksum(buf.get(), n, back_sum);
+  for (std::size_t n; (n = read_full(back.fd, buf.get(), kChunk, partial)) > 0;) {
+    throw_if_stop_requested(source);
+    back_sum = checksum(buf.get(), n, back_sum);
+  }
   if (back_sum != sum) {
     throw Error(fmt::format("{}: the staged copy of {} differs from it (checksum {:016x}, source {:016x}); the "
                             "staging device may be failing",
@@ -360,8 +380,9 @@ std::string StagingArea::copy(const std::string& source, const std::string& subd
 std::vector<std::vector<std::string>> StagingArea::copy_all(const std::vector<std::vector<std::string>>& groups,
                                                             const std::string& subdir, int threads) const {
   std::vector<std::vector<std::string>> out(groups.size());
-  std::atomic<std::size_t> next{0};
+  std::atomic<std::size_t> next{0}, done{0};
   std::atomic<bool> failed{false};
+  std::atomic<int> stopped{0};
   std::exception_ptr error;
   std::mutex error_mutex;
   auto work = [&] {
@@ -370,6 +391,10 @@ std::vector<std::vector<std::string>> StagingArea::copy_all(const std::vector<st
         std::vector<std::string> copies;
         for (const auto& f : groups[i]) copies.push_back(copy(f, subdir));
         out[i] = std::move(copies);
+        ++done;
+      } catch (const StopRequested& s) {
+        stopped = s.signal();
+        failed = true;
       } catch (...) {
         std::lock_guard<std::mutex> lock(error_mutex);
         if (!error) error = std::current_exception();
@@ -383,6 +408,10 @@ std::vector<std::vector<std::string>> StagingArea::copy_all(const std::vector<st
   work();
   for (auto& t : pool) t.join();
   if (error) std::rethrow_exception(error);
+  if (stopped) {
+    throw StopRequested(stopped, fmt::format("staging the {} files into {} stopped by {} after {} of {} samples",
+                                             subdir, dir_, signal_name(stopped), done.load(), groups.size()));
+  }
   return out;
 }
 

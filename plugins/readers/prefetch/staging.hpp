@@ -85,12 +85,15 @@ class StagingArea {
   // Copies `source` to <dir>/<subdir>/<file name of source> and checks the
   // copy; returns the copy's path. Thread-safe for distinct files. A write
   // that fails (disk full, file size limit) throws an Error naming both
-  // files, and the partial copy is removed first.
+  // files, and the partial copy is removed first; so does a stop request
+  // (SIGTERM, SIGINT: deepcam/stop_request.hpp), seen between 4 MiB chunks,
+  // with StopRequested.
   std::string copy(const std::string& source, const std::string& subdir) const;
 
   // Copies every file of every group on `threads` threads; returns the
   // copies in the same shape. The first failure stops the others and is
-  // rethrown.
+  // rethrown; a stop request stops them all, and StopRequested says how many
+  // groups were copied.
   std::vector<std::vector<std::string>> copy_all(const std::vector<std::vector<std::string>>& groups,
                                                  const std::string& subdir, int threads) const;
 

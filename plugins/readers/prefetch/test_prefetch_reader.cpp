@@ -43,6 +43,7 @@
 #include "deepcam/group.hpp"
 #include "deepcam/mlperf_log.hpp"
 #include "deepcam/sharding.hpp"
+#include "deepcam/stop_request.hpp"
 #include "../hdf5/hdf5_reader.hpp"
 #include "device_copy.hpp"
 #include "prefetch_reader.hpp"
@@ -931,6 +932,38 @@ TEST_CASE("staging that fails half-way leaves no copies behind") {
   const std::string expected = "test.toml [reader] stage_dir = \"" + o.stage_dir + "\": no such directory";
   CHECK_THROWS_WITH_AS(PrefetchReader(ctx, o, std::make_unique<FakeSource>(data.path, 3, 3, ctx)),
                        doctest::Contains(expected.c_str()), Error);
+}
+
+TEST_CASE("a stop request (SIGTERM, SIGINT) ends staging: StopRequested says how far it came, nothing is left") {
+  TempDir data, stage;
+  const auto ctx = context(2, 2);
+  // Withdrawn however the test ends: the request is the process's.
+  struct Request {
+    Request() { deepcam::record_stop_request(SIGTERM); }
+    ~Request() { deepcam::record_stop_request(0); }
+  } request;
+  auto o = options(2, 2);
+  o.stage_dir = stage.path.string();
+  std::string message;
+  int signal = 0;
+  try {
+    PrefetchReader r(ctx, o, std::make_unique<FakeSource>(data.path, 12, 3, ctx));
+  } catch (const deepcam::StopRequested& e) {
+    message = e.what();
+    signal = e.signal();
+  }
+  CHECK(signal == SIGTERM);
+  CHECK(message.rfind("staging the train files into " + stage.path.string() + "/deepcam-stage-", 0) == 0);
+  CHECK(message.find(" stopped by SIGTERM after 0 of 12 samples") != std::string::npos);
+  CHECK(entries(stage.path).empty());
+
+  // One copy, stopped between its chunks: no partial copy stays.
+  const std::string big = (data.path / "big.bin").string();
+  std::ofstream(big) << std::string(std::size_t{9} << 20, 'b');
+  StagingArea area(stage.path.string(), "test.toml [reader] stage_dir");
+  CHECK_THROWS_WITH_AS(area.copy(big, "train"), (big + ": staging stopped by SIGTERM").c_str(),
+                       deepcam::StopRequested);
+  CHECK(entries(fs::path(area.dir()) / "train").empty());
 }
 
 TEST_CASE("a staging copy that cannot be written (file size limit) is an error naming it, and nothing is left") {

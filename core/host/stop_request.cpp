@@ -1,0 +1,23 @@
+// The process's stop request (deepcam/stop_request.hpp): one lock-free
+// atomic in the core library, shared by the programs' signal handlers, the
+// engine and the plugins.
+#include "deepcam/stop_request.hpp"
+
+#include <atomic>
+
+namespace deepcam {
+namespace {
+
+// Lock-free, so that the handler's store is async-signal-safe.
+static_assert(std::atomic<int>::is_always_lock_free);
+std::atomic<int> g_stop_request{0};
+
+}  // namespace
+
+int stop_requested() noexcept { return g_stop_request.load(); }
+
+void record_stop_request(int signal) noexcept { g_stop_request.store(signal); }
+
+StopRequested::~StopRequested() = default;
+
+}  // namespace deepcam

@@ -1,0 +1,46 @@
+// A stop asked for by SIGTERM (a batch system's time limit, scancel) or
+// SIGINT (Ctrl-C). deepcam-host and deepcam-data install the handlers, which
+// record the signal here and do nothing else; the host looks at it between
+// training steps and stops cleanly (SPEC 8.2). Long work a plugin does where
+// the host cannot look (a reader staging a shard before training, which may
+// take minutes) looks at it between pieces of that work and throws
+// StopRequested, unwinding as on any error: its temporaries go, and the
+// process ends before the batch system's kill follows the signal.
+//
+// Usage, in a plugin's loop over files:
+//   for (const auto& file : files) {
+//     if (const int signal = deepcam::stop_requested())
+//       throw deepcam::StopRequested(signal, "staging into " + dir + " stopped after ...");
+//     copy(file);
+//   }
+#pragma once
+
+#include <string>
+
+#include "deepcam/error.hpp"
+#include "deepcam/export.hpp"
+
+namespace deepcam {
+
+// The signal that asked this process to stop, or 0. Thread-safe.
+DEEPCAM_API int stop_requested() noexcept;
+
+// Records `signal` as the stop request: async-signal-safe, for a signal
+// handler. 0 withdraws a request (for tests).
+DEEPCAM_API void record_stop_request(int signal) noexcept;
+
+// Work stopped by a stop request. An Error, so that clean-up written for
+// errors runs; deepcam-host and deepcam-data end with the signal's status
+// rather than an error's. The message says what was stopped and how far it
+// had come.
+class DEEPCAM_API StopRequested : public Error {
+ public:
+  StopRequested(int signal, const std::string& message) : Error(message), signal_(signal) {}
+  ~StopRequested() override;
+  int signal() const noexcept { return signal_; }
+
+ private:
+  int signal_;
+};
+
+}  // namespace deepcam
