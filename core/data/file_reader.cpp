@@ -136,6 +136,8 @@ struct FileReader::Impl {
   std::vector<std::int64_t> order;
   std::size_t position = 0;
 
+  // Made at the first batch: a reader read only by single samples (behind
+  // the prefetch reader, which has threads of its own) starts no threads.
   std::unique_ptr<WorkerPool> pool;
   std::vector<std::unique_ptr<FileFormat::Scratch>> scratch;  // one per worker
   // Scratch of finished read_sample() calls, for the next ones: fresh
@@ -299,9 +301,6 @@ FileReader::FileReader(const ReaderContext& context, Format format,
   }
   s.check_batch_memory();
   s.read_stats();
-
-  s.pool = std::make_unique<WorkerPool>(s.format.threads);
-  for (std::size_t i = 0; i < s.pool->size(); ++i) s.scratch.push_back(s.file_format->make_scratch());
 }
 
 FileReader::~FileReader() = default;
@@ -376,6 +375,13 @@ bool FileReader::next(Batch& batch) {
   }
 
   const Output layout = s.channels_last ? Output::ChannelsLast : Output::ChannelsFirst;
+  if (!s.pool) {
+    auto pool = std::make_unique<WorkerPool>(s.format.threads);
+    std::vector<std::unique_ptr<FileFormat::Scratch>> scratch;
+    for (std::size_t i = 0; i < pool->size(); ++i) scratch.push_back(s.file_format->make_scratch());
+    s.scratch = std::move(scratch);
+    s.pool = std::move(pool);
+  }
   s.pool->run(count, [&](std::size_t item, std::size_t worker) {
     const std::vector<std::string> files = s.sample(s.split, static_cast<std::size_t>(s.order[first + item]));
     try {

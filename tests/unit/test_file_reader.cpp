@@ -183,6 +183,36 @@ TEST_CASE("npy reader: the selected sample, normalised with at:: ops, is read_sa
   }
 }
 
+namespace {
+
+// The threads of this process, as the kernel lists them.
+std::size_t thread_count() {
+  std::size_t n = 0;
+  for (const auto& e : fs::directory_iterator("/proc/self/task")) n += e.is_directory() ? 1 : 0;
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("a file reader starts its worker threads at its first batch: read by single samples, it starts none") {
+  // Behind the prefetch reader, which reads single samples on threads of its
+  // own, the source's pool of `threads` workers sat idle for the whole run.
+  const std::vector<std::int64_t> channels = {0, 7, 15};
+  const std::size_t before = thread_count();
+  const Built built = build("hdf5", "[reader]\nname = \"hdf5\"\nthreads = 3\n", data_root(), channels);
+  REQUIRE(built.file_reader != nullptr);
+  std::vector<float> data(channels.size() * kHeight * kWidth);
+  std::vector<std::int64_t> labels(kHeight * kWidth);
+  built.file_reader->read_sample(built.file_reader->sample_files(Split::Train, 0), data.data(), labels.data());
+  CHECK(thread_count() == before);
+  built.reader.object->start_epoch(Split::Train, 0);
+  Batch batch;
+  REQUIRE(built.reader.object->next(batch));
+  CHECK(thread_count() == before + 3);
+  REQUIRE(built.reader.object->next(batch));  // the same pool
+  CHECK(thread_count() == before + 3);
+}
+
 TEST_CASE("the selected read refuses NaN and overflow with read_sample()'s message") {
   // A copy of the data set whose first training sample (npy) holds `value`
   // at (1, 2, 7), channel 7 being the second selected.
