@@ -91,6 +91,10 @@ void save_checkpoint(const std::string& path, const CheckpointInfo& info, torch:
 
 namespace {
 
+// How messages name a field: a top-level key quoted ('step'), a nested one
+// as Python subscripts it (['scaler']['scale']), as passed in.
+std::string shown(const std::string& field) { return field.rfind('[', 0) == 0 ? field : "'" + field + "'"; }
+
 // The checks of one file; every message starts with the file's path.
 class Fields {
  public:
@@ -119,28 +123,28 @@ class Fields {
     } else if (v.isTensor()) {
       const at::Tensor& t = v.toTensor();
       if (t.dim() != 0 || !at::isIntegralType(t.scalar_type(), /*includeBool=*/false)) {
-        fail(fmt::format("'{}' is a tensor of shape [{}] and dtype {}, expected an integer or a 0-d integer tensor",
-                         field, fmt::join(t.sizes(), ", "), c10::toString(t.scalar_type())));
+        fail(fmt::format("{} is a tensor of shape [{}] and dtype {}, expected an integer or a 0-d integer tensor",
+                         shown(field), fmt::join(t.sizes(), ", "), c10::toString(t.scalar_type())));
       }
       if (t.scalar_type() == at::kUInt64) {
         // Above int64's range it is out of every field's range too.
         const std::uint64_t u = t.item().toUInt64();
         if (u > static_cast<std::uint64_t>(most)) {
-          fail(fmt::format("'{}' is {}, expected an integer in 0..{}", field, u, most));
+          fail(fmt::format("{} is {}, expected an integer in 0..{}", shown(field), u, most));
         }
         n = static_cast<std::int64_t>(u);
       } else {
         n = t.item<std::int64_t>();
       }
     } else {
-      fail(fmt::format("'{}' is a {}, expected a non-negative integer", field, v.tagKind()));
+      fail(fmt::format("{} is a {}, expected a non-negative integer", shown(field), v.tagKind()));
     }
-    if (n < 0 || n > most) fail(fmt::format("'{}' is {}, expected an integer in 0..{}", field, n, most));
+    if (n < 0 || n > most) fail(fmt::format("{} is {}, expected an integer in 0..{}", shown(field), n, most));
     return n;
   }
 
   c10::impl::GenericDict dict(const c10::IValue& v, const std::string& field) const {
-    if (!v.isGenericDict()) fail(fmt::format("'{}' is a {}, expected a dict", field, v.tagKind()));
+    if (!v.isGenericDict()) fail(fmt::format("{} is a {}, expected a dict", shown(field), v.tagKind()));
     return v.toGenericDict();
   }
 
@@ -150,9 +154,11 @@ class Fields {
                                             const char* prefix = nullptr) const {
     std::vector<std::pair<std::string, at::Tensor>> items;
     for (const auto& e : dict(v, field)) {
-      if (!e.key().isString()) fail(fmt::format("'{}' has a key of type {}, expected names", field, e.key().tagKind()));
+      if (!e.key().isString()) {
+        fail(fmt::format("{} has a key of type {}, expected names", shown(field), e.key().tagKind()));
+      }
       if (!e.value().isTensor()) {
-        fail(fmt::format("'{}' entry '{}' is a {}, expected a tensor", field, e.key().toStringRef(),
+        fail(fmt::format("{} entry '{}' is a {}, expected a tensor", shown(field), e.key().toStringRef(),
                          e.value().tagKind()));
       }
       items.emplace_back(e.key().toStringRef(), e.value().toTensor());
@@ -171,8 +177,8 @@ class Fields {
     double x = 0;
     if (v->isDouble()) x = v->toDouble();
     else if (v->isInt()) x = static_cast<double>(v->toInt());
-    else fail(fmt::format("'{}' '{}' is a {}, expected a number", field, key, v->tagKind()));
-    if (!std::isfinite(x)) fail(fmt::format("'{}' '{}' is {}, expected a finite number", field, key, x));
+    else fail(fmt::format("['{}']['{}'] is a {}, expected a number", field, key, v->tagKind()));
+    if (!std::isfinite(x)) fail(fmt::format("['{}']['{}'] is {}, expected a finite number", field, key, x));
     return x;
   }
 
@@ -191,22 +197,22 @@ void check_optimizer_steps(const Fields& f, const c10::IValue& optimizer) {
   const c10::impl::GenericDict root = f.dict(optimizer, "optimizer");
   const auto state = f.find(root, "state");
   if (!state) f.fail("'optimizer' has no 'state'");
-  for (const auto& entry : f.dict(*state, "optimizer']['state")) {
+  for (const auto& entry : f.dict(*state, "['optimizer']['state']")) {
     if (!entry.value().isGenericDict()) continue;  // the optimizer names it
     const auto step = f.find(entry.value().toGenericDict(), "step");
     if (!step) continue;
     const std::string field =
-        fmt::format("optimizer']['state'][{}]['step", entry.key().isInt() ? std::to_string(entry.key().toInt())
+        fmt::format("['optimizer']['state'][{}]['step']", entry.key().isInt() ? std::to_string(entry.key().toInt())
                                                                           : "'" + entry.key().toStringRef() + "'");
     double s = 0;
     if (step->isInt()) s = static_cast<double>(step->toInt());
     else if (step->isDouble()) s = step->toDouble();
     else if (step->isTensor() && step->toTensor().is_complex())
-      f.fail(fmt::format("'{}' is a complex tensor, expected a number", field));
+      f.fail(fmt::format("{} is a complex tensor, expected a number", field));
     else if (step->isTensor() && step->toTensor().numel() == 1) s = step->toTensor().item<double>();
-    else f.fail(fmt::format("'{}' is a {}, expected a number", field, step->tagKind()));
+    else f.fail(fmt::format("{} is a {}, expected a number", field, step->tagKind()));
     if (!std::isfinite(s) || s < 0 || s != std::floor(s)) {
-      f.fail(fmt::format("'{}' is {}, expected a non-negative whole number", field, s));
+      f.fail(fmt::format("{} is {}, expected a non-negative whole number", field, s));
     }
   }
 }
@@ -375,25 +381,25 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
     // GradScaler keeps the tracker as an int32 tensor, and ATen's CUDA
     // kernel takes the interval as an int: a larger one would be cut short.
     constexpr std::int64_t kInt32Max = std::numeric_limits<std::int32_t>::max();
-    s.growth_interval = f.count(*interval, "scaler']['growth_interval", kInt32Max);
-    s.growth_tracker = f.count(*tracker, "scaler']['_growth_tracker", kInt32Max);
-    if (s.scale <= 0) f.fail(fmt::format("'scaler' 'scale' is {}, expected > 0", s.scale));
+    s.growth_interval = f.count(*interval, "['scaler']['growth_interval']", kInt32Max);
+    s.growth_tracker = f.count(*tracker, "['scaler']['_growth_tracker']", kInt32Max);
+    if (s.scale <= 0) f.fail(fmt::format("['scaler']['scale'] is {}, expected > 0", s.scale));
     // GradScaler keeps it as a float32 tensor, and unscales by its
     // reciprocal, also float32.
     constexpr double kFloat32Max = std::numeric_limits<float>::max();
     if (s.scale > kFloat32Max || static_cast<float>(s.scale) == 0.0f) {
-      f.fail(fmt::format("'scaler' 'scale' is {}, beyond float32's range, where the scale is kept", s.scale));
+      f.fail(fmt::format("['scaler']['scale'] is {}, beyond float32's range, where the scale is kept", s.scale));
     }
     if (1.0 / static_cast<double>(static_cast<float>(s.scale)) > kFloat32Max) {
-      f.fail(fmt::format("'scaler' 'scale' is {}, so small that its reciprocal, by which the gradients are unscaled, "
-                         "is beyond float32's range",
+      f.fail(fmt::format("['scaler']['scale'] is {}, so small that its reciprocal, by which the gradients are "
+                         "unscaled, is beyond float32's range",
                          s.scale));
     }
-    if (s.growth_factor <= 1) f.fail(fmt::format("'scaler' 'growth_factor' is {}, expected > 1", s.growth_factor));
+    if (s.growth_factor <= 1) f.fail(fmt::format("['scaler']['growth_factor'] is {}, expected > 1", s.growth_factor));
     if (s.backoff_factor <= 0 || s.backoff_factor >= 1) {
-      f.fail(fmt::format("'scaler' 'backoff_factor' is {}, expected in (0, 1)", s.backoff_factor));
+      f.fail(fmt::format("['scaler']['backoff_factor'] is {}, expected in (0, 1)", s.backoff_factor));
     }
-    if (s.growth_interval < 1) f.fail("'scaler' 'growth_interval' is 0, expected >= 1");
+    if (s.growth_interval < 1) f.fail("['scaler']['growth_interval'] is 0, expected >= 1");
     info.scaler = s;
   }
 

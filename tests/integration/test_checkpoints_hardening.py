@@ -143,7 +143,7 @@ BAD_FIELDS = {
     "moment_shape": (lambda c: first_state(c).__setitem__("exp_avg", torch.zeros(2, 2)),
                      ADAM + 'state[0]["exp_avg"] has shape [2, 2]'),
     "negative_optimizer_step": (lambda c: first_state(c).__setitem__("step", torch.tensor(-2.0)),
-                                "'optimizer']['state'][0]['step' is -2, expected a non-negative whole number"),
+                                "['optimizer']['state'][0]['step'] is -2, expected a non-negative whole number"),
     "optimizer_not_dict": (set_to("optimizer", 5), "'optimizer' is a Int, expected a dict"),
     "nan_moment": (lambda c: first_state(c)["exp_avg"].view(-1).__setitem__(0, float("nan")),
                    ADAM + 'state[0]["exp_avg"] holds NaN or infinite values'),
@@ -182,7 +182,7 @@ BAD_FIELDS = {
                         "scaling, and this run's precision = \"fp32\""),
     "scaler_scale": (set_to("scaler", {"scale": -1.0, "growth_factor": 2.0, "backoff_factor": 0.5,
                                        "growth_interval": 2000, "_growth_tracker": 0}),
-                     "'scaler' 'scale' is -1, expected > 0"),
+                     "['scaler']['scale'] is -1, expected > 0"),
     # Complex values: the moments' checks crashed ("lt_cpu" not implemented, exit 3), a cast dropped the
     # imaginary part with only LibTorch's warning, and a 0-d number crashed converting to double.
     "complex_second_moment": (lambda c: first_state(c).__setitem__(
@@ -192,7 +192,7 @@ BAD_FIELDS = {
         "exp_avg", torch.complex(first_state(c)["exp_avg"], torch.full_like(first_state(c)["exp_avg"], 5.0))),
         ADAM + 'state[0]["exp_avg"] is a complex tensor, expected real values'),
     "complex_optimizer_step": (lambda c: first_state(c).__setitem__("step", torch.tensor(2 + 1j)),
-                               "'optimizer']['state'][0]['step' is a complex tensor, expected a number"),
+                               "['optimizer']['state'][0]['step'] is a complex tensor, expected a number"),
     "complex_lr": (lambda c: first_group(c).__setitem__("lr", torch.tensor(0.002 + 1j)),
                    ADAM + 'param_groups[0]["lr"] is a complex tensor, expected a real number'),
     # Finite in float64, infinite as the parameter's float32: it trained on to "diverged", blaming the lr.
@@ -201,20 +201,20 @@ BAD_FIELDS = {
         ADAM + 'state[0]["exp_avg"] holds values beyond the range of the parameter\'s Float, which become infinite'),
     # GradScaler keeps the scale as float32: 1e300 crashed (exit 3), 1e-300 became 0 and the run "diverged".
     "scaler_scale_overflows": (set_to("scaler", dict(SCALER, scale=1e300)),
-                               "'scaler' 'scale' is 1e+300, beyond float32's range, where the scale is kept"),
+                               "['scaler']['scale'] is 1e+300, beyond float32's range, where the scale is kept"),
     "scaler_scale_underflows": (set_to("scaler", dict(SCALER, scale=1e-300)),
-                                "'scaler' 'scale' is 1e-300, beyond float32's range, where the scale is kept"),
+                                "['scaler']['scale'] is 1e-300, beyond float32's range, where the scale is kept"),
     # A subnormal float32 scale: its reciprocal overflows, the unscaled gradients were NaN, and the run
     # stopped as diverged ("lower lr").
     "scaler_scale_subnormal": (set_to("scaler", dict(SCALER, scale=1e-45)),
-                               "'scaler' 'scale' is 1e-45, so small that its reciprocal, by which the gradients are "
+                               "['scaler']['scale'] is 1e-45, so small that its reciprocal, by which the gradients are "
                                "unscaled, is beyond float32's range"),
     # GradScaler's tracker is an int32 tensor: 2^31 ended the resume as an internal error (exit 3), naming no
     # field; an interval beyond int32 never let the scale grow (and ATen's CUDA kernel takes it as an int).
     "scaler_tracker_beyond_int32": (set_to("scaler", dict(SCALER, _growth_tracker=2**31)),
-                                    "'scaler']['_growth_tracker' is 2147483648, expected an integer in 0..2147483647"),
+                                    "['scaler']['_growth_tracker'] is 2147483648, expected an integer in 0..2147483647"),
     "scaler_interval_beyond_int32": (set_to("scaler", dict(SCALER, growth_interval=2**32 + 1)),
-                                     "'scaler']['growth_interval' is 4294967297, expected an integer in "
+                                     "['scaler']['growth_interval'] is 4294967297, expected an integer in "
                                      "0..2147483647"),
 }
 
