@@ -83,7 +83,10 @@ class BufferPool {
 
 // Every message must name a file of the sample; the format layers' do,
 // anything else (an allocation failure, say) gets the data file put in front.
-std::string naming(const std::vector<std::string>& files, const std::string& message) {
+// A LibTorch error (a format's ATen op) without its C++ backtrace.
+std::string naming(const std::vector<std::string>& files, const std::exception& e) {
+  const auto* torch_error = dynamic_cast<const c10::Error*>(&e);
+  const std::string message = torch_error ? torch_error->what_without_backtrace() : e.what();
   for (const std::string& file : files)
     if (message.find(file) != std::string::npos) return message;
   return files.front() + ": " + message;
@@ -391,7 +394,7 @@ bool FileReader::next(Batch& batch) {
     } catch (const std::exception& e) {
       // Whatever a worker meets reaches the caller as the one error type,
       // with a file named.
-      throw Error(naming(files, e.what()));
+      throw Error(naming(files, e));
     }
   });
 
@@ -461,7 +464,7 @@ void FileReader::read_one(const std::vector<std::string>& files, float* data,
     if (!scratch) scratch = s.file_format->make_scratch();
     s.file_format->load(*this, files, data, labels, *scratch);
   } catch (const std::exception& e) {
-    throw Error(naming(files, e.what()));
+    throw Error(naming(files, e));
   }
   std::lock_guard<std::mutex> lock(s.spare_mutex);
   s.spare.push_back(std::move(scratch));

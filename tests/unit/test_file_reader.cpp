@@ -8,6 +8,7 @@
 #include <ATen/ops/equal.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/sub.h>
 #undef CHECK
 #include <doctest/doctest.h>
@@ -26,12 +27,14 @@
 #include <vector>
 
 #include "deepcam/config.hpp"
+#include "deepcam/data_set.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/file_reader.hpp"
 #include "deepcam/h5.hpp"
 #include "deepcam/normalise.hpp"
 #include "deepcam/npy.hpp"
 #include "deepcam/plugin_loader.hpp"
+#include "deepcam/sharding.hpp"
 #include "test_paths.hpp"
 
 namespace fs = std::filesystem;
@@ -211,6 +214,59 @@ TEST_CASE("a file reader starts its worker threads at its first batch: read by s
   CHECK(thread_count() == before + 3);
   REQUIRE(built.reader.object->next(batch));  // the same pool
   CHECK(thread_count() == before + 3);
+}
+
+namespace {
+
+// The npy layout with a load() whose ATen op fails, as a format of a
+// plugin's own might.
+class FailingOpFormat final : public FileFormat {
+ public:
+  std::vector<std::vector<std::string>> list_split(const std::string& dir, const char*) const override {
+    NpySplit listed = list_npy_split(dir);
+    return {std::move(listed.data), std::move(listed.labels)};
+  }
+  std::unique_ptr<TrainingSharding> make_sharding(const std::string&, const ShardingSetup& setup) const override {
+    return std::make_unique<TrainingSharding>(setup);
+  }
+  SampleShape read_shape(const std::string& path) const override {
+    const npy::Header header = npy::read_header(path);
+    return {header.shape[0], header.shape[1], header.shape[2]};
+  }
+  std::unique_ptr<Scratch> make_scratch() const override { return std::make_unique<Scratch>(); }
+  void load(const FileReader&, const std::vector<std::string>&, float*, std::int64_t*, Scratch&) const override {
+    (void)at::ones({2}).view({3});
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a format's failing ATen op is reported with the sample's file, without LibTorch's C++ backtrace") {
+  ReaderContext context{data_root(), {0, 7, 15}, 2, 2, 0, 1, 1, nullptr};
+  FileReader reader(context, {"test reader", 2, "a test sample is two .npy files", "", true, 1, false},
+                    std::make_unique<FailingOpFormat>());
+  const std::vector<std::string> files = reader.sample_files(Split::Train, 0);
+  std::vector<float> data(3 * kHeight * kWidth);
+  std::vector<std::int64_t> labels(kHeight * kWidth);
+  for (const bool batch : {false, true}) {
+    INFO(batch);
+    std::string message;
+    try {
+      if (batch) {
+        reader.start_epoch(Split::Train, 0);
+        Batch b;
+        reader.next(b);
+      } else {
+        reader.read_sample(files, data.data(), labels.data());
+      }
+    } catch (const Error& e) {
+      message = e.what();
+    }
+    CHECK(message.find("/train/data-") != std::string::npos);
+    CHECK(message.find("shape '[3]' is invalid for input of size 2") != std::string::npos);
+    CHECK(message.find("Exception raised from") == std::string::npos);
+    CHECK(message.find("frame #") == std::string::npos);
+  }
 }
 
 TEST_CASE("the selected read refuses NaN and overflow with read_sample()'s message") {

@@ -97,9 +97,10 @@ class DEEPCAM_API FileReader : public Reader {
     bool check_finite;             // refuse NaN and infinity
   };
 
-  // Checks the context, lists both splits, builds the sharding, reads the
-  // first file's shape and stats.h5, and starts the workers; every problem
-  // is a deepcam::Error naming the file, directory or setting.
+  // Checks the context, lists both splits, builds the sharding, and reads
+  // the first file's shape and stats.h5 (the worker threads start at the
+  // first batch); every problem is a deepcam::Error naming the file,
+  // directory or setting.
   FileReader(const ReaderContext& context, Format format, std::unique_ptr<FileFormat> file_format);
   ~FileReader() override;
   FileReader(const FileReader&) = delete;
