@@ -99,11 +99,6 @@ const ParamSpec kMlperfSpecs[] = {
     {"log_file", ParamType::String, "\"mlperf.log\"", "the MLPerf log, relative to run.output_dir"},
 };
 
-template <std::size_t N>
-ParamSchema schema_of(const ParamSpec (&specs)[N]) {
-  return ParamSchema{specs, N};
-}
-
 const std::vector<std::string> kPluginSections = {"reader", "model", "optimizer", "scheduler"};
 const std::vector<std::string> kSections = {"run", "data", "mlperf", "reader", "model", "optimizer",
                                             "scheduler"};

@@ -48,6 +48,19 @@ def test_describe_prints_each_parameter_with_type_default_and_doc():
     assert "target_iou" in r.stdout and "0.82" in r.stdout
 
 
+def test_a_plugin_declared_with_no_parameters_describes_and_refuses_any_key(tmp_path, data):
+    # PARAMS nullptr: the macros' form for a plugin without parameters (an empty array does not compile).
+    lib = FIXTURES / "libdeepcam_scheduler_noparams.so"
+    r = run_host("--describe", "scheduler/noparams", env=plugin_env(FIXTURES))
+    assert r.returncode == 0, r.stderr
+    assert "scheduler/noparams" in r.stdout and str(lib) in r.stdout, r.stdout
+    # The test run file's scheduler table has milestones.
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", scheduler={"name": "noparams", "library": str(lib)})
+    r = run_host(run)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "[scheduler] milestones: unknown key (known: library, name)" in r.stderr, r.stderr[-2000:]
+
+
 def test_describe_unknown_plugin_lists_what_exists():
     r = run_host("--describe", "optimizer/adma")
     assert r.returncode == 2

@@ -14,6 +14,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -168,6 +169,30 @@ def test_example_installs_into_the_hosts_plugin_directory(tmp_path, sdk, sgd_bui
     installed = list(tmp_path.rglob("*.so"))
     assert [p.name for p in installed] == ["libdeepcam_optimizer_sgd.so"]
     assert installed[0].parent.resolve() == (tmp_path / str(sdk.plugindir.resolve()).lstrip("/")).resolve()
+
+
+@pytest.mark.parametrize("params,compiles", [("kParams", True), ("nullptr", True), ("kPointer", False)],
+                         ids=["array", "nullptr", "pointer"])
+def test_the_plugin_macros_take_an_array_or_nullptr_and_refuse_a_pointer(tmp_path, sdk, params, compiles):
+    # A pointer to the array compiled, and the macro's sizeof(PARAMS) / sizeof(PARAMS[0]) made an empty schema:
+    # every key the plugin meant to declare was then an unknown key.
+    source = tmp_path / "plugin.cpp"
+    source.write_text(textwrap.dedent("""\
+        #include "deepcam/plugin_descriptor.hpp"
+        namespace {
+        const deepcam::ParamSpec kParams[] = {{"k", deepcam::ParamType::Int, "1", "a key"}};
+        const deepcam::ParamSpec* const kPointer = kParams;
+        }
+        DEEPCAM_SCHEDULER_PLUGIN("x", "1.0", "a test", PARAMS, nullptr)
+        """).replace("PARAMS", params))
+    env = sdk_env(sdk)
+    flags = subprocess.run(["pkg-config", "--cflags", "deepcam-plugin"], capture_output=True, text=True, env=env,
+                           check=True).stdout.split()
+    r = subprocess.run(["c++", "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", *flags, str(source)],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert (r.returncode == 0) == compiles, r.stderr[-3000:]
+    if not compiles:
+        assert "schema_of" in r.stderr, r.stderr[-3000:]
 
 
 def test_describe_prints_the_sgd_parameters(sdk, sgd_build):

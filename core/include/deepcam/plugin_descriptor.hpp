@@ -19,6 +19,7 @@
 #include <torch/version.h>
 #endif
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 
@@ -77,6 +78,16 @@ struct PluginDescriptor {
   SchedulerFactory make_scheduler;
 };
 
+// The macros' PARAMS: an array of ParamSpec, or nullptr for a plugin
+// without parameters. A pointer to an array would have made an empty schema
+// (sizeof a pointer over sizeof an entry), in which every key the plugin
+// meant to declare is unknown: it does not compile.
+template <std::size_t N>
+constexpr ParamSchema schema_of(const ParamSpec (&specs)[N]) {
+  return {specs, N};
+}
+constexpr ParamSchema schema_of(std::nullptr_t) { return {nullptr, 0}; }
+
 }  // namespace deepcam
 
 #define DEEPCAM_PLUGIN_ENTRY_CAT2(a, b) a##b
@@ -93,7 +104,7 @@ struct PluginDescriptor {
     static const ::deepcam::PluginDescriptor descriptor{                                     \
         ::deepcam::kPluginAbi, KIND, NAME, VERSION, SUMMARY, DEEPCAM_COMPILED_TORCH_VERSION,  \
         DEEPCAM_COMPILED_CXX11_ABI, DEEPCAM_CUDA_VERSION,                                     \
-        ::deepcam::ParamSchema{PARAMS, sizeof(PARAMS) / sizeof(PARAMS[0])}, R, M, O, S};     \
+        ::deepcam::schema_of(PARAMS), R, M, O, S};                                            \
     return &descriptor;                                                                     \
   }
 
