@@ -362,7 +362,7 @@ const LoadedPlugin& PluginLoader::load(PluginKind kind, const std::string& name,
   if (path.empty()) {
     std::vector<std::string> problems;
     std::string known;
-    for (const auto& p : discover(problems)) {
+    for (const auto& p : discover(problems, kind)) {
       if (p.descriptor->kind == kind) known += fmt::format("{}{} ({})", known.empty() ? "" : ", ",
                                                            p.descriptor->name, p.path);
     }
@@ -407,6 +407,15 @@ std::string name_problem(const fs::path& file, const PluginDescriptor& d) {
 }  // namespace
 
 std::vector<LoadedPlugin> PluginLoader::discover(std::vector<std::string>& problems) {
+  return discover_named(problems, "libdeepcam_");
+}
+
+std::vector<LoadedPlugin> PluginLoader::discover(std::vector<std::string>& problems, PluginKind kind) {
+  return discover_named(problems, fmt::format("libdeepcam_{}_", to_string(kind)));
+}
+
+std::vector<LoadedPlugin> PluginLoader::discover_named(std::vector<std::string>& problems,
+                                                       const std::string& prefix) {
   // Listing opens only files named like plugins, in the places load() looks.
   std::vector<LoadedPlugin> out;
   std::vector<fs::path> files;
@@ -433,7 +442,7 @@ std::vector<LoadedPlugin> PluginLoader::discover(std::vector<std::string>& probl
   for (std::size_t i = 0; i < files.size(); ++i) {
     const fs::path& f = files[i];
     const std::string n = f.filename().string();
-    if (n.rfind("libdeepcam_", 0) != 0 || f.extension() != ".so" || n == "libdeepcam_core.so") continue;
+    if (n.rfind(prefix, 0) != 0 || f.extension() != ".so" || n == "libdeepcam_core.so") continue;
     // The same file reached twice (a folder named twice on the path) is listed once.
     std::error_code ec;
     if (std::any_of(opened.begin(), opened.end(), [&](const fs::path& o) { return fs::equivalent(o, f, ec); }))

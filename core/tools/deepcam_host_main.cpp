@@ -92,7 +92,7 @@ int list_kind(deepcam::PluginLoader& loader, deepcam::PluginKind kind) {
   int n = 0;
   std::printf("%s plugins (deepcam-host --describe %s/NAME for one):\n", deepcam::to_string(kind),
               deepcam::to_string(kind));
-  for (const auto& p : loader.discover(problems)) {
+  for (const auto& p : loader.discover(problems, kind)) {
     if (p.descriptor->kind != kind) continue;
     const std::string mark = p.not_used_because.empty() ? "" : "  (" + p.not_used_because + ")";
     std::printf("  %-16s %s%s\n", p.descriptor->name, p.descriptor->summary, mark.c_str());

@@ -460,6 +460,18 @@ def test_a_library_whose_static_initialiser_throws_is_an_internal_error_naming_i
     assert not (tmp_path / "out").exists()
 
 
+def test_a_library_of_another_kind_whose_initialiser_throws_does_not_stop_a_lookup():
+    # Looking up an optimizer opened every libdeepcam_*.so on the path for its "found:" list, so a scheduler
+    # whose static initialiser throws (libdeepcam_scheduler_initthrows.so, in FIXTURES) ended a typo's lookup
+    # and --describe optimizer as that scheduler's internal error.
+    env = plugin_env(FIXTURES)
+    r = run_host("--describe", "optimizer/sgdd", env=env)
+    assert r.returncode == 2, r.stderr
+    assert "no optimizer plugin named 'sgdd'; found: sgd (" in r.stderr and "initthrows" not in r.stderr, r.stderr
+    r = run_host("--describe", "optimizer", env=env)
+    assert r.returncode == 0 and "sgd" in r.stdout and "initthrows" not in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("args,says", [
     # The second value was taken and the first dropped without a word.
     (["--benchmark", "2", "--benchmark", "3"], "--benchmark is given twice; give it once"),

@@ -80,6 +80,10 @@ class DEEPCAM_API PluginLoader {
   // Every plugin found on the search path (for --list-plugins), each checked;
   // libraries that fail the checks are reported in `problems`.
   std::vector<LoadedPlugin> discover(std::vector<std::string>& problems);
+  // The same for the files named as plugins of one kind
+  // (libdeepcam_<kind>_*.so), the only ones a run can load for it: a broken
+  // library of another kind on the path is not opened.
+  std::vector<LoadedPlugin> discover(std::vector<std::string>& problems, PluginKind kind);
 
   // DEEPCAM_PLUGIN_PATH's directories, then the install directory.
   std::vector<std::string> search_dirs() const;
@@ -90,6 +94,9 @@ class DEEPCAM_API PluginLoader {
   static std::string file_name(PluginKind kind, const std::string& name);
 
  private:
+  // discover() over the files whose names start with `prefix`.
+  std::vector<LoadedPlugin> discover_named(std::vector<std::string>& problems, const std::string& prefix);
+
   std::vector<std::string> env_dirs_;
   std::string install_dir_;
   std::deque<LoadedPlugin> loaded_;  // a deque: references stay valid as it grows
