@@ -4,6 +4,7 @@
 #include <fmt/ranges.h>
 
 #include <c10/util/Exception.h>
+#include <cxxabi.h>
 #include <dlfcn.h>
 #include <elf.h>
 
@@ -18,6 +19,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <mutex>
 #include <system_error>
 
@@ -52,6 +54,31 @@ std::vector<std::string> split_path(const char* value) {
 std::string describe_build(const char* torch, int abi, const char* cuda) {
   return fmt::format("LibTorch {}, _GLIBCXX_USE_CXX11_ABI={}, CUDA {}", torch,
                      abi < 0 ? "unset (not libstdc++)" : std::to_string(abi), *cuda ? cuda : "none");
+}
+
+// A hint for the loader's "undefined symbol: X", or "": a plugin compiled
+// with _GLIBCXX_USE_CXX11_ABI=0 asks the core for functions taking the old
+// std::string, which it does not have, so the loader refuses it before its
+// descriptor (which would say so) can be read.
+std::string undefined_symbol_hint(const std::string& cause) {
+  const std::string marker = "undefined symbol: ";
+  const auto at = cause.find(marker);
+  if (at == std::string::npos) return "";
+  const std::string symbol = cause.substr(at + marker.size(), cause.find_first_of(" \t(", at + marker.size()) -
+                                                                   (at + marker.size()));
+  int status = 0;
+  std::unique_ptr<char, decltype(&std::free)> demangled(abi::__cxa_demangle(symbol.c_str(), nullptr, nullptr, &status),
+                                                         &std::free);
+  if (status != 0 || !demangled) return "";
+  const std::string text = demangled.get();
+  const bool old_string = (text.find("std::string") != std::string::npos ||
+                           text.find("std::basic_string") != std::string::npos) &&
+                          text.find("__cxx11") == std::string::npos;
+  if (!old_string || DEEPCAM_COMPILED_CXX11_ABI != 1) return "";
+  return fmt::format(" ({}): the plugin takes the C++ library's old std::string, as code compiled with "
+                     "_GLIBCXX_USE_CXX11_ABI=0 does, and this host is built with _GLIBCXX_USE_CXX11_ABI=1; rebuild "
+                     "the plugin with the SDK's flags (pkg-config --cflags deepcam-plugin)",
+                     text);
 }
 
 // What is wrong with the descriptor's own fields, or "": the strings the
@@ -251,7 +278,7 @@ LoadedPlugin PluginLoader::open(const std::string& path) {
     } else if (const char* text = ::dlerror()) {
       cause = text;
     }
-    throw Error(fmt::format("{}: cannot load: {}", path, cause));
+    throw Error(fmt::format("{}: cannot load: {}{}", path, cause, undefined_symbol_hint(cause)));
   }
   if (!lib->has(DEEPCAM_PLUGIN_ENTRY_NAME)) {
     for (int v = 0; v < 100; ++v) {

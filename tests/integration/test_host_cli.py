@@ -197,6 +197,19 @@ def test_plugin_built_against_another_libtorch_is_refused(tmp_path, data):
     assert "this host is built with LibTorch 2.11.0" in msg
 
 
+def test_a_cxx_abi_0_plugin_that_calls_the_core_is_refused_naming_the_abi(tmp_path, data):
+    # Its MlperfLog::event takes the old std::string, which the core does not export: the loader refuses the
+    # file before its descriptor (which says _GLIBCXX_USE_CXX11_ABI=0) can be read, and the message named an
+    # undefined mangled symbol alone.
+    lib = FIXTURES / "libdeepcam_scheduler_cxxabi0core.so"
+    msg = refused(tmp_path, data, lib, kind="scheduler")
+    assert f"{lib}: cannot load: " in msg and "undefined symbol: _ZN7deepcam9MlperfLog5event" in msg, msg
+    assert "(deepcam::MlperfLog::event(std::string const&" in msg, msg
+    assert ("the plugin takes the C++ library's old std::string, as code compiled with _GLIBCXX_USE_CXX11_ABI=0 "
+            "does, and this host is built with _GLIBCXX_USE_CXX11_ABI=1; rebuild the plugin with the SDK's flags "
+            "(pkg-config --cflags deepcam-plugin)") in msg, msg
+
+
 def test_shared_library_that_is_not_a_plugin(tmp_path, data):
     msg = refused(tmp_path, data, FIXTURES / "libdeepcam_optimizer_notaplugin.so")
     assert f"not a deepcam-host plugin (no symbol deepcam_plugin_v{host_abi()})" in msg
