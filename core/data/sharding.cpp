@@ -83,12 +83,11 @@ const char* to_string(ShuffleMode mode) {
   return "unknown";
 }
 
-ShuffleMode parse_shuffle_mode(const std::string& text, const std::string& where) {
+ShuffleMode parse_shuffle_mode(const std::string& text, const std::string& setting) {
   for (const ShuffleMode mode : {ShuffleMode::Global, ShuffleMode::Node, ShuffleMode::Gpu}) {
     if (text == to_string(mode)) return mode;
   }
-  throw Error(where + " = \"" + text + "\": no such shuffle mode; use \"global\" (the "
-              "reference's), \"node\" or \"gpu\"");
+  throw Error(setting + ": no such shuffle mode; use \"global\" (the reference's), \"node\" or \"gpu\"");
 }
 
 std::vector<std::int64_t> reference_preshuffle(std::int64_t n) {

@@ -34,6 +34,16 @@ std::string Params::where(const std::string& key) const {
   return fmt::format("{} {}", where_, key);
 }
 
+std::string Params::setting(const std::string& key) const {
+  static const std::string kDefault = " (default)";
+  std::string where = this->where(key);
+  if (where.rfind("--set ", 0) == 0) return where;
+  const std::string value = " = " + to_toml(at(key));
+  const std::size_t tail = where.size() >= kDefault.size() ? where.size() - kDefault.size() : where.size();
+  if (where.compare(tail, std::string::npos, kDefault) == 0) return where.insert(tail, value);
+  return where + value;
+}
+
 const ParamValue& Params::at(const std::string& key) const {
   auto it = values_.find(key);
   if (it == values_.end()) {

@@ -161,8 +161,7 @@ void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader) {
   for (const Split s : {split, Split::Validation}) {
     if (s == split || options.with_validation) {
       if (reader->local_samples(s) <= 0) {
-        throw Error(fmt::format("{} = \"{}\": its {} split has no samples to read", config.data.where("root"),
-                                config.data.string("root"), to_string(s)));
+        throw Error(fmt::format("{}: its {} split has no samples to read", config.data.setting("root"), to_string(s)));
       }
     }
   }

@@ -28,16 +28,16 @@ std::vector<std::string> closed_division_gaps(const RunConfig& cfg, std::int64_t
                                model.params.where(), model.name));
   } else {
     if (model.params.number("width") != 1.0) {
-      gaps.push_back(fmt::format("{} = {} (closed: 1.0, the reference network's channel counts)",
-                                 model.params.where("width"), model.params.number("width")));
+      gaps.push_back(fmt::format("{} (closed: 1.0, the reference network's channel counts)",
+                                 model.params.setting("width")));
     }
     if (model.params.integer("middle_blocks") != 16) {
-      gaps.push_back(fmt::format("{} = {} (closed: 16, the reference network's depth)",
-                                 model.params.where("middle_blocks"), model.params.integer("middle_blocks")));
+      gaps.push_back(fmt::format("{} (closed: 16, the reference network's depth)",
+                                 model.params.setting("middle_blocks")));
     }
     if (model.params.integer("output_stride") != 16) {
-      gaps.push_back(fmt::format("{} = {} (closed: 16, the reference network's encoder)",
-                                 model.params.where("output_stride"), model.params.integer("output_stride")));
+      gaps.push_back(fmt::format("{} (closed: 16, the reference network's encoder)",
+                                 model.params.setting("output_stride")));
     }
   }
   const std::vector<std::int64_t>& channels = cfg.data.integers("channels");
@@ -54,8 +54,7 @@ std::vector<std::string> closed_division_gaps(const RunConfig& cfg, std::int64_t
   if (std::find(optimizers.begin(), optimizers.end(), opt.name) == optimizers.end()) {
     gaps.push_back(fmt::format("{}: optimizer \"{}\" (closed: lamb, adam or adamw)", opt.params.where(), opt.name));
   } else if (opt.name == "lamb" && opt.params.number("max_grad_norm") != 1.0) {
-    gaps.push_back(fmt::format("{} = {} (closed: 1.0)", opt.params.where("max_grad_norm"),
-                               opt.params.number("max_grad_norm")));
+    gaps.push_back(fmt::format("{} (closed: 1.0)", opt.params.setting("max_grad_norm")));
   }
   const PluginChoice& sched = cfg.scheduler;
   if (sched.name != "multistep" && sched.name != "cosine_annealing") {
@@ -63,8 +62,7 @@ std::vector<std::string> closed_division_gaps(const RunConfig& cfg, std::int64_t
                                sched.name));
   }
   if (cfg.run.number("target_iou") != kBenchmarkTargetIou) {
-    gaps.push_back(fmt::format("{} = {} (closed: {})", cfg.run.where("target_iou"), cfg.run.number("target_iou"),
-                               kBenchmarkTargetIou));
+    gaps.push_back(fmt::format("{} (closed: {})", cfg.run.setting("target_iou"), kBenchmarkTargetIou));
   }
   if (train_samples != kClosedTrainSamples || eval_samples != kClosedEvalSamples) {
     gaps.push_back(fmt::format("{}: {} training and {} validation samples (closed: the full data set, {} and {})",

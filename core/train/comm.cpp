@@ -227,13 +227,12 @@ std::unique_ptr<ProcessGroupGroup> Communicator::Impl::group(const std::string& 
 // Error naming it.
 void Communicator::Impl::find_store(bool read_environment) {
   const std::string& rv = options.rendezvous;
-  const std::string& where = options.rendezvous_where;
+  const std::string& setting = options.rendezvous_setting;
   const int size = layout.world_size;
   if (rv.rfind("file://", 0) == 0) {
     store_path = rv.substr(7);
     if (store_path.empty() || store_path[0] != '/') {
-      throw Error(fmt::format("{} = \"{}\": expected file:///ABSOLUTE/PATH on a file system all ranks share",
-                              where, rv));
+      throw Error(fmt::format("{}: expected file:///ABSOLUTE/PATH on a file system all ranks share", setting));
     }
     return;
   }
@@ -243,27 +242,26 @@ void Communicator::Impl::find_store(bool read_environment) {
     const char* addr = std::getenv("MASTER_ADDR");
     const char* port = std::getenv("MASTER_PORT");
     if (!addr || !*addr || !port || !*port) {
-      throw Error(fmt::format("{} = \"env\": {} ranks ({}) need MASTER_ADDR and MASTER_PORT (rank 0's host and "
-                              "a free port) in the environment; or set rendezvous = \"tcp://HOST:PORT\" or "
-                              "\"file:///shared/path\"",
-                              where, size, layout.source));
+      throw Error(fmt::format("{}: {} ranks ({}) need MASTER_ADDR and MASTER_PORT (rank 0's host and a free port) "
+                              "in the environment; or set rendezvous = \"tcp://HOST:PORT\" or \"file:///shared/path\"",
+                              setting, size, layout.source));
     }
     store_host = addr;
     port_text = port;
-    store_where = fmt::format("MASTER_ADDR and MASTER_PORT, read for {} = \"env\"", where);
-    port_where = fmt::format("MASTER_PORT (read for {} = \"env\")", where);
+    store_where = fmt::format("MASTER_ADDR and MASTER_PORT, read for {}", setting);
+    port_where = fmt::format("MASTER_PORT (read for {})", setting);
   } else if (rv.rfind("tcp://", 0) == 0) {
     const std::string rest = rv.substr(6);
     const auto colon = rest.rfind(':');
     if (colon == std::string::npos || colon == 0) {
-      throw Error(fmt::format("{} = \"{}\": expected tcp://HOST:PORT", where, rv));
+      throw Error(fmt::format("{}: expected tcp://HOST:PORT", setting));
     }
     store_host = rest.substr(0, colon);
     port_text = rest.substr(colon + 1);
-    store_where = fmt::format("{} = \"{}\"", where, rv);
+    store_where = setting;
     port_where = store_where;
   } else {
-    throw Error(fmt::format("{} = \"{}\": expected \"env\", \"tcp://HOST:PORT\" or \"file:///PATH\"", where, rv));
+    throw Error(fmt::format("{}: expected \"env\", \"tcp://HOST:PORT\" or \"file:///PATH\"", setting));
   }
   char* end = nullptr;
   const long port = std::strtol(port_text.c_str(), &end, 10);
@@ -276,8 +274,6 @@ void Communicator::Impl::find_store(bool read_environment) {
 // Connects to the store (rank 0 hosts a TCP one) and joins it.
 void Communicator::Impl::join_store() {
   const int rank = layout.rank, size = layout.world_size;
-  const std::string& rv = options.rendezvous;
-  const std::string& where = options.rendezvous_where;
   if (store_path.empty()) {
     c10d::TCPStoreOptions o;
     o.port = store_port;
@@ -311,10 +307,10 @@ void Communicator::Impl::join_store() {
   // timeout and say nothing of why.
   if (store->add(fmt::format("deepcam/rank/{}", rank), 1) != 1) {
     throw Error(!store_path.empty()
-                    ? fmt::format("{} = \"{}\": rank {} has joined this store before: a run that did not end left "
-                                  "the file behind, or another process was started as rank {} too; delete the "
-                                  "file or give each run a new path",
-                                  where, rv, rank, rank)
+                    ? fmt::format("{}: rank {} has joined this store before: a run that did not end left the "
+                                  "file behind, or another process was started as rank {} too; delete the file or "
+                                  "give each run a new path",
+                                  options.rendezvous_setting, rank, rank)
                     : fmt::format("rank {} of {}: another process joined the rendezvous as rank {} too ({}); "
                                   "give each process its own rank",
                                   rank, size, rank, layout.rank_variable));
@@ -389,7 +385,7 @@ void Communicator::Impl::join_store_within(std::chrono::milliseconds limit) {
     const std::string store_text =
         store_path.empty() ? fmt::format("the store at {}:{} ({}) took the connection but", store_host, store_port,
                                          store_where)
-                           : fmt::format("the store file {} ({})", store_path, options.rendezvous_where);
+                           : fmt::format("the store file {} ({})", store_path, options.rendezvous_setting);
     const std::string held = store_path.empty() ? "the port is held by a process that is stopped or is not this "
                                                   "run's rank 0 (an earlier run, another program); give the run "
                                                   "a free port"
@@ -421,11 +417,11 @@ void Communicator::Impl::meet() {
   } catch (const std::exception& e) {
     // The variables that made this process one of many: stale ones (a batch
     // script's own process under Slurm's) are a common cause.
-    throw Error(fmt::format("rank {} of {} ({} and {}, {}): could not meet the other ranks through {} = \"{}\" within "
-                            "{} s ({}): {}",
+    throw Error(fmt::format("rank {} of {} ({} and {}, {}): could not meet the other ranks through {} within {} s "
+                            "({}): {}",
                             rank, size, layout.rank_variable, layout.size_variable, layout.source,
-                            options.rendezvous_where, options.rendezvous, seconds(options.timeout),
-                            options.timeout_where, first_line(e.what())));
+                            options.rendezvous_setting, seconds(options.timeout), options.timeout_where,
+                            first_line(e.what())));
   }
 
 }

@@ -28,7 +28,8 @@ namespace deepcam {
 
 struct CommOptions {
   std::string rendezvous = "env";  // "env" | "tcp://HOST:PORT" | "file:///PATH"
-  std::string rendezvous_where;    // where the setting came from, for messages
+  // Where the setting came from, with its value, for messages (Params::setting).
+  std::string rendezvous_setting;
   std::chrono::milliseconds timeout{1800 * 1000};
   std::string timeout_where;
   bool cuda = false;               // also an NCCL group for this rank's GPU

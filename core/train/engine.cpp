@@ -407,10 +407,10 @@ class Engine {
     // own target, yet its log fails the checker.
     if (with_optimizer && comm_.rank() == 0 && run.number("target_iou") < kBenchmarkTargetIou) {
       std::fprintf(stderr,
-                   "deepcam-host: note: %s = %g is below the benchmark's target IoU %g: reaching it ends the run in "
+                   "deepcam-host: note: %s is below the benchmark's target IoU %g: reaching it ends the run in "
                    "\"success\", but the MLPerf checker fails such a log and deepcam-data package does not count "
                    "it\n",
-                   run.where("target_iou").c_str(), run.number("target_iou"), kBenchmarkTargetIou);
+                   run.setting("target_iou").c_str(), kBenchmarkTargetIou);
     }
 
     ReaderContext rc = reader_context(cfg_, comm_.rank(), comm_.size(), &log_);
@@ -423,9 +423,8 @@ class Engine {
 
     bn_group_size_ = std::min<std::int64_t>(run.integer("batchnorm_group_size"), comm_.size());
     if (comm_.size() % bn_group_size_ != 0) {
-      throw Error(fmt::format("{}: {} does not divide the {} ranks; use a divisor of {}",
-                              run.where("batchnorm_group_size"), run.integer("batchnorm_group_size"), comm_.size(),
-                              comm_.size()));
+      throw Error(fmt::format("{}: does not divide the {} ranks; use a divisor of {}",
+                              run.setting("batchnorm_group_size"), comm_.size(), comm_.size()));
     }
     ModelContext mc{static_cast<std::int64_t>(rc.channels.size()), 3, comm_.rank(), comm_.size()};
     if (bn_group_size_ > 1) mc.batchnorm_group = &comm_.consecutive(static_cast<int>(bn_group_size_));
@@ -489,8 +488,8 @@ class Engine {
                                     run.where("precision")));
     }
     if (reasons.empty()) return;
-    std::string message = fmt::format("{} = true, but the training step of this run cannot be captured:",
-                                      run.where("cuda_graphs"));
+    std::string message = fmt::format("{}, but the training step of this run cannot be captured:",
+                                      run.setting("cuda_graphs"));
     for (const std::string& reason : reasons) message += "\n  " + reason;
     throw Error(message + "\nchange those, or set cuda_graphs = false");
   }
@@ -537,8 +536,8 @@ class Engine {
     std::int64_t step = 0;       // batches trained, as the reference counts them
     std::int64_t first_epoch = 0;
     if (run.string("resume").empty() && run.boolean("resume_weights_only") && comm_.rank() == 0) {
-      std::fprintf(stderr, "deepcam-host: note: %s = true does nothing without [run] resume: training starts from "
-                   "fresh weights\n", run.where("resume_weights_only").c_str());
+      std::fprintf(stderr, "deepcam-host: note: %s does nothing without [run] resume: training starts from fresh "
+                   "weights\n", run.setting("resume_weights_only").c_str());
     }
     if (!run.string("resume").empty()) {
       const std::string& resume = run.string("resume");
@@ -796,8 +795,8 @@ class Engine {
 
   int evaluate(const std::string& checkpoint) {
     if (const std::string& resume = cfg_.run.string("resume"); !resume.empty() && comm_.rank() == 0) {
-      std::fprintf(stderr, "deepcam-host: note: %s = \"%s\" is not used: --evaluate scores %s\n",
-                   cfg_.run.where("resume").c_str(), resume.c_str(), checkpoint.c_str());
+      std::fprintf(stderr, "deepcam-host: note: %s is not used: --evaluate scores %s\n",
+                   cfg_.run.setting("resume").c_str(), checkpoint.c_str());
     }
     LoadOptions lo;
     lo.model = model_config();
@@ -1152,18 +1151,18 @@ class Engine {
       return;
     }
     if (!c_.optimizer->capturable()) {
-      throw Error(fmt::format("{} = true: the {} optimizer's step cannot be captured in a CUDA graph (it computes with "
+      throw Error(fmt::format("{}: the {} optimizer's step cannot be captured in a CUDA graph (it computes with "
                               "host numbers, or its parameters are not float32 CUDA tensors); set cuda_graphs = false",
-                              cfg_.run.where("cuda_graphs"), cfg_.optimizer.name));
+                              cfg_.run.setting("cuda_graphs"), cfg_.optimizer.name));
     }
     try {
       // The captured step() counts itself on the host as it is captured, and
       // capture() replays it once: no replayed() for this step.
       graph.capture([&] { run_batch(graph.input(), graph.labels(), true, 1, logits, loss); });
     } catch (const c10::Error& e) {
-      throw Error(fmt::format("{} = true: capturing the training step in a CUDA graph failed ({}); a model, loss or "
+      throw Error(fmt::format("{}: capturing the training step in a CUDA graph failed ({}); a model, loss or "
                               "optimizer that waits for the device cannot be captured: set cuda_graphs = false",
-                              cfg_.run.where("cuda_graphs"), e.what_without_backtrace()));
+                              cfg_.run.setting("cuda_graphs"), e.what_without_backtrace()));
     }
     graph_logits_ = logits;
     graph_loss_ = loss;
@@ -1731,8 +1730,7 @@ void remove_earlier_file(const RunConfig& cfg, const fs::path& path) {
   std::error_code rm;
   fs::remove(path, rm);
   if (rm) {
-    throw Error(fmt::format("{} = true: cannot remove {}: {}", cfg.run.where("overwrite"), path.string(),
-                            rm.message()));
+    throw Error(fmt::format("{}: cannot remove {}: {}", cfg.run.setting("overwrite"), path.string(), rm.message()));
   }
   std::fprintf(stderr, "deepcam-host: [run] overwrite = true: removed %s, %s of the earlier run\n",
                path.string().c_str(), is_checkpoint_name(path.filename().string()) ? "a checkpoint" : "the record");
@@ -1776,7 +1774,7 @@ void remove_earlier_predictions(const RunConfig& cfg, const fs::path& out, const
   for (const std::string& name : earlier) {
     fs::remove(out / name, ec);
     if (ec) {
-      throw Error(fmt::format("{} = true: cannot remove {}: {}", cfg.run.where("overwrite"), (out / name).string(),
+      throw Error(fmt::format("{}: cannot remove {}: {}", cfg.run.setting("overwrite"), (out / name).string(),
                               ec.message()));
     }
   }
@@ -1938,9 +1936,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   const RankLayout layout = detect_ranks();
   CommOptions co;
   co.rendezvous = given.run.string("rendezvous");
-  // Messages add ` = "<value>"`: an --set item is named without its own.
-  co.rendezvous_where = given.run.where("rendezvous");
-  if (co.rendezvous_where.rfind("--set ", 0) == 0) co.rendezvous_where.erase(co.rendezvous_where.find('='));
+  co.rendezvous_setting = given.run.setting("rendezvous");
   co.timeout = std::chrono::milliseconds(static_cast<std::int64_t>(given.run.number("comm_timeout_s") * 1000));
   co.timeout_where = "[run] comm_timeout_s";
   co.cuda = given.run.string("device") == "cuda";

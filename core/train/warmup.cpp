@@ -15,11 +15,11 @@ Warmup read_warmup(const Params& params) {
   Warmup warmup;
   warmup.steps = params.integer("lr_warmup_steps");
   if (warmup.steps < 0) {
-    throw Error(params.where("lr_warmup_steps") + " = " + std::to_string(warmup.steps) + ": must be >= 0");
+    throw Error(params.setting("lr_warmup_steps") + ": must be >= 0");
   }
   warmup.factor = params.number("lr_warmup_factor");
   if (!(warmup.factor >= 1.0)) {
-    throw Error(params.where("lr_warmup_factor") + " = " + std::to_string(warmup.factor) + ": must be >= 1");
+    throw Error(params.setting("lr_warmup_factor") + ": must be >= 1");
   }
   return warmup;
 }
@@ -27,10 +27,10 @@ Warmup read_warmup(const Params& params) {
 void check_warmup_peak(const Params& params, double base_lr) {
   const double factor = params.number("lr_warmup_factor");
   if (!(base_lr * factor <= std::numeric_limits<float>::max())) {
-    throw Error(fmt::format("{} = {}: the warm-up would climb towards [optimizer] lr x lr_warmup_factor = {} x {}, "
+    throw Error(fmt::format("{}: the warm-up would climb towards [optimizer] lr x lr_warmup_factor = {} x {}, "
                             "beyond float32's largest number {} (the optimizers take the rate as float32); lower "
                             "lr_warmup_factor or lr",
-                            params.where("lr_warmup_factor"), factor, base_lr, factor,
+                            params.setting("lr_warmup_factor"), base_lr, factor,
                             static_cast<double>(std::numeric_limits<float>::max())));
   }
 }

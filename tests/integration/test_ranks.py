@@ -309,7 +309,7 @@ def test_rendezvous_settings_that_cannot_work_are_named(tmp_path, data):
     env = clean_env(RANK=0, WORLD_SIZE=2)  # no MASTER_ADDR / MASTER_PORT
     r = run_host(small_run(tmp_path / "env.toml", data, out), env=env, timeout=60)
     assert r.returncode == 2
-    assert '[run] rendezvous (default) = "env": 2 ranks (torchrun) need MASTER_ADDR and MASTER_PORT' in r.stderr, \
+    assert '[run] rendezvous = "env" (default): 2 ranks (torchrun) need MASTER_ADDR and MASTER_PORT' in r.stderr, \
         r.stderr
     for value, message in [("udp://x:1", 'expected "env", "tcp://HOST:PORT" or "file:///PATH"'),
                            ("tcp://127.0.0.1:notaport", 'port "notaport" is not a number in 1..65535'),
@@ -319,7 +319,7 @@ def test_rendezvous_settings_that_cannot_work_are_named(tmp_path, data):
         assert r.returncode == 2 and message in r.stderr and "[run] rendezvous" in r.stderr, r.stderr
     r = run_host(small_run(tmp_path / "env.toml", data, out), env=torchrun_env(1, 2, 0), timeout=60)
     assert r.returncode == 2, r.stderr
-    assert re.search(r'MASTER_PORT \(read for \S*env.toml \[run\] rendezvous \(default\) = "env"\): port "0" is not a '
+    assert re.search(r'MASTER_PORT \(read for \S*env.toml \[run\] rendezvous = "env" \(default\)\): port "0" is not a '
                      r"number in 1\.\.65535", r.stderr), r.stderr
     assert not out.exists()
 
@@ -340,7 +340,7 @@ def test_a_rendezvous_that_cannot_work_is_refused_on_one_rank_too_naming_where_i
     for env in (clean_env(), clean_env(RANK=0, WORLD_SIZE=2)):
         r = run_host(run, "--set", f"run.rendezvous={value}", env=env, timeout=60)
         assert r.returncode == 2, r.stderr
-        assert f'--set run.rendezvous = "{value}": {message}' in r.stderr, r.stderr
+        assert f"--set run.rendezvous={value}: {message}" in r.stderr, r.stderr
     assert not out.exists()
 
 
@@ -386,7 +386,7 @@ def test_a_port_that_takes_the_connection_and_never_answers_is_named(tmp_path, d
             pytest.fail("the rank still waits on the port 60 s later")
     assert r.returncode == 2, r.stderr[-3000:]
     assert re.search(rf"rank 1 of 2: the store at 127\.0\.0\.1:{port} \(MASTER_ADDR and MASTER_PORT, read for "
-                     rf'\S*run.toml \[run\] rendezvous \(default\) = "env"\) took the connection but has not '
+                     rf'\S*run.toml \[run\] rendezvous = "env" \(default\)\) took the connection but has not '
                      rf'answered for',
                      r.stderr), r.stderr[-3000:]
     assert "give the run a free port" in r.stderr
@@ -405,7 +405,7 @@ def test_rank_0_on_a_port_in_use_is_named_at_once(tmp_path, data):
         r = run_host(run, env=torchrun_env(0, 2, port), timeout=60)
     assert r.returncode == 2, r.stderr[-3000:]
     assert re.search(rf"rank 0 of 2: could not host the rendezvous store on port {port} \(MASTER_ADDR and "
-                     rf'MASTER_PORT, read for \S*run.toml \[run\] rendezvous \(default\) = "env"\): .*EADDRINUSE.*'
+                     rf'MASTER_PORT, read for \S*run.toml \[run\] rendezvous = "env" \(default\)\): .*EADDRINUSE.*'
                      r"give the run a free port", r.stderr), r.stderr[-3000:]
     assert "within" not in r.stderr
     assert not (tmp_path / "out").exists()

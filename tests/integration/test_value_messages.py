@@ -123,9 +123,55 @@ def test_a_plugin_check_beyond_the_schema_names_file_and_line(tmp_path, data):
     run, msg = refusal(tmp_path, data, optimizer={"betas": [0.9]})
     assert f"run.toml:{line_of(run, 'optimizer', 'betas')} [optimizer] betas has 1 values" in msg, msg
     run, msg = refusal(tmp_path, data, model={"output_stride": 12})
-    assert f"run.toml:{line_of(run, 'model', 'output_stride')} [model] output_stride = 12" in msg, msg
+    assert f"run.toml:{line_of(run, 'model', 'output_stride')} [model] output_stride = 12: must be 8 or 16" in msg, msg
     _, msg = refusal(tmp_path, data, "--set", "model.output_stride=12")
-    assert "--set model.output_stride=12 = 12: must be 8 or 16" in msg, msg
+    assert "--set model.output_stride=12: must be 8 or 16" in msg, msg
+
+
+def refused_saying(r, says):
+    """The one deepcam-host line of a refused run that holds `says`."""
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = [l for l in r.stderr.splitlines() if l.startswith("deepcam-host:") and says in l]
+    assert len(lines) == 1, r.stderr[-3000:]
+    return lines[0]
+
+
+# A message about a value names it once: `file:line [section] key = value: ...`, or the --set item, which
+# holds the value already (it printed "--set model.output_stride=12 = 12: ...").
+def test_cuda_graphs_on_the_cpu_names_the_set_item_once(tmp_path, data):
+    says = ", but the training step of this run cannot be captured"
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run={"cuda_graphs": True})
+    msg = refused_saying(run_host(run), says)
+    assert f"run.toml:{line_of(run, 'run', 'cuda_graphs')} [run] cuda_graphs = true{says}:" in msg, msg
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
+    msg = refused_saying(run_host(run, "--set", "run.cuda_graphs=true"), says)
+    assert msg == f"deepcam-host: --set run.cuda_graphs=true{says}:", msg
+
+
+def test_a_warmup_beyond_float32_names_the_set_item_once(tmp_path, data):
+    says = ": the warm-up would climb towards [optimizer] lr x lr_warmup_factor = 0.002 x 1e+308"
+    scheduler = {"lr_warmup_steps": 4, "lr_warmup_factor": 1e308}
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", scheduler=scheduler)
+    msg = refused_saying(run_host(run), says)
+    assert f"run.toml:{line_of(run, 'scheduler', 'lr_warmup_factor')} [scheduler] lr_warmup_factor = 1e+308{says}" \
+        in msg, msg
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", scheduler={"lr_warmup_steps": 4})
+    msg = refused_saying(run_host(run, "--set", "scheduler.lr_warmup_factor=1e308"), says)
+    assert f"deepcam-host: --set scheduler.lr_warmup_factor=1e308{says}" in msg, msg
+
+
+def test_a_missing_stage_dir_names_the_set_item_once_not_the_run_file(tmp_path, data):
+    # The message named "run.toml [reader] stage_dir" for an --set value too.
+    missing = tmp_path / "missing"
+    says = ": no such directory; give an existing node-local directory"
+    source = ["--set", "reader.source.name=hdf5"]
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out",
+                    reader={"name": "prefetch", "stage_dir": str(missing)})
+    msg = refused_saying(run_host(run, *source), says)
+    assert f'run.toml:{line_of(run, "reader", "stage_dir")} [reader] stage_dir = "{missing}"{says}' in msg, msg
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", reader={"name": "prefetch"})
+    msg = refused_saying(run_host(run, *source, "--set", f"reader.stage_dir={missing}"), says)
+    assert f"deepcam-host: --set reader.stage_dir={missing}{says}" in msg, msg
 
 
 def describe_line(what, key):
@@ -154,14 +200,15 @@ def test_a_closed_division_run_that_cannot_be_closed_is_warned_at_start(tmp_path
     run = write_run(tmp_path / "run.toml", data, out,
                     mlperf={"division": "closed"}, data={"channels": [0, 1, 2]},
                     optimizer={"name": "lamb", "lr": 0.002, "max_grad_norm": 2.0})
-    r = run_host(run, "--quiet")
+    r = run_host(run, "--quiet", "--set", "model.output_stride=8")
     assert r.returncode in (0, 1), r.stderr
     warning = r.stderr[r.stderr.index("warning:"):]
     assert f"run.toml:{line_of(run, 'mlperf', 'division')} [mlperf] division" in warning
     for expected in (f"run.toml:{line_of(run, 'model', 'width')} [model] width = 0.0625 (closed: 1.0",
                      f"run.toml:{line_of(run, 'model', 'middle_blocks')} [model] middle_blocks = 1 (closed: 16",
+                     "  --set model.output_stride=8 (closed: 16, the reference network's encoder)",
                      "[data] channels selects 3 channels (closed: all 16",
-                     "[optimizer] max_grad_norm = 2 (closed: 1.0)",
+                     "[optimizer] max_grad_norm = 2.0 (closed: 1.0)",
                      "4 training and 2 validation samples (closed: the full data set, 121266 and 15158)"):
         assert expected in warning, warning
     # Warned before training, not after it: the warning precedes the first epoch's lines.

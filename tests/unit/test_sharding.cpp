@@ -227,7 +227,7 @@ TEST_CASE("bad settings are refused with the setting named") {
                        doctest::Contains("same number of ranks on every node"), Error);
   CHECK_THROWS_AS(TrainingSharding(setup(10, 2, 2, ShuffleMode::Gpu)), Error);
   CHECK_THROWS_AS(TrainingSharding(setup(10, 0, 2, ShuffleMode::Gpu)).order(-1), Error);
-  CHECK_THROWS_WITH_AS(deepcam::parse_shuffle_mode("local", "[reader] shuffle_mode"),
+  CHECK_THROWS_WITH_AS(deepcam::parse_shuffle_mode("local", "[reader] shuffle_mode = \"local\""),
                        doctest::Contains("[reader] shuffle_mode = \"local\": no such shuffle mode"),
                        Error);
   CHECK((deepcam::parse_shuffle_mode("node", "x") == ShuffleMode::Node));

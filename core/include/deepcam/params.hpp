@@ -92,6 +92,11 @@ class DEEPCAM_API Params {
   // "run.toml [optimizer] lr (default)"; "run.toml [optimizer] lr" for
   // Params built without sources.
   std::string where(const std::string& key) const;
+  // The same with the value as TOML writes it, for a message about the value:
+  // "run.toml:14 [model] output_stride = 12", "run.toml [optimizer] lr =
+  // 0.002 (default)"; an --set item as given, "--set model.output_stride=12",
+  // since it holds the value already.
+  std::string setting(const std::string& key) const;
   // key -> where(key) for the keys set in a file or by --set.
   const std::map<std::string, std::string>& sources() const { return sources_; }
   const std::map<std::string, ParamValue>& values() const { return values_; }

@@ -50,9 +50,9 @@ enum class ShuffleMode { Global, Node, Gpu };
 
 DEEPCAM_API const char* to_string(ShuffleMode mode);  // "global", "node", "gpu"
 
-// Parses "global", "node" or "gpu". `where` names the setting in the error
-// (e.g. "[reader] shuffle_mode").
-DEEPCAM_API ShuffleMode parse_shuffle_mode(const std::string& text, const std::string& where);
+// Parses "global", "node" or "gpu". `setting` names the setting and its value
+// in the error (Params::setting: "run.toml:7 [reader] shuffle_mode = \"local\"").
+DEEPCAM_API ShuffleMode parse_shuffle_mode(const std::string& text, const std::string& setting);
 
 // The permutation that numpy.random.RandomState(12345).shuffle applies to a
 // list of n items: element i of the result is the index of the item that ends

@@ -379,14 +379,13 @@ DeepLabV3PlusOptions DeepLabV3PlusOptions::from(const Params& params, const Mode
   o.batchnorm_group = context.batchnorm_group;
   const std::string& where = params.where();
   if (!(o.width > 0.0 && o.width <= 1.0)) {
-    throw Error(params.where("width") + " = " + to_toml(ParamValue(o.width)) +
-                ": must be in (0, 1] (a factor on every channel count)");
+    throw Error(params.setting("width") + ": must be in (0, 1] (a factor on every channel count)");
   }
   if (o.middle_blocks < 1 || o.middle_blocks > 16) {
-    throw Error(params.where("middle_blocks") + " = " + std::to_string(o.middle_blocks) + ": must be in 1..16");
+    throw Error(params.setting("middle_blocks") + ": must be in 1..16");
   }
   if (o.output_stride != 8 && o.output_stride != 16) {
-    throw Error(params.where("output_stride") + " = " + std::to_string(o.output_stride) + ": must be 8 or 16");
+    throw Error(params.setting("output_stride") + ": must be 8 or 16");
   }
   if (o.in_channels < 1 || o.n_classes < 1) {
     throw Error(where + ": deeplabv3plus needs at least one input channel and one class (got " +

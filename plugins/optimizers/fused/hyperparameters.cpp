@@ -11,7 +11,7 @@ Hyperparameters read_hyperparameters(const Params& params) {
   Hyperparameters h{};
   h.lr = params.number("lr");
   if (!positive(h.lr)) {
-    throw Error(params.where("lr") + " = " + std::to_string(h.lr) + ": must be > 0");
+    throw Error(params.setting("lr") + ": must be > 0");
   }
   const std::vector<double>& betas = params.numbers("betas");
   if (betas.size() != 2) {
@@ -20,15 +20,14 @@ Hyperparameters read_hyperparameters(const Params& params) {
   }
   for (double beta : betas) {
     if (!beta_in_range(beta)) {
-      throw Error(params.where("betas") + " = [" + std::to_string(betas[0]) + ", " + std::to_string(betas[1]) +
-                  "]: each must be in [0, 1)");
+      throw Error(params.setting("betas") + ": each must be in [0, 1)");
     }
   }
   h.beta1 = betas[0];
   h.beta2 = betas[1];
   h.weight_decay = params.number("weight_decay");
   if (!non_negative(h.weight_decay)) {
-    throw Error(params.where("weight_decay") + " = " + std::to_string(h.weight_decay) + ": must be >= 0");
+    throw Error(params.setting("weight_decay") + ": must be >= 0");
   }
   return h;
 }

@@ -37,8 +37,7 @@ LambOptions LambOptions::from(const Params& params) {
   options.weight_decay = h.weight_decay;
   options.max_grad_norm = params.number("max_grad_norm");
   if (!fused::positive(options.max_grad_norm)) {
-    throw Error(params.where("max_grad_norm") + " = " + std::to_string(options.max_grad_norm) +
-                ": must be > 0 (the MLPerf closed division requires 1.0)");
+    throw Error(params.setting("max_grad_norm") + ": must be > 0 (the MLPerf closed division requires 1.0)");
   }
   return options;
 }

@@ -197,10 +197,9 @@ NpyReaderOptions NpyReaderOptions::from(const Params& params) {
   } else if (io == "pread") {
     options.io = NpyIo::Pread;
   } else {
-    throw Error(params.where() + " io = \"" + io + "\": use \"mmap\", \"pread\" or \"direct\"");
+    throw Error(params.setting("io") + ": use \"mmap\", \"pread\" or \"direct\"");
   }
-  options.shuffle_mode =
-      parse_shuffle_mode(params.string("shuffle_mode"), params.where() + " shuffle_mode");
+  options.shuffle_mode = parse_shuffle_mode(params.string("shuffle_mode"), params.setting("shuffle_mode"));
   options.data_oversampling_factor = params.integer("data_oversampling_factor");
   options.check_finite = params.boolean("check_finite");
   options.where = params.where();

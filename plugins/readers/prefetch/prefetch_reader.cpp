@@ -35,9 +35,10 @@ PrefetchOptions PrefetchOptions::from(const Params& params) {
   o.where = params.where();
   o.depth = static_cast<int>(params.integer("depth"));
   o.threads = static_cast<int>(params.integer("threads"));
-  o.shuffle_mode = parse_shuffle_mode(params.string("shuffle_mode"), params.where() + " shuffle_mode");
+  o.shuffle_mode = parse_shuffle_mode(params.string("shuffle_mode"), params.setting("shuffle_mode"));
   o.oversampling_factor = params.integer("data_oversampling_factor");
   o.stage_dir = params.string("stage_dir");
+  o.stage_setting = params.setting("stage_dir");
   return o;
 }
 
@@ -293,7 +294,7 @@ struct PrefetchReader::Impl {
 
   // This rank's own directory, with everything it may read.
   void stage_private() {
-    staging = std::make_unique<StagingArea>(options.stage_dir, options.where + " stage_dir");
+    staging = std::make_unique<StagingArea>(options.stage_dir, options.stage_setting);
     const std::pair<Split, std::vector<std::int64_t>> plan[] = {{Split::Train, sharding->reach()},
                                                                 {Split::Validation, validation_order}};
     for (const auto& [s, indices] : plan) {
@@ -338,7 +339,7 @@ struct PrefetchReader::Impl {
   void stage_shared(std::uint64_t& files, std::uint64_t& bytes) {
     Group& group = *context.node_group;
     const int me = group.rank(), members = group.size();
-    const std::string where = options.where + " stage_dir";
+    const std::string where = options.stage_setting;
     auto node_rank = [&](std::size_t r) {
       return fmt::format("node rank {} (rank {})", r, context.rank - context.local_rank + static_cast<int>(r));
     };

@@ -113,6 +113,8 @@ struct PrefetchOptions {
   std::int64_t oversampling_factor = 1;
   std::string stage_dir;  // empty: no staging
   std::string where;      // "run.toml [reader]", for messages
+  // "run.toml:5 [reader] stage_dir = \"/dev/shm\"" (Params::setting), for messages.
+  std::string stage_setting;
   // Node-shared staging: how long node-rank 0's reader, when it goes, waits
   // for the node's other ranks to let go of the directory before leaving its
   // removal to the last of them (staging.hpp). Not a run-file key.

@@ -133,16 +133,14 @@ std::uint64_t checksum(const void* data, std::size_t size, std::uint64_t state) 
 static std::string make_fresh_dir(const std::string& parent, const std::string& where) {
   std::error_code ec;
   if (!fs::is_directory(parent, ec)) {
-    throw Error(fmt::format("{} = \"{}\": no such directory; give an existing node-local directory such as "
-                            "/dev/shm or /tmp",
-                            where, parent));
+    throw Error(fmt::format("{}: no such directory; give an existing node-local directory such as /dev/shm or /tmp",
+                            where));
   }
   warn_about_leftovers(parent);
   // The pid in the name lets a later run tell a leftover from a live copy.
   std::string templ = (fs::path(parent) / fmt::format("deepcam-stage-{}-XXXXXX", ::getpid())).string();
   if (!::mkdtemp(templ.data())) {
-    throw Error(fmt::format("{} = \"{}\": cannot create a staging directory there: {}", where, parent,
-                            errno_text(errno)));
+    throw Error(fmt::format("{}: cannot create a staging directory there: {}", where, errno_text(errno)));
   }
   return templ;
 }
@@ -327,8 +325,8 @@ std::string StagingArea::copy(const std::string& source, const std::string& subd
     const char* hint = (e == ENOSPC || e == EFBIG || e == EDQUOT)
                            ? "; free space there or point stage_dir at a larger directory"
                            : "";
-    return Error(fmt::format("{}: cannot write the staged copy of {} ({}){}; {} = \"{}\"", target, source,
-                             errno_text(e), hint, where_, fs::path(dir_).parent_path().string()));
+    return Error(fmt::format("{}: cannot write the staged copy of {} ({}){}; {}", target, source, errno_text(e), hint,
+                             where_));
   };
 
   std::unique_ptr<char[]> buf(new char[kChunk]);

@@ -60,7 +60,7 @@ class StagingArea {
  public:
   // Creates a fresh directory <parent>/deepcam-stage-<pid>-<random>
   // (mkdtemp), so that runs sharing a node do not share copies. `where` names the setting
-  // for messages ("run.toml [reader] stage_dir").
+  // with its value for messages (Params::setting: "run.toml:5 [reader] stage_dir = \"/dev/shm\"").
   StagingArea(const std::string& parent, const std::string& where);
   ~StagingArea();
   StagingArea(const StagingArea&) = delete;

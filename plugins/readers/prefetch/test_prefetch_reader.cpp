@@ -200,6 +200,9 @@ PrefetchOptions options(int threads, int depth, ShuffleMode mode = ShuffleMode::
   return o;
 }
 
+// What Params::setting("stage_dir") gives for a stage_dir set in a file.
+std::string stage_setting(const std::string& dir) { return "test.toml:5 [reader] stage_dir = \"" + dir + "\""; }
+
 struct Drained {
   std::vector<at::Tensor> data, labels;
 };
@@ -929,7 +932,8 @@ TEST_CASE("staging that fails half-way leaves no copies behind") {
   CHECK(entries(stage.path).empty());
 
   o.stage_dir = (stage.path / "missing").string();
-  const std::string expected = "test.toml [reader] stage_dir = \"" + o.stage_dir + "\": no such directory";
+  o.stage_setting = stage_setting(o.stage_dir);
+  const std::string expected = o.stage_setting + ": no such directory";
   CHECK_THROWS_WITH_AS(PrefetchReader(ctx, o, std::make_unique<FakeSource>(data.path, 3, 3, ctx)),
                        doctest::Contains(expected.c_str()), Error);
 }
@@ -1248,11 +1252,12 @@ TEST_CASE("node-shared staging that fails on one rank fails on every rank of the
       c.node_group = &node.member(r);
       auto o = options(2, 2, ShuffleMode::Node);
       o.stage_dir = stage.path.string();
+      o.stage_setting = stage_setting(o.stage_dir);
       PrefetchReader reader(c, o, std::move(sources[r]));
     });
     CHECK(errors[1].find("sample-1005.bin: cannot open for staging") != std::string::npos);
-    CHECK(errors[0].find("test.toml [reader] stage_dir: node rank 1 (rank 1) failed copying into the node's shared "
-                         "staging directory") != std::string::npos);
+    CHECK(errors[0].find(stage_setting(stage.path.string()) + ": node rank 1 (rank 1) failed copying into the node's "
+                         "shared staging directory") != std::string::npos);
     CHECK(errors[0].find("sample-1005.bin: cannot open for staging") != std::string::npos);
   }
   SUBCASE("ranks that would stage different files refuse, naming the setting") {
@@ -1266,12 +1271,13 @@ TEST_CASE("node-shared staging that fails on one rank fails on every rank of the
       c.node_group = &node.member(r);
       auto o = options(2, 2, ShuffleMode::Node);
       o.stage_dir = stage.path.string();
+      o.stage_setting = stage_setting(o.stage_dir);
       PrefetchReader reader(c, o, std::move(sources[r]));
     });
     for (int r = 0; r < 2; ++r) {
       INFO("node rank " << r);
-      CHECK(errors[r].find("test.toml [reader] stage_dir: node rank 1 (rank 1) would stage other training files") !=
-            std::string::npos);
+      CHECK(errors[r].find(stage_setting(stage.path.string()) +
+                           ": node rank 1 (rank 1) would stage other training files") != std::string::npos);
     }
   }
   SUBCASE("a staging directory that node rank 0 cannot create: both ranks say why") {
@@ -1284,9 +1290,10 @@ TEST_CASE("node-shared staging that fails on one rank fails on every rank of the
       c.node_group = &node.member(r);
       auto o = options(2, 2, ShuffleMode::Node);
       o.stage_dir = missing;
+      o.stage_setting = stage_setting(missing);
       PrefetchReader reader(c, o, std::move(sources[r]));
     });
-    const std::string why = "test.toml [reader] stage_dir = \"" + missing + "\": no such directory";
+    const std::string why = stage_setting(missing) + ": no such directory";
     CHECK(errors[0].find(why) == 0);
     CHECK(errors[1].find("node rank 0 (rank 0) failed preparing") != std::string::npos);
     CHECK(errors[1].find(why) != std::string::npos);

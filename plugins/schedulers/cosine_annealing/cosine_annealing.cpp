@@ -19,12 +19,11 @@ CosineAnnealingOptions CosineAnnealingOptions::from(const Params& params) {
   CosineAnnealingOptions options;
   options.t_max = params.integer("t_max");
   if (options.t_max < 1) {
-    throw Error(params.where("t_max") + " = " + std::to_string(options.t_max) +
-                ": must be >= 1 (optimizer steps from the top of the cosine to its bottom)");
+    throw Error(params.setting("t_max") + ": must be >= 1 (optimizer steps from the top of the cosine to its bottom)");
   }
   options.eta_min = params.number("eta_min");
   if (!(options.eta_min >= 0.0)) {
-    throw Error(params.where("eta_min") + " = " + std::to_string(options.eta_min) + ": must be >= 0");
+    throw Error(params.setting("eta_min") + ": must be >= 0");
   }
   const Warmup warmup = read_warmup(params);
   options.lr_warmup_steps = warmup.steps;

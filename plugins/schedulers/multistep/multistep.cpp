@@ -22,8 +22,7 @@ MultistepOptions MultistepOptions::from(const Params& params) {
   }
   options.decay_rate = params.number("decay_rate");
   if (!(options.decay_rate > 0.0 && options.decay_rate <= 1.0)) {
-    throw Error(params.where("decay_rate") + " = " + std::to_string(options.decay_rate) +
-                ": must be in (0, 1]");
+    throw Error(params.setting("decay_rate") + ": must be in (0, 1]");
   }
   const Warmup warmup = read_warmup(params);
   options.lr_warmup_steps = warmup.steps;
