@@ -249,11 +249,15 @@ int main(int argc, char** argv) {
     }
     return deepcam::run_engine(deepcam::load_config(files, overrides, loader), options);
   } catch (const deepcam::StopRequested& e) {
-    // A reader staging its files before training (the engine itself stops
-    // between steps, and returns the status).
-    std::fprintf(stderr, "deepcam-host: %s; the run had not started: what it staged is removed, and it keeps no "
-                 "log or config.toml\n",
-                 e.what());
+    // A plugin's work stopped by SIGTERM or SIGINT (a reader staging its
+    // files); the engine says how far the run had come. The engine's own
+    // stop between steps returns the status instead.
+    if (e.signal() < 1 || e.signal() >= NSIG) {
+      std::fprintf(stderr, "deepcam-host: internal error: a plugin stopped for signal %d, which is no signal: %s\n",
+                   e.signal(), e.what());
+      return 3;
+    }
+    std::fprintf(stderr, "deepcam-host: %s\n", e.what());
     return 128 + e.signal();
   } catch (const deepcam::RankLost& e) {
     std::fprintf(stderr, "deepcam-host: %s\n", e.what());

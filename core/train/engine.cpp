@@ -517,6 +517,16 @@ class Engine {
     c_.optimizer->log_hyperparameters(log_);
     const auto logged = logged_hyperparameters(*c_.optimizer);
     c_.scheduler->log_hyperparameters(log_);
+    // The log's sample counts come from the reader as they are: a count no
+    // data set has would be a log the checker passes.
+    for (const Split s : {Split::Train, Split::Validation}) {
+      const std::int64_t global = c_.reader->global_samples(s), local = c_.reader->local_samples(s);
+      if (global < 1 || local < 0 || local > global) {
+        throw std::logic_error(fmt::format("{}: the reader plugin '{}' says its {} split has {} samples over all "
+                                           "ranks and {} on this rank (a bug in the plugin)",
+                                           cfg_.reader.plugin->path, cfg_.reader.name, to_string(s), global, local));
+      }
+    }
     log_.event("train_samples", Json(c_.reader->global_samples(Split::Train)));
     log_.event("eval_samples", Json(c_.reader->global_samples(Split::Validation)));
     // The reference's DataLoader drops the last incomplete batch: with fewer
@@ -1930,6 +1940,19 @@ void agree_on_rank0_refusal(Communicator& comm, const std::function<void()>& che
   throw Error(fmt::format("rank 0 refused the run: {}", rank0));
 }
 
+// Builds the engine's components. A plugin's work stopped by SIGTERM or
+// SIGINT here (a reader staging its files) ends a run that never started:
+// its record is removed as after a refusal.
+void build_or_stop(Engine& engine, bool with_optimizer, const std::vector<Split>& splits) {
+  try {
+    engine.build(with_optimizer, splits);
+  } catch (const StopRequested& e) {
+    throw StopRequested(e.signal(), fmt::format("{}; the run had not started: what it staged is removed, and it "
+                                                "keeps no log or config.toml",
+                                                e.what()));
+  }
+}
+
 }  // namespace
 
 int run_engine(const RunConfig& given, const EngineOptions& opts) {
@@ -1971,7 +1994,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
     MlperfLog no_log(nullptr, false);
     const StopSignals signals;
     Engine engine(cfg, no_log, comm);
-    engine.build(/*with_optimizer=*/false, {Split::Validation});
+    build_or_stop(engine, /*with_optimizer=*/false, {Split::Validation});
     // The earlier files go only once this run has a prediction to write:
     // a checkpoint or setting refused leaves them as they were.
     const int status = engine.write_predictions(opts.predict_checkpoint, opts.predict_out, opts.predict_samples,
@@ -2046,7 +2069,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   Engine engine(cfg, log, comm);
   if (evaluating) {
     const StopSignals signals;
-    engine.build(/*with_optimizer=*/false, {Split::Validation});
+    build_or_stop(engine, /*with_optimizer=*/false, {Split::Validation});
     const int status = engine.evaluate(opts.evaluate_checkpoint);
     comm.finish();
     if (record) record->keep();
@@ -2072,11 +2095,11 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   log.event("number_of_nodes", Json(comm.nodes()));
   // One GPU per rank: the most ranks on one node.
   log.event("accelerators_per_node", Json(cfg.run.string("device") == "cuda" ? comm.max_local_size() : 0));
-  engine.build(/*with_optimizer=*/true, {Split::Train, Split::Validation});
+  build_or_stop(engine, /*with_optimizer=*/true, {Split::Train, Split::Validation});
   int status = 0;
   try {
     status = engine.train();
-  } catch (const std::exception&) {
+  } catch (const std::exception& e) {
     // Training began and failed (a lost rank, a file gone bad): the record
     // stays, closed as an aborted run, with no barrier (the others may be
     // gone): the epoch or evaluation it was in ends first, as when a signal
@@ -2086,6 +2109,12 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
       MlperfLog::Metadata md = {{"status", Json("aborted")}};
       if (epoch_num.kind() != Json::Kind::Null) md.emplace_back("epoch_num", epoch_num);
       log.end("run_stop", Json(), md);
+    }
+    // A plugin's own stop, mid-run (the engine's is a status, not a throw).
+    if (const auto* stop = dynamic_cast<const StopRequested*>(&e)) {
+      throw StopRequested(stop->signal(), fmt::format("{}; the run stopped at step {}: run_stop status \"aborted\", "
+                                                      "its log and config.toml are kept",
+                                                      stop->what(), engine.steps_trained()));
     }
     throw;
   }

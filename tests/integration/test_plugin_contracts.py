@@ -4,6 +4,9 @@ breaks it, or a model's logits, is a bug of that plugin, named with its file
 (an internal error, status 3), never an epoch silently cut short or a
 LibTorch message about the loss."""
 
+import json
+import signal
+
 import pytest
 
 from helpers import FIXTURES, run_host, synth, write_run
@@ -47,6 +50,33 @@ def test_a_reader_that_breaks_the_interface_is_named(tmp_path, data, fault, says
     assert f"internal error: {CONTRACT}: the reader plugin 'contract' " in r.stderr, r.stderr[-3000:]
     assert says in r.stderr and "(a bug in the plugin)" in r.stderr, r.stderr[-3000:]
     assert "frame #" not in r.stderr
+
+
+def test_a_reader_s_sample_counts_are_checked_before_the_log_takes_them(tmp_path, data):
+    # train_samples -5 went into the MLPerf log, which the checker passed but for the accuracy target.
+    r, out = contract_run(tmp_path, data, "counts")
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert (f"internal error: {CONTRACT}: the reader plugin 'contract' says its train split has -5 samples over "
+            "all ranks and 8 on this rank (a bug in the plugin)") in r.stderr, r.stderr[-3000:]
+    assert not out.exists()  # refused before run_start: no record kept
+
+
+def test_a_plugin_s_stop_request_mid_run_keeps_the_record_and_says_where_it_stopped(tmp_path, data):
+    # deepcam-host said of any stop request that the run had not started and kept no log, though it had
+    # trained a step and kept both; signal 0 ended the process with status 128.
+    r, out = contract_run(tmp_path, data, "stop")
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
+    assert ("deepcam-host: contract reader: stopped at its batch; the run stopped at step 1: run_stop status "
+            "\"aborted\", its log and config.toml are kept") in r.stderr, r.stderr[-3000:]
+    assert "had not started" not in r.stderr
+    events = [json.loads(l.split(":::MLLOG ", 1)[1]) for l in (out / "mlperf.log").read_text().splitlines()]
+    assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "aborted", events[-1]
+    assert (out / "config.toml").is_file()
+    (tmp_path / "nosignal").mkdir()
+    r, _ = contract_run(tmp_path / "nosignal", data, "nosignal")
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "internal error: a plugin stopped for signal 0, which is no signal: contract reader: stopped at its " \
+        "batch" in r.stderr, r.stderr[-3000:]
 
 
 @pytest.mark.parametrize("fault, logits", [("classes", "[2, 2, 16, 16] float32"), ("half", "[2, 3, 8, 8] float32")])
