@@ -79,6 +79,20 @@ def test_a_plugin_s_stop_request_mid_run_keeps_the_record_and_says_where_it_stop
         "batch" in r.stderr, r.stderr[-3000:]
 
 
+def test_a_source_reader_s_wrong_sample_shape_is_named_with_its_file(tmp_path, data):
+    # Behind the prefetch reader it was blamed on prefetch ("the reader plugin 'prefetch' handed out ..."), and a
+    # negative height on the run file's batch size.
+    out = tmp_path / "out"
+    cfg = write_run(tmp_path / "run.toml", data, out, run={"max_epochs": 1, "target_iou": 1.0},
+                    reader={"name": "prefetch", "depth": 2, "threads": 1},
+                    **{"reader.source": {"name": "contract", "library": str(CONTRACT), "fault": "shape"}})
+    r = run_host(cfg, "--quiet")
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert (f"internal error: {CONTRACT}: the plugin's factory failed: its sample_shape() is (17, 16, 16), and a "
+            "reader reports (C, H, W) of the run's 16 channels ([data] channels), each above 0 (a bug in the "
+            "plugin)") in r.stderr, r.stderr[-3000:]
+
+
 @pytest.mark.parametrize("fault, logits", [("classes", "[2, 2, 16, 16] float32"), ("half", "[2, 3, 8, 8] float32")])
 def test_a_model_whose_logits_break_the_interface_is_named(tmp_path, data, fault, logits):
     """LibTorch's loss refused them with its own message and a C++ backtrace ("weight tensor should be
