@@ -520,6 +520,9 @@ void FileReader::normalise(const std::string& path, const char* dataset, const f
     std::ostringstream message;
     message << path << ": " << dataset << " at (" << p / s.shape.width << ", "
             << p % s.shape.width << ", " << channels[k] << ") holds " << value;
+    // The formats read wider types as float32, where a finite float64 beyond
+    // its range has become infinite.
+    if (std::isinf(value)) message << " (or a number beyond float32's range, which reads as " << value << ")";
     if (std::isfinite(value)) message << ", which normalises to " << normalised;
     message << "; a sample with NaN or infinite values is refused (check_finite = false "
                "reads it anyway)";

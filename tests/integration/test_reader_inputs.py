@@ -164,6 +164,32 @@ def test_float32_stats_are_not_computed_in_float64(tmp_path, data):
     assert np.array_equal(out["float32"][:, ~differ], out["float64"][:, ~differ])
 
 
+@pytest.mark.parametrize("reader", ["hdf5", "npy"])
+def test_a_float64_value_beyond_float32_is_named_as_one_not_only_as_inf(tmp_path, data, reader):
+    # The readers read float64 data as float32, where 1e300 becomes inf: the message said the file holds inf,
+    # which it does not (deepcam-data stats names such a value as the file holds it).
+    fmt = READERS[reader][0]
+    root = tmp_path / "big"
+    shutil.copytree(data[fmt, "float32"], root)
+    target = validation_files(root, fmt)[1]
+    if fmt == "h5":
+        with h5py.File(target, "r") as f:
+            x, y = f["climate/data"][...].astype(np.float64), f["climate/labels_0"][...]
+        x[1, 2, 3] = 1e300
+        target.unlink()
+        with h5py.File(target, "w") as f:
+            f["climate/data"] = x
+            f["climate/labels_0"] = y
+    else:
+        x = np.load(target).astype(np.float64)
+        x[1, 2, 3] = 1e300
+        np.save(target, x)
+    r = probe(run_file(tmp_path, root, reader), tmp_path / "batches", "--split", "validation")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert str(target) in r.stderr and "at (1, 2, 3) holds inf (or a number beyond float32's range, which reads " \
+        "as inf);" in r.stderr, r.stderr
+
+
 # ---- labels ------------------------------------------------------------------------------------
 
 def bad_label_set(tmp_path, data, fmt, dtype, value, where=(1, 2)):
