@@ -142,7 +142,7 @@ void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader) {
   // as bad data) or read on as if for a GPU, where deepcam-host refuses the
   // run file.
   if (config.run.string("device") == "cuda" && !torch::cuda::is_available()) {
-    throw BadRunFile(fmt::format("{}: \"cuda\", and no CUDA device is available{}", config.run.where("device"),
+    throw BadRunFile(fmt::format("{}: no CUDA device is available{}", config.run.setting("device"),
                                  DEEPCAM_WITH_CUDA ? "" : " (this build has CUDA disabled)"));
   }
   const std::int64_t base_rss = peak_rss_bytes();

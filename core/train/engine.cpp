@@ -381,7 +381,7 @@ class Engine {
     if (cuda_graphs_) refuse_what_graphs_cannot_capture();
     if (run.string("device") == "cuda") {
       if (!torch::cuda::is_available()) {
-        throw Error(fmt::format("{}: \"cuda\", and no CUDA device is available{}", run.where("device"),
+        throw Error(fmt::format("{}: no CUDA device is available{}", run.setting("device"),
                                 DEEPCAM_WITH_CUDA ? "" : " (this build has CUDA disabled)"));
       }
       device_ = at::Device(at::kCUDA, comm_.local_rank() % static_cast<int>(torch::cuda::device_count()));
@@ -532,9 +532,8 @@ class Engine {
     // The reference's DataLoader drops the last incomplete batch: with fewer
     // samples than one batch, an epoch would train nothing.
     if (const std::int64_t samples = c_.reader->local_samples(Split::Train); samples < batch) {
-      throw Error(fmt::format("{}: train_batch_size = {} is more than the {} training samples {}; lower it to at "
-                              "most {}",
-                              run.where("train_batch_size"), batch, samples,
+      throw Error(fmt::format("{}: more than the {} training samples {}; lower it to at most {}",
+                              run.setting("train_batch_size"), samples,
                               comm_.size() == 1 ? fmt::format("in {}", cfg_.data.string("root"))
                                                 : fmt::format("of rank {} (of {} in {}, shared among {} ranks)",
                                                               comm_.rank(), c_.reader->global_samples(Split::Train),
