@@ -5,10 +5,13 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstddef>
 #include <cstring>
 #include <iterator>
+#include <stdexcept>
 
 #include "deepcam/error.hpp"
 
@@ -26,11 +29,24 @@ std::string write_error_text(const std::string& path, int err) {
 MlperfLog::MlperfLog(std::FILE* out, bool enabled, std::string name)
     : out_(out), enabled_(enabled && out), name_(std::move(name)) {}
 
-void MlperfLog::event(const std::string& key, const Json& value, Metadata metadata, CallSite site) {
-  write("POINT_IN_TIME", key, value, std::move(metadata), site);
-}
-
 namespace {
+
+// A metadata key given twice, or one of the two the log sets itself, makes a
+// JSON object whose value Python's json takes from the last: a caller (a
+// plugin's log_hyperparameters) could replace the call site. Checked before
+// anything changes, and on every rank, so that each fails alike.
+void check_metadata(const std::string& key, const MlperfLog::Metadata& metadata, const CallSite& site) {
+  for (std::size_t i = 0; i < metadata.size(); ++i) {
+    const std::string& name = metadata[i].first;
+    const bool again = std::any_of(metadata.begin(), metadata.begin() + static_cast<std::ptrdiff_t>(i),
+                                   [&](const auto& m) { return m.first == name; });
+    if (name == "file" || name == "lineno" || again) {
+      throw std::logic_error(fmt::format("the MLPerf log line of '{}' (from {}:{}) is given the metadata '{}' {}", key,
+                                         site.file, site.line, name,
+                                         again ? "twice" : "(the log sets file and lineno itself)"));
+    }
+  }
+}
 
 // "epoch" of "epoch_start" or "epoch_stop"; "" for other keys.
 std::string stem_of(const std::string& key, const std::string& suffix) {
@@ -40,7 +56,13 @@ std::string stem_of(const std::string& key, const std::string& suffix) {
 
 }  // namespace
 
+void MlperfLog::event(const std::string& key, const Json& value, Metadata metadata, CallSite site) {
+  check_metadata(key, metadata, site);
+  write("POINT_IN_TIME", key, value, std::move(metadata), site);
+}
+
 void MlperfLog::start(const std::string& key, const Json& value, Metadata metadata, CallSite site) {
+  check_metadata(key, metadata, site);
   if (const std::string stem = stem_of(key, "_start"); !stem.empty()) {
     Metadata kept;
     for (const auto& [name, v] : metadata) {
@@ -53,6 +75,7 @@ void MlperfLog::start(const std::string& key, const Json& value, Metadata metada
 }
 
 void MlperfLog::end(const std::string& key, const Json& value, Metadata metadata, CallSite site) {
+  check_metadata(key, metadata, site);
   if (const std::string stem = stem_of(key, "_stop"); !stem.empty()) {
     for (auto it = open_.rbegin(); it != open_.rend(); ++it) {
       if (it->first == stem) {

@@ -97,6 +97,28 @@ TEST_CASE("an MLPerf line holds the keys in order with the call site") {
   CHECK_FALSE(silent.enabled());
 }
 
+TEST_CASE("an MLPerf line refuses metadata that would replace its call site or repeat a key") {
+  // Python's json takes a repeated key's last value: a plugin's "file" replaced the call site in what the
+  // checker read.
+  std::FILE* f = std::tmpfile();
+  REQUIRE(f);
+  deepcam::MlperfLog log(f, true);
+  deepcam::MlperfLog silent(nullptr, false);  // every rank refuses alike
+  for (deepcam::MlperfLog* l : {&log, &silent}) {
+    CHECK_THROWS_WITH_AS(l->event("opt_lr", Json(0.1), {{"file", Json("spoof.cpp")}}),
+                         doctest::Contains("the MLPerf log line of 'opt_lr' (from "), std::logic_error);
+    CHECK_THROWS_WITH_AS(l->event("opt_lr", Json(0.1), {{"lineno", Json(1)}}),
+                         doctest::Contains("is given the metadata 'lineno' (the log sets file and lineno itself)"),
+                         std::logic_error);
+    CHECK_THROWS_WITH_AS(l->start("epoch_start", Json(), {{"epoch_num", Json(1)}, {"epoch_num", Json(2)}}),
+                         doctest::Contains("is given the metadata 'epoch_num' twice"), std::logic_error);
+  }
+  // The refused epoch_start opened no interval: a failed run closes none.
+  CHECK(log.close_open_intervals(Json(3)).kind() == Json::Kind::Null);
+  CHECK(std::ftell(f) == 0);  // nothing written
+  std::fclose(f);
+}
+
 namespace {
 std::string write_toml(const std::string& text) {
   static int n = 0;
