@@ -267,6 +267,28 @@ auto make(const PluginChoice& choice, F&& factory) {
   return build_plugged(*choice.plugin, std::forward<F>(factory));
 }
 
+// A call into a plugin's object during the run, named as a factory's
+// failure is: what it throws names its file (an internal error), but a
+// deepcam::Error (a message about the run or its data, a lost rank, a stop
+// request) and a LibTorch error (out of memory; a CUDA graph's capture,
+// which the engine names) pass on as they are.
+template <typename F>
+decltype(auto) in_plugin(const PluginChoice& choice, F&& call) {
+  try {
+    return std::forward<F>(call)();
+  } catch (const Error&) {
+    throw;
+  } catch (const c10::Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw std::logic_error(fmt::format("{}: the {} plugin '{}' failed: {}", choice.plugin->path,
+                                       to_string(choice.kind), choice.name, e.what()));
+  } catch (...) {
+    throw std::logic_error(fmt::format("{}: the {} plugin '{}' threw an exception that is not a std::exception",
+                                       choice.plugin->path, to_string(choice.kind), choice.name));
+  }
+}
+
 struct Totals {
   double score_sum = 0.0;
   double loss_sum = 0.0;
@@ -514,9 +536,9 @@ class Engine {
     log_.event("batchnorm_group_size", Json(bn_group_size_));
     log_.event("gradient_accumulation_frequency", Json(k));
     log_.event("num_workers", Json(1));
-    c_.optimizer->log_hyperparameters(log_);
+    in_plugin(cfg_.optimizer, [&] { c_.optimizer->log_hyperparameters(log_); });
     const auto logged = logged_hyperparameters(*c_.optimizer);
-    c_.scheduler->log_hyperparameters(log_);
+    in_plugin(cfg_.scheduler, [&] { c_.scheduler->log_hyperparameters(log_); });
     // The log's sample counts come from the reader as they are: a count no
     // data set has would be a log the checker passes.
     for (const Split s : {Split::Train, Split::Validation}) {
@@ -758,12 +780,12 @@ class Engine {
     }
     c_.model->module().eval();
     at::NoGradGuard no_grad;
-    c_.reader->start_epoch(Split::Validation, 0);
+    in_plugin(cfg_.reader, [&] { c_.reader->start_epoch(Split::Validation, 0); });
     Batch batch;
     std::int64_t written = 0, batches = 0;
     int stop_signal = 0;
     while ((max_samples == 0 || written < max_samples) && (stop_signal = stop_requested()) == 0 &&
-           c_.reader->next(batch)) {
+           in_plugin(cfg_.reader, [&] { return c_.reader->next(batch); })) {
       check_batch(batch, Split::Validation, batches++, cfg_.run.integer("validation_batch_size"), /*full=*/false);
       const at::Tensor logits = forward(batch.data.to(device_).contiguous(memory_format_));
       const at::Tensor predicted = predict(logits).to(at::kCPU).contiguous();
@@ -854,7 +876,7 @@ class Engine {
     at::Tensor logits;
     {
       AutocastGuard autocast(device_.type(), precision_);
-      logits = c_.model->forward(input);
+      logits = in_plugin(cfg_.model, [&] { return c_.model->forward(input); });
     }
     // The model interface: one logit per class and pixel (checked on the
     // sizes alone, which costs no wait on the device).
@@ -1059,7 +1081,7 @@ class Engine {
   // else the scheduler plugin is at fault (an internal error naming its file,
   // not a run that trains backwards or ends as "diverged").
   double scheduled_lr(std::int64_t update) {
-    const double lr = c_.scheduler->lr_at(update);
+    const double lr = in_plugin(cfg_.scheduler, [&] { return c_.scheduler->lr_at(update); });
     if (!(std::isfinite(lr) && lr >= 0.0)) {
       throw std::logic_error(fmt::format("{}: a bug in the plugin: the scheduler gave the learning rate {} for "
                                          "optimizer step {}",
@@ -1117,7 +1139,7 @@ class Engine {
       // As GradScaler.step: a step with non-finite gradients is skipped (its
       // decision reads the device, as PyTorch's does), and is not divergence.
       if (!scaler_ || found_inf.item<float>() == 0.0f) {
-        c_.optimizer->step();
+        in_plugin(cfg_.optimizer, [&] { c_.optimizer->step(); });
         const at::Tensor norm = c_.optimizer->gradient_norm();
         if (norm.defined() && optimizer_reports_norm_) divergence_.gradient_norm(norm);
         optimizer_reports_norm_ = optimizer_reports_norm_ || norm.defined();
@@ -1191,13 +1213,13 @@ class Engine {
     const std::int64_t batches = c_.reader->local_samples(Split::Train) / batch_size;
 
     c_.model->module().train();
-    c_.reader->start_epoch(Split::Train, epoch);
+    in_plugin(cfg_.reader, [&] { c_.reader->start_epoch(Split::Train, epoch); });
     Batch batch;
     at::Tensor logits, labels, loss;
     double current_lr = scheduled_lr(step / k);
     const auto t0 = Clock::now();
     std::int64_t done = 0;
-    while (done < batches && c_.reader->next(batch)) {
+    while (done < batches && in_plugin(cfg_.reader, [&] { return c_.reader->next(batch); })) {
       check_batch(batch, Split::Train, done, batch_size, /*full=*/true);
       const at::Tensor input = batch.data.to(device_, /*non_blocking=*/true).contiguous(memory_format_);
       labels = batch.labels.to(device_, /*non_blocking=*/true);
@@ -1287,13 +1309,13 @@ class Engine {
     log_.start("eval_start", Json(), start_md);
     c_.model->module().eval();
     at::NoGradGuard no_grad;
-    c_.reader->start_epoch(Split::Validation, 0);
+    in_plugin(cfg_.reader, [&] { c_.reader->start_epoch(Split::Validation, 0); });
     std::vector<at::Tensor> scores, losses;
     Batch batch;
     const std::int64_t vbatch = cfg_.run.integer("validation_batch_size");
     const std::int64_t vbatches = (c_.reader->local_samples(Split::Validation) + vbatch - 1) / vbatch;
     std::int64_t vdone = 0, vsamples = 0;
-    while (!(stoppable && stop_requested() != 0) && c_.reader->next(batch)) {
+    while (!(stoppable && stop_requested() != 0) && in_plugin(cfg_.reader, [&] { return c_.reader->next(batch); })) {
       check_batch(batch, Split::Validation, vdone, vbatch, /*full=*/false);
       vsamples += batch.data.size(0);
       if (progress_due()) {

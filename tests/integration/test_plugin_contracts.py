@@ -52,6 +52,15 @@ def test_a_reader_that_breaks_the_interface_is_named(tmp_path, data, fault, says
     assert "frame #" not in r.stderr
 
 
+def test_what_a_plugin_s_method_throws_names_its_file(tmp_path, data):
+    # A reader's next() that threw a std::runtime_error ended the run as "internal error: <its message>",
+    # naming no plugin.
+    r, _ = contract_run(tmp_path, data, "throws")
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert (f"deepcam-host: internal error: {CONTRACT}: the reader plugin 'contract' failed: contract reader: next() "
+            "failed") in r.stderr, r.stderr[-3000:]
+
+
 def test_a_reader_s_sample_counts_are_checked_before_the_log_takes_them(tmp_path, data):
     # train_samples -5 went into the MLPerf log, which the checker passed but for the accuracy target.
     r, out = contract_run(tmp_path, data, "counts")
