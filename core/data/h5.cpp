@@ -328,8 +328,16 @@ Handle open_for_read(hid_t file, const std::string& path, const std::string& nam
          false);
   Handle type(H5Dget_type(dataset.get()), H5Tclose);
   const H5T_class_t type_class = type.valid() ? H5Tget_class(type.get()) : H5T_NO_CLASS;
-  if (type_class != H5T_INTEGER && type_class != H5T_FLOAT)
-    fail(path, name, fmt::format("is not numeric; cannot read it as {}", as), false);
+  if (type_class != H5T_INTEGER && type_class != H5T_FLOAT) {
+    // The stored kind, as deepcam-data verify names it.
+    const char* stored = type_class == H5T_ENUM       ? "an enum (h5py stores bool arrays so)"
+                         : type_class == H5T_STRING   ? "strings"
+                         : type_class == H5T_COMPOUND ? "a compound type"
+                                                      : "a type that is not a number";
+    fail(path, name,
+         fmt::format("is stored as {}; cannot read it as {}: store integers or floats (numpy's astype)", stored, as),
+         false);
+  }
   require_written(dataset.get(), path, name, count);
   return dataset;
 }

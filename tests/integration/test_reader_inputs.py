@@ -238,6 +238,16 @@ def test_labels_outside_the_classes_are_refused_naming_the_file(tmp_path, data, 
     assert "class id" in r.stderr and "Target" not in r.stderr
 
 
+def test_bool_labels_of_h5py_are_refused_as_verify_names_them(tmp_path, data):
+    # h5py stores a bool array as an HDF5 enum: the readers said "is not numeric" where verify says what it is.
+    root, bad = bad_label_set(tmp_path, data, "h5", bool, True)
+    r = probe(run_file(tmp_path, root, "hdf5"), tmp_path / "batches", "--split", "validation")
+    assert r.returncode == 2, r.stdout + r.stderr
+    says = ("climate/labels_0: is stored as an enum (h5py stores bool arrays so); cannot read it as int64: store "
+            "integers or floats (numpy's astype)")
+    assert str(bad) in r.stderr and says in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64", "uint8", "int8", "float16"])
 @pytest.mark.parametrize("reader", ["hdf5", "npy"])
 def test_whole_number_labels_of_any_dtype_are_read(tmp_path, data, reader, dtype):
