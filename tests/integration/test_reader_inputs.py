@@ -108,6 +108,23 @@ def validation_files(root, fmt):
     return sorted((root / "validation").glob("data-*.h5" if fmt == "h5" else "data-*.npy"))
 
 
+def with_validation_data(tmp_path, data, fmt, name, change):
+    """A copy of the float32 set whose validation sample 1 holds change(its data); and that sample's file."""
+    root = tmp_path / name
+    shutil.copytree(data[fmt, "float32"], root)
+    target = validation_files(root, fmt)[1]
+    if fmt == "h5":
+        with h5py.File(target, "r") as f:
+            x, y = f["climate/data"][...], f["climate/labels_0"][...]
+        target.unlink()
+        with h5py.File(target, "w") as f:
+            f["climate/data"] = change(x)
+            f["climate/labels_0"] = y
+    else:
+        np.save(target, change(np.load(target)))
+    return root, target
+
+
 @pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("stats_dtype", ["float32", "float64"])
 @pytest.mark.parametrize("reader", list(READERS))
@@ -168,22 +185,12 @@ def test_float32_stats_are_not_computed_in_float64(tmp_path, data):
 def test_a_float64_value_beyond_float32_is_named_as_one_not_only_as_inf(tmp_path, data, reader):
     # The readers read float64 data as float32, where 1e300 becomes inf: the message said the file holds inf,
     # which it does not (deepcam-data stats names such a value as the file holds it).
-    fmt = READERS[reader][0]
-    root = tmp_path / "big"
-    shutil.copytree(data[fmt, "float32"], root)
-    target = validation_files(root, fmt)[1]
-    if fmt == "h5":
-        with h5py.File(target, "r") as f:
-            x, y = f["climate/data"][...].astype(np.float64), f["climate/labels_0"][...]
+    def with_big_value(x):
+        x = x.astype(np.float64)
         x[1, 2, 3] = 1e300
-        target.unlink()
-        with h5py.File(target, "w") as f:
-            f["climate/data"] = x
-            f["climate/labels_0"] = y
-    else:
-        x = np.load(target).astype(np.float64)
-        x[1, 2, 3] = 1e300
-        np.save(target, x)
+        return x
+
+    root, target = with_validation_data(tmp_path, data, READERS[reader][0], "big", with_big_value)
     r = probe(run_file(tmp_path, root, reader), tmp_path / "batches", "--split", "validation")
     assert r.returncode == 2, r.stdout + r.stderr
     assert str(target) in r.stderr and "at (1, 2, 3) holds inf (or a number beyond float32's range, which reads " \
@@ -499,18 +506,7 @@ def test_integer_data_is_read_converted(tmp_path, data, reader, dtype):
     """The readers convert each file's own dtype: integer data too, in the npy reader as in the hdf5
     reader (test_verify.py: verify passes it, and training reads it)."""
     fmt = READERS[reader][0]
-    root = tmp_path / "int"
-    shutil.copytree(data[fmt, "float32"], root)
-    target = validation_files(root, fmt)[1]
-    if fmt == "h5":
-        with h5py.File(target, "r") as f:
-            x, y = f["climate/data"][...], f["climate/labels_0"][...]
-        target.unlink()
-        with h5py.File(target, "w") as f:
-            f["climate/data"] = as_integers(x, dtype)
-            f["climate/labels_0"] = y
-    else:
-        np.save(target, as_integers(np.load(target), dtype))
+    root, _ = with_validation_data(tmp_path, data, fmt, "int", lambda x: as_integers(x, dtype))
     run = run_file(tmp_path, root, reader, run={"validation_batch_size": 4})
     got = batches(run, tmp_path / "batches", "--split", "validation")
     assert [b["shape"][0] for b in got] == [4]
