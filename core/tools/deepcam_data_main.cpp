@@ -439,6 +439,11 @@ int main(int argc, char** argv) {
     return end_by_signal(stopped.signal);
   } catch (const deepcam::StopRequested& stopped) {
     // read's reader, staging before the first batch.
+    if (stopped.signal() < 1 || stopped.signal() >= NSIG) {
+      fmt::print(stderr, "deepcam-data: internal error: a plugin stopped for signal {}, which is no signal: {}\n",
+                 stopped.signal(), stopped.what());
+      return 1;
+    }
     fmt::print(stderr, "deepcam-data: read: {}; nothing measured; the reader's staged copies are removed\n",
                stopped.what());
     return end_by_signal(stopped.signal());

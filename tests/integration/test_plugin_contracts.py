@@ -6,10 +6,11 @@ LibTorch message about the loss."""
 
 import json
 import signal
+import subprocess
 
 import pytest
 
-from helpers import FIXTURES, run_host, synth, write_run
+from helpers import DATA_TOOL, FIXTURES, plugin_env, run_host, synth, write_run
 
 CONTRACT = FIXTURES / "libdeepcam_reader_contract.so"
 MODEL = FIXTURES / "libdeepcam_model_contractmodel.so"
@@ -86,6 +87,12 @@ def test_a_plugin_s_stop_request_mid_run_keeps_the_record_and_says_where_it_stop
     assert r.returncode == 3, r.stderr[-3000:]
     assert "internal error: a plugin stopped for signal 0, which is no signal: contract reader: stopped at its " \
         "batch" in r.stderr, r.stderr[-3000:]
+    # deepcam-data read raised signal 0 (nothing) and exited 128.
+    r = subprocess.run([str(DATA_TOOL), "read", str(tmp_path / "nosignal" / "run.toml")], capture_output=True,
+                       text=True, env=plugin_env(), timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert ("deepcam-data: internal error: a plugin stopped for signal 0, which is no signal: contract reader: "
+            "stopped at its batch") in r.stderr, r.stderr[-3000:]
 
 
 def test_a_source_reader_s_wrong_sample_shape_is_named_with_its_file(tmp_path, data):
