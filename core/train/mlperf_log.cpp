@@ -58,11 +58,22 @@ std::string stem_of(const std::string& key, const std::string& suffix) {
 
 void MlperfLog::event(const std::string& key, const Json& value, Metadata metadata, CallSite site) {
   check_metadata(key, metadata, site);
+  if (!running_) {
+    for (const auto& [logged, first] : settings_) {
+      if (logged == key) {
+        throw std::logic_error(fmt::format("the MLPerf log line of '{}' (from {}:{}) repeats a setting logged before "
+                                           "run_start (from {}:{}); each is logged once",
+                                           key, site.file, site.line, first.file, first.line));
+      }
+    }
+    settings_.emplace_back(key, site);
+  }
   write("POINT_IN_TIME", key, value, std::move(metadata), site);
 }
 
 void MlperfLog::start(const std::string& key, const Json& value, Metadata metadata, CallSite site) {
   check_metadata(key, metadata, site);
+  if (key == "run_start") running_ = true;
   if (const std::string stem = stem_of(key, "_start"); !stem.empty()) {
     Metadata kept;
     for (const auto& [name, v] : metadata) {

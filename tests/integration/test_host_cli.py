@@ -457,6 +457,20 @@ def test_a_scheduler_giving_a_rate_no_schedule_gives_is_a_bug_of_the_plugin(tmp_
             f"step 0") in r.stderr, r.stderr
 
 
+def test_a_scheduler_logging_a_setting_the_engine_logs_is_a_bug_of_the_plugin(tmp_path, data):
+    # The log held global_batch_size twice (8, then 1024), and the open division's checker passed it.
+    lib = FIXTURES / "libdeepcam_scheduler_enginekey.so"
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out",
+                    scheduler={"name": "enginekey", "library": str(lib), "milestones": None})
+    r = run_host(run)
+    assert r.returncode == 3, r.stderr
+    assert re.search(rf"internal error: {re.escape(str(lib))}: the scheduler plugin 'enginekey' failed: the MLPerf "
+                     r"log line of 'global_batch_size' \(from \S*tests/fixtures/faulty_scheduler.cpp:\d+\) repeats a "
+                     r"setting logged before run_start \(from \S*core/train/engine.cpp:\d+\); each is logged once",
+                     r.stderr), r.stderr
+    assert not (tmp_path / "out").exists()  # stopped before run_start: no record is kept
+
+
 @pytest.mark.parametrize("name,threw", [("initthrows", "it threw: deliberate failure of a static initialiser"),
                                         ("initthrowsint", "it threw an exception that is not a std::exception")])
 def test_a_library_whose_static_initialiser_throws_is_an_internal_error_naming_it(tmp_path, data, name, threw):

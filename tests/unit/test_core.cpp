@@ -119,6 +119,30 @@ TEST_CASE("an MLPerf line refuses metadata that would replace its call site or r
   std::fclose(f);
 }
 
+TEST_CASE("an MLPerf setting logged twice before run_start is refused, after it events repeat freely") {
+  // A scheduler plugin logging global_batch_size again gave a log the open-division checker passed, with
+  // two values for one setting.
+  std::FILE* f = std::tmpfile();
+  REQUIRE(f);
+  deepcam::MlperfLog log(f, true);
+  deepcam::MlperfLog silent(nullptr, false);  // every rank refuses alike
+  for (deepcam::MlperfLog* l : {&log, &silent}) {
+    l->event("global_batch_size", Json(8), {}, deepcam::CallSite{"core/train/engine.cpp", 535});
+    l->event("opt_name", Json("lamb"));
+    const long written = std::ftell(f);
+    CHECK_THROWS_WITH_AS(l->event("global_batch_size", Json(16), {}, deepcam::CallSite{"plugin.cpp", 7}),
+                         "the MLPerf log line of 'global_batch_size' (from plugin.cpp:7) repeats a setting logged "
+                         "before run_start (from core/train/engine.cpp:535); each is logged once",
+                         std::logic_error);
+    CHECK(std::ftell(f) == written);  // the second value is not in the log
+    l->start("run_start");
+    l->event("learning_rate", Json(0.1));
+    l->event("learning_rate", Json(0.2));
+    l->event("global_batch_size", Json(8));  // the settings' rule ends at run_start
+  }
+  std::fclose(f);
+}
+
 namespace {
 std::string write_toml(const std::string& text) {
   static int n = 0;

@@ -34,6 +34,10 @@ class DEEPCAM_API MlperfLog {
   // log takes no more lines after that.
   MlperfLog(std::FILE* out, bool enabled, std::string name = "");
 
+  // Before run_start, the events are the run's settings (global_batch_size,
+  // opt_name, ...), each logged once: a key logged a second time there (a
+  // plugin's log_hyperparameters repeating one of the engine's) throws a
+  // std::logic_error naming both call sites, on every rank.
   void event(const std::string& key, const Json& value, Metadata metadata = {},
              CallSite site = {__builtin_FILE(), __builtin_LINE()});
   void start(const std::string& key, const Json& value = Json(), Metadata metadata = {},
@@ -62,7 +66,9 @@ class DEEPCAM_API MlperfLog {
   std::FILE* echo_ = nullptr;
   std::string name_;
   bool failed_ = false;
-  std::vector<std::pair<std::string, Metadata>> open_;  // "<stem>_start" begun and not ended: stem, metadata
+  std::vector<std::pair<std::string, Metadata>> open_;
+  bool running_ = false;                                  // run_start logged
+  std::vector<std::pair<std::string, CallSite>> settings_;  // events before run_start: key, call site  // "<stem>_start" begun and not ended: stem, metadata
   Json last_epoch_num_;
 };
 
