@@ -752,7 +752,13 @@ RunConfig load_config(const std::vector<std::string>& files, const std::vector<s
     std::error_code ec;
     if (!std::filesystem::is_directory(data_root, ec)) {
       const toml::table* t = root.get_as<toml::table>("data");
-      throw Error(fmt::format("{}: {}: {}", location("data").at("root", t ? t->get("root") : nullptr), data_root,
+      const std::string where = location("data").at("root", t ? t->get("root") : nullptr);
+      // The path resolved against the run file's folder, unless an --set
+      // item shows it as it is.
+      const std::string typed = "=" + data_root;
+      const bool shown = where.rfind("--set ", 0) == 0 && where.size() > typed.size() &&
+                         where.compare(where.size() - typed.size(), std::string::npos, typed) == 0;
+      throw Error(fmt::format("{}: {}{}", where, shown ? "" : data_root + ": ",
                               std::filesystem::exists(data_root, ec) ? "not a directory" : "no such directory"));
     }
   }

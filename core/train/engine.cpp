@@ -485,8 +485,7 @@ class Engine {
     const Params& run = cfg_.run;
     std::vector<std::string> reasons;
     if (run.string("device") != "cuda") {
-      reasons.push_back(fmt::format("{} is \"{}\": CUDA graphs need device = \"cuda\"", run.where("device"),
-                                    run.string("device")));
+      reasons.push_back(fmt::format("{}: CUDA graphs need device = \"cuda\"", run.setting("device")));
     }
     // ProcessGroupNCCL's blocking wait polls each all-reduce from the host,
     // which a capture cannot hold (c10d reads any value but "0" as on).
@@ -500,14 +499,13 @@ class Engine {
       }
     }
     if (run.integer("gradient_accumulation_frequency") != 1) {
-      reasons.push_back(fmt::format("{} is {}: a captured step is one whole optimizer step; use 1",
-                                    run.where("gradient_accumulation_frequency"),
-                                    run.integer("gradient_accumulation_frequency")));
+      reasons.push_back(fmt::format("{}: a captured step is one whole optimizer step; use 1",
+                                    run.setting("gradient_accumulation_frequency")));
     }
     if (run.string("precision") == "amp_fp16") {
-      reasons.push_back(fmt::format("{} is \"amp_fp16\": its loss scaler reads the device to decide whether to skip "
-                                    "a step; use \"amp_bf16\" or \"fp32\"",
-                                    run.where("precision")));
+      reasons.push_back(fmt::format("{}: its loss scaler reads the device to decide whether to skip a step; use "
+                                    "\"amp_bf16\" or \"fp32\"",
+                                    run.setting("precision")));
     }
     if (reasons.empty()) return;
     std::string message = fmt::format("{}, but the training step of this run cannot be captured:",
@@ -586,10 +584,9 @@ class Engine {
       note_other_model_settings(resume, info);
       agree_on_resume(info, run.where("resume"));
       if (info.epoch >= run.integer("max_epochs")) {
-        throw Error(fmt::format("{}: {} is at epoch {}, and max_epochs is {} ({}): nothing is left to train; raise "
+        throw Error(fmt::format("{}: the checkpoint is at epoch {}, and {}: nothing is left to train; raise "
                                 "max_epochs to continue its run",
-                                run.where("resume"), resume, info.epoch, run.integer("max_epochs"),
-                                run.where("max_epochs")));
+                                run.setting("resume"), info.epoch, run.setting("max_epochs")));
       }
       broadcast_model();
       if (scaler_ && info.scaler) scaler_ = std::make_unique<GradScaler>(*info.scaler, device_);
@@ -1426,16 +1423,15 @@ class Engine {
   // a change of model settings does, and says what of the loss scaler goes.
   void note_other_precision(const std::string& path, const CheckpointInfo& info) const {
     if (comm_.rank() != 0 || info.scaler.has_value() == (scaler_ != nullptr)) return;
-    const std::string key = fmt::format("precision = \"{}\" ({})", cfg_.run.string("precision"),
-                                        cfg_.run.where("precision"));
+    const std::string key = cfg_.run.setting("precision");
     if (info.scaler) {
       std::fprintf(stderr,
                    "deepcam-host: note: %s was written by an amp_fp16 run; its loss scaler (scale %g) is not used, "
-                   "as this run's %s scales no loss\n",
+                   "as this run scales no loss (%s)\n",
                    path.c_str(), info.scaler->scale, key.c_str());
     } else {
       std::fprintf(stderr,
-                   "deepcam-host: note: %s holds no loss scaler (its run was not amp_fp16); this run's %s starts "
+                   "deepcam-host: note: %s holds no loss scaler (its run was not amp_fp16); this run (%s) starts "
                    "one afresh at scale %g\n",
                    path.c_str(), key.c_str(), ScalerState{}.scale);
     }
@@ -1450,11 +1446,10 @@ class Engine {
                                     bool weights_only) {
     const std::int64_t theirs = info.gradient_accumulation_frequency;
     if (theirs == 0 || theirs == k || info.step == 0) return;
-    const std::string key = fmt::format("gradient_accumulation_frequency = {} ({})", k,
-                                        cfg_.run.where("gradient_accumulation_frequency"));
+    const std::string key = cfg_.run.setting("gradient_accumulation_frequency");
     if (!weights_only) {
       throw Error(fmt::format("{}: written by a run with gradient_accumulation_frequency = {}, after {} optimizer "
-                              "steps ({} batches); with {} the learning-rate schedule would go on from optimizer "
+                              "steps ({} batches); with {}, the learning-rate schedule would go on from optimizer "
                               "step {}. Resume with gradient_accumulation_frequency = {}, or set [run] "
                               "resume_weights_only = true to start from its weights with a fresh optimizer",
                               path, theirs, info.step / theirs, info.step, key, info.step / k, theirs));
@@ -1462,7 +1457,7 @@ class Engine {
     if (comm_.rank() == 0) {
       std::fprintf(stderr,
                    "deepcam-host: note: %s was written by a run with gradient_accumulation_frequency = %lld, after "
-                   "%lld optimizer steps; with %s the schedule goes on from optimizer step %lld\n",
+                   "%lld optimizer steps; with %s, the schedule goes on from optimizer step %lld\n",
                    path.c_str(), static_cast<long long>(theirs), static_cast<long long>(info.step / theirs),
                    key.c_str(), static_cast<long long>(info.step / k));
     }
@@ -1485,8 +1480,7 @@ class Engine {
   // it becomes the parameters' .grad, so that the next update sums the same
   // batches as an uninterrupted run.
   void restore_accumulation(const std::string& path, const CheckpointInfo& info, std::int64_t k, bool weights_only) {
-    const std::string key = fmt::format("gradient_accumulation_frequency = {} ({})", k,
-                                        cfg_.run.where("gradient_accumulation_frequency"));
+    const std::string key = cfg_.run.setting("gradient_accumulation_frequency");
     if (info.partial_accumulation_ranks > 0 && !weights_only) {
       throw Error(fmt::format("{}: saved at step {} in the middle of a gradient accumulation by a run of {} ranks, whose "
                               "partial gradients are not in it; resuming would not continue that run exactly. Resume "
@@ -1522,7 +1516,7 @@ class Engine {
     // uninterrupted run only if it holds step % k.
     if (info.accumulated_batches > 0 && info.accumulated_batches != info.step % k) {
       throw Error(fmt::format("{}: holds a partial gradient ('accumulated_gradients') summing {} batch{} at step {}, "
-                              "but with {} this run's next update would take it for the sum of {}; resume with the "
+                              "but with {}, this run's next update would take it for the sum of {}; resume with the "
                               "gradient_accumulation_frequency of the run that wrote it",
                               path, info.accumulated_batches, info.accumulated_batches == 1 ? "" : "es", info.step,
                               key, info.step % k));
@@ -1532,11 +1526,10 @@ class Engine {
     // gradient itself, and must be finite.
     if (info.scaler.has_value() != (scaler_ != nullptr)) {
       throw Error(fmt::format("{}: holds a partial gradient ('accumulated_gradients') at step {} written {} loss "
-                              "scaling, and this run's precision = \"{}\" ({}) {} it; resume with the precision of "
-                              "the run that wrote it",
+                              "scaling, and this run's precision ({}) {} it; resume with the precision of the run "
+                              "that wrote it",
                               path, info.step, info.scaler ? "with amp_fp16's" : "without",
-                              cfg_.run.string("precision"), cfg_.run.where("precision"),
-                              scaler_ ? "scales" : "does not scale"));
+                              cfg_.run.setting("precision"), scaler_ ? "scales" : "does not scale"));
     }
     for (const auto& [name, grad] : info.accumulated_gradients) {
       if (!scaler_ && !at::isfinite(grad).all().item<bool>()) {
@@ -1735,7 +1728,7 @@ fs::path log_path(const RunConfig& cfg, const fs::path& out_dir, bool evaluating
   const std::string& given = cfg.mlperf.string("log_file");
   const fs::path name(given);
   if (given.empty() || !name.has_filename()) {
-    throw Error(fmt::format("{}: \"{}\" names no file", cfg.mlperf.where("log_file"), given));
+    throw Error(fmt::format("{}: names no file", cfg.mlperf.setting("log_file")));
   }
   const fs::path file = evaluating ? name.parent_path() / ("evaluate-" + name.filename().string()) : name;
   // Not a name the run writes beside it: the log would be lost under it.
@@ -1743,8 +1736,8 @@ fs::path log_path(const RunConfig& cfg, const fs::path& out_dir, bool evaluating
   const std::string leaf = normal.filename().string();
   if (normal.parent_path().empty() &&
       (leaf == "config.toml" || leaf == "evaluate-config.toml" || is_checkpoint_name(leaf))) {
-    throw Error(fmt::format("{}: \"{}\" is a name the run gives {} in its output folder; choose another",
-                            cfg.mlperf.where("log_file"), given,
+    throw Error(fmt::format("{}: is a name the run gives {} in its output folder; choose another",
+                            cfg.mlperf.setting("log_file"),
                             is_checkpoint_name(leaf) ? "a checkpoint" : "its resolved configuration"));
   }
   return (out_dir / file).lexically_normal();

@@ -179,7 +179,7 @@ BAD_FIELDS = {
                      "'accumulated_gradients' entry 'conv2.weight' holds NaN or infinite values"),
     "scaled_gradient": (set_to("scaler", SCALER),
                         "holds a partial gradient ('accumulated_gradients') at step 3 written with amp_fp16's loss "
-                        "scaling, and this run's precision = \"fp32\""),
+                        "scaling, and this run's precision ("),
     "scaler_scale": (set_to("scaler", {"scale": -1.0, "growth_factor": 2.0, "backoff_factor": 0.5,
                                        "growth_interval": 2000, "_growth_tracker": 0}),
                      "['scaler']['scale'] is -1, expected > 0"),
@@ -386,8 +386,9 @@ def test_a_partial_gradient_of_another_number_of_batches_is_refused(tmp_path, da
     r = resume(tmp_path, data, trained, gradient_accumulation_frequency=4)
     assert r.returncode == 2, r.stderr[-2000:]
     assert (f"{trained}: holds a partial gradient ('accumulated_gradients') summing 1 batch at step 3, but with "
-            "gradient_accumulation_frequency = 4") in r.stderr and "would take it for the sum of 3" in r.stderr, \
-        r.stderr[-2000:]
+            f"{tmp_path / 'resume.toml'}:") in r.stderr, r.stderr[-2000:]
+    assert ("[run] gradient_accumulation_frequency = 4, this run's next update would take it for the sum of 3"
+            in r.stderr), r.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")
@@ -413,7 +414,8 @@ def test_a_resume_with_another_accumulation_frequency_is_refused(tmp_path, data,
     r = resume(tmp_path, data, trained_k1, gradient_accumulation_frequency=3)
     assert r.returncode == 2, r.stderr[-2000:]
     assert (f"{trained_k1}: written by a run with gradient_accumulation_frequency = 1, after 3 optimizer steps "
-            "(3 batches); with gradient_accumulation_frequency = 3 (") in r.stderr, r.stderr[-2000:]
+            f"(3 batches); with {tmp_path / 'resume.toml'}:") in r.stderr, r.stderr[-2000:]
+    assert " [run] gradient_accumulation_frequency = 3, the learning-rate" in r.stderr, r.stderr[-2000:]
     assert "the learning-rate schedule would go on from optimizer step 1. Resume with " \
            "gradient_accumulation_frequency = 1, or set [run] resume_weights_only = true" in r.stderr
     assert not (tmp_path / "resumed" / "mlperf.log").exists()
@@ -424,7 +426,8 @@ def test_a_weights_only_resume_with_another_accumulation_frequency_says_where_it
     r = resume(tmp_path, data, trained_k1, gradient_accumulation_frequency=3, resume_weights_only=True)
     assert r.returncode == 1, r.stderr[-2000:]
     assert (f"note: {trained_k1} was written by a run with gradient_accumulation_frequency = 1, after 3 optimizer "
-            "steps; with gradient_accumulation_frequency = 3 (") in r.stderr, r.stderr[-2000:]
+            f"steps; with {tmp_path / 'resume.toml'}:") in r.stderr, r.stderr[-2000:]
+    assert " [run] gradient_accumulation_frequency = 3, the schedule" in r.stderr, r.stderr[-2000:]
     assert "the schedule goes on from optimizer step 1" in r.stderr
 
 
@@ -464,7 +467,9 @@ def test_an_unscaled_partial_gradient_is_refused_under_amp_fp16(tmp_path, data, 
     r = resume(tmp_path, data, trained, precision="amp_fp16")
     assert r.returncode == 2, r.stderr[-2000:]
     assert (f"{trained}: holds a partial gradient ('accumulated_gradients') at step 3 written without loss scaling, "
-            "and this run's precision = \"amp_fp16\"") in r.stderr, r.stderr[-2000:]
+            f"and this run's precision ({tmp_path / 'resume.toml'}:") in r.stderr, r.stderr[-2000:]
+    assert ' [run] precision = "amp_fp16") scales it; resume with the precision of the run that wrote it' \
+        in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("case", ["scaler_dropped", "scaler_started"])
@@ -476,11 +481,14 @@ def test_a_resume_in_another_precision_says_what_becomes_of_the_loss_scaler(tmp_
     ckpt = edited(tmp_path, trained, edit)
     r = resume(tmp_path, data, ckpt, **({"precision": "amp_fp16"} if case == "scaler_started" else {}))
     assert r.returncode == 1, r.stderr[-2000:]
+    run = tmp_path / "resume.toml"
     expected = {"scaler_dropped": f"note: {ckpt} was written by an amp_fp16 run; its loss scaler (scale 1024) is not "
-                                  "used, as this run's precision = \"fp32\"",
-                "scaler_started": f"note: {ckpt} holds no loss scaler (its run was not amp_fp16); this run's "
-                                  "precision = \"amp_fp16\""}[case]
+                                  f"used, as this run scales no loss ({run} [run] precision = \"fp32\" (default))",
+                "scaler_started": f"note: {ckpt} holds no loss scaler (its run was not amp_fp16); this run ({run}:"
+                }[case]
     assert expected in r.stderr, r.stderr[-2000:]
+    if case == "scaler_started":
+        assert ' [run] precision = "amp_fp16") starts one afresh at scale 65536' in r.stderr, r.stderr[-2000:]
 
 
 def test_a_resume_from_a_pipe_is_refused_at_once(tmp_path, data):
@@ -581,13 +589,15 @@ def test_a_refused_resume_in_the_runs_folder_leaves_its_record_as_it_was(tmp_pat
     for resume, change, message in [
             ("checkpoint-epoch2.pt", "model.width=0.125", "width"),
             ("checkpoint-epoch1.pt", "run.max_epochs=3", "checkpoint-epoch1.pt"),
-            ("checkpoint-epoch2.pt", "run.max_epochs=2", "checkpoint-epoch2.pt is at epoch 2, and max_epochs is 2"),
+            ("checkpoint-epoch2.pt", "run.max_epochs=2", "checkpoint-epoch2.pt: the checkpoint is at epoch 2, and "
+                                                 "--set run.max_epochs=2: nothing is left to train"),
     ]:
         r = run_host(run, "--set", f"run.resume={out / resume}", "--set", change)
         assert r.returncode == 2, r.stderr
         assert message in r.stderr, r.stderr
         assert record_of(out) == before, sorted(record_of(out))
-    assert ("(--set run.max_epochs=2): nothing is left to train; raise max_epochs to continue its run"
+    assert (f"deepcam-host: --set run.resume={out / 'checkpoint-epoch2.pt'}: the checkpoint is at epoch 2, and "
+            "--set run.max_epochs=2: nothing is left to train; raise max_epochs to continue its run\n"
             in r.stderr), r.stderr
 
 
@@ -696,10 +706,9 @@ def test_resuming_with_another_accumulation_names_where_it_was_set(tmp_path, dat
     r = run_host(run, "--set", f"run.resume={out / 'checkpoint-epoch1.pt'}", "--set", "run.max_epochs=2", "--set",
                  "run.gradient_accumulation_frequency=2", "--set", f"run.output_dir={tmp_path / 'again'}")
     assert r.returncode == 1, r.stderr
-    assert ("was saved at step 3, which gradient_accumulation_frequency = 2 (--set "
-            "run.gradient_accumulation_frequency=2) does not divide, and holds no accumulated gradient (the run "
-            "that wrote it accumulated over other batches, or it was not written by deepcam-host)") in r.stderr, \
-        r.stderr
+    assert ("was saved at step 3, which --set run.gradient_accumulation_frequency=2 does not divide, and holds no "
+            "accumulated gradient (the run that wrote it accumulated over other batches, or it was not written by "
+            "deepcam-host)") in r.stderr, r.stderr
 
 
 def test_resume_keys_that_do_nothing_are_named(tmp_path, data, trained):

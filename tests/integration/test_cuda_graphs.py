@@ -31,7 +31,7 @@ def refusal(tmp_path, *args, **run):
 def test_graphs_on_the_cpu_are_refused_naming_the_keys(tmp_path):
     path, err = refusal(tmp_path)
     assert f"{path}:" in err and "[run] cuda_graphs = true, but the training step of this run cannot be captured" in err
-    assert '[run] device (default) is "cpu": CUDA graphs need device = "cuda"' in err
+    assert '[run] device = "cpu" (default): CUDA graphs need device = "cuda"' in err
     assert "set cuda_graphs = false" in err
     # Only what this run sets wrong is listed.
     assert "gradient_accumulation_frequency" not in err and "amp_fp16" not in err and "this run has" not in err
@@ -39,15 +39,15 @@ def test_graphs_on_the_cpu_are_refused_naming_the_keys(tmp_path):
 
 def test_every_setting_a_captured_step_cannot_follow_is_listed(tmp_path):
     path, err = refusal(tmp_path, gradient_accumulation_frequency=2, precision="amp_fp16")
-    assert "[run] gradient_accumulation_frequency is 2: a captured step is one whole optimizer step; use 1" in err
-    assert f'{path}:' in err and '[run] precision is "amp_fp16": its loss scaler reads the device' in err
-    assert '[run] device (default) is "cpu"' in err
+    assert "[run] gradient_accumulation_frequency = 2: a captured step is one whole optimizer step; use 1" in err
+    assert f'{path}:' in err and '[run] precision = "amp_fp16": its loss scaler reads the device' in err
+    assert '[run] device = "cpu" (default):' in err
 
 
 def test_graphs_on_many_ranks_are_refused_only_for_what_each_rank_sets(tmp_path):
     # Many ranks are not refused (the all-reduce is captured with the step); the CPU is.
     _, err = refusal(tmp_path, "--nproc", 2)
-    assert '[run] device (default) is "cpu": CUDA graphs need device = "cuda"' in err
+    assert '[run] device = "cpu" (default): CUDA graphs need device = "cuda"' in err
     assert "this run has" not in err and "all-reduce" not in err
 
 

@@ -197,7 +197,7 @@ def test_a_run_that_fails_leaves_no_folder_it_made_above_its_output_dir(tmp_path
     out = tmp_path / "a" / "b" / "out"
     run = write_run(tmp_path / "run.toml", data, out, run=RUN, mlperf={"log_file": "mlperf.log/"})
     r = run_host(run)
-    assert r.returncode == 2 and '[mlperf] log_file: "mlperf.log/" names no file' in r.stderr, r.stderr
+    assert r.returncode == 2 and '[mlperf] log_file = "mlperf.log/": names no file' in r.stderr, r.stderr
     assert not (tmp_path / "a").exists()
     # A folder that was there stays, empty or not.
     (tmp_path / "a").mkdir()

@@ -148,6 +148,18 @@ def test_cuda_graphs_on_the_cpu_names_the_set_item_once(tmp_path, data):
     assert msg == f"deepcam-host: --set run.cuda_graphs=true{says}:", msg
 
 
+def test_a_missing_data_root_or_a_log_file_naming_no_file_names_the_set_item_once(tmp_path, data):
+    # They printed "--set data.root=/x: /x: no such directory" and "--set mlperf.log_file=: \"\" names no file".
+    missing = tmp_path / "missing"
+    _, msg = refusal(tmp_path, data, "--set", f"data.root={missing}")
+    assert msg == f"deepcam-host: --set data.root={missing}: no such directory", msg
+    # A relative path is shown as resolved, which the item does not show.
+    _, msg = refusal(tmp_path, data, "--set", "data.root=missing")
+    assert msg.startswith("deepcam-host: --set data.root=missing: /") and msg.endswith("/missing: no such directory")
+    _, msg = refusal(tmp_path, data, "--set", "mlperf.log_file=")
+    assert msg == "deepcam-host: --set mlperf.log_file=: names no file", msg
+
+
 def test_a_warmup_beyond_float32_names_the_set_item_once(tmp_path, data):
     says = ": the warm-up would climb towards [optimizer] lr x lr_warmup_factor = 0.002 x 1e+308"
     scheduler = {"lr_warmup_steps": 4, "lr_warmup_factor": 1e308}
