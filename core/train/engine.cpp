@@ -466,7 +466,15 @@ class Engine {
     OptimizerContext oc{parameters_};
     c_.optimizer =
         make(cfg_.optimizer, [&](const PluginDescriptor& d) { return d.make_optimizer(cfg_.optimizer.params, oc); });
-    SchedulerContext sc{c_.optimizer->lr()};
+    // The schedule's base rate: NaN from the optimizer plugin would make
+    // every rate the scheduler gives NaN, and the scheduler be blamed.
+    const double base_lr = in_plugin(cfg_.optimizer, [&] { return c_.optimizer->lr(); });
+    if (!(std::isfinite(base_lr) && base_lr >= 0.0)) {
+      throw std::logic_error(fmt::format("{}: a bug in the plugin: the optimizer's lr(), the base rate of the "
+                                         "schedule, is {} as built from {}",
+                                         cfg_.optimizer.plugin->path, base_lr, cfg_.optimizer.params.where()));
+    }
+    SchedulerContext sc{base_lr};
     c_.scheduler =
         make(cfg_.scheduler, [&](const PluginDescriptor& d) { return d.make_scheduler(cfg_.scheduler.params, sc); });
     if (comm_.size() > 1) {

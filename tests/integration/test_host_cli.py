@@ -457,6 +457,18 @@ def test_a_scheduler_giving_a_rate_no_schedule_gives_is_a_bug_of_the_plugin(tmp_
             f"step 0") in r.stderr, r.stderr
 
 
+def test_an_optimizer_whose_rate_is_nan_is_the_optimizers_bug_not_the_schedulers(tmp_path, data):
+    # The scheduler scaled the NaN base rate and was named: "the scheduler gave the learning rate nan".
+    lib = FIXTURES / "libdeepcam_optimizer_nanrate.so"
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", optimizer={"name": "nanrate", "library": str(lib)})
+    r = run_host(run)
+    assert r.returncode == 3, r.stderr
+    assert (f"internal error: {lib}: a bug in the plugin: the optimizer's lr(), the base rate of the schedule, is "
+            f"nan as built from {run} [optimizer]") in r.stderr, r.stderr
+    assert "scheduler gave" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_scheduler_logging_a_setting_the_engine_logs_is_a_bug_of_the_plugin(tmp_path, data):
     # The log held global_batch_size twice (8, then 1024), and the open division's checker passed it.
     lib = FIXTURES / "libdeepcam_scheduler_enginekey.so"
