@@ -41,6 +41,7 @@
 #include "deepcam/error.hpp"
 #include "deepcam/loss.hpp"
 #include "deepcam/mlperf_log.hpp"
+#include "deepcam/normalise.hpp"
 #include "deepcam/npy.hpp"
 #include "deepcam/stop_request.hpp"
 #include "picture.hpp"
@@ -885,7 +886,6 @@ class Engine {
     }
     // The model interface: one logit per class and pixel (checked on the
     // sizes alone, which costs no wait on the device).
-    constexpr std::int64_t kClasses = 3;
     if (!logits.defined() || logits.dim() != 4 || logits.size(0) != input.size(0) || logits.size(1) != kClasses ||
         logits.size(2) != input.size(2) || logits.size(3) != input.size(3) || !at::isFloatingType(logits.scalar_type())) {
       throw std::logic_error(fmt::format(
@@ -897,11 +897,11 @@ class Engine {
   }
 
   // What a batch the reader handed out must be (the reader interface, on
-  // its sizes and dtypes alone): data (B, C, H, W) float32 of the run's
-  // channels and the sample shape, labels (B, H, W) int64, B the batch size
-  // (`full`: a training batch) or at most it. Anything else is a bug in the
-  // reader, named with its file: a short training batch ended the epoch
-  // early, without a word.
+  // its sizes and dtypes, and on its labels' values as check_classes says):
+  // data (B, C, H, W) float32 of the run's channels and the sample shape,
+  // labels (B, H, W) int64, B the batch size (`full`: a training batch) or
+  // at most it. Anything else is a bug in the reader, named with its file: a
+  // short training batch ended the epoch early, without a word.
   void check_batch(const Batch& batch, Split split, std::int64_t index, std::int64_t batch_size, bool full) const {
     const std::vector<std::int64_t>& shape = sample_shape_;  // (C, H, W)
     const std::int64_t channels = static_cast<std::int64_t>(cfg_.data.integers("channels").size());
@@ -913,7 +913,10 @@ class Engine {
                       data.size(3) == shape[2] && labels.size(0) == data.size(0) && labels.size(1) == shape[1] &&
                       labels.size(2) == shape[2] && data.size(0) >= 1 &&
                       (full ? data.size(0) == batch_size : data.size(0) <= batch_size);
-    if (fits) return;
+    if (fits) {
+      check_classes(labels, split, index);
+      return;
+    }
     throw std::logic_error(fmt::format(
         "{}: the reader plugin '{}' handed out {} batch {} with data {} and labels {}; the reader interface wants "
         "data (B, {}, {}, {}) float32 and labels (B, {}, {}) int64 with B {} (a bug in the plugin)",
@@ -923,6 +926,24 @@ class Engine {
         full ? fmt::format("= {} (a training batch: only an epoch's last may be smaller, and it is not read)",
                            batch_size)
              : fmt::format("in 1..{}", batch_size)));
+  }
+
+  // The labels' values: class ids 0 .. kClasses - 1 (our readers check
+  // each file's). Another value reached the loss as LibTorch's "Target 7 is
+  // out of bounds" on the CPU, and as a device-side assert, which ends the
+  // process, on a GPU. Checked for every batch on the CPU, where a pass over
+  // the labels is small beside the step, and for each pass's first batch on
+  // a GPU, where it waits for the device: a reader that encodes its classes
+  // otherwise is caught at its first batch.
+  void check_classes(const at::Tensor& labels, Split split, std::int64_t index) const {
+    if (!device_.is_cpu() && index != 0) return;
+    const auto [low, high] = at::aminmax(labels);
+    const std::int64_t lo = low.item<std::int64_t>(), hi = high.item<std::int64_t>();
+    if (lo >= 0 && hi < kClasses) return;
+    throw std::logic_error(fmt::format("{}: the reader plugin '{}' handed out {} batch {} with labels from {} to {}; "
+                                       "the classes are 0 (background), 1 (tropical cyclone) and 2 (atmospheric "
+                                       "river) (a bug in the plugin)",
+                                       cfg_.reader.plugin->path, cfg_.reader.name, to_string(split), index, lo, hi));
   }
 
   // A resume takes the optimizer's hyper-parameters from the checkpoint, as
