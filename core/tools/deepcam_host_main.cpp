@@ -137,6 +137,17 @@ int describe(deepcam::PluginLoader& loader, const std::string& what) {
                                    what, kind_name));
 }
 
+// The device's or the host's memory ran out: the run's size, not a bug of
+// ours, so not an internal error. A run that had started has closed its
+// log as aborted already.
+int out_of_memory(const char* what) {
+  std::fprintf(stderr,
+               "deepcam-host: out of memory: %s\n  a smaller [run] train_batch_size or validation_batch_size (each "
+               "per rank) needs less; on a GPU, so does precision = \"amp_bf16\"\n",
+               what);
+  return 2;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -265,10 +276,17 @@ int main(int argc, char** argv) {
   } catch (const deepcam::Error& e) {
     std::fprintf(stderr, "deepcam-host: %s\n", e.what());
     return 2;
+  } catch (const c10::OutOfMemoryError& e) {
+    return out_of_memory(e.what_without_backtrace());
   } catch (const c10::Error& e) {
     // A failing ATen op or TORCH_CHECK: what() appends LibTorch's C++ backtrace.
-    std::fprintf(stderr, "deepcam-host: internal error: %s\n", e.what_without_backtrace());
+    // LibTorch's CPU allocator says it is out of memory in a plain c10::Error.
+    const char* what = e.what_without_backtrace();
+    if (std::strstr(what, "DefaultCPUAllocator: can't allocate memory") != nullptr) return out_of_memory(what);
+    std::fprintf(stderr, "deepcam-host: internal error: %s\n", what);
     return 3;
+  } catch (const std::bad_alloc& e) {
+    return out_of_memory(e.what());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "deepcam-host: internal error: %s\n", e.what());
     return 3;

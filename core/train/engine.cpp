@@ -271,8 +271,8 @@ auto make(const PluginChoice& choice, F&& factory) {
 // A call into a plugin's object during the run, named as a factory's
 // failure is: what it throws names its file (an internal error), but a
 // deepcam::Error (a message about the run or its data, a lost rank, a stop
-// request) and a LibTorch error (out of memory; a CUDA graph's capture,
-// which the engine names) pass on as they are.
+// request), a LibTorch error (out of memory; a CUDA graph's capture, which
+// the engine names) and std::bad_alloc pass on as they are.
 template <typename F>
 decltype(auto) in_plugin(const PluginChoice& choice, F&& call) {
   try {
@@ -280,6 +280,8 @@ decltype(auto) in_plugin(const PluginChoice& choice, F&& call) {
   } catch (const Error&) {
     throw;
   } catch (const c10::Error&) {
+    throw;
+  } catch (const std::bad_alloc&) {
     throw;
   } catch (const std::exception& e) {
     throw std::logic_error(fmt::format("{}: the {} plugin '{}' failed: {}", choice.plugin->path,

@@ -69,3 +69,15 @@ def test_a_diverged_benchmark_exits_as_a_diverged_run(tmp_path):
     assert r.returncode == 4, r.stderr[-3000:]
     assert "--benchmark: training diverged on the synthetic batch at step" in r.stderr, r.stderr[-3000:]
     assert r.stdout.strip() == "" or not r.stdout.strip().splitlines()[-1].startswith("{"), r.stdout
+
+
+def test_a_batch_beyond_the_host_memory_is_said_to_be_out_of_memory(tmp_path):
+    # LibTorch's CPU allocator says so in a plain c10::Error: it was "internal error: [enforce fail at
+    # alloc_cpu.cpp...] DefaultCPUAllocator: can't allocate memory", status 3, as if deepcam-host had a bug.
+    data = synth(tmp_path / "data", train=2, validation=1)
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run={"threads": 1})
+    r = run_host(run, "--benchmark", 1, "--set", "run.train_batch_size=1000000")  # 1e6 x 16 x 64 x 96 floats
+    assert r.returncode == 2, r.stderr
+    assert "deepcam-host: out of memory: " in r.stderr and "can't allocate memory" in r.stderr, r.stderr
+    assert "a smaller [run] train_batch_size or validation_batch_size (each per rank) needs less" in r.stderr
+    assert "internal error" not in r.stderr

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from helpers import DATA_TOOL, FIXTURES, plugin_env, run_host, synth, write_run
+from helpers import DATA_TOOL, FIXTURES, plugin_env, read_events, run_host, synth, write_run
 
 CONTRACT = FIXTURES / "libdeepcam_reader_contract.so"
 MODEL = FIXTURES / "libdeepcam_model_contractmodel.so"
@@ -54,6 +54,19 @@ def test_a_reader_that_breaks_the_interface_is_named(tmp_path, data, fault, says
     assert f"internal error: {CONTRACT}: the reader plugin 'contract' " in r.stderr, r.stderr[-3000:]
     assert says in r.stderr and "(a bug in the plugin)" in r.stderr, r.stderr[-3000:]
     assert "frame #" not in r.stderr
+
+
+@pytest.mark.parametrize("fault, says", [("oom", "CUDA out of memory. Tried to allocate 2.00 GiB (contract reader)"),
+                                         ("hostoom", "std::bad_alloc")])
+def test_running_out_of_memory_mid_run_is_said_as_such_and_closes_the_log(tmp_path, data, fault, says):
+    # It was "internal error: ..." (status 3), as if deepcam-host had a bug; std::bad_alloc from a plugin was
+    # blamed on the plugin.
+    r, out = contract_run(tmp_path, data, fault)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"deepcam-host: out of memory: {says}\n  a smaller [run] train_batch_size" in r.stderr, r.stderr[-3000:]
+    assert "internal error" not in r.stderr and "frame #" not in r.stderr
+    stop = [e for e in read_events(out / "mlperf.log") if e["key"] == "run_stop"]
+    assert len(stop) == 1 and stop[0]["metadata"]["status"] == "aborted", stop
 
 
 def test_what_a_plugin_s_method_throws_names_its_file(tmp_path, data):
