@@ -86,6 +86,7 @@ void save_checkpoint(const std::string& path, const CheckpointInfo& info, torch:
     top.insert("gradient_accumulation_frequency", info.gradient_accumulation_frequency);
   }
   if (info.world_size > 0) top.insert("world_size", info.world_size);
+  if (info.train_batch_size > 0) top.insert("train_batch_size", info.train_batch_size);
   save_torch(path, top);
 }
 
@@ -400,6 +401,13 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
       f.fail(fmt::format("['scaler']['backoff_factor'] is {}, expected in (0, 1)", s.backoff_factor));
     }
     if (s.growth_interval < 1) f.fail("['scaler']['growth_interval'] is 0, expected >= 1");
+    // GradScaler grows the scale and starts the count again when it reaches
+    // the interval: a count at or beyond it never would again.
+    if (s.growth_tracker >= s.growth_interval) {
+      f.fail(fmt::format("['scaler']['_growth_tracker'] is {}, expected below ['scaler']['growth_interval'] ({}): "
+                         "the scale grows and the count starts again when it reaches the interval",
+                         s.growth_tracker, s.growth_interval));
+    }
     info.scaler = s;
   }
 
@@ -416,6 +424,10 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
   if (const auto ranks = f.find("world_size")) {
     info.world_size = f.count(*ranks, "world_size", kMost);
     if (info.world_size == 0) f.fail("'world_size' is 0, expected >= 1");
+  }
+  if (const auto batch = f.find("train_batch_size")) {
+    info.train_batch_size = f.count(*batch, "train_batch_size", kMost);
+    if (info.train_batch_size == 0) f.fail("'train_batch_size' is 0, expected >= 1");
   }
   if (const auto grads = f.find("accumulated_gradients"); grads && !options.weights_only) {
     std::map<std::string, at::Tensor> params;

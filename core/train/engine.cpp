@@ -605,7 +605,8 @@ class Engine {
       first_epoch = info.epoch;
       restore_accumulation(resume, info, k, lo.weights_only);
       check_accumulation_frequency(resume, info, k, lo.weights_only);
-      note_other_world_size(resume, info);
+      note_other_global_batch(resume, info);
+      note_other_scaler_settings(resume, info);
       note_other_precision(resume, info);  // after restore_accumulation, which refuses some of these
       if (comm_.rank() == 0) {
         std::fprintf(stderr, "deepcam-host: resumed from %s at epoch %lld, step %lld\n", run.string("resume").c_str(),
@@ -1423,6 +1424,7 @@ class Engine {
     info.epoch = epoch;
     info.gradient_accumulation_frequency = k;
     info.world_size = comm_.size();
+    info.train_batch_size = cfg_.run.integer("train_batch_size");
     if (scaler_) info.scaler = scaler_->state();
     if (partial && comm_.size() == 1) {
       // The gradient of the batches since the last optimizer step, which an
@@ -1494,16 +1496,44 @@ class Engine {
     }
   }
 
-  // Another number of ranks trains on: the global batch (and so each
-  // update) changes from the resumed run's, as with PyTorch's
-  // DistributedDataParallel; said, not refused.
-  void note_other_world_size(const std::string& path, const CheckpointInfo& info) {
-    if (info.world_size == 0 || info.world_size == comm_.size() || comm_.rank() != 0) return;
+  // Another number of ranks, or another batch per rank, trains on: the
+  // global batch (and so each update) changes from the resumed run's, as
+  // with PyTorch's DistributedDataParallel; said, not refused.
+  void note_other_global_batch(const std::string& path, const CheckpointInfo& info) {
+    if (comm_.rank() != 0) return;
+    const std::int64_t batch = cfg_.run.integer("train_batch_size");
+    const bool other_ranks = info.world_size > 0 && info.world_size != comm_.size();
+    const bool other_batch = info.train_batch_size > 0 && info.train_batch_size != batch;
+    if (!other_ranks && !other_batch) return;
+    const std::string theirs =
+        info.train_batch_size > 0
+            ? fmt::format("{} rank{} at a batch of {} each", info.world_size, info.world_size == 1 ? "" : "s",
+                          info.train_batch_size)
+            : fmt::format("{} rank{}", info.world_size, info.world_size == 1 ? "" : "s");
     std::fprintf(stderr,
-                 "deepcam-host: note: %s was written by a run of %lld rank%s; this run has %d and trains on at a "
-                 "global batch of %lld samples\n",
-                 path.c_str(), static_cast<long long>(info.world_size), info.world_size == 1 ? "" : "s", comm_.size(),
-                 static_cast<long long>(cfg_.run.integer("train_batch_size") * comm_.size()));
+                 "deepcam-host: note: %s was written by a run of %s; this run has %d at a batch of %lld each (%s) "
+                 "and trains on at a global batch of %lld sample%s\n",
+                 path.c_str(), theirs.c_str(), comm_.size(), static_cast<long long>(batch),
+                 cfg_.run.setting("train_batch_size").c_str(), static_cast<long long>(batch * comm_.size()),
+                 batch * comm_.size() == 1 ? "" : "s");
+  }
+
+  // A loss scaler of other settings than a fresh one's goes on with them,
+  // as torch.amp.GradScaler's load_state_dict takes them; said.
+  void note_other_scaler_settings(const std::string& path, const CheckpointInfo& info) const {
+    if (comm_.rank() != 0 || !info.scaler || !scaler_) return;
+    const ScalerState fresh{};
+    const ScalerState& s = *info.scaler;
+    if (s.growth_factor == fresh.growth_factor && s.backoff_factor == fresh.backoff_factor &&
+        s.growth_interval == fresh.growth_interval) {
+      return;
+    }
+    std::fprintf(stderr,
+                 "deepcam-host: note: %s holds a loss scaler with growth_factor %g, backoff_factor %g and "
+                 "growth_interval %lld; the run goes on with them, as torch.amp.GradScaler's load_state_dict "
+                 "does (a fresh scaler has %g, %g and %lld)\n",
+                 path.c_str(), s.growth_factor, s.backoff_factor, static_cast<long long>(s.growth_interval),
+                 fresh.growth_factor, fresh.backoff_factor, static_cast<long long>(fresh.growth_interval));
   }
 
   // A checkpoint taken where gradient_accumulation_frequency does not divide
@@ -1537,6 +1567,15 @@ class Engine {
                               "to start from its weights with a fresh optimizer",
                               path, info.step, info.world_size, info.world_size == 1 ? "" : "s", comm_.size(),
                               info.world_size, info.world_size == 1 ? "" : "s"));
+    }
+    if (const std::int64_t batch = cfg_.run.integer("train_batch_size");
+        info.train_batch_size > 0 && info.train_batch_size != batch) {
+      throw Error(fmt::format("{}: holds a partial gradient ('accumulated_gradients') at step {}, summed over "
+                              "batches of {}; with {}, this run's next update would add batches of {} to it, an "
+                              "update no uninterrupted run makes. Resume with train_batch_size = {}, or set [run] "
+                              "resume_weights_only = true to start from its weights with a fresh optimizer",
+                              path, info.step, info.train_batch_size, cfg_.run.setting("train_batch_size"), batch,
+                              info.train_batch_size));
     }
     if (info.step % k == 0) {
       throw Error(fmt::format("{}: holds a partial gradient ('accumulated_gradients') at step {}, but {} divides that "

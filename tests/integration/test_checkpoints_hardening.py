@@ -211,6 +211,10 @@ BAD_FIELDS = {
                                "unscaled, is beyond float32's range"),
     # GradScaler's tracker is an int32 tensor: 2^31 ended the resume as an internal error (exit 3), naming no
     # field; an interval beyond int32 never let the scale grow (and ATen's CUDA kernel takes it as an int).
+    # Taken: the count never met the interval again, and the scale never grew for the rest of the run.
+    "scaler_tracker_at_interval": (set_to("scaler", dict(SCALER, _growth_tracker=2000)),
+                                   "['scaler']['_growth_tracker'] is 2000, expected below "
+                                   "['scaler']['growth_interval'] (2000)"),
     "scaler_tracker_beyond_int32": (set_to("scaler", dict(SCALER, _growth_tracker=2**31)),
                                     "['scaler']['_growth_tracker'] is 2147483648, expected an integer in 0..2147483647"),
     "scaler_interval_beyond_int32": (set_to("scaler", dict(SCALER, growth_interval=2**32 + 1)),
@@ -404,7 +408,7 @@ def trained_k1(tmp_path_factory, data):
 def test_a_checkpoint_records_its_accumulation_frequency_and_ranks(trained, trained_k1):
     for path, k in ((trained, 2), (trained_k1, 1)):
         saved = torch.load(path, weights_only=True)
-        assert (saved["gradient_accumulation_frequency"], saved["world_size"]) == (k, 1), path
+        assert (saved["gradient_accumulation_frequency"], saved["world_size"], saved["train_batch_size"]) == (k, 1, 2)
 
 
 def test_a_resume_with_another_accumulation_frequency_is_refused(tmp_path, data, trained_k1):
@@ -431,7 +435,7 @@ def test_a_weights_only_resume_with_another_accumulation_frequency_says_where_it
     assert "the schedule goes on from optimizer step 1" in r.stderr
 
 
-@pytest.mark.parametrize("key", ["gradient_accumulation_frequency", "world_size"])
+@pytest.mark.parametrize("key", ["gradient_accumulation_frequency", "world_size", "train_batch_size"])
 @pytest.mark.parametrize("value", [0, -1, 2.5])
 def test_a_damaged_accumulation_frequency_or_world_size_is_refused(tmp_path, data, trained_k1, key, value):
     ckpt = edited(tmp_path, trained_k1, lambda c: c.__setitem__(key, value))
@@ -459,8 +463,29 @@ def test_a_resume_on_another_number_of_ranks_is_noted(tmp_path, data, trained_k1
                          "gradient_accumulation_frequency": 1})
     r = run_host("--nproc", 2, cfg)
     assert r.returncode == 1, r.stdout + r.stderr[-2000:]
-    assert (f"note: {trained_k1} was written by a run of 1 rank; this run has 2 and trains on at a global batch "
-            "of 2 samples") in r.stderr, r.stderr[-2000:]
+    assert (f"note: {trained_k1} was written by a run of 1 rank at a batch of 2 each; this run has 2 at a batch of "
+            f"1 each ({cfg}:") in r.stderr, r.stderr[-2000:]
+    assert "[run] train_batch_size = 1) and trains on at a global batch of 2 samples" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_partial_gradient_of_another_batch_size_is_refused(tmp_path, data, trained):
+    """Summed over batches of 2, it was completed with batches of 1, silently: an update no run makes (on
+    two ranks of 1 each, whose global batch is the writer's, it was refused)."""
+    r = resume(tmp_path, data, trained, train_batch_size=1)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert (f"{trained}: holds a partial gradient ('accumulated_gradients') at step 3, summed over batches of 2; "
+            f"with {tmp_path / 'resume.toml'}:") in r.stderr, r.stderr[-2000:]
+    assert ("[run] train_batch_size = 1, this run's next update would add batches of 1 to it, an update no "
+            "uninterrupted run makes. Resume with train_batch_size = 2, or set [run] resume_weights_only = true"
+            in r.stderr), r.stderr[-2000:]
+
+
+def test_a_resume_at_another_batch_size_is_noted_with_its_global_batch(tmp_path, data, trained_k1):
+    r = resume(tmp_path, data, trained_k1, gradient_accumulation_frequency=1, train_batch_size=1)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert (f"note: {trained_k1} was written by a run of 1 rank at a batch of 2 each; this run has 1 at a batch of "
+            f"1 each ({tmp_path / 'resume.toml'}:") in r.stderr, r.stderr[-2000:]
+    assert "[run] train_batch_size = 1) and trains on at a global batch of 1 sample\n" in r.stderr, r.stderr[-2000:]
 
 
 def test_an_unscaled_partial_gradient_is_refused_under_amp_fp16(tmp_path, data, trained):
@@ -489,6 +514,21 @@ def test_a_resume_in_another_precision_says_what_becomes_of_the_loss_scaler(tmp_
     assert expected in r.stderr, r.stderr[-2000:]
     if case == "scaler_started":
         assert ' [run] precision = "amp_fp16") starts one afresh at scale 65536' in r.stderr, r.stderr[-2000:]
+
+
+def test_a_loss_scaler_of_other_settings_goes_on_with_them_and_is_noted(tmp_path, data, trained):
+    # As GradScaler.load_state_dict takes them; without a word, the run's scale grew 4x every 100 steps.
+    def edit(c):
+        c.pop("accumulated_gradients")
+        c["scaler"] = dict(SCALER, growth_factor=4.0, backoff_factor=0.25, growth_interval=100)
+    ckpt = edited(tmp_path, trained, edit)
+    r = resume(tmp_path, data, ckpt, precision="amp_fp16")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert (f"note: {ckpt} holds a loss scaler with growth_factor 4, backoff_factor 0.25 and growth_interval 100; "
+            "the run goes on with them, as torch.amp.GradScaler's load_state_dict does (a fresh scaler has 2, 0.5 "
+            "and 2000)") in r.stderr, r.stderr[-2000:]
+    saved = torch.load(tmp_path / "resumed" / "checkpoint-epoch2.pt", weights_only=True)["scaler"]
+    assert (saved["growth_factor"], saved["backoff_factor"], saved["growth_interval"]) == (4.0, 0.25, 100)
 
 
 def test_a_resume_from_a_pipe_is_refused_at_once(tmp_path, data):

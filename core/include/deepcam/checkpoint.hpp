@@ -66,6 +66,10 @@ struct CheckpointInfo {
   // The writer's number of ranks, kept as "world_size" (plugin ABI 7): a
   // partial gradient sums that many ranks' batches. 0 when not known.
   std::int64_t world_size = 0;
+  // The writer's [run] train_batch_size (per rank), kept as
+  // "train_batch_size" (plugin ABI 9): with world_size it gives the global
+  // batch, and a partial gradient sums batches of that size. 0 when not known.
+  std::int64_t train_batch_size = 0;
   // A run of more than one rank saved in the middle of an accumulation: the
   // ranks' partial gradients are not in the file (only rank 0 writes it), so
   // resuming from it is refused. Kept as "partial_accumulation_ranks"; 0 when none.
