@@ -234,7 +234,10 @@ class RunRecord {
 
 // SIGTERM (a Slurm time limit) and SIGINT end a run cleanly: the handler
 // only records the signal (deepcam/stop_request.hpp); training looks at it
-// between steps, a reader staging its files between chunks of a copy.
+// between steps, a reader staging its files between chunks of a copy. A
+// signal the process was started ignoring (SIGINT in a shell script's
+// background job) stays ignored, as Python leaves it, and as deepcam-data
+// does.
 extern "C" void record_stop_signal(int sig) { record_stop_request(sig); }
 
 class StopSignals {
@@ -243,8 +246,10 @@ class StopSignals {
     struct sigaction sa {};
     sa.sa_handler = record_stop_signal;
     sigemptyset(&sa.sa_mask);
-    ::sigaction(SIGTERM, &sa, &old_term_);
-    ::sigaction(SIGINT, &sa, &old_int_);
+    ::sigaction(SIGTERM, nullptr, &old_term_);
+    ::sigaction(SIGINT, nullptr, &old_int_);
+    if (old_term_.sa_handler != SIG_IGN) ::sigaction(SIGTERM, &sa, nullptr);
+    if (old_int_.sa_handler != SIG_IGN) ::sigaction(SIGINT, &sa, nullptr);
   }
   ~StopSignals() {
     ::sigaction(SIGTERM, &old_term_, nullptr);
@@ -828,8 +833,8 @@ class Engine {
                    "samples to %s\n", strsignal(stop_signal), static_cast<long long>(written), out.string().c_str());
       return 128 + stop_signal;
     }
-    std::fprintf(stderr, "deepcam-host: wrote the predictions of %lld validation samples to %s\n",
-                 static_cast<long long>(written), out.string().c_str());
+    std::fprintf(stderr, "deepcam-host: wrote the predictions of %lld validation sample%s to %s\n",
+                 static_cast<long long>(written), written == 1 ? "" : "s", out.string().c_str());
     return 0;
   }
 

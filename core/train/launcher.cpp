@@ -116,8 +116,12 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
   struct sigaction sa{};
   sa.sa_handler = remember_signal;
   sigemptyset(&sa.sa_mask);
-  ::sigaction(SIGINT, &sa, nullptr);
-  ::sigaction(SIGTERM, &sa, nullptr);
+  // A signal ignored on entry stays ignored, here and (inherited) in the ranks.
+  for (const int signal : {SIGINT, SIGTERM}) {
+    struct sigaction current {};
+    ::sigaction(signal, nullptr, &current);
+    if (current.sa_handler != SIG_IGN) ::sigaction(signal, &sa, nullptr);
+  }
 
   std::vector<pid_t> pids(static_cast<std::size_t>(nproc), -1);
   std::vector<Stream> streams;

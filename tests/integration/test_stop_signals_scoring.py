@@ -37,17 +37,25 @@ def signal_frozen(p, sig):
     os.killpg(group, signal.SIGCONT)
 
 
-def evaluate_stopped(args, sig):
+def evaluate_stopped(args, sig, ignored=False):
     """Starts deepcam-host with `args` in a session of its own, sends `sig` as rank 0's first validation
-    progress line comes; its status and its output (standard output and error together)."""
+    progress line comes; its status and its output (standard output and error together). `ignored`: started
+    with `sig` ignored, as a shell script's background job is with SIGINT, and `sig` sent to every process of
+    the session."""
+    def ignore():
+        signal.signal(sig, signal.SIG_IGN)
     p = subprocess.Popen([str(HOST), *map(str, args)], env=plugin_env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                         preexec_fn=ignore if ignored else None)
     try:
         lines = []
         for line in p.stdout:
             lines.append(line)
             if "epoch 1 validation: batch " in line:  # the checkpoint's epoch; "[rank 0] " before it with --nproc
-                signal_frozen(p, sig)
+                if ignored:
+                    os.killpg(os.getpgid(p.pid), sig)
+                else:
+                    signal_frozen(p, sig)
                 break
         lines.extend(p.stdout)
         return p.wait(timeout=120), "".join(lines)
@@ -73,6 +81,18 @@ def test_a_stop_signal_ends_evaluate_with_no_score(tmp_path, trained, sig):
     events = read_events(out / "evaluate-mlperf.log")
     assert events[-1]["key"] == "eval_start" and not any(e["key"] == "eval_accuracy" for e in events)
     assert not [f.name for f in out.iterdir() if ".tmp-" in f.name or ".partial-" in f.name]
+
+
+@pytest.mark.parametrize("ranks", [[], ["--nproc", 2, "--set", "run.threads=1"]], ids=["one rank", "two ranks"])
+def test_a_sigint_ignored_from_the_start_stays_ignored(tmp_path, trained, ranks):
+    # The host took SIGINT over: a shell script's background job, which ignores it, was stopped by a Ctrl-C.
+    scoring, ckpt = trained
+    out = tmp_path / "eval"
+    status, output = evaluate_stopped([*ranks, scoring, "--quiet", "--set", f"run.output_dir={out}", "--evaluate",
+                                       ckpt], signal.SIGINT, ignored=True)
+    assert status == 0, output
+    assert "stopped by" not in output and "eval_accuracy" in output, output
+    assert any(e["key"] == "eval_accuracy" for e in read_events(out / "evaluate-mlperf.log"))
 
 
 def test_sigterm_ends_a_two_rank_evaluate_on_every_rank(tmp_path, trained):
