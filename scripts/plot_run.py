@@ -66,7 +66,9 @@ def finite(value):
 
 def read_log(path):
     """The log's events as dicts; a line that is not an MLPerf JSON line is an error, and so is a
-    number the plot uses that is not a finite float (matplotlib and the time arithmetic would raise)."""
+    number the plot uses that is not a finite float (matplotlib and the time arithmetic would raise).
+    A last line without its newline that does not parse is a line being written (a run in progress, a
+    copy taken mid-write): left out, with a note."""
     events = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
@@ -76,6 +78,10 @@ def read_log(path):
             try:
                 event = json.loads(line[at + len(MARKER):])
             except ValueError as e:  # JSONDecodeError, or an integer of more than 4300 digits
+                if not line.endswith("\n"):
+                    print(f"plot_run.py: note: {path}:{number}: the last line is cut short (a log being "
+                          "written); plotted without it", file=sys.stderr)
+                    break
                 raise BadInput(f"{path}:{number}: not a JSON log line: {e}") from None
             if not isinstance(event, dict) or "key" not in event or "time_ms" not in event:
                 raise BadInput(f"{path}:{number}: a log line needs \"key\" and \"time_ms\"")

@@ -98,6 +98,23 @@ def test_bad_input_is_named(two_runs, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_a_log_whose_last_line_is_being_written_is_plotted_without_it(two_runs, tmp_path):
+    # A run in progress (or a copy taken mid-write) was refused whole: "not a JSON log line".
+    text = (two_runs[0] / "mlperf.log").read_text()
+    whole = text.splitlines(keepends=True)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "mlperf.log").write_text(text[:-40])
+    r = plot(cut, "--out", tmp_path / "x.png")
+    assert r.returncode == 0, r.stderr
+    assert (f"plot_run.py: note: {cut / 'mlperf.log'}:{len(whole)}: the last line is cut short (a log being "
+            "written); plotted without it") in r.stderr, r.stderr
+    assert Image.open(tmp_path / "x.png").size[0] > 0
+    # The same line cut short mid-file is still an error: only the last one may be being written.
+    (cut / "mlperf.log").write_text("".join(whole[:-2]) + whole[-2][:-40] + "\n" + whole[-1])
+    refused(plot(cut, "--out", tmp_path / "y.png"), f"{cut / 'mlperf.log'}:{len(whole) - 1}:")
+
+
 def test_bad_out_is_named(two_runs, tmp_path):
     (tmp_path / "afile").write_text("x")
     refused(plot(two_runs[0], "--out", tmp_path / "afile" / "x.png"), tmp_path / "afile")
