@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "deepcam/normalise.hpp"
 #include "progress.hpp"
 
 namespace deepcam::h5 {
@@ -21,9 +22,7 @@ class File;
 namespace deepcam::data {
 
 // The 16 input channels, in the order of the last axis of climate/data.
-inline constexpr std::array<const char*, 16> kChannelNames = {
-    "TMQ", "U850", "V850", "UBOT", "VBOT", "QREFHT", "PS", "PSL",
-    "T200", "T500", "PRECT", "TS", "TREFHT", "Z1000", "Z200", "ZBOT"};
+using deepcam::kChannelNames;
 
 struct ChannelStats {
   std::int64_t count = 0;  // pixels per channel

@@ -775,15 +775,21 @@ class Engine {
   int write_predictions(const std::string& checkpoint, const fs::path& out, std::int64_t max_samples,
                         const std::function<void()>& before_writing) {
     // TMQ (integrated water vapour) is channel 0 of the CAM5 files, as in
-    // the reference data set's variable list; the picture is drawn over it.
+    // the reference data set's variable list; the picture is drawn over it,
+    // or over the first channel the model reads when it reads no TMQ (the
+    // model, trained on those channels, cannot take another).
     const std::vector<std::int64_t>& channels = cfg_.data.integers("channels");
     const auto tmq = std::find(channels.begin(), channels.end(), 0);
-    if (tmq == channels.end()) {
-      throw Error(fmt::format("{}: --predict draws the predictions over TMQ, channel 0, which this run does not "
-                              "select; add 0 to the channels",
-                              cfg_.data.where("channels")));
+    const std::int64_t background_at = tmq == channels.end() ? 0 : tmq - channels.begin();
+    const std::int64_t background_channel = channels[static_cast<std::size_t>(background_at)];
+    const std::string background_name = kChannelNames[static_cast<std::size_t>(background_channel)];
+    if (tmq == channels.end() && comm_.rank() == 0) {
+      std::fprintf(stderr,
+                   "deepcam-host: note: %s selects no TMQ (channel 0): the pictures show channel %lld (%s), the "
+                   "first it selects, in grey\n",
+                   cfg_.data.setting("channels").c_str(), static_cast<long long>(background_channel),
+                   background_name.c_str());
     }
-    const std::int64_t tmq_at = tmq - channels.begin();
     LoadOptions lo;
     lo.model = model_config();
     note_other_model_settings(checkpoint, load_checkpoint(checkpoint, c_.model->module(), nullptr, lo));
@@ -821,10 +827,10 @@ class Engine {
         const std::int64_t height = predicted.size(1), width = predicted.size(2);
         const fs::path stem = out / fmt::format("sample-{:06d}", written);
         npy::write(stem.string() + ".npy", npy::DType::UInt8, {height, width}, predicted[i].data_ptr<std::uint8_t>());
-        const at::Tensor background = batch.data[i][tmq_at].to(at::kCPU).contiguous();
+        const at::Tensor background = batch.data[i][background_at].to(at::kCPU).contiguous();
         write_png(stem.string() + ".png",
                   prediction_picture(background.data_ptr<float>(), predicted[i].data_ptr<std::uint8_t>(),
-                                     labels[i].data_ptr<std::int64_t>(), height, width));
+                                     labels[i].data_ptr<std::int64_t>(), height, width, background_name));
         ++written;
       }
     }

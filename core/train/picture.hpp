@@ -16,12 +16,13 @@ struct Image {
   std::vector<std::uint8_t> rgb;
 };
 
-// The overlay of one sample: `background` (H x W, any scale; TMQ) in grey,
+// The overlay of one sample: `background` (H x W, any scale; TMQ, or the
+// channel `background_name` names) in grey,
 // predicted tropical cyclones (class 1) and atmospheric rivers (class 2)
 // filled in translucent red and blue, the true ones outlined in yellow and
 // cyan, and below it a legend naming each colour.
 Image prediction_picture(const float* background, const std::uint8_t* predicted, const std::int64_t* truth,
-                         std::int64_t height, std::int64_t width);
+                         std::int64_t height, std::int64_t width, const std::string& background_name = "TMQ");
 
 // Writes `image` as a PNG (zlib-compressed, one IDAT) to a temporary name
 // beside `path`, then renames it; a failure leaves no file behind.

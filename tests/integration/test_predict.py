@@ -28,15 +28,15 @@ def trained(tmp_path_factory):
     return tmp, data, run, tmp / "out" / "checkpoint-epoch2.pt"
 
 
-def expected_picture(sample, stats, pred):
-    """The picture as README says it is drawn, computed here: the normalised TMQ (channel 0) in grey
+def expected_picture(sample, stats, pred, channel=0):
+    """The picture as README says it is drawn, computed here: the normalised TMQ (channel 0; or `channel`) in grey
     (255 (x - min) / (max - min), rounded, in float32 as the reader's input is), each predicted
     pixel averaged with its class's colour, and each pixel of a true region with a 4-neighbour
     outside it (or on the border) in its class's edge colour."""
     shift, scale = numpy_scale(stats)
     with h5py.File(sample, "r") as h:
-        x, truth = h["climate/data"][..., 0], h["climate/labels_0"][()]
-    tmq = scale[0] * (x - shift[0])
+        x, truth = h["climate/data"][..., channel], h["climate/labels_0"][()]
+    tmq = scale[channel] * (x - shift[channel])
     lo, hi = tmq.min(), tmq.max()
     grey = np.floor(np.float32(255) * (tmq - lo) / (hi - lo) + np.float32(0.5)).astype(np.int64)
     picture = np.repeat(grey[..., None], 3, axis=-1)
@@ -159,10 +159,33 @@ def test_predict_refusals_name_what_is_missing(trained, tmp_path):
         r = run_host(run, *args, "--set", f"run.output_dir={tmp_path / 'empty'}")
         assert r.returncode == 2 and f"{option} needs a value" in r.stderr, (args, r.stderr)
         assert not (tmp_path / "empty").exists()
-    no_tmq = write_run(tmp_path / "no_tmq.toml", data, tmp_path / "o", data={"channels": [1, 2, 3]})
-    r = run_host(no_tmq, "--predict", ckpt, "--out", tmp_path / "y")
-    assert r.returncode == 2
-    assert "[data] channels" in r.stderr and "TMQ, channel 0" in r.stderr
+
+
+def test_a_model_that_reads_no_tmq_is_drawn_over_its_first_channel(trained, tmp_path):
+    """It was refused ("add 0 to the channels"), and adding 0 was refused as another model's channels: a model
+    trained without TMQ had no --predict at all."""
+    _, data, tmq_run, tmq_ckpt = trained
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run={"max_epochs": 1, "validation_batch_size": 2},
+                    data={"channels": [3, 1, 2]})
+    r = run_host(run, "--quiet")
+    assert r.returncode in (0, 1), r.stderr
+    out = tmp_path / "pred"
+    r = run_host(run, "--predict", tmp_path / "out" / "checkpoint-epoch1.pt", "--out", out, "--samples", 1)
+    assert r.returncode == 0, r.stderr
+    assert (f"note: {run}:") in r.stderr and ("[data] channels = [3, 1, 2] selects no TMQ (channel 0): the pictures "
+                                            "show channel 3 (UBOT), the first it selects, in grey") in r.stderr
+    sample = sorted((data / "validation").glob("*.h5"))[0]
+    pred = np.load(out / "sample-000000.npy")
+    with Image.open(out / "sample-000000.png") as im:
+        pixels = np.asarray(im.convert("RGB"))
+    assert (pixels[:64] == expected_picture(sample, data / "stats.h5", pred, channel=3)).all()
+    # The legend names UBOT where the other says TMQ; its other lines are the same.
+    assert run_host(tmq_run, "--predict", tmq_ckpt, "--out", tmp_path / "tmq", "--samples", 1).returncode == 0
+    with Image.open(tmp_path / "tmq" / "sample-000000.png") as im:
+        tmq_legend = np.asarray(im.convert("RGB"))[64:]
+    legend = pixels[64:]
+    assert legend.shape == tmq_legend.shape
+    assert (legend[:12] != tmq_legend[:12]).any() and (legend[12:] == tmq_legend[12:]).all()
 
 
 def test_a_checkpoint_with_non_finite_logits_predicts_nothing(trained, tmp_path):

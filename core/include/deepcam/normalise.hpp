@@ -15,6 +15,7 @@
 // core/data/normalise.cpp.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -54,6 +55,12 @@ DEEPCAM_API bool select_channels(const float* raw, std::int64_t pixels, std::int
 // The classes a label may hold: 0 background, 1 tropical cyclone, 2
 // atmospheric river (SPEC 1.1).
 constexpr std::int64_t kClasses = 3;
+
+// The 16 input channels of a CAM5 file, in the order of the last axis of
+// climate/data (the reference data set's variable list).
+inline constexpr std::array<const char*, 16> kChannelNames = {
+    "TMQ", "U850", "V850", "UBOT", "VBOT", "QREFHT", "PS", "PSL",
+    "T200", "T500", "PRECT", "TS", "TREFHT", "Z1000", "Z200", "ZBOT"};
 
 // How labels are stored: the element type, in this machine's byte order.
 enum class LabelType { Int8, Int16, Int32, Int64, UInt8, UInt16, UInt32, UInt64, Float16, Float32, Float64 };
