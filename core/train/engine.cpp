@@ -1516,11 +1516,11 @@ class Engine {
     const bool other_ranks = info.world_size > 0 && info.world_size != comm_.size();
     const bool other_batch = info.train_batch_size > 0 && info.train_batch_size != batch;
     if (!other_ranks && !other_batch) return;
-    const std::string theirs =
-        info.train_batch_size > 0
-            ? fmt::format("{} rank{} at a batch of {} each", info.world_size, info.world_size == 1 ? "" : "s",
-                          info.train_batch_size)
-            : fmt::format("{} rank{}", info.world_size, info.world_size == 1 ? "" : "s");
+    // What the file records of them (a file of an earlier version: the ranks alone).
+    std::string theirs = info.world_size > 0 ? fmt::format("{} rank{}", info.world_size,
+                                                           info.world_size == 1 ? "" : "s")
+                                             : "ranks";
+    if (info.train_batch_size > 0) theirs += fmt::format(" at a batch of {} each", info.train_batch_size);
     std::fprintf(stderr,
                  "deepcam-host: note: %s was written by a run of %s; this run has %d at a batch of %lld each (%s) "
                  "and trains on at a global batch of %lld sample%s\n",

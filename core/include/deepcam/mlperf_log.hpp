@@ -66,9 +66,9 @@ class DEEPCAM_API MlperfLog {
   std::FILE* echo_ = nullptr;
   std::string name_;
   bool failed_ = false;
-  std::vector<std::pair<std::string, Metadata>> open_;
-  bool running_ = false;                                  // run_start logged
-  std::vector<std::pair<std::string, CallSite>> settings_;  // events before run_start: key, call site  // "<stem>_start" begun and not ended: stem, metadata
+  std::vector<std::pair<std::string, Metadata>> open_;  // "<stem>_start" begun and not ended: stem, metadata
+  bool running_ = false;                                 // run_start logged
+  std::vector<std::pair<std::string, CallSite>> settings_;  // events before run_start: key, call site
   Json last_epoch_num_;
 };
 
