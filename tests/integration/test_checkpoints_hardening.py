@@ -209,12 +209,12 @@ BAD_FIELDS = {
     "scaler_scale_subnormal": (set_to("scaler", dict(SCALER, scale=1e-45)),
                                "['scaler']['scale'] is 1e-45, so small that its reciprocal, by which the gradients are "
                                "unscaled, is beyond float32's range"),
-    # GradScaler's tracker is an int32 tensor: 2^31 ended the resume as an internal error (exit 3), naming no
-    # field; an interval beyond int32 never let the scale grow (and ATen's CUDA kernel takes it as an int).
     # Taken: the count never met the interval again, and the scale never grew for the rest of the run.
     "scaler_tracker_at_interval": (set_to("scaler", dict(SCALER, _growth_tracker=2000)),
                                    "['scaler']['_growth_tracker'] is 2000, expected below "
                                    "['scaler']['growth_interval'] (2000)"),
+    # GradScaler's tracker is an int32 tensor: 2^31 ended the resume as an internal error (exit 3), naming no
+    # field; an interval beyond int32 never let the scale grow (and ATen's CUDA kernel takes it as an int).
     "scaler_tracker_beyond_int32": (set_to("scaler", dict(SCALER, _growth_tracker=2**31)),
                                     "['scaler']['_growth_tracker'] is 2147483648, expected an integer in 0..2147483647"),
     "scaler_interval_beyond_int32": (set_to("scaler", dict(SCALER, growth_interval=2**32 + 1)),
