@@ -6,7 +6,8 @@ input, for each precision and memory format asked for.
 
 Both sides time whole training steps (forward under autocast where asked,
 the weighted cross entropy, backward, an Adam step, zeroing the gradients)
-on one batch that stays on the device, after --warmup steps; the reference
+on one batch that stays on the device, after 5 warm-up steps each (deepcam-host's
+--benchmark warms up 5: core/train/engine.cpp); the reference
 is the MLCommons DeepLabv3+ (deepcam/src/deepCam/architecture) and its
 CELoss, imported from a checkout named by --ref (it is not part of this
 repository: clone github.com/mlcommons/hpc into peers/hpc, which git
@@ -23,7 +24,10 @@ first alternating, so that a drift in the machine's speed during the run
 (a shared or warming machine) falls on both sides alike. Prints one row per
 set-up with samples/s and step time p50 for both and the ratio ours /
 reference, and writes the table to the section "Training
-step (issue 8 section 5)" of docs/benchmarks.md (--no-docs leaves it).
+step (issue 8 section 5)" of docs/benchmarks.md (--no-docs leaves it) after
+each precision and memory format, so that a run stopped part way (a
+deadline on a borrowed GPU) keeps the rows it measured, marked as such.
+SIGTERM or SIGINT ends both sides' processes.
 
 Usage:
   scripts/bench_step.py --ref peers/hpc                       # CPU: fp32 and amp_bf16, both formats, batch 1
@@ -37,6 +41,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -49,6 +54,9 @@ from bench_common import commit, write_docs
 REPO = Path(__file__).resolve().parents[1]
 BUILD = Path(os.environ.get("DEEPCAM_BUILD_DIR", REPO / "build"))
 SECTION = "## Training step (issue 8 section 5)"
+WARMUP = 5  # deepcam-host's --benchmark warm-up (kWarmup in core/train/engine.cpp): the reference's too
+PRECISIONS = ("fp32", "amp_fp16", "amp_bf16")
+MEMORY_FORMATS = ("contiguous", "channels_last")
 
 
 def run_file(path, data, device, threads, batch):
@@ -85,7 +93,7 @@ def ours(args, run, precision, memory_format, graphs):
 
 
 REFERENCE_LOOP = r"""
-import json, sys, time, torch
+import json, statistics, sys, time, torch
 ref, device, threads, batch, steps, warmup = sys.argv[1:7]
 torch.set_num_threads(int(threads))
 sys.path.insert(0, ref + "/deepcam/src/deepCam")
@@ -146,7 +154,7 @@ class Reference:
         self.errors = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe nobody reads while ours run
         self.proc = subprocess.Popen(
             [python_with_torch(), "-c", REFERENCE_LOOP, str(args.ref.resolve()), args.device, str(args.threads),
-             str(args.batch), str(args.steps), str(args.warmup)],
+             str(args.batch), str(args.steps), str(WARMUP)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True)
 
     def measure(self, precision, memory_format):
@@ -164,16 +172,49 @@ class Reference:
         self.proc.stdin.close()
         self.proc.wait()
 
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def report(args, rows, setups_total, device_name, ref_commit):
+    """The docs section of the rows measured so far."""
+    lines = [args.section, "",
+             f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC with "
+             f"`scripts/bench_step.py {shlex.join(sys.argv[1:])}` (commit {commit(REPO)}; reference mlcommons/hpc "
+             f"{ref_commit}) on {device_name}, {args.threads} threads.", ""]
+    if len(rows) < setups_total:
+        lines += [f"**Incomplete: {len(rows)} of the {setups_total} set-ups asked for had been measured when the "
+                  "run stopped.**", ""]
+    lines += [f"Full-size DeepLabv3+ (768 x 1152, 16 channels), local batch {args.batch}, Adam, one synthetic batch "
+              f"kept on the device; {args.steps} timed steps each after {WARMUP} warm-up steps on both sides. "
+              "samples/s is the mean over the timed steps, step ms (p50) their median. Each precision and memory "
+              "format is measured on both sides in turn, the side that goes first alternating.", "",
+              "| precision | memory format | ours: CUDA graphs | ours samples/s | ours step ms (p50) | "
+              "reference samples/s (eager) | reference step ms (p50) | ours / reference |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
+    for precision, memory_format, graphs, o, r in rows:
+        lines.append(f"| {precision} | {memory_format} | {'on' if graphs else 'off'} | {o[0]:.3f} | {o[1]:.0f} | "
+                     f"{r[0]:.3f} | {r[1]:.0f} | {o[0] / r[0]:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number >= 1")
+    return value
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--ref", type=Path, default=REPO / "peers" / "hpc", help="a checkout of mlcommons/hpc")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=2, help="reference warm-up steps (ours warms up 5)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=positive, default=os.cpu_count())
+    p.add_argument("--batch", type=positive, default=1)
+    p.add_argument("--steps", type=positive, default=3)
     p.add_argument("--setups", default="fp32:contiguous,fp32:channels_last,amp_bf16:contiguous,amp_bf16:channels_last",
                    help="comma-separated PRECISION:MEMORY_FORMAT[:graphs]")
     p.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md")
@@ -183,62 +224,63 @@ def main():
     if not (args.ref / "deepcam" / "src" / "deepCam" / "architecture" / "deeplab_xception.py").exists():
         p.error(f"--ref {args.ref}: not a checkout of mlcommons/hpc (git clone https://github.com/mlcommons/hpc "
                 f"{REPO / 'peers' / 'hpc'})")
-    data = REPO / "runs" / "bench-step" / "data"
-    if not (data / "stats.h5").exists():
-        subprocess.run([str(BUILD / "core" / "deepcam-data"), "synth", "--out", str(data), "--train", "2",
-                        "--validation", "1", "--seed", "5"], check=True, capture_output=True)
     setups = []
     for setup in args.setups.split(","):
         parts = setup.split(":")
         if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "graphs"):
             p.error(f"--setups: {setup!r} is not PRECISION:MEMORY_FORMAT or PRECISION:MEMORY_FORMAT:graphs")
+        if parts[0] not in PRECISIONS or parts[1] not in MEMORY_FORMATS:
+            p.error(f"--setups: {setup!r}: the precision is one of {', '.join(PRECISIONS)}, the memory format one "
+                    f"of {', '.join(MEMORY_FORMATS)}")
+        if len(parts) == 3 and args.device != "cuda":
+            p.error(f"--setups: {setup!r}: CUDA graphs need --device cuda")
         setups.append((parts[0], parts[1], len(parts) == 3))
+    # SIGTERM (a deadline, a batch system) ends this script as SIGINT does, through the clean-up below:
+    # deepcam-host (ended by subprocess.run) and the reference loop do not outlive it.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    data = REPO / "runs" / "bench-step" / "data"
+    if not (data / "stats.h5").exists():
+        r = subprocess.run([str(BUILD / "core" / "deepcam-data"), "synth", "--out", str(data), "--train", "2",
+                            "--validation", "1", "--seed", "5"], capture_output=True, text=True)
+        if r.returncode != 0:
+            sys.exit(f"bench_step: deepcam-data synth failed: {r.stderr.strip()[-2000:]}")
+    device_name = platform.processor() or platform.machine()
+    if args.device == "cuda":
+        device_name = subprocess.run([python_with_torch(), "-c", "import torch; print(torch.cuda.get_device_name(0))"],
+                                     capture_output=True, text=True).stdout.strip()
+    ref_commit = commit(args.ref)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
         run = run_file(Path(tmp) / "run.toml", data, args.device, args.threads, args.batch)
         # One group per (precision, memory format): the reference once (it has no graphs) and each of our
         # set-ups, the reference first in every other group.
         ref = Reference(args)
-        groups = {}
-        for precision, memory_format, graphs in setups:
-            groups.setdefault((precision, memory_format), []).append(graphs)
-        for index, ((precision, memory_format), graph_choices) in enumerate(groups.items()):
-            ours_first = index % 2 == 1
-            measured = {}
-            if ours_first:
-                measured.update({g: ours(args, run, precision, memory_format, g) for g in graph_choices})
-            r = ref.measure(precision, memory_format)
-            if not ours_first:
-                measured.update({g: ours(args, run, precision, memory_format, g) for g in graph_choices})
-            for graphs in graph_choices:
-                o = measured[graphs]
-                rows.append((precision, memory_format, graphs, o, r))
-                print(f"{precision} {memory_format}{' graphs' if graphs else ''}: ours {o[0]:.3f} samples/s, "
-                      f"reference {r[0]:.3f} samples/s, ratio {o[0] / r[0]:.2f}", flush=True)
-        ref.close()
-    device_name = platform.processor() or platform.machine()
-    if args.device == "cuda":
-        device_name = subprocess.run([python_with_torch(), "-c", "import torch; print(torch.cuda.get_device_name(0))"],
-                                     capture_output=True, text=True).stdout.strip()
-    ref_commit = commit(args.ref)
-    lines = [args.section, "",
-             f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC with "
-             f"`scripts/bench_step.py {shlex.join(sys.argv[1:])}` (commit {commit(REPO)}; reference mlcommons/hpc "
-             f"{ref_commit}) on {device_name}, {args.threads} threads.", "",
-             f"Full-size DeepLabv3+ (768 x 1152, 16 channels), local batch {args.batch}, Adam, one synthetic batch "
-             f"kept on the device; {args.steps} timed steps each after warm-up. samples/s is the mean over the "
-             "timed steps. Each precision and memory format is measured on both sides in turn, the side that goes "
-             "first alternating.", "",
-             "| precision | memory format | ours: CUDA graphs | ours samples/s | ours step ms (p50) | "
-             "reference samples/s (eager) | reference step ms (p50) | ours / reference |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
-    for precision, memory_format, graphs, o, r in rows:
-        lines.append(f"| {precision} | {memory_format} | {'on' if graphs else 'off'} | {o[0]:.3f} | {o[1]:.0f} | "
-                     f"{r[0]:.3f} | {r[1]:.0f} | {o[0] / r[0]:.2f} |")
-    report = "\n".join(lines) + "\n"
-    print(report)
+        try:
+            groups = {}
+            for precision, memory_format, graphs in setups:
+                groups.setdefault((precision, memory_format), []).append(graphs)
+            for index, ((precision, memory_format), graph_choices) in enumerate(groups.items()):
+                ours_first = index % 2 == 1
+                measured = {}
+                if ours_first:
+                    measured.update({g: ours(args, run, precision, memory_format, g) for g in graph_choices})
+                r = ref.measure(precision, memory_format)
+                if not ours_first:
+                    measured.update({g: ours(args, run, precision, memory_format, g) for g in graph_choices})
+                for graphs in graph_choices:
+                    o = measured[graphs]
+                    rows.append((precision, memory_format, graphs, o, r))
+                    print(f"{precision} {memory_format}{' graphs' if graphs else ''}: ours {o[0]:.3f} samples/s, "
+                          f"reference {r[0]:.3f} samples/s, ratio {o[0] / r[0]:.2f}", flush=True)
+                if not args.no_docs and len(rows) < len(setups):
+                    write_docs(args.docs, args.section, report(args, rows, len(setups), device_name, ref_commit))
+            ref.close()
+        finally:
+            ref.kill()
+    text = report(args, rows, len(setups), device_name, ref_commit)
+    print(text)
     if not args.no_docs:
-        write_docs(args.docs, args.section, report)
+        write_docs(args.docs, args.section, text)
     return 0
 
 
