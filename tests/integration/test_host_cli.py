@@ -506,7 +506,8 @@ def test_a_library_of_another_kind_whose_initialiser_throws_does_not_stop_a_look
     env = plugin_env(FIXTURES)
     r = run_host("--describe", "optimizer/sgdd", env=env)
     assert r.returncode == 2, r.stderr
-    assert "no optimizer plugin named 'sgdd'; found: sgd (" in r.stderr and "initthrows" not in r.stderr, r.stderr
+    assert "no optimizer plugin named 'sgdd'; found: " in r.stderr and " sgd (" in r.stderr, r.stderr
+    assert "initthrows" not in r.stderr, r.stderr
     r = run_host("--describe", "optimizer", env=env)
     assert r.returncode == 0 and "sgd" in r.stdout and "initthrows" not in r.stderr, r.stderr
 
