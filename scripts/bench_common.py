@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: writing their section of docs/benchmarks.md."""
+"""What the benchmark scripts share: writing their section of docs/benchmarks.md,
+and running the project's tools so that a failure reads as the tool's own message."""
 
 import os
 import subprocess
@@ -39,3 +40,19 @@ def commit(repo):
     if r.returncode == 0 and len(lines) == 2 and Path(lines[0]).resolve() == Path(repo).resolve():
         return lines[1][:7]
     return os.environ.get("DEEPCAM_COMMIT", "unknown") if Path(repo).resolve() == REPO else "unknown"
+
+
+class ToolFailed(Exception):
+    """A tool a benchmark runs exited non-zero; the message is the last line of its stderr."""
+
+
+def run_tool(cmd, **kwargs):
+    """subprocess.run with the output captured as text. A tool says what went wrong in its last
+    line of stderr; check=True would hide that line behind a CalledProcessError traceback, so a
+    non-zero exit raises ToolFailed with that line, for the script to print as its error."""
+    cmd = [str(c) for c in cmd]
+    r = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    if r.returncode != 0:
+        lines = (r.stderr.strip() or r.stdout.strip()).splitlines()
+        raise ToolFailed(f"{Path(cmd[0]).name} exited {r.returncode}: {lines[-1] if lines else 'no message'}")
+    return r

@@ -38,7 +38,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_common import commit, write_docs
+from bench_common import ToolFailed, commit, run_tool, write_docs
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = Path(os.environ.get("DEEPCAM_BUILD_DIR", REPO / "build"))
@@ -49,6 +49,18 @@ WAIT = re.compile(r"gradient all-reduce over (\d+) ranks: ([0-9.]+) ms waited pe
 
 def events(log):
     return [json.loads(l.split(":::MLLOG ", 1)[1]) for l in Path(log).read_text().splitlines() if ":::MLLOG" in l]
+
+
+def describe_set(data):
+    """(training samples, height, width) of the set in `data`: what was measured, which a set made by an
+    earlier run with other --train or sizes decides, not this run's options."""
+    files = sorted((Path(data) / "train").glob("*.h5"))
+    if not files:
+        raise ValueError(f"{Path(data) / 'train'} holds no .h5 files")
+    import h5py
+    with h5py.File(files[0], "r") as f:
+        height, width = f["climate/data"].shape[:2]
+    return len(files), height, width
 
 
 def one_run(ranks, data, out, args):
@@ -92,6 +104,8 @@ def main():
             p.error(f"--{opt} must be at least 1")
     if args.epochs < 2:
         p.error("--epochs must be at least 2 (the first is not measured)")
+    if args.data.exists() and not args.data.is_dir():
+        p.error(f"--data {args.data} is not a directory")
     make_data = not (args.data / "stats.h5").exists()
     # Two ranks share the set: each needs a batch of its own, or deepcam-host refuses the run after the
     # one-rank runs have been made.
@@ -99,9 +113,18 @@ def main():
         p.error(f"--train must be at least twice --batch (each of two ranks reads a batch): {args.train} < "
                 f"2 x {args.batch}")
     if make_data:
-        subprocess.run([str(BUILD / "core" / "deepcam-data"), "synth", "--out", str(args.data), "--train",
-                        str(args.train), "--validation", "8", "--height", "96", "--width", "144", "--seed", "11"],
-                       check=True, capture_output=True)
+        try:
+            run_tool([BUILD / "core" / "deepcam-data", "synth", "--out", args.data, "--train", args.train,
+                      "--validation", "8", "--height", "96", "--width", "144", "--seed", "11"])
+        except ToolFailed as e:
+            p.error(f"--data {args.data}: making the set: {e}")
+    try:
+        data_set = describe_set(args.data)
+    except (ValueError, OSError) as e:
+        p.error(f"--data {args.data}: {e}")
+    if data_set[0] < 2 * args.batch:
+        p.error(f"--data {args.data} holds {data_set[0]} training samples, fewer than twice --batch {args.batch} "
+                "(each of two ranks reads a batch)")
     results = {1: [], 2: []}
     with tempfile.TemporaryDirectory(prefix="bench-ranks-") as tmp:
         for i in range(args.repeat):
@@ -109,6 +132,16 @@ def main():
                 results[ranks].append(one_run(ranks, args.data, Path(tmp) / f"r{ranks}-{i}", args))
                 print(f"run {i + 1}/{args.repeat}, {ranks} rank(s): {results[ranks][-1][0] * 1e3:.1f} ms/step",
                       flush=True)
+    text = report(args, results, *data_set)
+    print(text)
+    if not args.no_docs:
+        write_docs(args.docs, SECTION, text)
+    return 0
+
+
+def report(args, results, samples, height, width):
+    """The section's text from each rank count's runs [(s per step, samples/s, wait ms or None)] and the
+    set's size (describe_set)."""
     med = {r: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v),
                statistics.median(x[2] for x in v) if v[0][2] is not None else None) for r, v in results.items()}
     ratio = med[2][0] / med[1][0]
@@ -119,8 +152,9 @@ def main():
              f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC with `{command.strip()}` "
              f"(commit {commit(REPO)}) on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"load average {load:.2f} at the end.", "",
-             f"The quickstart model (configs/quickstart.toml) at 96 x 144 pixels, {args.train} training samples, "
-             f"local batch {args.batch}, one LibTorch thread and one reader thread per rank, Gloo over loopback. "
+             f"The quickstart model (configs/quickstart.toml) at {height} x {width} pixels, {samples} training "
+             f"samples, local batch {args.batch}, one LibTorch thread and one reader thread per rank, Gloo over "
+             "loopback. "
              f"Each figure is the median of {args.repeat} runs of {args.epochs} epochs; the first epoch of each "
              "run is not counted, nor validation. samples/s counts all ranks.", "",
              "| ranks | ms per step | samples/s | all-reduce wait per step (ms) |", "|---:|---:|---:|---:|"]
@@ -130,11 +164,7 @@ def main():
     lines += ["", f"Two-rank step time / one-rank step time: {ratio:.3f} (goal <= 1.15: {verdict}). "
               "The wait is rank 0's time in GradientAllReduce::finish(), after its backward pass, for buckets "
               "still being exchanged.", ""]
-    report = "\n".join(lines)
-    print(report)
-    if not args.no_docs:
-        write_docs(args.docs, SECTION, report)
-    return 0
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

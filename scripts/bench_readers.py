@@ -78,7 +78,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import write_docs
+from bench_common import ToolFailed, run_tool, write_docs
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Readers (issue 3 section 7)"
@@ -249,14 +249,13 @@ def make_data(args, tool):
     h5, npy = args.data / "h5", args.data / "npy"
     if not (h5 / "train").is_dir() or not any((h5 / "train").glob("*.h5")):
         say(f"writing a synthetic set ({args.train} training samples, {args.height} x {args.width}) to {h5}")
-        subprocess.run([str(tool), "synth", "--out", str(h5), "--train", str(args.train), "--validation",
-                        str(args.validation), "--height", str(args.height), "--width", str(args.width)],
-                       check=True, capture_output=True)
+        run_tool([tool, "synth", "--out", h5, "--train", args.train, "--validation", args.validation,
+                  "--height", args.height, "--width", args.width])
     else:
         say(f"reusing {h5}")
     # Resumable: pairs already converted are only checked (headers and sizes).
     say(f"converting {h5} to {npy} (or checking an earlier conversion)")
-    subprocess.run([str(tool), "convert", str(h5), str(npy)], check=True, capture_output=True)
+    run_tool([tool, "convert", h5, npy])
     return h5, npy
 
 
@@ -440,9 +439,12 @@ def build_report(args, rows, prefetch, goals, notes, context):
             out.append(f"- {n}")
         out.append("")
     cpu, ncpu, mem = context["machine"]
+    # The benchmark keeps at most --threads cores busy; a load above that is someone else's.
+    whose = ("the benchmark's own" if context["load_end"][0] <= args.threads
+             else f"above the benchmark's {args.threads} threads: the machine was busy with other work")
     out.append(f"Machine: {ncpu} CPUs ({cpu}), {mem / 2**30:.1f} GiB memory, disk {context['disk']}; "
                f"{platform.system()} {platform.release()}. Load average (1 min) {context['load'][0]:.2f} at the "
-               f"start, {context['load_end'][0]:.2f} at the end (the benchmark's own); compiler processes "
+               f"start, {context['load_end'][0]:.2f} at the end ({whose}); compiler processes "
                f"running: {context['compilers']} at the start, {context['compilers_end']} at the end.")
     out.append("")
     return "\n".join(out)
@@ -488,6 +490,13 @@ def main():
     for opt in ("train", "batch_size", "threads", "depth", "repeat", "prefetch_epochs"):
         if getattr(args, opt) < 1:
             p.error(f"--{opt.replace('_', '-')} must be at least 1")
+    if args.validation < 0:
+        p.error("--validation must be at least 0")
+    for opt in ("height", "width"):  # deepcam-data synth's range
+        if not 16 <= getattr(args, opt) <= 16384:
+            p.error(f"--{opt} must be between 16 and 16384, got {getattr(args, opt)}")
+    if args.data.exists() and not args.data.is_dir():
+        p.error(f"--data {args.data} is not a directory")
     tool = args.build_dir / "core" / "deepcam-data"
     if not tool.is_file():
         p.error(f"{tool} is not built; run scripts/setup.sh or ninja -C {args.build_dir} core/deepcam-data")
@@ -499,8 +508,11 @@ def main():
             "the numbers will be noise")
     command = "scripts/bench_readers.py" + ("" if len(sys.argv) == 1 else " " + shlex.join(sys.argv[1:]))
 
-    args.data.mkdir(parents=True, exist_ok=True)
-    h5_root, npy_root = make_data(args, tool)
+    try:
+        args.data.mkdir(parents=True, exist_ok=True)
+        h5_root, npy_root = make_data(args, tool)
+    except (ToolFailed, OSError) as e:
+        p.error(f"--data {args.data}: {e}")
     roots = {"h5": h5_root, "npy": npy_root}
     samples = {f: split_samples(roots[f], f) for f in roots}
     files = {f: files_of(samples[f]) for f in roots}

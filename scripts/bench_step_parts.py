@@ -5,10 +5,11 @@ the train IoU of a logged step (ATen's argmax over classes and masked counts,
 before; argmax(softmax) by comparisons and one bincount, after) and the
 divergence watch's global gradient norm over the reference model's
 parameters (computed by the engine before; read from LAMB's own step after).
-Writes the table into docs/benchmarks.md with the machine, its load and the
-command.
+Each pair of columns is timed alternately in one loop, so that other work on
+the machine slows both alike. Writes the table into docs/benchmarks.md (or
+--docs) with the machine, its load and the command.
 
-    .venv/bin/python scripts/bench_step_parts.py [--repeats N] [--no-docs]
+    .venv/bin/python scripts/bench_step_parts.py [--repeats N] [--docs FILE | --no-docs]
 """
 
 import argparse
@@ -16,10 +17,11 @@ import datetime
 import json
 import os
 import platform
-import subprocess
+import shlex
+import sys
 from pathlib import Path
 
-from bench_common import commit, write_docs
+from bench_common import ToolFailed, commit, run_tool, write_docs
 
 REPO = Path(__file__).resolve().parents[1]
 HEADING = "## The step's bookkeeping: train IoU and the divergence watch"
@@ -34,18 +36,28 @@ def cpu_name():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=21)
+    ap.add_argument("--repeats", type=int, default=21, help="timed runs of each column, the median is shown")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--build", type=Path, default=REPO / "build")
+    ap.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md")
     ap.add_argument("--no-docs", action="store_true", help="print only")
     args = ap.parse_args()
-
+    for opt in ("repeats", "threads"):
+        if getattr(args, opt) < 1:
+            ap.error(f"--{opt} must be at least 1")
     probe = args.build / "tests" / "step_parts_probe"
+    if not probe.is_file():
+        ap.error(f"--build {args.build}: no {probe.relative_to(args.build)} in it; build it with "
+                 f"ninja -C {args.build} tests/step_parts_probe")
     state_dict = REPO.parent / "shared" / "testdata" / "reference_state_dict.txt"
+    command = "scripts/bench_step_parts.py" + ("" if len(sys.argv) == 1 else " " + shlex.join(sys.argv[1:]))
+
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     load_before = os.getloadavg()[0]
-    out = subprocess.run([str(probe), str(state_dict), str(args.repeats)], capture_output=True, text=True,
-                         env=env, check=True).stdout
+    try:
+        out = run_tool([probe, state_dict, args.repeats], env=env).stdout
+    except ToolFailed as e:
+        sys.exit(f"bench_step_parts: {e}")
     load_after = os.getloadavg()[0]
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
@@ -68,14 +80,14 @@ def main():
         f"{commit(REPO)}, load average {load_before:.1f} before and {load_after:.1f} after (other work on the "
         "machine slows both columns alike: they run interleaved in one process). Medians of "
         f"{args.repeats} runs.", "",
-        "Command: `.venv/bin/python scripts/bench_step_parts.py`", "",
+        f"Command: `{command}`", "",
         *table, "",
         "The IoU is computed once per logged step (for the MLPerf log and the progress line together); "
         "before, each step of the watch also computed the global gradient norm that a LAMB step computes "
         "for its clipping anyway. Both IoU columns give the same scores on these random logits (the new one "
         "is the reference's argmax(softmax) exactly, also at near-ties, where argmax of the logits is not).",
     ])
-    write_docs(REPO / "docs" / "benchmarks.md", HEADING, text)
+    write_docs(args.docs, HEADING, text)
 
 
 if __name__ == "__main__":

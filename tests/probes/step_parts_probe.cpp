@@ -11,11 +11,14 @@
 //   over gradients with the reference model's parameter shapes (read from
 //   STATE_DICT_TXT, testdata/reference_state_dict.txt): the cost a LAMB step
 //   no longer pays, since the watch reads LAMB's own norm.
-// Prints one JSON object per line; medians of REPEATS runs in milliseconds.
+// Prints one JSON object per line; medians of REPEATS (>= 1) runs in
+// milliseconds. A "before" and its "after" alternate in one loop, so that
+// other work on the machine slows both alike.
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -28,16 +31,42 @@
 
 namespace {
 
+double elapsed_ms(const std::function<void()>& work) {
+  const auto t0 = std::chrono::steady_clock::now();
+  work();
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// The median of a non-empty list: for an even count, the mean of the two
+// middle values.
+double median(std::vector<double> ms) {
+  std::sort(ms.begin(), ms.end());
+  const std::size_t mid = ms.size() / 2;
+  return ms.size() % 2 == 1 ? ms[mid] : (ms[mid - 1] + ms[mid]) / 2.0;
+}
+
+struct BeforeAfter {
+  double before_ms, after_ms;
+};
+
+// Each is warmed up once, then the two alternate `repeats` times.
+BeforeAfter interleaved_medians_ms(int repeats, const std::function<void()>& before,
+                                   const std::function<void()>& after) {
+  before();
+  after();
+  std::vector<double> before_ms, after_ms;
+  for (int i = 0; i < repeats; ++i) {
+    before_ms.push_back(elapsed_ms(before));
+    after_ms.push_back(elapsed_ms(after));
+  }
+  return {median(before_ms), median(after_ms)};
+}
+
 double median_ms(int repeats, const std::function<void()>& work) {
   work();  // warm-up
   std::vector<double> ms;
-  for (int i = 0; i < repeats; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    work();
-    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
+  for (int i = 0; i < repeats; ++i) ms.push_back(elapsed_ms(work));
+  return median(ms);
 }
 
 // The engine's IoU before: ATen's argmax over classes, then per class three
@@ -91,19 +120,27 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: step_parts_probe STATE_DICT_TXT REPEATS\n");
     return 2;
   }
-  const int repeats = std::atoi(argv[2]);
+  errno = 0;
+  char* end = nullptr;
+  const long repeats = std::strtol(argv[2], &end, 10);
+  if (end == argv[2] || *end != '\0' || errno != 0 || repeats < 1 || repeats > 1'000'000) {
+    std::fprintf(stderr, "step_parts_probe: REPEATS must be a whole number from 1 to 1000000, got '%s'\n", argv[2]);
+    return 2;
+  }
   at::manual_seed(0);
   const std::vector<std::vector<std::int64_t>> batches = {{4, 3, 96, 144}, {2, 3, 768, 1152}};
   for (const auto& shape : batches) {
     const at::Tensor logits = at::randn(shape);
     const at::Tensor labels = at::randint(0, 3, {shape[0], shape[2], shape[3]});
     const bool same = deepcam::iou_per_sample(logits, labels).allclose(iou_by_argmax(logits, labels));
+    const BeforeAfter ms = interleaved_medians_ms(
+        static_cast<int>(repeats), [&] { iou_by_argmax(logits, labels); },
+        [&] { deepcam::iou_per_sample(logits, labels); });
     std::printf("{\"part\": \"train IoU\", \"shape\": [%lld, %lld, %lld, %lld], \"before_ms\": %.3f, "
                 "\"after_ms\": %.3f, \"same_scores\": %s}\n",
                 static_cast<long long>(shape[0]), static_cast<long long>(shape[1]),
                 static_cast<long long>(shape[2]), static_cast<long long>(shape[3]),
-                median_ms(repeats, [&] { iou_by_argmax(logits, labels); }),
-                median_ms(repeats, [&] { deepcam::iou_per_sample(logits, labels); }), same ? "true" : "false");
+                ms.before_ms, ms.after_ms, same ? "true" : "false");
   }
   std::vector<at::Tensor> grads;
   std::int64_t elements = 0;
@@ -114,6 +151,6 @@ int main(int argc, char** argv) {
   std::printf("{\"part\": \"watch's gradient norm\", \"tensors\": %zu, \"elements\": %lld, \"before_ms\": %.3f, "
               "\"after_ms\": 0}\n",
               grads.size(), static_cast<long long>(elements),
-              median_ms(repeats, [&] { at::stack(at::_foreach_norm(grads, 2)).norm(); }));
+              median_ms(static_cast<int>(repeats), [&] { at::stack(at::_foreach_norm(grads, 2)).norm(); }));
   return 0;
 }
