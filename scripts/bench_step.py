@@ -49,7 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import commit, write_docs
+from bench_common import ToolFailed, commit, run_tool, write_docs
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = Path(os.environ.get("DEEPCAM_BUILD_DIR", REPO / "build"))
@@ -240,10 +240,11 @@ def main():
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     data = REPO / "runs" / "bench-step" / "data"
     if not (data / "stats.h5").exists():
-        r = subprocess.run([str(BUILD / "core" / "deepcam-data"), "synth", "--out", str(data), "--train", "2",
-                            "--validation", "1", "--seed", "5"], capture_output=True, text=True)
-        if r.returncode != 0:
-            sys.exit(f"bench_step: deepcam-data synth failed: {r.stderr.strip()[-2000:]}")
+        try:
+            run_tool([BUILD / "core" / "deepcam-data", "synth", "--out", data, "--train", 2, "--validation", 1,
+                      "--seed", 5])
+        except ToolFailed as e:
+            sys.exit(f"bench_step: making the set in {data}: {e}")
     device_name = platform.processor() or platform.machine()
     if args.device == "cuda":
         device_name = subprocess.run([python_with_torch(), "-c", "import torch; print(torch.cuda.get_device_name(0))"],

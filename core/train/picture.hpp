@@ -22,7 +22,7 @@ struct Image {
 // filled in translucent red and blue, the true ones outlined in yellow and
 // cyan, and below it a legend naming each colour.
 Image prediction_picture(const float* background, const std::uint8_t* predicted, const std::int64_t* truth,
-                         std::int64_t height, std::int64_t width, const std::string& background_name = "TMQ");
+                         std::int64_t height, std::int64_t width, const std::string& background_name);
 
 // Writes `image` as a PNG (zlib-compressed, one IDAT) to a temporary name
 // beside `path`, then renames it; a failure leaves no file behind.

@@ -84,3 +84,45 @@ def test_a_report_of_fewer_rows_than_setups_says_it_is_incomplete():
     assert "| amp_bf16 | channels_last | off | 10.000 | 100 | 8.000 | 125 | 1.25 |" in partial
     assert f"after {bench_step.WARMUP} warm-up steps on both sides" in partial
     assert "Incomplete" not in bench_step.report(args, rows, 1, "cpu", "abc1234")
+
+
+def test_a_run_stopped_part_way_keeps_the_rows_it_measured(ref, tmp_path, monkeypatch):
+    """A deadline on a borrowed GPU stopped the run in its second set-up: the table was written only at the end,
+    so nothing measured was kept. Both sides are stand-ins here (the real ones take minutes per step)."""
+    monkeypatch.setattr(bench_step, "REPO", tmp_path)
+    data = tmp_path / "runs" / "bench-step" / "data"
+    data.mkdir(parents=True)
+    (data / "stats.h5").touch()  # only named in the run file, which the stand-in for ours does not read
+    calls = []
+
+    def ours(args, run, precision, memory_format, graphs):
+        calls.append(precision)
+        if len(calls) == 2:
+            raise SystemExit(143)  # SIGTERM's handler, in the second set-up
+        return 2.0, 500.0
+
+    class Reference:
+        def __init__(self, args):
+            pass
+
+        def measure(self, precision, memory_format):
+            return 1.0, 1000.0
+
+        def close(self):
+            pass
+
+        def kill(self):
+            pass
+
+    monkeypatch.setattr(bench_step, "ours", ours)
+    monkeypatch.setattr(bench_step, "Reference", Reference)
+    monkeypatch.setattr(bench_step.signal, "signal", lambda *args: None)  # pytest's own SIGTERM stays
+    docs = tmp_path / "b.md"
+    monkeypatch.setattr(sys, "argv", ["bench_step.py", "--ref", str(ref), "--docs", str(docs),
+                                      "--setups", "fp32:contiguous,amp_bf16:channels_last"])
+    with pytest.raises(SystemExit):
+        bench_step.main()
+    text = docs.read_text()
+    assert "**Incomplete: 1 of the 2 set-ups asked for had been measured when the run stopped.**" in text, text
+    assert "| fp32 | contiguous | off | 2.000 | 500 | 1.000 | 1000 | 2.00 |" in text, text
+    assert "amp_bf16" not in text.split("| precision |")[1], text
