@@ -260,10 +260,17 @@ std::vector<std::string> model_differences(const Fields& f, const ModelConfig& m
   return differ;
 }
 
+// A checkpoint of other input channels: refused in the same words whether
+// its weights fit this model (reordered) or not (fewer, more).
+[[noreturn]] void fail_on_other_channels(const Fields& f, const std::string& channels) {
+  f.fail(fmt::format("written for other input channels: {}; use the channels it was trained on", channels));
+}
+
 // When the model's entries do not fit: the model keys that differ, if the
 // checkpoint says.
 void fail_on_other_model(const Fields& f, const ModelConfig& mine) {
   const std::vector<std::string> differ = model_differences(f, mine);
+  if (differ.size() == 1 && differ.front() == channel_difference(f, mine)) fail_on_other_channels(f, differ.front());
   if (!differ.empty()) {
     f.fail(fmt::format("written for another model: {}; use the settings of the run that wrote it",
                        fmt::join(differ, "; ")));
@@ -336,7 +343,7 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
   // Every weight fits, but the first convolution's would meet other fields
   // than it learnt.
   if (const std::string channels = channel_difference(f, options.model); !channels.empty()) {
-    f.fail(fmt::format("written for other input channels: {}; use the channels it was trained on", channels));
+    fail_on_other_channels(f, channels);
   }
   info.other_model_settings = model_differences(f, options.model);
 

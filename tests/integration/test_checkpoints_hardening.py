@@ -299,12 +299,21 @@ def test_a_checkpoint_of_other_input_channels_is_refused_naming_both(tmp_path, d
             f"the checkpoint, [{', '.join(map(str, channels[::-1]))}] in this run ({tmp_path / 'eval.toml'}:"
             ) in r.stderr, r.stderr[-3000:]
     assert torch.load(trained, weights_only=True)["data_channels"] == channels
-    # Fewer: named by the channels, not by the first convolution's shape.
+    # Fewer: named by the channels, not by the first convolution's shape, in the same words.
     fewer = write_run(tmp_path / "fewer.toml", data, tmp_path / "eval", data={"channels": [0, 1, 2]})
     r = run_host(fewer, "--evaluate", trained)
     assert r.returncode == 2, r.stderr[-3000:]
+    assert (f"{trained}: written for other input channels: [data] channels = [{', '.join(map(str, channels))}] in "
+            f"the checkpoint, [0, 1, 2] in this run ({tmp_path / 'fewer.toml'}:") in r.stderr, r.stderr[-3000:]
+    assert "use the channels it was trained on" in r.stderr
+    # Fewer channels and another model key: both named, as another model.
+    both = write_run(tmp_path / "both.toml", data, tmp_path / "eval", data={"channels": [0, 1, 2]},
+                     model={"middle_blocks": 2})
+    r = run_host(both, "--evaluate", trained)
+    assert r.returncode == 2, r.stderr[-3000:]
     assert (f"{trained}: written for another model: [data] channels = [{', '.join(map(str, channels))}] in the "
             "checkpoint, [0, 1, 2] in this run") in r.stderr, r.stderr[-3000:]
+    assert "[model] middle_blocks = 1 in the checkpoint, 2 in this run" in r.stderr, r.stderr[-3000:]
     # A checkpoint without the key (Python's, the reference's) is taken as it was.
     ckpt = torch.load(trained, weights_only=True)
     del ckpt["data_channels"]
