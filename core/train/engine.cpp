@@ -1841,6 +1841,36 @@ void remove_earlier_file(const RunConfig& cfg, const fs::path& path) {
                path.string().c_str(), is_checkpoint_name(path.filename().string()) ? "a checkpoint" : "the record");
 }
 
+// Why no file can be made in the folder `dir` (the system's words), or ""
+// when one can: a file that only this process can have made, removed at once.
+std::string cannot_write_in(const fs::path& dir) {
+  const fs::path probe = dir / fmt::format(".deepcam-write-test.tmp-{}", ::getpid());
+  const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd < 0) return std::strerror(errno);
+  ::close(fd);
+  ::unlink(probe.c_str());
+  return "";
+}
+
+// --predict's --out, checked before the checkpoint is read: a folder that
+// can be written, or one that can be made where the nearest existing
+// folder above it can be written.
+void check_predict_out(const fs::path& out) {
+  std::error_code ec;
+  fs::path existing = out;
+  while (!existing.empty() && !fs::exists(fs::symlink_status(existing, ec)) && existing != existing.parent_path()) {
+    existing = existing.parent_path();
+  }
+  if (existing.empty()) existing = ".";
+  if (!fs::is_directory(existing, ec)) {
+    throw Error(fmt::format("--out {}: cannot create the folder: {} is not a folder", out.string(),
+                            existing.string()));
+  }
+  if (const std::string why = cannot_write_in(existing); !why.empty()) {
+    throw Error(fmt::format("--out {}: cannot write in {}: {}", out.string(), existing.string(), why));
+  }
+}
+
 // A --predict file: sample-<digits>.npy or .png.
 bool is_prediction_name(const std::string& name) {
   const std::string stem = "sample-";
@@ -1915,15 +1945,8 @@ bool check_outputs(const RunConfig& cfg, const fs::path& out_dir, const fs::path
                    std::vector<fs::path>& to_remove) {
   std::error_code ec;
   const std::string dir_key = cfg.run.where("output_dir");
-  {
-    // A file that only this process can have made, removed at once.
-    const fs::path probe = out_dir / fmt::format(".deepcam-write-test.tmp-{}", ::getpid());
-    const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd < 0) {
-      throw Error(fmt::format("{}: cannot write in {}: {}", dir_key, out_dir.string(), std::strerror(errno)));
-    }
-    ::close(fd);
-    ::unlink(probe.c_str());
+  if (const std::string why = cannot_write_in(out_dir); !why.empty()) {
+    throw Error(fmt::format("{}: cannot write in {}: {}", dir_key, out_dir.string(), why));
   }
   const fs::path log_dir = log.parent_path();
   if (!fs::is_directory(log_dir, ec)) {
@@ -2080,6 +2103,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
     if (comm.size() > 1) {
       throw Error("--predict runs on one rank: start it without --nproc or a launcher's ranks");
     }
+    check_predict_out(opts.predict_out);
     std::error_code ec;
     std::vector<std::string> earlier;
     if (fs::is_directory(opts.predict_out, ec)) {

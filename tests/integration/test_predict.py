@@ -161,6 +161,21 @@ def test_predict_refusals_name_what_is_missing(trained, tmp_path):
         assert not (tmp_path / "empty").exists()
 
 
+def test_an_out_that_cannot_be_made_is_refused_before_the_checkpoint_is_read(trained, tmp_path):
+    tmp, data, run, ckpt = trained
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    # A damaged checkpoint: read first, it would be the error said.
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"not a checkpoint")
+    for out in (blocker, blocker / "sub" / "predictions"):
+        r = run_host(run, "--predict", damaged, "--out", out)
+        assert r.returncode == 2, r.stderr
+        assert f"--out {out}: cannot create the folder: {blocker} is not a folder" in r.stderr, r.stderr
+        assert str(damaged) not in r.stderr, r.stderr
+    assert blocker.read_text() == "not a folder"
+
+
 def test_a_model_that_reads_no_tmq_is_drawn_over_its_first_channel(trained, tmp_path):
     """It was refused ("add 0 to the channels"), and adding 0 was refused as another model's channels: a model
     trained without TMQ had no --predict at all."""
