@@ -30,17 +30,7 @@ struct Stopped {
 
 extern "C" inline void record_stop_signal(int signal) { record_stop_request(signal); }
 
-inline void stop_on_signals() {
-  struct sigaction action {};
-  action.sa_handler = record_stop_signal;
-  action.sa_flags = SA_RESETHAND;
-  sigemptyset(&action.sa_mask);
-  for (const int signal : {SIGINT, SIGTERM}) {
-    struct sigaction current {};
-    ::sigaction(signal, nullptr, &current);
-    if (current.sa_handler != SIG_IGN) ::sigaction(signal, &action, nullptr);
-  }
-}
+inline void stop_on_signals() { catch_stop_signals(record_stop_signal, SA_RESETHAND); }
 
 inline void throw_if_stopped() {
   if (const int signal = stop_requested()) throw Stopped{signal};

@@ -240,16 +240,28 @@ class RunRecord {
 // does.
 extern "C" void record_stop_signal(int sig) { record_stop_request(sig); }
 
+// --benchmark writes no file and prints its figures only at its end, so a
+// stop needs no clean-up: SIGINT or SIGTERM says so and ends the process by
+// the signal's default action (SA_RESETHAND), at once, on every rank. Ranks
+// stopping at one step would have to agree on it, which every timed step
+// would pay for.
+extern "C" void end_benchmark(int sig) {
+  static constexpr char kInterrupt[] =
+      "deepcam-host: --benchmark stopped by SIGINT, before its figures; it writes no file\n";
+  static constexpr char kTerminate[] =
+      "deepcam-host: --benchmark stopped by SIGTERM, before its figures; it writes no file\n";
+  // write and raise are async-signal-safe.
+  if (sig == SIGINT) (void)!::write(STDERR_FILENO, kInterrupt, sizeof(kInterrupt) - 1);
+  else (void)!::write(STDERR_FILENO, kTerminate, sizeof(kTerminate) - 1);
+  ::raise(sig);  // delivered, by the default action, as the handler returns
+}
+
 class StopSignals {
  public:
   StopSignals() {
-    struct sigaction sa {};
-    sa.sa_handler = record_stop_signal;
-    sigemptyset(&sa.sa_mask);
     ::sigaction(SIGTERM, nullptr, &old_term_);
     ::sigaction(SIGINT, nullptr, &old_int_);
-    if (old_term_.sa_handler != SIG_IGN) ::sigaction(SIGTERM, &sa, nullptr);
-    if (old_int_.sa_handler != SIG_IGN) ::sigaction(SIGINT, &sa, nullptr);
+    catch_stop_signals(record_stop_signal);
   }
   ~StopSignals() {
     ::sigaction(SIGTERM, &old_term_, nullptr);
@@ -2090,6 +2102,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
 
   if (opts.benchmark_steps > 0) {
     // No log, no config, no checkpoint: the JSON line is the result.
+    catch_stop_signals(end_benchmark, SA_RESETHAND);
     MlperfLog no_log(nullptr, false);
     Engine engine(cfg, no_log, comm);
     engine.build(/*with_optimizer=*/true, /*splits=*/{});

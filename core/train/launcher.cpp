@@ -19,6 +19,7 @@
 #include <cstring>
 
 #include "deepcam/error.hpp"
+#include "deepcam/stop_request.hpp"
 #include "ranks.hpp"
 
 namespace deepcam {
@@ -113,15 +114,8 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
   if (n <= 0) throw Error(fmt::format("--nproc: cannot find this program: {}", std::strerror(errno)));
   self[n] = '\0';
 
-  struct sigaction sa{};
-  sa.sa_handler = remember_signal;
-  sigemptyset(&sa.sa_mask);
   // A signal ignored on entry stays ignored, here and (inherited) in the ranks.
-  for (const int signal : {SIGINT, SIGTERM}) {
-    struct sigaction current {};
-    ::sigaction(signal, nullptr, &current);
-    if (current.sa_handler != SIG_IGN) ::sigaction(signal, &sa, nullptr);
-  }
+  catch_stop_signals(remember_signal);
 
   std::vector<pid_t> pids(static_cast<std::size_t>(nproc), -1);
   std::vector<Stream> streams;

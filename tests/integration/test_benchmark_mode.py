@@ -2,10 +2,13 @@
 line, no files written."""
 
 import json
+import signal
+import subprocess
+import time
 
 import pytest
 
-from helpers import run_host, synth, write_run
+from helpers import HOST, plugin_env, run_host, synth, write_run
 
 
 def test_benchmark_prints_one_json_line_and_writes_nothing(tmp_path):
@@ -81,3 +84,51 @@ def test_a_batch_beyond_the_host_memory_is_said_to_be_out_of_memory(tmp_path):
     assert "deepcam-host: out of memory: " in r.stderr and "can't allocate memory" in r.stderr, r.stderr
     assert "a smaller [run] train_batch_size or validation_batch_size (each per rank) needs less" in r.stderr
     assert "internal error" not in r.stderr
+
+
+def start_benchmark(tmp_path, ignore_sigint=False):
+    """deepcam-host --benchmark of many steps, once it has begun (its resolved configuration printed, just
+    before); `ignore_sigint`: started with SIGINT ignored, as a shell script's background job is."""
+    data = synth(tmp_path / "data", train=2, validation=1)
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run={"threads": 1})
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
+    p = subprocess.Popen([str(HOST), str(run), "--benchmark", "1000000"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=plugin_env(), preexec_fn=ignore)
+    seen = ""
+    while "[scheduler]" not in seen:
+        line = p.stderr.readline()
+        if not line:
+            p.kill()
+            pytest.fail(f"deepcam-host ended before its benchmark:\n{seen}")
+        seen += line
+    time.sleep(1.0)
+    return p
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["interrupt", "terminate"])
+def test_a_stopped_benchmark_says_so_and_ends_by_the_signal(tmp_path, sig):
+    p = start_benchmark(tmp_path)
+    try:
+        p.send_signal(sig)
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    name = "SIGINT" if sig == signal.SIGINT else "SIGTERM"
+    out = tmp_path / "out"
+    assert p.returncode == -sig, (p.returncode, stderr)
+    assert f"deepcam-host: --benchmark stopped by {name}, before its figures; it writes no file" in stderr, stderr
+    assert stdout == "" and not out.exists()
+
+
+def test_a_benchmark_started_ignoring_sigint_keeps_ignoring_it(tmp_path):
+    p = start_benchmark(tmp_path, ignore_sigint=True)
+    try:
+        p.send_signal(signal.SIGINT)
+        time.sleep(2.0)
+        assert p.poll() is None, p.communicate()[1][-3000:]
+        p.send_signal(signal.SIGTERM)
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == -signal.SIGTERM, (p.returncode, stderr)
+    assert "stopped by SIGINT" not in stderr and "stopped by SIGTERM" in stderr, stderr

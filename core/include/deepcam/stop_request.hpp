@@ -29,6 +29,12 @@ DEEPCAM_API int stop_requested() noexcept;
 // handler. 0 withdraws a request (for tests).
 DEEPCAM_API void record_stop_request(int signal) noexcept;
 
+// Installs `handler`, with sigaction's `flags`, for SIGINT and SIGTERM,
+// except for a signal the process was started ignoring (SIGINT in a shell
+// script's background job): that one stays ignored, as Python leaves it.
+// For the programs' own handlers; a plugin installs none.
+DEEPCAM_API void catch_stop_signals(void (*handler)(int), int flags = 0) noexcept;
+
 // Work stopped by a stop request. An Error, so that clean-up written for
 // errors runs; deepcam-host and deepcam-data end with the signal's status
 // rather than an error's. The message says what was stopped and how far it
