@@ -8,6 +8,7 @@
 #include <torch/nn/module.h>
 #include <torch/nn/modules/batchnorm.h>
 #include <torch/types.h>
+#include <ATen/record_function.h>
 #undef CHECK
 #undef CHECK_EQ
 #undef CHECK_NE
@@ -16,6 +17,8 @@
 #undef CHECK_GT
 #undef CHECK_GE
 #include <doctest/doctest.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <cmath>
 #include <fstream>
@@ -322,6 +325,55 @@ TEST_CASE("channels_last on the CPU gives the contiguous model's outputs and gra
     } else {
       CHECK((a - b).norm().item<double>() <= 1e-2 * a.norm().item<double>());
     }
+  }
+}
+
+namespace {
+
+// The convolutions of a training step whose input (forward) or incoming
+// gradient (backward) is not NHWC, as "aten::op CxHxW"; filled by a
+// RecordFunction observer while a test holds it.
+std::vector<std::string> g_not_nhwc;
+
+std::unique_ptr<at::ObserverContext> note_layout(const at::RecordFunction& fn) {
+  const std::string name = fn.name();
+  if (name != "aten::convolution" && name != "aten::convolution_backward") return nullptr;
+  const auto inputs = fn.inputs();
+  for (std::size_t i = 0; i < std::min<std::size_t>(2, inputs.size()); ++i) {
+    if (!inputs[i].isTensor()) continue;
+    const at::Tensor& t = inputs[i].toTensor();
+    if (t.dim() == 4 && !t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+      g_not_nhwc.push_back(fmt::format("{} {}x{}x{}", name, t.size(1), t.size(2), t.size(3)));
+    }
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+TEST_CASE("channels_last: every convolution of a training step reads NHWC") {
+  // With NCHW input, a convolution of NHWC weights converts it (a copy, and
+  // on the CPU a blocked-format kernel): the step would not be NHWC end to end.
+  for (const double width : {0.0625, 1.0}) {
+    INFO("width " << width);
+    DeepLabV3PlusOptions o = tiny(16);
+    o.width = width;
+    torch::manual_seed(3);
+    DeepLabV3Plus model(o);
+    model.module().train();
+    for (auto& p : model.module().parameters()) {
+      if (p.dim() == 4) p.set_data(p.data().contiguous(torch::MemoryFormat::ChannelsLast));
+    }
+    const torch::Tensor x = torch::randn({1, 16, 64, 96}).contiguous(torch::MemoryFormat::ChannelsLast);
+    g_not_nhwc.clear();
+    const at::CallbackHandle handle =
+        at::addThreadLocalCallback(at::RecordFunctionCallback(note_layout).needsInputs(true));
+    const torch::Tensor y = model.forward(x);
+    // An NHWC gradient, as the loss gives (a sum's would be one value broadcast).
+    (y * torch::randn(y.sizes()).contiguous(torch::MemoryFormat::ChannelsLast)).sum().backward();
+    at::removeCallback(handle);
+    CHECK(y.is_contiguous(torch::MemoryFormat::ChannelsLast));
+    CHECK_MESSAGE(g_not_nhwc.empty(), fmt::format("{}", fmt::join(g_not_nhwc, "; ")));
   }
 }
 
