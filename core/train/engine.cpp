@@ -473,10 +473,15 @@ class Engine {
     c_.model = make(cfg_.model, [&](const PluginDescriptor& d) { return d.make_model(cfg_.model.params, mc); });
     c_.model->module().to(device_);
     if (memory_format_ == at::MemoryFormat::ChannelsLast) {
-      // As module.to(memory_format=torch.channels_last): 4-d weights NHWC.
+      // As module.to(memory_format=torch.channels_last): 4-d weights NHWC,
+      // by Tensor.to, which gives a 1x1 kernel NHWC strides too. Its
+      // contiguous ones already count as channels_last, so contiguous()
+      // would keep them, and a convolution of NCHW input would run NCHW.
       at::NoGradGuard no_grad;
       for (at::Tensor& p : c_.model->module().parameters()) {
-        if (p.dim() == 4) p.set_data(p.data().contiguous(at::MemoryFormat::ChannelsLast));
+        if (p.dim() == 4) {
+          p.set_data(p.data().to(p.options(), /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::ChannelsLast));
+        }
       }
     }
     // Every rank starts from rank 0's weights (as DDP's constructor does).

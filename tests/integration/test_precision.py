@@ -111,6 +111,18 @@ def test_channels_last_losses_equal_contiguous(tmp_path, data, device):
     assert abs(nchw[3] - nchw[0]) > 5 * CHANNELS_LAST_TOLERANCE["cuda"] * abs(nchw[0])
 
 
+def test_channels_last_lays_out_every_4d_weight_as_python_module_to_does(tmp_path, data):
+    # Module.to(memory_format=torch.channels_last) gives a 1x1 kernel NHWC strides too, though its
+    # contiguous ones already count as channels_last; a convolution whose input is NCHW follows its
+    # weight's layout, so with the contiguous strides it would run NCHW.
+    losses(tmp_path, data, "nhwc", memory_format="channels_last")
+    ckpt = torch.load(tmp_path / "nhwc" / "checkpoint-epoch1.pt", weights_only=True)
+    four_d = {k: t for k, t in ckpt["model"].items() if t.dim() == 4}
+    assert sum(t.shape[2:] == (1, 1) for t in four_d.values()) > 10
+    for name, t in four_d.items():
+        assert t.stride() == torch.empty(t.shape).to(memory_format=torch.channels_last).stride(), name
+
+
 def test_channels_last_trains_the_quickstart_model_on_the_cpu(tmp_path, quick_data):
     # At width 0.125, block1's strided 1x1 skip convolution sees 8 channels at 48 x 72. oneDNN's
     # own strided NHWC backward pass writes past its buffers there (SIGSEGV or a corrupt heap);
