@@ -256,8 +256,8 @@ struct BottleneckImpl : nn::Module {
     for (auto& branch : aspp) parts.push_back(branch->forward(x));
     // Follows the feature map's size; the reference tiles to a fixed 48x72.
     // Laid out as the feature map: an expanded (stride 0) part would make
-    // the concatenation NCHW, and in channels_last the projection and the
-    // decoder after it would then convert it and run NCHW.
+    // the concatenation NCHW, which in channels_last the projection would
+    // convert back (a copy each way in every step).
     parts.push_back(global_avg_pool->forward(x)
                         .expand({-1, -1, x.size(2), x.size(3)})
                         .contiguous(x.suggest_memory_format()));
