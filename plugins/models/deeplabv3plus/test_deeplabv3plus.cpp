@@ -334,10 +334,12 @@ namespace {
 // gradient (backward) is not NHWC, as "aten::op CxHxW"; filled by a
 // RecordFunction observer while a test holds it.
 std::vector<std::string> g_not_nhwc;
+std::int64_t g_convolutions = 0;  // those seen: none would mean no observer ran
 
 std::unique_ptr<at::ObserverContext> note_layout(const at::RecordFunction& fn) {
   const std::string name = fn.name();
   if (name != "aten::convolution" && name != "aten::convolution_backward") return nullptr;
+  ++g_convolutions;
   const auto inputs = fn.inputs();
   for (std::size_t i = 0; i < std::min<std::size_t>(2, inputs.size()); ++i) {
     if (!inputs[i].isTensor()) continue;
@@ -366,6 +368,7 @@ TEST_CASE("channels_last: every convolution of a training step reads NHWC") {
     }
     const torch::Tensor x = torch::randn({1, 16, 64, 96}).contiguous(torch::MemoryFormat::ChannelsLast);
     g_not_nhwc.clear();
+    g_convolutions = 0;
     const at::CallbackHandle handle =
         at::addThreadLocalCallback(at::RecordFunctionCallback(note_layout).needsInputs(true));
     const torch::Tensor y = model.forward(x);
@@ -373,6 +376,7 @@ TEST_CASE("channels_last: every convolution of a training step reads NHWC") {
     (y * torch::randn(y.sizes()).contiguous(torch::MemoryFormat::ChannelsLast)).sum().backward();
     at::removeCallback(handle);
     CHECK(y.is_contiguous(torch::MemoryFormat::ChannelsLast));
+    CHECK(g_convolutions > 2 * 40);  // every convolution, forward and backward (over 40 of them)
     CHECK_MESSAGE(g_not_nhwc.empty(), fmt::format("{}", fmt::join(g_not_nhwc, "; ")));
   }
 }
