@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The whole program under AddressSanitizer and UndefinedBehaviorSanitizer:
+# deepcam-host, deepcam-data, the core library, every plugin and the test
+# plugins and probes, built in build-sanitize/ (CUDA off, asserts on), then
+# every integration test run against that build. scripts/test.sh sanitizes
+# only the parsers (tests/sanitize/); this finds memory errors anywhere in
+# our code, on every path the integration tests take: many ranks, stop
+# signals, resume, the readers' worker threads.
+#
+#   scripts/sanitize_program.sh            # about 25 minutes to build on 2 cores, 25 to test
+#   scripts/sanitize_program.sh -k resume  # arguments go to pytest
+#
+# The verdict is the sanitizers' reports, not the tests' outcome. Under the
+# sanitizers some tests fail for reasons of their own: those that bound a
+# time, those that expect CUDA's wording, those that compile and run an SDK
+# program (the ASan runtime must come first in a process). The last line is
+# "sanitize_program: N reports" and the exit status is non-zero when N > 0.
+# Reports are kept in runs/sanitize/ (asan.PID, ubsan.PID).
+#
+# LibTorch, HDF5, Gloo and glibc are not instrumented: what they do wrong on
+# their own is not seen, except through the calls ASan intercepts (memcpy,
+# malloc and free, which catch a double free or a bad pointer from anyone).
+set -uo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+
+if ! scripts/setup.sh >/dev/null; then
+  echo "sanitize_program: scripts/setup.sh failed"
+  exit 1
+fi
+export PATH="$top/.venv/bin:$PATH"
+build="$top/build-sanitize"
+if [ ! -f "$build/build.ninja" ]; then
+  # b_lundef=false: the plugins leave the sanitizers' symbols to the program.
+  meson setup "$build" -Db_sanitize=address,undefined -Db_lundef=false -Dcuda=disabled -Dtests=true \
+    -Dbuildtype=debugoptimized -Db_ndebug=false >/dev/null || { echo "sanitize_program: meson setup failed"; exit 1; }
+fi
+# Everything but the doctest executables (a LibTorch compile each, and their
+# cases run in scripts/test.sh): the programs, the plugins, the tests' plugins
+# and probes.
+mapfile -t targets < <(meson introspect --targets "$build" | python -c '
+import json, os, sys
+for t in json.load(sys.stdin):
+    if t["type"] in ("executable", "shared library", "shared module") and not t["name"].startswith("test_"):
+        print(os.path.relpath(t["filename"][0], os.path.realpath(sys.argv[1])))' "$build")
+ninja -C "$build" "${targets[@]}" || { echo "sanitize_program: the build failed"; exit 1; }
+
+reports="$top/runs/sanitize"
+rm -rf "$reports"
+mkdir -p "$reports"
+# detect_leaks=0: LibTorch keeps its registries to the end on purpose.
+# allocator_may_return_null=1: a batch beyond the memory fails as the product
+# says it does (std::bad_alloc), not as ASan's own abort.
+export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:allocator_may_return_null=1:log_path=$reports/asan"
+export UBSAN_OPTIONS="print_stacktrace=1:log_path=$reports/ubsan"
+export DEEPCAM_BUILD_DIR="$build"
+export DEEPCAM_PLUGIN_PATH="$build/plugins"
+# The Slurm scripts' programs (scripts/slurm/), which the Slurm tests run.
+export DEEPCAM_HOST="$build/core/deepcam-host" DEEPCAM_DATA="$build/core/deepcam-data"
+export OMP_WAIT_POLICY=PASSIVE
+python -m pytest -q -p no:cacheprovider -o console_output_style=classic -n 2 --dist loadfile -m "not alone" \
+  tests/integration "$@" | grep -E '^(FAILED|ERROR) |[0-9]+ (passed|failed)'
+python -m pytest -q -p no:cacheprovider -o console_output_style=classic -m alone tests/integration "$@" |
+  grep -E '^(FAILED|ERROR) |[0-9]+ (passed|failed)'
+
+# A test that runs a program under `ulimit -v` leaves a report that ASan
+# could not reserve its shadow memory there: that process ran no code of
+# ours, so it is listed apart, not counted.
+n=0
+for f in "$reports"/*; do
+  [ -f "$f" ] || continue
+  if grep -q "ReserveShadowMemoryRange failed" "$f"; then
+    echo "not run under ASan (a memory limit): ${f#"$top"/}"
+    continue
+  fi
+  n=$((n + 1))
+  echo "--- ${f#"$top"/}"
+  head -n 40 "$f"
+done
+echo "sanitize_program: $n reports"
+[ "$n" -eq 0 ]
