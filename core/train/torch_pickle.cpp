@@ -333,6 +333,9 @@ class RecordChecksums {
       if (!crcs_.emplace(record, crc).second) {
         fail(fmt::format("record '{}' stands twice in its central directory", printable(record)));
       }
+      if (record == "version" || record == ".data/version") {
+        versions_[record] = Place{little_endian(&cd[pos + 42], 4), little_endian(&cd[pos + 20], 4)};
+      }
       // Zip64 keeps a size beyond 32 bits in an extra field; such a record
       // is not counted here.
       if (const std::uint64_t stored = little_endian(&cd[pos + 20], 4); stored != 0xffffffff) total += stored;
@@ -342,6 +345,54 @@ class RecordChecksums {
     if (total > file_size) {
       fail(fmt::format("its records add up to {} bytes, more than the file's {} (entries sharing their bytes?)",
                        total, file_size));
+    }
+  }
+
+  // The archive's format version, as LibTorch's reader would take it
+  // (".data/version" before "version"), checked first: that reader parses
+  // it with std::stoull and checks its range in its constructor, which
+  // then throws without freeing the zip reader it made. No version record
+  // is left to LibTorch's own message.
+  void check_format_version(std::uint64_t file_size) const {
+    auto it = versions_.find(".data/version");
+    if (it == versions_.end()) it = versions_.find("version");
+    if (it == versions_.end()) return;
+    const std::string record = it->first;
+    const auto [at, size] = it->second;
+    if (size > 32) {
+      fail(fmt::format("its '{}' record holds {} bytes, where torch.save writes a number", record, size));
+    }
+    // The local header: 30 bytes, then the name and the extra field.
+    std::ifstream in(path_, std::ios::binary);
+    unsigned char header[30];
+    in.seekg(static_cast<std::streamoff>(at));
+    in.read(reinterpret_cast<char*>(header), sizeof(header));
+    const std::uint64_t data = at + 30 + little_endian(&header[26], 2) + little_endian(&header[28], 2);
+    std::string text(size, '\0');
+    if (in && std::memcmp(header, "PK\x03\x04", 4) == 0 && data + size <= file_size) {
+      in.seekg(static_cast<std::streamoff>(data));
+      in.read(text.data(), static_cast<std::streamsize>(size));
+    }
+    if (!in) fail(fmt::format("cannot read its '{}' record", record));
+    const std::size_t first = text.find_first_not_of(" \t\r\n");
+    const std::size_t last = text.find_last_not_of(" \t\r\n");
+    const std::string digits = first == std::string::npos ? "" : text.substr(first, last - first + 1);
+    if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos) {
+      fail(fmt::format("its '{}' record holds no number (\"{}\")", record, printable(digits)));
+    }
+    std::uint64_t version = 0;
+    for (const char c : digits) {
+      const auto digit = static_cast<std::uint64_t>(c - '0');
+      if (version > (std::numeric_limits<std::uint64_t>::max() - digit) / 10) {
+        fail(fmt::format("its '{}' record holds a number beyond 64 bits", record));
+      }
+      version = version * 10 + digit;
+    }
+    if (version < caffe2::serialize::kMinSupportedFileFormatVersion ||
+        version > caffe2::serialize::kMaxSupportedFileFormatVersion) {
+      fail(fmt::format("its file format version {} is not one this LibTorch reads ({} to {})", version,
+                       caffe2::serialize::kMinSupportedFileFormatVersion,
+                       caffe2::serialize::kMaxSupportedFileFormatVersion));
     }
   }
 
@@ -359,8 +410,14 @@ class RecordChecksums {
  private:
   [[noreturn]] void fail(const std::string& what) const { throw Error(fmt::format("{}: {}", path_, what)); }
 
+  struct Place {
+    std::uint64_t local_header;
+    std::uint64_t size;
+  };
+
   std::string path_;
   std::map<std::string, std::uint32_t> crcs_;
+  std::map<std::string, Place> versions_;
 };
 
 // Loads "data/<key>" once; tensors that name the same key share the storage.
@@ -1100,14 +1157,8 @@ c10::IValue load_torch_save(const std::string& path) {
   try {
     // The central directory first: what it refuses is never read.
     const RecordChecksums checksums(path, file_size);
-    std::unique_ptr<caffe2::serialize::PyTorchStreamReader> opened;
-    try {
-      opened = std::make_unique<caffe2::serialize::PyTorchStreamReader>(path);
-    } catch (const std::out_of_range&) {
-      // LibTorch reads the 'version' record with std::stoull.
-      throw Error(fmt::format("{}: its 'version' record holds a number beyond 64 bits", path));
-    }
-    caffe2::serialize::PyTorchStreamReader& reader = *opened;
+    checksums.check_format_version(file_size);
+    caffe2::serialize::PyTorchStreamReader reader(path);
     if (reader.hasRecord("byteorder")) {
       if (const std::size_t n = reader.getRecordSize("byteorder"); n > 16) {
         throw Error(fmt::format("{}: its 'byteorder' record holds {} bytes, where torch.save writes \"little\" or "
