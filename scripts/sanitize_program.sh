@@ -7,13 +7,14 @@
 # our code, on every path the integration tests take: many ranks, stop
 # signals, resume, the readers' worker threads.
 #
-#   scripts/sanitize_program.sh            # about 25 minutes to build on 2 cores, 25 to test
+#   scripts/sanitize_program.sh            # about 15 minutes to build on 2 cores, 16 to test
 #   scripts/sanitize_program.sh -k resume  # arguments go to pytest
 #
-# The verdict is the sanitizers' reports, not the tests' outcome. Under the
-# sanitizers some tests fail for reasons of their own: those that bound a
-# time, those that expect CUDA's wording, those that compile and run an SDK
-# program (the ASan runtime must come first in a process). The last line is
+# The verdict is the sanitizers' reports, not the tests' outcome (their
+# FAILED lines are printed). Under the sanitizers some tests fail for reasons
+# of their own: those that bound a time or a count of page faults, those that
+# expect CUDA's wording, those that compile and run an SDK program (the ASan
+# runtime must come first in a process). The last line is
 # "sanitize_program: N reports" and the exit status is non-zero when N > 0.
 # Reports are kept in runs/sanitize/ (asan.PID, ubsan.PID).
 #
@@ -48,10 +49,10 @@ ninja -C "$build" "${targets[@]}" || { echo "sanitize_program: the build failed"
 reports="$top/runs/sanitize"
 rm -rf "$reports"
 mkdir -p "$reports"
-# detect_leaks=0: LibTorch keeps its registries to the end on purpose.
+# Leaks found at exit count as reports too.
 # allocator_may_return_null=1: a batch beyond the memory fails as the product
 # says it does (std::bad_alloc), not as ASan's own abort.
-export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:allocator_may_return_null=1:log_path=$reports/asan"
+export ASAN_OPTIONS="halt_on_error=1:allocator_may_return_null=1:log_path=$reports/asan"
 export UBSAN_OPTIONS="print_stacktrace=1:log_path=$reports/ubsan"
 export DEEPCAM_BUILD_DIR="$build"
 export DEEPCAM_PLUGIN_PATH="$build/plugins"
@@ -63,9 +64,9 @@ python -m pytest -q -p no:cacheprovider -o console_output_style=classic -n 2 --d
 python -m pytest -q -p no:cacheprovider -o console_output_style=classic -m alone tests/integration "$@" |
   grep -E '^(FAILED|ERROR) |[0-9]+ (passed|failed)'
 
-# A test that runs a program under `ulimit -v` leaves a report that ASan
-# could not reserve its shadow memory there: that process ran no code of
-# ours, so it is listed apart, not counted.
+# A test that runs a program under a memory limit (RLIMIT_DATA, ulimit -d)
+# leaves a report that ASan could not reserve its shadow memory there: that
+# process ran no code of ours, so it is listed apart, not counted.
 n=0
 for f in "$reports"/*; do
   [ -f "$f" ] || continue
