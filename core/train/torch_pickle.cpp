@@ -24,7 +24,6 @@
 #include <limits>
 #include <map>
 #include <memory>
-#include <stdexcept>
 #include <new>
 #include <unordered_map>
 #include <unordered_set>
@@ -273,13 +272,7 @@ class RecordChecksums {
  public:
   RecordChecksums(const std::string& path, std::uint64_t file_size) : path_(path) {
     std::ifstream in(path, std::ios::binary);
-    auto read_at = [&](std::uint64_t offset, std::uint64_t n) {
-      std::vector<unsigned char> bytes(n);
-      in.seekg(static_cast<std::streamoff>(offset));
-      in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(n));
-      if (!in || static_cast<std::uint64_t>(in.gcount()) != n) fail("cannot read its central directory");
-      return bytes;
-    };
+    auto read_at = [&](std::uint64_t offset, std::uint64_t n) { return read(in, offset, n, "its central directory"); };
     // The end record: 22 bytes and a comment of up to 65535, at the end.
     constexpr std::uint64_t kEnd = 22;
     if (file_size < kEnd) fail("no end of central directory record");
@@ -353,7 +346,7 @@ class RecordChecksums {
   // it with std::stoull and checks its range in its constructor, which
   // then throws without freeing the zip reader it made. No version record
   // is left to LibTorch's own message.
-  void check_format_version(std::uint64_t file_size) const {
+  void check_format_version() const {
     auto it = versions_.find(".data/version");
     if (it == versions_.end()) it = versions_.find("version");
     if (it == versions_.end()) return;
@@ -364,16 +357,12 @@ class RecordChecksums {
     }
     // The local header: 30 bytes, then the name and the extra field.
     std::ifstream in(path_, std::ios::binary);
-    unsigned char header[30];
-    in.seekg(static_cast<std::streamoff>(at));
-    in.read(reinterpret_cast<char*>(header), sizeof(header));
-    const std::uint64_t data = at + 30 + little_endian(&header[26], 2) + little_endian(&header[28], 2);
-    std::string text(size, '\0');
-    if (in && std::memcmp(header, "PK\x03\x04", 4) == 0 && data + size <= file_size) {
-      in.seekg(static_cast<std::streamoff>(data));
-      in.read(text.data(), static_cast<std::streamsize>(size));
-    }
-    if (!in) fail(fmt::format("cannot read its '{}' record", record));
+    const std::string what = fmt::format("its '{}' record", record);
+    const std::vector<unsigned char> header = read(in, at, 30, what);
+    if (std::memcmp(header.data(), "PK\x03\x04", 4) != 0) fail(what + " has no local header where it should");
+    const std::vector<unsigned char> bytes =
+        read(in, at + 30 + little_endian(&header[26], 2) + little_endian(&header[28], 2), size, what);
+    const std::string text(bytes.begin(), bytes.end());
     const std::size_t first = text.find_first_not_of(" \t\r\n");
     const std::size_t last = text.find_last_not_of(" \t\r\n");
     const std::string digits = first == std::string::npos ? "" : text.substr(first, last - first + 1);
@@ -409,6 +398,16 @@ class RecordChecksums {
 
  private:
   [[noreturn]] void fail(const std::string& what) const { throw Error(fmt::format("{}: {}", path_, what)); }
+
+  // `n` bytes of the file from `offset` on; `what` names them in the error.
+  std::vector<unsigned char> read(std::ifstream& in, std::uint64_t offset, std::uint64_t n,
+                                  const std::string& what) const {
+    std::vector<unsigned char> bytes(n);
+    in.seekg(static_cast<std::streamoff>(offset));
+    in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(n));
+    if (!in || static_cast<std::uint64_t>(in.gcount()) != n) fail("cannot read " + what);
+    return bytes;
+  }
 
   struct Place {
     std::uint64_t local_header;
@@ -1106,6 +1105,16 @@ class Converter {
  private:
   [[noreturn]] void fail(const std::string& what) const { throw Error(fmt::format("{}: {}", path_, what)); }
 
+  // `n` bytes of the file from `offset` on; `what` names them in the error.
+  std::vector<unsigned char> read(std::ifstream& in, std::uint64_t offset, std::uint64_t n,
+                                  const std::string& what) const {
+    std::vector<unsigned char> bytes(n);
+    in.seekg(static_cast<std::streamoff>(offset));
+    in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(n));
+    if (!in || static_cast<std::uint64_t>(in.gcount()) != n) fail("cannot read " + what);
+    return bytes;
+  }
+
   const std::string& path_;
   std::unordered_map<const Obj*, c10::IValue> done_;
   std::unordered_set<const Obj*> active_;
@@ -1157,7 +1166,7 @@ c10::IValue load_torch_save(const std::string& path) {
   try {
     // The central directory first: what it refuses is never read.
     const RecordChecksums checksums(path, file_size);
-    checksums.check_format_version(file_size);
+    checksums.check_format_version();
     caffe2::serialize::PyTorchStreamReader reader(path);
     if (reader.hasRecord("byteorder")) {
       if (const std::size_t n = reader.getRecordSize("byteorder"); n > 16) {
