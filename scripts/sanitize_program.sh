@@ -45,6 +45,11 @@ for t in json.load(sys.stdin):
     if t["type"] in ("executable", "shared library", "shared module") and not t["name"].startswith("test_"):
         print(os.path.relpath(t["filename"][0], os.path.realpath(sys.argv[1])))' "$build")
 ninja -C "$build" "${targets[@]}" || { echo "sanitize_program: the build failed"; exit 1; }
+# No sanitizer in the program would make "0 reports" say nothing.
+if ! ldd "$build/core/deepcam-host" | grep -q libasan; then
+  echo "sanitize_program: $build/core/deepcam-host is not linked with ASan (b_sanitize changed?)"
+  exit 1
+fi
 
 reports="$top/runs/sanitize"
 rm -rf "$reports"
