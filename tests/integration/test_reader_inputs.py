@@ -409,8 +409,8 @@ def test_warm_batches_reuse_their_buffers_and_stay_correct(tmp_path, data, reade
                    run={"memory_format": memory_format})
     got = batches(run, tmp_path / "batches", "--split", "validation", "--epochs", "6")
     assert len(got) == 12
-    # Warm: each of the two workers has read a sample (its scratch buffers grow on its first
-    # one; the pool hands samples to whichever worker is free, so that may be after epoch 0).
+    # Warm: from epoch 2 on. (A worker's scratch buffers grow on its first sample; see below for
+    # a worker that has not had one by then.)
     warm = got[4:]
     # The previous batch's labels are held while the next is read (as the engine holds them):
     # two labels buffers take turns, one data buffer serves every batch.
@@ -430,8 +430,12 @@ def test_warm_batches_reuse_their_buffers_and_stay_correct(tmp_path, data, reade
     # 130 pages a file). The hdf5 reader maps each sample's data from the page cache: mapping
     # already-cached pages costs about 7 faults a sample (page-table entries, no memory),
     # 14-15 a batch here and at most 35 seen; npy reads with pread and sees none.
+    # The pool hands a sample to whichever worker is free, so on a loaded machine one of the two
+    # workers may have read nothing before epoch 2: its first sample grows its scratch then (npy's
+    # file buffer, 98-99 pages; hdf5's, 20-50), in one warm batch, and in no other.
     faults = [b["minor_faults"] for b in warm]
-    assert max(faults) < (60 if reader == "hdf5" else 20), faults
+    over = [f for f in faults if f >= (60 if reader == "hdf5" else 20)]
+    assert len(over) <= 1 and all(f < 150 for f in over), faults
 
 
 # ---- what a reader cannot read, named ------------------------------------------------------------
