@@ -2,6 +2,7 @@
 vectors are. DEEPCAM_BUILD_DIR points the tests at another build directory."""
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def pytest_configure(config):
+    # The tests send SIGINT to the programs they start and expect it to stop them, as from a terminal.
+    # A test run started in the background (`.ci/run &`, nohup) inherits SIGINT ignored, and the
+    # programs keep an ignored SIGINT ignored (a test below checks that): catch it here, in pytest and
+    # in each xdist worker, so that the programs these start inherit the default action (exec resets
+    # a caught signal, not an ignored one).
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     # scripts/test.sh runs the other tests two at a time, then these one by one.
     config.addinivalue_line("markers", "alone: bounds how many seconds something takes, so it runs with no other "
                                        "test beside it")
