@@ -13,7 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def pytest_configure(config):
     # The tests send SIGINT to the programs they start and expect it to stop them, as from a terminal.
     # A test run started in the background (`.ci/run &`, nohup) inherits SIGINT ignored, and the
-    # programs keep an ignored SIGINT ignored (a test below checks that): catch it here, in pytest and
+    # programs keep an ignored SIGINT ignored (tests of their own check that): catch it here, in pytest and
     # in each xdist worker, so that the programs these start inherit the default action (exec resets
     # a caught signal, not an ignored one).
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
