@@ -1105,16 +1105,6 @@ class Converter {
  private:
   [[noreturn]] void fail(const std::string& what) const { throw Error(fmt::format("{}: {}", path_, what)); }
 
-  // `n` bytes of the file from `offset` on; `what` names them in the error.
-  std::vector<unsigned char> read(std::ifstream& in, std::uint64_t offset, std::uint64_t n,
-                                  const std::string& what) const {
-    std::vector<unsigned char> bytes(n);
-    in.seekg(static_cast<std::streamoff>(offset));
-    in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(n));
-    if (!in || static_cast<std::uint64_t>(in.gcount()) != n) fail("cannot read " + what);
-    return bytes;
-  }
-
   const std::string& path_;
   std::unordered_map<const Obj*, c10::IValue> done_;
   std::unordered_set<const Obj*> active_;
