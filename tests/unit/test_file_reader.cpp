@@ -15,6 +15,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -398,10 +399,21 @@ TEST_CASE("normalise_sample and normalise_sample_hwc equal scale * (x - shift) b
       // 64 floats of slack: the output at offset 0 (64-byte aligned) and 1 (4).
       std::vector<float> storage(static_cast<std::size_t>(pixels * c + 64 + 16));
       float* base = storage.data() + (16 - reinterpret_cast<std::uintptr_t>(storage.data()) / 4 % 16) % 16;
+      // Nothing outside [out, out + pixels * c) is written, on any path (streaming stores of whole
+      // vectors included): the slack around the output keeps a value no result has.
+      constexpr float kUntouched = -7.0e30f;
+      const auto slack_kept = [&](const float* out) {
+        bool kept = true;
+        for (const float* q = storage.data(); q != storage.data() + storage.size(); ++q)
+          if (q < out || q >= out + pixels * c) kept = kept && q[0] == kUntouched;
+        return kept;
+      };
       for (const std::int64_t offset : {std::int64_t{0}, std::int64_t{1}}) {
         float* out = base + offset;
         INFO("pixels " << pixels << ", " << c << " channels, offset " << offset);
+        std::fill(storage.begin(), storage.end(), kUntouched);
         CHECK(normalise_sample(raw.data(), pixels, file_channels, channels, shift, scale, out));
+        CHECK(slack_kept(out));
         bool same = true;
         for (std::int64_t k = 0; k < c; ++k)
           for (std::int64_t p = 0; p < pixels; ++p) {
@@ -409,7 +421,9 @@ TEST_CASE("normalise_sample and normalise_sample_hwc equal scale * (x - shift) b
             same = same && std::memcmp(&want, out + k * pixels + p, sizeof want) == 0;
           }
         CHECK(same);
+        std::fill(storage.begin(), storage.end(), kUntouched);
         CHECK(normalise_sample_hwc(raw.data(), pixels, file_channels, channels, shift, scale, out));
+        CHECK(slack_kept(out));
         same = true;
         for (std::int64_t p = 0; p < pixels; ++p)
           for (std::int64_t k = 0; k < c; ++k) {
