@@ -566,7 +566,9 @@ class Engine {
     log_.event("global_batch_size", Json(batch * comm_.size()));
     log_.event("batchnorm_group_size", Json(bn_group_size_));
     log_.event("gradient_accumulation_frequency", Json(k));
-    log_.event("num_workers", Json(1));
+    // The MLCommons reference logs its data-parallel workers, the ranks,
+    // under this key (not data-loading threads).
+    log_.event("num_workers", Json(comm_.size()));
     in_plugin(cfg_.optimizer, [&] { c_.optimizer->log_hyperparameters(log_); });
     const auto logged = logged_hyperparameters(*c_.optimizer);
     in_plugin(cfg_.scheduler, [&] { c_.scheduler->log_hyperparameters(log_); });

@@ -44,6 +44,7 @@ def assert_two_rank_log(out, train_batch_size=2):
     lines = read_events(out / "mlperf.log")
     assert log_value(lines, "number_of_ranks") == 2
     assert log_value(lines, "number_of_nodes") == 1
+    assert log_value(lines, "num_workers") == 2  # the data-parallel workers, as the MLCommons reference logs them
     assert log_value(lines, "global_batch_size") == 2 * train_batch_size
     assert lines[-1]["key"] == "run_stop"
     return lines

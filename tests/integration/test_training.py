@@ -61,6 +61,7 @@ def test_log_has_every_key_in_spec_order(short_run):
     by_key = {l["key"]: l for l in lines}
     assert by_key["train_samples"]["value"] == 8 and by_key["eval_samples"]["value"] == 4
     assert by_key["global_batch_size"]["value"] == 2
+    assert by_key["num_workers"]["value"] == 1  # the ranks, as the MLCommons reference logs them
     assert by_key["opt_betas"]["value"] == [0.9, 0.999]
     epochs = [l["metadata"]["epoch_num"] for l in lines if l["key"] == "epoch_start"]
     assert epochs == [1, 2]
