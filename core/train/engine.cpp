@@ -676,7 +676,11 @@ class Engine {
         log_.event("target_accuracy_reached", Json(target), {{"epoch_num", Json(epoch_num)}, {"step_num", Json(step)}});
       }
       if (every > 0 && epoch % every == 0 && !reached) {
+        // Inside the timed region, so logged as the reference logs it.
+        const MlperfLog::Metadata at = {{"epoch_num", Json(epoch)}, {"step_num", Json(step)}};
+        log_.start("save_start", Json(), at);
         save(epoch, step);
+        log_.end("save_stop", Json(), at);
         last_saved = epoch;
       }
       // A signal during the validation or the checkpoint: the epoch is whole

@@ -121,7 +121,9 @@ def test_a_stop_signal_during_validation_ends_the_run_before_the_next_epoch(tmp_
     assert status == 128 + signal.SIGTERM, output
     assert "deepcam-host: stopped by Terminated after epoch 1 (step 2), before the next" in output, output
     events = read_events(out / "mlperf.log")
-    assert [e["key"] for e in events[-3:]] == ["eval_stop", "epoch_stop", "run_stop"], events[-3:]
+    # The epoch's checkpoint, due (checkpoint_every = 1) and written, between its end and the run's.
+    assert [e["key"] for e in events[-5:]] == ["eval_stop", "epoch_stop", "save_start", "save_stop",
+                                               "run_stop"], events[-5:]
     assert [e["metadata"]["epoch_num"] for e in events if e["key"] == "eval_accuracy"] == [1]
     assert events[-1]["metadata"] == {**events[-1]["metadata"], "status": "aborted", "epoch_num": 1}
     assert not any(e["key"] == "epoch_start" and e["metadata"]["epoch_num"] == 2 for e in events)

@@ -74,11 +74,25 @@ def test_log_has_every_key_in_spec_order(short_run):
     evals = [l for l in lines if l["key"] == "eval_accuracy"]
     assert len(evals) == 2 and all(0.0 <= e["value"] <= 1.0 for e in evals)
     # Each epoch: its two logging points (learning_rate, train_accuracy, train_loss each), then
-    # its validation (SPEC 8.2).
+    # its validation (SPEC 8.2), then its checkpoint (checkpoint_every = 1), inside the timed
+    # region and so logged, as the reference logs its saves.
     for epoch in (1, 2):
         block = [l["key"] for l in lines if l["metadata"].get("epoch_num") == epoch and l["key"] != "run_stop"]
         assert block == (["epoch_start"] + ["learning_rate", "train_accuracy", "train_loss"] * 2
-                         + ["eval_start", "eval_accuracy", "eval_loss", "eval_stop", "epoch_stop"]), block
+                         + ["eval_start", "eval_accuracy", "eval_loss", "eval_stop", "epoch_stop"]
+                         + ["save_start", "save_stop"]), block
+    saves = [l for l in lines if l["key"] in ("save_start", "save_stop")]
+    assert [(l["event_type"], l["metadata"]["epoch_num"], l["metadata"]["step_num"]) for l in saves] == [
+        ("INTERVAL_START", 1, 4), ("INTERVAL_END", 1, 4), ("INTERVAL_START", 2, 8), ("INTERVAL_END", 2, 8)]
+
+
+def test_a_log_with_saves_between_epochs_fails_the_checker_only_on_accuracy(short_run):
+    out, _ = short_run
+    assert any(l["key"] == "save_start" for l in read_events(out / "mlperf.log"))
+    status, output = mlperf_check(out / "mlperf.log")
+    problems = [l for l in output.splitlines() if l.startswith(("WARNING", "ERROR"))]
+    assert status != 0 and problems == ["WARNING -  Failed checks for eval_accuracy : v['value'] >= 0.82 and "
+                                        "v['value'] <= 1.", "ERROR - FAILED"], output
 
 
 def test_an_epoch_that_ends_between_logging_points_logs_its_last_step(tmp_path, data):
