@@ -396,16 +396,17 @@ TEST_CASE("normalise_sample and normalise_sample_hwc equal scale * (x - shift) b
         shift.push_back(-33.3f + 0.71f * static_cast<float>(k));
         scale.push_back(1.0f / (97.0f + 3.3f * static_cast<float>(k)));
       }
-      // 64 floats of slack: the output at offset 0 (64-byte aligned) and 1 (4).
+      // The output at offset 0 (64-byte aligned) and 1 (4), with at least 16 floats of slack before
+      // it and 48 after it.
       std::vector<float> storage(static_cast<std::size_t>(pixels * c + 64 + 16));
-      float* base = storage.data() + (16 - reinterpret_cast<std::uintptr_t>(storage.data()) / 4 % 16) % 16;
+      float* base = storage.data() + 16 + (16 - reinterpret_cast<std::uintptr_t>(storage.data()) / 4 % 16) % 16;
       // Nothing outside [out, out + pixels * c) is written, on any path (streaming stores of whole
       // vectors included): the slack around the output keeps a value no result has.
       constexpr float kUntouched = -7.0e30f;
       const auto slack_kept = [&](const float* out) {
         bool kept = true;
         for (const float* q = storage.data(); q != storage.data() + storage.size(); ++q)
-          if (q < out || q >= out + pixels * c) kept = kept && q[0] == kUntouched;
+          if (q < out || q >= out + pixels * c) kept = kept && *q == kUntouched;
         return kept;
       };
       for (const std::int64_t offset : {std::int64_t{0}, std::int64_t{1}}) {
