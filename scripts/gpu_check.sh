@@ -4,13 +4,17 @@
 # go, and records what happened. Each part reports pass or FAIL and its time;
 # a failing part does not stop the next. Parts, in order:
 #
-#   env          nvidia-smi, the torch version and GPU; the bundle's programs
-#                load (deepcam-host --version, --list-plugins)
+#   env          nvidia-smi, the torch version and GPU, the CPU and whether
+#                it has AVX-512; the bundle's programs load (deepcam-host
+#                --version, --list-plugins)
 #   unit         the CUDA test cases of every doctest executable (the fused
 #                optimizers against the CPU path, the prefetch reader on the
 #                GPU): those named *CUDA*, as every case that uses the GPU is
-#                (tests/integration/test_device_bundle.py checks it); the CPU
-#                cases run in CI, and UNIT_CASES=* runs them here too. With
+#                (tests/integration/test_device_bundle.py checks it); and the
+#                sample normalisation kernels' case (normalise_sample*), whose
+#                AVX-512 path runs only on a CPU that has it, as a GPU
+#                machine's may and CI's does not. The other CPU cases run in
+#                CI, and UNIT_CASES=* runs them here too. With
 #                DEVICE=cuda a CUDA case that sees no GPU fails rather than
 #                being skipped. The tests find the checkout, the bundle's
 #                build/ and testdata/ and the Python through the environment
@@ -51,8 +55,8 @@
 # default /tmp/gpu-check), STEPS (timed benchmark steps, default 20), BATCHES
 # (the benchmark's local batches, default "8 1": the goal's first), DEADLINE
 # (seconds: stop there, see run_part; set it below the call's timeout_s),
-# UNIT_CASES (doctest's -tc filter of the unit part, default *CUDA*; * for
-# every case).
+# UNIT_CASES (doctest's -tc filter of the unit part, default
+# *CUDA*,normalise_sample*; * for every case).
 set -uo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -64,7 +68,7 @@ out=${OUT:-$top/runs/gpu-check}
 work=${WORK:-/tmp/gpu-check}
 device=${DEVICE:-cuda}
 parts=${PARTS:-env,unit,integration,train,bench}
-unit_cases=${UNIT_CASES:-*CUDA*}
+unit_cases=${UNIT_CASES:-*CUDA*,normalise_sample*}
 python=${PYTHON:-}
 if [ -z "$python" ]; then
   for p in /opt/torch/.venv/bin/python3 "$top/.venv/bin/python"; do
@@ -162,6 +166,9 @@ part_env() {
   echo "libraries taken from the bundle: $(cd "$work/lib" && ls | tr "\n" " ")"
   [ -n "$unresolved" ] && echo "not found anywhere:$unresolved"
   command -v nvidia-smi >/dev/null && nvidia-smi
+  # The normalisation kernels' widest path (the unit part's normalise_sample case) needs AVX-512.
+  echo "CPU: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1), $(nproc) cores," \
+    "AVX-512: $(grep -qw avx512f /proc/cpuinfo && echo yes || echo no)"
   "$python" - "$device" <<'EOF' || return 1
 import sys, torch
 print("python", sys.version.split()[0], "torch", torch.__version__, "CUDA", torch.version.cuda)

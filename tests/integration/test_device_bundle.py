@@ -7,6 +7,7 @@ another path with this one's build/, .venv/ and ../shared hidden, and the
 unit part's filter keeps every CUDA case. Rehearsed here with DEVICE=cpu (the
 GPU parts run on a GPU machine)."""
 
+import fnmatch
 import json
 import os
 import re
@@ -215,14 +216,23 @@ def test_the_unit_tests_run_from_a_checkout_elsewhere_with_this_ones_paths_hidde
 CUDA_MARKS = re.compile(r'kCUDA|hasCUDA|no_gpu\(\)|is_cuda\(\)|device = "cuda"')
 
 
-def test_the_unit_parts_filter_keeps_every_case_that_uses_the_gpu():
-    # gpu_check.sh's unit part runs the cases named *CUDA* (doctest's -tc ignores case) by default.
+def test_the_unit_parts_filter_keeps_every_case_that_uses_the_gpu_and_the_kernels_case():
+    # gpu_check.sh's unit part runs, by default, the cases its UNIT_CASES default matches (doctest's -tc:
+    # comma-separated wildcards, case ignored): every case that uses the GPU, and the normalisation
+    # kernels' case, whose AVX-512 path CI's CPU cannot run.
+    script = (REPO_ROOT / "scripts" / "gpu_check.sh").read_text()
+    filters = re.search(r"^unit_cases=\$\{UNIT_CASES:-([^}]*)\}$", script, re.M).group(1).lower().split(",")
+    kept = lambda name: any(fnmatch.fnmatchcase(name.lower(), f) for f in filters)
     sources = [*(REPO_ROOT / "plugins").rglob("test_*.cpp"), *(REPO_ROOT / "tests" / "unit").glob("test_*.cpp")]
-    cuda_cases = []
+    cuda_cases, kernel_cases = [], []
     for source in sources:
         parts = re.split(r'^TEST_CASE\("((?:[^"\\]|\\.)*)"', source.read_text(), flags=re.M)
         for name, body in zip(parts[1::2], parts[2::2]):
             if CUDA_MARKS.search(body):
-                assert "cuda" in name.lower(), f"{source.relative_to(REPO_ROOT)}: {name!r} uses the GPU"
+                assert kept(name), f"{source.relative_to(REPO_ROOT)}: {name!r} uses the GPU"
                 cuda_cases.append(name)
+            elif kept(name) and "cuda" not in name.lower():
+                kernel_cases.append(name)
     assert len(cuda_cases) >= 5, cuda_cases  # Adam's, LAMB's two, the prefetch reader's two
+    assert kernel_cases == ["normalise_sample and normalise_sample_hwc equal scale * (x - shift) bit for bit on "
+                            "every path"], kernel_cases
