@@ -4,8 +4,8 @@ the check script runs from it, reporting each part and failing when a part
 fails; with the bundle's run paths cut to what a GPU machine would find, it
 links what is missing from the bundle; its unit tests run from a checkout at
 another path with this one's build/, .venv/ and ../shared hidden, and the
-unit part's filter keeps every CUDA case. Rehearsed here with DEVICE=cpu (the
-GPU parts run on a GPU machine)."""
+unit part's filter keeps every CUDA case and the normalisation kernels' case.
+Rehearsed here with DEVICE=cpu (the GPU parts run on a GPU machine)."""
 
 import fnmatch
 import json
