@@ -169,6 +169,10 @@ def test_the_check_runs_from_the_bundle_with_its_run_paths_cut_and_reports_each_
     assert sorted(taken) == ["libdeepcam_inner_test.so", "libdeepcam_outer_test.so"]
     assert "not found anywhere" not in env_log
     assert f"{bare}/build/plugins/optimizers/lamb" in env_log
+    # The CPU, and whether the kernels' AVX-512 path can run on it, as /proc/cpuinfo says.
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    avx512 = "yes" if re.search(r"^flags\s*:.*\bavx512f\b", cpuinfo, re.M) else "no"
+    assert re.search(rf"^CPU: .+, \d+ cores, AVX-512: {avx512}$", env_log, re.M), env_log
     # The training ran the bundle's programs, with LibTorch from the Python's torch, and checked their log.
     assert "checks that failed: eval_accuracy" in (out / "train.log").read_text()
     assert (out / "train-mlperf.log").read_text().rstrip().splitlines()[-1].startswith(":::MLLOG")
@@ -231,6 +235,7 @@ def test_the_unit_parts_filter_keeps_every_case_that_uses_the_gpu_and_the_kernel
             if CUDA_MARKS.search(body):
                 assert kept(name), f"{source.relative_to(REPO_ROOT)}: {name!r} uses the GPU"
                 cuda_cases.append(name)
+            # A case named *CUDA* that uses no GPU (a table's size against CUDA's limit) is not the kernels'.
             elif kept(name) and "cuda" not in name.lower():
                 kernel_cases.append(name)
     assert len(cuda_cases) >= 5, cuda_cases  # Adam's, LAMB's two, the prefetch reader's two
