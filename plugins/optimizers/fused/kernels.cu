@@ -91,12 +91,14 @@ __global__ void adam_update(const __grid_constant__ TensorTable table, AdamHyper
 __global__ void lamb_grad_squares(const __grid_constant__ TensorTable table, double* partials) {
   const Span span = block_span(table);
   const float* grad = table.grad[span.tensor];
-  // In float64, as the CPU path's norm: float32 partial sums of squares
-  // overflow for gradients that the CPU path still clips finitely.
+  // As the CPU path's norm (and APEX's): each square in float32, summed in
+  // float64. A square beyond float32's range is inf on both paths (the clip
+  // factor then zeroes every gradient); a float32 sum would also overflow
+  // for squares that the CPU path sums finitely.
   double sum = 0.0;
   for (std::int64_t i = span.begin + threadIdx.x; i < span.end; i += blockDim.x) {
-    const double g = grad[i];
-    sum += g * g;
+    const float g = grad[i];
+    sum += static_cast<double>(g * g);
   }
   sum = block_sum(sum);
   if (threadIdx.x == 0) partials[table.chunk_base[span.tensor] + table.block_chunk[blockIdx.x]] = sum;

@@ -267,6 +267,24 @@ TEST_CASE("LAMB reports the global gradient norm of its last step, before clippi
   CHECK_FALSE(lamb.gradient_norm().defined());  // not the previous step's
 }
 
+TEST_CASE("LAMB's global norm sums in float64 squares made in float32, as APEX's") {
+  // 4e18^2 fits in float32, the sum of 70000 of them does not; (4e20)^2 does not fit itself.
+  for (const double scale : {4e18, 4e20}) {
+    INFO("gradient scale " << scale);
+    std::vector<at::Tensor> params = {torch::zeros({70000}).requires_grad_(true)};
+    Lamb lamb(params, LambOptions{});
+    params[0].mutable_grad() = torch::full({70000}, scale);
+    lamb.step();
+    const double norm = lamb.gradient_norm().item<double>();
+    if (scale < 1e19) {
+      CHECK(norm == doctest::Approx(scale * std::sqrt(70000.0)).epsilon(1e-6));
+    } else {
+      CHECK(std::isinf(norm));
+      CHECK(params[0].detach().eq(0).all().item<bool>());  // every gradient clipped to zero
+    }
+  }
+}
+
 TEST_CASE("LAMB state_dict has the FusedLAMB layout and survives pickle_save / pickle_load") {
   const LambOptions options{0.01, 0.8, 0.99, 0.1, 1.0};
   std::vector<at::Tensor> params = make_params();
@@ -432,8 +450,10 @@ using fused_test::no_gpu;
 
 // Runs only where a GPU is present; reported as skipped otherwise.
 TEST_CASE("LAMB: the fused CUDA kernels match the CPU path for 10 steps" * doctest::skip(no_gpu())) {
-  // 1e20: squares beyond float32's range, which the global norm sums in float64 on both paths.
-  for (const double scale : {3.0, 0.001, 1e20}) {
+  // Both paths square in float32 and sum in float64: at 1e18 the squares fit in float32 and
+  // only their sum does not (a finite norm, clipped); at 1e20 the squares themselves are inf
+  // (an inf norm, every gradient clipped to zero).
+  for (const double scale : {3.0, 0.001, 1e18, 1e20}) {
     INFO("gradient scale " << scale << (scale > 1 ? " (clipped)" : " (not clipped)"));
     // Several chunks (70000 > 65536), a channels-last tensor (dense, not
     // contiguous), a zero-norm one, one with gradients on even steps only,
@@ -467,6 +487,13 @@ TEST_CASE("LAMB: the fused CUDA kernels match the CPU path for 10 steps" * docte
       on_cpu.step();
       on_gpu.step();
       CHECK(on_gpu.capturable());  // the fused kernels took the step
+      const double cpu_norm = on_cpu.gradient_norm().item<double>();
+      CHECK(std::isinf(cpu_norm) == (scale > 1e19));
+      if (std::isinf(cpu_norm)) {
+        CHECK(std::isinf(on_gpu.gradient_norm().item<double>()));
+      } else {
+        CHECK(on_gpu.gradient_norm().item<double>() == doctest::Approx(cpu_norm).epsilon(1e-9));
+      }
     }
     CHECK(on_gpu.steps() == 10);
     for (std::size_t t = 0; t < shapes.size(); ++t) {
