@@ -705,6 +705,7 @@ int Communicator::local_rank() const { return impl_->layout.local_rank; }
 int Communicator::local_size() const { return impl_->layout.local_size; }
 int Communicator::nodes() const { return impl_->nodes; }
 int Communicator::max_local_size() const { return impl_->max_local_size; }
+std::string Communicator::host(int rank) const { return impl_->hosts.at(static_cast<std::size_t>(rank)); }
 Group& Communicator::world() { return *impl_->world; }
 Group& Communicator::node() { return *impl_->node; }
 

@@ -55,6 +55,8 @@ class DEEPCAM_API Communicator {
   // Distinct hosts over all ranks, and the most ranks on one of them.
   int nodes() const;
   int max_local_size() const;
+  // The host name rank `rank` met with (its node's: local ranks share it).
+  std::string host(int rank) const;
 
   Group& world();
   // The ranks on this node.

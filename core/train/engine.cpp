@@ -31,6 +31,7 @@
 #include <set>
 #include <sstream>
 #include <stdexcept>
+#include <tuple>
 
 #include "amp.hpp"
 #include "closed_division.hpp"
@@ -52,7 +53,9 @@
 #include <ATen/autocast_mode.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 
 #include "step_graph.hpp"
 #endif
@@ -432,6 +435,7 @@ class Engine {
       // the allocator's statistics, NCCL's set-up), as torch.cuda.set_device
       // in a PyTorch training script: no context on GPU 0 for the others.
       c10::cuda::set_device(device_.index());
+      refuse_a_shared_gpu();
 #endif
     }
     if (run.integer("threads") > 0) at::set_num_threads(static_cast<int>(run.integer("threads")));
@@ -546,6 +550,32 @@ class Engine {
     for (const std::string& reason : reasons) message += "\n  " + reason;
     throw Error(message + "\nchange those, or set cuda_graphs = false");
   }
+
+#if DEEPCAM_WITH_CUDA
+  // NCCL refuses two ranks on one GPU, but only in its first collective,
+  // where the refusal would wait out [run] comm_timeout_s as a lost rank.
+  // So the ranks compare their GPUs at start, by PCI address as NCCL does.
+  void refuse_a_shared_gpu() const {
+    if (comm_.size() == 1) return;
+    int pci[3] = {};
+    const cudaDeviceAttr attributes[3] = {cudaDevAttrPciDomainId, cudaDevAttrPciBusId, cudaDevAttrPciDeviceId};
+    for (int i = 0; i < 3; ++i) C10_CUDA_CHECK(cudaDeviceGetAttribute(&pci[i], attributes[i], device_.index()));
+    const at::Tensor all = comm_.world().all_gather(
+        at::tensor({std::int64_t{pci[0]}, std::int64_t{pci[1]}, std::int64_t{pci[2]}}, at::kLong));
+    const auto a = all.accessor<std::int64_t, 2>();
+    std::map<std::tuple<std::string, std::int64_t, std::int64_t, std::int64_t>, int> first_on;
+    for (int r = 0; r < comm_.size(); ++r) {
+      const auto [first, fresh] = first_on.try_emplace({comm_.host(r), a[r][0], a[r][1], a[r][2]}, r);
+      if (fresh) continue;
+      throw Error(fmt::format("{}: ranks {} and {} on host {} would share one GPU (PCI {:04x}:{:02x}:{:02x}.0), "
+                              "and NCCL needs a GPU of its own for each rank: start at most as many ranks on a "
+                              "node as it has GPUs (--nproc, srun's --ntasks-per-node, torchrun's "
+                              "--nproc-per-node), or give each rank its own (CUDA_VISIBLE_DEVICES)",
+                              cfg_.run.setting("device"), first->second, r, comm_.host(r), a[r][0], a[r][1],
+                              a[r][2]));
+    }
+  }
+#endif
 
   // The checker would refuse a closed submission from this run: say so now,
   // naming each key, rather than after hours of training.

@@ -8,8 +8,8 @@ them on a GPU machine)."""
 import pytest
 import torch
 
-from helpers import (REPO_ROOT, SGD, assert_within_spread, mlperf_check, read_events, run_host, synth,
-                     write_run)
+from helpers import (REPO_ROOT, SGD, assert_within_spread, clean_env, mlperf_check, read_events, run_host,
+                     synth, write_run)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -98,3 +98,13 @@ def test_the_quickstart_on_cuda_reaches_the_target_and_passes_the_checker(tmp_pa
     assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "success"
     status, output = mlperf_check(out / "mlperf.log")
     assert status == 0 and "SUCCESS" in output, output
+
+
+def test_two_ranks_on_one_cuda_gpu_are_refused_at_start_not_after_the_comm_timeout(tmp_path, data):
+    # NCCL refuses them only in the first collective, which would wait out comm_timeout_s as a lost rank.
+    path = write_run(tmp_path / "shared.toml", data, tmp_path / "out",
+                     run={"device": "cuda", "max_epochs": 1, "comm_timeout_s": 600})
+    r = run_host("--nproc", 2, path, env=clean_env(CUDA_VISIBLE_DEVICES="0"), timeout=90)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"{path}:" in r.stderr and '[run] device = "cuda": ranks 0 and 1 on host ' in r.stderr
+    assert "would share one GPU (PCI " in r.stderr and "CUDA_VISIBLE_DEVICES" in r.stderr
