@@ -1274,11 +1274,13 @@ class Engine {
       ++graph_eager_steps_;
       return;
     }
-    if (!c_.optimizer->capturable()) {
+    const auto refuse_unless_capturable = [&] {
+      if (c_.optimizer->capturable()) return;
       throw Error(fmt::format("{}: the {} optimizer's step cannot be captured in a CUDA graph (it computes with "
                               "host numbers, or its parameters are not float32 CUDA tensors); set cuda_graphs = false",
                               cfg_.run.setting("cuda_graphs"), cfg_.optimizer.name));
-    }
+    };
+    refuse_unless_capturable();
     try {
       // The captured step() counts itself on the host as it is captured, and
       // capture() replays it once: no replayed() for this step.
@@ -1288,6 +1290,9 @@ class Engine {
                               "optimizer that waits for the device cannot be captured: set cuda_graphs = false",
                               cfg_.run.setting("cuda_graphs"), e.what_without_backtrace()));
     }
+    // Also the captured step itself: one that left the device path would
+    // have fixed its host numbers (the rate) into every replay.
+    refuse_unless_capturable();
     graph_logits_ = logits;
     graph_loss_ = loss;
   }

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -67,6 +69,12 @@ void StepGraph::run_eager(const std::function<void()>& step) { impl_->on_side_st
 
 void StepGraph::capture(const std::function<void()>& step) {
   Impl& s = *impl_;
+  // As torch.cuda.graph does before it captures: the eager steps' cached
+  // blocks go back to the device, since the graph allocates from a pool of
+  // its own, which cannot use them, and the eager step's memory plus the
+  // graph's could exceed the GPU where either alone fits.
+  c10::cuda::device_synchronize();
+  c10::cuda::CUDACachingAllocator::emptyCache();
   s.on_side_stream([&] {
     // Thread-local: only this thread may not make unsafe CUDA calls while it
     // captures. The prefetch reader's threads go on copying batches (and
