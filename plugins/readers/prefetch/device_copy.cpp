@@ -100,7 +100,11 @@ at::Tensor DeviceCopier::host_buffer(at::IntArrayRef sizes, at::ScalarType type)
 
 void DeviceCopier::wait_reusable(int slot) {
 #if DEEPCAM_WITH_CUDA
-  if (impl_) impl_->slots[static_cast<std::size_t>(slot)].copied.synchronize();
+  if (!impl_) return;
+  // This rank's GPU current in this thread too: a CUDA call from a thread
+  // with none would start a context on GPU 0, in every rank's process.
+  const c10::cuda::CUDAGuard device_guard(impl_->index);
+  impl_->slots[static_cast<std::size_t>(slot)].copied.synchronize();
 #else
   (void)slot;
 #endif
