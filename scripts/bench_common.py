@@ -35,7 +35,11 @@ def commit(repo):
     recorded = Path(repo) / "COMMIT"
     if recorded.is_file():
         return recorded.read_text().strip()
-    r = subprocess.run(["git", "-C", str(repo), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True)
+    try:
+        r = subprocess.run(["git", "-C", str(repo), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                           text=True)
+    except OSError:  # no git (a GPU machine's image may lack it)
+        r = subprocess.CompletedProcess([], 1, "", "")
     lines = r.stdout.split()
     if r.returncode == 0 and len(lines) == 2 and Path(lines[0]).resolve() == Path(repo).resolve():
         return lines[1][:7]

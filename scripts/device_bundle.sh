@@ -6,16 +6,18 @@
 # LibTorch's, the CUDA libraries torch brings or the C library's (HDF5 and
 # what it pulls in, toml++, the CUDA run-time, ...), the mlperf-logging
 # wheel, the test vectors of ../shared/testdata and,
-# when peers/hpc holds a checkout of mlcommons/hpc, the reference's model and
+# when peers/hpc (or REF) holds a checkout of mlcommons/hpc, the reference's model and
 # loss (for the benchmark; never committed). LibTorch itself is not packed:
 # the GPU machine's own torch of the same version is used at run time.
 #
 #   scripts/device_bundle.sh [DIR]        # DIR: default device-bundle/ (git-ignored)
+#   REF=PATH scripts/device_bundle.sh     # the reference's checkout elsewhere than peers/hpc
 #
 # The bundle must stay small enough to travel (the device tool's limit is
 # 64 MiB with the working tree): the script fails when it is over 56 MiB.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
+ref_root=$(realpath -m "${REF:-$top/peers/hpc}")  # before the cd: a relative REF is the caller's
 cd "$top"
 bundle=${1:-$top/device-bundle}
 limit_mib=56
@@ -72,15 +74,18 @@ done
 cp -r "$top/../shared/testdata" "$bundle/testdata"
 
 # The MLCommons reference's model and loss, for the benchmark's peer.
-ref="$top/peers/hpc/deepcam/src/deepCam"
+ref="$ref_root/deepcam/src/deepCam"
 if [ -f "$ref/architecture/deeplab_xception.py" ]; then
   for d in architecture utils; do
     mkdir -p "$bundle/ref/deepcam/src/deepCam/$d"
     cp "$ref/$d"/*.py "$bundle/ref/deepcam/src/deepCam/$d/"
   done
-  git -C "$top/peers/hpc" rev-parse --short HEAD >"$bundle/ref/COMMIT" 2>/dev/null || echo unknown >"$bundle/ref/COMMIT"
+  # Its commit as scripts/bench_common.py's commit() finds it: a COMMIT file
+  # (a copy made with git archive), else the checkout's own git, never ours.
+  PYTHONPATH="$top/scripts" "$top/.venv/bin/python" -c 'import sys, bench_common; print(bench_common.commit(sys.argv[1]))' \
+    "$ref_root" >"$bundle/ref/COMMIT"
 else
-  echo "device_bundle: no reference at peers/hpc (git clone https://github.com/mlcommons/hpc peers/hpc): the bundle's benchmark part will have no peer" >&2
+  echo "device_bundle: no reference at $ref_root (git clone https://github.com/mlcommons/hpc peers/hpc): the bundle's benchmark part will have no peer" >&2
 fi
 
 {

@@ -258,7 +258,7 @@ part_bench() {
       --docs "$out/benchmarks.md"
   else
     REF="$bundle/ref" PYTHON="$python" DOCS="$out/benchmarks.md" STEPS="${STEPS:-20}" BATCHES="${BATCHES:-8 1}" \
-      scripts/bench_gpu.sh
+      bash scripts/bench_gpu.sh
   fi
 }
 

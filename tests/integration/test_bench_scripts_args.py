@@ -111,3 +111,22 @@ def test_bench_readers_says_whose_load_it_was(tmp_path):
         end = text[text.index(f"{load_end:.2f} at the end"):].split(";")[0]
         assert ("(the benchmark's own)" in end) == own, end
         assert ("the machine was busy with other work" in end) == (not own), end
+
+
+def test_a_records_commit_is_its_own_never_that_of_a_checkout_around_it(tmp_path, monkeypatch):
+    """The bundle named our HEAD as the reference's commit: its copy, made without .git inside our
+    checkout, let git answer for the checkout around it."""
+    import bench_common
+    outer = tmp_path / "outer"
+    (outer / "copy").mkdir(parents=True)
+    git = ["git", "-C", str(outer), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert bench_common.commit(outer) == head[:7]  # a checkout's own
+    assert bench_common.commit(outer / "copy") == "unknown"
+    (outer / "copy" / "COMMIT").write_text("abc1234\n")
+    assert bench_common.commit(outer / "copy") == "abc1234"
+    # No git at all (a GPU machine's image may lack it): unknown, not a traceback.
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert bench_common.commit(outer) == "unknown"

@@ -24,9 +24,16 @@ from helpers import REPO_ROOT
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
+    # A stand-in for the reference's checkout (REF; no test here runs the benchmark part): a copy made
+    # without git, which names its commit in a file COMMIT.
+    ref = tmp_path_factory.mktemp("ref")
+    for name in ("architecture/deeplab_xception.py", "utils/losses.py"):
+        (ref / "deepcam/src/deepCam" / name).parent.mkdir(parents=True, exist_ok=True)
+        (ref / "deepcam/src/deepCam" / name).write_text("# stand-in\n")
+    (ref / "COMMIT").write_text("abc1234\n")
     path = tmp_path_factory.mktemp("device") / "bundle"
     r = subprocess.run([str(REPO_ROOT / "scripts" / "device_bundle.sh"), str(path)], capture_output=True,
-                       text=True, timeout=1800)
+                       text=True, timeout=1800, env=dict(os.environ, REF=str(ref)))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return path
 
@@ -44,6 +51,9 @@ def test_the_bundle_holds_the_programs_and_the_libraries_a_bare_image_lacks(bund
                                     "libdeepcam")), name
     assert [p.name for p in (bundle / "wheels").iterdir()] == ["mlperf_logging-4.1.68-py3-none-any.whl"]
     assert (bundle / "testdata" / "lr_schedules.json").is_file()
+    # The reference's files and its own commit (the bundle named ours).
+    assert (bundle / "ref/deepcam/src/deepCam/utils/losses.py").is_file()
+    assert (bundle / "ref" / "COMMIT").read_text() == "abc1234\n"
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
     assert size < 56 * 2**20  # it travels with the working tree, 64 MiB in all
 
