@@ -19,13 +19,15 @@
 #                being skipped. The tests find the checkout, the bundle's
 #                build/ and testdata/ and the Python through the environment
 #                (tests/unit/test_paths.hpp), not at the paths compiled in
-#   integration  the pytest cases that need CUDA (tests/integration -k cuda:
-#                training on the GPU, CUDA graphs, amp, NCCL at world size 1,
-#                or on two ranks where there are two GPUs)
 #   train        configs/reference.toml on a full-size synthetic set written
 #                on local disk, 2 epochs at local batch 8; its MLPerf log
 #                through the checker (open division; on synthetic data only
-#                the accuracy check may fail); warm samples/s from the log
+#                the accuracy check may fail); warm samples/s from the log;
+#                it runs before integration, which a deadline may cut short
+#   integration  the pytest cases that need CUDA (tests/integration -k cuda:
+#                training on the GPU, CUDA graphs, amp, NCCL at world size 1,
+#                or on two ranks where there are two GPUs), each case named
+#                as it ends, so that a deadline keeps what was run
 #   bench        scripts/bench_gpu.sh beside the MLCommons reference (the
 #                bundle's copy), its tables written to $OUT/benchmarks.md
 #
@@ -35,7 +37,7 @@
 # With the device tool (15 device-minutes in all, the machine's start of a
 # minute or more included; 10 a call), in two calls back to back while the
 # machine is warm, each with carry ["device-bundle"] and timeout_s 360:
-# DEADLINE=330 PARTS=env,unit,integration,train, then DEADLINE=330
+# DEADLINE=330 PARTS=env,unit,train,integration, then DEADLINE=330
 # PARTS=bench BATCHES=8 (16 processes: 10 of deepcam-host, 6 set-ups of the
 # reference loop, each with CUDA's start-up and cuDNN's autotuning, which may
 # not all fit in 330 s: the goal's set-ups come first, and bench_step.py writes
@@ -67,7 +69,7 @@ bundle=$(cd "${BUNDLE:-$top/device-bundle}" 2>/dev/null && pwd) || {
 out=${OUT:-$top/runs/gpu-check}
 work=${WORK:-/tmp/gpu-check}
 device=${DEVICE:-cuda}
-parts=${PARTS:-env,unit,integration,train,bench}
+parts=${PARTS:-env,unit,train,integration,bench}
 unit_cases=${UNIT_CASES:-*CUDA*,normalise_sample*}
 python=${PYTHON:-}
 if [ -z "$python" ]; then
@@ -197,7 +199,7 @@ part_unit() {
 part_integration() {
   local files=(tests/integration/test_cuda.py tests/integration/test_cuda_graphs.py
                tests/integration/test_precision.py tests/integration/test_data_parallel.py)
-  "$python" -m pytest -q -rs -p no:cacheprovider -o console_output_style=classic -k cuda "${files[@]}" |
+  "$python" -m pytest -v -rs -p no:cacheprovider -o console_output_style=classic -k cuda "${files[@]}" |
     tee "$work/pytest.txt"
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || return "$rc"
@@ -265,7 +267,7 @@ part_bench() {
 # What the parts read, for the bash that timeout starts.
 export bundle work device python host out unresolved unit_cases
 export -f part_env part_unit part_integration part_train part_bench
-for part in env unit integration train bench; do run_part "$part"; done
+for part in env unit train integration bench; do run_part "$part"; done
 
 {
   echo "{\"device\": \"$device\", \"bundle\": \"$(head -n 1 "$bundle/MANIFEST")\", \"seconds\": $(($(date +%s) - started)), \"parts\": {"

@@ -60,12 +60,14 @@ def test_probe_of_one_rank_still_goes_through_a_process_group():
 
 
 # On a GPU: the same checks through ProcessGroupNCCL, on two ranks where there are two GPUs, else at
-# world size 1 (NCCL refuses two ranks on one GPU): SyncBN's collectives and the bucketed gradient
-# all-reduce on CUDA tensors, and that all-reduce captured in a CUDA graph and replayed.
+# world size 1 (NCCL refuses two ranks on one GPU): SyncBN's collectives (float32 and half) and the
+# bucketed gradient all-reduce on CUDA tensors, and that all-reduce captured in a CUDA graph and
+# replayed. (synced-gradients needs two ranks: its group is a pair.)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("mode", [["syncbn"], ["gradients", "1"], ["gradients", "2"], ["graphed-gradients"]],
-                         ids=["syncbn-nccl", "allreduced-gradient-nccl-k1", "allreduced-gradient-nccl-k2",
-                              "allreduced-gradient-nccl-in-a-cuda-graph"])
+@pytest.mark.parametrize("mode", [["syncbn"], ["syncbn-half"], ["gradients", "1"], ["gradients", "2"],
+                                  ["graphed-gradients"]],
+                         ids=["syncbn-nccl", "syncbn-half-nccl", "allreduced-gradient-nccl-k1",
+                              "allreduced-gradient-nccl-k2", "allreduced-gradient-nccl-in-a-cuda-graph"])
 def test_probe_on_cuda_with_nccl(mode):
     world = min(2, torch.cuda.device_count())
     results = run_ranks([PROBE, "--device", "cuda", *mode], world)
