@@ -81,7 +81,9 @@ struct SyncBatchNormFunction : torch::autograd::Function<SyncBatchNormFunction> 
     const at::Tensor& total = saved[4];
     auto* group = reinterpret_cast<Group*>(ctx->saved_data["group"].toInt());
     const at::ScalarType stats_type = mean.scalar_type();
-    const at::Tensor dy = grad_outputs[0].contiguous().to(stats_type);
+    // In the input's layout (NHWC under channels_last), as torch.nn.SyncBatchNorm
+    // keeps it: the gradient then stays in the layout the convolutions use.
+    const at::Tensor dy = grad_outputs[0].contiguous(input.suggest_memory_format()).to(stats_type);
     const auto dims = reduced_dims(input);
     const at::Tensor xmu = input - per_channel(mean, input);
     const at::Tensor sum_dy = dy.sum(dims);

@@ -29,9 +29,11 @@ def run_ranks(argv, world, timeout=300):
     return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
 
 
-@pytest.mark.parametrize("mode", [["syncbn"], ["syncbn-half"], ["gradients", "1"], ["gradients", "2"],
-                                  ["synced-gradients", "1"], ["synced-gradients", "2"], ["bnstats"]],
+@pytest.mark.parametrize("mode", [["syncbn"], ["syncbn-half"], ["syncbn-nhwc"], ["gradients", "1"],
+                                  ["gradients", "2"], ["synced-gradients", "1"], ["synced-gradients", "2"],
+                                  ["bnstats"]],
                          ids=["syncbn-2-ranks-equal-1-rank", "syncbn-float16-over-65504-per-channel",
+                              "syncbn-channels-last-in-and-out",
                               "allreduced-gradient-is-mean-k1", "allreduced-gradient-is-mean-k2",
                               "allreduced-gradient-with-syncbn-k1", "allreduced-gradient-with-syncbn-k2",
                               "bn-statistics-averaged"])
@@ -60,13 +62,13 @@ def test_probe_of_one_rank_still_goes_through_a_process_group():
 
 
 # On a GPU: the same checks through ProcessGroupNCCL, on two ranks where there are two GPUs, else at
-# world size 1 (NCCL refuses two ranks on one GPU): SyncBN's collectives (float32 and half) and the
+# world size 1 (NCCL refuses two ranks on one GPU): SyncBN's collectives (float32, half, NHWC) and the
 # bucketed gradient all-reduce on CUDA tensors, and that all-reduce captured in a CUDA graph and
 # replayed. (synced-gradients needs two ranks: its group is a pair.)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("mode", [["syncbn"], ["syncbn-half"], ["gradients", "1"], ["gradients", "2"],
-                                  ["graphed-gradients"]],
-                         ids=["syncbn-nccl", "syncbn-half-nccl", "allreduced-gradient-nccl-k1",
+@pytest.mark.parametrize("mode", [["syncbn"], ["syncbn-half"], ["syncbn-nhwc"], ["gradients", "1"],
+                                  ["gradients", "2"], ["graphed-gradients"]],
+                         ids=["syncbn-nccl", "syncbn-half-nccl", "syncbn-nhwc-nccl", "allreduced-gradient-nccl-k1",
                               "allreduced-gradient-nccl-k2", "allreduced-gradient-nccl-in-a-cuda-graph"])
 def test_probe_on_cuda_with_nccl(mode):
     world = min(2, torch.cuda.device_count())

@@ -12,6 +12,9 @@
 //   data_parallel_probe syncbn-half
 //       The same on float16 inputs of more elements per channel over the
 //       group than float16 holds (65504), as under autocast at full size.
+//   data_parallel_probe syncbn-nhwc
+//       The same on a channels_last input: the output and the input
+//       gradient are channels_last too.
 //   data_parallel_probe syncbn-pairs
 //       The same over groups of 2 consecutive ranks (4 ranks: {0, 1} and
 //       {2, 3}), batchnorm_group_size = 2, against each group's inputs.
@@ -98,7 +101,7 @@ at::Tensor seeded_randn(std::uint64_t seed, at::IntArrayRef shape) {
 // for `dtype`. `group_size` 0: all ranks; else groups of that many
 // consecutive ranks (SPEC 7), the group of rank r starting at r - r % size.
 int syncbn(deepcam::Communicator& comm, at::ScalarType dtype, std::vector<std::int64_t> shape, double tolerance,
-           int group_size = 0) {
+           int group_size = 0, at::MemoryFormat format = at::MemoryFormat::Contiguous) {
   const int P = comm.size(), rank = comm.rank();
   const int G = group_size > 0 ? group_size : P, first = rank - rank % G;
   deepcam::Group& group = group_size > 0 ? comm.consecutive(group_size) : comm.world();
@@ -110,7 +113,7 @@ int syncbn(deepcam::Communicator& comm, at::ScalarType dtype, std::vector<std::i
   // gradient count.
   auto grad_of = [&](int r) { return (seeded_randn(200 + r, shape) + 2.0).to(dtype).to(at::kFloat); };
 
-  at::Tensor x = input_of(rank).to(dtype).requires_grad_();
+  at::Tensor x = input_of(rank).to(dtype).contiguous(format).requires_grad_();
   const auto on_device = at::TensorOptions(device);
   at::Tensor running_mean = at::zeros({C}, on_device), running_var = at::ones({C}, on_device);
   const at::Tensor y = deepcam::sync_batch_norm(x, weight, bias, running_mean, running_var, 0.1, 1e-5, group);
@@ -119,7 +122,14 @@ int syncbn(deepcam::Communicator& comm, at::ScalarType dtype, std::vector<std::i
                 c10::toString(dtype));
     ++failures;
   }
-  (y * grad_of(rank).to(dtype)).sum().backward();
+  (y * grad_of(rank).to(dtype).contiguous(format)).sum().backward();
+  // NHWC in, NHWC out, both ways, as the convolutions around it under channels_last.
+  for (const auto& [what, t] : {std::pair{"output", y}, std::pair{"input gradient", x.grad()}}) {
+    if (!t.is_contiguous(format)) {
+      std::printf("rank %d: the %s is not in the input's memory format\n", rank, what);
+      ++failures;
+    }
+  }
   at::Tensor summed_dw = weight.grad().clone(), summed_db = bias.grad().clone();
   group.all_reduce_sum(summed_dw);
   group.all_reduce_sum(summed_db);
@@ -389,6 +399,7 @@ int main(int argc, char** argv) {
     int status = 2;
     if (mode == "syncbn") status = syncbn(comm, at::kFloat, {3, 4, 5, 6}, kTolerance);
     else if (mode == "syncbn-half") status = syncbn(comm, at::kHalf, {1, 2, 256, 260}, 1e-2);
+    else if (mode == "syncbn-nhwc") status = syncbn(comm, at::kFloat, {3, 4, 5, 6}, kTolerance, 0, at::MemoryFormat::ChannelsLast);
     else if (mode == "syncbn-pairs") status = syncbn(comm, at::kFloat, {3, 4, 5, 6}, kTolerance, 2);
     else if (mode == "gradients" && argc > 2) status = gradients(comm, std::atoi(argv[2]));
     else if (mode == "synced-gradients" && argc > 2) status = synced_gradients(comm, std::atoi(argv[2]));
@@ -396,7 +407,7 @@ int main(int argc, char** argv) {
 #if DEEPCAM_WITH_CUDA
     else if (mode == "graphed-gradients") status = graphed_gradients(comm);
 #endif
-    else std::fprintf(stderr, "usage: data_parallel_probe [--device cuda] syncbn | syncbn-half | syncbn-pairs | gradients K | "
+    else std::fprintf(stderr, "usage: data_parallel_probe [--device cuda] syncbn | syncbn-half | syncbn-nhwc | syncbn-pairs | gradients K | "
                               "synced-gradients K | bnstats | graphed-gradients (CUDA)\n");
     comm.finish();
     if (status == 0 && failures == 0) std::printf("rank %d: %s: all checks hold\n", comm.rank(), mode.c_str());
