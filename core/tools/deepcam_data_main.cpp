@@ -15,6 +15,8 @@
 // exit status (2 for a bad command line or run file, 1 otherwise); no
 // partial file is left behind. An option given twice is a bad command line
 // (options.hpp), but read's --set, which adds.
+#include <signal.h>
+
 #include <charconv>
 #include <csignal>
 #include <cstdio>
@@ -408,6 +410,11 @@ int run(const std::vector<std::string>& args, deepcam::PluginLoader& loader) {
 int end_by_signal(int signal) {
   std::fflush(stderr);
   std::signal(signal, SIG_DFL);
+  // Blocked in this thread (deepcam/stop_request.hpp): raise() is for it.
+  sigset_t one;
+  sigemptyset(&one);
+  sigaddset(&one, signal);
+  ::pthread_sigmask(SIG_UNBLOCK, &one, nullptr);
   std::raise(signal);
   return 128 + signal;
 }
@@ -419,6 +426,14 @@ int main(int argc, char** argv) {
   // makes write() fail with EFBIG, which the writers report, removing their
   // temporaries, instead of the signal ending the process with half a file.
   std::signal(SIGXFSZ, SIG_IGN);
+  // As in deepcam-host: SIGINT and SIGTERM are taken on a thread of their
+  // own (deepcam/stop_request.hpp says why).
+  try {
+    deepcam::take_stop_signals_on_own_thread();
+  } catch (const deepcam::Error& e) {
+    fmt::print(stderr, "deepcam-data: {}\n", e.what());
+    return 3;
+  }
   // Outside the try block, as in deepcam-host: plugin libraries stay loaded
   // until the process ends, so that an exception thrown by a plugin is
   // handled while its code is still there.

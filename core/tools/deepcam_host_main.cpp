@@ -155,6 +155,14 @@ int main(int argc, char** argv) {
   // with EFBIG, which the writers report as a clear error, instead of the
   // signal ending the process with half a file.
   std::signal(SIGXFSZ, SIG_IGN);
+  // Before any thread starts, so that every later one (training, readers,
+  // Gloo, NCCL, CUDA's) leaves SIGINT and SIGTERM to the thread made here.
+  try {
+    deepcam::take_stop_signals_on_own_thread();
+  } catch (const deepcam::Error& e) {
+    std::fprintf(stderr, "deepcam-host: %s\n", e.what());
+    return 3;
+  }
   std::vector<std::string> args(argv + 1, argv + argc);
   // Outside the try block: plugin libraries stay loaded until the process
   // ends, so that an exception thrown by a plugin is handled while its code

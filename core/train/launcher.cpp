@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>  // program_invocation_name (glibc)
 #include <chrono>
 #include <csignal>
@@ -28,9 +29,11 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-volatile std::sig_atomic_t g_signal = 0;
+// Set on the thread that takes the signals (deepcam/stop_request.hpp), read
+// by the launcher's loop: an atomic, lock-free for the handler.
+std::atomic<int> g_signal{0};
 
-void remember_signal(int sig) { g_signal = sig; }
+void remember_signal(int sig) { g_signal.store(sig); }
 
 // A port the kernel calls free now (as torchrun picks one).
 int free_port() {
@@ -129,6 +132,9 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
     if (pid == 0) {
       // A child must not outlive a launcher that was killed.
       ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+      // The rank starts with the mask this process started with, and sets
+      // up its own signal thread.
+      restore_start_signal_mask();
       if (::getppid() != parent) std::_Exit(1);
       ::dup2(out[1], STDOUT_FILENO);
       ::dup2(err[1], STDERR_FILENO);
@@ -198,16 +204,17 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
         std::fprintf(stderr, "deepcam-host --nproc: rank %d %s\n", r, status_text(status).c_str());
         // After a signal to the launcher the ranks end as it asked: no rank
         // is to blame, and the status is the launcher's own, 128 + the signal.
-        if (failed_rank < 0 && !g_signal) {
+        if (failed_rank < 0 && g_signal.load() == 0) {
           failed_rank = r;
           result = exit_code(status);
           grace_end = Clock::now() + grace;
         }
       }
     }
-    if (g_signal && !terminated) {
-      std::fprintf(stderr, "deepcam-host --nproc: %s; ending every rank\n", strsignal(g_signal));
-      if (result == 0) result = 128 + g_signal;
+    const int received = g_signal.load();
+    if (received && !terminated) {
+      std::fprintf(stderr, "deepcam-host --nproc: %s; ending every rank\n", strsignal(received));
+      if (result == 0) result = 128 + received;
       grace_end = Clock::now();
     }
     const bool past_grace = grace_end != Clock::time_point{} && Clock::now() >= grace_end;
@@ -217,7 +224,7 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
                      failed_rank, running);
       }
       // The launcher's own signal passed on, as torchrun does; SIGTERM after a rank failed.
-      for (pid_t pid : pids) if (pid > 0) ::kill(pid, g_signal ? static_cast<int>(g_signal) : SIGTERM);
+      for (pid_t pid : pids) if (pid > 0) ::kill(pid, received ? received : SIGTERM);
       terminated = true;
       // Time to reach the next logging point and close the log (Slurm waits 30 s).
       grace_end = Clock::now() + std::chrono::seconds(30);

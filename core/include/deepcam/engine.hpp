@@ -48,7 +48,10 @@ constexpr int kRankLostStatus = 5;
 // set. Returns the process exit status: 0 when the target was reached, 1 when
 // max_epochs ended without reaching it, kDivergedStatus when training
 // diverged (the MLPerf log then ends with run_stop status "aborted").
-// Throws Error on bad input, RankLost when another rank was lost.
+// Throws Error on bad input, RankLost when another rank was lost. A program
+// that calls it first takes SIGINT and SIGTERM on their own thread
+// (take_stop_signals_on_own_thread, deepcam/stop_request.hpp), as
+// deepcam-host's main does.
 DEEPCAM_API int run_engine(const RunConfig& config, const EngineOptions& options);
 
 }  // namespace deepcam

@@ -29,6 +29,28 @@ DEEPCAM_API int stop_requested() noexcept;
 // handler. 0 withdraws a request (for tests).
 DEEPCAM_API void record_stop_request(int signal) noexcept;
 
+// Blocks SIGINT and SIGTERM in the calling thread, and so in every thread it
+// starts from then on, and starts one thread that leaves them unblocked and
+// does nothing else: the kernel gives those signals to that thread alone, and
+// the handlers catch_stop_signals installs run there. Called first in main(),
+// before any other thread exists; throws Error if the thread cannot start
+// (the mask is then as it was).
+//
+// Why: a handler runs below the stack pointer of the thread the signal
+// interrupts. oneDNN 3.10's x64 GEMM kernels (LibTorch 2.11's CPU
+// convolutions, among them the ASPP's dilated ones) point the stack pointer
+// into a heap buffer while they run, so a handler run on a training thread
+// wrote its frame over the heap: about one SIGTERM stop in 50 ended in
+// glibc's "corrupted size vs. prev_size", or a NaN gradient. (oneDNN issue
+// 4845, fixed upstream after 3.10.)
+DEEPCAM_API void take_stop_signals_on_own_thread();
+
+// Sets the calling thread's signal mask back to the one the process had
+// before take_stop_signals_on_own_thread(): for a child between fork and
+// exec, so that the program it runs starts as this one did.
+// Async-signal-safe; does nothing if that function was not called.
+DEEPCAM_API void restore_start_signal_mask() noexcept;
+
 // Installs `handler`, with sigaction's `flags`, for SIGINT and SIGTERM,
 // except for a signal the process was started ignoring (SIGINT in a shell
 // script's background job): that one stays ignored, as Python leaves it.
