@@ -1,7 +1,7 @@
 """SIGINT and SIGTERM are taken on a thread of their own (deepcam/stop_request.hpp): every other thread of
 deepcam-host and of its ranks blocks them, so that no handler runs on a thread inside oneDNN's GEMM kernels,
-which point the stack pointer into a heap buffer. A handler run there wrote its frame over the heap: about one
-SIGTERM stop in 50 died of a corrupted heap (scripts/stop_stress.sh)."""
+which point the stack pointer into a heap buffer. A handler run there wrote its frame over the heap: one
+SIGTERM stop in 20 to 200 died of a corrupted heap (scripts/stop_stress.sh)."""
 
 import json
 import os

@@ -1,6 +1,6 @@
 """scripts/stop_stress.sh: a bad argument is a usage error, and a run of it stops a training run
 with SIGTERM, cleanly, and reports the count. (It was written to measure a heap corruption that
-about one stop in 50 showed; test_stop_signal_thread.py tests its cause.)"""
+one stop in 20 to 200 showed; test_stop_signal_thread.py tests its cause.)"""
 
 import os
 import subprocess

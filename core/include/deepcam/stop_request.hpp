@@ -40,7 +40,7 @@ DEEPCAM_API void record_stop_request(int signal) noexcept;
 // interrupts. oneDNN 3.10's x64 GEMM kernels (LibTorch 2.11's CPU
 // convolutions, among them the ASPP's dilated ones) point the stack pointer
 // into a heap buffer while they run, so a handler run on a training thread
-// wrote its frame over the heap: about one SIGTERM stop in 50 ended in
+// wrote its frame over the heap: one SIGTERM stop in 20 to 200 ended in
 // glibc's "corrupted size vs. prev_size", or a NaN gradient. (oneDNN issue
 // 4845, fixed upstream after 3.10.)
 DEEPCAM_API void take_stop_signals_on_own_thread();
