@@ -3,8 +3,9 @@
 # reports every stop that was not clean: an exit status other than 143
 # (128 + SIGTERM), a rank killed by a signal other than SIGTERM itself (one
 # that comes before a rank has set its handler ends it by the default
-# action, as intended), or glibc's word on a corrupted heap. A rare failure
-# on the stop path shows only over many stops (README, SIGTERM).
+# action, as intended), or glibc's word on a corrupted heap. It was written
+# for a heap corruption on the stop path, found and fixed (README, SIGTERM):
+# a failure that rare shows only over many stops.
 #
 #   scripts/stop_stress.sh [STOPS] [RANKS]    # default 100 stops of 2 ranks
 #
@@ -47,7 +48,9 @@ for i in $(seq 1 "$stops"); do
     cp log.txt "bad-$i.txt"
     echo "stop $i: exit status $rc (log: $work/bad-$i.txt)"
     grep -iE "corrupt|double free|segmentation|terminate called|killed by|exited with status" log.txt | head -n 3
-    if ls core core.* >/dev/null 2>&1; then
+    dumped=0
+    for f in core core.*; do [ -e "$f" ] && dumped=1; done
+    if [ "$dumped" -eq 1 ]; then
       echo "stop_stress: a core was dumped in $work; stopping here"
       break
     fi
