@@ -56,6 +56,12 @@ void take_stop_signals_on_own_thread() {
   g_mask_saved = true;
 }
 
+bool stop_signals_on_own_thread() noexcept {
+  sigset_t mask;
+  if (!g_mask_saved || ::pthread_sigmask(SIG_BLOCK, nullptr, &mask) != 0) return false;
+  return sigismember(&mask, SIGINT) == 1 && sigismember(&mask, SIGTERM) == 1;
+}
+
 void restore_start_signal_mask() noexcept {
   if (g_mask_saved) ::pthread_sigmask(SIG_SETMASK, &g_start_mask, nullptr);
 }

@@ -2132,6 +2132,13 @@ void build_or_stop(Engine& engine, bool with_optimizer, const std::vector<Split>
 }  // namespace
 
 int run_engine(const RunConfig& given, const EngineOptions& opts) {
+  // The handlers installed below must not run on a thread that computes
+  // (deepcam/stop_request.hpp says why).
+  if (!stop_signals_on_own_thread()) {
+    throw Error("run_engine: SIGINT and SIGTERM can reach the calling thread, and so the threads it starts; call "
+                "deepcam::take_stop_signals_on_own_thread() (deepcam/stop_request.hpp) first in main(), before "
+                "any other thread exists");
+  }
   const RankLayout layout = detect_ranks();
   CommOptions co;
   co.rendezvous = given.run.string("rendezvous");

@@ -6,18 +6,23 @@
 #undef CHECK
 #include <doctest/doctest.h>
 
+#include <signal.h>
+#include <unistd.h>
+
 #include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <limits>
 #include <string>
-#include <unistd.h>
+#include <thread>
 
 #include "deepcam/config.hpp"
+#include "deepcam/engine.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/json.hpp"
 #include "deepcam/loss.hpp"
 #include "deepcam/mlperf_log.hpp"
+#include "deepcam/stop_request.hpp"
 #include "deepcam/warmup.hpp"
 #include "mini_json.hpp"
 #include "test_paths.hpp"
@@ -283,4 +288,52 @@ TEST_CASE("a class absent from prediction and label scores 1/3") {
   auto wrong = torch::zeros({1, 3, 2, 2});
   wrong.select(1, 1).fill_(5.0);
   CHECK(deepcam::iou_score(wrong, labels) == doctest::Approx(1.0 / 3.0));
+}
+
+// The only case here that touches the process's signal mask: it ends with
+// SIGINT and SIGTERM taken by their own thread, as in deepcam-host.
+TEST_CASE("run_engine refuses to run until SIGINT and SIGTERM have a thread of their own") {
+  auto on_new_thread = [] {
+    bool seen = true;
+    std::thread([&] { seen = deepcam::stop_signals_on_own_thread(); }).join();
+    return seen;
+  };
+  const auto unblocked_here = [] {
+    sigset_t mask;
+    REQUIRE(::pthread_sigmask(SIG_BLOCK, nullptr, &mask) == 0);
+    return sigismember(&mask, SIGINT) == 0 && sigismember(&mask, SIGTERM) == 0;
+  };
+  REQUIRE(unblocked_here());
+  CHECK_FALSE(deepcam::stop_signals_on_own_thread());
+  CHECK_FALSE(on_new_thread());
+  // Checked before the configuration is read: an empty one does not matter.
+  try {
+    (void)deepcam::run_engine(deepcam::RunConfig{}, deepcam::EngineOptions{});
+    FAIL("run_engine ran with SIGINT and SIGTERM free to reach its threads");
+  } catch (const deepcam::Error& e) {
+    CHECK(std::string(e.what()).find("call deepcam::take_stop_signals_on_own_thread()") != std::string::npos);
+  }
+  // Blocked by hand, with no thread to take them, is not enough either.
+  sigset_t both;
+  sigemptyset(&both);
+  sigaddset(&both, SIGINT);
+  sigaddset(&both, SIGTERM);
+  REQUIRE(::pthread_sigmask(SIG_BLOCK, &both, nullptr) == 0);
+  CHECK_FALSE(deepcam::stop_signals_on_own_thread());
+  REQUIRE(::pthread_sigmask(SIG_UNBLOCK, &both, nullptr) == 0);
+
+  deepcam::take_stop_signals_on_own_thread();
+  CHECK_FALSE(unblocked_here());
+  CHECK(deepcam::stop_signals_on_own_thread());
+  CHECK(on_new_thread());  // threads started from here on inherit the block
+  // A thread that unblocks them again could take a handler.
+  bool seen = true;
+  std::thread([&] {
+    ::pthread_sigmask(SIG_UNBLOCK, &both, nullptr);
+    seen = deepcam::stop_signals_on_own_thread();
+  }).join();
+  CHECK_FALSE(seen);
+  deepcam::restore_start_signal_mask();
+  CHECK(unblocked_here());
+  CHECK_FALSE(deepcam::stop_signals_on_own_thread());
 }

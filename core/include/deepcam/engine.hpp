@@ -51,7 +51,8 @@ constexpr int kRankLostStatus = 5;
 // Throws Error on bad input, RankLost when another rank was lost. A program
 // that calls it first takes SIGINT and SIGTERM on their own thread
 // (take_stop_signals_on_own_thread, deepcam/stop_request.hpp), as
-// deepcam-host's main does.
+// deepcam-host's main does; run_engine throws Error, before anything else,
+// when the calling thread can receive them.
 DEEPCAM_API int run_engine(const RunConfig& config, const EngineOptions& options);
 
 }  // namespace deepcam

@@ -45,6 +45,11 @@ DEEPCAM_API void record_stop_request(int signal) noexcept;
 // 4845, fixed upstream after 3.10.)
 DEEPCAM_API void take_stop_signals_on_own_thread();
 
+// Whether take_stop_signals_on_own_thread() was called and the calling
+// thread still blocks SIGINT and SIGTERM: run_engine refuses to run
+// otherwise, since its handlers could then run on a training thread.
+DEEPCAM_API bool stop_signals_on_own_thread() noexcept;
+
 // Sets the calling thread's signal mask back to the one the process had
 // before take_stop_signals_on_own_thread(): for a child between fork and
 // exec, so that the program it runs starts as this one did.
