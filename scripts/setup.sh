@@ -9,7 +9,9 @@ cd "$top"
 
 # slurmctld, slurmd, slurm-client and munge: tests/integration/test_slurm.py
 # starts its own one-node Slurm from them (no system service is used).
+# libgoogle-perftools-dev: tcmalloc, deepcam-host's malloc (meson.build).
 debs=(g++ pkg-config libhdf5-dev zlib1g-dev libboost-dev libtomlplusplus-dev doctest-dev libgloo-dev openmpi-bin
+      libgoogle-perftools-dev
       slurmctld slurmd slurm-client munge)
 missing=()
 for d in "${debs[@]}"; do

@@ -45,7 +45,8 @@ def test_the_bundle_holds_the_programs_and_the_libraries_a_bare_image_lacks(bund
         assert (bundle / "build" / program).is_file(), program
     assert not list((bundle / "build").rglob("*.o")), "object files do not travel"
     libraries = {p.name for p in (bundle / "lib").iterdir()}
-    assert {"libhdf5_serial.so.103", "libtomlplusplus.so.3", "libsz.so.2", "libcudart.so.13"} <= libraries
+    assert {"libhdf5_serial.so.103", "libtomlplusplus.so.3", "libsz.so.2", "libcudart.so.13",
+            "libtcmalloc_minimal.so.4"} <= libraries
     for name in libraries:
         assert not name.startswith(("libtorch", "libc10", "libc.", "libm.", "libstdc++", "libcudnn", "libnccl",
                                     "libdeepcam")), name
