@@ -180,9 +180,11 @@ class Reference:
 
 def report(args, rows, setups_total, device_name, ref_commit):
     """The docs section of the rows measured so far."""
+    # An allocator put in front of both sides (the reference's Python too) changes their figures: named.
+    preload = f"LD_PRELOAD={shlex.quote(os.environ['LD_PRELOAD'])} " if os.environ.get("LD_PRELOAD") else ""
     lines = [args.section, "",
              f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC with "
-             f"`scripts/bench_step.py {shlex.join(sys.argv[1:])}` (commit {commit(REPO)}; reference mlcommons/hpc "
+             f"`{preload}scripts/bench_step.py {shlex.join(sys.argv[1:])}` (commit {commit(REPO)}; reference mlcommons/hpc "
              f"{ref_commit}) on {device_name}, {args.threads} threads.", ""]
     if len(rows) < setups_total:
         lines += [f"**Incomplete: {len(rows)} of the {setups_total} set-ups asked for had been measured when the "

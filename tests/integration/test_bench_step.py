@@ -86,6 +86,17 @@ def test_a_report_of_fewer_rows_than_setups_says_it_is_incomplete():
     assert "Incomplete" not in bench_step.report(args, rows, 1, "cpu", "abc1234")
 
 
+def test_the_report_names_an_allocator_put_in_front_of_both_sides(monkeypatch):
+    args = argparse.Namespace(section="## S", threads=2, batch=1, steps=3)
+    rows = [("fp32", "contiguous", False, (10.0, 100.0), (8.0, 125.0))]
+    monkeypatch.setattr(sys, "argv", ["bench_step.py", "--steps", "3"])
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert " with `scripts/bench_step.py --steps 3` (commit " in bench_step.report(args, rows, 1, "cpu", "abc1234")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libtcmalloc_minimal.so.4")
+    assert (" with `LD_PRELOAD=/usr/lib/libtcmalloc_minimal.so.4 scripts/bench_step.py --steps 3` (commit "
+            in bench_step.report(args, rows, 1, "cpu", "abc1234"))
+
+
 def test_a_run_stopped_part_way_keeps_the_rows_it_measured(ref, tmp_path, monkeypatch):
     """A deadline on a borrowed GPU stopped the run in its second set-up: the table was written only at the end,
     so nothing measured was kept. Both sides are stand-ins here (the real ones take minutes per step)."""
