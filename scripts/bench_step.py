@@ -184,8 +184,8 @@ def report(args, rows, setups_total, device_name, ref_commit):
     preload = f"LD_PRELOAD={shlex.quote(os.environ['LD_PRELOAD'])} " if os.environ.get("LD_PRELOAD") else ""
     lines = [args.section, "",
              f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC with "
-             f"`{preload}scripts/bench_step.py {shlex.join(sys.argv[1:])}` (commit {commit(REPO)}; reference mlcommons/hpc "
-             f"{ref_commit}) on {device_name}, {args.threads} threads.", ""]
+             f"`{preload}scripts/bench_step.py {shlex.join(sys.argv[1:])}` (commit {commit(REPO)}; reference "
+             f"mlcommons/hpc {ref_commit}) on {device_name}, {args.threads} threads.", ""]
     if len(rows) < setups_total:
         lines += [f"**Incomplete: {len(rows)} of the {setups_total} set-ups asked for had been measured when the "
                   "run stopped.**", ""]
