@@ -1,10 +1,12 @@
-"""deepcam-host's malloc is tcmalloc (meson.build, README "Dependencies"): in a training run, every
-call to the C and C++ allocation functions that the dynamic linker binds, from LibTorch, the core
-library and each plugin, binds to libtcmalloc_minimal, none to the C library's malloc."""
+"""deepcam-host's and deepcam-data's malloc is tcmalloc (meson.build, README "Dependencies"): in a
+training run and in a conversion, every call to the C and C++ allocation functions that the dynamic
+linker binds, from LibTorch, HDF5, the core library and each plugin, binds to libtcmalloc_minimal,
+none to the C library's malloc."""
 
 import re
+import subprocess
 
-from helpers import plugin_env, run_host, synth, write_run
+from helpers import DATA_TOOL, plugin_env, run_host, synth, write_run
 
 ALLOCATION = {"malloc", "free", "calloc", "realloc", "posix_memalign", "aligned_alloc", "memalign",
               "_Znwm", "_Znam", "_ZdlPv", "_ZdaPv", "_ZdlPvm"}
@@ -21,6 +23,14 @@ def allocation_bindings(folder):
     return found
 
 
+def binders_all_on_tcmalloc(folder):
+    """The (library, symbol) pairs bound, after checking that each binds to tcmalloc."""
+    bindings = allocation_bindings(folder)
+    elsewhere = sorted({b for b in bindings if not b[2].startswith("libtcmalloc_minimal.so")})
+    assert not elsewhere, elsewhere
+    return {(library, symbol) for library, symbol, _ in bindings}
+
+
 def test_a_training_run_allocates_through_tcmalloc_in_every_library(tmp_path):
     data = synth(tmp_path / "data", train=2, validation=1)
     run = write_run(tmp_path / "run.toml", data, tmp_path / "out",
@@ -30,12 +40,24 @@ def test_a_training_run_allocates_through_tcmalloc_in_every_library(tmp_path):
     env = dict(plugin_env(), LD_DEBUG="bindings", LD_DEBUG_OUTPUT=str(debug / "bindings"))
     r = run_host(run, "--benchmark", 1, env=env)
     assert r.returncode == 0, r.stderr
-    bindings = allocation_bindings(debug)
-    elsewhere = sorted({b for b in bindings if not b[2].startswith("libtcmalloc_minimal.so")})
-    assert not elsewhere, elsewhere
-    binders = {(library, symbol) for library, symbol, _ in bindings}
+    binders = binders_all_on_tcmalloc(debug)
     # The tensors' memory (c10's CPU allocator), the core library's and each plugin's own.
     assert ("libc10.so", "posix_memalign") in binders, sorted(binders)
     for library in ("libdeepcam_core.so", "libtorch_cpu.so", "libdeepcam_reader_hdf5.so",
                     "libdeepcam_model_deeplabv3plus.so", "libdeepcam_optimizer_lamb.so"):
         assert any(b[0] == library for b in binders), (library, sorted(binders))
+
+
+def test_a_conversion_and_its_verification_allocate_through_tcmalloc(tmp_path):
+    data = synth(tmp_path / "data", train=2, validation=1)
+    debug = tmp_path / "ld"
+    debug.mkdir()
+    env = dict(plugin_env(), LD_DEBUG="bindings", LD_DEBUG_OUTPUT=str(debug / "bindings"))
+    for args in (["convert", data, tmp_path / "npy"], ["verify", tmp_path / "npy"]):
+        r = subprocess.run([str(DATA_TOOL), *map(str, args)], capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+    binders = binders_all_on_tcmalloc(debug)
+    # HDF5's buffers (it reads the samples), the core library's and the program's own.
+    for library in ("libhdf5", "libdeepcam_core.so", "deepcam-data"):
+        assert any(b[0].startswith(library) for b in binders), (library, sorted(binders))
