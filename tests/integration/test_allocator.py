@@ -23,6 +23,12 @@ def allocation_bindings(folder):
     return found
 
 
+def binding_log_env(folder):
+    """The tests' environment, with the dynamic linker writing each binding into `folder`."""
+    folder.mkdir()
+    return dict(plugin_env(), LD_DEBUG="bindings", LD_DEBUG_OUTPUT=str(folder / "bindings"))
+
+
 def binders_all_on_tcmalloc(folder):
     """The (library, symbol) pairs bound, after checking that each binds to tcmalloc."""
     bindings = allocation_bindings(folder)
@@ -36,8 +42,7 @@ def test_a_training_run_allocates_through_tcmalloc_in_every_library(tmp_path):
     run = write_run(tmp_path / "run.toml", data, tmp_path / "out",
                     run={"train_batch_size": 2, "threads": 1}, optimizer={"name": "lamb"})
     debug = tmp_path / "ld"
-    debug.mkdir()
-    env = dict(plugin_env(), LD_DEBUG="bindings", LD_DEBUG_OUTPUT=str(debug / "bindings"))
+    env = binding_log_env(debug)
     r = run_host(run, "--benchmark", 1, env=env)
     assert r.returncode == 0, r.stderr
     binders = binders_all_on_tcmalloc(debug)
@@ -51,8 +56,7 @@ def test_a_training_run_allocates_through_tcmalloc_in_every_library(tmp_path):
 def test_a_conversion_and_its_verification_allocate_through_tcmalloc(tmp_path):
     data = synth(tmp_path / "data", train=2, validation=1)
     debug = tmp_path / "ld"
-    debug.mkdir()
-    env = dict(plugin_env(), LD_DEBUG="bindings", LD_DEBUG_OUTPUT=str(debug / "bindings"))
+    env = binding_log_env(debug)
     for args in (["convert", data, tmp_path / "npy"], ["verify", tmp_path / "npy"]):
         r = subprocess.run([str(DATA_TOOL), *map(str, args)], capture_output=True, text=True, env=env,
                            timeout=300)
