@@ -4,7 +4,13 @@
 // though they hold no state, because the slots number the names after them.
 #include "deeplabv3plus.hpp"
 
-#include <torch/torch.h>
+#include <torch/nn/init.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/activation.h>
+#include <torch/nn/modules/batchnorm.h>
+#include <torch/nn/modules/container/sequential.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/pooling.h>
 
 #include <algorithm>
 #include <cmath>
