@@ -14,7 +14,10 @@
 # FAILED lines are printed). Under the sanitizers some tests fail for reasons
 # of their own: those that bound a time or a count of page faults, those that
 # expect CUDA's wording, those that compile and run an SDK program (the ASan
-# runtime must come first in a process). The last line is
+# runtime must come first in a process), those that run a program under a
+# memory limit (ASan cannot reserve its shadow memory there), and
+# test_allocator's (ASan's runtime is the malloc, and the linker drops the
+# then unneeded tcmalloc). The last line is
 # "sanitize_program: N reports" and the exit status is non-zero when N > 0.
 # Reports are kept in runs/sanitize/ (asan.PID, ubsan.PID).
 #
