@@ -26,6 +26,11 @@ def run_host(*args, env=None, timeout=900):
                           env=env or plugin_env(), timeout=timeout)
 
 
+def run_data(*args, env=None, timeout=600):
+    return subprocess.run([str(DATA_TOOL), *map(str, args)], capture_output=True, text=True,
+                          env=env or plugin_env(), timeout=timeout)
+
+
 def synth(out, train=8, validation=4, height=64, width=96, seed=3):
     subprocess.run([str(DATA_TOOL), "synth", "--out", str(out), "--train", str(train), "--validation",
                     str(validation), "--height", str(height), "--width", str(width), "--seed", str(seed)],

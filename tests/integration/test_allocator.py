@@ -4,9 +4,8 @@ linker binds, from LibTorch, HDF5, the core library and each plugin, binds to li
 none to the C library's malloc."""
 
 import re
-import subprocess
 
-from helpers import DATA_TOOL, plugin_env, run_host, synth, write_run
+from helpers import plugin_env, run_data, run_host, synth, write_run
 
 ALLOCATION = {"malloc", "free", "calloc", "realloc", "posix_memalign", "aligned_alloc", "memalign",
               "_Znwm", "_Znam", "_ZdlPv", "_ZdaPv", "_ZdlPvm"}
@@ -58,8 +57,7 @@ def test_a_conversion_and_its_verification_allocate_through_tcmalloc(tmp_path):
     debug = tmp_path / "ld"
     env = binding_log_env(debug)
     for args in (["convert", data, tmp_path / "npy"], ["verify", tmp_path / "npy"]):
-        r = subprocess.run([str(DATA_TOOL), *map(str, args)], capture_output=True, text=True, env=env,
-                           timeout=300)
+        r = run_data(*args, env=env)
         assert r.returncode == 0, r.stderr
     binders = binders_all_on_tcmalloc(debug)
     # HDF5's buffers (it reads the samples), the core library's and the program's own.

@@ -9,14 +9,12 @@ import contextlib
 import os
 import shutil
 import socket
-import subprocess
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from helpers import DATA_TOOL, run_host, write_run
+from helpers import run_data, run_host, write_run
 
 H, W = 32, 48
 TIMEOUT = 120  # far above what any of these runs takes; a blocked open hits it
@@ -24,7 +22,7 @@ KINDS = ["fifo", "socket", "directory", "link_loop", "dangling_link"]
 
 
 def data_tool(*args):
-    return subprocess.run([str(DATA_TOOL), *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT)
+    return run_data(*args, timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")

@@ -4,18 +4,13 @@
 terminal, at most one per 30 s by default (none for work this short)."""
 
 import re
-import subprocess
 
 import pytest
 
-from helpers import DATA_TOOL
+from helpers import run_data
 
 LINE = re.compile(r"^deepcam-data: (\w+): (\d+)/(\d+) (samples|files) \((\d+)%\), [0-9.]+ \4/s, "
                   r"(\d+ s|\d+ min \d\d s|\d+ h \d\d min) left$")
-
-
-def data_tool(*args):
-    return subprocess.run([str(DATA_TOOL), *map(str, args)], capture_output=True, text=True, timeout=600)
 
 
 def progress_lines(stderr, command):
@@ -38,7 +33,7 @@ def check_lines(lines, total, unit):
 def root(tmp_path_factory):
     # Big enough that each sample takes a few milliseconds on one thread.
     out = tmp_path_factory.mktemp("progress") / "set"
-    proc = data_tool("synth", "--out", out, "--train", 24, "--validation", 4, "--height", 128, "--width", 192,
+    proc = run_data("synth", "--out", out, "--train", 24, "--validation", 4, "--height", 128, "--width", 192,
                      "--threads", 1, "--progress-seconds", "0.001")
     assert proc.returncode == 0, proc.stderr
     check_lines(progress_lines(proc.stderr, "synth"), 28, "samples")
@@ -48,13 +43,13 @@ def root(tmp_path_factory):
 
 
 def test_stats_convert_and_verify_show_done_of_total(root, tmp_path):
-    proc = data_tool("stats", root, "--progress-seconds", "0.001")
+    proc = run_data("stats", root, "--progress-seconds", "0.001")
     assert proc.returncode == 0, proc.stderr
     check_lines(progress_lines(proc.stderr, "stats"), 24, "files")
-    proc = data_tool("convert", root, tmp_path / "npy", "--threads", 1, "--progress-seconds=0.001")
+    proc = run_data("convert", root, tmp_path / "npy", "--threads", 1, "--progress-seconds=0.001")
     assert proc.returncode == 0, proc.stderr
     check_lines(progress_lines(proc.stderr, "convert"), 28, "samples")
-    proc = data_tool("verify", tmp_path / "npy", "--threads", 1, "--progress-seconds", "0.001")
+    proc = run_data("verify", tmp_path / "npy", "--threads", 1, "--progress-seconds", "0.001")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     check_lines(progress_lines(proc.stderr, "verify"), 28, "samples")
     assert "no problems" in proc.stdout
@@ -66,14 +61,14 @@ def test_quiet_prints_nothing_but_verify_s_report(root, tmp_path):
                  ["stats", root],
                  ["convert", root, tmp_path / "npy", "--threads", 1],
                  ["verify", tmp_path / "npy", "--threads", 1]):
-        proc = data_tool(*args, "--quiet", "--progress-seconds", "0.001")
+        proc = run_data(*args, "--quiet", "--progress-seconds", "0.001")
         assert proc.returncode == 0, proc.stderr
         assert proc.stderr == "", proc.stderr
     assert "no problems" in proc.stdout  # verify's report is its output
 
 
 def test_no_progress_lines_for_short_work_when_stderr_is_not_a_terminal(root, tmp_path):
-    proc = data_tool("convert", root, tmp_path / "npy")
+    proc = run_data("convert", root, tmp_path / "npy")
     assert proc.returncode == 0, proc.stderr
     assert not progress_lines(proc.stderr, "convert"), proc.stderr
     # One summary line: no line per sample.
@@ -82,5 +77,5 @@ def test_no_progress_lines_for_short_work_when_stderr_is_not_a_terminal(root, tm
 
 @pytest.mark.parametrize("value", ["0", "-1", "soon", ""])
 def test_a_bad_interval_is_a_usage_error(root, value):
-    proc = data_tool("verify", root, "--progress-seconds", value)
+    proc = run_data("verify", root, "--progress-seconds", value)
     assert proc.returncode == 2 and "--progress-seconds expects seconds" in proc.stderr, proc.stderr

@@ -13,14 +13,9 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import DATA_TOOL, plugin_env, write_run
+from helpers import DATA_TOOL, plugin_env, run_data, write_run
 
 H, W = 32, 48
-
-
-def data_tool(*args):
-    return subprocess.run([str(DATA_TOOL), *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env=plugin_env())
 
 
 def ok(proc):
@@ -32,9 +27,9 @@ def ok(proc):
 def sets(tmp_path_factory):
     base = tmp_path_factory.mktemp("data-tool-inputs")
     h5_set, npy_set = base / "h5", base / "npy"
-    ok(data_tool("synth", "--out", h5_set, "--train", 3, "--validation", 2, "--height", H, "--width", W,
+    ok(run_data("synth", "--out", h5_set, "--train", 3, "--validation", 2, "--height", H, "--width", W,
                  "--seed", 6, "--quiet"))
-    ok(data_tool("convert", h5_set, npy_set, "--quiet"))
+    ok(run_data("convert", h5_set, npy_set, "--quiet"))
     return {"hdf5": h5_set, "npy": npy_set}
 
 
@@ -70,7 +65,7 @@ def read_reader(tmp_path, root, reader):
     where = tmp_path / f"run-{reader}"
     where.mkdir()
     run = write_run(where / "run.toml", root, where / "out", reader={"name": reader, "threads": 2})
-    return data_tool("read", run)
+    return run_data("read", run)
 
 
 # ---------------------------------------------------------------------------
@@ -108,9 +103,9 @@ def test_stats_training_refuses_are_refused_by_verify_and_convert_with_the_cause
     set_stats(stats, dtype, minval, maxval)
     training = error_line(read_reader(tmp_path, root, "hdf5"), 1, f"{stats}: channel 0", cause)
     assert "both must be finite" not in training
-    line = verify_line(data_tool("verify", root), f"{stats}: channel 0", cause)
+    line = verify_line(run_data("verify", root), f"{stats}: channel 0", cause)
     assert training[len("deepcam-data: "):] in line  # the same words, from the same function
-    proc = data_tool("convert", root, tmp_path / "npy")
+    proc = run_data("convert", root, tmp_path / "npy")
     error_line(proc, 1, f"{stats}: channel 0", cause)
     assert not (tmp_path / "npy").exists()
 
@@ -118,7 +113,7 @@ def test_stats_training_refuses_are_refused_by_verify_and_convert_with_the_cause
 def test_float32_stats_that_normalise_pass_verify_and_training(sets, tmp_path):
     root = copy_of(sets["hdf5"], tmp_path)
     set_stats(root / "stats.h5", "f4", 0.0, 1e-30)  # scale 1e30: within float32
-    ok(data_tool("verify", root))
+    ok(run_data("verify", root))
     ok(read_reader(tmp_path, root, "hdf5"))
 
 
@@ -129,11 +124,11 @@ def test_convert_into_a_folder_of_its_source_is_refused(sets, tmp_path):
     src = copy_of(sets["hdf5"], tmp_path)
     before = sorted(p.relative_to(src) for p in src.rglob("*"))
     for dst in (src / "train", src / "npy"):
-        proc = data_tool("convert", src, dst)
+        proc = run_data("convert", src, dst)
         line = error_line(proc, 2, f"{dst}", f"{src}", "inside")
         assert "see deepcam-data --help" in line
         assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
-    ok(data_tool("verify", src))
+    ok(run_data("verify", src))
 
 
 def test_convert_with_its_source_inside_an_output_split_is_refused(sets, tmp_path):
@@ -142,7 +137,7 @@ def test_convert_with_its_source_inside_an_output_split_is_refused(sets, tmp_pat
     dst = tmp_path / "dst"
     src = dst / "train"
     shutil.copytree(sets["hdf5"], src)
-    proc = data_tool("convert", src, dst)
+    proc = run_data("convert", src, dst)
     error_line(proc, 2, f"{src}", f"{dst}", "inside")
     assert sorted(dst.rglob("*.npy")) == [] and not (dst / "stats.h5").exists()
 
@@ -154,7 +149,7 @@ def test_convert_with_an_output_split_linked_into_the_source_is_refused(sets, tm
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "train").symlink_to(src / "validation")
-    proc = data_tool("convert", src, dst)
+    proc = run_data("convert", src, dst)
     line = error_line(proc, 2, f"the output {dst / 'train'} is {src / 'validation'}, inside the source {src}")
     assert "see deepcam-data --help" in line
     assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
@@ -164,14 +159,14 @@ def test_convert_with_an_output_split_linked_into_the_source_is_refused(sets, tm
     elsewhere.mkdir()
     (dst / "train").unlink()
     (dst / "train").symlink_to(elsewhere)
-    ok(data_tool("convert", src, dst, "--quiet"))
+    ok(run_data("convert", src, dst, "--quiet"))
     assert len(list(elsewhere.glob("data-*.npy"))) == 3
-    ok(data_tool("verify", src))
+    ok(run_data("verify", src))
 
 
 def test_convert_in_place_is_still_allowed(sets, tmp_path):
     src = copy_of(sets["hdf5"], tmp_path)
-    ok(data_tool("convert", src, src, "--quiet"))
+    ok(run_data("convert", src, src, "--quiet"))
     assert len(list(src.glob("train/data-*.npy"))) == 3
 
 
@@ -188,12 +183,12 @@ def test_a_sample_declaring_a_huge_shape_is_named_not_out_of_memory(sets, tmp_pa
     root = copy_of(sets["hdf5"], tmp_path)
     sample = first(root, "train/data-*.h5")
     huge_sample(sample)
-    proc = data_tool("verify", root)
+    proc = run_data("verify", root)
     line = verify_line(proc, f"{sample}: dataset climate/data", "(32, 48, 1099511627776)")
     assert "out of memory" not in proc.stdout + proc.stderr
     assert "memory" in line
     assert "1 problem in " in proc.stdout.splitlines()[-1]  # the report is whole
-    proc = data_tool("convert", root, tmp_path / "npy")
+    proc = run_data("convert", root, tmp_path / "npy")
     error_line(proc, 1, f"{sample}: dataset climate/data", "(32, 48, 1099511627776)")
     assert "deepcam-data: out of memory" not in proc.stderr
     assert "1 of 5 samples failed" in proc.stderr
@@ -242,7 +237,7 @@ def test_convert_refuses_a_set_training_refuses_before_writing(sets, tmp_path, d
     root = copy_of(sets["hdf5"], tmp_path)
     path, words = damage(root)
     dst = tmp_path / "npy"
-    proc = data_tool("convert", root, dst)
+    proc = run_data("convert", root, dst)
     error_line(proc, 1, f"{path}", words)
     assert not dst.exists()
 
@@ -254,12 +249,12 @@ def test_a_sample_of_zero_height_is_refused_by_convert_and_stats(sets, tmp_path)
         f.create_dataset("climate/data", data=np.zeros((0, W, 16), np.float32))
         f.create_dataset("climate/labels_0", data=np.zeros((0, W), np.int32))
     dst = tmp_path / "npy"
-    proc = data_tool("convert", root, dst)
+    proc = run_data("convert", root, dst)
     error_line(proc, 1, f"{sample}: dataset climate/data", "(0, 48, 16)")
     assert not (dst / "stats.h5").exists()
-    verify_line(data_tool("verify", root), f"{sample}: dataset climate/data", "(0, 48, 16)")
+    verify_line(run_data("verify", root), f"{sample}: dataset climate/data", "(0, 48, 16)")
     before = (root / "stats.h5").read_bytes()
-    error_line(data_tool("stats", root), 1, f"{sample}: dataset climate/data", "(0, 48, 16)")
+    error_line(run_data("stats", root), 1, f"{sample}: dataset climate/data", "(0, 48, 16)")
     assert (root / "stats.h5").read_bytes() == before
 
 
@@ -268,7 +263,7 @@ def test_a_sample_of_zero_height_is_refused_by_convert_and_stats(sets, tmp_path)
 
 def test_read_with_a_bad_override_exits_2(sets, tmp_path):
     run = write_run(tmp_path / "run.toml", sets["hdf5"], tmp_path / "out")
-    proc = data_tool("read", run, "--set", "foo.bar=1")
+    proc = run_data("read", run, "--set", "foo.bar=1")
     error_line(proc, 2, "foo")
     assert proc.stdout == ""
 
@@ -291,7 +286,7 @@ def test_npy_header_bytes_are_echoed_escaped(sets, tmp_path, header):
     root = copy_of(sets["npy"], tmp_path)
     data = first(root, "train/data-*.npy")
     npy_with_header(data, header)
-    proc = data_tool("verify", root)
+    proc = run_data("verify", root)
     line = verify_line(proc, f"{data}: ", "\\x1b[2J")
     assert "\x1b" not in proc.stdout + proc.stderr, line
 
@@ -362,5 +357,5 @@ def test_a_flag_given_a_value_is_refused_as_such(tmp_path, args, flag):
 
 def test_set_of_read_is_still_repeatable(sets, tmp_path):
     run = write_run(tmp_path / "run.toml", sets["hdf5"], tmp_path / "out")
-    proc = ok(data_tool("read", run, "--set", "run.train_batch_size=1", "--set", "reader.threads=1"))
+    proc = ok(run_data("read", run, "--set", "run.train_batch_size=1", "--set", "reader.threads=1"))
     assert '"batch_size": 1' in proc.stdout, proc.stdout
