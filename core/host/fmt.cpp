@@ -1,9 +1,9 @@
-// fmt's compiled part, for the copy of fmt that LibTorch ships (meson.build
-// says why it is compiled here rather than used header-only): format-inl.h
-// defines the functions fmt declares, and the templates below are those
-// fmt's headers declare as instantiated elsewhere, or leave undefined for a
-// type, as its library would hold them. Linked into every target, hidden in
-// each.
+// fmt's compiled part, for the copy of fmt that LibTorch ships, which has
+// only the headers (meson.build says why it is compiled here rather than
+// used header-only). format-inl.h defines the functions that fmt's headers
+// declare; the templates below are those the headers use for these types
+// without their definitions, which are in format-inl.h too. In the main
+// build it is linked into every library and program, hidden in each.
 #include <fmt/format-inl.h>
 
 FMT_BEGIN_NAMESPACE
