@@ -26,9 +26,9 @@ def run_host(*args, env=None, timeout=900):
                           env=env or plugin_env(), timeout=timeout)
 
 
-def run_data(*args, env=None, timeout=600):
+def run_data(*args, env=None, timeout=600, cwd=None):
     return subprocess.run([str(DATA_TOOL), *map(str, args)], capture_output=True, text=True,
-                          env=env or plugin_env(), timeout=timeout)
+                          env=env or plugin_env(), timeout=timeout, cwd=cwd)
 
 
 def synth(out, train=8, validation=4, height=64, width=96, seed=3):

@@ -34,7 +34,7 @@ def root(tmp_path_factory):
     # Big enough that each sample takes a few milliseconds on one thread.
     out = tmp_path_factory.mktemp("progress") / "set"
     proc = run_data("synth", "--out", out, "--train", 24, "--validation", 4, "--height", 128, "--width", 192,
-                     "--threads", 1, "--progress-seconds", "0.001")
+                    "--threads", 1, "--progress-seconds", "0.001")
     assert proc.returncode == 0, proc.stderr
     check_lines(progress_lines(proc.stderr, "synth"), 28, "samples")
     # synth's statistics re-read the training files, with progress of their own.

@@ -7,13 +7,12 @@ headers holding terminal control bytes, and labels far outside the classes
 (printed exactly)."""
 
 import shutil
-import subprocess
 
 import h5py
 import numpy as np
 import pytest
 
-from helpers import DATA_TOOL, plugin_env, run_data, write_run
+from helpers import run_data, write_run
 
 H, W = 32, 48
 
@@ -28,7 +27,7 @@ def sets(tmp_path_factory):
     base = tmp_path_factory.mktemp("data-tool-inputs")
     h5_set, npy_set = base / "h5", base / "npy"
     ok(run_data("synth", "--out", h5_set, "--train", 3, "--validation", 2, "--height", H, "--width", W,
-                 "--seed", 6, "--quiet"))
+                "--seed", 6, "--quiet"))
     ok(run_data("convert", h5_set, npy_set, "--quiet"))
     return {"hdf5": h5_set, "npy": npy_set}
 
@@ -333,8 +332,7 @@ def test_training_names_a_huge_label_exactly(sets, tmp_path):
 ])
 def test_an_option_given_twice_is_a_bad_command_line(tmp_path, args, option):
     # Each but package took the last one silently (synth --out a --out b wrote b).
-    proc = subprocess.run([str(DATA_TOOL), *args], capture_output=True, text=True, timeout=60, cwd=tmp_path,
-                          env=plugin_env())
+    proc = run_data(*args, timeout=60, cwd=tmp_path)
     line = error_line(proc, 2, f"{option} is given twice")
     assert "see deepcam-data --help" in line
     assert list(tmp_path.iterdir()) == []
@@ -349,8 +347,7 @@ def test_an_option_given_twice_is_a_bad_command_line(tmp_path, args, option):
 ])
 def test_a_flag_given_a_value_is_refused_as_such(tmp_path, args, flag):
     # verify --quiet=1 said "unknown option --quiet".
-    proc = subprocess.run([str(DATA_TOOL), *args], capture_output=True, text=True, timeout=60, cwd=tmp_path,
-                          env=plugin_env())
+    proc = run_data(*args, timeout=60, cwd=tmp_path)
     error_line(proc, 2, f"{flag} takes no value")
     assert list(tmp_path.iterdir()) == []
 
