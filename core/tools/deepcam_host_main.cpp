@@ -155,6 +155,11 @@ int main(int argc, char** argv) {
   // with EFBIG, which the writers report as a clear error, instead of the
   // signal ending the process with half a file.
   std::signal(SIGXFSZ, SIG_IGN);
+  // A reader of stdout or stderr that quits early (`| head`, a pager, a
+  // `| tee` that Ctrl-C ended first) would end the run by SIGPIPE at its next
+  // echoed line, before run_stop. Ignored, as Python ignores it under
+  // PyTorch: the write fails, the run goes on, and the log file has every line.
+  std::signal(SIGPIPE, SIG_IGN);
   // Before any thread starts, so that every later one (training, readers,
   // Gloo, NCCL, CUDA's) leaves SIGINT and SIGTERM to the thread made here.
   try {

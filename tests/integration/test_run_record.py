@@ -92,6 +92,37 @@ def test_a_stop_signal_ends_the_run_with_an_aborted_record(tmp_path, data, sig):
                                         "v['value'] <= 1.", "ERROR - FAILED"], output
 
 
+def test_a_reader_of_its_output_that_quits_neither_ends_the_run_nor_cuts_its_record(tmp_path, data):
+    """`deepcam-host run.toml | head`, or `| tee` that Ctrl-C ended first: the next line echoed after the
+    reader quit ended the run by SIGPIPE, with no word and no run_stop in its log."""
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out,
+                    run={"max_epochs": 100000, "target_iou": 1.0, "logging_frequency": 1})
+    p = subprocess.Popen([str(HOST), str(run)], env=plugin_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        for line in p.stdout:
+            if '"key": "run_start"' in line:
+                break
+        # Both pipes closed, as by a reader that exits.
+        p.stdout.close()
+        p.stderr.close()
+        log = out / "mlperf.log"
+        deadline = time.monotonic() + 120
+        # (The log takes its name just after run_start is echoed.)
+        while not log.exists() or sum(e["key"] == "epoch_stop" for e in read_events(log)) < 2:
+            assert p.poll() is None, f"the run ended with status {p.returncode} once its output was closed"
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=60) == 128 + signal.SIGINT
+    finally:
+        p.kill()
+        p.wait()
+    events = read_events(log)
+    assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "aborted", events[-3:]
+
+
 @pytest.fixture(scope="module")
 def long_validation(tmp_path_factory):
     # A validation long enough (dozens of batches) for the test to stop the run inside it.
