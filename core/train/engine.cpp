@@ -755,6 +755,7 @@ class Engine {
   // the device (the reader only gives the sample shape), after warm-up; one
   // JSON line on rank 0. The step time includes waiting for the device.
   int benchmark(std::int64_t steps) {
+    note_unused_resume("--benchmark times steps from the model's initial weights");
     const Params& run = cfg_.run;
     const std::int64_t k = run.integer("gradient_accumulation_frequency");
     const std::int64_t batch = run.integer("train_batch_size");
@@ -827,6 +828,7 @@ class Engine {
   // `before_writing` runs once, before the first file is written.
   int write_predictions(const std::string& checkpoint, const fs::path& out, std::int64_t max_samples,
                         const std::function<void()>& before_writing) {
+    note_unused_resume("--predict reads " + checkpoint);
     // TMQ (integrated water vapour) is channel 0 of the CAM5 files, as in
     // the reference data set's variable list; the picture is drawn over it,
     // or over the first channel the model reads when it reads no TMQ (the
@@ -897,11 +899,15 @@ class Engine {
     return 0;
   }
 
+  // --evaluate, --predict and --benchmark resume no run: a resume setting
+  // is named as unused, not dropped unseen.
+  void note_unused_resume(const std::string& why) const {
+    if (cfg_.run.string("resume").empty() || comm_.rank() != 0) return;
+    std::fprintf(stderr, "deepcam-host: note: %s is not used: %s\n", cfg_.run.setting("resume").c_str(), why.c_str());
+  }
+
   int evaluate(const std::string& checkpoint) {
-    if (const std::string& resume = cfg_.run.string("resume"); !resume.empty() && comm_.rank() == 0) {
-      std::fprintf(stderr, "deepcam-host: note: %s is not used: --evaluate scores %s\n",
-                   cfg_.run.setting("resume").c_str(), checkpoint.c_str());
-    }
+    note_unused_resume("--evaluate scores " + checkpoint);
     LoadOptions lo;
     lo.model = model_config();
     const CheckpointInfo info = load_checkpoint(checkpoint, c_.model->module(), nullptr, lo);

@@ -773,6 +773,15 @@ def test_resume_keys_that_do_nothing_are_named(tmp_path, data, trained):
     assert r.returncode == 0, r.stderr[-2000:]
     assert f'[run] resume = "{tmp_path / "other.pt"}" is not used: --evaluate scores {trained}' in r.stderr, \
         r.stderr[-2000:]
+    # --predict and --benchmark said nothing of it.
+    r = run_host(cfg, "--predict", trained, "--out", tmp_path / "predicted", "--samples", "1", "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f'[run] resume = "{tmp_path / "other.pt"}" is not used: --predict reads {trained}' in r.stderr, \
+        r.stderr[-2000:]
+    r = run_host(cfg, "--benchmark", "1", "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (f'[run] resume = "{tmp_path / "other.pt"}" is not used: --benchmark times steps from the model\'s '
+            "initial weights") in r.stderr, r.stderr[-2000:]
 
 
 def rewritten(tmp_path, checkpoint, change, name="rewritten.pt"):
