@@ -15,6 +15,7 @@
 #include <memory>
 #include <set>
 #include <sstream>
+#include <string_view>
 #include <toml++/toml.h>
 #include <torch/cuda.h>
 
@@ -338,7 +339,11 @@ std::shared_ptr<const NestedPlugin> Checker::nested(const ParamSpec& spec, const
   }
   const Location loc = location(section);
   const toml::node* name_node = t->get("name");
-  if (!name_node || !name_node->is_string()) {
+  if (name_node && !name_node->is_string()) {
+    throw Error(fmt::format("{}: expected a string, the {} plugin's name (see deepcam-host --list-plugins), got {}",
+                            loc.at("name", name_node), to_string(kind), type_name(*name_node)));
+  }
+  if (!name_node) {
     throw Error(fmt::format("{}: [{}] needs name = \"<{} plugin>\" (see deepcam-host --list-plugins)", where,
                             section, to_string(kind)));
   }
@@ -574,6 +579,12 @@ void apply_override(toml::table& root, const std::string& item,
     if (text.size() > sign && text.find_first_not_of("0123456789", sign) == std::string::npos) {
       throw Error(fmt::format("--set {}: {} is not a TOML integer ({})", item, text, e.description()));
     }
+    // A quoted string, a list or a table cut short is a typo, not a bare
+    // string that holds its opening quote or bracket.
+    if (const auto first = text.find_first_not_of(" \t");
+        first != std::string::npos && std::string_view("\"'[{").find(text[first]) != std::string_view::npos) {
+      throw Error(fmt::format("--set {}: {} is not a TOML value ({})", item, text, e.description()));
+    }
     parsed.insert_or_assign("v", text);
   }
   if (std::string nul; holding_nul(parsed, &nul)) throw Error(fmt::format("--set {}: {} {}", item, nul, kNulText));
@@ -800,7 +811,11 @@ RunConfig load_config(const std::vector<std::string>& files, const std::vector<s
     const Location loc = location(section);
     const toml::table* t = root.get_as<toml::table>(section);
     const toml::node* name_node = t ? t->get("name") : nullptr;
-    if (!name_node || !name_node->is_string()) {
+    if (name_node && !name_node->is_string()) {
+      throw Error(fmt::format("{}: expected a string, the {} plugin's name (see deepcam-host --list-plugins), got {}",
+                              loc.at("name", name_node), section, type_name(*name_node)));
+    }
+    if (!name_node) {
       throw Error(fmt::format("{}: [{}] needs name = \"<{} plugin>\" (see deepcam-host --list-plugins)",
                               t ? origin(*t, file) : file, section, section));
     }

@@ -139,6 +139,26 @@ def test_set_overrides_are_checked_like_the_file(tmp_path, data):
                                   "representable in 64 bits)") in r.stderr, r.stderr
     r = run_host(run, "--set", "mlperf.platform=8xH100", "--set", "run.seed=007")
     assert r.returncode == 2 and "--set run.seed=007: 007 is not a TOML integer" in r.stderr, r.stderr
+    # A string, list or table cut short was taken as a bare string, opening quote and all: the run trained
+    # into a folder named '"out'.
+    for item in [f'run.output_dir="{tmp_path / "cut"}', "optimizer.betas=[0.9, 0.999", "reader.source={name = 1"]:
+        r = run_host(run, "--set", item)
+        assert r.returncode == 2 and f"--set {item}: {item.split('=', 1)[1]} is not a TOML value (" in r.stderr, \
+            r.stderr
+    assert not (tmp_path / "cut").exists()
+
+
+def test_a_plugin_name_that_is_not_a_string_is_named_where_it_was_set(tmp_path, data):
+    """It was "[optimizer] needs name", as if the key were missing, naming a file that did not set it."""
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
+    r = run_host(run, "--set", "optimizer.name=3")
+    assert r.returncode == 2 and ("--set optimizer.name=3: expected a string, the optimizer plugin's name (see "
+                                  "deepcam-host --list-plugins), got int") in r.stderr, r.stderr
+    run = write_run(tmp_path / "run2.toml", data, tmp_path / "out", model={"name": True})
+    line = run.read_text().splitlines().index("name = true") + 1
+    r = run_host(run)
+    assert r.returncode == 2 and (f"{run}:{line} [model] name: expected a string, the model plugin's name (see "
+                                  "deepcam-host --list-plugins), got bool") in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("item,says", [
