@@ -155,6 +155,22 @@ NpySplit list_npy_split(const std::string& dir, std::vector<std::string>* proble
     out.data.push_back(files.first);
     out.labels.push_back(files.second);
   }
+  // Both forms in one folder: a convert in place (DST = SRC), whose numpy
+  // form is the whole split only once every data-X.h5 has its pair. The
+  // .h5 files' own listing problems are the hdf5 listing's to report.
+  if (!out.data.empty()) {
+    std::vector<std::string> h5_listing;
+    for (const std::string& h5 : scan(dir, "data-", ".h5", &h5_listing, nullptr)) {
+      const std::string name = h5.substr(h5.rfind('/') + 1);
+      const std::string x = name.substr(5, name.size() - 5 - 3) + ".npy";  // "data-" X ".h5"
+      if (pairs.count(x) == 0) {
+        report(problems, fmt::format("{}: no numpy pair data-{} beside it, though the folder holds the numpy form "
+                                     "of {} samples: a convert in place (DST = SRC) that did not finish, "
+                                     "which the npy reader would read as a smaller set; run the convert again",
+                                     h5, x, out.data.size()));
+      }
+    }
+  }
   return out;
 }
 

@@ -19,6 +19,8 @@ import h5py
 import numpy as np
 import pytest
 
+from helpers import write_run
+
 H, W = 32, 48
 
 
@@ -320,6 +322,32 @@ def test_converting_in_place_writes_the_pairs_beside_the_hdf5_files(deepcam_data
     proc = ok(run(deepcam_data, "verify", src))
     assert ("train: 4 h5 samples and 4 npy samples, validation: 2 h5 samples and 2 npy samples" in proc.stdout
             and "no problems" in proc.stdout), proc.stdout + proc.stderr
+
+
+def test_an_in_place_convert_that_did_not_finish_is_named_until_a_rerun_finishes_it(deepcam_data, tmp_path):
+    """Stopped part way, it left the source's stats.h5 beside the pairs it had written: verify passed the set,
+    and the npy reader read those pairs, a smaller set, without a word."""
+    src = tmp_path / "src"
+    ok(run(deepcam_data, "synth", "--out", src, "--train", 4, "--validation", 2, "--height", H, "--width", W))
+    ok(run(deepcam_data, "convert", src, src))
+    # As a convert stopped before its last training pair.
+    missing = sorted((src / "train").glob("data-*.h5"))[-1]
+    x = missing.stem[len("data-"):]
+    for name in (f"data-{x}.npy", f"label-{x}.npy"):
+        (src / "train" / name).unlink()
+    says = (f"{missing}: no numpy pair data-{x}.npy beside it, though the folder holds the numpy form of 3 "
+            "samples: a convert in place (DST = SRC) that did not finish")
+    proc = run(deepcam_data, "verify", src)
+    assert proc.returncode == 1 and says in proc.stdout, proc.stdout + proc.stderr
+    npy_run = write_run(tmp_path / "npy.toml", src, tmp_path / "out", reader={"name": "npy"})
+    proc = run(deepcam_data, "read", npy_run)
+    assert proc.returncode != 0 and says in proc.stderr, proc.stderr
+    # The hdf5 reader reads its own form, whole.
+    ok(run(deepcam_data, "read", write_run(tmp_path / "h5.toml", src, tmp_path / "out")))
+    ok(run(deepcam_data, "convert", src, src))
+    assert assert_converted(src, src) == 6
+    ok(run(deepcam_data, "verify", src))
+    ok(run(deepcam_data, "read", npy_run))
 
 
 def test_a_full_disk_stops_the_run_and_leaves_no_partial_file(deepcam_data, source, tmp_path):

@@ -32,7 +32,9 @@ DEEPCAM_API std::vector<std::string> list_sample_files(const std::string& dir, c
 // The numpy form of a split folder (SPEC 1.5): data-X.npy beside label-X.npy,
 // paired by X, sorted by the data file's name. A data file without its label
 // file, or a label file without its data file, is a problem naming it (and
-// the pair is left out); so is any entry list_sample_files() refuses.
+// the pair is left out); so is any entry list_sample_files() refuses. In a
+// folder that holds both forms (a convert in place), a data-X.h5 without
+// its pair is a problem too: the numpy form is not yet the whole split.
 struct NpySplit {
   std::vector<std::string> data;
   std::vector<std::string> labels;  // labels[k] belongs to data[k]
