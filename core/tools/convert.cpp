@@ -301,16 +301,21 @@ std::string shape_text(const std::vector<std::int64_t>& shape) {
 
 // "NaN at (row 3, column 7, channel 2)", or "" when every value is finite.
 std::string non_finite(const std::vector<float>& data, const std::vector<std::int64_t>& shape,
-                       const std::vector<ChannelScale>& scales) {
+                       const std::vector<ChannelScale>& scales, npy::DType stored) {
   const std::size_t channels = static_cast<std::size_t>(shape[2]), width = static_cast<std::size_t>(shape[1]);
   std::size_t bad = 0, first = 0;
   for (std::size_t k = 0; k < data.size(); ++k)
     if (!std::isfinite(data[k]) && bad++ == 0) first = k;
   if (bad) {
     const std::size_t pixel = first / channels;
-    return fmt::format("{} at (row {}, column {}, channel {}){}; data must be finite",
-                       std::isnan(data[first]) ? "NaN" : "Inf", pixel / width, pixel % width, first % channels,
-                       bad > 1 ? fmt::format(" and {} more non-finite values", bad - 1) : "");
+    // Read as float32, as training reads it: a stored float64 beyond
+    // float32's range has become Inf, and the file may hold either.
+    const bool wide = stored == npy::DType::Float64;
+    const char* what = std::isnan(data[first]) ? "NaN" : wide ? "Inf, or a float64 beyond float32's range," : "Inf";
+    return fmt::format("{} at (row {}, column {}, channel {}){}; data must be finite{}", what, pixel / width,
+                       pixel % width, first % channels,
+                       bad > 1 ? fmt::format(" and {} more non-finite values", bad - 1) : "",
+                       wide && !std::isnan(data[first]) ? " in float32, the type training reads it in" : "");
   }
   if (scales.size() != channels) return "";
   // Training's float32 arithmetic (deepcam/normalise.hpp): a finite value
@@ -521,7 +526,7 @@ void run_convert(const ConvertOptions& o) {
         }
       }
       // Values training would refuse are not carried into the numpy form.
-      if (const std::string bad = non_finite(data, data_shape, scales); !bad.empty())
+      if (const std::string bad = non_finite(data, data_shape, scales, source.data_dtype()); !bad.empty())
         throw Error(fmt::format("{}: dataset {}: {}; not converted", job.source.string(), kData, bad));
       if (const std::string bad = bad_labels(source, labels); !bad.empty())
         throw Error(fmt::format("{}: dataset {}: {}; not converted", job.source.string(), kLabels, bad));

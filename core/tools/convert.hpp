@@ -96,8 +96,10 @@ std::string data_shape_problem(const std::vector<std::int64_t>& shape);
 // "NaN at (row 3, column 7, channel 2)" for data of shape (H, W, C), or ""
 // when every value is finite and, where `scales` holds one per channel
 // (stats.h5's, as training normalises), normalises to a finite float32;
+// `stored` is the file's dtype: in a float64 file an Inf read as float32
+// may be a finite value beyond float32's range, and the message says so.
 std::string non_finite(const std::vector<float>& data, const std::vector<std::int64_t>& shape,
-                       const std::vector<ChannelScale>& scales = {});
+                       const std::vector<ChannelScale>& scales = {}, npy::DType stored = npy::DType::Float32);
 // "value 3 at (row 1, column 5)" for labels of shape (H, W), or "" when every
 // label is a class (0, 1 or 2).
 std::string bad_labels(const std::vector<std::int64_t>& labels, const std::vector<std::int64_t>& shape);

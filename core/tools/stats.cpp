@@ -172,6 +172,7 @@ ChannelStats compute_stats(const std::vector<fs::path>& files, Progress* progres
   std::vector<double> sum, sqsum;
   std::vector<float> data;
   std::size_t channels = 0;
+  h5::Shape first_shape;  // the first file's (H, W, C)
   for (const fs::path& path : files) {
     throw_if_stopped();
     const h5::File file = h5::File::open(path.string());
@@ -186,13 +187,18 @@ ChannelStats compute_stats(const std::vector<fs::path>& files, Progress* progres
       throw Error(fmt::format("{}: dataset {}: {}", path.string(), kData, problem));
     if (channels == 0) {
       channels = shape[2];
+      first_shape = shape;
       sum.assign(channels, 0.0);
       sqsum.assign(channels, 0.0);
       out.minval.assign(channels, std::numeric_limits<double>::infinity());
       out.maxval.assign(channels, -std::numeric_limits<double>::infinity());
-    } else if (shape[2] != channels) {
-      throw Error(fmt::format("{}: dataset {}: has {} channels, but {} has {}", path.string(), kData,
-                              shape[2], files.front().string(), channels));
+    } else if (shape != first_shape) {
+      // The readers refuse a set whose samples differ in shape: statistics
+      // over one would describe data no run trains on.
+      throw Error(fmt::format("{}: dataset {}: has shape ({}), but {} has ({}); the samples of a set share one "
+                              "shape, as the readers require",
+                              path.string(), kData, fmt::join(shape, ", "), files.front().string(),
+                              fmt::join(first_shape, ", ")));
     }
     const std::size_t pixels = shape[0] * shape[1];
     data.resize(pixels * channels);

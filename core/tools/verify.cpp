@@ -63,7 +63,7 @@ Result check_h5(const Item& item, const std::vector<ChannelScale>& scales) {
     r.channels = sample.data_shape()[2];
     std::vector<float> data;
     sample.read_data(data);
-    if (const std::string bad = non_finite(data, sample.data_shape(), scales); !bad.empty())
+    if (const std::string bad = non_finite(data, sample.data_shape(), scales, sample.data_dtype()); !bad.empty())
       r.problems.push_back(fmt::format("{}: dataset climate/data: {}", path, bad));
     std::vector<unsigned char> raw;
     sample.read_labels(raw);
@@ -103,7 +103,7 @@ Result check_npy(const Item& item, const std::vector<ChannelScale>& scales) {
       r.channels = dh.shape[2];
       std::vector<float> data(static_cast<std::size_t>(dh.count()));
       npy::convert(item.data.string(), dh, bytes.data() + dh.data_offset, data.data(), dh.count());
-      if (const std::string bad = non_finite(data, dh.shape, scales); !bad.empty())
+      if (const std::string bad = non_finite(data, dh.shape, scales, dh.dtype); !bad.empty())
         r.problems.push_back(fmt::format("{}: {}", item.data.string(), bad));
     } catch (const Error& e) {
       r.problems.push_back(e.what());

@@ -261,7 +261,7 @@ def write_sample(path, data, labels=None):
             f["climate/labels_0"] = labels
 
 
-@pytest.mark.parametrize("case", ["nan", "inf", "missing", "shape", "empty"])
+@pytest.mark.parametrize("case", ["nan", "inf", "missing", "shape", "size", "channels", "empty"])
 def test_stats_bad_input_fails_cleanly(deepcam_data, tmp_path, case):
     root = tmp_path / "bad"
     (root / "train").mkdir(parents=True)
@@ -287,6 +287,13 @@ def test_stats_bad_input_fails_cleanly(deepcam_data, tmp_path, case):
     elif case == "shape":
         write_sample(bad, np.ones((8, 12), np.float32), labels)
         expect += ["climate/data", "(8, 12)"]
+    elif case == "size":
+        # Counted in without a word, though the readers refuse the set.
+        write_sample(bad, np.ones((16, 12, 16), np.float32), np.zeros((16, 12), np.int32))
+        expect += ["climate/data: has shape (16, 12, 16), but", "data-2106-01-01-00-1.h5 has (8, 12, 16)"]
+    elif case == "channels":
+        write_sample(bad, np.ones((8, 12, 15), np.float32), labels)
+        expect += ["climate/data: has shape (8, 12, 15), but", "data-2106-01-01-00-1.h5 has (8, 12, 16)"]
     else:
         bad.write_bytes(b"")
     proc = run(deepcam_data, "stats", root)
@@ -611,3 +618,28 @@ def test_stats_names_a_float64_value_beyond_float32s_range(deepcam_data, tmp_pat
                                 "channel 4 (VBOT)) is beyond float32's range")
     assert "Inf" not in proc.stderr
     assert not (root / "stats.h5").exists() and hidden_files(root) == []
+
+
+def test_verify_and_convert_say_a_float64_inf_may_be_a_value_beyond_float32s_range(deepcam_data, tmp_path):
+    # They said "Inf at ...", of a file that holds 7.75e300 there.
+    root = tmp_path / "set"
+    synth(deepcam_data, root, counts={"train": 2, "validation": 1, "test": 0}, height=16, width=16)
+    sample = sample_files(root, "train")[0]
+    data, labels = load(sample)
+    data = data.astype(np.float64)
+    data[2, 3, 4] = 7.75e300
+    write_sample(sample, data, labels)
+    says = (f"{sample}: dataset climate/data: Inf, or a float64 beyond float32's range, at (row 2, column 3, "
+            "channel 4); data must be finite in float32, the type training reads it in")
+    proc = run(deepcam_data, "verify", root)
+    assert proc.returncode == 1 and says in proc.stdout, proc.stdout + proc.stderr
+    proc = run(deepcam_data, "convert", root, tmp_path / "npy")
+    assert proc.returncode == 1 and f"{says}; not converted" in proc.stderr, proc.stderr
+    # A float32 file's Inf is an Inf.
+    data[2, 3, 4] = 0
+    data = data.astype(np.float32)
+    data[2, 3, 4] = np.inf
+    write_sample(sample, data, labels)
+    proc = run(deepcam_data, "verify", root)
+    assert proc.returncode == 1 and f"{sample}: dataset climate/data: Inf at (row 2, column 3, channel 4); data " \
+        "must be finite\n" in proc.stdout, proc.stdout
