@@ -17,12 +17,14 @@
 // (options.hpp), but read's --set, which adds.
 #include <signal.h>
 
+#include <algorithm>
 #include <charconv>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <filesystem>
+#include <initializer_list>
 #include <limits>
 #include <new>
 #include <string>
@@ -188,6 +190,15 @@ void no_value(const std::string& command, const std::string& option) {
 // The name of an option as given: "--out" of "--out=DIR".
 std::string name_of(const std::string& option) { return option.substr(0, option.find('=')); }
 
+// An option given last, with no value after it: one of `valued` (the
+// command's options that take a value) missing its value, or an unknown one.
+UsageError missing_value(const std::string& command, const std::string& option,
+                         std::initializer_list<std::string_view> valued) {
+  if (std::find(valued.begin(), valued.end(), option) != valued.end())
+    return UsageError{fmt::format("{} needs a value", option)};
+  return UsageError{fmt::format("{}: unknown option {}", command, option)};
+}
+
 long long parse_integer(const std::string& option, std::string_view text, long long lo, long long hi) {
   long long value = 0;
   const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
@@ -226,7 +237,9 @@ deepcam::data::SynthOptions parse_synth(const std::vector<std::string>& args) {
       value = option.substr(eq + 1);
       option = option.substr(0, eq);
     } else {
-      if (k + 1 >= args.size()) throw UsageError{fmt::format("{} needs a value", option)};
+      if (k + 1 >= args.size())
+        throw missing_value("synth", option, {"--out", "--train", "--validation", "--test", "--height", "--width",
+                                              "--seed", "--threads", "--progress-seconds"});
       value = args[++k];
     }
     once(seen, option);
@@ -323,7 +336,8 @@ deepcam::data::ReadBenchOptions parse_read(const std::vector<std::string>& args)
       value = option.substr(eq + 1);
       option = option.substr(0, eq);
     } else {
-      if (k + 1 >= args.size()) throw UsageError{fmt::format("{} needs a value", option)};
+      if (k + 1 >= args.size())
+        throw missing_value("read", option, {"--set", "--split", "--epochs", "--consume-ms"});
       value = args[++k];
     }
     if (option != "--set") once(seen, option);  // --set is repeatable

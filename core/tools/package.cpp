@@ -683,21 +683,22 @@ PackageOptions parse_package_args(const std::vector<std::string>& args, std::str
       throughput = true;
       continue;
     }
-    if (const auto eq = option.find('='); eq != std::string::npos) {
-      value = option.substr(eq + 1);
-      option = option.substr(0, eq);
+    const std::string name = option.substr(0, option.find('='));
+    if (name == "--throughput") {
+      error = "package: --throughput takes no value: the run folders after it are the instances";
+      return o;
+    }
+    if (name != "--system" && name != "--out" && name != "--system-desc") {
+      error = fmt::format("package: unknown option {}", name);
+      return o;
+    }
+    if (name != option) {
+      value = option.substr(name.size() + 1);
+      option = name;
     } else if (k + 1 < args.size()) {
       value = args[++k];
     } else {
       error = fmt::format("{} needs a value", option);
-      return o;
-    }
-    if (option == "--throughput") {
-      error = "package: --throughput takes no value: the run folders after it are the instances";
-      return o;
-    }
-    if (option != "--system" && option != "--out" && option != "--system-desc") {
-      error = fmt::format("package: unknown option {}", option);
       return o;
     }
     if (error = seen.again(option); !error.empty()) return o;

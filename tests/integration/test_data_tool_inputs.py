@@ -352,6 +352,24 @@ def test_a_flag_given_a_value_is_refused_as_such(tmp_path, args, flag):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("args, says", [
+    (["synth", "--out", "a", "--bogus"], "synth: unknown option --bogus"),
+    (["read", "run.toml", "--bogus"], "read: unknown option --bogus"),
+    (["package", "r1", "--system", "s", "--out", "p", "--bogus"], "package: unknown option --bogus"),
+    (["package", "r1", "--bogus=1"], "package: unknown option --bogus"),
+    (["synth", "--out"], "--out needs a value"),
+    (["read", "run.toml", "--epochs"], "--epochs needs a value"),
+    (["package", "r1", "--system"], "--system needs a value"),
+])
+def test_an_unknown_option_given_last_is_called_unknown(tmp_path, args, says):
+    # synth, read and package said "--bogus needs a value".
+    proc = run_data(*args, timeout=60, cwd=tmp_path)
+    error_line(proc, 2, says)
+    if "unknown" in says:
+        assert "needs a value" not in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_set_of_read_is_still_repeatable(sets, tmp_path):
     run = write_run(tmp_path / "run.toml", sets["hdf5"], tmp_path / "out")
     proc = ok(run_data("read", run, "--set", "run.train_batch_size=1", "--set", "reader.threads=1"))
