@@ -425,6 +425,16 @@ at::Tensor DeepLabV3Plus::forward(const at::Tensor& input) {
                 std::to_string(options_.in_channels) + ", H, W) with H and W positive multiples of " +
                 std::to_string(os) + " (the output stride)");
   }
+  // At the encoder's output each BatchNorm normalises B x (H / os) x (W /
+  // os) values per channel; in training one alone cannot be normalised (as
+  // in PyTorch, which refuses it). A BatchNorm group adds the other ranks'.
+  if (net_->is_training() && !options_.batchnorm_group &&
+      input.size(0) * (input.size(2) / os) * (input.size(3) / os) == 1) {
+    throw Error("deeplabv3plus: a training batch of one sample of " + std::to_string(input.size(2)) + " x " +
+                std::to_string(input.size(3)) + " pixels leaves one value per channel at output stride " +
+                std::to_string(os) + ", and BatchNorm needs more than one in training; use a batch of 2 or more, "
+                "or larger samples");
+  }
   return net_->forward(input);
 }
 

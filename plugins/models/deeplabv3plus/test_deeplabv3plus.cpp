@@ -248,6 +248,27 @@ TEST_CASE("inputs whose size the strides cannot divide are refused, naming the s
   CHECK_THROWS_AS(os8.forward(torch::randn({1, 16, 36, 24})), deepcam::Error);
 }
 
+TEST_CASE("a training batch that leaves BatchNorm one value per channel is refused, naming the cause") {
+  // It was LibTorch's "Expected more than 1 value per channel when
+  // training", an internal error to the host.
+  DeepLabV3Plus model(tiny(16));
+  model.module().train();
+  CHECK_THROWS_WITH_AS(model.forward(torch::randn({1, 16, 16, 16})),
+                       doctest::Contains("one sample of 16 x 16 pixels leaves one value per channel at output "
+                                         "stride 16"),
+                       deepcam::Error);
+  // Two values per channel train, as in PyTorch: two samples, or a wider one.
+  CHECK(shape_of(model.forward(torch::randn({2, 16, 16, 16}))) == "[2, 3, 16, 16]");
+  CHECK(shape_of(model.forward(torch::randn({1, 16, 16, 32}))) == "[1, 3, 16, 32]");
+  // At output stride 8 one sample of 16 x 16 leaves four.
+  DeepLabV3Plus os8(tiny(8));
+  os8.module().train();
+  CHECK(shape_of(os8.forward(torch::randn({1, 16, 16, 16}))) == "[1, 3, 16, 16]");
+  // In evaluation BatchNorm uses its running statistics.
+  model.module().eval();
+  CHECK(shape_of(model.forward(torch::randn({1, 16, 16, 16}))) == "[1, 3, 16, 16]");
+}
+
 TEST_CASE("backward gives a finite gradient for every parameter") {
   torch::manual_seed(2);
   for (const std::int64_t os : {16, 8}) {
