@@ -159,8 +159,8 @@ NpySplit list_npy_split(const std::string& dir, std::vector<std::string>* proble
   // form is the whole split only once every data-X.h5 has its pair. The
   // .h5 files' own listing problems are the hdf5 listing's to report.
   if (!out.data.empty()) {
-    std::vector<std::string> h5_listing;
-    for (const std::string& h5 : scan(dir, "data-", ".h5", &h5_listing, nullptr)) {
+    std::vector<std::string> reported_there;
+    for (const std::string& h5 : scan(dir, "data-", ".h5", &reported_there, nullptr)) {
       const std::string name = h5.substr(h5.rfind('/') + 1);
       const std::string x = name.substr(5, name.size() - 5 - 3) + ".npy";  // "data-" X ".h5"
       if (pairs.count(x) == 0) {
