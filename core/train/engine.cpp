@@ -641,7 +641,9 @@ class Engine {
       lo.model = model_config();
       lo.optimizer_plugin = cfg_.optimizer.name;
       const double base_lr = c_.optimizer->lr();
-      const CheckpointInfo info = load_checkpoint(resume, c_.model->module(), c_.optimizer.object.get(), lo);
+      // The optimizer's load_state_dict() is a call into its plugin.
+      const CheckpointInfo info = in_plugin(
+          cfg_.optimizer, [&] { return load_checkpoint(resume, c_.model->module(), c_.optimizer.object.get(), lo); });
       // The schedule sets the rate from the run file's at every step; the
       // checkpoint's (its last step's) is not used.
       c_.optimizer->set_lr(base_lr);
@@ -1511,7 +1513,10 @@ class Engine {
     } else if (partial) {
       info.partial_accumulation_ranks = comm_.size();
     }
-    save_checkpoint(path, info, c_.model->module(), c_.optimizer.object.get(), model_config(), cfg_.optimizer.name);
+    // The optimizer's state_dict() is a call into its plugin.
+    in_plugin(cfg_.optimizer, [&] {
+      save_checkpoint(path, info, c_.model->module(), c_.optimizer.object.get(), model_config(), cfg_.optimizer.name);
+    });
     std::fprintf(stderr, "deepcam-host: saved %s\n", path.c_str());
     if (info.partial_accumulation_ranks > 0) {
       std::fprintf(stderr,

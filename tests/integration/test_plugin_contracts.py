@@ -14,6 +14,7 @@ from helpers import DATA_TOOL, FIXTURES, plugin_env, read_events, run_host, synt
 
 CONTRACT = FIXTURES / "libdeepcam_reader_contract.so"
 MODEL = FIXTURES / "libdeepcam_model_contractmodel.so"
+STATEFUL = FIXTURES / "libdeepcam_optimizer_stateful.so"
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,24 @@ def test_what_a_plugin_s_method_throws_names_its_file(tmp_path, data):
     assert r.returncode == 3, r.stderr[-3000:]
     assert (f"deepcam-host: internal error: {CONTRACT}: the reader plugin 'contract' failed: contract reader: next() "
             "failed") in r.stderr, r.stderr[-3000:]
+
+
+def test_an_optimizer_s_state_calls_that_throw_name_its_file(tmp_path, data):
+    # Its state_dict() (a checkpoint written) or load_state_dict() (a resume) that threw a std::runtime_error
+    # ended the run as "internal error: <its message>", naming no plugin, as step() no longer does.
+    def run(name, fault, **more):
+        out = tmp_path / name
+        cfg = write_run(tmp_path / f"{name}.toml", data, out, run={"max_epochs": 1, "target_iou": 1.0, **more},
+                        optimizer={"name": "stateful", "library": str(STATEFUL), "fault": fault, "lr": 0.1})
+        return run_host(cfg, "--quiet"), out
+
+    failed = f"deepcam-host: internal error: {STATEFUL}: the optimizer plugin 'stateful' failed: stateful fixture: "
+    r, _ = run("save", "save")
+    assert r.returncode == 3 and failed + "state_dict() failed" in r.stderr, r.stderr[-3000:]
+    r, out = run("kept", "none")
+    assert r.returncode == 1 and (out / "checkpoint-epoch1.pt").is_file(), r.stderr[-3000:]
+    r, _ = run("load", "load", max_epochs=2, resume=str(out / "checkpoint-epoch1.pt"))
+    assert r.returncode == 3 and failed + "load_state_dict() failed" in r.stderr, r.stderr[-3000:]
 
 
 def test_a_reader_s_sample_counts_are_checked_before_the_log_takes_them(tmp_path, data):
