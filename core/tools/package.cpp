@@ -875,10 +875,15 @@ int run_package(const PackageOptions& o) {
   }
   int status = 0;
   if (!score) {
+    // Too many runs that did not converge, or too few that did.
+    const std::string rule =
+        dropped > kMaxDropped
+            ? fmt::format("the olympic mean allows at most {} such run", kMaxDropped)
+            : fmt::format("the olympic mean needs at least {} converged runs beside {} such", 2 * kMaxDropped - dropped + 1,
+                          dropped);
     fmt::print(stderr, "package: no score: {} of {} runs did not converge (run_stop status other than success, or "
-                       "the benchmark's target IoU {} not reached); the olympic mean allows {} and needs at least {} "
-                       "converged runs\n",
-               dropped, runs.size(), kBenchmarkTargetIou, kMaxDropped, 2 * kMaxDropped - dropped + 1);
+                       "the benchmark's target IoU {} not reached); {}\n",
+               dropped, runs.size(), kBenchmarkTargetIou, rule);
     status = 1;
   } else {
     fmt::print("score: {:.4f} minutes (olympic mean of {} runs: time to train from run_start to run_stop)\n", *score,

@@ -186,7 +186,12 @@ def test_two_runs_that_did_not_converge_leave_no_score(runs, tmp_path):
     shutil.copytree(runs["short"], again)
     r = package(runs["open"][:3] + [runs["short"], again], tmp_path / "pkg")
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "no score: 2 of 5 runs did not converge" in r.stderr
+    # It said the olympic mean "needs at least 0 converged runs" (-2 with five such runs).
+    assert ("no score: 2 of 5 runs did not converge (run_stop status other than success, or the benchmark's target "
+            "IoU 0.82 not reached); the olympic mean allows at most 1 such run\n") in r.stderr, r.stderr
+    r = package(runs["open"][:1] + [runs["short"]], tmp_path / "pkg2")
+    assert r.returncode == 1 and ("not reached); the olympic mean needs at least 2 converged runs beside 1 such\n"
+                                  in r.stderr), r.stderr
     assert json.loads((tmp_path / "pkg" / "score.json").read_text())["score_minutes"] is None
 
 
