@@ -233,6 +233,10 @@ def test_a_cxx_abi_0_plugin_that_calls_the_core_is_refused_naming_the_abi(tmp_pa
 def test_shared_library_that_is_not_a_plugin(tmp_path, data):
     msg = refused(tmp_path, data, FIXTURES / "libdeepcam_optimizer_notaplugin.so")
     assert f"not a deepcam-host plugin (no symbol deepcam_plugin_v{host_abi()})" in msg
+    # The guide quoted deepcam_plugin_v8 to plugin authors of ABI 9.
+    guide = (REPO_ROOT / "docs" / "writing-plugins.md").read_text()
+    named = set(re.findall(r"deepcam_plugin_v\d+", guide))
+    assert named == {f"deepcam_plugin_v{host_abi()}"}, named
 
 
 def test_plugin_compiled_with_another_cxx_abi_is_refused_with_both_abis(tmp_path, data):
