@@ -18,10 +18,12 @@ both a run's folder JOB_n/ and the JOB_n.out that scripts/slurm/run.sub
 writes beside it (what the run's ranks printed, the log's lines again):
 give the folders alone, runs/slurm/JOB_*/.
 
+A plotted value logged as NaN or Infinity (a diverged run logs its
+eval_accuracy as NaN) is a gap in its curve, with a note naming the log.
 Exit status 2 with one line naming the file (and line) for a missing,
 unreadable or malformed log or config.toml (a number no float holds, NaN or
-Infinity where the plot needs a number: time_ms, a plotted value, step_num,
-epoch_num, target_iou), two inputs of one name, or a --out that cannot be
+Infinity where the plot needs a number: time_ms, step_num, epoch_num,
+target_iou), two inputs of one name, or a --out that cannot be
 written or is one of the files it reads (a log or config.toml, also through
 a link); 0 otherwise.
 The PNG is written to a temporary name (removed on any failure) and renamed;
@@ -66,7 +68,8 @@ def finite(value):
 
 def read_log(path):
     """The log's events as dicts; a line that is not an MLPerf JSON line is an error, and so is a
-    number the plot uses that is not a finite float (matplotlib and the time arithmetic would raise).
+    number the plot uses that is not a finite float (matplotlib and the time arithmetic would raise),
+    but for a plotted value's NaN or Infinity, which the host logs on purpose (a gap in the curve).
     A last line without its newline that does not parse is a line being written (a run in progress, a
     copy taken mid-write): left out, with a note."""
     events = []
@@ -93,6 +96,8 @@ def read_log(path):
                                 ("metadata step_num", meta.get("step_num")),
                                 ("metadata epoch_num", meta.get("epoch_num"))):
                 if is_number(value) and not finite(value):
+                    if isinstance(value, float) and what.endswith(" value"):
+                        continue  # a diverged run's NaN: a gap in the curve
                     kind = "NaN or Infinity" if isinstance(value, float) else "an integer no float holds"
                     raise BadInput(f"{path}:{number}: {what} is {kind}; it must be a finite number")
             events.append(event)
@@ -135,6 +140,7 @@ class Run:
         k = frequency[0] if frequency and is_number(frequency[0]) and finite(frequency[0]) and frequency[0] > 0 else 1
         self.series = {}
         self.epochs = 0
+        gaps = {}  # plotted key -> its points logged as NaN or Infinity
         for key, _ in METRICS:
             seen = {}
             for e in events:
@@ -148,20 +154,27 @@ class Run:
                 self.epochs = max(self.epochs, epoch if is_number(epoch) else 0)
                 # The engine logs a step's figures again at the end of an epoch: one point per step.
                 value = e["value"] * k if key == "train_loss" else e["value"]
+                if not finite(value):
+                    value = math.nan  # matplotlib leaves a gap at NaN (an infinity would stretch the axis)
                 seen.setdefault(step, ((e["time_ms"] - self.run_start) / 1000, value))
             steps = sorted(seen)
             self.series[key] = (steps, [seen[s][0] for s in steps], [seen[s][1] for s in steps])
+            if any(math.isnan(v) for v in self.series[key][2]):
+                gaps[key] = sum(math.isnan(v) for v in self.series[key][2])
+        for key, count in gaps.items():
+            print(f"plot_run.py: note: {self.log}: {count} {key} value{'s' if count > 1 else ''} logged as NaN or "
+                  "Infinity (a diverged run's); drawn as gaps", file=sys.stderr)
         if not any(self.series[k][0] for k, _ in METRICS):
             raise BadInput(f"{self.log}: no train_loss, train_accuracy, eval_accuracy or learning_rate lines")
 
     def summary(self):
         steps = max((s[-1] for s, _, _ in self.series.values() if s), default=0)
         loss = self.series["train_loss"][2]
-        iou = self.series["eval_accuracy"][2]
+        finite_iou = [v for v in self.series["eval_accuracy"][2] if finite(v)]
         ttt = f"{self.time_to_train:.1f} s" if self.time_to_train is not None else "not finished"
         return (f"{self.name}: {steps} steps, {self.epochs} epochs, final train loss "
                 f"{loss[-1]:.4f}" if loss else f"{self.name}: {steps} steps, {self.epochs} epochs, no train loss") + (
-                f", best eval IoU {max(iou):.4f}" if iou else ", no eval IoU") + f", time to train {ttt} ({self.status})"
+                f", best eval IoU {max(finite_iou):.4f}" if finite_iou else ", no eval IoU") + f", time to train {ttt} ({self.status})"
 
 
 def plot(runs, out, target, dpi):

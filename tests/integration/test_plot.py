@@ -221,7 +221,7 @@ def test_a_number_no_float_holds_is_named_with_its_line(two_runs, tmp_path):
             ("value", lambda l: re.sub(r'"value": [^,]*', f'"value": {huge}', l)),
             ("step", lambda l: re.sub(r'"step_num": \d+', f'"step_num": {huge}', l)),
             ("time", lambda l: re.sub(r'"time_ms": [^,]*', f'"time_ms": {huge}', l)),
-            ("nan", lambda l: re.sub(r'"value": [^,]*', '"value": NaN', l)),
+            ("nan", lambda l: re.sub(r'"time_ms": [^,]*', '"time_ms": NaN', l)),
             ("infinity", lambda l: re.sub(r'"step_num": \d+', '"step_num": -Infinity', l)),
             # Beyond Python's 4300 digits: json.loads raised ValueError, not JSONDecodeError.
             ("digits", lambda l: re.sub(r'"value": [^,]*', '"value": ' + "9" * 5000, l))):
@@ -231,6 +231,29 @@ def test_a_number_no_float_holds_is_named_with_its_line(two_runs, tmp_path):
         log.write_text("".join(lines[:at] + [changed] + lines[at + 1:]))
         refused(plot(log, "--out", tmp_path / "x.png"), f"{log}:{at + 1}:")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_diverged_run_s_nan_values_are_drawn_as_gaps_with_a_note(two_runs, tmp_path):
+    # A diverged run logs eval_accuracy as NaN (README); the plot refused such a log (exit 2), so the run
+    # whose curves were wanted most could not be plotted.
+    run = copy_run(two_runs[0], tmp_path / "diverged")
+    log = run / "mlperf.log"
+    lines = log.read_text().splitlines(keepends=True)
+    evals = [k for k, l in enumerate(lines) if '"key": "eval_accuracy"' in l]
+    losses = [k for k, l in enumerate(lines) if '"key": "train_loss"' in l]
+    lines[evals[-1]] = re.sub(r'"value": [^,]*', '"value": NaN', lines[evals[-1]])
+    lines[losses[-1]] = re.sub(r'"value": [^,]*', '"value": Infinity', lines[losses[-1]])
+    log.write_text("".join(lines))
+    out = tmp_path / "diverged.png"
+    r = plot(run, "--out", out, "--dpi", 30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (f"plot_run.py: note: {log}: 1 eval_accuracy value logged as NaN or Infinity (a diverged run's); drawn "
+            "as gaps") in r.stderr, r.stderr
+    assert f"plot_run.py: note: {log}: 1 train_loss value logged as NaN or Infinity" in r.stderr, r.stderr
+    finite = [e["value"] for e in read_events(log) if e["key"] == "eval_accuracy" and e["value"] == e["value"]]
+    assert f"best eval IoU {max(finite):.4f}" in r.stdout, r.stdout
+    with Image.open(out) as im:
+        assert im.format == "PNG" and colour_pixels(np.asarray(im), RUN_COLOURS[0]) > 0
 
 
 def test_train_loss_is_a_batchs_loss_whatever_the_accumulation(two_runs, tmp_path):
