@@ -9,6 +9,9 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <netdb.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -17,6 +20,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -48,6 +52,47 @@ const char* const kLostKey = "deepcam/lost";
 // Why a rank refused to join this world (started for another world size).
 const char* const kRefusedKey = "deepcam/refused";
 std::string joined_key(int rank) { return fmt::format("deepcam/joined/{}", rank); }
+
+// Tries a TCP connection to host:port until one is taken or `deadline`
+// passes: "" once taken (and closed at once), else the last attempt's
+// error. Each attempt waits at most a second.
+std::string reach(const std::string& host, std::uint16_t port, Clock::time_point deadline) {
+  std::string last;
+  for (;;) {
+    addrinfo hints{};
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    addrinfo* found = nullptr;
+    if (const int rc = ::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &found); rc != 0) {
+      last = ::gai_strerror(rc);
+    } else {
+      for (const addrinfo* a = found; a; a = a->ai_next) {
+        const int fd = ::socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol);
+        if (fd < 0) {
+          last = std::strerror(errno);
+          continue;
+        }
+        int error = ::connect(fd, a->ai_addr, a->ai_addrlen) == 0 ? 0 : errno;
+        if (error == EINPROGRESS) {
+          pollfd p{fd, POLLOUT, 0};
+          const int ready = ::poll(&p, 1, 1000);
+          socklen_t length = sizeof error;
+          if (ready == 1) ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length);
+          else error = ready == 0 ? ETIMEDOUT : errno;
+        }
+        ::close(fd);
+        if (error == 0) {
+          ::freeaddrinfo(found);
+          return "";
+        }
+        last = std::strerror(error);
+      }
+      ::freeaddrinfo(found);
+    }
+    if (Clock::now() >= deadline) return last;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+}
 const std::string kDone = "done";      // ended normally
 const std::string kFailed = "failed";  // ended by an error of its own
 
@@ -283,6 +328,17 @@ void Communicator::Impl::join_store() {
     // this world is seen at once.
     o.waitWorkers = false;
     o.timeout = options.timeout;
+    // Rank 0's store reached first: c10d's client, given no listener, logs
+    // each failed try with a C++ backtrace and retries past the timeout, and
+    // the wait then reads as a port held by a process that never answers.
+    if (rank != 0) {
+      if (const std::string error = reach(store_host, store_port, Clock::now() + options.timeout); !error.empty()) {
+        throw Error(fmt::format("rank {} of {}: no rendezvous store answered at {}:{} ({}) within {} s ({}): {}; "
+                                "rank 0 hosts it: it has not started, or the address or port is not its",
+                                rank, size, store_host, store_port, store_where, seconds(options.timeout),
+                                options.timeout_where, error));
+      }
+    }
     try {
       store = c10::make_intrusive<c10d::TCPStore>(store_host, o);
     } catch (const c10::Error& e) {

@@ -395,6 +395,25 @@ def test_a_port_that_takes_the_connection_and_never_answers_is_named(tmp_path, d
     assert not (tmp_path / "out").exists()
 
 
+def test_a_rank_whose_rank_0_never_starts_names_the_store_within_the_timeout(tmp_path, data):
+    """c10d's client retried past comm_timeout_s (2.2 times it), printed each failed connect with a C++
+    backtrace, and the rank then blamed a process holding the port that never answers: none held it."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out", run={"comm_timeout_s": 3.0})
+    started = time.monotonic()
+    r = run_host(run, env=torchrun_env(1, 2, port), timeout=60)
+    took = time.monotonic() - started
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert (f"rank 1 of 2: no rendezvous store answered at 127.0.0.1:{port} (MASTER_ADDR and MASTER_PORT, read for "
+            in r.stderr and "within 3 s ([run] comm_timeout_s): Connection refused; rank 0 hosts it: it has not "
+            "started, or the address or port is not its" in r.stderr), r.stderr[-3000:]
+    assert "frame #" not in r.stderr and "has not answered" not in r.stderr, r.stderr[-3000:]
+    assert took < 3 + 4, f"{took:.1f} s"
+    assert not (tmp_path / "out").exists()
+
+
 def test_rank_0_on_a_port_in_use_is_named_at_once(tmp_path, data):
     """Rank 0 cannot listen on a port another process holds: c10d fails at once, and the message said it could
     not meet the other ranks "within" the whole timeout."""
