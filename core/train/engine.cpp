@@ -259,21 +259,11 @@ extern "C" void end_benchmark(int sig) {
   ::raise(sig);  // delivered, by the default action, as the handler returns
 }
 
-class StopSignals {
- public:
-  StopSignals() {
-    ::sigaction(SIGTERM, nullptr, &old_term_);
-    ::sigaction(SIGINT, nullptr, &old_int_);
-    catch_stop_signals(record_stop_signal);
-  }
-  ~StopSignals() {
-    ::sigaction(SIGTERM, &old_term_, nullptr);
-    ::sigaction(SIGINT, &old_int_, nullptr);
-  }
-
- private:
-  struct sigaction old_term_ {}, old_int_ {};
-};
+// From here to the process's end: a signal that comes once the run is
+// over, while the engine (a reader removing its staged copies) and the
+// process are torn down, is recorded, not the end of the process with those
+// copies left and the run's status lost.
+void record_stop_signals_from_now() { catch_stop_signals(record_stop_signal); }
 
 struct Components {
   Plugged<Reader> reader;
@@ -440,7 +430,13 @@ class Engine {
     }
     if (run.integer("threads") > 0) at::set_num_threads(static_cast<int>(run.integer("threads")));
     at::manual_seed(static_cast<std::uint64_t>(run.integer("seed")));
-    if (device_.is_cuda()) at::globalContext().setBenchmarkCuDNN(run.boolean("cudnn_benchmark"));
+    if (device_.is_cuda()) {
+      at::globalContext().setBenchmarkCuDNN(run.boolean("cudnn_benchmark"));
+    } else if (const std::string where = run.where("cudnn_benchmark");
+               comm_.rank() == 0 && where.find(" (default)") == std::string::npos) {
+      std::fprintf(stderr, "deepcam-host: note: %s does nothing on the CPU: it chooses cuDNN's convolution "
+                   "algorithms on CUDA\n", run.setting("cudnn_benchmark").c_str());
+    }
     precision_ = parse_precision(run.string("precision"));
 #if DEEPCAM_WITH_CUDA
     // As torch.cuda.graph asks of autocast (cache_enabled=False): a weight's
@@ -707,8 +703,9 @@ class Engine {
         reached = true;
         log_.event("target_accuracy_reached", Json(target), {{"epoch_num", Json(epoch_num)}, {"step_num", Json(step)}});
       }
-      if (every > 0 && epoch % every == 0 && !reached) {
-        // Inside the timed region, so logged as the reference logs it.
+      if (every > 0 && epoch % every == 0 && !reached && epoch < max_epochs) {
+        // Inside the timed region, so logged as the reference logs it (the
+        // last epoch's is saved after run_stop, below).
         const MlperfLog::Metadata at = {{"epoch_num", Json(epoch)}, {"step_num", Json(step)}};
         log_.start("save_start", Json(), at);
         save(epoch, step);
@@ -2188,7 +2185,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
       earlier = earlier_predictions(cfg, opts.predict_out);
     }
     MlperfLog no_log(nullptr, false);
-    const StopSignals signals;
+    record_stop_signals_from_now();
     Engine engine(cfg, no_log, comm);
     build_or_stop(engine, /*with_optimizer=*/false, {Split::Validation});
     // The earlier files go only once this run has a prediction to write:
@@ -2262,9 +2259,9 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   // Every line also on stdout, as the reference's logger prints it.
   if (rank0 && !opts.quiet) log.echo_to(stdout);
 
+  record_stop_signals_from_now();
   Engine engine(cfg, log, comm);
   if (evaluating) {
-    const StopSignals signals;
     build_or_stop(engine, /*with_optimizer=*/false, {Split::Validation});
     const int status = engine.evaluate(opts.evaluate_checkpoint);
     comm.finish();
@@ -2273,7 +2270,6 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   }
 
   const auto t0 = Clock::now();
-  const StopSignals signals;
   engine.on_run_start([&] {
     for (const fs::path& path : earlier_files) remove_earlier_file(cfg, path);
     if (record) record->keep();

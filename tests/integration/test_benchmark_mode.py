@@ -27,6 +27,18 @@ def test_benchmark_prints_one_json_line_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_cudnn_benchmark_set_on_the_cpu_is_said_to_do_nothing(tmp_path):
+    # It was applied on CUDA only, and set on a CPU run it was dropped without a word.
+    data = synth(tmp_path / "data", train=2, validation=1, height=32, width=48)
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run={"threads": 1})
+    r = run_host(run, "--benchmark", 1, "--set", "run.cudnn_benchmark=false")
+    assert r.returncode == 0, r.stderr
+    assert ("deepcam-host: note: --set run.cudnn_benchmark=false does nothing on the CPU: it chooses cuDNN's "
+            "convolution algorithms on CUDA") in r.stderr, r.stderr
+    r = run_host(run, "--benchmark", 1)  # its default says nothing
+    assert r.returncode == 0 and "does nothing on the CPU" not in r.stderr, r.stderr
+
+
 def test_benchmark_on_two_ranks(tmp_path):
     data = synth(tmp_path / "data", train=2, validation=1)
     run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run={"train_batch_size": 2, "threads": 1})

@@ -142,6 +142,38 @@ def signal_once_staging(command, stage, sig, env):
     return p.returncode, err
 
 
+def test_a_stop_signal_while_the_staged_copies_are_removed_leaves_neither_them_nor_another_status(tmp_path):
+    """The stop signals' handler was put back before the engine was torn down: a SIGTERM after the run had
+    ended (a batch system's time limit) killed the process while its reader removed the staged copies,
+    leaving them and turning status 0 into 143."""
+    root = synth(tmp_path / "h5", train=2, validation=1, height=16, width=16)
+    (one,) = (root / "validation").iterdir()
+    for n in range(1999):
+        os.link(one, root / "validation" / f"data-2108-{1 + n // 250:02d}-{1 + n % 250:03d}-00-1.h5")
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    trained = tmp_path / "trained"
+    path = write_run(tmp_path / "train.toml", root, trained,
+                     run={"max_epochs": 1, "target_iou": 1.0, "validation_batch_size": 500})
+    assert run_host(path, "--quiet").returncode == 1
+    path = write_run(tmp_path / "run.toml", root, tmp_path / "out", run={"validation_batch_size": 500},
+                     reader={"name": "prefetch", "depth": 2, "threads": 1, "stage_dir": str(stage)},
+                     **{"reader.source": {"name": "hdf5", "threads": 1}})
+    p = subprocess.Popen([str(HOST), str(path), "--quiet", "--evaluate", str(trained / "checkpoint-epoch1.pt")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=plugin_env())
+    try:
+        for line in p.stdout:
+            if line.startswith("eval_loss "):
+                p.send_signal(signal.SIGTERM)  # the scores printed: the engine is being torn down
+                break
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err[-3000:]
+    assert list(stage.iterdir()) == [], list(stage.rglob("*"))[:5]
+
+
 STOPPED = r"staging the train files into {}/deepcam-stage-[^ ]+ stopped by {} after (\d+) of {} samples"
 
 
