@@ -16,11 +16,11 @@
 
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
-#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -52,6 +52,8 @@ const char* const kLostKey = "deepcam/lost";
 // Why a rank refused to join this world (started for another world size).
 const char* const kRefusedKey = "deepcam/refused";
 std::string joined_key(int rank) { return fmt::format("deepcam/joined/{}", rank); }
+const std::string kDone = "done";      // ended normally
+const std::string kFailed = "failed";  // ended by an error of its own
 
 // Tries a TCP connection to host:port until one is taken or `deadline`
 // passes: "" once taken (and closed at once), else the last attempt's
@@ -93,8 +95,6 @@ std::string reach(const std::string& host, std::uint16_t port, Clock::time_point
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
   }
 }
-const std::string kDone = "done";      // ended normally
-const std::string kFailed = "failed";  // ended by an error of its own
 
 std::string text_of(const std::vector<std::uint8_t>& bytes) { return std::string(bytes.begin(), bytes.end()); }
 std::vector<std::uint8_t> bytes_of(const std::string& text) { return {text.begin(), text.end()}; }
