@@ -172,9 +172,10 @@ class Run:
         loss = self.series["train_loss"][2]
         finite_iou = [v for v in self.series["eval_accuracy"][2] if finite(v)]
         ttt = f"{self.time_to_train:.1f} s" if self.time_to_train is not None else "not finished"
+        best = f", best eval IoU {max(finite_iou):.4f}" if finite_iou else ", no eval IoU"
         return (f"{self.name}: {steps} steps, {self.epochs} epochs, final train loss "
                 f"{loss[-1]:.4f}" if loss else f"{self.name}: {steps} steps, {self.epochs} epochs, no train loss") + (
-                f", best eval IoU {max(finite_iou):.4f}" if finite_iou else ", no eval IoU") + f", time to train {ttt} ({self.status})"
+                best) + f", time to train {ttt} ({self.status})"
 
 
 def plot(runs, out, target, dpi):

@@ -143,9 +143,9 @@ def signal_once_staging(command, stage, sig, env):
 
 
 def test_a_stop_signal_while_the_staged_copies_are_removed_leaves_neither_them_nor_another_status(tmp_path):
-    """The stop signals' handler was put back before the engine was torn down: a SIGTERM after the run had
-    ended (a batch system's time limit) killed the process while its reader removed the staged copies,
-    leaving them and turning status 0 into 143."""
+    """The stop signals' default action was put back before the engine and the process were torn down: a
+    SIGTERM after the run had ended (a batch system's time limit) killed the process while its reader removed
+    the staged copies, leaving them, and turned status 0 into 143."""
     root = synth(tmp_path / "h5", train=2, validation=1, height=16, width=16)
     (one,) = (root / "validation").iterdir()
     for n in range(1999):
