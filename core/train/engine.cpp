@@ -703,9 +703,8 @@ class Engine {
         reached = true;
         log_.event("target_accuracy_reached", Json(target), {{"epoch_num", Json(epoch_num)}, {"step_num", Json(step)}});
       }
-      if (every > 0 && epoch % every == 0 && !reached && epoch < max_epochs) {
-        // Inside the timed region, so logged as the reference logs it (the
-        // last epoch's is saved after run_stop, below).
+      if (every > 0 && epoch % every == 0 && !reached) {
+        // Inside the timed region, so logged as the reference logs it.
         const MlperfLog::Metadata at = {{"epoch_num", Json(epoch)}, {"step_num", Json(step)}};
         log_.start("save_start", Json(), at);
         save(epoch, step);
