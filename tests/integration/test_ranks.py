@@ -410,7 +410,7 @@ def test_a_rank_whose_rank_0_never_starts_names_the_store_within_the_timeout(tmp
             in r.stderr and "within 3 s ([run] comm_timeout_s): Connection refused; rank 0 hosts it: it has not "
             "started, or the address or port is not its" in r.stderr), r.stderr[-3000:]
     assert "frame #" not in r.stderr and "has not answered" not in r.stderr, r.stderr[-3000:]
-    assert took < 3 + 4, f"{took:.1f} s"
+    assert took < 3 + 12, f"{took:.1f} s"  # the timeout, and the start of a loaded machine's process
     assert not (tmp_path / "out").exists()
 
 
