@@ -323,7 +323,48 @@ struct Checker {
                const std::set<std::string>& host_keys) const;
   std::shared_ptr<const NestedPlugin> nested(const ParamSpec& spec, const toml::node& node, const Location& parent,
                                              const std::string& where) const;
+
+  // What a plugin table names, its plugin loaded and its keys checked.
+  struct Chosen {
+    std::string name;
+    const LoadedPlugin* plugin = nullptr;
+    Params params;
+    std::string name_at;  // where its name was set
+  };
+  Chosen choose(const toml::table* t, PluginKind kind, const std::string& section, const std::string& where) const;
 };
+
+// The plugin of `kind` that table `t` of `section` names (name = "...", and
+// library = "..." where given), loaded, with the table's keys checked
+// against its schema. `where` starts the message when the table (absent
+// when null) names none.
+Checker::Chosen Checker::choose(const toml::table* t, PluginKind kind, const std::string& section,
+                                const std::string& where) const {
+  const Location loc = location(section);
+  const toml::node* name_node = t ? t->get("name") : nullptr;
+  if (name_node && !name_node->is_string()) {
+    throw Error(fmt::format("{}: expected a string, the {} plugin's name (see deepcam-host --list-plugins), got {}",
+                            loc.at("name", name_node), to_string(kind), type_name(*name_node)));
+  }
+  if (!name_node) {
+    throw Error(fmt::format("{}: [{}] needs name = \"<{} plugin>\" (see deepcam-host --list-plugins)", where,
+                            section, to_string(kind)));
+  }
+  if (!loader) throw Error(fmt::format("{}: a plugin table needs the plugin loader to be checked", where));
+  const toml::node* lib = t->get("library");
+  const std::string library = library_path(lib, loc);
+  Chosen out;
+  out.name = *name_node->value<std::string>();
+  out.name_at = loc.at("name", name_node);
+  try {
+    out.plugin = &loader->load(kind, out.name, library);
+  } catch (const Error& e) {
+    // A library named explicitly is where the problem is.
+    throw Error(fmt::format("{}: {}", lib ? loc.at("library", lib) : out.name_at, e.what()));
+  }
+  out.params = check(t, out.plugin->descriptor->params, loc, {"name", "library"});
+  return out;
+}
 
 // A nested plugin table is checked like a top-level plugin section, before
 // anything is built: its plugin is loaded (of the kind the spec names) and
@@ -337,35 +378,14 @@ std::shared_ptr<const NestedPlugin> Checker::nested(const ParamSpec& spec, const
     throw Error(fmt::format("{}: expected a table [{}] naming a {} plugin (name = \"...\" and its keys), got {}",
                             where, section, to_string(kind), type_name(node)));
   }
-  const Location loc = location(section);
-  const toml::node* name_node = t->get("name");
-  if (name_node && !name_node->is_string()) {
-    throw Error(fmt::format("{}: expected a string, the {} plugin's name (see deepcam-host --list-plugins), got {}",
-                            loc.at("name", name_node), to_string(kind), type_name(*name_node)));
-  }
-  if (!name_node) {
-    throw Error(fmt::format("{}: [{}] needs name = \"<{} plugin>\" (see deepcam-host --list-plugins)", where,
-                            section, to_string(kind)));
-  }
-  if (!loader) {
-    throw Error(fmt::format("{}: a nested plugin table needs the plugin loader to be checked", where));
-  }
-  const toml::node* lib = t->get("library");
-  const std::string library = library_path(lib, loc);
+  Chosen chosen = choose(t, kind, section, where);
   auto out = std::make_shared<NestedPlugin>();
   out->kind = to_string(kind);
-  out->name = *name_node->value<std::string>();
-  const LoadedPlugin* plugin = nullptr;
-  try {
-    plugin = &loader->load(kind, out->name, library);
-  } catch (const Error& e) {
-    // A library named explicitly is where the problem is.
-    throw Error(fmt::format("{}: {}", lib ? loc.at("library", lib) : loc.at("name", name_node), e.what()));
-  }
-  out->path = plugin->path;
-  out->descriptor = plugin->descriptor;
-  out->library = plugin->library;
-  out->params = check(t, plugin->descriptor->params, loc, {"name", "library"});
+  out->name = std::move(chosen.name);
+  out->path = chosen.plugin->path;
+  out->descriptor = chosen.plugin->descriptor;
+  out->library = chosen.plugin->library;
+  out->params = std::move(chosen.params);
   return out;
 }
 
@@ -808,30 +828,14 @@ RunConfig load_config(const std::vector<std::string>& files, const std::vector<s
   PluginChoice* choices[] = {&cfg.reader, &cfg.model, &cfg.optimizer, &cfg.scheduler};
   for (std::size_t i = 0; i < 4; ++i) {
     const std::string& section = kPluginSections[i];
-    const Location loc = location(section);
     const toml::table* t = root.get_as<toml::table>(section);
-    const toml::node* name_node = t ? t->get("name") : nullptr;
-    if (name_node && !name_node->is_string()) {
-      throw Error(fmt::format("{}: expected a string, the {} plugin's name (see deepcam-host --list-plugins), got {}",
-                              loc.at("name", name_node), section, type_name(*name_node)));
-    }
-    if (!name_node) {
-      throw Error(fmt::format("{}: [{}] needs name = \"<{} plugin>\" (see deepcam-host --list-plugins)",
-                              t ? origin(*t, file) : file, section, section));
-    }
-    const toml::node* lib = t->get("library");
-    const std::string library = library_path(lib, loc);
-    name_origin[section] = loc.at("name", name_node);
+    Checker::Chosen chosen = checker.choose(t, kinds[i], section, t ? origin(*t, file) : file);
+    name_origin[section] = chosen.name_at;
     PluginChoice& c = *choices[i];
     c.kind = kinds[i];
-    c.name = *name_node->value<std::string>();
-    try {
-      c.plugin = &loader.load(c.kind, c.name, library);
-    } catch (const Error& e) {
-      // A library named explicitly is where the problem is.
-      throw Error(fmt::format("{}: {}", lib ? loc.at("library", lib) : loc.at("name", name_node), e.what()));
-    }
-    c.params = checker.check(t, c.plugin->descriptor->params, loc, {"name", "library"});
+    c.name = std::move(chosen.name);
+    c.plugin = chosen.plugin;
+    c.params = std::move(chosen.params);
   }
 
   // The resolved configuration, every default filled in; a nested plugin
