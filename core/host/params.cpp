@@ -34,13 +34,26 @@ std::string Params::where(const std::string& key) const {
   return fmt::format("{} {}", where_, key);
 }
 
+namespace {
+// How where(key) ends for a key that took its default (config.cpp writes it).
+const std::string kDefault = " (default)";
+
+bool ends_as_default(const std::string& where) {
+  return where.size() >= kDefault.size() &&
+         where.compare(where.size() - kDefault.size(), std::string::npos, kDefault) == 0;
+}
+}  // namespace
+
+bool Params::is_default(const std::string& key) const {
+  at(key);  // a key the schema does not declare is the plugin's bug, as for a lookup
+  return ends_as_default(where(key));
+}
+
 std::string Params::setting(const std::string& key) const {
-  static const std::string kDefault = " (default)";
   std::string where = this->where(key);
   if (where.rfind("--set ", 0) == 0) return where;
   const std::string value = " = " + to_toml(at(key));
-  const std::size_t tail = where.size() >= kDefault.size() ? where.size() - kDefault.size() : where.size();
-  if (where.compare(tail, std::string::npos, kDefault) == 0) return where.insert(tail, value);
+  if (ends_as_default(where)) return where.insert(where.size() - kDefault.size(), value);
   return where + value;
 }
 

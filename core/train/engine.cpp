@@ -432,8 +432,7 @@ class Engine {
     at::manual_seed(static_cast<std::uint64_t>(run.integer("seed")));
     if (device_.is_cuda()) {
       at::globalContext().setBenchmarkCuDNN(run.boolean("cudnn_benchmark"));
-    } else if (const std::string where = run.where("cudnn_benchmark");
-               comm_.rank() == 0 && where.find(" (default)") == std::string::npos) {
+    } else if (comm_.rank() == 0 && !run.is_default("cudnn_benchmark")) {
       std::fprintf(stderr, "deepcam-host: note: %s does nothing on the CPU: it chooses cuDNN's convolution "
                    "algorithms on CUDA\n", run.setting("cudnn_benchmark").c_str());
     }

@@ -178,6 +178,14 @@ TEST_CASE("a table is checked against its schema, defaults filled in") {
   CHECK(p.integers("milestones") == std::vector<std::int64_t>{3, 4});
   CHECK(p.string("mode") == "a");
   CHECK_THROWS_AS(p.integer("lr"), deepcam::Error);
+  // A value the file gave is not a default, even one equal to it; one it left out is.
+  const auto given = deepcam::check_table_file(write_toml("[optimizer]\nname = \"x\"\nmode = \"a\"\n"),
+                                               "optimizer", kSchema);
+  CHECK(!given.is_default("mode"));
+  CHECK(given.is_default("lr"));
+  CHECK(given.setting("lr").find("lr = 0.001 (default)") != std::string::npos);
+  CHECK(given.setting("mode").find(":3 [optimizer] mode = \"a\"") != std::string::npos);
+  CHECK_THROWS_AS(given.is_default("momentum"), deepcam::Error);
 
   const std::string typo = error_of("[optimizer]\nname = \"x\"\n\nlrr = 0.1\n");
   CHECK(typo.find(":4 [optimizer] lrr: unknown key; did you mean 'lr'?") != std::string::npos);

@@ -92,6 +92,8 @@ class DEEPCAM_API Params {
   // "run.toml [optimizer] lr (default)"; "run.toml [optimizer] lr" for
   // Params built without sources.
   std::string where(const std::string& key) const;
+  // Whether the key holds its schema's default: no run file or --set gave it.
+  bool is_default(const std::string& key) const;
   // The same with the value as TOML writes it, for a message about the value:
   // "run.toml:14 [model] output_stride = 12", "run.toml [optimizer] lr =
   // 0.002 (default)"; an --set item as given, "--set model.output_stride=12",
