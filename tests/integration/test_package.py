@@ -39,14 +39,16 @@ def converged(run_dir):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("package-runs")
-    data = synth(root / "data", train=64, validation=16, height=96, width=144, seed=11)
+    # The quickstart's model and data set at 64 x 96 pixels (its 96 x 144 costs 2.25 times as much a
+    # step), trained at twice its learning rate: most seeds reach the target in 7 to 10 epochs.
+    data = synth(root / "data", train=64, validation=16, height=64, width=96, seed=11)
 
     def open_run(seed):
-        return quickstart(data, root / f"open-{seed}", seed, "run.max_epochs=10")
+        return quickstart(data, root / f"open-{seed}", seed, "run.max_epochs=10", "optimizer.lr=0.004")
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        # Five quickstart runs that reach the target (most seeds do in 5 to 9 epochs; one that has
-        # not in 10 is replaced by the next seed), beside the other runs.
+        # Five quickstart runs that reach the target (a seed that has not in 10 epochs is replaced by
+        # the next one), beside the other runs.
         first = [pool.submit(open_run, seed) for seed in range(1, RUNS + 1)]
         # closed division, 2 epochs each: short of the data set and of the target
         closed = [pool.submit(quickstart, data, root / f"closed-{s}", s, "mlperf.division=closed", "run.max_epochs=2")

@@ -1,15 +1,16 @@
 """scripts/quickstart.sh, run as a copy in a temporary checkout: build/ and .venv/ are links to the
 real ones and scripts/setup.sh is a stand-in that does nothing (the real one would set up and
-build). The rest is the real quickstart, its data set included: it reaches its target in about
-6 epochs, seconds on 2 cores; the runs meant to fail stop after one epoch (--set run.max_epochs=1,
-which the script passes on to deepcam-host)."""
+build). The rest is the real quickstart, its data set included. One such checkout trains to the
+target once (seconds on 2 cores); each test runs the script again in a copy of it. The runs meant
+to fail stop after one epoch (--set run.max_epochs=1, which the script passes on to deepcam-host)."""
 
 import shutil
 import subprocess
 from pathlib import Path
 
-from helpers import BUILD_DIR, REPO_ROOT, clean_env
+import pytest
 
+from helpers import BUILD_DIR, REPO_ROOT, clean_env
 
 
 def checkout(tmp_path):
@@ -26,6 +27,24 @@ def checkout(tmp_path):
     return top
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A checkout whose first quickstart wrote the data set and reached its target:
+    runs/quickstart/mlperf.log passes the checker. Each test works on its own copy, so that a run
+    meant to fail has a passing log beside it that it must not check."""
+    top = checkout(tmp_path_factory.mktemp("trained"))
+    rc, out, err = quickstart(top)
+    assert rc == 0 and "SUCCESS" in last_lines(out), f"{rc}\n{out}\n{err}"
+    assert (top / "runs/quickstart/mlperf.log").is_file()
+    return top
+
+
+def copy_of(top, tmp_path):
+    copy = tmp_path / "top"
+    shutil.copytree(top, copy, symlinks=True)  # build/ and .venv/ stay links
+    return copy
+
+
 def quickstart(top, *args):
     r = subprocess.run([str(top / "scripts/quickstart.sh"), "--quiet", *map(str, args)], capture_output=True,
                        text=True, env=clean_env(OMP_NUM_THREADS=1), timeout=600)
@@ -36,8 +55,8 @@ def last_lines(stdout, n=4):
     return "\n".join(stdout.splitlines()[-n:])
 
 
-def test_a_diverged_run_exits_with_the_hosts_status_and_shows_the_verdict(tmp_path):
-    top = checkout(tmp_path)
+def test_a_diverged_run_exits_with_the_hosts_status_and_shows_the_verdict(trained, tmp_path):
+    top = copy_of(trained, tmp_path)
     rc, out, err = quickstart(top, "--set", "optimizer.lr=1e30", "--set", "run.max_epochs=1")
     assert "training diverged" in err, err
     assert rc == 4, f"{rc}\n{out}\n{err}"
@@ -45,8 +64,8 @@ def test_a_diverged_run_exits_with_the_hosts_status_and_shows_the_verdict(tmp_pa
     assert "FAILED" in last_lines(out) and "Logging output also at" not in last_lines(out), out
 
 
-def test_a_run_short_of_the_target_exits_1_and_shows_the_verdict(tmp_path):
-    top = checkout(tmp_path)
+def test_a_run_short_of_the_target_exits_1_and_shows_the_verdict(trained, tmp_path):
+    top = copy_of(trained, tmp_path)
     rc, out, err = quickstart(top, "--set", "run.max_epochs=1")
     assert rc == 1, f"{rc}\n{out}\n{err}"
     lines = last_lines(out)
@@ -54,24 +73,18 @@ def test_a_run_short_of_the_target_exits_1_and_shows_the_verdict(tmp_path):
     assert "Logging output also at" not in lines, out
 
 
-def test_bad_arguments_exit_with_the_hosts_status_without_checking_an_old_log(tmp_path):
-    top = checkout(tmp_path)
-    rc, out, err = quickstart(top)
-    assert rc == 0 and "SUCCESS" in last_lines(out), f"{rc}\n{out}\n{err}"
+def test_bad_arguments_exit_with_the_hosts_status_without_checking_an_old_log(trained, tmp_path):
+    top = copy_of(trained, tmp_path)
     rc, out, err = quickstart(top, "--set", "run.no_such_key=1")
     assert rc == 2, f"{rc}\n{out}\n{err}"
     assert "SUCCESS" not in out and "quickstart: training took" in out, out
 
 
-def test_the_log_checked_is_that_of_the_run_the_quickstart_started(tmp_path):
+def test_the_log_checked_is_that_of_the_run_the_quickstart_started(trained, tmp_path):
     """A first quickstart reaches its target, so runs/quickstart/mlperf.log passes the checker; the
     next ones send their run elsewhere and stop short of the target: each must check its own log
     and fail, not the first one's and pass."""
-    top = checkout(tmp_path)
-    rc, out, err = quickstart(top)
-    assert rc == 0 and "SUCCESS" in last_lines(out), f"{rc}\n{out}\n{err}"
-    old = top / "runs/quickstart/mlperf.log"
-    assert old.is_file()
+    top = copy_of(trained, tmp_path)
 
     other = tmp_path / "other"
     rc, out, err = quickstart(top, "--set", f"run.output_dir={other}", "--set", "run.max_epochs=1")
