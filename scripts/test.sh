@@ -10,10 +10,18 @@ set -uo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 
+# How long each stage took, printed as it ends: CI has 30 minutes for all.
+stage_start=$SECONDS
+stage_took() {
+  echo "test.sh: $1 took $((SECONDS - stage_start)) s"
+  stage_start=$SECONDS
+}
+
 if ! scripts/setup.sh; then
   echo "0 passed, 1 failed"
   exit 1
 fi
+stage_took "set-up and build"
 export PATH="$top/.venv/bin:$PATH"
 export DEEPCAM_BUILD_DIR="$top/build"
 # Only the build tree's plugins are seen by the tests.
@@ -21,32 +29,74 @@ export DEEPCAM_PLUGIN_PATH="$top/build/plugins"
 
 passed=0
 failed=0
-# Runs one doctest executable (the command after LABEL) and adds its test
-# cases to the totals; a crash or a non-zero exit without failed cases still
-# counts as a failure.
-run_doctest() {
-  local label=$1
-  shift
-  local out rc summary p f
-  out=$("$@" 2>&1)
-  rc=$?
-  summary=$(printf '%s\n' "$out" | grep '\[doctest\] test cases:' | tail -n 1)
+# Tests run two at a time (DEEPCAM_TEST_WORKERS; 1 runs them one by one).
+# With two processes on two cores, OpenMP threads that spin while they wait
+# starve the other one's run (one quickstart took eight times as long), so
+# they sleep instead.
+workers=${DEEPCAM_TEST_WORKERS:-2}
+export OMP_WAIT_POLICY=PASSIVE
+# Adds the test cases of one doctest executable's run (LABEL, its output
+# file, its exit status) to the totals; a crash or a non-zero exit without
+# failed cases still counts as a failure.
+count_doctest() {
+  local label=$1 out=$2 rc=$3
+  local summary p f
+  summary=$(grep '\[doctest\] test cases:' "$out" | tail -n 1)
   p=$(printf '%s' "$summary" | sed -n 's/.*| *\([0-9]*\) passed.*/\1/p')
   f=$(printf '%s' "$summary" | sed -n 's/.*| *\([0-9]*\) failed.*/\1/p')
   p=${p:-0}
   f=${f:-0}
   if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
   if [ "$f" -ne 0 ]; then
-    printf '%s\n' "$out" | tail -n 60
+    tail -n 60 "$out"
   fi
   echo "$label: $p passed, $f failed"
   passed=$((passed + p))
   failed=$((failed + f))
 }
 
-while IFS= read -r t; do
+# Runs one doctest executable (the command after LABEL) and counts it.
+run_doctest() {
+  local label=$1 out rc
+  shift
+  out=$(mktemp)
+  "$@" >"$out" 2>&1
+  rc=$?
+  count_doctest "$label" "$out" "$rc"
+  rm -f "$out"
+}
+
+# The unit tests run $workers at a time (most of their time is Python's
+# reference runs, one core each), and are reported in name order. The
+# prefetch reader's runs alone afterwards: it checks that a ring of sleeping
+# workers keeps a training step from waiting, which another process on the
+# same cores could hold up.
+units=$(mktemp -d)
+mapfile -t unit_tests < <(find "$top/build" -type f -executable -name 'test_*' ! -name '*.so' ! -path '*.p/*' | sort)
+alone_units=()
+n=0
+for t in "${unit_tests[@]}"; do
+  if [ "$(basename "$t")" = test_reader_prefetch ]; then
+    alone_units+=("$t")
+    continue
+  fi
+  while [ "$(jobs -rp | wc -l)" -ge "$workers" ]; do wait -n; done
+  ( "$t" >"$units/$n.out" 2>&1; echo $? >"$units/$n.rc" ) &
+  n=$((n + 1))
+done
+wait
+n=0
+for t in "${unit_tests[@]}"; do
+  [ "$(basename "$t")" = test_reader_prefetch ] && continue
+  count_doctest "unit: ${t#"$top"/}" "$units/$n.out" "$(cat "$units/$n.rc" 2>/dev/null || echo 1)"
+  n=$((n + 1))
+done
+rm -rf "$units"
+for t in "${alone_units[@]}"; do
   run_doctest "unit: ${t#"$top"/}" "$t"
-done < <(find "$top/build" -type f -executable -name 'test_*' ! -name '*.so' ! -path '*.p/*' | sort)
+done
+
+stage_took "the unit tests"
 
 # The parsers (npy, HDF5 layer, torch.save reader, run-file checking) and
 # their unit tests once more with AddressSanitizer and UBSan, plus a fuzz run
@@ -93,21 +143,21 @@ run_pytest() {
   failed=$((failed + f))
 }
 
-# The integration tests run in two pytest-xdist workers (DEEPCAM_TEST_WORKERS;
-# 1 runs them all in one process), a test file to a worker, so that a
-# module's fixtures are made once. Those marked `alone` bound how long
-# something takes (a lost rank noticed within comm_timeout_s): they run
-# afterwards, one by one. With two processes on two cores, OpenMP threads
-# that spin while they wait starve the other worker's run (one quickstart
-# took eight times as long), so they sleep instead.
-export OMP_WAIT_POLICY=PASSIVE
-workers=${DEEPCAM_TEST_WORKERS:-2}
+stage_took "the sanitizer build and tests"
+
+# The integration tests run in $workers pytest-xdist workers (1: all in one
+# process), a test file to a worker, so that a module's fixtures are made
+# once; the longest files start first (conftest.py). Those marked `alone`
+# bound how long something takes (a lost rank noticed within comm_timeout_s):
+# they run afterwards, one by one.
 if [ "$workers" = 1 ]; then
   run_pytest all tests/integration "$@"
 else
-  run_pytest parallel -n "$workers" --dist loadfile -m "not alone" tests/integration "$@"
+  run_pytest parallel -n "$workers" --dist loadfile --no-loadscope-reorder -m "not alone" tests/integration "$@"
   run_pytest alone -m alone tests/integration "$@"
 fi
+
+stage_took "the integration tests"
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -23,6 +23,19 @@ def pytest_configure(config):
                                        "test beside it")
 
 
+# The test files that take a minute or more, started first in this order. scripts/test.sh runs the
+# files two at a time (pytest-xdist's --dist loadfile, --no-loadscope-reorder: in collection order),
+# and a long file started last would keep one worker busy while the other has nothing left to do.
+LONG_FILES_FIRST = ("test_ranks", "test_checkpoints_hardening", "test_precision", "test_package", "test_reader_inputs",
+                    "test_slurm", "test_device_bundle", "test_training", "test_host_cli", "test_sdk")
+
+
+def pytest_collection_modifyitems(config, items):
+    first = {name: n for n, name in enumerate(LONG_FILES_FIRST)}
+    # A stable sort: each file's tests keep their order.
+    items.sort(key=lambda item: first.get(Path(str(item.fspath)).stem, len(first)))
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
