@@ -17,6 +17,22 @@ missing=()
 for d in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$d" 2>/dev/null | grep -q "install ok installed" || missing+=("$d")
 done
+
+# The Python packages are installed while apt installs the Debian ones:
+# neither needs the other, and on a fresh machine both spend most of their
+# time downloading. pip's output is shown if it fails.
+venv="$top/.venv"
+stamp="$venv/.requirements.sha"
+want=$(sha256sum scripts/requirements.txt | cut -d' ' -f1)
+pip_pid=""
+pip_log=$(mktemp)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing Python packages (torch is large; first run takes minutes)"
+  ( [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check -r scripts/requirements.txt ) >"$pip_log" 2>&1 &
+  pip_pid=$!
+fi
+
 if ((${#missing[@]})); then
   echo "setup: installing Debian packages: ${missing[*]}"
   sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd=sudo
@@ -24,13 +40,13 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-venv="$top/.venv"
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-stamp="$venv/.requirements.sha"
-want=$(sha256sum scripts/requirements.txt | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing Python packages (torch is large; first run takes minutes)"
-  "$venv/bin/pip" install -q --disable-pip-version-check -r scripts/requirements.txt
+if [ -n "$pip_pid" ]; then
+  if ! wait "$pip_pid"; then
+    cat "$pip_log" >&2
+    echo "setup: installing the Python packages (scripts/requirements.txt) failed" >&2
+    exit 1
+  fi
+  rm -f "$pip_log"
   echo "$want" > "$stamp"
 fi
 

@@ -74,3 +74,32 @@ def test_a_fresh_checkout_is_set_up_with_cuda_as_given(checkout):
     assert setup(checkout, CUDA="enabled") == [f"meson setup {build} -Dcuda=enabled --buildtype=release",
                                                f"ninja -C {build}"]
     assert setup(checkout) == [f"meson setup {build} -Dcuda=auto --buildtype=release", f"ninja -C {build}"]
+
+
+def test_python_and_debian_packages_install_at_once_and_a_failed_pip_is_shown(checkout, tmp_path):
+    """pip runs while apt does (both mostly download on a fresh machine); a pip that fails ends the
+    set-up with its own output and the file it installs from, writes no stamp and builds nothing."""
+    stamp = checkout / ".venv" / ".requirements.sha"
+    stamp.write_text("an older requirements.txt\n")
+    # apt-get waits until pip has started, and fails after 10 s: run one after the other, apt fails.
+    started = tmp_path / "pip-started"
+    (checkout / ".venv/bin/pip").write_text(f'#!/bin/sh\necho "$(basename "$0") $*" >> "$CALLS"\ntouch {started}\n'
+                                            'echo "ERROR: no matching distribution for torch" >&2\nexit 1\n')
+    (tmp_path / "bin/dpkg-query").write_text("#!/bin/sh\nexit 1\n")  # nothing installed
+    (tmp_path / "bin/apt-get").write_text(f'#!/bin/sh\necho "apt-get $*" >> "$CALLS"\n'
+                                          f'n=0; while [ ! -e {started} ]; do sleep 0.05; n=$((n + 1)); '
+                                          '[ $n -lt 200 ] || exit 1; done\n')
+    calls = tmp_path / "calls.log"
+    env = {k: v for k, v in os.environ.items() if k != "CUDA"}
+    env.update(PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", CALLS=str(calls))
+    if os.getuid() != 0:
+        (tmp_path / "bin/sudo").write_text('#!/bin/sh\nexec "$@"\n')
+    r = subprocess.run(["bash", str(checkout / "scripts/setup.sh")], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "ERROR: no matching distribution for torch" in r.stderr, r.stderr
+    assert "setup: installing the Python packages (scripts/requirements.txt) failed" in r.stderr, r.stderr
+    recorded = calls.read_text().splitlines()
+    assert any(c.startswith("pip install") for c in recorded) and "apt-get update -qq" in recorded, recorded
+    assert not any(c.startswith(("meson", "ninja")) for c in recorded), recorded
+    assert stamp.read_text() == "an older requirements.txt\n"
