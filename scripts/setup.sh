@@ -25,9 +25,9 @@ venv="$top/.venv"
 stamp="$venv/.requirements.sha"
 want=$(sha256sum scripts/requirements.txt | cut -d' ' -f1)
 pip_pid=""
-pip_log=$(mktemp)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing Python packages (torch is large; first run takes minutes)"
+  pip_log=$(mktemp)
   ( [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check -r scripts/requirements.txt ) >"$pip_log" 2>&1 &
   pip_pid=$!
