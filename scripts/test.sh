@@ -73,23 +73,19 @@ run_doctest() {
 # same cores could hold up.
 units=$(mktemp -d)
 mapfile -t unit_tests < <(find "$top/build" -type f -executable -name 'test_*' ! -name '*.so' ! -path '*.p/*' | sort)
+parallel_units=()
 alone_units=()
-n=0
 for t in "${unit_tests[@]}"; do
-  if [ "$(basename "$t")" = test_reader_prefetch ]; then
-    alone_units+=("$t")
-    continue
-  fi
+  if [ "$(basename "$t")" = test_reader_prefetch ]; then alone_units+=("$t"); else parallel_units+=("$t"); fi
+done
+for n in "${!parallel_units[@]}"; do
   while [ "$(jobs -rp | wc -l)" -ge "$workers" ]; do wait -n; done
-  ( "$t" >"$units/$n.out" 2>&1; echo $? >"$units/$n.rc" ) &
-  n=$((n + 1))
+  ( "${parallel_units[$n]}" >"$units/$n.out" 2>&1; echo $? >"$units/$n.rc" ) &
 done
 wait
-n=0
-for t in "${unit_tests[@]}"; do
-  [ "$(basename "$t")" = test_reader_prefetch ] && continue
+for n in "${!parallel_units[@]}"; do
+  t=${parallel_units[$n]}
   count_doctest "unit: ${t#"$top"/}" "$units/$n.out" "$(cat "$units/$n.rc" 2>/dev/null || echo 1)"
-  n=$((n + 1))
 done
 rm -rf "$units"
 for t in "${alone_units[@]}"; do

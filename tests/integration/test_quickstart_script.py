@@ -6,7 +6,6 @@ to fail stop after one epoch (--set run.max_epochs=1, which the script passes on
 
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 

@@ -41,15 +41,22 @@ def checkout(tmp_path):
     return top
 
 
-def setup(top, **env):
+def run_setup(top, **env):
+    """Runs the checkout's setup.sh with the stand-ins first on PATH: its result and the commands the
+    stand-ins recorded."""
     calls = top.parent / "calls.log"
     calls.unlink(missing_ok=True)
     run_env = {k: v for k, v in os.environ.items() if k != "CUDA"}
     run_env.update(PATH=f"{top.parent / 'bin'}:{os.environ['PATH']}", CALLS=str(calls), **env)
     r = subprocess.run(["bash", str(top / "scripts/setup.sh")], capture_output=True, text=True, env=run_env,
                        timeout=60)
+    return r, calls.read_text().splitlines() if calls.exists() else []
+
+
+def setup(top, **env):
+    r, calls = run_setup(top, **env)
     assert r.returncode == 0, r.stdout + r.stderr
-    return calls.read_text().splitlines() if calls.exists() else []
+    return calls
 
 
 def configured(top):
@@ -89,17 +96,12 @@ def test_python_and_debian_packages_install_at_once_and_a_failed_pip_is_shown(ch
     (tmp_path / "bin/apt-get").write_text(f'#!/bin/sh\necho "apt-get $*" >> "$CALLS"\n'
                                           f'n=0; while [ ! -e {started} ]; do sleep 0.05; n=$((n + 1)); '
                                           '[ $n -lt 200 ] || exit 1; done\n')
-    calls = tmp_path / "calls.log"
-    env = {k: v for k, v in os.environ.items() if k != "CUDA"}
-    env.update(PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", CALLS=str(calls))
     if os.getuid() != 0:
         (tmp_path / "bin/sudo").write_text('#!/bin/sh\nexec "$@"\n')
-    r = subprocess.run(["bash", str(checkout / "scripts/setup.sh")], capture_output=True, text=True, env=env,
-                       timeout=60)
+    r, recorded = run_setup(checkout)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "ERROR: no matching distribution for torch" in r.stderr, r.stderr
     assert "setup: installing the Python packages (scripts/requirements.txt) failed" in r.stderr, r.stderr
-    recorded = calls.read_text().splitlines()
     assert any(c.startswith("pip install") for c in recorded) and "apt-get update -qq" in recorded, recorded
     assert not any(c.startswith(("meson", "ninja")) for c in recorded), recorded
     assert stamp.read_text() == "an older requirements.txt\n"
