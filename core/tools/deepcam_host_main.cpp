@@ -3,7 +3,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
-#include <cerrno>
+#include <charconv>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -34,15 +34,16 @@ const char* kUsage =
     "       deepcam-host --describe KIND        (reader, model, optimizer, scheduler: the plugins of that kind)\n"
     "       deepcam-host --version\n";
 
-// The value of an option that counts something (--benchmark STEPS): a whole
-// number >= 1.
-long long count_of(const std::string& option, const std::string& text, const char* what) {
-  constexpr long long kMost = 1000000000;
-  char* end = nullptr;
-  errno = 0;
-  const long long n = std::strtoll(text.c_str(), &end, 10);
-  if (text.empty() || *end != '\0' || errno == ERANGE || n < 1 || n > kMost) {
-    throw deepcam::Error(fmt::format("{} {}: expected a number of {} in 1..{}", option, text, what, kMost));
+// The value of an option that counts something (--benchmark STEPS, --nproc
+// N, --samples N): a whole number in 1..most, digits only (no sign or
+// spaces).
+long long count_of(const std::string& option, const std::string& text, const char* what,
+                   long long most = 1000000000) {
+  long long n = 0;
+  const char* last = text.data() + text.size();
+  const auto [end, ec] = std::from_chars(text.data(), last, n);
+  if (ec != std::errc() || end != last || n < 1 || n > most) {
+    throw deepcam::Error(fmt::format("{} {}: expected a number of {} in 1..{}", option, text, what, most));
   }
   return n;
 }
@@ -211,12 +212,7 @@ int main(int argc, char** argv) {
     if (args[0] == "--nproc" || args[0].rfind("--nproc=", 0) == 0) {
       const bool joined = args[0] != "--nproc";
       if (!joined && args.size() < 2) throw deepcam::Error(fmt::format("--nproc needs a number\n{}", kUsage));
-      const std::string n = joined ? args[0].substr(8) : args[1];
-      char* end = nullptr;
-      const long nproc = std::strtol(n.c_str(), &end, 10);
-      if (n.empty() || *end != '\0' || nproc < 1 || nproc > 4096) {
-        throw deepcam::Error(fmt::format("--nproc {}: expected a number of ranks in 1..4096", n));
-      }
+      const long long nproc = count_of("--nproc", joined ? args[0].substr(8) : args[1], "ranks", 4096);
       return deepcam::launch_local_ranks(static_cast<int>(nproc),
                                          std::vector<std::string>(args.begin() + (joined ? 1 : 2), args.end()));
     }

@@ -56,7 +56,8 @@ def test_benchmark_needs_a_positive_number_and_not_evaluate(tmp_path):
     r = run_host(run, "--benchmark", 0)
     assert r.returncode == 2 and "--benchmark 0: expected a number of steps in 1..1000000000" in r.stderr
     # Past the bound, and past what a 64-bit count holds: refused, not trained for ever or crashed.
-    for n in ("1000000001", "99999999999999999999"):
+    # Nor a count with a sign or spaces around it, which the shell may have left from a quoted variable.
+    for n in ("1000000001", "99999999999999999999", " 2", "2 ", "+2", "2x"):
         r = run_host(run, "--benchmark", n)
         assert r.returncode == 2 and f"--benchmark {n}: expected a number of steps in 1..1000000000" in r.stderr
     r = run_host(run, "--benchmark", 3, "--evaluate", tmp_path / "x.pt")

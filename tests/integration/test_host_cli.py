@@ -560,6 +560,14 @@ def test_option_equals_value_is_taken_as_argparse_takes_it(tmp_path, data):
     assert '"samples_per_s"' in r.stdout.splitlines()[-1]
 
 
+@pytest.mark.parametrize("n", ["0", "4097", " 2", "2 ", "+2", "two", ""])
+def test_nproc_takes_a_number_of_ranks_without_sign_or_spaces(tmp_path, data, n):
+    out = tmp_path / "out"
+    r = run_host("--nproc", n, write_run(tmp_path / "run.toml", data, out))
+    assert r.returncode == 2 and f"--nproc {n}: expected a number of ranks in 1..4096" in r.stderr, r.stderr[-3000:]
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("first", ["--help", "--version", "--list-plugins"])
 def test_what_follows_an_option_that_ends_the_command_is_refused_not_ignored(first):
     r = run_host(first, "run.toml")
