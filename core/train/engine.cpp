@@ -915,9 +915,10 @@ class Engine {
     if (v.stop_signal != 0) {
       if (comm_.rank() == 0) {
         std::fprintf(stderr,
-                     "deepcam-host: --evaluate %s: stopped by %s after %lld of %lld validation batches on rank 0, "
+                     "deepcam-host: --evaluate %s: stopped by %s%s after %lld of %lld validation batches on rank 0, "
                      "so it has no score\n",
-                     checkpoint.c_str(), strsignal(v.stop_signal), static_cast<long long>(v.batches_done),
+                     checkpoint.c_str(), strsignal(v.stop_signal), stop_receivers().c_str(),
+                     static_cast<long long>(v.batches_done),
                      static_cast<long long>(v.batches));
       }
       return 128 + v.stop_signal;
@@ -1127,14 +1128,16 @@ class Engine {
     run_stopped_ = true;
     if (comm_.rank() == 0 && in_epoch) {
       std::fprintf(stderr,
-                   "deepcam-host: stopped by %s at step %lld (epoch %lld): run_stop status \"aborted\"; no "
+                   "deepcam-host: stopped by %s%s at step %lld (epoch %lld): run_stop status \"aborted\"; no "
                    "checkpoint written for this epoch (resume from the last one saved)\n",
-                   strsignal(sig), static_cast<long long>(step), static_cast<long long>(epoch_num));
+                   strsignal(sig), stop_receivers().c_str(), static_cast<long long>(step),
+                   static_cast<long long>(epoch_num));
     } else if (comm_.rank() == 0) {
       std::fprintf(stderr,
-                   "deepcam-host: stopped by %s after epoch %lld (step %lld), before the next: run_stop status "
+                   "deepcam-host: stopped by %s%s after epoch %lld (step %lld), before the next: run_stop status "
                    "\"aborted\"\n",
-                   strsignal(sig), static_cast<long long>(epoch_num), static_cast<long long>(step));
+                   strsignal(sig), stop_receivers().c_str(), static_cast<long long>(epoch_num),
+                   static_cast<long long>(step));
     }
     return 128 + sig;
   }
@@ -1142,7 +1145,25 @@ class Engine {
   // SIGTERM or SIGINT on any rank (one small all-gather), else 0.
   int agreed_stop_signal() {
     const at::Tensor mine = at::full({1}, static_cast<double>(stop_requested()), at::kDouble);
-    return static_cast<int>(comm_.world().all_gather(mine).max().item<double>());
+    return signal_of_ranks(comm_.world().all_gather(mine).view({-1}));
+  }
+
+  // The stop signal in the ranks' gathered requests (one per rank): the
+  // largest, else 0. Which ranks it came to is kept for the stop message.
+  int signal_of_ranks(const at::Tensor& requests) {
+    stop_ranks_.clear();
+    for (int r = 0; r < comm_.size(); ++r) {
+      if (requests[r].item<double>() != 0) stop_ranks_.push_back(r);
+    }
+    return static_cast<int>(requests.max().item<double>());
+  }
+
+  // " (sent to rank 1)" on many ranks, where the launcher (--nproc,
+  // torchrun) ends every rank with the same status; "" on one.
+  std::string stop_receivers() const {
+    if (comm_.size() == 1 || stop_ranks_.empty()) return "";
+    if (static_cast<int>(stop_ranks_.size()) == comm_.size()) return " (sent to every rank)";
+    return fmt::format(" (sent to rank{} {})", stop_ranks_.size() > 1 ? "s" : "", fmt::join(stop_ranks_, ", "));
   }
 
   // The figures of a logging point, over all ranks: one all-gather of five
@@ -1157,7 +1178,7 @@ class Engine {
                                        at::kDouble);
     const at::Tensor all = comm_.world().all_gather(mine);  // (P, 5)
     IntervalFigures f{all.select(1, 0).mean().item<double>(), all.select(1, 1).mean().item<double>(), std::nullopt,
-                      static_cast<int>(all.select(1, 4).max().item<double>())};
+                      signal_of_ranks(all.select(1, 4))};
     // The first bad step on any rank (codes order steps), so that every rank
     // stops at the same place with the same message.
     double first = -1, first_value = 0;
@@ -1710,6 +1731,7 @@ class Engine {
   at::Tensor graph_logits_, graph_loss_;  // the captured step's outputs
 #endif
   bool run_stopped_ = false;             // run_stop is in the log
+  std::vector<int> stop_ranks_;          // the ranks a stop signal came to
   std::int64_t steps_trained_ = 0;       // batches trained, as the log counts steps
   Clock::time_point run_started_{};
   Clock::time_point last_progress_ = Clock::now();

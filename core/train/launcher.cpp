@@ -60,6 +60,12 @@ std::string status_text(int status) {
 
 int exit_code(int status) { return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status); }
 
+// A rank that ended as a stop signal asks: every rank stops at the same
+// step with 128 + the signal, whichever rank it was sent to.
+bool stopped_by_signal(int status) {
+  return WIFEXITED(status) && (WEXITSTATUS(status) == 128 + SIGTERM || WEXITSTATUS(status) == 128 + SIGINT);
+}
+
 // One child's output stream, forwarded line by line with the rank prefix.
 struct Stream {
   int fd = -1;
@@ -164,6 +170,7 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
 
   int result = 0;
   int failed_rank = -1;
+  int stop_status = 0;  // a stop signal sent to a rank, not to the launcher
   std::vector<int> codes(static_cast<std::size_t>(nproc), 0);
   int running = nproc;
   Clock::time_point grace_end{};
@@ -204,7 +211,14 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
         std::fprintf(stderr, "deepcam-host --nproc: rank %d %s\n", r, status_text(status).c_str());
         // After a signal to the launcher the ranks end as it asked: no rank
         // is to blame, and the status is the launcher's own, 128 + the signal.
-        if (failed_rank < 0 && g_signal.load() == 0) {
+        // Nor is a rank to blame that stopped on a signal sent to one of the
+        // ranks (rank 0's message names which): the others stop with it.
+        if (g_signal.load() == 0 && stopped_by_signal(status)) {
+          if (stop_status == 0) {
+            stop_status = exit_code(status);
+            if (grace_end == Clock::time_point{}) grace_end = Clock::now() + grace;
+          }
+        } else if (failed_rank < 0 && g_signal.load() == 0) {
           failed_rank = r;
           result = exit_code(status);
           grace_end = Clock::now() + grace;
@@ -222,6 +236,9 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
       if (failed_rank >= 0) {
         std::fprintf(stderr, "deepcam-host --nproc: rank %d failed; ending the %d ranks still running\n",
                      failed_rank, running);
+      } else if (!received) {
+        std::fprintf(stderr, "deepcam-host --nproc: a rank stopped on a signal; ending the %d ranks still running\n",
+                     running);
       }
       // The launcher's own signal passed on, as torchrun does; SIGTERM after a rank failed.
       for (pid_t pid : pids) if (pid > 0) ::kill(pid, received ? received : SIGTERM);
@@ -236,6 +253,11 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
   if (failed_rank >= 0) {
     std::fprintf(stderr, "deepcam-host --nproc: failed: rank %d (exit status %d)\n", failed_rank, result);
     return result;
+  }
+  if (result == 0 && stop_status != 0) {
+    std::fprintf(stderr, "deepcam-host --nproc: the ranks stopped on %s sent to a rank, not to the launcher "
+                 "(exit status %d)\n", strsignal(stop_status - 128), stop_status);
+    return stop_status;
   }
   return result != 0 ? result : codes[0];
 }

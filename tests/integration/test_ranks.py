@@ -699,6 +699,27 @@ def test_killed_rank_under_nproc_fails_the_launcher_naming_it(tmp_path, data, ra
     assert_nothing_half_written(out)
 
 
+def test_a_stop_signal_to_one_rank_under_nproc_stops_every_rank_blaming_none_and_naming_it(tmp_path, data, ranks):
+    out = tmp_path / "out"
+    run = long_run(tmp_path, data, out)
+    launcher, err = start_launcher(ranks, run)
+    err.wait_for(r"^\[rank 0\] epoch \d+ step", timeout=60)
+    by_rank = {rank_of(pid): pid for pid in children(launcher.pid)}
+    assert sorted(by_rank) == [0, 1], by_rank
+    os.kill(by_rank[1], signal.SIGTERM)
+    status = launcher.wait(timeout=60)
+    stderr = err.text()
+    assert status == 143, stderr[-3000:]
+    assert re.search(r"^\[rank 0\] deepcam-host: stopped by Terminated \(sent to rank 1\) (at step|after epoch) \d+",
+                     stderr, re.M), stderr[-3000:]
+    assert "failed: rank" not in stderr and stderr.count("exited with status 143") == 2, stderr[-3000:]
+    assert stderr.rstrip().endswith("deepcam-host --nproc: the ranks stopped on Terminated sent to a rank, not to the "
+                                    "launcher (exit status 143)"), stderr[-3000:]
+    events = read_events(out / "mlperf.log")
+    assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "aborted"
+    assert_nothing_half_written(out)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["interrupt", "terminate"])
 def test_a_signal_to_the_launcher_ends_the_run_with_its_status_blaming_no_rank(tmp_path, data, ranks, sig):
     out = tmp_path / "out"
@@ -710,6 +731,9 @@ def test_a_signal_to_the_launcher_ends_the_run_with_its_status_blaming_no_rank(t
     stderr = err.text()
     assert status == 128 + sig, stderr[-3000:]
     assert "failed: rank" not in stderr and stderr.count(f"exited with status {128 + sig}") == 2, stderr[-3000:]
+    # The launcher passes its signal on to each rank in turn: a logging point may fall between two.
+    assert re.search(rf"^\[rank 0\] deepcam-host: stopped by {signal.strsignal(sig)} \(sent to (every rank|rank [01])\) "
+                     r"(at step|after epoch) ", stderr, re.M), stderr[-3000:]
     events = read_events(out / "mlperf.log")
     assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "aborted"
     assert_nothing_half_written(out)
