@@ -10,8 +10,9 @@ cd "$top"
 # slurmctld, slurmd, slurm-client and munge: tests/integration/test_slurm.py
 # starts its own one-node Slurm from them (no system service is used).
 # libgoogle-perftools-dev: tcmalloc, deepcam-host's malloc (meson.build).
+# lld: the linker of build/ and build-asan/ (below, and scripts/test.sh).
 debs=(g++ pkg-config libhdf5-dev zlib1g-dev libboost-dev libtomlplusplus-dev doctest-dev libgloo-dev openmpi-bin
-      libgoogle-perftools-dev
+      libgoogle-perftools-dev lld
       slurmctld slurmd slurm-client munge)
 missing=()
 for d in "${debs[@]}"; do
@@ -53,7 +54,9 @@ fi
 cuda=${CUDA:-auto}
 build="$top/build"
 if [ ! -f "$build/build.ninja" ]; then
-  PATH="$venv/bin:$PATH" meson setup "$build" -Dcuda="$cuda" --buildtype=release >/dev/null
+  # LLVM's lld links the 78 programs and libraries, each against LibTorch,
+  # in a tenth of GNU ld's time: about a minute and a half of CPU less.
+  CXX_LD=lld PATH="$venv/bin:$PATH" meson setup "$build" -Dcuda="$cuda" --buildtype=release >/dev/null
 elif [ -n "${CUDA:-}" ]; then
   # Asked for by name (device_bundle.sh's advice for a build without CUDA):
   # the option set up before would otherwise stay.

@@ -102,7 +102,7 @@ stage_took "the unit tests"
 asan="$top/build-asan"
 asan_build=0
 if [ ! -f "$asan/build.ninja" ]; then
-  meson setup "$asan" tests/sanitize >"$top/build/asan-setup.log" 2>&1 || asan_build=1
+  CXX_LD=lld meson setup "$asan" tests/sanitize >"$top/build/asan-setup.log" 2>&1 || asan_build=1
 fi
 if [ "$asan_build" -eq 0 ]; then
   ninja -C "$asan" >"$top/build/asan-build.log" 2>&1 || asan_build=1

@@ -13,6 +13,8 @@ import pytest
 from helpers import REPO_ROOT
 
 RECORD = '#!/bin/sh\necho "$(basename "$0") $*" >> "$CALLS"\n'
+# meson also records the linker it was told to use.
+MESON_RECORD = '#!/bin/sh\necho "meson $*${CXX_LD:+ [CXX_LD=$CXX_LD]}" >> "$CALLS"\n'
 
 
 @pytest.fixture
@@ -26,7 +28,7 @@ def checkout(tmp_path):
     stand_ins = {
         venv_bin / "python": RECORD,
         venv_bin / "pip": RECORD + "exit 1\n",
-        venv_bin / "meson": RECORD,
+        venv_bin / "meson": MESON_RECORD,
         venv_bin / "ninja": RECORD,
         tmp_path / "bin" / "dpkg-query": "#!/bin/sh\nprintf 'install ok installed'\n",
         tmp_path / "bin" / "apt-get": RECORD + "exit 1\n",
@@ -78,9 +80,10 @@ def test_without_cuda_a_configured_build_is_only_built(checkout):
 
 def test_a_fresh_checkout_is_set_up_with_cuda_as_given(checkout):
     build = checkout / "build"
-    assert setup(checkout, CUDA="enabled") == [f"meson setup {build} -Dcuda=enabled --buildtype=release",
+    assert setup(checkout, CUDA="enabled") == [f"meson setup {build} -Dcuda=enabled --buildtype=release [CXX_LD=lld]",
                                                f"ninja -C {build}"]
-    assert setup(checkout) == [f"meson setup {build} -Dcuda=auto --buildtype=release", f"ninja -C {build}"]
+    assert setup(checkout) == [f"meson setup {build} -Dcuda=auto --buildtype=release [CXX_LD=lld]",
+                               f"ninja -C {build}"]
 
 
 def test_python_and_debian_packages_install_at_once_and_a_failed_pip_is_shown(checkout, tmp_path):
