@@ -84,9 +84,10 @@ bool named_like(const std::string& name, const std::string& prefix, const std::s
 
 namespace {
 
-// list_sample_files(), also giving the paths it refused.
-std::vector<std::string> scan(const std::string& dir, const std::string& prefix, const std::string& extension,
-                              std::vector<std::string>* problems, std::vector<std::string>* refused) {
+// The names in `dir`, read once: a split folder of the full data set holds
+// about 240,000 files, and on a parallel file system every rank's listing
+// is a load on its metadata server.
+std::vector<std::string> names_in(const std::string& dir) {
   // readdir rather than std::filesystem: its directory_entry caches a type
   // that a symlink loop makes throw, and it is asked for nothing but names.
   std::unique_ptr<DIR, int (*)(DIR*)> handle(::opendir(dir.c_str()), ::closedir);
@@ -94,15 +95,23 @@ std::vector<std::string> scan(const std::string& dir, const std::string& prefix,
   std::vector<std::string> names;
   errno = 0;
   while (const dirent* entry = ::readdir(handle.get())) {
-    const std::string name = entry->d_name;
-    if (named_like(name, prefix, extension)) names.push_back(name);
+    names.emplace_back(entry->d_name);
     errno = 0;
   }
   if (errno != 0) throw Error(fmt::format("{}: cannot list the directory: {}", dir, std::strerror(errno)));
   // Byte order of UTF-8 equals code-point order: the reference's sorted().
   std::sort(names.begin(), names.end());
+  return names;
+}
+
+// list_sample_files() over `names` (names_in(dir)), also giving the paths it
+// refused.
+std::vector<std::string> scan(const std::string& dir, const std::vector<std::string>& names,
+                              const std::string& prefix, const std::string& extension,
+                              std::vector<std::string>* problems, std::vector<std::string>* refused) {
   std::vector<std::string> files;
   for (const std::string& name : names) {
+    if (!named_like(name, prefix, extension)) continue;
     const std::string path = join(dir, name);
     if (std::string problem = entry_problem(path); !problem.empty()) {
       report(problems, std::move(problem));
@@ -118,7 +127,7 @@ std::vector<std::string> scan(const std::string& dir, const std::string& prefix,
 
 std::vector<std::string> list_sample_files(const std::string& dir, const std::string& prefix,
                                            const std::string& extension, std::vector<std::string>* problems) {
-  return scan(dir, prefix, extension, problems, nullptr);
+  return scan(dir, names_in(dir), prefix, extension, problems, nullptr);
 }
 
 NpySplit list_npy_split(const std::string& dir, std::vector<std::string>* problems) {
@@ -127,9 +136,10 @@ NpySplit list_npy_split(const std::string& dir, std::vector<std::string>* proble
   // reported a second time as unpaired.
   std::map<std::string, std::pair<std::string, std::string>> pairs;
   std::vector<std::string> refused;
-  for (const std::string& path : scan(dir, "data-", ".npy", problems, &refused))
+  const std::vector<std::string> names = names_in(dir);
+  for (const std::string& path : scan(dir, names, "data-", ".npy", problems, &refused))
     pairs[path.substr(path.rfind("/data-") + 6)].first = path;
-  for (const std::string& path : scan(dir, "label-", ".npy", problems, &refused))
+  for (const std::string& path : scan(dir, names, "label-", ".npy", problems, &refused))
     pairs[path.substr(path.rfind("/label-") + 7)].second = path;
   std::vector<std::string> refused_x;
   for (const std::string& path : refused) {
@@ -160,7 +170,7 @@ NpySplit list_npy_split(const std::string& dir, std::vector<std::string>* proble
   // .h5 files' own listing problems are the hdf5 listing's to report.
   if (!out.data.empty()) {
     std::vector<std::string> reported_there;
-    for (const std::string& h5 : scan(dir, "data-", ".h5", &reported_there, nullptr)) {
+    for (const std::string& h5 : scan(dir, names, "data-", ".h5", &reported_there, nullptr)) {
       const std::string name = h5.substr(h5.rfind('/') + 1);
       const std::string x = name.substr(5, name.size() - 5 - 3) + ".npy";  // "data-" X ".h5"
       if (pairs.count(x) == 0) {
