@@ -31,6 +31,13 @@ def run_data(*args, env=None, timeout=600, cwd=None):
                           env=env or plugin_env(), timeout=timeout, cwd=cwd)
 
 
+def convert(src, dst, *options, timeout=300):
+    """deepcam-data convert SRC DST [OPTIONS], which must succeed (its messages shown if not): DST."""
+    r = run_data("convert", src, dst, *options, timeout=timeout)
+    assert r.returncode == 0, f"deepcam-data convert {src} {dst} failed:\n{r.stdout}{r.stderr}"[-3000:]
+    return Path(dst)
+
+
 def synth(out, train=8, validation=4, height=64, width=96, seed=3):
     subprocess.run([str(DATA_TOOL), "synth", "--out", str(out), "--train", str(train), "--validation",
                     str(validation), "--height", str(height), "--width", str(width), "--seed", str(seed)],

@@ -12,7 +12,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from helpers import DATA_TOOL, read_events, run_host, synth, write_run
+from helpers import convert, read_events, run_host, synth, write_run
 
 # 6 training samples, batches of 2: 3 batches per epoch, so that an
 # accumulation over 2 batches spans every epoch boundary.
@@ -28,8 +28,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def npy_data(tmp_path_factory, data):
     out = tmp_path_factory.mktemp("ckh-npy") / "data"
-    subprocess.run([str(DATA_TOOL), "convert", str(data), str(out)], check=True, capture_output=True)
-    return out
+    return convert(data, out)
 
 
 @pytest.fixture(scope="module")
@@ -686,8 +685,8 @@ def test_resuming_in_the_runs_folder_before_its_later_checkpoints_is_refused_unl
     resume = ["--set", f"run.resume={out / 'checkpoint-epoch1.pt'}", "--set", "run.max_epochs=2"]
     r = run_host(run, *resume)
     assert r.returncode == 2, r.stderr
-    assert (f"holds checkpoints after checkpoint-epoch1.pt, which this run resumes from (checkpoint-epoch2.pt, "
-            f"checkpoint-epoch3.pt)") in r.stderr and "set [run] overwrite = true to remove them" in r.stderr, r.stderr
+    assert ("holds checkpoints after checkpoint-epoch1.pt, which this run resumes from (checkpoint-epoch2.pt, "
+            "checkpoint-epoch3.pt)") in r.stderr and "set [run] overwrite = true to remove them" in r.stderr, r.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     r = run_host(run, *resume, "--set", "run.overwrite=true")
     assert r.returncode == 1, r.stderr

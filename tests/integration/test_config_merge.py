@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import subprocess
 
-from helpers import DATA_TOOL, REPO_ROOT, run_host, synth, write_run
+from helpers import REPO_ROOT, convert, run_host, synth, write_run
 
 SYSTEMS = sorted((REPO_ROOT / "configs" / "systems").glob("*.toml"))
 
@@ -25,9 +24,7 @@ def data(tmp_path_factory):
 def npy_data(data):
     """The numpy form, which the system configs read."""
     out = data.parent / "npy"
-    subprocess.run([str(DATA_TOOL), "convert", str(data), str(out), "--threads", "2"], check=True,
-                   capture_output=True, timeout=300)
-    return out
+    return convert(data, out, "--threads", "2")
 
 
 def resolved_value(text, section, key):

@@ -4,12 +4,11 @@ files, and refusing libraries that are not plugins for this host."""
 import os
 import re
 import shutil
-import subprocess
 import textwrap
 
 import pytest
 
-from helpers import BUILD_DIR, DATA_TOOL, FIXTURES, PLUGINS, REPO_ROOT, plugin_env, run_host, synth, write_run
+from helpers import BUILD_DIR, FIXTURES, PLUGINS, REPO_ROOT, plugin_env, run_data, run_host, synth, write_run
 
 KINDS = {"reader": "hdf5", "model": "deeplabv3plus", "optimizer": "adam", "scheduler": "multistep"}
 
@@ -352,8 +351,7 @@ def test_a_libtorch_error_mid_run_is_said_without_libtorchs_backtrace(tmp_path, 
     assert r.returncode == 3, r.stderr
     assert "deepcam-host: internal error: deliberate c10 failure of the fixture's reader" in r.stderr, r.stderr
     assert_no_backtrace(r.stderr)
-    r = subprocess.run([str(DATA_TOOL), "read", str(tmp_path / "run.toml")], capture_output=True, text=True,
-                       env=plugin_env(), timeout=300)
+    r = run_data("read", tmp_path / "run.toml", timeout=300)
     assert r.returncode == 1, r.stderr
     assert "deepcam-data: deliberate c10 failure of the fixture's reader" in r.stderr, r.stderr
     assert_no_backtrace(r.stderr)

@@ -173,7 +173,7 @@ def test_deepcam_data_read_speaks_as_itself_when_staging(tmp_path, data):
                        env=plugin_env(), timeout=600)
     assert r.returncode == 0, r.stderr
     staged = [l for l in r.stderr.splitlines() if " staged " in l]
-    assert len(staged) == 1 and staged[0].startswith(f"deepcam-data: staged 12 files"), r.stderr
+    assert len(staged) == 1 and staged[0].startswith("deepcam-data: staged 12 files"), r.stderr
     assert "deepcam-host" not in r.stderr, r.stderr
 
 def read_log(path):

@@ -3,7 +3,6 @@
 clear error (exit 2) that leaves no half-written file and no temporary
 file; every output name is checked before training starts."""
 
-import json
 import os
 import resource
 import stat

@@ -6,11 +6,10 @@ LibTorch message about the loss."""
 
 import json
 import signal
-import subprocess
 
 import pytest
 
-from helpers import DATA_TOOL, FIXTURES, plugin_env, read_events, run_host, synth, write_run
+from helpers import FIXTURES, read_events, run_data, run_host, synth, write_run
 
 CONTRACT = FIXTURES / "libdeepcam_reader_contract.so"
 MODEL = FIXTURES / "libdeepcam_model_contractmodel.so"
@@ -123,8 +122,7 @@ def test_a_plugin_s_stop_request_mid_run_keeps_the_record_and_says_where_it_stop
     assert "internal error: a plugin stopped for signal 0, which is no signal: contract reader: stopped at its " \
         "batch" in r.stderr, r.stderr[-3000:]
     # deepcam-data read raised signal 0 (nothing) and exited 128.
-    r = subprocess.run([str(DATA_TOOL), "read", str(tmp_path / "nosignal" / "run.toml")], capture_output=True,
-                       text=True, env=plugin_env(), timeout=300)
+    r = run_data("read", tmp_path / "nosignal" / "run.toml", timeout=300)
     assert r.returncode == 1, r.stderr[-3000:]
     assert ("deepcam-data: internal error: a plugin stopped for signal 0, which is no signal: contract reader: "
             "stopped at its batch") in r.stderr, r.stderr[-3000:]

@@ -3,7 +3,6 @@
 rivers over TMQ, with a legend, as PNG."""
 
 import re
-import subprocess
 
 import numpy as np
 import torch
@@ -11,7 +10,7 @@ import h5py
 import pytest
 from PIL import Image
 
-from helpers import DATA_TOOL, REPO_ROOT, numpy_scale, run_host, synth, write_run
+from helpers import REPO_ROOT, convert, numpy_scale, run_host, synth, write_run
 
 # The legend's swatches (core/train/picture.cpp).
 SWATCHES = {"TC predicted": (230, 30, 30), "AR predicted": (30, 100, 255), "TC true": (255, 230, 0),
@@ -263,8 +262,7 @@ def test_a_cluster_runs_config_toml_predicts_over_its_numpy_data(tmp_path):
                      readme, re.M), "README's step 4 predicts with the run's config.toml"
     h5 = synth(tmp_path / "h5", train=4, validation=3)
     npy = tmp_path / "npy"
-    subprocess.run([str(DATA_TOOL), "convert", str(h5), str(npy), "--threads", "1", "--quiet"], check=True,
-                   capture_output=True, timeout=300)
+    convert(h5, npy, "--threads", "1", "--quiet")
     run = tmp_path / "slurm" / "7_1"
     r = run_host(REPO_ROOT / "configs/reference.toml", REPO_ROOT / "configs/systems/dgxh100_16x8.toml", "--quiet",
                  *(x for item in (f"run.output_dir={run}", f"data.root={npy}", "run.seed=auto", "run.max_epochs=1",

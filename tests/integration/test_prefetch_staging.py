@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import DATA_TOOL, HOST, clean_env, plugin_env, run_host, synth, write_run
+from helpers import DATA_TOOL, HOST, clean_env, convert, plugin_env, run_host, synth, write_run
 
 SAMPLE = "2106-01-01-03-1"  # a training sample of synth's set
 
@@ -31,8 +31,7 @@ def with_nan_h5(h5_set, out):
 
 
 def with_nan_npy(h5_set, out):
-    subprocess.run([str(DATA_TOOL), "convert", str(h5_set), str(out), "--quiet"], check=True,
-                   capture_output=True)
+    convert(h5_set, out, "--quiet")
     bad = out / "train" / f"data-{SAMPLE}.npy"
     data = np.load(bad)
     data[10, 20, 3] = np.nan

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (HOST, REPO_ROOT, clean_env, free_port, mlperf_check, plugin_env, read_events, run_host,
+from helpers import (HOST, REPO_ROOT, clean_env, free_port, mlperf_check, read_events, run_host,
                      synth, torchrun_env, write_run)
 
 TIMEOUT = 120  # seconds any one launch may take before the test gives up on it

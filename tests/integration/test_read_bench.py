@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from helpers import DATA_TOOL, plugin_env, synth, write_run
+from helpers import DATA_TOOL, convert, plugin_env, run_data, synth, write_run
 
 FIELDS = {"reader", "source", "split", "epochs", "batch_size", "batches", "samples", "samples_per_epoch",
           "bytes", "seconds", "samples_per_s", "gb_per_s", "wait_seconds", "wait_fraction", "wait_ms_per_batch",
@@ -26,13 +26,12 @@ TRAIN, VALIDATION = 8, 3
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("read_bench")
     h5 = synth(root / "h5", train=TRAIN, validation=VALIDATION)
-    subprocess.run([str(DATA_TOOL), "convert", str(h5), str(root / "npy")], check=True, capture_output=True)
+    convert(h5, root / "npy")
     return root
 
 
 def read(*args):
-    return subprocess.run([str(DATA_TOOL), "read", *map(str, args)], capture_output=True, text=True,
-                          env=plugin_env(), timeout=300)
+    return run_data("read", *args, timeout=300)
 
 
 def measure(*args):

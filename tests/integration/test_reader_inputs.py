@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import BUILD_DIR, DATA_TOOL, numpy_scale, plugin_env, synth, write_run
+from helpers import BUILD_DIR, DATA_TOOL, convert, numpy_scale, plugin_env, synth, write_run
 
 PROBE = BUILD_DIR / "tests" / "reader_probe"
 CHANNELS = 16
@@ -66,7 +66,7 @@ def data(tmp_path_factory):
     min/max make float32 arithmetic differ from float64-then-rounded on some channels."""
     root = tmp_path_factory.mktemp("reader_inputs")
     h5 = synth(root / "synth", train=8, validation=4)
-    subprocess.run([str(DATA_TOOL), "convert", str(h5), str(root / "synth-npy")], check=True, capture_output=True)
+    convert(h5, root / "synth-npy")
     rng = np.random.default_rng(11)
     with h5py.File(h5 / "stats.h5", "r") as f:
         lo0, hi0 = f["climate/minval"][...], f["climate/maxval"][...]

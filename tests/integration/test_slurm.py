@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import DATA_TOOL, REPO_ROOT, clean_env, free_port, mlperf_check, read_events, synth
+from helpers import REPO_ROOT, clean_env, free_port, mlperf_check, read_events, synth
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "sinfo", "srun", "scancel")

@@ -3,7 +3,6 @@ plugins' own, names the file and line of a TOML value or the --set item of an
 override; --describe prints bounds as the checks apply them (open ones
 open); and a closed-division run that cannot be closed is told so at start."""
 
-import re
 
 import pytest
 import torch
