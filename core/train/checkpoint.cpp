@@ -277,6 +277,48 @@ void fail_on_other_model(const Fields& f, const ModelConfig& mine) {
   }
 }
 
+// The GradScaler state in a checkpoint's 'scaler' dict, checked.
+ScalerState read_scaler(const Fields& f, const c10::impl::GenericDict& d) {
+  ScalerState s;
+  s.scale = f.number(d, "scaler", "scale");
+  s.growth_factor = f.number(d, "scaler", "growth_factor");
+  s.backoff_factor = f.number(d, "scaler", "backoff_factor");
+  const auto interval = f.find(d, "growth_interval");
+  const auto tracker = f.find(d, "_growth_tracker");
+  if (!interval) f.fail("'scaler' has no 'growth_interval'");
+  if (!tracker) f.fail("'scaler' has no '_growth_tracker'");
+  // GradScaler keeps the tracker as an int32 tensor, and ATen's CUDA
+  // kernel takes the interval as an int: a larger one would be cut short.
+  constexpr std::int64_t kInt32Max = std::numeric_limits<std::int32_t>::max();
+  s.growth_interval = f.count(*interval, "['scaler']['growth_interval']", kInt32Max);
+  s.growth_tracker = f.count(*tracker, "['scaler']['_growth_tracker']", kInt32Max);
+  if (s.scale <= 0) f.fail(fmt::format("['scaler']['scale'] is {}, expected > 0", s.scale));
+  // GradScaler keeps it as a float32 tensor, and unscales by its
+  // reciprocal, also float32.
+  constexpr double kFloat32Max = std::numeric_limits<float>::max();
+  if (s.scale > kFloat32Max || static_cast<float>(s.scale) == 0.0f) {
+    f.fail(fmt::format("['scaler']['scale'] is {}, beyond float32's range, where the scale is kept", s.scale));
+  }
+  if (1.0 / static_cast<double>(static_cast<float>(s.scale)) > kFloat32Max) {
+    f.fail(fmt::format("['scaler']['scale'] is {}, so small that its reciprocal, by which the gradients are "
+                       "unscaled, is beyond float32's range",
+                       s.scale));
+  }
+  if (s.growth_factor <= 1) f.fail(fmt::format("['scaler']['growth_factor'] is {}, expected > 1", s.growth_factor));
+  if (s.backoff_factor <= 0 || s.backoff_factor >= 1) {
+    f.fail(fmt::format("['scaler']['backoff_factor'] is {}, expected in (0, 1)", s.backoff_factor));
+  }
+  if (s.growth_interval < 1) f.fail("['scaler']['growth_interval'] is 0, expected >= 1");
+  // GradScaler grows the scale and starts the count again when it reaches
+  // the interval: a count at or beyond it never would again.
+  if (s.growth_tracker >= s.growth_interval) {
+    f.fail(fmt::format("['scaler']['_growth_tracker'] is {}, expected below ['scaler']['growth_interval'] ({}): "
+                       "the scale grows and the count starts again when it reaches the interval",
+                       s.growth_tracker, s.growth_interval));
+  }
+  return s;
+}
+
 }  // namespace
 
 CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model, Optimizer* optimizer,
@@ -377,45 +419,12 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
   if (optimizer_state) check_optimizer_steps(f, *optimizer_state);
 
   if (const auto sc = f.find("scaler")) {
+    // An empty dict is GradScaler(enabled=False).state_dict(): a script that
+    // always saves its scaler writes it from a run without fp16. It holds
+    // no scaler, as a file without the key (PyTorch's enabled scaler
+    // refuses to load it; an amp_fp16 resume starts one afresh, and says so).
     const c10::impl::GenericDict d = f.dict(*sc, "scaler");
-    ScalerState s;
-    s.scale = f.number(d, "scaler", "scale");
-    s.growth_factor = f.number(d, "scaler", "growth_factor");
-    s.backoff_factor = f.number(d, "scaler", "backoff_factor");
-    const auto interval = f.find(d, "growth_interval");
-    const auto tracker = f.find(d, "_growth_tracker");
-    if (!interval) f.fail("'scaler' has no 'growth_interval'");
-    if (!tracker) f.fail("'scaler' has no '_growth_tracker'");
-    // GradScaler keeps the tracker as an int32 tensor, and ATen's CUDA
-    // kernel takes the interval as an int: a larger one would be cut short.
-    constexpr std::int64_t kInt32Max = std::numeric_limits<std::int32_t>::max();
-    s.growth_interval = f.count(*interval, "['scaler']['growth_interval']", kInt32Max);
-    s.growth_tracker = f.count(*tracker, "['scaler']['_growth_tracker']", kInt32Max);
-    if (s.scale <= 0) f.fail(fmt::format("['scaler']['scale'] is {}, expected > 0", s.scale));
-    // GradScaler keeps it as a float32 tensor, and unscales by its
-    // reciprocal, also float32.
-    constexpr double kFloat32Max = std::numeric_limits<float>::max();
-    if (s.scale > kFloat32Max || static_cast<float>(s.scale) == 0.0f) {
-      f.fail(fmt::format("['scaler']['scale'] is {}, beyond float32's range, where the scale is kept", s.scale));
-    }
-    if (1.0 / static_cast<double>(static_cast<float>(s.scale)) > kFloat32Max) {
-      f.fail(fmt::format("['scaler']['scale'] is {}, so small that its reciprocal, by which the gradients are "
-                         "unscaled, is beyond float32's range",
-                         s.scale));
-    }
-    if (s.growth_factor <= 1) f.fail(fmt::format("['scaler']['growth_factor'] is {}, expected > 1", s.growth_factor));
-    if (s.backoff_factor <= 0 || s.backoff_factor >= 1) {
-      f.fail(fmt::format("['scaler']['backoff_factor'] is {}, expected in (0, 1)", s.backoff_factor));
-    }
-    if (s.growth_interval < 1) f.fail("['scaler']['growth_interval'] is 0, expected >= 1");
-    // GradScaler grows the scale and starts the count again when it reaches
-    // the interval: a count at or beyond it never would again.
-    if (s.growth_tracker >= s.growth_interval) {
-      f.fail(fmt::format("['scaler']['_growth_tracker'] is {}, expected below ['scaler']['growth_interval'] ({}): "
-                         "the scale grows and the count starts again when it reaches the interval",
-                         s.growth_tracker, s.growth_interval));
-    }
-    info.scaler = s;
+    if (!d.empty()) info.scaler = read_scaler(f, d);
   }
 
   if (const auto ranks = f.find("partial_accumulation_ranks")) {

@@ -524,6 +524,24 @@ def test_a_resume_in_another_precision_says_what_becomes_of_the_loss_scaler(tmp_
         assert ' [run] precision = "amp_fp16") starts one afresh at scale 65536' in r.stderr, r.stderr[-2000:]
 
 
+def test_the_empty_scaler_of_a_disabled_grad_scaler_is_no_scaler(tmp_path, data, trained):
+    # torch.amp.GradScaler(enabled=False).state_dict() is {}: a script that always saves its scaler writes it
+    # from a run without fp16. It was refused ("'scaler' has no 'scale'") by --evaluate and by every resume.
+    def edit(c):
+        c.pop("accumulated_gradients")
+        c["scaler"] = torch.amp.GradScaler("cpu", enabled=False).state_dict()
+    ckpt = edited(tmp_path, trained, edit)
+    assert torch.load(ckpt, weights_only=True)["scaler"] == {}
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "fp16").mkdir()
+    assert figures(evaluate(tmp_path, data, ckpt)) == figures(evaluate(tmp_path / "plain", data, trained))
+    r = resume(tmp_path, data, ckpt)
+    assert r.returncode == 1 and "'scaler'" not in r.stderr and "loss scaler" not in r.stderr, r.stderr[-2000:]
+    r = resume(tmp_path / "fp16", data, ckpt, precision="amp_fp16")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert f"note: {ckpt} holds no loss scaler (its run was not amp_fp16)" in r.stderr, r.stderr[-2000:]
+
+
 def test_a_loss_scaler_of_other_settings_goes_on_with_them_and_is_noted(tmp_path, data, trained):
     # As GradScaler.load_state_dict takes them; without a word, the run's scale grew 4x every 100 steps.
     def edit(c):
