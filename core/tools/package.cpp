@@ -340,20 +340,35 @@ struct Run {
   std::string stop_status;
   std::optional<double> best_eval;  // the highest eval_accuracy logged
   double minutes() const { return (run_stop_ms - run_start_ms) / 60000.0; }
+  // Whether the result summarizer counts the run: whether the checker
+  // passes its log, by the rules of mlperf-logging's hpc 3.0.0 that a log of
+  // deepcam-host can fail. An eval_accuracy in [0.82, 1] logged, whatever
+  // run_stop's status (a run that went on past the benchmark's target,
+  // to a target of its own, counts with all its time); in the closed
+  // division also the full data set. The checker's verdict stays the
+  // authority (README: package_checker).
   bool reached_target() const { return best_eval && *best_eval >= kBenchmarkTargetIou && *best_eval <= 1.0; }
-  // What the result summarizer counts: a run that ended in success at the
-  // benchmark's target (one stopped at a lower target of its own fails the
-  // checker, and the summarizer drops it).
-  bool converged() const { return stop_status == "success" && reached_target(); }
-  // Why a run does not count, for messages.
+  bool full_data_set() const {
+    return text("train_samples") == std::to_string(kClosedTrainSamples) &&
+           text("eval_samples") == std::to_string(kClosedEvalSamples);
+  }
+  bool converged() const { return reached_target() && (text("submission_division") != "closed" || full_data_set()); }
+  // What decided it, for messages.
   std::string outcome() const {
-    if (stop_status != "success")
-      return fmt::format("run_stop status {}", stop_status.empty() ? "(none)" : stop_status);
+    const std::string status = fmt::format("run_stop status {}", stop_status.empty() ? "(none)" : stop_status);
     if (!reached_target())
-      return fmt::format("run_stop status success, but its best eval_accuracy ({}) is below the benchmark's target "
-                         "{}",
+      return fmt::format("{}; its best eval_accuracy ({}) is below the benchmark's target {}", status,
                          best_eval ? fmt::format("{:.4f}", *best_eval) : "none logged", kBenchmarkTargetIou);
-    return "run_stop status success";
+    if (!converged())
+      return fmt::format("{}; a closed-division run on {} training and {} validation samples, where the checker "
+                         "wants the full data set's {} and {}",
+                         status, text("train_samples"), text("eval_samples"), kClosedTrainSamples,
+                         kClosedEvalSamples);
+    if (stop_status != "success")
+      return fmt::format("{}, after its eval_accuracy reached the benchmark's target {} (the checker passes it, and "
+                         "the summarizer counts it)",
+                         status, kBenchmarkTargetIou);
+    return status;
   }
   std::string text(const char* key) const {
     const auto it = first.find(key);
@@ -881,8 +896,8 @@ int run_package(const PackageOptions& o) {
             ? fmt::format("the olympic mean allows at most {} such run", kMaxDropped)
             : fmt::format("the olympic mean needs at least {} converged runs beside {} such", 2 * kMaxDropped - dropped + 1,
                           dropped);
-    fmt::print(stderr, "package: no score: {} of {} runs did not converge (run_stop status other than success, or "
-                       "the benchmark's target IoU {} not reached); {}\n",
+    fmt::print(stderr, "package: no score: {} of {} runs did not converge (the benchmark's target IoU {} not "
+                       "reached, or a closed-division run short of the full data set); {}\n",
                dropped, runs.size(), kBenchmarkTargetIou, rule);
     status = 1;
   } else {

@@ -17,6 +17,11 @@ namespace deepcam {
 // eval_accuracy of at least this (open_deepcam.yaml and closed_deepcam.yaml).
 inline constexpr double kBenchmarkTargetIou = 0.82;
 
+// The full CAM5 data set, which the closed division's checker wants as the
+// logged train_samples and eval_samples (closed_deepcam.yaml).
+inline constexpr std::int64_t kClosedTrainSamples = 121266;
+inline constexpr std::int64_t kClosedEvalSamples = 15158;
+
 // One line per departure, each naming the key and its closed value, e.g.
 // "run.toml:12 [model] width = 0.25 (closed: 1.0, the reference network)".
 // Empty for a run that may be closed.

@@ -163,12 +163,46 @@ def test_a_run_stopped_at_a_lower_target_of_its_own_is_not_counted(runs, tmp_pat
     out = tmp_path / "pkg"
     r = package(dirs, out)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert ("run_stop status success, but its best eval_accuracy (0.5000) is below the benchmark's target 0.82: "
+    assert ("run_stop status success; its best eval_accuracy (0.5000) is below the benchmark's target 0.82: "
             "not counted") in r.stdout, r.stdout
     rows, text = summarize(out)
     ours = json.loads((out / "score.json").read_text())
     assert ours["dropped_runs"] == 1 and [run["counted"] for run in ours["runs"]] == [True] * 4 + [False]
     assert ours["score_minutes"] == pytest.approx(float(rows[0]["deepcam"]), rel=1e-12), text
+
+
+def test_a_run_that_went_on_past_the_target_counts_as_the_summarizer_counts_it(runs, tmp_path):
+    """A run with a target_iou of its own above the benchmark's, aborted after its eval_accuracy reached 0.82:
+    the checker passes its log, and the summarizer counts it with all its time. The package dropped it."""
+    past = edited_copy(runs["open"][4], tmp_path / "past-target", r'("key": "run_stop".*"status": )"success"',
+                       r'\g<1>"aborted"')
+    out = tmp_path / "pkg"
+    r = package(runs["open"][:4] + [past], out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ("run_stop status aborted, after its eval_accuracy reached the benchmark's target 0.82 (the checker "
+            "passes it, and the summarizer counts it)") in r.stdout, r.stdout
+    rows, text = summarize(out)
+    ours = json.loads((out / "score.json").read_text())
+    assert ours["dropped_runs"] == 0 and [run["counted"] for run in ours["runs"]] == [True] * 5
+    assert ours["score_minutes"] == pytest.approx(float(rows[0]["deepcam"]), rel=1e-12), text
+
+
+def test_closed_division_runs_short_of_the_full_data_set_are_not_counted(runs, tmp_path):
+    """Runs that reached the target on a part of the data set, logged as closed: the checker fails their
+    sample counts, so the summarizer gives no score. The package printed one and exited 0."""
+    closed = [edited_copy(d, tmp_path / f"closed-{n}", r'("key": "submission_division", "value": )"open"',
+                          r'\g<1>"closed"')
+              for n, d in enumerate(runs["open"])]
+    out = tmp_path / "pkg"
+    r = package(closed, out)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stdout.count("run_stop status success; a closed-division run on 64 training and 16 validation samples, "
+                          "where the checker wants the full data set's 121266 and 15158: not counted") == RUNS, r.stdout
+    assert "no score: 5 of 5 runs did not converge" in r.stderr, r.stderr
+    assert json.loads((out / "score.json").read_text())["score_minutes"] is None
+    rows, text = summarize(out)
+    assert [row["deepcam"] for row in rows] == [""], text
+    assert text.count("Compliance check failed") == RUNS, text
 
 
 def test_runs_of_another_submission_status_are_refused(runs, tmp_path):
@@ -189,10 +223,11 @@ def test_two_runs_that_did_not_converge_leave_no_score(runs, tmp_path):
     r = package(runs["open"][:3] + [runs["short"], again], tmp_path / "pkg")
     assert r.returncode == 1, r.stdout + r.stderr
     # It said the olympic mean "needs at least 0 converged runs" (-2 with five such runs).
-    assert ("no score: 2 of 5 runs did not converge (run_stop status other than success, or the benchmark's target "
-            "IoU 0.82 not reached); the olympic mean allows at most 1 such run\n") in r.stderr, r.stderr
+    assert ("no score: 2 of 5 runs did not converge (the benchmark's target IoU 0.82 not reached, or a "
+            "closed-division run short of the full data set); the olympic mean allows at most 1 such run\n") \
+        in r.stderr, r.stderr
     r = package(runs["open"][:1] + [runs["short"]], tmp_path / "pkg2")
-    assert r.returncode == 1 and ("not reached); the olympic mean needs at least 2 converged runs beside 1 such\n"
+    assert r.returncode == 1 and ("full data set); the olympic mean needs at least 2 converged runs beside 1 such\n"
                                   in r.stderr), r.stderr
     assert json.loads((tmp_path / "pkg" / "score.json").read_text())["score_minutes"] is None
 
@@ -358,12 +393,12 @@ def test_throughput_instances_are_refused_when_the_rules_leave_them_out(runs, tm
         copies.append(tmp_path / f"instance-{n}")
         shutil.copytree(d, copies[-1])
     # An instance that did not reach the target.
-    refused(copies[:4] + [runs["short"]], f"{runs['short'] / 'mlperf.log'}: run_stop status aborted: every "
-                                           "throughput instance must reach the target")
+    refused(copies[:4] + [runs["short"]], f"{runs['short'] / 'mlperf.log'}: run_stop status aborted; its best "
+                                           "eval_accuracy (")
     # An instance that ended in success at a lower target of its own.
     low = edited_copy(runs["open"][3], tmp_path / "low-target", r'("key": "eval_accuracy", "value": )[0-9.e-]+',
                       r"\g<1>0.5")
-    refused(copies[:3] + [low], f"{low / 'mlperf.log'}: run_stop status success, but its best eval_accuracy "
+    refused(copies[:3] + [low], f"{low / 'mlperf.log'}: run_stop status success; its best eval_accuracy "
                                 "(0.5000) is below the benchmark's target 0.82: every throughput instance")
     # Two instances with one seed (a copy of a run).
     again = tmp_path / "again"
