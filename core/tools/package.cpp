@@ -21,6 +21,7 @@
 #include <vector>
 
 #include <fmt/format.h>
+#include <toml++/toml.h>
 
 #include "closed_division.hpp"
 #include "deepcam/error.hpp"
@@ -381,15 +382,26 @@ Run read_run(const fs::path& dir) {
   run.dir = dir;
   std::error_code ec;
   if (!fs::is_directory(dir, ec))
-    throw Error(fmt::format("{}: not a directory (give the output folders of the runs: each holds mlperf.log)",
+    throw Error(fmt::format("{}: not a directory (give the output folders of the runs: each holds its MLPerf log and config.toml)",
                             dir.string()));
-  run.log = dir / "mlperf.log";
-  if (!fs::is_regular_file(run.log, ec))
-    throw Error(fmt::format("{}: no MLPerf log there (mlperf.log, as deepcam-host writes it)", dir.string()));
   run.run_file = dir / "config.toml";
   if (!fs::is_regular_file(run.run_file, ec))
     throw Error(fmt::format("{}: no config.toml there (the resolved run file deepcam-host writes beside the log)",
                             dir.string()));
+  // The log is where the run's [mlperf] log_file put it, relative to the
+  // folder; config.toml names it whether it was set or not.
+  std::string log_file = "mlperf.log";
+  try {
+    const toml::table config = toml::parse_file(run.run_file.string());
+    if (const auto* given = config.at_path("mlperf.log_file").as_string()) log_file = given->get();
+  } catch (const toml::parse_error& e) {
+    throw Error(fmt::format("{}:{}:{}: not the TOML deepcam-host writes: {}", run.run_file.string(),
+                            e.source().begin.line, e.source().begin.column, e.description()));
+  }
+  run.log = dir / log_file;
+  if (!fs::is_regular_file(run.log, ec))
+    throw Error(fmt::format("{}: no MLPerf log there ({}, as its config.toml's [mlperf] log_file names it)",
+                            dir.string(), log_file));
   std::istringstream lines(read_text(run.log));
   std::string line;
   bool started = false, stopped = false;

@@ -205,6 +205,26 @@ def test_closed_division_runs_short_of_the_full_data_set_are_not_counted(runs, t
     assert text.count("Compliance check failed") == RUNS, text
 
 
+def test_a_log_named_by_the_runs_log_file_is_found_through_its_config(runs, tmp_path):
+    # [mlperf] log_file = "custom.log": the run was refused ("no MLPerf log there").
+    renamed = tmp_path / "renamed"
+    shutil.copytree(runs["open"][4], renamed)
+    (renamed / "mlperf.log").rename(renamed / "custom.log")
+    config = renamed / "config.toml"
+    text, n = re.subn(r'^log_file = "mlperf\.log"', 'log_file = "custom.log"', config.read_text(), flags=re.M)
+    assert n == 1, config.read_text()
+    config.write_text(text)
+    out = tmp_path / "pkg"
+    r = package(runs["open"][:4] + [renamed], out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = out / "results" / "cpu2-quickstart" / "strong" / "deepcam" / "result_4.txt"
+    assert result.read_text() == (renamed / "custom.log").read_text()
+    config.write_text(text.replace('log_file = "custom.log"', 'log_file = "other.log"'))
+    r = package(runs["open"][:4] + [renamed], tmp_path / "pkg2")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"{renamed}: no MLPerf log there (other.log, as its config.toml's [mlperf] log_file names it)" in r.stderr
+
+
 def test_runs_of_another_submission_status_are_refused(runs, tmp_path):
     other = edited_copy(runs["open"][4], tmp_path / "onprem", r'("key": "submission_status", "value": )"research"',
                         r'\g<1>"onprem"')
@@ -268,7 +288,7 @@ def test_bad_input_is_named(runs, tmp_path):
     empty = tmp_path / "empty-run"
     empty.mkdir()
     r = package([empty], tmp_path / "pkg")
-    assert r.returncode == 1 and "no MLPerf log there" in r.stderr, r.stderr
+    assert r.returncode == 1 and "empty-run: no config.toml there (the resolved run file" in r.stderr, r.stderr
     desc = tmp_path / "desc.json"
     desc.write_text('{"accelerator_model_name": ["a"]}')
     r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", "--system-desc", desc)
