@@ -87,6 +87,7 @@ void save_checkpoint(const std::string& path, const CheckpointInfo& info, torch:
   }
   if (info.world_size > 0) top.insert("world_size", info.world_size);
   if (info.train_batch_size > 0) top.insert("train_batch_size", info.train_batch_size);
+  if (info.seed > 0) top.insert("seed", info.seed);
   save_torch(path, top);
 }
 
@@ -440,6 +441,10 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
   if (const auto ranks = f.find("world_size")) {
     info.world_size = f.count(*ranks, "world_size", kMost);
     if (info.world_size == 0) f.fail("'world_size' is 0, expected >= 1");
+  }
+  if (const auto seed = f.find("seed")) {
+    info.seed = f.count(*seed, "seed", kMost);
+    if (info.seed == 0) f.fail("'seed' is 0, expected >= 1 (deepcam-host's seeds start at 1)");
   }
   if (const auto batch = f.find("train_batch_size")) {
     info.train_batch_size = f.count(*batch, "train_batch_size", kMost);

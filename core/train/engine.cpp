@@ -235,6 +235,11 @@ class RunRecord {
   bool kept_ = false;
 };
 
+// What the resolved configuration says after a seed that seed = "auto"
+// drew (with_drawn_seed), for the run's record and for the notes that tell
+// such a seed from one the user gave.
+constexpr const char* kDrawnSeedComment = "  # \"auto\": drawn from the clock";
+
 // SIGTERM (a Slurm time limit) and SIGINT end a run cleanly: the handler
 // only records the signal (deepcam/stop_request.hpp); training looks at it
 // between steps, a reader staging its files between chunks of a copy. A
@@ -657,6 +662,7 @@ class Engine {
       restore_accumulation(resume, info, k, lo.weights_only);
       check_accumulation_frequency(resume, info, k, lo.weights_only);
       note_other_global_batch(resume, info);
+      note_other_seed(resume, info);
       note_other_scaler_settings(resume, info);
       note_other_precision(resume, info);  // after restore_accumulation, which refuses some of these
       if (comm_.rank() == 0) {
@@ -1518,6 +1524,7 @@ class Engine {
     info.gradient_accumulation_frequency = k;
     info.world_size = comm_.size();
     info.train_batch_size = cfg_.run.integer("train_batch_size");
+    info.seed = cfg_.run.integer("seed");
     if (scaler_) info.scaler = scaler_->state();
     if (partial && comm_.size() == 1) {
       // The gradient of the batches since the last optimizer step, which an
@@ -1612,6 +1619,22 @@ class Engine {
                  path.c_str(), theirs.c_str(), comm_.size(), static_cast<long long>(batch),
                  cfg_.run.setting("train_batch_size").c_str(), static_cast<long long>(batch * comm_.size()),
                  batch * comm_.size() == 1 ? "" : "s");
+  }
+
+  // Another seed trains on, as PyTorch's training scripts would: the model
+  // and the optimizer go on from the checkpoint, but each epoch's samples
+  // are ordered by this run's seed, not by the one of the run it continues;
+  // said, with the setting that continues that run exactly.
+  void note_other_seed(const std::string& path, const CheckpointInfo& info) const {
+    const std::int64_t seed = cfg_.run.integer("seed");
+    if (comm_.rank() != 0 || info.seed == 0 || info.seed == seed) return;
+    const bool drawn = cfg_.resolved.find(fmt::format("seed = {}{}", seed, kDrawnSeedComment)) != std::string::npos;
+    std::fprintf(stderr,
+                 "deepcam-host: note: %s was written by a run of seed %lld; this run's seed is %lld (%s%s), which "
+                 "orders its epochs' samples otherwise than that run's: set seed = %lld to continue it exactly\n",
+                 path.c_str(), static_cast<long long>(info.seed), static_cast<long long>(seed),
+                 cfg_.run.where("seed").c_str(), drawn ? ": \"auto\", drawn from the clock" : "",
+                 static_cast<long long>(info.seed));
   }
 
   // A loss scaler of other settings than a fresh one's goes on with them,
@@ -1762,7 +1785,7 @@ RunConfig with_drawn_seed(const RunConfig& cfg, Communicator& comm) {
   const std::string line = "seed = \"auto\"\n";
   const auto at = out.resolved.find(line);
   if (at != std::string::npos) {
-    out.resolved.replace(at, line.size(), fmt::format("seed = {}  # \"auto\": drawn from the clock\n", seed));
+    out.resolved.replace(at, line.size(), fmt::format("seed = {}{}\n", seed, kDrawnSeedComment));
   }
   return out;
 }

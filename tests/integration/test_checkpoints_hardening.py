@@ -443,9 +443,9 @@ def test_a_weights_only_resume_with_another_accumulation_frequency_says_where_it
     assert "the schedule goes on from optimizer step 1" in r.stderr
 
 
-@pytest.mark.parametrize("key", ["gradient_accumulation_frequency", "world_size", "train_batch_size"])
+@pytest.mark.parametrize("key", ["gradient_accumulation_frequency", "world_size", "train_batch_size", "seed"])
 @pytest.mark.parametrize("value", [0, -1, 2.5])
-def test_a_damaged_accumulation_frequency_or_world_size_is_refused(tmp_path, data, trained_k1, key, value):
+def test_a_damaged_record_of_the_writing_run_is_refused(tmp_path, data, trained_k1, key, value):
     ckpt = edited(tmp_path, trained_k1, lambda c: c.__setitem__(key, value))
     r = resume(tmp_path, data, ckpt, gradient_accumulation_frequency=1)
     assert r.returncode == 2, r.stderr[-2000:]
@@ -494,6 +494,27 @@ def test_a_resume_at_another_batch_size_is_noted_with_its_global_batch(tmp_path,
     assert (f"note: {trained_k1} was written by a run of 1 rank at a batch of 2 each; this run has 1 at a batch of "
             f"1 each ({tmp_path / 'resume.toml'}:") in r.stderr, r.stderr[-2000:]
     assert "[run] train_batch_size = 1) and trains on at a global batch of 1 sample\n" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("seed", [9, "auto"])
+def test_a_resume_with_another_seed_names_the_one_that_continues_the_run(tmp_path, data, trained_k1, seed):
+    # With seed = "auto" (configs/reference.toml's), a resume drew a new seed without a word: its epochs were
+    # shuffled otherwise than the run's it continued.
+    written = torch.load(trained_k1, weights_only=True)["seed"]
+    assert written == 5  # helpers.SECTIONS' seed
+    r = resume(tmp_path, data, trained_k1, gradient_accumulation_frequency=1, seed=seed)
+    assert r.returncode == 1, r.stderr[-2000:]
+    taken = int(re.search(r'"key": "seed", "value": (\d+)', (tmp_path / "resumed" / "mlperf.log").read_text()).group(1))
+    assert seed == "auto" or taken == seed
+    drawn = ': "auto", drawn from the clock' if seed == "auto" else ""
+    assert (f"note: {trained_k1} was written by a run of seed 5; this run's seed is {taken} "
+            f"({tmp_path / 'resume.toml'}:") in r.stderr, r.stderr[-2000:]
+    assert (f"[run] seed{drawn}), which orders its epochs' samples otherwise than that run's: set seed = 5 to "
+            "continue it exactly") in r.stderr, r.stderr[-2000:]
+    assert torch.load(tmp_path / "resumed" / "checkpoint-epoch2.pt", weights_only=True)["seed"] == taken
+    (tmp_path / "same").mkdir()
+    r = resume(tmp_path / "same", data, trained_k1, gradient_accumulation_frequency=1)
+    assert r.returncode == 1 and "was written by a run of seed" not in r.stderr, r.stderr[-2000:]
 
 
 def test_an_unscaled_partial_gradient_is_refused_under_amp_fp16(tmp_path, data, trained):

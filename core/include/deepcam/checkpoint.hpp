@@ -70,6 +70,11 @@ struct CheckpointInfo {
   // "train_batch_size" (plugin ABI 9): with world_size it gives the global
   // batch, and a partial gradient sums batches of that size. 0 when not known.
   std::int64_t train_batch_size = 0;
+  // The writer's [run] seed (drawn, for seed = "auto"), kept as "seed"
+  // (plugin ABI 10): the seed orders each epoch's samples, so a resume with
+  // another one shuffles its epochs otherwise than the run it continues.
+  // 0 when not known.
+  std::int64_t seed = 0;
   // A run of more than one rank saved in the middle of an accumulation: the
   // ranks' partial gradients are not in the file (only rank 0 writes it), so
   // resuming from it is refused. Kept as "partial_accumulation_ranks"; 0 when none.
