@@ -382,7 +382,8 @@ Run read_run(const fs::path& dir) {
   run.dir = dir;
   std::error_code ec;
   if (!fs::is_directory(dir, ec))
-    throw Error(fmt::format("{}: not a directory (give the output folders of the runs: each holds its MLPerf log and config.toml)",
+    throw Error(fmt::format("{}: not a directory (give the output folders of the runs: each holds its MLPerf log "
+                            "and config.toml)",
                             dir.string()));
   run.run_file = dir / "config.toml";
   if (!fs::is_regular_file(run.run_file, ec))

@@ -41,7 +41,22 @@ constexpr const char* kDdpPrefix = "module.";
 c10::impl::GenericDict str_dict() { return c10::impl::GenericDict(c10::StringType::get(), c10::AnyType::get()); }
 
 std::string shape_text(const at::Tensor& t) {
+  if (t.dim() == 0) return fmt::format("scalar {}", c10::toString(t.scalar_type()));
   return fmt::format("{} {}", fmt::join(t.sizes(), "x"), c10::toString(t.scalar_type()));
+}
+
+// How a stored tensor differs from the one it is loaded into (`theirs`:
+// "the model"), in shape or else in dtype; "" when in neither.
+std::string difference(const at::Tensor& stored, const at::Tensor& into, const char* theirs) {
+  if (stored.sizes() != into.sizes()) {
+    return fmt::format("has shape {}, {} has {}", shape_text(stored), theirs, shape_text(into));
+  }
+  if (stored.scalar_type() != into.scalar_type()) {
+    return fmt::format("has dtype {}, {} has {} (the shape is the same: save it as {})",
+                       c10::toString(stored.scalar_type()), theirs, c10::toString(into.scalar_type()),
+                       c10::toString(into.scalar_type()));
+  }
+  return "";
 }
 
 }  // namespace
@@ -358,10 +373,9 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
       fail_on_other_model(f, options.model);
       f.fail(fmt::format("model entry '{}' is missing", name));
     }
-    if (it->second.sizes() != tensor.sizes() || it->second.scalar_type() != tensor.scalar_type()) {
+    if (const std::string differs = difference(it->second, tensor, "the model"); !differs.empty()) {
       fail_on_other_model(f, options.model);
-      f.fail(fmt::format("model entry '{}' has shape {}, the model has {}", name, shape_text(it->second),
-                         shape_text(tensor)));
+      f.fail(fmt::format("model entry '{}' {}", name, differs));
     }
   }
   for (const auto& [name, t] : stored) {
@@ -456,9 +470,8 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
     for (const auto& [name, g] : f.tensors(*grads, "accumulated_gradients")) {
       const auto it = params.find(name);
       if (it == params.end()) f.fail(fmt::format("'accumulated_gradients' entry '{}' is no parameter of the model", name));
-      if (g.sizes() != it->second.sizes() || g.scalar_type() != it->second.scalar_type()) {
-        f.fail(fmt::format("'accumulated_gradients' entry '{}' has shape {}, the parameter has {}", name,
-                           shape_text(g), shape_text(it->second)));
+      if (const std::string differs = difference(g, it->second, "the parameter"); !differs.empty()) {
+        f.fail(fmt::format("'accumulated_gradients' entry '{}' {}", name, differs));
       }
       info.accumulated_gradients.emplace_back(name, g);
     }

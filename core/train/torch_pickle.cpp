@@ -275,14 +275,18 @@ class RecordChecksums {
     auto read_at = [&](std::uint64_t offset, std::uint64_t n) { return read(in, offset, n, "its central directory"); };
     // The end record: 22 bytes and a comment of up to 65535, at the end.
     constexpr std::uint64_t kEnd = 22;
-    if (file_size < kEnd) fail("no end of central directory record");
+    // The file starts as a zip archive (check_container): without its end it
+    // was cut short.
+    const char* kCut =
+        "no end of central directory record: the file is truncated (a copy or a save that did not finish?)";
+    if (file_size < kEnd) fail(kCut);
     const std::uint64_t tail_size = std::min<std::uint64_t>(file_size, kEnd + 65535);
     const std::vector<unsigned char> tail = read_at(file_size - tail_size, tail_size);
     std::uint64_t end = tail_size - kEnd + 1;
     do {
       --end;
     } while (end > 0 && std::memcmp(&tail[end], "PK\x05\x06", 4) != 0);
-    if (std::memcmp(&tail[end], "PK\x05\x06", 4) != 0) fail("no end of central directory record");
+    if (std::memcmp(&tail[end], "PK\x05\x06", 4) != 0) fail(kCut);
     std::uint64_t entries = little_endian(&tail[end + 10], 2);
     std::uint64_t size = little_endian(&tail[end + 12], 4);
     std::uint64_t offset = little_endian(&tail[end + 16], 4);

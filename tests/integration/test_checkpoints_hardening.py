@@ -106,6 +106,7 @@ def first_group(c):
 
 ADAM = "'optimizer': Adam optimizer state: "
 RUNNING_VAR = "xception_features.bn1.bn.running_var"
+COUNTER = "xception_features.bn1.bn.num_batches_tracked"
 
 
 # A valid amp_fp16 scaler's state, as torch.amp.GradScaler.state_dict() gives it.
@@ -172,6 +173,14 @@ BAD_FIELDS = {
                              f"model entry '{RUNNING_VAR}' holds negative values; it is a variance"),
     "gradient_shape": (lambda c: c["accumulated_gradients"].__setitem__("conv2.weight", torch.zeros(1)),
                        "'accumulated_gradients' entry 'conv2.weight' has shape 1 Float"),
+    # A dtype was said as a shape ("has shape 16 Double, the model has 16 Float"), a scalar's as nothing.
+    "weight_dtype": (lambda c: c["model"].__setitem__(RUNNING_VAR, c["model"][RUNNING_VAR].double()),
+                     f"model entry '{RUNNING_VAR}' has dtype Double, the model has Float (the shape is the same: "
+                     "save it as Float)"),
+    "counter_dtype": (lambda c: c["model"].__setitem__(COUNTER, c["model"][COUNTER].int()),
+                      f"model entry '{COUNTER}' has dtype Int, the model has Long"),
+    "counter_shape": (lambda c: c["model"].__setitem__(COUNTER, torch.zeros(2, dtype=torch.long)),
+                      f"model entry '{COUNTER}' has shape 2 Long, the model has scalar Long"),
     "gradient_unknown": (lambda c: c["accumulated_gradients"].__setitem__("nope", torch.zeros(1)),
                          "'accumulated_gradients' entry 'nope' is no parameter of the model"),
     "nan_gradient": (lambda c: c["accumulated_gradients"]["conv2.weight"].view(-1).__setitem__(0, float("nan")),
@@ -229,6 +238,17 @@ def test_a_bad_field_is_refused_naming_the_file_and_the_field(tmp_path, data, tr
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"{tmp_path / 'edited.pt'}: {message}" in r.stderr, r.stderr[-2000:]
     assert "internal error" not in r.stderr
+
+
+def test_a_truncated_checkpoint_is_said_to_be_truncated(tmp_path, data, trained):
+    whole = trained.read_bytes()
+    for keep in (10, len(whole) // 2, len(whole) - 1):
+        cut = tmp_path / f"cut-{keep}.pt"
+        cut.write_bytes(whole[:keep])
+        r = evaluate(tmp_path, data, cut)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert (f"{cut}: no end of central directory record: the file is truncated (a copy or a save that did not "
+                "finish?)") in r.stderr, r.stderr[-2000:]
 
 
 def test_a_zero_dim_integer_tensor_step_is_accepted(tmp_path, data, trained):

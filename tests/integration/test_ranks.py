@@ -732,8 +732,8 @@ def test_a_signal_to_the_launcher_ends_the_run_with_its_status_blaming_no_rank(t
     assert status == 128 + sig, stderr[-3000:]
     assert "failed: rank" not in stderr and stderr.count(f"exited with status {128 + sig}") == 2, stderr[-3000:]
     # The launcher passes its signal on to each rank in turn: a logging point may fall between two.
-    assert re.search(rf"^\[rank 0\] deepcam-host: stopped by {signal.strsignal(sig)} \(sent to (every rank|rank [01])\) "
-                     r"(at step|after epoch) ", stderr, re.M), stderr[-3000:]
+    assert re.search(rf"^\[rank 0\] deepcam-host: stopped by {signal.strsignal(sig)} "
+                     r"\(sent to (every rank|rank [01])\) (at step|after epoch) ", stderr, re.M), stderr[-3000:]
     events = read_events(out / "mlperf.log")
     assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "aborted"
     assert_nothing_half_written(out)
