@@ -437,7 +437,10 @@ class Engine {
     at::manual_seed(static_cast<std::uint64_t>(run.integer("seed")));
     if (device_.is_cuda()) {
       at::globalContext().setBenchmarkCuDNN(run.boolean("cudnn_benchmark"));
-    } else if (comm_.rank() == 0 && !run.is_default("cudnn_benchmark")) {
+    } else if (comm_.rank() == 0 && !run.boolean("cudnn_benchmark")) {
+      // Turned off (the default is on): a setting that changes nothing here.
+      // An explicit true, as every rerun of an earlier run's config.toml
+      // gives (it writes each default out), asks for what the default does.
       std::fprintf(stderr, "deepcam-host: note: %s does nothing on the CPU: it chooses cuDNN's convolution "
                    "algorithms on CUDA\n", run.setting("cudnn_benchmark").c_str());
     }

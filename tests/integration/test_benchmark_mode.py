@@ -37,6 +37,9 @@ def test_cudnn_benchmark_set_on_the_cpu_is_said_to_do_nothing(tmp_path):
             "convolution algorithms on CUDA") in r.stderr, r.stderr
     r = run_host(run, "--benchmark", 1)  # its default says nothing
     assert r.returncode == 0 and "does nothing on the CPU" not in r.stderr, r.stderr
+    # Nor does the default given, as every rerun of a run's config.toml gives it (it writes each default out).
+    r = run_host(run, "--benchmark", 1, "--set", "run.cudnn_benchmark=true")
+    assert r.returncode == 0 and "does nothing on the CPU" not in r.stderr, r.stderr
 
 
 def test_benchmark_on_two_ranks(tmp_path):
