@@ -8,6 +8,7 @@
 #include <ATen/core/Dict.h>
 #include <ATen/core/ivalue.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cmath>
 #include <limits>
@@ -124,6 +125,12 @@ class Fields {
       if (e.key().isString() && e.key().toStringRef() == key) return e.value();
     }
     return std::nullopt;
+  }
+  // How many of the top-level values are tensors (a bare state dict's are).
+  std::size_t top_level_tensors() const {
+    std::size_t n = 0;
+    for (const auto& e : top_) n += e.value().isTensor();
+    return n;
   }
   std::optional<c10::IValue> find(const std::string& key) const {
     auto v = find(top_, key);
@@ -362,15 +369,34 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
 
   // The model: every entry by name, shape and dtype, finite.
   const auto model_state = f.find("model");
-  if (!model_state) f.fail("no 'model' state dict");
+  if (!model_state) {
+    if (const std::size_t n = f.top_level_tensors(); n > 0) {
+      f.fail(fmt::format("no 'model' state dict: the file holds {} tensors at its top level, as "
+                         "torch.save(model.state_dict()) writes a bare state dict; deepcam-host reads a checkpoint "
+                         "dict with the state dict under 'model', as the reference saves it: save "
+                         "{{'model': model.state_dict()}}",
+                         n));
+    }
+    f.fail("no 'model' state dict");
+  }
   const std::map<std::string, at::Tensor> stored = f.tensors(*model_state, "model", kDdpPrefix);
   const auto entries = state_entries(model);
+  // Not one name in common: the file's names carry a prefix (torch.compile's
+  // "_orig_mod.", a wrapper's "model.") or belong to another network.
+  const bool none_in_common = std::none_of(entries.begin(), entries.end(),
+                                           [&](const auto& e) { return stored.count(e.first) != 0; });
   std::set<std::string> known;
   for (const auto& [name, tensor] : entries) {
     known.insert(name);
     auto it = stored.find(name);
     if (it == stored.end()) {
       fail_on_other_model(f, options.model);
+      if (none_in_common && !stored.empty()) {
+        f.fail(fmt::format("model entry '{}' is missing, and no entry of the file has a name of the model's (the "
+                           "file's first is '{}'): a prefix other than DistributedDataParallel's 'module.', such as "
+                           "torch.compile's '_orig_mod.', is not taken off; save the state dict without it",
+                           name, stored.begin()->first));
+      }
       f.fail(fmt::format("model entry '{}' is missing", name));
     }
     if (const std::string differs = difference(it->second, tensor, "the model"); !differs.empty()) {

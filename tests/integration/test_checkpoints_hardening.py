@@ -240,6 +240,26 @@ def test_a_bad_field_is_refused_naming_the_file_and_the_field(tmp_path, data, tr
     assert "internal error" not in r.stderr
 
 
+def test_a_bare_or_prefixed_state_dict_is_named_as_such(tmp_path, data, trained):
+    # Both said only "no 'model' state dict" and "model entry '...' is missing".
+    state = torch.load(trained, weights_only=True)["model"]
+    bare = tmp_path / "bare.pt"
+    torch.save(state, bare)
+    r = evaluate(tmp_path, data, bare)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert (f"{bare}: no 'model' state dict: the file holds {len(state)} tensors at its top level, as "
+            "torch.save(model.state_dict()) writes a bare state dict;") in r.stderr, r.stderr[-2000:]
+    assert "save {'model': model.state_dict()}" in r.stderr, r.stderr[-2000:]
+    compiled = tmp_path / "compiled.pt"
+    torch.save({"model": {"_orig_mod." + k: v for k, v in state.items()}}, compiled)
+    r = evaluate(tmp_path, data, compiled)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert re.search(rf"{re.escape(str(compiled))}: model entry '[\w.]+' is missing, and no entry of the file has a "
+                     rf"name of the model's \(the file's first is '_orig_mod\.{re.escape(min(state))}'\): a prefix "
+                     r"other than DistributedDataParallel's 'module\.', such as torch\.compile's '_orig_mod\.', is "
+                     r"not taken off", r.stderr), r.stderr[-2000:]
+
+
 def test_a_truncated_checkpoint_is_said_to_be_truncated(tmp_path, data, trained):
     whole = trained.read_bytes()
     for keep in (10, len(whole) // 2, len(whole) - 1):
