@@ -847,10 +847,10 @@ RunConfig load_config(const std::vector<std::string>& files, const std::vector<s
     if (where.empty()) return "";
     if (where.size() >= kDefault.size() && where.compare(where.size() - kDefault.size(), kDefault.size(), kDefault) == 0)
       return "  # default";
-    if (where.rfind("--set ", 0) == 0) return "  # " + where;
-    return "  # " + where.substr(0, where.find(" ["));
+    if (where.rfind("--set ", 0) == 0) return "  # " + toml_comment_text(where);
+    return "  # " + toml_comment_text(where.substr(0, where.find(" [")));
   };
-  std::string out = fmt::format("# resolved from {}{}\n", file,
+  std::string out = fmt::format("# resolved from {}{}\n", toml_comment_text(file),
                                 files.size() > 1 ? " (merged left to right, then --set)" : "");
   std::function<void(const std::string&, const Params&, const ParamSchema&, const std::string*, const std::string*)>
       section_text = [&](const std::string& name, const Params& p, const ParamSchema& schema,

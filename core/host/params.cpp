@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "deepcam/error.hpp"
@@ -160,6 +161,14 @@ std::string to_toml(const ParamValue& value) {
     }
   };
   return std::visit(Visitor{}, value);
+}
+
+std::string toml_comment_text(const std::string& text) {
+  const bool plain = std::none_of(text.begin(), text.end(), [](char c) {
+    const auto u = static_cast<unsigned char>(c);
+    return (u < 0x20 && u != '\t') || u == 0x7f;
+  });
+  return plain ? text : toml_string(text);
 }
 
 std::string range_text(const ParamSpec& spec) {

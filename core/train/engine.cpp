@@ -2297,7 +2297,8 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
     // [run] resume is the run file's, not that file.
     const std::string resolved =
         evaluating ? fmt::format("# deepcam-host --evaluate {}\n{}",
-                                 fs::absolute(opts.evaluate_checkpoint).lexically_normal().string(), cfg.resolved)
+                                 toml_comment_text(fs::absolute(opts.evaluate_checkpoint).lexically_normal().string()),
+                                 cfg.resolved)
                    : cfg.resolved;
     record = std::make_unique<RunRecord>(config_file, log_file, resolved, cfg.mlperf.where("log_file"), continues);
   });

@@ -4,9 +4,12 @@ keys ("module."), bit-exact resume with a gradient accumulation that spans
 epochs, temporary files of killed runs, and runs that would overwrite the
 record of another."""
 
+import json
 import os
 import re
+import shutil
 import subprocess
+import tomllib
 from collections import OrderedDict
 
 import pytest
@@ -258,6 +261,22 @@ def test_a_bare_or_prefixed_state_dict_is_named_as_such(tmp_path, data, trained)
                      rf"name of the model's \(the file's first is '_orig_mod\.{re.escape(min(state))}'\): a prefix "
                      r"other than DistributedDataParallel's 'module\.', such as torch\.compile's '_orig_mod\.', is "
                      r"not taken off", r.stderr), r.stderr[-2000:]
+
+
+def test_a_checkpoint_path_with_a_newline_leaves_an_evaluation_record_toml_reads(tmp_path, data, trained):
+    # The path went into the record's header comment as it was: the newline ended the comment, and the
+    # rest of the path made the file invalid TOML, which deepcam-host then refused to read back.
+    odd = tmp_path / "odd\ndir"
+    odd.mkdir()
+    ckpt = odd / "x.pt"
+    shutil.copy(trained, ckpt)
+    cfg = write_run(odd / "eval.toml", data, tmp_path / "eval")  # in the same folder: "# resolved from" it
+    r = run_host(cfg, "--evaluate", ckpt)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = (tmp_path / "eval" / "evaluate-config.toml").read_text()
+    tomllib.loads(text)
+    assert text.splitlines()[:2] == ["# deepcam-host --evaluate " + json.dumps(str(ckpt)),
+                                     "# resolved from " + json.dumps(str(cfg))], text[:300]
 
 
 def test_a_truncated_checkpoint_is_said_to_be_truncated(tmp_path, data, trained):

@@ -144,4 +144,9 @@ DEEPCAM_API std::string schema_problem(const ParamSchema& schema);
 // The TOML text of a value, as --describe and the resolved config print it.
 DEEPCAM_API std::string to_toml(const ParamValue& value);
 
+// `text` (a path, a --set item) as a TOML comment may hold it: as it is, or
+// quoted and escaped as a TOML string when it holds a control character,
+// which would end the comment (a newline) or is not allowed in one.
+DEEPCAM_API std::string toml_comment_text(const std::string& text);
+
 }  // namespace deepcam
