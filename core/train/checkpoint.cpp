@@ -410,16 +410,20 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
       f.fail(fmt::format("entry '{}' is not in this model", name));
     }
   }
-  const std::string variance = ".running_var";  // BatchNorm's running variance
-  auto is_variance = [&](const std::string& name) {
-    return name.size() >= variance.size() && name.compare(name.size() - variance.size(), variance.size(), variance) == 0;
+  auto ends_with = [](const std::string& name, const std::string& end) {
+    return name.size() >= end.size() && name.compare(name.size() - end.size(), end.size(), end) == 0;
   };
   for (const auto& [name, t] : stored) {
     if (t.is_floating_point() && !at::isfinite(t).all().item<bool>()) {
       f.fail(fmt::format("model entry '{}' holds NaN or infinite values", name));
     }
-    if (is_variance(name) && t.is_floating_point() && at::lt(t, 0).any().item<bool>()) {
+    // BatchNorm's running variance, and its count of batches.
+    if (ends_with(name, ".running_var") && t.is_floating_point() && at::lt(t, 0).any().item<bool>()) {
       f.fail(fmt::format("model entry '{}' holds negative values; it is a variance", name));
+    }
+    if (ends_with(name, ".num_batches_tracked") && !t.is_floating_point() && !t.is_complex() &&
+        at::lt(t, 0).any().item<bool>()) {
+      f.fail(fmt::format("model entry '{}' holds a negative value; it counts batches", name));
     }
   }
 

@@ -184,6 +184,9 @@ BAD_FIELDS = {
                       f"model entry '{COUNTER}' has dtype Int, the model has Long"),
     "counter_shape": (lambda c: c["model"].__setitem__(COUNTER, torch.zeros(2, dtype=torch.long)),
                       f"model entry '{COUNTER}' has shape 2 Long, the model has scalar Long"),
+    # It was taken.
+    "negative_counter": (lambda c: c["model"][COUNTER].fill_(-1),
+                         f"model entry '{COUNTER}' holds a negative value; it counts batches"),
     "gradient_unknown": (lambda c: c["accumulated_gradients"].__setitem__("nope", torch.zeros(1)),
                          "'accumulated_gradients' entry 'nope' is no parameter of the model"),
     "nan_gradient": (lambda c: c["accumulated_gradients"]["conv2.weight"].view(-1).__setitem__(0, float("nan")),
