@@ -1158,13 +1158,19 @@ class Engine {
   }
 
   // The stop signal in the ranks' gathered requests (one per rank): the
-  // largest, else 0. Which ranks it came to is kept for the stop message.
+  // largest, else 0. Which ranks it came to is kept for the stop message
+  // (read only when there is one: this runs at every logging point).
   int signal_of_ranks(const at::Tensor& requests) {
-    stop_ranks_.clear();
-    for (int r = 0; r < comm_.size(); ++r) {
-      if (requests[r].item<double>() != 0) stop_ranks_.push_back(r);
+    const int sig = static_cast<int>(requests.max().item<double>());
+    if (sig != 0) {
+      const at::Tensor each = requests.to(at::kCPU, at::kDouble).contiguous();
+      const auto read = each.accessor<double, 1>();
+      stop_ranks_.clear();
+      for (int r = 0; r < comm_.size(); ++r) {
+        if (read[r] != 0) stop_ranks_.push_back(r);
+      }
     }
-    return static_cast<int>(requests.max().item<double>());
+    return sig;
   }
 
   // " (sent to rank 1)" on many ranks, where the launcher (--nproc,
