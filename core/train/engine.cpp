@@ -235,11 +235,6 @@ class RunRecord {
   bool kept_ = false;
 };
 
-// What the resolved configuration says after a seed that seed = "auto"
-// drew (with_drawn_seed), for the run's record and for the notes that tell
-// such a seed from one the user gave.
-constexpr const char* kDrawnSeedComment = "  # \"auto\": drawn from the clock";
-
 // SIGTERM (a Slurm time limit) and SIGINT end a run cleanly: the handler
 // only records the signal (deepcam/stop_request.hpp); training looks at it
 // between steps, a reader staging its files between chunks of a copy. A
@@ -403,8 +398,9 @@ struct IntervalFigures {
 
 class Engine {
  public:
-  Engine(const RunConfig& cfg, MlperfLog& log, Communicator& comm)
-      : cfg_(cfg), log_(log), comm_(comm), device_(at::kCPU) {}
+  // `seed_drawn`: the seed in `cfg` was drawn for seed = "auto" (with_drawn_seed).
+  Engine(const RunConfig& cfg, bool seed_drawn, MlperfLog& log, Communicator& comm)
+      : cfg_(cfg), seed_drawn_(seed_drawn), log_(log), comm_(comm), device_(at::kCPU) {}
 
   // Called once run_start is logged (the run's record is kept from then on).
   void on_run_start(std::function<void()> f) { on_run_start_ = std::move(f); }
@@ -1637,12 +1633,11 @@ class Engine {
   void note_other_seed(const std::string& path, const CheckpointInfo& info) const {
     const std::int64_t seed = cfg_.run.integer("seed");
     if (comm_.rank() != 0 || info.seed == 0 || info.seed == seed) return;
-    const bool drawn = cfg_.resolved.find(fmt::format("seed = {}{}", seed, kDrawnSeedComment)) != std::string::npos;
     std::fprintf(stderr,
                  "deepcam-host: note: %s was written by a run of seed %lld; this run's seed is %lld (%s%s), which "
                  "orders its epochs' samples otherwise than that run's: set seed = %lld to continue it exactly\n",
                  path.c_str(), static_cast<long long>(info.seed), static_cast<long long>(seed),
-                 cfg_.run.where("seed").c_str(), drawn ? ": \"auto\", drawn from the clock" : "",
+                 cfg_.run.where("seed").c_str(), seed_drawn_ ? ": \"auto\", drawn from the clock" : "",
                  static_cast<long long>(info.seed));
   }
 
@@ -1744,6 +1739,7 @@ class Engine {
   }
 
   const RunConfig& cfg_;
+  const bool seed_drawn_;
   MlperfLog& log_;
   Communicator& comm_;
   at::Device device_;
@@ -1794,7 +1790,7 @@ RunConfig with_drawn_seed(const RunConfig& cfg, Communicator& comm) {
   const std::string line = "seed = \"auto\"\n";
   const auto at = out.resolved.find(line);
   if (at != std::string::npos) {
-    out.resolved.replace(at, line.size(), fmt::format("seed = {}{}\n", seed, kDrawnSeedComment));
+    out.resolved.replace(at, line.size(), fmt::format("seed = {}  # \"auto\": drawn from the clock\n", seed));
   }
   return out;
 }
@@ -2209,7 +2205,8 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   Communicator comm(layout, co);
   const bool rank0 = comm.rank() == 0;
   require_same_configuration(given, opts, comm);
-  const RunConfig cfg = given.run.integer("seed") == kAutoSeed ? with_drawn_seed(given, comm) : given;
+  const bool seed_drawn = given.run.integer("seed") == kAutoSeed;
+  const RunConfig cfg = seed_drawn ? with_drawn_seed(given, comm) : given;
   // The resolved configuration as it runs (a drawn seed in it), as config.toml holds it.
   if (rank0) std::fprintf(stderr, "%s\n", cfg.resolved.c_str());
 
@@ -2217,7 +2214,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
     // No log, no config, no checkpoint: the JSON line is the result.
     catch_stop_signals(end_benchmark, SA_RESETHAND);
     MlperfLog no_log(nullptr, false);
-    Engine engine(cfg, no_log, comm);
+    Engine engine(cfg, seed_drawn, no_log, comm);
     engine.build(/*with_optimizer=*/true, /*splits=*/{});
     const int status = engine.benchmark(opts.benchmark_steps);
     comm.finish();
@@ -2238,7 +2235,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
     }
     MlperfLog no_log(nullptr, false);
     record_stop_signals_from_now();
-    Engine engine(cfg, no_log, comm);
+    Engine engine(cfg, seed_drawn, no_log, comm);
     build_or_stop(engine, /*with_optimizer=*/false, {Split::Validation});
     // The earlier files go only once this run has a prediction to write:
     // a checkpoint or setting refused leaves them as they were.
@@ -2313,7 +2310,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   if (rank0 && !opts.quiet) log.echo_to(stdout);
 
   record_stop_signals_from_now();
-  Engine engine(cfg, log, comm);
+  Engine engine(cfg, seed_drawn, log, comm);
   if (evaluating) {
     build_or_stop(engine, /*with_optimizer=*/false, {Split::Validation});
     const int status = engine.evaluate(opts.evaluate_checkpoint);
