@@ -587,9 +587,10 @@ void run_convert(const ConvertOptions& o) {
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (!o.progress.quiet)
     fmt::print(stderr,
-             "deepcam-data: convert: {}{} samples in {} ({}) in {:.1f} s: {} converted, {} repaired, {} already "
-             "valid{}{}{}\n",
+             "deepcam-data: convert: {}{} samples in {} ({}) in {:.1f} s on {} thread{}: {} converted, {} repaired, "
+             "{} already valid{}{}{}\n",
              who.empty() ? "" : who + ": ", jobs.size(), o.dst.string(), fmt::join(splits, ", "), seconds,
+             threads_for(jobs.size(), o.threads), threads_for(jobs.size(), o.threads) == 1 ? "" : "s",
              converted, repaired, kept, o.verify ? " (checked value by value)" : " (headers and sizes checked)",
              failed ? fmt::format(", {} failed", failed) : "",
              missing ? "; other ranks' samples are not all there yet: the rank that finishes last copies stats.h5"

@@ -13,6 +13,7 @@
 #include <exception>
 #include <functional>
 #include <mutex>
+#include <sched.h>
 #include <system_error>
 #include <thread>
 #include <vector>
@@ -21,18 +22,34 @@
 
 namespace deepcam::data {
 
-// Runs body(state, k) for k in [0, n) on `threads` threads, the calling one
-// among them (0: one per core, at most 16); each thread makes one State
-// (default-constructed) and hands it to every body it runs, so a buffer is
+// The cores this process may run on: its CPU affinity mask (what Slurm's
+// task binding, taskset or a cgroup's cpuset leave it), not the machine's
+// count, which std::thread::hardware_concurrency gives.
+inline int cores_allowed() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+  return static_cast<int>(std::max(std::thread::hardware_concurrency(), 1u));
+}
+
+// The threads a loop of n items runs on when `threads` are asked for (0:
+// one per core it may run on, at most 16).
+inline int threads_for(std::size_t n, int threads) {
+  // Each thread holds a sample or two (up to 170 MB at full size): on a
+  // many-core node one per core would cost memory for no faster I/O.
+  if (threads <= 0) threads = std::min(cores_allowed(), 16);
+  return static_cast<int>(std::max<std::size_t>(std::min<std::size_t>(threads, n), 1));
+}
+
+// Runs body(state, k) for k in [0, n) on threads_for(n, threads) threads, the
+// calling one among them; each thread makes one State (default-constructed)
+// and hands it to every body it runs, so a buffer is
 // allocated once per thread and freed when the loop ends. body reports its
 // own errors; an exception escaping it stops the handing out of further k and
 // is rethrown after every thread has finished. So does a stop signal
 // (stop_signals.hpp), checked before each k.
 template <class State, class Body>
 void parallel_for_each(std::size_t n, int threads, const Body& body) {
-  // Each thread holds a sample or two (up to 170 MB at full size): on a
-  // many-core node one per core would cost memory for no faster I/O.
-  if (threads <= 0) threads = static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 16u));
+  threads = threads_for(n, threads);
   std::atomic<std::size_t> next{0};
   std::atomic<bool> failed{false};
   std::mutex mutex;
@@ -52,7 +69,7 @@ void parallel_for_each(std::size_t n, int threads, const Body& body) {
   };
   std::vector<std::thread> pool;
   try {
-    for (int t = 1; t < threads && static_cast<std::size_t>(t) < n; ++t) pool.emplace_back(worker);
+    for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
   } catch (const std::system_error&) {
     // Fewer threads than asked for do the same work.
   }

@@ -108,7 +108,7 @@ def test_outputs_equal_the_sources_bit_for_bit(deepcam_data, source, tmp_path):
     dst = tmp_path / "dst"
     proc = ok(run(deepcam_data, "convert", source, dst, "--threads", 3))
     assert assert_converted(source, dst) == 11
-    assert "11 converted" in proc.stderr
+    assert "11 converted" in proc.stderr and " on 3 threads: " in proc.stderr
     # The labels' stored dtypes: int32 from synth, and the two written above.
     dtypes = {np.load(p).dtype for p in dst.glob("*/label-*.npy")}
     assert dtypes == {np.dtype("int32"), np.dtype("uint8"), np.dtype("int16")}
@@ -120,6 +120,18 @@ def test_outputs_equal_the_sources_bit_for_bit(deepcam_data, source, tmp_path):
     again = tmp_path / "numpy.npy"
     np.save(again, np.load(sample))
     assert again.read_bytes() == sample.read_bytes()
+
+
+def test_the_default_threads_are_the_cores_the_process_may_run_on(deepcam_data, source, tmp_path):
+    # Slurm binds each task to its share of a node's cores; the default was the node's count
+    # (hardware_concurrency), so 16 tasks of a 16-core node each ran 16 threads.
+    one = os.sched_getaffinity(0)
+    proc = ok(run(deepcam_data, "convert", source, tmp_path / "one",
+                  preexec_fn=lambda: os.sched_setaffinity(0, {min(one)})))
+    assert " on 1 thread: 11 converted" in proc.stderr, proc.stderr
+    proc = ok(run(deepcam_data, "convert", source, tmp_path / "all"))
+    n = min(len(one), 11, 16)
+    assert f" on {n} thread{'s' if n > 1 else ''}: 11 converted" in proc.stderr, proc.stderr
 
 
 def test_pairs_in_the_destination_without_a_source_are_refused(deepcam_data, source, tmp_path):
