@@ -68,8 +68,12 @@ class LocalSlurm:
         self._until(lambda: self.socket.exists(), 20, "munged to open its socket")
         ctld_port, d_port = free_port(), free_port()
         (self.root / "plugstack.conf").write_text("")
+        # Two GPUs on the node, for the steps that ask for them (their "devices" are files any node has).
+        (self.root / "gres.conf").write_text(f"NodeName={self.node} Name=gpu File=/dev/null\n"
+                                             f"NodeName={self.node} Name=gpu File=/dev/zero\n")
         self.conf.write_text("\n".join([
             "ClusterName=deepcamtest",
+            "GresTypes=gpu",
             f"SlurmctldHost={self.node}(127.0.0.1)",
             f"SlurmctldPort={ctld_port}",
             f"SlurmdPort={d_port}",
@@ -98,7 +102,7 @@ class LocalSlurm:
             "MailProg=/bin/true",
             "MinJobAge=3600",
             "SlurmdParameters=config_overrides",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs=2 State=UNKNOWN",
+            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs=2 Gres=gpu:2 State=UNKNOWN",
             f"PartitionName=test Nodes={self.node} Default=YES MaxTime=30 State=UP",
             "",
         ]))
@@ -281,6 +285,34 @@ def test_instances_train_at_the_same_time_each_with_its_own_rank_0_seed_and_fold
     assert start_1 < stop_2 and start_2 < stop_1, f"the instances ran one after the other: {intervals}\n{out}"
 
 
+def test_instances_sharing_a_gpu_node_each_get_a_gpu_of_their_own_at_the_same_time(slurm, tmp_path):
+    """sbatch --gpus-per-node puts SLURM_GPUS_PER_NODE into the job's environment, and srun took it: each
+    instance's step asked for every GPU of the node, so the second waited for the first to end ("Requested
+    nodes are busy") and each saw both GPUs. This cluster's node has 2 GPUs (gres.conf)."""
+    host = tmp_path / "host"
+    host.write_text('#!/bin/bash\necho "start $(date +%s.%N) gpus=${CUDA_VISIBLE_DEVICES-unset}"\nsleep 3\n'
+                    'echo "stop $(date +%s.%N)"\n')
+    host.chmod(0o755)
+    logdir = tmp_path / "logs"
+    env = slurm.env(RUN_FILES="configs/quickstart.toml", LOGDIR=logdir, INSTANCES=2, SEED=3,
+                    MASTER_PORT=free_port(), DEEPCAM_HOST=host)
+    job = slurm.sbatch(REPO_ROOT / "scripts/slurm/run.sub", "-n", 2, "--gpus-per-node", 2,
+                       "-o", tmp_path / "run-%j.out", env=env)
+    info = slurm.wait(job, 120)
+    out = job_output(tmp_path / f"run-{job}.out")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{out}\n{slurm.log_text()}"
+    seen = []
+    for k in (1, 2):
+        printed = job_output(logdir / f"{job}_1_{k}.out")
+        said = {line.split()[0]: line.split()[1:] for line in printed.splitlines()
+                if line.startswith(("start ", "stop "))}
+        assert set(said) == {"start", "stop"}, printed
+        seen.append((float(said["start"][0]), float(said["stop"][0]), said["start"][1]))
+    (start_1, stop_1, gpus_1), (start_2, stop_2, gpus_2) = seen
+    assert sorted([gpus_1, gpus_2]) == ["gpus=0", "gpus=1"], seen
+    assert start_1 < stop_2 and start_2 < stop_1, f"the instances ran one after the other: {seen}\n{out}"
+
+
 def test_instances_that_do_not_divide_the_tasks_are_refused(slurm, tmp_path):
     env = slurm.env(RUN_FILES="configs/quickstart.toml", LOGDIR=tmp_path / "logs", INSTANCES=3)
     job = slurm.sbatch(REPO_ROOT / "scripts/slurm/run.sub", "-n", 2, "-o", tmp_path / "run-%j.out", env=env)
@@ -307,3 +339,101 @@ def test_run_sub_refuses_a_count_or_seed_that_is_not_a_plain_positive_number(slu
     assert f"run.sub: {variable} must be" in out and f"got '{value}'" in out, out
     assert "value too great" not in out and "run.sub: run 1" not in out, out
     assert not logdir.exists(), out
+
+
+def fake_job(tmp_path, restart=0, **variables):
+    """run.sub started as Slurm starts a job's batch script (its SLURM_* variables; SLURM_RESTART_COUNT
+    after a requeue), with stand-ins for srun (runs the command once, as one task) and scontrol (one
+    node), and for deepcam-host (prints its arguments, exits with HOST_RC): run.sub's own logic, in a
+    second each."""
+    bin_dir = tmp_path / "bin"
+    if not bin_dir.exists():
+        bin_dir.mkdir()
+        (bin_dir / "scontrol").write_text('#!/bin/bash\n[ "$1 $2" = "show hostnames" ] && echo node1\n')
+        (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "${1:-}" == -* ]]; do shift; done\nexec "$@"\n')
+        (bin_dir / "host").write_text('#!/bin/bash\necho "deepcam-host $*"\nexit "${HOST_RC:-0}"\n')
+        for f in bin_dir.iterdir():
+            f.chmod(0o755)
+    env = clean_env(**{"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": 4242, "SLURM_JOB_NODELIST": "node1",
+                       "SLURM_NTASKS": 1, "SLURM_SUBMIT_DIR": REPO_ROOT, "SLURM_RESTART_COUNT": restart,
+                       "DEEPCAM_HOST": bin_dir / "host", "RUN_FILES": "configs/quickstart.toml",
+                       "LOGDIR": tmp_path / "logs", **variables})
+    return subprocess.run(["bash", str(REPO_ROOT / "scripts/slurm/run.sub")], capture_output=True, text=True,
+                          env=env, timeout=60)
+
+
+@pytest.mark.parametrize("variables, message", [
+    # read -a stopped at the first newline: the per-system file after it was dropped, and the job ran.
+    ({"RUN_FILES": "configs/quickstart.toml\nconfigs/no-such.toml"}, "RUN_FILES: no such file: configs/no-such.toml"),
+    # A value with a space came to deepcam-host as two broken --set items, once the allocation was granted.
+    ({"OVERRIDES": 'run.max_epochs=1 mlperf.org="Some Lab"'}, "OVERRIDES: 'Lab\"' is not a section.key=value item"),
+    ({"OVERRIDES": "run.max_epochs=1\nscheduler.milestones=[100, 200]"},
+     "OVERRIDES: '200]' is not a section.key=value item"),
+    # Any value but 1 was taken as 0.
+    ({"CLEAR_CACHES": "yes"}, "CLEAR_CACHES must be 0 or 1, got 'yes'"),
+])
+def test_run_sub_refuses_settings_it_would_have_dropped_or_misread(tmp_path, variables, message):
+    r = fake_job(tmp_path, **variables)
+    assert r.returncode == 2 and f"run.sub: {message}" in r.stderr, r.stdout + r.stderr
+    assert "deepcam-host" not in r.stdout and not (tmp_path / "logs").exists(), r.stdout
+
+
+def test_run_sub_splits_its_lists_at_newlines_too_and_names_where_a_run_without_a_log_printed(tmp_path):
+    r = fake_job(tmp_path, RUN_FILES="configs/quickstart.toml\nconfigs/systems/single_gpu.toml",
+                 OVERRIDES="run.max_epochs=1\n\tscheduler.milestones=[100,200]", HOST_RC=2)
+    assert r.returncode == 2, r.stdout + r.stderr
+    logs = tmp_path / "logs"
+    assert (logs / "4242_1.out").read_text().startswith(
+        "deepcam-host configs/quickstart.toml configs/systems/single_gpu.toml --set run.output_dir="), r.stdout
+    assert "--set run.max_epochs=1 --set scheduler.milestones=[100,200]\n" in (logs / "4242_1.out").read_text()
+    # It stopped before its folder was made: the log named was not there.
+    assert f"run 1 exited with status 2 (what its ranks printed: {logs / '4242_1.out'})" in r.stdout, r.stdout
+    assert (logs / "4242_1.status").read_text() == "2\n"
+
+
+def test_a_requeued_job_keeps_the_runs_that_ended_and_reruns_the_one_cut_short(tmp_path):
+    """A requeue starts the batch script again with the same job id: run 1's folder was refused ("holds
+    the record of an earlier run"), the job failed, and its .out was truncated."""
+    logs = tmp_path / "logs"
+    r = fake_job(tmp_path, NEXP=3, HOST_RC=1)
+    assert r.returncode == 1 and [(logs / f"4242_{n}.status").read_text() for n in (1, 2, 3)] == ["1\n"] * 3
+    # The first start was cut during run 2: its folder and output there, no status yet.
+    (logs / "4242_2.status").unlink()
+    (logs / "4242_3.status").unlink()
+    (logs / "4242_3.out").unlink()
+    (logs / "4242_2").mkdir()
+    first_out = (logs / "4242_1.out").read_text()
+    r = fake_job(tmp_path, restart=1, NEXP=3, HOST_RC=0)
+    assert r.returncode == 1, r.stdout + r.stderr  # run 1's status, from the first start
+    assert "run 1 ended before this job was requeued, with status 1: kept" in r.stdout, r.stdout
+    assert (logs / "4242_1.out").read_text() == first_out
+    moved = logs / "requeued" / "4242_2.attempt1"
+    assert f"{logs / '4242_2'}, from before this job was requeued, moved to {moved}: it runs again" in r.stdout
+    assert moved.is_dir() and moved.with_name("4242_2.attempt1.out").is_file()
+    assert "run 2 of 3" in r.stdout and "run 3 of 3" in r.stdout, r.stdout
+    assert [(logs / f"4242_{n}.status").read_text() for n in (1, 2, 3)] == ["1\n", "0\n", "0\n"]
+
+
+def test_requeued_instances_run_again_together_unless_all_had_ended(tmp_path):
+    logs = tmp_path / "logs"
+    r = fake_job(tmp_path, NEXP=2, INSTANCES=2, SEED=5, SLURM_NTASKS=2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (logs / "4242_2_2.status").unlink()  # run 2's instance 2 was cut, its instance 1 had ended
+    r = fake_job(tmp_path, restart=1, NEXP=2, INSTANCES=2, SEED=5, SLURM_NTASKS=2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "run 1, instance 1 ended before" in r.stdout and "run 1, instance 2 ended before" in r.stdout, r.stdout
+    assert "run 1 of 2, instance" not in r.stdout, r.stdout
+    for k in (1, 2):
+        assert (logs / "requeued" / f"4242_2_{k}.attempt1.out").is_file(), r.stdout
+        assert f"run 2 of 2, instance {k} of 2" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("unset", ["SRCDIR", "DSTDIR"])
+def test_init_datasets_without_its_folders_exits_2_as_for_any_other_wrong_variable(tmp_path, unset):
+    # bash's ${VAR:?} ended the job with status 1, which the header gives to no case.
+    env = clean_env(SLURM_JOB_ID=4242, SLURM_SUBMIT_DIR=REPO_ROOT, PATH="/usr/bin:/bin",
+                    **{k: v for k, v in {"SRCDIR": tmp_path, "DSTDIR": tmp_path / "npy"}.items() if k != unset})
+    r = subprocess.run(["bash", str(REPO_ROOT / "scripts/slurm/init_datasets.sub")], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 2 and f"init_datasets.sub: set {unset} to" in r.stderr, r.stderr
+    assert not (tmp_path / "npy").exists()
