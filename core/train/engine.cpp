@@ -464,6 +464,7 @@ class Engine {
     rc.node_group = comm_.size() > 1 ? &comm_.node() : nullptr;
     rc.splits = splits;
     c_.reader = build_reader(cfg_, rc);
+    if (comm_.size() > 1) require_same_samples(splits);
     sample_shape_ = c_.reader->sample_shape();
 
     bn_group_size_ = std::min<std::int64_t>(run.integer("batchnorm_group_size"), comm_.size());
@@ -575,6 +576,54 @@ class Engine {
     }
   }
 #endif
+
+  // Every rank takes its share of one list of the data set's samples (SPEC
+  // 2.2), built from what it sees under [data] root. A rank that sees
+  // another set (a node-local copy of part of it, or of another version)
+  // trained on part of the data without a word, read samples twice, or
+  // stopped in a collective of another size than the others': each split's
+  // sample count and a hash of its file names in order (not their folder,
+  // which staging changes) are compared with rank 0's.
+  void require_same_samples(const std::vector<Split>& splits) {
+    std::vector<std::int64_t> mine;
+    for (const Split s : splits) {
+      const std::int64_t count = in_plugin(cfg_.reader, [&] { return c_.reader->sample_count(s); });
+      std::uint64_t hash = 14695981039346656037ull;  // FNV-1a
+      for (std::int64_t i = 0; i < count; ++i) {
+        for (const std::string& file : in_plugin(cfg_.reader, [&] { return c_.reader->sample_files(s, i); })) {
+          for (const char c : fs::path(file).filename().string() + '\n') {
+            hash = (hash ^ static_cast<unsigned char>(c)) * 1099511628211ull;
+          }
+        }
+      }
+      mine.push_back(count);
+      mine.push_back(static_cast<std::int64_t>(hash));
+    }
+    if (mine.empty()) return;
+    const at::Tensor all = comm_.world().all_gather(at::tensor(mine, at::kLong));
+    const auto* v = all.data_ptr<std::int64_t>();
+    const std::size_t n = mine.size();
+    std::vector<std::string> differences;
+    for (int r = 1; r < comm_.size() && differences.size() < 4; ++r) {
+      for (std::size_t k = 0; k < splits.size(); ++k) {
+        const std::int64_t* first = v + 2 * k;
+        const std::int64_t* other = v + static_cast<std::size_t>(r) * n + 2 * k;
+        if (other[0] != first[0]) {
+          differences.push_back(fmt::format("rank {} sees {} {} samples, rank 0 {}", r, other[0],
+                                            to_string(splits[k]), first[0]));
+        } else if (other[1] != first[1]) {
+          differences.push_back(fmt::format("rank {} sees as many {} samples as rank 0 ({}), but in other files",
+                                            r, to_string(splits[k]), first[0]));
+        }
+      }
+    }
+    if (differences.empty()) return;
+    throw Error(fmt::format("{}: the ranks do not see the same data set: {}; every rank takes its share of one list "
+                            "of the whole set, so each must see all of it there (for node-local copies of each node's "
+                            "or rank's share, the prefetch reader's stage_dir makes them, with shuffle_mode = "
+                            "\"node\" or \"gpu\")",
+                            cfg_.data.setting("root"), fmt::join(differences, "; ")));
+  }
 
   // The checker would refuse a closed submission from this run: say so now,
   // naming each key, rather than after hours of training.

@@ -491,6 +491,48 @@ def test_ranks_started_with_different_settings_are_refused_naming_them(tmp_path,
     assert not (tmp_path / "out").exists() and not (tmp_path / "other").exists()
 
 
+def can_bind_mount():
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount --bind / /mnt"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not can_bind_mount(), reason="needs a mount namespace of its own (root and unshare)")
+@pytest.mark.parametrize("case, seen", [
+    ("fewer", "rank 1 sees 7 train samples, rank 0 8"),
+    ("renamed", "rank 1 sees as many validation samples as rank 0 (4), but in other files"),
+    ("staged part", "rank 1 sees 4 train samples, rank 0 8"),
+])
+def test_ranks_that_see_another_data_set_at_the_same_root_are_refused(tmp_path, data, ranks, case, seen):
+    """Each rank lists [data] root itself: a node that held a copy of part of the set (as a node-local
+    disk filled with its own share) trained on part of the data without a word, read samples twice, or
+    stopped in a collective of another size (Gloo's abort) while the others waited for comm_timeout_s.
+    Rank 1 runs in a mount namespace of its own, where another folder is mounted at the root's path."""
+    root, other = tmp_path / "data", tmp_path / "other"
+    shutil.copytree(data, root)
+    shutil.copytree(data, other)
+    train, validation = sorted((other / "train").iterdir()), sorted((other / "validation").iterdir())
+    if case == "fewer":
+        train[-1].unlink()
+    elif case == "renamed":
+        validation[0].rename(validation[0].with_name("data-0000-renamed.h5"))
+    else:
+        for f in train[4:]:
+            f.unlink()
+    staged = {"reader": {"name": "prefetch", "shuffle_mode": "gpu", "stage_dir": str(tmp_path / "stage")},
+              "reader.source": {"name": "hdf5", "threads": 1}}
+    (tmp_path / "stage").mkdir()
+    run = small_run(tmp_path / "run.toml", root, tmp_path / "out", **(staged if case == "staged part" else {}))
+    port = free_port()
+    ranks.start([HOST, run], torchrun_env(0, 2, port), "rank0")
+    ranks.start(["unshare", "-m", "sh", "-c", 'mount --bind "$0" "$1" && exec "$2" "$3"', other, root, HOST, run],
+                torchrun_env(1, 2, port), "rank1")
+    assert ranks.wait_all() == [2, 2], (ranks.stderr("rank0")[-3000:], ranks.stderr("rank1")[-3000:])
+    for name in ("rank0", "rank1"):
+        err = ranks.stderr(name)
+        assert f"[data] root = \"{root}\": the ranks do not see the same data set: {seen}; " in err, err[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("case", ["seed", "mode"])
 def test_ranks_with_another_seed_or_mode_are_refused_before_any_other_exchange(tmp_path, data, ranks, case):
     # seed = "auto" on one rank drew a seed in a collective that the other rank met with its

@@ -784,6 +784,12 @@ bool PrefetchReader::next(Batch& batch) {
 std::int64_t PrefetchReader::sample_count(Split split) const { return impl_->source->sample_count(split); }
 
 std::vector<std::string> PrefetchReader::sample_files(Split split, std::int64_t index) const {
+  // A sample of another rank's (or node's) share: its source files hold it
+  // too (the engine reads every sample's names to compare the ranks' sets).
+  const auto& copies = impl_->staged[split_id(split)];
+  if (!copies.empty() && copies[static_cast<std::size_t>(index)].empty()) {
+    return impl_->source->sample_files(split, index);
+  }
   return impl_->files_of(split, index);
 }
 

@@ -140,7 +140,8 @@ class PrefetchReader final : public Reader {
   bool next(Batch& batch) override;
 
   std::int64_t sample_count(Split split) const override;
-  // The staged copies when staging, else the source's files.
+  // The staged copies of the samples this rank staged, else the source's
+  // files.
   std::vector<std::string> sample_files(Split split, std::int64_t index) const override;
   std::vector<std::int64_t> sample_shape() const override;
   // The source's read_sample(); its errors name staged copies by their
