@@ -209,3 +209,28 @@ def test_a_stop_signal_ends_read_while_it_stages(tmp_path, linked_set):
                   "; nothing measured; the reader's staged copies are removed$", err, re.M)
     assert m and int(m[1]) < LINKS, err[-3000:]
     assert list(stage.iterdir()) == []
+
+
+def test_a_shared_staging_directory_whose_node_rank_0_was_killed_is_removed_by_the_last_rank(tmp_path):
+    """Node-rank 0 makes the node's shared directory (shuffle_mode "node"), and only its own end removed it:
+    killed (SIGKILL, the OOM killer), it left the node's whole shard in /dev/shm while the other ranks ended
+    through their error path."""
+    root = synth(tmp_path / "h5", train=8, validation=2, height=64, width=96)
+    run, stage = staging_run(tmp_path, root, max_epochs=100, threads=1)
+    p = subprocess.Popen([str(HOST), "--nproc", "2", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, env=clean_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        for line in p.stderr:
+            if "epoch 1 validation" in line:  # staged, and training
+                break
+            assert time.monotonic() < deadline, line
+        (area,) = stage.iterdir()
+        owner = int(area.name.split("-")[2])
+        os.kill(owner, signal.SIGKILL)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode not in (0, None), err[-3000:]
+    assert list(stage.iterdir()) == [], (list(stage.rglob("*"))[:5], err[-3000:])

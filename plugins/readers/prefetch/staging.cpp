@@ -84,20 +84,25 @@ std::size_t read_full(int fd, char* buf, std::size_t size, const std::string& pa
 
 }  // namespace
 
+// Whether the process that made the staging directory named `name`
+// (deepcam-stage-<pid>-XXXXXX) is gone; false for another name.
+static bool maker_gone(const std::string& name) {
+  const std::string prefix = "deepcam-stage-";
+  if (name.rfind(prefix, 0) != 0) return false;
+  const std::size_t dash = name.find('-', prefix.size());
+  if (dash == std::string::npos) return false;
+  const std::string digits = name.substr(prefix.size(), dash - prefix.size());
+  if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos) return false;
+  const long pid = std::strtol(digits.c_str(), nullptr, 10);
+  // ESRCH: no such process. EPERM means it exists (another user's).
+  return pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;
+}
+
 std::vector<std::string> leftover_areas(const std::string& parent) {
   std::vector<std::string> out;
   std::error_code ec;
   for (fs::directory_iterator it(parent, ec), end; !ec && it != end; it.increment(ec)) {
-    const std::string name = it->path().filename().string();
-    const std::string prefix = "deepcam-stage-";
-    if (name.rfind(prefix, 0) != 0) continue;
-    const std::size_t dash = name.find('-', prefix.size());
-    if (dash == std::string::npos) continue;
-    const std::string digits = name.substr(prefix.size(), dash - prefix.size());
-    if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos) continue;
-    const long pid = std::strtol(digits.c_str(), nullptr, 10);
-    // ESRCH: no such process. EPERM means it exists (another user's).
-    if (pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) out.push_back(it->path().string());
+    if (maker_gone(it->path().filename().string())) out.push_back(it->path().string());
   }
   std::sort(out.begin(), out.end());
   return out;
@@ -283,7 +288,10 @@ StagingArea::~StagingArea() {
     }
     case Role::SharedMember:
       ::flock(lock_fd_, LOCK_UN);
-      if (::access(orphan_path(dir_).c_str(), F_OK) == 0 && ::flock(lock_fd_, LOCK_EX | LOCK_NB) == 0) remove_locked();
+      if ((::access(orphan_path(dir_).c_str(), F_OK) == 0 || maker_gone(fs::path(dir_).filename().string())) &&
+          ::flock(lock_fd_, LOCK_EX | LOCK_NB) == 0) {
+        remove_locked();
+      }
       ::close(lock_fd_);
       return;
   }

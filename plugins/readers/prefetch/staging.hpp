@@ -29,10 +29,12 @@
 //     marker <dir>/.orphaned and goes; the last rank to let go then removes
 //     the directory instead (each checks for the marker after letting go).
 //   - a rank that ends without unwinding (killed by a signal, or the
-//     communication watchdog's _Exit) never removes anything: if node-rank
-//     0 ends so, or the last user after it left the marker, the directory
-//     stays and later runs staging there report it (leftover_areas), as
-//     they do for a private area.
+//     communication watchdog's _Exit) never removes anything. If node-rank
+//     0 ends so, the last user removes the directory as if it had left the
+//     marker: its process (the pid in the directory's name) is gone, and
+//     the exclusive lock proves no rank holds the area. If every user ends
+//     so, the directory stays and later runs staging there report it
+//     (leftover_areas), as they do for a private area.
 // A rank that gets the exclusive lock after another removed the directory
 // sees that the lock file is gone (no links) and does nothing.
 #pragma once
