@@ -49,6 +49,8 @@ double seconds(std::chrono::milliseconds ms) { return static_cast<double>(ms.cou
 
 std::string heartbeat_key(int rank) { return fmt::format("deepcam/alive/{}", rank); }
 const char* const kLostKey = "deepcam/lost";
+// How many ranks have read kLostKey's verdict.
+const char* const kLostReadKey = "deepcam/lost-read";
 // Why a rank refused to join this world (started for another world size).
 const char* const kRefusedKey = "deepcam/refused";
 std::string joined_key(int rank) { return fmt::format("deepcam/joined/{}", rank); }
@@ -130,10 +132,12 @@ struct Communicator::Impl {
   bool abandoned = false;   // a thread (the watchdog, the join) was left stuck in a store call
   Clock::time_point answered = Clock::now();  // the store's last answer to the watchdog
   std::string verdict;  // who was lost, once known
+  int lost_rank = -1;   // rank 0's watchdog: the rank it named in the verdict
   // A group is being set up: Gloo's connect waits the whole timeout for a
   // member that is gone, and nothing can be unwound meanwhile.
   bool setting_up = false;
 
+  void let_the_others_read_the_verdict();
   c10::intrusive_ptr<c10d::ProcessGroup> make_group(const std::string& name, int rank, int size);
   std::unique_ptr<ProcessGroupGroup> group(const std::string& name, const std::vector<int>& members);
   // Where the store is: a file, or a host and port; and where that was set.
@@ -576,7 +580,10 @@ void Communicator::Impl::watch() {
         for (int r = 1; r < size; ++r) watched.push_back(r);
       } else {
         watched.push_back(0);
-        if (s->check({kLostKey})) found = text_of(s->get(kLostKey));
+        if (s->check({kLostKey})) {
+          found = text_of(s->get(kLostKey));
+          s->add(kLostReadKey, 1);
+        }
       }
       std::vector<std::string> watched_keys;
       for (int r : watched) watched_keys.push_back(keys[static_cast<std::size_t>(r)]);
@@ -600,6 +607,7 @@ void Communicator::Impl::watch() {
           found = fmt::format("lost {}: no sign of life for {} s ({} = {})", describe(static_cast<int>(r)),
                               seconds(options.timeout), options.timeout_where, seconds(options.timeout));
         }
+        if (!found.empty() && layout.rank == 0) lost_rank = static_cast<int>(r);
       }
       if (!found.empty() && layout.rank == 0) s->set(kLostKey, bytes_of(found));
     } catch (const std::exception& e) {
@@ -748,11 +756,32 @@ void Communicator::leave() noexcept {
   if (impl_->store && !impl_->finishing) {
     try {
       impl_->store->set(heartbeat_key(rank()), bytes_of(kFailed));
+      impl_->let_the_others_read_the_verdict();
     } catch (const std::exception&) {
       // The store's host is gone too; the others find out by themselves.
     }
   }
   impl_.reset();
+}
+
+// Rank 0 holds the store (env and tcp rendezvous), and once it goes the
+// others can read nothing there: a rank that had not yet read which rank
+// rank 0 found lost then named rank 0, the store's host, instead. Having
+// named one, rank 0 gives the ranks still running two watchdog intervals to
+// read the verdict (each counts itself in kLostReadKey) before it goes.
+void Communicator::Impl::let_the_others_read_the_verdict() {
+  if (layout.rank != 0 || lost_rank < 0 || store_path.size() > 0) return;
+  std::vector<std::string> keys;
+  for (int r = 1; r < layout.world_size; ++r) keys.push_back(heartbeat_key(r));
+  const auto beats = store->multiGet(keys);
+  std::int64_t readers = 0;
+  for (int r = 1; r < layout.world_size; ++r) {
+    readers += r != lost_rank && text_of(beats[static_cast<std::size_t>(r - 1)]) != kFailed;
+  }
+  const auto deadline = Clock::now() + 2 * interval;
+  while (store->add(kLostReadKey, 0) < readers && Clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
 }
 
 int Communicator::rank() const { return impl_->layout.rank; }

@@ -225,6 +225,32 @@ def test_a_rank_that_fails_before_a_batchnorm_group_is_set_up_is_named_at_once(t
     assert "internal error" not in ranks.stderr("rank0")
 
 
+def test_a_third_rank_names_the_rank_that_failed_not_rank_0_which_stopped_for_it(tmp_path, data, ranks):
+    """Rank 1 fails on its own in training (a NaN in its data); rank 0 names it and stops, taking the
+    rendezvous store with it. Rank 2 had not yet read rank 0's verdict: it said "lost rank 0 (host ...),
+    which holds the rendezvous store: Broken pipe", pointing the user at a healthy rank."""
+    if subprocess.run(["unshare", "--mount", "--map-root-user", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --mount --map-root-user is refused here: the test needs a mount namespace")
+    import h5py
+    poisoned = tmp_path / "poisoned"  # rank 1's view: the same files, each with a NaN, so its first batch fails
+    shutil.copytree(data, poisoned)
+    for f in (poisoned / "train").iterdir():
+        with h5py.File(f, "r+") as h5:
+            h5["climate/data"][0, 0, 0] = float("nan")
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out", run={"train_batch_size": 1})
+    port = free_port()
+    ranks.start([HOST, run], torchrun_env(0, 3, port), "rank0")
+    swap = f'mount --bind "{poisoned}" "{data}" && exec "{HOST}" "{run}"'
+    ranks.start(["unshare", "--mount", "--map-root-user", "sh", "-c", swap], torchrun_env(1, 3, port), "rank1")
+    ranks.start([HOST, run], torchrun_env(2, 3, port), "rank2")
+    codes = ranks.wait_all(timeout=120)
+    assert codes == [5, 2, 5], [ranks.stderr(f"rank{r}")[-2000:] for r in range(3)]
+    for r in (0, 2):
+        assert re.search(rf"rank {r}: lost rank 1 \(host [^)]*\): it stopped with an error of its own",
+                         ranks.stderr(f"rank{r}")), ranks.stderr(f"rank{r}")[-3000:]
+        assert "lost rank 0" not in ranks.stderr(f"rank{r}"), ranks.stderr(f"rank{r}")[-3000:]
+
+
 # 2. mpirun
 
 def test_mpirun_np_2(tmp_path, data):
