@@ -776,7 +776,8 @@ void Communicator::Impl::let_the_others_read_the_verdict() {
   const auto beats = store->multiGet(keys);
   std::int64_t readers = 0;
   for (int r = 1; r < layout.world_size; ++r) {
-    readers += r != lost_rank && text_of(beats[static_cast<std::size_t>(r - 1)]) != kFailed;
+    const std::string beat = text_of(beats[static_cast<std::size_t>(r - 1)]);
+    readers += r != lost_rank && beat != kFailed && beat != kDone;
   }
   const auto deadline = Clock::now() + 2 * interval;
   while (store->add(kLostReadKey, 0) < readers && Clock::now() < deadline) {

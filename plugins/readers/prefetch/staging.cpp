@@ -82,11 +82,9 @@ std::size_t read_full(int fd, char* buf, std::size_t size, const std::string& pa
   return done;
 }
 
-}  // namespace
-
 // Whether the process that made the staging directory named `name`
 // (deepcam-stage-<pid>-XXXXXX) is gone; false for another name.
-static bool maker_gone(const std::string& name) {
+bool maker_gone(const std::string& name) {
   const std::string prefix = "deepcam-stage-";
   if (name.rfind(prefix, 0) != 0) return false;
   const std::size_t dash = name.find('-', prefix.size());
@@ -97,6 +95,8 @@ static bool maker_gone(const std::string& name) {
   // ESRCH: no such process. EPERM means it exists (another user's).
   return pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;
 }
+
+}  // namespace
 
 std::vector<std::string> leftover_areas(const std::string& parent) {
   std::vector<std::string> out;
