@@ -585,12 +585,13 @@ void run_convert(const ConvertOptions& o) {
     if (!missing) copy_atomically(src_stats, o.dst / "stats.h5");
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const int threads = threads_for(jobs.size(), o.threads);
   if (!o.progress.quiet)
     fmt::print(stderr,
              "deepcam-data: convert: {}{} samples in {} ({}) in {:.1f} s on {} thread{}: {} converted, {} repaired, "
              "{} already valid{}{}{}\n",
              who.empty() ? "" : who + ": ", jobs.size(), o.dst.string(), fmt::join(splits, ", "), seconds,
-             threads_for(jobs.size(), o.threads), threads_for(jobs.size(), o.threads) == 1 ? "" : "s",
+             threads, threads == 1 ? "" : "s",
              converted, repaired, kept, o.verify ? " (checked value by value)" : " (headers and sizes checked)",
              failed ? fmt::format(", {} failed", failed) : "",
              missing ? "; other ranks' samples are not all there yet: the rank that finishes last copies stats.h5"

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import h5py
 import pytest
 import torch
 
@@ -231,7 +232,6 @@ def test_a_third_rank_names_the_rank_that_failed_not_rank_0_which_stopped_for_it
     which holds the rendezvous store: Broken pipe", pointing the user at a healthy rank."""
     if subprocess.run(["unshare", "--mount", "--map-root-user", "true"], capture_output=True).returncode != 0:
         pytest.skip("unshare --mount --map-root-user is refused here: the test needs a mount namespace")
-    import h5py
     poisoned = tmp_path / "poisoned"  # rank 1's view: the same files, each with a NaN, so its first batch fails
     shutil.copytree(data, poisoned)
     for f in (poisoned / "train").iterdir():
