@@ -40,6 +40,7 @@
 #include "convert.hpp"
 #include "options.hpp"
 #include "package.hpp"
+#include "process_end.hpp"
 #include "read_bench.hpp"
 #include "stats.hpp"
 #include "stop_signals.hpp"
@@ -433,9 +434,7 @@ int end_by_signal(int signal) {
   return 128 + signal;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+int run_data(int argc, char** argv) {
   // As in deepcam-host: a file that outgrows the file-size limit (ulimit -f)
   // makes write() fail with EFBIG, which the writers report, removing their
   // temporaries, instead of the signal ending the process with half a file.
@@ -497,3 +496,8 @@ int main(int argc, char** argv) {
   }
   return 1;
 }
+
+}  // namespace
+
+// Every object of the run is gone when run_data returns (process_end.hpp).
+int main(int argc, char** argv) { deepcam::end_process(run_data(argc, argv)); }

@@ -19,6 +19,7 @@
 #include "deepcam/plugin_loader.hpp"
 #include "deepcam/stop_request.hpp"
 #include "launcher.hpp"
+#include "process_end.hpp"
 
 namespace {
 
@@ -149,9 +150,7 @@ int out_of_memory(const char* what) {
   return 2;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+int run_host(int argc, char** argv) {
   // A file that outgrows the file-size limit (ulimit -f) makes write() fail
   // with EFBIG, which the writers report as a clear error, instead of the
   // signal ending the process with half a file.
@@ -305,3 +304,8 @@ int main(int argc, char** argv) {
     return 3;
   }
 }
+
+}  // namespace
+
+// Every object of the run is gone when run_host returns (process_end.hpp).
+int main(int argc, char** argv) { deepcam::end_process(run_host(argc, argv)); }

@@ -63,6 +63,7 @@
 #include "deepcam/plugin_loader.hpp"
 #include "deepcam/sync_batch_norm.hpp"
 #include "deepcam_build_config.h"
+#include "process_end.hpp"
 #include "ranks.hpp"
 #if DEEPCAM_WITH_CUDA
 #include <c10/cuda/CUDAFunctions.h>
@@ -370,9 +371,7 @@ int bnstats(deepcam::Communicator& comm) {
   return i == 0 ? 1 : 0;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+int run_probe(int argc, char** argv) {
   try {
     at::set_num_threads(1);
     if (argc > 2 && std::string(argv[1]) == "--device") {
@@ -417,3 +416,7 @@ int main(int argc, char** argv) {
     return 3;
   }
 }
+
+}  // namespace
+
+int main(int argc, char** argv) { deepcam::end_process(run_probe(argc, argv)); }

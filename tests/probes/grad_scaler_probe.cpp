@@ -18,8 +18,11 @@
 #include <string>
 
 #include "amp.hpp"
+#include "process_end.hpp"
 
-int main(int argc, char** argv) {
+namespace {
+
+int run_probe(int argc, char** argv) {
   at::Device device(at::kCPU);
   int first = 1;
   if (argc > 2 && std::string(argv[1]) == "--device") {
@@ -55,3 +58,7 @@ int main(int argc, char** argv) {
   }
   return 0;
 }
+
+}  // namespace
+
+int main(int argc, char** argv) { deepcam::end_process(run_probe(argc, argv)); }

@@ -29,6 +29,7 @@
 #include "deepcam/mlperf_log.hpp"
 #include "deepcam/npy.hpp"
 #include "deepcam/plugin_loader.hpp"
+#include "process_end.hpp"
 
 namespace {
 
@@ -44,9 +45,7 @@ std::string list(at::IntArrayRef values) {
   return out + "]";
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+int run_probe(int argc, char** argv) {
   if (argc < 3) {
     std::fprintf(stderr, "usage: reader_probe RUN.toml OUT_DIR [--split train|validation] [--epochs N] [--set KEY=VALUE]...\n");
     return 2;
@@ -100,3 +99,7 @@ int main(int argc, char** argv) {
   }
   return 0;
 }
+
+}  // namespace
+
+int main(int argc, char** argv) { deepcam::end_process(run_probe(argc, argv)); }

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "deepcam/loss.hpp"
+#include "process_end.hpp"
 
 namespace {
 
@@ -113,9 +114,7 @@ std::vector<std::vector<std::int64_t>> parameter_shapes(const std::string& path)
   return shapes;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+int run_probe(int argc, char** argv) {
   if (argc != 3) {
     std::fprintf(stderr, "usage: step_parts_probe STATE_DICT_TXT REPEATS\n");
     return 2;
@@ -154,3 +153,7 @@ int main(int argc, char** argv) {
               median_ms(static_cast<int>(repeats), [&] { at::stack(at::_foreach_norm(grads, 2)).norm(); }));
   return 0;
 }
+
+}  // namespace
+
+int main(int argc, char** argv) { deepcam::end_process(run_probe(argc, argv)); }
