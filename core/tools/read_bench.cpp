@@ -66,13 +66,23 @@ struct Pass {
   double first_wait_seconds = 0.0;
 };
 
-// Reads one epoch of the split (begun as `epoch`) into `pass`; after each
-// batch the consumer holds the batch for `consume`.
-void read_epoch(Reader& reader, Split split, std::int64_t epoch, Clock::duration consume, Pass& pass) {
+// The batches of an epoch of the split that the engine reads: a training
+// epoch drops the last incomplete batch (engine.cpp, as the reference's
+// DataLoader); a validation pass reads them all (-1).
+std::int64_t batches_read(const Reader& reader, Split split, std::int64_t train_batch_size) {
+  return split == Split::Train ? reader.local_samples(Split::Train) / train_batch_size : -1;
+}
+
+// Reads one epoch of the split (begun as `epoch`) into `pass`, as the engine
+// does: `batches` batches, or all of them if -1. After each batch the
+// consumer holds the batch for `consume`.
+void read_epoch(Reader& reader, Split split, std::int64_t epoch, std::int64_t batches, Clock::duration consume,
+                Pass& pass) {
   Batch batch;
   Clock::time_point t0 = Clock::now();
   reader.start_epoch(split, epoch);
-  for (bool first = true;; first = false) {
+  for (std::int64_t done = 0; batches < 0 || done < batches; ++done) {
+    const bool first = done == 0;
     // SIGINT or SIGTERM: the reader's destructor, on the way out, removes
     // what it staged.
     throw_if_stopped();
@@ -94,16 +104,16 @@ void read_epoch(Reader& reader, Split split, std::int64_t epoch, Clock::duration
 // each followed by a validation pass if `with_validation` (as the engine
 // validates after each training epoch, always as validation epoch 0); after
 // each batch the consumer holds the batch for `consume_ms`.
-Pass read_epochs(Reader& reader, Split split, std::int64_t first_epoch, int epochs, double consume_ms,
-                 bool with_validation) {
+Pass read_epochs(Reader& reader, Split split, std::int64_t train_batch_size, std::int64_t first_epoch, int epochs,
+                 double consume_ms, bool with_validation) {
   Pass pass;
   const auto consume = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double, std::milli>(consume_ms));
   const Clock::time_point start = Clock::now();
   for (int e = 0; e < epochs; ++e) {
-    read_epoch(reader, split, first_epoch + e, consume, pass);
+    read_epoch(reader, split, first_epoch + e, batches_read(reader, split, train_batch_size), consume, pass);
     if (!with_validation) continue;
     const std::int64_t batches = pass.batches, samples = pass.samples;
-    read_epoch(reader, Split::Validation, 0, consume, pass);
+    read_epoch(reader, Split::Validation, 0, -1, consume, pass);
     pass.validation_batches += pass.batches - batches;
     pass.validation_samples += pass.samples - samples;
   }
@@ -157,7 +167,6 @@ void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader) {
   const std::vector<std::int64_t> bytes_of = sample_bytes(*reader, split);
   const std::vector<std::int64_t> validation_bytes_of =
       options.with_validation ? sample_bytes(*reader, Split::Validation) : std::vector<std::int64_t>();
-  const std::int64_t per_epoch = reader->local_samples(split);
   for (const Split s : {split, Split::Validation}) {
     if (s == split || options.with_validation) {
       if (reader->local_samples(s) <= 0) {
@@ -165,6 +174,17 @@ void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader) {
       }
     }
   }
+  const std::int64_t train_batch_size = config.run.integer("train_batch_size");
+  if (split == Split::Train && reader->local_samples(split) < train_batch_size) {
+    // The engine's refusal: an epoch would read no whole batch.
+    throw BadRunFile(fmt::format("{}: more than the {} training samples in {}; lower it to at most {}",
+                                 config.run.setting("train_batch_size"), reader->local_samples(split),
+                                 config.data.string("root"), reader->local_samples(split)));
+  }
+  // The samples of an epoch of the split that the engine reads.
+  const std::int64_t per_epoch = split == Split::Train
+                                     ? batches_read(*reader, split, train_batch_size) * train_batch_size
+                                     : reader->local_samples(split);
 
   double consume_ms = options.consume_ms;
   double read_ms_per_batch = 0.0;
@@ -173,16 +193,17 @@ void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader) {
     // The split's batches only: the consumer's step is that of a training
     // batch. The validation pass after it is not measured; it keeps the
     // calls in the engine's order.
-    const Pass calibration = read_epochs(*reader, split, 0, 1, 0.0, false);
+    const Pass calibration = read_epochs(*reader, split, train_batch_size, 0, 1, 0.0, false);
     if (calibration.batches > 0) read_ms_per_batch = 1e3 * calibration.wait_seconds / calibration.batches;
     if (options.with_validation) {
       Pass unmeasured;
-      read_epoch(*reader, Split::Validation, 0, Clock::duration::zero(), unmeasured);
+      read_epoch(*reader, Split::Validation, 0, -1, Clock::duration::zero(), unmeasured);
     }
     consume_ms = read_ms_per_batch;
     first_epoch = 1;
   }
-  const Pass pass = read_epochs(*reader, split, first_epoch, options.epochs, consume_ms, options.with_validation);
+  const Pass pass =
+      read_epochs(*reader, split, train_batch_size, first_epoch, options.epochs, consume_ms, options.with_validation);
   const std::int64_t bytes = bytes_read(bytes_of, pass.samples - pass.validation_samples) +
                              bytes_read(validation_bytes_of, pass.validation_samples);
 

@@ -86,6 +86,22 @@ def test_hdf5_train_two_epochs(tmp_path, data):
     assert not (tmp_path / "out").exists(), "reading alone writes no run output"
 
 
+def test_a_training_epoch_drops_the_last_incomplete_batch_as_training_does(tmp_path, data):
+    # 8 samples in batches of 3: training steps twice an epoch (the engine, as the reference's DataLoader,
+    # drops the 2 left over); it read them as a third batch. Validation reads every sample.
+    run = write_run(tmp_path / "run.toml", data / "h5", tmp_path / "out", run={"train_batch_size": 3})
+    r = measure(run, "--epochs", 2, "--with-validation")
+    assert (r["batch_size"], r["samples_per_epoch"]) == (3, 6)
+    assert (r["validation_batches"], r["validation_samples"]) == (2 * 2, 2 * VALIDATION)
+    assert (r["batches"], r["samples"]) == (2 * 2 + 4, 2 * 6 + 2 * VALIDATION)
+    train_bytes = split_bytes(data / "h5", "train", "*.h5")
+    assert r["bytes"] == pytest.approx(2 * (train_bytes * 6 / TRAIN + split_bytes(data / "h5", "validation", "*.h5")),
+                                       rel=1e-6)
+    # Fewer training samples than a batch: the engine's refusal, exit 2.
+    line = one_error(read(run, "--set", f"run.train_batch_size={TRAIN + 1}"), 2)
+    assert "train_batch_size" in line and f"more than the {TRAIN} training samples" in line
+
+
 def test_npy_validation_counts_data_and_label_files(tmp_path, data):
     run = write_run(tmp_path / "run.toml", data / "npy", tmp_path / "out",
                     reader={"name": "npy", "io": "direct", "threads": 2})
