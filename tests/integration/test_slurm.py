@@ -338,11 +338,11 @@ def test_run_sub_refuses_a_count_or_seed_that_is_not_a_plain_positive_number(tmp
     assert not (tmp_path / "logs").exists(), r.stdout
 
 
-def fake_job(tmp_path, restart=0, **variables):
+def fake_job(tmp_path, restart=0, user=None, **variables):
     """run.sub started as Slurm starts a job's batch script (its SLURM_* variables; SLURM_RESTART_COUNT
     after a requeue), with stand-ins for srun (runs the command once, as one task) and scontrol (one
     node), and for deepcam-host (prints its arguments, exits with HOST_RC): run.sub's own logic, in a
-    second each."""
+    second each. user: the uid to run it as (the tests run as root)."""
     bin_dir = tmp_path / "bin"
     if not bin_dir.exists():
         bin_dir.mkdir()
@@ -355,8 +355,9 @@ def fake_job(tmp_path, restart=0, **variables):
                        "SLURM_NTASKS": 1, "SLURM_SUBMIT_DIR": REPO_ROOT, "SLURM_RESTART_COUNT": restart,
                        "DEEPCAM_HOST": bin_dir / "host", "RUN_FILES": "configs/quickstart.toml",
                        "LOGDIR": tmp_path / "logs", **variables})
-    return subprocess.run(["bash", str(REPO_ROOT / "scripts/slurm/run.sub")], capture_output=True, text=True,
-                          env=env, timeout=60)
+    as_user = [] if user is None else ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
+    return subprocess.run([*as_user, "bash", str(REPO_ROOT / "scripts/slurm/run.sub")], capture_output=True,
+                          text=True, env=env, timeout=60)
 
 
 @pytest.mark.parametrize("variables, message", [
@@ -372,6 +373,17 @@ def fake_job(tmp_path, restart=0, **variables):
 def test_run_sub_refuses_settings_it_would_have_dropped_or_misread(tmp_path, variables, message):
     r = fake_job(tmp_path, **variables)
     assert r.returncode == 2 and f"run.sub: {message}" in r.stderr, r.stdout + r.stderr
+    assert "deepcam-host" not in r.stdout and not (tmp_path / "logs").exists(), r.stdout
+
+
+def test_run_sub_refuses_to_clear_caches_for_a_user_that_cannot(tmp_path):
+    # It was status 1 from set -e at the first run, deepcam-host's "target not reached".
+    if os.getuid() != 0:
+        pytest.skip("the test runs run.sub as another user, which needs root")
+    r = fake_job(tmp_path, user=65534, CLEAR_CACHES="1")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "run.sub: CLEAR_CACHES=1 drops the page cache through /proc/sys/vm/drop_caches" in r.stderr
+    assert "cannot write: it needs root" in r.stderr
     assert "deepcam-host" not in r.stdout and not (tmp_path / "logs").exists(), r.stdout
 
 
