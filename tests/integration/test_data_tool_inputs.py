@@ -60,10 +60,12 @@ def verify_line(proc, *fragments):
 
 
 def read_reader(tmp_path, root, reader):
-    """deepcam-data read: the run's reader alone, set up as training sets it up."""
+    """deepcam-data read: the run's reader alone, set up as training sets it up, in batches of one, so
+    that its epoch reads every training sample (one that ends in an incomplete batch would drop some)."""
     where = tmp_path / f"run-{reader}"
     where.mkdir()
-    run = write_run(where / "run.toml", root, where / "out", reader={"name": reader, "threads": 2})
+    run = write_run(where / "run.toml", root, where / "out", run={"train_batch_size": 1},
+                    reader={"name": reader, "threads": 2})
     return run_data("read", run)
 
 

@@ -204,7 +204,9 @@ def test_integer_npy_data_that_verify_passes_the_npy_reader_reads(deepcam_data, 
     info = np.iinfo(dtype)
     np.save(data, np.clip(np.rint(np.load(data)), info.min, info.max).astype(dtype))
     ok(run(deepcam_data, "verify", root))
-    config = write_run(tmp_path / "run.toml", root, tmp_path / "out", reader={"name": "npy", "threads": 1})
+    # In batches of one, so that the epoch reads every training sample, the converted file among them.
+    config = write_run(tmp_path / "run.toml", root, tmp_path / "out", run={"train_batch_size": 1},
+                       reader={"name": "npy", "threads": 1})
     r = subprocess.run([str(deepcam_data), "read", str(config)], capture_output=True, text=True, env=plugin_env(),
                        timeout=600)
     assert r.returncode == 0, r.stderr
