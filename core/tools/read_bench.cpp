@@ -22,6 +22,7 @@
 #include "deepcam/mlperf_log.hpp"
 #include "deepcam_build_config.h"
 #include "stop_signals.hpp"
+#include "train_batches.hpp"
 
 namespace deepcam::data {
 
@@ -70,7 +71,7 @@ struct Pass {
 // epoch drops the last incomplete batch (engine.cpp, as the reference's
 // DataLoader); a validation pass reads them all (-1).
 std::int64_t batches_read(const Reader& reader, Split split, std::int64_t train_batch_size) {
-  return split == Split::Train ? reader.local_samples(Split::Train) / train_batch_size : -1;
+  return split == Split::Train ? whole_train_batches(reader.local_samples(Split::Train), train_batch_size) : -1;
 }
 
 // Reads one epoch of the split (begun as `epoch`) into `pass`, as the engine
@@ -175,11 +176,11 @@ void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader) {
     }
   }
   const std::int64_t train_batch_size = config.run.integer("train_batch_size");
-  if (split == Split::Train && reader->local_samples(split) < train_batch_size) {
-    // The engine's refusal: an epoch would read no whole batch.
-    throw BadRunFile(fmt::format("{}: more than the {} training samples in {}; lower it to at most {}",
-                                 config.run.setting("train_batch_size"), reader->local_samples(split),
-                                 config.data.string("root"), reader->local_samples(split)));
+  if (split == Split::Train) {
+    // The engine's refusal, in its words: an epoch would read no whole batch.
+    const std::string refusal = train_batch_refusal(config, reader->local_samples(split),
+                                                    reader->global_samples(split), 0, 1);
+    if (!refusal.empty()) throw BadRunFile(refusal);
   }
   // The samples of an epoch of the split that the engine reads.
   const std::int64_t per_epoch = split == Split::Train

@@ -37,6 +37,7 @@
 #include "closed_division.hpp"
 #include "comm.hpp"
 #include "data_parallel.hpp"
+#include "train_batches.hpp"
 #include "deepcam/build_reader.hpp"
 #include "deepcam/checkpoint.hpp"
 #include "deepcam/error.hpp"
@@ -664,14 +665,11 @@ class Engine {
     log_.event("eval_samples", Json(c_.reader->global_samples(Split::Validation)));
     // The reference's DataLoader drops the last incomplete batch: with fewer
     // samples than one batch, an epoch would train nothing.
-    if (const std::int64_t samples = c_.reader->local_samples(Split::Train); samples < batch) {
-      throw Error(fmt::format("{}: more than the {} training samples {}; lower it to at most {}",
-                              run.setting("train_batch_size"), samples,
-                              comm_.size() == 1 ? fmt::format("in {}", cfg_.data.string("root"))
-                                                : fmt::format("of rank {} (of {} in {}, shared among {} ranks)",
-                                                              comm_.rank(), c_.reader->global_samples(Split::Train),
-                                                              cfg_.data.string("root"), comm_.size()),
-                              samples));
+    if (const std::string refusal =
+            train_batch_refusal(cfg_, c_.reader->local_samples(Split::Train),
+                                c_.reader->global_samples(Split::Train), comm_.rank(), comm_.size());
+        !refusal.empty()) {
+      throw Error(refusal);
     }
     if (comm_.rank() == 0 && cfg_.mlperf.string("division") == "closed") warn_if_not_closed();
 
@@ -1392,7 +1390,7 @@ class Engine {
     const std::int64_t frequency = run.integer("logging_frequency");
     const std::int64_t epoch_num = epoch + 1;
     // The reference's DataLoader drops the last incomplete training batch.
-    const std::int64_t batches = c_.reader->local_samples(Split::Train) / batch_size;
+    const std::int64_t batches = whole_train_batches(c_.reader->local_samples(Split::Train), batch_size);
 
     c_.model->module().train();
     in_plugin(cfg_.reader, [&] { c_.reader->start_epoch(Split::Train, epoch); });

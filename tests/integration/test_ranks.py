@@ -147,6 +147,17 @@ def test_nproc_2_runs_two_ranks_with_prefixed_output(tmp_path, data):
     assert re.search(r"^deepcam-host --nproc: failed: rank [01] \(exit status 2\)$", bad.stderr, re.M), bad.stderr
 
 
+def test_a_training_batch_larger_than_a_rank_s_share_is_refused_naming_the_share(tmp_path, data):
+    # 8 training samples over 2 ranks: 4 each, so a batch of 5 would train nothing on either.
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out")
+    r = run_host("--nproc", 2, run, "--set", "run.train_batch_size=5", env=clean_env(), timeout=TIMEOUT)
+    assert r.returncode == 2, r.stderr[-3000:]
+    for rank in (0, 1):
+        assert (f"[rank {rank}] deepcam-host: --set run.train_batch_size=5: more than the 4 training samples of "
+                f"rank {rank} (of 8 in {data}, shared among 2 ranks); lower it to at most 4") in r.stderr, r.stderr
+    assert not (tmp_path / "out" / "checkpoint-epoch1.pt").exists()
+
+
 def test_nproc_inside_a_slurm_step_of_the_same_size_runs_its_own_ranks(tmp_path, data):
     # An sbatch script of 2 tasks running --nproc 2: the ranks are the launcher's, not Slurm's task 0.
     out = tmp_path / "out"
