@@ -18,6 +18,7 @@
 #include "deepcam/error.hpp"
 #include "deepcam/optimizer.hpp"
 #include "deepcam/torch_pickle.hpp"
+#include "text.hpp"
 
 namespace deepcam {
 
@@ -410,9 +411,6 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
       f.fail(fmt::format("entry '{}' is not in this model", name));
     }
   }
-  auto ends_with = [](const std::string& name, const std::string& end) {
-    return name.size() >= end.size() && name.compare(name.size() - end.size(), end.size(), end) == 0;
-  };
   for (const auto& [name, t] : stored) {
     if (t.is_floating_point() && !at::isfinite(t).all().item<bool>()) {
       f.fail(fmt::format("model entry '{}' holds NaN or infinite values", name));

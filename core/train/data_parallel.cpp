@@ -7,6 +7,8 @@
 
 #include <chrono>
 
+#include "text.hpp"
+
 namespace deepcam {
 
 namespace {
@@ -136,10 +138,7 @@ void average_batchnorm_statistics(torch::nn::Module& module, Group& group) {
   std::vector<at::Tensor> stats;
   for (const auto& item : module.named_buffers(/*recurse=*/true)) {
     const std::string& name = item.key();
-    const auto ends_with = [&](const std::string& tail) {
-      return name.size() >= tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
-    };
-    if (ends_with("running_mean") || ends_with("running_var")) stats.push_back(item.value());
+    if (ends_with(name, "running_mean") || ends_with(name, "running_var")) stats.push_back(item.value());
   }
   if (stats.empty()) return;
   std::vector<at::Tensor> parts;

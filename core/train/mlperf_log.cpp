@@ -14,6 +14,7 @@
 #include <stdexcept>
 
 #include "deepcam/error.hpp"
+#include "text.hpp"
 
 namespace deepcam {
 
@@ -50,7 +51,7 @@ void check_metadata(const std::string& key, const MlperfLog::Metadata& metadata,
 
 // "epoch" of "epoch_start" or "epoch_stop"; "" for other keys.
 std::string stem_of(const std::string& key, const std::string& suffix) {
-  if (key.size() <= suffix.size() || key.compare(key.size() - suffix.size(), suffix.size(), suffix) != 0) return "";
+  if (key.size() <= suffix.size() || !ends_with(key, suffix)) return "";
   return key.substr(0, key.size() - suffix.size());
 }
 
