@@ -5,13 +5,16 @@ it printed; one that loaded the driver ends normally, so that a profiler's exit 
 A small library stands in for each side, preloaded: its ELF destructor says that the destructors ran.
 Named with the driver's soname (libcuda.so.1), it is the driver as far as the programs can tell."""
 
+import re
 import subprocess
 
 import pytest
 
-from helpers import DATA_TOOL, HOST, plugin_env, synth, write_run
+from helpers import DATA_TOOL, HOST, REPO_ROOT, plugin_env, synth, write_run
 
 SAID = "static destructors ran"
+# The project's version, as meson.build declares it and --version prints it.
+VERSION = re.search(r"^\s*version:\s*'([^']+)'", (REPO_ROOT / "meson.build").read_text(), re.M).group(1)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def run(program, *args, preload):
 
 
 @pytest.mark.parametrize("program, args, status, printed", [
-    (HOST, ["--version"], 0, "deepcam-host 0.1.0"),
+    (HOST, ["--version"], 0, f"deepcam-host {VERSION}"),
     (DATA_TOOL, ["--help"], 0, "deepcam-data synth"),
     (HOST, ["no-such-run.toml"], 2, "no-such-run.toml"),
     (DATA_TOOL, ["verify", "no-such-folder"], 1, "no-such-folder"),
