@@ -1,5 +1,10 @@
 #include "deepcam/build_reader.hpp"
 
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <stdexcept>
+
 namespace deepcam {
 
 ReaderContext reader_context(const RunConfig& config, int rank, int world_size, MlperfLog* log) {
@@ -20,10 +25,21 @@ ReaderContext reader_context(const RunConfig& config, int rank, int world_size, 
   return context;
 }
 
+void check_sample_shape(const std::vector<std::int64_t>& shape, const ReaderContext& context) {
+  const auto channels = static_cast<std::int64_t>(context.channels.size());
+  if (shape.size() == 3 && shape[0] == channels && shape[1] > 0 && shape[2] > 0) return;
+  throw std::logic_error(fmt::format("its sample_shape() is ({}), and a reader reports (C, H, W) of the run's {} "
+                                     "channels ([data] channels), each above 0 (a bug in the plugin)",
+                                     fmt::join(shape, ", "), channels));
+}
+
 Plugged<Reader> build_reader(const RunConfig& config, const ReaderContext& context) {
   const PluginChoice& choice = config.reader;
-  return build_plugged(*choice.plugin,
-                       [&](const PluginDescriptor& d) { return d.make_reader(choice.params, context); });
+  return build_plugged(*choice.plugin, [&](const PluginDescriptor& d) {
+    auto made = d.make_reader(choice.params, context);
+    if (made) check_sample_shape(made->sample_shape(), context);
+    return made;
+  });
 }
 
 }  // namespace deepcam

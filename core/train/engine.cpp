@@ -32,6 +32,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <tuple>
+#include <variant>
 
 #include "amp.hpp"
 #include "closed_division.hpp"
@@ -312,6 +313,26 @@ struct Totals {
   int stop_signal = 0;
   std::int64_t batches_done = 0, batches = 0;
 };
+
+// Why the run's data may hold NaN or infinity, which makes a loss NaN as a
+// too high learning rate does: the reader that reads the files (a wrapping
+// reader's source, [reader.source]) has check_finite = false, as the
+// built-in readers can be told, or has no such key (a plugin not known to
+// check). Empty when that reader refuses such data.
+std::string unchecked_data(const Params& reader, const std::string& name, const std::string& path) {
+  const auto& values = reader.values();
+  if (const auto check = values.find("check_finite"); check != values.end()) {
+    const bool* on = std::get_if<bool>(&check->second);
+    if (on && *on) return "";
+    if (on) return reader.setting("check_finite");
+  }
+  if (const auto source = values.find("source"); source != values.end()) {
+    if (const auto* nested = std::get_if<std::shared_ptr<const NestedPlugin>>(&source->second); nested && *nested) {
+      return unchecked_data((*nested)->params, (*nested)->name, (*nested)->path);
+    }
+  }
+  return fmt::format("the reader plugin '{}' ({}) has no check_finite key", name, path);
+}
 
 // What stopped a diverged run: the first NaN or infinite training loss or
 // gradient norm, or a NaN or infinite validation loss.
@@ -808,7 +829,7 @@ class Engine {
     const Params& run = cfg_.run;
     const std::int64_t k = run.integer("gradient_accumulation_frequency");
     const std::int64_t batch = run.integer("train_batch_size");
-    const std::vector<std::int64_t> shape = c_.reader->sample_shape();
+    const std::vector<std::int64_t>& shape = sample_shape_;  // (C, H, W)
     auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<std::uint64_t>(run.integer("seed")));
     const at::Tensor input =
         at::randn({batch, shape[0], shape[1], shape[2]}, gen).to(device_).contiguous(memory_format_);
@@ -1151,16 +1172,24 @@ class Engine {
                             "too: amp_bf16 has float32's range",
                             cfg_.run.where("precision"))
               : "";
+      // A NaN or infinity in the data makes the loss NaN too, when the
+      // reader lets it through.
+      const std::string unchecked = unchecked_data(cfg_.reader.params, cfg_.reader.name, cfg_.reader.plugin->path);
+      const std::string data =
+          std::string(d.what) != "gradient norm" && !unchecked.empty()
+              ? fmt::format(". A NaN or infinity in the data ends a run so too, and nothing refuses it here: {}",
+                            unchecked)
+              : "";
       std::fprintf(stderr,
                    "deepcam-host: training diverged at step %lld (epoch %lld): the %s is %s. The run stops here "
-                   "(run_stop status \"aborted\"; no checkpoint written); lower [optimizer] lr%s and run again%s\n",
+                   "(run_stop status \"aborted\"; no checkpoint written); lower [optimizer] lr%s and run again%s%s\n",
                    static_cast<long long>(d.step_num), static_cast<long long>(d.epoch_num), d.what,
                    python_float_repr(d.value).c_str(),
                    raising.empty() ? ""
                                    : fmt::format(", or the schedule's {} if it raises the rate above lr",
                                                  fmt::join(raising, " or "))
                                          .c_str(),
-                   fp16.c_str());
+                   fp16.c_str(), data.c_str());
     }
     return kDivergedStatus;
   }

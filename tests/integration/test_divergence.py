@@ -6,6 +6,7 @@ per-line checks."""
 
 import re
 
+import h5py
 import pytest
 
 from helpers import mlperf_check, read_events, run_host, synth, write_run
@@ -147,3 +148,33 @@ def test_an_amp_fp16_divergence_hint_names_float16_s_range(tmp_path, data):
     assert r.returncode == DIVERGED, r.stderr[-2000:]
     assert ("and run again. Under amp_fp16 (--set run.precision=amp_fp16) activations beyond float16's largest "
             "value (65504) end a run so too: amp_bf16 has float32's range") in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("table", ["reader", "reader.source"])
+def test_a_divergence_from_data_a_reader_lets_through_names_the_setting_that_let_it(tmp_path, table):
+    """A NaN in a sample makes the loss NaN at once: the message only said to lower the learning rate, though
+    the run file had switched the reader's check off (or its reader plugin has none)."""
+    data = synth(tmp_path / "data", train=4, validation=2, height=32, width=48)
+    for f in sorted((data / "train").glob("*.h5")):
+        with h5py.File(f, "r+") as h:
+            h["climate/data"][0, 0, 0] = float("nan")
+    # Behind the prefetch reader, the source's table says whether its files are checked.
+    nested = ({"reader": {"name": "prefetch", "depth": 2, "threads": 1},
+               "reader.source": {"name": "hdf5", "threads": 1}} if table == "reader.source" else {})
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run={"logging_frequency": 1}, **nested)
+    r = run_host(run, "--set", f"{table}.check_finite=false")
+    assert r.returncode == DIVERGED, r.stderr[-2000:]
+    assert re.search(r"training diverged at step 1 \(epoch 1\): the loss is NaN\. ", r.stderr), r.stderr[-2000:]
+    assert ("and run again. A NaN or infinity in the data ends a run so too, and nothing refuses it here: "
+            f"--set {table}.check_finite=false\n") in r.stderr, r.stderr[-2000:]
+    # With the check on (the default), the reader refuses the file, naming it.
+    r = run_host(run, "--set", "run.overwrite=true")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert re.search(r"train/data-\S+\.h5: climate/data at \(0, 0, 0\) holds nan; ", r.stderr), r.stderr[-2000:]
+    assert "nothing refuses it here" not in r.stderr
+
+
+def test_a_divergence_with_the_data_checked_does_not_blame_the_data(tmp_path, data):
+    out, r = diverge(tmp_path, data, run={"max_epochs": 2})
+    assert r.returncode == DIVERGED, r.stderr
+    assert "A NaN or infinity in the data" not in r.stderr, r.stderr[-2000:]

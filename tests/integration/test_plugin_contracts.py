@@ -142,6 +142,26 @@ def test_a_source_reader_s_wrong_sample_shape_is_named_with_its_file(tmp_path, d
             "plugin)") in r.stderr, r.stderr[-3000:]
 
 
+@pytest.mark.parametrize("fault, shown", [("shape", "17, 16, 16"), ("noshape", "")])
+@pytest.mark.parametrize("mode", ["train", "benchmark", "read"])
+def test_a_reader_s_wrong_sample_shape_is_named_with_its_file_in_every_mode(tmp_path, data, fault, shown, mode):
+    # Only a source behind the prefetch reader was checked: an empty shape crashed --benchmark (SIGSEGV), and
+    # training blamed a wrong one on the batches it handed out.
+    out = tmp_path / "out"
+    cfg = write_run(tmp_path / "run.toml", data, out, run={"max_epochs": 1, "target_iou": 1.0},
+                    reader={"name": "contract", "library": str(CONTRACT), "fault": fault, "threads": None})
+    if mode == "read":
+        r, status, said = run_data("read", cfg, timeout=300), 1, "deepcam-data: "
+    else:
+        r = run_host(cfg, "--quiet", *(["--benchmark", "1"] if mode == "benchmark" else []))
+        status, said = 3, "deepcam-host: internal error: "
+    assert r.returncode == status, r.stderr[-3000:]
+    assert (f"{said}{CONTRACT}: the plugin's factory failed: its sample_shape() is ({shown}), and "
+            "a reader reports (C, H, W) of the run's 16 channels ([data] channels), each above 0 (a bug in the "
+            "plugin)") in r.stderr, r.stderr[-3000:]
+    assert not out.exists() or not any(out.iterdir())
+
+
 @pytest.mark.parametrize("fault, logits", [("classes", "[2, 2, 16, 16] float32"), ("half", "[2, 3, 8, 8] float32")])
 def test_a_model_whose_logits_break_the_interface_is_named(tmp_path, data, fault, logits):
     """LibTorch's loss refused them with its own message and a C++ backtrace ("weight tensor should be

@@ -9,6 +9,9 @@
 #include "deepcam/plugin_loader.hpp"
 #include "deepcam/reader.hpp"
 
+#include <cstdint>
+#include <vector>
+
 namespace deepcam {
 
 class MlperfLog;
@@ -17,7 +20,15 @@ class MlperfLog;
 // and device; `log` (may be null) receives the staging events.
 DEEPCAM_API ReaderContext reader_context(const RunConfig& config, int rank, int world_size, MlperfLog* log);
 
-// Calls the reader plugin's factory; the result holds the plugin's library.
+// A reader's sample_shape() must be (C, H, W) of the context's C channels,
+// each above 0: the engine sizes its batches by it. Throws std::logic_error
+// otherwise (a bug in the plugin), which build_plugged() turns into a
+// message naming the plugin's file. For readers that build a nested reader
+// (reader/prefetch), inside the nested plugin's factory call.
+DEEPCAM_API void check_sample_shape(const std::vector<std::int64_t>& shape, const ReaderContext& context);
+
+// Calls the reader plugin's factory and checks its sample_shape(); the
+// result holds the plugin's library.
 DEEPCAM_API Plugged<Reader> build_reader(const RunConfig& config, const ReaderContext& context);
 
 }  // namespace deepcam

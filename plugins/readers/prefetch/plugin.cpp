@@ -4,14 +4,13 @@
 #include "deepcam/plugin.hpp"
 
 #include <fmt/format.h>
-#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <memory>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "deepcam/build_reader.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/plugin_loader.hpp"
 #include "prefetch_reader.hpp"
@@ -32,17 +31,6 @@ const deepcam::ParamSpec kParams[] = {
     {"stage_dir", deepcam::ParamType::Path, "\"\"",
      "node-local directory (e.g. /dev/shm) to copy this rank's samples into at start; \"\": read in place"},
 };
-
-// A source's sample_shape() must be (C, H, W) of the run's C channels,
-// each > 0; otherwise a bug of the source plugin, named with its file by
-// build_plugged.
-void check_sample_shape(const std::vector<std::int64_t>& shape, const deepcam::ReaderContext& context) {
-  const auto channels = static_cast<std::int64_t>(context.channels.size());
-  if (shape.size() == 3 && shape[0] == channels && shape[1] > 0 && shape[2] > 0) return;
-  throw std::logic_error(fmt::format("its sample_shape() is ({}), and a reader reports (C, H, W) of the run's {} "
-                                     "channels ([data] channels), each above 0 (a bug in the plugin)",
-                                     fmt::join(shape, ", "), channels));
-}
 
 std::unique_ptr<deepcam::Reader> make(const deepcam::Params& params, const deepcam::ReaderContext& context) {
   const auto source = params.plugin_shared("source");
@@ -74,7 +62,7 @@ std::unique_ptr<deepcam::Reader> make(const deepcam::Params& params, const deepc
       deepcam::build_plugged(deepcam::LoadedPlugin{source->path, source->descriptor, source->library},
                              [&](const deepcam::PluginDescriptor& d) {
                                auto made = d.make_reader(source->params, context);
-                               if (made) check_sample_shape(made->sample_shape(), context);
+                               if (made) deepcam::check_sample_shape(made->sample_shape(), context);
                                return made;
                              });
   // `source` holds the source's library: released after the source reader.
