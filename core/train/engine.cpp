@@ -280,6 +280,25 @@ auto make(const PluginChoice& choice, F&& factory) {
   return build_plugged(*choice.plugin, std::forward<F>(factory));
 }
 
+// The reader a wrapping reader reads through ([reader.source], as
+// reader/prefetch does), or null: a fault in what the wrapper hands out may
+// be that reader's.
+const NestedPlugin* nested_source(const Params& params) {
+  const auto source = params.values().find("source");
+  if (source == params.values().end()) return nullptr;
+  const auto* nested = std::get_if<std::shared_ptr<const NestedPlugin>>(&source->second);
+  return nested ? nested->get() : nullptr;
+}
+
+// ", or in the reader plugin 'hdf5' it reads through (path)" for a wrapping
+// reader, to follow "a bug in the plugin"; "" for any other plugin.
+std::string or_its_source(const PluginChoice& choice) {
+  const NestedPlugin* source = choice.kind == PluginKind::Reader ? nested_source(choice.params) : nullptr;
+  return source ? fmt::format(", or in the {} plugin '{}' it reads through ({})", source->kind, source->name,
+                              source->path)
+                : "";
+}
+
 // A call into a plugin's object during the run, named as a factory's
 // failure is: what it throws names its file (an internal error), but a
 // deepcam::Error (a message about the run or its data, a lost rank, a stop
@@ -296,11 +315,14 @@ decltype(auto) in_plugin(const PluginChoice& choice, F&& call) {
   } catch (const std::bad_alloc&) {
     throw;
   } catch (const std::exception& e) {
-    throw std::logic_error(fmt::format("{}: the {} plugin '{}' failed: {}", choice.plugin->path,
-                                       to_string(choice.kind), choice.name, e.what()));
+    throw std::logic_error(fmt::format("{}: the {} plugin '{}' failed: {} (a bug in the plugin{})",
+                                       choice.plugin->path, to_string(choice.kind), choice.name, e.what(),
+                                       or_its_source(choice)));
   } catch (...) {
-    throw std::logic_error(fmt::format("{}: the {} plugin '{}' threw an exception that is not a std::exception",
-                                       choice.plugin->path, to_string(choice.kind), choice.name));
+    throw std::logic_error(fmt::format("{}: the {} plugin '{}' threw an exception that is not a std::exception (a "
+                                       "bug in the plugin{})",
+                                       choice.plugin->path, to_string(choice.kind), choice.name,
+                                       or_its_source(choice)));
   }
 }
 
@@ -326,10 +348,8 @@ std::string unchecked_data(const Params& reader, const std::string& name, const 
     if (on && *on) return "";
     if (on) return reader.setting("check_finite");
   }
-  if (const auto source = values.find("source"); source != values.end()) {
-    if (const auto* nested = std::get_if<std::shared_ptr<const NestedPlugin>>(&source->second); nested && *nested) {
-      return unchecked_data((*nested)->params, (*nested)->name, (*nested)->path);
-    }
+  if (const NestedPlugin* source = nested_source(reader)) {
+    return unchecked_data(source->params, source->name, source->path);
   }
   return fmt::format("the reader plugin '{}' ({}) has no check_finite key", name, path);
 }
@@ -1086,8 +1106,9 @@ class Engine {
     if (lo >= 0 && hi < kClasses) return;
     throw std::logic_error(fmt::format("{}: the reader plugin '{}' handed out {} batch {} with labels from {} to {}; "
                                        "the classes are 0 (background), 1 (tropical cyclone) and 2 (atmospheric "
-                                       "river) (a bug in the plugin)",
-                                       cfg_.reader.plugin->path, cfg_.reader.name, to_string(split), index, lo, hi));
+                                       "river) (a bug in the plugin{})",
+                                       cfg_.reader.plugin->path, cfg_.reader.name, to_string(split), index, lo, hi,
+                                       or_its_source(cfg_.reader)));
   }
 
   // A resume takes the optimizer's hyper-parameters from the checkpoint, as

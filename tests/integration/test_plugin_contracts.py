@@ -5,6 +5,7 @@ breaks it, or a model's logits, is a bug of that plugin, named with its file
 LibTorch message about the loss."""
 
 import json
+import re
 import signal
 
 import pytest
@@ -140,6 +141,18 @@ def test_a_source_reader_s_wrong_sample_shape_is_named_with_its_file(tmp_path, d
     assert (f"internal error: {CONTRACT}: the plugin's factory failed: its sample_shape() is (17, 16, 16), and a "
             "reader reports (C, H, W) of the run's 16 channels ([data] channels), each above 0 (a bug in the "
             "plugin)") in r.stderr, r.stderr[-3000:]
+
+
+def test_a_failure_behind_the_prefetch_reader_names_its_source_too(tmp_path, data):
+    # The source's read_sample() throws; the message named only the prefetch reader's file.
+    cfg = write_run(tmp_path / "run.toml", data, tmp_path / "out", run={"max_epochs": 1, "target_iou": 1.0},
+                    reader={"name": "prefetch", "depth": 2, "threads": 1},
+                    **{"reader.source": {"name": "contract", "library": str(CONTRACT), "fault": "none"}})
+    r = run_host(cfg, "--quiet")
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert re.search(r"internal error: \S+/libdeepcam_reader_prefetch\.so: the reader plugin 'prefetch' failed: the "
+                     r"contract fixture reads no single samples \(a bug in the plugin, or in the reader plugin "
+                     rf"'contract' it reads through \({re.escape(str(CONTRACT))}\)\)\n", r.stderr), r.stderr[-3000:]
 
 
 @pytest.mark.parametrize("fault, shown", [("shape", "17, 16, 16"), ("noshape", "")])
