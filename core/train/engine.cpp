@@ -752,6 +752,7 @@ class Engine {
       note_other_seed(resume, info);
       note_other_scaler_settings(resume, info);
       note_other_precision(resume, info);  // after restore_accumulation, which refuses some of these
+      last_resumable_ = run.string("resume");
       if (comm_.rank() == 0) {
         std::fprintf(stderr, "deepcam-host: resumed from %s at epoch %lld, step %lld\n", run.string("resume").c_str(),
                      static_cast<long long>(first_epoch), static_cast<long long>(step));
@@ -1215,6 +1216,22 @@ class Engine {
     return kDivergedStatus;
   }
 
+  // Which checkpoint continues this run, for the message of a run stopped
+  // mid-epoch: one saved in the middle of a gradient accumulation on many
+  // ranks is refused by resume.
+  std::string where_to_resume() const {
+    if (last_saved_.empty()) {
+      return last_resumable_.empty() ? "this run saved none"
+                                     : fmt::format("resume from {}, which it resumed from", last_resumable_);
+    }
+    if (last_saved_ == last_resumable_) return "resume from the last one saved";
+    const std::string why = fmt::format("saved in the middle of a gradient accumulation on {} ranks, which resume "
+                                        "refuses", comm_.size());
+    if (!last_resumable_.empty()) return fmt::format("resume from {}: the later ones were {}", last_resumable_, why);
+    return fmt::format("none it saved can be resumed: each was {}; [run] resume_weights_only = true starts from "
+                       "one's weights", why);
+  }
+
   // SIGTERM or SIGINT: every rank stops at the same step (the decision
   // travels with the logging figures), closes the log as a diverged run
   // does, and writes no checkpoint for an epoch it stops in (the last one
@@ -1231,9 +1248,9 @@ class Engine {
     if (comm_.rank() == 0 && in_epoch) {
       std::fprintf(stderr,
                    "deepcam-host: stopped by %s%s at step %lld (epoch %lld): run_stop status \"aborted\"; no "
-                   "checkpoint written for this epoch (resume from the last one saved)\n",
+                   "checkpoint written for this epoch (%s)\n",
                    strsignal(sig), stop_receivers().c_str(), static_cast<long long>(step),
-                   static_cast<long long>(epoch_num));
+                   static_cast<long long>(epoch_num), where_to_resume().c_str());
     } else if (comm_.rank() == 0) {
       std::fprintf(stderr,
                    "deepcam-host: stopped by %s%s after epoch %lld (step %lld), before the next: run_stop status "
@@ -1643,6 +1660,8 @@ class Engine {
       save_checkpoint(path, info, c_.model->module(), c_.optimizer.object.get(), model_config(), cfg_.optimizer.name);
     });
     std::fprintf(stderr, "deepcam-host: saved %s\n", path.c_str());
+    last_saved_ = path;
+    if (info.partial_accumulation_ranks == 0) last_resumable_ = path;
     if (info.partial_accumulation_ranks > 0) {
       std::fprintf(stderr,
                    "deepcam-host: note: %s was saved at step %lld, in the middle of a gradient accumulation "
@@ -1856,6 +1875,9 @@ class Engine {
   at::Tensor graph_logits_, graph_loss_;  // the captured step's outputs
 #endif
   bool run_stopped_ = false;             // run_stop is in the log
+  // Rank 0: the checkpoint this run saved last, and the last one a resume
+  // takes (saved between accumulations, or the one it resumed from).
+  std::string last_saved_, last_resumable_;
   std::vector<int> stop_ranks_;          // the ranks a stop signal came to
   std::int64_t steps_trained_ = 0;       // batches trained, as the log counts steps
   Clock::time_point run_started_{};

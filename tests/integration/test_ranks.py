@@ -749,6 +749,30 @@ def start_launcher(ranks, run):
     return launcher, LineReader(launcher.stderr)
 
 
+@pytest.mark.parametrize("stop_in, hint", [
+    (2, "none it saved can be resumed: each was saved in the middle of a gradient accumulation on 2 ranks, which "
+        "resume refuses; [run] resume_weights_only = true starts from one's weights"),
+    (5, "resume from {out}/checkpoint-epoch3.pt: the later ones were saved in the middle of a gradient "
+        "accumulation on 2 ranks, which resume refuses"),
+])
+def test_a_stop_mid_epoch_names_the_checkpoint_a_resume_takes(tmp_path, ranks, stop_in, hint):
+    # It said "resume from the last one saved", which resume refused: with 8 steps an epoch and an accumulation
+    # of 3, only epoch 3's checkpoint (step 24) falls between accumulations.
+    data = synth(tmp_path / "data", train=16, validation=2, height=32, width=48)
+    out = tmp_path / "out"
+    run = small_run(tmp_path / "run.toml", data, out,
+                    run={"max_epochs": 100000, "target_iou": 1.0, "checkpoint_every": 1, "train_batch_size": 1,
+                         "validation_batch_size": 1, "gradient_accumulation_frequency": 3})
+    launcher, err = start_launcher(ranks, run)
+    err.wait_for(rf"^\[rank 0\] epoch {stop_in} step 1/8", timeout=TIMEOUT)
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=60) == 143
+    stderr = err.text()
+    assert re.search(rf"stopped by Terminated \(sent to every rank\) at step \d+ \(epoch {stop_in}\)", stderr), \
+        stderr[-3000:]
+    assert f"no checkpoint written for this epoch ({hint.format(out=out)})\n" in stderr, stderr[-3000:]
+
+
 @pytest.mark.alone
 def test_killed_rank_under_nproc_fails_the_launcher_naming_it(tmp_path, data, ranks):
     out = tmp_path / "out"
