@@ -13,7 +13,9 @@
 #include <cmath>
 #include <limits>
 #include <map>
+#include <optional>
 #include <set>
+#include <variant>
 
 #include "deepcam/error.hpp"
 #include "deepcam/optimizer.hpp"
@@ -256,6 +258,25 @@ std::string channel_difference(const Fields& f, const ModelConfig& mine) {
                      fmt::join(mine.channels, ", "), mine.channels_where);
 }
 
+// A "model_config" value as TOML writes it, to compare with this run's
+// `mine`: deepcam-host writes each as TOML text; a file written elsewhere
+// (Python) may hold a number or a bool, read as the key's type (8 and 8.0
+// are one value); any other type is named, so that it differs.
+std::string model_value_text(const c10::IValue& v, const ParamValue& mine) {
+  if (v.isString()) return v.toStringRef();
+  if (v.isBool()) return to_toml(ParamValue(v.toBool()));
+  const bool integer_key = std::holds_alternative<std::int64_t>(mine);
+  if (v.isInt()) {
+    return integer_key ? to_toml(ParamValue(v.toInt())) : to_toml(ParamValue(static_cast<double>(v.toInt())));
+  }
+  if (v.isDouble()) {
+    const double x = v.toDouble();
+    const bool whole = std::isfinite(x) && std::nearbyint(x) == x && std::fabs(x) < 9.0e18;
+    return integer_key && whole ? to_toml(ParamValue(static_cast<std::int64_t>(x))) : to_toml(ParamValue(x));
+  }
+  return fmt::format("(a {})", v.tagKind());
+}
+
 // The model keys that differ from the checkpoint's "model_config" (ours),
 // if it has one, and the input channels.
 std::vector<std::string> model_differences(const Fields& f, const ModelConfig& mine) {
@@ -274,7 +295,8 @@ std::vector<std::string> model_differences(const Fields& f, const ModelConfig& m
   } else {
     for (const auto& [key, value] : mine.params->values()) {
       const std::string here = to_toml(value);
-      const auto there = text(key);
+      const auto v = f.find(cfg, key);
+      const auto there = v ? std::optional<std::string>(model_value_text(*v, value)) : std::nullopt;
       if (there && *there != here) {
         differ.push_back(fmt::format("[model] {} = {} in the checkpoint, {} in this run ({})", key, *there, here,
                                      mine.params->where(key)));

@@ -350,6 +350,26 @@ def test_a_checkpoint_whose_weights_fit_another_output_stride_is_taken_and_the_d
     assert "note:" not in evaluate(tmp_path, data, trained).stderr
 
 
+def test_model_config_values_written_by_python_as_numbers_are_compared_as_values(tmp_path, data, trained):
+    # deepcam-host writes each value as TOML text; a number (Python's torch.save) was skipped without a word.
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["model_config"].update(width=0.0625, middle_blocks=1.0, output_stride=8)
+    torch.save(ckpt, tmp_path / "python.pt")
+    r = run_host(write_run(tmp_path / "eval.toml", data, tmp_path / "eval"), "--evaluate", tmp_path / "python.pt")
+    assert r.returncode == 0, r.stderr[-3000:]
+    # width 0.0625 and middle_blocks 1.0 are this run's values; output_stride is not.
+    assert (f"note: {tmp_path / 'python.pt'} was written by a run with other [model] settings: [model] "
+            "output_stride = 8 in the checkpoint, 16 in this run") in r.stderr, r.stderr[-3000:]
+    note = next(l for l in r.stderr.splitlines() if "other [model] settings" in l)
+    assert "width" not in note and "middle_blocks" not in note, note
+    # A value of no TOML scalar type differs from any.
+    ckpt["model_config"].update(output_stride=16, width=[0.0625])
+    torch.save(ckpt, tmp_path / "list.pt")
+    r = run_host(tmp_path / "eval.toml", "--evaluate", tmp_path / "list.pt", "--set", "run.overwrite=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[model] width = (a GenericList) in the checkpoint, 0.0625 in this run" in r.stderr, r.stderr[-3000:]
+
+
 def test_a_checkpoint_of_other_input_channels_is_refused_naming_both(tmp_path, data, trained):
     # Reordered, every weight fit and the first convolution met other fields than it learnt: a silent score.
     channels = list(range(16))
