@@ -821,9 +821,9 @@ class Engine {
         std::fprintf(stderr, "deepcam-host: %s came during the last epoch's validation or checkpoint: the run had "
                      "ended, and its outcome stands\n", strsignal(sig));
       }
-      std::fprintf(stderr, "deepcam-host: %s after %lld epochs; time to train (run_start to run_stop) %.1f s\n",
+      std::fprintf(stderr, "deepcam-host: %s after %lld epoch%s; time to train (run_start to run_stop) %.1f s\n",
                    reached ? "target reached" : "target NOT reached", static_cast<long long>(epoch),
-                   time_to_train);
+                   epoch == 1 ? "" : "s", time_to_train);
       if (synced_steps_ > 0 && device_.is_cuda()) {
         // ProcessGroupNCCL's wait only makes the GPU's stream wait: the host
         // time around it says nothing of the all-reduce.

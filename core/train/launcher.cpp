@@ -58,6 +58,9 @@ std::string status_text(int status) {
   return fmt::format("exited with status {}", WEXITSTATUS(status));
 }
 
+// "1 rank", "3 ranks".
+std::string ranks_text(int n) { return fmt::format("{} rank{}", n, n == 1 ? "" : "s"); }
+
 int exit_code(int status) { return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status); }
 
 // A rank that ended as a stop signal asks: every rank stops at the same
@@ -234,11 +237,11 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
     const bool past_grace = grace_end != Clock::time_point{} && Clock::now() >= grace_end;
     if (running > 0 && past_grace && !terminated) {
       if (failed_rank >= 0) {
-        std::fprintf(stderr, "deepcam-host --nproc: rank %d failed; ending the %d ranks still running\n",
-                     failed_rank, running);
+        std::fprintf(stderr, "deepcam-host --nproc: rank %d failed; ending the %s still running\n", failed_rank,
+                     ranks_text(running).c_str());
       } else if (!received) {
-        std::fprintf(stderr, "deepcam-host --nproc: a rank stopped on a signal; ending the %d ranks still running\n",
-                     running);
+        std::fprintf(stderr, "deepcam-host --nproc: a rank stopped on a signal; ending the %s still running\n",
+                     ranks_text(running).c_str());
       }
       // The launcher's own signal passed on, as torchrun does; SIGTERM after a rank failed.
       for (pid_t pid : pids) if (pid > 0) ::kill(pid, received ? received : SIGTERM);

@@ -138,6 +138,7 @@ def test_nproc_2_runs_two_ranks_with_prefixed_output(tmp_path, data):
     child_lines = [l for l in (r.stdout + r.stderr).splitlines() if not l.startswith("deepcam-host --nproc:")]
     assert child_lines and all(re.match(r"\[rank [01]\] ", l) for l in child_lines), child_lines[:20]
     assert any(l.startswith("[rank 0] epoch 1 step 1/2") for l in child_lines), r.stderr[-3000:]
+    assert "[rank 0] deepcam-host: target NOT reached after 1 epoch; time to train" in r.stderr, r.stderr[-3000:]
     assert "[rank 0] deepcam-host: saved" in r.stderr
     # Only rank 0 prints on a good run; a bad run file makes every rank say so.
     bad = run_host("--nproc", 2, run, "--set", "run.no_such_key=1", env=clean_env(), timeout=TIMEOUT)
