@@ -40,14 +40,19 @@ std::int64_t peak_rss_bytes() {
   return static_cast<std::int64_t>(usage.ru_maxrss) * 1024;  // Linux reports KiB
 }
 
-// Bytes on disk of each sample of the split, in index order.
-std::vector<std::int64_t> sample_bytes(const Reader& reader, Split split) {
+// Bytes on disk of each sample of the split, in index order: the sizes of
+// the files the reader (`choice`) names for it.
+std::vector<std::int64_t> sample_bytes(const Reader& reader, Split split, const PluginChoice& choice) {
   std::vector<std::int64_t> bytes(static_cast<std::size_t>(reader.sample_count(split)), 0);
   for (std::size_t i = 0; i < bytes.size(); ++i) {
     for (const std::string& file : reader.sample_files(split, static_cast<std::int64_t>(i))) {
       std::error_code ec;
       const auto size = std::filesystem::file_size(file, ec);
-      if (ec) throw Error(fmt::format("{}: cannot read its size: {}", file, ec.message()));
+      if (ec) {
+        throw Error(fmt::format("{}: cannot read its size: {} (a file of {} sample {}, as the reader plugin '{}' ({}) "
+                                "names it in sample_files(), whose files read measures)",
+                                file, ec.message(), to_string(split), i, choice.name, choice.plugin->path));
+      }
       bytes[i] += static_cast<std::int64_t>(size);
     }
   }
@@ -165,9 +170,9 @@ void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader) {
   const double build_seconds = seconds_between(build_start, Clock::now());
 
   const Split split = options.split;
-  const std::vector<std::int64_t> bytes_of = sample_bytes(*reader, split);
+  const std::vector<std::int64_t> bytes_of = sample_bytes(*reader, split, config.reader);
   const std::vector<std::int64_t> validation_bytes_of =
-      options.with_validation ? sample_bytes(*reader, Split::Validation) : std::vector<std::int64_t>();
+      options.with_validation ? sample_bytes(*reader, Split::Validation, config.reader) : std::vector<std::int64_t>();
   for (const Split s : {split, Split::Validation}) {
     if (s == split || options.with_validation) {
       if (reader->local_samples(s) <= 0) {

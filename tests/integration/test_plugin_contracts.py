@@ -155,6 +155,17 @@ def test_a_failure_behind_the_prefetch_reader_names_its_source_too(tmp_path, dat
                      rf"'contract' it reads through \({re.escape(str(CONTRACT))}\)\)\n", r.stderr), r.stderr[-3000:]
 
 
+def test_read_names_the_reader_whose_sample_files_do_not_exist(tmp_path, data):
+    # It said only "train-0: cannot read its size", naming neither the reader nor what the name was.
+    cfg = write_run(tmp_path / "run.toml", data, tmp_path / "out",
+                    reader={"name": "contract", "library": str(CONTRACT), "fault": "phantom", "threads": None})
+    r = run_data("read", cfg, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert ("deepcam-data: phantom-sample-0: cannot read its size: No such file or directory (a file of train sample "
+            f"0, as the reader plugin 'contract' ({CONTRACT}) names it in sample_files(), whose files read "
+            "measures)") in r.stderr, r.stderr[-3000:]
+
+
 @pytest.mark.parametrize("fault, shown", [("shape", "17, 16, 16"), ("noshape", "")])
 @pytest.mark.parametrize("mode", ["train", "benchmark", "read"])
 def test_a_reader_s_wrong_sample_shape_is_named_with_its_file_in_every_mode(tmp_path, data, fault, shown, mode):
