@@ -2070,8 +2070,11 @@ void remove_earlier_file(const RunConfig& cfg, const fs::path& path) {
   if (rm) {
     throw Error(fmt::format("{}: cannot remove {}: {}", cfg.run.setting("overwrite"), path.string(), rm.message()));
   }
-  std::fprintf(stderr, "deepcam-host: [run] overwrite = true: removed %s, %s of the earlier run\n",
-               path.string().c_str(), is_checkpoint_name(path.filename().string()) ? "a checkpoint" : "the record");
+  const std::string name = path.filename().string();
+  std::fprintf(stderr, "deepcam-host: [run] overwrite = true: removed %s, %s\n", path.string().c_str(),
+               is_checkpoint_name(name)             ? "a checkpoint of the earlier run"
+               : name.rfind("evaluate-", 0) == 0 ? "the record of an --evaluate of its checkpoints"
+                                                 : "the record of the earlier run");
 }
 
 // Why no file can be made in the folder `dir` (the system's words), or ""
@@ -2253,6 +2256,10 @@ bool check_outputs(const RunConfig& cfg, const fs::path& out_dir, const fs::path
     // stays beside this run's log (the log and config.toml are replaced as
     // it starts).
     for (const std::string& name : earlier) to_remove.push_back(out_dir / name);
+    // An --evaluate's record there scored one of them.
+    for (const fs::path& path : {config_path(out_dir, true), log_path(cfg, out_dir, true)}) {
+      if (fs::is_regular_file(path, ec)) to_remove.push_back(path);
+    }
     for (int n = 1;; ++n) {
       const fs::path kept[] = {numbered(out_dir / "config.toml", n), numbered(log, n)};
       if (!fs::exists(kept[0], ec) && !fs::exists(kept[1], ec)) break;

@@ -724,11 +724,16 @@ def test_a_run_that_would_overwrite_another_runs_record_is_refused(tmp_path, dat
     # Resuming from its checkpoint continues that run; overwrite = true replaces it.
     r = run_host(run, "--set", "run.max_epochs=2", "--set", f"run.resume={out / 'checkpoint-epoch1.pt'}")
     assert r.returncode == 1, r.stderr
+    assert run_host(run, "--evaluate", out / "checkpoint-epoch2.pt").returncode == 0
     r = run_host(run, "--set", "run.overwrite=true")
     assert r.returncode == 1, r.stderr
-    # Replaced as a whole: the resumed run's second epoch is gone, not left beside the new record.
+    # Replaced as a whole: the resumed run's second epoch is gone, not left beside the new record, and so is the
+    # record of its evaluation (it named a checkpoint that is no more).
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-epoch1.pt"]
     assert f"overwrite = true: removed {out / 'checkpoint-epoch2.pt'}, a checkpoint of the earlier run" in r.stderr
+    assert not (out / "evaluate-mlperf.log").exists() and not (out / "evaluate-config.toml").exists()
+    assert (f"overwrite = true: removed {out / 'evaluate-mlperf.log'}, the record of an --evaluate of its "
+            "checkpoints") in r.stderr, r.stderr[-3000:]
     assert torch.load(out / "checkpoint-epoch1.pt", weights_only=True)["epoch"] == 1
 
 
