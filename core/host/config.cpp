@@ -695,7 +695,7 @@ std::string schema_problem(const ParamSchema& schema) {
                            at, spec.choices ? fmt::format("\"{}\"", spec.choices) : std::string("nullptr"));
       }
     } else if (spec.choices && spec.type != ParamType::String) {
-      return fmt::format("{}: choices \"{}\" on a {} key, which takes none (choices are for string keys)", at,
+      return fmt::format("{}: choices \"{}\" on the {} key, which takes none (choices are for string keys)", at,
                          spec.choices, to_string(spec.type));
     }
     if (spec.choices && spec.type == ParamType::String) {

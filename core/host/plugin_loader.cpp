@@ -453,6 +453,7 @@ std::vector<LoadedPlugin> PluginLoader::discover_named(std::vector<std::string>&
     const std::string& dir = dirs[d];
     std::error_code ec;
     if (!fs::is_directory(dir, ec)) continue;
+    const std::size_t first_of_dir = files.size();
     for (const auto& top : fs::directory_iterator(dir, ec)) files.push_back(top.path());
     for (PluginKind kind : kKinds) {
       const fs::path sub = fs::path(dir) / (std::string(to_string(kind)) + "s");
@@ -462,6 +463,8 @@ std::vector<LoadedPlugin> PluginLoader::discover_named(std::vector<std::string>&
         for (const auto& f : fs::directory_iterator(plugin_dir.path(), ec)) files.push_back(f.path());
       }
     }
+    // In name order, not the file system's: a listing reads the same every time.
+    std::sort(files.begin() + static_cast<std::ptrdiff_t>(first_of_dir), files.end());
     levels.resize(files.size(), d < env_dirs_.size() ? 0 : 1);
   }
   std::vector<fs::path> opened;
@@ -485,12 +488,17 @@ std::vector<LoadedPlugin> PluginLoader::discover_named(std::vector<std::string>&
                std::string(o.descriptor->name) == plugin.descriptor->name;
       });
       if (first != out.end()) {
-        plugin.not_used_because =
-            out_levels[static_cast<std::size_t>(first - out.begin())] == levels[i]
-                ? fmt::format("provided twice, with {}: a run refuses both; remove one or set the table's "
-                              "`library`",
-                              first->path)
-                : fmt::format("shadowed by {}", first->path);
+        const auto twice = [](const std::string& other) {
+          return fmt::format("provided twice, with {}: a run refuses both; remove one or set the table's `library`",
+                             other);
+        };
+        if (out_levels[static_cast<std::size_t>(first - out.begin())] == levels[i]) {
+          // Neither is what a run loads: both are marked.
+          plugin.not_used_because = twice(first->path);
+          if (first->not_used_because.empty()) first->not_used_because = twice(plugin.path);
+        } else {
+          plugin.not_used_because = fmt::format("shadowed by {}", first->path);
+        }
       }
       out.push_back(std::move(plugin));
       out_levels.push_back(levels[i]);

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <charconv>
 #include <csignal>
 #include <cstdio>
@@ -11,6 +12,7 @@
 #include <exception>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "deepcam/config.hpp"
@@ -51,6 +53,7 @@ long long count_of(const std::string& option, const std::string& text, const cha
 
 // `section` is the table the keys live in ("reader"), for naming nested tables.
 void print_schema(const deepcam::ParamSchema& schema, const std::string& section) {
+  if (schema.size == 0) std::printf("  (none)\n");
   for (const auto& s : schema) {
     if (s.type == deepcam::ParamType::Plugin) {
       // A nested table names another plugin, whose keys are that plugin's own.
@@ -71,7 +74,12 @@ void print_schema(const deepcam::ParamSchema& schema, const std::string& section
 
 int list_plugins(deepcam::PluginLoader& loader) {
   std::vector<std::string> problems;
-  const auto found = loader.discover(problems);
+  auto found = loader.discover(problems);
+  // By kind and name; the files of one plugin stay in the order a run looks.
+  std::stable_sort(found.begin(), found.end(), [](const deepcam::LoadedPlugin& a, const deepcam::LoadedPlugin& b) {
+    return std::make_pair(a.descriptor->kind, std::string(a.descriptor->name)) <
+           std::make_pair(b.descriptor->kind, std::string(b.descriptor->name));
+  });
   for (const auto& p : found) {
     const auto& d = *p.descriptor;
     // A file a run would not load (deepcam::PluginLoader::discover) is marked.

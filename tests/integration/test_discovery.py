@@ -167,13 +167,15 @@ def test_listings_mark_a_plugin_that_a_run_would_not_take(tmp_path):
     copy = tmp_path / "dup" / "libdeepcam_optimizer_adam.so"
     shutil.copy(PLUGINS / "optimizers" / "adam" / "libdeepcam_optimizer_adam.so", copy)
     env = plugin_env(f"{tmp_path / 'dup'}:{PLUGINS}")
-    mark = f"(provided twice, with {copy}: a run refuses both; remove one or set the table's `library`)"
+    # Both are marked, each naming the other: the first listed was not, as if a run would take it.
+    built = PLUGINS / "optimizers" / "adam" / "libdeepcam_optimizer_adam.so"
+    marks = [f"(provided twice, with {other}: a run refuses both; remove one or set the table's `library`)"
+             for other in (built, copy)]
     r = run_host("--list-plugins", env=env)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     at = [i for i, l in enumerate(lines) if l.split()[:2] == ["optimizer", "adam"]]
-    assert [lines[i + 1].strip() for i in at] == [
-        str(copy), f"{PLUGINS / 'optimizers' / 'adam' / 'libdeepcam_optimizer_adam.so'}  {mark}"], r.stdout
+    assert [lines[i + 1].strip() for i in at] == [f"{copy}  {marks[0]}", f"{built}  {marks[1]}"], r.stdout
     r = run_host("--describe", "optimizer", env=env)
     adams = [l for l in r.stdout.splitlines() if l.split()[:1] == ["adam"]]
-    assert len(adams) == 2 and mark not in adams[0] and adams[1].endswith(mark), r.stdout
+    assert len(adams) == 2 and adams[0].endswith(marks[0]) and adams[1].endswith(marks[1]), r.stdout

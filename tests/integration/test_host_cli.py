@@ -53,11 +53,23 @@ def test_a_plugin_declared_with_no_parameters_describes_and_refuses_any_key(tmp_
     r = run_host("--describe", "scheduler/noparams", env=plugin_env(FIXTURES))
     assert r.returncode == 0, r.stderr
     assert "scheduler/noparams" in r.stdout and str(lib) in r.stdout, r.stdout
+    # Its parameters heading was followed by nothing.
+    assert r.stdout.endswith("`library`):\n  (none)\n"), r.stdout
     # The test run file's scheduler table has milestones.
     run = write_run(tmp_path / "run.toml", data, tmp_path / "out", scheduler={"name": "noparams", "library": str(lib)})
     r = run_host(run)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "[scheduler] milestones: unknown key (known: library, name)" in r.stderr, r.stderr[-2000:]
+
+
+def test_list_plugins_is_in_kind_and_name_order():
+    # It came in the file system's order, which differs from machine to machine.
+    r = run_host("--list-plugins")
+    assert r.returncode == 0, r.stderr
+    kinds = ["reader", "model", "optimizer", "scheduler"]
+    listed = [(kinds.index(l.split()[0]), l.split()[1]) for l in r.stdout.splitlines() if l.split()[:1] and
+              l.split()[0] in kinds]
+    assert len(listed) >= 9 and listed == sorted(listed), r.stdout
 
 
 def test_describe_unknown_plugin_lists_what_exists():
