@@ -23,6 +23,7 @@
 #include <mutex>
 #include <system_error>
 
+#include "deepcam/config.hpp"
 #include "deepcam/error.hpp"
 
 namespace fs = std::filesystem;
@@ -143,9 +144,10 @@ std::string elf_problem(const std::string& path) {
 }
 
 // A library's static initialisers run inside dlopen. An exception that
-// leaves one cannot be caught by dlopen's caller: the C++ runtime calls
-// std::terminate, and the dynamic loader's lock is still held, so the
-// process could load nothing after it anyway. While a library loads, a
+// leaves one cannot be caught safely by dlopen's caller: the C++ runtime
+// calls std::terminate, or, with a C library whose frames the unwinder can
+// pass, the exception skips the dynamic loader's cleanup and leaves its lock
+// held, so the process could load nothing after it anyway. While a library loads, a
 // terminate handler on the loading thread names the library and what it
 // threw, and ends the process with the status of an internal error (3),
 // where the default handler would abort with "terminate called".
@@ -265,8 +267,16 @@ LoadedPlugin PluginLoader::open(const std::string& path) {
   boost::dll::fs::error_code ec;
   {
     const NameLibraryOnTerminate naming(path);
-    // RTLD_LOCAL: one plugin's symbols never resolve another's.
-    lib->load(path, ec, boost::dll::load_mode::rtld_local | boost::dll::load_mode::rtld_now);
+    try {
+      // RTLD_LOCAL: one plugin's symbols never resolve another's.
+      lib->load(path, ec, boost::dll::load_mode::rtld_local | boost::dll::load_mode::rtld_now);
+    } catch (...) {
+      // Where the unwinder does get through the dynamic loader's frames, the
+      // initialiser's exception arrives here instead of in std::terminate,
+      // past the loader's own cleanup (its lock still held): the process
+      // ends the same way, naming the library.
+      terminate_while_loading();
+    }
   }
   if (ec) {
     // Boost.DLL reduces the loader's message to an errno text ("Bad file
@@ -389,10 +399,13 @@ const LoadedPlugin& PluginLoader::load(PluginKind kind, const std::string& name,
   if (path.empty()) {
     std::vector<std::string> problems;
     std::string known;
+    std::vector<std::string> names;
     for (const auto& p : discover(problems, kind)) {
-      if (p.descriptor->kind == kind) known += fmt::format("{}{} ({})", known.empty() ? "" : ", ",
-                                                           p.descriptor->name, p.path);
+      if (p.descriptor->kind != kind) continue;
+      known += fmt::format("{}{} ({})", known.empty() ? "" : ", ", p.descriptor->name, p.path);
+      names.emplace_back(p.descriptor->name);
     }
+    const std::string closest = closest_match(name, names);
     // The build tree's host drops its own plugins folder while the variable
     // is set (install_dir()): say so, unless the variable names that folder.
     std::string build_tree;
@@ -404,10 +417,11 @@ const LoadedPlugin& PluginLoader::load(PluginKind kind, const std::string& name,
                                "its own {}: DEEPCAM_PLUGIN_PATH={}:{} searches both",
                                DEEPCAM_BUILD_PLUGIN_DIR, fmt::join(env_dirs_, ":"), DEEPCAM_BUILD_PLUGIN_DIR);
     }
-    throw Error(fmt::format("no {} plugin named '{}'; found: {}. Searched {} (set DEEPCAM_PLUGIN_PATH "
+    throw Error(fmt::format("no {} plugin named '{}'{}; found: {}. Searched {} (set DEEPCAM_PLUGIN_PATH "
                             "or the table's `library` key){}",
-                            to_string(kind), name, known.empty() ? "none" : known,
-                            fmt::join(searched, ", "), build_tree));
+                            to_string(kind), name,
+                            closest.empty() ? "" : fmt::format(" (did you mean '{}'?)", closest),
+                            known.empty() ? "none" : known, fmt::join(searched, ", "), build_tree));
   }
   LoadedPlugin plugin = open(path);
   if (plugin.descriptor->kind != kind || plugin.descriptor->name != name) {

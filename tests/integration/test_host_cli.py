@@ -75,7 +75,7 @@ def test_list_plugins_is_in_kind_and_name_order():
 def test_describe_unknown_plugin_lists_what_exists():
     r = run_host("--describe", "optimizer/adma")
     assert r.returncode == 2
-    assert "no optimizer plugin named 'adma'" in r.stderr and "found: adam" in r.stderr
+    assert "no optimizer plugin named 'adma' (did you mean 'adam'?); found: adam" in r.stderr, r.stderr
     # The host of a build tree with DEEPCAM_PLUGIN_PATH set searches the variable's folders alone: it
     # named <build>/core/deepcam-host/plugins too, below the program file, a folder that cannot exist.
     searched = r.stderr.split("Searched ", 1)[1].split(" (set DEEPCAM_PLUGIN_PATH", 1)[0].split(", ")
@@ -540,7 +540,8 @@ def test_a_library_of_another_kind_whose_initialiser_throws_does_not_stop_a_look
     env = plugin_env(FIXTURES)
     r = run_host("--describe", "optimizer/sgdd", env=env)
     assert r.returncode == 2, r.stderr
-    assert "no optimizer plugin named 'sgdd'; found: " in r.stderr and " sgd (" in r.stderr, r.stderr
+    assert "no optimizer plugin named 'sgdd' (did you mean 'sgd'?); found: " in r.stderr and " sgd (" in r.stderr, \
+        r.stderr
     assert "initthrows" not in r.stderr, r.stderr
     r = run_host("--describe", "optimizer", env=env)
     assert r.returncode == 0 and "sgd" in r.stdout and "initthrows" not in r.stderr, r.stderr

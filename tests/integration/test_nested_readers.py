@@ -87,7 +87,7 @@ def test_nested_table_missing_misnamed_or_not_a_table(tmp_path, data):
     assert "[reader] source: [reader.source] needs name = \"<reader plugin>\"" in msg
 
     msg = refused(tmp_path, data, **{"reader.source": {"name": "hdf6"}})
-    assert "[reader.source] name: no reader plugin named 'hdf6'; found: " in msg and "hdf5" in msg
+    assert "[reader.source] name: no reader plugin named 'hdf6' (did you mean 'hdf5'?); found: " in msg, msg
 
     # A plugin of another kind is not a reader.
     assert "no reader plugin named 'adam'" in refused(tmp_path, data, **{"reader.source": {"name": "adam"}})
