@@ -985,8 +985,13 @@ class Engine {
                    "samples to %s\n", strsignal(stop_signal), static_cast<long long>(written), out.string().c_str());
       return 128 + stop_signal;
     }
-    std::fprintf(stderr, "deepcam-host: wrote the predictions of %lld validation sample%s to %s\n",
-                 static_cast<long long>(written), written == 1 ? "" : "s", out.string().c_str());
+    const std::string all_there_are =
+        max_samples > written
+            ? fmt::format(", all the validation split holds (--samples {} asked for more)", max_samples)
+            : "";
+    std::fprintf(stderr, "deepcam-host: wrote the predictions of %lld validation sample%s%s to %s\n",
+                 static_cast<long long>(written), written == 1 ? "" : "s", all_there_are.c_str(),
+                 out.string().c_str());
     return 0;
   }
 

@@ -107,6 +107,13 @@ def test_samples_limits_the_count(trained, tmp_path):
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
         "sample-000000.npy", "sample-000000.png", "sample-000001.npy", "sample-000001.png"]
+    assert f"wrote the predictions of 2 validation samples to {tmp_path / 'two'}\n" in r.stderr, r.stderr[-3000:]
+    # More than the 3 there are: all 3, and the message says that there are no more.
+    r = run_host(run, "--predict", ckpt, "--out", tmp_path / "all", "--samples", 100)
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "all").glob("*.npy"))) == 3
+    assert (f"wrote the predictions of 3 validation samples, all the validation split holds (--samples 100 asked "
+            f"for more) to {tmp_path / 'all'}\n") in r.stderr, r.stderr[-3000:]
 
 
 def test_an_earlier_predicts_files_are_refused_or_removed_not_mixed(trained, tmp_path):
