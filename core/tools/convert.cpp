@@ -397,6 +397,25 @@ std::vector<ChannelScale> refuse_what_training_refuses(const fs::path& src, cons
 
 }  // namespace
 
+// The shape the readers take for every sample of the set (file_reader.cpp):
+// its first training sample's, in name order; of the first that opens, or
+// none when none does (each is reported when its turn comes).
+struct SetShape {
+  std::vector<std::int64_t> shape;
+  std::string file;
+};
+SetShape set_shape(const std::map<std::string, std::vector<std::string>>& sources) {
+  const auto train = sources.find("train");
+  if (train == sources.end()) return {};
+  for (const std::string& file : train->second) {
+    try {
+      return {H5Sample(file).data_shape(), file};
+    } catch (const Error&) {
+    }
+  }
+  return {};
+}
+
 void run_convert(const ConvertOptions& o) {
   const auto start = std::chrono::steady_clock::now();
   const Rank rank = rank_from_environment();  // before anything is made
@@ -441,6 +460,7 @@ void run_convert(const ConvertOptions& o) {
   std::sort(splits.begin(), splits.end());
   std::sort(listing_problems.begin(), listing_problems.end());
   const std::vector<ChannelScale> scales = refuse_what_training_refuses(o.src, splits, sources);
+  const SetShape common = set_shape(sources);
 
   std::vector<Job> all;
   for (const std::string& split : splits) {
@@ -507,6 +527,14 @@ void run_convert(const ConvertOptions& o) {
       data_shape = source.data_shape();
       label_shape = source.label_shape();
       label_dtype = source.label_dtype();
+      // Training refuses a sample of another shape than the set's, when it
+      // reads it: not carried into the numpy form either.
+      if (!common.shape.empty() && data_shape != common.shape) {
+        throw Error(fmt::format("{}: dataset {} has shape {}, and the set's first training sample {} has {}: the "
+                                "readers take that shape for every sample; not converted",
+                                job.source.string(), kData, shape_text(data_shape), common.file,
+                                shape_text(common.shape)));
+      }
       data_problem = header_problem(job.data, npy::DType::Float32, data_shape, data_header);
       label_problem = header_problem(job.label, label_dtype, label_shape, label_header);
       if (data_problem.empty() && label_problem.empty() && !o.verify) {

@@ -70,7 +70,7 @@ synth options:
                      empty, or holding what a stopped synth of the same
                      command left (no stats.h5 yet), which it finishes
   --train N          training samples (>= 1)                    default 16
-  --validation N     validation samples                         default 4
+  --validation N     validation samples (>= 1)                  default 4
   --test N           test samples                               default 0
   --height H         sample height in pixels (>= 16)            default 768
   --width W          sample width in pixels (>= 16)             default 1152
@@ -98,8 +98,8 @@ float32 height x width x channels array) and DST/<split>/label-X.npy (the
 labels, in the dtype the HDF5 file stores), standard .npy files that
 numpy.load reads; SRC/stats.h5 is copied to DST once all samples are done.
 A sample whose data is not finite or whose labels are not 0, 1 or 2, or
-whose shape has a 0 or does not fit in memory, is named and not converted
-(training would refuse it); a set training refuses (train/ or validation/
+whose shape has a 0, does not fit in memory or differs from the first
+training sample's, is named and not converted (training would refuse it); a set training refuses (train/ or validation/
 missing or empty, a stats.h5 verify refuses) is refused before anything is
 written. DST may be SRC: the pairs are then written beside the HDF5 files
 (each reader reads its own form); DST inside SRC is refused.
@@ -251,7 +251,8 @@ deepcam::data::SynthOptions parse_synth(const std::vector<std::string>& args) {
     } else if (option == "--train") {
       o.train = static_cast<int>(parse_integer(option, value, 1, kMaxCount));
     } else if (option == "--validation") {
-      o.validation = static_cast<int>(parse_integer(option, value, 0, kMaxCount));
+      // Training, verify and convert refuse a set without validation samples.
+      o.validation = static_cast<int>(parse_integer(option, value, 1, kMaxCount));
     } else if (option == "--test") {
       o.test = static_cast<int>(parse_integer(option, value, 0, kMaxCount));
     } else if (option == "--height") {

@@ -324,6 +324,31 @@ def test_values_training_refuses_are_named_and_not_converted(deepcam_data, sourc
     assert not (dst / "stats.h5").exists()
 
 
+def test_a_sample_of_another_shape_than_the_sets_is_named_and_not_converted(deepcam_data, source, tmp_path):
+    """Fewer rows, and fewer channels: converted without a word (status 0), into a numpy set that verify and
+    the readers then refused."""
+    src = fresh_copy(source, tmp_path)
+    all_sources = sources(src)
+    first = src / "train" / sorted(p.name for p in (src / "train").glob("*.h5"))[0]
+    with h5py.File(first, "r") as f:
+        data, labels = f["climate/data"][...], f["climate/labels_0"][...]
+    rows, channels = all_sources[-1], src / "train" / "data-2107-01-01-00-1.h5"
+    for path, d, l in ((rows, data[: H // 2], labels[: H // 2]), (channels, data[..., :8], labels)):
+        path.unlink()
+        with h5py.File(path, "w") as f:
+            f.create_dataset("climate/data", data=d)
+            f.create_dataset("climate/labels_0", data=l)
+    dst = tmp_path / "dst"
+    proc = run(deepcam_data, "convert", src, dst)
+    for path, shape in ((rows, f"({H // 2}, {W}, 16)"), (channels, f"({H}, {W}, 8)")):
+        one_line_error(proc, f"{path}: dataset climate/data has shape {shape}, and the set's first training sample "
+                             f"{first} has ({H}, {W}, 16): the readers take that shape for every sample; not "
+                             "converted")
+        assert not any(p.exists() for p in targets(src, dst, path))
+    assert "2 of 11 samples failed" in proc.stderr.splitlines()[-1]
+    assert not (dst / "stats.h5").exists()
+
+
 def test_converting_in_place_writes_the_pairs_beside_the_hdf5_files(deepcam_data, source, tmp_path):
     """DST may be SRC: each reader reads its own form of a split folder, and verify checks both."""
     src = tmp_path / "src"  # synth's samples alone: the fixture's odd dtypes are verify's problems

@@ -334,7 +334,7 @@ def test_stats_calls_a_train_that_is_a_file_one(deepcam_data, tmp_path):
 def test_synth_to_unwritable_path_fails_cleanly(deepcam_data, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    proc = run(deepcam_data, "synth", "--out", blocker / "set", "--train", 1, "--validation", 0,
+    proc = run(deepcam_data, "synth", "--out", blocker / "set", "--train", 1, "--validation", 1,
                "--height", 32, "--width", 48)
     assert_one_line_error(proc, blocker)
     assert blocker.read_text() == "x"
@@ -345,7 +345,7 @@ def test_synth_failure_removes_temporary_file(deepcam_data, tmp_path):
     root = tmp_path / "set"
     target = root / "train" / "data-2106-01-01-00-1.h5"
     target.mkdir(parents=True)
-    proc = run(deepcam_data, "synth", "--out", root, "--train", 1, "--validation", 0,
+    proc = run(deepcam_data, "synth", "--out", root, "--train", 1, "--validation", 1,
                "--height", 32, "--width", 48, "--threads", 1)
     assert_one_line_error(proc, target.name)
     assert target.is_dir() and list(target.iterdir()) == []
@@ -399,7 +399,7 @@ def test_synth_stopped_by_a_signal_leaves_whole_files_and_no_temporary(deepcam_d
     # It used to die at once, leaving the temporaries of the samples it was writing.
     root = tmp_path / "set"
     train = 3000
-    proc, err = stop_when_written([deepcam_data, "synth", "--out", root, "--train", train, "--validation", 0,
+    proc, err = stop_when_written([deepcam_data, "synth", "--out", root, "--train", train, "--validation", 1,
                                    "--height", 16, "--width", 16, "--threads", 2], root / "train", "*.h5", sig)
     # Ended by the signal itself, as a shell or Slurm expects of a stopped program.
     assert proc.returncode == -sig, (proc.returncode, err)
@@ -417,7 +417,7 @@ def test_synth_stopped_by_a_signal_leaves_whole_files_and_no_temporary(deepcam_d
 def test_synth_started_ignoring_sigint_keeps_ignoring_it(deepcam_data, tmp_path):
     # As a shell's background job (cmd &) or nohup starts it: the stop handler must not take SIGINT back.
     root = tmp_path / "set"
-    proc, err = stop_when_written([deepcam_data, "synth", "--out", root, "--train", 300, "--validation", 0,
+    proc, err = stop_when_written([deepcam_data, "synth", "--out", root, "--train", 300, "--validation", 1,
                                    "--height", 16, "--width", 16, "--threads", 2], root / "train", "*.h5",
                                   signal.SIGINT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert proc.returncode == 0, err
@@ -429,7 +429,7 @@ def test_synth_refuses_foreign_samples(deepcam_data, tmp_path):
     root = tmp_path / "set"
     (root / "train").mkdir(parents=True)
     (root / "train" / "data-1999-01-01-00-1.h5").write_bytes(b"")
-    proc = run(deepcam_data, "synth", "--out", root, "--train", 1, "--validation", 0,
+    proc = run(deepcam_data, "synth", "--out", root, "--train", 1, "--validation", 1,
                "--height", 32, "--width", 48)
     assert_one_line_error(proc, "data-1999-01-01-00-1.h5")
 
@@ -482,6 +482,7 @@ def test_an_unknown_command_is_refused_with_help_too(deepcam_data):
 @pytest.mark.parametrize("args", [
     ["synth"],
     ["synth", "--out", "x", "--train", "0"],
+    ["synth", "--out", "x", "--validation", "0"],  # a set every other command would refuse; synth wrote it
     ["synth", "--out", "x", "--height", "12abc"],
     ["synth", "--out", "x", "--frobnicate", "1"],
     ["synth", "--out"],
