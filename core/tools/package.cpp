@@ -6,6 +6,7 @@
 #include <cctype>
 #include <cerrno>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -585,9 +586,27 @@ Value system_description(const PackageOptions& o, const Run& first, std::vector<
       if (k == "system_name" && v.text != o.system)
         throw Error(fmt::format("--system-desc {}: system_name is \"{}\" but --system is \"{}\"",
                                 o.system_desc.string(), v.text, o.system));
-      if ((k == "division" || k == "submitter") && v.text != desc.find(k)->text)
+      if ((k == "division" || k == "submitter" || k == "status") && v.text != desc.find(k)->text)
         throw Error(fmt::format("--system-desc {}: {} is \"{}\" but the logs say \"{}\"", o.system_desc.string(),
                                 k, v.text, desc.find(k)->text));
+      // The counts the logs fix: the accelerators of a node, and at least
+      // the nodes the runs used (a larger system may be described: the
+      // throughput instances may have used more of it at once).
+      if (k == "accelerators_per_node" || k == "number_of_nodes") {
+        const std::string& logged = desc.find(k)->text;
+        char* end = nullptr;
+        const double given_count = std::strtod(v.text.c_str(), &end);
+        const bool whole = !v.text.empty() && *end == '\0' && std::isfinite(given_count) &&
+                           given_count == std::floor(given_count);
+        const double logged_count = std::strtod(logged.c_str(), nullptr);
+        if (!whole || (k == "accelerators_per_node" ? given_count != logged_count : given_count < logged_count)) {
+          throw Error(fmt::format("--system-desc {}: {} is \"{}\" but the logs say \"{}\"{}", o.system_desc.string(), k,
+                                  v.text, logged,
+                                  k == "number_of_nodes" ? " (a whole number at least that may describe a larger "
+                                                           "system)"
+                                                         : ""));
+        }
+      }
       auto it = std::find_if(desc.members.begin(), desc.members.end(), [&](const auto& m) { return m.first == k; });
       if (it != desc.members.end()) it->second = v;
       else desc.members.emplace_back(k, v);

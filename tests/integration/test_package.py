@@ -343,6 +343,31 @@ def test_system_desc_fields_replace_the_generated_ones(runs, tmp_path):
     assert got["host_storage_type"] == "NVMe" and got["cooling"] == "air"
 
 
+@pytest.mark.parametrize("field, value, logged", [
+    ("status", "available", "research"),
+    ("accelerators_per_node", "8", "0"),
+    ("accelerators_per_node", 8, "0"),
+    ("number_of_nodes", "0", "1"),
+    ("number_of_nodes", "1.5", "1"),
+])
+def test_system_desc_fields_the_logs_fix_are_refused_when_they_differ(runs, tmp_path, field, value, logged):
+    # status and the accelerator count were replaced without a word, and the summarizer published them.
+    desc = tmp_path / "desc.json"
+    desc.write_text(json.dumps({field: value}))
+    r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", "--system-desc", desc)
+    assert r.returncode == 1, r.stderr
+    assert f'--system-desc {desc}: {field} is "{value}" but the logs say "{logged}"' in r.stderr, r.stderr
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_system_desc_may_describe_more_nodes_than_the_runs_used(runs, tmp_path):
+    desc = tmp_path / "desc.json"
+    desc.write_text(json.dumps({"number_of_nodes": "4", "accelerators_per_node": "0", "status": "research"}))
+    r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", "--system-desc", desc)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "pkg" / "systems" / "cpu2-quickstart.json").read_text())["number_of_nodes"] == "4"
+
+
 def summarized_throughput(folder):
     """The result summarizer's weak-scaling (throughput) row: the summarizer appends its table to the CSV
     after the strong-scaling one, under a header of its own."""
