@@ -10,8 +10,10 @@
 #include <cstdio>
 #include <filesystem>
 #include <memory>
+#include <string>
 #include <system_error>
 #include <thread>
+#include <typeinfo>
 #include <utility>
 #include <variant>
 
@@ -141,6 +143,21 @@ std::int64_t bytes_read(const std::vector<std::int64_t>& bytes_of, std::int64_t 
                               : static_cast<std::int64_t>(static_cast<double>(split_bytes) / count * samples);
 }
 
+// Whether a reader factory's refusal is about the run file rather than the
+// data: the plugins start such messages with where the setting came from
+// (Params::where or setting: "run.toml:7 [reader.source] shuffle_mode",
+// "--set reader.io=direct"), as deepcam-host says them with status 2.
+bool names_a_setting(const std::string& message, const ReadBenchOptions& options) {
+  if (message.rfind("--set ", 0) == 0) return true;
+  for (const std::string& file : options.run_files) {
+    if (message.size() > file.size() && message.compare(0, file.size(), file) == 0 &&
+        (message[file.size()] == ':' || message[file.size()] == ' ')) {
+      return true;
+    }
+  }
+  return false;
+}
+
 }  // namespace
 
 void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader) {
@@ -166,7 +183,14 @@ void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader) {
   // A disabled log: the staging events of a wrapping reader go nowhere.
   MlperfLog log(nullptr, false);
   const Clock::time_point build_start = Clock::now();
-  const Plugged<Reader> reader = build_reader(config, reader_context(config, 0, 1, &log));
+  const Plugged<Reader> reader = [&] {
+    try {
+      return build_reader(config, reader_context(config, 0, 1, &log));
+    } catch (const Error& e) {
+      if (typeid(e) == typeid(Error) && names_a_setting(e.what(), options)) throw BadRunFile(e.what());
+      throw;
+    }
+  }();
   const double build_seconds = seconds_between(build_start, Clock::now());
 
   const Split split = options.split;

@@ -177,6 +177,25 @@ def test_bad_run_file_is_one_line_naming_file_and_key(tmp_path, data):
     assert "missing.toml" in line
 
 
+def test_a_reader_plugin_s_refusal_of_its_table_is_a_bad_run_file_and_of_the_data_bad_data(tmp_path, data):
+    # The prefetch reader refusing a key of its source's table exited 1, as bad data; deepcam-host exits 2.
+    run = write_run(tmp_path / "run.toml", data / "npy", tmp_path / "out",
+                    reader={"name": "prefetch", "threads": 1, "depth": 2},
+                    **{"reader.source": {"name": "npy", "shuffle_mode": "gpu"}})
+    line = one_error(read(run), 2)
+    assert f"{run}:" in line and "[reader.source] shuffle_mode: the prefetch reader decides the training order" in \
+        line, line
+    line = one_error(read(run, "--set", "reader.source.shuffle_mode=node"), 2)
+    assert line.startswith("deepcam-data: --set reader.source.shuffle_mode=node: the prefetch reader"), line
+    # A refusal of the data from the same factory stays bad data.
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "validation").mkdir()
+    (tmp_path / "empty" / "stats.h5").write_bytes((data / "npy" / "stats.h5").read_bytes())
+    bad = write_run(tmp_path / "bad.toml", tmp_path / "empty", tmp_path / "out", reader={"name": "npy", "threads": 1})
+    line = one_error(read(bad), 1)
+    assert str(tmp_path / "empty") in line, line
+
+
 def test_missing_data_root_names_it(tmp_path):
     run = write_run(tmp_path / "run.toml", tmp_path / "nowhere", tmp_path / "out")
     line = one_error(read(run), 2)  # the run file's [data] root key, as deepcam-host says
