@@ -769,7 +769,8 @@ def test_a_stop_mid_epoch_names_the_checkpoint_a_resume_takes(tmp_path, ranks, s
     launcher.send_signal(signal.SIGTERM)
     assert launcher.wait(timeout=60) == 143
     stderr = err.text()
-    assert re.search(rf"stopped by Terminated \(sent to every rank\) at step \d+ \(epoch {stop_in}\)", stderr), \
+    # The launcher passes the signal to each rank: rank 0 may see it before rank 1 does ("sent to rank 0").
+    assert re.search(rf"stopped by Terminated \(sent to [^)]+\) at step \d+ \(epoch {stop_in}\)", stderr), \
         stderr[-3000:]
     assert f"no checkpoint written for this epoch ({hint.format(out=out)})\n" in stderr, stderr[-3000:]
 
