@@ -220,8 +220,16 @@ int run_host(int argc, char** argv) {
       const bool joined = args[0] != "--nproc";
       if (!joined && args.size() < 2) throw deepcam::Error(fmt::format("--nproc needs a number\n{}", kUsage));
       const long long nproc = count_of("--nproc", joined ? args[0].substr(8) : args[1], "ranks", 4096);
-      return deepcam::launch_local_ranks(static_cast<int>(nproc),
-                                         std::vector<std::string>(args.begin() + (joined ? 1 : 2), args.end()));
+      const std::vector<std::string> rest(args.begin() + (joined ? 1 : 2), args.end());
+      // What prints and ends would print once per rank: refused here, once
+      // (later in the line, each rank refuses it as out of place).
+      const std::string first = rest.empty() ? "" : rest[0].substr(0, rest[0].find('='));
+      if (first == "--help" || first == "-h" || first == "--version" || first == "--list-plugins" ||
+          first == "--describe") {
+        throw deepcam::Error(fmt::format("{} comes alone, first, without --nproc: deepcam-host {}", first,
+                                         first == "--describe" ? "--describe WHAT" : first));
+      }
+      return deepcam::launch_local_ranks(static_cast<int>(nproc), rest);
     }
     std::vector<std::string> files;
     std::vector<std::string> overrides;

@@ -571,6 +571,17 @@ def test_option_equals_value_is_taken_as_argparse_takes_it(tmp_path, data):
     assert '"samples_per_s"' in r.stdout.splitlines()[-1]
 
 
+@pytest.mark.parametrize("args", [["--nproc=2", "--version"], ["--nproc", "2", "--describe=run"],
+                                  ["--nproc", "2", "--help"]])
+def test_what_prints_and_ends_is_refused_once_after_nproc(args):
+    # Each rank printed the version (or the help) once, prefixed with its rank.
+    r = run_host(*args)
+    name = args[-1].split("=")[0]
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert f"deepcam-host: {name} comes alone, first, without --nproc" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("n", ["0", "4097", " 2", "2 ", "+2", "two", ""])
 def test_nproc_takes_a_number_of_ranks_without_sign_or_spaces(tmp_path, data, n):
     out = tmp_path / "out"
