@@ -146,11 +146,12 @@ std::string elf_problem(const std::string& path) {
 // A library's static initialisers run inside dlopen. An exception that
 // leaves one cannot be caught safely by dlopen's caller: the C++ runtime
 // calls std::terminate, or, with a C library whose frames the unwinder can
-// pass, the exception skips the dynamic loader's cleanup and leaves its lock
-// held, so the process could load nothing after it anyway. While a library loads, a
-// terminate handler on the loading thread names the library and what it
-// threw, and ends the process with the status of an internal error (3),
-// where the default handler would abort with "terminate called".
+// pass, the exception skips the dynamic loader's cleanup and leaves its
+// lock held, so the process could load nothing after it anyway. While a
+// library loads, a terminate handler on the loading thread names the
+// library and what it threw, and ends the process with the status of an
+// internal error (3), where the default handler would abort with
+// "terminate called".
 // (Initialisers run on the thread that calls dlopen.)
 std::mutex g_loading_mutex;  // one load at a time: the handler is process-wide
 std::terminate_handler g_previous_terminate = nullptr;

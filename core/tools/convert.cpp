@@ -395,8 +395,6 @@ std::vector<ChannelScale> refuse_what_training_refuses(const fs::path& src, cons
                           src.string(), problems.size()));
 }
 
-}  // namespace
-
 // The shape the readers take for every sample of the set (file_reader.cpp):
 // its first training sample's, in name order; of the first that opens, or
 // none when none does (each is reported when its turn comes).
@@ -415,6 +413,8 @@ SetShape set_shape(const std::map<std::string, std::vector<std::string>>& source
   }
   return {};
 }
+
+}  // namespace
 
 void run_convert(const ConvertOptions& o) {
   const auto start = std::chrono::steady_clock::now();

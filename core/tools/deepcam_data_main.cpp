@@ -99,9 +99,9 @@ labels, in the dtype the HDF5 file stores), standard .npy files that
 numpy.load reads; SRC/stats.h5 is copied to DST once all samples are done.
 A sample whose data is not finite or whose labels are not 0, 1 or 2, or
 whose shape has a 0, does not fit in memory or differs from the first
-training sample's, is named and not converted (training would refuse it); a set training refuses (train/ or validation/
-missing or empty, a stats.h5 verify refuses) is refused before anything is
-written. DST may be SRC: the pairs are then written beside the HDF5 files
+training sample's, is named and not converted (training would refuse it);
+a set training refuses (train/ or validation/ missing or empty, a stats.h5
+verify refuses) is refused before anything is written. DST may be SRC: the pairs are then written beside the HDF5 files
 (each reader reads its own form); DST inside SRC is refused.
 Pairs already converted (headers and sizes matching the source) are skipped,
 so an interrupted run is finished by running it again. Started by mpirun or
