@@ -38,7 +38,6 @@
 #include "closed_division.hpp"
 #include "comm.hpp"
 #include "data_parallel.hpp"
-#include "train_batches.hpp"
 #include "deepcam/build_reader.hpp"
 #include "deepcam/checkpoint.hpp"
 #include "deepcam/error.hpp"
@@ -50,6 +49,7 @@
 #include "picture.hpp"
 #include "ranks.hpp"
 #include "temporary_files.hpp"
+#include "train_batches.hpp"
 
 #if DEEPCAM_WITH_CUDA
 #include <ATen/autocast_mode.h>
