@@ -13,13 +13,28 @@
 #   scripts/device_bundle.sh [DIR]        # DIR: default device-bundle/ (git-ignored)
 #   REF=PATH scripts/device_bundle.sh     # the reference's checkout elsewhere than peers/hpc
 #
+# DIR is replaced: it must not exist, be empty, or hold an earlier bundle
+# (its MANIFEST); anything else is refused (status 2), so that a mistyped
+# DIR never deletes a folder. A relative DIR, like REF, is the caller's.
 # The bundle must stay small enough to travel (the device tool's limit is
 # 64 MiB with the working tree): the script fails when it is over 56 MiB.
 set -euo pipefail
+usage="usage: scripts/device_bundle.sh [DIR]   (REF=PATH for the reference's checkout)"
+case "${1:-}" in
+  -h|--help) echo "$usage"; exit 0 ;;
+  -*) echo "device_bundle: unknown option $1; $usage" >&2; exit 2 ;;
+esac
+if [ $# -gt 1 ]; then echo "device_bundle: one DIR at most; $usage" >&2; exit 2; fi
 top=$(cd "$(dirname "$0")/.." && pwd)
-ref_root=$(realpath -m "${REF:-$top/peers/hpc}")  # before the cd: a relative REF is the caller's
+# Before the cd: a relative REF or DIR is the caller's.
+ref_root=$(realpath -m "${REF:-$top/peers/hpc}")
+bundle=$(realpath -m "${1:-$top/device-bundle}")
+if [ -e "$bundle" ] && { [ ! -d "$bundle" ] || { [ -n "$(ls -A "$bundle")" ] && [ ! -f "$bundle/MANIFEST" ]; }; }; then
+  echo "device_bundle: $bundle is not an earlier bundle (no MANIFEST) and not empty: it would be replaced; name" \
+    "another DIR" >&2
+  exit 2
+fi
 cd "$top"
-bundle=${1:-$top/device-bundle}
 limit_mib=56
 
 scripts/setup.sh
@@ -72,6 +87,7 @@ done
 # The test vectors (gpu_check.sh names them in DEEPCAM_TESTDATA for the unit
 # tests and links them at ../shared/testdata for the integration tests).
 cp -r "$top/../shared/testdata" "$bundle/testdata"
+chmod -R u+w "$bundle/testdata"  # a read-only source stays removable by the next run
 
 # The MLCommons reference's model and loss, for the benchmark's peer.
 ref="$ref_root/deepcam/src/deepCam"
@@ -92,7 +108,7 @@ fi
   echo "commit $(git -C "$top" rev-parse --short HEAD)$(git -C "$top" diff --quiet HEAD -- core plugins tests || echo ' (with uncommitted changes)')"
   echo "made $(date -u +%Y-%m-%dT%H:%MZ) on $(uname -n)"
   echo "torch $("$top/.venv/bin/python" -c 'import torch; print(torch.__version__)')"
-  echo "libraries: $(cd "$bundle/lib" && echo *)"
+  echo "libraries: $(cd "$bundle/lib" && shopt -s nullglob && files=(*) && echo "${files[*]:-none}")"
 } >"$bundle/MANIFEST"
 
 size_kib=$(du -sk "$bundle" | cut -f1)

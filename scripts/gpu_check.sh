@@ -79,6 +79,17 @@ if [ -z "$python" ]; then
 fi
 python=${python:-python3}
 case "$device" in cuda | cpu) ;; *) echo "gpu_check: DEVICE=$device is not cuda or cpu" >&2; exit 2 ;; esac
+# A mistyped part or deadline would run nothing and still pass.
+IFS=, read -r -a part_list <<<"$parts"
+for p in "${part_list[@]}"; do
+  case "$p" in env | unit | train | integration | bench) ;;
+    *) echo "gpu_check: PARTS=$parts: no part '$p'; the parts are env, unit, train, integration, bench" >&2; exit 2 ;;
+  esac
+done
+if [ -n "${DEADLINE:-}" ] && ! [[ "$DEADLINE" =~ ^[1-9][0-9]{0,5}$ ]]; then
+  echo "gpu_check: DEADLINE=$DEADLINE is not a whole number of seconds" >&2
+  exit 2
+fi
 mkdir -p "$out" "$work"
 started=$(date +%s)
 
@@ -169,7 +180,7 @@ part_env() {
   [ -n "$unresolved" ] && echo "not found anywhere:$unresolved"
   command -v nvidia-smi >/dev/null && nvidia-smi
   # The normalisation kernels' widest path (the unit part's normalise_sample case) needs AVX-512.
-  echo "CPU: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1), $(nproc) cores," \
+  echo "CPU: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1), $(nproc --all) cores," \
     "AVX-512: $(grep -qw avx512f /proc/cpuinfo && echo yes || echo no)"
   "$python" - "$device" <<'EOF' || return 1
 import sys, torch

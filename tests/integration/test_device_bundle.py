@@ -38,6 +38,29 @@ def bundle(tmp_path_factory):
     return path
 
 
+def test_a_dir_that_is_not_an_earlier_bundle_is_refused_and_kept(tmp_path):
+    # device_bundle.sh DIR ran rm -rf DIR on whatever DIR was.
+    (tmp_path / "notes.txt").write_text("keep me")
+    r = subprocess.run([str(REPO_ROOT / "scripts" / "device_bundle.sh"), str(tmp_path)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"device_bundle: {tmp_path} is not an earlier bundle (no MANIFEST) and not empty" in r.stderr, r.stderr
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    assert "setup:" not in r.stdout + r.stderr  # refused before any set-up or build
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"PARTS": "evn"}, "gpu_check: PARTS=evn: no part 'evn'; the parts are env, unit, train, integration, bench"),
+    ({"DEADLINE": "5m"}, "gpu_check: DEADLINE=5m is not a whole number of seconds"),
+])
+def test_gpu_check_refuses_parts_and_deadlines_that_would_run_nothing(tmp_path, env, says):
+    # A mistyped part ran nothing and passed ("parts": {}, status 0); DEADLINE=5m did the same.
+    r = subprocess.run([str(REPO_ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, BUNDLE=str(tmp_path), OUT=str(tmp_path / "out"), **env))
+    assert r.returncode == 2 and says in r.stderr, r.stdout + r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_bundle_holds_the_programs_and_the_libraries_a_bare_image_lacks(bundle):
     for program in ("core/deepcam-host", "core/deepcam-data", "core/libdeepcam_core.so",
                     "plugins/optimizers/lamb/libdeepcam_optimizer_lamb.so", "tests/data_parallel_probe",
