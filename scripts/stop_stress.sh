@@ -16,18 +16,26 @@
 # that dumps one ends the script, leaving the core in WORK for gdb. Exits 1
 # when any stop was bad.
 set -uo pipefail
+usage="usage: scripts/stop_stress.sh [STOPS] [RANKS]   (default 100 stops of 2 ranks; WORK=DIR for the scratch folder)"
+case "${1:-}" in -h | --help) echo "$usage"; exit 0 ;; esac
 top=$(cd "$(dirname "$0")/.." && pwd)
 stops=${1:-100}
 ranks=${2:-2}
 work=${WORK:-/tmp/deepcam-stop-stress}
 host="$top/build/core/deepcam-host"
+if [ $# -gt 2 ] || ! [[ "$stops" =~ ^[1-9][0-9]*$ && "$ranks" =~ ^[1-9][0-9]*$ ]]; then
+  echo "stop_stress: STOPS and RANKS are whole numbers of at least 1; $usage" >&2
+  exit 2
+fi
 [ -x "$host" ] || { echo "stop_stress: no $host: build first (scripts/setup.sh)" >&2; exit 2; }
-case "$stops$ranks" in *[!0-9]*) echo "stop_stress: STOPS and RANKS are whole numbers" >&2; exit 2 ;; esac
 mkdir -p "$work"
 cd "$work" || exit 2
 rm -f bad-*.txt core core.*
-"$top/build/core/deepcam-data" synth --out data --train 16 --validation 4 --seed 3 --height 64 --width 96 \
-  >/dev/null || exit 2
+# The set an earlier run here wrote is used again (synth refuses a finished set).
+if [ ! -f data/stats.h5 ]; then
+  "$top/build/core/deepcam-data" synth --out data --train 16 --validation 4 --seed 3 --height 64 --width 96 \
+    >/dev/null || exit 2
+fi
 launch=()
 [ "$ranks" -gt 1 ] && launch=(--nproc "$ranks")
 bad=0
