@@ -18,6 +18,11 @@
 # This script has not yet run on a GPU: no GPU machine was lent to the
 # sessions that wrote it; its CPU counterpart is `scripts/bench_step.py`.
 set -euo pipefail
+case "${1:-}" in
+  -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+  ?*) echo "bench_gpu: takes no arguments (settings are environment variables: REF, DOCS, STEPS, BATCHES); see --help" >&2
+      exit 2 ;;
+esac
 top=$(cd "$(dirname "$0")/.." && pwd)
 ref=${REF:-$top/peers/hpc}
 python=${PYTHON:-$top/.venv/bin/python}

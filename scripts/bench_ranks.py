@@ -90,7 +90,8 @@ def one_run(ranks, data, out, args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--repeat", type=int, default=3, help="runs of each rank count, the median is shown")
     p.add_argument("--epochs", type=int, default=4, help="epochs per run; the first is not measured")
     p.add_argument("--batch", type=int, default=4, help="local (per-rank) batch size")

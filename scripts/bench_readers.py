@@ -37,7 +37,7 @@ file cannot be written the cold rows are left out and the output says so).
 Each cell is the median of --repeat runs. GB/s counts the bytes of the files
 on disk (1 GB = 1e9 bytes); peak RSS is the process's maximum resident set
 (wait4), which for memory-mapped reads includes the mapped file pages the
-process touched, and for deepcam-data includes LibTorch (about 125 MB).
+process touched, and for deepcam-data includes LibTorch (about 350 MB).
 
 Then the prefetch test: `deepcam-data read --consume-matched
 --with-validation` over the prefetch reader, whose consumer spends as long
@@ -459,7 +459,8 @@ def main():
         return 0
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--data", type=Path, default=REPO / "runs" / "bench-readers",
                    help="holds h5/ (made if missing) and npy/ (converted from h5/); default runs/bench-readers")
     p.add_argument("--train", type=int, default=40, help="training samples when making the set (default 40: 2.4 GB)")
@@ -483,20 +484,25 @@ def main():
     args = p.parse_args()
 
     names = list(READERS) + list(BASELINES)
-    only = names if not args.only else [s.strip() for s in args.only.split(",") if s.strip()]
+    only = names if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in only if s not in names]
     if unknown:
         p.error(f"--only: unknown set-up(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+    if not only:
+        p.error(f"--only {args.only!r} names no set-up; choose from {', '.join(names)}")
     for opt in ("train", "batch_size", "threads", "depth", "repeat", "prefetch_epochs"):
         if getattr(args, opt) < 1:
             p.error(f"--{opt.replace('_', '-')} must be at least 1")
-    if args.validation < 0:
-        p.error("--validation must be at least 0")
+    if args.validation < 1:
+        p.error("--validation must be at least 1 (deepcam-data synth's least)")
     for opt in ("height", "width"):  # deepcam-data synth's range
         if not 16 <= getattr(args, opt) <= 16384:
             p.error(f"--{opt} must be between 16 and 16384, got {getattr(args, opt)}")
     if args.data.exists() and not args.data.is_dir():
         p.error(f"--data {args.data} is not a directory")
+    if args.json is not None and not args.json.parent.is_dir():
+        # Found only after the whole benchmark, whose figures were then lost.
+        p.error(f"--json {args.json}: no folder {args.json.parent} to write it in")
     tool = args.build_dir / "core" / "deepcam-data"
     if not tool.is_file():
         p.error(f"{tool} is not built; run scripts/setup.sh or ninja -C {args.build_dir} core/deepcam-data")

@@ -211,7 +211,8 @@ def positive(text):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--ref", type=Path, default=REPO / "peers" / "hpc", help="a checkout of mlcommons/hpc")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=positive, default=os.cpu_count())
@@ -237,6 +238,12 @@ def main():
         if len(parts) == 3 and args.device != "cuda":
             p.error(f"--setups: {setup!r}: CUDA graphs need --device cuda")
         setups.append((parts[0], parts[1], len(parts) == 3))
+    if args.device == "cuda":
+        # Before anything is written or started: the reference loop's torch would fail with a traceback.
+        seen = subprocess.run([python_with_torch(), "-c", "import torch; print(torch.cuda.is_available())"],
+                              capture_output=True, text=True)
+        if seen.stdout.strip() != "True":
+            p.error(f"--device cuda: {python_with_torch()}'s torch sees no CUDA GPU on this machine")
     # SIGTERM (a deadline, a batch system) ends this script as SIGINT does, through the clean-up below:
     # deepcam-host (ended by subprocess.run) and the reference loop do not outlive it.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

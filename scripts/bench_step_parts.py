@@ -35,7 +35,7 @@ def cpu_name():
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=21, help="timed runs of each column, the median is shown")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--build", type=Path, default=REPO / "build")

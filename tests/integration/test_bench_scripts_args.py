@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from helpers import BUILD_DIR, REPO_ROOT, synth
 
@@ -31,6 +32,10 @@ def run_script(name, *args):
     ("bench_ranks.py", ["--repeat", "1", "--epochs", "2", "--data", "{file}"], "--data"),
     ("bench_step_parts.py", ["--build", "{tmp}/nonexistent"], "--build"),
     ("bench_step_parts.py", ["--build", "{build}", "--repeats", "0"], "--repeats"),
+    # Found only after the benchmark (a traceback, its figures lost), or by synth, or measured nothing.
+    ("bench_readers.py", ["--data", "{tmp}/rd", "--json", "{tmp}/nodir/x.json"], "--json"),
+    ("bench_readers.py", ["--data", "{tmp}/rd", "--validation", "0"], "--validation"),
+    ("bench_readers.py", ["--data", "{tmp}/rd", "--only", ","], "--only"),
 ])
 def test_a_bad_argument_is_one_usage_error_naming_it(tmp_path, name, args, option):
     """Each of these ended in a traceback (StatisticsError, FileExistsError, CalledProcessError hiding
@@ -130,3 +135,27 @@ def test_a_records_commit_is_its_own_never_that_of_a_checkout_around_it(tmp_path
     # No git at all (a GPU machine's image may lack it): unknown, not a traceback.
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert bench_common.commit(outer) == "unknown"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_bench_step_refuses_cuda_where_torch_sees_no_gpu(tmp_path):
+    """It wrote its data set, started the reference loop and ended in torch's traceback ("Found no NVIDIA
+    driver")."""
+    ref = tmp_path / "ref"
+    (ref / "deepcam/src/deepCam/architecture").mkdir(parents=True)
+    (ref / "deepcam/src/deepCam/architecture/deeplab_xception.py").write_text("")
+    r = run_script("bench_step.py", "--ref", ref, "--device", "cuda", "--no-docs")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith("--device cuda: " + str(REPO_ROOT / ".venv" / "bin" / "python")
+                                                      + "'s torch sees no CUDA GPU on this machine"), r.stderr
+
+
+@pytest.mark.parametrize("name", ["bench_ranks.py", "bench_readers.py", "bench_step.py", "bench_step_parts.py"])
+def test_help_prints_the_description_once_and_whole(name):
+    # bench_step_parts cut it after its first line; the others printed its first paragraph twice.
+    r = run_script(name, "--help")
+    assert r.returncode == 0, r.stderr
+    doc = (SCRIPTS / name).read_text().split('"""', 2)[1]
+    first = doc.split("\n\n")[0].strip()
+    assert r.stdout.count(first.splitlines()[0]) == 1, r.stdout
+    assert doc.strip().splitlines()[-1].strip() in r.stdout, r.stdout
