@@ -142,9 +142,9 @@ def worker(kind, threads, files_json, stats=None):
     transposed to (C, H, W) contiguous, labels as int64."""
     samples = json.loads(Path(files_json).read_text())
     import numpy as np
-    if kind == "h5py":
+    if kind == "h5py" or stats:
         import h5py
-
+    if kind == "h5py":
         def load(sample):
             with h5py.File(sample[0], "r") as f:
                 return f["climate/data"][...], f["climate/labels_0"][...]
@@ -153,7 +153,6 @@ def worker(kind, threads, files_json, stats=None):
             return np.load(sample[0]), np.load(sample[1])
     read_one = load
     if stats:
-        import h5py
         with h5py.File(stats, "r") as f:
             lo, hi = f["climate/minval"][...], f["climate/maxval"][...]
         shift, scale = lo.astype(np.float32), (1.0 / (hi - lo)).astype(np.float32)

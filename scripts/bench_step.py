@@ -42,11 +42,9 @@ import os
 import platform
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench_common import ToolFailed, commit, run_tool, write_docs
