@@ -369,6 +369,9 @@ def fake_job(tmp_path, restart=0, user=None, **variables):
      "OVERRIDES: '200]' is not a section.key=value item"),
     # Any value but 1 was taken as 0.
     ({"CLEAR_CACHES": "yes"}, "CLEAR_CACHES must be 0 or 1, got 'yes'"),
+    # srun started deepcam-host with no run file; bash's own cd error had status 1.
+    ({"RUN_FILES": "   "}, "RUN_FILES names no file"),
+    ({"DEEPCAM_HOME": "/nonexistent"}, "DEEPCAM_HOME: cannot enter /nonexistent (the checkout)"),
 ])
 def test_run_sub_refuses_settings_it_would_have_dropped_or_misread(tmp_path, variables, message):
     r = fake_job(tmp_path, **variables)
@@ -424,6 +427,21 @@ def test_a_requeued_job_keeps_the_runs_that_ended_and_reruns_the_one_cut_short(t
     assert moved.is_dir() and moved.with_name("4242_2.attempt1.out").is_file()
     assert "run 2 of 3" in r.stdout and "run 3 of 3" in r.stdout, r.stdout
     assert [(logs / f"4242_{n}.status").read_text() for n in (1, 2, 3)] == ["1\n", "0\n", "0\n"]
+
+
+def test_a_first_start_over_another_jobs_runs_of_the_same_id_is_refused(tmp_path):
+    """Job ids repeat (a reset controller, two clusters sharing LOGDIR): a first start took the other job's
+    ended runs for its own, kept them and ran nothing."""
+    logs = tmp_path / "logs"
+    r = fake_job(tmp_path, NEXP=2, SEED=7)
+    assert r.returncode == 0, r.stdout + r.stderr
+    before = {p: p.read_bytes() for p in logs.rglob("*") if p.is_file()}
+    r = fake_job(tmp_path, NEXP=2, SEED=7)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert (f"run.sub: {logs} holds runs of another job with this job's id 4242 ({logs / '4242_1'}") in r.stderr, \
+        r.stderr
+    assert "deepcam-host" not in r.stdout, r.stdout
+    assert {p: p.read_bytes() for p in logs.rglob("*") if p.is_file()} == before
 
 
 def test_requeued_instances_run_again_together_unless_all_had_ended(tmp_path):
