@@ -467,3 +467,17 @@ def test_init_datasets_without_its_folders_exits_2_as_for_any_other_wrong_variab
                        env=env, timeout=60)
     assert r.returncode == 2 and f"init_datasets.sub: set {unset} to" in r.stderr, r.stderr
     assert not (tmp_path / "npy").exists()
+
+
+@pytest.mark.parametrize("variables, message", [
+    ({"VERIFY_VALUES": "yes"}, "VERIFY_VALUES must be 0 or 1, got 'yes'"),  # taken as 0
+    ({"THREADS": "many"}, "THREADS must be a whole number from 1 to 1024, got 'many'"),  # refused in the step
+    ({"DEEPCAM_HOME": "/nonexistent"}, "DEEPCAM_HOME: cannot enter /nonexistent (the checkout)"),
+])
+def test_init_datasets_refuses_a_wrong_setting_before_any_step(tmp_path, variables, message):
+    env = clean_env(SLURM_JOB_ID=4242, SLURM_SUBMIT_DIR=REPO_ROOT, PATH="/usr/bin:/bin", SRCDIR=tmp_path,
+                    DSTDIR=tmp_path / "npy", **variables)
+    r = subprocess.run(["bash", str(REPO_ROOT / "scripts/slurm/init_datasets.sub")], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 2 and f"init_datasets.sub: {message}" in r.stderr, r.stdout + r.stderr
+    assert not (tmp_path / "npy").exists()
