@@ -25,8 +25,9 @@
 # their own is not seen, except through the calls ASan intercepts (memcpy,
 # malloc and free, which catch a double free or a bad pointer from anyone).
 set -uo pipefail
+case "${1:-}" in -h | --help) sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 top=$(cd "$(dirname "$0")/.." && pwd)
-cd "$top"
+cd "$top" || exit 1
 
 if ! scripts/setup.sh >/dev/null; then
   echo "sanitize_program: scripts/setup.sh failed"
@@ -67,10 +68,26 @@ export DEEPCAM_PLUGIN_PATH="$build/plugins"
 # The Slurm scripts' programs (scripts/slurm/), which the Slurm tests run.
 export DEEPCAM_HOST="$build/core/deepcam-host" DEEPCAM_DATA="$build/core/deepcam-data"
 export OMP_WAIT_POLICY=PASSIVE
-python -m pytest -q -p no:cacheprovider -o console_output_style=classic -n 2 --dist loadfile -m "not alone" \
-  tests/integration "$@" | grep -E '^(FAILED|ERROR) |[0-9]+ (passed|failed)'
-python -m pytest -q -p no:cacheprovider -o console_output_style=classic -m alone tests/integration "$@" |
-  grep -E '^(FAILED|ERROR) |[0-9]+ (passed|failed)'
+# pytest's status: 1 (tests failed) is expected here, as said above; 5 is
+# "nothing collected"; 2 to 4 (interrupted, an internal error, a bad
+# option) mean the tests did not run, and then "0 reports" would say nothing.
+ran=0
+for marks in "not alone" alone; do
+  workers=()
+  [ "$marks" = alone ] || workers=(-n 2 --dist loadfile)
+  python -m pytest -q -p no:cacheprovider -o console_output_style=classic "${workers[@]}" -m "$marks" \
+    tests/integration "$@" | grep -E '^(FAILED|ERROR) |[0-9]+ (passed|failed)|^ERROR|error:'
+  rc=${PIPESTATUS[0]}
+  case "$rc" in
+    0 | 1) ran=1 ;;
+    5) ;;
+    *) echo "sanitize_program: pytest did not run the tests (-m \"$marks\", status $rc)"; exit 1 ;;
+  esac
+done
+if [ "$ran" -eq 0 ]; then
+  echo "sanitize_program: pytest collected no test with these arguments: $*"
+  exit 1
+fi
 
 # A test that runs a program under a memory limit (RLIMIT_DATA, ulimit -d)
 # leaves a report that ASan could not reserve its shadow memory there: that
