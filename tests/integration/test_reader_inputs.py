@@ -450,6 +450,22 @@ def write_huge_npy(path, shape):
         f.truncate(10 + len(header) + int(np.prod(shape)) * 4)
 
 
+@pytest.mark.parametrize("io", ["mmap", "pread", "direct"])
+def test_a_truncated_npy_sample_is_refused_naming_the_bytes_it_needs(tmp_path, data, io):
+    # It named the bytes its header promises after the offset, and the file's, never the size it needs.
+    from helpers import run_host
+    root = tmp_path / "cut"
+    shutil.copytree(data["npy", "float32"], root)
+    second = sorted((root / "train").glob("data-*.npy"))[1]  # the first, which fixes the shape, is checked apart
+    size = second.stat().st_size
+    with open(second, "r+b") as f:
+        f.truncate(size - 100)
+    r = run_host(run_file(tmp_path, root, "npy", reader_keys={"io": io}))
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = next(l for l in r.stderr.splitlines() if l.startswith("deepcam-host:"))
+    assert str(second) in line and f"(a file of {size} bytes), but the file has {size - 100} bytes" in line, line
+
+
 @pytest.mark.parametrize("reader", ["npy", "prefetch-npy"])
 def test_a_sample_too_large_for_memory_is_refused_naming_file_bytes_and_batch(tmp_path, data, reader):
     from helpers import run_host

@@ -304,8 +304,9 @@ npy::Header parse_checked(const std::string& path, const unsigned char* bytes, s
   const npy::Header header = npy::parse_header(path, bytes, size);
   if (size < header.data_offset || size - header.data_offset < header.data_bytes())
     throw Error(path + ": header promises " + std::to_string(header.data_bytes()) +
-                " bytes of data after offset " + std::to_string(header.data_offset) +
-                ", but the file has " + std::to_string(size) + " bytes; it is truncated");
+                " bytes of data after offset " + std::to_string(header.data_offset) + " (a file of " +
+                std::to_string(header.data_offset + header.data_bytes()) + " bytes), but the file has " +
+                std::to_string(size) + " bytes; it is truncated");
   return header;
 }
 
