@@ -185,7 +185,12 @@ void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader) {
   const Clock::time_point build_start = Clock::now();
   const Plugged<Reader> reader = [&] {
     try {
-      return build_reader(config, reader_context(config, 0, 1, &log));
+      // The splits read reads, as the engine names its own: a staging reader
+      // stages those only.
+      ReaderContext context = reader_context(config, 0, 1, &log);
+      context.splits = {options.split};
+      if (options.with_validation) context.splits.push_back(Split::Validation);
+      return build_reader(config, context);
     } catch (const Error& e) {
       if (typeid(e) == typeid(Error) && names_a_setting(e.what(), options)) throw BadRunFile(e.what());
       throw;

@@ -257,6 +257,21 @@ def test_cuda_without_a_gpu_is_a_bad_run_file(tmp_path, data, reader):
     assert f'{run}:' in line and '[run] device = "cuda": no CUDA device is available' in line, line
 
 
+@pytest.mark.parametrize("args, staged", [([], TRAIN), (["--with-validation"], TRAIN + VALIDATION),
+                                           (["--split", "validation"], VALIDATION)])
+def test_a_staging_reader_stages_the_splits_read_reads_only(tmp_path, data, args, staged):
+    # Both splits were staged whatever --split said, as for a training run.
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    run = write_run(tmp_path / "run.toml", data / "h5", tmp_path / "out",
+                    reader={"name": "prefetch", "depth": 2, "threads": 1, "stage_dir": str(stage)},
+                    **{"reader.source": {"name": "hdf5", "threads": 1}})
+    r = read(run, *args)
+    assert r.returncode == 0, r.stderr
+    assert f"deepcam-data: staged {staged} files" in r.stderr, r.stderr
+    assert list(stage.iterdir()) == []
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stop_signal_removes_what_the_reader_staged(tmp_path, data, sig):
     """read ended at once on SIGTERM or SIGINT, leaving the prefetch reader's staged copies (a shard in
