@@ -46,6 +46,7 @@
 #include "deepcam/normalise.hpp"
 #include "deepcam/npy.hpp"
 #include "deepcam/stop_request.hpp"
+#include "deepcam/torch_pickle.hpp"
 #include "picture.hpp"
 #include "ranks.hpp"
 #include "temporary_files.hpp"
@@ -2305,8 +2306,12 @@ void agree_on_rank0_refusal(Communicator& comm, const std::function<void()>& che
 
 // Builds the engine's components. A plugin's work stopped by SIGTERM or
 // SIGINT here (a reader staging its files) ends a run that never started:
-// its record is removed as after a refusal.
-void build_or_stop(Engine& engine, bool with_optimizer, const std::vector<Split>& splits) {
+// its record is removed as after a refusal. `checkpoint` (resume,
+// --evaluate or --predict; "" for none) is read only after the build: a
+// missing or foreign file is named before a reader stages for minutes.
+void build_or_stop(Engine& engine, bool with_optimizer, const std::vector<Split>& splits,
+                   const std::string& checkpoint) {
+  if (!checkpoint.empty()) check_torch_save_file(checkpoint);
   try {
     engine.build(with_optimizer, splits);
   } catch (const StopRequested& e) {
@@ -2367,7 +2372,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
     MlperfLog no_log(nullptr, false);
     record_stop_signals_from_now();
     Engine engine(cfg, seed_drawn, no_log, comm);
-    build_or_stop(engine, /*with_optimizer=*/false, {Split::Validation});
+    build_or_stop(engine, /*with_optimizer=*/false, {Split::Validation}, opts.predict_checkpoint);
     // The earlier files go only once this run has a prediction to write:
     // a checkpoint or setting refused leaves them as they were.
     const int status = engine.write_predictions(opts.predict_checkpoint, opts.predict_out, opts.predict_samples,
@@ -2443,7 +2448,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   record_stop_signals_from_now();
   Engine engine(cfg, seed_drawn, log, comm);
   if (evaluating) {
-    build_or_stop(engine, /*with_optimizer=*/false, {Split::Validation});
+    build_or_stop(engine, /*with_optimizer=*/false, {Split::Validation}, opts.evaluate_checkpoint);
     const int status = engine.evaluate(opts.evaluate_checkpoint);
     comm.finish();
     if (record) record->keep();
@@ -2468,7 +2473,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   log.event("number_of_nodes", Json(comm.nodes()));
   // One GPU per rank: the most ranks on one node.
   log.event("accelerators_per_node", Json(cfg.run.string("device") == "cuda" ? comm.max_local_size() : 0));
-  build_or_stop(engine, /*with_optimizer=*/true, {Split::Train, Split::Validation});
+  build_or_stop(engine, /*with_optimizer=*/true, {Split::Train, Split::Validation}, cfg.run.string("resume"));
   int status = 0;
   try {
     status = engine.train();

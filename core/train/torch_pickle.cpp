@@ -1152,6 +1152,8 @@ void check_container(const std::string& path) {
 
 }  // namespace
 
+void check_torch_save_file(const std::string& path) { check_container(path); }
+
 c10::IValue load_torch_save(const std::string& path) {
   check_container(path);
   std::error_code ec;

@@ -173,7 +173,8 @@ def test_deepcam_data_read_speaks_as_itself_when_staging(tmp_path, data):
                        env=plugin_env(), timeout=600)
     assert r.returncode == 0, r.stderr
     staged = [l for l in r.stderr.splitlines() if " staged " in l]
-    assert len(staged) == 1 and staged[0].startswith("deepcam-data: staged 12 files"), r.stderr
+    # The 8 training files read reads (not the validation files: no --with-validation).
+    assert len(staged) == 1 and staged[0].startswith("deepcam-data: staged 8 files"), r.stderr
     assert "deepcam-host" not in r.stderr, r.stderr
 
 def read_log(path):
@@ -222,6 +223,26 @@ def test_prefetch_and_staging_change_no_number_of_a_run(tmp_path, data):
     assert source["library"].endswith("libdeepcam_reader_hdf5.so")
     assert resolved["reader"]["threads"] == 3 and resolved["reader"]["shuffle_mode"] == "global"
     assert "[reader.source]" in r.stderr
+
+
+@pytest.mark.parametrize("mode", ["resume", "--evaluate", "--predict"])
+@pytest.mark.parametrize("checkpoint", ["missing.pt", "garbage.pt"])
+def test_a_checkpoint_that_cannot_be_read_is_named_before_the_reader_stages(tmp_path, data, mode, checkpoint):
+    # It was named only once the reader had staged every file (minutes on a real data set).
+    (tmp_path / "garbage.pt").write_text("not a checkpoint\n")
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    run = prefetch_run(tmp_path, data, reader={"stage_dir": str(stage)})
+    path = tmp_path / checkpoint
+    args = {"resume": ["--set", f"run.resume={path}"], "--evaluate": ["--evaluate", path],
+            "--predict": ["--predict", path, "--out", tmp_path / "pred"]}[mode]
+    r = run_host(run, *args)
+    assert r.returncode == 2, r.stderr[-3000:]
+    said = "cannot open (no such file, or not readable)" if checkpoint == "missing.pt" else \
+        "not a torch.save file (not a zip archive)"
+    assert f"deepcam-host: {path}: {said}" in r.stderr, r.stderr[-3000:]
+    assert "staged" not in r.stderr and list(stage.iterdir()) == []
+    assert not (tmp_path / "out").exists()
 
 
 def test_staging_that_runs_out_of_space_fails_cleanly(tmp_path, data):

@@ -31,6 +31,12 @@ namespace deepcam {
 // opcode or global is named), and for a missing, truncated or corrupt file.
 DEEPCAM_API c10::IValue load_torch_save(const std::string& path);
 
+// load_torch_save's first check alone, which reads 4 bytes: `path` is a
+// readable regular file that begins as a torch.save zip archive. Throws its
+// Error otherwise. For a check made before long work (a reader's staging)
+// that the file would only be read after.
+DEEPCAM_API void check_torch_save_file(const std::string& path);
+
 // Writes `value` as Python's torch.save does (a zip archive holding a
 // protocol 2 pickle and one record per tensor storage), which Python's
 // torch.load reads with weights_only=True:
