@@ -501,6 +501,13 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
   if (const auto k = f.find("gradient_accumulation_frequency")) {
     info.gradient_accumulation_frequency = f.count(*k, "gradient_accumulation_frequency", kMost);
     if (info.gradient_accumulation_frequency == 0) f.fail("'gradient_accumulation_frequency' is 0, expected >= 1");
+    // Saved in the middle of an accumulation only where its frequency does
+    // not divide the step.
+    if (info.partial_accumulation_ranks > 0 && info.step % info.gradient_accumulation_frequency == 0) {
+      f.fail(fmt::format("'partial_accumulation_ranks' is {}, but its step {} ends an accumulation of "
+                         "'gradient_accumulation_frequency' {}: no accumulation was in progress",
+                         info.partial_accumulation_ranks, info.step, info.gradient_accumulation_frequency));
+    }
   }
   if (const auto ranks = f.find("world_size")) {
     info.world_size = f.count(*ranks, "world_size", kMost);

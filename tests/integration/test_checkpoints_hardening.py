@@ -234,6 +234,11 @@ BAD_FIELDS = {
     "scaler_interval_beyond_int32": (set_to("scaler", dict(SCALER, growth_interval=2**32 + 1)),
                                      "['scaler']['growth_interval'] is 4294967297, expected an integer in "
                                      "0..2147483647"),
+    # Refused as "saved in the middle of a gradient accumulation", which its own step and frequency deny.
+    "partial_ranks_at_a_whole_accumulation": (
+        lambda c: c.update(partial_accumulation_ranks=2, gradient_accumulation_frequency=3),
+        "'partial_accumulation_ranks' is 2, but its step 3 ends an accumulation of 'gradient_accumulation_frequency' "
+        "3: no accumulation was in progress"),
 }
 
 
