@@ -245,6 +245,23 @@ def test_a_checkpoint_that_cannot_be_read_is_named_before_the_reader_stages(tmp_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_leftover_of_a_killed_run_is_reported_once_per_node(tmp_path, data, nproc):
+    # Each rank of a node said the same warning in gpu (and global) mode.
+    stage = tmp_path / "stage"
+    p = subprocess.Popen(["true"])
+    p.wait()
+    leftover = stage / f"deepcam-stage-{p.pid}-Ab12Cd"  # its pid is no process any more
+    (leftover / "train").mkdir(parents=True)
+    run = prefetch_run(tmp_path, data, reader={"stage_dir": str(stage), "shuffle_mode": "gpu"},
+                       run={"threads": 1})
+    r = run_host(*(["--nproc", nproc] if nproc > 1 else []), run)
+    assert r.returncode in (0, 1), r.stderr[-3000:]
+    said = [l for l in r.stderr.splitlines() if f"warning: {leftover} was left by a run that is no longer running" in l]
+    assert len(said) == 1, r.stderr[-3000:]
+    assert sorted(p.name for p in stage.iterdir()) == [leftover.name]  # reported, not removed
+
+
 def test_staging_that_runs_out_of_space_fails_cleanly(tmp_path, data):
     stage = tmp_path / "stage"
     stage.mkdir()

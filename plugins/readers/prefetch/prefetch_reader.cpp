@@ -294,7 +294,8 @@ struct PrefetchReader::Impl {
 
   // This rank's own directory, with everything it may read.
   void stage_private() {
-    staging = std::make_unique<StagingArea>(options.stage_dir, options.stage_setting);
+    // Every rank of a node sees the same leftovers there: its first says so.
+    staging = std::make_unique<StagingArea>(options.stage_dir, options.stage_setting, context.local_rank == 0);
     const std::pair<Split, std::vector<std::int64_t>> plan[] = {{Split::Train, sharding->reach()},
                                                                 {Split::Validation, validation_order}};
     for (const auto& [s, indices] : plan) {

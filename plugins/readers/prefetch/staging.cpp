@@ -135,13 +135,13 @@ std::uint64_t checksum(const void* data, std::size_t size, std::uint64_t state) 
 }
 
 // A fresh directory <parent>/deepcam-stage-<pid>-<random>.
-static std::string make_fresh_dir(const std::string& parent, const std::string& where) {
+static std::string make_fresh_dir(const std::string& parent, const std::string& where, bool report_leftovers) {
   std::error_code ec;
   if (!fs::is_directory(parent, ec)) {
     throw Error(fmt::format("{}: no such directory; give an existing node-local directory such as /dev/shm or /tmp",
                             where));
   }
-  warn_about_leftovers(parent);
+  if (report_leftovers) warn_about_leftovers(parent);
   // The pid in the name lets a later run tell a leftover from a live copy.
   std::string templ = (fs::path(parent) / fmt::format("deepcam-stage-{}-XXXXXX", ::getpid())).string();
   if (!::mkdtemp(templ.data())) {
@@ -180,8 +180,8 @@ static Error lock_failed(const std::string& lock, int e, const std::string& wher
                            lock, errno_text(e), where));
 }
 
-StagingArea::StagingArea(const std::string& parent, const std::string& where)
-    : role_(Role::Private), dir_(make_fresh_dir(parent, where)), where_(where) {}
+StagingArea::StagingArea(const std::string& parent, const std::string& where, bool report_leftovers)
+    : role_(Role::Private), dir_(make_fresh_dir(parent, where, report_leftovers)), where_(where) {}
 
 StagingArea::StagingArea(Role role, std::string dir, std::string where, int lock_fd,
                          std::chrono::milliseconds grace)
@@ -189,7 +189,7 @@ StagingArea::StagingArea(Role role, std::string dir, std::string where, int lock
 
 std::unique_ptr<StagingArea> StagingArea::create_shared(const std::string& parent, const std::string& where,
                                                         std::chrono::milliseconds grace) {
-  const std::string dir = make_fresh_dir(parent, where);
+  const std::string dir = make_fresh_dir(parent, where, /*report_leftovers=*/true);
   const std::string lock = lock_path(dir);
   const int fd = ::open(lock.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (fd < 0 || flock_retrying(fd, LOCK_SH) != 0) {

@@ -55,7 +55,8 @@ std::uint64_t checksum(const void* data, std::size_t size, std::uint64_t state =
 
 // Staging directories under `parent` whose run is no longer alive (the pid
 // in their name is not a process): left by a run killed by a signal.
-// Creating a StagingArea prints a warning for each.
+// Creating a StagingArea prints a warning for each (a private one only when
+// asked: one rank of a node says it for the node).
 std::vector<std::string> leftover_areas(const std::string& parent);
 
 class StagingArea {
@@ -63,7 +64,8 @@ class StagingArea {
   // Creates a fresh directory <parent>/deepcam-stage-<pid>-<random>
   // (mkdtemp), so that runs sharing a node do not share copies. `where` names the setting
   // with its value for messages (Params::setting: "run.toml:5 [reader] stage_dir = \"/dev/shm\"").
-  StagingArea(const std::string& parent, const std::string& where);
+  // `report_leftovers`: warn about the leftover_areas() of `parent`.
+  StagingArea(const std::string& parent, const std::string& where, bool report_leftovers = true);
   ~StagingArea();
   StagingArea(const StagingArea&) = delete;
   StagingArea& operator=(const StagingArea&) = delete;
