@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdint>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <new>
 #include <set>
@@ -79,13 +80,23 @@ Result check_h5(const Item& item, const std::vector<ChannelScale>& scales) {
 }
 
 // Reads a whole .npy file after checking its header (read_header refuses a
-// file shorter than its header promises before anything is allocated).
-std::vector<unsigned char> read_npy(const fs::path& path, npy::Header& header) {
+// file shorter than its header promises before anything is allocated). Bytes
+// after the data are a problem of their own, added to `problems`: numpy
+// never writes them and reads past them, so they mean a write gone wrong
+// (two runs into one file, a file overwritten in place by a smaller one).
+std::vector<unsigned char> read_npy(const fs::path& path, npy::Header& header, std::vector<std::string>& problems) {
   header = npy::read_header(path.string());
   std::vector<unsigned char> bytes(header.data_offset + header.data_bytes());
   std::ifstream in(path, std::ios::binary);
   in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
   if (!in) throw Error(fmt::format("{}: cannot read the file", path.string()));
+  in.ignore(std::numeric_limits<std::streamsize>::max());
+  if (const std::streamsize extra = in.gcount(); extra > 0) {
+    problems.push_back(fmt::format("{}: {} bytes follow the {} bytes of data its header describes (the file has "
+                                   "{} bytes, not {}); numpy writes none, so the file was written wrongly",
+                                   path.string(), extra, header.data_bytes(), bytes.size() + static_cast<std::size_t>(extra),
+                                   bytes.size()));
+  }
   return bytes;
 }
 
@@ -95,7 +106,7 @@ Result check_npy(const Item& item, const std::vector<ChannelScale>& scales) {
   bool data_ok = false, label_ok = false;
   {
     try {
-      const std::vector<unsigned char> bytes = read_npy(item.data, dh);
+      const std::vector<unsigned char> bytes = read_npy(item.data, dh, r.problems);
       if (dh.shape.size() != 3)
         throw Error(fmt::format("{}: expected shape (height, width, channels), found {}", item.data.string(),
                                 shape_text(dh.shape)));
@@ -113,7 +124,7 @@ Result check_npy(const Item& item, const std::vector<ChannelScale>& scales) {
   }
   {
     try {
-      const std::vector<unsigned char> bytes = read_npy(item.label, lh);
+      const std::vector<unsigned char> bytes = read_npy(item.label, lh, r.problems);
       if (lh.shape.size() != 2)
         throw Error(fmt::format("{}: expected shape (height, width), found {}", item.label.string(),
                                 shape_text(lh.shape)));

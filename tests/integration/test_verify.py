@@ -93,6 +93,24 @@ def test_truncated_npy(deepcam_data, good_sets, tmp_path):
         (label, "truncated .npy file"))
 
 
+def test_bytes_after_the_data_are_a_problem_and_the_values_are_still_checked(deepcam_data, good_sets, tmp_path):
+    # numpy reads past them, so only verify can tell: two writes run together.
+    root = copy_of(good_sets[1], tmp_path)
+    data = first(root, "train/data-*.npy")
+    size = data.stat().st_size
+    with open(data, "ab") as f:
+        f.write(b"\0" * 7)
+    label = first(root, "validation/label-*.npy")
+    values = np.load(label)
+    values[0, 0] = 9
+    np.save(label, values)
+    with open(label, "ab") as f:
+        f.write(label.read_bytes())
+    label_size = label.stat().st_size
+    bad(deepcam_data, root, (data, "7 bytes follow the 98304 bytes of data", f"{size + 7} bytes, not {size}"),
+        (label, f"{label_size // 2} bytes follow"), (label, "value 9 at (row 0, column 0)"))
+
+
 def test_header_promising_more_than_the_file_holds(deepcam_data, good_sets, tmp_path):
     root = copy_of(good_sets[1], tmp_path)
     data = first(root, "train/data-*.npy")
