@@ -78,7 +78,8 @@ synth options:
   --threads T        worker threads (>= 1)                      default 2
 
 stats computes per channel count, mean, sqmean, minval and maxval over all
-pixels of all DIR/train/*.h5 files and writes DIR/stats.h5 atomically. A
+pixels of all DIR/train/*.h5 files (in a set of the numpy form only, its
+data-X.npy files) and writes DIR/stats.h5 atomically. A
 stats.h5 it cannot write (a folder in its place, a DIR it cannot create
 files in) is an error before any file is read. A channel training cannot
 normalise with the result (constant, or a range float32 cannot hold) is a

@@ -8,7 +8,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <fstream>
 #include <limits>
+#include <optional>
 #include <system_error>
 
 #include <fmt/format.h>
@@ -18,6 +20,7 @@
 #include "deepcam/data_set.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/h5.hpp"
+#include "deepcam/npy.hpp"
 #include "deepcam/normalise.hpp"
 #include "stop_signals.hpp"
 #include "temporary_files.hpp"
@@ -36,8 +39,10 @@ std::string channel_label(std::size_t c, std::size_t channels) {
 
 // The fast loop only sums; a non-finite sum sends us back to find the first
 // bad value, so that the error can say where it is.
-[[noreturn]] void report_non_finite(const h5::File& file, const std::vector<float>& data,
+// `file` is the sample's HDF5 file, or null for a .npy file `path`.
+[[noreturn]] void report_non_finite(const std::string& path, const h5::File* file, const std::vector<float>& data,
                                     const h5::Shape& shape) {
+  const std::string where = file ? fmt::format("{}: dataset {}", path, kData) : path;
   const std::size_t channels = shape[2], width = shape[1];
   for (std::size_t k = 0; k < data.size(); ++k) {
     if (std::isfinite(data[k])) continue;
@@ -46,25 +51,26 @@ std::string channel_label(std::size_t c, std::size_t channels) {
                                        channel_label(c, channels));
     // HDF5's conversion to float32 turns a stored float64 beyond float32's
     // range into Inf: the message names the value the file holds.
-    const h5::StoredType type = file.stored_type(kData);
-    if (std::isinf(data[k]) && type.kind == h5::StoredType::Kind::Float && type.size > sizeof(float)) {
+    const h5::StoredType type = file ? file->stored_type(kData) : h5::StoredType{};
+    if (file && std::isinf(data[k]) && type.kind == h5::StoredType::Kind::Float && type.size > sizeof(float)) {
       std::vector<double> stored(data.size());
-      file.read(kData, stored.data(), stored.size());
+      file->read(kData, stored.data(), stored.size());
       if (std::isfinite(stored[k]))
-        throw Error(fmt::format("{}: dataset {}: {} {} is beyond float32's range (largest {}), the type "
-                                "statistics and training read it in; statistics need values float32 holds",
-                                file.path(), kData, stored[k], at, std::numeric_limits<float>::max()));
+        throw Error(fmt::format("{}: {} {} is beyond float32's range (largest {}), the type statistics and "
+                                "training read it in; statistics need values float32 holds",
+                                where, stored[k], at, std::numeric_limits<float>::max()));
       // A wider float than double may hold a finite value that double cannot.
       if (type.size > sizeof(double))
-        throw Error(fmt::format("{}: dataset {}: Inf, or a value beyond float64's range, {}; statistics need "
-                                "values float32 holds",
-                                file.path(), kData, at));
+        throw Error(fmt::format("{}: Inf, or a value beyond float64's range, {}; statistics need values "
+                                "float32 holds",
+                                where, at));
     }
-    throw Error(fmt::format("{}: dataset {}: {} {}; statistics need finite data", file.path(), kData,
-                            std::isnan(data[k]) ? "NaN" : "Inf", at));
+    // A .npy file's wider floats become Inf in float32 as they do in training.
+    const char* what = std::isnan(data[k]) ? "NaN" : file ? "Inf" : "Inf (or a value beyond float32's range)";
+    throw Error(fmt::format("{}: {} {}; statistics need finite data", where, what, at));
   }
   // Only reached if a sum overflowed double, which finite float32 input cannot do.
-  throw Error(fmt::format("{}: dataset {}: the sums overflow", file.path(), kData));
+  throw Error(fmt::format("{}: the sums overflow", where));
 }
 
 // What an entry in the way of stats.h5 is, for the message.
@@ -163,7 +169,14 @@ std::vector<fs::path> training_files(const fs::path& root) {
   // The readers' listing: an entry that is not a file is an error naming it.
   std::vector<fs::path> files;
   for (const std::string& file : list_sample_files(dir.string(), "", ".h5")) files.emplace_back(file);
-  if (files.empty()) throw Error(fmt::format("{}: no training files (*.h5) found", dir.string()));
+  if (!files.empty()) return files;
+  // A set in the numpy form only: its data files, paired as the npy reader
+  // pairs them (a file without its pair is refused there, so here too).
+  std::vector<std::string> problems;
+  for (const std::string& file : list_npy_split(dir.string(), &problems).data) files.emplace_back(file);
+  if (!problems.empty()) throw Error(problems.front());
+  if (files.empty()) throw Error(fmt::format("{}: no training files (*.h5, or data-*.npy with label-*.npy) found",
+                                             dir.string()));
   return files;
 }
 
@@ -175,16 +188,27 @@ ChannelStats compute_stats(const std::vector<fs::path>& files, Progress* progres
   h5::Shape first_shape;  // the first file's (H, W, C)
   for (const fs::path& path : files) {
     throw_if_stopped();
-    const h5::File file = h5::File::open(path.string());
-    if (!file.has(kData))
-      throw Error(fmt::format("{}: dataset {}: no such dataset; a sample holds climate/data and climate/labels_0",
-                              path.string(), kData));
-    const h5::Shape shape = file.shape(kData);
+    const bool is_npy = path.extension() == ".npy";
+    std::optional<h5::File> file;
+    npy::Header header;
+    h5::Shape shape;
+    std::string where = path.string();
+    if (is_npy) {
+      header = npy::read_header(path.string());
+      shape.assign(header.shape.begin(), header.shape.end());
+    } else {
+      file.emplace(h5::File::open(path.string()));
+      if (!file->has(kData))
+        throw Error(fmt::format("{}: dataset {}: no such dataset; a sample holds climate/data and climate/labels_0",
+                                path.string(), kData));
+      shape = file->shape(kData);
+      where = fmt::format("{}: dataset {}", path.string(), kData);
+    }
     // The rule of convert and verify: a zero height or width would add no
     // pixel here, yet the readers refuse the file.
     if (const std::string problem = data_shape_problem(std::vector<std::int64_t>(shape.begin(), shape.end()));
         !problem.empty())
-      throw Error(fmt::format("{}: dataset {}: {}", path.string(), kData, problem));
+      throw Error(fmt::format("{}: {}", where, problem));
     if (channels == 0) {
       channels = shape[2];
       first_shape = shape;
@@ -195,14 +219,22 @@ ChannelStats compute_stats(const std::vector<fs::path>& files, Progress* progres
     } else if (shape != first_shape) {
       // The readers refuse a set whose samples differ in shape: statistics
       // over one would describe data no run trains on.
-      throw Error(fmt::format("{}: dataset {}: has shape ({}), but {} has ({}); the samples of a set share one "
+      throw Error(fmt::format("{}: has shape ({}), but {} has ({}); the samples of a set share one "
                               "shape, as the readers require",
-                              path.string(), kData, fmt::join(shape, ", "), files.front().string(),
-                              fmt::join(first_shape, ", ")));
+                              where, fmt::join(shape, ", "), files.front().string(), fmt::join(first_shape, ", ")));
     }
     const std::size_t pixels = shape[0] * shape[1];
     data.resize(pixels * channels);
-    file.read(kData, data.data(), data.size());
+    if (is_npy) {
+      std::vector<unsigned char> bytes(header.data_bytes());
+      std::ifstream in(path, std::ios::binary);
+      in.seekg(static_cast<std::streamoff>(header.data_offset));
+      in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+      if (!in) throw Error(fmt::format("{}: cannot read the file", path.string()));
+      npy::convert(path.string(), header, bytes.data(), data.data(), header.count());
+    } else {
+      file->read(kData, data.data(), data.size());
+    }
 
     // Per-file partial sums keep the rounding error of a 56 MB sample small
     // before it is added to the totals.
@@ -218,7 +250,7 @@ ChannelStats compute_stats(const std::vector<fs::path>& files, Progress* progres
       }
     }
     for (std::size_t c = 0; c < channels; ++c) {
-      if (!std::isfinite(fsum[c]) || !std::isfinite(fsq[c])) report_non_finite(file, data, shape);
+      if (!std::isfinite(fsum[c]) || !std::isfinite(fsq[c])) report_non_finite(path.string(), file ? &*file : nullptr, data, shape);
       sum[c] += fsum[c];
       sqsum[c] += fsq[c];
       out.minval[c] = std::min(out.minval[c], fmin[c]);

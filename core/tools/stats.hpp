@@ -42,10 +42,12 @@ void write_atomically(const std::filesystem::path& target,
 // which lists them.
 void remove_stale_temporaries(const std::filesystem::path& dir);
 
-// The training files of a data set root: DIR/train/*.h5, sorted by name.
+// The training files of a data set root: DIR/train/*.h5, sorted by name; in
+// a set of the numpy form only (no .h5 there), its data-X.npy files, each
+// with its label-X.npy.
 std::vector<std::filesystem::path> training_files(const std::filesystem::path& root);
 
-// Statistics over climate/data of the files; throws deepcam::Error naming
+// Statistics over climate/data of the files (the array of a .npy file); throws deepcam::Error naming
 // the file on unreadable input, a wrong shape, a NaN/Inf value or one beyond
 // float32's range (named as the file stores it). Each file
 // done advances `progress` when one is given.

@@ -318,6 +318,37 @@ def test_stats_reads_other_numeric_types(deepcam_data, tmp_path):
     np.testing.assert_array_equal(stats["maxval"], both.max(axis=0))
 
 
+def test_stats_of_a_set_in_the_numpy_form_only(deepcam_data, dataset, tmp_path):
+    # A set written by numpy (convert's output, one file rewritten as
+    # big-endian float64 in Fortran order): the same statistics as its
+    # source's, since the npy reader reads it as the same float32 values.
+    root = tmp_path / "npy"
+    run(deepcam_data, "convert", dataset, root, check=True)
+    (root / "stats.h5").unlink()
+    first = sorted((root / "train").glob("data-*.npy"))[0]
+    np.save(first, np.asfortranarray(np.load(first).astype(">f8")))
+    run(deepcam_data, "stats", root, check=True)
+    a, b = read_stats(dataset / "stats.h5"), read_stats(root / "stats.h5")
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert hidden_files(root) == []
+
+    # What the npy reader refuses, stats refuses, naming the file.
+    data = np.load(first)
+    data[2, 3, 4] = np.nan
+    np.save(first, data)
+    (root / "stats.h5").unlink()
+    assert_one_line_error(run(deepcam_data, "stats", root), str(first), "NaN at (row 2, column 3, channel 4")
+    first.unlink()
+    label = first.with_name("label-" + first.name[len("data-"):])
+    assert_one_line_error(run(deepcam_data, "stats", root), str(label))
+    label.unlink()
+    for p in (root / "train").glob("*.npy"):
+        p.unlink()
+    assert_one_line_error(run(deepcam_data, "stats", root), "no training files (*.h5, or data-*.npy")
+    assert not (root / "stats.h5").exists() and hidden_files(root) == []
+
+
 def test_stats_without_train_dir_fails(deepcam_data, tmp_path):
     proc = run(deepcam_data, "stats", tmp_path / "nothing")
     assert_one_line_error(proc, "nothing")
