@@ -23,6 +23,7 @@
 #include "deepcam/error.hpp"
 #include "parallel.hpp"
 #include "stats.hpp"
+#include "std_streams.hpp"
 #include "temporary_files.hpp"
 #include "verify.hpp"
 
@@ -390,7 +391,7 @@ std::vector<ChannelScale> refuse_what_training_refuses(const fs::path& src, cons
   for (std::string& problem : stats_problems(src, channels, &scales)) problems.push_back(std::move(problem));
   if (problems.empty()) return scales;
   if (problems.size() == 1) throw Error(problems[0] + "; nothing converted");
-  for (const std::string& problem : problems) fmt::print(stderr, "deepcam-data: {}\n", problem);
+  for (const std::string& problem : problems) deepcam::eprint("deepcam-data: {}\n", problem);
   throw Error(fmt::format("convert: {}: {} problems (above) that training would refuse; nothing converted",
                           src.string(), problems.size()));
 }
@@ -495,9 +496,9 @@ void run_convert(const ConvertOptions& o) {
     jobs.push_back(all[k]);
   const std::string who = rank.size > 1 ? fmt::format("rank {} of {} ({})", rank.rank, rank.size, rank.source) : "";
   if (rank.size > 1 && !o.progress.quiet)
-    fmt::print(stderr, "deepcam-data: convert: {}: {} of the {} samples\n", who, jobs.size(), all.size());
+    deepcam::eprint("deepcam-data: convert: {}: {} of the {} samples\n", who, jobs.size(), all.size());
   // Every rank names what it cannot convert; rank 0 counts it, once.
-  for (const std::string& problem : listing_problems) fmt::print(stderr, "deepcam-data: {}\n", problem);
+  for (const std::string& problem : listing_problems) deepcam::eprint("deepcam-data: {}\n", problem);
   const std::size_t unlisted = rank.rank == 0 ? listing_problems.size() : 0;
 
   std::vector<Outcome> outcomes(jobs.size(), Outcome::NotAttempted);
@@ -505,7 +506,7 @@ void run_convert(const ConvertOptions& o) {
   std::mutex output;
   auto report = [&](const std::string& line) {
     std::lock_guard<std::mutex> lock(output);
-    fmt::print(stderr, "deepcam-data: {}\n", line);
+    deepcam::eprint("deepcam-data: {}\n", line);
   };
   Progress progress(who.empty() ? "convert" : "convert: " + who, jobs.size(), "samples", o.progress);
   parallel_for(jobs.size(), o.threads, [&](std::size_t k) {
@@ -590,8 +591,8 @@ void run_convert(const ConvertOptions& o) {
       if (!problem->empty() && *problem != "missing")
         why += fmt::format("; {} {}", path->filename().string(), *problem);
     std::lock_guard<std::mutex> lock(output);
-    fmt::print(stderr, "deepcam-data: repaired {}/{}, {}{}\n", job.split, job.data.filename().string(),
-               job.label.filename().string(), why);
+    deepcam::eprint("deepcam-data: repaired {}/{}, {}{}\n", job.split, job.data.filename().string(),
+                    job.label.filename().string(), why);
   });
 
   std::size_t count[5] = {};
@@ -615,15 +616,14 @@ void run_convert(const ConvertOptions& o) {
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const int threads = threads_for(jobs.size(), o.threads);
   if (!o.progress.quiet)
-    fmt::print(stderr,
-             "deepcam-data: convert: {}{} samples in {} ({}) in {:.1f} s on {} thread{}: {} converted, {} repaired, "
-             "{} already valid{}{}{}\n",
-             who.empty() ? "" : who + ": ", jobs.size(), o.dst.string(), fmt::join(splits, ", "), seconds,
-             threads, threads == 1 ? "" : "s",
-             converted, repaired, kept, o.verify ? " (checked value by value)" : " (headers and sizes checked)",
-             failed ? fmt::format(", {} failed", failed) : "",
-             missing ? "; other ranks' samples are not all there yet: the rank that finishes last copies stats.h5"
-                     : "");
+    deepcam::eprint(
+        "deepcam-data: convert: {}{} samples in {} ({}) in {:.1f} s on {} thread{}: {} converted, {} repaired, "
+        "{} already valid{}{}{}\n",
+        who.empty() ? "" : who + ": ", jobs.size(), o.dst.string(), fmt::join(splits, ", "), seconds, threads,
+        threads == 1 ? "" : "s", converted, repaired, kept,
+        o.verify ? " (checked value by value)" : " (headers and sizes checked)",
+        failed ? fmt::format(", {} failed", failed) : "",
+        missing ? "; other ranks' samples are not all there yet: the rank that finishes last copies stats.h5" : "");
   if (failed)
     throw Error(fmt::format("convert: {} of {} samples failed{} (see above); fix the cause and run the same "
                             "command again: complete pairs are kept, and stats.h5 is copied once every sample is "

@@ -43,6 +43,7 @@
 #include "process_end.hpp"
 #include "read_bench.hpp"
 #include "stats.hpp"
+#include "std_streams.hpp"
 #include "stop_signals.hpp"
 #include "synth.hpp"
 #include "verify.hpp"
@@ -374,7 +375,7 @@ int run(const std::vector<std::string>& args, deepcam::PluginLoader& loader) {
   if (args.empty()) throw UsageError{"no command given"};
   const std::string& command = args[0];
   if (command == "--help" || command == "-h" || command == "help") {
-    fmt::print("{}", kUsage);
+    deepcam::oprint("{}", kUsage);
     return 0;
   }
   const std::vector<std::string> rest(args.begin() + 1, args.end());
@@ -382,7 +383,7 @@ int run(const std::vector<std::string>& args, deepcam::PluginLoader& loader) {
                      command == "read" || command == "package";
   for (const auto& a : rest)
     if ((a == "--help" || a == "-h") && known) {
-      fmt::print("{}", kUsage);
+      deepcam::oprint("{}", kUsage);
       return 0;
     }
   // The commands that write files stop between files, and read between
@@ -446,7 +447,7 @@ int run_data(int argc, char** argv) {
   try {
     deepcam::take_stop_signals_on_own_thread();
   } catch (const deepcam::Error& e) {
-    fmt::print(stderr, "deepcam-data: {}\n", e.what());
+    deepcam::eprint("deepcam-data: {}\n", e.what());
     return 3;
   }
   // Outside the try block, as in deepcam-host: plugin libraries stay loaded
@@ -458,43 +459,45 @@ int run_data(int argc, char** argv) {
   } catch (const deepcam::data::Stopped& stopped) {
     const char* signal = stopped.signal == SIGINT ? "SIGINT" : "SIGTERM";
     if (argc > 1 && std::string(argv[1]) == "read") {
-      fmt::print(stderr, "deepcam-data: read stopped by {}: nothing measured; the reader's staged copies are "
-                         "removed\n",
-                 signal);
+      deepcam::eprint(
+          "deepcam-data: read stopped by {}: nothing measured; the reader's staged copies are "
+          "removed\n",
+          signal);
     } else {
-      fmt::print(stderr, "deepcam-data: stopped by {}: the files finished before it are in place, no temporary "
-                         "is left; run the same command again to finish\n",
-                 signal);
+      deepcam::eprint(
+          "deepcam-data: stopped by {}: the files finished before it are in place, no temporary "
+          "is left; run the same command again to finish\n",
+          signal);
     }
     return end_by_signal(stopped.signal);
   } catch (const deepcam::StopRequested& stopped) {
     // read's reader, staging before the first batch.
     if (stopped.signal() < 1 || stopped.signal() >= NSIG) {
-      fmt::print(stderr, "deepcam-data: internal error: a plugin stopped for signal {}, which is no signal: {}\n",
-                 stopped.signal(), stopped.what());
+      deepcam::eprint("deepcam-data: internal error: a plugin stopped for signal {}, which is no signal: {}\n",
+                      stopped.signal(), stopped.what());
       return 1;
     }
-    fmt::print(stderr, "deepcam-data: read: {}; nothing measured; the reader's staged copies are removed\n",
-               stopped.what());
+    deepcam::eprint("deepcam-data: read: {}; nothing measured; the reader's staged copies are removed\n",
+                    stopped.what());
     return end_by_signal(stopped.signal());
   } catch (const UsageError& e) {
-    fmt::print(stderr, "deepcam-data: {}; see deepcam-data --help\n", e.message);
+    deepcam::eprint("deepcam-data: {}; see deepcam-data --help\n", e.message);
     return 2;
   } catch (const deepcam::data::BadRunFile& e) {
-    fmt::print(stderr, "deepcam-data: {}\n", e.what());
+    deepcam::eprint("deepcam-data: {}\n", e.what());
     return 2;
   } catch (const deepcam::Error& e) {
-    fmt::print(stderr, "deepcam-data: {}\n", e.what());
+    deepcam::eprint("deepcam-data: {}\n", e.what());
   } catch (const std::bad_alloc&) {
-    fmt::print(stderr, "deepcam-data: out of memory\n");
+    deepcam::eprint("deepcam-data: out of memory\n");
   } catch (const c10::Error& e) {
     // A failing ATen op or TORCH_CHECK: what() appends LibTorch's C++ backtrace.
-    fmt::print(stderr, "deepcam-data: {}\n", e.what_without_backtrace());
+    deepcam::eprint("deepcam-data: {}\n", e.what_without_backtrace());
   } catch (const std::exception& e) {
-    fmt::print(stderr, "deepcam-data: {}\n", e.what());
+    deepcam::eprint("deepcam-data: {}\n", e.what());
   } catch (...) {
     // A reader plugin's code may throw anything.
-    fmt::print(stderr, "deepcam-data: internal error: an exception that is not a std::exception\n");
+    deepcam::eprint("deepcam-data: internal error: an exception that is not a std::exception\n");
   }
   return 1;
 }
@@ -502,4 +505,12 @@ int run_data(int argc, char** argv) {
 }  // namespace
 
 // Every object of the run is gone when run_data returns (process_end.hpp).
-int main(int argc, char** argv) { deepcam::end_process(run_data(argc, argv)); }
+int main(int argc, char** argv) {
+  deepcam::occupy_closed_standard_fds();
+  int status = run_data(argc, argv);
+  // What deepcam-data prints on stdout is a result (verify's report, read's
+  // figures, package's score): lost, it is no success (status 2, as for an
+  // output file that cannot be written).
+  if (!deepcam::stdout_written("deepcam-data") && status < 2) status = 2;
+  deepcam::end_process(status);
+}

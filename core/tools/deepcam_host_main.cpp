@@ -22,6 +22,7 @@
 #include "deepcam/stop_request.hpp"
 #include "launcher.hpp"
 #include "process_end.hpp"
+#include "std_streams.hpp"
 
 namespace {
 
@@ -158,7 +159,11 @@ int out_of_memory(const char* what) {
   return 2;
 }
 
-int run_host(int argc, char** argv) {
+// `result_on_stdout` is set for what prints its result there (--help,
+// --version, --list-plugins, --describe, --evaluate, --benchmark): main
+// checks that it got there. Training's echo of the log is no result: the
+// log file has every line.
+int run_host(int argc, char** argv, bool& result_on_stdout) {
   // A file that outgrows the file-size limit (ulimit -f) makes write() fail
   // with EFBIG, which the writers report as a clear error, instead of the
   // signal ending the process with half a file.
@@ -177,6 +182,12 @@ int run_host(int argc, char** argv) {
     return 3;
   }
   std::vector<std::string> args(argv + 1, argv + argc);
+  const auto result_mode = [](const std::string& arg) {
+    for (const char* mode : {"--help", "-h", "--version", "--list-plugins", "--describe", "--evaluate", "--benchmark"})
+      if (arg == mode || arg.rfind(std::string(mode) + "=", 0) == 0) return true;
+    return false;
+  };
+  result_on_stdout = std::any_of(args.begin(), args.end(), result_mode);
   // Outside the try block: plugin libraries stay loaded until the process
   // ends, so that an exception thrown by a plugin is handled while its code
   // is still there.
@@ -324,4 +335,12 @@ int run_host(int argc, char** argv) {
 }  // namespace
 
 // Every object of the run is gone when run_host returns (process_end.hpp).
-int main(int argc, char** argv) { deepcam::end_process(run_host(argc, argv)); }
+int main(int argc, char** argv) {
+  deepcam::occupy_closed_standard_fds();
+  bool result_on_stdout = false;
+  int status = run_host(argc, argv, result_on_stdout);
+  // A result that did not reach stdout is no result (status 2, as for an
+  // output file that cannot be written).
+  if (result_on_stdout && !deepcam::stdout_written("deepcam-host") && status == 0) status = 2;
+  deepcam::end_process(status);
+}

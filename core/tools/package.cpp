@@ -29,6 +29,7 @@
 #include "deepcam/json.hpp"
 #include "deepcam_build_config.h"
 #include "options.hpp"
+#include "std_streams.hpp"
 #include "stop_signals.hpp"
 #include "temporary_files.hpp"
 
@@ -836,8 +837,8 @@ int run_package(const PackageOptions& o) {
     write_file(run_files / fmt::format("result_{}.toml", n), read_text(r.run_file));
     if (r.converged()) scores.push_back(r.minutes());
     else ++dropped;
-    fmt::print("result_{}.txt: {}: time to train {:.4f} min, {}{}\n", n, r.dir.string(), r.minutes(), r.outcome(),
-               r.converged() ? "" : ": not counted");
+    deepcam::oprint("result_{}.txt: {}: time to train {:.4f} min, {}{}\n", n, r.dir.string(), r.minutes(), r.outcome(),
+                    r.converged() ? "" : ": not counted");
     Value entry;
     entry.kind = Value::Kind::Object;
     entry.members.emplace_back("result", Value::string(fmt::format("result_{}.txt", n)));
@@ -860,10 +861,11 @@ int run_package(const PackageOptions& o) {
       const Run& r = instances[n];
       write_file(weak_results / fmt::format("result_{}.txt", n), read_text(r.log));
       write_file(run_files / "weak" / fmt::format("result_{}.toml", n), read_text(r.run_file));
-      fmt::print("weak/result_{}.txt: {}: seed {}, run_start {:.3f} min and run_stop {:.3f} min after the first "
-                 "run_start\n",
-                 n, r.dir.string(), r.text("seed"), (r.run_start_ms - throughput.first_start_ms) / 60000.0,
-                 (r.run_stop_ms - throughput.first_start_ms) / 60000.0);
+      deepcam::oprint(
+          "weak/result_{}.txt: {}: seed {}, run_start {:.3f} min and run_stop {:.3f} min after the first "
+          "run_start\n",
+          n, r.dir.string(), r.text("seed"), (r.run_start_ms - throughput.first_start_ms) / 60000.0,
+          (r.run_stop_ms - throughput.first_start_ms) / 60000.0);
       Value entry;
       entry.kind = Value::Kind::Object;
       entry.members.emplace_back("result", Value::string(fmt::format("weak/result_{}.txt", n)));
@@ -909,16 +911,20 @@ int run_package(const PackageOptions& o) {
   if (ec) throw Error(fmt::format("--out {}: cannot rename {} to it: {}", out.string(), temp.string(), ec.message()));
   cleanup.keep = true;
 
-  fmt::print("package: {} runs of {} ({} division) in {}\n", runs.size(), o.system,
-             first.text("submission_division"), out.string());
+  deepcam::oprint("package: {} runs of {} ({} division) in {}\n", runs.size(), o.system,
+                  first.text("submission_division"), out.string());
   if (runs.size() != kRequiredRuns)
-    fmt::print("package: note: the package checker wants exactly {} results for deepcam (strong scaling), "
-               "this package has {}\n", kRequiredRuns, runs.size());
+    deepcam::oprint(
+        "package: note: the package checker wants exactly {} results for deepcam (strong scaling), "
+        "this package has {}\n",
+        kRequiredRuns, runs.size());
   if (!empty_fields.empty()) {
     std::string list;
     for (const auto& f : empty_fields) list += (list.empty() ? "" : ", ") + f;
-    fmt::print("package: systems/{}.json: the host fields describe this machine; left empty (fill them in, or give "
-               "--system-desc FILE): {}\n", o.system, list);
+    deepcam::oprint(
+        "package: systems/{}.json: the host fields describe this machine; left empty (fill them in, or give "
+        "--system-desc FILE): {}\n",
+        o.system, list);
   }
   int status = 0;
   if (!score) {
@@ -928,31 +934,34 @@ int run_package(const PackageOptions& o) {
             ? fmt::format("the olympic mean allows at most {} such run", kMaxDropped)
             : fmt::format("the olympic mean needs at least {} converged runs beside {} such", 2 * kMaxDropped - dropped + 1,
                           dropped);
-    fmt::print(stderr, "package: no score: {} of {} runs did not converge (the benchmark's target IoU {} not "
-                       "reached, or a closed-division run short of the full data set); {}\n",
-               dropped, runs.size(), kBenchmarkTargetIou, rule);
+    deepcam::eprint(
+        "package: no score: {} of {} runs did not converge (the benchmark's target IoU {} not "
+        "reached, or a closed-division run short of the full data set); {}\n",
+        dropped, runs.size(), kBenchmarkTargetIou, rule);
     status = 1;
   } else {
-    fmt::print("score: {:.4f} minutes (olympic mean of {} runs: time to train from run_start to run_stop)\n", *score,
-               scores.size());
+    deepcam::oprint("score: {:.4f} minutes (olympic mean of {} runs: time to train from run_start to run_stop)\n",
+                    *score, scores.size());
   }
   if (!instances.empty()) {
     if (instances.size() < kRequiredRuns) {
-      fmt::print(stderr, "package: no throughput score: {} instances; the rules want at least {} for deepcam\n",
-                 instances.size(), kRequiredRuns);
+      deepcam::eprint("package: no throughput score: {} instances; the rules want at least {} for deepcam\n",
+                      instances.size(), kRequiredRuns);
       status = 1;
     } else {
-      fmt::print("throughput: {} models of instance scale {} (at most {} at once) in {:.4f} minutes (time to train "
-                 "all: the first run_start to the last run_stop)\n",
-                 instances.size(), throughput.instance_scale, throughput.most_at_once, throughput.minutes());
+      deepcam::oprint(
+          "throughput: {} models of instance scale {} (at most {} at once) in {:.4f} minutes (time to train "
+          "all: the first run_start to the last run_stop)\n",
+          instances.size(), throughput.instance_scale, throughput.most_at_once, throughput.minutes());
     }
     // The system description's counts are the time-to-solution runs'; the
     // instances at once may have used more of the system.
     if (throughput.most_at_once * throughput.instance_scale > throughput.tts_scale)
-      fmt::print("package: note: systems/{}.json counts the nodes of the time-to-solution runs (scale {}); the "
-                 "throughput instances used up to {} x {} at once: if the system is larger, give its "
-                 "number_of_nodes with --system-desc FILE\n",
-                 o.system, throughput.tts_scale, throughput.most_at_once, throughput.instance_scale);
+      deepcam::oprint(
+          "package: note: systems/{}.json counts the nodes of the time-to-solution runs (scale {}); the "
+          "throughput instances used up to {} x {} at once: if the system is larger, give its "
+          "number_of_nodes with --system-desc FILE\n",
+          o.system, throughput.tts_scale, throughput.most_at_once, throughput.instance_scale);
   }
   return status;
 }

@@ -20,6 +20,8 @@
 
 #include <fmt/format.h>
 
+#include "std_streams.hpp"
+
 namespace deepcam::data {
 
 struct ProgressOptions {
@@ -52,8 +54,8 @@ class Progress {
     const double rate = elapsed > 0.0 ? static_cast<double>(done_) / elapsed : 0.0;
     const std::string left =
         rate > 0.0 ? duration_text(static_cast<double>(total_ - done_) / rate) + " left" : "time left unknown";
-    fmt::print(stderr, "deepcam-data: {}: {}/{} {} ({}%), {} {}/s, {}\n", what_, done_, total_, unit_,
-               done_ * 100 / total_, rate_text(rate), unit_, left);
+    deepcam::eprint("deepcam-data: {}: {}/{} {} ({}%), {} {}/s, {}\n", what_, done_, total_, unit_,
+                    done_ * 100 / total_, rate_text(rate), unit_, left);
     std::fflush(stderr);
   }
 

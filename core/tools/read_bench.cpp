@@ -23,6 +23,7 @@
 #include "deepcam/json.hpp"
 #include "deepcam/mlperf_log.hpp"
 #include "deepcam_build_config.h"
+#include "std_streams.hpp"
 #include "stop_signals.hpp"
 #include "train_batches.hpp"
 
@@ -280,7 +281,7 @@ void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader) {
       {"base_rss_bytes", Json(static_cast<long long>(base_rss))},
   });
   std::printf("%s\n", line.dump().c_str());
-  std::fflush(stdout);
+  deepcam::flush_stdout();
 }
 
 }  // namespace deepcam::data

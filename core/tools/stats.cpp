@@ -22,6 +22,7 @@
 #include "deepcam/h5.hpp"
 #include "deepcam/npy.hpp"
 #include "deepcam/normalise.hpp"
+#include "std_streams.hpp"
 #include "stop_signals.hpp"
 #include "temporary_files.hpp"
 
@@ -127,8 +128,8 @@ void warn_of_refused_channels(const fs::path& target, const ChannelStats& stats)
                             "read",
                             target.string(), c, stats.minval[c], stats.maxval[c], normalised);
     if (!problem.empty())
-      fmt::print(stderr, "deepcam-data: warning: {}; training refuses it unless {} is left out of [data] channels\n",
-                 problem, channel_label(c, channels));
+      deepcam::eprint("deepcam-data: warning: {}; training refuses it unless {} is left out of [data] channels\n",
+                      problem, channel_label(c, channels));
   }
 }
 
@@ -156,8 +157,8 @@ void remove_stale_temporaries(const fs::path& dir) {
     std::error_code rm;
     fs::remove(left.path, rm);
     if (!rm) {
-      fmt::print(stderr, "deepcam-data: removed {}, left by an interrupted earlier run (process {} is gone)\n",
-                 left.path.string(), left.writer);
+      deepcam::eprint("deepcam-data: removed {}, left by an interrupted earlier run (process {} is gone)\n",
+                      left.path.string(), left.writer);
     }
   }
 }
@@ -291,17 +292,16 @@ ChannelStats run_stats(const fs::path& root, const ProgressOptions& progress_opt
   write_stats(target, stats);
   if (summary && !progress_options.quiet) {
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    fmt::print(stderr, "deepcam-data: statistics over {} training files ({} pixels each channel) in {:.1f} s\n",
-               files.size(), stats.count, seconds);
-    fmt::print(stderr, "  {:<8} {:>13} {:>13} {:>13} {:>13}\n", "channel", "mean", "std", "min", "max");
+    deepcam::eprint("deepcam-data: statistics over {} training files ({} pixels each channel) in {:.1f} s\n",
+                    files.size(), stats.count, seconds);
+    deepcam::eprint("  {:<8} {:>13} {:>13} {:>13} {:>13}\n", "channel", "mean", "std", "min", "max");
     for (std::size_t c = 0; c < stats.mean.size(); ++c) {
       const double var = std::max(0.0, stats.sqmean[c] - stats.mean[c] * stats.mean[c]);
-      const std::string name =
-          stats.mean.size() == kChannelNames.size() ? kChannelNames[c] : fmt::format("{}", c);
-      fmt::print(stderr, "  {:<8} {:>13.6g} {:>13.6g} {:>13.6g} {:>13.6g}\n", name, stats.mean[c],
-                 std::sqrt(var), stats.minval[c], stats.maxval[c]);
+      const std::string name = stats.mean.size() == kChannelNames.size() ? kChannelNames[c] : fmt::format("{}", c);
+      deepcam::eprint("  {:<8} {:>13.6g} {:>13.6g} {:>13.6g} {:>13.6g}\n", name, stats.mean[c], std::sqrt(var),
+                      stats.minval[c], stats.maxval[c]);
     }
-    fmt::print(stderr, "deepcam-data: wrote {}\n", target.string());
+    deepcam::eprint("deepcam-data: wrote {}\n", target.string());
   }
   warn_of_refused_channels(target, stats);  // problems: printed under --quiet too
   return stats;

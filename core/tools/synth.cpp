@@ -14,6 +14,7 @@
 #include "deepcam/h5.hpp"
 #include "parallel.hpp"
 #include "stats.hpp"
+#include "std_streams.hpp"
 #include "temporary_files.hpp"
 
 namespace deepcam::data {
@@ -422,10 +423,10 @@ void run_synth(const SynthOptions& o) {
   const ChannelStats stats = run_stats(o.out, o.progress, /*summary=*/false);
   if (o.progress.quiet) return;
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  fmt::print(stderr,
-             "deepcam-data: wrote {} train, {} validation, {} test samples ({}x{}, seed {}) and stats.h5 "
-             "({} pixels per channel) to {} in {:.1f} s\n",
-             o.train, o.validation, o.test, o.height, o.width, o.seed, stats.count, o.out.string(), seconds);
+  deepcam::eprint(
+      "deepcam-data: wrote {} train, {} validation, {} test samples ({}x{}, seed {}) and stats.h5 "
+      "({} pixels per channel) to {} in {:.1f} s\n",
+      o.train, o.validation, o.test, o.height, o.width, o.seed, stats.count, o.out.string(), seconds);
 }
 
 }  // namespace deepcam::data

@@ -23,6 +23,7 @@
 #include "deepcam/h5.hpp"
 #include "deepcam/npy.hpp"
 #include "parallel.hpp"
+#include "std_streams.hpp"
 #include "temporary_files.hpp"
 
 namespace deepcam::data {
@@ -304,32 +305,32 @@ void run_verify(const VerifyOptions& o) {
     if (results[k].problems.empty()) continue;
     ++bad_files;
     for (const std::string& p : results[k].problems) {
-      fmt::print("{}\n", p);
+      deepcam::oprint("{}\n", p);
       ++problems;
     }
   }
   for (const std::string& p : layout) {
-    fmt::print("{}\n", p);
+    deepcam::oprint("{}\n", p);
     ++problems;
     ++bad_files;
   }
   std::sort(leftovers.begin(), leftovers.end());
   for (const fs::path& p : leftovers) {
-    fmt::print("{}: a temporary file left by an interrupted write; delete it once no writer runs\n", p.string());
+    deepcam::oprint("{}: a temporary file left by an interrupted write; delete it once no writer runs\n", p.string());
     ++problems;
     ++bad_files;
   }
   const std::vector<std::string> stats = stats_problems(o.root, channels);
-  for (const std::string& p : stats) fmt::print("{}\n", p);
+  for (const std::string& p : stats) deepcam::oprint("{}\n", p);
   problems += stats.size();
   bad_files += stats.empty() ? 0 : 1;
 
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  fmt::print("verify: {}: {}; {} in {:.1f} s: {}\n", o.root.string(), fmt::join(split_notes, ", "),
-             channels >= 0 ? fmt::format("{} channels", channels) : std::string("no readable sample"), seconds,
-             problems ? fmt::format("{} in {}", count_of(problems, "problem"), count_of(bad_files, "file"))
-                      : std::string("no problems"));
-  std::fflush(stdout);
+  deepcam::oprint("verify: {}: {}; {} in {:.1f} s: {}\n", o.root.string(), fmt::join(split_notes, ", "),
+                  channels >= 0 ? fmt::format("{} channels", channels) : std::string("no readable sample"), seconds,
+                  problems ? fmt::format("{} in {}", count_of(problems, "problem"), count_of(bad_files, "file"))
+                           : std::string("no problems"));
+  deepcam::flush_stdout();
   if (problems)
     throw Error(fmt::format("verify: {}: {} in {} (listed above)", o.root.string(), count_of(problems, "problem"),
                             count_of(bad_files, "file")));

@@ -1,0 +1,107 @@
+"""The standard streams: closed ones take nothing else's place, and ones
+that cannot be written (a full disk under a job's output file, /dev/full)
+end no work, while a result printed there that is lost is no success."""
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+
+from helpers import DATA_TOOL, HOST, plugin_env, synth, write_run
+
+MLLOG = ":::MLLOG "
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synth(tmp_path_factory.mktemp("streams") / "set", train=4, validation=2, height=32, width=48)
+
+
+def shell(command, **paths):
+    """Runs `command` in sh, with $HOST, $DATA and each keyword as a variable:
+    redirections such as >&- need a shell."""
+    env = plugin_env()
+    env.update(HOST=str(HOST), DATA=str(DATA_TOOL), **{k: str(v) for k, v in paths.items()})
+    return subprocess.run(["sh", "-c", command], capture_output=True, text=True, env=env, timeout=600)
+
+
+def log_records(path):
+    """The MLPerf log's records; every line must be one."""
+    lines = path.read_text().splitlines()
+    bad = [line for line in lines if not line.startswith(MLLOG)]
+    assert not bad, f"{len(bad)} lines that are not records, the first: {bad[0]!r}"
+    return [json.loads(line[len(MLLOG):]) for line in lines]
+
+
+@pytest.mark.parametrize("closed", ["stdout", "stderr"])
+def test_a_closed_stream_puts_nothing_into_the_log(data, tmp_path, closed):
+    # With descriptor 1 or 2 closed the log would be opened under its number,
+    # and the echo (stdout) or the progress lines (stderr) would land in it.
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
+    redirect = ">&- 2>err.txt" if closed == "stdout" else "2>&- >out.txt"
+    proc = shell(f'cd "$WORK" && "$HOST" "$RUN" {redirect}', WORK=tmp_path, RUN=run)
+    assert proc.returncode in (0, 1), (tmp_path / ("err.txt" if closed == "stdout" else "out.txt")).read_text()
+    keys = [r["key"] for r in log_records(tmp_path / "out" / "mlperf.log")]
+    assert keys.count("run_start") == 1 and keys.count("run_stop") == 1 and keys[-1] == "run_stop", keys
+    if closed == "stderr":
+        # The echo went where stdout went, as always.
+        assert (tmp_path / "out.txt").read_text().count(MLLOG + '{"namespace"') == len(keys)
+
+
+def test_deepcam_data_works_on_with_a_stderr_it_cannot_write(data, tmp_path):
+    # fmt::print threw there: std::terminate (SIGABRT) after the work, or at
+    # the first progress line in the middle of it.
+    proc = shell('"$DATA" synth --out "$OUT" --train 2 --validation 1 --height 16 --width 16 2>/dev/full',
+                 OUT=tmp_path / "synth")
+    assert proc.returncode == 0
+    proc = shell('"$DATA" convert "$SRC" "$OUT" --threads 1 --progress-seconds 0.001 2>/dev/full',
+                 SRC=data, OUT=tmp_path / "npy")
+    assert proc.returncode == 0
+    proc = shell('"$DATA" verify "$OUT" 2>&-', OUT=tmp_path / "npy")
+    assert proc.returncode == 0 and "no problems" in proc.stdout, proc.stdout
+    # An error still ends with its status when it cannot be told.
+    proc = shell('"$DATA" stats "$OUT" 2>/dev/full', OUT=tmp_path / "missing")
+    assert proc.returncode == 1
+
+
+@pytest.mark.parametrize("command", [
+    '"$DATA" verify "$SET"',
+    '"$DATA" --help',
+    '"$DATA" read "$RUN"',
+    '"$HOST" --version',
+    '"$HOST" --list-plugins',
+    '"$HOST" --describe run',
+    '"$HOST" "$RUN" --benchmark 1 --quiet',
+])
+def test_a_result_that_cannot_reach_stdout_is_no_success(data, tmp_path, command):
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
+    proc = shell(command + " >/dev/full", SET=data, RUN=run)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith(command[2:6].lower().replace("data", "deepcam-data").replace("host", "deepcam-host") +
+                           ": cannot write to standard output"), proc.stderr
+    assert last.endswith("; what it shows there is lost"), proc.stderr
+    # Its reader gone (`| head` that quit): deepcam-host, which ignores
+    # SIGPIPE, has done its work; deepcam-data ends by SIGPIPE, as a Unix
+    # tool does.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = plugin_env()
+    env.update(HOST=str(HOST), DATA=str(DATA_TOOL), SET=str(data), RUN=str(run))
+    proc = subprocess.run(["sh", "-c", "exec " + command], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                          env=env, timeout=600)
+    os.close(write_end)
+    if "$HOST" in command:
+        assert proc.returncode == 0 and "standard output" not in proc.stderr, proc.stderr
+    else:
+        assert proc.returncode == -signal.SIGPIPE, proc.stderr
+
+
+def test_training_whose_echo_is_lost_is_still_a_success(data, tmp_path):
+    # Its result is the log file, which has every line; the echo is for the eye.
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run={"target_iou": 0.01})
+    proc = shell('"$HOST" "$RUN" >/dev/full', RUN=run)
+    assert proc.returncode == 0, proc.stderr
+    assert log_records(tmp_path / "out" / "mlperf.log")[-1]["metadata"]["status"] == "success"
