@@ -22,6 +22,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <utility>
 
 #include "deepcam/error.hpp"
 #include "deepcam/stop_request.hpp"
@@ -138,8 +139,9 @@ std::uint64_t checksum(const void* data, std::size_t size, std::uint64_t state) 
 static std::string make_fresh_dir(const std::string& parent, const std::string& where, bool report_leftovers) {
   std::error_code ec;
   if (!fs::is_directory(parent, ec)) {
-    throw Error(fmt::format("{}: no such directory; give an existing node-local directory such as /dev/shm or /tmp",
-                            where));
+    const bool exists = fs::exists(parent, ec);
+    throw Error(fmt::format("{}: {}; give an existing node-local directory such as /dev/shm or /tmp", where,
+                            exists ? "not a directory" : "no such directory"));
   }
   if (report_leftovers) warn_about_leftovers(parent);
   // The pid in the name lets a later run tell a leftover from a live copy.
@@ -164,6 +166,31 @@ static void remove_tree(const std::string& dir) {
   }
 }
 
+// An open descriptor of the directory at `dir` (-1 if none): while it is
+// open, the directory's inode cannot be reused, so that the identity it
+// gives (fstat) is the directory's for good.
+static int hold_dir(const std::string& dir) { return ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); }
+
+// remove_tree(dir) if `dir` is still the directory that `held` (hold_dir)
+// holds: a staging directory that was removed while the run went on, and
+// something of the user's put at its path (a file, another folder), is not
+// ours to remove. Closes `held`.
+static void remove_own_tree(const std::string& dir, int held) {
+  struct stat now {}, made {};
+  const bool ours = ::lstat(dir.c_str(), &now) == 0 && held >= 0 && ::fstat(held, &made) == 0 &&
+                    S_ISDIR(now.st_mode) && now.st_dev == made.st_dev && now.st_ino == made.st_ino;
+  const bool something = ::lstat(dir.c_str(), &now) == 0;
+  if (held >= 0) ::close(held);
+  if (ours) {
+    remove_tree(dir);
+  } else if (something) {
+    std::fprintf(stderr,
+                 "%s: %s is no longer the staging directory this run made (it was removed while the run went on, "
+                 "and another %s is there now): left as it is\n",
+                 program_invocation_short_name, dir.c_str(), S_ISDIR(now.st_mode) ? "folder" : "file");
+  }
+}
+
 static int flock_retrying(int fd, int operation) {
   int r;
   while ((r = ::flock(fd, operation)) != 0 && errno == EINTR) {
@@ -181,11 +208,19 @@ static Error lock_failed(const std::string& lock, int e, const std::string& wher
 }
 
 StagingArea::StagingArea(const std::string& parent, const std::string& where, bool report_leftovers)
-    : role_(Role::Private), dir_(make_fresh_dir(parent, where, report_leftovers)), where_(where) {}
+    : role_(Role::Private),
+      dir_(make_fresh_dir(parent, where, report_leftovers)),
+      where_(where),
+      dir_fd_(hold_dir(dir_)) {}
 
 StagingArea::StagingArea(Role role, std::string dir, std::string where, int lock_fd,
                          std::chrono::milliseconds grace)
-    : role_(role), dir_(std::move(dir)), where_(std::move(where)), lock_fd_(lock_fd), grace_(grace) {}
+    : role_(role),
+      dir_(std::move(dir)),
+      where_(std::move(where)),
+      lock_fd_(lock_fd),
+      grace_(grace),
+      dir_fd_(hold_dir(dir_)) {}
 
 std::unique_ptr<StagingArea> StagingArea::create_shared(const std::string& parent, const std::string& where,
                                                         std::chrono::milliseconds grace) {
@@ -236,16 +271,16 @@ std::unique_ptr<StagingArea> StagingArea::join_shared(const std::string& dir, co
   }
 }
 
-void StagingArea::remove_locked() const {
+void StagingArea::remove_locked() {
   struct stat st {};
   if (::fstat(lock_fd_, &st) == 0 && st.st_nlink == 0) return;  // another user removed it
-  remove_tree(dir_);
+  remove_own_tree(dir_, std::exchange(dir_fd_, -1));
 }
 
 StagingArea::~StagingArea() {
   switch (role_) {
     case Role::Private:
-      remove_tree(dir_);
+      remove_own_tree(dir_, std::exchange(dir_fd_, -1));
       return;
     case Role::SharedOwner: {
       // The rule is in staging.hpp. Let go, then wait for the exclusive
@@ -283,6 +318,7 @@ StagingArea::~StagingArea() {
                      "told to remove them (%s); remove it by hand once they have stopped\n",
                      program_invocation_short_name, dir_.c_str(), std::strerror(mark_error));
       }
+      if (dir_fd_ >= 0) ::close(dir_fd_);
       ::close(lock_fd_);
       return;
     }
@@ -292,6 +328,7 @@ StagingArea::~StagingArea() {
           ::flock(lock_fd_, LOCK_EX | LOCK_NB) == 0) {
         remove_locked();
       }
+      if (dir_fd_ >= 0) ::close(dir_fd_);
       ::close(lock_fd_);
       return;
   }

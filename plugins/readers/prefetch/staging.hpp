@@ -109,13 +109,16 @@ class StagingArea {
   StagingArea(Role role, std::string dir, std::string where, int lock_fd, std::chrono::milliseconds grace);
   // Removes the directory, holding the exclusive lock, unless another user
   // removed it already.
-  void remove_locked() const;
+  void remove_locked();
 
   Role role_ = Role::Private;
   std::string dir_;
   std::string where_;
   int lock_fd_ = -1;  // <dir>/.users, shared-locked: node-shared areas only
   std::chrono::milliseconds grace_{0};
+  // The directory, held open from when it was made or joined: only that
+  // one is removed at the end, never what was put at its path since.
+  int dir_fd_ = -1;
   mutable std::atomic<std::uint64_t> bytes_{0};
 };
 

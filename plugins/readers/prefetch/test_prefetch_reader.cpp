@@ -1008,6 +1008,57 @@ TEST_CASE("a staging copy that cannot be written (file size limit) is an error n
   CHECK(entries(stage.path).empty());
 }
 
+TEST_CASE("a staging directory replaced while the run went on is left as it is: what is there now is not ours") {
+  TempDir data, stage;
+  const std::string sample = (data.path / "sample.bin").string();
+  std::ofstream(sample) << std::string(1000, 's');
+  std::string dir;
+  {
+    StagingArea area(stage.path.string(), "test.toml [reader] stage_dir");
+    dir = area.dir();
+    area.copy(sample, "train");
+    // The user's: removed, and a file of theirs put at its path.
+    fs::remove_all(dir);
+    std::ofstream(dir) << "the user's own file";
+  }
+  REQUIRE(fs::is_regular_file(dir));
+  std::ifstream in(dir);
+  std::string text;
+  std::getline(in, text);
+  CHECK(text == "the user's own file");
+  fs::remove(dir);
+  // Another folder at its path: left too, with what it holds.
+  {
+    StagingArea area(stage.path.string(), "test.toml [reader] stage_dir");
+    dir = area.dir();
+    fs::remove_all(dir);
+    fs::create_directories(fs::path(dir) / "keep");
+  }
+  CHECK(fs::is_directory(fs::path(dir) / "keep"));
+  fs::remove_all(dir);
+  // Untouched, it goes as always.
+  {
+    StagingArea area(stage.path.string(), "test.toml [reader] stage_dir");
+    dir = area.dir();
+    area.copy(sample, "train");
+  }
+  CHECK(!fs::exists(dir));
+}
+
+TEST_CASE("a stage_dir that is no directory is called what it is") {
+  TempDir data;
+  const std::string file = (data.path / "file").string();
+  std::ofstream(file) << "x";
+  CHECK_THROWS_WITH_AS(StagingArea(file, "test.toml [reader] stage_dir"),
+                       "test.toml [reader] stage_dir: not a directory; give an existing node-local directory such "
+                       "as /dev/shm or /tmp",
+                       Error);
+  CHECK_THROWS_WITH_AS(StagingArea((data.path / "none").string(), "test.toml [reader] stage_dir"),
+                       "test.toml [reader] stage_dir: no such directory; give an existing node-local directory such "
+                       "as /dev/shm or /tmp",
+                       Error);
+}
+
 TEST_CASE("staging directories left by runs that are gone are found, live ones are not") {
   TempDir stage;
   pid_t dead = 4194000;
