@@ -2051,16 +2051,25 @@ fs::path log_path(const RunConfig& cfg, const fs::path& out_dir, bool evaluating
     throw Error(fmt::format("{}: names no file", cfg.mlperf.setting("log_file")));
   }
   const fs::path file = evaluating ? name.parent_path() / ("evaluate-" + name.filename().string()) : name;
-  // Not a name the run writes beside it: the log would be lost under it.
-  const fs::path normal = file.lexically_normal();
-  const std::string leaf = normal.filename().string();
-  if (normal.parent_path().empty() &&
-      (leaf == "config.toml" || leaf == "evaluate-config.toml" || is_checkpoint_name(leaf))) {
-    throw Error(fmt::format("{}: is a name the run gives {} in its output folder; choose another",
-                            cfg.mlperf.setting("log_file"),
-                            is_checkpoint_name(leaf) ? "a checkpoint" : "its resolved configuration"));
+  const fs::path path = (out_dir / file).lexically_normal();
+  // Not a name the run writes in its output folder, however the path gets
+  // there (`../out/…`, an absolute path, a link): the log would be lost
+  // under a checkpoint renamed over it, or the configuration's rename would
+  // fail on the log.
+  const std::string leaf = path.filename().string();
+  if (leaf == "config.toml" || leaf == "evaluate-config.toml" || is_checkpoint_name(leaf)) {
+    std::error_code ec_dir, ec_out;
+    const fs::path dir = fs::weakly_canonical(fs::absolute(path.parent_path()), ec_dir);
+    const fs::path out = fs::weakly_canonical(fs::absolute(out_dir), ec_out);
+    const bool in_output_folder =
+        ec_dir || ec_out ? path.parent_path() == out_dir.lexically_normal() : dir == out;
+    if (in_output_folder) {
+      throw Error(fmt::format("{}: {} is a name the run gives {} in its output folder; choose another",
+                              cfg.mlperf.setting("log_file"), (out_dir / leaf).string(),
+                              is_checkpoint_name(leaf) ? "a checkpoint" : "its resolved configuration"));
+    }
   }
-  return (out_dir / file).lexically_normal();
+  return path;
 }
 
 // N of "checkpoint-epochN.pt" (saturated: the name's digits are not bounded).

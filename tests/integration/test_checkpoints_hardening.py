@@ -743,13 +743,33 @@ def test_a_run_that_would_overwrite_another_runs_record_is_refused(tmp_path, dat
 
 
 @pytest.mark.parametrize("name,what", [("config.toml", "its resolved configuration"),
-                                       ("./checkpoint-epoch1.pt", "a checkpoint")])
+                                       ("./checkpoint-epoch1.pt", "a checkpoint"),
+                                       # The same files reached another way: the checkpoint was renamed over the
+                                       # log, which was lost without a word; the configuration's rename failed.
+                                       ("../out/checkpoint-epoch1.pt", "a checkpoint"),
+                                       ("{tmp}/out/config.toml", "its resolved configuration"),
+                                       ("{tmp}/link/checkpoint-epoch1.pt", "a checkpoint")])
 def test_a_log_file_named_as_the_runs_own_files_is_refused(tmp_path, data, name, what):
     run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run=ODD)
+    name = name.format(tmp=tmp_path)
+    if "link" in name:
+        # Through a link to the output folder, which exists then (empty).
+        (tmp_path / "out").mkdir()
+        (tmp_path / "link").symlink_to(tmp_path / "out")
     r = run_host(run, "--set", f'mlperf.log_file="{name}"')
     assert r.returncode == 2, r.stdout + r.stderr
-    assert f'--set mlperf.log_file="{name}"' in r.stderr and f"is a name the run gives {what}" in r.stderr, r.stderr
-    assert not (tmp_path / "out").exists()
+    assert f'--set mlperf.log_file="{name}"' in r.stderr, r.stderr
+    leaf = name.rsplit("/", 1)[-1]
+    assert f"{tmp_path / 'out' / leaf} is a name the run gives {what} in its output folder" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_log_file_of_a_checkpoints_name_in_another_folder_is_no_collision(tmp_path, data):
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run=ODD)
+    (tmp_path / "logs").mkdir()
+    r = run_host(run, "--set", f'mlperf.log_file="{tmp_path}/logs/checkpoint-epoch1.pt"')
+    assert r.returncode in (0, 1), r.stderr
+    assert (tmp_path / "logs" / "checkpoint-epoch1.pt").read_text().startswith(":::MLLOG ")
 
 
 def record_of(out):
