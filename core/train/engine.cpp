@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -207,6 +208,21 @@ class RunRecord {
                                       ec.message()));
     }
     kept_ = true;
+  }
+
+  // Throws if the kept log is no longer at its path (the output folder or
+  // the file was removed, or replaced, while the run wrote it): the run
+  // must not end as if its record were there.
+  void check_still_there() const {
+    struct stat open_file {}, at_path {};
+    if (!kept_ || ::fstat(::fileno(log_), &open_file) != 0) return;
+    if (::stat(log_path_.c_str(), &at_path) == 0 && at_path.st_dev == open_file.st_dev &&
+        at_path.st_ino == open_file.st_ino) {
+      return;
+    }
+    throw Error(fmt::format("{}: the MLPerf log was removed or replaced while the run wrote it: this run's record "
+                            "is lost",
+                            log_path_.string()));
   }
 
  private:
@@ -2460,7 +2476,10 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
     build_or_stop(engine, /*with_optimizer=*/false, {Split::Validation}, opts.evaluate_checkpoint);
     const int status = engine.evaluate(opts.evaluate_checkpoint);
     comm.finish();
-    if (record) record->keep();
+    if (record) {
+      record->keep();
+      record->check_still_there();
+    }
     return status;
   }
 
@@ -2506,6 +2525,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
     throw;
   }
   comm.finish();
+  if (record) record->check_still_there();
   if (rank0) {
     std::fprintf(stderr, "deepcam-host: wall time %.1f s; log %s\n", seconds_since(t0),
                  log_file.string().c_str());

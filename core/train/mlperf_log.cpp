@@ -107,6 +107,8 @@ Json MlperfLog::close_open_intervals(const Json& step_num, CallSite site) {
         if (name == "step_num") v = step_num;
       }
     }
+    // Cut short, not finished: a save_stop without it read as a save done.
+    metadata.emplace_back("status", Json("aborted"));
     end(stem + "_stop", Json(), std::move(metadata), site);
   }
   return last_epoch_num_;

@@ -4,6 +4,7 @@ line echoed to stdout (not with --quiet), SIGTERM and SIGINT ending the run
 with run_stop "aborted", checkpoint_every = -1, and the time to train."""
 
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -276,7 +277,8 @@ def test_a_run_that_fails_mid_epoch_closes_what_it_had_begun(tmp_path, data, spl
     trained = [e["metadata"]["step_num"] for e in events if e["key"] == "train_loss"]
     assert trained == list(range(1, len(trained) + 1)) and trained, trained
     assert [e["metadata"]["step_num"] for e in stops[:-1]] == [len(trained)] * len(open_intervals)
-    assert stops[-1]["metadata"]["status"] == "aborted"
+    # Each cut short, as run_stop says of the run.
+    assert all(e["metadata"]["status"] == "aborted" for e in stops), stops
     starts = [e["key"] for e in events if e["event_type"] == "INTERVAL_START"]
     ends = [e["key"] for e in events if e["event_type"] == "INTERVAL_END"]
     assert sorted(k[:-len("_start")] for k in starts) == sorted(k[:-len("_stop")] for k in ends)
@@ -285,3 +287,37 @@ def test_a_run_that_fails_mid_epoch_closes_what_it_had_begun(tmp_path, data, spl
     problems = [l for l in output.splitlines() if l.startswith(("WARNING", "ERROR"))]
     assert status != 0 and problems[-1] == "ERROR - FAILED" and all("eval_accuracy" in p for p in problems[:-1]), \
         output
+
+
+def test_a_save_that_fails_is_logged_as_cut_short_not_as_done(tmp_path, data):
+    # The file-size limit (deepcam-host ignores SIGXFSZ) lets the log grow and stops the first checkpoint, as
+    # a full disk would: its save_stop said nothing and read as a save done.
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out, run={"max_epochs": 2, "target_iou": 1.0, "checkpoint_every": 1})
+    r = subprocess.run([str(HOST), str(run), "--quiet"], capture_output=True, text=True, env=plugin_env(),
+                       timeout=600, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100000, 100000)))
+    assert r.returncode == 2 and f"{out / 'checkpoint-epoch1.pt'}: cannot write: File too large" in r.stderr, \
+        r.stderr[-2000:]
+    events = read_events(out / "mlperf.log")
+    assert [e["key"] for e in events[-3:]] == ["save_start", "save_stop", "run_stop"]
+    assert events[-2]["metadata"]["status"] == "aborted" and events[-1]["metadata"]["status"] == "aborted"
+    assert not list(out.glob("checkpoint-*"))
+
+
+def test_a_log_removed_while_the_run_writes_it_is_no_success(tmp_path, data):
+    # The run went on writing to the removed file and ended with status 0, naming a log that was not there.
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out,
+                    run={"max_epochs": 4, "target_iou": 1.0, "checkpoint_every": -1, "logging_frequency": 1})
+    p = subprocess.Popen([str(HOST), str(run), "--quiet"], env=plugin_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    log = out / "mlperf.log"
+    deadline = time.monotonic() + 120
+    while not log.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    log.unlink()
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 2, err[-2000:]
+    assert err.splitlines()[-1] == (f"deepcam-host: {log}: the MLPerf log was removed or replaced while the run "
+                                    "wrote it: this run's record is lost"), err[-2000:]
+    assert "wall time" not in err

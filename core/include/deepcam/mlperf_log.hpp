@@ -49,8 +49,9 @@ class DEEPCAM_API MlperfLog {
   // open (an epoch, an evaluation, ...) but run_start ends here, innermost
   // first, with its start's epoch_num, and `step_num` (the step the run
   // stopped at) where its start had one; the start's own when `step_num`
-  // is null. Returns the epoch_num of the last epoch_start, or a null Json
-  // before the first.
+  // is null; and metadata status "aborted" (a save_stop without it would
+  // read as a save done). Returns the epoch_num of the last epoch_start, or
+  // a null Json before the first.
   Json close_open_intervals(const Json& step_num = Json(), CallSite site = {__builtin_FILE(), __builtin_LINE()});
 
   bool enabled() const { return enabled_; }
