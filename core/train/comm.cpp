@@ -12,6 +12,7 @@
 #include <netdb.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -282,6 +283,18 @@ void Communicator::Impl::find_store(bool read_environment) {
     store_path = rv.substr(7);
     if (store_path.empty() || store_path[0] != '/') {
       throw Error(fmt::format("{}: expected file:///ABSOLUTE/PATH on a file system all ranks share", setting));
+    }
+    // The store cannot create its file there: the ranks would wait out the
+    // whole timeout, and then blame a lock.
+    const std::string folder = store_path.substr(0, std::max<std::size_t>(store_path.rfind('/'), 1));
+    struct stat st {};
+    if (::stat(folder.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+      const int e = errno;
+      throw Error(fmt::format("{}: {}: {}; the store file's folder must exist, on a file system all ranks share",
+                              setting, folder,
+                              ::stat(folder.c_str(), &st) == 0 ? "not a directory"
+                              : e == ENOENT                   ? "no such directory"
+                                                              : std::strerror(e)));
     }
     return;
   }

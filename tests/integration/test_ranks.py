@@ -365,7 +365,12 @@ def test_rendezvous_settings_that_cannot_work_are_named(tmp_path, data):
 
 @pytest.mark.parametrize("value, message", [("udp://x:1", 'expected "env", "tcp://HOST:PORT" or "file:///PATH"'),
                                             ("tcp://127.0.0.1:0", 'port "0" is not a number in 1..65535'),
-                                            ("file://relative/path", "expected file:///ABSOLUTE/PATH")])
+                                            ("file://relative/path", "expected file:///ABSOLUTE/PATH"),
+                                            # The ranks waited out comm_timeout_s, then blamed a lock.
+                                            ("file:///no-such-deepcam-folder/store",
+                                             "/no-such-deepcam-folder: no such directory; the store file's folder "
+                                             "must exist"),
+                                            ("file:///dev/null/store", "/dev/null: not a directory")])
 def test_a_rendezvous_that_cannot_work_is_refused_on_one_rank_too_naming_where_it_was_set(tmp_path, data, value,
                                                                                            message):
     """A run file is tried on one rank before it goes to a cluster: the setting was taken there, and on many
