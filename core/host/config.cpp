@@ -574,15 +574,21 @@ void apply_override(toml::table& root, const std::string& item,
   if (eq == std::string::npos || dot == std::string::npos || dot > eq) {
     throw Error(fmt::format("--set {}: expected section.key=value", item));
   }
+  // Blanks around the dots and the '=' are TOML's spacing, as in a run file
+  // (`--set "run.seed = 5"`), not part of a key or of a bare string.
+  const auto trimmed = [](const std::string& t) {
+    const auto first = t.find_first_not_of(" \t");
+    return first == std::string::npos ? std::string() : t.substr(first, t.find_last_not_of(" \t") - first + 1);
+  };
   std::vector<std::string> path;
   const std::string dotted = item.substr(0, eq);
   for (std::size_t s = 0, e; s <= dotted.size(); s = e + 1) {
     e = dotted.find('.', s);
     if (e == std::string::npos) e = dotted.size();
-    path.push_back(dotted.substr(s, e - s));
+    path.push_back(trimmed(dotted.substr(s, e - s)));
   }
   const std::string& section = path.front();
-  const std::string text = item.substr(eq + 1);
+  const std::string text = trimmed(item.substr(eq + 1));
   if (std::find(kSections.begin(), kSections.end(), section) == kSections.end()) {
     throw Error(fmt::format("--set {}: unknown section [{}]{}", item, section, did_you_mean(section, kSections)));
   }

@@ -200,6 +200,20 @@ def test_set_items_in_utf8_and_with_tabs_are_taken(tmp_path, data):
     assert r.returncode == 2 and "--set optimizer.lr=0:" in r.stderr and "UTF-8" not in r.stderr, r.stderr
 
 
+def test_set_items_spaced_as_in_a_run_file_are_taken(tmp_path, data):
+    # `--set "run.seed = 5"` was the key 'seed ' ("unknown key; did you mean 'seed'?"), and a bare string kept
+    # its blanks.
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
+    r = run_host(run, "--set", "run . seed = 7", "--set", " optimizer.betas =\t[0.9, 0.99]", "--set", "optimizer.lr= 0")
+    assert r.returncode == 2 and "--set optimizer.lr= 0:" in r.stderr and "unknown" not in r.stderr, r.stderr
+    r = run_host(run, "--set", "optimizer.lr = fast ")
+    assert r.returncode == 2 and "--set optimizer.lr = fast : expected float, got string" in r.stderr, r.stderr
+    out = tmp_path / "spaced out"
+    r = run_host(run, "--benchmark", 1, "--quiet", "--set", f"run.output_dir =  {out}  ")
+    assert r.returncode == 0, r.stderr
+    assert f'output_dir = "{out}"  # --set run.output_dir =  {out}  ' in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("key", ["org", "platform"])
 def test_an_empty_org_or_platform_is_refused_before_training(tmp_path, data, key):
     """The run trained to its target and exited 0, and its log then failed the MLPerf checker
