@@ -630,6 +630,16 @@ Header parse_header(const std::string& file, const void* bytes, std::size_t size
   return h;
 }
 
+std::string trailing_bytes_problem(const Header& header, std::size_t file_size) {
+  const std::size_t need = header.data_offset + header.data_bytes();
+  if (file_size <= need) return "";
+  return fmt::format("{} bytes follow the {} bytes of {} data of shape {} its header describes (the file has {} "
+                     "bytes, not {}); numpy writes none: the header does not describe the file (a wrong dtype or "
+                     "shape), or two writes ran into it",
+                     file_size - need, header.data_bytes(), to_string(header.dtype), shape_repr(header.shape),
+                     file_size, need);
+}
+
 Header read_header(const std::string& path) {
   namespace fs = std::filesystem;
   std::error_code ec;
@@ -662,6 +672,8 @@ Header read_header(const std::string& path) {
     throw Error(fmt::format("{}: truncated .npy file: the header promises {} bytes of {} data of shape {} "
                             "(file size {}), but the file has {} bytes",
                             path, h.data_bytes(), to_string(h.dtype), shape_repr(h.shape), need, file_size));
+  if (const std::string extra = trailing_bytes_problem(h, file_size); !extra.empty())
+    throw Error(fmt::format("{}: {}", path, extra));
   return h;
 }
 

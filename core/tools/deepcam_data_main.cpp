@@ -114,7 +114,8 @@ PMI_RANK/PMI_SIZE or SLURM_PROCID/SLURM_NTASKS).
                      source and convert those that differ again
 
 verify checks a data set in either form (per split folder: data-X.h5, or
-data-X.npy with label-X.npy): every file opens and is complete, data is
+data-X.npy with label-X.npy): every file opens and holds just what its
+header describes (not less, and no bytes after it), data is
 (H, W, C) and finite, labels (H, W) in {0, 1, 2}, npy files pair up, shapes
 agree across files (each file's dtypes are converted, as the readers do),
 stats.h5 matches the channel count; and it

@@ -6,7 +6,6 @@
 #include <cstdio>
 #include <cstdint>
 #include <fstream>
-#include <limits>
 #include <map>
 #include <new>
 #include <set>
@@ -81,23 +80,14 @@ Result check_h5(const Item& item, const std::vector<ChannelScale>& scales) {
 }
 
 // Reads a whole .npy file after checking its header (read_header refuses a
-// file shorter than its header promises before anything is allocated). Bytes
-// after the data are a problem of their own, added to `problems`: numpy
-// never writes them and reads past them, so they mean a write gone wrong
-// (two runs into one file, a file overwritten in place by a smaller one).
-std::vector<unsigned char> read_npy(const fs::path& path, npy::Header& header, std::vector<std::string>& problems) {
+// file shorter than its header promises before anything is allocated, and
+// one with bytes after the data it describes).
+std::vector<unsigned char> read_npy(const fs::path& path, npy::Header& header) {
   header = npy::read_header(path.string());
   std::vector<unsigned char> bytes(header.data_offset + header.data_bytes());
   std::ifstream in(path, std::ios::binary);
   in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
   if (!in) throw Error(fmt::format("{}: cannot read the file", path.string()));
-  in.ignore(std::numeric_limits<std::streamsize>::max());
-  if (const std::streamsize extra = in.gcount(); extra > 0) {
-    problems.push_back(fmt::format("{}: {} bytes follow the {} bytes of data its header describes (the file has "
-                                   "{} bytes, not {}); numpy writes none, so the file was written wrongly",
-                                   path.string(), extra, header.data_bytes(), bytes.size() + static_cast<std::size_t>(extra),
-                                   bytes.size()));
-  }
   return bytes;
 }
 
@@ -107,7 +97,7 @@ Result check_npy(const Item& item, const std::vector<ChannelScale>& scales) {
   bool data_ok = false, label_ok = false;
   {
     try {
-      const std::vector<unsigned char> bytes = read_npy(item.data, dh, r.problems);
+      const std::vector<unsigned char> bytes = read_npy(item.data, dh);
       if (dh.shape.size() != 3)
         throw Error(fmt::format("{}: expected shape (height, width, channels), found {}", item.data.string(),
                                 shape_text(dh.shape)));
@@ -125,7 +115,7 @@ Result check_npy(const Item& item, const std::vector<ChannelScale>& scales) {
   }
   {
     try {
-      const std::vector<unsigned char> bytes = read_npy(item.label, lh, r.problems);
+      const std::vector<unsigned char> bytes = read_npy(item.label, lh);
       if (lh.shape.size() != 2)
         throw Error(fmt::format("{}: expected shape (height, width), found {}", item.label.string(),
                                 shape_text(lh.shape)));

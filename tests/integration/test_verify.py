@@ -11,6 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
+from helpers import run_host, write_run
+
 H, W = 32, 48
 
 
@@ -93,8 +95,9 @@ def test_truncated_npy(deepcam_data, good_sets, tmp_path):
         (label, "truncated .npy file"))
 
 
-def test_bytes_after_the_data_are_a_problem_and_the_values_are_still_checked(deepcam_data, good_sets, tmp_path):
-    # numpy reads past them, so only verify can tell: two writes run together.
+def test_bytes_after_the_data_are_refused_as_training_refuses_them(deepcam_data, good_sets, tmp_path):
+    # numpy reads past them, so a header whose dtype does not describe the file (uint8 over int32 labels,
+    # every byte 0, 1 or 2) passed as other values, and the readers trained on them.
     root = copy_of(good_sets[1], tmp_path)
     data = first(root, "train/data-*.npy")
     size = data.stat().st_size
@@ -102,13 +105,23 @@ def test_bytes_after_the_data_are_a_problem_and_the_values_are_still_checked(dee
         f.write(b"\0" * 7)
     label = first(root, "validation/label-*.npy")
     values = np.load(label)
-    values[0, 0] = 9
-    np.save(label, values)
-    with open(label, "ab") as f:
-        f.write(label.read_bytes())
-    label_size = label.stat().st_size
-    bad(deepcam_data, root, (data, "7 bytes follow the 98304 bytes of data", f"{size + 7} bytes, not {size}"),
-        (label, f"{label_size // 2} bytes follow"), (label, "value 9 at (row 0, column 0)"))
+    wrong = np.lib.format.header_data_from_array_1_0(values.astype(np.uint8))
+    raw = label.read_bytes()
+    body = raw[len(raw) - values.nbytes:]
+    with open(label, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, wrong)
+        f.write(body)
+    bad(deepcam_data, root,
+        (data, "7 bytes follow the 98304 bytes of float32 data of shape (32, 48, 16) its header describes",
+         f"the file has {size + 7} bytes, not {size}"),
+        (label, f"{values.nbytes - values.size} bytes follow the {values.size} bytes of uint8 data"))
+    # The npy reader refuses both: the data file when it learns the shape, the labels when it reads them.
+    run = write_run(tmp_path / "run.toml", root, tmp_path / "out", reader={"name": "npy"})
+    r = run_host(run, "--quiet")
+    assert r.returncode == 2 and f"{data}: 7 bytes follow" in r.stderr, r.stderr[-2000:]
+    os.truncate(data, size)
+    r = run_host(run, "--quiet", "--set", f"run.output_dir={tmp_path / 'out2'}")
+    assert r.returncode == 2 and f"{label}: {values.nbytes - values.size} bytes follow" in r.stderr, r.stderr[-2000:]
 
 
 def test_header_promising_more_than_the_file_holds(deepcam_data, good_sets, tmp_path):

@@ -35,9 +35,16 @@ struct DEEPCAM_API Header {
 // caller may pass the whole file). `file` is only used in messages.
 DEEPCAM_API Header parse_header(const std::string& file, const void* bytes, std::size_t size);
 
-// Reads and parses the header of a file, and checks that the file holds at
-// least data_offset + data_bytes() bytes ("header promises N bytes, file has M").
+// Reads and parses the header of a file, and checks that the file holds
+// exactly data_offset + data_bytes() bytes ("header promises N bytes, file
+// has M"; bytes after the data: trailing_bytes_problem()).
 DEEPCAM_API Header read_header(const std::string& path);
+
+// "" when a file of `file_size` bytes ends where `header`'s data ends; else
+// what is wrong with the bytes after it. numpy.load reads past them, but
+// numpy never writes them: a header whose dtype or shape does not describe
+// the file reads as the wrong values.
+DEEPCAM_API std::string trailing_bytes_problem(const Header& header, std::size_t file_size);
 
 // The header bytes (magic, version, length, dict, padding, '\n') that numpy.save
 // would write for a C-order little-endian array of `dtype` and `shape`; the

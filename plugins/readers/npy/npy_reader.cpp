@@ -307,6 +307,8 @@ npy::Header parse_checked(const std::string& path, const unsigned char* bytes, s
                 " bytes of data after offset " + std::to_string(header.data_offset) + " (a file of " +
                 std::to_string(header.data_offset + header.data_bytes()) + " bytes), but the file has " +
                 std::to_string(size) + " bytes; it is truncated");
+  if (const std::string extra = npy::trailing_bytes_problem(header, size); !extra.empty())
+    throw Error(path + ": " + extra);
   return header;
 }
 
