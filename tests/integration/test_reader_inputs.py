@@ -569,6 +569,24 @@ def test_a_channel_beyond_the_data_names_the_key(tmp_path, data):
     assert f"[data] channels selects channel 8, but {first} has channels 0..7" in r.stderr, r.stderr
 
 
+def test_a_first_sample_stored_channels_first_is_named_not_blamed_on_stats(tmp_path, data):
+    # (16, H, W) read as 16 rows of W columns and H channels: "stats.h5 must hold one value per channel".
+    root = tmp_path / "chw"
+    shutil.copytree(data["h5", "float32"], root)
+    first = sorted((root / "train").glob("data-*.h5"))[0]
+    with h5py.File(first, "r") as f:
+        x, y = f["climate/data"][...], f["climate/labels_0"][...]
+    first.unlink()
+    with h5py.File(first, "w") as f:
+        f["climate/data"] = x.transpose(2, 0, 1)
+        f["climate/labels_0"] = y
+    r = probe(run_file(tmp_path, root, "hdf5"), tmp_path / "batches")
+    h, w = y.shape
+    assert r.returncode == 2, r.stderr
+    assert (f"{first}: climate/labels_0 has shape ({h}, {w}), but climate/data is (16, {h}, {w}): the labels must "
+            "be (height, width) of the data") in r.stderr and "stats.h5" not in r.stderr, r.stderr
+
+
 def test_a_compression_filter_hdf5_lacks_is_named_not_called_damage(tmp_path, data):
     root = tmp_path / "lzf"
     shutil.copytree(data["h5", "float32"], root)

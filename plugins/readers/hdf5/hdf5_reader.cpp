@@ -105,6 +105,13 @@ class Hdf5Format final : public FileFormat {
     if (shape.size() != 3 || shape[0] == 0 || shape[1] == 0 || shape[2] == 0)
       throw Error(path + ": " + kData + " has shape " + h5_shape_text(shape) +
                   ", expected (height, width, channel)");
+    // Checked here, before stats.h5 is compared with the channels: data
+    // stored (channel, height, width) was blamed on stats.h5.
+    const h5::Shape labels = file.shape(kLabels);
+    if (labels != h5::Shape{shape[0], shape[1]})
+      throw Error(path + ": " + kLabels + " has shape " + h5_shape_text(labels) + ", but " + kData + " is " +
+                  h5_shape_text(shape) + ": the labels must be (height, width) of the data, which is (height, "
+                  "width, channel)");
     return {static_cast<std::int64_t>(shape[0]), static_cast<std::int64_t>(shape[1]),
             static_cast<std::int64_t>(shape[2])};
   }
