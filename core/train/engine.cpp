@@ -11,6 +11,7 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include <algorithm>
 #include <atomic>
@@ -165,6 +166,23 @@ fs::path numbered(const fs::path& path, int n) { return path.string() + fmt::for
 // checkpoints) keeps that run's record under the next free number
 // ("mlperf.log.1", "config.toml.1"); otherwise an earlier record (overwrite =
 // true) is replaced. Only rank 0 has one.
+// A fingerprint of a checkpoint file's contents: its size and a CRC-32 of
+// its last MiB, which holds the zip archive's central directory (the CRC-32
+// and size of every record), so that two files that differ anywhere differ
+// here. 0 when it cannot be read (loading it has read it already).
+std::uint64_t file_fingerprint(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) return 0;
+  const std::streamoff size = in.tellg();
+  const std::streamoff tail = std::min<std::streamoff>(size, std::streamoff{1} << 20);
+  std::vector<char> bytes(static_cast<std::size_t>(tail));
+  in.seekg(size - tail);
+  if (!in.read(bytes.data(), tail)) return 0;
+  const auto crc = static_cast<std::uint64_t>(
+      ::crc32_z(0L, reinterpret_cast<const Bytef*>(bytes.data()), static_cast<z_size_t>(bytes.size())));
+  return (static_cast<std::uint64_t>(size) << 32) ^ crc;
+}
+
 class RunRecord {
  public:
   RunRecord(const fs::path& config_path, const fs::path& log_path, const std::string& resolved,
@@ -753,7 +771,7 @@ class Engine {
       c_.optimizer->set_lr(base_lr);
       require_logged_hyperparameters(resume, logged);
       note_other_model_settings(resume, info);
-      agree_on_resume(info, run.where("resume"));
+      agree_on_resume(info, run.where("resume"), resume);
       if (info.epoch >= run.integer("max_epochs")) {
         throw Error(fmt::format("{}: the checkpoint is at epoch {}, and {}: nothing is left to train; raise "
                                 "max_epochs to continue its run",
@@ -1175,17 +1193,30 @@ class Engine {
 
   // Every rank read the same checkpoint (a shared file system) and must
   // resume at the same step and epoch.
-  // `where`: what named the file on this rank.
-  void agree_on_resume(const CheckpointInfo& info, const std::string& where) {
+  // `where`: what named the file on this rank. `path`, for a resume: the
+  // file, whose contents must be rank 0's too. Only the weights come from
+  // rank 0; each rank keeps the optimizer state it read, so a node-local or
+  // stale copy at the same path made the ranks' models drift apart without
+  // a word.
+  void agree_on_resume(const CheckpointInfo& info, const std::string& where, const std::string& path = "") {
     if (comm_.size() == 1) return;
-    const at::Tensor mine = at::tensor({info.step, info.epoch}, at::kLong);
+    const std::uint64_t fingerprint = path.empty() ? 0 : file_fingerprint(path);
+    const at::Tensor mine = at::tensor({info.step, info.epoch, static_cast<std::int64_t>(fingerprint >> 32),
+                                        static_cast<std::int64_t>(fingerprint & 0xffffffffu)},
+                                       at::kLong);
     const at::Tensor all = comm_.world().all_gather(mine);
     for (int r = 0; r < comm_.size(); ++r) {
-      if (!all[r].equal(all[0])) {
+      if (!all[r].slice(0, 0, 2).equal(all[0].slice(0, 0, 2))) {
         throw Error(fmt::format("{}: rank {} read step {} epoch {}, rank 0 step {} epoch {}; every rank must see the "
                                 "same checkpoint file",
                                 where, r, all[r][0].item<std::int64_t>(), all[r][1].item<std::int64_t>(),
                                 all[0][0].item<std::int64_t>(), all[0][1].item<std::int64_t>()));
+      }
+      if (!all[r].equal(all[0])) {
+        throw Error(fmt::format("{}: rank {} read a file whose contents differ from rank 0's at that path (both at "
+                                "step {} epoch {}: a node-local or stale copy?); every rank must see the same "
+                                "checkpoint file",
+                                where, r, all[0][0].item<std::int64_t>(), all[0][1].item<std::int64_t>()));
       }
     }
   }

@@ -881,6 +881,35 @@ def test_resume_on_two_ranks_is_bit_exact(tmp_path, data):
     assert epoch2(first, "eval_accuracy") == epoch2(resumed, "eval_accuracy")
 
 
+def test_a_resume_whose_ranks_read_different_files_at_one_path_is_refused(tmp_path, data, ranks):
+    """Rank 1 sees another checkpoint of the same step and epoch at the same path (a node-local or stale
+    copy: here a bind mount in a mount namespace of its own). Only the weights come from rank 0, so each rank
+    trained on with its own optimizer state, and the ranks' models drifted apart without a word."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -m (a mount namespace) is not allowed here")
+    checkpoints = {}
+    for name, lr in (("a", 0.002), ("b", 0.01)):
+        run = small_run(tmp_path / f"{name}.toml", data, tmp_path / name,
+                        run={"max_epochs": 1, "checkpoint_every": 1, "target_iou": 1.0}, optimizer={"lr": lr})
+        r = run_host(run, env=clean_env(), timeout=TIMEOUT)
+        assert r.returncode == 1, r.stderr[-3000:]
+        checkpoints[name] = tmp_path / name / "checkpoint-epoch1.pt"
+    shared = checkpoints["a"]
+    run = small_run(tmp_path / "resume.toml", data, tmp_path / "out",
+                    run={"max_epochs": 2, "target_iou": 1.0, "resume": str(shared)})
+    line = next(n for n, text in enumerate(run.read_text().splitlines(), 1) if text.startswith("resume"))
+    port = free_port()
+    ranks.start([HOST, run], torchrun_env(0, 2, port), "rank0")
+    ranks.start(["unshare", "-m", "sh", "-c", 'mount --bind "$1" "$2" && exec "$3" "$4"', "sh",
+                 checkpoints["b"], shared, HOST, run], torchrun_env(1, 2, port), "rank1")
+    codes = ranks.wait_all()
+    assert codes == [2, 2], (codes, ranks.stderr("rank0")[-2000:], ranks.stderr("rank1")[-2000:])
+    for name in ("rank0", "rank1"):
+        assert (f"{run}:{line} [run] resume: rank 1 read a file whose contents differ from rank 0's at that path "
+                "(both at step 4 epoch 1: a node-local or stale copy?)") in ranks.stderr(name), ranks.stderr(name)
+    assert not (tmp_path / "out" / "mlperf.log").exists()
+
+
 # 8. The two-rank log and the official checker
 
 def test_two_rank_log_passes_the_checker_in_the_open_division(tmp_path):
