@@ -337,6 +337,24 @@ void Communicator::Impl::find_store(bool read_environment) {
 void Communicator::Impl::join_store() {
   const int rank = layout.rank, size = layout.world_size;
   if (store_path.empty()) {
+    // A name that does not resolve never will: c10d would retry until the
+    // timeout and then blame the port or the other ranks. (A resolver that
+    // is not answering, EAI_AGAIN, may answer later.)
+    addrinfo hints{};
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    addrinfo* found = nullptr;
+    const int resolved = ::getaddrinfo(store_host.c_str(), nullptr, &hints, &found);
+    if (found) ::freeaddrinfo(found);
+    if (resolved == EAI_NONAME || resolved == EAI_FAIL
+#ifdef EAI_NODATA
+        || resolved == EAI_NODATA
+#endif
+    ) {
+      throw Error(fmt::format("rank {} of {}: the rendezvous host \"{}\" ({}) does not resolve: {}; it must name "
+                              "rank 0's host, as every rank reaches it",
+                              rank, size, store_host, store_where, ::gai_strerror(resolved)));
+    }
     c10d::TCPStoreOptions o;
     o.port = store_port;
     o.isServer = rank == 0;

@@ -881,6 +881,28 @@ def test_resume_on_two_ranks_is_bit_exact(tmp_path, data):
     assert epoch2(first, "eval_accuracy") == epoch2(resumed, "eval_accuracy")
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rendezvous_host_that_does_not_resolve_is_named_at_once(tmp_path, data, rank):
+    """c10d retried until the timeout (34 to 66 s at comm_timeout_s = 30), printed its backtraces, and then
+    blamed a port held by a stopped process, or the other ranks."""
+    host = "no-such-host.invalid"
+    try:
+        socket.getaddrinfo(host, None)
+        pytest.skip(f"{host} resolves here")
+    except socket.gaierror as e:
+        if e.errno != socket.EAI_NONAME:
+            pytest.skip(f"this resolver does not say that {host} does not exist: {e}")
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out")
+    started = time.monotonic()
+    r = run_host(run, env=clean_env(RANK=rank, WORLD_SIZE=2, MASTER_ADDR=host, MASTER_PORT=free_port()),
+                 timeout=TIMEOUT)
+    assert r.returncode == 2 and time.monotonic() - started < 20, r.stderr[-3000:]
+    assert r.stderr.splitlines()[-1].startswith(f'deepcam-host: rank {rank} of 2: the rendezvous host "{host}" '
+                                                "(MASTER_ADDR and MASTER_PORT, read for "), r.stderr[-3000:]
+    assert "does not resolve" in r.stderr and "frame #" not in r.stderr, r.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_resume_whose_ranks_read_different_files_at_one_path_is_refused(tmp_path, data, ranks):
     """Rank 1 sees another checkpoint of the same step and epoch at the same path (a node-local or stale
     copy: here a bind mount in a mount namespace of its own). Only the weights come from rank 0, so each rank
