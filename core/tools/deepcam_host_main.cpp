@@ -235,6 +235,12 @@ int run_host(int argc, char** argv, bool& result_on_stdout) {
       // What prints and ends would print once per rank: refused here, once
       // (later in the line, each rank refuses it as out of place).
       const std::string first = rest.empty() ? "" : rest[0].substr(0, rest[0].find('='));
+      // Refused here, before any rank starts: each would say it runs under
+      // a launcher already.
+      if (std::find(rest.begin(), rest.end(), "--nproc") != rest.end() ||
+          std::any_of(rest.begin(), rest.end(), [](const std::string& a) { return a.rfind("--nproc=", 0) == 0; })) {
+        throw deepcam::Error("--nproc is given twice; give it once");
+      }
       if (first == "--help" || first == "-h" || first == "--version" || first == "--list-plugins" ||
           first == "--describe") {
         throw deepcam::Error(fmt::format("{} comes alone, first, without --nproc: deepcam-host {}", first,

@@ -585,6 +585,15 @@ def test_options_given_twice_or_out_of_place_are_refused(tmp_path, data, args, s
     assert not out.exists()
 
 
+@pytest.mark.parametrize("again", [["--nproc", "2"], ["--nproc=3"]])
+def test_nproc_given_twice_is_refused_before_any_rank_starts(tmp_path, data, again):
+    # Each rank said it ran under a launcher already.
+    out = tmp_path / "out"
+    r = run_host("--nproc", "2", write_run(tmp_path / "run.toml", data, out), *again)
+    assert r.returncode == 2 and r.stderr == "deepcam-host: --nproc is given twice; give it once\n", r.stderr
+    assert not out.exists()
+
+
 def test_option_equals_value_is_taken_as_argparse_takes_it(tmp_path, data):
     r = run_host(write_run(tmp_path / "run.toml", data, tmp_path / "out"), "--benchmark=1", "--quiet")
     assert r.returncode == 0, r.stderr[-3000:]
