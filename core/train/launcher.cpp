@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "deepcam/engine.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/stop_request.hpp"
 #include "ranks.hpp"
@@ -172,7 +173,8 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
   }
 
   int result = 0;
-  int failed_rank = -1;
+  int failed_rank = -1;              // the first rank reaped that failed on its own
+  std::vector<bool> failed(static_cast<std::size_t>(nproc), false);  // every such rank
   int stop_status = 0;  // a stop signal sent to a rank, not to the launcher
   std::vector<int> codes(static_cast<std::size_t>(nproc), 0);
   int running = nproc;
@@ -221,10 +223,13 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
             stop_status = exit_code(status);
             if (grace_end == Clock::time_point{}) grace_end = Clock::now() + grace;
           }
-        } else if (failed_rank < 0 && g_signal.load() == 0) {
-          failed_rank = r;
-          result = exit_code(status);
-          grace_end = Clock::now() + grace;
+        } else if (g_signal.load() == 0 && !terminated) {
+          failed[static_cast<std::size_t>(r)] = true;
+          if (failed_rank < 0) {
+            failed_rank = r;
+            result = exit_code(status);
+            grace_end = Clock::now() + grace;
+          }
         }
       }
     }
@@ -254,7 +259,21 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
     }
   }
   if (failed_rank >= 0) {
-    std::fprintf(stderr, "deepcam-host --nproc: failed: rank %d (exit status %d)\n", failed_rank, result);
+    // The rank to blame is not the first reaped: a rank that lost another
+    // (status 5) or that ended because rank 0 refused the run (rank 0
+    // refuses for all, with its own status) may end first. The lowest rank
+    // that failed on its own with a status other than 5 is the cause; if
+    // all say 5, the first one's message names the rank it lost.
+    for (int r = 0; r < nproc; ++r) {
+      const int code = codes[static_cast<std::size_t>(r)];
+      if (failed[static_cast<std::size_t>(r)] && code != kRankLostStatus) {
+        failed_rank = r;
+        result = code;
+        break;
+      }
+    }
+    std::fprintf(stderr, "deepcam-host --nproc: failed: rank %d (exit status %d%s)\n", failed_rank, result,
+                 result == kRankLostStatus ? ": it lost another rank, which its message names" : "");
     return result;
   }
   if (result == 0 && stop_status != 0) {

@@ -145,7 +145,14 @@ def test_nproc_2_runs_two_ranks_with_prefixed_output(tmp_path, data):
     assert bad.returncode == 2, bad.stderr[-3000:]
     for rank in (0, 1):
         assert re.search(rf"^\[rank {rank}\] deepcam-host: .*no_such_key", bad.stderr, re.M), bad.stderr[-3000:]
-    assert re.search(r"^deepcam-host --nproc: failed: rank [01] \(exit status 2\)$", bad.stderr, re.M), bad.stderr
+    # The lowest rank that failed on its own is blamed, not the first one reaped.
+    assert re.search(r"^deepcam-host --nproc: failed: rank 0 \(exit status 2\)$", bad.stderr, re.M), bad.stderr
+    # Rank 0 alone refuses a folder that holds a record; rank 1 says so and ends with the same status, and
+    # was blamed when it was reaped first.
+    again = run_host("--nproc", 2, run, env=clean_env(), timeout=TIMEOUT)
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert "[rank 1] deepcam-host: rank 0 refused the run: " in again.stderr, again.stderr[-3000:]
+    assert again.stderr.splitlines()[-1] == "deepcam-host --nproc: failed: rank 0 (exit status 2)", again.stderr
 
 
 def test_a_training_batch_larger_than_a_rank_s_share_is_refused_naming_the_share(tmp_path, data):
