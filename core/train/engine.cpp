@@ -838,6 +838,10 @@ class Engine {
         save(epoch, step);
         log_.end("save_stop", Json(), at);
         last_saved = epoch;
+        // Rank 0 saves while the others wait here, not in the vote below: a
+        // signal that reaches them meanwhile is in their vote, and the run
+        // stops before the next epoch as it does for a signal to rank 0.
+        comm_.world().barrier();
       }
       // A signal during the validation or the checkpoint: the epoch is whole
       // (and saved where due); the next does not start.
