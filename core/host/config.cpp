@@ -173,6 +173,47 @@ std::string did_you_mean(const std::string& word, const std::vector<std::string>
   return m.empty() ? "" : fmt::format("; did you mean '{}'?", m);
 }
 
+// A flag of the MLCommons reference's train.py that users bring along as a
+// key: what it is here. "" for other keys.
+std::string reference_flag_hint(const std::string& key) {
+  static const std::map<std::string, std::string> kReferenceFlag = {
+      {"local_batch_size", "is [run] train_batch_size (per rank, as there)"},
+      {"start_lr", "is [optimizer] lr"},
+      {"optimizer_betas", "is [optimizer] betas"},
+      {"optimizer", "is [optimizer] name (\"adam\", \"adamw\" or \"lamb\")"},
+      {"data_dir_prefix", "is [data] root"},
+      {"max_inter_threads", "is [reader] threads"},
+      {"save_frequency", "is [run] checkpoint_every (its 0, no checkpoints, is -1 here)"},
+      {"checkpoint", "is [run] resume"},
+      {"lr_schedule", "is the [scheduler] table (name = \"multistep\" or \"cosine_annealing\" and its keys)"},
+      {"wireup_method", "is [run] rendezvous, with the launcher's variables"},
+      {"run_tag", "is [run] output_dir"},
+      {"adam_eps", "has no key here: eps is 1e-6, as the MLPerf rules fix it"},
+      {"model_prefix", "has no key here: checkpoints are named checkpoint-epochN.pt"}};
+  const auto it = kReferenceFlag.find(key);
+  return it == kReferenceFlag.end() ? "" : fmt::format("; the reference's --{} {}", key, it->second);
+}
+
+// The section of this tree's run files that has `key`, unknown in
+// [section] (`--set run.weight_decay=...`); "" when none does.
+std::string other_section_hint(const std::string& section, const std::string& key) {
+  static const std::map<std::string, std::string> kSectionOf = {
+      {"seed", "run"}, {"output_dir", "run"}, {"max_epochs", "run"}, {"target_iou", "run"},
+      {"logging_frequency", "run"}, {"train_batch_size", "run"}, {"validation_batch_size", "run"},
+      {"gradient_accumulation_frequency", "run"}, {"device", "run"}, {"checkpoint_every", "run"},
+      {"resume", "run"}, {"precision", "run"}, {"memory_format", "run"}, {"batchnorm_group_size", "run"},
+      {"rendezvous", "run"}, {"root", "data"}, {"channels", "data"}, {"lr", "optimizer"},
+      {"betas", "optimizer"}, {"weight_decay", "optimizer"}, {"max_grad_norm", "optimizer"},
+      {"milestones", "scheduler"}, {"decay_rate", "scheduler"}, {"lr_warmup_steps", "scheduler"},
+      {"lr_warmup_factor", "scheduler"}, {"t_max", "scheduler"}, {"eta_min", "scheduler"},
+      {"shuffle_mode", "reader"}, {"data_oversampling_factor", "reader"}, {"stage_dir", "reader"},
+      {"check_finite", "reader"}, {"io", "reader"}, {"width", "model"}, {"middle_blocks", "model"},
+      {"output_stride", "model"}, {"org", "mlperf"}, {"platform", "mlperf"}, {"division", "mlperf"},
+      {"status", "mlperf"}, {"log_file", "mlperf"}};
+  const auto it = kSectionOf.find(key);
+  return it == kSectionOf.end() || it->second == section ? "" : fmt::format("; {} is a key of [{}]", key, it->second);
+}
+
 ParamValue parse_default(const ParamSpec& spec);
 
 std::string type_name(const toml::node& node) {
@@ -406,8 +447,10 @@ Params Checker::check(const toml::table* table, const ParamSchema& schema, const
         std::vector<std::string> all = known;
         all.insert(all.end(), host_keys.begin(), host_keys.end());
         std::sort(all.begin(), all.end());
-        throw Error(fmt::format("{}: unknown key{} (known: {})", loc.at(key, &node), did_you_mean(key, all),
-                                fmt::join(all, ", ")));
+        std::string hint = reference_flag_hint(key);
+        if (hint.empty()) hint = did_you_mean(key, all);
+        if (hint.empty()) hint = other_section_hint(loc.section, key);
+        throw Error(fmt::format("{}: unknown key{} (known: {})", loc.at(key, &node), hint, fmt::join(all, ", ")));
       }
       sources[key] = loc.at(key, &node);
       if (it->type == ParamType::Plugin) {

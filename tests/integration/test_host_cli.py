@@ -214,6 +214,26 @@ def test_set_items_spaced_as_in_a_run_file_are_taken(tmp_path, data):
     assert f'output_dir = "{out}"  # --set run.output_dir =  {out}  ' in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("item,hint", [
+    # A key of another section got [run]'s list alone.
+    ("run.weight_decay=0.1", "unknown key; weight_decay is a key of [optimizer] (known: "),
+    ("run.lr_warmup_steps=10", "unknown key; lr_warmup_steps is a key of [scheduler] (known: "),
+    ("data.shuffle_mode=gpu", "unknown key; shuffle_mode is a key of [reader] (known: "),
+    # The reference's flags, before a did-you-mean that would guess wrong (checkpoint_every).
+    ("run.checkpoint=a.pt", "unknown key; the reference's --checkpoint is [run] resume (known: "),
+    ("run.local_batch_size=4", "unknown key; the reference's --local_batch_size is [run] train_batch_size"),
+    ("optimizer.adam_eps=1e-8", "unknown key; the reference's --adam_eps has no key here: eps is 1e-6, as the MLPerf rules"),
+    ("run.save_frequency=0", "unknown key; the reference's --save_frequency is [run] checkpoint_every (its 0, "
+                             "no checkpoints, is -1 here)"),
+    # A close match still comes first.
+    ("run.max_epoch=3", "unknown key; did you mean 'max_epochs'?"),
+])
+def test_an_unknown_key_says_where_it_is_at_home(tmp_path, data, item, hint):
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
+    r = run_host(run, "--set", item)
+    assert r.returncode == 2 and f"--set {item}: {hint}" in r.stderr, r.stderr[-3000:]
+
+
 @pytest.mark.parametrize("key", ["org", "platform"])
 def test_an_empty_org_or_platform_is_refused_before_training(tmp_path, data, key):
     """The run trained to its target and exited 0, and its log then failed the MLPerf checker
