@@ -2369,9 +2369,17 @@ void agree_on_rank0_refusal(Communicator& comm, const std::function<void()>& che
 // its record is removed as after a refusal. `checkpoint` (resume,
 // --evaluate or --predict; "" for none) is read only after the build: a
 // missing or foreign file is named before a reader stages for minutes.
+// `where` names what gave `checkpoint` (the resume setting, --evaluate),
+// for its refusal.
 void build_or_stop(Engine& engine, bool with_optimizer, const std::vector<Split>& splits,
-                   const std::string& checkpoint) {
-  if (!checkpoint.empty()) check_torch_save_file(checkpoint);
+                   const std::string& checkpoint, const std::string& where) {
+  if (!checkpoint.empty()) {
+    try {
+      check_torch_save_file(checkpoint);
+    } catch (const Error& e) {
+      throw Error(fmt::format("{}: {}", where, e.what()));
+    }
+  }
   try {
     engine.build(with_optimizer, splits);
   } catch (const StopRequested& e) {
@@ -2432,7 +2440,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
     MlperfLog no_log(nullptr, false);
     record_stop_signals_from_now();
     Engine engine(cfg, seed_drawn, no_log, comm);
-    build_or_stop(engine, /*with_optimizer=*/false, {Split::Validation}, opts.predict_checkpoint);
+    build_or_stop(engine, /*with_optimizer=*/false, {Split::Validation}, opts.predict_checkpoint, "--predict");
     // The earlier files go only once this run has a prediction to write:
     // a checkpoint or setting refused leaves them as they were.
     const int status = engine.write_predictions(opts.predict_checkpoint, opts.predict_out, opts.predict_samples,
@@ -2508,7 +2516,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   record_stop_signals_from_now();
   Engine engine(cfg, seed_drawn, log, comm);
   if (evaluating) {
-    build_or_stop(engine, /*with_optimizer=*/false, {Split::Validation}, opts.evaluate_checkpoint);
+    build_or_stop(engine, /*with_optimizer=*/false, {Split::Validation}, opts.evaluate_checkpoint, "--evaluate");
     const int status = engine.evaluate(opts.evaluate_checkpoint);
     comm.finish();
     if (record) {
@@ -2536,7 +2544,8 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   log.event("number_of_nodes", Json(comm.nodes()));
   // One GPU per rank: the most ranks on one node.
   log.event("accelerators_per_node", Json(cfg.run.string("device") == "cuda" ? comm.max_local_size() : 0));
-  build_or_stop(engine, /*with_optimizer=*/true, {Split::Train, Split::Validation}, cfg.run.string("resume"));
+  build_or_stop(engine, /*with_optimizer=*/true, {Split::Train, Split::Validation}, cfg.run.string("resume"),
+                cfg.run.setting("resume"));
   int status = 0;
   try {
     status = engine.train();

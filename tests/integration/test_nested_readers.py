@@ -240,7 +240,9 @@ def test_a_checkpoint_that_cannot_be_read_is_named_before_the_reader_stages(tmp_
     assert r.returncode == 2, r.stderr[-3000:]
     said = "cannot open (no such file, or not readable)" if checkpoint == "missing.pt" else \
         "not a torch.save file (not a zip archive)"
-    assert f"deepcam-host: {path}: {said}" in r.stderr, r.stderr[-3000:]
+    # Named with what gave it: the setting, or the option.
+    where = f"--set run.resume={path}" if mode == "resume" else mode
+    assert f"deepcam-host: {where}: {path}: {said}" in r.stderr, r.stderr[-3000:]
     assert "staged" not in r.stderr and list(stage.iterdir()) == []
     assert not (tmp_path / "out").exists()
 
