@@ -19,6 +19,7 @@
 #include <toml++/toml.h>
 #include <torch/cuda.h>
 
+#include "deepcam/data_set.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/json.hpp"
 
@@ -840,6 +841,14 @@ RunConfig load_config(const std::vector<std::string>& files, const std::vector<s
                          where.compare(where.size() - typed.size(), std::string::npos, typed) == 0;
       throw Error(fmt::format("{}: {}{}", where, shown ? "" : data_root + ": ",
                               std::filesystem::exists(data_root, ec) ? "not a directory" : "no such directory"));
+    }
+    // A folder above or beside the data set (a typo, one level too high):
+    // named with the key here; the reader would name only train/.
+    if (!split_folder_problem(data_root, "train").empty() && !split_folder_problem(data_root, "validation").empty()) {
+      const toml::table* t = root.get_as<toml::table>("data");
+      throw Error(fmt::format("{}: {} holds neither train/ nor validation/: it is no data set root, which holds "
+                              "train/, validation/ and stats.h5",
+                              location("data").at("root", t ? t->get("root") : nullptr), data_root));
     }
   }
   {

@@ -74,6 +74,18 @@ def test_a_missing_data_root_is_named_with_its_resolved_path_and_leaves_nothing(
     assert not (proj / "out").exists() and not (elsewhere / "out").exists()
 
 
+def test_a_folder_that_is_no_data_root_is_named_with_the_key(tmp_path):
+    # The reader named only <root>/train, "no such directory", and not the line that set the root.
+    proj, elsewhere = project(tmp_path, root="libs")
+    r = run_in(elsewhere, proj / "run.toml")
+    assert r.returncode == 2
+    line = next(n for n, text in enumerate((proj / "run.toml").read_text().splitlines(), 1)
+                if text.startswith("root"))
+    assert (f"{proj / 'run.toml'}:{line} [data] root: {proj / 'libs'} holds neither train/ nor validation/: it is "
+            "no data set root") in r.stderr, r.stderr
+    assert not (proj / "out").exists()
+
+
 def test_library_errors_point_at_the_library_line(tmp_path):
     proj, elsewhere = project(tmp_path, library="libs/missing.so")
     r = run_in(elsewhere, proj / "run.toml")

@@ -295,7 +295,9 @@ where = "sub/dir"
 
 TEST_CASE("mutated run files and overrides give a config or an Error") {
   test_support::TempDir dir;
-  fs::create_directories(dir.path / "data");
+  // A data root, as load_config wants one (train/ or validation/ in it).
+  fs::create_directories(dir.path / "data" / "train");
+  fs::create_directories(dir.path / "data" / "validation");
   const std::string file = (dir.path / "run.toml").string();
   const std::string table_file = (dir.path / "table.toml").string();
   // No plugin can be found: a run file gets as far as its first plugin
