@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstddef>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <mutex>
@@ -43,6 +44,7 @@
 #include <fmt/ranges.h>
 
 #include "deepcam/error.hpp"
+#include "deepcam/mlperf_log.hpp"
 
 namespace deepcam::h5 {
 namespace {
@@ -140,6 +142,21 @@ std::string hdf5_cause(std::string* whole = nullptr) {
     H5Eclear2(H5E_DEFAULT);
   }
   throw Error(message);
+}
+
+// A write HDF5 refused. Its message holds the system's errno among its
+// internals (buffer addresses, "bytes actually written = 2^64 - 1"): the
+// error says that errno as every writer of ours does (write_error_text:
+// a full disk, a file-size limit), and keeps HDF5's words only when there
+// is none.
+[[noreturn]] void fail_write(const std::string& file, const std::string& dataset, const char* what = "cannot write") {
+  const std::string cause = hdf5_cause();
+  const std::string where = dataset.empty() ? file : fmt::format("{}: dataset {}", file, dataset);
+  if (const std::size_t at = cause.find("errno = "); at != std::string::npos) {
+    if (const int err = std::atoi(cause.c_str() + at + 8); err > 0)
+      throw Error(fmt::format("{}: {}: {}", where, what, write_error_cause(err)));
+  }
+  throw Error(fmt::format("{}: {}{}", where, what, cause.empty() ? "" : fmt::format(" (HDF5: {})", cause)));
 }
 
 // A filter (compression) in the dataset's pipeline that this HDF5 library
@@ -608,7 +625,7 @@ void write_as(std::int64_t id, const std::string& path, const std::string& name,
   if (!dataset.valid()) fail(path, name, "cannot create");
   if (element_count(shape) > 0 &&
       H5Dwrite(dataset.get(), memory_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0)
-    fail(path, name, "cannot write (disk full?)");
+    fail_write(path, name);
 }
 
 template <typename T>
@@ -755,7 +772,7 @@ void File::close() {
   Lock lock;
   const herr_t status = H5Fclose(static_cast<hid_t>(id_));
   id_ = -1;
-  if (status < 0) fail(path_, "", "cannot close the file (its data may not be written; disk full?)");
+  if (status < 0) fail_write(path_, "", "cannot close the file (its data may not be written)");
 }
 
 bool File::has(const std::string& dataset) const {

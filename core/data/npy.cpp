@@ -32,6 +32,7 @@
 #include <fmt/ranges.h>
 
 #include "deepcam/error.hpp"
+#include "deepcam/mlperf_log.hpp"
 #include "temporary_files.hpp"
 
 namespace deepcam::npy {
@@ -520,11 +521,7 @@ void write_all(const std::string& path, int fd, const void* data, std::size_t si
     const ssize_t n = ::write(fd, p, size);
     if (n < 0) {
       if (errno == EINTR) continue;
-      const int err = errno;
-      throw Error(fmt::format("{}: cannot write: {}{}", path, errno_text(err),
-                              err == ENOSPC || err == EFBIG || err == EDQUOT
-                                  ? " (the disk or a file-size limit is full; free space and run again)"
-                                  : ""));
+      throw Error(write_error_text(path, errno));
     }
     p += n;
     size -= static_cast<std::size_t>(n);
@@ -735,8 +732,7 @@ void write(const std::string& path, DType dtype, const std::vector<std::int64_t>
       }
     }
     // close() is where some file systems (NFS) report a failed write.
-    if (::close(fd.release()) != 0)
-      throw Error(fmt::format("{}: cannot write: {} (disk full?)", path, errno_text(errno)));
+    if (::close(fd.release()) != 0) throw Error(write_error_text(path, errno));
     if (::rename(temp.c_str(), path.c_str()) != 0)
       throw Error(fmt::format("{}: cannot rename {} into place: {}", path, fs::path(temp).filename().string(),
                               errno_text(errno)));

@@ -145,6 +145,15 @@ void write_atomically(const fs::path& target, const std::function<void(h5::File&
     fs::rename(temp, target, ec);
     if (ec) throw Error(fmt::format("{}: cannot rename {} into place: {}", target.string(),
                                     temp.filename().string(), ec.message()));
+  } catch (const Error& e) {
+    std::error_code ignored;
+    fs::remove(temp, ignored);
+    // Named as the file being written, not as its hidden temporary, which
+    // is gone now.
+    std::string message = e.what();
+    const std::string hidden = temp.string();
+    if (message.rfind(hidden, 0) == 0) message = target.string() + message.substr(hidden.size());
+    throw Error(message);
   } catch (...) {
     std::error_code ignored;
     fs::remove(temp, ignored);

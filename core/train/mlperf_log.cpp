@@ -18,13 +18,17 @@
 
 namespace deepcam {
 
-std::string write_error_text(const std::string& path, int err) {
+std::string write_error_cause(int err) {
   std::string hint;
   if (err == ENOSPC || err == EDQUOT) hint = " (the file system is full or over quota: free space or write elsewhere)";
   if (err == EFBIG) {
     hint = " (the file would exceed the file-size limit, ulimit -f, or the largest file the file system holds)";
   }
-  return fmt::format("{}: cannot write: {}{}", path, std::strerror(err), hint);
+  return std::strerror(err) + hint;
+}
+
+std::string write_error_text(const std::string& path, int err) {
+  return fmt::format("{}: cannot write: {}", path, write_error_cause(err));
 }
 
 MlperfLog::MlperfLog(std::FILE* out, bool enabled, std::string name)

@@ -77,5 +77,7 @@ class DEEPCAM_API MlperfLog {
 // the file-size limit (ulimit -f): the message of every writer of the run's
 // output (the log, config.toml, checkpoints).
 DEEPCAM_API std::string write_error_text(const std::string& path, int err);
+// Its cause alone: "No space left on device (the file system is full ...)".
+DEEPCAM_API std::string write_error_cause(int err);
 
 }  // namespace deepcam
