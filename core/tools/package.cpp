@@ -771,7 +771,20 @@ PackageOptions parse_package_args(const std::vector<std::string>& args, std::str
   return o;
 }
 
+static int write_package(const PackageOptions& o);
+
 int run_package(const PackageOptions& o) {
+  try {
+    return write_package(o);
+  } catch (const fs::filesystem_error& e) {
+    // A folder of the package that cannot be made (a read-only or full file
+    // system): named with --out, in words, not as the library's exception.
+    throw Error(fmt::format("--out {}: cannot write the package: {}: {}", o.out.string(), e.path1().string(),
+                            e.code().message()));
+  }
+}
+
+static int write_package(const PackageOptions& o) {
   std::error_code ec;
   // The folder itself, as the rename at the end names it: "pkg/" is pkg.
   fs::path out = fs::absolute(o.out).lexically_normal();

@@ -603,6 +603,17 @@ def test_system_desc_characters_beyond_the_bmp_are_decoded(fake_runs, tmp_path):
     assert {k: got[k] for k in fields} == fields
 
 
+def test_an_out_whose_folder_cannot_be_made_is_named_in_words(fake_runs, tmp_path):
+    # std::filesystem's exception came out as it was: "filesystem error: cannot create directories: ...".
+    (tmp_path / "a-file").write_text("x")
+    out = tmp_path / "a-file" / "pkg"
+    r = package(fake_runs, out, "s")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr == (f"deepcam-data: --out {out}: cannot write the package: {tmp_path / 'a-file'}: Not a "
+                        "directory\n"), r.stderr
+    assert r.stdout == "" and (tmp_path / "a-file").read_text() == "x"
+
+
 def test_out_is_normalised_before_anything_is_done(fake_runs, tmp_path):
     """`--out pkg/` did all the work and failed renaming its temporary into pkg/ (inside it), leaving an empty
     pkg; `--out new/..` (the current folder) the same, leaving nothing but the work lost."""
