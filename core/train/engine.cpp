@@ -793,6 +793,7 @@ class Engine {
                      static_cast<long long>(first_epoch), static_cast<long long>(step));
       }
     }
+    note_no_optimizer_step(step, first_epoch, k);
     comm_.world().barrier();
     log_.end("init_stop");
     comm_.world().barrier();
@@ -1032,6 +1033,24 @@ class Engine {
                  static_cast<long long>(written), written == 1 ? "" : "s", all_there_are.c_str(),
                  out.string().c_str());
     return 0;
+  }
+
+  // A run whose batches, all its epochs together, are fewer than one
+  // accumulation makes no optimizer step: its loss never changes. Legal (a
+  // test of the input path), but surely not meant. `step` batches were
+  // trained before `first_epoch` (a resume).
+  void note_no_optimizer_step(std::int64_t step, std::int64_t first_epoch, std::int64_t k) const {
+    if (comm_.rank() != 0) return;
+    const std::int64_t per_epoch =
+        whole_train_batches(c_.reader->local_samples(Split::Train), cfg_.run.integer("train_batch_size"));
+    const std::int64_t epochs = cfg_.run.integer("max_epochs") - first_epoch;
+    const std::int64_t batches = per_epoch * epochs + step % k;
+    if (batches >= k) return;
+    std::fprintf(stderr,
+                 "deepcam-host: note: %s is more than the %lld batches this run reads (%lld epoch%s of %lld): it "
+                 "makes no optimizer step, and the weights stay as they are\n",
+                 cfg_.run.setting("gradient_accumulation_frequency").c_str(), static_cast<long long>(batches),
+                 static_cast<long long>(epochs), epochs == 1 ? "" : "s", static_cast<long long>(per_epoch));
   }
 
   // --evaluate, --predict and --benchmark resume no run: a resume setting

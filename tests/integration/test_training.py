@@ -340,3 +340,21 @@ def test_stats_with_the_wrong_channel_count_is_refused(tmp_path, data):
     r = run_host(run)
     assert r.returncode == 2 and "stats.h5" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_accumulation_longer_than_the_whole_run_is_noted(tmp_path, data):
+    # 8 samples in batches of 2: 4 batches an epoch, 8 in 2 epochs; 9 per optimizer step is no step at all, and
+    # both epochs gave the same losses without a word.
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out, run={"max_epochs": 2, "target_iou": 1.0,
+                                                            "gradient_accumulation_frequency": 9})
+    r = run_host(run, "--quiet")
+    assert r.returncode == 1, r.stderr[-3000:]
+    line = next(n for n, text in enumerate(run.read_text().splitlines(), 1)
+                if text.startswith("gradient_accumulation_frequency"))
+    assert (f"deepcam-host: note: {run}:{line} [run] gradient_accumulation_frequency = 9 is more than the 8 batches "
+            "this run reads (2 epochs of 4): it makes no optimizer step, and the weights stay as they are") \
+        in r.stderr, r.stderr[-3000:]
+    r = run_host(run, "--quiet", "--set", "run.gradient_accumulation_frequency=8",
+                 "--set", f"run.output_dir={tmp_path / 'out8'}")
+    assert r.returncode == 1 and "makes no optimizer step" not in r.stderr, r.stderr[-3000:]
