@@ -4,9 +4,11 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -231,8 +233,23 @@ std::string type_name(const toml::node& node) {
 
 ParamValue convert(const ParamSpec& spec, const toml::node& node, const std::string& where) {
   auto wrong = [&]() {
-    return Error(fmt::format("{}: expected {}, got {}", where, to_string(spec.type),
-                             type_name(node)));
+    std::string hint;
+    if (const auto* text = node.as_string(); text && (spec.type == ParamType::Int || spec.type == ParamType::Float)) {
+      const std::string& t = text->get();
+      std::string lower = t;
+      for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      char* end = nullptr;
+      if (std::string_view(spec.key) == "seed" && lower == "auto" && t != "auto") {
+        hint = fmt::format(" \"{}\"; \"auto\", in lower case, draws a seed", t);
+      } else if (t.find_first_of("0123456789") != std::string::npos &&
+                 (std::strtod(t.c_str(), &end), end == t.c_str() + t.size())) {
+        // A number C or Python reads and TOML does not: ".5", "5.", "+.5e3".
+        hint = fmt::format(" \"{}\", which TOML reads as no number: it wants a digit on each side of a point "
+                           "(0.5, 5.0)",
+                           t);
+      }
+    }
+    return Error(fmt::format("{}: expected {}, got {}{}", where, to_string(spec.type), type_name(node), hint));
   };
   auto number = [&](const toml::node& n, bool integer_only) -> double {
     if (n.is_integer()) return static_cast<double>(*n.value<std::int64_t>());

@@ -149,6 +149,13 @@ def test_set_overrides_are_checked_like_the_file(tmp_path, data):
     assert r.returncode == 2 and "--set optimizer.lr=fast: expected float, got string" in r.stderr
     r = run_host(run, "--set", "optimizer.betaz=[0.9, 0.99]")
     assert r.returncode == 2 and "did you mean 'betas'?" in r.stderr
+    # A number C and Python read, and the seed's "auto" in capitals, said only "got string".
+    r = run_host(run, "--set", "optimizer.lr=.5")
+    assert r.returncode == 2 and ('--set optimizer.lr=.5: expected float, got string ".5", which TOML reads as no '
+                                  "number: it wants a digit on each side of a point (0.5, 5.0)") in r.stderr, r.stderr
+    r = run_host(run, "--set", "run.seed=AUTO")
+    assert r.returncode == 2 and ('--set run.seed=AUTO: expected int, got string "AUTO"; "auto", in lower case, '
+                                  "draws a seed") in r.stderr, r.stderr
     # Digits TOML cannot read were taken as a string: "expected int, got string".
     r = run_host(run, "--set", "run.seed=99999999999999999999")
     assert r.returncode == 2 and ("--set run.seed=99999999999999999999: 99999999999999999999 is not a TOML integer "
