@@ -176,47 +176,6 @@ std::string did_you_mean(const std::string& word, const std::vector<std::string>
   return m.empty() ? "" : fmt::format("; did you mean '{}'?", m);
 }
 
-// A flag of the MLCommons reference's train.py that users bring along as a
-// key: what it is here. "" for other keys.
-std::string reference_flag_hint(const std::string& key) {
-  static const std::map<std::string, std::string> kReferenceFlag = {
-      {"local_batch_size", "is [run] train_batch_size (per rank, as there)"},
-      {"start_lr", "is [optimizer] lr"},
-      {"optimizer_betas", "is [optimizer] betas"},
-      {"optimizer", "is [optimizer] name (\"adam\", \"adamw\" or \"lamb\")"},
-      {"data_dir_prefix", "is [data] root"},
-      {"max_inter_threads", "is [reader] threads"},
-      {"save_frequency", "is [run] checkpoint_every (its 0, no checkpoints, is -1 here)"},
-      {"checkpoint", "is [run] resume"},
-      {"lr_schedule", "is the [scheduler] table (name = \"multistep\" or \"cosine_annealing\" and its keys)"},
-      {"wireup_method", "is [run] rendezvous, with the launcher's variables"},
-      {"run_tag", "is [run] output_dir"},
-      {"adam_eps", "has no key here: eps is 1e-6, as the MLPerf rules fix it"},
-      {"model_prefix", "has no key here: checkpoints are named checkpoint-epochN.pt"}};
-  const auto it = kReferenceFlag.find(key);
-  return it == kReferenceFlag.end() ? "" : fmt::format("; the reference's --{} {}", key, it->second);
-}
-
-// The section of this tree's run files that has `key`, unknown in
-// [section] (`--set run.weight_decay=...`); "" when none does.
-std::string other_section_hint(const std::string& section, const std::string& key) {
-  static const std::map<std::string, std::string> kSectionOf = {
-      {"seed", "run"}, {"output_dir", "run"}, {"max_epochs", "run"}, {"target_iou", "run"},
-      {"logging_frequency", "run"}, {"train_batch_size", "run"}, {"validation_batch_size", "run"},
-      {"gradient_accumulation_frequency", "run"}, {"device", "run"}, {"checkpoint_every", "run"},
-      {"resume", "run"}, {"precision", "run"}, {"memory_format", "run"}, {"batchnorm_group_size", "run"},
-      {"rendezvous", "run"}, {"root", "data"}, {"channels", "data"}, {"lr", "optimizer"},
-      {"betas", "optimizer"}, {"weight_decay", "optimizer"}, {"max_grad_norm", "optimizer"},
-      {"milestones", "scheduler"}, {"decay_rate", "scheduler"}, {"lr_warmup_steps", "scheduler"},
-      {"lr_warmup_factor", "scheduler"}, {"t_max", "scheduler"}, {"eta_min", "scheduler"},
-      {"shuffle_mode", "reader"}, {"data_oversampling_factor", "reader"}, {"stage_dir", "reader"},
-      {"check_finite", "reader"}, {"io", "reader"}, {"width", "model"}, {"middle_blocks", "model"},
-      {"output_stride", "model"}, {"org", "mlperf"}, {"platform", "mlperf"}, {"division", "mlperf"},
-      {"status", "mlperf"}, {"log_file", "mlperf"}};
-  const auto it = kSectionOf.find(key);
-  return it == kSectionOf.end() || it->second == section ? "" : fmt::format("; {} is a key of [{}]", key, it->second);
-}
-
 ParamValue parse_default(const ParamSpec& spec);
 
 std::string type_name(const toml::node& node) {
@@ -243,10 +202,19 @@ ParamValue convert(const ParamSpec& spec, const toml::node& node, const std::str
         hint = fmt::format(" \"{}\"; \"auto\", in lower case, draws a seed", t);
       } else if (t.find_first_of("0123456789") != std::string::npos &&
                  (std::strtod(t.c_str(), &end), end == t.c_str() + t.size())) {
-        // A number C or Python reads and TOML does not: ".5", "5.", "+.5e3".
-        hint = fmt::format(" \"{}\", which TOML reads as no number: it wants a digit on each side of a point "
-                           "(0.5, 5.0)",
-                           t);
+        bool toml_number = false;
+        try {
+          const toml::table v = toml::parse("v = " + t);
+          toml_number = v.get("v") && (v.get("v")->is_integer() || v.get("v")->is_floating_point());
+        } catch (const toml::parse_error&) {
+        }
+        hint = toml_number
+                   // `seed = "5"`: the quotes make it a string.
+                   ? fmt::format(" \"{}\": in quotes a number is a string; write it without them", t)
+                   // A number C or Python reads and TOML does not: ".5", "5.".
+                   : fmt::format(" \"{}\", which TOML reads as no number: it wants a digit on each side of a "
+                                 "point (0.5, 5.0)",
+                                 t);
       }
     }
     return Error(fmt::format("{}: expected {}, got {}{}", where, to_string(spec.type), type_name(node), hint));
@@ -372,6 +340,7 @@ struct Checker {
   std::string file;
   std::map<std::string, std::map<std::string, std::string>> set_keys;
   PluginLoader* loader = nullptr;
+  const toml::table* root = nullptr;  // the merged run file, for the hints of an unknown key (section_has)
 
   Location location(const std::string& section) const {
     auto it = set_keys.find(section);
@@ -391,7 +360,78 @@ struct Checker {
     std::string name_at;  // where its name was set
   };
   Chosen choose(const toml::table* t, PluginKind kind, const std::string& section, const std::string& where) const;
+  bool section_has(const std::string& section, const std::string& key) const;
+  std::string reference_flag_hint(const std::string& key) const;
+  std::string other_section_hint(const std::string& section, const std::string& key) const;
 };
+
+// Whether [section] of this run takes `key`: a host section by its schema,
+// a plugin section by the schema of the plugin it names (loaded by name; one
+// that cannot be loaded, or is given by `library`, is passed over: its own
+// check names its problem). For the hints of an unknown key only.
+bool Checker::section_has(const std::string& section, const std::string& key) const {
+  const auto has = [&](const ParamSchema& schema) {
+    return std::any_of(schema.begin(), schema.end(), [&](const ParamSpec& spec) { return key == spec.key; });
+  };
+  if (section == "run") return has(schema_of(kRunSpecs));
+  if (section == "data") return has(schema_of(kDataSpecs));
+  if (section == "mlperf") return has(schema_of(kMlperfSpecs));
+  const auto at = std::find(kPluginSections.begin(), kPluginSections.end(), section);
+  if (at == kPluginSections.end() || !root || !loader) return false;
+  if (key == "name") return true;
+  const PluginKind kinds[] = {PluginKind::Reader, PluginKind::Model, PluginKind::Optimizer, PluginKind::Scheduler};
+  const toml::table* t = root->get_as<toml::table>(section);
+  const auto name = t ? t->get_as<std::string>("name") : nullptr;
+  if (!name || t->contains("library")) return false;
+  try {
+    return has(loader->load(kinds[at - kPluginSections.begin()], name->get(), "").descriptor->params);
+  } catch (const Error&) {
+    return false;
+  }
+}
+
+// A flag of the MLCommons reference's train.py that users bring along as a
+// key: the key it is in this run, where that section takes it. "" for
+// other keys.
+std::string Checker::reference_flag_hint(const std::string& key) const {
+  struct Flag {
+    const char* flag;
+    const char* section;
+    const char* key;
+    const char* note;
+  };
+  static const Flag kFlags[] = {
+      {"local_batch_size", "run", "train_batch_size", " (per rank, as there)"},
+      {"save_frequency", "run", "checkpoint_every", " (its 0, no checkpoints, is -1 here)"},
+      {"checkpoint", "run", "resume", ""},
+      {"run_tag", "run", "output_dir", ""},
+      {"wireup_method", "run", "rendezvous", ", with the launcher's variables"},
+      {"data_dir_prefix", "data", "root", ""},
+      {"max_inter_threads", "reader", "threads", ""},
+      {"optimizer", "optimizer", "name", " (the plugin's name)"},
+      {"start_lr", "optimizer", "lr", ""},
+      {"optimizer_betas", "optimizer", "betas", ""},
+      {"lr_schedule", "scheduler", "name", " and the scheduler plugin's keys"}};
+  static const std::pair<const char*, const char*> kNoKey[] = {
+      {"adam_eps", "eps is 1e-6, as the MLPerf rules fix it"},
+      {"model_prefix", "checkpoints are named checkpoint-epochN.pt"}};
+  for (const auto& [flag, why] : kNoKey)
+    if (key == flag) return fmt::format("; the reference's --{} has no key here: {}", key, why);
+  for (const Flag& f : kFlags)
+    if (key == f.flag && section_has(f.section, f.key))
+      return fmt::format("; the reference's --{} is [{}] {}{}", key, f.section, f.key, f.note);
+  return "";
+}
+
+// The other section of this run that takes `key`, unknown in [section]
+// (`--set run.weight_decay=...`); "" when none does.
+std::string Checker::other_section_hint(const std::string& section, const std::string& key) const {
+  std::vector<std::string> sections = {"run", "data", "mlperf"};
+  sections.insert(sections.end(), kPluginSections.begin(), kPluginSections.end());
+  for (const std::string& other : sections)
+    if (other != section && section_has(other, key)) return fmt::format("; {} is a key of [{}]", key, other);
+  return "";
+}
 
 // The plugin of `kind` that table `t` of `section` names (name = "...", and
 // library = "..." where given), loaded, with the table's keys checked
@@ -825,7 +865,7 @@ RunConfig load_config(const std::vector<std::string>& files, const std::vector<s
   const std::string file = fmt::format("{}", fmt::join(files, " + "));
   std::map<std::string, std::map<std::string, std::string>> set_keys;
   for (const auto& o : overrides) apply_override(root, o, set_keys);
-  const Checker checker{file, set_keys, &loader};
+  const Checker checker{file, set_keys, &loader, &root};
   auto location = [&](const std::string& section) { return checker.location(section); };
 
   RunConfig cfg;

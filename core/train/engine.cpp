@@ -156,16 +156,6 @@ std::map<std::string, std::string> logged_hyperparameters(const Optimizer& optim
 // its folder continues is kept.
 fs::path numbered(const fs::path& path, int n) { return path.string() + fmt::format(".{}", n); }
 
-// The run's record, config.toml and the MLPerf log. Until the run starts
-// they are written under temporary names ("<name>.partial-<pid>"), so that a
-// run that fails before it starts (bad input, a refused resume) leaves an
-// earlier record in its folder as it was; keep() gives them their names. From
-// then on the log is flushed line by line, so that `tail -F` follows a run
-// and a run cut short (a time limit, kill -9) keeps a valid prefix. A run
-// that continues an earlier one in its folder (a resume from one of its
-// checkpoints) keeps that run's record under the next free number
-// ("mlperf.log.1", "config.toml.1"); otherwise an earlier record (overwrite =
-// true) is replaced. Only rank 0 has one.
 // A fingerprint of a checkpoint file's contents: its size and a CRC-32 of
 // its last MiB, which holds the zip archive's central directory (the CRC-32
 // and size of every record), so that two files that differ anywhere differ
@@ -183,6 +173,16 @@ std::uint64_t file_fingerprint(const std::string& path) {
   return (static_cast<std::uint64_t>(size) << 32) ^ crc;
 }
 
+// The run's record, config.toml and the MLPerf log. Until the run starts
+// they are written under temporary names ("<name>.partial-<pid>"), so that a
+// run that fails before it starts (bad input, a refused resume) leaves an
+// earlier record in its folder as it was; keep() gives them their names. From
+// then on the log is flushed line by line, so that `tail -F` follows a run
+// and a run cut short (a time limit, kill -9) keeps a valid prefix. A run
+// that continues an earlier one in its folder (a resume from one of its
+// checkpoints) keeps that run's record under the next free number
+// ("mlperf.log.1", "config.toml.1"); otherwise an earlier record (overwrite =
+// true) is replaced. Only rank 0 has one.
 class RunRecord {
  public:
   RunRecord(const fs::path& config_path, const fs::path& log_path, const std::string& resolved,
@@ -762,13 +762,13 @@ class Engine {
       lo.weights_only = run.boolean("resume_weights_only");
       lo.model = model_config();
       lo.optimizer_plugin = cfg_.optimizer.name;
-      const double base_lr = c_.optimizer->lr();
+      const double base_lr = in_plugin(cfg_.optimizer, [&] { return c_.optimizer->lr(); });
       // The optimizer's load_state_dict() is a call into its plugin.
       const CheckpointInfo info = in_plugin(
           cfg_.optimizer, [&] { return load_checkpoint(resume, c_.model->module(), c_.optimizer.object.get(), lo); });
       // The schedule sets the rate from the run file's at every step; the
       // checkpoint's (its last step's) is not used.
-      c_.optimizer->set_lr(base_lr);
+      in_plugin(cfg_.optimizer, [&] { c_.optimizer->set_lr(base_lr); });
       require_logged_hyperparameters(resume, logged);
       note_other_model_settings(resume, info);
       agree_on_resume(info, run.where("resume"), resume);
@@ -1418,7 +1418,7 @@ class Engine {
       // Written to the device here, outside any captured step, for the
       // optimizers that read it there.
       current_lr = scheduled_lr(step / k);
-      c_.optimizer->set_lr(current_lr);
+      in_plugin(cfg_.optimizer, [&] { c_.optimizer->set_lr(current_lr); });
     }
 #if DEEPCAM_WITH_CUDA
     if (cuda_graphs_) {
@@ -1427,7 +1427,7 @@ class Engine {
     }
 #endif
     run_batch(input, labels, update, k, logits, loss);
-    if (update) c_.optimizer->zero_grad();
+    if (update) in_plugin(cfg_.optimizer, [&] { c_.optimizer->zero_grad(); });
   }
 
   // The device work of one batch (what a CUDA graph captures): forward, loss,
@@ -1458,7 +1458,7 @@ class Engine {
       // decision reads the device, as PyTorch's does), and is not divergence.
       if (!scaler_ || found_inf.item<float>() == 0.0f) {
         in_plugin(cfg_.optimizer, [&] { c_.optimizer->step(); });
-        const at::Tensor norm = c_.optimizer->gradient_norm();
+        const at::Tensor norm = in_plugin(cfg_.optimizer, [&] { return c_.optimizer->gradient_norm(); });
         if (norm.defined() && optimizer_reports_norm_) divergence_.gradient_norm(norm);
         optimizer_reports_norm_ = optimizer_reports_norm_ || norm.defined();
       }
@@ -1486,7 +1486,7 @@ class Engine {
     graph.load(input, labels);
     if (graph.captured()) {
       graph.replay();
-      c_.optimizer->replayed();
+      in_plugin(cfg_.optimizer, [&] { c_.optimizer->replayed(); });
       logits = graph_logits_;
       loss = graph_loss_;
       return;
@@ -1494,13 +1494,13 @@ class Engine {
     if (graph_eager_steps_ < kEagerSteps) {
       graph.run_eager([&] {
         run_batch(graph.input(), graph.labels(), true, 1, logits, loss);
-        c_.optimizer->zero_grad();
+        in_plugin(cfg_.optimizer, [&] { c_.optimizer->zero_grad(); });
       });
       ++graph_eager_steps_;
       return;
     }
     const auto refuse_unless_capturable = [&] {
-      if (c_.optimizer->capturable()) return;
+      if (in_plugin(cfg_.optimizer, [&] { return c_.optimizer->capturable(); })) return;
       throw Error(fmt::format("{}: the {} optimizer's step cannot be captured in a CUDA graph (it computes with "
                               "host numbers, or its parameters are not float32 CUDA tensors); set cuda_graphs = false",
                               cfg_.run.setting("cuda_graphs"), cfg_.optimizer.name));

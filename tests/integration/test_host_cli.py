@@ -153,6 +153,9 @@ def test_set_overrides_are_checked_like_the_file(tmp_path, data):
     r = run_host(run, "--set", "optimizer.lr=.5")
     assert r.returncode == 2 and ('--set optimizer.lr=.5: expected float, got string ".5", which TOML reads as no '
                                   "number: it wants a digit on each side of a point (0.5, 5.0)") in r.stderr, r.stderr
+    r = run_host(run, "--set", 'run.seed="5"')
+    assert r.returncode == 2 and ('--set run.seed="5": expected int, got string "5": in quotes a number is a '
+                                  "string; write it without them") in r.stderr, r.stderr
     r = run_host(run, "--set", "run.seed=AUTO")
     assert r.returncode == 2 and ('--set run.seed=AUTO: expected int, got string "AUTO"; "auto", in lower case, '
                                   "draws a seed") in r.stderr, r.stderr
@@ -225,7 +228,9 @@ def test_set_items_spaced_as_in_a_run_file_are_taken(tmp_path, data):
     # A key of another section got [run]'s list alone.
     ("run.weight_decay=0.1", "unknown key; weight_decay is a key of [optimizer] (known: "),
     ("run.lr_warmup_steps=10", "unknown key; lr_warmup_steps is a key of [scheduler] (known: "),
-    ("data.shuffle_mode=gpu", "unknown key; shuffle_mode is a key of [reader] (known: "),
+    ("run.betas=[0.9, 0.99]", "unknown key; betas is a key of [optimizer] (known: "),
+    # Only a section whose plugin takes the key: the hdf5 reader has no shuffle_mode.
+    ("data.shuffle_mode=gpu", "unknown key (known: "),
     # The reference's flags, before a did-you-mean that would guess wrong (checkpoint_every).
     ("run.checkpoint=a.pt", "unknown key; the reference's --checkpoint is [run] resume (known: "),
     ("run.local_batch_size=4", "unknown key; the reference's --local_batch_size is [run] train_batch_size"),

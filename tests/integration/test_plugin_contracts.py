@@ -79,7 +79,7 @@ def test_what_a_plugin_s_method_throws_names_its_file(tmp_path, data):
             "failed") in r.stderr, r.stderr[-3000:]
 
 
-def test_an_optimizer_s_state_calls_that_throw_name_its_file(tmp_path, data):
+def test_an_optimizer_s_calls_that_throw_name_its_file(tmp_path, data):
     # Its state_dict() (a checkpoint written) or load_state_dict() (a resume) that threw a std::runtime_error
     # ended the run as "internal error: <its message>", naming no plugin, as step() no longer does.
     def run(name, fault, **more):
@@ -95,6 +95,10 @@ def test_an_optimizer_s_state_calls_that_throw_name_its_file(tmp_path, data):
     assert r.returncode == 1 and (out / "checkpoint-epoch1.pt").is_file(), r.stderr[-3000:]
     r, _ = run("load", "load", max_epochs=2, resume=str(out / "checkpoint-epoch1.pt"))
     assert r.returncode == 3 and failed + "load_state_dict() failed" in r.stderr, r.stderr[-3000:]
+    # The calls of every step too: they read as "internal error: stateful fixture: set_lr() failed".
+    for call in ("set_lr", "zero_grad"):
+        r, _ = run(call, call)
+        assert r.returncode == 3 and failed + f"{call}() failed (a bug in the plugin)" in r.stderr, r.stderr[-3000:]
 
 
 def test_a_reader_s_sample_counts_are_checked_before_the_log_takes_them(tmp_path, data):

@@ -315,6 +315,7 @@ def test_a_log_removed_while_the_run_writes_it_is_no_success(tmp_path, data):
     deadline = time.monotonic() + 120
     while not log.exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
+    assert log.exists(), "the run ended before its log took its name"
     log.unlink()
     _, err = p.communicate(timeout=600)
     assert p.returncode == 2, err[-2000:]

@@ -174,13 +174,19 @@ static int hold_dir(const std::string& dir) { return ::open(dir.c_str(), O_RDONL
 // remove_tree(dir) if `dir` is still the directory that `held` (hold_dir)
 // holds: a staging directory that was removed while the run went on, and
 // something of the user's put at its path (a file, another folder), is not
-// ours to remove. Closes `held`.
+// ours to remove. Closes `held`; -1 (it could not be opened) removes `dir`
+// unchecked.
 static void remove_own_tree(const std::string& dir, int held) {
+  // Not held (no descriptor was left to open it): removed as before.
+  if (held < 0) {
+    remove_tree(dir);
+    return;
+  }
   struct stat now {}, made {};
-  const bool ours = ::lstat(dir.c_str(), &now) == 0 && held >= 0 && ::fstat(held, &made) == 0 &&
-                    S_ISDIR(now.st_mode) && now.st_dev == made.st_dev && now.st_ino == made.st_ino;
+  const bool ours = ::lstat(dir.c_str(), &now) == 0 && ::fstat(held, &made) == 0 && S_ISDIR(now.st_mode) &&
+                    now.st_dev == made.st_dev && now.st_ino == made.st_ino;
   const bool something = ::lstat(dir.c_str(), &now) == 0;
-  if (held >= 0) ::close(held);
+  ::close(held);
   if (ours) {
     remove_tree(dir);
   } else if (something) {
