@@ -216,9 +216,11 @@ class Fields {
   c10::impl::GenericDict top_;
 };
 
-// The optimizer state's per-parameter "step" entries, which PyTorch keeps as
-// numbers or 0-d tensors: a negative or non-finite one is refused here, the
-// rest (one entry per parameter, moments of the parameter's shape) by the
+// The optimizer state's per-parameter entries, for any optimizer plugin: a
+// floating tensor that holds NaN or Inf (the state of a diverged run, a
+// damaged file) is refused here, and so is a "step", which PyTorch keeps as
+// a number or a 0-d tensor, that is negative or not whole; the rest (one
+// entry per parameter, moments of the parameter's shape, their signs) by the
 // optimizer's own load_state_dict.
 void check_optimizer_steps(const Fields& f, const c10::IValue& optimizer) {
   const c10::impl::GenericDict root = f.dict(optimizer, "optimizer");
@@ -226,11 +228,23 @@ void check_optimizer_steps(const Fields& f, const c10::IValue& optimizer) {
   if (!state) f.fail("'optimizer' has no 'state'");
   for (const auto& entry : f.dict(*state, "['optimizer']['state']")) {
     if (!entry.value().isGenericDict()) continue;  // the optimizer names it
+    const std::string parameter = entry.key().isInt() ? std::to_string(entry.key().toInt())
+                                                      : "'" + entry.key().toStringRef() + "'";
+    for (const auto& item : entry.value().toGenericDict()) {
+      if (!item.value().isTensor() || !item.key().isString()) continue;
+      const at::Tensor& t = item.value().toTensor();
+      if (!t.defined() || !at::isFloatingType(t.scalar_type()) || t.numel() == 0) continue;
+      // float8 and other narrow types lack isfinite: widened to float32 first.
+      const at::Tensor wide = t.element_size() < 4 ? t.to(at::kFloat) : t;
+      if (!at::isfinite(wide).all().item<bool>()) {
+        f.fail(fmt::format("['optimizer']['state'][{}]['{}'] holds NaN or Inf (the state of a run that diverged, "
+                           "or a damaged file); resume from an earlier checkpoint",
+                           parameter, item.key().toStringRef()));
+      }
+    }
     const auto step = f.find(entry.value().toGenericDict(), "step");
     if (!step) continue;
-    const std::string field =
-        fmt::format("['optimizer']['state'][{}]['step']", entry.key().isInt() ? std::to_string(entry.key().toInt())
-                                                                          : "'" + entry.key().toStringRef() + "'");
+    const std::string field = fmt::format("['optimizer']['state'][{}]['step']", parameter);
     double s = 0;
     if (step->isInt()) s = static_cast<double>(step->toInt());
     else if (step->isDouble()) s = step->toDouble();

@@ -148,14 +148,15 @@ BAD_FIELDS = {
     "negative_optimizer_step": (lambda c: first_state(c).__setitem__("step", torch.tensor(-2.0)),
                                 "['optimizer']['state'][0]['step'] is -2, expected a non-negative whole number"),
     "optimizer_not_dict": (set_to("optimizer", 5), "'optimizer' is a Int, expected a dict"),
+    # The host's own check, for any optimizer plugin, before the plugin's.
     "nan_moment": (lambda c: first_state(c)["exp_avg"].view(-1).__setitem__(0, float("nan")),
-                   ADAM + 'state[0]["exp_avg"] holds NaN or infinite values'),
+                   "['optimizer']['state'][0]['exp_avg'] holds NaN or Inf"),
     "negative_second_moment": (lambda c: first_state(c)["exp_avg_sq"].view(-1).__setitem__(0, -1.0),
                                ADAM + 'state[0]["exp_avg_sq"] holds negative values'),
     # ATen has no isfinite for float8: a NaN moment stored so ended the resume as an internal error (exit 3).
     "nan_float8_moment": (lambda c: first_state(c).__setitem__(
         "exp_avg", torch.full_like(first_state(c)["exp_avg"], float("nan")).to(torch.float8_e4m3fn)),
-        ADAM + 'state[0]["exp_avg"] holds NaN or infinite values'),
+        "['optimizer']['state'][0]['exp_avg'] holds NaN or Inf"),
     # torch.save writes a neg view's bit on any dtype; ATen cannot negate a uint32 (reading the step ended as
     # an internal error, exit 3).
     "neg_bit_on_uint32": (set_to("step", torch.tensor(3, dtype=torch.uint32)._neg_view()),
@@ -1034,3 +1035,24 @@ def test_an_archive_torch_save_cannot_have_written_is_refused_before_it_is_read(
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"{path}: {message}" in r.stderr, r.stderr[-2000:]
     assert "internal error" not in r.stderr
+
+
+def test_a_non_finite_optimizer_state_is_refused_for_any_optimizer_plugin(tmp_path, data):
+    """The example SGD plugin checks its momentum buffers' shapes, not their values: a NaN in one resumed,
+    and the run stopped later as "training diverged ... lower [optimizer] lr"."""
+    from helpers import SGD
+    sgd = {**SGD, "momentum": 0.9}
+    out = tmp_path / "out"
+    run = write_run(tmp_path / "run.toml", data, out, run={"max_epochs": 1, "target_iou": 1.0}, optimizer=sgd)
+    assert run_host(run, "--quiet").returncode == 1
+    checkpoint = torch.load(out / "checkpoint-epoch1.pt", weights_only=True)
+    key = next(k for k, v in checkpoint["optimizer"]["state"].items() if "momentum_buffer" in v)
+    checkpoint["optimizer"]["state"][key]["momentum_buffer"].view(-1)[0] = float("nan")
+    bad = tmp_path / "bad.pt"
+    torch.save(checkpoint, bad)
+    r = run_host(run, "--quiet", "--set", "run.max_epochs=2", "--set", f"run.resume={bad}",
+                 "--set", f"run.output_dir={tmp_path / 'resumed'}")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert (f"['optimizer']['state'][{key}]['momentum_buffer'] holds NaN or Inf (the state of a run that "
+            "diverged, or a damaged file); resume from an earlier checkpoint") in r.stderr, r.stderr[-3000:]
+    assert str(bad) in r.stderr
