@@ -150,10 +150,10 @@ void write_atomically(const fs::path& target, const std::function<void(h5::File&
     fs::remove(temp, ignored);
     // Named as the file being written, not as its hidden temporary, which
     // is gone now.
-    std::string message = e.what();
+    const std::string message = e.what();
     const std::string hidden = temp.string();
-    if (message.rfind(hidden, 0) == 0) message = target.string() + message.substr(hidden.size());
-    throw Error(message);
+    if (message.rfind(hidden, 0) != 0) throw;  // as it is, whatever kind of Error it is
+    throw Error(target.string() + message.substr(hidden.size()));
   } catch (...) {
     std::error_code ignored;
     fs::remove(temp, ignored);

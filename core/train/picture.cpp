@@ -179,12 +179,14 @@ void write_png(const std::string& path, const Image& image) {
 
   const std::string tmp = fmt::format("{}.tmp-{}", path, ::getpid());
   std::FILE* f = std::fopen(tmp.c_str(), "wb");
-  if (!f) throw Error(fmt::format("{}: cannot create: {}", tmp, std::strerror(errno)));
+  // Named as the picture being written: its temporary is gone with the error.
+  if (!f) throw Error(fmt::format("{}: cannot create: {}", path, std::strerror(errno)));
   const bool written = std::fwrite(png.data(), 1, png.size(), f) == png.size() && std::fflush(f) == 0;
   const int e = errno;
   if (std::fclose(f) != 0 || !written) {
+    const int closing = errno;
     std::remove(tmp.c_str());
-    throw Error(write_error_text(tmp, written ? errno : e));
+    throw Error(write_error_text(path, written ? closing : e));
   }
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
     const int r = errno;

@@ -440,14 +440,17 @@ def test_warm_batches_reuse_their_buffers_and_stay_correct(tmp_path, data, reade
 
 # ---- what a reader cannot read, named ------------------------------------------------------------
 
-def write_huge_npy(path, shape):
+def write_huge_npy(path, shape, descr="<f4"):
     """An npy file whose valid header declares `shape` (float32): sparse, so that its apparent size
-    costs no disk."""
-    header = "{'descr': '<f4', 'fortran_order': False, 'shape': %s, }" % (tuple(shape),)
+    costs no disk. A data file's labels get a header of its height and width too (uint8), as the reader
+    checks them against the data's shape first."""
+    header = "{'descr': '%s', 'fortran_order': False, 'shape': %s, }" % (descr, tuple(shape))
     header += " " * ((64 - (10 + len(header) + 1) % 64) % 64) + "\n"
     path.write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode())
     with open(path, "r+b") as f:
-        f.truncate(10 + len(header) + int(np.prod(shape)) * 4)
+        f.truncate(10 + len(header) + int(np.prod(shape)) * np.dtype(descr).itemsize)
+    if path.name.startswith("data-"):
+        write_huge_npy(path.with_name("label-" + path.name[len("data-"):]), shape[:2], "|u1")
 
 
 @pytest.mark.parametrize("io", ["mmap", "pread", "direct"])
@@ -569,22 +572,31 @@ def test_a_channel_beyond_the_data_names_the_key(tmp_path, data):
     assert f"[data] channels selects channel 8, but {first} has channels 0..7" in r.stderr, r.stderr
 
 
-def test_a_first_sample_stored_channels_first_is_named_not_blamed_on_stats(tmp_path, data):
+@pytest.mark.parametrize("fmt", ["h5", "npy"])
+def test_a_first_sample_stored_channels_first_is_named_not_blamed_on_stats(tmp_path, data, fmt):
     # (16, H, W) read as 16 rows of W columns and H channels: "stats.h5 must hold one value per channel".
     root = tmp_path / "chw"
-    shutil.copytree(data["h5", "float32"], root)
-    first = sorted((root / "train").glob("data-*.h5"))[0]
-    with h5py.File(first, "r") as f:
-        x, y = f["climate/data"][...], f["climate/labels_0"][...]
-    first.unlink()
-    with h5py.File(first, "w") as f:
-        f["climate/data"] = x.transpose(2, 0, 1)
-        f["climate/labels_0"] = y
-    r = probe(run_file(tmp_path, root, "hdf5"), tmp_path / "batches")
+    shutil.copytree(data[fmt, "float32"], root)
+    first = sorted((root / "train").glob(f"data-*.{fmt}"))[0]
+    if fmt == "h5":
+        with h5py.File(first, "r") as f:
+            x, y = f["climate/data"][...], f["climate/labels_0"][...]
+        first.unlink()
+        with h5py.File(first, "w") as f:
+            f["climate/data"] = x.transpose(2, 0, 1)
+            f["climate/labels_0"] = y
+        says = f"{first}: climate/labels_0 has shape ({{h}}, {{w}}), but climate/data is (16, {{h}}, {{w}})"
+    else:
+        x = np.load(first)
+        y = np.load(first.with_name("label-" + first.name[len("data-"):]))
+        np.save(first, np.ascontiguousarray(x.transpose(2, 0, 1)))
+        label = first.with_name("label-" + first.name[len("data-"):])
+        says = f"{label}: holds an array of shape ({{h}}, {{w}}), but {first} is (16, {{h}}, {{w}})"
+    r = probe(run_file(tmp_path, root, "hdf5" if fmt == "h5" else "npy"), tmp_path / "batches")
     h, w = y.shape
     assert r.returncode == 2, r.stderr
-    assert (f"{first}: climate/labels_0 has shape ({h}, {w}), but climate/data is (16, {h}, {w}): the labels must "
-            "be (height, width) of the data") in r.stderr and "stats.h5" not in r.stderr, r.stderr
+    assert says.format(h=h, w=w) + ": the labels must be (height, width) of the data" in r.stderr, r.stderr
+    assert "stats.h5" not in r.stderr, r.stderr
 
 
 def test_a_compression_filter_hdf5_lacks_is_named_not_called_damage(tmp_path, data):

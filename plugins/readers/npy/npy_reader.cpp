@@ -233,6 +233,15 @@ class NpyFormat final : public FileFormat {
         header.shape[2] < 1)
       throw Error(path + ": holds an array of shape " + shape_text(header.shape) +
                   ", expected (height, width, channel)");
+    // Its labels, checked here, before stats.h5 is compared with the
+    // channels: data stored (channel, height, width) was blamed on stats.h5.
+    const std::size_t slash = path.rfind('/') + 1;
+    const std::string label = path.substr(0, slash) + "label-" + path.substr(slash + 5);  // "data-" X
+    const npy::Header labels = npy::read_header(label);
+    if (labels.shape != std::vector<std::int64_t>{header.shape[0], header.shape[1]})
+      throw Error(label + ": holds an array of shape " + shape_text(labels.shape) + ", but " + path + " is " +
+                  shape_text(header.shape) + ": the labels must be (height, width) of the data, which is "
+                  "(height, width, channel)");
     return {header.shape[0], header.shape[1], header.shape[2]};
   }
   std::unique_ptr<FileFormat::Scratch> make_scratch() const override {
