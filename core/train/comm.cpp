@@ -288,13 +288,14 @@ void Communicator::Impl::find_store(bool read_environment) {
     // whole timeout, and then blame a lock.
     const std::string folder = store_path.substr(0, std::max<std::size_t>(store_path.rfind('/'), 1));
     struct stat st {};
-    if (::stat(folder.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
-      const int e = errno;
+    std::string problem;
+    if (::stat(folder.c_str(), &st) != 0) problem = errno == ENOENT ? "no such directory" : std::strerror(errno);
+    else if (!S_ISDIR(st.st_mode)) problem = "not a directory";
+    else if (::access(folder.c_str(), W_OK | X_OK) != 0)
+      problem = fmt::format("cannot create files there: {}", std::strerror(errno));
+    if (!problem.empty()) {
       throw Error(fmt::format("{}: {}: {}; the store file's folder must exist, on a file system all ranks share",
-                              setting, folder,
-                              ::stat(folder.c_str(), &st) == 0 ? "not a directory"
-                              : e == ENOENT                   ? "no such directory"
-                                                              : std::strerror(e)));
+                              setting, folder, problem));
     }
     return;
   }
