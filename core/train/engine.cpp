@@ -1046,11 +1046,14 @@ class Engine {
     const std::int64_t epochs = cfg_.run.integer("max_epochs") - first_epoch;
     const std::int64_t batches = per_epoch * epochs + step % k;
     if (batches >= k) return;
+    const std::string carried =
+        step % k == 0 ? "" : fmt::format(", and {} the checkpoint had accumulated", step % k);
     std::fprintf(stderr,
-                 "deepcam-host: note: %s is more than the %lld batches this run reads (%lld epoch%s of %lld): it "
-                 "makes no optimizer step, and the weights stay as they are\n",
+                 "deepcam-host: note: %s is more than the %lld batches this run reads (%lld epoch%s of %lld%s): "
+                 "it makes no optimizer step, and the weights stay as they are\n",
                  cfg_.run.setting("gradient_accumulation_frequency").c_str(), static_cast<long long>(batches),
-                 static_cast<long long>(epochs), epochs == 1 ? "" : "s", static_cast<long long>(per_epoch));
+                 static_cast<long long>(epochs), epochs == 1 ? "" : "s", static_cast<long long>(per_epoch),
+                 carried.c_str());
   }
 
   // --evaluate, --predict and --benchmark resume no run: a resume setting
