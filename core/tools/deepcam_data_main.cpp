@@ -448,7 +448,7 @@ int run_data(int argc, char** argv) {
   try {
     deepcam::take_stop_signals_on_own_thread();
   } catch (const deepcam::Error& e) {
-    deepcam::eprint("deepcam-data: {}\n", e.what());
+    deepcam::eprint("deepcam-data: {}\n", deepcam::shown(e.what(), false));
     return 3;
   }
   // Outside the try block, as in deepcam-host: plugin libraries stay loaded
@@ -482,20 +482,20 @@ int run_data(int argc, char** argv) {
                     stopped.what());
     return end_by_signal(stopped.signal());
   } catch (const UsageError& e) {
-    deepcam::eprint("deepcam-data: {}; see deepcam-data --help\n", e.message);
+    deepcam::eprint("deepcam-data: {}; see deepcam-data --help\n", deepcam::shown(e.message, false));
     return 2;
   } catch (const deepcam::data::BadRunFile& e) {
-    deepcam::eprint("deepcam-data: {}\n", e.what());
+    deepcam::eprint("deepcam-data: {}\n", deepcam::shown(e.what(), false));
     return 2;
   } catch (const deepcam::Error& e) {
-    deepcam::eprint("deepcam-data: {}\n", e.what());
+    deepcam::eprint("deepcam-data: {}\n", deepcam::shown(e.what(), false));
   } catch (const std::bad_alloc&) {
     deepcam::eprint("deepcam-data: out of memory\n");
   } catch (const c10::Error& e) {
     // A failing ATen op or TORCH_CHECK: what() appends LibTorch's C++ backtrace.
-    deepcam::eprint("deepcam-data: {}\n", e.what_without_backtrace());
+    deepcam::eprint("deepcam-data: {}\n", deepcam::shown(e.what_without_backtrace(), false));
   } catch (const std::exception& e) {
-    deepcam::eprint("deepcam-data: {}\n", e.what());
+    deepcam::eprint("deepcam-data: {}\n", deepcam::shown(e.what(), false));
   } catch (...) {
     // A reader plugin's code may throw anything.
     deepcam::eprint("deepcam-data: internal error: an exception that is not a std::exception\n");

@@ -178,7 +178,7 @@ int run_host(int argc, char** argv, bool& result_on_stdout) {
   try {
     deepcam::take_stop_signals_on_own_thread();
   } catch (const deepcam::Error& e) {
-    std::fprintf(stderr, "deepcam-host: %s\n", e.what());
+    std::fprintf(stderr, "deepcam-host: %s\n", deepcam::shown(e.what(), false).c_str());
     return 3;
   }
   std::vector<std::string> args(argv + 1, argv + argc);
@@ -309,13 +309,13 @@ int run_host(int argc, char** argv, bool& result_on_stdout) {
                    e.signal(), e.what());
       return 3;
     }
-    std::fprintf(stderr, "deepcam-host: %s\n", e.what());
+    std::fprintf(stderr, "deepcam-host: %s\n", deepcam::shown(e.what(), false).c_str());
     return 128 + e.signal();
   } catch (const deepcam::RankLost& e) {
-    std::fprintf(stderr, "deepcam-host: %s\n", e.what());
+    std::fprintf(stderr, "deepcam-host: %s\n", deepcam::shown(e.what(), false).c_str());
     return deepcam::kRankLostStatus;
   } catch (const deepcam::Error& e) {
-    std::fprintf(stderr, "deepcam-host: %s\n", e.what());
+    std::fprintf(stderr, "deepcam-host: %s\n", deepcam::shown(e.what(), false).c_str());
     return 2;
   } catch (const c10::OutOfMemoryError& e) {
     return out_of_memory(e.what_without_backtrace());
@@ -324,12 +324,12 @@ int run_host(int argc, char** argv, bool& result_on_stdout) {
     // LibTorch's CPU allocator says it is out of memory in a plain c10::Error.
     const char* what = e.what_without_backtrace();
     if (std::strstr(what, "DefaultCPUAllocator: can't allocate memory") != nullptr) return out_of_memory(what);
-    std::fprintf(stderr, "deepcam-host: internal error: %s\n", what);
+    std::fprintf(stderr, "deepcam-host: internal error: %s\n", deepcam::shown(what, false).c_str());
     return 3;
   } catch (const std::bad_alloc& e) {
     return out_of_memory(e.what());
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "deepcam-host: internal error: %s\n", e.what());
+    std::fprintf(stderr, "deepcam-host: internal error: %s\n", deepcam::shown(e.what(), false).c_str());
     return 3;
   } catch (...) {
     // Plugin code may throw anything.

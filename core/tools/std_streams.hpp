@@ -68,6 +68,25 @@ inline bool stdout_written(const char* program) {
   return false;
 }
 
+// `text` as it is safe to print on a terminal: each control byte (an ESC
+// that starts a sequence which clears the screen, a carriage return) as
+// \xNN, and a line break too when `one_line` (a report's line per problem,
+// whose file name holds one). Messages name files as they are; a name may
+// hold anything but '/' and NUL.
+inline std::string shown(const std::string& text, bool one_line) {
+  std::string out;
+  out.reserve(text.size());
+  for (const char c : text) {
+    const auto byte = static_cast<unsigned char>(c);
+    if ((byte < 0x20 && c != '\t' && (c != '\n' || one_line)) || byte == 0x7f) {
+      out += fmt::format("\\x{:02x}", byte);
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
 // fmt::print(stderr, ...) that never throws: a stderr that cannot be
 // written (its file's disk is full, /dev/full) must not end the work that
 // the line reports on, nor turn an error into std::terminate while it is

@@ -295,23 +295,24 @@ void run_verify(const VerifyOptions& o) {
     if (results[k].problems.empty()) continue;
     ++bad_files;
     for (const std::string& p : results[k].problems) {
-      deepcam::oprint("{}\n", p);
+      deepcam::oprint("{}\n", deepcam::shown(p, /*one_line=*/true));
       ++problems;
     }
   }
   for (const std::string& p : layout) {
-    deepcam::oprint("{}\n", p);
+    deepcam::oprint("{}\n", deepcam::shown(p, /*one_line=*/true));
     ++problems;
     ++bad_files;
   }
   std::sort(leftovers.begin(), leftovers.end());
   for (const fs::path& p : leftovers) {
-    deepcam::oprint("{}: a temporary file left by an interrupted write; delete it once no writer runs\n", p.string());
+    deepcam::oprint("{}: a temporary file left by an interrupted write; delete it once no writer runs\n",
+                    deepcam::shown(p.string(), /*one_line=*/true));
     ++problems;
     ++bad_files;
   }
   const std::vector<std::string> stats = stats_problems(o.root, channels);
-  for (const std::string& p : stats) deepcam::oprint("{}\n", p);
+  for (const std::string& p : stats) deepcam::oprint("{}\n", deepcam::shown(p, /*one_line=*/true));
   problems += stats.size();
   bad_files += stats.empty() ? 0 : 1;
 

@@ -124,6 +124,19 @@ def test_bytes_after_the_data_are_refused_as_training_refuses_them(deepcam_data,
     assert r.returncode == 2 and f"{label}: {values.nbytes - values.size} bytes follow" in r.stderr, r.stderr[-2000:]
 
 
+def test_a_file_name_with_control_characters_is_shown_escaped_on_its_one_line(deepcam_data, good_sets, tmp_path):
+    # An ESC in a damaged sample's name cleared the terminal (ESC [2J), and a line break split its line.
+    root = copy_of(good_sets[0], tmp_path)
+    odd = root / "train" / "data-2106-01-01-00-\x1b[2J\nx.h5"
+    odd.write_bytes(b"not an HDF5 file")
+    proc = run(deepcam_data, "verify", root, "--threads", 1)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "\x1b" not in proc.stdout + proc.stderr, repr(proc.stdout + proc.stderr)
+    lines = [line for line in proc.stdout.splitlines() if not line.startswith("verify: ")]
+    escaped = str(odd).replace("\x1b", "\\x1b").replace("\n", "\\x0a")
+    assert len(lines) == 1 and lines[0].startswith(escaped + ": "), repr(proc.stdout)
+
+
 def test_header_promising_more_than_the_file_holds(deepcam_data, good_sets, tmp_path):
     root = copy_of(good_sets[1], tmp_path)
     data = first(root, "train/data-*.npy")
