@@ -83,6 +83,11 @@ class H5Sample {
   npy::DType data_dtype_ = npy::DType::Float32, label_dtype_ = npy::DType::Int32;
 };
 
+// The data of a .npy file whose header npy::read_header gave (which checked
+// the file's size first, so nothing is allocated for a header's lie), as
+// stored: npy::convert turns it into values. verify and stats read with it.
+std::vector<unsigned char> read_npy_data(const std::filesystem::path& path, const npy::Header& header);
+
 // "(768, 1152, 16)"
 std::string shape_text(const std::vector<std::int64_t>& shape);
 

@@ -8,7 +8,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
-#include <fstream>
 #include <limits>
 #include <optional>
 #include <system_error>
@@ -236,12 +235,7 @@ ChannelStats compute_stats(const std::vector<fs::path>& files, Progress* progres
     const std::size_t pixels = shape[0] * shape[1];
     data.resize(pixels * channels);
     if (is_npy) {
-      std::vector<unsigned char> bytes(header.data_bytes());
-      std::ifstream in(path, std::ios::binary);
-      in.seekg(static_cast<std::streamoff>(header.data_offset));
-      in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-      if (!in) throw Error(fmt::format("{}: cannot read the file", path.string()));
-      npy::convert(path.string(), header, bytes.data(), data.data(), header.count());
+      npy::convert(path.string(), header, read_npy_data(path, header).data(), data.data(), header.count());
     } else {
       file->read(kData, data.data(), data.size());
     }

@@ -5,7 +5,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdint>
-#include <fstream>
 #include <map>
 #include <new>
 #include <set>
@@ -79,32 +78,21 @@ Result check_h5(const Item& item, const std::vector<ChannelScale>& scales) {
   return r;
 }
 
-// Reads a whole .npy file after checking its header (read_header refuses a
-// file shorter than its header promises before anything is allocated, and
-// one with bytes after the data it describes).
-std::vector<unsigned char> read_npy(const fs::path& path, npy::Header& header) {
-  header = npy::read_header(path.string());
-  std::vector<unsigned char> bytes(header.data_offset + header.data_bytes());
-  std::ifstream in(path, std::ios::binary);
-  in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-  if (!in) throw Error(fmt::format("{}: cannot read the file", path.string()));
-  return bytes;
-}
-
 Result check_npy(const Item& item, const std::vector<ChannelScale>& scales) {
   Result r;
   npy::Header dh, lh;
   bool data_ok = false, label_ok = false;
   {
     try {
-      const std::vector<unsigned char> bytes = read_npy(item.data, dh);
+      dh = npy::read_header(item.data.string());
+      const std::vector<unsigned char> bytes = read_npy_data(item.data, dh);
       if (dh.shape.size() != 3)
         throw Error(fmt::format("{}: expected shape (height, width, channels), found {}", item.data.string(),
                                 shape_text(dh.shape)));
       data_ok = true;
       r.channels = dh.shape[2];
       std::vector<float> data(static_cast<std::size_t>(dh.count()));
-      npy::convert(item.data.string(), dh, bytes.data() + dh.data_offset, data.data(), dh.count());
+      npy::convert(item.data.string(), dh, bytes.data(), data.data(), dh.count());
       if (const std::string bad = non_finite(data, dh.shape, scales, dh.dtype); !bad.empty())
         r.problems.push_back(fmt::format("{}: {}", item.data.string(), bad));
     } catch (const Error& e) {
@@ -115,7 +103,8 @@ Result check_npy(const Item& item, const std::vector<ChannelScale>& scales) {
   }
   {
     try {
-      const std::vector<unsigned char> bytes = read_npy(item.label, lh);
+      lh = npy::read_header(item.label.string());
+      const std::vector<unsigned char> bytes = read_npy_data(item.label, lh);
       if (lh.shape.size() != 2)
         throw Error(fmt::format("{}: expected shape (height, width), found {}", item.label.string(),
                                 shape_text(lh.shape)));
@@ -125,7 +114,7 @@ Result check_npy(const Item& item, const std::vector<ChannelScale>& scales) {
                                 shape_text(dh.shape)));
       label_ok = true;
       std::vector<std::int64_t> labels(static_cast<std::size_t>(lh.count()));
-      npy::convert(item.label.string(), lh, bytes.data() + lh.data_offset, labels.data(), lh.count());
+      npy::convert(item.label.string(), lh, bytes.data(), labels.data(), lh.count());
       if (const std::string bad = bad_labels(labels, lh.shape); !bad.empty())
         r.problems.push_back(fmt::format("{}: {}", item.label.string(), bad));
     } catch (const Error& e) {
