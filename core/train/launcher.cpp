@@ -95,6 +95,12 @@ struct Stream {
 
 }  // namespace
 
+int rank_to_blame(const std::vector<bool>& failed, const std::vector<int>& codes, int first_reaped) {
+  for (std::size_t r = 0; r < failed.size() && r < codes.size(); ++r)
+    if (failed[r] && codes[r] != kRankLostStatus) return static_cast<int>(r);
+  return first_reaped;
+}
+
 int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
   if (nproc < 1) throw Error(fmt::format("--nproc {}: needs at least 1", nproc));
   // Started as one rank of many by torchrun or by --nproc itself, the ranks
@@ -259,19 +265,8 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
     }
   }
   if (failed_rank >= 0) {
-    // The rank to blame is not the first reaped: a rank that lost another
-    // (status 5) or that ended because rank 0 refused the run (rank 0
-    // refuses for all, with its own status) may end first. The lowest rank
-    // that failed on its own with a status other than 5 is the cause; if
-    // all say 5, the first one's message names the rank it lost.
-    for (int r = 0; r < nproc; ++r) {
-      const int code = codes[static_cast<std::size_t>(r)];
-      if (failed[static_cast<std::size_t>(r)] && code != kRankLostStatus) {
-        failed_rank = r;
-        result = code;
-        break;
-      }
-    }
+    failed_rank = rank_to_blame(failed, codes, failed_rank);
+    result = codes[static_cast<std::size_t>(failed_rank)];
     std::fprintf(stderr, "deepcam-host --nproc: failed: rank %d (exit status %d%s)\n", failed_rank, result,
                  result == kRankLostStatus ? ": it lost another rank, which its message names" : "");
     return result;

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "deepcam/error.hpp"
+#include "launcher.hpp"
 #include "ranks.hpp"
 
 namespace {
@@ -183,4 +184,16 @@ TEST_CASE("SLURM_TASKS_PER_NODE is read item by item, whole") {
     CHECK_MESSAGE(error.find(std::string("SLURM_TASKS_PER_NODE=\"") + bad + "\"") != std::string::npos, std::string(bad));
     CHECK_MESSAGE(error.find("cannot read") != std::string::npos, error);
   }
+}
+
+TEST_CASE("the launcher blames the lowest rank that failed on its own with a status other than 5") {
+  using deepcam::rank_to_blame;
+  // Rank 1 ended first, saying rank 0 refused the run (status 2 as rank 0's).
+  CHECK(rank_to_blame({true, true}, {2, 2}, 1) == 0);
+  // Rank 0 lost rank 2 (status 5) and ended first; rank 2 failed with 3.
+  CHECK(rank_to_blame({true, false, true}, {5, 0, 3}, 0) == 2);
+  // Only a rank that lost another failed on its own: it is named, its message names the one lost.
+  CHECK(rank_to_blame({false, true, false}, {143, 5, 143}, 1) == 1);
+  // A rank the launcher ended (not failed on its own) is never blamed.
+  CHECK(rank_to_blame({false, true}, {2, 4}, 1) == 1);
 }
