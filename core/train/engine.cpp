@@ -1249,12 +1249,15 @@ class Engine {
 
   // A diverged run stops at once: no validation of NaN weights, no
   // checkpoint of them. The log closes the epoch's interval at the step
-  // training stopped (`step`, at or after the bad one) and ends with run_stop
-  // "aborted" (SPEC 8.2), so that it stays a well-formed log. Every rank
-  // gets here at the same step: the decision was reduced over ranks.
+  // training stopped (`step`, at or after the bad one), with status
+  // "aborted" as an interval closed by a failure has it, and ends with
+  // run_stop "aborted" (SPEC 8.2), so that it stays a well-formed log.
+  // Every rank gets here at the same step: the decision was reduced over
+  // ranks.
   int stop_diverged(const Divergence& d, std::int64_t step) {
     comm_.world().barrier();
-    log_.end("epoch_stop", Json(), {{"epoch_num", Json(d.epoch_num)}, {"step_num", Json(step)}});
+    log_.end("epoch_stop", Json(),
+             {{"epoch_num", Json(d.epoch_num)}, {"step_num", Json(step)}, {"status", Json("aborted")}});
     comm_.world().barrier();
     log_.end("run_stop", Json(), {{"status", Json("aborted")}, {"epoch_num", Json(d.epoch_num)}});
     run_stopped_ = true;
@@ -1319,7 +1322,8 @@ class Engine {
   int stop_signalled(int sig, std::int64_t epoch_num, std::int64_t step, bool in_epoch) {
     if (in_epoch) {
       comm_.world().barrier();
-      log_.end("epoch_stop", Json(), {{"epoch_num", Json(epoch_num)}, {"step_num", Json(step)}});
+      log_.end("epoch_stop", Json(),
+               {{"epoch_num", Json(epoch_num)}, {"step_num", Json(step)}, {"status", Json("aborted")}});
     }
     comm_.world().barrier();
     log_.end("run_stop", Json(), {{"status", Json("aborted")}, {"epoch_num", Json(epoch_num)}});

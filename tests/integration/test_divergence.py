@@ -58,6 +58,8 @@ def test_nan_loss_stops_the_run_at_the_step_it_appears(tmp_path, data):
     assert keys[-3:] == ["epoch_start", "epoch_stop", "run_stop"], keys
     assert lines[-1]["metadata"]["status"] == "aborted" and lines[-1]["metadata"]["epoch_num"] == 1
     assert lines[-2]["metadata"]["epoch_num"] == 1 and lines[-2]["metadata"]["step_num"] == 2
+    # The epoch was cut short, not finished.
+    assert lines[-2]["metadata"]["status"] == "aborted"
     # The NaN was caught before it was logged as a training loss.
     assert "train_loss" not in keys
 
@@ -78,6 +80,7 @@ def test_first_bad_step_is_named_when_only_the_epoch_end_checks(tmp_path, data):
     lines = read_events(out / "mlperf.log")
     assert [l["key"] for l in lines][-2:] == ["epoch_stop", "run_stop"]
     assert lines[-2]["metadata"]["step_num"] == 4  # the epoch ran to its end before the check
+    assert lines[-2]["metadata"]["status"] == "aborted"
     assert lines[-1]["metadata"]["status"] == "aborted"
 
 
@@ -95,6 +98,7 @@ def test_nan_weights_from_the_last_update_of_an_epoch_stop_at_validation(tmp_pat
     assert keys[-6:] == ["eval_start", "eval_accuracy", "eval_loss", "eval_stop", "epoch_stop", "run_stop"], keys
     assert "epoch_start" not in keys[keys.index("eval_start"):]
     assert lines[-1]["metadata"]["status"] == "aborted"
+    assert lines[-2]["metadata"]["status"] == "aborted"
     eval_loss = (out / "mlperf.log").read_text().splitlines()[keys.index("eval_loss")]
     assert re.search(r'"value": (NaN|-?Infinity),', eval_loss), eval_loss  # json.dumps' spelling
 

@@ -81,6 +81,10 @@ def test_a_stop_signal_ends_the_run_with_an_aborted_record(tmp_path, data, sig):
         assert events[-2]["metadata"]["epoch_num"] == events[-4]["metadata"]["epoch_num"], events[-4:]
     else:
         assert keys[-2] == "epoch_stop", keys
+        # An epoch the signal cut short (no validation) says so; one that
+        # ended before the stop does not.
+        cut_short = keys[-3] != "eval_stop"
+        assert events[-2]["metadata"].get("status") == ("aborted" if cut_short else None), events[-3:]
     names = [f.name for f in out.iterdir()]
     assert not [n for n in names if ".tmp-" in n or ".partial-" in n], names
     for ckpt in out.glob("checkpoint-epoch*.pt"):
@@ -212,6 +216,8 @@ def test_sigterm_stops_every_rank_at_the_same_step(tmp_path, data):
     events = read_events(log)
     assert [e["key"] for e in events[-2:]] == ["epoch_stop", "run_stop"]
     assert events[-1]["metadata"]["status"] == "aborted"
+    cut_short = events[-3]["key"] != "eval_stop"
+    assert events[-2]["metadata"].get("status") == ("aborted" if cut_short else None), events[-3:]
 
 
 def test_progress_lines_come_every_progress_seconds_whatever_the_logging_frequency(tmp_path, data):
