@@ -1,5 +1,6 @@
 #include "package.hpp"
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -27,6 +28,7 @@
 #include "closed_division.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/json.hpp"
+#include "deepcam/mlperf_log.hpp"
 #include "deepcam_build_config.h"
 #include "options.hpp"
 #include "std_streams.hpp"
@@ -618,16 +620,31 @@ Value system_description(const PackageOptions& o, const Run& first, std::vector<
   return desc;
 }
 
-void write_file(const fs::path& path, const std::string& text) {
-  fs::create_directories(path.parent_path());
-  errno = 0;
-  std::ofstream out(path, std::ios::binary);
-  out << text;
-  out.close();
-  if (!out) {
-    throw Error(fmt::format("{}: cannot be written{}", path.string(),
-                            errno != 0 ? fmt::format(": {}", std::strerror(errno)) : std::string()));
+// Writes `text` to root/rel, root being the hidden folder the package is
+// made in. A failure names the file as the package would hold it
+// (`shown`/rel: --out's name, not the hidden folder, which is removed) and
+// the cause of the failed write itself (a full disk), read from errno at
+// once.
+void write_file(const fs::path& root, const fs::path& shown, const fs::path& rel, const std::string& text) {
+  const fs::path path = root / rel;
+  const std::string name = (shown / rel).string();
+  std::error_code ec;
+  fs::create_directories(path.parent_path(), ec);
+  if (ec) throw Error(fmt::format("{}: cannot make its folder: {}", name, ec.message()));
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) throw Error(write_error_text(name, errno));
+  int err = 0;
+  for (std::size_t done = 0; done < text.size();) {
+    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      err = errno;
+      break;
+    }
+    done += static_cast<std::size_t>(n);
   }
+  if (::close(fd) != 0 && err == 0) err = errno;
+  if (err != 0) throw Error(write_error_text(name, err));
 }
 
 // mlperf_logging's result count for deepcam: exactly this many time-to-solution
@@ -833,10 +850,8 @@ static int write_package(const PackageOptions& o) {
     }
   } cleanup{temp};
 
-  const fs::path results = temp / "results" / o.system / "strong" / kBenchmark;
-  const fs::path run_files = temp / "benchmarks" / kBenchmark / "implementations" / "deepcam-host" / "run_files" / o.system;
-  fs::create_directories(results);
-  fs::create_directories(run_files);
+  const fs::path results = fs::path("results") / o.system / "strong" / kBenchmark;
+  const fs::path run_files = fs::path("benchmarks") / kBenchmark / "implementations" / "deepcam-host" / "run_files" / o.system;
   std::vector<double> scores;
   int dropped = 0;
   Value per_run;
@@ -846,8 +861,8 @@ static int write_package(const PackageOptions& o) {
     const Run& r = runs[n];
     // Copied through write_file, which names the file and the reason (a
     // full disk) where std::filesystem::copy_file says "Input/output error".
-    write_file(results / fmt::format("result_{}.txt", n), read_text(r.log));
-    write_file(run_files / fmt::format("result_{}.toml", n), read_text(r.run_file));
+    write_file(temp, o.out, results / fmt::format("result_{}.txt", n), read_text(r.log));
+    write_file(temp, o.out, run_files / fmt::format("result_{}.toml", n), read_text(r.run_file));
     if (r.converged()) scores.push_back(r.minutes());
     else ++dropped;
     deepcam::oprint("result_{}.txt: {}: time to train {:.4f} min, {}{}\n", n, r.dir.string(), r.minutes(), r.outcome(),
@@ -861,19 +876,18 @@ static int write_package(const PackageOptions& o) {
     entry.members.emplace_back("time_to_train_minutes", number(r.minutes()));
     per_run.items.push_back(std::move(entry));
   }
-  write_file(temp / "systems" / (o.system + ".json"), dump(desc, 0) + "\n");
+  write_file(temp, o.out, fs::path("systems") / (o.system + ".json"), dump(desc, 0) + "\n");
   Value throughput_summary;
   if (!instances.empty()) {
-    const fs::path weak_results = temp / "results" / o.system / "weak" / kBenchmark;
-    fs::create_directories(weak_results);
+    const fs::path weak_results = fs::path("results") / o.system / "weak" / kBenchmark;
     throughput_summary.kind = Value::Kind::Object;
     Value per_instance;
     per_instance.kind = Value::Kind::Array;
     for (std::size_t n = 0; n < instances.size(); ++n) {
       throw_if_stopped();
       const Run& r = instances[n];
-      write_file(weak_results / fmt::format("result_{}.txt", n), read_text(r.log));
-      write_file(run_files / "weak" / fmt::format("result_{}.toml", n), read_text(r.run_file));
+      write_file(temp, o.out, weak_results / fmt::format("result_{}.txt", n), read_text(r.log));
+      write_file(temp, o.out, run_files / "weak" / fmt::format("result_{}.toml", n), read_text(r.run_file));
       deepcam::oprint(
           "weak/result_{}.txt: {}: seed {}, run_start {:.3f} min and run_stop {:.3f} min after the first "
           "run_start\n",
@@ -918,7 +932,7 @@ static int write_package(const PackageOptions& o) {
   summary.members.emplace_back("dropped_runs", number(static_cast<long long>(dropped)));
   summary.members.emplace_back("score_minutes", score ? number(*score) : Value{});
   if (!instances.empty()) summary.members.emplace_back("throughput", throughput_summary);
-  write_file(temp / "score.json", dump(summary, 0) + "\n");
+  write_file(temp, o.out, "score.json", dump(summary, 0) + "\n");
 
   fs::rename(temp, out, ec);
   if (ec) throw Error(fmt::format("--out {}: cannot rename {} to it: {}", out.string(), temp.string(), ec.message()));
