@@ -54,22 +54,22 @@ long long count_of(const std::string& option, const std::string& text, const cha
 
 // `section` is the table the keys live in ("reader"), for naming nested tables.
 void print_schema(const deepcam::ParamSchema& schema, const std::string& section) {
-  if (schema.size == 0) std::printf("  (none)\n");
+  if (schema.size == 0) deepcam::oprint("  (none)\n");
   for (const auto& s : schema) {
     if (s.type == deepcam::ParamType::Plugin) {
       // A nested table names another plugin, whose keys are that plugin's own.
       const std::string type = fmt::format("{} table", s.choices);
-      std::printf("  %-32s %-12s default %s\n      %s\n      a table [%s.%s] with name = \"<%s plugin>\", optional "
-                  "library, and that plugin's keys (deepcam-host --describe %s/NAME)\n",
-                  s.key, type.c_str(), s.default_toml ? s.default_toml : "(required)", s.doc, section.c_str(), s.key,
-                  s.choices, s.choices);
+      deepcam::oprint("  {:<32} {:<12} default {}\n      {}\n      a table [{}.{}] with name = \"<{} plugin>\", "
+                      "optional library, and that plugin's keys (deepcam-host --describe {}/NAME)\n",
+                      s.key, type, s.default_toml ? s.default_toml : "(required)", s.doc, section, s.key, s.choices,
+                      s.choices);
       continue;
     }
     std::string range;
     if (s.min <= s.max) range = "  range " + deepcam::range_text(s);
     if (s.choices) range = fmt::format("  one of {}", s.choices);
-    std::printf("  %-32s %-12s default %s%s\n      %s\n", s.key, deepcam::to_string(s.type),
-                s.default_toml ? s.default_toml : "(required)", range.c_str(), s.doc);
+    deepcam::oprint("  {:<32} {:<12} default {}{}\n      {}\n", s.key, deepcam::to_string(s.type),
+                    s.default_toml ? s.default_toml : "(required)", range, s.doc);
   }
 }
 
@@ -85,8 +85,8 @@ int list_plugins(deepcam::PluginLoader& loader) {
     const auto& d = *p.descriptor;
     // A file a run would not load (deepcam::PluginLoader::discover) is marked.
     const std::string mark = p.not_used_because.empty() ? "" : "  (" + p.not_used_because + ")";
-    std::printf("%-10s %-16s %-8s %s\n           %s%s\n", deepcam::to_string(d.kind), d.name, d.version, d.summary,
-                p.path.c_str(), mark.c_str());
+    deepcam::oprint("{:<10} {:<16} {:<8} {}\n           {}{}\n", deepcam::to_string(d.kind), d.name, d.version,
+                    d.summary, p.path, mark);
   }
   for (const auto& e : problems) std::fprintf(stderr, "deepcam-host: skipped %s\n", e.c_str());
   if (found.empty()) {
@@ -101,12 +101,12 @@ int list_plugins(deepcam::PluginLoader& loader) {
 int list_kind(deepcam::PluginLoader& loader, deepcam::PluginKind kind) {
   std::vector<std::string> problems;
   int n = 0;
-  std::printf("%s plugins (deepcam-host --describe %s/NAME for one):\n", deepcam::to_string(kind),
-              deepcam::to_string(kind));
+  deepcam::oprint("{} plugins (deepcam-host --describe {}/NAME for one):\n", deepcam::to_string(kind),
+                  deepcam::to_string(kind));
   for (const auto& p : loader.discover(problems, kind)) {
     if (p.descriptor->kind != kind) continue;
     const std::string mark = p.not_used_because.empty() ? "" : "  (" + p.not_used_because + ")";
-    std::printf("  %-16s %s%s\n", p.descriptor->name, p.descriptor->summary, mark.c_str());
+    deepcam::oprint("  {:<16} {}{}\n", p.descriptor->name, p.descriptor->summary, mark);
     ++n;
   }
   for (const auto& e : problems) std::fprintf(stderr, "deepcam-host: skipped %s\n", e.c_str());
@@ -127,7 +127,7 @@ int describe(deepcam::PluginLoader& loader, const std::string& what) {
       if (what == deepcam::to_string(kind)) return list_kind(loader, kind);
     }
     const deepcam::ParamSchema schema = deepcam::host_schema(what);  // throws for an unknown section
-    std::printf("[%s] (deepcam-host)\n", what.c_str());
+    deepcam::oprint("[{}] (deepcam-host)\n", what);
     print_schema(schema, what);
     return 0;
   }
@@ -137,10 +137,10 @@ int describe(deepcam::PluginLoader& loader, const std::string& what) {
     if (kind_name != deepcam::to_string(kind)) continue;
     const auto& p = loader.load(kind, name);
     const auto& d = *p.descriptor;
-    std::printf("%s/%s %s: %s\n  file: %s\n  built with LibTorch %s, C++11 ABI %d, CUDA %s, plugin ABI %u\n"
-                "parameters ([%s] table; also `name` and optional `library`):\n",
-                deepcam::to_string(d.kind), d.name, d.version, d.summary, p.path.c_str(), d.torch_version,
-                d.cxx11_abi, *d.cuda_version ? d.cuda_version : "none", d.abi_version, deepcam::to_string(d.kind));
+    deepcam::oprint("{}/{} {}: {}\n  file: {}\n  built with LibTorch {}, C++11 ABI {}, CUDA {}, plugin ABI {}\n"
+                    "parameters ([{}] table; also `name` and optional `library`):\n",
+                    deepcam::to_string(d.kind), d.name, d.version, d.summary, p.path, d.torch_version,
+                    d.cxx11_abi, *d.cuda_version ? d.cuda_version : "none", d.abi_version, deepcam::to_string(d.kind));
     print_schema(d.params, deepcam::to_string(d.kind));
     return 0;
   }
@@ -205,12 +205,12 @@ int run_host(int argc, char** argv, bool& result_on_stdout) {
       }
     }
     if (args[0] == "--help" || args[0] == "-h") {
-      std::fputs(kUsage, stdout);
+      deepcam::oprint("{}", kUsage);
       return 0;
     }
     if (args[0] == "--version") {
-      std::printf("deepcam-host %s (plugin ABI %d, LibTorch %s, CUDA %s)\n", DEEPCAM_VERSION, DEEPCAM_PLUGIN_ABI,
-                  DEEPCAM_TORCH_VERSION, DEEPCAM_WITH_CUDA ? DEEPCAM_CUDA_VERSION : "off");
+      deepcam::oprint("deepcam-host {} (plugin ABI {}, LibTorch {}, CUDA {})\n", DEEPCAM_VERSION, DEEPCAM_PLUGIN_ABI,
+                      DEEPCAM_TORCH_VERSION, DEEPCAM_WITH_CUDA ? DEEPCAM_CUDA_VERSION : "off");
       return 0;
     }
     if (args[0] == "--list-plugins") return list_plugins(loader);

@@ -58,8 +58,8 @@ inline bool stdout_written(const char* program) {
   flush_stdout();
   if (!std::ferror(stdout)) return true;
   int err = stdout_errno();
-  // A flush elsewhere (the engine's, after its result line) kept no cause:
-  // a write to a pipe or socket fails only when its reader is gone.
+  // A write inside printf (a result longer than stdio's buffer) keeps no
+  // cause: a write to a pipe or socket fails only when its reader is gone.
   struct stat st {};
   if (err == 0 && ::fstat(1, &st) == 0 && (S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode))) err = EPIPE;
   if (err == EPIPE) return true;

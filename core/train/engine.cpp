@@ -949,8 +949,9 @@ class Engine {
           {"steps", Json(steps)},
           {"sample_shape", Json::list({Json(shape[0]), Json(shape[1]), Json(shape[2])})},
       });
+      // Flushed by the program's end (stdout_written), which keeps the cause
+      // of a failed write.
       std::printf("%s\n", line.dump().c_str());
-      std::fflush(stdout);
     }
     return 0;
   }

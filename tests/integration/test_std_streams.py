@@ -87,7 +87,8 @@ def test_a_result_that_cannot_reach_stdout_is_no_success(data, tmp_path, command
     last = proc.stderr.splitlines()[-1]
     assert last.startswith(command[2:6].lower().replace("data", "deepcam-data").replace("host", "deepcam-host") +
                            ": cannot write to standard output"), proc.stderr
-    assert last.endswith("; what it shows there is lost"), proc.stderr
+    # With the cause of the failed write.
+    assert last.endswith(": No space left on device; what it shows there is lost"), proc.stderr
     # Its reader gone (`| head` that quit): deepcam-host, which ignores
     # SIGPIPE, has done its work; deepcam-data ends by SIGPIPE, as a Unix
     # tool does.
