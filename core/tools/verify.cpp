@@ -311,9 +311,12 @@ void run_verify(const VerifyOptions& o) {
                   problems ? fmt::format("{} in {}", count_of(problems, "problem"), count_of(bad_files, "file"))
                            : std::string("no problems"));
   deepcam::flush_stdout();
+  // The list went to stdout; one that could not be written there (a full
+  // disk under a redirect) is not "above".
   if (problems)
-    throw Error(fmt::format("verify: {}: {} in {} (listed above)", o.root.string(), count_of(problems, "problem"),
-                            count_of(bad_files, "file")));
+    throw Error(fmt::format("verify: {}: {} in {} ({})", o.root.string(), count_of(problems, "problem"),
+                            count_of(bad_files, "file"),
+                            std::ferror(stdout) ? "their list did not reach standard output" : "listed above"));
 }
 
 }  // namespace deepcam::data

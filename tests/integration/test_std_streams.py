@@ -4,6 +4,7 @@ end no work, while a result printed there that is lost is no success."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 
@@ -51,6 +52,23 @@ def test_a_closed_stream_puts_nothing_into_the_log(data, tmp_path, closed):
     if closed == "stderr":
         # The echo went where stdout went, as always.
         assert (tmp_path / "out.txt").read_text().count(MLLOG + '{"namespace"') == len(keys)
+
+
+@needs_dev_full
+def test_verify_does_not_point_above_to_a_list_that_was_lost(data, tmp_path):
+    damaged = tmp_path / "set"
+    shutil.copytree(data, damaged)
+    sample = sorted((damaged / "train").iterdir())[0]
+    sample.write_bytes(sample.read_bytes()[:100])
+    proc = shell('"$DATA" verify "$SET"', SET=damaged)
+    assert proc.returncode == 1 and sample.name in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stderr.endswith(" in 1 file (listed above)\n"), proc.stderr
+    proc = shell('"$DATA" verify "$SET" >/dev/full', SET=damaged)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[-2].endswith(" in 1 file (their list did not reach standard output)"), proc.stderr
+    assert lines[-1] == "deepcam-data: cannot write to standard output: No space left on device; what it shows there " \
+                        "is lost", proc.stderr
 
 
 @needs_dev_full
