@@ -190,6 +190,39 @@ std::string type_name(const toml::node& node) {
   }
 }
 
+// How a float was written, when it can be found: the text after '=' of a
+// --set item, or the number at the node's place in its file; "" otherwise.
+std::string float_literal(const toml::node& node, const std::string& where) {
+  const auto number_end = [](const std::string& text, std::size_t from) {
+    return text.find_first_not_of("0123456789+-._eE", from);
+  };
+  if (where.rfind("--set ", 0) == 0) {
+    const std::size_t eq = where.find('=');
+    if (eq == std::string::npos) return "";
+    const std::size_t begin = where.find_first_not_of(" \t", eq + 1);
+    return begin == std::string::npos ? "" : where.substr(begin, number_end(where, begin) - begin);
+  }
+  const auto& source = node.source();
+  if (!source.path || source.begin.line == 0 || source.begin.column == 0) return "";
+  std::ifstream in(*source.path);
+  std::string line;
+  for (toml::source_index n = 0; n < source.begin.line && std::getline(in, line); ++n) {
+  }
+  if (!in || source.begin.column > line.size()) return "";
+  const std::size_t begin = source.begin.column - 1;
+  return line.substr(begin, number_end(line, begin) - begin);
+}
+
+// A nonzero number too small for a double (1e-400), which TOML reads as
+// 0.0: said so, since "0.0 is out of range" names a value not written.
+std::string underflow_note(const toml::node& node, const std::string& where, double v) {
+  if (v != 0.0) return "";
+  const std::string literal = float_literal(node, where);
+  const std::string mantissa = literal.substr(0, literal.find_first_of("eE"));
+  if (mantissa.find_first_of("123456789") == std::string::npos) return "";
+  return fmt::format(" ({} is nearer zero than any double and reads as {})", literal, to_toml(v));
+}
+
 ParamValue convert(const ParamSpec& spec, const toml::node& node, const std::string& where) {
   auto wrong = [&]() {
     std::string hint;
@@ -230,7 +263,10 @@ ParamValue convert(const ParamSpec& spec, const toml::node& node, const std::str
       throw Error(fmt::format("{}: nan is not a number this key takes{}", where,
                               spec.min <= spec.max ? fmt::format(" (its range: {})", range_text(spec)) : ""));
     }
-    if (!in_range(spec, v)) throw Error(fmt::format("{}: {} is out of range {}", where, to_toml(v), range_text(spec)));
+    if (!in_range(spec, v)) {
+      throw Error(fmt::format("{}: {} is out of range {}{}", where, to_toml(v), range_text(spec),
+                              underflow_note(node, where, v)));
+    }
   };
   auto check_integer = [&](std::int64_t v) {
     if (!in_range(spec, v)) throw Error(fmt::format("{}: {} is out of range {}", where, v, range_text(spec)));

@@ -61,6 +61,22 @@ def test_an_override_out_of_bounds_names_the_set_item(tmp_path, data):
     assert "--set optimizer.lr=0:" in msg and "(0.0, 3.4028234663852886e+38]" in msg, msg
 
 
+def test_a_number_too_small_for_a_double_is_said_to_read_as_zero(tmp_path, data):
+    # TOML reads 1e-400 as 0.0; "0.0 is out of range" alone names a value nobody wrote.
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", optimizer={"lr": 0.5})
+    run.write_text(run.read_text().replace("lr = 0.5", "lr = 1e-400"))
+    r = run_host(run)
+    assert r.returncode == 2, r.stderr
+    assert (f"run.toml:{line_of(run, 'optimizer', 'lr')} [optimizer] lr: 0.0 is out of range "
+            "(0.0, 3.4028234663852886e+38] (1e-400 is nearer zero than any double and reads as 0.0)") in r.stderr, r.stderr
+    _, msg = refusal(tmp_path, data, "--set", "optimizer.lr=-2.5e-999")
+    assert msg.endswith("--set optimizer.lr=-2.5e-999: -0.0 is out of range (0.0, 3.4028234663852886e+38] "
+                        "(-2.5e-999 is nearer zero than any double and reads as -0.0)"), msg
+    # A zero written as one gets no such note.
+    _, msg = refusal(tmp_path, data, "--set", "optimizer.lr=0e-400")
+    assert msg.endswith("0.0 is out of range (0.0, 3.4028234663852886e+38]"), msg
+
+
 @pytest.mark.parametrize("item", ["reader.x.y=1", "run.x.y=1"])
 def test_an_unknown_key_below_a_section_names_the_set_item_not_the_file(tmp_path, data, item):
     # The table the item made was blamed on the run file, which has no such key.
