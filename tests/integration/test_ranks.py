@@ -397,6 +397,26 @@ def test_a_rendezvous_that_cannot_work_is_refused_on_one_rank_too_naming_where_i
     assert not out.exists()
 
 
+def test_a_rendezvous_folder_on_a_read_only_file_system_is_refused_at_once(tmp_path, data):
+    """Root may write in any folder by its permissions, not on a read-only mount: the store could not
+    create its file, and the ranks waited out comm_timeout_s before blaming a lock."""
+    if subprocess.run(["unshare", "--mount", "--map-root-user", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --mount --map-root-user is refused here: the test needs a mount namespace")
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out", run={"rendezvous": f"file://{folder}/store"})
+    freeze = f'mount --bind "{folder}" "{folder}" && mount -o remount,bind,ro "{folder}" && exec "{HOST}" "{run}"'
+    env = clean_env(RANK=0, WORLD_SIZE=2)
+    started = time.monotonic()
+    r = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", freeze], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert time.monotonic() - started < 30
+    assert f"{folder}: cannot create files there: Read-only file system; the store file's folder must exist" \
+        in r.stderr, r.stderr
+    assert not list(folder.iterdir())
+
+
 def test_a_batch_scripts_own_process_is_refused_at_once(tmp_path, data):
     """sbatch --ntasks=4 running deepcam-host without srun: the script's process (SLURM_PROCID=0,
     SLURM_NTASKS=4, no step) took itself for rank 0 of 4 and waited comm_timeout_s for the others."""
