@@ -2120,6 +2120,17 @@ fs::path config_path(const fs::path& out_dir, bool evaluating) {
   return out_dir / (evaluating ? "evaluate-config.toml" : "config.toml");
 }
 
+// A folder's absolute path without a trailing separator ("out/" is out),
+// with the links of the part that exists resolved; lexically when that
+// fails.
+fs::path folder_identity(const fs::path& folder) {
+  fs::path path = fs::absolute(folder).lexically_normal();
+  if (!path.has_filename() && path.has_relative_path()) path = path.parent_path();
+  std::error_code ec;
+  fs::path resolved = fs::weakly_canonical(path, ec);
+  return ec ? path : resolved;
+}
+
 // The MLPerf log's name: [mlperf] log_file, relative to the output folder;
 // --evaluate writes "evaluate-<name>" beside it.
 fs::path log_path(const RunConfig& cfg, const fs::path& out_dir, bool evaluating) {
@@ -2136,12 +2147,9 @@ fs::path log_path(const RunConfig& cfg, const fs::path& out_dir, bool evaluating
   // fail on the log.
   const std::string leaf = path.filename().string();
   if (leaf == "config.toml" || leaf == "evaluate-config.toml" || is_checkpoint_name(leaf)) {
-    std::error_code ec_dir, ec_out;
-    const fs::path dir = fs::weakly_canonical(fs::absolute(path.parent_path()), ec_dir);
-    const fs::path out = fs::weakly_canonical(fs::absolute(out_dir), ec_out);
-    const bool in_output_folder =
-        ec_dir || ec_out ? path.parent_path() == out_dir.lexically_normal() : dir == out;
-    if (in_output_folder) {
+    // An output folder that does not exist yet keeps the trailing '/' it
+    // was given with ("out/"): that compared unequal to "out".
+    if (folder_identity(path.parent_path()) == folder_identity(out_dir)) {
       throw Error(fmt::format("{}: {} is a name the run gives {} in its output folder; choose another",
                               cfg.mlperf.setting("log_file"), (out_dir / leaf).string(),
                               is_checkpoint_name(leaf) ? "a checkpoint" : "its resolved configuration"));

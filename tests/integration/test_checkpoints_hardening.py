@@ -765,6 +765,19 @@ def test_a_log_file_named_as_the_runs_own_files_is_refused(tmp_path, data, name,
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.parametrize("name, what", [("checkpoint-epoch1.pt", "a checkpoint"),
+                                        ("config.toml", "its resolved configuration")])
+def test_a_log_file_named_as_the_runs_own_files_is_refused_for_an_output_folder_given_with_a_slash(tmp_path, data,
+                                                                                                   name, what):
+    """"out/", not made yet, compared unequal to "out": the run trained, and the log was lost under the
+    checkpoint renamed over it, or config.toml came to hold the MLPerf log."""
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run=ODD)
+    r = run_host(run, "--set", f'run.output_dir="{tmp_path}/out/"', "--set", f'mlperf.log_file="{name}"')
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"{tmp_path}/out/{name} is a name the run gives {what} in its output folder" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_a_log_file_of_a_checkpoints_name_in_another_folder_is_no_collision(tmp_path, data):
     run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run=ODD)
     (tmp_path / "logs").mkdir()
