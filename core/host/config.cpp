@@ -235,19 +235,39 @@ ParamValue convert(const ParamSpec& spec, const toml::node& node, const std::str
         hint = fmt::format(" \"{}\"; \"auto\", in lower case, draws a seed", t);
       } else if (t.find_first_of("0123456789") != std::string::npos &&
                  (std::strtod(t.c_str(), &end), end == t.c_str() + t.size())) {
-        bool toml_number = false;
+        // How TOML reads the text unquoted: a number of some type, or no
+        // number, for the reason its parser gives.
+        toml::table unquoted;
+        std::string no_number;
         try {
-          const toml::table v = toml::parse("v = " + t);
-          toml_number = v.get("v") && (v.get("v")->is_integer() || v.get("v")->is_floating_point());
-        } catch (const toml::parse_error&) {
+          unquoted = toml::parse("v = " + t);
+        } catch (const toml::parse_error& e) {
+          no_number = std::string(e.description());
         }
-        hint = toml_number
-                   // `seed = "5"`: the quotes make it a string.
-                   ? fmt::format(" \"{}\": in quotes a number is a string; write it without them", t)
-                   // A number C or Python reads and TOML does not: ".5", "5.".
-                   : fmt::format(" \"{}\", which TOML reads as no number: it wants a digit on each side of a "
-                                 "point (0.5, 5.0)",
-                                 t);
+        const toml::node* read = unquoted.get("v");
+        // A point without a digit on each side: ".5", "5.", "1.e5".
+        bool bare_point = false;
+        for (std::size_t i = t.find('.'); i != std::string::npos; i = t.find('.', i + 1)) {
+          const auto digit = [&](std::size_t at) {
+            return at < t.size() && std::isdigit(static_cast<unsigned char>(t[at])) != 0;
+          };
+          if (i == 0 || !digit(i - 1) || !digit(i + 1)) bare_point = true;
+        }
+        if (read && (read->is_integer() || (read->is_floating_point() && spec.type == ParamType::Float))) {
+          // `seed = "5"`: the quotes make it a string.
+          hint = fmt::format(" \"{}\": in quotes a number is a string; write it without them", t);
+        } else if (read && read->is_floating_point()) {
+          hint = fmt::format(" \"{}\": in quotes a number is a string, and without them a float; this key takes a "
+                             "whole number",
+                             t);
+        } else if (bare_point) {
+          // A number C or Python reads and TOML does not.
+          hint = fmt::format(" \"{}\", which TOML reads as no number: it wants a digit on each side of a point "
+                             "(0.5, 5.0)",
+                             t);
+        } else if (!no_number.empty()) {
+          hint = fmt::format(" \"{}\", which TOML reads as no number either ({})", t, no_number);
+        }
       }
     }
     return Error(fmt::format("{}: expected {}, got {}{}", where, to_string(spec.type), type_name(node), hint));

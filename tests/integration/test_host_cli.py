@@ -156,6 +156,21 @@ def test_set_overrides_are_checked_like_the_file(tmp_path, data):
     r = run_host(run, "--set", 'run.seed="5"')
     assert r.returncode == 2 and ('--set run.seed="5": expected int, got string "5": in quotes a number is a '
                                   "string; write it without them") in r.stderr, r.stderr
+    # Quoted text whose trouble is not a point gets TOML's own reason; a quoted float for an int key is
+    # not told to drop the quotes, which would only make it a float.
+    r = run_host(run, "--set", 'run.seed="007"')
+    assert r.returncode == 2 and ('--set run.seed="007": expected int, got string "007", which TOML reads as no '
+                                  "number either (Error while parsing decimal integer: leading zeroes are "
+                                  "prohibited)") in r.stderr, r.stderr
+    r = run_host(run, "--set", 'optimizer.lr="0x1p3"')
+    assert r.returncode == 2 and "which TOML reads as no number either (" in r.stderr, r.stderr
+    assert "digit on each side" not in r.stderr
+    r = run_host(run, "--set", 'run.seed="2.0"')
+    assert r.returncode == 2 and ('--set run.seed="2.0": expected int, got string "2.0": in quotes a number is a '
+                                  "string, and without them a float; this key takes a whole number") in r.stderr, \
+        r.stderr
+    r = run_host(run, "--set", 'optimizer.lr="1.e5"')
+    assert r.returncode == 2 and "it wants a digit on each side of a point" in r.stderr, r.stderr
     r = run_host(run, "--set", "run.seed=AUTO")
     assert r.returncode == 2 and ('--set run.seed=AUTO: expected int, got string "AUTO"; "auto", in lower case, '
                                   "draws a seed") in r.stderr, r.stderr
