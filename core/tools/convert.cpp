@@ -596,8 +596,9 @@ void run_convert(const ConvertOptions& o) {
       if (!problem->empty() && *problem != "missing")
         why += fmt::format("; {} {}", path->filename().string(), *problem);
     std::lock_guard<std::mutex> lock(output);
-    deepcam::eprint("deepcam-data: repaired {}/{}, {}{}\n", job.split, job.data.filename().string(),
-                    job.label.filename().string(), why);
+    const std::string line = fmt::format("repaired {}/{}, {}{}", job.split, job.data.filename().string(),
+                                         job.label.filename().string(), why);
+    deepcam::eprint("deepcam-data: {}\n", deepcam::shown(line, /*one_line=*/true));
   });
 
   std::size_t count[5] = {};

@@ -166,7 +166,7 @@ void remove_stale_temporaries(const fs::path& dir) {
     fs::remove(left.path, rm);
     if (!rm) {
       deepcam::eprint("deepcam-data: removed {}, left by an interrupted earlier run (process {} is gone)\n",
-                      left.path.string(), left.writer);
+                      deepcam::shown(left.path.string(), /*one_line=*/true), left.writer);
     }
   }
 }

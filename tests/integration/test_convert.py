@@ -224,6 +224,22 @@ def test_ranks_split_the_samples(deepcam_data, source, tmp_path):
     assert not (tmp_path / "y").exists()
 
 
+def test_a_repaired_pair_with_control_characters_in_its_name_is_shown_escaped(deepcam_data, source, tmp_path):
+    # The "repaired" line printed the name as it is: an ESC in it drove the terminal.
+    src = tmp_path / "src"
+    shutil.copytree(source, src)
+    odd = src / "train" / "data-2106-01-01-00-\x1b[7m-1.h5"
+    sources(src)[0].rename(odd)
+    dst = tmp_path / "dst"
+    ok(run(deepcam_data, "convert", src, dst))
+    data, _ = targets(src, dst, odd)
+    os.truncate(data, data.stat().st_size // 2)
+    proc = ok(run(deepcam_data, "convert", src, dst))
+    assert "\x1b" not in proc.stdout + proc.stderr, repr(proc.stderr)
+    escaped = data.name.replace("\x1b", "\\x1b")
+    assert f"repaired train/{escaped}, " in proc.stderr, proc.stderr
+
+
 def test_resume_skips_valid_pairs_and_redoes_broken_ones(deepcam_data, source, tmp_path):
     dst = tmp_path / "dst"
     ok(run(deepcam_data, "convert", source, dst))

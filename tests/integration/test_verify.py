@@ -126,14 +126,16 @@ def test_bytes_after_the_data_are_refused_as_training_refuses_them(deepcam_data,
 
 def test_a_file_name_with_control_characters_is_shown_escaped_on_its_one_line(deepcam_data, good_sets, tmp_path):
     # An ESC in a damaged sample's name cleared the terminal (ESC [2J), and a line break split its line.
+    # U+009B, a C1 control, is ESC [ to a terminal: in UTF-8 the bytes c2 9b.
     root = copy_of(good_sets[0], tmp_path)
-    odd = root / "train" / "data-2106-01-01-00-\x1b[2J\nx.h5"
+    odd = root / "train" / "data-2106-01-01-00-\x1b[2J\u009b2J\nx.h5"
     odd.write_bytes(b"not an HDF5 file")
     proc = run(deepcam_data, "verify", root, "--threads", 1)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "\x1b" not in proc.stdout + proc.stderr, repr(proc.stdout + proc.stderr)
+    assert "\x1b" not in proc.stdout + proc.stderr and "\u009b" not in proc.stdout + proc.stderr, \
+        repr(proc.stdout + proc.stderr)
     lines = [line for line in proc.stdout.splitlines() if not line.startswith("verify: ")]
-    escaped = str(odd).replace("\x1b", "\\x1b").replace("\n", "\\x0a")
+    escaped = str(odd).replace("\x1b", "\\x1b").replace("\n", "\\x0a").replace("\u009b", "\\xc2\\x9b")
     assert len(lines) == 1 and lines[0].startswith(escaped + ": "), repr(proc.stdout)
 
 
