@@ -988,8 +988,8 @@ RunConfig load_config(const std::vector<std::string>& files, const std::vector<s
   // submission_platform is empty: refused before a run that would be for nothing.
   for (const char* key : {"org", "platform"}) {
     if (cfg.mlperf.string(key).empty()) {
-      throw Error(fmt::format("{}: empty; the MLPerf checker fails a log whose submission_{} is empty", cfg.mlperf.where(key),
-                              key));
+      throw Error(fmt::format("{}: empty; the MLPerf checker fails a log whose submission_{} is empty",
+                              cfg.mlperf.where(key), key));
     }
   }
 
@@ -1016,7 +1016,8 @@ RunConfig load_config(const std::vector<std::string>& files, const std::vector<s
   auto comment = [](const std::string& where) -> std::string {
     static const std::string kDefault = "(default)";
     if (where.empty()) return "";
-    if (where.size() >= kDefault.size() && where.compare(where.size() - kDefault.size(), kDefault.size(), kDefault) == 0)
+    if (where.size() >= kDefault.size() &&
+        where.compare(where.size() - kDefault.size(), kDefault.size(), kDefault) == 0)
       return "  # default";
     if (where.rfind("--set ", 0) == 0) return "  # " + toml_comment_text(where);
     return "  # " + toml_comment_text(where.substr(0, where.find(" [")));

@@ -396,7 +396,8 @@ std::vector<ChannelScale> refuse_what_training_refuses(const fs::path& src, cons
   for (std::string& problem : stats_problems(src, channels, &scales)) problems.push_back(std::move(problem));
   if (problems.empty()) return scales;
   if (problems.size() == 1) throw Error(problems[0] + "; nothing converted");
-  for (const std::string& problem : problems) deepcam::eprint("deepcam-data: {}\n", deepcam::shown(problem, /*one_line=*/true));
+  for (const std::string& problem : problems)
+    deepcam::eprint("deepcam-data: {}\n", deepcam::shown(problem, /*one_line=*/true));
   throw Error(fmt::format("convert: {}: {} problems (above) that training would refuse; nothing converted",
                           src.string(), problems.size()));
 }
@@ -503,7 +504,8 @@ void run_convert(const ConvertOptions& o) {
   if (rank.size > 1 && !o.progress.quiet)
     deepcam::eprint("deepcam-data: convert: {}: {} of the {} samples\n", who, jobs.size(), all.size());
   // Every rank names what it cannot convert; rank 0 counts it, once.
-  for (const std::string& problem : listing_problems) deepcam::eprint("deepcam-data: {}\n", deepcam::shown(problem, /*one_line=*/true));
+  for (const std::string& problem : listing_problems)
+    deepcam::eprint("deepcam-data: {}\n", deepcam::shown(problem, /*one_line=*/true));
   const std::size_t unlisted = rank.rank == 0 ? listing_problems.size() : 0;
 
   std::vector<Outcome> outcomes(jobs.size(), Outcome::NotAttempted);

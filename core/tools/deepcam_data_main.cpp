@@ -419,7 +419,8 @@ int run(const std::vector<std::string>& args, deepcam::PluginLoader& loader) {
     if (!bad.empty()) throw UsageError{bad};
     return deepcam::data::run_package(o);
   } else {
-    throw UsageError{fmt::format("unknown command '{}' (commands: synth, stats, convert, verify, read, package)", command)};
+    throw UsageError{
+        fmt::format("unknown command '{}' (commands: synth, stats, convert, verify, read, package)", command)};
   }
   return 0;
 }

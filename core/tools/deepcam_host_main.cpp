@@ -27,7 +27,8 @@
 namespace {
 
 const char* kUsage =
-    "usage: deepcam-host [--nproc N] RUN.toml [MORE.toml]... [--set section.key=value]... [--evaluate CHECKPOINT | --benchmark STEPS]\n"
+    "usage: deepcam-host [--nproc N] RUN.toml [MORE.toml]... [--set section.key=value]... [--evaluate CHECKPOINT | "
+    "--benchmark STEPS]\n"
     "       deepcam-host RUN.toml... --predict CHECKPOINT --out DIR [--samples N]\n"
     "                    (each validation sample's predicted classes as DIR/sample-NNNNNN.npy, and a picture of\n"
     "                    predicted and true cyclones and rivers over TMQ as DIR/sample-NNNNNN.png)\n"
@@ -222,8 +223,9 @@ int run_host(int argc, char** argv, bool& result_on_stdout) {
         throw deepcam::Error("--describe needs what to describe: KIND, KIND/NAME, run, data or mlperf");
       }
       if (args.size() > count) {
-        throw deepcam::Error(fmt::format("--describe takes one thing to describe (given also: {})",
-                                         fmt::join(args.begin() + static_cast<std::ptrdiff_t>(count), args.end(), " ")));
+        throw deepcam::Error(
+            fmt::format("--describe takes one thing to describe (given also: {})",
+                        fmt::join(args.begin() + static_cast<std::ptrdiff_t>(count), args.end(), " ")));
       }
       return describe(loader, joined ? args[0].substr(11) : args[1]);
     }

@@ -495,7 +495,8 @@ HostFacts this_host() {
     if (line.rfind("processor", 0) == 0) ++h.vcpus;
     else if (line.rfind("model name", 0) == 0 && h.cpu_model.empty()) h.cpu_model = field(line);
     else if (line.rfind("physical id", 0) == 0) physical_ids.insert(field(line));
-    else if (line.rfind("cpu cores", 0) == 0 && h.cores_per_socket == 0) h.cores_per_socket = std::atoi(field(line).c_str());
+    else if (line.rfind("cpu cores", 0) == 0 && h.cores_per_socket == 0)
+      h.cores_per_socket = std::atoi(field(line).c_str());
   }
   h.sockets = std::max<int>(1, static_cast<int>(physical_ids.size()));
   if (h.cores_per_socket == 0) h.cores_per_socket = std::max(1, h.vcpus / h.sockets);
@@ -851,7 +852,8 @@ static int write_package(const PackageOptions& o) {
   } cleanup{temp};
 
   const fs::path results = fs::path("results") / o.system / "strong" / kBenchmark;
-  const fs::path run_files = fs::path("benchmarks") / kBenchmark / "implementations" / "deepcam-host" / "run_files" / o.system;
+  const fs::path run_files =
+      fs::path("benchmarks") / kBenchmark / "implementations" / "deepcam-host" / "run_files" / o.system;
   std::vector<double> scores;
   int dropped = 0;
   Value per_run;
@@ -956,11 +958,10 @@ static int write_package(const PackageOptions& o) {
   int status = 0;
   if (!score) {
     // Too many runs that did not converge, or too few that did.
-    const std::string rule =
-        dropped > kMaxDropped
-            ? fmt::format("the olympic mean allows at most {} such run", kMaxDropped)
-            : fmt::format("the olympic mean needs at least {} converged runs beside {} such", 2 * kMaxDropped - dropped + 1,
-                          dropped);
+    const std::string rule = dropped > kMaxDropped
+                                 ? fmt::format("the olympic mean allows at most {} such run", kMaxDropped)
+                                 : fmt::format("the olympic mean needs at least {} converged runs beside {} such",
+                                               2 * kMaxDropped - dropped + 1, dropped);
     deepcam::eprint(
         "package: no score: {} of {} runs did not converge (the benchmark's target IoU {} not "
         "reached, or a closed-division run short of the full data set); {}\n",

@@ -116,7 +116,8 @@ void read_epoch(Reader& reader, Split split, std::int64_t epoch, std::int64_t ba
 Pass read_epochs(Reader& reader, Split split, std::int64_t train_batch_size, std::int64_t first_epoch, int epochs,
                  double consume_ms, bool with_validation) {
   Pass pass;
-  const auto consume = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double, std::milli>(consume_ms));
+  const auto consume =
+      std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double, std::milli>(consume_ms));
   const Clock::time_point start = Clock::now();
   for (int e = 0; e < epochs; ++e) {
     read_epoch(reader, split, first_epoch + e, batches_read(reader, split, train_batch_size), consume, pass);

@@ -254,7 +254,8 @@ ChannelStats compute_stats(const std::vector<fs::path>& files, Progress* progres
       }
     }
     for (std::size_t c = 0; c < channels; ++c) {
-      if (!std::isfinite(fsum[c]) || !std::isfinite(fsq[c])) report_non_finite(path.string(), file ? &*file : nullptr, data, shape);
+      if (!std::isfinite(fsum[c]) || !std::isfinite(fsq[c]))
+        report_non_finite(path.string(), file ? &*file : nullptr, data, shape);
       sum[c] += fsum[c];
       sqsum[c] += fsq[c];
       out.minval[c] = std::min(out.minval[c], fmin[c]);

@@ -144,7 +144,8 @@ std::vector<std::string> stats_problems(const fs::path& root, std::int64_t chann
     const h5::File file = h5::File::open(path.string());
     std::vector<double> range[2];  // minval, maxval, when their shapes are right
     std::size_t float_bytes[2] = {};  // their stored types, as the readers see them (0: integers)
-    if (!file.has("climate/count")) problems.push_back(fmt::format("{}: dataset climate/count is missing", path.string()));
+    if (!file.has("climate/count"))
+      problems.push_back(fmt::format("{}: dataset climate/count is missing", path.string()));
     for (const char* name : {"climate/mean", "climate/sqmean", "climate/minval", "climate/maxval"}) {
       if (!file.has(name)) {
         problems.push_back(fmt::format("{}: dataset {} is missing", path.string(), name));

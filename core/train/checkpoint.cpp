@@ -485,7 +485,8 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
   }
   if (optimizer_state && !options.optimizer_plugin.empty()) {
     if (const auto written_by = f.find("optimizer_name")) {
-      if (!written_by->isString()) f.fail(fmt::format("'optimizer_name' is a {}, expected a string", written_by->tagKind()));
+      if (!written_by->isString())
+        f.fail(fmt::format("'optimizer_name' is a {}, expected a string", written_by->tagKind()));
       const std::string& theirs = written_by->toStringRef();
       if (theirs != options.optimizer_plugin) {
         f.fail(fmt::format("'optimizer' is the state of the optimizer plugin \"{0}\", and this run's [optimizer] name "
@@ -540,7 +541,8 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
     for (const auto& p : model.named_parameters()) params[p.key()] = p.value();
     for (const auto& [name, g] : f.tensors(*grads, "accumulated_gradients")) {
       const auto it = params.find(name);
-      if (it == params.end()) f.fail(fmt::format("'accumulated_gradients' entry '{}' is no parameter of the model", name));
+      if (it == params.end())
+        f.fail(fmt::format("'accumulated_gradients' entry '{}' is no parameter of the model", name));
       if (const std::string differs = difference(g, it->second, "the parameter"); !differs.empty()) {
         f.fail(fmt::format("'accumulated_gradients' entry '{}' {}", name, differs));
       }

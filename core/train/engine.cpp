@@ -1119,7 +1119,8 @@ class Engine {
     // The model interface: one logit per class and pixel (checked on the
     // sizes alone, which costs no wait on the device).
     if (!logits.defined() || logits.dim() != 4 || logits.size(0) != input.size(0) || logits.size(1) != kClasses ||
-        logits.size(2) != input.size(2) || logits.size(3) != input.size(3) || !at::isFloatingType(logits.scalar_type())) {
+        logits.size(2) != input.size(2) || logits.size(3) != input.size(3) ||
+        !at::isFloatingType(logits.scalar_type())) {
       throw std::logic_error(fmt::format(
           "{}: the model plugin '{}' returned logits {} for an input of shape [{}]; the model interface wants "
           "floating-point logits (B, {}, H, W) of the input's B, H and W (a bug in the plugin)",
@@ -1866,11 +1867,12 @@ class Engine {
   void restore_accumulation(const std::string& path, const CheckpointInfo& info, std::int64_t k, bool weights_only) {
     const std::string key = cfg_.run.setting("gradient_accumulation_frequency");
     if (info.partial_accumulation_ranks > 0 && !weights_only) {
-      throw Error(fmt::format("{}: saved at step {} in the middle of a gradient accumulation by a run of {} ranks, whose "
-                              "partial gradients are not in it; resuming would not continue that run exactly. Resume "
-                              "from a checkpoint saved at a step the accumulation divides, or set [run] "
-                              "resume_weights_only = true to start from its weights with a fresh optimizer",
-                              path, info.step, info.partial_accumulation_ranks));
+      throw Error(
+          fmt::format("{}: saved at step {} in the middle of a gradient accumulation by a run of {} ranks, whose "
+                      "partial gradients are not in it; resuming would not continue that run exactly. Resume "
+                      "from a checkpoint saved at a step the accumulation divides, or set [run] "
+                      "resume_weights_only = true to start from its weights with a fresh optimizer",
+                      path, info.step, info.partial_accumulation_ranks));
     }
     if (info.accumulated_gradients.empty()) {
       if (info.step % k != 0 && !weights_only && comm_.rank() == 0) {
@@ -2264,7 +2266,8 @@ void remove_stale_temporaries(const fs::path& dir, const std::function<bool(cons
     const fs::path& p = left.path;
     std::error_code rm;
     fs::remove(p, rm);
-    if (rm) throw Error(fmt::format("{}: left by a run that is gone, and cannot be removed: {}", p.string(), rm.message()));
+    if (rm)
+      throw Error(fmt::format("{}: left by a run that is gone, and cannot be removed: {}", p.string(), rm.message()));
     std::fprintf(stderr, "deepcam-host: removed %s, left by an earlier run that was stopped while writing it\n",
                  p.string().c_str());
   }

@@ -330,9 +330,9 @@ def test_a_full_disk_is_named_and_leaves_no_package(runs, tmp_path):
     r = package(runs["open"], tmp_path / "pkg", preexec_fn=limit_file_size)
     assert r.returncode == 1, (r.returncode, r.stderr)
     # Named as the package would hold it, not in the hidden folder it was written in, with the cause.
-    assert re.fullmatch(re.escape(f"deepcam-data: {tmp_path / 'pkg'}/results/cpu2-quickstart/strong/deepcam/result_0.txt: "
-                                  "cannot write: File too large (the file would exceed the file-size limit, ulimit -f, ")
-                        + r".*\n", r.stderr), r.stderr
+    target = tmp_path / "pkg" / "results" / "cpu2-quickstart" / "strong" / "deepcam" / "result_0.txt"
+    assert re.fullmatch(re.escape(f"deepcam-data: {target}: cannot write: File too large (the file would exceed "
+                                  "the file-size limit, ulimit -f, ") + r".*\n", r.stderr), r.stderr
     assert list(tmp_path.iterdir()) == []
 
 

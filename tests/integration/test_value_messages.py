@@ -68,7 +68,8 @@ def test_a_number_too_small_for_a_double_is_said_to_read_as_zero(tmp_path, data)
     r = run_host(run)
     assert r.returncode == 2, r.stderr
     assert (f"run.toml:{line_of(run, 'optimizer', 'lr')} [optimizer] lr: 0.0 is out of range "
-            "(0.0, 3.4028234663852886e+38] (1e-400 is nearer zero than any double and reads as 0.0)") in r.stderr, r.stderr
+            "(0.0, 3.4028234663852886e+38] (1e-400 is nearer zero than any double and reads as 0.0)") in r.stderr, \
+        r.stderr
     _, msg = refusal(tmp_path, data, "--set", "optimizer.lr=-2.5e-999")
     assert msg.endswith("--set optimizer.lr=-2.5e-999: -0.0 is out of range (0.0, 3.4028234663852886e+38] "
                         "(-2.5e-999 is nearer zero than any double and reads as -0.0)"), msg

@@ -132,7 +132,8 @@ TEST_CASE("an MPI launcher's world beside another is refused, Slurm's batch vari
 }
 
 TEST_CASE("stale or malformed variables are errors naming them") {
-  const std::string stale = error_of({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "2"}});
+  const std::string stale =
+      error_of({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "2"}});
   CHECK(stale.find("RANK=0") != std::string::npos);
   CHECK(stale.find("SLURM_PROCID=1") != std::string::npos);
   const std::string half = error_of({{"RANK", "1"}});
@@ -143,7 +144,8 @@ TEST_CASE("stale or malformed variables are errors naming them") {
   CHECK(beyond.find("WORLD_SIZE=2") != std::string::npos);
   CHECK(error_of({{"OMPI_COMM_WORLD_RANK", "x"}, {"OMPI_COMM_WORLD_SIZE", "2"}}).find("OMPI_COMM_WORLD_RANK=\"x\"") !=
         std::string::npos);
-  const std::string local = error_of({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"LOCAL_RANK", "2"}, {"LOCAL_WORLD_SIZE", "2"}});
+  const std::string local =
+      error_of({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"LOCAL_RANK", "2"}, {"LOCAL_WORLD_SIZE", "2"}});
   CHECK(local.find("LOCAL_RANK=2") != std::string::npos);
   CHECK(error_of({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}, {"SLURM_LOCALID", "0"},
                   {"SLURM_TASKS_PER_NODE", "2"}, {"SLURM_NODEID", "3"}})
@@ -181,7 +183,8 @@ TEST_CASE("SLURM_TASKS_PER_NODE is read item by item, whole") {
   for (const char* bad : {"2abc", "2(x3", "2(x3)z", "(x3)", "2(x0)", "0", "-2", "+2", " 2", "2,", ",2", "", "2(3)",
                           "2(x)", "99999999999"}) {
     const std::string error = error_of(on_node(bad, "0"));
-    CHECK_MESSAGE(error.find(std::string("SLURM_TASKS_PER_NODE=\"") + bad + "\"") != std::string::npos, std::string(bad));
+    CHECK_MESSAGE(error.find(std::string("SLURM_TASKS_PER_NODE=\"") + bad + "\"") != std::string::npos,
+                  std::string(bad));
     CHECK_MESSAGE(error.find("cannot read") != std::string::npos, error);
   }
 }

@@ -122,8 +122,9 @@ class FakeSource final : public deepcam::Reader {
   void start_epoch(Split s, std::int64_t epoch) override {
     split_ = s;
     pos_ = 0;
-    order_ = s == Split::Train ? deepcam::training_indices(sample_count(s), ctx_.rank, ctx_.world_size, ctx_.seed, epoch)
-                               : deepcam::validation_indices(sample_count(s), ctx_.rank, ctx_.world_size);
+    order_ = s == Split::Train
+                 ? deepcam::training_indices(sample_count(s), ctx_.rank, ctx_.world_size, ctx_.seed, epoch)
+                 : deepcam::validation_indices(sample_count(s), ctx_.rank, ctx_.world_size);
   }
   bool next(Batch& b) override {
     const std::int64_t bs = split_ == Split::Train ? ctx_.train_batch_size : ctx_.validation_batch_size;
@@ -1198,7 +1199,8 @@ TEST_CASE("node mode, two ranks on a node: the node's shard is staged once, both
     fakes[r]->read_paths_.clear();
     PrefetchReader& reader = *readers[r];
     if (!same(drain(reader, Split::Train, 0), want[r]["train 0"])) throw std::runtime_error("train epoch 0 differs");
-    if (!same(drain(reader, Split::Validation, 0), want[r]["validation"])) throw std::runtime_error("validation differs");
+    if (!same(drain(reader, Split::Validation, 0), want[r]["validation"]))
+      throw std::runtime_error("validation differs");
     if (!same(drain(reader, Split::Train, 1), want[r]["train 1"])) throw std::runtime_error("train epoch 1 differs");
   });
   for (int r = 0; r < 2; ++r) {
