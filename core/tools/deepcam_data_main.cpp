@@ -444,6 +444,12 @@ int run_data(int argc, char** argv) {
   // makes write() fail with EFBIG, which the writers report, removing their
   // temporaries, instead of the signal ending the process with half a file.
   std::signal(SIGXFSZ, SIG_IGN);
+  // As in deepcam-host: a reader of stdout or stderr that quits (`| head`, a
+  // `| tee` that Ctrl-C ended) would end the work by SIGPIPE at its next
+  // line, in the middle of a file (convert, synth), with its staged copies
+  // left (read), or with status 141 for verify's verdict. Ignored: the
+  // write fails, the work goes on and ends with its own status.
+  std::signal(SIGPIPE, SIG_IGN);
   // As in deepcam-host: SIGINT and SIGTERM are taken on a thread of their
   // own (deepcam/stop_request.hpp says why).
   try {
