@@ -205,6 +205,51 @@ bool is_below(const fs::path& inner, const fs::path& outer) {
 
 }  // namespace
 
+namespace {
+
+// Whether two files hold the same bytes (false when either cannot be read).
+bool same_bytes(const fs::path& a, const fs::path& b) {
+  std::ifstream x(a, std::ios::binary), y(b, std::ios::binary);
+  if (!x || !y) return false;
+  std::vector<char> p(1 << 16), q(1 << 16);
+  while (x && y) {
+    x.read(p.data(), static_cast<std::streamsize>(p.size()));
+    y.read(q.data(), static_cast<std::streamsize>(q.size()));
+    if (x.gcount() != y.gcount() || std::memcmp(p.data(), q.data(), static_cast<std::size_t>(x.gcount())) != 0) {
+      return false;
+    }
+  }
+  return !x && !y && x.eof() && y.eof();
+}
+
+// An output that is not the source and holds another data set: HDF5
+// samples of its own (the pairs would be written beside them, under their
+// names), or a stats.h5 other than the source's (it would be replaced, and
+// its set normalised with the source's statistics). Refused before
+// anything is written.
+void refuse_another_set_in(const ConvertOptions& o, const std::vector<std::string>& splits) {
+  if (resolved(o.src) == resolved(o.dst)) return;  // in place: the pairs go beside the source's own files
+  std::error_code ec;
+  for (const std::string& split : splits) {
+    for (fs::directory_iterator it(o.dst / split, ec), end; !ec && it != end; it.increment(ec)) {
+      if (it->path().extension() != ".h5" || it->path().filename().string()[0] == '.') continue;
+      throw Error(fmt::format("{}: an HDF5 sample in the output, which is not the source: {} holds a data set of "
+                              "its own; convert into an empty folder, or give the source as the output to write "
+                              "the pairs beside its HDF5 files",
+                              it->path().string(), o.dst.string()));
+    }
+  }
+  const fs::path stats = o.dst / "stats.h5";
+  if (!fs::exists(fs::symlink_status(stats, ec))) return;
+  if (!same_bytes(stats, o.src / "stats.h5")) {
+    throw Error(fmt::format("{}: differs from {}: the output holds another data set's statistics, which convert "
+                            "would replace; convert into an empty folder, or remove it if it is this set's",
+                            stats.string(), (o.src / "stats.h5").string()));
+  }
+}
+
+}  // namespace
+
 // ---------------------------------------------------------------------------
 
 std::string convert_paths_problem(const fs::path& src, const fs::path& dst) {
@@ -461,13 +506,28 @@ void run_convert(const ConvertOptions& o) {
     listing_problems.insert(listing_problems.end(), problems.begin(), problems.end());
   }
   if (ec) throw Error(fmt::format("{}: cannot list the directory: {}", o.src.string(), ec.message()));
-  if (splits.empty())
+  if (splits.empty()) {
+    // A numpy set given as the source: its folders are there, with samples
+    // convert does not read.
+    bool numpy = false;
+    for (const char* split : {"train", "validation"}) {
+      std::vector<std::string> ignored;
+      if (!list_npy_split((o.src / split).string(), &ignored).data.empty()) numpy = true;
+    }
+    if (numpy) {
+      throw Error(fmt::format("{}: holds numpy samples (data-*.npy) and no HDF5 ones: it is a numpy set already; "
+                              "convert reads a set of *.h5 files",
+                              o.src.string()));
+    }
     throw Error(fmt::format("{}: no folder in it holds samples (*.h5); expected train/ and validation/",
                             o.src.string()));
+  }
   std::sort(splits.begin(), splits.end());
   std::sort(listing_problems.begin(), listing_problems.end());
   const std::vector<ChannelScale> scales = refuse_what_training_refuses(o.src, splits, sources);
   const SetShape common = set_shape(sources);
+
+  refuse_another_set_in(o, splits);
 
   std::vector<Job> all;
   for (const std::string& split : splits) {

@@ -224,6 +224,34 @@ def test_ranks_split_the_samples(deepcam_data, source, tmp_path):
     assert not (tmp_path / "y").exists()
 
 
+def test_an_output_holding_another_data_set_is_refused_before_anything_is_written(deepcam_data, source, tmp_path):
+    """A swapped or mistyped DST: the pairs were written beside another set's HDF5 files under their names, and
+    that set's stats.h5 replaced by the source's, gone for good; verify then found no problem."""
+    other = tmp_path / "other"
+    ok(run(deepcam_data, "synth", "--out", other, "--train", 2, "--validation", 1, "--height", 16, "--width", 24,
+           "--seed", 5))
+    before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    proc = run(deepcam_data, "convert", source, other)
+    one_line_error(proc, f"{other}/train/", ".h5: an HDF5 sample in the output, which is not the source",
+                   f"{other} holds a data set of its own")
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
+
+    # A numpy set of another source: its stats.h5 would be replaced.
+    npy = tmp_path / "other-npy"
+    ok(run(deepcam_data, "convert", other, npy))
+    before = {p: p.read_bytes() for p in npy.rglob("*") if p.is_file()}
+    proc = run(deepcam_data, "convert", source, npy)
+    one_line_error(proc, f"{npy}/stats.h5: differs from {source}/stats.h5: the output holds another data set's "
+                         "statistics")
+    assert {p: p.read_bytes() for p in npy.rglob("*") if p.is_file()} == before
+    # Its own output, and the source itself, go on as before.
+    ok(run(deepcam_data, "convert", other, npy))
+    # A numpy set given as the source is named so.
+    proc = run(deepcam_data, "convert", npy, tmp_path / "again")
+    one_line_error(proc, f"{npy}: holds numpy samples (data-*.npy) and no HDF5 ones: it is a numpy set already")
+    assert not (tmp_path / "again").exists()
+
+
 def test_a_repaired_pair_with_control_characters_in_its_name_is_shown_escaped(deepcam_data, source, tmp_path):
     # The "repaired" line printed the name as it is: an ESC in it drove the terminal.
     src = tmp_path / "src"
