@@ -2308,9 +2308,10 @@ bool check_outputs(const RunConfig& cfg, const fs::path& out_dir, const fs::path
   for (const Output& output : outputs) {
     const fs::file_status status = fs::status(output.path, ec);
     if (fs::exists(status) && !fs::is_regular_file(status)) {
-      throw Error(fmt::format("{}: {} is not a regular file (a device, pipe or socket), and the run would replace it "
-                              "with its {}; {}",
-                              output.key, output.path.string(), output.what, output.instead));
+      throw Error(fmt::format("{}: {} is {}, and the run would replace it with its {}; {}", output.key,
+                              output.path.string(),
+                              fs::is_directory(status) ? "a folder" : "not a regular file (a device, pipe or socket)",
+                              output.what, output.instead));
     }
   }
   // An evaluation writes only its own record, which names the checkpoint it

@@ -182,6 +182,16 @@ def test_a_config_toml_that_is_a_pipe_is_refused_and_left_as_it_is(tmp_path, dat
     assert stat.S_ISFIFO(os.stat(out / "config.toml").st_mode)
 
 
+def test_a_config_toml_that_is_a_folder_is_called_a_folder(tmp_path, data):
+    out = tmp_path / "out"
+    (out / "config.toml").mkdir(parents=True)
+    r = run_host(write_run(tmp_path / "run.toml", data, out, run=RUN))
+    refused_before_training(r, out)
+    assert f"[run] output_dir: {out / 'config.toml'} is a folder, and the run would replace it with its resolved " \
+           "configuration; choose another output_dir" in r.stderr, r.stderr
+    assert (out / "config.toml").is_dir()
+
+
 def test_an_output_dir_that_cannot_be_made_leaves_no_folder_above_it_that_the_run_made(tmp_path, data):
     """A name too long for the file system: create_directories made a/b, then failed on the last folder;
     a/b stayed behind."""
