@@ -81,8 +81,8 @@ class BufferPool {
   std::vector<at::Tensor> buffers_;
 };
 
-// Every message must name a file of the sample; the format layers' do,
-// anything else (an allocation failure, say) gets the data file put in front.
+// Every message must name a file of the sample; the format layers' do, one
+// that names none gets the data file put in front.
 // A LibTorch error (a format's ATen op) without its C++ backtrace.
 std::string naming(const std::vector<std::string>& files, const std::exception& e) {
   const auto* torch_error = dynamic_cast<const c10::Error*>(&e);
@@ -391,9 +391,13 @@ bool FileReader::next(Batch& batch) {
       const OutputMode mode(layout);
       s.file_format->load(*this, files, data_out + item * c * h * w, labels_out + item * h * w,
                           *s.scratch[worker]);
-    } catch (const std::exception& e) {
-      // Whatever a worker meets reaches the caller as the one error type,
-      // with a file named.
+    } catch (const Error& e) {
+      // A problem of the sample's files reaches the caller with a file
+      // named; any other exception (a std::runtime_error, bad_alloc) passes
+      // on as it is: a fault of the format's code, which the engine names
+      // as the plugin's, or memory running out.
+      throw Error(naming(files, e));
+    } catch (const c10::Error& e) {
       throw Error(naming(files, e));
     }
   });
@@ -463,7 +467,9 @@ void FileReader::read_one(const std::vector<std::string>& files, float* data,
   try {
     if (!scratch) scratch = s.file_format->make_scratch();
     s.file_format->load(*this, files, data, labels, *scratch);
-  } catch (const std::exception& e) {
+  } catch (const Error& e) {
+    throw Error(naming(files, e));  // as in next()
+  } catch (const c10::Error& e) {
     throw Error(naming(files, e));
   }
   std::lock_guard<std::mutex> lock(s.spare_mutex);

@@ -24,6 +24,7 @@
 #include <fstream>
 #include <limits>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -219,10 +220,14 @@ TEST_CASE("a file reader starts its worker threads at its first batch: read by s
 
 namespace {
 
-// The npy layout with a load() whose ATen op fails, as a format of a
-// plugin's own might.
+// The npy layout with a load() that fails as `fault` says, as a format of a
+// plugin's own might: an ATen op, a deepcam::Error naming no file (a
+// problem of the data), or a std::runtime_error (a fault of its code).
+enum class Fault { AtenOp, DataError, CodeFault };
+
 class FailingOpFormat final : public FileFormat {
  public:
+  explicit FailingOpFormat(Fault fault = Fault::AtenOp) : fault_(fault) {}
   std::vector<std::vector<std::string>> list_split(const std::string& dir, const char*) const override {
     NpySplit listed = list_npy_split(dir);
     return {std::move(listed.data), std::move(listed.labels)};
@@ -236,8 +241,13 @@ class FailingOpFormat final : public FileFormat {
   }
   std::unique_ptr<Scratch> make_scratch() const override { return std::make_unique<Scratch>(); }
   void load(const FileReader&, const std::vector<std::string>&, float*, std::int64_t*, Scratch&) const override {
+    if (fault_ == Fault::DataError) throw Error("deliberate data problem");
+    if (fault_ == Fault::CodeFault) throw std::runtime_error("deliberate fault of the format's code");
     (void)at::ones({2}).view({3});
   }
+
+ private:
+  Fault fault_;
 };
 
 }  // namespace
@@ -267,6 +277,53 @@ TEST_CASE("a format's failing ATen op is reported with the sample's file, withou
     CHECK(message.find("shape '[3]' is invalid for input of size 2") != std::string::npos);
     CHECK(message.find("Exception raised from") == std::string::npos);
     CHECK(message.find("frame #") == std::string::npos);
+  }
+}
+
+TEST_CASE("a format's deepcam::Error gets the sample's file; any other exception passes on as it is") {
+  // A std::runtime_error of a plugin's format was made a deepcam::Error about
+  // the data file: a bug in the plugin reported as bad data (status 2),
+  // naming no plugin.
+  ReaderContext context{data_root(), {0, 7, 15}, 2, 2, 0, 1, 1, nullptr};
+  for (const Fault fault : {Fault::DataError, Fault::CodeFault}) {
+    FileReader reader(context, {"test reader", 2, "a test sample is two .npy files", "", true, 1, false},
+                      std::make_unique<FailingOpFormat>(fault));
+    const std::vector<std::string> files = reader.sample_files(Split::Train, 0);
+    std::vector<float> data(3 * kHeight * kWidth);
+    std::vector<std::int64_t> labels(kHeight * kWidth);
+    for (const bool batch : {false, true}) {
+      INFO(batch);
+      const auto read = [&] {
+        if (batch) {
+          reader.start_epoch(Split::Train, 0);
+          Batch b;
+          reader.next(b);
+        } else {
+          reader.read_sample(files, data.data(), labels.data());
+        }
+      };
+      if (fault == Fault::DataError) {
+        // The sample's file in front (in an epoch, the first of its order).
+        std::string message;
+        try {
+          read();
+        } catch (const Error& e) {
+          message = e.what();
+        }
+        CHECK(message.rfind(data_root() + "/train/data-", 0) == 0);
+        CHECK(message.find(".npy: deliberate data problem") != std::string::npos);
+        if (!batch) CHECK(message == files[0] + ": deliberate data problem");
+      } else {
+        try {
+          read();
+          FAIL("no exception");
+        } catch (const Error& e) {
+          FAIL("made a deepcam::Error: " << e.what());
+        } catch (const std::runtime_error& e) {
+          CHECK(std::string(e.what()) == "deliberate fault of the format's code");
+        }
+      }
+    }
   }
 }
 
