@@ -1126,7 +1126,31 @@ class Engine {
           "floating-point logits (B, {}, H, W) of the input's B, H and W (a bug in the plugin)",
           cfg_.model.plugin->path, cfg_.model.name, tensor_text(logits), fmt::join(input.sizes(), ", "), kClasses));
     }
+    // In training, logits cut off from the parameters (.detach(), a no-grad
+    // guard of the model's own) ended the run at backward as LibTorch's
+    // "element 0 of tensors does not require grad", naming no plugin.
+    if (at::GradMode::is_enabled() && !logits.requires_grad()) {
+      throw std::logic_error(fmt::format("{}: the model plugin '{}' returned logits that do not require grad in "
+                                         "training (detached from its parameters: a .detach(), a no-grad guard); "
+                                         "backward needs them (a bug in the plugin)",
+                                         cfg_.model.plugin->path, cfg_.model.name));
+    }
     return logits.to(at::kFloat);
+  }
+
+  // The optimizer interface's gradient norm: undefined, or a 0-d
+  // floating-point tensor on the run's device (checked on its metadata,
+  // which costs no wait on the device). Anything else ended the run as
+  // LibTorch's broadcast error, naming no plugin.
+  void check_gradient_norm(const at::Tensor& norm) const {
+    if (!norm.defined() || (norm.dim() == 0 && at::isFloatingType(norm.scalar_type()) && norm.device() == device_)) {
+      return;
+    }
+    throw std::logic_error(fmt::format("{}: the optimizer plugin '{}' returned the gradient norm {} on {}; the "
+                                       "optimizer interface wants an undefined tensor or a 0-d floating-point one "
+                                       "on the run's device ({}) (a bug in the plugin)",
+                                       cfg_.optimizer.plugin->path, cfg_.optimizer.name, tensor_text(norm),
+                                       norm.device().str(), device_.str()));
   }
 
   // What a batch the reader handed out must be (the reader interface, on
@@ -1468,6 +1492,7 @@ class Engine {
       if (!scaler_ || found_inf.item<float>() == 0.0f) {
         in_plugin(cfg_.optimizer, [&] { c_.optimizer->step(); });
         const at::Tensor norm = in_plugin(cfg_.optimizer, [&] { return c_.optimizer->gradient_norm(); });
+        check_gradient_norm(norm);
         if (norm.defined() && optimizer_reports_norm_) divergence_.gradient_norm(norm);
         optimizer_reports_norm_ = optimizer_reports_norm_ || norm.defined();
       }

@@ -99,6 +99,12 @@ def test_an_optimizer_s_calls_that_throw_name_its_file(tmp_path, data):
     for call in ("set_lr", "zero_grad"):
         r, _ = run(call, call)
         assert r.returncode == 3 and failed + f"{call}() failed (a bug in the plugin)" in r.stderr, r.stderr[-3000:]
+    # A gradient norm that is no 0-d tensor: "output with shape [] doesn't match the broadcast shape [3]".
+    r, _ = run("norm", "norm")
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert (f"deepcam-host: internal error: {STATEFUL}: the optimizer plugin 'stateful' returned the gradient norm "
+            "[3] float32 on cpu; the optimizer interface wants an undefined tensor or a 0-d floating-point one on "
+            "the run's device (cpu) (a bug in the plugin)") in r.stderr, r.stderr[-3000:]
 
 
 def test_a_reader_s_sample_counts_are_checked_before_the_log_takes_them(tmp_path, data):
@@ -204,6 +210,20 @@ def test_a_model_whose_logits_break_the_interface_is_named(tmp_path, data, fault
     assert (f"internal error: {MODEL}: the model plugin 'contractmodel' returned logits {logits} for an input of "
             "shape [2, 16, 16, 16]") in r.stderr, r.stderr[-3000:]
     assert "frame #" not in r.stderr
+
+
+def test_a_model_whose_logits_are_detached_is_named(tmp_path, data):
+    """Backward refused them as LibTorch's "element 0 of tensors does not require grad", naming no plugin."""
+    cfg = write_run(tmp_path / "run.toml", data, tmp_path / "out",
+                    run={"max_epochs": 1, "target_iou": 1.0, "train_batch_size": 2},
+                    reader={"name": "contract", "library": str(CONTRACT), "fault": "none", "threads": None},
+                    model={"name": "contractmodel", "library": str(MODEL), "fault": "detached", "width": None,
+                           "middle_blocks": None})
+    r = run_host(cfg, "--quiet")
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert (f"internal error: {MODEL}: the model plugin 'contractmodel' returned logits that do not require grad "
+            "in training") in r.stderr, r.stderr[-3000:]
+    assert "element 0 of tensors" not in r.stderr
 
 
 def test_a_model_that_keeps_the_interface_trains(tmp_path, data):
