@@ -15,6 +15,7 @@
 #include <new>
 #include <mutex>
 #include <sstream>
+#include <stdexcept>
 #include <utility>
 
 #include "deepcam/data_set.hpp"
@@ -162,7 +163,26 @@ struct FileReader::Impl {
     // The rule deepcam-data verify applies too (deepcam/data_set.hpp).
     if (const std::string problem = split_folder_problem(context.data_root, split); !problem.empty())
       throw Error(problem);
-    return file_format->list_split((fs::path(context.data_root) / split).string(), split);
+    std::vector<std::vector<std::string>> columns =
+        file_format->list_split((fs::path(context.data_root) / split).string(), split);
+    // The FileFormat contract: a column per file of a sample, each as long as
+    // the first. Otherwise training read the first column alone, and a
+    // reader behind prefetch refused every sample with a message that
+    // contradicted itself.
+    if (columns.size() != format.files_per_sample) {
+      throw std::logic_error(fmt::format("{}: its format's list_split() gave {} column(s) for the {} split, but its "
+                                         "Format says {} file(s) per sample (a bug in the plugin)",
+                                         format.name, columns.size(), split, format.files_per_sample));
+    }
+    for (std::size_t k = 1; k < columns.size(); ++k) {
+      if (columns[k].size() != columns[0].size()) {
+        throw std::logic_error(fmt::format("{}: its format's list_split() gave the {} split a column {} of {} "
+                                           "file(s) and a column 0 of {}; each must be as long as the first (a "
+                                           "bug in the plugin)",
+                                           format.name, split, k, columns[k].size(), columns[0].size()));
+      }
+    }
+    return columns;
   }
   void read_stats();
 
@@ -266,7 +286,16 @@ FileReader::FileReader(const ReaderContext& context, Format format,
   s.format = std::move(format);
   s.file_format = std::move(file_format);
   const std::string& name = s.format.name;
-  if (s.format.threads < 1) throw Error(name + ": threads must be at least 1");
+  // The Format is the plugin's: a [reader] threads key of its schema is
+  // bounded there, so a count out of range here is its code's.
+  if (s.format.threads < 1) {
+    throw std::logic_error(fmt::format("{}: its Format says {} worker threads; at least 1 (a bug in the plugin)", name,
+                                       s.format.threads));
+  }
+  if (s.format.files_per_sample < 1) {
+    throw std::logic_error(name + ": its Format says 0 files per sample; a sample is one file or more (a bug in the "
+                                  "plugin)");
+  }
   if (context.world_size < 1 || context.rank < 0 || context.rank >= context.world_size)
     throw Error(name + ": rank " + std::to_string(context.rank) + " outside world size " +
                 std::to_string(context.world_size));

@@ -327,6 +327,29 @@ TEST_CASE("a format's deepcam::Error gets the sample's file; any other exception
   }
 }
 
+TEST_CASE("a Format that contradicts its format's listing is refused as a bug in the plugin") {
+  // files_per_sample 1 for the npy layout's two columns trained on (the
+  // first column alone), and behind prefetch every sample was refused with
+  // "read_sample() got 2 files; a test sample is two .npy files".
+  ReaderContext context{data_root(), {0, 7, 15}, 2, 2, 0, 1, 1, nullptr};
+  const auto build = [&](std::size_t files_per_sample, int threads) {
+    FileReader reader(context, {"test reader", files_per_sample, "a test sample is two .npy files", "", true, threads,
+                                false},
+                      std::make_unique<FailingOpFormat>());
+  };
+  CHECK_THROWS_WITH_AS(build(1, 1),
+                       "test reader: its format's list_split() gave 2 column(s) for the train split, but its Format "
+                       "says 1 file(s) per sample (a bug in the plugin)",
+                       std::logic_error);
+  CHECK_THROWS_WITH_AS(build(0, 1),
+                       "test reader: its Format says 0 files per sample; a sample is one file or more (a bug in the "
+                       "plugin)",
+                       std::logic_error);
+  CHECK_THROWS_WITH_AS(build(2, 0), "test reader: its Format says 0 worker threads; at least 1 (a bug in the plugin)",
+                       std::logic_error);
+  CHECK_NOTHROW(build(2, 1));
+}
+
 TEST_CASE("the selected read refuses NaN and overflow with read_sample()'s message") {
   // A copy of the data set whose first training sample (npy) holds `value`
   // at (1, 2, 7), channel 7 being the second selected.
