@@ -52,6 +52,19 @@ std::vector<std::string> split_path(const char* value) {
   return dirs;
 }
 
+// Why a DEEPCAM_PLUGIN_PATH entry that exists is no folder to search ("" if
+// it is one, or is not there: a path may name folders of other machines):
+// the library file itself given there was passed over, and a plugin of
+// that name taken from the install directory in silence.
+std::string plugin_path_entry_problem(const std::string& dir) {
+  std::error_code ec;
+  const fs::file_status status = fs::status(dir, ec);
+  if (!fs::exists(status) || fs::is_directory(status)) return "";
+  return fmt::format("DEEPCAM_PLUGIN_PATH entry {}: not a folder ({}); the variable lists folders that hold plugin "
+                     "libraries: give the folder, or name the file with the table's `library` key",
+                     dir, fs::is_regular_file(status) ? "a file" : "not a regular file either");
+}
+
 std::string describe_build(const char* torch, int abi, const char* cuda) {
   return fmt::format("LibTorch {}, _GLIBCXX_USE_CXX11_ABI={}, CUDA {}", torch,
                      abi < 0 ? "unset (not libstdc++)" : std::to_string(abi), *cuda ? cuda : "none");
@@ -363,6 +376,9 @@ const LoadedPlugin& PluginLoader::load(PluginKind kind, const std::string& name,
   std::string path = library;
   std::vector<std::string> searched;
   if (path.empty()) {
+    for (const std::string& dir : env_dirs_) {
+      if (const std::string problem = plugin_path_entry_problem(dir); !problem.empty()) throw Error(problem);
+    }
     // Level 2 (DEEPCAM_PLUGIN_PATH) as a whole, then level 3 (install dir).
     std::vector<std::vector<std::string>> levels = {env_dirs_};
     if (!install_dir_.empty()) levels.push_back({install_dir_});
@@ -467,6 +483,9 @@ std::vector<LoadedPlugin> PluginLoader::discover_named(std::vector<std::string>&
   for (std::size_t d = 0; d < dirs.size(); ++d) {
     const std::string& dir = dirs[d];
     std::error_code ec;
+    if (d < env_dirs_.size()) {
+      if (const std::string problem = plugin_path_entry_problem(dir); !problem.empty()) problems.push_back(problem);
+    }
     if (!fs::is_directory(dir, ec)) continue;
     const std::size_t first_of_dir = files.size();
     for (const auto& top : fs::directory_iterator(dir, ec)) files.push_back(top.path());

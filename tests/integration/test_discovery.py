@@ -85,6 +85,21 @@ def test_a_folder_on_the_path_twice_is_one_place(tmp_path):
         assert r.returncode == 0 and r.stdout.count("libdeepcam_optimizer_adam.so") == 1, r.stdout
 
 
+def test_a_library_file_on_the_path_is_named_not_passed_over(tmp_path):
+    """DEEPCAM_PLUGIN_PATH=.../libx.so was skipped in silence: an installed host took its installed copy
+    of the plugin instead, and a build tree's host said only that the plugin was not found."""
+    library = next(PLUGINS.glob("optimizers/adam/libdeepcam_optimizer_adam.so"))
+    path = f"{library}:{PLUGINS}:{tmp_path / 'not-there'}"
+    said = (f"DEEPCAM_PLUGIN_PATH entry {library}: not a folder (a file); the variable lists folders that hold "
+            "plugin libraries: give the folder, or name the file with the table's `library` key")
+    r = run_host("--describe", "optimizer/adam", env=plugin_env(path))
+    assert r.returncode == 2 and r.stderr == f"deepcam-host: {said}\n", r.stderr
+    # A listing lists the rest; an entry that is not there (another node's folder) is no problem.
+    r = run_host("--list-plugins", env=plugin_env(path))
+    assert r.returncode == 0 and "libdeepcam_optimizer_adam.so" in r.stdout, r.stdout
+    assert r.stderr == f"deepcam-host: skipped {said}\n", r.stderr
+
+
 def test_a_folder_as_the_run_file_is_named_as_one(tmp_path):
     r = run_host(tmp_path)
     assert r.returncode == 2
