@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <boost/dll/shared_library.hpp>
 #include <cerrno>
+#include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
@@ -25,6 +26,7 @@
 
 #include "deepcam/config.hpp"
 #include "deepcam/error.hpp"
+#include "deepcam/stop_request.hpp"
 
 namespace fs = std::filesystem;
 
@@ -561,6 +563,11 @@ void rethrow_factory_failure(const std::string& path) {
     throw;  // a nested plugin's, named with its own file
   } catch (const PluginBug& e) {
     throw FactoryFailure(fmt::format("{}: a bug in the plugin: {}", path, e.what()));
+  } catch (const StopRequested& e) {
+    if (e.signal() >= 1 && e.signal() < NSIG) throw;  // SIGINT or SIGTERM stopped its work
+    throw FactoryFailure(
+        fmt::format("{}: a bug in the plugin: it stopped for signal {}, which is no signal: {}", path, e.signal(),
+                    e.what()));
   } catch (const Error&) {
     throw;  // the plugin's own message about the run
   } catch (const c10::Error& e) {

@@ -343,6 +343,12 @@ template <typename F>
 decltype(auto) in_plugin(const PluginChoice& choice, F&& call) {
   try {
     return std::forward<F>(call)();
+  } catch (const StopRequested& e) {
+    if (e.signal() >= 1 && e.signal() < NSIG) throw;  // SIGINT or SIGTERM stopped its work
+    throw std::logic_error(fmt::format("{}: the {} plugin '{}' stopped for signal {}, which is no signal: {} (a bug "
+                                       "in the plugin{})",
+                                       choice.plugin->path, to_string(choice.kind), choice.name, e.signal(), e.what(),
+                                       or_its_source(choice)));
   } catch (const Error&) {
     throw;
   } catch (const c10::Error&) {
