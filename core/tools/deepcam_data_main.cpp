@@ -483,7 +483,7 @@ int run_data(int argc, char** argv) {
     if (stopped.signal() < 1 || stopped.signal() >= NSIG) {
       deepcam::eprint("deepcam-data: internal error: a plugin stopped for signal {}, which is no signal: {}\n",
                       stopped.signal(), stopped.what());
-      return 1;
+      return 3;
     }
     deepcam::eprint("deepcam-data: read: {}; nothing measured; the reader's staged copies are removed\n",
                     stopped.what());
@@ -501,11 +501,17 @@ int run_data(int argc, char** argv) {
   } catch (const c10::Error& e) {
     // A failing ATen op or TORCH_CHECK: what() appends LibTorch's C++ backtrace.
     deepcam::eprint("deepcam-data: {}\n", deepcam::shown(e.what_without_backtrace(), false));
+  } catch (const std::logic_error& e) {
+    // A fault of a plugin's code (plugin_calls.hpp, a factory's failure,
+    // named with its file) or of ours: status 3, as deepcam-host's.
+    deepcam::eprint("deepcam-data: internal error: {}\n", deepcam::shown(e.what(), false));
+    return 3;
   } catch (const std::exception& e) {
     deepcam::eprint("deepcam-data: {}\n", deepcam::shown(e.what(), false));
   } catch (...) {
     // A reader plugin's code may throw anything.
     deepcam::eprint("deepcam-data: internal error: an exception that is not a std::exception\n");
+    return 3;
   }
   return 1;
 }

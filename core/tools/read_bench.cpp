@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -23,6 +24,7 @@
 #include "deepcam/json.hpp"
 #include "deepcam/mlperf_log.hpp"
 #include "deepcam_build_config.h"
+#include "plugin_calls.hpp"
 #include "std_streams.hpp"
 #include "stop_signals.hpp"
 #include "train_batches.hpp"
@@ -46,9 +48,16 @@ std::int64_t peak_rss_bytes() {
 // Bytes on disk of each sample of the split, in index order: the sizes of
 // the files the reader (`choice`) names for it.
 std::vector<std::int64_t> sample_bytes(const Reader& reader, Split split, const PluginChoice& choice) {
-  std::vector<std::int64_t> bytes(static_cast<std::size_t>(reader.sample_count(split)), 0);
+  const std::int64_t count = in_plugin(choice, [&] { return reader.sample_count(split); });
+  if (count < 0) {
+    throw std::logic_error(fmt::format("{}: the reader plugin '{}' says its {} split has {} samples in "
+                                       "sample_count() (a bug in the plugin)",
+                                       choice.plugin->path, choice.name, to_string(split), count));
+  }
+  std::vector<std::int64_t> bytes(static_cast<std::size_t>(count), 0);
   for (std::size_t i = 0; i < bytes.size(); ++i) {
-    for (const std::string& file : reader.sample_files(split, static_cast<std::int64_t>(i))) {
+    const auto index = static_cast<std::int64_t>(i);
+    for (const std::string& file : in_plugin(choice, [&] { return reader.sample_files(split, index); })) {
       std::error_code ec;
       const auto size = std::filesystem::file_size(file, ec);
       if (ec) {
@@ -82,24 +91,57 @@ std::int64_t batches_read(const Reader& reader, Split split, std::int64_t train_
   return split == Split::Train ? whole_train_batches(reader.local_samples(Split::Train), train_batch_size) : -1;
 }
 
+// The reader under measure, with what its batches must be (the engine's
+// checks: plugin_calls.hpp).
+struct Measured {
+  Reader& reader;
+  const PluginChoice& choice;
+  std::int64_t channels;
+  std::vector<std::int64_t> shape;  // (C, H, W)
+  std::int64_t train_batch_size;
+  std::int64_t validation_batch_size;
+};
+
 // Reads one epoch of the split (begun as `epoch`) into `pass`, as the engine
-// does: `batches` batches, or all of them if -1. After each batch the
-// consumer holds the batch for `consume`.
-void read_epoch(Reader& reader, Split split, std::int64_t epoch, std::int64_t batches, Clock::duration consume,
+// does: `batches` batches, or all of them if -1, each checked as the engine
+// checks it (outside the time waited). After each batch the consumer holds
+// the batch for `consume`.
+void read_epoch(const Measured& m, Split split, std::int64_t epoch, std::int64_t batches, Clock::duration consume,
                 Pass& pass) {
   Batch batch;
   Clock::time_point t0 = Clock::now();
-  reader.start_epoch(split, epoch);
+  in_plugin(m.choice, [&] { m.reader.start_epoch(split, epoch); });
+  const bool training = split == Split::Train;
+  const std::int64_t batch_size = training ? m.train_batch_size : m.validation_batch_size;
+  std::int64_t samples = 0;  // of this epoch
   for (std::int64_t done = 0; batches < 0 || done < batches; ++done) {
     const bool first = done == 0;
     // SIGINT or SIGTERM: the reader's destructor, on the way out, removes
     // what it staged.
     throw_if_stopped();
-    const bool more = reader.next(batch);
+    const bool more = in_plugin(m.choice, [&] { return m.reader.next(batch); });
     const Clock::time_point t1 = Clock::now();
     pass.wait_seconds += seconds_between(t0, t1);
     if (first) pass.first_wait_seconds += seconds_between(t0, t1);
-    if (!more) break;
+    if (!more) {
+      // As the engine refuses them: a training epoch that ends before its
+      // whole batches, or a validation pass of other than its samples.
+      const std::int64_t local = m.reader.local_samples(split);
+      if (training && done < batches) {
+        throw std::logic_error(fmt::format("{}: the reader plugin '{}' ended training epoch {} after {} of the {} "
+                                           "batches its local_samples ({}) make (a bug in the plugin)",
+                                           m.choice.plugin->path, m.choice.name, epoch + 1, done, batches, local));
+      }
+      if (!training && samples != local) {
+        throw std::logic_error(fmt::format("{}: the reader plugin '{}' handed out {} validation samples, and its "
+                                           "local_samples says {} (a bug in the plugin)",
+                                           m.choice.plugin->path, m.choice.name, samples, local));
+      }
+      break;
+    }
+    check_batch(m.choice, batch, split, done, m.channels, m.shape, batch_size, /*full=*/training);
+    check_classes(m.choice, batch.labels, split, done);
+    samples += batch.data.size(0);
     ++pass.batches;
     pass.samples += batch.data.size(0);
     // Until a deadline rather than for a duration, so that oversleeping
@@ -113,17 +155,17 @@ void read_epoch(Reader& reader, Split split, std::int64_t epoch, std::int64_t ba
 // each followed by a validation pass if `with_validation` (as the engine
 // validates after each training epoch, always as validation epoch 0); after
 // each batch the consumer holds the batch for `consume_ms`.
-Pass read_epochs(Reader& reader, Split split, std::int64_t train_batch_size, std::int64_t first_epoch, int epochs,
-                 double consume_ms, bool with_validation) {
+Pass read_epochs(const Measured& m, Split split, std::int64_t first_epoch, int epochs, double consume_ms,
+                 bool with_validation) {
   Pass pass;
   const auto consume =
       std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double, std::milli>(consume_ms));
   const Clock::time_point start = Clock::now();
   for (int e = 0; e < epochs; ++e) {
-    read_epoch(reader, split, first_epoch + e, batches_read(reader, split, train_batch_size), consume, pass);
+    read_epoch(m, split, first_epoch + e, batches_read(m.reader, split, m.train_batch_size), consume, pass);
     if (!with_validation) continue;
     const std::int64_t batches = pass.batches, samples = pass.samples;
-    read_epoch(reader, Split::Validation, 0, -1, consume, pass);
+    read_epoch(m, Split::Validation, 0, -1, consume, pass);
     pass.validation_batches += pass.batches - batches;
     pass.validation_samples += pass.samples - samples;
   }
@@ -201,6 +243,8 @@ void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader) {
   const double build_seconds = seconds_between(build_start, Clock::now());
 
   const Split split = options.split;
+  // The counts go into what read reports: checked as the engine checks them.
+  check_sample_counts(config.reader, *reader);
   const std::vector<std::int64_t> bytes_of = sample_bytes(*reader, split, config.reader);
   const std::vector<std::int64_t> validation_bytes_of =
       options.with_validation ? sample_bytes(*reader, Split::Validation, config.reader) : std::vector<std::int64_t>();
@@ -223,6 +267,12 @@ void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader) {
                                      ? batches_read(*reader, split, train_batch_size) * train_batch_size
                                      : reader->local_samples(split);
 
+  const Measured measured{*reader,
+                          config.reader,
+                          static_cast<std::int64_t>(config.data.integers("channels").size()),
+                          reader->sample_shape(),
+                          train_batch_size,
+                          config.run.integer("validation_batch_size")};
   double consume_ms = options.consume_ms;
   double read_ms_per_batch = 0.0;
   std::int64_t first_epoch = 0;
@@ -230,17 +280,16 @@ void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader) {
     // The split's batches only: the consumer's step is that of a training
     // batch. The validation pass after it is not measured; it keeps the
     // calls in the engine's order.
-    const Pass calibration = read_epochs(*reader, split, train_batch_size, 0, 1, 0.0, false);
+    const Pass calibration = read_epochs(measured, split, 0, 1, 0.0, false);
     if (calibration.batches > 0) read_ms_per_batch = 1e3 * calibration.wait_seconds / calibration.batches;
     if (options.with_validation) {
       Pass unmeasured;
-      read_epoch(*reader, Split::Validation, 0, -1, Clock::duration::zero(), unmeasured);
+      read_epoch(measured, Split::Validation, 0, -1, Clock::duration::zero(), unmeasured);
     }
     consume_ms = read_ms_per_batch;
     first_epoch = 1;
   }
-  const Pass pass =
-      read_epochs(*reader, split, train_batch_size, first_epoch, options.epochs, consume_ms, options.with_validation);
+  const Pass pass = read_epochs(measured, split, first_epoch, options.epochs, consume_ms, options.with_validation);
   const std::int64_t bytes = bytes_read(bytes_of, pass.samples - pass.validation_samples) +
                              bytes_read(validation_bytes_of, pass.validation_samples);
 

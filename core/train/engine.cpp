@@ -50,6 +50,7 @@
 #include "deepcam/stop_request.hpp"
 #include "deepcam/torch_pickle.hpp"
 #include "picture.hpp"
+#include "plugin_calls.hpp"
 #include "ranks.hpp"
 #include "temporary_files.hpp"
 #include "train_batches.hpp"
@@ -75,25 +76,6 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-// "[4, 16, 96, 144] float32", as a message shows what a plugin handed over.
-std::string tensor_text(const at::Tensor& t) {
-  if (!t.defined()) return "(no tensor)";
-  const char* name = nullptr;
-  switch (t.scalar_type()) {
-    case at::kFloat: name = "float32"; break;
-    case at::kDouble: name = "float64"; break;
-    case at::kHalf: name = "float16"; break;
-    case at::kBFloat16: name = "bfloat16"; break;
-    case at::kLong: name = "int64"; break;
-    case at::kInt: name = "int32"; break;
-    case at::kShort: name = "int16"; break;
-    case at::kByte: name = "uint8"; break;
-    case at::kBool: name = "bool"; break;
-    default: name = c10::toString(t.scalar_type());
-  }
-  return fmt::format("[{}] {}", fmt::join(t.sizes(), ", "), name);
 }
 
 void synchronize_device() {
@@ -313,58 +295,6 @@ struct Components {
 template <typename F>
 auto make(const PluginChoice& choice, F&& factory) {
   return build_plugged(*choice.plugin, std::forward<F>(factory));
-}
-
-// The reader a wrapping reader reads through ([reader.source], as
-// reader/prefetch does), or null: a fault in what the wrapper hands out may
-// be that reader's.
-const NestedPlugin* nested_source(const Params& params) {
-  const auto source = params.values().find("source");
-  if (source == params.values().end()) return nullptr;
-  const auto* nested = std::get_if<std::shared_ptr<const NestedPlugin>>(&source->second);
-  return nested ? nested->get() : nullptr;
-}
-
-// ", or in the reader plugin 'hdf5' it reads through (path)" for a wrapping
-// reader, to follow "a bug in the plugin"; "" for any other plugin.
-std::string or_its_source(const PluginChoice& choice) {
-  const NestedPlugin* source = choice.kind == PluginKind::Reader ? nested_source(choice.params) : nullptr;
-  return source ? fmt::format(", or in the {} plugin '{}' it reads through ({})", source->kind, source->name,
-                              source->path)
-                : "";
-}
-
-// A call into a plugin's object during the run, named as a factory's
-// failure is: what it throws names its file (an internal error), but a
-// deepcam::Error (a message about the run or its data, a lost rank, a stop
-// request), a LibTorch error (out of memory; a CUDA graph's capture, which
-// the engine names) and std::bad_alloc pass on as they are.
-template <typename F>
-decltype(auto) in_plugin(const PluginChoice& choice, F&& call) {
-  try {
-    return std::forward<F>(call)();
-  } catch (const StopRequested& e) {
-    if (e.signal() >= 1 && e.signal() < NSIG) throw;  // SIGINT or SIGTERM stopped its work
-    throw std::logic_error(fmt::format("{}: the {} plugin '{}' stopped for signal {}, which is no signal: {} (a bug "
-                                       "in the plugin{})",
-                                       choice.plugin->path, to_string(choice.kind), choice.name, e.signal(), e.what(),
-                                       or_its_source(choice)));
-  } catch (const Error&) {
-    throw;
-  } catch (const c10::Error&) {
-    throw;
-  } catch (const std::bad_alloc&) {
-    throw;
-  } catch (const std::exception& e) {
-    throw std::logic_error(fmt::format("{}: the {} plugin '{}' failed: {} (a bug in the plugin{})",
-                                       choice.plugin->path, to_string(choice.kind), choice.name, e.what(),
-                                       or_its_source(choice)));
-  } catch (...) {
-    throw std::logic_error(fmt::format("{}: the {} plugin '{}' threw an exception that is not a std::exception (a "
-                                       "bug in the plugin{})",
-                                       choice.plugin->path, to_string(choice.kind), choice.name,
-                                       or_its_source(choice)));
-  }
 }
 
 struct Totals {
@@ -735,14 +665,7 @@ class Engine {
     in_plugin(cfg_.scheduler, [&] { c_.scheduler->log_hyperparameters(log_); });
     // The log's sample counts come from the reader as they are: a count no
     // data set has would be a log the checker passes.
-    for (const Split s : {Split::Train, Split::Validation}) {
-      const std::int64_t global = c_.reader->global_samples(s), local = c_.reader->local_samples(s);
-      if (global < 1 || local < 0 || local > global) {
-        throw std::logic_error(fmt::format("{}: the reader plugin '{}' says its {} split has {} samples over all "
-                                           "ranks and {} on this rank (a bug in the plugin)",
-                                           cfg_.reader.plugin->path, cfg_.reader.name, to_string(s), global, local));
-      }
-    }
+    check_sample_counts(cfg_.reader, *c_.reader);
     log_.event("train_samples", Json(c_.reader->global_samples(Split::Train)));
     log_.event("eval_samples", Json(c_.reader->global_samples(Split::Validation)));
     // The reference's DataLoader drops the last incomplete batch: with fewer
@@ -1159,55 +1082,18 @@ class Engine {
                                        norm.device().str(), device_.str()));
   }
 
-  // What a batch the reader handed out must be (the reader interface, on
-  // its sizes and dtypes, and on its labels' values as check_classes says):
-  // data (B, C, H, W) float32 of the run's channels and the sample shape,
-  // labels (B, H, W) int64, B the batch size (`full`: a training batch) or
-  // at most it. Anything else is a bug in the reader, named with its file: a
-  // short training batch ended the epoch early, without a word.
+  // What a batch the reader handed out must be (plugin_calls.hpp), on its
+  // sizes and dtypes and on its labels' values: ours check each file's.
+  // Another label value reached the loss as LibTorch's "Target 7 is out of
+  // bounds" on the CPU, and as a device-side assert, which ends the process,
+  // on a GPU. The values are checked for every batch on the CPU, where a
+  // pass over the labels is small beside the step, and for each pass's
+  // first batch on a GPU, where it waits for the device: a reader that
+  // encodes its classes otherwise is caught at its first batch.
   void check_batch(const Batch& batch, Split split, std::int64_t index, std::int64_t batch_size, bool full) const {
-    const std::vector<std::int64_t>& shape = sample_shape_;  // (C, H, W)
-    const std::int64_t channels = static_cast<std::int64_t>(cfg_.data.integers("channels").size());
-    const at::Tensor& data = batch.data;
-    const at::Tensor& labels = batch.labels;
-    const bool fits = data.defined() && labels.defined() && data.dim() == 4 && labels.dim() == 3 &&
-                      data.scalar_type() == at::kFloat && labels.scalar_type() == at::kLong &&
-                      data.size(1) == channels && shape.size() == 3 && data.size(2) == shape[1] &&
-                      data.size(3) == shape[2] && labels.size(0) == data.size(0) && labels.size(1) == shape[1] &&
-                      labels.size(2) == shape[2] && data.size(0) >= 1 &&
-                      (full ? data.size(0) == batch_size : data.size(0) <= batch_size);
-    if (fits) {
-      check_classes(labels, split, index);
-      return;
-    }
-    throw std::logic_error(fmt::format(
-        "{}: the reader plugin '{}' handed out {} batch {} with data {} and labels {}; the reader interface wants "
-        "data (B, {}, {}, {}) float32 and labels (B, {}, {}) int64 with B {} (a bug in the plugin)",
-        cfg_.reader.plugin->path, cfg_.reader.name, to_string(split), index, tensor_text(data), tensor_text(labels),
-        channels, shape.size() == 3 ? shape[1] : -1, shape.size() == 3 ? shape[2] : -1,
-        shape.size() == 3 ? shape[1] : -1, shape.size() == 3 ? shape[2] : -1,
-        full ? fmt::format("= {} (a training batch: only an epoch's last may be smaller, and it is not read)",
-                           batch_size)
-             : fmt::format("in 1..{}", batch_size)));
-  }
-
-  // The labels' values: class ids 0 .. kClasses - 1 (our readers check
-  // each file's). Another value reached the loss as LibTorch's "Target 7 is
-  // out of bounds" on the CPU, and as a device-side assert, which ends the
-  // process, on a GPU. Checked for every batch on the CPU, where a pass over
-  // the labels is small beside the step, and for each pass's first batch on
-  // a GPU, where it waits for the device: a reader that encodes its classes
-  // otherwise is caught at its first batch.
-  void check_classes(const at::Tensor& labels, Split split, std::int64_t index) const {
-    if (!device_.is_cpu() && index != 0) return;
-    const auto [low, high] = at::aminmax(labels);
-    const std::int64_t lo = low.item<std::int64_t>(), hi = high.item<std::int64_t>();
-    if (lo >= 0 && hi < kClasses) return;
-    throw std::logic_error(fmt::format("{}: the reader plugin '{}' handed out {} batch {} with labels from {} to {}; "
-                                       "the classes are 0 (background), 1 (tropical cyclone) and 2 (atmospheric "
-                                       "river) (a bug in the plugin{})",
-                                       cfg_.reader.plugin->path, cfg_.reader.name, to_string(split), index, lo, hi,
-                                       or_its_source(cfg_.reader)));
+    const auto channels = static_cast<std::int64_t>(cfg_.data.integers("channels").size());
+    deepcam::check_batch(cfg_.reader, batch, split, index, channels, sample_shape_, batch_size, full);
+    if (device_.is_cpu() || index == 0) check_classes(cfg_.reader, batch.labels, split, index);
   }
 
   // A resume takes the optimizer's hyper-parameters from the checkpoint, as

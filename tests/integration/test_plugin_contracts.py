@@ -57,6 +57,28 @@ def test_a_reader_that_breaks_the_interface_is_named(tmp_path, data, fault, says
     assert "frame #" not in r.stderr
 
 
+@pytest.mark.parametrize("fault, says", [
+    ("short", "handed out train batch 1 with data [1, 16, 16, 16] float32 and labels [1, 16, 16] int64"),
+    ("labels", "handed out train batch 1 with data [2, 16, 16, 16] float32 and labels [2, 16, 16] int32"),
+    ("early", "ended training epoch 1 after 1 of the 4 batches its local_samples (8) make"),
+    ("validation", "handed out 7 validation samples, and its local_samples says 8"),
+    ("classes", "handed out train batch 1 with labels from 0 to 7"),
+    ("counts", "says its train split has -5 samples over all ranks and 8 on this rank"),
+    ("throws", "failed: contract reader: next() failed"),
+])
+def test_deepcam_data_read_checks_a_reader_as_training_does(tmp_path, data, fault, says):
+    """read, which "reads as training does", passed each of these with a JSON line and status 0 (a short batch
+    counted, labels of 7 read), or blamed the data (status 1) for what the plugin threw."""
+    cfg = write_run(tmp_path / "run.toml", data, tmp_path / "out",
+                    run={"train_batch_size": 2, "validation_batch_size": 4},
+                    reader={"name": "contract", "library": str(CONTRACT), "fault": fault, "at": 1, "threads": None})
+    r = run_data("read", cfg, "--with-validation", timeout=300)
+    assert r.returncode == 3 and r.stdout == "", r.stdout + r.stderr[-3000:]
+    assert f"deepcam-data: internal error: {CONTRACT}: the reader plugin 'contract' {says}" in r.stderr, \
+        r.stderr[-3000:]
+    assert "(a bug in the plugin" in r.stderr
+
+
 @pytest.mark.parametrize("fault, says", [("oom", "CUDA out of memory. Tried to allocate 2.00 GiB (contract reader)"),
                                          ("hostoom", "std::bad_alloc")])
 def test_running_out_of_memory_mid_run_is_said_as_such_and_closes_the_log(tmp_path, data, fault, says):
@@ -133,11 +155,11 @@ def test_a_plugin_s_stop_request_mid_run_keeps_the_record_and_says_where_it_stop
     # Named with the plugin, as its other faults are.
     assert (f"internal error: {CONTRACT}: the reader plugin 'contract' stopped for signal 0, which is no signal: "
             "contract reader: stopped at its batch (a bug in the plugin)") in r.stderr, r.stderr[-3000:]
-    # deepcam-data read raised signal 0 (nothing) and exited 128.
+    # deepcam-data read raised signal 0 (nothing) and exited 128; then it named no plugin, with bad data's 1.
     r = run_data("read", tmp_path / "nosignal" / "run.toml", timeout=300)
-    assert r.returncode == 1, r.stderr[-3000:]
-    assert ("deepcam-data: internal error: a plugin stopped for signal 0, which is no signal: contract reader: "
-            "stopped at its batch") in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert (f"deepcam-data: internal error: {CONTRACT}: the reader plugin 'contract' stopped for signal 0, which is "
+            "no signal: contract reader: stopped at its batch (a bug in the plugin)") in r.stderr, r.stderr[-3000:]
 
 
 def test_a_source_reader_s_wrong_sample_shape_is_named_with_its_file(tmp_path, data):
@@ -185,12 +207,13 @@ def test_a_reader_s_wrong_sample_shape_is_named_with_its_file_in_every_mode(tmp_
     out = tmp_path / "out"
     cfg = write_run(tmp_path / "run.toml", data, out, run={"max_epochs": 1, "target_iou": 1.0},
                     reader={"name": "contract", "library": str(CONTRACT), "fault": fault, "threads": None})
+    # read's status was bad data's 1.
     if mode == "read":
-        r, status, said = run_data("read", cfg, timeout=300), 1, "deepcam-data: "
+        r, said = run_data("read", cfg, timeout=300), "deepcam-data: internal error: "
     else:
         r = run_host(cfg, "--quiet", *(["--benchmark", "1"] if mode == "benchmark" else []))
-        status, said = 3, "deepcam-host: internal error: "
-    assert r.returncode == status, r.stderr[-3000:]
+        said = "deepcam-host: internal error: "
+    assert r.returncode == 3, r.stderr[-3000:]
     assert (f"{said}{CONTRACT}: the plugin's factory failed: its sample_shape() is ({shown}), and "
             "a reader reports (C, H, W) of the run's 16 channels ([data] channels), each above 0 (a bug in the "
             "plugin)") in r.stderr, r.stderr[-3000:]
