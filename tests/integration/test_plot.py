@@ -2,12 +2,15 @@
 opens, has the size asked for, is not blank, and draws both runs; a log or
 --out it cannot use is named in one line with exit status 2, no traceback."""
 
+import importlib.util
 import os
 import re
 import resource
+import signal
 import stat
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -21,18 +24,31 @@ RUN_COLOURS = [(0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)]
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
+def plot_data(tmp_path_factory):
+    # 16 training samples: 4 batches an epoch at the quickstart's batch of 4.
+    return synth(tmp_path_factory.mktemp("plot-data") / "data", train=16, validation=4, height=64, width=96, seed=5)
+
+
+def quickstart_run(data, out, *settings):
+    r = run_host(REPO_ROOT / "configs/quickstart.toml", "--quiet", "--set", f"data.root={data}", "--set",
+                 f"run.output_dir={out}", "--set", "run.logging_frequency=1", *settings)
+    assert r.returncode in (0, 1), r.stdout + r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_runs(plot_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("plot-runs")
-    data = synth(root / "data", train=16, validation=4, height=64, width=96, seed=5)
-    dirs = []
-    for seed in (3, 4):
-        out = root / f"run-{seed}"
-        r = run_host(REPO_ROOT / "configs/quickstart.toml", "--quiet", "--set", f"data.root={data}", "--set",
-                     f"run.output_dir={out}", "--set", f"run.seed={seed}", "--set", "run.max_epochs=3",
-                     "--set", "run.logging_frequency=1")
-        assert r.returncode in (0, 1), r.stdout + r.stderr
-        dirs.append(out)
-    return dirs
+    return [quickstart_run(plot_data, root / f"run-{seed}", "--set", f"run.seed={seed}", "--set", "run.max_epochs=3")
+            for seed in (3, 4)]
+
+
+@pytest.fixture(scope="module")
+def accumulating_run(plot_data, tmp_path_factory):
+    """2 epochs of 4 batches at gradient_accumulation_frequency 2: 4 optimizer steps, the learning rate ten
+    times smaller after the 3rd (milestones count optimizer steps)."""
+    return quickstart_run(plot_data, tmp_path_factory.mktemp("plot-k2") / "k2", "--set", "run.max_epochs=2",
+                          "--set", "run.gradient_accumulation_frequency=2", "--set", "scheduler.milestones=[3]")
 
 
 def plot(*args, preexec_fn=None):
@@ -300,3 +316,145 @@ def test_two_inputs_of_one_name_are_refused_naming_both(two_runs, tmp_path):
     r = plot(*sorted(slurm.glob("777_*/")), other, "--out", out, "--dpi", 30)
     assert r.returncode == 0, r.stdout + r.stderr
     assert [l.split(":")[0] for l in r.stdout.splitlines()[:3]] == ["777_1", "777_2", "elsewhere"], r.stdout
+
+
+def test_a_stdout_that_cannot_be_written_neither_stops_the_figure_nor_blames_out(two_runs, tmp_path):
+    """The runs' lines were printed inside the try that caught the figure's OSError: a stdout whose reader
+    had quit, or on a full disk, left the PNG unwritten and was reported as `--out: cannot write`; `| head
+    -1` ended in a BrokenPipeError traceback."""
+    # A reader that quit (EPIPE) is no failure: the figure is written, status 0, nothing on stderr.
+    out = tmp_path / "quit.png"
+    p = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, [*two_runs, "--out", out, "--dpi", 30])],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and err == "", err
+    assert Image.open(out).format == "PNG"
+    # As `| head -1` reads: the first run's line, and no traceback.
+    out = tmp_path / "head.png"
+    r = subprocess.run(["bash", "-c", '"$@" | head -1; exit "${PIPESTATUS[0]}"', "bash", sys.executable,
+                        *map(str, [SCRIPT, *two_runs, "--out", out, "--dpi", 30])], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.startswith(f"{two_runs[0].name}: ") and len(r.stdout.splitlines()) == 1, r.stdout
+    assert Image.open(out).format == "PNG"
+    # A stdout on a full disk: the figure is written all the same, and the loss is told once, naming
+    # standard output and its cause, not --out (status 2, as the C++ tools say it).
+    out = tmp_path / "full.png"
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, *map(str, [SCRIPT, two_runs[0], "--out", out, "--dpi", 30])], stdout=full,
+                           stderr=subprocess.PIPE, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == ("plot_run.py: cannot write to standard output: No space left on device; what it shows "
+                        "there is lost\n"), r.stderr
+    assert Image.open(out).format == "PNG"
+    assert not list(tmp_path.glob(".*")), "a temporary file was left"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_figure_is_written_leaves_the_old_file_and_no_temporary(two_runs, tmp_path, sig):
+    # Ctrl-C ended in a KeyboardInterrupt traceback; SIGTERM left the figure's temporary behind.
+    out = tmp_path / "curves.png"
+    out.write_bytes(b"an older picture")
+    # 300 dpi: a figure of 3600 x 3600 pixels, a second or more of drawing after its temporary is opened.
+    p = subprocess.Popen([sys.executable, *map(str, [SCRIPT, *two_runs, "--out", out, "--dpi", 300])],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".curves.png.*")) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert p.poll() is None, "it ended before its temporary was seen"
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    # Ended by the signal itself, as the C++ tools end (a shell's $? is 128 + the signal: 130 for SIGINT).
+    assert p.returncode == -sig, (p.returncode, err)
+    assert err == f"plot_run.py: stopped by {sig.name}: {out} is not written, and no temporary is left\n", err
+    assert out.read_bytes() == b"an older picture"
+    assert sorted(tmp_path.iterdir()) == [out], "a temporary file was left"
+
+
+def test_the_step_axis_counts_optimizer_steps(accumulating_run, tmp_path, monkeypatch, capsys):
+    """The left panels, labelled "optimizer step", drew the log's step_num, which counts batches: at
+    gradient_accumulation_frequency 2 every curve was twice as long, and the learning rate that drops after
+    optimizer step 3 (milestones = [3]) dropped at "step" 7."""
+    from matplotlib.figure import Figure
+
+    drawn = {}  # panel title -> the run's (x, y)
+    save = Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        for ax in fig.axes:
+            lines = [line for line in ax.get_lines() if line.get_label() == accumulating_run.name]
+            assert len(lines) == 1, ax.get_title()
+            drawn[ax.get_title()] = (ax.get_xlabel(), list(lines[0].get_xdata()), list(lines[0].get_ydata()))
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    spec = importlib.util.spec_from_file_location("plot_run", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(accumulating_run), "--out", str(tmp_path / "k2.png"), "--dpi", "30"]) == 0
+
+    events = read_events(accumulating_run / "mlperf.log")
+    assert [e["value"] for e in events if e["key"] == "gradient_accumulation_frequency"] == [2]
+    for key, title in (("train_loss", "train loss"), ("train_accuracy", "train IoU"),
+                       ("eval_accuracy", "eval IoU"), ("learning_rate", "learning rate")):
+        batches = sorted({e["metadata"]["step_num"] for e in events if e["key"] == key})
+        xlabel, x, _ = drawn[f"{title} vs step"]
+        assert xlabel == "optimizer step"
+        assert x == pytest.approx([b / 2 for b in batches]), title
+    _, x, lr = drawn["learning rate vs step"]
+    assert x == pytest.approx([0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4])
+    # Milestone 3: the first 3 optimizer steps at 0.002, the 4th at a tenth of it. (Between them, the 7th
+    # batch, x = 3.5, is logged with the rate set last.)
+    assert [rate for step, rate in zip(x, lr) if step <= 3] == [0.002] * 6
+    assert lr[x.index(4)] == pytest.approx(0.0002)
+    # The printed line counts optimizer steps too, and says how many batches they took.
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith(f"{accumulating_run.name}: 4 steps (8 batches, 2 per step), 2 epochs, "), line
+
+
+def test_an_out_that_names_a_folder_or_an_unknown_format_is_refused_a_known_one_is_written(two_runs, tmp_path):
+    """`--out plots/` (a folder that does not exist) wrote a PNG file named plots, and `--out x.pdf` PNG
+    bytes in a .pdf."""
+    r = plot(two_runs[0], "--out", f"{tmp_path / 'plots'}/")
+    refused(r, f"{tmp_path / 'plots'}/: names a folder; --out names the file to write")
+    assert not (tmp_path / "plots").exists()
+    # Written in the format the extension names, as matplotlib's savefig infers it.
+    for name, starts in (("curves.pdf", b"%PDF-"), ("curves.svg", b"<?xml"), ("curves.png", b"\x89PNG")):
+        out = tmp_path / name
+        r = plot(two_runs[0], "--out", out, "--dpi", 30)
+        assert r.returncode == 0 and f"plot_run.py: wrote {out}" in r.stdout, r.stdout + r.stderr
+        assert out.read_bytes().startswith(starts), name
+    assert b"<svg" in (tmp_path / "curves.svg").read_bytes()
+    # An extension that names no format matplotlib writes is refused, listing those it does.
+    r = plot(two_runs[0], "--out", tmp_path / "curves.xyz")
+    refused(r, f"{tmp_path / 'curves.xyz'}: --out's extension .xyz names no format matplotlib writes; use one of ",
+            ".pdf", ".png", ".svg")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.pdf", "curves.png", "curves.svg"]
+
+
+def test_a_run_folder_s_log_is_where_its_config_toml_puts_it(two_runs, tmp_path):
+    """A run whose [mlperf] log_file put its log elsewhere (as package finds it) was refused: "no MLPerf log
+    (give a run's output folder, ...)", although a run's output folder was given."""
+    run = copy_run(two_runs[0], tmp_path / "run")
+    config = run / "config.toml"
+    text = config.read_text()
+    assert 'log_file = "mlperf.log"' in text
+    elsewhere = tmp_path / "logs" / "run.log"
+    elsewhere.parent.mkdir()
+    (run / "mlperf.log").rename(elsewhere)
+    # Absolute, and relative to the run's folder.
+    for log_file in (str(elsewhere), "../logs/run.log"):
+        config.write_text(text.replace('log_file = "mlperf.log"', f'log_file = "{log_file}"'))
+        r = plot(run, "--out", tmp_path / "curves.png", "--dpi", 30)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.startswith("run: 12 steps, 3 epochs, "), r.stdout  # named by its folder
+        # The log it reads is one --out must not replace.
+        r = plot(run, "--out", elsewhere)
+        refused(r, elsewhere, "is a file the plot reads")
+    # Not there: the message names config.toml's setting and where it points.
+    elsewhere.unlink()
+    refused(plot(run, "--out", tmp_path / "x.png"),
+            f"plot_run.py: {run}: no MLPerf log at {run / '../logs/run.log'}, where {config}'s [mlperf] log_file = "
+            '"../logs/run.log" puts it')
+    assert not (tmp_path / "x.png").exists()
