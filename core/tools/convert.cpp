@@ -637,14 +637,25 @@ void run_convert(const ConvertOptions& o) {
       report(fmt::format("{}: out of memory reading it; run with fewer --threads", job.source.string()));
       return;
     }
-    // A write that fails is the disk's problem, not the sample's: stop.
+    // A write that fails is the disk's problem, not the sample's: stop. A
+    // data file this job wrote goes with a label file that could not be
+    // written (a full disk): the readers and verify refuse a data file
+    // without its label.
+    bool wrote_data = false;
     try {
-      if (!data_problem.empty()) npy::write(job.data.string(), npy::DType::Float32, data_shape, data.data());
+      if (!data_problem.empty()) {
+        npy::write(job.data.string(), npy::DType::Float32, data_shape, data.data());
+        wrote_data = true;
+      }
       if (!label_problem.empty()) npy::write(job.label.string(), label_dtype, label_shape, labels.data());
     } catch (const Error& e) {
       outcomes[k] = Outcome::Failed;
       stop = true;
-      report(e.what());
+      std::error_code ec;
+      const bool removed = wrote_data && fs::remove(job.data, ec);
+      report(removed ? fmt::format("{} ({}, written before it, is removed: a pair is kept whole or not at all)",
+                                   e.what(), job.data.filename().string())
+                     : std::string(e.what()));
       return;
     }
     const bool repaired = (data_problem != "missing" && !data_problem.empty()) ||

@@ -454,6 +454,22 @@ def test_a_full_disk_stops_the_run_and_leaves_no_partial_file(deepcam_data, sour
     assert assert_converted(source, dst) == 11
 
 
+def test_a_label_file_that_does_not_fit_takes_its_data_file_with_it(deepcam_data, source, tmp_path):
+    """A disk that holds a sample's data file (98 KB) and then no label file: the data file stayed, a half pair
+    that verify and the npy reader refuse, while the message said complete pairs are kept."""
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --mount is refused here: the test needs a mount namespace for a small tmpfs")
+    small = tmp_path / "small"
+    small.mkdir()
+    script = (f'mount -t tmpfs -o size=100k tmpfs "{small}" && "{deepcam_data}" convert "{source}" "{small}/dst" '
+              f'--threads 1; status=$?; find "{small}" -type f; exit $status')
+    proc = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert re.search(r"/label-(\S+)\.npy: cannot write: No space left on device .*\(data-\1\.npy, written before "
+                     r"it, is removed: a pair is kept whole or not at all\)", proc.stderr), proc.stderr
+    assert proc.stdout == "", proc.stdout  # no file left on the small disk
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_an_unreadable_source_is_named(deepcam_data, source, tmp_path):
     src = fresh_copy(source, tmp_path)
