@@ -944,9 +944,17 @@ class Engine {
         const fs::path stem = out / fmt::format("sample-{:06d}", written);
         npy::write(stem.string() + ".npy", npy::DType::UInt8, {height, width}, predicted[i].data_ptr<std::uint8_t>());
         const at::Tensor background = batch.data[i][background_at].to(at::kCPU).contiguous();
-        write_png(stem.string() + ".png",
-                  prediction_picture(background.data_ptr<float>(), predicted[i].data_ptr<std::uint8_t>(),
-                                     labels[i].data_ptr<std::int64_t>(), height, width, background_name));
+        try {
+          write_png(stem.string() + ".png",
+                    prediction_picture(background.data_ptr<float>(), predicted[i].data_ptr<std::uint8_t>(),
+                                       labels[i].data_ptr<std::int64_t>(), height, width, background_name));
+        } catch (const Error& e) {
+          // A sample's two files or none (a full disk): its .npy goes too.
+          std::error_code rm;
+          fs::remove(stem.string() + ".npy", rm);
+          throw Error(fmt::format("{} ({}.npy, written before it, is removed; the {} samples before it are in {})",
+                                  e.what(), stem.filename().string(), written, out.string()));
+        }
         ++written;
       }
     }

@@ -116,6 +116,25 @@ def test_samples_limits_the_count(trained, tmp_path):
             f"for more) to {tmp_path / 'all'}\n") in r.stderr, r.stderr[-3000:]
 
 
+def test_a_picture_that_does_not_fit_takes_its_npy_with_it(trained, tmp_path):
+    """A disk with room for a sample's .npy (14 KB) and not for its picture: the .npy stayed, half a sample."""
+    import subprocess
+    from helpers import HOST, plugin_env
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --mount is refused here: the test needs a mount namespace for a small tmpfs")
+    _, _, run, checkpoint = trained
+    small = tmp_path / "small"
+    small.mkdir()
+    script = (f'mount -t tmpfs -o size=16k tmpfs "{small}" && "{HOST}" "{run}" --predict "{checkpoint}" --out '
+              f'"{small}/pred" --quiet; status=$?; find "{small}" -type f; exit $status')
+    r = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+                       env=plugin_env())
+    assert r.returncode == 2, r.stderr
+    assert re.search(r"sample-000000\.png: cannot write: No space left on device.* \(sample-000000\.npy, written "
+                     r"before it, is removed; the 0 samples before it are in ", r.stderr), r.stderr
+    assert r.stdout == "", r.stdout  # nothing left on the small disk
+
+
 def test_an_earlier_predicts_files_are_refused_or_removed_not_mixed(trained, tmp_path):
     """A second --predict into the same folder with fewer samples left the first's files beside its own, two
     checkpoints' predictions with nothing to tell them apart."""
