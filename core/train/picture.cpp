@@ -122,7 +122,13 @@ Image prediction_picture(const float* background, const std::uint8_t* predicted,
       {"TC TRUE (EDGE)", kTrueCyclone},
       {"AR TRUE (EDGE)", kTrueRiver},
   };
-  Canvas canvas(width, height + line * static_cast<std::int64_t>(legend.size()) + 2 * scale);
+  // As wide as the widest legend line at least: on a narrow sample (synth
+  // writes them down to 16 pixels wide) the legend was cut at the sample's
+  // edge. The sample is drawn at the left, on black.
+  std::size_t longest = 0;
+  for (const auto& entry : legend) longest = std::max(longest, entry.first.size());
+  const std::int64_t legend_width = 10 * scale + 6 * scale * static_cast<std::int64_t>(longest);
+  Canvas canvas(std::max(width, legend_width), height + line * static_cast<std::int64_t>(legend.size()) + 2 * scale);
   const std::int64_t pixels = height * width;
   const auto [lo, hi] = std::minmax_element(background, background + pixels);
   const float span = *hi > *lo ? *hi - *lo : 1.0f;

@@ -20,7 +20,9 @@ struct Image {
 // channel `background_name` names) in grey,
 // predicted tropical cyclones (class 1) and atmospheric rivers (class 2)
 // filled in translucent red and blue, the true ones outlined in yellow and
-// cyan, and below it a legend naming each colour.
+// cyan, and below it a legend naming each colour. The image is W wide, or
+// as wide as the legend's widest line where that is wider (the sample at
+// its left, on black).
 Image prediction_picture(const float* background, const std::uint8_t* predicted, const std::int64_t* truth,
                          std::int64_t height, std::int64_t width, const std::string& background_name);
 

@@ -135,6 +135,26 @@ def test_a_picture_that_does_not_fit_takes_its_npy_with_it(trained, tmp_path):
     assert r.stdout == "", r.stdout  # nothing left on the small disk
 
 
+def test_a_narrow_sample_gets_a_picture_as_wide_as_its_legend(tmp_path):
+    """At 48 pixels wide every legend line was cut at the sample's edge ("TMQ (GR", "TC PRED")."""
+    data = synth(tmp_path / "data", train=4, validation=1, height=32, width=48)
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out", run={"max_epochs": 1})
+    r = run_host(run, "--quiet")
+    assert r.returncode in (0, 1), r.stderr
+    r = run_host(run, "--predict", tmp_path / "out" / "checkpoint-epoch1.pt", "--out", tmp_path / "pred")
+    assert r.returncode == 0, r.stderr
+    pixels = np.asarray(Image.open(tmp_path / "pred" / "sample-000000.png").convert("RGB")).astype(np.int64)
+    # "TC TRUE (EDGE)", the longest line: a swatch of 10 pixels and 14 letters of 6.
+    assert pixels.shape == (32 + 5 * 10 + 2, 10 + 14 * 6, 3), pixels.shape
+    pred = np.load(tmp_path / "pred" / "sample-000000.npy")
+    sample = sorted((data / "validation").glob("*.h5"))[0]
+    assert (pixels[:32, :48] == expected_picture(sample, data / "stats.h5", pred)).all()
+    assert (pixels[:32, 48:] == 0).all()
+    # The last letter's column of every line holds white: no line is cut.
+    legend = pixels[32:]
+    assert (legend[:, 10 + 13 * 6:] == 255).all(axis=-1).any()
+
+
 def test_an_earlier_predicts_files_are_refused_or_removed_not_mixed(trained, tmp_path):
     """A second --predict into the same folder with fewer samples left the first's files beside its own, two
     checkpoints' predictions with nothing to tell them apart."""
