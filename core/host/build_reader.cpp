@@ -1,5 +1,8 @@
 #include "deepcam/build_reader.hpp"
 
+#include <algorithm>
+#include <string>
+
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -31,6 +34,26 @@ void check_sample_shape(const std::vector<std::int64_t>& shape, const ReaderCont
   throw std::logic_error(fmt::format("its sample_shape() is ({}), and a reader reports (C, H, W) of the run's {} "
                                      "channels ([data] channels), each above 0 (a bug in the plugin)",
                                      fmt::join(shape, ", "), channels));
+}
+
+void check_sample_files(const Reader& reader, bool files_needed) {
+  for (const Split split : {Split::Train, Split::Validation}) {
+    const std::int64_t count = reader.sample_count(split);
+    if (count < 0) {
+      throw std::logic_error(fmt::format("its sample_count() of the {} split is {} (a bug in the plugin)",
+                                         to_string(split), count));
+    }
+    for (std::int64_t i = 0; i < count; ++i) {
+      const std::vector<std::string> files = reader.sample_files(split, i);
+      const bool unnamed = std::any_of(files.begin(), files.end(), [](const std::string& f) { return f.empty(); });
+      if (unnamed || (files_needed && files.empty())) {
+        throw std::logic_error(fmt::format("its sample_files() of {} sample {} is [{}]; {} (a bug in the plugin)",
+                                           to_string(split), i, fmt::join(files, ", "),
+                                           unnamed ? "each file has a name"
+                                                   : "staging copies a sample's files, and it names none"));
+      }
+    }
+  }
 }
 
 Plugged<Reader> build_reader(const RunConfig& config, const ReaderContext& context) {

@@ -176,6 +176,24 @@ def test_a_source_reader_s_wrong_sample_shape_is_named_with_its_file(tmp_path, d
             "plugin)") in r.stderr, r.stderr[-3000:]
 
 
+@pytest.mark.parametrize("fault, stage, says", [
+    ("negcount", False, "its sample_count() of the train split is -5 (a bug in the plugin)"),
+    ("none", True, "its sample_files() of train sample 0 is []; staging copies a sample's files, and it names none "
+                   "(a bug in the plugin)"),
+])
+def test_a_source_reader_s_bad_listing_is_named_with_its_file(tmp_path, data, fault, stage, says):
+    """Behind the prefetch reader a count of -5 was blamed on its [reader] shuffle settings, and a sample of no
+    files on its stage_dir ("train sample 1 was not staged but is read"), status 2, naming no source."""
+    out = tmp_path / "out"
+    cfg = write_run(tmp_path / "run.toml", data, out, run={"max_epochs": 1, "target_iou": 1.0},
+                    reader={"name": "prefetch", "depth": 2, "threads": 1,
+                            **({"stage_dir": str(tmp_path)} if stage else {})},
+                    **{"reader.source": {"name": "contract", "library": str(CONTRACT), "fault": fault}})
+    r = run_host(cfg, "--quiet")
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert f"internal error: {CONTRACT}: the plugin's factory failed: {says}" in r.stderr, r.stderr[-3000:]
+
+
 def test_a_failure_behind_the_prefetch_reader_names_its_source_too(tmp_path, data):
     # The source's read_sample() throws; the message named only the prefetch reader's file.
     cfg = write_run(tmp_path / "run.toml", data, tmp_path / "out", run={"max_epochs": 1, "target_iou": 1.0},

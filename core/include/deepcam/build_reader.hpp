@@ -27,6 +27,15 @@ DEEPCAM_API ReaderContext reader_context(const RunConfig& config, int rank, int 
 // (reader/prefetch), inside the nested plugin's factory call.
 DEEPCAM_API void check_sample_shape(const std::vector<std::int64_t>& shape, const ReaderContext& context);
 
+// A reader's listing of its samples, as a reader that reads through another
+// (reader/prefetch) uses it: sample_count() of each split not negative, and
+// sample_files() of every sample files with names, at least one where
+// `files_needed` (the wrapper copies them: staging). Throws
+// std::logic_error otherwise (a bug in the plugin), inside the nested
+// plugin's factory call as check_sample_shape(): a count of -5 was taken
+// for the wrapper's [reader] settings, an empty list for its staging's.
+DEEPCAM_API void check_sample_files(const Reader& reader, bool files_needed);
+
 // Calls the reader plugin's factory and checks its sample_shape(); the
 // result holds the plugin's library.
 DEEPCAM_API Plugged<Reader> build_reader(const RunConfig& config, const ReaderContext& context);

@@ -62,7 +62,10 @@ std::unique_ptr<deepcam::Reader> make(const deepcam::Params& params, const deepc
       deepcam::build_plugged(deepcam::LoadedPlugin{source->path, source->descriptor, source->library},
                              [&](const deepcam::PluginDescriptor& d) {
                                auto made = d.make_reader(source->params, context);
-                               if (made) deepcam::check_sample_shape(made->sample_shape(), context);
+                               if (made) {
+                                 deepcam::check_sample_shape(made->sample_shape(), context);
+                                 deepcam::check_sample_files(*made, !params.string("stage_dir").empty());
+                               }
                                return made;
                              });
   // `source` holds the source's library: released after the source reader.
