@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cmath>
+#include <stdexcept>
 #include <limits>
 #include <map>
 #include <optional>
@@ -63,6 +64,78 @@ std::string difference(const at::Tensor& stored, const at::Tensor& into, const c
   return "";
 }
 
+// What a value of an optimizer's state may be, as torch.save and torch.load
+// carry it: None, a bool, a number, a string, a tensor with data, or a list,
+// tuple or dict of them. "" when it is; else what it is, at `where`.
+std::string unsavable(const c10::IValue& v, const std::string& where) {
+  if (v.isNone() || v.isBool() || v.isInt() || v.isDouble() || v.isString()) return "";
+  if (v.isTensor()) {
+    const at::Tensor& t = v.toTensor();
+    if (!t.defined()) return fmt::format("{} is an undefined tensor", where);
+    if (t.is_meta()) return fmt::format("{} is a meta tensor, which holds no data", where);
+    return "";
+  }
+  if (v.isList() || v.isTuple()) {
+    const std::vector<c10::IValue> items = v.isList() ? v.toListRef().vec() : v.toTupleRef().elements().vec();
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      if (std::string problem = unsavable(items[i], fmt::format("{}[{}]", where, i)); !problem.empty()) return problem;
+    }
+    return "";
+  }
+  if (v.isGenericDict()) {
+    for (const auto& item : v.toGenericDict()) {
+      const std::string key = item.key().isString() ? "'" + item.key().toStringRef() + "'"
+                              : item.key().isInt()  ? std::to_string(item.key().toInt())
+                                                    : item.key().tagKind();
+      if (std::string problem = unsavable(item.value(), fmt::format("{}[{}]", where, key)); !problem.empty()) {
+        return problem;
+      }
+    }
+    return "";
+  }
+  return fmt::format("{} is a {}, which a checkpoint cannot hold", where, v.tagKind());
+}
+
+// Why the state an optimizer plugin's state_dict() returned cannot be saved
+// as PyTorch's layout ({"state": {i: {...}}, "param_groups": [...]}), or
+// resumed from ("" when it can): what a resume refuses, refused when it is
+// written, as the plugin's fault, rather than in a checkpoint that no run
+// can continue from.
+std::string optimizer_state_problem(const c10::IValue& state) {
+  if (!state.isGenericDict()) return fmt::format("is a {}, not a dict", state.tagKind());
+  const c10::impl::GenericDict root = state.toGenericDict();
+  const auto has = [&](const char* key, bool (c10::IValue::*is)() const) {
+    const auto it = root.find(key);
+    return it != root.end() && (it->value().*is)();
+  };
+  if (!has("state", &c10::IValue::isGenericDict)) return "has no dict 'state'";
+  if (!has("param_groups", &c10::IValue::isList)) return "has no list 'param_groups'";
+  if (std::string problem = unsavable(state, ""); !problem.empty()) return problem;
+  // A step as a resume reads it (check_optimizer_steps).
+  for (const auto& entry : root.find("state")->value().toGenericDict()) {
+    if (!entry.value().isGenericDict()) continue;
+    const auto& per_parameter = entry.value().toGenericDict();
+    const auto step = per_parameter.find("step");
+    if (step == per_parameter.end()) continue;
+    const std::string field =
+        fmt::format("['state'][{}]['step']",
+                    entry.key().isInt()      ? std::to_string(entry.key().toInt())
+                    : entry.key().isString() ? "'" + entry.key().toStringRef() + "'"
+                                             : entry.key().tagKind());
+    const c10::IValue& v = step->value();
+    const bool scalar_tensor = v.isTensor() && v.toTensor().numel() == 1 && !v.toTensor().is_complex();
+    if (!v.isInt() && !v.isDouble() && !scalar_tensor)
+      return fmt::format("{} is a {}, expected a number", field, v.tagKind());
+    const double n = v.isInt()      ? static_cast<double>(v.toInt())
+                     : v.isDouble() ? v.toDouble()
+                                    : v.toTensor().item<double>();
+    if (!std::isfinite(n) || n < 0 || n != std::floor(n)) {
+      return fmt::format("{} is {}, expected a non-negative whole number", field, n);
+    }
+  }
+  return "";
+}
+
 }  // namespace
 
 void save_checkpoint(const std::string& path, const CheckpointInfo& info, torch::nn::Module& model,
@@ -75,7 +148,14 @@ void save_checkpoint(const std::string& path, const CheckpointInfo& info, torch:
   top.insert("step", info.step);
   top.insert("epoch", info.epoch);
   top.insert("model", model_state);
-  if (optimizer) top.insert("optimizer", optimizer->state_dict());
+  if (optimizer) {
+    c10::IValue state = optimizer->state_dict();
+    if (const std::string problem = optimizer_state_problem(state); !problem.empty()) {
+      throw std::logic_error(fmt::format("its state_dict() {}; a checkpoint holds the state in PyTorch's layout, "
+                                         "which a resume loads", problem));
+    }
+    top.insert("optimizer", std::move(state));
+  }
   if (optimizer && !optimizer_plugin.empty()) top.insert("optimizer_name", optimizer_plugin);
   if (info.scaler) {
     // The keys and types of GradScaler.state_dict().

@@ -121,6 +121,15 @@ def test_an_optimizer_s_calls_that_throw_name_its_file(tmp_path, data):
     for call in ("set_lr", "zero_grad"):
         r, _ = run(call, call)
         assert r.returncode == 3 and failed + f"{call}() failed (a bug in the plugin)" in r.stderr, r.stderr[-3000:]
+    # A state_dict() no resume can load was saved as a checkpoint, and refused only at the resume, naming the
+    # checkpoint (None: "a checkpoint of the model alone"), or ended as "Cannot copy out of meta tensor".
+    for fault, says in [("none_state", "is a None, not a dict"),
+                        ("negative_step", "['state'][0]['step'] is -8, expected a non-negative whole number"),
+                        ("meta_state", "['state'][0]['exp_avg'] is a meta tensor, which holds no data")]:
+        r, out = run(fault, fault)
+        assert r.returncode == 3, r.stderr[-3000:]
+        assert failed.replace("stateful fixture: ", f"its state_dict() {says}; ") in r.stderr, r.stderr[-3000:]
+        assert not list(out.glob("*.pt")) and not list(out.glob(".*")), list(out.iterdir())
     # A gradient norm that is no 0-d tensor: "output with shape [] doesn't match the broadcast shape [3]".
     r, _ = run("norm", "norm")
     assert r.returncode == 3, r.stderr[-3000:]
