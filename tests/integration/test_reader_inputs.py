@@ -469,6 +469,23 @@ def test_a_truncated_npy_sample_is_refused_naming_the_bytes_it_needs(tmp_path, d
     assert str(second) in line and f"(a file of {size} bytes), but the file has {size - 100} bytes" in line, line
 
 
+@pytest.mark.parametrize("io", ["pread", "direct"])
+def test_an_npy_file_larger_than_any_sample_is_refused_by_its_size_naming_it(tmp_path, data, io):
+    """A sparse terabyte (a damaged or foreign file): the buffer as large as the file failed to be allocated, and
+    the run ended as "out of memory: std::bad_alloc", naming no file."""
+    from helpers import run_host
+    root = tmp_path / "huge"
+    shutil.copytree(data["npy", "float32"], root)
+    second = sorted((root / "train").glob("data-*.npy"))[1]
+    with open(second, "r+b") as f:
+        f.truncate(1 << 40)
+    r = run_host(run_file(tmp_path, root, "npy", reader_keys={"io": io}))
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = next(l for l in r.stderr.splitlines() if l.startswith("deepcam-host:"))
+    assert f"{second}: {1 << 40} bytes, more than a sample of the set's shape holds in any dtype" in line, line
+    assert "out of memory" not in r.stderr
+
+
 @pytest.mark.parametrize("reader", ["npy", "prefetch-npy"])
 def test_a_sample_too_large_for_memory_is_refused_naming_file_bytes_and_batch(tmp_path, data, reader):
     from helpers import run_host

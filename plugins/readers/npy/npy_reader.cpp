@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <new>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -130,13 +131,28 @@ class AlignedBuffer {
   std::size_t capacity_ = 0;
 };
 
+// The most bytes an .npy file of `values` values can hold: 8 bytes a value
+// (the widest dtype the readers take) and a header of up to 1 MiB.
+std::size_t most_bytes(std::int64_t values) { return static_cast<std::size_t>(values) * 8 + (std::size_t{1} << 20); }
+
+// A file larger than any sample of the set's shape (a damaged or foreign
+// file; a sparse one of a terabyte) is refused by its size before a buffer
+// as large as the file is allocated: that allocation failed as "out of
+// memory", naming no file.
+void refuse_larger(const std::string& path, std::size_t size, std::size_t most) {
+  if (size <= most) return;
+  throw Error(path + ": " + std::to_string(size) + " bytes, more than a sample of the set's shape holds in any dtype "
+              "with its header (at most " + std::to_string(most) + "): a damaged file, or one of another data set");
+}
+
 // Reads a whole file with O_DIRECT: the length rounded up to 4096, from
 // offset 0 (the data then sits at the header's offset in the buffer).
 // Returns the file's size.
-std::size_t read_direct(const std::string& path, AlignedBuffer& buffer) {
+std::size_t read_direct(const std::string& path, AlignedBuffer& buffer, std::size_t most) {
   const OpenFile file(path, O_DIRECT);
   const int fd = file.fd();
   const std::size_t size = file.size();
+  refuse_larger(path, size, most);
   const std::size_t rounded = (size + kDirectAlignment - 1) / kDirectAlignment * kDirectAlignment;
   unsigned char* out = buffer.reserve(std::max(rounded, kDirectAlignment));
   std::size_t done = 0;
@@ -163,10 +179,11 @@ std::size_t read_direct(const std::string& path, AlignedBuffer& buffer) {
 // call, as numpy.load makes, keeps the disk streaming where page faults on
 // a mapping come a window at a time). Returns the bytes read: the file's
 // size, or less if it shrank since fstat (the header check reports that).
-std::size_t read_buffered(const std::string& path, AlignedBuffer& buffer) {
+std::size_t read_buffered(const std::string& path, AlignedBuffer& buffer, std::size_t most) {
   const OpenFile file(path, 0);
   const int fd = file.fd();
   const std::size_t size = file.size();
+  refuse_larger(path, size, most);
   // The file is read once front to back: the largest read-ahead window.
   ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
   unsigned char* out = buffer.reserve(std::max<std::size_t>(size, 1));
@@ -400,9 +417,11 @@ void NpyFormat::load(const FileReader& reader, const std::vector<std::string>& f
     return;
   }
   const auto read = options_.io == NpyIo::Direct ? read_direct : read_buffered;
-  std::size_t size = read(data_path, s.file);
+  const SampleShape& shape = reader.shape();
+  const std::int64_t pixels = shape.height * shape.width;
+  std::size_t size = read(data_path, s.file, most_bytes(pixels * shape.channels));
   decode_data(reader, data_path, s.file.data(), size, data, s);
-  size = read(label_path, s.file);
+  size = read(label_path, s.file, most_bytes(pixels));
   decode_labels(reader, label_path, s.file.data(), size, labels);
 }
 
