@@ -16,6 +16,7 @@
 #include <mutex>
 #include <sstream>
 #include <stdexcept>
+#include <system_error>
 #include <utility>
 
 #include "deepcam/data_set.hpp"
@@ -408,7 +409,16 @@ bool FileReader::next(Batch& batch) {
 
   const Output layout = s.channels_last ? Output::ChannelsLast : Output::ChannelsFirst;
   if (!s.pool) {
-    auto pool = std::make_unique<WorkerPool>(s.format.threads);
+    std::unique_ptr<WorkerPool> pool;
+    try {
+      pool = std::make_unique<WorkerPool>(s.format.threads);
+    } catch (const std::system_error& e) {
+      // The process's thread limit (ulimit -u, a container's pids limit):
+      // the machine's, not a fault of the reader's code.
+      throw Error(fmt::format("{}: cannot start {} worker threads: {}; give it fewer threads, or raise the "
+                              "process limit (ulimit -u)",
+                              s.format.name, s.format.threads, e.what()));
+    }
     std::vector<std::unique_ptr<FileFormat::Scratch>> scratch;
     for (std::size_t i = 0; i < pool->size(); ++i) scratch.push_back(s.file_format->make_scratch());
     s.scratch = std::move(scratch);

@@ -298,3 +298,30 @@ def test_a_stop_signal_removes_what_the_reader_staged(tmp_path, data, sig):
     assert p.returncode == -sig, err  # ended by the signal, as a shell expects
     assert f"read stopped by {sig.name}: nothing measured; the reader's staged copies are removed" in err, err
     assert list(stage.iterdir()) == []
+
+
+def test_a_thread_limit_is_named_as_the_machine_s_not_as_the_plugin_s(tmp_path, data):
+    """Worker threads that the process limit (ulimit -u) refuses: the FileReader's pool failed as "the reader
+    plugin 'hdf5' failed: Resource temporarily unavailable (a bug in the plugin)", status 3."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("the limit holds for a user other than root: needs root and setpriv to become nobody")
+    # Outside pytest's folders, which only root may enter.
+    work = Path(tempfile.mkdtemp(prefix="deepcam-nproc-"))
+    try:
+        root = work / "h5"
+        shutil.copytree(data / "h5", root)
+        run = write_run(work / "run.toml", root, work / "out", reader={"name": "hdf5", "threads": 4})
+        for path in (work, root, *root.rglob("*"), run):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "bash", "-c",
+                            f'ulimit -u 3; exec "{DATA_TOOL}" read "{run}"'], capture_output=True, text=True,
+                           env=dict(plugin_env(), OMP_NUM_THREADS="1"), timeout=300)
+    finally:
+        shutil.rmtree(work)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr == ("deepcam-data: hdf5 reader: cannot start 4 worker threads: Resource temporarily unavailable; "
+                        "give it fewer threads, or raise the process limit (ulimit -u)\n"), r.stderr
