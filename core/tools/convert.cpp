@@ -240,10 +240,22 @@ void refuse_another_set_in(const ConvertOptions& o, const std::vector<std::strin
     }
   }
   const fs::path stats = o.dst / "stats.h5";
-  if (!fs::exists(fs::symlink_status(stats, ec))) return;
-  if (!same_bytes(stats, o.src / "stats.h5")) {
-    throw Error(fmt::format("{}: differs from {}: the output holds another data set's statistics, which convert "
-                            "would replace; convert into an empty folder, or remove it if it is this set's",
+  const fs::file_status status = fs::symlink_status(stats, ec);
+  if (!fs::exists(status)) return;
+  // Not opened unless a file: a FIFO there would block the open for good.
+  if (!fs::is_regular_file(fs::status(stats, ec))) {
+    throw Error(fmt::format("{}: not a file; convert writes the set's stats.h5 there: remove it, or convert into an "
+                            "empty folder",
+                            stats.string()));
+  }
+  // --verify compares every pair with the source and rewrites what differs:
+  // the output becomes the source's numpy form (the source's stats computed
+  // again, say), whatever it held.
+  if (!o.verify && !same_bytes(stats, o.src / "stats.h5")) {
+    throw Error(fmt::format("{}: differs from {}: the output holds another data set's statistics (its pairs, under "
+                            "the same names, would count as converted), or this set's from before they were "
+                            "computed again; convert into an empty folder, or add --verify to compare every pair "
+                            "with the source and rewrite what differs",
                             stats.string(), (o.src / "stats.h5").string()));
   }
 }
@@ -653,6 +665,8 @@ void run_convert(const ConvertOptions& o) {
       stop = true;
       std::error_code ec;
       const bool removed = wrote_data && fs::remove(job.data, ec);
+      // A label being repaired was broken: it goes with the data file.
+      if (removed && label_problem != "missing") fs::remove(job.label, ec);
       report(removed ? fmt::format("{} ({}, written before it, is removed: a pair is kept whole or not at all)",
                                    e.what(), job.data.filename().string())
                      : std::string(e.what()));

@@ -242,10 +242,25 @@ def test_an_output_holding_another_data_set_is_refused_before_anything_is_writte
     before = {p: p.read_bytes() for p in npy.rglob("*") if p.is_file()}
     proc = run(deepcam_data, "convert", source, npy)
     one_line_error(proc, f"{npy}/stats.h5: differs from {source}/stats.h5: the output holds another data set's "
-                         "statistics")
+                         "statistics", "add --verify to compare every pair")
     assert {p: p.read_bytes() for p in npy.rglob("*") if p.is_file()} == before
-    # Its own output, and the source itself, go on as before.
+    # Its own output goes on as before.
     ok(run(deepcam_data, "convert", other, npy))
+    # A stats.h5 that is no file is not opened: a FIFO blocked the open for good.
+    fifo_out = tmp_path / "fifo-out"
+    fifo_out.mkdir()
+    os.mkfifo(fifo_out / "stats.h5")
+    proc = run(deepcam_data, "convert", source, fifo_out)
+    one_line_error(proc, f"{fifo_out}/stats.h5: not a file")
+    # The source's stats computed again after a convert: --verify compares every pair with the source and
+    # rewrites what differs, stats.h5 too.
+    mine = tmp_path / "mine"
+    ok(run(deepcam_data, "convert", source, mine))
+    shutil.copyfile(other / "stats.h5", mine / "stats.h5")
+    one_line_error(run(deepcam_data, "convert", source, mine), f"{mine}/stats.h5: differs from")
+    ok(run(deepcam_data, "convert", source, mine, "--verify"))
+    assert (mine / "stats.h5").read_bytes() == (source / "stats.h5").read_bytes()
+    assert assert_converted(source, mine) == len(sources(source))
     # A numpy set given as the source is named so.
     proc = run(deepcam_data, "convert", npy, tmp_path / "again")
     one_line_error(proc, f"{npy}: holds numpy samples (data-*.npy) and no HDF5 ones: it is a numpy set already")
