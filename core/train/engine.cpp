@@ -862,6 +862,11 @@ class Engine {
       return sorted[below] + (at - static_cast<double>(below)) * (sorted[above] - sorted[below]);
     };
     comm_.world().barrier();
+    // The figures are in: a signal from here on is recorded, not the end of
+    // the process by end_benchmark, which would lose the line still in
+    // stdout's buffer (flushed by the program's end) and call it "before its
+    // figures".
+    record_stop_signals_from_now();
     if (comm_.rank() == 0) {
       const Json line = Json::object({
           {"samples_per_s", Json(static_cast<double>(steps * batch * comm_.size()) / total)},
