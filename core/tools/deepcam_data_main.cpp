@@ -12,7 +12,8 @@
 //   deepcam-data package RUN_DIR... [--throughput INSTANCE_DIR...] --system NAME --out DIR [--system-desc FILE]
 //
 // Every error is one line `deepcam-data: <message>` on stderr and a non-zero
-// exit status (2 for a bad command line or run file, 1 otherwise); no
+// exit status (2 for a bad command line or run file, 3 for a fault of a
+// plugin's code, 1 otherwise); no
 // partial file is left behind. An option given twice is a bad command line
 // (options.hpp), but read's --set, which adds.
 #include <signal.h>

@@ -64,7 +64,9 @@ std::unique_ptr<deepcam::Reader> make(const deepcam::Params& params, const deepc
                                auto made = d.make_reader(source->params, context);
                                if (made) {
                                  deepcam::check_sample_shape(made->sample_shape(), context);
-                                 deepcam::check_sample_files(*made, !params.string("stage_dir").empty());
+                                 // Staging copies the files: a run that stages (a split to read).
+                                 const bool stages = !params.string("stage_dir").empty() && !context.splits.empty();
+                                 deepcam::check_sample_files(*made, stages);
                                }
                                return made;
                              });
