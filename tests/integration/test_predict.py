@@ -150,9 +150,11 @@ def test_a_narrow_sample_gets_a_picture_as_wide_as_its_legend(tmp_path):
     sample = sorted((data / "validation").glob("*.h5"))[0]
     assert (pixels[:32, :48] == expected_picture(sample, data / "stats.h5", pred)).all()
     assert (pixels[:32, 48:] == 0).all()
-    # The last letter's column of every line holds white: no line is cut.
-    legend = pixels[32:]
-    assert (legend[:, 10 + 13 * 6:] == 255).all(axis=-1).any()
+    # Each line's last letter is drawn (white in its 5 x 7 cell): no line is cut.
+    for k, text in enumerate(["TMQ (GREY)", "TC PREDICTED", "AR PREDICTED", "TC TRUE (EDGE)", "AR TRUE (EDGE)"]):
+        top, left = 32 + 1 + 10 * k, 10 + 6 * (len(text) - 1)
+        cell = pixels[top:top + 7, left:left + 5]
+        assert cell.shape == (7, 5, 3) and (cell == 255).all(axis=-1).any(), (text, cell.shape)
 
 
 def test_an_earlier_predicts_files_are_refused_or_removed_not_mixed(trained, tmp_path):
