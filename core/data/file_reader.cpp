@@ -228,7 +228,8 @@ void FileReader::Impl::check_batch_memory() const {
     const std::int64_t samples = capacity(split);
     if (batch_bytes(samples) > memory)
       throw Error(batch_memory_message(
-          split, samples, fmt::format("this machine has {:.0f} bytes of memory and swap ({:.1f} GB)", memory, memory / 1e9L)));
+          split, samples,
+          fmt::format("this machine has {:.0f} bytes of memory and swap ({:.1f} GB)", memory, memory / 1e9L)));
   }
 }
 
@@ -388,7 +389,8 @@ bool FileReader::next(Batch& batch) {
         at::kFloat);
     labels_buffer = s.labels_pool.take(capacity, {h, w}, at::kLong);
   } catch (const c10::Error& e) {
-    throw Error(s.batch_memory_message(s.split, capacity, fmt::format("allocating it failed: {}", e.what_without_backtrace())));
+    throw Error(
+        s.batch_memory_message(s.split, capacity, fmt::format("allocating it failed: {}", e.what_without_backtrace())));
   } catch (const std::bad_alloc&) {
     throw Error(s.batch_memory_message(s.split, capacity, "allocating it failed (out of memory)"));
   }
