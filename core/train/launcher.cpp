@@ -104,16 +104,21 @@ int rank_to_blame(const std::vector<bool>& failed, const std::vector<int>& codes
 
 int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
   if (nproc < 1) throw Error(fmt::format("--nproc {}: needs at least 1", nproc));
-  // Started as one rank of many by torchrun or by --nproc itself, the ranks
-  // it would start would meet those of the other copies under the same
-  // address. (The variables of Slurm and MPI launchers are not asked: a
-  // batch script may hold them, stale, and start --nproc legitimately; they
-  // are cleared below.)
-  if (const char* size = std::getenv("WORLD_SIZE"); size && *size && std::strcmp(size, "1") != 0) {
-    throw Error(fmt::format("--nproc {}: this process is already one of the ranks of a launcher (WORLD_SIZE={}: "
-                            "torchrun or deepcam-host --nproc); start the ranks with that launcher or with --nproc, "
-                            "not both",
-                            nproc, size));
+  // Started as one rank of many by torchrun or by --nproc itself, or as one
+  // task of many of an srun step or an MPI launcher, the ranks it would
+  // start would meet those of the other copies under the same address, or
+  // train as worlds of their own into one output_dir. (A batch script's own
+  // Slurm variables, without SLURM_STEP_NUM_TASKS, are no launcher's: such a
+  // script starts --nproc legitimately; they are cleared below.)
+  for (const auto& [name, launcher] : {std::pair{"WORLD_SIZE", "torchrun or deepcam-host --nproc"},
+                                       std::pair{"SLURM_STEP_NUM_TASKS", "a task of an srun step"},
+                                       std::pair{"OMPI_COMM_WORLD_SIZE", "Open MPI's mpirun"},
+                                       std::pair{"PMI_SIZE", "an MPI launcher (PMI)"}}) {
+    const char* size = std::getenv(name);
+    if (!size || !*size || std::strcmp(size, "1") == 0) continue;
+    throw Error(fmt::format("--nproc {}: this process is already one of the ranks of a launcher ({}={}: {}); start "
+                            "the ranks with that launcher (one task per rank) or with --nproc (one task), not both",
+                            nproc, name, size, launcher));
   }
   const char* addr = std::getenv("MASTER_ADDR");
   const char* port = std::getenv("MASTER_PORT");

@@ -104,8 +104,15 @@ std::string setting(const Environment& env, const char* name) { return fmt::form
 
 RankLayout detect_ranks(const Environment& env) {
   const bool inside_torchrun = env("TORCHELASTIC_RUN_ID") != nullptr;
+  // Slurm's variables without SLURM_STEP_NUM_TASKS are the batch script's
+  // (sbatch runs it once); under an MPI launcher started there (`sbatch -n
+  // 2` then `mpirun -np 2`) the launcher's are this process's own.
+  const char* step = env("SLURM_STEP_NUM_TASKS");
+  const bool slurm_batch_script = !step || !*step;
+  const bool under_mpi = integer(env, kSources[1].rank, 0) || integer(env, kSources[3].rank, 0);
   std::optional<RankLayout> chosen;
   for (const Source& s : kSources) {
+    if (&s == &kSources[2] && slurm_batch_script && under_mpi) continue;
     const std::optional<int> rank = integer(env, s.rank, 0);
     const std::optional<int> size = integer(env, s.size, 1);
     if (!rank && !size) continue;
@@ -164,8 +171,7 @@ RankLayout detect_ranks(const Environment& env) {
   // without it. Taken for rank 0 of the job, that process would wait
   // comm_timeout_s for ranks that nobody starts.
   if (chosen && chosen->source == kSources[2].name && chosen->world_size > 1) {
-    const char* step = env("SLURM_STEP_NUM_TASKS");
-    if (!step || !*step) {
+    if (slurm_batch_script) {
       throw Error(fmt::format("environment variables {} and {} (Slurm), but no SLURM_STEP_NUM_TASKS: this process is "
                               "the batch script's own, which sbatch runs once, not a task of an srun step; start "
                               "the ranks with srun (one task per rank), or with deepcam-host --nproc N on one node",

@@ -188,6 +188,17 @@ def test_nproc_in_a_rank_of_another_launch_is_refused(tmp_path, data):
     assert ("deepcam-host: --nproc 2: this process is already one of the ranks of a launcher (WORLD_SIZE=2: "
             "torchrun or deepcam-host --nproc)") in r.stderr, r.stderr[-3000:]
     assert not out.exists()
+    # A task of an srun step or of mpirun: each task started a world of its own, all in one output_dir.
+    for variables, says in [({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2"},
+                             "SLURM_STEP_NUM_TASKS=2: a task of an srun step"),
+                            ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"},
+                             "OMPI_COMM_WORLD_SIZE=2: Open MPI's mpirun"),
+                            ({"PMI_RANK": "0", "PMI_SIZE": "2"}, "PMI_SIZE=2: an MPI launcher (PMI)")]:
+        r = run_host("--nproc", 2, run, env=clean_env(**variables), timeout=TIMEOUT)
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert f"deepcam-host: --nproc 2: this process is already one of the ranks of a launcher ({says})" \
+            in r.stderr, r.stderr[-3000:]
+        assert not out.exists()
 
 
 def test_local_rank_variables_that_contradict_the_host_are_refused(tmp_path, data, ranks):

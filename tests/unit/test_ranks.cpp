@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <string>
 #include <vector>
@@ -87,6 +88,26 @@ TEST_CASE("a batch script's own process is no rank of the job") {
                 batch);
   // A job of one task is one rank, step or not.
   check(detect({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "1"}}), 0, 1, -1, -1, "Slurm");
+}
+
+TEST_CASE("an MPI launcher in a batch script of as many tasks: the launcher's variables, not the script's") {
+  // sbatch -n 2, then mpirun -np 2 (or an MPICH/Intel MPI mpiexec): the script's SLURM_PROCID=0 gave rank 1
+  // "different ranks ... unset the stale one", and PMI's rank 0 was told it was the batch script's own.
+  const Vars script{{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}, {"SLURM_NODEID", "0"},
+                    {"SLURM_TASKS_PER_NODE", "2"}, {"SLURM_LOCALID", "0"}};
+  Vars ompi = script;
+  ompi.insert({{"OMPI_COMM_WORLD_RANK", "1"}, {"OMPI_COMM_WORLD_SIZE", "2"}, {"OMPI_COMM_WORLD_LOCAL_RANK", "1"},
+               {"OMPI_COMM_WORLD_LOCAL_SIZE", "2"}});
+  check(detect(ompi), 1, 2, 1, 2, "Open MPI");
+  for (const char* rank : {"0", "1"}) {
+    Vars pmi = script;
+    pmi.insert({{"PMI_RANK", rank}, {"PMI_SIZE", "2"}, {"MPI_LOCALRANKID", rank}, {"MPI_LOCALNRANKS", "2"}});
+    check(detect(pmi), std::atoi(rank), 2, std::atoi(rank), 2, "PMI");
+  }
+  // In an srun step the Slurm variables are current: a stale MPI rank beside them is still refused.
+  Vars step = ompi;
+  step.insert({"SLURM_STEP_NUM_TASKS", "2"});
+  CHECK(error_of(step).find("unset the stale one") != std::string::npos);
 }
 
 TEST_CASE("torchrun inside a launch of the same size: torchrun's variables are current, not stale") {
