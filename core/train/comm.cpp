@@ -320,6 +320,11 @@ void Communicator::Impl::find_store(bool read_environment) {
       throw Error(fmt::format("{}: expected tcp://HOST:PORT", setting));
     }
     store_host = rest.substr(0, colon);
+    // An IPv6 address in a URL's brackets, tcp://[::1]:29500, as
+    // urllib.parse and c10d's own URLs write it: the address without them.
+    if (store_host.size() > 2 && store_host.front() == '[' && store_host.back() == ']') {
+      store_host = store_host.substr(1, store_host.size() - 2);
+    }
     port_text = rest.substr(colon + 1);
     store_where = setting;
     port_where = store_where;
