@@ -598,7 +598,15 @@ class Engine {
   // sample count and a hash of its file names in order (not their folder,
   // which staging changes) are compared with rank 0's.
   void require_same_samples(const std::vector<Split>& splits) {
-    std::vector<std::int64_t> mine;
+    // The sample shape (the first training file's, as the reader reads it)
+    // and the normalisation (stats.h5: a few kB, fingerprinted whole): a
+    // rank that sees another copy under the same names (an older one, or
+    // one of other resolution) trained on it without a word.
+    const std::vector<std::int64_t> shape = in_plugin(cfg_.reader, [&] { return c_.reader->sample_shape(); });
+    const std::string stats = (fs::path(cfg_.data.string("root")) / "stats.h5").string();
+    std::vector<std::int64_t> mine = {shape.size() == 3 ? shape[1] : -1, shape.size() == 3 ? shape[2] : -1,
+                                      static_cast<std::int64_t>(file_fingerprint(stats))};
+    constexpr std::size_t kHeader = 3;
     for (const Split s : splits) {
       const std::int64_t count = in_plugin(cfg_.reader, [&] { return c_.reader->sample_count(s); });
       std::uint64_t hash = 14695981039346656037ull;  // FNV-1a
@@ -612,15 +620,24 @@ class Engine {
       mine.push_back(count);
       mine.push_back(static_cast<std::int64_t>(hash));
     }
-    if (mine.empty()) return;
     const at::Tensor all = comm_.world().all_gather(at::tensor(mine, at::kLong));
     const auto* v = all.data_ptr<std::int64_t>();
     const std::size_t n = mine.size();
     std::vector<std::string> differences;
     for (int r = 1; r < comm_.size() && differences.size() < 4; ++r) {
+      const std::int64_t* theirs = v + static_cast<std::size_t>(r) * n;
+      if (theirs[0] != v[0] || theirs[1] != v[1]) {
+        differences.push_back(fmt::format("rank {} reads samples of {} x {} pixels, rank 0 of {} x {}", r, theirs[0],
+                                          theirs[1], v[0], v[1]));
+      }
+      if (theirs[2] != v[2]) {
+        differences.push_back(fmt::format("rank {} sees another {} than rank 0 (other statistics: every rank must "
+                                          "normalise alike)",
+                                          r, stats));
+      }
       for (std::size_t k = 0; k < splits.size(); ++k) {
-        const std::int64_t* first = v + 2 * k;
-        const std::int64_t* other = v + static_cast<std::size_t>(r) * n + 2 * k;
+        const std::int64_t* first = v + kHeader + 2 * k;
+        const std::int64_t* other = theirs + kHeader + 2 * k;
         if (other[0] != first[0]) {
           differences.push_back(fmt::format("rank {} sees {} {} samples, rank 0 {}", r, other[0],
                                             to_string(splits[k]), first[0]));

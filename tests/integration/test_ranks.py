@@ -588,6 +588,9 @@ def can_bind_mount():
     ("fewer", "rank 1 sees 7 train samples, rank 0 8"),
     ("renamed", "rank 1 sees as many validation samples as rank 0 (4), but in other files"),
     ("staged part", "rank 1 sees 4 train samples, rank 0 8"),
+    # Another copy under the same names trained without a word: other statistics, or another resolution.
+    ("statistics", "rank 1 sees another {root}/stats.h5 than rank 0 (other statistics"),
+    ("resolution", "rank 1 reads samples of 32 x 48 pixels, rank 0 of 64 x 96"),
 ])
 def test_ranks_that_see_another_data_set_at_the_same_root_are_refused(tmp_path, data, ranks, case, seen):
     """Each rank lists [data] root itself: a node that held a copy of part of the set (as a node-local
@@ -596,9 +599,17 @@ def test_ranks_that_see_another_data_set_at_the_same_root_are_refused(tmp_path, 
     Rank 1 runs in a mount namespace of its own, where another folder is mounted at the root's path."""
     root, other = tmp_path / "data", tmp_path / "other"
     shutil.copytree(data, root)
-    shutil.copytree(data, other)
+    if case == "resolution":
+        synth(other, train=8, validation=4, height=32, width=48)
+    else:
+        shutil.copytree(data, other)
     train, validation = sorted((other / "train").iterdir()), sorted((other / "validation").iterdir())
-    if case == "fewer":
+    if case == "statistics":
+        synth(tmp_path / "reseeded", train=8, validation=4, height=64, width=96, seed=9)
+        shutil.copyfile(tmp_path / "reseeded" / "stats.h5", other / "stats.h5")
+    elif case == "resolution":
+        pass
+    elif case == "fewer":
         train[-1].unlink()
     elif case == "renamed":
         validation[0].rename(validation[0].with_name("data-0000-renamed.h5"))
@@ -616,7 +627,8 @@ def test_ranks_that_see_another_data_set_at_the_same_root_are_refused(tmp_path, 
     assert ranks.wait_all() == [2, 2], (ranks.stderr("rank0")[-3000:], ranks.stderr("rank1")[-3000:])
     for name in ("rank0", "rank1"):
         err = ranks.stderr(name)
-        assert f"[data] root = \"{root}\": the ranks do not see the same data set: {seen}; " in err, err[-3000:]
+        assert f"[data] root = \"{root}\": the ranks do not see the same data set: {seen.format(root=root)}" \
+            in err, err[-3000:]
     assert not (tmp_path / "out").exists()
 
 
