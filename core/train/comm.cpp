@@ -694,12 +694,16 @@ bool Communicator::Impl::stop_watch() {
 // With `mutex` held: who is lost when the store has not answered the
 // watchdog for the timeout, else "".
 std::string Communicator::Impl::unanswered_store() const {
-  if (Clock::now() - answered <= options.timeout) return "";
+  const auto silent = Clock::now() - answered;
+  if (silent <= options.timeout) return "";
   const std::string held = options.rendezvous == "env" || options.rendezvous.rfind("tcp://", 0) == 0
                                ? fmt::format("lost {}, which holds the rendezvous store", describe(0))
                                : fmt::format("lost the rendezvous store {}", options.rendezvous);
-  return fmt::format("{}: it has not answered for {} s ({} = {})", held, seconds(options.timeout),
-                     options.timeout_where, seconds(options.timeout));
+  // The time since its last answer, which the watchdog's beats make longer
+  // than the timeout (the figure the message gave before, however long).
+  return fmt::format("{}: it has not answered for {:.0f} s ({} = {})", held,
+                     seconds(std::chrono::duration_cast<std::chrono::milliseconds>(silent)), options.timeout_where,
+                     seconds(options.timeout));
 }
 
 void Communicator::Impl::lost(const std::string& what) {
