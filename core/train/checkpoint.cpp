@@ -64,6 +64,24 @@ std::string difference(const at::Tensor& stored, const at::Tensor& into, const c
   return "";
 }
 
+// Why an optimizer state's `step` (`field` names it) is no step PyTorch
+// keeps (a number, or a one-element tensor, that is a non-negative whole
+// number); "" when it is one. Read as a resume reads it and as a save
+// checks it.
+std::string step_problem(const c10::IValue& step, const std::string& field) {
+  double s = 0;
+  if (step.isInt()) s = static_cast<double>(step.toInt());
+  else if (step.isDouble()) s = step.toDouble();
+  else if (step.isTensor() && step.toTensor().is_complex())
+    return fmt::format("{} is a complex tensor, expected a number", field);
+  else if (step.isTensor() && step.toTensor().numel() == 1) s = step.toTensor().item<double>();
+  else return fmt::format("{} is a {}, expected a number", field, step.tagKind());
+  if (!std::isfinite(s) || s < 0 || s != std::floor(s)) {
+    return fmt::format("{} is {}, expected a non-negative whole number", field, s);
+  }
+  return "";
+}
+
 // What a value of an optimizer's state may be, as torch.save and torch.load
 // carry it: None, a bool, a number, a string, a tensor with data, or a list,
 // tuple or dict of them. "" when it is; else what it is, at `where`.
@@ -111,7 +129,7 @@ std::string optimizer_state_problem(const c10::IValue& state) {
   if (!has("state", &c10::IValue::isGenericDict)) return "has no dict 'state'";
   if (!has("param_groups", &c10::IValue::isList)) return "has no list 'param_groups'";
   if (std::string problem = unsavable(state, ""); !problem.empty()) return problem;
-  // A step as a resume reads it (check_optimizer_steps).
+  // A step as a resume reads it (step_problem).
   for (const auto& entry : root.find("state")->value().toGenericDict()) {
     if (!entry.value().isGenericDict()) continue;
     const auto& per_parameter = entry.value().toGenericDict();
@@ -122,16 +140,7 @@ std::string optimizer_state_problem(const c10::IValue& state) {
                     entry.key().isInt()      ? std::to_string(entry.key().toInt())
                     : entry.key().isString() ? "'" + entry.key().toStringRef() + "'"
                                              : entry.key().tagKind());
-    const c10::IValue& v = step->value();
-    const bool scalar_tensor = v.isTensor() && v.toTensor().numel() == 1 && !v.toTensor().is_complex();
-    if (!v.isInt() && !v.isDouble() && !scalar_tensor)
-      return fmt::format("{} is a {}, expected a number", field, v.tagKind());
-    const double n = v.isInt()      ? static_cast<double>(v.toInt())
-                     : v.isDouble() ? v.toDouble()
-                                    : v.toTensor().item<double>();
-    if (!std::isfinite(n) || n < 0 || n != std::floor(n)) {
-      return fmt::format("{} is {}, expected a non-negative whole number", field, n);
-    }
+    if (std::string problem = step_problem(step->value(), field); !problem.empty()) return problem;
   }
   return "";
 }
@@ -325,16 +334,7 @@ void check_optimizer_steps(const Fields& f, const c10::IValue& optimizer) {
     const auto step = f.find(entry.value().toGenericDict(), "step");
     if (!step) continue;
     const std::string field = fmt::format("['optimizer']['state'][{}]['step']", parameter);
-    double s = 0;
-    if (step->isInt()) s = static_cast<double>(step->toInt());
-    else if (step->isDouble()) s = step->toDouble();
-    else if (step->isTensor() && step->toTensor().is_complex())
-      f.fail(fmt::format("{} is a complex tensor, expected a number", field));
-    else if (step->isTensor() && step->toTensor().numel() == 1) s = step->toTensor().item<double>();
-    else f.fail(fmt::format("{} is a {}, expected a number", field, step->tagKind()));
-    if (!std::isfinite(s) || s < 0 || s != std::floor(s)) {
-      f.fail(fmt::format("{} is {}, expected a non-negative whole number", field, s));
-    }
+    if (const std::string problem = step_problem(*step, field); !problem.empty()) f.fail(problem);
   }
 }
 
