@@ -9,6 +9,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <ifaddrs.h>
 #include <netdb.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -19,13 +20,16 @@
 #include <array>
 #include <cerrno>
 #include <chrono>
+#include <csignal>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <mutex>
+#include <random>
 #include <set>
 #include <stdexcept>
 #include <thread>
@@ -52,18 +56,33 @@ std::string heartbeat_key(int rank) { return fmt::format("deepcam/alive/{}", ran
 const char* const kLostKey = "deepcam/lost";
 // How many ranks have read kLostKey's verdict.
 const char* const kLostReadKey = "deepcam/lost-read";
-// Why a rank refused to join this world (started for another world size).
+// Why a rank refused to join this world (started for another world size,
+// as a rank another process joined as, ...): the others stop at once too.
 const char* const kRefusedKey = "deepcam/refused";
+// A joining rank's token (Impl::join_store).
 std::string joined_key(int rank) { return fmt::format("deepcam/joined/{}", rank); }
+// Rank 0's token and every rank's, in rank order, once all have joined.
+const char* const kRosterKey = "deepcam/roster";
+// A rank's answer to the roster: rank 0's token.
+std::string answer_key(int rank) { return fmt::format("deepcam/answer/{}", rank); }
+// Counts the processes that joined as `rank` (more than one is refused).
+std::string rank_key(int rank) { return fmt::format("deepcam/rank/{}", rank); }
+// "SIGNAL why": a rank stopped by a signal before the ranks had met.
+const char* const kStoppedKey = "deepcam/stopped";
+// How many ranks gave up the rendezvous (a file store's last one deletes it).
+const char* const kLeftKey = "deepcam/left";
 const std::string kDone = "done";      // ended normally
 const std::string kFailed = "failed";  // ended by an error of its own
 
 // Tries a TCP connection to host:port until one is taken or `deadline`
 // passes: "" once taken (and closed at once), else the last attempt's
-// error. Each attempt waits at most a second.
-std::string reach(const std::string& host, std::uint16_t port, Clock::time_point deadline) {
+// error. Each attempt waits at most a second. A stop signal ends the
+// tries: `stopped` throws.
+std::string reach(const std::string& host, std::uint16_t port, Clock::time_point deadline,
+                  const std::function<void(int)>& stopped) {
   std::string last;
   for (;;) {
+    if (const int signal = stop_requested()) stopped(signal);
     addrinfo hints{};
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
@@ -108,6 +127,21 @@ std::string hostname() {
   return name;
 }
 
+// The network interfaces here that have an address, as GLOO_SOCKET_IFNAME
+// may name them.
+std::vector<std::string> interfaces() {
+  std::set<std::string> names;
+  ifaddrs* all = nullptr;
+  if (::getifaddrs(&all) != 0) return {};
+  for (const ifaddrs* i = all; i; i = i->ifa_next) {
+    if (i->ifa_addr && (i->ifa_addr->sa_family == AF_INET || i->ifa_addr->sa_family == AF_INET6)) {
+      names.insert(i->ifa_name);
+    }
+  }
+  ::freeifaddrs(all);
+  return {names.begin(), names.end()};
+}
+
 }  // namespace
 
 class ProcessGroupGroup;
@@ -146,8 +180,24 @@ struct Communicator::Impl {
   std::uint16_t store_port = 0;
 
   void find_store(bool read_environment);
+  // Gloo's network interface, one for every group.
+  std::shared_ptr<::gloo::transport::Device> gloo_device;
+  void pick_gloo_device();
   void join_store();
   void join_store_within(std::chrono::milliseconds limit);
+  [[noreturn]] void stop_rendezvous(int signal, const char* when);
+  // Between a joining rank's looks at the store: up to 2 s on large worlds,
+  // to spare it.
+  std::chrono::milliseconds join_pause() const {
+    return std::chrono::milliseconds(std::clamp(layout.world_size * 10, 100, 2000));
+  }
+  // How a rank leaves the rendezvous (leave_rendezvous).
+  enum class Leaving {
+    kNotCounted,  // it never counted as one that came (the store may be another run's)
+    kRefused,     // a refusal: ranks still to come read why; c10d deletes a file store once all have left
+    kEnded,       // a stop or the timeout: the last of those that came deletes a file store
+  };
+  void leave_rendezvous(const std::string& why, Leaving how) noexcept;
   void meet();
   void place();
   void watch();
@@ -225,10 +275,7 @@ c10::intrusive_ptr<c10d::ProcessGroup> Communicator::Impl::make_group(const std:
   auto pg = c10::make_intrusive<c10d::ProcessGroup>(prefixed, rank, size);
   auto gloo_options = c10d::ProcessGroupGloo::Options::create();
   gloo_options->timeout = options.timeout;
-  // GLOO_SOCKET_IFNAME picks the network interface, as in PyTorch.
-  const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
-  gloo_options->devices.push_back(ifname && *ifname ? c10d::ProcessGroupGloo::createDeviceForInterface(ifname)
-                                                    : c10d::ProcessGroupGloo::createDefaultDevice());
+  gloo_options->devices.push_back(gloo_device);
   auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(c10::make_intrusive<c10d::PrefixStore>("gloo/", prefixed),
                                                           rank, size, gloo_options);
   // Barriers and CPU tensors go through Gloo also on CUDA runs.
@@ -339,6 +386,32 @@ void Communicator::Impl::find_store(bool read_environment) {
   store_port = static_cast<std::uint16_t>(port);
 }
 
+// GLOO_SOCKET_IFNAME picks the interface, as in PyTorch; else the one the
+// host name resolves to. A name Gloo cannot use is an Error ("cannot use
+// ...", for the caller to put the rank before) naming the variable and
+// this host's interfaces (Gloo's own says "enforce fail").
+void Communicator::Impl::pick_gloo_device() {
+  const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
+  if (!ifname || !*ifname) {
+    gloo_device = c10d::ProcessGroupGloo::createDefaultDevice();
+    return;
+  }
+  try {
+    gloo_device = c10d::ProcessGroupGloo::createDeviceForInterface(ifname);
+  } catch (const std::exception& e) {
+    const std::vector<std::string> here = interfaces();
+    const bool known = std::find(here.begin(), here.end(), ifname) != here.end();
+    std::string why = known ? first_line(e.what()) : "no network interface of that name has an address here";
+    // Gloo's "[enforce fail at FILE:LINE] CONDITION. " before its words.
+    if (const auto words = why.rfind(". "); known && why.rfind("[enforce fail", 0) == 0 && words != std::string::npos) {
+      why = why.substr(words + 2);
+    }
+    throw Error(fmt::format("cannot use GLOO_SOCKET_IFNAME={} on host {}: {} (its interfaces: {}); name one of "
+                            "them, or unset the variable for the interface the host name resolves to",
+                            ifname, hostname(), why, fmt::join(here, ", ")));
+  }
+}
+
 // Connects to the store (rank 0 hosts a TCP one) and joins it.
 void Communicator::Impl::join_store() {
   const int rank = layout.rank, size = layout.world_size;
@@ -373,7 +446,9 @@ void Communicator::Impl::join_store() {
     // each failed try with a C++ backtrace and retries past the timeout, and
     // the wait then reads as a port held by a process that never answers.
     if (rank != 0) {
-      if (const std::string error = reach(store_host, store_port, Clock::now() + options.timeout); !error.empty()) {
+      const auto stopped = [&](int signal) { stop_rendezvous(signal, "before rank 0's store answered"); };
+      if (const std::string error = reach(store_host, store_port, Clock::now() + options.timeout, stopped);
+          !error.empty()) {
         throw Error(fmt::format("rank {} of {}: no rendezvous store answered at {}:{} ({}) within {} s ({}): {}; "
                                 "rank 0 hosts it: it has not started, or the address or port is not its",
                                 rank, size, store_host, store_port, store_where, seconds(options.timeout),
@@ -401,50 +476,172 @@ void Communicator::Impl::join_store() {
   // Each rank joins once, all with one world size: two processes started
   // as the same rank, ranks told different sizes, or a file store that a
   // killed run left behind would otherwise wait on each other until the
-  // timeout and say nothing of why.
-  if (store->add(fmt::format("deepcam/rank/{}", rank), 1) != 1) {
-    throw Error(!store_path.empty()
-                    ? fmt::format("{}: rank {} has joined this store before: a run that did not end left the "
-                                  "file behind, or another process was started as rank {} too; delete the file or "
-                                  "give each run a new path",
-                                  options.rendezvous_setting, rank, rank)
-                    : fmt::format("rank {} of {}: another process joined the rendezvous as rank {} too ({}); "
-                                  "give each process its own rank",
-                                  rank, size, rank, layout.rank_variable));
+  // timeout and say nothing of why. A rank that gives up tells the others
+  // (leave_rendezvous), who stop at once too.
+  if (store->add(rank_key(rank), 1) != 1) {
+    const std::string why =
+        !store_path.empty()
+            ? fmt::format("{}: rank {} has joined this store before: a run that did not end left the file "
+                          "behind, or another process was started as rank {} too; delete the file or give each "
+                          "run a new path",
+                          options.rendezvous_setting, rank, rank)
+            : fmt::format("another process joined the rendezvous as rank {} too ({}); give each process its "
+                          "own rank",
+                          rank, layout.rank_variable);
+    // Not counted as one that came: the file may be another run's.
+    leave_rendezvous(why, Leaving::kNotCounted);
+    throw Error(fmt::format("rank {} of {}: {}", rank, size, why));
   }
+  // Before the others wait on this rank in the process groups' set-up.
+  try {
+    pick_gloo_device();
+  } catch (const Error& e) {
+    leave_rendezvous(fmt::format("rank {} {}", rank, e.what()), Leaving::kRefused);
+    throw Error(fmt::format("rank {} of {} {}", rank, size, e.what()));
+  }
+  const auto pause = join_pause();
+  const auto deadline = Clock::now() + options.timeout;
+  // Rank 0's word on the world size, and then every rank's arrival, polled:
+  // a rank that refused this world, or was stopped, is named at once, where
+  // the process groups' set-up would wait for it until the timeout.
+  const auto look = [&](const std::function<bool()>& arrived) {
+    for (;;) {
+      if (const int signal = stop_requested()) stop_rendezvous(signal, "while the ranks met");
+      if (store->check({kStoppedKey})) {
+        // One rank's stop is every rank's, as in training.
+        const std::string text = text_of(store->get(kStoppedKey));
+        leave_rendezvous("", Leaving::kEnded);
+        const auto space = text.find(' ');
+        const int signal = std::atoi(text.c_str());
+        throw StopRequested(signal > 0 && signal < NSIG ? signal : SIGTERM,
+                            fmt::format("rank {} of {}: {}; this rank stops too, and the run had not started", rank,
+                                        size, space == std::string::npos ? text : text.substr(space + 1)));
+      }
+      if (store->check({kRefusedKey})) {
+        const std::string why = text_of(store->get(kRefusedKey));
+        leave_rendezvous("", Leaving::kRefused);
+        throw Error(fmt::format("rank {} of {}: {}", rank, size, why));
+      }
+      if (arrived()) return true;
+      if (Clock::now() > deadline) return false;
+      std::this_thread::sleep_for(pause);
+    }
+  };
   if (rank == 0) store->set("deepcam/world_size", bytes_of(std::to_string(size)));
+  if (!look([&] { return store->check({"deepcam/world_size"}); })) {
+    leave_rendezvous(fmt::format("rank {} gave up waiting for rank 0 after {} s", rank, seconds(options.timeout)),
+                     Leaving::kEnded);
+    throw std::runtime_error("rank 0 did not arrive");
+  }
   const std::string rank0_size = text_of(store->get("deepcam/world_size"));
   if (rank0_size != std::to_string(size)) {
-    const std::string why = fmt::format("rank {} was started for a world of {} ranks ({}), rank 0 for {}", rank,
-                                        size, layout.source, rank0_size);
-    store->set(kRefusedKey, bytes_of(why));
+    leave_rendezvous(fmt::format("rank {} was started for a world of {} ranks ({}), rank 0 for {}; start every "
+                                 "rank with the same world size",
+                                 rank, size, layout.source, rank0_size),
+                     Leaving::kRefused);
     throw Error(fmt::format("rank {}: this process was started for a world of {} ranks ({}), rank 0 for {}; start "
                             "every rank with the same world size",
                             rank, size, layout.source, rank0_size));
   }
+  // Then every rank's arrival, and a word from each to show it is of this
+  // run: a file store that an earlier run left holds its ranks' keys, and
+  // a rank that took them for this run's would wait in the world group's
+  // set-up until the timeout for a process long gone. Each rank's token is
+  // new: rank 0 lists them all with its own (the roster), and each rank
+  // answers with rank 0's.
+  std::random_device random;
+  const std::string token = fmt::format("{:08x}{:08x}-{}", random(), random(), ::getpid());
   store->set(heartbeat_key(rank), bytes_of("0"));
-  // Every rank's arrival, polled: a rank that refused this world is named
-  // at once, where the process groups' set-up would wait for it until the
-  // timeout. Up to 2 s between looks on large worlds, to spare the store.
-  store->set(joined_key(rank), bytes_of("1"));
-  std::vector<std::string> joined;
-  for (int r = 0; r < size; ++r) joined.push_back(joined_key(r));
-  const auto pause = std::chrono::milliseconds(std::clamp(size * 10, 100, 2000));
-  const auto deadline = Clock::now() + options.timeout;
-  for (;;) {
-    if (store->check({kRefusedKey})) {
-      throw Error(fmt::format("rank {} of {}: {}; start every rank with the same world size", rank, size,
-                              text_of(store->get(kRefusedKey))));
+  store->set(joined_key(rank), bytes_of(token));
+  std::vector<std::string> joined, answers;
+  for (int r = 0; r < size; ++r) {
+    joined.push_back(joined_key(r));
+    if (r > 0) answers.push_back(answer_key(r));
+  }
+  bool met = false;
+  if (rank == 0) {
+    met = look([&] { return store->check(joined); });
+    if (met) {
+      std::string roster = token;
+      for (const auto& t : store->multiGet(joined)) roster += " " + text_of(t);
+      store->set(kRosterKey, bytes_of(roster));
+      met = look([&] {
+        if (!store->check(answers)) return false;
+        const auto all = store->multiGet(answers);
+        return std::all_of(all.begin(), all.end(), [&](const auto& a) { return text_of(a) == token; });
+      });
     }
-    if (store->check(joined)) return;
-    if (Clock::now() > deadline) {
-      std::vector<int> missing;
-      for (int r = 0; r < size; ++r) {
-        if (!store->check({joined_key(r)})) missing.push_back(r);
+  } else {
+    met = look([&] {
+      if (!store->check({kRosterKey})) return false;
+      const std::string roster = text_of(store->get(kRosterKey));
+      if (roster.find(" " + token) == std::string::npos) return false;  // an earlier run's
+      store->set(answer_key(rank), bytes_of(roster.substr(0, roster.find(' '))));
+      return true;
+    });
+  }
+  if (!met) {
+    std::vector<int> missing;
+    for (int r = 0; r < size; ++r) {
+      if (!store->check({joined_key(r)})) missing.push_back(r);
+    }
+    // Every rank's key there, some an earlier run's: rank 0 knows which
+    // never answered; the others know that rank 0 never wrote the roster.
+    if (missing.empty() && rank == 0) {
+      for (int r = 1; r < size; ++r) {
+        if (!store->check({answer_key(r)}) || text_of(store->get(answer_key(r))) != token) missing.push_back(r);
       }
-      throw std::runtime_error(fmt::format("rank(s) {} did not arrive", fmt::join(missing, ", ")));
     }
-    std::this_thread::sleep_for(pause);
+    if (missing.empty()) missing.push_back(0);
+    leave_rendezvous(fmt::format("rank {} gave up waiting for rank(s) {} after {} s", rank, fmt::join(missing, ", "),
+                                 seconds(options.timeout)),
+                     Leaving::kEnded);
+    throw std::runtime_error(fmt::format("rank(s) {} did not arrive", fmt::join(missing, ", ")));
+  }
+}
+
+// This rank was stopped by `signal` in the rendezvous: the others are told
+// (they stop too, as one rank's stop in training stops every rank), and
+// StopRequested ends this one. Nothing was written yet.
+void Communicator::Impl::stop_rendezvous(int signal, const char* when) {
+  if (store) {
+    try {
+      if (!store->check({kStoppedKey})) {
+        store->set(kStoppedKey, bytes_of(fmt::format("{} rank {} was stopped by {} {}", signal, layout.rank,
+                                                     strsignal(signal), when)));
+      }
+    } catch (const std::exception&) {
+      // The store is gone: its host stopped too.
+    }
+    leave_rendezvous("", Leaving::kEnded);
+  }
+  throw StopRequested(signal,
+                      fmt::format("rank {} of {}: stopped by {} {} (through {}); the run had not started", layout.rank,
+                                  layout.world_size, strsignal(signal), when, options.rendezvous_setting));
+}
+
+// A rank gives up the rendezvous: `why` (unless "") is where the others
+// look, and they stop at once rather than wait out the timeout. The host
+// of a TCP store (rank 0) waits for them to have looked, as the store goes
+// with it. c10d deletes a file store once every rank of the world has left
+// it; after a stop or the timeout (Leaving::kEnded) the last of the ranks
+// that came deletes it, the others not coming: the next run may use the
+// path. Never throws.
+void Communicator::Impl::leave_rendezvous(const std::string& why, Leaving how) noexcept {
+  try {
+    if (!why.empty() && !store->check({kRefusedKey})) store->set(kRefusedKey, bytes_of(why));
+    if (store_path.empty()) {
+      if (layout.rank == 0) std::this_thread::sleep_for(2 * join_pause());
+      return;
+    }
+    if (how == Leaving::kNotCounted) return;
+    const std::int64_t left = store->add(kLeftKey, 1);
+    if (how == Leaving::kRefused) return;
+    std::int64_t arrived = 0;
+    for (int r = 0; r < layout.world_size; ++r) arrived += store->check({rank_key(r)}) ? 1 : 0;
+    if (left >= arrived) ::unlink(store_path.c_str());
+  } catch (const std::exception&) {
+    // The store is gone: the others find out by themselves.
   }
 }
 
@@ -474,11 +671,26 @@ void Communicator::Impl::join_store_within(std::chrono::milliseconds limit) {
     outcome->error = error;
     outcome->done_cv.notify_all();
   });
+  // A stop signal: the join notices it between its looks at the store, and
+  // is given time for that (rank 0 also waits for the others to have read
+  // it); one stuck in a store call is left, as at the limit.
+  auto deadline = Clock::now() + limit;
+  int signal = 0;
   std::unique_lock<std::mutex> lock(outcome->mutex);
-  if (!outcome->done_cv.wait_for(lock, limit, [&] { return outcome->done; })) {
+  while (!outcome->done_cv.wait_for(lock, std::chrono::milliseconds(100), [&] { return outcome->done; })) {
+    if (signal == 0 && (signal = stop_requested()) != 0) {
+      deadline = Clock::now() + 4 * join_pause() + std::chrono::seconds(2);
+    }
+    if (Clock::now() < deadline) continue;
     lock.unlock();
     joining.detach();
     abandoned = true;
+    if (signal != 0) {
+      throw StopRequested(signal,
+                          fmt::format("rank {} of {}: stopped by {} while the ranks met (through {}), "
+                                      "whose store was not answering; the run had not started",
+                                      layout.rank, layout.world_size, strsignal(signal), options.rendezvous_setting));
+    }
     const std::string store_text =
         store_path.empty() ? fmt::format("the store at {}:{} ({}) took the connection but", store_host, store_port,
                                          store_where)

@@ -284,6 +284,14 @@ extern "C" void end_benchmark(int sig) {
 // copies left and the run's status lost.
 void record_stop_signals_from_now() { catch_stop_signals(record_stop_signal); }
 
+// A stop signal recorded before the run started ends it here, with
+// StopRequested; `when` says where and what was left.
+void stop_if_requested(const char* when) {
+  if (const int signal = stop_requested()) {
+    throw StopRequested(signal, fmt::format("stopped by {} {}", strsignal(signal), when));
+  }
+}
+
 struct Components {
   Plugged<Reader> reader;
   Plugged<Model> model;
@@ -2392,7 +2400,13 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   co.timeout = std::chrono::milliseconds(static_cast<std::int64_t>(given.run.number("comm_timeout_s") * 1000));
   co.timeout_where = "[run] comm_timeout_s";
   co.cuda = given.run.string("device") == "cuda";
+  // A stop signal while the ranks meet (the wait for the others can be
+  // long) ends the rendezvous cleanly: the others stop too, and a file
+  // store goes with the last rank, where the signal's default action left
+  // it for the next run to trip on.
+  record_stop_signals_from_now();
   Communicator comm(layout, co);
+  stop_if_requested("as the ranks met; the run had not started");
   const bool rank0 = comm.rank() == 0;
   require_same_configuration(given, opts, comm);
   const bool seed_drawn = given.run.integer("seed") == kAutoSeed;
@@ -2403,6 +2417,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   if (opts.benchmark_steps > 0) {
     // No log, no config, no checkpoint: the JSON line is the result.
     catch_stop_signals(end_benchmark, SA_RESETHAND);
+    stop_if_requested("before --benchmark began; it writes no file");
     MlperfLog no_log(nullptr, false);
     Engine engine(cfg, seed_drawn, no_log, comm);
     engine.build(/*with_optimizer=*/true, /*splits=*/{});

@@ -5,6 +5,7 @@ the two-rank MLPerf log against the official checker.
 
 Everything runs on CPU, two ranks of one thread each, on tiny data."""
 
+import datetime
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
+import torch.distributed
 
 from helpers import (HOST, REPO_ROOT, clean_env, free_port, mlperf_check, read_events, run_host,
                      synth, torchrun_env, write_run)
@@ -562,6 +564,127 @@ def test_a_file_store_left_by_a_killed_run_is_named_at_once(tmp_path, data, rank
     for name in ("rank0", "rank1"):
         assert "has joined this store before: a run that did not end left the file behind" in ranks.stderr(name), \
             ranks.stderr(name)[-3000:]
+
+
+def wait_until_joined(ranks, seen, names, timeout=60):
+    """Waits until `seen()` (the store's keys) shows that every rank in `names` has joined it."""
+    deadline = time.monotonic() + timeout
+    while not seen():
+        for p in ranks.procs:
+            assert p.poll() is None, (p.name, ranks.stderr(p.name)[-3000:])
+        assert time.monotonic() < deadline, [ranks.stderr(n)[-3000:] for n in names]
+        time.sleep(0.1)
+
+
+def file_store_has(store, *keys):
+    return lambda: store.exists() and all(k.encode() in store.read_bytes() for k in keys)
+
+
+def test_a_file_store_left_by_a_lone_killed_rank_is_named_by_every_rank_at_once(tmp_path, data, ranks):
+    """Rank 0 alone killed while it waited for rank 1 leaves the store's file with its keys; the next run's
+    rank 1, there first, took rank 0's world size and arrival for this run's and waited in the world
+    group's set-up for the whole comm_timeout_s, while the next rank 0 was refused at once."""
+    store = tmp_path / "rendezvous"
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out",
+                    run={"rendezvous": f"file://{store}", "comm_timeout_s": 120.0})
+    lone = ranks.start([HOST, run], torchrun_env(0, 2, 1), "lone")
+    wait_until_joined(ranks, file_store_has(store, "deepcam/joined/0"), ["lone"])
+    lone.kill()
+    lone.wait()
+    ranks.procs.remove(lone)
+    started = time.monotonic()
+    ranks.start([HOST, run], torchrun_env(1, 2, 1), "rank1")
+    wait_until_joined(ranks, file_store_has(store, "deepcam/joined/0", "deepcam/joined/1"), ["rank1"])
+    ranks.start([HOST, run], torchrun_env(0, 2, 1), "rank0")
+    assert ranks.wait_all(timeout=100) == [2, 2], (ranks.stderr("rank0")[-3000:], ranks.stderr("rank1")[-3000:])
+    assert time.monotonic() - started < 60  # well within comm_timeout_s
+    for name in ("rank0", "rank1"):
+        assert (f"{name.replace('rank', 'rank ')} of 2: {run}:10 [run] rendezvous = \"file://{store}\": rank 0 has "
+                f"joined this store before: a run that did not end left the file behind") in ranks.stderr(name), \
+            ranks.stderr(name)[-3000:]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("rendezvous, stopped", [("file", 1), ("tcp", 0)])
+def test_a_stop_signal_while_the_ranks_meet_stops_every_rank_at_once(tmp_path, data, ranks, sig, rendezvous,
+                                                                    stopped):
+    """Ranks 0 and 1 of 3 wait for a rank 2 that never comes, and one of them gets a stop signal: it ended by
+    the signal's default action, leaving the file store behind for the next run to trip on, and the other
+    waited out comm_timeout_s. Now it stops with the signal's status and a message, the other stops with it
+    (rank 0, which holds a TCP store, waits until rank 1 has read why), and a file store goes."""
+    store = tmp_path / "rendezvous"
+    port = free_port()
+    where = f"file://{store}" if rendezvous == "file" else f"tcp://127.0.0.1:{port}"
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out", run={"rendezvous": where, "comm_timeout_s": 120.0})
+    procs = [ranks.start([HOST, run], torchrun_env(r, 3, port), f"rank{r}") for r in (0, 1)]
+    keys = ["deepcam/joined/0", "deepcam/joined/1"]
+    if rendezvous == "file":
+        seen = file_store_has(store, *keys)
+    else:
+        client = []
+
+        def seen():
+            try:
+                if not client:
+                    client.append(torch.distributed.TCPStore("127.0.0.1", port, is_master=False,
+                                                             timeout=datetime.timedelta(seconds=10)))
+                return client[0].check(keys)
+            except RuntimeError:
+                return False  # rank 0 has not opened the port yet
+    wait_until_joined(ranks, seen, ["rank0", "rank1"])
+    started = time.monotonic()
+    os.kill(procs[stopped].pid, sig)
+    codes = ranks.wait_all(timeout=60)
+    assert time.monotonic() - started < 30  # not comm_timeout_s
+    assert codes == [128 + sig, 128 + sig], (codes, ranks.stderr("rank0")[-3000:], ranks.stderr("rank1")[-3000:])
+    name = signal.strsignal(sig)
+    assert (f"rank {stopped} of 3: stopped by {name} while the ranks met (through {run}:10 [run] rendezvous = "
+            f'"{where}"); the run had not started') in ranks.stderr(f"rank{stopped}"), \
+        ranks.stderr(f"rank{stopped}")[-3000:]
+    other = 1 - stopped
+    assert (f"rank {other} of 3: rank {stopped} was stopped by {name} while the ranks met; this rank stops too, and "
+            f"the run had not started") in ranks.stderr(f"rank{other}"), ranks.stderr(f"rank{other}")[-3000:]
+    assert not (tmp_path / "out").exists()
+    # Both ranks that came left: the file goes with the last, and the path is free for the next run.
+    assert not store.exists()
+
+
+def test_a_lone_rank_stopped_while_it_waits_for_the_others_removes_the_file_store(tmp_path, data, ranks):
+    store = tmp_path / "rendezvous"
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out",
+                    run={"rendezvous": f"file://{store}", "comm_timeout_s": 120.0})
+    lone = ranks.start([HOST, run], torchrun_env(0, 2, 1), "rank0")
+    wait_until_joined(ranks, file_store_has(store, "deepcam/joined/0"), ["rank0"])
+    lone.send_signal(signal.SIGTERM)
+    assert ranks.wait_all(timeout=30) == [128 + signal.SIGTERM], ranks.stderr("rank0")[-3000:]
+    assert "rank 0 of 2: stopped by Terminated while the ranks met" in ranks.stderr("rank0")
+    assert not store.exists()
+
+
+@pytest.mark.parametrize("rendezvous, bad", [("file", 0), ("tcp", 1)])
+def test_a_gloo_interface_one_rank_cannot_use_is_named_by_every_rank_at_once(tmp_path, data, ranks, rendezvous,
+                                                                             bad):
+    """GLOO_SOCKET_IFNAME naming no interface of one rank's host: that rank ended with Gloo's "[enforce fail at
+    .../device.cc:84] ifa != nullptr" as a failure to meet "within 60 s", at once, and the others waited out
+    comm_timeout_s in the world group's set-up."""
+    store = tmp_path / "rendezvous"
+    port = free_port()
+    where = f"file://{store}" if rendezvous == "file" else f"tcp://127.0.0.1:{port}"
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out", run={"rendezvous": where, "comm_timeout_s": 120.0})
+    for r in (0, 1):
+        extra = {"GLOO_SOCKET_IFNAME": "nosuchif9"} if r == bad else {}
+        ranks.start([HOST, run], torchrun_env(r, 2, port, **extra), f"rank{r}")
+    started = time.monotonic()
+    assert ranks.wait_all(timeout=100) == [2, 2], (ranks.stderr("rank0")[-3000:], ranks.stderr("rank1")[-3000:])
+    assert time.monotonic() - started < 60  # not comm_timeout_s
+    said = (f"cannot use GLOO_SOCKET_IFNAME=nosuchif9 on host {socket.gethostname()}: no network interface of that "
+            f"name has an address here (its interfaces: ")
+    assert f"rank {bad} of 2 {said}" in ranks.stderr(f"rank{bad}"), ranks.stderr(f"rank{bad}")[-3000:]
+    assert "lo" in re.search(r"its interfaces: ([^)]*)\)", ranks.stderr(f"rank{bad}")).group(1).split(", ")
+    assert f"rank {1 - bad} of 2: rank {bad} {said}" in ranks.stderr(f"rank{1 - bad}"), \
+        ranks.stderr(f"rank{1 - bad}")[-3000:]
+    assert "enforce fail" not in ranks.stderr("rank0") + ranks.stderr("rank1")
+    assert not (tmp_path / "out").exists()
 
 
 def test_ranks_started_with_different_settings_are_refused_naming_them(tmp_path, data, ranks):
