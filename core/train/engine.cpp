@@ -430,8 +430,9 @@ class Engine {
   // Batches trained so far (the log's step_num), the resumed ones included.
   std::int64_t steps_trained() const { return steps_trained_; }
 
-  // `splits`: what the run reads (ReaderContext::splits).
-  void build(bool with_optimizer, const std::vector<Split>& splits) {
+  // `splits`: what the run reads (ReaderContext::splits); of validation,
+  // the first `validation_samples` (0: all).
+  void build(bool with_optimizer, const std::vector<Split>& splits, std::int64_t validation_samples = 0) {
     const Params& run = cfg_.run;
     // Only training captures its step (--evaluate and --predict do not).
     cuda_graphs_ = with_optimizer && run.boolean("cuda_graphs");
@@ -484,6 +485,7 @@ class Engine {
     rc.local_size = comm_.local_size();
     rc.node_group = comm_.size() > 1 ? &comm_.node() : nullptr;
     rc.splits = splits;
+    rc.validation_samples = validation_samples;
     c_.reader = build_reader(cfg_, rc);
     if (comm_.size() > 1) require_same_samples(splits);
     sample_shape_ = c_.reader->sample_shape();
@@ -2365,8 +2367,8 @@ void agree_on_rank0_refusal(Communicator& comm, const std::function<void()>& che
 // missing or foreign file is named before a reader stages for minutes.
 // `where` names what gave `checkpoint` (the resume setting, --evaluate),
 // for its refusal.
-void build_or_stop(Engine& engine, bool with_optimizer, const std::vector<Split>& splits,
-                   const std::string& checkpoint, const std::string& where) {
+void build_or_stop(Engine& engine, bool with_optimizer, const std::vector<Split>& splits, const std::string& checkpoint,
+                   const std::string& where, std::int64_t validation_samples = 0) {
   if (!checkpoint.empty()) {
     try {
       check_torch_save_file(checkpoint);
@@ -2375,7 +2377,7 @@ void build_or_stop(Engine& engine, bool with_optimizer, const std::vector<Split>
     }
   }
   try {
-    engine.build(with_optimizer, splits);
+    engine.build(with_optimizer, splits, validation_samples);
   } catch (const StopRequested& e) {
     throw StopRequested(e.signal(), fmt::format("{}; the run had not started: what it staged is removed, and it "
                                                 "keeps no log or config.toml",
@@ -2441,7 +2443,8 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
     MlperfLog no_log(nullptr, false);
     record_stop_signals_from_now();
     Engine engine(cfg, seed_drawn, no_log, comm);
-    build_or_stop(engine, /*with_optimizer=*/false, {Split::Validation}, opts.predict_checkpoint, "--predict");
+    build_or_stop(engine, /*with_optimizer=*/false, {Split::Validation}, opts.predict_checkpoint, "--predict",
+                  opts.predict_samples);
     // The earlier files go only once this run has a prediction to write:
     // a checkpoint or setting refused leaves them as they were.
     const int status = engine.write_predictions(opts.predict_checkpoint, opts.predict_out, opts.predict_samples,

@@ -80,6 +80,13 @@ def test_benchmark_stages_nothing_and_evaluate_and_predict_only_validation(tmp_p
     assert r.returncode == 0, r.stderr[-3000:]
     assert "deepcam-host: staged 2 files" in r.stderr, r.stderr[-3000:]
     assert list(stage.iterdir()) == []
+    # --samples 1: the first validation sample only, not the whole split for one picture.
+    r = run_host(run, "--predict", ckpt, "--out", tmp_path / "pred1", "--samples", 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "deepcam-host: staged 1 file (" in r.stderr, r.stderr[-3000:]
+    assert "wrote the predictions of 1 validation sample to" in r.stderr, r.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "pred1").iterdir()) == ["sample-000000.npy", "sample-000000.png"]
+    assert list(stage.iterdir()) == []
 
 
 def test_ranks_started_by_nproc_name_themselves_as_the_program(tmp_path, h5_set):

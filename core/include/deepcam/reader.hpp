@@ -55,10 +55,21 @@ struct ReaderContext {
   // (it asks only for sample_shape()). A reader that prepares samples ahead
   // (staging, reading ahead) prepares only these.
   std::vector<Split> splits = {Split::Train, Split::Validation};
+  // How many validation samples the run reads, the first in this reader's
+  // order (plugin ABI 11): N for `--predict --samples N`, which writes the
+  // predictions of the first N; 0 for all. A reader that prepares samples
+  // ahead (staging, reading ahead) prepares only these, and may end the
+  // split after them (local_samples(Validation) then says how many).
+  std::int64_t validation_samples = 0;
 };
 
 struct Batch {
-  // On the CPU: the engine moves batches to the device itself.
+  // On the CPU: the engine moves batches to the device itself, without
+  // waiting for the copy (non_blocking). From pinned memory that copy may
+  // still be reading after the engine has let go of the tensors, so a
+  // reader never writes again into pinned memory it handed out; pageable
+  // memory (at::empty's) may be refilled once the engine has let go of it
+  // (its storage's use_count is 1), as the SDK's FileReader does.
   at::Tensor data;    // (B, C, H, W) float32, normalised; strides: see ReaderContext::memory_format
   at::Tensor labels;  // (B, H, W) int64
 };

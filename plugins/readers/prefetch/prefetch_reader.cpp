@@ -286,9 +286,9 @@ struct PrefetchReader::Impl {
       const std::string shared =
           shares_staging() ? fmt::format(", one copy for the node's {} ranks", context.node_group->size()) : "";
       // Named as the running tool (deepcam-host, deepcam-data read), as its own lines are.
-      std::fprintf(stderr, "%s: staged %llu files (%.1f MB) to %s in %.1f s%s\n", program_invocation_short_name,
-                   static_cast<unsigned long long>(files), static_cast<double>(bytes) / 1e6, staging->dir().c_str(),
-                   seconds, shared.c_str());
+      std::fprintf(stderr, "%s: staged %llu file%s (%.1f MB) to %s in %.1f s%s\n", program_invocation_short_name,
+                   static_cast<unsigned long long>(files), files == 1 ? "" : "s", static_cast<double>(bytes) / 1e6,
+                   staging->dir().c_str(), seconds, shared.c_str());
     }
   }
 
@@ -668,6 +668,11 @@ PrefetchReader::PrefetchReader(const ReaderContext& context, const PrefetchOptio
     m.hwc_source = files;
   }
   m.validation_order = validation_indices(m.source->sample_count(Split::Validation), context.rank, context.world_size);
+  // --predict --samples N: the first N only, staged and read ahead.
+  if (context.validation_samples > 0 &&
+      context.validation_samples < static_cast<std::int64_t>(m.validation_order.size())) {
+    m.validation_order.resize(static_cast<std::size_t>(context.validation_samples));
+  }
   if (!options.stage_dir.empty() && !m.context.splits.empty()) m.stage();
   m.slots.resize(static_cast<std::size_t>(m.window + m.extra));
   try {

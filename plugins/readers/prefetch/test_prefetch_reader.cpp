@@ -797,6 +797,37 @@ TEST_CASE("the next epochs are read ahead within depth more buffers, and found r
   CHECK(buffers.size() > static_cast<std::size_t>(depth + 2));
 }
 
+TEST_CASE("a run that reads the first N validation samples (--predict --samples N) stages and reads only those") {
+  TempDir data, stage;
+  ReaderContext ctx = context(2, 1);
+  ctx.splits = {Split::Validation};
+  ctx.validation_samples = 3;
+  auto o = options(3, 2);
+  o.stage_dir = stage.path.string();
+  auto source = std::make_unique<FakeSource>(data.path, 9, 7, ctx);
+  FakeSource* fake = source.get();
+  PrefetchReader r(ctx, o, std::move(source));
+  CHECK(r.local_samples(Split::Validation) == 3);
+  CHECK(r.global_samples(Split::Validation) == 7);  // the split, as the reader's source has it
+  std::set<std::string> copies;
+  for (const auto& entry : fs::recursive_directory_iterator(r.staging_dir())) {
+    if (entry.is_regular_file()) copies.insert(entry.path().filename().string());
+  }
+  std::set<std::string> first;
+  for (std::int64_t i = 0; i < 3; ++i) {
+    first.insert(fs::path(fake->sample_files(Split::Validation, i).at(0)).filename().string());
+  }
+  CHECK(copies == first);
+  // The same first three samples as a reader of the whole split gives.
+  FakeSource reference(data.path, 9, 7, ctx);
+  const Drained all = drain(reference, Split::Validation, 0);  // batches of one sample
+  REQUIRE(all.data.size() == 7);
+  const Drained first_three{{all.data.begin(), all.data.begin() + 3}, {all.labels.begin(), all.labels.begin() + 3}};
+  CHECK(same(drain(r, Split::Validation, 0), first_three));
+  settle(*fake);
+  CHECK(fake->reads_.load() == 3);
+}
+
 TEST_CASE("a run that reads validation only stages and reads ahead nothing of training; one that reads none stages "
           "nothing") {
   TempDir data, stage;
