@@ -69,8 +69,10 @@ std::string answer_key(int rank) { return fmt::format("deepcam/answer/{}", rank)
 std::string rank_key(int rank) { return fmt::format("deepcam/rank/{}", rank); }
 // "SIGNAL why": a rank stopped by a signal before the ranks had met.
 const char* const kStoppedKey = "deepcam/stopped";
-// How many ranks gave up the rendezvous (a file store's last one deletes it).
+// How many ranks gave up the rendezvous: one that comes later is told.
 const char* const kLeftKey = "deepcam/left";
+// Rank 0's token, once every rank has answered the roster.
+const char* const kMetKey = "deepcam/met";
 const std::string kDone = "done";      // ended normally
 const std::string kFailed = "failed";  // ended by an error of its own
 
@@ -180,24 +182,21 @@ struct Communicator::Impl {
   std::uint16_t store_port = 0;
 
   void find_store(bool read_environment);
-  // Gloo's network interface, one for every group.
-  std::shared_ptr<::gloo::transport::Device> gloo_device;
-  void pick_gloo_device();
+  // Gloo's network interfaces, the same for every group.
+  std::vector<std::shared_ptr<::gloo::transport::Device>> gloo_devices;
+  void pick_gloo_devices();
   void join_store();
   void join_store_within(std::chrono::milliseconds limit);
+  void on_own_thread(const std::function<void()>& work, std::chrono::milliseconds limit,
+                     const std::function<void()>& at_limit, const std::string& stopped_while, bool share_stops);
+  [[noreturn]] void stopped_elsewhere(const std::string& text);
   [[noreturn]] void stop_rendezvous(int signal, const char* when);
   // Between a joining rank's looks at the store: up to 2 s on large worlds,
   // to spare it.
   std::chrono::milliseconds join_pause() const {
     return std::chrono::milliseconds(std::clamp(layout.world_size * 10, 100, 2000));
   }
-  // How a rank leaves the rendezvous (leave_rendezvous).
-  enum class Leaving {
-    kNotCounted,  // it never counted as one that came (the store may be another run's)
-    kRefused,     // a refusal: ranks still to come read why; c10d deletes a file store once all have left
-    kEnded,       // a stop or the timeout: the last of those that came deletes a file store
-  };
-  void leave_rendezvous(const std::string& why, Leaving how) noexcept;
+  void leave_rendezvous(const std::string& why, bool counted) noexcept;
   void meet();
   void place();
   void watch();
@@ -275,7 +274,7 @@ c10::intrusive_ptr<c10d::ProcessGroup> Communicator::Impl::make_group(const std:
   auto pg = c10::make_intrusive<c10d::ProcessGroup>(prefixed, rank, size);
   auto gloo_options = c10d::ProcessGroupGloo::Options::create();
   gloo_options->timeout = options.timeout;
-  gloo_options->devices.push_back(gloo_device);
+  gloo_options->devices = gloo_devices;
   auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(c10::make_intrusive<c10d::PrefixStore>("gloo/", prefixed),
                                                           rank, size, gloo_options);
   // Barriers and CPU tensors go through Gloo also on CUDA runs.
@@ -307,16 +306,35 @@ std::unique_ptr<ProcessGroupGroup> Communicator::Impl::group(const std::string& 
       impl.setting_up = on;
     }
   } setting_up_now(*this);
-  c10::intrusive_ptr<c10d::ProcessGroup> pg;
+  // Gloo's set-up waits for every member up to the timeout, deaf to a stop
+  // signal. Once the watchdog runs, it ends this rank on one; before (the
+  // world group), the set-up runs on a thread of its own, so that a stop
+  // signal ends this rank meanwhile.
+  auto pg = std::make_shared<c10::intrusive_ptr<c10d::ProcessGroup>>();
   try {
-    pg = make_group(name, rank, size);
+    if (thread.joinable()) {
+      *pg = make_group(name, rank, size);
+    } else {
+      on_own_thread(
+          [this, pg, name, rank, size] { *pg = make_group(name, rank, size); }, 2 * options.timeout + 2 * interval,
+          [&] {
+            throw Error(
+                fmt::format("rank {} of {}: setting up the process group \"{}\" has not ended in "
+                            "{} s",
+                            layout.rank, layout.world_size, name, seconds(2 * options.timeout)));
+          },
+          fmt::format("while the ranks set up their process group \"{}\", which waits for every member", name),
+          /*share_stops=*/true);
+    }
+  } catch (const Error&) {
+    throw;
   } catch (const std::exception& e) {
     // Meeting (no watchdog yet): meet() names it. Later, a member that
     // stopped never connects, and Gloo gives up after the timeout.
     if (!thread.joinable()) throw;
     lost(e.what());
   }
-  return std::make_unique<ProcessGroupGroup>(*this, std::move(pg), rank, size);
+  return std::make_unique<ProcessGroupGroup>(*this, std::move(*pg), rank, size);
 }
 
 // Where the store is, from [run] rendezvous (and MASTER_ADDR / MASTER_PORT
@@ -386,29 +404,41 @@ void Communicator::Impl::find_store(bool read_environment) {
   store_port = static_cast<std::uint16_t>(port);
 }
 
-// GLOO_SOCKET_IFNAME picks the interface, as in PyTorch; else the one the
-// host name resolves to. A name Gloo cannot use is an Error ("cannot use
-// ...", for the caller to put the rank before) naming the variable and
-// this host's interfaces (Gloo's own says "enforce fail").
-void Communicator::Impl::pick_gloo_device() {
-  const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
-  if (!ifname || !*ifname) {
-    gloo_device = c10d::ProcessGroupGloo::createDefaultDevice();
+// GLOO_SOCKET_IFNAME picks the interfaces, as in PyTorch (names separated
+// by commas, used in turn); else the one the host name resolves to. A name
+// Gloo cannot use is an Error ("cannot use ...", for the caller to put the
+// rank before) naming the variable and this host's interfaces (Gloo's own
+// says "enforce fail").
+void Communicator::Impl::pick_gloo_devices() {
+  const char* variable = std::getenv("GLOO_SOCKET_IFNAME");
+  if (!variable || !*variable) {
+    gloo_devices = {c10d::ProcessGroupGloo::createDefaultDevice()};
     return;
   }
-  try {
-    gloo_device = c10d::ProcessGroupGloo::createDeviceForInterface(ifname);
-  } catch (const std::exception& e) {
-    const std::vector<std::string> here = interfaces();
-    const bool known = std::find(here.begin(), here.end(), ifname) != here.end();
-    std::string why = known ? first_line(e.what()) : "no network interface of that name has an address here";
-    // Gloo's "[enforce fail at FILE:LINE] CONDITION. " before its words.
-    if (const auto words = why.rfind(". "); known && why.rfind("[enforce fail", 0) == 0 && words != std::string::npos) {
-      why = why.substr(words + 2);
+  const std::string names = variable;
+  for (std::size_t at = 0; at <= names.size();) {
+    const std::size_t comma = std::min(names.find(',', at), names.size());
+    const std::string ifname = names.substr(at, comma - at);
+    at = comma + 1;
+    try {
+      if (ifname.empty()) throw std::invalid_argument("an empty name");
+      gloo_devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
+    } catch (const std::exception& e) {
+      const std::vector<std::string> here = interfaces();
+      const bool known = std::find(here.begin(), here.end(), ifname) != here.end();
+      std::string why =
+          known || ifname.empty() ? first_line(e.what()) : "no network interface of that name has an address here";
+      // Gloo's "[enforce fail at FILE:LINE] CONDITION. " before its words.
+      if (const auto words = why.rfind(". ");
+          known && why.rfind("[enforce fail", 0) == 0 && words != std::string::npos) {
+        why = why.substr(words + 2);
+      }
+      throw Error(fmt::format(
+          "cannot use GLOO_SOCKET_IFNAME={}{} on host {}: {} (its interfaces: {}); name one of "
+          "them, or several separated by commas, or unset the variable for the interface the "
+          "host name resolves to",
+          names, names == ifname ? "" : fmt::format(" (\"{}\")", ifname), hostname(), why, fmt::join(here, ", ")));
     }
-    throw Error(fmt::format("cannot use GLOO_SOCKET_IFNAME={} on host {}: {} (its interfaces: {}); name one of "
-                            "them, or unset the variable for the interface the host name resolves to",
-                            ifname, hostname(), why, fmt::join(here, ", ")));
   }
 }
 
@@ -470,7 +500,13 @@ void Communicator::Impl::join_store() {
                                   : ""));
     }
   } else {
-    store = c10::make_intrusive<c10d::FileStore>(store_path, size);
+    // c10d deletes the file once the last FileStore on it, of any process,
+    // has gone, if as many have gone over the file's life as its number of
+    // workers: 1, so that a failed rendezvous, whoever came, leaves no file
+    // (the world size would need every rank to have come, and counts across
+    // the runs a killed one left the file to). A process killed outright
+    // keeps its count: the file stays, and the next run names it.
+    store = c10::make_intrusive<c10d::FileStore>(store_path, 1);
     store->setTimeout(options.timeout);
   }
   // Each rank joins once, all with one world size: two processes started
@@ -488,15 +524,26 @@ void Communicator::Impl::join_store() {
             : fmt::format("another process joined the rendezvous as rank {} too ({}); give each process its "
                           "own rank",
                           rank, layout.rank_variable);
-    // Not counted as one that came: the file may be another run's.
-    leave_rendezvous(why, Leaving::kNotCounted);
+    // Not counted as one that left: the file may be another run's.
+    leave_rendezvous(why, /*counted=*/false);
     throw Error(fmt::format("rank {} of {}: {}", rank, size, why));
+  }
+  // Ranks that left the store before this one came: its refusals and stops
+  // are theirs, not this run's (a run whose other ranks were killed left
+  // the file; or this run ended before this rank came).
+  if (const std::int64_t gone = store->add(kLeftKey, 0); gone > 0 && !store_path.empty()) {
+    throw Error(
+        fmt::format("rank {} of {}: {}: {} rank(s) had left this store before this rank came (a run that "
+                    "ended without meeting, and one of whose ranks was killed, left the file behind; or "
+                    "this run's ranks ended before this rank came); delete the file or give each run a new "
+                    "path",
+                    rank, size, options.rendezvous_setting, gone));
   }
   // Before the others wait on this rank in the process groups' set-up.
   try {
-    pick_gloo_device();
+    pick_gloo_devices();
   } catch (const Error& e) {
-    leave_rendezvous(fmt::format("rank {} {}", rank, e.what()), Leaving::kRefused);
+    leave_rendezvous(fmt::format("rank {} {}", rank, e.what()), /*counted=*/true);
     throw Error(fmt::format("rank {} of {} {}", rank, size, e.what()));
   }
   const auto pause = join_pause();
@@ -508,18 +555,12 @@ void Communicator::Impl::join_store() {
     for (;;) {
       if (const int signal = stop_requested()) stop_rendezvous(signal, "while the ranks met");
       if (store->check({kStoppedKey})) {
-        // One rank's stop is every rank's, as in training.
-        const std::string text = text_of(store->get(kStoppedKey));
-        leave_rendezvous("", Leaving::kEnded);
-        const auto space = text.find(' ');
-        const int signal = std::atoi(text.c_str());
-        throw StopRequested(signal > 0 && signal < NSIG ? signal : SIGTERM,
-                            fmt::format("rank {} of {}: {}; this rank stops too, and the run had not started", rank,
-                                        size, space == std::string::npos ? text : text.substr(space + 1)));
+        leave_rendezvous("", /*counted=*/true);
+        stopped_elsewhere(text_of(store->get(kStoppedKey)));
       }
       if (store->check({kRefusedKey})) {
         const std::string why = text_of(store->get(kRefusedKey));
-        leave_rendezvous("", Leaving::kRefused);
+        leave_rendezvous("", /*counted=*/true);
         throw Error(fmt::format("rank {} of {}: {}", rank, size, why));
       }
       if (arrived()) return true;
@@ -530,7 +571,7 @@ void Communicator::Impl::join_store() {
   if (rank == 0) store->set("deepcam/world_size", bytes_of(std::to_string(size)));
   if (!look([&] { return store->check({"deepcam/world_size"}); })) {
     leave_rendezvous(fmt::format("rank {} gave up waiting for rank 0 after {} s", rank, seconds(options.timeout)),
-                     Leaving::kEnded);
+                     /*counted=*/true);
     throw std::runtime_error("rank 0 did not arrive");
   }
   const std::string rank0_size = text_of(store->get("deepcam/world_size"));
@@ -538,7 +579,7 @@ void Communicator::Impl::join_store() {
     leave_rendezvous(fmt::format("rank {} was started for a world of {} ranks ({}), rank 0 for {}; start every "
                                  "rank with the same world size",
                                  rank, size, layout.source, rank0_size),
-                     Leaving::kRefused);
+                     /*counted=*/true);
     throw Error(fmt::format("rank {}: this process was started for a world of {} ranks ({}), rank 0 for {}; start "
                             "every rank with the same world size",
                             rank, size, layout.source, rank0_size));
@@ -558,6 +599,15 @@ void Communicator::Impl::join_store() {
     joined.push_back(joined_key(r));
     if (r > 0) answers.push_back(answer_key(r));
   }
+  // Rank 0's token once the roster has come; rank 0's word that every rank
+  // answered it ends the wait, so that all leave the wait together (a stop
+  // on one reaches the others while they still look).
+  std::string rank0_token = rank == 0 ? token : "";
+  const auto all_answered = [&] {
+    if (!store->check(answers)) return false;
+    const auto all = store->multiGet(answers);
+    return std::all_of(all.begin(), all.end(), [&](const auto& a) { return text_of(a) == rank0_token; });
+  };
   bool met = false;
   if (rank == 0) {
     met = look([&] { return store->check(joined); });
@@ -565,39 +615,50 @@ void Communicator::Impl::join_store() {
       std::string roster = token;
       for (const auto& t : store->multiGet(joined)) roster += " " + text_of(t);
       store->set(kRosterKey, bytes_of(roster));
-      met = look([&] {
-        if (!store->check(answers)) return false;
-        const auto all = store->multiGet(answers);
-        return std::all_of(all.begin(), all.end(), [&](const auto& a) { return text_of(a) == token; });
-      });
+      met = look(all_answered);
+      if (met) store->set(kMetKey, bytes_of(token));
     }
   } else {
     met = look([&] {
       if (!store->check({kRosterKey})) return false;
       const std::string roster = text_of(store->get(kRosterKey));
       if (roster.find(" " + token) == std::string::npos) return false;  // an earlier run's
-      store->set(answer_key(rank), bytes_of(roster.substr(0, roster.find(' '))));
+      rank0_token = roster.substr(0, roster.find(' '));
+      store->set(answer_key(rank), bytes_of(rank0_token));
       return true;
     });
+    if (met) met = look([&] { return store->check({kMetKey}) && text_of(store->get(kMetKey)) == rank0_token; });
   }
   if (!met) {
     std::vector<int> missing;
     for (int r = 0; r < size; ++r) {
       if (!store->check({joined_key(r)})) missing.push_back(r);
     }
-    // Every rank's key there, some an earlier run's: rank 0 knows which
-    // never answered; the others know that rank 0 never wrote the roster.
-    if (missing.empty() && rank == 0) {
+    // Every rank's key there, some an earlier run's: those that did not
+    // answer rank 0's roster (once it came), else rank 0, which never wrote it.
+    if (missing.empty() && !rank0_token.empty()) {
       for (int r = 1; r < size; ++r) {
-        if (!store->check({answer_key(r)}) || text_of(store->get(answer_key(r))) != token) missing.push_back(r);
+        if (!store->check({answer_key(r)}) || text_of(store->get(answer_key(r))) != rank0_token) {
+          missing.push_back(r);
+        }
       }
     }
     if (missing.empty()) missing.push_back(0);
     leave_rendezvous(fmt::format("rank {} gave up waiting for rank(s) {} after {} s", rank, fmt::join(missing, ", "),
                                  seconds(options.timeout)),
-                     Leaving::kEnded);
+                     /*counted=*/true);
     throw std::runtime_error(fmt::format("rank(s) {} did not arrive", fmt::join(missing, ", ")));
   }
+}
+
+// Another rank was stopped by a signal as the ranks met (kStoppedKey's
+// `text`): so is this one, as one rank's stop in training stops every rank.
+void Communicator::Impl::stopped_elsewhere(const std::string& text) {
+  const auto space = text.find(' ');
+  const int signal = std::atoi(text.c_str());
+  throw StopRequested(signal > 0 && signal < NSIG ? signal : SIGTERM,
+                      fmt::format("rank {} of {}: {}; this rank stops too, and the run had not started", layout.rank,
+                                  layout.world_size, space == std::string::npos ? text : text.substr(space + 1)));
 }
 
 // This rank was stopped by `signal` in the rendezvous: the others are told
@@ -613,7 +674,7 @@ void Communicator::Impl::stop_rendezvous(int signal, const char* when) {
     } catch (const std::exception&) {
       // The store is gone: its host stopped too.
     }
-    leave_rendezvous("", Leaving::kEnded);
+    leave_rendezvous("", /*counted=*/true);
   }
   throw StopRequested(signal,
                       fmt::format("rank {} of {}: stopped by {} {} (through {}); the run had not started", layout.rank,
@@ -623,35 +684,33 @@ void Communicator::Impl::stop_rendezvous(int signal, const char* when) {
 // A rank gives up the rendezvous: `why` (unless "") is where the others
 // look, and they stop at once rather than wait out the timeout. The host
 // of a TCP store (rank 0) waits for them to have looked, as the store goes
-// with it. c10d deletes a file store once every rank of the world has left
-// it; after a stop or the timeout (Leaving::kEnded) the last of the ranks
-// that came deletes it, the others not coming: the next run may use the
-// path. Never throws.
-void Communicator::Impl::leave_rendezvous(const std::string& why, Leaving how) noexcept {
+// with it. A rank `counted` counts itself in kLeftKey: a rank that comes
+// later finds the store's refusals and stops not its own run's. Never
+// throws.
+void Communicator::Impl::leave_rendezvous(const std::string& why, bool counted) noexcept {
   try {
     if (!why.empty() && !store->check({kRefusedKey})) store->set(kRefusedKey, bytes_of(why));
-    if (store_path.empty()) {
-      if (layout.rank == 0) std::this_thread::sleep_for(2 * join_pause());
-      return;
-    }
-    if (how == Leaving::kNotCounted) return;
-    const std::int64_t left = store->add(kLeftKey, 1);
-    if (how == Leaving::kRefused) return;
-    std::int64_t arrived = 0;
-    for (int r = 0; r < layout.world_size; ++r) arrived += store->check({rank_key(r)}) ? 1 : 0;
-    if (left >= arrived) ::unlink(store_path.c_str());
+    if (counted) store->add(kLeftKey, 1);
+    if (store_path.empty() && layout.rank == 0) std::this_thread::sleep_for(2 * join_pause());
   } catch (const std::exception&) {
     // The store is gone: the others find out by themselves.
   }
 }
 
-// join_store on a thread of its own, waited for at most `limit`. c10d reads
-// the store's answers without a timeout, so a port held by a process that
-// takes the connection and never answers (a stopped run's rank 0, another
-// program) would hold this rank for ever, as would a file store whose lock a
-// stopped process holds. That thread is then left to itself, with this Impl
-// (the Communicator's constructor leaks it).
-void Communicator::Impl::join_store_within(std::chrono::milliseconds limit) {
+// Runs `work` on a thread of its own and waits for it, at most `limit`
+// (then `at_limit` throws). The c10d calls it makes may wait long, or for
+// ever (a store's answers are read without a timeout; Gloo's set-up waits
+// the timeout for a member that is gone), and nothing unwinds them. A stop
+// signal gives the work a few seconds to end by itself (a join looks at the
+// signal between its looks at the store, and rank 0 then waits for the
+// others to have read it); then StopRequested ends this rank, "stopped by
+// SIGNAL `stopped_while`". With `share_stops`, this rank's stop is written
+// where the others look, and another's ends this rank at once (the work
+// waits for every rank). A thread left behind keeps this Impl (`abandoned`:
+// the Communicator leaks it).
+void Communicator::Impl::on_own_thread(const std::function<void()>& work, std::chrono::milliseconds limit,
+                                       const std::function<void()>& at_limit, const std::string& stopped_while,
+                                       bool share_stops) {
   struct Outcome {
     std::mutex mutex;
     std::condition_variable done_cv;
@@ -659,10 +718,10 @@ void Communicator::Impl::join_store_within(std::chrono::milliseconds limit) {
     std::exception_ptr error;
   };
   auto outcome = std::make_shared<Outcome>();
-  std::thread joining([this, outcome] {
+  std::thread worker([work, outcome] {
     std::exception_ptr error;
     try {
-      join_store();
+      work();
     } catch (...) {
       error = std::current_exception();
     }
@@ -671,26 +730,56 @@ void Communicator::Impl::join_store_within(std::chrono::milliseconds limit) {
     outcome->error = error;
     outcome->done_cv.notify_all();
   });
-  // A stop signal: the join notices it between its looks at the store, and
-  // is given time for that (rank 0 also waits for the others to have read
-  // it); one stuck in a store call is left, as at the limit.
   auto deadline = Clock::now() + limit;
   int signal = 0;
+  std::string elsewhere;  // another rank's stop (share_stops)
   std::unique_lock<std::mutex> lock(outcome->mutex);
   while (!outcome->done_cv.wait_for(lock, std::chrono::milliseconds(100), [&] { return outcome->done; })) {
     if (signal == 0 && (signal = stop_requested()) != 0) {
-      deadline = Clock::now() + 4 * join_pause() + std::chrono::seconds(2);
+      deadline = std::min(deadline, Clock::now() + 4 * join_pause() + std::chrono::seconds(2));
     }
-    if (Clock::now() < deadline) continue;
+    if (share_stops) {
+      try {
+        if (store->check({kStoppedKey})) elsewhere = text_of(store->get(kStoppedKey));
+      } catch (const std::exception&) {
+        // The store's host is gone: the work fails by itself.
+      }
+    }
+    if (elsewhere.empty() && Clock::now() < deadline) continue;
     lock.unlock();
-    joining.detach();
+    worker.detach();
     abandoned = true;
-    if (signal != 0) {
-      throw StopRequested(signal,
-                          fmt::format("rank {} of {}: stopped by {} while the ranks met (through {}), "
-                                      "whose store was not answering; the run had not started",
-                                      layout.rank, layout.world_size, strsignal(signal), options.rendezvous_setting));
+    if (!elsewhere.empty()) {
+      leave_rendezvous("", /*counted=*/true);
+      stopped_elsewhere(elsewhere);
     }
+    if (signal != 0) {
+      const std::string what = fmt::format("stopped by {} {}", strsignal(signal), stopped_while);
+      if (share_stops) {
+        try {
+          store->set(kStoppedKey, bytes_of(fmt::format("{} rank {} was {}", signal, layout.rank, what)));
+        } catch (const std::exception&) {
+          // The store's host is gone.
+        }
+        leave_rendezvous("", /*counted=*/true);
+      }
+      throw StopRequested(signal, fmt::format("rank {} of {}: {}", layout.rank, layout.world_size, what));
+    }
+    at_limit();
+    throw std::logic_error("on_own_thread: at_limit returned");
+  }
+  lock.unlock();
+  worker.join();
+  if (outcome->error) std::rethrow_exception(outcome->error);
+}
+
+// join_store, waited for at most `limit`. c10d reads the store's answers
+// without a timeout, so a port held by a process that takes the connection
+// and never answers (a stopped run's rank 0, another program) would hold
+// this rank for ever, as would a file store whose lock a stopped process
+// holds.
+void Communicator::Impl::join_store_within(std::chrono::milliseconds limit) {
+  const auto at_limit = [&] {
     const std::string store_text =
         store_path.empty() ? fmt::format("the store at {}:{} ({}) took the connection but", store_host, store_port,
                                          store_where)
@@ -702,10 +791,12 @@ void Communicator::Impl::join_store_within(std::chrono::milliseconds limit) {
                                                   "the run a new path";
     throw Error(fmt::format("rank {} of {}: {} has not answered for {} s: {}", layout.rank, layout.world_size,
                             store_text, seconds(std::chrono::duration_cast<std::chrono::milliseconds>(limit)), held));
-  }
-  lock.unlock();
-  joining.join();
-  if (outcome->error) std::rethrow_exception(outcome->error);
+  };
+  on_own_thread([this] { join_store(); }, limit, at_limit,
+                fmt::format("while the ranks met (through {}), whose store was not answering; the run had not "
+                            "started",
+                            options.rendezvous_setting),
+                /*share_stops=*/false);
 }
 
 // Rendezvous, the world group, and who runs where.
@@ -809,6 +900,7 @@ void Communicator::Impl::watch() {
   std::vector<std::string> last(static_cast<std::size_t>(size));
   std::vector<Clock::time_point> changed(static_cast<std::size_t>(size), Clock::now());
   std::int64_t beat = 0;
+  Clock::time_point stop_seen{};  // when a stop signal was first seen during a group's set-up
   struct Ended {
     Impl& impl;
     ~Ended() {
@@ -869,7 +961,24 @@ void Communicator::Impl::watch() {
     }
     lock.lock();
     if (!found.empty()) verdict = found;
-    if (verdict.empty()) wake.wait_for(lock, interval, [&] { return stopping; });
+    // A stop signal while a group is set up: the main thread cannot look at
+    // it before Gloo's set-up ends, which waits the timeout for a member
+    // that is gone. Given a few seconds to end by itself, this rank stops.
+    const int signal = verdict.empty() && setting_up ? stop_requested() : 0;
+    if (signal == 0) {
+      stop_seen = Clock::time_point{};
+    } else if (stop_seen == Clock::time_point{}) {
+      stop_seen = Clock::now();
+    } else if (Clock::now() - stop_seen > std::chrono::seconds(5)) {
+      std::fprintf(stderr,
+                   "deepcam-host: rank %d of %d: stopped by %s while the ranks set up a process group, which "
+                   "waits for every member; stopping\n",
+                   layout.rank, layout.world_size, strsignal(signal));
+      std::fflush(stderr);
+      std::_Exit(128 + signal);
+    }
+    if (verdict.empty())
+      wake.wait_for(lock, signal ? std::min(interval, join_pause()) : interval, [&] { return stopping; });
   }
   if (stopping) return;
   // Someone was lost. The main thread normally learns it from a failed
@@ -998,9 +1107,10 @@ Communicator::~Communicator() { leave(); }
 
 void Communicator::leave() noexcept {
   if (!impl_) return;
-  if (!impl_->stop_watch()) {
-    // The watchdog is stuck in a call to a store that stopped answering:
-    // the Impl stays with it, and this rank does not call the store either.
+  if (!impl_->stop_watch() || impl_->abandoned) {
+    // The watchdog, or a group's set-up, is stuck in a call to a store or a
+    // peer that stopped answering: the Impl stays with it, and this rank
+    // does not call the store either.
     (void)impl_.release();
     return;
   }

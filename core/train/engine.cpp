@@ -284,6 +284,26 @@ extern "C" void end_benchmark(int sig) {
 // copies left and the run's status lost.
 void record_stop_signals_from_now() { catch_stop_signals(record_stop_signal); }
 
+// A stop signal that came while the ranks met, to any rank, stops every
+// rank here, with StopRequested, before anything is written (one small
+// all-gather; a signal later is the engine's to look at).
+void stop_if_any_rank_was_stopped(Communicator& comm) {
+  const at::Tensor mine = at::full({1}, static_cast<std::int64_t>(stop_requested()), at::kLong);
+  const at::Tensor all = comm.world().all_gather(mine).view({-1}).contiguous();
+  const int signal = static_cast<int>(all.max().item<std::int64_t>());
+  if (signal == 0) return;
+  std::vector<int> sent_to;
+  for (int r = 0; r < comm.size(); ++r) {
+    if (all[r].item<std::int64_t>() != 0) sent_to.push_back(r);
+  }
+  const std::string to =
+      comm.size() == 1 || static_cast<int>(sent_to.size()) == comm.size()
+          ? ""
+          : fmt::format(" (sent to rank{} {})", sent_to.size() > 1 ? "s" : "", fmt::join(sent_to, ", "));
+  throw StopRequested(signal,
+                      fmt::format("stopped by {}{} as the ranks met; the run had not started", strsignal(signal), to));
+}
+
 // A stop signal recorded before the run started ends it here, with
 // StopRequested; `when` says where and what was left.
 void stop_if_requested(const char* when) {
@@ -2408,7 +2428,7 @@ int run_engine(const RunConfig& given, const EngineOptions& opts) {
   // it for the next run to trip on.
   record_stop_signals_from_now();
   Communicator comm(layout, co);
-  stop_if_requested("as the ranks met; the run had not started");
+  stop_if_any_rank_was_stopped(comm);
   const bool rank0 = comm.rank() == 0;
   require_same_configuration(given, opts, comm);
   const bool seed_drawn = given.run.integer("seed") == kAutoSeed;

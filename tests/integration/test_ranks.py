@@ -460,6 +460,9 @@ def test_a_rank_whose_others_never_come_names_its_variables_and_the_missing_rank
     assert ("rank 0 of 4 (SLURM_PROCID=0 and SLURM_NTASKS=4, Slurm): could not meet the other ranks through "
             in r.stderr), r.stderr[-3000:]
     assert "within 2 s ([run] comm_timeout_s): rank(s) 1, 2, 3 did not arrive" in r.stderr, r.stderr[-3000:]
+    # The path is free for the next run: c10d deleted the file as its last user went (it waited for a
+    # world's worth of users, so a rendezvous that failed left it).
+    assert not store.exists()
 
 
 def test_a_port_that_takes_the_connection_and_never_answers_is_named(tmp_path, data):
@@ -580,6 +583,23 @@ def file_store_has(store, *keys):
     return lambda: store.exists() and all(k.encode() in store.read_bytes() for k in keys)
 
 
+def store_has(rendezvous, store, port, *keys):
+    """Whether the rendezvous store (a file, or rank 0's TCP store on `port`) holds `keys`."""
+    if rendezvous == "file":
+        return file_store_has(store, *keys)
+    client = []
+
+    def seen():
+        try:
+            if not client:
+                client.append(torch.distributed.TCPStore("127.0.0.1", port, is_master=False,
+                                                         timeout=datetime.timedelta(seconds=10)))
+            return client[0].check(list(keys))
+        except RuntimeError:
+            return False  # rank 0 has not opened the port yet
+    return seen
+
+
 def test_a_file_store_left_by_a_lone_killed_rank_is_named_by_every_rank_at_once(tmp_path, data, ranks):
     """Rank 0 alone killed while it waited for rank 1 leaves the store's file with its keys; the next run's
     rank 1, there first, took rank 0's world size and arrival for this run's and waited in the world
@@ -617,21 +637,8 @@ def test_a_stop_signal_while_the_ranks_meet_stops_every_rank_at_once(tmp_path, d
     where = f"file://{store}" if rendezvous == "file" else f"tcp://127.0.0.1:{port}"
     run = small_run(tmp_path / "run.toml", data, tmp_path / "out", run={"rendezvous": where, "comm_timeout_s": 120.0})
     procs = [ranks.start([HOST, run], torchrun_env(r, 3, port), f"rank{r}") for r in (0, 1)]
-    keys = ["deepcam/joined/0", "deepcam/joined/1"]
-    if rendezvous == "file":
-        seen = file_store_has(store, *keys)
-    else:
-        client = []
-
-        def seen():
-            try:
-                if not client:
-                    client.append(torch.distributed.TCPStore("127.0.0.1", port, is_master=False,
-                                                             timeout=datetime.timedelta(seconds=10)))
-                return client[0].check(keys)
-            except RuntimeError:
-                return False  # rank 0 has not opened the port yet
-    wait_until_joined(ranks, seen, ["rank0", "rank1"])
+    wait_until_joined(ranks, store_has(rendezvous, store, port, "deepcam/joined/0", "deepcam/joined/1"),
+                      ["rank0", "rank1"])
     started = time.monotonic()
     os.kill(procs[stopped].pid, sig)
     codes = ranks.wait_all(timeout=60)
@@ -649,6 +656,81 @@ def test_a_stop_signal_while_the_ranks_meet_stops_every_rank_at_once(tmp_path, d
     assert not store.exists()
 
 
+@pytest.mark.parametrize("rendezvous", ["file", "tcp"])
+def test_a_stop_signal_to_rank_0_after_rank_1_answered_stops_both(tmp_path, data, ranks, rendezvous):
+    """Rank 1 ended its wait as soon as it had answered rank 0's roster, and waited in the world group's
+    set-up (file store: until comm_timeout_s; TCP: "Failed to recv") when rank 0 then stopped."""
+    store = tmp_path / "rendezvous"
+    port = free_port()
+    where = f"file://{store}" if rendezvous == "file" else f"tcp://127.0.0.1:{port}"
+    # Training that would go on: the signal may come after the rendezvous (the test's own look at a TCP store
+    # is slow), and must then stop training.
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out",
+                    run={"rendezvous": where, "comm_timeout_s": 120.0, "max_epochs": 100000, "target_iou": 1.0})
+    procs = [ranks.start([HOST, run], torchrun_env(r, 2, port), f"rank{r}") for r in (0, 1)]
+    wait_until_joined(ranks, store_has(rendezvous, store, port, "deepcam/answer/1"), ["rank0", "rank1"])
+    started = time.monotonic()
+    procs[0].send_signal(signal.SIGINT)
+    codes = ranks.wait_all(timeout=60)
+    assert time.monotonic() - started < 30  # not comm_timeout_s
+    assert codes == [130, 130], (codes, ranks.stderr("rank0")[-3000:], ranks.stderr("rank1")[-3000:])
+    # Stopped in the wait (rank 1 names rank 0), or just after it, where every rank names rank 0; or, the
+    # signal (sent once the test saw the answer) coming later still, in training, which rank 0 reports.
+    assert (re.search(r"rank 0 was stopped by Interrupt while the ranks met|stopped by Interrupt \(sent to rank 0\) "
+                      r"as the ranks met", ranks.stderr("rank1"))
+            or re.search(r"stopped by Interrupt \(sent to rank 0\) (at|after)", ranks.stderr("rank0"))), \
+        (ranks.stderr("rank0")[-3000:], ranks.stderr("rank1")[-3000:])
+    assert not store.exists()
+
+
+def test_a_rank_whose_rank_0_was_killed_after_it_answered_still_stops_on_its_own_signal(tmp_path, data, ranks):
+    """Rank 0 killed outright just after rank 1 answered its roster: rank 1 waited in the world group's set-up,
+    deaf to its own SIGINT and SIGTERM (the handler only recorded them), for the whole comm_timeout_s."""
+    store = tmp_path / "rendezvous"
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out",
+                    run={"rendezvous": f"file://{store}", "comm_timeout_s": 120.0})
+    procs = [ranks.start([HOST, run], torchrun_env(r, 2, 1), f"rank{r}") for r in (0, 1)]
+    wait_until_joined(ranks, file_store_has(store, "deepcam/answer/1"), ["rank0", "rank1"])
+    procs[0].kill()
+    procs[0].wait()
+    time.sleep(1)
+    started = time.monotonic()
+    procs[1].send_signal(signal.SIGTERM)
+    try:
+        status = procs[1].wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"rank 1 still running 30 s after SIGTERM:\n{ranks.stderr('rank1')[-3000:]}")
+    assert time.monotonic() - started < 15
+    # Or, rank 0 killed in the world group's set-up once it had given Gloo its address: Gloo's connection to
+    # it is refused, and rank 1 fails by itself.
+    if status != 143:
+        assert status == 2 and "Connection refused" in ranks.stderr("rank1"), ranks.stderr("rank1")[-3000:]
+    else:
+        assert "rank 1 of 2: stopped by Terminated while the ranks" in ranks.stderr("rank1"), \
+            ranks.stderr("rank1")[-3000:]
+
+
+def test_a_file_store_whose_ranks_left_with_one_killed_is_named_to_a_rank_that_comes_later(tmp_path, data, ranks):
+    """Ranks 0 and 1 of 3 met in the store; rank 0 was killed outright and rank 1 stopped by SIGINT, so the
+    file stayed with rank 1's stop in it: a rank 2 started later read that stop as its own run's, and ended
+    130 with "rank 1 was stopped by Interrupt"."""
+    store = tmp_path / "rendezvous"
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out",
+                    run={"rendezvous": f"file://{store}", "comm_timeout_s": 120.0})
+    procs = [ranks.start([HOST, run], torchrun_env(r, 3, 1), f"rank{r}") for r in (0, 1)]
+    wait_until_joined(ranks, file_store_has(store, "deepcam/joined/0", "deepcam/joined/1"), ["rank0", "rank1"])
+    procs[0].kill()
+    procs[0].wait()
+    procs[1].send_signal(signal.SIGINT)
+    assert procs[1].wait(timeout=30) == 130, ranks.stderr("rank1")[-3000:]
+    assert store.exists()  # rank 0, killed, never let go of it
+    r = run_host(run, env=torchrun_env(2, 3, 1), timeout=60)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert (f"rank 2 of 3: {run}:10 [run] rendezvous = \"file://{store}\": 1 rank(s) had left this store before "
+            f"this rank came") in r.stderr, r.stderr[-3000:]
+    assert "delete the file or give each run a new path" in r.stderr
+
+
 def test_a_lone_rank_stopped_while_it_waits_for_the_others_removes_the_file_store(tmp_path, data, ranks):
     store = tmp_path / "rendezvous"
     run = small_run(tmp_path / "run.toml", data, tmp_path / "out",
@@ -661,9 +743,9 @@ def test_a_lone_rank_stopped_while_it_waits_for_the_others_removes_the_file_stor
     assert not store.exists()
 
 
-@pytest.mark.parametrize("rendezvous, bad", [("file", 0), ("tcp", 1)])
+@pytest.mark.parametrize("rendezvous, bad, names", [("file", 0, "nosuchif9"), ("tcp", 1, "lo,nosuchif9")])
 def test_a_gloo_interface_one_rank_cannot_use_is_named_by_every_rank_at_once(tmp_path, data, ranks, rendezvous,
-                                                                             bad):
+                                                                             bad, names):
     """GLOO_SOCKET_IFNAME naming no interface of one rank's host: that rank ended with Gloo's "[enforce fail at
     .../device.cc:84] ifa != nullptr" as a failure to meet "within 60 s", at once, and the others waited out
     comm_timeout_s in the world group's set-up."""
@@ -672,13 +754,14 @@ def test_a_gloo_interface_one_rank_cannot_use_is_named_by_every_rank_at_once(tmp
     where = f"file://{store}" if rendezvous == "file" else f"tcp://127.0.0.1:{port}"
     run = small_run(tmp_path / "run.toml", data, tmp_path / "out", run={"rendezvous": where, "comm_timeout_s": 120.0})
     for r in (0, 1):
-        extra = {"GLOO_SOCKET_IFNAME": "nosuchif9"} if r == bad else {}
+        extra = {"GLOO_SOCKET_IFNAME": names} if r == bad else {}
         ranks.start([HOST, run], torchrun_env(r, 2, port, **extra), f"rank{r}")
     started = time.monotonic()
     assert ranks.wait_all(timeout=100) == [2, 2], (ranks.stderr("rank0")[-3000:], ranks.stderr("rank1")[-3000:])
     assert time.monotonic() - started < 60  # not comm_timeout_s
-    said = (f"cannot use GLOO_SOCKET_IFNAME=nosuchif9 on host {socket.gethostname()}: no network interface of that "
-            f"name has an address here (its interfaces: ")
+    which = "" if names == "nosuchif9" else ' ("nosuchif9")'  # PyTorch's list, separated by commas
+    said = (f"cannot use GLOO_SOCKET_IFNAME={names}{which} on host {socket.gethostname()}: no network interface of "
+            f"that name has an address here (its interfaces: ")
     assert f"rank {bad} of 2 {said}" in ranks.stderr(f"rank{bad}"), ranks.stderr(f"rank{bad}")[-3000:]
     assert "lo" in re.search(r"its interfaces: ([^)]*)\)", ranks.stderr(f"rank{bad}")).group(1).split(", ")
     assert f"rank {1 - bad} of 2: rank {bad} {said}" in ranks.stderr(f"rank{1 - bad}"), \
