@@ -123,6 +123,31 @@ std::string reach(const std::string& host, std::uint16_t port, Clock::time_point
 std::string text_of(const std::vector<std::uint8_t>& bytes) { return std::string(bytes.begin(), bytes.end()); }
 std::vector<std::uint8_t> bytes_of(const std::string& text) { return {text.begin(), text.end()}; }
 
+// How long a rank that refuses the rendezvous waits for the ranks still to
+// come to read why (Impl::leave_rendezvous).
+constexpr std::chrono::seconds kRefusalLinger{30};
+
+// A refusal's or a stop's text for the store, stamped with the wall-clock
+// second it was written.
+std::vector<std::uint8_t> stamped(const std::string& text) {
+  const auto now =
+      std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch());
+  return bytes_of(fmt::format("{} {}", now.count(), text));
+}
+
+// The text of a stamped value, or "" when it is older than a refusing
+// rank waits (with as long again for the hosts' clocks): an earlier run's,
+// left in a file store by a rank that was killed.
+std::string recent(const std::vector<std::uint8_t>& value) {
+  const std::string text = text_of(value);
+  const auto space = text.find(' ');
+  const long long then = std::atoll(text.c_str());
+  const auto now =
+      std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch());
+  if (space == std::string::npos || std::llabs(now.count() - then) > 2 * kRefusalLinger.count()) return "";
+  return text.substr(space + 1);
+}
+
 std::string hostname() {
   char name[256] = {};
   if (::gethostname(name, sizeof(name) - 1) != 0) return "unknown-host";
@@ -196,7 +221,17 @@ struct Communicator::Impl {
   std::chrono::milliseconds join_pause() const {
     return std::chrono::milliseconds(std::clamp(layout.world_size * 10, 100, 2000));
   }
-  void leave_rendezvous(const std::string& why, bool counted) noexcept;
+  // What a rank that leaves the rendezvous does besides counting itself
+  // (leave_rendezvous).
+  enum class Leaving {
+    kPlain,
+    kRefusing,   // it refused the world: the ranks still to come read why before it goes
+    kAbandoned,  // its Impl is never freed: the last of the ranks to leave deletes a file store
+  };
+  void leave_rendezvous(const std::string& why, bool counted, Leaving how = Leaving::kPlain,
+                        c10d::Store* via = nullptr) noexcept;
+  void look_for_refusals(bool recent_only);
+  int ranks_arrived(c10d::Store& s) const;
   void meet();
   void place();
   void watch();
@@ -528,9 +563,11 @@ void Communicator::Impl::join_store() {
     leave_rendezvous(why, /*counted=*/false);
     throw Error(fmt::format("rank {} of {}: {}", rank, size, why));
   }
-  // Ranks that left the store before this one came: its refusals and stops
-  // are theirs, not this run's (a run whose other ranks were killed left
-  // the file; or this run ended before this rank came).
+  // A refusal or a stop of this run's, from a rank that came before this
+  // one; else ranks that left the store before this one came are an
+  // earlier run's, whose refusals and stops are not this run's (one of its
+  // ranks was killed, and the file stayed).
+  look_for_refusals(/*recent_only=*/true);
   if (const std::int64_t gone = store->add(kLeftKey, 0); gone > 0 && !store_path.empty()) {
     throw Error(
         fmt::format("rank {} of {}: {}: {} rank(s) had left this store before this rank came (a run that "
@@ -543,7 +580,7 @@ void Communicator::Impl::join_store() {
   try {
     pick_gloo_devices();
   } catch (const Error& e) {
-    leave_rendezvous(fmt::format("rank {} {}", rank, e.what()), /*counted=*/true);
+    leave_rendezvous(fmt::format("rank {} {}", rank, e.what()), /*counted=*/true, Leaving::kRefusing);
     throw Error(fmt::format("rank {} of {} {}", rank, size, e.what()));
   }
   const auto pause = join_pause();
@@ -554,15 +591,7 @@ void Communicator::Impl::join_store() {
   const auto look = [&](const std::function<bool()>& arrived) {
     for (;;) {
       if (const int signal = stop_requested()) stop_rendezvous(signal, "while the ranks met");
-      if (store->check({kStoppedKey})) {
-        leave_rendezvous("", /*counted=*/true);
-        stopped_elsewhere(text_of(store->get(kStoppedKey)));
-      }
-      if (store->check({kRefusedKey})) {
-        const std::string why = text_of(store->get(kRefusedKey));
-        leave_rendezvous("", /*counted=*/true);
-        throw Error(fmt::format("rank {} of {}: {}", rank, size, why));
-      }
+      look_for_refusals(/*recent_only=*/false);
       if (arrived()) return true;
       if (Clock::now() > deadline) return false;
       std::this_thread::sleep_for(pause);
@@ -579,7 +608,7 @@ void Communicator::Impl::join_store() {
     leave_rendezvous(fmt::format("rank {} was started for a world of {} ranks ({}), rank 0 for {}; start every "
                                  "rank with the same world size",
                                  rank, size, layout.source, rank0_size),
-                     /*counted=*/true);
+                     /*counted=*/true, Leaving::kRefusing);
     throw Error(fmt::format("rank {}: this process was started for a world of {} ranks ({}), rank 0 for {}; start "
                             "every rank with the same world size",
                             rank, size, layout.source, rank0_size));
@@ -591,7 +620,10 @@ void Communicator::Impl::join_store() {
   // new: rank 0 lists them all with its own (the roster), and each rank
   // answers with rank 0's.
   std::random_device random;
-  const std::string token = fmt::format("{:08x}{:08x}-{}", random(), random(), ::getpid());
+  // Its Gloo interfaces' count after "/": Gloo connects every pair of
+  // ranks once per interface, so ranks with other counts would wait on
+  // each other until the timeout.
+  const std::string token = fmt::format("{:08x}{:08x}-{}/{}", random(), random(), ::getpid(), gloo_devices.size());
   store->set(heartbeat_key(rank), bytes_of("0"));
   store->set(joined_key(rank), bytes_of(token));
   std::vector<std::string> joined, answers;
@@ -613,7 +645,19 @@ void Communicator::Impl::join_store() {
     met = look([&] { return store->check(joined); });
     if (met) {
       std::string roster = token;
-      for (const auto& t : store->multiGet(joined)) roster += " " + text_of(t);
+      const auto tokens = store->multiGet(joined);
+      for (int r = 1; r < size; ++r) {
+        const std::string theirs = text_of(tokens[static_cast<std::size_t>(r)]);
+        const std::string count = theirs.substr(std::min(theirs.rfind('/') + 1, theirs.size()));
+        if (count != std::to_string(gloo_devices.size())) {
+          const std::string why = fmt::format(
+              "rank {} uses {} Gloo network interface(s) (GLOO_SOCKET_IFNAME), rank 0 {}; give every rank as many", r,
+              count, gloo_devices.size());
+          leave_rendezvous(why, /*counted=*/true, Leaving::kRefusing);
+          throw Error(fmt::format("rank 0 of {}: {}", size, why));
+        }
+      }
+      for (const auto& t : tokens) roster += " " + text_of(t);
       store->set(kRosterKey, bytes_of(roster));
       met = look(all_answered);
       if (met) store->set(kMetKey, bytes_of(token));
@@ -668,8 +712,8 @@ void Communicator::Impl::stop_rendezvous(int signal, const char* when) {
   if (store) {
     try {
       if (!store->check({kStoppedKey})) {
-        store->set(kStoppedKey, bytes_of(fmt::format("{} rank {} was stopped by {} {}", signal, layout.rank,
-                                                     strsignal(signal), when)));
+        store->set(kStoppedKey, stamped(fmt::format("{} rank {} was stopped by {} {}", signal, layout.rank,
+                                                    strsignal(signal), when)));
       }
     } catch (const std::exception&) {
       // The store is gone: its host stopped too.
@@ -682,18 +726,57 @@ void Communicator::Impl::stop_rendezvous(int signal, const char* when) {
 }
 
 // A rank gives up the rendezvous: `why` (unless "") is where the others
-// look, and they stop at once rather than wait out the timeout. The host
-// of a TCP store (rank 0) waits for them to have looked, as the store goes
-// with it. A rank `counted` counts itself in kLeftKey: a rank that comes
-// later finds the store's refusals and stops not its own run's. Never
-// throws.
-void Communicator::Impl::leave_rendezvous(const std::string& why, bool counted) noexcept {
+// look, and they stop at once rather than wait out the timeout. A rank
+// `counted` counts itself in kLeftKey: a rank that comes later then knows
+// the store's old refusals and stops from its own run's. A refusing rank
+// waits, up to kRefusalLinger, for the ranks still to come to read why
+// (c10d deletes a file store, and a TCP store goes, with the last process
+// using it); the host of a TCP store (rank 0) waits for the ranks there to
+// have looked. An abandoned rank (its store never freed) that is the last
+// of those that came to leave deletes a file store. Through `via` when the
+// store's own client may be held by a thread left stuck in it. Never throws.
+void Communicator::Impl::leave_rendezvous(const std::string& why, bool counted, Leaving how,
+                                          c10d::Store* via) noexcept {
   try {
-    if (!why.empty() && !store->check({kRefusedKey})) store->set(kRefusedKey, bytes_of(why));
-    if (counted) store->add(kLeftKey, 1);
+    c10d::Store& s = via ? *via : *store;
+    if (!why.empty() && !s.check({kRefusedKey})) s.set(kRefusedKey, stamped(why));
+    const std::int64_t left = counted ? s.add(kLeftKey, 1) : 0;
+    if (how == Leaving::kRefusing) {
+      const auto until = Clock::now() + std::min<std::chrono::milliseconds>(options.timeout, kRefusalLinger);
+      while (ranks_arrived(s) < layout.world_size && Clock::now() < until) std::this_thread::sleep_for(join_pause());
+    }
     if (store_path.empty() && layout.rank == 0) std::this_thread::sleep_for(2 * join_pause());
+    if (how == Leaving::kAbandoned && counted && !store_path.empty() && left >= ranks_arrived(s)) {
+      ::unlink(store_path.c_str());
+    }
   } catch (const std::exception&) {
     // The store is gone: the others find out by themselves.
+  }
+}
+
+// The ranks that have joined the store (of this run, or of an earlier one
+// that left it).
+int Communicator::Impl::ranks_arrived(c10d::Store& s) const {
+  int arrived = 0;
+  for (int r = 0; r < layout.world_size; ++r) arrived += s.check({rank_key(r)}) ? 1 : 0;
+  return arrived;
+}
+
+// Another rank's stop (this one stops too) or refusal (an Error naming
+// it), if the store holds one; with `recent_only`, only one written in this
+// run's time.
+void Communicator::Impl::look_for_refusals(bool recent_only) {
+  for (const char* key : {kStoppedKey, kRefusedKey}) {
+    if (!store->check({key})) continue;
+    const std::vector<std::uint8_t> value = store->get(key);
+    std::string text = recent(value);
+    if (text.empty()) {
+      if (recent_only) continue;
+      text = text_of(value).substr(std::min(text_of(value).find(' ') + 1, value.size()));
+    }
+    leave_rendezvous("", /*counted=*/true);
+    if (key == kStoppedKey) stopped_elsewhere(text);
+    throw Error(fmt::format("rank {} of {}: {}", layout.rank, layout.world_size, text));
   }
 }
 
@@ -733,14 +816,17 @@ void Communicator::Impl::on_own_thread(const std::function<void()>& work, std::c
   auto deadline = Clock::now() + limit;
   int signal = 0;
   std::string elsewhere;  // another rank's stop (share_stops)
+  // A client of its own: the work's may wait in the store for a whole
+  // timeout (a TCP store's client answers one call at a time).
+  c10::intrusive_ptr<c10d::Store> looks = share_stops ? store->clone() : nullptr;
   std::unique_lock<std::mutex> lock(outcome->mutex);
   while (!outcome->done_cv.wait_for(lock, std::chrono::milliseconds(100), [&] { return outcome->done; })) {
     if (signal == 0 && (signal = stop_requested()) != 0) {
       deadline = std::min(deadline, Clock::now() + 4 * join_pause() + std::chrono::seconds(2));
     }
-    if (share_stops) {
+    if (looks) {
       try {
-        if (store->check({kStoppedKey})) elsewhere = text_of(store->get(kStoppedKey));
+        if (looks->check({kStoppedKey})) elsewhere = recent(looks->get(kStoppedKey));
       } catch (const std::exception&) {
         // The store's host is gone: the work fails by itself.
       }
@@ -750,18 +836,18 @@ void Communicator::Impl::on_own_thread(const std::function<void()>& work, std::c
     worker.detach();
     abandoned = true;
     if (!elsewhere.empty()) {
-      leave_rendezvous("", /*counted=*/true);
+      leave_rendezvous("", /*counted=*/true, Leaving::kAbandoned, looks.get());
       stopped_elsewhere(elsewhere);
     }
     if (signal != 0) {
       const std::string what = fmt::format("stopped by {} {}", strsignal(signal), stopped_while);
-      if (share_stops) {
+      if (looks) {
         try {
-          store->set(kStoppedKey, bytes_of(fmt::format("{} rank {} was {}", signal, layout.rank, what)));
+          looks->set(kStoppedKey, stamped(fmt::format("{} rank {} was {}", signal, layout.rank, what)));
         } catch (const std::exception&) {
           // The store's host is gone.
         }
-        leave_rendezvous("", /*counted=*/true);
+        leave_rendezvous("", /*counted=*/true, Leaving::kAbandoned, looks.get());
       }
       throw StopRequested(signal, fmt::format("rank {} of {}: {}", layout.rank, layout.world_size, what));
     }
@@ -975,6 +1061,12 @@ void Communicator::Impl::watch() {
                    "waits for every member; stopping\n",
                    layout.rank, layout.world_size, strsignal(signal));
       std::fflush(stderr);
+      // The others' watchdogs name this rank at once, not after the timeout.
+      try {
+        s->set(heartbeat_key(layout.rank), bytes_of(kFailed));
+      } catch (const std::exception&) {
+        // The store's host is gone too.
+      }
       std::_Exit(128 + signal);
     }
     if (verdict.empty())

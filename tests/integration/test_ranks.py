@@ -657,9 +657,12 @@ def test_a_stop_signal_while_the_ranks_meet_stops_every_rank_at_once(tmp_path, d
 
 
 @pytest.mark.parametrize("rendezvous", ["file", "tcp"])
-def test_a_stop_signal_to_rank_0_after_rank_1_answered_stops_both(tmp_path, data, ranks, rendezvous):
+@pytest.mark.parametrize("stopped", [0, 1])
+def test_a_stop_signal_after_rank_1_answered_stops_both(tmp_path, data, ranks, rendezvous, stopped):
     """Rank 1 ended its wait as soon as it had answered rank 0's roster, and waited in the world group's
-    set-up (file store: until comm_timeout_s; TCP: "Failed to recv") when rank 0 then stopped."""
+    set-up (file store: until comm_timeout_s; TCP: "Failed to recv") when rank 0 then stopped. With rank 1
+    stopped there on a TCP store, rank 0 waited out comm_timeout_s: its look for rank 1's stop went through
+    the store client that Gloo's set-up held."""
     store = tmp_path / "rendezvous"
     port = free_port()
     where = f"file://{store}" if rendezvous == "file" else f"tcp://127.0.0.1:{port}"
@@ -670,15 +673,17 @@ def test_a_stop_signal_to_rank_0_after_rank_1_answered_stops_both(tmp_path, data
     procs = [ranks.start([HOST, run], torchrun_env(r, 2, port), f"rank{r}") for r in (0, 1)]
     wait_until_joined(ranks, store_has(rendezvous, store, port, "deepcam/answer/1"), ["rank0", "rank1"])
     started = time.monotonic()
-    procs[0].send_signal(signal.SIGINT)
+    procs[stopped].send_signal(signal.SIGINT)
     codes = ranks.wait_all(timeout=60)
     assert time.monotonic() - started < 30  # not comm_timeout_s
     assert codes == [130, 130], (codes, ranks.stderr("rank0")[-3000:], ranks.stderr("rank1")[-3000:])
-    # Stopped in the wait (rank 1 names rank 0), or just after it, where every rank names rank 0; or, the
-    # signal (sent once the test saw the answer) coming later still, in training, which rank 0 reports.
-    assert (re.search(r"rank 0 was stopped by Interrupt while the ranks met|stopped by Interrupt \(sent to rank 0\) "
-                      r"as the ranks met", ranks.stderr("rank1"))
-            or re.search(r"stopped by Interrupt \(sent to rank 0\) (at|after)", ranks.stderr("rank0"))), \
+    # Stopped in the wait or the world group's set-up (the other rank names the stopped one), or just after,
+    # where every rank names it; or, the signal (sent once the test saw the answer) coming later still, in
+    # training, which rank 0 reports.
+    other = f"rank{1 - stopped}"
+    assert (re.search(rf"rank {stopped} was stopped by Interrupt while the ranks (met|set up)|stopped by Interrupt "
+                      rf"\(sent to rank {stopped}\) as the ranks met", ranks.stderr(other))
+            or re.search(rf"stopped by Interrupt \(sent to rank {stopped}\) (at|after)", ranks.stderr("rank0"))), \
         (ranks.stderr("rank0")[-3000:], ranks.stderr("rank1")[-3000:])
     assert not store.exists()
 
@@ -712,8 +717,8 @@ def test_a_rank_whose_rank_0_was_killed_after_it_answered_still_stops_on_its_own
 
 def test_a_file_store_whose_ranks_left_with_one_killed_is_named_to_a_rank_that_comes_later(tmp_path, data, ranks):
     """Ranks 0 and 1 of 3 met in the store; rank 0 was killed outright and rank 1 stopped by SIGINT, so the
-    file stayed with rank 1's stop in it: a rank 2 started later read that stop as its own run's, and ended
-    130 with "rank 1 was stopped by Interrupt"."""
+    file stayed with rank 1's stop in it: a next run's rank 2 read that stop as its own run's, and ended 130
+    with "rank 1 was stopped by Interrupt"."""
     store = tmp_path / "rendezvous"
     run = small_run(tmp_path / "run.toml", data, tmp_path / "out",
                     run={"rendezvous": f"file://{store}", "comm_timeout_s": 120.0})
@@ -724,6 +729,14 @@ def test_a_file_store_whose_ranks_left_with_one_killed_is_named_to_a_rank_that_c
     procs[1].send_signal(signal.SIGINT)
     assert procs[1].wait(timeout=30) == 130, ranks.stderr("rank1")[-3000:]
     assert store.exists()  # rank 0, killed, never let go of it
+    # A rank that comes within a minute takes the stop for its own run's (a late rank of that run); one that
+    # comes later, as a next run's does, finds it an earlier run's. The stop's time stamp, moved back an
+    # hour (same number of digits), stands for the wait.
+    text = store.read_bytes()
+    stamp = re.search(rb"(\d{10}) 2 rank 1 was stopped", text)
+    assert stamp, text
+    older = str(int(stamp.group(1)) - 3600).encode()
+    store.write_bytes(text.replace(stamp.group(0), older + stamp.group(0)[10:]))
     r = run_host(run, env=torchrun_env(2, 3, 1), timeout=60)
     assert r.returncode == 2, r.stderr[-3000:]
     assert (f"rank 2 of 3: {run}:10 [run] rendezvous = \"file://{store}\": 1 rank(s) had left this store before "
@@ -748,15 +761,17 @@ def test_a_gloo_interface_one_rank_cannot_use_is_named_by_every_rank_at_once(tmp
                                                                              bad, names):
     """GLOO_SOCKET_IFNAME naming no interface of one rank's host: that rank ended with Gloo's "[enforce fail at
     .../device.cc:84] ifa != nullptr" as a failure to meet "within 60 s", at once, and the others waited out
-    comm_timeout_s in the world group's set-up."""
+    comm_timeout_s in the world group's set-up. The refusing rank starts first and the other 1.5 s later: it
+    waits for the other to read why (a file store went with it, and the other waited out the timeout)."""
     store = tmp_path / "rendezvous"
     port = free_port()
     where = f"file://{store}" if rendezvous == "file" else f"tcp://127.0.0.1:{port}"
     run = small_run(tmp_path / "run.toml", data, tmp_path / "out", run={"rendezvous": where, "comm_timeout_s": 120.0})
-    for r in (0, 1):
+    started = time.monotonic()
+    for r in (bad, 1 - bad):
         extra = {"GLOO_SOCKET_IFNAME": names} if r == bad else {}
         ranks.start([HOST, run], torchrun_env(r, 2, port, **extra), f"rank{r}")
-    started = time.monotonic()
+        time.sleep(1.5)
     assert ranks.wait_all(timeout=100) == [2, 2], (ranks.stderr("rank0")[-3000:], ranks.stderr("rank1")[-3000:])
     assert time.monotonic() - started < 60  # not comm_timeout_s
     which = "" if names == "nosuchif9" else ' ("nosuchif9")'  # PyTorch's list, separated by commas
@@ -768,6 +783,21 @@ def test_a_gloo_interface_one_rank_cannot_use_is_named_by_every_rank_at_once(tmp
         ranks.stderr(f"rank{1 - bad}")[-3000:]
     assert "enforce fail" not in ranks.stderr("rank0") + ranks.stderr("rank1")
     assert not (tmp_path / "out").exists()
+
+
+def test_ranks_with_other_numbers_of_gloo_interfaces_are_refused_at_once(tmp_path, data, ranks):
+    """GLOO_SOCKET_IFNAME=lo,lo on rank 1 only: Gloo connects each pair of ranks once per interface, so the
+    two waited on each other until comm_timeout_s, and rank 0 then blamed rank 1 as lost."""
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out", run={"comm_timeout_s": 120.0})
+    port = free_port()
+    ranks.start([HOST, run], torchrun_env(0, 2, port), "rank0")
+    ranks.start([HOST, run], torchrun_env(1, 2, port, GLOO_SOCKET_IFNAME="lo,lo"), "rank1")
+    started = time.monotonic()
+    assert ranks.wait_all(timeout=100) == [2, 2], (ranks.stderr("rank0")[-3000:], ranks.stderr("rank1")[-3000:])
+    assert time.monotonic() - started < 60
+    said = "rank 1 uses 2 Gloo network interface(s) (GLOO_SOCKET_IFNAME), rank 0 1; give every rank as many"
+    assert f"rank 0 of 2: {said}" in ranks.stderr("rank0"), ranks.stderr("rank0")[-3000:]
+    assert f"rank 1 of 2: {said}" in ranks.stderr("rank1"), ranks.stderr("rank1")[-3000:]
 
 
 def test_ranks_started_with_different_settings_are_refused_naming_them(tmp_path, data, ranks):
