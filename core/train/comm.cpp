@@ -229,7 +229,7 @@ struct Communicator::Impl {
     kAbandoned,  // its Impl is never freed: the last of the ranks to leave deletes a file store
   };
   void leave_rendezvous(const std::string& why, bool counted, Leaving how = Leaving::kPlain,
-                        c10d::Store* via = nullptr) noexcept;
+                        c10d::Store* via = nullptr, int ranks = 0) noexcept;
   void look_for_refusals(bool recent_only);
   int ranks_arrived(c10d::Store& s) const;
   void meet();
@@ -608,7 +608,7 @@ void Communicator::Impl::join_store() {
     leave_rendezvous(fmt::format("rank {} was started for a world of {} ranks ({}), rank 0 for {}; start every "
                                  "rank with the same world size",
                                  rank, size, layout.source, rank0_size),
-                     /*counted=*/true, Leaving::kRefusing);
+                     /*counted=*/true, Leaving::kRefusing, nullptr, std::min(size, std::atoi(rank0_size.c_str())));
     throw Error(fmt::format("rank {}: this process was started for a world of {} ranks ({}), rank 0 for {}; start "
                             "every rank with the same world size",
                             rank, size, layout.source, rank0_size));
@@ -734,16 +734,19 @@ void Communicator::Impl::stop_rendezvous(int signal, const char* when) {
 // using it); the host of a TCP store (rank 0) waits for the ranks there to
 // have looked. An abandoned rank (its store never freed) that is the last
 // of those that came to leave deletes a file store. Through `via` when the
-// store's own client may be held by a thread left stuck in it. Never throws.
-void Communicator::Impl::leave_rendezvous(const std::string& why, bool counted, Leaving how,
-                                          c10d::Store* via) noexcept {
+// store's own client may be held by a thread left stuck in it. `ranks`:
+// how many a refusing rank waits for, if not the world's size. Never
+// throws.
+void Communicator::Impl::leave_rendezvous(const std::string& why, bool counted, Leaving how, c10d::Store* via,
+                                          int ranks) noexcept {
   try {
     c10d::Store& s = via ? *via : *store;
     if (!why.empty() && !s.check({kRefusedKey})) s.set(kRefusedKey, stamped(why));
     const std::int64_t left = counted ? s.add(kLeftKey, 1) : 0;
     if (how == Leaving::kRefusing) {
       const auto until = Clock::now() + std::min<std::chrono::milliseconds>(options.timeout, kRefusalLinger);
-      while (ranks_arrived(s) < layout.world_size && Clock::now() < until) std::this_thread::sleep_for(join_pause());
+      const int expected = ranks > 0 ? ranks : layout.world_size;
+      while (ranks_arrived(s) < expected && Clock::now() < until) std::this_thread::sleep_for(join_pause());
     }
     if (store_path.empty() && layout.rank == 0) std::this_thread::sleep_for(2 * join_pause());
     if (how == Leaving::kAbandoned && counted && !store_path.empty() && left >= ranks_arrived(s)) {
