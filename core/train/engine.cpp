@@ -284,6 +284,15 @@ extern "C" void end_benchmark(int sig) {
 // copies left and the run's status lost.
 void record_stop_signals_from_now() { catch_stop_signals(record_stop_signal); }
 
+// " (sent to rank 1)" for a stop signal that came to `ranks` of `world`,
+// where the launcher (--nproc, torchrun) ends every rank with the same
+// status; "" on one rank.
+std::string sent_to_text(const std::vector<int>& ranks, int world) {
+  if (world == 1 || ranks.empty()) return "";
+  if (static_cast<int>(ranks.size()) == world) return " (sent to every rank)";
+  return fmt::format(" (sent to rank{} {})", ranks.size() > 1 ? "s" : "", fmt::join(ranks, ", "));
+}
+
 // A stop signal that came while the ranks met, to any rank, stops every
 // rank here, with StopRequested, before anything is written (one small
 // all-gather; a signal later is the engine's to look at).
@@ -296,12 +305,8 @@ void stop_if_any_rank_was_stopped(Communicator& comm) {
   for (int r = 0; r < comm.size(); ++r) {
     if (all[r].item<std::int64_t>() != 0) sent_to.push_back(r);
   }
-  const std::string to =
-      comm.size() == 1 || static_cast<int>(sent_to.size()) == comm.size()
-          ? ""
-          : fmt::format(" (sent to rank{} {})", sent_to.size() > 1 ? "s" : "", fmt::join(sent_to, ", "));
-  throw StopRequested(signal,
-                      fmt::format("stopped by {}{} as the ranks met; the run had not started", strsignal(signal), to));
+  throw StopRequested(signal, fmt::format("stopped by {}{} as the ranks met; the run had not started",
+                                          strsignal(signal), sent_to_text(sent_to, comm.size())));
 }
 
 // A stop signal recorded before the run started ends it here, with
@@ -1344,13 +1349,8 @@ class Engine {
     return sig;
   }
 
-  // " (sent to rank 1)" on many ranks, where the launcher (--nproc,
-  // torchrun) ends every rank with the same status; "" on one.
-  std::string stop_receivers() const {
-    if (comm_.size() == 1 || stop_ranks_.empty()) return "";
-    if (static_cast<int>(stop_ranks_.size()) == comm_.size()) return " (sent to every rank)";
-    return fmt::format(" (sent to rank{} {})", stop_ranks_.size() > 1 ? "s" : "", fmt::join(stop_ranks_, ", "));
-  }
+  // Which ranks the stop signal came to (sent_to_text).
+  std::string stop_receivers() const { return sent_to_text(stop_ranks_, comm_.size()); }
 
   // The figures of a logging point, over all ranks: one all-gather of five
   // numbers per rank, where the loss is read from the device anyway. A stop
