@@ -127,12 +127,16 @@ std::vector<std::uint8_t> bytes_of(const std::string& text) { return {text.begin
 // come to read why (Impl::leave_rendezvous).
 constexpr std::chrono::seconds kRefusalLinger{30};
 
+// The wall clock's seconds, as every host of a run has them (give or take
+// its clock's drift).
+long long wall_seconds() {
+  return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
 // A refusal's or a stop's text for the store, stamped with the wall-clock
 // second it was written.
 std::vector<std::uint8_t> stamped(const std::string& text) {
-  const auto now =
-      std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch());
-  return bytes_of(fmt::format("{} {}", now.count(), text));
+  return bytes_of(fmt::format("{} {}", wall_seconds(), text));
 }
 
 // The text of a stamped value, or "" when it is older than a refusing
@@ -142,9 +146,7 @@ std::string recent(const std::vector<std::uint8_t>& value) {
   const std::string text = text_of(value);
   const auto space = text.find(' ');
   const long long then = std::atoll(text.c_str());
-  const auto now =
-      std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch());
-  if (space == std::string::npos || std::llabs(now.count() - then) > 2 * kRefusalLinger.count()) return "";
+  if (space == std::string::npos || std::llabs(wall_seconds() - then) > 2 * kRefusalLinger.count()) return "";
   return text.substr(space + 1);
 }
 
