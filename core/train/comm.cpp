@@ -71,6 +71,8 @@ std::string rank_key(int rank) { return fmt::format("deepcam/rank/{}", rank); }
 const char* const kStoppedKey = "deepcam/stopped";
 // How many ranks gave up the rendezvous: one that comes later is told.
 const char* const kLeftKey = "deepcam/left";
+// How many ranks have joined the store, each once.
+const char* const kArrivedKey = "deepcam/arrived";
 // Rank 0's token, once every rank has answered the roster.
 const char* const kMetKey = "deepcam/met";
 const std::string kDone = "done";      // ended normally
@@ -139,15 +141,16 @@ std::vector<std::uint8_t> stamped(const std::string& text) {
   return bytes_of(fmt::format("{} {}", wall_seconds(), text));
 }
 
-// The text of a stamped value, or "" when it is older than a refusing
-// rank waits (with as long again for the hosts' clocks): an earlier run's,
-// left in a file store by a rank that was killed.
-std::string recent(const std::vector<std::uint8_t>& value) {
+// A stamped value's text, and whether it was written in this run's time:
+// not older than a refusing rank waits (with as long again for the hosts'
+// clocks), which would make it an earlier run's, left in a file store by a
+// rank that was killed.
+std::pair<std::string, bool> unstamped(const std::vector<std::uint8_t>& value) {
   const std::string text = text_of(value);
   const auto space = text.find(' ');
-  const long long then = std::atoll(text.c_str());
-  if (space == std::string::npos || std::llabs(wall_seconds() - then) > 2 * kRefusalLinger.count()) return "";
-  return text.substr(space + 1);
+  if (space == std::string::npos) return {text, false};
+  const bool recent = std::llabs(wall_seconds() - std::atoll(text.c_str())) <= 2 * kRefusalLinger.count();
+  return {text.substr(space + 1), recent};
 }
 
 std::string hostname() {
@@ -233,7 +236,10 @@ struct Communicator::Impl {
   void leave_rendezvous(const std::string& why, bool counted, Leaving how = Leaving::kPlain,
                         c10d::Store* via = nullptr, int ranks = 0) noexcept;
   void look_for_refusals(bool recent_only);
-  int ranks_arrived(c10d::Store& s) const;
+  void tell_stop(c10d::Store& s, int signal, const std::string& what, Leaving how) noexcept;
+  // The ranks that have joined the store (of this run, or of an earlier
+  // one that left it there): one counter, not a look per rank.
+  static std::int64_t ranks_arrived(c10d::Store& s) { return s.add(kArrivedKey, 0); }
   void meet();
   void place();
   void watch();
@@ -565,6 +571,7 @@ void Communicator::Impl::join_store() {
     leave_rendezvous(why, /*counted=*/false);
     throw Error(fmt::format("rank {} of {}: {}", rank, size, why));
   }
+  store->add(kArrivedKey, 1);
   // A refusal or a stop of this run's, from a rank that came before this
   // one; else ranks that left the store before this one came are an
   // earlier run's, whose refusals and stops are not this run's (one of its
@@ -711,20 +718,23 @@ void Communicator::Impl::stopped_elsewhere(const std::string& text) {
 // (they stop too, as one rank's stop in training stops every rank), and
 // StopRequested ends this one. Nothing was written yet.
 void Communicator::Impl::stop_rendezvous(int signal, const char* when) {
-  if (store) {
-    try {
-      if (!store->check({kStoppedKey})) {
-        store->set(kStoppedKey, stamped(fmt::format("{} rank {} was stopped by {} {}", signal, layout.rank,
-                                                    strsignal(signal), when)));
-      }
-    } catch (const std::exception&) {
-      // The store is gone: its host stopped too.
+  const std::string what = fmt::format("stopped by {} {}", strsignal(signal), when);
+  if (store) tell_stop(*store, signal, what, Leaving::kPlain);
+  throw StopRequested(signal, fmt::format("rank {} of {}: {} (through {}); the run had not started", layout.rank,
+                                          layout.world_size, what, options.rendezvous_setting));
+}
+
+// Writes this rank's stop (`what`: "stopped by SIGNAL ...") where the
+// others look, unless one is there already, and leaves the rendezvous.
+void Communicator::Impl::tell_stop(c10d::Store& s, int signal, const std::string& what, Leaving how) noexcept {
+  try {
+    if (!s.check({kStoppedKey})) {
+      s.set(kStoppedKey, stamped(fmt::format("{} rank {} was {}", signal, layout.rank, what)));
     }
-    leave_rendezvous("", /*counted=*/true);
+  } catch (const std::exception&) {
+    // The store is gone: its host stopped too.
   }
-  throw StopRequested(signal,
-                      fmt::format("rank {} of {}: stopped by {} {} (through {}); the run had not started", layout.rank,
-                                  layout.world_size, strsignal(signal), when, options.rendezvous_setting));
+  leave_rendezvous("", /*counted=*/true, how, &s);
 }
 
 // A rank gives up the rendezvous: `why` (unless "") is where the others
@@ -747,7 +757,7 @@ void Communicator::Impl::leave_rendezvous(const std::string& why, bool counted, 
     const std::int64_t left = counted ? s.add(kLeftKey, 1) : 0;
     if (how == Leaving::kRefusing) {
       const auto until = Clock::now() + std::min<std::chrono::milliseconds>(options.timeout, kRefusalLinger);
-      const int expected = ranks > 0 ? ranks : layout.world_size;
+      const std::int64_t expected = ranks > 0 ? ranks : layout.world_size;
       while (ranks_arrived(s) < expected && Clock::now() < until) std::this_thread::sleep_for(join_pause());
     }
     if (store_path.empty() && layout.rank == 0) std::this_thread::sleep_for(2 * join_pause());
@@ -759,26 +769,14 @@ void Communicator::Impl::leave_rendezvous(const std::string& why, bool counted, 
   }
 }
 
-// The ranks that have joined the store (of this run, or of an earlier one
-// that left it).
-int Communicator::Impl::ranks_arrived(c10d::Store& s) const {
-  int arrived = 0;
-  for (int r = 0; r < layout.world_size; ++r) arrived += s.check({rank_key(r)}) ? 1 : 0;
-  return arrived;
-}
-
 // Another rank's stop (this one stops too) or refusal (an Error naming
 // it), if the store holds one; with `recent_only`, only one written in this
 // run's time.
 void Communicator::Impl::look_for_refusals(bool recent_only) {
   for (const char* key : {kStoppedKey, kRefusedKey}) {
     if (!store->check({key})) continue;
-    const std::vector<std::uint8_t> value = store->get(key);
-    std::string text = recent(value);
-    if (text.empty()) {
-      if (recent_only) continue;
-      text = text_of(value).substr(std::min(text_of(value).find(' ') + 1, value.size()));
-    }
+    const auto [text, recent] = unstamped(store->get(key));
+    if (recent_only && !recent) continue;
     leave_rendezvous("", /*counted=*/true);
     if (key == kStoppedKey) stopped_elsewhere(text);
     throw Error(fmt::format("rank {} of {}: {}", layout.rank, layout.world_size, text));
@@ -831,7 +829,9 @@ void Communicator::Impl::on_own_thread(const std::function<void()>& work, std::c
     }
     if (looks) {
       try {
-        if (looks->check({kStoppedKey})) elsewhere = recent(looks->get(kStoppedKey));
+        if (looks->check({kStoppedKey})) {
+          if (auto [text, recent] = unstamped(looks->get(kStoppedKey)); recent) elsewhere = text;
+        }
       } catch (const std::exception&) {
         // The store's host is gone: the work fails by itself.
       }
@@ -846,14 +846,7 @@ void Communicator::Impl::on_own_thread(const std::function<void()>& work, std::c
     }
     if (signal != 0) {
       const std::string what = fmt::format("stopped by {} {}", strsignal(signal), stopped_while);
-      if (looks) {
-        try {
-          looks->set(kStoppedKey, stamped(fmt::format("{} rank {} was {}", signal, layout.rank, what)));
-        } catch (const std::exception&) {
-          // The store's host is gone.
-        }
-        leave_rendezvous("", /*counted=*/true, Leaving::kAbandoned, looks.get());
-      }
+      if (looks) tell_stop(*looks, signal, what, Leaving::kAbandoned);
       throw StopRequested(signal, fmt::format("rank {} of {}: {}", layout.rank, layout.world_size, what));
     }
     at_limit();
