@@ -143,6 +143,15 @@ bool cpu_has_avx2() {
 
 // ---- AVX-512: a pixel's 16 channels are one register ------------------------------------------
 
+// GCC before 12.3 warns inside its own AVX-512 intrinsics, whose undefined
+// operand it reads as uninitialized (GCC bug 105593), once they are inlined
+// here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 __attribute__((target("avx512f"))) inline __m512i marks512(__m512 v, __m512i marks) {
   const __m512i exponent = _mm512_set1_epi32(0x7f800000), one = _mm512_set1_epi32(0x00800000);
   return _mm512_or_si512(marks, _mm512_add_epi32(_mm512_and_si512(_mm512_castps_si512(v), exponent), one));
@@ -212,6 +221,10 @@ __attribute__((target("avx512f"))) std::uint32_t pixels16_avx512(const float* ra
   }
   return static_cast<std::uint32_t>(_mm512_reduce_or_epi32(marks));
 }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 // ---- AVX2: 8 channels per register -------------------------------------------------------------
 
