@@ -203,8 +203,21 @@ struct Communicator::Impl {
   // A group is being set up: Gloo's connect waits the whole timeout for a
   // member that is gone, and nothing can be unwound meanwhile.
   bool setting_up = false;
+  // The main thread waits in a collective (ProcessGroupGroup::run), where a
+  // stop signal cannot reach it.
+  bool in_collective = false;
+  // Ends this rank on a stop signal that a lost rank keeps the ranks from
+  // acting on together (guard()).
+  std::thread guard_thread;
+  void guard();
+  // How long a watched rank may show no sign of life, and the store not
+  // answer, while a stop signal waits: a few of the beats a live rank
+  // makes, and no longer than the timeout.
+  std::chrono::milliseconds stop_wait() const {
+    return std::min(options.timeout, std::max(2 * interval, std::chrono::milliseconds(5000)));
+  }
 
-  void let_the_others_read_the_verdict();
+  void let_the_others_read_the_verdict(c10d::Store& s);
   c10::intrusive_ptr<c10d::ProcessGroup> make_group(const std::string& name, int rank, int size);
   std::unique_ptr<ProcessGroupGroup> group(const std::string& name, const std::vector<int>& members);
   // Where the store is: a file, or a host and port; and where that was set.
@@ -244,7 +257,9 @@ struct Communicator::Impl {
   void place();
   void watch();
   bool stop_watch();
-  std::string unanswered_store() const;
+  // The store's silence counts from `watched` on, when that is later than
+  // its last answer.
+  std::string unanswered_store(std::chrono::milliseconds limit, Clock::time_point watched = {}) const;
   std::string describe(int rank) const {
     return rank < static_cast<int>(hosts.size()) ? fmt::format("rank {} (host {})", rank, hosts[rank])
                                                   : fmt::format("rank {}", rank);
@@ -288,7 +303,17 @@ class ProcessGroupGroup final : public Group {
 
   template <typename F>
   void run(F&& f) {
+    struct Waiting {
+      Communicator::Impl& impl;
+      explicit Waiting(Communicator::Impl& i) : impl(i) { flag(true); }
+      ~Waiting() { flag(false); }
+      void flag(bool on) {
+        std::lock_guard<std::mutex> lock(impl.mutex);
+        impl.in_collective = on;
+      }
+    };
     try {
+      Waiting waiting(owner_);
       f();
     } catch (const RankLost&) {
       throw;
@@ -983,6 +1008,7 @@ void Communicator::Impl::watch() {
   for (int r = 0; r < size; ++r) keys.push_back(heartbeat_key(r));
   std::vector<std::string> last(static_cast<std::size_t>(size));
   std::vector<Clock::time_point> changed(static_cast<std::size_t>(size), Clock::now());
+  Clock::time_point looked = Clock::now();  // this thread's last look at the heartbeats
   std::int64_t beat = 0;
   Clock::time_point stop_seen{};  // when a stop signal was first seen during a group's set-up
   struct Ended {
@@ -997,6 +1023,11 @@ void Communicator::Impl::watch() {
   while (!stopping && verdict.empty()) {
     lock.unlock();
     std::string found;
+    // A stop signal here, while a watched rank shows no sign of life, would
+    // wait out the timeout: the ranks agree in a collective on a step to
+    // stop at, and that rank holds it. It is named lost sooner (guard()).
+    const bool stop_waits = stop_requested() != 0;
+    const auto limit = stop_waits ? stop_wait() : options.timeout;
     try {
       s->set(heartbeat_key(layout.rank), bytes_of(std::to_string(++beat)));
       // Rank 0 watches every rank; the others watch rank 0 and read its word.
@@ -1018,6 +1049,12 @@ void Communicator::Impl::watch() {
         std::lock_guard<std::mutex> answered_lock(mutex);
         answered = now;
       }
+      // This process did not run for a while (SIGSTOP and SIGCONT to every
+      // rank, Slurm's suspend and resume): every heartbeat is behind by as
+      // much, and the others' have yet to move on. What went unseen counts
+      // for none.
+      if (now - looked > 2 * interval + std::chrono::seconds(1)) std::fill(changed.begin(), changed.end(), now);
+      looked = now;
       for (std::size_t i = 0; i < watched.size() && found.empty(); ++i) {
         const auto r = static_cast<std::size_t>(watched[i]);
         const std::string v = text_of(values[i]);
@@ -1028,9 +1065,11 @@ void Communicator::Impl::watch() {
         } else if (v != last[r]) {
           last[r] = v;
           changed[r] = now;
-        } else if (now - changed[r] > options.timeout) {
-          found = fmt::format("lost {}: no sign of life for {} s ({} = {})", describe(static_cast<int>(r)),
-                              seconds(options.timeout), options.timeout_where, seconds(options.timeout));
+        } else if (now - changed[r] > limit) {
+          found = stop_waits ? fmt::format("lost {}: no sign of life for {} s, while a stop signal waited for it",
+                                           describe(static_cast<int>(r)), seconds(limit))
+                             : fmt::format("lost {}: no sign of life for {} s ({} = {})", describe(static_cast<int>(r)),
+                                           seconds(limit), options.timeout_where, seconds(options.timeout));
         }
         if (!found.empty() && layout.rank == 0) lost_rank = static_cast<int>(r);
       }
@@ -1067,8 +1106,12 @@ void Communicator::Impl::watch() {
       }
       std::_Exit(128 + signal);
     }
-    if (verdict.empty())
-      wake.wait_for(lock, signal ? std::min(interval, join_pause()) : interval, [&] { return stopping; });
+    // Beats come faster while a stop signal waits, so that a live rank is
+    // not taken for a lost one within stop_wait().
+    if (verdict.empty()) {
+      wake.wait_for(lock, signal || stop_requested() ? std::min(interval, join_pause()) : interval,
+                    [&] { return stopping; });
+    }
   }
   if (stopping) return;
   // Someone was lost. The main thread normally learns it from a failed
@@ -1083,14 +1126,85 @@ void Communicator::Impl::watch() {
   std::_Exit(kRankLostStatus);
 }
 
+// A stop signal that the ranks cannot act on together. They agree in a
+// collective on the step to stop at, and a rank that shows no sign of life
+// (a hung node, a SIGSTOP) holds the collective this rank waits in, deaf to
+// the signal, up to the timeout (30 minutes by default: a launcher's or
+// Slurm's SIGKILL comes first, naming no one). Once the watchdog names a
+// lost rank, or rank 0's TCP store has not answered for stop_wait() (rank 0
+// hangs, and this rank's watchdog with it, in a store call), while a stop
+// signal waits and the main thread waits in a collective, this thread ends
+// the rank on the signal, saying why. It calls no store that may have
+// stopped answering: rank 0 calls its own, which it holds. (A file store on
+// a busy shared file system may be slow to answer; a lost rank there shows
+// in its heartbeat.) A main thread that is not in a collective is left
+// alone: it may be unwinding from one that failed, or finishing a write.
+void Communicator::Impl::guard() {
+  // Rank 0's TCP store goes with it: a connection of its own, to let the
+  // others read which rank it named before it goes.
+  c10::intrusive_ptr<c10d::Store> own;
+  if (layout.rank == 0 && store_path.empty()) {
+    try {
+      own = store->clone();
+    } catch (const std::exception&) {
+      // The others then find out by themselves.
+    }
+  }
+  std::unique_lock<std::mutex> lock(mutex);
+  Clock::time_point since{};  // when all of that was first seen
+  // Since when this thread has looked without a pause: a store's silence
+  // while this process did not run (the watchdog's look at the heartbeats)
+  // counts for none.
+  Clock::time_point awake = Clock::now(), looked = awake;
+  while (!wake.wait_for(lock, std::chrono::milliseconds(200), [&] { return stopping; })) {
+    const auto now = Clock::now();
+    if (now - looked > std::chrono::seconds(1)) awake = now;
+    looked = now;
+    const int signal = stop_requested();
+    std::string why;
+    if (signal != 0 && in_collective) {
+      why = !verdict.empty() || !store_path.empty() ? verdict : unanswered_store(stop_wait(), awake);
+    }
+    if (why.empty()) {
+      since = Clock::time_point{};
+      continue;
+    }
+    // A collective that failed at once (a rank that died) is left for a
+    // moment to unwind by itself, leaving its record whole.
+    if (since == Clock::time_point{}) since = Clock::now();
+    if (Clock::now() - since < std::chrono::seconds(1)) continue;
+    if (own && !verdict.empty() && lost_rank >= 0) {
+      lock.unlock();
+      try {
+        let_the_others_read_the_verdict(*own);
+      } catch (const std::exception&) {
+        // They find out by themselves.
+      }
+      lock.lock();
+      // Meanwhile the collective may have failed by itself.
+      if (stopping || !in_collective) continue;
+    }
+    std::fprintf(stderr,
+                 "deepcam-host: rank %d of %d: stopped by %s while waiting in a collective: %s; the ranks "
+                 "cannot agree on a step to stop at, so this rank stops now, its MLPerf log without run_stop\n",
+                 layout.rank, layout.world_size, strsignal(signal), why.c_str());
+    std::fflush(stderr);
+    std::_Exit(128 + signal);
+  }
+}
+
 // Ends the watchdog. False when it does not end: a store call that never
 // returns (the store's host is stopped, not dead, and c10d's TCPStore waits
 // on it without a timeout). The thread is then left to itself, and the Impl
 // it uses with it (~Communicator).
 bool Communicator::Impl::stop_watch() {
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    stopping = true;
+    wake.notify_all();
+  }
+  if (guard_thread.joinable()) guard_thread.join();
   std::unique_lock<std::mutex> lock(mutex);
-  stopping = true;
-  wake.notify_all();
   if (!thread.joinable()) return !abandoned;
   if (!wake.wait_for(lock, options.timeout + 2 * interval, [&] { return watch_ended; })) {
     abandoned = true;
@@ -1104,16 +1218,19 @@ bool Communicator::Impl::stop_watch() {
 
 // With `mutex` held: who is lost when the store has not answered the
 // watchdog for the timeout, else "".
-std::string Communicator::Impl::unanswered_store() const {
-  const auto silent = Clock::now() - answered;
-  if (silent <= options.timeout) return "";
+std::string Communicator::Impl::unanswered_store(std::chrono::milliseconds limit, Clock::time_point watched) const {
+  const auto silent = Clock::now() - std::max(answered, watched);
+  if (silent <= limit) return "";
   const std::string held = options.rendezvous == "env" || options.rendezvous.rfind("tcp://", 0) == 0
                                ? fmt::format("lost {}, which holds the rendezvous store", describe(0))
                                : fmt::format("lost the rendezvous store {}", options.rendezvous);
   // The time since its last answer, which the watchdog's beats make longer
-  // than the timeout (the figure the message gave before, however long).
-  return fmt::format("{}: it has not answered for {:.0f} s ({} = {})", held,
-                     seconds(std::chrono::duration_cast<std::chrono::milliseconds>(silent)), options.timeout_where,
+  // than the limit (the figure the message gave before, however long).
+  const double silent_s = seconds(std::chrono::duration_cast<std::chrono::milliseconds>(silent));
+  if (limit < options.timeout) {
+    return fmt::format("{}: it has not answered for {:.0f} s, while a stop signal waited for it", held, silent_s);
+  }
+  return fmt::format("{}: it has not answered for {:.0f} s ({} = {})", held, silent_s, options.timeout_where,
                      seconds(options.timeout));
 }
 
@@ -1136,7 +1253,7 @@ void Communicator::Impl::lost(const std::string& what) {
                                "this rank stops",
                                layout.rank, first_line(what), strsignal(signal)));
   }
-  if (verdict.empty()) verdict = unanswered_store();
+  if (verdict.empty()) verdict = unanswered_store(options.timeout);
   const std::string who =
       verdict.empty() ? fmt::format("a collective failed and no rank stopped its heartbeat within {} s",
                                     seconds(options.timeout))
@@ -1185,6 +1302,7 @@ Communicator::Communicator(const RankLayout& layout, const CommOptions& options)
     throw;
   }
   impl_->thread = std::thread([impl = impl_.get()] { impl->watch(); });
+  impl_->guard_thread = std::thread([impl = impl_.get()] { impl->guard(); });
   try {
     impl_->place();
   } catch (const std::exception&) {
@@ -1209,7 +1327,7 @@ void Communicator::leave() noexcept {
   if (impl_->store && !impl_->finishing) {
     try {
       impl_->store->set(heartbeat_key(rank()), bytes_of(kFailed));
-      impl_->let_the_others_read_the_verdict();
+      impl_->let_the_others_read_the_verdict(*impl_->store);
     } catch (const std::exception&) {
       // The store's host is gone too; the others find out by themselves.
     }
@@ -1222,18 +1340,18 @@ void Communicator::leave() noexcept {
 // rank 0 found lost then named rank 0, the store's host, instead. Having
 // named one, rank 0 gives the ranks still running two watchdog intervals to
 // read the verdict (each counts itself in kLostReadKey) before it goes.
-void Communicator::Impl::let_the_others_read_the_verdict() {
+void Communicator::Impl::let_the_others_read_the_verdict(c10d::Store& s) {
   if (layout.rank != 0 || lost_rank < 0 || store_path.size() > 0) return;
   std::vector<std::string> keys;
   for (int r = 1; r < layout.world_size; ++r) keys.push_back(heartbeat_key(r));
-  const auto beats = store->multiGet(keys);
+  const auto beats = s.multiGet(keys);
   std::int64_t readers = 0;
   for (int r = 1; r < layout.world_size; ++r) {
     const std::string beat = text_of(beats[static_cast<std::size_t>(r - 1)]);
     readers += r != lost_rank && beat != kFailed && beat != kDone;
   }
   const auto deadline = Clock::now() + 2 * interval;
-  while (store->add(kLostReadKey, 0) < readers && Clock::now() < deadline) {
+  while (s.add(kLostReadKey, 0) < readers && Clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
 }

@@ -1025,6 +1025,82 @@ def test_a_hung_store_host_stops_the_other_naming_it(tmp_path, data, ranks):
         stderr[-3000:]
 
 
+STOP_TIMEOUT = 30.0  # comm_timeout_s: its tenth is a watchdog beat, and a stop signal waits 2 beats (6 s)
+
+
+def start_training_ranks(tmp_path, data, ranks, size):
+    """`size` ranks (torchrun's variables) of a run with comm_timeout_s = STOP_TIMEOUT that trains for ever,
+    once rank 0 trains; and its output folder."""
+    out = tmp_path / "out"
+    run = small_run(tmp_path / "run.toml", data, out,
+                    run={"comm_timeout_s": STOP_TIMEOUT, "max_epochs": 100000, "target_iou": 1.0})
+    port = free_port()
+    procs = [ranks.start([HOST, run], torchrun_env(r, size, port), f"rank{r}") for r in range(size)]
+    deadline = time.monotonic() + 60
+    while not re.search(r"^epoch \d+ step", ranks.stderr("rank0"), re.M):
+        assert time.monotonic() < deadline and procs[0].poll() is None, ranks.stderr("rank0")[-3000:]
+        time.sleep(0.2)
+    return procs, out
+
+
+@pytest.mark.alone
+@pytest.mark.parametrize("frozen", [1, 0], ids=["rank-1-hangs", "store-host-hangs"])
+def test_a_stop_signal_while_a_rank_hangs_ends_the_others_within_seconds_naming_it(tmp_path, data, ranks, frozen):
+    """Every rank gets SIGTERM (a launcher, scancel) while one hangs (SIGSTOP). The others wait in a
+    collective that the hung rank holds, where the signal cannot reach them; they must not wait out
+    comm_timeout_s (the launcher's SIGKILL would come first, naming no one), but stop on the signal
+    once the hung rank is known: by its heartbeat (rank 0 finds it, rank 2 reads rank 0's verdict),
+    or by the store it holds not answering."""
+    size = 3 if frozen == 1 else 2
+    procs, _ = start_training_ranks(tmp_path, data, ranks, size)
+    hung = procs[frozen]
+    os.kill(hung.pid, signal.SIGSTOP)
+    time.sleep(0.5)
+    signalled_at = time.monotonic()
+    for p in procs:
+        os.kill(p.pid, signal.SIGTERM)  # pending in the hung one
+    others = [r for r in range(size) if r != frozen]
+    try:
+        statuses = {r: procs[r].wait(timeout=STOP_TIMEOUT + 60) for r in others}
+    finally:
+        os.kill(hung.pid, signal.SIGKILL)
+    took = time.monotonic() - signalled_at
+    lost = (r"lost rank 1 \(host [^)]+\): no sign of life for 6 s, while a stop signal waited for it" if frozen == 1
+            else r"lost rank 0 \(host [^)]+\), which holds the rendezvous store: it has not answered for \d+ s, "
+                 r"while a stop signal waited for it")
+    for r in others:
+        stderr = ranks.stderr(f"rank{r}")
+        assert statuses[r] == 128 + signal.SIGTERM, stderr[-3000:]
+        assert re.search(rf"^deepcam-host: rank {r} of {size}: stopped by Terminated while waiting in a collective: "
+                         rf"{lost}; the ranks cannot agree on a step to stop at", stderr, re.M), stderr[-3000:]
+    # Two beats of 3 s, the watchdog's look, a second for the collective to fail by itself, rank 0's wait
+    # for the others to read its verdict.
+    assert took < STOP_TIMEOUT / 2, f"the ranks took {took:.1f} s to stop"
+
+
+@pytest.mark.alone
+def test_a_suspended_job_cancelled_and_resumed_rank_by_rank_stops_cleanly(tmp_path, data, ranks):
+    """Slurm's suspend (SIGSTOP to every rank), a scancel meanwhile (SIGTERM, pending), and the resume
+    reaching rank 1 a moment after rank 0: no rank is lost. Rank 0 must not take rank 1's heartbeat,
+    behind by the whole suspension, for a hang, and both stop cleanly at one step."""
+    procs, out = start_training_ranks(tmp_path, data, ranks, 2)
+    for p in procs:
+        os.kill(p.pid, signal.SIGSTOP)
+    for p in procs:
+        os.kill(p.pid, signal.SIGTERM)
+    time.sleep(9)  # past two beats and a second, and past how long a stop waits for a silent rank
+    os.kill(procs[0].pid, signal.SIGCONT)
+    time.sleep(1.5)  # past the second rank 0 gives a collective to fail by itself
+    os.kill(procs[1].pid, signal.SIGCONT)
+    statuses = [p.wait(timeout=STOP_TIMEOUT + 60) for p in procs]
+    for r in range(2):
+        stderr = ranks.stderr(f"rank{r}")
+        assert statuses[r] == 128 + signal.SIGTERM, stderr[-3000:]
+        assert "lost rank" not in stderr and "waiting in a collective" not in stderr, stderr[-3000:]
+    events = read_events(out / "mlperf.log")
+    assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "aborted", events[-3:]
+
+
 def children(pid):
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
