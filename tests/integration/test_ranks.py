@@ -1101,6 +1101,50 @@ def test_a_suspended_job_cancelled_and_resumed_rank_by_rank_stops_cleanly(tmp_pa
     assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "aborted", events[-3:]
 
 
+def test_a_stop_signal_to_a_rank_while_rank_0_saves_stops_both_before_the_next_epoch(tmp_path, data, ranks):
+    """Rank 1 waits in a barrier while rank 0 saves between epochs: a signal that reaches rank 1 then is in
+    its vote after the save, so the run stops before the next epoch, as for a signal to rank 0 during the
+    save. (Without the barrier rank 1 voted at once, and the run stopped inside the next epoch.) Rank 0 is
+    held inside its save (SIGSTOP once the log shows save_start and not save_stop); a save that ended
+    before it was held is tried again at the next epoch."""
+    out = tmp_path / "out"
+    # A wider model than the other tests', whose checkpoint takes long enough to write to be caught in it.
+    run = small_run(tmp_path / "run.toml", data, out, model={"width": 0.5},
+                    run={"max_epochs": 100000, "target_iou": 1.0, "checkpoint_every": 1, "logging_frequency": 0})
+    port = free_port()
+    procs = [ranks.start([HOST, run], torchrun_env(r, 2, port), f"rank{r}") for r in range(2)]
+    log = out / "mlperf.log"
+    held_in = None
+    deadline = time.monotonic() + 120
+    while held_in is None:
+        assert time.monotonic() < deadline and procs[0].poll() is None, ranks.stderr("rank0")[-3000:]
+        text = log.read_text() if log.exists() else ""
+        starts = text.count('"key": "save_start"')
+        if starts > text.count('"key": "save_stop"'):
+            os.kill(procs[0].pid, signal.SIGSTOP)
+            text = log.read_text()
+            if text.count('"key": "save_stop"') < starts:
+                held_in = starts  # the epoch saved
+            else:
+                os.kill(procs[0].pid, signal.SIGCONT)
+                while log.read_text().count('"key": "save_start"') == starts:
+                    assert procs[0].poll() is None and time.monotonic() < deadline, ranks.stderr("rank0")[-3000:]
+                    time.sleep(0.001)
+        time.sleep(0.001)
+    os.kill(procs[1].pid, signal.SIGTERM)
+    time.sleep(1)  # rank 1 takes the signal while rank 0 still saves
+    os.kill(procs[0].pid, signal.SIGCONT)
+    statuses = [p.wait(timeout=TIMEOUT) for p in procs]
+    stderr = ranks.stderr("rank0")
+    assert statuses == [143, 143], stderr[-3000:]
+    assert re.search(rf"^deepcam-host: stopped by Terminated \(sent to rank 1\) after epoch {held_in} \(step \d+\), "
+                     rf"before the next", stderr, re.M), stderr[-3000:]
+    events = read_events(log)
+    assert [e["key"] for e in events[-2:]] == ["save_stop", "run_stop"], events[-3:]
+    assert events[-1]["metadata"]["status"] == "aborted" and events[-1]["metadata"]["epoch_num"] == held_in
+    assert (out / f"checkpoint-epoch{held_in}.pt").exists()
+
+
 def children(pid):
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
