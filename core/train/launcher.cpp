@@ -66,9 +66,12 @@ std::string ranks_text(int n) { return fmt::format("{} rank{}", n, n == 1 ? "" :
 int exit_code(int status) { return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status); }
 
 // A rank that ended as a stop signal asks: every rank stops at the same
-// step with 128 + the signal, whichever rank it was sent to.
+// step with 128 + the signal, whichever rank it was sent to. Or one that
+// the signal ended by its default action: --benchmark, whose ranks do not
+// agree on a step, and a rank before its handler is set.
 bool stopped_by_signal(int status) {
-  return WIFEXITED(status) && (WEXITSTATUS(status) == 128 + SIGTERM || WEXITSTATUS(status) == 128 + SIGINT);
+  const int code = exit_code(status);
+  return (WIFEXITED(status) || WIFSIGNALED(status)) && (code == 128 + SIGTERM || code == 128 + SIGINT);
 }
 
 // One child's output stream, forwarded line by line with the rank prefix.
@@ -93,6 +96,19 @@ struct Stream {
     std::fflush(to);
   }
 };
+
+// Every rank that failed lost another (status 5), and a rank had stopped on
+// a stop signal sent to it (`stop_status`): the rank they lost is that one,
+// which left before the ranks could stop together (--benchmark, whose ranks
+// agree on no step; a stop while it staged its files). The run stopped; no
+// rank failed.
+bool stop_explains(const std::vector<bool>& failed, const std::vector<int>& codes, int stop_status) {
+  if (stop_status == 0) return false;
+  for (std::size_t r = 0; r < failed.size(); ++r) {
+    if (failed[r] && codes[r] != kRankLostStatus) return false;
+  }
+  return true;
+}
 
 }  // namespace
 
@@ -253,7 +269,7 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
     }
     const bool past_grace = grace_end != Clock::time_point{} && Clock::now() >= grace_end;
     if (running > 0 && past_grace && !terminated) {
-      if (failed_rank >= 0) {
+      if (failed_rank >= 0 && !stop_explains(failed, codes, stop_status)) {
         std::fprintf(stderr, "deepcam-host --nproc: rank %d failed; ending the %s still running\n", failed_rank,
                      ranks_text(running).c_str());
       } else if (!received) {
@@ -270,14 +286,15 @@ int launch_local_ranks(int nproc, const std::vector<std::string>& args) {
       killed = true;
     }
   }
-  if (failed_rank >= 0) {
+  const bool stopped = failed_rank >= 0 && stop_explains(failed, codes, stop_status);
+  if (failed_rank >= 0 && !stopped) {
     failed_rank = rank_to_blame(failed, codes, failed_rank);
     result = codes[static_cast<std::size_t>(failed_rank)];
     std::fprintf(stderr, "deepcam-host --nproc: failed: rank %d (exit status %d%s)\n", failed_rank, result,
                  result == kRankLostStatus ? ": it lost another rank, which its message names" : "");
     return result;
   }
-  if (result == 0 && stop_status != 0) {
+  if ((result == 0 || stopped) && stop_status != 0) {
     std::fprintf(stderr, "deepcam-host --nproc: the ranks stopped on %s sent to a rank, not to the launcher "
                  "(exit status %d)\n", strsignal(stop_status - 128), stop_status);
     return stop_status;

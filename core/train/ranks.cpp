@@ -134,8 +134,12 @@ RankLayout detect_ranks(const Environment& env) {
       // An MPI launcher's variables are its processes' own: another world
       // beside them is stale (each process would train alone, all in one
       // output_dir). Slurm's may be the batch script's, under an mpirun or
-      // a launcher of the user's inside the allocation.
-      if (!nested && *size != chosen->world_size && s.local_size != nullptr) {
+      // a launcher of the user's inside the allocation, which starts as
+      // many processes or more; but an srun step's, with fewer ranks in the
+      // world than it has tasks, show that world stale (an exported
+      // RANK=0 WORLD_SIZE=1 under srun -n 2).
+      const bool slurm_step_larger = s.local_size == nullptr && !slurm_batch_script && *size > chosen->world_size;
+      if (!nested && *size != chosen->world_size && (s.local_size != nullptr || slurm_step_larger)) {
         throw Error(fmt::format("environment variables {} and {} ({}) and {} and {} ({}) give this process worlds of "
                                 "{} and {} ranks; unset the stale one",
                                 chosen->rank_variable, chosen->size_variable, chosen->source, setting(env, s.rank),
@@ -178,7 +182,11 @@ RankLayout detect_ranks(const Environment& env) {
                               chosen->rank_variable, chosen->size_variable));
     }
   }
-  return chosen ? *chosen : RankLayout{0, 1, 0, 1, "none", ""};
+  if (chosen) return *chosen;
+  RankLayout alone;
+  alone.local_rank = 0;
+  alone.local_size = 1;
+  return alone;
 }
 
 std::vector<std::string> outer_launcher_variables() {

@@ -1225,6 +1225,31 @@ def test_killed_rank_under_nproc_fails_the_launcher_naming_it(tmp_path, data, ra
     assert_nothing_half_written(out)
 
 
+def test_a_stop_signal_to_one_rank_of_a_benchmark_under_nproc_ends_every_rank_blaming_none(tmp_path, data, ranks):
+    """--benchmark's ranks agree on no step: a stop signal ends a rank by the signal's default action. That is
+    a stop, not a failure of the rank (the launcher named it failed, with its status 143): the launcher ends
+    the others and exits 128 + the signal, blaming none."""
+    run = long_run(tmp_path, data, tmp_path / "out")
+    launcher = subprocess.Popen([str(HOST), "--nproc", "2", str(run), "--benchmark", "1000000000"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=clean_env())
+    launcher.name = "launcher"
+    ranks.procs.append(launcher)
+    err = LineReader(launcher.stderr)
+    err.wait_for(r"^\[rank 0\] # resolved from", timeout=60)
+    time.sleep(2)  # in its timed steps
+    by_rank = {rank_of(pid): pid for pid in children(launcher.pid)}
+    assert sorted(by_rank) == [0, 1], by_rank
+    os.kill(by_rank[1], signal.SIGTERM)
+    status = launcher.wait(timeout=60)
+    stderr = err.text()
+    assert status == 143, stderr[-3000:]
+    assert "[rank 1] deepcam-host: --benchmark stopped by SIGTERM, before its figures; it writes no file" in stderr
+    assert "deepcam-host --nproc: rank 1 was killed by signal 15 (Terminated)" in stderr, stderr[-3000:]
+    assert "failed: rank" not in stderr, stderr[-3000:]
+    assert stderr.rstrip().endswith("deepcam-host --nproc: the ranks stopped on Terminated sent to a rank, not to the "
+                                    "launcher (exit status 143)"), stderr[-3000:]
+
+
 def test_a_stop_signal_to_one_rank_under_nproc_stops_every_rank_blaming_none_and_naming_it(tmp_path, data, ranks):
     out = tmp_path / "out"
     run = long_run(tmp_path, data, out)

@@ -146,6 +146,18 @@ TEST_CASE("an MPI launcher's world beside another is refused, Slurm's batch vari
   check(detect({{"OMPI_COMM_WORLD_RANK", "1"}, {"OMPI_COMM_WORLD_SIZE", "2"}, {"SLURM_PROCID", "0"},
                 {"SLURM_NTASKS", "4"}}),
         1, 2, -1, -1, "Open MPI");
+  // An exported RANK=0 WORLD_SIZE=1 under srun -n 2: each task trained alone, into one output_dir.
+  const std::string stale_under_srun =
+      error_of({{"RANK", "0"}, {"WORLD_SIZE", "1"}, {"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "2"},
+                {"SLURM_STEP_NUM_TASKS", "2"}});
+  CHECK_MESSAGE(stale_under_srun.find("RANK=0 and WORLD_SIZE=1 (torchrun) and SLURM_PROCID=1 and SLURM_NTASKS=2 "
+                                      "(Slurm) give this process worlds of 1 and 2 ranks; unset the stale one") !=
+                    std::string::npos,
+                stale_under_srun);
+  // A launcher of the user's in each task of an srun step starts as many processes or more: its world stands.
+  check(detect({{"RANK", "5"}, {"WORLD_SIZE", "8"}, {"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "2"},
+                {"SLURM_STEP_NUM_TASKS", "2"}}),
+        5, 8, -1, -1, "torchrun");
   // torchrun inside an MPI process: its own world wins.
   check(detect({{"RANK", "3"}, {"WORLD_SIZE", "4"}, {"TORCHELASTIC_RUN_ID", "x"}, {"OMPI_COMM_WORLD_RANK", "0"},
                 {"OMPI_COMM_WORLD_SIZE", "1"}}),
