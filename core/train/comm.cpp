@@ -203,13 +203,9 @@ struct Communicator::Impl {
   // A group is being set up: Gloo's connect waits the whole timeout for a
   // member that is gone, and nothing can be unwound meanwhile.
   bool setting_up = false;
-  // The main thread waits in a collective (ProcessGroupGroup::run), where a
-  // stop signal cannot reach it.
-  bool in_collective = false;
-  // Ends this rank on a stop signal that a lost rank keeps the ranks from
-  // acting on together (guard()).
-  std::thread guard_thread;
-  void guard();
+  // Waits for a Gloo collective; gives up on a stop signal that a lost
+  // rank keeps the ranks from acting on together.
+  void wait_for(const c10::intrusive_ptr<c10d::Work>& work);
   // How long a watched rank may show no sign of life, and the store not
   // answer, while a stop signal waits: a few of the beats a live rank
   // makes, and no longer than the timeout.
@@ -280,13 +276,13 @@ class ProcessGroupGroup final : public Group {
   int rank() const override { return rank_; }
 
   void barrier() override {
-    if (pg_) run([&] { pg_->barrier()->wait(); });
+    if (pg_) run([&] { owner_.wait_for(pg_->barrier()); });
   }
 
   void all_reduce_sum(at::Tensor& tensor) override {
     if (!pg_) return;
     std::vector<at::Tensor> tensors{tensor.is_contiguous() ? tensor : tensor.contiguous()};
-    run([&] { pg_->allreduce(tensors)->wait(); });
+    run([&] { wait(pg_->allreduce(tensors), tensor); });
     if (!tensors[0].is_same(tensor)) tensor.copy_(tensors[0]);
   }
 
@@ -295,26 +291,27 @@ class ProcessGroupGroup final : public Group {
     std::vector<at::Tensor> inputs{tensor.contiguous()};
     std::vector<std::vector<at::Tensor>> outputs(1);
     for (int i = 0; i < size_; ++i) outputs[0].push_back(at::empty_like(inputs[0]));
-    run([&] { pg_->allgather(outputs, inputs)->wait(); });
+    run([&] { wait(pg_->allgather(outputs, inputs), inputs[0]); });
     return at::stack(outputs[0]);
   }
 
   c10d::ProcessGroup* process_group() const { return pg_.get(); }
 
+  // A collective on `on`'s device: Gloo's (CPU tensors) waited for in
+  // slices (Impl::wait_for); NCCL's wait() only orders the current stream.
+  void wait(const c10::intrusive_ptr<c10d::Work>& work, const at::Tensor& on) {
+    if (on.is_cuda())
+      work->wait();
+    else
+      owner_.wait_for(work);
+  }
+
   template <typename F>
   void run(F&& f) {
-    struct Waiting {
-      Communicator::Impl& impl;
-      explicit Waiting(Communicator::Impl& i) : impl(i) { flag(true); }
-      ~Waiting() { flag(false); }
-      void flag(bool on) {
-        std::lock_guard<std::mutex> lock(impl.mutex);
-        impl.in_collective = on;
-      }
-    };
     try {
-      Waiting waiting(owner_);
       f();
+    } catch (const StopRequested&) {
+      throw;
     } catch (const RankLost&) {
       throw;
     } catch (const std::exception& e) {
@@ -1025,7 +1022,7 @@ void Communicator::Impl::watch() {
     std::string found;
     // A stop signal here, while a watched rank shows no sign of life, would
     // wait out the timeout: the ranks agree in a collective on a step to
-    // stop at, and that rank holds it. It is named lost sooner (guard()).
+    // stop at, and that rank holds it. It is named lost sooner (wait_for()).
     const bool stop_waits = stop_requested() != 0;
     const auto limit = stop_waits ? stop_wait() : options.timeout;
     try {
@@ -1130,66 +1127,54 @@ void Communicator::Impl::watch() {
 // collective on the step to stop at, and a rank that shows no sign of life
 // (a hung node, a SIGSTOP) holds the collective this rank waits in, deaf to
 // the signal, up to the timeout (30 minutes by default: a launcher's or
-// Slurm's SIGKILL comes first, naming no one). Once the watchdog names a
-// lost rank, or rank 0's TCP store has not answered for stop_wait() (rank 0
-// hangs, and this rank's watchdog with it, in a store call), while a stop
-// signal waits and the main thread waits in a collective, this thread ends
-// the rank on the signal, saying why. It calls no store that may have
-// stopped answering: rank 0 calls its own, which it holds. (A file store on
-// a busy shared file system may be slow to answer; a lost rank there shows
-// in its heartbeat.) A main thread that is not in a collective is left
-// alone: it may be unwinding from one that failed, or finishing a write.
-void Communicator::Impl::guard() {
-  // Rank 0's TCP store goes with it: a connection of its own, to let the
-  // others read which rank it named before it goes.
-  c10::intrusive_ptr<c10d::Store> own;
-  if (layout.rank == 0 && store_path.empty()) {
-    try {
-      own = store->clone();
-    } catch (const std::exception&) {
-      // The others then find out by themselves.
-    }
-  }
-  std::unique_lock<std::mutex> lock(mutex);
-  Clock::time_point since{};  // when all of that was first seen
-  // Since when this thread has looked without a pause: a store's silence
-  // while this process did not run (the watchdog's look at the heartbeats)
-  // counts for none.
+// Slurm's SIGKILL comes first, naming no one). So a Gloo collective is
+// waited for in slices, and once a stop signal waits while the watchdog has
+// named a lost rank, or rank 0's TCP store has not answered for stop_wait()
+// (rank 0 hangs, and this rank's watchdog with it, in a store call), this
+// rank gives up on it: StopRequested unwinds it as any error does (its log
+// closed as an aborted run, its temporaries and staged copies removed), and
+// it exits with 128 + the signal. The collective stays in flight on Gloo's
+// thread, which nothing can end: the Impl is abandoned with it. (A file
+// store on a busy shared file system may be slow to answer; a lost rank
+// there shows in its heartbeat.)
+void Communicator::Impl::wait_for(const c10::intrusive_ptr<c10d::Work>& work) {
+  constexpr std::chrono::milliseconds kSlice{200};
+  // Since when this thread has looked without a pause: the store's silence
+  // while this process did not run counts for none.
   Clock::time_point awake = Clock::now(), looked = awake;
-  while (!wake.wait_for(lock, std::chrono::milliseconds(200), [&] { return stopping; })) {
+  for (;;) {
+    try {
+      work->wait(kSlice);
+      return;
+    } catch (const std::exception&) {
+      // The collective failed; else the slice ran out ("Operation timed out!").
+      if (work->isCompleted()) throw;
+    }
     const auto now = Clock::now();
-    if (now - looked > std::chrono::seconds(1)) awake = now;
+    if (now - looked > kSlice + std::chrono::seconds(1)) awake = now;
     looked = now;
     const int signal = stop_requested();
+    if (signal == 0) continue;
     std::string why;
-    if (signal != 0 && in_collective) {
+    bool named = false;  // rank 0 named the lost rank
+    {
+      std::lock_guard<std::mutex> lock(mutex);
       why = !verdict.empty() || !store_path.empty() ? verdict : unanswered_store(stop_wait(), awake);
+      named = !verdict.empty() && lost_rank >= 0;
+      if (!why.empty()) abandoned = true;
     }
-    if (why.empty()) {
-      since = Clock::time_point{};
-      continue;
-    }
-    // A collective that failed at once (a rank that died) is left for a
-    // moment to unwind by itself, leaving its record whole.
-    if (since == Clock::time_point{}) since = Clock::now();
-    if (Clock::now() - since < std::chrono::seconds(1)) continue;
-    if (own && !verdict.empty() && lost_rank >= 0) {
-      lock.unlock();
+    if (why.empty()) continue;
+    // Rank 0's TCP store goes with it: the others read which rank it named first.
+    if (named) {
       try {
-        let_the_others_read_the_verdict(*own);
+        let_the_others_read_the_verdict(*store);
       } catch (const std::exception&) {
         // They find out by themselves.
       }
-      lock.lock();
-      // Meanwhile the collective may have failed by itself.
-      if (stopping || !in_collective) continue;
     }
-    std::fprintf(stderr,
-                 "deepcam-host: rank %d of %d: stopped by %s while waiting in a collective: %s; the ranks "
-                 "cannot agree on a step to stop at, so this rank stops now, its MLPerf log without run_stop\n",
-                 layout.rank, layout.world_size, strsignal(signal), why.c_str());
-    std::fflush(stderr);
-    std::_Exit(128 + signal);
+    throw StopRequested(signal, fmt::format("rank {} of {}: stopped by {} while waiting in a collective: {}; the "
+                                            "ranks cannot agree on a step to stop at, so this rank stops alone",
+                                            layout.rank, layout.world_size, strsignal(signal), why));
   }
 }
 
@@ -1198,15 +1183,14 @@ void Communicator::Impl::guard() {
 // on it without a timeout). The thread is then left to itself, and the Impl
 // it uses with it (~Communicator).
 bool Communicator::Impl::stop_watch() {
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    stopping = true;
-    wake.notify_all();
-  }
-  if (guard_thread.joinable()) guard_thread.join();
   std::unique_lock<std::mutex> lock(mutex);
+  stopping = true;
+  wake.notify_all();
   if (!thread.joinable()) return !abandoned;
-  if (!wake.wait_for(lock, options.timeout + 2 * interval, [&] { return watch_ended; })) {
+  // A rank that gave up on a collective (wait_for) may have a watchdog stuck
+  // in a call to the same hung store: it is not waited for.
+  const auto limit = abandoned ? std::chrono::milliseconds(0) : options.timeout + 2 * interval;
+  if (!wake.wait_for(lock, limit, [&] { return watch_ended; })) {
     abandoned = true;
     thread.detach();
     return false;
@@ -1302,7 +1286,6 @@ Communicator::Communicator(const RankLayout& layout, const CommOptions& options)
     throw;
   }
   impl_->thread = std::thread([impl = impl_.get()] { impl->watch(); });
-  impl_->guard_thread = std::thread([impl = impl_.get()] { impl->guard(); });
   try {
     impl_->place();
   } catch (const std::exception&) {
@@ -1389,15 +1372,17 @@ namespace {
 
 class WorkPending final : public Communicator::Pending {
  public:
-  WorkPending(ProcessGroupGroup& group, c10::intrusive_ptr<c10d::Work> work) : group_(group), work_(std::move(work)) {}
+  WorkPending(ProcessGroupGroup& group, c10::intrusive_ptr<c10d::Work> work, at::Tensor on)
+      : group_(group), work_(std::move(work)), on_(std::move(on)) {}
   void wait() override {
-    if (work_) group_.run([&] { work_->wait(); });
+    if (work_) group_.run([&] { group_.wait(work_, on_); });
     work_.reset();
   }
 
  private:
   ProcessGroupGroup& group_;
   c10::intrusive_ptr<c10d::Work> work_;
+  at::Tensor on_;
 };
 
 }  // namespace
@@ -1409,7 +1394,7 @@ std::unique_ptr<Communicator::Pending> Communicator::all_reduce_sum_async(at::Te
     std::vector<at::Tensor> tensors{flat};
     w.run([&] { work = w.process_group()->allreduce(tensors); });
   }
-  return std::make_unique<WorkPending>(w, std::move(work));
+  return std::make_unique<WorkPending>(w, std::move(work), flat);
 }
 
 void Communicator::broadcast_from_rank0(const std::vector<at::Tensor>& tensors) {
@@ -1424,7 +1409,7 @@ void Communicator::broadcast_from_rank0(const std::vector<at::Tensor>& tensors) 
     std::vector<at::Tensor> flat{at::cat(flat_parts)};
     c10d::BroadcastOptions o;
     o.rootRank = 0;
-    w.run([&] { w.process_group()->broadcast(flat, o)->wait(); });
+    w.run([&] { w.wait(w.process_group()->broadcast(flat, o), flat[0]); });
     std::int64_t offset = 0;
     for (const at::Tensor& t : list) {
       at::NoGradGuard no_grad;

@@ -1050,9 +1050,9 @@ def test_a_stop_signal_while_a_rank_hangs_ends_the_others_within_seconds_naming_
     collective that the hung rank holds, where the signal cannot reach them; they must not wait out
     comm_timeout_s (the launcher's SIGKILL would come first, naming no one), but stop on the signal
     once the hung rank is known: by its heartbeat (rank 0 finds it, rank 2 reads rank 0's verdict),
-    or by the store it holds not answering."""
+    or by the store it holds not answering; unwinding as on an error, so that rank 0's log is closed."""
     size = 3 if frozen == 1 else 2
-    procs, _ = start_training_ranks(tmp_path, data, ranks, size)
+    procs, out = start_training_ranks(tmp_path, data, ranks, size)
     hung = procs[frozen]
     os.kill(hung.pid, signal.SIGSTOP)
     time.sleep(0.5)
@@ -1072,10 +1072,14 @@ def test_a_stop_signal_while_a_rank_hangs_ends_the_others_within_seconds_naming_
         stderr = ranks.stderr(f"rank{r}")
         assert statuses[r] == 128 + signal.SIGTERM, stderr[-3000:]
         assert re.search(rf"^deepcam-host: rank {r} of {size}: stopped by Terminated while waiting in a collective: "
-                         rf"{lost}; the ranks cannot agree on a step to stop at", stderr, re.M), stderr[-3000:]
-    # Two beats of 3 s, the watchdog's look, a second for the collective to fail by itself, rank 0's wait
-    # for the others to read its verdict.
+                         rf"{lost}; the ranks cannot agree on a step to stop at, so this rank stops alone; the run "
+                         rf"stopped at step \d+: run_stop status \"aborted\"", stderr, re.M), stderr[-3000:]
+    # Two beats of 3 s, the watchdog's look, rank 0's wait for the others to read its verdict.
     assert took < STOP_TIMEOUT / 2, f"the ranks took {took:.1f} s to stop"
+    if frozen != 0:
+        events = read_events(out / "mlperf.log")
+        assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "aborted", events[-3:]
+        assert_nothing_half_written(out)
 
 
 @pytest.mark.alone
