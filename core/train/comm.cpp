@@ -1006,6 +1006,10 @@ void Communicator::Impl::watch() {
   std::vector<std::string> last(static_cast<std::size_t>(size));
   std::vector<Clock::time_point> changed(static_cast<std::size_t>(size), Clock::now());
   Clock::time_point looked = Clock::now();  // this thread's last look at the heartbeats
+  std::chrono::milliseconds paused = interval;  // the pause it took before this look
+  // Since when it has looked at the heartbeats with a stop signal waiting,
+  // without a pause of its own process between.
+  Clock::time_point stop_watched{};
   std::int64_t beat = 0;
   Clock::time_point stop_seen{};  // when a stop signal was first seen during a group's set-up
   struct Ended {
@@ -1050,8 +1054,20 @@ void Communicator::Impl::watch() {
       // rank, Slurm's suspend and resume): every heartbeat is behind by as
       // much, and the others' have yet to move on. What went unseen counts
       // for none.
-      if (now - looked > 2 * interval + std::chrono::seconds(1)) std::fill(changed.begin(), changed.end(), now);
+      const bool was_paused = now - looked > paused + std::chrono::seconds(1);
+      if (was_paused) std::fill(changed.begin(), changed.end(), now);
       looked = now;
+      // With a stop signal waiting, a rank is named lost after a shorter
+      // silence, but only once every rank has had a beat's time and a
+      // second, since the signal or this process's pause, to show life: a
+      // live one beats at least that often (faster while its own stop
+      // waits), also when it resumed a little after this one.
+      if (!stop_waits) {
+        stop_watched = Clock::time_point{};
+      } else if (stop_watched == Clock::time_point{} || was_paused) {
+        stop_watched = now;
+      }
+      const bool judged = !stop_waits || now - stop_watched > interval + std::chrono::seconds(1);
       for (std::size_t i = 0; i < watched.size() && found.empty(); ++i) {
         const auto r = static_cast<std::size_t>(watched[i]);
         const std::string v = text_of(values[i]);
@@ -1062,7 +1078,7 @@ void Communicator::Impl::watch() {
         } else if (v != last[r]) {
           last[r] = v;
           changed[r] = now;
-        } else if (now - changed[r] > limit) {
+        } else if (judged && now - changed[r] > limit) {
           found = stop_waits ? fmt::format("lost {}: no sign of life for {} s, while a stop signal waited for it",
                                            describe(static_cast<int>(r)), seconds(limit))
                              : fmt::format("lost {}: no sign of life for {} s ({} = {})", describe(static_cast<int>(r)),
@@ -1106,8 +1122,8 @@ void Communicator::Impl::watch() {
     // Beats come faster while a stop signal waits, so that a live rank is
     // not taken for a lost one within stop_wait().
     if (verdict.empty()) {
-      wake.wait_for(lock, signal || stop_requested() ? std::min(interval, join_pause()) : interval,
-                    [&] { return stopping; });
+      paused = signal || stop_requested() ? std::min(interval, join_pause()) : interval;
+      wake.wait_for(lock, paused, [&] { return stopping; });
     }
   }
   if (stopping) return;
@@ -1116,7 +1132,16 @@ void Communicator::Impl::watch() {
   // still busy after another timeout, nothing it waits for can come.
   wake.notify_all();
   // In a group's set-up the main thread cannot learn it before Gloo's
-  // timeout: this rank stops at once.
+  // timeout: this rank stops at once; on the stop signal, if one waits, as
+  // when no rank was named.
+  if (const int signal = setting_up ? stop_requested() : 0) {
+    std::fprintf(stderr,
+                 "deepcam-host: rank %d of %d: stopped by %s while the ranks set up a process group, which "
+                 "waits for every member (%s); stopping\n",
+                 layout.rank, layout.world_size, strsignal(signal), verdict.c_str());
+    std::fflush(stderr);
+    std::_Exit(128 + signal);
+  }
   if (!setting_up && wake.wait_for(lock, options.timeout, [&] { return stopping; })) return;
   std::fprintf(stderr, "deepcam-host: rank %d: %s; stopping\n", layout.rank, verdict.c_str());
   std::fflush(stderr);
@@ -1147,8 +1172,12 @@ void Communicator::Impl::wait_for(const c10::intrusive_ptr<c10d::Work>& work) {
       work->wait(kSlice);
       return;
     } catch (const std::exception&) {
-      // The collective failed; else the slice ran out ("Operation timed out!").
-      if (work->isCompleted()) throw;
+      // The slice ran out ("Operation timed out!"), unless the collective
+      // ended meanwhile, failed or not: then its own outcome stands.
+      if (work->isCompleted()) {
+        work->wait();
+        return;
+      }
     }
     const auto now = Clock::now();
     if (now - looked > kSlice + std::chrono::seconds(1)) awake = now;

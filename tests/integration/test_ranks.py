@@ -1083,16 +1083,18 @@ def test_a_stop_signal_while_a_rank_hangs_ends_the_others_within_seconds_naming_
 
 
 @pytest.mark.alone
-def test_a_suspended_job_cancelled_and_resumed_rank_by_rank_stops_cleanly(tmp_path, data, ranks):
+@pytest.mark.parametrize("suspended", [6, 9])
+def test_a_suspended_job_cancelled_and_resumed_rank_by_rank_stops_cleanly(tmp_path, data, ranks, suspended):
     """Slurm's suspend (SIGSTOP to every rank), a scancel meanwhile (SIGTERM, pending), and the resume
     reaching rank 1 a moment after rank 0: no rank is lost. Rank 0 must not take rank 1's heartbeat,
-    behind by the whole suspension, for a hang, and both stop cleanly at one step."""
+    behind by the whole suspension, for a hang, and both stop cleanly at one step. Suspensions of 6 s (as
+    long as a stop waits for a silent rank) and 9 s."""
     procs, out = start_training_ranks(tmp_path, data, ranks, 2)
     for p in procs:
         os.kill(p.pid, signal.SIGSTOP)
     for p in procs:
         os.kill(p.pid, signal.SIGTERM)
-    time.sleep(9)  # past two beats and a second, and past how long a stop waits for a silent rank
+    time.sleep(suspended)
     os.kill(procs[0].pid, signal.SIGCONT)
     time.sleep(1.5)  # past the second rank 0 gives a collective to fail by itself
     os.kill(procs[1].pid, signal.SIGCONT)
@@ -1147,6 +1149,53 @@ def test_a_stop_signal_to_a_rank_while_rank_0_saves_stops_both_before_the_next_e
     assert [e["key"] for e in events[-2:]] == ["save_stop", "run_stop"], events[-3:]
     assert events[-1]["metadata"]["status"] == "aborted" and events[-1]["metadata"]["epoch_num"] == held_in
     assert (out / f"checkpoint-epoch{held_in}.pt").exists()
+
+
+@pytest.mark.alone
+def test_a_stop_signal_while_a_frozen_rank_holds_a_group_set_up_ends_the_others_on_the_signal(tmp_path, data, ranks):
+    """Rank 1 is frozen (held by gdb) as it starts to set up the batch-norm group, so rank 0 waits in Gloo's
+    set-up of that group, which no stop signal reaches. SIGTERM to both: rank 0 ends on the signal, naming the
+    set-up, not with status 5 as a lost rank (the watchdog named rank 1 lost first, a stop waiting, and took
+    that path)."""
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        pytest.skip("gdb is not installed: it holds rank 1 at a chosen function")
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out",
+                    run={"comm_timeout_s": STOP_TIMEOUT, "batchnorm_group_size": 2, "max_epochs": 100000,
+                         "target_iou": 1.0})
+    port = free_port()
+    procs = [ranks.start([HOST, run], torchrun_env(r, 2, port), f"rank{r}") for r in range(2)]
+    held = tmp_path / "gdb.out"
+    with open(held, "w") as out:
+        holder = subprocess.Popen([gdb, "-p", str(procs[1].pid), "-batch", "-nx", "-ex", "set pagination off",
+                                   "-ex", "handle SIGTERM nostop noprint pass",
+                                   "-ex", "break deepcam::Communicator::consecutive", "-ex", "continue",
+                                   "-ex", "echo HELD\\n", "-ex", "shell sleep 120"],
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "HELD" not in held.read_text():
+            if "ptrace" in held.read_text() and "not permitted" in held.read_text():
+                pytest.skip(f"gdb may not attach here: {held.read_text()[-300:]}")
+            assert time.monotonic() < deadline and procs[0].poll() is None, held.read_text()[-2000:]
+            time.sleep(0.05)
+        # Rank 0 in the group's set-up, and rank 1 silent for longer than a stop waits for a rank (6 s): the
+        # watchdog names it lost before its set-up stop's 5 s are up.
+        time.sleep(8)
+        signalled_at = time.monotonic()
+        for p in procs:
+            os.kill(p.pid, signal.SIGTERM)
+        status = procs[0].wait(timeout=STOP_TIMEOUT + 60)
+        took = time.monotonic() - signalled_at
+    finally:
+        holder.kill()
+        holder.wait()
+        procs[1].kill()
+    stderr = ranks.stderr("rank0")
+    assert status == 128 + signal.SIGTERM, stderr[-3000:]
+    assert re.search(r"^deepcam-host: rank 0 of 2: stopped by Terminated while the ranks set up a process group, "
+                     r"which waits for every member\b.*; stopping$", stderr, re.M), stderr[-3000:]
+    assert took < STOP_TIMEOUT / 2, f"rank 0 took {took:.1f} s to stop"
 
 
 def children(pid):
