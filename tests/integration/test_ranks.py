@@ -1215,9 +1215,10 @@ def rank_of(pid):
     return int(next(e for e in env if e.startswith(b"RANK=")).split(b"=", 1)[1])
 
 
-def start_launcher(ranks, run):
-    """deepcam-host --nproc 2 on `run`, killed at the end of the test if still running; and its stderr."""
-    launcher = subprocess.Popen([str(HOST), "--nproc", "2", str(run)], stdout=subprocess.DEVNULL,
+def start_launcher(ranks, run, *args):
+    """deepcam-host --nproc 2 on `run` (and `args`), killed at the end of the test if still running; and its
+    stderr."""
+    launcher = subprocess.Popen([str(HOST), "--nproc", "2", str(run), *map(str, args)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, env=clean_env())
     launcher.name = "launcher"
     ranks.procs.append(launcher)
@@ -1278,24 +1279,25 @@ def test_killed_rank_under_nproc_fails_the_launcher_naming_it(tmp_path, data, ra
     assert_nothing_half_written(out)
 
 
-def test_a_stop_signal_to_one_rank_of_a_benchmark_under_nproc_ends_every_rank_blaming_none(tmp_path, data, ranks):
-    """--benchmark's ranks agree on no step: a stop signal ends a rank by the signal's default action. That is
-    a stop, not a failure of the rank (the launcher named it failed, with its status 143): the launcher ends
-    the others and exits 128 + the signal, blaming none."""
-    run = long_run(tmp_path, data, tmp_path / "out")
-    launcher = subprocess.Popen([str(HOST), "--nproc", "2", str(run), "--benchmark", "1000000000"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=clean_env())
-    launcher.name = "launcher"
-    ranks.procs.append(launcher)
-    err = LineReader(launcher.stderr)
-    err.wait_for(r"^\[rank 0\] # resolved from", timeout=60)
-    time.sleep(2)  # in its timed steps
+def sigterm_to_rank_1(launcher, err):
+    """SIGTERM to rank 1 of `launcher` (--nproc 2) alone; the launcher's status, 143 asserted, and stderr."""
     by_rank = {rank_of(pid): pid for pid in children(launcher.pid)}
     assert sorted(by_rank) == [0, 1], by_rank
     os.kill(by_rank[1], signal.SIGTERM)
     status = launcher.wait(timeout=60)
     stderr = err.text()
     assert status == 143, stderr[-3000:]
+    return status, stderr
+
+
+def test_a_stop_signal_to_one_rank_of_a_benchmark_under_nproc_ends_every_rank_blaming_none(tmp_path, data, ranks):
+    """--benchmark's ranks agree on no step: a stop signal ends a rank by the signal's default action. That is
+    a stop, not a failure of the rank (the launcher named it failed, with its status 143): the launcher ends
+    the others and exits 128 + the signal, blaming none."""
+    launcher, err = start_launcher(ranks, long_run(tmp_path, data, tmp_path / "out"), "--benchmark", 1000000000)
+    err.wait_for(r"^\[rank 0\] # resolved from", timeout=60)
+    time.sleep(2)  # in its timed steps
+    status, stderr = sigterm_to_rank_1(launcher, err)
     assert "[rank 1] deepcam-host: --benchmark stopped by SIGTERM, before its figures; it writes no file" in stderr
     assert "deepcam-host --nproc: rank 1 was killed by signal 15 (Terminated)" in stderr, stderr[-3000:]
     assert "failed: rank" not in stderr, stderr[-3000:]
@@ -1308,12 +1310,7 @@ def test_a_stop_signal_to_one_rank_under_nproc_stops_every_rank_blaming_none_and
     run = long_run(tmp_path, data, out)
     launcher, err = start_launcher(ranks, run)
     err.wait_for(r"^\[rank 0\] epoch \d+ step", timeout=60)
-    by_rank = {rank_of(pid): pid for pid in children(launcher.pid)}
-    assert sorted(by_rank) == [0, 1], by_rank
-    os.kill(by_rank[1], signal.SIGTERM)
-    status = launcher.wait(timeout=60)
-    stderr = err.text()
-    assert status == 143, stderr[-3000:]
+    status, stderr = sigterm_to_rank_1(launcher, err)
     assert re.search(r"^\[rank 0\] deepcam-host: stopped by Terminated \(sent to rank 1\) (at step|after epoch) \d+",
                      stderr, re.M), stderr[-3000:]
     assert "failed: rank" not in stderr and stderr.count("exited with status 143") == 2, stderr[-3000:]
