@@ -71,7 +71,7 @@ int exit_code(int status) { return WIFSIGNALED(status) ? 128 + WTERMSIG(status) 
 // agree on a step, and a rank before its handler is set.
 bool stopped_by_signal(int status) {
   const int code = exit_code(status);
-  return (WIFEXITED(status) || WIFSIGNALED(status)) && (code == 128 + SIGTERM || code == 128 + SIGINT);
+  return code == 128 + SIGTERM || code == 128 + SIGINT;
 }
 
 // One child's output stream, forwarded line by line with the rank prefix.
