@@ -1261,10 +1261,17 @@ void Communicator::Impl::lost(const std::string& what) {
     wake.wait_until(lock, std::min(deadline, Clock::now() + interval),
                     [&] { return !verdict.empty() || stopping; });
   }
-  if (const int signal = stop_requested(); verdict.empty() && signal != 0) {
-    throw RankLost(fmt::format("rank {}: a collective failed ({}), and {} came before the rank at fault was known; "
-                               "this rank stops",
-                               layout.rank, first_line(what), strsignal(signal)));
+  // A rank asked to stop stops on its signal, whichever rank was lost (it
+  // ended with its own status): naming it where known, as a rank that gave
+  // up on its collective does (wait_for), whose peers' collectives then fail.
+  if (const int signal = stop_requested()) {
+    throw StopRequested(signal, verdict.empty()
+                                    ? fmt::format("rank {}: stopped by {}: a collective failed ({}) before the rank "
+                                                  "at fault was known; this rank stops",
+                                                  layout.rank, strsignal(signal), first_line(what))
+                                    : fmt::format("rank {}: stopped by {}: {}; this rank stops too (the collective "
+                                                  "failed with: {})",
+                                                  layout.rank, strsignal(signal), verdict, first_line(what)));
   }
   if (verdict.empty()) verdict = unanswered_store(options.timeout);
   const std::string who =
