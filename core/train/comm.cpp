@@ -213,7 +213,7 @@ struct Communicator::Impl {
     return std::min(options.timeout, std::max(2 * interval, std::chrono::milliseconds(5000)));
   }
 
-  void let_the_others_read_the_verdict(c10d::Store& s);
+  void let_the_others_read_the_verdict();
   c10::intrusive_ptr<c10d::ProcessGroup> make_group(const std::string& name, int rank, int size);
   std::unique_ptr<ProcessGroupGroup> group(const std::string& name, const std::vector<int>& members);
   // Where the store is: a file, or a host and port; and where that was set.
@@ -282,7 +282,7 @@ class ProcessGroupGroup final : public Group {
   void all_reduce_sum(at::Tensor& tensor) override {
     if (!pg_) return;
     std::vector<at::Tensor> tensors{tensor.is_contiguous() ? tensor : tensor.contiguous()};
-    run([&] { wait(pg_->allreduce(tensors), tensor); });
+    run([&] { wait(pg_->allreduce(tensors), tensor.is_cuda()); });
     if (!tensors[0].is_same(tensor)) tensor.copy_(tensors[0]);
   }
 
@@ -291,16 +291,16 @@ class ProcessGroupGroup final : public Group {
     std::vector<at::Tensor> inputs{tensor.contiguous()};
     std::vector<std::vector<at::Tensor>> outputs(1);
     for (int i = 0; i < size_; ++i) outputs[0].push_back(at::empty_like(inputs[0]));
-    run([&] { wait(pg_->allgather(outputs, inputs), inputs[0]); });
+    run([&] { wait(pg_->allgather(outputs, inputs), inputs[0].is_cuda()); });
     return at::stack(outputs[0]);
   }
 
   c10d::ProcessGroup* process_group() const { return pg_.get(); }
 
-  // A collective on `on`'s device: Gloo's (CPU tensors) waited for in
-  // slices (Impl::wait_for); NCCL's wait() only orders the current stream.
-  void wait(const c10::intrusive_ptr<c10d::Work>& work, const at::Tensor& on) {
-    if (on.is_cuda())
+  // A collective on CPU tensors (Gloo's) is waited for in slices
+  // (Impl::wait_for); NCCL's wait() only orders the current stream.
+  void wait(const c10::intrusive_ptr<c10d::Work>& work, bool on_cuda) {
+    if (on_cuda)
       work->wait();
     else
       owner_.wait_for(work);
@@ -1020,6 +1020,22 @@ void Communicator::Impl::watch() {
       impl.wake.notify_all();
     }
   } ended{*this};  // declared before `lock`, so it runs after lock is released
+  // Ends this rank on a stop signal while a group is set up (`why`: the
+  // rank the watchdog named lost, if it did).
+  const auto stop_in_set_up = [&](int signal, const std::string& why) {
+    std::fprintf(stderr,
+                 "deepcam-host: rank %d of %d: stopped by %s while the ranks set up a process group, which "
+                 "waits for every member%s; stopping\n",
+                 layout.rank, layout.world_size, strsignal(signal), why.empty() ? "" : (" (" + why + ")").c_str());
+    std::fflush(stderr);
+    // The others' watchdogs name this rank at once, not after the timeout.
+    try {
+      s->set(heartbeat_key(layout.rank), bytes_of(kFailed));
+    } catch (const std::exception&) {
+      // The store's host is gone too.
+    }
+    std::_Exit(128 + signal);
+  };
   std::unique_lock<std::mutex> lock(mutex);
   while (!stopping && verdict.empty()) {
     lock.unlock();
@@ -1106,18 +1122,7 @@ void Communicator::Impl::watch() {
     } else if (stop_seen == Clock::time_point{}) {
       stop_seen = Clock::now();
     } else if (Clock::now() - stop_seen > std::chrono::seconds(5)) {
-      std::fprintf(stderr,
-                   "deepcam-host: rank %d of %d: stopped by %s while the ranks set up a process group, which "
-                   "waits for every member; stopping\n",
-                   layout.rank, layout.world_size, strsignal(signal));
-      std::fflush(stderr);
-      // The others' watchdogs name this rank at once, not after the timeout.
-      try {
-        s->set(heartbeat_key(layout.rank), bytes_of(kFailed));
-      } catch (const std::exception&) {
-        // The store's host is gone too.
-      }
-      std::_Exit(128 + signal);
+      stop_in_set_up(signal, "");
     }
     // Beats come faster while a stop signal waits, so that a live rank is
     // not taken for a lost one within stop_wait().
@@ -1134,14 +1139,7 @@ void Communicator::Impl::watch() {
   // In a group's set-up the main thread cannot learn it before Gloo's
   // timeout: this rank stops at once; on the stop signal, if one waits, as
   // when no rank was named.
-  if (const int signal = setting_up ? stop_requested() : 0) {
-    std::fprintf(stderr,
-                 "deepcam-host: rank %d of %d: stopped by %s while the ranks set up a process group, which "
-                 "waits for every member (%s); stopping\n",
-                 layout.rank, layout.world_size, strsignal(signal), verdict.c_str());
-    std::fflush(stderr);
-    std::_Exit(128 + signal);
-  }
+  if (const int signal = setting_up ? stop_requested() : 0) stop_in_set_up(signal, verdict);
   if (!setting_up && wake.wait_for(lock, options.timeout, [&] { return stopping; })) return;
   std::fprintf(stderr, "deepcam-host: rank %d: %s; stopping\n", layout.rank, verdict.c_str());
   std::fflush(stderr);
@@ -1196,7 +1194,7 @@ void Communicator::Impl::wait_for(const c10::intrusive_ptr<c10d::Work>& work) {
     // Rank 0's TCP store goes with it: the others read which rank it named first.
     if (named) {
       try {
-        let_the_others_read_the_verdict(*store);
+        let_the_others_read_the_verdict();
       } catch (const std::exception&) {
         // They find out by themselves.
       }
@@ -1346,7 +1344,7 @@ void Communicator::leave() noexcept {
   if (impl_->store && !impl_->finishing) {
     try {
       impl_->store->set(heartbeat_key(rank()), bytes_of(kFailed));
-      impl_->let_the_others_read_the_verdict(*impl_->store);
+      impl_->let_the_others_read_the_verdict();
     } catch (const std::exception&) {
       // The store's host is gone too; the others find out by themselves.
     }
@@ -1359,18 +1357,18 @@ void Communicator::leave() noexcept {
 // rank 0 found lost then named rank 0, the store's host, instead. Having
 // named one, rank 0 gives the ranks still running two watchdog intervals to
 // read the verdict (each counts itself in kLostReadKey) before it goes.
-void Communicator::Impl::let_the_others_read_the_verdict(c10d::Store& s) {
+void Communicator::Impl::let_the_others_read_the_verdict() {
   if (layout.rank != 0 || lost_rank < 0 || store_path.size() > 0) return;
   std::vector<std::string> keys;
   for (int r = 1; r < layout.world_size; ++r) keys.push_back(heartbeat_key(r));
-  const auto beats = s.multiGet(keys);
+  const auto beats = store->multiGet(keys);
   std::int64_t readers = 0;
   for (int r = 1; r < layout.world_size; ++r) {
     const std::string beat = text_of(beats[static_cast<std::size_t>(r - 1)]);
     readers += r != lost_rank && beat != kFailed && beat != kDone;
   }
   const auto deadline = Clock::now() + 2 * interval;
-  while (s.add(kLostReadKey, 0) < readers && Clock::now() < deadline) {
+  while (store->add(kLostReadKey, 0) < readers && Clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
 }
@@ -1408,17 +1406,17 @@ namespace {
 
 class WorkPending final : public Communicator::Pending {
  public:
-  WorkPending(ProcessGroupGroup& group, c10::intrusive_ptr<c10d::Work> work, at::Tensor on)
-      : group_(group), work_(std::move(work)), on_(std::move(on)) {}
+  WorkPending(ProcessGroupGroup& group, c10::intrusive_ptr<c10d::Work> work, bool on_cuda)
+      : group_(group), work_(std::move(work)), on_cuda_(on_cuda) {}
   void wait() override {
-    if (work_) group_.run([&] { group_.wait(work_, on_); });
+    if (work_) group_.run([&] { group_.wait(work_, on_cuda_); });
     work_.reset();
   }
 
  private:
   ProcessGroupGroup& group_;
   c10::intrusive_ptr<c10d::Work> work_;
-  at::Tensor on_;
+  bool on_cuda_;
 };
 
 }  // namespace
@@ -1430,7 +1428,7 @@ std::unique_ptr<Communicator::Pending> Communicator::all_reduce_sum_async(at::Te
     std::vector<at::Tensor> tensors{flat};
     w.run([&] { work = w.process_group()->allreduce(tensors); });
   }
-  return std::make_unique<WorkPending>(w, std::move(work), flat);
+  return std::make_unique<WorkPending>(w, std::move(work), flat.is_cuda());
 }
 
 void Communicator::broadcast_from_rank0(const std::vector<at::Tensor>& tensors) {
@@ -1445,7 +1443,7 @@ void Communicator::broadcast_from_rank0(const std::vector<at::Tensor>& tensors) 
     std::vector<at::Tensor> flat{at::cat(flat_parts)};
     c10d::BroadcastOptions o;
     o.rootRank = 0;
-    w.run([&] { w.wait(w.process_group()->broadcast(flat, o), flat[0]); });
+    w.run([&] { w.wait(w.process_group()->broadcast(flat, o), flat[0].is_cuda()); });
     std::int64_t offset = 0;
     for (const at::Tensor& t : list) {
       at::NoGradGuard no_grad;
