@@ -228,6 +228,7 @@ struct Communicator::Impl {
   void join_store_within(std::chrono::milliseconds limit);
   void on_own_thread(const std::function<void()>& work, std::chrono::milliseconds limit,
                      const std::function<void()>& at_limit, const std::string& stopped_while, bool share_stops);
+  void set_up_watched(const std::function<void()>& work, const std::string& name);
   [[noreturn]] void stopped_elsewhere(const std::string& text);
   [[noreturn]] void stop_rendezvous(int signal, const char* when);
   // Between a joining rank's looks at the store: up to 2 s on large worlds,
@@ -378,7 +379,7 @@ std::unique_ptr<ProcessGroupGroup> Communicator::Impl::group(const std::string& 
   auto pg = std::make_shared<c10::intrusive_ptr<c10d::ProcessGroup>>();
   try {
     if (thread.joinable()) {
-      *pg = make_group(name, rank, size);
+      set_up_watched([this, pg, name, rank, size] { *pg = make_group(name, rank, size); }, name);
     } else {
       on_own_thread(
           [this, pg, name, rank, size] { *pg = make_group(name, rank, size); }, 2 * options.timeout + 2 * interval,
@@ -879,6 +880,71 @@ void Communicator::Impl::on_own_thread(const std::function<void()>& work, std::c
   if (outcome->error) std::rethrow_exception(outcome->error);
 }
 
+// A group's set-up while the watchdog runs, on a thread of its own. c10d
+// waits for a store's answers without a timeout, so a store whose host
+// (rank 0) hangs (a frozen node, a SIGSTOP) would hold the set-up, and the
+// watchdog with it in a call of its own, for ever. Once the store has not
+// answered the watchdog for the timeout (for stop_wait() while a stop
+// signal waits, when the watchdog, had it looked, would have ended this
+// rank), the set-up is given up and this rank unwinds as a lost rank does
+// (RankLost; StopRequested on a stop signal). The set-up's thread is left
+// in its call, and the Impl with it (`abandoned`). Whatever else fails is
+// the watchdog's to name (a member's heartbeat) or Gloo's (its timeout).
+void Communicator::Impl::set_up_watched(const std::function<void()>& work, const std::string& name) {
+  struct Outcome {
+    std::mutex mutex;
+    std::condition_variable done_cv;
+    bool done = false;
+    std::exception_ptr error;
+  };
+  auto outcome = std::make_shared<Outcome>();
+  std::thread worker([work, outcome] {
+    std::exception_ptr error;
+    try {
+      work();
+    } catch (...) {
+      error = std::current_exception();
+    }
+    std::lock_guard<std::mutex> lock(outcome->mutex);
+    outcome->done = true;
+    outcome->error = error;
+    outcome->done_cv.notify_all();
+  });
+  constexpr std::chrono::milliseconds kLook{100};
+  // Since when this thread has looked without a pause: the store's silence
+  // while this process did not run (Slurm's suspend) counts for none.
+  Clock::time_point awake = Clock::now(), looked = awake;
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(outcome->mutex);
+      if (outcome->done_cv.wait_for(lock, kLook, [&] { return outcome->done; })) break;
+    }
+    const auto now = Clock::now();
+    if (now - looked > kLook + std::chrono::seconds(1)) awake = now;
+    looked = now;
+    const int signal = stop_requested();
+    std::string why;
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      why = unanswered_store(signal != 0 ? stop_wait() : options.timeout, awake);
+      if (why.empty()) continue;
+      abandoned = true;
+      if (verdict.empty()) verdict = why;
+    }
+    worker.detach();
+    if (signal != 0) {
+      throw StopRequested(signal, fmt::format("rank {} of {}: stopped by {} while the ranks set up a process group, "
+                                              "which waits for every member ({})",
+                                              layout.rank, layout.world_size, strsignal(signal), why));
+    }
+    throw RankLost(fmt::format("rank {}: {}; this rank stops too (it was setting up the process group \"{}\", "
+                               "which waits for every member)",
+                               layout.rank, why, name));
+  }
+  worker.join();
+  if (outcome->error) std::rethrow_exception(outcome->error);
+}
+
 // join_store, waited for at most `limit`. c10d reads the store's answers
 // without a timeout, so a port held by a process that takes the connection
 // and never answers (a stopped run's rank 0, another program) would hold
@@ -1254,10 +1320,24 @@ void Communicator::Impl::lost(const std::string& what) {
   // The lost rank's heartbeat goes stale within the timeout; a few beats more
   // for the watchdog to see it. A stop signal ends the wait: the collective
   // failed already, and the launcher that sent it kills what does not stop.
-  const auto deadline = Clock::now() + options.timeout + 4 * interval;
-  while (verdict.empty() && !stopping && stop_requested() == 0 && Clock::now() < deadline) {
+  // So does a store that has not answered the watchdog for the timeout (its
+  // host, rank 0, hangs, and the watchdog with it in a call that never
+  // returns), once the watchdog has had two beats to look: after a pause of
+  // this process (Slurm's suspend) its last answer is old until it looks.
+  const auto entered = Clock::now();
+  const auto deadline = entered + options.timeout + 4 * interval;
+  const auto store_silent = [&] {
+    return Clock::now() - entered > 2 * interval && !unanswered_store(options.timeout).empty();
+  };
+  while (verdict.empty() && !stopping && stop_requested() == 0 && !store_silent() && Clock::now() < deadline) {
     wake.wait_until(lock, std::min(deadline, Clock::now() + interval),
                     [&] { return !verdict.empty() || stopping; });
+  }
+  if (verdict.empty()) {
+    verdict = unanswered_store(options.timeout);
+    // The watchdog is stuck in a call to that store: neither it nor the
+    // store is waited for again as this rank ends (leave()).
+    if (!verdict.empty()) abandoned = true;
   }
   // A rank asked to stop stops on its signal, whichever rank was lost (it
   // ended with its own status): naming it where known, as a rank that gave
@@ -1271,7 +1351,6 @@ void Communicator::Impl::lost(const std::string& what) {
                                                   "failed with: {})",
                                                   layout.rank, strsignal(signal), verdict, first_line(what)));
   }
-  if (verdict.empty()) verdict = unanswered_store(options.timeout);
   const std::string who =
       verdict.empty() ? fmt::format("a collective failed and no rank stopped its heartbeat within {} s",
                                     seconds(options.timeout))

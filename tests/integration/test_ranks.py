@@ -1008,19 +1008,24 @@ def test_lost_rank_stops_the_other_naming_it(tmp_path, data, ranks, sig):
 
 def test_a_hung_store_host_stops_the_other_naming_it(tmp_path, data, ranks):
     """Rank 0 holds the rendezvous store: stopped (not dead), the store takes calls and never answers them,
-    and c10d's TCPStore waits on it without a timeout. Rank 1 hung there, silent, for ever."""
+    and c10d's TCPStore waits on it without a timeout, in rank 1's watchdog too. Rank 1's collective fails
+    after the timeout, and rank 1 names rank 0 then: before, it waited for a verdict from its watchdog and
+    then for the watchdog to end, three timeouts in all."""
     run = long_run(tmp_path, data, tmp_path / "out")
     rank0, _, rank1 = start_two_ranks(ranks, run)
     os.kill(rank0.pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
     try:
-        # The collective's timeout, the wait for a verdict, the wait for the watchdog: three timeouts.
         status = rank1.wait(timeout=4 * KILL_TIMEOUT + 60)
     except subprocess.TimeoutExpired:
         pytest.fail(f"rank 1 still running after rank 0 stopped:\n{ranks.stderr('rank1')[-3000:]}")
     finally:
         os.kill(rank0.pid, signal.SIGKILL)
+    took = time.monotonic() - stopped_at
     stderr = ranks.stderr("rank1")
     assert status == 5, stderr[-3000:]
+    # The collective's timeout and two watchdog beats, not also a wait for a verdict and for the watchdog.
+    assert took <= KILL_TIMEOUT + KILL_SLACK, f"rank 1 took {took:.1f} s to stop:\n{stderr[-3000:]}"
     assert re.search(r"^deepcam-host: rank 1: lost rank 0 .*, which holds the rendezvous store", stderr, re.M), \
         stderr[-3000:]
 
@@ -1151,24 +1156,22 @@ def test_a_stop_signal_to_a_rank_while_rank_0_saves_stops_both_before_the_next_e
     assert (out / f"checkpoint-epoch{held_in}.pt").exists()
 
 
-@pytest.mark.alone
-def test_a_stop_signal_while_a_frozen_rank_holds_a_group_set_up_ends_the_others_on_the_signal(tmp_path, data, ranks):
-    """Rank 1 is frozen (held by gdb) as it starts to set up the batch-norm group, so rank 0 waits in Gloo's
-    set-up of that group, which no stop signal reaches. SIGTERM to both: rank 0 ends on the signal, naming the
-    set-up, not with status 5 as a lost rank (the watchdog named rank 1 lost first, a stop waiting, and took
-    that path)."""
+def start_with_a_rank_held_in_a_group_set_up(tmp_path, data, ranks, held_rank, timeout):
+    """Two ranks (torchrun's variables) of a run with a batch-norm group and comm_timeout_s = `timeout`;
+    `held_rank` is frozen by gdb (every thread, a store it hosts too) as it starts to set up that group, so
+    the other waits in Gloo's set-up of it, which no stop signal reaches. Returns the ranks and gdb."""
     gdb = shutil.which("gdb")
     if gdb is None:
-        pytest.skip("gdb is not installed: it holds rank 1 at a chosen function")
+        pytest.skip("gdb is not installed: it holds a rank at a chosen function")
     run = small_run(tmp_path / "run.toml", data, tmp_path / "out",
-                    run={"comm_timeout_s": STOP_TIMEOUT, "batchnorm_group_size": 2, "max_epochs": 100000,
+                    run={"comm_timeout_s": timeout, "batchnorm_group_size": 2, "max_epochs": 100000,
                          "target_iou": 1.0})
     port = free_port()
     procs = [ranks.start([HOST, run], torchrun_env(r, 2, port), f"rank{r}") for r in range(2)]
     held = tmp_path / "gdb.out"
     with open(held, "w") as out:
-        holder = subprocess.Popen([gdb, "-p", str(procs[1].pid), "-batch", "-nx", "-ex", "set pagination off",
-                                   "-ex", "handle SIGTERM nostop noprint pass",
+        holder = subprocess.Popen([gdb, "-p", str(procs[held_rank].pid), "-batch", "-nx", "-ex",
+                                   "set pagination off", "-ex", "handle SIGTERM nostop noprint pass",
                                    "-ex", "break deepcam::Communicator::consecutive", "-ex", "continue",
                                    "-ex", "echo HELD\\n", "-ex", "shell sleep 120"],
                                   stdout=out, stderr=subprocess.STDOUT)
@@ -1177,8 +1180,22 @@ def test_a_stop_signal_while_a_frozen_rank_holds_a_group_set_up_ends_the_others_
         while "HELD" not in held.read_text():
             if "ptrace" in held.read_text() and "not permitted" in held.read_text():
                 pytest.skip(f"gdb may not attach here: {held.read_text()[-300:]}")
-            assert time.monotonic() < deadline and procs[0].poll() is None, held.read_text()[-2000:]
+            assert time.monotonic() < deadline and procs[1 - held_rank].poll() is None, held.read_text()[-2000:]
             time.sleep(0.05)
+    except BaseException:
+        holder.kill()
+        holder.wait()
+        raise
+    return procs, holder
+
+
+@pytest.mark.alone
+def test_a_stop_signal_while_a_frozen_rank_holds_a_group_set_up_ends_the_others_on_the_signal(tmp_path, data, ranks):
+    """Rank 1 is frozen as it starts to set up the batch-norm group. SIGTERM to both: rank 0 ends on the
+    signal, naming the set-up, not with status 5 as a lost rank (the watchdog named rank 1 lost first, a stop
+    waiting, and took that path)."""
+    procs, holder = start_with_a_rank_held_in_a_group_set_up(tmp_path, data, ranks, 1, STOP_TIMEOUT)
+    try:
         # Rank 0 in the group's set-up, and rank 1 silent for longer than a stop waits for a rank (6 s): the
         # watchdog names it lost before its set-up stop's 5 s are up.
         time.sleep(8)
@@ -1196,6 +1213,46 @@ def test_a_stop_signal_while_a_frozen_rank_holds_a_group_set_up_ends_the_others_
     assert re.search(r"^deepcam-host: rank 0 of 2: stopped by Terminated while the ranks set up a process group, "
                      r"which waits for every member\b.*; stopping$", stderr, re.M), stderr[-3000:]
     assert took < STOP_TIMEOUT / 2, f"rank 0 took {took:.1f} s to stop"
+
+
+SET_UP_TIMEOUT = 10.0  # comm_timeout_s while rank 0 hangs in a group's set-up
+
+
+@pytest.mark.alone
+@pytest.mark.parametrize("stop", [False, True], ids=["no-stop", "sigterm"])
+def test_a_store_host_frozen_in_a_group_set_up_ends_the_other_naming_it(tmp_path, data, ranks, stop):
+    """Rank 0, which holds the TCP store, is frozen as it starts to set up the batch-norm group. c10d waits
+    for the store's answers without a timeout, in rank 1's set-up and in its watchdog alike: rank 1 hung there
+    for ever. It ends once the store has not answered for comm_timeout_s (status 5), or, a stop signal
+    waiting, for a stop's wait (5 s here; 128 + the signal); naming rank 0 and the group."""
+    procs, holder = start_with_a_rank_held_in_a_group_set_up(tmp_path, data, ranks, 0, SET_UP_TIMEOUT)
+    try:
+        held_at = time.monotonic()
+        if stop:
+            time.sleep(1)
+            os.kill(procs[1].pid, signal.SIGTERM)
+        status = procs[1].wait(timeout=3 * SET_UP_TIMEOUT + 30)
+        took = time.monotonic() - held_at
+    finally:
+        holder.kill()
+        holder.wait()
+        procs[0].kill()
+    stderr = ranks.stderr("rank1")
+    lost = r"lost rank 0 \(host [^)]*\), which holds the rendezvous store: it has not answered for \d+ s"
+    if stop:
+        assert status == 128 + signal.SIGTERM, stderr[-3000:]
+        assert re.search(r"^deepcam-host: rank 1 of 2: stopped by Terminated while the ranks set up a process "
+                         rf"group, which waits for every member \({lost}, while a stop signal waited for it\)",
+                         stderr, re.M), stderr[-3000:]
+        assert took < SET_UP_TIMEOUT - 2, f"rank 1 took {took:.1f} s to stop"
+    else:
+        assert status == 5, stderr[-3000:]
+        assert re.search(rf"^deepcam-host: rank 1: {lost} \(\[run\] comm_timeout_s = 10\); this rank stops too "
+                         r"\(it was setting up the process group \"consecutive2-0\"", stderr, re.M), stderr[-3000:]
+        assert took < SET_UP_TIMEOUT + 5, f"rank 1 took {took:.1f} s to stop"
+    # Rank 1 left nothing half-written (rank 0's, killed outright, stay).
+    out = tmp_path / "out"
+    assert not [p.name for p in out.iterdir() if str(procs[1].pid) in p.name] if out.exists() else True
 
 
 def children(pid):
