@@ -174,6 +174,77 @@ std::vector<std::string> interfaces() {
   return {names.begin(), names.end()};
 }
 
+// Work on a thread of its own, which the starting thread waits for in
+// slices and may leave behind (c10d's calls may never return): what the
+// two share lives as long as either needs it.
+class Background {
+ public:
+  explicit Background(std::function<void()> work) : shared_(std::make_shared<Shared>()) {
+    thread_ = std::thread([work = std::move(work), shared = shared_] {
+      std::exception_ptr error;
+      try {
+        work();
+      } catch (...) {
+        error = std::current_exception();
+      }
+      std::lock_guard<std::mutex> lock(shared->mutex);
+      shared->done = true;
+      shared->error = error;
+      shared->done_cv.notify_all();
+    });
+  }
+  Background(const Background&) = delete;
+  Background& operator=(const Background&) = delete;
+  // Every way out of a waiting loop joins the thread or leaves it behind;
+  // were an exception to leave one otherwise, the thread is left behind
+  // rather than end the program (std::thread's destructor would).
+  ~Background() {
+    if (thread_.joinable()) thread_.detach();
+  }
+  // Whether the work ended within `slice`.
+  bool ended_within(std::chrono::milliseconds slice) {
+    std::unique_lock<std::mutex> lock(shared_->mutex);
+    return shared_->done_cv.wait_for(lock, slice, [&] { return shared_->done; });
+  }
+  // Once it ended: its exception, if it threw one.
+  void join() {
+    thread_.join();
+    if (shared_->error) std::rethrow_exception(shared_->error);
+  }
+  // Left in its call, for ever maybe.
+  void leave_behind() { thread_.detach(); }
+
+ private:
+  struct Shared {
+    std::mutex mutex;
+    std::condition_variable done_cv;
+    bool done = false;
+    std::exception_ptr error;
+  };
+  std::shared_ptr<Shared> shared_;
+  std::thread thread_;
+};
+
+// Since when a thread that looks every `step` has looked without a pause
+// of its own process (a SIGSTOP, Slurm's suspend and resume) between two
+// looks: the time such a pause took counts for no one's silence.
+class AwakeSince {
+ public:
+  explicit AwakeSince(std::chrono::milliseconds step) : step_(step) {}
+  // At each look.
+  Clock::time_point look() {
+    const auto now = Clock::now();
+    if (now - looked_ > step_ + std::chrono::seconds(1)) since_ = now;
+    looked_ = now;
+    return since_;
+  }
+
+ private:
+  std::chrono::milliseconds step_;
+  Clock::time_point since_ = Clock::now();
+  Clock::time_point looked_ = since_;
+};
+
 }  // namespace
 
 class ProcessGroupGroup;
@@ -820,33 +891,14 @@ void Communicator::Impl::look_for_refusals(bool recent_only) {
 void Communicator::Impl::on_own_thread(const std::function<void()>& work, std::chrono::milliseconds limit,
                                        const std::function<void()>& at_limit, const std::string& stopped_while,
                                        bool share_stops) {
-  struct Outcome {
-    std::mutex mutex;
-    std::condition_variable done_cv;
-    bool done = false;
-    std::exception_ptr error;
-  };
-  auto outcome = std::make_shared<Outcome>();
-  std::thread worker([work, outcome] {
-    std::exception_ptr error;
-    try {
-      work();
-    } catch (...) {
-      error = std::current_exception();
-    }
-    std::lock_guard<std::mutex> lock(outcome->mutex);
-    outcome->done = true;
-    outcome->error = error;
-    outcome->done_cv.notify_all();
-  });
+  Background worker(work);
   auto deadline = Clock::now() + limit;
   int signal = 0;
   std::string elsewhere;  // another rank's stop (share_stops)
   // A client of its own: the work's may wait in the store for a whole
   // timeout (a TCP store's client answers one call at a time).
   c10::intrusive_ptr<c10d::Store> looks = share_stops ? store->clone() : nullptr;
-  std::unique_lock<std::mutex> lock(outcome->mutex);
-  while (!outcome->done_cv.wait_for(lock, std::chrono::milliseconds(100), [&] { return outcome->done; })) {
+  while (!worker.ended_within(std::chrono::milliseconds(100))) {
     if (signal == 0 && (signal = stop_requested()) != 0) {
       deadline = std::min(deadline, Clock::now() + 4 * join_pause() + std::chrono::seconds(2));
     }
@@ -860,8 +912,7 @@ void Communicator::Impl::on_own_thread(const std::function<void()>& work, std::c
       }
     }
     if (elsewhere.empty() && Clock::now() < deadline) continue;
-    lock.unlock();
-    worker.detach();
+    worker.leave_behind();
     abandoned = true;
     if (!elsewhere.empty()) {
       leave_rendezvous("", /*counted=*/true, Leaving::kAbandoned, looks.get());
@@ -875,9 +926,7 @@ void Communicator::Impl::on_own_thread(const std::function<void()>& work, std::c
     at_limit();
     throw std::logic_error("on_own_thread: at_limit returned");
   }
-  lock.unlock();
   worker.join();
-  if (outcome->error) std::rethrow_exception(outcome->error);
 }
 
 // A group's set-up while the watchdog runs, on a thread of its own. c10d
@@ -891,47 +940,21 @@ void Communicator::Impl::on_own_thread(const std::function<void()>& work, std::c
 // in its call, and the Impl with it (`abandoned`). Whatever else fails is
 // the watchdog's to name (a member's heartbeat) or Gloo's (its timeout).
 void Communicator::Impl::set_up_watched(const std::function<void()>& work, const std::string& name) {
-  struct Outcome {
-    std::mutex mutex;
-    std::condition_variable done_cv;
-    bool done = false;
-    std::exception_ptr error;
-  };
-  auto outcome = std::make_shared<Outcome>();
-  std::thread worker([work, outcome] {
-    std::exception_ptr error;
-    try {
-      work();
-    } catch (...) {
-      error = std::current_exception();
-    }
-    std::lock_guard<std::mutex> lock(outcome->mutex);
-    outcome->done = true;
-    outcome->error = error;
-    outcome->done_cv.notify_all();
-  });
   constexpr std::chrono::milliseconds kLook{100};
-  // Since when this thread has looked without a pause: the store's silence
-  // while this process did not run (Slurm's suspend) counts for none.
-  Clock::time_point awake = Clock::now(), looked = awake;
-  for (;;) {
-    {
-      std::unique_lock<std::mutex> lock(outcome->mutex);
-      if (outcome->done_cv.wait_for(lock, kLook, [&] { return outcome->done; })) break;
-    }
-    const auto now = Clock::now();
-    if (now - looked > kLook + std::chrono::seconds(1)) awake = now;
-    looked = now;
+  Background worker(work);
+  AwakeSince awake(kLook);
+  while (!worker.ended_within(kLook)) {
+    const auto since = awake.look();
     const int signal = stop_requested();
     std::string why;
     {
       std::lock_guard<std::mutex> lock(mutex);
-      why = unanswered_store(signal != 0 ? stop_wait() : options.timeout, awake);
+      why = unanswered_store(signal != 0 ? stop_wait() : options.timeout, since);
       if (why.empty()) continue;
       abandoned = true;
       if (verdict.empty()) verdict = why;
     }
-    worker.detach();
+    worker.leave_behind();
     if (signal != 0) {
       throw StopRequested(signal, fmt::format("rank {} of {}: stopped by {} while the ranks set up a process group, "
                                               "which waits for every member ({})",
@@ -942,7 +965,6 @@ void Communicator::Impl::set_up_watched(const std::function<void()>& work, const
                                layout.rank, why, name));
   }
   worker.join();
-  if (outcome->error) std::rethrow_exception(outcome->error);
 }
 
 // join_store, waited for at most `limit`. c10d reads the store's answers
@@ -1228,9 +1250,7 @@ void Communicator::Impl::watch() {
 // there shows in its heartbeat.)
 void Communicator::Impl::wait_for(const c10::intrusive_ptr<c10d::Work>& work) {
   constexpr std::chrono::milliseconds kSlice{200};
-  // Since when this thread has looked without a pause: the store's silence
-  // while this process did not run counts for none.
-  Clock::time_point awake = Clock::now(), looked = awake;
+  AwakeSince awake(kSlice);
   for (;;) {
     try {
       work->wait(kSlice);
@@ -1243,16 +1263,14 @@ void Communicator::Impl::wait_for(const c10::intrusive_ptr<c10d::Work>& work) {
         return;
       }
     }
-    const auto now = Clock::now();
-    if (now - looked > kSlice + std::chrono::seconds(1)) awake = now;
-    looked = now;
+    const auto since = awake.look();
     const int signal = stop_requested();
     if (signal == 0) continue;
     std::string why;
     bool named = false;  // rank 0 named the lost rank
     {
       std::lock_guard<std::mutex> lock(mutex);
-      why = !verdict.empty() || !store_path.empty() ? verdict : unanswered_store(stop_wait(), awake);
+      why = !verdict.empty() || !store_path.empty() ? verdict : unanswered_store(stop_wait(), since);
       named = !verdict.empty() && lost_rank >= 0;
       if (!why.empty()) abandoned = true;
     }

@@ -1180,7 +1180,8 @@ def start_with_a_rank_held_in_a_group_set_up(tmp_path, data, ranks, held_rank, t
         while "HELD" not in held.read_text():
             if "ptrace" in held.read_text() and "not permitted" in held.read_text():
                 pytest.skip(f"gdb may not attach here: {held.read_text()[-300:]}")
-            assert time.monotonic() < deadline and procs[1 - held_rank].poll() is None, held.read_text()[-2000:]
+            assert time.monotonic() < deadline and procs[1 - held_rank].poll() is None, \
+                held.read_text()[-2000:] + ranks.stderr(f"rank{1 - held_rank}")[-2000:]
             time.sleep(0.05)
     except BaseException:
         holder.kill()
@@ -1215,23 +1216,21 @@ def test_a_stop_signal_while_a_frozen_rank_holds_a_group_set_up_ends_the_others_
     assert took < STOP_TIMEOUT / 2, f"rank 0 took {took:.1f} s to stop"
 
 
-SET_UP_TIMEOUT = 10.0  # comm_timeout_s while rank 0 hangs in a group's set-up
-
-
 @pytest.mark.alone
 @pytest.mark.parametrize("stop", [False, True], ids=["no-stop", "sigterm"])
 def test_a_store_host_frozen_in_a_group_set_up_ends_the_other_naming_it(tmp_path, data, ranks, stop):
     """Rank 0, which holds the TCP store, is frozen as it starts to set up the batch-norm group. c10d waits
     for the store's answers without a timeout, in rank 1's set-up and in its watchdog alike: rank 1 hung there
     for ever. It ends once the store has not answered for comm_timeout_s (status 5), or, a stop signal
-    waiting, for a stop's wait (5 s here; 128 + the signal); naming rank 0 and the group."""
-    procs, holder = start_with_a_rank_held_in_a_group_set_up(tmp_path, data, ranks, 0, SET_UP_TIMEOUT)
+    waiting, for a stop's wait (6 s here; 128 + the signal); naming rank 0 and the group."""
+    # gdb stops rank 0 for a few seconds as it attaches (10 s here, under load): well within the timeout.
+    procs, holder = start_with_a_rank_held_in_a_group_set_up(tmp_path, data, ranks, 0, STOP_TIMEOUT)
     try:
         held_at = time.monotonic()
         if stop:
             time.sleep(1)
             os.kill(procs[1].pid, signal.SIGTERM)
-        status = procs[1].wait(timeout=3 * SET_UP_TIMEOUT + 30)
+        status = procs[1].wait(timeout=3 * STOP_TIMEOUT + 30)
         took = time.monotonic() - held_at
     finally:
         holder.kill()
@@ -1244,12 +1243,12 @@ def test_a_store_host_frozen_in_a_group_set_up_ends_the_other_naming_it(tmp_path
         assert re.search(r"^deepcam-host: rank 1 of 2: stopped by Terminated while the ranks set up a process "
                          rf"group, which waits for every member \({lost}, while a stop signal waited for it\)",
                          stderr, re.M), stderr[-3000:]
-        assert took < SET_UP_TIMEOUT - 2, f"rank 1 took {took:.1f} s to stop"
+        assert took < STOP_TIMEOUT / 2, f"rank 1 took {took:.1f} s to stop"
     else:
         assert status == 5, stderr[-3000:]
-        assert re.search(rf"^deepcam-host: rank 1: {lost} \(\[run\] comm_timeout_s = 10\); this rank stops too "
+        assert re.search(rf"^deepcam-host: rank 1: {lost} \(\[run\] comm_timeout_s = 30\); this rank stops too "
                          r"\(it was setting up the process group \"consecutive2-0\"", stderr, re.M), stderr[-3000:]
-        assert took < SET_UP_TIMEOUT + 5, f"rank 1 took {took:.1f} s to stop"
+        assert took < STOP_TIMEOUT + 5, f"rank 1 took {took:.1f} s to stop"
     # Rank 1 left nothing half-written (rank 0's, killed outright, stay).
     out = tmp_path / "out"
     assert not [p.name for p in out.iterdir() if str(procs[1].pid) in p.name] if out.exists() else True
