@@ -200,17 +200,23 @@ std::string shape_text(const Shape& shape) {
   return fmt::format("({})", fmt::join(shape, ", "));
 }
 
-// True when every group on the way and the object itself exist. H5Lexists
-// only answers for the last component, and fails when an earlier one is
-// missing, so each prefix is asked in turn.
-bool link_exists(hid_t file, const std::string& name) {
+// True when every group on the way and the object itself exist, false when
+// a link on the way is absent. H5Lexists only answers for the last
+// component, and fails when an earlier one is missing, so each prefix is
+// asked in turn; a prefix it cannot answer for, whose groups before it
+// exist, is no absence but a file HDF5 cannot read there (damaged
+// metadata, or a link on the way that loops, dangles or is no group): an
+// Error with HDF5's cause, not "no such dataset".
+bool link_exists(hid_t file, const std::string& path, const std::string& name) {
   std::size_t pos = 0;
   while (pos <= name.size()) {
     std::size_t slash = name.find('/', pos);
     if (slash == std::string::npos) slash = name.size();
     if (slash > pos) {
       const std::string prefix = name.substr(0, slash);
-      if (H5Lexists(file, prefix.c_str(), H5P_DEFAULT) <= 0) {
+      const htri_t found = H5Lexists(file, prefix.c_str(), H5P_DEFAULT);
+      if (found < 0) fail(path, name, fmt::format("cannot look up {} in the file (damaged file?)", prefix));
+      if (found == 0) {
         H5Eclear2(H5E_DEFAULT);
         return false;
       }
@@ -218,6 +224,17 @@ bool link_exists(hid_t file, const std::string& name) {
     pos = slash + 1;
   }
   return true;
+}
+
+// The object `name` names, which exists (link_exists), opened: an Error
+// with HDF5's cause when it cannot be (a soft link that loops or dangles,
+// damaged metadata), or when it is no dataset.
+Handle open_object(hid_t file, const std::string& path, const std::string& name) {
+  Handle object(H5Oopen(file, name.c_str(), H5P_DEFAULT), H5Oclose);
+  if (!object.valid()) fail(path, name, "cannot open");
+  if (const H5I_type_t type = H5Iget_type(object.get()); type != H5I_DATASET)
+    fail(path, name, type == H5I_GROUP ? "is a group, not a dataset" : "is not a dataset", false);
+  return object;
 }
 
 hid_t checked_id(std::int64_t id, const std::string& file) {
@@ -263,10 +280,8 @@ void require_stored_here(hid_t file, hid_t dataset, const std::string& path, con
 }
 
 Handle open_dataset(hid_t file, const std::string& path, const std::string& dataset) {
-  if (!link_exists(file, dataset)) fail(path, dataset, "no such dataset in the file", false);
-  Handle object(H5Oopen(file, dataset.c_str(), H5P_DEFAULT), H5Oclose);
-  if (!object.valid()) fail(path, dataset, "cannot open");
-  if (H5Iget_type(object.get()) != H5I_DATASET) fail(path, dataset, "is a group, not a dataset", false);
+  if (!link_exists(file, path, dataset)) fail(path, dataset, "no such dataset in the file", false);
+  open_object(file, path, dataset);
   Handle handle(H5Dopen2(file, dataset.c_str(), H5P_DEFAULT), H5Dclose);
   if (!handle.valid()) fail(path, dataset, "cannot open");
   require_stored_here(file, handle.get(), path, dataset);
@@ -594,7 +609,7 @@ void create_groups(hid_t file, const std::string& path, const std::string& name)
   std::size_t slash = name.find('/');
   while (slash != std::string::npos) {
     const std::string group = name.substr(0, slash);
-    if (!group.empty() && group != "/" && !link_exists(file, group)) {
+    if (!group.empty() && group != "/" && !link_exists(file, path, group)) {
       Handle gcpl(H5Pcreate(H5P_GROUP_CREATE), H5Pclose);
       if (!gcpl.valid() || H5Pset_obj_track_times(gcpl.get(), false) < 0)
         fail(path, name, "cannot set up group creation");
@@ -610,7 +625,7 @@ void write_as(std::int64_t id, const std::string& path, const std::string& name,
               const Shape& shape, hid_t memory_type, hid_t file_type) {
   Lock lock;
   const hid_t file = checked_id(id, path);
-  if (link_exists(file, name)) fail(path, name, "already exists; cannot write it again", false);
+  if (link_exists(file, path, name)) fail(path, name, "already exists; cannot write it again", false);
   create_groups(file, path, name);
   std::vector<hsize_t> dims(shape.begin(), shape.end());
   Handle space(shape.empty() ? H5Screate(H5S_SCALAR)
@@ -778,11 +793,9 @@ void File::close() {
 bool File::has(const std::string& dataset) const {
   Lock lock;
   const hid_t file = checked_id(id_, path_);
-  if (!link_exists(file, dataset)) return false;
-  Handle object(H5Oopen(file, dataset.c_str(), H5P_DEFAULT), H5Oclose);
-  const bool is_dataset = object.valid() && H5Iget_type(object.get()) == H5I_DATASET;
-  H5Eclear2(H5E_DEFAULT);
-  return is_dataset;
+  if (!link_exists(file, path_, dataset)) return false;
+  open_object(file, path_, dataset);
+  return true;
 }
 
 Shape File::shape(const std::string& dataset) const {

@@ -650,3 +650,58 @@ def test_a_file_another_process_holds_locked_is_named_not_called_damage(tmp_path
     assert r.returncode == 2, r.stderr
     assert f"{target}: locked by another process" in r.stderr, r.stderr
     assert "HDF5_USE_FILE_LOCKING=FALSE" in r.stderr and "damaged" not in r.stderr, r.stderr
+
+
+# ---- a dataset that is there but cannot be followed, and damaged metadata ------------------------
+
+def data_unreadable(target, how):
+    """Rewrites HDF5 sample `target` so that its climate/data link is there but leads to no dataset: a
+    group, a soft link to itself or to nothing; or, "damaged", the climate group's object header overwritten."""
+    with h5py.File(target, "r") as f:
+        x, y = f["climate/data"][...], f["climate/labels_0"][...]
+    target.unlink()
+    with h5py.File(target, "w") as f:
+        f["climate/labels_0"] = y
+        if how == "group":
+            f.create_group("climate/data")
+        elif how == "loop":
+            f["climate/data"] = h5py.SoftLink("/climate/data")
+        elif how == "dangling":
+            f["climate/data"] = h5py.SoftLink("/nowhere")
+        else:
+            f["climate/data"] = x
+    if how == "damaged":
+        with h5py.File(target, "r") as f:
+            header = h5py.h5o.get_info(f["climate"].id).addr
+        with open(target, "r+b") as f:
+            f.seek(header)
+            f.write(b"\xff" * 16)
+        with pytest.raises(Exception):
+            with h5py.File(target, "r") as f:
+                f["climate/data"]
+
+
+UNREADABLE = {
+    "group": "dataset climate/data: is a group, not a dataset",
+    "loop": "dataset climate/data: cannot open (HDF5: ",
+    "dangling": "dataset climate/data: cannot open (HDF5: ",
+    "damaged": "dataset climate/data: cannot look up climate/data in the file (damaged file?) (HDF5: ",
+}
+
+
+@pytest.mark.parametrize("how", list(UNREADABLE))
+def test_a_dataset_there_but_unreadable_is_named_for_what_it_is_not_as_missing(tmp_path, data, how):
+    """A sample whose climate/data cannot be followed to a dataset was "no dataset climate/data" to the
+    reader and to deepcam-data stats: a user then looks for a naming or conversion slip, not a damaged file.
+    The reader (it opens the first training file to learn the shape), stats and verify say the same now."""
+    root = tmp_path / "set"
+    shutil.copytree(data["h5", "float32"], root)
+    bad = sorted((root / "train").glob("data-*.h5"))[0]
+    data_unreadable(bad, how)
+    says = f"{bad}: {UNREADABLE[how]}"
+    r = probe(run_file(tmp_path, root, "hdf5"), tmp_path / "batches", "--split", "validation")
+    assert r.returncode == 2 and says in r.stderr and "no dataset" not in r.stderr, r.stdout + r.stderr
+    for command in (["stats", str(root)], ["verify", str(root)]):
+        r = subprocess.run([str(DATA_TOOL), *command], capture_output=True, text=True, env=plugin_env(), timeout=300)
+        assert r.returncode == 1 and says in r.stdout + r.stderr, (command, r.stdout + r.stderr)
+        assert "no such dataset" not in r.stdout + r.stderr, (command, r.stdout + r.stderr)

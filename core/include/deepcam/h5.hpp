@@ -77,6 +77,9 @@ class DEEPCAM_API File {
   ~File();
 
   const std::string& path() const { return path_; }
+  // False when no link of that name is in the file; an Error naming HDF5's
+  // cause when one is but cannot be followed to a dataset (a group, a soft
+  // link that loops or dangles, damaged metadata).
   bool has(const std::string& dataset) const;
   Shape shape(const std::string& dataset) const;
   StoredType stored_type(const std::string& dataset) const;
