@@ -119,7 +119,9 @@ data-X.npy with label-X.npy): every file opens and holds just what its
 header describes (not less, and no bytes after it), data is
 (H, W, C) and finite, labels (H, W) in {0, 1, 2}, npy files pair up, shapes
 agree across files (each file's dtypes are converted, as the readers do),
-stats.h5 matches the channel count; and it
+stats.h5 matches the channel count and holds statistics (count above 0,
+finite mean and sqmean, no negative variance, and a [minval, maxval] that
+leaves no more than 1% of a channel's training values outside); and it
 refuses what training refuses: a missing or empty train/ or validation/, a
 stats.h5 that cannot normalise a channel (maxval not above minval, or a
 float32 shift or scale 1/(maxval - minval) that overflows). It prints one

@@ -42,7 +42,55 @@ struct Result {
   std::string shapes;          // what must agree across files, when both could be read
   std::string signature;       // the shapes with the dtypes, for messages
   std::int64_t channels = -1;
+  // A training sample's values per channel outside stats.h5's range
+  // (count_outside), and its values per channel.
+  std::vector<std::uint64_t> outside;
+  std::uint64_t per_channel = 0;
 };
+
+// Per channel, how many of a training sample's values lie outside stats.h5's
+// [minval, maxval]: normalised, outside [0, 1] by more than float32's
+// rounding. stats.h5 holds the training files' minimum and maximum: a few
+// values outside may come from a stats.h5 made from part of them, many show
+// one of another data set, or of another channel order.
+void count_outside(const Item& item, const std::vector<float>& data, const std::vector<ChannelScale>& scales,
+                   Result& r) {
+  const std::size_t channels = scales.size();
+  if (item.split != kDataSplits[0] || channels == 0 || static_cast<std::int64_t>(channels) != r.channels) return;
+  constexpr float kRounding = 1e-3f;
+  r.outside.assign(channels, 0);
+  r.per_channel = data.size() / channels;
+  for (std::size_t k = 0; k < data.size(); ++k) {
+    const ChannelScale& s = scales[k % channels];
+    const float n = s.scale * (data[k] - s.shift);
+    r.outside[k % channels] += n < -kRounding || n > 1.0f + kRounding;
+  }
+}
+
+// A problem for each channel where more than 1% of the training files'
+// values lie outside stats.h5's range (count_outside).
+std::vector<std::string> range_problems(const fs::path& root, const std::vector<Result>& results) {
+  std::vector<std::uint64_t> outside;
+  std::uint64_t values = 0;
+  for (const Result& r : results) {
+    if (r.outside.empty()) continue;
+    if (outside.empty()) outside.assign(r.outside.size(), 0);
+    if (r.outside.size() != outside.size()) continue;
+    for (std::size_t c = 0; c < outside.size(); ++c) outside[c] += r.outside[c];
+    values += r.per_channel;
+  }
+  std::vector<std::string> problems;
+  for (std::size_t c = 0; c < outside.size(); ++c) {
+    const double share = static_cast<double>(outside[c]) / static_cast<double>(values);
+    if (share <= 0.01) continue;
+    problems.push_back(fmt::format("{}: channel {}: {:.1f}% of the training files' values lie outside its [minval, "
+                                   "maxval], which holds their minimum and maximum: these are not their statistics "
+                                   "(another data set's, or in another channel order); recompute them with "
+                                   "deepcam-data stats {}",
+                                   (root / "stats.h5").string(), c, 100.0 * share, root.string()));
+  }
+  return problems;
+}
 
 // Only the shapes must agree (a batch stacks the samples): the readers
 // convert each file's stored types, and convert keeps each sample's label
@@ -65,6 +113,7 @@ Result check_h5(const Item& item, const std::vector<ChannelScale>& scales) {
     sample.read_data(data);
     if (const std::string bad = non_finite(data, sample.data_shape(), scales, sample.data_dtype()); !bad.empty())
       r.problems.push_back(fmt::format("{}: dataset climate/data: {}", path, bad));
+    count_outside(item, data, scales, r);
     std::vector<unsigned char> raw;
     sample.read_labels(raw);
     if (const std::string bad = bad_labels(sample, raw); !bad.empty())
@@ -95,6 +144,7 @@ Result check_npy(const Item& item, const std::vector<ChannelScale>& scales) {
       npy::convert(item.data.string(), dh, bytes.data(), data.data(), dh.count());
       if (const std::string bad = non_finite(data, dh.shape, scales, dh.dtype); !bad.empty())
         r.problems.push_back(fmt::format("{}: {}", item.data.string(), bad));
+      count_outside(item, data, scales, r);
     } catch (const Error& e) {
       r.problems.push_back(e.what());
     } catch (const std::bad_alloc&) {
@@ -144,8 +194,22 @@ std::vector<std::string> stats_problems(const fs::path& root, std::int64_t chann
     const h5::File file = h5::File::open(path.string());
     std::vector<double> range[2];  // minval, maxval, when their shapes are right
     std::size_t float_bytes[2] = {};  // their stored types, as the readers see them (0: integers)
-    if (!file.has("climate/count"))
+    if (!file.has("climate/count")) {
       problems.push_back(fmt::format("{}: dataset climate/count is missing", path.string()));
+    } else if (const h5::Shape shape = file.shape("climate/count");
+               std::any_of(shape.begin(), shape.end(), [](std::uint64_t d) { return d != 1; })) {
+      problems.push_back(fmt::format("{}: dataset climate/count has shape ({}), expected one value (the pixels "
+                                     "the statistics are over)",
+                                     path.string(), fmt::join(shape, ", ")));
+    } else {
+      double count = 0.0;
+      file.read("climate/count", &count, 1);
+      if (!(count > 0.0) || !std::isfinite(count))
+        problems.push_back(fmt::format("{}: dataset climate/count is {}, expected the number of pixels the "
+                                       "statistics are over (above 0)",
+                                       path.string(), count));
+    }
+    std::vector<double> moments[2];  // mean, sqmean, when their shapes are right
     for (const char* name : {"climate/mean", "climate/sqmean", "climate/minval", "climate/maxval"}) {
       if (!file.has(name)) {
         problems.push_back(fmt::format("{}: dataset {} is missing", path.string(), name));
@@ -158,7 +222,17 @@ std::vector<std::string> stats_problems(const fs::path& root, std::int64_t chann
       else if (channels >= 0 && shape[0] != static_cast<std::uint64_t>(channels))
         problems.push_back(fmt::format("{}: dataset {} has {} values, but the samples have {} channels",
                                        path.string(), name, shape[0], channels));
-      else if (std::string(name) == "climate/minval" || std::string(name) == "climate/maxval") {
+      else if (std::string(name) == "climate/mean" || std::string(name) == "climate/sqmean") {
+        std::vector<double>& values = moments[std::string(name) == "climate/sqmean"];
+        values.resize(shape[0]);
+        file.read(name, values.data(), values.size());
+        const auto bad = std::find_if(values.begin(), values.end(), [](double v) { return !std::isfinite(v); });
+        if (bad != values.end()) {
+          problems.push_back(fmt::format("{}: dataset {}: channel {} is {}, expected a finite value",
+                                         path.string(), name, bad - values.begin(), *bad));
+          values.clear();
+        }
+      } else if (std::string(name) == "climate/minval" || std::string(name) == "climate/maxval") {
         const bool max = std::string(name) == "climate/maxval";
         const h5::StoredType type = file.stored_type(name);
         if (type.kind != h5::StoredType::Kind::Float && type.kind != h5::StoredType::Kind::Integer) {
@@ -171,6 +245,17 @@ std::vector<std::string> stats_problems(const fs::path& root, std::int64_t chann
         file.read(name, range[max].data(), range[max].size());
       }
     }
+    // A mean of squares below the squared mean is a negative variance, beyond
+    // what rounding the two (float32 ones too) makes of a constant channel.
+    if (!moments[0].empty() && moments[0].size() == moments[1].size())
+      for (std::size_t c = 0; c < moments[0].size(); ++c) {
+        const double mean = moments[0][c], sqmean = moments[1][c];
+        if (sqmean - mean * mean < -1e-5 * std::max(std::abs(sqmean), mean * mean)) {
+          problems.push_back(fmt::format("{}: channel {}: sqmean {} is below mean squared {} (a negative "
+                                         "variance): these are no statistics of data",
+                                         path.string(), c, sqmean, mean * mean));
+        }
+      }
     // Training's rule (deepcam/data_set.hpp) on every channel: verify has no
     // run file to say which are selected.
     const std::size_t arithmetic = stats_arithmetic_bytes(float_bytes[0], float_bytes[1]);
@@ -301,7 +386,8 @@ void run_verify(const VerifyOptions& o) {
     ++problems;
     ++bad_files;
   }
-  const std::vector<std::string> stats = stats_problems(o.root, channels);
+  std::vector<std::string> stats = stats_problems(o.root, channels);
+  if (stats.empty()) stats = range_problems(o.root, results);
   for (const std::string& p : stats) deepcam::oprint("{}\n", deepcam::shown(p, /*one_line=*/true));
   problems += stats.size();
   bad_files += stats.empty() ? 0 : 1;

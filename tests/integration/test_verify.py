@@ -249,6 +249,8 @@ def test_integer_npy_data_that_verify_passes_the_npy_reader_reads(deepcam_data, 
     data = first(root, "train/data-*.npy")
     info = np.iinfo(dtype)
     np.save(data, np.clip(np.rint(np.load(data)), info.min, info.max).astype(dtype))
+    # Statistics that hold the clipped values, as verify wants them.
+    ok(run(deepcam_data, "stats", root))
     ok(run(deepcam_data, "verify", root))
     # In batches of one, so that the epoch reads every training sample, the converted file among them.
     config = write_run(tmp_path / "run.toml", root, tmp_path / "out", run={"train_batch_size": 1},
@@ -269,6 +271,88 @@ def test_stats(deepcam_data, good_sets, tmp_path):
     proc = bad(deepcam_data, root, *[(root / "stats.h5", f"climate/{n} has 12 values", "16 channels")
                                      for n in ("mean", "sqmean", "minval", "maxval")])
     assert "4 problems in 1 file" in proc.stdout
+
+
+def rewrite_stats(root, **fields):
+    """stats.h5 of `root` with `fields` (name: value) in place of its own."""
+    with h5py.File(root / "stats.h5", "r") as f:
+        stats = {name: f[f"climate/{name}"][()] for name in ("count", "mean", "sqmean", "minval", "maxval")}
+    stats.update(fields)
+    (root / "stats.h5").unlink()
+    with h5py.File(root / "stats.h5", "w") as f:
+        for name, value in stats.items():
+            f[f"climate/{name}"] = value
+
+
+def with_channel(values, channel, value):
+    values = np.array(values, dtype=np.float64)
+    values[channel] = value
+    return values
+
+
+STATS_FIELDS = {
+    "count-zero": (lambda s: {"count": 0}, "dataset climate/count is 0, expected the number of pixels"),
+    "count-negative": (lambda s: {"count": -5}, "dataset climate/count is -5, expected the number of pixels"),
+    "count-nan": (lambda s: {"count": np.nan}, "dataset climate/count is nan, expected the number of pixels"),
+    "count-per-channel": (lambda s: {"count": np.full(16, 10)}, "dataset climate/count has shape (16), expected "
+                                                                "one value"),
+    "mean-nan": (lambda s: {"mean": with_channel(s["mean"], 3, np.nan)},
+                 "dataset climate/mean: channel 3 is nan, expected a finite value"),
+    "sqmean-inf": (lambda s: {"sqmean": with_channel(s["sqmean"], 4, np.inf)},
+                   "dataset climate/sqmean: channel 4 is inf, expected a finite value"),
+    "negative-variance": (lambda s: {"sqmean": with_channel(s["sqmean"], 2, s["mean"][2] ** 2 - 1.0)},
+                          "channel 2: sqmean "),
+}
+
+
+@pytest.mark.parametrize("case", list(STATS_FIELDS))
+def test_stats_fields_training_does_not_read_are_still_statistics(deepcam_data, good_sets, tmp_path, case):
+    """verify refused a missing mean but passed a NaN one, a negative variance, a count of 0 or below."""
+    root = copy_of(good_sets[0], tmp_path)
+    with h5py.File(root / "stats.h5", "r") as f:
+        stats = {name: f[f"climate/{name}"][()] for name in ("mean", "sqmean")}
+    change, says = STATS_FIELDS[case]
+    rewrite_stats(root, **change(stats))
+    proc = bad(deepcam_data, root, (root / "stats.h5", says))
+    if case == "negative-variance":
+        assert "(a negative variance)" in proc.stdout, proc.stdout
+
+
+def test_stats_of_another_channel_order_or_range_is_named_per_channel(deepcam_data, good_sets, tmp_path):
+    """stats.h5 holds the training files' minimum and maximum per channel. One whose channels 1 and 7 trade
+    places (another channel layout), or whose channel 3's range is a thousandth of the data's, normalised the
+    inputs to 1e8 without a word from training or verify; verify names each such channel now."""
+    root = copy_of(good_sets[0], tmp_path)
+    with h5py.File(root / "stats.h5", "r") as f:
+        lo, hi = f["climate/minval"][...], f["climate/maxval"][...]
+    order = np.arange(16)
+    order[[1, 7]] = [7, 1]
+    lo, hi = lo[order], hi[order]
+    hi[3] = lo[3] + (hi[3] - lo[3]) / 1000
+    rewrite_stats(root, minval=lo, maxval=hi)
+    fragments = "% of the training files' values lie outside its [minval, maxval]", f"deepcam-data stats {root}"
+    bad(deepcam_data, root, *[(root / "stats.h5", f"channel {c}: ", *fragments) for c in (1, 3, 7)])
+
+
+@pytest.mark.parametrize("form", ["h5", "npy"])
+def test_stats_of_part_of_the_training_files_pass(deepcam_data, good_sets, tmp_path, form):
+    """A stats.h5 made from four of the five training files leaves a few values of the fifth outside its range:
+    no problem (the official data set's may be such a one). Neither are validation values outside it."""
+    root = copy_of(good_sets[0 if form == "h5" else 1], tmp_path)
+    files = sorted(root.glob(f"train/data-*.{form}"))
+    arrays = []
+    for f in files:
+        if form == "h5":
+            with h5py.File(f, "r") as h:
+                arrays.append(h["climate/data"][...])
+        else:
+            arrays.append(np.load(f))
+    part = np.stack(arrays[:4]).reshape(-1, 16)
+    rewrite_stats(root, minval=part.min(axis=0), maxval=part.max(axis=0))
+    whole = np.stack(arrays).reshape(-1, 16)
+    assert (whole < part.min(axis=0)).any() or (whole > part.max(axis=0)).any()
+    proc = ok(run(deepcam_data, "verify", root))
+    assert "no problems" in proc.stdout, proc.stdout
 
 
 def test_unreadable_and_empty_files(deepcam_data, good_sets, tmp_path):
