@@ -637,6 +637,12 @@ std::string trailing_bytes_problem(const Header& header, std::size_t file_size) 
                      file_size, need);
 }
 
+std::string bool_sample_problem(const Header& header) {
+  if (header.dtype != DType::Bool) return "";
+  return "holds bool values (|b1), which are neither climate values nor classes 0, 1 and 2: store integers or "
+         "floats (numpy's astype)";
+}
+
 Header read_header(const std::string& path) {
   namespace fs = std::filesystem;
   std::error_code ec;

@@ -204,6 +204,8 @@ ChannelStats compute_stats(const std::vector<fs::path>& files, Progress* progres
     std::string where = path.string();
     if (is_npy) {
       header = npy::read_header(path.string());
+      if (const std::string bools = npy::bool_sample_problem(header); !bools.empty())
+        throw Error(fmt::format("{}: {}", path.string(), bools));
       shape.assign(header.shape.begin(), header.shape.end());
     } else {
       file.emplace(h5::File::open(path.string()));

@@ -134,6 +134,8 @@ Result check_npy(const Item& item, const std::vector<ChannelScale>& scales) {
   {
     try {
       dh = npy::read_header(item.data.string());
+      if (const std::string bools = npy::bool_sample_problem(dh); !bools.empty())
+        throw Error(fmt::format("{}: {}", item.data.string(), bools));
       const std::vector<unsigned char> bytes = read_npy_data(item.data, dh);
       if (dh.shape.size() != 3)
         throw Error(fmt::format("{}: expected shape (height, width, channels), found {}", item.data.string(),
@@ -154,6 +156,8 @@ Result check_npy(const Item& item, const std::vector<ChannelScale>& scales) {
   {
     try {
       lh = npy::read_header(item.label.string());
+      if (const std::string bools = npy::bool_sample_problem(lh); !bools.empty())
+        throw Error(fmt::format("{}: {}", item.label.string(), bools));
       const std::vector<unsigned char> bytes = read_npy_data(item.label, lh);
       if (lh.shape.size() != 2)
         throw Error(fmt::format("{}: expected shape (height, width), found {}", item.label.string(),

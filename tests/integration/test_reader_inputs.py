@@ -255,6 +255,23 @@ def test_bool_labels_of_h5py_are_refused_as_verify_names_them(tmp_path, data):
     assert str(bad) in r.stderr and says in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("array", ["data", "labels"])
+@pytest.mark.parametrize("reader", ["npy", "prefetch-npy"])
+def test_bool_npy_arrays_are_refused_as_the_hdf5_reader_refuses_h5py_bool(tmp_path, data, reader, array):
+    """numpy's bool (|b1) trained as 0 and 1 in the npy readers, and verify passed it, where the hdf5 reader
+    refuses h5py's bool: no climate field or label map is stored as bool but by mistake."""
+    if array == "data":
+        root, bad = with_validation_data(tmp_path, data, "npy", "bad", lambda x: x > x.mean())
+    else:
+        root, bad = bad_label_set(tmp_path, data, "npy", bool, True)
+    says = f"{bad}: holds bool values (|b1), which are neither climate values nor classes 0, 1 and 2"
+    r = probe(run_file(tmp_path, root, reader), tmp_path / "batches", "--split", "validation")
+    assert r.returncode == 2 and says in r.stderr, r.stdout + r.stderr
+    r = subprocess.run([str(DATA_TOOL), "verify", str(root)], capture_output=True, text=True, env=plugin_env(),
+                       timeout=300)
+    assert r.returncode == 1 and says in r.stdout, r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64", "uint8", "int8", "float16"])
 @pytest.mark.parametrize("reader", ["hdf5", "npy"])
 def test_whole_number_labels_of_any_dtype_are_read(tmp_path, data, reader, dtype):

@@ -46,6 +46,11 @@ DEEPCAM_API Header read_header(const std::string& path);
 // the file reads as the wrong values.
 DEEPCAM_API std::string trailing_bytes_problem(const Header& header, std::size_t file_size);
 
+// "" unless a DeepCAM sample's array (its data or its labels) is stored as
+// bool (|b1), which holds no climate values and no class 2: the readers and
+// verify refuse it, as the hdf5 reader refuses h5py's bool (an HDF5 enum).
+DEEPCAM_API std::string bool_sample_problem(const Header& header);
+
 // The header bytes (magic, version, length, dict, padding, '\n') that numpy.save
 // would write for a C-order little-endian array of `dtype` and `shape`; the
 // data offset is a multiple of 64. Version 1.0 unless the header needs 2.0.

@@ -246,6 +246,7 @@ class NpyFormat final : public FileFormat {
   }
   SampleShape read_shape(const std::string& path) const override {
     const npy::Header header = npy::read_header(path);
+    if (const std::string bools = npy::bool_sample_problem(header); !bools.empty()) throw Error(path + ": " + bools);
     if (header.shape.size() != 3 || header.shape[0] < 1 || header.shape[1] < 1 ||
         header.shape[2] < 1)
       throw Error(path + ": holds an array of shape " + shape_text(header.shape) +
@@ -335,6 +336,7 @@ npy::Header parse_checked(const std::string& path, const unsigned char* bytes, s
                 std::to_string(size) + " bytes; it is truncated");
   if (const std::string extra = npy::trailing_bytes_problem(header, size); !extra.empty())
     throw Error(path + ": " + extra);
+  if (const std::string bools = npy::bool_sample_problem(header); !bools.empty()) throw Error(path + ": " + bools);
   return header;
 }
 
