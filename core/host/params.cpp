@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "deepcam/error.hpp"
 #include "deepcam/json.hpp"
@@ -111,7 +112,33 @@ std::shared_ptr<const NestedPlugin> Params::plugin_shared(const std::string& key
 }
 
 namespace {
-std::string toml_string(const std::string& s) { return Json(s).dump(); }
+// A TOML basic string: JSON's escapes are TOML's, but for a character
+// beyond U+FFFF, which JSON writes as a UTF-16 surrogate pair (\ud83c\udf89)
+// and TOML forbids: it is written \U0001f389.
+std::string toml_string(const std::string& s) {
+  const std::string json = Json(s).dump();
+  const auto unit = [&](std::size_t at) -> long {  // the code unit of "\uXXXX" at `at`, or -1
+    if (at + 6 > json.size() || json[at] != '\\' || json[at + 1] != 'u') return -1;
+    return std::strtol(json.substr(at + 2, 4).c_str(), nullptr, 16);
+  };
+  std::string out;
+  out.reserve(json.size());
+  for (std::size_t i = 0; i < json.size(); ++i) {
+    if (json[i] != '\\') {
+      out += json[i];
+      continue;
+    }
+    const long high = unit(i), low = unit(i + 6);
+    if (high >= 0xD800 && high <= 0xDBFF && low >= 0xDC00 && low <= 0xDFFF) {
+      out += fmt::format("\\U{:08x}", 0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00));
+      i += 11;
+      continue;
+    }
+    out += json.substr(i, 2);  // an escape pair, "\\" included, as it is
+    ++i;
+  }
+  return out;
+}
 std::string toml_float(double d) {
   std::string r = python_float_repr(d);
   if (r == "NaN") return "nan";

@@ -92,3 +92,19 @@ def test_library_errors_point_at_the_library_line(tmp_path):
     assert r.returncode == 2
     assert f"{proj / 'run.toml'}:16 [optimizer] library: {proj / 'libs' / 'missing.so'}: no such plugin library" \
         in r.stderr, r.stderr
+
+
+def test_a_path_beyond_the_basic_plane_reads_back_from_the_resolved_config(tmp_path):
+    """config.toml wrote a character beyond U+FFFF as JSON does, as a UTF-16 surrogate pair (\\ud83c\\udf89),
+    which TOML forbids: the run could not be repeated from the file the program wrote. Now \\U0001f389."""
+    proj, elsewhere = project(tmp_path, root="data-\U0001f389", output_dir="out-\U0001d4b3")
+    (proj / "data").rename(proj / "data-\U0001f389")
+    r = run_in(elsewhere, proj / "run.toml")
+    assert r.returncode in (0, 1), r.stderr
+    written = (proj / "out-\U0001d4b3" / "config.toml").read_text()
+    assert "\\U0001f389" in written and "\\ud83c" not in written, written
+    resolved = tomllib.loads(written)
+    assert resolved["data"]["root"] == str(proj / "data-\U0001f389")
+    r = run_in(elsewhere, proj / "out-\U0001d4b3" / "config.toml", "--set", f"run.output_dir={tmp_path / 'again'}")
+    assert r.returncode in (0, 1), r.stderr
+    assert (tmp_path / "again" / "mlperf.log").exists()
