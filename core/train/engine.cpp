@@ -26,6 +26,7 @@
 #include <functional>
 #include <limits>
 #include <fstream>
+#include <string_view>
 #include <map>
 #include <numeric>
 #include <optional>
@@ -2279,9 +2280,11 @@ bool check_outputs(const RunConfig& cfg, const fs::path& out_dir, const fs::path
   struct Output {
     fs::path path;
     std::string key, what, instead;
+    std::string_view starts;  // how a run's file of that kind starts
   };
-  const Output outputs[] = {{log, cfg.mlperf.where("log_file"), "MLPerf log", "name another file"},
-                            {config_file, dir_key, "resolved configuration", "choose another output_dir"}};
+  const Output outputs[] = {{log, cfg.mlperf.where("log_file"), "MLPerf log", "name another file", ":::MLLOG"},
+                            {config_file, dir_key, "resolved configuration", "choose another output_dir",
+                             evaluating ? "# deepcam-host --evaluate " : "# resolved from "}};
   for (const Output& output : outputs) {
     const fs::file_status status = fs::status(output.path, ec);
     if (fs::exists(status) && !fs::is_regular_file(status)) {
@@ -2289,6 +2292,19 @@ bool check_outputs(const RunConfig& cfg, const fs::path& out_dir, const fs::path
                               output.path.string(),
                               fs::is_directory(status) ? "a folder" : "not a regular file (a device, pipe or socket)",
                               output.what, output.instead));
+    }
+    // A file there that no run wrote (the run file itself, as config.toml
+    // in its own folder; a log_file that names stats.h5 or a checkpoint) is
+    // never replaced: [run] overwrite is for an earlier run's record.
+    if (!fs::is_regular_file(status)) continue;
+    std::string lead(output.starts.size(), '\0');
+    std::ifstream in(output.path, std::ios::binary);
+    in.read(lead.data(), static_cast<std::streamsize>(lead.size()));
+    lead.resize(static_cast<std::size_t>(in.gcount()));
+    if (!lead.empty() && lead != output.starts) {
+      throw Error(fmt::format("{}: {} is a file that is no run's {} (it does not start with \"{}\"), and the run "
+                              "would replace it with its own; {}",
+                              output.key, output.path.string(), output.what, output.starts, output.instead));
     }
   }
   // An evaluation writes only its own record, which names the checkpoint it

@@ -743,6 +743,35 @@ def test_a_run_that_would_overwrite_another_runs_record_is_refused(tmp_path, dat
     assert torch.load(out / "checkpoint-epoch1.pt", weights_only=True)["epoch"] == 1
 
 
+@pytest.mark.parametrize("case", ["log-file-is-stats", "log-file-is-the-run-file", "run-file-is-config-toml"])
+def test_a_file_no_run_wrote_is_never_replaced_by_the_record_even_with_overwrite(tmp_path, data, case):
+    """[mlperf] log_file may name any file: stats.h5 or the run file itself was called "the record of an earlier
+    run", and the advice, overwrite = true, replaced it with the MLPerf log. A run file named config.toml in
+    its own output folder was replaced by the resolved configuration without overwrite. Now refused, naming
+    the key, with overwrite = true too; the file is as it was."""
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    folder = tmp_path / "project"
+    folder.mkdir()
+    if case == "run-file-is-config-toml":
+        run = write_run(folder / "config.toml", root, folder, run=ODD)
+        victim, key, what = run, "[run] output_dir", "resolved configuration"
+    else:
+        run = write_run(folder / "run.toml", root, tmp_path / "out", run=ODD)
+        victim = root / "stats.h5" if case == "log-file-is-stats" else run
+        key, what = "mlperf.log_file", "MLPerf log"
+    before = victim.read_bytes()
+    for overwrite in ("false", "true"):
+        args = ["--set", f"run.overwrite={overwrite}"]
+        if case != "run-file-is-config-toml":
+            args += ["--set", f'mlperf.log_file="{victim}"']
+        r = run_host(run, *args)
+        assert r.returncode == 2, r.stderr
+        assert (key in r.stderr and f": {victim} is a file that is no run's {what}" in r.stderr and
+                "the run would replace it with its own" in r.stderr), r.stderr
+        assert victim.read_bytes() == before
+
+
 @pytest.mark.parametrize("name,what", [("config.toml", "its resolved configuration"),
                                        ("./checkpoint-epoch1.pt", "a checkpoint"),
                                        # The same files reached another way: the checkpoint was renamed over the
