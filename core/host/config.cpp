@@ -223,6 +223,33 @@ std::string underflow_note(const toml::node& node, const std::string& where, dou
   return fmt::format(" ({} is nearer zero than any double and reads as {})", literal, to_toml(v));
 }
 
+// The first control character of `text` (a tab aside; a C1 control such
+// as U+009B, which terminals read as ESC [, too), as a problem, or "".
+std::string control_character(const std::string& text) {
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    if ((c < 0x20 && c != '\t') || c == 0x7f) {
+      return fmt::format("holds the control character 0x{:02x} at byte {}", c, i + 1);
+    }
+    const auto next = i + 1 < text.size() ? static_cast<unsigned char>(text[i + 1]) : 0;
+    if (c == 0xc2 && next >= 0x80 && next <= 0x9f) {
+      return fmt::format("holds the control character U+{:04X} at byte {}", next, i + 1);
+    }
+  }
+  return "";
+}
+
+// A string value of a run file or --set, TOML's escapes read: no control
+// character, which a path, a name or a label never needs, and which the
+// lines that show them ("saved DIR/checkpoint-epoch1.pt", "log FILE") would
+// print raw (an ESC drives the terminal, a newline splits the line).
+std::string checked_text(std::string text, const std::string& where) {
+  if (const std::string problem = control_character(text); !problem.empty()) {
+    throw Error(fmt::format("{}: the string {} {}; write it without", where, Json(text).dump(), problem));
+  }
+  return text;
+}
+
 ParamValue convert(const ParamSpec& spec, const toml::node& node, const std::string& where) {
   auto wrong = [&]() {
     std::string hint;
@@ -308,10 +335,10 @@ ParamValue convert(const ParamSpec& spec, const toml::node& node, const std::str
       return *node.value<bool>();
     case ParamType::Path:
       if (!node.is_string()) throw wrong();
-      return *node.value<std::string>();
+      return checked_text(*node.value<std::string>(), where);
     case ParamType::String: {
       if (!node.is_string()) throw wrong();
-      std::string v = *node.value<std::string>();
+      std::string v = checked_text(*node.value<std::string>(), where);
       if (spec.choices) {
         std::vector<std::string> options;
         std::string all = spec.choices;
@@ -336,7 +363,7 @@ ParamValue convert(const ParamSpec& spec, const toml::node& node, const std::str
         std::vector<std::string> out;
         for (const auto& e : *arr) {
           if (!e.is_string()) throw wrong();
-          out.push_back(*e.value<std::string>());
+          out.push_back(checked_text(*e.value<std::string>(), where));
         }
         return out;
       }
@@ -708,12 +735,7 @@ std::string origin(const toml::node& node, const std::string& fallback) {
 // the item; TOML's escapes, "a\nb", stay possible) or a byte sequence that
 // is not UTF-8 (TOML is UTF-8, as a run file must be).
 std::string text_problem(const std::string& item) {
-  for (std::size_t i = 0; i < item.size(); ++i) {
-    const auto c = static_cast<unsigned char>(item[i]);
-    if ((c < 0x20 && c != '\t') || c == 0x7f) {
-      return fmt::format("holds the control character 0x{:02x} at byte {}", c, i + 1);
-    }
-  }
+  if (std::string problem = control_character(item); !problem.empty()) return problem;
   if (const std::string problem = utf8_problem(item); !problem.empty()) return "is not UTF-8 (" + problem + ")";
   return "";
 }

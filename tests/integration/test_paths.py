@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import tomllib
 
+import pytest
+
 from helpers import HOST, PLUGINS, plugin_env, synth
 
 
@@ -108,3 +110,28 @@ def test_a_path_beyond_the_basic_plane_reads_back_from_the_resolved_config(tmp_p
     r = run_in(elsewhere, proj / "out-\U0001d4b3" / "config.toml", "--set", f"run.output_dir={tmp_path / 'again'}")
     assert r.returncode in (0, 1), r.stderr
     assert (tmp_path / "again" / "mlperf.log").exists()
+
+
+@pytest.mark.parametrize("key,value,says", [
+    ("output_dir", "out\\u001b[7mX", "the control character 0x1b at byte 4"),
+    ("output_dir", "out\\u009bX", "the control character U+009B at byte 4"),
+    ("log_file", "a\\nb.log", "the control character 0x0a at byte 2"),
+])
+def test_control_characters_in_a_run_file_s_strings_are_refused_naming_the_key(tmp_path, key, value, says):
+    """An ESC, a C1 control or a newline written as a TOML escape in a run file was taken: the lines that show
+    the path ("saved ...", "log ...") printed it raw, driving the terminal or splitting the line. --set refused
+    the same bytes given raw; now a run file's escapes are refused too, naming the file, line and key."""
+    proj, elsewhere = project(tmp_path)
+    section = "mlperf" if key == "log_file" else "run"
+    with open(proj / "run.toml", "a") as f:
+        if section == "mlperf":
+            f.write(f'[mlperf]\n{key} = "{value}"\n')
+    if section == "run":
+        text = (proj / "run.toml").read_text().replace('output_dir = "out"', f'output_dir = "{value}"')
+        (proj / "run.toml").write_text(text)
+    r = run_in(elsewhere, proj / "run.toml")
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"deepcam-host: {proj / 'run.toml'}:") and f"[{section}] {key}" in line, r.stderr
+    assert says in line and "\x1b" not in r.stderr and "\u009b" not in r.stderr, r.stderr
+    assert not list(proj.glob("out*"))
