@@ -21,6 +21,13 @@ Warmup read_warmup(const Params& params) {
   if (!(warmup.factor >= 1.0)) {
     throw Error(params.setting("lr_warmup_factor") + ": must be >= 1");
   }
+  // A factor without a warm-up would change nothing, yet the MLPerf log
+  // would record it as the schedule's.
+  if (warmup.steps == 0 && warmup.factor != 1.0) {
+    throw Error(params.setting("lr_warmup_factor") +
+                ": has no effect without a warm-up (lr_warmup_steps = 0); set lr_warmup_steps above 0, or "
+                "leave lr_warmup_factor at 1");
+  }
   return warmup;
 }
 

@@ -204,4 +204,7 @@ TEST_CASE("CosineAnnealingOptions checks every bound and names the key") {
                        doctest::Contains("run.toml [scheduler] lr_warmup_steps"), deepcam::Error);
   CHECK_THROWS_WITH_AS(CosineAnnealingOptions::from(params(5, 0.0, 0, 0.5)),
                        doctest::Contains("run.toml [scheduler] lr_warmup_factor"), deepcam::Error);
+  // A factor with no warm-up to apply it to is refused, not logged as if in effect.
+  CHECK_THROWS_WITH_AS(CosineAnnealingOptions::from(params(5, 0.0, 0, 4.0)),
+                       doctest::Contains("lr_warmup_factor = 4.0: has no effect without a warm-up"), deepcam::Error);
 }
