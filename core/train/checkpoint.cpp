@@ -590,9 +590,8 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
   if (const auto ranks = f.find("partial_accumulation_ranks")) {
     info.partial_accumulation_ranks = f.count(*ranks, "partial_accumulation_ranks", kMost);
   }
-  if (const auto batches = f.find("accumulated_batches")) {
-    info.accumulated_batches = f.count(*batches, "accumulated_batches", kMost);
-  }
+  const auto batches = f.find("accumulated_batches");
+  if (batches) info.accumulated_batches = f.count(*batches, "accumulated_batches", kMost);
   if (const auto k = f.find("gradient_accumulation_frequency")) {
     info.gradient_accumulation_frequency = f.count(*k, "gradient_accumulation_frequency", kMost);
     if (info.gradient_accumulation_frequency == 0) f.fail("'gradient_accumulation_frequency' is 0, expected >= 1");
@@ -628,6 +627,23 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
       }
       info.accumulated_gradients.emplace_back(name, g);
     }
+    // save_checkpoint writes the partial gradient whole, every trained
+    // parameter's, with the batches it sums (at least one): a part of it
+    // would resume to other weights than the uninterrupted run's.
+    if (!batches) f.fail("'accumulated_gradients' comes without 'accumulated_batches', the batches it sums");
+    if (info.accumulated_batches == 0) f.fail("'accumulated_batches' is 0, but 'accumulated_gradients' is there");
+    std::set<std::string> held;
+    for (const auto& entry : info.accumulated_gradients) held.insert(entry.first);
+    for (const auto& [name, param] : params) {
+      if (param.requires_grad() && !held.count(name)) {
+        f.fail(fmt::format("'accumulated_gradients' has no entry for the parameter '{}' (it holds {} of the "
+                           "model's parameters)",
+                           name, held.size()));
+      }
+    }
+  } else if (batches && info.accumulated_batches > 0 && !options.weights_only) {
+    f.fail(fmt::format("'accumulated_batches' is {}, but there is no 'accumulated_gradients'",
+                       info.accumulated_batches));
   }
 
   // Everything checked: now the model, then the optimizer (which checks

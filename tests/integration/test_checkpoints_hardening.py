@@ -190,6 +190,16 @@ BAD_FIELDS = {
                          f"model entry '{COUNTER}' holds a negative value; it counts batches"),
     "gradient_unknown": (lambda c: c["accumulated_gradients"].__setitem__("nope", torch.zeros(1)),
                          "'accumulated_gradients' entry 'nope' is no parameter of the model"),
+    # A partial gradient in part, or without the batches it sums, resumed without a word to other weights.
+    "gradient_missing": (lambda c: c["accumulated_gradients"].pop("conv2.weight"),
+                         "'accumulated_gradients' has no entry for the parameter 'conv2.weight'"),
+    "gradients_empty": (set_to("accumulated_gradients", {}), "'accumulated_gradients' has no entry for the parameter"),
+    "gradients_without_batches": (lambda c: c.pop("accumulated_batches"),
+                                  "'accumulated_gradients' comes without 'accumulated_batches', the batches it sums"),
+    "batches_zero": (set_to("accumulated_batches", 0),
+                     "'accumulated_batches' is 0, but 'accumulated_gradients' is there"),
+    "batches_without_gradients": (lambda c: c.pop("accumulated_gradients"),
+                                  "'accumulated_batches' is 1, but there is no 'accumulated_gradients'"),
     "nan_gradient": (lambda c: c["accumulated_gradients"]["conv2.weight"].view(-1).__setitem__(0, float("nan")),
                      "'accumulated_gradients' entry 'conv2.weight' holds NaN or infinite values"),
     "scaled_gradient": (set_to("scaler", SCALER),
@@ -308,7 +318,8 @@ def test_a_zero_dim_integer_tensor_step_is_accepted(tmp_path, data, trained):
 
 
 def test_weights_only_resume_needs_the_key_and_then_works(tmp_path, data, trained):
-    weights = edited(tmp_path, trained, lambda c: (c.pop("optimizer"), c.pop("accumulated_gradients")))
+    weights = edited(tmp_path, trained,
+                     lambda c: (c.pop("optimizer"), c.pop("accumulated_gradients"), c.pop("accumulated_batches")))
     r = resume(tmp_path, data, weights)
     assert r.returncode == 2 and "set [run] resume_weights_only = true" in r.stderr, r.stderr
     r = resume(tmp_path, data, weights, resume_weights_only=True)
@@ -618,6 +629,7 @@ def test_an_unscaled_partial_gradient_is_refused_under_amp_fp16(tmp_path, data, 
 def test_a_resume_in_another_precision_says_what_becomes_of_the_loss_scaler(tmp_path, data, trained, case):
     def edit(c):
         c.pop("accumulated_gradients")
+        c.pop("accumulated_batches")
         if case == "scaler_dropped":
             c["scaler"] = SCALER
     ckpt = edited(tmp_path, trained, edit)
@@ -638,6 +650,7 @@ def test_the_empty_scaler_of_a_disabled_grad_scaler_is_no_scaler(tmp_path, data,
     # from a run without fp16. It was refused ("'scaler' has no 'scale'") by --evaluate and by every resume.
     def edit(c):
         c.pop("accumulated_gradients")
+        c.pop("accumulated_batches")
         c["scaler"] = torch.amp.GradScaler("cpu", enabled=False).state_dict()
     ckpt = edited(tmp_path, trained, edit)
     assert torch.load(ckpt, weights_only=True)["scaler"] == {}
@@ -655,6 +668,7 @@ def test_a_loss_scaler_of_other_settings_goes_on_with_them_and_is_noted(tmp_path
     # As GradScaler.load_state_dict takes them; without a word, the run's scale grew 4x every 100 steps.
     def edit(c):
         c.pop("accumulated_gradients")
+        c.pop("accumulated_batches")
         c["scaler"] = dict(SCALER, growth_factor=4.0, backoff_factor=0.25, growth_interval=100)
     ckpt = edited(tmp_path, trained, edit)
     r = resume(tmp_path, data, ckpt, precision="amp_fp16")
