@@ -375,7 +375,19 @@ std::string model_value_text(const c10::IValue& v, const ParamValue& mine) {
 // if it has one, and the input channels.
 std::vector<std::string> model_differences(const Fields& f, const ModelConfig& mine) {
   const auto saved = f.find("model_config");
-  if (!saved || !saved->isGenericDict() || !mine.params) return {};
+  if (!saved) return {};
+  // The model's settings by name (a value of any type: one of no TOML
+  // scalar type differs from every setting, model_value_text): anything
+  // but a dict of names is a damaged file, not settings to compare.
+  if (!saved->isGenericDict()) {
+    f.fail(fmt::format("'model_config' is a {}, expected a dict of the model's settings", saved->tagKind()));
+  }
+  for (const auto& e : saved->toGenericDict()) {
+    if (!e.key().isString()) {
+      f.fail(fmt::format("'model_config' has a key that is a {}, expected the name of a setting", e.key().tagKind()));
+    }
+  }
+  if (!mine.params) return {};
   const c10::impl::GenericDict cfg = saved->toGenericDict();
   auto text = [&](const std::string& key) -> std::optional<std::string> {
     const auto v = f.find(cfg, key);

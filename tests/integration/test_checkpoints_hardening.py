@@ -170,6 +170,11 @@ BAD_FIELDS = {
     "written_by_adamw": (lambda c: first_group(c).__setitem__("decoupled_weight_decay", True),
                          ADAM + 'param_groups[0]["decoupled_weight_decay"] is True: written by AdamW'),
     "optimizer_name_not_text": (set_to("optimizer_name", 3), "'optimizer_name' is a Int, expected a string"),
+    # Taken without a word: the model's settings are compared only as a dict of names and values.
+    "model_config_list": (set_to("model_config", [1]), "'model_config' is a GenericList, expected a dict of the "
+                                                       "model's settings"),
+    "model_config_key": (lambda c: c["model_config"].__setitem__(3, "x"),
+                         "'model_config' has a key that is a Int, expected the name of a setting"),
     "written_by_another_optimizer": (set_to("optimizer_name", "sgd"),
                                      "'optimizer' is the state of the optimizer plugin \"sgd\", and this run's "
                                      "[optimizer] name is \"adam\": resume with [optimizer] name = \"sgd\""),
