@@ -186,11 +186,22 @@ NpySplit list_npy_split(const std::string& dir, std::vector<std::string>* proble
 
 const char* const kDataSplits[2] = {"train", "validation"};
 
+std::string directory_problem(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0) {
+    if (S_ISDIR(st.st_mode)) return "";
+    return S_ISREG(st.st_mode) ? "a file, not a directory" : fmt::format("{}, not a directory", kind_of(st.st_mode));
+  }
+  if (errno == ENOENT || errno == ENOTDIR) return "no such directory";
+  if (errno == ELOOP) return "a symbolic link loop, not a directory";
+  return std::strerror(errno);
+}
+
 std::string split_folder_problem(const std::string& root, const std::string& split) {
   const std::string dir = join(root, split);
-  struct stat st {};
-  if (::stat(dir.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) return "";
-  return fmt::format("{}: no such directory; the data root must hold train/, validation/ and stats.h5", dir);
+  const std::string problem = directory_problem(dir);
+  if (problem.empty()) return "";
+  return fmt::format("{}: {}; the data root must hold train/, validation/ and stats.h5", dir, problem);
 }
 
 std::string empty_split_problem(const std::string& dir, const std::string& split, const std::string& what) {

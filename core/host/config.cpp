@@ -965,8 +965,7 @@ RunConfig load_config(const std::vector<std::string>& files, const std::vector<s
     // Checked here, where it is known who set it: a reader can only say the
     // folder it was given.
     const std::string& data_root = cfg.data.string("root");
-    std::error_code ec;
-    if (!std::filesystem::is_directory(data_root, ec)) {
+    if (const std::string problem = directory_problem(data_root); !problem.empty()) {
       const toml::table* t = root.get_as<toml::table>("data");
       const std::string where = location("data").at("root", t ? t->get("root") : nullptr);
       // The path resolved against the run file's folder, unless an --set
@@ -974,8 +973,7 @@ RunConfig load_config(const std::vector<std::string>& files, const std::vector<s
       const std::string typed = "=" + data_root;
       const bool shown = where.rfind("--set ", 0) == 0 && where.size() > typed.size() &&
                          where.compare(where.size() - typed.size(), std::string::npos, typed) == 0;
-      throw Error(fmt::format("{}: {}{}", where, shown ? "" : data_root + ": ",
-                              std::filesystem::exists(data_root, ec) ? "not a directory" : "no such directory"));
+      throw Error(fmt::format("{}: {}{}", where, shown ? "" : data_root + ": ", problem));
     }
     // A folder above or beside the data set (a typo, one level too high):
     // named with the key here; the reader would name only train/.

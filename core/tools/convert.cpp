@@ -308,13 +308,7 @@ std::vector<unsigned char> read_npy_data(const fs::path& path, const npy::Header
   return bytes;
 }
 
-std::string not_a_directory(const fs::path& path) {
-  std::error_code ec;
-  const fs::file_status status = fs::status(path, ec);
-  if (!fs::exists(status)) return "no such directory";
-  if (fs::is_regular_file(status)) return "a file, not a directory";
-  return fs::is_directory(status) ? "" : "not a directory";
-}
+std::string not_a_directory(const fs::path& path) { return directory_problem(path.string()); }
 
 H5Sample::H5Sample(const fs::path& path) : file_(h5::File::open(path.string())) {
   data_shape_ = sample_shape(file_, kData);

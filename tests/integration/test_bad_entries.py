@@ -158,6 +158,21 @@ def test_an_empty_train_folder_is_refused_by_training_and_verify(sets, tmp_path,
 
 
 @pytest.mark.parametrize("form", ["hdf5", "npy"])
+def test_a_split_folder_or_root_that_is_a_link_loop_is_named_as_one(sets, tmp_path, form):
+    """train/ (or the root) a link to itself was "no such directory", where a sample or stats.h5 that loops
+    is called a symbolic link loop: the user looked for a folder that is there."""
+    root = copy_of(sets[form], tmp_path)
+    shutil.rmtree(root / "train")
+    (root / "train").symlink_to(root / "train")
+    host_refuses(tmp_path, root, form, f"{root / 'train'}: a symbolic link loop, not a directory")
+    verify_reports(root, root / "train", "a symbolic link loop, not a directory")
+    looped = tmp_path / "looped"
+    looped.symlink_to(looped)
+    r = run_data("verify", looped)
+    assert r.returncode != 0 and f"{looped}: a symbolic link loop, not a directory" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("form", ["hdf5", "npy"])
 def test_a_missing_validation_folder_is_refused_by_training_and_verify(sets, tmp_path, form):
     root = copy_of(sets[form], tmp_path)
     shutil.rmtree(root / "validation")

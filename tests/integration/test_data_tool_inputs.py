@@ -221,7 +221,7 @@ def empty_train(root):
 def validation_a_file(root):
     shutil.rmtree(root / "validation")
     (root / "validation").write_text("not a folder")
-    return root / "validation", "no such directory"
+    return root / "validation", "a file, not a directory"
 
 
 def empty_stats(root):

@@ -52,6 +52,9 @@ DEEPCAM_API NpySplit list_npy_split(const std::string& dir, std::vector<std::str
 // Each returns "" when the rule holds, else the complete message.
 DEEPCAM_API extern const char* const kDataSplits[2];  // "train", "validation"
 DEEPCAM_API std::string split_folder_problem(const std::string& root, const std::string& split);
+// "" when `path` is a directory (or a link to one), else what it is: "no
+// such directory", "a symbolic link loop", "a file, not a directory", ...
+DEEPCAM_API std::string directory_problem(const std::string& path);
 // `what` says what a sample is here ("data-*.h5 files", ...).
 DEEPCAM_API std::string empty_split_problem(const std::string& dir, const std::string& split,
                                             const std::string& what);
