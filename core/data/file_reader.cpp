@@ -533,6 +533,10 @@ const TrainingSharding& FileReader::sharding() const { return *impl_->sharding; 
 const ReaderContext& FileReader::context() const { return impl_->context; }
 
 const std::string& FileReader::shape_source() const { return impl_->shape_source; }
+std::string FileReader::shape_reference(const std::string& path) const {
+  if (path == impl_->shape_source) return "as this file was when the run started: it changed since";
+  return "as in " + impl_->shape_source;
+}
 
 const SampleShape& FileReader::shape() const { return impl_->shape; }
 

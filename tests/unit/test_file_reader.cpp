@@ -554,3 +554,13 @@ TEST_CASE("decode_labels converts every stored type and finds the first value th
   CHECK(check.bad == 2);
   CHECK(check.value == 7.0);
 }
+
+TEST_CASE("a shape message names the file that fixed the shape, or says that file itself changed since") {
+  // The first training file, replaced during a run, was "expected (64, 64, 16) as in" itself.
+  ReaderContext context{data_root(), {0, 7, 15}, 2, 2, 0, 1, 1, nullptr};
+  FileReader reader(context, {"test reader", 2, "a test sample is two .npy files", "", true, 1, false},
+                    std::make_unique<FailingOpFormat>());
+  const std::string& source = reader.shape_source();
+  CHECK(reader.shape_reference(source) == "as this file was when the run started: it changed since");
+  CHECK(reader.shape_reference(source + ".other") == "as in " + source);
+}

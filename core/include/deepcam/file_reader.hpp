@@ -153,6 +153,9 @@ class DEEPCAM_API FileReader : public Reader {
   // For FileFormat::load():
   const ReaderContext& context() const;
   const std::string& shape_source() const;  // the file that fixed the shape
+  // Where the expected shape comes from, for a message about `path`: "as in
+  // <shape_source()>", or, for that file itself, that it changed since.
+  std::string shape_reference(const std::string& path) const;
   const SampleShape& shape() const;         // of shape_source()
   // normalise_sample() of raw ((H*W, C_file)) into data; with check_finite,
   // a NaN or infinity is refused naming `path`, `dataset` and the first

@@ -175,12 +175,12 @@ void Hdf5Format::load(const FileReader& reader, const std::vector<std::string>& 
     const h5::Shape data_shape = file.shape(kData);
     if (data_shape != h5::Shape{height, width, file_channels})
       throw Error(path + ": " + kData + " has shape " + h5_shape_text(data_shape) + ", expected " +
-                  h5_shape_text({height, width, file_channels}) + " (height, width, channel) as in " +
-                  reader.shape_source());
+                  h5_shape_text({height, width, file_channels}) + " (height, width, channel) " +
+                  reader.shape_reference(path));
     const h5::Shape label_shape = file.shape(kLabels);
     if (label_shape != h5::Shape{height, width})
       throw Error(path + ": " + kLabels + " has shape " + h5_shape_text(label_shape) + ", expected " +
-                  h5_shape_text({height, width}) + " as in " + reader.shape_source());
+                  h5_shape_text({height, width}) + " " + reader.shape_reference(path));
     const h5::StoredType data_type = file.stored_type(kData);
     if (data_type.kind == h5::StoredType::Kind::Float && data_type.size == sizeof(float)) {
       mapped_bytes = pixels * file_channels * sizeof(float);

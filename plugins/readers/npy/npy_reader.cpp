@@ -351,7 +351,7 @@ void NpyFormat::decode_data(const FileReader& reader, const std::string& path,
   const std::vector<std::int64_t> expected{height, width, file_channels};
   if (header.shape != expected)
     throw Error(path + ": holds an array of shape " + shape_text(header.shape) + ", expected " +
-                shape_text(expected) + " (height, width, channel) as in " + reader.shape_source());
+                shape_text(expected) + " (height, width, channel) " + reader.shape_reference(path));
   const unsigned char* payload = bytes + header.data_offset;
   const std::int64_t count = height * width * file_channels;
   const float* raw;
