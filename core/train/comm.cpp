@@ -300,6 +300,7 @@ struct Communicator::Impl {
   void on_own_thread(const std::function<void()>& work, std::chrono::milliseconds limit,
                      const std::function<void()>& at_limit, const std::string& stopped_while, bool share_stops);
   void set_up_watched(const std::function<void()>& work, const std::string& name);
+  void refuse_a_file_that_is_no_store() const;
   [[noreturn]] void stopped_elsewhere(const std::string& text);
   [[noreturn]] void stop_rendezvous(int signal, const char* when);
   // Between a joining rank's looks at the store: up to 2 s on large worlds,
@@ -643,6 +644,7 @@ void Communicator::Impl::join_store() {
     // (the world size would need every rank to have come, and counts across
     // the runs a killed one left the file to). A process killed outright
     // keeps its count: the file stays, and the next run names it.
+    refuse_a_file_that_is_no_store();
     store = c10::make_intrusive<c10d::FileStore>(store_path, 1);
     store->setTimeout(options.timeout);
   }
@@ -965,6 +967,26 @@ void Communicator::Impl::set_up_watched(const std::function<void()>& work, const
                                layout.rank, why, name));
   }
   worker.join();
+}
+
+// A file at the store's path that no c10d FileStore wrote (a run file
+// named there by mistake, any other file) held every rank for the whole
+// timeout, blaming a stopped process for the store's lock: FileStore reads
+// it as records whose ends it waits for. A store's file starts with the
+// record its constructor writes first, "refcount/" after its length (a
+// 32-bit count); one another rank is writing right now, with a part of it.
+void Communicator::Impl::refuse_a_file_that_is_no_store() const {
+  static constexpr char kFirstRecord[] = "\x09\x00\x00\x00refcount/";
+  constexpr std::size_t kFirstBytes = sizeof kFirstRecord - 1;
+  std::FILE* file = std::fopen(store_path.c_str(), "rb");
+  if (!file) return;  // none yet, or one FileStore names itself
+  char head[kFirstBytes] = {};
+  const std::size_t got = std::fread(head, 1, kFirstBytes, file);
+  std::fclose(file);
+  if (std::memcmp(head, kFirstRecord, got) == 0) return;
+  throw Error(fmt::format("rank {} of {}: {}: {} is a file that no c10d store wrote (it does not start as one); "
+                          "name a file that does not exist yet, a new one for each run",
+                          layout.rank, layout.world_size, options.rendezvous_setting, store_path));
 }
 
 // join_store, waited for at most `limit`. c10d reads the store's answers

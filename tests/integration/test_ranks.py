@@ -572,6 +572,27 @@ def test_a_file_store_left_by_a_killed_run_is_named_at_once(tmp_path, data, rank
             ranks.stderr(name)[-3000:]
 
 
+@pytest.mark.parametrize("content", [b"[run]\noutput_dir = 'x'\n", b"\x09\x00\x00\x00refcounts"],
+                         ids=["a-run-file", "almost-a-store"])
+def test_a_rendezvous_file_that_is_no_store_is_refused_at_once(tmp_path, data, ranks, content):
+    """A file:// store naming an existing file that no c10d store wrote (the run file, by a slip) held every
+    rank for the whole comm_timeout_s, then blamed "a stopped process" for its lock. Refused at once now."""
+    store = tmp_path / "not-a-store"
+    store.write_bytes(content)
+    run = small_run(tmp_path / "run.toml", data, tmp_path / "out",
+                    run={"rendezvous": f"file://{store}", "comm_timeout_s": 30.0})
+    started = time.monotonic()
+    for r in (0, 1):
+        ranks.start([HOST, run], torchrun_env(r, 2, 1), f"rank{r}")
+    assert ranks.wait_all(timeout=60)[-2:] == [2, 2]
+    assert time.monotonic() - started < 15  # well within comm_timeout_s
+    for r in (0, 1):
+        assert (f"rank {r} of 2: {run}:" in ranks.stderr(f"rank{r}") and "[run] rendezvous" in ranks.stderr(f"rank{r}")
+                and f": {store} is a file that no c10d store wrote" in ranks.stderr(f"rank{r}")), \
+            ranks.stderr(f"rank{r}")[-3000:]
+    assert store.read_bytes() == content
+
+
 def wait_until_joined(ranks, seen, names, timeout=60):
     """Waits until `seen()` (the store's keys) shows that every rank in `names` has joined it."""
     deadline = time.monotonic() + timeout
