@@ -5,6 +5,7 @@ the two-rank MLPerf log against the official checker.
 
 Everything runs on CPU, two ranks of one thread each, on tiny data."""
 
+import contextlib
 import datetime
 import os
 import re
@@ -1211,13 +1212,24 @@ def start_with_a_rank_held_in_a_group_set_up(tmp_path, data, ranks, held_rank, t
     return procs, holder
 
 
+@contextlib.contextmanager
+def rank_held_in_a_group_set_up(tmp_path, data, ranks, held_rank, timeout):
+    """start_with_a_rank_held_in_a_group_set_up's ranks, for the `with` block; then gdb and the held rank end."""
+    procs, holder = start_with_a_rank_held_in_a_group_set_up(tmp_path, data, ranks, held_rank, timeout)
+    try:
+        yield procs
+    finally:
+        holder.kill()
+        holder.wait()
+        procs[held_rank].kill()
+
+
 @pytest.mark.alone
 def test_a_stop_signal_while_a_frozen_rank_holds_a_group_set_up_ends_the_others_on_the_signal(tmp_path, data, ranks):
     """Rank 1 is frozen as it starts to set up the batch-norm group. SIGTERM to both: rank 0 ends on the
     signal, naming the set-up, not with status 5 as a lost rank (the watchdog named rank 1 lost first, a stop
     waiting, and took that path)."""
-    procs, holder = start_with_a_rank_held_in_a_group_set_up(tmp_path, data, ranks, 1, STOP_TIMEOUT)
-    try:
+    with rank_held_in_a_group_set_up(tmp_path, data, ranks, 1, STOP_TIMEOUT) as procs:
         # Rank 0 in the group's set-up, and rank 1 silent for longer than a stop waits for a rank (6 s): the
         # watchdog names it lost before its set-up stop's 5 s are up.
         time.sleep(8)
@@ -1226,10 +1238,6 @@ def test_a_stop_signal_while_a_frozen_rank_holds_a_group_set_up_ends_the_others_
             os.kill(p.pid, signal.SIGTERM)
         status = procs[0].wait(timeout=STOP_TIMEOUT + 60)
         took = time.monotonic() - signalled_at
-    finally:
-        holder.kill()
-        holder.wait()
-        procs[1].kill()
     stderr = ranks.stderr("rank0")
     assert status == 128 + signal.SIGTERM, stderr[-3000:]
     assert re.search(r"^deepcam-host: rank 0 of 2: stopped by Terminated while the ranks set up a process group, "
@@ -1245,18 +1253,13 @@ def test_a_store_host_frozen_in_a_group_set_up_ends_the_other_naming_it(tmp_path
     for ever. It ends once the store has not answered for comm_timeout_s (status 5), or, a stop signal
     waiting, for a stop's wait (6 s here; 128 + the signal); naming rank 0 and the group."""
     # gdb stops rank 0 for a few seconds as it attaches (10 s here, under load): well within the timeout.
-    procs, holder = start_with_a_rank_held_in_a_group_set_up(tmp_path, data, ranks, 0, STOP_TIMEOUT)
-    try:
+    with rank_held_in_a_group_set_up(tmp_path, data, ranks, 0, STOP_TIMEOUT) as procs:
         held_at = time.monotonic()
         if stop:
             time.sleep(1)
             os.kill(procs[1].pid, signal.SIGTERM)
         status = procs[1].wait(timeout=3 * STOP_TIMEOUT + 30)
         took = time.monotonic() - held_at
-    finally:
-        holder.kill()
-        holder.wait()
-        procs[0].kill()
     stderr = ranks.stderr("rank1")
     lost = r"lost rank 0 \(host [^)]*\), which holds the rendezvous store: it has not answered for \d+ s"
     if stop:
