@@ -27,9 +27,10 @@ def data(tmp_path_factory):
     return synth(tmp_path_factory.mktemp("train") / "data", train=8, validation=4)
 
 
-# A submission_org that json.dumps escapes in every way it can: quote, backslash, control
-# characters, DEL, Latin-1 and a character beyond the BMP (a surrogate pair).
-ODD_ORG = "tests \"q\" \\ \t\x01\x7f \u00e9 \U0001F600"
+# A submission_org that json.dumps escapes in every way a run file's string allows (one holds no
+# control character but a tab): quote, backslash, tab, Latin-1 and a character beyond the BMP (a
+# surrogate pair).
+ODD_ORG = "tests \"q\" \\ \t \u00e9 \U0001F600"
 
 
 @pytest.fixture(scope="module")
