@@ -308,8 +308,6 @@ std::vector<unsigned char> read_npy_data(const fs::path& path, const npy::Header
   return bytes;
 }
 
-std::string not_a_directory(const fs::path& path) { return directory_problem(path.string()); }
-
 H5Sample::H5Sample(const fs::path& path) : file_(h5::File::open(path.string())) {
   data_shape_ = sample_shape(file_, kData);
   label_shape_ = sample_shape(file_, kLabels);
@@ -478,7 +476,7 @@ void run_convert(const ConvertOptions& o) {
   const auto start = std::chrono::steady_clock::now();
   const Rank rank = rank_from_environment();  // before anything is made
   std::error_code ec;
-  if (const std::string problem = not_a_directory(o.src); !problem.empty())
+  if (const std::string problem = directory_problem(o.src.string()); !problem.empty())
     throw Error(fmt::format("{}: {}; convert reads a data set root holding train/, validation/ and stats.h5",
                             o.src.string(), problem));
   const fs::path src_stats = o.src / "stats.h5";

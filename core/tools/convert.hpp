@@ -54,10 +54,6 @@ void run_convert(const ConvertOptions& options);
 // files). A bad command line: deepcam-data exits 2.
 std::string convert_paths_problem(const std::filesystem::path& src, const std::filesystem::path& dst);
 
-// Why a data set root given on the command line is not a directory ("no
-// such directory", "a file, not a directory", "not a directory"), or "".
-std::string not_a_directory(const std::filesystem::path& path);
-
 // One sample file of SPEC 1.1 opened for reading, with the types it stores:
 // the .npy copy keeps the labels' dtype, and verify compares dtypes across
 // files. Thread-safe with any HDF5 build (h5::File serialises calls when the

@@ -173,7 +173,7 @@ void remove_stale_temporaries(const fs::path& dir) {
 
 std::vector<fs::path> training_files(const fs::path& root) {
   const fs::path dir = root / "train";
-  if (const std::string problem = not_a_directory(dir); !problem.empty())
+  if (const std::string problem = directory_problem(dir.string()); !problem.empty())
     throw Error(fmt::format("{}: {}; a data set root holds train/, validation/ and stats.h5", dir.string(), problem));
   // The readers' listing: an entry that is not a file is an error naming it.
   std::vector<fs::path> files;

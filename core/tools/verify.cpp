@@ -280,7 +280,7 @@ std::vector<std::string> stats_problems(const fs::path& root, std::int64_t chann
 void run_verify(const VerifyOptions& o) {
   const auto start = std::chrono::steady_clock::now();
   std::error_code ec;
-  if (const std::string problem = not_a_directory(o.root); !problem.empty())
+  if (const std::string problem = directory_problem(o.root.string()); !problem.empty())
     throw Error(fmt::format("{}: {}; verify checks a data set root (train/, validation/, stats.h5)",
                             o.root.string(), problem));
 

@@ -26,7 +26,6 @@
 #include <functional>
 #include <limits>
 #include <fstream>
-#include <string_view>
 #include <map>
 #include <numeric>
 #include <optional>
@@ -34,6 +33,7 @@
 #include <set>
 #include <sstream>
 #include <stdexcept>
+#include <string_view>
 #include <tuple>
 #include <variant>
 
