@@ -487,6 +487,8 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
   // damaged file, and a schedule resumed at it (cosine_annealing walks its
   // recursion up to the step) would not start in any time.
   constexpr std::int64_t kMostSteps = std::int64_t{1} << 32;
+  constexpr std::int64_t kMostRanks = std::int64_t{1} << 24;
+  constexpr std::int64_t kMostBatch = 1000000;
   const auto step = f.find("step");
   const auto epoch = f.find("epoch");
   if (step) info.step = f.count(*step, "step", kMostSteps);
@@ -616,7 +618,9 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
     }
   }
   if (const auto ranks = f.find("world_size")) {
-    info.world_size = f.count(*ranks, "world_size", kMost);
+    // More ranks than any machine has, or a larger batch than a run file
+    // takes ([run] train_batch_size: 1..1e6): a damaged file.
+    info.world_size = f.count(*ranks, "world_size", kMostRanks);
     if (info.world_size == 0) f.fail("'world_size' is 0, expected >= 1");
   }
   if (const auto seed = f.find("seed")) {
@@ -624,7 +628,7 @@ CheckpointInfo load_checkpoint(const std::string& path, torch::nn::Module& model
     if (info.seed == 0) f.fail("'seed' is 0, expected >= 1 (deepcam-host's seeds start at 1)");
   }
   if (const auto batch = f.find("train_batch_size")) {
-    info.train_batch_size = f.count(*batch, "train_batch_size", kMost);
+    info.train_batch_size = f.count(*batch, "train_batch_size", kMostBatch);
     if (info.train_batch_size == 0) f.fail("'train_batch_size' is 0, expected >= 1");
   }
   if (const auto grads = f.find("accumulated_gradients"); grads && !options.weights_only) {

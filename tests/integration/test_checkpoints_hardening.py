@@ -170,6 +170,11 @@ BAD_FIELDS = {
     "written_by_adamw": (lambda c: first_group(c).__setitem__("decoupled_weight_decay", True),
                          ADAM + 'param_groups[0]["decoupled_weight_decay"] is True: written by AdamW'),
     "optimizer_name_not_text": (set_to("optimizer_name", 3), "'optimizer_name' is a Int, expected a string"),
+    # Taken, with a note of "a run of 1099511627776 ranks".
+    "world_size_huge": (set_to("world_size", 2**40), "'world_size' is 1099511627776, expected an integer in "
+                                                     "0..16777216"),
+    "train_batch_size_huge": (set_to("train_batch_size", 2**40), "'train_batch_size' is 1099511627776, expected an "
+                                                                 "integer in 0..1000000"),
     # Taken without a word: the model's settings are compared only as a dict of names and values.
     "model_config_list": (set_to("model_config", [1]), "'model_config' is a GenericList, expected a dict of the "
                                                        "model's settings"),

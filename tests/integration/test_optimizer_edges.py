@@ -107,7 +107,7 @@ OTHER_OPTIONS = {
 # LAMB's step count sits in the group (APEX FusedLAMB's layout), where the core's check of the per-parameter
 # "step" entries does not look: -1 used to end the run as diverged (bias correction 1 - b^0 = 0), the others
 # to train on with another count.
-LAMB_STEPS = {"negative": -1, "fraction": 2.5, "nan": float("nan"), "huge": 1e300}
+LAMB_STEPS = {"negative": -1, "fraction": 2.5, "nan": float("nan")}
 
 
 def resume_edited(tmp_path, data, checkpoint, optimizer, edit):
@@ -136,6 +136,15 @@ def test_a_lamb_step_count_that_is_no_whole_number_is_refused(tmp_path, data, tr
     assert r.returncode == 2, r.stderr[-2000:]
     assert (f'{path}: {LAMB}param_groups[0]["step"] is {value:g}, expected a non-negative whole number'
             in r.stderr), r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value", [2**32 + 1, 2**62])
+def test_a_lamb_step_count_beyond_2_to_32_is_refused_as_the_checkpoint_s_step_is(tmp_path, data, trained, value):
+    """The checkpoint's own step above 2^32 is a damaged file; LAMB's group step of 2^62 was taken."""
+    path, r = resume_edited(tmp_path, data, trained["lamb"], "lamb", lambda c: group(c).__setitem__("step", value))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert (f'{path}: {LAMB}param_groups[0]["step"] is {value:.0f}, expected a non-negative whole number up to '
+            "2^32 (years of training): a larger one is a damaged file" in r.stderr), r.stderr[-2000:]
 
 
 def test_a_lamb_state_without_a_step_count_starts_it_at_zero(tmp_path, data, trained):

@@ -163,9 +163,16 @@ void StateDictReader::require_off(const c10::impl::GenericDict& group, const std
 std::int64_t StateDictReader::count(const c10::impl::GenericDict& dict, const std::string& key,
                                     const std::string& where) const {
   const double value = number(dict, key, where);
-  // 2^63 is the first double past the int64 range.
-  if (!(value >= 0.0 && value < 9223372036854775808.0 && value == std::floor(value))) {
+  if (!(value >= 0.0 && value == std::floor(value))) {
     fail(fmt::format("{}[\"{}\"] is {}, expected a non-negative whole number", where, key, value));
+  }
+  // A step count, bounded as the checkpoint's own step is: 2^32 steps is
+  // years of training at any speed.
+  constexpr double kMostSteps = 4294967296.0;
+  if (value > kMostSteps) {
+    fail(fmt::format("{}[\"{}\"] is {:.0f}, expected a non-negative whole number up to 2^32 (years of training): "
+                     "a larger one is a damaged file",
+                     where, key, value));
   }
   return static_cast<std::int64_t>(value);
 }
