@@ -226,15 +226,14 @@ bool link_exists(hid_t file, const std::string& path, const std::string& name) {
   return true;
 }
 
-// The object `name` names, which exists (link_exists), opened: an Error
-// with HDF5's cause when it cannot be (a soft link that loops or dangles,
-// damaged metadata), or when it is no dataset.
-Handle open_object(hid_t file, const std::string& path, const std::string& name) {
+// The object `name` names, which exists (link_exists), is a dataset: an
+// Error with HDF5's cause when it cannot be opened (a soft link that loops
+// or dangles, damaged metadata), or naming what it is instead.
+void require_dataset_object(hid_t file, const std::string& path, const std::string& name) {
   Handle object(H5Oopen(file, name.c_str(), H5P_DEFAULT), H5Oclose);
   if (!object.valid()) fail(path, name, "cannot open");
   if (const H5I_type_t type = H5Iget_type(object.get()); type != H5I_DATASET)
     fail(path, name, type == H5I_GROUP ? "is a group, not a dataset" : "is not a dataset", false);
-  return object;
 }
 
 hid_t checked_id(std::int64_t id, const std::string& file) {
@@ -281,7 +280,7 @@ void require_stored_here(hid_t file, hid_t dataset, const std::string& path, con
 
 Handle open_dataset(hid_t file, const std::string& path, const std::string& dataset) {
   if (!link_exists(file, path, dataset)) fail(path, dataset, "no such dataset in the file", false);
-  open_object(file, path, dataset);
+  require_dataset_object(file, path, dataset);
   Handle handle(H5Dopen2(file, dataset.c_str(), H5P_DEFAULT), H5Dclose);
   if (!handle.valid()) fail(path, dataset, "cannot open");
   require_stored_here(file, handle.get(), path, dataset);
@@ -794,7 +793,7 @@ bool File::has(const std::string& dataset) const {
   Lock lock;
   const hid_t file = checked_id(id_, path_);
   if (!link_exists(file, path_, dataset)) return false;
-  open_object(file, path_, dataset);
+  require_dataset_object(file, path_, dataset);
   return true;
 }
 
