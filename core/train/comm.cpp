@@ -1163,14 +1163,17 @@ void Communicator::Impl::watch() {
         for (int r = 1; r < size; ++r) watched.push_back(r);
       } else {
         watched.push_back(0);
-        if (s->check({kLostKey})) {
-          found = text_of(s->get(kLostKey));
-          s->add(kLostReadKey, 1);
-        }
       }
       std::vector<std::string> watched_keys;
       for (int r : watched) watched_keys.push_back(keys[static_cast<std::size_t>(r)]);
       const auto values = s->multiGet(watched_keys);
+      // Read after the heartbeats: rank 0 writes its verdict before it marks
+      // itself failed, so a rank 0 seen failed here for another rank's fault
+      // has its verdict there to read, naming that rank, not rank 0.
+      if (layout.rank != 0 && s->check({kLostKey})) {
+        found = text_of(s->get(kLostKey));
+        s->add(kLostReadKey, 1);
+      }
       const auto now = Clock::now();
       {
         std::lock_guard<std::mutex> answered_lock(mutex);

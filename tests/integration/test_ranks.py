@@ -1099,9 +1099,15 @@ def test_a_stop_signal_while_a_rank_hangs_ends_the_others_within_seconds_naming_
     for r in others:
         stderr = ranks.stderr(f"rank{r}")
         assert statuses[r] == 128 + signal.SIGTERM, stderr[-3000:]
-        assert re.search(rf"^deepcam-host: rank {r} of {size}: stopped by Terminated while waiting in a collective: "
-                         rf"{lost}; the ranks cannot agree on a step to stop at, so this rank stops alone; the run "
-                         rf"stopped at step \d+: run_stop status \"aborted\"", stderr, re.M), stderr[-3000:]
+        gave_up = (rf"^deepcam-host: rank {r} of {size}: stopped by Terminated while waiting in a collective: {lost}; "
+                   rf"the ranks cannot agree on a step to stop at, so this rank stops alone")
+        if r != 0:
+            # Rank 0, which named the hung rank, may stop first: then this rank's collective fails (rank 0's
+            # connection closed) before its next look at the signal, and it stops on that, naming the same rank.
+            gave_up += (rf"|^deepcam-host: rank {r}: stopped by Terminated: {lost}; this rank stops too \(the "
+                        rf"collective failed with: [^\n]*\)")
+        assert re.search(rf"(?:{gave_up}); the run stopped at step \d+: run_stop status \"aborted\"", stderr,
+                         re.M), stderr[-3000:]
     # Two beats of 3 s, the watchdog's look, rank 0's wait for the others to read its verdict.
     assert took < STOP_TIMEOUT / 2, f"the ranks took {took:.1f} s to stop"
     if frozen != 0:
