@@ -682,6 +682,20 @@ const toml::node* holding_nul(const toml::node& node, std::string* text) {
   return nullptr;
 }
 
+// Where a key written before any [section] header belongs: the host section
+// that takes it, else a list of the sections (a plugin's keys are known only
+// once its section names it).
+std::string host_section_of(const std::string& key) {
+  const std::pair<const char*, ParamSchema> host[] = {
+      {"run", schema_of(kRunSpecs)}, {"data", schema_of(kDataSpecs)}, {"mlperf", schema_of(kMlperfSpecs)}};
+  for (const auto& [section, schema] : host) {
+    if (std::any_of(schema.begin(), schema.end(), [&](const ParamSpec& spec) { return key == spec.key; })) {
+      return fmt::format("it is a key of [{}]: write it under a [{}] line", section, section);
+    }
+  }
+  return fmt::format("each key belongs under one of the section headers [{}]", fmt::join(kSections, "], ["));
+}
+
 constexpr const char* kNulText = "holds the character U+0000, which no path, name or value may hold";
 
 // A run file whose top level holds only known sections, each a table, and
@@ -694,7 +708,12 @@ toml::table parse_sections(const std::string& file) {
   }
   for (const auto& [k, node] : root) {
     const std::string section(k.str());
-    if (std::find(kSections.begin(), kSections.end(), section) == kSections.end()) {
+    const bool known = std::find(kSections.begin(), kSections.end(), section) != kSections.end();
+    if (!known && !node.is_table()) {
+      throw Error(fmt::format("{}:{}: {} stands before any section header; {}", file, node.source().begin.line,
+                              section, host_section_of(section)));
+    }
+    if (!known) {
       throw Error(fmt::format("{}:{}: unknown section [{}]{} (sections: {})", file, node.source().begin.line,
                               section, did_you_mean(section, kSections), fmt::join(kSections, ", ")));
     }

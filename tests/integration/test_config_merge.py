@@ -87,6 +87,17 @@ def test_an_unknown_key_names_the_file_and_line_where_it_stands(data, tmp_path):
     bad.write_text("[run]\ntrain_batch_size = 1\n[bogus]\nx = 1\n")
     r = benchmark(base, bad)
     assert r.returncode == 2 and f"{bad}:3: unknown section [bogus]" in r.stderr, r.stderr
+    # A key before any section header was called an unknown section of its name.
+    bad.write_text("# a system\nseed = 1\n[run]\ntrain_batch_size = 1\n")
+    r = benchmark(base, bad)
+    assert r.returncode == 2, r.stderr
+    assert f"{bad}:2: seed stands before any section header; it is a key of [run]: write it under a [run] line" \
+        in r.stderr, r.stderr
+    bad.write_text("lrr = 0.1\n")
+    r = benchmark(base, bad)
+    assert r.returncode == 2, r.stderr
+    assert (f"{bad}:1: lrr stands before any section header; each key belongs under one of the section headers "
+            "[run], [data], [mlperf], [reader], [model], [optimizer], [scheduler]") in r.stderr, r.stderr
     bad.write_text("[run]\ntrain_batch_size = -1\n")
     r = benchmark(base, bad)
     assert r.returncode == 2 and f"{bad}:2 [run] train_batch_size" in r.stderr, r.stderr
