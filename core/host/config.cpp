@@ -984,6 +984,12 @@ RunConfig load_config(const std::vector<std::string>& files, const std::vector<s
     // Checked here, where it is known who set it: a reader can only say the
     // folder it was given.
     const std::string& data_root = cfg.data.string("root");
+    if (data_root.empty()) {
+      const toml::table* t = root.get_as<toml::table>("data");
+      throw Error(fmt::format("{}: empty; name the data set's folder, which holds train/, validation/ and "
+                              "stats.h5",
+                              location("data").at("root", t ? t->get("root") : nullptr)));
+    }
     if (const std::string problem = directory_problem(data_root); !problem.empty()) {
       const toml::table* t = root.get_as<toml::table>("data");
       const std::string where = location("data").at("root", t ? t->get("root") : nullptr);

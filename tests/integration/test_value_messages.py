@@ -105,6 +105,8 @@ def test_a_channel_selected_twice_is_refused_at_its_line(tmp_path, data):
     # The reader's "no input channels selected", after the resolved configuration was printed.
     ("data.channels=[]", "--set data.channels=[]: no channel selected"),
     ("run.output_dir=", "--set run.output_dir=: empty; name the folder"),
+    # Was "[data] root: : no such directory".
+    ('data.root=""', "--set data.root=\"\": empty; name the data set's folder"),
     # Blamed on the run file, which says nothing of the device.
     pytest.param("run.device=cuda", '--set run.device=cuda: no CUDA device is available',
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
