@@ -13,6 +13,7 @@
 #include <fmt/format.h>
 
 #include "deepcam/error.hpp"
+#include "deepcam/json.hpp"
 
 namespace deepcam {
 
@@ -113,6 +114,13 @@ std::vector<std::string> scan(const std::string& dir, const std::vector<std::str
   for (const std::string& name : names) {
     if (!named_like(name, prefix, extension)) continue;
     const std::string path = join(dir, name);
+    // Shown escaped: every message and log line that names the file would
+    // print it raw (a newline splits the line, an ESC drives the terminal).
+    if (const std::string problem = control_character(name); !problem.empty()) {
+      report(problems, fmt::format("{}: the sample file's name {}; rename it", Json(path).dump(), problem));
+      if (refused) refused->push_back(path);
+      continue;
+    }
     if (std::string problem = entry_problem(path); !problem.empty()) {
       report(problems, std::move(problem));
       if (refused) refused->push_back(path);

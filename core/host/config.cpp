@@ -223,22 +223,6 @@ std::string underflow_note(const toml::node& node, const std::string& where, dou
   return fmt::format(" ({} is nearer zero than any double and reads as {})", literal, to_toml(v));
 }
 
-// The first control character of `text` (a tab aside; a C1 control such
-// as U+009B, which terminals read as ESC [, too), as a problem, or "".
-std::string control_character(const std::string& text) {
-  for (std::size_t i = 0; i < text.size(); ++i) {
-    const auto c = static_cast<unsigned char>(text[i]);
-    if ((c < 0x20 && c != '\t') || c == 0x7f) {
-      return fmt::format("holds the control character 0x{:02x} at byte {}", c, i + 1);
-    }
-    const auto next = i + 1 < text.size() ? static_cast<unsigned char>(text[i + 1]) : 0;
-    if (c == 0xc2 && next >= 0x80 && next <= 0x9f) {
-      return fmt::format("holds the control character U+{:04X} at byte {}", next, i + 1);
-    }
-  }
-  return "";
-}
-
 // A string value of a run file or --set, TOML's escapes read: no control
 // character, which a path, a name or a label never needs, and which the
 // lines that show them ("saved DIR/checkpoint-epoch1.pt", "log FILE") would

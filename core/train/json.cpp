@@ -18,6 +18,20 @@ Json Json::object(std::vector<std::pair<std::string, Json>> members) {
   return j;
 }
 
+std::string control_character(std::string_view text) {
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    if ((c < 0x20 && c != '\t') || c == 0x7f) {
+      return fmt::format("holds the control character 0x{:02x} at byte {}", c, i + 1);
+    }
+    const auto next = i + 1 < text.size() ? static_cast<unsigned char>(text[i + 1]) : 0;
+    if (c == 0xc2 && next >= 0x80 && next <= 0x9f) {
+      return fmt::format("holds the control character U+{:04X} at byte {}", next, i + 1);
+    }
+  }
+  return "";
+}
+
 std::string utf8_problem(std::string_view text) {
   for (std::size_t i = 0; i < text.size();) {
     const auto c = static_cast<unsigned char>(text[i]);

@@ -6,6 +6,7 @@ naming the entry, and never open a FIFO (every run has a timeout: a blocking
 open would hang it)."""
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -128,6 +129,29 @@ def test_convert_and_stats_name_an_entry_that_is_not_a_file(sets, tmp_path, kind
     assert not (out / "stats.h5").exists()
     proc = data_tool("stats", root)
     assert proc.returncode == 1 and proc.stderr.startswith(f"deepcam-data: {entry}: "), proc.stderr
+
+
+@pytest.mark.parametrize("form", ["hdf5", "npy"])
+def test_a_sample_whose_name_holds_a_newline_is_named_escaped_on_one_line(sets, tmp_path, form):
+    """A good sample renamed with a newline in its name: every message naming it printed the name raw,
+    split over two lines. It is refused where the split is listed, by training, verify and stats, its name
+    written as JSON writes it."""
+    root = copy_of(sets[form], tmp_path)
+    train = root / "train"
+    first = sorted(train.glob("data-*"))[0]
+    odd = first.with_name(first.name.replace("data-", "data-odd\n", 1))
+    first.rename(odd)
+    if form == "npy":  # its label file named alike, so that the pair is whole
+        label = train / first.name.replace("data-", "label-", 1)
+        label.rename(train / odd.name.replace("data-", "label-", 1))
+    shown = json.dumps(str(odd))
+    message = f"{shown}: the sample file's name holds the control character 0x0a at byte 9; rename it"
+    r = host_refuses(tmp_path, root, form, message)
+    assert any(line.startswith("deepcam-host: ") and message in line for line in r.stderr.splitlines()), r.stderr
+    verify_reports(root, shown, "0x0a at byte 9")
+    if form == "hdf5":
+        proc = data_tool("stats", root)
+        assert proc.returncode == 1 and f"deepcam-data: {message}" in proc.stderr, proc.stderr
 
 
 def test_a_label_file_without_its_data_file_is_refused_by_training_as_by_verify(sets, tmp_path):

@@ -58,6 +58,11 @@ class DEEPCAM_API Json {
 // decimal exponents in [-4, 16), else d.ddde+XX; always a '.' or an 'e'.
 DEEPCAM_API std::string python_float_repr(double value);
 
+// The first control character of `text` (a tab aside; a C1 control such
+// as U+009B, which terminals read as ESC [, too), as a problem ("holds the
+// control character 0x0a at byte 5"), or "".
+DEEPCAM_API std::string control_character(std::string_view text);
+
 // Where `text` stops being UTF-8 ("byte 12 is 0xff", "byte 12 begins a
 // sequence cut short", "bytes 12..14" for an overlong form, a UTF-16
 // surrogate or a code point past U+10FFFF; bytes count from 1), or "" when
