@@ -114,10 +114,11 @@ std::vector<std::string> scan(const std::string& dir, const std::vector<std::str
   for (const std::string& name : names) {
     if (!named_like(name, prefix, extension)) continue;
     const std::string path = join(dir, name);
-    // Shown escaped: every message and log line that names the file would
-    // print it raw (a newline splits the line, an ESC drives the terminal).
+    // Every message and line that names a sample would have to escape it:
+    // an error's line breaks are its own, a newline in a name would split
+    // it (shown() writes it \x0a here).
     if (const std::string problem = control_character(name); !problem.empty()) {
-      report(problems, fmt::format("{}: the sample file's name {}; rename it", Json(path).dump(), problem));
+      report(problems, fmt::format("{}: the sample file's name {}; rename it", shown(path, true), problem));
       if (refused) refused->push_back(path);
       continue;
     }

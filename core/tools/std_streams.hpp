@@ -15,6 +15,8 @@
 
 #include <fmt/format.h>
 
+#include "deepcam/json.hpp"  // shown()
+
 namespace deepcam {
 
 // Opens /dev/null on each of the descriptors 0, 1 and 2 that is closed
@@ -66,32 +68,6 @@ inline bool stdout_written(const char* program) {
   std::fprintf(stderr, "%s: cannot write to standard output%s%s; what it shows there is lost\n", program,
                err != 0 ? ": " : "", err != 0 ? std::strerror(err) : "");
   return false;
-}
-
-// `text` as it is safe to print on a terminal: each control character (an
-// ESC that starts a sequence which clears the screen, a carriage return,
-// a C1 control such as U+009B, which terminals read as ESC [) as \xNN per
-// byte, and a line break too when `one_line` (a report's line per problem,
-// whose file name holds one). Messages name files as they are; a name may
-// hold anything but '/' and NUL.
-inline std::string shown(const std::string& text, bool one_line) {
-  std::string out;
-  out.reserve(text.size());
-  for (std::size_t i = 0; i < text.size(); ++i) {
-    const char c = text[i];
-    const auto byte = static_cast<unsigned char>(c);
-    const auto next = i + 1 < text.size() ? static_cast<unsigned char>(text[i + 1]) : 0;
-    if (byte == 0xc2 && next >= 0x80 && next <= 0x9f) {
-      // U+0080..U+009F in UTF-8.
-      out += fmt::format("\\x{:02x}\\x{:02x}", byte, next);
-      ++i;
-    } else if ((byte < 0x20 && c != '\t' && (c != '\n' || one_line)) || byte == 0x7f) {
-      out += fmt::format("\\x{:02x}", byte);
-    } else {
-      out += c;
-    }
-  }
-  return out;
 }
 
 // fmt::print(stderr, ...) that never throws: a stderr that cannot be

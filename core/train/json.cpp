@@ -18,6 +18,26 @@ Json Json::object(std::vector<std::pair<std::string, Json>> members) {
   return j;
 }
 
+std::string shown(const std::string& text, bool one_line) {
+  std::string out;
+  out.reserve(text.size());
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    const auto byte = static_cast<unsigned char>(c);
+    const auto next = i + 1 < text.size() ? static_cast<unsigned char>(text[i + 1]) : 0;
+    if (byte == 0xc2 && next >= 0x80 && next <= 0x9f) {
+      // U+0080..U+009F in UTF-8.
+      out += fmt::format("\\x{:02x}\\x{:02x}", byte, next);
+      ++i;
+    } else if ((byte < 0x20 && c != '\t' && (c != '\n' || one_line)) || byte == 0x7f) {
+      out += fmt::format("\\x{:02x}", byte);
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
 std::string control_character(std::string_view text) {
   for (std::size_t i = 0; i < text.size(); ++i) {
     const auto c = static_cast<unsigned char>(text[i]);

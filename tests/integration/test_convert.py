@@ -267,20 +267,20 @@ def test_an_output_holding_another_data_set_is_refused_before_anything_is_writte
     assert not (tmp_path / "again").exists()
 
 
-def test_a_repaired_pair_with_control_characters_in_its_name_is_shown_escaped(deepcam_data, source, tmp_path):
-    # The "repaired" line printed the name as it is: an ESC in it drove the terminal.
+def test_a_sample_with_control_characters_in_its_name_is_refused_shown_escaped(deepcam_data, source, tmp_path):
+    # Its "repaired" line printed the name as it was: an ESC in it drove the terminal. Such a name is
+    # refused where the split is listed (as by training and verify), shown escaped; the others convert.
     src = tmp_path / "src"
     shutil.copytree(source, src)
-    odd = src / "train" / "data-2106-01-01-00-\x1b[7m-1.h5"
+    odd = src / "train" / "data-2106-01-01-00-\x1b[7m-\n1.h5"
     sources(src)[0].rename(odd)
     dst = tmp_path / "dst"
-    ok(run(deepcam_data, "convert", src, dst))
-    data, _ = targets(src, dst, odd)
-    os.truncate(data, data.stat().st_size // 2)
-    proc = ok(run(deepcam_data, "convert", src, dst))
+    proc = run(deepcam_data, "convert", src, dst)
     assert "\x1b" not in proc.stdout + proc.stderr, repr(proc.stderr)
-    escaped = data.name.replace("\x1b", "\\x1b")
-    assert f"repaired train/{escaped}, " in proc.stderr, proc.stderr
+    escaped = str(odd).replace("\x1b", "\\x1b").replace("\n", "\\x0a")
+    one_line_error(proc, f"{escaped}: the sample file's name holds the control character 0x1b at byte 20; rename it")
+    assert f"1 of {len(sources(src))} samples failed" in proc.stderr, proc.stderr
+    assert len(list(dst.glob("*/data-*.npy"))) == len(sources(src)) - 1
 
 
 def test_resume_skips_valid_pairs_and_redoes_broken_ones(deepcam_data, source, tmp_path):

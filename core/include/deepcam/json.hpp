@@ -58,6 +58,14 @@ class DEEPCAM_API Json {
 // decimal exponents in [-4, 16), else d.ddde+XX; always a '.' or an 'e'.
 DEEPCAM_API std::string python_float_repr(double value);
 
+// `text` as it is safe to print on a terminal: each control character (an
+// ESC that starts a sequence which clears the screen, a carriage return,
+// a C1 control such as U+009B, which terminals read as ESC [) as \xNN per
+// byte, and a line break too when `one_line` (a report's line per problem,
+// whose file name holds one). Messages name files as they are; a name may
+// hold anything but '/' and NUL.
+DEEPCAM_API std::string shown(const std::string& text, bool one_line);
+
 // The first control character of `text` (a tab aside; a C1 control such
 // as U+009B, which terminals read as ESC [, too), as a problem ("holds the
 // control character 0x0a at byte 5"), or "".
