@@ -66,6 +66,7 @@ METRICS = [  # (log key, panel title)
 ]
 PLOTTED = tuple(key for key, _ in METRICS)  # a tuple: "in" compares, and a key may be a list
 ACCUMULATION = "gradient_accumulation_frequency"
+NO_LINES = "train_loss, train_accuracy, eval_accuracy or learning_rate lines"  # what a run without curves lacks
 
 
 class BadInput(Exception):
@@ -288,8 +289,8 @@ class Run:
             if gaps:
                 eprint(f"plot_run.py: note: {self.log}: {gaps} {key} value{'s' if gaps > 1 else ''} logged as NaN "
                        "or Infinity (a diverged run's); drawn as gaps")
-        if not any(self.series[key][0] for key in PLOTTED):
-            raise BadInput(f"{self.log}: no train_loss, train_accuracy, eval_accuracy or learning_rate lines")
+        # A run that just began, or diverged before its first logging step: among others, it draws no curve.
+        self.empty = not any(self.series[key][0] for key in PLOTTED)
 
     def summary(self):
         loss = self.series["train_loss"][2]
@@ -440,6 +441,11 @@ def plot_runs(argv, stdout):
                 # A read that fails part-way carries no file name.
                 raise BadInput(f"{e.filename or arg}: cannot read: {e.strerror or e}") from None
         refuse_same_names(runs)
+        empty = [run for run in runs if run.empty]
+        if len(empty) == len(runs):
+            raise BadInput(f"{', '.join(str(run.log) for run in empty)}: no {NO_LINES}: nothing to plot")
+        for run in empty:
+            eprint(f"plot_run.py: note: {run.log}: no {NO_LINES} yet; it draws no curve")
         # Written through a link, as savefig(out) would write.
         target = Path(os.path.realpath(out))
         refuse_inputs(out, target, runs)

@@ -131,6 +131,28 @@ def test_a_log_whose_last_line_is_being_written_is_plotted_without_it(two_runs, 
     refused(plot(cut, "--out", tmp_path / "y.png"), f"{cut / 'mlperf.log'}:{len(whole) - 1}:")
 
 
+def test_a_run_with_no_curve_yet_is_noted_beside_others_and_refused_alone(two_runs, tmp_path):
+    """A run that just began (its log ends at run_start) plotted with a finished one: the whole command failed,
+    drawing neither. It is listed, with a note, and draws no curve; alone, or with another such run, it is
+    refused, naming each log."""
+    lines = (two_runs[0] / "mlperf.log").read_text().splitlines(keepends=True)
+    begun = [tmp_path / name for name in ("begun", "begun-too")]
+    for folder in begun:
+        folder.mkdir()
+        (folder / "mlperf.log").write_text("".join(lines[:next(n for n, line in enumerate(lines)
+                                                               if '"key": "run_start"' in line) + 1]))
+    r = plot(two_runs[1], begun[0], "--out", tmp_path / "x.png")
+    assert r.returncode == 0, r.stderr
+    assert (f"plot_run.py: note: {begun[0] / 'mlperf.log'}: no train_loss, train_accuracy, eval_accuracy or "
+            "learning_rate lines yet; it draws no curve") in r.stderr, r.stderr
+    assert re.search(r"^begun: 0 steps, 0 epochs, no train loss, no eval IoU, time to train not finished "
+                     r"\(running\)$", r.stdout, re.M), r.stdout
+    assert Image.open(tmp_path / "x.png").size[0] > 0
+    refused(plot(*begun, "--out", tmp_path / "y.png"), begun[0] / "mlperf.log", begun[1] / "mlperf.log",
+            "nothing to plot")
+    assert not (tmp_path / "y.png").exists()
+
+
 def test_bad_out_is_named(two_runs, tmp_path):
     (tmp_path / "afile").write_text("x")
     refused(plot(two_runs[0], "--out", tmp_path / "afile" / "x.png"), tmp_path / "afile")
