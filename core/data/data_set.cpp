@@ -114,9 +114,9 @@ std::vector<std::string> scan(const std::string& dir, const std::vector<std::str
   for (const std::string& name : names) {
     if (!named_like(name, prefix, extension)) continue;
     const std::string path = join(dir, name);
-    // Every message and line that names a sample would have to escape it:
-    // an error's line breaks are its own, a newline in a name would split
-    // it (shown() writes it \x0a here).
+    // Refused: every message that names a sample would have to escape its
+    // name (errors keep their own line breaks, so a newline in a name
+    // splits one). Named here with each control character as \xNN.
     if (const std::string problem = control_character(name); !problem.empty()) {
       report(problems, fmt::format("{}: the sample file's name {}; rename it", shown(path, true), problem));
       if (refused) refused->push_back(path);
