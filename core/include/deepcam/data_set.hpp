@@ -22,7 +22,8 @@ namespace deepcam {
 // begin with '.', left out), sorted by name (byte order: the reference's
 // sorted()). Every such entry must be a regular file or a symbolic link to
 // one; anything else (a directory, a FIFO, a socket, a device, a dangling
-// link, a link loop) is a problem naming it, and is left out of the list.
+// link, a link loop), and a name holding a control character, is a problem
+// naming it, and is left out of the list.
 // Only stat() is used, never open(), so a FIFO cannot block the caller.
 // A directory that cannot be listed is always thrown.
 DEEPCAM_API std::vector<std::string> list_sample_files(const std::string& dir, const std::string& prefix,
