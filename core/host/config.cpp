@@ -1,5 +1,9 @@
 #include "deepcam/config.hpp"
 
+#include <fcntl.h>
+#include <poll.h>
+#include <unistd.h>
+
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -24,6 +28,7 @@
 #include "deepcam/data_set.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/json.hpp"
+#include "deepcam/stop_request.hpp"
 
 namespace deepcam {
 
@@ -613,7 +618,50 @@ Params Checker::check(const toml::table* table, const ParamSchema& schema, const
   return Params(fmt::format("{} [{}]", loc.file, loc.section), std::move(values), std::move(sources));
 }
 
+// A run file is a few KiB; more is another file, or a pipe that never ends.
+constexpr std::size_t kMaxRunFileBytes = std::size_t{16} << 20;
+
+std::string too_long(const std::string& file) {
+  return fmt::format("{}: more than {} MiB, which no run file is (a few KiB of TOML); give the run file", file,
+                     kMaxRunFileBytes >> 20);
+}
+
+// The text of a run file, or of a pipe given as one (`<(...)`, a FIFO),
+// read to its end. A pipe is waited on in slices: a stop signal, which this
+// process may take on a thread of its own, ends the wait, which a blocking
+// read would not (nor the open of a FIFO that no writer opened yet).
+std::string run_file_text(const std::string& file) {
+  const int fd = ::open(file.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) throw Error(fmt::format("{}: cannot read: {}", file, std::strerror(errno)));
+  const std::unique_ptr<int, void (*)(int*)> closed(new int(fd), [](int* f) {
+    ::close(*f);
+    delete f;
+  });
+  std::string text;
+  char buffer[1 << 16];
+  for (;;) {
+    if (const int signal = stop_requested()) {
+      throw StopRequested(signal, fmt::format("stopped by {} while reading the run file {}", strsignal(signal),
+                                              file));
+    }
+    pollfd wanted{fd, POLLIN, 0};
+    // A FIFO that no writer opened yet shows no event, and reads as ended.
+    const int ready = ::poll(&wanted, 1, 200);
+    if (ready < 0 && errno != EINTR) throw Error(fmt::format("{}: cannot read: {}", file, std::strerror(errno)));
+    if (ready <= 0) continue;
+    const ssize_t got = ::read(fd, buffer, sizeof buffer);
+    if (got < 0) {
+      if (errno == EAGAIN || errno == EINTR) continue;
+      throw Error(fmt::format("{}: cannot read: {}", file, std::strerror(errno)));
+    }
+    if (got == 0) return text;  // its end
+    text.append(buffer, static_cast<std::size_t>(got));
+    if (text.size() > kMaxRunFileBytes) throw Error(too_long(file));
+  }
+}
+
 toml::table parse_file(const std::string& file) {
+  if (file.empty()) throw Error("a run file's name is empty (an unset shell variable?); give the run file");
   std::error_code ec;
   const std::filesystem::file_status status = std::filesystem::status(file, ec);
   if (std::filesystem::is_directory(status)) {
@@ -628,14 +676,9 @@ toml::table parse_file(const std::string& file) {
                             "e.g. configs/quickstart.toml)",
                             file));
   }
-  std::ifstream in(file, std::ios::binary);
-  std::ostringstream text;
-  if (!in || !(text << in.rdbuf())) {
-    // rdbuf of an empty file sets failbit with nothing wrong.
-    if (!in.is_open() || in.bad()) throw Error(fmt::format("{}: cannot read: {}", file, std::strerror(errno)));
-  }
+  const std::string text = run_file_text(file);
   try {
-    return toml::parse(text.str(), file);
+    return toml::parse(text, file);
   } catch (const toml::parse_error& e) {
     const auto& src = e.source();
     if (src.begin.line == 0) throw Error(fmt::format("{}: cannot read: {}", file, e.description()));

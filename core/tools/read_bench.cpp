@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <torch/cuda.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -146,8 +147,12 @@ void read_epoch(const Measured& m, Split split, std::int64_t epoch, std::int64_t
     ++pass.batches;
     pass.samples += batch.data.size(0);
     // Until a deadline rather than for a duration, so that oversleeping
-    // one batch is not added to the next.
-    if (consume > Clock::duration::zero()) std::this_thread::sleep_until(t1 + consume);
+    // one batch is not added to the next; in slices, so that a stop signal
+    // ends a long one (--consume-ms allows an hour).
+    for (const auto until = t1 + consume; Clock::now() < until;) {
+      throw_if_stopped();
+      std::this_thread::sleep_until(std::min(until, Clock::now() + std::chrono::milliseconds(100)));
+    }
     t0 = Clock::now();
   }
 }
@@ -211,6 +216,8 @@ void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader) {
       return load_config(options.run_files, options.overrides, loader);
     } catch (const PluginBug&) {
       throw;  // the plugin's mistake, not the run file's
+    } catch (const StopRequested&) {
+      throw;  // a stop signal while a run file on a pipe was read
     } catch (const Error& e) {
       throw BadRunFile(e.what());
     }

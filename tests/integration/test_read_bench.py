@@ -6,6 +6,7 @@ run file or command line gives one error line and no JSON."""
 
 import json
 import math
+import os
 import signal
 import subprocess
 import time
@@ -208,6 +209,10 @@ def test_missing_data_root_names_it(tmp_path):
     (["--split", "test"], "--split"),
     (["--epochs", "0"], "--epochs"),
     (["--consume-ms", "-1"], "--consume-ms"),
+    # strtod's readings beside decimals: hexadecimal (16), blanks and a '+' before the number.
+    (["--consume-ms", "0x10"], "--consume-ms expects milliseconds between 0 and 3600000, got '0x10'"),
+    (["--consume-ms", " 5"], "--consume-ms"),
+    (["--consume-ms", "+7"], "--consume-ms"),
     (["--consume-ms", "5", "--consume-matched"], "exclude"),
     (["--bogus"], "--bogus"),
     (["--split", "validation", "--with-validation"], "--with-validation"),
@@ -326,3 +331,50 @@ def test_a_thread_limit_is_named_as_the_machine_s_not_as_the_plugin_s(tmp_path, 
     assert r.returncode == 1, r.stderr
     assert r.stderr == ("deepcam-data: hdf5 reader: cannot start 4 worker threads: Resource temporarily unavailable; "
                         "give it fewer threads, or raise the process limit (ulimit -u)\n"), r.stderr
+
+
+def test_a_stop_signal_ends_a_long_consumer_hold_at_once(tmp_path, data):
+    """--consume-ms allows an hour a batch, and the stop was looked at only between batches: a SIGTERM
+    in the hold went unheeded until it ended (a batch system's SIGKILL came first)."""
+    run = write_run(tmp_path / "run.toml", data / "h5", tmp_path / "out", reader={"threads": 1})
+    p = subprocess.Popen([str(DATA_TOOL), "read", str(run), "--consume-ms", "600000"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=plugin_env(), start_new_session=True)
+    try:
+        time.sleep(3)  # built, and holding its first batch
+        assert p.poll() is None, p.stderr.read()
+        signalled = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+        took = time.monotonic() - signalled
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == -signal.SIGTERM, err
+    assert "read stopped by SIGTERM: nothing measured" in err, err
+    assert took < 10, f"{took:.1f} s"
+
+
+def test_a_stop_signal_ends_the_wait_for_a_run_file_on_a_pipe(tmp_path):
+    """A FIFO given as the run file, with no writer yet: the open, then the read, blocked, deaf to SIGTERM
+    (deepcam-data takes stop signals on a thread of its own)."""
+    fifo = tmp_path / "run.toml"
+    os.mkfifo(fifo)
+    p = subprocess.Popen([str(DATA_TOOL), "read", str(fifo)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=plugin_env(), start_new_session=True)
+    try:
+        time.sleep(2)
+        assert p.poll() is None, p.stderr.read()
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == -signal.SIGTERM, err
+    assert f"stopped by Terminated while reading the run file {fifo}" in err, err
+
+
+def test_a_run_file_that_never_ends_is_refused_past_16_mib(tmp_path):
+    r = subprocess.run(["bash", "-c", f'exec "{DATA_TOOL}" read <(yes "# a comment")'], capture_output=True,
+                       text=True, env=plugin_env(), timeout=120)
+    line = one_error(r, 2)
+    assert "more than 16 MiB, which no run file is" in line, line
