@@ -328,7 +328,12 @@ std::string dump(const Value& v, int indent) {
 
 std::string read_text(const fs::path& path) {
   std::error_code ec;
-  if (fs::is_directory(path, ec)) throw Error(fmt::format("{}: a folder, not a file", path.string()));
+  const fs::file_status status = fs::status(path, ec);
+  if (fs::is_directory(status)) throw Error(fmt::format("{}: a folder, not a file", path.string()));
+  // A device (/dev/zero never ends) or a pipe (an open that waits for a
+  // writer) is no log, run file or system description.
+  if (fs::exists(status) && !fs::is_regular_file(status))
+    throw Error(fmt::format("{}: not a regular file (a device, a pipe or a socket); give a file", path.string()));
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(fmt::format("{}: cannot be read", path.string()));
   std::ostringstream s;
@@ -768,6 +773,10 @@ PackageOptions parse_package_args(const std::vector<std::string>& args, std::str
       return o;
     }
     if (error = seen.again(option); !error.empty()) return o;
+    if (value.empty()) {
+      error = fmt::format("package: {} is empty; give its value", option);
+      return o;
+    }
     if (option == "--system") o.system = value;
     else if (option == "--out") o.out = value;
     else o.system_desc = value;

@@ -6,6 +6,7 @@ and accuracy rules."""
 
 import csv
 import json
+import os
 import re
 import resource
 import shutil
@@ -306,6 +307,20 @@ def test_bad_input_is_named(runs, tmp_path):
     r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", "--system-desc", tmp_path)
     assert r.returncode == 1 and f"--system-desc {tmp_path}: {tmp_path}: a folder, not a file" in r.stderr, r.stderr
     assert not (tmp_path / "pkg").exists() and not (tmp_path / "other").exists()
+    # /dev/zero was read until memory ran out, and a FIFO's open waited for a writer, deaf to SIGTERM;
+    # an empty --system-desc packaged with no description, as if it was not given.
+    fifo = tmp_path / "desc.fifo"
+    os.mkfifo(fifo)
+    for odd in ("/dev/zero", fifo):
+        r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", "--system-desc", odd)
+        assert r.returncode == 1, r.stderr
+        assert f"--system-desc {odd}: {odd}: not a regular file (a device, a pipe or a socket)" in r.stderr, r.stderr
+    r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", "--system-desc=")
+    assert r.returncode == 2 and "package: --system-desc is empty; give its value" in r.stderr, r.stderr
+    r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", "--system-desc", "")
+    assert r.returncode == 2 and "package: argument" in r.stderr and "(after --system-desc) is empty" in r.stderr, \
+        r.stderr
+    assert not (tmp_path / "pkg").exists()
     # JSON nested a hundred thousand deep: an error naming the file, not a stack overflow.
     deep = "[" * 100000 + "]" * 100000
     desc.write_text(deep)
