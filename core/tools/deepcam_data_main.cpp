@@ -19,6 +19,7 @@
 #include <signal.h>
 
 #include <algorithm>
+#include <cctype>
 #include <charconv>
 #include <csignal>
 #include <cstdio>
@@ -26,6 +27,7 @@
 #include <exception>
 #include <filesystem>
 #include <initializer_list>
+#include <iterator>
 #include <limits>
 #include <new>
 #include <string>
@@ -36,8 +38,10 @@
 #include <fmt/format.h>
 
 #include "deepcam/error.hpp"
+#include "deepcam/json.hpp"
 #include "deepcam/plugin_loader.hpp"
 #include "deepcam/stop_request.hpp"
+#include "deepcam_build_config.h"
 #include "convert.hpp"
 #include "options.hpp"
 #include "package.hpp"
@@ -59,7 +63,7 @@ constexpr const char* kUsage = R"(usage:
   deepcam-data read RUN.toml... [options]  time the run's reader alone (no model)
   deepcam-data package RUN_DIR... [--throughput INSTANCE_DIR...] --system NAME --out DIR
                                            an MLPerf HPC results package and its score
-  deepcam-data --help
+  deepcam-data --help | --version
 
 synth writes DIR/train, DIR/validation (and DIR/test) with one HDF5 file per
 sample (climate/data: height x width x 16 float32, climate/labels_0: height x
@@ -216,11 +220,18 @@ long long parse_integer(const std::string& option, std::string_view text, long l
   return value;
 }
 
+// Digits with a point or an exponent: what strtod reads beside them (blanks
+// before, a '+', hexadecimal as 0x10, "inf") is not taken for a number.
+bool decimal_number(const std::string& value) {
+  return !value.empty() && (std::isdigit(static_cast<unsigned char>(value[0])) || value[0] == '.') &&
+         value.find_first_not_of("0123456789.eE+-") == std::string::npos;
+}
+
 // --progress-seconds: the interval between progress lines.
 double parse_seconds(const std::string& option, const std::string& value) {
   char* end = nullptr;
   const double seconds = std::strtod(value.c_str(), &end);
-  if (value.empty() || *end != '\0' || !(seconds > 0.0 && seconds <= 86400.0))
+  if (!decimal_number(value) || *end != '\0' || !(seconds > 0.0 && seconds <= 86400.0))
     throw UsageError{fmt::format("{} expects seconds above 0 and at most 86400, got '{}'", option, value)};
   return seconds;
 }
@@ -313,12 +324,13 @@ ToolArgs parse_tool(const std::string& command, const std::vector<std::string>& 
       value = args[++k];
     }
     if (option == "--threads" || option == "--progress-seconds") once(seen, option);
-    if (option == "--threads" && allow_threads)
+    if (option == "--threads" && allow_threads) {
       out.threads = static_cast<int>(parse_integer(option, value, 1, 1024));
-    else if (option == "--progress-seconds")
+    } else if (option == "--progress-seconds") {
       out.progress.seconds = parse_seconds(option, value);
-    else
+    } else {
       throw UsageError{fmt::format("{}: unknown option {}", command, option)};
+    }
   }
   return out;
 }
@@ -360,7 +372,7 @@ deepcam::data::ReadBenchOptions parse_read(const std::vector<std::string>& args)
     } else if (option == "--consume-ms") {
       char* end = nullptr;
       o.consume_ms = std::strtod(value.c_str(), &end);
-      if (value.empty() || *end != '\0' || !(o.consume_ms >= 0.0 && o.consume_ms <= 3.6e6))
+      if (!decimal_number(value) || *end != '\0' || !(o.consume_ms >= 0.0 && o.consume_ms <= 3.6e6))
         throw UsageError{fmt::format("--consume-ms expects milliseconds between 0 and 3600000, got '{}'", value)};
       have_consume_ms = true;
     } else {
@@ -375,9 +387,23 @@ deepcam::data::ReadBenchOptions parse_read(const std::vector<std::string>& args)
   return o;
 }
 
+// Whether `word` is an option that takes the next word as its value.
+bool valued_option(const std::string& word) {
+  static const char* const kValued[] = {"--out",      "--train", "--validation", "--test",   "--height",
+                                        "--width",    "--seed",  "--threads",    "--set",    "--split",
+                                        "--epochs",   "--consume-ms", "--progress-seconds", "--system",
+                                        "--system-desc"};
+  return std::find(std::begin(kValued), std::end(kValued), word) != std::end(kValued);
+}
+
 int run(const std::vector<std::string>& args, deepcam::PluginLoader& loader) {
   if (args.empty()) throw UsageError{"no command given"};
   const std::string& command = args[0];
+  if (command == "--version") {
+    if (args.size() > 1) throw UsageError{"--version takes nothing after it"};
+    deepcam::oprint("deepcam-data {} (LibTorch {})\n", DEEPCAM_VERSION, DEEPCAM_TORCH_VERSION);
+    return 0;
+  }
   if (command == "--help" || command == "-h" || command == "help") {
     deepcam::oprint("{}", kUsage);
     return 0;
@@ -390,6 +416,27 @@ int run(const std::vector<std::string>& args, deepcam::PluginLoader& loader) {
       deepcam::oprint("{}", kUsage);
       return 0;
     }
+  // An empty word names nothing (an unset shell variable): as a folder it
+  // was the current one (stats "" rewrote ./stats.h5).
+  // A control character would be printed raw where a line names the path
+  // ("wrote DIR"); read's --set items have a check of their own.
+  for (std::size_t k = 0; k < rest.size() && known; ++k) {
+    const std::string after = k > 0 ? " (after " + rest[k - 1] + ")" : "";
+    if (rest[k].empty())
+      throw UsageError{fmt::format("{}: argument {}{} is empty; give what it stands for", command, k + 1, after)};
+    // An option's value: another option there is a value left out (synth
+    // --out --quiet made a folder named --quiet and was not quiet).
+    if (k > 0 && rest[k].rfind("--", 0) == 0 && valued_option(rest[k - 1])) {
+      throw UsageError{fmt::format("{}: {} needs a value, and {} is an option (a path that begins with '--' is "
+                                   "written ./{})",
+                                   command, rest[k - 1], rest[k], rest[k])};
+    }
+    if ((k > 0 && rest[k - 1] == "--set") || rest[k].rfind("--set=", 0) == 0) continue;
+    if (const std::string problem = deepcam::control_character(rest[k]); !problem.empty()) {
+      throw UsageError{fmt::format("{}: argument {}{} ({}) {}; write it without", command, k + 1, after,
+                                   deepcam::Json(rest[k]).dump(), problem)};
+    }
+  }
   // The commands that write files stop between files, and read between
   // batches (its reader removes what it staged); verify writes nothing, and
   // ends at once as any program does.
@@ -404,7 +451,7 @@ int run(const std::vector<std::string>& args, deepcam::PluginLoader& loader) {
     deepcam::data::run_stats(a.positional[0], a.progress);
   } else if (command == "convert") {
     const ToolArgs a = parse_tool(command, rest, true, true);
-    if (a.positional.size() != 2 || a.positional[0].empty() || a.positional[1].empty())
+    if (a.positional.size() != 2)
       throw UsageError{"convert takes two arguments, the source data set and the output directory"};
     if (std::string problem = deepcam::data::convert_paths_problem(a.positional[0], a.positional[1]);
         !problem.empty())

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <filesystem>
 #include <set>
 #include <string>
 #include <utility>
@@ -18,6 +19,7 @@
 #include "deepcam/config.hpp"
 #include "deepcam/engine.hpp"
 #include "deepcam/error.hpp"
+#include "deepcam/json.hpp"
 #include "deepcam/plugin_loader.hpp"
 #include "deepcam/stop_request.hpp"
 #include "launcher.hpp"
@@ -198,6 +200,16 @@ int run_host(int argc, char** argv, bool& result_on_stdout) {
       std::fputs(kUsage, stderr);
       return 2;
     }
+    // A path with a control character would be printed raw where a line
+    // names it ("wrote the predictions ... to DIR"); --set items have a
+    // check of their own, naming the key.
+    for (std::size_t k = 0; k < args.size(); ++k) {
+      if ((k > 0 && args[k - 1] == "--set") || args[k].rfind("--set=", 0) == 0) continue;
+      if (const std::string problem = deepcam::control_character(args[k]); !problem.empty()) {
+        throw deepcam::Error(fmt::format("argument {} ({}) {}; write it without", k + 1, deepcam::Json(args[k]).dump(),
+                                         problem));
+      }
+    }
     // These print and end: anything after them would be ignored.
     for (const char* alone : {"--help", "-h", "--version", "--list-plugins"}) {
       if (args[0] == alone && args.size() > 1) {
@@ -248,6 +260,26 @@ int run_host(int argc, char** argv, bool& result_on_stdout) {
         throw deepcam::Error(fmt::format("{} comes alone, first, without --nproc: deepcam-host {}", first,
                                          first == "--describe" ? "--describe WHAT" : first));
       }
+      // Every rank reads the run files: a pipe (`<(...)`, a FIFO) gives its
+      // text to one, and the others read nothing.
+      bool run_file = false;
+      for (std::size_t k = 0; k < rest.size(); ++k) {
+        if (rest[k].rfind("--", 0) == 0) {
+          const bool valued = rest[k] == "--set" || rest[k] == "--evaluate" || rest[k] == "--predict" ||
+                              rest[k] == "--out" || rest[k] == "--samples" || rest[k] == "--benchmark";
+          k += valued ? 1 : 0;
+          continue;
+        }
+        run_file = true;
+        std::error_code ec;
+        if (std::filesystem::is_fifo(std::filesystem::status(rest[k], ec))) {
+          throw deepcam::Error(fmt::format("{}: a pipe, which only one of the {} ranks could read (each reads the "
+                                           "run files); with --nproc, give the run file as a file",
+                                           rest[k], nproc));
+        }
+      }
+      // Each rank would print the usage.
+      if (!run_file) throw deepcam::Error(fmt::format("no run file given\n{}", kUsage));
       return deepcam::launch_local_ranks(static_cast<int>(nproc), rest);
     }
     std::vector<std::string> files;
@@ -265,6 +297,12 @@ int run_host(int argc, char** argv, bool& result_on_stdout) {
         }
         if (i + 1 >= args.size() || args[i + 1].empty()) {
           throw deepcam::Error(fmt::format("{} needs a value\n{}", a, kUsage));
+        }
+        // --out --quiet wrote into a folder named --quiet, and was not quiet.
+        if (args[i + 1].rfind("--", 0) == 0) {
+          throw deepcam::Error(fmt::format("{} needs a value, and {} is an option (a path that begins with '--' is "
+                                           "written ./{})",
+                                           a, args[i + 1], args[i + 1]));
         }
         return args[++i];
       };
@@ -284,6 +322,7 @@ int run_host(int argc, char** argv, bool& result_on_stdout) {
         options.quiet = true;
       }
       else if (a == "--benchmark") options.benchmark_steps = count_of(a, once(), "steps");
+      else if (a == "--quiet") throw deepcam::Error(fmt::format("--quiet takes no value (given: {})", args[i]));
       else if (a == "--nproc") throw deepcam::Error("--nproc comes first: deepcam-host --nproc N RUN.toml...");
       else if (a == "--help" || a == "-h" || a == "--version" || a == "--list-plugins" || a == "--describe") {
         throw deepcam::Error(fmt::format("{} comes alone, first: deepcam-host {}", a,

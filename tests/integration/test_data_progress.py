@@ -75,7 +75,8 @@ def test_no_progress_lines_for_short_work_when_stderr_is_not_a_terminal(root, tm
     assert proc.stderr.count("\n") == 1 and "28 converted" in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "soon", ""])
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "", "0x10", " 5", "+5"])
 def test_a_bad_interval_is_a_usage_error(root, value):
     proc = run_data("verify", root, "--progress-seconds", value)
-    assert proc.returncode == 2 and "--progress-seconds expects seconds" in proc.stderr, proc.stderr
+    says = "argument 3 (after --progress-seconds) is empty" if value == "" else "--progress-seconds expects seconds"
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr

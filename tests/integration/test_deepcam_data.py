@@ -17,6 +17,8 @@ import h5py
 import numpy as np
 import pytest
 
+from helpers import HOST
+
 CHANNELS = ["TMQ", "U850", "V850", "UBOT", "VBOT", "QREFHT", "PS", "PSL",
             "T200", "T500", "PRECT", "TS", "TREFHT", "Z1000", "Z200", "ZBOT"]
 CH = {name: k for k, name in enumerate(CHANNELS)}
@@ -82,6 +84,11 @@ def samples(dataset):
 def test_help(deepcam_data):
     proc = run(deepcam_data, "--help", check=True)
     assert "synth" in proc.stdout and "stats" in proc.stdout and "--seed" in proc.stdout
+    # As deepcam-host --version: the same version (it was an unknown command).
+    proc = run(deepcam_data, "--version", check=True)
+    host = subprocess.run([str(HOST), "--version"], capture_output=True, text=True, timeout=60).stdout
+    assert re.fullmatch(r"deepcam-data (\S+) \(LibTorch \S+\)\n", proc.stdout), proc.stdout
+    assert host.startswith(f"deepcam-host {proc.stdout.split()[1]} "), host
 
 
 def test_layout_and_names(dataset):
@@ -681,3 +688,28 @@ def test_verify_and_convert_say_a_float64_inf_may_be_a_value_beyond_float32s_ran
     proc = run(deepcam_data, "verify", root)
     assert proc.returncode == 1 and f"{sample}: dataset climate/data: Inf at (row 2, column 3, channel 4); data " \
         "must be finite\n" in proc.stdout, proc.stdout
+
+
+def test_an_empty_or_odd_word_on_the_command_line_is_refused_naming_it(deepcam_data, dataset, tmp_path):
+    """stats "" (an unset shell variable) took the current folder and rewrote ./stats.h5; a path with an
+    ESC was printed raw on the closing line ("... to DIR")."""
+    before = (dataset / "stats.h5").stat().st_mtime_ns
+    proc = subprocess.run([str(deepcam_data), "stats", ""], capture_output=True, text=True, timeout=60, cwd=dataset)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_line_error(proc, "stats: argument 1 is empty; give what it stands for")
+    assert (dataset / "stats.h5").stat().st_mtime_ns == before
+    proc = run(deepcam_data, "verify", dataset, "--threads", "")
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "verify: argument 3 (after --threads) is empty")
+    odd = tmp_path / "set\x1b[31m"
+    proc = run(deepcam_data, "synth", "--out", odd, "--train", 1, "--validation", 1, "--height", 16, "--width", 16)
+    assert proc.returncode == 2 and "\x1b" not in proc.stderr, repr(proc.stderr)
+    assert_one_line_error(proc, f'synth: argument 2 (after --out) ("{tmp_path}/set\\u001b[31m") holds the control '
+                                "character 0x1b at byte")
+    assert not odd.exists()
+    # An option where a value stands: synth made a folder named --quiet, and was not quiet.
+    proc = subprocess.run([str(deepcam_data), "synth", "--out", "--quiet", "--train", "1", "--validation", "1"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "synth: --out needs a value, and --quiet is an option")
+    assert not (tmp_path / "--quiet").exists()

@@ -4,12 +4,13 @@ files, and refusing libraries that are not plugins for this host."""
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 import textwrap
 
 import pytest
 
-from helpers import BUILD_DIR, FIXTURES, PLUGINS, REPO_ROOT, plugin_env, run_data, run_host, synth, write_run
+from helpers import BUILD_DIR, FIXTURES, HOST, PLUGINS, REPO_ROOT, plugin_env, run_data, run_host, synth, write_run
 
 KINDS = {"reader": "hdf5", "model": "deeplabv3plus", "optimizer": "adam", "scheduler": "multistep"}
 
@@ -622,7 +623,7 @@ def test_a_library_of_another_kind_whose_initialiser_throws_does_not_stop_a_look
     # Taken for an unknown option, or for a run file.
     (["--nproc", "2"], "--nproc comes first: deepcam-host --nproc N RUN.toml"),
     (["--list-plugins"], "--list-plugins comes alone, first"),
-    (["--quiet=yes"], "unknown option --quiet=yes"),
+    (["--quiet=yes"], "--quiet takes no value (given: --quiet=yes)"),
     (["--benchmark="], "--benchmark needs a value"),
 ])
 def test_options_given_twice_or_out_of_place_are_refused(tmp_path, data, args, says):
@@ -741,3 +742,44 @@ def test_quiet_is_given_at_most_once(tmp_path, data):
     r = run_host(run, "--quiet", "--quiet")
     assert r.returncode == 2 and "--quiet is given twice; give it once" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_or_odd_word_on_the_command_line_is_refused_naming_it(tmp_path, data):
+    """An empty run file name (an unset shell variable) said ": cannot read: No such file or directory"; a
+    path with an ESC was printed raw on the lines that name it ("wrote the predictions ... to DIR")."""
+    r = run_host("")
+    assert r.returncode == 2 and "a run file's name is empty (an unset shell variable?)" in r.stderr, r.stderr
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
+    r = run_host(run, "--predict", tmp_path / "nothing.pt", "--out", tmp_path / "pred\x1b[2J")
+    assert r.returncode == 2, r.stderr
+    assert ('argument 5 ("' + str(tmp_path) + '/pred\\u001b[2J") holds the control character 0x1b') in r.stderr, \
+        r.stderr
+    assert "\x1b" not in r.stderr and not (tmp_path / "out").exists()
+    r = run_host(run, "--quiet=1")
+    assert r.returncode == 2 and "--quiet takes no value (given: --quiet=1)" in r.stderr, r.stderr
+    # An option where a value stands: the predictions went into a folder named --quiet, not quietly.
+    r = run_host(run, "--predict", tmp_path / "nothing.pt", "--out", "--quiet")
+    assert r.returncode == 2, r.stderr
+    assert ("--out needs a value, and --quiet is an option (a path that begins with '--' is written ./--quiet)"
+            in r.stderr), r.stderr
+
+
+def test_nproc_refuses_a_run_file_on_a_pipe_and_gives_the_usage_once(tmp_path):
+    """Each rank reads the run files: a pipe's text went to one rank, and the others said "[data]: missing
+    required key 'root'", naming a key the file holds."""
+    fifo = tmp_path / "run.toml"
+    os.mkfifo(fifo)
+    r = run_host("--nproc", 2, fifo, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert (f"{fifo}: a pipe, which only one of the 2 ranks could read (each reads the run files); with --nproc, "
+            "give the run file as a file") in r.stderr, r.stderr
+    r = run_host("--nproc", 2, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("usage: deepcam-host") == 1, r.stderr
+    assert "no run file given" in r.stderr, r.stderr
+
+
+def test_a_run_file_that_never_ends_is_refused_past_16_mib(tmp_path):
+    r = subprocess.run(["bash", "-c", f'exec "{HOST}" <(yes "# a comment")'], capture_output=True, text=True,
+                       env=plugin_env(), timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "more than 16 MiB, which no run file is (a few KiB of TOML)" in r.stderr, r.stderr
