@@ -20,7 +20,6 @@
 #include <map>
 #include <memory>
 #include <set>
-#include <sstream>
 #include <string_view>
 #include <toml++/toml.h>
 #include <torch/cuda.h>
@@ -633,10 +632,10 @@ std::string too_long(const std::string& file) {
 std::string run_file_text(const std::string& file) {
   const int fd = ::open(file.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
   if (fd < 0) throw Error(fmt::format("{}: cannot read: {}", file, std::strerror(errno)));
-  const std::unique_ptr<int, void (*)(int*)> closed(new int(fd), [](int* f) {
-    ::close(*f);
-    delete f;
-  });
+  struct Closed {
+    int fd;
+    ~Closed() { ::close(fd); }
+  } closed{fd};
   std::string text;
   char buffer[1 << 16];
   for (;;) {

@@ -389,10 +389,9 @@ deepcam::data::ReadBenchOptions parse_read(const std::vector<std::string>& args)
 
 // Whether `word` is an option that takes the next word as its value.
 bool valued_option(const std::string& word) {
-  static const char* const kValued[] = {"--out",      "--train", "--validation", "--test",   "--height",
-                                        "--width",    "--seed",  "--threads",    "--set",    "--split",
-                                        "--epochs",   "--consume-ms", "--progress-seconds", "--system",
-                                        "--system-desc"};
+  static const char* const kValued[] = {"--out",    "--train",      "--validation",       "--test",   "--height",
+                                        "--width",  "--seed",       "--threads",          "--set",    "--split",
+                                        "--epochs", "--consume-ms", "--progress-seconds", "--system", "--system-desc"};
   return std::find(std::begin(kValued), std::end(kValued), word) != std::end(kValued);
 }
 
@@ -417,9 +416,9 @@ int run(const std::vector<std::string>& args, deepcam::PluginLoader& loader) {
       return 0;
     }
   // An empty word names nothing (an unset shell variable): as a folder it
-  // was the current one (stats "" rewrote ./stats.h5).
-  // A control character would be printed raw where a line names the path
-  // ("wrote DIR"); read's --set items have a check of their own.
+  // was the current one (stats "" rewrote ./stats.h5). A control character
+  // would be printed raw where a line names the path ("wrote DIR"); read's
+  // --set items have a check of their own.
   for (std::size_t k = 0; k < rest.size() && known; ++k) {
     const std::string after = k > 0 ? " (after " + rest[k - 1] + ")" : "";
     if (rest[k].empty())
