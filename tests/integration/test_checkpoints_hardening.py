@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import subprocess
-import tomllib
 from collections import OrderedDict
 
 import pytest
@@ -292,20 +291,20 @@ def test_a_bare_or_prefixed_state_dict_is_named_as_such(tmp_path, data, trained)
                      r"not taken off", r.stderr), r.stderr[-2000:]
 
 
-def test_a_checkpoint_path_with_a_newline_leaves_an_evaluation_record_toml_reads(tmp_path, data, trained):
-    # The path went into the record's header comment as it was: the newline ended the comment, and the
-    # rest of the path made the file invalid TOML, which deepcam-host then refused to read back.
+def test_a_checkpoint_path_with_a_newline_is_refused_before_any_record_is_written(tmp_path, data, trained):
+    # The path went into the evaluation record's header comment as it was: the newline ended the comment,
+    # and the rest of the path made the file invalid TOML. A word with a control character is now refused
+    # on the command line, as in a run file, naming it; nothing is written.
     odd = tmp_path / "odd\ndir"
     odd.mkdir()
     ckpt = odd / "x.pt"
     shutil.copy(trained, ckpt)
-    cfg = write_run(odd / "eval.toml", data, tmp_path / "eval")  # in the same folder: "# resolved from" it
+    cfg = write_run(tmp_path / "eval.toml", data, tmp_path / "eval")
     r = run_host(cfg, "--evaluate", ckpt)
-    assert r.returncode == 0, r.stderr[-2000:]
-    text = (tmp_path / "eval" / "evaluate-config.toml").read_text()
-    tomllib.loads(text)
-    assert text.splitlines()[:2] == ["# deepcam-host --evaluate " + json.dumps(str(ckpt)),
-                                     "# resolved from " + json.dumps(str(cfg))], text[:300]
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert (f"argument 3 ({json.dumps(str(ckpt))}) holds the control character 0x0a at byte "
+            f"{len(str(tmp_path / 'odd')) + 1}; write it without") in r.stderr, r.stderr
+    assert not (tmp_path / "eval").exists()
 
 
 def test_a_truncated_checkpoint_is_said_to_be_truncated(tmp_path, data, trained):
