@@ -620,11 +620,6 @@ Params Checker::check(const toml::table* table, const ParamSchema& schema, const
 // A run file is a few KiB; more is another file, or a pipe that never ends.
 constexpr std::size_t kMaxRunFileBytes = std::size_t{16} << 20;
 
-std::string too_long(const std::string& file) {
-  return fmt::format("{}: more than {} MiB, which no run file is (a few KiB of TOML); give the run file", file,
-                     kMaxRunFileBytes >> 20);
-}
-
 // The text of a run file, or of a pipe given as one (`<(...)`, a FIFO),
 // read to its end. A pipe is waited on in slices: a stop signal, which this
 // process may take on a thread of its own, ends the wait, which a blocking
@@ -655,7 +650,10 @@ std::string run_file_text(const std::string& file) {
     }
     if (got == 0) return text;  // its end
     text.append(buffer, static_cast<std::size_t>(got));
-    if (text.size() > kMaxRunFileBytes) throw Error(too_long(file));
+    if (text.size() > kMaxRunFileBytes) {
+      throw Error(fmt::format("{}: more than {} MiB, which no run file is (a few KiB of TOML); give the run file",
+                              file, kMaxRunFileBytes >> 20));
+    }
   }
 }
 
