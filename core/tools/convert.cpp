@@ -1,5 +1,7 @@
 #include "convert.hpp"
 
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -13,6 +15,7 @@
 #include <map>
 #include <mutex>
 #include <new>
+#include <optional>
 #include <set>
 #include <system_error>
 
@@ -162,6 +165,34 @@ std::string header_problem(const fs::path& path, npy::DType dtype, const std::ve
   return "";  // its size: read_header refused a byte more or less
 }
 
+// The modification time convert gives both files of a pair: their source's.
+// A pair with another (to the second: a parallel file system may keep no
+// finer time) was not written from this source: another set's sample under
+// the same name, its stats.h5 removed, or one converted before the source
+// was written again. nullopt when the file cannot be looked at.
+std::optional<timespec> modified(const fs::path& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return std::nullopt;
+  return st.st_mtim;
+}
+
+bool same_second(const fs::path& path, const std::optional<timespec>& time) {
+  const std::optional<timespec> own = modified(path);
+  return own && time && own->tv_sec == time->tv_sec;
+}
+
+constexpr const char* kOtherTime =
+    "has another modification time than its source (another set's sample under this name, or converted before "
+    "the source was written again)";
+
+// Gives `path` the source's modification time; throws Error naming it.
+void stamp(const fs::path& path, const timespec& time) {
+  const timespec times[2] = {{0, UTIME_OMIT}, time};
+  if (::utimensat(AT_FDCWD, path.c_str(), times, 0) != 0)
+    throw Error(fmt::format("{}: cannot give it its source's modification time, which marks it converted: {}",
+                            path.string(), std::strerror(errno)));
+}
+
 // True when the file's data equals `expected` byte for byte.
 bool same_values(const fs::path& path, const npy::Header& header, const void* expected, std::vector<char>& buffer) {
   std::ifstream in(path, std::ios::binary);
@@ -252,8 +283,8 @@ void refuse_another_set_in(const ConvertOptions& o, const std::vector<std::strin
   // the output becomes the source's numpy form (the source's stats computed
   // again, say), whatever it held.
   if (!o.verify && !same_bytes(stats, o.src / "stats.h5")) {
-    throw Error(fmt::format("{}: differs from {}: the output holds another data set's statistics (its pairs, under "
-                            "the same names, would count as converted), or this set's from before they were "
+    throw Error(fmt::format("{}: differs from {}: the output holds another data set's statistics (they would be "
+                            "replaced by this set's), or this set's from before they were "
                             "computed again; convert into an empty folder, or add --verify to compare every pair "
                             "with the source and rewrite what differs",
                             stats.string(), (o.src / "stats.h5").string()));
@@ -594,6 +625,7 @@ void run_convert(const ConvertOptions& o) {
     npy::Header data_header, label_header;
     std::vector<std::int64_t> data_shape, label_shape;
     npy::DType label_dtype{};
+    std::optional<timespec> source_time;
     try {
       const H5Sample source(job.source);
       data_shape = source.data_shape();
@@ -607,8 +639,14 @@ void run_convert(const ConvertOptions& o) {
                                 job.source.string(), kData, shape_text(data_shape), common.file,
                                 shape_text(common.shape)));
       }
+      source_time = modified(job.source);
       data_problem = header_problem(job.data, npy::DType::Float32, data_shape, data_header);
       label_problem = header_problem(job.label, label_dtype, label_shape, label_header);
+      if (!o.verify) {
+        // --verify compares the values instead, and stamps the pair.
+        if (data_problem.empty() && !same_second(job.data, source_time)) data_problem = kOtherTime;
+        if (label_problem.empty() && !same_second(job.label, source_time)) label_problem = kOtherTime;
+      }
       if (data_problem.empty() && label_problem.empty() && !o.verify) {
         outcomes[k] = Outcome::Kept;
         return;
@@ -621,6 +659,9 @@ void run_convert(const ConvertOptions& o) {
         if (label_problem.empty() && !same_values(job.label, label_header, labels.data(), buffer))
           label_problem = "values differ from the source";
         if (data_problem.empty() && label_problem.empty()) {
+          if (!source_time) throw Error(fmt::format("{}: cannot read its modification time", job.source.string()));
+          stamp(job.data, *source_time);
+          stamp(job.label, *source_time);
           outcomes[k] = Outcome::Kept;
           return;
         }
@@ -652,6 +693,9 @@ void run_convert(const ConvertOptions& o) {
         wrote_data = true;
       }
       if (!label_problem.empty()) npy::write(job.label.string(), label_dtype, label_shape, labels.data());
+      if (!source_time) throw Error(fmt::format("{}: cannot read its modification time", job.source.string()));
+      stamp(job.data, *source_time);
+      stamp(job.label, *source_time);
     } catch (const Error& e) {
       outcomes[k] = Outcome::Failed;
       stop = true;
@@ -685,8 +729,9 @@ void run_convert(const ConvertOptions& o) {
   const std::size_t kept = count[0], converted = count[1], repaired = count[2],
                     failed = count[3] + unlisted, skipped = count[4];
   // stats.h5 marks a whole set: copied once every pair of every rank is
-  // there. Pairs appear under their final names only when whole, so the
-  // last rank to finish sees them all; a rank that failed or was killed
+  // there. Pairs appear under their final names only when whole, and have
+  // their source's time once stamped (one without it is another set's, or
+  // not rewritten yet), so the last rank to finish sees them all; a rank that failed or was killed
   // leaves its pairs missing, and then no rank copies it. (Another rank's
   // entry that is not a file is this rank's listing problem too.) The look
   // stops at the first pair missing: a rank that ends early asks the file
@@ -694,7 +739,9 @@ void run_convert(const ConvertOptions& o) {
   bool missing = false;
   if (failed == 0 && listing_problems.empty()) {
     missing = std::any_of(all.begin(), all.end(), [&](const Job& job) {
-      return !fs::is_regular_file(job.data, ec) || !fs::is_regular_file(job.label, ec);
+      const std::optional<timespec> time = modified(job.source);
+      return !fs::is_regular_file(job.data, ec) || !fs::is_regular_file(job.label, ec) ||
+             !same_second(job.data, time) || !same_second(job.label, time);
     });
     if (!missing) copy_atomically(src_stats, o.dst / "stats.h5");
   }

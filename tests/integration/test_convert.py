@@ -1,7 +1,8 @@
 """deepcam-data convert (SPEC 1.5), checked with numpy and h5py: every output
 loads with numpy.load bit for bit equal to h5py's read of the source, labels
 keep their stored dtype; ranks split the work; a second run skips valid pairs
-(mtime unchanged) and redoes broken ones; --verify repairs a file whose bytes
+(mtime unchanged) and redoes broken ones and those with another time than
+their source's; --verify repairs a file whose bytes
 changed but not its size; bad input (a damaged source, a full disk, an
 unreadable file, missing stats.h5) gives one clear line naming the file, a
 non-zero exit and no partial file."""
@@ -307,6 +308,49 @@ def test_resume_skips_valid_pairs_and_redoes_broken_ones(deepcam_data, source, t
     assert not hidden(dst)
 
 
+def test_pairs_not_written_from_this_source_are_converted_again_not_kept(deepcam_data, source, tmp_path):
+    """Another set's pairs under the same names, its stats.h5 removed, were counted as already valid: the
+    numpy set then trained on the other set's samples with this set's statistics."""
+    other = tmp_path / "other"
+    ok(run(deepcam_data, "synth", "--out", other, "--train", 6, "--validation", 3, "--height", H, "--width", W,
+           "--seed", 12))
+    shared = [s for s in sources(source) if (other / s.parent.name / s.name).exists()]
+    assert len(shared) == 9  # synth names samples by their place, whatever the seed
+    dst = tmp_path / "dst"
+    ok(run(deepcam_data, "convert", other, dst))
+    (dst / "stats.h5").unlink()
+    proc = ok(run(deepcam_data, "convert", source, dst))
+    assert "2 converted, 9 repaired, 0 already valid" in proc.stderr, proc.stderr
+    assert proc.stderr.count("has another modification time than its source") == 18, proc.stderr
+    assert assert_converted(source, dst) == len(sources(source))
+    assert (dst / "stats.h5").read_bytes() == (source / "stats.h5").read_bytes()
+    # Each file of a pair has its source's time, so a third run keeps them all.
+    for s in sources(source):
+        for path in targets(source, dst, s):
+            assert path.stat().st_mtime_ns == s.stat().st_mtime_ns, path
+    assert f"0 converted, 0 repaired, {len(sources(source))} already valid" in ok(
+        run(deepcam_data, "convert", source, dst)).stderr
+
+    # A source written again since it was converted: its pair is redone.
+    src = fresh_copy(source, tmp_path)
+    again = tmp_path / "again"
+    ok(run(deepcam_data, "convert", src, again))
+    rewritten = sources(src)[2]
+    with h5py.File(rewritten, "r+") as f:
+        f["climate/data"][0, 0, 0] += 1.0
+    os.utime(rewritten, ns=(rewritten.stat().st_atime_ns, rewritten.stat().st_mtime_ns + 2_000_000_000))
+    proc = ok(run(deepcam_data, "convert", src, again))
+    assert f"0 converted, 1 repaired, {len(sources(src)) - 1} already valid" in proc.stderr, proc.stderr
+    assert assert_converted(src, again, only=[rewritten]) == 1
+
+    # --verify decides by value: equal pairs are kept and given their source's time.
+    touched = targets(src, again, sources(src)[0])[0]
+    os.utime(touched, ns=(0, 0))
+    proc = ok(run(deepcam_data, "convert", src, again, "--verify"))
+    assert f"{len(sources(src))} already valid (checked value by value)" in proc.stderr, proc.stderr
+    assert touched.stat().st_mtime_ns == sources(src)[0].stat().st_mtime_ns
+
+
 def test_verify_repairs_a_corrupted_file_of_the_same_size(deepcam_data, source, tmp_path):
     dst = tmp_path / "dst"
     ok(run(deepcam_data, "convert", source, dst))
@@ -314,12 +358,14 @@ def test_verify_repairs_a_corrupted_file_of_the_same_size(deepcam_data, source, 
     corrupted, _ = targets(source, dst, all_sources[3])
     _, corrupted_label = targets(source, dst, all_sources[4])
     for path in (corrupted, corrupted_label):
+        before = path.stat()
         raw = bytearray(path.read_bytes())
         raw[-5] ^= 0x40
         path.write_bytes(bytes(raw))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # a bit flipped on the disk, not a write
     mtimes = {p: p.stat().st_mtime_ns for p in dst.glob("*/*.npy")}
 
-    # Without --verify only headers and sizes are checked: nothing is redone.
+    # Without --verify only headers, sizes and times are checked: nothing is redone.
     proc = ok(run(deepcam_data, "convert", source, dst))
     assert "11 already valid" in proc.stderr
     assert {p: p.stat().st_mtime_ns for p in dst.glob("*/*.npy")} == mtimes
