@@ -400,6 +400,29 @@ void run_synth(const SynthOptions& o) {
     }
   }
   check_out(o.out, ours);
+  // The folders this run makes go again, when still empty, if it fails (a
+  // sample that does not fit in memory, a full disk, a stop signal): a
+  // failed synth leaves what a stopped one of samples leaves, or nothing.
+  std::error_code ec;
+  std::vector<fs::path> made;  // outermost first
+  for (fs::path dir = fs::absolute(o.out, ec).lexically_normal(); !fs::exists(fs::symlink_status(dir, ec));
+       dir = dir.parent_path()) {
+    if (!dir.has_relative_path()) break;
+    made.insert(made.begin(), dir);
+    if (!dir.has_filename()) dir = dir.parent_path();  // a trailing '/'
+  }
+  for (const auto& [split, names] : ours)
+    if (!fs::exists(fs::symlink_status(o.out / split, ec))) made.push_back(o.out / split);
+  struct RemoveEmpty {
+    std::vector<fs::path>& made;
+    bool done = false;
+    ~RemoveEmpty() {
+      if (done) return;
+      std::error_code ignored;
+      for (auto it = made.rbegin(); it != made.rend(); ++it)
+        if (fs::is_empty(*it, ignored)) fs::remove(*it, ignored);
+    }
+  } remove_empty{made};
   for (const auto& [split, names] : ours) {
     make_directory(o.out / split);
     remove_stale_temporaries(o.out / split);
@@ -421,6 +444,7 @@ void run_synth(const SynthOptions& o) {
 
   // The statistics re-read every training file: progress of their own, no table.
   const ChannelStats stats = run_stats(o.out, o.progress, /*summary=*/false);
+  remove_empty.done = true;
   if (o.progress.quiet) return;
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   deepcam::eprint(

@@ -378,6 +378,23 @@ def test_synth_to_unwritable_path_fails_cleanly(deepcam_data, tmp_path):
     assert blocker.read_text() == "x"
 
 
+def test_a_synth_that_fails_before_its_first_sample_leaves_no_folder_it_made(deepcam_data, tmp_path):
+    """A sample that does not fit in memory left --out and its empty split folders (and any parent folder made
+    for it) behind."""
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (12 << 30, 12 << 30))  # the CUDA libraries map a few GB
+    kept = tmp_path / "kept"
+    (kept / "train").mkdir(parents=True)
+    for out in (tmp_path / "a" / "b" / "set", kept):
+        proc = subprocess.run([str(deepcam_data), "synth", "--out", str(out), "--train", "1", "--validation", "1",
+                               "--height", "16384", "--width", "16384", "--threads", "1"], capture_output=True,
+                              text=True, timeout=600, preexec_fn=limit_memory)
+        assert proc.returncode == 1 and proc.stderr == "deepcam-data: out of memory\n", proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    # Folders that were there before it stay.
+    assert [p.name for p in kept.iterdir()] == ["train"]
+
+
 def test_synth_failure_removes_temporary_file(deepcam_data, tmp_path):
     # A directory where the first sample goes makes the final rename fail.
     root = tmp_path / "set"

@@ -14,7 +14,7 @@ namespace {
 // options itself).
 const deepcam::ParamSpec kParams[] = {
     {"width", deepcam::ParamType::Float, "1.0",
-     "factor on every internal channel count; names and layers unchanged", 0.0, 1.0, nullptr,
+     "factor on every internal channel count (rounded, at least 1); names and layers unchanged", 0.0, 1.0, nullptr,
      /*min_open=*/true},
     {"middle_blocks", deepcam::ParamType::Int, "16",
      "middle-flow blocks block4..block(3+n); the exit block is block(4+n)", 1.0, 16.0},
