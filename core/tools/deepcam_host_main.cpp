@@ -162,6 +162,76 @@ int out_of_memory(const char* what) {
   return 2;
 }
 
+// A training, evaluation, benchmark or prediction line: its run files, its
+// --set items in order, and its options. Throws Error for a bad line; the
+// --nproc launcher checks its ranks' line here first, so that a bad one is
+// said once, not once per rank.
+struct RunLine {
+  std::vector<std::string> files;
+  std::vector<std::string> overrides;
+  deepcam::EngineOptions options;
+};
+
+RunLine parse_run_line(const std::vector<std::string>& args) {
+  RunLine line;
+  std::set<std::string> given;  // the options that take one value, each at most once
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    // --name value, or --name=value as with argparse.
+    const std::size_t equals = args[i].rfind("--", 0) == 0 ? args[i].find('=') : std::string::npos;
+    const std::string a = args[i].substr(0, equals);
+    auto value = [&]() -> std::string {
+      if (equals != std::string::npos) {
+        if (equals + 1 == args[i].size()) throw deepcam::Error(fmt::format("{} needs a value\n{}", a, kUsage));
+        return args[i].substr(equals + 1);
+      }
+      if (i + 1 >= args.size() || args[i + 1].empty()) {
+        throw deepcam::Error(fmt::format("{} needs a value\n{}", a, kUsage));
+      }
+      // --out --quiet wrote into a folder named --quiet, and was not quiet.
+      if (args[i + 1].rfind("--", 0) == 0) {
+        throw deepcam::Error(fmt::format("{} needs a value, and {} is an option (a path that begins with '--' is "
+                                         "written ./{})",
+                                         a, args[i + 1], args[i + 1]));
+      }
+      return args[++i];
+    };
+    auto once = [&]() -> std::string {
+      if (!given.insert(a).second) {
+        throw deepcam::Error(fmt::format("{} is given twice; give it once", a));
+      }
+      return value();
+    };
+    if (a == "--set") line.overrides.push_back(value());
+    else if (a == "--evaluate") line.options.evaluate_checkpoint = once();
+    else if (a == "--predict") line.options.predict_checkpoint = once();
+    else if (a == "--out") line.options.predict_out = once();
+    else if (a == "--samples") line.options.predict_samples = count_of(a, once(), "samples");
+    else if (a == "--quiet" && equals == std::string::npos) {
+      if (!given.insert(a).second) throw deepcam::Error("--quiet is given twice; give it once");
+      line.options.quiet = true;
+    }
+    else if (a == "--benchmark") line.options.benchmark_steps = count_of(a, once(), "steps");
+    else if (a == "--quiet") throw deepcam::Error(fmt::format("--quiet takes no value (given: {})", args[i]));
+    else if (a == "--nproc") throw deepcam::Error("--nproc comes first: deepcam-host --nproc N RUN.toml...");
+    else if (a == "--help" || a == "-h" || a == "--version" || a == "--list-plugins" || a == "--describe") {
+      throw deepcam::Error(fmt::format("{} comes alone, first: deepcam-host {}", a,
+                                       a == "--describe" ? "--describe KIND/NAME" : a));
+    } else if (!a.empty() && a[0] == '-') throw deepcam::Error(fmt::format("unknown option {}\n{}", args[i], kUsage));
+    else line.files.push_back(args[i]);
+  }
+  if (line.files.empty()) throw deepcam::Error(fmt::format("no run file given\n{}", kUsage));
+  const int modes = !line.options.evaluate_checkpoint.empty() + (line.options.benchmark_steps > 0) +
+                    !line.options.predict_checkpoint.empty();
+  if (modes > 1) throw deepcam::Error("--evaluate, --benchmark and --predict: give one of them");
+  if (!line.options.predict_checkpoint.empty() && line.options.predict_out.empty()) {
+    throw deepcam::Error(fmt::format("--predict needs --out DIR, the folder for its files\n{}", kUsage));
+  }
+  if (line.options.predict_checkpoint.empty() && (!line.options.predict_out.empty() || line.options.predict_samples > 0)) {
+    throw deepcam::Error(fmt::format("--out and --samples go with --predict CHECKPOINT\n{}", kUsage));
+  }
+  return line;
+}
+
 // `result_on_stdout` is set for what prints its result there (--help,
 // --version, --list-plugins, --describe, --evaluate, --benchmark): main
 // checks that it got there. Training's echo of the log is no result: the
@@ -247,7 +317,7 @@ int run_host(int argc, char** argv, bool& result_on_stdout) {
       const long long nproc = count_of("--nproc", joined ? args[0].substr(8) : args[1], "ranks", 4096);
       const std::vector<std::string> rest(args.begin() + (joined ? 1 : 2), args.end());
       // What prints and ends would print once per rank: refused here, once
-      // (later in the line, each rank refuses it as out of place).
+      // (later in the line, parse_run_line refuses it as out of place).
       const std::string first = rest.empty() ? "" : rest[0].substr(0, rest[0].find('='));
       // Refused here, before any rank starts: each would say it runs under
       // a launcher already.
@@ -260,87 +330,22 @@ int run_host(int argc, char** argv, bool& result_on_stdout) {
         throw deepcam::Error(fmt::format("{} comes alone, first, without --nproc: deepcam-host {}", first,
                                          first == "--describe" ? "--describe WHAT" : first));
       }
+      // Each rank would say what is wrong with its line.
+      const RunLine line = parse_run_line(rest);
       // Every rank reads the run files: a pipe (`<(...)`, a FIFO) gives its
       // text to one, and the others read nothing.
-      bool run_file = false;
-      for (std::size_t k = 0; k < rest.size(); ++k) {
-        if (rest[k].rfind("--", 0) == 0) {
-          const bool valued = rest[k] == "--set" || rest[k] == "--evaluate" || rest[k] == "--predict" ||
-                              rest[k] == "--out" || rest[k] == "--samples" || rest[k] == "--benchmark";
-          k += valued ? 1 : 0;
-          continue;
-        }
-        run_file = true;
+      for (const std::string& file : line.files) {
         std::error_code ec;
-        if (std::filesystem::is_fifo(std::filesystem::status(rest[k], ec))) {
+        if (std::filesystem::is_fifo(std::filesystem::status(file, ec))) {
           throw deepcam::Error(fmt::format("{}: a pipe, which only one of the {} ranks could read (each reads the "
                                            "run files); with --nproc, give the run file as a file",
-                                           rest[k], nproc));
+                                           file, nproc));
         }
       }
-      // Each rank would print the usage.
-      if (!run_file) throw deepcam::Error(fmt::format("no run file given\n{}", kUsage));
       return deepcam::launch_local_ranks(static_cast<int>(nproc), rest);
     }
-    std::vector<std::string> files;
-    std::vector<std::string> overrides;
-    deepcam::EngineOptions options;
-    std::set<std::string> given;  // the options that take one value, each at most once
-    for (std::size_t i = 0; i < args.size(); ++i) {
-      // --name value, or --name=value as with argparse.
-      const std::size_t equals = args[i].rfind("--", 0) == 0 ? args[i].find('=') : std::string::npos;
-      const std::string a = args[i].substr(0, equals);
-      auto value = [&]() -> std::string {
-        if (equals != std::string::npos) {
-          if (equals + 1 == args[i].size()) throw deepcam::Error(fmt::format("{} needs a value\n{}", a, kUsage));
-          return args[i].substr(equals + 1);
-        }
-        if (i + 1 >= args.size() || args[i + 1].empty()) {
-          throw deepcam::Error(fmt::format("{} needs a value\n{}", a, kUsage));
-        }
-        // --out --quiet wrote into a folder named --quiet, and was not quiet.
-        if (args[i + 1].rfind("--", 0) == 0) {
-          throw deepcam::Error(fmt::format("{} needs a value, and {} is an option (a path that begins with '--' is "
-                                           "written ./{})",
-                                           a, args[i + 1], args[i + 1]));
-        }
-        return args[++i];
-      };
-      auto once = [&]() -> std::string {
-        if (!given.insert(a).second) {
-          throw deepcam::Error(fmt::format("{} is given twice; give it once", a));
-        }
-        return value();
-      };
-      if (a == "--set") overrides.push_back(value());
-      else if (a == "--evaluate") options.evaluate_checkpoint = once();
-      else if (a == "--predict") options.predict_checkpoint = once();
-      else if (a == "--out") options.predict_out = once();
-      else if (a == "--samples") options.predict_samples = count_of(a, once(), "samples");
-      else if (a == "--quiet" && equals == std::string::npos) {
-        if (!given.insert(a).second) throw deepcam::Error("--quiet is given twice; give it once");
-        options.quiet = true;
-      }
-      else if (a == "--benchmark") options.benchmark_steps = count_of(a, once(), "steps");
-      else if (a == "--quiet") throw deepcam::Error(fmt::format("--quiet takes no value (given: {})", args[i]));
-      else if (a == "--nproc") throw deepcam::Error("--nproc comes first: deepcam-host --nproc N RUN.toml...");
-      else if (a == "--help" || a == "-h" || a == "--version" || a == "--list-plugins" || a == "--describe") {
-        throw deepcam::Error(fmt::format("{} comes alone, first: deepcam-host {}", a,
-                                         a == "--describe" ? "--describe KIND/NAME" : a));
-      } else if (!a.empty() && a[0] == '-') throw deepcam::Error(fmt::format("unknown option {}\n{}", args[i], kUsage));
-      else files.push_back(args[i]);
-    }
-    if (files.empty()) throw deepcam::Error(fmt::format("no run file given\n{}", kUsage));
-    const int modes = !options.evaluate_checkpoint.empty() + (options.benchmark_steps > 0) +
-                      !options.predict_checkpoint.empty();
-    if (modes > 1) throw deepcam::Error("--evaluate, --benchmark and --predict: give one of them");
-    if (!options.predict_checkpoint.empty() && options.predict_out.empty()) {
-      throw deepcam::Error(fmt::format("--predict needs --out DIR, the folder for its files\n{}", kUsage));
-    }
-    if (options.predict_checkpoint.empty() && (!options.predict_out.empty() || options.predict_samples > 0)) {
-      throw deepcam::Error(fmt::format("--out and --samples go with --predict CHECKPOINT\n{}", kUsage));
-    }
-    return deepcam::run_engine(deepcam::load_config(files, overrides, loader), options);
+    const RunLine line = parse_run_line(args);
+    return deepcam::run_engine(deepcam::load_config(line.files, line.overrides, loader), line.options);
   } catch (const deepcam::StopRequested& e) {
     // A plugin's work stopped by SIGTERM or SIGINT (a reader staging its
     // files); the engine says how far the run had come. The engine's own

@@ -778,6 +778,23 @@ def test_nproc_refuses_a_run_file_on_a_pipe_and_gives_the_usage_once(tmp_path):
     assert "no run file given" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--bogus"], "unknown option --bogus"),
+    (["--benchmark", "0"], "--benchmark 0: expected a number of steps in 1..1000000000"),
+    (["--evaluate", "a.pt", "--benchmark", "3"], "--evaluate, --benchmark and --predict: give one of them"),
+    (["--out", "dir"], "--out and --samples go with --predict CHECKPOINT"),
+    (["--quiet", "--quiet"], "--quiet is given twice; give it once"),
+])
+def test_a_bad_line_under_nproc_is_said_once_before_any_rank_starts(tmp_path, data, args, says):
+    # Each rank parsed the line and said what was wrong with it, prefixed with its rank.
+    out = tmp_path / "out"
+    r = run_host("--nproc", 3, write_run(tmp_path / "run.toml", data, out), *args, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count(says) == 1 and r.stderr.startswith(f"deepcam-host: {says}"), r.stderr
+    assert "rank" not in r.stderr, r.stderr
+    assert not out.exists()
+
+
 def test_a_run_file_that_never_ends_is_refused_past_16_mib(tmp_path):
     r = subprocess.run(["bash", "-c", f'exec "{HOST}" <(yes "# a comment")'], capture_output=True, text=True,
                        env=plugin_env(), timeout=120)
