@@ -42,6 +42,7 @@
 #include "deepcam/plugin_loader.hpp"
 #include "deepcam/stop_request.hpp"
 #include "deepcam_build_config.h"
+#include "command_line.hpp"
 #include "convert.hpp"
 #include "options.hpp"
 #include "package.hpp"
@@ -416,9 +417,7 @@ int run(const std::vector<std::string>& args, deepcam::PluginLoader& loader) {
       return 0;
     }
   // An empty word names nothing (an unset shell variable): as a folder it
-  // was the current one (stats "" rewrote ./stats.h5). A control character
-  // would be printed raw where a line names the path ("wrote DIR"); read's
-  // --set items have a check of their own.
+  // was the current one (stats "" rewrote ./stats.h5).
   for (std::size_t k = 0; k < rest.size() && known; ++k) {
     const std::string after = k > 0 ? " (after " + rest[k - 1] + ")" : "";
     if (rest[k].empty())
@@ -430,11 +429,8 @@ int run(const std::vector<std::string>& args, deepcam::PluginLoader& loader) {
                                    "written ./{})",
                                    command, rest[k - 1], rest[k], rest[k])};
     }
-    if ((k > 0 && rest[k - 1] == "--set") || rest[k].rfind("--set=", 0) == 0) continue;
-    if (const std::string problem = deepcam::control_character(rest[k]); !problem.empty()) {
-      throw UsageError{fmt::format("{}: argument {}{} ({}) {}; write it without", command, k + 1, after,
-                                   deepcam::Json(rest[k]).dump(), problem)};
-    }
+    if (const std::string problem = deepcam::control_character_word(rest, k); !problem.empty())
+      throw UsageError{command + ": " + problem};
   }
   // The commands that write files stop between files, and read between
   // batches (its reader removes what it staged); verify writes nothing, and

@@ -22,6 +22,7 @@
 #include "deepcam/json.hpp"
 #include "deepcam/plugin_loader.hpp"
 #include "deepcam/stop_request.hpp"
+#include "command_line.hpp"
 #include "launcher.hpp"
 #include "process_end.hpp"
 #include "std_streams.hpp"
@@ -270,16 +271,9 @@ int run_host(int argc, char** argv, bool& result_on_stdout) {
       std::fputs(kUsage, stderr);
       return 2;
     }
-    // A path with a control character would be printed raw where a line
-    // names it ("wrote the predictions ... to DIR"); --set items have a
-    // check of their own, naming the key.
-    for (std::size_t k = 0; k < args.size(); ++k) {
-      if ((k > 0 && args[k - 1] == "--set") || args[k].rfind("--set=", 0) == 0) continue;
-      if (const std::string problem = deepcam::control_character(args[k]); !problem.empty()) {
-        throw deepcam::Error(fmt::format("argument {} ({}) {}; write it without", k + 1, deepcam::Json(args[k]).dump(),
-                                         problem));
-      }
-    }
+    for (std::size_t k = 0; k < args.size(); ++k)
+      if (const std::string problem = deepcam::control_character_word(args, k); !problem.empty())
+        throw deepcam::Error(problem);
     // These print and end: anything after them would be ignored.
     for (const char* alone : {"--help", "-h", "--version", "--list-plugins"}) {
       if (args[0] == alone && args.size() > 1) {

@@ -302,7 +302,7 @@ def test_a_checkpoint_path_with_a_newline_is_refused_before_any_record_is_writte
     cfg = write_run(tmp_path / "eval.toml", data, tmp_path / "eval")
     r = run_host(cfg, "--evaluate", ckpt)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert (f"argument 3 ({json.dumps(str(ckpt))}) holds the control character 0x0a at byte "
+    assert (f"argument 3 (after --evaluate) ({json.dumps(str(ckpt))}) holds the control character 0x0a at byte "
             f"{len(str(tmp_path / 'odd')) + 1}; write it without") in r.stderr, r.stderr
     assert not (tmp_path / "eval").exists()
 

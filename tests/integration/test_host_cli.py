@@ -752,8 +752,8 @@ def test_an_empty_or_odd_word_on_the_command_line_is_refused_naming_it(tmp_path,
     run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
     r = run_host(run, "--predict", tmp_path / "nothing.pt", "--out", tmp_path / "pred\x1b[2J")
     assert r.returncode == 2, r.stderr
-    assert ('argument 5 ("' + str(tmp_path) + '/pred\\u001b[2J") holds the control character 0x1b') in r.stderr, \
-        r.stderr
+    assert ('argument 5 (after --out) ("' + str(tmp_path) + '/pred\\u001b[2J") holds the control character '
+            '0x1b') in r.stderr, r.stderr
     assert "\x1b" not in r.stderr and not (tmp_path / "out").exists()
     r = run_host(run, "--quiet=1")
     assert r.returncode == 2 and "--quiet takes no value (given: --quiet=1)" in r.stderr, r.stderr
