@@ -273,8 +273,15 @@ LoadedPlugin PluginLoader::open(const std::string& path) {
   if (fs::is_directory(path, exists_ec)) {
     throw Error(fmt::format("{}: a directory, not a plugin library file", path));
   }
-  if (!fs::is_regular_file(path, exists_ec)) {
+  const fs::file_status status = fs::status(path, exists_ec);
+  if (!fs::exists(status)) {
+    // A loop of links is no missing file.
+    if (exists_ec && exists_ec != std::errc::no_such_file_or_directory)
+      throw Error(fmt::format("{}: cannot read the plugin library: {}", path, exists_ec.message()));
     throw Error(fmt::format("{}: no such plugin library", path));
+  }
+  if (!fs::is_regular_file(status)) {
+    throw Error(fmt::format("{}: not a plugin library file (a device, pipe or socket)", path));
   }
   if (const std::string problem = elf_problem(path); !problem.empty()) {
     throw Error(fmt::format("{}: cannot load: {}", path, problem));

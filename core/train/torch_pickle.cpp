@@ -1136,8 +1136,13 @@ void check_container(const std::string& path) {
   if (std::filesystem::exists(status) && !std::filesystem::is_regular_file(status)) {
     throw Error(fmt::format("{}: not a regular file (a pipe, socket or device), not a checkpoint file", path));
   }
+  errno = 0;
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(fmt::format("{}: cannot open (no such file, or not readable)", path));
+  if (!in) {
+    // open(2)'s reason: no such file, not readable, a loop of links.
+    const int err = errno;
+    throw Error(fmt::format("{}: cannot open: {}", path, err ? std::strerror(err) : "no such file, or not readable"));
+  }
   unsigned char head[4] = {};
   in.read(reinterpret_cast<char*>(head), sizeof head);
   if (in.gcount() >= 2 && head[0] == 0x80 && head[1] <= 5) {

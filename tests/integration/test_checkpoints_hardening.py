@@ -307,6 +307,18 @@ def test_a_checkpoint_path_with_a_newline_is_refused_before_any_record_is_writte
     assert not (tmp_path / "eval").exists()
 
 
+def test_a_checkpoint_that_cannot_be_opened_is_named_with_the_reason(tmp_path, data):
+    # A loop of links was "no such file, or not readable".
+    loop = tmp_path / "loop.pt"
+    loop.symlink_to(loop)
+    cfg = write_run(tmp_path / "eval.toml", data, tmp_path / "eval")
+    r = run_host(cfg, "--evaluate", loop)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"--evaluate: {loop}: cannot open: Too many levels of symbolic links" in r.stderr, r.stderr
+    r = run_host(cfg, "--evaluate", tmp_path / "missing.pt")
+    assert f"{tmp_path / 'missing.pt'}: cannot open: No such file or directory" in r.stderr, r.stderr
+
+
 def test_a_truncated_checkpoint_is_said_to_be_truncated(tmp_path, data, trained):
     whole = trained.read_bytes()
     for keep in (10, len(whole) // 2, len(whole) - 1):

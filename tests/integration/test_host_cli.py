@@ -475,6 +475,12 @@ def test_a_folder_or_an_elf_file_that_is_no_shared_library_is_named_for_what_it_
     folder = tmp_path / "libdeepcam_optimizer_adam.so"
     folder.mkdir()
     assert f"{folder}: a directory, not a plugin library file" in refused(tmp_path, data, folder)
+    # /dev/zero was "no such plugin library", and a loop of links too.
+    assert "/dev/zero: not a plugin library file (a device, pipe or socket)" in refused(tmp_path, data, "/dev/zero")
+    loop = tmp_path / "loop.so"
+    loop.symlink_to(loop)
+    assert f"{loop}: cannot read the plugin library: Too many levels of symbolic links" in refused(tmp_path, data,
+                                                                                                  loop)
     obj = next((BUILD_DIR / "core").rglob("*.o"))
     assert f"{obj}: cannot load: not a shared library (an object file)" in refused(tmp_path, data, obj)
     executable = tmp_path / "executable.so"

@@ -238,7 +238,7 @@ def test_a_checkpoint_that_cannot_be_read_is_named_before_the_reader_stages(tmp_
             "--predict": ["--predict", path, "--out", tmp_path / "pred"]}[mode]
     r = run_host(run, *args)
     assert r.returncode == 2, r.stderr[-3000:]
-    said = "cannot open (no such file, or not readable)" if checkpoint == "missing.pt" else \
+    said = "cannot open: No such file or directory" if checkpoint == "missing.pt" else \
         "not a torch.save file (not a zip archive)"
     # Named with what gave it: the setting, or the option.
     where = f"--set run.resume={path}" if mode == "resume" else mode
