@@ -36,6 +36,7 @@
 
 #include <c10/util/Exception.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "deepcam/error.hpp"
 #include "deepcam/json.hpp"
@@ -111,8 +112,9 @@ training sample's, is named and not converted (training would refuse it);
 a set training refuses (train/ or validation/ missing or empty, a stats.h5
 verify refuses) is refused before anything is written. DST may be SRC: the pairs are then written beside the HDF5 files
 (each reader reads its own form); DST inside SRC is refused.
-Pairs already converted (headers and sizes matching the source) are skipped,
-so an interrupted run is finished by running it again. Started by mpirun or
+Pairs already converted (headers and sizes matching the source, and the
+source's modification time, which convert gives them) are skipped, so an
+interrupted run is finished by running it again. Started by mpirun or
 srun, rank r of P converts every P-th sample (OMPI_COMM_WORLD_RANK/SIZE,
 PMI_RANK/PMI_SIZE or SLURM_PROCID/SLURM_NTASKS).
   --threads N        samples converted at once (>= 1)  default: cores, at most 16
@@ -404,13 +406,20 @@ int run(const std::vector<std::string>& args, deepcam::PluginLoader& loader) {
     deepcam::oprint("deepcam-data {} (LibTorch {})\n", DEEPCAM_VERSION, DEEPCAM_TORCH_VERSION);
     return 0;
   }
+  const auto command_name = [](const std::string& word) {
+    return word == "synth" || word == "stats" || word == "convert" || word == "verify" || word == "read" ||
+           word == "package";
+  };
   if (command == "--help" || command == "-h" || command == "help") {
+    // `deepcam-data help convert`, as git's; the one help covers every command.
+    if (args.size() > 2 || (args.size() == 2 && !command_name(args[1])))
+      throw UsageError{fmt::format("{} takes nothing after it but a command (given: {})", command,
+                                   fmt::join(args.begin() + 1, args.end(), " "))};
     deepcam::oprint("{}", kUsage);
     return 0;
   }
   const std::vector<std::string> rest(args.begin() + 1, args.end());
-  const bool known = command == "synth" || command == "stats" || command == "convert" || command == "verify" ||
-                     command == "read" || command == "package";
+  const bool known = command_name(command);
   for (const auto& a : rest)
     if ((a == "--help" || a == "-h") && known) {
       deepcam::oprint("{}", kUsage);

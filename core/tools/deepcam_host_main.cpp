@@ -139,6 +139,11 @@ int describe(deepcam::PluginLoader& loader, const std::string& what) {
   const std::string name = what.substr(slash + 1);
   for (auto kind : kinds) {
     if (kind_name != deepcam::to_string(kind)) continue;
+    if (name.empty()) {
+      throw deepcam::Error(fmt::format("--describe {}: no plugin name after the '/'; deepcam-host --describe {} lists "
+                                       "them",
+                                       what, kind_name));
+    }
     const auto& p = loader.load(kind, name);
     const auto& d = *p.descriptor;
     deepcam::oprint("{}/{} {}: {}\n  file: {}\n  built with LibTorch {}, C++11 ABI {}, CUDA {}, plugin ABI {}\n"
@@ -214,6 +219,8 @@ RunLine parse_run_line(const std::vector<std::string>& args) {
     else if (a == "--benchmark") line.options.benchmark_steps = count_of(a, once(), "steps");
     else if (a == "--quiet") throw deepcam::Error(fmt::format("--quiet takes no value (given: {})", args[i]));
     else if (a == "--nproc") throw deepcam::Error("--nproc comes first: deepcam-host --nproc N RUN.toml...");
+    else if ((a == "--help" || a == "--version" || a == "--list-plugins") && equals != std::string::npos)
+      throw deepcam::Error(fmt::format("{} takes no value (given: {})", a, args[i]));
     else if (a == "--help" || a == "-h" || a == "--version" || a == "--list-plugins" || a == "--describe") {
       throw deepcam::Error(fmt::format("{} comes alone, first: deepcam-host {}", a,
                                        a == "--describe" ? "--describe KIND/NAME" : a));

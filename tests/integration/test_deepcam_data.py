@@ -89,6 +89,12 @@ def test_help(deepcam_data):
     host = subprocess.run([str(HOST), "--version"], capture_output=True, text=True, timeout=60).stdout
     assert re.fullmatch(r"deepcam-data (\S+) \(LibTorch \S+\)\n", proc.stdout), proc.stdout
     assert host.startswith(f"deepcam-host {proc.stdout.split()[1]} "), host
+    # `help convert`, as git's, prints the one help; anything else after --help was ignored.
+    assert run(deepcam_data, "help", "convert", check=True).stdout == run(deepcam_data, "--help").stdout
+    for extra in (["extra"], ["synth", "convert"]):
+        proc = run(deepcam_data, "--help", *extra)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+        assert f"--help takes nothing after it but a command (given: {' '.join(extra)})" in proc.stderr, proc.stderr
 
 
 def test_layout_and_names(dataset):

@@ -679,6 +679,20 @@ def test_what_follows_an_option_that_ends_the_command_is_refused_not_ignored(fir
     assert r.returncode == 2 and f"{first} takes nothing after it (given: run.toml)" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("first", ["--help", "--version", "--list-plugins"])
+def test_an_option_that_ends_the_command_given_a_value_is_refused_as_such(first):
+    # It was told to come "alone, first", where it stood first.
+    r = run_host(f"{first}=yes")
+    assert r.returncode == 2 and r.stderr == f"deepcam-host: {first} takes no value (given: {first}=yes)\n", r.stderr
+
+
+def test_describe_of_a_kind_and_a_slash_names_the_missing_plugin_name():
+    # It said "no reader plugin named ''", with every search path.
+    r = run_host("--describe", "reader/")
+    assert r.returncode == 2 and r.stderr == ("deepcam-host: --describe reader/: no plugin name after the '/'; "
+                                              "deepcam-host --describe reader lists them\n"), r.stderr
+
+
 @pytest.mark.parametrize("seed, shown", [
     (9200000000000000001, "9200000000000000001"),  # rounds to the bound, 9.2e18, as a double
     (9223372036854775807, "9223372036854775807"),  # rounds to 2^63, and was printed as -2^63
