@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -204,6 +205,17 @@ std::string directory_problem(const std::string& path) {
   if (errno == ENOENT || errno == ENOTDIR) return "no such directory";
   if (errno == ELOOP) return "a symbolic link loop, not a directory";
   return std::strerror(errno);
+}
+
+std::string output_directory_problem(const std::string& path) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) return errno == ENOENT ? "" : directory_problem(path);
+  if (!S_ISLNK(st.st_mode) || ::stat(path.c_str(), &st) == 0 || errno != ENOENT) return directory_problem(path);
+  // Making a folder there said "File exists".
+  char target[4096];
+  const ssize_t n = ::readlink(path.c_str(), target, sizeof target);
+  return fmt::format("a symbolic link to {}, which does not exist",
+                     n > 0 ? shown(std::string(target, static_cast<std::size_t>(n)), /*one_line=*/true) : "?");
 }
 
 std::string split_folder_problem(const std::string& root, const std::string& split) {

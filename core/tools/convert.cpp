@@ -562,6 +562,8 @@ void run_convert(const ConvertOptions& o) {
   const std::vector<ChannelScale> scales = refuse_what_training_refuses(o.src, splits, sources);
   const SetShape common = set_shape(sources);
 
+  if (const std::string problem = output_directory_problem(o.dst.string()); !problem.empty())
+    throw Error(fmt::format("{}: {}; convert writes the numpy set into that folder", o.dst.string(), problem));
   refuse_another_set_in(o, splits);
 
   std::vector<Job> all;

@@ -172,6 +172,8 @@ void remove_stale_temporaries(const fs::path& dir) {
 }
 
 std::vector<fs::path> training_files(const fs::path& root) {
+  if (const std::string problem = directory_problem(root.string()); !problem.empty())
+    throw Error(fmt::format("{}: {}; a data set root holds train/, validation/ and stats.h5", root.string(), problem));
   const fs::path dir = root / "train";
   if (const std::string problem = directory_problem(dir.string()); !problem.empty())
     throw Error(fmt::format("{}: {}; a data set root holds train/, validation/ and stats.h5", dir.string(), problem));
@@ -289,8 +291,8 @@ void write_stats(const fs::path& target, const ChannelStats& stats) {
 
 ChannelStats run_stats(const fs::path& root, const ProgressOptions& progress_options, bool summary) {
   const auto start = std::chrono::steady_clock::now();
-  remove_stale_temporaries(root);  // a stats.h5 of a stats or synth run that was killed
   const std::vector<fs::path> files = training_files(root);
+  remove_stale_temporaries(root);  // a stats.h5 of a stats or synth run that was killed
   const fs::path target = root / "stats.h5";
   check_writable(target);
   Progress progress("stats", files.size(), "files", progress_options);

@@ -10,6 +10,7 @@
 
 #include <fmt/format.h>
 
+#include "deepcam/data_set.hpp"
 #include "deepcam/error.hpp"
 #include "deepcam/h5.hpp"
 #include "parallel.hpp"
@@ -399,6 +400,8 @@ void run_synth(const SynthOptions& o) {
       jobs.push_back({split, static_cast<std::uint64_t>(k), o.out / split_name(split) / name});
     }
   }
+  if (const std::string problem = output_directory_problem(o.out.string()); !problem.empty())
+    throw Error(fmt::format("{}: {}; synth writes the data set into the folder --out names", o.out.string(), problem));
   check_out(o.out, ours);
   // The folders this run makes go again, when still empty, if it fails (a
   // sample that does not fit in memory, a full disk, a stop signal): a

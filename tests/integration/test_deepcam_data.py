@@ -365,6 +365,31 @@ def test_stats_of_a_set_in_the_numpy_form_only(deepcam_data, dataset, tmp_path):
 def test_stats_without_train_dir_fails(deepcam_data, tmp_path):
     proc = run(deepcam_data, "stats", tmp_path / "nothing")
     assert_one_line_error(proc, "nothing")
+    # The root is named for what it is, as verify and convert name it: "FILE/train: no such directory" sent
+    # the user looking for a folder inside a file.
+    (tmp_path / "file").write_text("x")
+    assert_one_line_error(run(deepcam_data, "stats", tmp_path / "file"),
+                          f"{tmp_path / 'file'}: a file, not a directory; a data set root holds train/")
+    assert_one_line_error(run(deepcam_data, "stats", tmp_path / "nothing"),
+                          f"{tmp_path / 'nothing'}: no such directory; a data set root holds train/")
+
+
+def test_an_output_folder_given_as_a_link_to_nothing_is_named_so(deepcam_data, dataset, tmp_path):
+    # Making the folder's train/ said "cannot create the directory: File exists".
+    dangling = tmp_path / "out"
+    dangling.symlink_to(tmp_path / "gone")
+    proc = run(deepcam_data, "synth", "--out", dangling, "--train", 1, "--validation", 1, "--height", 16,
+               "--width", 16)
+    assert_one_line_error(proc, f"{dangling}: a symbolic link to {tmp_path / 'gone'}, which does not exist; synth "
+                                "writes the data set into the folder --out names")
+    proc = run(deepcam_data, "convert", dataset, dangling)
+    assert_one_line_error(proc, f"{dangling}: a symbolic link to {tmp_path / 'gone'}, which does not exist; "
+                                "convert writes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # A link to a folder is followed, as before.
+    (tmp_path / "gone").mkdir()
+    synth(deepcam_data, dangling, counts={"train": 1, "validation": 1, "test": 0}, height=16, width=16)
+    assert (tmp_path / "gone" / "stats.h5").is_file()
 
 
 def test_stats_calls_a_train_that_is_a_file_one(deepcam_data, tmp_path):
