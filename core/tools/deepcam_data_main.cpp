@@ -216,6 +216,9 @@ UsageError missing_value(const std::string& command, const std::string& option,
 long long parse_integer(const std::string& option, std::string_view text, long long lo, long long hi) {
   long long value = 0;
   const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  // Digits past 64 bits are an integer out of range, not no integer.
+  if (ec == std::errc::result_out_of_range && end == text.data() + text.size())
+    throw UsageError{fmt::format("{} must be between {} and {}, got {}", option, lo, hi, text)};
   if (ec != std::errc() || end != text.data() + text.size() || text.empty())
     throw UsageError{fmt::format("{} expects an integer, got '{}'", option, text)};
   if (value < lo || value > hi)

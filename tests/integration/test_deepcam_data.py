@@ -591,6 +591,18 @@ def test_bad_arguments(deepcam_data, tmp_path, args):
     assert list(tmp_path.iterdir()) == []
 
 
+# Digits past 64 bits were called "expects an integer".
+@pytest.mark.parametrize("count, says", [
+    ("99999999999999999999", "--train must be between 1 and 10000000, got 99999999999999999999"),
+    ("-99999999999999999999", "--train must be between 1 and 10000000, got -99999999999999999999"),
+    ("1e3", "--train expects an integer, got '1e3'"),
+])
+def test_a_count_past_64_bits_is_out_of_range_not_no_integer(deepcam_data, tmp_path, count, says):
+    proc = run(deepcam_data, "synth", "--out", tmp_path / "x", "--train", count)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"deepcam-data: {says}; "), proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_default_resolution_smoke(deepcam_data, tmp_path):
     root = tmp_path / "full"
     run(deepcam_data, "synth", "--out", root, "--train", 1, "--validation", 1, "--seed", 3, check=True)
