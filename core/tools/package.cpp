@@ -788,6 +788,10 @@ PackageOptions parse_package_args(const std::vector<std::string>& args, std::str
   else if (throughput && o.throughput_runs.empty())
     error = "package: --throughput: give the output folders of the instances after it";
   else if (o.system.empty()) error = "package: --system NAME is required";
+  else if (o.system == "." || o.system == "..")
+    error = fmt::format("package: --system '{}': a folder's name, not a system's (it names the files "
+                        "systems/NAME.json and results/NAME/)",
+                        o.system);
   else if (!valid_system_name(o.system))
     error = fmt::format("package: --system '{}': use letters, digits and _ - . + only (it names a file)", o.system);
   else if (o.out.empty()) error = "package: --out DIR is required";
@@ -972,7 +976,7 @@ static int write_package(const PackageOptions& o) {
                                  : fmt::format("the olympic mean needs at least {} converged runs beside {} such",
                                                2 * kMaxDropped - dropped + 1, dropped);
     deepcam::eprint(
-        "package: no score: {} of {} runs did not converge (the benchmark's target IoU {} not "
+        "deepcam-data: package: no score: {} of {} runs did not converge (the benchmark's target IoU {} not "
         "reached, or a closed-division run short of the full data set); {}\n",
         dropped, runs.size(), kBenchmarkTargetIou, rule);
     status = 1;
@@ -982,7 +986,7 @@ static int write_package(const PackageOptions& o) {
   }
   if (!instances.empty()) {
     if (instances.size() < kRequiredRuns) {
-      deepcam::eprint("package: no throughput score: {} instances; the rules want at least {} for deepcam\n",
+      deepcam::eprint("deepcam-data: package: no throughput score: {} instances; the rules want at least {} for deepcam\n",
                       instances.size(), kRequiredRuns);
       status = 1;
     } else {

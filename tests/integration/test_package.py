@@ -201,7 +201,7 @@ def test_closed_division_runs_short_of_the_full_data_set_are_not_counted(runs, t
     assert r.returncode == 1, r.stdout + r.stderr
     assert r.stdout.count("run_stop status success; a closed-division run on 64 training and 16 validation samples, "
                           "where the checker wants the full data set's 121266 and 15158: not counted") == RUNS, r.stdout
-    assert "no score: 5 of 5 runs did not converge" in r.stderr, r.stderr
+    assert "deepcam-data: package: no score: 5 of 5 runs did not converge" in r.stderr, r.stderr
     assert json.loads((out / "score.json").read_text())["score_minutes"] is None
     rows, text = summarize(out)
     assert [row["deepcam"] for row in rows] == [""], text
@@ -288,6 +288,9 @@ def test_bad_input_is_named(runs, tmp_path):
     assert r.returncode == 1 and "exists already" in r.stderr, r.stderr
     r = package(runs["open"], tmp_path / "pkg", "bad/name")
     assert r.returncode == 2 and "--system 'bad/name'" in r.stderr, r.stderr
+    # '..' was told to use letters, digits and _ - . +, which it does.
+    r = package(runs["open"], tmp_path / "pkg", "..")
+    assert r.returncode == 2 and "--system '..': a folder's name, not a system's" in r.stderr, r.stderr
     empty = tmp_path / "empty-run"
     empty.mkdir()
     r = package([empty], tmp_path / "pkg")
@@ -498,7 +501,7 @@ def test_fewer_than_five_throughput_instances_leave_no_throughput_score(runs, tm
         shutil.copytree(d, copies[-1])
     r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", "--throughput", *copies)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "no throughput score: 4 instances; the rules want at least 5 for deepcam" in r.stderr
+    assert "deepcam-data: package: no throughput score: 4 instances; the rules want at least 5 for deepcam" in r.stderr
     score = json.loads((tmp_path / "pkg" / "score.json").read_text())
     assert score["score_minutes"] is not None and score["throughput"]["time_to_train_all_minutes"] is None
     assert score["throughput"]["number_of_models"] == 4
