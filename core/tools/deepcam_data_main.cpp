@@ -535,6 +535,9 @@ int run_data(int argc, char** argv) {
           signal);
     }
     return end_by_signal(stopped.signal);
+  } catch (const deepcam::data::StoppedReadingRunFiles& stopped) {
+    deepcam::eprint("deepcam-data: read: {}; nothing was read\n", deepcam::shown(stopped.what(), false));
+    return end_by_signal(stopped.signal());
   } catch (const deepcam::StopRequested& stopped) {
     // read's reader, staging before the first batch.
     if (stopped.signal() < 1 || stopped.signal() >= NSIG) {

@@ -228,13 +228,13 @@ RunLine parse_run_line(const std::vector<std::string>& args) {
     else line.files.push_back(args[i]);
   }
   if (line.files.empty()) throw deepcam::Error(fmt::format("no run file given\n{}", kUsage));
-  const int modes = !line.options.evaluate_checkpoint.empty() + (line.options.benchmark_steps > 0) +
-                    !line.options.predict_checkpoint.empty();
+  const deepcam::EngineOptions& o = line.options;
+  const int modes = !o.evaluate_checkpoint.empty() + (o.benchmark_steps > 0) + !o.predict_checkpoint.empty();
   if (modes > 1) throw deepcam::Error("--evaluate, --benchmark and --predict: give one of them");
-  if (!line.options.predict_checkpoint.empty() && line.options.predict_out.empty()) {
+  if (!o.predict_checkpoint.empty() && o.predict_out.empty()) {
     throw deepcam::Error(fmt::format("--predict needs --out DIR, the folder for its files\n{}", kUsage));
   }
-  if (line.options.predict_checkpoint.empty() && (!line.options.predict_out.empty() || line.options.predict_samples > 0)) {
+  if (o.predict_checkpoint.empty() && (!o.predict_out.empty() || o.predict_samples > 0)) {
     throw deepcam::Error(fmt::format("--out and --samples go with --predict CHECKPOINT\n{}", kUsage));
   }
   return line;

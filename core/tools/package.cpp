@@ -986,8 +986,9 @@ static int write_package(const PackageOptions& o) {
   }
   if (!instances.empty()) {
     if (instances.size() < kRequiredRuns) {
-      deepcam::eprint("deepcam-data: package: no throughput score: {} instances; the rules want at least {} for deepcam\n",
-                      instances.size(), kRequiredRuns);
+      deepcam::eprint(
+          "deepcam-data: package: no throughput score: {} instances; the rules want at least {} for deepcam\n",
+          instances.size(), kRequiredRuns);
       status = 1;
     } else {
       deepcam::oprint(

@@ -216,8 +216,8 @@ void run_read_bench(const ReadBenchOptions& options, PluginLoader& loader) {
       return load_config(options.run_files, options.overrides, loader);
     } catch (const PluginBug&) {
       throw;  // the plugin's mistake, not the run file's
-    } catch (const StopRequested&) {
-      throw;  // a stop signal while a run file on a pipe was read
+    } catch (const StopRequested& e) {
+      throw StoppedReadingRunFiles(e.signal(), e.what());  // a run file on a pipe
     } catch (const Error& e) {
       throw BadRunFile(e.what());
     }

@@ -57,6 +57,7 @@
 #include "deepcam/error.hpp"
 #include "deepcam/plugin_loader.hpp"
 #include "deepcam/reader.hpp"
+#include "deepcam/stop_request.hpp"
 
 namespace deepcam::data {
 
@@ -76,6 +77,13 @@ struct ReadBenchOptions {
 class BadRunFile : public Error {
  public:
   using Error::Error;
+};
+
+// A stop signal while a run file was read (from a pipe): no reader was
+// built, so none staged anything.
+class StoppedReadingRunFiles : public StopRequested {
+ public:
+  using StopRequested::StopRequested;
 };
 
 // Prints the JSON line; throws BadRunFile on a bad run file, deepcam::Error

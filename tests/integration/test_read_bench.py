@@ -370,7 +370,9 @@ def test_a_stop_signal_ends_the_wait_for_a_run_file_on_a_pipe(tmp_path):
         if p.poll() is None:
             p.kill()
     assert p.returncode == -signal.SIGTERM, err
-    assert f"stopped by Terminated while reading the run file {fifo}" in err, err
+    # No reader was built: nothing staged to remove, as the line used to say.
+    assert err == (f"deepcam-data: read: stopped by Terminated while reading the run file {fifo}; nothing was "
+                   "read\n"), err
 
 
 def test_a_run_file_that_never_ends_is_refused_past_16_mib(tmp_path):
