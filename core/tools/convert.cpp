@@ -166,31 +166,34 @@ std::string header_problem(const fs::path& path, npy::DType dtype, const std::ve
 }
 
 // The modification time convert gives both files of a pair: their source's.
-// A pair with another (to the second: a parallel file system may keep no
-// finer time) was not written from this source: another set's sample under
-// the same name, its stats.h5 removed, or one converted before the source
-// was written again. nullopt when the file cannot be looked at.
+// A pair with another was not written from this source (another set's
+// sample under the same name, its stats.h5 removed; one converted before
+// the source was written again), or was copied without its time: its values
+// decide, as with --verify. nullopt when the file cannot be looked at.
 std::optional<timespec> modified(const fs::path& path) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) return std::nullopt;
   return st.st_mtim;
 }
 
-bool same_second(const fs::path& path, const std::optional<timespec>& time) {
+// Whether `path` has the time `time` as utimensat gives it: to the
+// nanosecond, or cut to what the file system keeps (whole seconds on a
+// parallel file system, microseconds).
+bool dated(const fs::path& path, const std::optional<timespec>& time) {
   const std::optional<timespec> own = modified(path);
-  return own && time && own->tv_sec == time->tv_sec;
+  if (!own || !time || own->tv_sec != time->tv_sec) return false;
+  return own->tv_nsec == time->tv_nsec || own->tv_nsec == 0 || own->tv_nsec == time->tv_nsec / 1000 * 1000;
 }
 
-constexpr const char* kOtherTime =
-    "has another modification time than its source (another set's sample under this name, or converted before "
-    "the source was written again)";
-
-// Gives `path` the source's modification time; throws Error naming it.
-void stamp(const fs::path& path, const timespec& time) {
-  const timespec times[2] = {{0, UTIME_OMIT}, time};
-  if (::utimensat(AT_FDCWD, path.c_str(), times, 0) != 0)
-    throw Error(fmt::format("{}: cannot give it its source's modification time, which marks it converted: {}",
-                            path.string(), std::strerror(errno)));
+// Gives `path` the source's time unless it has it; "" or why it could not
+// (a read-only mount, a file of another user's). Not an error: a pair
+// without it has its values compared the next time.
+std::string stamp(const fs::path& path, const std::optional<timespec>& time) {
+  if (dated(path, time)) return "";
+  if (!time) return "its source's modification time cannot be read";
+  const timespec times[2] = {{0, UTIME_OMIT}, *time};
+  if (::utimensat(AT_FDCWD, path.c_str(), times, 0) != 0) return std::strerror(errno);
+  return "";
 }
 
 // True when the file's data equals `expected` byte for byte.
@@ -612,6 +615,18 @@ void run_convert(const ConvertOptions& o) {
     std::lock_guard<std::mutex> lock(output);
     deepcam::eprint("deepcam-data: {}\n", deepcam::shown(line, /*one_line=*/true));
   };
+  // Pairs that could not be given their source's time, and the first reason.
+  std::size_t unstamped = 0;
+  std::string unstamped_first;
+  auto stamp_pair = [&](const Job& job, const std::optional<timespec>& time) {
+    std::string why;
+    for (const fs::path* path : {&job.data, &job.label})
+      if (const std::string problem = stamp(*path, time); !problem.empty() && why.empty())
+        why = path->string() + ": " + problem;
+    if (why.empty()) return;
+    std::lock_guard<std::mutex> lock(output);
+    if (unstamped++ == 0) unstamped_first = why;
+  };
   Progress progress(who.empty() ? "convert" : "convert: " + who, jobs.size(), "samples", o.progress);
   parallel_for(jobs.size(), o.threads, [&](std::size_t k) {
     if (stop) return;
@@ -644,26 +659,20 @@ void run_convert(const ConvertOptions& o) {
       source_time = modified(job.source);
       data_problem = header_problem(job.data, npy::DType::Float32, data_shape, data_header);
       label_problem = header_problem(job.label, label_dtype, label_shape, label_header);
-      if (!o.verify) {
-        // --verify compares the values instead, and stamps the pair.
-        if (data_problem.empty() && !same_second(job.data, source_time)) data_problem = kOtherTime;
-        if (label_problem.empty() && !same_second(job.label, source_time)) label_problem = kOtherTime;
-      }
-      if (data_problem.empty() && label_problem.empty() && !o.verify) {
+      const bool both_dated = dated(job.data, source_time) && dated(job.label, source_time);
+      if (data_problem.empty() && label_problem.empty() && both_dated && !o.verify) {
         outcomes[k] = Outcome::Kept;
         return;
       }
       source.read_data(data);
       source.read_labels(labels);
-      if (o.verify) {
+      if (o.verify || !both_dated) {
         if (data_problem.empty() && !same_values(job.data, data_header, data.data(), buffer))
           data_problem = "values differ from the source";
         if (label_problem.empty() && !same_values(job.label, label_header, labels.data(), buffer))
           label_problem = "values differ from the source";
         if (data_problem.empty() && label_problem.empty()) {
-          if (!source_time) throw Error(fmt::format("{}: cannot read its modification time", job.source.string()));
-          stamp(job.data, *source_time);
-          stamp(job.label, *source_time);
+          stamp_pair(job, source_time);
           outcomes[k] = Outcome::Kept;
           return;
         }
@@ -695,21 +704,19 @@ void run_convert(const ConvertOptions& o) {
         wrote_data = true;
       }
       if (!label_problem.empty()) npy::write(job.label.string(), label_dtype, label_shape, labels.data());
-      if (!source_time) throw Error(fmt::format("{}: cannot read its modification time", job.source.string()));
-      stamp(job.data, *source_time);
-      stamp(job.label, *source_time);
     } catch (const Error& e) {
       outcomes[k] = Outcome::Failed;
       stop = true;
       std::error_code ec;
       const bool removed = wrote_data && fs::remove(job.data, ec);
       // A label being repaired was broken: it goes with the data file.
-      if (removed && label_problem != "missing") fs::remove(job.label, ec);
+      if (removed && !label_problem.empty() && label_problem != "missing") fs::remove(job.label, ec);
       report(removed ? fmt::format("{} ({}, written before it, is removed: a pair is kept whole or not at all)",
                                    e.what(), job.data.filename().string())
                      : std::string(e.what()));
       return;
     }
+    stamp_pair(job, source_time);
     const bool repaired = (data_problem != "missing" && !data_problem.empty()) ||
                           (label_problem != "missing" && !label_problem.empty());
     outcomes[k] = repaired ? Outcome::Repaired : Outcome::Converted;
@@ -731,9 +738,8 @@ void run_convert(const ConvertOptions& o) {
   const std::size_t kept = count[0], converted = count[1], repaired = count[2],
                     failed = count[3] + unlisted, skipped = count[4];
   // stats.h5 marks a whole set: copied once every pair of every rank is
-  // there. Pairs appear under their final names only when whole, and have
-  // their source's time once stamped (one without it is another set's, or
-  // not rewritten yet), so the last rank to finish sees them all; a rank that failed or was killed
+  // there. Pairs appear under their final names only when whole, so the
+  // last rank to finish sees them all; a rank that failed or was killed
   // leaves its pairs missing, and then no rank copies it. (Another rank's
   // entry that is not a file is this rank's listing problem too.) The look
   // stops at the first pair missing: a rank that ends early asks the file
@@ -741,9 +747,7 @@ void run_convert(const ConvertOptions& o) {
   bool missing = false;
   if (failed == 0 && listing_problems.empty()) {
     missing = std::any_of(all.begin(), all.end(), [&](const Job& job) {
-      const std::optional<timespec> time = modified(job.source);
-      return !fs::is_regular_file(job.data, ec) || !fs::is_regular_file(job.label, ec) ||
-             !same_second(job.data, time) || !same_second(job.label, time);
+      return !fs::is_regular_file(job.data, ec) || !fs::is_regular_file(job.label, ec);
     });
     if (!missing) copy_atomically(src_stats, o.dst / "stats.h5");
   }
@@ -755,9 +759,14 @@ void run_convert(const ConvertOptions& o) {
         "{} already valid{}{}{}\n",
         who.empty() ? "" : who + ": ", jobs.size(), o.dst.string(), fmt::join(splits, ", "), seconds, threads,
         threads == 1 ? "" : "s", converted, repaired, kept,
-        o.verify ? " (checked value by value)" : " (headers and sizes checked)",
+        o.verify ? " (checked value by value)" : " (headers, sizes and times checked; values where a time differs)",
         failed ? fmt::format(", {} failed", failed) : "",
         missing ? "; other ranks' samples are not all there yet: the rank that finishes last copies stats.h5" : "");
+  if (unstamped && !o.progress.quiet)
+    deepcam::eprint("deepcam-data: convert: {} pair{} could not be given {} source's modification time (first: {}); "
+                    "a later convert compares {} values with the source instead\n",
+                    unstamped, unstamped == 1 ? "" : "s", unstamped == 1 ? "its" : "their",
+                    deepcam::shown(unstamped_first, /*one_line=*/true), unstamped == 1 ? "its" : "their");
   if (failed)
     throw Error(fmt::format("convert: {} of {} samples failed{} (see above); fix the cause and run the same "
                             "command again: complete pairs are kept, and stats.h5 is copied once every sample is "

@@ -113,8 +113,9 @@ a set training refuses (train/ or validation/ missing or empty, a stats.h5
 verify refuses) is refused before anything is written. DST may be SRC: the pairs are then written beside the HDF5 files
 (each reader reads its own form); DST inside SRC is refused.
 Pairs already converted (headers and sizes matching the source, and the
-source's modification time, which convert gives them) are skipped, so an
-interrupted run is finished by running it again. Started by mpirun or
+source's modification time, which convert gives them; a pair with another
+time has its values compared) are skipped, so an interrupted run is
+finished by running it again. Started by mpirun or
 srun, rank r of P converts every P-th sample (OMPI_COMM_WORLD_RANK/SIZE,
 PMI_RANK/PMI_SIZE or SLURM_PROCID/SLURM_NTASKS).
   --threads N        samples converted at once (>= 1)  default: cores, at most 16
