@@ -208,12 +208,15 @@ std::string directory_problem(const std::string& path) {
 }
 
 std::string output_directory_problem(const std::string& path) {
+  // lstat follows a link named with a trailing '/' ("out/").
+  std::string link = path;
+  while (link.size() > 1 && link.back() == '/') link.pop_back();
   struct stat st {};
-  if (::lstat(path.c_str(), &st) != 0) return errno == ENOENT ? "" : directory_problem(path);
-  if (!S_ISLNK(st.st_mode) || ::stat(path.c_str(), &st) == 0 || errno != ENOENT) return directory_problem(path);
+  if (::lstat(link.c_str(), &st) != 0) return errno == ENOENT ? "" : directory_problem(path);
+  if (!S_ISLNK(st.st_mode) || ::stat(link.c_str(), &st) == 0 || errno != ENOENT) return directory_problem(path);
   // Making a folder there said "File exists".
   char target[4096];
-  const ssize_t n = ::readlink(path.c_str(), target, sizeof target);
+  const ssize_t n = ::readlink(link.c_str(), target, sizeof target);
   return fmt::format("a symbolic link to {}, which does not exist",
                      n > 0 ? shown(std::string(target, static_cast<std::size_t>(n)), /*one_line=*/true) : "?");
 }

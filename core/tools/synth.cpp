@@ -408,11 +408,13 @@ void run_synth(const SynthOptions& o) {
   // failed synth leaves what a stopped one of samples leaves, or nothing.
   std::error_code ec;
   std::vector<fs::path> made;  // outermost first
-  for (fs::path dir = fs::absolute(o.out, ec).lexically_normal(); !fs::exists(fs::symlink_status(dir, ec));
-       dir = dir.parent_path()) {
-    if (!dir.has_relative_path()) break;
-    made.insert(made.begin(), dir);
-    if (!dir.has_filename()) dir = dir.parent_path();  // a trailing '/'
+  fs::path prefix;
+  // Each folder on the way as written ("i/../j" makes i too), not as
+  // lexically_normal would shorten it.
+  for (const fs::path& part : fs::absolute(o.out, ec)) {
+    prefix /= part;
+    if (part.empty() || part == "." || part == "..") continue;
+    if (!fs::exists(fs::symlink_status(prefix, ec))) made.push_back(prefix);
   }
   for (const auto& [split, names] : ours)
     if (!fs::exists(fs::symlink_status(o.out / split, ec))) made.push_back(o.out / split);

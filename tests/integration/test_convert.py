@@ -1,8 +1,8 @@
 """deepcam-data convert (SPEC 1.5), checked with numpy and h5py: every output
 loads with numpy.load bit for bit equal to h5py's read of the source, labels
 keep their stored dtype; ranks split the work; a second run skips valid pairs
-(mtime unchanged) and redoes broken ones and those with another time than
-their source's; --verify repairs a file whose bytes
+(mtime unchanged), redoes broken ones and compares the values of those with
+another time than their source's; --verify repairs a file whose bytes
 changed but not its size; bad input (a damaged source, a full disk, an
 unreadable file, missing stats.h5) gives one clear line naming the file, a
 non-zero exit and no partial file."""

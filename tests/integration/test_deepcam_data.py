@@ -385,6 +385,9 @@ def test_an_output_folder_given_as_a_link_to_nothing_is_named_so(deepcam_data, d
     proc = run(deepcam_data, "convert", dataset, dangling)
     assert_one_line_error(proc, f"{dangling}: a symbolic link to {tmp_path / 'gone'}, which does not exist; "
                                 "convert writes")
+    proc = run(deepcam_data, "convert", dataset, f"{dangling}/")  # lstat follows a link named with a '/'
+    assert_one_line_error(proc, f"{dangling}/: a symbolic link to {tmp_path / 'gone'}, which does not exist; "
+                                "convert writes")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     # A link to a folder is followed, as before.
     (tmp_path / "gone").mkdir()
@@ -416,7 +419,7 @@ def test_a_synth_that_fails_before_its_first_sample_leaves_no_folder_it_made(dee
         resource.setrlimit(resource.RLIMIT_AS, (12 << 30, 12 << 30))  # the CUDA libraries map a few GB
     kept = tmp_path / "kept"
     (kept / "train").mkdir(parents=True)
-    for out in (tmp_path / "a" / "b" / "set", kept):
+    for out in (tmp_path / "a" / "b" / "set", f"{tmp_path}/i/../j/set/", kept):  # "i/../j" makes i too
         proc = subprocess.run([str(deepcam_data), "synth", "--out", str(out), "--train", "1", "--validation", "1",
                                "--height", "16384", "--width", "16384", "--threads", "1"], capture_output=True,
                               text=True, timeout=600, preexec_fn=limit_memory)
