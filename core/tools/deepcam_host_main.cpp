@@ -331,7 +331,8 @@ int run_host(int argc, char** argv, bool& result_on_stdout) {
         throw deepcam::Error(fmt::format("{} comes alone, first, without --nproc: deepcam-host {}", first,
                                          first == "--describe" ? "--describe WHAT" : first));
       }
-      // Each rank would say what is wrong with its line.
+      // Each rank would say what is wrong with its line, and with its run
+      // files and --set items (read below, once, as each rank reads them).
       const RunLine line = parse_run_line(rest);
       // Every rank reads the run files: a pipe (`<(...)`, a FIFO) gives its
       // text to one, and the others read nothing.
@@ -343,6 +344,7 @@ int run_host(int argc, char** argv, bool& result_on_stdout) {
                                            file, nproc));
         }
       }
+      deepcam::load_config(line.files, line.overrides, loader);
       return deepcam::launch_local_ranks(static_cast<int>(nproc), rest);
     }
     const RunLine line = parse_run_line(args);
