@@ -2207,7 +2207,16 @@ std::vector<std::string> earlier_predictions(const RunConfig& cfg, const fs::pat
   std::error_code ec;
   for (fs::directory_iterator it(out, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
-    if (is_prediction_name(name)) earlier.push_back(name);
+    if (!is_prediction_name(name)) continue;
+    // A folder under a prediction's name is no earlier prediction, and
+    // overwrite would not remove it.
+    std::error_code kind;
+    if (!it->is_regular_file(kind) && !it->is_symlink(kind)) {
+      throw Error(fmt::format("--out {}: {} is not a file, and a prediction would be written under its name; "
+                              "remove it, or choose another --out",
+                              out.string(), name));
+    }
+    earlier.push_back(name);
   }
   if (earlier.empty()) return earlier;
   std::sort(earlier.begin(), earlier.end());

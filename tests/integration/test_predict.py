@@ -176,6 +176,19 @@ def test_an_earlier_predicts_files_are_refused_or_removed_not_mixed(trained, tmp
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "sample-000000.npy", "sample-000000.png"]
 
 
+def test_a_folder_under_a_predictions_name_is_refused_as_such(trained, tmp_path):
+    # It was called "the files of an earlier --predict", and overwrite = true then failed to remove it.
+    _, _, run, ckpt = trained
+    out = tmp_path / "pred"
+    (out / "sample-000000.npy").mkdir(parents=True)
+    for overwrite in ("false", "true"):
+        r = run_host(run, "--predict", ckpt, "--out", out, "--samples", 1, "--set", f"run.overwrite={overwrite}")
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert (f"--out {out}: sample-000000.npy is not a file, and a prediction would be written under its name; "
+                "remove it, or choose another --out") in r.stderr, r.stderr[-3000:]
+        assert [p.name for p in out.iterdir()] == ["sample-000000.npy"]
+
+
 def test_temporaries_of_a_killed_predict_are_removed_by_the_next(trained, tmp_path):
     """They used to stay: a picture's "<name>.tmp-<pid>" and an .npy file's ".<name>.tmp<pid>-<n>"."""
     _, _, run, ckpt = trained
