@@ -211,14 +211,26 @@ std::string output_directory_problem(const std::string& path) {
   // lstat follows a link named with a trailing '/' ("out/").
   std::string link = path;
   while (link.size() > 1 && link.back() == '/') link.pop_back();
-  struct stat st {};
-  if (::lstat(link.c_str(), &st) != 0) return errno == ENOENT ? "" : directory_problem(path);
-  if (!S_ISLNK(st.st_mode) || ::stat(link.c_str(), &st) == 0 || errno != ENOENT) return directory_problem(path);
-  // Making a folder there said "File exists".
-  char target[4096];
-  const ssize_t n = ::readlink(link.c_str(), target, sizeof target);
-  return fmt::format("a symbolic link to {}, which does not exist",
-                     n > 0 ? shown(std::string(target, static_cast<std::size_t>(n)), /*one_line=*/true) : "?");
+  // Each folder on the way, then `path` itself: one that names nothing yet
+  // is made with what follows it. A link to nothing, or a file, on the way
+  // made the folders fail with "File exists" or "Not a directory".
+  for (std::size_t end = link.find('/', 1);; end = link.find('/', end + 1)) {
+    const std::string prefix = link.substr(0, end);
+    const bool last = end == std::string::npos;
+    const std::string where = last ? "" : fmt::format("on its way, {} is ", shown(prefix, /*one_line=*/true));
+    struct stat st {};
+    if (::lstat(prefix.c_str(), &st) != 0) return errno == ENOENT ? "" : directory_problem(path);
+    if (S_ISLNK(st.st_mode) && ::stat(prefix.c_str(), &st) != 0 && errno == ENOENT) {
+      char target[4096];
+      const ssize_t n = ::readlink(prefix.c_str(), target, sizeof target);
+      return fmt::format("{}a symbolic link to {} that leads to nothing", where,
+                         n > 0 ? shown(std::string(target, static_cast<std::size_t>(n)), /*one_line=*/true) : "?");
+    }
+    if (last) return directory_problem(path);
+    if (::stat(prefix.c_str(), &st) == 0 && !S_ISDIR(st.st_mode)) {
+      return fmt::format("{}{}, not a directory", where, S_ISREG(st.st_mode) ? "a file" : kind_of(st.st_mode));
+    }
+  }
 }
 
 std::string split_folder_problem(const std::string& root, const std::string& split) {

@@ -738,17 +738,22 @@ void run_convert(const ConvertOptions& o) {
   const std::size_t kept = count[0], converted = count[1], repaired = count[2],
                     failed = count[3] + unlisted, skipped = count[4];
   // stats.h5 marks a whole set: copied once every pair of every rank is
-  // there. Pairs appear under their final names only when whole, so the
-  // last rank to finish sees them all; a rank that failed or was killed
-  // leaves its pairs missing, and then no rank copies it. (Another rank's
+  // there. Pairs appear under their final names only when whole, and
+  // another rank's pair counts once it has its source's time (before, it
+  // may be another set's that rank has not compared yet), so the last rank
+  // to finish sees them all; a rank that failed or was killed leaves its
+  // pairs missing or undated, and then no rank copies it. (Another rank's
   // entry that is not a file is this rank's listing problem too.) The look
   // stops at the first pair missing: a rank that ends early asks the file
   // system little.
   bool missing = false;
   if (failed == 0 && listing_problems.empty()) {
-    missing = std::any_of(all.begin(), all.end(), [&](const Job& job) {
-      return !fs::is_regular_file(job.data, ec) || !fs::is_regular_file(job.label, ec);
-    });
+    for (std::size_t k = 0; k < all.size() && !missing; ++k) {
+      const Job& job = all[k];
+      const bool mine = k % static_cast<std::size_t>(rank.size) == static_cast<std::size_t>(rank.rank);
+      missing = !fs::is_regular_file(job.data, ec) || !fs::is_regular_file(job.label, ec) ||
+                (!mine && !(dated(job.data, modified(job.source)) && dated(job.label, modified(job.source))));
+    }
     if (!missing) copy_atomically(src_stats, o.dst / "stats.h5");
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -332,6 +332,23 @@ def test_pairs_not_written_from_this_source_are_converted_again_not_kept(deepcam
     assert f"0 converted, 0 repaired, {len(sources(source))} already valid" in ok(
         run(deepcam_data, "convert", source, dst)).stderr
 
+    # Over ranks: one rank's look saw the other's foreign pairs as files and copied stats.h5 before that rank
+    # had compared them, so the set looked whole with the other set's samples in it.
+    third = tmp_path / "third"  # every sample of it has a pair of `other` under its name
+    ok(run(deepcam_data, "synth", "--out", third, "--train", 6, "--validation", 3, "--height", H, "--width", W,
+           "--seed", 13))
+    ranked = tmp_path / "ranked"
+    ok(run(deepcam_data, "convert", other, ranked))
+    (ranked / "stats.h5").unlink()
+    proc = ok(run(deepcam_data, "convert", third, ranked, env={"OMPI_COMM_WORLD_RANK": "0",
+                                                              "OMPI_COMM_WORLD_SIZE": "2"}))
+    assert "the rank that finishes last copies stats.h5" in proc.stderr, proc.stderr
+    assert not (ranked / "stats.h5").exists()
+    proc = ok(run(deepcam_data, "convert", third, ranked, env={"OMPI_COMM_WORLD_RANK": "1",
+                                                              "OMPI_COMM_WORLD_SIZE": "2"}))
+    assert "not all there yet" not in proc.stderr and (ranked / "stats.h5").exists(), proc.stderr
+    assert assert_converted(third, ranked) == len(sources(third))
+
     # A source written again since it was converted: its pair is redone.
     src = fresh_copy(source, tmp_path)
     again = tmp_path / "again"

@@ -380,15 +380,22 @@ def test_an_output_folder_given_as_a_link_to_nothing_is_named_so(deepcam_data, d
     dangling.symlink_to(tmp_path / "gone")
     proc = run(deepcam_data, "synth", "--out", dangling, "--train", 1, "--validation", 1, "--height", 16,
                "--width", 16)
-    assert_one_line_error(proc, f"{dangling}: a symbolic link to {tmp_path / 'gone'}, which does not exist; synth "
+    assert_one_line_error(proc, f"{dangling}: a symbolic link to {tmp_path / 'gone'} that leads to nothing; synth "
                                 "writes the data set into the folder --out names")
     proc = run(deepcam_data, "convert", dataset, dangling)
-    assert_one_line_error(proc, f"{dangling}: a symbolic link to {tmp_path / 'gone'}, which does not exist; "
+    assert_one_line_error(proc, f"{dangling}: a symbolic link to {tmp_path / 'gone'} that leads to nothing; "
                                 "convert writes")
     proc = run(deepcam_data, "convert", dataset, f"{dangling}/")  # lstat follows a link named with a '/'
-    assert_one_line_error(proc, f"{dangling}/: a symbolic link to {tmp_path / 'gone'}, which does not exist; "
+    assert_one_line_error(proc, f"{dangling}/: a symbolic link to {tmp_path / 'gone'} that leads to nothing; "
                                 "convert writes")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # On the way to the folder (it said "File exists" and "Not a directory").
+    proc = run(deepcam_data, "convert", dataset, dangling / "sub")
+    assert_one_line_error(proc, f"{dangling}/sub: on its way, {dangling} is a symbolic link to {tmp_path / 'gone'} "
+                                "that leads to nothing; convert writes")
+    (tmp_path / "file").write_text("x")
+    proc = run(deepcam_data, "synth", "--out", tmp_path / "file" / "set", "--height", 16, "--width", 16)
+    assert_one_line_error(proc, f"{tmp_path}/file/set: on its way, {tmp_path}/file is a file, not a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out"]
     # A link to a folder is followed, as before.
     (tmp_path / "gone").mkdir()
     synth(deepcam_data, dangling, counts={"train": 1, "validation": 1, "test": 0}, height=16, width=16)

@@ -57,8 +57,9 @@ DEEPCAM_API std::string split_folder_problem(const std::string& root, const std:
 // such directory", "a symbolic link loop", "a file, not a directory", ...
 DEEPCAM_API std::string directory_problem(const std::string& path);
 // "" when `path` is a directory (or a link to one) or names nothing yet (a
-// folder a tool may make), else what it is: "a symbolic link to T, which
-// does not exist", "a symbolic link loop", "a file, not a directory", ...
+// folder a tool may make, with the folders on its way), else what it is, or
+// what stands on its way: "a symbolic link to T that leads to nothing", "on
+// its way, P is a file, not a directory", "a symbolic link loop", ...
 DEEPCAM_API std::string output_directory_problem(const std::string& path);
 // `what` says what a sample is here ("data-*.h5 files", ...).
 DEEPCAM_API std::string empty_split_problem(const std::string& dir, const std::string& split,
