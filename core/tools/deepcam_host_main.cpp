@@ -22,6 +22,7 @@
 #include "deepcam/json.hpp"
 #include "deepcam/plugin_loader.hpp"
 #include "deepcam/stop_request.hpp"
+#include "deepcam/torch_pickle.hpp"
 #include "command_line.hpp"
 #include "launcher.hpp"
 #include "process_end.hpp"
@@ -344,7 +345,25 @@ int run_host(int argc, char** argv, bool& result_on_stdout) {
                                            file, nproc));
         }
       }
-      deepcam::load_config(line.files, line.overrides, loader);
+      const deepcam::RunConfig config = deepcam::load_config(line.files, line.overrides, loader);
+      // And each would say that the checkpoint the run reads is missing or
+      // no torch.save file (--benchmark reads none).
+      const deepcam::EngineOptions& o = line.options;
+      std::string checkpoint = o.evaluate_checkpoint, where = "--evaluate";
+      if (!o.predict_checkpoint.empty()) {
+        checkpoint = o.predict_checkpoint;
+        where = "--predict";
+      } else if (o.evaluate_checkpoint.empty() && o.benchmark_steps == 0) {
+        checkpoint = config.run.string("resume");
+        where = config.run.setting("resume");
+      }
+      if (!checkpoint.empty()) {
+        try {
+          deepcam::check_torch_save_file(checkpoint);
+        } catch (const deepcam::Error& e) {
+          throw deepcam::Error(fmt::format("{}: {}", where, e.what()));
+        }
+      }
       return deepcam::launch_local_ranks(static_cast<int>(nproc), rest);
     }
     const RunLine line = parse_run_line(args);

@@ -806,6 +806,7 @@ def test_nproc_refuses_a_run_file_on_a_pipe_and_gives_the_usage_once(tmp_path):
     (["--quiet", "--quiet"], "--quiet is given twice; give it once"),
     (["--set", "foo.bar=1"], "--set foo.bar=1: unknown section [foo]"),
     (["missing.toml"], "missing.toml: cannot read: No such file or directory"),
+    (["--evaluate", "missing.pt"], "--evaluate: missing.pt: cannot open: No such file or directory"),
 ])
 def test_a_bad_line_under_nproc_is_said_once_before_any_rank_starts(tmp_path, data, args, says):
     # Each rank parsed the line and said what was wrong with it, prefixed with its rank.
