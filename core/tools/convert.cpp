@@ -751,8 +751,9 @@ void run_convert(const ConvertOptions& o) {
     for (std::size_t k = 0; k < all.size() && !missing; ++k) {
       const Job& job = all[k];
       const bool mine = k % static_cast<std::size_t>(rank.size) == static_cast<std::size_t>(rank.rank);
+      const std::optional<timespec> time = mine ? std::nullopt : modified(job.source);
       missing = !fs::is_regular_file(job.data, ec) || !fs::is_regular_file(job.label, ec) ||
-                (!mine && !(dated(job.data, modified(job.source)) && dated(job.label, modified(job.source))));
+                (!mine && !(dated(job.data, time) && dated(job.label, time)));
     }
     if (!missing) copy_atomically(src_stats, o.dst / "stats.h5");
   }

@@ -241,6 +241,38 @@ RunLine parse_run_line(const std::vector<std::string>& args) {
   return line;
 }
 
+// What --nproc's ranks would each refuse, refused once before they start:
+// a run file on a pipe (one rank would read its text, the others nothing),
+// and the run files, --set items and checkpoint that each would read.
+void check_ranks_inputs(const RunLine& line, long long nproc, deepcam::PluginLoader& loader) {
+  for (const std::string& file : line.files) {
+    std::error_code ec;
+    if (std::filesystem::is_fifo(std::filesystem::status(file, ec))) {
+      throw deepcam::Error(fmt::format("{}: a pipe, which only one of the {} ranks could read (each reads the "
+                                       "run files); with --nproc, give the run file as a file",
+                                       file, nproc));
+    }
+  }
+  const deepcam::RunConfig config = deepcam::load_config(line.files, line.overrides, loader);
+  // --benchmark reads no checkpoint.
+  const deepcam::EngineOptions& o = line.options;
+  std::string checkpoint = o.evaluate_checkpoint, where = "--evaluate";
+  if (!o.predict_checkpoint.empty()) {
+    checkpoint = o.predict_checkpoint;
+    where = "--predict";
+  } else if (o.evaluate_checkpoint.empty() && o.benchmark_steps == 0) {
+    checkpoint = config.run.string("resume");
+    where = config.run.setting("resume");
+  }
+  if (!checkpoint.empty()) {
+    try {
+      deepcam::check_torch_save_file(checkpoint);
+    } catch (const deepcam::Error& e) {
+      throw deepcam::Error(fmt::format("{}: {}", where, e.what()));
+    }
+  }
+}
+
 // `result_on_stdout` is set for what prints its result there (--help,
 // --version, --list-plugins, --describe, --evaluate, --benchmark): main
 // checks that it got there. Training's echo of the log is no result: the
@@ -332,38 +364,9 @@ int run_host(int argc, char** argv, bool& result_on_stdout) {
         throw deepcam::Error(fmt::format("{} comes alone, first, without --nproc: deepcam-host {}", first,
                                          first == "--describe" ? "--describe WHAT" : first));
       }
-      // Each rank would say what is wrong with its line, and with its run
-      // files and --set items (read below, once, as each rank reads them).
+      // Each rank would say what is wrong with its line and its inputs.
       const RunLine line = parse_run_line(rest);
-      // Every rank reads the run files: a pipe (`<(...)`, a FIFO) gives its
-      // text to one, and the others read nothing.
-      for (const std::string& file : line.files) {
-        std::error_code ec;
-        if (std::filesystem::is_fifo(std::filesystem::status(file, ec))) {
-          throw deepcam::Error(fmt::format("{}: a pipe, which only one of the {} ranks could read (each reads the "
-                                           "run files); with --nproc, give the run file as a file",
-                                           file, nproc));
-        }
-      }
-      const deepcam::RunConfig config = deepcam::load_config(line.files, line.overrides, loader);
-      // And each would say that the checkpoint the run reads is missing or
-      // no torch.save file (--benchmark reads none).
-      const deepcam::EngineOptions& o = line.options;
-      std::string checkpoint = o.evaluate_checkpoint, where = "--evaluate";
-      if (!o.predict_checkpoint.empty()) {
-        checkpoint = o.predict_checkpoint;
-        where = "--predict";
-      } else if (o.evaluate_checkpoint.empty() && o.benchmark_steps == 0) {
-        checkpoint = config.run.string("resume");
-        where = config.run.setting("resume");
-      }
-      if (!checkpoint.empty()) {
-        try {
-          deepcam::check_torch_save_file(checkpoint);
-        } catch (const deepcam::Error& e) {
-          throw deepcam::Error(fmt::format("{}: {}", where, e.what()));
-        }
-      }
+      check_ranks_inputs(line, nproc, loader);
       return deepcam::launch_local_ranks(static_cast<int>(nproc), rest);
     }
     const RunLine line = parse_run_line(args);
