@@ -252,7 +252,7 @@ def make_data(args, tool):
                   "--height", args.height, "--width", args.width])
     else:
         say(f"reusing {h5}")
-    # Resumable: pairs already converted are only checked (headers and sizes).
+    # Resumable: pairs already converted are only checked (headers, sizes and times).
     say(f"converting {h5} to {npy} (or checking an earlier conversion)")
     run_tool([tool, "convert", h5, npy])
     return h5, npy
