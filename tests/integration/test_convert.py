@@ -70,6 +70,14 @@ def assert_converted(src, dst, only=None):
     return checked
 
 
+def in_mount_namespace(script, what):
+    """Runs `script` with sh in a mount namespace of its own, for `what`; the test is skipped where unshare
+    --mount is refused."""
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip(f"unshare --mount is refused here: the test needs a mount namespace for {what}")
+    return subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+
+
 def hidden(root):
     return [p for p in Path(root).rglob(".*")]
 
@@ -379,17 +387,14 @@ def test_pairs_not_written_from_this_source_are_converted_again_not_kept(deepcam
 def test_a_pair_that_cannot_be_given_its_time_is_kept_and_said_once(deepcam_data, source, tmp_path):
     """An in-place --verify on a read-only mount wrote nothing before the times came, and must still pass:
     a pair without its time only has its values compared the next time."""
-    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
-        pytest.skip("unshare --mount is refused here: the test needs a mount namespace for a read-only mount")
     src = fresh_copy(source, tmp_path)
     ok(run(deepcam_data, "convert", src, src))
     for path in src.glob("*/*.npy"):
         os.utime(path, ns=(0, 0))
     read_only = tmp_path / "read-only"
     read_only.mkdir()
-    script = (f'mount --bind "{src}" "{read_only}" && mount -o remount,bind,ro "{read_only}" && '
-              f'"{deepcam_data}" convert "{read_only}" "{read_only}" --verify')
-    proc = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    proc = in_mount_namespace(f'mount --bind "{src}" "{read_only}" && mount -o remount,bind,ro "{read_only}" && '
+                              f'"{deepcam_data}" convert "{read_only}" "{read_only}" --verify', "a read-only mount")
     assert proc.returncode == 0, proc.stderr
     n = len(sources(src))
     assert f"0 converted, 0 repaired, {n} already valid (checked value by value)" in proc.stderr, proc.stderr
@@ -565,13 +570,11 @@ def test_a_full_disk_stops_the_run_and_leaves_no_partial_file(deepcam_data, sour
 def test_a_label_file_that_does_not_fit_takes_its_data_file_with_it(deepcam_data, source, tmp_path):
     """A disk that holds a sample's data file (98 KB) and then no label file: the data file stayed, a half pair
     that verify and the npy reader refuse, while the message said complete pairs are kept."""
-    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
-        pytest.skip("unshare --mount is refused here: the test needs a mount namespace for a small tmpfs")
     small = tmp_path / "small"
     small.mkdir()
-    script = (f'mount -t tmpfs -o size=100k tmpfs "{small}" && "{deepcam_data}" convert "{source}" "{small}/dst" '
-              f'--threads 1; status=$?; find "{small}" -type f; exit $status')
-    proc = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    proc = in_mount_namespace(f'mount -t tmpfs -o size=100k tmpfs "{small}" && "{deepcam_data}" convert "{source}" '
+                              f'"{small}/dst" --threads 1; status=$?; find "{small}" -type f; exit $status',
+                              "a small tmpfs")
     assert proc.returncode == 1, proc.stderr
     assert re.search(r"/label-(\S+)\.npy: cannot write: No space left on device .*\(data-\1\.npy, written before "
                      r"it, is removed: a pair is kept whole or not at all\)", proc.stderr), proc.stderr
