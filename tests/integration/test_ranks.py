@@ -733,11 +733,14 @@ def test_a_rank_whose_rank_0_was_killed_after_it_answered_still_stops_on_its_own
     assert time.monotonic() - started < 15
     # Or, rank 0 killed in the world group's set-up once it had given Gloo its address: Gloo's connection to
     # it is refused, and rank 1 fails by itself.
+    said = ranks.stderr("rank1")
     if status != 143:
-        assert status == 2 and "Connection refused" in ranks.stderr("rank1"), ranks.stderr("rank1")[-3000:]
+        assert status == 2 and "Connection refused" in said, said[-3000:]
     else:
-        assert "rank 1 of 2: stopped by Terminated while the ranks" in ranks.stderr("rank1"), \
-            ranks.stderr("rank1")[-3000:]
+        # Stopped by its signal in the set-up or, when Gloo had connected to rank 0 before the kill (ci-run100,
+        # under load), in the collective that then failed, naming no rank at fault.
+        assert ("rank 1 of 2: stopped by Terminated while the ranks" in said
+                or "rank 1: stopped by Terminated: a collective failed (" in said), said[-3000:]
 
 
 def test_a_file_store_whose_ranks_left_with_one_killed_is_named_to_a_rank_that_comes_later(tmp_path, data, ranks):
