@@ -119,13 +119,14 @@ else
 fi
 
 # Runs pytest on the integration tests with the arguments given (LABEL
-# first) and adds its test cases to the totals; no test selected (status 5)
-# adds none, any other non-zero status without failed cases is a failure.
+# first), listing its 15 slowest test phases, and adds its test cases to
+# the totals; no test selected (status 5) adds none, any other non-zero
+# status without failed cases is a failure.
 run_pytest() {
   local label=$1
   shift
   local report="$top/build/pytest-report-$label.txt" rc last p f e
-  python -m pytest -q -p no:cacheprovider -o console_output_style=classic "$@" | tee "$report"
+  python -m pytest -q -p no:cacheprovider -o console_output_style=classic --durations=15 "$@" | tee "$report"
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 5 ] && return
   last=$(grep -E '(passed|failed|error)' "$report" | tail -n 1)
