@@ -105,6 +105,9 @@ const ParamSpec kMlperfSpecs[] = {
     {"status", ParamType::String, "\"research\"", "submission_status", kNoMin, kNoMax,
      "cloud|onprem|preview|research"},
     {"log_file", ParamType::String, "\"mlperf.log\"", "the MLPerf log, relative to run.output_dir"},
+    {"cache_clear", ParamType::Bool, "false",
+     "cache_clear: true records that the job dropped the page cache on every node before this run (run.sub's "
+     "CLEAR_CACHES=1 sets it); deepcam-host drops nothing itself"},
 };
 
 const std::vector<std::string> kPluginSections = {"reader", "model", "optimizer", "scheduler"};

@@ -340,16 +340,19 @@ def test_run_sub_refuses_a_count_or_seed_that_is_not_a_plain_positive_number(tmp
     assert not (tmp_path / "logs").exists(), r.stdout
 
 
-def fake_job(tmp_path, restart=0, user=None, **variables):
+SRUN = '#!/bin/bash\nwhile [[ "${1:-}" == -* ]]; do shift; done\nexec "$@"\n'
+
+
+def fake_job(tmp_path, restart=0, user=None, srun=SRUN, **variables):
     """run.sub started as Slurm starts a job's batch script (its SLURM_* variables; SLURM_RESTART_COUNT
-    after a requeue), with stand-ins for srun (runs the command once, as one task) and scontrol (one
-    node), and for deepcam-host (prints its arguments, exits with HOST_RC): run.sub's own logic, in a
-    second each. user: the uid to run it as (the tests run as root)."""
+    after a requeue), with stand-ins for srun (runs the command once, as one task, unless `srun` is another
+    script) and scontrol (one node), and for deepcam-host (prints its arguments, exits with HOST_RC):
+    run.sub's own logic, in a second each. user: the uid to run it as (the tests run as root)."""
     bin_dir = tmp_path / "bin"
     if not bin_dir.exists():
         bin_dir.mkdir()
         (bin_dir / "scontrol").write_text('#!/bin/bash\n[ "$1 $2" = "show hostnames" ] && echo node1\n')
-        (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "${1:-}" == -* ]]; do shift; done\nexec "$@"\n')
+        (bin_dir / "srun").write_text(srun)
         (bin_dir / "host").write_text('#!/bin/bash\necho "deepcam-host $*"\nexit "${HOST_RC:-0}"\n')
         for f in bin_dir.iterdir():
             f.chmod(0o755)
@@ -390,6 +393,22 @@ def test_run_sub_refuses_to_clear_caches_for_a_user_that_cannot(tmp_path):
     assert "run.sub: CLEAR_CACHES=1 drops the page cache through /proc/sys/vm/drop_caches" in r.stderr
     assert "cannot write: it needs root" in r.stderr
     assert "deepcam-host" not in r.stdout and not (tmp_path / "logs").exists(), r.stdout
+
+
+def test_run_sub_that_clears_caches_has_its_runs_log_cache_clear_true(tmp_path):
+    if os.getuid() != 0:
+        pytest.skip("CLEAR_CACHES=1 is refused to a user that cannot write /proc/sys/vm/drop_caches")
+    # The stand-in srun notes the drop instead of emptying this machine's page cache under the other tests.
+    drops = tmp_path / "drops"
+    srun = f'#!/bin/bash\n[[ "$*" == *drop_caches* ]] && {{ echo "$*" >> {drops}; exit 0; }}\n' + SRUN.split("\n", 1)[1]
+    r = fake_job(tmp_path, srun=srun, CLEAR_CACHES="1", NEXP=2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(drops.read_text().splitlines()) == 2  # before each run
+    for n in (1, 2):
+        assert "--set mlperf.cache_clear=true" in (tmp_path / "logs" / f"4242_{n}.out").read_text()
+    (tmp_path / "no").mkdir()
+    r = fake_job(tmp_path / "no", CLEAR_CACHES="0")
+    assert r.returncode == 0 and "cache_clear" not in (tmp_path / "no" / "logs" / "4242_1.out").read_text()
 
 
 def test_run_sub_splits_its_lists_at_newlines_too_and_names_where_a_run_without_a_log_printed(tmp_path):

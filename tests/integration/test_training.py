@@ -63,6 +63,8 @@ def test_log_has_every_key_in_spec_order(short_run):
     assert by_key["train_samples"]["value"] == 8 and by_key["eval_samples"]["value"] == 4
     assert by_key["global_batch_size"]["value"] == 2
     assert by_key["num_workers"]["value"] == 1  # the ranks, as the MLCommons reference logs them
+    # Nothing dropped the page cache before this run: the log does not say it did.
+    assert by_key["cache_clear"]["value"] is False
     assert by_key["opt_betas"]["value"] == [0.9, 0.999]
     epochs = [l["metadata"]["epoch_num"] for l in lines if l["key"] == "epoch_start"]
     assert epochs == [1, 2]
@@ -223,11 +225,14 @@ def test_checkpoint_with_wrong_shapes_is_refused(tmp_path, short_run, data):
 def test_resume_continues_at_the_next_epoch(tmp_path, short_run, data):
     out, _ = short_run
     run = write_run(tmp_path / "run.toml", data, tmp_path / "out",
-                    run={"max_epochs": 2, "resume": str(out / "checkpoint-epoch1.pt")})
+                    run={"max_epochs": 2, "resume": str(out / "checkpoint-epoch1.pt")},
+                    mlperf={"cache_clear": True})
     r = run_host(run)
     assert r.returncode == 1, r.stderr
     assert "resumed from" in r.stderr and "at epoch 1, step 4" in r.stderr
     lines = read_events(tmp_path / "out" / "mlperf.log")
+    # What the job did before the run (run.sub's CLEAR_CACHES=1), as the run file says.
+    assert [l["value"] for l in lines if l["key"] == "cache_clear"] == [True]
     assert [l["metadata"]["epoch_num"] for l in lines if l["key"] == "epoch_start"] == [2]
     # Same seed, same data order, same state: the resumed epoch equals the original.
     resumed = [l["value"] for l in lines if l["key"] == "eval_loss"]
