@@ -316,6 +316,20 @@ def test_instances_sharing_a_gpu_node_each_get_a_gpu_of_their_own_at_the_same_ti
     assert start_1 < stop_2 and start_2 < stop_1, f"the instances ran one after the other: {seen}\n{out}"
 
 
+def test_a_failed_rank_leaves_the_others_to_end_by_themselves(slurm, tmp_path):
+    """srun --kill-on-bad-exit=1 ended rank 0 with SIGTERM once rank 1 had failed: the run's status was 143,
+    not the highest of its ranks' own (here rank 1's 2 and rank 0's 5, a rank lost)."""
+    logdir = tmp_path / "logs"
+    env = slurm.env(RUN_FILES="configs/quickstart.toml", LOGDIR=logdir, DEEPCAM_HOST=two_ranks(tmp_path),
+                    MARK=tmp_path / "mark", RANK1_RC=2, RANK0_RC=5)
+    job = slurm.sbatch(REPO_ROOT / "scripts/slurm/run.sub", "-n", 2, "-o", tmp_path / "run-%j.out", env=env)
+    info = slurm.wait(job, 120)
+    out = job_output(tmp_path / f"run-{job}.out")
+    printed = job_output(logdir / f"{job}_1.out")
+    assert info["ExitCode"] == "5:0", f"{info}\n{out}\n{printed}\n{slurm.log_text()}"
+    assert "rank 0 ended by itself" in printed and (logdir / f"{job}_1.status").read_text() == "5\n", printed
+
+
 def test_instances_that_do_not_divide_the_tasks_are_refused(slurm, tmp_path):
     env = slurm.env(RUN_FILES="configs/quickstart.toml", LOGDIR=tmp_path / "logs", INSTANCES=3)
     job = slurm.sbatch(REPO_ROOT / "scripts/slurm/run.sub", "-n", 2, "-o", tmp_path / "run-%j.out", env=env)
@@ -477,6 +491,82 @@ def test_requeued_instances_run_again_together_unless_all_had_ended(tmp_path):
     for k in (1, 2):
         assert (logs / "requeued" / f"4242_2_{k}.attempt1.out").is_file(), r.stdout
         assert f"run 2 of 2, instance {k} of 2" in r.stdout, r.stdout
+
+
+# A stand-in for srun that starts SLURM_NTASKS tasks of its command, each with its SLURM_PROCID, notes its
+# options in $SRUN_LOG, and exits with the highest status of the tasks (128 + the signal of one killed), as
+# srun does; with --kill-on-bad-exit=1 (-K) it ends the other tasks with SIGTERM once one exits non-zero, as
+# srun does (and SIGKILL after KillWait).
+SRUN_TASKS = r'''#!/bin/bash
+kill_on_bad_exit=0 options=()
+while [[ "${1:-}" == -* ]]; do
+  case "$1" in
+    -K | -K1 | --kill-on-bad-exit | --kill-on-bad-exit=[1-9]*) kill_on_bad_exit=1 ;;
+    -K0 | --kill-on-bad-exit=0) kill_on_bad_exit=0 ;;
+  esac
+  options+=("$1"); shift
+done
+echo "${options[*]}" >> "$SRUN_LOG"
+declare -A running
+for ((i = 0; i < ${SLURM_NTASKS:-1}; i++)); do SLURM_PROCID=$i "$@" & running[$!]=1; done
+rc=0
+while ((${#running[@]} > 0)); do
+  pid=""; wait -n -p pid; s=$?
+  [ -n "$pid" ] || break
+  unset "running[$pid]"
+  ((s > rc)) && rc=$s
+  if ((s != 0 && kill_on_bad_exit)); then for p in "${!running[@]}"; do kill -TERM "$p"; done; fi
+done
+exit $rc
+'''
+
+# Rank 1 fails at once with $RANK1_RC; rank 0 ends by itself a second later with $RANK0_RC (deepcam-host's 5,
+# a lost rank; convert's 0, its own samples done), saying so.
+TWO_RANKS = '''#!/bin/bash
+[ "$1" = verify ] && exit 0
+if [ "$SLURM_PROCID" = 1 ]; then touch "$MARK"; exit "$RANK1_RC"; fi
+while [ ! -e "$MARK" ]; do sleep 0.05; done
+sleep 1
+echo "rank 0 ended by itself"
+exit "$RANK0_RC"
+'''
+
+
+def two_ranks(tmp_path):
+    ranks = tmp_path / "ranks"
+    ranks.write_text(TWO_RANKS)
+    ranks.chmod(0o755)
+    return ranks
+
+
+def test_run_sub_lets_the_ranks_end_by_themselves_and_keeps_their_highest_status(tmp_path):
+    """srun --kill-on-bad-exit=1 ended the other ranks once one exited non-zero: a run's 1, 2 or 4 came back
+    as 143 or 137, and a SIGKILLed rank left its staged copies behind. deepcam-host's ranks end by themselves
+    when one fails, within comm_timeout_s (here 5, a rank lost)."""
+    log = tmp_path / "srun.log"
+    r = fake_job(tmp_path, srun=SRUN_TASKS, SLURM_NTASKS=2, DEEPCAM_HOST=two_ranks(tmp_path), SRUN_LOG=log,
+                 MARK=tmp_path / "mark", RANK1_RC=2, RANK0_RC=5)
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert "rank 0 ended by itself" in (tmp_path / "logs" / "4242_1.out").read_text()
+    assert (tmp_path / "logs" / "4242_1.status").read_text() == "5\n"
+    assert log.read_text().split() == ["--kill-on-bad-exit=0"], log.read_text()
+
+
+def test_init_datasets_lets_converts_ranks_end_by_themselves(tmp_path):
+    """convert's ranks share nothing but the output folder: a rank that fails at once (here its source) leaves
+    the others converting; srun --kill-on-bad-exit=1 ended them, and the job's status was 143 or 137."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(SRUN_TASKS)
+    (bin_dir / "srun").chmod(0o755)
+    log = tmp_path / "srun.log"
+    env = clean_env(SLURM_JOB_ID=4242, SLURM_NTASKS=2, SLURM_SUBMIT_DIR=REPO_ROOT, PATH=f"{bin_dir}:/usr/bin:/bin",
+                    SRCDIR=tmp_path, DSTDIR=tmp_path / "npy", DEEPCAM_DATA=two_ranks(tmp_path), SRUN_LOG=log,
+                    MARK=tmp_path / "mark", RANK1_RC=1, RANK0_RC=0)
+    r = subprocess.run(["bash", str(REPO_ROOT / "scripts/slurm/init_datasets.sub")], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 1 and "rank 0 ended by itself" in r.stdout, r.stdout + r.stderr
+    assert log.read_text().split() == ["--kill-on-bad-exit=0"], log.read_text()
 
 
 @pytest.mark.parametrize("unset", ["SRCDIR", "DSTDIR"])
