@@ -316,6 +316,44 @@ def test_instances_sharing_a_gpu_node_each_get_a_gpu_of_their_own_at_the_same_ti
     assert start_1 < stop_2 and start_2 < stop_1, f"the instances ran one after the other: {seen}\n{out}"
 
 
+def test_a_run_stopped_by_scancel_ends_the_job_and_a_requeue_runs_it_again(slurm, tmp_path):
+    """scancel --signal=TERM signals the job's steps, not its batch script: deepcam-host ends with 143 (the
+    stand-in does so), which run.sub wrote as run 1's status before starting run 2; a requeue then kept run 1
+    as one that had ended."""
+    host = tmp_path / "host"
+    host.write_text('#!/bin/bash\n[ "${SLURM_RESTART_COUNT:-0}" = 0 ] || exit 0\n'
+                    'trap \'kill $!; echo "stopped"; exit 143\' TERM\necho "started"\nsleep 60 & wait\n')
+    host.chmod(0o755)
+    logdir = tmp_path / "logs"
+    env = slurm.env(RUN_FILES="configs/quickstart.toml", LOGDIR=logdir, NEXP=2, DEEPCAM_HOST=host)
+    job = slurm.sbatch(REPO_ROOT / "scripts/slurm/run.sub", "-n", 1, "-o", tmp_path / "run-%j.out", env=env)
+    deadline = time.monotonic() + 120
+    while "started" not in job_output(logdir / f"{job}_1.out"):
+        assert time.monotonic() < deadline, f"{job_output(tmp_path / f'run-{job}.out')}\n{slurm.log_text()}"
+        time.sleep(0.5)
+    # The signal comes once the step is under way, as a time limit's does: a step signalled in its first
+    # moment was reported by this srun with status 0, with no word from its task (1 in 10 here).
+    time.sleep(2)
+    subprocess.run([_which("scancel"), "--signal=TERM", job], env=slurm.env(), timeout=30, check=True)
+    info = slurm.wait(job, 120)
+    out = job_output(tmp_path / f"run-{job}.out")
+    assert info["ExitCode"] == "143:0", f"{info}\n{out}\n{slurm.log_text()}"
+    assert "run.sub: run 1 was stopped by a signal (status 143): no further run starts" in out, out
+    assert not (logdir / f"{job}_1.status").exists() and not (logdir / f"{job}_2.out").exists(), out
+    subprocess.run([_which("scontrol"), "requeue", job], env=slurm.env(), timeout=30, check=True)
+    # Slurm holds a requeued job back before it may start again (minutes here): StartTime=now lets it start.
+    subprocess.run([_which("scontrol"), "update", f"JobId={job}", "StartTime=now"], env=slurm.env(), timeout=30,
+                   check=True)
+    deadline = time.monotonic() + 300
+    while (info := slurm.job(job)).get("Restarts") != "1" or info.get("JobState") not in FINISHED:
+        assert time.monotonic() < deadline, f"{info}\n{job_output(tmp_path / f'run-{job}.out')}\n{slurm.log_text()}"
+        time.sleep(1)
+    out = job_output(tmp_path / f"run-{job}.out")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{out}"
+    assert (logdir / "requeued" / f"{job}_1.attempt1.out").read_text().startswith("started"), out
+    assert [(logdir / f"{job}_{n}.status").read_text() for n in (1, 2)] == ["0\n", "0\n"], out
+
+
 def test_a_failed_rank_leaves_the_others_to_end_by_themselves(slurm, tmp_path):
     """srun --kill-on-bad-exit=1 ended rank 0 with SIGTERM once rank 1 had failed: the run's status was 143,
     not the highest of its ranks' own (here rank 1's 2 and rank 0's 5, a rank lost)."""
@@ -357,17 +395,28 @@ def test_run_sub_refuses_a_count_or_seed_that_is_not_a_plain_positive_number(tmp
 SRUN = '#!/bin/bash\nwhile [[ "${1:-}" == -* ]]; do shift; done\nexec "$@"\n'
 
 
+# The stand-in deepcam-host prints its arguments and exits with HOST_RC_<its folder's name> (HOST_RC_4242_2
+# for run 2, HOST_RC_4242_2_1 for its instance 1), else HOST_RC, else 0.
+HOST = '''#!/bin/bash
+echo "deepcam-host $*"
+for word; do [[ "$word" != run.output_dir=* ]] || run=${word##*/}; done
+rc=HOST_RC_${run:-}
+exit "${!rc:-${HOST_RC:-0}}"
+'''
+
+
 def fake_job(tmp_path, restart=0, user=None, srun=SRUN, **variables):
     """run.sub started as Slurm starts a job's batch script (its SLURM_* variables; SLURM_RESTART_COUNT
     after a requeue), with stand-ins for srun (runs the command once, as one task, unless `srun` is another
-    script) and scontrol (one node), and for deepcam-host (prints its arguments, exits with HOST_RC):
-    run.sub's own logic, in a second each. user: the uid to run it as (the tests run as root)."""
+    script) and scontrol (one node), and for deepcam-host (HOST: prints its arguments, exits with HOST_RC, or
+    a run's own HOST_RC_4242_n): run.sub's own logic, in a second each. user: the uid to run it as (the tests
+    run as root)."""
     bin_dir = tmp_path / "bin"
     if not bin_dir.exists():
         bin_dir.mkdir()
         (bin_dir / "scontrol").write_text('#!/bin/bash\n[ "$1 $2" = "show hostnames" ] && echo node1\n')
         (bin_dir / "srun").write_text(srun)
-        (bin_dir / "host").write_text('#!/bin/bash\necho "deepcam-host $*"\nexit "${HOST_RC:-0}"\n')
+        (bin_dir / "host").write_text(HOST)
         for f in bin_dir.iterdir():
             f.chmod(0o755)
     env = clean_env(**{"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": 4242, "SLURM_JOB_NODELIST": "node1",
@@ -491,6 +540,69 @@ def test_requeued_instances_run_again_together_unless_all_had_ended(tmp_path):
     for k in (1, 2):
         assert (logs / "requeued" / f"4242_2_{k}.attempt1.out").is_file(), r.stdout
         assert f"run 2 of 2, instance {k} of 2" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("stopped, status", [(1, 143), (2, 137), (1, 130), (1, 129)])
+def test_a_run_stopped_by_a_signal_ends_the_job_and_a_requeue_runs_it_again(tmp_path, stopped, status):
+    """scancel --signal=TERM, a time limit (--signal=TERM@60, then SIGKILL after KillWait) or a preemption
+    ends deepcam-host with 128 + the signal. run.sub wrote that status as the run's, started the next run (in
+    a time limit's last minute), and a requeue kept the stopped run as one that had ended: it never ran."""
+    logs = tmp_path / "logs"
+    r = fake_job(tmp_path, NEXP=3, SEED=7, **{f"HOST_RC_4242_{stopped}": status})
+    assert r.returncode == status, r.stdout + r.stderr
+    assert (f"run.sub: run {stopped} was stopped by a signal (status {status}): no further run starts; a requeue "
+            "of this job runs it again") in r.stderr, r.stderr
+    assert f"run {stopped} exited with status {status}" in r.stdout, r.stdout
+    assert not (logs / f"4242_{stopped}.status").exists() and (logs / f"4242_{stopped}.out").is_file()
+    assert [(logs / f"4242_{n}.status").read_text() for n in range(1, stopped)] == ["0\n"] * (stopped - 1)
+    assert f"run {stopped + 1} of 3" not in r.stdout and not (logs / f"4242_{stopped + 1}.out").exists(), r.stdout
+    r = fake_job(tmp_path, restart=1, NEXP=3, SEED=7)
+    assert r.returncode == 0, r.stdout + r.stderr
+    moved = logs / "requeued" / f"4242_{stopped}.attempt1"
+    assert f"{logs / f'4242_{stopped}'}, from before this job was requeued, moved to {moved}: it runs again" \
+        in r.stdout, r.stdout
+    assert moved.with_name(f"4242_{stopped}.attempt1.out").is_file()
+    assert [f"run {n} of 3" in r.stdout for n in (1, 2, 3)] == [n >= stopped for n in (1, 2, 3)], r.stdout
+    assert [(logs / f"4242_{n}.status").read_text() for n in (1, 2, 3)] == ["0\n"] * 3
+
+
+@pytest.mark.parametrize("status", [139, 5, 128, 131])
+def test_a_run_that_ended_with_another_status_is_kept_and_the_next_one_starts(tmp_path, status):
+    """Only 128 + SIGHUP, SIGINT, SIGKILL or SIGTERM is a stop: a crash (139, SIGSEGV), a lost rank (5)
+    or a SIGQUIT (131) ended the run, which a requeue keeps."""
+    logs = tmp_path / "logs"
+    r = fake_job(tmp_path, NEXP=2, HOST_RC_4242_1=status)
+    assert r.returncode == status, r.stdout + r.stderr
+    assert "stopped by a signal" not in r.stderr and "run 2 of 2" in r.stdout, r.stdout + r.stderr
+    assert [(logs / f"4242_{n}.status").read_text() for n in (1, 2)] == [f"{status}\n", "0\n"]
+
+
+def test_an_instance_stopped_by_a_signal_cuts_its_run_short_and_a_requeue_runs_every_instance_again(tmp_path):
+    """The instances run at the same time or not at all: one stopped leaves no status for any of them."""
+    logs = tmp_path / "logs"
+    r = fake_job(tmp_path, NEXP=2, INSTANCES=2, SEED=5, SLURM_NTASKS=2, HOST_RC_4242_1_2=143)
+    assert r.returncode == 143, r.stdout + r.stderr
+    assert "run.sub: run 1 was stopped by a signal (status 143)" in r.stderr, r.stderr
+    assert "run 1, instance 1 exited with status 0" in r.stdout and "run 2 of 2" not in r.stdout, r.stdout
+    assert not list(logs.glob("*.status")), sorted(p.name for p in logs.iterdir())
+    r = fake_job(tmp_path, restart=1, NEXP=2, INSTANCES=2, SEED=5, SLURM_NTASKS=2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for k in (1, 2):
+        assert (logs / "requeued" / f"4242_1_{k}.attempt1.out").is_file(), r.stdout
+        assert (logs / f"4242_1_{k}.status").read_text() == "0\n" and f"run 1 of 2, instance {k}" in r.stdout
+
+
+def test_a_requeue_runs_again_a_run_whose_status_file_holds_a_stop(tmp_path):
+    """A .status of 143 written before run.sub knew stops (a job requeued across the change) is no run that
+    ended."""
+    logs = tmp_path / "logs"
+    r = fake_job(tmp_path, NEXP=2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (logs / "4242_2.status").write_text("143\n")
+    r = fake_job(tmp_path, restart=1, NEXP=2)
+    assert r.returncode == 0 and "run 1 ended before this job was requeued" in r.stdout, r.stdout + r.stderr
+    assert (logs / "requeued" / "4242_2.attempt1.status").read_text() == "143\n" and "run 2 of 2" in r.stdout
+    assert (logs / "4242_2.status").read_text() == "0\n"
 
 
 # A stand-in for srun that starts SLURM_NTASKS tasks of its command, each with its SLURM_PROCID, notes its
