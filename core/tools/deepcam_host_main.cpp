@@ -25,6 +25,7 @@
 #include "deepcam/torch_pickle.hpp"
 #include "command_line.hpp"
 #include "launcher.hpp"
+#include "plugin_calls.hpp"
 #include "process_end.hpp"
 #include "std_streams.hpp"
 
@@ -394,7 +395,7 @@ int run_host(int argc, char** argv, bool& result_on_stdout) {
     // A failing ATen op or TORCH_CHECK: what() appends LibTorch's C++ backtrace.
     // LibTorch's CPU allocator says it is out of memory in a plain c10::Error.
     const char* what = e.what_without_backtrace();
-    if (std::strstr(what, "DefaultCPUAllocator: can't allocate memory") != nullptr) return out_of_memory(what);
+    if (deepcam::cpu_out_of_memory(e)) return out_of_memory(what);
     std::fprintf(stderr, "deepcam-host: internal error: %s\n", deepcam::shown(what, false).c_str());
     return 3;
   } catch (const std::bad_alloc& e) {

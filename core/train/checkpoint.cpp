@@ -82,6 +82,20 @@ std::string step_problem(const c10::IValue& step, const std::string& field) {
   return "";
 }
 
+// The key of the first floating tensor of one parameter's optimizer state
+// that holds NaN or Inf, or "": a state no resume takes (a diverged run's).
+std::string nonfinite_entry(const c10::impl::GenericDict& per_parameter) {
+  for (const auto& item : per_parameter) {
+    if (!item.value().isTensor() || !item.key().isString()) continue;
+    const at::Tensor& t = item.value().toTensor();
+    if (!t.defined() || t.is_meta() || !at::isFloatingType(t.scalar_type()) || t.numel() == 0) continue;
+    // float8 and other narrow types lack isfinite: widened to float32 first.
+    const at::Tensor wide = t.element_size() < 4 ? t.to(at::kFloat) : t;
+    if (!at::isfinite(wide).all().item<bool>()) return item.key().toStringRef();
+  }
+  return "";
+}
+
 // What a value of an optimizer's state may be, as torch.save and torch.load
 // carry it: None, a bool, a number, a string, a tensor with data, or a list,
 // tuple or dict of them. "" when it is; else what it is, at `where`.
@@ -133,13 +147,15 @@ std::string optimizer_state_problem(const c10::IValue& state) {
   for (const auto& entry : root.find("state")->value().toGenericDict()) {
     if (!entry.value().isGenericDict()) continue;
     const auto& per_parameter = entry.value().toGenericDict();
+    const std::string parameter = entry.key().isInt()      ? std::to_string(entry.key().toInt())
+                                  : entry.key().isString() ? "'" + entry.key().toStringRef() + "'"
+                                                           : entry.key().tagKind();
+    if (const std::string key = nonfinite_entry(per_parameter); !key.empty()) {
+      return fmt::format("['state'][{}]['{}'] holds NaN or Inf, which a resume refuses", parameter, key);
+    }
     const auto step = per_parameter.find("step");
     if (step == per_parameter.end()) continue;
-    const std::string field =
-        fmt::format("['state'][{}]['step']",
-                    entry.key().isInt()      ? std::to_string(entry.key().toInt())
-                    : entry.key().isString() ? "'" + entry.key().toStringRef() + "'"
-                                             : entry.key().tagKind());
+    const std::string field = fmt::format("['state'][{}]['step']", parameter);
     if (std::string problem = step_problem(step->value(), field); !problem.empty()) return problem;
   }
   return "";
@@ -319,17 +335,10 @@ void check_optimizer_steps(const Fields& f, const c10::IValue& optimizer) {
     if (!entry.value().isGenericDict()) continue;  // the optimizer names it
     const std::string parameter = entry.key().isInt() ? std::to_string(entry.key().toInt())
                                                       : "'" + entry.key().toStringRef() + "'";
-    for (const auto& item : entry.value().toGenericDict()) {
-      if (!item.value().isTensor() || !item.key().isString()) continue;
-      const at::Tensor& t = item.value().toTensor();
-      if (!t.defined() || !at::isFloatingType(t.scalar_type()) || t.numel() == 0) continue;
-      // float8 and other narrow types lack isfinite: widened to float32 first.
-      const at::Tensor wide = t.element_size() < 4 ? t.to(at::kFloat) : t;
-      if (!at::isfinite(wide).all().item<bool>()) {
-        f.fail(fmt::format("['optimizer']['state'][{}]['{}'] holds NaN or Inf (the state of a run that diverged, "
-                           "or a damaged file); resume from an earlier checkpoint",
-                           parameter, item.key().toStringRef()));
-      }
+    if (const std::string key = nonfinite_entry(entry.value().toGenericDict()); !key.empty()) {
+      f.fail(fmt::format("['optimizer']['state'][{}]['{}'] holds NaN or Inf (the state of a run that diverged, "
+                         "or a damaged file); resume from an earlier checkpoint",
+                         parameter, key));
     }
     const auto step = f.find(entry.value().toGenericDict(), "step");
     if (!step) continue;

@@ -1496,6 +1496,7 @@ class Engine {
     try {
       // The captured step() counts itself on the host as it is captured, and
       // capture() replays it once: no replayed() for this step.
+      const LibTorchErrorsPass capture_names_its_failure;
       graph.capture([&] { run_batch(graph.input(), graph.labels(), true, 1, logits, loss); });
     } catch (const c10::Error& e) {
       throw Error(fmt::format("{}: capturing the training step in a CUDA graph failed ({}); a model, loss or "

@@ -3,6 +3,7 @@
 #include <ATen/ops/aminmax.h>
 #include <fmt/ranges.h>
 
+#include <cstring>
 #include <memory>
 #include <variant>
 
@@ -16,6 +17,26 @@ const NestedPlugin* nested_source(const Params& params) {
   if (source == params.values().end()) return nullptr;
   const auto* nested = std::get_if<std::shared_ptr<const NestedPlugin>>(&source->second);
   return nested ? nested->get() : nullptr;
+}
+
+namespace {
+
+thread_local bool libtorch_errors_pass = false;
+
+}  // namespace
+
+LibTorchErrorsPass::LibTorchErrorsPass() : was_(libtorch_errors_pass) { libtorch_errors_pass = true; }
+
+LibTorchErrorsPass::~LibTorchErrorsPass() { libtorch_errors_pass = was_; }
+
+bool libtorch_error_passes(const c10::Error& e) {
+  return libtorch_errors_pass || dynamic_cast<const c10::OutOfMemoryError*>(&e) != nullptr ||
+         dynamic_cast<const c10::AcceleratorError*>(&e) != nullptr ||
+         dynamic_cast<const c10::DistError*>(&e) != nullptr || cpu_out_of_memory(e);
+}
+
+bool cpu_out_of_memory(const c10::Error& e) {
+  return std::strstr(e.what_without_backtrace(), "DefaultCPUAllocator: can't allocate memory") != nullptr;
 }
 
 std::string tensor_text(const at::Tensor& t) {

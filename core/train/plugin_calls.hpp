@@ -39,11 +39,37 @@ DEEPCAM_API const NestedPlugin* nested_source(const Params& params);
 // reader, to follow "a bug in the plugin"; "" for any other plugin.
 DEEPCAM_API std::string or_its_source(const PluginChoice& choice);
 
+// Whether a LibTorch error that a plugin's call threw is no fault of the
+// plugin's and passes on as it is: out of memory (the CPU allocator's comes
+// as a plain c10::Error), a device's asynchronous error (raised by whatever
+// call met it), a collective's failure, or any while a LibTorchErrorsPass
+// lives on this thread.
+DEEPCAM_API bool libtorch_error_passes(const c10::Error& e);
+
+// Whether it is LibTorch's CPU allocator saying that it is out of memory.
+DEEPCAM_API bool cpu_out_of_memory(const c10::Error& e);
+
+// While one lives on this thread, LibTorch's errors in plugin calls pass on
+// as they are: a CUDA graph's capture names its own failure (an op that
+// cannot be captured is no fault of the plugin that called it).
+class DEEPCAM_API LibTorchErrorsPass {
+ public:
+  LibTorchErrorsPass();
+  ~LibTorchErrorsPass();
+  LibTorchErrorsPass(const LibTorchErrorsPass&) = delete;
+  LibTorchErrorsPass& operator=(const LibTorchErrorsPass&) = delete;
+
+ private:
+  bool was_;
+};
+
 // A call into a plugin's object during the run, named as a factory's
-// failure is: what it throws names its file (an internal error), but a
-// deepcam::Error (a message about the run or its data, a lost rank, a stop
-// request for a signal), a LibTorch error (out of memory; a CUDA graph's
-// capture, which the engine names) and std::bad_alloc pass on as they are.
+// failure is: what it throws names its file (an internal error), a
+// PluginBug (a key its schema lacks, asked for in a method) as a bug in the
+// plugin, and a LibTorch error as the plugin's failure. A deepcam::Error (a
+// message about the run or its data, a lost rank, a stop request for a
+// signal), std::bad_alloc and the LibTorch errors of libtorch_error_passes
+// pass on as they are.
 template <typename F>
 decltype(auto) in_plugin(const PluginChoice& choice, F&& call) {
   try {
@@ -54,10 +80,17 @@ decltype(auto) in_plugin(const PluginChoice& choice, F&& call) {
                                        "in the plugin{})",
                                        choice.plugin->path, to_string(choice.kind), choice.name, e.signal(), e.what(),
                                        or_its_source(choice)));
+  } catch (const PluginBug& e) {
+    throw std::logic_error(fmt::format("{}: {} (a bug in the {} plugin '{}'{})", choice.plugin->path, e.what(),
+                                       to_string(choice.kind), choice.name, or_its_source(choice)));
   } catch (const Error&) {
     throw;
-  } catch (const c10::Error&) {
-    throw;
+  } catch (const c10::Error& e) {
+    if (libtorch_error_passes(e)) throw;
+    // Not called a bug: an ATen op may refuse what the plugin was given (a
+    // sample too small for the model's convolutions).
+    throw std::logic_error(fmt::format("{}: the {} plugin '{}' failed in LibTorch: {}", choice.plugin->path,
+                                       to_string(choice.kind), choice.name, e.what_without_backtrace()));
   } catch (const std::bad_alloc&) {
     throw;
   } catch (const std::exception& e) {

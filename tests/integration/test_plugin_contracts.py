@@ -125,11 +125,24 @@ def test_an_optimizer_s_calls_that_throw_name_its_file(tmp_path, data):
     # checkpoint (None: "a checkpoint of the model alone"), or ended as "Cannot copy out of meta tensor".
     for fault, says in [("none_state", "is a None, not a dict"),
                         ("negative_step", "['state'][0]['step'] is -8, expected a non-negative whole number"),
-                        ("meta_state", "['state'][0]['exp_avg'] is a meta tensor, which holds no data")]:
+                        ("meta_state", "['state'][0]['exp_avg'] is a meta tensor, which holds no data"),
+                        # Saved, then refused by every resume as "the state of a run that diverged".
+                        ("nan_state", "['state'][0]['exp_avg'] holds NaN or Inf, which a resume refuses")]:
         r, out = run(fault, fault)
         assert r.returncode == 3, r.stderr[-3000:]
         assert failed.replace("stateful fixture: ", f"its state_dict() {says}; ") in r.stderr, r.stderr[-3000:]
         assert not list(out.glob("*.pt")) and not list(out.glob(".*")), list(out.iterdir())
+    # A PluginBug from a method (a key its schema lacks) was said as the run file's error (status 2), naming
+    # neither the plugin nor its file; an ATen op's failure in step() named neither either.
+    r, _ = run("plugin_bug", "plugin_bug")
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert (f"deepcam-host: internal error: {STATEFUL}: stateful fixture: step() asked for an undeclared key (a bug "
+            "in the optimizer plugin 'stateful')") in r.stderr, r.stderr[-3000:]
+    r, _ = run("aten", "aten")
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert (f"deepcam-host: internal error: {STATEFUL}: the optimizer plugin 'stateful' failed in LibTorch: output "
+            "with shape [3] doesn't match the broadcast shape [4, 3]") in r.stderr, r.stderr[-3000:]
+    assert "Exception raised from" not in r.stderr and "frame #" not in r.stderr  # LibTorch's C++ backtrace
     # A gradient norm that is no 0-d tensor: "output with shape [] doesn't match the broadcast shape [3]".
     r, _ = run("norm", "norm")
     assert r.returncode == 3, r.stderr[-3000:]
