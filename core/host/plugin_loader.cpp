@@ -227,13 +227,22 @@ namespace {
 // so that an install that was moved or staged with DESTDIR finds its own
 // plugins. The configured path is the fallback when dladdr cannot tell.
 //
-// Whether this is the core library of a build tree (uninstalled).
-bool in_build_tree() {
+// The plugins folder of the build tree whose core library this is
+// (uninstalled), or "" for an installed one: the tree it was built in, or a
+// copy of a build tree (a node's local disk, a bundle for another machine),
+// whose core/ holds the deepcam-host program beside the library and whose
+// plugins/ lies beside core/, as no install's <libdir> does.
+std::string build_tree_plugins() {
   Dl_info info{};
-  if (::dladdr(reinterpret_cast<const void*>(&in_build_tree), &info) == 0 || info.dli_fname == nullptr)
-    return false;
+  if (::dladdr(reinterpret_cast<const void*>(&build_tree_plugins), &info) == 0 || info.dli_fname == nullptr)
+    return "";
+  const fs::path core = fs::path(info.dli_fname).parent_path();
   std::error_code ec;
-  return fs::equivalent(fs::path(info.dli_fname).parent_path(), DEEPCAM_BUILD_CORE_DIR, ec);
+  if (fs::equivalent(core, DEEPCAM_BUILD_CORE_DIR, ec)) return DEEPCAM_BUILD_PLUGIN_DIR;
+  if (fs::is_regular_file(core / "deepcam-host", ec) && fs::is_directory(core.parent_path() / "plugins", ec)) {
+    return (core.parent_path() / "plugins").lexically_normal().string();
+  }
+  return "";
 }
 
 // Uninstalled (GStreamer's word): the core library of a build tree, with no
@@ -245,8 +254,8 @@ std::string install_dir() {
   Dl_info info{};
   if (::dladdr(reinterpret_cast<const void*>(&install_dir), &info) == 0 || info.dli_fname == nullptr)
     return DEEPCAM_PLUGIN_INSTALL_DIR;
-  if (in_build_tree()) {
-    return split_path(std::getenv("DEEPCAM_PLUGIN_PATH")).empty() ? DEEPCAM_BUILD_PLUGIN_DIR : "";
+  if (const std::string plugins = build_tree_plugins(); !plugins.empty()) {
+    return split_path(std::getenv("DEEPCAM_PLUGIN_PATH")).empty() ? plugins : "";
   }
   const fs::path configured(DEEPCAM_PLUGIN_INSTALL_DIR);
   const fs::path below_libdir = configured.parent_path().filename() / configured.filename();
@@ -436,12 +445,13 @@ const LoadedPlugin& PluginLoader::load(PluginKind kind, const std::string& name,
     // is set (install_dir()): say so, unless the variable names that folder.
     std::string build_tree;
     std::error_code ec;
-    if (install_dir_.empty() && in_build_tree() &&
+    if (const std::string plugins = build_tree_plugins();
+        install_dir_.empty() && !plugins.empty() &&
         std::none_of(env_dirs_.begin(), env_dirs_.end(),
-                     [&](const std::string& d) { return fs::equivalent(d, DEEPCAM_BUILD_PLUGIN_DIR, ec); })) {
+                     [&](const std::string& d) { return fs::equivalent(d, plugins, ec); })) {
       build_tree = fmt::format("; the host of a build tree searches DEEPCAM_PLUGIN_PATH alone while it is set, not "
                                "its own {}: DEEPCAM_PLUGIN_PATH={}:{} searches both",
-                               DEEPCAM_BUILD_PLUGIN_DIR, fmt::join(env_dirs_, ":"), DEEPCAM_BUILD_PLUGIN_DIR);
+                               plugins, fmt::join(env_dirs_, ":"), plugins);
     }
     throw Error(fmt::format("no {} plugin named '{}'{}; found: {}. Searched {} (set DEEPCAM_PLUGIN_PATH "
                             "or the table's `library` key){}",

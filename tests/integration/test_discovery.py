@@ -176,6 +176,22 @@ def test_the_build_tree_host_says_its_own_plugins_are_not_searched_while_the_var
     assert r.returncode == 2 and "searches DEEPCAM_PLUGIN_PATH alone" not in r.stderr, r.stderr
 
 
+def test_a_copy_of_the_build_folder_finds_its_own_plugins(tmp_path):
+    # Its core library is not where it was built: it took itself for an install and searched
+    # core/deepcam-host/plugins, a path through the program file, and found none.
+    copy = tmp_path / "copy"
+    for part in ("core", "plugins"):
+        shutil.copytree(BUILD_DIR / part, copy / part, ignore=shutil.ignore_patterns("*.p"))
+    env = env_without_plugin_path()
+    r = subprocess.run([copy / "core" / "deepcam-host", "--describe", "optimizer/lamb"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 0 and f"{copy}/plugins/optimizers/lamb/libdeepcam_optimizer_lamb.so" in r.stdout, r.stderr
+    env["DEEPCAM_PLUGIN_PATH"] = str(tmp_path / "mine")
+    r = subprocess.run([copy / "core" / "deepcam-host", "--describe", "optimizer/adagrad"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 2 and f"not its own {copy}/plugins: DEEPCAM_PLUGIN_PATH=" in r.stderr, r.stderr
+
+
 def test_listings_mark_a_plugin_that_a_run_would_not_take(tmp_path):
     # Two files of one plugin on DEEPCAM_PLUGIN_PATH were listed alike, while a run refuses both.
     (tmp_path / "dup").mkdir()
