@@ -526,6 +526,8 @@ Checker::Chosen Checker::choose(const toml::table* t, PluginKind kind, const std
   if (!loader) throw Error(fmt::format("{}: a plugin table needs the plugin loader to be checked", where));
   const toml::node* lib = t->get("library");
   const std::string library = library_path(lib, loc);
+  // The variable's fault, not the table's: named without the table.
+  if (const std::string problem = lib ? "" : loader->search_path_problem(); !problem.empty()) throw Error(problem);
   Chosen out;
   out.name = *name_node->value<std::string>();
   out.name_at = loc.at("name", name_node);

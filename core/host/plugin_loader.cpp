@@ -271,6 +271,13 @@ PluginLoader::PluginLoader()
 PluginLoader::PluginLoader(std::vector<std::string> env_dirs, std::string install_dir)
     : env_dirs_(std::move(env_dirs)), install_dir_(std::move(install_dir)) {}
 
+std::string PluginLoader::search_path_problem() const {
+  for (const std::string& dir : env_dirs_) {
+    if (const std::string problem = plugin_path_entry_problem(dir); !problem.empty()) return problem;
+  }
+  return "";
+}
+
 std::vector<std::string> PluginLoader::search_dirs() const {
   std::vector<std::string> dirs = env_dirs_;
   if (!install_dir_.empty()) dirs.push_back(install_dir_);
@@ -394,9 +401,7 @@ const LoadedPlugin& PluginLoader::load(PluginKind kind, const std::string& name,
   std::string path = library;
   std::vector<std::string> searched;
   if (path.empty()) {
-    for (const std::string& dir : env_dirs_) {
-      if (const std::string problem = plugin_path_entry_problem(dir); !problem.empty()) throw Error(problem);
-    }
+    if (const std::string problem = search_path_problem(); !problem.empty()) throw Error(problem);
     // Level 2 (DEEPCAM_PLUGIN_PATH) as a whole, then level 3 (install dir).
     std::vector<std::vector<std::string>> levels = {env_dirs_};
     if (!install_dir_.empty()) levels.push_back({install_dir_});

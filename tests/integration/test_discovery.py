@@ -98,6 +98,11 @@ def test_a_library_file_on_the_path_is_named_not_passed_over(tmp_path):
     r = run_host("--list-plugins", env=plugin_env(path))
     assert r.returncode == 0 and "libdeepcam_optimizer_adam.so" in r.stdout, r.stdout
     assert r.stderr == f"deepcam-host: skipped {said}\n", r.stderr
+    # A run says it alone too: it was blamed on the run file's [reader] name, the first plugin loaded.
+    data = synth(tmp_path / "data", train=2, validation=1)
+    run = write_run(tmp_path / "run.toml", data, tmp_path / "out")
+    r = run_host(run, env=plugin_env(path))
+    assert r.returncode == 2 and r.stderr.endswith(f"deepcam-host: {said}\n"), r.stderr
 
 
 def test_a_folder_as_the_run_file_is_named_as_one(tmp_path):

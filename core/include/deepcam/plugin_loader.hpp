@@ -88,6 +88,11 @@ class DEEPCAM_API PluginLoader {
   // DEEPCAM_PLUGIN_PATH's directories, then the install directory.
   std::vector<std::string> search_dirs() const;
 
+  // Why a DEEPCAM_PLUGIN_PATH entry cannot be searched (a file), which
+  // load() refuses when it searches: a message about the variable alone,
+  // "" when every entry can be.
+  std::string search_path_problem() const;
+
   // Loads and checks one file, whatever its name.
   static LoadedPlugin open(const std::string& path);
 
