@@ -6,6 +6,7 @@
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/ivalue.h>
 
+#include <functional>
 #include <map>
 #include <sstream>
 #include <string>
@@ -92,15 +93,15 @@ std::vector<c10::IValue> to_items(const c10::IValue& value, const std::string& w
 
 }  // namespace
 
-void SgdOptions::check(const std::string& where) const {
+void SgdOptions::check(const std::function<std::string(const std::string& key)>& where) const {
   // torch.optim.SGD's own checks, with its wording of the Nesterov rule.
-  if (!(lr >= 0.0)) throw Error(where + " lr = " + number_str(lr) + ": must be >= 0");
-  if (!(momentum >= 0.0)) throw Error(where + " momentum = " + number_str(momentum) + ": must be >= 0");
+  if (!(lr >= 0.0)) throw Error(where("lr") + " = " + number_str(lr) + ": must be >= 0");
+  if (!(momentum >= 0.0)) throw Error(where("momentum") + " = " + number_str(momentum) + ": must be >= 0");
   if (!(weight_decay >= 0.0)) {
-    throw Error(where + " weight_decay = " + number_str(weight_decay) + ": must be >= 0");
+    throw Error(where("weight_decay") + " = " + number_str(weight_decay) + ": must be >= 0");
   }
   if (nesterov && (momentum <= 0.0 || dampening != 0.0)) {
-    throw Error(where + " nesterov = true: Nesterov momentum needs momentum > 0 and dampening = 0 (momentum = " +
+    throw Error(where("nesterov") + " = true: Nesterov momentum needs momentum > 0 and dampening = 0 (momentum = " +
                 number_str(momentum) + ", dampening = " + number_str(dampening) +
                 "); set both or nesterov = false");
   }
@@ -113,7 +114,8 @@ SgdOptions SgdOptions::from(const Params& params) {
   options.dampening = params.number("dampening");
   options.weight_decay = params.number("weight_decay");
   options.nesterov = params.boolean("nesterov");
-  options.check(params.where());
+  // "run.toml:4 [optimizer] nesterov": the file and line that set the key.
+  options.check([&](const std::string& key) { return params.where(key); });
   return options;
 }
 
@@ -247,7 +249,7 @@ void Sgd::load_state_dict(const c10::IValue& saved) {
     fail("param_groups[0][\"maximize\"] is true; this optimizer only minimises");
   }
   try {
-    options.check("param_groups[0]");
+    options.check([](const std::string& key) { return "param_groups[0] " + key; });
   } catch (const Error& e) {
     fail(e.what());
   }

@@ -29,6 +29,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -45,11 +46,11 @@ struct SgdOptions {
   bool nesterov = false;
 
   // Checks what the schema cannot express (the Nesterov condition) with
-  // PyTorch's rules; errors name params.where() and the key.
+  // PyTorch's rules; errors name params.where(key): the file, line and key.
   static SgdOptions from(const Params& params);
   // The same checks on options from elsewhere (a loaded state_dict);
-  // `where` starts the message.
-  void check(const std::string& where) const;
+  // `where(key)` starts the message about that key.
+  void check(const std::function<std::string(const std::string& key)>& where) const;
 };
 
 class Sgd final : public Optimizer {
