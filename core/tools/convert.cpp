@@ -115,6 +115,16 @@ Rank rank_from_environment() {
     const char* rank = std::getenv(rank_name);
     const char* size = std::getenv(size_name);
     if (!rank && !size) continue;
+    const char* step = std::getenv("SLURM_STEP_NUM_TASKS");
+    const bool slurm_outside_a_step = std::strcmp(rank_name, "SLURM_PROCID") == 0 && (!step || !*step);
+    // An allocation's shell (salloc): the job's task count, no task's rank.
+    if (slurm_outside_a_step && !rank) {
+      if (parse_env_int(size_name, size) == 1) continue;
+      throw Error(fmt::format("environment: {}={} (Slurm), but no SLURM_PROCID or SLURM_STEP_NUM_TASKS: this process "
+                              "runs in an allocation's shell (salloc), not as a task of an srun step; start the ranks "
+                              "with srun, or unset SLURM_NTASKS to convert with one process",
+                              size_name, size));
+    }
     if (!rank || !size)
       throw Error(fmt::format("environment variable {} is set but {} is not; set both or neither",
                               rank ? rank_name : size_name, rank ? size_name : rank_name));
@@ -126,8 +136,7 @@ Rank rank_from_environment() {
     // As deepcam-host: srun gives each task of a step SLURM_STEP_NUM_TASKS,
     // and a batch script's own process, which sbatch runs once, has none. It
     // would convert a share of the samples and leave the set without stats.h5.
-    const char* step = std::getenv("SLURM_STEP_NUM_TASKS");
-    if (std::strcmp(rank_name, "SLURM_PROCID") == 0 && r.size > 1 && (!step || !*step))
+    if (slurm_outside_a_step && r.size > 1)
       throw Error(fmt::format("environment: {}={} and {}={} (Slurm), but no SLURM_STEP_NUM_TASKS: this process is the "
                               "batch script's own, which sbatch runs once, not a task of an srun step; start the "
                               "ranks with srun, or unset SLURM_NTASKS to convert with one process",

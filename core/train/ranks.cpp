@@ -116,6 +116,17 @@ RankLayout detect_ranks(const Environment& env) {
     const std::optional<int> rank = integer(env, s.rank, 0);
     const std::optional<int> size = integer(env, s.size, 1);
     if (!rank && !size) continue;
+    // An allocation's shell (salloc) has the job's SLURM_NTASKS but no task
+    // of a step's SLURM_PROCID: the allocation of a launcher started there
+    // (torchrun), or of one task, is no launch; else, as for the batch
+    // script's own process below, its ranks are ranks nobody starts.
+    if (&s == &kSources[2] && !rank && slurm_batch_script) {
+      if (chosen || *size == 1) continue;
+      throw Error(fmt::format("environment variable {} (Slurm), but no SLURM_PROCID or SLURM_STEP_NUM_TASKS: this "
+                              "process runs in an allocation's shell (salloc), not as a task of an srun step; start "
+                              "the ranks with srun (one task per rank), or with deepcam-host --nproc N on one node",
+                              setting(env, s.size)));
+    }
     if (!rank || !size) {
       throw Error(fmt::format("environment variable {} is set but {} is not: {} sets both",
                               rank ? setting(env, s.rank) : setting(env, s.size), rank ? s.size : s.rank, s.name));

@@ -6,7 +6,8 @@
 //              deepcam-host --nproc)
 //   Open MPI   OMPI_COMM_WORLD_RANK, _SIZE, _LOCAL_RANK, _LOCAL_SIZE
 //   Slurm      SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, and
-//              SLURM_NTASKS_PER_NODE or SLURM_TASKS_PER_NODE (with SLURM_NODEID)
+//              SLURM_STEP_TASKS_PER_NODE or SLURM_TASKS_PER_NODE (with
+//              SLURM_NODEID); SLURM_NTASKS_PER_NODE is no count
 //   PMI        PMI_RANK, PMI_SIZE (MPICH, Intel MPI); MPI_LOCALRANKID and
 //              MPI_LOCALNRANKS when the launcher sets them
 // None of them: one rank. Launchers nest (torchrun or mpirun inside a Slurm

@@ -231,6 +231,13 @@ def test_ranks_split_the_samples(deepcam_data, source, tmp_path):
     proc = run(deepcam_data, "convert", source, tmp_path / "y", env={"SLURM_PROCID": "0", "SLURM_NTASKS": "3"})
     one_line_error(proc, "SLURM_PROCID=0", "no SLURM_STEP_NUM_TASKS", "batch script's own")
     assert not (tmp_path / "y").exists()
+    # An salloc shell: "SLURM_NTASKS is set but SLURM_PROCID is not", as if Slurm had set one of two; of one
+    # task it is no launch at all.
+    proc = run(deepcam_data, "convert", source, tmp_path / "z", env={"SLURM_NTASKS": "2"})
+    one_line_error(proc, "SLURM_NTASKS=2", "no SLURM_PROCID or SLURM_STEP_NUM_TASKS", "allocation's shell (salloc)")
+    assert not (tmp_path / "z").exists()
+    ok(run(deepcam_data, "convert", source, tmp_path / "one", env={"SLURM_NTASKS": "1"}))
+    assert assert_converted(source, tmp_path / "one") == len(all_sources)
 
 
 def test_an_output_holding_another_data_set_is_refused_before_anything_is_written(deepcam_data, source, tmp_path):

@@ -90,6 +90,21 @@ TEST_CASE("a batch script's own process is no rank of the job") {
   check(detect({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "1"}}), 0, 1, -1, -1, "Slurm");
 }
 
+TEST_CASE("an allocation's shell is no rank of the job") {
+  // salloc -n 2, then deepcam-host without srun: "SLURM_NTASKS=2 is set but SLURM_PROCID is not: Slurm sets both".
+  const std::string shell = error_of({{"SLURM_NTASKS", "2"}, {"SLURM_NPROCS", "2"}, {"SLURM_TASKS_PER_NODE", "2"}});
+  CHECK_MESSAGE(shell.find("SLURM_NTASKS=2 (Slurm), but no SLURM_PROCID or SLURM_STEP_NUM_TASKS: this process runs in "
+                           "an allocation's shell (salloc)") != std::string::npos,
+                shell);
+  // One task, or torchrun started in the shell: the allocation is no launch.
+  check(detect({{"SLURM_NTASKS", "1"}}), 0, 1, 0, 1, "none");
+  check(detect({{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"LOCAL_RANK", "1"}, {"LOCAL_WORLD_SIZE", "2"},
+                {"SLURM_NTASKS", "4"}}),
+        1, 2, 1, 2, "torchrun");
+  // A step's task without its SLURM_PROCID is still a broken launch.
+  CHECK(error_of({{"SLURM_NTASKS", "2"}, {"SLURM_STEP_NUM_TASKS", "2"}}).find("Slurm sets both") != std::string::npos);
+}
+
 TEST_CASE("an MPI launcher in a batch script of as many tasks: the launcher's variables, not the script's") {
   // sbatch -n 2, then mpirun -np 2 (or an MPICH/Intel MPI mpiexec): the script's SLURM_PROCID=0 gave rank 1
   // "different ranks ... unset the stale one", and PMI's rank 0 was told it was the batch script's own.
