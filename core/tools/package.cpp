@@ -23,6 +23,7 @@
 #include <vector>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <toml++/toml.h>
 
 #include "closed_division.hpp"
@@ -355,25 +356,67 @@ struct Run {
   // deepcam-host can fail. An eval_accuracy in [0.82, 1] logged, whatever
   // run_stop's status (a run that went on past the benchmark's target,
   // to a target of its own, counts with all its time); in the closed
-  // division also the full data set. The checker's verdict stays the
-  // authority (README: package_checker).
+  // division also the full data set and the closed hyper-parameters. The
+  // checker's verdict stays the authority (README: package_checker).
   bool reached_target() const { return best_eval && *best_eval >= kBenchmarkTargetIou && *best_eval <= 1.0; }
   bool full_data_set() const {
     return text("train_samples") == std::to_string(kClosedTrainSamples) &&
            text("eval_samples") == std::to_string(kClosedEvalSamples);
   }
-  bool converged() const { return reached_target() && (text("submission_division") != "closed" || full_data_set()); }
+  bool converged() const {
+    return reached_target() && (text("submission_division") != "closed" || (full_data_set() && closed_breaks().empty()));
+  }
+  // The closed division's rules on hyper-parameters (hpc 3.0.0's
+  // closed_deepcam*.yaml) that a deepcam-host log can break: another
+  // optimizer or schedule, Adam's eps, LAMB's settings, a warm-up factor
+  // below 1, seed 0. Each broken one as "key value (closed: ...)".
+  std::vector<std::string> closed_breaks() const {
+    std::vector<std::string> breaks;
+    const auto number = [&](const char* key) -> std::optional<double> {
+      const auto it = first.find(key);
+      if (it == first.end() || it->second.kind != Value::Kind::Number) return std::nullopt;
+      return it->second.number;
+    };
+    const auto rule = [&](const char* key, bool holds, const char* closed) {
+      if (!holds) breaks.push_back(fmt::format("{} {} (closed: {})", key, text(key).empty() ? "not logged" : text(key),
+                                               closed));
+    };
+    const std::string optimizer = text("opt_name"), schedule = text("scheduler_type");
+    rule("opt_name", optimizer == "Adam" || optimizer == "AdamW" || optimizer == "LAMB", "Adam, AdamW or LAMB");
+    const std::optional<double> eps = number("opt_eps");
+    rule("opt_eps", eps && std::fabs(*eps - 1e-6) <= 1e-9 * std::max(std::fabs(*eps), 1e-6), "1e-06");
+    if (optimizer == "LAMB") {
+      for (const char* key : {"opt_bias_correction", "opt_grad_averaging"}) {
+        const auto it = first.find(key);
+        rule(key, it != first.end() && it->second.kind == Value::Kind::Bool && it->second.boolean, "true");
+      }
+      rule("opt_max_grad_norm", number("opt_max_grad_norm") == 1.0, "1.0");
+    }
+    rule("scheduler_type", schedule == "multistep" || schedule == "cosine_annealing", "multistep or cosine_annealing");
+    rule("scheduler_lr_warmup_factor", number("scheduler_lr_warmup_factor") >= 1.0, "at least 1");
+    const std::optional<double> decay = number("scheduler_decay_rate");
+    if (schedule == "multistep") rule("scheduler_decay_rate", decay && *decay <= 1.0, "at most 1");
+    if (schedule == "cosine_annealing") {
+      rule("scheduler_t_max", number("scheduler_t_max") >= 1.0, "at least 1");
+      rule("scheduler_eta_min", number("scheduler_eta_min") >= 0.0, "at least 0");
+    }
+    rule("seed", number("seed") > 0.0, "above 0");
+    return breaks;
+  }
   // What decided it, for messages.
   std::string outcome() const {
     const std::string status = fmt::format("run_stop status {}", stop_status.empty() ? "(none)" : stop_status);
     if (!reached_target())
       return fmt::format("{}; its best eval_accuracy ({}) is below the benchmark's target {}", status,
                          best_eval ? fmt::format("{:.4f}", *best_eval) : "none logged", kBenchmarkTargetIou);
-    if (!converged())
+    if (!full_data_set() && text("submission_division") == "closed")
       return fmt::format("{}; a closed-division run on {} training and {} validation samples, where the checker "
                          "wants the full data set's {} and {}",
                          status, text("train_samples"), text("eval_samples"), kClosedTrainSamples,
                          kClosedEvalSamples);
+    if (!converged())
+      return fmt::format("{}; a closed-division run whose log breaks the checker's closed rules: {}", status,
+                         fmt::join(closed_breaks(), ", "));
     if (stop_status != "success")
       return fmt::format("{}, after its eval_accuracy reached the benchmark's target {} (the checker passes it, and "
                          "the summarizer counts it)",
@@ -846,7 +889,30 @@ static int write_package(const PackageOptions& o) {
       if (r.text(key) != first.text(key))
         throw Error(fmt::format("{}: {} is '{}' but {} has '{}': one package holds runs of one system", r.log.string(),
                                 key, r.text(key), first.log.string(), first.text(key)));
+  // What mlperf-logging's package checker holds a benchmark's runs to: one
+  // global batch size (its RCP check fails on several), each its own seed
+  // (a copy of a run is one too).
+  std::map<std::string, const Run*> seeds;
+  for (const Run& r : runs) {
+    if (r.text("global_batch_size") != first.text("global_batch_size"))
+      throw Error(fmt::format("{}: global_batch_size is '{}' but {} has '{}': the package checker wants one batch size "
+                              "across a benchmark's runs",
+                              r.log.string(), r.text("global_batch_size"), first.log.string(),
+                              first.text("global_batch_size")));
+    if (const auto [it, fresh] = seeds.emplace(r.text("seed"), &r); !fresh)
+      throw Error(fmt::format("{}: seed {}, as {}: the package checker wants each run's own seed (a copied run has "
+                              "its original's); give each run its own seed",
+                              r.log.string(), r.text("seed"), it->second->log.string()));
+  }
   const Throughput throughput = instances.empty() ? Throughput{} : throughput_of(instances, first);
+  // A throughput instance that is one of the time-to-solution runs (a copy
+  // of its folder) would count twice.
+  for (const Run& i : instances)
+    for (const Run& r : runs)
+      if (i.text("seed") == r.text("seed") && i.run_start_ms == r.run_start_ms)
+        throw Error(fmt::format("{}: the run of {} (its seed and run_start), given as a throughput instance too; an "
+                                "instance is a run of its own",
+                                i.log.string(), r.log.string()));
   std::vector<std::string> empty_fields;
   const Value desc = system_description(o, first, empty_fields);
 

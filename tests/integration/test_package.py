@@ -156,6 +156,12 @@ def edited_copy(run_dir, to, pattern, replacement):
     return to
 
 
+def reseeded_copy(run_dir, to, seed):
+    """A copy of a run as another run of its settings logs it: with a seed of its own (a copy with its
+    original's is refused)."""
+    return edited_copy(run_dir, to, r'("key": "seed", "value": )[0-9]+', rf"\g<1>{seed}")
+
+
 def test_a_run_stopped_at_a_lower_target_of_its_own_is_not_counted(runs, tmp_path):
     """run_stop says success, but no eval_accuracy reached the benchmark's 0.82 (a run with target_iou
     below it): the checker fails it and the summarizer drops it, and so does the package."""
@@ -239,10 +245,55 @@ def test_runs_of_another_submission_status_are_refused(runs, tmp_path):
     assert not (tmp_path / "pkg").exists()
 
 
+def test_runs_the_package_checker_would_refuse_as_a_set_are_refused(runs, tmp_path):
+    """Packages the package checker refuses were written with a score: a copied run (or two runs with one seed:
+    "Seed checker failed"), runs of two batch sizes (its RCP check ended in a KeyError), a time-to-solution run
+    given as a throughput instance too."""
+    copy = tmp_path / "copy"
+    shutil.copytree(runs["open"][0], copy)
+    r = package(runs["open"][:4] + [copy], tmp_path / "pkg")
+    assert r.returncode == 1 and f"{copy / 'mlperf.log'}: seed " in r.stderr, r.stderr
+    assert "the package checker wants each run's own seed" in r.stderr, r.stderr
+    other = edited_copy(runs["open"][4], tmp_path / "batch", r'("key": "global_batch_size", "value": )[0-9]+',
+                        r"\g<1>8")
+    r = package(runs["open"][:4] + [other], tmp_path / "pkg")
+    assert r.returncode == 1, r.stderr
+    assert (f"{other / 'mlperf.log'}: global_batch_size is '8' but {runs['open'][0] / 'mlperf.log'} has '4': the "
+            "package checker wants one batch size") in r.stderr, r.stderr
+    instances = [reseeded_copy(d, tmp_path / f"instance-{n}", 900 + n) for n, d in enumerate(runs["open"][:4])]
+    r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", "--throughput", *instances, copy)
+    assert r.returncode == 1, r.stderr
+    assert (f"{copy / 'mlperf.log'}: the run of {runs['open'][0] / 'mlperf.log'} (its seed and run_start), given "
+            "as a throughput instance too") in r.stderr, r.stderr
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_a_closed_run_that_breaks_the_closed_hyper_parameters_is_not_counted(runs, tmp_path):
+    """The full data set's counts, logged as closed: four runs count, and one whose log breaks a closed rule
+    (Adam's eps) is left out, as the summarizer leaves it out. The package counted it."""
+    full = [r'("key": "submission_division", "value": )"open"', r'\g<1>"closed"',
+            r'("key": "train_samples", "value": )[0-9]+', r"\g<1>121266",
+            r'("key": "eval_samples", "value": )[0-9]+', r"\g<1>15158"]
+    closed = []
+    for n, d in enumerate(runs["open"]):
+        closed.append(d)
+        for pattern, replacement in zip(full[::2], full[1::2]):
+            closed[-1] = edited_copy(closed[-1], tmp_path / f"closed-{n}-{len(pattern)}", pattern, replacement)
+    closed[4] = edited_copy(closed[4], tmp_path / "eps", r'("key": "opt_eps", "value": )[0-9.e-]+', r"\g<1>1e-08")
+    out = tmp_path / "pkg"
+    r = package(closed, out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("a closed-division run whose log breaks the checker's closed rules: opt_eps 1e-08 "
+                          "(closed: 1e-06): not counted") == 1, r.stdout
+    rows, text = summarize(out)
+    assert text.count("Compliance check failed") == 1, text
+    assert json.loads((out / "score.json").read_text())["score_minutes"] == pytest.approx(float(rows[0]["deepcam"]),
+                                                                                          rel=1e-12), text
+
+
 def test_two_runs_that_did_not_converge_leave_no_score(runs, tmp_path):
     # A second folder with the same record: the same folder twice is refused (test_bad_input_is_named).
-    again = tmp_path / "short-again"
-    shutil.copytree(runs["short"], again)
+    again = reseeded_copy(runs["short"], tmp_path / "short-again", 999)
     r = package(runs["open"][:3] + [runs["short"], again], tmp_path / "pkg")
     assert r.returncode == 1, r.stdout + r.stderr
     # It said the olympic mean "needs at least 0 converged runs" (-2 with five such runs).
@@ -406,10 +457,7 @@ def test_throughput_package_is_accepted_and_scored_as_the_summarizer_does(runs, 
     """The instances of a throughput (weak scaling) measurement go under weak/ beside the time-to-solution
     runs; the score is the summarizer's: the instances, their scale and the first run_start to the last
     run_stop. The five converged quickstart runs trained two at a time, as instances do."""
-    tts = []
-    for n, d in enumerate(runs["open"]):
-        tts.append(tmp_path / f"tts-{n}")
-        shutil.copytree(d, tts[-1])
+    tts = [reseeded_copy(d, tmp_path / f"tts-{n}", 900 + n) for n, d in enumerate(runs["open"])]
     out = tmp_path / "pkg"
     r = package(tts, out, "cpu2-quickstart", "--throughput", *runs["open"])
     assert r.returncode == 0, r.stdout + r.stderr
@@ -495,10 +543,7 @@ def test_throughput_instances_are_refused_when_the_rules_leave_them_out(runs, tm
 
 
 def test_fewer_than_five_throughput_instances_leave_no_throughput_score(runs, tmp_path):
-    copies = []
-    for n, d in enumerate(runs["open"][:4]):
-        copies.append(tmp_path / f"instance-{n}")
-        shutil.copytree(d, copies[-1])
+    copies = [reseeded_copy(d, tmp_path / f"instance-{n}", 900 + n) for n, d in enumerate(runs["open"][:4])]
     r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", "--throughput", *copies)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "deepcam-data: package: no throughput score: 4 instances; the rules want at least 5 for deepcam" in r.stderr
