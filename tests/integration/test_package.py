@@ -246,20 +246,25 @@ def test_runs_of_another_submission_status_are_refused(runs, tmp_path):
 
 
 def test_runs_the_package_checker_would_refuse_as_a_set_are_refused(runs, tmp_path):
-    """Packages the package checker refuses were written with a score: a copied run (or two runs with one seed:
-    "Seed checker failed"), runs of two batch sizes (its RCP check ended in a KeyError), a time-to-solution run
-    given as a throughput instance too."""
+    """Closed packages the package checker refuses were written: a copied run (or two runs with one seed: "Seed
+    checker failed"), runs of two batch sizes (its RCP check ended in a KeyError). It checks neither in the open
+    division. A time-to-solution run given as a throughput instance too is refused in either."""
+    closed = runs["closed"]
     copy = tmp_path / "copy"
-    shutil.copytree(runs["open"][0], copy)
-    r = package(runs["open"][:4] + [copy], tmp_path / "pkg")
+    shutil.copytree(closed[0], copy)
+    r = package(closed[:4] + [copy], tmp_path / "pkg")
     assert r.returncode == 1 and f"{copy / 'mlperf.log'}: seed " in r.stderr, r.stderr
-    assert "the package checker wants each run's own seed" in r.stderr, r.stderr
-    other = edited_copy(runs["open"][4], tmp_path / "batch", r'("key": "global_batch_size", "value": )[0-9]+',
-                        r"\g<1>8")
-    r = package(runs["open"][:4] + [other], tmp_path / "pkg")
+    assert "the package checker wants each closed run's own seed" in r.stderr, r.stderr
+    other = edited_copy(closed[4], tmp_path / "batch", r'("key": "global_batch_size", "value": )[0-9]+', r"\g<1>8")
+    r = package(closed[:4] + [other], tmp_path / "pkg")
     assert r.returncode == 1, r.stderr
-    assert (f"{other / 'mlperf.log'}: global_batch_size is '8' but {runs['open'][0] / 'mlperf.log'} has '4': the "
+    assert (f"{other / 'mlperf.log'}: global_batch_size is '8' but {closed[0] / 'mlperf.log'} has '4': the "
             "package checker wants one batch size") in r.stderr, r.stderr
+    assert not (tmp_path / "pkg").exists()
+    copy = tmp_path / "open-copy"
+    shutil.copytree(runs["open"][0], copy)
+    r = package(runs["open"][:4] + [copy], tmp_path / "open-pkg")
+    assert r.returncode == 0, r.stderr
     instances = [reseeded_copy(d, tmp_path / f"instance-{n}", 900 + n) for n, d in enumerate(runs["open"][:4])]
     r = package(runs["open"], tmp_path / "pkg", "cpu2-quickstart", "--throughput", *instances, copy)
     assert r.returncode == 1, r.stderr
