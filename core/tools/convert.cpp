@@ -121,8 +121,8 @@ Rank rank_from_environment() {
     if (slurm_outside_a_step && !rank) {
       if (parse_env_int(size_name, size) == 1) continue;
       throw Error(fmt::format("environment: {}={} (Slurm), but no SLURM_PROCID or SLURM_STEP_NUM_TASKS: this process "
-                              "runs in an allocation's shell (salloc), not as a task of an srun step; start the ranks "
-                              "with srun, or unset SLURM_NTASKS to convert with one process",
+                              "runs in an allocation's shell (salloc), on the host it was started from, not as a "
+                              "task of an srun step; start the ranks with srun (srun -n 1 for one process)",
                               size_name, size));
     }
     if (!rank || !size)

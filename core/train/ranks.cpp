@@ -123,8 +123,9 @@ RankLayout detect_ranks(const Environment& env) {
     if (&s == &kSources[2] && !rank && slurm_batch_script) {
       if (chosen || *size == 1) continue;
       throw Error(fmt::format("environment variable {} (Slurm), but no SLURM_PROCID or SLURM_STEP_NUM_TASKS: this "
-                              "process runs in an allocation's shell (salloc), not as a task of an srun step; start "
-                              "the ranks with srun (one task per rank), or with deepcam-host --nproc N on one node",
+                              "process runs in an allocation's shell (salloc), on the host it was started from, not "
+                              "as a task of an srun step; start the ranks with srun (one task per rank), or "
+                              "srun -N 1 -n 1 deepcam-host --nproc N for N on one node of the allocation",
                               setting(env, s.size)));
     }
     if (!rank || !size) {
