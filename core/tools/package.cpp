@@ -1051,7 +1051,7 @@ static int write_package(const PackageOptions& o) {
                                                2 * kMaxDropped - dropped + 1, dropped);
     deepcam::eprint(
         "deepcam-data: package: no score: {} of {} runs did not converge (the benchmark's target IoU {} not "
-        "reached, or a closed-division run short of the full data set); {}\n",
+        "reached, or a closed-division run short of the full data set or of its rules); {}\n",
         dropped, runs.size(), kBenchmarkTargetIou, rule);
     status = 1;
   } else {

@@ -303,10 +303,11 @@ def test_two_runs_that_did_not_converge_leave_no_score(runs, tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     # It said the olympic mean "needs at least 0 converged runs" (-2 with five such runs).
     assert ("no score: 2 of 5 runs did not converge (the benchmark's target IoU 0.82 not reached, or a "
-            "closed-division run short of the full data set); the olympic mean allows at most 1 such run\n") \
+            "closed-division run short of the full data set or of its rules); the olympic mean allows at most 1 such "
+            "run\n") \
         in r.stderr, r.stderr
     r = package(runs["open"][:1] + [runs["short"]], tmp_path / "pkg2")
-    assert r.returncode == 1 and ("full data set); the olympic mean needs at least 2 converged runs beside 1 such\n"
+    assert r.returncode == 1 and ("of its rules); the olympic mean needs at least 2 converged runs beside 1 such\n"
                                   in r.stderr), r.stderr
     assert json.loads((tmp_path / "pkg" / "score.json").read_text())["score_minutes"] is None
 
